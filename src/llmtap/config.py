@@ -1,0 +1,189 @@
+"""Settings: `LLMTAP_*` environment variables, optionally a TOML file given with `--config`.
+
+Every setting has a default so `llmtap up` needs none. Precedence: environment over TOML over
+defaults. A wrong value stops start-up with one sentence naming the setting (`load_settings`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from llmtap.errors import ConfigError
+
+ENV_PREFIX = "LLMTAP_"
+
+
+class Settings(BaseSettings):
+    """All of llmtap's settings. Field name `foo_bar` is variable `LLMTAP_FOO_BAR`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # -- where to listen ---------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    gateway_port: int = Field(8787, ge=0, le=65535)
+    server_port: int = Field(8788, ge=0, le=65535)
+    data_dir: Path = Path("./.llmtap")
+
+    # -- upstreams ---------------------------------------------------------------------------
+    openai_base_url: str = "https://api.openai.com"
+    anthropic_base_url: str = "https://api.anthropic.com"
+    upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect upstream")
+    upstream_read_timeout: float = Field(600.0, gt=0, description="seconds between upstream bytes")
+    upstream_max_connections: int = Field(1000, ge=1)
+    openai_stream_usage: bool = Field(
+        True,
+        description="ask OpenAI for usage on streams the client did not ask it for, and strip that "
+        "extra chunk from what the client receives",
+    )
+
+    # -- backends ----------------------------------------------------------------------------
+    queue: str = "sqlite"
+    store: str = "sqlite"
+    bodies: str = "file"
+    s3_endpoint: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+    # -- queue behaviour ---------------------------------------------------------------------
+    partitions: int = Field(6, ge=1, le=1024, description="partitions of a queue created by llmtap")
+    partition_key: Literal["tenant", "session_id", "user_id", "id"] = "tenant"
+
+    # -- capture -----------------------------------------------------------------------------
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=0, description="bodies above this are truncated in the log (never in transit)"
+    )
+    inline_body_bytes: int = Field(
+        64 * 1024, ge=0, description="compressed bodies up to this size travel inside the queue message"
+    )
+
+    # -- gateway publisher -------------------------------------------------------------------
+    publish_batch_size: int = Field(500, ge=1)
+    publish_linger_ms: float = Field(5.0, ge=0)
+    publish_buffer_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    shutdown_timeout: float = Field(30.0, gt=0, description="seconds to drain on SIGTERM")
+    ingest_url: str | None = Field(
+        None, description="fallback: the llmtap server's base URL; default http://HOST:SERVER_PORT"
+    )
+    ingest_token: str | None = Field(None, description="bearer token for POST /api/v1/ingest")
+    spool_max_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
+
+    # -- worker ------------------------------------------------------------------------------
+    worker_batch_size: int = Field(500, ge=1)
+    worker_max_attempts: int = Field(5, ge=1, description="tries of a failing record before dead-letter")
+    retention_days: int | None = Field(None, ge=1)
+    webhook_url: str | None = None
+
+    # -- tenants -----------------------------------------------------------------------------
+    multi_tenant: bool = False
+    default_tenant: str = "default"
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("queue")
+    @classmethod
+    def _check_queue(cls, v: str) -> str:
+        if v == "sqlite" or v.startswith(("sqlite:", "kafka://", "redis://", "rediss://")):
+            return v
+        raise ValueError("must be 'sqlite', 'kafka://host:port/topic' or 'redis://host:port/db'")
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, v: str) -> str:
+        if v == "sqlite" or v.startswith(("sqlite:", "postgresql://", "postgres://")):
+            return v
+        raise ValueError("must be 'sqlite' or 'postgresql://user:password@host:port/database'")
+
+    @field_validator("bodies")
+    @classmethod
+    def _check_bodies(cls, v: str) -> str:
+        if v == "file" or v.startswith(("file:", "s3://")):
+            return v
+        raise ValueError("must be 'file' or 's3://bucket/prefix'")
+
+    @field_validator("openai_base_url", "anthropic_base_url", "ingest_url", "webhook_url", "s3_endpoint")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+        return v.rstrip("/")
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def effective_ingest_url(self) -> str:
+        return self.ingest_url or f"http://{self.host}:{self.server_port}"
+
+    def describe(self) -> dict[str, str]:
+        """Backends in words, for start-up banners (no credentials)."""
+        return {
+            "queue": redact_url(self.queue),
+            "store": redact_url(self.store),
+            "bodies": redact_url(self.bodies),
+            "data dir": str(self.data_dir.resolve()),
+        }
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init kwargs carry the TOML file's values; environment wins over them.
+        return (env_settings, init_settings)
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL for banners and logs."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def _env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from the TOML file, the environment and explicit overrides.
+
+    Raises `ConfigError` with one sentence naming the first bad setting.
+    """
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        # Accept both `gateway_port = 1` and `LLMTAP_GATEWAY_PORT = 1` spellings.
+        for key, value in raw.items():
+            name = key.lower().removeprefix(ENV_PREFIX.lower())
+            file_values[name] = value
+    file_values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**file_values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"unknown setting {field!r} in config file") from None
+        shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+        raise ConfigError(f"invalid setting {_env_name(field)}: {msg}{shown}") from None

@@ -1,0 +1,148 @@
+"""The queue interface every backend implements (SQLite, Kafka, Redis Streams).
+
+Modelled on Dramatiq's broker: a small surface the rest of llmtap codes against, so the
+gateway's publisher and the worker never know which backend they talk to.
+
+Semantics every backend keeps:
+
+- `publish` returns only once the batch is durable (fsynced / acked by the broker); it raises
+  `BackendUnavailable` when it cannot be, so the publisher can fall back.
+- Messages with the same key go to the same partition and are delivered in publish order.
+- `consume` hands out at most `max_messages` deliveries from the partitions this consumer owns;
+  a delivery not acknowledged is delivered again (to this or another consumer) later: at least
+  once. Consumers of one group share partitions; a dead consumer's partitions are taken over.
+- `ack` commits deliveries; `dead_letter` moves one aside with its reason (and acks it), where
+  `dead_letters` lists it and `replay_dead_letters` publishes it again.
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from llmtap.config import Settings
+
+Role = Literal["producer", "consumer", "both"]
+
+
+@dataclass(slots=True)
+class Message:
+    """What the gateway publishes: a partition key and the encoded record."""
+
+    key: str
+    value: bytes
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message handed to a consumer. `handle` is backend-private (e.g. a stream entry id)."""
+
+    partition: int
+    offset: int
+    key: str
+    value: bytes
+    delivery_count: int = 1
+    handle: Any = None
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    id: str
+    partition: int
+    offset: int
+    key: str
+    value: bytes
+    reason: str
+    failed_at: float
+
+
+@dataclass(slots=True)
+class PartitionStatus:
+    partition: int
+    lag: int  # messages published but not yet acknowledged
+    owner: str | None = None
+
+
+@dataclass(slots=True)
+class QueueStatus:
+    backend: str
+    partitions: list[PartitionStatus] = field(default_factory=list)
+    dead_letters: int = 0
+
+    @property
+    def lag(self) -> int:
+        return sum(p.lag for p in self.partitions)
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """Stable key → partition mapping (same on every process and restart)."""
+    return zlib.crc32(key.encode()) % partitions
+
+
+class Queue(ABC):
+    """A durable, partitioned log with consumer groups and a dead-letter place."""
+
+    #: Human description for banners, without credentials.
+    description: str = ""
+
+    @abstractmethod
+    async def connect(self, role: Role) -> None:
+        """Open connections; raise `BackendUnavailable` with one clear sentence if unreachable."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections and partition ownership (so another consumer takes over now)."""
+
+    # -- producer -----------------------------------------------------------------------------
+    @abstractmethod
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Append the batch durably, or raise `BackendUnavailable`."""
+
+    # -- consumer -----------------------------------------------------------------------------
+    @abstractmethod
+    async def consume(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Up to `max_messages` deliveries, waiting at most `timeout` seconds for the first."""
+
+    @abstractmethod
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Commit these deliveries: they are never delivered again."""
+
+    @abstractmethod
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move one delivery to the dead-letter place with its reason, and ack it."""
+
+    # -- operations ---------------------------------------------------------------------------
+    @abstractmethod
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest dead letters."""
+
+    @abstractmethod
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        """Publish dead letters (all, or these ids) again and remove them; returns how many."""
+
+    @abstractmethod
+    async def status(self) -> QueueStatus:
+        """Lag per partition and dead-letter count."""
+
+
+def open_queue(settings: Settings, *, group: str = "llmtap-workers") -> Queue:
+    """The queue backend named by `LLMTAP_QUEUE`."""
+    url = settings.queue
+    if url == "sqlite" or url.startswith("sqlite:"):
+        from llmtap.queue.sqlite import SQLiteQueue
+
+        path = url.removeprefix("sqlite:").removeprefix("//") if url != "sqlite" else ""
+        return SQLiteQueue(path or str(settings.data_dir / "queue.db"), partitions=settings.partitions)
+    if url.startswith("kafka://"):
+        from llmtap.queue.kafka import KafkaQueue
+
+        return KafkaQueue(url, partitions=settings.partitions, group=group)
+    if url.startswith(("redis://", "rediss://")):
+        from llmtap.queue.redis import RedisQueue
+
+        return RedisQueue(url, partitions=settings.partitions, group=group)
+    raise ValueError(f"unknown queue {url!r}")

@@ -1,0 +1,174 @@
+"""The log record: one per proxied request, the same bytes on every queue.
+
+A record is built by the gateway *after* the client has its last byte, published as JSON
+(msgspec: typed, validated, and the fastest JSON codec in Python), and completed by the worker's
+handlers (cost, body references). `v` is the schema version; a consumer refuses versions it does
+not know instead of guessing (the message is dead-lettered with that reason).
+
+Bodies travel either inline (zstd-compressed, base64 in JSON) or as a reference to the body
+store, so a queue message stays far below Kafka's 1 MB default.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+import zstandard
+
+from llmtap.errors import RecordError
+
+VERSION = 1
+
+Outcome = Literal[
+    "completed",  # the whole response was relayed (any status, 4xx/5xx included)
+    "client_disconnected",  # the client went away before the response ended
+    "upstream_cut",  # the upstream closed or broke the stream mid-way
+    "upstream_timeout",  # no upstream answer in time: the gateway answered 504
+    "upstream_unreachable",  # could not connect upstream: the gateway answered 502
+]
+UsageSource = Literal["provider", "estimated", "missing"]
+Route = Literal["queue", "ingest", "spool"]
+
+
+class Body(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A captured body: inline bytes or a reference into the body store.
+
+    `data` holds the body encoded per `encoding` (`zstd` or `identity`); `ref` is a body-store
+    key. `size` is the original size in bytes; `truncated` says the capture cap was hit (the
+    client and upstream still got every byte).
+    """
+
+    content_type: str | None = None
+    size: int = 0
+    truncated: bool = False
+    encoding: Literal["identity", "zstd"] = "identity"
+    data: bytes | None = None
+    ref: str | None = None
+
+
+class Usage(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Token counts as the provider reported them. `source` says where they came from."""
+
+    source: UsageSource = "missing"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens read from the provider's cache
+    cache_write_tokens: int | None = None  # Anthropic cache_creation_input_tokens
+    reasoning_tokens: int | None = None
+
+
+class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Version 1 of the log record. Field names are part of the contract."""
+
+    v: int = VERSION
+    id: str
+    tenant: str = "default"
+    user_id: str | None = None
+    session_id: str | None = None
+    properties: dict[str, str] = {}
+
+    provider: str
+    target_url: str
+    method: str
+    path: str
+    model: str | None = None
+    streamed: bool = False
+
+    started_at: datetime
+    first_byte_at: datetime | None = None
+    ended_at: datetime
+    latency_ms: float
+    time_to_first_token_ms: float | None = None
+
+    status: int | None = None
+    outcome: Outcome = "completed"
+    error: str | None = None
+
+    usage: Usage = Usage()
+    cost_usd: float | None = None
+    cost_nanos: int | None = None  # exact cost in 1e-9 USD, for sums without float drift
+    price_version: str | None = None
+
+    request_headers: dict[str, str] = {}
+    response_headers: dict[str, str] = {}
+    request_body: Body | None = None  # None: omitted by the client (Llmtap-Omit-Request)
+    response_body: Body | None = None  # for streams: the reassembled message as JSON
+    response_events: Body | None = None  # for streams: the raw SSE bytes
+    omit_request: bool = False
+    omit_response: bool = False
+
+    route: Route = "queue"  # how the record reached the worker
+    gateway: str | None = None  # host:pid of the gateway that captured it
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(LogRecord)
+_probe = msgspec.json.Decoder(dict[str, Any])
+
+
+def encode(record: LogRecord) -> bytes:
+    return _encoder.encode(record)
+
+
+def encode_many(records: list[LogRecord]) -> bytes:
+    """A JSON array of records (the ingest endpoint's and the spool's batch format)."""
+    return _encoder.encode(records)
+
+
+def decode(data: bytes) -> LogRecord:
+    """Parse one message. Raises `RecordError` with a reason fit for the dead-letter place."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as e:
+        # Tell "a version we don't know" apart from "a broken record".
+        try:
+            version = _probe.decode(data).get("v")
+        except msgspec.DecodeError:
+            version = None
+        if version is not None and version != VERSION:
+            raise RecordError(f"unknown record version {version!r} (this worker reads v{VERSION})") from None
+        raise RecordError(f"invalid record: {e}") from None
+    except msgspec.DecodeError as e:
+        raise RecordError(f"not a JSON log record: {e}") from None
+
+
+_many_decoder = msgspec.json.Decoder(list[LogRecord])
+
+
+def decode_many(data: bytes) -> list[LogRecord]:
+    try:
+        return _many_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise RecordError(f"invalid record batch: {e}") from None
+
+
+# -- body helpers ------------------------------------------------------------------------------
+
+_zc = zstandard.ZstdCompressor(level=3)
+_zd = zstandard.ZstdDecompressor()
+
+
+def compress(data: bytes) -> bytes:
+    return _zc.compress(data)
+
+
+def decompress(data: bytes) -> bytes:
+    return _zd.decompress(data)
+
+
+def body_bytes(body: Body) -> bytes | None:
+    """The original bytes of an inline body (None when it lives in the body store)."""
+    if body.data is None:
+        return None
+    return decompress(body.data) if body.encoding == "zstd" else body.data
+
+
+def partition_key(record: LogRecord, by: str) -> str:
+    """The key that decides a record's partition (and so its ordering domain)."""
+    if by == "tenant":
+        return record.tenant
+    value = getattr(record, by, None)
+    return str(value) if value else record.tenant

@@ -1,0 +1,99 @@
+"""Running services in one process: start-up banner, signal handling, orderly shutdown.
+
+`llmtap up` runs gateway, worker and server together; `llmtap gateway|worker|server` run one.
+Each is a `Service`: `start()` returns banner lines once it is ready (or raises
+`BackendUnavailable` / `ConfigError` with one sentence), `stop()` drains and releases.
+Services stop in reverse start order, so `up` stops the gateway first (it flushes its pending
+records into the queue) and the worker after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Protocol
+
+from llmtap import __version__
+from llmtap.config import Settings
+from llmtap.errors import LlmtapError
+
+log = logging.getLogger("llmtap")
+
+
+class Service(Protocol):
+    name: str
+
+    async def start(self) -> list[str]:
+        """Become ready; return lines for the banner (where it listens, what it uses)."""
+        ...
+
+    async def stop(self) -> None:
+        """Finish in-flight work within the shutdown deadline and release resources."""
+        ...
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiohttp's per-request access log would cost the hot path; we log records, not lines.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but stay runnable without it
+        pass
+
+
+def banner(settings: Settings, title: str, lines: Sequence[str]) -> str:
+    out = [f"llmtap {__version__} · {title}"]
+    out += [f"  {line}" for line in lines]
+    backends = settings.describe()
+    out.append("  backends: " + ", ".join(f"{k}={v}" for k, v in backends.items()))
+    out.append("  press Ctrl-C to stop")
+    return "\n".join(out)
+
+
+async def run_services(settings: Settings, title: str, services: Sequence[Service]) -> int:
+    """Start services in order, print the banner, wait for SIGINT/SIGTERM, stop in reverse."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    started: list[Service] = []
+    lines: list[str] = []
+    try:
+        for svc in services:
+            lines += await svc.start()
+            started.append(svc)
+    except LlmtapError as e:
+        for svc in reversed(started):
+            with contextlib.suppress(Exception):
+                await svc.stop()
+        print(f"llmtap: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    print(banner(settings, title, lines), flush=True)
+    await stop.wait()
+    print("llmtap: stopping (finishing in-flight requests and flushing logs)...", file=sys.stderr, flush=True)
+    code = 0
+    for svc in reversed(started):
+        try:
+            await asyncio.wait_for(svc.stop(), timeout=settings.shutdown_timeout + 5)
+        except Exception as e:  # keep stopping the others; report the failure
+            log.error("stopping %s failed: %s", svc.name, e)
+            code = 1
+    print("llmtap: stopped", file=sys.stderr, flush=True)
+    return code

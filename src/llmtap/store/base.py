@@ -1,0 +1,146 @@
+"""The store interface: idempotent batched writes of log records, and the queries the API serves.
+
+Every backend must give the same answers to the same queries (the API test suite runs against
+each). Rows are keyed by (tenant, id): writing a record whose key exists is a no-op, which is
+what makes at-least-once delivery yield exactly one row.
+
+Rows are returned as plain dicts in the API's shape (see `ROW_FIELDS`); bodies are *references*
+(`request_body`, `response_body`, `response_events` hold `llmtap.record.Body` dicts without
+inline data); the API resolves them through the body store.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from llmtap.config import Settings
+    from llmtap.record import LogRecord
+
+#: Fields of a stored request as the API returns them (bodies resolved by the API layer).
+ROW_FIELDS = (
+    "id", "tenant", "created_at", "provider", "model", "method", "path", "target_url", "status",
+    "outcome", "error", "streamed", "latency_ms", "time_to_first_token_ms", "prompt_tokens",
+    "completion_tokens", "total_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
+    "usage_source", "cost_usd", "price_version", "user_id", "session_id", "properties",
+    "request_headers", "response_headers", "request_body", "response_body", "response_events",
+    "route", "first_byte_at", "ended_at", "gateway",
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class ListQuery:
+    """Filters of `GET /api/v1/requests`. `cursor` is opaque to clients (see the store)."""
+
+    limit: int = 50
+    cursor: str | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    status: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+    order: Literal["desc", "asc"] = "desc"
+
+
+GroupBy = str  # "model" | "user_id" | "session_id" | "provider" | "status" | "property.<Name>"
+
+
+@dataclass(slots=True)
+class StatsQuery:
+    since: datetime | None = None
+    until: datetime | None = None
+    group_by: GroupBy | None = None
+    bucket: Literal["minute", "hour", "day"] | None = None
+    filters: ListQuery = field(default_factory=ListQuery)
+
+
+@dataclass(slots=True)
+class Page:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+@dataclass(slots=True)
+class ApiKey:
+    id: str
+    tenant: str
+    name: str | None
+    prefix: str  # first characters of the key, to recognise it in listings
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class Store(ABC):
+    description: str = ""
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Connect and apply migrations; raise `BackendUnavailable` with one sentence if unreachable."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    # -- writes (worker) ----------------------------------------------------------------------
+    @abstractmethod
+    async def write_batch(self, records: Sequence[LogRecord]) -> int:
+        """Insert records, ignoring (tenant, id) already present. Returns rows inserted.
+
+        Raises `TransientError` when the database is unreachable (the batch is retried).
+        """
+
+    # -- reads (API) --------------------------------------------------------------------------
+    @abstractmethod
+    async def get_request(self, tenant: str, request_id: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    async def list_requests(self, tenant: str, query: ListQuery) -> Page: ...
+
+    @abstractmethod
+    async def stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
+        """`{"overall": {...}, "groups": [...], "buckets": [...]}` with count, error_count,
+        error_rate, prompt/completion/total tokens, cost_usd, latency and TTFT p50/p90/p99."""
+
+    @abstractmethod
+    async def sessions(self, tenant: str, session_id: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    # -- retention ----------------------------------------------------------------------------
+    @abstractmethod
+    async def delete_older_than(self, cutoff: datetime, limit: int = 10_000) -> list[str]:
+        """Delete rows created before `cutoff`; returns the body refs they held."""
+
+    # -- API keys -----------------------------------------------------------------------------
+    @abstractmethod
+    async def create_key(self, tenant: str, name: str | None, key_hash: str, prefix: str) -> ApiKey: ...
+
+    @abstractmethod
+    async def key_by_hash(self, key_hash: str) -> ApiKey | None: ...
+
+    @abstractmethod
+    async def list_keys(self, tenant: str | None = None) -> list[ApiKey]: ...
+
+    @abstractmethod
+    async def revoke_key(self, key_id: str) -> bool: ...
+
+
+def open_store(settings: Settings) -> Store:
+    url = settings.store
+    if url == "sqlite" or url.startswith("sqlite:"):
+        from llmtap.store.sqlite import SQLiteStore
+
+        path = url.removeprefix("sqlite:").removeprefix("//") if url != "sqlite" else ""
+        return SQLiteStore(path or str(settings.data_dir / "store.db"))
+    if url.startswith(("postgresql://", "postgres://")):
+        from llmtap.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"unknown store {url!r}")
