@@ -1,0 +1,314 @@
+"""The `llmtap` command line.
+
+`llmtap up` runs everything on embedded defaults; `gateway`, `worker` and `server` run one part
+each for scaled-out deployments; `status`, `keys` and `dlq` are operations. Settings come from
+`LLMTAP_*` variables or `--config FILE.toml`; a bad one stops start-up with one sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from llmtap import __version__
+from llmtap.config import Settings, load_settings
+from llmtap.errors import LlmtapError
+
+T = TypeVar("T")
+
+EPILOG = """\b
+Examples:
+  llmtap up                                   # everything, embedded (SQLite + files in ./.llmtap)
+  LLMTAP_QUEUE=kafka://127.0.0.1:9092/llmtap llmtap gateway
+  LLMTAP_QUEUE=redis://127.0.0.1:6379/0 LLMTAP_STORE=postgresql://u:p@db/llmtap llmtap worker
+  llmtap status
+
+Point your SDK at the gateway:
+  OpenAI(base_url="http://127.0.0.1:8787/openai/v1")
+  Anthropic(base_url="http://127.0.0.1:8787/anthropic")
+"""
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    try:
+        settings = load_settings(ctx.obj.get("config"), **overrides)
+    except LlmtapError as e:
+        _fail(str(e))
+    return settings
+
+
+def _fail(message: str, code: int = 2) -> Any:
+    click.echo(f"llmtap: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    from llmtap.runtime import install_uvloop
+
+    install_uvloop()
+    try:
+        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+    except LlmtapError as e:
+        _fail(str(e))
+        raise  # unreachable
+    except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch it first
+        return None  # type: ignore[return-value]
+
+
+def _serve(settings: Settings, title: str, parts: list[str]) -> None:
+    from llmtap.runtime import Service, run_services, setup_logging
+
+    setup_logging(settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    async def main() -> int:
+        services: list[Service] = []
+        # Start order: consumers and API first, the gateway last, so that it accepts traffic only
+        # once everything behind it is ready; stop order is the reverse (gateway flushes first).
+        if "worker" in parts:
+            from llmtap.worker.worker import WorkerService
+
+            services.append(WorkerService(settings))
+        if "server" in parts:
+            from llmtap.server.app import ServerService
+
+            services.append(ServerService(settings))
+        if "gateway" in parts:
+            from llmtap.gateway.app import GatewayService
+
+            services.append(GatewayService(settings))
+        return await run_services(settings, title, services)
+
+    sys.exit(_run(main))
+
+
+def _listen_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--host", help="Address to bind (LLMTAP_HOST).")(f)
+    f = click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data (LLMTAP_DATA_DIR).")(f)
+    return f
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="LLMTAP_CONFIG",
+    help="TOML file with settings (same keys as the LLMTAP_* variables).",
+)
+@click.version_option(__version__, prog_name="llmtap")
+@click.pass_context
+def cli(ctx: click.Context, config: Path | None) -> None:
+    """llmtap: an LLM observability gateway that logs every request without slowing it down."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+@cli.command()
+@_listen_options
+@click.option("--gateway-port", type=int, help="Gateway port (LLMTAP_GATEWAY_PORT, default 8787).")
+@click.option("--server-port", type=int, help="API + dashboard port (LLMTAP_SERVER_PORT, default 8788).")
+@click.pass_context
+def up(ctx: click.Context, **overrides: Any) -> None:
+    """Run gateway, log worker, API and dashboard in one process (embedded defaults)."""
+    _serve(_settings(ctx, **overrides), "up", ["worker", "server", "gateway"])
+
+
+@cli.command()
+@_listen_options
+@click.option("--gateway-port", type=int, help="Port (LLMTAP_GATEWAY_PORT, default 8787).")
+@click.pass_context
+def gateway(ctx: click.Context, **overrides: Any) -> None:
+    """Run the proxy alone (stateless: run many behind a load balancer)."""
+    _serve(_settings(ctx, **overrides), "gateway", ["gateway"])
+
+
+@cli.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data (LLMTAP_DATA_DIR).")
+@click.pass_context
+def worker(ctx: click.Context, **overrides: Any) -> None:
+    """Run a log worker alone (run many: they share the queue's partitions)."""
+    _serve(_settings(ctx, **overrides), "worker", ["worker"])
+
+
+@cli.command()
+@_listen_options
+@click.option("--server-port", type=int, help="Port (LLMTAP_SERVER_PORT, default 8788).")
+@click.pass_context
+def server(ctx: click.Context, **overrides: Any) -> None:
+    """Run the query API, the dashboard and the fallback ingest endpoint."""
+    _serve(_settings(ctx, **overrides), "server", ["server"])
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show queue lag per partition, dead-letter count and spool size."""
+    settings = _settings(ctx)
+
+    async def main() -> dict[str, Any]:
+        from llmtap.queue import open_queue
+
+        q = open_queue(settings)
+        await q.connect("producer")
+        try:
+            st = await q.status()
+        finally:
+            await q.close()
+        from llmtap.gateway.spool import spool_size
+
+        return {
+            "queue": q.description or settings.queue,
+            "lag": st.lag,
+            "partitions": [{"partition": p.partition, "lag": p.lag, "owner": p.owner} for p in st.partitions],
+            "dead_letters": st.dead_letters,
+            "spool_bytes": spool_size(settings),
+        }
+
+    info = _run(main)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"queue         {info['queue']}")
+    click.echo(f"lag           {info['lag']} record(s) not yet stored")
+    for p in info["partitions"]:
+        click.echo(f"  partition {p['partition']:>3}  lag {p['lag']:>8}  owner {p['owner'] or '-'}")
+    click.echo(f"dead letters  {info['dead_letters']}")
+    click.echo(f"spool         {info['spool_bytes']} bytes waiting on local disk")
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """Manage tenants' API keys (multi-tenant mode)."""
+
+
+def _with_store(ctx: click.Context, fn: Callable[[Any], Awaitable[T]]) -> T:
+    settings = _settings(ctx)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    async def main() -> T:
+        from llmtap.store import open_store
+
+        store = open_store(settings)
+        await store.connect()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return _run(main)
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="Tenant the key belongs to.")
+@click.option("--name", help="A label to recognise the key by.")
+@click.pass_context
+def keys_create(ctx: click.Context, tenant: str, name: str | None) -> None:
+    """Create a key and print it once (only its hash is stored)."""
+    from llmtap import keys as k
+
+    key, plaintext = _with_store(ctx, lambda s: k.create_key(s, tenant, name))
+    click.echo(plaintext)
+    click.echo(f"key {key.id} for tenant {key.tenant!r} created; store it now, it is not shown again", err=True)
+
+
+@keys.command("list")
+@click.option("--tenant", help="Only this tenant's keys.")
+@click.pass_context
+def keys_list(ctx: click.Context, tenant: str | None) -> None:
+    """List keys (prefix, tenant, state); never the keys themselves."""
+    from llmtap import keys as k
+
+    rows = _with_store(ctx, lambda s: k.list_keys(s, tenant))
+    for key in rows:
+        state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+        click.echo(f"{key.id}  {key.prefix}…  tenant={key.tenant}  name={key.name or '-'}  {state}")
+    if not rows:
+        click.echo("no keys", err=True)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_context
+def keys_revoke(ctx: click.Context, key_id: str) -> None:
+    """Revoke a key by id; it stops working at once."""
+    from llmtap import keys as k
+
+    if not _with_store(ctx, lambda s: k.revoke_key(s, key_id)):
+        _fail(f"no active key with id {key_id!r}", 1)
+    click.echo(f"key {key_id} revoked")
+
+
+# -- dead letters -------------------------------------------------------------------------------
+
+
+@cli.group()
+def dlq() -> None:
+    """Inspect and replay dead-lettered records."""
+
+
+def _with_queue(ctx: click.Context, fn: Callable[[Any], Awaitable[T]]) -> T:
+    settings = _settings(ctx)
+
+    async def main() -> T:
+        from llmtap.queue import open_queue
+
+        q = open_queue(settings)
+        await q.connect("producer")
+        try:
+            return await fn(q)
+        finally:
+            await q.close()
+
+    return _run(main)
+
+
+@dlq.command("list")
+@click.option("--limit", default=50, show_default=True)
+@click.pass_context
+def dlq_list(ctx: click.Context, limit: int) -> None:
+    """List dead letters with their reasons."""
+    rows = _with_queue(ctx, lambda q: q.dead_letters(limit))
+    for d in rows:
+        click.echo(f"{d.id}  partition={d.partition} offset={d.offset}  {d.reason}")
+    if not rows:
+        click.echo("no dead letters", err=True)
+
+
+@dlq.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+@click.pass_context
+def dlq_replay(ctx: click.Context, ids: tuple[str, ...], replay_all: bool) -> None:
+    """Publish dead letters again (after fixing what made them fail)."""
+    if not ids and not replay_all:
+        _fail("name dead-letter ids to replay, or pass --all")
+    n = _with_queue(ctx, lambda q: q.replay_dead_letters(None if replay_all else list(ids)))
+    click.echo(f"replayed {n} record(s)")
+
+
+@cli.command("fake-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9999, show_default=True)
+def fake_upstream(host: str, port: int) -> None:
+    """Run a local fake OpenAI/Anthropic API (for demos and tests; no keys needed)."""
+    from llmtap.testing.fake_upstream import run
+
+    run(host, port)
+
+
+def main() -> None:
+    cli(obj={})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

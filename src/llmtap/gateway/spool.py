@@ -1,0 +1,157 @@
+"""The disk spool: the gateway's last resort when neither the queue nor the ingest endpoint
+accepts a batch, and its overflow when the in-memory publish buffer is full.
+
+Append-only segment files under `<data_dir>/spool/`. Each frame is `length (4 bytes) | crc32
+(4 bytes) | payload`; a batch is written with one `write` and one `fsync`, so after `append`
+returns the records survive a crash or a power loss. A torn last frame (crash mid-write) fails
+its checksum and is dropped on read: it was never acknowledged as spooled, and its records
+were still in the caller's hands (the caller only forgets a batch once `append` returned).
+
+Replay takes whole segments oldest first: the writer rotates to a new segment before a segment
+is replayed, so a segment being replayed is never appended to. Several gateway processes on one
+machine may share the directory: each writes its own segments (named with its pid) and a
+segment is replayed under an exclusive `flock`, so no two processes replay the same one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmtap.config import Settings
+
+_HEADER = struct.Struct(">II")
+SEGMENT_BYTES = 16 * 1024 * 1024
+
+
+class SpoolFull(Exception):
+    """The spool reached its size limit (`LLMTAP_SPOOL_MAX_BYTES`)."""
+
+
+def spool_dir(settings: Settings) -> Path:
+    return settings.data_dir / "spool"
+
+
+def spool_size(settings: Settings) -> int:
+    """Bytes waiting in the spool (for `llmtap status`)."""
+    d = spool_dir(settings)
+    if not d.exists():
+        return 0
+    return sum(p.stat().st_size for p in d.glob("*.spool"))
+
+
+class DiskSpool:
+    """Durable local overflow for encoded records. Blocking: call from a thread."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.dir = directory
+        self.max_bytes = max_bytes
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._written = 0
+        self._seq = 0
+
+    # -- writing ------------------------------------------------------------------------------
+    def append(self, values: Sequence[bytes]) -> None:
+        """Write the batch durably (one write, one fsync). Raises `SpoolFull` over the limit."""
+        if not values:
+            return
+        frames = b"".join(_HEADER.pack(len(v), zlib.crc32(v)) + v for v in values)
+        if self.size() + len(frames) > self.max_bytes:
+            raise SpoolFull(f"spool at {self.dir} is full ({self.max_bytes} bytes)")
+        if self._fd is None or self._written >= SEGMENT_BYTES:
+            self._rotate()
+        assert self._fd is not None
+        os.write(self._fd, frames)
+        os.fsync(self._fd)
+        self._written += len(frames)
+
+    def _rotate(self) -> None:
+        self.close()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        name = f"{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.spool"
+        self._path = self.dir / name
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # Held while we write it: a replayer in another process skips a segment still growing.
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._written = 0
+        # Make the new file's directory entry durable too.
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._path = None
+
+    def size(self) -> int:
+        if not self.dir.exists():
+            return 0
+        return sum(p.stat().st_size for p in self.dir.glob("*.spool"))
+
+    # -- replaying ----------------------------------------------------------------------------
+    def pending(self) -> bool:
+        return self.dir.exists() and any(self.dir.glob("*.spool"))
+
+    def segments_for_replay(self) -> list[Path]:
+        """Segments to replay, oldest first. Closes our own open segment so it is included."""
+        self.close()
+        if not self.dir.exists():
+            return []
+        return sorted(self.dir.glob("*.spool"))
+
+    def replay(self, path: Path) -> Iterator[list[bytes]]:
+        """Yield the segment's records in batches, under an exclusive lock.
+
+        The caller deletes the segment with `done(path)` after publishing every batch; if it
+        stops half-way the whole segment is replayed again later (at least once; the store
+        keeps one row per request id).
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another process is replaying it
+            data = os.read(fd, os.fstat(fd).st_size)
+            batch: list[bytes] = []
+            for value in _frames(data):
+                batch.append(value)
+                if len(batch) >= 500:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def done(path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+
+def _frames(data: bytes) -> Iterator[bytes]:
+    pos, end = 0, len(data)
+    while pos + _HEADER.size <= end:
+        length, crc = _HEADER.unpack_from(data, pos)
+        start = pos + _HEADER.size
+        value = data[start : start + length]
+        if len(value) != length or zlib.crc32(value) != crc:
+            return  # torn tail: never acknowledged as spooled
+        yield value
+        pos = start + length
