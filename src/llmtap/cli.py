@@ -90,11 +90,15 @@ def _serve(settings: Settings, title: str, parts: list[str]) -> None:
 
 def _listen_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--host", help="Address to bind (LLMTAP_HOST).")(f)
-    f = click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data (LLMTAP_DATA_DIR).")(f)
+    f = click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data (LLMTAP_DATA_DIR).")(
+        f
+    )
     return f
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.option(
     "--config",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -218,7 +222,9 @@ def keys_create(ctx: click.Context, tenant: str, name: str | None) -> None:
 
     key, plaintext = _with_store(ctx, lambda s: k.create_key(s, tenant, name))
     click.echo(plaintext)
-    click.echo(f"key {key.id} for tenant {key.tenant!r} created; store it now, it is not shown again", err=True)
+    click.echo(
+        f"key {key.id} for tenant {key.tenant!r} created; store it now, it is not shown again", err=True
+    )
 
 
 @keys.command("list")

@@ -1,0 +1,126 @@
+"""Bodies in S3-compatible object storage (`LLMTAP_BODIES=s3://bucket/prefix`).
+
+aiobotocore is the maintained asyncio S3 client (botocore's signing and retries, aiohttp for
+I/O). Objects are the compressed bytes the record carries, under `<prefix>/<body_key>`: tenant,
+date and request id, so retention and per-tenant export are prefix listings. Uploads of a batch
+run concurrently, bounded, on one pooled client; an unreachable endpoint is a `TransientError`
+(the worker retries without acknowledging) and a missing bucket at start-up is one sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from llmtap.bodies.base import BodyStore
+from llmtap.errors import BackendUnavailable, TransientError
+
+_CONCURRENCY = 32
+
+
+class S3BodyStore(BodyStore):
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint: str | None = None,
+        region: str = "us-east-1",
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"body store URL must be s3://bucket/prefix, got {url!r}")
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self.endpoint = endpoint
+        self.region = region
+        self._creds = (access_key_id, secret_access_key)
+        self._client: Any = None
+        self._stack = contextlib.AsyncExitStack()
+        self._sem = asyncio.Semaphore(_CONCURRENCY)
+        where = f" at {endpoint}" if endpoint else ""
+        self.description = f"s3://{self.bucket}/{self.prefix}{where}"
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    async def connect(self) -> None:
+        session = get_session()
+        config = AioConfig(
+            connect_timeout=5,
+            read_timeout=30,
+            retries={"max_attempts": 2, "mode": "standard"},
+            max_pool_connections=_CONCURRENCY,
+            s3={"addressing_style": "path"},
+        )
+        self._client = await self._stack.enter_async_context(
+            session.create_client(
+                "s3",
+                endpoint_url=self.endpoint,
+                region_name=self.region,
+                aws_access_key_id=self._creds[0],
+                aws_secret_access_key=self._creds[1],
+                config=config,
+            )
+        )
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            await self.close()
+            code = e.response.get("Error", {}).get("Code", "?")
+            raise BackendUnavailable(
+                f"S3 bucket {self.bucket!r} is not usable at {self.endpoint or 'AWS'} ({code}); "
+                "create it or check LLMTAP_BODIES and the S3 credentials"
+            ) from None
+        except (BotoCoreError, OSError) as e:
+            await self.close()
+            raise BackendUnavailable(f"cannot reach S3 endpoint {self.endpoint or 'AWS'}: {e}") from None
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._stack = contextlib.AsyncExitStack()
+        self._client = None
+
+    async def _put(self, key: str, data: bytes) -> None:
+        async with self._sem:
+            await self._client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/zstd"
+            )
+
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        try:
+            await asyncio.gather(*(self._put(k, v) for k, v in items))
+        except (TimeoutError, BotoCoreError, ClientError, OSError) as e:
+            raise TransientError(f"S3 upload failed: {e}") from e
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            resp = await self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            async with resp["Body"] as stream:
+                data: bytes = await stream.read()
+                return data
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise TransientError(f"S3 download failed: {e}") from e
+        except (BotoCoreError, OSError) as e:
+            raise TransientError(f"S3 download failed: {e}") from e
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        for i in range(0, len(keys), 1000):  # S3's DeleteObjects limit
+            chunk = keys[i : i + 1000]
+            try:
+                await self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": self._key(k)} for k in chunk], "Quiet": True},
+                )
+            except (BotoCoreError, ClientError, OSError) as e:
+                raise TransientError(f"S3 delete failed: {e}") from e
