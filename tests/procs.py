@@ -1,0 +1,157 @@
+"""Helpers for end-to-end tests: real `llmtap` processes, the fake upstream, waiting on the API.
+
+Every process binds 127.0.0.1 on a free port, logs to a file in the test's tmp dir (printed on
+failure), and is killed at teardown whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ROOT / "scripts" / "services.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_json(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 10
+) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"content-type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, raw.decode(errors="replace")
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 30, interval: float = 0.1, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception:
+            pass
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    def ok() -> bool:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+
+    wait_until(ok, timeout, what=url)
+
+
+class Proc:
+    """A child process with its log file; `stop()` sends a signal and waits."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args = args
+        self.log_path = log
+        self._log = open(log, "ab")
+        self.p = subprocess.Popen(
+            args, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.p.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        if self.alive():
+            os.kill(self.p.pid, sig)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(5)
+        self._log.close()
+        return int(self.p.returncode)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL, timeout=5)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def llmtap_env(data_dir: Path, **settings: str | int) -> dict[str, str]:
+    """A clean environment for an llmtap child: no inherited LLMTAP_* except what we pass."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_") or k.startswith("LLMTAP_TEST_")}
+    env["LLMTAP_DATA_DIR"] = str(data_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    for k, v in settings.items():
+        env[f"LLMTAP_{k.upper()}"] = str(v)
+    return env
+
+
+def start_llmtap(command: str, env: dict[str, str], log: Path, *extra: str) -> Proc:
+    return Proc([sys.executable, "-m", "llmtap.cli", command, *extra], env, log)
+
+
+@contextmanager
+def fake_upstream(tmp: Path) -> Iterator[str]:
+    """Run the fake OpenAI/Anthropic upstream in its own process; yields its base URL."""
+    port = free_port()
+    proc = Proc(
+        [sys.executable, "-m", "llmtap.testing.fake_upstream", "--port", str(port)],
+        dict(os.environ),
+        tmp / "fake-upstream.log",
+    )
+    try:
+        wait_until(
+            lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None, 20, what="fake upstream"
+        )
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+
+
+def services(action: str, name: str) -> None:
+    """Stop or start one real service (`kafka`, `redis`, `postgres`, `s3`) via scripts/services.sh."""
+    subprocess.run([str(SERVICES), action, name], check=True, capture_output=True, timeout=180)
+
+
+def stored_count(server_url: str, headers: dict[str, str] | None = None) -> int:
+    status, body = http_json("GET", f"{server_url}/api/v1/stats", headers=headers)
+    assert status == 200, body
+    return int(body["overall"]["count"])
