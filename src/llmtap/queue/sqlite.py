@@ -1,0 +1,620 @@
+"""The embedded queue: a partitioned log in one SQLite file, shared by processes on one machine.
+
+`llmtap up` (and a gateway with several `llmtap worker` processes beside it) need a durable
+queue without a broker. SQLite in WAL mode gives that: many readers and one writer at a time
+across processes, crash-safe commits, and a file the user can copy or delete.
+
+Layout (one file):
+
+- ``messages``: one row per message, ``id = partition << 40 | offset`` so a partition is one
+  contiguous rowid range: reading "the next N of partition p" and trimming "all of p below the
+  committed offset" are range scans on the table's own B-tree, no secondary index.
+- ``partitions``: per partition the next offset to assign, the committed offset (everything
+  below it is processed) and the owner's lease.
+- ``consumers``: live consumers and their heartbeats; every consumer computes the same fair
+  assignment from it (partition p goes to the (p mod n)-th live consumer by id).
+- ``dead_letters``: messages set aside with their reason.
+
+Ownership is by lease: a consumer renews its partitions every ``heartbeat_interval`` from a
+background task (independent of how long processing takes); a partition whose lease is not
+renewed for ``lease_timeout`` seconds is taken by its new assignee. While a consumer has
+unacknowledged deliveries of a partition it hands out nothing more from it, so processing is
+strictly ordered per partition; and it releases a partition it must give up only once those are
+acknowledged (or when it closes, abandoning them for redelivery).
+
+Durability: publish commits one transaction per batch. With ``synchronous="FULL"`` (default)
+SQLite fsyncs the WAL on every commit, so a published batch survives a power loss, as the queue
+interface promises. ``"NORMAL"`` survives any process crash but may lose the last commits on
+power loss or an OS crash; acks always use NORMAL (a lost ack only means a redelivery, which
+handlers tolerate).
+
+Every blocking call runs on one dedicated thread (with its own connection), so the event loop
+never blocks; all consumer bookkeeping lives on that thread too, so it needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from llmtap.errors import BackendUnavailable
+from llmtap.queue.base import (
+    DeadLetter,
+    Delivery,
+    Message,
+    PartitionStatus,
+    Queue,
+    QueueStatus,
+    Role,
+    partition_for,
+)
+
+log = logging.getLogger("llmtap.queue.sqlite")
+
+T = TypeVar("T")
+
+_SHIFT = 40  # offsets per partition: 2**40; partitions * 2**40 stays far below 2**63
+_MAX_OFFSET = (1 << _SHIFT) - 1
+_LOCK_RETRIES = 20  # on top of busy_timeout: "database is locked" that the busy handler did not absorb
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, key TEXT NOT NULL, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS partitions (
+    partition INTEGER PRIMARY KEY,
+    next_offset INTEGER NOT NULL DEFAULT 0,
+    committed INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS consumers (id TEXT PRIMARY KEY, heartbeat REAL NOT NULL, lease REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id TEXT PRIMARY KEY,
+    partition INTEGER NOT NULL,
+    "offset" INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    failed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_failed_at ON dead_letters (failed_at);
+"""
+
+
+@dataclass(slots=True)
+class _Owned:
+    """A partition this consumer holds. Offsets: committed <= delivered <= published."""
+
+    lease_until: float
+    committed: int  # next offset not yet acknowledged (as far as this consumer knows)
+    delivered: int  # next offset to hand out; > committed means deliveries are outstanding
+    releasing: bool = False  # reassigned elsewhere: hand out nothing more, release once acked
+
+
+@dataclass(slots=True)
+class _State:
+    owned: dict[int, _Owned] = field(default_factory=dict)
+    acked: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))  # acked above committed
+    rr: int = 0  # round-robin start so no partition starves the others
+
+
+class SQLiteQueue(Queue):
+    """`Queue` on one SQLite file in WAL mode; producers and consumers may be separate processes."""
+
+    def __init__(
+        self,
+        path: str,
+        partitions: int,
+        *,
+        lease_timeout: float = 5.0,
+        heartbeat_interval: float | None = None,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        busy_timeout_ms: int = 10_000,
+        consumer_id: str | None = None,
+    ) -> None:
+        if partitions < 1 or partitions > 1 << 20:
+            raise ValueError("partitions must be between 1 and 2**20")
+        self.path = path
+        self.partitions = partitions
+        self.lease_timeout = lease_timeout
+        self.heartbeat_interval = heartbeat_interval or max(0.05, lease_timeout / 5)
+        self.synchronous = synchronous
+        self.busy_timeout_ms = busy_timeout_ms
+        self.consumer_id = consumer_id or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.description = f"sqlite {path}"
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None  # touched on the executor thread only
+        self._state = _State()  # likewise
+        self._role: Role | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    # -- plumbing -----------------------------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise BackendUnavailable(f"the SQLite queue {self.path} is not connected")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(self._guarded, fn, *args))
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the queue thread, retrying lock contention, mapping errors to ours."""
+        for attempt in range(_LOCK_RETRIES):
+            try:
+                return fn(*args)
+            except sqlite3.OperationalError as e:
+                self._rollback()
+                msg = str(e).lower()
+                if ("locked" in msg or "busy" in msg) and attempt < _LOCK_RETRIES - 1:
+                    time.sleep(min(0.2, 0.005 * 2**attempt))
+                    continue
+                raise BackendUnavailable(f"the SQLite queue {self.path} failed: {e}") from e
+            except sqlite3.DatabaseError as e:
+                self._rollback()
+                raise BackendUnavailable(f"the SQLite queue {self.path} failed: {e}") from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _rollback(self) -> None:
+        if self._conn is not None and self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    def _db(self) -> sqlite3.Connection:
+        assert self._conn is not None, "queue not connected"
+        return self._conn
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T], sync: str | None = None) -> T:
+        """One write transaction. BEGIN IMMEDIATE takes the write lock up front, so the busy
+        handler (busy_timeout) waits for other processes instead of failing on upgrade."""
+        db = self._db()
+        if sync is not None:
+            db.execute(f"PRAGMA synchronous={sync}")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        finally:
+            if sync is not None and sync != self.synchronous:
+                db.execute(f"PRAGMA synchronous={self.synchronous}")
+        return result
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def connect(self, role: Role) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmtap-sqlite-queue")
+        self._role = role
+        try:
+            await self._call(self._open)
+        except BackendUnavailable:
+            await self._shutdown_executor()
+            raise
+        if role in ("consumer", "both"):
+            await self._call(self._tick)
+            self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="llmtap-queue-heartbeat")
+
+    def _open(self) -> None:
+        if self._conn is not None:
+            return
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as e:
+            raise BackendUnavailable(f"cannot open the SQLite queue at {self.path}: {e}") from e
+        self._conn = db
+        try:
+            db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL mode (got {mode})")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            db.execute("PRAGMA journal_size_limit=67108864")  # shrink the WAL back after bursts
+
+            def init(db: sqlite3.Connection) -> None:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                row = db.execute("SELECT v FROM meta WHERE k='partitions'").fetchone()
+                if row is None:
+                    db.execute("INSERT INTO meta VALUES ('partitions', ?)", (str(self.partitions),))
+                    db.executemany(
+                        "INSERT OR IGNORE INTO partitions (partition) VALUES (?)",
+                        [(p,) for p in range(self.partitions)],
+                    )
+                elif int(row[0]) != self.partitions:
+                    # Every process must map keys alike: the file's count wins over the setting.
+                    log.warning(
+                        "queue %s was created with %s partitions; using that, not %s",
+                        self.path,
+                        row[0],
+                        self.partitions,
+                    )
+                    self.partitions = int(row[0])
+
+            for attempt in range(_LOCK_RETRIES):
+                try:
+                    self._write(init)
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e).lower() or attempt == _LOCK_RETRIES - 1:
+                        raise
+                    time.sleep(0.01 * (attempt + 1))
+        except sqlite3.Error as e:
+            self._conn = None
+            db.close()
+            raise BackendUnavailable(f"cannot open the SQLite queue at {self.path}: {e}") from e
+
+    async def close(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._heartbeat_task
+            self._heartbeat_task = None
+        if self._executor is None:
+            return
+        with contextlib.suppress(BackendUnavailable):
+            await self._call(self._close_db)
+        await self._shutdown_executor()
+
+    async def _shutdown_executor(self) -> None:
+        ex, self._executor = self._executor, None
+        if ex is not None:
+            await asyncio.get_running_loop().run_in_executor(None, ex.shutdown, True)
+
+    def _close_db(self) -> None:
+        db = self._conn
+        if db is None:
+            return
+        try:
+            if self._role in ("consumer", "both"):
+
+                def release(db: sqlite3.Connection) -> None:
+                    db.execute(
+                        "UPDATE partitions SET owner=NULL, lease_until=0 WHERE owner=?", (self.consumer_id,)
+                    )
+                    db.execute("DELETE FROM consumers WHERE id=?", (self.consumer_id,))
+
+                with contextlib.suppress(sqlite3.Error):
+                    self._write(release)
+            self._state = _State()
+        finally:
+            self._conn = None
+            db.close()
+
+    # -- producer -----------------------------------------------------------------------------
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        batch = [(m.key, m.value) for m in messages]
+        await self._call(self._write, partial(self._append, batch))
+
+    def _append(self, batch: Sequence[tuple[str, bytes]], db: sqlite3.Connection) -> int:
+        """Append in the caller's transaction; offsets follow publish order within a partition."""
+        nexts: dict[int, int] = dict(db.execute("SELECT partition, next_offset FROM partitions").fetchall())
+        n = self.partitions
+        rows: list[tuple[int, str, bytes]] = []
+        touched: dict[int, int] = {}
+        for key, value in batch:
+            p = partition_for(key, n)
+            off = touched[p] if p in touched else nexts[p]
+            if off > _MAX_OFFSET:
+                raise sqlite3.OperationalError(f"partition {p} is out of offsets")
+            rows.append(((p << _SHIFT) | off, key, value))
+            touched[p] = off + 1
+        db.executemany("INSERT INTO messages (id, key, value) VALUES (?, ?, ?)", rows)
+        db.executemany(
+            "UPDATE partitions SET next_offset=? WHERE partition=?", [(o, p) for p, o in touched.items()]
+        )
+        return len(rows)
+
+    # -- consumer -----------------------------------------------------------------------------
+    async def consume(self, max_messages: int, timeout: float) -> list[Delivery]:
+        deadline = time.monotonic() + max(0.0, timeout)
+        pause = 0.005
+        while True:
+            out = await self._fetch_shielded(max_messages)
+            if out:
+                return out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 0.1)  # idle: back off to 10 polls a second
+
+    async def _fetch_shielded(self, max_messages: int) -> list[Delivery]:
+        """Fetch on the thread; if our caller is cancelled meanwhile, undo the hand-out so the
+        partition is not blocked by deliveries nobody will ever acknowledge."""
+        if self._executor is None:
+            raise BackendUnavailable(f"the SQLite queue {self.path} is not connected")
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._executor, partial(self._guarded, self._fetch, max_messages))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+
+            def undo(f: asyncio.Future[list[Delivery]]) -> None:
+                if not f.cancelled() and f.exception() is None and f.result() and self._executor:
+                    with contextlib.suppress(RuntimeError):
+                        self._executor.submit(self._undeliver, f.result())
+
+            fut.add_done_callback(undo)
+            raise
+
+    def _undeliver(self, deliveries: list[Delivery]) -> None:
+        first: dict[int, int] = {}
+        for d in deliveries:
+            first[d.partition] = min(first.get(d.partition, d.offset), d.offset)
+        for p, off in first.items():
+            st = self._state.owned.get(p)
+            if st is not None and st.delivered > off:
+                st.delivered = max(off, st.committed)
+
+    def _fetch(self, max_messages: int) -> list[Delivery]:
+        state = self._state
+        if not state.owned or max_messages <= 0:
+            return []
+        now = time.time()
+        margin = min(1.0, self.lease_timeout / 4)
+        ready = sorted(
+            p
+            for p, st in state.owned.items()
+            if not st.releasing and st.delivered == st.committed and st.lease_until - margin > now
+        )
+        if not ready:
+            return []
+        db = self._db()
+        marks = ",".join("?" * len(ready))
+        heads = {
+            p: (nxt, committed)
+            for p, nxt, committed in db.execute(
+                f"SELECT partition, next_offset, committed FROM partitions WHERE partition IN ({marks})",
+                ready,
+            )
+        }
+        for p in ready:
+            # Another consumer (a late ack after a takeover) may have committed past our view.
+            st = state.owned[p]
+            if heads[p][1] > st.committed:
+                st.committed = st.delivered = heads[p][1]
+        ready = [p for p in ready if heads[p][0] > state.owned[p].delivered]
+        if not ready:
+            return []
+        start = state.rr % len(ready)
+        state.rr += 1
+        order = ready[start:] + ready[:start]
+        # Bookkeeping is applied only once every read succeeded: a failed read hands out nothing.
+        cursor = {p: state.owned[p].delivered for p in order}
+        out: list[Delivery] = []
+        share = max(1, max_messages // len(order))  # a fair share each first, then fill up
+        for limit in (share, max_messages):
+            for p in order:
+                left = max_messages - len(out)
+                if left <= 0:
+                    break
+                if cursor[p] >= heads[p][0]:
+                    continue
+                rows = db.execute(
+                    "SELECT id, key, value FROM messages WHERE id >= ? AND id <= ? ORDER BY id LIMIT ?",
+                    ((p << _SHIFT) | cursor[p], (p << _SHIFT) | _MAX_OFFSET, min(left, limit)),
+                ).fetchall()
+                for rid, key, value in rows:
+                    off = rid & _MAX_OFFSET
+                    out.append(Delivery(partition=p, offset=off, key=key, value=value))
+                    cursor[p] = off + 1
+                if not rows:
+                    cursor[p] = heads[p][0]  # nothing there (trimmed meanwhile): skip for now
+        for d in out:
+            st = state.owned[d.partition]
+            st.delivered = max(st.delivered, d.offset + 1)
+        return out
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        offs = [(d.partition, d.offset) for d in deliveries]
+        await self._call(self._ack, offs)
+
+    def _ack(self, offs: Sequence[tuple[int, int]]) -> None:
+        apply = self._write(partial(self._ack_in_tx, offs), "NORMAL")
+        apply()
+
+    def _ack_in_tx(self, offs: Sequence[tuple[int, int]], db: sqlite3.Connection) -> Callable[[], None]:
+        """Advance committed offsets over contiguous acknowledged runs and trim what they cover.
+
+        Acks of a partition this consumer no longer owns still count (the work was done);
+        `MAX` keeps a late ack from moving a newer owner's committed offset backwards. Returns
+        the bookkeeping to apply once the transaction has committed.
+        """
+        state = self._state
+        by_p: dict[int, set[int]] = defaultdict(set)
+        for p, off in offs:
+            by_p[p].add(off)
+        marks = ",".join("?" * len(by_p))
+        current = dict(
+            db.execute(
+                f"SELECT partition, committed FROM partitions WHERE partition IN ({marks})", list(by_p)
+            )
+        )
+        updates: list[tuple[int, int]] = []
+        trims: list[tuple[int, int]] = []
+        results: dict[int, tuple[int, set[int]]] = {}
+        for p, offsets in by_p.items():
+            pending = state.acked.get(p, set()) | offsets
+            st = state.owned.get(p)
+            db_committed = int(current.get(p, 0))
+            c = max(db_committed, st.committed if st else 0)
+            while c in pending:
+                c += 1
+            results[p] = (c, {o for o in pending if o >= c})
+            if c > db_committed:
+                updates.append((c, p))
+                trims.append(((p << _SHIFT), (p << _SHIFT) | c))
+        if updates:
+            db.executemany("UPDATE partitions SET committed=MAX(committed, ?) WHERE partition=?", updates)
+            db.executemany("DELETE FROM messages WHERE id >= ? AND id < ?", trims)
+
+        def apply() -> None:
+            for p, (c, pending) in results.items():
+                if pending:
+                    state.acked[p] = pending
+                else:
+                    state.acked.pop(p, None)
+                st = state.owned.get(p)
+                if st is not None:
+                    st.committed = max(st.committed, c)
+                    st.delivered = max(st.delivered, st.committed)
+
+        return apply
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        await self._call(self._dead_letter, delivery, reason)
+
+    def _dead_letter(self, d: Delivery, reason: str) -> None:
+        def tx(db: sqlite3.Connection) -> Callable[[], None]:
+            # The id is deterministic, so dead-lettering a redelivered message again is a no-op.
+            db.execute(
+                'INSERT OR REPLACE INTO dead_letters (id, partition, "offset", key, value, reason, failed_at)'
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (f"{d.partition}-{d.offset}", d.partition, d.offset, d.key, d.value, reason, time.time()),
+            )
+            return self._ack_in_tx([(d.partition, d.offset)], db)
+
+        self._write(tx)()
+
+    # -- leases -------------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self._call(self._tick)
+            except BackendUnavailable as e:
+                log.warning("queue heartbeat failed (will retry): %s", e)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the heartbeat die silently
+                log.exception("queue heartbeat failed")
+
+    def _tick(self) -> None:
+        self._write(self._rebalance, "NORMAL")()
+
+    def _rebalance(self, db: sqlite3.Connection) -> Callable[[], None]:
+        """Renew, release and claim partitions so each live consumer holds its fair share.
+
+        Returns the bookkeeping to apply once the transaction has committed.
+        """
+        me = self.consumer_id
+        now = time.time()
+        owned = self._state.owned
+        db.execute(
+            "INSERT OR REPLACE INTO consumers (id, heartbeat, lease) VALUES (?, ?, ?)",
+            (me, now, self.lease_timeout),
+        )
+        db.execute("DELETE FROM consumers WHERE heartbeat + lease < ?", (now,))
+        live = [r[0] for r in db.execute("SELECT id FROM consumers ORDER BY id")]
+        idx, n = live.index(me), len(live)
+        lease_until = now + self.lease_timeout
+        rows = db.execute("SELECT partition, committed, owner, lease_until FROM partitions").fetchall()
+        renew: list[tuple[float, int]] = []
+        releasing: list[int] = []
+        release: list[int] = []
+        lost: list[int] = []
+        claim: dict[int, int] = {}
+        for p, committed, owner, until in rows:
+            mine = p % n == idx
+            st = owned.get(p)
+            if owner == me and st is not None:
+                if mine:
+                    renew.append((lease_until, p))
+                elif st.delivered > st.committed:
+                    releasing.append(p)  # finish what is out, then let go
+                    renew.append((lease_until, p))
+                else:
+                    release.append(p)
+                continue
+            if st is not None:  # we thought we held it, but someone took it over: stop
+                log.warning("lost partition %s to %s (lease expired)", p, owner)
+                lost.append(p)
+            if mine and (owner is None or owner == me or until < now):
+                claim[p] = committed
+            elif owner == me:
+                release.append(p)
+        if renew:
+            db.executemany("UPDATE partitions SET lease_until=? WHERE partition=?", renew)
+        if release:
+            db.executemany(
+                "UPDATE partitions SET owner=NULL, lease_until=0 WHERE partition=?", [(p,) for p in release]
+            )
+        if claim:
+            db.executemany(
+                "UPDATE partitions SET owner=?, lease_until=? WHERE partition=?",
+                [(me, lease_until, p) for p in claim],
+            )
+
+        def apply() -> None:
+            for _, p in renew:
+                st = owned[p]
+                st.lease_until = lease_until
+                st.releasing = p in releasing
+            for p in release + lost:
+                owned.pop(p, None)
+            for p, committed in claim.items():
+                owned[p] = _Owned(lease_until=lease_until, committed=committed, delivered=committed)
+                self._state.acked.pop(p, None)
+
+        return apply
+
+    # -- operations ---------------------------------------------------------------------------
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        def read() -> list[DeadLetter]:
+            rows = self._db().execute(
+                'SELECT id, partition, "offset", key, value, reason, failed_at FROM dead_letters'
+                " ORDER BY failed_at, id LIMIT ?",
+                (limit,),
+            )
+            return [DeadLetter(*r) for r in rows]
+
+        return await self._call(read)
+
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        def replay(db: sqlite3.Connection) -> int:
+            if ids is None:
+                rows = db.execute("SELECT id, key, value FROM dead_letters ORDER BY failed_at, id").fetchall()
+            else:
+                rows = []
+                for i in ids:
+                    rows += db.execute("SELECT id, key, value FROM dead_letters WHERE id=?", (i,)).fetchall()
+            if not rows:
+                return 0
+            self._append([(k, v) for _, k, v in rows], db)
+            db.executemany("DELETE FROM dead_letters WHERE id=?", [(r[0],) for r in rows])
+            return len(rows)
+
+        return await self._call(self._write, replay)
+
+    async def status(self) -> QueueStatus:
+        def read() -> QueueStatus:
+            db = self._db()
+            now = time.time()
+            parts = [
+                PartitionStatus(partition=p, lag=nxt - committed, owner=owner if until >= now else None)
+                for p, nxt, committed, owner, until in db.execute(
+                    "SELECT partition, next_offset, committed, owner, lease_until FROM partitions"
+                    " ORDER BY partition"
+                )
+            ]
+            dead = db.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+            return QueueStatus(backend="sqlite", partitions=parts, dead_letters=int(dead))
+
+        return await self._call(read)

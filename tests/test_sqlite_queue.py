@@ -1,0 +1,442 @@
+"""The embedded SQLite queue: order, trimming, dead letters, and real consumer processes.
+
+The multi-process tests run consumers as separate Python processes on one queue file (as
+`llmtap worker` processes do), kill one with SIGKILL mid-batch, and count what went in and
+what came out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from llmtap.queue.base import Message, partition_for
+from llmtap.queue.sqlite import SQLiteQueue
+
+LEASE = 1.0  # short leases keep the takeover tests quick
+
+
+@pytest.fixture
+def qpath(tmp_path: Path) -> str:
+    return str(tmp_path / "queue.db")
+
+
+@pytest.fixture
+async def producer(qpath: str) -> AsyncIterator[SQLiteQueue]:
+    q = SQLiteQueue(qpath, partitions=4)
+    await q.connect("producer")
+    yield q
+    await q.close()
+
+
+async def _consumer(qpath: str, **kw: float) -> SQLiteQueue:
+    q = SQLiteQueue(qpath, partitions=4, lease_timeout=kw.get("lease", LEASE), heartbeat_interval=0.1)
+    await q.connect("consumer")
+    return q
+
+
+def _key_for(partition: int, partitions: int = 4, prefix: str = "k") -> str:
+    i = 0
+    while partition_for(f"{prefix}{i}", partitions) != partition:
+        i += 1
+    return f"{prefix}{i}"
+
+
+def _rows(qpath: str) -> list[tuple[int, int]]:
+    with sqlite3.connect(qpath) as db:
+        return [(rid >> 40, rid & ((1 << 40) - 1)) for (rid,) in db.execute("SELECT id FROM messages")]
+
+
+async def test_publish_consume_ack_in_order_per_partition(producer: SQLiteQueue, qpath: str) -> None:
+    keys = [_key_for(p) for p in range(4)]
+    msgs = [Message(key=keys[i % 4], value=f"{i}".encode()) for i in range(200)]
+    for i in range(0, 200, 50):
+        await producer.publish(msgs[i : i + 50])
+    c = await _consumer(qpath)
+    try:
+        seen: dict[int, list[int]] = {p: [] for p in range(4)}
+        offsets: dict[int, list[int]] = {p: [] for p in range(4)}
+        while sum(map(len, seen.values())) < 200:
+            batch = await c.consume(30, timeout=2)
+            assert batch, "messages published but none delivered"
+            # never more than one outstanding run per partition: ack before the next consume
+            for d in batch:
+                seen[d.partition].append(int(d.value))
+                offsets[d.partition].append(d.offset)
+            await c.ack(batch)
+        for p in range(4):
+            assert seen[p] == sorted(seen[p]), f"partition {p} out of order"
+            assert [int(v) % 4 for v in seen[p]] == [keys.index(keys[p])] * 50
+            assert offsets[p] == list(range(50))
+        assert await c.consume(10, timeout=0.05) == []
+        st = await c.status()
+        assert st.lag == 0 and [p.lag for p in st.partitions] == [0, 0, 0, 0]
+        assert _rows(qpath) == []  # every acked row trimmed
+    finally:
+        await c.close()
+
+
+async def test_no_second_delivery_of_a_partition_while_one_is_outstanding(
+    producer: SQLiteQueue, qpath: str
+) -> None:
+    key = _key_for(2)
+    await producer.publish([Message(key=key, value=b"%d" % i) for i in range(10)])
+    c = await _consumer(qpath)
+    try:
+        first = await c.consume(3, timeout=2)
+        assert [d.offset for d in first] == [0, 1, 2]
+        # Partition 2 has unacknowledged deliveries: nothing more of it, however often we ask.
+        assert await c.consume(10, timeout=0.2) == []
+        await c.ack(first[:2])
+        assert await c.consume(10, timeout=0.2) == []  # offset 2 still outstanding
+        await c.ack(first[2:])
+        rest = await c.consume(10, timeout=2)
+        assert [d.offset for d in rest] == list(range(3, 10))
+        await c.ack(rest)
+    finally:
+        await c.close()
+
+
+async def test_trimming_deletes_acked_rows_only(producer: SQLiteQueue, qpath: str) -> None:
+    key = _key_for(1)
+    await producer.publish([Message(key=key, value=b"x") for _ in range(10)])
+    c = await _consumer(qpath)
+    try:
+        batch = await c.consume(10, timeout=2)
+        assert len(batch) == 10
+        await c.ack(batch[:4])  # 0..3
+        assert _rows(qpath) == [(1, o) for o in range(4, 10)]
+        await c.ack([batch[6]])  # out of order: committed stays at 4, row 6 stays
+        assert _rows(qpath) == [(1, o) for o in range(4, 10)]
+        st = await c.status()
+        assert st.partitions[1].lag == 6
+        await c.ack(batch[4:6])  # 4, 5 close the gap: committed jumps to 7
+        assert _rows(qpath) == [(1, 7), (1, 8), (1, 9)]
+        assert (await c.status()).partitions[1].lag == 3
+        await c.ack(batch[7:])
+        assert _rows(qpath) == []
+    finally:
+        await c.close()
+
+
+async def test_dead_letter_and_replay(producer: SQLiteQueue, qpath: str) -> None:
+    key = _key_for(0)
+    await producer.publish([Message(key=key, value=v) for v in (b"a", b"poison", b"c")])
+    c = await _consumer(qpath)
+    try:
+        batch = await c.consume(10, timeout=2)
+        assert [d.value for d in batch] == [b"a", b"poison", b"c"]
+        await c.dead_letter(batch[1], "cost: ValueError: bad usage")
+        await c.ack([batch[0], batch[2]])
+        st = await c.status()
+        assert st.lag == 0 and st.dead_letters == 1
+        dead = await c.dead_letters()
+        assert len(dead) == 1
+        assert (dead[0].value, dead[0].reason, dead[0].partition, dead[0].offset) == (
+            b"poison",
+            "cost: ValueError: bad usage",
+            0,
+            1,
+        )
+        assert abs(dead[0].failed_at - time.time()) < 60
+        # Dead-lettering the same delivery again (a redelivery) does not duplicate it.
+        await c.dead_letter(batch[1], "again")
+        assert len(await c.dead_letters()) == 1
+
+        assert await c.replay_dead_letters(["no-such-id"]) == 0
+        assert await c.replay_dead_letters([dead[0].id]) == 1
+        assert (await c.status()).dead_letters == 0
+        again = await c.consume(10, timeout=2)
+        assert [(d.value, d.offset) for d in again] == [(b"poison", 3)]
+        await c.ack(again)
+        assert (await c.status()).lag == 0
+        assert await c.replay_dead_letters() == 0
+    finally:
+        await c.close()
+
+
+async def test_file_partition_count_wins(qpath: str) -> None:
+    a = SQLiteQueue(qpath, partitions=4)
+    await a.connect("producer")
+    b = SQLiteQueue(qpath, partitions=9)
+    await b.connect("producer")
+    try:
+        assert b.partitions == 4
+        assert len((await b.status()).partitions) == 4
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_unopenable_path_is_one_sentence(tmp_path: Path) -> None:
+    from llmtap.errors import BackendUnavailable
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    q = SQLiteQueue(str(blocker / "queue.db"), partitions=2)
+    with pytest.raises(BackendUnavailable) as e:
+        await q.connect("producer")
+    assert str(blocker) in str(e.value) and "\n" not in str(e.value)
+
+
+async def test_cancelled_consume_does_not_block_the_partition(producer: SQLiteQueue, qpath: str) -> None:
+    await producer.publish([Message(key=_key_for(3), value=b"%d" % i) for i in range(5)])
+    c = await _consumer(qpath)
+    try:
+        task = asyncio.create_task(c.consume(5, timeout=2))
+        await asyncio.sleep(0)  # the fetch is on the queue thread now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        got = await c.consume(5, timeout=2)
+        assert [d.offset for d in got] == [0, 1, 2, 3, 4]
+        await c.ack(got)
+    finally:
+        await c.close()
+
+
+async def test_two_consumers_in_one_process_split_and_take_over(producer: SQLiteQueue, qpath: str) -> None:
+    a = await _consumer(qpath)
+    b = await _consumer(qpath)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            owners = Counter(p.owner for p in (await a.status()).partitions)
+            if owners.get(a.consumer_id) == 2 and owners.get(b.consumer_id) == 2:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"partitions not shared fairly: {owners}")
+        # A consumer that closes releases at once; the other takes over within a heartbeat or two.
+        await b.close()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            owners = Counter(p.owner for p in (await a.status()).partitions)
+            if owners.get(a.consumer_id) == 4:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"no takeover after close: {owners}")
+    finally:
+        await a.close()
+        await b.close()
+
+
+# -- real processes ----------------------------------------------------------------------------
+
+CONSUMER = textwrap.dedent(
+    """
+    import asyncio, json, os, sys, time
+    from llmtap.queue.sqlite import SQLiteQueue
+
+    path, out, mode, lease = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+
+    async def main():
+        q = SQLiteQueue(path, partitions=6, lease_timeout=lease, heartbeat_interval=lease / 5)
+        await q.connect("consumer")
+        print("READY", q.consumer_id, flush=True)
+        with open(out, "a") as f:
+            while True:
+                batch = await q.consume(50, timeout=0.2)
+                if batch and mode == "hold":
+                    for d in batch:
+                        f.write(json.dumps([d.partition, d.offset, d.value.decode()]) + "\\n")
+                    f.flush()
+                    print("HELD", len(batch), flush=True)
+                    await asyncio.sleep(3600)  # never acks: killed with SIGKILL by the test
+                if batch:
+                    await asyncio.sleep(0.01)  # "processing"
+                    await q.ack(batch)
+                    for d in batch:
+                        f.write(json.dumps([d.partition, d.offset, d.value.decode()]) + "\\n")
+                    f.flush()
+                elif os.path.exists(path + ".done") and (await q.status()).lag == 0:
+                    break
+        await q.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+class _Proc:
+    def __init__(self, tmp: Path, name: str, qpath: str, mode: str) -> None:
+        script = tmp / "consumer.py"
+        script.write_text(CONSUMER)
+        self.out = tmp / f"{name}.jsonl"
+        self.log = open(tmp / f"{name}.log", "w+")  # closed in stop()
+        self.p = subprocess.Popen(
+            [sys.executable, str(script), qpath, str(self.out), mode, str(LEASE)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_for(self, word: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.log.seek(0)
+            for line in self.log.read().splitlines():
+                if line.startswith(word):
+                    return line
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.log.seek(0)
+        raise AssertionError(f"no {word!r} from consumer; log:\n{self.log.read()}")
+
+    def records(self) -> list[tuple[int, int, str]]:
+        if not self.out.exists():
+            return []
+        return [tuple(json.loads(line)) for line in self.out.read_text().splitlines()]  # type: ignore[misc]
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[_Proc]]:
+    started: list[_Proc] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+async def _publish_all(qpath: str, n: int) -> list[str]:
+    q = SQLiteQueue(qpath, partitions=6)
+    await q.connect("producer")
+    values = [f"m{i}" for i in range(n)]
+    msgs = [Message(key=f"tenant-{j % 37}", value=v.encode()) for j, v in enumerate(values)]
+    try:
+        for i in range(0, n, 100):
+            await q.publish(msgs[i : i + 100])
+    finally:
+        await q.close()
+    return values
+
+
+async def _wait_owners(qpath: str, ids: set[str], timeout: float = 10) -> None:
+    q = SQLiteQueue(qpath, partitions=6)
+    await q.connect("producer")
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            owners = {p.owner for p in (await q.status()).partitions}
+            if owners == ids:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"owners {owners} != {ids}")
+    finally:
+        await q.close()
+
+
+async def test_two_consumer_processes_share_and_consume_exactly_once(
+    tmp_path: Path, procs: list[_Proc]
+) -> None:
+    qpath = str(tmp_path / "queue.db")
+    await _publish_all(qpath, 0)  # create the file
+    a = _Proc(tmp_path, "a", qpath, "ack")
+    b = _Proc(tmp_path, "b", qpath, "ack")
+    procs += [a, b]
+    ids = {a.wait_for("READY").split()[1], b.wait_for("READY").split()[1]}
+    await _wait_owners(qpath, ids)
+    values = await _publish_all(qpath, 3000)
+    Path(qpath + ".done").touch()
+    for p in (a, b):
+        p.p.wait(60)
+        assert p.p.returncode == 0, p.wait_for("never")
+    ra, rb = a.records(), b.records()
+    assert ra and rb, "both processes must have had partitions"
+    consumed = Counter(v for _, _, v in ra + rb)
+    assert set(consumed) == set(values)
+    assert max(consumed.values()) == 1, "a message was consumed twice although acked"
+    # the two processes never held the same partition
+    assert not ({p for p, _, _ in ra} & {p for p, _, _ in rb})
+    # order per partition: offsets strictly increasing in each process's log
+    for recs in (ra, rb):
+        for part in {p for p, _, _ in recs}:
+            offs = [o for p, o, _ in recs if p == part]
+            assert offs == sorted(offs) and len(offs) == len(set(offs))
+
+
+async def test_sigkilled_consumer_mid_batch_is_taken_over(tmp_path: Path, procs: list[_Proc]) -> None:
+    qpath = str(tmp_path / "queue.db")
+    await _publish_all(qpath, 0)
+    victim = _Proc(tmp_path, "victim", qpath, "hold")
+    survivor = _Proc(tmp_path, "survivor", qpath, "ack")
+    procs += [victim, survivor]
+    ids = {victim.wait_for("READY").split()[1], survivor.wait_for("READY").split()[1]}
+    await _wait_owners(qpath, ids)
+    values = await _publish_all(qpath, 2000)
+    victim.wait_for("HELD")
+    held = victim.records()
+    assert held
+    os.kill(victim.p.pid, signal.SIGKILL)
+    victim.p.wait(5)
+    Path(qpath + ".done").touch()
+    survivor.p.wait(60)
+    assert survivor.p.returncode == 0, survivor.wait_for("never")
+    done = survivor.records()
+    consumed = Counter(v for _, _, v in done)
+    # at least once: everything, including what the victim held unacked, reached the survivor
+    assert set(consumed) == set(values)
+    assert {v for _, _, v in held} <= set(consumed)
+    # the committed count equals what was published, and nothing is left in the file
+    q = SQLiteQueue(qpath, partitions=6)
+    await q.connect("producer")
+    try:
+        st = await q.status()
+    finally:
+        await q.close()
+    assert st.lag == 0
+    with sqlite3.connect(qpath) as db:
+        committed = db.execute("SELECT sum(committed), sum(next_offset) FROM partitions").fetchone()
+    assert committed == (len(values), len(values))
+    assert _rows(qpath) == []
+
+
+async def test_rebalance_waits_for_outstanding_deliveries(producer: SQLiteQueue, qpath: str) -> None:
+    """A joining consumer gets its share only after the old owner acknowledged what it had out."""
+    await producer.publish([Message(key=_key_for(p), value=b"%d" % p) for p in range(4) for _ in range(4)])
+    a = await _consumer(qpath)
+    b: SQLiteQueue | None = None
+    try:
+        held = await a.consume(100, timeout=2)
+        assert len(held) == 16
+        b = await _consumer(qpath)
+        await asyncio.sleep(0.5)  # several heartbeats: b is live, and wants two partitions
+        assert await b.consume(100, timeout=0.3) == []
+        assert {p.owner for p in (await b.status()).partitions} == {a.consumer_id}
+        await a.ack(held)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            owners = Counter(p.owner for p in (await b.status()).partitions)
+            if owners.get(b.consumer_id) == 2:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"b never got its share: {owners}")
+        await producer.publish([Message(key=_key_for(p), value=b"new") for p in range(4)])
+        got_a = await a.consume(100, timeout=2)
+        got_b = await b.consume(100, timeout=2)
+        assert sorted(d.partition for d in got_a + got_b) == [0, 1, 2, 3]
+        assert {d.offset for d in got_a + got_b} == {4}  # nothing acked came back
+        assert not {d.partition for d in got_a} & {d.partition for d in got_b}
+    finally:
+        await a.close()
+        if b is not None:
+            await b.close()
