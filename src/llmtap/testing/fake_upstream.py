@@ -1,0 +1,1327 @@
+"""A local fake OpenAI + Anthropic upstream that speaks the providers' exact wire formats.
+
+Why it exists: the gateway has to be proven byte-exact against real provider behaviour
+(SSE framing, usage blocks, error bodies, truncated streams, large bodies) without network
+access or cost, and the benchmark needs an upstream that is never the bottleneck.  The real
+``openai`` / ``anthropic`` SDKs parse everything served here (see tests/test_fake_upstream.py).
+
+Replies are deterministic: the text is ``"echo: " + <last user message>``; token counts are
+whitespace word counts (see :func:`expected_usage`, which tests use to check proxied usage).
+
+Test controls are request headers (the gateway forwards them untouched):
+
+=============================  ==================================================================
+``x-fake-status: N``           answer HTTP N with the provider's exact error JSON (400/401/403/404/
+                               413/429/500/502/503/529); 429 adds ``retry-after`` + rate-limit headers
+``x-fake-retry-after: S``      value of ``retry-after`` on a forced 429 (default 7)
+``x-fake-delay-ms: N``         sleep N ms before the first response byte (also before errors)
+``x-fake-chunk-delay-ms: N``   sleep N ms between stream events (slow stream)
+``x-fake-chunks: N``           reply is exactly N words, i.e. N content deltas when streaming
+                               (tool calls: N argument fragments)
+``x-fake-cut-after: N``        stream: send N SSE events, then close the connection mid-body
+                               (no terminating events, no final chunk); non-stream: send N body
+                               bytes of a larger Content-Length, then close
+``x-fake-stream-error: N``     stream: after N events send the provider's in-stream error event
+``x-fake-response-bytes: N``   pad the reply so a non-stream body is about N bytes
+``x-fake-cached-tokens: N``    simulate an N-token cached prompt prefix (OpenAI ``cached_tokens``,
+                               Anthropic ``cache_read_input_tokens``)
+``x-fake-cache-creation-tokens: N``  Anthropic ``cache_creation_input_tokens``
+``x-fake-delta-usage: full``   Anthropic: ``message_delta.usage`` also carries the input counts
+``x-fake-echo-headers: 1``     add ``x-fake-received-headers`` (received header names, in order)
+                               and ``x-fake-body-sha256`` (sha256 of the raw request body)
+=============================  ==================================================================
+
+Every request (except ``/_fake/*``) is recorded in a ring buffer: ``GET /_fake/requests``
+returns it as JSON (bodies base64) plus ``client_aborts`` (streams whose client disconnected early),
+``DELETE /_fake/requests`` clears both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import hashlib
+import itertools
+import os
+import struct
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Final
+
+import msgspec
+from aiohttp import web
+
+__all__ = [
+    "FakeUpstream",
+    "expected_usage",
+    "make_app",
+    "reply_text",
+    "run",
+    "serve",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Constants shared by the handlers and expected_usage (tests depend on these numbers).
+
+PROMPT_OVERHEAD: Final = 8  # prompt tokens = words in all message text + this
+TOOL_CALL_OVERHEAD: Final = 5  # tool-call output tokens = words in the arguments JSON + this
+REASONING_TOKENS: Final = 64  # reported for OpenAI models whose name starts with "o"
+DEFAULT_RECORD_LIMIT: Final = 256
+SYSTEM_FINGERPRINT: Final = "fp_fake0001"
+_PAD_WORD_LEN: Final = 1023
+_PAD_WORD: Final = "x" * _PAD_WORD_LEN
+_PAD_BODY_OVERHEAD: Final = 600  # rough size of a non-stream body minus its reply text
+_TOOL_FRAGMENT: Final = 8  # characters per streamed tool-argument fragment
+
+_ENC = msgspec.json.Encoder()
+_DEC = msgspec.json.Decoder()
+_RUN_ID = os.urandom(4).hex()
+_COUNTER = itertools.count(1)
+
+_JSON_HEADERS: Final = {"Content-Type": "application/json"}
+_SSE_HEADERS: Final = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+
+JSONDict = dict[str, Any]
+
+
+def _new_id(prefix: str) -> str:
+    """Unique-per-process ids without the cost of uuid4 on the hot path."""
+    return f"{prefix}{_RUN_ID}{next(_COUNTER):010d}"
+
+
+def _pretty(obj: Any) -> bytes:
+    """OpenAI pretty-prints non-stream JSON bodies; mimic it so re-serialising proxies are caught."""
+    return msgspec.json.format(_ENC.encode(obj), indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Header knobs.
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw.strip())
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Knobs:
+    """Header controls that change the reply content (and therefore usage)."""
+
+    chunks: int | None = None
+    response_bytes: int | None = None
+    cached: int = 0
+    cache_creation: int = 0
+
+    @classmethod
+    def parse(cls, headers: Mapping[str, str]) -> _Knobs:
+        return cls(
+            chunks=_int_header(headers, "x-fake-chunks"),
+            response_bytes=_int_header(headers, "x-fake-response-bytes"),
+            cached=max(0, _int_header(headers, "x-fake-cached-tokens") or 0),
+            cache_creation=max(0, _int_header(headers, "x-fake-cache-creation-tokens") or 0),
+        )
+
+
+_NO_KNOBS: Final = _Knobs()
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic reply planning (pure; shared by the handlers and expected_usage).
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    words: list[str]  # visible reply words; the text is " ".join(words); empty for a tool call
+    tool_name: str | None  # set when the reply is a tool call
+    tool_args: str  # the tool input as compact JSON text ("" without a tool call)
+    truncated: bool  # cut by max_tokens -> finish_reason "length" / stop_reason "max_tokens"
+    prompt_tokens: int  # visible prompt tokens (excludes the simulated cached prefix)
+    output_tokens: int  # visible output tokens (excludes reasoning)
+    reasoning_tokens: int
+    cached_tokens: int
+    cache_creation_tokens: int
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+def _count_words(text: str) -> int:
+    return len(text.split())
+
+
+def _openai_content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _anthropic_block_text(block: Any) -> str:
+    if isinstance(block, str):
+        return block
+    if not isinstance(block, dict):
+        return ""
+    if block.get("type") == "tool_result":
+        return _anthropic_content_text(block.get("content"))
+    text = block.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _anthropic_content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(_anthropic_block_text(b) for b in content)
+    return ""
+
+
+def _limit(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _pad_words(nbytes: int) -> list[str]:
+    """Words adding about ``nbytes`` bytes (with separators) to the reply text."""
+    if nbytes <= 0:
+        return []
+    full, rem = divmod(nbytes, _PAD_WORD_LEN + 1)
+    out = [_PAD_WORD] * full
+    if rem > 1:
+        out.append("x" * (rem - 1))
+    return out
+
+
+def _finish(
+    source: list[str],
+    tool_name: str | None,
+    tool_text: str,
+    limit: int | None,
+    knobs: _Knobs,
+    prompt_tokens: int,
+    reasoning: int,
+) -> _Reply:
+    if tool_name is not None:
+        args: JSONDict = {"text": tool_text}
+        if knobs.response_bytes:
+            pad = knobs.response_bytes - len(tool_text) - _PAD_BODY_OVERHEAD
+            if pad > 0:
+                args["pad"] = "x" * pad
+        tool_args = _ENC.encode(args).decode()
+        return _Reply(
+            words=[],
+            tool_name=tool_name,
+            tool_args=tool_args,
+            truncated=False,
+            prompt_tokens=prompt_tokens,
+            output_tokens=_count_words(tool_args) + TOOL_CALL_OVERHEAD,
+            reasoning_tokens=reasoning,
+            cached_tokens=knobs.cached,
+            cache_creation_tokens=knobs.cache_creation,
+        )
+    words = source
+    if knobs.chunks is not None:
+        n = max(0, knobs.chunks)
+        words = [w for w, _ in zip(itertools.cycle(source), range(n), strict=False)]
+    truncated = limit is not None and len(words) > max(limit, 0)
+    if truncated and limit is not None:
+        words = words[: max(limit, 0)]
+    if knobs.response_bytes:
+        words = words + _pad_words(knobs.response_bytes - len(" ".join(words)) - _PAD_BODY_OVERHEAD)
+    return _Reply(
+        words=words,
+        tool_name=None,
+        tool_args="",
+        truncated=truncated,
+        prompt_tokens=prompt_tokens,
+        output_tokens=len(words),
+        reasoning_tokens=reasoning,
+        cached_tokens=knobs.cached,
+        cache_creation_tokens=knobs.cache_creation,
+    )
+
+
+def _openai_tool_name(req: JSONDict) -> str | None:
+    tools = req.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None
+    choice = req.get("tool_choice")
+    if choice == "none":
+        return None
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            return str(fn["name"])
+    first = tools[0]
+    if isinstance(first, dict):
+        for key in ("function", "custom"):
+            spec = first.get(key)
+            if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+                return str(spec["name"])
+    return "tool"
+
+
+def _anthropic_tool_name(req: JSONDict) -> str | None:
+    tools = req.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None
+    choice = req.get("tool_choice")
+    if isinstance(choice, dict):
+        if choice.get("type") == "none":
+            return None
+        if choice.get("type") == "tool" and isinstance(choice.get("name"), str):
+            return str(choice["name"])
+    first = tools[0]
+    if isinstance(first, dict) and isinstance(first.get("name"), str):
+        return str(first["name"])
+    return "tool"
+
+
+def _plan_openai_chat(req: JSONDict, knobs: _Knobs) -> _Reply:
+    messages = req.get("messages")
+    msgs = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+    prompt = PROMPT_OVERHEAD + sum(_count_words(_openai_content_text(m.get("content"))) for m in msgs)
+    last = msgs[-1] if msgs else {}
+    tool_name: str | None = None
+    user_text = ""
+    if last.get("role") == "tool":
+        source = ["tool", "result:", *_openai_content_text(last.get("content")).split()]
+    else:
+        for m in reversed(msgs):
+            if m.get("role") == "user":
+                user_text = _openai_content_text(m.get("content"))
+                break
+        source = ["echo:", *user_text.split()]
+        tool_name = _openai_tool_name(req)
+    limit = _limit(req.get("max_completion_tokens"))
+    if limit is None:
+        limit = _limit(req.get("max_tokens"))
+    model = req.get("model")
+    reasoning = REASONING_TOKENS if isinstance(model, str) and model.startswith("o") else 0
+    return _finish(source, tool_name, user_text, limit, knobs, prompt, reasoning)
+
+
+def _plan_anthropic(req: JSONDict, knobs: _Knobs) -> _Reply:
+    messages = req.get("messages")
+    msgs = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+    words = _count_words(_anthropic_content_text(req.get("system")))
+    words += sum(_count_words(_anthropic_content_text(m.get("content"))) for m in msgs)
+    prompt = PROMPT_OVERHEAD + words
+    last = msgs[-1] if msgs else {}
+    content = last.get("content")
+    tool_results = (
+        [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+        if isinstance(content, list)
+        else []
+    )
+    tool_name: str | None = None
+    user_text = ""
+    if tool_results:
+        source = ["tool", "result:", *" ".join(_anthropic_block_text(b) for b in tool_results).split()]
+    else:
+        for m in reversed(msgs):
+            if m.get("role") == "user":
+                user_text = _anthropic_content_text(m.get("content"))
+                break
+        source = ["echo:", *user_text.split()]
+        tool_name = _anthropic_tool_name(req)
+    return _finish(source, tool_name, user_text, _limit(req.get("max_tokens")), knobs, prompt, 0)
+
+
+def _openai_usage(r: _Reply) -> JSONDict:
+    prompt = r.prompt_tokens + r.cached_tokens
+    completion = r.output_tokens + r.reasoning_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": r.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": r.reasoning_tokens,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def _anthropic_usage(r: _Reply, output_tokens: int | None = None) -> JSONDict:
+    return {
+        "input_tokens": r.prompt_tokens,
+        "cache_creation_input_tokens": r.cache_creation_tokens,
+        "cache_read_input_tokens": r.cached_tokens,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": r.cache_creation_tokens,
+            "ephemeral_1h_input_tokens": 0,
+        },
+        "output_tokens": r.output_tokens if output_tokens is None else output_tokens,
+        "service_tier": "standard",
+    }
+
+
+def _embedding_inputs(req: JSONDict) -> list[Any]:
+    raw = req.get("input")
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list):
+        if raw and all(isinstance(t, int) for t in raw):
+            return [raw]  # a single token array
+        return list(raw)
+    return []
+
+
+def _embedding_tokens(item: Any) -> int:
+    if isinstance(item, str):
+        return _count_words(item)
+    if isinstance(item, list):
+        return len(item)
+    return 0
+
+
+def _lower_headers(headers: Mapping[str, str] | None) -> Mapping[str, str]:
+    return {k.lower(): v for k, v in headers.items()} if headers else {}
+
+
+def expected_usage(
+    provider: str, request_json: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> JSONDict:
+    """The exact ``usage`` object the fake sends for this request (tests compare proxied usage to it).
+
+    ``provider`` is ``"openai"`` (chat completions, or embeddings when the body has ``input`` and no
+    ``messages``) or ``"anthropic"``.  Pass the request headers when they include usage-affecting
+    knobs (``x-fake-cached-tokens``, ``x-fake-cache-creation-tokens``, ``x-fake-chunks``,
+    ``x-fake-response-bytes``).  For OpenAI streams the same object is in the final usage chunk
+    (only with ``stream_options.include_usage``); for Anthropic streams ``message_start`` carries
+    these counts with ``output_tokens: 1`` and ``message_delta`` the final ``output_tokens``.
+    """
+    req = dict(request_json)
+    knobs = _Knobs.parse(_lower_headers(headers))
+    if provider == "openai":
+        if "messages" not in req and "input" in req:
+            n = sum(_embedding_tokens(i) for i in _embedding_inputs(req))
+            return {"prompt_tokens": n, "total_tokens": n}
+        return _openai_usage(_plan_openai_chat(req, knobs))
+    if provider == "anthropic":
+        return _anthropic_usage(_plan_anthropic(req, knobs))
+    raise ValueError(f"unknown provider {provider!r}; expected 'openai' or 'anthropic'")
+
+
+def reply_text(
+    provider: str, request_json: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> str:
+    """The exact assistant text the fake answers with ("" when it answers with a tool call)."""
+    knobs = _Knobs.parse(_lower_headers(headers))
+    plan = _plan_openai_chat if provider == "openai" else _plan_anthropic
+    return plan(dict(request_json), knobs).text
+
+
+# ---------------------------------------------------------------------------------------------
+# Request recording.
+
+
+@dataclass(frozen=True, slots=True)
+class _Recorded:
+    ts: float
+    method: str
+    raw_path: str
+    path: str
+    query: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+
+    def to_json(self) -> JSONDict:
+        return {
+            "ts": self.ts,
+            "method": self.method,
+            "raw_path": self.raw_path,
+            "path": self.path,
+            "query": self.query,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers],
+            "body_b64": base64.b64encode(self.body).decode(),
+            "body_len": len(self.body),
+            "body_sha256": hashlib.sha256(self.body).hexdigest(),
+        }
+
+
+class _State:
+    """Per-app mutable state: the ring buffer of received requests."""
+
+    def __init__(self, record_limit: int) -> None:
+        self.record_limit = record_limit
+        self.client_aborts = 0  # streams whose client disconnected before the end
+        self.requests: collections.deque[_Recorded] = collections.deque(maxlen=max(record_limit, 1))
+
+    def record(self, request: web.Request, body: bytes) -> None:
+        if self.record_limit > 0:
+            self.requests.append(
+                _Recorded(
+                    time.time(),
+                    request.method,
+                    request.raw_path,
+                    request.path,
+                    request.query_string,
+                    request.raw_headers,
+                    body,
+                )
+            )
+
+
+STATE: Final = web.AppKey("llmtap_fake_state", _State)
+
+
+async def _receive(request: web.Request) -> tuple[bytes, float]:
+    """Read + record the body, then honour ``x-fake-delay-ms``; returns (body, created time)."""
+    body = await request.read()
+    request.app[STATE].record(request, body)
+    delay = _int_header(request.headers, "x-fake-delay-ms")
+    if delay and delay > 0:
+        await asyncio.sleep(delay / 1000)
+    return body, time.time()
+
+
+def _decode_json(body: bytes, headers: Mapping[str, str]) -> Any:
+    """Parse the (possibly compressed) body; raises ValueError when it is not valid JSON."""
+    encoding = headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        try:
+            body = zlib.decompress(body, 47)  # 47 = auto-detect gzip/zlib header
+        except zlib.error as exc:
+            raise ValueError(str(exc)) from exc
+    elif encoding not in ("", "identity"):
+        raise ValueError(f"unsupported content-encoding {encoding}")
+    try:
+        return _DEC.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _echo_headers(request: web.Request, body: bytes, out: dict[str, str]) -> None:
+    if request.headers.get("x-fake-echo-headers", "") not in ("", "0"):
+        out["x-fake-received-headers"] = ",".join(k.decode("latin-1").lower() for k, _ in request.raw_headers)
+        out["x-fake-body-sha256"] = hashlib.sha256(body).hexdigest()
+
+
+async def _send_json(
+    request: web.Request, status: int, body: bytes, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Send a JSON body, honouring ``x-fake-cut-after`` (truncate after N bytes and drop the line)."""
+    cut = _int_header(request.headers, "x-fake-cut-after")
+    if cut is None or cut >= len(body):
+        return web.Response(status=status, body=body, headers=headers)
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = len(body)
+    try:
+        await resp.prepare(request)
+        await resp.write(body[: max(cut, 0)])
+    except ConnectionResetError:
+        request.app[STATE].client_aborts += 1
+        return resp
+    return _cut_connection(request, resp)
+
+
+def _cut_connection(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    """Flush what was written and close the socket without ending the body (truncated response)."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()  # close() flushes the write buffer first; abort() would drop it
+    resp.force_close()
+    return resp
+
+
+async def _write_events(
+    request: web.Request, headers: dict[str, str], events: list[bytes]
+) -> web.StreamResponse:
+    """Send a 200 SSE response made of ``events``, honouring the chunk-delay / cut-after knobs."""
+    resp = web.StreamResponse(status=200, headers=headers)
+    delay = _int_header(request.headers, "x-fake-chunk-delay-ms") or 0
+    cut = _int_header(request.headers, "x-fake-cut-after")
+    if cut is not None:
+        events = events[: max(cut, 0)]
+    try:
+        await resp.prepare(request)
+        if delay <= 0:
+            if events:
+                await resp.write(b"".join(events))
+        else:
+            for i, event in enumerate(events):
+                if i:
+                    await asyncio.sleep(delay / 1000)
+                await resp.write(event)
+        if cut is not None:
+            return _cut_connection(request, resp)
+        await resp.write_eof()
+    except ConnectionResetError:
+        # The client (gateway) went away mid-stream: expected in cancellation tests, so count it
+        # for GET /_fake/requests instead of logging a traceback.
+        request.app[STATE].client_aborts += 1
+    return resp
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI.
+
+_OPENAI_ERROR_DEFAULTS: Final[dict[int, tuple[str, str, str | None]]] = {
+    400: ("invalid_request_error", "Invalid request (forced by x-fake-status).", None),
+    401: (
+        "invalid_request_error",
+        "Incorrect API key provided: sk-fake***. You can find your API key at "
+        "https://platform.openai.com/account/api-keys.",
+        "invalid_api_key",
+    ),
+    403: (
+        "request_forbidden",
+        "Country, region, or territory not supported",
+        "unsupported_country_region_territory",
+    ),
+    404: (
+        "invalid_request_error",
+        "The model does not exist or you do not have access to it.",
+        "model_not_found",
+    ),
+    413: ("invalid_request_error", "Request too large.", None),
+    429: (
+        "requests",
+        "Rate limit reached for requests per min (RPM): Limit 10000, Used 10000, Requested 1. "
+        "Please try again in 7s.",
+        "rate_limit_exceeded",
+    ),
+    500: ("server_error", "The server had an error while processing your request. Sorry about that!", None),
+    502: ("server_error", "Bad gateway.", None),
+    503: ("server_error", "The engine is currently overloaded, please try again later.", None),
+}
+
+
+def _openai_error(
+    status: int,
+    message: str | None = None,
+    *,
+    err_type: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    d_type, d_message, d_code = _OPENAI_ERROR_DEFAULTS.get(status, ("server_error", "Error.", None))
+    body = {
+        "error": {
+            "message": message or d_message,
+            "type": err_type or d_type,
+            "param": param,
+            "code": code if code is not None or message is not None else d_code,
+        }
+    }
+    out = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), **(headers or {})}
+    return web.Response(status=status, body=_pretty(body), headers=out)
+
+
+def _rate_limit_headers(request: web.Request, provider: str) -> dict[str, str]:
+    retry = request.headers.get("x-fake-retry-after", "7").strip() or "7"
+    if provider == "openai":
+        return {
+            "retry-after": retry,
+            "x-ratelimit-limit-requests": "10000",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": f"{retry}s",
+            "x-ratelimit-limit-tokens": "200000",
+            "x-ratelimit-remaining-tokens": "0",
+            "x-ratelimit-reset-tokens": f"{retry}s",
+        }
+    wait = _int_header(request.headers, "x-fake-retry-after") or 7
+    reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + wait))
+    return {
+        "retry-after": retry,
+        "anthropic-ratelimit-requests-limit": "4000",
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": reset,
+        "anthropic-ratelimit-tokens-limit": "400000",
+        "anthropic-ratelimit-tokens-remaining": "0",
+        "anthropic-ratelimit-tokens-reset": reset,
+    }
+
+
+def _openai_gate(request: web.Request) -> web.Response | None:
+    """Auth + forced-status checks, in the order the real API applies them."""
+    auth = request.headers.get("Authorization", "")
+    if not auth.startswith("Bearer ") or not auth[7:].strip():
+        return _openai_error(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization header "
+            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank "
+            "username) if you're accessing the API from your browser and are prompted for a username and "
+            "password. You can obtain an API key from https://platform.openai.com/account/api-keys.",
+            err_type="invalid_request_error",
+        )
+    status = _int_header(request.headers, "x-fake-status")
+    if status is not None and status >= 400:
+        extra = _rate_limit_headers(request, "openai") if status == 429 else None
+        return _openai_error(status, headers=extra)
+    return None
+
+
+def _openai_parse(body: bytes, request: web.Request) -> JSONDict | web.Response:
+    try:
+        req = _decode_json(body, request.headers)
+    except ValueError:
+        return _openai_error(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+            "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not "
+            "valid JSON. If you have trouble figuring out how to fix this, please make sure you are using "
+            "the latest version of your client library.)",
+        )
+    if not isinstance(req, dict):
+        return _openai_error(400, "Invalid type for request body: expected an object.", param="body")
+    return req
+
+
+async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions``: non-stream JSON or SSE ``chat.completion.chunk`` stream."""
+    body, created = await _receive(request)
+    early = _openai_gate(request)
+    if early is not None:
+        return early
+    req = _openai_parse(body, request)
+    if isinstance(req, web.Response):
+        return req
+    model = req.get("model")
+    if not isinstance(model, str) or not model:
+        return _openai_error(400, "you must provide a model parameter")
+    if not isinstance(req.get("messages"), list):
+        return _openai_error(
+            400,
+            "Missing required parameter: 'messages'.",
+            param="messages",
+            code="missing_required_parameter",
+        )
+    stream = req.get("stream") is True
+    stream_options = req.get("stream_options")
+    if stream_options is not None and not stream:
+        return _openai_error(
+            400,
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
+    plan = _plan_openai_chat(req, _Knobs.parse(request.headers))
+    headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), "openai-processing-ms": "1"}
+    _echo_headers(request, body, headers)
+    cid = _new_id("chatcmpl-")
+    finish = "tool_calls" if plan.tool_name else ("length" if plan.truncated else "stop")
+    if stream:
+        include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        headers.update(_SSE_HEADERS)
+        chunks = _int_header(request.headers, "x-fake-chunks")
+        events = _openai_stream_events(cid, int(created), model, plan, finish, include_usage, chunks)
+        return await _write_events(
+            request, headers, _with_stream_error(request, events, _OPENAI_STREAM_ERROR)
+        )
+    message: JSONDict = {
+        "role": "assistant",
+        "content": None if plan.tool_name else plan.text,
+        "refusal": None,
+    }
+    if plan.tool_name:
+        message["tool_calls"] = [
+            {
+                "id": _new_id("call_"),
+                "type": "function",
+                "function": {"name": plan.tool_name, "arguments": plan.tool_args},
+            }
+        ]
+    message["annotations"] = []
+    out = {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(created),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "usage": _openai_usage(plan),
+        "service_tier": "default",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+    return await _send_json(request, 200, _pretty(out), headers)
+
+
+_OPENAI_STREAM_ERROR: Final = (
+    b"data: "
+    + _ENC.encode(
+        {
+            "error": {
+                "message": "The server had an error while processing your request. Sorry about that!",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    )
+    + b"\n\n"
+)
+
+
+def _with_stream_error(request: web.Request, events: list[bytes], error_event: bytes) -> list[bytes]:
+    after = _int_header(request.headers, "x-fake-stream-error")
+    if after is None:
+        return events
+    return [*events[: max(after, 0)], error_event]
+
+
+def _openai_stream_events(
+    cid: str, created: int, model: str, plan: _Reply, finish: str, include_usage: bool, chunks: int | None
+) -> list[bytes]:
+    """The exact SSE byte sequence OpenAI sends for one streamed chat completion."""
+    head: JSONDict = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "service_tier": "default",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+    tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+
+    def chunk(delta: JSONDict, finish_reason: str | None = None) -> bytes:
+        obj = {
+            **head,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if include_usage:
+            obj["usage"] = None
+        return b"data: " + _ENC.encode(obj) + b"\n\n"
+
+    events: list[bytes] = []
+    if plan.tool_name:
+        events.append(
+            chunk(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": _new_id("call_"),
+                            "type": "function",
+                            "function": {"name": plan.tool_name, "arguments": ""},
+                        }
+                    ],
+                    "refusal": None,
+                }
+            )
+        )
+        for frag in _fragments(plan.tool_args, chunks):
+            events.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": frag}}]}))
+    else:
+        events.append(chunk({"role": "assistant", "content": "", "refusal": None}))
+        # Content deltas dominate big streams: splice the pre-encoded prefix instead of re-encoding.
+        prefix = b"data: " + _ENC.encode(head)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
+        suffix = b'},"logprobs":null,"finish_reason":null}]' + tail
+        for i, word in enumerate(plan.words):
+            events.append(prefix + _ENC.encode(word if i == 0 else " " + word) + suffix)
+    events.append(chunk({}, finish))
+    if include_usage:
+        usage_chunk = {**head, "choices": [], "usage": _openai_usage(plan)}
+        events.append(b"data: " + _ENC.encode(usage_chunk) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def _fragments(args: str, chunks: int | None = None) -> list[str]:
+    size = max(_TOOL_FRAGMENT, -(-len(args) // 256)) if not chunks else max(1, -(-len(args) // chunks))
+    return [args[i : i + size] for i in range(0, len(args), size)]
+
+
+@lru_cache(maxsize=4096)
+def _embedding(text: str, dims: int) -> tuple[list[float], str]:
+    """A deterministic pseudo-embedding (floats and little-endian float32 base64), cached for speed."""
+    seed = zlib.crc32(text.encode()) or 1
+    values = [((seed * (i + 1) * 2654435761) % 2001 - 1000) / 1000.0 for i in range(dims)]
+    packed = struct.pack(f"<{dims}f", *values)
+    floats = list(struct.unpack(f"<{dims}f", packed))  # float32-rounded, so both formats agree
+    return floats, base64.b64encode(packed).decode()
+
+
+async def openai_embeddings(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/embeddings``: float lists, or base64 float32 (the openai SDK's default request)."""
+    body, _ = await _receive(request)
+    early = _openai_gate(request)
+    if early is not None:
+        return early
+    req = _openai_parse(body, request)
+    if isinstance(req, web.Response):
+        return req
+    model = req.get("model")
+    if not isinstance(model, str) or not model:
+        return _openai_error(400, "you must provide a model parameter")
+    inputs = _embedding_inputs(req)
+    if not inputs:
+        return _openai_error(
+            400, "'input' is a required property", param="input", code="missing_required_parameter"
+        )
+    dims = _limit(req.get("dimensions")) or (3072 if "large" in model else 1536)
+    as_b64 = req.get("encoding_format") == "base64"
+    data = []
+    for index, item in enumerate(inputs):
+        text = item if isinstance(item, str) else " ".join(map(str, item)) if isinstance(item, list) else ""
+        floats, b64 = _embedding(text, max(1, dims))
+        data.append({"object": "embedding", "index": index, "embedding": b64 if as_b64 else floats})
+    tokens = sum(_embedding_tokens(i) for i in inputs)
+    out = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), "openai-processing-ms": "1"}
+    _echo_headers(request, body, headers)
+    return await _send_json(request, 200, _ENC.encode(out), headers)
+
+
+OPENAI_MODELS: Final = (
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "o3-mini",
+    "o4-mini",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+)
+ANTHROPIC_MODELS: Final = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
+
+
+def _is_anthropic_request(request: web.Request) -> bool:
+    h = request.headers
+    return "anthropic-version" in h or "x-api-key" in h
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models``: OpenAI's list format, or Anthropic's when Anthropic headers are present."""
+    body, _ = await _receive(request)
+    if _is_anthropic_request(request):
+        early = _anthropic_gate(request)
+        if early is not None:
+            return early
+        data = [
+            {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
+            for m in ANTHROPIC_MODELS
+        ]
+        out: JSONDict = {
+            "data": data,
+            "has_more": False,
+            "first_id": data[0]["id"],
+            "last_id": data[-1]["id"],
+        }
+        headers = {**_JSON_HEADERS, "request-id": _new_id("req_")}
+        _echo_headers(request, body, headers)
+        return web.Response(body=_ENC.encode(out), headers=headers)
+    early = _openai_gate(request)
+    if early is not None:
+        return early
+    out = {
+        "object": "list",
+        "data": [
+            {"id": m, "object": "model", "created": 1700000000, "owned_by": "system"} for m in OPENAI_MODELS
+        ],
+    }
+    headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_")}
+    _echo_headers(request, body, headers)
+    return web.Response(body=_pretty(out), headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Anthropic.
+
+_ANTHROPIC_ERRORS: Final[dict[int, tuple[str, str]]] = {
+    400: ("invalid_request_error", "Invalid request (forced by x-fake-status)."),
+    401: ("authentication_error", "invalid x-api-key"),
+    403: ("permission_error", "Your API key does not have permission to use the specified resource."),
+    404: ("not_found_error", "The requested resource could not be found."),
+    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
+    429: ("rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit."),
+    500: ("api_error", "Internal server error"),
+    502: ("api_error", "Bad gateway"),
+    503: ("api_error", "Service unavailable"),
+    529: ("overloaded_error", "Overloaded"),
+}
+
+
+def _anthropic_error(
+    status: int,
+    message: str | None = None,
+    *,
+    err_type: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    d_type, d_message = _ANTHROPIC_ERRORS.get(status, ("api_error", "Internal server error"))
+    rid = _new_id("req_")
+    body = {
+        "type": "error",
+        "error": {"type": err_type or d_type, "message": message or d_message},
+        "request_id": rid,
+    }
+    out = {**_JSON_HEADERS, "request-id": rid, **(headers or {})}
+    return web.Response(status=status, body=_ENC.encode(body), headers=out)
+
+
+def _anthropic_gate(request: web.Request) -> web.Response | None:
+    """Credential + version checks like the real API; accepts ``x-api-key`` or ``Authorization: Bearer``."""
+    h = request.headers
+    auth = h.get("Authorization", "")
+    if not h.get("x-api-key", "").strip() and not (auth.startswith("Bearer ") and auth[7:].strip()):
+        return _anthropic_error(401, "x-api-key header is required")
+    if not h.get("anthropic-version", "").strip():
+        return _anthropic_error(
+            400, "anthropic-version: header is required", err_type="invalid_request_error"
+        )
+    status = _int_header(h, "x-fake-status")
+    if status is not None and status >= 400:
+        extra = _rate_limit_headers(request, "anthropic") if status == 429 else None
+        return _anthropic_error(status, headers=extra)
+    return None
+
+
+def _anthropic_parse(body: bytes, request: web.Request) -> JSONDict | web.Response:
+    try:
+        req = _decode_json(body, request.headers)
+    except ValueError:
+        return _anthropic_error(400, "There was an issue with the JSON body of your request: invalid JSON.")
+    if not isinstance(req, dict):
+        return _anthropic_error(400, "Request body must be a JSON object.")
+    for field in ("model", "messages"):
+        if field not in req:
+            return _anthropic_error(400, f"{field}: Field required")
+    return req
+
+
+def _sse(event: str, data: JSONDict) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + _ENC.encode(data) + b"\n\n"
+
+
+_ANTHROPIC_STREAM_ERROR: Final = _sse(
+    "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+)
+
+
+async def anthropic_messages(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/messages``: a ``message`` object, or the full SSE event sequence when streaming."""
+    body, _ = await _receive(request)
+    early = _anthropic_gate(request)
+    if early is not None:
+        return early
+    req = _anthropic_parse(body, request)
+    if isinstance(req, web.Response):
+        return req
+    if "max_tokens" not in req:
+        return _anthropic_error(400, "max_tokens: Field required")
+    model = str(req["model"])
+    plan = _plan_anthropic(req, _Knobs.parse(request.headers))
+    headers = {**_JSON_HEADERS, "request-id": _new_id("req_")}
+    _echo_headers(request, body, headers)
+    mid = _new_id("msg_")
+    stop_reason = "tool_use" if plan.tool_name else ("max_tokens" if plan.truncated else "end_turn")
+    tool_id = _new_id("toolu_") if plan.tool_name else ""
+    if req.get("stream") is True:
+        headers.update(_SSE_HEADERS)
+        full_delta = request.headers.get("x-fake-delta-usage", "").lower() == "full"
+        chunks = _int_header(request.headers, "x-fake-chunks")
+        events = _anthropic_stream_events(mid, model, plan, stop_reason, tool_id, full_delta, chunks)
+        return await _write_events(
+            request, headers, _with_stream_error(request, events, _ANTHROPIC_STREAM_ERROR)
+        )
+    content: list[JSONDict]
+    if plan.tool_name:
+        content = [
+            {"type": "tool_use", "id": tool_id, "name": plan.tool_name, "input": _DEC.decode(plan.tool_args)}
+        ]
+    else:
+        content = [{"type": "text", "text": plan.text}]
+    out = {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": _anthropic_usage(plan),
+    }
+    return await _send_json(request, 200, _ENC.encode(out), headers)
+
+
+def _anthropic_stream_events(
+    mid: str,
+    model: str,
+    plan: _Reply,
+    stop_reason: str,
+    tool_id: str,
+    full_delta_usage: bool,
+    chunks: int | None,
+) -> list[bytes]:
+    """The exact SSE event sequence Anthropic sends for one streamed message."""
+    message: JSONDict = {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": _anthropic_usage(plan, output_tokens=1),
+    }
+    events = [_sse("message_start", {"type": "message_start", "message": message})]
+    if plan.tool_name:
+        block: JSONDict = {"type": "tool_use", "id": tool_id, "name": plan.tool_name, "input": {}}
+        events.append(
+            _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+        )
+        events.append(b'event: ping\ndata: {"type": "ping"}\n\n')
+        for frag in ["", *_fragments(plan.tool_args, chunks)]:
+            delta = {"type": "input_json_delta", "partial_json": frag}
+            events.append(
+                _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+            )
+    else:
+        block = {"type": "text", "text": ""}
+        events.append(
+            _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+        )
+        events.append(b'event: ping\ndata: {"type": "ping"}\n\n')
+        prefix = (
+            b"event: content_block_delta\n"
+            b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
+        )
+        for i, word in enumerate(plan.words):
+            events.append(prefix + _ENC.encode(word if i == 0 else " " + word) + b"}}\n\n")
+    events.append(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    usage: JSONDict = {"output_tokens": plan.output_tokens}
+    if full_delta_usage:
+        usage = {
+            "input_tokens": plan.prompt_tokens,
+            "cache_creation_input_tokens": plan.cache_creation_tokens,
+            "cache_read_input_tokens": plan.cached_tokens,
+            "output_tokens": plan.output_tokens,
+        }
+    events.append(
+        _sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "usage": usage,
+            },
+        )
+    )
+    events.append(_sse("message_stop", {"type": "message_stop"}))
+    return events
+
+
+async def anthropic_count_tokens(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/messages/count_tokens``: the same prompt count the messages endpoint reports."""
+    body, _ = await _receive(request)
+    early = _anthropic_gate(request)
+    if early is not None:
+        return early
+    req = _anthropic_parse(body, request)
+    if isinstance(req, web.Response):
+        return req
+    plan = _plan_anthropic(req, _NO_KNOBS)
+    headers = {**_JSON_HEADERS, "request-id": _new_id("req_")}
+    _echo_headers(request, body, headers)
+    return web.Response(body=_ENC.encode({"input_tokens": plan.prompt_tokens}), headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Introspection + fallbacks.
+
+
+async def fake_requests(request: web.Request) -> web.Response:
+    """``GET``/``DELETE /_fake/requests``: inspect or clear what reached the upstream."""
+    state = request.app[STATE]
+    if request.method == "DELETE":
+        state.requests.clear()
+        state.client_aborts = 0
+        return web.Response(body=b'{"cleared":true}', headers=_JSON_HEADERS)
+    items = [r.to_json() for r in list(state.requests)]
+    out = {"requests": items, "client_aborts": state.client_aborts}
+    return web.Response(body=_ENC.encode(out), headers=_JSON_HEADERS)
+
+
+async def fake_health(request: web.Request) -> web.Response:
+    """``GET /_fake/health``: readiness probe for fixtures."""
+    return web.Response(text="ok")
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    """Any other path: recorded, then the provider's 404 JSON (real APIs never answer HTML)."""
+    await _receive(request)
+    if _is_anthropic_request(request):
+        return _anthropic_error(404, "Not Found")
+    return _openai_error(
+        404, f"Invalid URL ({request.method} {request.path})", err_type="invalid_request_error"
+    )
+
+
+def make_app(
+    *, record_limit: int = DEFAULT_RECORD_LIMIT, client_max_size: int = 256 * 1024 * 1024
+) -> web.Application:
+    """Build the fake upstream app; ``record_limit=0`` disables request recording (benchmarks)."""
+    app = web.Application(client_max_size=client_max_size)
+    app[STATE] = _State(record_limit)
+    r = app.router
+    r.add_post("/v1/chat/completions", openai_chat_completions)
+    r.add_post("/v1/embeddings", openai_embeddings)
+    r.add_get("/v1/models", list_models)
+    r.add_post("/v1/messages", anthropic_messages)
+    r.add_post("/v1/messages/count_tokens", anthropic_count_tokens)
+    r.add_route("GET", "/_fake/requests", fake_requests)
+    r.add_route("DELETE", "/_fake/requests", fake_requests)
+    r.add_get("/_fake/health", fake_health)
+    r.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving.
+
+_RUNNER_KWARGS: Final[dict[str, Any]] = {
+    "access_log": None,  # logging every request would dominate the cost under benchmark load
+    "auto_decompress": False,  # record request bodies byte-for-byte, even when compressed
+    "max_line_size": 65536,
+    "max_field_size": 65536,
+    "max_headers": 512,
+    "shutdown_timeout": 0.5,
+}
+
+
+async def serve(
+    app: web.Application | None = None, host: str = "127.0.0.1", port: int = 0
+) -> tuple[web.AppRunner, int]:
+    """Start serving on the running loop; returns the runner (call ``cleanup()``) and the bound port."""
+    runner = web.AppRunner(app if app is not None else make_app(), **_RUNNER_KWARGS)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
+def run(host: str = "127.0.0.1", port: int = 9999, *, record_limit: int = DEFAULT_RECORD_LIMIT) -> None:
+    """Serve forever (used by ``python -m llmtap.testing.fake_upstream``); prints the URL once bound."""
+
+    async def main() -> None:
+        runner, bound = await serve(make_app(record_limit=record_limit), host, port)
+        print(f"fake upstream listening on http://{host}:{bound}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        import uvloop
+    except ImportError:
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+
+
+class FakeUpstream:
+    """The fake on a background thread, for synchronous tests (``with FakeUpstream() as fake: ...``)."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, record_limit: int = DEFAULT_RECORD_LIMIT
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.app = make_app(record_limit=record_limit)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL without a path (Anthropic SDK style); add ``/v1`` for the OpenAI SDK."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> FakeUpstream:
+        self._thread = threading.Thread(target=self._main, name="fake-upstream", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise RuntimeError("fake upstream failed to start") from self._error
+        return self
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # surfaced to start() instead of dying silently on the thread
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        runner, self.port = await serve(self.app, self.host, self.port)
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def requests(self) -> list[JSONDict]:
+        """Recorded requests (same shape as ``GET /_fake/requests``), oldest first."""
+        return [r.to_json() for r in list(self.app[STATE].requests)]
+
+    @property
+    def client_aborts(self) -> int:
+        """How many streams lost their client before the last event (cancellation tests)."""
+        return self.app[STATE].client_aborts
+
+    def clear(self) -> None:
+        self.app[STATE].requests.clear()
+        self.app[STATE].client_aborts = 0
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: ``python -m llmtap.testing.fake_upstream --port 9999``."""
+    parser = argparse.ArgumentParser(
+        description="Fake OpenAI/Anthropic upstream for llmtap tests and benchmarks"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9999, help="0 picks a free port (printed on startup)")
+    parser.add_argument(
+        "--record-limit",
+        type=int,
+        default=DEFAULT_RECORD_LIMIT,
+        help="ring buffer size; 0 disables recording",
+    )
+    args = parser.parse_args(argv)
+    run(args.host, args.port, record_limit=args.record_limit)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
