@@ -87,7 +87,7 @@ class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     outcome: Outcome = "completed"
     error: str | None = None
 
-    usage: Usage = Usage()
+    usage: Usage = msgspec.field(default_factory=Usage)
     cost_usd: float | None = None
     cost_nanos: int | None = None  # exact cost in 1e-9 USD, for sums without float drift
     price_version: str | None = None
@@ -121,7 +121,7 @@ def encode_many(records: list[LogRecord]) -> bytes:
 def decode(data: bytes) -> LogRecord:
     """Parse one message. Raises `RecordError` with a reason fit for the dead-letter place."""
     try:
-        return _decoder.decode(data)
+        record = _decoder.decode(data)
     except msgspec.ValidationError as e:
         # Tell "a version we don't know" apart from "a broken record".
         try:
@@ -133,6 +133,9 @@ def decode(data: bytes) -> LogRecord:
         raise RecordError(f"invalid record: {e}") from None
     except msgspec.DecodeError as e:
         raise RecordError(f"not a JSON log record: {e}") from None
+    if record.v != VERSION:  # `v` is a plain int field: any number validates, so check it here
+        raise RecordError(f"unknown record version {record.v!r} (this worker reads v{VERSION})")
+    return record
 
 
 _many_decoder = msgspec.json.Decoder(list[LogRecord])
@@ -140,9 +143,13 @@ _many_decoder = msgspec.json.Decoder(list[LogRecord])
 
 def decode_many(data: bytes) -> list[LogRecord]:
     try:
-        return _many_decoder.decode(data)
+        records = _many_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise RecordError(f"invalid record batch: {e}") from None
+    for r in records:
+        if r.v != VERSION:
+            raise RecordError(f"unknown record version {r.v!r} (this worker reads v{VERSION})")
+    return records
 
 
 # -- body helpers ------------------------------------------------------------------------------
