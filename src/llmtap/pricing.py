@@ -1,0 +1,267 @@
+"""Request cost from the maintained `genai-prices` table, fast enough to run on every record.
+
+`genai_prices.calc_price` costs ~120-150 µs a call (model matching, unit decomposition, Decimal
+arithmetic), far too slow per record for a worker that should do thousands per second. So:
+
+- the model lookup is cached per (provider, model), misses included;
+- the model's price object is resolved once per (provider, model, UTC day) — prices change by
+  date (`StartDateConstraint`), never within a day except for time-of-day prices, which we leave
+  to the library;
+- the plain token case (input, cache read, cache write, output; flat or tiered by input size) is
+  computed here with integers: prices per million tokens scaled by 1e6 are integers, so the sum
+  is exact in pico-USD and `cost_nanos` is the exact cost rounded half-up to 1e-9 USD;
+- anything else (per-request fees, audio/image tokens, time-of-day prices, prices with more than
+  six decimals) falls back to the library's own calculation on the cached price object.
+
+Usage semantics: the record follows OpenAI's convention for every provider (the gateway's
+provider parsers normalise to it, see `llmtap.providers.anthropic`), which is also genai-prices'
+(its `input_tokens` counts *all* input tokens):
+
+- `prompt_tokens` includes `cached_tokens` (billed at the cache-read price) and
+  `cache_write_tokens` (billed at the cache-write price). OpenAI reports it so; Anthropic's own
+  `input_tokens` excludes cache reads and writes, so the gateway adds them.
+- `reasoning_tokens` are part of `completion_tokens` (billed as output).
+
+Unknown model, unknown provider, missing or inconsistent usage → no cost (`None`), never a
+made-up 0. Prices come from the data bundled with the installed genai-prices release: we never
+start its `UpdatePrices` background fetcher, so nothing is fetched at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import TYPE_CHECKING, Any
+
+import genai_prices
+from genai_prices import data_snapshot
+from genai_prices import types as gp
+
+if TYPE_CHECKING:
+    from llmtap.record import LogRecord, Usage
+
+__all__ = ["PRICE_LIB_VERSION", "Cost", "apply_cost", "genai_usage", "price_usage"]
+
+PRICE_LIB_VERSION: str = genai_prices.__version__
+
+_TOKEN_KEYS = ("input_mtok", "cache_read_mtok", "cache_write_mtok", "output_mtok")
+# Priced units whose usage we never report (and that no reported usage descends from): they
+# contribute nothing, exactly as in the library's decomposition.
+_ZERO_KEYS = frozenset(
+    {
+        "cache_write_5m_mtok",
+        "cache_write_1h_mtok",
+        "web_searches_kcount",
+        "storage_searches_kcount",
+        "code_executions_kcount",
+        "social_searches_kcount",
+        "rerank_searches_kcount",
+    }
+)
+_MAX_CACHE = 10_000  # model names come from clients: bound the caches
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    usd: float
+    nanos: int  # exact, in 1e-9 USD
+    version: str  # which price data: genai-prices release + the day whose prices applied
+
+
+# A rate is the price per million tokens scaled by 1e6 (= pico-USD per token), as a ladder of
+# (threshold, rate) from the base (-1) up: the last threshold the total input exceeds applies.
+_Ladder = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Fast:
+    input: _Ladder
+    cache_read: _Ladder | None
+    cache_write: _Ladder | None
+    output: _Ladder | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Slow:
+    """The library computes it: `price` for the day, or per timestamp when `model` is set."""
+
+    price: gp.ModelPrice | None
+    model: gp.ModelInfo | None = None
+
+
+_Plan = _Fast | _Slow
+
+_models: dict[tuple[str, str], gp.ModelInfo | None] = {}
+_plans: dict[tuple[str, str, date], _Plan] = {}
+
+
+def _snapshot() -> data_snapshot.DataSnapshot:
+    return data_snapshot.get_snapshot()
+
+
+def _find_model(provider: str, model: str) -> gp.ModelInfo | None:
+    key = (provider, model)
+    try:
+        return _models[key]
+    except KeyError:
+        pass
+    try:
+        _, info = _snapshot().find_provider_model(model, None, provider, None)
+        found: gp.ModelInfo | None = info
+    except LookupError:
+        found = None
+    if len(_models) >= _MAX_CACHE:
+        _models.clear()
+    _models[key] = found
+    return found
+
+
+def _rate(value: Decimal) -> int | None:
+    scaled = value * 1_000_000
+    return int(scaled) if scaled == scaled.to_integral_value() else None
+
+
+def _ladder(value: object) -> _Ladder | None:
+    """The value as an integer ladder, or None when it cannot be exact."""
+    if isinstance(value, Decimal):
+        r = _rate(value)
+        return None if r is None else ((-1, r),)
+    if isinstance(value, gp.TieredPrices):
+        steps = [(-1, _rate(value.base))] + [(t.start, _rate(t.price)) for t in value.tiers]
+        if any(r is None for _, r in steps):
+            return None
+        return tuple(sorted((s, r) for s, r in steps if r is not None))
+    return None
+
+
+def _plan_for(info: gp.ModelInfo, when: datetime) -> _Plan:
+    prices = info.prices
+    if not isinstance(prices, gp.ModelPrice) and any(
+        isinstance(c.constraint, gp.TimeOfDateConstraint) for c in prices
+    ):
+        return _Slow(price=None, model=info)  # prices change within the day
+    price = info.get_prices(when)
+    keys = {k for k, v in price.__dict__.items() if v is not None and not k.startswith("_")}
+    if keys - _ZERO_KEYS - set(_TOKEN_KEYS) or "input_mtok" not in keys:
+        return _Slow(price=price)
+    ladders = {k: _ladder(getattr(price, k)) for k in _TOKEN_KEYS if k in keys}
+    if any(v is None for v in ladders.values()):
+        return _Slow(price=price)
+    inp = ladders["input_mtok"]
+    assert inp is not None
+    return _Fast(
+        input=inp,
+        cache_read=ladders.get("cache_read_mtok"),
+        cache_write=ladders.get("cache_write_mtok"),
+        output=ladders.get("output_mtok"),
+    )
+
+
+def _pick(ladder: _Ladder, total_input: int) -> int:
+    for start, rate in reversed(ladder):
+        if total_input > start:
+            return rate
+    return ladder[0][1]
+
+
+def _counts(usage: Usage) -> tuple[int, int, int, int] | None:
+    """(all input tokens, cache reads, cache writes, output tokens) in genai-prices' terms."""
+    prompt = usage.prompt_tokens
+    if prompt is None:
+        return None
+    completion = usage.completion_tokens
+    if completion is None:
+        # Embeddings report prompt and total only; anything else without output is unknown.
+        if usage.total_tokens is None or usage.total_tokens != prompt:
+            return None
+        completion = 0
+    read = usage.cached_tokens or 0
+    write = usage.cache_write_tokens or 0
+    if min(prompt, completion, read, write) < 0 or read + write > prompt:
+        return None  # inconsistent: cached parts larger than the whole
+    return prompt, read, write, completion
+
+
+def genai_usage(usage: Usage) -> gp.Usage | None:
+    """Our usage as a `genai_prices.Usage` (None when it is missing)."""
+    counts = _counts(usage)
+    if counts is None:
+        return None
+    total_input, read, write, output = counts
+    kw: dict[str, Any] = {"input_tokens": total_input, "output_tokens": output}
+    if read:
+        kw["cache_read_tokens"] = read
+    if write:
+        kw["cache_write_tokens"] = write
+    return gp.Usage(**kw)
+
+
+@functools.lru_cache(maxsize=64)
+def _version(day: date) -> str:
+    snap = _snapshot()
+    extra = f"+update-{snap.timestamp:%Y%m%dT%H%M}" if snap.from_auto_update else ""
+    return f"genai-prices=={PRICE_LIB_VERSION}{extra}@{day.isoformat()}"
+
+
+def _to_nanos(total: Decimal) -> int:
+    return int((total * 1_000_000_000).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) -> Cost | None:
+    """The cost of one request, or None when the model or the usage is unknown."""
+    if not model:
+        return None
+    counts = _counts(usage)
+    if counts is None:
+        return None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    day = at.astimezone(UTC).date()
+    key = (provider, model, day)
+    plan = _plans.get(key)
+    if plan is None:
+        info = _find_model(provider, model)
+        if info is None:
+            return None
+        plan = _plan_for(info, at)
+        if len(_plans) >= _MAX_CACHE:
+            _plans.clear()
+        _plans[key] = plan
+    total_input, read, write, output = counts
+    if isinstance(plan, _Fast):
+        leaf = total_input
+        pico = 0
+        if plan.cache_read is not None:
+            leaf -= read
+            pico += read * _pick(plan.cache_read, total_input)
+        if plan.cache_write is not None:
+            leaf -= write
+            pico += write * _pick(plan.cache_write, total_input)
+        if leaf < 0:
+            return None  # more cached than input tokens: inconsistent usage
+        pico += leaf * _pick(plan.input, total_input)
+        if plan.output is not None:
+            pico += output * _pick(plan.output, total_input)
+        return Cost(usd=pico / 1e12, nanos=(pico + 500) // 1000, version=_version(day))
+    gusage = genai_usage(usage)
+    assert gusage is not None
+    try:
+        if plan.model is not None:
+            total = plan.model.get_prices(at).calc_price(gusage)["total_price"]
+        else:
+            assert plan.price is not None
+            total = plan.price.calc_price(gusage)["total_price"]
+    except ValueError:
+        return None  # the library judged the usage inconsistent
+    return Cost(usd=float(total), nanos=_to_nanos(total), version=_version(day))
+
+
+def apply_cost(record: LogRecord) -> None:
+    """Fill `cost_usd`, `cost_nanos` and `price_version` (all None when the cost is unknown)."""
+    cost = price_usage(record.provider, record.model, record.usage, record.started_at)
+    if cost is None:
+        record.cost_usd = record.cost_nanos = record.price_version = None
+    else:
+        record.cost_usd, record.cost_nanos, record.price_version = cost.usd, cost.nanos, cost.version
