@@ -1,0 +1,173 @@
+"""Schema migrations, versioned and forward-only: `(version, description, sql)`.
+
+Kept as Python strings (not .sql files) so they ship inside the wheel with no package-data
+configuration. Append new versions; never edit an applied one.
+
+Both schemas have the same columns. PostgreSQL differences:
+
+- `requests` and `request_properties` are range-partitioned by `created_at` (one partition per
+  month, created on demand by the writer) so that list queries on recent data touch small indexes
+  and retention drops whole partitions instead of deleting rows one by one.
+- A unique index on a partitioned table must include the partition key, so `(tenant, id)`
+  uniqueness — one row per request id — lives in the small unpartitioned `request_keys` table;
+  the writer inserts there first and only rows whose key was new reach `requests`.
+- Text columns that are sorted or grouped use the "C" collation so ordering is bytewise, exactly
+  as SQLite's BINARY collation (the two stores must give the same answers).
+"""
+
+from __future__ import annotations
+
+POSTGRES: list[tuple[int, str, str]] = [
+    (
+        1,
+        "requests, request keys, properties side table, API keys",
+        """
+CREATE TABLE request_keys (
+    tenant      text COLLATE "C" NOT NULL,
+    id          text COLLATE "C" NOT NULL,
+    created_at  timestamptz NOT NULL,
+    PRIMARY KEY (tenant, id)
+);
+CREATE INDEX request_keys_created ON request_keys (created_at);
+
+CREATE TABLE requests (
+    tenant             text COLLATE "C" NOT NULL,
+    id                 text COLLATE "C" NOT NULL,
+    created_at         timestamptz NOT NULL,
+    provider           text COLLATE "C" NOT NULL,
+    model              text COLLATE "C",
+    method             text NOT NULL,
+    path               text NOT NULL,
+    target_url         text NOT NULL,
+    status             integer,
+    outcome            text COLLATE "C" NOT NULL,
+    error              text,
+    streamed           boolean NOT NULL,
+    latency_ms         double precision NOT NULL,
+    ttft_ms            double precision,
+    prompt_tokens      bigint,
+    completion_tokens  bigint,
+    total_tokens       bigint,
+    cached_tokens      bigint,
+    cache_write_tokens bigint,
+    reasoning_tokens   bigint,
+    usage_source       text NOT NULL,
+    cost_nanos         bigint,
+    price_version      text,
+    user_id            text COLLATE "C",
+    session_id         text COLLATE "C",
+    properties         jsonb NOT NULL,
+    request_headers    jsonb NOT NULL,
+    response_headers   jsonb NOT NULL,
+    request_body       jsonb,
+    response_body      jsonb,
+    response_events    jsonb,
+    route              text NOT NULL,
+    first_byte_at      timestamptz,
+    ended_at           timestamptz,
+    gateway            text
+) PARTITION BY RANGE (created_at);
+CREATE INDEX requests_tenant_created ON requests (tenant, created_at DESC, id DESC);
+CREATE INDEX requests_tenant_user ON requests (tenant, user_id, created_at DESC, id DESC);
+CREATE INDEX requests_tenant_session ON requests (tenant, session_id, created_at DESC, id DESC);
+CREATE INDEX requests_tenant_model ON requests (tenant, model, created_at DESC, id DESC);
+-- retention deletes by age across tenants inside the partition that straddles the cutoff
+CREATE INDEX requests_created_brin ON requests USING brin (created_at);
+
+CREATE TABLE request_properties (
+    tenant      text COLLATE "C" NOT NULL,
+    request_id  text COLLATE "C" NOT NULL,
+    created_at  timestamptz NOT NULL,
+    name        text COLLATE "C" NOT NULL,
+    value       text COLLATE "C" NOT NULL
+) PARTITION BY RANGE (created_at);
+CREATE INDEX request_properties_lookup
+    ON request_properties (tenant, name, value, created_at DESC, request_id DESC);
+
+CREATE TABLE api_keys (
+    id          text PRIMARY KEY,
+    tenant      text COLLATE "C" NOT NULL,
+    name        text,
+    prefix      text NOT NULL,
+    key_hash    text NOT NULL UNIQUE,
+    created_at  timestamptz NOT NULL,
+    revoked_at  timestamptz
+);
+CREATE INDEX api_keys_tenant ON api_keys (tenant, created_at);
+""",
+    ),
+]
+
+SQLITE: list[tuple[int, str, str]] = [
+    (
+        1,
+        "requests, properties side table, API keys",
+        """
+CREATE TABLE requests (
+    tenant             TEXT NOT NULL,
+    id                 TEXT NOT NULL,
+    created_at         INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+    provider           TEXT NOT NULL,
+    model              TEXT,
+    method             TEXT NOT NULL,
+    path               TEXT NOT NULL,
+    target_url         TEXT NOT NULL,
+    status             INTEGER,
+    outcome            TEXT NOT NULL,
+    error              TEXT,
+    streamed           INTEGER NOT NULL,
+    latency_ms         REAL NOT NULL,
+    ttft_ms            REAL,
+    prompt_tokens      INTEGER,
+    completion_tokens  INTEGER,
+    total_tokens       INTEGER,
+    cached_tokens      INTEGER,
+    cache_write_tokens INTEGER,
+    reasoning_tokens   INTEGER,
+    usage_source       TEXT NOT NULL,
+    cost_nanos         INTEGER,
+    price_version      TEXT,
+    user_id            TEXT,
+    session_id         TEXT,
+    properties         TEXT NOT NULL,
+    request_headers    TEXT NOT NULL,
+    response_headers   TEXT NOT NULL,
+    request_body       TEXT,
+    response_body      TEXT,
+    response_events    TEXT,
+    route              TEXT NOT NULL,
+    first_byte_at      INTEGER,
+    ended_at           INTEGER,
+    gateway            TEXT,
+    PRIMARY KEY (tenant, id)
+);
+CREATE INDEX requests_tenant_created ON requests (tenant, created_at DESC, id DESC);
+CREATE INDEX requests_tenant_user ON requests (tenant, user_id, created_at DESC, id DESC);
+CREATE INDEX requests_tenant_session ON requests (tenant, session_id, created_at DESC, id DESC);
+CREATE INDEX requests_tenant_model ON requests (tenant, model, created_at DESC, id DESC);
+CREATE INDEX requests_created ON requests (created_at);
+
+CREATE TABLE request_properties (
+    tenant      TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    name        TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    PRIMARY KEY (tenant, request_id, name)
+) WITHOUT ROWID;
+CREATE INDEX request_properties_lookup
+    ON request_properties (tenant, name, value, created_at DESC, request_id DESC);
+
+CREATE TABLE api_keys (
+    id          TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    name        TEXT,
+    prefix      TEXT NOT NULL,
+    key_hash    TEXT NOT NULL UNIQUE,
+    created_at  INTEGER NOT NULL,
+    revoked_at  INTEGER
+);
+CREATE INDEX api_keys_tenant ON api_keys (tenant, created_at);
+""",
+    ),
+]

@@ -1,0 +1,451 @@
+"""The scaled-out analytics store: PostgreSQL through an asyncpg pool.
+
+Writes: a batch is COPYed (binary) into a per-connection temporary staging table and moved with
+one `INSERT ... SELECT ... ON CONFLICT DO NOTHING` statement — COPY is PostgreSQL's fastest bulk
+path, and the single statement keeps the batch atomic. Uniqueness of (tenant, id) is enforced by
+`request_keys` (a partitioned table cannot have a unique index without its partition key); only
+rows whose key was new are inserted into `requests` and `request_properties`.
+
+Scale: `requests` and `request_properties` are range-partitioned by month on `created_at`.
+Recent-data queries touch only recent partitions, indexes stay small, and retention drops whole
+months (`DROP TABLE`) instead of deleting and vacuuming rows. Partitions are created on demand
+by the writer (and the current and next month at connect), serialized across processes by an
+advisory lock.
+
+Migrations are versioned and forward-only (`llmtap.store.migrations.POSTGRES`) and applied at
+connect under `pg_advisory_lock`, so two workers starting at once do not race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import orjson
+
+from llmtap.config import redact_url
+from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.store import sql
+from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
+from llmtap.store.migrations import POSTGRES as MIGRATIONS
+
+if TYPE_CHECKING:
+    from llmtap.record import LogRecord
+
+
+def _json(v: Any) -> Any:
+    return None if v is None else orjson.loads(v)
+
+
+DIALECT = sql.Dialect(
+    name="postgresql",
+    placeholder=lambda n: f"${n}",
+    ts_param=sql.from_micros,
+    ts_value=sql.to_micros,
+    bucket=lambda b: f"date_trunc('{b}', r.created_at, 'UTC')",
+    json_value=_json,
+)
+
+# Advisory-lock keys (arbitrary constants, namespaced by their value).
+_MIGRATION_LOCK = 0x6C6C6D74_0001
+_PARTITION_LOCK = 0x6C6C6D74_0002
+
+_STAGING = "llmtap_staging"
+_COLS = ", ".join(sql.COLUMNS)
+_S_COLS = ", ".join(f"s.{c}" for c in sql.COLUMNS)
+# One statement: claim keys, insert the rows whose key was new, and their properties.
+_MOVE = f"""
+WITH k AS (
+    INSERT INTO request_keys (tenant, id, created_at)
+    SELECT tenant, id, created_at FROM {_STAGING}
+    ON CONFLICT DO NOTHING
+    RETURNING tenant, id
+), ins AS (
+    INSERT INTO requests ({_COLS})
+    SELECT {_S_COLS} FROM {_STAGING} s JOIN k ON k.tenant = s.tenant AND k.id = s.id
+    RETURNING 1
+), props AS (
+    INSERT INTO request_properties (tenant, request_id, created_at, name, value)
+    SELECT s.tenant, s.id, s.created_at, p.key, p.value
+    FROM {_STAGING} s JOIN k ON k.tenant = s.tenant AND k.id = s.id
+    CROSS JOIN LATERAL jsonb_each_text(s.properties) AS p
+    RETURNING 1
+)
+SELECT count(*) FROM ins
+"""
+
+# Errors that mean "the database is not reachable or not accepting work right now".
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, query cancelled
+    asyncpg.exceptions.InsufficientResourcesError,  # disk full, out of memory, too many clients
+    asyncpg.exceptions.TransactionRollbackError,  # serialization failure, deadlock
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a failover in progress
+    asyncpg.exceptions.LockNotAvailableError,
+)
+
+_PART_RE = re.compile(r"^requests_p(\d{4})(\d{2})$")
+
+
+def _month_start(year: int, month: int) -> datetime:
+    while month > 12:
+        year, month = year + 1, month - 12
+    return datetime(year, month, 1, tzinfo=UTC)
+
+
+def _month_of(us: int) -> tuple[int, int]:
+    dt = sql.from_micros(us)
+    return dt.year, dt.month
+
+
+def _api_key(row: Sequence[Any]) -> ApiKey:
+    return ApiKey(id=row[0], tenant=row[1], name=row[2], prefix=row[3], created_at=row[4], revoked_at=row[5])
+
+
+class PostgresStore(Store):
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.url = url
+        self.description = f"postgresql {redact_url(url)}"
+        parts = urlsplit(url)
+        self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+        self._min, self._max = min_size, max_size
+        self._pool: asyncpg.Pool | None = None
+        self._months: set[tuple[int, int]] = set()
+        self._partition_mutex = asyncio.Lock()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except _TRANSIENT as e:
+            raise TransientError(f"PostgreSQL at {self._where} unavailable: {_reason(e)}") from e
+
+    def _p(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise TransientError(f"PostgreSQL store at {self._where} is not connected")
+        return self._pool
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        with self._errors():
+            rows: list[asyncpg.Record] = await self._p().fetch(query, *args)
+            return rows
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def connect(self) -> None:
+        if self._pool is not None:
+            return
+        settings = {"timezone": "UTC", "application_name": "llmtap"}
+        try:
+            conn = await asyncpg.connect(self.url, timeout=10, server_settings=settings)
+        except Exception as e:  # asyncpg raises many kinds; all mean the same to the user
+            raise BackendUnavailable(f"cannot connect to PostgreSQL at {self._where}: {_reason(e)}") from None
+        try:
+            await self._migrate(conn)
+        except _TRANSIENT as e:
+            raise BackendUnavailable(f"cannot connect to PostgreSQL at {self._where}: {_reason(e)}") from None
+        finally:
+            await conn.close()
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self._min,
+                max_size=self._max,
+                timeout=10,
+                command_timeout=120,
+                server_settings=settings,
+                init=self._init_connection,
+            )
+        except Exception as e:
+            raise BackendUnavailable(f"cannot connect to PostgreSQL at {self._where}: {_reason(e)}") from None
+        now = sql.now()
+        with self._errors():
+            await self._load_partitions()
+            await self._ensure_partitions(
+                {(now.year, now.month), _month_of(sql.to_micros(_month_start(now.year, now.month + 1)))}
+            )
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS llmtap_migrations"
+                " (version integer PRIMARY KEY, description text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r[0] for r in await conn.fetch("SELECT version FROM llmtap_migrations")}
+            for version, description, ddl in MIGRATIONS:
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(ddl)
+                    await conn.execute(
+                        "INSERT INTO llmtap_migrations (version, description) VALUES ($1, $2)",
+                        version,
+                        description,
+                    )
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+    @staticmethod
+    async def _init_connection(conn: asyncpg.Connection) -> None:
+        # Per-connection staging table for COPY; emptied at every commit.
+        await conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE requests) ON COMMIT DELETE ROWS"
+        )
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=10)
+            except _TRANSIENT:
+                pool.terminate()
+
+    # -- partitions -------------------------------------------------------------------------------
+    async def _load_partitions(self) -> None:
+        rows = await self._p().fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'requests'::regclass"
+        )
+        months = set()
+        for (name,) in rows:
+            m = _PART_RE.match(name)
+            if m:
+                months.add((int(m.group(1)), int(m.group(2))))
+        self._months = months
+
+    async def _ensure_partitions(self, months: set[tuple[int, int]]) -> None:
+        missing = months - self._months
+        if not missing:
+            return
+        async with self._partition_mutex, self._p().acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITION_LOCK)
+            for year, month in sorted(missing):
+                lo, hi = _month_start(year, month), _month_start(year, month + 1)
+                bounds = f"FOR VALUES FROM ('{lo.isoformat()}') TO ('{hi.isoformat()}')"
+                for table in ("requests", "request_properties"):
+                    await conn.execute(
+                        f"CREATE TABLE IF NOT EXISTS {table}_p{year:04d}{month:02d}"
+                        f" PARTITION OF {table} {bounds}"
+                    )
+        self._months |= missing
+
+    # -- writes -----------------------------------------------------------------------------------
+    async def write_batch(self, records: Sequence[LogRecord]) -> int:
+        rows = []
+        months = set()
+        for r in sql.dedupe(records):
+            v = list(sql.record_values(r))
+            months.add(_month_of(v[2]))
+            for i in sql.TS_POSITIONS:
+                if v[i] is not None:
+                    v[i] = sql.from_micros(v[i])
+            rows.append(tuple(v))
+        if not rows:
+            return 0
+        with self._errors():
+            for attempt in range(2):
+                await self._ensure_partitions(months)
+                try:
+                    async with self._p().acquire() as conn, conn.transaction():
+                        await conn.copy_records_to_table(_STAGING, records=rows, columns=sql.COLUMNS)
+                        return int(await conn.fetchval(_MOVE))
+                except asyncpg.exceptions.CheckViolationError:
+                    # "no partition found for row": another process dropped a month we had
+                    # cached (retention, then a late record). Re-read and create it again.
+                    if attempt:
+                        raise
+                    await self._load_partitions()
+        raise AssertionError("unreachable")
+
+    # -- reads ------------------------------------------------------------------------------------
+    async def get_request(self, tenant: str, request_id: str) -> dict[str, Any] | None:
+        rows = await self._fetch(
+            f"SELECT {sql.SELECT_COLUMNS} FROM requests r WHERE r.tenant = $1 AND r.id = $2"
+            " AND r.created_at = (SELECT k.created_at FROM request_keys k WHERE k.tenant = $1 AND k.id = $2)",
+            tenant,
+            request_id,
+        )
+        return sql.row_to_dict(DIALECT, rows[0]) if rows else None
+
+    async def list_requests(self, tenant: str, query: ListQuery) -> Page:
+        q, params = sql.list_sql(DIALECT, tenant, query)
+        rows = await self._fetch(q, *params)
+        items, cursor = sql.page_from_rows(DIALECT, rows, query.limit)
+        return Page(items=items, next_cursor=cursor)
+
+    async def _aggregate(
+        self, tenant: str, query: StatsQuery, kind: sql.Kind, limit: int | None = None
+    ) -> list[Any]:
+        q, params = sql.aggregate_sql(DIALECT, tenant, query, kind, limit=limit)
+        with self._errors():
+            async with self._p().acquire() as conn, conn.transaction(readonly=True):
+                # Percentiles sort in memory; give them room rather than spilling to disk.
+                await conn.execute("SET LOCAL work_mem = '64MB'")
+                rows: list[Any] = await conn.fetch(q, *params)
+                return rows
+
+    async def stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
+        sql.validate_stats(query)
+        rows = await self._aggregate(tenant, query, "overall")
+        overall = sql.aggregate_row(DIALECT, rows[0])[1] if rows and rows[0][1] else sql.empty_totals()
+        groups: list[dict[str, Any]] = []
+        if query.group_by:
+            for row in await self._aggregate(tenant, query, "group", sql.MAX_GROUPS):
+                key, totals = sql.aggregate_row(DIALECT, row)
+                groups.append({"key": sql.group_value(DIALECT, query.group_by, key), **totals})
+        buckets: list[dict[str, Any]] = []
+        if query.bucket:
+            for row in await self._aggregate(tenant, query, "bucket", sql.MAX_BUCKETS):
+                key, totals = sql.aggregate_row(DIALECT, row)
+                buckets.append({"start": sql.iso(DIALECT.ts_value(key)), **totals})
+        return {"overall": overall, "groups": groups, "buckets": buckets}
+
+    async def sessions(self, tenant: str, session_id: str) -> dict[str, Any] | None:
+        rows = await self._aggregate(tenant, StatsQuery(filters=ListQuery(session_id=session_id)), "overall")
+        if not rows or not rows[0][1]:
+            return None
+        totals = sql.aggregate_row(DIALECT, rows[0])[1]
+        lq = ListQuery(limit=sql.MAX_SESSION_REQUESTS, session_id=session_id, order="asc")
+        q, params = sql.list_sql(DIALECT, tenant, lq)
+        return sql.session_result(DIALECT, session_id, totals, await self._fetch(q, *params))
+
+    async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+        q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit)
+        return [sql.user_result(DIALECT, row) for row in await self._fetch(q, *params)]
+
+    # -- retention --------------------------------------------------------------------------------
+    async def delete_older_than(self, cutoff: datetime, limit: int = 10_000) -> list[str]:
+        """Delete rows older than `cutoff`, `limit` keys per chunk; returns their body refs.
+
+        Chunks continue until some refs are found or nothing is left, so an empty list means
+        done. Rows in months wholly before the cutoff are not deleted one by one: their keys are
+        released (which hides them from `get_request`) and their bodies collected, and once a
+        month has no key left its partitions are dropped. Only the month straddling the cutoff
+        is deleted row by row.
+        """
+        cutoff_us = sql.to_micros(cutoff)
+        y, m = _month_of(cutoff_us)
+        boundary = _month_start(y, m)  # rows before it live in wholly expired months
+        with self._errors():
+            while True:
+                async with self._p().acquire() as conn, conn.transaction():
+                    rows = await conn.fetch(
+                        """
+WITH gone AS (
+    DELETE FROM request_keys k USING (
+        SELECT tenant, id FROM request_keys WHERE created_at < $1 ORDER BY created_at LIMIT $2
+    ) AS pick
+    WHERE k.tenant = pick.tenant AND k.id = pick.id
+    RETURNING k.tenant, k.id, k.created_at
+), dr AS (
+    DELETE FROM requests r USING gone g
+    WHERE r.tenant = g.tenant AND r.id = g.id AND r.created_at = g.created_at AND r.created_at >= $3
+    RETURNING r.request_body, r.response_body, r.response_events
+), dp AS (
+    DELETE FROM request_properties p USING gone g
+    WHERE p.tenant = g.tenant AND p.request_id = g.id AND p.created_at = g.created_at
+      AND p.created_at >= $3
+)
+SELECT (SELECT count(*) FROM gone), request_body, response_body, response_events FROM dr
+UNION ALL
+SELECT (SELECT count(*) FROM gone), r.request_body, r.response_body, r.response_events
+FROM requests r JOIN gone g ON r.tenant = g.tenant AND r.id = g.id AND r.created_at = g.created_at
+WHERE r.created_at < $3
+UNION ALL
+SELECT (SELECT count(*) FROM gone), NULL, NULL, NULL
+""",
+                        cutoff,
+                        limit,
+                        boundary,
+                    )
+                deleted = int(rows[0][0])
+                refs = [ref for row in rows for ref in sql.body_refs(row[1:])]
+                if refs or deleted < limit:
+                    break
+            await self._drop_expired_partitions(boundary)
+        return refs
+
+    async def _drop_expired_partitions(self, boundary: datetime) -> None:
+        """Drop the months wholly before `boundary` whose keys are all released."""
+        await self._load_partitions()
+        expired = sorted(ym for ym in self._months if _month_start(ym[0], ym[1] + 1) <= boundary)
+        if not expired:
+            return
+        async with self._partition_mutex, self._p().acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITION_LOCK)
+            for year, month in expired:
+                end = _month_start(year, month + 1)
+                if await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM request_keys WHERE created_at < $1)", end
+                ):
+                    break
+                for table in ("requests", "request_properties"):
+                    await conn.execute(f"DROP TABLE IF EXISTS {table}_p{year:04d}{month:02d}")
+                self._months.discard((year, month))
+
+    # -- API keys ---------------------------------------------------------------------------------
+    async def create_key(self, tenant: str, name: str | None, key_hash: str, prefix: str) -> ApiKey:
+        row = await self._fetch(
+            "INSERT INTO api_keys (id, tenant, name, prefix, key_hash, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6)"
+            " RETURNING id, tenant, name, prefix, created_at, revoked_at",
+            sql.new_key_id(),
+            tenant,
+            name,
+            prefix,
+            key_hash,
+            sql.now(),
+        )
+        return _api_key(row[0])
+
+    async def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        rows = await self._fetch(
+            "SELECT id, tenant, name, prefix, created_at, revoked_at, key_hash"
+            " FROM api_keys WHERE key_hash = $1",
+            key_hash,
+        )
+        if not rows or not sql.keys_match(rows[0][6], key_hash):
+            return None
+        return _api_key(rows[0])
+
+    async def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        q = "SELECT id, tenant, name, prefix, created_at, revoked_at FROM api_keys"
+        if tenant is not None:
+            rows = await self._fetch(q + " WHERE tenant = $1 ORDER BY created_at, id", tenant)
+        else:
+            rows = await self._fetch(q + " ORDER BY created_at, id")
+        return [_api_key(r) for r in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        rows = await self._fetch(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL RETURNING id",
+            sql.now(),
+            key_id,
+        )
+        return bool(rows)
+
+
+def _reason(e: BaseException) -> str:
+    """A short human reason for a connection failure."""
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, socket.gaierror):
+        return "unknown host"
+    if isinstance(e, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text

@@ -1,0 +1,576 @@
+"""SQL shared by the SQLite and PostgreSQL stores, so their answers cannot drift.
+
+Everything a query means — which rows a filter selects, the keyset order, what an error is,
+how tokens and cost add up, which groups come first, how a row becomes the API's dict — is
+written once here. The stores differ only through a small `Dialect`: placeholders, how a
+timestamp is bound and read back, the time-bucket expression, and how percentiles are computed.
+
+Percentiles are defined as PostgreSQL's `percentile_cont` (linear interpolation between the two
+nearest ranks, `pos = p * (n - 1)`); PostgreSQL computes them natively, SQLite fetches the two
+neighbouring values per group with window functions and `interpolate` does the same float
+arithmetic PostgreSQL does, so both return identical numbers.
+
+Timestamps are handled as integer microseconds since the epoch (UTC) in Python; SQLite stores
+exactly that, PostgreSQL a `timestamptz` (microsecond precision), so ordering is exact on both.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+import orjson
+
+from llmtap.store.base import ListQuery, StatsQuery
+
+if TYPE_CHECKING:
+    from llmtap.record import Body, LogRecord
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+#: Columns of `requests`, in the order rows are written and read.
+COLUMNS: tuple[str, ...] = (
+    "tenant", "id", "created_at", "provider", "model", "method", "path", "target_url", "status",
+    "outcome", "error", "streamed", "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens",
+    "total_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens", "usage_source",
+    "cost_nanos", "price_version", "user_id", "session_id", "properties", "request_headers",
+    "response_headers", "request_body", "response_body", "response_events", "route",
+    "first_byte_at", "ended_at", "gateway",
+)  # fmt: skip
+#: Positions of the timestamp columns (bound as datetimes on PostgreSQL).
+TS_POSITIONS = tuple(COLUMNS.index(c) for c in ("created_at", "first_byte_at", "ended_at"))
+_IX = {c: i for i, c in enumerate(COLUMNS)}
+SELECT_COLUMNS = ", ".join(f"r.{c}" for c in COLUMNS)
+BODY_COLUMNS = ("request_body", "response_body", "response_events")
+
+#: Stats percentiles (fractions), the same on both stores.
+PERCENTILES = (0.5, 0.9, 0.99)
+#: At most this many groups are returned by `stats` (the largest by count).
+MAX_GROUPS = 100
+#: At most this many time buckets are returned by `stats` (the earliest first).
+MAX_BUCKETS = 10_000
+#: At most this many requests of a session are listed (totals cover all of them).
+MAX_SESSION_REQUESTS = 1000
+
+STAT_GROUPS = ("model", "user_id", "session_id", "provider", "status")
+BUCKET_MICROS = {"minute": 60_000_000, "hour": 3_600_000_000, "day": 86_400_000_000}
+
+_ERROR = "(r.status >= 400 OR r.outcome <> 'completed')"
+
+
+# -- time and cursors ----------------------------------------------------------------------------
+
+
+def to_micros(dt: datetime) -> int:
+    """Microseconds since the epoch; naive datetimes are taken as UTC."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - EPOCH) // _US
+
+
+def from_micros(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
+
+
+def iso(us: int | None) -> str | None:
+    """ISO 8601 UTC with microseconds and a `Z`, e.g. `2025-01-31T12:00:00.123456Z`."""
+    if us is None:
+        return None
+    return from_micros(us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def encode_cursor(created_us: int, request_id: str) -> str:
+    """Opaque keyset cursor: urlsafe base64 of `[created_at_us, id]`."""
+    return base64.urlsafe_b64encode(orjson.dumps([created_us, request_id])).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """Raises `ValueError` for anything `encode_cursor` did not produce."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = orjson.loads(raw)
+    except (binascii.Error, ValueError, orjson.JSONDecodeError, UnicodeEncodeError):
+        raise ValueError("malformed cursor") from None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or type(value[0]) is not int
+        or not isinstance(value[1], str)
+        or not -(2**62) < value[0] < 2**62
+        or "\x00" in value[1]
+    ):
+        raise ValueError("malformed cursor")
+    return value[0], value[1]
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def clean(s: str) -> str:
+    """PostgreSQL text and jsonb cannot hold NUL; replace it on both stores alike."""
+    return s.replace("\x00", "\ufffd") if "\x00" in s else s
+
+
+def _clean_opt(s: str | None) -> str | None:
+    return None if s is None else clean(s)
+
+
+def _clean_map(m: dict[str, str]) -> dict[str, str]:
+    return {clean(k): clean(v) for k, v in m.items()}
+
+
+def _body(body: Body | None) -> str | None:
+    """The body as a reference (inline data dropped when a body-store ref exists).
+
+    A body that still holds inline data and no reference keeps its data (base64) rather than
+    silently losing it; the body handler normally moved it to the body store already.
+    """
+    if body is None:
+        return None
+    d = msgspec.to_builtins(body)
+    if body.ref is not None:
+        d.pop("data", None)
+    return orjson.dumps(d).decode()
+
+
+def _json(m: dict[str, str]) -> str:
+    return orjson.dumps(_clean_map(m)).decode()
+
+
+def cost_nanos(record: LogRecord) -> int | None:
+    if record.cost_nanos is not None:
+        return record.cost_nanos
+    if record.cost_usd is not None:
+        return round(record.cost_usd * 1e9)
+    return None
+
+
+def record_values(r: LogRecord) -> tuple[Any, ...]:
+    """A record as the `COLUMNS` tuple: timestamps in microseconds, JSON columns as text."""
+    u = r.usage
+    return (
+        clean(r.tenant),
+        clean(r.id),
+        to_micros(r.started_at),
+        clean(r.provider),
+        _clean_opt(r.model),
+        clean(r.method),
+        clean(r.path),
+        clean(r.target_url),
+        r.status,
+        r.outcome,
+        _clean_opt(r.error),
+        r.streamed,
+        float(r.latency_ms),
+        None if r.time_to_first_token_ms is None else float(r.time_to_first_token_ms),
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.total_tokens,
+        u.cached_tokens,
+        u.cache_write_tokens,
+        u.reasoning_tokens,
+        u.source,
+        cost_nanos(r),
+        _clean_opt(r.price_version),
+        _clean_opt(r.user_id),
+        _clean_opt(r.session_id),
+        _json(r.properties),
+        _json(r.request_headers),
+        _json(r.response_headers),
+        _body(r.request_body),
+        _body(r.response_body),
+        _body(r.response_events),
+        r.route,
+        None if r.first_byte_at is None else to_micros(r.first_byte_at),
+        to_micros(r.ended_at),
+        _clean_opt(r.gateway),
+    )
+
+
+def dedupe(records: Sequence[LogRecord]) -> list[LogRecord]:
+    """First record per (tenant, id): a batch may carry the same message twice."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for r in records:
+        key = (clean(r.tenant), clean(r.id))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def property_rows(values: tuple[Any, ...]) -> list[tuple[str, str, int, str, str]]:
+    """`(tenant, request_id, created_us, name, value)` rows for the properties side table."""
+    props: dict[str, str] = orjson.loads(values[_IX["properties"]])
+    tenant, rid, created = values[0], values[1], values[2]
+    return [(tenant, rid, created, k, v) for k, v in props.items()]
+
+
+def body_refs(values: Sequence[Any]) -> list[str]:
+    """Body-store keys referenced by the body columns (JSON text) of a row."""
+    refs = []
+    for raw in values:
+        if raw:
+            ref = orjson.loads(raw).get("ref")
+            if ref:
+                refs.append(ref)
+    return refs
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What differs between the SQL of the two stores."""
+
+    name: Literal["sqlite", "postgresql"]
+    placeholder: Callable[[int], str]  # 1-based parameter number -> its placeholder
+    ts_param: Callable[[int], Any]  # microseconds -> a value to bind against created_at
+    ts_value: Callable[[Any], int]  # a timestamp read back -> microseconds
+    bucket: Callable[[str], str]  # minute|hour|day -> expression of the bucket start
+    json_value: Callable[[Any], Any]  # a JSON column read back -> Python value
+
+
+class Params:
+    """Collects bind values; calling it with a value returns the value's placeholder."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.values: list[Any] = []
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return self.dialect.placeholder(len(self.values))
+
+
+def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = None,
+              until: datetime | None = None) -> str:  # fmt: skip
+    """The WHERE clause of a filter; every query is tenant-scoped here, in SQL."""
+    d = p.dialect
+    conds = [f"r.tenant = {p(tenant)}"]
+    for col, val in (
+        ("user_id", f.user_id),
+        ("session_id", f.session_id),
+        ("model", f.model),
+        ("provider", f.provider),
+    ):
+        if val is not None:
+            conds.append(f"r.{col} = {p(val)}")
+    if f.status is not None:
+        conds.append(f"r.status = {p(int(f.status))}")
+    for s in (f.since, since):
+        if s is not None:
+            conds.append(f"r.created_at >= {p(d.ts_param(to_micros(s)))}")
+    for u in (f.until, until):
+        if u is not None:
+            conds.append(f"r.created_at < {p(d.ts_param(to_micros(u)))}")
+    for name, value in sorted(f.properties.items()):
+        conds.append(
+            "EXISTS (SELECT 1 FROM request_properties rp"
+            f" WHERE rp.tenant = {p(tenant)} AND rp.name = {p(name)} AND rp.value = {p(value)}"
+            " AND rp.created_at = r.created_at AND rp.request_id = r.id)"
+        )
+    return " AND ".join(conds)
+
+
+def list_sql(d: Dialect, tenant: str, q: ListQuery) -> tuple[str, list[Any]]:
+    """Newest (or oldest) first, keyset-paginated on (created_at, id); fetches limit + 1."""
+    p = Params(d)
+    where = where_sql(p, tenant, q)
+    desc = q.order != "asc"
+    if q.cursor:
+        us, rid = decode_cursor(q.cursor)
+        op = "<" if desc else ">"
+        where += f" AND (r.created_at, r.id) {op} ({p(d.ts_param(us))}, {p(rid)})"
+    order = "DESC" if desc else "ASC"
+    sql = (
+        f"SELECT {SELECT_COLUMNS} FROM requests r WHERE {where}"
+        f" ORDER BY r.created_at {order}, r.id {order} LIMIT {p(q.limit + 1)}"
+    )
+    return sql, p.values
+
+
+def page_from_rows(
+    d: Dialect, rows: Sequence[Sequence[Any]], limit: int
+) -> tuple[list[dict[str, Any]], str | None]:
+    items = [row_to_dict(d, row) for row in rows[:limit]]
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        return items, encode_cursor(d.ts_value(last[_IX["created_at"]]), last[_IX["id"]])
+    return items, None
+
+
+def row_to_dict(d: Dialect, row: Sequence[Any]) -> dict[str, Any]:
+    """A `requests` row (in `COLUMNS` order) as the API's dict (`ROW_FIELDS`)."""
+
+    def ts(v: Any) -> str | None:
+        return None if v is None else iso(d.ts_value(v))
+
+    nanos = row[_IX["cost_nanos"]]
+    return {
+        "id": row[1],
+        "tenant": row[0],
+        "created_at": ts(row[2]),
+        "provider": row[3],
+        "model": row[4],
+        "method": row[5],
+        "path": row[6],
+        "target_url": row[7],
+        "status": row[8],
+        "outcome": row[9],
+        "error": row[10],
+        "streamed": bool(row[11]),
+        "latency_ms": row[12],
+        "time_to_first_token_ms": row[13],
+        "prompt_tokens": row[14],
+        "completion_tokens": row[15],
+        "total_tokens": row[16],
+        "cached_tokens": row[17],
+        "cache_write_tokens": row[18],
+        "reasoning_tokens": row[19],
+        "usage_source": row[20],
+        "cost_usd": None if nanos is None else int(nanos) / 1e9,
+        "price_version": row[22],
+        "user_id": row[23],
+        "session_id": row[24],
+        "properties": d.json_value(row[25]),
+        "request_headers": d.json_value(row[26]),
+        "response_headers": d.json_value(row[27]),
+        "request_body": d.json_value(row[28]),
+        "response_body": d.json_value(row[29]),
+        "response_events": d.json_value(row[30]),
+        "route": row[31],
+        "first_byte_at": ts(row[32]),
+        "ended_at": ts(row[33]),
+        "gateway": row[34],
+    }
+
+
+# -- aggregates ----------------------------------------------------------------------------------
+
+Kind = Literal["overall", "group", "bucket", "users"]
+
+_SUMS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+
+
+def group_key(p: Params, tenant: str, group_by: str) -> tuple[str, str]:
+    """(join clause, key expression) for a `group_by` value already validated by the caller."""
+    if group_by in STAT_GROUPS:
+        return "", f"r.{group_by}"
+    if group_by.startswith("property.") and len(group_by) > len("property."):
+        name = group_by[len("property.") :]
+        join = (
+            " LEFT JOIN request_properties gp ON gp.tenant = "
+            f"{p(tenant)} AND gp.request_id = r.id AND gp.created_at = r.created_at"
+            f" AND gp.name = {p(name)}"
+        )
+        return join, "gp.value"
+    raise ValueError(f"cannot group by {group_by!r}")
+
+
+def aggregate_sql(
+    d: Dialect, tenant: str, q: StatsQuery, kind: Kind, *, limit: int | None = None
+) -> tuple[str, list[Any]]:
+    """One aggregate query: overall, per group, per time bucket, or per user.
+
+    Result columns: key, count, error_count, the `_SUMS`, cost_nanos, first and last created_at,
+    then the percentile columns (see `aggregate_row`), except for `users` (no percentiles).
+    """
+    p = Params(d)
+    join, key = "", "NULL"
+    if kind == "group":
+        assert q.group_by is not None
+        join, key = group_key(p, tenant, q.group_by)
+    elif kind == "bucket":
+        assert q.bucket is not None
+        key = d.bucket(q.bucket)
+    elif kind == "users":
+        key = "r.user_id"
+    where = where_sql(p, tenant, q.filters, q.since, q.until)
+    if kind == "users":
+        where += " AND r.user_id IS NOT NULL"
+    sums = ", ".join(f"coalesce(sum(r.{c}), 0)" for c in _SUMS)
+    common = (
+        f"count(*), coalesce(sum(CASE WHEN {_ERROR} THEN 1 ELSE 0 END), 0), {sums},"
+        " coalesce(sum(r.cost_nanos), 0), min(r.created_at), max(r.created_at)"
+    )
+    if kind == "overall":
+        group, order = "", ""
+    elif kind == "group":
+        group, order = f" GROUP BY {key}", f" ORDER BY count(*) DESC, ({key}) IS NULL, {key}"
+    elif kind == "bucket":
+        group, order = f" GROUP BY {key}", f" ORDER BY {key}"
+    else:
+        group, order = f" GROUP BY {key}", f" ORDER BY max(r.created_at) DESC, {key}"
+    lim = f" LIMIT {p(limit)}" if limit is not None else ""
+
+    if kind == "users":
+        return f"SELECT {key}, {common} FROM requests r{join} WHERE {where}{group}{order}{lim}", p.values
+
+    if d.name == "postgresql":
+        arr = "ARRAY[" + ",".join(repr(x) for x in PERCENTILES) + "]::float8[]"
+        pct = (
+            f"percentile_cont({arr}) WITHIN GROUP (ORDER BY r.latency_ms),"
+            f" percentile_cont({arr}) WITHIN GROUP (ORDER BY r.ttft_ms)"
+        )
+        return (
+            f"SELECT {key}, {common}, {pct} FROM requests r{join} WHERE {where}{group}{order}{lim}",
+            p.values,
+        )
+
+    # SQLite: rank rows within each key by latency and by TTFT with window functions, then pick
+    # the two neighbours of each percentile's position; `aggregate_row` interpolates.
+    cols = ", ".join(f"r.{c}" for c in ("status", "outcome", *_SUMS, "cost_nanos", "created_at"))
+    inner = (
+        f"SELECT {key} AS k, {cols}, r.latency_ms AS lat, r.ttft_ms AS ttft"
+        f" FROM requests r{join} WHERE {where}"
+    )
+    ranked = (
+        "SELECT *, row_number() OVER (PARTITION BY k ORDER BY lat) - 1 AS li,"
+        " count(*) OVER (PARTITION BY k) AS ln,"
+        " row_number() OVER (PARTITION BY k, ttft IS NULL ORDER BY ttft) - 1 AS ti,"
+        " count(ttft) OVER (PARTITION BY k) AS tn"
+        f" FROM ({inner}) AS f"
+    )
+    picks = []
+    for frac in PERCENTILES:
+        lo = f"CAST({frac!r} * (ln - 1) AS INTEGER)"
+        picks.append(f"max(CASE WHEN li = {lo} THEN lat END)")
+        picks.append(f"max(CASE WHEN li = {lo} + 1 THEN lat END)")
+    for frac in PERCENTILES:
+        lo = f"CAST({frac!r} * (tn - 1) AS INTEGER)"
+        picks.append(f"max(CASE WHEN ttft IS NOT NULL AND ti = {lo} THEN ttft END)")
+        picks.append(f"max(CASE WHEN ttft IS NOT NULL AND ti = {lo} + 1 THEN ttft END)")
+    outer_common = common.replace("r.", "")
+    group = group.replace(key, "k") if group else " GROUP BY k"
+    order = order.replace(key, "k")
+    sql = (
+        f"SELECT k, {outer_common}, max(ln), max(tn), {', '.join(picks)}"
+        f" FROM ({ranked}) AS o{group}{order}{lim}"
+    )
+    return sql, p.values
+
+
+def interpolate(frac: float, n: int, lo: float | None, hi: float | None) -> float | None:
+    """PostgreSQL's `percentile_cont` from the values at ranks floor(pos) and floor(pos) + 1."""
+    if n <= 0 or lo is None:
+        return None
+    pos = frac * (n - 1)
+    first = math.floor(pos)
+    if math.ceil(pos) == first or hi is None:
+        return float(lo)
+    return float(lo) + (float(hi) - float(lo)) * (pos - first)
+
+
+def aggregate_row(d: Dialect, row: Sequence[Any], *, percentiles: bool = True) -> tuple[Any, dict[str, Any]]:
+    """(key, totals dict) from one row of `aggregate_sql`."""
+    count = int(row[1])
+    errors = int(row[2])
+    out: dict[str, Any] = {
+        "count": count,
+        "error_count": errors,
+        "error_rate": errors / count if count else 0.0,
+    }
+    for i, name in enumerate(_SUMS):
+        out[name] = int(row[3 + i])
+    base = 3 + len(_SUMS)
+    out["cost_usd"] = int(row[base]) / 1e9
+    out["first_at"] = None if row[base + 1] is None else iso(d.ts_value(row[base + 1]))
+    out["last_at"] = None if row[base + 2] is None else iso(d.ts_value(row[base + 2]))
+    if percentiles:
+        rest = row[base + 3 :]
+        if d.name == "postgresql":
+            lat = list(rest[0] or [None] * len(PERCENTILES))
+            ttft = list(rest[1] or [None] * len(PERCENTILES))
+        else:
+            ln, tn = int(rest[0] or 0), int(rest[1] or 0)
+            vals = rest[2:]
+            k = len(PERCENTILES)
+            lat = [interpolate(f, ln, vals[2 * i], vals[2 * i + 1]) for i, f in enumerate(PERCENTILES)]
+            ttft = [
+                interpolate(f, tn, vals[2 * (k + i)], vals[2 * (k + i) + 1])
+                for i, f in enumerate(PERCENTILES)
+            ]
+        out["latency_ms"] = _pcts(lat)
+        out["time_to_first_token_ms"] = _pcts(ttft)
+    return row[0], out
+
+
+def _pcts(values: Sequence[float | None]) -> dict[str, float | None]:
+    return {
+        f"p{round(f * 100)}": (None if v is None else float(v))
+        for f, v in zip(PERCENTILES, values, strict=True)
+    }
+
+
+def empty_totals() -> dict[str, Any]:
+    out: dict[str, Any] = {"count": 0, "error_count": 0, "error_rate": 0.0}
+    out.update(dict.fromkeys(_SUMS, 0))
+    out.update({"cost_usd": 0.0, "first_at": None, "last_at": None})
+    out["latency_ms"] = _pcts([None] * len(PERCENTILES))
+    out["time_to_first_token_ms"] = _pcts([None] * len(PERCENTILES))
+    return out
+
+
+def group_value(d: Dialect, group_by: str, key: Any) -> Any:
+    if key is None:
+        return None
+    if group_by == "status":
+        return int(key)
+    return str(key)
+
+
+def validate_stats(q: StatsQuery) -> None:
+    """Raise `ValueError` for a group_by or bucket the stores do not know."""
+    if q.group_by is not None and not (
+        q.group_by in STAT_GROUPS
+        or (q.group_by.startswith("property.") and len(q.group_by) > len("property."))
+    ):
+        raise ValueError(f"cannot group by {q.group_by!r}")
+    if q.bucket is not None and q.bucket not in BUCKET_MICROS:
+        raise ValueError(f"unknown bucket {q.bucket!r}")
+
+
+def session_result(
+    d: Dialect, session_id: str, totals: dict[str, Any], rows: Sequence[Sequence[Any]]
+) -> dict[str, Any]:
+    """A session: its requests oldest first (at most `MAX_SESSION_REQUESTS`) and its totals."""
+    items = [row_to_dict(d, row) for row in rows[:MAX_SESSION_REQUESTS]]
+    return {
+        "session_id": session_id,
+        "totals": totals,
+        "requests": items,
+        "truncated": len(rows) > MAX_SESSION_REQUESTS,
+    }
+
+
+def user_result(d: Dialect, row: Sequence[Any]) -> dict[str, Any]:
+    key, totals = aggregate_row(d, row, percentiles=False)
+    return {"user_id": key, **totals}
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- API keys ------------------------------------------------------------------------------------
+
+
+def new_key_id() -> str:
+    """Short public id of an API key (what `llmtap keys revoke` takes)."""
+    return "key_" + secrets.token_hex(8)
+
+
+def keys_match(stored_hash: str, key_hash: str) -> bool:
+    """Constant-time confirmation of an index lookup by hash."""
+    return hmac.compare_digest(stored_hash.encode(), key_hash.encode())

@@ -1,0 +1,333 @@
+"""The embedded analytics store: one SQLite file in WAL mode.
+
+sqlite3 calls block, so they never run on the event loop: all writes go through one dedicated
+writer thread (one connection, one transaction per batch, `executemany` with
+`ON CONFLICT(tenant, id) DO NOTHING`), and reads through one reader thread with its own
+connection — WAL lets that reader see a consistent snapshot while a batch is being written, so
+a slow stats query never holds up the worker. `synchronous=FULL` makes a committed batch
+survive a power cut, which is what "acknowledged only once durable" needs; it costs one fsync
+per batch, not per record.
+
+Several processes may share the file (a worker and a server's ingest endpoint): writers wait up
+to `busy_timeout` for each other, and a lock held longer becomes `TransientError` (retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import orjson
+
+from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.store import sql
+from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
+from llmtap.store.migrations import SQLITE as MIGRATIONS
+
+if TYPE_CHECKING:
+    from llmtap.record import LogRecord
+
+T = TypeVar("T")
+
+
+def _json(v: Any) -> Any:
+    return None if v is None else orjson.loads(v)
+
+
+DIALECT = sql.Dialect(
+    name="sqlite",
+    placeholder=lambda n: f"?{n}",
+    ts_param=lambda us: us,
+    ts_value=int,
+    bucket=lambda b: f"((r.created_at / {sql.BUCKET_MICROS[b]}) * {sql.BUCKET_MICROS[b]})",
+    json_value=_json,
+)
+
+_INSERT = (
+    f"INSERT INTO requests ({', '.join(sql.COLUMNS)}) VALUES ({', '.join('?' * len(sql.COLUMNS))})"
+    " ON CONFLICT(tenant, id) DO NOTHING"
+)
+# A property row belongs to the row that won the insert: a reused request id with a different
+# start time (a second request, not a redelivery) must not graft its properties onto the first.
+_INSERT_PROP = (
+    "INSERT INTO request_properties (tenant, request_id, created_at, name, value)"
+    " SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS"
+    " (SELECT 1 FROM requests WHERE tenant = ?1 AND id = ?2 AND created_at = ?3)"
+    " ON CONFLICT DO NOTHING"
+)
+_BUSY_MS = 10_000
+
+
+def _api_key(row: Sequence[Any]) -> ApiKey:
+    return ApiKey(
+        id=row[0],
+        tenant=row[1],
+        name=row[2],
+        prefix=row[3],
+        created_at=sql.from_micros(row[4]),
+        revoked_at=None if row[5] is None else sql.from_micros(row[5]),
+    )
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.description = f"sqlite {self.path}"
+        self._writer: ThreadPoolExecutor | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _open(self, readonly: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA cache_size = -32000")
+        if readonly:
+            conn.execute("PRAGMA query_only = 1")
+        return conn
+
+    async def _run(self, executor: ThreadPoolExecutor | None, fn: Callable[..., T], *args: Any) -> T:
+        if executor is None:
+            raise TransientError(f"SQLite store {self.path} is not open")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(executor, fn, *args)
+        except sqlite3.OperationalError as e:
+            # locked / busy / disk I/O / full disk: passing conditions, the caller retries.
+            raise TransientError(f"SQLite store {self.path}: {e}") from e
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._run(self._writer, fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._run(self._reader, fn, *args)
+
+    def _w(self) -> sqlite3.Connection:
+        assert self._wconn is not None
+        return self._wconn
+
+    def _r(self) -> sqlite3.Connection:
+        assert self._rconn is not None
+        return self._rconn
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def connect(self) -> None:
+        if self._writer is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BackendUnavailable(
+                f"cannot create the SQLite store's directory {self.path.parent}: {e}"
+            ) from e
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="llmtap-store-w")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="llmtap-store-r")
+        try:
+            await self._write(self._connect_writer)
+            await self._read(self._connect_reader)
+        except (TransientError, sqlite3.Error, OSError) as e:
+            await self.close()
+            cause = e.__cause__ or e
+            raise BackendUnavailable(f"cannot open the SQLite store {self.path}: {cause}") from e
+
+    def _connect_writer(self) -> None:
+        self._wconn = conn = self._open(readonly=False)
+        conn.execute("BEGIN IMMEDIATE")  # one process migrates at a time
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for v, _desc, ddl in MIGRATIONS:
+                if v > version:
+                    for stmt in ddl.split(";"):
+                        if stmt.strip():
+                            conn.execute(stmt)
+                    conn.execute(f"PRAGMA user_version = {int(v)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _connect_reader(self) -> None:
+        self._rconn = self._open(readonly=True)
+
+    async def close(self) -> None:
+        for executor, attr in ((self._writer, "_wconn"), (self._reader, "_rconn")):
+            if executor is None:
+                continue
+
+            def _close(attr: str = attr) -> None:
+                conn = getattr(self, attr)
+                if conn is not None:
+                    conn.close()
+                    setattr(self, attr, None)
+
+            await asyncio.get_running_loop().run_in_executor(executor, _close)
+            executor.shutdown(wait=True)
+        self._writer = self._reader = None
+
+    # -- writes -----------------------------------------------------------------------------------
+    async def write_batch(self, records: Sequence[LogRecord]) -> int:
+        rows = [sql.record_values(r) for r in sql.dedupe(records)]
+        if not rows:
+            return 0
+        props = [p for row in rows for p in sql.property_rows(row)]
+        return await self._write(self._write_rows, rows, props)
+
+    def _write_rows(self, rows: list[tuple[Any, ...]], props: list[tuple[Any, ...]]) -> int:
+        conn = self._w()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            before = conn.total_changes
+            conn.executemany(_INSERT, rows)
+            inserted = conn.total_changes - before
+            if props:
+                conn.executemany(_INSERT_PROP, props)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return inserted
+
+    # -- reads ------------------------------------------------------------------------------------
+    def _fetch(self, query: str, params: Sequence[Any]) -> list[Any]:
+        return self._r().execute(query, params).fetchall()
+
+    async def get_request(self, tenant: str, request_id: str) -> dict[str, Any] | None:
+        rows = await self._read(
+            self._fetch,
+            f"SELECT {sql.SELECT_COLUMNS} FROM requests r WHERE r.tenant = ?1 AND r.id = ?2",
+            (tenant, request_id),
+        )
+        return sql.row_to_dict(DIALECT, rows[0]) if rows else None
+
+    async def list_requests(self, tenant: str, query: ListQuery) -> Page:
+        q, params = sql.list_sql(DIALECT, tenant, query)
+        rows = await self._read(self._fetch, q, params)
+        items, cursor = sql.page_from_rows(DIALECT, rows, query.limit)
+        return Page(items=items, next_cursor=cursor)
+
+    async def stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
+        sql.validate_stats(query)
+        return await self._read(self._stats, tenant, query)
+
+    def _stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
+        q, params = sql.aggregate_sql(DIALECT, tenant, query, "overall")
+        rows = self._fetch(q, params)
+        overall = sql.aggregate_row(DIALECT, rows[0])[1] if rows else sql.empty_totals()
+        groups: list[dict[str, Any]] = []
+        if query.group_by:
+            q, params = sql.aggregate_sql(DIALECT, tenant, query, "group", limit=sql.MAX_GROUPS)
+            for row in self._fetch(q, params):
+                key, totals = sql.aggregate_row(DIALECT, row)
+                groups.append({"key": sql.group_value(DIALECT, query.group_by, key), **totals})
+        buckets: list[dict[str, Any]] = []
+        if query.bucket:
+            q, params = sql.aggregate_sql(DIALECT, tenant, query, "bucket", limit=sql.MAX_BUCKETS)
+            for row in self._fetch(q, params):
+                key, totals = sql.aggregate_row(DIALECT, row)
+                buckets.append({"start": sql.iso(DIALECT.ts_value(key)), **totals})
+        return {"overall": overall, "groups": groups, "buckets": buckets}
+
+    async def sessions(self, tenant: str, session_id: str) -> dict[str, Any] | None:
+        return await self._read(self._session, tenant, session_id)
+
+    def _session(self, tenant: str, session_id: str) -> dict[str, Any] | None:
+        query = StatsQuery(filters=ListQuery(session_id=session_id))
+        q, params = sql.aggregate_sql(DIALECT, tenant, query, "overall")
+        rows = self._fetch(q, params)
+        if not rows or not rows[0][1]:
+            return None
+        totals = sql.aggregate_row(DIALECT, rows[0])[1]
+        lq = ListQuery(limit=sql.MAX_SESSION_REQUESTS, session_id=session_id, order="asc")
+        q, params = sql.list_sql(DIALECT, tenant, lq)
+        page = self._fetch(q, params)
+        return sql.session_result(DIALECT, session_id, totals, page)
+
+    async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+        q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit)
+        rows = await self._read(self._fetch, q, params)
+        return [sql.user_result(DIALECT, row) for row in rows]
+
+    # -- retention --------------------------------------------------------------------------------
+    async def delete_older_than(self, cutoff: datetime, limit: int = 10_000) -> list[str]:
+        """Deletes in chunks of `limit` rows until some body refs are found or nothing is left.
+
+        An empty list therefore means no row older than `cutoff` remains.
+        """
+        us = sql.to_micros(cutoff)
+        while True:
+            refs, deleted = await self._write(self._delete_chunk, us, limit)
+            if refs or deleted < limit:
+                return refs
+
+    def _delete_chunk(self, cutoff_us: int, limit: int) -> tuple[list[str], int]:
+        conn = self._w()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute(
+                "DELETE FROM requests WHERE rowid IN"
+                " (SELECT rowid FROM requests WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)"
+                " RETURNING tenant, id, request_body, response_body, response_events",
+                (cutoff_us, limit),
+            ).fetchall()
+            conn.executemany(
+                "DELETE FROM request_properties WHERE tenant = ?1 AND request_id = ?2",
+                [(r[0], r[1]) for r in rows],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return [ref for r in rows for ref in sql.body_refs(r[2:])], len(rows)
+
+    # -- API keys ---------------------------------------------------------------------------------
+    async def create_key(self, tenant: str, name: str | None, key_hash: str, prefix: str) -> ApiKey:
+        key = ApiKey(id=sql.new_key_id(), tenant=tenant, name=name, prefix=prefix,
+                     created_at=sql.from_micros(sql.to_micros(sql.now())))  # fmt: skip
+
+        def _insert() -> None:
+            self._w().execute(
+                "INSERT INTO api_keys (id, tenant, name, prefix, key_hash, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (key.id, tenant, name, prefix, key_hash, sql.to_micros(key.created_at)),
+            )
+
+        await self._write(_insert)
+        return key
+
+    async def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        rows = await self._read(
+            self._fetch,
+            "SELECT id, tenant, name, prefix, created_at, revoked_at, key_hash"
+            " FROM api_keys WHERE key_hash = ?1",
+            (key_hash,),
+        )
+        if not rows or not sql.keys_match(rows[0][6], key_hash):
+            return None
+        return _api_key(rows[0])
+
+    async def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        q = "SELECT id, tenant, name, prefix, created_at, revoked_at FROM api_keys"
+        params: tuple[Any, ...] = ()
+        if tenant is not None:
+            q += " WHERE tenant = ?1"
+            params = (tenant,)
+        rows = await self._read(self._fetch, q + " ORDER BY created_at, id", params)
+        return [_api_key(r) for r in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        def _revoke() -> bool:
+            cur = self._w().execute(
+                "UPDATE api_keys SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
+                (sql.to_micros(sql.now()), key_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(_revoke)
