@@ -1,0 +1,180 @@
+"""The gateway service: aiohttp's low-level server + `Proxy` + `Publisher`, with orderly stop.
+
+aiohttp's low-level `web.Server` is used instead of `web.Application`: the gateway has two
+prefixes and two fixed paths, and dispatching them with `str.startswith` skips the router's
+per-request regex match, middleware chain and signal plumbing.
+
+Stop order (SIGTERM): close the listener, let in-flight requests finish (up to
+`shutdown_timeout`), publish every capture still pending, close the upstream pool, then the
+queue and the body store. A request that was answered is therefore logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from llmtap.bodies.base import BodyStore, open_body_store
+from llmtap.config import Settings
+from llmtap.errors import ConfigError
+from llmtap.gateway.proxy import Proxy
+from llmtap.gateway.publisher import Publisher, QueueSink, Sink
+from llmtap.queue.base import Queue, open_queue
+
+__all__ = ["GatewayService", "make_server"]
+
+#: Largest request body accepted (LLM requests with images or documents run to tens of MB).
+CLIENT_MAX_SIZE = 512 * 1024 * 1024
+
+#: aiohttp's defaults (8 KiB) are too small for some SDKs' headers (long tokens, cookies).
+_HANDLER_KWARGS: dict[str, Any] = {
+    "access_log": None,  # a log line per request would cost more than all of our logging
+    "auto_decompress": False,  # relay compressed request bodies byte-for-byte
+    "max_line_size": 65536,
+    "max_field_size": 65536,
+}
+
+
+def make_server(proxy: Proxy) -> web.Server:
+    """aiohttp's low-level server around `proxy.handle` (must be called in a running loop).
+
+    `handler_cancellation=True`: when a client disconnects, its handler is cancelled right
+    away, so a long stream's upstream read stops at once instead of at the next chunk.
+    """
+    loop = asyncio.get_running_loop()
+
+    def request_factory(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: Any,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        return web.BaseRequest(
+            message, payload, protocol, writer, task, loop, client_max_size=CLIENT_MAX_SIZE
+        )
+
+    return web.Server(
+        proxy.handle,
+        request_factory=request_factory,
+        handler_cancellation=True,
+        **_HANDLER_KWARGS,
+    )
+
+
+class GatewayService:
+    """`llmtap gateway`: the proxy and its publisher, as a `llmtap.runtime.Service`."""
+
+    name = "gateway"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queue: Queue | None = None,
+        bodies: BodyStore | None = None,
+        sinks: list[Sink] | None = None,
+    ) -> None:
+        """`queue`/`bodies` default to the backends the settings name (opened, connected and
+        closed by the service); given ones are used as they are and left open. `sinks` replaces
+        the default chain (`[QueueSink(queue)]`)."""
+        self.settings = settings
+        self._own_queue = queue is None
+        self._own_bodies = bodies is None
+        self.queue = queue if queue is not None else open_queue(settings)
+        self.bodies = bodies if bodies is not None else open_body_store(settings)
+        chain = sinks if sinks is not None else [QueueSink(self.queue, settings.partition_key)]
+        self.publisher = Publisher(settings, chain, self.bodies)
+        self.proxy = Proxy(settings, self.publisher, self.resolve_tenant)
+        self.proxy.local = {"/healthz": self._healthz, "/metrics": self._metrics}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.publisher.collector())
+        self.port: int | None = None
+        self._runner: web.ServerRunner | None = None
+        self._ready = False
+
+    # -- tenants ---------------------------------------------------------------------------------
+    def resolve_tenant(self, auth_header: str | None) -> str | None:
+        """The tenant a request belongs to, from its `Llmtap-Auth` header (or None → 401).
+
+        Single-tenant: everything is `default_tenant`, with or without a key. Multi-tenant: the
+        key lookup plugs in here (override this method or assign `proxy.resolve_tenant`); until
+        it does, every request is refused, before anything goes upstream.
+        """
+        if not self.settings.multi_tenant:
+            return self.settings.default_tenant
+        return None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> list[str]:
+        s = self.settings
+        opened: list[Any] = []
+        try:
+            if self._own_queue:
+                await self.queue.connect("producer")
+                opened.append(self.queue)
+            if self._own_bodies:
+                await self.bodies.connect()
+                opened.append(self.bodies)
+            await self.publisher.start()
+            await self.proxy.start()
+            runner = web.ServerRunner(make_server(self.proxy), shutdown_timeout=s.shutdown_timeout)
+            await runner.setup()
+            site = web.TCPSite(runner, s.host, s.gateway_port, backlog=4096, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as e:
+                await runner.cleanup()
+                raise ConfigError(
+                    f"cannot listen on {s.host}:{s.gateway_port} for the gateway: {e.strerror or e} "
+                    "(set LLMTAP_GATEWAY_PORT or LLMTAP_HOST)"
+                ) from None
+            self._runner = runner
+        except BaseException:
+            await self.proxy.close()
+            await self.publisher.stop(timeout=1.0)
+            for backend in reversed(opened):
+                await backend.close()
+            raise
+        self.port = int(runner.addresses[0][1])
+        self._ready = True
+        url = f"http://{_host(s.host)}:{self.port}"
+        return [
+            f"gateway   {url}  (OpenAI: {url}/openai/v1 → {s.openai_base_url}/v1, "
+            f"Anthropic: {url}/anthropic → {s.anthropic_base_url})"
+        ]
+
+    async def stop(self) -> None:
+        self._ready = False
+        if self._runner is not None:
+            # Closes the listener, then waits (up to shutdown_timeout) for in-flight requests.
+            await self._runner.cleanup()
+            self._runner = None
+        await self.publisher.stop(timeout=self.settings.shutdown_timeout)
+        await self.proxy.close()
+        if self._own_queue:
+            await self.queue.close()
+        if self._own_bodies:
+            await self.bodies.close()
+
+    # -- gateway-own routes ------------------------------------------------------------------------
+    async def _healthz(self, request: web.BaseRequest) -> web.StreamResponse:
+        ok = self._ready
+        body = orjson.dumps({"status": "ok" if ok else "stopping", "pending_records": self.publisher.pending})
+        return web.Response(status=200 if ok else 503, body=body, content_type="application/json")
+
+    async def _metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,345 @@
+"""What the gateway keeps of a request while relaying it, and how that becomes a `LogRecord`.
+
+Two halves on purpose. `Capture` is filled on the latency path and does nothing but keep
+references, raw bytes and clock readings: no parsing, no encoding, no allocation beyond a list
+append per chunk. `RecordBuilder` turns captures into records later, in the publisher's
+background task, in batches: JSON parsing (orjson), usage extraction, stream reassembly,
+compression and the body-store split all happen there, after the client has its last byte.
+
+Clocks: one `time.time()` at the start gives the wall-clock anchor; every other instant is a
+`time.perf_counter()` reading, so durations are monotonic and cost ~50 ns each.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import deque
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import zstandard
+
+from llmtap.bodies.base import body_key
+from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, LlmtapHeaders, recordable, redact_url
+from llmtap.providers import anthropic as anthropic_format
+from llmtap.providers import openai as openai_format
+from llmtap.providers.sse import StreamResult
+from llmtap.record import Body, LogRecord, Outcome, Usage, compress
+
+#: Past the capture cap a stream keeps this much of its end, so the usage that providers send
+#: last is still found in very long streams.
+TAIL_BYTES = 64 * 1024
+
+#: Rough fixed memory of one capture beyond its bodies (objects, headers), for buffer accounting.
+CAPTURE_OVERHEAD = 1024
+
+_PROVIDERS: dict[str, Any] = {"openai": openai_format, "anthropic": anthropic_format}
+
+
+class Capture:
+    """Raw facts about one proxied request. Filled on the hot path; read by `RecordBuilder`."""
+
+    __slots__ = (
+        "cap",
+        "chunks",
+        "error",
+        "id",
+        "llmtap",
+        "method",
+        "outcome",
+        "path",
+        "provider",
+        "request_body",
+        "request_headers",
+        "request_size",
+        "response_headers",
+        "response_size",
+        "started",
+        "status",
+        "streamed",
+        "t0",
+        "t_end",
+        "t_first",
+        "t_headers",
+        "tail",
+        "tail_size",
+        "target_url",
+        "tenant",
+        "truncated",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        tenant: str,
+        provider: str,
+        method: str,
+        path: str,
+        target_url: str,
+        request_headers: Iterable[tuple[str, str]],
+        llmtap: list[tuple[str, str]] | None,
+        request_body: bytes,
+        request_size: int,
+        started: float,
+        t0: float,
+        cap: int,
+    ) -> None:
+        self.id = request_id
+        self.tenant = tenant
+        self.provider = provider
+        self.method = method
+        self.path = path
+        self.target_url = target_url
+        self.request_headers = request_headers
+        self.llmtap = llmtap
+        self.request_body = request_body  # already cut to the capture cap
+        self.request_size = request_size
+        self.started = started  # time.time() at arrival
+        self.t0 = t0  # perf_counter() at arrival
+        self.t_headers = 0.0  # upstream response headers received
+        self.t_first = 0.0  # first response body bytes received
+        self.t_end = 0.0
+        self.status: int | None = None
+        self.response_headers: Iterable[tuple[str, str]] = ()
+        self.chunks: list[bytes] = []
+        self.response_size = 0
+        self.truncated = False
+        self.tail: deque[bytes] | None = None
+        self.tail_size = 0
+        self.streamed = False
+        self.outcome: Outcome = "completed"
+        self.error: str | None = None
+        self.cap = cap
+
+    def add(self, chunk: bytes) -> None:
+        """Keep a response chunk, up to the capture cap in all (then a bounded tail)."""
+        cap = self.cap
+        size = self.response_size
+        self.response_size = size + len(chunk)
+        if size + len(chunk) <= cap:
+            self.chunks.append(chunk)
+            return
+        if size < cap:
+            self.chunks.append(chunk[: cap - size])
+        self.truncated = True
+        tail = self.tail
+        if tail is None:
+            tail = self.tail = deque()
+        tail.append(chunk)
+        self.tail_size += len(chunk)
+        while self.tail_size > TAIL_BYTES and len(tail) > 1:
+            self.tail_size -= len(tail.popleft())
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this capture holds, for the publisher's byte bound."""
+        kept = self.response_size if self.response_size < self.cap else self.cap
+        return CAPTURE_OVERHEAD + len(self.request_body) + kept + self.tail_size
+
+
+# -- record building (background) ---------------------------------------------------------------
+
+
+def _decode(data: bytes, encoding: str | None) -> bytes | None:
+    """Undo a Content-Encoding for parsing; None if we cannot (unknown coding, e.g. br).
+
+    Decompression objects accept a truncated input and return what it holds.
+    """
+    if not encoding:
+        return data
+    enc = encoding.strip().lower()
+    try:
+        if enc in ("", "identity"):
+            return data
+        if enc in ("gzip", "x-gzip"):
+            return zlib.decompressobj(wbits=47).decompress(data)
+        if enc == "deflate":
+            try:
+                return zlib.decompressobj(wbits=47).decompress(data)
+            except zlib.error:
+                return zlib.decompressobj(wbits=-15).decompress(data)
+        if enc == "zstd":
+            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    except (zlib.error, zstandard.ZstdError):
+        return None
+    return None
+
+
+def _header(headers: Iterable[tuple[str, str]], lname: str) -> str | None:
+    for name, value in headers:
+        if name.lower() == lname:
+            return value
+    return None
+
+
+def _loads(data: bytes | None) -> Any:
+    if not data:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+class RecordBuilder:
+    """Captures → records, plus the (key, compressed bytes) pairs to write to the body store.
+
+    A body whose zstd form is at most `inline_body_bytes` travels inside the message; a larger
+    one is written to the body store by the publisher before the record is published, and the
+    record carries its key.
+    """
+
+    def __init__(self, *, inline_body_bytes: int, gateway: str, body_store: bool = True) -> None:
+        self.inline = inline_body_bytes
+        self.gateway = gateway
+        self.body_store = body_store
+
+    def build(self, cap: Capture) -> tuple[LogRecord, list[tuple[str, bytes, Body]]]:
+        uploads: list[tuple[str, bytes, Body]] = []
+        fmt = _PROVIDERS.get(cap.provider, openai_format)
+        lh = LlmtapHeaders(cap.llmtap or ())
+        req_headers = list(cap.request_headers)
+        resp_headers = list(cap.response_headers)
+
+        started_at = datetime.fromtimestamp(cap.started, UTC)
+        end = cap.t_end or cap.t0
+        latency_ms = (end - cap.t0) * 1000.0
+        ended_at = started_at + timedelta(seconds=end - cap.t0)
+        first_byte_at = started_at + timedelta(seconds=cap.t_headers - cap.t0) if cap.t_headers else None
+
+        # -- request
+        req_ctype = _header(req_headers, "content-type")
+        req_json = None
+        if cap.request_body and not (cap.request_size > len(cap.request_body)):
+            req_json = _loads(_decode(cap.request_body, _header(req_headers, "content-encoding")))
+        model = req_json.get("model") if isinstance(req_json, dict) else None
+        if not isinstance(model, str):
+            model = None
+
+        # -- response
+        raw = b"".join(cap.chunks)
+        resp_ctype = _header(resp_headers, "content-type")
+        decoded = _decode(raw, _header(resp_headers, "content-encoding"))
+        usage = Usage()
+        error = cap.error
+        response_body: bytes | None = decoded if decoded is not None else raw
+        response_body_type = resp_ctype
+        events: bytes | None = None
+        if cap.streamed and decoded is not None:
+            scan = decoded
+            if cap.tail:
+                tail = _decode(b"".join(cap.tail), None) or b""
+                scan = decoded + b"\n\n" + tail
+            result: StreamResult | None = fmt.reassemble_stream(scan)
+            if result is not None:
+                events = decoded
+                response_body = orjson.dumps(result.message)
+                response_body_type = "application/json"
+                usage = result.usage
+                model = model or result.model
+                error = error or result.error
+        elif decoded is not None and raw:
+            obj = _loads(decoded)
+            if obj is not None:
+                usage = fmt.usage_from_body(obj)
+                if model is None and isinstance(obj, dict) and isinstance(obj.get("model"), str):
+                    model = obj["model"]
+                if cap.status is not None and cap.status >= 400 and error is None:
+                    error = fmt.error_message(obj)
+
+        if cap.streamed and cap.t_first:
+            ttft = (cap.t_first - cap.t0) * 1000.0
+        elif cap.streamed:
+            ttft = None
+        else:
+            ttft = latency_ms if cap.status is not None else None
+
+        def body(data: bytes, size: int, truncated: bool, ctype: str | None, part: str) -> Body:
+            z = compress(data)
+            if len(z) <= self.inline or not self.body_store:
+                return Body(content_type=ctype, size=size, truncated=truncated, encoding="zstd", data=z)
+            key = body_key(cap.tenant, cap.id, started_at, part)
+            b = Body(content_type=ctype, size=size, truncated=truncated, encoding="zstd", ref=key)
+            uploads.append((key, z, b))
+            return b
+
+        request_body = None
+        if not lh.omit_request:
+            request_body = body(
+                cap.request_body,
+                cap.request_size,
+                cap.request_size > len(cap.request_body),
+                req_ctype,
+                "request",
+            )
+        resp_body = resp_events = None
+        if not lh.omit_response:
+            if events is not None and response_body is not None:
+                resp_body = body(
+                    response_body, len(response_body), cap.truncated, response_body_type, "response"
+                )
+                resp_events = body(events, cap.response_size, cap.truncated, resp_ctype, "events")
+            elif response_body is not None and (raw or cap.status is not None):
+                resp_body = body(
+                    response_body,
+                    cap.response_size if decoded is raw else len(response_body),
+                    cap.truncated,
+                    response_body_type,
+                    "response",
+                )
+
+        record = LogRecord(
+            id=cap.id,
+            tenant=cap.tenant,
+            user_id=lh.user_id,
+            session_id=lh.session_id,
+            properties=lh.properties,
+            provider=cap.provider,
+            target_url=redact_url(cap.target_url),
+            method=cap.method,
+            path=cap.path,
+            model=model,
+            streamed=cap.streamed,
+            started_at=started_at,
+            first_byte_at=first_byte_at,
+            ended_at=ended_at,
+            latency_ms=latency_ms,
+            time_to_first_token_ms=ttft,
+            status=cap.status,
+            outcome=cap.outcome,
+            error=error[:2000] if error else None,
+            usage=usage,
+            request_headers=recordable(req_headers, REQUEST_DROP),
+            response_headers=recordable(resp_headers, RESPONSE_DROP),
+            request_body=request_body,
+            response_body=resp_body,
+            response_events=resp_events,
+            omit_request=lh.omit_request,
+            omit_response=lh.omit_response,
+            gateway=self.gateway,
+        )
+        return record, uploads
+
+    def fallback(self, cap: Capture, exc: BaseException) -> LogRecord:
+        """A bare record from the capture's plain fields when building failed (a bug, not data):
+        the request is still counted, and the reason is visible."""
+        started_at = datetime.fromtimestamp(cap.started, UTC)
+        end = cap.t_end or cap.t0
+        return LogRecord(
+            id=cap.id,
+            tenant=cap.tenant,
+            provider=cap.provider,
+            target_url=redact_url(cap.target_url),
+            method=cap.method,
+            path=cap.path,
+            streamed=cap.streamed,
+            started_at=started_at,
+            ended_at=started_at + timedelta(seconds=end - cap.t0),
+            latency_ms=(end - cap.t0) * 1000.0,
+            status=cap.status,
+            outcome=cap.outcome,
+            error=f"llmtap could not build this record: {type(exc).__name__}: {exc}"[:2000],
+            gateway=self.gateway,
+        )

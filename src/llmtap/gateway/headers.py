@@ -1,0 +1,127 @@
+"""Header rules of the gateway, precomputed as lowercase frozensets (no per-request regex).
+
+Three decisions live here:
+
+- what is *not forwarded* (hop-by-hop headers, which describe one connection, not the message;
+  `Host`, `Content-Length` and `Expect`, which the gateway's own upstream connection sets; and
+  every `Llmtap-*` header, which is addressed to the gateway),
+- what is *never recorded* (credentials: they go upstream but never into a record, a queue, a
+  store or a body file),
+- how the `Llmtap-*` headers a client sent become record fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+LLMTAP_PREFIX = "llmtap-"
+PROPERTY_PREFIX = "llmtap-property-"
+
+#: RFC 9110 §7.6.1 connection-scoped headers. `Proxy-Authorization` is addressed to a proxy
+#: (that is us), so it is consumed here, like `Proxy-Connection`.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+#: Request headers not sent upstream (the upstream connection sets its own framing and Host).
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+
+#: Response headers not relayed to the client. Content-Length stays: the body is relayed
+#: byte-for-byte (compressed bodies included), so the upstream's length is still right.
+RESPONSE_DROP = HOP_BY_HOP
+
+#: Credentials by exact name; any name ending in one of CREDENTIAL_SUFFIXES also counts.
+CREDENTIAL_NAMES = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "api-key",
+        "apikey",
+        "llmtap-auth",
+        "cookie",
+        "set-cookie",
+        "set-cookie2",
+    }
+)
+CREDENTIAL_SUFFIXES = ("-key", "-token", "_key", "_token", "-secret", "_secret")
+
+#: Query parameters that carry credentials in some APIs (`?api-key=` on Azure, `?key=` ...).
+_CREDENTIAL_PARAMS = frozenset({"key", "api-key", "api_key", "apikey", "token", "access_token", "sig"})
+
+
+def is_credential(lname: str) -> bool:
+    """True for a lowercase header name that carries a secret."""
+    return lname in CREDENTIAL_NAMES or lname.endswith(CREDENTIAL_SUFFIXES)
+
+
+def recordable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> dict[str, str]:
+    """Headers as the record keeps them: lowercase names, credentials and `Llmtap-*` removed.
+
+    Repeated headers are joined with ", " (RFC 9110 §5.3).
+    """
+    out: dict[str, str] = {}
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop or lname.startswith(LLMTAP_PREFIX) or is_credential(lname):
+            continue
+        prev = out.get(lname)
+        out[lname] = value if prev is None else f"{prev}, {value}"
+    return out
+
+
+def redact_url(url: str) -> str:
+    """The URL with credential-looking query parameter values replaced by `***`."""
+    q = url.find("?")
+    if q < 0:
+        return url
+    parts = url[q + 1 :].split("&")
+    changed = False
+    for i, part in enumerate(parts):
+        name, sep, _value = part.partition("=")
+        lname = name.lower()
+        if sep and (lname in _CREDENTIAL_PARAMS or is_credential(lname)):
+            parts[i] = f"{name}=***"
+            changed = True
+    return f"{url[: q + 1]}{'&'.join(parts)}" if changed else url
+
+
+class LlmtapHeaders:
+    """The `Llmtap-*` request headers, parsed (off the latency path)."""
+
+    __slots__ = ("omit_request", "omit_response", "properties", "session_id", "user_id")
+
+    def __init__(self, pairs: Iterable[tuple[str, str]] = ()) -> None:
+        self.user_id: str | None = None
+        self.session_id: str | None = None
+        self.properties: dict[str, str] = {}
+        self.omit_request = False
+        self.omit_response = False
+        for name, value in pairs:
+            lname = name.lower()
+            if lname.startswith(PROPERTY_PREFIX):
+                prop = name[len(PROPERTY_PREFIX) :]  # keep the case the client used
+                if prop:
+                    self.properties[prop] = value
+            elif lname == "llmtap-user-id":
+                self.user_id = value or None
+            elif lname == "llmtap-session-id":
+                self.session_id = value or None
+            elif lname == "llmtap-omit-request":
+                self.omit_request = _truthy(value)
+            elif lname == "llmtap-omit-response":
+                self.omit_response = _truthy(value)
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("true", "1", "yes", "on")

@@ -1,0 +1,360 @@
+"""The reverse proxy: the one piece of llmtap on the client's latency path.
+
+Per request it does only what relaying needs — one pass over the request headers, one upstream
+call on a pooled keep-alive connection, one write per upstream chunk — plus a `Capture` of raw
+facts handed to the publisher after the last byte went out. No logging calls, no JSON work
+(except the opt-in OpenAI stream-usage rewrite), no regex, no tasks of its own.
+
+Relaying rules:
+
+- Method, path, query string and body go upstream unchanged; headers too, minus hop-by-hop
+  ones, `Host` (set from the upstream URL) and `Llmtap-*` (addressed to us). aiohttp is told not
+  to add `Accept`, `Accept-Encoding`, `User-Agent` or `Content-Type` of its own, and not to
+  decompress (`auto_decompress=False`), so compressed bodies pass byte-exact both ways.
+- Every upstream answer, 4xx/5xx included, reaches the client as sent. Only when there is no
+  answer does the gateway speak: 502 (`llmtap_upstream_unreachable`) or 504
+  (`llmtap_upstream_timeout`), JSON, like the providers' own errors.
+- Streams (`text/event-stream`) are written chunk by chunk as they arrive; other bodies too, but
+  with the headers coalesced into the first write. A client that goes away stops the upstream
+  read at once (handler cancellation); an upstream that breaks mid-body is relayed as a broken
+  body (the client's connection is closed without the final chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+import aiohttp
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from llmtap.gateway.capture import Capture
+from llmtap.gateway.headers import LLMTAP_PREFIX, REQUEST_DROP, RESPONSE_DROP
+from llmtap.providers.openai import UsageChunkStripper, inject_stream_usage
+
+if TYPE_CHECKING:
+    from llmtap.config import Settings
+
+REQUEST_ID_HEADER = "Llmtap-Request-Id"
+_SSE = "text/event-stream"
+_URL_CACHE_MAX = 4096
+
+#: aiohttp's client adds these when the caller did not; a proxy must not (an added
+#: `Accept-Encoding: gzip` would make the upstream compress for a client that cannot decode).
+SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class CaptureSink(Protocol):
+    def submit(self, capture: Capture) -> None: ...
+
+
+LocalHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class _Coalesced(web.StreamResponse):
+    """A response whose headers leave in the same write as the first body bytes.
+
+    For non-stream bodies that saves a syscall per request; streams keep aiohttp's default
+    (headers at once) so an SSE client sees the response start before the first event.
+    """
+
+    _send_headers_immediately = False
+
+
+def _json_error(status: int, kind: str, message: str, request_id: str | None) -> web.Response:
+    headers = {"Content-Type": "application/json"}
+    if request_id is not None:
+        headers[REQUEST_ID_HEADER] = request_id
+    body = orjson.dumps({"error": {"type": kind, "message": message}})
+    return web.Response(status=status, body=body, headers=headers)
+
+
+class Proxy:
+    """The request handler. `handle` is given to aiohttp's low-level server."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: CaptureSink,
+        resolve_tenant: Callable[[str | None], str | None],
+    ) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.resolve_tenant = resolve_tenant
+        self.session: aiohttp.ClientSession | None = None
+        #: Gateway-own routes by exact path (`/healthz`, `/metrics`), set by the service.
+        self.local: dict[str, LocalHandler] = {}
+        self._openai = settings.openai_base_url
+        self._anthropic = settings.anthropic_base_url
+        self._cap = settings.max_body_bytes
+        self._stream_usage = settings.openai_stream_usage
+        self._urls: dict[str, URL] = {}
+
+    async def start(self) -> None:
+        s = self.settings
+        connector = aiohttp.TCPConnector(
+            limit=s.upstream_max_connections,
+            limit_per_host=0,
+            ttl_dns_cache=300,
+            keepalive_timeout=30,
+            enable_cleanup_closed=False,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=None,
+                sock_connect=s.upstream_connect_timeout,
+                sock_read=s.upstream_read_timeout,
+            ),
+            auto_decompress=False,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
+            trust_env=False,
+            raise_for_status=False,
+            requote_redirect_url=False,
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def _url(self, target: str) -> URL:
+        url = self._urls.get(target)
+        if url is None:
+            url = URL(target, encoded=True)
+            if len(self._urls) >= _URL_CACHE_MAX:
+                self._urls.clear()
+            self._urls[target] = url
+        return url
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        raw = request.raw_path
+        if raw.startswith("/openai/"):
+            provider = "openai"
+            rest = raw[7:]
+            base = self._openai
+        elif raw.startswith("/anthropic/"):
+            provider = "anthropic"
+            rest = raw[10:]
+            base = self._anthropic
+        else:
+            local = self.local.get(request.path)
+            if local is not None:
+                return await local(request)
+            return _json_error(
+                404,
+                "llmtap_not_found",
+                f"no route for {request.path}: use /openai/... or /anthropic/...",
+                str(uuid.uuid4()),
+            )
+
+        started = time.time()
+        t0 = time.perf_counter()
+
+        # One pass over the headers: what goes upstream, and the Llmtap-* ones for us.
+        forward: list[tuple[str, str]] = []
+        llmtap: list[tuple[str, str]] | None = None
+        request_id: str | None = None
+        auth: str | None = None
+        # aiohttp's client keeps only the last of two headers whose names differ in case
+        # (`X-A` then `x-a`); a repeat is sent with its first spelling, so both values arrive.
+        spelling: dict[str, str] = {}
+        for name, value in request.headers.items():
+            lname = name.lower()
+            if lname in REQUEST_DROP:
+                continue
+            if lname.startswith(LLMTAP_PREFIX):
+                if llmtap is None:
+                    llmtap = []
+                llmtap.append((name, value))
+                if lname == "llmtap-request-id":
+                    request_id = value
+                elif lname == "llmtap-auth":
+                    auth = value
+                continue
+            forward.append((spelling.setdefault(lname, name), value))
+
+        if request_id is not None:
+            try:
+                request_id = str(uuid.UUID(request_id))
+            except ValueError:
+                request_id = None
+        if request_id is None:
+            request_id = str(uuid.uuid4())
+
+        tenant = self.resolve_tenant(auth)
+        if tenant is None:
+            return _json_error(401, "llmtap_unauthorized", "missing or unknown Llmtap-Auth key", request_id)
+
+        body = await request.read()
+        method = request.method
+        q = rest.find("?")
+        path = rest if q < 0 else rest[:q]
+        target = base + rest
+
+        upstream_body = body
+        stripper: UsageChunkStripper | None = None
+        if provider == "openai" and self._stream_usage and method == "POST" and path.endswith("completions"):
+            injected = inject_stream_usage(body)
+            if injected is not None:
+                upstream_body = injected
+                stripper = UsageChunkStripper()
+
+        cap_limit = self._cap
+        cap = Capture(
+            request_id,
+            tenant,
+            provider,
+            method,
+            path,
+            target,
+            request.headers.items(),
+            llmtap,
+            body if len(body) <= cap_limit else body[:cap_limit],
+            len(body),
+            started,
+            t0,
+            cap_limit,
+        )
+
+        session = self.session
+        assert session is not None
+        try:
+            upstream = await session.request(
+                method,
+                self._url(target),
+                headers=forward,
+                data=upstream_body or None,
+                allow_redirects=False,
+            )
+        except asyncio.CancelledError:
+            self._finish(cap, "client_disconnected", "client went away before the upstream answered")
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError) as e:
+            return self._gateway_error(cap, 504, "upstream_timeout", f"upstream did not answer in time: {e}")
+        except (aiohttp.ClientError, OSError, ValueError) as e:
+            return self._gateway_error(
+                cap, 502, "upstream_unreachable", f"could not reach {base}: {type(e).__name__}: {e}"
+            )
+
+        try:
+            return await self._relay(request, upstream, cap, stripper, request_id)
+        finally:
+            upstream.release()
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        cap: Capture,
+        stripper: UsageChunkStripper | None,
+        request_id: str,
+    ) -> web.StreamResponse:
+        cap.t_headers = time.perf_counter()
+        cap.status = upstream.status
+        up_headers = upstream.headers
+        cap.response_headers = up_headers.items()
+        sse = up_headers.get("Content-Type", "").startswith(_SSE)
+        cap.streamed = sse
+        if not sse:
+            stripper = None
+
+        headers: list[tuple[str, str]] = []
+        for name, value in up_headers.items():
+            lname = name.lower()
+            if lname in RESPONSE_DROP:
+                continue
+            if stripper is not None and lname == "content-length":
+                continue  # we change the body's length
+            headers.append((name, value))
+        headers.append((REQUEST_ID_HEADER, request_id))
+
+        resp = (web.StreamResponse if sse else _Coalesced)(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        content = upstream.content
+        try:
+            await resp.prepare(request)
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                    tail = stripper.flush() if stripper is not None else b""
+                    return await self._cut(request, resp, upstream, cap, tail, e)
+                if not chunk:
+                    break
+                if not cap.t_first:
+                    cap.t_first = time.perf_counter()
+                cap.add(chunk)
+                if stripper is not None:
+                    chunk = stripper.feed(chunk)
+                    if not chunk:
+                        continue
+                try:
+                    await resp.write(chunk)
+                except ConnectionError:
+                    upstream.close()
+                    self._finish(cap, "client_disconnected", "client closed the connection mid-response")
+                    return resp
+            if stripper is not None:
+                rest = stripper.flush()
+                if rest:
+                    await resp.write(rest)
+            await resp.write_eof()
+        except asyncio.CancelledError:
+            upstream.close()
+            self._finish(cap, "client_disconnected", "client closed the connection mid-response")
+            raise
+        except ConnectionError:
+            upstream.close()
+            self._finish(cap, "client_disconnected", "client closed the connection mid-response")
+            return resp
+        self._finish(cap, "completed", None)
+        return resp
+
+    async def _cut(
+        self,
+        request: web.BaseRequest,
+        resp: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        cap: Capture,
+        tail: bytes,
+        exc: BaseException,
+    ) -> web.StreamResponse:
+        """The upstream broke mid-body: pass on what came, then end the client's connection
+        without a proper end of body, so the client sees the same truncation."""
+        upstream.close()
+        what = "timed out" if isinstance(exc, TimeoutError) else "broke"
+        self._finish(cap, "upstream_cut", f"upstream {what} mid-response: {type(exc).__name__}: {exc}")
+        try:
+            await resp.write(tail)  # also sends the headers if nothing was written yet
+        except ConnectionError:
+            pass
+        transport = request.transport
+        if transport is not None:
+            transport.close()
+        resp.force_close()
+        return resp
+
+    def _gateway_error(self, cap: Capture, status: int, outcome: str, message: str) -> web.Response:
+        resp = _json_error(status, f"llmtap_{outcome}", message, cap.id)
+        cap.status = status
+        cap.response_headers = resp.headers.items()
+        body = resp.body
+        if isinstance(body, bytes):
+            cap.add(body)
+        self._finish(cap, outcome, message)
+        return resp
+
+    def _finish(self, cap: Capture, outcome: str, error: str | None) -> None:
+        cap.t_end = time.perf_counter()
+        cap.outcome = outcome  # type: ignore[assignment]
+        cap.error = error
+        self.publisher.submit(cap)

@@ -1,0 +1,352 @@
+"""The publisher: captures in, durable records out, entirely off the latency path.
+
+`Publisher.submit` is what a request pays for logging: one deque append and two integer
+updates. A single background task does the rest in batches — every `publish_linger_ms`, or as
+soon as `publish_batch_size` captures wait: build the records, write large bodies to the body
+store, then hand the batch to the first `Sink` that takes it.
+
+Sinks form a chain: `Publisher(sinks=[QueueSink(q), IngestSink(...), SpoolSink(...)])`. A sink
+either makes the whole batch durable or raises `BackendUnavailable`; the batch then goes to the
+next sink. Each sink encodes the records itself, because the record says which route it took
+(`record.route`). When every sink refuses, the batch is held in memory and retried with
+exponential backoff; batches keep their order. Memory is bounded by `publish_buffer_bytes`
+(captures waiting plus the batch held): past it a capture is dropped, counted in `dropped` and
+`llmtap_gateway_records_dropped_total`, and logged (at most every 10 s) — never silently. A
+spool sink at the end of the chain is what makes that bound unreachable in practice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from llmtap.errors import BackendUnavailable
+from llmtap.gateway.capture import Capture, RecordBuilder
+from llmtap.queue.base import Message, Queue
+from llmtap.record import Body, LogRecord, Route, encode, partition_key
+
+if TYPE_CHECKING:
+    from llmtap.bodies.base import BodyStore
+    from llmtap.config import Settings
+
+log = logging.getLogger("llmtap.gateway")
+
+#: Records built between yields to the event loop, so a big batch never stalls live requests.
+_BUILD_SLICE = 32
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 2.0
+#: A batch that every sink rejects with something other than `BackendUnavailable` (a bug or a
+#: record the backend refuses, not an outage) is given up after this many rounds.
+_POISON_ROUNDS = 5
+_WARN_EVERY = 10.0
+
+
+class Sink(ABC):
+    """One way to make a batch of records durable. Subclasses: queue, ingest endpoint, spool."""
+
+    #: Written into `record.route` before the sink encodes the records.
+    route: Route = "queue"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open what the sink needs."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release it (called once, after the last batch)."""
+
+    @abstractmethod
+    async def send(self, records: Sequence[LogRecord]) -> None:
+        """Make every record durable, or raise `BackendUnavailable` (the next sink gets them)."""
+
+
+class QueueSink(Sink):
+    """Publishes to the queue: one message per record, keyed by the partition key setting."""
+
+    route: Route = "queue"
+
+    def __init__(self, queue: Queue, partition_by: str = "tenant") -> None:
+        self.queue = queue
+        self.partition_by = partition_by
+
+    async def send(self, records: Sequence[LogRecord]) -> None:
+        by = self.partition_by
+        messages = []
+        for r in records:
+            r.route = "queue"
+            messages.append(Message(key=partition_key(r, by), value=encode(r)))
+        await self.queue.publish(messages)
+
+
+class _Batch:
+    __slots__ = ("nbytes", "poison_rounds", "records", "uploads")
+
+    def __init__(self, records: list[LogRecord], uploads: list[tuple[str, bytes, Body]], nbytes: int) -> None:
+        self.records = records
+        self.uploads = uploads
+        self.nbytes = nbytes
+        self.poison_rounds = 0
+
+
+class Publisher:
+    """Batches captures into records and pushes them through the sink chain (see module doc)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sinks: Sequence[Sink],
+        bodies: BodyStore | None = None,
+        *,
+        gateway_id: str | None = None,
+    ) -> None:
+        if not sinks:
+            raise ValueError("a publisher needs at least one sink")
+        self.sinks = list(sinks)
+        self.bodies = bodies
+        self.batch_size = settings.publish_batch_size
+        self.linger = settings.publish_linger_ms / 1000.0
+        self.buffer_limit = settings.publish_buffer_bytes
+        self.gateway_id = gateway_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.builder = RecordBuilder(
+            inline_body_bytes=settings.inline_body_bytes,
+            gateway=self.gateway_id,
+            body_store=bodies is not None,
+        )
+
+        # -- counters (read by /metrics and tests)
+        self.submitted = 0
+        self.published = 0  # records made durable by some sink
+        self.failed = 0  # sink attempts that raised
+        self.dropped = 0  # captures/records given up (buffer full, poison batch, shutdown deadline)
+        self.build_errors = 0
+        self.body_uploads = 0
+        self.body_store_failures = 0
+        self.buffer_bytes = 0  # memory held: waiting captures + the batch in flight
+        self.routes: Counter[str] = Counter()
+        self.requests: Counter[tuple[str, str]] = Counter()  # (provider, outcome)
+
+        self._dq: deque[Capture] = deque()
+        self._wake = asyncio.Event()
+        self._held: _Batch | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_warn: dict[str, float] = {}
+
+    # -- the hot path ---------------------------------------------------------------------------
+    def submit(self, capture: Capture) -> None:
+        """Queue a finished capture for publishing. O(1), never blocks, never raises."""
+        size = capture.nbytes
+        if self.buffer_bytes + size > self.buffer_limit:
+            self.dropped += 1
+            self._warn(
+                "drop",
+                "publish buffer full (%d bytes): dropped a record; %d dropped so far",
+                self.buffer_limit,
+                self.dropped,
+            )
+            return
+        self.buffer_bytes += size
+        dq = self._dq
+        dq.append(capture)
+        self.submitted += 1
+        n = len(dq)
+        if n == 1 or n == self.batch_size:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        """Captures not yet published (waiting + the batch in flight)."""
+        return len(self._dq) + (len(self._held.records) if self._held is not None else 0)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for sink in self.sinks:
+            await sink.start()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="llmtap-publisher")
+
+    async def stop(self, timeout: float) -> None:
+        """Publish everything submitted so far (within `timeout` seconds), then close the sinks."""
+        self._stopping = True
+        self._wake.set()
+        task = self._task
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                lost = self.pending
+                self.dropped += lost
+                log.error("shutdown deadline reached: %d records could not be published", lost)
+        for sink in self.sinks:
+            try:
+                await sink.close()
+            except Exception as e:
+                log.warning("closing %s sink failed: %s", sink.route, e)
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far is published (tests, benchmarks)."""
+        while self._dq or self._held is not None:
+            self._wake.set()
+            await asyncio.sleep(0.001)
+
+    # -- the background task --------------------------------------------------------------------
+    async def _run(self) -> None:
+        dq = self._dq
+        wake = self._wake
+        backoff = _BACKOFF_MIN
+        while True:
+            if not dq and self._held is None:
+                if self._stopping:
+                    return
+                wake.clear()
+                await wake.wait()
+                continue
+            if self._held is None and len(dq) < self.batch_size and self.linger > 0 and not self._stopping:
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.linger):
+                        await wake.wait()
+            if self._held is None:
+                take = min(len(dq), self.batch_size)
+                caps = [dq.popleft() for _ in range(take)]
+                self._held = await self._build(caps)
+            batch = self._held
+            if await self._deliver(batch):
+                self._held = None
+                self.buffer_bytes -= batch.nbytes
+                backoff = _BACKOFF_MIN
+                continue
+            if batch.poison_rounds >= _POISON_ROUNDS:
+                self._held = None
+                self.buffer_bytes -= batch.nbytes
+                self.dropped += len(batch.records)
+                log.error("gave up on a batch of %d records every sink rejected", len(batch.records))
+                continue
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _build(self, caps: list[Capture]) -> _Batch:
+        builder = self.builder
+        records: list[LogRecord] = []
+        uploads: list[tuple[str, bytes, Body]] = []
+        nbytes = 0
+        for i, cap in enumerate(caps):
+            nbytes += cap.nbytes
+            try:
+                record, ups = builder.build(cap)
+                if ups:
+                    uploads.extend(ups)
+            except Exception as e:
+                self.build_errors += 1
+                self._warn(
+                    "build", "could not build a record (%s: %s); published a bare one", type(e).__name__, e
+                )
+                record = builder.fallback(cap, e)
+            records.append(record)
+            self.requests[(record.provider, record.outcome)] += 1
+            if i % _BUILD_SLICE == _BUILD_SLICE - 1:
+                await asyncio.sleep(0)
+        return _Batch(records, uploads, nbytes)
+
+    async def _deliver(self, batch: _Batch) -> bool:
+        if batch.uploads:
+            await self._upload(batch)
+        outage = False
+        for sink in self.sinks:
+            try:
+                await sink.send(batch.records)
+            except BackendUnavailable as e:
+                outage = True
+                self.failed += 1
+                self._warn(f"sink-{sink.route}", "%s unavailable, trying the next way: %s", sink.route, e)
+                continue
+            except Exception as e:
+                self.failed += 1
+                self._warn(f"sink-{sink.route}", "%s sink failed (%s: %s)", sink.route, type(e).__name__, e)
+                continue
+            self.published += len(batch.records)
+            self.routes[sink.route] += len(batch.records)
+            return True
+        if not outage:
+            batch.poison_rounds += 1
+        return False
+
+    async def _upload(self, batch: _Batch) -> None:
+        """Write large bodies before the records that point at them are published.
+
+        If the body store is down, the bodies travel inline instead (the record is not held
+        back for a body store outage; the worker can still move them later).
+        """
+        assert self.bodies is not None
+        try:
+            await self.bodies.put_many([(key, data) for key, data, _ in batch.uploads])
+            self.body_uploads += len(batch.uploads)
+        except Exception as e:
+            self.body_store_failures += 1
+            self._warn("bodies", "body store unavailable, sending bodies inline: %s", e)
+            for _, data, body in batch.uploads:
+                body.data = data
+                body.ref = None
+        batch.uploads = []
+
+    def _warn(self, kind: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last_warn.get(kind, -_WARN_EVERY) >= _WARN_EVERY:
+            self._last_warn[kind] = now
+            log.warning(msg, *args)
+
+    # -- metrics --------------------------------------------------------------------------------
+    def collector(self) -> Collector:
+        """A Prometheus collector reading these counters at scrape time (no per-request cost)."""
+        return _PublisherCollector(self)
+
+
+class _PublisherCollector(Collector):
+    def __init__(self, pub: Publisher) -> None:
+        self.pub = pub
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.pub
+        req = CounterMetricFamily(
+            "llmtap_gateway_requests", "Requests proxied and logged", labels=["provider", "outcome"]
+        )
+        for (provider, outcome), n in sorted(p.requests.items()):
+            req.add_metric([provider, outcome], n)
+        yield req
+        pub = CounterMetricFamily(
+            "llmtap_gateway_records_published", "Records made durable, by route", labels=["route"]
+        )
+        for route in ("queue", "ingest", "spool"):
+            pub.add_metric([route], p.routes.get(route, 0))
+        yield pub
+        yield CounterMetricFamily(
+            "llmtap_gateway_publish_failures", "Sink attempts that failed", value=p.failed
+        )
+        yield CounterMetricFamily(
+            "llmtap_gateway_records_dropped",
+            "Records given up (buffer full, shutdown deadline)",
+            value=p.dropped,
+        )
+        yield CounterMetricFamily(
+            "llmtap_gateway_record_build_errors", "Records built bare after an error", value=p.build_errors
+        )
+        yield CounterMetricFamily(
+            "llmtap_gateway_body_uploads", "Large bodies written to the body store", value=p.body_uploads
+        )
+        yield GaugeMetricFamily(
+            "llmtap_gateway_publish_buffer_bytes", "Memory held by unpublished records", value=p.buffer_bytes
+        )
+        yield GaugeMetricFamily(
+            "llmtap_gateway_pending_records", "Records not yet published", value=p.pending
+        )

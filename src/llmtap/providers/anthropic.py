@@ -1,0 +1,165 @@
+"""Anthropic wire format: usage and stream reassembly (Messages API). Runs off the latency path.
+
+Token convention (so costs and totals compare across providers): Anthropic reports the uncached
+input (`input_tokens`), cache reads (`cache_read_input_tokens`) and cache writes
+(`cache_creation_input_tokens`) as three disjoint counts. The record follows OpenAI, where
+cached tokens are a *part* of the prompt:
+
+    prompt_tokens      = input_tokens + cache_read_input_tokens + cache_creation_input_tokens
+    cached_tokens      = cache_read_input_tokens
+    cache_write_tokens = cache_creation_input_tokens
+    completion_tokens  = output_tokens
+    total_tokens       = prompt_tokens + completion_tokens
+
+so uncached input = prompt_tokens - cached_tokens - cache_write_tokens.
+
+Streams: `message_start` carries the input counts (and a placeholder `output_tokens`);
+`message_delta` carries the final, cumulative `output_tokens` (and, on newer API versions, the
+input counts again). Later values win.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from llmtap.providers.sse import StreamResult, iter_events
+from llmtap.record import Usage
+
+__all__ = ["error_message", "parse_usage", "reassemble_stream", "usage_from_body"]
+
+_TOOL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def parse_usage(u: Any) -> Usage:
+    """An Anthropic `usage` object as a `Usage` (see the module docstring for the mapping)."""
+    if not isinstance(u, dict):
+        return Usage()
+    inp = _int(u.get("input_tokens"))
+    read = _int(u.get("cache_read_input_tokens"))
+    write = _int(u.get("cache_creation_input_tokens"))
+    out = _int(u.get("output_tokens"))
+    if inp is None and out is None:
+        return Usage()
+    prompt = inp + (read or 0) + (write or 0) if inp is not None else None
+    total = prompt + out if prompt is not None and out is not None else None
+    return Usage(
+        source="provider",
+        prompt_tokens=prompt,
+        completion_tokens=out,
+        total_tokens=total,
+        cached_tokens=read,
+        cache_write_tokens=write,
+    )
+
+
+def usage_from_body(body: Any) -> Usage:
+    if isinstance(body, dict):
+        return parse_usage(body.get("usage"))
+    return Usage()
+
+
+def error_message(body: Any) -> str | None:
+    """`error.message` of an Anthropic error body or `error` stream event."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            msg = err.get("message")
+            return str(msg) if msg is not None else str(err.get("type") or "error")
+    return None
+
+
+def reassemble_stream(raw: bytes) -> StreamResult | None:
+    """Rebuild the `message` a Messages stream stands for; None if `raw` holds no JSON events.
+
+    Text, thinking and tool-use blocks are assembled from their deltas (tool `input` parsed from
+    the joined `input_json_delta` fragments; left as the raw string if the stream was cut
+    mid-JSON); `stop_reason`/`stop_sequence` and usage come from `message_delta`.
+    """
+    message: dict[str, Any] | None = None
+    blocks: dict[int, dict[str, Any]] = {}
+    parts: dict[int, list[str]] = {}
+    usage: dict[str, Any] = {}
+    error: str | None = None
+    seen = False
+
+    for event, data in iter_events(raw):
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        seen = True
+        kind = obj.get("type") or event
+        if kind == "content_block_delta":
+            idx = obj.get("index", 0)
+            delta = obj.get("delta")
+            if not isinstance(delta, dict):
+                continue
+            dt = delta.get("type")
+            if dt == "text_delta":
+                parts.setdefault(idx, []).append(str(delta.get("text", "")))
+            elif dt == "input_json_delta":
+                parts.setdefault(idx, []).append(str(delta.get("partial_json", "")))
+            elif dt == "thinking_delta":
+                parts.setdefault(idx, []).append(str(delta.get("thinking", "")))
+            elif dt == "signature_delta":
+                block = blocks.setdefault(idx, {"type": "thinking"})
+                block["signature"] = str(block.get("signature") or "") + str(delta.get("signature", ""))
+            elif dt == "citations_delta":
+                blocks.setdefault(idx, {"type": "text"}).setdefault("citations", []).append(
+                    delta.get("citation")
+                )
+        elif kind == "message_start":
+            msg = obj.get("message")
+            if isinstance(msg, dict):
+                message = dict(msg)
+                if isinstance(msg.get("usage"), dict):
+                    usage.update(msg["usage"])
+        elif kind == "content_block_start":
+            start = obj.get("content_block")
+            if isinstance(start, dict):
+                blocks[obj.get("index", 0)] = dict(start)
+        elif kind == "message_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                if message is None:
+                    message = {"type": "message", "role": "assistant"}
+                message.update(delta)
+            u = obj.get("usage")
+            if isinstance(u, dict):
+                usage.update({k: v for k, v in u.items() if v is not None})
+        elif kind == "error":
+            error = error_message(obj) or "stream error"
+
+    if not seen:
+        return None
+    if message is None:
+        message = {"type": "message", "role": "assistant"}
+    content: list[dict[str, Any]] = []
+    for idx in sorted(set(blocks) | set(parts), key=lambda i: i if isinstance(i, int) else 0):
+        block = blocks.get(idx) or {"type": "text"}
+        joined = "".join(parts.get(idx, ()))
+        btype = block.get("type")
+        if btype in _TOOL_BLOCKS:
+            if joined:
+                try:
+                    block["input"] = orjson.loads(joined)
+                except orjson.JSONDecodeError:
+                    block["input"] = joined
+        elif btype == "thinking":
+            block["thinking"] = str(block.get("thinking") or "") + joined
+        elif idx in parts:
+            block["text"] = str(block.get("text") or "") + joined
+        content.append(block)
+    message["content"] = content
+    if usage:
+        message["usage"] = usage
+    model = message.get("model")
+    return StreamResult(message, parse_usage(usage or None), model if isinstance(model, str) else None, error)

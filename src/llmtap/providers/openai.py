@@ -1,0 +1,332 @@
+"""OpenAI wire format: usage, stream reassembly, and the stream-usage request rewrite.
+
+Covers chat completions, legacy text completions, embeddings and the Responses API. Everything
+here except `inject_stream_usage` and `UsageChunkStripper` runs off the latency path, on bytes
+the gateway already relayed.
+
+Why the rewrite: OpenAI reports usage on a stream only when the request says
+`stream_options.include_usage`. Without usage the log has no tokens and no cost, so (setting
+`openai_stream_usage`) the gateway asks for it and removes what that adds from what the client
+receives: the final usage-only chunk (`"choices":[]` with `usage`) and the `"usage":null` member
+OpenAI then puts on every other chunk. The client gets the bytes it would have got without us.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from llmtap.providers.sse import StreamResult, iter_events, last_boundary, split_events
+from llmtap.record import Usage
+
+__all__ = [
+    "UsageChunkStripper",
+    "inject_stream_usage",
+    "parse_usage",
+    "reassemble_stream",
+    "usage_from_body",
+]
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def parse_usage(u: Any) -> Usage:
+    """An OpenAI `usage` object (chat, completions, embeddings or Responses API) as a `Usage`.
+
+    `total_tokens` is the provider's; when absent it is prompt + completion (both reported).
+    """
+    if not isinstance(u, dict):
+        return Usage()
+    if "prompt_tokens" in u or "completion_tokens" in u:
+        prompt = _int(u.get("prompt_tokens"))
+        completion = _int(u.get("completion_tokens"))
+        details_in = u.get("prompt_tokens_details")
+        details_out = u.get("completion_tokens_details")
+    elif "input_tokens" in u or "output_tokens" in u:  # Responses API
+        prompt = _int(u.get("input_tokens"))
+        completion = _int(u.get("output_tokens"))
+        details_in = u.get("input_tokens_details")
+        details_out = u.get("output_tokens_details")
+    else:
+        return Usage()
+    total = _int(u.get("total_tokens"))
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    cached = _int(details_in.get("cached_tokens")) if isinstance(details_in, dict) else None
+    reasoning = _int(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else None
+    if prompt is None and completion is None and total is None:
+        return Usage()
+    return Usage(
+        source="provider",
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cached_tokens=cached,
+        reasoning_tokens=reasoning,
+    )
+
+
+def usage_from_body(body: Any) -> Usage:
+    """Usage of a non-stream response body (already parsed)."""
+    if isinstance(body, dict):
+        return parse_usage(body.get("usage"))
+    return Usage()
+
+
+def error_message(body: Any) -> str | None:
+    """`error.message` of an OpenAI error body."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            msg = err.get("message")
+            return str(msg) if msg is not None else str(err.get("type") or err.get("code") or "error")
+        if isinstance(err, str):
+            return err
+    return None
+
+
+# -- stream reassembly ---------------------------------------------------------------------------
+
+
+class _Choice:
+    __slots__ = ("content", "finish", "refusal", "role", "saw_content", "text", "tools")
+
+    def __init__(self) -> None:
+        self.role: str | None = None
+        self.content: list[str] = []
+        self.saw_content = False
+        self.refusal: list[str] = []
+        self.text: list[str] = []
+        self.tools: dict[int, dict[str, Any]] = {}
+        self.finish: Any = None
+
+
+def reassemble_stream(raw: bytes) -> StreamResult | None:
+    """Rebuild the non-stream response a stream stands for; None if `raw` holds no JSON events.
+
+    Chat chunks become a `chat.completion` (content joined, tool calls assembled from their
+    argument fragments by index, finish_reason, usage from the usage chunk); text completions a
+    `text_completion`; a Responses API stream its final `response` object.
+    """
+    head: dict[str, Any] = {}
+    choices: dict[int, _Choice] = {}
+    usage: Any = None
+    error: str | None = None
+    text_completion = False
+    final_response: dict[str, Any] | None = None
+    seen = False
+
+    for _event, data in iter_events(raw):
+        if data == b"[DONE]":
+            continue
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        seen = True
+        kind = obj.get("type")
+        if isinstance(kind, str):  # Responses API events
+            resp = obj.get("response")
+            if isinstance(resp, dict):
+                final_response = resp
+            if kind == "error" or kind == "response.failed":
+                error = error_message(obj) or error_message(resp) or str(obj.get("message") or kind)
+            continue
+        if "error" in obj and "choices" not in obj:
+            error = error_message(obj)
+            continue
+        for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
+            value = obj.get(key)
+            if value is not None:
+                head[key] = value
+        if obj.get("object") == "text_completion":
+            text_completion = True
+        u = obj.get("usage")
+        if isinstance(u, dict):
+            usage = u
+        for ch in obj.get("choices") or ():
+            if not isinstance(ch, dict):
+                continue
+            idx = ch.get("index", 0)
+            st = choices.get(idx)
+            if st is None:
+                st = choices[idx] = _Choice()
+            text = ch.get("text")
+            if isinstance(text, str):
+                st.text.append(text)
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                _apply_delta(st, delta)
+            if ch.get("finish_reason") is not None:
+                st.finish = ch["finish_reason"]
+
+    if not seen:
+        return None
+    if final_response is not None:
+        model = final_response.get("model")
+        return StreamResult(
+            final_response,
+            parse_usage(final_response.get("usage")),
+            model if isinstance(model, str) else None,
+            error,
+        )
+    out_choices: list[dict[str, Any]] = []
+    for idx in sorted(choices, key=lambda i: i if isinstance(i, int) else 0):
+        st = choices[idx]
+        if text_completion:
+            out_choices.append(
+                {"index": idx, "text": "".join(st.text), "logprobs": None, "finish_reason": st.finish}
+            )
+            continue
+        message: dict[str, Any] = {
+            "role": st.role or "assistant",
+            "content": "".join(st.content) if st.saw_content else None,
+        }
+        if st.refusal:
+            message["refusal"] = "".join(st.refusal)
+        if st.tools:
+            message["tool_calls"] = [
+                {
+                    "id": t["id"],
+                    "type": t["type"],
+                    "function": {"name": "".join(t["name"]), "arguments": "".join(t["arguments"])},
+                }
+                for _, t in sorted(st.tools.items())
+            ]
+        out_choices.append({"index": idx, "message": message, "finish_reason": st.finish})
+    message_obj: dict[str, Any] = {
+        "id": head.get("id"),
+        "object": "text_completion" if text_completion else "chat.completion",
+        "created": head.get("created"),
+        "model": head.get("model"),
+        "choices": out_choices,
+        "usage": usage,
+    }
+    for key in ("system_fingerprint", "service_tier"):
+        if key in head:
+            message_obj[key] = head[key]
+    model = head.get("model")
+    return StreamResult(message_obj, parse_usage(usage), model if isinstance(model, str) else None, error)
+
+
+def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:
+    role = delta.get("role")
+    if isinstance(role, str):
+        st.role = role
+    content = delta.get("content")
+    if isinstance(content, str):
+        st.saw_content = True
+        st.content.append(content)
+    refusal = delta.get("refusal")
+    if isinstance(refusal, str):
+        st.refusal.append(refusal)
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        for tc in calls:
+            if not isinstance(tc, dict):
+                continue
+            ti = tc.get("index", 0)
+            t = st.tools.get(ti)
+            if t is None:
+                t = st.tools[ti] = {"id": None, "type": "function", "name": [], "arguments": []}
+            if tc.get("id") is not None:
+                t["id"] = tc["id"]
+            if isinstance(tc.get("type"), str):
+                t["type"] = tc["type"]
+            fn = tc.get("function")
+            if isinstance(fn, dict):
+                if isinstance(fn.get("name"), str):
+                    t["name"].append(fn["name"])
+                if isinstance(fn.get("arguments"), str):
+                    t["arguments"].append(fn["arguments"])
+
+
+# -- the stream-usage rewrite (hot path: keep it cheap) -------------------------------------------
+
+
+def inject_stream_usage(body: bytes) -> bytes | None:
+    """The request body with `stream_options.include_usage: true`, or None to send it unchanged.
+
+    None when the body is not a JSON object with `"stream": true`, or already asks for usage.
+    The byte test runs first so a non-stream request never pays for a parse.
+    """
+    if b'"stream"' not in body:
+        return None
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or obj.get("stream") is not True:
+        return None
+    options = obj.get("stream_options")
+    if options is None:
+        obj["stream_options"] = {"include_usage": True}
+    elif isinstance(options, dict):
+        if options.get("include_usage") is True:
+            return None
+        # An explicit false is overridden too: the client still never sees the usage chunk.
+        options["include_usage"] = True
+    else:
+        return None
+    return orjson.dumps(obj)
+
+
+_USAGE_NULL = b',"usage":null'
+_EMPTY_CHOICES = b'"choices":[]'
+
+
+class UsageChunkStripper:
+    """Removes what `include_usage` added to a chat stream, as the chunks pass through.
+
+    Only complete events are released (an event split across network reads is held until its
+    blank line arrives), so a marker split across reads is still found. A client cannot use half
+    an event, so holding one back delays nothing it could act on. `b',"usage":null'` can only be
+    the member OpenAI adds: inside a JSON string every `"` is escaped.
+    """
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        end = last_boundary(data)
+        if end < 0:
+            self._pending = data
+            return b""
+        if end < len(data):
+            self._pending = data[end:]
+            data = data[:end]
+        else:
+            self._pending = b""
+        return _clean(data)
+
+    def flush(self) -> bytes:
+        """What is held at the end of the stream (an unterminated last event)."""
+        data, self._pending = self._pending, b""
+        return _clean(data) if data else b""
+
+
+def _clean(data: bytes) -> bytes:
+    data = data.replace(_USAGE_NULL, b"")
+    if _EMPTY_CHOICES in data:
+        data = b"".join(e for e in split_events(data) if not _is_usage_chunk(e))
+    return data
+
+
+def _is_usage_chunk(event: bytes) -> bool:
+    if _EMPTY_CHOICES not in event:
+        return False
+    for _name, data in iter_events(event):
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
+    return False

@@ -1,0 +1,460 @@
+"""Usage extraction and stream reassembly on the providers' real wire formats.
+
+The event texts below are written the way OpenAI and Anthropic send them (field order, compact
+JSON, `data: [DONE]`, `event:` lines, pings), including the awkward parts: tool-call arguments
+split across chunks, several tool calls, thinking blocks with signatures, CRLF framing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+
+from llmtap.providers import anthropic, openai
+from llmtap.providers.sse import iter_events, last_boundary, split_events
+
+
+def sse(*objs: object) -> bytes:
+    return b"".join(b"data: " + json.dumps(o, separators=(",", ":")).encode() + b"\n\n" for o in objs)
+
+
+def chunk(
+    delta: dict[str, object], finish: str | None = None, *, usage_null: bool = False
+) -> dict[str, object]:
+    c: dict[str, object] = {
+        "id": "chatcmpl-AbC",
+        "object": "chat.completion.chunk",
+        "created": 1730000000,
+        "model": "gpt-4o-2024-08-06",
+        "system_fingerprint": "fp_1",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    if usage_null:
+        c["usage"] = None
+    return c
+
+
+OPENAI_USAGE = {
+    "prompt_tokens": 120,
+    "completion_tokens": 40,
+    "total_tokens": 160,
+    "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 12, "audio_tokens": 0},
+}
+
+
+def openai_tool_stream(usage_null: bool = True) -> bytes:
+    tc0 = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    tc1 = {"index": 1, "id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": ""}}
+    events = [
+        chunk({"role": "assistant", "content": None, "tool_calls": [tc0]}, usage_null=usage_null),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}, usage_null=usage_null),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Par'}}]}, usage_null=usage_null),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'is"}'}}]}, usage_null=usage_null),
+        chunk({"tool_calls": [tc1]}, usage_null=usage_null),
+        chunk(
+            {"tool_calls": [{"index": 1, "function": {"arguments": '{"tz":"CET"}'}}]}, usage_null=usage_null
+        ),
+        chunk({}, "tool_calls", usage_null=usage_null),
+    ]
+    out = sse(*events)
+    if usage_null:
+        usage_chunk = {k: v for k, v in chunk({}).items() if k != "choices"}
+        usage_chunk["choices"] = []
+        usage_chunk["usage"] = OPENAI_USAGE
+        out += sse(usage_chunk)
+    return out + b"data: [DONE]\n\n"
+
+
+# -- OpenAI ---------------------------------------------------------------------------------------
+
+
+def test_openai_chat_stream_text_and_usage() -> None:
+    words = ["Hello", " there", ",", " friend"]
+    body = sse(chunk({"role": "assistant", "content": "", "refusal": None}, usage_null=True))
+    body += sse(*(chunk({"content": w}, usage_null=True) for w in words))
+    body += sse(chunk({}, "stop", usage_null=True))
+    body += sse(
+        {**{k: v for k, v in chunk({}).items() if k != "choices"}, "choices": [], "usage": OPENAI_USAGE}
+    )
+    body += b"data: [DONE]\n\n"
+    res = openai.reassemble_stream(body)
+    assert res is not None
+    msg = res.message
+    assert msg["object"] == "chat.completion"
+    assert msg["id"] == "chatcmpl-AbC" and msg["model"] == "gpt-4o-2024-08-06"
+    assert msg["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello there, friend"},
+            "finish_reason": "stop",
+        }
+    ]
+    assert msg["usage"] == OPENAI_USAGE
+    u = res.usage
+    assert (u.source, u.prompt_tokens, u.completion_tokens, u.total_tokens) == ("provider", 120, 40, 160)
+    assert (u.cached_tokens, u.reasoning_tokens) == (64, 12)
+    assert res.model == "gpt-4o-2024-08-06"
+    assert res.error is None
+
+
+def test_openai_tool_calls_assembled_from_fragments() -> None:
+    res = openai.reassemble_stream(openai_tool_stream())
+    assert res is not None
+    (choice,) = res.message["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    calls = choice["message"]["tool_calls"]
+    assert [c["id"] for c in calls] == ["call_1", "call_2"]
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert json.loads(calls[1]["function"]["arguments"]) == {"tz": "CET"}
+
+
+def test_openai_stream_without_usage_is_missing_not_zero() -> None:
+    body = sse(chunk({"role": "assistant", "content": "hi"}), chunk({}, "stop")) + b"data: [DONE]\n\n"
+    res = openai.reassemble_stream(body)
+    assert res is not None
+    assert res.usage.source == "missing"
+    assert res.usage.prompt_tokens is None and res.usage.total_tokens is None
+    assert res.message["usage"] is None
+
+
+def test_openai_stream_error_event() -> None:
+    err = {
+        "error": {"message": "The server had an error", "type": "server_error", "param": None, "code": None}
+    }
+    res = openai.reassemble_stream(sse(chunk({"role": "assistant", "content": "a"}), err))
+    assert res is not None and res.error == "The server had an error"
+
+
+def test_openai_crlf_framing_and_multiline_data() -> None:
+    body = sse(chunk({"content": "x"}), chunk({"content": "y"}, "stop")).replace(b"\n", b"\r\n")
+    res = openai.reassemble_stream(body)
+    assert res is not None
+    assert res.message["choices"][0]["message"]["content"] == "xy"
+    assert list(iter_events(b'event: a\r\ndata: {"x":\r\ndata: 1}\r\n\r\n: comment\n\n')) == [
+        ("a", b'{"x":\n1}')
+    ]
+
+
+def test_openai_legacy_completions_stream() -> None:
+    base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "gpt-3.5-turbo-instruct"}
+    body = sse(
+        {**base, "choices": [{"text": "Hel", "index": 0, "logprobs": None, "finish_reason": None}]},
+        {**base, "choices": [{"text": "lo", "index": 0, "logprobs": None, "finish_reason": "length"}]},
+        {**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}},
+    )
+    res = openai.reassemble_stream(body + b"data: [DONE]\n\n")
+    assert res is not None
+    assert res.message["object"] == "text_completion"
+    assert res.message["choices"][0]["text"] == "Hello"
+    assert res.usage.total_tokens == 5
+
+
+def test_openai_responses_api_stream() -> None:
+    final = {
+        "id": "resp_1",
+        "object": "response",
+        "model": "gpt-4.1",
+        "status": "completed",
+        "output": [{"type": "message", "content": [{"type": "output_text", "text": "Hi!"}]}],
+        "usage": {
+            "input_tokens": 30,
+            "input_tokens_details": {"cached_tokens": 10},
+            "output_tokens": 5,
+            "output_tokens_details": {"reasoning_tokens": 2},
+            "total_tokens": 35,
+        },
+    }
+    body = b"".join(
+        b"event: " + name.encode() + b"\ndata: " + json.dumps(obj).encode() + b"\n\n"
+        for name, obj in [
+            (
+                "response.created",
+                {"type": "response.created", "response": {**final, "status": "in_progress"}},
+            ),
+            ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "Hi!"}),
+            ("response.completed", {"type": "response.completed", "response": final}),
+        ]
+    )
+    res = openai.reassemble_stream(body)
+    assert res is not None
+    assert res.message == final
+    u = res.usage
+    assert (u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.reasoning_tokens) == (
+        30,
+        5,
+        35,
+        10,
+        2,
+    )
+
+
+def test_openai_non_stream_and_embeddings_usage() -> None:
+    u = openai.usage_from_body({"object": "chat.completion", "usage": OPENAI_USAGE})
+    assert (u.source, u.prompt_tokens, u.completion_tokens, u.total_tokens) == ("provider", 120, 40, 160)
+    assert (u.cached_tokens, u.reasoning_tokens) == (64, 12)
+    e = openai.usage_from_body(
+        {"object": "list", "data": [], "usage": {"prompt_tokens": 8, "total_tokens": 8}}
+    )
+    assert (e.source, e.prompt_tokens, e.completion_tokens, e.total_tokens) == ("provider", 8, None, 8)
+    assert openai.usage_from_body({"object": "list"}).source == "missing"
+    assert openai.usage_from_body([1, 2]).source == "missing"
+    assert openai.usage_from_body({"usage": {"prompt_tokens": True}}).prompt_tokens is None
+
+
+def test_openai_error_message() -> None:
+    assert openai.error_message({"error": {"message": "Rate limit reached", "type": "requests"}}) == (
+        "Rate limit reached"
+    )
+    assert openai.error_message({"ok": 1}) is None
+
+
+# -- the stream-usage rewrite ------------------------------------------------------------------------
+
+
+def test_inject_stream_usage() -> None:
+    assert openai.inject_stream_usage(b'{"model":"m","messages":[]}') is None
+    assert openai.inject_stream_usage(b'{"model":"m","stream":false}') is None
+    assert openai.inject_stream_usage(b'{"stream":true,"stream_options":{"include_usage":true}}') is None
+    assert openai.inject_stream_usage(b'{"stream": true, broken') is None
+    assert openai.inject_stream_usage(b'["stream"]') is None
+    out = openai.inject_stream_usage(
+        b'{"model":"m","stream":true,"messages":[{"role":"user","content":"\xc3\xa9"}]}'
+    )
+    assert out is not None
+    assert orjson.loads(out) == {
+        "model": "m",
+        "stream": True,
+        "messages": [{"role": "user", "content": "é"}],
+        "stream_options": {"include_usage": True},
+    }
+    out = openai.inject_stream_usage(
+        b'{"stream":true,"stream_options":{"include_usage":false,"include_obfuscation":false}}'
+    )
+    assert out is not None
+    assert orjson.loads(out)["stream_options"] == {"include_usage": True, "include_obfuscation": False}
+
+
+def test_stripper_restores_the_plain_stream_at_every_split() -> None:
+    with_usage = openai_tool_stream(usage_null=True)
+    plain = openai_tool_stream(usage_null=False)
+    assert with_usage != plain
+    # every two-piece split, including splits inside markers and inside the "\n\n"
+    for cut in range(len(with_usage) + 1):
+        s = openai.UsageChunkStripper()
+        out = s.feed(with_usage[:cut]) + s.feed(with_usage[cut:]) + s.flush()
+        assert out == plain, cut
+    # byte by byte
+    s = openai.UsageChunkStripper()
+    out = b"".join(s.feed(with_usage[i : i + 1]) for i in range(len(with_usage))) + s.flush()
+    assert out == plain
+
+
+def test_stripper_keeps_usage_text_inside_content() -> None:
+    # a model that *writes* the marker text: inside a JSON string the quotes are escaped
+    tricky = sse(chunk({"content": 'say ,"usage":null and "choices":[] please'}, usage_null=True))
+    s = openai.UsageChunkStripper()
+    out = s.feed(tricky) + s.flush()
+    assert out == sse(chunk({"content": 'say ,"usage":null and "choices":[] please'}))
+
+
+def test_sse_boundaries() -> None:
+    assert last_boundary(b"data: a\n\ndata: b") == 9
+    assert last_boundary(b"data: a\r\n\r\ndata: b\r\n\r\n") == 22
+    assert last_boundary(b"data: a\n") == -1
+    data = b"data: a\n\ndata: b\r\n\r\ndata: c"
+    assert split_events(data) == [b"data: a\n\n", b"data: b\r\n\r\n", b"data: c"]
+
+
+# -- Anthropic ------------------------------------------------------------------------------------
+
+
+def ev(name: str, obj: dict[str, object]) -> bytes:
+    return (
+        b"event: " + name.encode() + b"\ndata: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    )
+
+
+ANTHROPIC_START_USAGE = {
+    "input_tokens": 25,
+    "cache_creation_input_tokens": 100,
+    "cache_read_input_tokens": 2000,
+    "output_tokens": 1,
+    "service_tier": "standard",
+}
+
+
+def anthropic_stream(delta_usage: dict[str, object]) -> bytes:
+    message: dict[str, object] = {
+        "id": "msg_01",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": ANTHROPIC_START_USAGE,
+    }
+    parts = [
+        ev("message_start", {"type": "message_start", "message": message}),
+        ev(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "thinking", "thinking": ""},
+            },
+        ),
+        ev(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "thinking_delta", "thinking": "Let me"},
+            },
+        ),
+        ev(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "thinking_delta", "thinking": " think."},
+            },
+        ),
+        ev(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "signature_delta", "signature": "EqQB"},
+            },
+        ),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        b'event: ping\ndata: {"type": "ping"}\n\n',
+        ev(
+            "content_block_start",
+            {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+        ),
+        ev(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Checking"}},
+        ),
+        ev(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": " now."}},
+        ),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        ev(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 2,
+                "content_block": {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {}},
+            },
+        ),
+    ]
+    for frag in ["", '{"location":', ' "San Fra', 'ncisco, CA"', ', "unit": "c"}']:
+        parts.append(
+            ev(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 2,
+                    "delta": {"type": "input_json_delta", "partial_json": frag},
+                },
+            )
+        )
+    parts += [
+        ev("content_block_stop", {"type": "content_block_stop", "index": 2}),
+        ev(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                "usage": delta_usage,
+            },
+        ),
+        ev("message_stop", {"type": "message_stop"}),
+    ]
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize(
+    "delta_usage",
+    [
+        {"output_tokens": 89},
+        # newer API versions repeat the (cumulative) input counts in message_delta
+        {
+            "input_tokens": 25,
+            "cache_creation_input_tokens": 100,
+            "cache_read_input_tokens": 2000,
+            "output_tokens": 89,
+        },
+    ],
+)
+def test_anthropic_stream_reassembly_and_usage(delta_usage: dict[str, object]) -> None:
+    res = anthropic.reassemble_stream(anthropic_stream(delta_usage))
+    assert res is not None
+    msg = res.message
+    assert msg["id"] == "msg_01" and msg["model"] == "claude-sonnet-4-5"
+    assert msg["stop_reason"] == "tool_use" and msg["stop_sequence"] is None
+    assert msg["content"] == [
+        {"type": "thinking", "thinking": "Let me think.", "signature": "EqQB"},
+        {"type": "text", "text": "Checking now."},
+        {
+            "type": "tool_use",
+            "id": "toolu_01",
+            "name": "get_weather",
+            "input": {"location": "San Francisco, CA", "unit": "c"},
+        },
+    ]
+    u = res.usage
+    assert u.source == "provider"
+    # prompt = input + cache read + cache write; total = prompt + output (module docstring)
+    assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (2125, 89, 2214)
+    assert (u.cached_tokens, u.cache_write_tokens) == (2000, 100)
+    assert res.model == "claude-sonnet-4-5"
+
+
+def test_anthropic_cut_stream_keeps_partial_tool_input() -> None:
+    full = anthropic_stream({"output_tokens": 5})
+    cut = full[: full.rindex(b"event:", 0, full.index(b"ncisco"))]  # cut before that event
+    res = anthropic.reassemble_stream(cut)
+    assert res is not None
+    tool = res.message["content"][2]
+    assert tool["input"] == '{"location": "San Fra'
+    assert res.usage.completion_tokens == 1  # only message_start's placeholder arrived
+    assert res.message["stop_reason"] is None
+
+
+def test_anthropic_error_event() -> None:
+    body = ev("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    res = anthropic.reassemble_stream(body)
+    assert res is not None and res.error == "Overloaded"
+
+
+def test_anthropic_non_stream_usage() -> None:
+    body = {
+        "id": "msg_01",
+        "type": "message",
+        "usage": {
+            "input_tokens": 10,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 50,
+            "output_tokens": 7,
+        },
+    }
+    u = anthropic.usage_from_body(body)
+    assert (u.source, u.prompt_tokens, u.completion_tokens, u.total_tokens) == ("provider", 60, 7, 67)
+    assert (u.cached_tokens, u.cache_write_tokens) == (50, 0)
+    assert anthropic.usage_from_body({"input_tokens": 12}).source == "missing"  # count_tokens reply
+    assert anthropic.error_message({"type": "error", "error": {"type": "x", "message": "bad"}}) == "bad"

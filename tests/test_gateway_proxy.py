@@ -1,0 +1,705 @@
+"""The gateway end to end: a real aiohttp gateway between real HTTP clients and the fake
+OpenAI/Anthropic upstream (or a tiny purpose-built upstream where bytes must be controlled).
+
+What is checked is what a user relies on: the upstream gets what the client sent, the client
+gets what the upstream sent, streams flow chunk by chunk, failures look the way they should,
+and every request ends up as exactly one correct record — without credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway_support import (
+    DirBodyStore,
+    MemoryQueue,
+    fake_requests,
+    running_gateway,
+    settings_for,
+    wait_for,
+)
+from llmtap.record import LogRecord, body_bytes, decompress, encode
+from llmtap.testing.fake_upstream import expected_usage, make_app, reply_text, serve
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[int]:
+    runner, port = await serve(make_app())
+    yield port
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        yield s
+
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello from the test"}]}
+MESSAGES = {
+    "model": "claude-sonnet-4-5",
+    "max_tokens": 100,
+    "messages": [{"role": "user", "content": "hi there"}],
+}
+OPENAI_AUTH = {"Authorization": "Bearer sk-test-openai"}
+ANTHROPIC_AUTH = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"}
+
+
+def normalize_ids(data: bytes) -> bytes:
+    """The fake mints fresh ids and timestamps per call; blank them to compare two calls."""
+    data = re.sub(rb'"(chatcmpl|msg|call|toolu|req)_?[-A-Za-z0-9]*"', rb'"ID"', data)
+    return re.sub(rb'"created":\s*\d+', rb'"created":0', data)
+
+
+async def raw_request(port: int, head: bytes, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Send exactly these bytes; read the whole response (the request says Connection: close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + body)
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head_part, _, rest = data.partition(b"\r\n\r\n")
+    lines = head_part.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = [(k, v.strip()) for k, v in (line.split(":", 1) for line in lines[1:])]
+    if any(k.lower() == "transfer-encoding" for k, _ in headers):
+        out = b""
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                break
+            out += rest[:size]
+            rest = rest[size + 2 :]
+        rest = out
+    return status, headers, rest
+
+
+async def published(svc: Any, q: MemoryQueue, n: int) -> list[LogRecord]:
+    await wait_for(lambda: len(q.messages) >= n)
+    await asyncio.sleep(0.05)  # and nothing more arrives
+    recs = q.records()
+    assert len(recs) == n, [r.path for r in recs]
+    return recs
+
+
+# -- pass-through exactness -----------------------------------------------------------------------
+
+
+async def test_request_reaches_upstream_unchanged(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    body = (
+        b'{"model": "gpt-4o",   "messages": [{"role":"user",'
+        b'"content":"h\\u00e9llo w\xc3\xb6rld"}], "temperature": 0.70}'
+    )
+    sent = [
+        ("Content-Type", "application/json"),
+        ("Authorization", "Bearer sk-test"),
+        ("X-Custom-Thing", "a, b"),
+        ("OpenAI-Organization", "org-1"),
+        ("X-Dup", "1"),
+        ("x-dup", "2"),
+        ("Accept", "text/plain"),
+    ]
+    llmtap = [("Llmtap-User-Id", "u1"), ("LLMTAP-Property-Team", "Search"), ("Llmtap-Session-Id", "s1")]
+    target = "/v1/chat/completions?api-version=2024-01-01&x=%2Fy%20z"
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, _):
+        head = f"POST /openai{target} HTTP/1.1\r\nHost: gw.example\r\n"
+        for k, v in sent[:3] + llmtap + sent[3:]:
+            head += f"{k}: {v}\r\n"
+        head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        assert svc.port is not None
+        status, headers, _ = await raw_request(svc.port, head.encode(), body)
+        assert status == 200
+        (rec,) = await published(svc, q, 1)
+
+    (got,) = await fake_requests(http, f"http://127.0.0.1:{upstream}")
+    assert got["method"] == "POST"
+    assert got["raw_path"] == target
+    assert got["body_b64"] and got["body_sha256"] == hashlib.sha256(body).hexdigest()
+    forwarded = [(k, v) for k, v in got["headers"] if k.lower() not in ("host", "content-length")]
+    # same names, case, order, duplicates (a repeat keeps its first spelling); no Llmtap-*; nothing added
+    assert forwarded == [(k if k != "x-dup" else "X-Dup", v) for k, v in sent]
+    assert dict(got["headers"])["Host"] == f"127.0.0.1:{upstream}"
+
+    assert rec.user_id == "u1" and rec.session_id == "s1" and rec.properties == {"Team": "Search"}
+    assert rec.path == "/v1/chat/completions" and rec.method == "POST" and rec.provider == "openai"
+    assert rec.target_url == f"http://127.0.0.1:{upstream}{target}"
+    assert body_bytes(rec.request_body) == body  # type: ignore[arg-type]
+    assert rec.model == "gpt-4o"
+    assert "authorization" not in rec.request_headers
+    assert rec.request_headers["x-dup"] == "1, 2"
+    assert dict(headers)["Llmtap-Request-Id"] == rec.id
+
+
+async def tiny_upstream(handler: Any) -> tuple[web.AppRunner, int]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
+GZ_BODY = gzip.compress(
+    json.dumps({"id": "x", "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
+)
+
+
+async def gz_handler(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    status = int(request.headers.get("x-status", "200"))
+    resp = web.Response(status=status, body=GZ_BODY)
+    resp.headers["Content-Type"] = "application/json"
+    resp.headers["Content-Encoding"] = "gzip"
+    resp.headers["X-Upstream-Thing"] = "Mixed Case Value"
+    resp.headers.add("Set-Cookie", "session=SECRET-COOKIE-7; Path=/")
+    resp.headers.add("Set-Cookie", "other=1")
+    resp.headers["Retry-After"] = "3"
+    resp.headers["Date"] = "Thu, 01 Jan 2026 00:00:00 GMT"
+    return resp
+
+
+async def test_response_bytes_and_headers_relayed_unchanged(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    runner, port = await tiny_upstream(gz_handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            for status in (200, 503):
+                h = {"Accept-Encoding": "gzip", "x-status": str(status)}
+                async with http.post(f"http://127.0.0.1:{port}/v1/x", data=b"{}", headers=h) as r:
+                    direct = (r.status, list(r.raw_headers), await r.read())
+                async with http.post(f"{gw}/openai/v1/x", data=b"{}", headers=h) as r:
+                    via = (r.status, list(r.raw_headers), await r.read())
+                assert via[0] == direct[0] == status
+                assert via[2] == direct[2] == GZ_BODY  # compressed bytes, untouched
+                rid = [v for k, v in via[1] if k == b"Llmtap-Request-Id"]
+                assert len(rid) == 1 and uuid.UUID(rid[0].decode())
+                assert [h for h in via[1] if h[0] != b"Llmtap-Request-Id"] == direct[1]
+            recs = await published(svc, q, 2)
+    finally:
+        await runner.cleanup()
+    # usage parsed from the gzip body off the latency path; cookies not recorded
+    assert recs[0].usage.prompt_tokens == 3 and recs[0].usage.completion_tokens == 4
+    assert recs[0].response_body is not None
+    assert (body_bytes(recs[0].response_body) or b"").startswith(b'{"id"')
+    assert "set-cookie" not in recs[0].response_headers
+    assert recs[1].status == 503 and recs[1].response_headers["retry-after"] == "3"
+
+
+# -- streaming --------------------------------------------------------------------------------------
+
+
+async def test_stream_reaches_client_chunk_by_chunk(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        h = {**OPENAI_AUTH, "x-fake-chunk-delay-ms": "150", "x-fake-chunks": "8"}
+        t0 = time.monotonic()
+        arrivals: list[float] = []
+        async with http.post(
+            f"{gw}/openai/v1/chat/completions", json={**CHAT, "stream": True}, headers=h
+        ) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            async for _ in r.content.iter_any():
+                arrivals.append(time.monotonic() - t0)
+        (rec,) = await published(svc, q, 1)
+    total = arrivals[-1]
+    assert total > 1.0  # 8+ events, 150 ms apart
+    assert arrivals[0] < 0.5  # the first event came long before the upstream sent the last
+    assert len(arrivals) >= 5
+    assert rec.streamed and rec.outcome == "completed"
+    assert rec.time_to_first_token_ms is not None and rec.time_to_first_token_ms < 500
+    assert rec.latency_ms > 1000
+
+
+async def test_openai_stream_usage_injected_and_stripped(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    up = f"http://127.0.0.1:{upstream}"
+    req = {**CHAT, "stream": True}
+    req_bytes = orjson.dumps(req)
+    h = {**OPENAI_AUTH, "Content-Type": "application/json", "x-fake-chunks": "6"}
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        async with http.post(f"{up}/v1/chat/completions", data=req_bytes, headers=h) as r:
+            direct = await r.read()
+        async with http.post(f"{gw}/openai/v1/chat/completions", data=req_bytes, headers=h) as r:
+            via = await r.read()
+        (rec,) = await published(svc, q, 1)
+    assert b'"usage"' not in direct  # the plain stream has no usage at all
+    assert normalize_ids(via) == normalize_ids(direct)
+    sent = (await fake_requests(http, up))[-1]
+    upstream_body = json.loads(__import__("base64").b64decode(sent["body_b64"]))
+    assert upstream_body["stream_options"] == {"include_usage": True}
+    assert int(dict(sent["headers"])["Content-Length"]) == sent["body_len"]
+
+    exp = expected_usage("openai", req, h)
+    u = rec.usage
+    assert u.source == "provider"
+    assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (
+        exp["prompt_tokens"],
+        exp["completion_tokens"],
+        exp["total_tokens"],
+    )
+    assert body_bytes(rec.request_body) == req_bytes  # type: ignore[arg-type]  # what the client sent
+    msg = orjson.loads(body_bytes(rec.response_body))  # type: ignore[arg-type]
+    assert msg["object"] == "chat.completion"
+    assert msg["choices"][0]["message"]["content"] == reply_text("openai", req, h)
+    events = body_bytes(rec.response_events)  # type: ignore[arg-type]
+    assert events is not None and b'"choices":[]' in events  # the raw upstream stream, usage chunk included
+
+
+async def test_client_asking_for_usage_gets_it_untouched(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    up = f"http://127.0.0.1:{upstream}"
+    req_bytes = orjson.dumps({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    h = {**OPENAI_AUTH, "Content-Type": "application/json"}
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        async with http.post(f"{gw}/openai/v1/chat/completions", data=req_bytes, headers=h) as r:
+            via = await r.read()
+        (rec,) = await published(svc, q, 1)
+    assert b'"choices":[]' in via and b'"usage":null' in via
+    sent = (await fake_requests(http, up))[-1]
+    assert sent["body_sha256"] == hashlib.sha256(req_bytes).hexdigest()
+    assert rec.usage.source == "provider"
+
+
+async def test_stream_usage_rewrite_can_be_disabled(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    req_bytes = orjson.dumps({**CHAT, "stream": True})
+    async with running_gateway(settings_for(upstream, tmp_path, openai_stream_usage=False), q) as (svc, gw):
+        async with http.post(f"{gw}/openai/v1/chat/completions", data=req_bytes, headers=OPENAI_AUTH) as r:
+            await r.read()
+        (rec,) = await published(svc, q, 1)
+    sent = (await fake_requests(http, f"http://127.0.0.1:{upstream}"))[-1]
+    assert sent["body_sha256"] == hashlib.sha256(req_bytes).hexdigest()
+    assert rec.usage.source == "missing" and rec.usage.total_tokens is None
+
+
+async def test_anthropic_stream_record(upstream: int, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    q = MemoryQueue()
+    h = {**ANTHROPIC_AUTH, "x-fake-cached-tokens": "40", "x-fake-cache-creation-tokens": "7"}
+    req = {**MESSAGES, "stream": True}
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        async with http.post(f"{gw}/anthropic/v1/messages", json=req, headers=h) as r:
+            via = await r.read()
+        tools = {
+            **MESSAGES,
+            "stream": True,
+            "tools": [{"name": "lookup", "input_schema": {"type": "object"}}],
+        }
+        async with http.post(f"{gw}/anthropic/v1/messages", json=tools, headers=h) as r:
+            await r.read()
+        text_rec, tool_rec = await published(svc, q, 2)
+    assert via.count(b"event: content_block_delta") >= 2
+    exp = expected_usage("anthropic", req, h)
+    prompt = exp["input_tokens"] + exp["cache_read_input_tokens"] + exp["cache_creation_input_tokens"]
+    u = text_rec.usage
+    assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (
+        prompt,
+        exp["output_tokens"],
+        prompt + exp["output_tokens"],
+    )
+    assert (u.cached_tokens, u.cache_write_tokens) == (40, 7)
+    msg = orjson.loads(body_bytes(text_rec.response_body))  # type: ignore[arg-type]
+    assert msg["content"] == [{"type": "text", "text": reply_text("anthropic", req, h)}]
+    assert msg["stop_reason"] == "end_turn"
+    assert text_rec.model == "claude-sonnet-4-5" and text_rec.streamed
+    tool_msg = orjson.loads(body_bytes(tool_rec.response_body))  # type: ignore[arg-type]
+    (block,) = tool_msg["content"]
+    assert block["type"] == "tool_use" and block["name"] == "lookup" and isinstance(block["input"], dict)
+
+
+async def test_non_stream_usage_records(upstream: int, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    q = MemoryQueue()
+    h = {**OPENAI_AUTH, "x-fake-cached-tokens": "5"}
+    emb = {"model": "text-embedding-3-small", "input": ["one two three", "four"]}
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        async with http.post(
+            f"{gw}/openai/v1/chat/completions", json={**CHAT, "model": "o3-mini"}, headers=h
+        ) as r:
+            assert r.status == 200
+        async with http.post(f"{gw}/openai/v1/embeddings", json=emb, headers=OPENAI_AUTH) as r:
+            assert r.status == 200
+        async with http.post(f"{gw}/anthropic/v1/messages", json=MESSAGES, headers=ANTHROPIC_AUTH) as r:
+            assert r.status == 200
+        chat, emb_rec, anth = await published(svc, q, 3)
+    exp = expected_usage("openai", {**CHAT, "model": "o3-mini"}, h)
+    assert chat.usage.prompt_tokens == exp["prompt_tokens"]
+    assert chat.usage.reasoning_tokens == exp["completion_tokens_details"]["reasoning_tokens"] > 0
+    assert chat.usage.cached_tokens == 5
+    assert chat.time_to_first_token_ms == chat.latency_ms and not chat.streamed
+    assert emb_rec.usage.prompt_tokens == emb_rec.usage.total_tokens == 4
+    assert emb_rec.usage.completion_tokens is None
+    ea = expected_usage("anthropic", MESSAGES)
+    assert anth.usage.total_tokens == ea["input_tokens"] + ea["output_tokens"]
+
+
+# -- failures ----------------------------------------------------------------------------------------
+
+
+async def test_upstream_errors_pass_through(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    h = {**OPENAI_AUTH, "x-fake-status": "429", "x-fake-retry-after": "11"}
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        async with http.post(f"http://127.0.0.1:{upstream}/v1/chat/completions", json=CHAT, headers=h) as r:
+            direct = await r.read()
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=h) as r:
+            assert r.status == 429
+            assert r.headers["retry-after"] == "11"
+            via = await r.read()
+        (rec,) = await published(svc, q, 1)
+    assert normalize_ids(via) == normalize_ids(direct)
+    assert rec.status == 429 and rec.outcome == "completed"
+    assert rec.error and "Rate limit" in rec.error
+    assert rec.usage.source == "missing"
+
+
+async def test_unreachable_upstream_is_502(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    q = MemoryQueue()
+    async with running_gateway(settings_for(dead, tmp_path), q) as (svc, gw):
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 502
+            body = await r.json()
+            rid = r.headers["Llmtap-Request-Id"]
+        (rec,) = await published(svc, q, 1)
+    assert body["error"]["type"] == "llmtap_upstream_unreachable"
+    assert rec.id == rid and rec.outcome == "upstream_unreachable" and rec.status == 502
+    assert rec.error and "could not reach" in rec.error
+
+
+async def test_slow_upstream_is_504(upstream: int, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    q = MemoryQueue()
+    s = settings_for(upstream, tmp_path, upstream_read_timeout=0.3)
+    async with running_gateway(s, q) as (svc, gw):
+        h = {**OPENAI_AUTH, "x-fake-delay-ms": "3000"}
+        t0 = time.monotonic()
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=h) as r:
+            assert r.status == 504
+            body = await r.json()
+            assert "Llmtap-Request-Id" in r.headers
+        assert time.monotonic() - t0 < 2
+        (rec,) = await published(svc, q, 1)
+    assert body["error"]["type"] == "llmtap_upstream_timeout"
+    assert rec.outcome == "upstream_timeout" and rec.status == 504
+
+
+async def test_client_disconnect_mid_stream_stops_upstream_read(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        h = {**OPENAI_AUTH, "x-fake-chunk-delay-ms": "100", "x-fake-chunks": "60"}
+        t0 = time.monotonic()
+        r = await http.post(f"{gw}/openai/v1/chat/completions", json={**CHAT, "stream": True}, headers=h)
+        first = await r.content.readany()
+        assert first.startswith(b"data: ")
+        r.close()  # drop the connection mid-stream
+        (rec,) = await published(svc, q, 1)
+        noticed = time.monotonic() - t0
+    assert rec.outcome == "client_disconnected"
+    assert noticed < 2.0  # the full stream would take 6 s: the gateway stopped at once
+    assert rec.latency_ms < 2000
+    assert rec.streamed
+
+
+async def test_upstream_cut_mid_stream(upstream: int, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        h = {**ANTHROPIC_AUTH, "x-fake-cut-after": "4", "x-fake-chunk-delay-ms": "20"}
+        got = b""
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with http.post(
+                f"{gw}/anthropic/v1/messages", json={**MESSAGES, "stream": True}, headers=h
+            ) as r:
+                async for chunk in r.content.iter_any():
+                    got += chunk
+        h2 = {**OPENAI_AUTH, "x-fake-cut-after": "100"}
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=h2) as r:
+                await r.read()
+        stream_rec, json_rec = await published(svc, q, 2)
+    assert got.count(b"event: ") == 4  # the client got what arrived
+    assert stream_rec.outcome == "upstream_cut" and stream_rec.error
+    assert body_bytes(stream_rec.response_events) == got  # type: ignore[arg-type]
+    assert stream_rec.usage.prompt_tokens is not None  # message_start arrived before the cut
+    assert json_rec.outcome == "upstream_cut"
+    assert json_rec.response_body is not None and json_rec.response_body.size == 100
+
+
+async def test_malformed_json_is_proxied_and_logged(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    bad = b'{"model": "gpt-4o", "stream": true, "messages": [oops'
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        h = {**OPENAI_AUTH, "Content-Type": "application/json"}
+        async with http.post(f"{gw}/openai/v1/chat/completions", data=bad, headers=h) as r:
+            assert r.status == 400  # the upstream's verdict, relayed
+            assert (await r.json())["error"]["type"] == "invalid_request_error"
+        (rec,) = await published(svc, q, 1)
+    sent = (await fake_requests(http, f"http://127.0.0.1:{upstream}"))[-1]
+    assert sent["body_sha256"] == hashlib.sha256(bad).hexdigest()
+    assert rec.model is None
+    assert body_bytes(rec.request_body) == bad  # type: ignore[arg-type]
+    assert rec.status == 400
+
+
+# -- what the record holds (and does not) ------------------------------------------------------------
+
+
+async def test_credentials_never_reach_the_record(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    secrets = [f"SECRET{i}-{uuid.uuid4().hex}" for i in range(8)]
+    seen: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.headers))
+        await request.read()
+        resp = web.Response(body=b'{"ok":true}', content_type="application/json")
+        resp.headers.add("Set-Cookie", f"sid={secrets[6]}")
+        resp.headers["X-Session-Token"] = secrets[7]
+        return resp
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    bodies = DirBodyStore(tmp_path / "bodies")
+    try:
+        async with running_gateway(settings_for(port, tmp_path, inline_body_bytes=0), q, bodies) as (svc, gw):
+            h = {
+                "Authorization": f"Bearer {secrets[0]}",
+                "x-api-key": secrets[1],
+                "api-key": secrets[2],
+                "X-Custom-Token": secrets[3],
+                "Llmtap-Auth": f"Bearer {secrets[4]}",
+                "Cookie": f"c={secrets[5]}",
+                "X-Goog-Api-Key": secrets[5],
+            }
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions?api-key={secrets[2]}", json=CHAT, headers=h
+            ) as r:
+                assert r.status == 200
+                assert r.headers["X-Session-Token"] == secrets[7]  # the client still gets it
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    (up_headers,) = seen
+    assert up_headers["Authorization"] == f"Bearer {secrets[0]}" and up_headers["x-api-key"] == secrets[1]
+    assert "Llmtap-Auth" not in up_headers
+    everything = b"".join(m.value for m in q.messages) + encode(rec)
+    everything += b"".join(p.read_bytes() for p in (tmp_path / "bodies").rglob("*") if p.is_file())
+    everything += b"".join(decompress(p.read_bytes()) for p in (tmp_path / "bodies").rglob("*.zst"))
+    for s in secrets:
+        assert s.encode() not in everything, s
+    assert "api-key=***" in rec.target_url
+
+
+async def test_large_body_goes_to_the_body_store(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    bodies = DirBodyStore(tmp_path / "bodies")
+    # incompressible words, so the zstd form stays large too
+    words = " ".join(os.urandom(6).hex() for _ in range(12000))
+    req = {"model": "gpt-4o", "messages": [{"role": "user", "content": words}]}
+    s = settings_for(upstream, tmp_path, inline_body_bytes=16 * 1024)
+    async with running_gateway(s, q, bodies) as (svc, gw):
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=req, headers=OPENAI_AUTH) as r:
+            client_got = await r.read()
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
+            await r.read()
+        big, small = await published(svc, q, 2)
+    assert big.request_body is not None and big.request_body.ref is not None and big.request_body.data is None
+    assert big.request_body.ref.startswith(f"default/{big.started_at:%Y/%m/%d}/{big.id}.request")
+    stored = await bodies.get(big.request_body.ref)
+    assert stored is not None and orjson.loads(decompress(stored)) == req
+    assert big.response_body is not None and big.response_body.ref is not None
+    resp_stored = await bodies.get(big.response_body.ref)
+    assert resp_stored is not None and decompress(resp_stored) == client_got
+    assert small.request_body is not None and small.request_body.data is not None  # small stays inline
+    assert len(q.messages[0].value) < 64 * 1024
+
+
+async def test_body_store_outage_sends_bodies_inline(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    bodies = DirBodyStore(tmp_path / "bodies")
+    bodies.down = True
+    async with running_gateway(settings_for(upstream, tmp_path, inline_body_bytes=0), q, bodies) as (svc, gw):
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
+            assert r.status == 200
+        (rec,) = await published(svc, q, 1)
+    assert rec.request_body is not None and rec.request_body.ref is None
+    assert orjson.loads(body_bytes(rec.request_body)) == CHAT  # type: ignore[arg-type]
+
+
+async def test_omit_flags(upstream: int, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        h = {**OPENAI_AUTH, "Llmtap-Omit-Request": "true", "Llmtap-Omit-Response": "true"}
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=h) as r:
+            answer = await r.read()
+        h = {**OPENAI_AUTH, "Llmtap-Omit-Response": "true"}
+        async with http.post(
+            f"{gw}/openai/v1/chat/completions", json={**CHAT, "stream": True}, headers=h
+        ) as r:
+            await r.read()
+        both, resp_only = await published(svc, q, 2)
+    assert b"echo: hello from the test" in answer  # the client is unaffected
+    assert both.request_body is None and both.response_body is None and both.response_events is None
+    assert both.omit_request and both.omit_response
+    assert both.model == "gpt-4o-mini" and both.usage.source == "provider"  # metadata still logged
+    assert b"hello from the test" not in encode(both)
+    assert resp_only.request_body is not None and resp_only.response_body is None
+    assert resp_only.response_events is None and resp_only.usage.source == "provider"
+
+
+async def test_request_ids(upstream: int, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    q = MemoryQueue()
+    chosen = str(uuid.uuid4())
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        async with http.post(
+            f"{gw}/openai/v1/chat/completions", json=CHAT, headers={"Llmtap-Request-Id": chosen.upper()}
+        ) as r:
+            assert r.headers["Llmtap-Request-Id"] == chosen
+        async with http.post(
+            f"{gw}/openai/v1/chat/completions", json=CHAT, headers={"Llmtap-Request-Id": "not-a-uuid"}
+        ) as r:
+            other = r.headers["Llmtap-Request-Id"]
+        a, b = await published(svc, q, 2)
+    assert a.id == chosen
+    assert b.id == other != "not-a-uuid" and uuid.UUID(other)
+
+
+async def test_multi_tenant_without_key_is_401_before_upstream(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path, multi_tenant=True), q) as (svc, gw):
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["type"] == "llmtap_unauthorized"
+        svc.proxy.resolve_tenant = lambda auth: "acme" if auth == "Bearer k1" else None
+        async with http.post(
+            f"{gw}/openai/v1/chat/completions", json=CHAT, headers={"Llmtap-Auth": "Bearer k1"}
+        ) as r:
+            assert r.status in (200, 401)  # the fake's own auth check: no Authorization header
+        (rec,) = await published(svc, q, 1)
+    assert len(await fake_requests(http, f"http://127.0.0.1:{upstream}")) == 1
+    assert rec.tenant == "acme"
+
+
+async def test_healthz_metrics_and_unknown_paths(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        async with http.get(f"{gw}/healthz") as r:
+            assert r.status == 200 and (await r.json())["status"] == "ok"
+        async with http.get(f"{gw}/nope") as r:
+            assert r.status == 404 and "Llmtap-Request-Id" in r.headers
+        for _ in range(3):
+            async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
+                await r.read()
+        await published(svc, q, 3)
+        async with http.get(f"{gw}/metrics") as r:
+            text = await r.text()
+    assert 'llmtap_gateway_records_published_total{route="queue"} 3.0' in text
+    assert 'llmtap_gateway_requests_total{outcome="completed",provider="openai"} 3.0' in text
+    assert "llmtap_gateway_publish_buffer_bytes 0.0" in text
+
+
+# -- shutdown and outages --------------------------------------------------------------------------
+
+
+async def test_stop_finishes_in_flight_requests_and_publishes_everything(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    s = settings_for(upstream, tmp_path, publish_linger_ms=2000.0)  # records would otherwise wait 2 s
+    from llmtap.gateway.app import GatewayService
+
+    svc = GatewayService(s, queue=q)
+    await svc.start()
+    gw = f"http://127.0.0.1:{svc.port}"
+    h = {**OPENAI_AUTH, "x-fake-delay-ms": "400"}
+    done_before = 5
+    for _ in range(done_before):  # finished before the stop, still waiting for the linger
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
+            await r.read()
+
+    async def call(i: int) -> int:
+        body = {**CHAT, "stream": i % 2 == 0}
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=body, headers=h) as r:
+            await r.read()
+            return r.status
+
+    calls = [asyncio.create_task(call(i)) for i in range(20)]
+    await wait_for(lambda: len(svc.publisher._dq) == done_before)
+    await asyncio.sleep(0.1)  # all 20 are now waiting on the slow upstream
+    assert q.messages == []
+    await svc.stop()
+    statuses = await asyncio.gather(*calls)
+    assert statuses == [200] * 20
+    recs = q.records()
+    assert len(recs) == 25 and len({r.id for r in recs}) == 25
+    assert all(r.outcome == "completed" for r in recs)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with http.get(f"{gw}/healthz") as r:
+            pass
+
+
+async def test_queue_outage_holds_records_and_clients_are_unaffected(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    q.down = True
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        ids = []
+        for _ in range(10):
+            t0 = time.monotonic()
+            async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
+                assert r.status == 200
+                ids.append(r.headers["Llmtap-Request-Id"])
+            assert time.monotonic() - t0 < 0.5
+        await wait_for(lambda: q.refused >= 2)
+        assert q.messages == [] and svc.publisher.pending == 10 and svc.publisher.failed >= 2
+        q.down = False
+        recs = await published(svc, q, 10)
+    assert [r.id for r in recs] == ids  # nothing lost, order kept
+    assert svc.publisher.dropped == 0

@@ -1,0 +1,212 @@
+"""The publisher on its own: batching, the sink chain, the memory bound, shutdown flushing.
+
+Every test counts what went in and what came out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from gateway_support import MemoryQueue, wait_for
+from llmtap.config import Settings
+from llmtap.errors import BackendUnavailable
+from llmtap.gateway.capture import CAPTURE_OVERHEAD, Capture
+from llmtap.gateway.publisher import Publisher, QueueSink, Sink
+from llmtap.record import LogRecord, Route, decode, partition_key
+
+pytestmark = pytest.mark.timeout(60)
+
+BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+RESPONSE = b'{"id":"c1","model":"gpt-4o","usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}'
+
+
+def capture(i: int, tenant: str = "default") -> Capture:
+    now = time.perf_counter()
+    cap = Capture(
+        f"00000000-0000-4000-8000-{i:012d}",
+        tenant,
+        "openai",
+        "POST",
+        "/v1/chat/completions",
+        "https://api.openai.com/v1/chat/completions",
+        [("Content-Type", "application/json"), ("Authorization", "Bearer sk-x")],
+        [("Llmtap-User-Id", f"user-{i % 3}")],
+        BODY,
+        len(BODY),
+        time.time(),
+        now,
+        4 * 1024 * 1024,
+    )
+    cap.status = 200
+    cap.response_headers = [("Content-Type", "application/json")]
+    cap.t_headers = cap.t_first = now + 0.001
+    cap.add(RESPONSE)
+    cap.t_end = now + 0.002
+    return cap
+
+
+def settings(tmp_path: Path, **over: object) -> Settings:
+    base: dict[str, object] = {"data_dir": tmp_path, "publish_linger_ms": 1.0}
+    base.update(over)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+class ListSink(Sink):
+    """A second way out, like the ingest endpoint: keeps records, can be down."""
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.records: list[LogRecord] = []
+        self.down = False
+        self.closed = False
+
+    async def send(self, records: Sequence[LogRecord]) -> None:
+        if self.down:
+            raise BackendUnavailable(f"{self.route} down")
+        for r in records:
+            r.route = self.route
+        self.records.extend(records)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_batches_and_partition_keys(tmp_path: Path) -> None:
+    q = MemoryQueue()
+    s = settings(tmp_path, publish_batch_size=50, publish_linger_ms=50.0, partition_key="user_id")
+    pub = Publisher(s, [QueueSink(q, s.partition_key)])
+    await pub.start()
+    for i in range(120):
+        pub.submit(capture(i))
+    await wait_for(lambda: len(q.messages) == 120)
+    # a full batch does not wait for the linger: 120 = 50 + 50 + 20
+    assert q.publish_calls == 3
+    recs = [decode(m.value) for m in q.messages]
+    assert [r.id for r in recs] == [capture(i).id for i in range(120)]
+    assert all(
+        m.key == partition_key(r, "user_id") == f"user-{i % 3}"
+        for i, (m, r) in enumerate(zip(q.messages, recs, strict=True))
+    )
+    assert recs[0].usage.total_tokens == 11 and recs[0].model == "gpt-4o"
+    assert "authorization" not in recs[0].request_headers
+    assert pub.published == 120 and pub.routes["queue"] == 120 and pub.buffer_bytes == 0
+    await pub.stop(timeout=1)
+
+
+async def test_chain_falls_through_and_back(tmp_path: Path) -> None:
+    q = MemoryQueue()
+    ingest = ListSink("ingest")
+    pub = Publisher(settings(tmp_path), [QueueSink(q), ingest])
+    await pub.start()
+    q.down = True
+    for i in range(10):
+        pub.submit(capture(i))
+    await wait_for(lambda: len(ingest.records) == 10)
+    q.down = False
+    for i in range(10, 15):
+        pub.submit(capture(i))
+    await wait_for(lambda: len(q.messages) == 5)
+    assert {r.route for r in ingest.records} == {"ingest"}
+    assert pub.routes == {"ingest": 10, "queue": 5}
+    assert pub.failed >= 1 and pub.dropped == 0
+    await pub.stop(timeout=1)
+    assert ingest.closed
+
+
+async def test_all_sinks_down_holds_then_delivers_in_order(tmp_path: Path) -> None:
+    q = MemoryQueue()
+    ingest = ListSink("ingest")
+    q.down = ingest.down = True
+    pub = Publisher(settings(tmp_path, publish_batch_size=4), [QueueSink(q), ingest])
+    await pub.start()
+    for i in range(20):
+        pub.submit(capture(i))
+    await wait_for(lambda: q.refused >= 3)
+    assert pub.pending == 20 and pub.published == 0
+    assert pub.buffer_bytes == sum(capture(i).nbytes for i in range(20))
+    q.down = False
+    await wait_for(lambda: len(q.messages) == 20)
+    assert [decode(m.value).id for m in q.messages] == [capture(i).id for i in range(20)]
+    assert pub.buffer_bytes == 0 and pub.dropped == 0
+    await pub.stop(timeout=1)
+
+
+async def test_memory_bound_drops_are_counted_not_silent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    q = MemoryQueue()
+    q.down = True
+    one = capture(0).nbytes
+    assert one > CAPTURE_OVERHEAD
+    pub = Publisher(settings(tmp_path, publish_buffer_bytes=one * 5), [QueueSink(q)])
+    await pub.start()
+    for i in range(12):
+        pub.submit(capture(i))
+    assert pub.dropped == 7 and pub.submitted == 5
+    assert any("publish buffer full" in r.getMessage() for r in caplog.records)
+    q.down = False
+    await wait_for(lambda: len(q.messages) == 5)
+    assert pub.published + pub.dropped == 12
+    await pub.stop(timeout=1)
+
+
+async def test_stop_flushes_everything_pending(tmp_path: Path) -> None:
+    q = MemoryQueue()
+    pub = Publisher(settings(tmp_path, publish_linger_ms=10_000.0, publish_batch_size=1000), [QueueSink(q)])
+    await pub.start()
+    for i in range(300):
+        pub.submit(capture(i))
+    await asyncio.sleep(0.05)
+    assert q.messages == []  # still lingering
+    await pub.stop(timeout=5)
+    assert len(q.messages) == 300 and pub.pending == 0
+
+
+async def test_stop_deadline_with_queue_down_counts_the_loss(tmp_path: Path) -> None:
+    q = MemoryQueue()
+    q.down = True
+    pub = Publisher(settings(tmp_path), [QueueSink(q)])
+    await pub.start()
+    for i in range(7):
+        pub.submit(capture(i))
+    t0 = time.monotonic()
+    await pub.stop(timeout=0.3)
+    assert time.monotonic() - t0 < 1.5
+    assert pub.dropped == 7 and q.messages == []
+
+
+async def test_poison_batch_is_given_up(tmp_path: Path) -> None:
+    class Broken(Sink):
+        calls = 0
+
+        async def send(self, records: Sequence[LogRecord]) -> None:
+            Broken.calls += 1
+            raise RuntimeError("message too large")
+
+    pub = Publisher(settings(tmp_path), [Broken()])
+    await pub.start()
+    pub.submit(capture(1))
+    await wait_for(lambda: pub.dropped == 1, timeout=10)
+    assert Broken.calls == 5 and pub.pending == 0
+    await pub.stop(timeout=1)
+
+
+async def test_build_error_still_publishes_a_bare_record(tmp_path: Path) -> None:
+    q = MemoryQueue()
+    pub = Publisher(settings(tmp_path), [QueueSink(q)])
+    await pub.start()
+    cap = capture(1)
+    cap.llmtap = [("Llmtap-User-Id", None)]  # type: ignore[list-item]  # garbage a bug could leave
+    cap.request_headers = 42  # type: ignore[assignment]
+    pub.submit(cap)
+    pub.submit(capture(2))
+    await wait_for(lambda: len(q.messages) == 2)
+    bare, ok = (decode(m.value) for m in q.messages)
+    assert bare.id == cap.id and bare.error and "could not build" in bare.error
+    assert ok.error is None and pub.build_errors == 1
+    await pub.stop(timeout=1)
