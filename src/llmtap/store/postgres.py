@@ -88,6 +88,7 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # a connection left in a broken state by a loss
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, query cancelled
     asyncpg.exceptions.InsufficientResourcesError,  # disk full, out of memory, too many clients

@@ -60,7 +60,6 @@ _INSERT_PROP = (
     " (SELECT 1 FROM requests WHERE tenant = ?1 AND id = ?2 AND created_at = ?3)"
     " ON CONFLICT DO NOTHING"
 )
-_BUSY_MS = 10_000
 
 
 def _api_key(row: Sequence[Any]) -> ApiKey:
@@ -75,8 +74,9 @@ def _api_key(row: Sequence[Any]) -> ApiKey:
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout: float = 10.0) -> None:
         self.path = Path(path)
+        self._busy_ms = int(busy_timeout * 1000)
         self.description = f"sqlite {self.path}"
         self._writer: ThreadPoolExecutor | None = None
         self._reader: ThreadPoolExecutor | None = None
@@ -85,8 +85,8 @@ class SQLiteStore(Store):
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _open(self, readonly: bool) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_MS / 1000)
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_ms / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA cache_size = -32000")

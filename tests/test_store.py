@@ -1,0 +1,743 @@
+"""The analytics stores, SQLite and PostgreSQL, against one suite and a Python reference.
+
+Every test runs on both stores (PostgreSQL skips only without LLMTAP_TEST_POSTGRES_URL);
+`test_both_stores_give_identical_answers` loads the same data into both and compares every
+query's answer for equality.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmtap import keys
+from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.record import Body, Usage
+from llmtap.store.base import ListQuery, StatsQuery, Store
+from llmtap.store.sql import decode_cursor, encode_cursor
+from store_helpers import (
+    ENVS,
+    MODELS,
+    SESSIONS,
+    T0,
+    USERS,
+    assert_totals,
+    dataset,
+    first_per_key,
+    open_store,
+    pg_database,
+    pg_url,
+    rec,
+    ref_filter,
+    store_params,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=store_params())
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    async with open_store(request.param, tmp_path) as s:
+        yield s
+
+
+async def all_pages(store: Store, tenant: str, limit: int = 7, **f: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = await store.list_requests(tenant, ListQuery(limit=limit, cursor=cursor, **f))
+        assert len(page.items) <= limit
+        out += page.items
+        if page.next_cursor is None:
+            return out
+        cursor = page.next_cursor
+
+
+# -- writes ---------------------------------------------------------------------------------------
+
+
+async def test_round_trip_of_every_field(store: Store) -> None:
+    r = rec(
+        3,
+        user_id="u-1",
+        session_id="sess-1",
+        properties={"env": "prod", "Feature Flag": "a=b&c"},
+        request_headers={"content-type": "application/json", "user-agent": "sdk/1"},
+        response_headers={"x-request-id": "abc"},
+        streamed=True,
+        status=429,
+        outcome="completed",
+        error=None,
+        usage=Usage(
+            source="estimated",
+            prompt_tokens=11,
+            completion_tokens=7,
+            total_tokens=18,
+            cached_tokens=5,
+            cache_write_tokens=2,
+            reasoning_tokens=3,
+        ),
+        cost_nanos=123_456_789,
+        response_events=Body(
+            content_type="text/event-stream", size=99, encoding="zstd", ref="acme/3.events.zst"
+        ),
+        route="ingest",
+        at=T0 + timedelta(microseconds=7),
+    )
+    assert await store.write_batch([r]) == 1
+    row = await store.get_request("acme", r.id)
+    assert row is not None
+    assert row["created_at"] == "2025-03-30T12:00:00.123463Z"  # microseconds kept exactly
+    assert row["first_byte_at"] == (r.first_byte_at or T0).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert row["ended_at"] == r.ended_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    expect = {
+        "id": r.id,
+        "tenant": "acme",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "method": "POST",
+        "path": r.path,
+        "target_url": r.target_url,
+        "status": 429,
+        "outcome": "completed",
+        "error": None,
+        "streamed": True,
+        "latency_ms": r.latency_ms,
+        "time_to_first_token_ms": r.time_to_first_token_ms,
+        "prompt_tokens": 11,
+        "completion_tokens": 7,
+        "total_tokens": 18,
+        "cached_tokens": 5,
+        "cache_write_tokens": 2,
+        "reasoning_tokens": 3,
+        "usage_source": "estimated",
+        "cost_usd": 0.123456789,
+        "price_version": "test-1",
+        "user_id": "u-1",
+        "session_id": "sess-1",
+        "properties": {"env": "prod", "Feature Flag": "a=b&c"},
+        "request_headers": {"content-type": "application/json", "user-agent": "sdk/1"},
+        "response_headers": {"x-request-id": "abc"},
+        "request_body": {
+            "content_type": "application/json",
+            "size": 20,
+            "encoding": "zstd",
+            "ref": "acme/3.request.zst",
+        },
+        "response_body": {
+            "content_type": "application/json",
+            "size": 30,
+            "encoding": "zstd",
+            "ref": "acme/3.response.zst",
+        },
+        "response_events": {
+            "content_type": "text/event-stream",
+            "size": 99,
+            "encoding": "zstd",
+            "ref": "acme/3.events.zst",
+        },
+        "route": "ingest",
+        "gateway": "host:1",
+    }
+    for k, v in expect.items():
+        assert row[k] == v, k
+    from llmtap.store.base import ROW_FIELDS
+
+    assert list(row) == list(ROW_FIELDS)
+
+
+async def test_omitted_bodies_and_missing_values_are_null(store: Store) -> None:
+    r = rec(
+        1,
+        request_body=None,
+        response_body=None,
+        model=None,
+        status=None,
+        outcome="upstream_unreachable",
+        usage=Usage(),
+        cost_nanos=None,
+        time_to_first_token_ms=None,
+        first_byte_at=None,
+    )
+    await store.write_batch([r])
+    row = await store.get_request("acme", r.id)
+    assert row is not None
+    for k in (
+        "request_body",
+        "response_body",
+        "response_events",
+        "model",
+        "status",
+        "prompt_tokens",
+        "cost_usd",
+        "time_to_first_token_ms",
+        "first_byte_at",
+    ):
+        assert row[k] is None, k
+    assert row["usage_source"] == "missing"
+
+
+async def test_cost_usd_without_nanos_is_kept_exactly_to_the_nano(store: Store) -> None:
+    r = rec(1, cost_nanos=None, cost_usd=0.000123456)
+    await store.write_batch([r])
+    row = await store.get_request("acme", r.id)
+    assert row is not None and row["cost_usd"] == 0.000123456
+
+
+async def test_same_batch_twice_gives_one_row_each(store: Store) -> None:
+    batch = [rec(i) for i in range(50)]
+    assert await store.write_batch(batch) == 50
+    assert await store.write_batch(batch) == 0
+    # duplicates inside one batch, and a mix of old and new
+    assert await store.write_batch([rec(0), rec(50), rec(50), rec(1), rec(51)]) == 2
+    rows = await all_pages(store, "acme", limit=1000)
+    assert len(rows) == 52
+    assert len({r["id"] for r in rows}) == 52
+    stats = await store.stats("acme", StatsQuery())
+    assert stats["overall"]["count"] == 52
+
+
+async def test_reused_id_keeps_the_first_request_only(store: Store) -> None:
+    """A client re-using a request id later (another start time) must not create a second row,
+    nor graft its properties onto the first."""
+    first = rec(1, id="dup-id", properties={"env": "prod"})
+    later = rec(1, id="dup-id", at=T0 + timedelta(days=40), properties={"env": "dev", "extra": "x"})
+    assert await store.write_batch([first]) == 1
+    assert await store.write_batch([later]) == 0
+    rows = await all_pages(store, "acme")
+    assert [r["created_at"] for r in rows] == ["2025-03-30T12:00:01.123456Z"]
+    assert await all_pages(store, "acme", properties={"env": "dev"}) == []
+    assert await all_pages(store, "acme", properties={"extra": "x"}) == []
+    assert len(await all_pages(store, "acme", properties={"env": "prod"})) == 1
+    # the same tenant-local id in another tenant is another request
+    assert await store.write_batch([rec(1, id="dup-id", tenant="other")]) == 1
+
+
+async def test_concurrent_writers_of_overlapping_batches(store: Store) -> None:
+    records = [rec(i) for i in range(300)]
+    batches = [records[i : i + 100] for i in range(0, 300, 50)]  # every record in two batches
+    counts = await asyncio.gather(*(store.write_batch(b) for b in batches))
+    assert sum(counts) == 300
+    assert len(await all_pages(store, "acme", limit=1000)) == 300
+
+
+async def test_nul_and_metacharacters_are_stored_and_matched_literally(store: Store) -> None:
+    nasty = [
+        "'; DROP TABLE requests; --",
+        '"quoted"',
+        "back\\slash",
+        "100%",
+        "under_score",
+        "ünïcødé ✓",
+        "a\x00b",
+    ]
+    batch = [
+        rec(i, user_id=v, session_id=v, model=v, properties={v: v, "k": v}, request_headers={v: v})
+        for i, v in enumerate(nasty)
+    ]
+    assert await store.write_batch(batch) == len(nasty)
+    for i, v in enumerate(nasty):
+        stored = v.replace("\x00", "\ufffd")
+        for f in (
+            {"user_id": stored},
+            {"session_id": stored},
+            {"model": stored},
+            {"properties": {stored: stored}},
+            {"properties": {"k": stored}},
+        ):
+            rows = await all_pages(store, "acme", **f)
+            assert [r["id"] for r in rows] == [batch[i].id], (v, f)
+        row = await store.get_request("acme", batch[i].id)
+        assert (
+            row is not None
+            and row["user_id"] == stored
+            and row["properties"] == {stored: stored, "k": stored}
+        )
+    # LIKE wildcards mean nothing: "100%" does not match "100", "_" is not a joker
+    assert await all_pages(store, "acme", user_id="100") == []
+    assert await all_pages(store, "acme", user_id="under-score") == []
+    # a property *name* full of SQL is a plain name in group_by too
+    stats = await store.stats("acme", StatsQuery(group_by="property.'; DROP TABLE requests; --"))
+    keyed = {g["key"]: g["count"] for g in stats["groups"]}
+    assert keyed == {"'; DROP TABLE requests; --": 1, None: len(nasty) - 1}
+    assert (await store.stats("acme", StatsQuery()))["overall"]["count"] == len(nasty)
+
+
+# -- reads: lists, filters, cursors ------------------------------------------------------------------
+
+
+async def test_list_filters_match_the_reference(store: Store) -> None:
+    records = dataset(400)
+    for i in range(0, 400, 100):
+        await store.write_batch(records[i : i + 100])
+    since, until = T0 - timedelta(days=40), T0 - timedelta(days=10)
+    filters: list[dict[str, Any]] = [
+        {},
+        *({"model": m} for m in MODELS if m),
+        *({"user_id": u} for u in USERS if u),
+        *({"session_id": s} for s in SESSIONS if s),
+        {"provider": "anthropic"},
+        {"status": 429},
+        {"since": since},
+        {"until": until},
+        {"since": since, "until": until},
+        *({"properties": {"env": e}} for e in ENVS),
+        {"properties": {"env": "prod", "team": "red"}},
+        {"model": "gpt-4o", "user_id": "alice", "properties": {"env": "prod"}, "since": since},
+        {"user_id": "nobody"},
+    ]
+    for tenant in ("acme", "globex", "initech"):
+        for f in filters:
+            want = [r.id for r in ref_filter(records, tenant, **f)]
+            got = await all_pages(store, tenant, limit=13, **f)
+            assert [r["id"] for r in got] == want, (tenant, f)
+    # oldest first is the exact reverse
+    got = await all_pages(store, "acme", limit=50, order="asc")
+    assert [r["id"] for r in got] == [r.id for r in reversed(ref_filter(records, "acme"))]
+
+
+async def test_cursor_is_stable_while_rows_arrive(store: Store) -> None:
+    base = [rec(i, at=T0 + timedelta(seconds=i // 3)) for i in range(90)]  # ties of three
+    await store.write_batch(base)
+    seen: list[str] = []
+    cursor = None
+    step = 0
+    while True:
+        page = await store.list_requests("acme", ListQuery(limit=8, cursor=cursor))
+        seen += [r["id"] for r in page.items]
+        # newer rows and rows in the same second arrive between pages
+        step += 1
+        await store.write_batch([rec(1000 + step, at=T0 + timedelta(hours=1, seconds=step))])
+        await store.write_batch([rec(2000 + step, at=T0 + timedelta(seconds=30 - step))])
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    base_ids = [r.id for r in ref_filter(base, "acme")]
+    assert len(seen) == len(set(seen)), "a row was listed twice"
+    assert [i for i in seen if i in set(base_ids)] == base_ids, "a row was skipped or reordered"
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    ["x", "!!!!", "bm90IGpzb24", encode_cursor(1, "a")[:-3], "WzEsMiwzXQ", "WyJhIiwiYiJd", "bnVsbA", "W10"],
+)
+async def test_malformed_cursor_is_a_value_error(store: Store, cursor: str) -> None:
+    with pytest.raises(ValueError):
+        await store.list_requests("acme", ListQuery(cursor=cursor))
+
+
+def test_cursor_round_trip() -> None:
+    for us, rid in ((0, "a"), (1_743_336_000_123_456, "0b3f-..."), (-5, "ü'\"")):
+        assert decode_cursor(encode_cursor(us, rid)) == (us, rid)
+
+
+# -- reads: aggregates ------------------------------------------------------------------------------
+
+
+async def test_stats_match_the_reference(store: Store) -> None:
+    records = dataset(500, seed=11)
+    await store.write_batch(records)
+    acme = ref_filter(records, "acme")
+    stats = await store.stats("acme", StatsQuery())
+    assert_totals(stats["overall"], acme)
+    assert stats["groups"] == [] and stats["buckets"] == []
+
+    for group_by, attr in (
+        ("model", "model"),
+        ("user_id", "user_id"),
+        ("session_id", "session_id"),
+        ("provider", "provider"),
+        ("status", "status"),
+        ("property.env", None),
+    ):
+        stats = await store.stats("acme", StatsQuery(group_by=group_by))
+        expected: dict[Any, list[Any]] = {}
+        for r in acme:
+            key = r.properties.get("env") if attr is None else getattr(r, attr)
+            expected.setdefault(key, []).append(r)
+        assert {g["key"] for g in stats["groups"]} == set(expected), group_by
+        counts = [g["count"] for g in stats["groups"]]
+        assert counts == sorted(counts, reverse=True)
+        for g in stats["groups"]:
+            assert_totals(g, expected[g["key"]])
+
+    since, until = T0 - timedelta(days=20), T0 - timedelta(days=5)
+    stats = await store.stats("acme", StatsQuery(since=since, until=until, bucket="day", group_by="model"))
+    window = ref_filter(records, "acme", since=since, until=until)
+    assert_totals(stats["overall"], window)
+    by_day: dict[str, list[Any]] = {}
+    for r in window:
+        by_day.setdefault(r.started_at.strftime("%Y-%m-%dT00:00:00.000000Z"), []).append(r)
+    assert [b["start"] for b in stats["buckets"]] == sorted(by_day)
+    for b in stats["buckets"]:
+        assert_totals(b, by_day[b["start"]])
+
+    # stats honour the list filters too
+    stats = await store.stats(
+        "acme", StatsQuery(filters=ListQuery(user_id="alice", properties={"env": "prod"}))
+    )
+    assert_totals(stats["overall"], ref_filter(records, "acme", user_id="alice", properties={"env": "prod"}))
+
+
+async def test_hour_and_minute_buckets(store: Store) -> None:
+    records = [rec(i, at=T0 + timedelta(seconds=37 * i)) for i in range(200)]
+    await store.write_batch(records)
+    for bucket, fmt in (("hour", "%Y-%m-%dT%H:00:00.000000Z"), ("minute", "%Y-%m-%dT%H:%M:00.000000Z")):
+        stats = await store.stats("acme", StatsQuery(bucket=bucket))  # type: ignore[arg-type]
+        want: dict[str, list[Any]] = {}
+        for r in records:
+            want.setdefault(r.started_at.strftime(fmt), []).append(r)
+        assert [b["start"] for b in stats["buckets"]] == sorted(want)
+        for b in stats["buckets"]:
+            assert_totals(b, want[b["start"]])
+
+
+async def test_percentiles_interpolate_like_percentile_cont(store: Store) -> None:
+    # 1..10 ms: p50 = 5.5, p90 = 9.1, p99 = 9.91 by linear interpolation (n-1 based ranks)
+    await store.write_batch(
+        [rec(i, latency_ms=float(10 - i), time_to_first_token_ms=None) for i in range(10)]
+    )
+    lat = (await store.stats("acme", StatsQuery()))["overall"]["latency_ms"]
+    assert lat == {"p50": 5.5, "p90": 9.1, "p99": pytest.approx(9.91, abs=1e-12)}
+    ttft = (await store.stats("acme", StatsQuery()))["overall"]["time_to_first_token_ms"]
+    assert ttft == {"p50": None, "p90": None, "p99": None}
+    one = await store.stats("acme", StatsQuery(group_by="model", filters=ListQuery(status=200)))
+    assert one["groups"][0]["latency_ms"]["p50"] == 5.5
+
+
+async def test_empty_tenant_stats(store: Store) -> None:
+    await store.write_batch([rec(1)])
+    stats = await store.stats("nobody", StatsQuery(group_by="model", bucket="hour"))
+    assert stats["overall"]["count"] == 0 and stats["overall"]["error_rate"] == 0.0
+    assert stats["overall"]["latency_ms"]["p50"] is None
+    assert stats["groups"] == [] and stats["buckets"] == []
+
+
+async def test_bad_group_by_is_a_value_error(store: Store) -> None:
+    for g in ("tenant", "latency_ms; DROP TABLE requests", "property.", "cost_usd"):
+        with pytest.raises(ValueError):
+            await store.stats("acme", StatsQuery(group_by=g))
+    with pytest.raises(ValueError):
+        await store.stats("acme", StatsQuery(bucket="week"))  # type: ignore[arg-type]
+
+
+async def test_sessions_and_users(store: Store) -> None:
+    records = dataset(300, seed=3)
+    await store.write_batch(records)
+    for sid in ("s1", "s2", "nope"):
+        got = await store.sessions("acme", sid)
+        want = ref_filter(records, "acme", session_id=sid)
+        if not want:
+            assert got is None
+            continue
+        assert got is not None
+        assert [r["id"] for r in got["requests"]] == [r.id for r in reversed(want)]  # oldest first
+        assert_totals(got["totals"], want)
+        assert got["truncated"] is False
+    users = await store.users("acme")
+    acme = ref_filter(records, "acme")
+    want_users = {r.user_id for r in acme if r.user_id is not None}
+    assert {u["user_id"] for u in users} == want_users
+    for u in users:
+        mine = [r for r in acme if r.user_id == u["user_id"]]
+        assert u["count"] == len(mine)
+        assert u["total_tokens"] == sum(r.usage.total_tokens or 0 for r in mine)
+        assert u["cost_usd"] == sum(r.cost_nanos or 0 for r in mine) / 1e9
+        assert u["error_count"] == sum(1 for r in mine if (r.status or 0) >= 400 or r.outcome != "completed")
+    last = [u["last_at"] for u in users]
+    assert last == sorted(last, reverse=True)
+    assert len(await store.users("acme", limit=2)) == 2
+
+
+async def test_tenants_never_see_each_other(store: Store) -> None:
+    a = [rec(i, tenant="a", user_id="u", session_id="s", properties={"p": "v"}) for i in range(5)]
+    b = [rec(i, tenant="b", user_id="u", session_id="s", properties={"p": "v"}) for i in range(5, 8)]
+    await store.write_batch(a + b)
+    assert await store.get_request("b", a[0].id) is None
+    assert (await store.get_request("a", a[0].id) or {})["tenant"] == "a"
+    assert {r["id"] for r in await all_pages(store, "b", properties={"p": "v"})} == {r.id for r in b}
+    assert (await store.stats("b", StatsQuery(group_by="property.p")))["overall"]["count"] == 3
+    assert (await store.sessions("b", "s") or {})["totals"]["count"] == 3
+    assert [u["count"] for u in await store.users("b")] == [3]
+    # a cursor from tenant a's list leaks nothing when replayed as tenant b
+    page = await store.list_requests("a", ListQuery(limit=2))
+    other = await store.list_requests("b", ListQuery(limit=50, cursor=page.next_cursor))
+    assert {r["tenant"] for r in other.items} <= {"b"}
+
+
+# -- retention --------------------------------------------------------------------------------------
+
+
+async def test_delete_older_than_returns_body_refs(store: Store) -> None:
+    # three months before the cutoff's month, the cutoff's month on both sides, and newer rows
+    times = [T0 - timedelta(days=d) for d in (95, 80, 62, 50, 33, 31, 29, 2, 1)]
+    times += [T0 + timedelta(hours=h) for h in range(3)]
+    records = [
+        rec(i, at=t, request_body=None if i == 3 else rec(i).request_body) for i, t in enumerate(times)
+    ]
+    await store.write_batch(records)
+    cutoff = T0 - timedelta(days=30)
+    refs: list[str] = []
+    while True:
+        got = await store.delete_older_than(cutoff, limit=2)
+        if not got:
+            break
+        refs += got
+    old = [r for r in records if r.started_at < cutoff]
+    want = sorted(
+        ref
+        for r in old
+        for b in (r.request_body, r.response_body)
+        if b is not None and b.ref
+        for ref in [b.ref]
+    )
+    assert sorted(refs) == want
+    remaining = await all_pages(store, "acme", limit=100)
+    assert [r["id"] for r in remaining] == [r.id for r in ref_filter(records, "acme", since=cutoff)]
+    for r in old:
+        assert await store.get_request("acme", r.id) is None
+    assert (await store.stats("acme", StatsQuery()))["overall"]["count"] == len(records) - len(old)
+    # a late record for an expired month can still be written (its partition is made again)
+    late = rec(99, at=T0 - timedelta(days=90))
+    assert await store.write_batch([late]) == 1
+    assert await store.get_request("acme", late.id) is not None
+    assert await store.delete_older_than(cutoff) == [late.request_body.ref, late.response_body.ref]  # type: ignore[union-attr]
+    assert await store.delete_older_than(cutoff) == []
+
+
+# -- API keys -------------------------------------------------------------------------------------------
+
+
+async def test_api_keys_lifecycle(store: Store) -> None:
+    key, plain = await keys.create_key(store, "acme", "ci")
+    assert plain.startswith("lt_") and len(plain) >= 40 and key.prefix == plain[:11]
+    assert await keys.resolve_tenant(store, f"Bearer {plain}") == "acme"
+    assert await keys.resolve_tenant(store, f"bearer   {plain}  ") == "acme"
+    for bad in (
+        None,
+        "",
+        "Bearer",
+        f"Basic {plain}",
+        f"Bearer {plain}x",
+        "Bearer lt_' OR 1=1 --",
+        "Bearer " + "lt_" * 500,
+    ):
+        assert await keys.resolve_tenant(store, bad) is None, bad
+    other, other_plain = await keys.create_key(store, "globex", None)
+    assert [k.id for k in await keys.list_keys(store, "acme")] == [key.id]
+    assert {k.id for k in await keys.list_keys(store)} == {key.id, other.id}
+    # the stored form is a hash, never the key
+    assert await store.key_by_hash(plain) is None
+    assert await store.key_by_hash(keys.hash_key(plain)) is not None
+    # revocation is immediate in this process, despite the cache
+    assert await keys.revoke_key(store, key.id) is True
+    assert await keys.resolve_tenant(store, f"Bearer {plain}") is None
+    assert await keys.revoke_key(store, key.id) is False
+    assert (await keys.list_keys(store, "acme"))[0].revoked_at is not None
+    assert await keys.resolve_tenant(store, f"Bearer {other_plain}") == "globex"
+
+
+async def test_revocation_reaches_other_processes_within_the_cache_ttl(store: Store, tmp_path: Path) -> None:
+    """Another store object stands for another process: it sees the revocation after the TTL."""
+    key, plain = await keys.create_key(store, "acme", None)
+    if isinstance(store, _sqlite_cls()):
+        from llmtap.store.sqlite import SQLiteStore
+
+        other: Store = SQLiteStore(store.path)  # type: ignore[attr-defined]
+    else:
+        from llmtap.store.postgres import PostgresStore
+
+        other = PostgresStore(store.url)  # type: ignore[attr-defined]
+    await other.connect()
+    try:
+        assert await keys.resolve_tenant(other, f"Bearer {plain}") == "acme"
+        await store.revoke_key(key.id)  # as another process would: no local cache to clear
+        deadline = asyncio.get_running_loop().time() + keys.CACHE_TTL + 2
+        while await keys.resolve_tenant(other, f"Bearer {plain}") is not None:
+            assert asyncio.get_running_loop().time() < deadline, "revocation never reached the other process"
+            await asyncio.sleep(0.1)
+    finally:
+        await other.close()
+
+
+def _sqlite_cls() -> type:
+    from llmtap.store.sqlite import SQLiteStore
+
+    return SQLiteStore
+
+
+# -- outages ---------------------------------------------------------------------------------------------
+
+
+async def test_sqlite_lock_held_too_long_is_transient(tmp_path: Path) -> None:
+    from llmtap.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "s.db", busy_timeout=0.2)
+    await store.connect()
+    try:
+        blocker = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(TransientError):
+            await store.write_batch([rec(1)])
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert await store.write_batch([rec(1)]) == 1
+        assert await store.write_batch([rec(1)]) == 0
+    finally:
+        await store.close()
+
+
+async def test_sqlite_unopenable_path_is_one_sentence(tmp_path: Path) -> None:
+    from llmtap.store.sqlite import SQLiteStore
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BackendUnavailable, match="SQLite store") as e:
+        await SQLiteStore(tmp_path / "file" / "store.db").connect()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_unreachable_is_one_sentence() -> None:
+    import socket
+
+    from llmtap.store.postgres import PostgresStore
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(BackendUnavailable) as e:
+        await PostgresStore(f"postgresql://u:secret@127.0.0.1:{port}/db").connect()
+    assert str(e.value) == f"cannot connect to PostgreSQL at 127.0.0.1:{port}: connection refused"
+    with pytest.raises(BackendUnavailable, match=r"^cannot connect to PostgreSQL at .*does not exist"):
+        url = pg_url() or ""
+        await PostgresStore(url.rsplit("/", 1)[0] + "/no_such_db_" + uuid.uuid4().hex[:6]).connect()
+
+
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_connection_loss_is_transient_then_recovers() -> None:
+    import asyncpg
+
+    from llmtap.store.postgres import PostgresStore
+
+    async with pg_database() as url:
+        store = PostgresStore(url, min_size=2, max_size=2)
+        await store.connect()
+        try:
+            assert await store.write_batch([rec(i) for i in range(10)]) == 10
+            admin = await asyncpg.connect(url)
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            await admin.close()
+            assert killed >= 1
+            outcomes = []
+            batch = [rec(i) for i in range(5, 20)]
+            for _ in range(5):
+                try:
+                    outcomes.append(await store.write_batch(batch))
+                    break
+                except TransientError:
+                    outcomes.append("transient")
+            assert outcomes[0] == "transient"  # the dead connection surfaced as an outage
+            assert outcomes[-1] == 10
+            assert len(await all_pages(store, "acme", limit=100)) == 20
+        finally:
+            await store.close()
+
+
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_two_workers_migrate_and_partition_at_once() -> None:
+    from llmtap.store.postgres import PostgresStore
+
+    async with pg_database() as url:
+        stores = [PostgresStore(url) for _ in range(4)]
+        await asyncio.gather(*(s.connect() for s in stores))
+        try:
+            # all four write into months nobody created yet, at the same time
+            months = [rec(i, at=T0 + timedelta(days=31 * (i % 6) + 200)) for i in range(60)]
+            counts = await asyncio.gather(*(s.write_batch(months) for s in stores))
+            assert sum(counts) == 60
+            import asyncpg
+
+            conn = await asyncpg.connect(url)
+            try:
+                assert await conn.fetchval("SELECT count(*) FROM llmtap_migrations") == 1
+                assert await conn.fetchval("SELECT count(*) FROM requests") == 60
+                parts = await conn.fetchval(
+                    "SELECT count(*) FROM pg_inherits WHERE inhparent = 'requests'::regclass"
+                )
+                assert parts >= 6
+            finally:
+                await conn.close()
+        finally:
+            for s in stores:
+                await s.close()
+
+
+# -- the two stores agree -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_both_stores_give_identical_answers(tmp_path: Path) -> None:
+    records = dataset(600, seed=5)
+    async with open_store("sqlite", tmp_path) as lite, open_store("postgresql", tmp_path) as pg:
+        for s in (lite, pg):
+            for i in range(0, len(records), 150):
+                await s.write_batch(records[i : i + 150])
+
+        async def both(fn: Any) -> None:
+            a, b = await fn(lite), await fn(pg)
+            assert a == b
+
+        for r in records[::37]:
+            await both(lambda s, r=r: s.get_request(r.tenant, r.id))
+        lists: list[dict[str, Any]] = [
+            {},
+            {"model": "gpt-4o"},
+            {"user_id": "d'ave; DROP TABLE requests;--"},
+            {"properties": {"env": "100%_off"}},
+            {"since": T0 - timedelta(days=33), "until": T0 - timedelta(days=2)},
+            {"status": 500},
+            {"order": "asc"},
+        ]
+        for f in lists:
+            for tenant in ("acme", "globex"):
+                await both(lambda s, f=f, t=tenant: all_pages(s, t, limit=11, **f))
+                # the cursors themselves are the same bytes
+                await both(lambda s, f=f, t=tenant: s.list_requests(t, ListQuery(limit=5, **f)))
+        for group_by in (
+            None,
+            "model",
+            "user_id",
+            "session_id",
+            "provider",
+            "status",
+            "property.env",
+            "property.team",
+        ):
+            for bucket in (None, "day", "hour"):
+                await both(lambda s, g=group_by, b=bucket: s.stats("acme", StatsQuery(group_by=g, bucket=b)))
+        await both(lambda s: s.stats("globex", StatsQuery(since=T0 - timedelta(days=9), bucket="minute")))
+        for sid in SESSIONS:
+            if sid:
+                await both(lambda s, sid=sid: s.sessions("acme", sid))
+        await both(lambda s: s.users("acme"))
+        await both(lambda s: s.users("globex", limit=2))
+        cutoff = T0 - timedelta(days=45)
+        got = [sorted(await s.delete_older_than(cutoff, limit=100000)) for s in (lite, pg)]
+        assert got[0] == got[1] and got[0]
+        await both(lambda s: all_pages(s, "acme", limit=500))
+
+
+def test_dataset_is_what_the_suite_assumes() -> None:
+    records = dataset(400)
+    assert len({(r.tenant, r.id) for r in first_per_key(records)}) == 400
+    assert len({r.started_at.month for r in records}) >= 3
+    assert len({r.started_at for r in records}) < 400  # there are ties
