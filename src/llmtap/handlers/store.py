@@ -1,0 +1,23 @@
+"""Analytics store insert: one `write_batch` per batch.
+
+The store ignores a (tenant, id) it already has, which turns at-least-once delivery into
+exactly one row per request. An outage raises `TransientError` (nothing is acknowledged and the
+batch is retried); any other error lets the worker bisect the batch to find the bad record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from llmtap.handlers.base import Handler, Item
+from llmtap.store.base import Store
+
+
+class StoreHandler(Handler):
+    name = "store"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def handle(self, items: Sequence[Item]) -> None:
+        await self.store.write_batch([i.record for i in items])

@@ -1,0 +1,317 @@
+"""The log worker: consume batches from the queue, run the handler chain, acknowledge.
+
+What each failure becomes:
+
+- a message that is not a record we can read (garbage, unknown version) → dead-lettered at once
+  with `RecordError`'s reason; the rest of the batch goes on;
+- `TransientError` from the chain (store, body store or webhook down) → nothing is acknowledged,
+  the same batch is retried with exponential backoff (0.1 s doubling to 30 s, with jitter) while
+  the queue's leases are kept alive by its heartbeat; so an outage only delays;
+- another exception on a multi-record batch → the batch is bisected until the record(s) that
+  raise are isolated (handlers are idempotent, so re-running the good ones is harmless);
+- a record that fails (raises alone, or `Item.fail`) → retried with backoff up to
+  `worker_max_attempts`, then dead-lettered with the reason (e.g. "cost: ValueError: ...").
+
+Then everything stored or dead-lettered is acknowledged in one call. Each partition's records
+go through the chain in publish order, and the queue hands out nothing more of a partition
+until this batch is acknowledged, so ordering holds across batches too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Histogram
+
+from llmtap.config import Settings, redact_url
+from llmtap.errors import BackendUnavailable, RecordError, TransientError
+from llmtap.handlers.base import Chain, Item, build_chain
+from llmtap.record import LogRecord, decode
+
+if TYPE_CHECKING:
+    from llmtap.bodies.base import BodyStore
+    from llmtap.queue.base import Delivery, Queue
+    from llmtap.store.base import Store
+
+log = logging.getLogger("llmtap.worker")
+
+PROCESSED = Counter("llmtap_worker_records_processed_total", "Records that went through the whole chain")
+DEAD_LETTERED = Counter(
+    "llmtap_worker_records_dead_lettered_total", "Records moved to the dead-letter place", ["cause"]
+)
+RETRIES = Counter(
+    "llmtap_worker_retries_total",
+    "Retries: of a whole batch after an outage (transient) or of a failing record (record)",
+    ["kind"],
+)
+BATCH_SECONDS = Histogram(
+    "llmtap_worker_batch_seconds",
+    "From consuming a batch to acknowledging it",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+BACKOFF_START = 0.1
+BACKOFF_CAP = 30.0
+PROGRESS_EVERY = 10.0  # seconds between progress lines at info level
+
+
+def _jitter(delay: float) -> float:
+    """Full jitter in [delay/2, delay]: workers that failed together do not retry together."""
+    return delay * (0.5 + random.random() / 2)
+
+
+async def _isolate(chain: Chain, items: list[Item]) -> None:
+    """Run the chain; on an unexpected error bisect until the failing records are pinned down."""
+    live = [i for i in items if i.ok]
+    if not live:
+        return
+    try:
+        await chain.run(live)
+    except TransientError:
+        raise
+    except Exception as e:
+        still = [i for i in live if i.ok]
+        if len(still) <= 1:
+            for i in still:  # the chain fails single items itself; this is a last resort
+                i.fail(f"{type(e).__name__}: {e}")
+            return
+        mid = len(still) // 2
+        await _isolate(chain, still[:mid])
+        await _isolate(chain, still[mid:])
+
+
+async def process_records(chain: Chain, records: Sequence[LogRecord]) -> list[Item]:
+    """Run records through the chain once; returns one `Item` per record, in order.
+
+    Items with `error` set could not be processed (the caller retries or dead-letters them).
+    Raises `TransientError` when a backend is down: then nothing can be assumed done.
+    Used by the worker and by the server's `POST /api/v1/ingest`.
+    """
+    items = [Item(r) for r in records]
+    await _isolate(chain, items)
+    return items
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    batches: int = 0
+    processed: int = 0
+    dead_lettered: int = 0
+    transient_retries: int = 0
+    record_retries: int = 0
+
+
+class _Abandon(Exception):
+    """Stopping during an outage: leave the batch unacknowledged for redelivery."""
+
+
+class WorkerService:
+    """`llmtap worker`: a `runtime.Service` that drains the queue into the store."""
+
+    name = "worker"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queue: Queue | None = None,
+        store: Store | None = None,
+        bodies: BodyStore | None = None,
+        chain: Chain | None = None,
+    ) -> None:
+        self.settings = settings
+        if queue is None:
+            from llmtap.queue.base import open_queue
+
+            queue = open_queue(settings)
+        self.queue = queue
+        # What we open from settings we connect and close; what we are given, the caller does.
+        self._own_store = store is None and chain is None
+        self._own_bodies = bodies is None and chain is None
+        if chain is None:
+            if store is None:
+                from llmtap.store.base import open_store
+
+                store = open_store(settings)
+            if bodies is None:
+                from llmtap.bodies.base import open_body_store
+
+                bodies = open_body_store(settings)
+            chain = build_chain(settings, store, bodies)
+        self.store = store
+        self.bodies = bodies
+        self.chain = chain
+        self.stats = WorkerStats()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._progress_at = time.monotonic()
+        self._progress_mark = (0, 0)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> list[str]:
+        opened: list[Store | BodyStore] = []
+        try:
+            if self._own_store and self.store is not None:
+                await self.store.connect()
+                opened.append(self.store)
+            if self._own_bodies and self.bodies is not None:
+                await self.bodies.connect()
+                opened.append(self.bodies)
+            await self.chain.start()
+            await self.queue.connect("consumer")  # last: take partitions only once able to work
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.chain.close()
+            for o in reversed(opened):
+                with contextlib.suppress(Exception):
+                    await o.close()
+            raise
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(), name="llmtap-worker")
+        store = self.store.description if self.store is not None else redact_url(self.settings.store)
+        return [f"worker    consuming {self.queue.description} → {store}"]
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.settings.shutdown_timeout)
+            except TimeoutError:
+                log.warning("worker: stop deadline passed; the current batch is left for redelivery")
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            except Exception:
+                log.exception("worker loop failed")
+        with contextlib.suppress(Exception):
+            await self.chain.close()
+        await self.queue.close()  # releases our partitions: another worker takes them now
+        if self._own_bodies and self.bodies is not None:
+            await self.bodies.close()
+        if self._own_store and self.store is not None:
+            await self.store.close()
+
+    # -- the loop -----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = BACKOFF_START
+        while not self._stopping.is_set():
+            try:
+                deliveries = await self.queue.consume(self.settings.worker_batch_size, timeout=0.5)
+            except BackendUnavailable as e:
+                log.warning("worker: queue unavailable, retrying in %.1fs: %s", delay, e)
+                await self._pause(_jitter(delay))
+                delay = min(delay * 2, BACKOFF_CAP)
+                continue
+            delay = BACKOFF_START
+            if deliveries:
+                await self._handle_batch(deliveries)
+            self._progress()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake up when asked to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _handle_batch(self, deliveries: list[Delivery]) -> None:
+        """Process one batch to the end (acknowledged), retrying whatever goes wrong.
+
+        Unacknowledged deliveries block their partitions in this consumer, so a batch is never
+        dropped: it is finished, or abandoned at stop (then the queue redelivers it).
+        """
+        t0 = time.monotonic()
+        delay = BACKOFF_START
+        while True:
+            try:
+                await self._process(deliveries)
+                break
+            except _Abandon:
+                log.info("worker: stopping during an outage; %d records left for redelivery", len(deliveries))
+                return
+            except Exception as e:  # a bug, or the queue failing on ack/dead-letter: same batch again
+                if self._stopping.is_set():
+                    log.warning("worker: stopping; batch left for redelivery after: %s", e)
+                    return
+                log.exception("worker: batch failed, retrying in %.1fs", delay)
+                await self._pause(_jitter(delay))
+                delay = min(delay * 2, BACKOFF_CAP)
+        self.stats.batches += 1
+        BATCH_SECONDS.observe(time.monotonic() - t0)
+
+    async def _process(self, deliveries: list[Delivery]) -> None:
+        work: list[tuple[Delivery, LogRecord]] = []
+        done: list[Delivery] = []
+        for d in deliveries:
+            try:
+                work.append((d, decode(d.value)))
+            except RecordError as e:
+                await self.queue.dead_letter(d, str(e))
+                self._count_dead("decode")
+        attempts = [0] * len(work)
+        pending = list(range(len(work)))
+        transient = BACKOFF_START
+        while pending:
+            try:
+                items = await process_records(self.chain, [work[i][1] for i in pending])
+            except TransientError as e:
+                if self._stopping.is_set():
+                    raise _Abandon from e
+                self.stats.transient_retries += 1
+                RETRIES.labels("transient").inc()
+                log.warning("worker: %s; retrying %d records in %.1fs", e, len(pending), transient)
+                await self._pause(_jitter(transient))
+                transient = min(transient * 2, BACKOFF_CAP)
+                continue
+            transient = BACKOFF_START
+            failed: list[int] = []
+            for idx, item in zip(pending, items, strict=True):
+                if item.ok:
+                    done.append(work[idx][0])
+                    continue
+                attempts[idx] += 1
+                if attempts[idx] >= self.settings.worker_max_attempts:
+                    assert item.error is not None
+                    await self.queue.dead_letter(work[idx][0], item.error)
+                    self._count_dead("handler")
+                    log.warning("worker: record %s dead-lettered: %s", item.record.id, item.error)
+                else:
+                    failed.append(idx)
+            pending = failed
+            if pending and self._stopping.is_set():
+                raise _Abandon  # no time to retry: redelivered later, with fresh attempts
+            if pending:
+                self.stats.record_retries += len(pending)
+                RETRIES.labels("record").inc(len(pending))
+                await self._pause(_jitter(min(BACKOFF_CAP, BACKOFF_START * 2 ** (max(attempts) - 1))))
+        if done:
+            await self.queue.ack(done)
+            self.stats.processed += len(done)
+            PROCESSED.inc(len(done))
+
+    def _count_dead(self, cause: str) -> None:
+        self.stats.dead_lettered += 1
+        DEAD_LETTERED.labels(cause).inc()
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if now - self._progress_at < PROGRESS_EVERY:
+            return
+        processed, dead = self.stats.processed, self.stats.dead_lettered
+        p0, d0 = self._progress_mark
+        if processed != p0 or dead != d0:
+            rate = (processed - p0) / (now - self._progress_at)
+            log.info(
+                "worker: %d records stored (%.0f/s), %d dead-lettered in the last %.0fs",
+                processed - p0,
+                rate,
+                dead - d0,
+                now - self._progress_at,
+            )
+        self._progress_at, self._progress_mark = now, (processed, dead)

@@ -1,0 +1,378 @@
+"""The worker on real backends: SQLite queue, SQLite store, file bodies — and real processes.
+
+Failure tests break things for real (a store that is down, records that make a handler raise,
+a worker process killed with SIGKILL) and count what went in and what came out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from llmtap.bodies.file import FileBodyStore
+from llmtap.config import Settings
+from llmtap.errors import TransientError
+from llmtap.handlers.base import Chain, Handler, Item
+from llmtap.handlers.bodies import BodyHandler
+from llmtap.handlers.cost import CostHandler
+from llmtap.handlers.store import StoreHandler
+from llmtap.queue.base import Message
+from llmtap.queue.sqlite import SQLiteQueue
+from llmtap.record import LogRecord, decompress, encode
+from llmtap.store.sqlite import SQLiteStore
+from llmtap.worker import WorkerService, process_records
+from worker_helpers import make_record
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class FlakyStore(SQLiteStore):
+    """The real SQLite store, with a switch that makes writes fail as an outage would."""
+
+    down = False
+    writes = 0
+
+    async def write_batch(self, records: Sequence[LogRecord]) -> int:
+        self.writes += 1
+        if self.down:
+            raise TransientError("store unreachable (test outage)")
+        return await super().write_batch(records)
+
+
+class Boom(Handler):
+    """Raises for records marked bad (like a handler bug on odd input); fails 'reject' ones."""
+
+    name = "boom"
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+        self.enabled = True
+
+    async def handle(self, items: Sequence[Item]) -> None:
+        for i in items:
+            self.seen[i.record.id] = self.seen.get(i.record.id, 0) + 1
+        if not self.enabled:
+            return
+        if any(i.record.user_id == "bad" for i in items):
+            raise ValueError("cannot digest this record")
+        for i in items:
+            if i.record.user_id == "reject":
+                i.fail("boom: rejected")
+
+
+class Env:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.settings = Settings(
+            data_dir=tmp, worker_batch_size=50, worker_max_attempts=3, shutdown_timeout=5, partitions=4
+        )
+        self.queue_path = str(tmp / "queue.db")
+        self.store = FlakyStore(str(tmp / "store.db"))
+        self.bodies = FileBodyStore(str(tmp / "bodies"))
+        self.boom = Boom()
+        self.producer = SQLiteQueue(self.queue_path, partitions=4)
+        self.workers: list[WorkerService] = []
+
+    def chain(self) -> Chain:
+        return Chain([BodyHandler(self.bodies), CostHandler(), self.boom, StoreHandler(self.store)])
+
+    async def worker(self) -> WorkerService:
+        q = SQLiteQueue(self.queue_path, partitions=4, lease_timeout=1.0, heartbeat_interval=0.2)
+        w = WorkerService(self.settings, queue=q, store=self.store, bodies=self.bodies, chain=self.chain())
+        await w.start()
+        self.workers.append(w)
+        return w
+
+    async def publish(
+        self, values: Sequence[bytes], key: Callable[[int], str] = lambda i: f"t{i % 7}"
+    ) -> None:
+        await self.producer.publish([Message(key=key(i), value=v) for i, v in enumerate(values)])
+
+    def rows(self) -> tuple[int, int]:
+        with sqlite3.connect(self.tmp / "store.db") as db:
+            n, distinct = db.execute(
+                "SELECT count(*), count(DISTINCT tenant || '/' || id) FROM requests"
+            ).fetchone()
+        return int(n), int(distinct)
+
+    async def lag(self) -> int:
+        return (await self.producer.status()).lag
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    e = Env(tmp_path)
+    await e.store.connect()
+    await e.bodies.connect()
+    await e.producer.connect("producer")
+    yield e
+    for w in e.workers:
+        await w.stop()
+    await e.producer.close()
+    await e.store.close()
+
+
+async def until(pred: Callable[[], Any], timeout: float = 20, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if asyncio.iscoroutine(v):
+            v = await v
+        if v:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or pred}")
+
+
+def v99(rec: LogRecord) -> bytes:
+    data = msgspec.json.decode(encode(rec))
+    data["v"] = 99
+    return msgspec.json.encode(data)
+
+
+async def test_garbage_and_unknown_versions_are_dead_lettered_and_the_rest_flows(env: Env) -> None:
+    good = [make_record(i) for i in range(6)]
+    stranger = make_record(99)
+    values = [encode(good[0]), b"\x00garbage", encode(good[1]), v99(stranger), *map(encode, good[2:])]
+    await env.publish(values, key=lambda i: "one-partition")
+    w = await env.worker()
+    await until(lambda: env.rows()[0] == 6, what="the good records stored")
+    await until(lambda: w.stats.dead_lettered == 2)
+    dead = {d.value: d.reason for d in await env.producer.dead_letters()}
+    assert dead.keys() == {b"\x00garbage", v99(stranger)}
+    assert dead[b"\x00garbage"].startswith("not a JSON log record")
+    assert "unknown record version 99" in dead[v99(stranger)]
+    await until(lambda: _zero(env.lag()), what="everything acknowledged")
+    assert env.rows() == (6, 6)
+    row = await env.store.get_request("acme", good[3].id)
+    assert row is not None and row["cost_usd"] is not None  # the whole chain ran
+
+
+async def _zero(v: Any) -> bool:
+    return (await v) == 0
+
+
+async def test_store_outage_acks_nothing_then_stores_everything_once(env: Env) -> None:
+    env.store.down = True
+    recs = [make_record(i) for i in range(120)]
+    await env.publish([encode(r) for r in recs])
+    w = await env.worker()
+    await until(lambda: w.stats.transient_retries >= 3, what="retries during the outage")
+    await asyncio.sleep(1.5)  # longer than the queue lease: the heartbeat must keep it
+    assert env.rows() == (0, 0)
+    assert await env.lag() == 120, "something was acknowledged during the outage"
+    st = await env.producer.status()
+    assert {p.owner for p in st.partitions} == {w.queue.consumer_id}  # type: ignore[attr-defined]
+    env.store.down = False
+    await until(lambda: env.rows()[0] == 120, what="all stored after recovery")
+    await until(lambda: _zero(env.lag()))
+    assert env.rows() == (120, 120)
+    assert w.stats.dead_lettered == 0 and w.stats.processed == 120
+
+
+async def test_a_record_that_breaks_a_handler_is_retried_then_dead_lettered(env: Env) -> None:
+    recs = [make_record(i) for i in range(40)]
+    recs[7].user_id = "bad"
+    recs[23].user_id = "reject"
+    await env.publish([encode(r) for r in recs], key=lambda i: f"t{i % 2}")
+    w = await env.worker()
+    await until(lambda: w.stats.dead_lettered == 2, what="two dead letters")
+    await until(lambda: _zero(env.lag()))
+    assert env.rows() == (38, 38)
+    assert await env.store.get_request("acme", recs[7].id) is None
+    dead = {msgspec.json.decode(d.value)["id"]: d.reason for d in await env.producer.dead_letters()}
+    assert dead[recs[7].id] == "boom: ValueError: cannot digest this record"
+    assert dead[recs[23].id] == "boom: rejected"
+    # each went through the chain at least max_attempts times (bisection adds batch runs),
+    # and the worker counted max_attempts - 1 retries for each
+    assert env.boom.seen[recs[7].id] >= env.settings.worker_max_attempts
+    assert env.boom.seen[recs[23].id] >= env.settings.worker_max_attempts
+    assert w.stats.record_retries == 2 * (env.settings.worker_max_attempts - 1)
+    assert env.boom.seen[recs[0].id] < env.boom.seen[recs[7].id]  # the good ones were not retried
+    # once the handler is fixed, replayed dead letters go through
+    env.boom.enabled = False
+    assert await env.producer.replay_dead_letters() == 2
+    await until(lambda: env.rows()[0] == 40, what="the replayed records stored")
+    assert env.rows() == (40, 40)
+    assert (await env.producer.status()).dead_letters == 0
+
+
+async def test_same_batch_delivered_twice_gives_one_row_each(env: Env) -> None:
+    recs = [make_record(i) for i in range(30)]
+    values = [encode(r) for r in recs]
+    await env.publish(values + values[:10])  # a gateway retry, a replay
+    w = await env.worker()
+    await until(lambda: w.stats.processed == 40)
+    await env.publish(values)  # the whole batch once more
+    await until(lambda: w.stats.processed == 70)
+    assert env.rows() == (30, 30)
+    assert len(list((env.tmp / "bodies").rglob("*.zst"))) == 60  # request + response, once each
+
+
+async def test_stop_during_an_outage_leaves_the_batch_for_redelivery(env: Env) -> None:
+    env.store.down = True
+    recs = [make_record(i) for i in range(20)]
+    await env.publish([encode(r) for r in recs])
+    w = await env.worker()
+    await until(lambda: w.stats.transient_retries >= 1)
+    t0 = time.monotonic()
+    env.workers.remove(w)
+    await w.stop()
+    assert time.monotonic() - t0 < 3  # abandoned, not waiting out the deadline
+    assert await env.lag() == 20
+    env.store.down = False
+    await env.worker()  # the partitions were released at once: no lease to wait for
+    await until(lambda: env.rows()[0] == 20)
+    assert env.rows() == (20, 20)
+
+
+async def test_process_records_for_the_ingest_endpoint(env: Env) -> None:
+    recs = [make_record(i) for i in range(10)]
+    recs[4].user_id = "bad"
+    items = await process_records(env.chain(), recs)
+    assert [i.ok for i in items] == [i != 4 for i in range(10)]
+    assert items[4].error == "boom: ValueError: cannot digest this record"
+    assert env.rows() == (9, 9)
+    env.store.down = True
+    with pytest.raises(TransientError):
+        await process_records(env.chain(), [make_record()])
+
+
+async def test_banner_line(env: Env) -> None:
+    q = SQLiteQueue(env.queue_path, partitions=4)
+    w = WorkerService(env.settings, queue=q, store=env.store, bodies=env.bodies, chain=env.chain())
+    lines = await w.start()
+    await w.stop()
+    assert lines == [f"worker    consuming sqlite {env.queue_path} → sqlite {env.tmp / 'store.db'}"]
+
+
+# -- real processes ----------------------------------------------------------------------------
+
+PUBLISHER = textwrap.dedent(
+    """
+    import asyncio, sys, time, uuid
+    from datetime import UTC, datetime
+    from llmtap.queue.base import Message
+    from llmtap.queue.sqlite import SQLiteQueue
+    from llmtap.record import Body, LogRecord, Usage, compress, encode
+
+    path, n = sys.argv[1], int(sys.argv[2])
+
+    async def main():
+        q = SQLiteQueue(path, partitions=4)
+        await q.connect("producer")
+        now = datetime.now(UTC)
+        for start in range(0, n, 100):
+            batch = []
+            for i in range(start, min(n, start + 100)):
+                rec = LogRecord(
+                    id=str(uuid.uuid4()), tenant=f"t{i % 3}", provider="openai", model="gpt-4o",
+                    target_url="https://api.openai.com/v1/chat/completions", method="POST",
+                    path="/v1/chat/completions", started_at=now, ended_at=now, latency_ms=5.0,
+                    status=200, usage=Usage(source="provider", prompt_tokens=10, completion_tokens=i),
+                    request_body=Body(size=30, encoding="zstd", data=compress(b'{"i": %d}' % i)),
+                )
+                batch.append(Message(key=rec.tenant, value=encode(rec)))
+            await q.publish(batch)
+            await asyncio.sleep(0.03)
+        await q.close()
+        print("PUBLISHED", n, flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from llmtap.config import load_settings
+    from llmtap.queue.sqlite import SQLiteQueue
+    from llmtap.worker import WorkerService
+
+    async def main():
+        settings = load_settings(worker_batch_size=100)  # LLMTAP_DATA_DIR from the environment
+        queue = SQLiteQueue(sys.argv[1], partitions=4, lease_timeout=1.0, heartbeat_interval=0.2)
+        svc = WorkerService(settings, queue=queue)  # store and bodies from settings: the real ones
+        print(*await svc.start(), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+def _spawn(tmp: Path, name: str, script: str, *args: str) -> subprocess.Popen[bytes]:
+    path = tmp / f"{name}.py"
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_")}
+    env["LLMTAP_DATA_DIR"] = str(tmp / "data")
+    log = open(tmp / f"{name}.log", "ab")
+    return subprocess.Popen([sys.executable, str(path), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _count(db: Path) -> tuple[int, int]:
+    if not db.exists():
+        return 0, 0
+    try:
+        with sqlite3.connect(db, timeout=5) as c:
+            n, d = c.execute("SELECT count(*), count(DISTINCT tenant || '/' || id) FROM requests").fetchone()
+            return int(n), int(d)
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0, 0
+
+
+async def test_worker_process_killed_mid_way_and_restarted_stores_exactly_n(tmp_path: Path) -> None:
+    n = 4000
+    qpath = str(tmp_path / "queue.db")
+    store_db = tmp_path / "data" / "store.db"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        publisher = _spawn(tmp_path, "publisher", PUBLISHER, qpath, str(n))
+        procs.append(publisher)
+        await until(lambda: Path(qpath).exists(), what="the queue file")
+        worker = _spawn(tmp_path, "worker1", WORKER, qpath)
+        procs.append(worker)
+        await until(lambda: _count(store_db)[0] >= 500, timeout=60, what="the first worker storing")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(5)
+        killed_at = _count(store_db)[0]
+        assert killed_at < n, "the worker finished before it could be killed mid-way"
+        worker2 = _spawn(tmp_path, "worker2", WORKER, qpath)
+        procs.append(worker2)
+        assert publisher.wait(60) == 0, (tmp_path / "publisher.log").read_text()
+        await until(lambda: _count(store_db)[0] >= n, timeout=60, what=f"{n} rows")
+        await asyncio.sleep(0.5)  # anything more would be a duplicate: give it a chance to show
+        assert _count(store_db) == (n, n)
+        q = SQLiteQueue(qpath, partitions=4)
+        await q.connect("producer")
+        try:
+            await until(lambda: _lag_zero(q), what="lag 0")
+            st = await q.status()
+            assert st.dead_letters == 0
+        finally:
+            await q.close()
+        bodies = list((tmp_path / "data" / "bodies").rglob("*.request.zst"))
+        assert len(bodies) == n
+        for b in bodies:  # a SIGKILL mid-write never leaves half a body under its key
+            assert decompress(b.read_bytes()).startswith(b'{"i": ')
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+async def _lag_zero(q: SQLiteQueue) -> bool:
+    return (await q.status()).lag == 0
