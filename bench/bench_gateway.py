@@ -1,0 +1,916 @@
+"""Gateway benchmark: what does llmtap cost on top of one plain Python proxy hop?
+
+One run measures, in this invocation and on this machine, four ways of reaching the same fake
+upstream (llmtap.testing.fake_upstream):
+
+  direct       the client talks to the upstream itself (the latency floor)
+  passthrough  bench/passthrough.py: a minimal aiohttp proxy with no logging (the floor for a hop)
+  up           `llmtap up`: gateway + worker + API in one process, every request logged and stored
+  split        `llmtap gateway`, `llmtap worker` and `llmtap server` as three processes
+
+For each it reports latency at concurrency 1 and 64 (wrk), max throughput for non-streaming and
+streaming chat (wrk -t1 -c64), time to first byte of a slow stream (an aiohttp client), and CPU
+seconds per 1,000 requests of the proxy process(es) from /proc/<pid>/stat, including the time the
+worker needs afterwards to store everything (deferred logging is not free logging).  It then
+prints llmtap's ratios against the passthrough and checks that every request was stored.
+
+    python bench/bench_gateway.py            # full run, about 4 minutes
+    python bench/bench_gateway.py --quick    # smoke run, about 1.5 minutes
+    python bench/bench_gateway.py --json out.json --profile
+
+See bench/README.md for what each number means and the caveats of a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+LUA = HERE / "wrk" / "chat.lua"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROMPT = "hello from the benchmark"
+VARIANTS = ("direct", "passthrough", "up", "split")
+T0 = time.monotonic()
+
+# Targets from the design: llmtap may cost at most 1.5x the CPU of a bare hop and keep 2/3 of its rps.
+CPU_RATIO_TARGET = 1.5
+RPS_RATIO_TARGET = 0.67
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all its threads) in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+def system_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine, all cores, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread (`main` is the event loop; the rest are executor/driver threads)."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        name = "main" if int(tid) == pid else f"{comm}:{tid}"
+        out[name] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    core: str
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, n: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.alive():
+            return
+        self.popen.send_signal(signal.SIGINT)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            progress(f"{self.name} did not stop within {timeout:.0f}s of SIGINT; killing it")
+            self.popen.kill()
+            self.popen.wait()
+
+
+def spawn(
+    name: str, cmd: Sequence[str], logdir: Path, cores: set[int] | None, env: dict[str, str] | None = None
+) -> Proc:
+    log = logdir / f"{name}.log"
+    with open(log, "wb") as logf:
+        popen = subprocess.Popen(
+            list(cmd),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches only us; we stop them in order
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+        )
+    return Proc(name, popen, log, ",".join(map(str, sorted(cores))) if cores else "any")
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return int(r.status), r.read()
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read()
+
+
+def wait_ready(proc: Proc, url: str, timeout: float = 60.0) -> None:
+    """Poll `url` until it answers at all (any status) or the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise SystemExit(f"{proc.name} exited with {proc.popen.returncode} at start:\n{proc.tail()}")
+        with contextlib.suppress(OSError):
+            http_get(url, 1.0)
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"{proc.name} not ready after {timeout:.0f}s ({url}):\n{proc.tail()}")
+
+
+# -- load generators --------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    raw: dict[str, Any]
+    client_cpu: float  # wrk's own CPU seconds
+
+    @property
+    def sent(self) -> int:
+        return int(self.raw["chat_sent"])
+
+    @property
+    def ok(self) -> int:
+        return int(self.raw["chat_ok"])
+
+    @property
+    def seconds(self) -> float:
+        return float(self.raw["chat_us"]) / 1e6
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def errors(self) -> int:
+        r = self.raw
+        return int(r["chat_fail"] + r["err_connect"] + r["err_read"] + r["err_write"] + r["err_timeout"])
+
+
+def run_wrk(url: str, body: Path, conns: int, mode: str, value: float, filler: str) -> WrkResult:
+    """One wrk run (see bench/wrk/chat.lua): exactly `value` chat requests or about `value` seconds."""
+    cap = int(value) + 60 if mode == "seconds" else 600
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{cap}s", "--timeout", "30s", "-s", str(LUA), url]
+    cmd += ["--", str(body), mode, str(value), filler]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.stdout is not None
+    lines: list[str] = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("BENCH_STOPPED"):
+            # wrk's main thread sleeps through all of -d; SIGINT ends the sleep and prints the summary.
+            p.send_signal(signal.SIGINT)
+    p.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    for line in lines:
+        if line.startswith("BENCH_JSON "):
+            return WrkResult(json.loads(line[len("BENCH_JSON ") :]), client_cpu)
+    raise SystemExit("wrk gave no result:\n" + "".join(lines[-20:]))
+
+
+async def _ttfb(url: str, body: bytes, n: int, delay_ms: int, chunks: int) -> dict[str, Any]:
+    import aiohttp
+
+    headers = {
+        "Authorization": "Bearer x",
+        "Content-Type": "application/json",
+        "x-fake-chunk-delay-ms": str(delay_ms),
+        "x-fake-chunks": str(chunks),
+    }
+    ttfb: list[float] = []
+    total: list[float] = []
+    reads: list[int] = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            async with s.post(url, data=body, headers=headers) as r:
+                if r.status != 200:
+                    raise SystemExit(f"TTFB request to {url} answered {r.status}: {await r.text()}")
+                first = await r.content.readany()
+                t1 = time.perf_counter()
+                data, k = first, 1
+                while chunk := await r.content.readany():
+                    data += chunk
+                    k += 1
+                t2 = time.perf_counter()
+            if b"[DONE]" not in data:
+                raise SystemExit(f"stream from {url} ended without [DONE]")
+            ttfb.append((t1 - t0) * 1000)
+            total.append((t2 - t0) * 1000)
+            reads.append(k)
+    return {
+        "n": n,
+        "ttfb_p50_ms": pct(ttfb, 50),
+        "ttfb_p99_ms": pct(ttfb, 99),
+        "total_p50_ms": pct(total, 50),
+        "reads_p50": statistics.median(reads),
+    }
+
+
+def pct(xs: Sequence[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+# -- variants ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    name: str
+    base: str  # URL prefix that maps to the upstream root (".../openai" for proxies)
+    procs: dict[str, Proc] = field(default_factory=dict)  # measured processes (CPU)
+    stats_url: str | None = None  # llmtap's /api/v1/stats, to verify and await storage
+    expected: int = 0  # chat requests sent so far; all must be stored
+    logdir: Path | None = None
+
+    @property
+    def logs(self) -> bool:
+        return self.stats_url is not None
+
+    def stored(self) -> int:
+        assert self.stats_url is not None
+        status, body = http_get(self.stats_url, 10.0)
+        if status != 200:
+            raise SystemExit(f"{self.stats_url} answered {status}: {body[:300]!r}")
+        return int(json.loads(body)["overall"]["count"])
+
+    def wait_stored(self, timeout: float) -> tuple[int, float]:
+        """Block until the store holds every request sent so far; return (stored, seconds waited)."""
+        t0 = time.monotonic()
+        n = self.stored()
+        while n < self.expected and time.monotonic() - t0 < timeout:
+            for p in self.procs.values():
+                if not p.alive():
+                    raise SystemExit(f"{p.name} died:\n{p.tail()}")
+            time.sleep(0.1)
+            n = self.stored()
+        return n, time.monotonic() - t0
+
+    def cpu(self) -> dict[str, float]:
+        return {k: p.cpu() for k, p in self.procs.items()}
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    workdir: Path
+    proxy_cores: set[int] | None
+    load_cores: set[int] | None
+    upstream: Proc | None = None
+    upstream_url: str = ""
+    results: dict[str, Any] = field(default_factory=dict)
+    bodies: dict[str, Path] = field(default_factory=dict)
+
+    # sizes ----------------------------------------------------------------------------------
+    @property
+    def seconds(self) -> float:
+        return self.args.seconds or (3.0 if self.args.quick else 10.0)
+
+    @property
+    def c1_requests(self) -> int:
+        return 500 if self.args.quick else 3000
+
+    @property
+    def ttfb_requests(self) -> int:
+        return 20 if self.args.quick else 100
+
+    # setup ----------------------------------------------------------------------------------
+    def start_upstream(self) -> None:
+        port = free_port()
+        self.upstream = spawn(
+            "upstream",
+            [
+                sys.executable,
+                "-m",
+                "llmtap.testing.fake_upstream",
+                "--port",
+                str(port),
+                "--record-limit",
+                "0",
+            ],
+            self.workdir,
+            self.load_cores,
+        )
+        self.upstream_url = f"http://127.0.0.1:{port}"
+        wait_ready(self.upstream, self.upstream_url + "/healthz")
+        progress(f"fake upstream on {self.upstream_url} (pid {self.upstream.pid}, core {self.upstream.core})")
+        for name, stream in (("chat", False), ("stream", True)):
+            body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]}
+            if stream:
+                body["stream"] = True
+            path = self.workdir / f"{name}.json"
+            path.write_bytes(json.dumps(body, separators=(",", ":")).encode())
+            self.bodies[name] = path
+
+    def llmtap_env(self, data_dir: Path, gw_port: int, srv_port: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_")}
+        env.update(
+            LLMTAP_HOST="127.0.0.1",
+            LLMTAP_GATEWAY_PORT=str(gw_port),
+            LLMTAP_SERVER_PORT=str(srv_port),
+            LLMTAP_DATA_DIR=str(data_dir),
+            LLMTAP_OPENAI_BASE_URL=self.upstream_url,
+            LLMTAP_ANTHROPIC_BASE_URL=self.upstream_url,
+        )
+        for kv in self.args.env:
+            k, _, v = kv.partition("=")
+            env[k] = v
+        return env
+
+    def start_variant(self, name: str, profile_to: Path | None = None) -> Variant:
+        py = sys.executable
+        if name == "direct":
+            assert self.upstream is not None
+            return Variant(name, self.upstream_url)
+        if name == "passthrough":
+            port = free_port()
+            p = spawn(
+                "passthrough",
+                [py, str(HERE / "passthrough.py"), "--port", str(port), "--upstream", self.upstream_url],
+                self.workdir,
+                self.proxy_cores,
+            )
+            wait_ready(p, f"http://127.0.0.1:{port}/healthz")
+            return Variant(name, f"http://127.0.0.1:{port}/openai", {"proxy": p})
+        data = Path(tempfile.mkdtemp(prefix=f"data-{name}-", dir=self.workdir))
+        gw, srv = free_port(), free_port()
+        env = self.llmtap_env(data, gw, srv)
+        cli = [py, "-m", "llmtap.cli"]
+        if profile_to is not None:
+            cli = [py, "-m", "cProfile", "-o", str(profile_to), "-m", "llmtap.cli"]
+        v = Variant(name, f"http://127.0.0.1:{gw}/openai", stats_url=f"http://127.0.0.1:{srv}/api/v1/stats")
+        v.logdir = data
+        if name in ("up", "profile"):
+            p = spawn(f"llmtap-{name}", [*cli, "up"], self.workdir, self.proxy_cores, env)
+            v.procs["proxy"] = p
+            wait_ready(p, f"http://127.0.0.1:{gw}/healthz")
+            wait_ready(p, f"http://127.0.0.1:{srv}/healthz")
+        elif name == "split":
+            # Order as `llmtap up` starts them: consumer and API first, the gateway last.
+            for part in ("worker", "server", "gateway"):
+                v.procs[part] = spawn(f"llmtap-{part}", [*cli, part], self.workdir, self.proxy_cores, env)
+                if part == "worker":
+                    time.sleep(0.5)
+                    if not v.procs[part].alive():
+                        raise SystemExit(f"llmtap worker exited at start:\n{v.procs[part].tail()}")
+            wait_ready(v.procs["server"], f"http://127.0.0.1:{srv}/healthz")
+            wait_ready(v.procs["gateway"], f"http://127.0.0.1:{gw}/healthz")
+        else:
+            raise ValueError(name)
+        return v
+
+    # measurement ----------------------------------------------------------------------------
+    def measure_wrk(
+        self, v: Variant, label: str, body: str, conns: int, mode: str, value: float
+    ) -> dict[str, Any]:
+        assert self.upstream is not None
+        what = f"{value:g} s" if mode == "seconds" else f"{int(value)} requests"
+        progress(f"{v.name}: {label} (wrk -c{conns}, {what})")
+        url = f"{v.base}/v1/chat/completions"
+        sys0, me0 = system_cpu(), self_cpu()
+        cpu0, up0, t0 = v.cpu(), self.upstream.cpu(), time.monotonic()
+        w = run_wrk(url, self.bodies[body], conns, mode, value, "/healthz")
+        wall = time.monotonic() - t0
+        cpu1, up1 = v.cpu(), self.upstream.cpu()
+        sys1, me1 = system_cpu(), self_cpu()
+        ours = sum(cpu1[k] - cpu0[k] for k in cpu0) + (up1 - up0) + w.client_cpu + (me1 - me0)
+        # CPU used on this machine by anything but the benchmark (other jobs, kernel threads): with
+        # 2 cores, a few tens of percent of it already moves throughput numbers.
+        foreign = max(0.0, (sys1[0] - sys0[0]) - ours)
+        steal = sys1[1] - sys0[1]
+        v.expected += w.sent
+        out: dict[str, Any] = {
+            "sent": w.sent,
+            "ok": w.ok,
+            "errors": w.errors(),
+            "fillers": int(w.raw["fillers"]),
+            "seconds": round(w.seconds, 3),
+            "rps": round(w.rps, 1),
+            "p50_ms": w.raw["lat_p50_us"] / 1000,
+            "p90_ms": w.raw["lat_p90_us"] / 1000,
+            "p99_ms": w.raw["lat_p99_us"] / 1000,
+            "max_ms": w.raw["lat_max_us"] / 1000,
+            # Where the CPU went during the load (share of one core each): shows which side saturated.
+            "util_pct": {k: round(100 * (cpu1[k] - cpu0[k]) / wall, 1) for k in cpu0},
+            "upstream_util_pct": round(100 * (up1 - up0) / wall, 1),
+            "wrk_util_pct": round(100 * w.client_cpu / wall, 1),
+            "foreign_util_pct": round(100 * foreign / wall, 1),
+            "steal_pct": round(100 * steal / wall, 1),
+        }
+        if out["foreign_util_pct"] > 10 or out["steal_pct"] > 5:
+            progress(
+                f"  NOTE: other work used {out['foreign_util_pct']:.0f}% of a core during this run "
+                f"(steal {out['steal_pct']:.0f}%); throughput and latency are disturbed"
+            )
+        if w.errors():
+            progress(f"  WARNING: {w.errors()} failed chat requests in this run: {w.raw}")
+        catch_up = 0.0
+        if v.logs:
+            stored, catch_up = v.wait_stored(self.args.catch_up_timeout)
+            out["stored_after"] = stored
+            out["expected_after"] = v.expected
+            if stored != v.expected:
+                progress(f"  WARNING: stored {stored} of {v.expected} after {catch_up:.0f}s")
+        cpu2 = v.cpu()
+        out["catch_up_s"] = round(catch_up, 2)
+        if cpu2:
+            per_proc = {k: (cpu2[k] - cpu0[k]) for k in cpu2}
+            out["cpu_s"] = {k: round(x, 3) for k, x in per_proc.items()}
+            out["cpu_s_per_1k"] = round(1000 * sum(per_proc.values()) / max(w.sent, 1), 3)
+            out["cpu_s_per_1k_by_proc"] = {
+                k: round(1000 * x / max(w.sent, 1), 3) for k, x in per_proc.items()
+            }
+            out["catch_up_cpu_s"] = round(sum(cpu2[k] - cpu1[k] for k in cpu2), 3)
+        msg = f"  {w.rps:8.0f} rps  p50 {out['p50_ms']:.2f} ms  p99 {out['p99_ms']:.2f} ms"
+        if "cpu_s_per_1k" in out:
+            msg += f"  cpu {out['cpu_s_per_1k']:.3f} s/1k"
+        if v.logs:
+            msg += f"  stored {out['stored_after']}/{v.expected} (caught up in {catch_up:.1f}s)"
+        progress(msg)
+        return out
+
+    def measure_ttfb(self, v: Variant) -> dict[str, Any]:
+        n, delay, chunks = self.ttfb_requests, self.args.chunk_delay_ms, 2
+        progress(f"{v.name}: streaming time to first byte ({n} sequential slow streams, {delay} ms/event)")
+        body = self.bodies["stream"].read_bytes()
+        res = asyncio.run(_ttfb(f"{v.base}/v1/chat/completions", body, n, delay, chunks))
+        v.expected += n
+        if v.logs:
+            res["stored_after"], res["catch_up_s"] = v.wait_stored(self.args.catch_up_timeout)
+        progress(f"  ttfb p50 {res['ttfb_p50_ms']:.2f} ms  p99 {res['ttfb_p99_ms']:.2f} ms")
+        return res
+
+    def run_variant(self, name: str) -> dict[str, Any]:
+        progress(f"== {name}: starting")
+        v = self.start_variant(name)
+        try:
+            res: dict[str, Any] = {
+                "processes": {k: {"pid": p.pid, "core": p.core} for k, p in v.procs.items()}
+            }
+            warm = 1.0 if self.args.quick else 2.0
+            res["warmup"] = self.measure_wrk(v, "warm-up", "chat", 64, "seconds", warm)
+            res["c1"] = self.measure_wrk(v, "latency at concurrency 1", "chat", 1, "limit", self.c1_requests)
+            res["c64"] = self.measure_wrk(v, "non-stream max throughput", "chat", 64, "seconds", self.seconds)
+            res["stream"] = self.measure_wrk(
+                v, "stream max throughput", "stream", 64, "seconds", self.seconds
+            )
+            res["ttfb"] = self.measure_ttfb(v)
+            if v.logs:
+                stored, _ = v.wait_stored(self.args.catch_up_timeout)
+                res["logged"] = {"stored": stored, "sent": v.expected}
+                progress(f"  logged {stored}/{v.expected}")
+            return res
+        finally:
+            for p in reversed(list(v.procs.values())):
+                p.stop()
+            progress(f"== {name}: stopped")
+
+    def run_profile(self) -> dict[str, Any]:
+        """`llmtap up` under cProfile: the same loads, then the top functions by own time."""
+        import pstats
+
+        prof = self.workdir / "llmtap-up.prof"
+        progress("== profile: llmtap up under cProfile (numbers here are slowed by the profiler)")
+        v = self.start_variant("profile", profile_to=prof)
+        try:
+            v.procs["proxy"].name = "llmtap-up (cProfile)"
+            threads0 = thread_cpu(v.procs["proxy"].pid)
+            res: dict[str, Any] = {
+                "c64": self.measure_wrk(v, "profiled non-stream", "chat", 64, "seconds", self.seconds),
+                "stream": self.measure_wrk(v, "profiled stream", "stream", 64, "seconds", self.seconds),
+            }
+            threads1 = thread_cpu(v.procs["proxy"].pid)
+        finally:
+            v.procs["proxy"].stop(60)
+        res["thread_cpu_s"] = {
+            k: round(threads1[k] - threads0.get(k, 0.0), 2)
+            for k in threads1
+            if threads1[k] - threads0.get(k, 0.0) >= 0.05
+        }
+        if not prof.exists():
+            progress(f"no profile written ({prof}); llmtap did not exit cleanly:\n{v.procs['proxy'].tail()}")
+            return res
+        dest = Path(self.args.profile_out).resolve()
+        shutil.copyfile(prof, dest)
+        res["prof_file"] = str(dest)
+        st = pstats.Stats(str(prof))
+        total = sum(t[2] for t in st.stats.values())  # type: ignore[attr-defined]
+        rows = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)  # type: ignore[attr-defined]
+        top = []
+        for (file, line, fn), (_cc, nc, tt, ct, _callers) in rows[: self.args.profile_top]:
+            where = f"{shorten(file)}:{line}({fn})"
+            top.append({"function": where, "calls": nc, "tottime_s": round(tt, 3), "cumtime_s": round(ct, 3)})
+        res["profiled_main_thread_s"] = round(total, 2)
+        res["top_by_own_time"] = top
+        llm = sorted(
+            ((k, s) for k, s in st.stats.items() if "/llmtap/" in k[0]),  # type: ignore[attr-defined]
+            key=lambda kv: kv[1][3],
+            reverse=True,
+        )
+        res["llmtap_by_cumulative"] = [
+            {
+                "function": f"{shorten(f)}:{ln}({fn})",
+                "calls": s[1],
+                "tottime_s": round(s[2], 3),
+                "cumtime_s": round(s[3], 3),
+            }
+            for (f, ln, fn), s in llm[: self.args.profile_top]
+        ]
+        return res
+
+
+def shorten(path: str) -> str:
+    for marker in ("/site-packages/", "/src/", "/lib/python3"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def fmt(x: float | None, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = "  ".join(
+        h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
+    )
+    out = [title, line, "-" * len(line)]
+    for r in rows:
+        out.append(
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        )
+    return "\n".join(out)
+
+
+def report(results: dict[str, Any]) -> str:
+    v = results["variants"]
+    names = [n for n in VARIANTS if n in v]
+    d = v.get("direct")
+    out: list[str] = []
+
+    def added(name: str, phase: str, key: str) -> str:
+        if d is None or name == "direct":
+            return "-"
+        return f"{v[name][phase][key] - d[phase][key]:+.2f}"
+
+    rows = []
+    for n in names:
+        r = v[n]
+        rows.append(
+            [
+                n,
+                fmt(r["c1"]["p50_ms"], 3),
+                fmt(r["c1"]["p99_ms"], 3),
+                added(n, "c1", "p50_ms"),
+                added(n, "c1", "p99_ms"),
+                fmt(r["c64"]["p50_ms"]),
+                fmt(r["c64"]["p99_ms"]),
+                added(n, "c64", "p50_ms"),
+                added(n, "c64", "p99_ms"),
+            ]
+        )
+    out.append(
+        table(
+            "Latency, non-streaming chat (ms; 'added' = minus direct; c64 is at saturation, so queueing)",
+            ["variant", "c1 p50", "c1 p99", "+p50", "+p99", "c64 p50", "c64 p99", "+p50", "+p99"],
+            rows,
+        )
+    )
+
+    rows = []
+    for n in names:
+        r = v[n]
+        rows.append(
+            [
+                n,
+                f"{r['c64']['rps']:.0f}",
+                f"{r['stream']['rps']:.0f}",
+                "/".join(f"{x:.0f}" for x in r["c64"]["util_pct"].values()) or "-",
+                f"{r['c64']['upstream_util_pct']:.0f}+{r['c64']['wrk_util_pct']:.0f}",
+                "/".join(f"{x:.0f}" for x in r["stream"]["util_pct"].values()) or "-",
+                f"{r['stream']['upstream_util_pct']:.0f}+{r['stream']['wrk_util_pct']:.0f}",
+            ]
+        )
+    out.append(
+        table(
+            "Max throughput (wrk -t1 -c64; util = % of one core during the run)",
+            ["variant", "chat rps", "stream rps", "proxy util", "upstr+wrk", "proxy util(s)", "upstr+wrk(s)"],
+            rows,
+        )
+    )
+
+    rows = []
+    for n in names:
+        r = v[n]
+        if "cpu_s_per_1k" not in r["c64"]:
+            continue
+
+        def by(phase: str, r: dict[str, Any] = r) -> str:
+            parts = r[phase]["cpu_s_per_1k_by_proc"]
+            return " + ".join(f"{k} {x:.3f}" for k, x in parts.items()) if len(parts) > 1 else ""
+
+        rows.append(
+            [
+                n,
+                fmt(r["c1"]["cpu_s_per_1k"], 3),
+                fmt(r["c64"]["cpu_s_per_1k"], 3),
+                fmt(r["stream"]["cpu_s_per_1k"], 3),
+                fmt(r["c64"]["catch_up_s"], 1),
+                by("c64"),
+            ]
+        )
+    if rows:
+        out.append(
+            table(
+                "CPU seconds per 1,000 requests of the proxy process(es), storage catch-up included",
+                ["variant", "c1", "c64 chat", "c64 stream", "catch-up s", "c64 chat by process"],
+                rows,
+            )
+        )
+
+    rows = []
+    for n in names:
+        t = v[n]["ttfb"]
+        dt = d["ttfb"] if d else None
+        rows.append(
+            [
+                n,
+                fmt(t["ttfb_p50_ms"]),
+                fmt(t["ttfb_p99_ms"]),
+                "-" if dt is None or n == "direct" else f"{t['ttfb_p50_ms'] - dt['ttfb_p50_ms']:+.2f}",
+                "-" if dt is None or n == "direct" else f"{t['ttfb_p99_ms'] - dt['ttfb_p99_ms']:+.2f}",
+                fmt(t["total_p50_ms"], 1),
+                f"{t['reads_p50']:g}",
+            ]
+        )
+    out.append(
+        table(
+            f"Streaming time to first byte (slow stream, {results['config']['chunk_delay_ms']} ms between "
+            "events; a buffering proxy would show TTFB ~ total)",
+            ["variant", "ttfb p50", "ttfb p99", "+p50", "+p99", "total p50", "reads"],
+            rows,
+        )
+    )
+
+    rat = results.get("ratios", {})
+    if rat:
+        rows = []
+        for label, key, target, ok_if_low in (
+            ("CPU/1k chat, up ÷ passthrough", "cpu_chat", CPU_RATIO_TARGET, True),
+            ("CPU/1k stream, up ÷ passthrough", "cpu_stream", CPU_RATIO_TARGET, True),
+            ("max rps chat, up ÷ passthrough", "rps_chat", RPS_RATIO_TARGET, False),
+            ("max rps stream, up ÷ passthrough", "rps_stream", RPS_RATIO_TARGET, False),
+            ("CPU/1k chat, split (all) ÷ passthrough", "split_cpu_chat", None, True),
+            ("CPU/1k chat, split gateway ÷ passthrough", "split_gw_cpu_chat", None, True),
+            ("max rps chat, split ÷ passthrough", "split_rps_chat", None, False),
+        ):
+            if key not in rat:
+                continue
+            x = rat[key]
+            if target is None:
+                verdict, tgt = "", ""
+            else:
+                met = x <= target if ok_if_low else x >= target
+                verdict = "met" if met else "MISSED"
+                tgt = ("≤ " if ok_if_low else "≥ ") + f"{target:g}"
+            rows.append([label, f"{x:.2f}", tgt, verdict])
+        out.append(table("Ratios against the passthrough (same run)", ["ratio", "value", "target", ""], rows))
+
+    for n in names:
+        lg = v[n].get("logged")
+        if lg:
+            ok = "OK" if lg["stored"] == lg["sent"] else "MISMATCH"
+            out.append(f"{n}: logged {lg['stored']}/{lg['sent']} {ok}")
+    return "\n\n".join(out)
+
+
+def ratios(v: dict[str, Any]) -> dict[str, float]:
+    r: dict[str, float] = {}
+    pt = v.get("passthrough")
+    if pt is None:
+        return r
+    for name, prefix in (("up", ""), ("split", "split_")):
+        x = v.get(name)
+        if x is None:
+            continue
+        r[prefix + "cpu_chat"] = x["c64"]["cpu_s_per_1k"] / pt["c64"]["cpu_s_per_1k"]
+        r[prefix + "cpu_stream"] = x["stream"]["cpu_s_per_1k"] / pt["stream"]["cpu_s_per_1k"]
+        r[prefix + "rps_chat"] = x["c64"]["rps"] / pt["c64"]["rps"]
+        r[prefix + "rps_stream"] = x["stream"]["rps"] / pt["stream"]["rps"]
+        if name == "split":
+            r["split_gw_cpu_chat"] = x["c64"]["cpu_s_per_1k_by_proc"]["gateway"] / pt["c64"]["cpu_s_per_1k"]
+    return {k: round(x, 3) for k, x in r.items()}
+
+
+def profile_report(p: dict[str, Any]) -> str:
+    out = [
+        "Profile of `llmtap up` (cProfile sees the event-loop thread only; slowed by the profiler)",
+        f"  profile file: {p.get('prof_file', '-')}   (python -m pstats FILE, or snakeviz FILE)",
+        "  CPU by thread during the profiled load (s): "
+        + ", ".join(f"{k} {x}" for k, x in p.get("thread_cpu_s", {}).items()),
+    ]
+    for key, title in (
+        ("top_by_own_time", "top by own time"),
+        ("llmtap_by_cumulative", "llmtap by cumulative"),
+    ):
+        rows = p.get(key)
+        if not rows:
+            continue
+        out.append("")
+        out.append(
+            table(
+                f"  {title}",
+                ["function", "calls", "own s", "cum s"],
+                [
+                    [r["function"][-90:], str(r["calls"]), f"{r['tottime_s']:.3f}", f"{r['cumtime_s']:.3f}"]
+                    for r in rows
+                ],
+            )
+        )
+    return "\n".join(out)
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def pick_cores(no_pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """Proxy on one core, upstream + load generator on another, the same for every variant."""
+    cores = sorted(os.sched_getaffinity(0))
+    if no_pin or len(cores) < 2:
+        return None, None
+    return {cores[0]}, {cores[1]}
+
+
+def preflight() -> None:
+    if shutil.which("wrk") is None:
+        raise SystemExit(
+            "wrk not found. Install it (Debian/Ubuntu, as root): apt-get update && apt-get install -y wrk"
+        )
+    try:
+        import aiohttp  # noqa: F401
+
+        import llmtap  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(
+            f"{e}: run this with the project's venv, e.g. .venv/bin/python bench/bench_gateway.py"
+        ) from None
+
+
+@contextlib.contextmanager
+def workdir(keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="llmtap-bench-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            progress(f"kept {path} (process logs, data dirs)")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="short runs (3 s loads, fewer requests)")
+    ap.add_argument("--seconds", type=float, help="length of each max-throughput run (default 10, quick 3)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--json", metavar="FILE", help="also write all results as JSON")
+    ap.add_argument("--profile", action="store_true", help="also run `llmtap up` under cProfile and report")
+    ap.add_argument("--profile-out", default="llmtap-up.prof", help="where --profile saves the .prof file")
+    ap.add_argument("--profile-top", type=int, default=25, help="functions to list per profile table")
+    ap.add_argument("--chunk-delay-ms", type=int, default=20, help="delay between events of the TTFB stream")
+    ap.add_argument("--catch-up-timeout", type=float, default=180.0, help="max seconds to wait for storage")
+    ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra env for llmtap (repeat)")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (process logs, data dirs)")
+    args = ap.parse_args(argv)
+    preflight()
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    for n in names:
+        if n not in VARIANTS:
+            ap.error(f"unknown variant {n!r}")
+    proxy_cores, load_cores = pick_cores(args.no_pin)
+    if load_cores:
+        os.sched_setaffinity(0, load_cores)  # this script is a client too (TTFB, polling)
+    cpu_model = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in ln
+        ),
+        "?",
+    )
+    results: dict[str, Any] = {
+        "config": {
+            "quick": args.quick,
+            "cpus": os.cpu_count(),
+            "cpu_model": cpu_model,
+            "proxy_cores": sorted(proxy_cores) if proxy_cores else None,
+            "load_cores": sorted(load_cores) if load_cores else None,
+            "chunk_delay_ms": args.chunk_delay_ms,
+            "python": sys.version.split()[0],
+            "env": args.env,
+        },
+        "variants": {},
+    }
+    progress(
+        f"pinning: proxies on cores {results['config']['proxy_cores']}, "
+        f"upstream + wrk + this script on {results['config']['load_cores']}"
+    )
+    with workdir(args.keep) as wd:
+        b = Bench(args, wd, proxy_cores, load_cores)
+        try:
+            b.start_upstream()
+            for n in names:
+                results["variants"][n] = b.run_variant(n)
+            results["ratios"] = ratios(results["variants"])
+            if args.profile:
+                results["profile"] = b.run_profile()
+        finally:
+            if b.upstream is not None:
+                b.upstream.stop()
+    print()
+    print(report(results))
+    if "profile" in results:
+        print()
+        print(profile_report(results["profile"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        progress(f"wrote {args.json}")
+    bad = [
+        n
+        for n, r in results["variants"].items()
+        if r.get("logged") and r["logged"]["stored"] != r["logged"]["sent"]
+    ]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
