@@ -254,6 +254,7 @@ class WorkerService:
             except RecordError as e:
                 await self.queue.dead_letter(d, str(e))
                 self._count_dead("decode")
+                log.warning("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, e)
         attempts = [0] * len(work)
         pending = list(range(len(work)))
         transient = BACKOFF_START
