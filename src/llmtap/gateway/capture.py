@@ -22,7 +22,7 @@ import orjson
 import zstandard
 
 from llmtap.bodies.base import body_key
-from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, LlmtapHeaders, recordable, redact_url
+from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, LlmtapHeaders, redact_url
 from llmtap.providers import anthropic as anthropic_format
 from llmtap.providers import openai as openai_format
 from llmtap.providers.sse import StreamResult
@@ -31,6 +31,10 @@ from llmtap.record import Body, LogRecord, Outcome, Usage, compress
 #: Past the capture cap a stream keeps this much of its end, so the usage that providers send
 #: last is still found in very long streams.
 TAIL_BYTES = 64 * 1024
+
+#: Bodies smaller than this travel uncompressed (`encoding="identity"`): zstd's per-frame cost
+#: (~5 µs) buys almost nothing on a few hundred bytes.
+COMPRESS_MIN_BYTES = 1024
 
 #: Rough fixed memory of one capture beyond its bodies (objects, headers), for buffer accounting.
 CAPTURE_OVERHEAD = 1024
@@ -167,13 +171,6 @@ def _decode(data: bytes, encoding: str | None) -> bytes | None:
     return None
 
 
-def _header(headers: Iterable[tuple[str, str]], lname: str) -> str | None:
-    for name, value in headers:
-        if name.lower() == lname:
-            return value
-    return None
-
-
 def _loads(data: bytes | None) -> Any:
     if not data:
         return None
@@ -181,6 +178,9 @@ def _loads(data: bytes | None) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
+
+
+_NO_LLMTAP = LlmtapHeaders()
 
 
 class RecordBuilder:
@@ -195,13 +195,15 @@ class RecordBuilder:
         self.inline = inline_body_bytes
         self.gateway = gateway
         self.body_store = body_store
+        self._request_headers = HeaderFilter(REQUEST_DROP)
+        self._response_headers = HeaderFilter(RESPONSE_DROP)
 
     def build(self, cap: Capture) -> tuple[LogRecord, list[tuple[str, bytes, Body]]]:
         uploads: list[tuple[str, bytes, Body]] = []
         fmt = _PROVIDERS.get(cap.provider, openai_format)
-        lh = LlmtapHeaders(cap.llmtap or ())
-        req_headers = list(cap.request_headers)
-        resp_headers = list(cap.response_headers)
+        lh = LlmtapHeaders(cap.llmtap) if cap.llmtap else _NO_LLMTAP
+        req_headers = self._request_headers(cap.request_headers)
+        resp_headers = self._response_headers(cap.response_headers)
 
         started_at = datetime.fromtimestamp(cap.started, UTC)
         end = cap.t_end or cap.t0
@@ -210,18 +212,18 @@ class RecordBuilder:
         first_byte_at = started_at + timedelta(seconds=cap.t_headers - cap.t0) if cap.t_headers else None
 
         # -- request
-        req_ctype = _header(req_headers, "content-type")
+        req_ctype = req_headers.get("content-type")
         req_json = None
         if cap.request_body and not (cap.request_size > len(cap.request_body)):
-            req_json = _loads(_decode(cap.request_body, _header(req_headers, "content-encoding")))
+            req_json = _loads(_decode(cap.request_body, req_headers.get("content-encoding")))
         model = req_json.get("model") if isinstance(req_json, dict) else None
         if not isinstance(model, str):
             model = None
 
         # -- response
         raw = b"".join(cap.chunks)
-        resp_ctype = _header(resp_headers, "content-type")
-        decoded = _decode(raw, _header(resp_headers, "content-encoding"))
+        resp_ctype = resp_headers.get("content-type")
+        decoded = _decode(raw, resp_headers.get("content-encoding"))
         usage = Usage()
         error = cap.error
         response_body: bytes | None = decoded if decoded is not None else raw
@@ -257,6 +259,8 @@ class RecordBuilder:
             ttft = latency_ms if cap.status is not None else None
 
         def body(data: bytes, size: int, truncated: bool, ctype: str | None, part: str) -> Body:
+            if len(data) < COMPRESS_MIN_BYTES and len(data) <= self.inline:
+                return Body(content_type=ctype, size=size, truncated=truncated, data=data)
             z = compress(data)
             if len(z) <= self.inline or not self.body_store:
                 return Body(content_type=ctype, size=size, truncated=truncated, encoding="zstd", data=z)
@@ -311,8 +315,8 @@ class RecordBuilder:
             outcome=cap.outcome,
             error=error[:2000] if error else None,
             usage=usage,
-            request_headers=recordable(req_headers, REQUEST_DROP),
-            response_headers=recordable(resp_headers, RESPONSE_DROP),
+            request_headers=req_headers,
+            response_headers=resp_headers,
             request_body=request_body,
             response_body=resp_body,
             response_events=resp_events,

@@ -65,19 +65,45 @@ def is_credential(lname: str) -> bool:
     return lname in CREDENTIAL_NAMES or lname.endswith(CREDENTIAL_SUFFIXES)
 
 
-def recordable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> dict[str, str]:
+class HeaderFilter:
     """Headers as the record keeps them: lowercase names, credentials and `Llmtap-*` removed.
 
+    The verdict per header *name as spelled* is cached: clients repeat the same few spellings,
+    so a header costs one dict lookup instead of a lowercase copy and three set/prefix tests.
     Repeated headers are joined with ", " (RFC 9110 §5.3).
     """
-    out: dict[str, str] = {}
-    for name, value in headers:
+
+    __slots__ = ("_cache", "_drop")
+
+    def __init__(self, drop: frozenset[str]) -> None:
+        self._drop = drop
+        self._cache: dict[str, str | None] = {}
+
+    def _verdict(self, name: str) -> str | None:
         lname = name.lower()
-        if lname in drop or lname.startswith(LLMTAP_PREFIX) or is_credential(lname):
-            continue
-        prev = out.get(lname)
-        out[lname] = value if prev is None else f"{prev}, {value}"
-    return out
+        if lname in self._drop or lname.startswith(LLMTAP_PREFIX) or is_credential(lname):
+            return None
+        return lname
+
+    def __call__(self, headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        cache = self._cache
+        for name, value in headers:
+            lname = cache.get(name, "")  # "" = not seen yet (a real name is never empty)
+            if lname == "":
+                lname = self._verdict(name)
+                if len(cache) < 4096:  # bounded: header names are client-controlled
+                    cache[name] = lname
+            if lname is None:
+                continue
+            prev = out.get(lname)
+            out[lname] = value if prev is None else f"{prev}, {value}"
+        return out
+
+
+def recordable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> dict[str, str]:
+    """One-off form of `HeaderFilter` (no cache)."""
+    return HeaderFilter(drop)(headers)
 
 
 def redact_url(url: str) -> str:
