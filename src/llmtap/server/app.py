@@ -1,0 +1,212 @@
+"""`llmtap server`: the query API, the placeholder dashboard and the fallback ingest endpoint.
+
+One aiohttp application. A middleware turns every failure into a JSON error a client can act
+on: 400 naming the bad parameter, 401 without a valid key (multi-tenant mode), 404, 503 with
+`Retry-After` while the store or body store is down, and a logged 500 for bugs only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import REGISTRY, Counter, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from llmtap.bodies.base import BodyStore
+from llmtap.config import Settings
+from llmtap.errors import BackendUnavailable, ConfigError
+from llmtap.handlers.base import Chain
+from llmtap.server import api, openapi
+from llmtap.server.auth import Unauthorized, check_ingest, tenant_for
+from llmtap.store.base import Store
+
+log = logging.getLogger("llmtap.server")
+
+STATIC = Path(__file__).parent / "static"
+#: Largest accepted request body (an ingest batch of records with inline bodies).
+MAX_BODY = 128 * 1024 * 1024
+
+API_REQUESTS = Counter(
+    "llmtap_api_requests_total", "Query API calls by endpoint and status", ["endpoint", "status"]
+)
+
+# Routes that never need a tenant's key.
+_PUBLIC = frozenset({"/healthz", "/metrics", "/", "/api/v1/openapi.json", "/api/v1/ingest"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    endpoint = (
+        request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    )
+    try:
+        response = await handler(request)
+    except api.BadParameter as e:
+        response = api.error_response(400, e.message, parameter=e.parameter)
+    except Unauthorized as e:
+        response = api.error_response(401, str(e))
+        response.headers["WWW-Authenticate"] = "Bearer"
+    except BackendUnavailable as e:  # TransientError included: the store or body store is down
+        log.warning("%s %s: %s", request.method, request.path, e)
+        response = api.error_response(503, f"temporarily unavailable: {e}")
+    except web.HTTPException as e:
+        if not request.path.startswith("/api/") or e.status < 400:
+            raise
+        response = api.error_response(e.status, e.reason)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        response = api.error_response(500, "internal error (logged on the server)")
+    if endpoint.startswith("/api/"):
+        API_REQUESTS.labels(endpoint, str(response.status)).inc()
+    return response
+
+
+def _auth(settings: Settings, store: Store) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path == "/api/v1/ingest":
+            check_ingest(request, settings)
+        elif path.startswith("/api/") and path not in _PUBLIC:
+            request[api.TENANT] = await tenant_for(request, settings, store)
+        return await handler(request)
+
+    return auth
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return api.json_response({"status": "ok"})
+
+
+async def _index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    resp = web.Response(body=generate_latest(REGISTRY))
+    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return resp
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    api.no_params(request)
+    return api.json_response(openapi.document())
+
+
+def build_app(settings: Settings, store: Store, bodies: BodyStore, chain: Chain) -> web.Application:
+    """The server's aiohttp application over already-connected backends."""
+    app = web.Application(middlewares=[_errors, _auth(settings, store)], client_max_size=MAX_BODY)
+    app[api.SETTINGS] = settings
+    app[api.STORE] = store
+    app[api.BODIES] = bodies
+    app[api.CHAIN] = chain
+    r = app.router
+    r.add_get("/healthz", _healthz)
+    r.add_get("/metrics", _metrics)
+    r.add_get("/", _index)
+    r.add_get("/api/v1/openapi.json", _openapi)
+    r.add_get("/api/v1/requests", api.list_requests)
+    r.add_get("/api/v1/requests/{id}", api.get_request)
+    r.add_get("/api/v1/stats", api.stats)
+    r.add_get("/api/v1/sessions/{id}", api.session)
+    r.add_get("/api/v1/users", api.users)
+    r.add_post("/api/v1/ingest", api.ingest)
+    return app
+
+
+class ServerService:
+    """`llmtap server`: a `runtime.Service`.
+
+    What it opens from settings (store, body store, chain) it connects and closes; objects
+    passed in belong to the caller, who connects and closes them (so `llmtap up` can share one
+    store between worker and server).
+    """
+
+    name = "server"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        bodies: BodyStore | None = None,
+        chain: Chain | None = None,
+    ) -> None:
+        self.settings = settings
+        self._own_store = store is None
+        self._own_bodies = bodies is None
+        self._own_chain = chain is None
+        if store is None:
+            from llmtap.store.base import open_store
+
+            store = open_store(settings)
+        if bodies is None:
+            from llmtap.bodies.base import open_body_store
+
+            bodies = open_body_store(settings)
+        if chain is None:
+            from llmtap.handlers.base import build_chain
+
+            chain = build_chain(settings, store, bodies)
+        self.store: Store = store
+        self.bodies: BodyStore = bodies
+        self.chain: Chain = chain
+        self.port: int = settings.server_port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> list[str]:
+        opened: list[Store | BodyStore | Chain] = []
+        try:
+            if self._own_store:
+                await self.store.connect()
+                opened.append(self.store)
+            if self._own_bodies:
+                await self.bodies.connect()
+                opened.append(self.bodies)
+            if self._own_chain:
+                await self.chain.start()
+                opened.append(self.chain)
+            app = build_app(self.settings, self.store, self.bodies, self.chain)
+            runner = web.AppRunner(
+                app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.shutdown_timeout
+            )
+            await runner.setup()
+            host = self.settings.host
+            try:
+                site = web.TCPSite(runner, host, self.settings.server_port)
+                await site.start()
+            except OSError as e:
+                await runner.cleanup()
+                why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+                raise ConfigError(
+                    f"cannot listen on {host}:{self.settings.server_port}"
+                    f" (LLMTAP_HOST/LLMTAP_SERVER_PORT): {why}"
+                ) from None
+        except BaseException:
+            for o in reversed(opened):
+                with contextlib.suppress(Exception):
+                    await o.close()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        shown = host if ":" not in host else f"[{host}]"
+        return [f"server    http://{shown}:{self.port}  (API /api/v1, dashboard /)"]
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()  # stops accepting, lets in-flight calls (ingest) finish
+        if self._own_chain:
+            with contextlib.suppress(Exception):
+                await self.chain.close()
+        if self._own_bodies:
+            await self.bodies.close()
+        if self._own_store:
+            await self.store.close()

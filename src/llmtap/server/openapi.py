@@ -1,0 +1,371 @@
+"""The OpenAPI 3.1 description of the query API, written by hand to match `api.py`.
+
+`tests/test_api.py` checks that every route the app serves is described here and that the
+parameters listed are exactly those the handlers accept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmtap import __version__
+from llmtap.store.sql import MAX_BUCKETS, MAX_GROUPS, MAX_SESSION_REQUESTS, STAT_GROUPS
+
+
+def _q(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+_STR = {"type": "string"}
+_TIME = {"type": "string", "description": "ISO 8601 (naive means UTC) or epoch seconds"}
+_FILTERS = [
+    _q("user_id", "Only this user's requests (Llmtap-User-Id).", _STR),
+    _q("session_id", "Only this session's requests (Llmtap-Session-Id).", _STR),
+    _q("model", "Only this model.", _STR),
+    _q("provider", "Only this provider (openai, anthropic).", _STR),
+    _q("status", "Only this HTTP status.", {"type": "integer", "minimum": 100, "maximum": 599}),
+    _q("since", "Requests started at or after this time.", _TIME),
+    _q("until", "Requests started before this time (exclusive).", _TIME),
+]
+_PROPERTY = {
+    "name": "property.<Name>",
+    "in": "query",
+    "required": False,
+    "description": "Only requests whose property <Name> (Llmtap-Property-<Name>) equals the value.",
+    "schema": _STR,
+}
+_ERR = {"$ref": "#/components/responses/Error"}
+_AUTH_ERRORS = {"400": _ERR, "401": _ERR, "503": _ERR}
+
+_PCT = {
+    "type": "object",
+    "properties": {k: {"type": ["number", "null"]} for k in ("p50", "p90", "p99")},
+    "description": "Percentiles by linear interpolation (PostgreSQL percentile_cont); null without data.",
+}
+_TOTALS = {
+    "type": "object",
+    "properties": {
+        "count": {"type": "integer"},
+        "error_count": {"type": "integer", "description": "status >= 400 or outcome other than completed"},
+        "error_rate": {"type": "number"},
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+        "cached_tokens": {"type": "integer"},
+        "reasoning_tokens": {"type": "integer"},
+        "cost_usd": {"type": "number", "description": "summed exactly in nano-dollars, then divided"},
+        "first_at": {"type": ["string", "null"], "format": "date-time"},
+        "last_at": {"type": ["string", "null"], "format": "date-time"},
+        "latency_ms": _PCT,
+        "time_to_first_token_ms": _PCT,
+    },
+}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_REQUEST_SUMMARY = {
+    "type": "object",
+    "properties": {
+        "id": _STR,
+        "tenant": _STR,
+        "created_at": {"type": "string", "format": "date-time", "description": "request start, UTC"},
+        "provider": _STR,
+        "model": _NULLABLE_STR,
+        "method": _STR,
+        "path": _STR,
+        "target_url": _STR,
+        "status": _NULLABLE_INT,
+        "outcome": {
+            "enum": [
+                "completed",
+                "client_disconnected",
+                "upstream_cut",
+                "upstream_timeout",
+                "upstream_unreachable",
+            ]
+        },
+        "error": _NULLABLE_STR,
+        "streamed": {"type": "boolean"},
+        "latency_ms": {"type": "number"},
+        "time_to_first_token_ms": {"type": ["number", "null"]},
+        "prompt_tokens": _NULLABLE_INT,
+        "completion_tokens": _NULLABLE_INT,
+        "total_tokens": _NULLABLE_INT,
+        "cached_tokens": _NULLABLE_INT,
+        "cache_write_tokens": _NULLABLE_INT,
+        "reasoning_tokens": _NULLABLE_INT,
+        "usage_source": {"enum": ["provider", "estimated", "missing"]},
+        "cost_usd": {"type": ["number", "null"]},
+        "price_version": _NULLABLE_STR,
+        "user_id": _NULLABLE_STR,
+        "session_id": _NULLABLE_STR,
+        "properties": {"type": "object", "additionalProperties": _STR},
+        "request_headers": {"type": "object", "additionalProperties": _STR},
+        "response_headers": {"type": "object", "additionalProperties": _STR},
+        "route": {"enum": ["queue", "ingest", "spool"]},
+        "first_byte_at": {"type": ["string", "null"], "format": "date-time"},
+        "ended_at": {"type": ["string", "null"], "format": "date-time"},
+        "gateway": _NULLABLE_STR,
+    },
+}
+_BODY_INFO = {
+    "type": ["object", "null"],
+    "properties": {
+        "content_type": _NULLABLE_STR,
+        "size": {"type": "integer"},
+        "truncated": {"type": "boolean"},
+    },
+}
+_REQUEST = {
+    "allOf": [
+        {"$ref": "#/components/schemas/RequestSummary"},
+        {
+            "type": "object",
+            "properties": {
+                "request_body": {
+                    "description": "JSON where the body was JSON, else text; null where omitted"
+                },
+                "response_body": {
+                    "description": "JSON where the body was JSON, else text; null where omitted"
+                },
+                "response_events": {
+                    "type": ["string", "null"],
+                    "description": "raw SSE of a streamed response",
+                },
+                "bodies": {
+                    "type": "object",
+                    "properties": {
+                        k: _BODY_INFO for k in ("request_body", "response_body", "response_events")
+                    },
+                },
+            },
+        },
+    ]
+}
+
+
+def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def document() -> dict[str, Any]:
+    groups = ", ".join(STAT_GROUPS)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "llmtap query API",
+            "version": __version__,
+            "description": (
+                "Query logged LLM requests. Unknown or repeated query parameters and bad values are "
+                "answered 400 with the parameter named. In multi-tenant mode every call except "
+                "/api/v1/ingest and this document needs 'Authorization: Bearer <key>' and sees only "
+                "its tenant's data."
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "components": {
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a key from `llmtap keys create`",
+                },
+                "ingestToken": {"type": "http", "scheme": "bearer", "description": "LLMTAP_INGEST_TOKEN"},
+            },
+            "responses": {
+                "Error": _ok(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "error": {
+                                "type": "object",
+                                "properties": {"message": _STR, "parameter": _STR},
+                                "required": ["message"],
+                            }
+                        },
+                    },
+                    "An error; `parameter` names the offending query parameter for 400s.",
+                )
+            },
+            "schemas": {"RequestSummary": _REQUEST_SUMMARY, "Request": _REQUEST, "Totals": _TOTALS},
+        },
+        "security": [{}, {"apiKey": []}],
+        "paths": {
+            "/healthz": {
+                "get": {
+                    "summary": "Readiness",
+                    "security": [{}],
+                    "responses": {"200": _ok({"type": "object"})},
+                }
+            },
+            "/api/v1/requests": {
+                "get": {
+                    "summary": "List requests, newest first, with cursor pagination",
+                    "parameters": [
+                        _q(
+                            "limit",
+                            "Page size.",
+                            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+                        ),
+                        _q("cursor", "The next_cursor of the previous page (opaque).", _STR),
+                        _q("order", "desc (newest first, default) or asc.", {"enum": ["desc", "asc"]}),
+                        *_FILTERS,
+                        _PROPERTY,
+                    ],
+                    "responses": {
+                        "200": _ok(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "items": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/RequestSummary"},
+                                    },
+                                    "next_cursor": _NULLABLE_STR,
+                                },
+                            }
+                        ),
+                        **_AUTH_ERRORS,
+                    },
+                }
+            },
+            "/api/v1/requests/{id}": {
+                "get": {
+                    "summary": "One request with its bodies",
+                    "parameters": [{"name": "id", "in": "path", "required": True, "schema": _STR}],
+                    "responses": {
+                        "200": _ok({"$ref": "#/components/schemas/Request"}),
+                        "404": {**_ERR, "description": "not stored (yet)"},
+                        **_AUTH_ERRORS,
+                    },
+                }
+            },
+            "/api/v1/stats": {
+                "get": {
+                    "summary": "Counts, tokens, cost, error rate and latency percentiles",
+                    "description": (
+                        f"Overall, per group (at most {MAX_GROUPS}, largest first) and per time bucket "
+                        f"(at most {MAX_BUCKETS}, oldest first). The list filters apply too."
+                    ),
+                    "parameters": [
+                        _q("group_by", f"One of {groups} or property.<Name>.", _STR),
+                        _q("bucket", "Time buckets (UTC).", {"enum": ["minute", "hour", "day"]}),
+                        *_FILTERS,
+                        _PROPERTY,
+                    ],
+                    "responses": {
+                        "200": _ok(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "overall": {"$ref": "#/components/schemas/Totals"},
+                                    "groups": {
+                                        "type": "array",
+                                        "items": {
+                                            "allOf": [
+                                                {"type": "object", "properties": {"key": {}}},
+                                                {"$ref": "#/components/schemas/Totals"},
+                                            ]
+                                        },
+                                    },
+                                    "buckets": {
+                                        "type": "array",
+                                        "items": {
+                                            "allOf": [
+                                                {
+                                                    "type": "object",
+                                                    "properties": {
+                                                        "start": {"type": "string", "format": "date-time"}
+                                                    },
+                                                },
+                                                {"$ref": "#/components/schemas/Totals"},
+                                            ]
+                                        },
+                                    },
+                                    "group_by": _NULLABLE_STR,
+                                    "bucket": _NULLABLE_STR,
+                                    "since": _NULLABLE_STR,
+                                    "until": _NULLABLE_STR,
+                                },
+                            }
+                        ),
+                        **_AUTH_ERRORS,
+                    },
+                }
+            },
+            "/api/v1/sessions/{id}": {
+                "get": {
+                    "summary": f"A session's requests, oldest first (at most {MAX_SESSION_REQUESTS})",
+                    "parameters": [{"name": "id", "in": "path", "required": True, "schema": _STR}],
+                    "responses": {
+                        "200": _ok(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "session_id": _STR,
+                                    "totals": {"$ref": "#/components/schemas/Totals"},
+                                    "requests": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/RequestSummary"},
+                                    },
+                                    "truncated": {"type": "boolean"},
+                                },
+                            }
+                        ),
+                        "404": _ERR,
+                        **_AUTH_ERRORS,
+                    },
+                }
+            },
+            "/api/v1/users": {
+                "get": {
+                    "summary": "Per-user totals, most recently active first",
+                    "parameters": [
+                        _q(
+                            "limit",
+                            "How many users.",
+                            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                        )
+                    ],
+                    "responses": {
+                        "200": _ok({"type": "object", "properties": {"items": {"type": "array"}}}),
+                        **_AUTH_ERRORS,
+                    },
+                }
+            },
+            "/api/v1/ingest": {
+                "post": {
+                    "summary": "Fallback path: store log records through the worker's handler chain",
+                    "description": (
+                        "Body: one log record (v1) or a JSON array of them. Answers 200 only once every "
+                        "record is durable in the store; 503 with Retry-After while a backend is down "
+                        "(retry later, nothing to undo: writes are idempotent); 400 for unreadable input "
+                        "(nothing stored) or for records the chain rejects (the others are stored; "
+                        "`accepted` and `rejected` say which). Needs 'Authorization: Bearer "
+                        "<LLMTAP_INGEST_TOKEN>'; without a configured token only loopback clients may post."
+                    ),
+                    "security": [{"ingestToken": []}],
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+                    "responses": {
+                        "200": _ok({"type": "object", "properties": {"accepted": {"type": "integer"}}}),
+                        "400": _ERR,
+                        "401": _ERR,
+                        "503": _ERR,
+                    },
+                }
+            },
+            "/api/v1/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "security": [{}],
+                    "responses": {"200": _ok({"type": "object"})},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "security": [{}],
+                    "responses": {"200": {"description": "text exposition format"}},
+                }
+            },
+        },
+    }

@@ -1,0 +1,468 @@
+"""The server over real stores (SQLite and PostgreSQL) and a real file body store, through HTTP.
+
+Records enter the way the fallback path brings them — `POST /api/v1/ingest` through the real
+handler chain (bodies to the body store, cost, store insert) — and are read back through the
+query API and compared with a Python reference.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from llmtap.config import Settings
+from llmtap.errors import ConfigError
+from llmtap.record import Body, LogRecord, compress, encode, encode_many
+from llmtap.server import api
+from llmtap.server.app import ServerService
+from llmtap.server.auth import is_loopback
+from store_helpers import (
+    T0,
+    assert_totals,
+    dataset,
+    open_store,
+    pg_database,
+    ref_filter,
+    store_params,
+)
+from store_helpers import rec as _rec
+
+pytestmark = pytest.mark.timeout(120)
+
+CONTRACT_FIELDS = (
+    "id",
+    "created_at",
+    "provider",
+    "model",
+    "status",
+    "streamed",
+    "latency_ms",
+    "time_to_first_token_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_usd",
+    "user_id",
+    "session_id",
+    "properties",
+    "request_body",
+    "response_body",
+)
+
+
+def rec(i: int = 0, **kw: Any) -> LogRecord:
+    """A record of the single-tenant mode's tenant."""
+    kw.setdefault("tenant", "default")
+    return _rec(i, **kw)
+
+
+class Server:
+    def __init__(self, svc: ServerService, http: aiohttp.ClientSession) -> None:
+        self.svc = svc
+        self.http = http
+        self.base = f"http://127.0.0.1:{svc.port}"
+
+    async def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+        async with self.http.get(self.base + path, **kw) as r:
+            body = await r.read()
+            return r.status, (orjson.loads(body) if r.content_type == "application/json" else body.decode())
+
+    async def ingest(self, payload: bytes, **kw: Any) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+        async with self.http.post(self.base + "/api/v1/ingest", data=payload, **kw) as r:
+            return r.status, orjson.loads(await r.read()), r.headers
+
+
+def settings_for(kind: str, tmp_path: Path, url: str | None, **kw: Any) -> Settings:
+    store = f"sqlite:{tmp_path / 'store.db'}" if kind == "sqlite" else url
+    return Settings(
+        data_dir=tmp_path,
+        server_port=0,
+        store=store,
+        bodies=f"file:{tmp_path / 'bodies'}",
+        queue="sqlite",
+        **kw,
+    )
+
+
+async def start_server(kind: str, tmp_path: Path, **kw: Any) -> AsyncIterator[Server]:
+    if kind == "sqlite":
+        svc = ServerService(settings_for(kind, tmp_path, None, **kw))
+        await svc.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                yield Server(svc, http)
+        finally:
+            await svc.stop()
+        return
+    async with pg_database() as url:
+        svc = ServerService(settings_for(kind, tmp_path, url, **kw))
+        await svc.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                yield Server(svc, http)
+        finally:
+            await svc.stop()
+
+
+@pytest.fixture(params=store_params())
+async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Server]:
+    async for s in start_server(request.param, tmp_path):
+        yield s
+
+
+def inline(obj: Any, content_type: str = "application/json") -> Body:
+    raw = obj if isinstance(obj, bytes) else orjson.dumps(obj)
+    return Body(content_type=content_type, size=len(raw), encoding="zstd", data=compress(raw))
+
+
+def with_bodies(r: LogRecord, i: int) -> LogRecord:
+    r.request_body = inline({"model": r.model, "messages": [{"role": "user", "content": f"hi {i}"}]})
+    r.response_body = inline({"id": f"chatcmpl-{i}", "choices": []})
+    return r
+
+
+# -- the contract's shape ---------------------------------------------------------------------------
+
+
+async def test_get_request_has_the_contract_fields_and_bodies(server: Server) -> None:
+    r = with_bodies(rec(1, user_id="u1", session_id="s1", properties={"env": "prod"}), 1)
+    streamed = rec(2, streamed=True, request_body=inline({"stream": True}))
+    streamed.response_body = inline(b"not json at all \xff", "text/plain")
+    streamed.response_events = inline(b'data: {"x":1}\n\ndata: [DONE]\n\n', "text/event-stream")
+    omitted = rec(3, request_body=None, response_body=None, omit_request=True, omit_response=True)
+    status, body, _ = await server.ingest(encode_many([r, streamed, omitted]))
+    assert (status, body) == (200, {"accepted": 3})
+
+    status, got = await server.get(f"/api/v1/requests/{r.id}")
+    assert status == 200
+    for f in CONTRACT_FIELDS:
+        assert f in got, f
+    assert got["created_at"] == "2025-03-30T12:00:01.123456Z"
+    assert got["request_body"] == {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi 1"}]}
+    assert got["response_body"] == {"id": "chatcmpl-1", "choices": []}
+    assert got["properties"] == {"env": "prod"}
+    assert (got["user_id"], got["session_id"], got["streamed"], got["status"]) == ("u1", "s1", False, 200)
+    assert got["latency_ms"] == r.latency_ms and got["time_to_first_token_ms"] == r.time_to_first_token_ms
+    assert (got["prompt_tokens"], got["completion_tokens"], got["total_tokens"]) == (11, 1, 12)
+    assert got["route"] == "ingest" and got["outcome"] == "completed" and got["usage_source"] == "provider"
+    assert isinstance(got["cost_usd"], float)
+    assert got["bodies"]["request_body"]["size"] == r.request_body.size if r.request_body else False
+
+    status, got = await server.get(f"/api/v1/requests/{streamed.id}")
+    assert got["streamed"] is True
+    assert got["response_body"] == "not json at all \ufffd"
+    assert got["response_events"] == 'data: {"x":1}\n\ndata: [DONE]\n\n'
+
+    status, got = await server.get(f"/api/v1/requests/{omitted.id}")
+    assert got["request_body"] is None and got["response_body"] is None and got["response_events"] is None
+
+    status, got = await server.get(f"/api/v1/requests/{uuid.uuid4()}")
+    assert status == 404 and "message" in got["error"]
+
+
+async def test_list_pages_match_the_reference(server: Server) -> None:
+    records = dataset(240, seed=21, tenants=("default", "other"))
+    for i in range(0, 240, 80):
+        status, _, _ = await server.ingest(encode_many(records[i : i + 80]))
+        assert status == 200
+    since = T0 - timedelta(days=30)
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("", {}),
+        ("&model=gpt-4o", {"model": "gpt-4o"}),
+        ("&user_id=d%27ave%3B%20DROP%20TABLE%20requests%3B--", {"user_id": "d'ave; DROP TABLE requests;--"}),
+        ("&property.env=100%25_off", {"properties": {"env": "100%_off"}}),
+        (f"&since={int(since.timestamp())}", {"since": since}),
+        ("&since=" + since.isoformat().replace("+00:00", "Z"), {"since": since}),
+        ("&status=429&provider=openai", {"status": 429, "provider": "openai"}),
+    ]
+    for query, f in cases:
+        ids: list[str] = []
+        cursor = None
+        while True:
+            q = f"/api/v1/requests?limit=9{query}" + (f"&cursor={cursor}" if cursor else "")
+            status, page = await server.get(q)
+            assert status == 200, page
+            assert len(page["items"]) <= 9
+            for item in page["items"]:
+                assert "request_body" not in item and "response_body" not in item
+            ids += [i["id"] for i in page["items"]]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        want = [r.id for r in ref_filter(records, "default", **f)]
+        assert want and ids == want, query
+    status, page = await server.get("/api/v1/requests")
+    assert status == 200 and len(page["items"]) == 50  # the default limit
+
+
+async def test_stats_sessions_users(server: Server) -> None:
+    records = dataset(200, seed=9, tenants=("default",))
+    assert (await server.ingest(encode_many(records)))[0] == 200
+    from llmtap.pricing import apply_cost
+
+    for r in records:  # the chain prices records; the reference must see the same costs
+        apply_cost(r)
+    assert any(r.cost_nanos for r in records)
+    status, s = await server.get("/api/v1/stats?group_by=model&bucket=day")
+    assert status == 200
+    assert set(s) >= {"overall", "groups", "buckets"}
+    assert_totals(s["overall"], records)
+    for g in s["groups"]:
+        assert_totals(g, [r for r in records if r.model == g["key"]])
+    assert sum(b["count"] for b in s["buckets"]) == len(records)
+    status, s = await server.get("/api/v1/stats?group_by=property.env&user_id=alice")
+    for g in s["groups"]:
+        assert_totals(g, [r for r in records if r.user_id == "alice" and r.properties.get("env") == g["key"]])
+    status, sess = await server.get("/api/v1/sessions/s2")
+    assert status == 200
+    want = sorted((r for r in records if r.session_id == "s2"), key=lambda r: (r.started_at, r.id))
+    assert [x["id"] for x in sess["requests"]] == [r.id for r in want]
+    assert_totals(sess["totals"], want)
+    assert (await server.get("/api/v1/sessions/nope"))[0] == 404
+    status, users = await server.get("/api/v1/users?limit=2")
+    assert status == 200 and len(users["items"]) == 2
+    status, users = await server.get("/api/v1/users")
+    assert {u["user_id"] for u in users["items"]} == {r.user_id for r in records if r.user_id}
+
+
+# -- hostile input -------------------------------------------------------------------------------------
+
+BAD = [
+    ("/api/v1/requests?limit=0", "limit"),
+    ("/api/v1/requests?limit=1001", "limit"),
+    ("/api/v1/requests?limit=99999999999999999999999", "limit"),
+    ("/api/v1/requests?limit=ten", "limit"),
+    ("/api/v1/requests?limit=1&limit=2", "limit"),
+    ("/api/v1/requests?cursor=garbage", "cursor"),
+    ("/api/v1/requests?cursor=%27%3B%20DROP%20TABLE%20requests%3B--", "cursor"),
+    ("/api/v1/requests?cursor=WzEsMl0", "cursor"),
+    ("/api/v1/requests?since=yesterday", "since"),
+    ("/api/v1/requests?until=99999999999999", "until"),
+    ("/api/v1/requests?since=2025-13-01", "since"),
+    ("/api/v1/requests?status=abc", "status"),
+    ("/api/v1/requests?status=42", "status"),
+    ("/api/v1/requests?order=sideways", "order"),
+    ("/api/v1/requests?modle=gpt-4o", "modle"),
+    ("/api/v1/requests?property.=x", "property."),
+    ("/api/v1/requests?user_id=a%00b", "user_id"),
+    ("/api/v1/requests?property.a%00=b", "property.a\x00"),
+    ("/api/v1/requests?model=" + "x" * 5000, "model"),
+    ("/api/v1/requests?group_by=model", "group_by"),
+    ("/api/v1/stats?group_by=tenant", "group_by"),
+    ("/api/v1/stats?group_by=latency_ms%3B%20DROP%20TABLE%20requests", "group_by"),
+    ("/api/v1/stats?group_by=property.", "group_by"),
+    ("/api/v1/stats?bucket=week", "bucket"),
+    ("/api/v1/stats?bucket=minute&since=2000-01-01&until=2025-01-01", "bucket"),
+    ("/api/v1/stats?limit=5", "limit"),
+    ("/api/v1/users?limit=0", "limit"),
+    ("/api/v1/users?user_id=x", "user_id"),
+    ("/api/v1/requests/abc?x=1", "x"),
+    ("/api/v1/sessions/abc?limit=1", "limit"),
+    ("/api/v1/openapi.json?v=2", "v"),
+]
+
+
+async def test_bad_parameters_are_400_naming_the_parameter(server: Server) -> None:
+    await server.ingest(encode(rec(1)))
+    for path, param in BAD:
+        status, body = await server.get(path)
+        assert status == 400, (path, status, body)
+        assert body["error"]["parameter"] == param, (path, body)
+        assert (
+            param.replace("\x00", "") in body["error"]["message"].replace("\x00", "") or param == "property."
+        )
+
+
+async def test_metacharacters_in_every_filter_return_nothing_and_leak_nothing(server: Server) -> None:
+    await server.ingest(encode_many([rec(i, user_id="u", properties={"p": "v"}) for i in range(3)]))
+    nasty = ["' OR '1'='1", "'; DROP TABLE requests; --", '" OR ""="', "%", "_", "\\", "*", ")", "ü", "😀"]
+    for v in nasty:
+        for name in ("user_id", "session_id", "model", "provider", "property.p", f"property.{v}"):
+            for path in ("/api/v1/requests", "/api/v1/stats"):
+                status, body = await server.get(path, params={name: v})
+                assert status == 200, (name, v, body)
+                if path == "/api/v1/requests":
+                    assert body["items"] == [] and body["next_cursor"] is None
+                else:
+                    assert body["overall"]["count"] == 0
+        for path in (f"/api/v1/requests/{v}", f"/api/v1/sessions/{v}"):
+            status, body = await server.get(path.replace("%", "%25"))
+            assert status in (404, 400), (path, status)
+        status, body = await server.get("/api/v1/stats", params={"group_by": f"property.{v}"})
+        assert status == 200 and [g["key"] for g in body["groups"]] == [None]
+    # and the table is still there
+    status, body = await server.get("/api/v1/requests")
+    assert len(body["items"]) == 3
+
+
+async def test_invalid_utf8_in_query_is_400_not_500(server: Server) -> None:
+    status, body = await server.get("/api/v1/requests?user_id=%ff%fe")
+    assert status in (200, 400), body  # decoded with replacement characters, or refused
+    status, body = await server.get("/api/v1/requests/%ed%a0%80")
+    assert status in (400, 404)
+
+
+# -- ingest --------------------------------------------------------------------------------------------
+
+
+async def test_ingest_is_durable_before_2xx_and_idempotent(server: Server) -> None:
+    batch = [with_bodies(rec(i, id=str(uuid.uuid4())), i) for i in range(30)]
+    status, body, _ = await server.ingest(encode_many(batch))
+    assert (status, body) == (200, {"accepted": 30})
+    # readable right away, by a second connection to the store (durable, not just buffered)
+    for r in batch[:5]:
+        status, got = await server.get(f"/api/v1/requests/{r.id}")
+        assert status == 200 and got["request_body"]["messages"][0]["content"].startswith("hi")
+    # the same records again (a gateway retry): still one row each
+    assert (await server.ingest(encode_many(batch)))[0] == 200
+    assert (await server.ingest(encode(batch[0])))[0] == 200
+    status, s = await server.get("/api/v1/stats")
+    assert s["overall"]["count"] == 30
+
+
+async def test_ingest_rejects_bad_input_with_reasons(server: Server) -> None:
+    for payload, fragment in (
+        (b"", "JSON log record"),
+        (b"not json", "JSON log record"),
+        (b"[1, 2]", "invalid record batch"),
+        (b'{"v": 1, "id": "x"}', "invalid record"),
+        (b'{"v":7,' + encode(rec(1))[1:], "version"),
+    ):
+        status, body, _ = await server.ingest(payload)
+        assert status == 400, payload
+        assert fragment in body["error"]["message"], (payload, body)
+    status, s = await server.get("/api/v1/stats")
+    assert s["overall"]["count"] == 0
+
+
+async def test_ingest_record_the_chain_rejects_is_named_and_others_stored(server: Server) -> None:
+    good = rec(1)
+    bad = rec(2, id="has/slash", request_body=inline({"a": 1}))  # cannot name a body file
+    status, body, _ = await server.ingest(encode_many([good, bad]))
+    assert status == 400
+    assert body["error"]["accepted"] == 1
+    assert [r["id"] for r in body["error"]["rejected"]] == ["has/slash"]
+    assert (await server.get(f"/api/v1/requests/{good.id}"))[0] == 200
+
+
+async def test_ingest_answers_503_while_the_store_is_locked(tmp_path: Path) -> None:
+    from llmtap.store.sqlite import SQLiteStore
+
+    settings = settings_for("sqlite", tmp_path, None)
+    store = SQLiteStore(tmp_path / "locked.db", busy_timeout=0.2)
+    await store.connect()
+    svc = ServerService(settings, store=store)
+    await svc.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            srv = Server(svc, http)
+            blocker = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
+            status, body, headers = await srv.ingest(encode(rec(1)))
+            assert status == 503 and headers["Retry-After"] == "5", body
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            assert (await srv.ingest(encode(rec(1))))[0] == 200
+            assert (await srv.get(f"/api/v1/requests/{rec(1).id}"))[0] == 200
+    finally:
+        await svc.stop()
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_ingest_token(kind: str, tmp_path: Path) -> None:
+    async for srv in start_server(kind, tmp_path, ingest_token="s3cret-token"):
+        payload = encode(rec(1))
+        for headers in (
+            {},
+            {"Authorization": "Bearer nope"},
+            {"Authorization": "s3cret-token"},
+            {"Authorization": "Basic s3cret-token"},
+        ):
+            status, body, h = await srv.ingest(payload, headers=headers)
+            assert status == 401 and h["WWW-Authenticate"] == "Bearer", headers
+        assert (await srv.get("/api/v1/stats"))[1]["overall"]["count"] == 0
+        status, body, _ = await srv.ingest(payload, headers={"Authorization": "Bearer s3cret-token"})
+        assert (status, body) == (200, {"accepted": 1})
+
+
+def test_loopback_rule_for_ingest_without_a_token() -> None:
+    for addr in ("127.0.0.1", "127.8.9.10", "::1"):
+        assert is_loopback(addr)
+    for addr in ("10.0.0.1", "192.168.1.1", "8.8.8.8", "::ffff:8.8.8.8", "fe80::1%eth0", "", None, "garbage"):
+        assert not is_loopback(addr), addr
+
+
+# -- the rest of the surface -----------------------------------------------------------------------------
+
+
+async def test_healthz_metrics_dashboard_openapi(server: Server) -> None:
+    await server.ingest(encode(rec(1)))
+    assert await server.get("/healthz") == (200, {"status": "ok"})
+    status, text = await server.get("/metrics")
+    assert (
+        status == 200
+        and "llmtap_server_ingested_records_total" in text
+        and "llmtap_api_requests_total" in text
+    )
+    status, html = await server.get("/")
+    assert status == 200 and "/api/v1/requests" in html and "<table" in html
+    status, doc = await server.get("/api/v1/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.1")
+    # every route the app serves is documented, with the methods it answers
+    served = {
+        (r.resource.canonical, r.method.lower())
+        for r in server.svc._runner.app.router.routes()  # type: ignore[union-attr]
+        if r.method != "HEAD"
+    }
+    documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
+    assert served - {("/", "get")} == documented
+    # and exactly the query parameters the handlers accept
+    for path, allowed in (
+        ("/api/v1/requests", api.LIST_PARAMS),
+        ("/api/v1/stats", api.STATS_PARAMS),
+        ("/api/v1/users", api.USERS_PARAMS),
+    ):
+        names = {p["name"] for p in doc["paths"][path]["get"]["parameters"]}
+        assert names - {"property.<Name>"} == set(allowed), path
+    # unknown API paths are JSON 404s, wrong methods JSON 405s
+    status, body = await server.get("/api/v1/nope")
+    assert status == 404 and "error" in body
+    async with server.http.delete(server.base + "/api/v1/requests") as r:
+        assert r.status == 405 and "error" in orjson.loads(await r.read())
+
+
+async def test_banner_port_and_port_in_use(tmp_path: Path) -> None:
+    settings = settings_for("sqlite", tmp_path, None)
+    svc = ServerService(settings)
+    lines = await svc.start()
+    try:
+        assert lines == [f"server    http://127.0.0.1:{svc.port}  (API /api/v1, dashboard /)"]
+        assert svc.port > 0
+        busy = settings_for("sqlite", tmp_path / "b", None).model_copy(update={"server_port": svc.port})
+        other = ServerService(busy)
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{svc.port}.*in use"):
+            await other.start()
+    finally:
+        await svc.stop()
+    with socket.socket() as s:  # the port is free again after stop
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", svc.port))
+
+
+async def test_server_shares_a_store_it_was_given(tmp_path: Path) -> None:
+    """`llmtap up` hands one store to worker and server: the server must not close it."""
+    async with open_store("sqlite", tmp_path) as store:
+        svc = ServerService(settings_for("sqlite", tmp_path, None), store=store)
+        await svc.start()
+        await svc.stop()
+        assert await store.write_batch([rec(1)]) == 1
