@@ -1,10 +1,13 @@
 """The floor for one Python hop: a minimal aiohttp reverse proxy with no logging at all.
 
 bench_gateway.py runs it next to `llmtap up` so that llmtap's cost is judged against what any
-aiohttp proxy must pay (parse the request, open/reuse an upstream connection, relay the body
-chunk by chunk), not against a direct connection that no proxy can match.  It mirrors the
-gateway's routing (`/openai/<path>` -> upstream `/<path>`), uses uvloop and one pooled
-ClientSession, and streams with `iter_any()` so SSE events pass through as they arrive.
+aiohttp proxy must pay (parse the request, reuse a pooled upstream connection, relay the body),
+not against a direct connection that no proxy can match.  It mirrors the gateway's routing
+(`/openai/<path>` -> upstream `/<path>`) and takes the same cheap, public-API shortcuts a careful
+proxy would, so that it is a floor and not a straw man: uvloop, aiohttp's low-level `web.Server`
+(no router, no middlewares), one pooled ClientSession without a cookie jar, no access log.
+Streams (`text/event-stream`) are relayed with `iter_any()` as chunks arrive; other bodies are
+read whole and sent in one write with their headers.
 
     python bench/passthrough.py --port 8790 --upstream http://127.0.0.1:9999
 """
@@ -13,61 +16,52 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+import aiohttp
+from aiohttp import web
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) plus the ones aiohttp sets itself for the new hop.
 _HOP = frozenset(
-    h.lower()
-    for h in (
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    )
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+    | {"host", "content-length"}
 )
 
 
-def make_app(upstream: str) -> web.Application:
-    base = upstream.rstrip("/")
-    app = web.Application()
-    sessions: list[ClientSession] = []
+class Passthrough:
+    def __init__(self, upstream: str) -> None:
+        self.base = upstream.rstrip("/")
+        self.session: aiohttp.ClientSession | None = None
 
-    async def start(_: web.Application) -> None:
-        sessions.append(
-            ClientSession(
-                connector=TCPConnector(limit=1000, ttl_dns_cache=None),
-                timeout=ClientTimeout(total=None, sock_read=600),
-                auto_decompress=False,  # relay bytes as sent
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-            )
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=600),
+            auto_decompress=False,  # relay bytes as sent
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
-    async def stop(_: web.Application) -> None:
-        await sessions[0].close()
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def proxy(request: web.Request) -> web.StreamResponse:
-        url = f"{base}/{request.match_info['tail']}"
-        if request.query_string:
-            url += "?" + request.query_string
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.raw_path
+        if not path.startswith("/openai/"):
+            if path == "/healthz":
+                return web.Response(text="ok")
+            return web.Response(status=404, text="not found")
+        assert self.session is not None
+        url = self.base + path[len("/openai") :]
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         body = await request.read()
-        async with sessions[0].request(request.method, url, headers=headers, data=body) as up:
-            resp = web.StreamResponse(
-                status=up.status,
-                reason=up.reason,
-                headers={k: v for k, v in up.headers.items() if k.lower() not in _HOP},
-            )
-            if up.content_length is not None:
-                resp.content_length = up.content_length
+        async with self.session.request(request.method, url, headers=headers, data=body) as up:
+            out = {k: v for k, v in up.headers.items() if k.lower() not in _HOP}
+            if not up.content_type.startswith("text/event-stream"):
+                return web.Response(status=up.status, reason=up.reason, headers=out, body=await up.read())
+            resp = web.StreamResponse(status=up.status, reason=up.reason, headers=out)
             await resp.prepare(request)
             try:
                 async for chunk in up.content.iter_any():
@@ -77,32 +71,34 @@ def make_app(upstream: str) -> web.Application:
                 pass
             return resp
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_route("*", "/openai/{tail:.*}", proxy)
-    app.on_startup.append(start)
-    app.on_cleanup.append(stop)
-    return app
+
+async def serve(host: str, port: int, upstream: str) -> None:
+    proxy = Passthrough(upstream)
+    await proxy.start()
+    runner = web.ServerRunner(web.Server(proxy.handle, access_log=None), shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, backlog=4096).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await proxy.close()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Minimal aiohttp passthrough proxy (benchmark baseline)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:9999")
     args = parser.parse_args()
     import uvloop
 
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    web.run_app(
-        make_app(args.upstream),
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        print=None,
-        backlog=4096,
-        shutdown_timeout=1.0,
-        handle_signals=True,
-    )
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve(args.host, args.port, args.upstream))
 
 
 if __name__ == "__main__":
