@@ -64,3 +64,13 @@ async def test_fsync_mode_round_trips(tmp_path: Path) -> None:
     assert await s.get("t/x.events.zst") == data
     await s.delete_many(["t/x.events.zst", "t/missing.zst"])
     assert await s.get("t/x.events.zst") is None
+
+
+async def test_large_batch_spread_over_threads_round_trips(tmp_path: Path) -> None:
+    s = FileBodyStore(str(tmp_path / "b"))
+    await s.connect()
+    items = [(f"t{i % 3}/2026/01/02/{i}.request.zst", os.urandom(i % 50)) for i in range(300)]
+    await s.put_many(items)
+    for key, data in items:
+        assert await s.get(key) == data
+    assert sum(1 for p in (tmp_path / "b").rglob("*") if p.is_file()) == 300
