@@ -445,9 +445,10 @@ async def test_rebalance_waits_for_outstanding_deliveries(producer: SQLiteQueue,
 async def test_throughput_of_1kb_records_in_batches_of_500(qpath: str) -> None:
     """The embedded queue must keep up with a busy gateway.
 
-    Measured on the 2-core dev machine: 40-70k records/s publish (fsynced) and 40-65k/s
-    consume+ack. The bound here is half the 20k/s target, so a loaded machine does not flake
-    it, while a regression to per-record transactions or fsyncs (a few hundred/s) fails it.
+    Measured on the idle 2-core dev machine: 40-70k records/s publish (fsynced) and 40-65k/s
+    consume+ack, against a 20k/s target. The bound here is far lower so that a machine busy
+    with other test suites does not flake it, while a regression to per-record transactions or
+    fsyncs (hundreds per second) still fails it.
     """
     q = SQLiteQueue(qpath, partitions=6)  # synchronous=FULL: every batch fsynced
     await q.connect("both")
@@ -469,6 +470,30 @@ async def test_throughput_of_1kb_records_in_batches_of_500(qpath: str) -> None:
         consume_rate = n / (time.perf_counter() - t)
         print(f"\nsqlite queue: publish {publish_rate:,.0f}/s, consume+ack {consume_rate:,.0f}/s")
         assert got == n and (await q.status()).lag == 0
-        assert publish_rate >= 10_000 and consume_rate >= 10_000
+        assert publish_rate >= 4_000 and consume_rate >= 4_000
+    finally:
+        await q.close()
+
+
+async def test_drained_backlog_gives_disk_space_back(qpath: str) -> None:
+    q = SQLiteQueue(qpath, partitions=2, heartbeat_interval=0.05)
+    await q.connect("both")
+    payload = os.urandom(1024)
+    try:
+        for _ in range(40):
+            await q.publish([Message(key=f"k{j}", value=payload) for j in range(500)])
+        full = os.path.getsize(qpath) + os.path.getsize(qpath + "-wal")
+        while batch := await q.consume(500, timeout=0.5):
+            await q.ack(batch)
+        assert (await q.status()).lag == 0
+
+        def pages() -> int:
+            with sqlite3.connect(qpath) as db:
+                return int(db.execute("PRAGMA page_count").fetchone()[0])
+
+        deadline = time.monotonic() + 10
+        while pages() * 4096 > full / 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert pages() * 4096 <= full / 2, "trimmed pages were never given back"
     finally:
         await q.close()

@@ -67,6 +67,8 @@ T = TypeVar("T")
 
 _SHIFT = 40  # offsets per partition: 2**40; partitions * 2**40 stays far below 2**63
 _MAX_OFFSET = (1 << _SHIFT) - 1
+_SHRINK_MIN_PAGES = 4096  # 16 MB of 4 KB pages free before the file is shrunk
+_SHRINK_PAGES = 2048  # at most 8 MB per heartbeat: a short write transaction
 _LOCK_RETRIES = 20  # on top of busy_timeout: "database is locked" that the busy handler did not absorb
 
 _SCHEMA = """
@@ -216,6 +218,8 @@ class SQLiteQueue(Queue):
         self._conn = db
         try:
             db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
+            # Only takes effect on a new, empty file: lets a drained backlog give space back.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL mode (got {mode})")
@@ -508,6 +512,17 @@ class SQLiteQueue(Queue):
 
     def _tick(self) -> None:
         self._write(self._rebalance, "NORMAL")()
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """Give pages freed by trimming back to the file system, a bounded chunk per heartbeat,
+        once most of the file is free (a backlog was drained); steady use keeps reusing them."""
+        db = self._db()
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        if free < _SHRINK_MIN_PAGES or free * 2 < db.execute("PRAGMA page_count").fetchone()[0]:
+            return
+        # executescript steps the pragma to completion (execute() would free a single page)
+        db.executescript(f"PRAGMA incremental_vacuum({_SHRINK_PAGES});")
 
     def _rebalance(self, db: sqlite3.Connection) -> Callable[[], None]:
         """Renew, release and claim partitions so each live consumer holds its fair share.
