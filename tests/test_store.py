@@ -741,3 +741,34 @@ def test_dataset_is_what_the_suite_assumes() -> None:
     assert len({(r.tenant, r.id) for r in first_per_key(records)}) == 400
     assert len({r.started_at.month for r in records}) >= 3
     assert len({r.started_at for r in records}) < 400  # there are ties
+
+
+async def test_sqlite_migrates_a_version_1_file(tmp_path: Path) -> None:
+    """A store file written by the first schema keeps its rows and properties after upgrade."""
+    from llmtap.store.migrations import SQLITE
+    from llmtap.store.sql import property_rows, record_values
+    from llmtap.store.sqlite import _INSERT, SQLiteStore
+
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for stmt in SQLITE[0][2].split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+    conn.execute("PRAGMA user_version = 1")
+    r = rec(1, properties={"env": "prod"})
+    values = record_values(r)
+    conn.execute(_INSERT, values)
+    conn.executemany(
+        "INSERT INTO request_properties (tenant, request_id, created_at, name, value) VALUES (?, ?, ?, ?, ?)",
+        property_rows(values),
+    )
+    conn.close()
+    store = SQLiteStore(path)
+    await store.connect()
+    try:
+        assert [x["id"] for x in await all_pages(store, "acme", properties={"env": "prod"})] == [r.id]
+        assert await store.write_batch([rec(2, properties={"env": "prod"}), r]) == 1
+        assert len(await all_pages(store, "acme", properties={"env": "prod"})) == 2
+    finally:
+        await store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(SQLITE)

@@ -51,6 +51,7 @@ DIALECT = sql.Dialect(
     ts_value=sql.to_micros,
     bucket=lambda b: f"date_trunc('{b}', r.created_at, 'UTC')",
     json_value=_json,
+    prop_value=lambda ph: f"(r.properties ->> {ph})",
 )
 
 # Advisory-lock keys (arbitrary constants, namespaced by their value).

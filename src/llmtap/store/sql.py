@@ -208,11 +208,16 @@ def dedupe(records: Sequence[LogRecord]) -> list[LogRecord]:
     return out
 
 
-def property_rows(values: tuple[Any, ...]) -> list[tuple[str, str, int, str, str]]:
-    """`(tenant, request_id, created_us, name, value)` rows for the properties side table."""
-    props: dict[str, str] = orjson.loads(values[_IX["properties"]])
-    tenant, rid, created = values[0], values[1], values[2]
-    return [(tenant, rid, created, k, v) for k, v in props.items()]
+def property_rows(
+    values: Sequence[Any], positions: tuple[int, int, int, int] = (0, 1, 2, _IX["properties"])
+) -> list[tuple[str, str, int, str, str]]:
+    """`(tenant, request_id, created_us, name, value)` rows for the properties side table.
+
+    `positions` are those of tenant, id, created_at and properties (JSON) in `values`.
+    """
+    t, i, c, p = positions
+    props: dict[str, str] = orjson.loads(values[p])
+    return [(values[t], values[i], values[c], k, v) for k, v in props.items()]
 
 
 def body_refs(values: Sequence[Any]) -> list[str]:
@@ -239,6 +244,7 @@ class Dialect:
     ts_value: Callable[[Any], int]  # a timestamp read back -> microseconds
     bucket: Callable[[str], str]  # minute|hour|day -> expression of the bucket start
     json_value: Callable[[Any], Any]  # a JSON column read back -> Python value
+    prop_value: Callable[[str], str]  # placeholder of a property name -> its value in r.properties
 
 
 class Params:
@@ -363,18 +369,12 @@ Kind = Literal["overall", "group", "bucket", "users"]
 _SUMS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
 
-def group_key(p: Params, tenant: str, group_by: str) -> tuple[str, str]:
-    """(join clause, key expression) for a `group_by` value already validated by the caller."""
+def group_key(p: Params, group_by: str) -> str:
+    """The key expression for a `group_by` value already validated by the caller."""
     if group_by in STAT_GROUPS:
-        return "", f"r.{group_by}"
+        return f"r.{group_by}"
     if group_by.startswith("property.") and len(group_by) > len("property."):
-        name = group_by[len("property.") :]
-        join = (
-            " LEFT JOIN request_properties gp ON gp.tenant = "
-            f"{p(tenant)} AND gp.request_id = r.id AND gp.created_at = r.created_at"
-            f" AND gp.name = {p(name)}"
-        )
-        return join, "gp.value"
+        return p.dialect.prop_value(p(group_by[len("property.") :]))
     raise ValueError(f"cannot group by {group_by!r}")
 
 
@@ -387,10 +387,10 @@ def aggregate_sql(
     then the percentile columns (see `aggregate_row`), except for `users` (no percentiles).
     """
     p = Params(d)
-    join, key = "", "NULL"
+    join, key = "", "NULL"  # (no join needed: kept for readability of the FROM clauses)
     if kind == "group":
         assert q.group_by is not None
-        join, key = group_key(p, tenant, q.group_by)
+        key = group_key(p, q.group_by)
     elif kind == "bucket":
         assert q.bucket is not None
         key = d.bucket(q.bucket)

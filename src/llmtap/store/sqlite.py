@@ -46,6 +46,8 @@ DIALECT = sql.Dialect(
     ts_value=int,
     bucket=lambda b: f"((r.created_at / {sql.BUCKET_MICROS[b]}) * {sql.BUCKET_MICROS[b]})",
     json_value=_json,
+    # json_each compares the key as a bound value: any property name is safe, quotes included.
+    prop_value=lambda ph: f"(SELECT j.value FROM json_each(r.properties) AS j WHERE j.key = {ph})",
 )
 
 _INSERT = (
@@ -274,18 +276,19 @@ class SQLiteStore(Store):
             rows = conn.execute(
                 "DELETE FROM requests WHERE rowid IN"
                 " (SELECT rowid FROM requests WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)"
-                " RETURNING tenant, id, request_body, response_body, response_events",
+                " RETURNING request_body, response_body, response_events, tenant, id, created_at, properties",
                 (cutoff_us, limit),
             ).fetchall()
             conn.executemany(
-                "DELETE FROM request_properties WHERE tenant = ?1 AND request_id = ?2",
-                [(r[0], r[1]) for r in rows],
+                "DELETE FROM request_properties"
+                " WHERE tenant = ?1 AND name = ?4 AND value = ?5 AND created_at = ?3 AND request_id = ?2",
+                [p for r in rows for p in sql.property_rows(r[3:], positions=(0, 1, 2, 3))],
             )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return [ref for r in rows for ref in sql.body_refs(r[2:])], len(rows)
+        return [ref for r in rows for ref in sql.body_refs(r[:3])], len(rows)
 
     # -- API keys ---------------------------------------------------------------------------------
     async def create_key(self, tenant: str, name: str | None, key_hash: str, prefix: str) -> ApiKey:
