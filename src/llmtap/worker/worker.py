@@ -205,8 +205,11 @@ class WorkerService:
         while not self._stopping.is_set():
             try:
                 deliveries = await self.queue.consume(self.settings.worker_batch_size, timeout=0.5)
-            except BackendUnavailable as e:
-                log.warning("worker: queue unavailable, retrying in %.1fs: %s", delay, e)
+            except Exception as e:  # the loop must outlive any failure, or the worker idles silently
+                if isinstance(e, BackendUnavailable):
+                    log.warning("worker: queue unavailable, retrying in %.1fs: %s", delay, e)
+                else:
+                    log.exception("worker: consuming failed, retrying in %.1fs", delay)
                 await self._pause(_jitter(delay))
                 delay = min(delay * 2, BACKOFF_CAP)
                 continue
