@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from llmtap.providers import anthropic, openai
-from llmtap.providers.sse import iter_events, last_boundary, split_events
+from llmtap.providers.sse import data_payloads, iter_events, last_boundary, split_events
 
 
 def sse(*objs: object) -> bytes:
@@ -458,3 +458,12 @@ def test_anthropic_non_stream_usage() -> None:
     assert (u.cached_tokens, u.cache_write_tokens) == (50, 0)
     assert anthropic.usage_from_body({"input_tokens": 12}).source == "missing"  # count_tokens reply
     assert anthropic.error_message({"type": "error", "error": {"type": "x", "message": "bad"}}) == "bad"
+
+
+def test_data_payloads_fast_and_general_paths_agree() -> None:
+    fast = sse({"a": 1}, {"b": "x\\ny"}) + b"data: [DONE]\n\n"
+    assert data_payloads(fast) == [b'{"a":1}', b'{"b":"x\\\\ny"}', b"[DONE]"]
+    assert data_payloads(fast) == [d for _, d in iter_events(fast)]
+    mixed = b'event: e\ndata: {"a":1}\n\n: ping\n\ndata: 2\ndata: 3\n\ndata: {"cut'
+    assert data_payloads(mixed) == [b'{"a":1}', b"2\n3", b'{"cut']
+    assert data_payloads(fast.replace(b"\n", b"\r\n")) == data_payloads(fast)

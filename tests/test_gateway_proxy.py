@@ -703,3 +703,32 @@ async def test_queue_outage_holds_records_and_clients_are_unaffected(
         recs = await published(svc, q, 10)
     assert [r.id for r in recs] == ids  # nothing lost, order kept
     assert svc.publisher.dropped == 0
+
+
+async def test_expect_100_continue(upstream: int, tmp_path: Path) -> None:
+    q = MemoryQueue()
+    body = orjson.dumps(CHAT)
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(
+            b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-x\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        await writer.drain()
+        final = await reader.read()
+        writer.close()
+        assert final.startswith(b"HTTP/1.1 200 ")
+        (rec,) = await published(svc, q, 1)
+    sent = (await fake_requests_raw(upstream))[-1]
+    assert "expect" not in {k.lower() for k, _ in sent["headers"]}
+    assert rec.status == 200
+
+
+async def fake_requests_raw(port: int) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as s:
+        return await fake_requests(s, f"http://127.0.0.1:{port}")

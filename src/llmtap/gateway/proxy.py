@@ -163,12 +163,15 @@ class Proxy:
         llmtap: list[tuple[str, str]] | None = None
         request_id: str | None = None
         auth: str | None = None
+        expect: str | None = None
         # aiohttp's client keeps only the last of two headers whose names differ in case
         # (`X-A` then `x-a`); a repeat is sent with its first spelling, so both values arrive.
         spelling: dict[str, str] = {}
         for name, value in request.headers.items():
             lname = name.lower()
             if lname in REQUEST_DROP:
+                if lname == "expect":
+                    expect = value
                 continue
             if lname.startswith(LLMTAP_PREFIX):
                 if llmtap is None:
@@ -193,6 +196,10 @@ class Proxy:
         if tenant is None:
             return _json_error(401, "llmtap_unauthorized", "missing or unknown Llmtap-Auth key", request_id)
 
+        if expect is not None and expect.lower() == "100-continue" and request.version >= (1, 1):
+            # We read the whole body before going upstream, so say so now (like aiohttp's router
+            # does); otherwise curl & co. wait a second before sending it.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = await request.read()
         method = request.method
         q = rest.find("?")

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import orjson
 
-from llmtap.providers.sse import StreamResult, iter_events, last_boundary, split_events
+from llmtap.providers.sse import StreamResult, data_payloads, event_bounds, last_boundary
 from llmtap.record import Usage
 
 __all__ = [
@@ -89,6 +90,52 @@ def error_message(body: Any) -> str | None:
 
 
 # -- stream reassembly ---------------------------------------------------------------------------
+#
+# Chat chunks are decoded into typed structs (msgspec skips the fields we do not need without
+# building dicts: about twice as fast as a generic parse, and a stream is hundreds of chunks).
+# Anything that does not fit the types — Responses API events, error events, a provider's odd
+# field types — takes the generic path on a plain dict instead.
+
+
+class _FnDelta(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolDelta(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    type: str | None = None
+    function: _FnDelta | None = None
+
+
+class _Delta(msgspec.Struct):
+    role: str | None = None
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[_ToolDelta] | None = None
+
+
+class _ChoiceDelta(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    id: str | None = None
+    object: str | None = None
+    created: int | None = None
+    model: str | None = None
+    system_fingerprint: str | None = None
+    service_tier: str | None = None
+    choices: list[_ChoiceDelta] | None = None
+    usage: dict[str, Any] | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+_HEAD_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
 
 
 class _Choice:
@@ -103,6 +150,100 @@ class _Choice:
         self.tools: dict[int, dict[str, Any]] = {}
         self.finish: Any = None
 
+    def tool(self, index: Any) -> dict[str, Any]:
+        t = self.tools.get(index)
+        if t is None:
+            t = self.tools[index] = {"id": None, "type": "function", "name": [], "arguments": []}
+        return t
+
+
+class _Stream:
+    """What has been gathered so far from one stream's events."""
+
+    __slots__ = ("choices", "error", "final_response", "head", "seen", "text_completion", "usage")
+
+    def __init__(self) -> None:
+        self.head: dict[str, Any] = {}
+        self.choices: dict[Any, _Choice] = {}
+        self.usage: Any = None
+        self.error: str | None = None
+        self.text_completion = False
+        self.final_response: dict[str, Any] | None = None
+        self.seen = False
+
+    def choice(self, index: Any) -> _Choice:
+        st = self.choices.get(index)
+        if st is None:
+            st = self.choices[index] = _Choice()
+        return st
+
+    def typed(self, c: _Chunk, choices: list[_ChoiceDelta]) -> None:
+        if not self.head:  # id, created, model ... are the same on every chunk
+            self.head = {k: v for k in _HEAD_KEYS if (v := getattr(c, k)) is not None}
+            self.text_completion = c.object == "text_completion"
+        if c.usage is not None:
+            self.usage = c.usage
+        for ch in choices:
+            st = self.choice(ch.index)
+            d = ch.delta
+            if d is not None:
+                if d.content is not None:
+                    st.saw_content = True
+                    st.content.append(d.content)
+                if d.role is not None:
+                    st.role = d.role
+                if d.refusal is not None:
+                    st.refusal.append(d.refusal)
+                if d.tool_calls:
+                    for tc in d.tool_calls:
+                        t = st.tool(tc.index)
+                        if tc.id is not None:
+                            t["id"] = tc.id
+                        if tc.type is not None:
+                            t["type"] = tc.type
+                        fn = tc.function
+                        if fn is not None:
+                            if fn.name is not None:
+                                t["name"].append(fn.name)
+                            if fn.arguments is not None:
+                                t["arguments"].append(fn.arguments)
+            elif ch.text is not None:
+                st.text.append(ch.text)
+            if ch.finish_reason is not None:
+                st.finish = ch.finish_reason
+
+    def generic(self, obj: dict[str, Any]) -> None:
+        chunk_choices = obj.get("choices")
+        if chunk_choices is None:
+            kind = obj.get("type")
+            if isinstance(kind, str):  # Responses API events
+                resp = obj.get("response")
+                if isinstance(resp, dict):
+                    self.final_response = resp
+                if kind == "error" or kind == "response.failed":
+                    self.error = error_message(obj) or error_message(resp) or str(obj.get("message") or kind)
+            elif "error" in obj:
+                self.error = error_message(obj)
+            return
+        if not self.head:
+            self.head = {k: v for k in _HEAD_KEYS if (v := obj.get(k)) is not None}
+            self.text_completion = obj.get("object") == "text_completion"
+        u = obj.get("usage")
+        if isinstance(u, dict):
+            self.usage = u
+        for ch in chunk_choices if isinstance(chunk_choices, list) else ():
+            if not isinstance(ch, dict):
+                continue
+            st = self.choice(ch.get("index", 0))
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                _apply_delta(st, delta)
+            text = ch.get("text")
+            if isinstance(text, str):
+                st.text.append(text)
+            if ch.get("finish_reason") is not None:
+                st.finish = ch["finish_reason"]
+
 
 def reassemble_stream(raw: bytes) -> StreamResult | None:
     """Rebuild the non-stream response a stream stands for; None if `raw` holds no JSON events.
@@ -111,74 +252,42 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     argument fragments by index, finish_reason, usage from the usage chunk); text completions a
     `text_completion`; a Responses API stream its final `response` object.
     """
-    head: dict[str, Any] = {}
-    choices: dict[int, _Choice] = {}
-    usage: Any = None
-    error: str | None = None
-    text_completion = False
-    final_response: dict[str, Any] | None = None
-    seen = False
-
-    for _event, data in iter_events(raw):
-        if data == b"[DONE]":
+    s = _Stream()
+    decode = _chunk_decoder.decode
+    for data in data_payloads(raw):
+        if data[:1] != b"{":  # `[DONE]`, keep-alive noise
+            continue
+        try:
+            chunk = decode(data)
+        except msgspec.ValidationError:
+            chunk = None
+        except msgspec.DecodeError:
+            continue  # not JSON (a cut-off last event)
+        s.seen = True
+        if chunk is not None and chunk.choices is not None:
+            s.typed(chunk, chunk.choices)
             continue
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             continue
-        if not isinstance(obj, dict):
-            continue
-        seen = True
-        kind = obj.get("type")
-        if isinstance(kind, str):  # Responses API events
-            resp = obj.get("response")
-            if isinstance(resp, dict):
-                final_response = resp
-            if kind == "error" or kind == "response.failed":
-                error = error_message(obj) or error_message(resp) or str(obj.get("message") or kind)
-            continue
-        if "error" in obj and "choices" not in obj:
-            error = error_message(obj)
-            continue
-        for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
-            value = obj.get(key)
-            if value is not None:
-                head[key] = value
-        if obj.get("object") == "text_completion":
-            text_completion = True
-        u = obj.get("usage")
-        if isinstance(u, dict):
-            usage = u
-        for ch in obj.get("choices") or ():
-            if not isinstance(ch, dict):
-                continue
-            idx = ch.get("index", 0)
-            st = choices.get(idx)
-            if st is None:
-                st = choices[idx] = _Choice()
-            text = ch.get("text")
-            if isinstance(text, str):
-                st.text.append(text)
-            delta = ch.get("delta")
-            if isinstance(delta, dict):
-                _apply_delta(st, delta)
-            if ch.get("finish_reason") is not None:
-                st.finish = ch["finish_reason"]
+        if isinstance(obj, dict):
+            s.generic(obj)
 
-    if not seen:
+    if not s.seen:
         return None
-    if final_response is not None:
-        model = final_response.get("model")
+    if s.final_response is not None:
+        model = s.final_response.get("model")
         return StreamResult(
-            final_response,
-            parse_usage(final_response.get("usage")),
+            s.final_response,
+            parse_usage(s.final_response.get("usage")),
             model if isinstance(model, str) else None,
-            error,
+            s.error,
         )
     out_choices: list[dict[str, Any]] = []
-    for idx in sorted(choices, key=lambda i: i if isinstance(i, int) else 0):
-        st = choices[idx]
-        if text_completion:
+    for idx in sorted(s.choices, key=lambda i: i if isinstance(i, int) else 0):
+        st = s.choices[idx]
+        if s.text_completion:
             out_choices.append(
                 {"index": idx, "text": "".join(st.text), "logprobs": None, "finish_reason": st.finish}
             )
@@ -196,22 +305,23 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
                     "type": t["type"],
                     "function": {"name": "".join(t["name"]), "arguments": "".join(t["arguments"])},
                 }
-                for _, t in sorted(st.tools.items())
+                for _, t in sorted(st.tools.items(), key=lambda kv: kv[0] if isinstance(kv[0], int) else 0)
             ]
         out_choices.append({"index": idx, "message": message, "finish_reason": st.finish})
+    head = s.head
     message_obj: dict[str, Any] = {
         "id": head.get("id"),
-        "object": "text_completion" if text_completion else "chat.completion",
+        "object": "text_completion" if s.text_completion else "chat.completion",
         "created": head.get("created"),
         "model": head.get("model"),
         "choices": out_choices,
-        "usage": usage,
+        "usage": s.usage,
     }
     for key in ("system_fingerprint", "service_tier"):
         if key in head:
             message_obj[key] = head[key]
     model = head.get("model")
-    return StreamResult(message_obj, parse_usage(usage), model if isinstance(model, str) else None, error)
+    return StreamResult(message_obj, parse_usage(s.usage), model if isinstance(model, str) else None, s.error)
 
 
 def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:
@@ -230,10 +340,7 @@ def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:
         for tc in calls:
             if not isinstance(tc, dict):
                 continue
-            ti = tc.get("index", 0)
-            t = st.tools.get(ti)
-            if t is None:
-                t = st.tools[ti] = {"id": None, "type": "function", "name": [], "arguments": []}
+            t = st.tool(tc.get("index", 0))
             if tc.get("id") is not None:
                 t["id"] = tc["id"]
             if isinstance(tc.get("type"), str):
@@ -278,6 +385,7 @@ def inject_stream_usage(body: bytes) -> bytes | None:
 
 _USAGE_NULL = b',"usage":null'
 _EMPTY_CHOICES = b'"choices":[]'
+_USAGE_OBJECT = b'"usage":{'
 
 
 class UsageChunkStripper:
@@ -315,18 +423,21 @@ class UsageChunkStripper:
 
 def _clean(data: bytes) -> bytes:
     data = data.replace(_USAGE_NULL, b"")
-    if _EMPTY_CHOICES in data:
-        data = b"".join(e for e in split_events(data) if not _is_usage_chunk(e))
+    pos = data.find(_EMPTY_CHOICES)
+    while pos >= 0:
+        start, end = event_bounds(data, pos)
+        if _is_usage_chunk(data[start:end]):
+            data = data[:start] + data[end:]
+            pos = data.find(_EMPTY_CHOICES, start)
+        else:
+            pos = data.find(_EMPTY_CHOICES, end)
     return data
 
 
 def _is_usage_chunk(event: bytes) -> bool:
-    if _EMPTY_CHOICES not in event:
-        return False
-    for _name, data in iter_events(event):
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return False
-        return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
-    return False
+    """The event holding `"choices":[]` is the usage chunk if it also holds a usage object.
+
+    Byte tests suffice: outside strings (where quotes are escaped) these markers can only be
+    the chunk's own top-level members, as an empty `choices` holds nothing that could nest them.
+    """
+    return _USAGE_OBJECT in event

@@ -25,6 +25,17 @@ def iter_events(data: bytes) -> Iterator[tuple[str | None, bytes]]:
     for block in data.split(b"\n\n"):
         if not block:
             continue
+        # Fast paths: OpenAI's `data: {...}` and Anthropic's `event: x\ndata: {...}`.
+        nl = block.count(b"\n")
+        if nl == 0:
+            if block.startswith(b"data: "):
+                yield None, block[6:]
+                continue
+        elif nl == 1 and block.startswith(b"event: "):
+            name, _, line = block.partition(b"\n")
+            if line.startswith(b"data: "):
+                yield name[7:].decode("utf-8", "replace").strip(), line[6:]
+                continue
         event: str | None = None
         lines: list[bytes] = []
         for line in block.split(b"\n"):
@@ -37,14 +48,50 @@ def iter_events(data: bytes) -> Iterator[tuple[str | None, bytes]]:
             yield event, lines[0] if len(lines) == 1 else b"\n".join(lines)
 
 
+def data_payloads(data: bytes) -> list[bytes]:
+    """The data of every event, when event names do not matter (OpenAI's format).
+
+    Fast path for streams made only of single-line `data: ...` events (one split and one
+    comprehension); anything else goes through `iter_events`.
+    """
+    if b"\r" not in data and data.startswith(b"data: "):
+        blocks = data.split(b"\n\n")
+        if data.count(b"\n") == 2 * (len(blocks) - 1):  # no block holds a line break of its own
+            return [b[6:] for b in blocks if b.startswith(b"data: ")]
+    return [payload for _, payload in iter_events(data)]
+
+
 def last_boundary(data: bytes) -> int:
     """Offset just past the last complete event in `data` (-1 if none is complete)."""
+    if data.endswith(b"\n\n"):  # the usual case: a read ends where an event ends
+        return len(data)
     i = data.rfind(b"\n\n")
     end = i + 2 if i >= 0 else -1
     j = data.rfind(b"\r\n\r\n")
     if j >= 0 and j + 4 > end:
         end = j + 4
     return end
+
+
+def event_bounds(data: bytes, pos: int) -> tuple[int, int]:
+    """(start, end) of the event of complete-event bytes `data` that contains offset `pos`;
+    `end` includes the event's blank line."""
+    if b"\r" not in data:
+        a = data.rfind(b"\n\n", 0, pos)
+        i = data.find(b"\n\n", pos)
+        return (a + 2 if a >= 0 else 0), (i + 2 if i >= 0 else len(data))
+    a = data.rfind(b"\n\n", 0, pos)
+    start = a + 2 if a >= 0 else 0
+    b = data.rfind(b"\r\n\r\n", 0, pos)
+    if b >= 0 and b + 4 > start:
+        start = b + 4
+    i = data.find(b"\n\n", pos)
+    j = data.find(b"\r\n\r\n", pos)
+    if i < 0 and j < 0:
+        return start, len(data)
+    if j >= 0 and (i < 0 or j < i):
+        return start, j + 4
+    return start, i + 2
 
 
 def split_events(data: bytes) -> list[bytes]:
