@@ -1,0 +1,307 @@
+"""The queue contract, checked the same way on every backend: SQLite, Redis Streams and Kafka.
+
+Real servers (scripts/services.sh) and real processes; each test counts what went in and what
+came out. A backend whose server is not configured is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmtap.queue.base import Delivery, Message, Queue
+from queue_helpers import (
+    BACKENDS,
+    Ledger,
+    QueueSpec,
+    check_exactly_once,
+    consume_loop,
+    consumer_processes,
+    keyed_records,
+    make_spec,
+    publish_in_batches,
+    record,
+    skip_reason,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+Opener = Callable[..., Awaitable[Queue]]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    reason = skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    return str(request.param)
+
+
+@pytest.fixture
+def spec(backend: str, tmp_path: Path) -> QueueSpec:
+    return make_spec(backend, tmp_path)
+
+
+@pytest.fixture
+async def open_queue() -> AsyncIterator[Opener]:
+    """Connect queues for a test and close them all at its end."""
+    opened: list[Queue] = []
+
+    async def open_(spec: QueueSpec, role: Any = "both", **options: Any) -> Queue:
+        q = spec.build(**options)
+        await q.connect(role)
+        opened.append(q)
+        return q
+
+    yield open_
+    for q in reversed(opened):
+        await q.close()
+
+
+async def consume_all(q: Queue, n: int, timeout: float = 30, batch: int = 100) -> list[Delivery]:
+    """Consume and ack until `n` deliveries arrived."""
+    out: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"got {len(out)} of {n} deliveries in {timeout}s"
+        got = await q.consume(batch, 0.5)
+        out += got
+        await q.ack(got)
+    return out
+
+
+async def test_publish_consume_ack_once_in_key_order(spec: QueueSpec, open_queue: Opener) -> None:
+    producer = await open_queue(spec, "producer")
+    messages = keyed_records(keys=8, per_key=50)
+    await publish_in_batches(producer, messages, 100)
+    assert (await producer.status()).lag == len(messages)
+
+    consumer = await open_queue(spec, "consumer")
+    ledger = Ledger()
+    for d in await consume_all(consumer, len(messages)):
+        ledger.process(d)
+    assert ledger.violations == []
+    assert ledger.distinct == len(messages) and ledger.duplicates == 0
+    # One key, one partition; the keys spread over several partitions.
+    assert all(len(ps) == 1 for ps in ledger.partitions.values())
+    assert len({p for ps in ledger.partitions.values() for p in ps}) > 1
+    await wait_for_lag(consumer, 0)
+
+    # Acked means never again, also for a consumer that joins afterwards.
+    await consumer.close()
+    again = await open_queue(spec, "consumer")
+    assert await again.consume(100, 2.0) == []
+
+
+async def wait_for_lag(q: Queue, lag: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := (await q.status()).lag) != lag:
+        assert time.monotonic() < deadline, f"lag stays {seen}, expected {lag}"
+        await asyncio.sleep(0.2)
+
+
+async def test_status_counts_unacked_records(spec: QueueSpec, open_queue: Opener) -> None:
+    q = await open_queue(spec, "both")
+    await q.publish(keyed_records(keys=10, per_key=10))
+    assert (await q.status()).lag == 100
+    got: list[Delivery] = []
+    deadline = time.monotonic() + 30
+    while not got:
+        assert time.monotonic() < deadline
+        got = await q.consume(40, 1.0)
+    await q.ack(got)
+    status = await q.status()
+    assert status.lag == 100 - len(got)
+    assert status.dead_letters == 0
+    assert len(status.partitions) == spec.partitions
+
+
+async def test_unacked_deliveries_are_redelivered_to_the_next_consumer(
+    spec: QueueSpec, open_queue: Opener
+) -> None:
+    producer = await open_queue(spec, "producer")
+    messages = keyed_records(keys=6, per_key=20)
+    await producer.publish(messages)
+
+    first = await open_queue(spec, "consumer")
+    held: list[Delivery] = []
+    deadline = time.monotonic() + 30
+    while not held:
+        assert time.monotonic() < deadline
+        held = await first.consume(30, 1.0)
+    await first.close()  # gone without acking
+
+    second = await open_queue(spec, "consumer")
+    got = await consume_all(second, len(messages))
+    seen = Counter((d.partition, d.offset) for d in got)
+    assert all(seen[(d.partition, d.offset)] >= 1 for d in held)
+    assert {d.value for d in got} == {m.value for m in messages}
+
+
+async def test_consumers_in_one_process_share_partitions_exactly_once(
+    spec: QueueSpec, open_queue: Opener
+) -> None:
+    consumers = [await open_queue(spec, "consumer") for _ in range(3)]
+    producer = await open_queue(spec, "producer")
+    ledger = Ledger()
+    per_consumer = [Ledger() for _ in consumers]
+    stop = asyncio.Event()
+
+    async def run(i: int) -> None:
+        q = consumers[i]
+        while not stop.is_set():
+            got = await q.consume(50, 0.2)
+            for d in got:
+                ledger.process(d)
+                per_consumer[i].process(d)
+            await q.ack(got)
+
+    tasks = [asyncio.create_task(run(i)) for i in range(len(consumers))]
+    try:
+        # Publish a steady stream until every consumer has had a share, so the group has
+        # rebalanced while records were flowing.
+        published: list[Message] = []
+        seq = 0
+        deadline = time.monotonic() + 60
+        while seq < 40 or not all(c.distinct for c in per_consumer):
+            assert time.monotonic() < deadline, f"work did not spread: {[c.distinct for c in per_consumer]}"
+            batch = [record(f"key-{k}", seq) for k in range(12)]
+            await producer.publish(batch)
+            published += batch
+            seq += 1
+            await asyncio.sleep(0.05)
+        await wait_for(lambda: ledger.distinct == len(published), 60, "every record processed")
+        await wait_for_lag(producer, 0)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert ledger.violations == []
+    assert ledger.duplicates == 0, "a record was processed twice without any crash"
+    assert all(len(ps) == 1 for ps in ledger.partitions.values())
+
+
+async def test_consumer_processes_share_partitions_exactly_once(
+    spec: QueueSpec, open_queue: Opener, tmp_path: Path
+) -> None:
+    producer = await open_queue(spec, "producer")
+    expected: set[tuple[str, int]] = set()
+    with consumer_processes(spec, tmp_path, 3) as procs:
+        await wait_for(lambda: all(p.log().ready for p in procs), 30, "consumers ready")
+        # A steady stream until every process has had a share (the group settles meanwhile).
+        seq = 0
+        deadline = time.monotonic() + 60
+        while seq < 60 or not all(p.log().acked for p in procs):
+            assert time.monotonic() < deadline, "the processes did not share the work"
+            await producer.publish([record(f"key-{k}", seq) for k in range(12)])
+            expected |= {(f"key-{k}", seq) for k in range(12)}
+            seq += 1
+            await asyncio.sleep(0.02)
+
+        def done() -> bool:
+            return {r for p in procs for r in p.log().acked} >= expected
+
+        try:
+            await wait_for(done, 90, "every record acked")
+        finally:
+            for p in procs:
+                p.stop()
+        logs = [p.log() for p in procs]
+        assert all(log.closed for log in logs), [p.errors() for p in procs]
+    check_exactly_once(logs, expected, killed=[])
+    await wait_for_lag(producer, 0)
+
+
+async def test_killed_consumer_is_taken_over_without_loss(
+    spec: QueueSpec, open_queue: Opener, tmp_path: Path
+) -> None:
+    producer = await open_queue(spec, "producer")
+    messages = keyed_records(keys=12, per_key=50)
+    expected = {(f"key-{k}", s) for s in range(50) for k in range(12)}
+    with consumer_processes(spec, tmp_path, 1, stall_after=30, batch=15) as stallers:
+        staller = stallers[0]
+        await wait_for(lambda: staller.log().ready, 30, "first consumer ready")
+        await publish_in_batches(producer, messages, 100)
+        await wait_for(lambda: staller.log().stalled, 60, "first consumer mid-batch")
+        (tmp_path / "more").mkdir()
+        with consumer_processes(spec, tmp_path / "more", 2) as procs:
+            await wait_for(lambda: all(p.log().ready for p in procs), 30, "other consumers ready")
+            await asyncio.sleep(1.0)  # let them join the group while the first one still lives
+            staller.kill()  # mid-batch: processed, not acked
+            killed = staller.log()
+            assert killed.unacked, "the killed consumer had nothing in flight"
+
+            def done() -> bool:
+                return {r for p in procs for r in p.log().acked} | set(killed.acked) >= expected
+
+            try:
+                await wait_for(done, 90, "every record acked after the takeover")
+            finally:
+                for p in procs:
+                    p.stop()
+            logs = [p.log() for p in procs]
+    check_exactly_once([*logs, killed], expected, killed=[killed])
+    # What it had not acked was processed again by the others.
+    again = Counter(r for log in logs for r in log.acked)
+    assert all(again[r] == 1 for r in killed.unacked)
+    await wait_for_lag(producer, 0)
+
+
+async def test_poison_messages_are_dead_lettered_and_replayed(spec: QueueSpec, open_queue: Opener) -> None:
+    q = await open_queue(spec, "both")
+    good = keyed_records(keys=4, per_key=25)
+    poison = [Message(f"bad-{i}", b"\xff\x00 not json " + bytes([i])) for i in range(5)]
+    await q.publish(good[:50] + poison + good[50:])
+
+    async def run_until(pred: Callable[[], Awaitable[bool]], ledger: Ledger) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(consume_loop(q, ledger, stop))
+        try:
+            deadline = time.monotonic() + 60
+            while not await pred():
+                assert time.monotonic() < deadline, "timed out"
+                assert not task.done(), task
+                await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await task
+
+    ledger = Ledger()
+
+    async def all_dead() -> bool:
+        return ledger.distinct == len(good) and (await q.status()).dead_letters == len(poison)
+
+    await run_until(all_dead, ledger)
+    letters = await q.dead_letters()
+    assert sorted(d.value for d in letters) == sorted(m.value for m in poison)
+    assert {d.key for d in letters} == {m.key for m in poison}
+    assert all(d.reason.startswith("cannot decode") for d in letters)
+    assert all(d.failed_at > time.time() - 120 for d in letters)
+    assert (await q.status()).lag == 0  # dead-lettered means acked: they do not stall anything
+
+    # Replay one, then the rest; nothing is replayed twice.
+    first = letters[0]
+    assert await q.replay_dead_letters([first.id]) == 1
+    assert await q.replay_dead_letters([first.id]) == 0
+    left = await q.dead_letters()
+    assert {d.id for d in left} == {d.id for d in letters} - {first.id}
+    assert (await q.status()).dead_letters == len(poison) - 1
+    assert await q.replay_dead_letters() == len(poison) - 1
+    assert await q.dead_letters() == []
+    assert await q.replay_dead_letters() == 0
+    assert (await q.status()).dead_letters == 0
+
+    # Replayed means published again: a consumer gets them (and, still garbage, sets them aside
+    # again); the good records are not delivered again.
+    async def dead_again() -> bool:
+        return (await q.status()).dead_letters == len(poison)
+
+    await run_until(dead_again, ledger)
+    assert ledger.duplicates == 0 and ledger.violations == []
+    assert sorted(d.value for d in await q.dead_letters()) == sorted(m.value for m in poison)
