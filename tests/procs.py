@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,12 +89,9 @@ class Proc:
         return self.p.poll() is None
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.kill(self.p.pid, sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
         if self.alive():
@@ -108,6 +106,12 @@ class Proc:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL, timeout=5)
+
+    # Defined after `stop`: in the class body this name shadows the `signal` module, whose
+    # SIGTERM is `stop`'s default.
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.p.pid, sig)
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -138,9 +142,7 @@ def fake_upstream(tmp: Path) -> Iterator[str]:
         tmp / "fake-upstream.log",
     )
     try:
-        wait_until(
-            lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None, 20, what="fake upstream"
-        )
+        wait_http(f"http://127.0.0.1:{port}/_fake/health", 20)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.kill()
@@ -155,3 +157,34 @@ def stored_count(server_url: str, headers: dict[str, str] | None = None) -> int:
     status, body = http_json("GET", f"{server_url}/api/v1/stats", headers=headers)
     assert status == 200, body
     return int(body["overall"]["count"])
+
+
+def get_record(server_url: str, request_id: str, timeout: float = 30) -> dict[str, Any]:
+    """`GET /api/v1/requests/{id}` once the worker stored it (404 until then)."""
+    found: dict[str, Any] = {}
+
+    def stored() -> bool:
+        status, body = http_json("GET", f"{server_url}/api/v1/requests/{request_id}")
+        if status == 200:
+            found.update(body)
+            return True
+        assert status == 404, (status, body)
+        return False
+
+    wait_until(stored, timeout, interval=0.05, what=f"record {request_id}")
+    return found
+
+
+def list_records(server_url: str, **filters: str) -> list[dict[str, Any]]:
+    """Every record matching `filters` (`GET /api/v1/requests` followed page by page)."""
+    items: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        query = {**filters, "limit": "1000", **({"cursor": cursor} if cursor else {})}
+        url = f"{server_url}/api/v1/requests?{urllib.parse.urlencode(query)}"
+        status, body = http_json("GET", url)
+        assert status == 200, body
+        items += body["items"]
+        cursor = body["next_cursor"]
+        if not cursor:
+            return items
