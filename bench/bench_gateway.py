@@ -41,6 +41,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +147,14 @@ class Proc:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
         return ""
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0, sig: signal.Signals = signal.SIGINT) -> None:
         if not self.alive():
             return
-        self.popen.send_signal(signal.SIGINT)
+        self.popen.send_signal(sig)
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            progress(f"{self.name} did not stop within {timeout:.0f}s of SIGINT; killing it")
+            progress(f"{self.name} did not stop within {timeout:.0f}s of {sig.name}; killing it")
             self.popen.kill()
             self.popen.wait()
 
@@ -176,6 +177,21 @@ def spawn(
             preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
         )
     return Proc(name, popen, log, ",".join(map(str, sorted(cores))) if cores else "any")
+
+
+def dir_usage(path: Path) -> dict[str, int]:
+    files = size = 0
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                size += os.stat(os.path.join(root, name)).st_blocks * 512
+                files += 1
+    return {"files": files, "bytes_on_disk": size}
+
+
+def utc_now() -> str:
+    """Now as the API's `since` wants it; a hair early so that clock rounding never drops a row."""
+    return (datetime.now(UTC) - timedelta(milliseconds=1)).isoformat().replace("+00:00", "Z")
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -311,23 +327,29 @@ class Variant:
     def logs(self) -> bool:
         return self.stats_url is not None
 
-    def stored(self) -> int:
+    def stored(self, since: str | None = None) -> int:
+        """Rows in the store (created at or after `since`, an ISO time, if given)."""
         assert self.stats_url is not None
-        status, body = http_get(self.stats_url, 10.0)
+        url = self.stats_url + (f"?since={since}" if since else "")
+        status, body = http_get(url, 30.0)
         if status != 200:
-            raise SystemExit(f"{self.stats_url} answered {status}: {body[:300]!r}")
+            raise SystemExit(f"{url} answered {status}: {body[:300]!r}")
         return int(json.loads(body)["overall"]["count"])
 
-    def wait_stored(self, timeout: float) -> tuple[int, float]:
-        """Block until the store holds every request sent so far; return (stored, seconds waited)."""
+    def wait_stored(self, since: str, expected: int, timeout: float) -> tuple[int, float]:
+        """Block until the store holds the `expected` requests of the run that began at `since`.
+
+        Only the run's own rows are counted: a stats query over the whole, growing table would
+        cost llmtap's server more each round, and `up` would be billed for our polling.
+        """
         t0 = time.monotonic()
-        n = self.stored()
-        while n < self.expected and time.monotonic() - t0 < timeout:
+        n = self.stored(since)
+        while n < expected and time.monotonic() - t0 < timeout:
             for p in self.procs.values():
                 if not p.alive():
                     raise SystemExit(f"{p.name} died:\n{p.tail()}")
             time.sleep(0.1)
-            n = self.stored()
+            n = self.stored(since)
         return n, time.monotonic() - t0
 
     def cpu(self) -> dict[str, float]:
@@ -457,6 +479,7 @@ class Bench:
         progress(f"{v.name}: {label} (wrk -c{conns}, {what})")
         url = f"{v.base}/v1/chat/completions"
         others = [p for p in self.bench_procs if p not in v.procs.values() and p is not self.upstream]
+        since = utc_now()
         sys0, me0, oth0 = system_cpu(), self_cpu(), sum(p.cpu() for p in others)
         cpu0, up0, t0 = v.cpu(), self.upstream.cpu(), time.monotonic()
         w = run_wrk(url, self.bodies[body], conns, mode, value, "/healthz")
@@ -497,11 +520,10 @@ class Bench:
             progress(f"  WARNING: {w.errors()} failed chat requests in this run: {w.raw}")
         catch_up = 0.0
         if v.logs:
-            stored, catch_up = v.wait_stored(self.args.catch_up_timeout)
-            out["stored_after"] = stored
-            out["expected_after"] = v.expected
-            if stored != v.expected:
-                progress(f"  WARNING: stored {stored} of {v.expected} after {catch_up:.0f}s")
+            stored, catch_up = v.wait_stored(since, w.sent, self.args.catch_up_timeout)
+            out["stored"] = stored
+            if stored != w.sent:
+                progress(f"  WARNING: stored {stored} of {w.sent} after {catch_up:.0f}s")
         cpu2 = v.cpu()
         out["catch_up_s"] = round(catch_up, 2)
         if cpu2:
@@ -516,7 +538,7 @@ class Bench:
         if "cpu_s_per_1k" in out:
             msg += f"  cpu {out['cpu_s_per_1k']:.3f} s/1k"
         if v.logs:
-            msg += f"  stored {out['stored_after']}/{v.expected} (caught up in {catch_up:.1f}s)"
+            msg += f"  stored {out['stored']}/{w.sent} (caught up in {catch_up:.1f}s)"
         progress(msg)
         return out
 
@@ -524,10 +546,11 @@ class Bench:
         n, delay, chunks = self.ttfb_requests, self.args.chunk_delay_ms, 2
         progress(f"{v.name}: streaming time to first byte ({n} sequential slow streams, {delay} ms/event)")
         body = self.bodies["stream"].read_bytes()
+        since = utc_now()
         res = asyncio.run(_ttfb(f"{v.base}/v1/chat/completions", body, n, delay, chunks))
         v.expected += n
         if v.logs:
-            res["stored_after"], res["catch_up_s"] = v.wait_stored(self.args.catch_up_timeout)
+            res["stored"], res["catch_up_s"] = v.wait_stored(since, n, self.args.catch_up_timeout)
         progress(f"  ttfb p50 {res['ttfb_p50_ms']:.2f} ms  p99 {res['ttfb_p99_ms']:.2f} ms")
         return res
 
@@ -577,8 +600,10 @@ class Bench:
                     res[n][phase] = summarize(res[n]["runs"][phase])
                 v = vs[n]
                 if v.logs:
-                    stored, _ = v.wait_stored(self.args.catch_up_timeout)
+                    stored = v.stored()  # every row, once: the final check
                     res[n]["logged"] = {"stored": stored, "sent": v.expected}
+                    if v.logdir is not None:
+                        res[n]["data_dir"] = dir_usage(v.logdir)
                     progress(f"{n}: logged {stored}/{v.expected}")
             return res
         finally:
@@ -650,8 +675,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             return {k: med(k, [v[k] for v in vals if k in v]) for k in vals[0]}
         if key in ("sent", "ok", "errors", "fillers"):
             return sum(vals)
-        if key in ("stored_after", "expected_after"):
-            return vals[-1]
+        if key == "stored":
+            return sum(vals)
         return round(statistics.median(vals), 3)
 
     out = {k: med(k, [r[k] for r in runs if k in r]) for k in runs[0]}
@@ -850,7 +875,15 @@ def report(results: dict[str, Any]) -> str:
         lg = v[n].get("logged")
         if lg:
             ok = "OK" if lg["stored"] == lg["sent"] else "MISMATCH"
-            logged.append(f"{n}: logged {lg['stored']}/{lg['sent']} {ok} (rows in the store / requests sent)")
+            line = f"{n}: logged {lg['stored']}/{lg['sent']} {ok} (rows in the store / requests sent)"
+            du = v[n].get("data_dir")
+            if du:
+                line += (
+                    f"; data dir {du['bytes_on_disk'] / 2**20:.0f} MiB in {du['files']} files "
+                    f"({du['bytes_on_disk'] / max(lg['sent'], 1):.0f} B and "
+                    f"{du['files'] / max(lg['sent'], 1):.2f} files per request)"
+                )
+            logged.append(line)
     if logged:
         out.append("\n".join(logged))
     return "\n\n".join(out)
@@ -1011,15 +1044,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results["profile"] = b.run_profile()
         finally:
             if b.upstream is not None:
-                b.upstream.stop()
-    print()
-    print(report(results))
-    if "profile" in results:
+                b.upstream.stop(5.0, signal.SIGTERM)  # stateless; no need for a graceful drain
+        # Report before the work dir goes: llmtap leaves a body file per request to delete.
         print()
-        print(profile_report(results["profile"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-        progress(f"wrote {args.json}")
+        print(report(results))
+        if "profile" in results:
+            print()
+            print(profile_report(results["profile"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+            progress(f"wrote {args.json}")
+        if not args.keep:
+            progress("removing the work dir (stores and body files)...")
     bad = [
         n
         for n, r in results["variants"].items()
