@@ -184,11 +184,17 @@ _NO_LLMTAP = LlmtapHeaders()
 
 
 class RecordBuilder:
-    """Captures → records, plus the (key, compressed bytes) pairs to write to the body store.
+    """Captures → records, plus the (key, compressed bytes, Body) triples to write to the body store.
 
-    A body whose zstd form is at most `inline_body_bytes` travels inside the message; a larger
-    one is written to the body store by the publisher before the record is published, and the
-    record carries its key.
+    Bodies: under `COMPRESS_MIN_BYTES` inline as they are; otherwise zstd, inline when the
+    compressed form is at most `inline_body_bytes`, else written to the body store by the
+    publisher before the record is published (the record carries the key). Compressed HTTP
+    bodies (gzip, deflate, zstd) are stored decoded; a coding we cannot decode (br) as sent.
+
+    Times: `first_byte_at` is when the upstream's response headers arrived. Time to first token
+    is, for streams, when the first body bytes arrived (the first SSE event: a role or content
+    delta, in practice within a token of the first content), and for other responses the
+    latency, since the client sees nothing before the whole body.
     """
 
     def __init__(self, *, inline_body_bytes: int, gateway: str, body_store: bool = True) -> None:

@@ -244,8 +244,13 @@ class Proxy:
         except asyncio.CancelledError:
             self._finish(cap, "client_disconnected", "client went away before the upstream answered")
             raise
-        except (TimeoutError, aiohttp.ServerTimeoutError) as e:
-            return self._gateway_error(cap, 504, "upstream_timeout", f"upstream did not answer in time: {e}")
+        except TimeoutError as e:  # aiohttp's connect/read timeouts are TimeoutErrors too
+            s = self.settings
+            if isinstance(e, aiohttp.ConnectionTimeoutError):
+                why = f"could not connect to {base} within {s.upstream_connect_timeout:g} s"
+            else:
+                why = f"{base} sent no response within {s.upstream_read_timeout:g} s"
+            return self._gateway_error(cap, 504, "upstream_timeout", why)
         except (aiohttp.ClientError, OSError, ValueError) as e:
             return self._gateway_error(
                 cap, 502, "upstream_unreachable", f"could not reach {base}: {type(e).__name__}: {e}"

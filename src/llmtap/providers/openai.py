@@ -94,36 +94,37 @@ def error_message(body: Any) -> str | None:
 # Chat chunks are decoded into typed structs (msgspec skips the fields we do not need without
 # building dicts: about twice as fast as a generic parse, and a stream is hundreds of chunks).
 # Anything that does not fit the types — Responses API events, error events, a provider's odd
-# field types — takes the generic path on a plain dict instead.
+# field types — takes the generic path on a plain dict instead. `gc=False`: these short-lived
+# structs never form reference cycles, so the garbage collector need not track them.
 
 
-class _FnDelta(msgspec.Struct):
+class _FnDelta(msgspec.Struct, gc=False):
     name: str | None = None
     arguments: str | None = None
 
 
-class _ToolDelta(msgspec.Struct):
+class _ToolDelta(msgspec.Struct, gc=False):
     index: int = 0
     id: str | None = None
     type: str | None = None
     function: _FnDelta | None = None
 
 
-class _Delta(msgspec.Struct):
+class _Delta(msgspec.Struct, gc=False):
     role: str | None = None
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[_ToolDelta] | None = None
 
 
-class _ChoiceDelta(msgspec.Struct):
+class _ChoiceDelta(msgspec.Struct, gc=False):
     index: int = 0
     delta: _Delta | None = None
     text: str | None = None
     finish_reason: str | None = None
 
 
-class _Chunk(msgspec.Struct):
+class _Chunk(msgspec.Struct, gc=False):
     id: str | None = None
     object: str | None = None
     created: int | None = None
