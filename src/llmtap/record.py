@@ -60,10 +60,13 @@ class Usage(msgspec.Struct, omit_defaults=True, kw_only=True):
     reasoning_tokens: int | None = None
 
 
-class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Version 1 of the log record. Field names are part of the contract."""
+class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="v", tag=VERSION):
+    """Version 1 of the log record. Field names are part of the contract.
 
-    v: int = VERSION
+    The version travels as the struct's tag: every encoded record starts with `"v": 1`, and a
+    decoder refuses any other value (which `decode` reports as an unknown version).
+    """
+
     id: str
     tenant: str = "default"
     user_id: str | None = None
@@ -103,6 +106,11 @@ class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     route: Route = "queue"  # how the record reached the worker
     gateway: str | None = None  # host:pid of the gateway that captured it
 
+    @property
+    def v(self) -> int:
+        """The schema version (the struct's tag)."""
+        return VERSION
+
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(LogRecord)
@@ -133,8 +141,6 @@ def decode(data: bytes) -> LogRecord:
         raise RecordError(f"invalid record: {e}") from None
     except msgspec.DecodeError as e:
         raise RecordError(f"not a JSON log record: {e}") from None
-    if record.v != VERSION:  # `v` is a plain int field: any number validates, so check it here
-        raise RecordError(f"unknown record version {record.v!r} (this worker reads v{VERSION})")
     return record
 
 
@@ -146,9 +152,6 @@ def decode_many(data: bytes) -> list[LogRecord]:
         records = _many_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise RecordError(f"invalid record batch: {e}") from None
-    for r in records:
-        if r.v != VERSION:
-            raise RecordError(f"unknown record version {r.v!r} (this worker reads v{VERSION})")
     return records
 
 
