@@ -141,7 +141,7 @@ async def test_request_reaches_upstream_unchanged(
     assert forwarded == [(k if k != "x-dup" else "X-Dup", v) for k, v in sent]
     assert dict(got["headers"])["Host"] == f"127.0.0.1:{upstream}"
 
-    assert rec.user_id == "u1" and rec.session_id == "s1" and rec.properties == {"Team": "Search"}
+    assert rec.user_id == "u1" and rec.session_id == "s1" and rec.properties == {"team": "Search"}
     assert rec.path == "/v1/chat/completions" and rec.method == "POST" and rec.provider == "openai"
     assert rec.target_url == f"http://127.0.0.1:{upstream}{target}"
     assert body_bytes(rec.request_body) == body  # type: ignore[arg-type]

@@ -136,7 +136,10 @@ class LlmtapHeaders:
         for name, value in pairs:
             lname = name.lower()
             if lname.startswith(PROPERTY_PREFIX):
-                prop = name[len(PROPERTY_PREFIX) :]  # keep the case the client used
+                # Lowercase, like the header name itself is case-insensitive (RFC 9110 §5.1):
+                # HTTP/2 and some SDKs lowercase every header, others send `Title-Case`, and one
+                # property must not split into two by client.
+                prop = lname[len(PROPERTY_PREFIX) :]
                 if prop:
                     self.properties[prop] = value
             elif lname == "llmtap-user-id":
