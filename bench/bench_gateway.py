@@ -54,12 +54,15 @@ VARIANTS = ("direct", "passthrough", "up", "split")
 # `python -m cProfile` times functions by wall clock, so every moment the event loop is
 # preempted (by the store's threads, by the upstream) is billed to whatever made the syscall.
 # Timing by the main thread's own CPU clock bills each function only for CPU it used.
+# SIGUSR1/SIGUSR2 switch the profiler on and off, so that start-up (imports, migrations) and
+# shutdown stay out of the profile and it covers the loads and the storage catch-up only.
 PROFILE_BOOT = """
-import cProfile, sys, time
+import cProfile, signal, sys, time
 out = sys.argv[1]
 sys.argv = ["llmtap", *sys.argv[2:]]
 prof = cProfile.Profile(time.thread_time)
-prof.enable()
+signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+signal.signal(signal.SIGUSR2, lambda *_: prof.disable())
 try:
     from llmtap.cli import main
     main()
@@ -621,19 +624,25 @@ class Bench:
         progress("== profile: llmtap up under cProfile (numbers here are slowed by the profiler)")
         v = self.start_variant("profile", profile_to=prof)
         try:
-            v.procs["proxy"].name = "llmtap-up (cProfile)"
-            threads0 = thread_cpu(v.procs["proxy"].pid)
+            proc = v.procs["proxy"]
+            proc.name = "llmtap-up (cProfile)"
+            threads0, cpu0 = thread_cpu(proc.pid), proc.cpu()  # main = the event loop's thread
+            proc.popen.send_signal(signal.SIGUSR1)
             res: dict[str, Any] = {
                 "c64": self.measure_wrk(v, "profiled non-stream", "chat", 64, "seconds", self.seconds),
                 "stream": self.measure_wrk(v, "profiled stream", "stream", 64, "seconds", self.seconds),
             }
-            threads1 = thread_cpu(v.procs["proxy"].pid)
+            proc.popen.send_signal(signal.SIGUSR2)
+            threads1, cpu1 = thread_cpu(proc.pid), proc.cpu()
+            res["process_cpu_s"] = round(cpu1 - cpu0, 2)
         finally:
             v.procs["proxy"].stop(60)
+        main_s = threads1["main"] - threads0["main"]
+        # Executor threads come and go (their CPU vanishes from /proc when they exit), so the
+        # other threads' share is the process total minus the event loop's.
         res["thread_cpu_s"] = {
-            k: round(threads1[k] - threads0.get(k, 0.0), 2)
-            for k in threads1
-            if threads1[k] - threads0.get(k, 0.0) >= 0.05
+            "event loop": round(main_s, 2),
+            "other threads": round(res["process_cpu_s"] - main_s, 2),
         }
         if not prof.exists():
             progress(f"no profile written ({prof}); llmtap did not exit cleanly:\n{v.procs['proxy'].tail()}")
@@ -650,6 +659,17 @@ class Bench:
             top.append({"function": where, "calls": nc, "tottime_s": round(tt, 3), "cumtime_s": round(ct, 3)})
         res["profiled_main_thread_s"] = round(total, 2)
         res["top_by_own_time"] = top
+        areas = []
+        for label, file_part, fn_name in PROFILE_AREAS:
+            cum = sum(
+                s[3]
+                for (f, _ln, fn), s in st.stats.items()  # type: ignore[attr-defined]
+                if fn == fn_name and f.endswith(file_part)
+            )
+            areas.append(
+                {"area": label, "cumtime_s": round(cum, 3), "pct": round(100 * cum / max(total, 1e-9), 1)}
+            )
+        res["areas"] = areas
         llm = sorted(
             ((k, s) for k, s in st.stats.items() if "/llmtap/" in k[0]),  # type: ignore[attr-defined]
             key=lambda kv: kv[1][3],
@@ -665,6 +685,16 @@ class Bench:
             for (f, ln, fn), s in llm[: self.args.profile_top]
         ]
         return res
+
+
+# Task roots on llmtap's event loop (they do not nest), to say where its thread's CPU went.
+PROFILE_AREAS = (
+    ("gateway: relaying requests (Proxy.handle)", "llmtap/gateway/proxy.py", "handle"),
+    ("gateway: building + publishing records (Publisher._run)", "llmtap/gateway/publisher.py", "_run"),
+    ("worker: fetch, handler chain, ack (WorkerService._run)", "llmtap/worker/worker.py", "_run"),
+    ("aiohttp server: parsing requests (data_received)", "aiohttp/web_protocol.py", "data_received"),
+    ("aiohttp client: parsing upstream answers (data_received)", "aiohttp/client_proto.py", "data_received"),
+)
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -912,9 +942,12 @@ def profile_report(p: dict[str, Any]) -> str:
         "Profile of `llmtap up`: cProfile timed by the event-loop thread's own CPU clock (other "
         "threads are in the per-thread line only); the profiler slows everything down",
         f"  profile file: {p.get('prof_file', '-')}   (python -m pstats FILE, or snakeviz FILE)",
-        "  CPU by thread during the profiled load (s): "
-        + ", ".join(f"{k} {x}" for k, x in p.get("thread_cpu_s", {}).items()),
+        f"  process CPU during the profiled loads: {p.get('process_cpu_s', '-')} s: "
+        + ", ".join(f"{k} {x} s" for k, x in p.get("thread_cpu_s", {}).items()),
+        f"  event-loop thread, profiled: {p.get('profiled_main_thread_s', '-')} s",
     ]
+    for a in p.get("areas", []):
+        out.append(f"    {a['pct']:5.1f}%  {a['cumtime_s']:8.3f} s  {a['area']}")
     for key, title in (
         ("top_by_own_time", "top by own time"),
         ("llmtap_by_cumulative", "llmtap by cumulative"),
