@@ -82,7 +82,7 @@ class DirBodyStore(BodyStore):
     async def close(self) -> None:
         pass
 
-    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
         if self.down:
             raise TransientError("body store is down")
         for key, data in items:
@@ -90,6 +90,7 @@ class DirBodyStore(BodyStore):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             self.puts += 1
+        return [key for key, _ in items]
 
     async def get(self, key: str) -> bytes | None:
         path = self.root / key

@@ -63,16 +63,18 @@ async def test_round_trip_many(store: BodyStore) -> None:
         (body_key("acme", str(uuid.uuid4()), now, part), os.urandom(n))
         for n, part in [(0, "request"), (10, "response"), (300_000, "events")]
     ]
-    await store.put_many(items)
-    for key, data in items:
-        assert await store.get(key) == data
+    refs = await store.put_many(items)
+    assert len(refs) == len(items)
+    for ref, (_, data) in zip(refs, items, strict=True):
+        assert await store.get(ref) == data
     # idempotent re-write (at-least-once delivery writes bodies again)
-    await store.put_many(items)
-    assert await store.get(items[1][0]) == items[1][1]
+    refs2 = await store.put_many(items)
+    assert await store.get(refs2[1]) == items[1][1]
+    assert await store.get(refs[1]) == items[1][1]
     assert await store.get(body_key("acme", "missing", now, "request")) is None
-    await store.delete_many([k for k, _ in items])
-    for key, _ in items:
-        assert await store.get(key) is None
+    await store.delete_many(refs + refs2)
+    for ref in refs + refs2:
+        assert await store.get(ref) is None
 
 
 def test_keys_are_by_tenant_date_and_id() -> None:

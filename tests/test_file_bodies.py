@@ -12,16 +12,46 @@ from llmtap.bodies.file import FileBodyStore
 from llmtap.errors import BackendUnavailable, TransientError
 
 
-async def test_writes_leave_no_temporary_files_and_replace_atomically(tmp_path: Path) -> None:
+async def test_small_bodies_of_a_batch_share_one_pack_per_directory(tmp_path: Path) -> None:
     s = FileBodyStore(str(tmp_path / "b"))
     await s.connect()
-    await s.put_many([("t/2026/01/02/a.request.zst", b"one"), ("t/2026/01/02/b.request.zst", b"two")])
-    await s.put_many([("t/2026/01/02/a.request.zst", b"one again")])
+    refs = await s.put_many(
+        [
+            ("t/2026/01/02/a.request.zst", b"one"),
+            ("t/2026/01/02/b.request.zst", b"two"),
+            ("u/2026/01/02/c.request.zst", b"three"),
+        ]
+    )
     files = sorted(
         p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_file()
     )
-    assert files == ["t/2026/01/02/a.request.zst", "t/2026/01/02/b.request.zst"]
-    assert await s.get("t/2026/01/02/a.request.zst") == b"one again"
+    assert len(files) == 2 and all(f.endswith(".pack") for f in files)  # one per tenant/day, no temp files
+    assert [await s.get(r) for r in refs] == [b"one", b"two", b"three"]
+    assert refs[0].startswith("t/2026/01/02/") and "#" in refs[0]
+
+
+async def test_large_body_gets_its_own_file_replaced_atomically(tmp_path: Path) -> None:
+    from llmtap.bodies.file import PACK_MAX
+
+    s = FileBodyStore(str(tmp_path / "b"))
+    await s.connect()
+    big1, big2 = os.urandom(PACK_MAX), os.urandom(PACK_MAX + 1)
+    (ref,) = await s.put_many([("t/2026/01/02/a.request.zst", big1)])
+    assert ref == "t/2026/01/02/a.request.zst"
+    await s.put_many([("t/2026/01/02/a.request.zst", big2)])
+    files = sorted(
+        p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_file()
+    )
+    assert files == ["t/2026/01/02/a.request.zst"]
+    assert await s.get(ref) == big2
+
+
+@pytest.mark.parametrize("ref", ["t/x.pack#1", "t/x.pack#a+b", "t/x.pack#-1+2"])
+async def test_malformed_pack_refs_are_refused(tmp_path: Path, ref: str) -> None:
+    s = FileBodyStore(str(tmp_path / "b"))
+    await s.connect()
+    with pytest.raises(ValueError):
+        await s.get(ref)
 
 
 @pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a/../../x", "a//b", "", "a/./b", "a\\b"])
@@ -39,8 +69,8 @@ async def test_directory_removed_behind_our_back_is_recreated(tmp_path: Path) ->
     await s.connect()
     await s.put_many([("t/2026/01/02/a.request.zst", b"1")])
     shutil.rmtree(tmp_path / "b" / "t")
-    await s.put_many([("t/2026/01/02/c.request.zst", b"2")])
-    assert await s.get("t/2026/01/02/c.request.zst") == b"2"
+    (ref,) = await s.put_many([("t/2026/01/02/c.request.zst", b"2")])
+    assert await s.get(ref) == b"2"
 
 
 async def test_unusable_root_is_one_sentence_and_write_failure_is_transient(tmp_path: Path) -> None:
@@ -60,17 +90,20 @@ async def test_fsync_mode_round_trips(tmp_path: Path) -> None:
     s = FileBodyStore(str(tmp_path / "b"), fsync=True)
     await s.connect()
     data = os.urandom(100_000)
-    await s.put_many([("t/x.events.zst", data)])
-    assert await s.get("t/x.events.zst") == data
-    await s.delete_many(["t/x.events.zst", "t/missing.zst"])
-    assert await s.get("t/x.events.zst") is None
+    (ref,) = await s.put_many([("t/x.events.zst", data)])
+    assert await s.get(ref) == data
+    await s.delete_many([ref, "t/missing.zst"])
+    assert await s.get(ref) is None
 
 
 async def test_large_batch_spread_over_threads_round_trips(tmp_path: Path) -> None:
     s = FileBodyStore(str(tmp_path / "b"))
     await s.connect()
+    from llmtap.bodies.file import PACK_MAX
+
     items = [(f"t{i % 3}/2026/01/02/{i}.request.zst", os.urandom(i % 50)) for i in range(300)]
-    await s.put_many(items)
-    for key, data in items:
-        assert await s.get(key) == data
-    assert sum(1 for p in (tmp_path / "b").rglob("*") if p.is_file()) == 300
+    items += [(f"t{i % 3}/2026/01/02/big{i}.request.zst", os.urandom(PACK_MAX + i)) for i in range(130)]
+    refs = await s.put_many(items)
+    for ref, (_, data) in zip(refs, items, strict=True):
+        assert await s.get(ref) == data
+    assert sum(1 for p in (tmp_path / "b").rglob("*") if p.is_file()) == 3 + 130

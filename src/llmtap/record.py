@@ -136,8 +136,9 @@ def decode(data: bytes) -> LogRecord:
             version = _probe.decode(data).get("v")
         except msgspec.DecodeError:
             version = None
-        if version is not None and version != VERSION:
-            raise RecordError(f"unknown record version {version!r} (this worker reads v{VERSION})") from None
+        if (version is not None and version != VERSION) or str(e).endswith("`$.v`"):
+            shown = version if version != VERSION else str(e).split()[2]
+            raise RecordError(f"unknown record version {shown} (this worker reads v{VERSION})") from None
         raise RecordError(f"invalid record: {e}") from None
     except msgspec.DecodeError as e:
         raise RecordError(f"not a JSON log record: {e}") from None

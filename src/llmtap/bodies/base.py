@@ -34,14 +34,21 @@ class BodyStore(ABC):
     async def close(self) -> None: ...
 
     @abstractmethod
-    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Write all; raise `TransientError` on outage (the caller retries)."""
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
+        """Write all; return each body's ref (what `get` takes), in order.
+
+        A ref is the key itself on stores with one object per body (S3); the file store packs
+        small bodies of a batch into one file and returns `pack#offset+length` refs.
+        Raise `TransientError` on an outage (the caller retries).
+        """
 
     @abstractmethod
-    async def get(self, key: str) -> bytes | None: ...
+    async def get(self, ref: str) -> bytes | None:
+        """The bytes stored under a ref from `put_many`, or None when they are gone."""
 
     @abstractmethod
-    async def delete_many(self, keys: Sequence[str]) -> None: ...
+    async def delete_many(self, refs: Sequence[str]) -> None:
+        """Delete by ref (for the file store, a pack ref removes its whole pack)."""
 
 
 def open_body_store(settings: Settings) -> BodyStore:

@@ -95,9 +95,10 @@ class S3BodyStore(BodyStore):
                 Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/zstd"
             )
 
-    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
         try:
             await asyncio.gather(*(self._put(k, v) for k, v in items))
+            return [k for k, _ in items]
         except (TimeoutError, BotoCoreError, ClientError, OSError) as e:
             raise TransientError(f"S3 upload failed: {e}") from e
 

@@ -290,7 +290,9 @@ class Publisher:
         """
         assert self.bodies is not None
         try:
-            await self.bodies.put_many([(key, data) for key, data, _ in batch.uploads])
+            refs = await self.bodies.put_many([(key, data) for key, data, _ in batch.uploads])
+            for (_, _, body), ref in zip(batch.uploads, refs, strict=True):
+                body.ref = ref  # the store decides the ref (the file store packs small bodies)
             self.body_uploads += len(batch.uploads)
         except Exception as e:
             self.body_store_failures += 1

@@ -45,8 +45,8 @@ class BodyHandler(Handler):
                 swaps.append((r, attr, body, key))
         if not puts:
             return
-        await self.bodies.put_many(puts)  # TransientError on an outage: the batch is retried
-        for r, attr, body, key in swaps:
+        refs = await self.bodies.put_many(puts)  # TransientError on an outage: batch retried
+        for (r, attr, body, _), key in zip(swaps, refs, strict=True):
             setattr(
                 r,
                 attr,
