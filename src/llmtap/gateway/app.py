@@ -152,12 +152,19 @@ class GatewayService:
         ]
 
     async def stop(self) -> None:
+        """Stop within about `shutdown_timeout` (+ a few seconds for the last publish).
+
+        `llmtap.runtime` gives a service `shutdown_timeout + 5` s in all; requests in flight may
+        use `shutdown_timeout` of it, and the publisher gets what is left, at least 4 s.
+        """
         self._ready = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_timeout + 4.0
         if self._runner is not None:
             # Closes the listener, then waits (up to shutdown_timeout) for in-flight requests.
             await self._runner.cleanup()
             self._runner = None
-        await self.publisher.stop(timeout=self.settings.shutdown_timeout)
+        await self.publisher.stop(timeout=max(deadline - loop.time(), 4.0))
         await self.proxy.close()
         if self._own_queue:
             await self.queue.close()

@@ -252,7 +252,12 @@ class Publisher:
                 self._warn(
                     "build", "could not build a record (%s: %s); published a bare one", type(e).__name__, e
                 )
-                record = builder.fallback(cap, e)
+                try:
+                    record = builder.fallback(cap, e)
+                except Exception:  # not even the plain fields: nothing to publish
+                    log.exception("dropped a capture that could not be turned into a record")
+                    self.dropped += 1
+                    continue
             records.append(record)
             self.requests[(record.provider, record.outcome)] += 1
             if i % _BUILD_SLICE == _BUILD_SLICE - 1:
