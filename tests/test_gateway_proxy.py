@@ -732,3 +732,24 @@ async def test_expect_100_continue(upstream: int, tmp_path: Path) -> None:
 async def fake_requests_raw(port: int) -> list[dict[str, Any]]:
     async with aiohttp.ClientSession() as s:
         return await fake_requests(s, f"http://127.0.0.1:{port}")
+
+
+async def test_in_stream_errors_are_recorded(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        h = {**ANTHROPIC_AUTH, "x-fake-stream-error": "3"}
+        async with http.post(
+            f"{gw}/anthropic/v1/messages", json={**MESSAGES, "stream": True}, headers=h
+        ) as r:
+            assert b"overloaded_error" in await r.read()
+        h = {**OPENAI_AUTH, "x-fake-stream-error": "2"}
+        async with http.post(
+            f"{gw}/openai/v1/chat/completions", json={**CHAT, "stream": True}, headers=h
+        ) as r:
+            via = await r.read()
+        anth, oai = await published(svc, q, 2)
+    assert anth.error == "Overloaded" and anth.outcome == "completed" and anth.status == 200
+    assert oai.error and "error while processing" in oai.error
+    assert b'"usage":null' not in via  # stripped even on a stream that ends in an error
