@@ -619,9 +619,20 @@ async def test_multi_tenant_without_key_is_401_before_upstream(
             f"{gw}/openai/v1/chat/completions", json=CHAT, headers={"Llmtap-Auth": "Bearer k1"}
         ) as r:
             assert r.status in (200, 401)  # the fake's own auth check: no Authorization header
-        (rec,) = await published(svc, q, 1)
-    assert len(await fake_requests(http, f"http://127.0.0.1:{upstream}")) == 1
-    assert rec.tenant == "acme"
+
+        async def lookup(auth: str | None) -> str | None:
+            await asyncio.sleep(0.01)  # a key-store round trip
+            return "globex" if auth == "Bearer k2" else None
+
+        svc.proxy.resolve_tenant = lookup
+        for key in ("Bearer k2", "Bearer k1"):
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions", json=CHAT, headers={**OPENAI_AUTH, "Llmtap-Auth": key}
+            ) as r:
+                assert (r.status == 401) == (key == "Bearer k1")
+        recs = await published(svc, q, 2)
+    assert len(await fake_requests(http, f"http://127.0.0.1:{upstream}")) == 2
+    assert [r.tenant for r in recs] == ["acme", "globex"]
 
 
 async def test_healthz_metrics_and_unknown_paths(

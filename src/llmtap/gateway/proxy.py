@@ -55,6 +55,10 @@ class CaptureSink(Protocol):
 
 LocalHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
+#: `Llmtap-Auth` header value (or None) → tenant, or None to refuse with 401 before anything
+#: goes upstream. May return an awaitable (a key lookup that misses its cache).
+TenantResolver = Callable[[str | None], "str | Awaitable[str | None] | None"]
+
 
 class _Coalesced(web.StreamResponse):
     """A response whose headers leave in the same write as the first body bytes.
@@ -81,7 +85,7 @@ class Proxy:
         self,
         settings: Settings,
         publisher: CaptureSink,
-        resolve_tenant: Callable[[str | None], str | None],
+        resolve_tenant: TenantResolver,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
@@ -192,7 +196,11 @@ class Proxy:
         if request_id is None:
             request_id = str(uuid.uuid4())
 
-        tenant = self.resolve_tenant(auth)
+        resolved = self.resolve_tenant(auth)
+        if resolved is None or isinstance(resolved, str):
+            tenant = resolved
+        else:  # an async resolver (a key lookup)
+            tenant = await resolved
         if tenant is None:
             return _json_error(401, "llmtap_unauthorized", "missing or unknown Llmtap-Auth key", request_id)
 
