@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
 import pytest
 
 from gateway_support import MemoryQueue, wait_for
@@ -210,3 +211,64 @@ async def test_build_error_still_publishes_a_bare_record(tmp_path: Path) -> None
     assert bare.id == cap.id and bare.error and "could not build" in bare.error
     assert ok.error is None and pub.build_errors == 1
     await pub.stop(timeout=1)
+
+
+def test_capture_cap_keeps_head_and_a_bounded_tail_and_usage_survives() -> None:
+    from llmtap.gateway.capture import TAIL_BYTES, RecordBuilder
+    from llmtap.record import body_bytes
+
+    def ev(obj: dict[str, object]) -> bytes:
+        return b"event: " + str(obj["type"]).encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-x",
+            "content": [],
+            "usage": {"input_tokens": 11, "output_tokens": 1},
+        },
+    }
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x" * 500}}
+    end = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4321}}
+    stream = ev(start) + ev(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    )
+    stream += (
+        ev(delta) * 600
+        + ev({"type": "content_block_stop", "index": 0})
+        + ev(end)
+        + ev({"type": "message_stop"})
+    )
+    cap = capture(7)
+    cap.provider = "anthropic"
+    cap.cap = 64 * 1024
+    cap.chunks, cap.response_size = [], 0
+    cap.streamed = True
+    for i in range(0, len(stream), 1000):  # network-sized reads, boundaries anywhere
+        cap.add(stream[i : i + 1000])
+    assert cap.truncated and cap.response_size == len(stream) > 4 * cap.cap
+    assert sum(len(c) for c in cap.chunks) == cap.cap
+    assert cap.tail is not None and TAIL_BYTES - 1000 < cap.tail_size <= TAIL_BYTES
+    assert stream.endswith(b"".join(cap.tail))
+    assert cap.nbytes < 2 * cap.cap + 2 * TAIL_BYTES
+
+    rec, uploads = RecordBuilder(inline_body_bytes=1 << 20, gateway="t").build(cap)
+    assert uploads == []
+    assert rec.usage.prompt_tokens == 11 and rec.usage.completion_tokens == 4321  # from the tail
+    assert rec.response_events is not None and rec.response_events.truncated
+    assert rec.response_events.size == len(stream)
+    assert body_bytes(rec.response_events) == stream[: cap.cap]
+
+
+def test_capture_head_and_tail_do_not_overlap() -> None:
+    cap = capture(8)
+    cap.cap = 10
+    cap.chunks, cap.response_size = [], 0
+    for piece in (b"aaaa", b"bbbbbbbb", b"cccc"):
+        cap.add(piece)
+    assert b"".join(cap.chunks) == b"aaaabbbbbb"
+    assert cap.tail is not None and b"".join(cap.tail) == b"bbcccc"
+    assert cap.response_size == 16 and cap.truncated

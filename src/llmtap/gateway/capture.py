@@ -127,6 +127,7 @@ class Capture:
             return
         if size < cap:
             self.chunks.append(chunk[: cap - size])
+            chunk = chunk[cap - size :]  # the tail continues where the head stops: no byte twice
         self.truncated = True
         tail = self.tail
         if tail is None:
