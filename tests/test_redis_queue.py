@@ -1,0 +1,225 @@
+"""Redis Streams queue: what the conformance suite cannot see from outside.
+
+Partition leases, trimming that never drops a pending entry (checked on the streams
+themselves), a real Redis outage (scripts/services.sh stop/start redis), and start-up errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from llmtap.errors import BackendUnavailable
+from llmtap.queue.base import Delivery, partition_for
+from llmtap.queue.redis import RedisQueue
+from queue_helpers import (
+    SERVICES,
+    ConsumerProcess,
+    QueueSpec,
+    keyed_records,
+    make_spec,
+    parse,
+    publish_in_batches,
+    skip_reason,
+    wait_for,
+)
+
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(skip_reason("redis") is not None, reason=str(skip_reason("redis"))),
+]
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> QueueSpec:
+    return make_spec("redis", tmp_path)
+
+
+@pytest.fixture
+async def queues() -> AsyncIterator[list[RedisQueue]]:
+    opened: list[RedisQueue] = []
+    yield opened
+    for q in reversed(opened):
+        await q.close()
+
+
+async def open_(spec: QueueSpec, queues: list[RedisQueue], role: str = "both", **kw: object) -> RedisQueue:
+    q = spec.build(**kw)
+    assert isinstance(q, RedisQueue)
+    await q.connect(role)  # type: ignore[arg-type]
+    queues.append(q)
+    return q
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_unreachable_redis_fails_fast_with_one_sentence() -> None:
+    port = free_port()
+    q = RedisQueue(f"redis://127.0.0.1:{port}/0", 6, "workers")
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailable) as e:
+        await q.connect("both")
+    assert time.monotonic() - t0 < 5
+    msg = str(e.value)
+    assert msg.startswith(f"cannot reach Redis at 127.0.0.1:{port}: ") and "\n" not in msg
+
+
+async def test_records_go_to_the_partition_of_their_key(spec: QueueSpec, queues: list[RedisQueue]) -> None:
+    q = await open_(spec, queues, "producer")
+    messages = keyed_records(keys=20, per_key=3)
+    await q.publish(messages)
+    for p in range(spec.partitions):
+        entries = await q.r.xrange(q.stream(p))
+        assert entries, f"partition {p} got nothing"
+        for _, fields in entries:
+            assert partition_for(fields[b"k"].decode(), spec.partitions) == p
+
+
+async def test_leases_split_partitions_and_close_hands_them_over(
+    spec: QueueSpec, queues: list[RedisQueue]
+) -> None:
+    a = await open_(spec, queues, "consumer")
+    assert a.owned_partitions() == list(range(6))
+    b = await open_(spec, queues, "consumer")
+    # a gives up half at its next heartbeat (it has nothing in flight), b takes them at its own.
+    await wait_for(
+        lambda: len(a.owned_partitions()) == 3 and len(b.owned_partitions()) == 3, 10, "a fair split"
+    )
+    assert set(a.owned_partitions()).isdisjoint(b.owned_partitions())
+    owners = {p.partition: p.owner for p in (await a.status()).partitions}
+    assert {owners[p] for p in a.owned_partitions()} == {a.consumer_id}
+    await a.close()
+    queues.remove(a)
+    await wait_for(lambda: b.owned_partitions() == list(range(6)), 5, "b takes over after a closed")
+
+
+async def test_a_partition_is_not_handed_over_while_its_deliveries_are_in_flight(
+    spec: QueueSpec, queues: list[RedisQueue]
+) -> None:
+    producer = await open_(spec, queues, "producer")
+    await producer.publish(keyed_records(keys=24, per_key=5))
+    a = await open_(spec, queues, "consumer")
+    held = await a.consume(1000, 2.0)
+    assert {d.partition for d in held} == set(range(6))
+    b = await open_(spec, queues, "consumer")
+    await asyncio.sleep(2.0)  # several heartbeats: a must keep what it has not acked
+    assert a.owned_partitions() == list(range(6)) and b.owned_partitions() == []
+    assert await b.consume(100, 0.5) == []
+    await a.ack(held)
+    await wait_for(lambda: len(b.owned_partitions()) == 3, 5, "the handover once acked")
+    assert await b.consume(100, 0.5) == []  # nothing was left pending or redelivered
+
+
+async def test_trimming_never_drops_a_pending_entry(queues: list[RedisQueue], tmp_path: Path) -> None:
+    spec = make_spec("redis", tmp_path, trim_interval=3600.0)  # only the trims of this test
+    producer = await open_(spec, queues, "producer")
+    messages = keyed_records(keys=12, per_key=20)
+    await publish_in_batches(producer, messages, 60)
+
+    # A consumer process acks 2 batches, then stops mid-batch: delivered, not acked.
+    proc = ConsumerProcess(spec, tmp_path / "c.log", stall_after=91, batch=45)
+    try:
+        await wait_for(lambda: proc.log().stalled, 30, "the consumer stalled mid-batch")
+        log = proc.log()
+        assert len(log.acked) == 90 and len(log.unacked) >= 1
+        before = sum([await producer.r.xlen(producer.stream(p)) for p in range(6)])
+        removed = sum([await producer.trim_partition(p, exact=True) for p in range(6)])
+        after = sum([await producer.r.xlen(producer.stream(p)) for p in range(6)])
+        # Exactly the acked entries went: not the pending ones, not the never delivered ones.
+        assert removed == len(log.acked) and after == before - len(log.acked) == len(messages) - 90
+        summary = [await producer.r.xpending(producer.stream(p), spec.group) for p in range(6)]
+        assert sum(s["pending"] for s in summary) >= len(log.unacked)
+    finally:
+        proc.kill()
+
+    # The dead consumer's pending entries are claimed by the next one and still have their data.
+    heir = await open_(spec, queues, "consumer")
+    got: list[Delivery] = []
+    deadline = time.monotonic() + 30
+    while len(got) < len(messages) - 90:
+        assert time.monotonic() < deadline, f"{len(got)} of {len(messages) - 90}"
+        batch = await heir.consume(100, 0.5)
+        got += batch
+        await heir.ack(batch)
+    records = [parse(d.value) for d in got]
+    assert set(log.unacked) <= set(records)
+    assert set(records) | set(log.acked) == {parse(m.value) for m in messages}
+    assert all(d.delivery_count >= 2 for d in got if parse(d.value) in set(log.unacked))
+    assert sum([await producer.trim_partition(p, exact=True) for p in range(6)]) == len(messages) - 90
+    assert (await producer.status()).lag == 0
+
+
+async def test_trimming_keeps_entries_not_yet_delivered_to_every_group(
+    spec: QueueSpec, queues: list[RedisQueue]
+) -> None:
+    fast = await open_(spec, queues, "consumer")
+    slow = await open_(QueueSpec(**{**spec.__dict__, "group": "other"}), queues, "consumer")
+    await fast.publish(keyed_records(keys=6, per_key=10))
+    got: list[Delivery] = []
+    while len(got) < 60:
+        batch = await fast.consume(100, 1.0)
+        got += batch
+        await fast.ack(batch)
+    # Every entry is acked by `workers` but `other` has not read any: nothing may go.
+    assert sum([await fast.trim_partition(p, exact=True) for p in range(6)]) == 0
+    assert len(await slow.consume(100, 1.0)) > 0
+
+
+def services(*args: str) -> None:
+    subprocess.run([str(SERVICES), *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.access(SERVICES, os.X_OK), reason="scripts/services.sh is missing")
+async def test_redis_outage_fails_fast_and_resumes_without_loss(
+    spec: QueueSpec, queues: list[RedisQueue]
+) -> None:
+    producer = await open_(spec, queues, "producer")
+    consumer = await open_(spec, queues, "consumer")
+    before = keyed_records(keys=6, per_key=20)
+    await producer.publish(before)
+    await asyncio.to_thread(services, "stop", "redis")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(BackendUnavailable) as e:
+            await producer.publish(keyed_records(keys=6, per_key=1))
+        took = time.monotonic() - t0
+        print(f"publish during a Redis outage raised BackendUnavailable after {took:.3f}s: {e.value}")
+        assert took < 3
+        with pytest.raises(BackendUnavailable):
+            await consumer.consume(10, 0.5)
+    finally:
+        await asyncio.to_thread(services, "start", "redis")
+    after = [m for m in keyed_records(keys=6, per_key=40) if parse(m.value)[1] >= 20]
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            await producer.publish(after)
+            break
+        except BackendUnavailable:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+    wanted = {parse(m.value) for m in before + after}
+    seen: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + 30
+    while not wanted <= seen:
+        assert time.monotonic() < deadline, f"missing {len(wanted - seen)}"
+        try:
+            batch = await consumer.consume(100, 0.5)
+            seen |= {parse(d.value) for d in batch}
+            await consumer.ack(batch)
+        except BackendUnavailable:
+            await asyncio.sleep(0.2)
