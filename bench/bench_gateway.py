@@ -713,6 +713,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["rounds"] = len(runs)
     out["rps_min"] = min(r["rps"] for r in runs)
     out["rps_max"] = max(r["rps"] for r in runs)
+    if "cpu_s_per_1k" in runs[0]:
+        out["cpu_s_per_1k_min"] = min(r["cpu_s_per_1k"] for r in runs)
     return out
 
 
@@ -890,15 +892,26 @@ def report(results: dict[str, Any]) -> str:
         ):
             if key not in rat:
                 continue
-            x = rat[key]
+            x, best = rat[key], rat.get("best_" + key)
             if target is None:
                 verdict, tgt = "", ""
             else:
-                met = x <= target if ok_if_low else x >= target
-                verdict = "met" if met else "MISSED"
+
+                def met(val: float, target: float = target, ok_if_low: bool = ok_if_low) -> bool:
+                    return val <= target if ok_if_low else val >= target
+
+                verdict = "met" if met(x) else "MISSED"
+                if best is not None and met(best) != met(x):
+                    verdict += " (best rounds: " + ("met" if met(best) else "missed") + ")"
                 tgt = ("≤ " if ok_if_low else "≥ ") + f"{target:g}"
-            rows.append([label, f"{x:.2f}", tgt, verdict])
-        out.append(table("Ratios against the passthrough (same run)", ["ratio", "value", "target", ""], rows))
+            rows.append([label, f"{x:.2f}", "-" if best is None else f"{best:.2f}", tgt, verdict])
+        out.append(
+            table(
+                "Ratios against the passthrough (same run; median rounds, and best round of each side)",
+                ["ratio", "median", "best", "target", "verdict (median)"],
+                rows,
+            )
+        )
 
     logged = []
     for n in names:
@@ -920,6 +933,11 @@ def report(results: dict[str, Any]) -> str:
 
 
 def ratios(v: dict[str, Any]) -> dict[str, float]:
+    """llmtap against the passthrough, from the medians and (`best_*`) from each side's best round.
+
+    Interference from other work on the machine only ever makes a round slower, so the best
+    rounds are the least disturbed estimate; the medians are shown beside them.
+    """
     r: dict[str, float] = {}
     pt = v.get("passthrough")
     if pt is None:
@@ -928,13 +946,17 @@ def ratios(v: dict[str, Any]) -> dict[str, float]:
         x = v.get(name)
         if x is None:
             continue
-        r[prefix + "cpu_chat"] = x["c64"]["cpu_s_per_1k"] / pt["c64"]["cpu_s_per_1k"]
-        r[prefix + "cpu_stream"] = x["stream"]["cpu_s_per_1k"] / pt["stream"]["cpu_s_per_1k"]
-        r[prefix + "rps_chat"] = x["c64"]["rps"] / pt["c64"]["rps"]
-        r[prefix + "rps_stream"] = x["stream"]["rps"] / pt["stream"]["rps"]
+        for phase, kind in (("c64", "chat"), ("stream", "stream")):
+            a, b = x[phase], pt[phase]
+            r[f"{prefix}cpu_{kind}"] = a["cpu_s_per_1k"] / b["cpu_s_per_1k"]
+            r[f"{prefix}rps_{kind}"] = a["rps"] / b["rps"]
+            r[f"best_{prefix}cpu_{kind}"] = a["cpu_s_per_1k_min"] / b["cpu_s_per_1k_min"]
+            r[f"best_{prefix}rps_{kind}"] = a["rps_max"] / b["rps_max"]
         if name == "split":
-            r["split_gw_cpu_chat"] = x["c64"]["cpu_s_per_1k_by_proc"]["gateway"] / pt["c64"]["cpu_s_per_1k"]
-    return {k: round(x, 3) for k, x in r.items()}
+            gw = [run["cpu_s_per_1k_by_proc"]["gateway"] for run in x["runs"]["c64"]]
+            r["split_gw_cpu_chat"] = statistics.median(gw) / pt["c64"]["cpu_s_per_1k"]
+            r["best_split_gw_cpu_chat"] = min(gw) / pt["c64"]["cpu_s_per_1k_min"]
+    return {k: round(val, 3) for k, val in r.items()}
 
 
 def profile_report(p: dict[str, Any]) -> str:
