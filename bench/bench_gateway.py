@@ -564,6 +564,17 @@ class Bench:
         machine evenly over the variants; medians over the rounds are what the report shows.
         """
         vs: dict[str, Variant] = {}
+        # Rough plan: loads, ~1.5 s per c1 run, ~0.1 s per slow stream, ~1 s catch-up per llmtap run.
+        eta = len(names) * (
+            (1 if self.args.quick else 2)
+            + self.rounds * (2 * self.seconds + 1.5 + 2)
+            + self.ttfb_requests * 0.1
+        )
+        progress(
+            f"plan: {len(names)} variants x {self.rounds} round(s) of c1 ({self.c1_requests} requests), "
+            f"chat and stream ({self.seconds:g} s each), then {self.ttfb_requests} slow streams each; "
+            f"about {eta / 60:.0f} min"
+        )
         try:
             for n in names:
                 progress(f"starting {n}")
