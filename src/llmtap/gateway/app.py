@@ -12,6 +12,7 @@ queue and the body store. A request that was answered is therefore logged.
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import orjson
@@ -145,6 +146,7 @@ class GatewayService:
                 await backend.close()
             raise
         self.port = int(runner.addresses[0][1])
+        _freeze_startup_objects()
         self._ready = True
         url = f"http://{_host(s.host)}:{self.port}"
         return [
@@ -182,6 +184,20 @@ class GatewayService:
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+
+def _freeze_startup_objects() -> None:
+    """Exempt everything that exists once we are ready from the cyclic garbage collector.
+
+    Modules, settings, price tables, connection pools live for the whole process; scanning them
+    again on every full collection costs milliseconds each time, paid by whichever request is
+    running (a classic server tweak: `gc.freeze`). Objects created later are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    if gen0 == 700:  # Python's default: nobody tuned it
+        gc.set_threshold(20_000, gen1, gen2)
 
 
 def _host(host: str) -> str:

@@ -125,6 +125,7 @@ class Publisher:
         # -- counters (read by /metrics and tests)
         self.submitted = 0
         self.published = 0  # records made durable by some sink
+        self.batches = 0  # batches made durable (published / batches = mean batch size)
         self.failed = 0  # sink attempts that raised
         self.dropped = 0  # captures/records given up (buffer full, poison batch, shutdown deadline)
         self.build_errors = 0
@@ -281,6 +282,7 @@ class Publisher:
                 self._warn(f"sink-{sink.route}", "%s sink failed (%s: %s)", sink.route, type(e).__name__, e)
                 continue
             self.published += len(batch.records)
+            self.batches += 1
             self.routes[sink.route] += len(batch.records)
             return True
         if not outage:
@@ -337,6 +339,7 @@ class _PublisherCollector(Collector):
         for route in ("queue", "ingest", "spool"):
             pub.add_metric([route], p.routes.get(route, 0))
         yield pub
+        yield CounterMetricFamily("llmtap_gateway_publish_batches", "Batches made durable", value=p.batches)
         yield CounterMetricFamily(
             "llmtap_gateway_publish_failures", "Sink attempts that failed", value=p.failed
         )
