@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+# Fresh service state every run (caches are kept): topics and tables left by earlier runs
+# would slow Kafka's start-up and could mask a test that depends on leftovers.
+scripts/services.sh clean >/dev/null 2>&1 || true
 scripts/services.sh up
 trap 'scripts/services.sh down >/dev/null 2>&1 || true' EXIT
 eval "$(scripts/services.sh env)"
