@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,7 @@ class DiskSpool:
         self._path: Path | None = None
         self._written = 0
         self._seq = 0
+        self._lock = threading.Lock()  # append (sink thread) vs close (replayer thread)
 
     # -- writing ------------------------------------------------------------------------------
     def append(self, values: Sequence[bytes]) -> None:
@@ -64,17 +66,20 @@ class DiskSpool:
         if not values:
             return
         frames = b"".join(_HEADER.pack(len(v), zlib.crc32(v)) + v for v in values)
-        if self.size() + len(frames) > self.max_bytes:
-            raise SpoolFull(f"spool at {self.dir} is full ({self.max_bytes} bytes)")
-        if self._fd is None or self._written >= SEGMENT_BYTES:
-            self._rotate()
-        assert self._fd is not None
-        os.write(self._fd, frames)
-        os.fsync(self._fd)
-        self._written += len(frames)
+        with self._lock:
+            if self.size() + len(frames) > self.max_bytes:
+                raise SpoolFull(f"spool at {self.dir} is full ({self.max_bytes} bytes)")
+            if self._fd is None or self._written >= SEGMENT_BYTES:
+                self._rotate()
+            assert self._fd is not None
+            view = memoryview(frames)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
+            self._written += len(frames)
 
     def _rotate(self) -> None:
-        self.close()
+        self._close()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
         name = f"{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.spool"
@@ -91,6 +96,10 @@ class DiskSpool:
             os.close(dfd)
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -1,0 +1,170 @@
+"""The fallback sinks after the queue, and the task that brings spooled records back.
+
+The publisher's chain in a scaled-out gateway is `QueueSink → IngestSink → SpoolSink`:
+
+- `IngestSink` POSTs the batch to the llmtap server's `POST /api/v1/ingest`, which runs the
+  worker's handler chain and answers 2xx only once the records are stored.
+- `SpoolSink` appends the batch to the local disk spool (fsynced): the last resort, and where
+  records go when the in-memory buffer is over its bound.
+- `SpoolReplayer` publishes spooled records into the queue once it accepts again, and at
+  start-up (records spooled before a restart are not lost).
+
+Records keep the route they took (`record.route`): `ingest` for the fallback, `spool` for
+records that went through the spool and were replayed, so an operator can see what an outage
+did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+
+from llmtap.errors import BackendUnavailable
+from llmtap.gateway.publisher import Sink
+from llmtap.gateway.spool import DiskSpool, SpoolFull
+from llmtap.queue.base import Message, Queue
+from llmtap.record import LogRecord, Route, encode, encode_many, partition_key
+
+log = logging.getLogger("llmtap.gateway")
+
+_KEY_LEN = struct.Struct(">H")
+
+
+class IngestSink(Sink):
+    """Fallback: the server's ingest endpoint stores the batch synchronously."""
+
+    route: Route = "ingest"
+
+    def __init__(self, base_url: str, token: str | None, *, timeout: float = 10.0) -> None:
+        self.url = base_url.rstrip("/") + "/api/v1/ingest"
+        self.headers = {"content-type": "application/json"}
+        if token:
+            self.headers["authorization"] = f"Bearer {token}"
+        self.timeout = aiohttp.ClientTimeout(total=timeout, connect=2.0)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=self.timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, records: Sequence[LogRecord]) -> None:
+        assert self._session is not None, "start() the sink first"
+        for r in records:
+            r.route = "ingest"
+        body = encode_many(list(records))
+        try:
+            async with self._session.post(self.url, data=body, headers=self.headers) as resp:
+                text = await resp.text()
+                if resp.status < 300:
+                    return
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise BackendUnavailable(
+                f"ingest endpoint {self.url} unreachable: {e or type(e).__name__}"
+            ) from e
+        if resp.status >= 500 or resp.status in (401, 403, 404, 408, 429):
+            # Down, overloaded, or misconfigured (wrong token): not the records' fault.
+            raise BackendUnavailable(f"ingest endpoint {self.url} answered {resp.status}: {text[:200]}")
+        raise ValueError(f"ingest endpoint refused the batch ({resp.status}): {text[:200]}")
+
+
+def _frame(key: str, value: bytes) -> bytes:
+    k = key.encode()[:65535]
+    return _KEY_LEN.pack(len(k)) + k + value
+
+
+def _unframe(data: bytes) -> Message:
+    (n,) = _KEY_LEN.unpack_from(data)
+    return Message(key=data[2 : 2 + n].decode(), value=data[2 + n :])
+
+
+class SpoolSink(Sink):
+    """Last resort: append to the fsynced local spool (in a thread: the loop never blocks)."""
+
+    route: Route = "spool"
+
+    def __init__(self, spool: DiskSpool, partition_by: str = "tenant") -> None:
+        self.spool = spool
+        self.partition_by = partition_by
+
+    async def send(self, records: Sequence[LogRecord]) -> None:
+        by = self.partition_by
+        frames = []
+        for r in records:
+            r.route = "spool"
+            frames.append(_frame(partition_key(r, by), encode(r)))
+        try:
+            await asyncio.to_thread(self.spool.append, frames)
+        except (SpoolFull, OSError) as e:
+            raise BackendUnavailable(f"disk spool unusable: {e}") from e
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.spool.close)
+
+
+class SpoolReplayer:
+    """Moves spooled records into the queue whenever the queue takes them.
+
+    Runs at start-up and then every `interval` seconds while anything is spooled. A segment is
+    deleted only after every batch in it was published; a replay cut short by an outage starts
+    the segment over later (at least once: the store keeps one row per request id).
+    """
+
+    def __init__(self, spool: DiskSpool, queue: Queue, *, interval: float = 1.0) -> None:
+        self.spool = spool
+        self.queue = queue
+        self.interval = interval
+        self.replayed = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="llmtap-spool-replay")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def replay_once(self) -> int:
+        """Publish what is spooled now; returns records published. Stops at the first outage."""
+        done = 0
+        segments = await asyncio.to_thread(self.spool.segments_for_replay)
+        for path in segments:
+            batches = await asyncio.to_thread(self._read, path)
+            if not batches:
+                continue  # another process is replaying it, or it is empty
+            n = 0
+            for batch in batches:
+                await self.queue.publish([_unframe(f) for f in batch])
+                n += len(batch)
+            await asyncio.to_thread(DiskSpool.done, path)
+            done += n
+            self.replayed += n
+            log.info("replayed %d spooled record(s) from %s into the queue", n, path.name)
+        return done
+
+    def _read(self, path: Path) -> list[list[bytes]]:
+        return list(self.spool.replay(path))
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            if await asyncio.to_thread(self.spool.pending):
+                try:
+                    await self.replay_once()
+                except BackendUnavailable:
+                    pass  # the queue is still down; the records stay on disk
+                except Exception as e:  # never let the replayer die
+                    log.warning("spool replay failed: %s: %s", type(e).__name__, e)
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.interval)
+            except TimeoutError:
+                pass
