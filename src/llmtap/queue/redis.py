@@ -217,6 +217,7 @@ class RedisQueue(Queue):
         self._changed = asyncio.Event()
         self._reading: set[int] = set()  # partitions of the blocking read in flight
         self._heartbeat_error: BaseException | None = None
+        self._rr = 0
         self._last_trim = 0.0
         self._scripts: dict[str, Any] = {}
 
@@ -448,9 +449,6 @@ class RedisQueue(Queue):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
 
-    def _readable(self) -> bool:
-        return any(not p.releasing for p in self._owned.values())
-
     def _expire_inflight(self, now: float) -> None:
         """Deliveries unacked for `redeliver_after` are handed out again, from the oldest one."""
         for part in self._owned.values():
@@ -465,7 +463,10 @@ class RedisQueue(Queue):
         """Hand out buffered deliveries, each partition's in order."""
         out: list[Delivery] = []
         now = time.monotonic()
-        for part in self._owned.values():
+        parts = list(self._owned.values())
+        self._rr += 1  # a different first partition each time, so none is starved
+        for i in range(len(parts)):
+            part = parts[(self._rr + i) % len(parts)]
             if part.releasing:
                 continue
             while part.buffer and len(out) < max_messages:

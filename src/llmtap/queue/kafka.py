@@ -1,0 +1,615 @@
+"""Kafka queue (aiokafka): a partitioned topic, one consumer group, and a dead-letter topic.
+
+Producer: idempotent (`acks=all`), batched with a small linger, records keyed and placed with
+`partition_for` (the same key → partition rule as every other backend), so one key's records
+stay in one partition, in publish order. `publish` hands the whole batch to the producer and
+awaits every send future; errors and timeouts (a few seconds: an outage must be noticed while
+the gateway still has room to buffer) become `BackendUnavailable`.
+
+Consumer: group membership and partition assignment are Kafka's; offsets are committed by hand
+and only over contiguous progress: the committed offset of a partition is its oldest delivered
+but unacknowledged offset (or the one after the last delivery when all are acked), so an
+unacknowledged record is never skipped. On a rebalance (a worker joins, leaves or dies) the
+revoked partitions' in-flight deliveries get a short grace to be acked, progress is committed,
+and the rest is dropped: the next owner starts from the committed offset, so a record is
+redelivered rather than lost. Delivery is at least once; the idempotent store keeps exactly one
+ROW per request id.
+
+Dead letters go to `<topic>.dlq` (one partition, no retention limit) with their reason, source
+partition/offset and time in headers. Which dead letters have been replayed is remembered as
+the committed offset of the group `<group>-dlq-replay` on that topic (everything below it is
+replayed) plus the replayed offsets above it in the commit's metadata, so nothing is replayed
+twice and the dead-letter count stays right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.codec import has_lz4, has_zstd
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    TopicAlreadyExistsError,
+)
+from aiokafka.structs import OffsetAndMetadata
+
+from llmtap.config import redact_url
+from llmtap.errors import BackendUnavailable, ConfigError
+from llmtap.queue.base import (
+    DeadLetter,
+    Delivery,
+    Message,
+    PartitionStatus,
+    Queue,
+    QueueStatus,
+    Role,
+    partition_for,
+)
+
+log = logging.getLogger("llmtap.queue.kafka")
+
+_METADATA_MAX = 3500  # below the broker's offset.metadata.max.bytes (4096 by default)
+
+
+def default_compression() -> str | None:
+    """zstd (best ratio for its speed) or lz4 when aiokafka has the codec (it needs cramjam).
+
+    Without it: no compression. gzip is the only codec left and at aiokafka's fixed level 9 it
+    would cost more CPU than the bytes it saves, since bodies already travel zstd-compressed.
+    """
+    if has_zstd():
+        return "zstd"
+    if has_lz4():
+        return "lz4"
+    return None
+
+
+def _encode_offsets(offsets: Sequence[int]) -> str:
+    """Sorted offsets as compact ranges: `3-7,9`."""
+    out: list[str] = []
+    it = sorted(set(offsets))
+    i = 0
+    while i < len(it):
+        j = i
+        while j + 1 < len(it) and it[j + 1] == it[j] + 1:
+            j += 1
+        out.append(str(it[i]) if i == j else f"{it[i]}-{it[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _decode_offsets(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, (text or "").split(",")):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
+@dataclass(slots=True)
+class _Assigned:
+    """Progress of one partition in the current assignment."""
+
+    epoch: int
+    pending: dict[int, float] = field(default_factory=dict)  # delivered, unacked: offset -> when
+    next_offset: int | None = None  # the offset after the last delivered record
+    committed: int = -1
+
+    def commit_point(self) -> int | None:
+        if self.pending:
+            return min(self.pending)
+        return self.next_offset
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, queue: KafkaQueue) -> None:
+        self.queue = queue
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.queue._on_revoked({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.queue._on_assigned({tp.partition for tp in assigned})
+
+
+class KafkaQueue(Queue):
+    """The `Queue` on Kafka, for scaled-out deployments."""
+
+    def __init__(
+        self,
+        url: str,
+        partitions: int,
+        group: str,
+        *,
+        session_timeout: float | None = None,
+        op_timeout: float | None = None,
+        redeliver_after: float | None = None,
+        revoke_grace: float = 5.0,
+        compression: str | None = "default",
+        linger_ms: int = 5,
+    ) -> None:
+        parts = urlsplit(url)
+        topic = parts.path.strip("/")
+        if parts.scheme != "kafka" or not parts.netloc or not topic or "/" in topic:
+            raise ConfigError(
+                f"invalid setting LLMTAP_QUEUE: {redact_url(url)!r} is not kafka://host:port[,host:port]/topic"
+            )
+        query = dict(parse_qsl(parts.query))
+        try:
+            self.partitions = int(query.get("partitions", partitions))
+            self.replication = int(query["replication"]) if "replication" in query else None
+            ms = {k: int(v) / 1000 for k, v in query.items() if k.endswith("_ms")}
+        except ValueError:
+            raise ConfigError(f"invalid setting LLMTAP_QUEUE: bad number in {redact_url(url)!r}") from None
+        self.bootstrap = parts.netloc.rsplit("@", 1)[-1]
+        self.topic = topic
+        self.dlq_topic = f"{topic}.dlq"
+        self.group = group
+        self.replay_group = f"{group}-dlq-replay"
+        self.session_timeout = session_timeout or ms.get("session_timeout_ms", 10.0)
+        self.op_timeout = op_timeout or ms.get("request_timeout_ms", 5.0)
+        self.redeliver_after = redeliver_after or ms.get("redeliver_after_ms", 60.0)
+        self.revoke_grace = revoke_grace
+        self.linger_ms = linger_ms
+        self.compression = default_compression() if compression == "default" else compression
+        if "compression" in query:
+            self.compression = None if query["compression"] == "none" else query["compression"]
+        self.client_id = f"llmtap-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.description = f"{redact_url(url)} (Kafka)"
+        self._admin: AIOKafkaAdminClient | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._meta: AIOKafkaConsumer | None = None  # group-less, for offsets and the DLQ
+        self._assigned: dict[int, _Assigned] = {}
+        self._epoch = 0
+        self._rebalancing = False
+        self._acked = asyncio.Event()
+        self._redelivered: dict[tuple[int, int], int] = {}
+        self._producer_broken = False
+
+    def _unavailable(self, e: BaseException) -> BackendUnavailable:
+        if isinstance(e, KafkaConnectionError) and "bootstrap" in str(e):
+            why = "no broker answered"
+        elif isinstance(e, TimeoutError | KafkaTimeoutError):
+            why = f"no answer within {self.op_timeout:g}s"
+        else:
+            why = str(e) or type(e).__name__
+        return BackendUnavailable(f"cannot reach Kafka at {self.bootstrap}: {why}")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def connect(self, role: Role) -> None:
+        try:
+            self._admin = AIOKafkaAdminClient(
+                bootstrap_servers=self.bootstrap,
+                client_id=self.client_id,
+                request_timeout_ms=int(self.op_timeout * 1000),
+            )
+            await asyncio.wait_for(self._admin.start(), self.op_timeout)
+            await asyncio.wait_for(self._ensure_topics(), self.op_timeout * 3)
+            await self._start_producer()
+            if role in ("consumer", "both"):
+                self._consumer = AIOKafkaConsumer(
+                    bootstrap_servers=self.bootstrap,
+                    client_id=self.client_id,
+                    group_id=self.group,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    session_timeout_ms=int(self.session_timeout * 1000),
+                    heartbeat_interval_ms=int(self.session_timeout * 1000 / 3),
+                    request_timeout_ms=max(
+                        int(self.op_timeout * 1000), int(self.session_timeout * 1000) + 5000
+                    ),
+                    fetch_max_wait_ms=100,
+                    max_partition_fetch_bytes=4 * 1024 * 1024,
+                )
+                await asyncio.wait_for(self._consumer.start(), self.op_timeout)
+                # Subscribing after start: joining the group may wait for a rebalance (others
+                # finishing their batches), which `consume` can wait for, `connect` should not.
+                self._consumer.subscribe([self.topic], listener=_Rebalance(self))
+        except (KafkaError, OSError, TimeoutError) as e:
+            await self.close()
+            raise self._unavailable(e) from None
+
+    async def _ensure_topics(self) -> None:
+        """Create the topic (with `partitions`) and its dead-letter topic when missing."""
+        assert self._admin is not None
+        # Describe only topics that exist: a metadata request naming a missing topic makes a
+        # broker with auto.create.topics.enable create it, with its default partition count.
+        existing = set(await self._admin.list_topics()) & {self.topic, self.dlq_topic}
+        described = await self._admin.describe_topics(sorted(existing)) if existing else []
+        meta = {t["topic"]: t for t in described}
+        replication = self.replication
+        if replication is None:
+            brokers = (await self._admin.describe_cluster())["brokers"]
+            replication = min(3, len(brokers))
+        wanted = []
+        for name, n, configs in (
+            (self.topic, self.partitions, {}),
+            (self.dlq_topic, 1, {"retention.ms": "-1"}),  # dead letters wait for a human
+        ):
+            t = meta.get(name)
+            if t is not None and t["error_code"] == 0 and t["partitions"]:
+                if name == self.topic and len(t["partitions"]) != self.partitions:
+                    log.warning(
+                        "topic %s has %d partitions (created so), not %d; using them all",
+                        name,
+                        len(t["partitions"]),
+                        self.partitions,
+                    )
+                    self.partitions = len(t["partitions"])
+                continue
+            wanted.append(NewTopic(name, n, replication, topic_configs=configs))
+        if wanted:
+            resp = await self._admin.create_topics(wanted)
+            for name, code, *rest in resp.topic_errors:
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    msg = rest[0] if rest and rest[0] else f"error code {code}"
+                    raise ConfigError(f"cannot create Kafka topic {name}: {msg}")
+            # Wait for partition leaders, so the first publish does not bounce off a new topic.
+            names = [t.name for t in wanted]
+            while True:
+                described = await self._admin.describe_topics(names)
+                if all(
+                    t["error_code"] == 0
+                    and t["partitions"]
+                    and all(p["leader"] >= 0 for p in t["partitions"])
+                    for t in described
+                ):
+                    break
+                await asyncio.sleep(0.05)
+
+    async def _start_producer(self) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            enable_idempotence=True,
+            linger_ms=self.linger_ms,
+            compression_type=self.compression,
+            max_batch_size=512 * 1024,
+            max_request_size=4 * 1024 * 1024,
+            request_timeout_ms=int(self.op_timeout * 1000),
+            retry_backoff_ms=50,
+        )
+        await asyncio.wait_for(self._producer.start(), self.op_timeout)
+        self._producer_broken = False
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            # Commit what was acked; what was not is redelivered to the next owner.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._commit(set(self._assigned)), self.op_timeout)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._consumer.stop(), self.op_timeout * 2)
+        for c in (self._producer, self._meta, self._admin):
+            if c is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        c.stop() if not isinstance(c, AIOKafkaAdminClient) else c.close(), 5
+                    )
+        self._consumer = self._producer = self._meta = self._admin = None
+        self._assigned.clear()
+
+    # -- producer ------------------------------------------------------------------------------
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        await self._send(self.topic, [(m.key, m.value, None) for m in messages])
+
+    async def _send(
+        self, topic: str, records: Sequence[tuple[str, bytes, list[tuple[str, bytes]] | None]]
+    ) -> None:
+        """Hand every record to the producer (it batches them), then await all their acks."""
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            if self._producer is None or self._producer_broken:
+                if self._producer is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._producer.stop(), 1)
+                self._producer = None
+                await self._start_producer()
+            producer = self._producer
+            assert producer is not None
+            n = self.partitions if topic == self.topic else 1
+            async with asyncio.timeout(self.op_timeout):
+                for key, value, headers in records:
+                    fut = await producer.send(
+                        topic, value, key=key.encode(), partition=partition_for(key, n), headers=headers
+                    )
+                    futures.append(fut)
+                for fut in futures:  # in order; most are done by the time their turn comes
+                    await fut
+        except (KafkaError, OSError, TimeoutError) as e:
+            # After expired batches an idempotent producer's sequence numbers are in doubt:
+            # start a fresh one (a new producer id) for the next batch.
+            self._producer_broken = True
+            for f in futures:  # fail later, unobserved: retrieve so asyncio does not log them
+                f.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise self._unavailable(e) from None
+
+    # -- consumer ------------------------------------------------------------------------------
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("KafkaQueue is not connected as a consumer")
+        return self._consumer
+
+    def owned_partitions(self) -> list[int]:
+        """Partitions assigned to this consumer now (for tests and status)."""
+        return sorted(self._assigned)
+
+    async def _on_revoked(self, revoked: set[int]) -> None:
+        self._rebalancing = True
+        mine = revoked & set(self._assigned)
+        # Give in-flight deliveries a moment to be acked: fewer duplicates, and the next owner
+        # does not overtake records still being processed here.
+        deadline = time.monotonic() + self.revoke_grace
+        while any(self._assigned[p].pending for p in mine) and time.monotonic() < deadline:
+            self._acked.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(self._commit(mine, force=True), self.op_timeout)
+        except Exception as e:
+            log.warning("kafka queue: commit before rebalance failed (records will be redelivered): %s", e)
+        for p in mine:
+            del self._assigned[p]
+
+    def _on_assigned(self, assigned: set[int]) -> None:
+        self._epoch += 1
+        # A new Assignment restarts every partition from its committed offset.
+        self._assigned = {p: _Assigned(self._epoch) for p in assigned}
+        self._rebalancing = False
+        log.info("kafka queue %s: assigned partitions %s", self.topic, sorted(assigned))
+
+    async def consume(self, max_messages: int, timeout: float) -> list[Delivery]:
+        consumer = self.consumer
+        self._rewind_stale()
+        try:
+            data = await consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_messages)
+        except KafkaError as e:
+            raise self._unavailable(e) from None
+        now = time.monotonic()
+        out: list[Delivery] = []
+        records: list[ConsumerRecord[bytes, bytes]]
+        for tp, records in data.items():
+            st = self._assigned.get(tp.partition)
+            if st is None:
+                continue
+            for r in records:
+                st.pending[r.offset] = now
+                st.next_offset = r.offset + 1
+                count = self._redelivered.get((tp.partition, r.offset), 0) + 1
+                out.append(
+                    Delivery(
+                        tp.partition,
+                        r.offset,
+                        (r.key or b"").decode(errors="replace"),
+                        r.value or b"",
+                        delivery_count=count,
+                        handle=st.epoch,
+                    )
+                )
+        return out
+
+    def _rewind_stale(self) -> None:
+        """Deliveries unacked for `redeliver_after` are handed out again, from the oldest one."""
+        now = time.monotonic()
+        for p, st in self._assigned.items():
+            if st.pending and now - min(st.pending.values()) > self.redeliver_after:
+                first = min(st.pending)
+                for off in st.pending:
+                    self._redelivered[(p, off)] = self._redelivered.get((p, off), 0) + 1
+                if len(self._redelivered) > 100_000:
+                    self._redelivered.clear()
+                self.consumer.seek(TopicPartition(self.topic, p), first)
+                st.pending.clear()
+                st.next_offset = first
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        touched = set()
+        for d in deliveries:
+            st = self._assigned.get(d.partition)
+            if st is None or st.epoch != d.handle:
+                continue  # from an earlier assignment: the partition restarted from its commit
+            st.pending.pop(d.offset, None)
+            touched.add(d.partition)
+        self._acked.set()
+        if touched and not self._rebalancing:  # while rebalancing the listener commits
+            await self._commit(touched)
+
+    async def _commit(self, partitions: set[int], force: bool = False) -> None:
+        offsets = {}
+        for p in partitions:
+            st = self._assigned.get(p)
+            point = st.commit_point() if st is not None else None
+            if st is not None and point is not None and point > st.committed:
+                offsets[TopicPartition(self.topic, p)] = (st, point)
+        if not offsets:
+            return
+        try:
+            await asyncio.wait_for(
+                self.consumer.commit(
+                    {tp: OffsetAndMetadata(point, "") for tp, (_, point) in offsets.items()}
+                ),
+                self.op_timeout,
+            )
+        except (CommitFailedError, IllegalStateError) as e:
+            # The group moved on: these partitions are someone else's and restart from the last
+            # commit there, so the records are redelivered, not lost.
+            log.info("kafka queue: commit skipped after a rebalance: %s", e)
+            return
+        except (KafkaError, OSError, TimeoutError) as e:
+            raise self._unavailable(e) from None
+        for st, point in offsets.values():
+            st.committed = max(st.committed, point)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        headers = [
+            ("reason", reason.encode()),
+            ("partition", str(delivery.partition).encode()),
+            ("offset", str(delivery.offset).encode()),
+            ("failed_at", repr(time.time()).encode()),
+        ]
+        await self._send(self.dlq_topic, [(delivery.key, delivery.value, headers)])
+        await self.ack([delivery])
+
+    # -- operations ----------------------------------------------------------------------------
+    async def _meta_consumer(self) -> AIOKafkaConsumer:
+        if self._meta is None:
+            meta = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                client_id=self.client_id,
+                group_id=None,
+                enable_auto_commit=False,
+                request_timeout_ms=int(self.op_timeout * 1000),
+            )
+            await asyncio.wait_for(meta.start(), self.op_timeout)
+            self._meta = meta
+        return self._meta
+
+    async def _replay_state(self) -> tuple[int, set[int], int, int]:
+        """(watermark, replayed offsets above it, DLQ start offset, DLQ end offset)."""
+        assert self._admin is not None
+        tp = TopicPartition(self.dlq_topic, 0)
+        meta = await self._meta_consumer()
+        begin = (await meta.beginning_offsets([tp]))[tp]
+        end = (await meta.end_offsets([tp]))[tp]
+        got = await self._admin.list_consumer_group_offsets(self.replay_group, partitions=[tp])
+        mark = got.get(tp)
+        watermark, replayed = begin, set()
+        if mark is not None and mark.offset >= 0:
+            watermark = max(begin, mark.offset)
+            replayed = {o for o in _decode_offsets(mark.metadata) if o >= watermark}
+        return watermark, replayed, begin, end
+
+    async def _read_dlq(self, start: int, end: int, limit: int | None, skip: set[int]) -> list[DeadLetter]:
+        """Dead letters with offsets in [start, end), oldest first, without the `skip` ones."""
+        out: list[DeadLetter] = []
+        if start >= end:
+            return out
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            group_id=None,
+            enable_auto_commit=False,
+            request_timeout_ms=int(self.op_timeout * 1000),
+        )
+        await asyncio.wait_for(reader.start(), self.op_timeout)
+        try:
+            tp = TopicPartition(self.dlq_topic, 0)
+            reader.assign([tp])
+            reader.seek(tp, start)
+            deadline = time.monotonic() + self.op_timeout * 2
+            position = start
+            while position < end and (limit is None or len(out) < limit):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("reading the dead-letter topic timed out")
+                batch = await reader.getmany(tp, timeout_ms=500, max_records=1000)
+                for r in batch.get(tp, []):
+                    position = r.offset + 1
+                    if r.offset >= end:
+                        break
+                    if r.offset in skip:
+                        continue
+                    h = {k: v.decode(errors="replace") for k, v in r.headers}
+                    out.append(
+                        DeadLetter(
+                            id=str(r.offset),
+                            partition=int(h.get("partition", "0")),
+                            offset=int(h.get("offset", "0")),
+                            key=(r.key or b"").decode(errors="replace"),
+                            value=r.value or b"",
+                            reason=h.get("reason", ""),
+                            failed_at=float(h.get("failed_at", "0")),
+                        )
+                    )
+                    if limit is not None and len(out) >= limit:
+                        break
+        finally:
+            with contextlib.suppress(Exception):
+                await reader.stop()
+        return out
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        try:
+            watermark, replayed, _, end = await self._replay_state()
+            return await self._read_dlq(watermark, end, limit, replayed)
+        except (KafkaError, OSError, TimeoutError) as e:
+            raise self._unavailable(e) from None
+
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        try:
+            watermark, replayed, _, end = await self._replay_state()
+            letters = await self._read_dlq(watermark, end, None, replayed)
+            wanted = set(ids) if ids is not None else None
+            chosen = [d for d in letters if wanted is None or d.id in wanted]
+            if not chosen:
+                return 0
+            await self._send(self.topic, [(d.key, d.value, None) for d in chosen])
+            # Remember what was replayed: the watermark passes every replayed (or vanished)
+            # offset from its old place up to the first dead letter still waiting.
+            done = replayed | {int(d.id) for d in chosen}
+            waiting = sorted(int(d.id) for d in letters if int(d.id) not in done)
+            new_mark = waiting[0] if waiting else end
+            above = _encode_offsets([o for o in done if o >= new_mark])
+            if len(above) > _METADATA_MAX:
+                raise BackendUnavailable(
+                    "too many dead letters replayed out of order to remember; replay them all instead"
+                )
+            await self._commit_replay_mark(new_mark, above)
+            return len(chosen)
+        except (KafkaError, OSError, TimeoutError) as e:
+            raise self._unavailable(e) from None
+
+    async def _commit_replay_mark(self, offset: int, metadata: str) -> None:
+        marker = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            group_id=self.replay_group,
+            enable_auto_commit=False,
+            request_timeout_ms=int(self.op_timeout * 1000),
+        )
+        await asyncio.wait_for(marker.start(), self.op_timeout)
+        try:
+            tp = TopicPartition(self.dlq_topic, 0)
+            marker.assign([tp])
+            await asyncio.wait_for(marker.commit({tp: OffsetAndMetadata(offset, metadata)}), self.op_timeout)
+        finally:
+            with contextlib.suppress(Exception):
+                await marker.stop()
+
+    async def status(self) -> QueueStatus:
+        assert self._admin is not None
+        try:
+            meta = await self._meta_consumer()
+            tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
+            begin = await meta.beginning_offsets(tps)
+            end = await meta.end_offsets(tps)
+            committed = await self._admin.list_consumer_group_offsets(self.group, partitions=tps)
+            watermark, replayed, _, dlq_end = await self._replay_state()
+        except (KafkaError, OSError, TimeoutError) as e:
+            raise self._unavailable(e) from None
+        out = QueueStatus(backend="kafka", dead_letters=max(0, dlq_end - watermark - len(replayed)))
+        for tp in tps:
+            c = committed.get(tp)
+            start = c.offset if c is not None and c.offset >= 0 else begin[tp]
+            owner = self.client_id if tp.partition in self._assigned else None
+            out.partitions.append(PartitionStatus(tp.partition, max(0, end[tp] - start), owner))
+        return out

@@ -1,0 +1,241 @@
+"""Kafka queue: what the conformance suite cannot see from outside.
+
+Topic creation, key → partition placement, commits of contiguous progress only, in-flight
+deliveries across a rebalance, the dead-letter replay marker across instances, a real broker
+outage (scripts/services.sh stop/start kafka), and start-up errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from llmtap.errors import BackendUnavailable
+from llmtap.queue.base import Delivery, Message, partition_for
+from llmtap.queue.kafka import KafkaQueue
+from queue_helpers import SERVICES, QueueSpec, keyed_records, make_spec, parse, skip_reason, wait_for
+
+pytestmark = [
+    pytest.mark.kafka,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(skip_reason("kafka") is not None, reason=str(skip_reason("kafka"))),
+]
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> QueueSpec:
+    return make_spec("kafka", tmp_path)
+
+
+@pytest.fixture
+async def queues() -> AsyncIterator[list[KafkaQueue]]:
+    opened: list[KafkaQueue] = []
+    yield opened
+    for q in reversed(opened):
+        await q.close()
+
+
+async def open_(spec: QueueSpec, queues: list[KafkaQueue], role: Any = "both", **kw: Any) -> KafkaQueue:
+    q = spec.build(**kw)
+    assert isinstance(q, KafkaQueue)
+    await q.connect(role)
+    queues.append(q)
+    return q
+
+
+async def take(q: KafkaQueue, n: int, timeout: float = 30, ack: bool = True) -> list[Delivery]:
+    out: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"got {len(out)} of {n}"
+        got = await q.consume(n - len(out), 0.5)
+        out += got
+        if ack:
+            await q.ack(got)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_unreachable_kafka_fails_fast_with_one_sentence() -> None:
+    port = free_port()
+    q = KafkaQueue(f"kafka://127.0.0.1:{port}/llmtap", 6, "workers")
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailable) as e:
+        await q.connect("both")
+    assert time.monotonic() - t0 < 5
+    msg = str(e.value)
+    assert msg.startswith(f"cannot reach Kafka at 127.0.0.1:{port}: ") and "\n" not in msg
+
+
+async def test_topic_and_dead_letter_topic_are_created(spec: QueueSpec, queues: list[KafkaQueue]) -> None:
+    q = await open_(spec, queues, "producer")
+    admin = AIOKafkaAdminClient(bootstrap_servers=os.environ["LLMTAP_TEST_KAFKA_BOOTSTRAP"])
+    await admin.start()
+    try:
+        topics = {t["topic"]: t for t in await admin.describe_topics([q.topic, q.dlq_topic])}
+    finally:
+        await admin.close()
+    assert len(topics[q.topic]["partitions"]) == 6
+    assert len(topics[q.dlq_topic]["partitions"]) == 1
+    # A second connect finds them and keeps them.
+    again = await open_(spec, queues, "producer", compression=None)
+    assert again.partitions == 6
+
+
+async def test_records_go_to_the_partition_of_their_key_in_order(
+    spec: QueueSpec, queues: list[KafkaQueue]
+) -> None:
+    q = await open_(spec, queues)
+    messages = keyed_records(keys=20, per_key=5)
+    await q.publish(messages)
+    got = await take(q, len(messages))
+    last: dict[str, int] = {}
+    for d in got:
+        key, seq = parse(d.value)
+        assert d.key == key and d.partition == partition_for(key, 6)
+        assert seq == last.get(key, -1) + 1
+        last[key] = seq
+
+
+async def test_ack_commits_contiguous_progress_only(tmp_path: Path, queues: list[KafkaQueue]) -> None:
+    spec = make_spec("kafka", tmp_path, partitions=1)
+    q = await open_(spec, queues)
+    await q.publish([Message("k", f"r{i}".encode()) for i in range(10)])
+    got = await take(q, 10, ack=False)
+    assert [d.offset for d in got] == list(range(10))
+    await q.ack(got[5:])  # a gap: offsets 0-4 are still in flight
+    assert (await q.status()).lag == 10
+    await q.ack(got[:2])
+    assert (await q.status()).lag == 8
+    await q.close()
+    queues.remove(q)
+    # The next consumer resumes at the first unacknowledged record: 5-9 come again, nothing is
+    # skipped.
+    q2 = await open_(spec, queues, "consumer")
+    again = await take(q2, 8)
+    assert [d.offset for d in again] == list(range(2, 10))
+    assert await q2.consume(10, 1.0) == []
+    assert (await q2.status()).lag == 0
+
+
+async def test_rebalance_drops_only_unacked_in_flight_deliveries(
+    spec: QueueSpec, queues: list[KafkaQueue]
+) -> None:
+    a = await open_(spec, queues, "both", revoke_grace=2.0)
+    messages = keyed_records(keys=24, per_key=5)
+    await a.publish(messages)
+    held = await take(a, len(messages), ack=False)
+    keep = [d for d in held if d.partition < 3]  # acked while the group rebalances
+    drop = [d for d in held if d.partition >= 3]  # never acked in time
+
+    b = await open_(spec, queues, "consumer")
+    seen_b: list[Delivery] = []
+    stop = asyncio.Event()
+
+    async def run_b() -> None:
+        while not stop.is_set():
+            got = await b.consume(100, 0.2)
+            seen_b.extend(got)
+            await b.ack(got)
+
+    task = asyncio.create_task(run_b())
+    try:
+        await wait_for(lambda: a._rebalancing, 20, "the rebalance to start")
+        await a.ack(keep)
+        await wait_for(lambda: not a._rebalancing and b.owned_partitions(), 30, "the rebalance to end")
+        assert sorted(a.owned_partitions() + b.owned_partitions()) == list(range(6))
+        await a.ack(drop)  # too late: from a revoked assignment, ignored
+        seen_a = await take(a, sum(1 for d in drop if d.partition in a.owned_partitions()), 30)
+        await wait_for(
+            lambda: len(seen_b) >= sum(1 for d in drop if d.partition in b.owned_partitions()),
+            30,
+            "b's share",
+        )
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await task
+    again = sorted((d.partition, d.offset) for d in seen_a + seen_b)
+    assert again == sorted((d.partition, d.offset) for d in drop)
+    assert (await a.status()).lag == 0
+
+
+async def test_dead_letter_replay_is_remembered_across_instances(
+    spec: QueueSpec, queues: list[KafkaQueue]
+) -> None:
+    q = await open_(spec, queues)
+    await q.publish([Message(f"bad{i}", f"garbage {i}".encode()) for i in range(4)])
+    for d in await take(q, 4, ack=False):
+        await q.dead_letter(d, f"poison {d.key}")
+    letters = await q.dead_letters()
+    assert sorted(d.reason for d in letters) == [f"poison bad{i}" for i in range(4)]
+    assert all(d.partition == partition_for(d.key, 6) for d in letters)
+    assert await q.replay_dead_letters([letters[2].id]) == 1
+
+    other = await open_(spec, queues, "producer")  # another process, say the CLI
+    assert {d.id for d in await other.dead_letters()} == {d.id for d in letters} - {letters[2].id}
+    assert (await other.status()).dead_letters == 3
+    assert await other.replay_dead_letters() == 3
+    assert await q.replay_dead_letters() == 0
+    assert (await q.status()).dead_letters == 0
+    replayed = await take(q, 4)
+    assert sorted(d.value for d in replayed) == sorted(f"garbage {i}".encode() for i in range(4))
+
+
+def services(*args: str) -> None:
+    subprocess.run([str(SERVICES), *args], check=True, capture_output=True, timeout=180)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.access(SERVICES, os.X_OK), reason="scripts/services.sh is missing")
+async def test_broker_outage_fails_fast_and_resumes_without_loss(
+    spec: QueueSpec, queues: list[KafkaQueue]
+) -> None:
+    producer = await open_(spec, queues, "producer")
+    consumer = await open_(spec, queues, "consumer")
+    before = keyed_records(keys=6, per_key=20)
+    await producer.publish(before)
+    await asyncio.to_thread(services, "stop", "kafka")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(BackendUnavailable) as e:
+            await producer.publish(keyed_records(keys=6, per_key=1))
+        took = time.monotonic() - t0
+        print(f"publish during a Kafka outage raised BackendUnavailable after {took:.3f}s: {e.value}")
+        assert took < 6
+    finally:
+        await asyncio.to_thread(services, "start", "kafka")
+    after = [m for m in keyed_records(keys=6, per_key=40) if parse(m.value)[1] >= 20]
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            await producer.publish(after)
+            break
+        except BackendUnavailable:
+            assert time.monotonic() < deadline, "publishing did not resume"
+            await asyncio.sleep(0.5)
+    wanted = {parse(m.value) for m in before + after}
+    seen: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + 60
+    while not wanted <= seen:
+        assert time.monotonic() < deadline, f"missing {len(wanted - seen)} of {len(wanted)}"
+        try:
+            batch = await consumer.consume(200, 0.5)
+            seen |= {parse(d.value) for d in batch}
+            await consumer.ack(batch)
+        except BackendUnavailable:
+            await asyncio.sleep(0.5)
