@@ -467,3 +467,16 @@ def test_data_payloads_fast_and_general_paths_agree() -> None:
     mixed = b'event: e\ndata: {"a":1}\n\n: ping\n\ndata: 2\ndata: 3\n\ndata: {"cut'
     assert data_payloads(mixed) == [b'{"a":1}', b"2\n3", b'{"cut']
     assert data_payloads(fast.replace(b"\n", b"\r\n")) == data_payloads(fast)
+
+
+def test_stream_end_markers() -> None:
+    full = openai_tool_stream()
+    res = openai.reassemble_stream(full)
+    assert res is not None and res.complete
+    res = openai.reassemble_stream(full[: full.index(b"data: [DONE]")])
+    assert res is not None and not res.complete
+    a = anthropic_stream({"output_tokens": 3})
+    res = anthropic.reassemble_stream(a)
+    assert res is not None and res.complete
+    res = anthropic.reassemble_stream(a[: a.index(b"event: message_stop")])
+    assert res is not None and not res.complete

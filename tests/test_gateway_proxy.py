@@ -764,3 +764,66 @@ async def test_in_stream_errors_are_recorded(
     assert anth.error == "Overloaded" and anth.outcome == "completed" and anth.status == 200
     assert oai.error and "error while processing" in oai.error
     assert b'"usage":null' not in via  # stripped even on a stream that ends in an error
+
+
+async def lingering_stream(request: web.Request) -> web.StreamResponse:
+    """An upstream that sends the whole stream, end marker included, then keeps the response
+    open a while before its final chunk (as a busy server or proxy may)."""
+    await request.read()
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    if request.path.endswith("/messages"):
+        events = [
+            {
+                "type": "message_start",
+                "message": {"id": "m", "model": "claude-x", "usage": {"input_tokens": 3}},
+            },
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}},
+            {"type": "message_stop"},
+        ]
+        for e in events:
+            await resp.write(b"event: " + str(e["type"]).encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n")
+    else:
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-x"}
+        for e in [
+            {**base, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+            {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}},
+        ]:
+            await resp.write(b"data: " + orjson.dumps(e) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+    await asyncio.sleep(1.0)
+    await resp.write_eof()
+    return resp
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_client_leaving_right_after_the_end_marker_is_completed(tmp_path: Path, provider: str) -> None:
+    """SDKs stop reading at `data: [DONE]` / `message_stop` and may drop the connection before
+    the response's last chunk: the client had the whole stream, so the record says completed."""
+    runner, port = await tiny_upstream(lingering_stream)
+    q = MemoryQueue()
+    if provider == "openai":
+        path, marker = "/openai/v1/chat/completions", b"data: [DONE]\n\n"
+        body = orjson.dumps({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    else:
+        path, marker = "/anthropic/v1/messages", b"event: message_stop"
+        body = orjson.dumps({**MESSAGES, "stream": True})
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            got = b""
+            while marker not in got:
+                got += await reader.read(65536)
+            writer.transport.abort()  # gone at once, like a client that stops at the marker
+            (rec,) = await published(svc, q, 1)
+            assert rec.latency_ms < 900  # the gateway did not wait for the upstream's last chunk
+    finally:
+        await runner.cleanup()
+    assert rec.outcome == "completed" and rec.error is None
+    assert rec.usage.source == "provider" and rec.usage.completion_tokens == 2

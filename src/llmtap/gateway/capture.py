@@ -233,6 +233,7 @@ class RecordBuilder:
         decoded = _decode(raw, resp_headers.get("content-encoding"))
         usage = Usage()
         error = cap.error
+        outcome = cap.outcome
         response_body: bytes | None = decoded if decoded is not None else raw
         response_body_type = resp_ctype
         events: bytes | None = None
@@ -248,6 +249,10 @@ class RecordBuilder:
                 response_body_type = "application/json"
                 usage = result.usage
                 model = model or result.model
+                if result.complete and outcome == "client_disconnected":
+                    # The client left after the provider's end marker (SDKs stop reading at
+                    # `[DONE]`): it had the whole stream.
+                    outcome, error = "completed", None
                 error = error or result.error
         elif decoded is not None and raw:
             obj = _loads(decoded)
@@ -319,7 +324,7 @@ class RecordBuilder:
             latency_ms=latency_ms,
             time_to_first_token_ms=ttft,
             status=cap.status,
-            outcome=cap.outcome,
+            outcome=outcome,
             error=error[:2000] if error else None,
             usage=usage,
             request_headers=req_headers,

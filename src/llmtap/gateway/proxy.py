@@ -300,6 +300,7 @@ class Proxy:
             status=upstream.status, reason=upstream.reason, headers=headers
         )
         content = upstream.content
+        relayed = False  # every body byte was handed to the client's connection
         try:
             await resp.prepare(request)
             while True:
@@ -317,24 +318,23 @@ class Proxy:
                     chunk = stripper.feed(chunk)
                     if not chunk:
                         continue
-                try:
-                    await resp.write(chunk)
-                except ConnectionError:
-                    upstream.close()
-                    self._finish(cap, "client_disconnected", "client closed the connection mid-response")
-                    return resp
+                await resp.write(chunk)
             if stripper is not None:
                 rest = stripper.flush()
                 if rest:
                     await resp.write(rest)
+            relayed = True
             await resp.write_eof()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError) as e:
+            # The client went away. If that was only during the final framing, it had the
+            # whole body (the record builder also spots streams that reached their end marker).
             upstream.close()
-            self._finish(cap, "client_disconnected", "client closed the connection mid-response")
-            raise
-        except ConnectionError:
-            upstream.close()
-            self._finish(cap, "client_disconnected", "client closed the connection mid-response")
+            if relayed:
+                self._finish(cap, "completed", None)
+            else:
+                self._finish(cap, "client_disconnected", "client closed the connection mid-response")
+            if isinstance(e, asyncio.CancelledError):
+                raise
             return resp
         self._finish(cap, "completed", None)
         return resp

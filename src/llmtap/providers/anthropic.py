@@ -87,6 +87,7 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     usage: dict[str, Any] = {}
     error: str | None = None
     seen = False
+    complete = False
 
     for event, data in iter_events(raw):
         try:
@@ -135,6 +136,8 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
             u = obj.get("usage")
             if isinstance(u, dict):
                 usage.update({k: v for k, v in u.items() if v is not None})
+        elif kind == "message_stop":
+            complete = True
         elif kind == "error":
             error = error_message(obj) or "stream error"
 
@@ -162,4 +165,6 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     if usage:
         message["usage"] = usage
     model = message.get("model")
-    return StreamResult(message, parse_usage(usage or None), model if isinstance(model, str) else None, error)
+    return StreamResult(
+        message, parse_usage(usage or None), model if isinstance(model, str) else None, error, complete
+    )

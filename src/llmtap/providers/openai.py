@@ -137,6 +137,7 @@ class _Chunk(msgspec.Struct, gc=False):
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
 _HEAD_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
+_RESPONSE_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 class _Choice:
@@ -161,7 +162,7 @@ class _Choice:
 class _Stream:
     """What has been gathered so far from one stream's events."""
 
-    __slots__ = ("choices", "error", "final_response", "head", "seen", "text_completion", "usage")
+    __slots__ = ("choices", "complete", "error", "final_response", "head", "seen", "text_completion", "usage")
 
     def __init__(self) -> None:
         self.head: dict[str, Any] = {}
@@ -171,6 +172,7 @@ class _Stream:
         self.text_completion = False
         self.final_response: dict[str, Any] | None = None
         self.seen = False
+        self.complete = False
 
     def choice(self, index: Any) -> _Choice:
         st = self.choices.get(index)
@@ -221,6 +223,8 @@ class _Stream:
                 resp = obj.get("response")
                 if isinstance(resp, dict):
                     self.final_response = resp
+                if kind in _RESPONSE_END:
+                    self.complete = True
                 if kind == "error" or kind == "response.failed":
                     self.error = error_message(obj) or error_message(resp) or str(obj.get("message") or kind)
             elif "error" in obj:
@@ -257,6 +261,8 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     decode = _chunk_decoder.decode
     for data in data_payloads(raw):
         if data[:1] != b"{":  # `[DONE]`, keep-alive noise
+            if data == b"[DONE]":
+                s.complete = True
             continue
         try:
             chunk = decode(data)
@@ -284,6 +290,7 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
             parse_usage(s.final_response.get("usage")),
             model if isinstance(model, str) else None,
             s.error,
+            s.complete,
         )
     out_choices: list[dict[str, Any]] = []
     for idx in sorted(s.choices, key=lambda i: i if isinstance(i, int) else 0):
@@ -322,7 +329,9 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
         if key in head:
             message_obj[key] = head[key]
     model = head.get("model")
-    return StreamResult(message_obj, parse_usage(s.usage), model if isinstance(model, str) else None, s.error)
+    return StreamResult(
+        message_obj, parse_usage(s.usage), model if isinstance(model, str) else None, s.error, s.complete
+    )
 
 
 def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:

@@ -114,9 +114,14 @@ def split_events(data: bytes) -> list[bytes]:
 
 
 class StreamResult:
-    """What a provider's stream reassembler found: the message, its usage, model and error."""
+    """What a provider's stream reassembler found: the message, its usage, model and error.
 
-    __slots__ = ("error", "message", "model", "usage")
+    `complete` says the stream reached the provider's own end marker (`data: [DONE]`,
+    `message_stop`, `response.completed`): the client had everything, whatever happened to the
+    connection afterwards.
+    """
+
+    __slots__ = ("complete", "error", "message", "model", "usage")
 
     def __init__(
         self,
@@ -124,8 +129,10 @@ class StreamResult:
         usage: Usage,
         model: str | None,
         error: str | None,
+        complete: bool = False,
     ) -> None:
         self.message = message
         self.usage = usage
         self.model = model
         self.error = error
+        self.complete = complete
