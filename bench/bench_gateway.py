@@ -256,12 +256,17 @@ def run_wrk(url: str, body: Path, conns: int, mode: str, value: float, filler: s
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert p.stdout is not None
     lines: list[str] = []
-    for line in p.stdout:
-        lines.append(line)
-        if line.startswith("BENCH_STOPPED"):
-            # wrk's main thread sleeps through all of -d; SIGINT ends the sleep and prints the summary.
-            p.send_signal(signal.SIGINT)
-    p.wait()
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("BENCH_STOPPED"):
+                # wrk's main thread sleeps through all of -d; SIGINT ends the sleep and prints the summary.
+                p.send_signal(signal.SIGINT)
+        p.wait()
+    finally:
+        if p.poll() is None:  # interrupted: do not leave wrk hammering for the rest of -d
+            p.kill()
+            p.wait()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     client_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     for line in lines:
@@ -1040,6 +1045,41 @@ def workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+SESSION_MARK = "_BENCH_GATEWAY_OWN_SESSION"
+
+
+def rerun_in_own_session() -> int:
+    """Run this script again as the leader of a new session, and wait for it.
+
+    The kernel's autogroup is per session: raising its priority from the caller's session would
+    leave the caller's shell, and everything it starts later, at that priority. A session of our
+    own ends with the benchmark. SIGINT/SIGTERM are passed on, so Ctrl-C still stops it cleanly.
+    """
+    child: list[subprocess.Popen[bytes]] = []
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if child:
+            child[0].send_signal(signum)
+        else:
+            pending.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    child.append(
+        subprocess.Popen(
+            [sys.executable, *sys.argv], env={**os.environ, SESSION_MARK: "1"}, start_new_session=True
+        )
+    )
+    for signum in pending:
+        child[0].send_signal(signum)
+    return child[0].wait()
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1061,18 +1101,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (process logs, data dirs)")
     args = ap.parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) must unwind like Ctrl-C so that every process we started is
+    # stopped; and SIGINT may arrive ignored from a non-interactive shell's background job.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     preflight()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     for n in names:
         if n not in VARIANTS:
             ap.error(f"unknown variant {n!r}")
-    proxy_cores, load_cores = pick_cores(args.no_pin)
     if args.nice and os.geteuid() == 0:
+        if os.environ.get(SESSION_MARK) != "1":
+            return rerun_in_own_session()
         # Inherited by every process started here: on a shared machine the benchmark then wins
         # the CPU from ordinary jobs instead of measuring their time slices. No effect when idle.
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)
         with contextlib.suppress(OSError):  # with autogroups, nice only counts inside the session
             Path("/proc/self/autogroup").write_text(str(args.nice))
+    proxy_cores, load_cores = pick_cores(args.no_pin)
     if load_cores:
         os.sched_setaffinity(0, load_cores)  # this script is a client too (TTFB, polling)
     cpu_model = next(
@@ -1131,4 +1177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; every process the benchmark started has been stopped", file=sys.stderr)
+        sys.exit(130)
