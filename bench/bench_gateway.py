@@ -644,10 +644,11 @@ class Bench:
             proc.name = "llmtap-up (cProfile)"
             threads0, cpu0 = thread_cpu(proc.pid), proc.cpu()  # main = the event loop's thread
             proc.popen.send_signal(signal.SIGUSR1)
-            res: dict[str, Any] = {
-                "c64": self.measure_wrk(v, "profiled non-stream", "chat", 64, "seconds", self.seconds),
-                "stream": self.measure_wrk(v, "profiled stream", "stream", 64, "seconds", self.seconds),
-            }
+            res: dict[str, Any] = {}
+            if self.args.profile_load in ("chat", "both"):
+                res["c64"] = self.measure_wrk(v, "profiled non-stream", "chat", 64, "seconds", self.seconds)
+            if self.args.profile_load in ("stream", "both"):
+                res["stream"] = self.measure_wrk(v, "profiled stream", "stream", 64, "seconds", self.seconds)
             proc.popen.send_signal(signal.SIGUSR2)
             threads1, cpu1 = thread_cpu(proc.pid), proc.cpu()
             res["process_cpu_s"] = round(cpu1 - cpu0, 2)
@@ -1091,6 +1092,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     ap.add_argument("--profile", action="store_true", help="also run `llmtap up` under cProfile and report")
     ap.add_argument("--profile-out", default="llmtap-up.prof", help="where --profile saves the .prof file")
+    ap.add_argument(
+        "--profile-load", choices=("chat", "stream", "both"), default="both", help="load(s) to profile under"
+    )
     ap.add_argument("--profile-top", type=int, default=25, help="functions to list per profile table")
     ap.add_argument("--chunk-delay-ms", type=int, default=20, help="delay between events of the TTFB stream")
     ap.add_argument("--catch-up-timeout", type=float, default=180.0, help="max seconds to wait for storage")
