@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+def _ready(proc: Proc) -> bool:
+    return "press Ctrl-C" in proc.output()
+
+
 @dataclass
 class Split:
     """gateway / worker(s) / server as separate processes over one data dir."""
@@ -89,18 +94,25 @@ class Split:
         return llmtap_env(self.data, **{**base, **settings})
 
     def start(self, command: str, name: str, **settings: str | int) -> Proc:
-        proc = start_llmtap(command, self.env(**settings), self.tmp / f"{name}.log")
-        self.procs.append(proc)
-        try:
-            if command == "gateway":
-                wait_http(f"{self.gw}/healthz")
-            elif command == "server":
-                wait_http(f"{self.api}/healthz")
-            else:  # the banner is printed once the service is ready
-                wait_until(lambda: "press Ctrl-C" in proc.output(), 30, what=f"{name} ready")
-        except AssertionError:
-            raise AssertionError(f"{name} did not start:\n{proc.output()}") from None
-        return proc
+        return self.start_all((command, name, settings))[0]
+
+    def start_all(self, *specs: tuple[str, str, dict[str, str | int]]) -> list[Proc]:
+        """Launch processes together (start-up is mostly Python imports), then wait for each."""
+        procs = []
+        for command, name, settings in specs:
+            procs.append(start_llmtap(command, self.env(**settings), self.tmp / f"{name}.log"))
+            self.procs.append(procs[-1])
+        for (command, name, _), proc in zip(specs, procs, strict=True):
+            try:
+                if command == "gateway":
+                    wait_http(f"{self.gw}/healthz")
+                elif command == "server":
+                    wait_http(f"{self.api}/healthz")
+                else:  # the banner is printed once the service is ready
+                    wait_until(partial(_ready, proc), 30, what=f"{name} ready")
+            except AssertionError:
+                raise AssertionError(f"{name} did not start:\n{proc.output()}") from None
+        return procs
 
     def count(self) -> int:
         return stored_count(self.api)
@@ -112,6 +124,8 @@ class Split:
         return [r["id"] for r in list_records(self.api)]
 
     def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            p.signal(signal.SIGTERM)
         for p in reversed(self.procs):
             p.stop(timeout=20)
 
@@ -222,9 +236,11 @@ def assert_exactly(split: Split, ids: list[str]) -> None:
 
 async def test_worker_sigkill_mid_load_loses_and_duplicates_nothing(split: Split) -> None:
     n = 2000
-    split.start("server", "server")
-    worker = split.start("worker", "worker-1", partition_key="id")
-    split.start("gateway", "gateway", partition_key="id")
+    _, worker, _ = split.start_all(
+        ("server", "server", {}),
+        ("worker", "worker-1", {"partition_key": "id"}),
+        ("gateway", "gateway", {"partition_key": "id"}),
+    )
 
     load = asyncio.create_task(run_load(split.gw, n))
     t0 = time.monotonic()
@@ -253,10 +269,12 @@ async def test_worker_sigkill_mid_load_loses_and_duplicates_nothing(split: Split
 
 
 async def test_gateway_sigterm_under_load_stores_every_answered_request(split: Split) -> None:
-    split.start("server", "server")
-    split.start("worker", "worker")
     # records wait up to 300 ms in the gateway's memory: SIGTERM must flush them, not drop them
-    gateway = split.start("gateway", "gateway", publish_linger_ms=300, shutdown_timeout=10)
+    *_, gateway = split.start_all(
+        ("server", "server", {}),
+        ("worker", "worker", {}),
+        ("gateway", "gateway", {"publish_linger_ms": 300, "shutdown_timeout": 10}),
+    )
 
     stop = asyncio.Event()
     progress = [0]
@@ -328,10 +346,12 @@ def _owners(path: Path) -> set[str]:
 
 async def test_two_workers_share_the_queue_and_store_each_record_once(split: Split) -> None:
     n = 1200
-    split.start("server", "server")
-    w1 = split.start("worker", "worker-1")
-    w2 = split.start("worker", "worker-2")
-    split.start("gateway", "gateway", partition_key="id")  # records spread over all partitions
+    _, w1, w2, _ = split.start_all(
+        ("server", "server", {}),
+        ("worker", "worker-1", {}),
+        ("worker", "worker-2", {}),
+        ("gateway", "gateway", {"partition_key": "id"}),  # records spread over all partitions
+    )
 
     # both workers hold partitions (an owner is host:pid:nonce)
     pids = {str(w1.pid), str(w2.pid)}
@@ -365,9 +385,11 @@ def _llmtap_cli(split: Split, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_corrupt_messages_are_dead_lettered_and_do_not_stall_the_rest(split: Split) -> None:
-    split.start("server", "server")
-    split.start("worker", "worker")
-    split.start("gateway", "gateway")  # partition by tenant: everything in one ordered partition
+    split.start_all(
+        ("server", "server", {}),
+        ("worker", "worker", {}),
+        ("gateway", "gateway", {}),  # partition by tenant: everything in one ordered partition
+    )
 
     first = await run_load(split.gw, 6, concurrency=1)
     now = datetime.now(UTC)
