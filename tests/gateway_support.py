@@ -16,6 +16,7 @@ from llmtap.bodies.base import BodyStore
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, TransientError
 from llmtap.gateway.app import GatewayService
+from llmtap.gateway.publisher import Sink
 from llmtap.queue.base import DeadLetter, Delivery, Message, Queue, QueueStatus, Role
 from llmtap.record import LogRecord, decode
 
@@ -102,8 +103,19 @@ class DirBodyStore(BodyStore):
                 (self.root / key).unlink()
 
 
+def dead_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def settings_for(upstream_port: int, tmp: Path, **over: Any) -> Settings:
     base: dict[str, Any] = {
+        # the fallback ingest endpoint: nothing there (never some other test's server)
+        "ingest_url": f"http://127.0.0.1:{dead_port()}",
         "host": "127.0.0.1",
         "gateway_port": 0,
         "data_dir": tmp,
@@ -118,9 +130,12 @@ def settings_for(upstream_port: int, tmp: Path, **over: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    settings: Settings, queue: MemoryQueue | None = None, bodies: BodyStore | None = None
+    settings: Settings,
+    queue: MemoryQueue | None = None,
+    bodies: BodyStore | None = None,
+    sinks: list[Sink] | None = None,
 ) -> AsyncIterator[tuple[GatewayService, str]]:
-    svc = GatewayService(settings, queue=queue or MemoryQueue(), bodies=bodies)
+    svc = GatewayService(settings, queue=queue or MemoryQueue(), bodies=bodies, sinks=sinks)
     await svc.start()
     try:
         yield svc, f"http://127.0.0.1:{svc.port}"

@@ -33,6 +33,7 @@ from gateway_support import (
     settings_for,
     wait_for,
 )
+from llmtap.gateway.publisher import QueueSink
 from llmtap.record import LogRecord, body_bytes, decompress, encode
 from llmtap.testing.fake_upstream import expected_usage, make_app, reply_text, serve
 
@@ -698,9 +699,10 @@ async def test_stop_finishes_in_flight_requests_and_publishes_everything(
 async def test_queue_outage_holds_records_and_clients_are_unaffected(
     upstream: int, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
+    """Chain = the queue alone: the records wait in memory, in order, until it is back."""
     q = MemoryQueue()
     q.down = True
-    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+    async with running_gateway(settings_for(upstream, tmp_path), q, sinks=[QueueSink(q)]) as (svc, gw):
         ids = []
         for _ in range(10):
             t0 = time.monotonic()
@@ -713,6 +715,28 @@ async def test_queue_outage_holds_records_and_clients_are_unaffected(
         q.down = False
         recs = await published(svc, q, 10)
     assert [r.id for r in recs] == ids  # nothing lost, order kept
+    assert svc.publisher.dropped == 0
+
+
+async def test_queue_outage_goes_to_the_spool_and_comes_back(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The default chain: queue down, ingest endpoint down → the disk spool; once the queue is
+    back the replayer moves the records into it, in order, marked as having gone that way."""
+    q = MemoryQueue()
+    q.down = True
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        ids = []
+        for _ in range(10):
+            async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
+                assert r.status == 200
+                ids.append(r.headers["Llmtap-Request-Id"])
+        await wait_for(lambda: svc.publisher.routes["spool"] == 10)
+        assert svc.publisher.pending == 0 and list((tmp_path / "spool").glob("*.spool"))
+        q.down = False
+        recs = await published(svc, q, 10)
+    assert [r.id for r in recs] == ids
+    assert {r.route for r in recs} == {"spool"}
     assert svc.publisher.dropped == 0
 
 

@@ -18,6 +18,7 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable
 from llmtap.gateway.capture import CAPTURE_OVERHEAD, Capture
 from llmtap.gateway.publisher import Publisher, QueueSink, Sink
+from llmtap.queue.base import Message
 from llmtap.record import LogRecord, Route, decode, partition_key
 
 pytestmark = pytest.mark.timeout(60)
@@ -272,3 +273,53 @@ def test_capture_head_and_tail_do_not_overlap() -> None:
     assert b"".join(cap.chunks) == b"aaaabbbbbb"
     assert cap.tail is not None and b"".join(cap.tail) == b"bbcccc"
     assert cap.response_size == 16 and cap.truncated
+
+
+class SlowQueue(MemoryQueue):
+    """A queue that takes its time: publish waits until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        await self.release.wait()
+        await super().publish(messages)
+
+
+async def test_overflow_goes_to_the_overflow_sink_while_the_queue_is_slow(tmp_path: Path) -> None:
+    q = SlowQueue()
+    spool = ListSink("spool")
+    one = capture(0).nbytes
+    s = settings(tmp_path, publish_buffer_bytes=one * 10, publish_batch_size=4)
+    pub = Publisher(s, [QueueSink(q), spool], overflow=spool)
+    await pub.start()
+    for i in range(30):
+        pub.submit(capture(i))
+        await asyncio.sleep(0.002)  # traffic over time: the overflow path keeps up
+    await wait_for(lambda: len(spool.records) == 20)  # 10 fit the buffer, 20 overflow at once
+    assert q.messages == [] and pub.dropped == 0 and pub.spilled == 20
+    q.release.set()
+    await wait_for(lambda: len(q.messages) == 10)
+    ids = {decode(m.value).id for m in q.messages} | {r.id for r in spool.records}
+    assert ids == {capture(i).id for i in range(30)}
+    assert {r.route for r in spool.records} == {"spool"}
+    assert pub.published == 30 and pub.routes == {"queue": 10, "spool": 20}
+    await pub.stop(timeout=1)
+    assert pub.spill_bytes == 0 and pub.buffer_bytes == 0
+
+
+async def test_overflow_path_full_or_failing_counts_drops(tmp_path: Path) -> None:
+    q = SlowQueue()
+    spool = ListSink("spool")
+    spool.down = True
+    one = capture(0).nbytes
+    pub = Publisher(settings(tmp_path, publish_buffer_bytes=one * 3), [QueueSink(q)], overflow=spool)
+    await pub.start()
+    for i in range(10):
+        pub.submit(capture(i))
+    assert pub.dropped == 4  # 3 in the buffer, 3 on the overflow path, the rest over both bounds
+    await wait_for(lambda: pub.dropped == 7)  # the overflow sink failed them too
+    q.release.set()
+    await pub.stop(timeout=2)
+    assert len(q.messages) == 3 and pub.published + pub.dropped == 10

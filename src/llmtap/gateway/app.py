@@ -5,8 +5,9 @@ prefixes and two fixed paths, and dispatching them with `str.startswith` skips t
 per-request regex match, middleware chain and signal plumbing.
 
 Stop order (SIGTERM): close the listener, let in-flight requests finish (up to
-`shutdown_timeout`), publish every capture still pending, close the upstream pool, then the
-queue and the body store. A request that was answered is therefore logged.
+`shutdown_timeout`), publish every capture still pending (to the queue, or down the fallback
+chain to the disk spool), stop the spool replayer, close the upstream pool, then the queue and
+the body store. A request that was answered is therefore logged.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from llmtap.config import Settings
 from llmtap.errors import ConfigError
 from llmtap.gateway.proxy import Proxy
 from llmtap.gateway.publisher import Publisher, QueueSink, Sink
+from llmtap.gateway.sinks import IngestSink, SpoolReplayer, SpoolSink
+from llmtap.gateway.spool import DiskSpool, spool_dir
 from llmtap.queue.base import Queue, open_queue
 
 __all__ = ["GatewayService", "make_server"]
@@ -84,15 +87,31 @@ class GatewayService:
         sinks: list[Sink] | None = None,
     ) -> None:
         """`queue`/`bodies` default to the backends the settings name (opened, connected and
-        closed by the service); given ones are used as they are and left open. `sinks` replaces
-        the default chain (`[QueueSink(queue)]`)."""
+        closed by the service); given ones are used as they are and left open.
+
+        The default sink chain is queue → ingest endpoint (`LLMTAP_INGEST_URL`, by default the
+        server's) → disk spool (`<data dir>/spool`), the spool also taking what overflows the
+        memory buffer, and a replayer moving spooled records into the queue once it is back.
+        `sinks` replaces that chain (no overflow sink, no replayer).
+        """
         self.settings = settings
         self._own_queue = queue is None
         self._own_bodies = bodies is None
         self.queue = queue if queue is not None else open_queue(settings)
         self.bodies = bodies if bodies is not None else open_body_store(settings)
-        chain = sinks if sinks is not None else [QueueSink(self.queue, settings.partition_key)]
-        self.publisher = Publisher(settings, chain, self.bodies)
+        self.replayer: SpoolReplayer | None = None
+        overflow: Sink | None = None
+        if sinks is None:
+            by = settings.partition_key
+            spool = DiskSpool(spool_dir(settings), settings.spool_max_bytes)
+            overflow = SpoolSink(spool, by)
+            sinks = [
+                QueueSink(self.queue, by),
+                IngestSink(settings.effective_ingest_url, settings.ingest_token),
+                overflow,
+            ]
+            self.replayer = SpoolReplayer(spool, self.queue)
+        self.publisher = Publisher(settings, sinks, self.bodies, overflow=overflow)
         self.proxy = Proxy(settings, self.publisher, self.resolve_tenant)
         self.proxy.local = {"/healthz": self._healthz, "/metrics": self._metrics}
         self.registry = CollectorRegistry(auto_describe=False)
@@ -126,6 +145,8 @@ class GatewayService:
                 await self.bodies.connect()
                 opened.append(self.bodies)
             await self.publisher.start()
+            if self.replayer is not None:
+                self.replayer.start()  # also brings back what was spooled before a restart
             await self.proxy.start()
             runner = web.ServerRunner(make_server(self.proxy), shutdown_timeout=s.shutdown_timeout)
             await runner.setup()
@@ -142,6 +163,8 @@ class GatewayService:
         except BaseException:
             await self.proxy.close()
             await self.publisher.stop(timeout=1.0)
+            if self.replayer is not None:
+                await self.replayer.stop()
             for backend in reversed(opened):
                 await backend.close()
             raise
@@ -168,6 +191,8 @@ class GatewayService:
             await self._runner.cleanup()
             self._runner = None
         await self.publisher.stop(timeout=max(deadline - loop.time(), 4.0))
+        if self.replayer is not None:
+            await self.replayer.stop()
         await self.proxy.close()
         if self._own_queue:
             await self.queue.close()

@@ -10,9 +10,11 @@ either makes the whole batch durable or raises `BackendUnavailable`; the batch t
 next sink. Each sink encodes the records itself, because the record says which route it took
 (`record.route`). When every sink refuses, the batch is held in memory and retried with
 exponential backoff; batches keep their order. Memory is bounded by `publish_buffer_bytes`
-(captures waiting plus the batch held): past it a capture is dropped, counted in `dropped` and
-`llmtap_gateway_records_dropped_total`, and logged (at most every 10 s) — never silently. A
-spool sink at the end of the chain is what makes that bound unreachable in practice.
+(captures waiting plus the batch held). Past it, a capture goes to the `overflow` sink (the
+disk spool) on a path of its own, so a queue that is slow rather than down does not make it
+wait; only when that path is full too (another `publish_buffer_bytes`) or fails is a capture
+dropped — counted in `dropped` and `llmtap_gateway_records_dropped_total`, and logged (at most
+every 10 s), never silently.
 """
 
 from __future__ import annotations
@@ -106,11 +108,13 @@ class Publisher:
         sinks: Sequence[Sink],
         bodies: BodyStore | None = None,
         *,
+        overflow: Sink | None = None,
         gateway_id: str | None = None,
     ) -> None:
         if not sinks:
             raise ValueError("a publisher needs at least one sink")
         self.sinks = list(sinks)
+        self.overflow = overflow
         self.bodies = bodies
         self.batch_size = settings.publish_batch_size
         self.linger = settings.publish_linger_ms / 1000.0
@@ -132,11 +136,16 @@ class Publisher:
         self.body_uploads = 0
         self.body_store_failures = 0
         self.buffer_bytes = 0  # memory held: waiting captures + the batch in flight
+        self.spill_bytes = 0  # memory held by captures on their way to the overflow sink
+        self.spilled = 0  # captures sent to the overflow sink because the buffer was full
         self.routes: Counter[str] = Counter()
         self.requests: Counter[tuple[str, str]] = Counter()  # (provider, outcome)
 
         self._dq: deque[Capture] = deque()
         self._wake = asyncio.Event()
+        self._spill: deque[Capture] = deque()
+        self._spill_wake = asyncio.Event()
+        self._spill_task: asyncio.Task[None] | None = None
         self._held: _Batch | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -147,6 +156,15 @@ class Publisher:
         """Queue a finished capture for publishing. O(1), never blocks, never raises."""
         size = capture.nbytes
         if self.buffer_bytes + size > self.buffer_limit:
+            if self.overflow is not None and self.spill_bytes + size <= self.buffer_limit:
+                # The queue is slower than the traffic (or down): this one goes to the overflow
+                # sink (the disk spool) by a path of its own, so it does not wait behind them.
+                self.spill_bytes += size
+                self._spill.append(capture)
+                self.submitted += 1
+                if len(self._spill) == 1:
+                    self._spill_wake.set()
+                return
             self.dropped += 1
             self._warn(
                 "drop",
@@ -165,31 +183,39 @@ class Publisher:
 
     @property
     def pending(self) -> int:
-        """Captures not yet published (waiting + the batch in flight)."""
-        return len(self._dq) + (len(self._held.records) if self._held is not None else 0)
+        """Captures not yet published (waiting + the batch in flight + spilling)."""
+        held = len(self._held.records) if self._held is not None else 0
+        return len(self._dq) + held + len(self._spill)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        for sink in self.sinks:
+        for sink in self._all_sinks():
             await sink.start()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="llmtap-publisher")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="llmtap-publisher")
+        if self.overflow is not None:
+            self._spill_task = loop.create_task(self._run_spill(), name="llmtap-publisher-spill")
+
+    def _all_sinks(self) -> list[Sink]:
+        extra = [self.overflow] if self.overflow is not None and self.overflow not in self.sinks else []
+        return self.sinks + extra
 
     async def stop(self, timeout: float) -> None:
         """Publish everything submitted so far (within `timeout` seconds), then close the sinks."""
         self._stopping = True
         self._wake.set()
-        task = self._task
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        self._spill_wake.set()
+        tasks = [t for t in (self._task, self._spill_task) if t is not None]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            if late:
+                for task in late:
+                    task.cancel()
+                await asyncio.wait(late)
                 lost = self.pending
                 self.dropped += lost
                 log.error("shutdown deadline reached: %d records could not be published", lost)
-        for sink in self.sinks:
+        for sink in self._all_sinks():
             try:
                 await sink.close()
             except Exception as e:
@@ -197,7 +223,7 @@ class Publisher:
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is published (tests, benchmarks)."""
-        while self._dq or self._held is not None:
+        while self._dq or self._held is not None or self._spill or self.spill_bytes:
             self._wake.set()
             await asyncio.sleep(0.001)
 
@@ -236,6 +262,35 @@ class Publisher:
                 continue
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _run_spill(self) -> None:
+        """Overflow path: captures that did not fit the buffer go straight to `overflow`."""
+        assert self.overflow is not None
+        spill = self._spill
+        while True:
+            if not spill:
+                if self._stopping:
+                    return
+                self._spill_wake.clear()
+                await self._spill_wake.wait()
+                continue
+            caps = [spill.popleft() for _ in range(min(len(spill), self.batch_size))]
+            batch = await self._build(caps)
+            try:
+                if batch.uploads:
+                    await self._upload(batch)
+                await self.overflow.send(batch.records)
+            except Exception as e:
+                self.failed += 1
+                self.dropped += len(batch.records)
+                self._warn("spill", "overflow sink failed, %d records lost: %s", len(batch.records), e)
+            else:
+                self.published += len(batch.records)
+                self.spilled += len(batch.records)
+                self.batches += 1
+                self.routes[self.overflow.route] += len(batch.records)
+            finally:
+                self.spill_bytes -= batch.nbytes
 
     async def _build(self, caps: list[Capture]) -> _Batch:
         builder = self.builder
@@ -341,6 +396,11 @@ class _PublisherCollector(Collector):
         yield pub
         yield CounterMetricFamily("llmtap_gateway_publish_batches", "Batches made durable", value=p.batches)
         yield CounterMetricFamily(
+            "llmtap_gateway_records_spilled",
+            "Records sent to the overflow sink (buffer full)",
+            value=p.spilled,
+        )
+        yield CounterMetricFamily(
             "llmtap_gateway_publish_failures", "Sink attempts that failed", value=p.failed
         )
         yield CounterMetricFamily(
@@ -355,7 +415,9 @@ class _PublisherCollector(Collector):
             "llmtap_gateway_body_uploads", "Large bodies written to the body store", value=p.body_uploads
         )
         yield GaugeMetricFamily(
-            "llmtap_gateway_publish_buffer_bytes", "Memory held by unpublished records", value=p.buffer_bytes
+            "llmtap_gateway_publish_buffer_bytes",
+            "Memory held by unpublished records",
+            value=p.buffer_bytes + p.spill_bytes,
         )
         yield GaugeMetricFamily(
             "llmtap_gateway_pending_records", "Records not yet published", value=p.pending
