@@ -672,6 +672,7 @@ ANTHROPIC_ERRORS = [
     (400, anthropic.BadRequestError),
     (401, anthropic.AuthenticationError),
     (429, anthropic.RateLimitError),
+    (500, anthropic.InternalServerError),
     (529, anthropic.OverloadedError),
 ]
 
