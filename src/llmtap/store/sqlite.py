@@ -176,13 +176,15 @@ class SQLiteStore(Store):
 
     # -- writes -----------------------------------------------------------------------------------
     async def write_batch(self, records: Sequence[LogRecord]) -> int:
-        rows = [sql.record_values(r) for r in sql.dedupe(records)]
-        if not rows:
+        if not records:
             return 0
-        props = [p for row in rows for p in sql.property_rows(row)]
-        return await self._write(self._write_rows, rows, props)
+        # Row building runs on the writer thread too: in `llmtap up` this event loop also
+        # serves the gateway, which should not wait for a batch's JSON encoding.
+        return await self._write(self._write_records, list(records))
 
-    def _write_rows(self, rows: list[tuple[Any, ...]], props: list[tuple[Any, ...]]) -> int:
+    def _write_records(self, records: list[LogRecord]) -> int:
+        rows = [sql.record_values(r) for r in sql.dedupe(records)]
+        props = [p for row in rows for p in sql.property_rows(row)]
         conn = self._w()
         conn.execute("BEGIN IMMEDIATE")
         try:
