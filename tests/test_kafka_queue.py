@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from llmtap.errors import BackendUnavailable
+from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.queue.base import Delivery, Message, partition_for
 from llmtap.queue.kafka import KafkaQueue
 from queue_helpers import SERVICES, QueueSpec, keyed_records, make_spec, parse, skip_reason, wait_for
@@ -79,6 +79,20 @@ async def test_unreachable_kafka_fails_fast_with_one_sentence() -> None:
     assert time.monotonic() - t0 < 5
     msg = str(e.value)
     assert msg.startswith(f"cannot reach Kafka at 127.0.0.1:{port}: ") and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "kafka://127.0.0.1:9092",
+        "kafka:///topic",
+        "kafka://h:1/t?compression=brotli",
+        "kafka://h:1/t?partitions=x",
+    ],
+)
+def test_bad_urls_are_one_sentence_config_errors(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^invalid setting LLMTAP_QUEUE: "):
+        KafkaQueue(url, 6, "workers")
 
 
 async def test_topic_and_dead_letter_topic_are_created(spec: QueueSpec, queues: list[KafkaQueue]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtap.errors import BackendUnavailable
+from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.queue.base import Delivery, partition_for
 from llmtap.queue.redis import RedisQueue
 from queue_helpers import (
@@ -75,6 +75,12 @@ async def test_unreachable_redis_fails_fast_with_one_sentence() -> None:
     assert time.monotonic() - t0 < 5
     msg = str(e.value)
     assert msg.startswith(f"cannot reach Redis at 127.0.0.1:{port}: ") and "\n" not in msg
+
+
+@pytest.mark.parametrize("url", ["redis:///0", "http://127.0.0.1:6379/0", "redis://h:1/0?claim_idle_ms=soon"])
+def test_bad_urls_are_one_sentence_config_errors(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^invalid setting LLMTAP_QUEUE: "):
+        RedisQueue(url, 6, "workers")
 
 
 async def test_records_go_to_the_partition_of_their_key(spec: QueueSpec, queues: list[RedisQueue]) -> None:

@@ -20,6 +20,13 @@ partition/offset and time in headers. Which dead letters have been replayed is r
 the committed offset of the group `<group>-dlq-replay` on that topic (everything below it is
 replayed) plus the replayed offsets above it in the commit's metadata, so nothing is replayed
 twice and the dead-letter count stays right.
+
+URL: `kafka://host:port[,host:port]/topic` with optional query parameters `partitions`
+(of a topic llmtap creates), `replication` (default: min(3, brokers)), `compression`
+(`zstd`/`lz4`/`gzip`/`none`; default zstd or lz4 when aiokafka has the codec, else none),
+`session_timeout_ms` (a dead worker's partitions move after this; default 10000),
+`request_timeout_ms` (outage detection; default 5000) and `redeliver_after_ms` (a delivery
+unacked this long is handed out again; default 60000).
 """
 
 from __future__ import annotations
@@ -171,6 +178,12 @@ class KafkaQueue(Queue):
         self.compression = default_compression() if compression == "default" else compression
         if "compression" in query:
             self.compression = None if query["compression"] == "none" else query["compression"]
+        codecs = {"gzip": lambda: True, "lz4": has_lz4, "zstd": has_zstd}
+        if self.compression is not None and not codecs.get(self.compression, lambda: False)():
+            raise ConfigError(
+                f"invalid setting LLMTAP_QUEUE: compression {self.compression!r} is not available "
+                "(gzip always is; lz4 and zstd need the cramjam package)"
+            )
         self.client_id = f"llmtap-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.description = f"{redact_url(url)} (Kafka)"
         self._admin: AIOKafkaAdminClient | None = None

@@ -23,6 +23,13 @@ Keys, with `prefix` (default `llmtap`): `<prefix>:p<N>` streams, `<prefix>:dlq` 
 Durability: `publish` returns once Redis holds the entries; configure Redis persistence
 (`appendonly yes`) for them to survive a Redis crash, as for any Redis-backed queue.
 Delivery is at least once; the idempotent store turns duplicates into one row.
+
+URL: `redis://[:password@]host:port/db` (or `rediss://`) with optional query parameters
+`prefix` (default `llmtap`), `session_timeout_ms` (lease and heartbeat lifetime: a dead
+worker's partitions move after this; default 10000), `claim_idle_ms` (how long an entry left
+pending by an earlier owner must be idle before it is claimed; default 1000) and
+`redeliver_after_ms` (a delivery unacked this long is handed out again; default 60000).
+Other query parameters go to redis-py.
 """
 
 from __future__ import annotations
