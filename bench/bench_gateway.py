@@ -921,7 +921,7 @@ def report(results: dict[str, Any]) -> str:
                 if best is not None and met(best) != met(x):
                     verdict += " (best rounds: " + ("met" if met(best) else "missed") + ")"
                 tgt = ("≤ " if ok_if_low else "≥ ") + f"{target:g}"
-            rows.append([label, f"{x:.2f}", "-" if best is None else f"{best:.2f}", tgt, verdict])
+            rows.append([label, f"{x:.3f}", "-" if best is None else f"{best:.3f}", tgt, verdict])
         out.append(
             table(
                 "Ratios against the passthrough (same run; median rounds, and best round of each side)",
