@@ -675,19 +675,19 @@ async def test_stop_finishes_in_flight_requests_and_publishes_everything(
         async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
             await r.read()
 
-    async def call(i: int) -> int:
+    async def call(i: int) -> tuple[int, str]:
         body = {**CHAT, "stream": i % 2 == 0}
         async with http.post(f"{gw}/openai/v1/chat/completions", json=body, headers=h) as r:
             await r.read()
-            return r.status
+            return r.status, r.headers.get("Connection", "").lower()
 
     calls = [asyncio.create_task(call(i)) for i in range(20)]
     await wait_for(lambda: len(svc.publisher._dq) == done_before)
     await asyncio.sleep(0.1)  # all 20 are now waiting on the slow upstream
     assert q.messages == []
     await svc.stop()
-    statuses = await asyncio.gather(*calls)
-    assert statuses == [200] * 20
+    answers = await asyncio.gather(*calls)
+    assert answers == [(200, "close")] * 20  # and each told its client the connection ends
     recs = q.records()
     assert len(recs) == 25 and len({r.id for r in recs}) == 25
     assert all(r.outcome == "completed" for r in recs)

@@ -184,6 +184,7 @@ class GatewayService:
         use `shutdown_timeout` of it, and the publisher gets what is left, at least 4 s.
         """
         self._ready = False
+        self.proxy.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_timeout + 4.0
         if self._runner is not None:

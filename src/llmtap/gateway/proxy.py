@@ -98,6 +98,9 @@ class Proxy:
         self._cap = settings.max_body_bytes
         self._stream_usage = settings.openai_stream_usage
         self._urls: dict[str, URL] = {}
+        #: Set when the gateway stops: responses then say `Connection: close`, so clients and
+        #: load balancers learn from the answer itself not to send more on that connection.
+        self.draining = False
 
     async def start(self) -> None:
         s = self.settings
@@ -299,6 +302,8 @@ class Proxy:
         resp = (web.StreamResponse if sse else _Coalesced)(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
+        if self.draining:
+            resp.force_close()
         content = upstream.content
         relayed = False  # every body byte was handed to the client's connection
         try:
@@ -365,6 +370,8 @@ class Proxy:
 
     def _gateway_error(self, cap: Capture, status: int, outcome: str, message: str) -> web.Response:
         resp = _json_error(status, f"llmtap_{outcome}", message, cap.id)
+        if self.draining:
+            resp.force_close()
         cap.status = status
         cap.response_headers = resp.headers.items()
         body = resp.body
