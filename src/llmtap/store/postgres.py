@@ -338,7 +338,7 @@ class PostgresStore(Store):
         return sql.session_result(DIALECT, session_id, totals, await self._fetch(q, *params))
 
     async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
-        q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit)
+        q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
         return [sql.user_result(DIALECT, row) for row in await self._fetch(q, *params)]
 
     # -- retention --------------------------------------------------------------------------------

@@ -221,21 +221,40 @@ class SQLiteStore(Store):
         sql.validate_stats(query)
         return await self._read(self._stats, tenant, query)
 
+    def _aggregate(
+        self, tenant: str, query: StatsQuery, kind: sql.Kind, limit: int | None = None
+    ) -> list[tuple[Any, dict[str, Any]]]:
+        """(key, totals) per key: sums in SQL, percentiles in Python over the same rows."""
+        q, params = sql.aggregate_sql(DIALECT, tenant, query, kind, limit=limit, percentiles=False)
+        found = [sql.aggregate_row(DIALECT, row, percentiles=False) for row in self._fetch(q, params)]
+        if not found:
+            return []
+        wanted = {key for key, _ in found}
+        latency: dict[Any, list[float]] = {key: [] for key in wanted}
+        ttft: dict[Any, list[float]] = {key: [] for key in wanted}
+        q, params = sql.values_sql(DIALECT, tenant, query, kind)
+        cur = self._r().execute(q, params)
+        while chunk := cur.fetchmany(10_000):
+            for key, lat, first in chunk:
+                if key in wanted:
+                    latency[key].append(lat)
+                    if first is not None:
+                        ttft[key].append(first)
+        for key, totals in found:
+            totals["latency_ms"] = sql.percentiles_of(latency[key])
+            totals["time_to_first_token_ms"] = sql.percentiles_of(ttft[key])
+        return found
+
     def _stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
-        q, params = sql.aggregate_sql(DIALECT, tenant, query, "overall")
-        rows = self._fetch(q, params)
-        overall = sql.aggregate_row(DIALECT, rows[0])[1] if rows else sql.empty_totals()
+        found = self._aggregate(tenant, query, "overall")
+        overall = found[0][1] if found and found[0][1]["count"] else sql.empty_totals()
         groups: list[dict[str, Any]] = []
         if query.group_by:
-            q, params = sql.aggregate_sql(DIALECT, tenant, query, "group", limit=sql.MAX_GROUPS)
-            for row in self._fetch(q, params):
-                key, totals = sql.aggregate_row(DIALECT, row)
+            for key, totals in self._aggregate(tenant, query, "group", sql.MAX_GROUPS):
                 groups.append({"key": sql.group_value(DIALECT, query.group_by, key), **totals})
         buckets: list[dict[str, Any]] = []
         if query.bucket:
-            q, params = sql.aggregate_sql(DIALECT, tenant, query, "bucket", limit=sql.MAX_BUCKETS)
-            for row in self._fetch(q, params):
-                key, totals = sql.aggregate_row(DIALECT, row)
+            for key, totals in self._aggregate(tenant, query, "bucket", sql.MAX_BUCKETS):
                 buckets.append({"start": sql.iso(DIALECT.ts_value(key)), **totals})
         return {"overall": overall, "groups": groups, "buckets": buckets}
 
@@ -243,19 +262,15 @@ class SQLiteStore(Store):
         return await self._read(self._session, tenant, session_id)
 
     def _session(self, tenant: str, session_id: str) -> dict[str, Any] | None:
-        query = StatsQuery(filters=ListQuery(session_id=session_id))
-        q, params = sql.aggregate_sql(DIALECT, tenant, query, "overall")
-        rows = self._fetch(q, params)
-        if not rows or not rows[0][1]:
+        found = self._aggregate(tenant, StatsQuery(filters=ListQuery(session_id=session_id)), "overall")
+        if not found or not found[0][1]["count"]:
             return None
-        totals = sql.aggregate_row(DIALECT, rows[0])[1]
         lq = ListQuery(limit=sql.MAX_SESSION_REQUESTS, session_id=session_id, order="asc")
         q, params = sql.list_sql(DIALECT, tenant, lq)
-        page = self._fetch(q, params)
-        return sql.session_result(DIALECT, session_id, totals, page)
+        return sql.session_result(DIALECT, session_id, found[0][1], self._fetch(q, params))
 
     async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
-        q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit)
+        q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
         rows = await self._read(self._fetch, q, params)
         return [sql.user_result(DIALECT, row) for row in rows]
 
