@@ -480,3 +480,28 @@ def test_stream_end_markers() -> None:
     assert res is not None and res.complete
     res = anthropic.reassemble_stream(a[: a.index(b"event: message_stop")])
     assert res is not None and not res.complete
+
+
+def test_openai_fast_and_general_paths_agree() -> None:
+    from llmtap.providers.openai import _all_chunks
+
+    stream = openai_tool_stream()
+    assert _all_chunks(stream) is not None  # the one-call path takes a plain stream
+    for variant in (
+        b": keep-alive\n\n" + stream,  # a comment line
+        stream.replace(b"\n\n", b"\r\n\r\n"),  # CRLF framing
+        stream[: stream.index(b"data: [DONE]")] + b'data: {"choices": [{"index": "0"}]}\n\n',  # odd types
+    ):
+        assert _all_chunks(variant) is None
+    fast = openai.reassemble_stream(stream)
+    slow = openai.reassemble_stream(b": keep-alive\n\n" + stream)
+    assert fast is not None and slow is not None
+    assert (fast.message, fast.usage, fast.model, fast.error, fast.complete) == (
+        slow.message,
+        slow.usage,
+        slow.model,
+        slow.error,
+        slow.complete,
+    )
+    cut = openai.reassemble_stream(stream[: stream.index(b"data: [DONE]") - 30])
+    assert cut is not None and not cut.complete and cut.usage.source == "missing"

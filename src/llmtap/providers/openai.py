@@ -258,6 +258,13 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     `text_completion`; a Responses API stream its final `response` object.
     """
     s = _Stream()
+    chunks = _all_chunks(raw)
+    if chunks is not None:
+        s.seen = bool(chunks) or s.seen
+        s.complete = raw.endswith(_DONE)
+        for c in chunks:
+            s.typed(c, c.choices)  # type: ignore[arg-type]  # _all_chunks checked it
+        return _result(s)
     decode = _chunk_decoder.decode
     for data in data_payloads(raw):
         if data[:1] != b"{":  # `[DONE]`, keep-alive noise
@@ -281,6 +288,38 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
         if isinstance(obj, dict):
             s.generic(obj)
 
+    return _result(s)
+
+
+_DONE = b"data: [DONE]\n\n"
+_chunks_decoder = msgspec.json.Decoder(list[_Chunk])
+
+
+def _all_chunks(raw: bytes) -> list[_Chunk] | None:
+    """Every chunk of a plain chat stream in one decoder call, or None for anything else.
+
+    A stream made only of `data: {...}` events (and the final `data: [DONE]`) becomes a JSON
+    array by replacing each event separator with a comma: JSON text never holds a raw line
+    break, so the separator cannot occur inside a chunk. Comments, multi-line events, error or
+    Responses API events, odd field types or a cut-off last event all fail this and take the
+    general path.
+    """
+    if not raw.startswith(b"data: {") or b"\r" in raw:
+        return None
+    body = raw[: -len(_DONE)] if raw.endswith(_DONE) else raw
+    if not body.endswith(b"}\n\n"):
+        return None
+    try:
+        chunks = _chunks_decoder.decode(b"[" + body[6:-2].replace(b"\n\ndata: ", b",") + b"]")
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    for c in chunks:
+        if c.choices is None:
+            return None
+    return chunks
+
+
+def _result(s: _Stream) -> StreamResult | None:
     if not s.seen:
         return None
     if s.final_response is not None:
