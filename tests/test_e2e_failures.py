@@ -488,12 +488,6 @@ def test_port_in_use_is_one_line(tmp_path: Path, command: str) -> None:
     assert str(port) in line and "in use" in line, line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway: a response finished during the SIGTERM drain does not say `Connection: close`, "
-    "yet aiohttp closes the connection right after it, so a client's next request on that kept-alive "
-    "connection fails with 'Server disconnected' instead of being refused (32 of 32 in the load test)",
-)
 async def test_responses_finished_while_draining_close_their_connection(split: Split) -> None:
     """A client (or load balancer) must learn that a connection is going away from the response
     itself; otherwise it reuses it and its next POST breaks mid-send, where a refused connection
