@@ -431,12 +431,16 @@ def aggregate_sql(
     return f"SELECT {key}, {cols} FROM requests r WHERE {where}{group}{order}{lim}", p.values
 
 
-def values_sql(d: Dialect, tenant: str, q: StatsQuery, kind: Kind) -> tuple[str, list[Any]]:
-    """(key, latency_ms, ttft_ms) of every row an `aggregate_sql` query of this kind covers."""
+def values_sql(d: Dialect, tenant: str, q: StatsQuery) -> tuple[str, list[Any]]:
+    """(group key, bucket key, latency_ms, ttft_ms) of every row `stats` covers, in one scan.
+
+    A key column is NULL when the query has no group_by / bucket.
+    """
     p = Params(d)
-    key = _key(p, q, kind)
+    g = _key(p, q, "group") if q.group_by else "NULL"
+    b = _key(p, q, "bucket") if q.bucket else "NULL"
     where = where_sql(p, tenant, q.filters, q.since, q.until)
-    return f"SELECT {key}, r.latency_ms, r.ttft_ms FROM requests r WHERE {where}", p.values
+    return f"SELECT {g}, {b}, r.latency_ms, r.ttft_ms FROM requests r WHERE {where}", p.values
 
 
 def percentiles_of(values: list[float]) -> dict[str, float | None]:

@@ -221,53 +221,60 @@ class SQLiteStore(Store):
         sql.validate_stats(query)
         return await self._read(self._stats, tenant, query)
 
-    def _aggregate(
+    def _sums(
         self, tenant: str, query: StatsQuery, kind: sql.Kind, limit: int | None = None
     ) -> list[tuple[Any, dict[str, Any]]]:
-        """(key, totals) per key: sums in SQL, percentiles in Python over the same rows."""
         q, params = sql.aggregate_sql(DIALECT, tenant, query, kind, limit=limit, percentiles=False)
-        found = [sql.aggregate_row(DIALECT, row, percentiles=False) for row in self._fetch(q, params)]
-        if not found:
-            return []
-        wanted = {key for key, _ in found}
-        latency: dict[Any, list[float]] = {key: [] for key in wanted}
-        ttft: dict[Any, list[float]] = {key: [] for key in wanted}
-        q, params = sql.values_sql(DIALECT, tenant, query, kind)
-        cur = self._r().execute(q, params)
-        while chunk := cur.fetchmany(10_000):
-            for key, lat, first in chunk:
-                if key in wanted:
-                    latency[key].append(lat)
-                    if first is not None:
-                        ttft[key].append(first)
-        for key, totals in found:
-            totals["latency_ms"] = sql.percentiles_of(latency[key])
-            totals["time_to_first_token_ms"] = sql.percentiles_of(ttft[key])
-        return found
+        return [sql.aggregate_row(DIALECT, row, percentiles=False) for row in self._fetch(q, params)]
 
     def _stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
-        found = self._aggregate(tenant, query, "overall")
-        overall = found[0][1] if found and found[0][1]["count"] else sql.empty_totals()
-        groups: list[dict[str, Any]] = []
-        if query.group_by:
-            for key, totals in self._aggregate(tenant, query, "group", sql.MAX_GROUPS):
-                groups.append({"key": sql.group_value(DIALECT, query.group_by, key), **totals})
-        buckets: list[dict[str, Any]] = []
-        if query.bucket:
-            for key, totals in self._aggregate(tenant, query, "bucket", sql.MAX_BUCKETS):
-                buckets.append({"start": sql.iso(DIALECT.ts_value(key)), **totals})
-        return {"overall": overall, "groups": groups, "buckets": buckets}
+        """Sums per kind in SQL; percentiles in Python over one scan of the same rows."""
+        overall_rows = self._sums(tenant, query, "overall")
+        if not overall_rows or not overall_rows[0][1]["count"]:
+            return {"overall": sql.empty_totals(), "groups": [], "buckets": []}
+        group_rows = self._sums(tenant, query, "group", sql.MAX_GROUPS) if query.group_by else []
+        bucket_rows = self._sums(tenant, query, "bucket", sql.MAX_BUCKETS) if query.bucket else []
+        # (latencies, TTFTs) per overall / group key / bucket key
+        every: tuple[list[float], list[float]] = ([], [])
+        per_g: dict[Any, tuple[list[float], list[float]]] = {key: ([], []) for key, _ in group_rows}
+        per_b: dict[Any, tuple[list[float], list[float]]] = {key: ([], []) for key, _ in bucket_rows}
+        q, params = sql.values_sql(DIALECT, tenant, query)
+        cur = self._r().execute(q, params)
+        while chunk := cur.fetchmany(10_000):
+            for g, b, lat, first in chunk:
+                for acc in (every, per_g.get(g), per_b.get(b)):
+                    if acc is not None:
+                        acc[0].append(lat)
+                        if first is not None:
+                            acc[1].append(first)
+
+        def finish(totals: dict[str, Any], acc: tuple[list[float], list[float]]) -> dict[str, Any]:
+            totals["latency_ms"] = sql.percentiles_of(acc[0])
+            totals["time_to_first_token_ms"] = sql.percentiles_of(acc[1])
+            return totals
+
+        return {
+            "overall": finish(overall_rows[0][1], every),
+            "groups": [
+                {"key": sql.group_value(DIALECT, query.group_by or "", key), **finish(totals, per_g[key])}
+                for key, totals in group_rows
+            ],
+            "buckets": [
+                {"start": sql.iso(DIALECT.ts_value(key)), **finish(totals, per_b[key])}
+                for key, totals in bucket_rows
+            ],
+        }
 
     async def sessions(self, tenant: str, session_id: str) -> dict[str, Any] | None:
         return await self._read(self._session, tenant, session_id)
 
     def _session(self, tenant: str, session_id: str) -> dict[str, Any] | None:
-        found = self._aggregate(tenant, StatsQuery(filters=ListQuery(session_id=session_id)), "overall")
-        if not found or not found[0][1]["count"]:
+        totals = self._stats(tenant, StatsQuery(filters=ListQuery(session_id=session_id)))["overall"]
+        if not totals["count"]:
             return None
         lq = ListQuery(limit=sql.MAX_SESSION_REQUESTS, session_id=session_id, order="asc")
         q, params = sql.list_sql(DIALECT, tenant, lq)
-        return sql.session_result(DIALECT, session_id, found[0][1], self._fetch(q, params))
+        return sql.session_result(DIALECT, session_id, totals, self._fetch(q, params))
 
     async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
         q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
