@@ -159,12 +159,14 @@ def stored_count(server_url: str, headers: dict[str, str] | None = None) -> int:
     return int(body["overall"]["count"])
 
 
-def get_record(server_url: str, request_id: str, timeout: float = 30) -> dict[str, Any]:
+def get_record(
+    server_url: str, request_id: str, timeout: float = 30, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """`GET /api/v1/requests/{id}` once the worker stored it (404 until then)."""
     found: dict[str, Any] = {}
 
     def stored() -> bool:
-        status, body = http_json("GET", f"{server_url}/api/v1/requests/{request_id}")
+        status, body = http_json("GET", f"{server_url}/api/v1/requests/{request_id}", headers=headers)
         if status == 200:
             found.update(body)
             return True

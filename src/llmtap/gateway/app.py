@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -31,6 +32,7 @@ from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.gateway.sinks import IngestSink, SpoolReplayer, SpoolSink
 from llmtap.gateway.spool import DiskSpool, spool_dir
 from llmtap.queue.base import Queue, open_queue
+from llmtap.store.base import Store, open_store
 
 __all__ = ["GatewayService", "make_server"]
 
@@ -116,12 +118,15 @@ class GatewayService:
         self.proxy.local = {"/healthz": self._healthz, "/metrics": self._metrics}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.publisher.collector())
+        # Multi-tenant mode maps `Llmtap-Auth` keys to tenants through the store's key table
+        # (cached per process for `keys.CACHE_TTL` seconds, so the lookup is rarely a query).
+        self._keys_store: Store | None = open_store(settings) if settings.multi_tenant else None
         self.port: int | None = None
         self._runner: web.ServerRunner | None = None
         self._ready = False
 
     # -- tenants ---------------------------------------------------------------------------------
-    def resolve_tenant(self, auth_header: str | None) -> str | None:
+    def resolve_tenant(self, auth_header: str | None) -> str | Awaitable[str | None] | None:
         """The tenant a request belongs to, from its `Llmtap-Auth` header (or None → 401).
 
         Single-tenant: everything is `default_tenant`, with or without a key. Multi-tenant: the
@@ -131,7 +136,11 @@ class GatewayService:
         """
         if not self.settings.multi_tenant:
             return self.settings.default_tenant
-        return None
+        if self._keys_store is None:
+            return None
+        from llmtap import keys
+
+        return keys.resolve_tenant(self._keys_store, auth_header)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -144,6 +153,9 @@ class GatewayService:
             if self._own_bodies:
                 await self.bodies.connect()
                 opened.append(self.bodies)
+            if self._keys_store is not None:
+                await self._keys_store.connect()
+                opened.append(self._keys_store)
             await self.publisher.start()
             if self.replayer is not None:
                 self.replayer.start()  # also brings back what was spooled before a restart
@@ -199,6 +211,8 @@ class GatewayService:
             await self.queue.close()
         if self._own_bodies:
             await self.bodies.close()
+        if self._keys_store is not None:
+            await self._keys_store.close()
 
     # -- gateway-own routes ------------------------------------------------------------------------
     async def _healthz(self, request: web.BaseRequest) -> web.StreamResponse:
