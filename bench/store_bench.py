@@ -296,11 +296,14 @@ async def timed(fn: Callable[[], Awaitable[Any]], runs: int) -> dict[str, float]
 async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     if not args.pg:
         raise SystemExit("scale needs --pg or LLMTAP_TEST_POSTGRES_URL")
-    url = await create_db(args.pg)
+    url = args.reuse or await create_db(args.pg)
     results: dict[str, Any] = {"rows": args.rows}
     try:
-        print(f"loading {args.rows} rows over {args.days} days with COPY...", flush=True)
-        results["load_seconds"] = round(await bulk_load(url, args.rows, args.days), 1)
+        if args.reuse:
+            print(f"reusing the loaded database {args.reuse}", flush=True)
+        else:
+            print(f"loading {args.rows} rows over {args.days} days with COPY...", flush=True)
+            results["load_seconds"] = round(await bulk_load(url, args.rows, args.days), 1)
         store = PostgresStore(url)
         await store.connect()
         try:
@@ -346,7 +349,7 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             await store.close()
     finally:
-        if not args.keep:
+        if not args.keep and not args.reuse:
             await drop_db(args.pg, url)
         else:
             print(f"kept database: {url}")
@@ -363,6 +366,7 @@ def main() -> None:
     p.add_argument("--days", type=int, default=60, help="days the scale rows are spread over")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--keep", action="store_true", help="keep the scale database")
+    p.add_argument("--reuse", help="time queries on a database a --keep run loaded (no loading)")
     args = p.parse_args()
     out: dict[str, Any] = {}
     if args.what in ("write", "all"):
