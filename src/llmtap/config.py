@@ -65,7 +65,9 @@ class Settings(BaseSettings):
 
     # -- gateway publisher -------------------------------------------------------------------
     publish_batch_size: int = Field(500, ge=1)
-    publish_linger_ms: float = Field(5.0, ge=0)
+    publish_linger_ms: float = Field(
+        20.0, ge=0, description="group commit: how long the publisher waits to fill a batch"
+    )
     publish_buffer_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     shutdown_timeout: float = Field(30.0, gt=0, description="seconds to drain on SIGTERM")
     ingest_url: str | None = Field(
@@ -76,6 +78,9 @@ class Settings(BaseSettings):
 
     # -- worker ------------------------------------------------------------------------------
     worker_batch_size: int = Field(500, ge=1)
+    worker_linger_ms: float = Field(
+        50.0, ge=0, description="after a small batch, wait this long so the next one is bigger"
+    )
     worker_max_attempts: int = Field(5, ge=1, description="tries of a failing record before dead-letter")
     retention_days: int | None = Field(None, ge=1)
     webhook_url: str | None = None

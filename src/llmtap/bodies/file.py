@@ -70,11 +70,22 @@ class FileBodyStore(BodyStore):
             raise ValueError(f"invalid body key {key!r}")
         return os.path.join(self.root, *parts)
 
+    def _check_key(self, key: str, dirs: set[str]) -> None:
+        """`_path`'s checks at a fraction of the cost: each directory once per batch."""
+        directory, _, name = key.rpartition("/")
+        if name in ("", ".", "..") or "\\" in name or "\0" in name:
+            raise ValueError(f"invalid body key {key!r}")
+        if directory not in dirs:
+            if directory:
+                self._path(directory)
+            dirs.add(directory)
+
     async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
         if not items:
             return []
+        checked: set[str] = set()
         for k, _ in items:
-            self._path(k)  # validate every key before touching the disk
+            self._check_key(k, checked)  # validate every key before touching the disk
         refs: list[str] = [""] * len(items)
         packs: dict[str, list[int]] = {}
         singles: list[int] = []

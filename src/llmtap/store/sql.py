@@ -129,6 +129,9 @@ def _clean_map(m: dict[str, str]) -> dict[str, str]:
     return {clean(k): clean(v) for k, v in m.items()}
 
 
+_body_json = msgspec.json.Encoder()
+
+
 def _body(body: Body | None) -> str | None:
     """The body as a reference (inline data dropped when a body-store ref exists).
 
@@ -137,14 +140,16 @@ def _body(body: Body | None) -> str | None:
     """
     if body is None:
         return None
-    d = msgspec.to_builtins(body)
-    if body.ref is not None:
-        d.pop("data", None)
-    return orjson.dumps(d).decode()
+    if body.ref is not None and body.data is not None:
+        body = msgspec.structs.replace(body, data=None)
+    return _body_json.encode(body).decode()
 
 
 def _json(m: dict[str, str]) -> str:
-    return orjson.dumps(_clean_map(m)).decode()
+    out = orjson.dumps(m)
+    if b"\\u0000" in out:  # rare: NUL is not storable in PostgreSQL text/jsonb
+        out = orjson.dumps(_clean_map(m))
+    return out.decode()
 
 
 def cost_nanos(record: LogRecord) -> int | None:
