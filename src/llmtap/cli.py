@@ -113,43 +113,43 @@ def cli(ctx: click.Context, config: Path | None) -> None:
     ctx.obj["config"] = config
 
 
-@cli.command()
+@cli.command(short_help="Run everything in one process (embedded defaults).")
 @_listen_options
 @click.option("--gateway-port", type=int, help="Gateway port (LLMTAP_GATEWAY_PORT, default 8787).")
 @click.option("--server-port", type=int, help="API + dashboard port (LLMTAP_SERVER_PORT, default 8788).")
 @click.pass_context
-def up(ctx: click.Context, **overrides: Any) -> None:
+def up(ctx: click.Context, /, **overrides: Any) -> None:
     """Run gateway, log worker, API and dashboard in one process (embedded defaults)."""
     _serve(_settings(ctx, **overrides), "up", ["worker", "server", "gateway"])
 
 
-@cli.command()
+@cli.command(short_help="Run the proxy alone (stateless, scale out).")
 @_listen_options
 @click.option("--gateway-port", type=int, help="Port (LLMTAP_GATEWAY_PORT, default 8787).")
 @click.pass_context
-def gateway(ctx: click.Context, **overrides: Any) -> None:
+def gateway(ctx: click.Context, /, **overrides: Any) -> None:
     """Run the proxy alone (stateless: run many behind a load balancer)."""
     _serve(_settings(ctx, **overrides), "gateway", ["gateway"])
 
 
-@cli.command()
+@cli.command(short_help="Run a log worker (run many: one consumer group).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data (LLMTAP_DATA_DIR).")
 @click.pass_context
-def worker(ctx: click.Context, **overrides: Any) -> None:
+def worker(ctx: click.Context, /, **overrides: Any) -> None:
     """Run a log worker alone (run many: they share the queue's partitions)."""
     _serve(_settings(ctx, **overrides), "worker", ["worker"])
 
 
-@cli.command()
+@cli.command(short_help="Run the query API, dashboard and ingest endpoint.")
 @_listen_options
 @click.option("--server-port", type=int, help="Port (LLMTAP_SERVER_PORT, default 8788).")
 @click.pass_context
-def server(ctx: click.Context, **overrides: Any) -> None:
+def server(ctx: click.Context, /, **overrides: Any) -> None:
     """Run the query API, the dashboard and the fallback ingest endpoint."""
     _serve(_settings(ctx, **overrides), "server", ["server"])
 
 
-@cli.command()
+@cli.command(short_help="Show queue lag, dead letters and spool size.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
@@ -302,7 +302,7 @@ def dlq_replay(ctx: click.Context, ids: tuple[str, ...], replay_all: bool) -> No
     click.echo(f"replayed {n} record(s)")
 
 
-@cli.command("fake-upstream")
+@cli.command("fake-upstream", short_help="Run a local fake OpenAI/Anthropic API (demos).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=9999, show_default=True)
 def fake_upstream(host: str, port: int) -> None:
