@@ -362,7 +362,9 @@ start_redis() {
 		dbfilename dump.rdb
 		save 3600 1 300 100 60 10000
 		stop-writes-on-bgsave-error no
-		appendonly no
+		# As a durable queue should run: an append-only file, fsynced every second.
+		appendonly yes
+		appendfsync everysec
 		databases 16
 		maxmemory 512mb
 		maxmemory-policy noeviction
