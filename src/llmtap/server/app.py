@@ -21,6 +21,7 @@ from llmtap.bodies.base import BodyStore
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.handlers.base import Chain
+from llmtap.retention import RetentionTask
 from llmtap.server import api, openapi
 from llmtap.server.auth import Unauthorized, check_ingest, tenant_for
 from llmtap.store.base import Store
@@ -141,6 +142,7 @@ class ServerService:
     ) -> None:
         self.settings = settings
         self._own_store = store is None
+        self._retention: RetentionTask | None = None
         self._own_bodies = bodies is None
         self._own_chain = chain is None
         if store is None:
@@ -197,9 +199,19 @@ class ServerService:
         self._runner = runner
         self.port = runner.addresses[0][1]
         shown = host if ":" not in host else f"[{host}]"
-        return [f"server    http://{shown}:{self.port}  (API /api/v1, dashboard /)"]
+        lines = [f"server    http://{shown}:{self.port}  (API /api/v1, dashboard /)"]
+        if self.settings.retention_days:
+            self._retention = RetentionTask(self.store, self.bodies, self.settings.retention_days)
+            self._retention.start()
+            lines.append(
+                f"retention records and bodies older than {self.settings.retention_days} days are deleted"
+            )
+        return lines
 
     async def stop(self) -> None:
+        if self._retention is not None:
+            await self._retention.stop()
+            self._retention = None
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()  # stops accepting, lets in-flight calls (ingest) finish

@@ -1,0 +1,50 @@
+"""Retention deletes old records and their bodies, on both stores, and keeps the rest."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from llmtap.bodies.file import FileBodyStore
+from llmtap.handlers.base import Item
+from llmtap.handlers.bodies import BodyHandler
+from llmtap.record import Body, compress
+from llmtap.retention import cutoff_for, purge
+from llmtap.store import ListQuery
+from store_helpers import open_store, rec, store_params
+
+
+def test_cutoff_is_midnight_utc_days_back() -> None:
+    now = datetime(2026, 11, 26, 17, 30, tzinfo=UTC)
+    assert cutoff_for(30, now) == datetime(2026, 10, 27, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_purge_removes_old_rows_and_bodies_keeps_recent(kind: str, tmp_path: Path) -> None:
+    bodies = FileBodyStore(str(tmp_path / "bodies"))
+    await bodies.connect()
+    now = datetime.now(UTC)
+    old_at, new_at = now - timedelta(days=40), now - timedelta(hours=1)
+    records = [rec(i, at=old_at + timedelta(seconds=i)) for i in range(50)]
+    records += [rec(100 + i, at=new_at + timedelta(seconds=i)) for i in range(30)]
+    for r in records:  # real inline bodies, moved to packs by the real handler
+        r.request_body = Body(size=9, encoding="zstd", data=compress(b'{"i": %d}' % len(r.id)))
+        r.response_body = None
+    items = [Item(r) for r in records]
+    await BodyHandler(bodies).handle(items)
+    async with open_store(kind, tmp_path) as store:
+        await store.write_batch(records)
+        old_refs = [r.request_body.ref for r in records[:50] if r.request_body]
+        new_refs = [r.request_body.ref for r in records[50:] if r.request_body]
+        assert all([await bodies.get(ref) for ref in old_refs + new_refs])
+
+        removed = await purge(store, bodies, cutoff_for(30), batch=7)  # several rounds
+
+        assert removed >= 50
+        page = await store.list_requests("acme", ListQuery(limit=1000))
+        assert sorted(i["id"] for i in page.items) == sorted(r.id for r in records[50:])
+        assert [await bodies.get(ref) for ref in old_refs] == [None] * len(old_refs)
+        assert None not in [await bodies.get(ref) for ref in new_refs]
+        assert await purge(store, bodies, cutoff_for(30)) == 0  # idempotent
