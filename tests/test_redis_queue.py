@@ -229,3 +229,31 @@ async def test_redis_outage_fails_fast_and_resumes_without_loss(
             await consumer.ack(batch)
         except BackendUnavailable:
             await asyncio.sleep(0.2)
+
+
+async def test_consumer_recovers_when_redis_comes_back_without_its_streams(
+    spec: QueueSpec, queues: list[RedisQueue]
+) -> None:
+    """A Redis restarted without persistence (or flushed) has no consumer group any more: the
+    consumer must recreate it instead of failing with NOGROUP forever."""
+    producer = await open_(spec, queues, "producer")
+    consumer = await open_(spec, queues, "consumer")
+    await producer.publish(keyed_records(keys=3, per_key=5))
+    got = await consumer.consume(100, 2.0)
+    await consumer.ack(got)
+    for p in range(consumer.partitions):  # what a restart without an AOF/RDB leaves behind
+        await consumer.r.delete(consumer.stream(p))
+    fresh = [m for m in keyed_records(keys=3, per_key=10) if parse(m.value)[1] >= 5]
+    await producer.publish(fresh)
+    wanted = {parse(m.value) for m in fresh}
+    seen: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + 20
+    while not wanted <= seen:
+        assert time.monotonic() < deadline, f"missing {len(wanted - seen)}"
+        try:
+            batch = await consumer.consume(100, 0.5)
+        except BackendUnavailable:
+            await asyncio.sleep(0.1)
+            continue
+        seen |= {parse(d.value) for d in batch}
+        await consumer.ack(batch)

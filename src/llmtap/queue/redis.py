@@ -442,6 +442,12 @@ class RedisQueue(Queue):
                     # A read may have reached Redis with its reply lost: those entries are
                     # pending to us unseen, so re-read our pending entries once Redis is back.
                     self._reread_pending()
+                    if isinstance(e, ResponseError) and "NOGROUP" in str(e):
+                        # Redis came back without our streams (restarted without persistence,
+                        # or flushed): recreate the group, or we would never read again.
+                        log.warning("redis queue %s lost its consumer group; recreating it", self.prefix)
+                        with contextlib.suppress(RedisError, OSError):
+                            await self._init_layout()
                     raise self._unavailable(e) from None
                 out = self._take(max_messages)
                 if out:
