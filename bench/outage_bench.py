@@ -466,6 +466,24 @@ class Services:
 # -- measuring the processes -----------------------------------------------------------------------
 
 
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ (WARNING|ERROR|CRITICAL)\s+([\w.]+): (.{0,90})")
+
+
+def log_summary(text: str) -> dict[str, Any]:
+    """Warnings and errors of a process log, by level and logger, with the commonest message."""
+    by: dict[str, dict[str, int]] = {}
+    for line in text.splitlines():
+        m = _LOG_LINE.match(line)
+        if m:
+            msgs = by.setdefault(f"{m.group(1)} {m.group(2)}", {})
+            msgs[m.group(3)] = msgs.get(m.group(3), 0) + 1
+    return {
+        "tracebacks": text.count("Traceback"),
+        "lines": {k: sum(v.values()) for k, v in sorted(by.items(), key=lambda kv: -sum(kv[1].values()))},
+        "top": {k: max(v.items(), key=lambda kv: kv[1])[0] for k, v in by.items()},
+    }
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -970,11 +988,7 @@ class Run:
                 "by_route": routes,
             },
             "client_errors": res.errors,
-            "gateway_log": {
-                "tracebacks": gw_log.count("Traceback"),
-                "warnings": sum(1 for ln in gw_log.splitlines() if " WARNING " in ln),
-                "errors": sum(1 for ln in gw_log.splitlines() if " ERROR " in ln),
-            },
+            "gateway_log": log_summary(gw_log),
             "notes": self.notes,
             "timeline": {
                 "rss": [[round(s.t - self.t_ref, 2), s.rss] for s in self.samples],
@@ -1202,10 +1216,10 @@ def report(results: dict[str, Any]) -> str:
         out.append("  VERDICT every answered request stored: " + ("met" if v["stored_met"] else "MISSED"))
         gl = r["gateway_log"]
         out.append(
-            f"  gateway log: {gl['warnings']} warnings, {gl['errors']} errors, "
-            f"{gl['tracebacks']} tracebacks; "
-            f"client errors: {r['client_errors'] or 'none'}"
+            f"  gateway log: {gl['tracebacks']} tracebacks; client errors: {r['client_errors'] or 'none'}"
         )
+        for k, n in gl["lines"].items():
+            out.append(f"    {n:7d} {k}: e.g. {gl['top'][k]!r}")
         for n in r["notes"]:
             out.append(f"  note: {n}")
     m = results["machine"]
