@@ -965,7 +965,7 @@ class Run:
         phases = []
         for a, b in zip(self.marks, self.marks[1:], strict=False):
             phases.append(self.phase(a, b, res))
-        gw_log = self.procs["gateway"].tail(100000)
+        gw_log = self.procs["gateway"].tail(10**7)
         out = {
             "queue": self.kind,
             "queue_url": self.queue_url(),
@@ -989,6 +989,7 @@ class Run:
             },
             "client_errors": res.errors,
             "gateway_log": log_summary(gw_log),
+            "worker_log": log_summary(self.procs["worker"].tail(10**7)),
             "notes": self.notes,
             "timeline": {
                 "rss": [[round(s.t - self.t_ref, 2), s.rss] for s in self.samples],
@@ -1214,12 +1215,12 @@ def report(results: dict[str, Any]) -> str:
             + f"; worst {worst[0]}: {worst[1]['delta_bytes'] / 1e6:+.1f} MB"
         )
         out.append("  VERDICT every answered request stored: " + ("met" if v["stored_met"] else "MISSED"))
-        gl = r["gateway_log"]
-        out.append(
-            f"  gateway log: {gl['tracebacks']} tracebacks; client errors: {r['client_errors'] or 'none'}"
-        )
-        for k, n in gl["lines"].items():
-            out.append(f"    {n:7d} {k}: e.g. {gl['top'][k]!r}")
+        out.append(f"  client errors: {r['client_errors'] or 'none'}")
+        for who in ("gateway", "worker"):
+            lg = r[f"{who}_log"]
+            out.append(f"  {who} log: {lg['tracebacks']} tracebacks; warnings and errors by logger:")
+            for k, n in lg["lines"].items():
+                out.append(f"    {n:7d} {k}: e.g. {lg['top'][k]!r}")
         for n in r["notes"]:
             out.append(f"  note: {n}")
     m = results["machine"]
