@@ -157,29 +157,39 @@ def status(ctx: click.Context, as_json: bool) -> None:
     settings = _settings(ctx)
 
     async def main() -> dict[str, Any]:
+        from llmtap.errors import BackendUnavailable
+        from llmtap.gateway.spool import spool_size
         from llmtap.queue import open_queue
 
+        info: dict[str, Any] = {"queue": settings.queue, "reachable": True, "error": None}
+        info["spool_bytes"] = spool_size(settings)  # the spool matters most when the queue is down
         q = open_queue(settings)
-        await q.connect("producer")
+        info["queue"] = q.description or settings.queue
         try:
-            st = await q.status()
-        finally:
-            await q.close()
-        from llmtap.gateway.spool import spool_size
-
-        return {
-            "queue": q.description or settings.queue,
-            "lag": st.lag,
-            "partitions": [{"partition": p.partition, "lag": p.lag, "owner": p.owner} for p in st.partitions],
-            "dead_letters": st.dead_letters,
-            "spool_bytes": spool_size(settings),
-        }
+            await q.connect("producer")
+            try:
+                st = await q.status()
+            finally:
+                await q.close()
+        except BackendUnavailable as e:
+            info.update(reachable=False, error=str(e), lag=None, partitions=[], dead_letters=None)
+            return info
+        info.update(
+            lag=st.lag,
+            partitions=[{"partition": p.partition, "lag": p.lag, "owner": p.owner} for p in st.partitions],
+            dead_letters=st.dead_letters,
+        )
+        return info
 
     info = _run(main)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"queue         {info['queue']}")
+    if not info["reachable"]:
+        click.echo(f"              UNREACHABLE: {info['error']}")
+        click.echo(f"spool         {info['spool_bytes']} bytes waiting on local disk")
+        sys.exit(1)
     click.echo(f"lag           {info['lag']} record(s) not yet stored")
     for p in info["partitions"]:
         click.echo(f"  partition {p['partition']:>3}  lag {p['lag']:>8}  owner {p['owner'] or '-'}")

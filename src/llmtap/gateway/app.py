@@ -13,7 +13,9 @@ the body store. A request that was answered is therefore logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import logging
 from collections.abc import Awaitable
 from typing import Any
 
@@ -26,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from llmtap.bodies.base import BodyStore, open_body_store
 from llmtap.config import Settings
-from llmtap.errors import ConfigError
+from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.gateway.proxy import Proxy
 from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.gateway.sinks import IngestSink, SpoolReplayer, SpoolSink
@@ -46,6 +48,9 @@ _HANDLER_KWARGS: dict[str, Any] = {
     "max_line_size": 65536,
     "max_field_size": 65536,
 }
+
+
+log = logging.getLogger("llmtap.gateway")
 
 
 def make_server(proxy: Proxy) -> web.Server:
@@ -102,13 +107,16 @@ class GatewayService:
         self.queue = queue if queue is not None else open_queue(settings)
         self.bodies = bodies if bodies is not None else open_body_store(settings)
         self.replayer: SpoolReplayer | None = None
+        self._queue_sink: QueueSink | None = None
+        self._reconnect: asyncio.Task[None] | None = None
         overflow: Sink | None = None
         if sinks is None:
             by = settings.partition_key
             spool = DiskSpool(spool_dir(settings), settings.spool_max_bytes)
             overflow = SpoolSink(spool, by)
+            self._queue_sink = QueueSink(self.queue, by)
             sinks = [
-                QueueSink(self.queue, by),
+                self._queue_sink,
                 IngestSink(settings.effective_ingest_url, settings.ingest_token),
                 overflow,
             ]
@@ -146,10 +154,22 @@ class GatewayService:
     async def start(self) -> list[str]:
         s = self.settings
         opened: list[Any] = []
+        fallback_note: list[str] = []
         try:
             if self._own_queue:
-                await self.queue.connect("producer")
-                opened.append(self.queue)
+                try:
+                    await self.queue.connect("producer")
+                    opened.append(self.queue)
+                except BackendUnavailable as e:
+                    if self._queue_sink is None or self.replayer is None:
+                        raise  # a custom sink chain has no fallback to start on
+                    # Start in fallback mode: serve now, log through ingest/spool, and connect
+                    # the queue in the background (then the spool is replayed into it).
+                    self._queue_sink.down = str(e)
+                    fallback_note.append(
+                        f"FALLBACK  queue unreachable at start ({e}); records go to the ingest "
+                        "endpoint or the disk spool until it is back"
+                    )
             if self._own_bodies:
                 await self.bodies.connect()
                 opened.append(self.bodies)
@@ -157,7 +177,11 @@ class GatewayService:
                 await self._keys_store.connect()
                 opened.append(self._keys_store)
             await self.publisher.start()
-            if self.replayer is not None:
+            if self._queue_sink is not None and self._queue_sink.down is not None:
+                self._reconnect = asyncio.get_running_loop().create_task(
+                    self._connect_queue_later(), name="llmtap-queue-reconnect"
+                )
+            elif self.replayer is not None:
                 self.replayer.start()  # also brings back what was spooled before a restart
             await self.proxy.start()
             runner = web.ServerRunner(make_server(self.proxy), shutdown_timeout=s.shutdown_timeout)
@@ -186,8 +210,32 @@ class GatewayService:
         url = f"http://{_host(s.host)}:{self.port}"
         return [
             f"gateway   {url}  (OpenAI: {url}/openai/v1 → {s.openai_base_url}/v1, "
-            f"Anthropic: {url}/anthropic → {s.anthropic_base_url})"
+            f"Anthropic: {url}/anthropic → {s.anthropic_base_url})",
+            *fallback_note,
         ]
+
+    async def _connect_queue_later(self) -> None:
+        """Fallback mode: keep trying the queue; once it answers, publish to it again and
+        replay the spool into it."""
+        assert self._queue_sink is not None
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.queue.connect("producer")
+            except BackendUnavailable as e:
+                self._queue_sink.down = str(e)
+                delay = min(delay * 2, 30.0)
+                continue
+            except Exception as e:  # keep trying whatever goes wrong; say what it was
+                log.warning("connecting the queue failed (%s: %s); retrying", type(e).__name__, e)
+                delay = min(delay * 2, 30.0)
+                continue
+            self._queue_sink.down = None
+            log.warning("queue %s reachable again: leaving fallback mode", self.queue.description)
+            if self.replayer is not None:
+                self.replayer.start()
+            return
 
     async def stop(self) -> None:
         """Stop within about `shutdown_timeout` (+ a few seconds for the last publish).
@@ -204,10 +252,14 @@ class GatewayService:
             await self._runner.cleanup()
             self._runner = None
         await self.publisher.stop(timeout=max(deadline - loop.time(), 4.0))
+        if self._reconnect is not None:
+            self._reconnect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnect
         if self.replayer is not None:
             await self.replayer.stop()
         await self.proxy.close()
-        if self._own_queue:
+        if self._own_queue and (self._queue_sink is None or self._queue_sink.down is None):
             await self.queue.close()
         if self._own_bodies:
             await self.bodies.close()

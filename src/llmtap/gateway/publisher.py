@@ -79,8 +79,12 @@ class QueueSink(Sink):
     def __init__(self, queue: Queue, partition_by: str = "tenant") -> None:
         self.queue = queue
         self.partition_by = partition_by
+        #: Why the queue is not connected (the gateway started during an outage), else None.
+        self.down: str | None = None
 
     async def send(self, records: Sequence[LogRecord]) -> None:
+        if self.down is not None:
+            raise BackendUnavailable(self.down)
         by = self.partition_by
         messages = []
         for r in records:

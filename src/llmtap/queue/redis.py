@@ -693,9 +693,15 @@ class RedisQueue(Queue):
         replayed = 0
         try:
             if ids is None:
+                # Replay what is dead-lettered *now*: letters a running worker dead-letters again
+                # during this call (a still-poisonous record) wait for the next replay.
+                last: Any = await self.r.xrevrange(self.dlq_key, "+", "-", count=1)
+                if not last:
+                    return 0
+                end = _s(last[0][0])
                 start = "-"
                 while True:
-                    chunk: Any = await self.r.xrange(self.dlq_key, start, "+", count=500)
+                    chunk: Any = await self.r.xrange(self.dlq_key, start, end, count=500)
                     if not chunk:
                         break
                     replayed += await self._replay(chunk)
