@@ -789,17 +789,33 @@ class Run:
             await conn.execute(f'CREATE DATABASE "{self.name}"')
         finally:
             await conn.close()
+        ok = False
         try:
-            return await self._run()
+            out = await self._run()
+            ok = True
+            return out
         finally:
             self._stop_bg = True
             for p in reversed(list(self.procs.values())):
-                p.stop(40.0, signal.SIGTERM)
-            conn = await asyncpg.connect(self.pg_admin_url, timeout=10)
+                await asyncio.to_thread(p.stop, 40.0, signal.SIGTERM)
+            if not ok:
+                # No report for an aborted run: at least what the processes said, stop included
+                # (e.g. a gateway that could not publish what it held before its deadline).
+                for part, p in self.procs.items():
+                    lg = log_summary(p.tail(10**7))
+                    progress(f"{self.kind}: {part} log at the abort: {lg['tracebacks']} tracebacks")
+                    for k, n in lg["lines"].items():
+                        progress(f"    {n:7d} {k}: e.g. {lg['top'][k]!r}")
             try:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-            finally:
-                await conn.close()
+                conn = await asyncpg.connect(self.pg_admin_url, timeout=10)
+                try:
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+                finally:
+                    await conn.close()
+            except Exception as e:
+                if ok:
+                    raise
+                progress(f"{self.kind}: could not drop database {self.name}: {e}")
 
     async def _run(self) -> dict[str, Any]:
         P = self.phase_s
