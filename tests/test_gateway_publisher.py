@@ -110,6 +110,7 @@ async def test_chain_falls_through_and_back(tmp_path: Path) -> None:
         pub.submit(capture(i))
     await wait_for(lambda: len(ingest.records) == 10)
     q.down = False
+    await asyncio.sleep(1.1)  # the queue's circuit breaker stays open a moment after a failure
     for i in range(10, 15):
         pub.submit(capture(i))
     await wait_for(lambda: len(q.messages) == 5)
@@ -323,3 +324,39 @@ async def test_overflow_path_full_or_failing_counts_drops(tmp_path: Path) -> Non
     q.release.set()
     await pub.stop(timeout=2)
     assert len(q.messages) == 3 and pub.published + pub.dropped == 10
+
+
+async def test_breaker_sends_batches_straight_on_during_an_outage(tmp_path: Path) -> None:
+    """While the queue is down, later batches skip it instead of each waiting for it to fail."""
+    q = MemoryQueue()
+    ingest = ListSink("ingest")
+    pub = Publisher(settings(tmp_path, publish_batch_size=2), [QueueSink(q), ingest])
+    await pub.start()
+    q.down = True
+    for i in range(20):
+        pub.submit(capture(i))
+    await wait_for(lambda: len(ingest.records) == 20)
+    assert q.refused < 5  # 10 batches, but the breaker let only the first attempts through
+    await pub.stop(timeout=1)
+
+
+async def test_shutdown_deadline_spools_what_is_left_instead_of_dropping(tmp_path: Path) -> None:
+    from llmtap.gateway.sinks import SpoolSink
+    from llmtap.gateway.spool import DiskSpool
+
+    q = MemoryQueue()
+    q.down = True
+    spool = DiskSpool(tmp_path / "spool", 1 << 30)
+    stuck = ListSink("ingest")
+    stuck.down = True
+    pub = Publisher(
+        settings(tmp_path, publish_batch_size=5), [QueueSink(q), stuck], overflow=SpoolSink(spool)
+    )
+    await pub.start()
+    for i in range(40):
+        pub.submit(capture(i))
+    await asyncio.sleep(0.2)
+    await pub.stop(timeout=0.3)  # every sink of the chain refuses: the deadline passes
+    assert pub.dropped == 0
+    got = [v for seg in spool.segments_for_replay() for batch in spool.replay(seg) for v in batch]
+    assert len(got) == 40

@@ -44,7 +44,9 @@ def setup_logging(level: str) -> None:
     )
     # aiohttp's per-request access log would cost the hot path; we log records, not lines.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # aiokafka logs an ERROR per retry while a broker is away (tens of thousands a minute);
+    # the queue backend reports outages itself, rate-limited, in one line.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 def install_uvloop() -> None:

@@ -52,6 +52,9 @@ _BACKOFF_MAX = 2.0
 #: record the backend refuses, not an outage) is given up after this many rounds.
 _POISON_ROUNDS = 5
 _WARN_EVERY = 10.0
+#: A sink that raised BackendUnavailable is skipped for this long (doubling up to the max).
+_BREAKER_MIN = 0.25
+_BREAKER_MAX = 10.0
 
 
 class Sink(ABC):
@@ -154,6 +157,8 @@ class Publisher:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_warn: dict[str, float] = {}
+        self._open_until: dict[int, float] = {}  # id(sink) -> monotonic time it is tried again
+        self._cooldown: dict[int, float] = {}
 
     # -- the hot path ---------------------------------------------------------------------------
     def submit(self, capture: Capture) -> None:
@@ -216,14 +221,47 @@ class Publisher:
                 for task in late:
                     task.cancel()
                 await asyncio.wait(late)
-                lost = self.pending
-                self.dropped += lost
-                log.error("shutdown deadline reached: %d records could not be published", lost)
+                lost = self.pending - await self._rescue()
+                if lost:
+                    self.dropped += lost
+                    log.error("shutdown deadline reached: %d records could not be published", lost)
         for sink in self._all_sinks():
             try:
                 await sink.close()
             except Exception as e:
                 log.warning("closing %s sink failed: %s", sink.route, e)
+
+    async def _rescue(self) -> int:
+        """At the shutdown deadline, write what is still in memory to the overflow sink (the
+        disk spool) in one go, skipping the slow ways that made us late. Returns how many."""
+        if self.overflow is None:
+            return 0
+        records: list[LogRecord] = list(self._held.records) if self._held is not None else []
+        if self._held is not None:
+            for _, data, body in self._held.uploads:  # not uploaded yet: keep them inline
+                body.data, body.ref = data, None
+        for cap in [*self._dq, *self._spill]:
+            try:
+                record, uploads = self.builder.build(cap)
+                for _, data, body in uploads:
+                    body.data, body.ref = data, None
+                records.append(record)
+            except Exception as e:
+                records.append(self.builder.fallback(cap, e))
+        if not records:
+            return 0
+        try:
+            await self.overflow.send(records)
+        except Exception as e:
+            log.error("shutdown: could not spool %d records either: %s", len(records), e)
+            return 0
+        self._dq.clear()
+        self._spill.clear()
+        self._held = None
+        self.published += len(records)
+        self.routes[self.overflow.route] += len(records)
+        log.warning("shutdown deadline reached: spooled %d records to disk for the next start", len(records))
+        return len(records)
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is published (tests, benchmarks)."""
@@ -328,12 +366,23 @@ class Publisher:
         if batch.uploads:
             await self._upload(batch)
         outage = False
+        now = time.monotonic()
+        last = self.sinks[-1]
         for sink in self.sinks:
+            # Circuit breaker: a sink that just failed is skipped for a while (the last one never
+            # is), so during an outage batches do not each wait out a timeout before reaching the
+            # spool — that wait filled the buffer and, at shutdown, left records unwritten.
+            if sink is not last and self._open_until.get(id(sink), 0.0) > now:
+                outage = True
+                continue
             try:
                 await sink.send(batch.records)
             except BackendUnavailable as e:
                 outage = True
                 self.failed += 1
+                wait = min(self._cooldown.get(id(sink), _BREAKER_MIN) * 2, _BREAKER_MAX)
+                self._cooldown[id(sink)] = wait
+                self._open_until[id(sink)] = time.monotonic() + wait
                 self._warn(f"sink-{sink.route}", "%s unavailable, trying the next way: %s", sink.route, e)
                 continue
             except Exception as e:
@@ -343,6 +392,8 @@ class Publisher:
             self.published += len(batch.records)
             self.batches += 1
             self.routes[sink.route] += len(batch.records)
+            self._cooldown.pop(id(sink), None)
+            self._open_until.pop(id(sink), None)
             return True
         if not outage:
             batch.poison_rounds += 1

@@ -58,7 +58,7 @@ BATCH_SECONDS = Histogram(
 )
 
 BACKOFF_START = 0.1
-BACKOFF_CAP = 30.0
+BACKOFF_CAP = 5.0  # an outage ends when the backend is back; do not sleep far past it
 PROGRESS_EVERY = 10.0  # seconds between progress lines at info level
 
 
