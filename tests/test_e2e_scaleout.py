@@ -554,14 +554,18 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
-def timeline(calls: Sequence[Call]) -> str:
-    """Requests, p50, p99 and max latency per second of a load."""
+def timeline(calls: Sequence[Call], control: Sequence[Call]) -> str:
+    """Per second of a load: requests, p50, p99 and max latency (ms), and the control's p99/max."""
     rows = []
     for sec in range(int(max(c.sent for c in calls)) + 1):
         lat = [c.latency * 1000 for c in calls if sec <= c.sent < sec + 1]
+        ctl = [c.latency * 1000 for c in control if sec <= c.sent < sec + 1] or [0.0]
         if lat:
             p50, p99, top = percentile(lat, 50), percentile(lat, 99), max(lat)
-            rows.append(f"  {sec:>3}s  n={len(lat):>4}  p50 {p50:6.1f}  p99 {p99:6.1f}  max {top:6.1f}")
+            rows.append(
+                f"  {sec:>3}s  n={len(lat):>4}  p50 {p50:6.1f}  p99 {p99:6.1f}  max {top:6.1f}"
+                f"   | control p99 {percentile(ctl, 99):6.1f}  max {max(ctl):6.1f}"
+            )
     return "\n".join(rows)
 
 
@@ -752,7 +756,7 @@ async def test_broker_outage_mid_load_stores_everything_without_slowing_clients(
         f"p99 {c99b * 1000:.1f} ms; during p50 {c50d * 1000:.1f} ms p99 {c99d * 1000:.1f} ms "
         f"max {max(c_during) * 1000:.1f} ms"
     )
-    print(f"[{stack.kind}] client latency per second of the load (ms):\n{timeline(calls)}")
+    print(f"[{stack.kind}] client latency per second of the load (ms):\n{timeline(calls, ctl)}")
     # 50 ms of slack, plus whatever the machine itself got slower by (the control sees that too)
     assert d99 < b99 + 0.050 + max(0.0, c99d - c99b), "client latency rose during the broker outage"
     assert d50 < b50 + 0.010 + max(0.0, c50d - c50b)
