@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from llmtap.providers.common import error_message
 from llmtap.providers.sse import StreamResult, iter_events
 from llmtap.record import Usage
 
@@ -62,16 +63,6 @@ def usage_from_body(body: Any) -> Usage:
     if isinstance(body, dict):
         return parse_usage(body.get("usage"))
     return Usage()
-
-
-def error_message(body: Any) -> str | None:
-    """`error.message` of an Anthropic error body or `error` stream event."""
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict):
-            msg = err.get("message")
-            return str(msg) if msg is not None else str(err.get("type") or "error")
-    return None
 
 
 def reassemble_stream(raw: bytes) -> StreamResult | None:

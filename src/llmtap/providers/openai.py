@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import orjson
 
+from llmtap.providers.common import error_message
 from llmtap.providers.sse import StreamResult, data_payloads, event_bounds, last_boundary
 from llmtap.record import Usage
 
@@ -75,18 +76,6 @@ def usage_from_body(body: Any) -> Usage:
     if isinstance(body, dict):
         return parse_usage(body.get("usage"))
     return Usage()
-
-
-def error_message(body: Any) -> str | None:
-    """`error.message` of an OpenAI error body."""
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict):
-            msg = err.get("message")
-            return str(msg) if msg is not None else str(err.get("type") or err.get("code") or "error")
-        if isinstance(err, str):
-            return err
-    return None
 
 
 # -- stream reassembly ---------------------------------------------------------------------------
