@@ -153,8 +153,10 @@ fail_not_ready() { # SVC LOGFILE WHY
 # Some socket (other than a TIME-WAIT leftover) has PORT as its local port:
 # e.g. a client connection that got it as its ephemeral port. That blocks our
 # bind() just like a listener does.
+# Closing states are left out: they are what a stopped server's own connections leave behind,
+# and they inherited SO_REUSEADDR from its listener, so they do not block the new bind().
 port_taken_by_client() {
-	ss -Htan "( sport = :$1 )" 2>/dev/null | grep -qv '^TIME-WAIT'
+	ss -Htan "( sport = :$1 )" 2>/dev/null | grep -qvE '^(TIME-WAIT|FIN-WAIT-1|FIN-WAIT-2|CLOSING|LAST-ACK|CLOSE-WAIT)'
 }
 
 ensure_port_free() { # SVC PORT...
@@ -170,8 +172,9 @@ ensure_port_free() { # SVC PORT...
 				port_taken_by_client "$p" || break
 				sleep 0.1
 			done
-			port_taken_by_client "$p" &&
+			if port_taken_by_client "$p"; then
 				die "$svc: port $p is still used by: $(ss -Htanp "( sport = :$p )" 2>/dev/null | head -n1)"
+			fi
 		fi
 	done
 }

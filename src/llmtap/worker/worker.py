@@ -249,7 +249,10 @@ class WorkerService:
                 if self._stopping.is_set():
                     log.warning("worker: stopping; batch left for redelivery after: %s", e)
                     return
-                log.exception("worker: batch failed, retrying in %.1fs", delay)
+                if isinstance(e, BackendUnavailable):  # an outage (ack during a broker restart)
+                    log.warning("worker: queue unavailable, retrying the batch in %.1fs: %s", delay, e)
+                else:
+                    log.exception("worker: batch failed, retrying in %.1fs", delay)
                 await self._pause(_jitter(delay))
                 delay = min(delay * 2, BACKOFF_CAP)
         self.stats.batches += 1
