@@ -7,6 +7,7 @@ query API and compared with a Python reference.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sqlite3
 import uuid
@@ -70,15 +71,23 @@ class Server:
         self.svc = svc
         self.http = http
         self.base = f"http://127.0.0.1:{svc.port}"
+        self.ingest_headers: dict[str, str] = {}  # e.g. the ingest token (multi-tenant mode)
 
     async def get(self, path: str, **kw: Any) -> tuple[int, Any]:
         async with self.http.get(self.base + path, **kw) as r:
             body = await r.read()
             return r.status, (orjson.loads(body) if r.content_type == "application/json" else body.decode())
 
-    async def ingest(self, payload: bytes, **kw: Any) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
-        async with self.http.post(self.base + "/api/v1/ingest", data=payload, **kw) as r:
-            return r.status, orjson.loads(await r.read()), r.headers
+    async def ingest(
+        self, payload: bytes, *, wait: bool = True, **kw: Any
+    ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+        """POST to ingest; with `wait`, return once the server's ingest drain stored what it took."""
+        headers = {"Content-Type": "application/json", **self.ingest_headers, **kw.pop("headers", {})}
+        async with self.http.post(self.base + "/api/v1/ingest", data=payload, headers=headers, **kw) as r:
+            result = r.status, orjson.loads(await r.read()), r.headers
+        if wait:
+            await self.svc.ingest.drained()
+        return result
 
 
 def settings_for(kind: str, tmp_path: Path, url: str | None, **kw: Any) -> Settings:
@@ -354,7 +363,13 @@ async def test_ingest_record_the_chain_rejects_is_named_and_others_stored(server
     assert (await server.get(f"/api/v1/requests/{good.id}"))[0] == 200
 
 
-async def test_ingest_answers_503_while_the_store_is_locked(tmp_path: Path) -> None:
+async def test_ingest_answers_fast_while_the_store_is_locked_and_stores_after(tmp_path: Path) -> None:
+    """Issue 7 item 8: ingest answers once the batch is durable, not once it is stored.
+
+    The store is held locked by another connection (a store that does not take writes), and
+    the batch is a full gateway batch with bodies: the answer still comes in a few seconds
+    (the gateway's timeout is 10 s), and the records are stored once the lock goes.
+    """
     from llmtap.store.sqlite import SQLiteStore
 
     settings = settings_for("sqlite", tmp_path, None)
@@ -365,17 +380,43 @@ async def test_ingest_answers_503_while_the_store_is_locked(tmp_path: Path) -> N
     try:
         async with aiohttp.ClientSession() as http:
             srv = Server(svc, http)
+            batch = [with_bodies(rec(i, id=str(uuid.uuid4())), i) for i in range(500)]
             blocker = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
             blocker.execute("BEGIN IMMEDIATE")
-            status, body, headers = await srv.ingest(encode(rec(1)))
-            assert status == 503 and headers["Retry-After"] == "5", body
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            status, body, _ = await srv.ingest(encode_many(batch), wait=False)
+            took = loop.time() - t0
+            assert (status, body) == (200, {"accepted": 500})
+            assert took < 5.0, f"ingest answered after {took:.1f}s with the store locked"
+            assert (await srv.get(f"/api/v1/requests/{batch[0].id}"))[0] in (404, 503)  # not stored yet
             blocker.execute("ROLLBACK")
             blocker.close()
-            assert (await srv.ingest(encode(rec(1))))[0] == 200
-            assert (await srv.get(f"/api/v1/requests/{rec(1).id}"))[0] == 200
+            await svc.ingest.drained(timeout=90)
+            for r in batch[::50]:
+                status, got = await srv.get(f"/api/v1/requests/{r.id}")
+                assert status == 200 and got["route"] == "ingest", got
+            assert (await srv.get("/api/v1/stats"))[1]["overall"]["count"] == 500
     finally:
         await svc.stop()
         await store.close()
+
+
+async def test_ingest_answers_503_when_its_queue_cannot_be_written(tmp_path: Path) -> None:
+    """Durable or refused: a batch the server cannot write down is a 503 (the gateway spools)."""
+    async for srv in start_server("sqlite", tmp_path):
+        blocker = sqlite3.connect(tmp_path / "ingest.db", isolation_level=None, timeout=30)
+        blocker.execute("BEGIN IMMEDIATE")
+        queue = srv.svc.ingest.queue
+        await queue._call(queue._db().execute, "PRAGMA busy_timeout=200")
+        try:
+            status, body, headers = await srv.ingest(encode(rec(1)), wait=False)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert status == 503 and headers["Retry-After"] == "5", body
+        assert (await srv.ingest(encode(rec(1))))[0] == 200
+        assert (await srv.get(f"/api/v1/requests/{rec(1).id}"))[0] == 200
 
 
 @pytest.mark.parametrize("kind", store_params())
@@ -415,7 +456,9 @@ async def test_healthz_metrics_dashboard_openapi(server: Server) -> None:
         and "llmtap_api_requests_total" in text
     )
     status, html = await server.get("/")
-    assert status == 200 and "/api/v1/requests" in html and "<table" in html
+    assert status == 200 and '<script src="/static/index.js">' in html and "<table" in html
+    status, js = await server.get("/static/index.js")
+    assert status == 200 and "/api/v1/requests" in js
     status, doc = await server.get("/api/v1/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.1")
     # every route the app serves is documented, with the methods it answers
@@ -425,7 +468,7 @@ async def test_healthz_metrics_dashboard_openapi(server: Server) -> None:
         if r.method != "HEAD"
     }
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
-    assert served - {("/", "get")} == documented
+    assert served - {("/", "get"), ("/static", "get")} == documented
     # and exactly the query parameters the handlers accept
     for path, allowed in (
         ("/api/v1/requests", api.LIST_PARAMS),

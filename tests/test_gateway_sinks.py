@@ -56,6 +56,7 @@ async def test_ingest_sink_stores_through_the_server_with_route_ingest(server: S
     records = [_record(i) for i in range(25)]
     await sink.send(records)
     await sink.close()
+    await server.ingest.drained()  # the answer means durable on the server; stored right after
     for r in records:
         row = await server.store.get_request("default", r.id)
         assert row is not None and row["route"] == "ingest"

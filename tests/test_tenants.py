@@ -30,7 +30,9 @@ ENDPOINTS = (
 
 @pytest.fixture(params=store_params())
 async def mt(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Server]:
-    async for s in start_server(request.param, tmp_path, multi_tenant=True):
+    # Multi-tenant ingest is always authenticated (issue 7 item 11): the gateways' token.
+    async for s in start_server(request.param, tmp_path, multi_tenant=True, ingest_token="gw-token"):
+        s.ingest_headers = {"Authorization": "Bearer gw-token"}
         yield s
 
 
@@ -153,4 +155,6 @@ async def test_single_tenant_mode_needs_no_key_and_sees_the_default_tenant(kind:
 
 async def test_dashboard_page_is_served_without_a_key(mt: Server) -> None:
     async with aiohttp.ClientSession() as http, http.get(mt.base + "/") as r:
+        assert r.status == 200 and "/static/index.js" in await r.text()
+    async with aiohttp.ClientSession() as http, http.get(mt.base + "/static/index.js") as r:
         assert r.status == 200 and "Authorization" in await r.text()

@@ -6,6 +6,7 @@ defaults. A wrong value stops start-up with one sentence naming the setting (`lo
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,11 @@ class Settings(BaseSettings):
     gateway_port: int = Field(8787, ge=0, le=65535)
     server_port: int = Field(8788, ge=0, le=65535)
     data_dir: Path = Path("./.llmtap")
+    allowed_hosts: str | None = Field(
+        None,
+        description="Host header values the server answers (DNS-rebinding guard), comma-separated; "
+        "default localhost, 127.0.0.1, ::1 and the bind host; '*' answers any; '.example.com' a domain",
+    )
 
     # -- upstreams ---------------------------------------------------------------------------
     openai_base_url: str = "https://api.openai.com"
@@ -122,7 +128,28 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
         return v.rstrip("/")
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        names = [n.strip() for n in v.split(",")]
+        for n in names:
+            if not n or not (n == "*" or _HOST_RE.match(n)):
+                raise ValueError(
+                    "must be a comma-separated list of host names or IP addresses without port"
+                    " ('*' for any, '.example.com' for a domain and its subdomains)"
+                )
+        return ",".join(names)
+
     # -- derived -----------------------------------------------------------------------------
+    @property
+    def allowed_host_names(self) -> frozenset[str]:
+        """Lowercase `Host` names the server answers; `*` in it means any."""
+        if self.allowed_hosts is not None:
+            return frozenset(normalize_host(n) for n in self.allowed_hosts.split(","))
+        return frozenset({"localhost", "127.0.0.1", "::1", normalize_host(self.host)})
+
     @property
     def effective_ingest_url(self) -> str:
         return self.ingest_url or f"http://{self.host}:{self.server_port}"
@@ -147,6 +174,20 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # init kwargs carry the TOML file's values; environment wins over them.
         return (env_settings, init_settings)
+
+
+#: A host name (letters, digits, '-', '.', '_'), an IPv4 or a bare or bracketed IPv6 address.
+_HOST_RE = re.compile(
+    r"^(\.?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?|\[?[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]?)$"
+)
+
+
+def normalize_host(name: str) -> str:
+    """`Example.COM.` → `example.com`, `[::1]` → `::1`: the form `Host` names are compared in."""
+    name = name.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    return name.rstrip(".") if name not in (".", "") else name
 
 
 def redact_url(url: str) -> str:

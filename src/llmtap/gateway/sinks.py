@@ -2,8 +2,8 @@
 
 The publisher's chain in a scaled-out gateway is `QueueSink → IngestSink → SpoolSink`:
 
-- `IngestSink` POSTs the batch to the llmtap server's `POST /api/v1/ingest`, which runs the
-  worker's handler chain and answers 2xx only once the records are stored.
+- `IngestSink` POSTs the batch to the llmtap server's `POST /api/v1/ingest`, which answers 2xx
+  once the records are durable on the server (its ingest queue), and stores them right after.
 - `SpoolSink` appends the batch to the local disk spool (fsynced): the last resort, and where
   records go when the in-memory buffer is over its bound.
 - `SpoolReplayer` publishes spooled records into the queue once it accepts again, and at
@@ -36,7 +36,7 @@ _KEY_LEN = struct.Struct(">H")
 
 
 class IngestSink(Sink):
-    """Fallback: the server's ingest endpoint stores the batch synchronously."""
+    """Fallback: the server's ingest endpoint, which answers once the batch is durable."""
 
     route: Route = "ingest"
 
@@ -45,6 +45,7 @@ class IngestSink(Sink):
         self.headers = {"content-type": "application/json"}
         if token:
             self.headers["authorization"] = f"Bearer {token}"
+        self._total = timeout
         self.timeout = aiohttp.ClientTimeout(total=timeout, connect=2.0)
         self._session: aiohttp.ClientSession | None = None
 
@@ -66,14 +67,22 @@ class IngestSink(Sink):
                 text = await resp.text()
                 if resp.status < 300:
                     return
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        except TimeoutError as e:
             raise BackendUnavailable(
-                f"ingest endpoint {self.url} unreachable: {e or type(e).__name__}"
+                f"ingest endpoint {self.url} did not answer within {self._total:g}s ({describe(e)})"
             ) from e
+        except (aiohttp.ClientError, OSError) as e:
+            raise BackendUnavailable(f"ingest endpoint {self.url} unreachable: {describe(e)}") from e
         if resp.status >= 500 or resp.status in (401, 403, 404, 408, 429):
             # Down, overloaded, or misconfigured (wrong token): not the records' fault.
             raise BackendUnavailable(f"ingest endpoint {self.url} answered {resp.status}: {text[:200]}")
         raise ValueError(f"ingest endpoint refused the batch ({resp.status}): {text[:200]}")
+
+
+def describe(e: BaseException) -> str:
+    """`TimeoutError` rather than an empty string: many exceptions have no message."""
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _frame(key: str, value: bytes) -> bytes:
@@ -104,7 +113,7 @@ class SpoolSink(Sink):
         try:
             await asyncio.to_thread(self.spool.append, frames)
         except (SpoolFull, OSError) as e:
-            raise BackendUnavailable(f"disk spool unusable: {e}") from e
+            raise BackendUnavailable(f"disk spool unusable: {describe(e)}") from e
 
     async def close(self) -> None:
         await asyncio.to_thread(self.spool.close)

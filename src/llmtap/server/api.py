@@ -21,11 +21,13 @@ import orjson
 from aiohttp import web
 from prometheus_client import Counter
 
-from llmtap.bodies.base import BodyStore
+from llmtap.bodies.base import BodyStore, body_key
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError
-from llmtap.handlers.base import Chain, Item
+from llmtap.handlers.base import Chain
 from llmtap.record import Body, LogRecord, decode, decode_many, decompress
+from llmtap.server.auth import IngestCaller
+from llmtap.server.ingest import IngestQueue
 from llmtap.store import sql
 from llmtap.store.base import ListQuery, StatsQuery, Store
 
@@ -49,7 +51,9 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 BODIES = web.AppKey("bodies", BodyStore)
 CHAIN = web.AppKey("chain", Chain)
+INGEST = web.AppKey("ingest", IngestQueue)
 TENANT = web.RequestKey("tenant", str)
+INGEST_CALLER = web.RequestKey("ingest_caller", IngestCaller)
 
 
 class BadParameter(Exception):
@@ -314,71 +318,125 @@ async def users(request: web.Request) -> web.Response:
 
 # -- ingest ---------------------------------------------------------------------------------------
 
+_BODY_PARTS = ("request_body", "response_body", "response_events")
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_INT64 = (-(2**63), 2**63 - 1)
+_USAGE_INTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+
 
 def decode_ingest(raw: bytes) -> list[LogRecord]:
-    """One record or a JSON array of records; raises `RecordError`."""
+    """One record or a JSON array of records; raises `RecordError` naming what is wrong."""
     head = raw.lstrip()[:1]
-    if head == b"[":
-        return decode_many(raw)
-    if head == b"{":
-        return [decode(raw)]
+    try:
+        if head == b"[":
+            return decode_many(raw)
+        if head == b"{":
+            return [decode(raw)]
+    except RecordError:
+        raise
+    except RecursionError:
+        raise RecordError("not a JSON log record: nested too deeply") from None
+    except UnicodeError:
+        raise RecordError("not a JSON log record: not valid UTF-8") from None
+    except Exception as e:  # whatever else the decoder trips on is the input's fault, not ours
+        raise RecordError(f"not a JSON log record: {type(e).__name__}: {e}") from None
     raise RecordError("the body must be a JSON log record or an array of them")
 
 
+def tenant_dir(tenant: str) -> str:
+    """The body-store folder every body key of `tenant` starts with (see `body_key`)."""
+    return body_key(tenant, "x", _EPOCH, "request").rsplit("/", 4)[0] + "/"
+
+
+def check_ingested(record: LogRecord, caller: IngestCaller) -> str | None:
+    """Why this posted record may not be stored, or None.
+
+    Body references are trusted by the API (it serves whatever the ref names), so an ingested
+    ref must lie in the record's own tenant's folder: otherwise tenant B could post a record
+    pointing at tenant A's body key and read A's prompt through the API.
+    """
+    if caller.tenant is not None and record.tenant != caller.tenant:
+        return f"tenant {record.tenant[:100]!r} is not the caller's tenant"
+    if record.status is not None and not 0 <= record.status <= 999:
+        return f"status {str(record.status)[:30]} is not an HTTP status"
+    numbers = [("cost_nanos", record.cost_nanos)]
+    numbers += [(f"usage.{f}", getattr(record.usage, f)) for f in _USAGE_INTS]
+    numbers += [(f"{p}.size", b.size) for p in _BODY_PARTS if (b := getattr(record, p)) is not None]
+    for name, value in numbers:
+        if value is not None and not _INT64[0] <= value <= _INT64[1]:
+            return f"{name} {str(value)[:30]} does not fit in 64 bits"
+    own = tenant_dir(record.tenant)
+    for part in _BODY_PARTS:
+        body: Body | None = getattr(record, part)
+        if body is None:
+            continue
+        if body.ref is None:
+            if body.data is not None and (not record.id or any(c in record.id for c in "/\\\0")):
+                return f"request id {record.id[:200]!r} cannot name a body (it has '/', '\\' or NUL)"
+            continue
+        ref = body.ref
+        segments = ref.split("/")
+        if (
+            not ref.startswith(own)
+            or any(s in ("", ".", "..") for s in segments)
+            or any(c in ref for c in "\\\0")
+        ):
+            return f"{part}.ref {ref[:200]!r} is not a body of tenant {record.tenant[:100]!r}"
+    return None
+
+
 async def ingest(request: web.Request) -> web.Response:
-    """Run posted records through the worker's chain; 200 only once they are in the store."""
+    """Append posted records to the server's durable ingest queue; 200 once they are on disk.
+
+    The handler chain runs later, in the server's ingest drain (`server.ingest`), so a slow
+    store or body store never makes the gateway time out and send the batch a second way.
+    """
     no_params(request)
+    caller = request[INGEST_CALLER]
     raw = await request.read()
     try:
         records = decode_ingest(raw)
     except RecordError as e:
         INGESTED.labels("rejected").inc()
         return error_response(400, str(e))
+    accepted: list[LogRecord] = []
+    rejected: list[dict[str, str]] = []
     for r in records:
-        r.route = "ingest"
-    settings = request.app[SETTINGS]
-    items = await _process(request.app[CHAIN], records, settings.worker_max_attempts)
-    failed = [i for i in items if not i.ok]
-    INGESTED.labels("accepted").inc(len(items) - len(failed))
-    if failed:
-        INGESTED.labels("rejected").inc(len(failed))
-        for i in failed:
-            log.warning("ingest: record %s rejected: %s", i.record.id, i.error)
-        rejected = [{"id": i.record.id, "reason": i.error} for i in failed]
-        first = failed[0]
+        why = check_ingested(r, caller)
+        if why is None:
+            if r.route == "queue":  # the default: it came here, so it took the ingest route
+                r.route = "ingest"
+            accepted.append(r)
+        else:
+            rejected.append({"id": r.id[:200], "reason": why})
+    if accepted:
+        await request.app[INGEST].put(accepted)  # BackendUnavailable → 503, nothing accepted
+    INGESTED.labels("accepted").inc(len(accepted))
+    if rejected:
+        INGESTED.labels("rejected").inc(len(rejected))
+        for x in rejected:
+            log.warning("ingest: record %r rejected: %s", x["id"][:100], x["reason"])
+        first = rejected[0]
         return error_response(
-            400,
-            f"{len(failed)} of {len(items)} records rejected; first: {first.record.id}: {first.error}",
-            accepted=len(items) - len(failed),
+            403 if len(rejected) == len(records) and caller.tenant is not None else 400,
+            f"{len(rejected)} of {len(records)} records rejected; first: {first['id']!r}: {first['reason']}",
+            accepted=len(accepted),
             rejected=rejected,
         )
-    return json_response({"accepted": len(items)})
-
-
-async def _process(chain: Chain, records: list[LogRecord], attempts: int) -> list[Item]:
-    """The worker's `process_records`, retrying records that fail like the worker does.
-
-    `TransientError` propagates (the caller answers 503 and the client retries later).
-    """
-    from llmtap.worker.worker import process_records
-
-    items = await process_records(chain, records)
-    delay = 0.05
-    for _ in range(attempts - 1):
-        failed = [n for n, i in enumerate(items) if not i.ok]
-        if not failed:
-            break
-        await asyncio.sleep(delay)
-        delay *= 2
-        again = await process_records(chain, [items[n].record for n in failed])
-        for n, item in zip(failed, again, strict=True):
-            items[n] = item
-    return items
+    return json_response({"accepted": len(accepted)})
 
 
 __all__ = [
     "BODIES",
     "CHAIN",
+    "INGEST",
     "SETTINGS",
     "STORE",
     "BackendUnavailable",

@@ -22,8 +22,9 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.handlers.base import Chain
 from llmtap.retention import RetentionTask
-from llmtap.server import api, openapi
+from llmtap.server import api, openapi, security
 from llmtap.server.auth import Unauthorized, check_ingest, tenant_for
+from llmtap.server.ingest import IngestQueue
 from llmtap.store.base import Store
 
 log = logging.getLogger("llmtap.server")
@@ -74,7 +75,7 @@ def _auth(settings: Settings, store: Store) -> Callable[..., Awaitable[web.Strea
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         if path == "/api/v1/ingest":
-            check_ingest(request, settings)
+            request[api.INGEST_CALLER] = await check_ingest(request, settings, store)
         elif path.startswith("/api/") and path not in _PUBLIC:
             request[api.TENANT] = await tenant_for(request, settings, store)
         return await handler(request)
@@ -101,17 +102,26 @@ async def _openapi(request: web.Request) -> web.Response:
     return api.json_response(openapi.document())
 
 
-def build_app(settings: Settings, store: Store, bodies: BodyStore, chain: Chain) -> web.Application:
+def build_app(
+    settings: Settings, store: Store, bodies: BodyStore, chain: Chain, ingest: IngestQueue
+) -> web.Application:
     """The server's aiohttp application over already-connected backends."""
-    app = web.Application(middlewares=[_errors, _auth(settings, store)], client_max_size=MAX_BODY)
+    app = web.Application(
+        # security.guard first: a foreign Host or a non-JSON POST never reaches any route.
+        middlewares=[security.guard(settings), _errors, _auth(settings, store)],
+        client_max_size=MAX_BODY,
+    )
+    app.on_response_prepare.append(security.add_headers)
     app[api.SETTINGS] = settings
     app[api.STORE] = store
     app[api.BODIES] = bodies
     app[api.CHAIN] = chain
+    app[api.INGEST] = ingest
     r = app.router
     r.add_get("/healthz", _healthz)
     r.add_get("/metrics", _metrics)
     r.add_get("/", _index)
+    r.add_static("/static/", STATIC)  # the dashboard's script and style: the CSP allows no inline ones
     r.add_get("/api/v1/openapi.json", _openapi)
     r.add_get("/api/v1/requests", api.list_requests)
     r.add_get("/api/v1/requests/{id}", api.get_request)
@@ -125,9 +135,9 @@ def build_app(settings: Settings, store: Store, bodies: BodyStore, chain: Chain)
 class ServerService:
     """`llmtap server`: a `runtime.Service`.
 
-    What it opens from settings (store, body store, chain) it connects and closes; objects
-    passed in belong to the caller, who connects and closes them (so `llmtap up` can share one
-    store between worker and server).
+    What it opens from settings (store, body store) it connects and closes; objects passed in
+    belong to the caller, who connects and closes them (so `llmtap up` can share one store
+    between worker and server). The handler chain is the ingest drain's (`server.ingest`).
     """
 
     name = "server"
@@ -138,13 +148,11 @@ class ServerService:
         *,
         store: Store | None = None,
         bodies: BodyStore | None = None,
-        chain: Chain | None = None,
     ) -> None:
         self.settings = settings
         self._own_store = store is None
         self._retention: RetentionTask | None = None
         self._own_bodies = bodies is None
-        self._own_chain = chain is None
         if store is None:
             from llmtap.store.base import open_store
 
@@ -153,18 +161,17 @@ class ServerService:
             from llmtap.bodies.base import open_body_store
 
             bodies = open_body_store(settings)
-        if chain is None:
-            from llmtap.handlers.base import build_chain
+        from llmtap.handlers.base import build_chain
 
-            chain = build_chain(settings, store, bodies)
         self.store: Store = store
         self.bodies: BodyStore = bodies
-        self.chain: Chain = chain
+        self.chain: Chain = build_chain(settings, store, bodies)
+        self.ingest = IngestQueue(settings, self.chain)
         self.port: int = settings.server_port
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> list[str]:
-        opened: list[Store | BodyStore | Chain] = []
+        opened: list[Store | BodyStore | IngestQueue] = []
         try:
             if self._own_store:
                 await self.store.connect()
@@ -172,10 +179,10 @@ class ServerService:
             if self._own_bodies:
                 await self.bodies.connect()
                 opened.append(self.bodies)
-            if self._own_chain:
-                await self.chain.start()
-                opened.append(self.chain)
-            app = build_app(self.settings, self.store, self.bodies, self.chain)
+            # Starts the chain and drains what a previous run accepted but had not stored.
+            await self.ingest.start()
+            opened.append(self.ingest)
+            app = build_app(self.settings, self.store, self.bodies, self.chain, self.ingest)
             runner = web.AppRunner(
                 app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.shutdown_timeout
             )
@@ -194,7 +201,7 @@ class ServerService:
         except BaseException:
             for o in reversed(opened):
                 with contextlib.suppress(Exception):
-                    await o.close()
+                    await (o.stop() if isinstance(o, IngestQueue) else o.close())
             raise
         self._runner = runner
         self.port = runner.addresses[0][1]
@@ -214,10 +221,10 @@ class ServerService:
             self._retention = None
         runner, self._runner = self._runner, None
         if runner is not None:
-            await runner.cleanup()  # stops accepting, lets in-flight calls (ingest) finish
-        if self._own_chain:
-            with contextlib.suppress(Exception):
-                await self.chain.close()
+            await runner.cleanup()  # stops accepting, lets in-flight calls finish (ingest: an fsync)
+        # The batch in hand is finished, or left in the ingest queue for the next start.
+        with contextlib.suppress(Exception):
+            await self.ingest.stop()
         if self._own_bodies:
             await self.bodies.close()
         if self._own_store:

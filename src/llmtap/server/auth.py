@@ -5,16 +5,19 @@
   endpoint and the OpenAPI document needs `Authorization: Bearer <key>` (a key made with
   `llmtap keys create`); the key's tenant scopes every query, in SQL. Keys are resolved through
   `llmtap.keys.resolve_tenant` (cached for at most `keys.CACHE_TTL` seconds per process).
-- Ingest (`POST /api/v1/ingest`) is a service path used by gateways, not tenants: it needs
-  `Authorization: Bearer <LLMTAP_INGEST_TOKEN>`. When no ingest token is configured it accepts
-  only connections from loopback addresses (127.0.0.0/8, ::1), which is what the embedded
-  `llmtap up` needs and never exposes the endpoint to the network by accident.
+- Ingest (`POST /api/v1/ingest`) is a service path used by gateways: it needs
+  `Authorization: Bearer <LLMTAP_INGEST_TOKEN>`. In single-tenant mode without an ingest token
+  it accepts only connections from loopback addresses (127.0.0.0/8, ::1), which is what the
+  embedded `llmtap up` needs and never exposes the endpoint to the network by accident. In
+  multi-tenant mode it is always authenticated: the ingest token (records of any tenant) or a
+  tenant's API key (records of that tenant only); loopback is not trusted there.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -49,15 +52,39 @@ def is_loopback(remote: str | None) -> bool:
         return False
 
 
-def check_ingest(request: web.Request, settings: Settings) -> None:
-    """Raise `Unauthorized` unless this call may post records."""
+@dataclass(frozen=True, slots=True)
+class IngestCaller:
+    """Who posted to ingest: a gateway with the service token (`tenant` None: records of any
+    tenant), or a tenant's API key (multi-tenant mode: only that tenant's records)."""
+
+    tenant: str | None = None
+
+
+async def check_ingest(request: web.Request, settings: Settings, store: Store) -> IngestCaller:
+    """Who may post these records; raises `Unauthorized` when nobody.
+
+    Multi-tenant mode never trusts the network: a local caller (or a reverse proxy on this
+    host) could otherwise forge records into any tenant. It takes the ingest token or a
+    tenant's key; single-tenant mode keeps the loopback rule when no token is set.
+    """
     token = settings.ingest_token
+    given = keys.parse_bearer(request.headers.get("Authorization"))
+    if token is not None and given is not None:
+        if hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode()):
+            return IngestCaller()
+    if settings.multi_tenant:
+        if given is not None:
+            tenant = await keys.resolve_tenant(store, request.headers["Authorization"])
+            if tenant is not None:
+                return IngestCaller(tenant=tenant)
+        raise Unauthorized(
+            "ingest in multi-tenant mode needs 'Authorization: Bearer <LLMTAP_INGEST_TOKEN>'"
+            " (set on the server) or a tenant's API key"
+        )
     if token is None:
         if not is_loopback(request.remote):
             raise Unauthorized("ingest from other hosts needs LLMTAP_INGEST_TOKEN set on the server")
-        return
-    given = keys.parse_bearer(request.headers.get("Authorization"))
-    if given is None or not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode()):
-        raise Unauthorized(
-            "invalid or missing ingest token: send 'Authorization: Bearer <LLMTAP_INGEST_TOKEN>'"
-        )
+        return IngestCaller()
+    raise Unauthorized(
+        "invalid or missing ingest token: send 'Authorization: Bearer <LLMTAP_INGEST_TOKEN>'"
+    )

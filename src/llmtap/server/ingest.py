@@ -1,0 +1,82 @@
+"""The ingest endpoint's durable hand-off: answer once the records are on disk, store them later.
+
+`POST /api/v1/ingest` used to run the whole handler chain (body uploads, cost, store insert)
+for up to 500 records before answering. A slow store or body store made the gateway give up
+after its timeout and spool the batch, which the server then stored anyway: every record
+travelled twice and the gateway's count and the store's `route` disagreed. Now the endpoint
+only appends the batch to an embedded SQLite queue in the server's data dir
+(`<data dir>/ingest.db`, one fsynced commit per batch) and answers; a `WorkerService` inside
+the server drains that queue through the same chain, with the worker's retries and dead
+letters. Records a killed server had accepted are drained when it starts again (at least
+once; the store keeps one row per request id, so redelivery is harmless).
+
+The data dir of a server that takes ingest must therefore be persistent (a volume, not a
+container's scratch layer). Records the chain rejects are dead-lettered in this queue:
+`LLMTAP_QUEUE=sqlite:<data dir>/ingest.db llmtap dlq ...` lists and replays them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from llmtap.config import Settings
+from llmtap.handlers.base import Chain
+from llmtap.queue.base import Message
+from llmtap.queue.sqlite import SQLiteQueue
+from llmtap.record import LogRecord, encode, partition_key
+from llmtap.worker.worker import WorkerService
+
+#: Partitions of the ingest queue: one drainer consumes them all; a few keep one slow batch
+#: of a key from holding back every other key's records.
+PARTITIONS = 4
+
+
+def ingest_queue_path(settings: Settings) -> Path:
+    return settings.data_dir / "ingest.db"
+
+
+class IngestQueue:
+    """Durable append (`put`) plus the background drain into the handler chain."""
+
+    def __init__(self, settings: Settings, chain: Chain) -> None:
+        self.settings = settings
+        path = ingest_queue_path(settings)
+        self.queue = SQLiteQueue(str(path), partitions=PARTITIONS)
+        self._drain_queue = SQLiteQueue(str(path), partitions=PARTITIONS)
+        self.worker = WorkerService(settings, queue=self._drain_queue, chain=chain)
+        self._by = settings.partition_key
+
+    async def start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.queue.connect("producer")
+        try:
+            await self.worker.start()  # starts the chain, then takes the partitions
+        except BaseException:
+            await self.queue.close()
+            raise
+
+    async def stop(self) -> None:
+        """Finish the batch in hand (or leave it for the next start); closes the chain."""
+        try:
+            await self.worker.stop()
+        finally:
+            await self.queue.close()
+
+    async def put(self, records: Sequence[LogRecord]) -> None:
+        """Durable on return (fsynced); raises `BackendUnavailable` when the disk refuses."""
+        by = self._by
+        await self.queue.publish([Message(key=partition_key(r, by), value=encode(r)) for r in records])
+
+    async def lag(self) -> int:
+        return (await self.queue.status()).lag
+
+    async def drained(self, timeout: float = 60.0) -> None:
+        """Wait until everything accepted so far is stored or dead-lettered (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while await self.lag():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ingest queue not drained after {timeout}s")
+            await asyncio.sleep(0.05)
