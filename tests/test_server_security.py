@@ -168,6 +168,26 @@ def test_server_sigkilled_after_answering_stores_the_batch_after_restart(tmp_pat
         server.kill()
 
 
+async def test_a_stopped_server_has_stored_everything_it_accepted(tmp_path: Path) -> None:
+    """SIGTERM right after a big batch was accepted: stop drains it (the store is up)."""
+    from llmtap.store.sqlite import SQLiteStore
+
+    svc = await start(tmp_path)
+    records = [rec(i) for i in range(500)]
+    try:
+        async with aiohttp.ClientSession() as http:
+            assert await post(http, svc, encode_many(records)) == (200, {"accepted": 500})
+    finally:
+        await svc.stop()
+    store = SQLiteStore(tmp_path / "store.db")
+    await store.connect()
+    try:
+        missing = [r.id for r in records if await store.get_request("default", r.id) is None]
+        assert missing == []
+    finally:
+        await store.close()
+
+
 async def test_ingest_sink_timeout_warning_names_the_exception() -> None:
     """A server that accepts the connection and never answers: the reason is not empty."""
     listener = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)

@@ -18,6 +18,7 @@ container's scratch layer). Records the chain rejects are dead-lettered in this 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ from llmtap.queue.base import Message
 from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import LogRecord, encode, partition_key
 from llmtap.worker.worker import WorkerService
+
+log = logging.getLogger("llmtap.server")
 
 #: Partitions of the ingest queue: one drainer consumes them all; a few keep one slow batch
 #: of a key from holding back every other key's records.
@@ -59,11 +62,32 @@ class IngestQueue:
             raise
 
     async def stop(self) -> None:
-        """Finish the batch in hand (or leave it for the next start); closes the chain."""
+        """Store what was accepted while the drain makes progress, then stop; closes the chain.
+
+        A server stopped for good leaves nothing behind when its store is up. When the store
+        is down nothing moves, so stopping does not wait out `shutdown_timeout`: the records
+        stay in `ingest.db` for the next start.
+        """
+        try:
+            await self._settle()
+        except Exception as e:
+            log.warning("ingest: could not drain before stopping: %s", e)
         try:
             await self.worker.stop()
         finally:
             await self.queue.close()
+
+    async def _settle(self, stall: float = 2.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_timeout
+        last, moved_at = await self.lag(), loop.time()
+        while last and loop.time() < deadline and loop.time() - moved_at < stall:
+            await asyncio.sleep(0.05)
+            lag = await self.lag()
+            if lag != last:
+                last, moved_at = lag, loop.time()
+        if last:
+            log.warning("ingest: %d accepted record(s) left for the next start (stored then)", last)
 
     async def put(self, records: Sequence[LogRecord]) -> None:
         """Durable on return (fsynced); raises `BackendUnavailable` when the disk refuses."""
