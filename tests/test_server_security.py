@@ -121,6 +121,58 @@ async def test_ingest_sink_gets_a_fast_answer_while_the_store_stalls_and_the_rou
         await svc.stop()
 
 
+async def test_gateway_in_fallback_counts_what_the_store_says(tmp_path: Path) -> None:
+    """The e2e failure of issue 7: queue down, so a real gateway's batches go to the real
+    server's ingest endpoint, whose store is stalled (locked). Before, ingest answered only
+    after storing: the gateway timed out, spooled the batch, and the server stored it anyway
+    as `ingest`. Now every batch is answered in time: the gateway counts `ingest` for all of
+    them, spools nothing, and the store says `ingest` for each record."""
+    from gateway_support import MemoryQueue, running_gateway
+    from gateway_support import settings_for as gateway_settings
+    from llmtap.testing.fake_upstream import make_app, serve
+
+    svc = await start(tmp_path / "server", ingest_token="tok")
+    runner, upstream = await serve(make_app())
+    blocker = sqlite3.connect(tmp_path / "server" / "store.db", isolation_level=None, timeout=30)
+    try:
+        queue = MemoryQueue()
+        queue.down = True
+        settings = gateway_settings(
+            upstream,
+            tmp_path / "gateway",
+            ingest_url=f"http://127.0.0.1:{svc.port}",
+            ingest_token="tok",
+            publish_batch_size=100,
+        )
+        blocker.execute("BEGIN IMMEDIATE")
+        ids: list[str] = []
+        async with running_gateway(settings, queue) as (gw, base), aiohttp.ClientSession() as http:
+            chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            for _ in range(300):
+                async with http.post(
+                    f"{base}/openai/v1/chat/completions", json=chat, headers={"Authorization": "Bearer sk-x"}
+                ) as r:
+                    assert r.status == 200
+                    ids.append(r.headers["Llmtap-Request-Id"])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while gw.publisher.pending and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            assert gw.publisher.routes["ingest"] == 300, gw.publisher.routes
+            assert gw.publisher.routes["spool"] == 0 and gw.publisher.dropped == 0
+        blocker.execute("ROLLBACK")
+        await svc.ingest.drained(timeout=120)
+        routes = {i: (await svc.store.get_request("default", i) or {}).get("route") for i in ids}
+        assert set(routes.values()) == {"ingest"}, routes
+        assert not list((tmp_path / "gateway" / "spool").glob("*.spool"))
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        await runner.cleanup()
+        await svc.stop()
+
+
 def test_server_sigkilled_after_answering_stores_the_batch_after_restart(tmp_path: Path) -> None:
     """The real `llmtap server` process: accept a batch while the store is locked (so nothing
     can be stored yet), SIGKILL it, free the store, start it again: every record is stored,
