@@ -158,7 +158,8 @@ def document() -> dict[str, Any]:
                 "Query logged LLM requests. Unknown or repeated query parameters and bad values are "
                 "answered 400 with the parameter named. In multi-tenant mode every call except "
                 "/api/v1/ingest and this document needs 'Authorization: Bearer <key>' and sees only "
-                "its tenant's data."
+                "its tenant's data. Every route except /healthz and /metrics answers 421 to a Host "
+                "not in LLMTAP_ALLOWED_HOSTS (a guard against DNS rebinding)."
             ),
         },
         "servers": [{"url": "/"}],
@@ -334,21 +335,30 @@ def document() -> dict[str, Any]:
             },
             "/api/v1/ingest": {
                 "post": {
-                    "summary": "Fallback path: store log records through the worker's handler chain",
+                    "summary": "Fallback path: hand log records to the server, which stores them",
                     "description": (
-                        "Body: one log record (v1) or a JSON array of them. Answers 200 only once every "
-                        "record is durable in the store; 503 with Retry-After while a backend is down "
-                        "(retry later, nothing to undo: writes are idempotent); 400 for unreadable input "
-                        "(nothing stored) or for records the chain rejects (the others are stored; "
-                        "`accepted` and `rejected` say which). Needs 'Authorization: Bearer "
-                        "<LLMTAP_INGEST_TOKEN>'; without a configured token only loopback clients may post."
+                        "Body (Content-Type: application/json): one log record (v1) or a JSON array of "
+                        "them. Answers 200 once every accepted record is durable on the server (its "
+                        "ingest queue, fsynced); the server stores them right after, and after a restart "
+                        "if it crashed first. 503 with Retry-After when it cannot write them down (retry "
+                        "later; writes are idempotent); 400 naming the problem for unreadable input "
+                        "(nothing accepted) or for records that cannot be stored as posted (the others "
+                        "are accepted; `accepted` and `rejected` say which); 403 when a tenant's key posts "
+                        "another tenant's records or body references outside its own tenant's folder; "
+                        "413 above the size limit; 415 for another Content-Type. Needs 'Authorization: "
+                        "Bearer <LLMTAP_INGEST_TOKEN>' (any tenant's records), or in multi-tenant mode a "
+                        "tenant's key (that tenant's records only); in single-tenant mode without a "
+                        "configured token only loopback clients may post."
                     ),
-                    "security": [{"ingestToken": []}],
+                    "security": [{"ingestToken": []}, {"apiKey": []}],
                     "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
                     "responses": {
                         "200": _ok({"type": "object", "properties": {"accepted": {"type": "integer"}}}),
                         "400": _ERR,
                         "401": _ERR,
+                        "403": _ERR,
+                        "413": _ERR,
+                        "415": _ERR,
                         "503": _ERR,
                     },
                 }
