@@ -59,10 +59,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 async def test_round_trip_many(store: BodyStore) -> None:
     now = datetime.now(UTC)
-    items = [
-        (body_key("acme", str(uuid.uuid4()), now, part), os.urandom(n))
-        for n, part in [(0, "request"), (10, "response"), (300_000, "events")]
-    ]
+    datas = [(os.urandom(n), part) for n, part in [(0, "request"), (10, "response"), (300_000, "events")]]
+    items = [(body_key("acme", str(uuid.uuid4()), now, part, data), data) for data, part in datas]
     refs = await store.put_many(items)
     assert len(refs) == len(items)
     for ref, (_, data) in zip(refs, items, strict=True):
@@ -71,7 +69,7 @@ async def test_round_trip_many(store: BodyStore) -> None:
     refs2 = await store.put_many(items)
     assert await store.get(refs2[1]) == items[1][1]
     assert await store.get(refs[1]) == items[1][1]
-    assert await store.get(body_key("acme", "missing", now, "request")) is None
+    assert await store.get(body_key("acme", "missing", now, "request", b"")) is None
     await store.delete_many(refs + refs2)
     for ref in refs + refs2:
         assert await store.get(ref) is None
@@ -79,11 +77,79 @@ async def test_round_trip_many(store: BodyStore) -> None:
 
 def test_keys_are_by_tenant_date_and_id() -> None:
     when = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
-    assert body_key("acme", "abc", when, "request") == "acme/2026/11/26/abc.request.zst"
-    # a tenant name can never escape its prefix
-    assert body_key("../etc", "abc", when, "request").startswith("_/etc/") or ".." not in body_key(
-        "../etc", "abc", when, "request"
-    )
+    key = body_key("acme", "abc", when, "request", b"x")
+    assert key.startswith("acme/2026/11/26/abc.request.") and key.endswith(".zst")
+    # a tenant name can never escape its prefix, nor be a path step
+    for tenant in ("../etc", "..", ".", "", "/", "a/../../b"):
+        segments = body_key(tenant, "abc", when, "request", b"x").split("/")
+        assert len(segments) == 5 and not any(s in ("", ".", "..") for s in segments), (tenant, segments)
+
+
+#: Pairs the old sanitizer (`/` and `..` to `_`) mapped to one directory, and other lookalikes.
+_LOOKALIKE_TENANTS = [
+    ("grp/eu", "grp_eu"),
+    ("a..b", "a_b"),
+    ("x/y", "x%2Fy"),
+    ("", "~"),
+    ("", "_"),
+    (".", "%2E"),
+    ("T", "t"),
+    ("\udc80", "\ufffd"),
+    ("ü", "u\u0308"),
+    ("p" * 200 + "1", "p" * 200 + "2"),
+]
+
+
+def test_key_segments_are_injective() -> None:
+    from llmtap.bodies.base import key_segment
+
+    seen: dict[str, str] = {}
+    values = [v for pair in _LOOKALIKE_TENANTS for v in pair] + [chr(c) for c in range(0x250)]
+    values += ["%" + chr(c) for c in range(0x80)] + ["~" * n for n in range(1, 4)]
+    for value in values:
+        seg = key_segment(value)
+        assert seen.setdefault(seg, value) == value, f"{value!r} and {seen[seg]!r} share {seg!r}"
+        assert "/" not in seg and "\\" not in seg and "\0" not in seg and 0 < len(seg) <= 120
+        assert seg not in (".", "..")
+    # very long values stay bounded (file names, S3 keys) and still distinct
+    assert len(key_segment("é" * 100_000)) <= 120
+
+
+@pytest.mark.parametrize("pair", _LOOKALIKE_TENANTS, ids=repr)
+async def test_lookalike_tenants_never_share_a_body(store: BodyStore, pair: tuple[str, str]) -> None:
+    """Tenants the old sanitizer mapped together write and read distinct bodies (small and large)."""
+    when = datetime.now(UTC)
+    rid = str(uuid.uuid4())
+    for size in (10, 300_000):  # packed and single-file on the file store
+        same = os.urandom(size)  # identical bytes too: the key must still differ by tenant
+        items = [(body_key(t, rid, when, "request", same), same) for t in pair]
+        assert items[0][0] != items[1][0]
+        refs = await store.put_many(items)
+        assert refs[0] != refs[1]
+        await store.delete_many([refs[0]])  # one tenant's retention leaves the other's body
+        assert await store.get(refs[1]) == same
+        assert await store.get(refs[0]) is None
+
+
+async def test_reused_request_id_never_overwrites_a_body(store: BodyStore) -> None:
+    """A second request with the same id and another (large) body leaves the first one's body."""
+    when = datetime.now(UTC)
+    rid = str(uuid.uuid4())
+    first, second = os.urandom(300_000), os.urandom(300_000)
+    (ref1,) = await store.put_many([(body_key("acme", rid, when, "request", first), first)])
+    (ref2,) = await store.put_many([(body_key("acme", rid, when, "request", second), second)])
+    assert ref1 != ref2
+    assert await store.get(ref1) == first
+    assert await store.get(ref2) == second
+
+
+async def test_any_request_id_names_a_body(store: BodyStore) -> None:
+    """Slashes, dots, NUL, lone surrogates, 100 KB: every id the gateway accepts has a key."""
+    when = datetime.now(UTC)
+    for rid in ("../../etc/passwd", "a/b", "..", "", "nul\0id", "\udcff", "x" * 100_000, "ü/" * 5000):
+        data = os.urandom(300_000)
+        (ref,) = await store.put_many([(body_key("acme", rid, when, "response", data), data)])
+        assert await store.get(ref) == data
 
 
 @pytest.mark.s3
@@ -110,7 +176,7 @@ async def test_s3_outage_mid_run_is_transient_then_recovers() -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "services.sh"
     s = _s3_store("outage")
     await s.connect()
-    key = body_key("acme", str(uuid.uuid4()), datetime.now(UTC), "request")
+    key = body_key("acme", str(uuid.uuid4()), datetime.now(UTC), "request", b"")
     subprocess.run([str(script), "stop", "s3"], check=True, capture_output=True)
     try:
         with pytest.raises(TransientError):

@@ -57,7 +57,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 async def test_body_handler_writes_once_per_batch_and_leaves_references(bodies: CountingBodies) -> None:
     recs = [make_record(i) for i in range(5)]
     recs[1].response_body = None  # omitted by the client
-    ref = body_key("acme", recs[2].id, T0, "response")
+    ref = body_key("acme", recs[2].id, T0, "response", b"")
     recs[2].response_body = Body(content_type="application/json", size=3, ref=ref)  # already stored
     recs[3].response_events = Body(content_type="text/event-stream", size=4, data=b"data")
     items = [Item(r) for r in recs]
@@ -68,7 +68,8 @@ async def test_body_handler_writes_once_per_batch_and_leaves_references(bodies: 
     for i, r in enumerate(recs):
         assert r.request_body is not None
         assert r.request_body.data is None
-        assert r.request_body.ref.startswith(body_key("acme", r.id, T0, "request").rpartition("/")[0] + "/")
+        day = body_key("acme", r.id, T0, "request", b"").rpartition("/")[0]
+        assert r.request_body.ref.startswith(day + "/")
         assert r.request_body.encoding == "zstd" and r.request_body.size == 20
         stored = await bodies.get(r.request_body.ref)
         assert stored is not None and decompress(stored) == b'{"q": %d}' % i
@@ -92,12 +93,16 @@ async def test_body_handler_outage_is_transient_and_changes_nothing(bodies: Coun
     assert rec.request_body is not None and rec.request_body.data is not None  # still inline
 
 
-async def test_body_handler_fails_a_record_whose_id_cannot_name_a_file(bodies: CountingBodies) -> None:
-    bad, good = make_record(id="../../etc/passwd"), make_record()
-    items = [Item(bad), Item(good)]
+async def test_body_handler_stores_bodies_of_any_request_id(bodies: CountingBodies) -> None:
+    """An id that is a path (or NUL, or huge) still names a body, inside the root."""
+    odd = [make_record(id=i) for i in ("../../etc/passwd", "a/b", "..", "n\0l", "x" * 50_000)]
+    items = [Item(r) for r in odd]
     await BodyHandler(bodies).handle(items)
-    assert items[0].error and "cannot name a body" in items[0].error
-    assert items[1].ok and good.request_body is not None and good.request_body.ref
+    for item, r in zip(items, odd, strict=True):
+        assert item.ok and r.request_body is not None and r.request_body.ref
+        assert ".." not in r.request_body.ref.split("/")
+        stored = await bodies.get(r.request_body.ref)
+        assert stored is not None and decompress(stored).startswith(b'{"q"')
 
 
 async def test_cost_handler_fills_or_leaves_none() -> None:

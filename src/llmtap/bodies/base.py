@@ -1,13 +1,16 @@
 """The body-store interface: opaque bytes by key.
 
-Keys are built by `body_key` from tenant, date and request id, so listing one tenant's or one
-day's bodies (and retention) is a prefix operation on every backend. Values are stored as the
-record carries them (zstd-compressed). `put_many` is idempotent: writing a key again with the
-same request's bytes is harmless, which at-least-once delivery needs.
+Keys are built by `body_key` from tenant, date, request id and a digest of the bytes, so listing
+one tenant's or one day's bodies (and retention) is a prefix operation on every backend, two
+tenants never share a key, and two requests reusing one id never overwrite each other's body.
+Values are stored as the record carries them (zstd-compressed). `put_many` is idempotent:
+writing a key again with the same request's bytes is harmless, which at-least-once delivery
+needs. Keys are stored in rows as references, so keys of an older scheme keep reading.
 """
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
@@ -17,11 +20,57 @@ if TYPE_CHECKING:
     from llmtap.config import Settings
 
 
-def body_key(tenant: str, request_id: str, created: datetime, part: str) -> str:
-    """`<tenant>/<yyyy>/<mm>/<dd>/<id>.<part>.zst`; `part` is request | response | events."""
-    safe_tenant = tenant.replace("/", "_").replace("..", "_") or "_"
+#: Characters kept as they are in a key segment; everything else is percent-encoded.
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+#: A segment longer than this (encoded) is cut and suffixed with `~` and a hash of the whole.
+_SEGMENT_MAX = 96
+
+
+def key_segment(value: str) -> str:
+    """An injective, path-safe, bounded encoding of a tenant or request id for a body key.
+
+    Percent-encoding of everything but `[A-Za-z0-9._-]` (`%` itself included, lone surrogates
+    as their escaped code point), so `grp/eu` and `grp_eu` can never share a key (the old
+    sanitizer mapped both to `grp_eu`). `~` never appears in an encoding, so it marks the two
+    special forms: the empty string (`~`) and a value too long for a file name or an S3 key
+    (readable prefix, `~`, a 128-bit hash of the whole value). `.` and `..` are encoded so a
+    segment is never a path step.
+    """
+    if value and value.isascii() and all(c in _SAFE for c in value) and value.strip(".") != "":
+        out = value
+    elif not value:
+        return "~"
+    else:
+        out = "".join(
+            c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+            for c in value
+        )
+        if out.strip(".") == "":
+            out = out.replace(".", "%2E")
+    if len(out) <= _SEGMENT_MAX:
+        return out
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    head = out[:64]
+    cut = head.rfind("%", len(head) - 2)  # never split a %XX escape
+    if cut >= 0:
+        head = head[:cut]
+    return f"{head}~{digest}"
+
+
+def body_key(tenant: str, request_id: str, created: datetime, part: str, data: bytes) -> str:
+    """`<tenant>/<yyyy>/<mm>/<dd>/<id>.<part>.<digest>.zst`; `part` is request | response | events.
+
+    Tenant and id go through `key_segment` (injective). `digest` is a hash of the stored bytes:
+    a second request reusing a request id (its record is refused by the store, first write
+    wins) writes its body under another key instead of overwriting the first request's body,
+    while a redelivery of the same record rewrites the same key with the same bytes.
+    """
+    digest = hashlib.blake2b(data, digest_size=12).hexdigest()
     # Not strftime: this runs two or three times per record and strftime costs microseconds.
-    return f"{safe_tenant}/{created.year:04d}/{created.month:02d}/{created.day:02d}/{request_id}.{part}.zst"
+    return (
+        f"{key_segment(tenant)}/{created.year:04d}/{created.month:02d}/{created.day:02d}/"
+        f"{key_segment(request_id)}.{part}.{digest}.zst"
+    )
 
 
 class BodyStore(ABC):

@@ -276,7 +276,7 @@ class RecordBuilder:
             z = compress(data)
             if len(z) <= self.inline or not self.body_store:
                 return Body(content_type=ctype, size=size, truncated=truncated, encoding="zstd", data=z)
-            key = body_key(cap.tenant, cap.id, started_at, part)
+            key = body_key(cap.tenant, cap.id, started_at, part, z)
             b = Body(content_type=ctype, size=size, truncated=truncated, encoding="zstd", ref=key)
             uploads.append((key, z, b))
             return b

@@ -2,8 +2,10 @@
 
 Runs first in the chain so the row the store writes never carries body bytes. One `put_many`
 per batch (one thread hop for files, concurrent uploads for S3). Idempotent: keys are derived
-from the record (tenant, request id, start date, part), so a redelivered record rewrites the
-same keys with the same bytes, and a body that already carries a reference is left alone.
+from the record (tenant, request id, start date, part) and the bytes, so a redelivered record
+rewrites the same keys with the same bytes, a second request reusing the id writes other keys
+(its row is refused; the first request's body stays), and a body that already carries a
+reference is left alone. Any request id can name a body (`key_segment` encodes it).
 """
 
 from __future__ import annotations
@@ -35,12 +37,9 @@ class BodyHandler(Handler):
             ]
             if not pending:
                 continue
-            if not r.id or any(c in r.id for c in "/\\\0"):
-                item.fail(f"{self.name}: request id {r.id!r} cannot name a body")
-                continue
             for attr, part, body in pending:
-                key = body_key(r.tenant, r.id, r.started_at, part)
                 assert body.data is not None
+                key = body_key(r.tenant, r.id, r.started_at, part, body.data)
                 puts.append((key, body.data))
                 swaps.append((r, attr, body, key))
         if not puts:
