@@ -121,7 +121,7 @@ async def test_round_trip_of_every_field(store: Store) -> None:
         "price_version": "test-1",
         "user_id": "u-1",
         "session_id": "sess-1",
-        "properties": {"env": "prod", "Feature Flag": "a=b&c"},
+        "properties": {"env": "prod", "feature flag": "a=b&c"},  # names: case-insensitive, stored lowercase
         "request_headers": {"content-type": "application/json", "user-agent": "sdk/1"},
         "response_headers": {"x-request-id": "abc"},
         "request_body": {
@@ -257,7 +257,7 @@ async def test_nul_and_metacharacters_are_stored_and_matched_literally(store: St
         assert (
             row is not None
             and row["user_id"] == stored
-            and row["properties"] == {stored: stored, "k": stored}
+            and row["properties"] == {stored.lower(): stored, "k": stored}
         )
     # LIKE wildcards mean nothing: "100%" does not match "100", "_" is not a joker
     assert await all_pages(store, "acme", user_id="100") == []

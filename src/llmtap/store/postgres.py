@@ -52,6 +52,7 @@ DIALECT = sql.Dialect(
     bucket=lambda b: f"date_trunc('{b}', r.created_at, 'UTC')",
     json_value=_json,
     prop_value=lambda ph: f'((r.properties ->> {ph}) COLLATE "C")',
+    hashed=lambda expr: f"llmtap_hash({expr})",
 )
 
 # Advisory-lock keys (arbitrary constants, namespaced by their value).
@@ -277,7 +278,8 @@ class PostgresStore(Store):
     async def get_request(self, tenant: str, request_id: str) -> dict[str, Any] | None:
         rows = await self._fetch(
             f"SELECT {sql.SELECT_COLUMNS} FROM requests r WHERE r.tenant = $1 AND r.id = $2"
-            " AND r.created_at = (SELECT k.created_at FROM request_keys k WHERE k.tenant = $1 AND k.id = $2)",
+            " AND r.created_at = (SELECT k.created_at FROM request_keys k WHERE k.tenant = $1"
+            " AND llmtap_hash(k.id) = llmtap_hash($2) AND k.id = $2)",
             tenant,
             request_id,
         )
@@ -363,7 +365,7 @@ WITH gone AS (
     DELETE FROM request_keys k USING (
         SELECT tenant, id FROM request_keys WHERE created_at < $1 ORDER BY created_at LIMIT $2
     ) AS pick
-    WHERE k.tenant = pick.tenant AND k.id = pick.id
+    WHERE k.tenant = pick.tenant AND llmtap_hash(k.id) = llmtap_hash(pick.id) AND k.id = pick.id
     RETURNING k.tenant, k.id, k.created_at
 ), dr AS (
     DELETE FROM requests r USING gone g

@@ -117,8 +117,20 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 
 
 def clean(s: str) -> str:
-    """PostgreSQL text and jsonb cannot hold NUL; replace it on both stores alike."""
-    return s.replace("\x00", "\ufffd") if "\x00" in s else s
+    """Text both stores can hold: NUL becomes U+FFFD, and so do lone surrogates.
+
+    PostgreSQL text and jsonb cannot hold NUL; neither store (nor JSON) can hold a surrogate
+    code point (aiohttp decodes a header's non-UTF-8 bytes to them). A surrogate *pair* split
+    into two code points is joined into its character. Replaced alike on both stores.
+    """
+    if "\x00" in s:
+        s = s.replace("\x00", "\ufffd")
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            s = s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return s
 
 
 def _clean_opt(s: str | None) -> str | None:
@@ -142,14 +154,46 @@ def _body(body: Body | None) -> str | None:
         return None
     if body.ref is not None and body.data is not None:
         body = msgspec.structs.replace(body, data=None)
-    return _body_json.encode(body).decode()
+    try:
+        out = _body_json.encode(body).decode()
+    except UnicodeEncodeError:  # a content type or ref carrying a surrogate
+        body = msgspec.structs.replace(
+            body, content_type=_clean_opt(body.content_type), ref=_clean_opt(body.ref)
+        )
+        out = _body_json.encode(body).decode()
+    if "\\u0000" in out:
+        body = msgspec.structs.replace(
+            body, content_type=_clean_opt(body.content_type), ref=_clean_opt(body.ref)
+        )
+        out = _body_json.encode(body).decode()
+    return out
 
 
 def _json(m: dict[str, str]) -> str:
-    out = orjson.dumps(m)
+    try:
+        out = orjson.dumps(m)
+    except orjson.JSONEncodeError:  # a lone surrogate (orjson refuses them)
+        return orjson.dumps(_clean_map(m)).decode()
     if b"\\u0000" in out:  # rare: NUL is not storable in PostgreSQL text/jsonb
         out = orjson.dumps(_clean_map(m))
     return out.decode()
+
+
+def property_name(name: str) -> str:
+    """The stored form of a property name: names are case-insensitive (the gateway lowercases
+    them at capture; filters, group_by and records ingested with another case go through here).
+    """
+    return clean(name).lower()
+
+
+def _properties(m: dict[str, str]) -> str:
+    """Properties as JSON with lowercase names; of two names differing only in case, the first."""
+    if all(k == k.lower() for k in m):
+        return _json(m)
+    lowered: dict[str, str] = {}
+    for k, v in m.items():
+        lowered.setdefault(property_name(k), v)
+    return _json(lowered)
 
 
 def cost_nanos(record: LogRecord) -> int | None:
@@ -189,7 +233,7 @@ def record_values(r: LogRecord) -> tuple[Any, ...]:
         _clean_opt(r.price_version),
         _clean_opt(r.user_id),
         _clean_opt(r.session_id),
-        _json(r.properties),
+        _properties(r.properties),
         _json(r.request_headers),
         _json(r.response_headers),
         _body(r.request_body),
@@ -251,6 +295,16 @@ class Dialect:
     bucket: Callable[[str], str]  # minute|hour|day -> expression of the bucket start
     json_value: Callable[[Any], Any]  # a JSON column read back -> Python value
     prop_value: Callable[[str], str]  # placeholder of a property name -> its value in r.properties
+    #: An expression's indexed hash (PostgreSQL: values of any length are indexed by hash), or
+    #: None when the store indexes the values themselves (SQLite).
+    hashed: Callable[[str], str] | None = None
+
+
+def equals(d: Dialect, column: str, placeholder: str) -> str:
+    """`column = value`, through the hash index where the store has one (then the value)."""
+    if d.hashed is None:
+        return f"{column} = {placeholder}"
+    return f"{d.hashed(column)} = {d.hashed(placeholder)} AND {column} = {placeholder}"
 
 
 class Params:
@@ -277,7 +331,7 @@ def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = Non
         ("provider", f.provider),
     ):
         if val is not None:
-            conds.append(f"r.{col} = {p(val)}")
+            conds.append(equals(d, f"r.{col}", p(val)))
     if f.status is not None:
         conds.append(f"r.status = {p(int(f.status))}")
     for s in (f.since, since):
@@ -289,7 +343,8 @@ def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = Non
     for name, value in sorted(f.properties.items()):
         conds.append(
             "EXISTS (SELECT 1 FROM request_properties rp"
-            f" WHERE rp.tenant = {p(tenant)} AND rp.name = {p(name)} AND rp.value = {p(value)}"
+            f" WHERE rp.tenant = {p(tenant)} AND {equals(d, 'rp.name', p(property_name(name)))}"
+            f" AND {equals(d, 'rp.value', p(value))}"
             " AND rp.created_at = r.created_at AND rp.request_id = r.id)"
         )
     return " AND ".join(conds)
@@ -303,7 +358,9 @@ def list_sql(d: Dialect, tenant: str, q: ListQuery) -> tuple[str, list[Any]]:
     if q.cursor:
         us, rid = decode_cursor(q.cursor)
         op = "<" if desc else ">"
-        where += f" AND (r.created_at, r.id) {op} ({p(d.ts_param(us))}, {p(rid)})"
+        ts = p(d.ts_param(us))
+        # The bare created_at bound lets an index on (tenant, created_at) start at the cursor.
+        where += f" AND r.created_at {op}= {ts} AND (r.created_at, r.id) {op} ({ts}, {p(rid)})"
     order = "DESC" if desc else "ASC"
     sql = (
         f"SELECT {SELECT_COLUMNS} FROM requests r WHERE {where}"
@@ -380,7 +437,7 @@ def group_key(p: Params, group_by: str) -> str:
     if group_by in STAT_GROUPS:
         return f"r.{group_by}"
     if group_by.startswith("property.") and len(group_by) > len("property."):
-        return p.dialect.prop_value(p(group_by[len("property.") :]))
+        return p.dialect.prop_value(p(property_name(group_by[len("property.") :])))
     raise ValueError(f"cannot group by {group_by!r}")
 
 

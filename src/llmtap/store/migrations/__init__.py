@@ -13,6 +13,11 @@ Both schemas have the same columns. PostgreSQL differences:
   the writer inserts there first and only rows whose key was new reach `requests`.
 - Text columns that are sorted or grouped use the "C" collation so ordering is bytewise, exactly
   as SQLite's BINARY collation (the two stores must give the same answers).
+- Since version 2, client-chosen text (request id, user and session id, model, property names
+  and values) is indexed by `llmtap_hash(value)`, never by the value itself: a B-tree entry is
+  limited to ~2.7 KB, and a longer value failed the insert, sending its record to the dead-letter
+  queue for good. Queries compare the hash (index) *and* the value (exactness). SQLite has no
+  such limit (long keys overflow to other pages), so its indexes keep the values.
 """
 
 from __future__ import annotations
@@ -97,6 +102,46 @@ CREATE INDEX api_keys_tenant ON api_keys (tenant, created_at);
 """,
     ),
 ]
+
+POSTGRES.append(
+    (
+        2,
+        "index client-chosen text by hash (any length storable); property names lowercased",
+        # `llmtap_hash` is declared IMMUTABLE although convert_to is only STABLE: converting to
+        # UTF8 is fixed for a database (its encoding cannot change), which is what an index
+        # expression needs. 16 bytes of SHA-256: uniqueness of request ids rests on it.
+        """
+CREATE OR REPLACE FUNCTION llmtap_hash(text) RETURNS bytea
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$ SELECT substring(sha256(convert_to($1, 'UTF8')) FROM 1 FOR 16) $$;
+
+CREATE UNIQUE INDEX request_keys_tenant_id_hash ON request_keys (tenant, llmtap_hash(id));
+ALTER TABLE request_keys DROP CONSTRAINT request_keys_pkey;
+
+DROP INDEX requests_tenant_created;
+CREATE INDEX requests_tenant_created ON requests (tenant, created_at DESC);
+DROP INDEX requests_tenant_user;
+CREATE INDEX requests_tenant_user ON requests (tenant, llmtap_hash(user_id), created_at DESC);
+DROP INDEX requests_tenant_session;
+CREATE INDEX requests_tenant_session ON requests (tenant, llmtap_hash(session_id), created_at DESC);
+DROP INDEX requests_tenant_model;
+CREATE INDEX requests_tenant_model ON requests (tenant, llmtap_hash(model), created_at DESC);
+
+DROP INDEX request_properties_lookup;
+CREATE INDEX request_properties_lookup
+    ON request_properties (tenant, llmtap_hash(name), llmtap_hash(value), created_at DESC);
+
+-- Names are case-insensitive (the gateway lowercases them; ingested records may not have).
+UPDATE request_properties SET name = lower(name) WHERE name <> lower(name);
+UPDATE requests SET properties = (
+    SELECT jsonb_object_agg(k, v) FROM (
+        SELECT DISTINCT ON (lower(key)) lower(key) AS k, value AS v
+        FROM jsonb_each(properties) ORDER BY lower(key), key <> lower(key), key
+    ) AS lowered
+) WHERE EXISTS (SELECT 1 FROM jsonb_object_keys(properties) AS n WHERE n <> lower(n));
+""",
+    )
+)
 
 SQLITE: list[tuple[int, str, str]] = [
     (
@@ -189,6 +234,25 @@ INSERT INTO request_properties_v2 (tenant, name, value, created_at, request_id)
     SELECT tenant, name, value, created_at, request_id FROM request_properties;
 DROP TABLE request_properties;
 ALTER TABLE request_properties_v2 RENAME TO request_properties;
+""",
+    ),
+    (
+        3,
+        "property names lowercased (case-insensitive, as PostgreSQL's version 2)",
+        # Rows the gateway wrote are lowercase already; records ingested with another case are
+        # renamed, and a name already present in lowercase for the same request wins.
+        """
+INSERT OR IGNORE INTO request_properties (tenant, name, value, created_at, request_id)
+    SELECT tenant, lower(name), value, created_at, request_id FROM request_properties
+    WHERE name <> lower(name);
+DELETE FROM request_properties WHERE name <> lower(name);
+UPDATE requests SET properties = (
+    SELECT json_group_object(k, v) FROM (
+        -- a bare column beside max() comes from the row of the max: the lowercase name's value
+        SELECT lower(key) AS k, value AS v, max(key = lower(key)) FROM json_each(requests.properties)
+        GROUP BY lower(key)
+    )
+) WHERE EXISTS (SELECT 1 FROM json_each(requests.properties) WHERE key <> lower(key))
 """,
     ),
 ]
