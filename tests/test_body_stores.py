@@ -186,3 +186,78 @@ async def test_s3_outage_mid_run_is_transient_then_recovers() -> None:
     await s.put_many([(key, b"payload")])
     assert await s.get(key) == b"payload"
     await s.close()
+
+
+# -- through the whole pipeline: gateway, queue, worker, store, API ----------------------------------
+
+
+def _bodies_env(kind: str) -> dict[str, str]:
+    if kind == "file":
+        return {}
+    env = _s3_env()
+    if env is None:
+        pytest.skip("LLMTAP_TEST_S3_* not set: run scripts/services.sh up s3")
+    return {
+        "bodies": f"s3://{env['LLMTAP_TEST_S3_BUCKET']}/reuse-{uuid.uuid4().hex[:8]}",
+        "s3_endpoint": env["LLMTAP_TEST_S3_ENDPOINT"],
+        "s3_access_key_id": env["LLMTAP_TEST_S3_ACCESS_KEY"],
+        "s3_secret_access_key": env["LLMTAP_TEST_S3_SECRET_KEY"],
+    }
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", ["file", pytest.param("s3", marks=pytest.mark.s3)])
+def test_reused_request_id_serves_the_first_requests_metadata_and_body(kind: str, tmp_path: Path) -> None:
+    """Two requests with one Llmtap-Request-Id and different large bodies: the record, and the
+    body the API serves, are both the first request's.
+
+    Incompressible bodies of two sizes take both upload paths: ~40 KB compressed travels inline
+    in the queue message and the worker's body handler uploads it; ~400 KB is uploaded by the
+    gateway itself (a file of its own on the file store). Before keys carried a digest of the
+    bytes, the second request rewrote the first one's key (S3, file singles) while the first
+    request's row stayed.
+    """
+    import base64
+
+    from procs import fake_upstream, free_port, get_record, http_json, llmtap_env, start_llmtap, wait_http
+
+    with fake_upstream(tmp_path) as upstream:
+        gw, srv = free_port(), free_port()
+        env = llmtap_env(
+            tmp_path / "data", gateway_port=gw, server_port=srv, openai_base_url=upstream, **_bodies_env(kind)
+        )
+        proc = start_llmtap("up", env, tmp_path / "up.log")
+        try:
+            wait_http(f"http://127.0.0.1:{gw}/healthz", 60)
+            wait_http(f"http://127.0.0.1:{srv}/healthz", 60)
+            for size in (40_000, 400_000):
+                rid = str(uuid.uuid4())
+                texts = [base64.b64encode(os.urandom(size)).decode() for _ in range(2)]
+                for who, text in zip(("first", "second"), texts, strict=True):
+                    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+                    headers = {
+                        "authorization": "Bearer sk-upstream",
+                        "llmtap-request-id": rid,
+                        "llmtap-user-id": who,
+                    }
+                    status, _ = http_json(
+                        "POST", f"http://127.0.0.1:{gw}/openai/v1/chat/completions", body, headers, timeout=60
+                    )
+                    assert status == 200
+                    if who == "first":  # the first is stored before the second is sent
+                        get_record(f"http://127.0.0.1:{srv}", rid, timeout=60)
+                # a later request on the same partition: once it is stored, the second was handled
+                marker = str(uuid.uuid4())
+                status, _ = http_json(
+                    "POST",
+                    f"http://127.0.0.1:{gw}/openai/v1/chat/completions",
+                    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "marker"}]},
+                    {"authorization": "Bearer sk-upstream", "llmtap-request-id": marker},
+                )
+                assert status == 200
+                get_record(f"http://127.0.0.1:{srv}", marker, timeout=60)
+                row = get_record(f"http://127.0.0.1:{srv}", rid)
+                assert row["user_id"] == "first"
+                assert row["request_body"]["messages"][0]["content"] == texts[0], size
+        finally:
+            proc.stop()
