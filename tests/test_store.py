@@ -715,7 +715,9 @@ async def test_postgres_two_workers_migrate_and_partition_at_once() -> None:
 
             conn = await asyncpg.connect(url)
             try:
-                assert await conn.fetchval("SELECT count(*) FROM llmtap_migrations") == 1
+                from llmtap.store.migrations import POSTGRES
+
+                assert await conn.fetchval("SELECT count(*) FROM llmtap_migrations") == len(POSTGRES)
                 assert await conn.fetchval("SELECT count(*) FROM requests") == 60
                 parts = await conn.fetchval(
                     "SELECT count(*) FROM pg_inherits WHERE inhparent = 'requests'::regclass"

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import socket
+import weakref
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,49 @@ DIALECT = sql.Dialect(
     prop_value=lambda ph: f'((r.properties ->> {ph}) COLLATE "C")',
     hashed=lambda expr: f"llmtap_hash({expr})",
 )
+
+log = logging.getLogger(__name__)
+
+#: Pools of live stores, so a log record of asyncpg's pool finds the store it concerns.
+_POOLS: weakref.WeakKeyDictionary[asyncpg.Pool, PostgresStore] = weakref.WeakKeyDictionary()
+_FLOOR = "Failed to restore the pool connection floor"
+
+
+class _PoolFloorLog(logging.Filter):
+    """Turns asyncpg's pool-floor warnings into the store's outage state.
+
+    While PostgreSQL is down, asyncpg's pool retries its minimum size 1 s, 2 s, ... 60 s apart
+    and logs each failure as a warning with a full traceback, in every worker and server. The
+    record is dropped here and the store logs one line when the outage starts and one when it
+    ends (`PostgresStore._down` / `_up`).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith(_FLOOR)):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        store = _store_of_current_task()
+        if store is not None:
+            store._down(exc or record.getMessage())
+            return False
+        # A pool we do not know (not a PostgresStore's): still no traceback.
+        record.msg = f"{_FLOOR}: {_reason(exc) if exc else '?'}; retrying"
+        record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def _store_of_current_task() -> PostgresStore | None:
+    """The store whose pool runs the current task (asyncpg's `_maintain_min_size(self)`)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return None
+    frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
+    pool = frame.f_locals.get("self") if frame is not None else None
+    return _POOLS.get(pool) if isinstance(pool, asyncpg.Pool) else None
+
+
+logging.getLogger("asyncpg.pool").addFilter(_PoolFloorLog())
 
 # Advisory-lock keys (arbitrary constants, namespaced by their value).
 _MIGRATION_LOCK = 0x6C6C6D74_0001
@@ -127,6 +172,18 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool | None = None
         self._months: set[tuple[int, int]] = set()
         self._partition_mutex = asyncio.Lock()
+        self._outage: str | None = None  # the reason, while PostgreSQL is unreachable
+
+    # -- outage state: one log line when it starts, one when it ends ------------------------------
+    def _down(self, cause: BaseException | str) -> None:
+        if self._outage is None:
+            self._outage = _reason(cause) if isinstance(cause, BaseException) else cause
+            log.warning("PostgreSQL at %s is unreachable (%s); reconnecting", self._where, self._outage)
+
+    def _up(self) -> None:
+        if self._outage is not None:
+            self._outage = None
+            log.warning("PostgreSQL at %s is reachable again", self._where)
 
     # -- plumbing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -134,7 +191,9 @@ class PostgresStore(Store):
         try:
             yield
         except _TRANSIENT as e:
+            self._down(e)
             raise TransientError(f"PostgreSQL at {self._where} unavailable: {_reason(e)}") from e
+        self._up()
 
     def _p(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -171,6 +230,7 @@ class PostgresStore(Store):
                 server_settings=settings,
                 init=self._init_connection,
             )
+            _POOLS[self._pool] = self
         except Exception as e:
             raise BackendUnavailable(f"cannot connect to PostgreSQL at {self._where}: {_reason(e)}") from None
         now = sql.now()
@@ -202,12 +262,12 @@ class PostgresStore(Store):
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
-    @staticmethod
-    async def _init_connection(conn: asyncpg.Connection) -> None:
+    async def _init_connection(self, conn: asyncpg.Connection) -> None:
         # Per-connection staging table for COPY; emptied at every commit.
         await conn.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE requests) ON COMMIT DELETE ROWS"
         )
+        self._up()  # a new connection (the pool restoring its floor, too) means it is back
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
