@@ -364,6 +364,29 @@ async def test_ingest_record_the_chain_rejects_is_named_and_others_stored(server
     assert (await server.get(f"/api/v1/requests/{good.id}"))[0] == 200
 
 
+async def test_property_names_are_case_insensitive_in_filters_and_group_by(server: Server) -> None:
+    """The README's own `property.Feature=search` finds what the gateway stored as `feature`
+    (it lowercases `Llmtap-Property-Feature`), and an ingested `Feature` too."""
+    records = [
+        rec(1, properties={"feature": "search"}),
+        rec(2, properties={"Feature": "search"}),
+        rec(3, properties={"feature": "chat"}),
+    ]
+    status, body, _ = await server.ingest(encode_many(records))
+    assert status == 200, body
+    want = sorted(r.id for r in records[:2])
+    for name in ("Feature", "feature", "FEATURE"):
+        status, page = await server.get(f"/api/v1/requests?property.{name}=search")
+        assert status == 200 and sorted(i["id"] for i in page["items"]) == want, (name, page)
+        status, s = await server.get(f"/api/v1/stats?group_by=property.{name}")
+        assert status == 200 and {g["key"]: g["count"] for g in s["groups"]} == {"search": 2, "chat": 1}
+    status, row = await server.get(f"/api/v1/requests/{records[1].id}")
+    assert status == 200 and row["properties"] == {"feature": "search"}
+    # two spellings of one name are one name: both conditions must hold
+    status, page = await server.get("/api/v1/requests?property.Feature=search&property.feature=chat")
+    assert status == 200 and page["items"] == []
+
+
 async def test_ingest_any_request_id_names_its_body(server: Server) -> None:
     """Ids with slashes or dots used to be refused by the body store; every id is storable."""
     ids = ["has/slash", "a" * 500]  # the API looks ids up to 512 characters

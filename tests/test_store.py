@@ -269,6 +269,90 @@ async def test_nul_and_metacharacters_are_stored_and_matched_literally(store: St
     assert (await store.stats("acme", StatsQuery()))["overall"]["count"] == len(nasty)
 
 
+def _long(n: int, seed: int, tail: str = "") -> str:
+    """n characters of incompressible text (random code points across planes) ending in `tail`."""
+    import random
+
+    r = random.Random(seed)
+    ranges = ((0x21, 0x7F), (0xA0, 0xD7FF), (0x10000, 0x1FFFF))
+    chars = [chr(r.randrange(*r.choice(ranges))) for _ in range(n - len(tail))]
+    return "".join(chars) + tail
+
+
+async def test_values_of_any_length_are_stored_and_matched_exactly(store: Store) -> None:
+    """3 KB and 100 KB ids, user/session ids, models, property names and values: stored, found by
+    exact match only (two values differing in their last character are told apart), paginated,
+    grouped, and a redelivery is still a no-op. PostgreSQL used to refuse them (a B-tree entry
+    is at most ~2.7 KB), sending the record to the dead-letter queue for good."""
+    values = [_long(n * 1024, n, end) for n in (3, 100) for end in "ab"]
+    batch = [
+        rec(i, id=v, user_id=v, session_id=v, model=v, properties={"k": v, v[-5000:]: "long name"},
+            request_headers={"x-long": v})
+        for i, v in enumerate(values)
+    ]  # fmt: skip
+    assert await store.write_batch(batch) == len(values)
+    assert await store.write_batch(batch) == 0  # redelivery: uniqueness holds on long ids
+    for i, v in enumerate(values):
+        row = await store.get_request("acme", v)
+        assert row is not None and row["id"] == v and row["user_id"] == v and row["model"] == v
+        assert row["properties"] == {"k": v, v[-5000:].lower(): "long name"}
+        for f in (
+            {"user_id": v},
+            {"session_id": v},
+            {"model": v},
+            {"properties": {"k": v}},
+            {"properties": {v[-5000:]: "long name"}},
+        ):
+            assert [r["id"] for r in await all_pages(store, "acme", **f)] == [v], (i, list(f))
+        assert await all_pages(store, "acme", user_id=v[:-1]) == []  # a prefix is not a match
+    assert await store.get_request("acme", values[0][:-1] + "c") is None
+    assert [r["id"] for r in await all_pages(store, "acme", limit=1)] == values[::-1]
+    stats = await store.stats("acme", StatsQuery(group_by="property.k"))
+    assert sorted((g["key"], g["count"]) for g in stats["groups"]) == sorted((v, 1) for v in values)
+    users = await store.users("acme")
+    assert sorted(u["user_id"] for u in users) == sorted(values)
+
+
+async def test_any_unicode_is_stored_nul_and_lone_surrogates_replaced(store: Store) -> None:
+    """What a header decoded with surrogateescape (or a JSON `\ud800` escape) carries must not
+    make a record unstorable: lone surrogates become U+FFFD like NUL; a split pair is joined."""
+    odd = ["lone \udc80 byte", "pair \ud83d\ude00 split", "nul \x00 and \udfff"]
+    batch = [
+        rec(i, user_id=v, session_id=v, model=v, properties={v: v}, request_headers={v: v}, error=v,
+            request_body=Body(content_type=v, size=1, encoding="identity", data=b"x"))
+        for i, v in enumerate(odd)
+    ]  # fmt: skip
+    assert await store.write_batch(batch) == len(odd)
+    expected = ["lone \ufffd byte", "pair \U0001f600 split", "nul \ufffd and \ufffd"]
+    for i, want in enumerate(expected):
+        row = await store.get_request("acme", batch[i].id)
+        assert row is not None
+        assert row["user_id"] == row["model"] == row["error"] == want
+        assert row["properties"] == {want: want} and row["request_headers"] == {want: want}
+        assert row["request_body"]["content_type"] == want
+        assert [r["id"] for r in await all_pages(store, "acme", user_id=want)] == [batch[i].id]
+
+
+async def test_property_names_are_case_insensitive(store: Store) -> None:
+    """`property.Feature=search` finds what the gateway stored as `feature` (and records ingested
+    with another case); group_by too."""
+    batch = [
+        rec(0, properties={"feature": "search"}),
+        rec(1, properties={"Feature": "search", "FEATURE": "ignored: the first name wins"}),
+        rec(2, properties={"feature": "chat"}),
+    ]
+    assert await store.write_batch(batch) == 3
+    for name in ("feature", "Feature", "FEATURE", "fEaTuRe"):
+        got = await all_pages(store, "acme", properties={name: "search"})
+        assert sorted(r["id"] for r in got) == sorted([batch[0].id, batch[1].id]), name
+        stats = await store.stats("acme", StatsQuery(group_by=f"property.{name}"))
+        assert {g["key"]: g["count"] for g in stats["groups"]} == {"search": 2, "chat": 1}, name
+    row = await store.get_request("acme", batch[1].id)
+    assert row is not None and row["properties"] == {"feature": "search"}
+    # the value stays case-sensitive
+    assert await all_pages(store, "acme", properties={"feature": "Search"}) == []
+
+
 # -- reads: lists, filters, cursors ------------------------------------------------------------------
 
 
@@ -640,7 +724,14 @@ class TcpProxy:
             w.transport.abort()
         await self._server.wait_closed()
 
+    refuse = False  # accept and reset at once: PostgreSQL unreachable, and attempts are counted
+    refused = 0
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            self.refused += 1
+            writer.transport.abort()
+            return
         try:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -697,6 +788,138 @@ async def test_postgres_outage_is_transient_then_recovers_exactly_once() -> None
         finally:
             await store.close()
             await proxy.stop()
+
+
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_outage_logs_one_line_down_and_one_back(caplog: pytest.LogCaptureFixture) -> None:
+    """asyncpg retries the pool's floor during an outage and logged each failure with a full
+    traceback (1 s, 2 s, 4 s ... apart, in every process). Now: one line when it goes, one when
+    it is back, nothing from asyncpg and no traceback."""
+    import logging
+    from urllib.parse import urlsplit, urlunsplit
+
+    from llmtap.store.postgres import PostgresStore
+
+    caplog.set_level(logging.DEBUG)
+    async with pg_database() as url:
+        parts = urlsplit(url)
+        proxy = TcpProxy(parts.port or 5432)
+        await proxy.start()
+        via = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+        store = PostgresStore(via, min_size=2, max_size=2)
+        await store.connect()
+        try:
+            assert await store.write_batch([rec(0)]) == 1
+            proxy.refuse = True
+            await proxy.stop()  # live connections die; the pool starts restoring its floor
+            await proxy.start()  # listening again, but every connection is reset
+            deadline = asyncio.get_running_loop().time() + 60
+            while proxy.refused < 4:  # asyncpg's floor retries (1 s, 2 s, 4 s apart)
+                assert asyncio.get_running_loop().time() < deadline, proxy.refused
+                await asyncio.sleep(0.1)
+            with pytest.raises(TransientError):
+                await store.write_batch([rec(1)])
+            proxy.refuse = False
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                try:
+                    assert await store.write_batch([rec(1)]) == 1
+                    break
+                except TransientError:
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.2)
+        finally:
+            await store.close()
+            await proxy.stop()
+    mine = [r for r in caplog.records if r.name == "llmtap.store.postgres"]
+    assert [r.getMessage().split(" is ")[1].split(" ")[0] for r in mine] == ["unreachable", "reachable"], [
+        r.getMessage() for r in mine
+    ]
+    assert not [r for r in caplog.records if r.name.startswith("asyncpg")], [
+        r.getMessage() for r in caplog.records if r.name.startswith("asyncpg")
+    ]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_migration_2_upgrades_a_version_1_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database made by version 1 (values indexed as they are) refuses a 3 KB user id; after
+    migration 2 it stores it, its old rows are still found, and a property name ingested in
+    upper case answers a lowercase filter."""
+    import asyncpg
+
+    import llmtap.store.postgres as pg
+    from llmtap.store.migrations import POSTGRES
+
+    long_user = _long(3 * 1024, 3)
+    async with pg_database() as url:
+        monkeypatch.setattr(pg, "MIGRATIONS", POSTGRES[:1])
+        old = pg.PostgresStore(url)
+        await old.connect()
+        try:
+            assert await old.write_batch([rec(0), rec(1, properties={"feature": "search"})]) == 2
+            with pytest.raises(asyncpg.exceptions.ProgramLimitExceededError):
+                await old.write_batch([rec(2, user_id=long_user)])  # the defect, on the old schema
+        finally:
+            await old.close()
+        conn = await asyncpg.connect(url)
+        try:  # a record ingested with an upper-case name before names were case-insensitive
+            await conn.execute("UPDATE request_properties SET name = 'Feature'")
+            await conn.execute(
+                """UPDATE requests SET properties = '{"Feature": "search"}' WHERE id = $1""", rec(1).id
+            )
+        finally:
+            await conn.close()
+        monkeypatch.setattr(pg, "MIGRATIONS", POSTGRES)
+        new = pg.PostgresStore(url)
+        await new.connect()
+        try:
+            assert await new.write_batch([rec(2, user_id=long_user)]) == 1
+            assert [r["id"] for r in await all_pages(new, "acme", user_id=long_user)] == [rec(2).id]
+            assert await new.get_request("acme", rec(0).id) is not None
+            got = await all_pages(new, "acme", properties={"FEATURE": "search"})
+            assert [r["id"] for r in got] == [rec(1).id]
+            assert got[0]["properties"] == {"feature": "search"}
+            assert await new.write_batch([rec(0), rec(1), rec(2)]) == 0  # uniqueness kept
+        finally:
+            await new.close()
+        conn = await asyncpg.connect(url)
+        try:
+            versions = [r[0] for r in await conn.fetch("SELECT version FROM llmtap_migrations ORDER BY 1")]
+            assert versions == [v for v, _, _ in POSTGRES]
+        finally:
+            await conn.close()
+
+
+async def test_sqlite_migration_3_lowercases_property_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llmtap.store.sqlite as lite
+    from llmtap.store.migrations import SQLITE
+
+    path = tmp_path / "old.db"
+    monkeypatch.setattr(lite, "MIGRATIONS", SQLITE[:2])
+    old = lite.SQLiteStore(path)
+    await old.connect()
+    assert await old.write_batch([rec(0, properties={"feature": "search", "env": "prod"}), rec(1)]) == 2
+    await old.close()
+    with sqlite3.connect(path) as db:  # as a record ingested with upper-case names was stored
+        db.execute("UPDATE request_properties SET name = upper(name)")
+        db.execute("""UPDATE requests SET properties = '{"FEATURE": "search", "Env": "prod"}' WHERE id = ?""",
+                   (rec(0).id,))  # fmt: skip
+    monkeypatch.setattr(lite, "MIGRATIONS", SQLITE)
+    new = lite.SQLiteStore(path)
+    await new.connect()
+    try:
+        got = await all_pages(new, "acme", properties={"Feature": "search", "env": "prod"})
+        assert [r["id"] for r in got] == [rec(0).id]
+        assert got[0]["properties"] == {"feature": "search", "env": "prod"}
+        stats = await new.stats("acme", StatsQuery(group_by="property.ENV"))
+        assert {g["key"]: g["count"] for g in stats["groups"]} == {"prod": 1, None: 1}
+    finally:
+        await new.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(SQLITE)
 
 
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
