@@ -831,14 +831,10 @@ async def test_postgres_outage_logs_one_line_down_and_one_back(caplog: pytest.Lo
         finally:
             await store.close()
             await proxy.stop()
-    mine = [r for r in caplog.records if r.name == "llmtap.store.postgres"]
-    assert [r.getMessage().split(" is ")[1].split(" ")[0] for r in mine] == ["unreachable", "reachable"], [
-        r.getMessage() for r in mine
-    ]
-    assert not [r for r in caplog.records if r.name.startswith("asyncpg")], [
-        r.getMessage() for r in caplog.records if r.name.startswith("asyncpg")
-    ]
-    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    flood = [r for r in caplog.records if r.name.startswith("asyncpg") or r.exc_info]
+    assert not flood, f"{len(flood)} asyncpg or traceback records, e.g. {flood[0].getMessage()!r}"
+    mine = [r.getMessage() for r in caplog.records if r.name == "llmtap.store.postgres"]
+    assert len(mine) == 2 and "is unreachable" in mine[0] and "is reachable again" in mine[1], mine
 
 
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")

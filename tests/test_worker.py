@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from llmtap.handlers.cost import CostHandler
 from llmtap.handlers.store import StoreHandler
 from llmtap.queue.base import Message
 from llmtap.queue.sqlite import SQLiteQueue
-from llmtap.record import LogRecord, decompress, encode
+from llmtap.record import Body, LogRecord, compress, decompress, encode
 from llmtap.store.sqlite import SQLiteStore
 from llmtap.worker import WorkerService, process_records
 from worker_helpers import make_record
@@ -386,3 +387,80 @@ async def test_worker_process_killed_mid_way_and_restarted_stores_exactly_n(tmp_
 
 async def _lag_zero(q: SQLiteQueue) -> bool:
     return (await q.status()).lag == 0
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LLMTAP_TEST_POSTGRES_URL"), reason="LLMTAP_TEST_POSTGRES_URL is not set"
+)
+async def test_long_values_and_a_reused_id_through_the_worker_into_postgres(tmp_path: Path) -> None:
+    """Through the worker into the real PostgreSQL: 3 KB and 100 KB ids, user/session ids,
+    models and properties are stored the first time (they used to be dead-lettered, and failed
+    again on replay), and a request id reused with another body keeps the first request's row
+    *and* body."""
+    import random
+
+    from llmtap.store.postgres import PostgresStore
+    from store_helpers import pg_database
+
+    def long(n: int, seed: int) -> str:
+        r = random.Random(seed)
+        return "".join(chr(r.randrange(0x4E00, 0x9FFF)) for _ in range(n))
+
+    async with pg_database() as url:
+        store = PostgresStore(url)
+        await store.connect()
+        bodies = FileBodyStore(str(tmp_path / "bodies"))
+        queue_path = str(tmp_path / "queue.db")
+        producer = SQLiteQueue(queue_path, partitions=1)
+        await producer.connect("producer")
+        settings = Settings(data_dir=tmp_path, worker_batch_size=50, worker_max_attempts=2, partitions=1)
+        chain = Chain([BodyHandler(bodies), CostHandler(), StoreHandler(store)])
+        w = WorkerService(
+            settings, queue=SQLiteQueue(queue_path, partitions=1), store=store, bodies=bodies, chain=chain
+        )
+        await w.start()
+        try:
+            values = [long(1024, 1), long(34 * 1024, 2)]  # 3 KB and 100 KB in UTF-8
+            recs = [
+                make_record(i, id=v, user_id=v, session_id=v, model=v, properties={"k": v, v: "name"})
+                for i, v in enumerate(values)
+            ]
+            reused = str(uuid.uuid4())
+            first = make_record(
+                10,
+                id=reused,
+                user_id="first",
+                request_body=Body(
+                    content_type="application/json",
+                    size=9,
+                    encoding="zstd",
+                    data=compress(b'{"n": 1}' * 40_000),
+                ),
+            )
+            second = make_record(
+                11,
+                id=reused,
+                user_id="second",
+                request_body=Body(
+                    content_type="application/json",
+                    size=9,
+                    encoding="zstd",
+                    data=compress(b'{"n": 2}' * 40_000),
+                ),
+            )
+            await producer.publish([Message(key="k", value=encode(r)) for r in [*recs, first]])
+            await until(lambda: w.stats.processed == 3, what="the first three records handled")
+            await producer.publish([Message(key="k", value=encode(second))])
+            await until(lambda: w.stats.processed == 4, what="the second request with the same id")
+            assert w.stats.dead_lettered == 0 and (await producer.status()).dead_letters == 0
+            for v in values:
+                row = await store.get_request("acme", v)
+                assert row is not None and row["user_id"] == v and row["properties"] == {"k": v, v: "name"}
+            row = await store.get_request("acme", reused)
+            assert row is not None and row["user_id"] == "first"
+            data = await bodies.get(row["request_body"]["ref"])
+            assert data is not None and decompress(data) == b'{"n": 1}' * 40_000
+        finally:
+            await w.stop()
+            await producer.close()
+            await store.close()

@@ -59,8 +59,8 @@ DIALECT = sql.Dialect(
 
 log = logging.getLogger(__name__)
 
-#: Pools of live stores, so a log record of asyncpg's pool finds the store it concerns.
-_POOLS: weakref.WeakKeyDictionary[asyncpg.Pool, PostgresStore] = weakref.WeakKeyDictionary()
+#: Live stores, so a log record of asyncpg's pool finds the store it concerns.
+_STORES: weakref.WeakSet[PostgresStore] = weakref.WeakSet()
 _FLOOR = "Failed to restore the pool connection floor"
 
 
@@ -95,7 +95,9 @@ def _store_of_current_task() -> PostgresStore | None:
         return None
     frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
     pool = frame.f_locals.get("self") if frame is not None else None
-    return _POOLS.get(pool) if isinstance(pool, asyncpg.Pool) else None
+    if not isinstance(pool, asyncpg.Pool):
+        return None
+    return next((s for s in list(_STORES) if s._pool is pool), None)
 
 
 logging.getLogger("asyncpg.pool").addFilter(_PoolFloorLog())
@@ -230,7 +232,7 @@ class PostgresStore(Store):
                 server_settings=settings,
                 init=self._init_connection,
             )
-            _POOLS[self._pool] = self
+            _STORES.add(self)
         except Exception as e:
             raise BackendUnavailable(f"cannot connect to PostgreSQL at {self._where}: {_reason(e)}") from None
         now = sql.now()
