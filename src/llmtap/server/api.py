@@ -352,7 +352,7 @@ def decode_ingest(raw: bytes) -> list[LogRecord]:
 
 def tenant_dir(tenant: str) -> str:
     """The body-store folder every body key of `tenant` starts with (see `body_key`)."""
-    return body_key(tenant, "x", _EPOCH, "request").rsplit("/", 4)[0] + "/"
+    return body_key(tenant, "x", _EPOCH, "request", b"").rsplit("/", 4)[0] + "/"
 
 
 def check_ingested(record: LogRecord, caller: IngestCaller) -> str | None:
@@ -377,9 +377,7 @@ def check_ingested(record: LogRecord, caller: IngestCaller) -> str | None:
         body: Body | None = getattr(record, part)
         if body is None:
             continue
-        if body.ref is None:
-            if body.data is not None and (not record.id or any(c in record.id for c in "/\\\0")):
-                return f"request id {record.id[:200]!r} cannot name a body (it has '/', '\\' or NUL)"
+        if body.ref is None:  # inline: any request id names a body (`key_segment` encodes it)
             continue
         ref = body.ref
         segments = ref.split("/")
