@@ -11,6 +11,7 @@ store, so a queue message stays far below Kafka's 1 MB default.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -118,12 +119,90 @@ _probe = msgspec.json.Decoder(dict[str, Any])
 
 
 def encode(record: LogRecord) -> bytes:
-    return _encoder.encode(record)
+    """The record as JSON. A record holding text that is not valid Unicode (a header byte that
+    is not UTF-8 arrives as a lone surrogate) is repaired, not refused: see `repaired`.
+    Raises `RecordError` only for a record that cannot be encoded even then."""
+    try:
+        return _encoder.encode(record)
+    except Exception:  # the cold path: repair, then try once more
+        pass
+    try:
+        return _encoder.encode(repaired(record))
+    except Exception as e:
+        raise RecordError(
+            f"cannot encode record {clean_text(record.id)!r}: {type(e).__name__}: {e}"
+        ) from None
 
 
 def encode_many(records: list[LogRecord]) -> bytes:
     """A JSON array of records (the ingest endpoint's and the spool's batch format)."""
-    return _encoder.encode(records)
+    try:
+        return _encoder.encode(records)
+    except Exception:
+        return b"[" + b",".join(encode(r) for r in records) + b"]"
+
+
+# -- text that JSON cannot carry ------------------------------------------------------------------
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(m: re.Match[str]) -> str:
+    o = ord(m.group())
+    # aiohttp decodes header bytes with `surrogateescape`: U+DC80..U+DCFF stand for the raw
+    # bytes 0x80..0xFF, shown as `\xNN`; any other lone surrogate as `\uNNNN`.
+    return f"\\x{o - 0xDC00:02x}" if 0xDC80 <= o <= 0xDCFF else f"\\u{o:04x}"
+
+
+def clean_text(s: str) -> str:
+    r"""`s` as valid Unicode: each byte that was not UTF-8 (a lone surrogate) becomes the text
+    `\xNN`. Costs one `isascii` on ordinary text. (NUL is the stores' business: `store.sql`.)"""
+    if s.isascii():
+        return s
+    return _SURROGATE.sub(_escape_surrogate, s)
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return clean_text(obj)
+    if isinstance(obj, dict):
+        return {(clean_text(k) if isinstance(k, str) else k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, msgspec.Struct):
+        return msgspec.structs.replace(obj, **{f: _clean(getattr(obj, f)) for f in obj.__struct_fields__})
+    return obj
+
+
+def repaired(record: LogRecord) -> LogRecord:
+    """A copy of `record` whose every string is valid Unicode (`clean_text`): the record with odd
+    bytes is kept, escaped, instead of failing the batch it travels in."""
+    out: LogRecord = _clean(record)
+    return out
+
+
+def stripped(record: LogRecord, reason: str) -> LogRecord:
+    """The record reduced to its plain fields, with `reason` as its error: what is stored when
+    the full record cannot be encoded or is refused, so the request is still counted and the
+    reason visible instead of the record vanishing."""
+    return LogRecord(
+        id=clean_text(record.id),
+        tenant=clean_text(record.tenant),
+        provider=clean_text(record.provider),
+        target_url=clean_text(record.target_url),
+        method=clean_text(record.method),
+        path=clean_text(record.path),
+        streamed=record.streamed,
+        started_at=record.started_at,
+        first_byte_at=record.first_byte_at,
+        ended_at=record.ended_at,
+        latency_ms=record.latency_ms,
+        status=record.status,
+        outcome=record.outcome,
+        error=clean_text(f"llmtap could not deliver the full record: {reason}")[:2000],
+        route=record.route,
+        gateway=record.gateway,
+    )
 
 
 def decode(data: bytes) -> LogRecord:
@@ -182,4 +261,4 @@ def partition_key(record: LogRecord, by: str) -> str:
     if by == "tenant":
         return record.tenant
     value = getattr(record, by, None)
-    return str(value) if value else record.tenant
+    return clean_text(str(value)) if value else record.tenant

@@ -20,6 +20,7 @@ from typing import Protocol
 from llmtap import __version__
 from llmtap.config import Settings
 from llmtap.errors import LlmtapError
+from llmtap.redact import install_log_filter
 
 log = logging.getLogger("llmtap")
 
@@ -42,6 +43,8 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # No log line may carry a credential: aiohttp quotes a malformed request's raw bytes.
+    install_log_filter()
     # aiohttp's per-request access log would cost the hot path; we log records, not lines.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # aiokafka logs an ERROR per retry while a broker is away (tens of thousands a minute);

@@ -27,6 +27,7 @@ from llmtap.providers import anthropic as anthropic_format
 from llmtap.providers import openai as openai_format
 from llmtap.providers.sse import StreamResult
 from llmtap.record import Body, LogRecord, Outcome, Usage, compress
+from llmtap.redact import redact_text
 
 #: Past the capture cap a stream keeps this much of its end, so the usage that providers send
 #: last is still found in very long streams.
@@ -184,6 +185,14 @@ def _loads(data: bytes | None) -> Any:
 _NO_LLMTAP = LlmtapHeaders()
 
 
+def _redact_urls(headers: dict[str, str]) -> dict[str, str]:
+    """Header values holding a URL with a query (`Referer`, `Location`) lose its secrets too."""
+    for name, value in headers.items():
+        if "?" in value:
+            headers[name] = redact_url(value)
+    return headers
+
+
 class RecordBuilder:
     """Captures → records, plus the (key, compressed bytes, Body) triples to write to the body store.
 
@@ -209,8 +218,8 @@ class RecordBuilder:
         uploads: list[tuple[str, bytes, Body]] = []
         fmt = _PROVIDERS.get(cap.provider, openai_format)
         lh = LlmtapHeaders(cap.llmtap) if cap.llmtap else _NO_LLMTAP
-        req_headers = self._request_headers(cap.request_headers)
-        resp_headers = self._response_headers(cap.response_headers)
+        req_headers = _redact_urls(self._request_headers(cap.request_headers))
+        resp_headers = _redact_urls(self._response_headers(cap.response_headers))
 
         started_at = datetime.fromtimestamp(cap.started, UTC)
         end = cap.t_end or cap.t0
@@ -325,7 +334,8 @@ class RecordBuilder:
             time_to_first_token_ms=ttft,
             status=cap.status,
             outcome=outcome,
-            error=error[:2000] if error else None,
+            # Error texts can quote a URL (an invalid-URL error names it): mask its secrets too.
+            error=redact_text(error)[:2000] if error else None,
             usage=usage,
             request_headers=req_headers,
             response_headers=resp_headers,
@@ -356,6 +366,6 @@ class RecordBuilder:
             latency_ms=(end - cap.t0) * 1000.0,
             status=cap.status,
             outcome=cap.outcome,
-            error=f"llmtap could not build this record: {type(exc).__name__}: {exc}"[:2000],
+            error=redact_text(f"llmtap could not build this record: {type(exc).__name__}: {exc}")[:2000],
             gateway=self.gateway,
         )

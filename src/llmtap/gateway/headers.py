@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+# Query-string redaction lives in `llmtap.redact`; re-exported here for the record builder.
+from llmtap.redact import redact_url as redact_url
+
 LLMTAP_PREFIX = "llmtap-"
 PROPERTY_PREFIX = "llmtap-property-"
 
@@ -56,8 +59,6 @@ CREDENTIAL_NAMES = frozenset(
 )
 CREDENTIAL_SUFFIXES = ("-key", "-token", "_key", "_token", "-secret", "_secret")
 
-#: Query parameters that carry credentials in some APIs (`?api-key=` on Azure, `?key=` ...).
-_CREDENTIAL_PARAMS = frozenset({"key", "api-key", "api_key", "apikey", "token", "access_token", "sig"})
 
 
 def is_credential(lname: str) -> bool:
@@ -104,22 +105,6 @@ class HeaderFilter:
 def recordable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> dict[str, str]:
     """One-off form of `HeaderFilter` (no cache)."""
     return HeaderFilter(drop)(headers)
-
-
-def redact_url(url: str) -> str:
-    """The URL with credential-looking query parameter values replaced by `***`."""
-    q = url.find("?")
-    if q < 0:
-        return url
-    parts = url[q + 1 :].split("&")
-    changed = False
-    for i, part in enumerate(parts):
-        name, sep, _value = part.partition("=")
-        lname = name.lower()
-        if sep and (lname in _CREDENTIAL_PARAMS or is_credential(lname)):
-            parts[i] = f"{name}=***"
-            changed = True
-    return f"{url[: q + 1]}{'&'.join(parts)}" if changed else url
 
 
 class LlmtapHeaders:

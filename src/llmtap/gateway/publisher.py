@@ -15,6 +15,12 @@ disk spool) on a path of its own, so a queue that is slow rather than down does 
 wait; only when that path is full too (another `publish_buffer_bytes`) or fails is a capture
 dropped — counted in `dropped` and `llmtap_gateway_records_dropped_total`, and logged (at most
 every 10 s), never silently.
+
+One record must never cost the others theirs. A batch that every sink refuses for a reason
+other than an outage (a record the queue, the server or the encoder will not take) is split in
+halves, and the halves tried apart, down to the single record at fault; that record is then
+published bare (`record.stripped`: its plain fields and the reason as its error) and only if even
+that is refused is it given up, with an ERROR line naming it and the reason, and counted.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from prometheus_client.registry import Collector
 from llmtap.errors import BackendUnavailable
 from llmtap.gateway.capture import Capture, RecordBuilder
 from llmtap.queue.base import Message, Queue
-from llmtap.record import Body, LogRecord, Route, encode, partition_key
+from llmtap.record import Body, LogRecord, Route, encode, partition_key, stripped
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
@@ -51,6 +57,8 @@ _BACKOFF_MAX = 2.0
 #: A batch that every sink rejects with something other than `BackendUnavailable` (a bug or a
 #: record the backend refuses, not an outage) is given up after this many rounds.
 _POISON_ROUNDS = 5
+#: The same for a part of a split batch: the batch it came from already had its retries.
+_PART_ROUNDS = 2
 _WARN_EVERY = 10.0
 #: A sink that raised BackendUnavailable is skipped for this long (doubling up to the max).
 _BREAKER_MIN = 0.25
@@ -97,13 +105,16 @@ class QueueSink(Sink):
 
 
 class _Batch:
-    __slots__ = ("nbytes", "poison_rounds", "records", "uploads")
+    __slots__ = ("bare", "nbytes", "part", "poison_rounds", "reason", "records", "uploads")
 
     def __init__(self, records: list[LogRecord], uploads: list[tuple[str, bytes, Body]], nbytes: int) -> None:
         self.records = records
         self.uploads = uploads
         self.nbytes = nbytes
         self.poison_rounds = 0
+        self.reason = ""  # why the last sink refused it
+        self.part = False  # a part of a batch that was refused whole
+        self.bare = False  # holds the stripped form of a record refused in full
 
 
 class Publisher:
@@ -138,7 +149,8 @@ class Publisher:
         self.published = 0  # records made durable by some sink
         self.batches = 0  # batches made durable (published / batches = mean batch size)
         self.failed = 0  # sink attempts that raised
-        self.dropped = 0  # captures/records given up (buffer full, poison batch, shutdown deadline)
+        self.dropped = 0  # captures/records given up (buffer full, poison record, shutdown deadline)
+        self.poisoned = 0  # records every sink refused in full (published bare, or dropped if not even that)
         self.build_errors = 0
         self.body_uploads = 0
         self.body_store_failures = 0
@@ -154,6 +166,7 @@ class Publisher:
         self._spill_wake = asyncio.Event()
         self._spill_task: asyncio.Task[None] | None = None
         self._held: _Batch | None = None
+        self._parts: deque[_Batch] = deque()  # parts of a refused batch, tried before new captures
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_warn: dict[str, float] = {}
@@ -194,7 +207,8 @@ class Publisher:
     def pending(self) -> int:
         """Captures not yet published (waiting + the batch in flight + spilling)."""
         held = len(self._held.records) if self._held is not None else 0
-        return len(self._dq) + held + len(self._spill)
+        parts = sum(len(b.records) for b in self._parts)
+        return len(self._dq) + held + parts + len(self._spill)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -240,6 +254,8 @@ class Publisher:
         if self._held is not None:
             for _, data, body in self._held.uploads:  # not uploaded yet: keep them inline
                 body.data, body.ref = data, None
+        for part in self._parts:
+            records.extend(part.records)
         for cap in [*self._dq, *self._spill]:
             try:
                 record, uploads = self.builder.build(cap)
@@ -251,21 +267,20 @@ class Publisher:
         if not records:
             return 0
         try:
-            await self.overflow.send(records)
+            sent = await self._send_apart(self.overflow, records)
         except Exception as e:
             log.error("shutdown: could not spool %d records either: %s", len(records), e)
             return 0
         self._dq.clear()
         self._spill.clear()
+        self._parts.clear()
         self._held = None
-        self.published += len(records)
-        self.routes[self.overflow.route] += len(records)
-        log.warning("shutdown deadline reached: spooled %d records to disk for the next start", len(records))
+        log.warning("shutdown deadline reached: spooled %d records to disk for the next start", sent)
         return len(records)
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is published (tests, benchmarks)."""
-        while self._dq or self._held is not None or self._spill or self.spill_bytes:
+        while self._dq or self._held is not None or self._parts or self._spill or self.spill_bytes:
             self._wake.set()
             await asyncio.sleep(0.001)
 
@@ -274,36 +289,140 @@ class Publisher:
         dq = self._dq
         wake = self._wake
         backoff = _BACKOFF_MIN
+        parts = self._parts
         while True:
-            if not dq and self._held is None:
+            if not dq and self._held is None and not parts:
                 if self._stopping:
                     return
                 wake.clear()
                 await wake.wait()
                 continue
-            if self._held is None and len(dq) < self.batch_size and self.linger > 0 and not self._stopping:
+            if (
+                self._held is None
+                and not parts
+                and len(dq) < self.batch_size
+                and self.linger > 0
+                and not self._stopping
+            ):
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.linger):
                         await wake.wait()
             if self._held is None:
-                take = min(len(dq), self.batch_size)
-                caps = [dq.popleft() for _ in range(take)]
-                self._held = await self._build(caps)
+                if parts:
+                    self._held = parts.popleft()
+                else:
+                    take = min(len(dq), self.batch_size)
+                    caps = [dq.popleft() for _ in range(take)]
+                    self._held = await self._build(caps)
             batch = self._held
             if await self._deliver(batch):
                 self._held = None
                 self.buffer_bytes -= batch.nbytes
                 backoff = _BACKOFF_MIN
                 continue
-            if batch.poison_rounds >= _POISON_ROUNDS:
+            if batch.poison_rounds >= (_PART_ROUNDS if batch.part else _POISON_ROUNDS):
                 self._held = None
-                self.buffer_bytes -= batch.nbytes
-                self.dropped += len(batch.records)
-                log.error("gave up on a batch of %d records every sink rejected", len(batch.records))
+                self._isolate(batch)
+                backoff = _BACKOFF_MIN
                 continue
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def _isolate(self, batch: _Batch) -> None:
+        """A batch every sink refused (not an outage): find the record at fault instead of
+        giving up the batch. Halves go back in front of the new captures, in order."""
+        records = batch.records
+        if len(records) > 1:
+            mid = len(records) // 2
+            first = _Batch(records[:mid], [], batch.nbytes // 2)
+            second = _Batch(records[mid:], [], batch.nbytes - first.nbytes)
+            first.part = second.part = True
+            self._parts.appendleft(second)
+            self._parts.appendleft(first)
+            self._warn(
+                "split",
+                "every sink refused a batch of %d records (%s); trying its halves apart",
+                len(records),
+                batch.reason,
+            )
+            return
+        record = records[0]
+        if not batch.bare:
+            self.poisoned += 1
+            log.error(
+                "every sink refused record %s (%s); publishing it bare, with that reason as its error",
+                record.id,
+                batch.reason,
+            )
+            bare = _Batch([stripped(record, batch.reason)], [], batch.nbytes)
+            bare.part = bare.bare = True
+            self._parts.appendleft(bare)
+            return
+        self.buffer_bytes -= batch.nbytes
+        self.dropped += 1
+        log.error("gave up on record %s: every sink refused even its bare form (%s)", record.id, batch.reason)
+
+    async def _send_apart(self, sink: Sink, records: list[LogRecord]) -> int:
+        """Send to one sink; if it refuses the lot for a reason other than an outage, send the
+        records one by one (bare if need be), so one bad record costs only itself. Returns how
+        many were sent; raises `BackendUnavailable` if the sink is down."""
+        try:
+            await sink.send(records)
+        except BackendUnavailable:
+            raise
+        except Exception as e:
+            self.failed += 1
+            if len(records) == 1:
+                return await self._send_one(sink, records[0], e)
+            self._warn(
+                "split",
+                "%s sink refused %d records (%s); sending them one by one",
+                sink.route,
+                len(records),
+                e,
+            )
+            sent = 0
+            for r in records:
+                try:
+                    await sink.send([r])
+                except BackendUnavailable:
+                    raise
+                except Exception as e1:
+                    sent += await self._send_one(sink, r, e1)
+                else:
+                    self._count(sink, 1)
+                    sent += 1
+            return sent
+        self._count(sink, len(records))
+        return len(records)
+
+    async def _send_one(self, sink: Sink, record: LogRecord, exc: Exception) -> int:
+        reason = f"{type(exc).__name__}: {exc}"
+        self.poisoned += 1
+        try:
+            await sink.send([stripped(record, reason)])
+        except BackendUnavailable:
+            raise
+        except Exception as e:
+            self.dropped += 1
+            log.error(
+                "gave up on record %s: the %s sink refused even its bare form (%s)", record.id, sink.route, e
+            )
+            return 0
+        log.error(
+            "the %s sink refused record %s (%s); sent it bare, with that reason",
+            sink.route,
+            record.id,
+            reason,
+        )
+        self._count(sink, 1)
+        return 1
+
+    def _count(self, sink: Sink, n: int) -> None:
+        self.published += n
+        self.batches += 1
+        self.routes[sink.route] += n
 
     async def _run_spill(self) -> None:
         """Overflow path: captures that did not fit the buffer go straight to `overflow`."""
@@ -321,16 +440,11 @@ class Publisher:
             try:
                 if batch.uploads:
                     await self._upload(batch)
-                await self.overflow.send(batch.records)
+                self.spilled += await self._send_apart(self.overflow, batch.records)
             except Exception as e:
                 self.failed += 1
                 self.dropped += len(batch.records)
-                self._warn("spill", "overflow sink failed, %d records lost: %s", len(batch.records), e)
-            else:
-                self.published += len(batch.records)
-                self.spilled += len(batch.records)
-                self.batches += 1
-                self.routes[self.overflow.route] += len(batch.records)
+                log.error("overflow sink failed, %d records lost: %s", len(batch.records), e)
             finally:
                 self.spill_bytes -= batch.nbytes
 
@@ -380,6 +494,7 @@ class Publisher:
             except BackendUnavailable as e:
                 outage = True
                 self.failed += 1
+                batch.reason = str(e)
                 wait = min(self._cooldown.get(id(sink), _BREAKER_MIN) * 2, _BREAKER_MAX)
                 self._cooldown[id(sink)] = wait
                 self._open_until[id(sink)] = time.monotonic() + wait
@@ -387,6 +502,7 @@ class Publisher:
                 continue
             except Exception as e:
                 self.failed += 1
+                batch.reason = f"{sink.route}: {type(e).__name__}: {e}"[:500]
                 self._warn(f"sink-{sink.route}", "%s sink failed (%s: %s)", sink.route, type(e).__name__, e)
                 continue
             self.published += len(batch.records)
@@ -460,8 +576,13 @@ class _PublisherCollector(Collector):
         )
         yield CounterMetricFamily(
             "llmtap_gateway_records_dropped",
-            "Records given up (buffer full, shutdown deadline)",
+            "Records given up (buffer full, shutdown deadline, refused even bare)",
             value=p.dropped,
+        )
+        yield CounterMetricFamily(
+            "llmtap_gateway_records_poisoned",
+            "Records every sink refused in full (published bare with the reason, else dropped)",
+            value=p.poisoned,
         )
         yield CounterMetricFamily(
             "llmtap_gateway_record_build_errors", "Records built bare after an error", value=p.build_errors

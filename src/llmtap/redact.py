@@ -1,0 +1,211 @@
+"""Credentials out of everything llmtap writes: recorded URLs, error texts and its own log.
+
+Query parameters are matched on their *decoded* name (`api%2Dkey` is `api-key`), normalized
+(case, `-`, `_` and `.` ignored, so `apiKey`, `API_KEY` and `api-key` are one name), against
+a list of known credential names plus any name ending in `key`, `token`, `secret`,
+`password` or `signature`. Redacting too much costs a little debugging; too little leaks a key.
+
+The log filter exists because aiohttp logs a malformed request (a control character in
+`Authorization`, a raw non-ASCII byte in a query holding `?api-key=`) with a traceback that
+quotes the raw request line or header, secret included. Such a request is the client's error,
+not ours: it becomes one sanitized line. Every other record going through a filtered logger
+or handler has credential-looking text masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from urllib.parse import unquote_plus
+
+REDACTED = "***"
+
+#: Normalized (lowercase, no `-_.`) names of query parameters that carry secrets.
+_SECRET_PARAMS = frozenset(
+    {
+        "key",
+        "apikey",
+        "token",
+        "accesstoken",
+        "refreshtoken",
+        "idtoken",
+        "authtoken",
+        "sessiontoken",
+        "sig",
+        "signature",
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "auth",
+        "authorization",
+        "secret",
+        "clientsecret",
+        "code",
+        "credential",
+        "credentials",
+        "xamzcredential",
+        "xamzsignature",
+        "xamzsecuritytoken",
+        "xgoogcredential",
+        "xgoogsignature",
+        "jwt",
+        "bearer",
+        "session",
+        "sessionid",
+        "cookie",
+    }
+)
+_SECRET_SUFFIXES = ("key", "token", "secret", "password", "signature", "credential", "sig")
+_NORMALIZE = str.maketrans("", "", "-_. ")
+
+
+def _decoded(name: str) -> str:
+    """The name as the upstream will read it: percent-decoding applied until stable (a proxy
+    in between may decode once more), `+` as a space."""
+    for _ in range(4):
+        d = unquote_plus(name, errors="replace")
+        if d == name:
+            break
+        name = d
+    return name
+
+
+def is_secret_param(name: str) -> bool:
+    """True if a query parameter called `name` (as sent, possibly percent-encoded) looks like
+    it carries a credential."""
+    n = _decoded(name).lower().translate(_NORMALIZE)
+    return n in _SECRET_PARAMS or n.endswith(_SECRET_SUFFIXES)
+
+
+def redact_query(query: str) -> str:
+    """A query string with the values of credential-looking parameters replaced by `***`.
+    `&` and `;` both separate parameters (some servers accept either)."""
+    out: list[str] = []
+    changed = False
+    for part in re.split(r"([&;])", query):
+        if part in ("&", ";"):
+            out.append(part)
+            continue
+        name, sep, value = part.partition("=")
+        if sep and value and is_secret_param(name):
+            out.append(f"{name}={REDACTED}")
+            changed = True
+        else:
+            out.append(part)
+    return "".join(out) if changed else query
+
+
+def redact_url(url: str) -> str:
+    """The URL with credential-looking query parameter values replaced by `***`."""
+    q = url.find("?")
+    if q < 0:
+        return url
+    query = url[q + 1 :]
+    red = redact_query(query)
+    return url if red is query else f"{url[: q + 1]}{red}"
+
+
+# -- free text (error messages, log lines) ---------------------------------------------------------
+
+#: `name=value` pairs in a URL or a form, wherever they appear in a text.
+_PAIR = re.compile(r"(?P<name>[^\s?&;=#'\"<>()\[\]{},]+)=(?P<value>[^\s&;#'\"<>]*)")
+#: Header-like `Name: value` lines and `Bearer <token>`/`Basic <creds>` wherever they are.
+_HEADER = re.compile(
+    r"(?im)(?P<name>[\w.-]*(?:authorization|auth|key|token|secret|cookie|password|signature))"
+    r"(?P<sep>\s*:\s*)(?P<value>[^\r\n'\"]+)"
+)
+_SCHEME = re.compile(r"(?i)\b(?P<scheme>bearer|basic)(?P<sp>\s+)(?P<value>[^\s'\",;]+)")
+#: Well-known key shapes (OpenAI/Anthropic `sk-...`, Google `AIza...`), anywhere.
+_KEY_SHAPES = re.compile(r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,})")
+
+
+def _pair(m: re.Match[str]) -> str:
+    return f"{m['name']}={REDACTED}" if m["value"] and is_secret_param(m["name"]) else m.group()
+
+
+def redact_text(text: str) -> str:
+    """`text` with credential-looking values masked: query pairs, `Authorization:`-like header
+    lines, `Bearer <token>`, and well-known API key shapes."""
+    text = _PAIR.sub(_pair, text)
+    text = _HEADER.sub(lambda m: f"{m['name']}{m['sep']}{REDACTED}", text)
+    text = _SCHEME.sub(lambda m: f"{m['scheme']}{m['sp']}{REDACTED}", text)
+    return _KEY_SHAPES.sub(REDACTED, text)
+
+
+class CredentialFilter(logging.Filter):
+    """Masks credentials in every record it sees; turns aiohttp's traceback for a malformed
+    request (which quotes the raw request) into one line without the client's bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            self._scrub(record)
+        except Exception:  # a filter must never lose the line: fall back to a bare one
+            record.msg, record.args = f"{record.name}: log line withheld (could not be redacted)", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+    def _scrub(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _is_bad_request(exc):
+            code = getattr(exc, "code", 400)
+            what = str(getattr(exc, "message", "") or type(exc).__name__).strip().splitlines()
+            first = what[0].rstrip(":").strip() if what else type(exc).__name__
+            msg = record.getMessage().replace("Error handling request", "rejected a malformed request")
+            record.msg = "%s: %s %s (request not shown: it may hold credentials)"
+            record.args = (redact_text(msg), code, redact_text(first)[:200])
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return
+        msg = record.getMessage()
+        red = redact_text(msg)
+        if red != msg:
+            record.msg, record.args = red, ()
+        if record.exc_info and record.exc_info[0] is not None:
+            text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            record.exc_text = redact_text(text)
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
+
+
+def _is_bad_request(exc: BaseException) -> bool:
+    try:
+        from aiohttp.http_exceptions import HttpProcessingError
+    except ImportError:  # pragma: no cover - aiohttp is a dependency
+        return False
+    return isinstance(exc, HttpProcessingError)
+
+
+#: Loggers that may quote a client's raw request (aiohttp's server side and client side).
+AIOHTTP_LOGGERS = (
+    "aiohttp.access",
+    "aiohttp.client",
+    "aiohttp.internal",
+    "aiohttp.server",
+    "aiohttp.web",
+    "aiohttp.websocket",
+)
+
+
+def install_log_filter() -> CredentialFilter:
+    """Put the filter on aiohttp's loggers (records created there) and on every handler of the
+    root logger (records from anywhere that reach them). Idempotent."""
+    filt = next(
+        (f for f in logging.getLogger("aiohttp.server").filters if isinstance(f, CredentialFilter)),
+        None,
+    )
+    if filt is None:
+        filt = CredentialFilter()
+    for name in AIOHTTP_LOGGERS:
+        lg = logging.getLogger(name)
+        if filt not in lg.filters:
+            lg.addFilter(filt)
+    for handler in logging.getLogger().handlers:
+        if filt not in handler.filters:
+            handler.addFilter(filt)
+    return filt

@@ -1,0 +1,186 @@
+"""The real `llmtap up` against bytes no well-behaved client sends (issue 7, items 1, 13, 15).
+
+Raw sockets, because aiohttp, httpx and urllib refuse to send them. One stack per module:
+`llmtap up` on embedded SQLite, the fake OpenAI upstream, and a raw upstream (at the Anthropic
+route) whose response carries a header byte that is not UTF-8.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from procs import (
+    Proc,
+    fake_upstream,
+    free_port,
+    get_record,
+    http_json,
+    llmtap_env,
+    start_llmtap,
+    wait_http,
+)
+from rawhttp import RawUpstream, exchange, request_bytes
+
+CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+ANTHROPIC = b'{"model":"claude-3-5-haiku-latest","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+ODD_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Odd-Upstream: caf\xe9 \xff\xfe\r\n"
+    b"Content-Length: 2\r\n\r\n{}"
+)
+
+
+@dataclass
+class Stack:
+    gw_port: int
+    api: str
+    fake: str
+    proc: Proc
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    raw_up = RawUpstream(ODD_RESPONSE)
+    with fake_upstream(tmp) as fake:
+        gw_port, api_port = free_port(), free_port()
+        env = llmtap_env(
+            tmp / "data",
+            gateway_port=gw_port,
+            server_port=api_port,
+            openai_base_url=fake,
+            anthropic_base_url=raw_up.url,
+        )
+        proc = start_llmtap("up", env, tmp / "up.log")
+        try:
+            try:
+                wait_http(f"http://127.0.0.1:{gw_port}/healthz", 60)
+                wait_http(f"http://127.0.0.1:{api_port}/healthz", 60)
+            except AssertionError:
+                raise AssertionError(proc.output()) from None
+            yield Stack(gw_port, f"http://127.0.0.1:{api_port}", fake, proc)
+        finally:
+            proc.stop()
+            raw_up.close()
+
+
+def _chat(
+    stack: Stack, headers: list[tuple[bytes, bytes]], target: bytes = b"/openai/v1/chat/completions"
+) -> str:
+    """One raw chat call; returns the request id the gateway answered with (asserts it did)."""
+    if not any(k.lower() == b"authorization" for k, _ in headers):
+        headers = [(b"Authorization", b"Bearer sk-test"), *headers]
+    ans = exchange(
+        stack.gw_port,
+        request_bytes(b"POST", target, [(b"Content-Type", b"application/json"), *headers], CHAT),
+    )
+    assert ans is not None and ans.status == 200, ans
+    rid = ans.header("llmtap-request-id")
+    assert rid, ans.headers
+    return rid
+
+
+def test_odd_bytes_in_any_header_are_stored_escaped_and_spare_the_batch(stack: Stack) -> None:
+    """Before: one request header byte that is not UTF-8 made the record unencodable, and the
+    publisher gave up the whole batch, normal neighbours included, while every client had its 200."""
+    normal = [_chat(stack, [(b"X-Seq", str(i).encode())]) for i in range(3)]
+    odd_forwarded = _chat(stack, [(b"X-Odd", b"caf\xff\xfe")])
+    odd_llmtap = _chat(
+        stack,
+        [
+            (b"Llmtap-User-Id", b"u\xff1"),
+            (b"Llmtap-Session-Id", b"s\xc3\x28"),
+            (b"Llmtap-Property-Feature", b"v\xe9"),
+        ],
+    )
+    # An upstream whose response header is not UTF-8 (the Anthropic route goes to the raw one).
+    ans = exchange(
+        stack.gw_port,
+        request_bytes(
+            b"POST", b"/anthropic/v1/messages", [(b"Content-Type", b"application/json")], ANTHROPIC
+        ),
+    )
+    assert ans is not None and ans.status == 200, ans
+    odd_upstream = ans.header("llmtap-request-id")
+    assert odd_upstream
+    normal += [_chat(stack, [(b"X-Seq", str(i).encode())]) for i in range(3, 6)]
+
+    for rid in normal:
+        get_record(stack.api, rid, timeout=60)
+    r = get_record(stack.api, odd_forwarded, timeout=60)
+    assert r["request_headers"]["x-odd"] == "caf\\xff\\xfe"
+    r = get_record(stack.api, odd_llmtap, timeout=60)
+    assert (r["user_id"], r["session_id"], r["properties"]) == ("u\\xff1", "s\\xc3(", {"feature": "v\\xe9"})
+    r = get_record(stack.api, odd_upstream, timeout=60)
+    assert r["response_headers"]["x-odd-upstream"] == "caf\\xe9 \\xff\\xfe"
+    assert "gave up" not in stack.proc.output()
+
+
+QUERY_SECRETS = {
+    "api%2Dkey": "QS-NEEDLE-1",
+    "password": "QS-NEEDLE-2",
+    "sig": "QS-NEEDLE-3",
+    "secret": "QS-NEEDLE-4",
+    "auth": "QS-NEEDLE-5",
+    "signature": "QS-NEEDLE-6",
+    "access_token": "QS-NEEDLE-7",
+    "apiKey": "QS-NEEDLE-8",
+    "code": "QS-NEEDLE-9",
+    "api%252Dkey": "QS-NEEDLE-10",
+}
+
+
+def test_query_secrets_are_redacted_in_the_store_but_reach_the_upstream(stack: Stack) -> None:
+    query = "&".join(f"{k}={v}" for k, v in QUERY_SECRETS.items()) + "&api-version=2024-10-21"
+    rid = _chat(stack, [(b"X-Mark", b"qs-test")], f"/openai/v1/chat/completions?{query}".encode())
+    r = get_record(stack.api, rid, timeout=60)
+    blob = json.dumps(r)
+    leaked = [v for v in QUERY_SECRETS.values() if v in blob]
+    assert not leaked, r["target_url"]
+    parsed = urllib.parse.urlsplit(r["target_url"])
+    assert parsed.query.endswith("api-version=2024-10-21"), r["target_url"]
+    assert parsed.query.count("=***") == len(QUERY_SECRETS), r["target_url"]
+    # ... and the upstream got the query unchanged.
+    status, body = http_json("GET", f"{stack.fake}/_fake/requests")
+    assert status == 200
+    hits = [q for q in body["requests"] if ["X-Mark", "qs-test"] in q["headers"]]
+    assert len(hits) == 1
+    assert all(f"{k}={v}" in json.dumps(hits[0]) for k, v in QUERY_SECRETS.items()), hits[0]
+
+
+MALFORMED = [
+    # A control character in Authorization: aiohttp's parser refuses the header.
+    b"GET /openai/v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer LOG-NEEDLE-1\x01x\r\n\r\n",
+    # A raw non-ASCII byte in a query beside ?api-key=: aiohttp refuses the request line.
+    b"GET /openai/v1/models?api-key=LOG-NEEDLE-2&x=\xc3\x28 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /openai/v1/chat/completions?key=LOG-NEEDLE-3\xff HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    # A header name that is not a token, holding a key.
+    b"GET /openai/v1/models HTTP/1.1\r\nHost: x\r\nX-Api-K\xffey: LOG-NEEDLE-4\r\n\r\n",
+    # A bare CR inside a key value.
+    b"GET /openai/v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: LOG-NEEDLE-5\rtail\r\n\r\n",
+    # Request line with an absurd method and a secret.
+    b"G\x00T /openai/v1/models?token=LOG-NEEDLE-6 HTTP/1.1\r\nHost: x\r\n\r\n",
+]
+
+
+def test_malformed_requests_never_put_a_credential_in_the_log(stack: Stack) -> None:
+    """Before: aiohttp logged a traceback quoting the raw request line or header, key included."""
+    before = stack.proc.output()
+    for data in MALFORMED:
+        ans = exchange(stack.gw_port, data, timeout=30)
+        assert ans is None or ans.status == 400, ans
+    # aiohttp writes its log line (unbuffered stderr) before it sends the 400, so every line is
+    # in the file by now.
+    log = stack.proc.output()
+    assert "LOG-NEEDLE" not in log, log[len(before) :]
+    new = log[len(before) :]
+    assert "Traceback" not in new, new
+    assert new.count("rejected a malformed request") >= len(MALFORMED) - 1, new  # one aiohttp doesn't log
+    assert stack.proc.alive()
+    # Still healthy, still logging.
+    rid = _chat(stack, [(b"Authorization", b"Bearer sk-live-after")])
+    get_record(stack.api, rid, timeout=60)
