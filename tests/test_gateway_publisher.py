@@ -19,7 +19,7 @@ from llmtap.errors import BackendUnavailable
 from llmtap.gateway.capture import CAPTURE_OVERHEAD, Capture
 from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.queue.base import Message
-from llmtap.record import LogRecord, Route, decode, partition_key
+from llmtap.record import LogRecord, Route, decode, encode, partition_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,7 +195,39 @@ async def test_poison_batch_is_given_up(tmp_path: Path) -> None:
     await pub.start()
     pub.submit(capture(1))
     await wait_for(lambda: pub.dropped == 1, timeout=10)
-    assert Broken.calls == 5 and pub.pending == 0
+    # 5 rounds in full, then 2 of its bare form; counted and logged, never silent.
+    assert Broken.calls == 5 + 2 and pub.pending == 0 and pub.poisoned == 1
+    await pub.stop(timeout=1)
+
+
+async def test_one_refused_record_costs_only_itself_not_its_batch(tmp_path: Path) -> None:
+    """Issue 7: the publisher used to give up the whole batch (hundreds of other clients'
+    records) when the queue refused one record or one record could not be encoded."""
+
+    class SizeLimitedQueue(QueueSink):
+        """Refuses a batch holding a message over 64 KiB, as Kafka does (MessageSizeTooLarge)."""
+
+        async def send(self, records: Sequence[LogRecord]) -> None:
+            if any(len(encode(r)) > 65536 for r in records):
+                raise ValueError("MessageSizeTooLargeError: the message is too large")
+            await super().send(records)
+
+    q = MemoryQueue()
+    pub = Publisher(settings(tmp_path), [SizeLimitedQueue(q)])
+    caps = [capture(i) for i in range(1, 8)]
+    caps[2].request_headers = [("x-odd", "caf\udcff")]  # a header byte that was not UTF-8
+    caps[4].request_headers = [("x-huge", "z" * 100_000)]
+    for cap in caps:
+        pub.submit(cap)  # before start: one batch
+    await pub.start()
+    await wait_for(lambda: len(q.messages) == 7, timeout=20)
+    got = [decode(m.value) for m in q.messages]
+    assert [r.id for r in got] == [c.id for c in caps]  # all of them, in order
+    assert got[2].request_headers["x-odd"] == "caf\\xff" and got[2].error is None
+    assert got[4].request_headers == {} and got[4].error and "MessageSizeTooLarge" in got[4].error
+    assert got[4].status == 200 and got[4].tenant == "default"
+    assert [r.error for i, r in enumerate(got) if i != 4] == [None] * 6
+    assert pub.poisoned == 1 and pub.dropped == 0
     await pub.stop(timeout=1)
 
 

@@ -149,3 +149,45 @@ async def test_replay_cut_short_by_an_outage_keeps_the_segment_and_loses_nothing
         assert len(ids) == 1100 + 500
     finally:
         await q.close()
+
+
+class _SizeLimitedQueue(SQLiteQueue):
+    """Refuses a batch holding a message over 64 KiB, as Kafka does (MessageSizeTooLarge)."""
+
+    async def publish(self, messages):  # type: ignore[no-untyped-def]
+        if any(len(m.value) > 65536 for m in messages):
+            raise ValueError("MessageSizeTooLargeError: the message is too large")
+        await super().publish(messages)
+
+
+async def test_one_bad_record_costs_the_spool_only_itself(tmp_path: Path) -> None:
+    """Issue 7: a record with a header byte that was not UTF-8 could not be spooled (the whole
+    batch failed), and a spooled record the queue refuses blocked its segment's replay forever."""
+    spool = DiskSpool(tmp_path / "spool", max_bytes=50_000_000)
+    sink = SpoolSink(spool, partition_by="user_id")
+    records = [_record(i) for i in range(20)]
+    records[3].request_headers = {"x-odd": "caf\udcff"}
+    records[4].user_id = "u\udcfe"  # also the partition key
+    records[11].request_headers = {"x-huge": "z" * 100_000}
+    await sink.send(records)
+    await sink.close()
+    q = _SizeLimitedQueue(str(tmp_path / "queue.db"), partitions=2)
+    await q.connect("both")
+    try:
+        replayer = SpoolReplayer(spool, q)
+        assert await replayer.replay_once() == 20
+        assert not spool.pending() and replayer.dropped == 0
+        got: dict[str, LogRecord] = {}
+        while True:
+            ds = await q.consume(1000, timeout=0.5)
+            if not ds:
+                break
+            got.update((r.id, r) for r in (decode(d.value) for d in ds))
+            await q.ack(ds)
+        assert set(got) == {r.id for r in records}
+        assert got[records[3].id].request_headers == {"x-odd": "caf\\xff"}
+        assert got[records[4].id].user_id == "u\\xfe"
+        bare = got[records[11].id]
+        assert bare.request_headers == {} and bare.error and "MessageSizeTooLarge" in bare.error
+    finally:
+        await q.close()

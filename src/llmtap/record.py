@@ -181,23 +181,27 @@ def repaired(record: LogRecord) -> LogRecord:
     return out
 
 
+def _text(value: object) -> str:
+    return clean_text(value if isinstance(value, str) else str(value))
+
+
 def stripped(record: LogRecord, reason: str) -> LogRecord:
     """The record reduced to its plain fields, with `reason` as its error: what is stored when
     the full record cannot be encoded or is refused, so the request is still counted and the
     reason visible instead of the record vanishing."""
     return LogRecord(
-        id=clean_text(record.id),
-        tenant=clean_text(record.tenant),
-        provider=clean_text(record.provider),
-        target_url=clean_text(record.target_url),
-        method=clean_text(record.method),
-        path=clean_text(record.path),
+        id=_text(record.id),
+        tenant=_text(record.tenant),
+        provider=_text(record.provider),
+        target_url=_text(record.target_url),
+        method=_text(record.method),
+        path=_text(record.path),
         streamed=record.streamed,
         started_at=record.started_at,
         first_byte_at=record.first_byte_at,
         ended_at=record.ended_at,
         latency_ms=record.latency_ms,
-        status=record.status,
+        status=record.status if isinstance(record.status, int) and 0 <= record.status < 1000 else None,
         outcome=record.outcome,
         error=clean_text(f"llmtap could not deliver the full record: {reason}")[:2000],
         route=record.route,

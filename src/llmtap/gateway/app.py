@@ -122,6 +122,9 @@ class GatewayService:
             ]
             self.replayer = SpoolReplayer(spool, self.queue)
         self.publisher = Publisher(settings, sinks, self.bodies, overflow=overflow)
+        if self.replayer is not None:
+            replayer = self.replayer
+            self.publisher.dropped_elsewhere.append(lambda: replayer.dropped)
         self.proxy = Proxy(settings, self.publisher, self.resolve_tenant)
         self.proxy.local = {"/healthz": self._healthz, "/metrics": self._metrics}
         self.registry = CollectorRegistry(auto_describe=False)

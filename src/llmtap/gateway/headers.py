@@ -60,7 +60,6 @@ CREDENTIAL_NAMES = frozenset(
 CREDENTIAL_SUFFIXES = ("-key", "-token", "_key", "_token", "-secret", "_secret")
 
 
-
 def is_credential(lname: str) -> bool:
     """True for a lowercase header name that carries a secret."""
     return lname in CREDENTIAL_NAMES or lname.endswith(CREDENTIAL_SUFFIXES)

@@ -33,7 +33,7 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -151,6 +151,9 @@ class Publisher:
         self.failed = 0  # sink attempts that raised
         self.dropped = 0  # captures/records given up (buffer full, poison record, shutdown deadline)
         self.poisoned = 0  # records every sink refused in full (published bare, or dropped if not even that)
+        #: Other parts of the gateway that may give up a record (the spool replayer): their
+        #: counts join `llmtap_gateway_records_dropped_total`.
+        self.dropped_elsewhere: list[Callable[[], int]] = []
         self.build_errors = 0
         self.body_uploads = 0
         self.body_store_failures = 0
@@ -577,7 +580,7 @@ class _PublisherCollector(Collector):
         yield CounterMetricFamily(
             "llmtap_gateway_records_dropped",
             "Records given up (buffer full, shutdown deadline, refused even bare)",
-            value=p.dropped,
+            value=p.dropped + sum(f() for f in p.dropped_elsewhere),
         )
         yield CounterMetricFamily(
             "llmtap_gateway_records_poisoned",

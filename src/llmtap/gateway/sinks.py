@@ -28,7 +28,7 @@ from llmtap.errors import BackendUnavailable
 from llmtap.gateway.publisher import Sink
 from llmtap.gateway.spool import DiskSpool, SpoolFull
 from llmtap.queue.base import Message, Queue
-from llmtap.record import LogRecord, Route, encode, encode_many, partition_key
+from llmtap.record import LogRecord, Route, decode, encode, encode_many, partition_key, stripped
 
 log = logging.getLogger("llmtap.gateway")
 
@@ -92,7 +92,8 @@ def _frame(key: str, value: bytes) -> bytes:
 
 def _unframe(data: bytes) -> Message:
     (n,) = _KEY_LEN.unpack_from(data)
-    return Message(key=data[2 : 2 + n].decode(), value=data[2 + n :])
+    # `replace`: a key cut at 64 KiB may end inside a UTF-8 sequence; it only picks a partition.
+    return Message(key=data[2 : 2 + n].decode(errors="replace"), value=data[2 + n :])
 
 
 class SpoolSink(Sink):
@@ -125,6 +126,11 @@ class SpoolReplayer:
     Runs at start-up and then every `interval` seconds while anything is spooled. A segment is
     deleted only after every batch in it was published; a replay cut short by an outage starts
     the segment over later (at least once: the store keeps one row per request id).
+
+    A batch the queue refuses for another reason than an outage (a message too large) is sent
+    record by record, so one record cannot block the spool for good; a record refused alone is
+    sent bare (`record.stripped`), and only if that is refused too is it given up: counted in
+    `dropped` and logged with its id.
     """
 
     def __init__(self, spool: DiskSpool, queue: Queue, *, interval: float = 1.0) -> None:
@@ -132,6 +138,7 @@ class SpoolReplayer:
         self.queue = queue
         self.interval = interval
         self.replayed = 0
+        self.dropped = 0  # spooled records the queue refused even bare
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -153,13 +160,52 @@ class SpoolReplayer:
                 continue  # another process is replaying it, or it is empty
             n = 0
             for batch in batches:
-                await self.queue.publish([_unframe(f) for f in batch])
-                n += len(batch)
+                n += await self._publish(batch)
             await asyncio.to_thread(DiskSpool.done, path)
             done += n
             self.replayed += n
             log.info("replayed %d spooled record(s) from %s into the queue", n, path.name)
         return done
+
+    async def _publish(self, frames: list[bytes]) -> int:
+        try:
+            await self.queue.publish([_unframe(f) for f in frames])
+            return len(frames)
+        except BackendUnavailable:
+            raise
+        except Exception as e:
+            if len(frames) == 1:
+                return await self._publish_bare(frames[0], e)
+            log.warning(
+                "the queue refused a spooled batch (%s: %s); replaying it record by record",
+                type(e).__name__,
+                e,
+            )
+        n = 0
+        for frame in frames:
+            n += await self._publish([frame])
+        return n
+
+    async def _publish_bare(self, frame: bytes, exc: Exception) -> int:
+        reason = f"{type(exc).__name__}: {exc}"
+        rid = "?"
+        try:
+            msg = _unframe(frame)
+            record = decode(msg.value)
+            rid = record.id
+            await self.queue.publish([Message(key=msg.key, value=encode(stripped(record, reason)))])
+        except BackendUnavailable:
+            raise
+        except Exception as e:
+            self.dropped += 1
+            log.error(
+                "gave up on spooled record %s: the queue refused it (%s), bare too (%s)", rid, reason, e
+            )
+            return 0
+        log.error(
+            "the queue refused spooled record %s (%s); published it bare, with that reason", rid, reason
+        )
+        return 1
 
     def _read(self, path: Path) -> list[list[bytes]]:
         return list(self.spool.replay(path))

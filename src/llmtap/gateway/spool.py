@@ -16,6 +16,7 @@ segment is replayed under an exclusive `flock`, so no two processes replay the s
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import struct
 import threading
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
+
+log = logging.getLogger("llmtap.gateway")
 
 _HEADER = struct.Struct(">II")
 SEGMENT_BYTES = 16 * 1024 * 1024
@@ -161,6 +164,10 @@ def _frames(data: bytes) -> Iterator[bytes]:
         start = pos + _HEADER.size
         value = data[start : start + length]
         if len(value) != length or zlib.crc32(value) != crc:
+            if start + length < end:  # not a torn tail: frames after it are unreadable
+                log.error(
+                    "spool: a corrupt frame at byte %d; %d bytes after it are unreadable", pos, end - pos
+                )
             return  # torn tail: never acknowledged as spooled
         yield value
         pos = start + length
