@@ -184,3 +184,37 @@ def test_malformed_requests_never_put_a_credential_in_the_log(stack: Stack) -> N
     # Still healthy, still logging.
     rid = _chat(stack, [(b"Authorization", b"Bearer sk-live-after")])
     get_record(stack.api, rid, timeout=60)
+
+
+def test_metadata_beyond_the_limits_is_cut_and_flagged_never_refused(stack: Stack) -> None:
+    """Issue 7 item 4: one request stored 6.6 MB of properties. Now the documented limits hold:
+    the call goes through, the record is cut and says what was cut."""
+    from llmtap import limits
+
+    props = [(f"Llmtap-Property-P{i:03d}".encode(), b"v" * 60_000) for i in range(100)]
+    headers = [
+        *props,
+        (b"Llmtap-Property-" + b"N" * 1000, b"x"),
+        (b"Llmtap-User-Id", "ü".encode() * 5000),  # cut at a character boundary
+        (b"Llmtap-Session-Id", b"s" * 300),
+        (b"X-Big", b"h" * 60_000),
+    ]
+    rid = _chat(stack, headers)
+    r = get_record(stack.api, rid, timeout=60)
+    assert sorted(r["truncated"]) == sorted(
+        ["request_headers", "user_id", "session_id", "properties", "property_value"]
+    ), r["truncated"]
+    assert len(r["properties"]) == limits.MAX_PROPERTIES
+    assert all(len(k.encode()) <= limits.MAX_PROPERTY_NAME_BYTES for k in r["properties"])
+    assert all(len(v.encode()) <= limits.MAX_PROPERTY_VALUE_BYTES for v in r["properties"].values())
+    assert r["user_id"] == "ü" * (limits.MAX_ID_BYTES // 2)
+    assert r["session_id"] == "s" * limits.MAX_ID_BYTES
+    assert len(r["request_headers"]["x-big"]) == limits.MAX_HEADER_VALUE_BYTES
+    assert "llmtap-truncated" not in r["request_headers"]
+    # A record within the limits says so.
+    ok = get_record(stack.api, _chat(stack, [(b"Llmtap-Property-Feature", b"search")]), timeout=60)
+    assert ok["truncated"] == [] and ok["properties"] == {"feature": "search"}
+    # The list page holding it stays small: a few hundred KB at most, not megabytes.
+    status, body = http_json("GET", f"{stack.api}/api/v1/requests?limit=50")
+    assert status == 200 and any(i["id"] == rid for i in body["items"])
+    assert len(json.dumps(body)) < 1_000_000

@@ -104,6 +104,10 @@ class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="v",
     omit_request: bool = False
     omit_response: bool = False
 
+    #: What the gateway cut to the documented metadata limits (`llmtap.limits`), e.g.
+    #: `["properties", "user_id"]`; empty when nothing was. The client's call was never refused.
+    truncated: list[str] = []
+
     route: Route = "queue"  # how the record reached the worker
     gateway: str | None = None  # host:pid of the gateway that captured it
 

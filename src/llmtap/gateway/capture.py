@@ -21,12 +21,13 @@ from typing import Any
 import orjson
 import zstandard
 
+from llmtap import limits
 from llmtap.bodies.base import body_key
 from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, LlmtapHeaders, redact_url
 from llmtap.providers import anthropic as anthropic_format
 from llmtap.providers import openai as openai_format
 from llmtap.providers.sse import StreamResult
-from llmtap.record import Body, LogRecord, Outcome, Usage, compress
+from llmtap.record import Body, LogRecord, Outcome, Usage, clean_text, compress
 from llmtap.redact import redact_text
 
 #: Past the capture cap a stream keeps this much of its end, so the usage that providers send
@@ -185,12 +186,61 @@ def _loads(data: bytes | None) -> Any:
 _NO_LLMTAP = LlmtapHeaders()
 
 
-def _redact_urls(headers: dict[str, str]) -> dict[str, str]:
-    """Header values holding a URL with a query (`Referer`, `Location`) lose its secrets too."""
+def _recorded_headers(headers: dict[str, str], what: str, truncated: list[str]) -> dict[str, str]:
+    """Headers as recorded: URLs with a query (`Referer`, `Location`) lose their secrets, and
+    the count and value sizes are held to the documented limits."""
+    cut = False
+    if len(headers) > limits.MAX_HEADERS:
+        headers = dict(list(headers.items())[: limits.MAX_HEADERS])
+        cut = True
     for name, value in headers.items():
         if "?" in value:
-            headers[name] = redact_url(value)
+            value = headers[name] = redact_url(value)
+        short = limits.cut(value, limits.MAX_HEADER_VALUE_BYTES)
+        if short is not None:
+            headers[name] = short
+            cut = True
+    if cut:
+        truncated.append(what)
     return headers
+
+
+def _limited_id(value: str | None, what: str, truncated: list[str]) -> str | None:
+    if value is None:
+        return None
+    value = clean_text(value)
+    short = limits.cut(value, limits.MAX_ID_BYTES)
+    if short is None:
+        return value
+    truncated.append(what)
+    return short
+
+
+def _limited_properties(props: dict[str, str], truncated: list[str]) -> dict[str, str]:
+    """Properties held to the documented limits (count, name and value size)."""
+    if len(props) <= limits.MAX_PROPERTIES and all(
+        len(k) <= limits.MAX_PROPERTY_NAME_BYTES // 4 and len(v) <= limits.MAX_PROPERTY_VALUE_BYTES // 4
+        for k, v in props.items()
+    ):
+        return props  # the common case: a few short ones
+    out: dict[str, str] = {}
+    flags: set[str] = set()
+    for name, value in props.items():
+        if len(out) >= limits.MAX_PROPERTIES:
+            flags.add("properties")
+            break
+        name, value = clean_text(name), clean_text(value)
+        short = limits.cut(name, limits.MAX_PROPERTY_NAME_BYTES)
+        if short is not None:
+            name = short
+            flags.add("property_name")
+        short = limits.cut(value, limits.MAX_PROPERTY_VALUE_BYTES)
+        if short is not None:
+            value = short
+            flags.add("property_value")
+        out.setdefault(name, value)
+    truncated.extend(sorted(flags))
+    return out
 
 
 class RecordBuilder:
@@ -218,8 +268,13 @@ class RecordBuilder:
         uploads: list[tuple[str, bytes, Body]] = []
         fmt = _PROVIDERS.get(cap.provider, openai_format)
         lh = LlmtapHeaders(cap.llmtap) if cap.llmtap else _NO_LLMTAP
-        req_headers = _redact_urls(self._request_headers(cap.request_headers))
-        resp_headers = _redact_urls(self._response_headers(cap.response_headers))
+        truncated: list[str] = []
+        req_headers = _recorded_headers(
+            self._request_headers(cap.request_headers), "request_headers", truncated
+        )
+        resp_headers = _recorded_headers(
+            self._response_headers(cap.response_headers), "response_headers", truncated
+        )
 
         started_at = datetime.fromtimestamp(cap.started, UTC)
         end = cap.t_end or cap.t0
@@ -315,12 +370,21 @@ class RecordBuilder:
                     "response",
                 )
 
+        user_id = _limited_id(lh.user_id, "user_id", truncated)
+        session_id = _limited_id(lh.session_id, "session_id", truncated)
+        properties = _limited_properties(lh.properties, truncated)
+        if model is not None:
+            short = limits.cut(model, limits.MAX_MODEL_BYTES)
+            if short is not None:
+                model = short
+                truncated.append("model")
+
         record = LogRecord(
             id=cap.id,
             tenant=cap.tenant,
-            user_id=lh.user_id,
-            session_id=lh.session_id,
-            properties=lh.properties,
+            user_id=user_id,
+            session_id=session_id,
+            properties=properties,
             provider=cap.provider,
             target_url=redact_url(cap.target_url),
             method=cap.method,
@@ -344,6 +408,7 @@ class RecordBuilder:
             response_events=resp_events,
             omit_request=lh.omit_request,
             omit_response=lh.omit_response,
+            truncated=truncated,
             gateway=self.gateway,
         )
         return record, uploads

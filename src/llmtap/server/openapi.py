@@ -105,6 +105,11 @@ _REQUEST_SUMMARY = {
         "first_byte_at": {"type": ["string", "null"], "format": "date-time"},
         "ended_at": {"type": ["string", "null"], "format": "date-time"},
         "gateway": _NULLABLE_STR,
+        "truncated": {
+            "type": "array",
+            "items": _STR,
+            "description": "metadata cut to the documented limits (e.g. properties, user_id)",
+        },
     },
 }
 _BODY_INFO = {

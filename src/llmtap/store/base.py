@@ -28,7 +28,7 @@ ROW_FIELDS = (
     "completion_tokens", "total_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
     "usage_source", "cost_usd", "price_version", "user_id", "session_id", "properties",
     "request_headers", "response_headers", "request_body", "response_body", "response_events",
-    "route", "first_byte_at", "ended_at", "gateway",
+    "route", "first_byte_at", "ended_at", "gateway", "truncated",
 )  # fmt: skip
 
 

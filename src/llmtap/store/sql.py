@@ -234,7 +234,9 @@ def record_values(r: LogRecord) -> tuple[Any, ...]:
         _clean_opt(r.user_id),
         _clean_opt(r.session_id),
         _properties(r.properties),
-        _json(r.request_headers),
+        _json(
+            {**r.request_headers, TRUNCATED_KEY: ",".join(r.truncated)} if r.truncated else r.request_headers
+        ),
         _json(r.response_headers),
         _body(r.request_body),
         _body(r.response_body),
@@ -379,6 +381,11 @@ def page_from_rows(
     return items, None
 
 
+#: `record.truncated` is kept in the request headers' JSON under this name (a `Llmtap-*` name,
+#: which no recorded header can have), so it needs no column of its own.
+TRUNCATED_KEY = "llmtap-truncated"
+
+
 def row_to_dict(d: Dialect, row: Sequence[Any]) -> dict[str, Any]:
     """A `requests` row (in `COLUMNS` order) as the API's dict (`ROW_FIELDS`)."""
 
@@ -413,7 +420,7 @@ def row_to_dict(d: Dialect, row: Sequence[Any]) -> dict[str, Any]:
         "user_id": row[23],
         "session_id": row[24],
         "properties": d.json_value(row[25]),
-        "request_headers": d.json_value(row[26]),
+        "request_headers": (request_headers := d.json_value(row[26])),
         "response_headers": d.json_value(row[27]),
         "request_body": d.json_value(row[28]),
         "response_body": d.json_value(row[29]),
@@ -422,7 +429,16 @@ def row_to_dict(d: Dialect, row: Sequence[Any]) -> dict[str, Any]:
         "first_byte_at": ts(row[32]),
         "ended_at": ts(row[33]),
         "gateway": row[34],
+        "truncated": _truncated(request_headers),
     }
+
+
+def _truncated(headers: Any) -> list[str]:
+    if isinstance(headers, dict):
+        flags = headers.pop(TRUNCATED_KEY, None)
+        if isinstance(flags, str) and flags:
+            return flags.split(",")
+    return []
 
 
 # -- aggregates ----------------------------------------------------------------------------------
