@@ -21,6 +21,8 @@ MAX_MODEL_BYTES = 256
 #: Recorded request or response headers: how many, and each value's size.
 MAX_HEADERS = 128
 MAX_HEADER_VALUE_BYTES = 4096
+#: ... and all of one direction's recorded header values together.
+MAX_HEADER_BYTES = 32768
 #: `Llmtap-Request-Id` must be a UUID (36 characters); anything else gets a fresh id.
 REQUEST_ID_CHARS = 36
 

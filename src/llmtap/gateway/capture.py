@@ -193,13 +193,15 @@ def _recorded_headers(headers: dict[str, str], what: str, truncated: list[str]) 
     if len(headers) > limits.MAX_HEADERS:
         headers = dict(list(headers.items())[: limits.MAX_HEADERS])
         cut = True
+    total = 0
     for name, value in headers.items():
         if "?" in value:
             value = headers[name] = redact_url(value)
-        short = limits.cut(value, limits.MAX_HEADER_VALUE_BYTES)
+        short = limits.cut(value, min(limits.MAX_HEADER_VALUE_BYTES, max(limits.MAX_HEADER_BYTES - total, 0)))
         if short is not None:
-            headers[name] = short
+            value = headers[name] = short
             cut = True
+        total += len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
     if cut:
         truncated.append(what)
     return headers

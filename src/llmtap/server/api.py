@@ -231,11 +231,28 @@ def _tenant(request: web.Request) -> str:
     return request[TENANT]
 
 
+#: A list page stops early (with a `next_cursor` to the rest) once its items reach this size,
+#: so a page is bounded in bytes as well as in items (metadata is capped per record too).
+PAGE_BYTES = 8 * 1024 * 1024
+
+
 async def list_requests(request: web.Request) -> web.Response:
     q = list_query(request)
     page = await request.app[STORE].list_requests(_tenant(request), q)
-    items = [{k: v for k, v in row.items() if k not in LIST_OMIT} for row in page.items]
-    return json_response({"items": items, "next_cursor": page.next_cursor})
+    items: list[dict[str, Any]] = []
+    size = 0
+    next_cursor = page.next_cursor
+    for row in page.items:
+        item = {k: v for k, v in row.items() if k not in LIST_OMIT}
+        n = len(orjson.dumps(item))
+        if items and size + n > PAGE_BYTES:
+            last = items[-1]
+            created = datetime.fromisoformat(last["created_at"].replace("Z", "+00:00"))
+            next_cursor = sql.encode_cursor(sql.to_micros(created), last["id"])
+            break
+        items.append(item)
+        size += n
+    return json_response({"items": items, "next_cursor": next_cursor})
 
 
 async def get_request(request: web.Request) -> web.Response:
