@@ -1,0 +1,70 @@
+"""Query-string and log redaction (issue 7, items 13 and 15), below the end-to-end tests in
+`test_gateway_hostile.py`: the names and shapes matched, and the log filter on any logger."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from llmtap.redact import CredentialFilter, install_log_filter, redact_text, redact_url
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "key", "api-key", "api_key", "apiKey", "API-KEY", "api%2Dkey", "api%252Dkey", "api%2dkey",
+        "password", "passwd", "auth", "secret", "client_secret", "sig", "signature", "token",
+        "access_token", "refresh_token", "code", "X-Amz-Signature", "X-Amz-Credential",
+        "x-goog-signature", "subscription-key", "my.secret", "k%65y",
+    ],
+)  # fmt: skip
+def test_credential_query_names_are_redacted_decoded(name: str) -> None:
+    url = (
+        f"https://res.openai.azure.com/openai/deployments/d/chat/completions?api-version=1&{name}=S3CR3T&x=1"
+    )
+    red = redact_url(url)
+    assert "S3CR3T" not in red
+    assert red.endswith(f"?api-version=1&{name}=***&x=1")
+
+
+@pytest.mark.parametrize("name", ["api-version", "model", "limit", "max_tokens", "stream", "q"])
+def test_ordinary_query_names_are_kept(name: str) -> None:
+    url = f"https://h/v1/x?{name}=value1"
+    assert redact_url(url) == url
+
+
+def test_semicolon_separated_and_repeated_params() -> None:
+    assert redact_url("https://h/p?key=A;sig=B&key=C") == "https://h/p?key=***;sig=***&key=***"
+
+
+def test_redact_text_masks_pairs_headers_bearer_and_key_shapes() -> None:
+    text = (
+        "GET /v1/models?api%2Dkey=N1&x=2 HTTP/1.1\r\nAuthorization: Bearer N2\r\n"
+        "x-api-key: N3\r\nsee sk-proj-N4abcdefgh and AIzaSyN5abcdefghijklmnopqrstuv, token bearer N6"
+    )
+    red = redact_text(text)
+    assert not any(f"N{i}" in red for i in range(1, 7)), red
+    assert "x=2" in red
+
+
+def test_log_filter_masks_any_logger_and_tracebacks() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        install_log_filter()
+        assert any(isinstance(f, CredentialFilter) for f in handler.filters)
+        lg = logging.getLogger("llmtap.test.redact")
+        lg.warning("calling %s", "https://h/v1?key=LEAK1&a=b")
+        try:
+            raise ValueError("upstream said: Authorization: Bearer LEAK2")
+        except ValueError:
+            lg.exception("failed with %s", "password=LEAK3")
+    finally:
+        root.removeHandler(handler)
+    out = stream.getvalue()
+    assert "LEAK" not in out, out
+    assert "key=***" in out and "ValueError" in out and "Traceback" in out
