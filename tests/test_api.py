@@ -214,6 +214,33 @@ async def test_list_pages_match_the_reference(server: Server) -> None:
     assert status == 200 and len(page["items"]) == 50  # the default limit
 
 
+async def test_a_list_page_is_bounded_in_bytes_and_its_cursor_leads_to_the_rest(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 7 item 4: one 50-item page was 88 MB. A page now stops at `PAGE_BYTES` (a small one
+    here), and following `next_cursor` still yields every record once, in order."""
+    monkeypatch.setattr(api, "PAGE_BYTES", 100_000)
+    records = [rec(i, request_headers={"x-big": f"{i}" * 30_000}) for i in range(12)]
+    status, _, _ = await server.ingest(encode_many(records))
+    assert status == 200
+    ids: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        status, page = await server.get(
+            "/api/v1/requests?limit=1000" + (f"&cursor={cursor}" if cursor else "")
+        )
+        assert status == 200, page
+        assert len(orjson.dumps(page)) < 100_000 + 40_000  # at most one item past the budget
+        pages += 1
+        ids += [i["id"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert pages >= 4
+    assert sorted(ids) == sorted(r.id for r in records) and len(ids) == len(set(ids))
+
+
 async def test_stats_sessions_users(server: Server) -> None:
     records = dataset(200, seed=9, tenants=("default",))
     assert (await server.ingest(encode_many(records)))[0] == 200
