@@ -1,11 +1,11 @@
 """Fuzz the whole real gateway (issue 7, item 2): every request it answers is stored.
 
-`llmtap up` (gateway + worker + server on embedded SQLite) in front of the fake upstream gets a
-seeded stream of requests with random bytes and sizes in every header, in `Llmtap-Request-Id`,
-property names and values, user and session ids, query strings and bodies (valid and invalid
-JSON, streams, gzip that is not gzip), mixed with normal ones, over raw sockets (HTTP clients
-refuse most of these bytes). Afterwards the ids the store holds must be exactly the
-`Llmtap-Request-Id`s the gateway answered with, and the gateway must be healthy.
+`llmtap up` (gateway + worker + server, on embedded SQLite and on PostgreSQL) in front of the
+fake upstream gets a seeded stream of requests with random bytes and sizes in every header, in
+`Llmtap-Request-Id`, property names and values, user and session ids, query strings and bodies
+(valid and invalid JSON, streams, gzip that is not gzip), mixed with normal ones, over raw
+sockets (HTTP clients refuse most of these bytes). Afterwards the ids the store holds must be
+exactly the `Llmtap-Request-Id`s the gateway answered with, and the gateway must be healthy.
 
 The default run sends `LLMTAP_FUZZ_REQUESTS` (300) requests; the `slow` variant 3000. The seed is
 `LLMTAP_FUZZ_SEED` (fixed by default, printed with the figures), so a run can be replayed.
@@ -13,6 +13,7 @@ The default run sends `LLMTAP_FUZZ_REQUESTS` (300) requests; the `slow` variant 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
@@ -21,9 +22,12 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from procs import (
@@ -39,6 +43,7 @@ from procs import (
     wait_until,
 )
 from rawhttp import exchange, request_bytes
+from store_helpers import pg_url, store_params
 
 TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 #: Header value bytes a parser may accept: visible ASCII, space, tab and obs-text (0x80-0xFF).
@@ -73,10 +78,34 @@ class Stack:
     proc: Proc
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@contextmanager
+def _store(kind: str) -> Iterator[dict[str, str]]:
+    """Settings for the store: embedded SQLite, or a fresh database on the test PostgreSQL."""
+    if kind == "sqlite":
+        yield {}
+        return
+    admin = pg_url()
+    assert admin is not None
+    name = "llmtap_fuzz_" + uuid.uuid4().hex[:12]
+
+    async def sql(q: str) -> None:
+        conn = await asyncpg.connect(admin)
+        try:
+            await conn.execute(q)
+        finally:
+            await conn.close()
+
+    asyncio.run(sql(f'CREATE DATABASE "{name}"'))
+    try:
+        yield {"store": urlunsplit(urlsplit(admin)._replace(path="/" + name))}
+    finally:
+        asyncio.run(sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="module", params=store_params())
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    with fake_upstream(tmp) as fake:
+    with fake_upstream(tmp) as fake, _store(request.param) as store:
         gw_port, api_port = free_port(), free_port()
         env = llmtap_env(
             tmp / "data",
@@ -84,6 +113,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             server_port=api_port,
             openai_base_url=fake,
             anthropic_base_url=fake,
+            **store,
         )
         proc = start_llmtap("up", env, tmp / "up.log")
         gw, api = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{api_port}"
