@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     # -- upstreams ---------------------------------------------------------------------------
     openai_base_url: str = "https://api.openai.com"
     anthropic_base_url: str = "https://api.anthropic.com"
+    gemini_base_url: str = "https://generativelanguage.googleapis.com"
+    azure_base_url: str | None = Field(
+        None,
+        description="the Azure OpenAI resource, e.g. https://myres.openai.azure.com (off until set)",
+    )
+    upstreams: str | None = Field(
+        None, description="named OpenAI-compatible upstreams 'name=url,name2=url2', each at /<name>/..."
+    )
     upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect upstream")
     upstream_read_timeout: float = Field(600.0, gt=0, description="seconds between upstream bytes")
     upstream_max_connections: int = Field(1000, ge=1)
@@ -118,7 +126,15 @@ class Settings(BaseSettings):
             return v
         raise ValueError("must be 'file' or 's3://bucket/prefix'")
 
-    @field_validator("openai_base_url", "anthropic_base_url", "ingest_url", "webhook_url", "s3_endpoint")
+    @field_validator(
+        "openai_base_url",
+        "anthropic_base_url",
+        "gemini_base_url",
+        "azure_base_url",
+        "ingest_url",
+        "webhook_url",
+        "s3_endpoint",
+    )
     @classmethod
     def _check_url(cls, v: str | None) -> str | None:
         if v is None:
@@ -127,6 +143,14 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
         return v.rstrip("/")
+
+    @field_validator("upstreams")
+    @classmethod
+    def _check_upstreams(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        parse_upstreams(v)
+        return v
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -149,6 +173,11 @@ class Settings(BaseSettings):
         if self.allowed_hosts is not None:
             return frozenset(normalize_host(n) for n in self.allowed_hosts.split(","))
         return frozenset({"localhost", "127.0.0.1", "::1", normalize_host(self.host)})
+
+    @property
+    def upstream_map(self) -> dict[str, str]:
+        """`LLMTAP_UPSTREAMS` as name → base URL (validated at start-up)."""
+        return parse_upstreams(self.upstreams) if self.upstreams else {}
 
     @property
     def effective_ingest_url(self) -> str:
@@ -180,6 +209,45 @@ class Settings(BaseSettings):
 _HOST_RE = re.compile(
     r"^(\.?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?|\[?[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]?)$"
 )
+
+
+#: A route name: what follows the first `/` of a gateway path.
+_ROUTE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+#: First path segments the gateway answers itself, so no upstream may take them.
+_RESERVED_ROUTES = frozenset({"healthz", "metrics", "api", "static"})
+
+
+def parse_upstreams(value: str) -> dict[str, str]:
+    """`name=url,name2=url2` → {name: url}; raises ValueError with one sentence on any mistake."""
+    from llmtap.providers import BUILTIN  # providers import this module's Settings for types
+
+    out: dict[str, str] = {}
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, url = item.partition("=")
+        name, url = name.strip(), url.strip()
+        if not sep or not name or not url:
+            raise ValueError(f"entry {item!r} is not name=url")
+        if not _ROUTE_NAME_RE.match(name):
+            raise ValueError(
+                f"upstream name {name!r} must be lowercase letters, digits, '-' or '_' "
+                f"(it becomes /{name}/...)"
+            )
+        if name in BUILTIN or name in _RESERVED_ROUTES:
+            raise ValueError(f"upstream name {name!r} is taken by llmtap's own /{name}/ route")
+        if name in out:
+            raise ValueError(f"upstream name {name!r} is given twice")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"upstream {name!r} needs an http:// or https:// URL, got {url!r}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"upstream {name!r} URL must not have a query or fragment, got {url!r}")
+        out[name] = url.rstrip("/")
+    if not out:
+        raise ValueError("must list at least one name=url")
+    return out
 
 
 def normalize_host(name: str) -> str:

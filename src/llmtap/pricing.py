@@ -39,6 +39,8 @@ import genai_prices
 from genai_prices import data_snapshot
 from genai_prices import types as gp
 
+from llmtap.providers import pricing_id
+
 if TYPE_CHECKING:
     from llmtap.record import LogRecord, Usage
 
@@ -259,8 +261,13 @@ def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) ->
 
 
 def apply_cost(record: LogRecord) -> None:
-    """Fill `cost_usd`, `cost_nanos` and `price_version` (all None when the cost is unknown)."""
-    cost = price_usage(record.provider, record.model, record.usage, record.started_at)
+    """Fill `cost_usd`, `cost_nanos` and `price_version` (all None when the cost is unknown).
+
+    A record's `provider` is its route; the route's provider names the price table's id
+    (`gemini` → `google`; a named upstream its own name, so `vllm` stays unpriced).
+    """
+    provider = pricing_id(record.provider)
+    cost = None if provider is None else price_usage(provider, record.model, record.usage, record.started_at)
     if cost is None:
         record.cost_usd = record.cost_nanos = record.price_version = None
     else:

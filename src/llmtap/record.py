@@ -29,7 +29,9 @@ Outcome = Literal[
     "upstream_timeout",  # no upstream answer in time: the gateway answered 504
     "upstream_unreachable",  # could not connect upstream: the gateway answered 502
 ]
-UsageSource = Literal["provider", "estimated", "missing"]
+#: `partial`: the provider's counts of a stream that ended before its end marker (a cut stream
+#: keeps only what its events said so far, e.g. Anthropic's placeholder output count).
+UsageSource = Literal["provider", "partial", "estimated", "missing"]
 Route = Literal["queue", "ingest", "spool"]
 
 

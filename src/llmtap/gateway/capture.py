@@ -18,14 +18,14 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import orjson
 import zstandard
 
 from llmtap import limits
 from llmtap.bodies.base import body_key
 from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, LlmtapHeaders, redact_url
-from llmtap.providers import anthropic as anthropic_format
-from llmtap.providers import openai as openai_format
+from llmtap.providers import provider_for
 from llmtap.providers.sse import StreamResult
 from llmtap.record import Body, LogRecord, Outcome, Usage, clean_text, compress
 from llmtap.redact import redact_text
@@ -40,8 +40,6 @@ COMPRESS_MIN_BYTES = 1024
 
 #: Rough fixed memory of one capture beyond its bodies (objects, headers), for buffer accounting.
 CAPTURE_OVERHEAD = 1024
-
-_PROVIDERS: dict[str, Any] = {"openai": openai_format, "anthropic": anthropic_format}
 
 
 class Capture:
@@ -268,7 +266,7 @@ class RecordBuilder:
 
     def build(self, cap: Capture) -> tuple[LogRecord, list[tuple[str, bytes, Body]]]:
         uploads: list[tuple[str, bytes, Body]] = []
-        fmt = _PROVIDERS.get(cap.provider, openai_format)
+        fmt = provider_for(cap.provider)
         lh = LlmtapHeaders(cap.llmtap) if cap.llmtap else _NO_LLMTAP
         truncated: list[str] = []
         req_headers = _recorded_headers(
@@ -289,9 +287,6 @@ class RecordBuilder:
         req_json = None
         if cap.request_body and not (cap.request_size > len(cap.request_body)):
             req_json = _loads(_decode(cap.request_body, req_headers.get("content-encoding")))
-        model = req_json.get("model") if isinstance(req_json, dict) else None
-        if not isinstance(model, str):
-            model = None
 
         # -- response
         raw = b"".join(cap.chunks)
@@ -303,6 +298,7 @@ class RecordBuilder:
         response_body: bytes | None = decoded if decoded is not None else raw
         response_body_type = resp_ctype
         events: bytes | None = None
+        response_obj: Any = None
         if cap.streamed and decoded is not None:
             scan = decoded
             if cap.tail:
@@ -314,20 +310,23 @@ class RecordBuilder:
                 response_body = orjson.dumps(result.message)
                 response_body_type = "application/json"
                 usage = result.usage
-                model = model or result.model
+                if not result.complete and usage.source == "provider":
+                    # Counts seen before the stream broke off, not the provider's final ones.
+                    usage = msgspec.structs.replace(usage, source="partial")
+                response_obj = result.message
                 if result.complete and outcome == "client_disconnected":
                     # The client left after the provider's end marker (SDKs stop reading at
                     # `[DONE]`): it had the whole stream.
                     outcome, error = "completed", None
                 error = error or result.error
         elif decoded is not None and raw:
-            obj = _loads(decoded)
+            obj = response_obj = _loads(decoded)
             if obj is not None:
                 usage = fmt.usage_from_body(obj)
-                if model is None and isinstance(obj, dict) and isinstance(obj.get("model"), str):
-                    model = obj["model"]
                 if cap.status is not None and cap.status >= 400 and error is None:
                     error = fmt.error_message(obj)
+
+        model = fmt.model(cap.path, req_json, response_obj)
 
         if cap.streamed and cap.t_first:
             ttft = (cap.t_first - cap.t0) * 1000.0

@@ -35,7 +35,7 @@ from yarl import URL
 
 from llmtap.gateway.capture import Capture
 from llmtap.gateway.headers import LLMTAP_PREFIX, REQUEST_DROP, RESPONSE_DROP
-from llmtap.providers.openai import UsageChunkStripper, inject_stream_usage
+from llmtap.providers import Route, StreamFilter, routes
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
@@ -93,10 +93,9 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         #: Gateway-own routes by exact path (`/healthz`, `/metrics`), set by the service.
         self.local: dict[str, LocalHandler] = {}
-        self._openai = settings.openai_base_url
-        self._anthropic = settings.anthropic_base_url
+        #: The one routing table: first path segment → provider and upstream.
+        self.routes: dict[str, Route] = routes(settings)
         self._cap = settings.max_body_bytes
-        self._stream_usage = settings.openai_stream_usage
         self._urls: dict[str, URL] = {}
         #: Set when the gateway stops: responses then say `Connection: close`, so clients and
         #: load balancers learn from the answer itself not to send more on that connection.
@@ -143,24 +142,22 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = request.raw_path
-        if raw.startswith("/openai/"):
-            provider = "openai"
-            rest = raw[7:]
-            base = self._openai
-        elif raw.startswith("/anthropic/"):
-            provider = "anthropic"
-            rest = raw[10:]
-            base = self._anthropic
-        else:
+        slash = raw.find("/", 1)
+        route = self.routes.get(raw[1:slash]) if slash > 0 else None
+        if route is None:
             local = self.local.get(request.path)
             if local is not None:
                 return await local(request)
+            names = ", ".join(f"/{n}/..." for n in self.routes)
             return _json_error(
                 404,
                 "llmtap_not_found",
-                f"no route for {request.path}: use /openai/... or /anthropic/...",
+                f"no route for {request.path}: use {names}",
                 str(uuid.uuid4()),
             )
+        provider = route.provider
+        base = route.base
+        rest = raw[slash:]
 
         started = time.time()
         t0 = time.perf_counter()
@@ -218,18 +215,16 @@ class Proxy:
         target = base + rest
 
         upstream_body = body
-        stripper: UsageChunkStripper | None = None
-        if provider == "openai" and self._stream_usage and method == "POST" and path.endswith("completions"):
-            injected = inject_stream_usage(body)
-            if injected is not None:
-                upstream_body = injected
-                stripper = UsageChunkStripper()
+        stripper: StreamFilter | None = None
+        rewritten = provider.rewrite_request(method, path, body)
+        if rewritten is not None:
+            upstream_body, stripper = rewritten
 
         cap_limit = self._cap
         cap = Capture(
             request_id,
             tenant,
-            provider,
+            provider.name,
             method,
             path,
             target,
@@ -277,7 +272,7 @@ class Proxy:
         request: web.BaseRequest,
         upstream: aiohttp.ClientResponse,
         cap: Capture,
-        stripper: UsageChunkStripper | None,
+        stripper: StreamFilter | None,
         request_id: str,
     ) -> web.StreamResponse:
         cap.t_headers = time.perf_counter()

@@ -20,15 +20,19 @@ input counts again). Later values win.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from llmtap.providers.base import Provider
 from llmtap.providers.common import error_message
 from llmtap.providers.sse import StreamResult, iter_events
 from llmtap.record import Usage
 
-__all__ = ["error_message", "parse_usage", "reassemble_stream", "usage_from_body"]
+if TYPE_CHECKING:
+    from llmtap.config import Settings
+
+__all__ = ["Anthropic", "error_message", "parse_usage", "reassemble_stream", "usage_from_body"]
 
 _TOOL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 
@@ -159,3 +163,19 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     return StreamResult(
         message, parse_usage(usage or None), model if isinstance(model, str) else None, error, complete
     )
+
+
+class Anthropic(Provider):
+    """`/anthropic/...` → `LLMTAP_ANTHROPIC_BASE_URL` (Messages API)."""
+
+    name = "anthropic"
+    pricing_id: str | None = "anthropic"
+
+    def base_url(self, settings: Settings) -> str | None:
+        return settings.anthropic_base_url
+
+    def usage_from_body(self, body: Any) -> Usage:
+        return usage_from_body(body)
+
+    def reassemble_stream(self, raw: bytes) -> StreamResult | None:
+        return reassemble_stream(raw)

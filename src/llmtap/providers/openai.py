@@ -13,16 +13,22 @@ OpenAI then puts on every other chunk. The client gets the bytes it would have g
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import orjson
 
+from llmtap.providers.base import Provider, StreamFilter
 from llmtap.providers.common import error_message
 from llmtap.providers.sse import StreamResult, data_payloads, event_bounds, last_boundary
 from llmtap.record import Usage
 
+if TYPE_CHECKING:
+    from llmtap.config import Settings
+
 __all__ = [
+    "OpenAI",
+    "OpenAICompatible",
     "UsageChunkStripper",
     "inject_stream_usage",
     "parse_usage",
@@ -170,8 +176,10 @@ class _Stream:
         return st
 
     def typed(self, c: _Chunk, choices: list[_ChoiceDelta]) -> None:
-        if not self.head:  # id, created, model ... are the same on every chunk
-            self.head = {k: v for k in _HEAD_KEYS if (v := getattr(c, k)) is not None}
+        if not self.head.get("model"):
+            # id, created, model ... are the same on every chunk, except Azure's first one
+            # (`prompt_filter_results`, empty id and model): take them from a chunk that has them.
+            self.head = {k: v for k in _HEAD_KEYS if (v := getattr(c, k)) is not None and v != ""}
             self.text_completion = c.object == "text_completion"
         if c.usage is not None:
             self.usage = c.usage
@@ -219,8 +227,8 @@ class _Stream:
             elif "error" in obj:
                 self.error = error_message(obj)
             return
-        if not self.head:
-            self.head = {k: v for k in _HEAD_KEYS if (v := obj.get(k)) is not None}
+        if not self.head.get("model"):
+            self.head = {k: v for k in _HEAD_KEYS if (v := obj.get(k)) is not None and v != ""}
             self.text_completion = obj.get("object") == "text_completion"
         u = obj.get("usage")
         if isinstance(u, dict):
@@ -479,3 +487,49 @@ def _is_usage_chunk(event: bytes) -> bool:
     the chunk's own top-level members, as an empty `choices` holds nothing that could nest them.
     """
     return _USAGE_OBJECT in event
+
+
+# -- the providers ---------------------------------------------------------------------------------
+
+
+class OpenAI(Provider):
+    """`/openai/...` → `LLMTAP_OPENAI_BASE_URL`. Also the base of every OpenAI-shaped route."""
+
+    name = "openai"
+    pricing_id: str | None = "openai"
+
+    def __init__(self, stream_usage: bool = True) -> None:
+        self.stream_usage = stream_usage
+
+    def base_url(self, settings: Settings) -> str | None:
+        return settings.openai_base_url
+
+    def rewrite_request(self, method: str, path: str, body: bytes) -> tuple[bytes, StreamFilter] | None:
+        if not self.stream_usage or method != "POST" or not path.endswith("completions"):
+            return None
+        injected = inject_stream_usage(body)
+        return None if injected is None else (injected, UsageChunkStripper())
+
+    def usage_from_body(self, body: Any) -> Usage:
+        return usage_from_body(body)
+
+    def reassemble_stream(self, raw: bytes) -> StreamResult | None:
+        return reassemble_stream(raw)
+
+
+class OpenAICompatible(OpenAI):
+    """A named upstream from `LLMTAP_UPSTREAMS` (vLLM, Ollama, Groq, OpenRouter ...).
+
+    The wire is OpenAI's, the prices are not: it is priced with the price table's provider of
+    the same id (`groq`, `openrouter` ...) and left unpriced when the table has no such provider,
+    never at OpenAI's prices.
+    """
+
+    def __init__(self, name: str, url: str | None = None, stream_usage: bool = True) -> None:
+        super().__init__(stream_usage)
+        self.name = name
+        self.pricing_id = name
+        self.url = url
+
+    def base_url(self, settings: Settings) -> str | None:
+        return self.url

@@ -93,7 +93,7 @@ _REQUEST_SUMMARY = {
         "cached_tokens": _NULLABLE_INT,
         "cache_write_tokens": _NULLABLE_INT,
         "reasoning_tokens": _NULLABLE_INT,
-        "usage_source": {"enum": ["provider", "estimated", "missing"]},
+        "usage_source": {"enum": ["provider", "partial", "estimated", "missing"]},
         "cost_usd": {"type": ["number", "null"]},
         "price_version": _NULLABLE_STR,
         "user_id": _NULLABLE_STR,

@@ -688,14 +688,49 @@ def _openai_parse(body: bytes, request: web.Request) -> JSONDict | web.Response:
 
 async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``: non-stream JSON or SSE ``chat.completion.chunk`` stream."""
+    return await _chat(request)
+
+
+#: What the fake's Azure deployments serve (a deployment name is not a model; responses say
+#: which model answered). ``x-fake-served-model`` overrides it.
+AZURE_SERVED_MODEL: Final = "gpt-4o-mini-2024-07-18"
+_AZURE_PROMPT_FILTER: Final = (
+    b'data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":'
+    b'[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}\n\n'
+)
+
+
+async def azure_chat_completions(request: web.Request) -> web.StreamResponse:
+    """Azure OpenAI chat: ``/openai/deployments/{d}/chat/completions?api-version=`` or
+    ``/openai/v1/chat/completions``. Auth by ``api-key`` (or a bearer token); the response's
+    ``model`` is the served model, and a stream starts with Azure's ``prompt_filter_results``
+    chunk (empty id and model)."""
+    if "deployment" in request.match_info and not request.query.get("api-version"):
+        await _receive(request)
+        return web.Response(
+            status=404,
+            body=b'{"error":{"code":"404","message": "Resource not found"}}',
+            headers=_JSON_HEADERS,
+        )
+    served = request.headers.get("x-fake-served-model", AZURE_SERVED_MODEL)
+    return await _chat(request, served=served, deployment=request.match_info.get("deployment"))
+
+
+async def _chat(
+    request: web.Request, served: str | None = None, deployment: str | None = None
+) -> web.StreamResponse:
     body, created = await _receive(request)
-    early = _openai_gate(request)
+    if served is not None and request.headers.get("api-key"):  # Azure's own key header
+        forced = _int_header(request.headers, "x-fake-status")
+        early = _openai_error(forced) if forced is not None and forced >= 400 else None
+    else:
+        early = _openai_gate(request)
     if early is not None:
         return early
     req = _openai_parse(body, request)
     if isinstance(req, web.Response):
         return req
-    model = req.get("model")
+    model = req.get("model") or deployment
     if not isinstance(model, str) or not model:
         return _openai_error(400, "you must provide a model parameter")
     if not isinstance(req.get("messages"), list):
@@ -714,6 +749,8 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
             param="stream_options",
         )
     plan = _plan_openai_chat(req, _Knobs.parse(request.headers))
+    if served is not None:
+        model = served
     headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), "openai-processing-ms": "1"}
     _echo_headers(request, body, headers)
     cid = _new_id("chatcmpl-")
@@ -723,6 +760,8 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
         headers.update(_SSE_HEADERS)
         chunks = _int_header(request.headers, "x-fake-chunks")
         events = _openai_stream_events(cid, int(created), model, plan, finish, include_usage, chunks)
+        if served is not None:
+            events.insert(0, _AZURE_PROMPT_FILTER)
         return await _write_events(
             request, headers, _with_stream_error(request, events, _OPENAI_STREAM_ERROR)
         )
@@ -1183,6 +1222,11 @@ def make_app(
     r.add_get("/v1/models", list_models)
     r.add_post("/v1/messages", anthropic_messages)
     r.add_post("/v1/messages/count_tokens", anthropic_count_tokens)
+    from llmtap.testing import fake_gemini  # it builds on this module's helpers
+
+    fake_gemini.add_routes(r)
+    r.add_post("/openai/deployments/{deployment}/chat/completions", azure_chat_completions)
+    r.add_post("/openai/v1/chat/completions", azure_chat_completions)
     r.add_route("GET", "/_fake/requests", fake_requests)
     r.add_route("DELETE", "/_fake/requests", fake_requests)
     r.add_get("/_fake/health", fake_health)

@@ -1,0 +1,76 @@
+"""What a provider is to llmtap: one class, one entry in the routing table (`llmtap.providers`).
+
+The proxy and the record builder know providers only through this interface, so adding one is
+a file with a `Provider` subclass plus an entry in `llmtap.providers.BUILTIN`. Two methods run
+on the latency path and must stay cheap (`rewrite_request`, and the `StreamFilter` it may
+return); everything else runs in the publisher's background task on bytes already relayed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Protocol
+
+from llmtap.providers.common import error_message as _common_error_message
+
+if TYPE_CHECKING:
+    from llmtap.config import Settings
+    from llmtap.providers.sse import StreamResult
+    from llmtap.record import Usage
+
+
+class StreamFilter(Protocol):
+    """Removes from a relayed stream what a request rewrite added (hot path)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+class Provider(ABC):
+    """One wire format reachable under a route prefix.
+
+    `name` is the record's `provider`; `pricing_id` the price table's provider id (None: never
+    priced, e.g. a self-hosted server whose prices nobody publishes).
+    """
+
+    name: str
+    pricing_id: str | None
+
+    @abstractmethod
+    def base_url(self, settings: Settings) -> str | None:
+        """The upstream for this route, or None while the route is off (not configured)."""
+
+    def rewrite_request(self, method: str, path: str, body: bytes) -> tuple[bytes, StreamFilter] | None:
+        """Hot path: a changed request body and the filter that hides the change from the
+        client's stream, or None to send the request unchanged (the default)."""
+        return None
+
+    @abstractmethod
+    def usage_from_body(self, body: Any) -> Usage:
+        """Usage of a parsed non-stream response body."""
+
+    @abstractmethod
+    def reassemble_stream(self, raw: bytes) -> StreamResult | None:
+        """The non-stream response a captured stream stands for; None if it holds no events."""
+
+    def error_message(self, body: Any) -> str | None:
+        """The human-readable message of a parsed error body."""
+        return _common_error_message(body)
+
+    def model(self, path: str, request: Any, response: Any) -> str | None:
+        """The record's model: by default the one the client asked for, else the response's.
+
+        `path` is the upstream path without query, `request` the parsed request body, `response`
+        the parsed response body (for streams: the reassembled message).
+        """
+        model = request.get("model") if isinstance(request, dict) else None
+        if isinstance(model, str):
+            return model
+        return response_model(response, "model")
+
+
+def response_model(response: Any, key: str) -> str | None:
+    """`response[key]` when it is a non-empty string."""
+    value = response.get(key) if isinstance(response, dict) else None
+    return value if isinstance(value, str) and value else None

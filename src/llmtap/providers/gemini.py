@@ -1,0 +1,179 @@
+"""Google Gemini API wire format (`generateContent`, `streamGenerateContent?alt=sse`, `countTokens`,
+`embedContent`). Runs off the latency path: Gemini needs no request rewrite, every stream chunk
+carries the usage so far.
+
+Token convention (the record's, see `llmtap.pricing`), from `usageMetadata`:
+
+    prompt_tokens      = promptTokenCount + toolUsePromptTokenCount   (cache reads included)
+    cached_tokens      = cachedContentTokenCount
+    completion_tokens  = candidatesTokenCount + thoughtsTokenCount
+    reasoning_tokens   = thoughtsTokenCount                             (billed as output)
+    total_tokens       = totalTokenCount
+
+`countTokens` costs nothing and consumes nothing: its answer is not usage (source "missing").
+The API key travels as `x-goog-api-key` or `?key=`: both are credentials the record never keeps
+(`llmtap.gateway.headers`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from llmtap.providers.base import Provider, response_model
+from llmtap.providers.common import error_message
+from llmtap.providers.sse import StreamResult, iter_events
+from llmtap.record import Usage
+
+if TYPE_CHECKING:
+    from llmtap.config import Settings
+
+__all__ = ["Gemini", "model_from_path", "parse_usage", "reassemble_stream", "usage_from_body"]
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def parse_usage(u: Any) -> Usage:
+    """A Gemini `usageMetadata` object as a `Usage` (mapping in the module docstring)."""
+    if not isinstance(u, dict):
+        return Usage()
+    prompt = _int(u.get("promptTokenCount"))
+    candidates = _int(u.get("candidatesTokenCount"))
+    thoughts = _int(u.get("thoughtsTokenCount"))
+    tool_prompt = _int(u.get("toolUsePromptTokenCount"))
+    total = _int(u.get("totalTokenCount"))
+    if prompt is None and candidates is None and total is None:
+        return Usage()
+    if prompt is not None and tool_prompt:
+        prompt += tool_prompt
+    # Gemini leaves out zero counts: a reply of only thoughts, or a blocked prompt, has no
+    # candidatesTokenCount. With a prompt count present, absent output counts are zero.
+    completion = (candidates or 0) + (thoughts or 0) if prompt is not None else None
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    return Usage(
+        source="provider",
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cached_tokens=_int(u.get("cachedContentTokenCount")),
+        reasoning_tokens=thoughts,
+    )
+
+
+def usage_from_body(body: Any) -> Usage:
+    if isinstance(body, dict):
+        return parse_usage(body.get("usageMetadata"))
+    return Usage()
+
+
+def model_from_path(path: str) -> str | None:
+    """`/v1beta/models/gemini-2.5-flash:generateContent` → `gemini-2.5-flash`."""
+    i = path.find("models/")
+    if i < 0:
+        return None
+    name = path[i + 7 :]
+    colon = name.find(":")
+    name = name if colon < 0 else name[:colon]
+    return name or None
+
+
+def _merge_part(parts: list[dict[str, Any]], part: dict[str, Any]) -> None:
+    """Append a streamed part, joining text onto the previous text part of the same kind
+    (answer text with answer text, thought text with thought text) like the SDK's own
+    accumulation does."""
+    text = part.get("text")
+    if isinstance(text, str) and parts:
+        last = parts[-1]
+        if (
+            isinstance(last.get("text"), str)
+            and bool(last.get("thought")) == bool(part.get("thought"))
+            and set(last) <= {"text", "thought", "thoughtSignature"}
+            and set(part) <= {"text", "thought", "thoughtSignature"}
+        ):
+            last["text"] += text
+            if "thoughtSignature" in part:
+                last["thoughtSignature"] = part["thoughtSignature"]
+            return
+    parts.append(dict(part))
+
+
+def reassemble_stream(raw: bytes) -> StreamResult | None:
+    """Rebuild the `GenerateContentResponse` a `streamGenerateContent?alt=sse` stream stands for.
+
+    Each event is a partial response: parts are appended per candidate (text joined), the last
+    `finishReason`, `safetyRatings`, `citationMetadata` and `usageMetadata` win. The stream is
+    complete once a candidate has its `finishReason` (Gemini sends no other end marker).
+    """
+    head: dict[str, Any] = {}
+    candidates: dict[int, dict[str, Any]] = {}
+    usage: Any = None
+    error: str | None = None
+    seen = complete = False
+    for _, data in iter_events(raw):
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        seen = True
+        if "error" in obj:
+            error = error_message(obj)
+            continue
+        for key in ("modelVersion", "responseId", "createTime", "promptFeedback"):
+            if key in obj:
+                head[key] = obj[key]
+        if isinstance(obj.get("usageMetadata"), dict):
+            usage = obj["usageMetadata"]
+        cands = obj.get("candidates")
+        for c in cands if isinstance(cands, list) else ():
+            if not isinstance(c, dict):
+                continue
+            idx = c.get("index", 0)
+            out = candidates.setdefault(idx if isinstance(idx, int) else 0, {})
+            content = c.get("content")
+            if isinstance(content, dict):
+                acc = out.setdefault("content", {"parts": [], "role": content.get("role", "model")})
+                parts = content.get("parts")
+                for p in parts if isinstance(parts, list) else ():
+                    if isinstance(p, dict):
+                        _merge_part(acc["parts"], p)
+            for key, value in c.items():
+                if key != "content":
+                    out[key] = value
+            if c.get("finishReason"):
+                complete = True
+    if not seen:
+        return None
+    message: dict[str, Any] = {"candidates": [candidates[i] for i in sorted(candidates)]}
+    if usage is not None:
+        message["usageMetadata"] = usage
+    message.update(head)
+    model = head.get("modelVersion")
+    return StreamResult(
+        message, parse_usage(usage), model if isinstance(model, str) else None, error, complete
+    )
+
+
+class Gemini(Provider):
+    """`/gemini/...` → `LLMTAP_GEMINI_BASE_URL` (the Gemini Developer API)."""
+
+    name = "gemini"
+    pricing_id: str | None = "google"
+
+    def base_url(self, settings: Settings) -> str | None:
+        return settings.gemini_base_url
+
+    def usage_from_body(self, body: Any) -> Usage:
+        return usage_from_body(body)
+
+    def reassemble_stream(self, raw: bytes) -> StreamResult | None:
+        return reassemble_stream(raw)
+
+    def model(self, path: str, request: Any, response: Any) -> str | None:
+        """The model named in the URL (the body names none), else the response's `modelVersion`."""
+        return model_from_path(path) or response_model(response, "modelVersion")
