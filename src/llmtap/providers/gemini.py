@@ -1,5 +1,5 @@
 """Google Gemini API wire format (`generateContent`, `streamGenerateContent?alt=sse`, `countTokens`,
-`embedContent`). Runs off the latency path: Gemini needs no request rewrite, every stream chunk
+`embedContent`, `batchEmbedContents`). Runs off the latency path: Gemini needs no request rewrite, every stream chunk
 carries the usage so far.
 
 Token convention (the record's, see `llmtap.pricing`), from `usageMetadata`:

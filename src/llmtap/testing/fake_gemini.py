@@ -51,6 +51,14 @@ def _error(status: int, message: str | None = None) -> web.Response:
     return web.Response(status=status, body=fu._pretty(body), headers=dict(fu._JSON_HEADERS))
 
 
+def _get(obj: Any, camel: str, snake: str) -> Any:
+    """A field by either spelling: the API takes proto JSON, where both are valid (the SDK
+    sends `generationConfig.thinkingConfig` in snake_case on v1)."""
+    if not isinstance(obj, dict):
+        return None
+    return obj[camel] if camel in obj else obj.get(snake)
+
+
 def _parts_text(content: Any) -> str:
     if not isinstance(content, dict):
         return ""
@@ -60,7 +68,7 @@ def _parts_text(content: Any) -> str:
         if isinstance(p, dict):
             if isinstance(p.get("text"), str):
                 out.append(p["text"])
-            fr = p.get("functionResponse")
+            fr = _get(p, "functionResponse", "function_response")
             if isinstance(fr, dict):
                 out.append(fu._ENC.encode(fr.get("response")).decode())
     return " ".join(out)
@@ -82,7 +90,7 @@ class _Plan:
     def __init__(self, req: Mapping[str, Any], headers: Mapping[str, str]) -> None:
         contents = req.get("contents")
         msgs = [c for c in contents if isinstance(c, dict)] if isinstance(contents, list) else []
-        words = fu._count_words(_parts_text(req.get("systemInstruction")))
+        words = fu._count_words(_parts_text(_get(req, "systemInstruction", "system_instruction")))
         words += sum(fu._count_words(_parts_text(c)) for c in msgs)
         self.cached = max(0, fu._int_header(headers, "x-fake-cached-tokens") or 0)
         self.tool_use = max(0, fu._int_header(headers, "x-fake-tool-use-prompt-tokens") or 0)
@@ -93,13 +101,14 @@ class _Plan:
             if c.get("role", "user") == "user":
                 user = _parts_text(c)
                 break
-        last_is_result = bool(msgs) and "functionResponse" in fu._ENC.encode(msgs[-1]).decode()
+        last = fu._ENC.encode(msgs[-1]).decode() if msgs else ""
+        last_is_result = "functionResponse" in last or "function_response" in last
         tools = req.get("tools")
         self.tool: str | None = None
         self.tool_args: dict[str, Any] = {}
         if isinstance(tools, list) and tools and not last_is_result:
             for t in tools:
-                decls = t.get("functionDeclarations") if isinstance(t, dict) else None
+                decls = _get(t, "functionDeclarations", "function_declarations")
                 if isinstance(decls, list) and decls and isinstance(decls[0], dict):
                     self.tool = str(decls[0].get("name") or "tool")
                     self.tool_args = {"text": user}
@@ -112,11 +121,12 @@ class _Plan:
         if n is not None:
             source = [w for w, _ in zip(itertools.cycle(source), range(max(n, 0)), strict=False)]
         self.words = source
-        gen = req.get("generationConfig")
-        thinking = gen.get("thinkingConfig") if isinstance(gen, dict) else None
-        budget = thinking.get("thinkingBudget") if isinstance(thinking, dict) else 0
+        thinking = _get(
+            _get(req, "generationConfig", "generation_config"), "thinkingConfig", "thinking_config"
+        )
+        budget = _get(thinking, "thinkingBudget", "thinking_budget")
         self.thoughts = THOUGHTS_TOKENS if isinstance(thinking, dict) and budget != 0 else 0
-        self.thought_part = self.thoughts > 0 and bool(thinking and thinking.get("includeThoughts"))
+        self.thought_part = self.thoughts > 0 and bool(_get(thinking, "includeThoughts", "include_thoughts"))
         self.text = " ".join(self.words)
 
     @property
@@ -241,8 +251,9 @@ async def models(request: web.Request) -> web.StreamResponse:
         )
     if method == "countTokens":
         contents = req.get("contents")
-        if contents is None and isinstance(req.get("generateContentRequest"), dict):
-            plan = _Plan(req["generateContentRequest"], request.headers)
+        inner = _get(req, "generateContentRequest", "generate_content_request")
+        if contents is None and isinstance(inner, dict):
+            plan = _Plan(inner, request.headers)
         out = {
             "totalTokens": plan.prompt,
             "promptTokensDetails": [{"modality": "TEXT", "tokenCount": plan.prompt}],
@@ -250,9 +261,16 @@ async def models(request: web.Request) -> web.StreamResponse:
         return web.Response(body=fu._pretty(out), headers=headers)
     if method == "embedContent":
         text = _parts_text(req.get("content"))
-        dims = req.get("outputDimensionality")
+        dims = _get(req, "outputDimensionality", "output_dimensionality")
         values, _ = fu._embedding(text, dims if isinstance(dims, int) and 0 < dims <= 3072 else 8)
         return web.Response(body=fu._pretty({"embedding": {"values": values}}), headers=headers)
+    if method == "batchEmbedContents":  # what the SDK's embed_content calls on the Gemini API
+        reqs = req.get("requests")
+        out_list = []
+        for item in reqs if isinstance(reqs, list) else ():
+            values, _ = fu._embedding(_parts_text(_get(item, "content", "content")), 8)
+            out_list.append({"values": values})
+        return web.Response(body=fu._pretty({"embeddings": out_list}), headers=headers)
     return _error(404, f"Method {method!r} is not found for model {model!r}.")
 
 
