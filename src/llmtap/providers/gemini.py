@@ -1,6 +1,6 @@
-"""Google Gemini API wire format (`generateContent`, `streamGenerateContent?alt=sse`, `countTokens`,
-`embedContent`, `batchEmbedContents`). Runs off the latency path: Gemini needs no request rewrite, every stream chunk
-carries the usage so far.
+"""Google Gemini API wire format (`generateContent`, `streamGenerateContent?alt=sse`,
+`countTokens`, `embedContent`, `batchEmbedContents`). Runs off the latency path: Gemini needs no
+request rewrite, every stream chunk carries the usage so far.
 
 Token convention (the record's, see `llmtap.pricing`), from `usageMetadata`:
 
