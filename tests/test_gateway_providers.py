@@ -505,3 +505,85 @@ def test_openai_fast_and_general_paths_agree() -> None:
     )
     cut = openai.reassemble_stream(stream[: stream.index(b"data: [DONE]") - 30])
     assert cut is not None and not cut.complete and cut.usage.source == "missing"
+
+
+# -- Gemini ---------------------------------------------------------------------------------------
+
+
+def gemini_sse(*objs: object) -> bytes:
+    """Gemini's framing: `data: <compact JSON>` events ended by CRLF CRLF."""
+    return b"".join(b"data: " + json.dumps(o, separators=(",", ":")).encode() + b"\r\n\r\n" for o in objs)
+
+
+def test_gemini_usage_mapping() -> None:
+    from llmtap.providers import gemini
+
+    u = gemini.usage_from_body(
+        {
+            "usageMetadata": {
+                "promptTokenCount": 1000,
+                "candidatesTokenCount": 50,
+                "cachedContentTokenCount": 600,
+                "thoughtsTokenCount": 200,
+                "toolUsePromptTokenCount": 30,
+                "totalTokenCount": 1280,
+            }
+        }
+    )
+    assert (u.source, u.prompt_tokens, u.completion_tokens, u.total_tokens) == ("provider", 1030, 250, 1280)
+    assert (u.cached_tokens, u.reasoning_tokens) == (600, 200)
+    # A reply of thoughts only: no candidatesTokenCount at all.
+    only = gemini.parse_usage({"promptTokenCount": 10, "thoughtsTokenCount": 5, "totalTokenCount": 15})
+    assert (only.prompt_tokens, only.completion_tokens, only.total_tokens) == (10, 5, 15)
+    assert gemini.usage_from_body({"totalTokens": 7}).source == "missing"  # countTokens is not usage
+    assert gemini.model_from_path("/v1beta/models/gemini-2.5-pro:streamGenerateContent") == "gemini-2.5-pro"
+    assert gemini.model_from_path("/v1beta/cachedContents") is None
+
+
+def test_gemini_stream_reassembled() -> None:
+    from llmtap.providers import gemini
+
+    head = {"modelVersion": "gemini-2.5-flash", "responseId": "r1"}
+    raw = gemini_sse(
+        {
+            "candidates": [
+                {"content": {"parts": [{"text": "plan", "thought": True}], "role": "model"}, "index": 0}
+            ],
+            "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9},
+            **head,
+        },
+        {
+            "candidates": [{"content": {"parts": [{"text": "Hel"}], "role": "model"}, "index": 0}],
+            "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9},
+            **head,
+        },
+        {
+            "candidates": [
+                {
+                    "content": {"parts": [{"text": "lo"}, {"functionCall": {"name": "f", "args": {"a": 1}}}]},
+                    "finishReason": "STOP",
+                    "index": 0,
+                }
+            ],
+            "usageMetadata": {
+                "promptTokenCount": 9,
+                "candidatesTokenCount": 4,
+                "thoughtsTokenCount": 3,
+                "totalTokenCount": 16,
+            },
+            **head,
+        },
+    )
+    res = gemini.reassemble_stream(raw)
+    assert res is not None and res.complete and res.model == "gemini-2.5-flash"
+    (cand,) = res.message["candidates"]
+    assert cand["content"]["parts"] == [
+        {"text": "plan", "thought": True},
+        {"text": "Hello"},
+        {"functionCall": {"name": "f", "args": {"a": 1}}},
+    ]
+    assert cand["finishReason"] == "STOP"
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens, res.usage.reasoning_tokens) == (9, 7, 3)
+    # Cut before the last event: no finishReason, so not complete (the record marks it partial).
+    cut = gemini.reassemble_stream(raw[: raw.rfind(b"data: ")])
+    assert cut is not None and not cut.complete and cut.usage.completion_tokens == 0

@@ -459,6 +459,8 @@ async def test_upstream_cut_mid_stream(upstream: int, tmp_path: Path, http: aioh
     assert stream_rec.outcome == "upstream_cut" and stream_rec.error
     assert body_bytes(stream_rec.response_events) == got  # type: ignore[arg-type]
     assert stream_rec.usage.prompt_tokens is not None  # message_start arrived before the cut
+    # ... with its placeholder output count: the record says these are not the final counts.
+    assert stream_rec.usage.source == "partial"
     assert json_rec.outcome == "upstream_cut"
     assert json_rec.response_body is not None and json_rec.response_body.size == 100
 
