@@ -10,8 +10,11 @@ arithmetic), far too slow per record for a worker that should do thousands per s
 - the plain token case (input, cache read, cache write, output; flat or tiered by input size) is
   computed here with integers: prices per million tokens scaled by 1e6 are integers, so the sum
   is exact in pico-USD and `cost_nanos` is the exact cost rounded half-up to 1e-9 USD;
-- anything else (per-request fees, audio/image tokens, time-of-day prices, prices with more than
-  six decimals) falls back to the library's own calculation on the cached price object.
+- anything else (per-request fees, audio tokens, 1-hour cache writes, time-of-day prices, prices
+  with more than six decimals) falls back to the library's own calculation on the cached price
+  object;
+- a reported `service_tier` of `flex` or `priority` selects that tier's prices (the table's
+  price variants); every other tier is the standard price.
 
 Usage semantics: the record follows OpenAI's convention for every provider (the gateway's
 provider parsers normalise to it, see `llmtap.providers.anthropic`), which is also genai-prices'
@@ -83,6 +86,7 @@ class _Fast:
     cache_read: _Ladder | None
     cache_write: _Ladder | None
     output: _Ladder | None
+    price: gp.ModelPrice  # for usage with more than the four plain counts (audio, 1-hour writes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +100,10 @@ class _Slow:
 _Plan = _Fast | _Slow
 
 _models: dict[tuple[str, str], gp.ModelInfo | None] = {}
-_plans: dict[tuple[str, str, date], _Plan] = {}
+_plans: dict[tuple[str, str, date, str | None], _Plan] = {}
+#: Service tiers with their own prices in the table (OpenAI's `flex` and `priority`); any other
+#: reported tier (`default`, `standard`, `auto`) is the standard price.
+_PRICED_TIERS = frozenset({"flex", "priority"})
 
 
 def _snapshot() -> data_snapshot.DataSnapshot:
@@ -138,13 +145,13 @@ def _ladder(value: object) -> _Ladder | None:
     return None
 
 
-def _plan_for(info: gp.ModelInfo, when: datetime) -> _Plan:
+def _plan_for(info: gp.ModelInfo, when: datetime, context: dict[str, str] | None) -> _Plan:
     prices = info.prices
     if not isinstance(prices, gp.ModelPrice) and any(
         isinstance(c.constraint, gp.TimeOfDateConstraint) for c in prices
     ):
         return _Slow(price=None, model=info)  # prices change within the day
-    price = info.get_prices(when)
+    price = info.get_prices(when, context)
     keys = {k for k, v in price.__dict__.items() if v is not None and not k.startswith("_")}
     if keys - _ZERO_KEYS - set(_TOKEN_KEYS) or "input_mtok" not in keys:
         return _Slow(price=price)
@@ -158,6 +165,7 @@ def _plan_for(info: gp.ModelInfo, when: datetime) -> _Plan:
         cache_read=ladders.get("cache_read_mtok"),
         cache_write=ladders.get("cache_write_mtok"),
         output=ladders.get("output_mtok"),
+        price=price,
     )
 
 
@@ -197,7 +205,18 @@ def genai_usage(usage: Usage) -> gp.Usage | None:
         kw["cache_read_tokens"] = read
     if write:
         kw["cache_write_tokens"] = write
+        if usage.cache_write_1h_tokens:
+            kw["cache_write_1h_tokens"] = min(usage.cache_write_1h_tokens, write)
+    if usage.input_audio_tokens:
+        kw["input_audio_tokens"] = min(usage.input_audio_tokens, total_input)
+    if usage.output_audio_tokens:
+        kw["output_audio_tokens"] = min(usage.output_audio_tokens, output)
     return gp.Usage(**kw)
+
+
+def _extra(usage: Usage) -> bool:
+    """Usage the integer fast path does not price: the library decomposes it."""
+    return bool(usage.cache_write_1h_tokens or usage.input_audio_tokens or usage.output_audio_tokens)
 
 
 @functools.lru_cache(maxsize=64)
@@ -221,17 +240,21 @@ def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) ->
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
     day = at.astimezone(UTC).date()
-    key = (provider, model, day)
+    tier = usage.service_tier if usage.service_tier in _PRICED_TIERS else None
+    context = {"service_tier": tier} if tier is not None else None
+    key = (provider, model, day, tier)
     plan = _plans.get(key)
     if plan is None:
         info = _find_model(provider, model)
         if info is None:
             return None
-        plan = _plan_for(info, at)
+        plan = _plan_for(info, at, context)
         if len(_plans) >= _MAX_CACHE:
             _plans.clear()
         _plans[key] = plan
     total_input, read, write, output = counts
+    if isinstance(plan, _Fast) and _extra(usage):
+        plan = _Slow(price=plan.price)
     if isinstance(plan, _Fast):
         leaf = total_input
         pico = 0
@@ -251,7 +274,7 @@ def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) ->
     assert gusage is not None
     try:
         if plan.model is not None:
-            total = plan.model.get_prices(at).calc_price(gusage)["total_price"]
+            total = plan.model.get_prices(at, context).calc_price(gusage)["total_price"]
         else:
             assert plan.price is not None
             total = plan.price.calc_price(gusage)["total_price"]

@@ -59,8 +59,12 @@ class Usage(msgspec.Struct, omit_defaults=True, kw_only=True):
     completion_tokens: int | None = None
     total_tokens: int | None = None
     cached_tokens: int | None = None  # prompt tokens read from the provider's cache
-    cache_write_tokens: int | None = None  # Anthropic cache_creation_input_tokens
-    reasoning_tokens: int | None = None
+    cache_write_tokens: int | None = None  # prompt tokens written to the cache (all TTLs)
+    cache_write_1h_tokens: int | None = None  # ... of which with Anthropic's 1-hour TTL
+    reasoning_tokens: int | None = None  # part of completion_tokens (thinking, billed as output)
+    input_audio_tokens: int | None = None  # part of prompt_tokens
+    output_audio_tokens: int | None = None  # part of completion_tokens
+    service_tier: str | None = None  # as the provider reported it (`flex`, `priority` price differently)
 
 
 class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="v", tag=VERSION):

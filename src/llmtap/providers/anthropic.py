@@ -8,6 +8,7 @@ cached tokens are a *part* of the prompt:
     prompt_tokens      = input_tokens + cache_read_input_tokens + cache_creation_input_tokens
     cached_tokens      = cache_read_input_tokens
     cache_write_tokens = cache_creation_input_tokens
+    cache_write_1h_tokens = cache_creation.ephemeral_1h_input_tokens (part of the writes)
     completion_tokens  = output_tokens
     total_tokens       = prompt_tokens + completion_tokens
 
@@ -53,6 +54,10 @@ def parse_usage(u: Any) -> Usage:
         return Usage()
     prompt = inp + (read or 0) + (write or 0) if inp is not None else None
     total = prompt + out if prompt is not None and out is not None else None
+    # `cache_creation` splits the writes by TTL; 1-hour writes cost more than 5-minute ones.
+    ttl = u.get("cache_creation")
+    write_1h = _int(ttl.get("ephemeral_1h_input_tokens")) if isinstance(ttl, dict) else None
+    tier = u.get("service_tier")
     return Usage(
         source="provider",
         prompt_tokens=prompt,
@@ -60,6 +65,8 @@ def parse_usage(u: Any) -> Usage:
         total_tokens=total,
         cached_tokens=read,
         cache_write_tokens=write,
+        cache_write_1h_tokens=write_1h or None,
+        service_tier=tier if isinstance(tier, str) and tier else None,
     )
 
 

@@ -61,7 +61,18 @@ def parse_usage(u: Any) -> Usage:
         total_tokens=total,
         cached_tokens=_int(u.get("cachedContentTokenCount")),
         reasoning_tokens=thoughts,
+        input_audio_tokens=_modality(u.get("promptTokensDetails"), "AUDIO"),
+        output_audio_tokens=_modality(u.get("candidatesTokensDetails"), "AUDIO"),
     )
+
+
+def _modality(details: Any, modality: str) -> int | None:
+    """The count of one modality in a `ModalityTokenCount` list (None when absent or 0)."""
+    total = 0
+    for d in details if isinstance(details, list) else ():
+        if isinstance(d, dict) and d.get("modality") == modality:
+            total += _int(d.get("tokenCount")) or 0
+    return total or None
 
 
 def usage_from_body(body: Any) -> Usage:

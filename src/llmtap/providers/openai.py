@@ -63,8 +63,10 @@ def parse_usage(u: Any) -> Usage:
     total = _int(u.get("total_tokens"))
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
-    cached = _int(details_in.get("cached_tokens")) if isinstance(details_in, dict) else None
-    reasoning = _int(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else None
+    if not isinstance(details_in, dict):
+        details_in = {}
+    if not isinstance(details_out, dict):
+        details_out = {}
     if prompt is None and completion is None and total is None:
         return Usage()
     return Usage(
@@ -72,15 +74,25 @@ def parse_usage(u: Any) -> Usage:
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
-        cached_tokens=cached,
-        reasoning_tokens=reasoning,
+        cached_tokens=_int(details_in.get("cached_tokens")),
+        cache_write_tokens=_int(details_in.get("cache_write_tokens")) or None,
+        reasoning_tokens=_int(details_out.get("reasoning_tokens")),
+        input_audio_tokens=_int(details_in.get("audio_tokens")) or None,
+        output_audio_tokens=_int(details_out.get("audio_tokens")) or None,
     )
+
+
+def with_tier(usage: Usage, tier: Any) -> Usage:
+    """The usage with the response's `service_tier` (it prices flex and priority requests)."""
+    if isinstance(tier, str) and tier and usage.source != "missing":
+        usage.service_tier = tier
+    return usage
 
 
 def usage_from_body(body: Any) -> Usage:
     """Usage of a non-stream response body (already parsed)."""
     if isinstance(body, dict):
-        return parse_usage(body.get("usage"))
+        return with_tier(parse_usage(body.get("usage")), body.get("service_tier"))
     return Usage()
 
 
@@ -323,7 +335,7 @@ def _result(s: _Stream) -> StreamResult | None:
         model = s.final_response.get("model")
         return StreamResult(
             s.final_response,
-            parse_usage(s.final_response.get("usage")),
+            with_tier(parse_usage(s.final_response.get("usage")), s.final_response.get("service_tier")),
             model if isinstance(model, str) else None,
             s.error,
             s.complete,
@@ -365,9 +377,8 @@ def _result(s: _Stream) -> StreamResult | None:
         if key in head:
             message_obj[key] = head[key]
     model = head.get("model")
-    return StreamResult(
-        message_obj, parse_usage(s.usage), model if isinstance(model, str) else None, s.error, s.complete
-    )
+    usage = with_tier(parse_usage(s.usage), head.get("service_tier"))
+    return StreamResult(message_obj, usage, model if isinstance(model, str) else None, s.error, s.complete)
 
 
 def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:

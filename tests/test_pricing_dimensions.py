@@ -1,0 +1,133 @@
+"""Exact cost per usage dimension: a provider's response body in, through llmtap's parser and
+pricing, against the cost computed here from the provider's published prices (USD per 1M
+tokens, written out as numbers), never with llmtap's or genai-prices' code.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from llmtap.pricing import apply_cost
+from llmtap.providers import anthropic, gemini, openai
+from llmtap.record import LogRecord, Usage
+
+AT = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def nanos(*terms: tuple[int, str]) -> int:
+    """Sum of tokens * USD-per-million, in 1e-9 USD rounded half-up (exact decimal arithmetic)."""
+    total = sum((Decimal(n) * Decimal(p) for n, p in terms), Decimal(0)) / Decimal(1_000_000)
+    return int((total * 1_000_000_000).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def priced(provider: str, model: str, usage: Usage) -> LogRecord:
+    rec = LogRecord(
+        id="00000000-0000-0000-0000-000000000001",
+        provider=provider,
+        target_url="http://upstream/x",
+        method="POST",
+        path="/x",
+        model=model,
+        started_at=AT,
+        ended_at=AT,
+        latency_ms=1.0,
+        usage=usage,
+    )
+    apply_cost(rec)
+    return rec
+
+
+def openai_body(service_tier: str, **usage: Any) -> dict[str, Any]:
+    return {"object": "chat.completion", "service_tier": service_tier, "usage": usage}
+
+
+GPT5_USAGE = {
+    "prompt_tokens": 10_000,
+    "completion_tokens": 3_000,
+    "total_tokens": 13_000,
+    "prompt_tokens_details": {"cached_tokens": 4_000, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 1_000, "audio_tokens": 0},
+}
+
+
+def test_openai_service_tiers() -> None:
+    # gpt-5 per 1M: standard 1.25 in / 0.125 cached / 10 out; flex 0.625 / 0.0625 / 5;
+    # priority 2.50 / 0.25 / 20.
+    for tier, (inp, cached, out) in {
+        "default": ("1.25", "0.125", "10"),
+        "flex": ("0.625", "0.0625", "5"),
+        "priority": ("2.50", "0.25", "20"),
+    }.items():
+        usage = openai.usage_from_body(openai_body(tier, **GPT5_USAGE))
+        assert usage.service_tier == tier and usage.reasoning_tokens == 1_000
+        rec = priced("openai", "gpt-5", usage)
+        assert rec.cost_nanos == nanos((6_000, inp), (4_000, cached), (3_000, out)), tier
+
+
+def test_anthropic_one_hour_cache_writes() -> None:
+    # claude-sonnet-4-5 per 1M: input 3, 5-minute cache write 3.75, 1-hour cache write 6,
+    # cache read 0.30, output 15.
+    body = {
+        "type": "message",
+        "usage": {
+            "input_tokens": 100,
+            "cache_creation_input_tokens": 3_000,
+            "cache_read_input_tokens": 500,
+            "cache_creation": {"ephemeral_5m_input_tokens": 1_000, "ephemeral_1h_input_tokens": 2_000},
+            "output_tokens": 200,
+            "service_tier": "standard",
+        },
+    }
+    usage = anthropic.usage_from_body(body)
+    assert (usage.prompt_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens) == (
+        3_600,
+        3_000,
+        2_000,
+    )
+    rec = priced("anthropic", "claude-sonnet-4-5", usage)
+    assert rec.cost_nanos == nanos((100, "3"), (1_000, "3.75"), (2_000, "6"), (500, "0.30"), (200, "15"))
+
+
+def test_openai_audio_tokens() -> None:
+    # gpt-audio per 1M: text 2.50 in / 10 out, audio 32 in / 64 out.
+    body = openai_body(
+        "default",
+        prompt_tokens=1_200,
+        completion_tokens=900,
+        total_tokens=2_100,
+        prompt_tokens_details={"cached_tokens": 0, "audio_tokens": 1_000},
+        completion_tokens_details={"reasoning_tokens": 0, "audio_tokens": 800},
+    )
+    usage = openai.usage_from_body(body)
+    assert (usage.input_audio_tokens, usage.output_audio_tokens) == (1_000, 800)
+    rec = priced("openai", "gpt-audio", usage)
+    assert rec.cost_nanos == nanos((200, "2.50"), (1_000, "32"), (100, "10"), (800, "64"))
+
+
+def test_gemini_audio_input_and_thinking() -> None:
+    # gemini-2.5-flash per 1M: text/image/video input 0.30, audio input 1.00, output incl.
+    # thinking 2.50.
+    body = {
+        "usageMetadata": {
+            "promptTokenCount": 500,
+            "candidatesTokenCount": 40,
+            "thoughtsTokenCount": 60,
+            "totalTokenCount": 600,
+            "promptTokensDetails": [
+                {"modality": "TEXT", "tokenCount": 100},
+                {"modality": "AUDIO", "tokenCount": 400},
+            ],
+        }
+    }
+    usage = gemini.usage_from_body(body)
+    assert (usage.input_audio_tokens, usage.reasoning_tokens, usage.completion_tokens) == (400, 60, 100)
+    rec = priced("gemini", "gemini-2.5-flash", usage)
+    assert rec.cost_nanos == nanos((100, "0.30"), (400, "1.00"), (100, "2.50"))
+
+
+def test_named_upstream_unknown_to_the_price_table_is_unpriced() -> None:
+    usage = openai.usage_from_body(openai_body("default", **GPT5_USAGE))
+    assert priced("openai", "gpt-5", usage).cost_nanos is not None
+    assert priced("my-vllm", "gpt-5", usage).cost_nanos is None  # never OpenAI's price
