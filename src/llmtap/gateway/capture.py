@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import brotli
 import msgspec
 import orjson
 import zstandard
@@ -148,7 +149,7 @@ class Capture:
 
 
 def _decode(data: bytes, encoding: str | None) -> bytes | None:
-    """Undo a Content-Encoding for parsing; None if we cannot (unknown coding, e.g. br).
+    """Undo a Content-Encoding for parsing; None if we cannot (an unknown coding).
 
     Decompression objects accept a truncated input and return what it holds.
     """
@@ -166,8 +167,11 @@ def _decode(data: bytes, encoding: str | None) -> bytes | None:
             except zlib.error:
                 return zlib.decompressobj(wbits=-15).decompress(data)
         if enc == "zstd":
-            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    except (zlib.error, zstandard.ZstdError):
+            # A streaming server may end a frame per flush: read them all.
+            return zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(data)
+        if enc == "br":
+            return bytes(brotli.Decompressor().process(data))
+    except (zlib.error, zstandard.ZstdError, brotli.error):
         return None
     return None
 
@@ -249,7 +253,7 @@ class RecordBuilder:
     Bodies: under `COMPRESS_MIN_BYTES` inline as they are; otherwise zstd, inline when the
     compressed form is at most `inline_body_bytes`, else written to the body store by the
     publisher before the record is published (the record carries the key). Compressed HTTP
-    bodies (gzip, deflate, zstd) are stored decoded; a coding we cannot decode (br) as sent.
+    bodies (gzip, deflate, zstd, br) are stored decoded; a coding we cannot decode as sent.
 
     Times: `first_byte_at` is when the upstream's response headers arrived. Time to first token
     is, for streams, when the first body bytes arrived (the first SSE event: a role or content
