@@ -312,11 +312,11 @@ def dlq_replay(ctx: click.Context, ids: tuple[str, ...], replay_all: bool) -> No
     click.echo(f"replayed {n} record(s)")
 
 
-@cli.command("fake-upstream", short_help="Run a local fake OpenAI/Anthropic API (demos).")
+@cli.command("fake-upstream", short_help="Run a local fake OpenAI/Anthropic/Gemini/Azure API (demos).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=9999, show_default=True)
 def fake_upstream(host: str, port: int) -> None:
-    """Run a local fake OpenAI/Anthropic API (for demos and tests; no keys needed)."""
+    """Run a local fake OpenAI/Anthropic/Gemini/Azure API (for demos and tests; no keys needed)."""
     from llmtap.testing.fake_upstream import run
 
     run(host, port)

@@ -211,11 +211,8 @@ class GatewayService:
         _freeze_startup_objects()
         self._ready = True
         url = f"http://{_host(s.host)}:{self.port}"
-        return [
-            f"gateway   {url}  (OpenAI: {url}/openai/v1 → {s.openai_base_url}/v1, "
-            f"Anthropic: {url}/anthropic → {s.anthropic_base_url})",
-            *fallback_note,
-        ]
+        routes = ", ".join(f"{url}/{name} → {r.base}" for name, r in self.proxy.routes.items())
+        return [f"gateway   {url}  ({routes})", *fallback_note]
 
     async def _connect_queue_later(self) -> None:
         """Fallback mode: keep trying the queue; once it answers, publish to it again and

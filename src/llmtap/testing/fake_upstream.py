@@ -1,4 +1,4 @@
-"""A local fake OpenAI + Anthropic upstream that speaks the providers' exact wire formats.
+"""A local fake OpenAI, Anthropic, Gemini and Azure OpenAI upstream in their exact wire formats.
 
 Why it exists: the gateway has to be proven byte-exact against real provider behaviour
 (SSE framing, usage blocks, error bodies, truncated streams, large bodies) without network
