@@ -52,6 +52,7 @@ _TOTALS = {
         "completion_tokens": {"type": "integer"},
         "total_tokens": {"type": "integer"},
         "cached_tokens": {"type": "integer"},
+        "cache_write_tokens": {"type": "integer"},
         "reasoning_tokens": {"type": "integer"},
         "cost_usd": {"type": "number", "description": "summed exactly in nano-dollars, then divided"},
         "first_at": {"type": ["string", "null"], "format": "date-time"},

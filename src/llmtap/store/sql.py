@@ -445,7 +445,14 @@ def _truncated(headers: Any) -> list[str]:
 
 Kind = Literal["overall", "group", "bucket", "users"]
 
-_SUMS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+_SUMS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
 
 
 def group_key(p: Params, group_by: str) -> str:
