@@ -131,3 +131,33 @@ def test_named_upstream_unknown_to_the_price_table_is_unpriced() -> None:
     usage = openai.usage_from_body(openai_body("default", **GPT5_USAGE))
     assert priced("openai", "gpt-5", usage).cost_nanos is not None
     assert priced("my-vllm", "gpt-5", usage).cost_nanos is None  # never OpenAI's price
+
+
+def test_server_side_web_searches() -> None:
+    # Anthropic web search: 10 USD per 1,000 searches on top of claude-sonnet-4-5's tokens
+    # (3 in / 15 out per 1M).
+    body = {
+        "usage": {
+            "input_tokens": 2_000,
+            "output_tokens": 300,
+            "server_tool_use": {"web_search_requests": 3},
+        }
+    }
+    usage = anthropic.usage_from_body(body)
+    assert usage.web_search_requests == 3
+    rec = priced("anthropic", "claude-sonnet-4-5", usage)
+    assert rec.cost_nanos == nanos((2_000, "3"), (300, "15"), (3, "10000"))
+    # OpenAI Responses API web search tool: 10 USD per 1,000 calls with gpt-5 (1.25 in / 10 out).
+    response = {
+        "object": "response",
+        "output": [
+            {"type": "web_search_call", "id": "ws_1", "status": "completed"},
+            {"type": "web_search_call", "id": "ws_2", "status": "completed"},
+            {"type": "message", "role": "assistant", "content": []},
+        ],
+        "usage": {"input_tokens": 1_000, "output_tokens": 200, "total_tokens": 1_200},
+    }
+    usage = openai.usage_from_body(response)
+    assert usage.web_search_requests == 2
+    rec = priced("openai", "gpt-5", usage)
+    assert rec.cost_nanos == nanos((1_000, "1.25"), (200, "10"), (2, "10000"))

@@ -10,9 +10,9 @@ arithmetic), far too slow per record for a worker that should do thousands per s
 - the plain token case (input, cache read, cache write, output; flat or tiered by input size) is
   computed here with integers: prices per million tokens scaled by 1e6 are integers, so the sum
   is exact in pico-USD and `cost_nanos` is the exact cost rounded half-up to 1e-9 USD;
-- anything else (per-request fees, audio tokens, 1-hour cache writes, time-of-day prices, prices
-  with more than six decimals) falls back to the library's own calculation on the cached price
-  object;
+- anything else (per-request fees, server-side web searches, audio tokens, 1-hour cache
+  writes, time-of-day prices, prices with more than six decimals) falls back to the library's
+  own calculation on the cached price object;
 - a reported `service_tier` of `flex` or `priority` selects that tier's prices (the table's
   price variants); every other tier is the standard price.
 
@@ -211,12 +211,19 @@ def genai_usage(usage: Usage) -> gp.Usage | None:
         kw["input_audio_tokens"] = min(usage.input_audio_tokens, total_input)
     if usage.output_audio_tokens:
         kw["output_audio_tokens"] = min(usage.output_audio_tokens, output)
+    if usage.web_search_requests:
+        kw["web_searches"] = usage.web_search_requests
     return gp.Usage(**kw)
 
 
 def _extra(usage: Usage) -> bool:
     """Usage the integer fast path does not price: the library decomposes it."""
-    return bool(usage.cache_write_1h_tokens or usage.input_audio_tokens or usage.output_audio_tokens)
+    return bool(
+        usage.cache_write_1h_tokens
+        or usage.input_audio_tokens
+        or usage.output_audio_tokens
+        or usage.web_search_requests
+    )
 
 
 @functools.lru_cache(maxsize=64)

@@ -65,6 +65,7 @@ class Usage(msgspec.Struct, omit_defaults=True, kw_only=True):
     input_audio_tokens: int | None = None  # part of prompt_tokens
     output_audio_tokens: int | None = None  # part of completion_tokens
     service_tier: str | None = None  # as the provider reported it (`flex`, `priority` price differently)
+    web_search_requests: int | None = None  # server-side web searches, billed per call
 
 
 class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="v", tag=VERSION):

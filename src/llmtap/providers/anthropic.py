@@ -58,6 +58,8 @@ def parse_usage(u: Any) -> Usage:
     ttl = u.get("cache_creation")
     write_1h = _int(ttl.get("ephemeral_1h_input_tokens")) if isinstance(ttl, dict) else None
     tier = u.get("service_tier")
+    tools = u.get("server_tool_use")
+    searches = _int(tools.get("web_search_requests")) if isinstance(tools, dict) else None
     return Usage(
         source="provider",
         prompt_tokens=prompt,
@@ -67,6 +69,7 @@ def parse_usage(u: Any) -> Usage:
         cache_write_tokens=write,
         cache_write_1h_tokens=write_1h or None,
         service_tier=tier if isinstance(tier, str) and tier else None,
+        web_search_requests=searches or None,
     )
 
 

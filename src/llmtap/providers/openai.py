@@ -89,10 +89,20 @@ def with_tier(usage: Usage, tier: Any) -> Usage:
     return usage
 
 
+def with_searches(usage: Usage, response: dict[str, Any]) -> Usage:
+    """Count a Responses API answer's `web_search_call` output items (billed per call)."""
+    output = response.get("output")
+    if usage.source != "missing" and isinstance(output, list):
+        n = sum(1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call")
+        if n:
+            usage.web_search_requests = n
+    return usage
+
+
 def usage_from_body(body: Any) -> Usage:
     """Usage of a non-stream response body (already parsed)."""
     if isinstance(body, dict):
-        return with_tier(parse_usage(body.get("usage")), body.get("service_tier"))
+        return with_searches(with_tier(parse_usage(body.get("usage")), body.get("service_tier")), body)
     return Usage()
 
 
@@ -335,7 +345,10 @@ def _result(s: _Stream) -> StreamResult | None:
         model = s.final_response.get("model")
         return StreamResult(
             s.final_response,
-            with_tier(parse_usage(s.final_response.get("usage")), s.final_response.get("service_tier")),
+            with_searches(
+                with_tier(parse_usage(s.final_response.get("usage")), s.final_response.get("service_tier")),
+                s.final_response,
+            ),
             model if isinstance(model, str) else None,
             s.error,
             s.complete,
