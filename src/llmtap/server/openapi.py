@@ -42,6 +42,10 @@ _PCT = {
     "properties": {k: {"type": ["number", "null"]} for k in ("p50", "p90", "p99")},
     "description": "Percentiles by linear interpolation (PostgreSQL percentile_cont); null without data.",
 }
+def _doc(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {**schema, "description": description}
+
+
 _TOTALS = {
     "type": "object",
     "properties": {
@@ -88,13 +92,18 @@ _REQUEST_SUMMARY = {
         "streamed": {"type": "boolean"},
         "latency_ms": {"type": "number"},
         "time_to_first_token_ms": {"type": ["number", "null"]},
-        "prompt_tokens": _NULLABLE_INT,
-        "completion_tokens": _NULLABLE_INT,
-        "total_tokens": _NULLABLE_INT,
-        "cached_tokens": _NULLABLE_INT,
-        "cache_write_tokens": _NULLABLE_INT,
-        "reasoning_tokens": _NULLABLE_INT,
-        "usage_source": {"enum": ["provider", "partial", "estimated", "missing"]},
+        "prompt_tokens": _doc(
+            _NULLABLE_INT, "all input tokens of every provider: uncached, cache reads and cache writes"
+        ),
+        "completion_tokens": _doc(_NULLABLE_INT, "all output tokens, reasoning included"),
+        "total_tokens": _doc(_NULLABLE_INT, "prompt_tokens + completion_tokens (the provider's own total)"),
+        "cached_tokens": _doc(_NULLABLE_INT, "the part of prompt_tokens read from the provider's cache"),
+        "cache_write_tokens": _doc(_NULLABLE_INT, "the part of prompt_tokens written to the cache"),
+        "reasoning_tokens": _doc(_NULLABLE_INT, "the part of completion_tokens spent thinking"),
+        "usage_source": {
+            "enum": ["provider", "partial", "estimated", "missing"],
+            "description": "partial: a stream that ended before its end marker, counts seen so far",
+        },
         "cost_usd": {"type": ["number", "null"]},
         "price_version": _NULLABLE_STR,
         "user_id": _NULLABLE_STR,
