@@ -1,16 +1,18 @@
-"""`/api/v1/stats` totals include cache writes and reasoning tokens (SQLite store; PostgreSQL
-runs the same aggregate SQL)."""
+"""`/api/v1/stats` totals include cache writes and reasoning tokens, on both stores."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from llmtap.record import Usage
 from llmtap.store.base import StatsQuery
-from store_helpers import open_store, rec
+from store_helpers import open_store, rec, store_params
 
 
-async def test_stats_sum_cache_writes_and_reasoning(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", store_params())
+async def test_stats_sum_cache_writes_and_reasoning(kind: str, tmp_path: Path) -> None:
     rows = [
         rec(
             0,
@@ -37,7 +39,7 @@ async def test_stats_sum_cache_writes_and_reasoning(tmp_path: Path) -> None:
         ),
         rec(2),  # no cache writes, no reasoning: counts as 0
     ]
-    async with open_store("sqlite", tmp_path) as store:
+    async with open_store(kind, tmp_path) as store:
         await store.write_batch(rows)
         got = await store.stats("acme", StatsQuery(group_by="model"))
     overall = got["overall"]
