@@ -227,3 +227,30 @@ async def test_query_key_never_recorded(upstream: int, tmp_path: Path) -> None:
     )
     assert "key=***" in rec.target_url
     no_key(rec)
+
+
+def test_fake_process_serves_gemini_and_azure(tmp_path: Path) -> None:
+    """`python -m llmtap.testing.fake_upstream` (what the process tests run) answers every
+    provider, not only the ones defined in its own module."""
+    import json
+    import urllib.request
+
+    from procs import fake_upstream as fake_process
+
+    with fake_process(tmp_path) as url:
+        req = urllib.request.Request(
+            f"{url}/v1beta/models/{MODEL}:generateContent",
+            data=json.dumps(REQ).encode(),
+            headers={"x-goog-api-key": "k", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=20) as r:
+            body = json.loads(r.read())
+        az = urllib.request.Request(
+            f"{url}/openai/deployments/d/chat/completions?api-version=2024-10-21",
+            data=json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={"api-key": "k", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(az, timeout=20) as r:
+            az_body = json.loads(r.read())
+    assert body["candidates"][0]["content"]["parts"][0]["text"] == "echo: hello gemini world"
+    assert az_body["model"] and az_body["choices"][0]["message"]["content"] == "echo: hi"

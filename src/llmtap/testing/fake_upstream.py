@@ -1353,7 +1353,7 @@ class FakeUpstream:
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m llmtap.testing.fake_upstream --port 9999``."""
     parser = argparse.ArgumentParser(
-        description="Fake OpenAI/Anthropic upstream for llmtap tests and benchmarks"
+        description="Fake OpenAI/Anthropic/Gemini/Azure upstream for llmtap tests and benchmarks"
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9999, help="0 picks a free port (printed on startup)")
@@ -1368,4 +1368,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # Run the imported module, not this `__main__` copy: the provider modules (fake_gemini ...)
+    # import `llmtap.testing.fake_upstream`, and its app key must be the one the app was built with.
+    from llmtap.testing import fake_upstream
+
+    fake_upstream.main(sys.argv[1:])
