@@ -20,7 +20,8 @@ from llmtap.config import load_settings
 from llmtap.errors import ConfigError
 from llmtap.pricing import apply_cost
 from llmtap.record import LogRecord, encode
-from llmtap.testing.fake_upstream import AZURE_SERVED_MODEL, expected_usage, make_app, serve
+from llmtap.testing.fake_openai import AZURE_SERVED_MODEL
+from llmtap.testing.fake_upstream import expected_usage, make_app, serve
 
 pytestmark = pytest.mark.timeout(60)
 

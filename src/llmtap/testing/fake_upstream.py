@@ -1,5 +1,10 @@
 """A local fake OpenAI, Anthropic, Gemini and Azure OpenAI upstream in their exact wire formats.
 
+This module is the entry point (`make_app`, `serve`, `run`, `python -m`, `FakeUpstream`) and
+what the providers share: knobs, deterministic reply planning, request recording, transport.
+Each provider's handlers live in their own module (`fake_openai`, `fake_anthropic`,
+`fake_gemini`), registered by `make_app`.
+
 Why it exists: the gateway has to be proven byte-exact against real provider behaviour
 (SSE framing, usage blocks, error bodies, truncated streams, large bodies) without network
 access or cost, and the benchmark needs an upstream that is never the bottleneck.  The real
@@ -571,59 +576,7 @@ async def _write_events(
 
 
 # ---------------------------------------------------------------------------------------------
-# OpenAI.
-
-_OPENAI_ERROR_DEFAULTS: Final[dict[int, tuple[str, str, str | None]]] = {
-    400: ("invalid_request_error", "Invalid request (forced by x-fake-status).", None),
-    401: (
-        "invalid_request_error",
-        "Incorrect API key provided: sk-fake***. You can find your API key at "
-        "https://platform.openai.com/account/api-keys.",
-        "invalid_api_key",
-    ),
-    403: (
-        "request_forbidden",
-        "Country, region, or territory not supported",
-        "unsupported_country_region_territory",
-    ),
-    404: (
-        "invalid_request_error",
-        "The model does not exist or you do not have access to it.",
-        "model_not_found",
-    ),
-    413: ("invalid_request_error", "Request too large.", None),
-    429: (
-        "requests",
-        "Rate limit reached for requests per min (RPM): Limit 10000, Used 10000, Requested 1. "
-        "Please try again in 7s.",
-        "rate_limit_exceeded",
-    ),
-    500: ("server_error", "The server had an error while processing your request. Sorry about that!", None),
-    502: ("server_error", "Bad gateway.", None),
-    503: ("server_error", "The engine is currently overloaded, please try again later.", None),
-}
-
-
-def _openai_error(
-    status: int,
-    message: str | None = None,
-    *,
-    err_type: str | None = None,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    d_type, d_message, d_code = _OPENAI_ERROR_DEFAULTS.get(status, ("server_error", "Error.", None))
-    body = {
-        "error": {
-            "message": message or d_message,
-            "type": err_type or d_type,
-            "param": param,
-            "code": code if code is not None or message is not None else d_code,
-        }
-    }
-    out = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), **(headers or {})}
-    return web.Response(status=status, body=_pretty(body), headers=out)
+# Helpers the provider modules share.
 
 
 def _rate_limit_headers(request: web.Request, provider: str) -> dict[str, str]:
@@ -651,227 +604,11 @@ def _rate_limit_headers(request: web.Request, provider: str) -> dict[str, str]:
     }
 
 
-def _openai_gate(request: web.Request) -> web.Response | None:
-    """Auth + forced-status checks, in the order the real API applies them."""
-    auth = request.headers.get("Authorization", "")
-    if not auth.startswith("Bearer ") or not auth[7:].strip():
-        return _openai_error(
-            401,
-            "You didn't provide an API key. You need to provide your API key in an Authorization header "
-            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank "
-            "username) if you're accessing the API from your browser and are prompted for a username and "
-            "password. You can obtain an API key from https://platform.openai.com/account/api-keys.",
-            err_type="invalid_request_error",
-        )
-    status = _int_header(request.headers, "x-fake-status")
-    if status is not None and status >= 400:
-        extra = _rate_limit_headers(request, "openai") if status == 429 else None
-        return _openai_error(status, headers=extra)
-    return None
-
-
-def _openai_parse(body: bytes, request: web.Request) -> JSONDict | web.Response:
-    try:
-        req = _decode_json(body, request.headers)
-    except ValueError:
-        return _openai_error(
-            400,
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
-            "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not "
-            "valid JSON. If you have trouble figuring out how to fix this, please make sure you are using "
-            "the latest version of your client library.)",
-        )
-    if not isinstance(req, dict):
-        return _openai_error(400, "Invalid type for request body: expected an object.", param="body")
-    return req
-
-
-async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/chat/completions``: non-stream JSON or SSE ``chat.completion.chunk`` stream."""
-    return await _chat(request)
-
-
-#: What the fake's Azure deployments serve (a deployment name is not a model; responses say
-#: which model answered). ``x-fake-served-model`` overrides it.
-AZURE_SERVED_MODEL: Final = "gpt-4o-mini-2024-07-18"
-_AZURE_PROMPT_FILTER: Final = (
-    b'data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":'
-    b'[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}\n\n'
-)
-
-
-async def azure_chat_completions(request: web.Request) -> web.StreamResponse:
-    """Azure OpenAI chat: ``/openai/deployments/{d}/chat/completions?api-version=`` or
-    ``/openai/v1/chat/completions``. Auth by ``api-key`` (or a bearer token); the response's
-    ``model`` is the served model, and a stream starts with Azure's ``prompt_filter_results``
-    chunk (empty id and model)."""
-    if "deployment" in request.match_info and not request.query.get("api-version"):
-        await _receive(request)
-        return web.Response(
-            status=404,
-            body=b'{"error":{"code":"404","message": "Resource not found"}}',
-            headers=_JSON_HEADERS,
-        )
-    served = request.headers.get("x-fake-served-model", AZURE_SERVED_MODEL)
-    return await _chat(request, served=served, deployment=request.match_info.get("deployment"))
-
-
-async def _chat(
-    request: web.Request, served: str | None = None, deployment: str | None = None
-) -> web.StreamResponse:
-    body, created = await _receive(request)
-    if served is not None and request.headers.get("api-key"):  # Azure's own key header
-        forced = _int_header(request.headers, "x-fake-status")
-        early = _openai_error(forced) if forced is not None and forced >= 400 else None
-    else:
-        early = _openai_gate(request)
-    if early is not None:
-        return early
-    req = _openai_parse(body, request)
-    if isinstance(req, web.Response):
-        return req
-    model = req.get("model") or deployment
-    if not isinstance(model, str) or not model:
-        return _openai_error(400, "you must provide a model parameter")
-    if not isinstance(req.get("messages"), list):
-        return _openai_error(
-            400,
-            "Missing required parameter: 'messages'.",
-            param="messages",
-            code="missing_required_parameter",
-        )
-    stream = req.get("stream") is True
-    stream_options = req.get("stream_options")
-    if stream_options is not None and not stream:
-        return _openai_error(
-            400,
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-            param="stream_options",
-        )
-    plan = _plan_openai_chat(req, _Knobs.parse(request.headers))
-    if served is not None:
-        model = served
-    headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), "openai-processing-ms": "1"}
-    _echo_headers(request, body, headers)
-    cid = _new_id("chatcmpl-")
-    finish = "tool_calls" if plan.tool_name else ("length" if plan.truncated else "stop")
-    if stream:
-        include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-        headers.update(_SSE_HEADERS)
-        chunks = _int_header(request.headers, "x-fake-chunks")
-        events = _openai_stream_events(cid, int(created), model, plan, finish, include_usage, chunks)
-        if served is not None:
-            events.insert(0, _AZURE_PROMPT_FILTER)
-        return await _write_events(
-            request, headers, _with_stream_error(request, events, _OPENAI_STREAM_ERROR)
-        )
-    message: JSONDict = {
-        "role": "assistant",
-        "content": None if plan.tool_name else plan.text,
-        "refusal": None,
-    }
-    if plan.tool_name:
-        message["tool_calls"] = [
-            {
-                "id": _new_id("call_"),
-                "type": "function",
-                "function": {"name": plan.tool_name, "arguments": plan.tool_args},
-            }
-        ]
-    message["annotations"] = []
-    out = {
-        "id": cid,
-        "object": "chat.completion",
-        "created": int(created),
-        "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-        "usage": _openai_usage(plan),
-        "service_tier": "default",
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-    }
-    return await _send_json(request, 200, _pretty(out), headers)
-
-
-_OPENAI_STREAM_ERROR: Final = (
-    b"data: "
-    + _ENC.encode(
-        {
-            "error": {
-                "message": "The server had an error while processing your request. Sorry about that!",
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-        }
-    )
-    + b"\n\n"
-)
-
-
 def _with_stream_error(request: web.Request, events: list[bytes], error_event: bytes) -> list[bytes]:
     after = _int_header(request.headers, "x-fake-stream-error")
     if after is None:
         return events
     return [*events[: max(after, 0)], error_event]
-
-
-def _openai_stream_events(
-    cid: str, created: int, model: str, plan: _Reply, finish: str, include_usage: bool, chunks: int | None
-) -> list[bytes]:
-    """The exact SSE byte sequence OpenAI sends for one streamed chat completion."""
-    head: JSONDict = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "service_tier": "default",
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-    }
-    tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
-
-    def chunk(delta: JSONDict, finish_reason: str | None = None) -> bytes:
-        obj = {
-            **head,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        }
-        if include_usage:
-            obj["usage"] = None
-        return b"data: " + _ENC.encode(obj) + b"\n\n"
-
-    events: list[bytes] = []
-    if plan.tool_name:
-        events.append(
-            chunk(
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {
-                            "index": 0,
-                            "id": _new_id("call_"),
-                            "type": "function",
-                            "function": {"name": plan.tool_name, "arguments": ""},
-                        }
-                    ],
-                    "refusal": None,
-                }
-            )
-        )
-        for frag in _fragments(plan.tool_args, chunks):
-            events.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": frag}}]}))
-    else:
-        events.append(chunk({"role": "assistant", "content": "", "refusal": None}))
-        # Content deltas dominate big streams: splice the pre-encoded prefix instead of re-encoding.
-        prefix = b"data: " + _ENC.encode(head)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
-        suffix = b'},"logprobs":null,"finish_reason":null}]' + tail
-        for i, word in enumerate(plan.words):
-            events.append(prefix + _ENC.encode(word if i == 0 else " " + word) + suffix)
-    events.append(chunk({}, finish))
-    if include_usage:
-        usage_chunk = {**head, "choices": [], "usage": _openai_usage(plan)}
-        events.append(b"data: " + _ENC.encode(usage_chunk) + b"\n\n")
-    events.append(b"data: [DONE]\n\n")
-    return events
 
 
 def _fragments(args: str, chunks: int | None = None) -> list[str]:
@@ -887,296 +624,6 @@ def _embedding(text: str, dims: int) -> tuple[list[float], str]:
     packed = struct.pack(f"<{dims}f", *values)
     floats = list(struct.unpack(f"<{dims}f", packed))  # float32-rounded, so both formats agree
     return floats, base64.b64encode(packed).decode()
-
-
-async def openai_embeddings(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/embeddings``: float lists, or base64 float32 (the openai SDK's default request)."""
-    body, _ = await _receive(request)
-    early = _openai_gate(request)
-    if early is not None:
-        return early
-    req = _openai_parse(body, request)
-    if isinstance(req, web.Response):
-        return req
-    model = req.get("model")
-    if not isinstance(model, str) or not model:
-        return _openai_error(400, "you must provide a model parameter")
-    inputs = _embedding_inputs(req)
-    if not inputs:
-        return _openai_error(
-            400, "'input' is a required property", param="input", code="missing_required_parameter"
-        )
-    dims = _limit(req.get("dimensions")) or (3072 if "large" in model else 1536)
-    as_b64 = req.get("encoding_format") == "base64"
-    data = []
-    for index, item in enumerate(inputs):
-        text = item if isinstance(item, str) else " ".join(map(str, item)) if isinstance(item, list) else ""
-        floats, b64 = _embedding(text, max(1, dims))
-        data.append({"object": "embedding", "index": index, "embedding": b64 if as_b64 else floats})
-    tokens = sum(_embedding_tokens(i) for i in inputs)
-    out = {
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
-    headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), "openai-processing-ms": "1"}
-    _echo_headers(request, body, headers)
-    return await _send_json(request, 200, _ENC.encode(out), headers)
-
-
-OPENAI_MODELS: Final = (
-    "gpt-4o",
-    "gpt-4o-mini",
-    "gpt-4.1",
-    "gpt-4.1-mini",
-    "o3-mini",
-    "o4-mini",
-    "text-embedding-3-small",
-    "text-embedding-3-large",
-)
-ANTHROPIC_MODELS: Final = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
-
-
-def _is_anthropic_request(request: web.Request) -> bool:
-    h = request.headers
-    return "anthropic-version" in h or "x-api-key" in h
-
-
-async def list_models(request: web.Request) -> web.StreamResponse:
-    """``GET /v1/models``: OpenAI's list format, or Anthropic's when Anthropic headers are present."""
-    body, _ = await _receive(request)
-    if _is_anthropic_request(request):
-        early = _anthropic_gate(request)
-        if early is not None:
-            return early
-        data = [
-            {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
-            for m in ANTHROPIC_MODELS
-        ]
-        out: JSONDict = {
-            "data": data,
-            "has_more": False,
-            "first_id": data[0]["id"],
-            "last_id": data[-1]["id"],
-        }
-        headers = {**_JSON_HEADERS, "request-id": _new_id("req_")}
-        _echo_headers(request, body, headers)
-        return web.Response(body=_ENC.encode(out), headers=headers)
-    early = _openai_gate(request)
-    if early is not None:
-        return early
-    out = {
-        "object": "list",
-        "data": [
-            {"id": m, "object": "model", "created": 1700000000, "owned_by": "system"} for m in OPENAI_MODELS
-        ],
-    }
-    headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_")}
-    _echo_headers(request, body, headers)
-    return web.Response(body=_pretty(out), headers=headers)
-
-
-# ---------------------------------------------------------------------------------------------
-# Anthropic.
-
-_ANTHROPIC_ERRORS: Final[dict[int, tuple[str, str]]] = {
-    400: ("invalid_request_error", "Invalid request (forced by x-fake-status)."),
-    401: ("authentication_error", "invalid x-api-key"),
-    403: ("permission_error", "Your API key does not have permission to use the specified resource."),
-    404: ("not_found_error", "The requested resource could not be found."),
-    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
-    429: ("rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit."),
-    500: ("api_error", "Internal server error"),
-    502: ("api_error", "Bad gateway"),
-    503: ("api_error", "Service unavailable"),
-    529: ("overloaded_error", "Overloaded"),
-}
-
-
-def _anthropic_error(
-    status: int,
-    message: str | None = None,
-    *,
-    err_type: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    d_type, d_message = _ANTHROPIC_ERRORS.get(status, ("api_error", "Internal server error"))
-    rid = _new_id("req_")
-    body = {
-        "type": "error",
-        "error": {"type": err_type or d_type, "message": message or d_message},
-        "request_id": rid,
-    }
-    out = {**_JSON_HEADERS, "request-id": rid, **(headers or {})}
-    return web.Response(status=status, body=_ENC.encode(body), headers=out)
-
-
-def _anthropic_gate(request: web.Request) -> web.Response | None:
-    """Credential + version checks like the real API; accepts ``x-api-key`` or ``Authorization: Bearer``."""
-    h = request.headers
-    auth = h.get("Authorization", "")
-    if not h.get("x-api-key", "").strip() and not (auth.startswith("Bearer ") and auth[7:].strip()):
-        return _anthropic_error(401, "x-api-key header is required")
-    if not h.get("anthropic-version", "").strip():
-        return _anthropic_error(
-            400, "anthropic-version: header is required", err_type="invalid_request_error"
-        )
-    status = _int_header(h, "x-fake-status")
-    if status is not None and status >= 400:
-        extra = _rate_limit_headers(request, "anthropic") if status == 429 else None
-        return _anthropic_error(status, headers=extra)
-    return None
-
-
-def _anthropic_parse(body: bytes, request: web.Request) -> JSONDict | web.Response:
-    try:
-        req = _decode_json(body, request.headers)
-    except ValueError:
-        return _anthropic_error(400, "There was an issue with the JSON body of your request: invalid JSON.")
-    if not isinstance(req, dict):
-        return _anthropic_error(400, "Request body must be a JSON object.")
-    for field in ("model", "messages"):
-        if field not in req:
-            return _anthropic_error(400, f"{field}: Field required")
-    return req
-
-
-def _sse(event: str, data: JSONDict) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + _ENC.encode(data) + b"\n\n"
-
-
-_ANTHROPIC_STREAM_ERROR: Final = _sse(
-    "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
-)
-
-
-async def anthropic_messages(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/messages``: a ``message`` object, or the full SSE event sequence when streaming."""
-    body, _ = await _receive(request)
-    early = _anthropic_gate(request)
-    if early is not None:
-        return early
-    req = _anthropic_parse(body, request)
-    if isinstance(req, web.Response):
-        return req
-    if "max_tokens" not in req:
-        return _anthropic_error(400, "max_tokens: Field required")
-    model = str(req["model"])
-    plan = _plan_anthropic(req, _Knobs.parse(request.headers))
-    headers = {**_JSON_HEADERS, "request-id": _new_id("req_")}
-    _echo_headers(request, body, headers)
-    mid = _new_id("msg_")
-    stop_reason = "tool_use" if plan.tool_name else ("max_tokens" if plan.truncated else "end_turn")
-    tool_id = _new_id("toolu_") if plan.tool_name else ""
-    if req.get("stream") is True:
-        headers.update(_SSE_HEADERS)
-        full_delta = request.headers.get("x-fake-delta-usage", "").lower() == "full"
-        chunks = _int_header(request.headers, "x-fake-chunks")
-        events = _anthropic_stream_events(mid, model, plan, stop_reason, tool_id, full_delta, chunks)
-        return await _write_events(
-            request, headers, _with_stream_error(request, events, _ANTHROPIC_STREAM_ERROR)
-        )
-    content: list[JSONDict]
-    if plan.tool_name:
-        content = [
-            {"type": "tool_use", "id": tool_id, "name": plan.tool_name, "input": _DEC.decode(plan.tool_args)}
-        ]
-    else:
-        content = [{"type": "text", "text": plan.text}]
-    out = {
-        "id": mid,
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": content,
-        "stop_reason": stop_reason,
-        "stop_sequence": None,
-        "usage": _anthropic_usage(plan),
-    }
-    return await _send_json(request, 200, _ENC.encode(out), headers)
-
-
-def _anthropic_stream_events(
-    mid: str,
-    model: str,
-    plan: _Reply,
-    stop_reason: str,
-    tool_id: str,
-    full_delta_usage: bool,
-    chunks: int | None,
-) -> list[bytes]:
-    """The exact SSE event sequence Anthropic sends for one streamed message."""
-    message: JSONDict = {
-        "id": mid,
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": _anthropic_usage(plan, output_tokens=1),
-    }
-    events = [_sse("message_start", {"type": "message_start", "message": message})]
-    if plan.tool_name:
-        block: JSONDict = {"type": "tool_use", "id": tool_id, "name": plan.tool_name, "input": {}}
-        events.append(
-            _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
-        )
-        events.append(b'event: ping\ndata: {"type": "ping"}\n\n')
-        for frag in ["", *_fragments(plan.tool_args, chunks)]:
-            delta = {"type": "input_json_delta", "partial_json": frag}
-            events.append(
-                _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
-            )
-    else:
-        block = {"type": "text", "text": ""}
-        events.append(
-            _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
-        )
-        events.append(b'event: ping\ndata: {"type": "ping"}\n\n')
-        prefix = (
-            b"event: content_block_delta\n"
-            b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
-        )
-        for i, word in enumerate(plan.words):
-            events.append(prefix + _ENC.encode(word if i == 0 else " " + word) + b"}}\n\n")
-    events.append(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
-    usage: JSONDict = {"output_tokens": plan.output_tokens}
-    if full_delta_usage:
-        usage = {
-            "input_tokens": plan.prompt_tokens,
-            "cache_creation_input_tokens": plan.cache_creation_tokens,
-            "cache_read_input_tokens": plan.cached_tokens,
-            "output_tokens": plan.output_tokens,
-        }
-    events.append(
-        _sse(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                "usage": usage,
-            },
-        )
-    )
-    events.append(_sse("message_stop", {"type": "message_stop"}))
-    return events
-
-
-async def anthropic_count_tokens(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/messages/count_tokens``: the same prompt count the messages endpoint reports."""
-    body, _ = await _receive(request)
-    early = _anthropic_gate(request)
-    if early is not None:
-        return early
-    req = _anthropic_parse(body, request)
-    if isinstance(req, web.Response):
-        return req
-    plan = _plan_anthropic(req, _NO_KNOBS)
-    headers = {**_JSON_HEADERS, "request-id": _new_id("req_")}
-    _echo_headers(request, body, headers)
-    return web.Response(body=_ENC.encode({"input_tokens": plan.prompt_tokens}), headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1202,6 +649,9 @@ async def fake_health(request: web.Request) -> web.Response:
 
 async def not_found(request: web.Request) -> web.StreamResponse:
     """Any other path: recorded, then the provider's 404 JSON (real APIs never answer HTML)."""
+    from llmtap.testing.fake_anthropic import _anthropic_error
+    from llmtap.testing.fake_openai import _is_anthropic_request, _openai_error
+
     await _receive(request)
     if _is_anthropic_request(request):
         return _anthropic_error(404, "Not Found")
@@ -1217,13 +667,20 @@ def make_app(
     app = web.Application(client_max_size=client_max_size)
     app[STATE] = _State(record_limit)
     r = app.router
+    # The provider modules build on this one's helpers, so they are imported here, not at the top.
+    from llmtap.testing import fake_anthropic, fake_gemini, fake_openai
+
+    openai_chat_completions = fake_openai.openai_chat_completions
+    openai_embeddings = fake_openai.openai_embeddings
+    list_models = fake_openai.list_models
+    azure_chat_completions = fake_openai.azure_chat_completions
+    anthropic_messages = fake_anthropic.anthropic_messages
+    anthropic_count_tokens = fake_anthropic.anthropic_count_tokens
     r.add_post("/v1/chat/completions", openai_chat_completions)
     r.add_post("/v1/embeddings", openai_embeddings)
     r.add_get("/v1/models", list_models)
     r.add_post("/v1/messages", anthropic_messages)
     r.add_post("/v1/messages/count_tokens", anthropic_count_tokens)
-    from llmtap.testing import fake_gemini  # it builds on this module's helpers
-
     fake_gemini.add_routes(r)
     r.add_post("/openai/deployments/{deployment}/chat/completions", azure_chat_completions)
     r.add_post("/openai/v1/chat/completions", azure_chat_completions)

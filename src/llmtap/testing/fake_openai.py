@@ -1,0 +1,395 @@
+"""The fake upstream's OpenAI API: chat completions (and Azure OpenAI's URLs for them),
+embeddings, models. Shares reply planning, knobs and transport with `fake_upstream`."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import web
+
+from llmtap.testing.fake_anthropic import _anthropic_gate
+from llmtap.testing.fake_upstream import (
+    _ENC,
+    _JSON_HEADERS,
+    _SSE_HEADERS,
+    SYSTEM_FINGERPRINT,
+    JSONDict,
+    _decode_json,
+    _echo_headers,
+    _embedding,
+    _embedding_inputs,
+    _embedding_tokens,
+    _fragments,
+    _int_header,
+    _Knobs,
+    _limit,
+    _new_id,
+    _openai_usage,
+    _plan_openai_chat,
+    _pretty,
+    _rate_limit_headers,
+    _receive,
+    _Reply,
+    _send_json,
+    _with_stream_error,
+    _write_events,
+)
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI.
+
+_OPENAI_ERROR_DEFAULTS: Final[dict[int, tuple[str, str, str | None]]] = {
+    400: ("invalid_request_error", "Invalid request (forced by x-fake-status).", None),
+    401: (
+        "invalid_request_error",
+        "Incorrect API key provided: sk-fake***. You can find your API key at "
+        "https://platform.openai.com/account/api-keys.",
+        "invalid_api_key",
+    ),
+    403: (
+        "request_forbidden",
+        "Country, region, or territory not supported",
+        "unsupported_country_region_territory",
+    ),
+    404: (
+        "invalid_request_error",
+        "The model does not exist or you do not have access to it.",
+        "model_not_found",
+    ),
+    413: ("invalid_request_error", "Request too large.", None),
+    429: (
+        "requests",
+        "Rate limit reached for requests per min (RPM): Limit 10000, Used 10000, Requested 1. "
+        "Please try again in 7s.",
+        "rate_limit_exceeded",
+    ),
+    500: ("server_error", "The server had an error while processing your request. Sorry about that!", None),
+    502: ("server_error", "Bad gateway.", None),
+    503: ("server_error", "The engine is currently overloaded, please try again later.", None),
+}
+
+
+def _openai_error(
+    status: int,
+    message: str | None = None,
+    *,
+    err_type: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    d_type, d_message, d_code = _OPENAI_ERROR_DEFAULTS.get(status, ("server_error", "Error.", None))
+    body = {
+        "error": {
+            "message": message or d_message,
+            "type": err_type or d_type,
+            "param": param,
+            "code": code if code is not None or message is not None else d_code,
+        }
+    }
+    out = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), **(headers or {})}
+    return web.Response(status=status, body=_pretty(body), headers=out)
+
+
+def _openai_gate(request: web.Request) -> web.Response | None:
+    """Auth + forced-status checks, in the order the real API applies them."""
+    auth = request.headers.get("Authorization", "")
+    if not auth.startswith("Bearer ") or not auth[7:].strip():
+        return _openai_error(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization header "
+            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank "
+            "username) if you're accessing the API from your browser and are prompted for a username and "
+            "password. You can obtain an API key from https://platform.openai.com/account/api-keys.",
+            err_type="invalid_request_error",
+        )
+    status = _int_header(request.headers, "x-fake-status")
+    if status is not None and status >= 400:
+        extra = _rate_limit_headers(request, "openai") if status == 429 else None
+        return _openai_error(status, headers=extra)
+    return None
+
+
+def _openai_parse(body: bytes, request: web.Request) -> JSONDict | web.Response:
+    try:
+        req = _decode_json(body, request.headers)
+    except ValueError:
+        return _openai_error(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+            "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not "
+            "valid JSON. If you have trouble figuring out how to fix this, please make sure you are using "
+            "the latest version of your client library.)",
+        )
+    if not isinstance(req, dict):
+        return _openai_error(400, "Invalid type for request body: expected an object.", param="body")
+    return req
+
+
+async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions``: non-stream JSON or SSE ``chat.completion.chunk`` stream."""
+    return await _chat(request)
+
+
+#: What the fake's Azure deployments serve (a deployment name is not a model; responses say
+#: which model answered). ``x-fake-served-model`` overrides it.
+AZURE_SERVED_MODEL: Final = "gpt-4o-mini-2024-07-18"
+_AZURE_PROMPT_FILTER: Final = (
+    b'data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":'
+    b'[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}\n\n'
+)
+
+
+async def azure_chat_completions(request: web.Request) -> web.StreamResponse:
+    """Azure OpenAI chat: ``/openai/deployments/{d}/chat/completions?api-version=`` or
+    ``/openai/v1/chat/completions``. Auth by ``api-key`` (or a bearer token); the response's
+    ``model`` is the served model, and a stream starts with Azure's ``prompt_filter_results``
+    chunk (empty id and model)."""
+    if "deployment" in request.match_info and not request.query.get("api-version"):
+        await _receive(request)
+        return web.Response(
+            status=404,
+            body=b'{"error":{"code":"404","message": "Resource not found"}}',
+            headers=_JSON_HEADERS,
+        )
+    served = request.headers.get("x-fake-served-model", AZURE_SERVED_MODEL)
+    return await _chat(request, served=served, deployment=request.match_info.get("deployment"))
+
+
+async def _chat(
+    request: web.Request, served: str | None = None, deployment: str | None = None
+) -> web.StreamResponse:
+    body, created = await _receive(request)
+    if served is not None and request.headers.get("api-key"):  # Azure's own key header
+        forced = _int_header(request.headers, "x-fake-status")
+        early = _openai_error(forced) if forced is not None and forced >= 400 else None
+    else:
+        early = _openai_gate(request)
+    if early is not None:
+        return early
+    req = _openai_parse(body, request)
+    if isinstance(req, web.Response):
+        return req
+    model = req.get("model") or deployment
+    if not isinstance(model, str) or not model:
+        return _openai_error(400, "you must provide a model parameter")
+    if not isinstance(req.get("messages"), list):
+        return _openai_error(
+            400,
+            "Missing required parameter: 'messages'.",
+            param="messages",
+            code="missing_required_parameter",
+        )
+    stream = req.get("stream") is True
+    stream_options = req.get("stream_options")
+    if stream_options is not None and not stream:
+        return _openai_error(
+            400,
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
+    plan = _plan_openai_chat(req, _Knobs.parse(request.headers))
+    if served is not None:
+        model = served
+    headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), "openai-processing-ms": "1"}
+    _echo_headers(request, body, headers)
+    cid = _new_id("chatcmpl-")
+    finish = "tool_calls" if plan.tool_name else ("length" if plan.truncated else "stop")
+    if stream:
+        include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        headers.update(_SSE_HEADERS)
+        chunks = _int_header(request.headers, "x-fake-chunks")
+        events = _openai_stream_events(cid, int(created), model, plan, finish, include_usage, chunks)
+        if served is not None:
+            events.insert(0, _AZURE_PROMPT_FILTER)
+        return await _write_events(
+            request, headers, _with_stream_error(request, events, _OPENAI_STREAM_ERROR)
+        )
+    message: JSONDict = {
+        "role": "assistant",
+        "content": None if plan.tool_name else plan.text,
+        "refusal": None,
+    }
+    if plan.tool_name:
+        message["tool_calls"] = [
+            {
+                "id": _new_id("call_"),
+                "type": "function",
+                "function": {"name": plan.tool_name, "arguments": plan.tool_args},
+            }
+        ]
+    message["annotations"] = []
+    out = {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(created),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "usage": _openai_usage(plan),
+        "service_tier": "default",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+    return await _send_json(request, 200, _pretty(out), headers)
+
+
+_OPENAI_STREAM_ERROR: Final = (
+    b"data: "
+    + _ENC.encode(
+        {
+            "error": {
+                "message": "The server had an error while processing your request. Sorry about that!",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    )
+    + b"\n\n"
+)
+
+
+def _openai_stream_events(
+    cid: str, created: int, model: str, plan: _Reply, finish: str, include_usage: bool, chunks: int | None
+) -> list[bytes]:
+    """The exact SSE byte sequence OpenAI sends for one streamed chat completion."""
+    head: JSONDict = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "service_tier": "default",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+    tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+
+    def chunk(delta: JSONDict, finish_reason: str | None = None) -> bytes:
+        obj = {
+            **head,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if include_usage:
+            obj["usage"] = None
+        return b"data: " + _ENC.encode(obj) + b"\n\n"
+
+    events: list[bytes] = []
+    if plan.tool_name:
+        events.append(
+            chunk(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": _new_id("call_"),
+                            "type": "function",
+                            "function": {"name": plan.tool_name, "arguments": ""},
+                        }
+                    ],
+                    "refusal": None,
+                }
+            )
+        )
+        for frag in _fragments(plan.tool_args, chunks):
+            events.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": frag}}]}))
+    else:
+        events.append(chunk({"role": "assistant", "content": "", "refusal": None}))
+        # Content deltas dominate big streams: splice the pre-encoded prefix instead of re-encoding.
+        prefix = b"data: " + _ENC.encode(head)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
+        suffix = b'},"logprobs":null,"finish_reason":null}]' + tail
+        for i, word in enumerate(plan.words):
+            events.append(prefix + _ENC.encode(word if i == 0 else " " + word) + suffix)
+    events.append(chunk({}, finish))
+    if include_usage:
+        usage_chunk = {**head, "choices": [], "usage": _openai_usage(plan)}
+        events.append(b"data: " + _ENC.encode(usage_chunk) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+async def openai_embeddings(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/embeddings``: float lists, or base64 float32 (the openai SDK's default request)."""
+    body, _ = await _receive(request)
+    early = _openai_gate(request)
+    if early is not None:
+        return early
+    req = _openai_parse(body, request)
+    if isinstance(req, web.Response):
+        return req
+    model = req.get("model")
+    if not isinstance(model, str) or not model:
+        return _openai_error(400, "you must provide a model parameter")
+    inputs = _embedding_inputs(req)
+    if not inputs:
+        return _openai_error(
+            400, "'input' is a required property", param="input", code="missing_required_parameter"
+        )
+    dims = _limit(req.get("dimensions")) or (3072 if "large" in model else 1536)
+    as_b64 = req.get("encoding_format") == "base64"
+    data = []
+    for index, item in enumerate(inputs):
+        text = item if isinstance(item, str) else " ".join(map(str, item)) if isinstance(item, list) else ""
+        floats, b64 = _embedding(text, max(1, dims))
+        data.append({"object": "embedding", "index": index, "embedding": b64 if as_b64 else floats})
+    tokens = sum(_embedding_tokens(i) for i in inputs)
+    out = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), "openai-processing-ms": "1"}
+    _echo_headers(request, body, headers)
+    return await _send_json(request, 200, _ENC.encode(out), headers)
+
+
+OPENAI_MODELS: Final = (
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "o3-mini",
+    "o4-mini",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+)
+ANTHROPIC_MODELS: Final = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
+
+
+def _is_anthropic_request(request: web.Request) -> bool:
+    h = request.headers
+    return "anthropic-version" in h or "x-api-key" in h
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models``: OpenAI's list format, or Anthropic's when Anthropic headers are present."""
+    body, _ = await _receive(request)
+    if _is_anthropic_request(request):
+        early = _anthropic_gate(request)
+        if early is not None:
+            return early
+        data = [
+            {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
+            for m in ANTHROPIC_MODELS
+        ]
+        out: JSONDict = {
+            "data": data,
+            "has_more": False,
+            "first_id": data[0]["id"],
+            "last_id": data[-1]["id"],
+        }
+        headers = {**_JSON_HEADERS, "request-id": _new_id("req_")}
+        _echo_headers(request, body, headers)
+        return web.Response(body=_ENC.encode(out), headers=headers)
+    early = _openai_gate(request)
+    if early is not None:
+        return early
+    out = {
+        "object": "list",
+        "data": [
+            {"id": m, "object": "model", "created": 1700000000, "owned_by": "system"} for m in OPENAI_MODELS
+        ],
+    }
+    headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_")}
+    _echo_headers(request, body, headers)
+    return web.Response(body=_pretty(out), headers=headers)
