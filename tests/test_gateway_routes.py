@@ -171,3 +171,51 @@ def test_upstreams_config_errors_are_one_sentence(value: str, needle: str) -> No
 def test_upstreams_parsed() -> None:
     s = load_settings(upstreams=" vllm=http://10.0.0.5:8000/ ,groq=https://api.groq.com/openai")
     assert s.upstream_map == {"vllm": "http://10.0.0.5:8000", "groq": "https://api.groq.com/openai"}
+
+
+async def test_exact_cost_through_the_sdks_flex_tier_and_1h_cache(upstream: int, tmp_path: Path) -> None:
+    """The real SDKs through the gateway: an OpenAI flex request and Anthropic 1-hour cache
+    writes (plain and streamed) cost what the published prices say."""
+    import anthropic
+
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (_, gw):
+        oa = openai.AsyncOpenAI(base_url=f"{gw}/openai/v1", api_key="sk-test", max_retries=0)
+        msgs = [{"role": "user", "content": "price me exactly"}]
+        flex = await oa.chat.completions.create(model="gpt-5", messages=msgs, service_tier="flex")  # type: ignore[arg-type]
+        std = await oa.chat.completions.create(model="gpt-5", messages=msgs)  # type: ignore[arg-type]
+        await oa.close()
+        an = anthropic.AsyncAnthropic(base_url=f"{gw}/anthropic", api_key="sk-ant-test", max_retries=0)
+        h = {
+            "x-fake-cache-creation-tokens": "1000",
+            "x-fake-cache-1h-tokens": "2000",
+            "x-fake-cached-tokens": "500",
+        }
+        m = await an.messages.create(
+            model="claude-sonnet-4-5",
+            max_tokens=100,
+            messages=msgs,
+            extra_headers=h,  # type: ignore[arg-type]
+        )
+        async with an.messages.stream(
+            model="claude-sonnet-4-5",
+            max_tokens=100,
+            messages=msgs,
+            extra_headers=h,  # type: ignore[arg-type]
+        ) as s:
+            await s.get_final_message()
+        await an.close()
+        r_flex, r_std, r_msg, r_stream = await records(q, 4)
+    assert flex.service_tier == "flex" and r_flex.usage.service_tier == "flex"
+    assert flex.usage is not None and std.usage is not None
+    p, c = flex.usage.prompt_tokens, flex.usage.completion_tokens
+    for rec in (r_flex, r_std, r_msg, r_stream):
+        apply_cost(rec)
+    # gpt-5 per 1M: standard 1.25 in / 10 out, flex 0.625 / 5.
+    assert r_flex.cost_nanos == cost_nanos(p, c, 0.625, 5) and r_std.cost_nanos == cost_nanos(p, c, 1.25, 10)
+    # claude-sonnet-4-5 per 1M: input 3, 5-minute write 3.75, 1-hour write 6, read 0.30, output 15.
+    assert m.usage.cache_creation is not None and m.usage.cache_creation.ephemeral_1h_input_tokens == 2000
+    inp, out = m.usage.input_tokens, m.usage.output_tokens
+    want = round((inp * 3 + 1000 * 3.75 + 2000 * 6 + 500 * 0.30 + out * 15) / 1e6 * 1e9)
+    assert r_msg.cost_nanos == want and r_stream.cost_nanos == want
+    assert r_stream.streamed and r_stream.usage.cache_write_1h_tokens == 2000

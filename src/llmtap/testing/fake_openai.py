@@ -199,7 +199,9 @@ async def _chat(
         include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
         headers.update(_SSE_HEADERS)
         chunks = _int_header(request.headers, "x-fake-chunks")
-        events = _openai_stream_events(cid, int(created), model, plan, finish, include_usage, chunks)
+        events = _openai_stream_events(
+            cid, int(created), model, plan, finish, include_usage, chunks, _tier(req)
+        )
         if served is not None:
             events.insert(0, _AZURE_PROMPT_FILTER)
         return await _write_events(
@@ -226,7 +228,7 @@ async def _chat(
         "model": model,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
         "usage": _openai_usage(plan),
-        "service_tier": "default",
+        "service_tier": _tier(req),
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
     return await _send_json(request, 200, _pretty(out), headers)
@@ -248,8 +250,21 @@ _OPENAI_STREAM_ERROR: Final = (
 )
 
 
+def _tier(req: JSONDict) -> str:
+    """The `service_tier` OpenAI reports: the requested `flex` or `priority`, else `default`."""
+    tier = req.get("service_tier")
+    return tier if tier in ("flex", "priority") else "default"
+
+
 def _openai_stream_events(
-    cid: str, created: int, model: str, plan: _Reply, finish: str, include_usage: bool, chunks: int | None
+    cid: str,
+    created: int,
+    model: str,
+    plan: _Reply,
+    finish: str,
+    include_usage: bool,
+    chunks: int | None,
+    tier: str = "default",
 ) -> list[bytes]:
     """The exact SSE byte sequence OpenAI sends for one streamed chat completion."""
     head: JSONDict = {
@@ -257,7 +272,7 @@ def _openai_stream_events(
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "service_tier": "default",
+        "service_tier": tier,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
     tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"

@@ -30,7 +30,8 @@ Test controls are request headers (the gateway forwards them untouched):
 ``x-fake-response-bytes: N``   pad the reply so a non-stream body is about N bytes
 ``x-fake-cached-tokens: N``    simulate an N-token cached prompt prefix (OpenAI ``cached_tokens``,
                                Anthropic ``cache_read_input_tokens``)
-``x-fake-cache-creation-tokens: N``  Anthropic ``cache_creation_input_tokens``
+``x-fake-cache-creation-tokens: N``  Anthropic ``cache_creation_input_tokens`` (5-minute TTL)
+``x-fake-cache-1h-tokens: N``  Anthropic cache writes with the 1-hour TTL (``cache_creation``)
 ``x-fake-delta-usage: full``   Anthropic: ``message_delta.usage`` also carries the input counts
 ``x-fake-echo-headers: 1``     add ``x-fake-received-headers`` (received header names, in order)
                                and ``x-fake-body-sha256`` (sha256 of the raw request body)
@@ -129,6 +130,7 @@ class _Knobs:
     response_bytes: int | None = None
     cached: int = 0
     cache_creation: int = 0
+    cache_1h: int = 0
 
     @classmethod
     def parse(cls, headers: Mapping[str, str]) -> _Knobs:
@@ -137,6 +139,7 @@ class _Knobs:
             response_bytes=_int_header(headers, "x-fake-response-bytes"),
             cached=max(0, _int_header(headers, "x-fake-cached-tokens") or 0),
             cache_creation=max(0, _int_header(headers, "x-fake-cache-creation-tokens") or 0),
+            cache_1h=max(0, _int_header(headers, "x-fake-cache-1h-tokens") or 0),
         )
 
 
@@ -157,7 +160,8 @@ class _Reply:
     output_tokens: int  # visible output tokens (excludes reasoning)
     reasoning_tokens: int
     cached_tokens: int
-    cache_creation_tokens: int
+    cache_creation_tokens: int  # all cache writes, 1-hour ones included
+    cache_1h_tokens: int
 
     @property
     def text(self) -> str:
@@ -235,7 +239,8 @@ def _finish(
             output_tokens=_count_words(tool_args) + TOOL_CALL_OVERHEAD,
             reasoning_tokens=reasoning,
             cached_tokens=knobs.cached,
-            cache_creation_tokens=knobs.cache_creation,
+            cache_creation_tokens=knobs.cache_creation + knobs.cache_1h,
+            cache_1h_tokens=knobs.cache_1h,
         )
     words = source
     if knobs.chunks is not None:
@@ -255,7 +260,8 @@ def _finish(
         output_tokens=len(words),
         reasoning_tokens=reasoning,
         cached_tokens=knobs.cached,
-        cache_creation_tokens=knobs.cache_creation,
+        cache_creation_tokens=knobs.cache_creation + knobs.cache_1h,
+        cache_1h_tokens=knobs.cache_1h,
     )
 
 
@@ -369,8 +375,8 @@ def _anthropic_usage(r: _Reply, output_tokens: int | None = None) -> JSONDict:
         "cache_creation_input_tokens": r.cache_creation_tokens,
         "cache_read_input_tokens": r.cached_tokens,
         "cache_creation": {
-            "ephemeral_5m_input_tokens": r.cache_creation_tokens,
-            "ephemeral_1h_input_tokens": 0,
+            "ephemeral_5m_input_tokens": r.cache_creation_tokens - r.cache_1h_tokens,
+            "ephemeral_1h_input_tokens": r.cache_1h_tokens,
         },
         "output_tokens": r.output_tokens if output_tokens is None else output_tokens,
         "service_tier": "standard",
