@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -183,29 +184,74 @@ async def test_webhook_posts_metadata_only_with_idempotency_key(receiver: tuple[
         assert "secret" not in json.dumps(body)
 
 
-async def test_webhook_5xx_is_transient_and_4xx_fails_the_record(receiver: tuple[Receiver, str]) -> None:
+async def test_webhook_5xx_is_retried_in_the_background_and_4xx_is_dropped_not_failed(
+    receiver: tuple[Receiver, str],
+) -> None:
     r, url = receiver
-    h = WebhookHandler(url)
+    h = WebhookHandler(url, backoff_start=0.05)
     r.status = 503
-    with pytest.raises(TransientError):
-        await h.handle([Item(make_record())])
+    item = Item(make_record())
+    await h.handle([item])  # returns at once: delivery is off the chain's critical path
+    assert item.ok
+    for _ in range(200):  # until it has been refused twice, then let the receiver recover
+        if len(r.posts) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(r.posts) >= 2
+    r.status = 200
+    assert await h.wait_idle(30)
+    assert h.delivered == 1 and not h.dropped
     r.status = 422
     item = Item(make_record())
     await h.handle([item])
-    assert item.error and "422" in item.error
+    assert await h.wait_idle(30)
+    assert item.ok  # the record is stored; only the webhook delivery is given up, and counted
+    assert h.dropped == {"refused": 1}
     await h.close()
 
 
-async def test_webhook_unreachable_is_transient() -> None:
+async def test_webhook_unreachable_never_raises_and_drops_after_retries() -> None:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
-    h = WebhookHandler(f"http://127.0.0.1:{port}/hook", timeout=2)
-    with pytest.raises(TransientError):
-        await h.handle([Item(make_record())])
+    h = WebhookHandler(f"http://127.0.0.1:{port}/hook", timeout=2, max_attempts=3, backoff_start=0.01)
+    items = [Item(make_record(i)) for i in range(3)]
+    await h.handle(items)
+    assert all(i.ok for i in items)
+    assert await h.wait_idle(30)
+    assert h.dropped == {"retries": 3} and h.delivered == 0
     await h.close()
+
+
+async def test_webhook_buffer_overflow_drops_deliveries_not_records(caplog: pytest.LogCaptureFixture) -> None:
+    hang = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await hang.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    h = WebhookHandler(f"http://127.0.0.1:{port}/hook", concurrency=2, max_pending=5, drain_timeout=0.5)
+    items = [Item(make_record(i)) for i in range(20)]
+    with caplog.at_level("WARNING", logger="llmtap.webhook"):
+        await asyncio.wait_for(h.handle(items), 5)
+        await asyncio.wait_for(h.handle([Item(make_record())]), 5)
+    assert all(i.ok for i in items)
+    # 2 in flight, 5 buffered, the rest dropped; 2 + 5 + dropped == 21 whatever the timing
+    assert h.dropped["overflow"] >= 21 - 2 - 5
+    assert len([m for m in caplog.messages if "dropped" in m]) == 1  # one line, not one per record
+    await h.close()
+    assert h.dropped["stopped"] + h.dropped["overflow"] == 21 and h.delivered == 0  # each counted once
+    hang.set()
+    await runner.cleanup()
 
 
 async def test_chain_with_webhook_after_store(
@@ -217,6 +263,6 @@ async def test_chain_with_webhook_after_store(
     rec = make_record()
     await chain.start()
     await chain.run([Item(rec)])
-    await chain.close()
+    await chain.close()  # drains the webhook backlog first
     assert [b["id"] for _, b in r.posts] == [rec.id]
     assert r.posts[0][1]["cost_usd"] is not None  # cost was settled before the post
