@@ -12,7 +12,13 @@ Semantics every backend keeps:
   a delivery not acknowledged is delivered again (to this or another consumer) later: at least
   once. Consumers of one group share partitions; a dead consumer's partitions are taken over.
 - `ack` commits deliveries; `dead_letter` moves one aside with its reason (and acks it), where
-  `dead_letters` lists it and `replay_dead_letters` publishes it again.
+  `dead_letters` lists it and `replay_dead_letters` publishes it again. Dead-lettering the same
+  delivery twice (a batch re-run after a failed ack) leaves one dead letter.
+- `Delivery.delivery_count` is above 1 when the message was handed out before without an ack,
+  *also by a process that died since* (the count is persisted, not kept in memory). Then the
+  worker handles such messages one by one, calling `begin_attempt` before each: a persisted
+  per-message count of handlings begun, so a message that kills the worker process each time
+  is dead-lettered after N deliveries instead of being redelivered forever.
 """
 
 from __future__ import annotations
@@ -114,6 +120,18 @@ class Queue(ABC):
     @abstractmethod
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move one delivery to the dead-letter place with its reason, and ack it."""
+
+    async def begin_attempt(self, delivery: Delivery) -> int:
+        """Persist that handling of this (redelivered) delivery begins; return how many began.
+
+        Backends persist it (so it survives the process dying during the handling) and forget
+        it when the message is acknowledged or dead-lettered. This default, for test doubles,
+        persists nothing.
+        """
+        return delivery.delivery_count
+
+    async def forget_attempt(self, delivery: Delivery) -> None:  # noqa: B027 - optional hook
+        """Undo `begin_attempt`: the handling was abandoned (stopping), not fatal to the process."""
 
     # -- operations ---------------------------------------------------------------------------
     @abstractmethod

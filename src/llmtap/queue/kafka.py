@@ -118,11 +118,36 @@ class _Assigned:
     pending: dict[int, float] = field(default_factory=dict)  # delivered, unacked: offset -> when
     next_offset: int | None = None  # the offset after the last delivered record
     committed: int = -1
+    mark: int = -1  # persisted: every offset below it was handed out before (maybe by the dead)
+    attempt: tuple[int, int] | None = None  # persisted: (offset, handlings begun) of one record
+
+    def metadata(self) -> str:
+        """What rides along each commit of this partition (see `_parse_metadata`)."""
+        out = f"d={self.mark}"
+        if self.attempt is not None:
+            out += f";a={self.attempt[0]}:{self.attempt[1]}"
+        return out
 
     def commit_point(self) -> int | None:
         if self.pending:
             return min(self.pending)
         return self.next_offset
+
+
+def _parse_metadata(text: str) -> tuple[int, tuple[int, int] | None]:
+    """`d=<mark>;a=<offset>:<count>` from a commit's metadata; unknown parts are ignored."""
+    mark, attempt = -1, None
+    for part in (text or "").split(";"):
+        k, _, v = part.partition("=")
+        try:
+            if k == "d":
+                mark = int(v)
+            elif k == "a":
+                off, _, n = v.partition(":")
+                attempt = (int(off), int(n))
+        except ValueError:
+            continue
+    return mark, attempt
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -133,7 +158,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.queue._on_revoked({tp.partition for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        self.queue._on_assigned({tp.partition for tp in assigned})
+        await self.queue._on_assigned({tp.partition for tp in assigned})
 
 
 class KafkaQueue(Queue):
@@ -407,10 +432,24 @@ class KafkaQueue(Queue):
         for p in mine:
             del self._assigned[p]
 
-    def _on_assigned(self, assigned: set[int]) -> None:
+    async def _on_assigned(self, assigned: set[int]) -> None:
         self._epoch += 1
         # A new Assignment restarts every partition from its committed offset.
-        self._assigned = {p: _Assigned(self._epoch) for p in assigned}
+        fresh = {p: _Assigned(self._epoch) for p in assigned}
+        # ...and from what the commit's metadata remembers: how far earlier owners handed out,
+        # and a record's count of handlings begun (a worker process that died mid-record).
+        if assigned and self._admin is not None:
+            tps = [TopicPartition(self.topic, p) for p in assigned]
+            try:
+                got = await asyncio.wait_for(
+                    self._admin.list_consumer_group_offsets(self.group, partitions=tps), self.op_timeout
+                )
+                for tp, om in got.items():
+                    if tp.partition in fresh and om is not None and om.offset >= 0:
+                        fresh[tp.partition].mark, fresh[tp.partition].attempt = _parse_metadata(om.metadata)
+            except Exception as e:  # the counts restart: a crashing record takes longer to isolate
+                log.warning("kafka queue: cannot read delivery marks (%s); counting afresh", e)
+        self._assigned = fresh
         self._rebalancing = False
         log.info("kafka queue %s: assigned partitions %s", self.topic, sorted(assigned))
 
@@ -432,6 +471,8 @@ class KafkaQueue(Queue):
                 st.pending[r.offset] = now
                 st.next_offset = r.offset + 1
                 count = self._redelivered.get((tp.partition, r.offset), 0) + 1
+                if r.offset < st.mark:
+                    count = max(count, 2)  # handed out before, maybe by a process that died
                 out.append(
                     Delivery(
                         tp.partition,
@@ -442,7 +483,40 @@ class KafkaQueue(Queue):
                         handle=st.epoch,
                     )
                 )
+        await self._persist_marks(out)
         return out
+
+    async def _persist_marks(self, out: list[Delivery]) -> None:
+        """Commit how far each partition is handed out (in the commit's metadata) before the
+        deliveries leave: if this process dies handling them, the next owner sees them as
+        redelivered. Kafka keeps no delivery count; the group's committed offsets are its
+        compacted, replicated side store, so this costs one commit per fetch and no topic."""
+        ends: dict[int, int] = {}
+        for d in out:
+            ends[d.partition] = max(ends.get(d.partition, -1), d.offset + 1)
+        moved = {p: e for p, e in ends.items() if p in self._assigned and e > self._assigned[p].mark}
+        if not moved:
+            return
+        old = {p: self._assigned[p].mark for p in moved}
+        for p, e in moved.items():
+            self._assigned[p].mark = e
+        try:
+            await self._commit(set(moved), force=True)
+        except BackendUnavailable:
+            # Not persisted: take these deliveries back (they come again once Kafka answers).
+            for p in moved:
+                st = self._assigned.get(p)
+                if st is None:
+                    continue
+                st.mark = old[p]
+                first = min((d.offset for d in out if d.partition == p), default=None)
+                if first is not None:
+                    for off in [o for o in st.pending if o >= first]:
+                        del st.pending[off]
+                    st.next_offset = first
+                    self.consumer.seek(TopicPartition(self.topic, p), first)
+            out.clear()
+            raise
 
     def _rewind_stale(self) -> None:
         """Deliveries unacked for `redeliver_after` are handed out again, from the oldest one."""
@@ -465,24 +539,28 @@ class KafkaQueue(Queue):
             if st is None or st.epoch != d.handle:
                 continue  # from an earlier assignment: the partition restarted from its commit
             st.pending.pop(d.offset, None)
+            if st.attempt is not None and st.attempt[0] == d.offset:
+                st.attempt = None  # done: the count is not needed any more
             touched.add(d.partition)
         self._acked.set()
         if touched and not self._rebalancing:  # while rebalancing the listener commits
             await self._commit(touched)
 
     async def _commit(self, partitions: set[int], force: bool = False) -> None:
+        """Commit progress (and the delivery marks riding in the metadata); `force` commits
+        even when the offset did not move, for the marks."""
         offsets = {}
         for p in partitions:
             st = self._assigned.get(p)
             point = st.commit_point() if st is not None else None
-            if st is not None and point is not None and point > st.committed:
+            if st is not None and point is not None and (point > st.committed or force):
                 offsets[TopicPartition(self.topic, p)] = (st, point)
         if not offsets:
             return
         try:
             await asyncio.wait_for(
                 self.consumer.commit(
-                    {tp: OffsetAndMetadata(point, "") for tp, (_, point) in offsets.items()}
+                    {tp: OffsetAndMetadata(point, st.metadata()) for tp, (st, point) in offsets.items()}
                 ),
                 self.op_timeout,
             )
@@ -505,6 +583,23 @@ class KafkaQueue(Queue):
         ]
         await self._send(self.dlq_topic, [(delivery.key, delivery.value, headers)])
         await self.ack([delivery])
+
+    async def begin_attempt(self, delivery: Delivery) -> int:
+        """Count in the partition's commit metadata (`a=<offset>:<n>`); committed before the
+        handling begins, so a process that dies in it leaves the count behind."""
+        st = self._assigned.get(delivery.partition)
+        if st is None or st.epoch != delivery.handle:
+            return delivery.delivery_count  # no longer ours: its ack would be ignored anyway
+        before = st.attempt[1] if st.attempt is not None and st.attempt[0] == delivery.offset else 0
+        st.attempt = (delivery.offset, before + 1)
+        await self._commit({delivery.partition}, force=True)
+        return before + 1
+
+    async def forget_attempt(self, delivery: Delivery) -> None:
+        st = self._assigned.get(delivery.partition)
+        if st is not None and st.attempt is not None and st.attempt[0] == delivery.offset:
+            st.attempt = (delivery.offset, max(0, st.attempt[1] - 1))
+            await self._commit({delivery.partition}, force=True)
 
     # -- operations ----------------------------------------------------------------------------
     async def _meta_consumer(self) -> AIOKafkaConsumer:

@@ -621,6 +621,9 @@ class RedisQueue(Queue):
         pipe = self.r.pipeline(transaction=False)
         for p, ids in by_part.items():
             pipe.xack(self.stream(p), self.group, *ids)
+        counted = [self._attempt_field(d) for d in deliveries if d.delivery_count > 1]
+        if counted:  # only redelivered messages may have an attempt count to forget
+            pipe.hdel(self._attempts_key, *counted)
         try:
             await pipe.execute()
         except (RedisError, OSError, TimeoutError) as e:
@@ -658,6 +661,7 @@ class RedisQueue(Queue):
             },
         )
         pipe.xack(self.stream(delivery.partition), self.group, delivery.handle)
+        pipe.hdel(self._attempts_key, self._attempt_field(delivery))
         try:
             await pipe.execute()
         except (RedisError, OSError, TimeoutError) as e:
@@ -666,6 +670,32 @@ class RedisQueue(Queue):
         if part is not None:
             part.inflight.pop(delivery.handle, None)
         await self._release_drained()
+
+    @property
+    def _attempts_key(self) -> str:
+        return f"{self.prefix}:{self.group}:attempts"
+
+    @staticmethod
+    def _attempt_field(d: Delivery) -> str:
+        return f"{d.partition}:{d.handle}"
+
+    async def begin_attempt(self, delivery: Delivery) -> int:
+        """A per-message count in one hash (`<prefix>:<group>:attempts`), removed on ack.
+
+        Redis's own delivery counter (XPENDING) says a message was redelivered, but it also
+        counts hand-outs that were never handled (a batch cut short), so it cannot tell which
+        message of a batch killed the worker; this counts handlings begun one by one.
+        """
+        try:
+            return int(await self.r.hincrby(self._attempts_key, self._attempt_field(delivery), 1))
+        except (RedisError, OSError, TimeoutError) as e:
+            raise self._unavailable(e) from None
+
+    async def forget_attempt(self, delivery: Delivery) -> None:
+        try:
+            await self.r.hincrby(self._attempts_key, self._attempt_field(delivery), -1)
+        except (RedisError, OSError, TimeoutError) as e:
+            raise self._unavailable(e) from None
 
     # -- operations ----------------------------------------------------------------------------
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

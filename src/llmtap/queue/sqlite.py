@@ -13,7 +13,12 @@ Layout (one file):
   below it is processed) and the owner's lease.
 - ``consumers``: live consumers and their heartbeats; every consumer computes the same fair
   assignment from it (partition p goes to the (p mod n)-th live consumer by id).
-- ``dead_letters``: messages set aside with their reason.
+- ``dead_letters``: messages set aside with their reason (id ``partition-offset``, so
+  dead-lettering a message twice leaves one).
+- ``partitions.delivered`` (the offset after the last one ever handed out) and ``attempts``
+  (handlings begun of a redelivered message, by message id): persisted so a message that
+  kills the consumer *process* is known as redelivered by the next one, and dead-lettered by
+  the worker after N deliveries instead of coming back forever. One small write per fetch.
 
 Ownership is by lease: a consumer renews its partitions every ``heartbeat_interval`` from a
 background task (independent of how long processing takes); a partition whose lease is not
@@ -79,8 +84,10 @@ CREATE TABLE IF NOT EXISTS partitions (
     next_offset INTEGER NOT NULL DEFAULT 0,
     committed INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
-    lease_until REAL NOT NULL DEFAULT 0
+    lease_until REAL NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS attempts (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS consumers (id TEXT PRIMARY KEY, heartbeat REAL NOT NULL, lease REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY,
@@ -230,6 +237,9 @@ class SQLiteQueue(Queue):
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                columns = {r[1] for r in db.execute("PRAGMA table_info(partitions)")}
+                if "delivered" not in columns:  # a file from before delivery tracking
+                    db.execute("ALTER TABLE partitions ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0")
                 row = db.execute("SELECT v FROM meta WHERE k='partitions'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta VALUES ('partitions', ?)", (str(self.partitions),))
@@ -380,13 +390,15 @@ class SQLiteQueue(Queue):
             return []
         db = self._db()
         marks = ",".join("?" * len(ready))
-        heads = {
-            p: (nxt, committed)
-            for p, nxt, committed in db.execute(
-                f"SELECT partition, next_offset, committed FROM partitions WHERE partition IN ({marks})",
-                ready,
-            )
-        }
+        heads: dict[int, tuple[int, int]] = {}
+        marked: dict[int, int] = {}  # offsets below this were handed out before (maybe by the dead)
+        for p, nxt, committed, delivered in db.execute(
+            "SELECT partition, next_offset, committed, delivered FROM partitions"
+            f" WHERE partition IN ({marks})",
+            ready,
+        ):
+            heads[p] = (nxt, committed)
+            marked[p] = delivered
         for p in ready:
             # Another consumer (a late ack after a takeover) may have committed past our view.
             st = state.owned[p]
@@ -415,10 +427,21 @@ class SQLiteQueue(Queue):
                 ).fetchall()
                 for rid, key, value in rows:
                     off = rid & _MAX_OFFSET
-                    out.append(Delivery(partition=p, offset=off, key=key, value=value))
+                    count = 2 if off < marked[p] else 1
+                    out.append(Delivery(partition=p, offset=off, key=key, value=value, delivery_count=count))
                     cursor[p] = off + 1
                 if not rows:
                     cursor[p] = heads[p][0]  # nothing there (trimmed meanwhile): skip for now
+        # Persist how far we hand out before handing out: if this process dies handling them,
+        # the next owner sees them as redelivered.
+        marks_up = [(cursor[p], p) for p in order if cursor[p] > marked[p]]
+        if marks_up:
+            self._write(
+                lambda db: db.executemany(
+                    "UPDATE partitions SET delivered=MAX(delivered, ?) WHERE partition=?", marks_up
+                ),
+                "NORMAL",
+            )
         for d in out:
             st = state.owned[d.partition]
             st.delivered = max(st.delivered, d.offset + 1)
@@ -468,6 +491,7 @@ class SQLiteQueue(Queue):
         if updates:
             db.executemany("UPDATE partitions SET committed=MAX(committed, ?) WHERE partition=?", updates)
             db.executemany("DELETE FROM messages WHERE id >= ? AND id < ?", trims)
+            db.executemany("DELETE FROM attempts WHERE id >= ? AND id < ?", trims)
 
         def apply() -> None:
             for p, (c, pending) in results.items():
@@ -496,6 +520,27 @@ class SQLiteQueue(Queue):
             return self._ack_in_tx([(d.partition, d.offset)], db)
 
         self._write(tx)()
+
+    async def begin_attempt(self, delivery: Delivery) -> int:
+        rid = (delivery.partition << _SHIFT) | delivery.offset
+
+        def tx(db: sqlite3.Connection) -> int:
+            db.execute(
+                "INSERT INTO attempts (id, n) VALUES (?, 1) ON CONFLICT(id) DO UPDATE SET n = n + 1", (rid,)
+            )
+            return int(db.execute("SELECT n FROM attempts WHERE id=?", (rid,)).fetchone()[0])
+
+        # NORMAL sync: a committed write survives the process dying right after (what the count
+        # is there for); only an OS crash may lose it, and then it counts one death less.
+        return await self._call(self._write, tx, "NORMAL")
+
+    async def forget_attempt(self, delivery: Delivery) -> None:
+        rid = (delivery.partition << _SHIFT) | delivery.offset
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE attempts SET n = n - 1 WHERE id=? AND n > 0", (rid,))
+
+        await self._call(self._write, tx, "NORMAL")
 
     # -- leases -------------------------------------------------------------------------------
     async def _heartbeat(self) -> None:

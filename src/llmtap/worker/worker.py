@@ -10,7 +10,10 @@ What each failure becomes:
 - another exception on a multi-record batch → the batch is bisected until the record(s) that
   raise are isolated (handlers are idempotent, so re-running the good ones is harmless);
 - a record that fails (raises alone, or `Item.fail`) → retried with backoff up to
-  `worker_max_attempts`, then dead-lettered with the reason (e.g. "cost: ValueError: ...").
+  `worker_max_attempts`, then dead-lettered with the reason (e.g. "cost: ValueError: ...");
+- a message that kills the worker *process* → redelivered with `delivery_count > 1`, handled
+  alone with a persisted attempt count, dead-lettered after `worker_max_attempts` deliveries
+  ("delivered N times without ack: ...") while the records around it are stored.
 
 Then everything stored or dead-lettered is acknowledged in one call. Each partition's records
 go through the chain in publish order, and the queue hands out nothing more of a partition
@@ -152,32 +155,78 @@ class WorkerService:
         self.stats = WorkerStats()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._opened = False
         self._progress_at = time.monotonic()
         self._progress_mark = (0, 0)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> list[str]:
-        opened: list[Store | BodyStore] = []
-        try:
-            if self._own_store and self.store is not None:
-                await self.store.connect()
-                opened.append(self.store)
-            if self._own_bodies and self.bodies is not None:
-                await self.bodies.connect()
-                opened.append(self.bodies)
-            await self.chain.start()
-            await self.queue.connect("consumer")  # last: take partitions only once able to work
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.chain.close()
-            for o in reversed(opened):
-                with contextlib.suppress(Exception):
-                    await o.close()
-            raise
+        """Connect and start consuming; during an outage, start anyway and wait for it to end.
+
+        A stack restarted during a queue or store outage must come up without an outside
+        supervisor (like the gateway's fallback mode): the banner says what is down, the log
+        says when it is back (one line per change), and work begins then. A wrong setting
+        (`ConfigError`) still stops start-up.
+        """
         self._stopping.clear()
+        try:
+            await self._open()
+        except BackendUnavailable as e:
+            self._task = asyncio.create_task(self._open_then_run(str(e)), name="llmtap-worker")
+            return [f"worker    WAITING: {e} (consuming starts when it is back)"]
         self._task = asyncio.create_task(self._run(), name="llmtap-worker")
         store = self.store.description if self.store is not None else redact_url(self.settings.store)
         return [f"worker    consuming {self.queue.description} → {store}"]
+
+    async def _open(self) -> None:
+        """Connect everything, or nothing: a failure closes what was opened, so it can be retried."""
+        try:
+            if self._own_store and self.store is not None:
+                await self.store.connect()
+            if self._own_bodies and self.bodies is not None:
+                await self.bodies.connect()
+            await self.chain.start()
+            await self.queue.connect("consumer")  # last: take partitions only once able to work
+        except BaseException:
+            await self._close_backends()
+            raise
+        self._opened = True
+
+    async def _close_backends(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.chain.close()
+        with contextlib.suppress(Exception):
+            await self.queue.close()
+        if self._own_bodies and self.bodies is not None:
+            with contextlib.suppress(Exception):
+                await self.bodies.close()
+        if self._own_store and self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
+
+    async def _open_then_run(self, reason: str) -> None:
+        delay = BACKOFF_START
+        shown = reason
+        log.warning("worker: started without its backends: %s; retrying until they are back", reason)
+        while not self._stopping.is_set():
+            await self._pause(_jitter(delay))
+            if self._stopping.is_set():
+                return
+            delay = min(delay * 2, BACKOFF_CAP)
+            try:
+                await self._open()
+            except BackendUnavailable as e:
+                if str(e) != shown:  # one line per change of the outage, not one per retry
+                    shown = str(e)
+                    log.warning("worker: still waiting: %s", e)
+                continue
+            except Exception:
+                log.exception("worker: connecting failed unexpectedly; retrying")
+                continue
+            store = self.store.description if self.store is not None else redact_url(self.settings.store)
+            log.warning("worker: backends are back; consuming %s → %s", self.queue.description, store)
+            await self._run()
+            return
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -192,6 +241,9 @@ class WorkerService:
                     await task
             except Exception:
                 log.exception("worker loop failed")
+        if not self._opened:
+            return  # never connected (stopped during an outage): _open left nothing open
+        self._opened = False
         with contextlib.suppress(Exception):
             await self.chain.close()
         await self.queue.close()  # releases our partitions: another worker takes them now
@@ -238,9 +290,11 @@ class WorkerService:
         """
         t0 = time.monotonic()
         delay = BACKOFF_START
+        dead: set[tuple[int, int]] = set()  # dead-lettered in an earlier try of this batch
+        begun: dict[tuple[int, int], int] = {}  # attempts counted in an earlier try of this batch
         while True:
             try:
-                await self._process(deliveries)
+                await self._process(deliveries, dead, begun)
                 break
             except _Abandon:
                 log.info("worker: stopping during an outage; %d records left for redelivery", len(deliveries))
@@ -258,15 +312,52 @@ class WorkerService:
         self.stats.batches += 1
         BATCH_SECONDS.observe(time.monotonic() - t0)
 
-    async def _process(self, deliveries: list[Delivery]) -> None:
+    async def _process(
+        self, deliveries: list[Delivery], dead: set[tuple[int, int]], begun: dict[tuple[int, int], int]
+    ) -> None:
+        """Redelivered messages one by one (each may be what killed the last worker), then the rest.
+
+        A message handed out before without an ack may have crashed the worker *process* (a
+        segfault, the OOM killer): no exception to catch, so it would come back forever and
+        hold its partition. Handled alone, with a persisted count of attempts begun, it is
+        dead-lettered after `worker_max_attempts` deliveries while the records around it are
+        stored. Per partition the redelivered messages precede new ones, so order holds.
+        """
+        todo = [d for d in deliveries if (d.partition, d.offset) not in dead]
+        suspects = [d for d in todo if d.delivery_count > 1]
+        for d in suspects:
+            if (d.partition, d.offset) in begun:  # a re-run of this batch: counted already
+                n = begun[(d.partition, d.offset)]
+            else:
+                n = begun[(d.partition, d.offset)] = await self.queue.begin_attempt(d)
+            if n >= self.settings.worker_max_attempts:
+                reason = f"delivered {n} times without ack: the worker died while processing it"
+                await self._dead_letter(d, reason, "crash", dead)
+                log.warning("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, reason)
+                continue
+            try:
+                await self._process_batch([d], dead)
+            except _Abandon:
+                with contextlib.suppress(Exception):
+                    await self.queue.forget_attempt(d)  # stopping is not the message's fault
+                raise
+        rest = [d for d in todo if d.delivery_count <= 1]
+        if rest:
+            await self._process_batch(rest, dead)
+
+    async def _dead_letter(self, d: Delivery, reason: str, cause: str, dead: set[tuple[int, int]]) -> None:
+        await self.queue.dead_letter(d, reason)
+        dead.add((d.partition, d.offset))  # a re-run of the batch (ack failed) must not repeat it
+        self._count_dead(cause)
+
+    async def _process_batch(self, deliveries: list[Delivery], dead: set[tuple[int, int]]) -> None:
         work: list[tuple[Delivery, LogRecord]] = []
         done: list[Delivery] = []
         for d in deliveries:
             try:
                 work.append((d, decode(d.value)))
             except RecordError as e:
-                await self.queue.dead_letter(d, str(e))
-                self._count_dead("decode")
+                await self._dead_letter(d, str(e), "decode", dead)
                 log.warning("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, e)
         attempts = [0] * len(work)
         pending = list(range(len(work)))
@@ -292,8 +383,7 @@ class WorkerService:
                 attempts[idx] += 1
                 if attempts[idx] >= self.settings.worker_max_attempts:
                     assert item.error is not None
-                    await self.queue.dead_letter(work[idx][0], item.error)
-                    self._count_dead("handler")
+                    await self._dead_letter(work[idx][0], item.error, "handler", dead)
                     log.warning("worker: record %s dead-lettered: %s", item.record.id, item.error)
                 else:
                     failed.append(idx)
