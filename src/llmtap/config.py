@@ -108,22 +108,28 @@ class Settings(BaseSettings):
     @field_validator("queue")
     @classmethod
     def _check_queue(cls, v: str) -> str:
-        if v == "sqlite" or v.startswith(("sqlite:", "kafka://", "redis://", "rediss://")):
+        if v == "sqlite" or v.startswith("sqlite:"):
             return v
+        if v.startswith(("kafka://", "redis://", "rediss://")):
+            return _check_network_url(v)
         raise ValueError("must be 'sqlite', 'kafka://host:port/topic' or 'redis://host:port/db'")
 
     @field_validator("store")
     @classmethod
     def _check_store(cls, v: str) -> str:
-        if v == "sqlite" or v.startswith(("sqlite:", "postgresql://", "postgres://")):
+        if v == "sqlite" or v.startswith("sqlite:"):
             return v
+        if v.startswith(("postgresql://", "postgres://")):
+            return _check_network_url(v, host=False)  # libpq: no host means the local socket
         raise ValueError("must be 'sqlite' or 'postgresql://user:password@host:port/database'")
 
     @field_validator("bodies")
     @classmethod
     def _check_bodies(cls, v: str) -> str:
-        if v == "file" or v.startswith(("file:", "s3://")):
+        if v == "file" or v.startswith("file:"):
             return v
+        if v.startswith("s3://"):
+            return _check_network_url(v)
         raise ValueError("must be 'file' or 's3://bucket/prefix'")
 
     @field_validator(
@@ -258,11 +264,29 @@ def normalize_host(name: str) -> str:
     return name.rstrip(".") if name not in (".", "") else name
 
 
+def _check_network_url(v: str, *, host: bool = True) -> str:
+    """A backend URL must parse (brackets, port) at start-up: a typo is a wrong setting, stopped
+    with one sentence, while an unreachable host is an outage the services wait out."""
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as e:
+        raise ValueError(f"{redact_url(v)!r} is not a valid URL ({e})") from None
+    if host and not parts.netloc:
+        raise ValueError(f"{redact_url(v)!r} names no host")
+    return v
+
+
 def redact_url(url: str) -> str:
-    """Hide the password of a URL for banners and logs."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    """Hide the password of a URL for banners and logs (never raises: it is used in messages)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # unparsable: show no credentials at all rather than guess where they are
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rsplit('@', 1)[-1]}" if sep and "@" in rest else url
+    if password:
+        netloc = parts.netloc.replace(f":{password}@", ":***@")
         return parts._replace(netloc=netloc).geturl()
     return url
 
@@ -299,5 +323,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         value = err.get("input")
         if err["type"] == "extra_forbidden":
             raise ConfigError(f"unknown setting {field!r} in config file") from None
+        if isinstance(value, str):
+            value = redact_url(value)  # a URL's password must not reach the terminal or a log
         shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+        if isinstance(value, str) and value in msg:
+            shown = ""  # the message names it already
         raise ConfigError(f"invalid setting {_env_name(field)}: {msg}{shown}") from None

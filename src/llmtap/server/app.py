@@ -7,9 +7,11 @@ on: 400 naming the bad parameter, 401 without a valid key (multi-tenant mode), 4
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -169,53 +171,118 @@ class ServerService:
         self.ingest = IngestQueue(settings, self.chain)
         self.port: int = settings.server_port
         self._runner: web.AppRunner | None = None
+        self._connector: asyncio.Task[None] | None = None
+        self._opened = False
 
     async def start(self) -> list[str]:
-        opened: list[Store | BodyStore | IngestQueue] = []
+        """Listen, and connect the backends; during an outage, listen anyway and connect later.
+
+        Like the gateway's fallback mode: a stack restarted while the store is down must come
+        up without an outside supervisor. Until the store is back the API answers 503 (the
+        store's own "not connected" error) and ingested records wait in the ingest queue; a
+        wrong setting or a port in use still stops start-up.
+        """
+        waiting: BackendUnavailable | None = None
         try:
-            if self._own_store:
-                await self.store.connect()
-                opened.append(self.store)
-            if self._own_bodies:
-                await self.bodies.connect()
-                opened.append(self.bodies)
+            await self._open()
+        except BackendUnavailable as e:
+            waiting = e
+        try:
             # Starts the chain and drains what a previous run accepted but had not stored.
             await self.ingest.start()
-            opened.append(self.ingest)
-            app = build_app(self.settings, self.store, self.bodies, self.chain, self.ingest)
-            runner = web.AppRunner(
-                app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.shutdown_timeout
-            )
+        except BaseException:
+            await self._close_backends()
+            raise
+        app = build_app(self.settings, self.store, self.bodies, self.chain, self.ingest)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.shutdown_timeout
+        )
+        host = self.settings.host
+        try:
             await runner.setup()
-            host = self.settings.host
             try:
                 site = web.TCPSite(runner, host, self.settings.server_port)
                 await site.start()
             except OSError as e:
-                await runner.cleanup()
                 why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
                 raise ConfigError(
                     f"cannot listen on {host}:{self.settings.server_port}"
                     f" (LLMTAP_HOST/LLMTAP_SERVER_PORT): {why}"
                 ) from None
         except BaseException:
-            for o in reversed(opened):
-                with contextlib.suppress(Exception):
-                    await (o.stop() if isinstance(o, IngestQueue) else o.close())
+            await runner.cleanup()
+            with contextlib.suppress(Exception):
+                await self.ingest.stop()
+            await self._close_backends()
             raise
         self._runner = runner
         self.port = runner.addresses[0][1]
         shown = host if ":" not in host else f"[{host}]"
         lines = [f"server    http://{shown}:{self.port}  (API /api/v1, dashboard /)"]
+        if waiting is not None:
+            lines.append(f"server    WAITING: {waiting} (the API answers 503 until it is back)")
+            connect = self._open_later(str(waiting))
+            self._connector = asyncio.create_task(connect, name="llmtap-server-connect")
+        elif self.settings.retention_days:
+            self._start_retention()
         if self.settings.retention_days:
-            self._retention = RetentionTask(self.store, self.bodies, self.settings.retention_days)
-            self._retention.start()
             lines.append(
                 f"retention records and bodies older than {self.settings.retention_days} days are deleted"
             )
         return lines
 
+    async def _open(self) -> None:
+        """Connect what we own, or nothing: a failure closes what was opened, so it can be retried."""
+        try:
+            if self._own_store:
+                await self.store.connect()
+            if self._own_bodies:
+                await self.bodies.connect()
+        except BaseException:
+            await self._close_backends()
+            raise
+        self._opened = True
+
+    async def _close_backends(self) -> None:
+        if self._own_bodies:
+            with contextlib.suppress(Exception):
+                await self.bodies.close()
+        if self._own_store:
+            with contextlib.suppress(Exception):
+                await self.store.close()
+
+    async def _open_later(self, reason: str) -> None:
+        log.warning("server: started without its backends: %s; retrying until they are back", reason)
+        delay, shown = 0.1, reason
+        while True:
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, 5.0)
+            try:
+                await self._open()
+            except BackendUnavailable as e:
+                if str(e) != shown:  # one line per change of the outage, not one per retry
+                    shown = str(e)
+                    log.warning("server: still waiting: %s", e)
+                continue
+            except Exception:
+                log.exception("server: connecting failed unexpectedly; retrying")
+                continue
+            log.warning("server: backends are back; the API serves again")
+            if self.settings.retention_days:
+                self._start_retention()
+            return
+
+    def _start_retention(self) -> None:
+        assert self.settings.retention_days
+        self._retention = RetentionTask(self.store, self.bodies, self.settings.retention_days)
+        self._retention.start()
+
     async def stop(self) -> None:
+        connector, self._connector = self._connector, None
+        if connector is not None:
+            connector.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connector
         if self._retention is not None:
             await self._retention.stop()
             self._retention = None
@@ -225,7 +292,6 @@ class ServerService:
         # The batch in hand is finished, or left in the ingest queue for the next start.
         with contextlib.suppress(Exception):
             await self.ingest.stop()
-        if self._own_bodies:
-            await self.bodies.close()
-        if self._own_store:
-            await self.store.close()
+        if self._opened:
+            self._opened = False
+            await self._close_backends()
