@@ -163,6 +163,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
         info: dict[str, Any] = {"queue": settings.queue, "reachable": True, "error": None}
         info["spool_bytes"] = spool_size(settings)  # the spool matters most when the queue is down
+        if _queue_missing(settings):  # nothing published yet: report it, create nothing
+            info.update(lag=0, partitions=[], dead_letters=0)
+            return info
         q = open_queue(settings)
         info["queue"] = q.description or settings.queue
         try:
@@ -184,6 +187,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     info = _run(main)
     if as_json:
         click.echo(json.dumps(info, indent=2))
+        if not info["reachable"]:
+            sys.exit(1)  # like the table form: scripts can test the exit code alone
         return
     click.echo(f"queue         {info['queue']}")
     if not info["reachable"]:
@@ -205,9 +210,26 @@ def keys() -> None:
     """Manage tenants' API keys (multi-tenant mode)."""
 
 
-def _with_store(ctx: click.Context, fn: Callable[[Any], Awaitable[T]]) -> T:
+def _queue_missing(settings: Settings) -> bool:
+    """The embedded queue's file does not exist: read-only commands must not create it."""
+    from llmtap.queue.base import embedded_queue_path
+
+    path = embedded_queue_path(settings)
+    return path is not None and not Path(path).exists()
+
+
+def _store_missing(settings: Settings) -> bool:
+    """Likewise for the embedded store."""
+    from llmtap.store.base import embedded_store_path
+
+    path = embedded_store_path(settings)
+    return path is not None and not Path(path).exists()
+
+
+def _with_store(ctx: click.Context, fn: Callable[[Any], Awaitable[T]], *, create: bool = False) -> T:
     settings = _settings(ctx)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     async def main() -> T:
         from llmtap.store import open_store
@@ -230,7 +252,7 @@ def keys_create(ctx: click.Context, tenant: str, name: str | None) -> None:
     """Create a key and print it once (only its hash is stored)."""
     from llmtap import keys as k
 
-    key, plaintext = _with_store(ctx, lambda s: k.create_key(s, tenant, name))
+    key, plaintext = _with_store(ctx, lambda s: k.create_key(s, tenant, name), create=True)
     click.echo(plaintext)
     click.echo(
         f"key {key.id} for tenant {key.tenant!r} created; store it now, it is not shown again", err=True
@@ -244,7 +266,7 @@ def keys_list(ctx: click.Context, tenant: str | None) -> None:
     """List keys (prefix, tenant, state); never the keys themselves."""
     from llmtap import keys as k
 
-    rows = _with_store(ctx, lambda s: k.list_keys(s, tenant))
+    rows = [] if _store_missing(_settings(ctx)) else _with_store(ctx, lambda s: k.list_keys(s, tenant))
     for key in rows:
         state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
         click.echo(f"{key.id}  {key.prefix}…  tenant={key.tenant}  name={key.name or '-'}  {state}")
@@ -259,7 +281,7 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
     """Revoke a key by id; it stops working at once."""
     from llmtap import keys as k
 
-    if not _with_store(ctx, lambda s: k.revoke_key(s, key_id)):
+    if _store_missing(_settings(ctx)) or not _with_store(ctx, lambda s: k.revoke_key(s, key_id)):
         _fail(f"no active key with id {key_id!r}", 1)
     click.echo(f"key {key_id} revoked")
 
@@ -293,7 +315,7 @@ def _with_queue(ctx: click.Context, fn: Callable[[Any], Awaitable[T]]) -> T:
 @click.pass_context
 def dlq_list(ctx: click.Context, limit: int) -> None:
     """List dead letters with their reasons."""
-    rows = _with_queue(ctx, lambda q: q.dead_letters(limit))
+    rows = [] if _queue_missing(_settings(ctx)) else _with_queue(ctx, lambda q: q.dead_letters(limit))
     for d in rows:
         click.echo(f"{d.id}  partition={d.partition} offset={d.offset}  {d.reason}")
     if not rows:
@@ -308,7 +330,10 @@ def dlq_replay(ctx: click.Context, ids: tuple[str, ...], replay_all: bool) -> No
     """Publish dead letters again (after fixing what made them fail)."""
     if not ids and not replay_all:
         _fail("name dead-letter ids to replay, or pass --all")
-    n = _with_queue(ctx, lambda q: q.replay_dead_letters(None if replay_all else list(ids)))
+    if _queue_missing(_settings(ctx)):
+        n = 0  # no queue, no dead letters: nothing to create
+    else:
+        n = _with_queue(ctx, lambda q: q.replay_dead_letters(None if replay_all else list(ids)))
     click.echo(f"replayed {n} record(s)")
 
 

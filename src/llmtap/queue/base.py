@@ -147,14 +147,23 @@ class Queue(ABC):
         """Lag per partition and dead-letter count."""
 
 
+def embedded_queue_path(settings: Settings) -> str | None:
+    """The SQLite queue's file when `LLMTAP_QUEUE` is the embedded queue, else None."""
+    url = settings.queue
+    if url == "sqlite" or url.startswith("sqlite:"):
+        path = url.removeprefix("sqlite:").removeprefix("//") if url != "sqlite" else ""
+        return path or str(settings.data_dir / "queue.db")
+    return None
+
+
 def open_queue(settings: Settings, *, group: str = "llmtap-workers") -> Queue:
     """The queue backend named by `LLMTAP_QUEUE`."""
     url = settings.queue
-    if url == "sqlite" or url.startswith("sqlite:"):
+    path = embedded_queue_path(settings)
+    if path is not None:
         from llmtap.queue.sqlite import SQLiteQueue
 
-        path = url.removeprefix("sqlite:").removeprefix("//") if url != "sqlite" else ""
-        return SQLiteQueue(path or str(settings.data_dir / "queue.db"), partitions=settings.partitions)
+        return SQLiteQueue(path, partitions=settings.partitions)
     if url.startswith("kafka://"):
         from llmtap.queue.kafka import KafkaQueue
 

@@ -132,13 +132,22 @@ class Store(ABC):
     async def revoke_key(self, key_id: str) -> bool: ...
 
 
-def open_store(settings: Settings) -> Store:
+def embedded_store_path(settings: Settings) -> str | None:
+    """The SQLite store's file when `LLMTAP_STORE` is the embedded store, else None."""
     url = settings.store
     if url == "sqlite" or url.startswith("sqlite:"):
+        path = url.removeprefix("sqlite:").removeprefix("//") if url != "sqlite" else ""
+        return path or str(settings.data_dir / "store.db")
+    return None
+
+
+def open_store(settings: Settings) -> Store:
+    url = settings.store
+    path = embedded_store_path(settings)
+    if path is not None:
         from llmtap.store.sqlite import SQLiteStore
 
-        path = url.removeprefix("sqlite:").removeprefix("//") if url != "sqlite" else ""
-        return SQLiteStore(path or str(settings.data_dir / "store.db"))
+        return SQLiteStore(path)
     if url.startswith(("postgresql://", "postgres://")):
         from llmtap.store.postgres import PostgresStore
 

@@ -1,0 +1,82 @@
+"""Issue 7 items 18 and 20: read-only commands create nothing; `status --json` fails like the
+table form when the queue is unreachable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from procs import free_port, llmtap_env
+
+
+def _llmtap(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmtap.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["status"], 0),
+        (["status", "--json"], 0),
+        (["dlq", "list"], 0),
+        (["dlq", "replay", "--all"], 0),
+        (["keys", "list"], 0),
+        (["keys", "revoke", "k_nope"], 1),
+    ],
+)
+def test_read_only_commands_on_a_fresh_directory_create_nothing(
+    tmp_path: Path, args: list[str], code: int
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    env = llmtap_env(work / ".llmtap")  # the default data dir of a fresh checkout
+    r = _llmtap(env, *args, cwd=work)
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    assert list(work.iterdir()) == []  # no data dir, no queue file, no store file
+    if args == ["status", "--json"]:
+        info = json.loads(r.stdout)
+        assert info["reachable"] is True and info["lag"] == 0 and info["dead_letters"] == 0
+
+
+def test_read_only_commands_still_read_an_existing_queue(tmp_path: Path) -> None:
+    env = llmtap_env(tmp_path / "data")
+    # a real queue file, created the way a gateway creates it
+    code = (
+        "import asyncio\n"
+        "from llmtap.config import Settings\n"
+        "from llmtap.queue.base import Message, open_queue\n"
+        "async def main():\n"
+        "    q = open_queue(Settings())\n"
+        "    await q.connect('producer')\n"
+        "    await q.publish([Message('k', b'not a record')])\n"
+        "    await q.close()\n"
+        "asyncio.run(main())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    r = _llmtap(env, "status", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["lag"] == 1
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_status_exits_1_when_the_queue_is_unreachable_in_both_forms(tmp_path: Path, as_json: bool) -> None:
+    env = llmtap_env(tmp_path, queue=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    r = _llmtap(env, "status", *(["--json"] if as_json else []), cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    if as_json:
+        info = json.loads(r.stdout)  # the JSON is still printed, for scripts that parse it
+        assert info["reachable"] is False and info["error"]
+    else:
+        assert "UNREACHABLE" in r.stdout
