@@ -466,7 +466,8 @@ def _start_fails(tmp: Path, command: str, **settings: str | int) -> str:
     [
         ("up", {"gateway_port": "abc"}, "LLMTAP_GATEWAY_PORT"),
         ("gateway", {"queue": "nonsense://x"}, "LLMTAP_QUEUE"),
-        ("worker", {"store": "postgresql://u@127.0.0.1:1/db"}, "PostgreSQL"),
+        # (an unreachable store is an outage the worker waits out: tests/test_hardening_startup.py)
+        ("worker", {"store": "postgresql://u@127.0.0.1:notaport/db"}, "LLMTAP_STORE"),
         ("server", {"bodies": "ftp://x"}, "LLMTAP_BODIES"),
     ],
 )
