@@ -131,3 +131,65 @@ def test_a_record_that_kills_the_worker_process_is_dead_lettered_after_n_deliver
     assert dead[0].reason == (
         f"delivered {MAX_ATTEMPTS} times without ack: the worker died while processing it"
     )
+
+
+# -- item 9: a re-run batch does not dead-letter twice --------------------------------------------
+
+
+@pytest.mark.skipif(not os.environ.get("LLMTAP_TEST_REDIS_URL"), reason="needs Redis (services.sh up)")
+async def test_a_broker_drop_at_the_final_ack_does_not_dead_letter_twice(tmp_path: Path) -> None:
+    """Redis is really stopped right after the poison's dead letter, so the batch's final ack
+    fails and the worker runs the batch again once Redis is back: still one dead letter."""
+    from llmtap.errors import BackendUnavailable
+    from llmtap.queue.redis import RedisQueue
+    from llmtap.worker import WorkerService
+    from procs import services
+
+    events: list[str] = []
+    restarts: list[asyncio.Task[None]] = []
+
+    class DropAtAck(RedisQueue):
+        async def dead_letter(self, delivery: Any, reason: str) -> None:
+            await super().dead_letter(delivery, reason)
+            events.append("dead_letter")
+            if events.count("dead_letter") == 1:
+                await asyncio.to_thread(services, "stop", "redis")  # the broker drops now
+
+        async def ack(self, deliveries: Any) -> None:
+            try:
+                await super().ack(deliveries)
+            except BackendUnavailable:
+                events.append("ack failed")
+                if not restarts:  # it is back a moment later
+                    restarts.append(asyncio.create_task(asyncio.to_thread(services, "start", "redis")))
+                raise
+            events.append("ack")
+
+    url = f"{os.environ['LLMTAP_TEST_REDIS_URL']}?prefix=dl{uuid.uuid4().hex[:8]}"
+    settings = Settings(data_dir=tmp_path, queue=url)
+    queue = DropAtAck(url, partitions=settings.partitions, group="llmtap-workers")
+    records = [make_record(i) for i in range(10)]
+    producer = open_queue(settings)
+    await producer.connect("producer")
+    await producer.publish([Message("poison", b"not a record"), *(Message(r.id, encode(r)) for r in records)])
+    worker = WorkerService(settings, queue=queue)
+    await worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        assert worker.store is not None
+        while time.monotonic() < deadline:
+            got = [await worker.store.get_request("acme", r.id) for r in records]
+            if all(got) and "ack" in events:
+                break
+            await asyncio.sleep(0.2)
+        assert all(got), events
+        assert "ack failed" in events, events  # the drop really hit the final ack
+        dead = await producer.dead_letters(100)
+        assert [d.value for d in dead] == [b"not a record"], events
+        assert events.count("dead_letter") == 1, events
+    finally:
+        await worker.stop()
+        await producer.close()
+        for t in restarts:
+            await t
+        await asyncio.to_thread(services, "start", "redis")
