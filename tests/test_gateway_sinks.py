@@ -14,7 +14,7 @@ import pytest
 
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable
-from llmtap.gateway.sinks import IngestSink, SpoolReplayer, SpoolSink
+from llmtap.gateway.sinks import REPLAY_CHUNK, IngestSink, SpoolReplayer, SpoolSink
 from llmtap.gateway.spool import DiskSpool
 from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import LogRecord, Usage, decode
@@ -123,7 +123,7 @@ class _FlakyQueue(SQLiteQueue):
 async def test_replay_cut_short_by_an_outage_keeps_the_segment_and_loses_nothing(tmp_path: Path) -> None:
     spool = DiskSpool(tmp_path / "spool", max_bytes=50_000_000)
     sink = SpoolSink(spool)
-    records = [_record(i) for i in range(1100)]  # replays in batches of 500: 3 publishes
+    records = [_record(i) for i in range(1100)]  # replays in chunks of REPLAY_CHUNK (100)
     await sink.send(records)
     await sink.close()
     q = _FlakyQueue(str(tmp_path / "queue.db"), partitions=2)
@@ -146,7 +146,7 @@ async def test_replay_cut_short_by_an_outage_keeps_the_segment_and_loses_nothing
             await q.ack(ds)
         # at least once: the first batch twice, every record present
         assert set(ids) == {r.id for r in records}
-        assert len(ids) == 1100 + 500
+        assert len(ids) == 1100 + REPLAY_CHUNK
     finally:
         await q.close()
 

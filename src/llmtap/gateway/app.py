@@ -120,7 +120,10 @@ class GatewayService:
                 IngestSink(settings.effective_ingest_url, settings.ingest_token),
                 overflow,
             ]
-            self.replayer = SpoolReplayer(spool, self.queue)
+            # A queue of our own opening: the replayer opens another on its own thread, so a
+            # large replay never runs on the proxy's event loop (see SpoolReplayer.replay_once).
+            factory = (lambda: open_queue(settings)) if self._own_queue else None
+            self.replayer = SpoolReplayer(spool, self.queue, queue_factory=factory)
         self.publisher = Publisher(settings, sinks, self.bodies, overflow=overflow)
         if self.replayer is not None:
             replayer = self.replayer

@@ -17,10 +17,13 @@ did.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -32,7 +35,10 @@ from llmtap.record import LogRecord, Route, decode, encode, encode_many, partiti
 
 log = logging.getLogger("llmtap.gateway")
 
+T = TypeVar("T")
+
 _KEY_LEN = struct.Struct(">H")
+REPLAY_CHUNK = 100  # records per publish while replaying the spool (see `replay_once`)
 
 
 class IngestSink(Sink):
@@ -120,6 +126,23 @@ class SpoolSink(Sink):
         await asyncio.to_thread(self.spool.close)
 
 
+class _LoopThread:
+    """An event loop on a thread of its own, to run coroutines away from the caller's loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="llmtap-spool-replay", daemon=True)
+        self.thread.start()
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
 class SpoolReplayer:
     """Moves spooled records into the queue whenever the queue takes them.
 
@@ -133,7 +156,17 @@ class SpoolReplayer:
     `dropped` and logged with its id.
     """
 
-    def __init__(self, spool: DiskSpool, queue: Queue, *, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        spool: DiskSpool,
+        queue: Queue,
+        *,
+        interval: float = 1.0,
+        queue_factory: Callable[[], Queue] | None = None,
+    ) -> None:
+        """With `queue_factory`, replays run on a thread of their own with their own queue
+        connection (made by the factory): the gateway's event loop does none of the encoding
+        or IO. Without it they run on the caller's loop, paced in chunks."""
         self.spool = spool
         self.queue = queue
         self.interval = interval
@@ -141,41 +174,81 @@ class SpoolReplayer:
         self.dropped = 0  # spooled records the queue refused even bare
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._factory = queue_factory
+        self._thread: _LoopThread | None = None
+        self._own: Queue | None = None  # the thread's queue, used on the thread's loop only
 
     def start(self) -> None:
+        self._stop.clear()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="llmtap-spool-replay")
 
     async def stop(self) -> None:
         self._stop.set()
         if self._task is not None:
             await self._task
+            self._task = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            with contextlib.suppress(Exception):
+                await thread.run(self._close_own())
+            await asyncio.to_thread(thread.stop)
 
     async def replay_once(self) -> int:
-        """Publish what is spooled now; returns records published. Stops at the first outage."""
+        """Publish what is spooled now; returns records published. Stops at the first outage.
+
+        Kept off the event loop it shares with the proxy: a queue client encodes each publish
+        on its loop (redis-py packs ~8 ms of commands per 500 records), so 20k spooled
+        records replayed on the gateway's loop held requests up by tens of milliseconds for
+        seconds (bench/replay_lag.py). With a queue factory the replay runs on its own thread
+        and loop; without one it is paced in chunks of `REPLAY_CHUNK` with yields between.
+        """
+        if self._factory is None:
+            return await self._replay(self.queue, 0.0)
+        if self._thread is None:
+            self._thread = _LoopThread()
+        return await self._thread.run(self._replay_on_thread())
+
+    async def _replay_on_thread(self) -> int:
+        if self._own is None:
+            assert self._factory is not None
+            q = self._factory()
+            await q.connect("producer")  # raises BackendUnavailable while the queue is down
+            self._own = q
+        # A short sleep between chunks hands the GIL back to the proxy's thread for a while
+        # (a busy thread keeps it for up to 5 ms at a time): 200 chunks cost 0.4 s per 20k.
+        return await self._replay(self._own, 0.002)
+
+    async def _close_own(self) -> None:
+        q, self._own = self._own, None
+        if q is not None:
+            await q.close()
+
+    async def _replay(self, queue: Queue, pause: float) -> int:
         done = 0
         segments = await asyncio.to_thread(self.spool.segments_for_replay)
         for path in segments:
-            batches = await asyncio.to_thread(self._read, path)
-            if not batches:
+            frames = await asyncio.to_thread(self._read, path)
+            if not frames:
                 continue  # another process is replaying it, or it is empty
             n = 0
-            for batch in batches:
-                n += await self._publish(batch)
+            for i in range(0, len(frames), REPLAY_CHUNK):
+                n += await self._publish(queue, frames[i : i + REPLAY_CHUNK])
+                await asyncio.sleep(pause)  # let other work in between chunks
             await asyncio.to_thread(DiskSpool.done, path)
             done += n
             self.replayed += n
             log.info("replayed %d spooled record(s) from %s into the queue", n, path.name)
         return done
 
-    async def _publish(self, frames: list[bytes]) -> int:
+    async def _publish(self, queue: Queue, frames: list[bytes]) -> int:
         try:
-            await self.queue.publish([_unframe(f) for f in frames])
+            await queue.publish([_unframe(f) for f in frames])
             return len(frames)
         except BackendUnavailable:
             raise
         except Exception as e:
             if len(frames) == 1:
-                return await self._publish_bare(frames[0], e)
+                return await self._publish_bare(queue, frames[0], e)
             log.warning(
                 "the queue refused a spooled batch (%s: %s); replaying it record by record",
                 type(e).__name__,
@@ -183,17 +256,17 @@ class SpoolReplayer:
             )
         n = 0
         for frame in frames:
-            n += await self._publish([frame])
+            n += await self._publish(queue, [frame])
         return n
 
-    async def _publish_bare(self, frame: bytes, exc: Exception) -> int:
+    async def _publish_bare(self, queue: Queue, frame: bytes, exc: Exception) -> int:
         reason = f"{type(exc).__name__}: {exc}"
         rid = "?"
         try:
             msg = _unframe(frame)
             record = decode(msg.value)
             rid = record.id
-            await self.queue.publish([Message(key=msg.key, value=encode(stripped(record, reason)))])
+            await queue.publish([Message(key=msg.key, value=encode(stripped(record, reason)))])
         except BackendUnavailable:
             raise
         except Exception as e:
@@ -207,8 +280,8 @@ class SpoolReplayer:
         )
         return 1
 
-    def _read(self, path: Path) -> list[list[bytes]]:
-        return list(self.spool.replay(path))
+    def _read(self, path: Path) -> list[bytes]:
+        return [f for batch in self.spool.replay(path) for f in batch]
 
     async def _run(self) -> None:
         while not self._stop.is_set():
