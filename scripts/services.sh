@@ -11,6 +11,8 @@
 #   scripts/services.sh status          show what is running
 #   scripts/services.sh install [SVC...] only install (no start)
 #   scripts/services.sh clean           down + delete all state (not the caches)
+#   scripts/services.sh browser         install Debian's chromium if missing (`up` with no
+#                                       SVC does it too); the dashboard's browser tests use it
 #   SVC is one of: postgres redis kafka s3
 #
 # Services (ports overridable by env):
@@ -229,6 +231,13 @@ apt_install() { # PKG...
 		tail -n 20 "$APT_LOG" >&2
 		die "apt-get install $* failed (log: $APT_LOG)"
 	fi
+}
+
+# The dashboard's browser tests drive Debian's chromium (no browser download at run time).
+install_browser() {
+	command -v chromium >/dev/null 2>&1 && return 0
+	log "installing chromium from Debian (dashboard browser tests)..."
+	apt_install chromium
 }
 
 svc_valid() {
@@ -753,6 +762,7 @@ main() {
 		parse_services "$@"
 		lock
 		local t0; t0=$(now)
+		[ $# -eq 0 ] && install_browser
 		install_many "${SERVICES[@]}"
 		start_many "${SERVICES[@]}"
 		log "up: ${SERVICES[*]} ready in $(since "$t0")s (state: $SERVICES_DIR)"
@@ -788,6 +798,7 @@ main() {
 		lock
 		install_many "${SERVICES[@]}"
 		;;
+	browser) install_browser ;;
 	env) cmd_env ;;
 	status) cmd_status ;;
 	-h | --help | help) usage ;;

@@ -9,6 +9,7 @@ scripts/bootstrap.sh
 # would slow Kafka's start-up and could mask a test that depends on leftovers.
 scripts/services.sh clean >/dev/null 2>&1 || true
 scripts/services.sh up
+scripts/services.sh browser
 trap 'scripts/services.sh down >/dev/null 2>&1 || true' EXIT
 eval "$(scripts/services.sh env)"
 echo "== ruff"; .venv/bin/ruff check src tests bench

@@ -241,6 +241,9 @@ def is_error(r: LogRecord) -> bool:
     return (r.status is not None and r.status >= 400) or r.outcome != "completed"
 
 
+PCTS = (0.5, 0.9, 0.95, 0.99)
+
+
 def ref_totals(rows: Sequence[LogRecord]) -> dict[str, Any]:
     n = len(rows)
     errors = sum(1 for r in rows if is_error(r))
@@ -256,8 +259,9 @@ def ref_totals(rows: Sequence[LogRecord]) -> dict[str, Any]:
         "cached_tokens": sum(r.usage.cached_tokens or 0 for r in rows),
         "reasoning_tokens": sum(r.usage.reasoning_tokens or 0 for r in rows),
         "cost_usd": sum(r.cost_nanos or 0 for r in rows) / 1e9,
-        "latency_ms": {f"p{round(p * 100)}": percentile_cont(lat, p) for p in (0.5, 0.9, 0.99)},
-        "time_to_first_token_ms": {f"p{round(p * 100)}": percentile_cont(ttft, p) for p in (0.5, 0.9, 0.99)},
+        "unpriced_count": sum(1 for r in rows if r.cost_nanos is None and r.cost_usd is None),
+        "latency_ms": {f"p{round(p * 100)}": percentile_cont(lat, p) for p in PCTS},
+        "time_to_first_token_ms": {f"p{round(p * 100)}": percentile_cont(ttft, p) for p in PCTS},
     }
 
 
@@ -272,6 +276,7 @@ def assert_totals(got: dict[str, Any], rows: Sequence[LogRecord]) -> None:
         "cached_tokens",
         "reasoning_tokens",
         "cost_usd",
+        "unpriced_count",
     ):
         assert got[k] == want[k], (k, got[k], want[k])
     assert got["error_rate"] == pytest.approx(want["error_rate"], rel=1e-12)

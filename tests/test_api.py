@@ -518,8 +518,8 @@ async def test_healthz_metrics_dashboard_openapi(server: Server) -> None:
         and "llmtap_api_requests_total" in text
     )
     status, html = await server.get("/")
-    assert status == 200 and '<script src="/static/index.js">' in html and "<table" in html
-    status, js = await server.get("/static/index.js")
+    assert status == 200 and '<script type="module" src="/static/app.js">' in html
+    status, js = await server.get("/static/app.js")
     assert status == 200 and "/api/v1/requests" in js
     status, doc = await server.get("/api/v1/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.1")

@@ -363,7 +363,7 @@ def test_every_body_key_of_a_tenant_lies_in_its_tenant_dir() -> None:
 async def test_foreign_host_is_refused_everywhere_but_probes(server: ServerService) -> None:
     base = f"http://127.0.0.1:{server.port}"
     async with aiohttp.ClientSession() as http:
-        for path in ("/", "/api/v1/requests", "/api/v1/stats", "/api/v1/openapi.json", "/static/index.js"):
+        for path in ("/", "/api/v1/requests", "/api/v1/stats", "/api/v1/openapi.json", "/static/app.js"):
             for host in ("evil.example", f"evil.example:{server.port}", "127.0.0.1.evil.example", "10.0.0.1"):
                 async with http.get(base + path, headers={"Host": host}) as r:
                     assert r.status == 421, (path, host, r.status)

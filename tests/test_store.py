@@ -483,14 +483,19 @@ async def test_hour_and_minute_buckets(store: Store) -> None:
 
 
 async def test_percentiles_interpolate_like_percentile_cont(store: Store) -> None:
-    # 1..10 ms: p50 = 5.5, p90 = 9.1, p99 = 9.91 by linear interpolation (n-1 based ranks)
+    # 1..10 ms: p50 = 5.5, p90 = 9.1, p95 = 9.55, p99 = 9.91 by linear interpolation (n-1 ranks)
     await store.write_batch(
         [rec(i, latency_ms=float(10 - i), time_to_first_token_ms=None) for i in range(10)]
     )
     lat = (await store.stats("acme", StatsQuery()))["overall"]["latency_ms"]
-    assert lat == {"p50": 5.5, "p90": 9.1, "p99": pytest.approx(9.91, abs=1e-12)}
+    assert lat == {
+        "p50": 5.5,
+        "p90": 9.1,
+        "p95": pytest.approx(9.55, abs=1e-12),
+        "p99": pytest.approx(9.91, abs=1e-12),
+    }
     ttft = (await store.stats("acme", StatsQuery()))["overall"]["time_to_first_token_ms"]
-    assert ttft == {"p50": None, "p90": None, "p99": None}
+    assert ttft == {"p50": None, "p90": None, "p95": None, "p99": None}
     one = await store.stats("acme", StatsQuery(group_by="model", filters=ListQuery(status=200)))
     assert one["groups"][0]["latency_ms"]["p50"] == 5.5
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -38,8 +39,9 @@ INGESTED = Counter("llmtap_server_ingested_records_total", "Records posted to /a
 MAX_LIMIT = 1000
 MAX_TEXT = 4096
 PROPERTY = "property."
-_FILTERS = ("user_id", "session_id", "model", "provider", "status")
-LIST_PARAMS = frozenset({"limit", "cursor", "since", "until", "order", *_FILTERS})
+_FILTERS = ("user_id", "session_id", "model", "provider", "status", "status_class",
+            "min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms")  # fmt: skip
+LIST_PARAMS = frozenset({"limit", "cursor", "since", "until", "order", "sort", *_FILTERS})
 STATS_PARAMS = frozenset({"since", "until", "group_by", "bucket", *_FILTERS})
 USERS_PARAMS = frozenset({"limit"})
 #: Fields left out of list items (they are in `GET /api/v1/requests/{id}`).
@@ -136,6 +138,17 @@ def _int(params: dict[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
+def _number(params: dict[str, str], name: str) -> float:
+    raw = params[name]
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 <= value <= 1e12:
+        raise BadParameter(name, f"invalid parameter {name!r}: must be a number >= 0, got {raw[:50]!r}")
+    return value
+
+
 def parse_time(name: str, raw: str) -> datetime:
     """ISO 8601 (naive means UTC) or epoch seconds."""
     try:
@@ -161,6 +174,14 @@ def _filters(params: dict[str, str], props: dict[str, str]) -> ListQuery:
             setattr(q, name, params[name])
     if "status" in params:
         q.status = _int(params, "status", 0, 100, 599)
+    if "status_class" in params:
+        raw = params["status_class"]
+        if raw not in ("1xx", "2xx", "3xx", "4xx", "5xx"):
+            raise BadParameter("status_class", "invalid parameter 'status_class': must be 1xx ... 5xx")
+        q.status_class = int(raw[0])
+    for name in ("min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms"):
+        if name in params:
+            setattr(q, name, _number(params, name))
     for name in ("since", "until"):
         if name in params:
             setattr(q, name, parse_time(name, params[name]))
@@ -175,9 +196,13 @@ def list_query(request: web.Request) -> ListQuery:
     if order not in ("asc", "desc"):
         raise BadParameter("order", "invalid parameter 'order': must be 'asc' or 'desc'")
     q.order = "asc" if order == "asc" else "desc"
+    sort = params.get("sort", "time")
+    if sort not in ("time", "cost", "latency"):
+        raise BadParameter("sort", "invalid parameter 'sort': must be time, cost or latency")
+    q.sort = sort  # type: ignore[assignment]
     if "cursor" in params:
         try:
-            sql.decode_cursor(params["cursor"])
+            sql.decode_sort_cursor(params["cursor"], sort)
         except ValueError:
             raise BadParameter(
                 "cursor", "invalid parameter 'cursor': not a cursor this API returned"

@@ -1,4 +1,4 @@
-"""`llmtap server`: the query API, the placeholder dashboard and the fallback ingest endpoint.
+"""`llmtap server`: the query API, the dashboard and the fallback ingest endpoint.
 
 One aiohttp application. A middleware turns every failure into a JSON error a client can act
 on: 400 naming the bad parameter, 401 without a valid key (multi-tenant mode), 404, 503 with
@@ -24,7 +24,7 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.handlers.base import Chain
 from llmtap.retention import RetentionTask
-from llmtap.server import api, openapi, security
+from llmtap.server import api, dashboard, openapi, security
 from llmtap.server.auth import Unauthorized, check_ingest, tenant_for
 from llmtap.server.ingest import IngestQueue
 from llmtap.store.base import Store
@@ -124,6 +124,7 @@ def build_app(
     r.add_get("/metrics", _metrics)
     r.add_get("/", _index)
     r.add_static("/static/", STATIC)  # the dashboard's script and style: the CSP allows no inline ones
+    dashboard.add_routes(app)  # the dashboard's API routes (export, live tail, pipeline)
     r.add_get("/api/v1/openapi.json", _openapi)
     r.add_get("/api/v1/requests", api.list_requests)
     r.add_get("/api/v1/requests/{id}", api.get_request)

@@ -24,6 +24,11 @@ _FILTERS = [
     _q("model", "Only this model.", _STR),
     _q("provider", "Only this provider (openai, anthropic).", _STR),
     _q("status", "Only this HTTP status.", {"type": "integer", "minimum": 100, "maximum": 599}),
+    _q("status_class", "Only this class of HTTP status.", {"enum": ["1xx", "2xx", "3xx", "4xx", "5xx"]}),
+    _q("min_cost_usd", "Only priced requests costing at least this (USD).", {"type": "number", "minimum": 0}),
+    _q("max_cost_usd", "Only priced requests costing at most this (USD).", {"type": "number", "minimum": 0}),
+    _q("min_latency_ms", "Only requests at least this slow (ms).", {"type": "number", "minimum": 0}),
+    _q("max_latency_ms", "Only requests at most this slow (ms).", {"type": "number", "minimum": 0}),
     _q("since", "Requests started at or after this time.", _TIME),
     _q("until", "Requests started before this time (exclusive).", _TIME),
 ]
@@ -39,7 +44,7 @@ _AUTH_ERRORS = {"400": _ERR, "401": _ERR, "503": _ERR}
 
 _PCT = {
     "type": "object",
-    "properties": {k: {"type": ["number", "null"]} for k in ("p50", "p90", "p99")},
+    "properties": {k: {"type": ["number", "null"]} for k in ("p50", "p90", "p95", "p99")},
     "description": "Percentiles by linear interpolation (PostgreSQL percentile_cont); null without data.",
 }
 def _doc(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -59,6 +64,7 @@ _TOTALS = {
         "cache_write_tokens": {"type": "integer"},
         "reasoning_tokens": {"type": "integer"},
         "cost_usd": {"type": "number", "description": "summed exactly in nano-dollars, then divided"},
+        "unpriced_count": {"type": "integer", "description": "requests without a price (cost_usd null)"},
         "first_at": {"type": ["string", "null"], "format": "date-time"},
         "last_at": {"type": ["string", "null"], "format": "date-time"},
         "latency_ms": _PCT,
@@ -224,6 +230,12 @@ def document() -> dict[str, Any]:
                         ),
                         _q("cursor", "The next_cursor of the previous page (opaque).", _STR),
                         _q("order", "desc (newest first, default) or asc.", {"enum": ["desc", "asc"]}),
+                        _q(
+                            "sort",
+                            "Keyset order: time (default), cost (unpriced after every priced request in"
+                            " descending order) or latency; ties by time. A cursor is valid for its sort.",
+                            {"enum": ["time", "cost", "latency"]},
+                        ),
                         *_FILTERS,
                         _PROPERTY,
                     ],
@@ -375,6 +387,80 @@ def document() -> dict[str, Any]:
                         "413": _ERR,
                         "415": _ERR,
                         "503": _ERR,
+                    },
+                }
+            },
+            "/api/v1/requests/export": {
+                "get": {
+                    "summary": "Every matching request (the list's fields, no bodies), streamed",
+                    "description": (
+                        "Reads the store page by page (keyset), so memory stays constant at any size."
+                        " CSV: one header row, properties as a JSON object, values starting with"
+                        " = + - @ prefixed with ' (no spreadsheet formulas). JSONL: one list item per line."
+                    ),
+                    "parameters": [
+                        _q("format", "csv or jsonl (default).", {"enum": ["csv", "jsonl"]}),
+                        _q("order", "desc (newest first, default) or asc.", {"enum": ["desc", "asc"]}),
+                        _q("sort", "As on the list.", {"enum": ["time", "cost", "latency"]}),
+                        *_FILTERS,
+                        _PROPERTY,
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the rows",
+                            "content": {"text/csv": {}, "application/x-ndjson": {}},
+                        },
+                        **_AUTH_ERRORS,
+                    },
+                }
+            },
+            "/api/v1/requests/stream": {
+                "get": {
+                    "summary": "Live tail: server-sent events of newly stored requests",
+                    "description": (
+                        "An `event: ready` first, then one `event: request` (data: a list item) per"
+                        " request stored after the stream opened that matches the filters;"
+                        " `event: unavailable` while the store is down. Send the key as a header"
+                        " (read the stream with fetch, not EventSource)."
+                    ),
+                    "parameters": [*_FILTERS, _PROPERTY],
+                    "responses": {
+                        "200": {"description": "text/event-stream", "content": {"text/event-stream": {}}},
+                        **_AUTH_ERRORS,
+                    },
+                }
+            },
+            "/api/v1/pipeline": {
+                "get": {
+                    "summary": "Pipeline health: queue lag per partition, dead letters, spool, newest record",
+                    "description": (
+                        "Dead letters hold every tenant's records: in multi-tenant mode only their"
+                        " count is given (`dead_letters` is null)."
+                    ),
+                    "responses": {"200": _ok({"type": "object"}), **_AUTH_ERRORS},
+                }
+            },
+            "/api/v1/pipeline/dead-letters/replay": {
+                "post": {
+                    "summary": "Publish dead letters again (single-tenant mode only)",
+                    "requestBody": {
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "ids": {"type": "array", "items": _STR},
+                                        "all": {"type": "boolean"},
+                                    },
+                                }
+                            }
+                        }
+                    },
+                    "responses": {
+                        "200": _ok({"type": "object", "properties": {"replayed": {"type": "integer"}}}),
+                        "403": {**_ERR, "description": "multi-tenant mode: use `llmtap dlq replay`"},
+                        "415": {**_ERR, "description": "the body is not application/json"},
+                        **_AUTH_ERRORS,
                     },
                 }
             },

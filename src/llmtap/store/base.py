@@ -47,6 +47,14 @@ class ListQuery:
     until: datetime | None = None
     properties: dict[str, str] = field(default_factory=dict)
     order: Literal["desc", "asc"] = "desc"
+    #: Keyset sort key: request start, cost (unpriced rows sort below $0) or latency.
+    sort: Literal["time", "cost", "latency"] = "time"
+    #: 2 → 2xx ... 5 → 5xx (the dashboard's status filter).
+    status_class: int | None = None
+    min_cost_usd: float | None = None
+    max_cost_usd: float | None = None
+    min_latency_ms: float | None = None
+    max_latency_ms: float | None = None
 
 
 GroupBy = str  # "model" | "user_id" | "session_id" | "provider" | "status" | "property.<Name>"

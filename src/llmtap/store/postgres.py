@@ -350,7 +350,7 @@ class PostgresStore(Store):
     async def list_requests(self, tenant: str, query: ListQuery) -> Page:
         q, params = sql.list_sql(DIALECT, tenant, query)
         rows = await self._fetch(q, *params)
-        items, cursor = sql.page_from_rows(DIALECT, rows, query.limit)
+        items, cursor = sql.page_from_rows(DIALECT, rows, query.limit, query.sort)
         return Page(items=items, next_cursor=cursor)
 
     async def _aggregate(

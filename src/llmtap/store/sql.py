@@ -54,7 +54,7 @@ SELECT_COLUMNS = ", ".join(f"r.{c}" for c in COLUMNS)
 BODY_COLUMNS = ("request_body", "response_body", "response_events")
 
 #: Stats percentiles (fractions), the same on both stores.
-PERCENTILES = (0.5, 0.9, 0.99)
+PERCENTILES = (0.5, 0.9, 0.95, 0.99)
 #: At most this many groups are returned by `stats` (the largest by count).
 MAX_GROUPS = 100
 #: At most this many time buckets are returned by `stats` (the earliest first).
@@ -92,6 +92,38 @@ def iso(us: int | None) -> str | None:
 def encode_cursor(created_us: int, request_id: str) -> str:
     """Opaque keyset cursor: urlsafe base64 of `[created_at_us, id]`."""
     return base64.urlsafe_b64encode(orjson.dumps([created_us, request_id])).decode().rstrip("=")
+
+
+def encode_sort_cursor(created_us: int, request_id: str, sort: str, value: float | int) -> str:
+    """Keyset cursor of a cost or latency sort: `[created_at_us, id, sort, sort value]`."""
+    raw = orjson.dumps([created_us, request_id, sort, value])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_sort_cursor(cursor: str, sort: str) -> tuple[int, str, float | int | None]:
+    """(created_us, id, sort value); `ValueError` unless the cursor was made for this `sort`."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = orjson.loads(raw)
+    except (binascii.Error, ValueError, orjson.JSONDecodeError, UnicodeEncodeError):
+        raise ValueError("malformed cursor") from None
+    if sort == "time":
+        us, rid = decode_cursor(cursor)
+        return us, rid, None
+    if (
+        not isinstance(value, list)
+        or len(value) != 4
+        or value[2] != sort
+        or type(value[0]) is not int
+        or not -(2**62) < value[0] < 2**62
+        or not isinstance(value[1], str)
+        or "\x00" in value[1]
+        or type(value[3]) is not (int if sort == "cost" else float)
+        or not math.isfinite(value[3])
+        or (sort == "cost" and not -(2**62) < value[3] < 2**62)
+    ):
+        raise ValueError("malformed cursor")
+    return value[0], value[1], value[3]
 
 
 def decode_cursor(cursor: str) -> tuple[int, str]:
@@ -336,6 +368,17 @@ def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = Non
             conds.append(equals(d, f"r.{col}", p(val)))
     if f.status is not None:
         conds.append(f"r.status = {p(int(f.status))}")
+    if f.status_class is not None:
+        lo = int(f.status_class) * 100
+        conds.append(f"r.status >= {p(lo)} AND r.status < {p(lo + 100)}")
+    if f.min_cost_usd is not None:
+        conds.append(f"r.cost_nanos >= {p(round(f.min_cost_usd * 1e9))}")
+    if f.max_cost_usd is not None:
+        conds.append(f"r.cost_nanos <= {p(round(f.max_cost_usd * 1e9))}")
+    if f.min_latency_ms is not None:
+        conds.append(f"r.latency_ms >= {p(float(f.min_latency_ms))}")
+    if f.max_latency_ms is not None:
+        conds.append(f"r.latency_ms <= {p(float(f.max_latency_ms))}")
     for s in (f.since, since):
         if s is not None:
             conds.append(f"r.created_at >= {p(d.ts_param(to_micros(s)))}")
@@ -352,32 +395,49 @@ def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = Non
     return " AND ".join(conds)
 
 
+#: Sort key expressions of `ListQuery.sort` other than time (unpriced sorts below any cost).
+SORT_KEYS = {"cost": "coalesce(r.cost_nanos, -1)", "latency": "r.latency_ms"}
+
+
 def list_sql(d: Dialect, tenant: str, q: ListQuery) -> tuple[str, list[Any]]:
-    """Newest (or oldest) first, keyset-paginated on (created_at, id); fetches limit + 1."""
+    """Newest (or oldest) first, keyset-paginated on (created_at, id); fetches limit + 1.
+
+    With `sort` cost or latency the keyset is (sort key, created_at, id), same direction.
+    """
     p = Params(d)
     where = where_sql(p, tenant, q)
     desc = q.order != "asc"
+    key = SORT_KEYS.get(q.sort)
     if q.cursor:
-        us, rid = decode_cursor(q.cursor)
+        us, rid, value = decode_sort_cursor(q.cursor, q.sort)
         op = "<" if desc else ">"
-        ts = p(d.ts_param(us))
-        # The bare created_at bound lets an index on (tenant, created_at) start at the cursor.
-        where += f" AND r.created_at {op}= {ts} AND (r.created_at, r.id) {op} ({ts}, {p(rid)})"
+        if key is None:
+            ts = p(d.ts_param(us))
+            # The bare created_at bound lets an index on (tenant, created_at) start at the cursor.
+            where += f" AND r.created_at {op}= {ts} AND (r.created_at, r.id) {op} ({ts}, {p(rid)})"
+        else:
+            where += f" AND ({key}, r.created_at, r.id) {op} ({p(value)}, {p(d.ts_param(us))}, {p(rid)})"
     order = "DESC" if desc else "ASC"
-    sql = (
-        f"SELECT {SELECT_COLUMNS} FROM requests r WHERE {where}"
-        f" ORDER BY r.created_at {order}, r.id {order} LIMIT {p(q.limit + 1)}"
-    )
+    by = f"r.created_at {order}, r.id {order}"
+    if key is not None:
+        by = f"{key} {order}, {by}"
+    sql = f"SELECT {SELECT_COLUMNS} FROM requests r WHERE {where} ORDER BY {by} LIMIT {p(q.limit + 1)}"
     return sql, p.values
 
 
 def page_from_rows(
-    d: Dialect, rows: Sequence[Sequence[Any]], limit: int
+    d: Dialect, rows: Sequence[Sequence[Any]], limit: int, sort: str = "time"
 ) -> tuple[list[dict[str, Any]], str | None]:
     items = [row_to_dict(d, row) for row in rows[:limit]]
     if len(rows) > limit:
         last = rows[limit - 1]
-        return items, encode_cursor(d.ts_value(last[_IX["created_at"]]), last[_IX["id"]])
+        us, rid = d.ts_value(last[_IX["created_at"]]), last[_IX["id"]]
+        if sort == "cost":
+            nanos = last[_IX["cost_nanos"]]
+            return items, encode_sort_cursor(us, rid, sort, -1 if nanos is None else int(nanos))
+        if sort == "latency":
+            return items, encode_sort_cursor(us, rid, sort, float(last[_IX["latency_ms"]]))
+        return items, encode_cursor(us, rid)
     return items, None
 
 
@@ -482,9 +542,10 @@ def aggregate_sql(
     """One aggregate query: overall, per group, per time bucket, or per user.
 
     Result columns: key, count, error_count, the `_SUMS`, cost_nanos, first and last created_at,
-    then (PostgreSQL, `percentiles=True`) the latency and TTFT `percentile_cont` arrays. SQLite
-    has no percentile aggregate: it asks with `percentiles=False` and computes them from
-    `values_sql` (see `percentiles_of`).
+    the count of unpriced rows (cost NULL: shown as such, never as $0), then (PostgreSQL,
+    `percentiles=True`) the latency and TTFT `percentile_cont` arrays. SQLite has no percentile
+    aggregate: it asks with `percentiles=False` and computes them from `values_sql` (see
+    `percentiles_of`).
     """
     p = Params(d)
     key = _key(p, q, kind)
@@ -494,7 +555,8 @@ def aggregate_sql(
     sums = ", ".join(f"coalesce(sum(r.{c}), 0)" for c in _SUMS)
     cols = (
         f"count(*), coalesce(sum(CASE WHEN {_ERROR} THEN 1 ELSE 0 END), 0), {sums},"
-        " coalesce(sum(r.cost_nanos), 0), min(r.created_at), max(r.created_at)"
+        " coalesce(sum(r.cost_nanos), 0), min(r.created_at), max(r.created_at),"
+        " coalesce(sum(CASE WHEN r.cost_nanos IS NULL THEN 1 ELSE 0 END), 0)"
     )
     if percentiles:
         if d.name != "postgresql":
@@ -571,8 +633,9 @@ def aggregate_row(d: Dialect, row: Sequence[Any], *, percentiles: bool = True) -
     out["cost_usd"] = int(row[base]) / 1e9
     out["first_at"] = None if row[base + 1] is None else iso(d.ts_value(row[base + 1]))
     out["last_at"] = None if row[base + 2] is None else iso(d.ts_value(row[base + 2]))
+    out["unpriced_count"] = int(row[base + 3])
     if percentiles:
-        rest = row[base + 3 :]
+        rest = row[base + 4 :]
         out["latency_ms"] = _pcts(list(rest[0] or [None] * len(PERCENTILES)))
         out["time_to_first_token_ms"] = _pcts(list(rest[1] or [None] * len(PERCENTILES)))
     return row[0], out
@@ -588,7 +651,7 @@ def _pcts(values: Sequence[float | None]) -> dict[str, float | None]:
 def empty_totals() -> dict[str, Any]:
     out: dict[str, Any] = {"count": 0, "error_count": 0, "error_rate": 0.0}
     out.update(dict.fromkeys(_SUMS, 0))
-    out.update({"cost_usd": 0.0, "first_at": None, "last_at": None})
+    out.update({"cost_usd": 0.0, "first_at": None, "last_at": None, "unpriced_count": 0})
     out["latency_ms"] = _pcts([None] * len(PERCENTILES))
     out["time_to_first_token_ms"] = _pcts([None] * len(PERCENTILES))
     return out

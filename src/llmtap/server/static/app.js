@@ -1,0 +1,931 @@
+// llmtap dashboard: a small ES-module app over the JSON API (/api/v1).
+//
+// Rules this file keeps: every stored value reaches the page as text (h() builds elements and
+// text nodes, never HTML strings); links are made only for http(s) URLs; all view state lives in
+// the URL hash (a link reproduces the view, Back works); nothing is fetched from another origin.
+
+import uPlot from "./vendor/uplot/uPlot.esm.js";
+
+const KEY = "llmtap-key";
+const main = document.getElementById("main");
+const drawer = document.getElementById("drawer");
+const banner = document.getElementById("banner");
+
+// -- DOM helpers ---------------------------------------------------------------------------------
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else if (k === "href") { const safe = safeHref(v); if (safe) el.setAttribute("href", safe); }
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  append(el, children);
+  return el;
+}
+
+function append(el, children) {
+  for (const c of children.flat(Infinity)) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+/** Hash links of this app, and absolute http(s) URLs; anything else (javascript:, data:) is no link. */
+function safeHref(v) {
+  const s = String(v);
+  if (s.startsWith("#/") || s.startsWith("/api/") || s.startsWith("blob:")) return s;
+  try {
+    const u = new URL(s);
+    if (u.protocol === "http:" || u.protocol === "https:") return u.href;
+  } catch (e) { /* not a URL */ }
+  return null;
+}
+
+const clear = (el) => { el.replaceChildren(); return el; };
+/** Replace an element's children (null and false skipped, arrays flattened, values as text). */
+const fill = (el, ...children) => append(clear(el), children);
+const render = (...children) => fill(main, ...children);
+
+// -- formatting ----------------------------------------------------------------------------------
+
+const nf = new Intl.NumberFormat("en-US");
+const fmtInt = (v) => (v === null || v === undefined ? "–" : nf.format(v));
+function fmtUsd(v) {
+  if (v === null || v === undefined) return null;
+  if (v === 0) return "$0";
+  if (Math.abs(v) < 0.01) return "$" + v.toPrecision(3);
+  return "$" + v.toFixed(v < 100 ? 4 : 2);
+}
+function fmtMs(v) {
+  if (v === null || v === undefined) return "–";
+  if (v >= 10000) return (v / 1000).toFixed(1) + " s";
+  return Math.round(v) + " ms";
+}
+function fmtTime(iso) {
+  if (!iso) return "–";
+  const d = new Date(iso);
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+function fmtBytes(v) {
+  if (v === null || v === undefined) return "–";
+  if (v < 1024) return v + " B";
+  if (v < 1048576) return (v / 1024).toFixed(1) + " KiB";
+  return (v / 1048576).toFixed(1) + " MiB";
+}
+const pct = (v) => (v === null || v === undefined ? "–" : (v * 100).toFixed(1) + "%");
+
+function costCell(v) {
+  const s = fmtUsd(v);
+  return s === null ? h("span", { class: "badge unpriced", title: "no price known for this model: cost is unknown, not $0" }, "unpriced") : s;
+}
+
+function statusCell(row) {
+  const bad = (row.status !== null && row.status >= 400) || row.outcome !== "completed";
+  return h("span", { class: "status " + (bad ? "bad" : "ok"), title: row.error || row.outcome },
+    row.status === null ? "–" : String(row.status), row.outcome !== "completed" ? " " + row.outcome : "");
+}
+
+// -- API -----------------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY);
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+async function api(path, opts = {}) {
+  const resp = await fetch(path, { ...opts, headers: { ...authHeaders(), ...(opts.headers || {}) } });
+  if (resp.status === 401) { askKey(); throw new ApiError(401, "sign in required"); }
+  const ctype = resp.headers.get("content-type") || "";
+  const body = ctype.includes("json") ? await resp.json() : await resp.text();
+  if (!resp.ok) throw new ApiError(resp.status, (body && body.error && body.error.message) || String(resp.status));
+  return body;
+}
+
+// -- sign-in -------------------------------------------------------------------------------------
+
+const signin = document.getElementById("signin");
+function askKey(message) {
+  document.getElementById("signin-error").textContent = message || (sessionStorage.getItem(KEY) ? "That key was refused." : "");
+  if (!signin.open) signin.showModal();
+}
+document.getElementById("signin-form").addEventListener("submit", () => {
+  const key = document.getElementById("signin-key").value.trim();
+  if (key) sessionStorage.setItem(KEY, key);
+  document.getElementById("signin-key").value = "";
+  updateAuth();
+  lastRoute = null;
+  route();
+});
+document.getElementById("signout").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY);
+  updateAuth();
+  clear(main);
+  askKey();
+});
+function updateAuth() {
+  const has = !!sessionStorage.getItem(KEY);
+  document.getElementById("signout").hidden = !has;
+  document.getElementById("tenant").textContent = has ? "signed in with a tenant key" : "";
+}
+
+// -- routing: #/<view>[/<id>]?<params> ------------------------------------------------------------
+
+function parseHash() {
+  const raw = location.hash.replace(/^#\/?/, "");
+  const [path, query] = raw.split("?", 2);
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  return { view: parts[0] || "requests", id: parts[1] || null, params: new URLSearchParams(query || "") };
+}
+
+function hashFor(view, id, params) {
+  const q = params && params.toString();
+  return "#/" + view + (id ? "/" + encodeURIComponent(id) : "") + (q ? "?" + q : "");
+}
+
+function go(view, id, params) {
+  const next = hashFor(view, id, params);
+  if (location.hash !== next) location.hash = next;
+  else route();
+}
+
+let cleanup = [];
+function onLeave(fn) { cleanup.push(fn); }
+
+let lastRoute = null;
+
+async function route() {
+  const { view, id, params } = parseHash();
+  // Only the open request changed (J/K, Esc, a row click): keep the view (and a live tail) as it is.
+  const key = view + "?" + params.toString();
+  if (lastRoute === key && (view === "requests" || view === "live") && document.getElementById("requests-table")) {
+    if (id) await openDrawer(id, params, view); else closeDrawer(false);
+    return;
+  }
+  lastRoute = key;
+  for (const fn of cleanup.splice(0)) { try { fn(); } catch (e) { /* ignore */ } }
+  for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.view === view);
+  banner.hidden = true;
+  const views = { requests: viewRequests, overview: viewOverview, sessions: viewSessions, users: viewUsers, live: viewLive, pipeline: viewPipeline };
+  const fn = views[view] || viewRequests;
+  document.title = "llmtap · " + (views[view] ? view : "requests");
+  try {
+    await fn(id, params);
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 401) return;
+    showError(e);
+  }
+}
+
+function showError(e) {
+  banner.hidden = false;
+  banner.textContent = "Error: " + (e && e.message ? e.message : String(e));
+}
+
+window.addEventListener("hashchange", route);
+
+// -- filters shared by requests, overview, live and export ----------------------------------------
+
+const RANGES = { "15m": 900, "1h": 3600, "24h": 86400, "7d": 604800, "30d": 2592000, all: null };
+const FILTER_KEYS = ["user_id", "session_id", "model", "provider", "status_class", "min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms"];
+
+/** The API's filter parameters for the view's URL params (range presets become since/until). */
+function apiFilters(params, defaultRange = "24h") {
+  const out = new URLSearchParams();
+  const range = params.get("range") || defaultRange;
+  if (range === "custom") {
+    if (params.get("since")) out.set("since", params.get("since"));
+    if (params.get("until")) out.set("until", params.get("until"));
+  } else if (RANGES[range]) {
+    out.set("since", new Date(Date.now() - RANGES[range] * 1000).toISOString());
+  }
+  for (const k of FILTER_KEYS) if (params.get(k)) out.set(k, params.get(k));
+  for (const [k, v] of params) if (k.startsWith("property.") && v) out.set(k, v);
+  return out;
+}
+
+function rangeOf(params, defaultRange) {
+  const range = params.get("range") || defaultRange;
+  if (range === "custom") {
+    const since = params.get("since") ? new Date(params.get("since")) : new Date(Date.now() - 86400000);
+    const until = params.get("until") ? new Date(params.get("until")) : new Date();
+    return { since, until };
+  }
+  const secs = RANGES[range] || 2592000;
+  return { since: new Date(Date.now() - secs * 1000), until: new Date() };
+}
+
+/** The filter bar; `onApply(newParams)` gets the view's params with the filters replaced. */
+function filterBar(params, view, { defaultRange = "24h", extra = [] } = {}) {
+  const field = (name, label, attrs = {}) =>
+    h("label", {}, label, h("input", { name, value: params.get(name) || "", autocomplete: "off", ...attrs }));
+  const range = params.get("range") || defaultRange;
+  const rangeSel = h("select", { name: "range" },
+    ...Object.keys(RANGES).concat(["custom"]).map((r) => h("option", { value: r, selected: r === range }, r === "all" ? "all time" : r === "custom" ? "custom…" : "last " + r)));
+  const props = [...params].filter(([k]) => k.startsWith("property.")).map(([k, v]) => k.slice(9) + "=" + v).join(", ");
+  const statusSel = h("select", { name: "status_class" },
+    h("option", { value: "" }, "any"),
+    ...["2xx", "3xx", "4xx", "5xx"].map((c) => h("option", { value: c, selected: params.get("status_class") === c }, c)));
+  const form = h("form", { class: "filters", id: "filters" },
+    h("label", {}, "Time", rangeSel),
+    field("since", "From (UTC)", { class: "custom", placeholder: "2025-01-31T00:00Z", size: 16 }),
+    field("until", "To (UTC)", { class: "custom", placeholder: "2025-01-31T23:59Z", size: 16 }),
+    field("model", "Model", { size: 14 }),
+    field("provider", "Provider", { size: 9 }),
+    field("user_id", "User", { size: 12 }),
+    field("session_id", "Session", { size: 12 }),
+    h("label", {}, "Status", statusSel),
+    h("label", {}, "Property", h("input", { name: "props", value: props, placeholder: "name=value, …", size: 16, autocomplete: "off" })),
+    field("min_cost_usd", "Cost ≥ $", { size: 5, inputmode: "decimal" }),
+    field("max_cost_usd", "≤ $", { size: 5, inputmode: "decimal" }),
+    field("min_latency_ms", "Latency ≥ ms", { size: 5, inputmode: "numeric" }),
+    field("max_latency_ms", "≤ ms", { size: 5, inputmode: "numeric" }),
+    ...extra,
+    h("button", { type: "submit" }, "Apply"),
+    h("a", { href: hashFor(view, null, new URLSearchParams()), class: "button" }, "Reset"));
+  const syncCustom = () => { for (const el of form.querySelectorAll(".custom")) el.closest("label").hidden = rangeSel.value !== "custom"; };
+  syncCustom();
+  rangeSel.addEventListener("change", syncCustom);
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const next = new URLSearchParams();
+    for (const [k, v] of params) if (!FILTER_KEYS.includes(k) && !k.startsWith("property.") && !["range", "since", "until", "cursor"].includes(k)) next.set(k, v);
+    const data = new FormData(form);
+    for (const [k, v] of data) {
+      const val = String(v).trim();
+      if (!val || k === "props" || k === "props_col") continue;
+      if ((k === "since" || k === "until") && data.get("range") !== "custom") continue;
+      if (k === "range" && val === defaultRange) continue;
+      next.set(k, val);
+    }
+    for (const pair of String(data.get("props") || "").split(",")) {
+      const i = pair.indexOf("=");
+      if (i > 0) next.set("property." + pair.slice(0, i).trim(), pair.slice(i + 1).trim());
+    }
+    go(view, null, next);
+  });
+  return form;
+}
+
+function withParam(params, key, value) {
+  const next = new URLSearchParams(params);
+  next.delete("cursor");
+  if (value === null || value === undefined || value === "") next.delete(key); else next.set(key, value);
+  return next;
+}
+
+// -- requests ------------------------------------------------------------------------------------
+
+let tableRows = []; // ids of the rows shown, for J/K
+let currentParams = new URLSearchParams();
+
+function requestColumns(params) {
+  const propCols = (params.get("cols") || "").split(",").map((s) => s.trim()).filter(Boolean);
+  return propCols;
+}
+
+function sortHeader(label, key, params, cls) {
+  const sort = params.get("sort") || "time";
+  const order = params.get("order") || "desc";
+  const active = sort === key;
+  const next = withParam(withParam(params, "sort", key === "time" ? null : key), "order", active && order === "desc" ? "asc" : null);
+  return h("th", { class: cls },
+    h("a", { href: hashFor("requests", null, next), class: active ? "sorted" : "", title: "sort by " + key },
+      label, active ? (order === "desc" ? " ▼" : " ▲") : ""));
+}
+
+function requestRow(row, params, propCols, view = "requests") {
+  const filterLink = (key, value, text) =>
+    value === null || value === undefined ? h("span", { class: "muted" }, "–")
+      : h("a", { href: hashFor("requests", null, withParam(params, key, value)), title: "filter by " + key }, text ?? value);
+  const tr = h("tr", { "data-id": row.id, tabindex: "-1" },
+    h("td", { class: "nowrap", title: row.created_at }, fmtTime(row.created_at)),
+    h("td", {}, statusCell(row)),
+    h("td", {}, filterLink("provider", row.provider)),
+    h("td", { class: "model" }, filterLink("model", row.model)),
+    h("td", { class: "ellipsis" }, filterLink("user_id", row.user_id)),
+    h("td", { class: "ellipsis" }, filterLink("session_id", row.session_id)),
+    h("td", { class: "num" }, fmtInt(row.prompt_tokens),
+      row.cached_tokens ? h("div", { class: "sub", title: "cached input tokens" }, "cached " + fmtInt(row.cached_tokens)) : null,
+      row.cache_write_tokens ? h("div", { class: "sub", title: "cache-write tokens" }, "write " + fmtInt(row.cache_write_tokens)) : null),
+    h("td", { class: "num" }, fmtInt(row.completion_tokens),
+      row.reasoning_tokens ? h("div", { class: "sub", title: "reasoning tokens" }, "reasoning " + fmtInt(row.reasoning_tokens)) : null),
+    h("td", { class: "num" }, costCell(row.cost_usd)),
+    h("td", { class: "num" }, fmtMs(row.latency_ms)),
+    h("td", { class: "num" }, fmtMs(row.time_to_first_token_ms)),
+    h("td", {}, row.streamed ? "yes" : "no"),
+    ...propCols.map((c) => h("td", { class: "ellipsis" }, (row.properties || {})[c] ?? "–")));
+  tr.addEventListener("click", (ev) => {
+    if (ev.target.closest("a")) return;
+    go(view, row.id, params);
+  });
+  return tr;
+}
+
+function requestTable(rows, params, view = "requests") {
+  const propCols = requestColumns(params);
+  const sortable = view === "requests";
+  const th = (label, key, cls) => (sortable && key ? sortHeader(label, key, params, cls) : h("th", { class: cls }, label));
+  return h("table", { class: "grid", id: "requests-table" },
+    h("thead", {}, h("tr", {},
+      th("Time", "time"), th("Status"), th("Provider"), th("Model"), th("User"), th("Session"),
+      th("Tokens in", null, "num"), th("Tokens out", null, "num"), th("Cost", "cost", "num"),
+      th("Latency", "latency", "num"), th("TTFT", null, "num"), th("Streamed"),
+      ...propCols.map((c) => h("th", {}, c)))),
+    h("tbody", {}, rows.map((r) => requestRow(r, params, propCols, view))));
+}
+
+async function viewRequests(id, params) {
+  currentParams = params;
+  const q = apiFilters(params);
+  for (const k of ["sort", "order", "cursor"]) if (params.get(k)) q.set(k, params.get(k));
+  q.set("limit", "50");
+  const colsInput = h("label", {}, "Columns", h("input", { name: "cols", value: params.get("cols") || "", placeholder: "property names", size: 12, autocomplete: "off" }));
+  const bar = filterBar(params, "requests", { extra: [colsInput] });
+  const exportQ = apiFilters(params);
+  const exp = (fmt) => h("button", { type: "button", class: "export", "data-format": fmt, onclick: () => download(fmt, exportQ) }, "Export " + fmt.toUpperCase());
+  const page = await api("/api/v1/requests?" + q.toString());
+  tableRows = page.items.map((r) => r.id);
+  const nav = h("div", { class: "pager" },
+    params.get("cursor") ? h("a", { class: "button", href: hashFor("requests", null, withParam(params, "cursor", null)) }, "⇤ Newest") : null,
+    page.next_cursor ? h("a", { class: "button", id: "next-page", href: hashFor("requests", null, withParam(withParam(params, "cursor", null), "cursor", page.next_cursor)) }, "Next page →") : null,
+    h("span", { class: "spacer" }), exp("csv"), exp("jsonl"));
+  render(
+    h("h1", {}, "Requests"),
+    bar,
+    page.items.length ? requestTable(page.items, params) : h("p", { class: "empty" }, "No requests match these filters."),
+    nav,
+    h("p", { class: "hint muted" }, "Keys: J / K next / previous request, Esc closes, / focuses the filters. Click a value to filter by it."));
+  if (id) await openDrawer(id, params, "requests"); else closeDrawer(false);
+}
+
+async function download(fmt, q) {
+  const query = new URLSearchParams(q);
+  query.set("format", fmt);
+  const url = "/api/v1/requests/export?" + query.toString();
+  const resp = await fetch(url, { headers: authHeaders() });
+  if (!resp.ok) { showError(new Error("export failed: " + resp.status)); return; }
+  const blob = await resp.blob();
+  const a = h("a", { href: URL.createObjectURL(blob), download: "llmtap-requests." + fmt, hidden: true });
+  document.body.append(a);
+  a.click();
+  setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
+}
+
+// -- detail drawer -------------------------------------------------------------------------------
+
+let drawerState = null; // { id, params, view }
+
+function closeDrawer(navigate = true) {
+  if (drawer.hidden && !drawerState) return;
+  drawer.hidden = true;
+  clear(drawer);
+  document.querySelectorAll("tr.selected").forEach((tr) => tr.classList.remove("selected"));
+  if (navigate && drawerState) {
+    const { view, params } = drawerState;
+    drawerState = null;
+    go(view, null, params);
+  }
+  drawerState = null;
+}
+
+async function openDrawer(id, params, view) {
+  drawerState = { id, params, view };
+  document.querySelectorAll("tr.selected").forEach((tr) => tr.classList.remove("selected"));
+  const tr = [...document.querySelectorAll("tr[data-id]")].find((t) => t.dataset.id === id);
+  if (tr) { tr.classList.add("selected"); tr.scrollIntoView({ block: "nearest" }); }
+  drawer.hidden = false;
+  fill(drawer, h("p", { class: "muted" }, "Loading…"));
+  let row;
+  try {
+    row = await api("/api/v1/requests/" + encodeURIComponent(id));
+  } catch (e) {
+    if (drawerState && drawerState.id === id) fill(drawer, h("button", { class: "close", onclick: () => closeDrawer() }, "×"), h("p", { class: "err" }, e.message));
+    return;
+  }
+  if (!drawerState || drawerState.id !== id) return;
+  fill(drawer, ...detailView(row, params, view));
+  drawer.scrollTop = 0;
+}
+
+function curlFor(id) {
+  const key = sessionStorage.getItem(KEY) ? " -H 'Authorization: Bearer $LLMTAP_KEY'" : "";
+  const url = location.origin + "/api/v1/requests/" + encodeURIComponent(id);
+  return "curl -s" + key + " '" + url.replace(/'/g, "'\\''") + "'";
+}
+
+function kv(pairs) {
+  return h("dl", { class: "kv" }, pairs.filter(Boolean).map(([k, v]) => [h("dt", {}, k), h("dd", {}, v === null || v === undefined || v === "" ? "–" : v)]));
+}
+
+function section(title, ...body) {
+  return h("section", { class: "dsec" }, h("h3", {}, title), ...body);
+}
+
+function pretty(v) {
+  if (v === null || v === undefined) return "(none)";
+  return typeof v === "string" ? v : JSON.stringify(v, null, 2);
+}
+
+function detailView(row, params, view) {
+  const curl = curlFor(row.id);
+  const copyBtn = h("button", { type: "button", class: "copy", onclick: async (ev) => {
+    try { await navigator.clipboard.writeText(curl); ev.target.textContent = "Copied"; } catch (e) { ev.target.textContent = "Copy failed: select the text"; }
+  } }, "Copy as curl");
+  const permalink = hashFor("requests", row.id, new URLSearchParams());
+  const idx = tableRows.indexOf(row.id);
+  const out = [
+    h("div", { class: "dhead" },
+      h("button", { class: "close", type: "button", title: "close (Esc)", onclick: () => closeDrawer() }, "×"),
+      h("h2", {}, row.model || "(no model)"),
+      h("div", { class: "muted" }, statusCell(row), " · ", row.provider, " · ", fmtTime(row.created_at), idx >= 0 ? ` · ${idx + 1} of ${tableRows.length}` : ""),
+      h("div", { class: "actions" }, h("a", { href: permalink, class: "button" }, "Permalink"), copyBtn),
+      h("code", { class: "curl" }, curl)),
+    section("Conversation", conversation(row)),
+    section("Timing", kv([
+      ["Started", row.created_at], ["First byte", row.first_byte_at], ["Ended", row.ended_at],
+      ["Latency", fmtMs(row.latency_ms)], ["Time to first token", fmtMs(row.time_to_first_token_ms)], ["Streamed", row.streamed ? "yes" : "no"]])),
+    section("Cost and usage", kv([
+      ["Cost", costCell(row.cost_usd)], ["Price table", row.price_version], ["Usage source", row.usage_source],
+      ["Prompt tokens", fmtInt(row.prompt_tokens)], ["Cached tokens", fmtInt(row.cached_tokens)], ["Cache-write tokens", fmtInt(row.cache_write_tokens)],
+      ["Completion tokens", fmtInt(row.completion_tokens)], ["Reasoning tokens", fmtInt(row.reasoning_tokens)], ["Total tokens", fmtInt(row.total_tokens)]])),
+    section("Request", kv([
+      ["Id", row.id], ["Method", row.method], ["Path", row.path], ["Target", row.target_url], ["User", row.user_id], ["Session", row.session_id],
+      ["Route", row.route], ["Gateway", row.gateway], ["Error", row.error]])),
+    section("Properties", Object.keys(row.properties || {}).length ? kv(Object.entries(row.properties)) : h("p", { class: "muted" }, "none")),
+    section("Headers", h("h4", {}, "Request"), kv(Object.entries(row.request_headers || {})), h("h4", {}, "Response"), kv(Object.entries(row.response_headers || {}))),
+  ];
+  if (row.response_events) out.push(section("Stream events", h("pre", { class: "raw" }, pretty(row.response_events))));
+  out.push(section("Raw request body", h("pre", { class: "raw" }, pretty(row.request_body))));
+  out.push(section("Raw response body", h("pre", { class: "raw" }, pretty(row.response_body))));
+  return out;
+}
+
+// -- conversations: OpenAI chat, OpenAI Responses, Anthropic messages ------------------------------
+
+function msg(role, ...parts) {
+  return h("div", { class: "msg role-" + String(role).replace(/[^a-z_]/gi, "") }, h("div", { class: "role" }, role), ...parts);
+}
+const textPart = (t) => h("div", { class: "text" }, String(t));
+function imagePart(url) {
+  const s = String(url || "");
+  if (s.startsWith("data:")) return h("div", { class: "attach" }, `[inline image, ${fmtBytes(s.length)}]`);
+  const safe = safeHref(s);
+  return h("div", { class: "attach" }, "[image] ", safe ? h("a", { href: safe, target: "_blank", rel: "noopener noreferrer" }, s) : s);
+}
+const toolCall = (name, args, id) => h("div", { class: "tool" }, h("span", { class: "tname" }, "→ tool call " + (name || "?")), id ? h("span", { class: "muted" }, " " + id) : null, h("pre", {}, typeof args === "string" ? tryPretty(args) : pretty(args)));
+const toolResult = (content, id) => h("div", { class: "tool result" }, h("span", { class: "tname" }, "← tool result"), id ? h("span", { class: "muted" }, " " + id) : null, h("pre", {}, typeof content === "string" ? content : pretty(content)));
+const reasoning = (t) => h("details", { class: "reasoning" }, h("summary", {}, "reasoning"), h("div", { class: "text" }, String(t)));
+function tryPretty(s) { try { return JSON.stringify(JSON.parse(s), null, 2); } catch (e) { return s; } }
+
+function openaiContent(content) {
+  if (content === null || content === undefined) return [];
+  if (typeof content === "string") return [textPart(content)];
+  if (!Array.isArray(content)) return [h("pre", {}, pretty(content))];
+  return content.map((p) => {
+    if (!p || typeof p !== "object") return textPart(p);
+    if (p.type === "text" || p.type === "input_text" || p.type === "output_text") return textPart(p.text ?? "");
+    if (p.type === "image_url") return imagePart(p.image_url && (p.image_url.url ?? p.image_url));
+    if (p.type === "input_image") return imagePart(p.image_url);
+    if (p.type === "refusal") return textPart("[refusal] " + p.refusal);
+    return h("pre", {}, pretty(p));
+  });
+}
+
+function anthropicBlocks(content) {
+  if (typeof content === "string") return [textPart(content)];
+  if (!Array.isArray(content)) return [h("pre", {}, pretty(content))];
+  return content.map((b) => {
+    if (!b || typeof b !== "object") return textPart(b);
+    switch (b.type) {
+      case "text": return textPart(b.text ?? "");
+      case "thinking": return reasoning(b.thinking ?? "");
+      case "redacted_thinking": return reasoning("[redacted]");
+      case "tool_use": return toolCall(b.name, b.input, b.id);
+      case "tool_result": return toolResult(Array.isArray(b.content) ? b.content.map((c) => c.text ?? pretty(c)).join("\n") : b.content, b.tool_use_id);
+      case "image": return b.source && b.source.type === "url" ? imagePart(b.source.url) : h("div", { class: "attach" }, "[inline image]");
+      default: return h("pre", {}, pretty(b));
+    }
+  });
+}
+
+function conversation(row) {
+  const req = row.request_body;
+  const resp = row.response_body;
+  const out = [];
+  try {
+    if (req && typeof req === "object" && Array.isArray(req.messages) && (row.provider === "anthropic" || "system" in req && !req.messages.some((m) => m.role === "system") && row.path && row.path.includes("messages"))) {
+      if (req.system) out.push(msg("system", ...(typeof req.system === "string" ? [textPart(req.system)] : anthropicBlocks(req.system))));
+      for (const m of req.messages) out.push(msg(m.role, ...anthropicBlocks(m.content)));
+      if (resp && typeof resp === "object" && Array.isArray(resp.content)) out.push(msg("assistant", ...anthropicBlocks(resp.content)));
+    } else if (req && typeof req === "object" && Array.isArray(req.messages)) {
+      for (const m of req.messages) {
+        const parts = openaiContent(m.content);
+        if (m.role === "tool") { out.push(msg("tool", toolResult(m.content, m.tool_call_id))); continue; }
+        for (const c of m.tool_calls || []) parts.push(toolCall(c.function && c.function.name, c.function && c.function.arguments, c.id));
+        out.push(msg(m.role, ...parts));
+      }
+      const choices = resp && typeof resp === "object" && Array.isArray(resp.choices) ? resp.choices : [];
+      for (const ch of choices) {
+        const m = ch.message || ch.delta || {};
+        const parts = [];
+        if (m.reasoning_content || m.reasoning) parts.push(reasoning(m.reasoning_content || m.reasoning));
+        parts.push(...openaiContent(m.content));
+        for (const c of m.tool_calls || []) parts.push(toolCall(c.function && c.function.name, c.function && c.function.arguments, c.id));
+        out.push(msg(m.role || "assistant", ...parts));
+      }
+    } else if (req && typeof req === "object" && "input" in req) {
+      if (req.instructions) out.push(msg("system", textPart(req.instructions)));
+      const items = typeof req.input === "string" ? [{ role: "user", content: req.input }] : Array.isArray(req.input) ? req.input : [];
+      for (const it of items) out.push(responsesItem(it));
+      const output = resp && typeof resp === "object" && Array.isArray(resp.output) ? resp.output : [];
+      for (const it of output) out.push(responsesItem(it));
+    }
+  } catch (e) {
+    out.length = 0;
+  }
+  if (!out.length) return h("p", { class: "muted" }, "Not a conversation this dashboard renders; see the raw bodies below.");
+  if (row.error) out.push(msg("error", textPart(row.error)));
+  return h("div", { class: "conversation" }, out);
+}
+
+function responsesItem(it) {
+  if (!it || typeof it !== "object") return msg("user", textPart(it));
+  if (it.type === "function_call") return msg("assistant", toolCall(it.name, it.arguments, it.call_id));
+  if (it.type === "function_call_output") return msg("tool", toolResult(it.output, it.call_id));
+  if (it.type === "reasoning") return msg("assistant", reasoning((it.summary || []).map((s) => s.text).join("\n") || "(encrypted)"));
+  return msg(it.role || it.type || "item", ...openaiContent(it.content));
+}
+
+// -- keyboard ------------------------------------------------------------------------------------
+
+document.addEventListener("keydown", (ev) => {
+  const t = ev.target;
+  const typing = t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT" || t.isContentEditable);
+  if (ev.key === "Escape") {
+    if (typing) { t.blur(); return; }
+    if (!drawer.hidden) { ev.preventDefault(); closeDrawer(); }
+    return;
+  }
+  if (typing || ev.ctrlKey || ev.metaKey || ev.altKey || signin.open) return;
+  if (ev.key === "/") {
+    const first = document.querySelector("#filters input[name=model]") || document.querySelector("#filters input");
+    if (first) { ev.preventDefault(); first.focus(); }
+  } else if (ev.key === "j" || ev.key === "k") {
+    const ids = [...document.querySelectorAll("#requests-table tr[data-id]")].map((tr) => tr.dataset.id);
+    if (!ids.length) return;
+    const { view, params } = drawerState || { view: parseHash().view, params: parseHash().params };
+    const cur = drawerState ? ids.indexOf(drawerState.id) : -1;
+    const next = ev.key === "j" ? Math.min(cur + 1, ids.length - 1) : Math.max(cur - 1, 0);
+    if (next !== cur || !drawerState) { ev.preventDefault(); go(view, ids[next], params); }
+  }
+});
+
+// -- overview ------------------------------------------------------------------------------------
+
+function bucketFor(seconds) {
+  if (seconds <= 6 * 3600) return "minute";
+  if (seconds <= 14 * 86400) return "hour";
+  return "day";
+}
+const BUCKET_SECS = { minute: 60, hour: 3600, day: 86400 };
+
+function tile(label, value, sub, cls) {
+  return h("div", { class: "tile " + (cls || "") }, h("div", { class: "tlabel" }, label), h("div", { class: "tvalue" }, value), sub ? h("div", { class: "tsub" }, sub) : null);
+}
+
+function chart(el, title, unit, xs, series, opts = {}) {
+  const width = Math.max(320, el.clientWidth - 16);
+  const fmt = opts.fmt || ((v) => (v === null ? "–" : nf.format(v)));
+  const colors = ["#2f6fdf", "#d9534f", "#2a9d62", "#e69b00", "#7952b3"];
+  const plot = new uPlot({
+    title, width, height: 220,
+    scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] } },
+    axes: [
+      { label: "time (local)", labelSize: 20, stroke: "#555" },
+      { label: unit, labelSize: 22, size: 64, stroke: "#555", values: (u, vals) => vals.map(opts.tick || fmt) },
+    ],
+    series: [{ label: "time" }, ...series.map((s, i) => ({
+      label: s.label, stroke: colors[i % colors.length], width: 2, spanGaps: false,
+      fill: opts.fill && i === 0 ? colors[0] + "22" : undefined,
+      paths: opts.bars ? uPlot.paths.bars({ size: [0.8, 40] }) : undefined,
+      value: (u, v) => fmt(v),
+    }))],
+    legend: { live: true },
+  }, [xs, ...series.map((s) => s.data)], el);
+  onLeave(() => plot.destroy());
+  return plot;
+}
+
+async function viewOverview(id, params) {
+  const defaultRange = "24h";
+  const { since, until } = rangeOf(params, defaultRange);
+  const secs = (until - since) / 1000;
+  const bucket = bucketFor(secs);
+  const q = apiFilters(params, defaultRange);
+  if (!q.get("since")) q.set("since", since.toISOString());
+  if (!q.get("until")) q.set("until", until.toISOString());
+  const groupProp = params.get("group") || "";
+  const withGroup = (g) => { const x = new URLSearchParams(q); x.set("group_by", g); return x; };
+  const bq = new URLSearchParams(q); bq.set("bucket", bucket);
+  const groupInput = h("label", {}, "Group by property", h("input", { name: "group", value: groupProp, placeholder: "e.g. feature", size: 12, autocomplete: "off" }));
+  const [series, models, users, props] = await Promise.all([
+    api("/api/v1/stats?" + bq),
+    api("/api/v1/stats?" + withGroup("model")),
+    api("/api/v1/stats?" + withGroup("user_id")),
+    groupProp ? api("/api/v1/stats?" + withGroup("property." + groupProp)) : Promise.resolve(null),
+  ]);
+  const o = series.overall;
+  // Every bucket of the range, empty ones included, so the x axis is honest about gaps.
+  const step = BUCKET_SECS[bucket];
+  const start = Math.floor(since.getTime() / 1000 / step) * step;
+  const byStart = new Map(series.buckets.map((b) => [Math.floor(new Date(b.start).getTime() / 1000), b]));
+  const xs = [];
+  for (let t = start; t <= until.getTime() / 1000; t += step) xs.push(t);
+  const col = (f) => xs.map((t) => { const b = byStart.get(t); return b ? f(b) : null; });
+  const zero = (f) => xs.map((t) => { const b = byStart.get(t); return b ? f(b) : 0; });
+  const charts = h("div", { class: "charts" });
+  render(
+    h("h1", {}, "Overview"),
+    filterBar(params, "overview", { defaultRange, extra: [groupInput] }),
+    h("div", { class: "tiles" },
+      tile("Requests", fmtInt(o.count), `${bucket} buckets`),
+      tile("Errors", fmtInt(o.error_count), pct(o.error_rate) + " of requests", o.error_count ? "warn" : ""),
+      tile("Cost", fmtUsd(o.cost_usd) ?? "$0", o.unpriced_count ? `+ ${fmtInt(o.unpriced_count)} unpriced` : "all priced"),
+      tile("Unpriced requests", fmtInt(o.unpriced_count), "no price known: excluded from cost", o.unpriced_count ? "warn" : ""),
+      tile("Tokens", fmtInt(o.total_tokens), `${fmtInt(o.prompt_tokens)} in · ${fmtInt(o.completion_tokens)} out`),
+      tile("Latency p50 / p95", `${fmtMs(o.latency_ms.p50)} / ${fmtMs(o.latency_ms.p95)}`, "p99 " + fmtMs(o.latency_ms.p99)),
+      tile("TTFT p50 / p95", `${fmtMs(o.time_to_first_token_ms.p50)} / ${fmtMs(o.time_to_first_token_ms.p95)}`, "streamed requests")),
+    charts,
+    h("div", { class: "tops" },
+      topTable("Top models", "model", models.groups, params),
+      topTable("Top users", "user_id", users.groups, params),
+      props ? topTable(`Property “${groupProp}”`, "property." + groupProp, props.groups, params)
+        : h("div", { class: "top" }, h("h3", {}, "Group by a property"), h("p", { class: "muted" }, "Type a property name in “Group by property” to break totals down by its values.")),
+    ));
+  const slot = (name) => { const el = h("div", { class: "chart", "data-chart": name }); charts.append(el); return el; };
+  chart(slot("requests"), "Requests and errors per " + bucket, "requests", xs,
+    [{ label: "requests", data: zero((b) => b.count) }, { label: "errors", data: zero((b) => b.error_count) }], { bars: false, fill: true });
+  chart(slot("cost"), "Cost per " + bucket + " (priced requests)", "USD", xs,
+    [{ label: "cost", data: zero((b) => b.cost_usd) }], { fmt: (v) => (v === null ? "–" : fmtUsd(v)), fill: true });
+  chart(slot("tokens"), "Tokens per " + bucket, "tokens", xs,
+    [{ label: "input", data: zero((b) => b.prompt_tokens) }, { label: "output", data: zero((b) => b.completion_tokens) }],
+    { tick: (v) => (v >= 1e6 ? v / 1e6 + "M" : v >= 1e3 ? v / 1e3 + "k" : String(v)) });
+  const msFmt = (v) => (v === null ? "–" : Math.round(v) + " ms");
+  chart(slot("latency"), "Latency percentiles", "ms", xs,
+    [{ label: "p50", data: col((b) => b.latency_ms.p50) }, { label: "p95", data: col((b) => b.latency_ms.p95) }, { label: "p99", data: col((b) => b.latency_ms.p99) }], { fmt: msFmt });
+  chart(slot("ttft"), "Time to first token percentiles", "ms", xs,
+    [{ label: "p50", data: col((b) => b.time_to_first_token_ms.p50) }, { label: "p95", data: col((b) => b.time_to_first_token_ms.p95) }, { label: "p99", data: col((b) => b.time_to_first_token_ms.p99) }], { fmt: msFmt });
+}
+
+function topTable(title, key, groups, params) {
+  const rows = groups.slice(0, 10);
+  const total = rows.reduce((a, g) => Math.max(a, g.count), 0) || 1;
+  return h("div", { class: "top" }, h("h3", {}, title),
+    rows.length ? h("table", { class: "grid compact" },
+      h("thead", {}, h("tr", {}, h("th", {}, key.startsWith("property.") ? "value" : key), h("th", { class: "num" }, "requests"), h("th", { class: "num" }, "cost"), h("th", { class: "num" }, "errors"))),
+      h("tbody", {}, rows.map((g) => {
+        const next = new URLSearchParams();
+        for (const [k, v] of apiFiltersView(params)) next.set(k, v);
+        if (g.key !== null) next.set(key, String(g.key));
+        return h("tr", {},
+          h("td", { class: "ellipsis" }, g.key === null ? h("span", { class: "muted" }, "(none)") : h("a", { href: hashFor("requests", null, next) }, String(g.key)),
+            h("div", { class: "bar", "data-w": Math.round((g.count / total) * 100) })),
+          h("td", { class: "num" }, fmtInt(g.count)),
+          h("td", { class: "num" }, g.unpriced_count === g.count ? costCell(null) : fmtUsd(g.cost_usd)),
+          h("td", { class: "num" }, pct(g.error_rate)));
+      }))) : h("p", { class: "muted" }, "No data in this range."));
+}
+
+/** The view params that are filters (to carry from overview to requests). */
+function apiFiltersView(params) {
+  const out = new URLSearchParams();
+  for (const [k, v] of params) if (FILTER_KEYS.includes(k) || k.startsWith("property.") || ["range", "since", "until"].includes(k)) out.set(k, v);
+  return out;
+}
+
+// -- sessions ------------------------------------------------------------------------------------
+
+async function viewSessions(id, params) {
+  if (id) return viewSession(id, params);
+  const defaultRange = "7d";
+  const q = apiFilters(params, defaultRange);
+  q.set("group_by", "session_id");
+  const st = await api("/api/v1/stats?" + q);
+  const groups = st.groups.filter((g) => g.key !== null).sort((a, b) => (b.last_at || "").localeCompare(a.last_at || ""));
+  render(
+    h("h1", {}, "Sessions"),
+    filterBar(params, "sessions", { defaultRange }),
+    groups.length ? h("table", { class: "grid", id: "sessions-table" },
+      h("thead", {}, h("tr", {}, ["Session", "First request", "Last request", "Requests", "Errors", "Tokens", "Cost"].map((t, i) => h("th", { class: i > 2 ? "num" : "" }, t)))),
+      h("tbody", {}, groups.map((g) => h("tr", { "data-session": g.key },
+        h("td", { class: "ellipsis" }, h("a", { href: hashFor("sessions", g.key, null) }, g.key)),
+        h("td", { class: "nowrap" }, fmtTime(g.first_at)), h("td", { class: "nowrap" }, fmtTime(g.last_at)),
+        h("td", { class: "num" }, fmtInt(g.count)), h("td", { class: "num" }, fmtInt(g.error_count)),
+        h("td", { class: "num" }, fmtInt(g.total_tokens)),
+        h("td", { class: "num" }, g.unpriced_count === g.count ? costCell(null) : fmtUsd(g.cost_usd)))))) : h("p", { class: "empty" }, "No sessions in this range (send Llmtap-Session-Id to group requests)."),
+    h("p", { class: "hint muted" }, "The 100 largest sessions of the range, most recently active first."));
+}
+
+async function viewSession(id, params) {
+  const s = await api("/api/v1/sessions/" + encodeURIComponent(id));
+  const t = s.totals;
+  const timeline = h("ol", { class: "timeline" });
+  render(
+    h("p", {}, h("a", { href: "#/sessions" }, "← Sessions")),
+    h("h1", {}, "Session ", h("code", {}, s.session_id)),
+    h("div", { class: "tiles" },
+      tile("Requests", fmtInt(t.count)), tile("Errors", fmtInt(t.error_count), pct(t.error_rate)),
+      tile("Cost", fmtUsd(t.cost_usd) ?? "$0", t.unpriced_count ? `+ ${t.unpriced_count} unpriced` : ""),
+      tile("Tokens", fmtInt(t.total_tokens)), tile("First", fmtTime(t.first_at)), tile("Last", fmtTime(t.last_at))),
+    h("p", {}, h("a", { href: hashFor("requests", null, new URLSearchParams({ session_id: s.session_id, range: "all" })) }, "Show these requests in the table")),
+    timeline);
+  for (const r of s.requests) {
+    const body = h("div", { class: "tl-body muted" }, "Loading conversation…");
+    timeline.append(h("li", { "data-id": r.id },
+      h("div", { class: "tl-head" }, fmtTime(r.created_at), " · ", statusCell(r), " · ", r.model || "", " · ", costCell(r.cost_usd), " · ", fmtMs(r.latency_ms), " · ",
+        h("a", { href: hashFor("requests", r.id, new URLSearchParams({ session_id: s.session_id, range: "all" })) }, "details")),
+      body));
+  }
+  // The turn each request added: its last input message and the reply (bodies fetched 4 at a time).
+  const queue = [...s.requests.slice(0, 100)];
+  let alive = true;
+  onLeave(() => { alive = false; });
+  const worker = async () => {
+    while (queue.length && alive) {
+      const r = queue.shift();
+      const li = timeline.querySelector(`li[data-id="${CSS.escape(r.id)}"] .tl-body`);
+      try {
+        const full = await api("/api/v1/requests/" + encodeURIComponent(r.id));
+        const conv = conversation(full);
+        const msgs = [...conv.querySelectorAll(":scope > .msg")];
+        let start = msgs.length - 1;
+        while (start > 0 && msgs[start].classList.contains("role-assistant")) start -= 1;
+        const turn = msgs.slice(Math.max(0, start));
+        clear(li).classList.remove("muted");
+        append(li, turn.length ? turn : [conv]);
+      } catch (e) {
+        if (li) li.textContent = e.message;
+      }
+    }
+  };
+  await Promise.all([worker(), worker(), worker(), worker()]);
+}
+
+// -- users ---------------------------------------------------------------------------------------
+
+async function viewUsers(id, params) {
+  const res = await api("/api/v1/users?limit=500");
+  render(
+    h("h1", {}, "Users"),
+    res.items.length ? h("table", { class: "grid", id: "users-table" },
+      h("thead", {}, h("tr", {}, ["User", "Requests", "Cost", "Tokens", "Error rate", "First seen", "Last seen"].map((t, i) => h("th", { class: i && i < 5 ? "num" : "" }, t)))),
+      h("tbody", {}, res.items.map((u) => {
+        const tr = h("tr", { "data-user": u.user_id },
+          h("td", { class: "ellipsis" }, h("a", { href: hashFor("requests", null, new URLSearchParams({ user_id: u.user_id, range: "all" })) }, u.user_id)),
+          h("td", { class: "num" }, fmtInt(u.count)),
+          h("td", { class: "num" }, u.unpriced_count === u.count ? costCell(null) : fmtUsd(u.cost_usd)),
+          h("td", { class: "num" }, fmtInt(u.total_tokens)),
+          h("td", { class: "num" }, pct(u.error_rate)),
+          h("td", { class: "nowrap" }, fmtTime(u.first_at)),
+          h("td", { class: "nowrap" }, fmtTime(u.last_at)));
+        tr.addEventListener("click", (ev) => { if (!ev.target.closest("a")) go("requests", null, new URLSearchParams({ user_id: u.user_id, range: "all" })); });
+        return tr;
+      }))) : h("p", { class: "empty" }, "No users yet (send Llmtap-User-Id with requests)."),
+    h("p", { class: "hint muted" }, "Most recently active first; click a user to see their requests."));
+}
+
+// -- live tail -----------------------------------------------------------------------------------
+
+async function viewLive(id, params) {
+  const q = apiFilters(params, "all");
+  q.delete("since");
+  let paused = params.get("paused") === "1";
+  let count = 0;
+  const propCols = requestColumns(params);
+  const tbody = h("tbody", {});
+  const status = h("span", { class: "live-status", id: "live-status" }, "connecting…");
+  const pauseBtn = h("button", { type: "button", id: "pause" }, paused ? "Resume" : "Pause");
+  const held = [];
+  pauseBtn.addEventListener("click", () => {
+    paused = !paused;
+    pauseBtn.textContent = paused ? "Resume" : "Pause";
+    if (!paused) { for (const r of held.splice(0)) show(r); }
+    status.textContent = paused ? `paused (${held.length} waiting)` : "live";
+  });
+  const show = (row) => {
+    count += 1;
+    tbody.prepend(requestRow(row, params, propCols, "live"));
+    while (tbody.children.length > 500) tbody.lastChild.remove();
+    countEl.textContent = `${count} new since opened`;
+  };
+  const countEl = h("span", { class: "muted" }, "0 new since opened");
+  render(
+    h("h1", {}, "Live tail"),
+    filterBar(params, "live", { defaultRange: "all" }),
+    h("div", { class: "pager" }, pauseBtn, status, countEl),
+    h("table", { class: "grid", id: "requests-table" },
+      h("thead", {}, h("tr", {}, ["Time", "Status", "Provider", "Model", "User", "Session", "Tokens in", "Tokens out", "Cost", "Latency", "TTFT", "Streamed", ...propCols].map((t) => h("th", {}, t)))),
+      tbody),
+    h("p", { class: "hint muted" }, "Requests appear here as soon as they are stored, newest on top, filtered like the table."));
+  const ctrl = new AbortController();
+  onLeave(() => ctrl.abort());
+  (async () => {
+    let backoff = 1000;
+    while (!ctrl.signal.aborted) {
+      try {
+        const resp = await fetch("/api/v1/requests/stream?" + q, { headers: authHeaders(), signal: ctrl.signal });
+        if (resp.status === 401) { askKey(); return; }
+        if (!resp.ok) throw new Error("live tail: " + resp.status);
+        backoff = 1000;
+        const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += value;
+          let i;
+          while ((i = buf.indexOf("\n\n")) >= 0) {
+            const block = buf.slice(0, i);
+            buf = buf.slice(i + 2);
+            let event = "message";
+            let data = "";
+            for (const line of block.split("\n")) {
+              if (line.startsWith("event:")) event = line.slice(6).trim();
+              else if (line.startsWith("data:")) data += line.slice(5).trim();
+            }
+            if (event === "ready") status.textContent = paused ? "paused" : "live";
+            else if (event === "unavailable") status.textContent = "store unavailable, retrying…";
+            else if (event === "request") {
+              const row = JSON.parse(data);
+              if (paused) { held.push(row); status.textContent = `paused (${held.length} waiting)`; } else show(row);
+            }
+          }
+        }
+      } catch (e) {
+        if (ctrl.signal.aborted) return;
+        status.textContent = "reconnecting…";
+      }
+      await new Promise((r) => setTimeout(r, backoff));
+      backoff = Math.min(backoff * 2, 15000);
+    }
+  })();
+  if (id) await openDrawer(id, params, "live");
+}
+
+// -- pipeline health -----------------------------------------------------------------------------
+
+async function viewPipeline() {
+  const p = await api("/api/v1/pipeline");
+  const replay = async (body) => {
+    try {
+      const r = await api("/api/v1/pipeline/dead-letters/replay", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+      banner.hidden = false;
+      banner.textContent = `Replayed ${r.replayed} dead letter(s).`;
+      setTimeout(route, 800);
+    } catch (e) { showError(e); }
+  };
+  const dl = p.dead_letters;
+  render(
+    h("h1", {}, "Pipeline health"),
+    h("div", { class: "tiles" },
+      tile("Queue", p.reachable ? "reachable" : "UNREACHABLE", p.queue || "", p.reachable ? "" : "warn"),
+      tile("Queue lag", p.lag === null || p.lag === undefined ? "–" : fmtInt(p.lag), "records published, not yet stored", p.lag ? "warn" : ""),
+      tile("Dead letters", fmtInt(p.dead_letter_count), "records that failed processing", p.dead_letter_count ? "warn" : ""),
+      tile("Spool", fmtBytes(p.spool_bytes), "waiting on this host's disk for the queue", p.spool_bytes ? "warn" : ""),
+      tile("Newest stored request", p.last_request_at ? fmtTime(p.last_request_at) : "none", p.last_request_ended_at ? "ended " + fmtTime(p.last_request_ended_at) : "")),
+    p.error ? h("p", { class: "err" }, p.error) : null,
+    h("h2", {}, "Lag per partition"),
+    p.partitions && p.partitions.length ? h("table", { class: "grid compact", id: "partitions" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Partition"), h("th", { class: "num" }, "Lag"), h("th", {}, "Owner"))),
+      h("tbody", {}, p.partitions.map((x) => h("tr", {}, h("td", {}, String(x.partition)), h("td", { class: "num" }, fmtInt(x.lag)), h("td", {}, x.owner || "–"))))) : h("p", { class: "muted" }, "No partitions reported."),
+    h("h2", {}, "Dead letters"),
+    dl === null ? h("p", { class: "muted" }, "Dead letters hold every tenant's records: in multi-tenant mode list and replay them with `llmtap dlq`.")
+      : dl.length ? [
+        h("p", {}, h("button", { type: "button", id: "replay-all", onclick: () => replay({ all: true }) }, "Replay all")),
+        h("table", { class: "grid", id: "dead-letters" },
+          h("thead", {}, h("tr", {}, ["Id", "Partition", "Offset", "Key", "Failed at", "Reason", ""].map((t) => h("th", {}, t)))),
+          h("tbody", {}, dl.map((d) => h("tr", {},
+            h("td", { class: "ellipsis" }, d.id), h("td", {}, String(d.partition)), h("td", {}, String(d.offset)), h("td", { class: "ellipsis" }, d.key),
+            h("td", { class: "nowrap" }, fmtTime(d.failed_at)), h("td", { class: "reason" }, d.reason),
+            h("td", {}, h("button", { type: "button", class: "replay", onclick: () => replay({ ids: [d.id] }) }, "Replay"))))))]
+        : h("p", { class: "muted" }, "No dead letters."));
+}
+
+// -- start ---------------------------------------------------------------------------------------
+
+// Bars of the top tables: widths set through CSSOM (style attributes would need 'unsafe-inline').
+new MutationObserver(() => {
+  for (const el of document.querySelectorAll(".bar[data-w]")) { el.style.width = el.dataset.w + "%"; el.removeAttribute("data-w"); }
+}).observe(main, { childList: true, subtree: true });
+
+updateAuth();
+route();

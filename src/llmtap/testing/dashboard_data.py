@@ -1,0 +1,310 @@
+"""Realistic records for the dashboard's browser tests, screenshots and benchmark.
+
+Each record carries real request and response bodies in the three wire formats the dashboard
+renders as conversations (OpenAI chat, OpenAI Responses, Anthropic messages), with tools,
+images, reasoning and streams; `hostile_record` puts markup and `javascript:` URLs in every
+text field a page shows. Bodies are inline (identity): the server's handler chain moves them to
+the body store and prices the usage, as it does for a gateway's records.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from llmtap.record import Body, LogRecord, Usage
+
+SCRIPT = "<script>window.__pwned = (window.__pwned || 0) + 1; alert('xss')</script>"
+IMG = "<img src=x onerror=\"window.__pwned = (window.__pwned || 0) + 1; alert('img')\">"
+JS_URL = "javascript:window.__pwned=(window.__pwned||0)+1;alert('url')"
+HOSTILE = f"{SCRIPT}{IMG}"
+
+
+def _body(value: Any, content_type: str = "application/json") -> Body:
+    raw = value if isinstance(value, bytes) else orjson.dumps(value)
+    return Body(content_type=content_type, size=len(raw), data=raw)
+
+
+def openai_chat(model: str, question: str, answer: str, *, tools: bool = False) -> tuple[Any, Any]:
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "You are a concise assistant for an online bookshop."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": question},
+                {"type": "image_url", "image_url": {"url": "https://img.example.com/cover-1984.jpg"}},
+            ],
+        },
+    ]
+    if tools:
+        messages += [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_stock_1",
+                        "type": "function",
+                        "function": {"name": "check_stock", "arguments": '{"isbn": "9780451524935"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_stock_1", "content": '{"in_stock": 3, "price": 9.99}'},
+        ]
+    request = {"model": model, "messages": messages, "temperature": 0.2}
+    response = {
+        "id": "chatcmpl-" + uuid.uuid4().hex[:12],
+        "object": "chat.completion",
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+        ],
+    }
+    return request, response
+
+
+def openai_responses(model: str, question: str, answer: str) -> tuple[Any, Any]:
+    request = {
+        "model": model,
+        "instructions": "Answer as a travel agent. Prefer trains over planes.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": question}]}],
+        "reasoning": {"effort": "medium", "summary": "auto"},
+    }
+    response = {
+        "id": "resp_" + uuid.uuid4().hex[:12],
+        "object": "response",
+        "model": model,
+        "output": [
+            {
+                "type": "reasoning",
+                "summary": [{"type": "summary_text", "text": "Compare the routes by time."}],
+            },
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": answer}]},
+        ],
+    }
+    return request, response
+
+
+def anthropic_messages(model: str, question: str, answer: str) -> tuple[Any, Any]:
+    request = {
+        "model": model,
+        "max_tokens": 1024,
+        "system": "You review pull requests. Be specific.",
+        "messages": [
+            {"role": "user", "content": question},
+            {
+                "role": "assistant",
+                "content": [
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_01",
+                        "name": "read_file",
+                        "input": {"path": "src/app.py"},
+                    }
+                ],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "def main(): ..."}],
+            },
+        ],
+    }
+    response = {
+        "id": "msg_" + uuid.uuid4().hex[:12],
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [
+            {"type": "thinking", "thinking": "The function has no error handling."},
+            {"type": "text", "text": answer},
+        ],
+    }
+    return request, response
+
+
+QUESTIONS = (
+    ("Is 1984 by George Orwell in stock?", "Yes, 3 copies of 1984 are in stock at $9.99."),
+    ("How do I get from Paris to Milan?", "Take the TGV to Turin, then a Frecciarossa to Milan (about 7 h)."),
+    ("Review this change to src/app.py", "main() swallows exceptions; log them and exit non-zero."),
+    ("Summarise our refund policy", "Refunds within 30 days with a receipt; store credit after."),
+)
+MODELS = (
+    ("openai", "gpt-4o-mini", "chat"),
+    ("openai", "gpt-4o", "chat"),
+    ("openai", "o4-mini", "responses"),
+    ("anthropic", "claude-sonnet-4-20250514", "messages"),
+    ("anthropic", "claude-3-5-haiku-20241022", "messages"),
+    ("openai", "acme-finetune-7b", "chat"),  # no price known: an unpriced request
+)
+USERS = ("alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com", None)
+FEATURES = ("search", "chat", "review", "checkout")
+
+
+def record(
+    n: int,
+    *,
+    at: datetime,
+    rng: random.Random,
+    tenant: str = "default",
+    session: str | None = None,
+    user: str | None = None,
+    kind: int | None = None,
+) -> LogRecord:
+    """One realistic record (bodies inline, cost left to the server's price table)."""
+    provider, model, wire = MODELS[kind if kind is not None else rng.randrange(len(MODELS))]
+    question, answer = QUESTIONS[n % len(QUESTIONS)]
+    streamed = rng.random() < 0.4
+    if wire == "chat":
+        req, resp = openai_chat(model, question, answer, tools=n % 3 == 0)
+        path = "/v1/chat/completions"
+    elif wire == "responses":
+        req, resp = openai_responses(model, question, answer)
+        path = "/v1/responses"
+    else:
+        req, resp = anthropic_messages(model, question, answer)
+        path = "/v1/messages"
+    status = rng.choices((200, 429, 500, 400), weights=(90, 4, 3, 3))[0]
+    latency = rng.lognormvariate(6.6, 0.5)
+    ttft = latency * rng.uniform(0.1, 0.4) if streamed else None
+    prompt = rng.randrange(200, 4000)
+    completion = rng.randrange(20, 800) if status == 200 else 0
+    cached = rng.choice((None, None, prompt // 2))
+    usage = Usage(
+        source="provider" if status == 200 else "missing",
+        prompt_tokens=prompt if status == 200 else None,
+        completion_tokens=completion if status == 200 else None,
+        total_tokens=prompt + completion if status == 200 else None,
+        cached_tokens=cached if status == 200 else None,
+        cache_write_tokens=rng.choice((None, 128)) if provider == "anthropic" and status == 200 else None,
+        reasoning_tokens=rng.randrange(50, 300) if wire == "responses" and status == 200 else None,
+    )
+    events = None
+    if streamed and status == 200:
+        if provider == "anthropic":
+            lines = [
+                "event: message_start\ndata: " + orjson.dumps({"type": "message_start"}).decode(),
+                "event: content_block_delta\ndata: "
+                + orjson.dumps(
+                    {"type": "content_block_delta", "delta": {"type": "text_delta", "text": answer}}
+                ).decode(),
+                'event: message_stop\ndata: {"type": "message_stop"}',
+            ]
+        else:
+            lines = [
+                "data: " + orjson.dumps({"choices": [{"delta": {"content": answer}}]}).decode(),
+                "data: [DONE]",
+            ]
+        events = _body(("\n\n".join(lines) + "\n\n").encode(), "text/event-stream")
+    error = None
+    if status != 200:
+        resp = {
+            "error": {"message": "Rate limit reached" if status == 429 else "upstream error", "type": "error"}
+        }
+        error = f"upstream answered {status}"
+    started = at
+    return LogRecord(
+        id=str(uuid.UUID(int=rng.getrandbits(128))),
+        tenant=tenant,
+        user_id=user if user is not None else rng.choice(USERS),
+        session_id=session,
+        properties={"feature": FEATURES[n % len(FEATURES)], "env": rng.choice(("prod", "prod", "staging"))},
+        provider=provider,
+        target_url=("https://api.openai.com" if provider == "openai" else "https://api.anthropic.com") + path,
+        method="POST",
+        path=path,
+        model=model,
+        streamed=streamed,
+        started_at=started,
+        first_byte_at=started + timedelta(milliseconds=ttft or latency * 0.9),
+        ended_at=started + timedelta(milliseconds=latency),
+        latency_ms=round(latency, 3),
+        time_to_first_token_ms=None if ttft is None else round(ttft, 3),
+        status=status,
+        error=error,
+        usage=usage,
+        request_headers={"content-type": "application/json", "user-agent": "OpenAI/Python 1.99.0"},
+        response_headers={"content-type": "application/json", "x-request-id": "req_" + uuid.uuid4().hex[:10]},
+        request_body=_body(req),
+        response_body=_body(resp),
+        response_events=events,
+        route="ingest",
+        gateway="gw-1:4242",
+    )
+
+
+def dataset(
+    count: int,
+    *,
+    tenant: str = "default",
+    seed: int = 1,
+    now: datetime | None = None,
+    span: timedelta | None = None,
+) -> list[LogRecord]:
+    """`count` records spread over `span` (default one day) before `now`, some in sessions."""
+    rng = random.Random(seed)
+    end = now or datetime.now(UTC)
+    span = span or timedelta(days=1)
+    out = []
+    for n in range(count):
+        at = end - timedelta(seconds=rng.uniform(5, span.total_seconds()))
+        session = f"sess-{n % 7:03d}" if n % 2 == 0 else None
+        out.append(record(n, at=at, rng=rng, tenant=tenant, session=session))
+    return out
+
+
+def hostile_record(*, tenant: str = "default", at: datetime | None = None) -> LogRecord:
+    """Markup and `javascript:` URLs in every field the dashboard shows."""
+    at = at or datetime.now(UTC) - timedelta(seconds=30)
+    req = {
+        "model": JS_URL,
+        "messages": [
+            {"role": "system", "content": HOSTILE},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": HOSTILE},
+                    {"type": "image_url", "image_url": {"url": JS_URL}},
+                    {"type": "image_url", "image_url": {"url": "data:text/html,<script>alert(1)</script>"}},
+                ],
+            },
+            {
+                "role": HOSTILE,
+                "content": HOSTILE,
+                "tool_calls": [{"id": HOSTILE, "function": {"name": HOSTILE, "arguments": HOSTILE}}],
+            },
+        ],
+    }
+    resp = {"choices": [{"message": {"role": "assistant", "content": HOSTILE}}]}
+    return LogRecord(
+        id="hostile-" + uuid.uuid4().hex[:12],  # ids name bodies: the gateway makes them, plain
+        tenant=tenant,
+        user_id=SCRIPT,
+        session_id=IMG,
+        properties={IMG: SCRIPT, "link": JS_URL},
+        provider="openai",
+        target_url=JS_URL,
+        method="POST",
+        path="/v1/chat/completions",
+        model=JS_URL,
+        streamed=True,
+        started_at=at,
+        first_byte_at=at + timedelta(milliseconds=50),
+        ended_at=at + timedelta(milliseconds=120),
+        latency_ms=120.0,
+        time_to_first_token_ms=50.0,
+        status=500,
+        error=HOSTILE,
+        usage=Usage(source="provider", prompt_tokens=5, completion_tokens=5, total_tokens=10),
+        request_headers={HOSTILE: JS_URL},
+        response_headers={"x-evil": HOSTILE},
+        request_body=_body(req),
+        response_body=_body(resp),
+        response_events=_body(HOSTILE.encode(), "text/event-stream"),
+        price_version=HOSTILE,
+        route="ingest",
+        gateway=HOSTILE,
+    )

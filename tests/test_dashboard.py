@@ -1,0 +1,556 @@
+"""The dashboard in a real browser (Debian's chromium through Playwright) over a real server.
+
+Records enter through `POST /api/v1/ingest`, the server's real handler chain (bodies to the
+file body store, pricing, SQLite store), and every expectation is read from the JSON API, not
+from the page's own code. Each page records console errors, page errors, dialogs and any request
+to another origin (route interception); a test fails if any happened.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import orjson
+import pytest
+import pytest_asyncio
+
+from llmtap import keys
+from llmtap.config import Settings
+from llmtap.record import LogRecord, encode_many
+from llmtap.server.app import ServerService
+from llmtap.testing import dashboard_data as dd
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+CHROMIUM = shutil.which("chromium")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.timeout(240),
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/services.sh browser)"),
+]
+WAIT = 20_000  # ms: generous bound for conditions on a busy machine
+
+
+class Srv:
+    def __init__(self, svc: ServerService, http: aiohttp.ClientSession) -> None:
+        self.svc = svc
+        self.http = http
+        self.base = f"http://127.0.0.1:{svc.port}"
+
+    async def ingest(self, records: list[LogRecord]) -> None:
+        for i in range(0, len(records), 200):
+            async with self.http.post(
+                self.base + "/api/v1/ingest", data=encode_many(records[i : i + 200])
+            ) as r:
+                assert r.status == 200, await r.text()
+
+    async def get(self, path: str, key: str | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with self.http.get(self.base + path, headers=headers) as r:
+            assert r.status == 200, (path, r.status, await r.text())
+            return orjson.loads(await r.read()) if r.content_type == "application/json" else await r.text()
+
+
+async def _server(tmp: Path, **kw: Any) -> AsyncIterator[Srv]:
+    settings = Settings(
+        data_dir=tmp,
+        server_port=0,
+        store=f"sqlite:{tmp / 'store.db'}",
+        bodies=f"file:{tmp / 'bodies'}",
+        queue=f"sqlite:{tmp / 'queue.db'}",
+        **kw,
+    )
+    svc = ServerService(settings)
+    await svc.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Srv(svc, http)
+    finally:
+        await svc.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def srv(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Srv]:
+    async for s in _server(tmp_path_factory.mktemp("dash")):
+        await s.ingest(dd.dataset(160, seed=3))
+        yield s
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+class Watch:
+    """What a page did that it must not: errors, dialogs, requests to other origins."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.foreign: list[str] = []
+
+    def check(self) -> None:
+        assert not self.errors, self.errors
+        assert not self.dialogs, self.dialogs
+        assert not self.foreign, self.foreign
+
+
+async def open_page(browser: Any, base: str, **context: Any) -> tuple[Any, Any, Watch]:
+    ctx = await browser.new_context(
+        viewport={"width": 1500, "height": 1000}, accept_downloads=True, **context
+    )
+    w = Watch()
+    origin = urlsplit(base)
+
+    async def guard(route: Any) -> None:
+        u = urlsplit(route.request.url)
+        if (u.scheme, u.netloc) != (origin.scheme, origin.netloc) and u.scheme not in ("data", "blob"):
+            w.foreign.append(route.request.url)
+            await route.abort()
+        else:
+            await route.continue_()
+
+    await ctx.route("**/*", guard)
+    page = await ctx.new_page()
+    page.on("console", lambda m: w.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: w.errors.append(str(e)))
+
+    async def on_dialog(d: Any) -> None:
+        w.dialogs.append(d.message)
+        await d.dismiss()
+
+    page.on("dialog", on_dialog)
+    return ctx, page, w
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def page(browser: Any, srv: Srv) -> AsyncIterator[tuple[Any, Watch]]:
+    ctx, pg, w = await open_page(browser, srv.base)
+    try:
+        yield pg, w
+        w.check()
+    finally:
+        await ctx.close()
+
+
+def frag(page: Any) -> str:
+    return str(page.url).split("#", 1)[1] if "#" in page.url else ""
+
+
+async def row_ids(page: Any) -> list[str]:
+    return list(
+        await page.eval_on_selector_all(
+            "#requests-table tbody tr[data-id]", "rs => rs.map(r => r.dataset.id)"
+        )
+    )
+
+
+async def wait_rows(page: Any, ids: list[str]) -> None:
+    """Until the table shows exactly these ids, in this order."""
+    await page.wait_for_function(
+        "ids => JSON.stringify([...document.querySelectorAll('#requests-table tbody tr[data-id]')]"
+        ".map(r => r.dataset.id)) === JSON.stringify(ids)",
+        arg=ids,
+        timeout=WAIT,
+    )
+
+
+# -- views ----------------------------------------------------------------------------------------
+
+
+async def test_every_view_renders_what_the_api_returns(srv: Srv, page: tuple[Any, Watch]) -> None:
+    pg, _ = page
+    await pg.goto(srv.base + "/")
+    api = await srv.get(
+        "/api/v1/requests?limit=50&since=" + quote((datetime.now(UTC) - timedelta(days=1)).isoformat())
+    )
+    await wait_rows(pg, [r["id"] for r in api["items"]])
+    # Unpriced requests show a badge, never $0 (the dataset has a model with no known price).
+    unpriced = [r["id"] for r in api["items"] if r["cost_usd"] is None]
+    assert unpriced
+    cell = pg.locator(f'tr[data-id="{unpriced[0]}"] .badge.unpriced')
+    await cell.wait_for(timeout=WAIT)
+
+    await pg.click("nav a[data-view=overview]")
+    await pg.wait_for_selector(".chart canvas", timeout=WAIT)
+    assert await pg.locator(".chart").count() == 5
+    titles = await pg.locator(".chart .u-title").all_text_contents()
+    assert any("Latency" in t for t in titles) and any("Cost" in t for t in titles)
+    stats = await srv.get("/api/v1/stats?since=" + quote((datetime.now(UTC) - timedelta(days=1)).isoformat()))
+    tile = pg.locator(".tile", has_text="Requests").first.locator(".tvalue")
+    assert (await tile.text_content()) == f"{stats['overall']['count']:,}"
+    unp = pg.locator(".tile", has_text="Unpriced requests").locator(".tvalue")
+    assert (await unp.text_content()) == f"{stats['overall']['unpriced_count']:,}"
+
+    await pg.click("nav a[data-view=sessions]")
+    await pg.wait_for_selector("#sessions-table", timeout=WAIT)
+    groups = await srv.get(
+        "/api/v1/stats?group_by=session_id&since="
+        + quote((datetime.now(UTC) - timedelta(days=7)).isoformat())
+    )
+    want = {g["key"] for g in groups["groups"] if g["key"] is not None}
+    got = await pg.eval_on_selector_all(
+        "#sessions-table tr[data-session]", "rs => rs.map(r => r.dataset.session)"
+    )
+    assert set(got) == want
+    await pg.click(f'#sessions-table tr[data-session="{got[0]}"] a')
+    session = await srv.get("/api/v1/sessions/" + quote(got[0]))
+    await pg.wait_for_function(
+        "n => document.querySelectorAll('.timeline li').length === n",
+        arg=len(session["requests"]),
+        timeout=WAIT,
+    )
+    order = await pg.eval_on_selector_all(".timeline li", "ls => ls.map(l => l.dataset.id)")
+    assert order == [r["id"] for r in session["requests"]]
+    await pg.wait_for_selector(".timeline li .msg", timeout=WAIT)  # conversation turns loaded
+
+    await pg.click("nav a[data-view=users]")
+    await pg.wait_for_selector("#users-table", timeout=WAIT)
+    users = (await srv.get("/api/v1/users?limit=500"))["items"]
+    got = await pg.eval_on_selector_all("#users-table tr[data-user]", "rs => rs.map(r => r.dataset.user)")
+    assert got == [u["user_id"] for u in users]
+    await pg.click(f'#users-table tr[data-user="{users[0]["user_id"]}"] td.num >> nth=0')
+    await pg.wait_for_function("() => location.hash.includes('user_id=')", timeout=WAIT)
+    want_ids = [
+        r["id"]
+        for r in (await srv.get("/api/v1/requests?limit=50&user_id=" + quote(users[0]["user_id"])))["items"]
+    ]
+    await wait_rows(pg, want_ids)
+
+    await pg.click("nav a[data-view=live]")
+    await pg.wait_for_function(
+        "() => document.getElementById('live-status')?.textContent === 'live'", timeout=WAIT
+    )
+
+    await pg.click("nav a[data-view=pipeline]")
+    await pg.wait_for_selector("#partitions", timeout=WAIT)
+    health = await srv.get("/api/v1/pipeline")
+    assert await pg.locator("#partitions tbody tr").count() == len(health["partitions"])
+
+
+async def test_filters_live_in_the_url_and_back_works(srv: Srv, page: tuple[Any, Watch]) -> None:
+    pg, _ = page
+    await pg.goto(srv.base + "/#/requests?range=all")
+    everything = await srv.get("/api/v1/requests?limit=50")
+    await wait_rows(pg, [r["id"] for r in everything["items"]])
+
+    await pg.fill("#filters input[name=model]", "gpt-4o")
+    await pg.select_option("#filters select[name=status_class]", "2xx")
+    await pg.fill("#filters input[name=props]", "feature=search")
+    await pg.click("#filters button[type=submit]")
+    await pg.wait_for_function("() => location.hash.includes('model=gpt-4o')", timeout=WAIT)
+    hash_ = frag(pg)
+    assert "status_class=2xx" in hash_ and "property.feature=search" in hash_
+    filtered = await srv.get(
+        "/api/v1/requests?limit=50&model=gpt-4o&status_class=2xx&property.feature=search"
+    )
+    ids = [r["id"] for r in filtered["items"]]
+    assert ids and len(ids) < len(everything["items"])
+    await wait_rows(pg, ids)
+
+    # A fresh page on the same link shows the same rows.
+    ctx2, pg2, w2 = await open_page(pg.context.browser, srv.base)
+    try:
+        await pg2.goto(srv.base + "/#" + hash_)
+        await wait_rows(pg2, ids)
+        assert await pg2.input_value("#filters input[name=model]") == "gpt-4o"
+        w2.check()
+    finally:
+        await ctx2.close()
+
+    await pg.go_back()
+    await wait_rows(pg, [r["id"] for r in everything["items"]])
+
+    # Sort by cost (descending; unpriced last) and page on: the API's own keyset order.
+    await pg.click("#requests-table th a[title='sort by cost']")
+    await pg.wait_for_function("() => location.hash.includes('sort=cost')", timeout=WAIT)
+    by_cost = await srv.get("/api/v1/requests?limit=50&sort=cost")
+    await wait_rows(pg, [r["id"] for r in by_cost["items"]])
+    costs = [r["cost_usd"] for r in by_cost["items"]]
+    assert costs == sorted(costs, key=lambda c: -1 if c is None else c, reverse=True)
+    await pg.click("#next-page")
+    page2 = await srv.get("/api/v1/requests?limit=50&sort=cost&cursor=" + by_cost["next_cursor"])
+    await wait_rows(pg, [r["id"] for r in page2["items"]])
+
+
+async def test_drawer_keys_and_permalink(srv: Srv, page: tuple[Any, Watch]) -> None:
+    pg, _ = page
+    await pg.goto(srv.base + "/#/requests?range=all")
+    items = (await srv.get("/api/v1/requests?limit=50"))["items"]
+    ids = [r["id"] for r in items]
+    await wait_rows(pg, ids)
+    drawer_id = "() => location.hash.split('?')[0].split('/')[2] || null"
+
+    await pg.keyboard.press("j")
+    await pg.wait_for_function(f"id => ({drawer_id})() === encodeURIComponent(id)", arg=ids[0], timeout=WAIT)
+    await pg.wait_for_selector("#drawer .dhead h2", timeout=WAIT)
+    await pg.keyboard.press("j")
+    await pg.wait_for_function(f"id => ({drawer_id})() === encodeURIComponent(id)", arg=ids[1], timeout=WAIT)
+    await pg.wait_for_function(
+        "id => document.querySelector('#drawer .curl')?.textContent.includes(encodeURIComponent(id))",
+        arg=ids[1],
+        timeout=WAIT,
+    )
+    await pg.keyboard.press("k")
+    await pg.wait_for_function(f"id => ({drawer_id})() === encodeURIComponent(id)", arg=ids[0], timeout=WAIT)
+    await pg.keyboard.press("Escape")
+    await pg.wait_for_function(
+        f"() => ({drawer_id})() === null && document.getElementById('drawer').hidden", timeout=WAIT
+    )
+    await pg.keyboard.press("/")
+    assert await pg.evaluate("document.activeElement === document.querySelector('#filters input[name=model]')")
+
+    # Each wire format renders as a conversation, on a permalink opened fresh.
+    wanted = {"/v1/chat/completions": "system", "/v1/responses": "system", "/v1/messages": "system"}
+    for path in wanted:
+        row = next(r for r in items if r["path"] == path and r["status"] == 200)
+        full = await srv.get("/api/v1/requests/" + quote(row["id"]))
+        ctx2, pg2, w2 = await open_page(pg.context.browser, srv.base)
+        try:
+            await pg2.goto(f"{srv.base}/#/requests/{quote(row['id'])}")
+            await pg2.wait_for_selector("#drawer .conversation", timeout=WAIT)
+            roles = await pg2.eval_on_selector_all(
+                "#drawer .conversation > .msg > .role", "rs => rs.map(r => r.textContent)"
+            )
+            assert roles[0] == "system" and roles[-1] == "assistant", (path, roles)
+            text = await pg2.locator("#drawer .conversation").text_content()
+            if path == "/v1/messages":
+                answer = next(b["text"] for b in full["response_body"]["content"] if b["type"] == "text")
+                assert await pg2.locator("#drawer .tool .tname", has_text="tool call read_file").count() == 1
+                assert await pg2.locator("#drawer .reasoning").count() == 1
+            elif path == "/v1/responses":
+                answer = full["response_body"]["output"][-1]["content"][0]["text"]
+                assert await pg2.locator("#drawer .reasoning").count() == 1
+            else:
+                answer = full["response_body"]["choices"][0]["message"]["content"]
+                assert await pg2.locator("#drawer .attach a[href^='https://img.example.com/']").count() == 1
+            assert answer in text
+            cost = (
+                await pg2.locator("#drawer dt", has_text="Price table")
+                .locator("xpath=following-sibling::dd[1]")
+                .text_content()
+            )
+            assert cost == (full["price_version"] or "\u2013")
+            w2.check()
+        finally:
+            await ctx2.close()
+
+
+async def test_live_tail_shows_new_requests_and_pauses(srv: Srv, page: tuple[Any, Watch]) -> None:
+    pg, _ = page
+    await pg.goto(srv.base + "/#/live")
+    await pg.wait_for_function(
+        "() => document.getElementById('live-status')?.textContent === 'live'", timeout=WAIT
+    )
+    import random
+
+    rng = random.Random(99)
+    new = dd.record(1, at=datetime.now(UTC), rng=rng, kind=0)
+    await srv.ingest([new])
+    t0 = time.monotonic()
+    await pg.wait_for_selector(f'#requests-table tr[data-id="{new.id}"]', timeout=WAIT)
+    assert time.monotonic() - t0 < 3.0, "the live tail took longer than 3 s"
+
+    # Filters apply to the tail: a model filter hides another model's request.
+    await pg.click("#pause")
+    held = dd.record(2, at=datetime.now(UTC), rng=rng, kind=1)
+    await srv.ingest([held])
+    await pg.wait_for_function(
+        "() => document.getElementById('live-status').textContent === 'paused (1 waiting)'", timeout=WAIT
+    )
+    assert await pg.locator(f'tr[data-id="{held.id}"]').count() == 0
+    await pg.click("#pause")
+    await pg.wait_for_selector(f'#requests-table tr[data-id="{held.id}"]', timeout=WAIT)
+
+    await pg.goto(srv.base + "/#/live?model=gpt-4o")
+    await pg.wait_for_function(
+        "() => document.getElementById('live-status')?.textContent === 'live'", timeout=WAIT
+    )
+    other = dd.record(3, at=datetime.now(UTC), rng=rng, kind=0)  # gpt-4o-mini
+    match = dd.record(4, at=datetime.now(UTC), rng=rng, kind=1)  # gpt-4o
+    await srv.ingest([other, match])
+    await pg.wait_for_selector(f'#requests-table tr[data-id="{match.id}"]', timeout=WAIT)
+    assert await pg.locator(f'tr[data-id="{other.id}"]').count() == 0
+
+
+async def test_export_rows_equal_the_api(srv: Srv, page: tuple[Any, Watch]) -> None:
+    pg, _ = page
+    listed: list[dict[str, Any]] = []
+    cursor = ""
+    while True:
+        got = await srv.get("/api/v1/requests?limit=37&provider=openai" + cursor)
+        listed += got["items"]
+        if not got["next_cursor"]:
+            break
+        cursor = "&cursor=" + got["next_cursor"]
+    assert len(listed) > 50
+    jsonl = await srv.get("/api/v1/requests/export?format=jsonl&provider=openai")
+    rows = [orjson.loads(line) for line in jsonl.splitlines()]
+    assert rows == listed
+
+    await pg.goto(srv.base + "/#/requests?range=all&provider=openai")
+    await pg.wait_for_selector("#requests-table", timeout=WAIT)
+    async with pg.expect_download(timeout=WAIT) as info:
+        await pg.click("button.export[data-format=csv]")
+    download = await info.value
+    text = Path(await download.path()).read_text()
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert [r["id"] for r in table] == [r["id"] for r in listed]
+    for r, want in zip(table, listed, strict=True):
+        assert r["cost_usd"] == ("" if want["cost_usd"] is None else str(want["cost_usd"]))
+        assert r["model"] == want["model"]
+        assert orjson.loads(r["properties"]) == want["properties"]
+
+
+async def test_hostile_values_stay_inert(srv: Srv, page: tuple[Any, Watch]) -> None:
+    pg, w = page
+    bad = dd.hostile_record()
+    await srv.ingest([bad])
+    stored = await srv.get("/api/v1/requests/" + quote(bad.id, safe=""))
+    assert stored["user_id"] == dd.SCRIPT
+    prop = next(iter(bad.properties))
+    urls = [
+        "/#/requests?range=all",
+        f"/#/requests/{quote(bad.id, safe='')}?range=all",
+        "/#/overview?range=all&group=" + quote(prop, safe=""),
+        "/#/overview?range=all&group=link",
+        "/#/sessions?range=all",
+        "/#/sessions/" + quote(bad.session_id or "", safe=""),
+        "/#/users",
+        "/#/requests?range=all&cols=link," + quote(prop, safe=""),
+    ]
+    for url in urls:
+        await pg.goto(srv.base + url)
+        await pg.wait_for_function(
+            "() => !document.querySelector('main p.muted')"
+            " || document.querySelector('main table, .timeline, .charts')",
+            timeout=WAIT,
+        )
+        await pg.wait_for_load_state("networkidle")
+        assert await pg.evaluate("window.__pwned === undefined"), url
+        assert await pg.locator("main img, #drawer img").count() == 0, url
+        assert await pg.locator("script").count() == 1, url  # the app's own module
+        hrefs = await pg.eval_on_selector_all("a[href]", "as => as.map(a => a.getAttribute('href'))")
+        assert not [h for h in hrefs if h.lower().lstrip().startswith(("javascript:", "data:"))], url
+    # The values are there, as text.
+    await pg.goto(f"{srv.base}/#/requests/{quote(bad.id, safe='')}?range=all")
+    await pg.wait_for_selector("#drawer .conversation", timeout=WAIT)
+    assert dd.HOSTILE in (await pg.locator("#drawer .conversation").text_content() or "")
+    assert await pg.locator(f'#requests-table tr[data-id="{bad.id}"] td', has_text=dd.SCRIPT).count() == 1
+    await pg.goto(srv.base + "/#/live")
+    await pg.wait_for_function(
+        "() => document.getElementById('live-status')?.textContent === 'live'", timeout=WAIT
+    )
+    again = dd.hostile_record(at=datetime.now(UTC))
+    await srv.ingest([again])
+    await pg.wait_for_selector(f'#requests-table tr[data-id="{again.id}"]', timeout=WAIT)
+    assert await pg.evaluate("window.__pwned === undefined")
+    assert not w.dialogs
+
+
+async def test_pages_send_a_csp_without_inline_script(srv: Srv) -> None:
+    async with srv.http.get(srv.base + "/") as r:
+        csp = r.headers["Content-Security-Policy"]
+        html = await r.text()
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    assert "<script>" not in html and "style=" not in html
+    async with srv.http.get(srv.base + "/static/../app.py") as r:
+        assert r.status == 404
+
+
+# -- multi-tenant -----------------------------------------------------------------------------------
+
+
+async def test_multi_tenant_sign_in_shows_one_tenants_data(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    async for s in _server(tmp_path_factory.mktemp("mt"), multi_tenant=True):
+        a = dd.dataset(20, tenant="tenant-a", seed=11)
+        b = dd.dataset(20, tenant="tenant-b", seed=12)
+        await s.ingest(a + b)
+        _, key_a = await keys.create_key(s.svc.store, "tenant-a", "dash")
+        ctx, pg, w = await open_page(browser, s.base)
+        try:
+            await pg.goto(s.base + "/#/requests?range=all")
+            await pg.wait_for_selector("#signin[open]", timeout=WAIT)
+            assert await pg.locator("#requests-table").count() == 0  # no key, no data
+            await pg.fill("#signin-key", "llmtap_wrong")
+            await pg.click("#signin-form button[type=submit]")
+            await pg.wait_for_function(
+                "() => document.getElementById('signin').open"
+                " && document.getElementById('signin-error').textContent",
+                timeout=WAIT,
+            )
+            await pg.fill("#signin-key", key_a)
+            await pg.click("#signin-form button[type=submit]")
+            want = sorted(r.id for r in a)
+            await pg.wait_for_function(
+                "n => document.querySelectorAll('#requests-table tbody tr[data-id]').length === n",
+                arg=len(a),
+                timeout=WAIT,
+            )
+            assert sorted(await row_ids(pg)) == want
+            await pg.click("nav a[data-view=users]")
+            await pg.wait_for_selector("#users-table", timeout=WAIT)
+            users = await pg.eval_on_selector_all(
+                "#users-table tr[data-user]", "rs => rs.map(r => r.dataset.user)"
+            )
+            assert set(users) == {r.user_id for r in a if r.user_id}
+            exported = await pg.evaluate(
+                "async () => (await fetch('/api/v1/requests/export?format=jsonl', {headers: "
+                "{Authorization: 'Bearer ' + sessionStorage.getItem('llmtap-key')}})).text()"
+            )
+            assert sorted(orjson.loads(x)["id"] for x in exported.splitlines()) == want
+            await pg.click("nav a[data-view=pipeline]")
+            await pg.wait_for_selector("#partitions, main p.muted", timeout=WAIT)
+            await pg.wait_for_selector("text=in multi-tenant mode list and replay them", timeout=WAIT)
+            # Signing out forgets the key: the next view asks again.
+            await pg.click("#signout")
+            await pg.wait_for_selector("#signin[open]", timeout=WAIT)
+            assert await pg.evaluate("sessionStorage.getItem('llmtap-key')") is None
+            # The failed sign-in's 401 is the only console error a browser logs by itself.
+            w.errors = [e for e in w.errors if "401" not in e]
+            w.check()
+        finally:
+            await ctx.close()
+
+
+async def test_dead_letters_replay_from_the_pipeline_view(srv: Srv, page: tuple[Any, Watch]) -> None:
+    from llmtap.queue import open_queue
+    from llmtap.queue.base import Message
+
+    q = open_queue(srv.svc.settings)
+    await q.connect("both")
+    try:
+        await q.publish([Message(key="k1", value=b'{"not": "a record"}')])
+        deliveries: list[Any] = []
+        deadline = time.monotonic() + 30
+        while not deliveries and time.monotonic() < deadline:
+            deliveries = await q.consume(10, 1.0)
+        assert deliveries
+        await q.dead_letter(deliveries[0], "cannot decode: <script>alert(1)</script>")
+        pg, _ = page
+        await pg.goto(srv.base + "/#/pipeline")
+        await pg.wait_for_selector("#dead-letters", timeout=WAIT)
+        reason = await pg.locator("#dead-letters td.reason").first.text_content()
+        assert reason == "cannot decode: <script>alert(1)</script>"
+        await pg.click("#dead-letters button.replay")
+        await pg.wait_for_selector("text=Replayed 1 dead letter(s).", timeout=WAIT)
+        assert (await q.status()).dead_letters == 0
+    finally:
+        await q.close()
