@@ -251,8 +251,9 @@ def dataset(
     out = []
     for n in range(count):
         at = end - timedelta(seconds=rng.uniform(5, span.total_seconds()))
-        session = f"sess-{n % 7:03d}" if n % 2 == 0 else None
-        out.append(record(n, at=at, rng=rng, tenant=tenant, session=session))
+        session = f"sess-{n % 40:03d}" if n % 2 == 0 else None
+        user = USERS[n % 40 % 4] if session else None  # a session belongs to one user
+        out.append(record(n, at=at, rng=rng, tenant=tenant, session=session, user=user))
     return out
 
 

@@ -62,7 +62,7 @@ function fmtUsd(v) {
 }
 function fmtMs(v) {
   if (v === null || v === undefined) return "–";
-  if (v >= 10000) return (v / 1000).toFixed(1) + " s";
+  if (v >= 1000) return (v / 1000).toFixed(v >= 10000 ? 1 : 2) + " s";
   return Math.round(v) + " ms";
 }
 function fmtTime(iso) {
@@ -172,6 +172,7 @@ async function route() {
   }
   lastRoute = key;
   for (const fn of cleanup.splice(0)) { try { fn(); } catch (e) { /* ignore */ } }
+  if (!id || (view !== "requests" && view !== "live")) closeDrawer(false);
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.view === view);
   banner.hidden = true;
   const views = { requests: viewRequests, overview: viewOverview, sessions: viewSessions, users: viewUsers, live: viewLive, pipeline: viewPipeline };
@@ -235,7 +236,7 @@ function filterBar(params, view, { defaultRange = "24h", extra = [] } = {}) {
     h("option", { value: "" }, "any"),
     ...["2xx", "3xx", "4xx", "5xx"].map((c) => h("option", { value: c, selected: params.get("status_class") === c }, c)));
   const form = h("form", { class: "filters", id: "filters" },
-    h("label", {}, "Time", rangeSel),
+    view === "live" ? null : h("label", {}, "Time", rangeSel),
     field("since", "From (UTC)", { class: "custom", placeholder: "2025-01-31T00:00Z", size: 16 }),
     field("until", "To (UTC)", { class: "custom", placeholder: "2025-01-31T23:59Z", size: 16 }),
     field("model", "Model", { size: 14 }),
@@ -611,7 +612,7 @@ function chart(el, title, unit, xs, series, opts = {}) {
     scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] } },
     axes: [
       { label: "time (local)", labelSize: 20, stroke: "#555" },
-      { label: unit, labelSize: 22, size: 64, stroke: "#555", values: (u, vals) => vals.map(opts.tick || fmt) },
+      { label: unit, labelSize: 22, size: 82, stroke: "#555", values: (u, vals) => vals.map(opts.tick || fmt) },
     ],
     series: [{ label: "time" }, ...series.map((s, i) => ({
       label: s.label, stroke: colors[i % colors.length], width: 2, spanGaps: false,
@@ -669,13 +670,13 @@ async function viewOverview(id, params) {
       topTable("Top models", "model", models.groups, params),
       topTable("Top users", "user_id", users.groups, params),
       props ? topTable(`Property “${groupProp}”`, "property." + groupProp, props.groups, params)
-        : h("div", { class: "top" }, h("h3", {}, "Group by a property"), h("p", { class: "muted" }, "Type a property name in “Group by property” to break totals down by its values.")),
+        : h("div", { class: "topbox" }, h("h3", {}, "Group by a property"), h("p", { class: "muted" }, "Type a property name in “Group by property” to break totals down by its values.")),
     ));
   const slot = (name) => { const el = h("div", { class: "chart", "data-chart": name }); charts.append(el); return el; };
   chart(slot("requests"), "Requests and errors per " + bucket, "requests", xs,
     [{ label: "requests", data: zero((b) => b.count) }, { label: "errors", data: zero((b) => b.error_count) }], { bars: false, fill: true });
   chart(slot("cost"), "Cost per " + bucket + " (priced requests)", "USD", xs,
-    [{ label: "cost", data: zero((b) => b.cost_usd) }], { fmt: (v) => (v === null ? "–" : fmtUsd(v)), fill: true });
+    [{ label: "cost", data: zero((b) => b.cost_usd) }], { fmt: (v) => (v === null ? "–" : fmtUsd(v)), tick: (v) => "$" + +v.toPrecision(3), fill: true });
   chart(slot("tokens"), "Tokens per " + bucket, "tokens", xs,
     [{ label: "input", data: zero((b) => b.prompt_tokens) }, { label: "output", data: zero((b) => b.completion_tokens) }],
     { tick: (v) => (v >= 1e6 ? v / 1e6 + "M" : v >= 1e3 ? v / 1e3 + "k" : String(v)) });
@@ -689,7 +690,7 @@ async function viewOverview(id, params) {
 function topTable(title, key, groups, params) {
   const rows = groups.slice(0, 10);
   const total = rows.reduce((a, g) => Math.max(a, g.count), 0) || 1;
-  return h("div", { class: "top" }, h("h3", {}, title),
+  return h("div", { class: "topbox" }, h("h3", {}, title),
     rows.length ? h("table", { class: "grid compact" },
       h("thead", {}, h("tr", {}, h("th", {}, key.startsWith("property.") ? "value" : key), h("th", { class: "num" }, "requests"), h("th", { class: "num" }, "cost"), h("th", { class: "num" }, "errors"))),
       h("tbody", {}, rows.map((g) => {
