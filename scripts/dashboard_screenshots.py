@@ -74,7 +74,7 @@ async def main(out: Path) -> None:
                 await shot("session", "/#/sessions/sess-004", ".timeline li .msg")
                 await shot("users", "/#/users", "#users-table")
                 await page.goto(base + "/#/live")
-                await page.wait_for_function("() => document.getElementById('live-status')?.textContent == 'live'")
+                await page.wait_for_selector("#live-status >> text=live")
                 rng = random.Random(3)
                 async with aiohttp.ClientSession() as http:
                     for n in range(6):
