@@ -1,0 +1,221 @@
+"""The API endpoints and parameters the dashboard added, over both stores, through HTTP.
+
+Sorting by cost and latency, the status-class and range filters, the streamed export, the live
+tail (SSE) and pipeline health. Expected orders and selections are computed here in Python from
+the records (or, for values the server derives such as cost, from the plain time-ordered list).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from llmtap import keys
+from llmtap.record import encode_many
+from llmtap.testing import dashboard_data as dd
+from store_helpers import dataset, store_params
+from test_api import Server, rec, start_server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=store_params())
+async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Server]:
+    async for s in start_server(request.param, tmp_path):
+        yield s
+
+
+async def _all(server: Server, query: str, limit: int = 7) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cursor = ""
+    while True:
+        status, page = await server.get(f"/api/v1/requests?limit={limit}{query}{cursor}")
+        assert status == 200, page
+        items += page["items"]
+        if not page["next_cursor"]:
+            return items
+        cursor = "&cursor=" + page["next_cursor"]
+
+
+async def _load(server: Server, n: int = 120) -> None:
+    records = dataset(n, seed=5, tenants=("default", "other"))
+    status, body, _ = await server.ingest(encode_many(records))
+    assert status == 200, body
+
+
+async def test_sort_by_cost_and_latency_pages_in_keyset_order(server: Server) -> None:
+    await _load(server)
+    rows = await _all(server, "", limit=1000)  # time order: the set to sort
+    assert any(r["cost_usd"] is None for r in rows) and any(r["cost_usd"] is not None for r in rows)
+
+    def key(field: str) -> Any:
+        def k(r: dict[str, Any]) -> tuple[float, str, str]:
+            v = r[field]
+            return (-1.0 if v is None else float(v), r["created_at"], r["id"])
+
+        return k
+
+    for field, sort in (("cost_usd", "cost"), ("latency_ms", "latency")):
+        for order in ("desc", "asc"):
+            got = await _all(server, f"&sort={sort}&order={order}")
+            want = sorted(rows, key=key(field), reverse=order == "desc")
+            assert [r["id"] for r in got] == [r["id"] for r in want], (sort, order)
+    # Unpriced requests sort below every priced one (never as $0 among them).
+    by_cost = await _all(server, "&sort=cost")
+    first_none = next(i for i, r in enumerate(by_cost) if r["cost_usd"] is None)
+    assert all(r["cost_usd"] is None for r in by_cost[first_none:])
+    # A cursor belongs to its sort.
+    status, page = await server.get("/api/v1/requests?limit=3&sort=cost")
+    status, body = await server.get("/api/v1/requests?limit=3&sort=latency&cursor=" + page["next_cursor"])
+    assert status == 400 and body["error"]["parameter"] == "cursor"
+    status, body = await server.get("/api/v1/requests?sort=price")
+    assert status == 400 and body["error"]["parameter"] == "sort"
+
+
+async def test_status_class_and_range_filters(server: Server) -> None:
+    await _load(server)
+    rows = await _all(server, "", limit=1000)
+    costs = sorted(r["cost_usd"] for r in rows if r["cost_usd"] is not None)
+    lats = sorted(r["latency_ms"] for r in rows)
+    c1, c3 = costs[len(costs) // 4], costs[3 * len(costs) // 4]
+    l1, l3 = lats[len(lats) // 4], lats[3 * len(lats) // 4]
+
+    def priced(r: dict[str, Any], lo: float, hi: float) -> bool:
+        return r["cost_usd"] is not None and lo <= r["cost_usd"] <= hi
+
+    cases: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
+        ("&status_class=4xx", lambda r: r["status"] is not None and 400 <= r["status"] < 500),
+        ("&status_class=2xx", lambda r: r["status"] is not None and 200 <= r["status"] < 300),
+        (f"&min_cost_usd={c3!r}", lambda r: priced(r, c3, 1e12)),
+        (f"&min_cost_usd={c1!r}&max_cost_usd={c3!r}", lambda r: priced(r, c1, c3)),
+        (f"&max_latency_ms={l1!r}", lambda r: r["latency_ms"] <= l1),
+        (f"&min_latency_ms={l3!r}&status_class=5xx", lambda r: r["latency_ms"] >= l3 and r["status"] == 500),
+    ]
+    for query, pred in cases:
+        want = [r["id"] for r in rows if pred(r)]
+        got = [r["id"] for r in await _all(server, query)]
+        assert want and got == want, query
+        # stats take the same filters
+        status, st = await server.get("/api/v1/stats?" + query.lstrip("&"))
+        assert status == 200 and st["overall"]["count"] == len(want), query
+    for bad in ("status_class=6xx", "min_cost_usd=-1", "max_latency_ms=nan", "min_cost_usd=abc"):
+        status, body = await server.get("/api/v1/requests?" + bad)
+        assert status == 400 and body["error"]["parameter"] == bad.split("=")[0], bad
+
+
+async def test_export_streams_every_matching_row(server: Server) -> None:
+    await _load(server, 300)
+    evil = rec(9999, id="formula", user_id='=HYPERLINK("http://x")', properties={"a": "b"})
+    status, body, _ = await server.ingest(encode_many([evil]))
+    assert status == 200, body
+    tables = {}
+    for query in ("", "&provider=openai&status_class=2xx", "&property.env=prod"):
+        listed = await _all(server, query, limit=1000)
+        async with server.http.get(f"{server.base}/api/v1/requests/export?format=jsonl{query}") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("application/x-ndjson")
+            assert "attachment" in r.headers["Content-Disposition"]
+            lines = (await r.read()).splitlines()
+        assert [orjson.loads(x) for x in lines] == listed, query
+        async with server.http.get(f"{server.base}/api/v1/requests/export?format=csv{query}") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/csv")
+            tables[query] = list(csv.DictReader(io.StringIO(await r.text())))
+        assert [t["id"] for t in tables[query]] == [x["id"] for x in listed], query
+    row = next(t for t in tables[""] if t["id"] == "formula")
+    assert row["user_id"] == '\'=HYPERLINK("http://x")'  # no formula for a spreadsheet to run
+    for bad, param in (
+        ("format=xml", "format"),
+        ("format=csv&limit=5", "limit"),
+        ("format=csv&modle=x", "modle"),
+    ):
+        status, body = await server.get("/api/v1/requests/export?" + bad)
+        assert status == 400 and body["error"]["parameter"] == param, bad
+
+
+async def _events(server: Server, query: str, want: int, send: Callable[[], Awaitable[None]]) -> list[Any]:
+    """The first `want` request events of a live tail opened before `send()` runs."""
+    out: list[Any] = []
+    ready = asyncio.Event()
+    async with server.http.get(f"{server.base}/api/v1/requests/stream?{query}") as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+
+        async def read() -> None:
+            event = None
+            async for raw in r.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "ready":
+                    ready.set()
+                elif line.startswith("data: ") and event == "request":
+                    out.append(orjson.loads(line[6:]))
+                    if len(out) >= want:
+                        return
+
+        task = asyncio.create_task(read())
+        await asyncio.wait_for(ready.wait(), 30)
+        await send()
+        await asyncio.wait_for(task, 30)
+    return out
+
+
+async def test_live_tail_sends_new_matching_records_only(server: Server) -> None:
+    await _load(server, 20)  # stored before the stream opened: never sent
+    now = datetime.now(UTC)
+    new = [rec(5000 + i, id=f"new-{i}", at=now, model="gpt-4o" if i % 2 else "gpt-4o-mini") for i in range(6)]
+
+    async def send() -> None:
+        status, body, _ = await server.ingest(encode_many(new))
+        assert status == 200, body
+
+    got = await _events(server, "model=gpt-4o", 3, send)
+    assert sorted(r["id"] for r in got) == ["new-1", "new-3", "new-5"]
+    assert all("request_body" not in r for r in got)
+
+
+async def test_pipeline_health_and_replay_rules(server: Server, tmp_path: Path) -> None:
+    status, health = await server.get("/api/v1/pipeline")
+    assert status == 200 and health["reachable"] and health["dead_letters"] == []
+    assert len(health["partitions"]) == server.svc.settings.partitions
+    assert health["last_request_at"] is None
+    await server.ingest(encode_many([rec(1)]))
+    status, health = await server.get("/api/v1/pipeline")
+    assert health["last_request_at"] is not None
+    async with server.http.post(f"{server.base}/api/v1/pipeline/dead-letters/replay", data=b"ids=1") as r:
+        assert r.status == 415  # a cross-site form cannot trigger it
+    async with server.http.post(f"{server.base}/api/v1/pipeline/dead-letters/replay", json={}) as r:
+        assert r.status == 400
+    async with server.http.post(
+        f"{server.base}/api/v1/pipeline/dead-letters/replay", json={"all": True}
+    ) as r:
+        assert r.status == 200 and (await r.json()) == {"replayed": 0}
+
+
+async def test_multi_tenant_pipeline_hides_dead_letters_and_export_is_scoped(tmp_path: Path) -> None:
+    async for s in start_server("sqlite", tmp_path, multi_tenant=True):
+        a = dd.dataset(15, tenant="tenant-a", seed=1)
+        b = dd.dataset(15, tenant="tenant-b", seed=2)
+        status, body, _ = await s.ingest(encode_many(a + b))
+        assert status == 200, body
+        _, key = await keys.create_key(s.svc.store, "tenant-a", None)
+        auth = {"Authorization": f"Bearer {key}"}
+        status, _ = await s.get("/api/v1/requests/export?format=jsonl")
+        assert status == 401
+        status, _ = await s.get("/api/v1/pipeline")
+        assert status == 401
+        status, text = await s.get("/api/v1/requests/export?format=jsonl", headers=auth)
+        assert status == 200
+        assert sorted(orjson.loads(x)["id"] for x in text.splitlines()) == sorted(r.id for r in a)
+        status, health = await s.get("/api/v1/pipeline", headers=auth)
+        assert status == 200 and health["dead_letters"] is None
+        async with s.http.post(
+            f"{s.base}/api/v1/pipeline/dead-letters/replay", json={"all": True}, headers=auth
+        ) as r:
+            assert r.status == 403
