@@ -4,7 +4,9 @@
 // text nodes, never HTML strings); links are made only for http(s) URLs; all view state lives in
 // the URL hash (a link reproduces the view, Back works); nothing is fetched from another origin.
 
-import uPlot from "./vendor/uplot/uPlot.esm.js";
+// uPlot (145 KB) is loaded by the overview only, in parallel with its data.
+let uPlotModule = null;
+const loadUPlot = () => (uPlotModule ||= import("./vendor/uplot/uPlot.esm.js").then((m) => m.default));
 
 const KEY = "llmtap-key";
 const main = document.getElementById("main");
@@ -603,7 +605,7 @@ function tile(label, value, sub, cls) {
   return h("div", { class: "tile " + (cls || "") }, h("div", { class: "tlabel" }, label), h("div", { class: "tvalue" }, value), sub ? h("div", { class: "tsub" }, sub) : null);
 }
 
-function chart(el, title, unit, xs, series, opts = {}) {
+function chart(uPlot, el, title, unit, xs, series, opts = {}) {
   const width = Math.max(320, el.clientWidth - 16);
   const fmt = opts.fmt || ((v) => (v === null ? "–" : nf.format(v)));
   const colors = ["#2f6fdf", "#d9534f", "#2a9d62", "#e69b00", "#7952b3"];
@@ -638,7 +640,8 @@ async function viewOverview(id, params) {
   const withGroup = (g) => { const x = new URLSearchParams(q); x.set("group_by", g); return x; };
   const bq = new URLSearchParams(q); bq.set("bucket", bucket);
   const groupInput = h("label", {}, "Group by property", h("input", { name: "group", value: groupProp, placeholder: "e.g. feature", size: 12, autocomplete: "off" }));
-  const [series, models, users, props] = await Promise.all([
+  const [uPlot, series, models, users, props] = await Promise.all([
+    loadUPlot(),
     api("/api/v1/stats?" + bq),
     api("/api/v1/stats?" + withGroup("model")),
     api("/api/v1/stats?" + withGroup("user_id")),
@@ -673,17 +676,17 @@ async function viewOverview(id, params) {
         : h("div", { class: "topbox" }, h("h3", {}, "Group by a property"), h("p", { class: "muted" }, "Type a property name in “Group by property” to break totals down by its values.")),
     ));
   const slot = (name) => { const el = h("div", { class: "chart", "data-chart": name }); charts.append(el); return el; };
-  chart(slot("requests"), "Requests and errors per " + bucket, "requests", xs,
+  chart(uPlot, slot("requests"), "Requests and errors per " + bucket, "requests", xs,
     [{ label: "requests", data: zero((b) => b.count) }, { label: "errors", data: zero((b) => b.error_count) }], { bars: false, fill: true });
-  chart(slot("cost"), "Cost per " + bucket + " (priced requests)", "USD", xs,
+  chart(uPlot, slot("cost"), "Cost per " + bucket + " (priced requests)", "USD", xs,
     [{ label: "cost", data: zero((b) => b.cost_usd) }], { fmt: (v) => (v === null ? "–" : fmtUsd(v)), tick: (v) => "$" + +v.toPrecision(3), fill: true });
-  chart(slot("tokens"), "Tokens per " + bucket, "tokens", xs,
+  chart(uPlot, slot("tokens"), "Tokens per " + bucket, "tokens", xs,
     [{ label: "input", data: zero((b) => b.prompt_tokens) }, { label: "output", data: zero((b) => b.completion_tokens) }],
     { tick: (v) => (v >= 1e6 ? v / 1e6 + "M" : v >= 1e3 ? v / 1e3 + "k" : String(v)) });
   const msFmt = (v) => (v === null ? "–" : Math.round(v) + " ms");
-  chart(slot("latency"), "Latency percentiles", "ms", xs,
+  chart(uPlot, slot("latency"), "Latency percentiles", "ms", xs,
     [{ label: "p50", data: col((b) => b.latency_ms.p50) }, { label: "p95", data: col((b) => b.latency_ms.p95) }, { label: "p99", data: col((b) => b.latency_ms.p99) }], { fmt: msFmt });
-  chart(slot("ttft"), "Time to first token percentiles", "ms", xs,
+  chart(uPlot, slot("ttft"), "Time to first token percentiles", "ms", xs,
     [{ label: "p50", data: col((b) => b.time_to_first_token_ms.p50) }, { label: "p95", data: col((b) => b.time_to_first_token_ms.p95) }, { label: "p99", data: col((b) => b.time_to_first_token_ms.p99) }], { fmt: msFmt });
 }
 

@@ -1,0 +1,163 @@
+"""Dashboard benchmark: time until the requests view and the 30-day overview are rendered in a
+real browser (Debian's chromium), over a store holding N requests.
+
+    .venv/bin/python bench/dashboard_bench.py [--rows 1000000] [--loads 7] [--db PATH | --pg URL]
+
+Rows are written through the store's own `write_batch` (SQLite) or COPY (PostgreSQL, reusing
+`store_bench.bulk_load`), spread over the last 30 days, without bodies (list views never read
+them). Each load opens a fresh page and measures, with the page's own clock
+(`performance.now()`, from navigation start), when the view's content is in the DOM: the
+table's rows for the requests view, all five charts for the overview. p50 and p95 of the loads
+are printed; targets from issue 8: requests < 500 ms, overview < 1 s. `--db` keeps (and
+reuses) the SQLite file between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from playwright.async_api import async_playwright
+
+from llmtap.config import Settings
+from llmtap.record import LogRecord, Usage
+from llmtap.server.app import ServerService
+from llmtap.store.sqlite import SQLiteStore
+
+MODELS = ("gpt-4o-mini", "gpt-4o", "claude-sonnet-4-20250514", "o4-mini", "claude-3-5-haiku-20241022")
+
+
+def records(start: int, n: int, now: datetime, rng: random.Random) -> list[LogRecord]:
+    out = []
+    for _ in range(n):
+        at = now - timedelta(seconds=rng.uniform(1, 30 * 86400))
+        latency = rng.lognormvariate(6.6, 0.5)
+        out.append(
+            LogRecord(
+                id=str(uuid.UUID(int=rng.getrandbits(128))),
+                user_id=f"user-{rng.randrange(5000)}",
+                session_id=f"session-{rng.randrange(50_000)}" if rng.random() < 0.5 else None,
+                properties={"feature": rng.choice(("search", "chat", "review", "checkout"))},
+                provider="openai",
+                target_url="https://api.openai.com/v1/chat/completions",
+                method="POST",
+                path="/v1/chat/completions",
+                model=MODELS[min(int(rng.expovariate(0.6)), len(MODELS) - 1)],
+                streamed=rng.random() < 0.4,
+                started_at=at,
+                ended_at=at + timedelta(milliseconds=latency),
+                latency_ms=latency,
+                time_to_first_token_ms=latency / 3,
+                status=200 if rng.random() < 0.97 else 500,
+                usage=Usage(source="provider", prompt_tokens=rng.randrange(2000), completion_tokens=300),
+                cost_nanos=rng.randrange(10**7) if rng.random() < 0.95 else None,
+                price_version="bench",
+            )
+        )
+    return out
+
+
+async def load_sqlite(path: Path, rows: int) -> float:
+    store = SQLiteStore(path)
+    await store.connect()
+    t0 = time.perf_counter()
+    rng = random.Random(42)
+    now = datetime.now(UTC)
+    try:
+        for start in range(0, rows, 20_000):
+            await store.write_batch(records(start, min(20_000, rows - start), now, rng))
+            print(
+                f"  loaded {min(rows, start + 20_000):>9} rows ({time.perf_counter() - t0:6.1f} s)",
+                flush=True,
+            )
+    finally:
+        await store.close()
+    return time.perf_counter() - t0
+
+
+def pcts(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+    return {"p50": round(statistics.median(values)), "p95": round(p95), "min": round(values[0])}
+
+
+async def measure(base: str, loads: int) -> dict[str, dict[str, float]]:
+    views = {
+        "requests (50 newest of 30 days)": ("/#/requests?range=30d", "#requests-table tbody tr"),
+        "overview (30 days)": ("/#/overview?range=30d", None),
+    }
+    out: dict[str, dict[str, float]] = {}
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        ctx = await browser.new_context(viewport={"width": 1440, "height": 900})
+        for name, (url, selector) in views.items():
+            times = []
+            for i in range(loads + 1):  # the first load warms the caches and is not counted
+                page = await ctx.new_page()
+                await page.goto(base + url, wait_until="commit")
+                if selector:
+                    await page.wait_for_selector(selector, timeout=120_000)
+                else:
+                    await page.wait_for_function(
+                        "() => document.querySelectorAll('.chart canvas').length === 5", timeout=120_000
+                    )
+                ms = await page.evaluate("performance.now()")
+                await page.close()
+                if i:
+                    times.append(ms)
+            out[name] = pcts(times)
+            print(f"{name:<34} p50 {out[name]['p50']:>6} ms   p95 {out[name]['p95']:>6} ms   ({loads} loads)")
+        await browser.close()
+    return out
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--loads", type=int, default=7)
+    ap.add_argument("--db", type=Path, help="SQLite file to load (or reuse when it exists)")
+    ap.add_argument("--pg", help="PostgreSQL URL of a database loaded by `store_bench.py scale --keep`")
+    ap.add_argument("--tenant", default="default", help="tenant to show (store_bench.py loads 'bench')")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="llmtap-dash-"))
+    try:
+        if args.pg:
+            store = args.pg
+        else:
+            db = args.db or tmp / "store.db"
+            if not db.exists():
+                print(f"loading {args.rows} rows into {db} ...", flush=True)
+                print(f"load: {await load_sqlite(db, args.rows):.1f} s", flush=True)
+            store = f"sqlite:{db}"
+        settings = Settings(
+            data_dir=tmp,
+            server_port=0,
+            store=store,
+            bodies=f"file:{tmp / 'bodies'}",
+            queue=f"sqlite:{tmp / 'q.db'}",
+            default_tenant=args.tenant,
+        )
+        svc = ServerService(settings)
+        await svc.start()
+        try:
+            print(f"store: {store if not args.pg else 'postgresql'}; chromium {shutil.which('chromium')}")
+            results: dict[str, Any] = await measure(f"http://127.0.0.1:{svc.port}", args.loads)
+        finally:
+            await svc.stop()
+        print(results)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
