@@ -638,12 +638,12 @@ async function viewOverview(id, params) {
   if (!q.get("until")) q.set("until", until.toISOString());
   const groupProp = params.get("group") || "";
   const withGroup = (g) => { const x = new URLSearchParams(q); x.set("group_by", g); return x; };
-  const bq = new URLSearchParams(q); bq.set("bucket", bucket);
+  // One scan gives the time series and the top models (the store computes both in one call).
+  const bq = withGroup("model"); bq.set("bucket", bucket);
   const groupInput = h("label", {}, "Group by property", h("input", { name: "group", value: groupProp, placeholder: "e.g. feature", size: 12, autocomplete: "off" }));
-  const [uPlot, series, models, users, props] = await Promise.all([
+  const [uPlot, series, users, props] = await Promise.all([
     loadUPlot(),
     api("/api/v1/stats?" + bq),
-    api("/api/v1/stats?" + withGroup("model")),
     api("/api/v1/stats?" + withGroup("user_id")),
     groupProp ? api("/api/v1/stats?" + withGroup("property." + groupProp)) : Promise.resolve(null),
   ]);
@@ -670,7 +670,7 @@ async function viewOverview(id, params) {
       tile("TTFT p50 / p95", `${fmtMs(o.time_to_first_token_ms.p50)} / ${fmtMs(o.time_to_first_token_ms.p95)}`, "streamed requests")),
     charts,
     h("div", { class: "tops" },
-      topTable("Top models", "model", models.groups, params),
+      topTable("Top models", "model", series.groups, params),
       topTable("Top users", "user_id", users.groups, params),
       props ? topTable(`Property “${groupProp}”`, "property." + groupProp, props.groups, params)
         : h("div", { class: "topbox" }, h("h3", {}, "Group by a property"), h("p", { class: "muted" }, "Type a property name in “Group by property” to break totals down by its values.")),
