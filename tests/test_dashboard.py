@@ -511,6 +511,12 @@ async def test_multi_tenant_sign_in_shows_one_tenants_data(
                 "#users-table tr[data-user]", "rs => rs.map(r => r.dataset.user)"
             )
             assert set(users) == {r.user_id for r in a if r.user_id}
+            await pg.goto(s.base + "/#/requests?range=all")
+            await pg.wait_for_selector("#requests-table", timeout=WAIT)
+            async with pg.expect_download(timeout=WAIT) as info:
+                await pg.click("button.export[data-format=csv]")
+            text = Path(await (await info.value).path()).read_text()
+            assert sorted(r["id"] for r in csv.DictReader(io.StringIO(text))) == want
             exported = await pg.evaluate(
                 "async () => (await fetch('/api/v1/requests/export?format=jsonl', {headers: "
                 "{Authorization: 'Bearer ' + sessionStorage.getItem('llmtap-key')}})).text()"

@@ -374,6 +374,15 @@ async function download(fmt, q) {
   const query = new URLSearchParams(q);
   query.set("format", fmt);
   const url = "/api/v1/requests/export?" + query.toString();
+  if (!sessionStorage.getItem(KEY)) {
+    // No key to send: a plain download link lets the browser stream any size straight to disk.
+    const a = h("a", { href: url, download: "", hidden: true });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    return;
+  }
+  // A key must go in a header, which a link cannot carry: fetch, then hand the blob over.
   const resp = await fetch(url, { headers: authHeaders() });
   if (!resp.ok) { showError(new Error("export failed: " + resp.status)); return; }
   const blob = await resp.blob();
