@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from playwright.async_api import TimeoutError as PlaywrightTimeout
 from playwright.async_api import async_playwright
 
 from llmtap.config import Settings
@@ -91,7 +92,7 @@ def pcts(values: list[float]) -> dict[str, float]:
     return {"p50": round(statistics.median(values)), "p95": round(p95), "min": round(values[0])}
 
 
-async def measure(base: str, loads: int) -> dict[str, dict[str, float]]:
+async def measure(base: str, loads: int, timeout: float) -> dict[str, dict[str, float]]:
     views = {
         "requests (50 newest of 30 days)": ("/#/requests?range=30d", "#requests-table tbody tr"),
         "overview (30 days)": ("/#/overview?range=30d", None),
@@ -105,18 +106,30 @@ async def measure(base: str, loads: int) -> dict[str, dict[str, float]]:
             for i in range(loads + 1):  # the first load warms the caches and is not counted
                 page = await ctx.new_page()
                 await page.goto(base + url, wait_until="commit")
-                if selector:
-                    await page.wait_for_selector(selector, timeout=120_000)
-                else:
-                    await page.wait_for_function(
-                        "() => document.querySelectorAll('.chart canvas').length === 5", timeout=120_000
-                    )
-                ms = await page.evaluate("performance.now()")
+                try:
+                    if selector:
+                        await page.wait_for_selector(selector, timeout=timeout * 1000)
+                    else:
+                        await page.wait_for_function(
+                            "() => document.querySelectorAll('.chart canvas').length === 5",
+                            timeout=timeout * 1000,
+                        )
+                    ms = await page.evaluate("performance.now()")
+                except PlaywrightTimeout:
+                    print(f"{name}: not rendered within {timeout} s; giving up on this view", flush=True)
+                    await page.close()
+                    break
                 await page.close()
                 if i:
                     times.append(ms)
+                print(f"  {name}: load {i} {ms:.0f} ms", flush=True)
+            if not times:
+                out[name] = {"timed_out_s": timeout}
+                continue
             out[name] = pcts(times)
-            print(f"{name:<34} p50 {out[name]['p50']:>6} ms   p95 {out[name]['p95']:>6} ms   ({loads} loads)")
+            print(
+                f"{name:<34} p50 {out[name]['p50']:>6} ms   p95 {out[name]['p95']:>6} ms   ({len(times)} loads)"
+            )
         await browser.close()
     return out
 
@@ -125,6 +138,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--loads", type=int, default=7)
+    ap.add_argument("--timeout", type=float, default=120, help="seconds one load may take before giving up")
     ap.add_argument("--db", type=Path, help="SQLite file to load (or reuse when it exists)")
     ap.add_argument("--pg", help="PostgreSQL URL of a database loaded by `store_bench.py scale --keep`")
     ap.add_argument("--tenant", default="default", help="tenant to show (store_bench.py loads 'bench')")
@@ -151,7 +165,7 @@ async def main() -> None:
         await svc.start()
         try:
             print(f"store: {store if not args.pg else 'postgresql'}; chromium {shutil.which('chromium')}")
-            results: dict[str, Any] = await measure(f"http://127.0.0.1:{svc.port}", args.loads)
+            results: dict[str, Any] = await measure(f"http://127.0.0.1:{svc.port}", args.loads, args.timeout)
         finally:
             await svc.stop()
         print(results)
