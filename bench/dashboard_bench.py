@@ -128,7 +128,7 @@ async def measure(base: str, loads: int, timeout: float) -> dict[str, dict[str, 
                 continue
             out[name] = pcts(times)
             print(
-                f"{name:<34} p50 {out[name]['p50']:>6} ms   p95 {out[name]['p95']:>6} ms   ({len(times)} loads)"
+                f"{name:<34} p50 {out[name]['p50']:>6} ms  p95 {out[name]['p95']:>6} ms  ({len(times)} loads)"
             )
         await browser.close()
     return out
