@@ -27,6 +27,8 @@ from llmtap.record import encode_many
 from llmtap.server.app import ServerService
 from llmtap.testing import dashboard_data as dd
 
+JSON = {"Content-Type": "application/json"}
+
 
 async def main(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp_:
@@ -43,8 +45,9 @@ async def main(out: Path) -> None:
             async with aiohttp.ClientSession() as http:
                 for i in range(0, len(records), 250):
                     batch = encode_many(records[i : i + 250])
-                    async with http.post(base + "/api/v1/ingest", data=batch) as r:
+                    async with http.post(base + "/api/v1/ingest", data=batch, headers=JSON) as r:
                         assert r.status == 200, await r.text()
+                await svc.ingest.drained(timeout=300)
             q = open_queue(settings)
             await q.connect("both")
             await q.publish([Message(key="req-7f3a", value=b'{"v": 9, "id": "req-7f3a"}')])
@@ -79,7 +82,9 @@ async def main(out: Path) -> None:
                 async with aiohttp.ClientSession() as http:
                     for n in range(6):
                         rec = dd.record(n, at=datetime.now(UTC), rng=rng, session="sess-live")
-                        async with http.post(base + "/api/v1/ingest", data=encode_many([rec])) as r:
+                        async with http.post(
+                            base + "/api/v1/ingest", data=encode_many([rec]), headers=JSON
+                        ) as r:
                             assert r.status == 200
                         await page.wait_for_selector(f'tr[data-id="{rec.id}"]')
                 await page.screenshot(path=str(out / "live.png"))

@@ -199,7 +199,8 @@ async def test_pipeline_health_and_replay_rules(server: Server, tmp_path: Path) 
 
 
 async def test_multi_tenant_pipeline_hides_dead_letters_and_export_is_scoped(tmp_path: Path) -> None:
-    async for s in start_server("sqlite", tmp_path, multi_tenant=True):
+    async for s in start_server("sqlite", tmp_path, multi_tenant=True, ingest_token="gw-token"):
+        s.ingest_headers = {"Authorization": "Bearer gw-token"}
         a = dd.dataset(15, tenant="tenant-a", seed=1)
         b = dd.dataset(15, tenant="tenant-b", seed=2)
         status, body, _ = await s.ingest(encode_many(a + b))

@@ -38,6 +38,7 @@ pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
     pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/services.sh browser)"),
 ]
+JSON = {"Content-Type": "application/json"}
 WAIT = 20_000  # ms: generous bound for conditions on a busy machine
 
 
@@ -46,13 +47,18 @@ class Srv:
         self.svc = svc
         self.http = http
         self.base = f"http://127.0.0.1:{svc.port}"
+        token = svc.settings.ingest_token
+        self.ingest_headers = {**JSON, **({"Authorization": f"Bearer {token}"} if token else {})}
 
     async def ingest(self, records: list[LogRecord]) -> None:
         for i in range(0, len(records), 200):
             async with self.http.post(
-                self.base + "/api/v1/ingest", data=encode_many(records[i : i + 200])
+                self.base + "/api/v1/ingest",
+                data=encode_many(records[i : i + 200]),
+                headers=self.ingest_headers,
             ) as r:
                 assert r.status == 200, await r.text()
+        await self.svc.ingest.drained()  # the server stores what it took in the background
 
     async def get(self, path: str, key: str | None = None) -> Any:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -479,7 +485,7 @@ async def test_pages_send_a_csp_without_inline_script(srv: Srv) -> None:
 async def test_multi_tenant_sign_in_shows_one_tenants_data(
     browser: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    async for s in _server(tmp_path_factory.mktemp("mt"), multi_tenant=True):
+    async for s in _server(tmp_path_factory.mktemp("mt"), multi_tenant=True, ingest_token="gw-token"):
         a = dd.dataset(20, tenant="tenant-a", seed=11)
         b = dd.dataset(20, tenant="tenant-b", seed=12)
         await s.ingest(a + b)

@@ -271,9 +271,7 @@ async def list_requests(request: web.Request) -> web.Response:
         item = {k: v for k, v in row.items() if k not in LIST_OMIT}
         n = len(orjson.dumps(item))
         if items and size + n > PAGE_BYTES:
-            last = items[-1]
-            created = datetime.fromisoformat(last["created_at"].replace("Z", "+00:00"))
-            next_cursor = sql.encode_cursor(sql.to_micros(created), last["id"])
+            next_cursor = sql.item_cursor(items[-1], q.sort)
             break
         items.append(item)
         size += n

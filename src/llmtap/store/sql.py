@@ -425,6 +425,17 @@ def list_sql(d: Dialect, tenant: str, q: ListQuery) -> tuple[str, list[Any]]:
     return sql, p.values
 
 
+def item_cursor(item: dict[str, Any], sort: str) -> str:
+    """The cursor after an API item (a row as `row_to_dict` made it) in this sort's keyset."""
+    us = to_micros(datetime.fromisoformat(str(item["created_at"]).replace("Z", "+00:00")))
+    if sort == "cost":
+        cost = item["cost_usd"]
+        return encode_sort_cursor(us, item["id"], sort, -1 if cost is None else round(cost * 1e9))
+    if sort == "latency":
+        return encode_sort_cursor(us, item["id"], sort, float(item["latency_ms"]))
+    return encode_cursor(us, item["id"])
+
+
 def page_from_rows(
     d: Dialect, rows: Sequence[Sequence[Any]], limit: int, sort: str = "time"
 ) -> tuple[list[dict[str, Any]], str | None]:
