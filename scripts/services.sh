@@ -13,7 +13,7 @@
 #   scripts/services.sh clean           down + delete all state (not the caches)
 #   scripts/services.sh browser         install Debian's chromium if missing (`up` with no
 #                                       SVC does it too); the dashboard's browser tests use it
-#   SVC is one of: postgres redis kafka s3
+#   SVC is one of: postgres redis kafka s3 sqs
 #
 # Services (ports overridable by env):
 #   postgres  PostgreSQL 15 (Debian postgresql-15), own cluster, trust auth   55432  LLMTAP_POSTGRES_PORT
@@ -24,6 +24,9 @@
 #   s3        SeaweedFS (master+volume+filer+S3 gateway in one `weed server`),
 #             built from the Go module proxy                                 59000  LLMTAP_S3_PORT
 #             internal ports 59101-59103 (http), 59111-59114 (grpc)  LLMTAP_S3_INTERNAL_PORT_BASE=59100
+#   sqs       ElasticMQ 1.6.11 (SQS-compatible), jars from Maven Central
+#             (scripts/elasticmq/pom.xml), messages kept in an H2 file so a
+#             stop/start loses nothing                                      59500  LLMTAP_ELASTICMQ_PORT
 #
 # State (data dirs, logs, pid files) lives under $LLMTAP_SERVICES_DIR
 # (default /tmp/llmtap-services); caches (kafka jars, the weed binary) under
@@ -60,7 +63,7 @@ SERVICES_DIR="${LLMTAP_SERVICES_DIR:-/tmp/llmtap-services}"
 CACHE_DIR="${LLMTAP_SERVICES_CACHE:-$HOME/.cache/llmtap-services}"
 TIMEOUT="${LLMTAP_SERVICES_TIMEOUT:-120}"     # seconds per service readiness
 RUN_DIR="$SERVICES_DIR/run"
-ALL_SERVICES=(postgres redis kafka s3)
+ALL_SERVICES=(postgres redis kafka s3 sqs)
 
 PG_PORT="${LLMTAP_POSTGRES_PORT:-55432}"
 PG_BIN="${LLMTAP_PG_BIN:-/usr/lib/postgresql/15/bin}"
@@ -86,6 +89,11 @@ S3_ENDPOINT="http://$HOST:$S3_PORT"
 SEAWEEDFS_MODULE=github.com/seaweedfs/seaweedfs
 SEAWEEDFS_VERSION="${LLMTAP_SEAWEEDFS_VERSION:-v0.0.0-20261109003541-7506e5f91cd6}"
 WEED_BIN="$CACHE_DIR/seaweedfs/$SEAWEEDFS_VERSION/weed"
+
+SQS_PORT="${LLMTAP_ELASTICMQ_PORT:-59500}"
+ELASTICMQ_VERSION="${LLMTAP_ELASTICMQ_VERSION:-1.6.11}"
+ELASTICMQ_HEAP="${LLMTAP_ELASTICMQ_HEAP:-384m}"
+SQS_ENDPOINT="http://$HOST:$SQS_PORT"
 
 # Go lives in /usr/local/go on the dev/CI machines.
 case ":$PATH:" in *:/usr/local/go/bin:*) ;; *) PATH="$PATH:/usr/local/go/bin" ;; esac
@@ -187,7 +195,7 @@ ensure_port_free() { # SVC PORT...
 reserve_ports() {
 	local f=/proc/sys/net/ipv4/ip_local_reserved_ports cur want
 	[ -w "$f" ] || return 0
-	want="$PG_PORT,$REDIS_PORT,$KAFKA_PORT,$KAFKA_CONTROLLER_PORT,$S3_PORT"
+	want="$PG_PORT,$REDIS_PORT,$KAFKA_PORT,$KAFKA_CONTROLLER_PORT,$S3_PORT,$SQS_PORT"
 	want="$want,$S3_MASTER_PORT-$S3_FILER_PORT,$S3_MASTER_GRPC-$S3_S3_GRPC"
 	cur=$(cat "$f" 2>/dev/null || true)
 	echo "${cur:+$cur,}$want" >"$f" 2>/dev/null ||
@@ -241,7 +249,7 @@ install_browser() {
 }
 
 svc_valid() {
-	case "$1" in postgres | redis | kafka | s3) return 0 ;; *) return 1 ;; esac
+	case "$1" in postgres | redis | kafka | s3 | sqs) return 0 ;; *) return 1 ;; esac
 }
 
 lock() {
@@ -625,6 +633,108 @@ stop_s3() {
 	[ -n "$pid" ]
 }
 
+# ================================================================ sqs (ElasticMQ)
+SQS_HOME="$SERVICES_DIR/sqs"
+SQS_LOG="$SQS_HOME/stdout.log"
+SQS_PIDFILE="$RUN_DIR/sqs.pid"
+ELASTICMQ_POM="$SCRIPT_DIR/elasticmq/pom.xml"
+
+elasticmq_lib_dir() {
+	local h; h=$(sha256sum "$ELASTICMQ_POM" | cut -c1-12)
+	echo "$CACHE_DIR/elasticmq/$ELASTICMQ_VERSION-$h/lib"
+}
+sqs_installed() { [ -f "$(elasticmq_lib_dir)/.complete" ] && command -v java >/dev/null 2>&1; }
+install_sqs() {
+	sqs_installed && return 0
+	local t0; t0=$(now)
+	command -v java >/dev/null 2>&1 || { log "installing Java 17 from Debian..."; apt_install openjdk-17-jre-headless; }
+	command -v mvn >/dev/null 2>&1 || { log "installing Maven from Debian..."; apt_install maven; }
+	local lib; lib=$(elasticmq_lib_dir)
+	log "installing ElasticMQ $ELASTICMQ_VERSION jars from Maven Central (first run only)..."
+	local tmp="$lib.tmp.$$" mvnlog="$CACHE_DIR/elasticmq/mvn.log"
+	mkdir -p "$(dirname "$lib")"
+	rm -rf "$tmp"
+	local repo_opt=()
+	[ -n "${LLMTAP_MAVEN_REPO_LOCAL:-}" ] && repo_opt=("-Dmaven.repo.local=$LLMTAP_MAVEN_REPO_LOCAL")
+	if ! mvn -B -q -f "$ELASTICMQ_POM" "${repo_opt[@]}" -Delasticmq.version="$ELASTICMQ_VERSION" \
+		dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp" >"$mvnlog" 2>&1; then
+		tail -n 30 "$mvnlog" >&2
+		rm -rf "$tmp"
+		die "resolving the ElasticMQ jars failed (log: $mvnlog)"
+	fi
+	ls "$tmp"/elasticmq-server_2.13-"$ELASTICMQ_VERSION".jar "$tmp"/h2-*.jar >/dev/null 2>&1 ||
+		die "ElasticMQ jars incomplete in $tmp"
+	touch "$tmp/.complete"
+	rm -rf "$lib"
+	mv "$tmp" "$lib"
+	log "ElasticMQ jars installed in $(since "$t0")s ($(du -sh "$lib" | cut -f1))"
+}
+
+sqs_pid() { local pid; pid=$(read_pidfile "$SQS_PIDFILE"); pid_alive "$pid" "-Dconfig.file=$SQS_HOME/elasticmq.conf" && echo "$pid"; }
+
+start_sqs() {
+	install_sqs
+	mkdir -p "$SQS_HOME/data"
+	ensure_port_free sqs "$SQS_PORT"
+	# Queues (queues.conf) and messages (an H2 file) persist, so that stopping the server in
+	# a failure test is an outage, not a loss. No rest-stats port: one port to reserve.
+	cat >"$SQS_HOME/elasticmq.conf" <<-EOF
+		# generated by scripts/services.sh: llmtap test ElasticMQ
+		include classpath("application.conf")
+		node-address {
+		  protocol = "http"
+		  host = "$HOST"
+		  port = $SQS_PORT
+		  context-path = ""
+		}
+		rest-sqs {
+		  enabled = true
+		  bind-port = $SQS_PORT
+		  bind-hostname = "$HOST"
+		  sqs-limits = strict
+		}
+		rest-stats {
+		  enabled = false
+		}
+		generate-node-address = false
+		queues-storage {
+		  enabled = true
+		  path = "$SQS_HOME/data/queues.conf"
+		}
+		messages-storage {
+		  enabled = true
+		  uri = "jdbc:h2:$SQS_HOME/data/messages"
+		}
+	EOF
+	echo "---- $(date -Is) starting ElasticMQ $ELASTICMQ_VERSION" >>"$SQS_LOG"
+	spawn "$SQS_PIDFILE" "$SQS_LOG" \
+		java -Xms64m -Xmx"$ELASTICMQ_HEAP" -XX:+UseSerialGC -XX:+ExitOnOutOfMemoryError \
+		-Djava.awt.headless=true -Dconfig.file="$SQS_HOME/elasticmq.conf" \
+		-cp "$(elasticmq_lib_dir)/*" org.elasticmq.server.Main
+}
+
+sqs_ready() { # a real SQS call: ListQueues answers 200
+	port_open "$SQS_PORT" || return 1
+	curl -sf --max-time 5 -o /dev/null -X POST "$SQS_ENDPOINT/" \
+		-H 'content-type: application/x-www-form-urlencoded' --data 'Action=ListQueues&Version=2012-11-05'
+}
+
+wait_sqs() {
+	local deadline=$((SECONDS + TIMEOUT))
+	until sqs_ready; do
+		[ -n "$(sqs_pid)" ] || fail_not_ready sqs "$SQS_LOG" "the server exited"
+		[ $SECONDS -lt $deadline ] || fail_not_ready sqs "$SQS_LOG" "timeout after ${TIMEOUT}s"
+		sleep 0.3
+	done
+}
+
+stop_sqs() {
+	local pid; pid=$(sqs_pid || true)
+	[ -n "$pid" ] && kill_wait "$pid" 30
+	rm -f "$SQS_PIDFILE"
+	[ -n "$pid" ]
+}
+
 # ================================================================ dispatch
 svc_pid() { "${1}_pid" 2>/dev/null || true; }
 
@@ -634,6 +744,7 @@ svc_desc() {
 	redis) echo "$REDIS_URL" ;;
 	kafka) echo "$KAFKA_BOOTSTRAP (controller $HOST:$KAFKA_CONTROLLER_PORT, kafka $KAFKA_VERSION)" ;;
 	s3) echo "$S3_ENDPOINT bucket=$S3_BUCKET (SeaweedFS)" ;;
+	sqs) echo "$SQS_ENDPOINT (ElasticMQ $ELASTICMQ_VERSION)" ;;
 	esac
 }
 
@@ -689,6 +800,9 @@ install_many() {
 	for svc in "$@"; do
 		case "$svc" in postgres) install_postgres ;; redis) install_redis ;; esac
 	done
+	for svc in "$@"; do
+		case "$svc" in sqs) install_sqs ;; esac
+	done
 	if [ "$need_kafka" = 1 ] && [ "$need_s3" = 1 ]; then
 		command -v java >/dev/null 2>&1 || apt_install openjdk-17-jre-headless
 		command -v mvn >/dev/null 2>&1 || apt_install maven
@@ -729,6 +843,7 @@ cmd_env() {
 		export LLMTAP_TEST_S3_SECRET_KEY=$S3_SECRET_KEY
 		export LLMTAP_TEST_S3_BUCKET=$S3_BUCKET
 		export LLMTAP_TEST_S3_REGION=$S3_REGION
+		export LLMTAP_TEST_SQS_ENDPOINT=$SQS_ENDPOINT
 		export LLMTAP_SERVICES_DIR=$SERVICES_DIR
 		export LLMTAP_SERVICES_SCRIPT=$SCRIPT_PATH
 	EOF
@@ -768,14 +883,14 @@ main() {
 		log "up: ${SERVICES[*]} ready in $(since "$t0")s (state: $SERVICES_DIR)"
 		;;
 	start)
-		[ $# -gt 0 ] || die "usage: $0 start postgres|redis|kafka|s3 ..."
+		[ $# -gt 0 ] || die "usage: $0 start postgres|redis|kafka|s3|sqs ..."
 		parse_services "$@"
 		lock
 		install_many "${SERVICES[@]}"
 		start_many "${SERVICES[@]}"
 		;;
 	stop)
-		[ $# -gt 0 ] || die "usage: $0 stop postgres|redis|kafka|s3 ..."
+		[ $# -gt 0 ] || die "usage: $0 stop postgres|redis|kafka|s3|sqs ..."
 		parse_services "$@"
 		lock
 		local svc
@@ -784,13 +899,13 @@ main() {
 	down)
 		lock
 		local svc
-		for svc in s3 kafka redis postgres; do stop_one "$svc"; done
+		for svc in sqs s3 kafka redis postgres; do stop_one "$svc"; done
 		;;
 	clean)
 		lock
 		local svc
-		for svc in s3 kafka redis postgres; do stop_one "$svc"; done
-		rm -rf "$PG_HOME" "$REDIS_HOME" "$KAFKA_HOME" "$S3_HOME" "$RUN_DIR"
+		for svc in sqs s3 kafka redis postgres; do stop_one "$svc"; done
+		rm -rf "$PG_HOME" "$REDIS_HOME" "$KAFKA_HOME" "$S3_HOME" "$SQS_HOME" "$RUN_DIR"
 		log "removed the state under $SERVICES_DIR (caches in $CACHE_DIR kept)"
 		;;
 	install)
