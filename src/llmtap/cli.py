@@ -27,6 +27,7 @@ Examples:
   llmtap up                                   # everything, embedded (SQLite + files in ./.llmtap)
   LLMTAP_QUEUE=kafka://127.0.0.1:9092/llmtap llmtap gateway
   LLMTAP_QUEUE=redis://127.0.0.1:6379/0 LLMTAP_STORE=postgresql://u:p@db/llmtap llmtap worker
+  LLMTAP_QUEUE=sqs://llmtap.fifo AWS_REGION=eu-west-1 llmtap worker
   llmtap status
 
 Point your SDK at the gateway:
@@ -181,6 +182,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
             lag=st.lag,
             partitions=[{"partition": p.partition, "lag": p.lag, "owner": p.owner} for p in st.partitions],
             dead_letters=st.dead_letters,
+            waiting=st.waiting,
+            in_flight=st.in_flight,
+            notes=st.notes,
         )
         return info
 
@@ -196,10 +200,16 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"spool         {info['spool_bytes']} bytes waiting on local disk")
         sys.exit(1)
     click.echo(f"lag           {info['lag']} record(s) not yet stored")
+    if info["waiting"] is not None:
+        click.echo(
+            f"  waiting {info['waiting']}, in flight {info['in_flight']} (received, not yet acknowledged)"
+        )
     for p in info["partitions"]:
         click.echo(f"  partition {p['partition']:>3}  lag {p['lag']:>8}  owner {p['owner'] or '-'}")
     click.echo(f"dead letters  {info['dead_letters']}")
     click.echo(f"spool         {info['spool_bytes']} bytes waiting on local disk")
+    for note in info["notes"]:
+        click.echo(f"note          {note}")
 
 
 # -- keys ---------------------------------------------------------------------------------------

@@ -112,7 +112,11 @@ class Settings(BaseSettings):
             return v
         if v.startswith(("kafka://", "redis://", "rediss://")):
             return _check_network_url(v)
-        raise ValueError("must be 'sqlite', 'kafka://host:port/topic' or 'redis://host:port/db'")
+        if v.startswith("sqs://"):  # sqs://queue-name: the name is the netloc, the region the chain's
+            return _check_network_url(v)
+        raise ValueError(
+            "must be 'sqlite', 'kafka://host:port/topic', 'redis://host:port/db' or 'sqs://queue-name'"
+        )
 
     @field_validator("store")
     @classmethod

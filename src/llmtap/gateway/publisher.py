@@ -100,7 +100,7 @@ class QueueSink(Sink):
         messages = []
         for r in records:
             r.route = "queue"
-            messages.append(Message(key=partition_key(r, by), value=encode(r)))
+            messages.append(Message(key=partition_key(r, by), value=encode(r), id=f"{r.tenant}/{r.id}"))
         await self.queue.publish(messages)
 
 

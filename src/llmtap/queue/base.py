@@ -1,4 +1,4 @@
-"""The queue interface every backend implements (SQLite, Kafka, Redis Streams).
+"""The queue interface every backend implements (SQLite, Kafka, Redis Streams, SQS).
 
 Modelled on Dramatiq's broker: a small surface the rest of llmtap codes against, so the
 gateway's publisher and the worker never know which backend they talk to.
@@ -37,10 +37,15 @@ Role = Literal["producer", "consumer", "both"]
 
 @dataclass(slots=True)
 class Message:
-    """What the gateway publishes: a partition key and the encoded record."""
+    """What the gateway publishes: a partition key and the encoded record.
+
+    `id` names the record (tenant and request id) for queues that deduplicate by it (SQS FIFO);
+    without it they deduplicate by content.
+    """
 
     key: str
     value: bytes
+    id: str | None = None
 
 
 @dataclass(slots=True)
@@ -75,12 +80,20 @@ class PartitionStatus:
 
 @dataclass(slots=True)
 class QueueStatus:
+    """Partitioned queues report lag per partition; SQS, which has no partitions or offsets,
+    reports the messages `waiting` and `in_flight` (received, not yet deleted) instead."""
+
     backend: str
     partitions: list[PartitionStatus] = field(default_factory=list)
     dead_letters: int = 0
+    waiting: int | None = None
+    in_flight: int | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def lag(self) -> int:
+        if self.waiting is not None:
+            return self.waiting + (self.in_flight or 0)
         return sum(p.lag for p in self.partitions)
 
 
@@ -172,4 +185,10 @@ def open_queue(settings: Settings, *, group: str = "llmtap-workers") -> Queue:
         from llmtap.queue.redis import RedisQueue
 
         return RedisQueue(url, partitions=settings.partitions, group=group)
+    if url.startswith("sqs://"):
+        from llmtap.queue.sqs import SQSQueue
+
+        return SQSQueue(
+            url, partitions=settings.partitions, group=group, inline_body_bytes=settings.inline_body_bytes
+        )
     raise ValueError(f"unknown queue {url!r}")

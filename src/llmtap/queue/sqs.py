@@ -1,0 +1,677 @@
+"""Amazon SQS queue (aiobotocore): a FIFO queue for order per key, or a standard queue.
+
+FIFO queues (`name.fifo`) give the contract's order: every message carries `MessageGroupId` =
+its partition key, and SQS hands out nothing more of a group while a message of it is in flight
+(received, not yet deleted or visible again), so one key's records are processed in publish
+order whichever worker receives them. Workers need no partition assignment: any worker takes
+any group that is free. `MessageDeduplicationId` is a hash of the tenant and request id (SQS
+drops a repeat within its 5-minute window; the store's one-row-per-id rule holds beyond it).
+Standard queues work too, but SQS orders them best-effort only (and may deliver twice even
+without a crash); that is said at start-up, in the queue's description and in `llmtap status`.
+
+Publishing: `SendMessageBatch`, at most 10 entries and `MaximumMessageSize` bytes (the queue's
+own limit, 256 KiB unless set otherwise) per request. On a FIFO queue one group's messages are
+sent by one sequence of requests, each awaited before the next, so concurrency never reorders
+them; different groups go in parallel. A message over the limit (bodies above the inline cap
+already went to the body store; this is a body store outage's inline fallback, or a huge
+`LLMTAP_INLINE_BODY_BYTES`) is refused with `MessageRefused` before anything of the batch is
+sent, so the gateway's next sink (the ingest endpoint, then the spool) takes the whole batch.
+
+Consuming: long polling (`WaitTimeSeconds`), several receives per `consume` up to the batch
+size. Received messages stay invisible while held: a background task renews their visibility
+timeout (`ChangeMessageVisibilityBatch`) until they are acked (deleted only after the handler
+chain succeeded), dead-lettered, or released at `close` (visible again at once). A consumer that
+dies stops renewing, so its messages come back after `visibility_timeout` seconds: that is the
+takeover.
+
+Dead letters: llmtap's own dead-letter queue `<name>-dlq` (`<name>-dlq.fifo`) holds them, with
+the reason, source offset and time as message attributes. The main queue is created with a
+redrive policy to the same queue (`maxReceiveCount`, default 10): a message that makes the
+worker process crash again and again is moved there by SQS itself (its reason then says so).
+Listing dead letters receives them and makes them visible again; replaying publishes them to the
+main queue (a fresh deduplication id) and deletes them. Each replay marks what it published, so
+letters that fail again during the replay are not replayed twice by it.
+
+URL: `sqs://<queue-name>` with optional query parameters `endpoint` (an SQS-compatible server;
+else `AWS_ENDPOINT_URL_SQS`), `region` (else the AWS configuration chain), `visibility_timeout`
+(seconds; default 30), `max_receives` (the redrive policy of a queue llmtap creates; default 10)
+and `wait_seconds` (the longest long poll; default 20). Credentials come from the standard AWS
+chain (environment, config files, instance or task role).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+
+from llmtap.errors import BackendUnavailable, ConfigError
+from llmtap.queue.base import (
+    DeadLetter,
+    Delivery,
+    Message,
+    Queue,
+    QueueStatus,
+    Role,
+    partition_for,
+)
+
+log = logging.getLogger("llmtap.queue.sqs")
+
+T = TypeVar("T")
+
+DEFAULT_MAX_BYTES = 256 * 1024
+_BATCH = 10  # SQS's entries per batch request
+_FIFO_LANES = 16  # parallel request sequences per publish on a FIFO queue
+_CONCURRENCY = 16  # requests in flight per operation
+_RETENTION = str(14 * 24 * 3600)  # SQS's maximum: logs may wait out a long store outage
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+_GROUP = re.compile(r"^[!-~]{1,128}$")  # what SQS allows in a MessageGroupId
+# Characters SQS accepts in a message body or string attribute (XML 1.0's).
+_BAD_CHARS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+_DENIED = ("AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "UnrecognizedClientException")
+
+A_KEY = "llmtap-key"
+A_B64 = "llmtap-b64"
+A_REPLAY = "llmtap-replay"
+A_REASON = "llmtap-reason"
+A_OFFSET = "llmtap-offset"
+A_FAILED_AT = "llmtap-failed-at"
+
+
+class MessageRefused(ValueError):
+    """A message SQS would not take (too large): not an outage, so the next sink gets the batch."""
+
+
+@dataclass(slots=True)
+class _Handle:
+    """Backend-private part of a `Delivery`."""
+
+    receipt: str
+    message_id: str
+    replay: str | None
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A message ready for SendMessageBatch, and its size as SQS counts it."""
+
+    body: str
+    attrs: dict[str, dict[str, Any]]
+    size: int
+    group: str | None
+    dedup: str | None
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def group_id(key: str) -> str:
+    """The partition key as a MessageGroupId: itself when SQS allows it, else its hash."""
+    return key if _GROUP.match(key) else "h-" + _sha(key)
+
+
+def _clean(text: str, limit: int = 1024) -> str:
+    """A string attribute value SQS accepts."""
+    return _BAD_CHARS.sub("?", text[:limit]) or "-"
+
+
+def _chunks(entries: Sequence[_Entry], max_bytes: int) -> Iterator[list[_Entry]]:
+    """Consecutive runs of at most 10 entries and `max_bytes` bytes."""
+    chunk: list[_Entry] = []
+    size = 0
+    for e in entries:
+        if chunk and (len(chunk) == _BATCH or size + e.size > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(e)
+        size += e.size
+    if chunk:
+        yield chunk
+
+
+def _code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+class SQSQueue(Queue):
+    """The `Queue` on Amazon SQS (or an SQS-compatible server)."""
+
+    def __init__(
+        self,
+        url: str,
+        partitions: int,
+        group: str = "llmtap-workers",
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+        visibility_timeout: float | None = None,
+        max_receives: int | None = None,
+        wait_seconds: int | None = None,
+        op_timeout: float = 10.0,
+        inline_body_bytes: int | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        name = parts.netloc
+        bad = f"invalid setting LLMTAP_QUEUE: {url!r} is not sqs://<queue-name>[?endpoint=...&region=...]"
+        if parts.scheme != "sqs" or not name or parts.path.strip("/"):
+            raise ConfigError(bad)
+        self.fifo = name.endswith(".fifo")
+        base = name.removesuffix(".fifo")
+        suffix = ".fifo" if self.fifo else ""
+        if not _NAME.match(name.removesuffix(".fifo")) or len(f"{base}-dlq{suffix}") > 80:
+            raise ConfigError(
+                f"invalid setting LLMTAP_QUEUE: SQS queue name {name!r} must be letters, digits, '-' or "
+                f"'_' (at most {76 - len(suffix)} characters, then '.fifo' for a FIFO queue)"
+            )
+        query = dict(parse_qsl(parts.query))
+        unknown = set(query) - {"endpoint", "region", "visibility_timeout", "max_receives", "wait_seconds"}
+        if unknown:
+            raise ConfigError(f"invalid setting LLMTAP_QUEUE: unknown parameter(s) {sorted(unknown)} for SQS")
+        try:
+            vis = visibility_timeout or float(query.get("visibility_timeout", 30))
+            self.max_receives = max_receives or int(query.get("max_receives", 10))
+            self.wait_seconds = (
+                wait_seconds if wait_seconds is not None else int(query.get("wait_seconds", 20))
+            )
+        except ValueError:
+            raise ConfigError(f"invalid setting LLMTAP_QUEUE: bad number in {url!r}") from None
+        if not 1 <= vis <= 43200 or not 1 <= self.max_receives <= 1000 or not 0 <= self.wait_seconds <= 20:
+            raise ConfigError(
+                "invalid setting LLMTAP_QUEUE: SQS allows visibility_timeout 1..43200 s, "
+                "max_receives 1..1000 and wait_seconds 0..20"
+            )
+        self.visibility = math.ceil(vis)
+        self.name = name
+        self.dlq_name = f"{base}-dlq{suffix}"
+        self.partitions = partitions
+        self.group = group  # SQS has no consumer groups: every consumer of a queue shares it
+        self.endpoint = endpoint or query.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_SQS") or None
+        self.region = region or query.get("region")
+        self.op_timeout = op_timeout
+        self.inline_body_bytes = inline_body_bytes
+        self.max_bytes = DEFAULT_MAX_BYTES
+        where = f" at {self.endpoint}" if self.endpoint else ""
+        kind = "SQS FIFO" if self.fifo else "SQS standard queue: order best-effort"
+        self.description = f"sqs://{name}{where} ({kind})"
+        self._client: Any = None
+        self._stack = contextlib.AsyncExitStack()
+        self._url = ""
+        self._dlq_url = ""
+        self._held: dict[str, float] = {}  # receipt handle -> monotonic time it becomes visible
+        self._renewer: asyncio.Task[None] | None = None
+        self._sem = asyncio.Semaphore(_CONCURRENCY)
+
+    # -- errors ---------------------------------------------------------------------------------
+    def _unavailable(self, e: BaseException) -> BackendUnavailable:
+        if isinstance(e, ClientError):
+            why = f"{_code(e)}: {e.response.get('Error', {}).get('Message', '')}".rstrip(": ")
+        elif isinstance(e, TimeoutError):
+            why = f"no answer within {self.op_timeout:g}s"
+        else:
+            why = str(e) or type(e).__name__
+        where = self.endpoint or f"AWS region {self.region}"
+        return BackendUnavailable(f"cannot reach SQS queue {self.name} at {where}: {why}")
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *, wait: float = 0, **kwargs: Any) -> T:
+        """One SQS request, bounded (`wait`: a long poll's own seconds), every failure as
+        `BackendUnavailable`."""
+        try:
+            async with self._sem, asyncio.timeout(self.op_timeout + wait):
+                return await fn(**kwargs)
+        except (ClientError, BotoCoreError, OSError, TimeoutError) as e:
+            raise self._unavailable(e) from None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def connect(self, role: Role) -> None:
+        session = get_session()
+        if self.region is None:
+            self.region = session.get_config_variable("region") or ("us-east-1" if self.endpoint else None)
+        if self.region is None:
+            raise ConfigError(
+                "invalid setting LLMTAP_QUEUE: no AWS region for SQS (set AWS_REGION or add ?region=...)"
+            )
+        config = AioConfig(
+            connect_timeout=min(5.0, self.op_timeout),
+            read_timeout=self.op_timeout + self.wait_seconds,
+            retries={"max_attempts": 2, "mode": "standard"},
+            max_pool_connections=4 * _CONCURRENCY,
+        )
+        self._client = await self._stack.enter_async_context(
+            session.create_client("sqs", region_name=self.region, endpoint_url=self.endpoint, config=config)
+        )
+        try:
+            self._dlq_url = await self._ensure_queue(self.dlq_name, {"MessageRetentionPeriod": _RETENTION})
+            arn = (await self._attributes(self._dlq_url, "QueueArn"))["QueueArn"]
+            redrive = json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": str(self.max_receives)})
+            self._url = await self._ensure_queue(
+                self.name,
+                {
+                    "MessageRetentionPeriod": _RETENTION,
+                    "VisibilityTimeout": str(self.visibility),
+                    "RedrivePolicy": redrive,
+                },
+            )
+            attrs = await self._attributes(self._url, "MaximumMessageSize", "RedrivePolicy")
+        except NoCredentialsError:
+            await self.close()
+            raise ConfigError(
+                "no AWS credentials for the SQS queue (LLMTAP_QUEUE): set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance/task role"
+            ) from None
+        except NoRegionError:
+            await self.close()
+            raise ConfigError("no AWS region for the SQS queue (set AWS_REGION)") from None
+        except ClientError as e:
+            await self.close()
+            if _code(e) in _DENIED:
+                raise ConfigError(
+                    f"SQS refused access to queue {self.name} ({_code(e)}): check the credentials and "
+                    "the IAM permissions listed in the README"
+                ) from None
+            raise self._unavailable(e) from None
+        except (BotoCoreError, OSError, TimeoutError) as e:
+            await self.close()
+            raise self._unavailable(e) from None
+        self.max_bytes = int(attrs.get("MaximumMessageSize") or DEFAULT_MAX_BYTES)
+        if "RedrivePolicy" not in attrs:
+            log.info(
+                "sqs queue %s has no redrive policy: a message that crashes workers is retried forever",
+                self.name,
+            )
+        if not self.fifo:
+            log.warning(
+                "sqs queue %s is a standard queue: records are processed in best-effort order and may be "
+                "delivered twice; use a .fifo queue for order per partition key",
+                self.name,
+            )
+        if (
+            self.inline_body_bytes is not None
+            and 2 * self.inline_body_bytes * 4 // 3 + 16384 > self.max_bytes
+        ):
+            log.warning(
+                "LLMTAP_INLINE_BODY_BYTES=%d lets a record with two inline bodies exceed SQS's %d-byte "
+                "message limit; such records go to the ingest endpoint instead",
+                self.inline_body_bytes,
+                self.max_bytes,
+            )
+        if role in ("consumer", "both"):
+            self._renewer = asyncio.get_running_loop().create_task(
+                self._renew_loop(), name="llmtap-sqs-renew"
+            )
+
+    async def _ensure_queue(self, name: str, attrs: dict[str, str]) -> str:
+        """The queue's URL; created (with `attrs`) when missing. An existing queue is used as is."""
+        async with asyncio.timeout(self.op_timeout):
+            try:
+                return str((await self._client.get_queue_url(QueueName=name))["QueueUrl"])
+            except ClientError as e:
+                if _code(e) not in _MISSING:
+                    raise
+            if name.endswith(".fifo"):
+                attrs = {**attrs, "FifoQueue": "true", "ContentBasedDeduplication": "false"}
+            log.info("creating SQS queue %s", name)
+            return str((await self._client.create_queue(QueueName=name, Attributes=attrs))["QueueUrl"])
+
+    async def _attributes(self, url: str, *names: str) -> dict[str, str]:
+        async with asyncio.timeout(self.op_timeout):
+            got = await self._client.get_queue_attributes(QueueUrl=url, AttributeNames=list(names))
+        return dict(got.get("Attributes", {}))
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        if self._held and self._client is not None:
+            # Visible again now: another consumer takes them at once instead of after the timeout.
+            with contextlib.suppress(Exception):
+                await self._change_visibility(self._url, list(self._held), 0)
+        self._held.clear()
+        await self._stack.aclose()
+        self._stack = contextlib.AsyncExitStack()
+        self._client = None
+
+    # -- encoding -------------------------------------------------------------------------------
+    def _entry(
+        self, key: str, value: bytes, dedup: str | None, extra: dict[str, str] | None = None
+    ) -> _Entry:
+        try:
+            body = value.decode()
+            b64 = _BAD_CHARS.search(body) is not None
+            size = len(value)
+        except UnicodeDecodeError:
+            b64 = True
+        if b64:  # SQS bodies are XML text: anything else travels in base64
+            body = base64.b64encode(value).decode()
+            size = len(body)
+        attrs: dict[str, dict[str, Any]] = {}
+        if key:
+            attrs[A_KEY] = {"DataType": "Binary", "BinaryValue": key.encode()}
+        if b64:
+            attrs[A_B64] = {"DataType": "String", "StringValue": "1"}
+        for name, v in (extra or {}).items():
+            attrs[name] = {"DataType": "String", "StringValue": v}
+        for name, a in attrs.items():
+            v = a.get("BinaryValue", a.get("StringValue", ""))
+            size += len(name) + len(a["DataType"]) + len(v if isinstance(v, bytes) else v.encode())
+        return _Entry(body, attrs, size, group_id(key) if self.fifo else None, dedup)
+
+    @staticmethod
+    def _decode(m: dict[str, Any]) -> tuple[str, bytes, dict[str, Any]]:
+        attrs = m.get("MessageAttributes") or {}
+        key_attr = attrs.get(A_KEY, {}).get("BinaryValue", b"")
+        key = key_attr.decode(errors="replace") if isinstance(key_attr, bytes) else str(key_attr)
+        body = m.get("Body", "")
+        value = base64.b64decode(body) if A_B64 in attrs else body.encode()
+        return key, value, attrs
+
+    def _offset(self, m: dict[str, Any]) -> int:
+        seq = m.get("Attributes", {}).get("SequenceNumber")
+        if seq:
+            return int(seq)
+        return int.from_bytes(hashlib.sha1(m["MessageId"].encode()).digest()[:8]) >> 1
+
+    # -- producer -------------------------------------------------------------------------------
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        entries = [
+            self._entry(
+                m.key, m.value, _sha(m.id) if m.id is not None else hashlib.sha256(m.value).hexdigest()
+            )
+            for m in messages
+        ]
+        await self._send_entries(self._url, entries)
+
+    async def _send_entries(self, url: str, entries: Sequence[_Entry]) -> None:
+        too_big = [e.size for e in entries if e.size > self.max_bytes]
+        if too_big:
+            raise MessageRefused(
+                f"SQS queue {self.name} takes messages up to {self.max_bytes} bytes; {len(too_big)} "
+                f"record(s) of the batch are larger ({max(too_big)} bytes), so the batch goes elsewhere"
+            )
+        if self.fifo:
+            # One group's messages in one lane, sent request after request: never reordered.
+            lanes: dict[int, list[_Entry]] = {}
+            for e in entries:
+                lanes.setdefault(hash(e.group) % _FIFO_LANES, []).append(e)
+            jobs = [self._send_lane(url, lane) for lane in lanes.values()]
+        else:
+            jobs = [self._send_batch(url, chunk) for chunk in _chunks(entries, self.max_bytes)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def _send_lane(self, url: str, entries: Sequence[_Entry]) -> None:
+        for chunk in _chunks(entries, self.max_bytes):
+            await self._send_batch(url, chunk)
+
+    async def _send_batch(self, url: str, chunk: Sequence[_Entry]) -> None:
+        batch = []
+        for i, e in enumerate(chunk):
+            entry: dict[str, Any] = {"Id": str(i), "MessageBody": e.body}
+            if e.attrs:
+                entry["MessageAttributes"] = e.attrs
+            if e.group is not None:
+                entry["MessageGroupId"] = e.group
+                entry["MessageDeduplicationId"] = e.dedup or uuid.uuid4().hex
+            batch.append(entry)
+        resp = await self._call(self._client.send_message_batch, QueueUrl=url, Entries=batch)
+        failed = resp.get("Failed") or []
+        if failed:
+            f = failed[0]
+            why = (
+                f"{len(failed)} of {len(batch)} messages failed, e.g. {f.get('Code')}: {f.get('Message', '')}"
+            )
+            if any(x.get("SenderFault") for x in failed):
+                raise MessageRefused(f"SQS queue {self.name} refused a batch: {why}")
+            raise BackendUnavailable(f"SQS queue {self.name}: {why}")
+
+    # -- consumer -------------------------------------------------------------------------------
+    async def _receive(self, url: str, n: int, wait: int, visibility: int) -> list[dict[str, Any]]:
+        resp = await self._call(
+            self._client.receive_message,
+            wait=wait,
+            QueueUrl=url,
+            MaxNumberOfMessages=n,
+            WaitTimeSeconds=wait,
+            VisibilityTimeout=visibility,
+            AttributeNames=["All"],
+            MessageAttributeNames=["All"],
+        )
+        return list(resp.get("Messages") or [])
+
+    async def consume(self, max_messages: int, timeout: float) -> list[Delivery]:
+        if self._renewer is None:
+            raise RuntimeError("SQSQueue is not connected as a consumer")
+        wait = 0 if timeout <= 0 else max(1, min(self.wait_seconds, math.ceil(timeout)))
+        t0 = time.monotonic()
+        got = await self._receive(self._url, min(_BATCH, max_messages), wait, self.visibility)
+        # More than 10 wanted: further receives, in parallel, while they come back full.
+        last_full = len(got) == _BATCH
+        while last_full and len(got) < max_messages:
+            want = max_messages - len(got)
+            sizes = [min(_BATCH, want - i * _BATCH) for i in range(min(math.ceil(want / _BATCH), 8))]
+            rounds = await asyncio.gather(*(self._receive(self._url, s, 0, self.visibility) for s in sizes))
+            last_full = all(len(r) == s for r, s in zip(rounds, sizes, strict=True))
+            for r in rounds:
+                got += r
+        deadline = t0 + self.visibility
+        out: list[Delivery] = []
+        for m in got:
+            key, value, attrs = self._decode(m)
+            receipt = m["ReceiptHandle"]
+            self._held[receipt] = deadline
+            replay = attrs.get(A_REPLAY, {}).get("StringValue")
+            out.append(
+                Delivery(
+                    partition_for(key, self.partitions),
+                    self._offset(m),
+                    key,
+                    value,
+                    delivery_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
+                    handle=_Handle(receipt, m["MessageId"], replay),
+                )
+            )
+        return out
+
+    async def _renew_loop(self) -> None:
+        """Keep held messages invisible: renew each well before its visibility timeout ends."""
+        while True:
+            await asyncio.sleep(self.visibility / 6)
+            now = time.monotonic()
+            due = [r for r, at in self._held.items() if at - now < self.visibility * 2 / 3]
+            if not due:
+                continue
+            try:
+                ok = await self._change_visibility(self._url, due, self.visibility)
+            except Exception as e:
+                log.warning("sqs queue %s: renewing visibility failed (may be redelivered): %s", self.name, e)
+                continue
+            for r in ok:
+                if r in self._held:
+                    self._held[r] = now + self.visibility
+
+    async def _change_visibility(self, url: str, receipts: Sequence[str], seconds: int) -> set[str]:
+        """Set the visibility of these messages; returns the receipts that took it."""
+
+        async def one(chunk: Sequence[str]) -> set[str]:
+            entries = [
+                {"Id": str(i), "ReceiptHandle": r, "VisibilityTimeout": seconds} for i, r in enumerate(chunk)
+            ]
+            resp = await self._call(
+                self._client.change_message_visibility_batch, QueueUrl=url, Entries=entries
+            )
+            failed = {int(f["Id"]) for f in resp.get("Failed") or []}
+            for i in failed:  # deleted meanwhile, or received again elsewhere: not ours any more
+                self._held.pop(chunk[i], None)
+            return {r for i, r in enumerate(chunk) if i not in failed}
+
+        chunks = [receipts[i : i + _BATCH] for i in range(0, len(receipts), _BATCH)]
+        done: set[str] = set()
+        for part in await asyncio.gather(*(one(c) for c in chunks)):
+            done |= part
+        return done
+
+    async def _delete(self, url: str, receipts: Sequence[str]) -> None:
+        async def one(chunk: Sequence[str]) -> None:
+            entries = [{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(chunk)]
+            resp = await self._call(self._client.delete_message_batch, QueueUrl=url, Entries=entries)
+            for f in resp.get("Failed") or []:
+                # A stale receipt (the message came back after a lapse and was received again):
+                # the other receiver deletes it; at least once either way.
+                log.info("sqs queue %s: delete failed: %s %s", self.name, f.get("Code"), f.get("Message", ""))
+
+        chunks = [receipts[i : i + _BATCH] for i in range(0, len(receipts), _BATCH)]
+        results = await asyncio.gather(*(one(c) for c in chunks), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        receipts = [d.handle.receipt for d in deliveries if isinstance(d.handle, _Handle)]
+        if not receipts:
+            return
+        await self._delete(self._url, receipts)
+        for r in receipts:
+            self._held.pop(r, None)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        handle = delivery.handle
+        assert isinstance(handle, _Handle), "not a delivery of this queue"
+        extra = {
+            A_REASON: _clean(reason),
+            A_OFFSET: str(delivery.offset),
+            A_FAILED_AT: repr(time.time()),
+        }
+        if handle.replay:
+            extra[A_REPLAY] = handle.replay
+        entry = self._entry(delivery.key, delivery.value, _sha("dlq:" + handle.message_id), extra)
+        if self.fifo:
+            entry.group = uuid.uuid4().hex  # dead letters need no order: each its own group, so all list
+        await self._send_entries(self._dlq_url, [entry])
+        await self.ack([delivery])
+
+    # -- operations -----------------------------------------------------------------------------
+    def _letter(self, m: dict[str, Any]) -> DeadLetter:
+        key, value, attrs = self._decode(m)
+        sys_attrs = m.get("Attributes", {})
+        reason = attrs.get(A_REASON, {}).get("StringValue")
+        if reason is None:
+            reason = (
+                f"moved by SQS after {sys_attrs.get('ApproximateReceiveCount', '?')} receives without an "
+                f"acknowledgement (redrive policy, maxReceiveCount {self.max_receives}): did a worker crash?"
+            )
+        failed_at = (
+            attrs.get(A_FAILED_AT, {}).get("StringValue") or int(sys_attrs.get("SentTimestamp", 0)) / 1000
+        )
+        offset = attrs.get(A_OFFSET, {}).get("StringValue")
+        return DeadLetter(
+            id=m["MessageId"],
+            partition=partition_for(key, self.partitions),
+            offset=int(offset) if offset else self._offset(m),
+            key=key,
+            value=value,
+            reason=reason,
+            failed_at=float(failed_at),
+        )
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        seen: list[dict[str, Any]] = []
+        try:
+            while len(seen) < limit:
+                got = await self._receive(self._dlq_url, min(_BATCH, limit - len(seen)), 1, 30)
+                if not got:
+                    break
+                seen += got
+        finally:
+            if seen:
+                await self._change_visibility(self._dlq_url, [m["ReceiptHandle"] for m in seen], 0)
+        letters = [self._letter(m) for m in seen]
+        return sorted(letters, key=lambda d: d.failed_at)
+
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        wanted = set(ids) if ids is not None else None
+        token = uuid.uuid4().hex  # what this replay publishes carries it: skip it if it comes back
+        skipped: list[str] = []
+        replayed = 0
+        try:
+            while wanted is None or wanted:
+                got = await self._receive(self._dlq_url, _BATCH, 1, 120)
+                if not got:
+                    break
+                chosen = []
+                for m in got:
+                    _, _, attrs = self._decode(m)
+                    mine = attrs.get(A_REPLAY, {}).get("StringValue") == token
+                    if not mine and (wanted is None or m["MessageId"] in wanted):
+                        chosen.append(m)
+                    else:
+                        skipped.append(m["ReceiptHandle"])
+                if not chosen:
+                    continue
+                entries = []
+                for m in chosen:
+                    letter = self._letter(m)
+                    entries.append(
+                        self._entry(
+                            letter.key, letter.value, _sha("replay:" + m["MessageId"]), {A_REPLAY: token}
+                        )
+                    )
+                await self._send_entries(self._url, entries)
+                await self._delete(self._dlq_url, [m["ReceiptHandle"] for m in chosen])
+                replayed += len(chosen)
+                if wanted is not None:
+                    wanted -= {m["MessageId"] for m in chosen}
+        finally:
+            if skipped:
+                await self._change_visibility(self._dlq_url, skipped, 0)
+        return replayed
+
+    async def status(self) -> QueueStatus:
+        names = (
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        )
+        try:
+            main, dlq = await asyncio.gather(
+                self._attributes(self._url, *names), self._attributes(self._dlq_url, *names)
+            )
+        except (ClientError, BotoCoreError, OSError, TimeoutError) as e:
+            raise self._unavailable(e) from None
+
+        def n(attrs: dict[str, str], name: str) -> int:
+            return int(attrs.get(name, 0))
+
+        notes = ["approximate counts (SQS estimates them)"]
+        if not self.fifo:
+            notes.append("standard queue: order best-effort, a record may be delivered twice")
+        return QueueStatus(
+            backend="sqs",
+            dead_letters=sum(n(dlq, x) for x in names),
+            waiting=n(main, names[0]) + n(main, names[2]),
+            in_flight=n(main, names[1]),
+            notes=notes,
+        )
