@@ -1,15 +1,20 @@
 """Queue benchmark: publish throughput and end-to-end lag, for every backend that is available.
 
-    .venv/bin/python bench/queue_bench.py [--backends sqlite,redis,kafka] [--seconds 10] [--json FILE]
+    .venv/bin/python bench/queue_bench.py [--backends sqlite,redis,kafka,sqs] [--seconds 10] [--json FILE]
 
 For each backend (SQLite in a temp dir always; Redis with LLMTAP_TEST_REDIS_URL; Kafka with
-LLMTAP_TEST_KAFKA_BOOTSTRAP — see scripts/services.sh):
+LLMTAP_TEST_KAFKA_BOOTSTRAP; SQS, a FIFO queue, with LLMTAP_TEST_SQS_ENDPOINT — see
+scripts/services.sh):
 
 - publish: records/s from one process, batches of 500 records of ~1.5 KB, one batch awaited at
   a time (as the gateway's publisher does), on a fresh queue.
 - lag: a publisher paced at `--rate` records/s (batches every 10 ms) and a consumer in another
   process that consumes, acks, and then measures publish → consumed+acked for every record;
   p50/p99/max over `--seconds`.
+
+- for SQS also the server's own ceiling: a bare aiobotocore client sending the same records
+  (SendMessageBatch of 10, 37 message groups, 16 requests in flight, no llmtap code) for as
+  long as the publish run took, so llmtap's figure can be read against what the server allows.
 
 Targets: >= 10,000 records/s publish per backend; lag p99 < 1 s at 1,000 records/s.
 """
@@ -43,6 +48,10 @@ def build(backend: str, target: str, **kw: Any) -> Queue:
         from llmtap.queue.redis import RedisQueue
 
         return RedisQueue(target, 6, "bench", **kw)
+    if backend == "sqs":
+        from llmtap.queue.sqs import SQSQueue
+
+        return SQSQueue(target, 6, "bench", **kw)
     from llmtap.queue.kafka import KafkaQueue
 
     return KafkaQueue(target, 6, "bench", **kw)
@@ -55,6 +64,8 @@ def fresh_target(backend: str, tmp: Path) -> str:
     if backend == "redis":
         url = os.environ["LLMTAP_TEST_REDIS_URL"]
         return f"{url}{'&' if '?' in url else '?'}prefix={name}"
+    if backend == "sqs":
+        return f"sqs://{name}.fifo?endpoint={os.environ['LLMTAP_TEST_SQS_ENDPOINT']}"
     return f"kafka://{os.environ['LLMTAP_TEST_KAFKA_BOOTSTRAP']}/{name}"
 
 
@@ -77,6 +88,45 @@ async def publish_throughput(backend: str, target: str, batches: int) -> float:
         return batches * 500 / (time.perf_counter() - t0)
     finally:
         await q.close()
+
+
+async def sqs_bare_ceiling(seconds: float) -> float:
+    """Records/s a bare aiobotocore client gets into a fresh FIFO queue on the same server."""
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    name = f"bench{uuid.uuid4().hex[:8]}.fifo"
+    config = AioConfig(max_pool_connections=64, retries={"max_attempts": 2, "mode": "standard"})
+    async with get_session().create_client(
+        "sqs", region_name="us-east-1", endpoint_url=os.environ["LLMTAP_TEST_SQS_ENDPOINT"], config=config
+    ) as c:
+        url = (await c.create_queue(QueueName=name, Attributes={"FifoQueue": "true"}))["QueueUrl"]
+        bodies = [payload(i, 0.0).decode() for i in range(10)]
+        sent = 0
+        deadline = time.perf_counter() + seconds
+
+        async def lane(lane_no: int) -> None:
+            nonlocal sent
+            n = 0
+            while time.perf_counter() < deadline:
+                entries = [
+                    {
+                        "Id": str(i),
+                        "MessageBody": bodies[i],
+                        "MessageGroupId": f"tenant-{(lane_no + i) % 37}",
+                        "MessageDeduplicationId": f"{lane_no}-{n}-{i}",
+                    }
+                    for i in range(10)
+                ]
+                await c.send_message_batch(QueueUrl=url, Entries=entries)
+                sent += 10
+                n += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(lane(i) for i in range(16)))
+        rate = sent / (time.perf_counter() - t0)
+        await c.delete_queue(QueueUrl=url)
+        return rate
 
 
 def _consumer_proc(backend: str, target: str, expected: int, seconds: float, out: Any) -> None:
@@ -143,7 +193,7 @@ async def end_to_end_lag(backend: str, target: str, rate: int, seconds: float) -
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backends", default="sqlite,redis,kafka")
+    ap.add_argument("--backends", default="sqlite,redis,kafka,sqs")
     ap.add_argument("--batches", type=int, default=60, help="publish batches of 500 for the throughput run")
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=10.0)
@@ -156,7 +206,11 @@ async def main() -> int:
         if b == "sqlite"
         or (b == "redis" and os.environ.get("LLMTAP_TEST_REDIS_URL"))
         or (b == "kafka" and os.environ.get("LLMTAP_TEST_KAFKA_BOOTSTRAP"))
+        or (b == "sqs" and os.environ.get("LLMTAP_TEST_SQS_ENDPOINT"))
     ]
+    if "sqs" in available:  # ElasticMQ checks no signature; botocore wants something to sign with
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "llmtap-bench")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "llmtap-bench")
     for b in set(wanted) - set(available):
         print(
             f"{b}: skipped (its LLMTAP_TEST_* variable is not set; see scripts/services.sh)", file=sys.stderr
@@ -164,7 +218,16 @@ async def main() -> int:
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for b in available:
+            t0 = time.perf_counter()
             tput = await publish_throughput(b, fresh_target(b, Path(tmp)), a.batches)
+            if b == "sqs":
+                bare = await sqs_bare_ceiling(max(3.0, time.perf_counter() - t0))
+                report["sqs-bare-client"] = {"publish_records_per_s": round(bare)}
+                print(
+                    f"sqs     server ceiling: a bare aiobotocore client publishes {bare:9,.0f} records/s "
+                    "(batches of 10, 16 requests in flight)",
+                    flush=True,
+                )
             lag = await end_to_end_lag(b, fresh_target(b, Path(tmp)), a.rate, a.seconds)
             report[b] = {"publish_records_per_s": round(tput), **{k: round(v, 1) for k, v in lag.items()}}
             print(

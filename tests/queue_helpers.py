@@ -37,13 +37,20 @@ if str(ROOT / "src") not in sys.path:  # when run as a script from a checkout
 
 from llmtap.queue.base import Delivery, Message, Queue  # noqa: E402
 
-BACKENDS = ("sqlite", "redis", "kafka")
+BACKENDS = ("sqlite", "redis", "kafka", "sqs")
+
+if os.environ.get("LLMTAP_TEST_SQS_ENDPOINT"):
+    # ElasticMQ checks no signature, but botocore signs every request: any credentials do. Set
+    # here (inherited by the consumer processes), only when the test server is configured.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "llmtap-test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "llmtap-test")
 
 # Short liveness timeouts so takeovers happen within a test (Kafka's broker minimum is 6 s).
 FAST = {
     "sqlite": {"lease_timeout": 2.0},
     "redis": {"session_timeout": 2.0, "claim_idle": 0.3},
     "kafka": {"session_timeout": 6.0, "op_timeout": 3.0, "revoke_grace": 3.0},
+    "sqs": {"visibility_timeout": 4},
 }
 
 
@@ -58,6 +65,8 @@ def skip_reason(backend: str) -> str | None:
         return f"LLMTAP_TEST_REDIS_URL is not set ({how})"
     if backend == "kafka" and not os.environ.get("LLMTAP_TEST_KAFKA_BOOTSTRAP"):
         return f"LLMTAP_TEST_KAFKA_BOOTSTRAP is not set ({how})"
+    if backend == "sqs" and not os.environ.get("LLMTAP_TEST_SQS_ENDPOINT"):
+        return f"LLMTAP_TEST_SQS_ENDPOINT is not set ({how})"
     return None
 
 
@@ -85,6 +94,10 @@ class QueueSpec:
             from llmtap.queue.kafka import KafkaQueue
 
             return KafkaQueue(self.target, self.partitions, self.group, **opts)
+        if self.backend == "sqs":
+            from llmtap.queue.sqs import SQSQueue
+
+            return SQSQueue(self.target, self.partitions, self.group, **opts)
         raise ValueError(self.backend)
 
     def to_json(self) -> str:
@@ -96,7 +109,8 @@ class QueueSpec:
 
 
 def make_spec(backend: str, tmp_path: Path, partitions: int = 6, **options: Any) -> QueueSpec:
-    """A fresh, empty queue of this backend (own file, Redis prefix or Kafka topic)."""
+    """A fresh, empty queue of this backend (own file, Redis prefix, Kafka topic or SQS queue;
+    a FIFO one, the kind that keeps the contract's order)."""
     name = f"t{uuid.uuid4().hex[:10]}"
     opts = {**FAST[backend], **options}
     if backend == "sqlite":
@@ -109,7 +123,14 @@ def make_spec(backend: str, tmp_path: Path, partitions: int = 6, **options: Any)
         return QueueSpec(
             backend, f"kafka://{os.environ['LLMTAP_TEST_KAFKA_BOOTSTRAP']}/{name}", partitions, options=opts
         )
+    if backend == "sqs":
+        return QueueSpec(backend, sqs_url(f"{name}.fifo"), partitions, options=opts)
     raise ValueError(backend)
+
+
+def sqs_url(name: str) -> str:
+    """`sqs://name` on the test server (scripts/services.sh)."""
+    return f"sqs://{name}?endpoint={os.environ['LLMTAP_TEST_SQS_ENDPOINT']}"
 
 
 # -- records ------------------------------------------------------------------------------------

@@ -1,0 +1,327 @@
+"""SQS queue: what the conformance suite cannot see from outside.
+
+Queue and dead-letter queue creation (redrive policy), SQS's limits (10 entries and the
+queue's byte limit per request; a message over it refused before anything is sent), bodies SQS
+would not take as text, visibility renewal while a batch is held, the redrive policy moving a
+message that keeps coming back, deduplication by record id, a standard queue (best-effort order,
+said in the status), a real server outage (scripts/services.sh stop/start sqs) and start-up
+errors. Against ElasticMQ (scripts/services.sh), FIFO queues unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiobotocore.session import get_session
+
+from llmtap.errors import BackendUnavailable, ConfigError
+from llmtap.queue.base import Delivery, Message, partition_for
+from llmtap.queue.sqs import MessageRefused, SQSQueue, group_id
+from queue_helpers import SERVICES, keyed_records, parse, skip_reason, sqs_url
+
+pytestmark = [pytest.mark.sqs, pytest.mark.timeout(180)]
+needs_server = pytest.mark.skipif(skip_reason("sqs") is not None, reason=str(skip_reason("sqs")))
+
+
+def fresh(fifo: bool = True) -> str:
+    name = f"t{uuid.uuid4().hex[:10]}"
+    return sqs_url(f"{name}.fifo" if fifo else name)
+
+
+@pytest.fixture
+async def queues() -> AsyncIterator[list[SQSQueue]]:
+    opened: list[SQSQueue] = []
+    yield opened
+    for q in reversed(opened):
+        await q.close()
+
+
+async def open_(url: str, queues: list[SQSQueue], role: Any = "both", **kw: Any) -> SQSQueue:
+    q = SQSQueue(url, 6, "workers", **{"visibility_timeout": 4, **kw})
+    await q.connect(role)
+    queues.append(q)
+    return q
+
+
+async def take(q: SQSQueue, n: int, timeout: float = 30, ack: bool = True) -> list[Delivery]:
+    out: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"got {len(out)} of {n}"
+        got = await q.consume(n - len(out), 1.0)
+        out += got
+        if ack:
+            await q.ack(got)
+    return out
+
+
+async def raw_attributes(name: str) -> dict[str, str]:
+    """The queue's attributes as SQS itself reports them (not through llmtap)."""
+    async with get_session().create_client(
+        "sqs", region_name="us-east-1", endpoint_url=os.environ["LLMTAP_TEST_SQS_ENDPOINT"]
+    ) as c:
+        qurl = (await c.get_queue_url(QueueName=name))["QueueUrl"]
+        got = await c.get_queue_attributes(QueueUrl=qurl, AttributeNames=["All"])
+        return dict(got["Attributes"])
+
+
+# -- no server needed ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqs://",
+        "sqs://a/b",
+        "sqs://bad.name",
+        "sqs://" + "x" * 80,
+        "sqs://q?visibility_timeout=0",
+        "sqs://q?max_receives=x",
+        "sqs://q?colour=blue",
+    ],
+)
+def test_bad_urls_are_one_sentence_config_errors(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^invalid setting LLMTAP_QUEUE: "):
+        SQSQueue(url, 6)
+
+
+def test_description_says_what_kind_of_queue() -> None:
+    assert SQSQueue("sqs://logs.fifo?endpoint=http://h:1", 6).description == (
+        "sqs://logs.fifo at http://h:1 (SQS FIFO)"
+    )
+    assert "order best-effort" in SQSQueue("sqs://logs?region=eu-west-1", 6).description
+    assert SQSQueue("sqs://logs.fifo", 6).dlq_name == "logs-dlq.fifo"
+    assert SQSQueue("sqs://logs", 6).dlq_name == "logs-dlq"
+
+
+def test_group_ids_are_keys_sqs_accepts() -> None:
+    assert group_id("tenant-a") == "tenant-a"
+    for key in ("", "ключ", "a b", "x" * 200):
+        g = group_id(key)
+        assert g.startswith("h-") and len(g) <= 128 and g.isascii() and " " not in g
+    assert group_id("ключ") == group_id("ключ") != group_id("ключ2")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_unreachable_endpoint_fails_fast_with_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    port = free_port()
+    q = SQSQueue(f"sqs://llmtap.fifo?endpoint=http://127.0.0.1:{port}", 6, op_timeout=3)
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailable) as e:
+        await q.connect("both")
+    assert time.monotonic() - t0 < 8
+    msg = str(e.value)
+    assert msg.startswith(f"cannot reach SQS queue llmtap.fifo at http://127.0.0.1:{port}: ")
+    assert "\n" not in msg
+
+
+# -- against the server -------------------------------------------------------------------------
+
+
+@needs_server
+async def test_queue_and_dead_letter_queue_are_created_with_a_redrive_policy(queues: list[SQSQueue]) -> None:
+    url = fresh()
+    q = await open_(url, queues, "producer", max_receives=7)
+    main = await raw_attributes(q.name)
+    dlq = await raw_attributes(q.dlq_name)
+    assert main["FifoQueue"] == "true" and dlq["FifoQueue"] == "true"
+    policy = json.loads(main["RedrivePolicy"])
+    assert policy["deadLetterTargetArn"] == dlq["QueueArn"] and int(policy["maxReceiveCount"]) == 7
+    assert q.max_bytes == int(main["MaximumMessageSize"])
+    # A second connect uses the existing queues as they are.
+    again = await open_(url, queues, "producer", max_receives=3)
+    assert json.loads((await raw_attributes(again.name))["RedrivePolicy"]) == policy
+
+
+@needs_server
+async def test_batches_respect_the_entry_and_byte_limits(queues: list[SQSQueue]) -> None:
+    q = await open_(fresh(), queues)
+    # 3 keys x 9 records of ~60 KB: 27 messages, several requests of <= 10 and <= max_bytes each
+    messages = keyed_records(keys=3, per_key=9, size=60_000)
+    sent: list[int] = []
+    real = q._client.send_message_batch
+
+    async def spy(**kw: Any) -> Any:
+        sent.append(sum(len(e["MessageBody"]) for e in kw["Entries"]))
+        assert len(kw["Entries"]) <= 10
+        return await real(**kw)
+
+    q._client.send_message_batch = spy
+    await q.publish(messages)
+    assert len(sent) >= 27 * 60_000 // q.max_bytes and max(sent) <= q.max_bytes
+    got = await take(q, len(messages))
+    assert sorted(d.value for d in got) == sorted(m.value for m in messages)
+    last: dict[str, int] = {}
+    for d in got:  # and per key in order, although sent in several requests
+        key, seq = parse(d.value)
+        assert seq == last.get(key, -1) + 1 and d.partition == partition_for(key, 6)
+        last[key] = seq
+
+
+@needs_server
+async def test_a_message_over_the_limit_is_refused_and_nothing_of_its_batch_is_sent(
+    queues: list[SQSQueue],
+) -> None:
+    q = await open_(fresh(), queues)
+    big = Message("k", b"x" * (q.max_bytes + 1))
+    with pytest.raises(MessageRefused, match=r"takes messages up to \d+ bytes; 1 record"):
+        await q.publish([Message("k", b'{"small": 1}'), big])
+    assert (await q.status()).lag == 0
+    assert await q.consume(10, 1.0) == []
+
+
+@needs_server
+async def test_binary_bodies_and_any_key_round_trip(queues: list[SQSQueue]) -> None:
+    q = await open_(fresh(), queues)
+    values = [bytes(range(256)), b"\x00\x01 not text \xff", "ключ \ufffe".encode(), b'{"ok": true}']
+    keys = ["tenant-a", "ключ", "", "with space"]
+    await q.publish([Message(k, v) for k, v in zip(keys, values, strict=True)])
+    got = await take(q, 4)
+    assert sorted((d.key, d.value) for d in got) == sorted(zip(keys, values, strict=True))
+
+
+@needs_server
+async def test_visibility_is_renewed_while_a_batch_is_held(queues: list[SQSQueue]) -> None:
+    holder = await open_(fresh(), queues, visibility_timeout=2)
+    await holder.publish(keyed_records(keys=4, per_key=5))
+    held = await take(holder, 20, ack=False)
+    other = await open_(f"sqs://{holder.name}?endpoint={holder.endpoint}", queues, "consumer")
+    # Five visibility timeouts later nothing has come back: the holder kept renewing.
+    deadline = time.monotonic() + 5 * holder.visibility
+    while time.monotonic() < deadline:
+        assert await other.consume(10, 1.0) == [], "a held message became visible again"
+    st = await holder.status()
+    assert (st.in_flight, st.waiting) == (20, 0)
+    await holder.ack(held)
+    assert holder._held == {}
+    assert await other.consume(10, 1.0) == []
+    assert (await holder.status()).lag == 0
+
+
+@needs_server
+async def test_a_message_that_keeps_coming_back_is_moved_by_the_redrive_policy(
+    queues: list[SQSQueue],
+) -> None:
+    url = fresh()
+    producer = await open_(url, queues, "producer", max_receives=2)
+    await producer.publish([Message("k", b'{"crashes": "the worker"}')])
+    for _ in range(2):  # received, never acknowledged (as by a worker that dies on it)
+        c = SQSQueue(url, 6, "workers", visibility_timeout=4)
+        await c.connect("consumer")
+        assert len(await take(c, 1, ack=False)) == 1
+        await c.close()  # visible again at once
+    c = await open_(url, queues, "consumer")
+    deadline = time.monotonic() + 20
+    while (await producer.status()).dead_letters != 1:
+        assert time.monotonic() < deadline, "not moved to the dead-letter queue"
+        assert await c.consume(10, 1.0) == []
+    (letter,) = await producer.dead_letters()
+    assert letter.value == b'{"crashes": "the worker"}' and letter.key == "k"
+    assert "redrive policy" in letter.reason and "maxReceiveCount 2" in letter.reason
+    assert await producer.replay_dead_letters() == 1
+    assert [d.value for d in await take(c, 1)] == [letter.value]
+
+
+@needs_server
+async def test_a_record_published_twice_is_delivered_once(queues: list[SQSQueue]) -> None:
+    q = await open_(fresh(), queues)
+    rid = f"tenant/{uuid.uuid4()}"
+    await q.publish([Message("tenant", b'{"first": 1}', id=rid)])
+    # the same record id again (say a retried batch, re-encoded): SQS drops it
+    await q.publish([Message("tenant", b'{"again": 1}', id=rid), Message("tenant", b'{"other": 1}')])
+    got = await take(q, 2)
+    assert [d.value for d in got] == [b'{"first": 1}', b'{"other": 1}']
+    assert await q.consume(10, 1.0) == []
+
+
+@needs_server
+async def test_standard_queue_delivers_everything_and_says_order_is_best_effort(
+    queues: list[SQSQueue], tmp_path: Path
+) -> None:
+    url = fresh(fifo=False)
+    q = await open_(url, queues)
+    messages = keyed_records(keys=5, per_key=40)
+    await q.publish(messages)
+    seen: set[bytes] = set()
+    deadline = time.monotonic() + 60
+    while len(seen) < len(messages):
+        assert time.monotonic() < deadline
+        got = await q.consume(100, 1.0)
+        seen |= {d.value for d in got}
+        await q.ack(got)
+    assert seen == {m.value for m in messages}
+    st = await q.status()
+    assert st.lag == 0 and any("best-effort" in n for n in st.notes)
+
+    # and the operator's view says so
+    env = {**os.environ, "LLMTAP_QUEUE": url, "LLMTAP_DATA_DIR": str(tmp_path)}
+    r = subprocess.run(
+        [sys.executable, "-m", "llmtap.cli", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert "order best-effort" in r.stdout and "in flight 0" in r.stdout, r.stdout
+
+
+def services(*args: str) -> None:
+    subprocess.run([str(SERVICES), *args], check=True, capture_output=True, timeout=180)
+
+
+@needs_server
+@pytest.mark.slow
+@pytest.mark.skipif(not os.access(SERVICES, os.X_OK), reason="scripts/services.sh is missing")
+async def test_server_outage_fails_fast_and_resumes_without_loss(queues: list[SQSQueue]) -> None:
+    url = fresh()
+    producer = await open_(url, queues, "producer", op_timeout=3)
+    consumer = await open_(url, queues, "consumer", op_timeout=3)
+    before = keyed_records(keys=6, per_key=20)
+    await producer.publish(before)
+    await asyncio.to_thread(services, "stop", "sqs")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(BackendUnavailable) as e:
+            await producer.publish(keyed_records(keys=6, per_key=1))
+        took = time.monotonic() - t0
+        print(f"publish during an SQS outage raised BackendUnavailable after {took:.3f}s: {e.value}")
+        assert took < 8
+        with pytest.raises(BackendUnavailable):
+            await consumer.consume(10, 0.5)
+    finally:
+        await asyncio.to_thread(services, "start", "sqs")
+    after = [m for m in keyed_records(keys=6, per_key=40) if parse(m.value)[1] >= 20]
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            await producer.publish(after)
+            break
+        except BackendUnavailable:
+            assert time.monotonic() < deadline, "publishing did not resume"
+            await asyncio.sleep(0.5)
+    wanted = {parse(m.value) for m in before + after}
+    seen: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + 60
+    while not wanted <= seen:
+        assert time.monotonic() < deadline, f"missing {len(wanted - seen)} of {len(wanted)}"
+        try:
+            batch = await consumer.consume(200, 0.5)
+            seen |= {parse(d.value) for d in batch}
+            await consumer.ack(batch)
+        except BackendUnavailable:
+            await asyncio.sleep(0.5)
