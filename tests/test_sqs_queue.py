@@ -325,3 +325,63 @@ async def test_server_outage_fails_fast_and_resumes_without_loss(queues: list[SQ
             await consumer.ack(batch)
         except BackendUnavailable:
             await asyncio.sleep(0.5)
+
+
+@needs_server
+async def test_gateway_sends_a_batch_sqs_refuses_to_the_next_sink_not_the_floor(
+    queues: list[SQSQueue], tmp_path: Path
+) -> None:
+    """A record too big for SQS (here: no body store, so a 400 KB body travels inline) goes with
+    its batch to the ingest endpoint; the next batches go to SQS again. Nothing is dropped."""
+    from llmtap.config import Settings
+    from llmtap.gateway.capture import Capture
+    from llmtap.gateway.publisher import Publisher, QueueSink, Sink
+    from llmtap.record import LogRecord, decode
+
+    class Ingest(Sink):
+        route = "ingest"
+
+        def __init__(self) -> None:
+            self.records: list[LogRecord] = []
+
+        async def send(self, records: Any) -> None:
+            self.records.extend(records)
+
+    def capture(i: int, body: bytes) -> Capture:
+        now = time.perf_counter()
+        cap = Capture(
+            str(uuid.UUID(int=i + 1)), "default", "openai", "POST", "/v1/chat/completions",
+            "https://api.openai.com/v1/chat/completions", [("Content-Type", "application/json")], [],
+            body, len(body), time.time(), now, 4 * 1024 * 1024,
+        )  # fmt: skip
+        cap.status = 200
+        cap.response_headers = [("Content-Type", "application/json")]
+        cap.t_headers = cap.t_first = now + 0.001
+        cap.add(b'{"id":"c1","usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
+        cap.t_end = now + 0.002
+        return cap
+
+    q = await open_(fresh(), queues)
+    ingest = Ingest()
+    s = Settings(data_dir=tmp_path, publish_linger_ms=1.0)  # type: ignore[call-arg]
+    pub = Publisher(s, [QueueSink(q), ingest])
+    await pub.start()
+    try:
+        big = json.dumps({"model": "m", "prompt": os.urandom(200_000).hex()}).encode()
+        pub.submit(capture(0, big))
+        pub.submit(capture(1, b'{"model": "m"}'))
+        await pub.flush()
+        deadline = time.monotonic() + 10
+        while pub.published < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # past the breaker's first pause, though a refusal opens none
+        pub.submit(capture(2, b'{"model": "m"}'))
+        await pub.flush()
+    finally:
+        await pub.stop(timeout=5)
+    assert pub.dropped == 0 and pub.published == 3
+    assert str(uuid.UUID(int=1)) in {r.id for r in ingest.records}
+    via_sqs = {decode(d.value).id for d in await take(q, 3 - len(ingest.records))}
+    assert str(uuid.UUID(int=3)) in via_sqs
+    assert via_sqs | {r.id for r in ingest.records} == {str(uuid.UUID(int=i)) for i in (1, 2, 3)}

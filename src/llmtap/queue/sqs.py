@@ -255,9 +255,14 @@ class SQSQueue(Queue):
             retries={"max_attempts": 2, "mode": "standard"},
             max_pool_connections=4 * _CONCURRENCY,
         )
-        self._client = await self._stack.enter_async_context(
-            session.create_client("sqs", region_name=self.region, endpoint_url=self.endpoint, config=config)
-        )
+        try:
+            self._client = await self._stack.enter_async_context(
+                session.create_client(
+                    "sqs", region_name=self.region, endpoint_url=self.endpoint, config=config
+                )
+            )
+        except ValueError as e:  # e.g. an endpoint that is not a URL
+            raise ConfigError(f"invalid setting LLMTAP_QUEUE: SQS endpoint {self.endpoint!r}: {e}") from None
         try:
             self._dlq_url = await self._ensure_queue(self.dlq_name, {"MessageRetentionPeriod": _RETENTION})
             arn = (await self._attributes(self._dlq_url, "QueueArn"))["QueueArn"]
