@@ -6,8 +6,9 @@ Run as a script it IS that consumer process:
     python tests/queue_helpers.py consume '<spec json>' OUT_FILE [--stall-after N] [--batch N]
 
 It appends one line per event to OUT_FILE (flushed before the next step, so a SIGKILL loses
-nothing written): `READY`; `P key seq partition offset` for a record processed (before the ack);
-`A` once the ack of the records above it returned; `X key last seq` for a per-key order gap;
+nothing written): `READY`; `P key seq partition offset time` for a record processed (before the
+ack; `time` is CLOCK_MONOTONIC, the same in every process of the machine); `A` once the ack of
+the records above it returned; `X key last seq` for a per-key order gap;
 `STALL` when it stops before acking (to be killed there); `CLOSED` after a clean SIGTERM.
 """
 
@@ -223,6 +224,7 @@ class ConsumerLog:
     acked: list[tuple[str, int]] = field(default_factory=list)
     unacked: list[tuple[str, int]] = field(default_factory=list)
     order_gaps: list[str] = field(default_factory=list)
+    processed: list[tuple[float, str, int]] = field(default_factory=list)  # (time, key, seq)
     ready: bool = False
     stalled: bool = False
     closed: bool = False
@@ -241,6 +243,7 @@ class ConsumerLog:
                 continue
             if parts[0] == "P":
                 tail.append((parts[1], int(parts[2])))
+                out.processed.append((float(parts[5]), parts[1], int(parts[2])))
             elif parts[0] == "A":
                 out.acked += tail
                 tail = []
@@ -319,6 +322,16 @@ def check_exactly_once(
     assert allowed <= expected
     gaps = [g for log in logs for g in log.order_gaps]
     assert not gaps, f"per-key order broken: {gaps[:5]}"
+    # Across processes too: a key's record is first processed only after all before it were
+    # (a key may move between consumers, e.g. SQS message groups; the clock orders them).
+    ordered = sorted(
+        (t, i, j, k, s) for i, log in enumerate(logs) for j, (t, k, s) in enumerate(log.processed)
+    )
+    done: dict[str, int] = {}
+    for _, _, _, key, seq in ordered:
+        if seq > done.get(key, -1):
+            assert seq == done.get(key, -1) + 1, f"{key}: seq {seq} processed before {done.get(key, -1) + 1}"
+            done[key] = seq
 
 
 async def _consumer_main(spec: QueueSpec, out_path: str, stall_after: int, batch: int) -> None:
@@ -331,20 +344,24 @@ async def _consumer_main(spec: QueueSpec, out_path: str, stall_after: int, batch
         await q.connect("consumer")
         out.write("READY\n")
         last: dict[str, int] = {}
+        # Partitioned queues hand one key to one consumer until a rebalance, so a key never
+        # skips ahead within a consumer; an SQS message group may move between batches.
+        sticky = spec.backend != "sqs"
         processed = 0
         while not stop.is_set():
             deliveries = await q.consume(batch, 0.2)
             if not deliveries:
                 continue
             lines = []
+            now = time.monotonic()
             for d in deliveries:
                 key, seq = parse(d.value)
                 # Within one consumer a key's records come in order: a redelivery may go back,
                 # but never skip ahead.
-                if key in last and seq > last[key] + 1:
+                if sticky and key in last and seq > last[key] + 1:
                     lines.append(f"X {key} {last[key]} {seq}")
                 last[key] = seq
-                lines.append(f"P {key} {seq} {d.partition} {d.offset}")
+                lines.append(f"P {key} {seq} {d.partition} {d.offset} {now:.6f}")
             out.write("\n".join(lines) + "\n")
             processed += len(deliveries)
             if stall_after and processed >= stall_after:
