@@ -105,12 +105,9 @@ def test_description_says_what_kind_of_queue() -> None:
     assert SQSQueue("sqs://logs", 6).dlq_name == "logs-dlq"
 
 
-def test_group_ids_are_keys_sqs_accepts() -> None:
-    assert group_id("tenant-a") == "tenant-a"
-    for key in ("", "ключ", "a b", "x" * 200):
-        g = group_id(key)
-        assert g.startswith("h-") and len(g) <= 128 and g.isascii() and " " not in g
-    assert group_id("ключ") == group_id("ключ") != group_id("ключ2")
+def test_message_groups_are_the_partitions() -> None:
+    assert group_id("tenant-a", 6) == f"p{partition_for('tenant-a', 6)}"
+    assert {group_id(f"key-{i}", 6) for i in range(200)} == {f"p{i}" for i in range(6)}
 
 
 def free_port() -> int:

@@ -1,11 +1,15 @@
-"""Amazon SQS queue (aiobotocore): a FIFO queue for order per key, or a standard queue.
+"""Amazon SQS queue (aiobotocore): a FIFO queue for order per partition, or a standard queue.
 
 FIFO queues (`name.fifo`) give the contract's order: every message carries `MessageGroupId` =
-its partition key, and SQS hands out nothing more of a group while a message of it is in flight
-(received, not yet deleted or visible again), so one key's records are processed in publish
-order whichever worker receives them. Workers need no partition assignment: any worker takes
-any group that is free. `MessageDeduplicationId` is a hash of the tenant and request id (SQS
-drops a repeat within its 5-minute window; the store's one-row-per-id rule holds beyond it).
+its partition key's partition (`p<N>` of `LLMTAP_PARTITIONS`), and SQS hands out nothing more of
+a group while a message of it is in flight (received, not yet deleted or visible again), so a
+partition's records are processed in publish order whichever worker receives them. Workers need
+no partition assignment: any worker takes any group that is free. A group hands out at most 10
+records per receive and then waits for their deletion, so the partitions are the parallelism:
+raise `LLMTAP_PARTITIONS` for more (the same value on every gateway).
+`MessageDeduplicationId` is a hash of the tenant and request id (SQS drops a repeat within its
+5-minute window; the store's one-row-per-id rule holds beyond it).
+
 Standard queues work too, but SQS orders them best-effort only (and may deliver twice even
 without a crash); that is said at start-up, in the queue's description and in `llmtap status`.
 
@@ -82,7 +86,6 @@ _FIFO_LANES = 16  # parallel request sequences per publish on a FIFO queue
 _CONCURRENCY = 16  # requests in flight per operation
 _RETENTION = str(14 * 24 * 3600)  # SQS's maximum: logs may wait out a long store outage
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
-_GROUP = re.compile(r"^[!-~]{1,128}$")  # what SQS allows in a MessageGroupId
 # Characters SQS accepts in a message body or string attribute (XML 1.0's).
 _BAD_CHARS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
@@ -124,9 +127,14 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def group_id(key: str) -> str:
-    """The partition key as a MessageGroupId: itself when SQS allows it, else its hash."""
-    return key if _GROUP.match(key) else "h-" + _sha(key)
+def group_id(key: str, partitions: int) -> str:
+    """The MessageGroupId of a key: its partition, `p<N>`.
+
+    One group per partition, not per key: the ordering domain is the one every backend has,
+    and the number of groups stays bounded (`LLMTAP_PARTITIONS`), as SQS-compatible servers
+    need (ElasticMQ's FIFO receive slows down with the number of groups in flight).
+    """
+    return f"p{partition_for(key, partitions)}"
 
 
 def _clean(text: str, limit: int = 1024) -> str:
@@ -379,7 +387,7 @@ class SQSQueue(Queue):
         for name, a in attrs.items():
             v = a.get("BinaryValue", a.get("StringValue", ""))
             size += len(name) + len(a["DataType"]) + len(v if isinstance(v, bytes) else v.encode())
-        return _Entry(body, attrs, size, group_id(key) if self.fifo else None, dedup)
+        return _Entry(body, attrs, size, group_id(key, self.partitions) if self.fifo else None, dedup)
 
     @staticmethod
     def _decode(m: dict[str, Any]) -> tuple[str, bytes, dict[str, Any]]:
@@ -472,22 +480,22 @@ class SQSQueue(Queue):
             raise RuntimeError("SQSQueue is not connected as a consumer")
         wait = 0 if timeout <= 0 else max(1, min(self.wait_seconds, math.ceil(timeout)))
         t0 = time.monotonic()
-        got = await self._receive(self._url, min(_BATCH, max_messages), wait, self.visibility)
-        # More than 10 wanted: further receives, in parallel, while they come back full.
+        got = await self._receive_held(min(_BATCH, max_messages), wait)
+        # More than 10 wanted: further receives, in parallel, while they come back full, and
+        # not for long: what was received is held (renewed) meanwhile, but not yet worked on.
         last_full = len(got) == _BATCH
-        while last_full and len(got) < max_messages:
-            want = max_messages - len(got)
-            sizes = [min(_BATCH, want - i * _BATCH) for i in range(min(math.ceil(want / _BATCH), 8))]
-            rounds = await asyncio.gather(*(self._receive(self._url, s, 0, self.visibility) for s in sizes))
-            last_full = all(len(r) == s for r, s in zip(rounds, sizes, strict=True))
-            for r in rounds:
-                got += r
-        deadline = t0 + self.visibility
+        with contextlib.suppress(BackendUnavailable):  # keep what we have; the next call reports
+            while last_full and len(got) < max_messages and time.monotonic() - t0 < self.visibility / 4:
+                want = max_messages - len(got)
+                sizes = [min(_BATCH, want - i * _BATCH) for i in range(min(math.ceil(want / _BATCH), 8))]
+                rounds = await asyncio.gather(*(self._receive_held(s, 0) for s in sizes))
+                last_full = all(len(r) == s for r, s in zip(rounds, sizes, strict=True))
+                for r in rounds:
+                    got += r
         out: list[Delivery] = []
         for m in got:
             key, value, attrs = self._decode(m)
             receipt = m["ReceiptHandle"]
-            self._held[receipt] = deadline
             replay = attrs.get(A_REPLAY, {}).get("StringValue")
             out.append(
                 Delivery(
@@ -500,6 +508,14 @@ class SQSQueue(Queue):
                 )
             )
         return out
+
+    async def _receive_held(self, n: int, wait: int) -> list[dict[str, Any]]:
+        """Receive from the main queue; the messages are held (renewed) from now on."""
+        t0 = time.monotonic()
+        got = await self._receive(self._url, n, wait, self.visibility)
+        for m in got:
+            self._held[m["ReceiptHandle"]] = t0 + self.visibility
+        return got
 
     async def _renew_loop(self) -> None:
         """Keep held messages invisible: renew each well before its visibility timeout ends."""
