@@ -93,6 +93,22 @@ async def publish_throughput(backend: str, target: str, batches: int) -> float:
         await q.close()
 
 
+async def drop_sqs(target: str) -> None:
+    """Delete a bench SQS queue and its dead-letter queue: ElasticMQ slows down as messages
+    pile up in its store, which would skew the runs after this one."""
+    from aiobotocore.session import get_session
+
+    name = target.removeprefix("sqs://").split("?", 1)[0]
+    async with get_session().create_client(
+        "sqs", region_name="us-east-1", endpoint_url=os.environ["LLMTAP_TEST_SQS_ENDPOINT"]
+    ) as c:
+        for n in (name, name.replace(".fifo", "-dlq.fifo")):
+            try:
+                await c.delete_queue(QueueUrl=(await c.get_queue_url(QueueName=n))["QueueUrl"])
+            except Exception as e:
+                print(f"could not delete SQS queue {n}: {e}", file=sys.stderr)
+
+
 async def sqs_bare_ceiling(seconds: float) -> float:
     """Records/s a bare aiobotocore client gets into a fresh FIFO queue on the same server."""
     from aiobotocore.config import AioConfig
@@ -222,8 +238,10 @@ async def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for b in available:
             t0 = time.perf_counter()
-            tput = await publish_throughput(b, fresh_target(b, Path(tmp)), a.batches)
+            target = fresh_target(b, Path(tmp))
+            tput = await publish_throughput(b, target, a.batches)
             if b == "sqs":
+                await drop_sqs(target)
                 bare = await sqs_bare_ceiling(max(3.0, time.perf_counter() - t0))
                 report["sqs-bare-client"] = {"publish_records_per_s": round(bare)}
                 print(
@@ -231,7 +249,10 @@ async def main() -> int:
                     "(batches of 10, 16 requests in flight)",
                     flush=True,
                 )
-            lag = await end_to_end_lag(b, fresh_target(b, Path(tmp)), a.rate, a.seconds)
+            target = fresh_target(b, Path(tmp))
+            lag = await end_to_end_lag(b, target, a.rate, a.seconds)
+            if b == "sqs":
+                await drop_sqs(target)
             report[b] = {"publish_records_per_s": round(tput), **{k: round(v, 1) for k, v in lag.items()}}
             print(
                 f"{b:7s} publish {tput:9,.0f} records/s (500 x {RECORD_BYTES} B batches) | "
