@@ -23,9 +23,11 @@ Semantics every backend keeps:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -95,6 +97,29 @@ class QueueStatus:
         if self.waiting is not None:
             return self.waiting + (self.in_flight or 0)
         return sum(p.lag for p in self.partitions)
+
+
+async def bounded(step: Awaitable[Any], timeout: float, what: str) -> None:
+    """Run one step of a `close()` for at most `timeout` seconds, never raising.
+
+    `asyncio.wait_for` is no bound: after its timeout it cancels the step and then *waits* for
+    it, and a client library that swallows the cancellation (seen with redis-py and aiokafka
+    during a broker hiccup) hangs the caller's shutdown forever. Here a step that overruns is
+    cancelled and left behind, so a stopping worker or gateway always gets past its queue.
+    """
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_drain_result)
+        logging.getLogger("llmtap.queue").warning("%s did not finish within %gs; left behind", what, timeout)
+        return
+    _drain_result(task)
+
+
+def _drain_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log "exception was never retrieved"
 
 
 def partition_for(key: str, partitions: int) -> int:

@@ -67,6 +67,7 @@ from llmtap.queue.base import (
     Queue,
     QueueStatus,
     Role,
+    bounded,
     partition_for,
 )
 
@@ -350,16 +351,12 @@ class KafkaQueue(Queue):
     async def close(self) -> None:
         if self._consumer is not None:
             # Commit what was acked; what was not is redelivered to the next owner.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._commit(set(self._assigned)), self.op_timeout)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._consumer.stop(), self.op_timeout * 2)
+            await bounded(self._commit(set(self._assigned)), self.op_timeout, "kafka queue: final commit")
+            await bounded(self._consumer.stop(), self.op_timeout * 2, "kafka queue: consumer stop")
         for c in (self._producer, self._meta, self._admin):
             if c is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        c.stop() if not isinstance(c, AIOKafkaAdminClient) else c.close(), 5
-                    )
+                stop = c.stop() if not isinstance(c, AIOKafkaAdminClient) else c.close()
+                await bounded(stop, 5, f"kafka queue: {type(c).__name__} stop")
         self._consumer = self._producer = self._meta = self._admin = None
         self._assigned.clear()
         if self._retiring:  # old producers still stopping: give them a moment to finish

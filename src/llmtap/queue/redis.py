@@ -63,6 +63,7 @@ from llmtap.queue.base import (
     Queue,
     QueueStatus,
     Role,
+    bounded,
     partition_for,
 )
 
@@ -326,24 +327,24 @@ class RedisQueue(Queue):
     async def close(self) -> None:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._heartbeat_task
+            await bounded(self._heartbeat_task, self.op_timeout, "redis queue: heartbeat stop")
             self._heartbeat_task = None
         if self._r is not None and self._role in ("consumer", "both"):
             # Leave now, so the others take our partitions at their next heartbeat instead of
             # waiting for our leases to expire. What we leave pending they claim.
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                await self.r.zrem(self._members_key, self.consumer_id)
-                if self._owned:
-                    await self._release(list(self._owned))
+            await bounded(self._leave(), self.op_timeout, "redis queue: leaving the group")
         self._owned.clear()
         await self._close_clients()
+
+    async def _leave(self) -> None:
+        await self.r.zrem(self._members_key, self.consumer_id)
+        if self._owned:
+            await self._release(list(self._owned))
 
     async def _close_clients(self) -> None:
         for c in (self._r, self._rb):
             if c is not None:
-                with contextlib.suppress(Exception):
-                    await c.aclose()
+                await bounded(c.aclose(), self.op_timeout, "redis queue: client close")
         self._r = self._rb = None
 
     # -- producer ------------------------------------------------------------------------------
