@@ -78,8 +78,10 @@ def _serve(settings: Settings, title: str, parts: list[str]) -> None:
             services.append(WorkerService(settings))
         if "server" in parts:
             from llmtap.server.app import ServerService
+            from llmtap.webhooks.deliverer import DelivererService
 
             services.append(ServerService(settings))
+            services.append(DelivererService(settings))
         if "gateway" in parts:
             from llmtap.gateway.app import GatewayService
 

@@ -97,7 +97,19 @@ class Settings(BaseSettings):
     )
     worker_max_attempts: int = Field(5, ge=1, description="tries of a failing record before dead-letter")
     retention_days: int | None = Field(None, ge=1)
-    webhook_url: str | None = None
+    webhook_url: str | None = Field(None, description="one webhook endpoint without the CLI")
+    webhook_secret: str | None = Field(None, description="its whsec_ secret (generated if unset)")
+    webhook_allow_private: bool = Field(
+        False, description="allow endpoints on loopback, link-local or private addresses"
+    )
+    webhook_disable_after_s: float = Field(
+        3 * 86400.0, gt=0, description="an endpoint failing this long is disabled"
+    )
+    webhook_max_backoff_s: float = Field(
+        60.0, gt=0, description="longest wait between probes of a failing endpoint"
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_concurrency: int = Field(8, ge=1, description="requests in flight per endpoint")
 
     # -- tenants -----------------------------------------------------------------------------
     multi_tenant: bool = False

@@ -93,10 +93,8 @@ def build_chain(settings: Settings, store: Store, bodies: BodyStore) -> Chain:
     from llmtap.handlers.bodies import BodyHandler
     from llmtap.handlers.cost import CostHandler
     from llmtap.handlers.store import StoreHandler
+    from llmtap.webhooks.deliverer import env_endpoint
 
-    handlers: list[Handler] = [BodyHandler(bodies), CostHandler(), StoreHandler(store)]
-    if settings.webhook_url:
-        from llmtap.handlers.webhook import WebhookHandler
-
-        handlers.append(WebhookHandler(settings.webhook_url))
-    return Chain(handlers)
+    # Webhooks are not a handler: the store writes their outbox with the records, and the
+    # deliverer (in `llmtap server` / `up`) sends it, so no receiver can hold back storing.
+    return Chain([BodyHandler(bodies), CostHandler(), StoreHandler(store, env_endpoint(settings))])

@@ -11,13 +11,21 @@ from collections.abc import Sequence
 
 from llmtap.handlers.base import Handler, Item
 from llmtap.store.base import Store
+from llmtap.webhooks.outbox import Endpoint
 
 
 class StoreHandler(Handler):
     name = "store"
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, env_endpoint: Endpoint | None = None) -> None:
         self.store = store
+        self.env_endpoint = env_endpoint
+
+    async def start(self) -> None:
+        # The environment's endpoint exists before the first record, so that record's delivery
+        # is written with it (a worker may run without any server).
+        if self.env_endpoint is not None:
+            await self.store.webhooks().put_endpoint(self.env_endpoint)
 
     async def handle(self, items: Sequence[Item]) -> None:
         await self.store.write_batch([i.record for i in items])

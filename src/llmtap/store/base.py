@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from llmtap.config import Settings
     from llmtap.record import LogRecord
+    from llmtap.webhooks.db import WebhookDB
 
 #: Fields of a stored request as the API returns them (bodies resolved by the API layer).
 ROW_FIELDS = (
@@ -94,6 +95,10 @@ class Store(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    def webhooks(self) -> WebhookDB:
+        """Webhook endpoints and the outbox (written with the records by `write_batch`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no webhook outbox")
 
     # -- writes (worker) ----------------------------------------------------------------------
     @abstractmethod

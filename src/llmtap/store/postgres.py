@@ -24,7 +24,7 @@ import logging
 import re
 import socket
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -37,6 +37,16 @@ from llmtap.errors import BackendUnavailable, TransientError
 from llmtap.store import sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import POSTGRES as MIGRATIONS
+from llmtap.webhooks import outbox
+from llmtap.webhooks.db import (
+    INSERT_DELIVERY,
+    SELECT_ENDPOINTS,
+    Conn,
+    WebhookDB,
+    delivery_params,
+    endpoint_from_row,
+    now_us,
+)
 
 if TYPE_CHECKING:
     from llmtap.record import LogRecord
@@ -127,8 +137,37 @@ WITH k AS (
     CROSS JOIN LATERAL jsonb_each_text(s.properties) AS p
     RETURNING 1
 )
-SELECT count(*) FROM ins
+SELECT tenant, id FROM k
 """
+
+_ENDPOINTS = f"{SELECT_ENDPOINTS} WHERE disabled_at IS NULL"
+
+
+class _PGConn:
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def fetch(self, query: str, *args: Any) -> list[Sequence[Any]]:
+        return list(await self._conn.fetch(query, *args))
+
+    async def execute(self, query: str, *args: Any) -> int:
+        status: str = await self._conn.execute(query, *args)
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+
+class PostgresWebhooks(WebhookDB):
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    @contextlib.asynccontextmanager
+    async def tx(self) -> AsyncIterator[Conn]:
+        with self._store._errors():
+            async with self._store._p().acquire() as conn, conn.transaction():
+                yield _PGConn(conn)
+
 
 # Errors that mean "the database is not reachable or not accepting work right now".
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -186,6 +225,9 @@ class PostgresStore(Store):
         if self._outage is not None:
             self._outage = None
             log.warning("PostgreSQL at %s is reachable again", self._where)
+
+    def webhooks(self) -> PostgresWebhooks:
+        return PostgresWebhooks(self)
 
     # -- plumbing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -312,8 +354,10 @@ class PostgresStore(Store):
     async def write_batch(self, records: Sequence[LogRecord]) -> int:
         rows = []
         months = set()
+        by_key: dict[tuple[str, str], LogRecord] = {}
         for r in sql.dedupe(records):
             v = list(sql.record_values(r))
+            by_key[(v[0], v[1])] = r
             months.add(_month_of(v[2]))
             for i in sql.TS_POSITIONS:
                 if v[i] is not None:
@@ -327,7 +371,15 @@ class PostgresStore(Store):
                 try:
                     async with self._p().acquire() as conn, conn.transaction():
                         await conn.copy_records_to_table(_STAGING, records=rows, columns=sql.COLUMNS)
-                        return int(await conn.fetchval(_MOVE))
+                        keys = await conn.fetch(_MOVE)
+                        # The outbox rows commit with the records, for the new ones only.
+                        endpoints = [endpoint_from_row(e) for e in await conn.fetch(_ENDPOINTS)]
+                        if endpoints:
+                            new = [by_key[(k[0], k[1])] for k in keys]
+                            due = outbox.plan(endpoints, new, now_us())
+                            if due:
+                                await conn.executemany(INSERT_DELIVERY, [delivery_params(d) for d in due])
+                        return len(keys)
                 except asyncpg.exceptions.CheckViolationError:
                     # "no partition found for row": another process dropped a month we had
                     # cached (retention, then a late record). Re-read and create it again.

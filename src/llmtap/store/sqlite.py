@@ -15,8 +15,10 @@ to `busy_timeout` for each other, and a lock held longer becomes `TransientError
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +30,16 @@ from llmtap.errors import BackendUnavailable, TransientError
 from llmtap.store import sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import SQLITE as MIGRATIONS
+from llmtap.webhooks import outbox
+from llmtap.webhooks.db import (
+    INSERT_DELIVERY,
+    SELECT_ENDPOINTS,
+    Conn,
+    WebhookDB,
+    delivery_params,
+    endpoint_from_row,
+    now_us,
+)
 
 if TYPE_CHECKING:
     from llmtap.record import LogRecord
@@ -64,6 +76,68 @@ _INSERT_PROP = (
 )
 
 
+def qmarks(query: str) -> str:
+    """`$1` placeholders (written for both stores) as SQLite's `?1`."""
+    return re.sub(r"\$(\d+)", r"?\1", query)
+
+
+_ENDPOINTS = qmarks(f"{SELECT_ENDPOINTS} WHERE disabled_at IS NULL")
+_INSERT_DELIVERY = qmarks(INSERT_DELIVERY)
+
+
+class _SQLiteConn:
+    def __init__(self, conn: sqlite3.Connection, run: Callable[..., Any]) -> None:
+        self._conn = conn
+        self._run = run
+
+    async def fetch(self, query: str, *args: Any) -> list[Sequence[Any]]:
+        q = qmarks(query)
+        rows: list[Sequence[Any]] = await self._run(lambda: self._conn.execute(q, args).fetchall())
+        return rows
+
+    async def execute(self, query: str, *args: Any) -> int:
+        n: int = await self._run(lambda: self._conn.execute(qmarks(query), args).rowcount)
+        return n
+
+
+class SQLiteWebhooks(WebhookDB):
+    """Webhook tables through a connection and thread of their own (the record writer's
+    transactions are one call each on its thread; these span several awaits)."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="llmtap-webhooks")
+        return await self._store._run(self._executor, fn)
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await self._run(conn.close)
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @contextlib.asynccontextmanager
+    async def tx(self) -> AsyncIterator[Conn]:
+        async with self._lock:
+            if self._conn is None:
+                self._conn = await self._run(lambda: self._store._open(readonly=False))
+            conn = self._conn
+            await self._run(lambda: conn.execute("BEGIN IMMEDIATE"))
+            try:
+                yield _SQLiteConn(conn, self._run)
+            except BaseException:
+                await self._run(lambda: conn.execute("ROLLBACK"))
+                raise
+            await self._run(lambda: conn.execute("COMMIT"))
+
+
 def _api_key(row: Sequence[Any]) -> ApiKey:
     return ApiKey(
         id=row[0],
@@ -84,6 +158,12 @@ class SQLiteStore(Store):
         self._reader: ThreadPoolExecutor | None = None
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
+        self._hooks: SQLiteWebhooks | None = None
+
+    def webhooks(self) -> SQLiteWebhooks:
+        if self._hooks is None:
+            self._hooks = SQLiteWebhooks(self)
+        return self._hooks
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _open(self, readonly: bool) -> sqlite3.Connection:
@@ -160,6 +240,9 @@ class SQLiteStore(Store):
         self._rconn = self._open(readonly=True)
 
     async def close(self) -> None:
+        if self._hooks is not None:
+            await self._hooks.close()
+            self._hooks = None
         for executor, attr in ((self._writer, "_wconn"), (self._reader, "_rconn")):
             if executor is None:
                 continue
@@ -183,14 +266,27 @@ class SQLiteStore(Store):
         return await self._write(self._write_records, list(records))
 
     def _write_records(self, records: list[LogRecord]) -> int:
-        rows = [sql.record_values(r) for r in sql.dedupe(records)]
+        unique = sql.dedupe(records)
+        rows = [sql.record_values(r) for r in unique]
         props = [p for row in rows for p in sql.property_rows(row)]
         conn = self._w()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            before = conn.total_changes
-            conn.executemany(_INSERT, rows)
-            inserted = conn.total_changes - before
+            # Endpoints are read inside the transaction: the outbox rows commit with the records.
+            endpoints = [endpoint_from_row(e) for e in conn.execute(_ENDPOINTS).fetchall()]
+            tenants = {e.tenant for e in endpoints}
+            if any(r.tenant in tenants for r in unique):
+                # Row by row, to know which records are new: only those get deliveries.
+                pairs = zip(unique, rows, strict=True)
+                new = [r for r, row in pairs if conn.execute(_INSERT, row).rowcount == 1]
+                inserted = len(new)
+                due = outbox.plan(endpoints, new, now_us())
+                if due:
+                    conn.executemany(_INSERT_DELIVERY, [delivery_params(d) for d in due])
+            else:
+                before = conn.total_changes
+                conn.executemany(_INSERT, rows)
+                inserted = conn.total_changes - before
             if props:
                 conn.executemany(_INSERT_PROP, props)
             conn.execute("COMMIT")

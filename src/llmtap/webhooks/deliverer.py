@@ -1,0 +1,286 @@
+"""The deliverer: sends the outbox, off the logging path.
+
+It runs in `llmtap server` and `llmtap up` (several may run against one store: claims are
+leases, and PostgreSQL claims skip rows another deliverer holds). Each round it claims up to the
+free slots of every healthy endpoint and one probe for each failing endpoint whose backoff is
+over, and sends each claimed delivery as its own task: a slow endpoint fills only its own slots,
+never another endpoint's. A failure backs the *endpoint* off (exponential with jitter, capped at
+`webhook_max_backoff_s` so a receiver back after minutes is found within that cap; `Retry-After`
+honoured); the first success after a failure makes its whole backlog due at once. An endpoint
+failing for `webhook_disable_after_s` is disabled and the tenant's other endpoints get a
+`delivery.disabled` event.
+
+SSRF guard: the target's addresses are resolved at send time and loopback, link-local,
+private, multicast and reserved ones are refused unless `LLMTAP_WEBHOOK_ALLOW_PRIVATE=true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from llmtap.config import redact_url
+from llmtap.errors import ConfigError, TransientError
+from llmtap.webhooks.db import Claimed, WebhookDB
+from llmtap.webhooks.outbox import EVENTS, Endpoint, check_secret, signature_header
+
+if TYPE_CHECKING:
+    from llmtap.config import Settings
+    from llmtap.store.base import Store
+
+log = logging.getLogger("llmtap.webhooks")
+
+#: The endpoint configured by LLMTAP_WEBHOOK_URL / LLMTAP_WEBHOOK_SECRET.
+ENV_ENDPOINT_ID = "ep_env"
+
+
+class Refused(Exception):
+    """The target is not allowed (SSRF guard) or not a URL we send to."""
+
+
+def env_endpoint(settings: Settings) -> Endpoint | None:
+    if not settings.webhook_url:
+        return None
+    if not settings.webhook_secret:
+        raise ConfigError("LLMTAP_WEBHOOK_URL needs LLMTAP_WEBHOOK_SECRET (a whsec_... signing secret)")
+    try:
+        secret = check_secret(settings.webhook_secret)
+    except ValueError as e:
+        raise ConfigError(f"invalid setting LLMTAP_WEBHOOK_SECRET: {e}") from None
+    return Endpoint(ENV_ENDPOINT_ID, settings.default_tenant, settings.webhook_url, secret, list(EVENTS))
+
+
+def _bad_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (
+        ip.is_loopback or ip.is_link_local or ip.is_private or ip.is_multicast
+        or ip.is_reserved or ip.is_unspecified
+    )  # fmt: skip
+
+
+async def check_target(url: str, allow_private: bool) -> None:
+    """Refuse URLs that are not http(s) or resolve to an internal address."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Refused(f"{redact_url(url)} is not an http(s) URL")
+    if allow_private:
+        return
+    host = parts.hostname
+    try:
+        addrs = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            loop = asyncio.get_running_loop()
+            infos = await loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise TransientError(f"cannot resolve {host}: {e}") from e
+        addrs = [ipaddress.ip_address(str(i[4][0]).split("%", 1)[0]) for i in infos]
+    for ip in addrs:
+        if _bad_address(ip):
+            raise Refused(
+                f"{host} resolves to {ip}, a private address (LLMTAP_WEBHOOK_ALLOW_PRIVATE=true allows it)"
+            )
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+async def send(
+    session: aiohttp.ClientSession, ep: Endpoint, msg_id: str, body: bytes, allow_private: bool
+) -> tuple[int | None, str | None, float | None]:
+    """POST one signed delivery: (status, error or None, Retry-After seconds)."""
+    try:
+        await check_target(ep.url, allow_private)
+    except (Refused, TransientError) as e:
+        return None, str(e), None
+    ts = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": signature_header(ep, msg_id, ts, body),
+        "user-agent": "llmtap-webhooks",
+    }
+    try:
+        async with session.post(ep.url, data=body, headers=headers, allow_redirects=False) as resp:
+            await resp.content.read(4096)  # the receiver's answer is not kept beyond its status
+            status = resp.status
+            retry = retry_after_seconds(resp.headers.get("Retry-After"))
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        return None, f"{type(e).__name__}: {e}"[:500] or type(e).__name__, None
+    if 200 <= status < 300:
+        return status, None, None
+    return status, f"HTTP {status}", retry
+
+
+class Deliverer:
+    def __init__(
+        self,
+        db: WebhookDB,
+        *,
+        concurrency: int = 8,
+        timeout: float = 10.0,
+        max_backoff: float = 60.0,
+        disable_after: float = 3 * 86400.0,
+        allow_private: bool = False,
+        poll: float = 0.25,
+    ) -> None:
+        self.db = db
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self.disable_after = disable_after
+        self.allow_private = allow_private
+        self.poll = poll
+        self.lease = timeout * 3 + 30  # longer than any attempt, so a lease never lapses mid-send
+        self._inflight: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.sent = 0
+        self.failures = 0
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+        )
+        self._loop = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        # In-flight sends are abandoned: their leases lapse and another round sends them again.
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        quiet = 0
+        while True:
+            got = 0
+            try:
+                slots = {e: self.concurrency - n for e, n in self._inflight.items()}
+                claimed = await self.db.claim(slots, self.concurrency, self.lease)
+                got = len(claimed)
+                for d in claimed:
+                    self._inflight[d.endpoint.id] = self._inflight.get(d.endpoint.id, 0) + 1
+                    t = asyncio.create_task(self._deliver(d))
+                    self._tasks.add(t)
+                    t.add_done_callback(self._tasks.discard)
+            except TransientError as e:
+                log.warning("webhook outbox unavailable: %s", e)
+            except Exception:
+                log.exception("webhook deliverer round failed")
+            quiet = 0 if got else min(quiet + 1, 8)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll / 5 if got else self.poll * (1 + quiet))
+
+    async def _deliver(self, d: Claimed) -> None:
+        assert self._session is not None
+        try:
+            status, error, retry = await send(self._session, d.endpoint, d.id, d.payload, self.allow_private)
+            for attempt in range(5):  # the outcome must land, or the row is sent again later
+                try:
+                    if error is None:
+                        await self.db.succeeded(d, status or 200)
+                        self.sent += 1
+                    else:
+                        self.failures += 1
+                        if await self.db.failed(
+                            d, status, error, retry_after=retry,
+                            max_backoff=self.max_backoff, disable_after=self.disable_after,
+                        ):  # fmt: skip
+                            log.warning(
+                                "webhook endpoint %s (%s) disabled: failing for too long; last error: %s",
+                                d.endpoint.id, redact_url(d.endpoint.url), error,
+                            )  # fmt: skip
+                    break
+                except TransientError:
+                    await asyncio.sleep(0.5 * (attempt + 1))
+        except Exception:
+            log.exception("webhook delivery %s failed unexpectedly", d.id)
+        finally:
+            n = self._inflight.get(d.endpoint.id, 1) - 1
+            if n > 0:
+                self._inflight[d.endpoint.id] = n
+            else:
+                self._inflight.pop(d.endpoint.id, None)
+            self._wake.set()
+
+
+class DelivererService:
+    """`llmtap server` / `llmtap up` part: the deliverer with a store of its own."""
+
+    name = "webhooks"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._store: Store | None = None
+        self._deliverer: Deliverer | None = None
+
+    async def start(self) -> list[str]:
+        from llmtap.store.base import open_store
+
+        s = self.settings
+        ep = env_endpoint(s)
+        store = open_store(s)
+        await store.connect()
+        try:
+            db = store.webhooks()
+        except NotImplementedError:
+            await store.close()
+            return []
+        if ep is not None:
+            await db.put_endpoint(ep)
+        self._store = store
+        self._deliverer = Deliverer(
+            db,
+            concurrency=s.webhook_concurrency,
+            timeout=s.webhook_timeout_s,
+            max_backoff=s.webhook_max_backoff_s,
+            disable_after=s.webhook_disable_after_s,
+            allow_private=s.webhook_allow_private,
+        )
+        await self._deliverer.start()
+        return ["webhooks: delivering the outbox" + (f" (and {redact_url(ep.url)})" if ep else "")]
+
+    async def stop(self) -> None:
+        if self._deliverer is not None:
+            await self._deliverer.stop()
+        if self._store is not None:
+            await self._store.close()

@@ -1,0 +1,399 @@
+"""Webhooks end to end on real stores and a real HTTP receiver verifying every delivery with the
+reference `standardwebhooks` library: the outbox is written with the records, the deliverer
+sends it, outages, slow and refusing receivers behave as the README says."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import standardwebhooks
+from aiohttp import web
+
+from llmtap.store.base import Store
+from llmtap.webhooks.db import WebhookDB, new_endpoint_id
+from llmtap.webhooks.deliverer import Deliverer, Refused, check_target
+from llmtap.webhooks.outbox import DELIVERY_DISABLED, REQUEST_COMPLETED, Endpoint, new_secret
+from store_helpers import open_store, store_params
+from worker_helpers import make_record
+
+pytestmark = pytest.mark.timeout(300)
+
+
+async def wait_for(cond: Callable[[], Awaitable[bool] | bool], deadline: float = 120.0, what: str = "") -> None:
+    """Poll a condition with a generous deadline (the machine is shared and busy)."""
+    end = time.monotonic() + deadline
+    while True:
+        got = cond()
+        if isinstance(got, Awaitable):
+            got = await got
+        if got:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Receiver:
+    """An HTTP receiver that verifies each delivery's signature as a real receiver would."""
+
+    def __init__(self, secret: str, port: int | None = None) -> None:
+        self.verifier = standardwebhooks.Webhook(secret)
+        self.port = port or free_port()
+        self.got: list[tuple[str, dict[str, Any]]] = []  # (webhook-id, payload)
+        self.arrivals: list[float] = []
+        self.bad: list[str] = []
+        self.status = 200
+        self.headers: dict[str, str] = {}
+        self.gate: asyncio.Event | None = None  # when set: hold every request until it opens
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            payload = self.verifier.verify(body, dict(request.headers))
+        except standardwebhooks.webhooks.WebhookVerificationError as e:
+            self.bad.append(str(e))
+            return web.Response(status=400)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.status < 300:
+            self.got.append((request.headers["webhook-id"], payload))
+            self.arrivals.append(time.monotonic())
+        return web.Response(status=self.status, headers=self.headers)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+@pytest.fixture(params=store_params())
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with open_store(request.param, tmp_path) as s:
+        yield s
+
+
+async def add(db: WebhookDB, url: str, secret: str, tenant: str = "acme", **kw: Any) -> Endpoint:
+    return await db.add_endpoint(Endpoint(new_endpoint_id(), tenant, url, secret, **kw))
+
+
+def deliverer(db: WebhookDB, **kw: Any) -> Deliverer:
+    kw.setdefault("allow_private", True)
+    kw.setdefault("max_backoff", 1.0)
+    kw.setdefault("timeout", 10.0)
+    return Deliverer(db, poll=0.05, **kw)
+
+
+# -- the outbox ---------------------------------------------------------------------------------
+
+
+async def test_outbox_rows_exist_exactly_for_newly_stored_records(store: Store) -> None:
+    db = store.webhooks()
+    ep = await add(db, "http://example.com/hook", new_secret())
+    only_gpt4o = await add(db, "http://example.com/b", new_secret(), filters={"model": "gpt-4o"})
+    prop = await add(db, "http://example.com/c", new_secret(), filters={"property.feature": "chat"})
+    none_sampled = await add(db, "http://example.com/d", new_secret(), sample=0.0)
+    recs = [make_record(i) for i in range(6)]
+    recs[0].model = "gpt-4o"
+    recs[1].properties = {"feature": "chat"}
+    other_tenant = make_record(9, tenant="globex")
+    assert await store.write_batch([*recs, other_tenant]) == 7
+    # Redelivery of the same records (at least once upstream) stores nothing and adds nothing.
+    assert await store.write_batch(recs) == 0
+    log = await db.list_deliveries("acme", limit=1000)
+    by_ep: dict[str, set[str]] = {}
+    for d in log:
+        by_ep.setdefault(d["endpoint_id"], set()).add(d["subject"])
+        assert d["status"] == "pending" and d["event"] == REQUEST_COMPLETED
+    assert by_ep == {ep.id: {r.id for r in recs}, only_gpt4o.id: {recs[0].id}, prop.id: {recs[1].id}}
+    assert none_sampled.id not in by_ep
+    assert await db.list_deliveries("globex") == []
+    assert len({d["id"] for d in log}) == len(log) == 8
+
+
+# -- delivery -----------------------------------------------------------------------------------
+
+
+async def test_every_delivery_verifies_and_carries_metadata_only(store: Store) -> None:
+    db = store.webhooks()
+    secret = new_secret()
+    rx = Receiver(secret)
+    await rx.start()
+    d = deliverer(db)
+    await d.start()
+    try:
+        ep = await add(db, rx.url, secret)
+        recs = [make_record(i) for i in range(40)]
+        await store.write_batch(recs)
+        await wait_for(lambda: len(rx.got) >= 40, what="40 deliveries")
+        assert rx.bad == []
+        subjects = {p["data"]["id"] for _, p in rx.got}
+        assert subjects == {r.id for r in recs}
+        for _, p in rx.got:
+            assert p["type"] == REQUEST_COMPLETED
+            assert "?" not in p["data"]["target_url"]
+            assert not {"request_body", "response_body", "request_headers"} & set(p["data"])
+        await wait_for(
+            lambda: _all_delivered(db, ep.id, 40), what="the delivery log to show 40 delivered"
+        )
+    finally:
+        await d.stop()
+        await rx.stop()
+
+
+async def _all_delivered(db: WebhookDB, endpoint_id: str, n: int) -> bool:
+    log = await db.list_deliveries("acme", endpoint_id=endpoint_id, limit=10_000)
+    return len(log) == n and all(x["status"] == "delivered" and x["attempts"] >= 1 for x in log)
+
+
+async def test_rotation_signs_with_both_secrets(tmp_path: Path) -> None:
+    async with open_store("sqlite", tmp_path) as store:
+        db = store.webhooks()
+        old = new_secret()
+        new = new_secret()
+        rx_old, rx_new = Receiver(old), Receiver(new, port=free_port())
+        rx_new.port = rx_old.port  # the same receiver process: whichever secret it still knows
+        await rx_old.start()
+        ep = await add(db, rx_old.url, old)
+        assert await db.rotate_secret("acme", ep.id, new)
+        d = deliverer(db)
+        await d.start()
+        try:
+            await store.write_batch([make_record(1)])
+            await wait_for(lambda: len(rx_old.got) == 1, what="a delivery verified with the old secret")
+        finally:
+            await rx_old.stop()
+        await rx_new.start()
+        try:
+            await store.write_batch([make_record(2)])
+            await wait_for(lambda: len(rx_new.got) == 1, what="a delivery verified with the new secret")
+            assert rx_old.bad == rx_new.bad == []
+        finally:
+            await d.stop()
+            await rx_new.stop()
+
+
+async def test_receiver_outage_under_load_every_event_arrives_once_after_it_returns(store: Store) -> None:
+    db = store.webhooks()
+    secret = new_secret()
+    rx = Receiver(secret)
+    await rx.start()
+    d = deliverer(db, max_backoff=2.0)
+    await d.start()
+    try:
+        await add(db, rx.url, secret)
+        first = [make_record(i) for i in range(50)]
+        await store.write_batch(first)
+        await wait_for(lambda: len(rx.got) >= 50, what="deliveries before the outage")
+        await rx.stop()
+        # Storing goes on at full speed while the receiver is away: the worker never waits on it.
+        during: list[Any] = []
+        t0 = time.monotonic()
+        for b in range(20):
+            batch = [make_record(i) for i in range(100)]
+            assert await store.write_batch(batch) == 100
+            during += batch
+        write_s = time.monotonic() - t0
+        await wait_for(lambda: d.failures >= 3, what="the deliverer to notice the outage")
+        await asyncio.sleep(3)  # let the endpoint back off a few times
+        await rx.start()
+        back = time.monotonic()
+        want = {r.id for r in first + during}
+        await wait_for(lambda: {p["data"]["id"] for _, p in rx.got} >= want, what="the backlog")
+        drained = max(rx.arrivals) - back
+        print(f"\n2000 records stored in {write_s:.2f}s during the outage; backlog of 2000 delivered "
+              f"{drained:.1f}s after the receiver came back")  # fmt: skip
+        ids: dict[str, set[str]] = {}
+        for msg_id, p in rx.got:
+            ids.setdefault(p["data"]["id"], set()).add(msg_id)
+        assert all(len(v) == 1 for v in ids.values()), "an event arrived under two webhook-ids"
+        assert rx.bad == []
+        assert drained < 120
+    finally:
+        await d.stop()
+        await rx.stop()
+
+
+async def test_refusing_endpoint_is_disabled_and_announced(store: Store) -> None:
+    db = store.webhooks()
+    bad_secret, ops_secret = new_secret(), new_secret()
+    bad, ops = Receiver(bad_secret), Receiver(ops_secret)
+    bad.status = 410
+    await bad.start()
+    await ops.start()
+    d = deliverer(db, max_backoff=0.2, disable_after=1.0)
+    await d.start()
+    try:
+        ep = await add(db, bad.url, bad_secret)
+        ops_ep = await add(db, ops.url, ops_secret, events=[DELIVERY_DISABLED])
+        await store.write_batch([make_record(i) for i in range(3)])
+
+        async def disabled() -> bool:
+            got = await db.get_endpoint("acme", ep.id)
+            return got is not None and got.disabled_at is not None
+
+        await wait_for(disabled, what="the refusing endpoint to be disabled")
+        await wait_for(lambda: len(ops.got) == 1, what="the delivery.disabled event")
+        _, event = ops.got[0]
+        assert event["type"] == DELIVERY_DISABLED and event["data"]["endpoint_id"] == ep.id
+        assert "HTTP 410" in event["data"]["last_error"]
+        log = await db.list_deliveries("acme", endpoint_id=ep.id)
+        assert log and all(x["status"] == "pending" and x["last_status"] == 410 for x in log)
+        assert any(x["attempts"] >= 1 and x["last_error"] == "HTTP 410" for x in log)
+        # Disabled: nothing more is sent to it.
+        n = len(bad.arrivals)
+        await store.write_batch([make_record(7)])
+        assert await db.list_deliveries("acme", endpoint_id=ep.id, limit=100) == log
+        assert len(bad.arrivals) == n
+        assert ops_ep.id != ep.id
+    finally:
+        await d.stop()
+        await bad.stop()
+        await ops.stop()
+
+
+async def test_a_slow_endpoint_does_not_delay_a_fast_one(store: Store) -> None:
+    db = store.webhooks()
+    s1, s2 = new_secret(), new_secret()
+    slow, fast = Receiver(s1), Receiver(s2)
+    slow.gate = asyncio.Event()  # holds every request until the end of the test
+    await slow.start()
+    await fast.start()
+    d = deliverer(db, concurrency=4)
+    await d.start()
+    try:
+        await add(db, slow.url, s1)
+        await add(db, fast.url, s2)
+        recs = [make_record(i) for i in range(60)]
+        await store.write_batch(recs)
+        await wait_for(lambda: len(fast.got) == 60, what="every delivery to the fast endpoint")
+        assert slow.got == []  # still held: the fast one did not wait for it
+        slow.gate.set()
+        await wait_for(lambda: len(slow.got) == 60, what="the slow endpoint's deliveries once released")
+    finally:
+        if slow.gate is not None:
+            slow.gate.set()
+        await d.stop()
+        await slow.stop()
+        await fast.stop()
+
+
+async def test_retry_after_is_honoured(tmp_path: Path) -> None:
+    async with open_store("sqlite", tmp_path) as store:
+        db = store.webhooks()
+        secret = new_secret()
+        rx = Receiver(secret)
+        rx.status, rx.headers = 503, {"Retry-After": "3"}
+        calls: list[float] = []
+        inner = rx.handle
+
+        async def counting(request: web.Request) -> web.Response:
+            calls.append(time.monotonic())
+            resp = await inner(request)
+            rx.status, rx.headers = 200, {}
+            return resp
+
+        rx.handle = counting  # type: ignore[method-assign]
+        await rx.start()
+        d = deliverer(db, max_backoff=0.1)
+        await d.start()
+        try:
+            await add(db, rx.url, secret)
+            await store.write_batch([make_record(1)])
+            await wait_for(lambda: len(rx.got) == 1, what="the delivery after Retry-After")
+            assert len(calls) == 2 and calls[1] - calls[0] >= 2.9
+        finally:
+            await d.stop()
+            await rx.stop()
+
+
+async def test_redeliver_sends_again_under_the_same_id(tmp_path: Path) -> None:
+    async with open_store("sqlite", tmp_path) as store:
+        db = store.webhooks()
+        secret = new_secret()
+        rx = Receiver(secret)
+        await rx.start()
+        d = deliverer(db)
+        await d.start()
+        try:
+            ep = await add(db, rx.url, secret)
+            await store.write_batch([make_record(1)])
+            await wait_for(lambda: len(rx.got) == 1, what="the first delivery")
+            await wait_for(lambda: _all_delivered(db, ep.id, 1), what="the log to say delivered")
+            [entry] = await db.list_deliveries("acme")
+            assert not await db.redeliver("globex", entry["id"])  # another tenant's id: not found
+            assert await db.redeliver("acme", entry["id"])
+            await wait_for(lambda: len(rx.got) == 2, what="the redelivery")
+            assert rx.got[0][0] == rx.got[1][0] == entry["id"]
+        finally:
+            await d.stop()
+            await rx.stop()
+
+
+# -- SSRF guard ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1/x", "http://10.1.2.3/x", "http://169.254.169.254/latest", "http://[::1]/x",
+     "http://192.168.0.1/x", "http://localhost/x", "http://[::ffff:127.0.0.1]/x", "ftp://example.com/x"],
+)  # fmt: skip
+async def test_private_targets_are_refused_unless_allowed(url: str) -> None:
+    with pytest.raises(Refused):
+        await check_target(url, allow_private=False)
+    if url.startswith("http:"):
+        await check_target(url, allow_private=True)
+
+
+async def test_refused_target_is_logged_not_sent(tmp_path: Path) -> None:
+    async with open_store("sqlite", tmp_path) as store:
+        db = store.webhooks()
+        secret = new_secret()
+        rx = Receiver(secret)
+        await rx.start()
+        d = deliverer(db, allow_private=False)
+        await d.start()
+        try:
+            ep = await add(db, rx.url, secret)
+            await store.write_batch([make_record(1)])
+
+            async def refused() -> bool:
+                log = await db.list_deliveries("acme", endpoint_id=ep.id)
+                return bool(log) and "private address" in (log[0]["last_error"] or "")
+
+            await wait_for(refused, what="the SSRF refusal in the delivery log")
+            assert rx.got == [] and rx.arrivals == []
+        finally:
+            await d.stop()
+            await rx.stop()
+
+
+def test_payload_example_is_json() -> None:
+    from llmtap.webhooks.outbox import envelope, record_data
+
+    body = json.loads(envelope(REQUEST_COMPLETED, "2026-01-01T00:00:00+00:00", record_data(make_record(1), False)))
+    assert body["type"] == REQUEST_COMPLETED and body["data"]["model"] == "gpt-4o-mini"
