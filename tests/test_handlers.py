@@ -1,16 +1,13 @@
-"""Handlers on real backends: file bodies, the SQLite store, a real HTTP webhook receiver."""
+"""Handlers on real backends: file bodies, the SQLite store, the webhook outbox."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import web
 
 from llmtap.bodies.base import body_key
 from llmtap.bodies.file import FileBodyStore
@@ -20,7 +17,6 @@ from llmtap.handlers.base import Item, build_chain
 from llmtap.handlers.bodies import BodyHandler
 from llmtap.handlers.cost import CostHandler
 from llmtap.handlers.store import StoreHandler
-from llmtap.handlers.webhook import WebhookHandler
 from llmtap.record import Body, Usage, decompress
 from llmtap.store.sqlite import SQLiteStore
 from worker_helpers import T0, make_record
@@ -143,126 +139,40 @@ async def test_standard_chain_end_to_end(store: SQLiteStore, bodies: CountingBod
     assert ref.startswith("acme/2026/") and await bodies.get(ref) is not None
 
 
-# -- webhook -----------------------------------------------------------------------------------
+# -- webhooks (the outbox; delivery itself is in test_webhooks.py) ------------------------------
 
 
-class Receiver:
-    def __init__(self) -> None:
-        self.posts: list[tuple[dict[str, str], dict[str, Any]]] = []
-        self.status = 200
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.posts.append((dict(request.headers), json.loads(await request.read())))
-        return web.Response(status=self.status)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    r = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", r.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield r, f"http://127.0.0.1:{port}/hook"
-    await runner.cleanup()
-
-
-async def test_webhook_posts_metadata_only_with_idempotency_key(receiver: tuple[Receiver, str]) -> None:
-    r, url = receiver
-    h = WebhookHandler(url)
-    recs = [make_record(i, request_headers={"x-api-key": "sk-secret"}) for i in range(3)]
-    await h.handle([Item(x) for x in recs])
-    await h.close()
-    assert sorted(hdr["Idempotency-Key"] for hdr, _ in r.posts) == sorted(x.id for x in recs)
-    for hdr, body in r.posts:
-        assert body["id"] == hdr["Idempotency-Key"]
-        assert body["v"] == 1 and body["model"] == "gpt-4o-mini" and body["usage"]["prompt_tokens"] >= 100
-        assert "request_body" not in body and "response_body" not in body and "request_headers" not in body
-        assert "secret" not in json.dumps(body)
-
-
-async def test_webhook_5xx_is_retried_in_the_background_and_4xx_is_dropped_not_failed(
-    receiver: tuple[Receiver, str],
+async def test_chain_writes_the_env_endpoints_outbox_with_the_record(
+    store: SQLiteStore, bodies: CountingBodies
 ) -> None:
-    r, url = receiver
-    h = WebhookHandler(url, backoff_start=0.05)
-    r.status = 503
-    item = Item(make_record())
-    await h.handle([item])  # returns at once: delivery is off the chain's critical path
-    assert item.ok
-    for _ in range(200):  # until it has been refused twice, then let the receiver recover
-        if len(r.posts) >= 2:
-            break
-        await asyncio.sleep(0.05)
-    assert len(r.posts) >= 2
-    r.status = 200
-    assert await h.wait_idle(30)
-    assert h.delivered == 1 and not h.dropped
-    r.status = 422
-    item = Item(make_record())
-    await h.handle([item])
-    assert await h.wait_idle(30)
-    assert item.ok  # the record is stored; only the webhook delivery is given up, and counted
-    assert h.dropped == {"refused": 1}
-    await h.close()
+    from llmtap.webhooks.outbox import new_secret
 
-
-async def test_webhook_unreachable_never_raises_and_drops_after_retries() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
-    h = WebhookHandler(f"http://127.0.0.1:{port}/hook", timeout=2, max_attempts=3, backoff_start=0.01)
-    items = [Item(make_record(i)) for i in range(3)]
-    await h.handle(items)
-    assert all(i.ok for i in items)
-    assert await h.wait_idle(30)
-    assert h.dropped == {"retries": 3} and h.delivered == 0
-    await h.close()
-
-
-async def test_webhook_buffer_overflow_drops_deliveries_not_records(caplog: pytest.LogCaptureFixture) -> None:
-    hang = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        await hang.wait()
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/hook", slow)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    h = WebhookHandler(f"http://127.0.0.1:{port}/hook", concurrency=2, max_pending=5, drain_timeout=0.5)
-    items = [Item(make_record(i)) for i in range(20)]
-    with caplog.at_level("WARNING", logger="llmtap.webhook"):
-        await asyncio.wait_for(h.handle(items), 5)
-        await asyncio.wait_for(h.handle([Item(make_record())]), 5)
-    assert all(i.ok for i in items)
-    # 2 in flight, 5 buffered, the rest dropped; 2 + 5 + dropped == 21 whatever the timing
-    assert h.dropped["overflow"] >= 21 - 2 - 5
-    assert len([m for m in caplog.messages if "dropped" in m]) == 1  # one line, not one per record
-    await h.close()
-    assert h.dropped["stopped"] + h.dropped["overflow"] == 21 and h.delivered == 0  # each counted once
-    hang.set()
-    await runner.cleanup()
-
-
-async def test_chain_with_webhook_after_store(
-    store: SQLiteStore, bodies: CountingBodies, receiver: tuple[Receiver, str]
-) -> None:
-    r, url = receiver
-    chain = build_chain(Settings(webhook_url=url), store, bodies)
-    assert [h.name for h in chain.handlers] == ["bodies", "cost", "store", "webhook"]
+    url = "https://hooks.example.com/llmtap"
+    chain = build_chain(Settings(webhook_url=url, webhook_secret=new_secret()), store, bodies)
+    # No handler talks to the receiver: nothing it does can hold back storing.
+    assert [h.name for h in chain.handlers] == ["bodies", "cost", "store"]
     rec = make_record()
     await chain.start()
     await chain.run([Item(rec)])
-    await chain.close()  # drains the webhook backlog first
-    assert [b["id"] for _, b in r.posts] == [rec.id]
-    assert r.posts[0][1]["cost_usd"] is not None  # cost was settled before the post
+    await chain.close()
+    [ep] = await store.webhooks().list_endpoints("default")
+    assert ep.url == url
+    rec2 = make_record(tenant="default")
+    await chain.run([Item(rec2)])
+    [d] = await store.webhooks().list_deliveries("default")
+    assert d["subject"] == rec2.id and d["endpoint_id"] == ep.id
+    payload = json.loads(
+        sqlite3.connect(store.path).execute("SELECT payload FROM webhook_deliveries").fetchone()[0]
+    )
+    assert payload["data"]["cost_usd"] is not None  # cost was settled before the row was written
+    assert "secret" not in json.dumps(payload)  # the target URL's query string is not sent
+
+
+def test_env_webhook_needs_a_secret() -> None:
+    from llmtap.errors import ConfigError
+    from llmtap.webhooks.deliverer import env_endpoint
+
+    with pytest.raises(ConfigError, match="LLMTAP_WEBHOOK_SECRET"):
+        env_endpoint(Settings(webhook_url="https://hooks.example.com/x"))
+    with pytest.raises(ConfigError, match="whsec_"):
+        env_endpoint(Settings(webhook_url="https://hooks.example.com/x", webhook_secret="plain"))

@@ -26,7 +26,9 @@ from worker_helpers import make_record
 pytestmark = pytest.mark.timeout(300)
 
 
-async def wait_for(cond: Callable[[], Awaitable[bool] | bool], deadline: float = 120.0, what: str = "") -> None:
+async def wait_for(
+    cond: Callable[[], Awaitable[bool] | bool], deadline: float = 120.0, what: str = ""
+) -> None:
     """Poll a condition with a generous deadline (the machine is shared and busy)."""
     end = time.monotonic() + deadline
     while True:
@@ -213,7 +215,7 @@ async def test_receiver_outage_under_load_every_event_arrives_once_after_it_retu
         # Storing goes on at full speed while the receiver is away: the worker never waits on it.
         during: list[Any] = []
         t0 = time.monotonic()
-        for b in range(20):
+        for _ in range(20):
             batch = [make_record(i) for i in range(100)]
             assert await store.write_batch(batch) == 100
             during += batch
@@ -395,5 +397,6 @@ async def test_refused_target_is_logged_not_sent(tmp_path: Path) -> None:
 def test_payload_example_is_json() -> None:
     from llmtap.webhooks.outbox import envelope, record_data
 
-    body = json.loads(envelope(REQUEST_COMPLETED, "2026-01-01T00:00:00+00:00", record_data(make_record(1), False)))
+    data = record_data(make_record(1), False)
+    body = json.loads(envelope(REQUEST_COMPLETED, "2026-01-01T00:00:00+00:00", data))
     assert body["type"] == REQUEST_COMPLETED and body["data"]["model"] == "gpt-4o-mini"
