@@ -298,6 +298,152 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
     click.echo(f"key {key_id} revoked")
 
 
+# -- webhooks -----------------------------------------------------------------------------------
+
+
+@cli.group()
+def webhooks() -> None:
+    """Manage webhook endpoints and inspect their deliveries."""
+
+
+def _with_hooks(ctx: click.Context, fn: Callable[[Any, Settings], Awaitable[T]]) -> T:
+    settings = _settings(ctx)
+    return _with_store(ctx, lambda s: fn(s.webhooks(), settings))
+
+
+def _tenant(ctx: click.Context, tenant: str | None) -> str:
+    return tenant or _settings(ctx).default_tenant
+
+
+@webhooks.command("add")
+@click.argument("url")
+@click.option("--tenant", help="Tenant whose records it receives (default: the default tenant).")
+@click.option("--event", "events", multiple=True, help="request.completed, delivery.disabled (default: all).")
+@click.option(
+    "--filter", "filters", multiple=True, help="model=NAME or property.NAME=VALUE (all must match)."
+)
+@click.option("--sample", default=1.0, show_default=True, help="Fraction of matching records sent.")
+@click.option("--include-bodies", is_flag=True, help="Add request/response bodies (size-capped).")
+@click.option("--secret", help="A whsec_ secret to use (default: a new one, printed once).")
+@click.pass_context
+def webhooks_add(
+    ctx: click.Context, url: str, tenant: str | None, events: tuple[str, ...], filters: tuple[str, ...],
+    sample: float, include_bodies: bool, secret: str | None,
+) -> None:  # fmt: skip
+    """Add an endpoint; prints its signing secret once."""
+    from llmtap.webhooks.manage import Invalid, create_endpoint
+
+    async def go(db: Any, settings: Settings) -> Any:
+        return await create_endpoint(
+            db, _tenant(ctx, tenant), url, events=events, filters=filters, sample=sample,
+            include_bodies=include_bodies, secret=secret, allow_private=settings.webhook_allow_private,
+        )  # fmt: skip
+
+    try:
+        ep = _with_hooks(ctx, go)
+    except Invalid as e:
+        _fail(str(e))
+    click.echo(ep.secret)
+    click.echo(f"endpoint {ep.id} for tenant {ep.tenant!r} added; its secret is not shown again", err=True)
+
+
+@webhooks.command("list")
+@click.option("--tenant", help="Only this tenant's endpoints (default: all).")
+@click.pass_context
+def webhooks_list(ctx: click.Context, tenant: str | None) -> None:
+    """List endpoints (never their secrets)."""
+    from llmtap.config import redact_url
+
+    rows = _with_hooks(ctx, lambda db, _s: db.list_endpoints(tenant))
+    for ep in rows:
+        state = "disabled" if ep.disabled_at else ("failing" if ep.failing_since else "active")
+        extra = f"  filters={ep.filters}" if ep.filters else ""
+        extra += f"  sample={ep.sample}" if ep.sample < 1 else ""
+        extra += "  bodies" if ep.include_bodies else ""
+        events = ",".join(ep.events)
+        click.echo(f"{ep.id}  tenant={ep.tenant}  {redact_url(ep.url)}  events={events}  {state}{extra}")
+    if not rows:
+        click.echo("no webhook endpoints", err=True)
+
+
+@webhooks.command("remove")
+@click.argument("endpoint_id")
+@click.option("--tenant")
+@click.pass_context
+def webhooks_remove(ctx: click.Context, endpoint_id: str, tenant: str | None) -> None:
+    """Remove an endpoint and its pending deliveries."""
+    if not _with_hooks(ctx, lambda db, _s: db.remove_endpoint(_tenant(ctx, tenant), endpoint_id)):
+        _fail(f"no endpoint {endpoint_id!r}", 1)
+    click.echo(f"endpoint {endpoint_id} removed")
+
+
+@webhooks.command("enable")
+@click.argument("endpoint_id")
+@click.option("--tenant")
+@click.pass_context
+def webhooks_enable(ctx: click.Context, endpoint_id: str, tenant: str | None) -> None:
+    """Enable a disabled endpoint again; its pending deliveries are sent."""
+    if not _with_hooks(ctx, lambda db, _s: db.enable_endpoint(_tenant(ctx, tenant), endpoint_id)):
+        _fail(f"no endpoint {endpoint_id!r}", 1)
+    click.echo(f"endpoint {endpoint_id} enabled")
+
+
+@webhooks.command("test")
+@click.argument("endpoint_id")
+@click.option("--tenant")
+@click.pass_context
+def webhooks_test(ctx: click.Context, endpoint_id: str, tenant: str | None) -> None:
+    """Send a signed sample event now and show the receiver's answer."""
+    from llmtap.webhooks.manage import test_endpoint
+
+    async def go(db: Any, settings: Settings) -> Any:
+        ep = await db.get_endpoint(_tenant(ctx, tenant), endpoint_id)
+        if ep is None:
+            return None
+        return await test_endpoint(ep, allow_private=settings.webhook_allow_private)
+
+    result = _with_hooks(ctx, go)
+    if result is None:
+        _fail(f"no endpoint {endpoint_id!r}", 1)
+    click.echo(json.dumps(result))
+    if not result["ok"]:
+        sys.exit(1)
+
+
+@webhooks.command("deliveries")
+@click.option("--tenant")
+@click.option("--endpoint", "endpoint_id", help="Only this endpoint's deliveries.")
+@click.option("--status", type=click.Choice(["pending", "delivered"]))
+@click.option("--limit", default=50, show_default=True)
+@click.pass_context
+def webhooks_deliveries(
+    ctx: click.Context, tenant: str | None, endpoint_id: str | None, status: str | None, limit: int
+) -> None:
+    """The delivery log, newest first: status, attempts, last answer."""
+    rows = _with_hooks(
+        ctx, lambda db, _s: db.list_deliveries(_tenant(ctx, tenant), endpoint_id, status, limit)
+    )
+    for d in rows:
+        last = d["last_error"] or (f"HTTP {d['last_status']}" if d["last_status"] else "")
+        click.echo(
+            f"{d['id']}  {d['endpoint_id']}  {d['event']}  {d['subject']}  {d['status']}"
+            f"  attempts={d['attempts']}  {last}"
+        )
+    if not rows:
+        click.echo("no deliveries", err=True)
+
+
+@webhooks.command("redeliver")
+@click.argument("delivery_id")
+@click.option("--tenant")
+@click.pass_context
+def webhooks_redeliver(ctx: click.Context, delivery_id: str, tenant: str | None) -> None:
+    """Send a delivery again, under its same webhook-id."""
+    if not _with_hooks(ctx, lambda db, _s: db.redeliver(_tenant(ctx, tenant), delivery_id)):
+        _fail(f"no delivery {delivery_id!r}", 1)
+    click.echo(f"delivery {delivery_id} queued again")
+
+
 # -- dead letters -------------------------------------------------------------------------------
 
 

@@ -230,25 +230,26 @@ class WebhookDB:
                     await c.execute("UPDATE webhook_endpoints SET retry_at = $2 WHERE id = $1", ep.id, lease)
         return out
 
-    async def succeeded(self, d: Claimed, status: int) -> None:
+    async def succeeded(self, done: Sequence[tuple[Claimed, int]]) -> None:
+        """Record successful sends (one transaction for many: one fsync on SQLite)."""
         now = now_us()
         async with self.tx() as c:
-            await c.execute(
-                "UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1,"
-                " last_status = $2, last_error = NULL, delivered_at = $3, lease_until = NULL"
-                " WHERE id = $1",
-                d.id, status, now,
-            )  # fmt: skip
-            recovered = await c.execute(
-                "UPDATE webhook_endpoints SET failing_since = NULL, failures = 0, retry_at = NULL"
-                " WHERE id = $1 AND failing_since IS NOT NULL",
-                d.endpoint.id,
-            )
-            if recovered:
-                # The receiver is back: its whole backlog is due now, whatever each row's backoff.
+            for d, status in done:
                 await c.execute(
-                    _ALL_DUE, d.endpoint.id, now,
+                    "UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1,"
+                    " last_status = $2, last_error = NULL, delivered_at = $3, lease_until = NULL"
+                    " WHERE id = $1",
+                    d.id, status, now,
                 )  # fmt: skip
+            for ep_id in {d.endpoint.id for d, _ in done if d.probe}:
+                recovered = await c.execute(
+                    "UPDATE webhook_endpoints SET failing_since = NULL, failures = 0, retry_at = NULL"
+                    " WHERE id = $1 AND failing_since IS NOT NULL",
+                    ep_id,
+                )
+                if recovered:
+                    # The receiver is back: its whole backlog is due now, whatever each row's backoff.
+                    await c.execute(_ALL_DUE, ep_id, now)
 
     async def failed(
         self,

@@ -162,6 +162,9 @@ class Deliverer:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._done: list[tuple[Claimed, int]] = []
+        self._done_ready = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
         self.sent = 0
         self.failures = 0
 
@@ -171,17 +174,23 @@ class Deliverer:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
         )
         self._loop = asyncio.create_task(self._run())
+        self._flusher = asyncio.create_task(self._flush_successes())
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        for task in (self._loop, self._flusher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         # In-flight sends are abandoned: their leases lapse and another round sends them again.
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._done:  # what was sent is not sent again after a restart, if the store allows
+            with contextlib.suppress(TransientError):
+                await self.db.succeeded(self._done)
+            self._done = []
         if self._session is not None:
             await self._session.close()
 
@@ -210,6 +219,24 @@ class Deliverer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll / 5 if got else self.poll * (1 + quiet))
 
+    async def _flush_successes(self) -> None:
+        """Successes land in batches: one transaction for all that finished meanwhile.
+
+        Until a success lands its row stays leased; if it never lands (store down past the lease)
+        the delivery is sent again, under the same id: at least once, never lost."""
+        while True:
+            await self._done_ready.wait()
+            self._done_ready.clear()
+            batch, self._done = self._done, []
+            while True:
+                try:
+                    await self.db.succeeded(batch)
+                    break
+                except TransientError as e:
+                    log.warning("webhook outbox unavailable: %s", e)
+                    await asyncio.sleep(1.0)
+            self._wake.set()
+
     async def _deliver(self, d: Claimed) -> None:
         assert self._session is not None
         try:
@@ -217,7 +244,8 @@ class Deliverer:
             for attempt in range(5):  # the outcome must land, or the row is sent again later
                 try:
                     if error is None:
-                        await self.db.succeeded(d, status or 200)
+                        self._done.append((d, status or 200))
+                        self._done_ready.set()
                         self.sent += 1
                     else:
                         self.failures += 1
