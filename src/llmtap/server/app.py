@@ -24,7 +24,7 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.handlers.base import Chain
 from llmtap.retention import RetentionTask
-from llmtap.server import api, dashboard, openapi, security
+from llmtap.server import api, dashboard, openapi, security, webhooks_api
 from llmtap.server.auth import Unauthorized, check_ingest, tenant_for
 from llmtap.server.ingest import IngestQueue
 from llmtap.store.base import Store
@@ -132,6 +132,7 @@ def build_app(
     r.add_get("/api/v1/sessions/{id}", api.session)
     r.add_get("/api/v1/users", api.users)
     r.add_post("/api/v1/ingest", api.ingest)
+    webhooks_api.add_routes(r)
     return app
 
 

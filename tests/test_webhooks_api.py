@@ -1,0 +1,125 @@
+"""Webhook management over the API (tenant-scoped, key-authenticated) and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from llmtap import keys
+from llmtap.cli import cli
+from llmtap.record import encode_many
+from store_helpers import rec, store_params
+from test_api import Server, start_server
+from test_webhooks import Receiver
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=store_params())
+async def mt(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Server]:
+    async for s in start_server(
+        request.param, tmp_path, multi_tenant=True, ingest_token="gw-token", webhook_allow_private=True
+    ):
+        s.ingest_headers = {"Authorization": "Bearer gw-token"}
+        yield s
+
+
+async def call(srv: Server, method: str, path: str, key: str | None, body: Any = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = None if body is None else orjson.dumps(body)
+    if method != "GET":  # the server refuses a write without a declared JSON body
+        headers["Content-Type"] = "application/json"
+    async with srv.http.request(method, srv.base + path, headers=headers, data=data) as r:
+        raw = await r.read()
+        return r.status, (orjson.loads(raw) if raw else None)
+
+
+async def test_webhooks_api_is_authenticated_and_tenant_scoped(mt: Server) -> None:
+    _, key_a = await keys.create_key(mt.svc.store, "tenant-a", None)
+    _, key_b = await keys.create_key(mt.svc.store, "tenant-b", None)
+    for method, path in (("GET", "/api/v1/webhooks"), ("POST", "/api/v1/webhooks"),
+                         ("GET", "/api/v1/webhooks/deliveries")):  # fmt: skip
+        assert (await call(mt, method, path, None, {}))[0] == 401
+
+    status, created = await call(
+        mt, "POST", "/api/v1/webhooks", key_a,
+        {"url": "http://127.0.0.1:9/hook", "filters": {"model": "gpt-4o-mini"}, "sample": 1},
+    )  # fmt: skip
+    assert status == 201 and created["secret"].startswith("whsec_") and created["tenant"] == "tenant-a"
+    rx = Receiver(created["secret"])
+    await rx.start()
+    try:
+        # Point a second endpoint at the live receiver with the first one's secret (its own choice).
+        status, live = await call(
+            mt, "POST", "/api/v1/webhooks", key_a, {"url": rx.url, "secret": created["secret"]}
+        )
+        assert status == 201
+        status, listed = await call(mt, "GET", "/api/v1/webhooks", key_a)
+        assert {e["id"] for e in listed["items"]} == {created["id"], live["id"]}
+        assert all("secret" not in e for e in listed["items"])
+        assert (await call(mt, "GET", "/api/v1/webhooks", key_b))[1] == {"items": []}
+
+        status, result = await call(mt, "POST", f"/api/v1/webhooks/{live['id']}/test", key_a)
+        assert status == 200 and result["ok"] and result["status"] == 200
+        assert [i for i, _ in rx.got] == [result["webhook_id"]] and rx.bad == []
+        assert (await call(mt, "POST", f"/api/v1/webhooks/{live['id']}/test", key_b))[0] == 404
+
+        records = [rec(i, tenant="tenant-a") for i in range(3)] + [rec(9, tenant="tenant-b")]
+        assert (await mt.ingest(encode_many(records)))[0] == 200
+        status, log = await call(mt, "GET", "/api/v1/webhooks/deliveries?limit=100", key_a)
+        assert status == 200
+        assert sorted((d["endpoint_id"], d["subject"]) for d in log["items"]) == sorted(
+            (e, r.id) for e in (created["id"], live["id"]) for r in records[:3]
+        )
+        assert (await call(mt, "GET", "/api/v1/webhooks/deliveries", key_b))[1] == {"items": []}
+        msg = log["items"][0]["id"]
+        assert (await call(mt, "POST", f"/api/v1/webhooks/deliveries/{msg}/redeliver", key_b))[0] == 404
+        assert (await call(mt, "POST", f"/api/v1/webhooks/deliveries/{msg}/redeliver", key_a))[0] == 202
+
+        assert (await call(mt, "DELETE", f"/api/v1/webhooks/{created['id']}", key_b))[0] == 404
+        assert (await call(mt, "DELETE", f"/api/v1/webhooks/{created['id']}", key_a))[0] == 204
+        status, listed = await call(mt, "GET", "/api/v1/webhooks", key_a)
+        assert [e["id"] for e in listed["items"]] == [live["id"]]
+    finally:
+        await rx.stop()
+
+    u = "http://x.example/"
+    for bad in ({"url": "ftp://x.example/"}, {"url": u, "events": ["nope"]},
+                {"url": u, "filters": ["user=1"]}, {"url": u, "sample": 0}, {"url": u, "secret": "plain"}, {"url": u, "extra": 1}):  # fmt: skip
+        status, err = await call(mt, "POST", "/api/v1/webhooks", key_a, bad)
+        assert status == 400, bad
+        assert err["error"]["message"]
+
+
+def test_cli_manages_endpoints(tmp_path: Path) -> None:
+    env = {"LLMTAP_DATA_DIR": str(tmp_path), "LLMTAP_STORE": f"sqlite:{tmp_path / 'store.db'}"}
+    runner = CliRunner()
+    res = runner.invoke(cli, ["webhooks", "add", "http://127.0.0.1/hook", "--tenant", "acme"], env=env)
+    assert res.exit_code == 2 and "private address" in res.output  # SSRF guard by default
+    env["LLMTAP_WEBHOOK_ALLOW_PRIVATE"] = "true"
+    res = runner.invoke(
+        cli,
+        ["webhooks", "add", "http://127.0.0.1/hook", "--tenant", "acme", "--event", "request.completed",
+         "--filter", "property.Feature=chat", "--sample", "0.5", "--include-bodies"],
+        env=env,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    secret = res.stdout.strip()
+    assert secret.startswith("whsec_")
+    res = runner.invoke(cli, ["webhooks", "list"], env=env)
+    assert res.exit_code == 0 and "tenant=acme" in res.stdout and secret not in res.stdout
+    assert "property.feature" in res.stdout and "sample=0.5" in res.stdout and "bodies" in res.stdout
+    ep_id = res.stdout.split()[0]
+    res = runner.invoke(cli, ["webhooks", "deliveries", "--tenant", "acme"], env=env)
+    assert res.exit_code == 0 and "no deliveries" in res.output
+    assert runner.invoke(cli, ["webhooks", "redeliver", "msg_x", "--tenant", "acme"], env=env).exit_code == 1
+    # not the default tenant's endpoint
+    assert runner.invoke(cli, ["webhooks", "remove", ep_id], env=env).exit_code == 1
+    assert runner.invoke(cli, ["webhooks", "remove", ep_id, "--tenant", "acme"], env=env).exit_code == 0
+    res = runner.invoke(cli, ["webhooks", "list"], env=env)
+    assert "no webhook endpoints" in res.output
