@@ -119,6 +119,9 @@ def test_cli_manages_endpoints(tmp_path: Path) -> None:
     res = runner.invoke(cli, ["webhooks", "deliveries", "--tenant", "acme"], env=env)
     assert res.exit_code == 0 and "no deliveries" in res.output
     assert runner.invoke(cli, ["webhooks", "redeliver", "msg_x", "--tenant", "acme"], env=env).exit_code == 1
+    res = runner.invoke(cli, ["webhooks", "rotate", ep_id, "--tenant", "acme"], env=env)
+    assert res.exit_code == 0 and res.stdout.strip().startswith("whsec_") and res.stdout.strip() != secret
+    assert "rotating" in runner.invoke(cli, ["webhooks", "list"], env=env).stdout
     # not the default tenant's endpoint
     assert runner.invoke(cli, ["webhooks", "remove", ep_id], env=env).exit_code == 1
     assert runner.invoke(cli, ["webhooks", "remove", ep_id, "--tenant", "acme"], env=env).exit_code == 0

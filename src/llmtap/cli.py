@@ -360,6 +360,7 @@ def webhooks_list(ctx: click.Context, tenant: str | None) -> None:
         extra = f"  filters={ep.filters}" if ep.filters else ""
         extra += f"  sample={ep.sample}" if ep.sample < 1 else ""
         extra += "  bodies" if ep.include_bodies else ""
+        extra += "  rotating (signs with two secrets)" if ep.previous_secret else ""
         events = ",".join(ep.events)
         click.echo(f"{ep.id}  tenant={ep.tenant}  {redact_url(ep.url)}  events={events}  {state}{extra}")
     if not rows:
@@ -386,6 +387,25 @@ def webhooks_enable(ctx: click.Context, endpoint_id: str, tenant: str | None) ->
     if not _with_hooks(ctx, lambda db, _s: db.enable_endpoint(_tenant(ctx, tenant), endpoint_id)):
         _fail(f"no endpoint {endpoint_id!r}", 1)
     click.echo(f"endpoint {endpoint_id} enabled")
+
+
+@webhooks.command("rotate")
+@click.argument("endpoint_id")
+@click.option("--tenant")
+@click.option("--secret", help="The new whsec_ secret (default: a new one, printed once).")
+@click.pass_context
+def webhooks_rotate(ctx: click.Context, endpoint_id: str, tenant: str | None, secret: str | None) -> None:
+    """Give an endpoint a new secret; deliveries carry both signatures until the next rotation."""
+    from llmtap.webhooks.outbox import check_secret, new_secret
+
+    try:
+        new = check_secret(secret) if secret else new_secret()
+    except ValueError as e:
+        _fail(str(e))
+    if not _with_hooks(ctx, lambda db, _s: db.rotate_secret(_tenant(ctx, tenant), endpoint_id, new)):
+        _fail(f"no endpoint {endpoint_id!r}", 1)
+    click.echo(new)
+    click.echo(f"endpoint {endpoint_id} signs with the new secret and the previous one", err=True)
 
 
 @webhooks.command("test")

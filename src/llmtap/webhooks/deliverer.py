@@ -216,8 +216,11 @@ class Deliverer:
                 log.exception("webhook deliverer round failed")
             quiet = 0 if got else min(quiet + 1, 8)
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that races with the event being set, and then stop() waits forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll / 5 if got else self.poll * (1 + quiet))
+                async with asyncio.timeout(self.poll / 5 if got else self.poll * (1 + quiet)):
+                    await self._wake.wait()
 
     async def _flush_successes(self) -> None:
         """Successes land in batches: one transaction for all that finished meanwhile.
