@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from llmtap.record import LogRecord
 
@@ -30,6 +30,9 @@ class Item:
 
     record: LogRecord
     error: str | None = None
+    #: What an early handler read from the bodies for a later one (they leave the record after
+    #: the body handler): e.g. the response id and model for the OpenTelemetry span.
+    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -97,4 +100,11 @@ def build_chain(settings: Settings, store: Store, bodies: BodyStore) -> Chain:
 
     # Webhooks are not a handler: the store writes their outbox with the records, and the
     # deliverer (in `llmtap server` / `up`) sends it, so no receiver can hold back storing.
-    return Chain([BodyHandler(bodies), CostHandler(), StoreHandler(store, env_endpoint(settings))])
+    store_handler = StoreHandler(store, env_endpoint(settings))
+    handlers: list[Handler] = [BodyHandler(bodies), CostHandler(), store_handler]
+    from llmtap.handlers import otel
+
+    if otel.enabled():
+        # Capture reads the bodies before they leave the record; export follows the store.
+        handlers = [otel.OtelCapture(), *handlers, otel.OtelExport()]
+    return Chain(handlers)
