@@ -159,6 +159,7 @@ class SQLiteStore(Store):
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._hooks: SQLiteWebhooks | None = None
+        self._outbox = False  # the webhook tables exist (not in a file migrated only part-way)
 
     def webhooks(self) -> SQLiteWebhooks:
         if self._hooks is None:
@@ -231,6 +232,9 @@ class SQLiteStore(Store):
                         if stmt.strip():
                             conn.execute(stmt)
                     conn.execute(f"PRAGMA user_version = {int(v)}")
+            self._outbox = bool(
+                conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'webhook_endpoints'").fetchone()
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -273,7 +277,8 @@ class SQLiteStore(Store):
         conn.execute("BEGIN IMMEDIATE")
         try:
             # Endpoints are read inside the transaction: the outbox rows commit with the records.
-            endpoints = [endpoint_from_row(e) for e in conn.execute(_ENDPOINTS).fetchall()]
+            eps = conn.execute(_ENDPOINTS).fetchall() if self._outbox else []
+            endpoints = [endpoint_from_row(e) for e in eps]
             tenants = {e.tenant for e in endpoints}
             if any(r.tenant in tenants for r in unique):
                 # Row by row, to know which records are new: only those get deliveries.
