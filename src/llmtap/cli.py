@@ -306,9 +306,13 @@ def webhooks() -> None:
     """Manage webhook endpoints and inspect their deliveries."""
 
 
-def _with_hooks(ctx: click.Context, fn: Callable[[Any, Settings], Awaitable[T]]) -> T:
+def _with_hooks(
+    ctx: click.Context, fn: Callable[[Any, Settings], Awaitable[T]], *, create: bool = False
+) -> T:
     settings = _settings(ctx)
-    return _with_store(ctx, lambda s: fn(s.webhooks(), settings))
+    if not create and _store_missing(settings):
+        _fail("no store yet (nothing has been logged): no webhook endpoints or deliveries", 1)
+    return _with_store(ctx, lambda s: fn(s.webhooks(), settings), create=create)
 
 
 def _tenant(ctx: click.Context, tenant: str | None) -> str:
@@ -340,7 +344,7 @@ def webhooks_add(
         )  # fmt: skip
 
     try:
-        ep = _with_hooks(ctx, go)
+        ep = _with_hooks(ctx, go, create=True)
     except Invalid as e:
         _fail(str(e))
     click.echo(ep.secret)

@@ -478,5 +478,84 @@ def document() -> dict[str, Any]:
                     "responses": {"200": {"description": "text exposition format"}},
                 }
             },
+            **_webhook_paths(),
+        },
+    }
+
+
+def _webhook_paths() -> dict[str, Any]:
+    """`/api/v1/webhooks`: endpoints and the delivery log of the caller's tenant."""
+    from llmtap.webhooks.outbox import EVENTS
+
+    obj = {"type": "object"}
+    items = _ok({"type": "object", "properties": {"items": {"type": "array", "items": obj}}})
+    not_found = {**_AUTH_ERRORS, "404": _ERR}
+    add_body = {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["url"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "url": {"type": "string", "description": "http(s); private addresses refused "
+                                "unless LLMTAP_WEBHOOK_ALLOW_PRIVATE=true"},
+                        "events": {"type": "array", "items": {"enum": list(EVENTS)}},
+                        "filters": {"description": "['model=NAME', 'property.NAME=VALUE'] or an object"},
+                        "sample": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                        "include_bodies": {"type": "boolean"},
+                        "secret": {"type": "string", "description": "whsec_...; generated when absent"},
+                    },
+                }
+            }
+        },
+    }  # fmt: skip
+    return {
+        "/api/v1/webhooks": {
+            "get": {
+                "summary": "Webhook endpoints (never their secrets)",
+                "responses": {"200": items, **_AUTH_ERRORS},
+            },
+            "post": {
+                "summary": "Add an endpoint; the answer holds its signing secret, shown this once",
+                "requestBody": add_body,
+                "responses": {"201": _ok(obj, "Created"), **_AUTH_ERRORS},
+            },
+        },
+        "/api/v1/webhooks/deliveries": {
+            "get": {
+                "summary": "The delivery log, newest first: status, attempts, last answer",
+                "parameters": [
+                    _q("endpoint", "Only this endpoint's deliveries.", _STR),
+                    _q("status", "Only pending or delivered ones.", {"enum": ["pending", "delivered"]}),
+                    _q("limit", "How many.", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                ],
+                "responses": {"200": items, **_AUTH_ERRORS},
+            }
+        },
+        "/api/v1/webhooks/deliveries/{id}/redeliver": {
+            "post": {
+                "summary": "Send a delivery again, under its same webhook-id",
+                "responses": {"202": _ok(obj, "Queued"), **not_found},
+            }
+        },
+        "/api/v1/webhooks/{id}": {
+            "delete": {
+                "summary": "Remove an endpoint and its pending deliveries",
+                "responses": {"204": {"description": "Removed"}, **not_found},
+            }
+        },
+        "/api/v1/webhooks/{id}/test": {
+            "post": {
+                "summary": "Send a signed sample event now; the receiver's answer",
+                "responses": {"200": _ok(obj), **not_found},
+            }
+        },
+        "/api/v1/webhooks/{id}/enable": {
+            "post": {
+                "summary": "Enable a disabled endpoint; its pending deliveries are sent",
+                "responses": {"200": _ok(obj), **not_found},
+            }
         },
     }
