@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,15 +52,28 @@ def http_json(
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 30, interval: float = 0.1, what: str = "") -> None:
+    """Wait until `pred()` is true. An exception counts as "not yet" (a process still starting
+    refuses connections), but at the deadline the last one is raised with its message: an
+    `AssertionError` inside `pred` (a 500 where a 404 was allowed) must say what it saw, not
+    become a bare timeout."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    last: Exception | None = None
+    while True:
         try:
             if pred():
                 return
-        except Exception:
-            pass
+            last = None
+        except Exception as e:
+            last = e
+        if time.monotonic() >= deadline:
+            break
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+    what = what or getattr(pred, "__name__", repr(pred))
+    if isinstance(last, AssertionError):
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}: {last}") from last
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last!r})" if last else "")
+    ) from last
 
 
 def wait_http(url: str, timeout: float = 30) -> None:
@@ -130,6 +144,40 @@ def llmtap_env(data_dir: Path, **settings: str | int) -> dict[str, str]:
 
 def start_llmtap(command: str, env: dict[str, str], log: Path, *extra: str) -> Proc:
     return Proc([sys.executable, "-m", "llmtap.cli", command, *extra], env, log)
+
+
+CHAIN_WORKER = Path(__file__).with_name("chain_worker.py")
+
+
+def start_chain_worker(env: dict[str, str], log: Path, *args: str) -> Proc:
+    """The real worker with the test handlers of `chain_worker.py` (blocking on a marker record,
+    logging what went through the chain)."""
+    return Proc([sys.executable, str(CHAIN_WORKER), *args], env, log)
+
+
+def chain_worker_args(tmp: Path, block_on: str | None = None) -> tuple[str, ...]:
+    """`--seen` under `tmp`, and the marker file for `block_on` there too."""
+    args = ("--seen", str(tmp / "seen"))
+    if block_on is not None:
+        args += ("--block-on", block_on, "--marker", str(tmp / "blocked.json"))
+    return args
+
+
+def blocked_batch(tmp: Path) -> tuple[int, list[str]] | None:
+    """(pid, record ids) of the batch a chain worker blocks on, once it does."""
+    path = tmp / "blocked.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return int(data["pid"]), list(data["ids"])
+
+
+def processings(tmp: Path) -> dict[int, Counter[str]]:
+    """pid → how many times each record id went through the whole chain in that worker."""
+    out: dict[int, Counter[str]] = {}
+    for f in sorted((tmp / "seen").glob("*.seen")):
+        out[int(f.stem)] = Counter(f.read_text().split())
+    return out
 
 
 @contextmanager

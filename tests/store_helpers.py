@@ -36,7 +36,10 @@ def pg_url() -> str | None:
 def store_params() -> list[Any]:
     """pytest params for the two stores; PostgreSQL skips only when its URL is unset."""
     skip_pg = pytest.mark.skipif(pg_url() is None, reason=f"{PG_ENV} is not set (scripts/services.sh up)")
-    return [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql", marks=skip_pg)]
+    return [
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgresql", id="postgresql", marks=[pytest.mark.postgres, skip_pg]),
+    ]
 
 
 def _with_db(url: str, db: str) -> str:

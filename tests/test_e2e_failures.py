@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,11 +34,15 @@ from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import LogRecord, encode
 from procs import (
     Proc,
+    blocked_batch,
+    chain_worker_args,
     fake_upstream,
     free_port,
     http_json,
     list_records,
     llmtap_env,
+    processings,
+    start_chain_worker,
     start_llmtap,
     stored_count,
     wait_http,
@@ -70,6 +75,7 @@ class Split:
     gw_port: int = field(default_factory=free_port)
     api_port: int = field(default_factory=free_port)
     procs: list[Proc] = field(default_factory=list)
+    worker_args: tuple[str, ...] = ()  # of "chain-worker" processes (tests/chain_worker.py)
 
     @property
     def data(self) -> Path:
@@ -100,7 +106,11 @@ class Split:
         """Launch processes together (start-up is mostly Python imports), then wait for each."""
         procs = []
         for command, name, settings in specs:
-            procs.append(start_llmtap(command, self.env(**settings), self.tmp / f"{name}.log"))
+            env, log = self.env(**settings), self.tmp / f"{name}.log"
+            if command == "chain-worker":
+                procs.append(start_chain_worker(env, log, *self.worker_args))
+            else:
+                procs.append(start_llmtap(command, env, log))
             self.procs.append(procs[-1])
         for (command, name, _), proc in zip(specs, procs, strict=True):
             try:
@@ -180,15 +190,17 @@ async def run_load(
     stop: asyncio.Event | None = None,
     extra_headers: dict[str, str] | None = None,
     progress: list[int] | None = None,
+    ids: dict[int, str] | None = None,
 ) -> Outcomes:
-    """Send up to `n` requests, `concurrency` at a time, each with an id the client chose."""
+    """Send up to `n` requests, `concurrency` at a time, each with an id the client chose
+    (`ids[i]` for request `i`, if given)."""
     out = Outcomes()
     counter = iter(range(n))
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as http:
 
         async def one(i: int) -> None:
-            rid = str(uuid.uuid4())
+            rid = (ids or {}).get(i) or str(uuid.uuid4())
             path, body, headers = _request(i)
             headers = {**AUTH, **headers, **(extra_headers or {}), "Llmtap-Request-Id": rid, LOAD_ID: rid}
             try:
@@ -231,37 +243,79 @@ def assert_exactly(split: Split, ids: list[str]) -> None:
     assert split.count() == len(ids)
 
 
+def _lag(split: Split) -> int:
+    async def read() -> int:
+        q = SQLiteQueue(str(split.data / "queue.db"), partitions=PARTITIONS)
+        await q.connect("producer")
+        try:
+            return (await q.status()).lag
+        finally:
+            await q.close()
+
+    return asyncio.run(read())
+
+
+async def drained(split: Split, timeout: float = 45) -> None:
+    """Wait until the queue holds nothing unacknowledged: from then on nothing can be delivered
+    again, so counting processings is final (no sleep "for a duplicate to land")."""
+    await asyncio.to_thread(wait_until, lambda: _lag(split) == 0, timeout, 0.1, "queue lag 0")
+
+
+def processed_once(split: Split, ids: list[str]) -> None:
+    """Every id went through the chain of the workers exactly once, and nothing else did. Rows
+    cannot show a duplicate (the store's primary key); a second processing can."""
+    total = sum(processings(split.tmp).values(), Counter[str]())
+    assert set(total) == set(ids), (len(total), len(ids), len(set(total) ^ set(ids)))
+    twice = {i: c for i, c in total.items() if c > 1}
+    assert not twice, f"{len(twice)} records processed more than once, e.g. {list(twice.items())[:3]}"
+
+
 # -- (1) worker SIGKILL ----------------------------------------------------------------------------
 
 
-async def test_worker_sigkill_mid_load_loses_and_duplicates_nothing(split: Split) -> None:
-    n = 2000
+async def test_worker_sigkill_mid_batch_loses_and_duplicates_nothing(split: Split) -> None:
+    """The worker is the real one with a step before the store that blocks on the batch holding
+    a marker request (tests/chain_worker.py), so the SIGKILL certainly lands inside the handler
+    chain: that batch consumed, not stored, not acknowledged. The next worker must get it again.
+    Rows cannot show a duplicate (the primary key), so processings are counted: every record
+    goes through the chain exactly once, the blocked batch's in the second worker."""
+    n = 600
+    marker = str(uuid.uuid4())
+    split.worker_args = chain_worker_args(split.tmp, block_on=marker)
     _, worker, _ = split.start_all(
         ("server", "server", {}),
-        ("worker", "worker-1", {"partition_key": "id"}),
+        ("chain-worker", "worker-1", {"partition_key": "id"}),
         ("gateway", "gateway", {"partition_key": "id"}),
     )
 
-    load = asyncio.create_task(run_load(split.gw, n))
-    t0 = time.monotonic()
-    while (c := await poll_count(split)) < n // 10:
-        assert time.monotonic() - t0 < 40 and not (load.done() and c == 0), f"no progress: {c}"
-        await asyncio.sleep(0.02)
+    load = asyncio.create_task(run_load(split.gw, n, ids={n // 2: marker}))
+    blocking = "the worker blocking on the marker"
+    await asyncio.to_thread(wait_until, lambda: blocked_batch(split.tmp) is not None, 60, 0.05, blocking)
+    pid, batch = blocked_batch(split.tmp) or (0, [])
+    assert pid == worker.pid and marker in batch, (pid, worker.pid, batch)
+    stored_then = set(await asyncio.to_thread(split.stored_ids))
+    assert not set(batch) & stored_then, "the blocked batch is stored already"
     worker.signal(signal.SIGKILL)
     worker.p.wait(5)
-    at_kill = await poll_count(split)
-    assert 1 <= at_kill < n, at_kill  # killed while it was busy, not before and not after
-    split.start("worker", "worker-2", partition_key="id")
+    worker2 = split.start("chain-worker", "worker-2", partition_key="id")
 
     out = await load
     assert len(out.ok) == n, (len(out.ok), len(out.refused), len(out.dropped), out.other[:3])
     await asyncio.to_thread(split.wait_count, n, 60)
-    await asyncio.sleep(0.5)  # a redelivered duplicate would land now
+    await drained(split)
     assert_exactly(split, out.ok)
+    seen = processings(split.tmp)
+    assert set(seen) <= {worker.pid, worker2.pid}, seen.keys()
+    assert not set(batch) & set(seen.get(worker.pid, {})), "the killed worker finished its batch"
+    assert set(batch) <= set(seen[worker2.pid]), "the blocked batch was not redelivered"
+    processed_once(split, out.ok)
     for rid in out.ok[:: n // 50]:  # and each is retrievable by its id
         status, rec = http_json("GET", f"{split.api}/api/v1/requests/{rid}")
         assert status == 200 and rec["id"] == rid and rec["status"] == 200
-    print(f"worker SIGKILLed at {at_kill}/{n} stored; after restart {split.count()} rows")
+    print(
+        f"worker SIGKILLed inside the chain on a batch of {len(batch)} ({len(stored_then)} rows then); "
+        f"the next worker processed that batch again; {split.count()} rows"
+    )
     split.logs_without_traceback()
 
 
@@ -270,9 +324,10 @@ async def test_worker_sigkill_mid_load_loses_and_duplicates_nothing(split: Split
 
 async def test_gateway_sigterm_under_load_stores_every_answered_request(split: Split) -> None:
     # records wait up to 300 ms in the gateway's memory: SIGTERM must flush them, not drop them
+    split.worker_args = chain_worker_args(split.tmp)  # counts processings: a record flushed twice shows
     *_, gateway = split.start_all(
         ("server", "server", {}),
-        ("worker", "worker", {}),
+        ("chain-worker", "worker", {}),
         ("gateway", "gateway", {"publish_linger_ms": 300, "shutdown_timeout": 10}),
     )
 
@@ -301,10 +356,8 @@ async def test_gateway_sigterm_under_load_stores_every_answered_request(split: S
     assert len(out.ok) >= 600 and len(out.refused) >= 32, (len(out.ok), len(out.refused))
     assert not out.other, out.other[:5]
     await asyncio.to_thread(split.wait_count, len(out.ok), 45)
-    await asyncio.sleep(0.5)
-    stored = split.stored_ids()
-    assert len(stored) == len(set(stored))
-    stored_set = set(stored)
+    await drained(split)
+    stored_set = set(split.stored_ids())
     assert set(out.ok) <= stored_set, f"{len(set(out.ok) - stored_set)} answered requests not stored"
     assert not stored_set & set(out.refused), "a refused request was stored"
     assert stored_set <= set(out.ok) | set(out.dropped), "stored ids nobody sent"
@@ -318,6 +371,7 @@ async def test_gateway_sigterm_under_load_stores_every_answered_request(split: S
     assert len(out.dropped) < 200
     for rid in out.dropped:
         assert (rid in stored_set) == (rid in upstream), rid
+    processed_once(split, sorted(stored_set))
     print(
         f"gateway stopped in {took:.2f}s: {len(out.ok)} answered (all stored), {len(out.refused)} refused "
         f"(none stored), {len(out.dropped)} dropped on closing connections "
@@ -346,10 +400,11 @@ def _owners(path: Path) -> set[str]:
 
 async def test_two_workers_share_the_queue_and_store_each_record_once(split: Split) -> None:
     n = 1200
+    split.worker_args = chain_worker_args(split.tmp)  # counts processings per worker
     _, w1, w2, _ = split.start_all(
         ("server", "server", {}),
-        ("worker", "worker-1", {}),
-        ("worker", "worker-2", {}),
+        ("chain-worker", "worker-1", {}),
+        ("chain-worker", "worker-2", {}),
         ("gateway", "gateway", {"partition_key": "id"}),  # records spread over all partitions
     )
 
@@ -364,10 +419,13 @@ async def test_two_workers_share_the_queue_and_store_each_record_once(split: Spl
     out = await run_load(split.gw, n)
     assert len(out.ok) == n, (len(out.ok), len(out.refused), len(out.dropped), out.other[:3])
     await asyncio.to_thread(split.wait_count, n, 45)
-    await asyncio.sleep(0.5)
+    await drained(split)
     assert_exactly(split, out.ok)
+    processed_once(split, out.ok)  # no record handed to both workers, none redelivered
+    seen = processings(split.tmp)
+    assert set(seen) == {w1.pid, w2.pid} and all(seen.values()), {p: len(c) for p, c in seen.items()}
     assert w1.alive() and w2.alive()
-    assert await asyncio.to_thread(both_own)  # still shared at the end: both did the work
+    assert await asyncio.to_thread(both_own)  # still shared at the end
     split.logs_without_traceback()
 
 
@@ -423,7 +481,7 @@ async def test_corrupt_messages_are_dead_lettered_and_do_not_stall_the_rest(spli
     assert len(good) == 12
 
     await asyncio.to_thread(split.wait_count, 12, 30)  # the ones after the bad ones too
-    await asyncio.sleep(0.3)
+    await drained(split, 30)
     assert_exactly(split, good)
     assert http_json("GET", f"{split.api}/api/v1/requests/{future_id}")[0] == 404
 
@@ -489,6 +547,13 @@ def test_port_in_use_is_one_line(tmp_path: Path, command: str) -> None:
     assert str(port) in line and "in use" in line, line
 
 
+def _reached_upstream(split: Split, rid: str) -> bool:
+    """The fake upstream has received the request carrying `rid` in its load-id header."""
+    status, seen = http_json("GET", f"{split.fake}/_fake/requests")
+    assert status == 200, seen
+    return any(k.lower() == LOAD_ID and v == rid for r in seen["requests"] for k, v in r["headers"])
+
+
 async def test_responses_finished_while_draining_close_their_connection(split: Split) -> None:
     """A client (or load balancer) must learn that a connection is going away from the response
     itself; otherwise it reuses it and its next POST breaks mid-send, where a refused connection
@@ -496,10 +561,11 @@ async def test_responses_finished_while_draining_close_their_connection(split: S
     gateway = split.start("gateway", "gateway")
     async with aiohttp.ClientSession() as http:
         path, body, _ = _request(1)
-        slow = {**AUTH, "x-fake-delay-ms": "800"}
+        rid = str(uuid.uuid4())
+        slow = {**AUTH, "x-fake-delay-ms": "800", LOAD_ID: rid}
         call = asyncio.create_task(http.post(split.gw + path, json=body, headers=slow))
-        await asyncio.sleep(0.3)  # the request is waiting on the upstream
-        gateway.signal(signal.SIGTERM)
+        await asyncio.to_thread(wait_until, partial(_reached_upstream, split, rid), 20, 0.02, "the upstream")
+        gateway.signal(signal.SIGTERM)  # while the request waits on the upstream
         async with await call as r:
             assert r.status == 200 and b"number" in await r.read()
             connection = r.headers.get("Connection", "")

@@ -45,7 +45,20 @@ import pytest
 from llmtap.config import load_settings
 from llmtap.queue.base import DeadLetter, Message, QueueStatus, open_queue
 from llmtap.record import LogRecord, encode
-from procs import Proc, fake_upstream, free_port, http_json, list_records, llmtap_env, services, start_llmtap
+from procs import (
+    Proc,
+    blocked_batch,
+    chain_worker_args,
+    fake_upstream,
+    free_port,
+    http_json,
+    list_records,
+    llmtap_env,
+    processings,
+    services,
+    start_chain_worker,
+    start_llmtap,
+)
 from queue_helpers import sqs_url  # also gives the SQS test server's (unchecked) AWS credentials
 
 PG_ENV = "LLMTAP_TEST_POSTGRES_URL"
@@ -164,6 +177,7 @@ class Stack:
     api_port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     procs: list[Proc] = field(default_factory=list)
+    worker_args: tuple[str, ...] = ()  # of "chain-worker" processes (tests/chain_worker.py)
     stopped: set[str] = field(default_factory=set)  # services this test stopped (restarted at the end)
 
     @property
@@ -216,7 +230,11 @@ class Stack:
         A gateway's spec names its `gateway_port`."""
         procs = []
         for command, name, settings in specs:
-            procs.append(start_llmtap(command, self.env(name, **settings), self.tmp / f"{name}.log"))
+            env, log = self.env(name, **settings), self.tmp / f"{name}.log"
+            if command == "chain-worker":
+                procs.append(start_chain_worker(env, log, *self.worker_args))
+            else:
+                procs.append(start_llmtap(command, env, log))
             self.procs.append(procs[-1])
         for (command, name, settings), proc in zip(specs, procs, strict=True):
             deadline = time.monotonic() + 60
@@ -482,11 +500,11 @@ class Call:
         return self.status is not None and 200 <= self.status < 300 and not self.error
 
 
-def make_call(i: int, gw: str, big: bool = False) -> Call:
+def make_call(i: int, gw: str, big: bool = False, rid: str | None = None) -> Call:
     """Request `i`: OpenAI stream, OpenAI, Anthropic in turn. The prompt carries the request id,
     so a body read back can only be this request's; a big one is past `inline_body_bytes` even
     compressed, so the gateway writes it to S3 itself."""
-    rid = str(uuid.uuid4())
+    rid = rid or str(uuid.uuid4())
     text = f"scale-out request number {i} {rid}" + (" " + os.urandom(100_000).hex() if big else "")
     if i % 3 == 2:
         body: dict[str, Any] = {
@@ -508,11 +526,15 @@ async def run_load(
     rate: float | None = None,
     concurrency: int = 32,
     big_every: int = 0,
+    ids: dict[int, str] | None = None,
 ) -> list[Call]:
-    """Send `n` requests round-robin over `gws`, each with a client-chosen id: paced at `rate`
-    per second (open loop, for latency), or `concurrency` at a time as fast as they go."""
+    """Send `n` requests round-robin over `gws`, each with a client-chosen id (`ids[i]` for
+    request `i` if given): paced at `rate` per second (open loop, for latency), or `concurrency`
+    at a time as fast as they go."""
+    ids = ids or {}
     calls = [
-        make_call(i, gws[i % len(gws)], bool(big_every) and i % big_every == big_every - 1) for i in range(n)
+        make_call(i, gws[i % len(gws)], bool(big_every) and i % big_every == big_every - 1, ids.get(i))
+        for i in range(n)
     ]
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -893,37 +915,51 @@ async def _true(value: bool) -> bool:
 
 @pytest.mark.parametrize("kind", QUEUES)
 async def test_worker_sigkill_mid_batch_another_takes_over_exactly_once(stack: Stack) -> None:
-    n = 800
+    """Both workers are the real worker with a step before the store that blocks on the batch
+    holding one marker request (tests/chain_worker.py): the worker that gets it is certainly
+    inside the handler chain, its batch consumed, not stored, not acknowledged, when it is
+    SIGKILLed. The survivor must get that batch again and store it, and everything else, once.
+    A worker that acknowledged before storing loses the batch here, whenever the kill lands."""
+    n = 400
+    marker = str(uuid.uuid4())
+    stack.worker_args = chain_worker_args(stack.tmp, block_on=marker)
     gport = free_port()
     _, w1, w2, _ = stack.start_all(
         ("server", "server", {}),
-        ("worker", "worker-1", {}),
-        ("worker", "worker-2", {}),
+        ("chain-worker", "worker-1", {}),
+        ("chain-worker", "worker-2", {}),
         ("gateway", "gateway", {"gateway_port": gport}),
     )
     await wait_all_own_partitions(stack, [w1, w2])
 
-    # paced, so that the load is still coming in when the worker dies (about 1 s into 4)
-    load = asyncio.create_task(run_load([url(gport)], n, rate=200))
-    t0 = time.monotonic()
-    while len(stored := await stack.stored_ids()) < n // 8:
-        assert time.monotonic() - t0 < 60, f"no progress: {len(stored)} stored"
-        await asyncio.sleep(0.02)
-    w1.signal(signal.SIGKILL)
-    await asyncio.to_thread(w1.p.wait, 5)
-    at_kill = len(await stack.stored_ids())
-    assert 1 <= at_kill < n, at_kill  # killed while busy, not before and not after
-    assert not load.done()
+    load = asyncio.create_task(run_load([url(gport)], n, concurrency=16, ids={n // 2: marker}))
+    await until(lambda: _true(blocked_batch(stack.tmp) is not None), 60, "a worker blocking on the marker")
+    pid, batch = blocked_batch(stack.tmp) or (0, [])
+    victim, survivor = (w1, w2) if pid == w1.pid else (w2, w1)
+    assert pid == victim.pid and marker in batch, (pid, w1.pid, w2.pid, batch)
+    assert not set(batch) & set(await stack.stored_ids()), "the blocked batch is stored already"
+    victim.signal(signal.SIGKILL)
+    await asyncio.to_thread(victim.p.wait, 5)
 
-    calls = await load
-    ids = assert_all_ok(calls)
-    await stack.wait_stored(ids, timeout=90)
-    await stack.assert_exactly_once(ids)
+    ids = assert_all_ok(await load)
+    more = assert_all_ok(await run_load([url(gport)], 24, concurrency=4))  # sent after the kill
+    await stack.wait_stored(ids + more, timeout=90)
+    await stack.assert_exactly_once(ids + more)
+    seen = processings(stack.tmp)
+    assert not set(batch) & set(seen.get(victim.pid, {})), "the victim finished its blocked batch"
+    again = set(batch) - set(seen.get(survivor.pid, {}))
+    assert not again, f"{len(again)} of the blocked batch's {len(batch)} records never redelivered"
+    total = sum(seen.values(), Counter[str]())
+    assert set(total) == set(ids + more), "a record stored without going through the chain"
     if stack.kind != "sqs":  # SQS: no ownership; the killed worker's messages came back by timeout
-        owned = await _owners(stack, [w2])
-        assert sorted(owned[w2.pid]) == list(range(PARTITIONS)), owned  # the survivor took them all
-    print(f"[{stack.kind}] worker SIGKILLed at {at_kill}/{n} stored; the other one finished: {n} rows")
-    assert w2.alive()
+        owned = await _owners(stack, [survivor])
+        assert sorted(owned[survivor.pid]) == list(range(PARTITIONS)), owned  # the survivor took all
+    print(
+        f"[{stack.kind}] worker SIGKILLed inside the chain on a batch of {len(batch)}; the survivor "
+        f"processed them again; {len(ids + more)} rows; records processed twice: "
+        f"{sum(1 for c in total.values() if c > 1)}"
+    )
+    assert survivor.alive()
 
 
 # -- (5) PostgreSQL stopped while records flow -----------------------------------------------------

@@ -37,7 +37,11 @@ pytestmark = pytest.mark.timeout(180)
 Opener = Callable[..., Awaitable[Queue]]
 
 
-@pytest.fixture(params=BACKENDS)
+# the server backends carry their service's marker, so `-m redis` / `-m kafka` select them
+MARKED = [pytest.param(b, marks=[] if b == "sqlite" else [getattr(pytest.mark, b)]) for b in BACKENDS]
+
+
+@pytest.fixture(params=MARKED)
 def backend(request: pytest.FixtureRequest) -> str:
     reason = skip_reason(request.param)
     if reason:

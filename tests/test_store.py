@@ -691,6 +691,7 @@ async def test_sqlite_unopenable_path_is_one_sentence(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_postgres_unreachable_is_one_sentence() -> None:
     import socket
@@ -758,6 +759,7 @@ class TcpProxy:
         self._writers -= {writer, up_w}
 
 
+@pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_postgres_outage_is_transient_then_recovers_exactly_once() -> None:
     from urllib.parse import urlsplit, urlunsplit
@@ -795,6 +797,7 @@ async def test_postgres_outage_is_transient_then_recovers_exactly_once() -> None
             await proxy.stop()
 
 
+@pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_postgres_outage_logs_one_line_down_and_one_back(caplog: pytest.LogCaptureFixture) -> None:
     """asyncpg retries the pool's floor during an outage and logged each failure with a full
@@ -957,6 +960,7 @@ async def test_postgres_two_workers_migrate_and_partition_at_once() -> None:
 # -- the two stores agree -----------------------------------------------------------------------------
 
 
+@pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_both_stores_give_identical_answers(tmp_path: Path) -> None:
     records = dataset(600, seed=5)
@@ -1047,6 +1051,7 @@ async def test_sqlite_migrates_a_version_1_file(tmp_path: Path) -> None:
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(SQLITE)
 
 
+@pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_postgres_writer_recreates_a_month_another_process_dropped() -> None:
     from llmtap.store.postgres import PostgresStore

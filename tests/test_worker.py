@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import Body, LogRecord, compress, decompress, encode
 from llmtap.store.sqlite import SQLiteStore
 from llmtap.worker import WorkerService, process_records
+from procs import CHAIN_WORKER, blocked_batch, chain_worker_args, processings
 from worker_helpers import make_record
 
 pytestmark = pytest.mark.timeout(120)
@@ -274,7 +276,7 @@ PUBLISHER = textwrap.dedent(
     from llmtap.queue.sqlite import SQLiteQueue
     from llmtap.record import Body, LogRecord, Usage, compress, encode
 
-    path, n = sys.argv[1], int(sys.argv[2])
+    path, n, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
     async def main():
         q = SQLiteQueue(path, partitions=4)
@@ -283,8 +285,9 @@ PUBLISHER = textwrap.dedent(
         for start in range(0, n, 100):
             batch = []
             for i in range(start, min(n, start + 100)):
+                rid = marker if i == n // 2 else str(uuid.uuid4())
                 rec = LogRecord(
-                    id=str(uuid.uuid4()), tenant=f"t{i % 3}", provider="openai", model="gpt-4o",
+                    id=rid, tenant=f"t{i % 3}", provider="openai", model="gpt-4o",
                     target_url="https://api.openai.com/v1/chat/completions", method="POST",
                     path="/v1/chat/completions", started_at=now, ended_at=now, latency_ms=5.0,
                     status=200, usage=Usage(source="provider", prompt_tokens=10, completion_tokens=i),
@@ -300,30 +303,19 @@ PUBLISHER = textwrap.dedent(
     """
 )
 
-WORKER = textwrap.dedent(
-    """
-    import asyncio, sys
-    from llmtap.config import load_settings
-    from llmtap.queue.sqlite import SQLiteQueue
-    from llmtap.worker import WorkerService
 
-    async def main():
-        settings = load_settings(worker_batch_size=100)  # LLMTAP_DATA_DIR from the environment
-        queue = SQLiteQueue(sys.argv[1], partitions=4, lease_timeout=1.0, heartbeat_interval=0.2)
-        svc = WorkerService(settings, queue=queue)  # store and bodies from settings: the real ones
-        print(*await svc.start(), flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
-    """
-)
-
-
-def _spawn(tmp: Path, name: str, script: str, *args: str) -> subprocess.Popen[bytes]:
-    path = tmp / f"{name}.py"
-    path.write_text(script)
+def _spawn(tmp: Path, name: str, script: str | Path, *args: str) -> subprocess.Popen[bytes]:
+    """Run a script given as text, or a script file, with the data dir under `tmp`."""
+    if isinstance(script, str):
+        path = tmp / f"{name}.py"
+        path.write_text(script)
+    else:
+        path = script
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_")}
     env["LLMTAP_DATA_DIR"] = str(tmp / "data")
+    env["LLMTAP_QUEUE"] = f"sqlite://{tmp / 'queue.db'}"
+    env["LLMTAP_PARTITIONS"] = "4"
+    env["LLMTAP_WORKER_BATCH_SIZE"] = "100"
     log = open(tmp / f"{name}.log", "ab")
     return subprocess.Popen([sys.executable, str(path), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -339,28 +331,32 @@ def _count(db: Path) -> tuple[int, int]:
         return 0, 0
 
 
-async def test_worker_process_killed_mid_way_and_restarted_stores_exactly_n(tmp_path: Path) -> None:
+async def test_worker_process_killed_mid_batch_and_restarted_stores_exactly_n(tmp_path: Path) -> None:
+    """The real worker (tests/chain_worker.py: the standard chain from settings) blocks inside
+    its chain on the batch holding a marker record, so the SIGKILL lands mid-batch for sure; the
+    next worker must process that batch again, and every record exactly once in all."""
     n = 4000
     qpath = str(tmp_path / "queue.db")
     store_db = tmp_path / "data" / "store.db"
+    marker = str(uuid.uuid4())
+    args = (*chain_worker_args(tmp_path, block_on=marker), "--sqlite-lease", "1.0")
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        publisher = _spawn(tmp_path, "publisher", PUBLISHER, qpath, str(n))
+        publisher = _spawn(tmp_path, "publisher", PUBLISHER, qpath, str(n), marker)
         procs.append(publisher)
         await until(lambda: Path(qpath).exists(), what="the queue file")
-        worker = _spawn(tmp_path, "worker1", WORKER, qpath)
+        worker = _spawn(tmp_path, "worker1", CHAIN_WORKER, *args)
         procs.append(worker)
-        await until(lambda: _count(store_db)[0] >= 500, timeout=60, what="the first worker storing")
+        await until(lambda: blocked_batch(tmp_path) is not None, timeout=60, what="the worker blocking")
+        pid, batch = blocked_batch(tmp_path) or (0, [])
+        assert pid == worker.pid and marker in batch, (pid, worker.pid, batch)
+        killed_at = _count(store_db)[0]
         worker.send_signal(signal.SIGKILL)
         worker.wait(5)
-        killed_at = _count(store_db)[0]
-        assert killed_at < n, "the worker finished before it could be killed mid-way"
-        worker2 = _spawn(tmp_path, "worker2", WORKER, qpath)
+        worker2 = _spawn(tmp_path, "worker2", CHAIN_WORKER, *args)
         procs.append(worker2)
         assert publisher.wait(60) == 0, (tmp_path / "publisher.log").read_text()
         await until(lambda: _count(store_db)[0] >= n, timeout=60, what=f"{n} rows")
-        await asyncio.sleep(0.5)  # anything more would be a duplicate: give it a chance to show
-        assert _count(store_db) == (n, n)
         q = SQLiteQueue(qpath, partitions=4)
         await q.connect("producer")
         try:
@@ -369,6 +365,16 @@ async def test_worker_process_killed_mid_way_and_restarted_stores_exactly_n(tmp_
             assert st.dead_letters == 0
         finally:
             await q.close()
+        assert _count(store_db) == (n, n)
+        # Rows are unique by the primary key whatever happens; processings are what can show a
+        # lost ack or a duplicate delivery.
+        seen = processings(tmp_path)
+        assert set(seen) == {worker.pid, worker2.pid}, seen.keys()
+        assert not set(batch) & set(seen[worker.pid]), "the killed worker finished its batch"
+        assert set(batch) <= set(seen[worker2.pid]), "the blocked batch was not redelivered"
+        total = sum(seen.values(), Counter[str]())
+        assert len(total) == n and set(total.values()) == {1}, Counter(total.values())
+        print(f"worker SIGKILLed inside the chain on a batch of {len(batch)} ({killed_at} rows then)")
         # Every stored row's body is whole and readable: a SIGKILL mid-write never leaves half a
         # body under a ref that a row holds (packs are renamed into place only once written).
         with sqlite3.connect(store_db) as c:
