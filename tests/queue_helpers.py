@@ -216,6 +216,39 @@ async def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.1) 
         await asyncio.sleep(interval)
 
 
+async def group_members(spec: QueueSpec) -> int:
+    """Live members of the consumer group, as the backend records them (a Kafka group counts only
+    once it is stable: every member has joined and has its assignment)."""
+    if spec.backend == "sqlite":
+        import sqlite3
+
+        with sqlite3.connect(spec.target, timeout=5) as db:
+            now = time.time()
+            row = db.execute("SELECT count(*) FROM consumers WHERE heartbeat + lease >= ?", (now,)).fetchone()
+        return int(row[0])
+    if spec.backend == "redis":
+        from llmtap.queue.redis import RedisQueue
+
+        q = spec.build()
+        assert isinstance(q, RedisQueue)
+        await q.connect("producer")
+        try:
+            sec, usec = await q.r.time()
+            return int(await q.r.zcount(q._members_key, sec * 1000 + usec // 1000, "+inf"))
+        finally:
+            await q.close()
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=os.environ["LLMTAP_TEST_KAFKA_BOOTSTRAP"])
+    await admin.start()
+    try:
+        (resp,) = await admin.describe_consumer_groups([spec.group])
+        _err, _group, state, _ptype, _protocol, members, *_ = resp.groups[0]
+        return len(members) if state == "Stable" else 0
+    finally:
+        await admin.close()
+
+
 # -- consumer processes -------------------------------------------------------------------------
 @dataclass
 class ConsumerLog:

@@ -77,7 +77,16 @@ async def drain(path: Path, partitions: int, expect: int) -> list[bytes]:
     return out
 
 
-async def slow_calls(gw: str, n: int, proc: subprocess.Popen[bytes]) -> list[tuple[int, bytes]]:
+async def waiting_upstream(http: aiohttp.ClientSession, upstream: str) -> int:
+    """How many slow requests have reached the fake upstream (it records them before waiting)."""
+    async with http.get(f"{upstream}/_fake/requests") as r:
+        data = await r.json()
+    return sum(any(k.lower() == "x-fake-delay-ms" for k, _ in q["headers"]) for q in data["requests"])
+
+
+async def slow_calls(
+    gw: str, upstream: str, n: int, proc: subprocess.Popen[bytes]
+) -> list[tuple[int, bytes]]:
     """5 quick requests, then `n` slow ones; SIGTERM the gateway while the slow ones wait."""
     async with aiohttp.ClientSession() as http:
         for _ in range(5):
@@ -91,7 +100,10 @@ async def slow_calls(gw: str, n: int, proc: subprocess.Popen[bytes]) -> list[tup
                 return r.status, await r.read()
 
         calls = [asyncio.create_task(slow(i)) for i in range(n)]
-        await asyncio.sleep(0.3)  # all of them are now waiting on the upstream
+        deadline = time.monotonic() + 20
+        while await waiting_upstream(http, upstream) < n:  # all of them wait on the upstream now
+            assert time.monotonic() < deadline, "the slow requests never reached the upstream"
+            await asyncio.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         return await asyncio.gather(*calls)
 
@@ -113,7 +125,7 @@ async def test_sigterm_finishes_in_flight_requests_and_publishes_them(tmp_path: 
     with process(fake, tmp_path / "fake.log"), process(gateway, log, env) as proc:
         wait_http(f"{upstream}/_fake/health")
         wait_http(f"http://127.0.0.1:{port}/healthz")
-        results = await slow_calls(f"http://127.0.0.1:{port}", 16, proc)
+        results = await slow_calls(f"http://127.0.0.1:{port}", upstream, 16, proc)
         assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()
     assert [status for status, _ in results] == [200] * 16
     for i, (_, body) in enumerate(results):

@@ -685,7 +685,11 @@ async def test_stop_finishes_in_flight_requests_and_publishes_everything(
 
     calls = [asyncio.create_task(call(i)) for i in range(20)]
     await wait_for(lambda: len(svc.publisher._dq) == done_before)
-    await asyncio.sleep(0.1)  # all 20 are now waiting on the slow upstream
+    up = f"http://127.0.0.1:{upstream}"
+    deadline = time.monotonic() + 20
+    while len(await fake_requests(http, up)) < done_before + 20:  # the fake records before waiting
+        assert time.monotonic() < deadline, "the 20 slow requests never reached the upstream"
+        await asyncio.sleep(0.01)
     assert q.messages == []
     await svc.stop()
     answers = await asyncio.gather(*calls)

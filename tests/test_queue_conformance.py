@@ -24,6 +24,7 @@ from queue_helpers import (
     check_exactly_once,
     consume_loop,
     consumer_processes,
+    group_members,
     keyed_records,
     make_spec,
     publish_in_batches,
@@ -240,7 +241,11 @@ async def test_killed_consumer_is_taken_over_without_loss(
         (tmp_path / "more").mkdir()
         with consumer_processes(spec, tmp_path / "more", 2) as procs:
             await wait_for(lambda: all(p.log().ready for p in procs), 30, "other consumers ready")
-            await asyncio.sleep(1.0)  # let them join the group while the first one still lives
+            # they join the group while the first one still lives
+            deadline = time.monotonic() + 60
+            while await group_members(spec) < 3:
+                assert time.monotonic() < deadline, "the consumers never formed a group of three"
+                await asyncio.sleep(0.1)
             staller.kill()  # mid-batch: processed, not acked
             killed = staller.log()
             assert killed.unacked, "the killed consumer had nothing in flight"

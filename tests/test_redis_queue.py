@@ -50,6 +50,19 @@ async def queues() -> AsyncIterator[list[RedisQueue]]:
         await q.close()
 
 
+async def heartbeat_after(q: RedisQueue, consumer_id: str, score: float, timeout: float = 10) -> float:
+    """Wait for a heartbeat of `consumer_id` after the one that gave `score`: its score in the
+    members set is its expiry on the server's clock, so with equal session timeouts a higher
+    score is a later heartbeat. Returns the new score."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = await q.r.zscore(q._members_key, consumer_id)
+        if now is not None and now > score:
+            return float(now)
+        assert time.monotonic() < deadline, f"no heartbeat of {consumer_id} after {score}"
+        await asyncio.sleep(0.02)
+
+
 async def open_(spec: QueueSpec, queues: list[RedisQueue], role: str = "both", **kw: object) -> RedisQueue:
     q = spec.build(**kw)
     assert isinstance(q, RedisQueue)
@@ -121,7 +134,12 @@ async def test_a_partition_is_not_handed_over_while_its_deliveries_are_in_flight
     held = await a.consume(1000, 2.0)
     assert {d.partition for d in held} == set(range(6))
     b = await open_(spec, queues, "consumer")
-    await asyncio.sleep(2.0)  # several heartbeats: a must keep what it has not acked
+    # b is live and wants half; a has seen that (a heartbeat of a after b's first) and b has
+    # tried to take its share since (two heartbeats of b after that one of a): a keeps all it
+    # has not acked
+    seen_b = await heartbeat_after(a, b.consumer_id, 0.0)
+    seen_a = await heartbeat_after(a, a.consumer_id, seen_b)
+    await heartbeat_after(a, b.consumer_id, await heartbeat_after(a, b.consumer_id, seen_a))
     assert a.owned_partitions() == list(range(6)) and b.owned_partitions() == []
     assert await b.consume(100, 0.5) == []
     await a.ack(held)

@@ -47,6 +47,19 @@ async def _consumer(qpath: str, **kw: float) -> SQLiteQueue:
     return q
 
 
+async def _heartbeat_after(qpath: str, consumer_id: str, t: float, timeout: float = 10) -> float:
+    """Wait for a heartbeat of this consumer later than `t` (wall clock, as the queue records it
+    in its `consumers` table); returns its time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(qpath, timeout=5) as db:
+            row = db.execute("SELECT heartbeat FROM consumers WHERE id = ?", (consumer_id,)).fetchone()
+        if row is not None and row[0] > t:
+            return float(row[0])
+        assert time.monotonic() < deadline, f"no heartbeat of {consumer_id} after {t}"
+        await asyncio.sleep(0.02)
+
+
 def _key_for(partition: int, partitions: int = 4, prefix: str = "k") -> str:
     i = 0
     while partition_for(f"{prefix}{i}", partitions) != partition:
@@ -418,7 +431,11 @@ async def test_rebalance_waits_for_outstanding_deliveries(producer: SQLiteQueue,
         held = await a.consume(100, timeout=2)
         assert len(held) == 16
         b = await _consumer(qpath)
-        await asyncio.sleep(0.5)  # several heartbeats: b is live, and wants two partitions
+        # b is live and wants two partitions; a has seen that (a heartbeat of a after b's first)
+        # and b has tried to take them since (two heartbeats of b after that one of a)
+        hb_b = await _heartbeat_after(qpath, b.consumer_id, 0.0)
+        hb_a = await _heartbeat_after(qpath, a.consumer_id, hb_b)
+        await _heartbeat_after(qpath, b.consumer_id, await _heartbeat_after(qpath, b.consumer_id, hb_a))
         assert await b.consume(100, timeout=0.3) == []
         assert {p.owner for p in (await b.status()).partitions} == {a.consumer_id}
         await a.ack(held)
