@@ -9,14 +9,16 @@ and every request ends up as exactly one correct record — without credentials.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import re
+import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,8 @@ from gateway_support import (
     wait_for,
 )
 from llmtap.gateway.publisher import QueueSink
-from llmtap.record import LogRecord, body_bytes, decompress, encode
+from llmtap.queue.base import Message
+from llmtap.record import LogRecord, body_bytes, decode, decompress, encode
 from llmtap.testing.fake_upstream import expected_usage, make_app, reply_text, serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -700,6 +703,115 @@ async def test_stop_finishes_in_flight_requests_and_publishes_everything(
     with pytest.raises(aiohttp.ClientConnectionError):
         async with http.get(f"{gw}/healthz") as r:
             pass
+
+
+class HangingQueue(MemoryQueue):
+    """A broker that takes the batch and never answers: `publish` never returns."""
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self.publish_calls += 1
+        await asyncio.Event().wait()
+
+
+@contextlib.asynccontextmanager
+async def silent_endpoint() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A TCP server that accepts connections and reads what comes, but never answers (a hung
+    ingest endpoint or load balancer). Yields its port and the bytes each connection sent."""
+    received: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        received.append(b"")
+        n = len(received) - 1
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                received[n] += data
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1]), received
+    finally:
+        for w in writers:
+            w.close()
+        server.close()
+
+
+def _spooled(spool: Path) -> list[LogRecord]:
+    """The records in a spool directory, read off its files (frames of key length, key, record)."""
+    from llmtap.gateway.spool import DiskSpool
+
+    d = DiskSpool(spool, max_bytes=1 << 30)
+    out = []
+    for seg in d.segments_for_replay():
+        for batch in d.replay(seg):
+            for frame in batch:
+                (klen,) = struct.unpack_from(">H", frame)
+                out.append(decode(frame[2 + klen :]))
+    return out
+
+
+@pytest.mark.parametrize("broken", ["queue-hangs", "queue-refuses-ingest-hangs"])
+async def test_hanging_sinks_never_delay_a_response(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession, broken: str
+) -> None:
+    """Logging is off the request path: with a queue whose publish never returns (or a queue
+    that refuses and an ingest endpoint that accepts and never answers), clients get their
+    answers as fast as through a gateway whose queue is healthy, and about as fast as straight
+    from the upstream. Timed in rounds that take turns (direct, healthy, broken), so whatever
+    else slows the machine slows all three; the bounds are generous ratios, while a publish on
+    the request path would hold every response until a timeout (seconds) or forever."""
+    q: MemoryQueue = HangingQueue() if broken == "queue-hangs" else MemoryQueue()
+    q.down = broken != "queue-hangs"
+    async with silent_endpoint() as (ingest_port, received):
+        settings = settings_for(
+            upstream, tmp_path / "broken", ingest_url=f"http://127.0.0.1:{ingest_port}", shutdown_timeout=2.0
+        )
+        async with (
+            running_gateway(settings, q) as (svc, gw),
+            running_gateway(settings_for(upstream, tmp_path / "healthy")) as (_, ok_gw),
+        ):
+            targets = {
+                "direct": (f"http://127.0.0.1:{upstream}", "/v1/chat/completions", "/v1/messages"),
+                "healthy": (ok_gw, "/openai/v1/chat/completions", "/anthropic/v1/messages"),
+                "broken": (gw, "/openai/v1/chat/completions", "/anthropic/v1/messages"),
+            }
+            times: dict[str, list[float]] = {k: [] for k in targets}
+            timeout = aiohttp.ClientTimeout(total=20)
+            for i in range(60):
+                for name, (base, chat, messages) in targets.items():
+                    if i % 3 == 2:
+                        url, body, headers = base + messages, MESSAGES, ANTHROPIC_AUTH
+                    else:
+                        url, body, headers = base + chat, {**CHAT, "stream": i % 3 == 0}, OPENAI_AUTH
+                    t0 = time.monotonic()
+                    async with http.post(url, json=body, headers=headers, timeout=timeout) as r:
+                        data = await r.read()
+                    times[name].append(time.monotonic() - t0)
+                    assert r.status == 200, (name, r.status, data[:200])
+                    assert data.endswith(b"data: [DONE]\n\n") if i % 3 == 0 else b"usage" in data, name
+            # the broken ways really were tried, and hung
+            if broken == "queue-hangs":
+                assert q.publish_calls >= 1 and not q.messages
+            else:
+                await wait_for(lambda: bool(received) and b"/api/v1/ingest" in received[0], 10)
+            assert svc.publisher.published == 0
+
+        def pct(name: str, p: float) -> float:
+            v = sorted(times[name])
+            return v[min(len(v) - 1, int(p * len(v)))]
+
+        summary = {k: (round(pct(k, 0.5) * 1000, 1), round(pct(k, 0.9) * 1000, 1)) for k in times}
+        print(f"[{broken}] p50/p90 ms: {summary}")
+        assert pct("broken", 0.5) <= 2 * pct("healthy", 0.5) + 0.020, summary
+        assert pct("broken", 0.9) <= 2 * pct("healthy", 0.9) + 0.050, summary
+        assert pct("broken", 0.5) <= 5 * pct("direct", 0.5) + 0.030, summary
+        assert max(times["broken"]) < 2.0, summary  # no response waited for a sink's timeout
+
+    # and nothing was lost: at the shutdown deadline the records went to the disk spool
+    spooled = _spooled(tmp_path / "broken" / "spool")
+    assert len(spooled) == 60 and len({r.id for r in spooled}) == 60
+    assert svc.publisher.dropped == 0
 
 
 async def test_queue_outage_holds_records_and_clients_are_unaffected(
