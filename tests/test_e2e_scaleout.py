@@ -18,6 +18,7 @@ happens.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import math
@@ -41,6 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import asyncpg
 import pytest
+import zstandard
 
 from llmtap.config import load_settings
 from llmtap.queue.base import DeadLetter, Message, QueueStatus, open_queue
@@ -95,7 +97,18 @@ def _queue_param(kind: str, env: str) -> Any:
 
 QUEUES = [_queue_param("kafka", KAFKA_ENV), _queue_param("redis", REDIS_ENV), _queue_param("sqs", SQS_ENV)]
 PARTITIONS = 6
-AUTH = {"Authorization": "Bearer sk-scaleout-test", "x-api-key": "sk-ant-scaleout-test"}
+# Credentials in every spelling a client may use, each carrying SECRET: they go upstream and must
+# never reach a queue message, a row, a body object or a log (test_no_credential_anywhere scans).
+SECRET = "needle" + uuid.uuid4().hex
+AUTH = {
+    "Authorization": f"Bearer sk-proj-{SECRET}",
+    "x-api-key": f"sk-ant-{SECRET}",
+    "api-key": f"azure-{SECRET}",
+    "x-tenant-key": f"k-{SECRET}",
+    "x-upstream-token": f"t-{SECRET}",
+}
+# A harmless header that IS recorded: the scans must find it, or they are not looking.
+PROBE = ("x-scan-probe", "probe" + uuid.uuid4().hex)
 
 
 # -- module fixtures -------------------------------------------------------------------------------
@@ -527,6 +540,7 @@ async def run_load(
     concurrency: int = 32,
     big_every: int = 0,
     ids: dict[int, str] | None = None,
+    query: str = "",
 ) -> list[Call]:
     """Send `n` requests round-robin over `gws`, each with a client-chosen id (`ids[i]` for
     request `i` if given): paced at `rate` per second (open loop, for latency), or `concurrency`
@@ -542,11 +556,11 @@ async def run_load(
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
 
         async def one(c: Call) -> None:
-            headers = {**AUTH, **c.headers, "Llmtap-Request-Id": c.rid}
+            headers = {**AUTH, PROBE[0]: PROBE[1], **c.headers, "Llmtap-Request-Id": c.rid}
             start = loop.time()
             c.sent = start - t0
             try:
-                async with http.post(c.gw + c.path, json=c.body, headers=headers) as r:
+                async with http.post(c.gw + c.path + query, json=c.body, headers=headers) as r:
                     data = await r.read()
                     c.latency = loop.time() - start
                     c.status = r.status
@@ -1132,3 +1146,149 @@ async def test_dlq_replay_all_replays_each_dead_letter_once(stack: Stack) -> Non
     await until(all_dead, 60, f"{n} dead letters again")
     print(f"[{stack.kind}] {n} dead letters; `llmtap dlq replay --all` said: {r.stdout.strip()}")
     assert r.stdout == f"replayed {n} record(s)\n"
+
+
+# -- (7) credentials: scanned where they could land --------------------------------------------
+
+
+_B64_RUN = re.compile(rb"[A-Za-z0-9+/]{24,}={0,2}")
+_HEX_RUN = re.compile(rb"\\x((?:[0-9a-f]{2}){12,})")  # bytea in a pg_dump
+
+
+def decoded_views(data: bytes) -> Iterator[bytes]:
+    """`data`, then what may hide inside it: zstd frames (bodies, inline or in S3), base64 runs
+    (bytes in JSON records) and hex bytea runs (pg_dump), each searched for zstd frames too."""
+    yield data
+    yield from _zstd_frames(data)
+    for m in _B64_RUN.finditer(data):
+        try:
+            blob = base64.b64decode(m.group() + b"=" * (-len(m.group()) % 4))
+        except ValueError:
+            continue
+        yield blob
+        yield from _zstd_frames(blob)
+    for m in _HEX_RUN.finditer(data):
+        blob = bytes.fromhex(m.group(1).decode())
+        yield blob
+        yield from _zstd_frames(blob)
+
+
+def _zstd_frames(data: bytes) -> Iterator[bytes]:
+    start = 0
+    while (i := data.find(b"\x28\xb5\x2f\xfd", start)) >= 0:
+        start = i + 4
+        try:
+            yield zstandard.ZstdDecompressor().decompressobj().decompress(data[i:])
+        except zstandard.ZstdError:
+            continue
+
+
+def scan(where: str, blobs: Sequence[bytes], visible: Sequence[bytes]) -> None:
+    """No view of any blob holds SECRET; every one of `visible` shows up in some view (so the
+    scan reads what it claims to read)."""
+    assert blobs, f"nothing to scan in {where}"
+    found = dict.fromkeys(visible, False)
+    for n, blob in enumerate(blobs):
+        for view in decoded_views(blob):
+            assert SECRET.encode() not in view, f"a credential in {where} (blob {n}): {view[:300]!r}"
+            for v in found:
+                found[v] = found[v] or v in view
+    missing = [v for v, ok in found.items() if not ok]
+    assert not missing, f"{where}: the scan never saw {missing}"
+
+
+async def kafka_messages(topic: str) -> list[bytes]:
+    """Every message of the topic, raw: key, value and headers, from offset 0 to the end."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=os.environ[KAFKA_ENV], group_id=None, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]  # llmtap created it so
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        end = await consumer.end_offsets(parts)
+        out: list[bytes] = []
+        while [tp for tp in parts if await consumer.position(tp) < end[tp]]:
+            for msgs in (await consumer.getmany(timeout_ms=1000)).values():
+                for m in msgs:
+                    hdrs = b"".join(k.encode() + b"=" + (v or b"") for k, v in m.headers)
+                    out.append((m.key or b"") + b"|" + (m.value or b"") + b"|" + hdrs)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def redis_entries(prefix: str) -> list[bytes]:
+    """Every entry of every stream under the prefix, raw (XRANGE), and every other key's value."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(os.environ[REDIS_ENV])
+    out: list[bytes] = []
+    try:
+        async for key in r.scan_iter(match=f"{prefix}:*", count=1000):
+            kind = await r.type(key)
+            if kind == b"stream":
+                for eid, fields in await r.xrange(key):
+                    out.append(eid + b"|" + b"|".join(k + b"=" + v for k, v in fields.items()))
+            elif kind == b"string":
+                out.append(key + b"=" + (await r.get(key) or b""))
+            else:
+                out.append(key)
+    finally:
+        await r.aclose()
+    return out
+
+
+def pg_dump(url: str) -> bytes:
+    r = subprocess.run([PG_DUMP, "--no-owner", "-d", url], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout
+
+
+async def s3_objects(prefix: str) -> list[bytes]:
+    out = []
+    async with s3_client() as s3:
+        for key in await s3_keys(prefix):
+            obj = await s3.get_object(Bucket=os.environ["LLMTAP_TEST_S3_BUCKET"], Key=key)
+            async with obj["Body"] as body:
+                out.append(await body.read())
+    return out
+
+
+PG_DUMP = os.environ.get("LLMTAP_PG_DUMP", "/usr/lib/postgresql/15/bin/pg_dump")
+
+
+@pytest.mark.parametrize("kind", QUEUES)
+async def test_no_credential_anywhere_in_queue_store_bodies_or_logs(stack: Stack) -> None:
+    """Requests carry credentials in every spelling (headers, a `?api-key=` query parameter) and
+    bodies big enough that the gateway itself writes them to S3. Scanned raw, decoded where
+    bytes may hide (zstd, base64, bytea hex): the queue before any worker consumed it (a Redis
+    stream is trimmed once acknowledged), then a pg_dump of the store, every S3 object and every
+    process's log. A recorded probe header must be visible in the queue and the store, and the
+    request bodies in S3, so a scan that reads nothing cannot pass."""
+    gport = free_port()
+    stack.start_all(("server", "server", {}), ("gateway", "gateway", {"gateway_port": gport}))
+    calls = await run_load([url(gport)], 30, concurrency=6, big_every=10, query=f"?api-key=q-{SECRET}")
+    ids = assert_all_ok(calls)
+    await until(lambda: _is_zero(pending_records(url(gport))), 30, "the gateway to have published")
+    probe = PROBE[1].encode()
+    if stack.kind == "kafka":
+        queued = await kafka_messages(stack.name)
+    else:
+        queued = await redis_entries(stack.name)
+    assert sum(c.rid.encode() in b for c in calls for b in queued) >= len(calls), "not every record queued"
+    scan(f"the {stack.kind} queue", queued, [probe])
+
+    stack.start("worker", "worker")
+    await stack.wait_stored(ids)
+    scan("a pg_dump of the store", [pg_dump(stack.store)], [probe, calls[0].rid.encode()])
+    objects = await s3_objects(stack.name)
+    scan("the S3 objects", objects, [c.rid.encode() for c in calls if c.big])
+    scan("the process logs", [p.log_path.read_bytes() for p in stack.procs], [b"press Ctrl-C"])
+    print(
+        f"[{stack.kind}] no credential in {len(queued)} queue entries, the pg_dump, "
+        f"{len(objects)} S3 objects or {len(stack.procs)} logs"
+    )
