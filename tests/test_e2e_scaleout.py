@@ -191,6 +191,7 @@ class Stack:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     procs: list[Proc] = field(default_factory=list)
     worker_args: tuple[str, ...] = ()  # of "chain-worker" processes (tests/chain_worker.py)
+    default_liveness: bool = False  # the queue's own session timeouts instead of short ones
     stopped: set[str] = field(default_factory=set)  # services this test stopped (restarted at the end)
 
     @property
@@ -201,13 +202,18 @@ class Stack:
     def queue(self) -> str:
         if self.kind == "kafka":
             # a SIGKILLed worker's partitions move after 6 s (the broker's minimum) instead of 10
-            return f"kafka://{os.environ[KAFKA_ENV]}/{self.name}?session_timeout_ms=6000"
+            fast = "" if self.default_liveness else "?session_timeout_ms=6000"
+            return f"kafka://{os.environ[KAFKA_ENV]}/{self.name}{fast}"
         if self.kind == "sqs":
             # a SIGKILLed worker's messages come back after 5 s instead of 30
-            return sqs_url(f"{self.name}.fifo") + "&visibility_timeout=5"
+            fast = "" if self.default_liveness else "&visibility_timeout=5"
+            return sqs_url(f"{self.name}.fifo") + fast
+        fast = "" if self.default_liveness else "&session_timeout_ms=2000&claim_idle_ms=300"
+        return self._redis(f"prefix={self.name}{fast}")
+
+    def _redis(self, query: str) -> str:
         base = os.environ[REDIS_ENV]
-        sep = "&" if urlsplit(base).query else "?"
-        return f"{base}{sep}prefix={self.name}&session_timeout_ms=2000&claim_idle_ms=300"
+        return f"{base}{'&' if urlsplit(base).query else '?'}{query}"
 
     @property
     def bodies(self) -> str:
@@ -927,8 +933,12 @@ async def _true(value: bool) -> bool:
 # -- (4) worker SIGKILLed mid-batch ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "liveness",
+    ["short", pytest.param("default", marks=pytest.mark.slow)],  # default: 10 s sessions
+)
 @pytest.mark.parametrize("kind", QUEUES)
-async def test_worker_sigkill_mid_batch_another_takes_over_exactly_once(stack: Stack) -> None:
+async def test_worker_sigkill_mid_batch_another_takes_over_exactly_once(stack: Stack, liveness: str) -> None:
     """Both workers are the real worker with a step before the store that blocks on the batch
     holding one marker request (tests/chain_worker.py): the worker that gets it is certainly
     inside the handler chain, its batch consumed, not stored, not acknowledged, when it is
@@ -937,6 +947,7 @@ async def test_worker_sigkill_mid_batch_another_takes_over_exactly_once(stack: S
     n = 400
     marker = str(uuid.uuid4())
     stack.worker_args = chain_worker_args(stack.tmp, block_on=marker)
+    stack.default_liveness = liveness == "default"
     gport = free_port()
     _, w1, w2, _ = stack.start_all(
         ("server", "server", {}),
@@ -954,6 +965,9 @@ async def test_worker_sigkill_mid_batch_another_takes_over_exactly_once(stack: S
     assert not set(batch) & set(await stack.stored_ids()), "the blocked batch is stored already"
     victim.signal(signal.SIGKILL)
     await asyncio.to_thread(victim.p.wait, 5)
+    t_kill = time.monotonic()
+    await stack.wait_stored(batch, timeout=90)  # the takeover, however long the load still runs
+    took = time.monotonic() - t_kill
 
     ids = assert_all_ok(await load)
     more = assert_all_ok(await run_load([url(gport)], 24, concurrency=4))  # sent after the kill
@@ -969,8 +983,9 @@ async def test_worker_sigkill_mid_batch_another_takes_over_exactly_once(stack: S
         owned = await _owners(stack, [survivor])
         assert sorted(owned[survivor.pid]) == list(range(PARTITIONS)), owned  # the survivor took all
     print(
-        f"[{stack.kind}] worker SIGKILLed inside the chain on a batch of {len(batch)}; the survivor "
-        f"processed them again; {len(ids + more)} rows; records processed twice: "
+        f"[{stack.kind}, {liveness} liveness] worker SIGKILLed inside the chain on a batch of "
+        f"{len(batch)}; the survivor stored them {took:.1f}s after the kill; {len(ids + more)} rows; "
+        "records processed twice: "
         f"{sum(1 for c in total.values() if c > 1)}"
     )
     assert survivor.alive()
