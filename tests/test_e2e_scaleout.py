@@ -324,8 +324,11 @@ class Stack:
             raise AssertionError(f"{e}; {seen[0]} of {len(want)} stored") from None
 
     async def assert_exactly_once(self, ids: Sequence[str]) -> None:
-        """The store holds these ids, each in exactly one row, and nothing else of this tenant."""
-        await asyncio.sleep(1.0)  # a redelivered duplicate would land now
+        """The store holds these ids, each in exactly one row, and nothing else of this tenant.
+        Checked once the queue holds nothing unacknowledged (nothing can be redelivered after);
+        the primary key keeps rows unique anyway, so redeliveries are counted where it matters
+        (the SIGKILL test counts processings)."""
+        await until(lambda: _lag_zero(self), 60, "queue lag 0", interval=0.5)
         rows = await self.stored_ids()
         dups = {i: n for i, n in Counter(rows).items() if n > 1}
         assert not dups, f"{len(dups)} ids stored more than once, e.g. {list(dups.items())[:3]}"
