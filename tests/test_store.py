@@ -845,6 +845,7 @@ async def test_postgres_outage_logs_one_line_down_and_one_back(caplog: pytest.Lo
     assert len(mine) == 2 and "is unreachable" in mine[0] and "is reachable again" in mine[1], mine
 
 
+@pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_postgres_migration_2_upgrades_a_version_1_database(monkeypatch: pytest.MonkeyPatch) -> None:
     """A database made by version 1 (values indexed as they are) refuses a 3 KB user id; after
@@ -926,6 +927,7 @@ async def test_sqlite_migration_3_lowercases_property_names(
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(SQLITE)
 
 
+@pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_postgres_two_workers_migrate_and_partition_at_once() -> None:
     from llmtap.store.postgres import PostgresStore

@@ -395,6 +395,7 @@ async def _lag_zero(q: SQLiteQueue) -> bool:
     return (await q.status()).lag == 0
 
 
+@pytest.mark.postgres
 @pytest.mark.skipif(
     not os.environ.get("LLMTAP_TEST_POSTGRES_URL"), reason="LLMTAP_TEST_POSTGRES_URL is not set"
 )
