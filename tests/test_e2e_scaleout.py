@@ -1294,12 +1294,17 @@ async def test_no_credential_anywhere_in_queue_store_bodies_or_logs(stack: Stack
     ids = assert_all_ok(calls)
     await until(lambda: _is_zero(pending_records(url(gport))), 30, "the gateway to have published")
     probe = PROBE[1].encode()
+    queued: list[bytes] = []
     if stack.kind == "kafka":
         queued = await kafka_messages(stack.name)
-    else:
+    elif stack.kind == "redis":
         queued = await redis_entries(stack.name)
-    assert sum(c.rid.encode() in b for c in calls for b in queued) >= len(calls), "not every record queued"
-    scan(f"the {stack.kind} queue", queued, [probe])
+    # SQS is not read here: receiving hides a message from the worker for a visibility timeout
+    if queued:
+        assert sum(c.rid.encode() in b for c in calls for b in queued) >= len(calls), "not all queued"
+        scan(f"the {stack.kind} queue", queued, [probe])
+    else:
+        assert stack.kind == "sqs", f"nothing read from the {stack.kind} queue"
 
     stack.start("worker", "worker")
     await stack.wait_stored(ids)
