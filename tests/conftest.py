@@ -1,7 +1,7 @@
 """Suite-wide rules.
 
 In CI (`CI` set, as every CI system does) a test that needs a service which is not there must
-FAIL, not skip: a run without Kafka, Redis, PostgreSQL or S3 would otherwise skip a third of the
+FAIL, not skip: a run without Kafka, Redis, PostgreSQL, S3 or SQS would otherwise skip a third of the
 suite, every failure test among them, and stay green. On a developer's machine the skip stays,
 with its reason (how to start the services).
 """
@@ -13,7 +13,7 @@ from collections.abc import Generator
 
 import pytest
 
-SERVICE_MARKS = ("kafka", "redis", "postgres", "s3")
+SERVICE_MARKS = ("kafka", "redis", "postgres", "s3", "sqs")
 
 
 def in_ci() -> bool:
@@ -50,6 +50,7 @@ def pytest_report_header(config: pytest.Config) -> str:
         "redis": ("LLMTAP_TEST_REDIS_URL",),
         "kafka": ("LLMTAP_TEST_KAFKA_BOOTSTRAP",),
         "s3": ("LLMTAP_TEST_S3_ENDPOINT", "LLMTAP_TEST_S3_BUCKET"),
+        "sqs": ("LLMTAP_TEST_SQS_ENDPOINT",),
     }
     missing = [name for name, vs in envs.items() if not all(os.environ.get(v) for v in vs)]
     mode = "CI: missing services FAIL their tests" if in_ci() else "missing services skip their tests"
