@@ -1034,7 +1034,9 @@ async def test_postgres_outage_worker_retries_without_acking_then_stores_once(st
     st = await stack.status()
     assert st["dead_letters"] == 0, st  # an outage delays, it never dead-letters
     await until(lambda: _lag_zero(stack), 30, "queue lag back to 0")
-    assert "retrying" in worker.output()
+    out = worker.output()
+    # The worker said so: its batch retry, or the store's one line per outage state change.
+    assert "retrying" in out or "is unreachable" in out, out[-2000:]
     # the server's connections recovered too
     status, rec = await asyncio.to_thread(http_json, "GET", f"{stack.api}/api/v1/requests/{ids[-1]}")
     assert status == 200 and rec["id"] == ids[-1], rec
