@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from llmtap import __version__
 from llmtap.config import Settings
-from llmtap.errors import LlmtapError
+from llmtap.errors import BackendUnavailable, LlmtapError, TransientError
 from llmtap.redact import install_log_filter
 
 log = logging.getLogger("llmtap")
@@ -102,3 +103,44 @@ async def run_services(settings: Settings, title: str, services: Sequence[Servic
             code = 1
     print("llmtap: stopped", file=sys.stderr, flush=True)
     return code
+
+
+async def open_when_back(
+    who: str,
+    reason: str,
+    open_: Callable[[], Awaitable[object]],
+    pause: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    stopping: Callable[[], bool] = lambda: False,
+    *,
+    start: float = 0.1,
+    cap: float = 5.0,
+    quiet: bool = False,
+) -> bool:
+    """Retry `open_` until the backends answer (True) or `stopping()` (False).
+
+    The one policy for a worker or server started during an outage: jittered backoff capped at
+    a few seconds (an outage ends when the backend is back; do not sleep far past it), and one
+    log line per change of the outage, not one per retry (none with `quiet`: a part of a
+    process whose main service already reports the same outage).
+    """
+    log = logging.getLogger(f"llmtap.{who}")
+    if not quiet:
+        log.warning("%s: started without its backends: %s; retrying until they are back", who, reason)
+    delay, shown = start, reason
+    while not stopping():
+        await pause(delay * (0.5 + random.random() / 2))
+        if stopping():
+            break
+        delay = min(delay * 2, cap)
+        try:
+            await open_()
+        except (BackendUnavailable, TransientError) as e:
+            if str(e) != shown and not quiet:
+                shown = str(e)
+                log.warning("%s: still waiting: %s", who, e)
+            continue
+        except Exception:
+            log.exception("%s: connecting failed unexpectedly; retrying", who)
+            continue
+        return True
+    return False

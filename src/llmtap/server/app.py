@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.handlers.base import Chain
 from llmtap.retention import RetentionTask
+from llmtap.runtime import open_when_back
 from llmtap.server import api, dashboard, openapi, security, webhooks_api
 from llmtap.server.auth import Unauthorized, check_ingest, tenant_for
 from llmtap.server.ingest import IngestQueue
@@ -254,25 +254,11 @@ class ServerService:
                 await self.store.close()
 
     async def _open_later(self, reason: str) -> None:
-        log.warning("server: started without its backends: %s; retrying until they are back", reason)
-        delay, shown = 0.1, reason
-        while True:
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
-            delay = min(delay * 2, 5.0)
-            try:
-                await self._open()
-            except BackendUnavailable as e:
-                if str(e) != shown:  # one line per change of the outage, not one per retry
-                    shown = str(e)
-                    log.warning("server: still waiting: %s", e)
-                continue
-            except Exception:
-                log.exception("server: connecting failed unexpectedly; retrying")
-                continue
-            log.warning("server: backends are back; the API serves again")
-            if self.settings.retention_days:
-                self._start_retention()
+        if not await open_when_back("server", reason, self._open):
             return
+        log.warning("server: backends are back; the API serves again")
+        if self.settings.retention_days:
+            self._start_retention()
 
     def _start_retention(self) -> None:
         assert self.settings.retention_days

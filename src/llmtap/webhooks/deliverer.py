@@ -30,7 +30,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from llmtap.config import redact_url
-from llmtap.errors import ConfigError, TransientError
+from llmtap.errors import BackendUnavailable, ConfigError, TransientError
+from llmtap.runtime import open_when_back
 from llmtap.webhooks.db import Claimed, WebhookDB
 from llmtap.webhooks.outbox import EVENTS, Endpoint, check_secret, signature_header
 
@@ -283,21 +284,39 @@ class DelivererService:
         self.settings = settings
         self._store: Store | None = None
         self._deliverer: Deliverer | None = None
+        self._connector: asyncio.Task[None] | None = None
 
     async def start(self) -> list[str]:
+        """Deliver now, or, while the store is down, say so and start once it is back."""
+        try:
+            return await self._open()
+        except (BackendUnavailable, TransientError) as e:
+            self._connector = asyncio.create_task(self._open_later(str(e)), name="llmtap-webhooks-connect")
+            # The server's own banner line names the outage; this one only says what waits.
+            return ["webhooks  delivering the outbox once the store is back"]
+
+    async def _open_later(self, reason: str) -> None:
+        if await open_when_back("webhooks", reason, self._open, quiet=True):
+            logging.getLogger("llmtap.webhooks").warning("webhooks: store is back; delivering the outbox")
+
+    async def _open(self) -> list[str]:
         from llmtap.store.base import open_store
 
         s = self.settings
         ep = env_endpoint(s)
         store = open_store(s)
-        await store.connect()
         try:
+            await store.connect()
             db = store.webhooks()
+            if ep is not None:
+                await db.put_endpoint(ep)
         except NotImplementedError:
             await store.close()
             return []
-        if ep is not None:
-            await db.put_endpoint(ep)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await store.close()
+            raise
         self._store = store
         self._deliverer = Deliverer(
             db,
@@ -311,6 +330,10 @@ class DelivererService:
         return ["webhooks: delivering the outbox" + (f" (and {redact_url(ep.url)})" if ep else "")]
 
     async def stop(self) -> None:
+        if self._connector is not None:
+            self._connector.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._connector
         if self._deliverer is not None:
             await self._deliverer.stop()
         if self._store is not None:

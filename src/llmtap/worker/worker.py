@@ -37,6 +37,7 @@ from llmtap.config import Settings, redact_url
 from llmtap.errors import BackendUnavailable, RecordError, TransientError
 from llmtap.handlers.base import Chain, Item, build_chain
 from llmtap.record import LogRecord, decode
+from llmtap.runtime import open_when_back
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
@@ -205,28 +206,15 @@ class WorkerService:
                 await self.store.close()
 
     async def _open_then_run(self, reason: str) -> None:
-        delay = BACKOFF_START
-        shown = reason
-        log.warning("worker: started without its backends: %s; retrying until they are back", reason)
-        while not self._stopping.is_set():
-            await self._pause(_jitter(delay))
-            if self._stopping.is_set():
-                return
-            delay = min(delay * 2, BACKOFF_CAP)
-            try:
-                await self._open()
-            except BackendUnavailable as e:
-                if str(e) != shown:  # one line per change of the outage, not one per retry
-                    shown = str(e)
-                    log.warning("worker: still waiting: %s", e)
-                continue
-            except Exception:
-                log.exception("worker: connecting failed unexpectedly; retrying")
-                continue
-            store = self.store.description if self.store is not None else redact_url(self.settings.store)
-            log.warning("worker: backends are back; consuming %s → %s", self.queue.description, store)
-            await self._run()
+        opened = await open_when_back(
+            "worker", reason, self._open, self._pause, self._stopping.is_set,
+            start=BACKOFF_START, cap=BACKOFF_CAP,
+        )
+        if not opened:
             return
+        store = self.store.description if self.store is not None else redact_url(self.settings.store)
+        log.warning("worker: backends are back; consuming %s → %s", self.queue.description, store)
+        await self._run()
 
     async def stop(self) -> None:
         self._stopping.set()
