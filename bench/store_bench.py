@@ -7,10 +7,21 @@
 executemany in one transaction on SQLite) with batches of realistic records, on a fresh SQLite
 file and a fresh PostgreSQL database. Target: >= 5,000 records/s per worker process.
 
+`write` runs each store twice: with rollups and search indexing on (the default; every record
+carries ~1.5 KB of searchable text) and off (both switched off on the store object), so the cost
+of the analytics work per record shows.
+
 `scale` loads N synthetic rows straight into a fresh PostgreSQL database with COPY (minutes
-instead of hours through the API), then times, through `PostgresStore`, a filtered list page
-(first page and a cursor page) and a 30-day stats query grouped by model. Targets at 1M rows:
-list page < 50 ms, 30-day stats by model < 1 s.
+instead of hours through the API), in time order, and builds their rollups in the same pass
+(the worker's own code, `llmtap.store.rollup.contribution`, per row; COPYed per finished day).
+Then it times, through `PostgresStore`, a filtered list page (first page and a cursor page) and
+the dashboard's overview from rollups and from raw rows (`exact=True`): 30 days of totals, day
+buckets and the top models with p50/p90/p99, the same grouped by a rolled-up property, 24 h by
+hour. Targets at 1M rows: list page < 50 ms; overview from rollups < 200 ms.
+
+10M rows: `--rows 10000000 --keep` once (prints the database URL and the load time), then
+`--reuse URL` for every later timing run (no loading). The load is single-threaded Python: allow
+about ten times the 1M load time, and run it on an otherwise idle machine.
 
 --pg defaults to $LLMTAP_TEST_POSTGRES_URL (scripts/services.sh env). Results print as lines
 and as JSON (append to bench/results/ if you keep them).
@@ -39,11 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import asyncpg
 
 from llmtap.record import Body, LogRecord, Usage
-from llmtap.store import sql
+from llmtap.store import rollup, sql
 from llmtap.store.base import ListQuery, StatsQuery, Store
 from llmtap.store.postgres import PostgresStore
 from llmtap.store.sqlite import SQLiteStore
 
+PROPS = ("feature", "env")
 MODELS = [f"model-{i}" for i in range(12)] + ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4", "claude-haiku-4"]
 TENANT = "bench"
 
@@ -133,13 +145,28 @@ def make_records(n: int, seed: int = 1) -> list[LogRecord]:
     return out
 
 
-async def time_writes(store: Store, records: list[LogRecord], batch: int) -> dict[str, Any]:
-    await store.write_batch(records[:batch])  # warm-up: partitions, prepared statements
+WORDS = "the quick brown fox jumps over a lazy dog while llm tokens stream slowly to users".split()
+
+
+def text_for(i: int) -> str:
+    """~1.5 KB of searchable text (what the body handler extracts from a chat exchange)."""
+    r = random.Random(i)
+    return " ".join(r.choice(WORDS) for _ in range(300))[:1500]
+
+
+async def time_writes(
+    store: Store, records: list[LogRecord], batch: int, analytics: bool = True
+) -> dict[str, Any]:
+    if not analytics:  # the switches the stores set from their schema (bench only)
+        store._rollups = store._search = False  # type: ignore[attr-defined]
+    texts = [text_for(i) for i in range(len(records))] if analytics else None
+    await store.write_batch(records[:batch], texts and texts[:batch])  # warm-up: partitions, statements
     rest = records[batch:]
+    rest_texts = texts[batch:] if texts else None
     t0, c0 = time.perf_counter(), time.process_time()
     inserted = 0
     for i in range(0, len(rest), batch):
-        inserted += await store.write_batch(rest[i : i + batch])
+        inserted += await store.write_batch(rest[i : i + batch], rest_texts and rest_texts[i : i + batch])
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     t1 = time.perf_counter()
     again = 0
@@ -162,32 +189,36 @@ async def time_writes(store: Store, records: list[LogRecord], batch: int) -> dic
 async def bench_write(args: argparse.Namespace) -> dict[str, Any]:
     records = make_records(args.records + args.batch)
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as d:
-        store = SQLiteStore(Path(d) / "bench.db")
-        await store.connect()
-        try:
-            results["sqlite"] = await time_writes(store, records, args.batch)
-        finally:
-            await store.close()
-    r = results["sqlite"]
-    rate, per_cpu = r["records_per_s"], r["records_per_cpu_s"]
-    print(
-        f"sqlite      write_batch({args.batch}): {rate:>8} records/s  ({per_cpu} per CPU-second)", flush=True
-    )
-    if args.pg:
-        url = await create_db(args.pg)
-        pg = PostgresStore(url)
-        try:
-            await pg.connect()
-            results["postgresql"] = await time_writes(pg, records, args.batch)
-        finally:
-            await pg.close()
-            await drop_db(args.pg, url)
-        r = results["postgresql"]
+    for analytics in (True, False):
+        mode = "rollups+search on " if analytics else "rollups+search off"
+        with tempfile.TemporaryDirectory() as d:
+            store = SQLiteStore(Path(d) / "bench.db", rollup_properties=PROPS)
+            await store.connect()
+            try:
+                r = results[f"sqlite {mode.strip()}"] = await time_writes(
+                    store, records, args.batch, analytics
+                )
+            finally:
+                await store.close()
         rate, per_cpu = r["records_per_s"], r["records_per_cpu_s"]
-        print(
-            f"postgresql  write_batch({args.batch}): {rate:>8} records/s  ({per_cpu} per client CPU-second)"
-        )
+        print(f"sqlite      {mode} write_batch({args.batch}): {rate:>8} records/s  ({per_cpu} per CPU-s)")
+        if args.pg:
+            url = await create_db(args.pg)
+            pg = PostgresStore(url, rollup_properties=PROPS)
+            try:
+                await pg.connect()
+                r = results[f"postgresql {mode.strip()}"] = await time_writes(
+                    pg, records, args.batch, analytics
+                )
+            finally:
+                await pg.close()
+                await drop_db(args.pg, url)
+            rate, per_cpu = r["records_per_s"], r["records_per_cpu_s"]
+            print(
+                f"postgresql  {mode} write_batch({args.batch}): {rate:>8} records/s"
+                f"  ({per_cpu} per client CPU-s)",
+                flush=True,
+            )
     return results
 
 
@@ -196,8 +227,8 @@ async def bench_write(args: argparse.Namespace) -> dict[str, Any]:
 
 async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> float:
     """COPY `rows` synthetic rows (and their keys and properties) over the last `days` days."""
-    store = PostgresStore(url)
-    await store.connect()
+    store = PostgresStore(url, rollup_properties=PROPS)
+    await store.connect()  # an empty database: every dimension is covered from the start
     now = datetime.now(UTC)
     months = set()
     d = now - timedelta(days=days + 1)
@@ -214,10 +245,13 @@ async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> floa
         span_us = days * 86_400_000_000
         now_us = sql.to_micros(now)
         headers = '{"content-type": "application/json"}'
+        deltas: dict[rollup.RollupKey, rollup.Cell] = {}
+        rollup_rows = 0
         for start in range(0, rows, chunk):
             reqs, keys_, props = [], [], []
             for i in range(start, min(rows, start + chunk)):
-                created = sql.from_micros(now_us - r.randrange(span_us))
+                # in time order (as a worker writes them), so rollups of finished days can go
+                created = sql.from_micros(now_us - span_us + i * span_us // rows)
                 rid = str(uuid.UUID(int=r.getrandbits(128)))
                 latency = r.uniform(50, 4000)
                 model = MODELS[min(int(r.expovariate(0.35)), len(MODELS) - 1)]
@@ -264,6 +298,11 @@ async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> floa
                 )
                 keys_.append((TENANT, rid, created))
                 props.append((TENANT, rid, created, "env", env))
+                rollup.contribution(
+                    deltas,
+                    rollup.source_values((*reqs[-1][:2], sql.to_micros(created), *reqs[-1][3:])),
+                    PROPS,
+                )
             async with conn.transaction():
                 await conn.copy_records_to_table("request_keys", records=keys_)
                 await conn.copy_records_to_table("requests", records=reqs, columns=sql.COLUMNS)
@@ -272,11 +311,26 @@ async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> floa
                     records=props,
                     columns=("tenant", "request_id", "created_at", "name", "value"),
                 )
-            print(f"  loaded {start + len(reqs):>9} rows  ({time.perf_counter() - t0:6.1f} s)", flush=True)
+                # rollups of the days before the last row's are complete
+                day = sql.to_micros(reqs[-1][2]) // 86_400_000_000 * 86_400_000_000
+                done = [k for k in deltas if k[2] + sql.BUCKET_MICROS[k[1]] <= day]
+                rollup_rows += await copy_rollups(conn, {k: deltas.pop(k) for k in done})
+            print(
+                f"  loaded {start + len(reqs):>9} rows, {rollup_rows} rollup rows"
+                f"  ({time.perf_counter() - t0:6.1f} s)",
+                flush=True,
+            )
+        await copy_rollups(conn, deltas)
         await conn.execute("VACUUM ANALYZE")
     finally:
         await conn.close()
     return time.perf_counter() - t0
+
+
+async def copy_rollups(conn: asyncpg.Connection, cells: dict[rollup.RollupKey, rollup.Cell]) -> int:
+    rows = [cell.row(key) for key, cell in cells.items()]
+    await conn.copy_records_to_table("rollups", records=rows, columns=rollup.COLUMNS)
+    return len(rows)
 
 
 def report(name: str, r: dict[str, float]) -> None:
@@ -304,13 +358,12 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
         else:
             print(f"loading {args.rows} rows over {args.days} days with COPY...", flush=True)
             results["load_seconds"] = round(await bulk_load(url, args.rows, args.days), 1)
-        store = PostgresStore(url)
+        store = PostgresStore(url, rollup_properties=PROPS)
         await store.connect()
         try:
             first = await store.list_requests(TENANT, ListQuery(limit=50, model="gpt-4o"))
             assert len(first.items) == 50
             cursor = first.next_cursor
-            since = datetime.now(UTC) - timedelta(days=30)
             cases: dict[str, Callable[[], Awaitable[Any]]] = {
                 "list newest 50": lambda: store.list_requests(TENANT, ListQuery(limit=50)),
                 "list model=X, 50": lambda: store.list_requests(TENANT, ListQuery(limit=50, model="gpt-4o")),
@@ -332,20 +385,30 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
             for name, fn in cases.items():
                 results[name] = await timed(fn, args.runs)
                 report(name, results[name])
-            stats_cases: dict[str, Callable[[], Awaitable[Any]]] = {
-                "stats 30d group_by=model": lambda: store.stats(
-                    TENANT, StatsQuery(since=since, group_by="model")
+            now = datetime.now(UTC)
+            midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+            hour = now.replace(minute=0, second=0, microsecond=0)
+            overview = {
+                "30d: model groups + day buckets": StatsQuery(
+                    since=midnight - timedelta(days=30), group_by="model", bucket="day"
                 ),
-                "stats 30d model + day buckets": lambda: store.stats(
-                    TENANT, StatsQuery(since=since, group_by="model", bucket="day")
+                "30d: property.env + day buckets": StatsQuery(
+                    since=midnight - timedelta(days=30), group_by="property.env", bucket="day"
                 ),
-                "stats 24h hour buckets": lambda: store.stats(
-                    TENANT, StatsQuery(since=datetime.now(UTC) - timedelta(days=1), bucket="hour")
-                ),
+                "30d: top users": StatsQuery(since=midnight - timedelta(days=30), group_by="user_id"),
+                "24h: hour buckets": StatsQuery(since=hour - timedelta(days=1), bucket="hour"),
             }
-            for name, fn in stats_cases.items():
-                results[name] = await timed(fn, max(3, args.runs // 5))
-                report(name, results[name])
+            for name, q in overview.items():
+                # group_by=user_id is not rolled up (see llmtap.store.rollup.BASE_DIMS)
+                for source in ("rollups", "raw") if q.group_by != "user_id" else ("raw",):
+                    exact = source == "raw"
+                    sq = StatsQuery(since=q.since, group_by=q.group_by, bucket=q.bucket, exact=exact)
+                    got = await store.stats(TENANT, sq)
+                    assert got["source"] == source, (name, got["source"])
+                    label = f"stats {name} [{source}]"
+                    runs = args.runs if source == "rollups" else max(3, args.runs // 5)
+                    results[label] = await timed(lambda sq=sq: store.stats(TENANT, sq), runs)
+                    report(label, results[label])
         finally:
             await store.close()
     finally:

@@ -271,13 +271,15 @@ async def test_stats_sessions_users(server: Server) -> None:
     for r in records:  # the chain prices records; the reference must see the same costs
         r.cost_nanos = list_price_nanos(r)
     assert sum(r.cost_nanos is not None for r in records) > 40
-    status, s = await server.get("/api/v1/stats?group_by=model&bucket=day")
-    assert status == 200
-    assert set(s) >= {"overall", "groups", "buckets"}
-    assert_totals(s["overall"], records)
-    for g in s["groups"]:
-        assert_totals(g, [r for r in records if r.model == g["key"]])
-    assert sum(b["count"] for b in s["buckets"]) == len(records)
+    for exact, source, rel in (("true", "raw", 0.0), ("false", "rollups", 0.01)):
+        status, s = await server.get(f"/api/v1/stats?group_by=model&bucket=day&exact={exact}")
+        assert status == 200
+        assert set(s) >= {"overall", "groups", "buckets"}
+        assert (s["source"], s["percentile_relative_error"]) == (source, rel)
+        assert_totals(s["overall"], records, rel)
+        for g in s["groups"]:
+            assert_totals(g, [r for r in records if r.model == g["key"]], rel)
+        assert sum(b["count"] for b in s["buckets"]) == len(records)
     status, s = await server.get("/api/v1/stats?group_by=property.env&user_id=alice")
     for g in s["groups"]:
         assert_totals(g, [r for r in records if r.user_id == "alice" and r.properties.get("env") == g["key"]])
@@ -593,3 +595,21 @@ async def test_server_shares_a_store_it_was_given(tmp_path: Path) -> None:
         await svc.start()
         await svc.stop()
         assert await store.write_batch([rec(1)]) == 1
+
+
+async def test_list_search_q(server: Server) -> None:
+    def body(text: str) -> Body:
+        raw = orjson.dumps({"messages": [{"role": "user", "content": text}]})
+        return Body(content_type="application/json", size=len(raw), encoding="identity", data=raw)
+
+    texts = {"a": "Grüße aus München", "b": "ПРИВЕТ мир", "c": "nothing here"}
+    records = [
+        rec(i, id=k, request_body=body(t), response_body=None) for i, (k, t) in enumerate(texts.items())
+    ]
+    assert (await server.ingest(encode_many(records)))[0] == 200
+    for q, want in (("M%C3%9CNCHEN", ["a"]), ("%D0%BC%D0%B8%D1%80", ["b"]), ("here", ["c"]), ("zzz", [])):
+        status, page = await server.get(f"/api/v1/requests?q={q}")
+        assert status == 200, page
+        assert [x["id"] for x in page["items"]] == want, q
+    assert (await server.get("/api/v1/requests?q="))[0] == 400
+    assert (await server.get("/api/v1/requests?q=" + "x" * 201))[0] == 400

@@ -428,7 +428,7 @@ async def test_stats_match_the_reference(store: Store) -> None:
     records = dataset(500, seed=11)
     await store.write_batch(records)
     acme = ref_filter(records, "acme")
-    stats = await store.stats("acme", StatsQuery())
+    stats = await store.stats("acme", StatsQuery(exact=True))
     assert_totals(stats["overall"], acme)
     assert stats["groups"] == [] and stats["buckets"] == []
 
@@ -440,7 +440,7 @@ async def test_stats_match_the_reference(store: Store) -> None:
         ("status", "status"),
         ("property.env", None),
     ):
-        stats = await store.stats("acme", StatsQuery(group_by=group_by))
+        stats = await store.stats("acme", StatsQuery(group_by=group_by, exact=True))
         expected: dict[Any, list[Any]] = {}
         for r in acme:
             key = r.properties.get("env") if attr is None else getattr(r, attr)
@@ -452,7 +452,8 @@ async def test_stats_match_the_reference(store: Store) -> None:
             assert_totals(g, expected[g["key"]])
 
     since, until = T0 - timedelta(days=20), T0 - timedelta(days=5)
-    stats = await store.stats("acme", StatsQuery(since=since, until=until, bucket="day", group_by="model"))
+    q = StatsQuery(since=since, until=until, bucket="day", group_by="model", exact=True)
+    stats = await store.stats("acme", q)
     window = ref_filter(records, "acme", since=since, until=until)
     assert_totals(stats["overall"], window)
     by_day: dict[str, list[Any]] = {}
@@ -473,7 +474,7 @@ async def test_hour_and_minute_buckets(store: Store) -> None:
     records = [rec(i, at=T0 + timedelta(seconds=37 * i)) for i in range(200)]
     await store.write_batch(records)
     for bucket, fmt in (("hour", "%Y-%m-%dT%H:00:00.000000Z"), ("minute", "%Y-%m-%dT%H:%M:00.000000Z")):
-        stats = await store.stats("acme", StatsQuery(bucket=bucket))  # type: ignore[arg-type]
+        stats = await store.stats("acme", StatsQuery(bucket=bucket, exact=True))  # type: ignore[arg-type]
         want: dict[str, list[Any]] = {}
         for r in records:
             want.setdefault(r.started_at.strftime(fmt), []).append(r)
@@ -487,14 +488,14 @@ async def test_percentiles_interpolate_like_percentile_cont(store: Store) -> Non
     await store.write_batch(
         [rec(i, latency_ms=float(10 - i), time_to_first_token_ms=None) for i in range(10)]
     )
-    lat = (await store.stats("acme", StatsQuery()))["overall"]["latency_ms"]
+    lat = (await store.stats("acme", StatsQuery(exact=True)))["overall"]["latency_ms"]
     assert lat == {
         "p50": 5.5,
         "p90": 9.1,
         "p95": pytest.approx(9.55, abs=1e-12),
         "p99": pytest.approx(9.91, abs=1e-12),
     }
-    ttft = (await store.stats("acme", StatsQuery()))["overall"]["time_to_first_token_ms"]
+    ttft = (await store.stats("acme", StatsQuery(exact=True)))["overall"]["time_to_first_token_ms"]
     assert ttft == {"p50": None, "p90": None, "p95": None, "p99": None}
     one = await store.stats("acme", StatsQuery(group_by="model", filters=ListQuery(status=200)))
     assert one["groups"][0]["latency_ms"]["p50"] == 5.5

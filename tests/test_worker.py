@@ -48,11 +48,13 @@ class FlakyStore(SQLiteStore):
     down = False
     writes = 0
 
-    async def write_batch(self, records: Sequence[LogRecord]) -> int:
+    async def write_batch(
+        self, records: Sequence[LogRecord], texts: Sequence[str | None] | None = None
+    ) -> int:
         self.writes += 1
         if self.down:
             raise TransientError("store unreachable (test outage)")
-        return await super().write_batch(records)
+        return await super().write_batch(records, texts)
 
 
 class Boom(Handler):

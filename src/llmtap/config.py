@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     )
     worker_max_attempts: int = Field(5, ge=1, description="tries of a failing record before dead-letter")
     retention_days: int | None = Field(None, ge=1)
+    rollup_properties: str = Field(
+        "",
+        description="comma-separated property names rolled up for fast stats (e.g. feature,env);"
+        " every worker must use the same list",
+    )
     webhook_url: str | None = Field(None, description="one webhook endpoint without the CLI")
     webhook_secret: str | None = Field(None, description="its whsec_ secret (generated if unset)")
     webhook_allow_private: bool = Field(
@@ -138,6 +143,16 @@ class Settings(BaseSettings):
         if v.startswith(("postgresql://", "postgres://")):
             return _check_network_url(v, host=False)  # libpq: no host means the local socket
         raise ValueError("must be 'sqlite' or 'postgresql://user:password@host:port/database'")
+
+    @field_validator("rollup_properties")
+    @classmethod
+    def _check_rollup_properties(cls, v: str) -> str:
+        names = [n.strip().lower() for n in v.split(",") if n.strip()]
+        return ",".join(dict.fromkeys(names))
+
+    @property
+    def rollup_property_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.rollup_properties.split(",") if n)
 
     @field_validator("bodies")
     @classmethod

@@ -33,6 +33,9 @@ class Item:
     #: What an early handler read from the bodies for a later one (they leave the record after
     #: the body handler): e.g. the response id and model for the OpenTelemetry span.
     notes: dict[str, Any] = field(default_factory=dict)
+    #: What `q=` searches (`llmtap.store.search`), taken from the bodies while their bytes are
+    #: at hand (the body handler); None: the store reads whatever body is still inline.
+    search_text: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -10,11 +10,13 @@ reference is left alone. Any request id can name a body (`key_segment` encodes i
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from llmtap.bodies.base import BodyStore, body_key
 from llmtap.handlers.base import Handler, Item
 from llmtap.record import Body, LogRecord
+from llmtap.store.search import record_text
 
 _PARTS = (("request_body", "request"), ("response_body", "response"), ("response_events", "events"))
 
@@ -26,6 +28,7 @@ class BodyHandler(Handler):
         self.bodies = bodies
 
     async def handle(self, items: Sequence[Item]) -> None:
+        await self._search_texts(items)
         puts: list[tuple[str, bytes]] = []
         swaps: list[tuple[LogRecord, str, Body, str]] = []
         for item in items:
@@ -57,3 +60,26 @@ class BodyHandler(Handler):
                     ref=key,
                 ),
             )
+
+    async def _search_texts(self, items: Sequence[Item]) -> None:
+        """Each record's searchable text, while the bytes are here: inline bodies as they are,
+        bodies the gateway already put in the body store (large ones) read back once."""
+        stored: list[tuple[int, Body, str]] = []
+        for n, item in enumerate(items):
+            for attr, _ in _PARTS:
+                body = getattr(item.record, attr)
+                if body is not None and body.data is None and body.ref is not None:
+                    stored.append((n, body, body.ref))
+        fetched = await asyncio.gather(*(self.bodies.get(ref) for _, _, ref in stored))
+        extra: dict[int, list[tuple[Body, bytes]]] = {}
+        for (n, body, _), data in zip(stored, fetched, strict=True):
+            if data is not None:
+                extra.setdefault(n, []).append((body, data))
+        for n, item in enumerate(items):
+            r = item.record
+            raw = [
+                (b, b.data)
+                for b in (r.request_body, r.response_body, r.response_events)
+                if b is not None and b.data is not None
+            ]
+            item.search_text = record_text(r, raw + extra.get(n, []))

@@ -28,4 +28,4 @@ class StoreHandler(Handler):
             await self.store.webhooks().put_endpoint(self.env_endpoint)
 
     async def handle(self, items: Sequence[Item]) -> None:
-        await self.store.write_batch([i.record for i in items])
+        await self.store.write_batch([i.record for i in items], [i.search_text for i in items])

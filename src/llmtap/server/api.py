@@ -41,8 +41,10 @@ MAX_TEXT = 4096
 PROPERTY = "property."
 _FILTERS = ("user_id", "session_id", "model", "provider", "status", "status_class",
             "min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms")  # fmt: skip
-LIST_PARAMS = frozenset({"limit", "cursor", "since", "until", "order", "sort", *_FILTERS})
-STATS_PARAMS = frozenset({"since", "until", "group_by", "bucket", *_FILTERS})
+LIST_PARAMS = frozenset({"limit", "cursor", "since", "until", "order", "sort", "q", *_FILTERS})
+STATS_PARAMS = frozenset({"since", "until", "group_by", "bucket", "exact", *_FILTERS})
+#: Longest `q=` search string (characters).
+MAX_SEARCH = 200
 USERS_PARAMS = frozenset({"limit"})
 #: Fields left out of list items (they are in `GET /api/v1/requests/{id}`).
 LIST_OMIT = ("request_body", "response_body", "response_events")
@@ -200,6 +202,10 @@ def list_query(request: web.Request) -> ListQuery:
     if sort not in ("time", "cost", "latency"):
         raise BadParameter("sort", "invalid parameter 'sort': must be time, cost or latency")
     q.sort = sort  # type: ignore[assignment]
+    if "q" in params:
+        if not 0 < len(params["q"]) <= MAX_SEARCH:
+            raise BadParameter("q", f"invalid parameter 'q': 1 to {MAX_SEARCH} characters")
+        q.q = params["q"]
     if "cursor" in params:
         try:
             sql.decode_sort_cursor(params["cursor"], sort)
@@ -216,6 +222,11 @@ def stats_query(request: web.Request) -> StatsQuery:
     filters = _filters(params, props)
     q = StatsQuery(since=filters.since, until=filters.until, filters=filters)
     filters.since = filters.until = None
+    exact = params.get("exact")
+    if exact is not None:
+        if exact not in ("true", "false"):
+            raise BadParameter("exact", "invalid parameter 'exact': must be true or false")
+        q.exact = exact == "true"
     group_by = params.get("group_by")
     if group_by is not None:
         if not (

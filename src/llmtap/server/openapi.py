@@ -236,6 +236,12 @@ def document() -> dict[str, Any]:
                             " descending order) or latency; ties by time. A cursor is valid for its sort.",
                             {"enum": ["time", "cost", "latency"]},
                         ),
+                        _q(
+                            "q",
+                            "Case-insensitive substring of the request/response text (string values of "
+                            "JSON bodies, stream text; the first 32 KiB per request), 1-200 characters.",
+                            _STR,
+                        ),
                         *_FILTERS,
                         _PROPERTY,
                     ],
@@ -272,11 +278,16 @@ def document() -> dict[str, Any]:
                     "summary": "Counts, tokens, cost, error rate and latency percentiles",
                     "description": (
                         f"Overall, per group (at most {MAX_GROUPS}, largest first) and per time bucket "
-                        f"(at most {MAX_BUCKETS}, oldest first). The list filters apply too."
+                        f"(at most {MAX_BUCKETS}, oldest first). The list filters apply too. "
+                        "Answered from rollups (percentiles within `percentile_relative_error`, 1%, "
+                        "of the exact ones; counts and sums exact) when there is no list filter, "
+                        "group_by is rolled up and since/until fall on minute boundaries; else "
+                        "from raw rows (`source` says which)."
                     ),
                     "parameters": [
                         _q("group_by", f"One of {groups} or property.<Name>.", _STR),
                         _q("bucket", "Time buckets (UTC).", {"enum": ["minute", "hour", "day"]}),
+                        _q("exact", "true: answer from raw rows (exact percentiles).", {"type": "boolean"}),
                         *_FILTERS,
                         _PROPERTY,
                     ],
@@ -311,6 +322,8 @@ def document() -> dict[str, Any]:
                                     },
                                     "group_by": _NULLABLE_STR,
                                     "bucket": _NULLABLE_STR,
+                                    "source": {"enum": ["rollups", "raw"]},
+                                    "percentile_relative_error": {"type": "number"},
                                     "since": _NULLABLE_STR,
                                     "until": _NULLABLE_STR,
                                 },

@@ -44,6 +44,8 @@ class ListQuery:
     model: str | None = None
     provider: str | None = None
     status: int | None = None
+    #: Case-insensitive substring of the request/response text (`llmtap.store.search`).
+    q: str | None = None
     since: datetime | None = None
     until: datetime | None = None
     properties: dict[str, str] = field(default_factory=dict)
@@ -68,6 +70,8 @@ class StatsQuery:
     group_by: GroupBy | None = None
     bucket: Literal["minute", "hour", "day"] | None = None
     filters: ListQuery = field(default_factory=ListQuery)
+    #: Answer from raw rows even where rollups could (exact percentiles, slower at volume).
+    exact: bool = False
 
 
 @dataclass(slots=True)
@@ -102,8 +106,13 @@ class Store(ABC):
 
     # -- writes (worker) ----------------------------------------------------------------------
     @abstractmethod
-    async def write_batch(self, records: Sequence[LogRecord]) -> int:
+    async def write_batch(
+        self, records: Sequence[LogRecord], texts: Sequence[str | None] | None = None
+    ) -> int:
         """Insert records, ignoring (tenant, id) already present. Returns rows inserted.
+
+        `texts[i]` is record i's searchable text (`llmtap.store.search`); where None (or no
+        `texts`), the text of the bodies still inline in the record is indexed.
 
         Raises `TransientError` when the database is unreachable (the batch is retried).
         """
@@ -160,9 +169,9 @@ def open_store(settings: Settings) -> Store:
     if path is not None:
         from llmtap.store.sqlite import SQLiteStore
 
-        return SQLiteStore(path)
+        return SQLiteStore(path, rollup_properties=settings.rollup_property_names)
     if url.startswith(("postgresql://", "postgres://")):
         from llmtap.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, rollup_properties=settings.rollup_property_names)
     raise ValueError(f"unknown store {url!r}")

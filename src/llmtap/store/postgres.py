@@ -34,7 +34,7 @@ import orjson
 
 from llmtap.config import redact_url
 from llmtap.errors import BackendUnavailable, TransientError
-from llmtap.store import sql
+from llmtap.store import rollup, search, sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import POSTGRES as MIGRATIONS
 from llmtap.webhooks import outbox
@@ -65,6 +65,8 @@ DIALECT = sql.Dialect(
     json_value=_json,
     prop_value=lambda ph: f'((r.properties ->> {ph}) COLLATE "C")',
     hashed=lambda expr: f"llmtap_hash({expr})",
+    # pg_trgm answers LIKE through the GIN index for patterns of 3+ characters.
+    search=lambda p, q: f"r.search_text LIKE {p(search.like_pattern(q))}",
 )
 
 log = logging.getLogger(__name__)
@@ -127,9 +129,9 @@ WITH k AS (
     ON CONFLICT DO NOTHING
     RETURNING tenant, id
 ), ins AS (
-    INSERT INTO requests ({_COLS})
-    SELECT {_S_COLS} FROM {_STAGING} s JOIN k ON k.tenant = s.tenant AND k.id = s.id
-    RETURNING 1
+    INSERT INTO requests ({_COLS}, search_text)
+    SELECT {_S_COLS}, s.search_text FROM {_STAGING} s JOIN k ON k.tenant = s.tenant AND k.id = s.id
+    RETURNING {", ".join(rollup.SOURCE_COLUMNS)}
 ), props AS (
     INSERT INTO request_properties (tenant, request_id, created_at, name, value)
     SELECT s.tenant, s.id, s.created_at, p.key, p.value
@@ -137,7 +139,72 @@ WITH k AS (
     CROSS JOIN LATERAL jsonb_each_text(s.properties) AS p
     RETURNING 1
 )
-SELECT tenant, id FROM k
+SELECT id, {", ".join(rollup.SOURCE_COLUMNS)} FROM ins
+"""
+# Before migration 4 (only tests stop migrations early): no search_text column.
+_MOVE_V3 = _MOVE.replace(f"({_COLS}, search_text)", f"({_COLS})").replace(", s.search_text FROM", " FROM")
+_R_KEY_ARRAYS = "$1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]"
+# Claim every rollup row the batch touches (zeros where new), then lock them in key order: two
+# workers adding to the same row serialize here, and neither loses the other's addition.
+_ROLLUP_CLAIM = f"""
+INSERT INTO rollups ({", ".join(rollup.COLUMNS)})
+SELECT u.t, u.g, u.b, u.d, u.k, {", ".join(["0"] * 10)}, NULL, NULL, NULL, NULL
+FROM unnest({_R_KEY_ARRAYS}) AS u(t, g, b, d, k)
+ON CONFLICT DO NOTHING
+"""
+_ROLLUP_LOCK = f"""
+SELECT {", ".join("r." + c for c in rollup.COLUMNS)}
+FROM rollups r JOIN unnest({_R_KEY_ARRAYS}) AS u(t, g, b, d, k)
+  ON r.tenant = u.t AND r.grain = u.g AND r.dim = u.d AND r.bucket = u.b
+  AND llmtap_hash(r.key) = llmtap_hash(u.k) AND r.key = u.k
+ORDER BY r.tenant, r.grain, r.dim, r.bucket, r.key
+FOR UPDATE OF r
+"""
+_R_WHERE = (
+    "tenant = $1 AND grain = $2 AND bucket = $3 AND dim = $4"
+    " AND llmtap_hash(key) = llmtap_hash($5) AND key = $5"
+)
+_R_TYPES = ("text", "text", "bigint", "text", "text", *(["bigint"] * 12), "bytea", "bytea")
+# One statement for every row of a batch (arrays, one per column): far fewer round trips and
+# executor starts than a statement per row.
+_ROLLUP_PUT = (
+    "UPDATE rollups r SET "
+    + ", ".join(f"{c} = u.{c}" for c in rollup.COLUMNS[5:])
+    + " FROM unnest("
+    + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_R_TYPES))
+    + f") AS u({', '.join(rollup.COLUMNS)})"
+    " WHERE r.tenant = u.tenant AND r.grain = u.grain AND r.bucket = u.bucket AND r.dim = u.dim"
+    " AND llmtap_hash(r.key) = llmtap_hash(u.key) AND r.key = u.key"
+)
+_ROLLUP_DEL = f"DELETE FROM rollups WHERE {_R_WHERE}"
+_SRC_R = ", ".join("r." + c for c in rollup.SOURCE_COLUMNS)
+_SRC_NULL = ", ".join("NULL" for _ in rollup.SOURCE_COLUMNS)
+# Retention: release up to $2 keys older than $1; delete their rows in the month straddling the
+# cutoff ($3 is that month's start; older months are dropped whole afterwards). Returns the count
+# of released keys, then per row its body columns and its rollup source columns.
+_RETENTION = f"""
+WITH gone AS (
+    DELETE FROM request_keys k USING (
+        SELECT tenant, id FROM request_keys WHERE created_at < $1 ORDER BY created_at LIMIT $2
+    ) AS pick
+    WHERE k.tenant = pick.tenant AND llmtap_hash(k.id) = llmtap_hash(pick.id) AND k.id = pick.id
+    RETURNING k.tenant, k.id, k.created_at
+), dr AS (
+    DELETE FROM requests r USING gone g
+    WHERE r.tenant = g.tenant AND r.id = g.id AND r.created_at = g.created_at AND r.created_at >= $3
+    RETURNING r.request_body, r.response_body, r.response_events, {_SRC_R}
+), dp AS (
+    DELETE FROM request_properties p USING gone g
+    WHERE p.tenant = g.tenant AND p.request_id = g.id AND p.created_at = g.created_at
+      AND p.created_at >= $3
+)
+SELECT (SELECT count(*) FROM gone), r.* FROM dr r
+UNION ALL
+SELECT (SELECT count(*) FROM gone), r.request_body, r.response_body, r.response_events, {_SRC_R}
+FROM requests r JOIN gone g ON r.tenant = g.tenant AND r.id = g.id AND r.created_at = g.created_at
+WHERE r.created_at < $3
+UNION ALL
+SELECT (SELECT count(*) FROM gone), NULL, NULL, NULL, {_SRC_NULL}
 """
 
 _ENDPOINTS = f"{SELECT_ENDPOINTS} WHERE disabled_at IS NULL"
@@ -204,8 +271,14 @@ def _api_key(row: Sequence[Any]) -> ApiKey:
 
 
 class PostgresStore(Store):
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self, url: str, *, min_size: int = 1, max_size: int = 10, rollup_properties: Sequence[str] = ()
+    ) -> None:
         self.url = url
+        self.rollup_properties = tuple(sql.property_name(p) for p in rollup_properties)
+        self._covered: dict[str, int] = {}
+        self._rollups = False  # the schema has them (always, unless a test stops migrations early)
+        self._search = False  # likewise, requests.search_text
         self.description = f"postgresql {redact_url(url)}"
         parts = urlsplit(url)
         self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
@@ -308,8 +381,25 @@ class PostgresStore(Store):
                         version,
                         description,
                     )
+            self._rollups = await conn.fetchval("SELECT to_regclass('rollup_dims') IS NOT NULL")
+            self._search = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns"
+                " WHERE table_name = 'requests' AND column_name = 'search_text')"
+            )
+            if self._rollups:
+                await self._cover_dims(conn)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+    async def _cover_dims(self, conn: asyncpg.Connection) -> None:
+        """Register the rolled-up dimensions (see `llmtap.store.rollup`: coverage)."""
+        empty = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM request_keys)")
+        since = 0 if empty else (sql.to_micros(sql.now()) // 60_000_000 + 1) * 60_000_000
+        await conn.executemany(
+            "INSERT INTO rollup_dims (dim, since) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            [(d, since) for d in rollup.dims_for(self.rollup_properties)],
+        )
+        self._covered = {r[0]: int(r[1]) for r in await conn.fetch("SELECT dim, since FROM rollup_dims")}
 
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
         # Per-connection staging table for COPY; emptied at every commit.
@@ -356,13 +446,19 @@ class PostgresStore(Store):
         self._months |= missing
 
     # -- writes -----------------------------------------------------------------------------------
-    async def write_batch(self, records: Sequence[LogRecord]) -> int:
+    async def write_batch(
+        self, records: Sequence[LogRecord], texts: Sequence[str | None] | None = None
+    ) -> int:
         rows = []
         months = set()
         by_key: dict[tuple[str, str], LogRecord] = {}
+        given = {id(r): t for r, t in zip(records, texts or (), strict=False)}
+        columns = (*sql.COLUMNS, "search_text") if self._search else sql.COLUMNS
         for r in sql.dedupe(records):
             v = list(sql.record_values(r))
             by_key[(v[0], v[1])] = r
+            if self._search:
+                v.append(given.get(id(r)) or search.record_text(r))
             months.add(_month_of(v[2]))
             for i in sql.TS_POSITIONS:
                 if v[i] is not None:
@@ -375,17 +471,23 @@ class PostgresStore(Store):
                 await self._ensure_partitions(months)
                 try:
                     async with self._p().acquire() as conn, conn.transaction():
-                        await conn.copy_records_to_table(_STAGING, records=rows, columns=sql.COLUMNS)
-                        keys = await conn.fetch(_MOVE)
+                        await conn.copy_records_to_table(_STAGING, records=rows, columns=columns)
+                        new = await conn.fetch(_MOVE if self._search else _MOVE_V3)
+                        deltas: dict[rollup.RollupKey, rollup.Cell] = {}
+                        for row in new:  # only rows whose key was new: redelivery adds nothing
+                            src = list(row[1:])
+                            src[1] = sql.to_micros(src[1])
+                            rollup.contribution(deltas, src, self.rollup_properties)
+                        await self._apply_rollups(conn, deltas)
                         # The outbox rows commit with the records, for the new ones only.
                         eps = await conn.fetch(_ENDPOINTS) if self._outbox else []
                         endpoints = [endpoint_from_row(e) for e in eps]
                         if endpoints:
-                            new = [by_key[(k[0], k[1])] for k in keys]
-                            due = outbox.plan(endpoints, new, now_us())
+                            fresh = [by_key[(k[1], k[0])] for k in new]
+                            due = outbox.plan(endpoints, fresh, now_us())
                             if due:
                                 await conn.executemany(INSERT_DELIVERY, [delivery_params(d) for d in due])
-                        return len(keys)
+                        return len(new)
                 except asyncpg.exceptions.CheckViolationError:
                     # "no partition found for row": another process dropped a month we had
                     # cached (retention, then a late record). Re-read and create it again.
@@ -393,6 +495,25 @@ class PostgresStore(Store):
                         raise
                     await self._load_partitions()
         raise AssertionError("unreachable")
+
+    async def _apply_rollups(
+        self, conn: asyncpg.Connection, deltas: dict[rollup.RollupKey, rollup.Cell]
+    ) -> list[rollup.RollupKey]:
+        """Add `deltas` to the rollups (in the caller's transaction); returns the keys still alive."""
+        if not deltas or not self._rollups:
+            return []
+        keys = sorted(deltas)
+        arrays = [list(col) for col in zip(*keys, strict=True)]
+        await conn.execute(_ROLLUP_CLAIM, *arrays)
+        existing = {}
+        for row in await conn.fetch(_ROLLUP_LOCK, *arrays):
+            existing[tuple(row[:5])] = rollup.Cell.from_row(row[5:])
+        upsert, delete = rollup.apply(existing, deltas)
+        if upsert:
+            await conn.execute(_ROLLUP_PUT, *(list(col) for col in zip(*upsert, strict=True)))
+        if delete:
+            await conn.executemany(_ROLLUP_DEL, delete)
+        return [tuple(r[:5]) for r in upsert]
 
     # -- reads ------------------------------------------------------------------------------------
     async def get_request(self, tenant: str, request_id: str) -> dict[str, Any] | None:
@@ -431,6 +552,10 @@ class PostgresStore(Store):
         not the sum. (One GROUPING SETS query reads the rows once but sorts as much, serially.)
         """
         sql.validate_stats(query)
+        plan = rollup.plan(query, self.rollup_properties, self._covered)
+        if plan is not None:
+            q, params = rollup.read_sql(DIALECT, tenant, plan)
+            return rollup.answer(query, plan, await self._fetch(q, *params))
         parts: list[tuple[sql.Kind, int | None]] = [("overall", None)]
         if query.group_by:
             parts.append(("group", sql.MAX_GROUPS))
@@ -448,7 +573,7 @@ class PostgresStore(Store):
             {"start": sql.iso(DIALECT.ts_value(key)), **totals}
             for key, totals in (sql.aggregate_row(DIALECT, row) for row in found.get("bucket", []))
         ]
-        return {"overall": overall, "groups": groups, "buckets": buckets}
+        return {"overall": overall, "groups": groups, "buckets": buckets, **rollup.RAW_SOURCE}
 
     async def sessions(self, tenant: str, session_id: str) -> dict[str, Any] | None:
         rows = await self._aggregate(tenant, StatsQuery(filters=ListQuery(session_id=session_id)), "overall")
@@ -479,37 +604,22 @@ class PostgresStore(Store):
         with self._errors():
             while True:
                 async with self._p().acquire() as conn, conn.transaction():
-                    rows = await conn.fetch(
-                        """
-WITH gone AS (
-    DELETE FROM request_keys k USING (
-        SELECT tenant, id FROM request_keys WHERE created_at < $1 ORDER BY created_at LIMIT $2
-    ) AS pick
-    WHERE k.tenant = pick.tenant AND llmtap_hash(k.id) = llmtap_hash(pick.id) AND k.id = pick.id
-    RETURNING k.tenant, k.id, k.created_at
-), dr AS (
-    DELETE FROM requests r USING gone g
-    WHERE r.tenant = g.tenant AND r.id = g.id AND r.created_at = g.created_at AND r.created_at >= $3
-    RETURNING r.request_body, r.response_body, r.response_events
-), dp AS (
-    DELETE FROM request_properties p USING gone g
-    WHERE p.tenant = g.tenant AND p.request_id = g.id AND p.created_at = g.created_at
-      AND p.created_at >= $3
-)
-SELECT (SELECT count(*) FROM gone), request_body, response_body, response_events FROM dr
-UNION ALL
-SELECT (SELECT count(*) FROM gone), r.request_body, r.response_body, r.response_events
-FROM requests r JOIN gone g ON r.tenant = g.tenant AND r.id = g.id AND r.created_at = g.created_at
-WHERE r.created_at < $3
-UNION ALL
-SELECT (SELECT count(*) FROM gone), NULL, NULL, NULL
-""",
-                        cutoff,
-                        limit,
-                        boundary,
-                    )
-                deleted = int(rows[0][0])
-                refs = [ref for row in rows for ref in sql.body_refs(row[1:])]
+                    rows = await conn.fetch(_RETENTION, cutoff, limit, boundary)
+                    deleted = int(rows[0][0])
+                    refs = [ref for row in rows for ref in sql.body_refs(row[1:4])]
+                    # The same rows leave the rollups (same transaction); first/last of what
+                    # is left are read again.
+                    gone = (row[4:] for row in rows if row[4] is not None)
+                    deltas = rollup.retention_deltas(gone, self.rollup_properties, sql.to_micros)
+                    for key in await self._apply_rollups(conn, deltas):
+                        q, params = rollup.recompute_sql(DIALECT, key)
+                        first, last = (await conn.fetch(q, *params))[0]
+                        await conn.execute(
+                            f"UPDATE rollups SET first_at = $6, last_at = $7 WHERE {_R_WHERE}",
+                            *key,
+                            None if first is None else sql.to_micros(first),
+                            None if last is None else sql.to_micros(last),
+                        )
                 if refs or deleted < limit:
                     break
             await self._drop_expired_partitions(boundary)

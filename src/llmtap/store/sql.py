@@ -332,6 +332,8 @@ class Dialect:
     #: An expression's indexed hash (PostgreSQL: values of any length are indexed by hash), or
     #: None when the store indexes the values themselves (SQLite).
     hashed: Callable[[str], str] | None = None
+    #: The condition selecting rows whose searchable text contains `q` (`ListQuery.q`).
+    search: Callable[[Params, str], str] | None = None
 
 
 def equals(d: Dialect, column: str, placeholder: str) -> str:
@@ -379,6 +381,10 @@ def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = Non
         conds.append(f"r.latency_ms >= {p(float(f.min_latency_ms))}")
     if f.max_latency_ms is not None:
         conds.append(f"r.latency_ms <= {p(float(f.max_latency_ms))}")
+    if f.q:
+        if d.search is None:
+            raise ValueError("this store cannot search")
+        conds.append(d.search(p, f.q))
     for s in (f.since, since):
         if s is not None:
             conds.append(f"r.created_at >= {p(d.ts_param(to_micros(s)))}")
@@ -657,6 +663,10 @@ def _pcts(values: Sequence[float | None]) -> dict[str, float | None]:
         f"p{round(f * 100)}": (None if v is None else float(v))
         for f, v in zip(PERCENTILES, values, strict=True)
     }
+
+
+SUM_COLUMNS = _SUMS
+pcts = _pcts
 
 
 def empty_totals() -> dict[str, Any]:

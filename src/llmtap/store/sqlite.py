@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from llmtap.errors import BackendUnavailable, TransientError
-from llmtap.store import sql
+from llmtap.store import rollup, search, sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import SQLITE as MIGRATIONS
 from llmtap.webhooks import outbox
@@ -51,6 +51,21 @@ def _json(v: Any) -> Any:
     return None if v is None else orjson.loads(v)
 
 
+_GLOB_META = str.maketrans({"*": "[*]", "?": "[?]", "[": "[[]"})
+
+
+def _search(p: sql.Params, q: str) -> str:
+    """FTS5 trigram: GLOB `*q*` (case-folded text, so case-sensitive GLOB is right) finds a
+    substring of 3+ characters through the index; shorter ones are looked for row by row."""
+    folded = search.fold(q)
+    if len(folded) >= 3:
+        pattern = "*" + folded.translate(_GLOB_META) + "*"
+        docs = f"SELECT rowid FROM request_text WHERE text GLOB {p(pattern)}"
+    else:
+        docs = f"SELECT rowid FROM request_text WHERE instr(text, {p(folded)}) > 0"
+    return f"(r.tenant, r.id) IN (SELECT s.tenant, s.id FROM request_search s WHERE s.docid IN ({docs}))"
+
+
 DIALECT = sql.Dialect(
     name="sqlite",
     placeholder=lambda n: f"?{n}",
@@ -60,6 +75,7 @@ DIALECT = sql.Dialect(
     json_value=_json,
     # json_each compares the key as a bound value: any property name is safe, quotes included.
     prop_value=lambda ph: f"(SELECT j.value FROM json_each(r.properties) AS j WHERE j.key = {ph})",
+    search=_search,
 )
 
 _INSERT = (
@@ -138,6 +154,17 @@ class SQLiteWebhooks(WebhookDB):
             await self._run(lambda: conn.execute("COMMIT"))
 
 
+_ROLLUP_COLS = ", ".join(rollup.COLUMNS)
+_ROLLUP_GET = (
+    f"SELECT {', '.join(rollup.COLUMNS[5:])} FROM rollups"
+    " WHERE tenant = ?1 AND grain = ?2 AND dim = ?4 AND bucket = ?3 AND key = ?5"
+)
+_ROLLUP_PUT = (
+    f"INSERT OR REPLACE INTO rollups ({_ROLLUP_COLS}) VALUES ({', '.join('?' * len(rollup.COLUMNS))})"
+)
+_ROLLUP_DEL = "DELETE FROM rollups WHERE tenant = ?1 AND grain = ?2 AND dim = ?4 AND bucket = ?3 AND key = ?5"
+
+
 def _api_key(row: Sequence[Any]) -> ApiKey:
     return ApiKey(
         id=row[0],
@@ -150,8 +177,14 @@ def _api_key(row: Sequence[Any]) -> ApiKey:
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: str | Path, *, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self, path: str | Path, *, busy_timeout: float = 10.0, rollup_properties: Sequence[str] = ()
+    ) -> None:
         self.path = Path(path)
+        self.rollup_properties = tuple(sql.property_name(p) for p in rollup_properties)
+        self._covered: dict[str, int] = {}
+        self._rollups = False  # the schema has them (always, unless a test stops migrations early)
+        self._search = False  # likewise, the search index
         self._busy_ms = int(busy_timeout * 1000)
         self.description = f"sqlite {self.path}"
         self._writer: ThreadPoolExecutor | None = None
@@ -235,6 +268,19 @@ class SQLiteStore(Store):
             self._outbox = bool(
                 conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'webhook_endpoints'").fetchone()
             )
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollup_dims'").fetchone()
+            self._rollups = found is not None
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'request_text'").fetchone()
+            self._search = found is not None
+            if self._rollups:
+                # Dimensions rolled up from now on (see `llmtap.store.rollup`: coverage).
+                empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM requests)").fetchone()[0]
+                since = 0 if empty else (sql.to_micros(sql.now()) // 60_000_000 + 1) * 60_000_000
+                conn.executemany(
+                    "INSERT OR IGNORE INTO rollup_dims (dim, since) VALUES (?, ?)",
+                    [(d, since) for d in rollup.dims_for(self.rollup_properties)],
+                )
+                self._covered = dict(conn.execute("SELECT dim, since FROM rollup_dims").fetchall())
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -262,43 +308,86 @@ class SQLiteStore(Store):
         self._writer = self._reader = None
 
     # -- writes -----------------------------------------------------------------------------------
-    async def write_batch(self, records: Sequence[LogRecord]) -> int:
+    async def write_batch(
+        self, records: Sequence[LogRecord], texts: Sequence[str | None] | None = None
+    ) -> int:
         if not records:
             return 0
         # Row building runs on the writer thread too: in `llmtap up` this event loop also
         # serves the gateway, which should not wait for a batch's JSON encoding.
-        return await self._write(self._write_records, list(records))
+        return await self._write(self._write_records, list(records), texts)
 
-    def _write_records(self, records: list[LogRecord]) -> int:
-        unique = sql.dedupe(records)
-        rows = [sql.record_values(r) for r in unique]
-        props = [p for row in rows for p in sql.property_rows(row)]
+    def _write_records(self, records: list[LogRecord], texts: Sequence[str | None] | None) -> int:
+        given = {id(r): t for r, t in zip(records, texts or (), strict=False)}
+        kept = sql.dedupe(records)
+        rows = [sql.record_values(r) for r in kept]
+        found_text = {
+            (row[0], row[1]): t
+            for r, row in zip(kept, rows, strict=True)
+            if (t := given.get(id(r)) or search.record_text(r))
+        }
         conn = self._w()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            # Endpoints are read inside the transaction: the outbox rows commit with the records.
+            # Inside the write lock: the ids present now are exactly those this batch will not
+            # insert, so only new rows count in the rollups (redelivery adds nothing).
+            present: set[tuple[str, str]] = set()
+            for i in range(0, len(rows), 500):
+                chunk = rows[i : i + 500]
+                for tenant in {r[0] for r in chunk}:
+                    ids = [r[1] for r in chunk if r[0] == tenant]
+                    found = conn.execute(
+                        f"SELECT id FROM requests WHERE tenant = ? AND id IN ({', '.join('?' * len(ids))})",
+                        (tenant, *ids),
+                    ).fetchall()
+                    present.update((tenant, f[0]) for f in found)
+            fresh = [(r, row) for r, row in zip(kept, rows, strict=True) if (row[0], row[1]) not in present]
+            rows = [row for _, row in fresh]
+            before = conn.total_changes
+            conn.executemany(_INSERT, rows)
+            inserted = conn.total_changes - before
+            # Endpoints are read inside the transaction: the outbox rows commit with the records,
+            # for the new ones only.
             eps = conn.execute(_ENDPOINTS).fetchall() if self._outbox else []
             endpoints = [endpoint_from_row(e) for e in eps]
-            tenants = {e.tenant for e in endpoints}
-            if any(r.tenant in tenants for r in unique):
-                # Row by row, to know which records are new: only those get deliveries.
-                pairs = zip(unique, rows, strict=True)
-                new = [r for r, row in pairs if conn.execute(_INSERT, row).rowcount == 1]
-                inserted = len(new)
-                due = outbox.plan(endpoints, new, now_us())
+            if endpoints:
+                due = outbox.plan(endpoints, [r for r, _ in fresh], now_us())
                 if due:
                     conn.executemany(_INSERT_DELIVERY, [delivery_params(d) for d in due])
-            else:
-                before = conn.total_changes
-                conn.executemany(_INSERT, rows)
-                inserted = conn.total_changes - before
+            props = [p for row in rows for p in sql.property_rows(row)]
             if props:
                 conn.executemany(_INSERT_PROP, props)
+            if self._search:
+                for r in rows:
+                    text = found_text.get((r[0], r[1]))
+                    if text:
+                        cur = conn.execute(
+                            "INSERT INTO request_search (tenant, id) VALUES (?, ?)", (r[0], r[1])
+                        )
+                        conn.execute(
+                            "INSERT INTO request_text (rowid, text) VALUES (?, ?)", (cur.lastrowid, text)
+                        )
+            deltas: dict[rollup.RollupKey, rollup.Cell] = {}
+            for row in rows:
+                rollup.contribution(deltas, rollup.source_values(row), self.rollup_properties)
+            self._apply_rollups(conn, deltas)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         return inserted
+
+    def _apply_rollups(self, conn: sqlite3.Connection, deltas: dict[rollup.RollupKey, rollup.Cell]) -> None:
+        if not self._rollups:
+            return
+        existing = {}
+        for key in deltas:
+            found = conn.execute(_ROLLUP_GET, key).fetchone()
+            if found is not None:
+                existing[key] = rollup.Cell.from_row(found)
+        upsert, delete = rollup.apply(existing, deltas)
+        conn.executemany(_ROLLUP_PUT, upsert)
+        conn.executemany(_ROLLUP_DEL, delete)
 
     # -- reads ------------------------------------------------------------------------------------
     def _fetch(self, query: str, params: Sequence[Any]) -> list[Any]:
@@ -329,7 +418,15 @@ class SQLiteStore(Store):
         return [sql.aggregate_row(DIALECT, row, percentiles=False) for row in self._fetch(q, params)]
 
     def _stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
-        """Sums per kind in SQL; percentiles in Python over one scan of the same rows."""
+        """From rollups when they answer the query exactly; else sums per kind in SQL and
+        percentiles in Python over one scan of the same rows."""
+        plan = rollup.plan(query, self.rollup_properties, self._covered)
+        if plan is not None:
+            q, params = rollup.read_sql(DIALECT, tenant, plan)
+            return rollup.answer(query, plan, self._r().execute(q, params))
+        return {**self._raw_stats(tenant, query), **rollup.RAW_SOURCE}
+
+    def _raw_stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
         overall_rows = self._sums(tenant, query, "overall")
         if not overall_rows or not overall_rows[0][1]["count"]:
             return {"overall": sql.empty_totals(), "groups": [], "buckets": []}
@@ -370,7 +467,7 @@ class SQLiteStore(Store):
         return await self._read(self._session, tenant, session_id)
 
     def _session(self, tenant: str, session_id: str) -> dict[str, Any] | None:
-        totals = self._stats(tenant, StatsQuery(filters=ListQuery(session_id=session_id)))["overall"]
+        totals = self._raw_stats(tenant, StatsQuery(filters=ListQuery(session_id=session_id)))["overall"]
         if not totals["count"]:
             return None
         lq = ListQuery(limit=sql.MAX_SESSION_REQUESTS, session_id=session_id, order="asc")
@@ -401,14 +498,36 @@ class SQLiteStore(Store):
             rows = conn.execute(
                 "DELETE FROM requests WHERE rowid IN"
                 " (SELECT rowid FROM requests WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)"
-                " RETURNING request_body, response_body, response_events, tenant, id, created_at, properties",
+                " RETURNING request_body, response_body, response_events, tenant, id, created_at,"
+                " properties, " + ", ".join(rollup.SOURCE_COLUMNS),
                 (cutoff_us, limit),
             ).fetchall()
             conn.executemany(
                 "DELETE FROM request_properties"
                 " WHERE tenant = ?1 AND name = ?4 AND value = ?5 AND created_at = ?3 AND request_id = ?2",
-                [p for r in rows for p in sql.property_rows(r[3:], positions=(0, 1, 2, 3))],
+                [p for r in rows for p in sql.property_rows(r[3:7], positions=(0, 1, 2, 3))],
             )
+            # The same rows leave the rollups; first/last of what is left are read again.
+            if self._search:
+                for r in rows:
+                    doc = conn.execute(
+                        "DELETE FROM request_search WHERE tenant = ? AND id = ? RETURNING docid", (r[3], r[4])
+                    ).fetchone()
+                    if doc is not None:
+                        conn.execute("DELETE FROM request_text WHERE rowid = ?", doc)
+            deltas = rollup.retention_deltas((r[7:] for r in rows), self.rollup_properties, int)
+            self._apply_rollups(conn, deltas)
+            for key in deltas if self._rollups else ():
+                cur = conn.execute(_ROLLUP_GET, key).fetchone()
+                if cur is None:
+                    continue
+                q, params = rollup.recompute_sql(DIALECT, key)
+                first, last = conn.execute(q, params).fetchone()
+                conn.execute(
+                    "UPDATE rollups SET first_at = ?6, last_at = ?7"
+                    " WHERE tenant = ?1 AND grain = ?2 AND dim = ?4 AND bucket = ?3 AND key = ?5",
+                    (*key, first, last),
+                )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -297,3 +297,113 @@ CREATE INDEX webhook_deliveries_log ON webhook_deliveries (tenant, created_at)
 """
 POSTGRES.append((3, "webhook endpoints and outbox", _WEBHOOKS))
 SQLITE.append((4, "webhook endpoints and outbox", _WEBHOOKS))
+
+# Rollups (see llmtap.store.rollup). `rollup_dims` says since when each dimension is rolled up:
+# 0 when the store held no request at that time, else the next minute (older ranges are answered
+# from raw rows).
+SQLITE.append(
+    (
+        5,
+        "rollups per tenant x grain x bucket x dimension, with DDSketch latency/TTFT sketches",
+        """
+CREATE TABLE rollups (
+    tenant             TEXT NOT NULL,
+    grain              TEXT NOT NULL,   -- minute | hour | day
+    bucket             INTEGER NOT NULL,  -- bucket start, microseconds since the epoch, UTC
+    dim                TEXT NOT NULL, -- '' (all), model, provider, status, property.<name>
+    key                TEXT NOT NULL,   -- '' for NULL, else '=' || value
+    count              INTEGER NOT NULL,
+    error_count        INTEGER NOT NULL,
+    prompt_tokens      INTEGER NOT NULL,
+    completion_tokens  INTEGER NOT NULL,
+    total_tokens       INTEGER NOT NULL,
+    cached_tokens      INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    reasoning_tokens   INTEGER NOT NULL,
+    cost_nanos         INTEGER NOT NULL,
+    unpriced_count     INTEGER NOT NULL,
+    first_at           INTEGER,
+    last_at            INTEGER,
+    latency            BLOB,            -- llmtap.store.sketch wire format (DDSketch bins)
+    ttft               BLOB,
+    PRIMARY KEY (tenant, grain, dim, bucket, key)
+);
+CREATE TABLE rollup_dims (dim TEXT PRIMARY KEY, since INTEGER NOT NULL);
+INSERT INTO rollup_dims (dim, since)
+    SELECT d.column1, CASE WHEN EXISTS (SELECT 1 FROM requests)
+        THEN (CAST(strftime('%s', 'now') AS INTEGER) / 60 + 1) * 60000000 ELSE 0 END
+    FROM (VALUES (''), ('model'), ('provider'), ('status')) AS d
+""",
+    )
+)
+
+# Searchable text of bodies (llmtap.store.search), case-folded at write: a trigram index
+# (case_sensitive 1: folding is done once, in Python, the same way for both stores; detail none:
+# ~30% cheaper to write, and GLOB, which the index answers, re-checks each candidate's text).
+# A document is tied to its request through `request_search.docid`, an INTEGER PRIMARY KEY
+# (VACUUM keeps those; it may renumber the implicit rowids of `requests`).
+SQLITE.append(
+    (
+        6,
+        "request_text: FTS5 trigram index of the searchable text of bodies",
+        """
+CREATE TABLE request_search (
+    docid   INTEGER PRIMARY KEY,
+    tenant  TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    UNIQUE (tenant, id)
+);
+CREATE VIRTUAL TABLE request_text USING fts5(text, tokenize = 'trigram case_sensitive 1', detail = none)
+""",
+    )
+)
+
+POSTGRES.append(
+    (
+        4,
+        "rollups per tenant x grain x bucket x dimension, with DDSketch latency/TTFT sketches",
+        # Keys (user ids, property values) may be long: unique by hash, as in version 2.
+        """
+CREATE TABLE rollups (
+    tenant             text COLLATE "C" NOT NULL,
+    grain              text COLLATE "C" NOT NULL,   -- minute | hour | day
+    bucket             bigint NOT NULL,  -- bucket start, microseconds since the epoch, UTC
+    dim                text COLLATE "C" NOT NULL, -- '', model, provider, status, property.<name>
+    key                text COLLATE "C" NOT NULL,   -- '' for NULL, else '=' || value
+    count              bigint NOT NULL,
+    error_count        bigint NOT NULL,
+    prompt_tokens      bigint NOT NULL,
+    completion_tokens  bigint NOT NULL,
+    total_tokens       bigint NOT NULL,
+    cached_tokens      bigint NOT NULL,
+    cache_write_tokens bigint NOT NULL,
+    reasoning_tokens   bigint NOT NULL,
+    cost_nanos         bigint NOT NULL,
+    unpriced_count     bigint NOT NULL,
+    first_at           bigint,
+    last_at            bigint,
+    latency            bytea,            -- llmtap.store.sketch wire format (DDSketch bins)
+    ttft               bytea
+);
+CREATE UNIQUE INDEX rollups_key ON rollups (tenant, grain, dim, bucket, llmtap_hash(key));
+CREATE TABLE rollup_dims (dim text PRIMARY KEY, since bigint NOT NULL);
+INSERT INTO rollup_dims (dim, since)
+    SELECT d, CASE WHEN EXISTS (SELECT 1 FROM request_keys)
+        THEN (floor(extract(epoch FROM now()) / 60)::bigint + 1) * 60000000 ELSE 0 END
+    FROM unnest(ARRAY['', 'model', 'provider', 'status']) AS d;
+""",
+    )
+)
+
+POSTGRES.append(
+    (
+        5,
+        "requests.search_text with a pg_trgm GIN index (substring search over bodies)",
+        # pg_trgm is a trusted extension (PostgreSQL 13+): a database owner may create it.
+        """
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+ALTER TABLE requests ADD COLUMN search_text text;
+CREATE INDEX requests_search ON requests USING gin (search_text gin_trgm_ops);
+""",
+    )
+)

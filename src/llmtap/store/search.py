@@ -1,0 +1,116 @@
+"""The searchable text of a request: what `q=` matches, indexed when the row is stored.
+
+Bodies live in the body store, not in the database, so their text is extracted once, when the
+record is written (the worker has the bytes then), and kept beside the row: a FTS5 trigram
+index on SQLite, a `pg_trgm` GIN index on PostgreSQL. Both match substrings of any language.
+
+What is indexed, per record: the string values of the request and response JSON bodies (keys
+and punctuation left out, `\\u` escapes decoded, so "日本" matches however the client encoded
+it); for streams, the text deltas joined as the client saw them; a body that is not JSON as
+text. At most `SEARCH_BYTES` (32 KiB of UTF-8) per record: the start of each conversation is
+searchable, the tail of a very long one is not. Text is case-folded (Python's `casefold`)
+at index and query time alike, which makes the search case-insensitive in every script the
+same way on both stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import orjson
+import zstandard
+
+from llmtap.record import Body, LogRecord
+
+#: Bytes of UTF-8 text indexed per record.
+SEARCH_BYTES = 32 * 1024
+#: Bytes of a decompressed body read to extract the text (a longer body is read up to here).
+_READ_BYTES = 4 * 1024 * 1024
+
+
+def _decode(body: Body, raw: bytes) -> bytes:
+    if body.encoding == "zstd":
+        reader = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            return reader.decompress(raw)[:_READ_BYTES]
+        except zstandard.ZstdError:
+            return b""
+    return raw[:_READ_BYTES]
+
+
+def _strings(v: Any) -> Iterator[str]:
+    if isinstance(v, str):
+        yield v
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _strings(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from _strings(x)
+
+
+def _deltas(event: Any) -> Iterator[str]:
+    """Text pieces of one stream event (OpenAI chat/responses, Anthropic messages)."""
+    if not isinstance(event, dict):
+        return
+    for choice in event.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+            yield delta["content"]
+    delta = event.get("delta")
+    if isinstance(delta, dict) and isinstance(delta.get("text"), str):
+        yield delta["text"]
+    elif isinstance(delta, str):
+        yield delta
+
+
+def body_text(body: Body, raw: bytes) -> str:
+    data = _decode(body, raw)
+    ctype = (body.content_type or "").lower()
+    if "event-stream" in ctype or data.startswith((b"data:", b"event:")):
+        pieces, other = [], []
+        for line in data.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            try:
+                event = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                continue
+            found = list(_deltas(event))
+            pieces += found
+            if not found:
+                other.append("\n".join(_strings(event)))
+        return "".join(pieces) + ("\n" + "\n".join(other) if other else "")
+    try:
+        return "\n".join(_strings(orjson.loads(data)))
+    except orjson.JSONDecodeError:
+        return data.decode("utf-8", "replace")
+
+
+def fold(text: str) -> str:
+    """The indexed form of text, and of a query: case-folded, storable on both stores."""
+    from llmtap.store.sql import clean
+
+    return clean(text.casefold())
+
+
+def record_text(record: LogRecord, raw: Sequence[tuple[Body, bytes]] | None = None) -> str | None:
+    """The searchable text of a record, from `raw` (body, stored bytes) pairs or, by default,
+    from the bodies still inline in the record."""
+    if raw is None:
+        raw = [
+            (b, b.data)
+            for b in (record.request_body, record.response_body, record.response_events)
+            if b is not None and b.data is not None
+        ]
+    parts = [t for b, data in raw if (t := body_text(b, data))]
+    if not parts:
+        return None
+    text = "\n".join(parts).encode("utf-8", "replace")[:SEARCH_BYTES].decode("utf-8", "ignore")
+    return fold(text)
+
+
+def like_pattern(q: str) -> str:
+    """`%q%` for LIKE with `\\` as the escape character."""
+    return "%" + fold(q).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -1,0 +1,206 @@
+"""Rollups answer `stats` like raw rows do: counts, sums, first/last and group order exactly,
+percentiles within the sketches' 1% bound, on random data, through redelivery and retention.
+
+The raw path is itself checked against a plain-Python reference in test_store.py; here the
+overall answers are checked against that reference too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ddsketch import DDSketch
+
+from llmtap.record import LogRecord
+from llmtap.store.base import ListQuery, StatsQuery, Store
+from llmtap.store.sketch import RELATIVE_ACCURACY, Sketch
+from store_helpers import (
+    T0,
+    assert_totals,
+    dataset,
+    percentile_cont,
+    pg_database,
+    rec,
+    ref_filter,
+    store_params,
+)
+
+pytestmark = pytest.mark.timeout(600)
+PROPS = ("env", "Team")  # names are case-insensitive: "Team" rolls up property "team"
+
+
+@contextlib.asynccontextmanager
+async def rollup_store(kind: str, tmp_path: Path) -> AsyncIterator[Store]:
+    store: Store
+    if kind == "sqlite":
+        from llmtap.store.sqlite import SQLiteStore
+
+        store = SQLiteStore(tmp_path / f"r-{uuid.uuid4().hex[:6]}.db", rollup_properties=PROPS)
+        await store.connect()
+        try:
+            yield store
+        finally:
+            await store.close()
+        return
+    from llmtap.store.postgres import PostgresStore
+
+    async with pg_database() as url:
+        store = PostgresStore(url, rollup_properties=PROPS)
+        await store.connect()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+def records() -> list[LogRecord]:
+    out = dataset(1200, seed=23)
+    r = random.Random(5)
+    for i, x in enumerate(out):
+        if i % 7 == 0:
+            x.properties["team"] = r.choice(("red", "blue", "grün", "红"))
+        if i % 53 == 0:
+            x.latency_ms = 0.0  # the sketch's zero bucket
+        if i % 61 == 0:
+            x.user_id = "u" * 3000  # longer than a PostgreSQL B-tree entry: keys go by hash
+        if i % 29 == 0:
+            x.status = None  # no response: NULL status key
+    return out
+
+
+def close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return abs(a - b) <= RELATIVE_ACCURACY * abs(b) + 1e-9
+
+
+def assert_same(rolled: dict[str, Any], raw: dict[str, Any], what: Any) -> None:
+    assert rolled["source"] == "rollups" and rolled["percentile_relative_error"] == RELATIVE_ACCURACY, what
+    assert raw["source"] == "raw" and raw["percentile_relative_error"] == 0.0, what
+    pairs = [(rolled["overall"], raw["overall"])]
+    assert [g["key"] for g in rolled["groups"]] == [g["key"] for g in raw["groups"]], what
+    assert [b["start"] for b in rolled["buckets"]] == [b["start"] for b in raw["buckets"]], what
+    pairs += list(zip(rolled["groups"], raw["groups"], strict=True))
+    pairs += list(zip(rolled["buckets"], raw["buckets"], strict=True))
+    for a, b in pairs:
+        pct = ("latency_ms", "time_to_first_token_ms")
+        assert {k: v for k, v in a.items() if k not in pct} == {k: v for k, v in b.items() if k not in pct}, (
+            what
+        )
+        for k in pct:
+            for p in ("p50", "p90", "p99"):
+                assert close(a[k][p], b[k][p]), (what, k, p, a[k][p], b[k][p])
+
+
+def queries() -> list[StatsQuery]:
+    day = timedelta(days=1)
+    midnight = T0.replace(hour=0, minute=0, second=0, microsecond=0)
+    hour = T0.replace(minute=0, second=0, microsecond=0)
+    minute = T0.replace(second=0, microsecond=0)
+    ranges: list[tuple[datetime | None, datetime | None]] = [
+        (None, None),
+        (midnight - 30 * day, midnight),  # a 30-day overview: day rollups
+        (hour - timedelta(hours=200), hour - timedelta(hours=3)),  # hour rollups
+        (minute - timedelta(days=9, minutes=7), minute + timedelta(minutes=1)),  # minute rollups
+        (midnight - 40 * day, None),
+    ]
+    out = []
+    for since, until in ranges:
+        for group_by in (None, "model", "provider", "status", "user_id", "property.env", "property.TEAM"):
+            for bucket in (None, "day", "hour"):
+                out.append(StatsQuery(since=since, until=until, group_by=group_by, bucket=bucket))  # type: ignore[arg-type]
+        out.append(StatsQuery(since=since, until=until, bucket="minute", group_by="model"))
+    return out
+
+
+async def compare_all(store: Store, written: list[LogRecord], cutoff: datetime | None = None) -> int:
+    """Every query twice (rollups, raw): same answers. Returns how many were answered by rollups."""
+    rolled_count = 0
+    for q in queries():
+        for tenant in ("acme", "globex"):
+            got = await store.stats(tenant, q)
+            exact = StatsQuery(since=q.since, until=q.until, group_by=q.group_by, bucket=q.bucket, exact=True)
+            want = await store.stats(tenant, exact)
+            if got["source"] == "raw":
+                assert got == want
+                continue
+            rolled_count += 1
+            assert_same(got, want, (tenant, q))
+            rows = ref_filter(written, tenant, since=q.since, until=q.until)
+            if cutoff is not None:
+                rows = [r for r in rows if r.started_at >= cutoff]
+            assert_totals(got["overall"], rows, RELATIVE_ACCURACY)
+    return rolled_count
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_rollups_equal_raw_through_redelivery_and_retention(kind: str, tmp_path: Path) -> None:
+    data = records()
+    async with rollup_store(kind, tmp_path) as store:
+        batches = [data[i : i + 150] for i in range(0, len(data), 150)]
+        inserted = 0
+        for b in batches:
+            inserted += await store.write_batch(b)
+        assert inserted == len(data)
+        # Redelivery: every batch again, and a mix of old and one new record; nothing counts twice.
+        for b in batches:
+            assert await store.write_batch(b) == 0
+        extra = rec(9999, id="late-one", at=T0 - timedelta(days=3, seconds=11), properties={"env": "dev"})
+        assert await store.write_batch([*data[:40], extra, *data[500:520]]) == 1
+        # A reused id with another start time is a different request: the first one stays.
+        reused = rec(1, id=data[3].id, tenant=data[3].tenant, at=T0 - timedelta(days=1))
+        assert await store.write_batch([reused]) == 0
+        written = [*data, extra]
+        # 220 queries; raw rows answer user_id (30) and properties over minute-aligned ranges (12)
+        assert await compare_all(store, written) == 178
+
+        # Fallbacks: a filter, a range off the minute boundaries, a dimension not rolled up.
+        for q in (
+            StatsQuery(filters=ListQuery(user_id="alice")),
+            StatsQuery(since=T0),
+            StatsQuery(group_by="session_id"),
+            StatsQuery(group_by="property.other"),
+        ):
+            assert (await store.stats("acme", q))["source"] == "raw"
+
+        # Retention at a cutoff inside a minute, in small chunks, then the same checks again.
+        cutoff = T0 - timedelta(days=33, minutes=17, seconds=3, microseconds=5)
+        while await store.delete_older_than(cutoff, limit=137):
+            pass
+        assert (await store.stats("acme", StatsQuery(exact=True, until=cutoff)))["overall"]["count"] == 0
+        gone = await store.stats("acme", StatsQuery(until=cutoff.replace(minute=0, second=0, microsecond=0)))
+        assert gone["source"] == "rollups" and gone["overall"]["count"] == 0
+        assert await compare_all(store, written, cutoff) == 178
+        # After retention, records keep adding up (the partly deleted buckets included).
+        late = [rec(20_000 + i, id=f"after-{i}", at=cutoff + timedelta(seconds=i)) for i in range(30)]
+        assert await store.write_batch(late) == 30
+        assert await compare_all(store, [*written, *late], cutoff) == 178
+
+
+def test_sketch_roundtrip_merge_and_bound() -> None:
+    r = random.Random(1)
+    values = [r.lognormvariate(5, 2) for _ in range(5000)] + [0.0] * 50
+    a, b, lib = Sketch(), Sketch(), DDSketch(RELATIVE_ACCURACY)
+    for i, v in enumerate(values):
+        (a if i % 2 else b).add(v)
+        lib.add(v)
+    a.merge(Sketch.decode(b.encode()))
+    assert Sketch.decode(a.encode()).bins == a.bins and a.count == len(values)
+    assert len(a.encode()) == 8 + 8 * len(a.bins)
+    for q in (0.0, 0.01, 0.5, 0.9, 0.95, 0.99, 1.0):
+        got = a.quantiles([q])[0]
+        assert close(got, percentile_cont(values, q)), q
+        # at a whole rank there is no interpolation: the library's own reading
+        if (q * (len(values) - 1)).is_integer():
+            assert got == pytest.approx(lib.get_quantile_value(q), rel=1e-12), q
+    # subtracting everything leaves an empty sketch
+    for v in values:
+        a.add(v, -1)
+    assert a.count == 0 and a.bins == {} and a.quantiles([0.5]) == [None]

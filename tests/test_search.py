@@ -1,0 +1,133 @@
+"""`q=` search over request/response text on both stores: case-insensitive substrings in any
+script, through the body handler (inline bodies and bodies already in the body store), LIKE
+metacharacters taken literally, the 32 KiB bound, retention and the API parameter."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from llmtap.bodies.file import FileBodyStore
+from llmtap.handlers.base import Item
+from llmtap.handlers.bodies import BodyHandler
+from llmtap.record import Body, LogRecord
+from llmtap.store.base import ListQuery, Store
+from llmtap.store.search import SEARCH_BYTES
+from store_helpers import T0, open_store, rec, store_params
+
+
+def jbody(obj: Any, *, ascii_only: bool = False, zstd: bool = True) -> Body:
+    raw = json.dumps(obj, ensure_ascii=ascii_only).encode()
+    data = zstandard.ZstdCompressor().compress(raw) if zstd else raw
+    return Body(
+        content_type="application/json", size=len(raw), encoding="zstd" if zstd else "identity", data=data
+    )
+
+
+def sse(*pieces: str) -> Body:
+    lines = [
+        b"data: " + json.dumps({"id": "c1", "choices": [{"delta": {"content": p}}]}).encode() + b"\n\n"
+        for p in pieces
+    ]
+    raw = b"".join(lines) + b"data: [DONE]\n\n"
+    return Body(content_type="text/event-stream", size=len(raw), encoding="identity", data=raw)
+
+
+def chat(text: str) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+
+
+def corpus() -> dict[str, LogRecord]:
+    """Records by name; each name's text is known here, not computed by the code under test."""
+    at = T0 - timedelta(hours=1)
+    out = {
+        "german": rec(1, id="german", at=at, request_body=jbody(chat("Grüße aus MÜNCHEN"))),
+        "japanese": rec(2, id="japanese", at=at, request_body=jbody(chat("日本語テキスト"), ascii_only=True)),
+        "russian": rec(3, id="russian", at=at, response_body=jbody({"c": "ПРИВЕТ, мир"}, zstd=False)),
+        "stream": rec(4, id="stream", at=at, streamed=True, response_events=sse("The qu", "ick br", "own")),
+        "meta": rec(5, id="meta", at=at, request_body=jbody(chat('50% off_sale "quoted" \\ back [a]*?'))),
+        "long": rec(
+            6, id="long", at=at,
+            request_body=jbody(chat("x" * (SEARCH_BYTES + 100) + " needle-beyond-the-bound")),
+        ),
+        "nobody": rec(7, id="nobody", at=at, request_body=None, response_body=None),
+    }  # fmt: skip
+    for r in out.values():
+        if r.id != "nobody" and (r.request_body is None or r.request_body.data is None):
+            r.request_body = jbody(chat("plain"))
+        if r.response_body is not None and r.response_body.data is None:
+            r.response_body = None
+    return out
+
+
+CASES = [
+    ("münchen", {"german"}),
+    ("GRÜSSE", {"german"}),  # casefold: ß ~ ss
+    ("テキスト", {"japanese"}),  # sent as \\u escapes, found as text
+    ("привет", {"russian"}),
+    ("quick brown", {"stream"}),  # across stream events
+    ("50% off_", {"meta"}),  # LIKE metacharacters are literal
+    ('"quoted"', {"meta"}),  # FTS5 phrase quotes are literal
+    ("\\ b", {"meta"}),
+    ("%", {"meta"}),
+    ("[a]*?", {"meta"}),  # GLOB metacharacters are literal
+    ("a]*", {"meta"}),
+    ("*", {"meta"}),
+    ("ми", {"russian"}),  # shorter than a trigram
+    ("needle-beyond", set()),  # past the 32 KiB bound
+    ("xxxx", {"long"}),
+    ("plain", {"russian", "stream"}),
+    ("nowhere at all", set()),
+]
+
+
+async def search(store: Store, q: str) -> set[str]:
+    ids: set[str] = set()
+    cursor = None
+    while True:
+        page = await store.list_requests("acme", ListQuery(q=q, limit=2, cursor=cursor))
+        ids |= {x["id"] for x in page.items}
+        if page.next_cursor is None:
+            return ids
+        cursor = page.next_cursor
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_search_bodies(kind: str, tmp_path: Path) -> None:
+    records = corpus()
+    bodies = FileBodyStore(str(tmp_path / "bodies"))
+    await bodies.connect()
+    try:
+        # A large body the gateway already put in the body store: only its ref travels.
+        big = rec(8, id="stored", at=T0 - timedelta(hours=1))
+        raw = zstandard.ZstdCompressor().compress(json.dumps(chat("Ünïcödé in the BODY STORE")).encode())
+        (ref,) = await bodies.put_many([("acme/stored-body", raw)])
+        big.request_body = Body(content_type="application/json", size=99, encoding="zstd", ref=ref)
+        items = [Item(r) for r in [*records.values(), big]]
+        await BodyHandler(bodies).handle(items)
+        assert all(i.record.request_body is None or i.record.request_body.data is None for i in items)
+        async with open_store(kind, tmp_path) as store:
+            texts = [i.search_text for i in items]
+            assert await store.write_batch([i.record for i in items], texts) == len(items)
+            assert await store.write_batch([i.record for i in items], texts) == 0  # redelivery
+            for q, want in [*CASES, ("ünïcödé in the body", {"stored"})]:
+                assert await search(store, q) == want, q
+            # other filters still apply; another tenant sees nothing
+            page = await store.list_requests("acme", ListQuery(q="plain", model="nope"))
+            assert page.items == []
+            assert (await store.list_requests("globex", ListQuery(q="münchen"))).items == []
+            # retention removes the text with the row
+            await store.write_batch(
+                [rec(9, id="old", at=T0 - timedelta(days=40), request_body=jbody(chat("münchen")))]
+            )
+            assert await search(store, "münchen") == {"german", "old"}
+            while await store.delete_older_than(T0 - timedelta(days=30)):
+                pass
+            assert await search(store, "münchen") == {"german"}
+    finally:
+        await bodies.close()
