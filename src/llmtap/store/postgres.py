@@ -131,7 +131,7 @@ WITH k AS (
 ), ins AS (
     INSERT INTO requests ({_COLS}, search_text)
     SELECT {_S_COLS}, s.search_text FROM {_STAGING} s JOIN k ON k.tenant = s.tenant AND k.id = s.id
-    RETURNING {", ".join(rollup.SOURCE_COLUMNS)}
+    RETURNING id, {", ".join(rollup.SOURCE_COLUMNS)}
 ), props AS (
     INSERT INTO request_properties (tenant, request_id, created_at, name, value)
     SELECT s.tenant, s.id, s.created_at, p.key, p.value
