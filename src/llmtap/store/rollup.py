@@ -228,6 +228,11 @@ def _plain(f: ListQuery) -> bool:
         and f.provider is None
         and f.status is None
         and not f.q
+        and f.status_class is None
+        and f.min_cost_usd is None
+        and f.max_cost_usd is None
+        and f.min_latency_ms is None
+        and f.max_latency_ms is None
         and f.since is None
         and f.until is None
         and not f.properties
