@@ -611,5 +611,8 @@ async def test_list_search_q(server: Server) -> None:
         status, page = await server.get(f"/api/v1/requests?q={q}")
         assert status == 200, page
         assert [x["id"] for x in page["items"]] == want, q
+    status, body = await server.get("/api/v1/requests/export?format=jsonl&q=M%C3%9CNCHEN")
+    assert status == 200
+    assert [orjson.loads(line)["id"] for line in str(body).splitlines() if line.strip()] == ["a"]
     assert (await server.get("/api/v1/requests?q="))[0] == 400
     assert (await server.get("/api/v1/requests?q=" + "x" * 201))[0] == 400
