@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from llmtap import keys
-from llmtap.record import encode_many
+from llmtap.record import Body, encode_many
 from llmtap.testing import dashboard_data as dd
 from store_helpers import dataset, store_params
 from test_api import Server, rec, start_server
@@ -178,6 +178,28 @@ async def test_live_tail_sends_new_matching_records_only(server: Server) -> None
     got = await _events(server, "model=gpt-4o", 3, send)
     assert sorted(r["id"] for r in got) == ["new-1", "new-3", "new-5"]
     assert all("request_body" not in r for r in got)
+
+
+async def test_live_tail_takes_the_body_search(server: Server) -> None:
+    """`q=` narrows the tail like the list: the dashboard's search box applies to both."""
+
+    def body(text: str) -> Body:
+        raw = orjson.dumps({"messages": [{"role": "user", "content": text}]})
+        return Body(content_type="application/json", size=len(raw), encoding="identity", data=raw)
+
+    now = datetime.now(UTC)
+    new = [
+        rec(6000 + i, id=f"q-{i}", at=now, request_body=body("a Haystack" if i % 2 else "plain hay"))
+        for i in range(6)
+    ]
+
+    async def send() -> None:
+        status, got, _ = await server.ingest(encode_many(new))
+        assert status == 200, got
+
+    got = await _events(server, "q=HAYSTACK", 3, send)
+    assert sorted(r["id"] for r in got) == ["q-1", "q-3", "q-5"]
+    assert (await server.get("/api/v1/requests/stream?q="))[0] == 400
 
 
 async def test_pipeline_health_and_replay_rules(server: Server, tmp_path: Path) -> None:
