@@ -294,6 +294,51 @@ async def test_filters_live_in_the_url_and_back_works(srv: Srv, page: tuple[Any,
     await wait_rows(pg, [r["id"] for r in page2["items"]])
 
 
+async def test_body_search_lives_in_the_url_and_filters_list_and_export(
+    srv: Srv, page: tuple[Any, Watch]
+) -> None:
+    pg, _ = page
+    everything = await srv.get("/api/v1/requests?limit=500")
+    found = await srv.get("/api/v1/requests?limit=50&q=MILAN")  # case-insensitive, as typed below
+    ids = [r["id"] for r in found["items"]]
+    assert ids and found["next_cursor"] is None and len(ids) < len(everything["items"])
+    await pg.goto(srv.base + "/#/requests?range=all")
+    await wait_rows(pg, [r["id"] for r in everything["items"][:50]])
+
+    await pg.keyboard.press("/")
+    await pg.keyboard.type("MILAN")
+    await pg.keyboard.press("Enter")
+    await pg.wait_for_function("() => location.hash.includes('q=MILAN')", timeout=WAIT)
+    await wait_rows(pg, ids)
+    for rid in ids[:3]:  # what the rows hold: the word is in their bodies
+        full = await srv.get("/api/v1/requests/" + quote(rid))
+        assert "milan" in orjson.dumps([full["request_body"], full["response_body"]]).decode().lower()
+
+    # A fresh page on the same link shows the same rows and the search, and exports them.
+    hash_ = frag(pg)
+    ctx2, pg2, w2 = await open_page(pg.context.browser, srv.base)
+    try:
+        await pg2.goto(srv.base + "/#" + hash_)
+        await wait_rows(pg2, ids)
+        assert await pg2.input_value("#filters input[name=q]") == "MILAN"
+        async with pg2.expect_download(timeout=WAIT) as info:
+            await pg2.click("button.export[data-format=csv]")
+        text = Path(await (await info.value).path()).read_text()
+        assert [r["id"] for r in csv.DictReader(io.StringIO(text))] == ids
+        w2.check()
+    finally:
+        await ctx2.close()
+
+    # Clearing the search drops q from the URL; Back brings the search again.
+    await pg.fill("#filters input[name=q]", "")
+    await pg.click("#filters button[type=submit]")
+    await pg.wait_for_function("() => !location.hash.includes('q=')", timeout=WAIT)
+    await wait_rows(pg, [r["id"] for r in everything["items"][:50]])
+    await pg.go_back()
+    await wait_rows(pg, ids)
+    assert await pg.input_value("#filters input[name=q]") == "MILAN"
+
+
 async def test_drawer_keys_and_permalink(srv: Srv, page: tuple[Any, Watch]) -> None:
     pg, _ = page
     await pg.goto(srv.base + "/#/requests?range=all")
@@ -319,7 +364,7 @@ async def test_drawer_keys_and_permalink(srv: Srv, page: tuple[Any, Watch]) -> N
         f"() => ({drawer_id})() === null && document.getElementById('drawer').hidden", timeout=WAIT
     )
     await pg.keyboard.press("/")
-    assert await pg.evaluate("document.activeElement.name === 'model'")
+    assert await pg.evaluate("document.activeElement.name === 'q'")  # the body search
 
     # Each wire format renders as a conversation, on a permalink opened fresh.
     wanted = {"/v1/chat/completions": "system", "/v1/responses": "system", "/v1/messages": "system"}

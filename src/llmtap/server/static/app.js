@@ -200,8 +200,12 @@ window.addEventListener("hashchange", route);
 const RANGES = { "15m": 900, "1h": 3600, "24h": 86400, "7d": 604800, "30d": 2592000, all: null };
 const FILTER_KEYS = ["user_id", "session_id", "model", "provider", "status_class", "min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms"];
 
-/** The API's filter parameters for the view's URL params (range presets become since/until). */
-function apiFilters(params, defaultRange = "24h") {
+/**
+ * The API's filter parameters for the view's URL params (range presets become since/until).
+ * `search` adds the body search `q`, which only the list, the export and the live tail take
+ * (the stats endpoints read rollups, which hold no text).
+ */
+function apiFilters(params, defaultRange = "24h", { search = false } = {}) {
   const out = new URLSearchParams();
   const range = params.get("range") || defaultRange;
   if (range === "custom") {
@@ -212,6 +216,7 @@ function apiFilters(params, defaultRange = "24h") {
   }
   for (const k of FILTER_KEYS) if (params.get(k)) out.set(k, params.get(k));
   for (const [k, v] of params) if (k.startsWith("property.") && v) out.set(k, v);
+  if (search && params.get("q")) out.set("q", params.get("q"));
   return out;
 }
 
@@ -227,7 +232,7 @@ function rangeOf(params, defaultRange) {
 }
 
 /** The filter bar; `onApply(newParams)` gets the view's params with the filters replaced. */
-function filterBar(params, view, { defaultRange = "24h", extra = [] } = {}) {
+function filterBar(params, view, { defaultRange = "24h", extra = [], search = false } = {}) {
   const field = (name, label, attrs = {}) =>
     h("label", {}, label, h("input", { name, value: params.get(name) || "", autocomplete: "off", ...attrs }));
   const range = params.get("range") || defaultRange;
@@ -238,6 +243,7 @@ function filterBar(params, view, { defaultRange = "24h", extra = [] } = {}) {
     h("option", { value: "" }, "any"),
     ...["2xx", "3xx", "4xx", "5xx"].map((c) => h("option", { value: c, selected: params.get("status_class") === c }, c)));
   const form = h("form", { class: "filters", id: "filters" },
+    search ? field("q", "Search bodies", { type: "search", size: 20, maxlength: 200, placeholder: "prompt or reply text", title: "case-insensitive text search over request and response bodies" }) : null,
     view === "live" ? null : h("label", {}, "Time", rangeSel),
     field("since", "From (UTC)", { class: "custom", placeholder: "2025-01-31T00:00Z", size: 16 }),
     field("until", "To (UTC)", { class: "custom", placeholder: "2025-01-31T23:59Z", size: 16 }),
@@ -260,7 +266,7 @@ function filterBar(params, view, { defaultRange = "24h", extra = [] } = {}) {
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     const next = new URLSearchParams();
-    for (const [k, v] of params) if (!FILTER_KEYS.includes(k) && !k.startsWith("property.") && !["range", "since", "until", "cursor"].includes(k)) next.set(k, v);
+    for (const [k, v] of params) if (!FILTER_KEYS.includes(k) && !k.startsWith("property.") && !["range", "since", "until", "cursor", "q"].includes(k)) next.set(k, v);
     const data = new FormData(form);
     for (const [k, v] of data) {
       const val = String(v).trim();
@@ -348,12 +354,12 @@ function requestTable(rows, params, view = "requests") {
 
 async function viewRequests(id, params) {
   currentParams = params;
-  const q = apiFilters(params);
+  const q = apiFilters(params, "24h", { search: true });
   for (const k of ["sort", "order", "cursor"]) if (params.get(k)) q.set(k, params.get(k));
   q.set("limit", "50");
   const colsInput = h("label", {}, "Columns", h("input", { name: "cols", value: params.get("cols") || "", placeholder: "property names", size: 12, autocomplete: "off" }));
-  const bar = filterBar(params, "requests", { extra: [colsInput] });
-  const exportQ = apiFilters(params);
+  const bar = filterBar(params, "requests", { extra: [colsInput], search: true });
+  const exportQ = apiFilters(params, "24h", { search: true });
   const exp = (fmt) => h("button", { type: "button", class: "export", "data-format": fmt, onclick: () => download(fmt, exportQ) }, "Export " + fmt.toUpperCase());
   const page = await api("/api/v1/requests?" + q.toString());
   tableRows = page.items.map((r) => r.id);
@@ -366,7 +372,7 @@ async function viewRequests(id, params) {
     bar,
     page.items.length ? requestTable(page.items, params) : h("p", { class: "empty" }, "No requests match these filters."),
     nav,
-    h("p", { class: "hint muted" }, "Keys: J / K next / previous request, Esc closes, / focuses the filters. Click a value to filter by it."));
+    h("p", { class: "hint muted" }, "Keys: J / K next / previous request, Esc closes, / focuses the search. Click a value to filter by it."));
   if (id) await openDrawer(id, params, "requests"); else closeDrawer(false);
 }
 
@@ -589,7 +595,7 @@ document.addEventListener("keydown", (ev) => {
   }
   if (typing || ev.ctrlKey || ev.metaKey || ev.altKey || signin.open) return;
   if (ev.key === "/") {
-    const first = document.querySelector("#filters input[name=model]") || document.querySelector("#filters input");
+    const first = document.querySelector("#filters input[name=q]") || document.querySelector("#filters input[name=model]") || document.querySelector("#filters input");
     if (first) { ev.preventDefault(); first.focus(); }
   } else if (ev.key === "j" || ev.key === "k") {
     const ids = [...document.querySelectorAll("#requests-table tr[data-id]")].map((tr) => tr.dataset.id);
@@ -819,7 +825,7 @@ async function viewUsers(id, params) {
 // -- live tail -----------------------------------------------------------------------------------
 
 async function viewLive(id, params) {
-  const q = apiFilters(params, "all");
+  const q = apiFilters(params, "all", { search: true });
   q.delete("since");
   let paused = params.get("paused") === "1";
   let count = 0;
@@ -843,12 +849,12 @@ async function viewLive(id, params) {
   const countEl = h("span", { class: "muted" }, "0 new since opened");
   render(
     h("h1", {}, "Live tail"),
-    filterBar(params, "live", { defaultRange: "all" }),
+    filterBar(params, "live", { defaultRange: "all", search: true }),
     h("div", { class: "pager" }, pauseBtn, status, countEl),
     h("table", { class: "grid", id: "requests-table" },
       h("thead", {}, h("tr", {}, ["Time", "Status", "Provider", "Model", "User", "Session", "Tokens in", "Tokens out", "Cost", "Latency", "TTFT", "Streamed", ...propCols].map((t) => h("th", {}, t)))),
       tbody),
-    h("p", { class: "hint muted" }, "Requests appear here as soon as they are stored, newest on top, filtered like the table."));
+    h("p", { class: "hint muted" }, "Requests appear here as soon as they are stored, newest on top, filtered like the table (the body search included)."));
   const ctrl = new AbortController();
   onLeave(() => ctrl.abort());
   (async () => {
