@@ -562,10 +562,17 @@ async def test_responses_finished_while_draining_close_their_connection(split: S
     async with aiohttp.ClientSession() as http:
         path, body, _ = _request(1)
         rid = str(uuid.uuid4())
-        slow = {**AUTH, "x-fake-delay-ms": "800", LOAD_ID: rid}
+        # The upstream holds the answer 10 s: the SIGTERM must be seen (the gateway prints that it
+        # is stopping, right as it starts draining) while the request still waits on it; on a busy
+        # machine an 800 ms hold was sometimes over before the gateway got to handle the signal.
+        slow = {**AUTH, "x-fake-delay-ms": "10000", LOAD_ID: rid}
         call = asyncio.create_task(http.post(split.gw + path, json=body, headers=slow))
         await asyncio.to_thread(wait_until, partial(_reached_upstream, split, rid), 20, 0.02, "the upstream")
         gateway.signal(signal.SIGTERM)  # while the request waits on the upstream
+        await asyncio.to_thread(
+            wait_until, lambda: "llmtap: stopping" in gateway.output(), 9, 0.02, "the gateway draining"
+        )
+        assert not call.done(), "the upstream answered before the gateway began draining"
         async with await call as r:
             assert r.status == 200 and b"number" in await r.read()
             connection = r.headers.get("Connection", "")
