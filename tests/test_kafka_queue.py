@@ -253,3 +253,32 @@ async def test_broker_outage_fails_fast_and_resumes_without_loss(
             await consumer.ack(batch)
         except BackendUnavailable:
             await asyncio.sleep(0.5)
+
+
+class _SlowListener(KafkaQueue):
+    """aiokafka starts fetching a new assignment before `on_partitions_assigned` has returned;
+    here that listener is slow (as reading the delivery marks is on a busy broker)."""
+
+    async def _on_assigned(self, assigned: set[int]) -> None:
+        await asyncio.sleep(2.0)
+        await super()._on_assigned(assigned)
+
+
+async def test_records_fetched_before_the_assign_listener_ran_are_not_skipped(
+    spec: QueueSpec, queues: list[KafkaQueue]
+) -> None:
+    producer = await open_(spec, queues, "producer")
+    first = keyed_records(keys=12, per_key=5)
+    await producer.publish(first)
+    q = _SlowListener(spec.target, spec.partitions, spec.group, **spec.options)
+    await q.connect("consumer")
+    queues.append(q)
+    # Fetches land while the listener sleeps: they must come again, not be dropped (which left
+    # them behind a commit of the later records: lost).
+    got = await take(q, len(first), 30)
+    second = keyed_records(keys=12, per_key=2)
+    await producer.publish([Message(m.key, m.value + b"-2") for m in second])
+    got += await take(q, len(second), 30)
+    want = [m.value for m in first] + [m.value + b"-2" for m in second]
+    assert sorted(d.value for d in got) == sorted(want)
+    assert (await q.status()).lag == 0

@@ -463,6 +463,12 @@ class KafkaQueue(Queue):
         for tp, records in data.items():
             st = self._assigned.get(tp.partition)
             if st is None:
+                # aiokafka fetches a new assignment before our listener has set it up: these
+                # come again from here once it has. Dropped instead, a later commit would
+                # pass over them: lost.
+                if records:
+                    with contextlib.suppress(IllegalStateError):  # no longer ours: fine too
+                        consumer.seek(tp, records[0].offset)
                 continue
             for r in records:
                 st.pending[r.offset] = now
