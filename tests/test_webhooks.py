@@ -159,9 +159,7 @@ async def test_every_delivery_verifies_and_carries_metadata_only(store: Store) -
             assert p["type"] == REQUEST_COMPLETED
             assert "?" not in p["data"]["target_url"]
             assert not {"request_body", "response_body", "request_headers"} & set(p["data"])
-        await wait_for(
-            lambda: _all_delivered(db, ep.id, 40), what="the delivery log to show 40 delivered"
-        )
+        await wait_for(lambda: _all_delivered(db, ep.id, 40), what="the delivery log to show 40 delivered")
     finally:
         await d.stop()
         await rx.stop()

@@ -166,8 +166,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
         # Every key in every case, so scripts reading the JSON (and the table below) never miss one.
         info: dict[str, Any] = {
-            "queue": settings.queue, "reachable": True, "error": None,
-            "waiting": None, "in_flight": None, "notes": [],
+            "queue": settings.queue,
+            "reachable": True,
+            "error": None,
+            "waiting": None,
+            "in_flight": None,
+            "notes": [],
         }
         info["spool_bytes"] = spool_size(settings)  # the spool matters most when the queue is down
         if _queue_missing(settings):  # nothing published yet: report it, create nothing

@@ -85,6 +85,4 @@ async def check_ingest(request: web.Request, settings: Settings, store: Store) -
         if not is_loopback(request.remote):
             raise Unauthorized("ingest from other hosts needs LLMTAP_INGEST_TOKEN set on the server")
         return IngestCaller()
-    raise Unauthorized(
-        "invalid or missing ingest token: send 'Authorization: Bearer <LLMTAP_INGEST_TOKEN>'"
-    )
+    raise Unauthorized("invalid or missing ingest token: send 'Authorization: Bearer <LLMTAP_INGEST_TOKEN>'")

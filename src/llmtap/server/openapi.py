@@ -47,6 +47,8 @@ _PCT = {
     "properties": {k: {"type": ["number", "null"]} for k in ("p50", "p90", "p95", "p99")},
     "description": "Percentiles by linear interpolation (PostgreSQL percentile_cont); null without data.",
 }
+
+
 def _doc(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {**schema, "description": description}
 

@@ -104,8 +104,10 @@ async def deliveries(request: web.Request) -> web.Response:
         limit = -1
     if not 1 <= limit <= api.MAX_LIMIT:
         return api.error_response(400, f"limit is an integer in [1, {api.MAX_LIMIT}]", parameter="limit")
-    rows = await request.app[api.STORE].webhooks().list_deliveries(
-        api._tenant(request), q.get("endpoint"), status, limit
+    rows = (
+        await request.app[api.STORE]
+        .webhooks()
+        .list_deliveries(api._tenant(request), q.get("endpoint"), status, limit)
     )
     return api.json_response({"items": rows})
 

@@ -207,8 +207,13 @@ class WorkerService:
 
     async def _open_then_run(self, reason: str) -> None:
         opened = await open_when_back(
-            "worker", reason, self._open, self._pause, self._stopping.is_set,
-            start=BACKOFF_START, cap=BACKOFF_CAP,
+            "worker",
+            reason,
+            self._open,
+            self._pause,
+            self._stopping.is_set,
+            start=BACKOFF_START,
+            cap=BACKOFF_CAP,
         )
         if not opened:
             return
