@@ -233,10 +233,10 @@ async def test_stream_reaches_client_chunk_by_chunk(
         (rec,) = await published(svc, q, 1)
     total = arrivals[-1]
     assert total > 1.0  # 8+ events, 150 ms apart
-    assert arrivals[0] < 0.5  # the first event came long before the upstream sent the last
+    assert arrivals[0] < total - 0.5  # the first event came long before the upstream sent the last
     assert len(arrivals) >= 5
     assert rec.streamed and rec.outcome == "completed"
-    assert rec.time_to_first_token_ms is not None and rec.time_to_first_token_ms < 500
+    assert rec.time_to_first_token_ms is not None and rec.time_to_first_token_ms < rec.latency_ms - 500
     assert rec.latency_ms > 1000
 
 
@@ -827,7 +827,7 @@ async def test_queue_outage_holds_records_and_clients_are_unaffected(
             async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
                 assert r.status == 200
                 ids.append(r.headers["Llmtap-Request-Id"])
-            assert time.monotonic() - t0 < 0.5
+            assert time.monotonic() - t0 < 2.0  # not held for the queue (a busy machine is slow)
         await wait_for(lambda: q.refused >= 2)
         assert q.messages == [] and svc.publisher.pending == 10 and svc.publisher.failed >= 2
         q.down = False
@@ -936,7 +936,7 @@ async def lingering_stream(request: web.Request) -> web.StreamResponse:
         ]:
             await resp.write(b"data: " + orjson.dumps(e) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(4.0)
     await resp.write_eof()
     return resp
 
@@ -964,7 +964,7 @@ async def test_client_leaving_right_after_the_end_marker_is_completed(tmp_path: 
                 got += await reader.read(65536)
             writer.transport.abort()  # gone at once, like a client that stops at the marker
             (rec,) = await published(svc, q, 1)
-            assert rec.latency_ms < 900  # the gateway did not wait for the upstream's last chunk
+            assert rec.latency_ms < 3000  # the gateway did not wait for the upstream's last chunk (4 s)
     finally:
         await runner.cleanup()
     assert rec.outcome == "completed" and rec.error is None
