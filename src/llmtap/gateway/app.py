@@ -51,6 +51,7 @@ _HANDLER_KWARGS: dict[str, Any] = {
 
 
 log = logging.getLogger("llmtap.gateway")
+_RECONNECT_MAX = 5.0  # seconds between attempts to reach a queue that was down at start
 
 
 def make_server(proxy: Proxy) -> web.Server:
@@ -219,7 +220,8 @@ class GatewayService:
 
     async def _connect_queue_later(self) -> None:
         """Fallback mode: keep trying the queue; once it answers, publish to it again and
-        replay the spool into it."""
+        replay the spool into it. Tries at least every `_RECONNECT_MAX` seconds: a queue back
+        after a long outage is used again within seconds, not after a minute of backoff."""
         assert self._queue_sink is not None
         delay = 1.0
         while True:
@@ -228,11 +230,11 @@ class GatewayService:
                 await self.queue.connect("producer")
             except BackendUnavailable as e:
                 self._queue_sink.down = str(e)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, _RECONNECT_MAX)
                 continue
             except Exception as e:  # keep trying whatever goes wrong; say what it was
                 log.warning("connecting the queue failed (%s: %s); retrying", type(e).__name__, e)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, _RECONNECT_MAX)
                 continue
             self._queue_sink.down = None
             log.warning("queue %s reachable again: leaving fallback mode", self.queue.description)
