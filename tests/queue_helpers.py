@@ -216,6 +216,24 @@ async def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.1) 
         await asyncio.sleep(interval)
 
 
+async def connect(q: Queue, role: Any, timeout: float = 60) -> None:
+    """`q.connect(role)`, tried again while the backend says it is unavailable: a broker that an
+    earlier test restarted, or one on a busy machine, may refuse a first connect (the product's
+    services retry the same way, `runtime.open_when_back`). Tests of failing fast call
+    `q.connect` themselves."""
+    from llmtap.errors import BackendUnavailable
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await q.connect(role)
+            return
+        except BackendUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
+
+
 async def group_members(spec: QueueSpec) -> int:
     """Live members of the consumer group, as the backend records them (a Kafka group counts only
     once it is stable: every member has joined and has its assignment)."""
@@ -377,7 +395,7 @@ async def _consumer_main(spec: QueueSpec, out_path: str, stall_after: int, batch
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     with open(out_path, "a", buffering=1) as out:
-        await q.connect("consumer")
+        await connect(q, "consumer")
         out.write("READY\n")
         last: dict[str, int] = {}
         # Partitioned queues hand one key to one consumer until a rebalance, so a key never

@@ -22,7 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.queue.base import Delivery, Message, partition_for
 from llmtap.queue.kafka import KafkaQueue
-from queue_helpers import SERVICES, QueueSpec, keyed_records, make_spec, parse, skip_reason, wait_for
+from queue_helpers import SERVICES, QueueSpec, connect, keyed_records, make_spec, parse, skip_reason, wait_for
 
 pytestmark = [
     pytest.mark.kafka,
@@ -47,7 +47,7 @@ async def queues() -> AsyncIterator[list[KafkaQueue]]:
 async def open_(spec: QueueSpec, queues: list[KafkaQueue], role: Any = "both", **kw: Any) -> KafkaQueue:
     q = spec.build(**kw)
     assert isinstance(q, KafkaQueue)
-    await q.connect(role)
+    await connect(q, role)
     queues.append(q)
     return q
 
@@ -271,7 +271,7 @@ async def test_records_fetched_before_the_assign_listener_ran_are_not_skipped(
     first = keyed_records(keys=12, per_key=5)
     await producer.publish(first)
     q = _SlowListener(spec.target, spec.partitions, spec.group, **spec.options)
-    await q.connect("consumer")
+    await connect(q, "consumer")
     queues.append(q)
     # Fetches land while the listener sleeps: they must come again, not be dropped (which left
     # them behind a commit of the later records: lost).

@@ -22,6 +22,7 @@ from queue_helpers import (
     Ledger,
     QueueSpec,
     check_exactly_once,
+    connect,
     consume_loop,
     consumer_processes,
     group_members,
@@ -62,7 +63,7 @@ async def open_queue() -> AsyncIterator[Opener]:
 
     async def open_(spec: QueueSpec, role: Any = "both", **options: Any) -> Queue:
         q = spec.build(**options)
-        await q.connect(role)
+        await connect(q, role)
         opened.append(q)
         return q
 

@@ -22,6 +22,7 @@ from queue_helpers import (
     SERVICES,
     ConsumerProcess,
     QueueSpec,
+    connect,
     keyed_records,
     make_spec,
     parse,
@@ -66,7 +67,7 @@ async def heartbeat_after(q: RedisQueue, consumer_id: str, score: float, timeout
 async def open_(spec: QueueSpec, queues: list[RedisQueue], role: str = "both", **kw: object) -> RedisQueue:
     q = spec.build(**kw)
     assert isinstance(q, RedisQueue)
-    await q.connect(role)  # type: ignore[arg-type]
+    await connect(q, role)
     queues.append(q)
     return q
 

@@ -28,7 +28,7 @@ from aiobotocore.session import get_session
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.queue.base import Delivery, Message, partition_for
 from llmtap.queue.sqs import MessageRefused, SQSQueue, group_id
-from queue_helpers import SERVICES, keyed_records, parse, skip_reason, sqs_url
+from queue_helpers import SERVICES, connect, keyed_records, parse, skip_reason, sqs_url
 
 pytestmark = [pytest.mark.sqs, pytest.mark.timeout(180)]
 needs_server = pytest.mark.skipif(skip_reason("sqs") is not None, reason=str(skip_reason("sqs")))
@@ -49,7 +49,7 @@ async def queues() -> AsyncIterator[list[SQSQueue]]:
 
 async def open_(url: str, queues: list[SQSQueue], role: Any = "both", **kw: Any) -> SQSQueue:
     q = SQSQueue(url, 6, "workers", **{"visibility_timeout": 4, **kw})
-    await q.connect(role)
+    await connect(q, role)
     queues.append(q)
     return q
 
