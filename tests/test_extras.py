@@ -232,6 +232,50 @@ def test_accepted_backend_urls(setting: str, value: str) -> None:
     assert getattr(load_settings(**{setting: value}), setting) == value
 
 
+@pytest.mark.parametrize(
+    ("setting", "url", "cls", "description"),
+    [
+        ("queue", "sqlite", "SQLiteQueue", "sqlite /d/queue.db"),
+        ("queue", "sqlite:///x/q.db", "SQLiteQueue", "sqlite /x/q.db"),
+        ("queue", "kafka://127.0.0.1:9/t", "KafkaQueue", "kafka://127.0.0.1:9/t (Kafka)"),
+        ("queue", "redis://:pw@127.0.0.1:9/0", "RedisQueue", "redis://:***@127.0.0.1:9/0 (Redis Streams)"),
+        ("queue", "sqs://q.fifo", "SQSQueue", "sqs://q.fifo (SQS FIFO)"),
+        ("store", "sqlite", "SQLiteStore", "sqlite /d/store.db"),
+        ("store", "sqlite:/x/s.db", "SQLiteStore", "sqlite /x/s.db"),
+        ("store", "postgresql://u:pw@h/db", "PostgresStore", "postgresql postgresql://u:***@h/db"),
+        ("bodies", "file", "FileBodyStore", "files in /d/bodies"),
+        ("bodies", "file:/x/b", "FileBodyStore", "files in /x/b"),
+        ("bodies", "s3://b/p", "S3BodyStore", "s3://b/p at http://127.0.0.1:9"),
+    ],
+)
+def test_openers_build_the_backend_the_table_names(
+    setting: str, url: str, cls: str, description: str
+) -> None:
+    """Opening builds, connects nothing: the class, its target and the settings it was given."""
+    settings = Settings(
+        **{setting: url},
+        data_dir=Path("/d"),
+        s3_endpoint="http://127.0.0.1:9",
+        partitions=3,
+        inline_body_bytes=1000,
+    )
+    opened: object
+    if setting == "queue":
+        opened = open_queue(settings, group="g1")
+    elif setting == "store":
+        opened = open_store(settings)
+    else:
+        opened = open_body_store(settings)
+    assert type(opened).__name__ == cls
+    assert getattr(opened, "description", None) == description
+    if setting == "queue":
+        assert getattr(opened, "partitions", None) == 3
+        if cls != "SQLiteQueue":
+            assert getattr(opened, "group", None) == "g1"
+        if cls == "SQSQueue":
+            assert getattr(opened, "inline_body_bytes", None) == 1000
+
+
 def test_embedded_paths() -> None:
     s = Settings(queue="sqlite:///tmp/x/q.db", store="sqlite", bodies="file:/tmp/b", data_dir=Path("/d"))
     assert QUEUES.embedded_path(s.queue, s.data_dir) == "/tmp/x/q.db"
