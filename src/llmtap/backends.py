@@ -20,6 +20,8 @@ from llmtap.errors import ConfigError
 
 @dataclass(frozen=True, slots=True)
 class Backend:
+    """One row: the URLs a backend answers, where its class lives, and what installs its driver."""
+
     name: str
     #: URL schemes it answers; an embedded backend's first scheme is also its bare name ("sqlite").
     schemes: tuple[str, ...]
@@ -62,6 +64,8 @@ class Backend:
 
 @dataclass(frozen=True, slots=True)
 class Family:
+    """The backends one setting can name; the first that matches a URL opens it."""
+
     #: The setting (`Settings.queue`) and its variable.
     setting: str
     #: How error messages name one ("queue", "body store").
