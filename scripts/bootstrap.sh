@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install llmtap with its pinned dependencies (idempotent, quiet when done).
+# Create .venv and install llmtap with every extra and the test tools, at the exact versions of
+# constraints.txt (idempotent, quiet when done).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,9 +13,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.llmtap-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "installing llmtap and its dependencies into .venv ..."
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[all,dev]'
   touch "$stamp"
 fi

@@ -1,7 +1,8 @@
 """Settings: `LLMTAP_*` environment variables, optionally a TOML file given with `--config`.
 
 Every setting has a default so `llmtap up` needs none. Precedence: environment over TOML over
-defaults. A wrong value stops start-up with one sentence naming the setting (`load_settings`).
+defaults. A wrong value stops start-up with one sentence naming the setting (`load_settings`),
+and so does a backend whose driver is not installed (the sentence names the pip extra).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from llmtap.backends import FAMILIES
 from llmtap.errors import ConfigError
 
 ENV_PREFIX = "LLMTAP_"
+#: Backend family by setting name: its URL schemes, classes and extras (`llmtap.backends`).
+_FAMILY = {f.setting: f for f in FAMILIES}
 
 
 class Settings(BaseSettings):
@@ -122,27 +126,14 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("queue")
+    @field_validator("queue", "store", "bodies")
     @classmethod
-    def _check_queue(cls, v: str) -> str:
-        if v == "sqlite" or v.startswith("sqlite:"):
-            return v
-        if v.startswith(("kafka://", "redis://", "rediss://")):
-            return _check_network_url(v)
-        if v.startswith("sqs://"):  # sqs://queue-name: the name is the netloc, the region the chain's
-            return _check_network_url(v)
-        raise ValueError(
-            "must be 'sqlite', 'kafka://host:port/topic', 'redis://host:port/db' or 'sqs://queue-name'"
-        )
-
-    @field_validator("store")
-    @classmethod
-    def _check_store(cls, v: str) -> str:
-        if v == "sqlite" or v.startswith("sqlite:"):
-            return v
-        if v.startswith(("postgresql://", "postgres://")):
-            return _check_network_url(v, host=False)  # libpq: no host means the local socket
-        raise ValueError("must be 'sqlite' or 'postgresql://user:password@host:port/database'")
+    def _check_backend(cls, v: str, info: ValidationInfo) -> str:
+        family = _FAMILY[info.field_name or ""]
+        backend = family.find(v)
+        if backend is None:
+            raise ValueError(family.expected)
+        return v if backend.embedded else _check_network_url(v, host=backend.host)
 
     @field_validator("rollup_properties")
     @classmethod
@@ -153,15 +144,6 @@ class Settings(BaseSettings):
     @property
     def rollup_property_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.rollup_properties.split(",") if n)
-
-    @field_validator("bodies")
-    @classmethod
-    def _check_bodies(cls, v: str) -> str:
-        if v == "file" or v.startswith("file:"):
-            return v
-        if v.startswith("s3://"):
-            return _check_network_url(v)
-        raise ValueError("must be 'file' or 's3://bucket/prefix'")
 
     @field_validator(
         "openai_base_url",
@@ -346,7 +328,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             file_values[name] = value
     file_values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return Settings(**file_values)
+        settings = Settings(**file_values)
     except ValidationError as e:
         err = e.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
@@ -360,3 +342,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         if isinstance(value, str) and value in msg:
             shown = ""  # the message names it already
         raise ConfigError(f"invalid setting {_env_name(field)}: {msg}{shown}") from None
+    # A network backend whose extra is not installed: say which, before anything starts.
+    for family in FAMILIES:
+        url = getattr(settings, family.setting)
+        family.backend(url).require(family.env, url)
+    return settings

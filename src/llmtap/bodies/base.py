@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from llmtap.backends import BODIES
+
 if TYPE_CHECKING:
     from llmtap.config import Settings
 
@@ -102,20 +104,18 @@ class BodyStore(ABC):
 
 
 def open_body_store(settings: Settings) -> BodyStore:
+    """The body store named by `LLMTAP_BODIES` (`ConfigError` when its extra is missing)."""
     url = settings.bodies
-    if url == "file" or url.startswith("file:"):
-        from llmtap.bodies.file import FileBodyStore
-
-        path = url.removeprefix("file:").removeprefix("//") if url != "file" else ""
-        return FileBodyStore(path or str(settings.data_dir / "bodies"))
-    if url.startswith("s3://"):
-        from llmtap.bodies.s3 import S3BodyStore
-
-        return S3BodyStore(
+    backend, cls = BODIES.load(url)
+    store: BodyStore
+    if backend.embedded:
+        store = cls(BODIES.embedded_path(url, settings.data_dir))
+    else:
+        store = cls(
             url,
             endpoint=settings.s3_endpoint,
             region=settings.s3_region,
             access_key_id=settings.s3_access_key_id,
             secret_access_key=settings.s3_secret_access_key,
         )
-    raise ValueError(f"unknown body store {url!r}")
+    return store

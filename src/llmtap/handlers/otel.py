@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from prometheus_client import Counter
 
+from llmtap.backends import require_modules
 from llmtap.handlers.base import Handler, Item
 from llmtap.record import Body, LogRecord, decompress
 
@@ -42,9 +43,19 @@ _PROVIDERS = {"openai": "openai", "anthropic": "anthropic"}
 CONTENT_CAP = 16 * 1024
 
 
+_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+#: What span export imports: `pip install 'llmtap[otel]'` brings it, the embedded install does not.
+SDK_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+
 def enabled() -> bool:
-    env = os.environ
-    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    return any(os.environ.get(name) for name in _ENDPOINT_VARS)
+
+
+def require_sdk() -> None:
+    """Stop start-up with one sentence when export is asked for but the SDK is not installed."""
+    var = next((name for name in _ENDPOINT_VARS if os.environ.get(name)), _ENDPOINT_VARS[-1])
+    require_modules(SDK_MODULES, f"{var} is set: exporting spans needs the OpenTelemetry SDK", "otel")
 
 
 def content_enabled() -> bool:
@@ -196,6 +207,8 @@ class OtelExport(Handler):
     name = "otel"
 
     def __init__(self, provider: TracerProvider | None = None, *, max_queue: int = 20_000) -> None:
+        if provider is None:
+            require_sdk()
         self._provider = provider
         self._max_queue = max_queue
         self._tracer: Any = None

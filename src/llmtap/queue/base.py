@@ -31,6 +31,8 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from llmtap.backends import QUEUES
+
 if TYPE_CHECKING:
     from llmtap.config import Settings
 
@@ -187,33 +189,20 @@ class Queue(ABC):
 
 def embedded_queue_path(settings: Settings) -> str | None:
     """The SQLite queue's file when `LLMTAP_QUEUE` is the embedded queue, else None."""
-    url = settings.queue
-    if url == "sqlite" or url.startswith("sqlite:"):
-        path = url.removeprefix("sqlite:").removeprefix("//") if url != "sqlite" else ""
-        return path or str(settings.data_dir / "queue.db")
-    return None
+    return QUEUES.embedded_path(settings.queue, settings.data_dir)
 
 
 def open_queue(settings: Settings, *, group: str = "llmtap-workers") -> Queue:
-    """The queue backend named by `LLMTAP_QUEUE`."""
+    """The queue backend named by `LLMTAP_QUEUE` (`ConfigError` when its extra is missing)."""
     url = settings.queue
-    path = embedded_queue_path(settings)
-    if path is not None:
-        from llmtap.queue.sqlite import SQLiteQueue
-
-        return SQLiteQueue(path, partitions=settings.partitions)
-    if url.startswith("kafka://"):
-        from llmtap.queue.kafka import KafkaQueue
-
-        return KafkaQueue(url, partitions=settings.partitions, group=group)
-    if url.startswith(("redis://", "rediss://")):
-        from llmtap.queue.redis import RedisQueue
-
-        return RedisQueue(url, partitions=settings.partitions, group=group)
-    if url.startswith("sqs://"):
-        from llmtap.queue.sqs import SQSQueue
-
-        return SQSQueue(
+    backend, cls = QUEUES.load(url)
+    queue: Queue
+    if backend.embedded:
+        queue = cls(embedded_queue_path(settings), partitions=settings.partitions)
+    elif backend.name == "sqs":
+        queue = cls(
             url, partitions=settings.partitions, group=group, inline_body_bytes=settings.inline_body_bytes
         )
-    raise ValueError(f"unknown queue {url!r}")
+    else:
+        queue = cls(url, partitions=settings.partitions, group=group)
+    return queue

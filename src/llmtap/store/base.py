@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from llmtap.backends import STORES
+
 if TYPE_CHECKING:
     from llmtap.config import Settings
     from llmtap.record import LogRecord
@@ -156,22 +158,12 @@ class Store(ABC):
 
 def embedded_store_path(settings: Settings) -> str | None:
     """The SQLite store's file when `LLMTAP_STORE` is the embedded store, else None."""
-    url = settings.store
-    if url == "sqlite" or url.startswith("sqlite:"):
-        path = url.removeprefix("sqlite:").removeprefix("//") if url != "sqlite" else ""
-        return path or str(settings.data_dir / "store.db")
-    return None
+    return STORES.embedded_path(settings.store, settings.data_dir)
 
 
 def open_store(settings: Settings) -> Store:
-    url = settings.store
-    path = embedded_store_path(settings)
-    if path is not None:
-        from llmtap.store.sqlite import SQLiteStore
-
-        return SQLiteStore(path, rollup_properties=settings.rollup_property_names)
-    if url.startswith(("postgresql://", "postgres://")):
-        from llmtap.store.postgres import PostgresStore
-
-        return PostgresStore(url, rollup_properties=settings.rollup_property_names)
-    raise ValueError(f"unknown store {url!r}")
+    """The store named by `LLMTAP_STORE` (`ConfigError` when its extra is missing)."""
+    backend, cls = STORES.load(settings.store)
+    target = embedded_store_path(settings) if backend.embedded else settings.store
+    store: Store = cls(target, rollup_properties=settings.rollup_property_names)
+    return store
