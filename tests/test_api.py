@@ -27,6 +27,7 @@ from llmtap.record import Body, LogRecord, compress, encode, encode_many
 from llmtap.server import api
 from llmtap.server.app import ServerService
 from llmtap.server.auth import is_loopback
+from llmtap.store import query as vocabulary
 from store_helpers import (
     T0,
     assert_totals,
@@ -557,9 +558,9 @@ async def test_healthz_metrics_dashboard_openapi(server: Server) -> None:
     assert served - {("/", "get"), ("/static", "get")} == documented
     # and exactly the query parameters the handlers accept
     for path, allowed in (
-        ("/api/v1/requests", api.LIST_PARAMS),
-        ("/api/v1/stats", api.STATS_PARAMS),
-        ("/api/v1/users", api.USERS_PARAMS),
+        ("/api/v1/requests", vocabulary.LIST_PARAMS),
+        ("/api/v1/stats", vocabulary.STATS_PARAMS),
+        ("/api/v1/users", vocabulary.USERS_PARAMS),
     ):
         names = {p["name"] for p in doc["paths"][path]["get"]["parameters"]}
         assert names - {"property.<Name>"} == set(allowed), path

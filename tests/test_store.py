@@ -20,7 +20,7 @@ from llmtap import keys
 from llmtap.errors import BackendUnavailable, TransientError
 from llmtap.record import Body, Usage
 from llmtap.store.base import ListQuery, StatsQuery, Store
-from llmtap.store.sql import decode_cursor, encode_cursor
+from llmtap.store.query import decode_cursor, encode_cursor
 from store_helpers import (
     ENVS,
     MODELS,

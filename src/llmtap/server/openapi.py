@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmtap import __version__
-from llmtap.store.sql import MAX_BUCKETS, MAX_GROUPS, MAX_SESSION_REQUESTS, STAT_GROUPS
+from llmtap.store.query import MAX_BUCKETS, MAX_GROUPS, MAX_SESSION_REQUESTS, STAT_GROUPS
 
 
 def _q(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
