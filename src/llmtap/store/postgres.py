@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import orjson
 
-from llmtap.config import redact_url
 from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.redact import redact_url
 from llmtap.store import rollup, search, sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import POSTGRES as MIGRATIONS
