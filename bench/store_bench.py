@@ -53,6 +53,7 @@ from llmtap.record import Body, LogRecord, Usage
 from llmtap.store import rollup, sql
 from llmtap.store.base import ListQuery, StatsQuery, Store
 from llmtap.store.postgres import PostgresStore
+from llmtap.store.query import BUCKET_MICROS, from_micros, to_micros
 from llmtap.store.sqlite import SQLiteStore
 
 PROPS = ("feature", "env")
@@ -243,7 +244,7 @@ async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> floa
     t0 = time.perf_counter()
     try:
         span_us = days * 86_400_000_000
-        now_us = sql.to_micros(now)
+        now_us = to_micros(now)
         headers = '{"content-type": "application/json"}'
         deltas: dict[rollup.RollupKey, rollup.Cell] = {}
         rollup_rows = 0
@@ -251,7 +252,7 @@ async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> floa
             reqs, keys_, props = [], [], []
             for i in range(start, min(rows, start + chunk)):
                 # in time order (as a worker writes them), so rollups of finished days can go
-                created = sql.from_micros(now_us - span_us + i * span_us // rows)
+                created = from_micros(now_us - span_us + i * span_us // rows)
                 rid = str(uuid.UUID(int=r.getrandbits(128)))
                 latency = r.uniform(50, 4000)
                 model = MODELS[min(int(r.expovariate(0.35)), len(MODELS) - 1)]
@@ -300,7 +301,7 @@ async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> floa
                 props.append((TENANT, rid, created, "env", env))
                 rollup.contribution(
                     deltas,
-                    rollup.source_values((*reqs[-1][:2], sql.to_micros(created), *reqs[-1][3:])),
+                    rollup.source_values((*reqs[-1][:2], to_micros(created), *reqs[-1][3:])),
                     PROPS,
                 )
             async with conn.transaction():
@@ -312,8 +313,8 @@ async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> floa
                     columns=("tenant", "request_id", "created_at", "name", "value"),
                 )
                 # rollups of the days before the last row's are complete
-                day = sql.to_micros(reqs[-1][2]) // 86_400_000_000 * 86_400_000_000
-                done = [k for k in deltas if k[2] + sql.BUCKET_MICROS[k[1]] <= day]
+                day = to_micros(reqs[-1][2]) // 86_400_000_000 * 86_400_000_000
+                done = [k for k in deltas if k[2] + BUCKET_MICROS[k[1]] <= day]
                 rollup_rows += await copy_rollups(conn, {k: deltas.pop(k) for k in done})
             print(
                 f"  loaded {start + len(reqs):>9} rows, {rollup_rows} rollup rows"

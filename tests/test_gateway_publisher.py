@@ -279,28 +279,28 @@ def test_capture_cap_keeps_head_and_a_bounded_tail_and_usage_survives() -> None:
     )
     cap = capture(7)
     cap.provider = "anthropic"
-    cap.cap = 64 * 1024
+    cap.max_bytes = 64 * 1024
     cap.chunks, cap.response_size = [], 0
     cap.streamed = True
     for i in range(0, len(stream), 1000):  # network-sized reads, boundaries anywhere
         cap.add(stream[i : i + 1000])
-    assert cap.truncated and cap.response_size == len(stream) > 4 * cap.cap
-    assert sum(len(c) for c in cap.chunks) == cap.cap
+    assert cap.truncated and cap.response_size == len(stream) > 4 * cap.max_bytes
+    assert sum(len(c) for c in cap.chunks) == cap.max_bytes
     assert cap.tail is not None and TAIL_BYTES - 1000 < cap.tail_size <= TAIL_BYTES
     assert stream.endswith(b"".join(cap.tail))
-    assert cap.nbytes < 2 * cap.cap + 2 * TAIL_BYTES
+    assert cap.nbytes < 2 * cap.max_bytes + 2 * TAIL_BYTES
 
     rec, uploads = RecordBuilder(inline_body_bytes=1 << 20, gateway="t").build(cap)
     assert uploads == []
     assert rec.usage.prompt_tokens == 11 and rec.usage.completion_tokens == 4321  # from the tail
     assert rec.response_events is not None and rec.response_events.truncated
     assert rec.response_events.size == len(stream)
-    assert body_bytes(rec.response_events) == stream[: cap.cap]
+    assert body_bytes(rec.response_events) == stream[: cap.max_bytes]
 
 
 def test_capture_head_and_tail_do_not_overlap() -> None:
     cap = capture(8)
-    cap.cap = 10
+    cap.max_bytes = 10
     cap.chunks, cap.response_size = [], 0
     for piece in (b"aaaa", b"bbbbbbbb", b"cccc"):
         cap.add(piece)

@@ -39,6 +39,21 @@ def test_semicolon_separated_and_repeated_params() -> None:
     assert redact_url("https://h/p?key=A;sig=B&key=C") == "https://h/p?key=***;sig=***&key=***"
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:S3CR3T@db:5432/llmtap", "postgresql://app:***@db:5432/llmtap"),
+        ("redis://:S3CR3T@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("postgresql://app:S3CR3T@db/x?sslpassword=S3CR3T", "postgresql://app:***@db/x?sslpassword=***"),
+        ("kafka://b[1:9092/t?x=S3CR3T@other", "kafka://***@other"),  # unparsable: no userinfo shown
+        ("https://user@h/models/gemini@001", "https://user@h/models/gemini@001"),  # no password
+    ],
+)
+def test_a_urls_password_is_hidden_too(url: str, shown: str) -> None:
+    """One `redact_url` for banners and recorded URLs alike: the password and the query."""
+    assert redact_url(url) == shown
+
+
 def test_redact_text_masks_pairs_headers_bearer_and_key_shapes() -> None:
     text = (
         "GET /v1/models?api%2Dkey=N1&x=2 HTTP/1.1\r\nAuthorization: Bearer N2\r\n"

@@ -20,7 +20,7 @@ from llmtap import keys
 from llmtap.errors import BackendUnavailable, TransientError
 from llmtap.record import Body, Usage
 from llmtap.store.base import ListQuery, StatsQuery, Store
-from llmtap.store.sql import decode_cursor, encode_cursor
+from llmtap.store.query import decode_cursor, encode_cursor
 from store_helpers import (
     ENVS,
     MODELS,
@@ -1074,3 +1074,19 @@ async def test_postgres_writer_recreates_a_month_another_process_dropped() -> No
         finally:
             await writer.close()
             await janitor.close()
+
+
+def test_migrations_are_the_sql_files_of_each_database() -> None:
+    """Every `NNNN_name.sql` file is a migration, numbered 1..n, SQL only (notes dropped)."""
+    from importlib.resources import files
+
+    from llmtap.store.migrations import POSTGRES, SQLITE
+
+    for database, loaded in (("sqlite", SQLITE), ("postgres", POSTGRES)):
+        folder = files("llmtap.store.migrations").joinpath(database)
+        names = sorted(e.name for e in folder.iterdir() if e.name.endswith(".sql"))
+        assert [int(n[:4]) for n in names] == [v for v, _, _ in loaded] == list(range(1, len(names) + 1))
+        for version, description, sql in loaded:
+            assert description and not description.startswith("-"), (database, version)
+            assert not any(line.lstrip().startswith("--") for line in sql.splitlines()), (database, version)
+            assert "CREATE" in sql or "UPDATE" in sql or "INSERT" in sql, (database, version)

@@ -364,7 +364,7 @@ def webhooks_add(
 @click.pass_context
 def webhooks_list(ctx: click.Context, tenant: str | None) -> None:
     """List endpoints (never their secrets)."""
-    from llmtap.config import redact_url
+    from llmtap.redact import redact_url
 
     rows = _with_hooks(ctx, lambda db, _s: db.list_endpoints(tenant))
     for ep in rows:

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from llmtap.backends import FAMILIES
 from llmtap.errors import ConfigError
+from llmtap.redact import redact_url
 
 ENV_PREFIX = "LLMTAP_"
 #: Backend family by setting name: its URL schemes, classes and extras (`llmtap.backends`).
@@ -288,20 +289,6 @@ def _check_network_url(v: str, *, host: bool = True) -> str:
     if host and not parts.netloc:
         raise ValueError(f"{redact_url(v)!r} names no host")
     return v
-
-
-def redact_url(url: str) -> str:
-    """Hide the password of a URL for banners and logs (never raises: it is used in messages)."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # unparsable: show no credentials at all rather than guess where they are
-        scheme, sep, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rsplit('@', 1)[-1]}" if sep and "@" in rest else url
-    if password:
-        netloc = parts.netloc.replace(f":{password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
 
 
 def _env_name(field: str) -> str:

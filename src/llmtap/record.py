@@ -39,7 +39,7 @@ class Body(msgspec.Struct, omit_defaults=True, kw_only=True):
     """A captured body: inline bytes or a reference into the body store.
 
     `data` holds the body encoded per `encoding` (`zstd` or `identity`); `ref` is a body-store
-    key. `size` is the original size in bytes; `truncated` says the capture cap was hit (the
+    key. `size` is the original size in bytes; `truncated` says `LLMTAP_MAX_BODY_BYTES` was hit (the
     client and upstream still got every byte).
     """
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit
 
 REDACTED = "***"
 
@@ -98,13 +98,33 @@ def redact_query(query: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL with credential-looking query parameter values replaced by `***`."""
+    """The URL with its password (`scheme://user:***@host`) and the values of credential-looking
+    query parameters replaced by `***`: for recorded upstream URLs, banners and messages.
+
+    Never raises (it is used in error messages). The common URL, with neither `@` nor `?`,
+    costs two `in` tests: the record builder calls this for every request.
+    """
+    if "@" in url:
+        url = _hide_password(url)
     q = url.find("?")
     if q < 0:
         return url
     query = url[q + 1 :]
     red = redact_query(query)
     return url if red is query else f"{url[: q + 1]}{red}"
+
+
+def _hide_password(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # unparsable: show no credentials at all rather than guess where they are
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rsplit('@', 1)[-1]}" if sep and "@" in rest else url
+    if password:
+        netloc = parts.netloc.replace(f":{password}@", f":{REDACTED}@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
 
 
 # -- free text (error messages, log lines) ---------------------------------------------------------

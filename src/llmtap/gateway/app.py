@@ -145,9 +145,8 @@ class GatewayService:
         """The tenant a request belongs to, from its `Llmtap-Auth` header (or None → 401).
 
         Single-tenant: everything is `default_tenant`, with or without a key. Multi-tenant: the
-        key lookup plugs in here (override this method or assign `proxy.resolve_tenant`; an
-        `async def` works too, e.g. around `llmtap.keys.resolve_tenant`); until it does, every
-        request is refused, before anything goes upstream.
+        key is looked up in the store's key table (`llmtap.keys.resolve_tenant`, cached per
+        process); a missing, unknown or revoked key is refused before anything goes upstream.
         """
         if not self.settings.multi_tenant:
             return self.settings.default_tenant

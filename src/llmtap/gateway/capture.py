@@ -25,13 +25,13 @@ import zstandard
 
 from llmtap import limits
 from llmtap.bodies.base import body_key
-from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, LlmtapHeaders, redact_url
+from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, LlmtapHeaders
 from llmtap.providers import provider_for
 from llmtap.providers.sse import StreamResult
 from llmtap.record import Body, LogRecord, Outcome, Usage, clean_text, compress
-from llmtap.redact import redact_text
+from llmtap.redact import redact_text, redact_url
 
-#: Past the capture cap a stream keeps this much of its end, so the usage that providers send
+#: Past `Capture.max_bytes` a stream keeps this much of its end, so the usage that providers send
 #: last is still found in very long streams.
 TAIL_BYTES = 64 * 1024
 
@@ -47,11 +47,11 @@ class Capture:
     """Raw facts about one proxied request. Filled on the hot path; read by `RecordBuilder`."""
 
     __slots__ = (
-        "cap",
         "chunks",
         "error",
         "id",
         "llmtap",
+        "max_bytes",
         "method",
         "outcome",
         "path",
@@ -89,7 +89,7 @@ class Capture:
         request_size: int,
         started: float,
         t0: float,
-        cap: int,
+        max_bytes: int,
     ) -> None:
         self.id = request_id
         self.tenant = tenant
@@ -99,7 +99,7 @@ class Capture:
         self.target_url = target_url
         self.request_headers = request_headers
         self.llmtap = llmtap
-        self.request_body = request_body  # already cut to the capture cap
+        self.request_body = request_body  # already cut to `max_bytes`
         self.request_size = request_size
         self.started = started  # time.time() at arrival
         self.t0 = t0  # perf_counter() at arrival
@@ -116,19 +116,19 @@ class Capture:
         self.streamed = False
         self.outcome: Outcome = "completed"
         self.error: str | None = None
-        self.cap = cap
+        self.max_bytes = max_bytes  # LLMTAP_MAX_BODY_BYTES: kept of each body
 
     def add(self, chunk: bytes) -> None:
-        """Keep a response chunk, up to the capture cap in all (then a bounded tail)."""
-        cap = self.cap
+        """Keep a response chunk, up to `max_bytes` in all (then a bounded tail)."""
+        limit = self.max_bytes
         size = self.response_size
         self.response_size = size + len(chunk)
-        if size + len(chunk) <= cap:
+        if size + len(chunk) <= limit:
             self.chunks.append(chunk)
             return
-        if size < cap:
-            self.chunks.append(chunk[: cap - size])
-            chunk = chunk[cap - size :]  # the tail continues where the head stops: no byte twice
+        if size < limit:
+            self.chunks.append(chunk[: limit - size])
+            chunk = chunk[limit - size :]  # the tail continues where the head stops: no byte twice
         self.truncated = True
         tail = self.tail
         if tail is None:
@@ -141,7 +141,7 @@ class Capture:
     @property
     def nbytes(self) -> int:
         """Memory this capture holds, for the publisher's byte bound."""
-        kept = self.response_size if self.response_size < self.cap else self.cap
+        kept = self.response_size if self.response_size < self.max_bytes else self.max_bytes
         return CAPTURE_OVERHEAD + len(self.request_body) + kept + self.tail_size
 
 

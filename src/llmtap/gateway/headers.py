@@ -14,9 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-# Query-string redaction lives in `llmtap.redact`; re-exported here for the record builder.
-from llmtap.redact import redact_url as redact_url
-
 LLMTAP_PREFIX = "llmtap-"
 PROPERTY_PREFIX = "llmtap-property-"
 

@@ -95,7 +95,7 @@ class Proxy:
         self.local: dict[str, LocalHandler] = {}
         #: The one routing table: first path segment → provider and upstream.
         self.routes: dict[str, Route] = routes(settings)
-        self._cap = settings.max_body_bytes
+        self._max_body = settings.max_body_bytes
         self._urls: dict[str, URL] = {}
         #: Set when the gateway stops: responses then say `Connection: close`, so clients and
         #: load balancers learn from the answer itself not to send more on that connection.
@@ -220,7 +220,7 @@ class Proxy:
         if rewritten is not None:
             upstream_body, stripper = rewritten
 
-        cap_limit = self._cap
+        max_body = self._max_body
         cap = Capture(
             request_id,
             tenant,
@@ -230,11 +230,11 @@ class Proxy:
             target,
             request.headers.items(),
             llmtap,
-            body if len(body) <= cap_limit else body[:cap_limit],
+            body if len(body) <= max_body else body[:max_body],
             len(body),
             started,
             t0,
-            cap_limit,
+            max_body,
         )
 
         session = self.session

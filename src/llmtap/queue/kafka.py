@@ -57,7 +57,6 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import OffsetAndMetadata
 
-from llmtap.config import redact_url
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.queue.base import (
     DeadLetter,
@@ -70,6 +69,7 @@ from llmtap.queue.base import (
     bounded,
     partition_for,
 )
+from llmtap.redact import redact_url
 
 log = logging.getLogger("llmtap.queue.kafka")
 

@@ -53,7 +53,6 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llmtap.config import redact_url
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.queue.base import (
     DeadLetter,
@@ -66,6 +65,7 @@ from llmtap.queue.base import (
     bounded,
     partition_for,
 )
+from llmtap.redact import redact_url
 
 log = logging.getLogger("llmtap.queue.redis")
 

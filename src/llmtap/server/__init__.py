@@ -1,1 +1,1 @@
-"""server."""
+"""`llmtap server`: the query API, the dashboard and the fallback ingest endpoint, over the store."""

@@ -1,19 +1,15 @@
 """The query API (`/api/v1`) and the fallback ingest endpoint.
 
-Parameters are validated strictly before any query runs: an unknown parameter, a repeated one,
-a value out of range, a malformed cursor or time — each is a 400 naming the parameter, never a
-500 and never silently ignored (a typo like `?modle=x` must not return unfiltered data). Text
-values are bound as SQL parameters by the stores; here they are only checked to be text a
-database can hold (no NUL, valid UTF-8, bounded length).
+Parameters are validated strictly before any query runs (by the store's query vocabulary,
+`llmtap.store.query`): an unknown parameter, a repeated one, a value out of range, a malformed
+cursor or time — each is a 400 naming the parameter, never a 500 and never silently ignored
+(a typo like `?modle=x` must not return unfiltered data).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import re
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,26 +25,16 @@ from llmtap.handlers.base import Chain
 from llmtap.record import Body, LogRecord, decode, decode_many, decompress
 from llmtap.server.auth import IngestCaller
 from llmtap.server.ingest import IngestQueue
-from llmtap.store import sql
-from llmtap.store.base import ListQuery, StatsQuery, Store
+from llmtap.store import query
+from llmtap.store.base import Store
+from llmtap.store.query import ListQuery, StatsQuery
 
 log = logging.getLogger("llmtap.server")
 
 INGESTED = Counter("llmtap_server_ingested_records_total", "Records posted to /api/v1/ingest", ["result"])
 
-MAX_LIMIT = 1000
-MAX_TEXT = 4096
-PROPERTY = "property."
-_FILTERS = ("user_id", "session_id", "model", "provider", "status", "status_class",
-            "min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms")  # fmt: skip
-LIST_PARAMS = frozenset({"limit", "cursor", "since", "until", "order", "sort", "q", *_FILTERS})
-STATS_PARAMS = frozenset({"since", "until", "group_by", "bucket", "exact", *_FILTERS})
-#: Longest `q=` search string (characters).
-MAX_SEARCH = 200
-USERS_PARAMS = frozenset({"limit"})
 #: Fields left out of list items (they are in `GET /api/v1/requests/{id}`).
 LIST_OMIT = ("request_body", "response_body", "response_events")
-_EPOCH_RE = re.compile(r"^-?\d{1,12}(\.\d{1,9})?$")
 
 # -- keys of the aiohttp app's state ---------------------------------------------------------------
 SETTINGS = web.AppKey("settings", Settings)
@@ -60,11 +46,8 @@ TENANT = web.RequestKey("tenant", str)
 INGEST_CALLER = web.RequestKey("ingest_caller", IngestCaller)
 
 
-class BadParameter(Exception):
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(message)
-        self.parameter = parameter[:100]
-        self.message = message
+#: A refused query parameter (400 naming it); raised by the vocabulary's parsers too.
+BadParameter = query.QueryError
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -81,183 +64,20 @@ def error_response(status: int, message: str, **extra: Any) -> web.Response:
 # -- parameter parsing ----------------------------------------------------------------------------
 
 
-def _text(name: str, value: str, max_len: int = MAX_TEXT) -> str:
-    if len(value) > max_len:
-        raise BadParameter(name, f"invalid parameter {name!r}: longer than {max_len} characters")
-    if "\x00" in value:
-        raise BadParameter(name, f"invalid parameter {name!r}: contains a NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadParameter(name, f"invalid parameter {name!r}: not valid UTF-8") from None
-    return value
-
-
-def parse_params(
-    request: web.Request, allowed: Iterable[str], properties: bool
-) -> tuple[dict[str, str], dict[str, str]]:
-    """(plain parameters, `property.<Name>` filters); 400 for unknown or repeated parameters."""
-    allowed = frozenset(allowed)
-    plain: dict[str, str] = {}
-    props: dict[str, str] = {}
-    seen: set[str] = set()
-    for key, value in request.query.items():
-        shown = key[:100]
-        try:
-            _text(shown, key, 300)
-        except BadParameter as e:
-            raise BadParameter(
-                shown, e.message.replace("invalid parameter", "invalid parameter name", 1)
-            ) from None
-        if key in seen:
-            raise BadParameter(shown, f"invalid parameter {shown!r}: given more than once")
-        seen.add(key)
-        if properties and key.startswith(PROPERTY):
-            name = key[len(PROPERTY) :]
-            if not name:
-                raise BadParameter(shown, "invalid parameter 'property.': a property name is required")
-            props[name] = _text(key, value)
-        elif key in allowed:
-            plain[key] = _text(key, value)
-        else:
-            known = sorted(allowed) + ([f"{PROPERTY}<Name>"] if properties else [])
-            raise BadParameter(shown, f"unknown parameter {shown!r} (known: {', '.join(known)})")
-    return plain, props
-
-
-def _int(params: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw, 10)
-    except ValueError:
-        raise BadParameter(
-            name, f"invalid parameter {name!r}: must be an integer, got {raw[:50]!r}"
-        ) from None
-    if not lo <= value <= hi:
-        raise BadParameter(name, f"invalid parameter {name!r}: must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _number(params: dict[str, str], name: str) -> float:
-    raw = params[name]
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or not 0 <= value <= 1e12:
-        raise BadParameter(name, f"invalid parameter {name!r}: must be a number >= 0, got {raw[:50]!r}")
-    return value
-
-
-def parse_time(name: str, raw: str) -> datetime:
-    """ISO 8601 (naive means UTC) or epoch seconds."""
-    try:
-        if _EPOCH_RE.match(raw):
-            return datetime.fromtimestamp(float(raw), UTC)
-        dt = datetime.fromisoformat(raw)
-    except (ValueError, OverflowError, OSError):
-        raise BadParameter(
-            name, f"invalid parameter {name!r}: expected ISO 8601 (2025-01-31T12:00:00Z) or epoch seconds"
-        ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    try:
-        return dt.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise BadParameter(name, f"invalid parameter {name!r}: out of range") from None
-
-
-def _filters(params: dict[str, str], props: dict[str, str]) -> ListQuery:
-    q = ListQuery(properties=props)
-    for name in ("user_id", "session_id", "model", "provider"):
-        if name in params:
-            setattr(q, name, params[name])
-    if "status" in params:
-        q.status = _int(params, "status", 0, 100, 599)
-    if "status_class" in params:
-        raw = params["status_class"]
-        if raw not in ("1xx", "2xx", "3xx", "4xx", "5xx"):
-            raise BadParameter("status_class", "invalid parameter 'status_class': must be 1xx ... 5xx")
-        q.status_class = int(raw[0])
-    for name in ("min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms"):
-        if name in params:
-            setattr(q, name, _number(params, name))
-    for name in ("since", "until"):
-        if name in params:
-            setattr(q, name, parse_time(name, params[name]))
-    return q
-
-
 def list_query(request: web.Request) -> ListQuery:
-    params, props = parse_params(request, LIST_PARAMS, properties=True)
-    q = _filters(params, props)
-    q.limit = _int(params, "limit", 50, 1, MAX_LIMIT)
-    order = params.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise BadParameter("order", "invalid parameter 'order': must be 'asc' or 'desc'")
-    q.order = "asc" if order == "asc" else "desc"
-    sort = params.get("sort", "time")
-    if sort not in ("time", "cost", "latency"):
-        raise BadParameter("sort", "invalid parameter 'sort': must be time, cost or latency")
-    q.sort = sort  # type: ignore[assignment]
-    if "q" in params:
-        if not 0 < len(params["q"]) <= MAX_SEARCH:
-            raise BadParameter("q", f"invalid parameter 'q': 1 to {MAX_SEARCH} characters")
-        q.q = params["q"]
-    if "cursor" in params:
-        try:
-            sql.decode_sort_cursor(params["cursor"], sort)
-        except ValueError:
-            raise BadParameter(
-                "cursor", "invalid parameter 'cursor': not a cursor this API returned"
-            ) from None
-        q.cursor = params["cursor"]
-    return q
+    return query.parse_list(request.query.items())
 
 
 def stats_query(request: web.Request) -> StatsQuery:
-    params, props = parse_params(request, STATS_PARAMS, properties=True)
-    filters = _filters(params, props)
-    q = StatsQuery(since=filters.since, until=filters.until, filters=filters)
-    filters.since = filters.until = None
-    exact = params.get("exact")
-    if exact is not None:
-        if exact not in ("true", "false"):
-            raise BadParameter("exact", "invalid parameter 'exact': must be true or false")
-        q.exact = exact == "true"
-    group_by = params.get("group_by")
-    if group_by is not None:
-        if not (
-            group_by in sql.STAT_GROUPS or (group_by.startswith(PROPERTY) and len(group_by) > len(PROPERTY))
-        ):
-            choices = ", ".join(sql.STAT_GROUPS)
-            raise BadParameter(
-                "group_by", f"invalid parameter 'group_by': must be one of {choices} or property.<Name>"
-            )
-        q.group_by = group_by
-    bucket = params.get("bucket")
-    if bucket is not None:
-        if bucket not in sql.BUCKET_MICROS:
-            raise BadParameter("bucket", "invalid parameter 'bucket': must be minute, hour or day")
-        q.bucket = bucket  # type: ignore[assignment]
-        if q.since and q.until:
-            n = (sql.to_micros(q.until) - sql.to_micros(q.since)) // sql.BUCKET_MICROS[bucket]
-            if n > sql.MAX_BUCKETS:
-                raise BadParameter(
-                    "bucket",
-                    f"invalid parameter 'bucket': {n} {bucket}s is more than {sql.MAX_BUCKETS} buckets",
-                )
-    return q
+    return query.parse_stats(request.query.items())
 
 
 def path_id(request: web.Request, name: str = "id") -> str:
-    return _text(name, request.match_info[name], 512)
+    return query.text(name, request.match_info[name], 512)
 
 
 def no_params(request: web.Request) -> None:
-    parse_params(request, (), properties=False)
+    query.split_params(request.query.items(), (), properties=False)
 
 
 # -- handlers -------------------------------------------------------------------------------------
@@ -282,7 +102,7 @@ async def list_requests(request: web.Request) -> web.Response:
         item = {k: v for k, v in row.items() if k not in LIST_OMIT}
         n = len(orjson.dumps(item))
         if items and size + n > PAGE_BYTES:
-            next_cursor = sql.item_cursor(items[-1], q.sort)
+            next_cursor = query.item_cursor(items[-1], q.sort)
             break
         items.append(item)
         size += n
@@ -344,8 +164,8 @@ async def stats(request: web.Request) -> web.Response:
     result = await request.app[STORE].stats(_tenant(request), q)
     result["group_by"] = q.group_by
     result["bucket"] = q.bucket
-    result["since"] = None if q.since is None else sql.iso(sql.to_micros(q.since))
-    result["until"] = None if q.until is None else sql.iso(sql.to_micros(q.until))
+    result["since"] = None if q.since is None else query.iso(query.to_micros(q.since))
+    result["until"] = None if q.until is None else query.iso(query.to_micros(q.until))
     return json_response(result)
 
 
@@ -362,8 +182,7 @@ async def session(request: web.Request) -> web.Response:
 
 
 async def users(request: web.Request) -> web.Response:
-    params, _ = parse_params(request, USERS_PARAMS, properties=False)
-    limit = _int(params, "limit", 100, 1, MAX_LIMIT)
+    limit = query.parse_users_limit(request.query.items())
     return json_response({"items": await request.app[STORE].users(_tenant(request), limit)})
 
 

@@ -140,8 +140,9 @@ class ServerService:
     """`llmtap server`: a `runtime.Service`.
 
     What it opens from settings (store, body store) it connects and closes; objects passed in
-    belong to the caller, who connects and closes them (so `llmtap up` can share one store
-    between worker and server). The handler chain is the ingest drain's (`server.ingest`).
+    belong to the caller, who connects and closes them, so one process can run it beside a
+    worker over the same store. Its handler chain (built over that store and body store) is
+    the ingest drain's (`server.ingest`).
     """
 
     name = "server"

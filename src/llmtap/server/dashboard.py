@@ -34,7 +34,8 @@ from aiohttp import web
 from llmtap.errors import BackendUnavailable
 from llmtap.queue.base import Queue
 from llmtap.server import api
-from llmtap.store.base import ListQuery
+from llmtap.store import query
+from llmtap.store.query import ListQuery
 
 log = logging.getLogger("llmtap.server")
 
@@ -68,13 +69,11 @@ def _csv_cell(v: Any) -> Any:
 
 async def export(request: web.Request) -> web.StreamResponse:
     fmt = request.query.get("format", "jsonl")
-    if fmt not in ("csv", "jsonl"):
+    if fmt not in query.EXPORT_FORMATS:
         raise api.BadParameter("format", "invalid parameter 'format': must be csv or jsonl")
-    rest = [(k, v) for k, v in request.query.items() if k != "format"]
-    shim = request.clone(rel_url=request.rel_url.with_query(rest))
-    q = api.list_query(shim)
     if "limit" in request.query or "cursor" in request.query:
         raise api.BadParameter("limit", "the export takes the list's filters, not limit or cursor")
+    q = query.parse_list(request.query.items(), query.EXPORT_PARAMS)
     q.limit = EXPORT_PAGE
     store = request.app[api.STORE]
     tenant = request[api.TENANT]
@@ -119,9 +118,9 @@ async def export(request: web.Request) -> web.StreamResponse:
 
 async def stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events of records stored after the stream opened, matching the filters."""
-    q = api.list_query(request)
     if "cursor" in request.query or "sort" in request.query:
         raise api.BadParameter("cursor", "the live tail takes the list's filters, not cursor or sort")
+    q = query.parse_list(request.query.items(), query.TAIL_PARAMS)
     store = request.app[api.STORE]
     tenant = request[api.TENANT]
     opened = datetime.now(UTC)

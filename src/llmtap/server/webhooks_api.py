@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from llmtap.server import api
+from llmtap.store import query
 from llmtap.webhooks.manage import Invalid, create_endpoint, test_endpoint
 
 _ADD_FIELDS = frozenset({"url", "events", "filters", "sample", "include_bodies", "secret"})
@@ -91,7 +92,7 @@ async def test(request: web.Request) -> web.Response:
 
 async def deliveries(request: web.Request) -> web.Response:
     q = request.rel_url.query
-    unknown = set(q) - {"endpoint", "status", "limit"}
+    unknown = set(q) - query.DELIVERY_PARAMS
     if unknown:
         name = sorted(unknown)[0]
         return api.error_response(400, f"unknown parameter {name!r}", parameter=name)
@@ -102,8 +103,8 @@ async def deliveries(request: web.Request) -> web.Response:
         limit = int(q.get("limit", "50"))
     except ValueError:
         limit = -1
-    if not 1 <= limit <= api.MAX_LIMIT:
-        return api.error_response(400, f"limit is an integer in [1, {api.MAX_LIMIT}]", parameter="limit")
+    if not 1 <= limit <= query.MAX_LIMIT:
+        return api.error_response(400, f"limit is an integer in [1, {query.MAX_LIMIT}]", parameter="limit")
     rows = (
         await request.app[api.STORE]
         .webhooks()

@@ -6,16 +6,21 @@ what makes at-least-once delivery yield exactly one row.
 
 Rows are returned as plain dicts in the API's shape (see `ROW_FIELDS`); bodies are *references*
 (`request_body`, `response_body`, `response_events` hold `llmtap.record.Body` dicts without
-inline data); the API resolves them through the body store.
+inline data); the API resolves them through the body store. What a query may ask, and how
+the API spells it, is `llmtap.store.query`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+# The query vocabulary's two queries, re-exported: the `Store` methods take them.
+from llmtap.store.query import ListQuery as ListQuery
+from llmtap.store.query import StatsQuery as StatsQuery
 
 from llmtap.backends import STORES
 
@@ -33,47 +38,6 @@ ROW_FIELDS = (
     "request_headers", "response_headers", "request_body", "response_body", "response_events",
     "route", "first_byte_at", "ended_at", "gateway", "truncated",
 )  # fmt: skip
-
-
-@dataclass(slots=True)
-class ListQuery:
-    """Filters of `GET /api/v1/requests`. `cursor` is opaque to clients (see the store)."""
-
-    limit: int = 50
-    cursor: str | None = None
-    user_id: str | None = None
-    session_id: str | None = None
-    model: str | None = None
-    provider: str | None = None
-    status: int | None = None
-    #: Case-insensitive substring of the request/response text (`llmtap.store.search`).
-    q: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    properties: dict[str, str] = field(default_factory=dict)
-    order: Literal["desc", "asc"] = "desc"
-    #: Keyset sort key: request start, cost (unpriced rows sort below $0) or latency.
-    sort: Literal["time", "cost", "latency"] = "time"
-    #: 2 → 2xx ... 5 → 5xx (the dashboard's status filter).
-    status_class: int | None = None
-    min_cost_usd: float | None = None
-    max_cost_usd: float | None = None
-    min_latency_ms: float | None = None
-    max_latency_ms: float | None = None
-
-
-GroupBy = str  # "model" | "user_id" | "session_id" | "provider" | "status" | "property.<Name>"
-
-
-@dataclass(slots=True)
-class StatsQuery:
-    since: datetime | None = None
-    until: datetime | None = None
-    group_by: GroupBy | None = None
-    bucket: Literal["minute", "hour", "day"] | None = None
-    filters: ListQuery = field(default_factory=ListQuery)
-    #: Answer from raw rows even where rollups could (exact percentiles, slower at volume).
-    exact: bool = False
 
 
 @dataclass(slots=True)

@@ -32,11 +32,20 @@ from urllib.parse import urlsplit
 import asyncpg
 import orjson
 
-from llmtap.config import redact_url
 from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.redact import redact_url
 from llmtap.store import rollup, search, sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import POSTGRES as MIGRATIONS
+from llmtap.store.query import (
+    MAX_BUCKETS,
+    MAX_GROUPS,
+    MAX_SESSION_REQUESTS,
+    from_micros,
+    iso,
+    to_micros,
+    validate_stats,
+)
 from llmtap.webhooks import outbox
 from llmtap.webhooks.db import (
     INSERT_DELIVERY,
@@ -59,8 +68,8 @@ def _json(v: Any) -> Any:
 DIALECT = sql.Dialect(
     name="postgresql",
     placeholder=lambda n: f"${n}",
-    ts_param=sql.from_micros,
-    ts_value=sql.to_micros,
+    ts_param=from_micros,
+    ts_value=to_micros,
     bucket=lambda b: f"date_trunc('{b}', r.created_at, 'UTC')",
     json_value=_json,
     prop_value=lambda ph: f'((r.properties ->> {ph}) COLLATE "C")',
@@ -262,7 +271,7 @@ def _month_start(year: int, month: int) -> datetime:
 
 
 def _month_of(us: int) -> tuple[int, int]:
-    dt = sql.from_micros(us)
+    dt = from_micros(us)
     return dt.year, dt.month
 
 
@@ -359,7 +368,7 @@ class PostgresStore(Store):
             )
             await self._load_partitions()
             await self._ensure_partitions(
-                {(now.year, now.month), _month_of(sql.to_micros(_month_start(now.year, now.month + 1)))}
+                {(now.year, now.month), _month_of(to_micros(_month_start(now.year, now.month + 1)))}
             )
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
@@ -394,7 +403,7 @@ class PostgresStore(Store):
     async def _cover_dims(self, conn: asyncpg.Connection) -> None:
         """Register the rolled-up dimensions (see `llmtap.store.rollup`: coverage)."""
         empty = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM request_keys)")
-        since = 0 if empty else (sql.to_micros(sql.now()) // 60_000_000 + 1) * 60_000_000
+        since = 0 if empty else (to_micros(sql.now()) // 60_000_000 + 1) * 60_000_000
         await conn.executemany(
             "INSERT INTO rollup_dims (dim, since) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             [(d, since) for d in rollup.dims_for(self.rollup_properties)],
@@ -462,7 +471,7 @@ class PostgresStore(Store):
             months.add(_month_of(v[2]))
             for i in sql.TS_POSITIONS:
                 if v[i] is not None:
-                    v[i] = sql.from_micros(v[i])
+                    v[i] = from_micros(v[i])
             rows.append(tuple(v))
         if not rows:
             return 0
@@ -476,7 +485,7 @@ class PostgresStore(Store):
                         deltas: dict[rollup.RollupKey, rollup.Cell] = {}
                         for row in new:  # only rows whose key was new: redelivery adds nothing
                             src = list(row[1:])
-                            src[1] = sql.to_micros(src[1])
+                            src[1] = to_micros(src[1])
                             rollup.contribution(deltas, src, self.rollup_properties)
                         await self._apply_rollups(conn, deltas)
                         # The outbox rows commit with the records, for the new ones only.
@@ -551,16 +560,16 @@ class PostgresStore(Store):
         sorts of a stats call spread over the server's cores: wall time is the slowest query's,
         not the sum. (One GROUPING SETS query reads the rows once but sorts as much, serially.)
         """
-        sql.validate_stats(query)
+        validate_stats(query)
         plan = rollup.plan(query, self.rollup_properties, self._covered)
         if plan is not None:
             q, params = rollup.read_sql(DIALECT, tenant, plan)
             return rollup.answer(query, plan, await self._fetch(q, *params))
         parts: list[tuple[sql.Kind, int | None]] = [("overall", None)]
         if query.group_by:
-            parts.append(("group", sql.MAX_GROUPS))
+            parts.append(("group", MAX_GROUPS))
         if query.bucket:
-            parts.append(("bucket", sql.MAX_BUCKETS))
+            parts.append(("bucket", MAX_BUCKETS))
         results = await asyncio.gather(*(self._aggregate(tenant, query, k, lim) for k, lim in parts))
         found = dict(zip((k for k, _ in parts), results, strict=True))
         rows = found["overall"]
@@ -570,7 +579,7 @@ class PostgresStore(Store):
             for key, totals in (sql.aggregate_row(DIALECT, row) for row in found.get("group", []))
         ]
         buckets = [
-            {"start": sql.iso(DIALECT.ts_value(key)), **totals}
+            {"start": iso(DIALECT.ts_value(key)), **totals}
             for key, totals in (sql.aggregate_row(DIALECT, row) for row in found.get("bucket", []))
         ]
         return {"overall": overall, "groups": groups, "buckets": buckets, **rollup.RAW_SOURCE}
@@ -580,7 +589,7 @@ class PostgresStore(Store):
         if not rows or not rows[0][1]:
             return None
         totals = sql.aggregate_row(DIALECT, rows[0])[1]
-        lq = ListQuery(limit=sql.MAX_SESSION_REQUESTS, session_id=session_id, order="asc")
+        lq = ListQuery(limit=MAX_SESSION_REQUESTS, session_id=session_id, order="asc")
         q, params = sql.list_sql(DIALECT, tenant, lq)
         return sql.session_result(DIALECT, session_id, totals, await self._fetch(q, *params))
 
@@ -598,7 +607,7 @@ class PostgresStore(Store):
         month has no key left its partitions are dropped. Only the month straddling the cutoff
         is deleted row by row.
         """
-        cutoff_us = sql.to_micros(cutoff)
+        cutoff_us = to_micros(cutoff)
         y, m = _month_of(cutoff_us)
         boundary = _month_start(y, m)  # rows before it live in wholly expired months
         with self._errors():
@@ -610,15 +619,15 @@ class PostgresStore(Store):
                     # The same rows leave the rollups (same transaction); first/last of what
                     # is left are read again.
                     gone = (row[4:] for row in rows if row[4] is not None)
-                    deltas = rollup.retention_deltas(gone, self.rollup_properties, sql.to_micros)
+                    deltas = rollup.retention_deltas(gone, self.rollup_properties, to_micros)
                     for key in await self._apply_rollups(conn, deltas):
                         q, params = rollup.recompute_sql(DIALECT, key)
                         first, last = (await conn.fetch(q, *params))[0]
                         await conn.execute(
                             f"UPDATE rollups SET first_at = $6, last_at = $7 WHERE {_R_WHERE}",
                             *key,
-                            None if first is None else sql.to_micros(first),
-                            None if last is None else sql.to_micros(last),
+                            None if first is None else to_micros(first),
+                            None if last is None else to_micros(last),
                         )
                 if refs or deleted < limit:
                     break

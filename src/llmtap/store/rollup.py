@@ -34,6 +34,7 @@ import orjson
 
 from llmtap.store import sql
 from llmtap.store.base import ListQuery, StatsQuery
+from llmtap.store.query import BUCKET_MICROS, MAX_BUCKETS, MAX_GROUPS, iso, to_micros
 from llmtap.store.sketch import RELATIVE_ACCURACY, Sketch, key_of
 
 GRAINS = ("minute", "hour", "day")
@@ -141,8 +142,8 @@ class Cell:
             if name in sql.SUM_COLUMNS:
                 out[name] = v
         out["cost_usd"] = self.cost_nanos / 1e9
-        out["first_at"] = sql.iso(self.first_at)
-        out["last_at"] = sql.iso(self.last_at)
+        out["first_at"] = iso(self.first_at)
+        out["last_at"] = iso(self.last_at)
         out["unpriced_count"] = self.unpriced_count
         out["latency_ms"] = sql.pcts(self.latency.quantiles(sql.PERCENTILES))
         out["time_to_first_token_ms"] = sql.pcts(self.ttft.quantiles(sql.PERCENTILES))
@@ -176,7 +177,7 @@ def contribution(
         values[f"property.{p}"] = properties.get(p)
     lat_key, ttft_key = key_of(lat_v), None if ttft_v is None else key_of(ttft_v)
     for grain in GRAINS:
-        width = sql.BUCKET_MICROS[grain]
+        width = BUCKET_MICROS[grain]
         bucket = created // width * width
         for dim, value in values.items():
             if not rolled(grain, dim):
@@ -261,8 +262,8 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
             dim = "property." + sql.property_name(dim[len("property.") :])
         if dim not in dims_for(props) or dim == "":
             return None
-    since = None if q.since is None else sql.to_micros(q.since)
-    until = None if q.until is None else sql.to_micros(q.until)
+    since = None if q.since is None else to_micros(q.since)
+    until = None if q.until is None else to_micros(q.until)
     for d in ("", dim):
         if d is None:
             continue
@@ -270,8 +271,8 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
         if start is None or (start > 0 and (since is None or since < start)):
             return None
     for grain in reversed(GRAINS):  # coarsest first: fewest rows to read
-        width = sql.BUCKET_MICROS[grain]
-        if q.bucket is not None and sql.BUCKET_MICROS[q.bucket] < width:
+        width = BUCKET_MICROS[grain]
+        if q.bucket is not None and BUCKET_MICROS[q.bucket] < width:
             continue
         if dim is not None and not rolled(grain, dim):
             continue
@@ -299,7 +300,7 @@ def answer(q: StatsQuery, p: Plan, rows: Iterable[Sequence[Any]]) -> dict[str, A
     overall = Cell()
     groups: dict[Any, Cell] = {}
     buckets: dict[int, Cell] = {}
-    width = sql.BUCKET_MICROS[q.bucket] if q.bucket else 0
+    width = BUCKET_MICROS[q.bucket] if q.bucket else 0
     for row in rows:
         bucket, dim, key, values = int(row[0]), row[1], row[2], row[3:]
         if dim == "":
@@ -314,10 +315,8 @@ def answer(q: StatsQuery, p: Plan, rows: Iterable[Sequence[Any]]) -> dict[str, A
     ordered = sorted(
         groups.items(), key=lambda kv: (-kv[1].count, kv[0] is None, "" if kv[0] is None else kv[0])
     )
-    result["groups"] = [{"key": k, **c.totals()} for k, c in ordered[: sql.MAX_GROUPS] if c.count]
-    result["buckets"] = [
-        {"start": sql.iso(b), **buckets[b].totals()} for b in sorted(buckets)[: sql.MAX_BUCKETS]
-    ]
+    result["groups"] = [{"key": k, **c.totals()} for k, c in ordered[:MAX_GROUPS] if c.count]
+    result["buckets"] = [{"start": iso(b), **buckets[b].totals()} for b in sorted(buckets)[:MAX_BUCKETS]]
     result["source"] = "rollups"
     result["percentile_relative_error"] = RELATIVE_ACCURACY
     return result
@@ -341,7 +340,7 @@ def recompute_sql(d: sql.Dialect, key: RollupKey) -> tuple[str, list[Any]]:
     conds = [
         f"r.tenant = {p(tenant)}",
         f"r.created_at >= {p(d.ts_param(bucket))}",
-        f"r.created_at < {p(d.ts_param(bucket + sql.BUCKET_MICROS[grain]))}",
+        f"r.created_at < {p(d.ts_param(bucket + BUCKET_MICROS[grain]))}",
     ]
     if dim:
         expr = sql.group_key(p, dim)

@@ -13,30 +13,38 @@ functions in SQLite were measured ~15x slower than Python's sort for this.)
 
 Timestamps are handled as integer microseconds since the epoch (UTC) in Python; SQLite stores
 exactly that, PostgreSQL a `timestamptz` (microsecond precision), so ordering is exact on both.
+
+What a query may ask (group-by names, buckets, cursors, limits) is `llmtap.store.query`'s.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import orjson
 
-from llmtap.store.base import ListQuery, StatsQuery
+from llmtap.store.query import (
+    MAX_SESSION_REQUESTS,
+    PROPERTY,
+    ListQuery,
+    StatsQuery,
+    decode_sort_cursor,
+    encode_cursor,
+    encode_sort_cursor,
+    is_group_by,
+    iso,
+    to_micros,
+)
 
 if TYPE_CHECKING:
     from llmtap.record import Body, LogRecord
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
 
 #: Columns of `requests`, in the order rows are written and read.
 COLUMNS: tuple[str, ...] = (
@@ -55,94 +63,7 @@ BODY_COLUMNS = ("request_body", "response_body", "response_events")
 
 #: Stats percentiles (fractions), the same on both stores.
 PERCENTILES = (0.5, 0.9, 0.95, 0.99)
-#: At most this many groups are returned by `stats` (the largest by count).
-MAX_GROUPS = 100
-#: At most this many time buckets are returned by `stats` (the earliest first).
-MAX_BUCKETS = 10_000
-#: At most this many requests of a session are listed (totals cover all of them).
-MAX_SESSION_REQUESTS = 1000
-
-STAT_GROUPS = ("model", "user_id", "session_id", "provider", "status")
-BUCKET_MICROS = {"minute": 60_000_000, "hour": 3_600_000_000, "day": 86_400_000_000}
-
 _ERROR = "(r.status >= 400 OR r.outcome <> 'completed')"
-
-
-# -- time and cursors ----------------------------------------------------------------------------
-
-
-def to_micros(dt: datetime) -> int:
-    """Microseconds since the epoch; naive datetimes are taken as UTC."""
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return (dt - EPOCH) // _US
-
-
-def from_micros(us: int) -> datetime:
-    return EPOCH + timedelta(microseconds=us)
-
-
-def iso(us: int | None) -> str | None:
-    """ISO 8601 UTC with microseconds and a `Z`, e.g. `2025-01-31T12:00:00.123456Z`."""
-    if us is None:
-        return None
-    return from_micros(us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def encode_cursor(created_us: int, request_id: str) -> str:
-    """Opaque keyset cursor: urlsafe base64 of `[created_at_us, id]`."""
-    return base64.urlsafe_b64encode(orjson.dumps([created_us, request_id])).decode().rstrip("=")
-
-
-def encode_sort_cursor(created_us: int, request_id: str, sort: str, value: float | int) -> str:
-    """Keyset cursor of a cost or latency sort: `[created_at_us, id, sort, sort value]`."""
-    raw = orjson.dumps([created_us, request_id, sort, value])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_sort_cursor(cursor: str, sort: str) -> tuple[int, str, float | int | None]:
-    """(created_us, id, sort value); `ValueError` unless the cursor was made for this `sort`."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        value = orjson.loads(raw)
-    except (binascii.Error, ValueError, orjson.JSONDecodeError, UnicodeEncodeError):
-        raise ValueError("malformed cursor") from None
-    if sort == "time":
-        us, rid = decode_cursor(cursor)
-        return us, rid, None
-    if (
-        not isinstance(value, list)
-        or len(value) != 4
-        or value[2] != sort
-        or type(value[0]) is not int
-        or not -(2**62) < value[0] < 2**62
-        or not isinstance(value[1], str)
-        or "\x00" in value[1]
-        or type(value[3]) is not (int if sort == "cost" else float)
-        or not math.isfinite(value[3])
-        or (sort == "cost" and not -(2**62) < value[3] < 2**62)
-    ):
-        raise ValueError("malformed cursor")
-    return value[0], value[1], value[3]
-
-
-def decode_cursor(cursor: str) -> tuple[int, str]:
-    """Raises `ValueError` for anything `encode_cursor` did not produce."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        value = orjson.loads(raw)
-    except (binascii.Error, ValueError, orjson.JSONDecodeError, UnicodeEncodeError):
-        raise ValueError("malformed cursor") from None
-    if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or type(value[0]) is not int
-        or not isinstance(value[1], str)
-        or not -(2**62) < value[0] < 2**62
-        or "\x00" in value[1]
-    ):
-        raise ValueError("malformed cursor")
-    return value[0], value[1]
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -431,17 +352,6 @@ def list_sql(d: Dialect, tenant: str, q: ListQuery) -> tuple[str, list[Any]]:
     return sql, p.values
 
 
-def item_cursor(item: dict[str, Any], sort: str) -> str:
-    """The cursor after an API item (a row as `row_to_dict` made it) in this sort's keyset."""
-    us = to_micros(datetime.fromisoformat(str(item["created_at"]).replace("Z", "+00:00")))
-    if sort == "cost":
-        cost = item["cost_usd"]
-        return encode_sort_cursor(us, item["id"], sort, -1 if cost is None else round(cost * 1e9))
-    if sort == "latency":
-        return encode_sort_cursor(us, item["id"], sort, float(item["latency_ms"]))
-    return encode_cursor(us, item["id"])
-
-
 def page_from_rows(
     d: Dialect, rows: Sequence[Sequence[Any]], limit: int, sort: str = "time"
 ) -> tuple[list[dict[str, Any]], str | None]:
@@ -533,12 +443,12 @@ _SUMS = (
 
 
 def group_key(p: Params, group_by: str) -> str:
-    """The key expression for a `group_by` value already validated by the caller."""
-    if group_by in STAT_GROUPS:
-        return f"r.{group_by}"
-    if group_by.startswith("property.") and len(group_by) > len("property."):
-        return p.dialect.prop_value(p(property_name(group_by[len("property.") :])))
-    raise ValueError(f"cannot group by {group_by!r}")
+    """The key expression of a `group_by` (`query.is_group_by` decides which are valid)."""
+    if not is_group_by(group_by):
+        raise ValueError(f"cannot group by {group_by!r}")
+    if group_by.startswith(PROPERTY):
+        return p.dialect.prop_value(p(property_name(group_by[len(PROPERTY) :])))
+    return f"r.{group_by}"
 
 
 def _key(p: Params, q: StatsQuery, kind: Kind) -> str:
@@ -684,17 +594,6 @@ def group_value(d: Dialect, group_by: str, key: Any) -> Any:
     if group_by == "status":
         return int(key)
     return str(key)
-
-
-def validate_stats(q: StatsQuery) -> None:
-    """Raise `ValueError` for a group_by or bucket the stores do not know."""
-    if q.group_by is not None and not (
-        q.group_by in STAT_GROUPS
-        or (q.group_by.startswith("property.") and len(q.group_by) > len("property."))
-    ):
-        raise ValueError(f"cannot group by {q.group_by!r}")
-    if q.bucket is not None and q.bucket not in BUCKET_MICROS:
-        raise ValueError(f"unknown bucket {q.bucket!r}")
 
 
 def session_result(

@@ -30,6 +30,16 @@ from llmtap.errors import BackendUnavailable, TransientError
 from llmtap.store import rollup, search, sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import SQLITE as MIGRATIONS
+from llmtap.store.query import (
+    BUCKET_MICROS,
+    MAX_BUCKETS,
+    MAX_GROUPS,
+    MAX_SESSION_REQUESTS,
+    from_micros,
+    iso,
+    to_micros,
+    validate_stats,
+)
 from llmtap.webhooks import outbox
 from llmtap.webhooks.db import (
     INSERT_DELIVERY,
@@ -71,7 +81,7 @@ DIALECT = sql.Dialect(
     placeholder=lambda n: f"?{n}",
     ts_param=lambda us: us,
     ts_value=int,
-    bucket=lambda b: f"((r.created_at / {sql.BUCKET_MICROS[b]}) * {sql.BUCKET_MICROS[b]})",
+    bucket=lambda b: f"((r.created_at / {BUCKET_MICROS[b]}) * {BUCKET_MICROS[b]})",
     json_value=_json,
     # json_each compares the key as a bound value: any property name is safe, quotes included.
     prop_value=lambda ph: f"(SELECT j.value FROM json_each(r.properties) AS j WHERE j.key = {ph})",
@@ -171,8 +181,8 @@ def _api_key(row: Sequence[Any]) -> ApiKey:
         tenant=row[1],
         name=row[2],
         prefix=row[3],
-        created_at=sql.from_micros(row[4]),
-        revoked_at=None if row[5] is None else sql.from_micros(row[5]),
+        created_at=from_micros(row[4]),
+        revoked_at=None if row[5] is None else from_micros(row[5]),
     )
 
 
@@ -275,7 +285,7 @@ class SQLiteStore(Store):
             if self._rollups:
                 # Dimensions rolled up from now on (see `llmtap.store.rollup`: coverage).
                 empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM requests)").fetchone()[0]
-                since = 0 if empty else (sql.to_micros(sql.now()) // 60_000_000 + 1) * 60_000_000
+                since = 0 if empty else (to_micros(sql.now()) // 60_000_000 + 1) * 60_000_000
                 conn.executemany(
                     "INSERT OR IGNORE INTO rollup_dims (dim, since) VALUES (?, ?)",
                     [(d, since) for d in rollup.dims_for(self.rollup_properties)],
@@ -408,7 +418,7 @@ class SQLiteStore(Store):
         return Page(items=items, next_cursor=cursor)
 
     async def stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
-        sql.validate_stats(query)
+        validate_stats(query)
         return await self._read(self._stats, tenant, query)
 
     def _sums(
@@ -430,8 +440,8 @@ class SQLiteStore(Store):
         overall_rows = self._sums(tenant, query, "overall")
         if not overall_rows or not overall_rows[0][1]["count"]:
             return {"overall": sql.empty_totals(), "groups": [], "buckets": []}
-        group_rows = self._sums(tenant, query, "group", sql.MAX_GROUPS) if query.group_by else []
-        bucket_rows = self._sums(tenant, query, "bucket", sql.MAX_BUCKETS) if query.bucket else []
+        group_rows = self._sums(tenant, query, "group", MAX_GROUPS) if query.group_by else []
+        bucket_rows = self._sums(tenant, query, "bucket", MAX_BUCKETS) if query.bucket else []
         # (latencies, TTFTs) per overall / group key / bucket key
         every: tuple[list[float], list[float]] = ([], [])
         per_g: dict[Any, tuple[list[float], list[float]]] = {key: ([], []) for key, _ in group_rows}
@@ -458,7 +468,7 @@ class SQLiteStore(Store):
                 for key, totals in group_rows
             ],
             "buckets": [
-                {"start": sql.iso(DIALECT.ts_value(key)), **finish(totals, per_b[key])}
+                {"start": iso(DIALECT.ts_value(key)), **finish(totals, per_b[key])}
                 for key, totals in bucket_rows
             ],
         }
@@ -470,7 +480,7 @@ class SQLiteStore(Store):
         totals = self._raw_stats(tenant, StatsQuery(filters=ListQuery(session_id=session_id)))["overall"]
         if not totals["count"]:
             return None
-        lq = ListQuery(limit=sql.MAX_SESSION_REQUESTS, session_id=session_id, order="asc")
+        lq = ListQuery(limit=MAX_SESSION_REQUESTS, session_id=session_id, order="asc")
         q, params = sql.list_sql(DIALECT, tenant, lq)
         return sql.session_result(DIALECT, session_id, totals, self._fetch(q, params))
 
@@ -485,7 +495,7 @@ class SQLiteStore(Store):
 
         An empty list therefore means no row older than `cutoff` remains.
         """
-        us = sql.to_micros(cutoff)
+        us = to_micros(cutoff)
         while True:
             refs, deleted = await self._write(self._delete_chunk, us, limit)
             if refs or deleted < limit:
@@ -537,13 +547,13 @@ class SQLiteStore(Store):
     # -- API keys ---------------------------------------------------------------------------------
     async def create_key(self, tenant: str, name: str | None, key_hash: str, prefix: str) -> ApiKey:
         key = ApiKey(id=sql.new_key_id(), tenant=tenant, name=name, prefix=prefix,
-                     created_at=sql.from_micros(sql.to_micros(sql.now())))  # fmt: skip
+                     created_at=from_micros(to_micros(sql.now())))  # fmt: skip
 
         def _insert() -> None:
             self._w().execute(
                 "INSERT INTO api_keys (id, tenant, name, prefix, key_hash, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (key.id, tenant, name, prefix, key_hash, sql.to_micros(key.created_at)),
+                (key.id, tenant, name, prefix, key_hash, to_micros(key.created_at)),
             )
 
         await self._write(_insert)
@@ -573,7 +583,7 @@ class SQLiteStore(Store):
         def _revoke() -> bool:
             cur = self._w().execute(
                 "UPDATE api_keys SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
-                (sql.to_micros(sql.now()), key_id),
+                (to_micros(sql.now()), key_id),
             )
             return cur.rowcount == 1
 

@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from llmtap.config import redact_url
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError
+from llmtap.redact import redact_url
 from llmtap.runtime import open_when_back
 from llmtap.webhooks.db import Claimed, WebhookDB
 from llmtap.webhooks.outbox import EVENTS, Endpoint, check_secret, signature_header

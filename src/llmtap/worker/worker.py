@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram
 
-from llmtap.config import Settings, redact_url
+from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError, TransientError
 from llmtap.handlers.base import Chain, Item, build_chain
 from llmtap.record import LogRecord, decode
+from llmtap.redact import redact_url
 from llmtap.runtime import open_when_back
 
 if TYPE_CHECKING:
