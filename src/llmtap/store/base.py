@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from llmtap.backends import STORES
+
 # The query vocabulary's two queries, re-exported: the `Store` methods take them.
 from llmtap.store.query import ListQuery as ListQuery
 from llmtap.store.query import StatsQuery as StatsQuery
-
-from llmtap.backends import STORES
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
