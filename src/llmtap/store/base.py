@@ -36,7 +36,8 @@ ROW_FIELDS = (
     "completion_tokens", "total_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
     "usage_source", "cost_usd", "price_version", "user_id", "session_id", "properties",
     "request_headers", "response_headers", "request_body", "response_body", "response_events",
-    "route", "first_byte_at", "ended_at", "gateway", "truncated",
+    "route", "first_byte_at", "ended_at", "gateway", "cache_write_1h_tokens", "input_audio_tokens",
+    "output_audio_tokens", "service_tier", "web_search_requests", "truncated",
 )  # fmt: skip
 
 

@@ -128,18 +128,23 @@ _MIGRATION_LOCK = 0x6C6C6D74_0001
 _PARTITION_LOCK = 0x6C6C6D74_0002
 
 _STAGING = "llmtap_staging"
-_COLS = ", ".join(sql.COLUMNS)
-_S_COLS = ", ".join(f"s.{c}" for c in sql.COLUMNS)
-# One statement: claim keys, insert the rows whose key was new, and their properties.
-_MOVE = f"""
+
+
+def _move_sql(columns: Sequence[str]) -> str:
+    """One statement: claim keys, insert the rows whose key was new, and their properties.
+    `columns`: what the staging table is given (`sql.COLUMNS`, and `search_text` once migration
+    5 made it)."""
+    cols = ", ".join(columns)
+    s_cols = ", ".join(f"s.{c}" for c in columns)
+    return f"""
 WITH k AS (
     INSERT INTO request_keys (tenant, id, created_at)
     SELECT tenant, id, created_at FROM {_STAGING}
     ON CONFLICT DO NOTHING
     RETURNING tenant, id
 ), ins AS (
-    INSERT INTO requests ({_COLS}, search_text)
-    SELECT {_S_COLS}, s.search_text FROM {_STAGING} s JOIN k ON k.tenant = s.tenant AND k.id = s.id
+    INSERT INTO requests ({cols})
+    SELECT {s_cols} FROM {_STAGING} s JOIN k ON k.tenant = s.tenant AND k.id = s.id
     RETURNING id, {", ".join(rollup.SOURCE_COLUMNS)}
 ), props AS (
     INSERT INTO request_properties (tenant, request_id, created_at, name, value)
@@ -150,8 +155,10 @@ WITH k AS (
 )
 SELECT id, {", ".join(rollup.SOURCE_COLUMNS)} FROM ins
 """
-# Before migration 4 (only tests stop migrations early): no search_text column.
-_MOVE_V3 = _MOVE.replace(f"({_COLS}, search_text)", f"({_COLS})").replace(", s.search_text FROM", " FROM")
+
+
+_WRITTEN = (*sql.COLUMNS, "search_text")
+_MOVE = _move_sql(_WRITTEN)
 _R_KEY_ARRAYS = "$1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]"
 # Claim every rollup row the batch touches (zeros where new), then lock them in key order: two
 # workers adding to the same row serialize here, and neither loses the other's addition.
@@ -288,6 +295,9 @@ class PostgresStore(Store):
         self._covered: dict[str, int] = {}
         self._rollups = False  # the schema has them (always, unless a test stops migrations early)
         self._search = False  # likewise, requests.search_text
+        self._project: tuple[int, ...] | None = None  # likewise, every column of `sql.COLUMNS`
+        self._written: tuple[str, ...] = _WRITTEN
+        self._move = _MOVE
         self.description = f"postgresql {redact_url(url)}"
         parts = urlsplit(url)
         self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
@@ -391,10 +401,18 @@ class PostgresStore(Store):
                         description,
                     )
             self._rollups = await conn.fetchval("SELECT to_regclass('rollup_dims') IS NOT NULL")
-            self._search = await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM information_schema.columns"
-                " WHERE table_name = 'requests' AND column_name = 'search_text')"
-            )
+            present = {
+                str(r[0])
+                for r in await conn.fetch(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_schema = current_schema() AND table_name = 'requests'"
+                )
+            }
+            self._search = "search_text" in present
+            cols = sql.written_columns(present)
+            self._project = None if cols is None else tuple(sql.COLUMNS.index(c) for c in cols)
+            self._written = (*(cols or sql.COLUMNS), *(("search_text",) if self._search else ()))
+            self._move = _MOVE if self._written == _WRITTEN else _move_sql(self._written)
             if self._rollups:
                 await self._cover_dims(conn)
         finally:
@@ -462,7 +480,6 @@ class PostgresStore(Store):
         months = set()
         by_key: dict[tuple[str, str], LogRecord] = {}
         given = {id(r): t for r, t in zip(records, texts or (), strict=False)}
-        columns = (*sql.COLUMNS, "search_text") if self._search else sql.COLUMNS
         for r in sql.dedupe(records):
             v = list(sql.record_values(r))
             by_key[(v[0], v[1])] = r
@@ -472,6 +489,8 @@ class PostgresStore(Store):
             for i in sql.TS_POSITIONS:
                 if v[i] is not None:
                     v[i] = from_micros(v[i])
+            if self._project is not None:  # a schema stopped early (tests): its columns only
+                v = [v[i] for i in self._project] + v[len(sql.COLUMNS) :]
             rows.append(tuple(v))
         if not rows:
             return 0
@@ -480,8 +499,8 @@ class PostgresStore(Store):
                 await self._ensure_partitions(months)
                 try:
                     async with self._p().acquire() as conn, conn.transaction():
-                        await conn.copy_records_to_table(_STAGING, records=rows, columns=columns)
-                        new = await conn.fetch(_MOVE if self._search else _MOVE_V3)
+                        await conn.copy_records_to_table(_STAGING, records=rows, columns=self._written)
+                        new = await conn.fetch(self._move)
                         deltas: dict[rollup.RollupKey, rollup.Cell] = {}
                         for row in new:  # only rows whose key was new: redelivery adds nothing
                             src = list(row[1:])

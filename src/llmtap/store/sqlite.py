@@ -88,10 +88,15 @@ DIALECT = sql.Dialect(
     search=_search,
 )
 
-_INSERT = (
-    f"INSERT INTO requests ({', '.join(sql.COLUMNS)}) VALUES ({', '.join('?' * len(sql.COLUMNS))})"
-    " ON CONFLICT(tenant, id) DO NOTHING"
-)
+
+def _insert(columns: Sequence[str]) -> str:
+    return (
+        f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        " ON CONFLICT(tenant, id) DO NOTHING"
+    )
+
+
+_INSERT = _insert(sql.COLUMNS)
 # A property row belongs to the row that won the insert: a reused request id with a different
 # start time (a second request, not a redelivery) must not graft its properties onto the first.
 _INSERT_PROP = (
@@ -195,6 +200,8 @@ class SQLiteStore(Store):
         self._covered: dict[str, int] = {}
         self._rollups = False  # the schema has them (always, unless a test stops migrations early)
         self._search = False  # likewise, the search index
+        self._project: tuple[int, ...] | None = None  # likewise, every column of `sql.COLUMNS`
+        self._insert = _INSERT
         self._busy_ms = int(busy_timeout * 1000)
         self.description = f"sqlite {self.path}"
         self._writer: ThreadPoolExecutor | None = None
@@ -282,6 +289,10 @@ class SQLiteStore(Store):
             self._rollups = found is not None
             found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'request_text'").fetchone()
             self._search = found is not None
+            present = {str(row[1]) for row in conn.execute("PRAGMA table_info(requests)")}
+            cols = sql.written_columns(present)
+            self._project = None if cols is None else tuple(sql.COLUMNS.index(c) for c in cols)
+            self._insert = _INSERT if cols is None else _insert(cols)
             if self._rollups:
                 # Dimensions rolled up from now on (see `llmtap.store.rollup`: coverage).
                 empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM requests)").fetchone()[0]
@@ -354,7 +365,10 @@ class SQLiteStore(Store):
             fresh = [(r, row) for r, row in zip(kept, rows, strict=True) if (row[0], row[1]) not in present]
             rows = [row for _, row in fresh]
             before = conn.total_changes
-            conn.executemany(_INSERT, rows)
+            if self._project is not None:
+                conn.executemany(self._insert, [tuple(row[i] for i in self._project) for row in rows])
+            else:
+                conn.executemany(_INSERT, rows)
             inserted = conn.total_changes - before
             # Endpoints are read inside the transaction: the outbox rows commit with the records,
             # for the new ones only.
