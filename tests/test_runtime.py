@@ -1,7 +1,7 @@
 """Issue 9: one process, one set of backends; services start in order and stop in reverse.
 
 `llmtap up` runs worker, server (with its ingest drain), webhook deliverer and gateway in one
-process. They share one store, one body store and one handler chain (`runtime.Backends`):
+process. They share one store, one body store and one handler chain (`runtime.SharedBackends`):
 counted here on a real `llmtap up` as the process's file handles on the store's SQLite file,
 against what one store holds, and as the backends' own debug lines. `run_services` stops what
 it started in reverse order, also when a later service fails to start.
@@ -25,7 +25,7 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable
 from llmtap.queue.base import Message, open_queue
 from llmtap.record import encode, encode_many
-from llmtap.runtime import Backends, Service, run_services
+from llmtap.runtime import Service, SharedBackends, run_services
 from llmtap.server.app import ServerService
 from llmtap.store.sqlite import SQLiteStore
 from llmtap.worker.worker import WorkerService
@@ -186,7 +186,7 @@ async def test_real_services_started_before_a_failing_one_are_closed(tmp_path: P
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         settings = Settings(data_dir=tmp_path, server_port=busy.getsockname()[1])
-        shared = Backends(settings)
+        shared = SharedBackends(settings)
         worker = WorkerService(settings, backends=shared)
         opened: list[int] = []
         original = worker.start
@@ -205,7 +205,7 @@ async def test_real_services_started_before_a_failing_one_are_closed(tmp_path: P
     assert handles_on(tmp_path / "queue.db") == 0  # so is the worker's queue
 
 
-# -- Backends --------------------------------------------------------------------------------------
+# -- SharedBackends --------------------------------------------------------------------------------
 
 
 async def test_backends_connect_each_once_for_concurrent_callers_and_retry_after_a_failure(
@@ -223,7 +223,7 @@ async def test_backends_connect_each_once_for_concurrent_callers_and_retry_after
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the body store's directory should be")
     settings = Settings(data_dir=tmp_path, bodies=f"file:{blocker / 'bodies'}")
-    shared = Backends(settings)
+    shared = SharedBackends(settings)
     caplog.set_level(logging.DEBUG, logger="llmtap")
     try:
         # Worker, server and deliverer waiting out one outage all ask at once: one connect.
@@ -253,7 +253,7 @@ async def test_backends_never_connect_or_close_what_they_were_given(tmp_path: Pa
     store = SQLiteStore(str(tmp_path / "given.db"))
     await store.connect()
     try:
-        shared = Backends(Settings(data_dir=tmp_path), store=store)
+        shared = SharedBackends(Settings(data_dir=tmp_path), store=store)
         assert await shared.connect_store() is store
         await shared.start_chain()  # connects its own body store, starts its own chain
         await shared.stop()

@@ -112,7 +112,7 @@ async def _connected(backend: B) -> AsyncIterator[B]:
 
 
 def _serve(settings: Settings, title: str, parts: list[str]) -> None:
-    from llmtap.runtime import Backends, Service, run_services, setup_logging
+    from llmtap.runtime import Service, SharedBackends, run_services, setup_logging
 
     setup_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def _serve(settings: Settings, title: str, parts: list[str]) -> None:
     async def main() -> int:
         # One store, one body store, one handler chain for every part of this process; started
         # first, so it is stopped last, once nothing uses it any more.
-        shared = Backends(settings)
+        shared = SharedBackends(settings)
         services: list[Service] = [shared]
         # Start order: consumers and API first, the gateway last, so that it accepts traffic only
         # once everything behind it is ready; stop order is the reverse (gateway flushes first).

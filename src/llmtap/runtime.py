@@ -5,7 +5,7 @@ Each is a `Service`: `start()` returns banner lines once it is ready (or raises
 `BackendUnavailable` / `ConfigError` with one sentence), `stop()` drains and releases.
 Services stop in reverse start order, so `up` stops the gateway first (it flushes its pending
 records into the queue) and the worker after it. The services of one process share one
-`Backends` (one store, one body store, one handler chain), started first and stopped last.
+`SharedBackends` (one store, one body store, one handler chain), started first and stopped last.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def banner(settings: Settings, title: str, lines: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-class Backends:
+class SharedBackends:
     """The store, body store and handler chain of one process, shared by its services.
 
     `llmtap up` makes one and hands it to the worker, the server (and its ingest drain), the
@@ -192,17 +192,17 @@ class Backends:
 
 
 class OnBackends:
-    """What a service on a `Backends` shares: the store, body store and chain it uses, and an
-    exit stack that undoes its start (closing the `Backends` too if it made its own)."""
+    """A service on `SharedBackends`: the store, body store and chain it uses, and an exit stack
+    that undoes its start (closing the backends too if it made its own)."""
 
-    backends: Backends
-    _private: Backends | None
+    backends: SharedBackends
+    _private: SharedBackends | None
     _stack: contextlib.AsyncExitStack
 
     def _use_backends(
         self,
         settings: Settings,
-        backends: Backends | None,
+        backends: SharedBackends | None,
         *,
         store: Store | None = None,
         bodies: BodyStore | None = None,
@@ -212,7 +212,7 @@ class OnBackends:
         only private ones are closed by the service."""
         self._private = None
         if backends is None:
-            backends = self._private = Backends(settings, store=store, bodies=bodies, chain=chain)
+            backends = self._private = SharedBackends(settings, store=store, bodies=bodies, chain=chain)
         self.backends = backends
         self._stack = contextlib.AsyncExitStack()
 

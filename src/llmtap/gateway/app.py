@@ -33,7 +33,7 @@ from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.gateway.sinks import IngestSink, SpoolReplayer, SpoolSink
 from llmtap.gateway.spool import DiskSpool, spool_dir
 from llmtap.queue.base import Queue, open_queue
-from llmtap.runtime import Backends, OnBackends, cancel
+from llmtap.runtime import OnBackends, SharedBackends, cancel
 from llmtap.store.base import Store
 
 __all__ = ["GatewayService", "make_server"]
@@ -93,12 +93,12 @@ class GatewayService(OnBackends):
         queue: Queue | None = None,
         bodies: BodyStore | None = None,
         sinks: list[Sink] | None = None,
-        backends: Backends | None = None,
+        backends: SharedBackends | None = None,
     ) -> None:
         """`queue` defaults to the one the settings name (connected and closed by the service);
         a given one is used as it is and left open. The body store (and, in multi-tenant mode,
         the store of the key table) come from `backends` (shared, its maker's to close) or
-        from a `Backends` of its own over `bodies` (a given one stays the caller's).
+        from a `SharedBackends` of its own over `bodies` (a given one stays the caller's).
 
         The default sink chain is queue → ingest endpoint (`LLMTAP_INGEST_URL`, by default the
         server's) → disk spool (`<data dir>/spool`), the spool also taking what overflows the

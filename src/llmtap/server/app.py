@@ -23,7 +23,7 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.handlers.base import Chain
 from llmtap.retention import RetentionTask
-from llmtap.runtime import Backends, OnBackends, cancel, open_when_back
+from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
 from llmtap.server import api, dashboard, openapi, security, webhooks_api
 from llmtap.server.auth import Unauthorized, check_ingest, tenant_for
 from llmtap.server.ingest import IngestQueue
@@ -141,7 +141,7 @@ class ServerService(OnBackends):
 
     Store, body store and handler chain (the ingest drain's, `server.ingest`) come from
     `backends`, shared with the other services of `llmtap up` and closed by whoever made it,
-    or from a `Backends` of its own over `store`/`bodies` (given objects stay the caller's).
+    or from a `SharedBackends` of its own over `store`/`bodies` (given objects stay the caller's).
     """
 
     name = "server"
@@ -152,7 +152,7 @@ class ServerService(OnBackends):
         *,
         store: Store | None = None,
         bodies: BodyStore | None = None,
-        backends: Backends | None = None,
+        backends: SharedBackends | None = None,
     ) -> None:
         self.settings = settings
         self._use_backends(settings, backends, store=store, bodies=bodies)

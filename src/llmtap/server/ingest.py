@@ -27,7 +27,7 @@ from llmtap.config import Settings
 from llmtap.queue.base import Message
 from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import LogRecord, encode, partition_key
-from llmtap.runtime import Backends
+from llmtap.runtime import SharedBackends
 from llmtap.worker.worker import WorkerService
 
 log = logging.getLogger("llmtap.server")
@@ -44,7 +44,7 @@ def ingest_queue_path(settings: Settings) -> Path:
 class IngestQueue:
     """Durable append (`put`) plus the background drain into the handler chain."""
 
-    def __init__(self, settings: Settings, backends: Backends) -> None:
+    def __init__(self, settings: Settings, backends: SharedBackends) -> None:
         self.settings = settings
         path = ingest_queue_path(settings)
         self.queue = SQLiteQueue(str(path), partitions=PARTITIONS)

@@ -31,7 +31,7 @@ import aiohttp
 
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError
 from llmtap.redact import redact_url
-from llmtap.runtime import Backends, OnBackends, cancel, open_when_back
+from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
 from llmtap.webhooks.db import Claimed, WebhookDB
 from llmtap.webhooks.outbox import EVENTS, Endpoint, check_secret, signature_header
 
@@ -276,11 +276,11 @@ class Deliverer:
 
 class DelivererService(OnBackends):
     """`llmtap server` / `llmtap up` part: the deliverer, on the store of `backends` (shared, its
-    maker's to close) or of a `Backends` of its own."""
+    maker's to close) or of a `SharedBackends` of its own."""
 
     name = "webhooks"
 
-    def __init__(self, settings: Settings, *, backends: Backends | None = None) -> None:
+    def __init__(self, settings: Settings, *, backends: SharedBackends | None = None) -> None:
         self.settings = settings
         self._use_backends(settings, backends)
 

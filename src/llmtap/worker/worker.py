@@ -37,7 +37,7 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError, TransientError
 from llmtap.handlers.base import Chain, Item
 from llmtap.record import LogRecord, decode
-from llmtap.runtime import Backends, OnBackends, open_when_back
+from llmtap.runtime import OnBackends, SharedBackends, open_when_back
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
@@ -120,7 +120,7 @@ class WorkerService(OnBackends):
     """`llmtap worker`: a `runtime.Service` that drains the queue into the store.
 
     Store, body store and chain come from `backends` (shared, the caller's to close) or from a
-    `Backends` of its own over `store`/`bodies`/`chain` (objects given are used as they are,
+    `SharedBackends` of its own over `store`/`bodies`/`chain` (objects given are used as they are,
     the rest opened from settings and closed at stop). The queue, given or not, is the worker's:
     a consumer connection is never shared.
     """
@@ -135,7 +135,7 @@ class WorkerService(OnBackends):
         store: Store | None = None,
         bodies: BodyStore | None = None,
         chain: Chain | None = None,
-        backends: Backends | None = None,
+        backends: SharedBackends | None = None,
     ) -> None:
         self.settings = settings
         self.linger = settings.worker_linger_ms / 1000.0
@@ -174,7 +174,7 @@ class WorkerService(OnBackends):
         return [f"worker    consuming {self.queue.description} → {self.backends.store_description()}"]
 
     async def _open(self) -> None:
-        """Backends, then the queue; a failed queue connection is closed again, so it can be retried."""
+        """The backends, then the queue; a failed queue connection is closed again, for a retry."""
         await self.backends.start_chain()
         try:
             await self.queue.connect("consumer")  # last: take partitions only once able to work
