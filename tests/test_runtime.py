@@ -203,6 +203,7 @@ async def test_real_services_started_before_a_failing_one_are_closed(tmp_path: P
     assert opened and opened[0] >= 2  # the worker had the store open ...
     assert handles_on(tmp_path / "store.db") == 0  # ... and it is closed again
     assert handles_on(tmp_path / "queue.db") == 0  # so is the worker's queue
+    assert handles_on(tmp_path / "ingest.db") == 0  # and the server's ingest queue, opened before it failed
 
 
 # -- SharedBackends --------------------------------------------------------------------------------
