@@ -501,45 +501,6 @@ def test_openai_embeddings(stack: Stack) -> None:
     )
 
 
-OPENAI_ERRORS = [
-    (400, openai.BadRequestError),
-    (401, openai.AuthenticationError),
-    (429, openai.RateLimitError),
-    (500, openai.InternalServerError),
-]
-
-
-@pytest.mark.parametrize(("status", "exc"), OPENAI_ERRORS)
-def test_openai_errors(stack: Stack, status: int, exc: type[openai.APIStatusError]) -> None:
-    kw: dict[str, Any] = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "fail please"}]}
-    knobs = {"x-fake-status": str(status)}
-    h = stack.mark(**knobs)
-    with pytest.raises(exc) as through:
-        stack.oa.chat.completions.create(**kw, extra_headers=h)
-    with pytest.raises(exc) as direct:
-        stack.direct_oa.chat.completions.create(**kw, extra_headers=knobs)
-    err = through.value
-    assert err.status_code == status
-    assert err.body == direct.value.body and err.message == direct.value.message
-    assert err.response.content == direct.value.response.content  # byte-identical error body
-    if status == 429:
-        assert err.response.headers["retry-after"] == "7"
-        assert err.response.headers["x-ratelimit-remaining-requests"] == "0"
-
-    rid = err.response.headers["llmtap-request-id"]
-    check_record(
-        stack.record(rid),
-        request_id=rid,
-        provider="openai",
-        model=CHAT_MODEL,
-        status=status,
-        streamed=False,
-        request_body=json.loads(err.response.request.content),
-        response_body=json.loads(err.response.content),
-        tokens=None,
-    )
-
-
 # -- Anthropic -------------------------------------------------------------------------------------
 
 
@@ -668,42 +629,58 @@ def test_anthropic_tool_use(stack: Stack, stream: bool) -> None:
     )
 
 
-ANTHROPIC_ERRORS = [
-    (400, anthropic.BadRequestError),
-    (401, anthropic.AuthenticationError),
-    (429, anthropic.RateLimitError),
-    (500, anthropic.InternalServerError),
-    (529, anthropic.OverloadedError),
+# -- errors, both SDKs ----------------------------------------------------------------------------
+
+ERRORS: list[tuple[str, int, type[openai.APIStatusError | anthropic.APIStatusError]]] = [
+    ("openai", 400, openai.BadRequestError),
+    ("openai", 401, openai.AuthenticationError),
+    ("openai", 429, openai.RateLimitError),
+    ("openai", 500, openai.InternalServerError),
+    ("anthropic", 400, anthropic.BadRequestError),
+    ("anthropic", 401, anthropic.AuthenticationError),
+    ("anthropic", 429, anthropic.RateLimitError),
+    ("anthropic", 500, anthropic.InternalServerError),
+    ("anthropic", 529, anthropic.OverloadedError),
 ]
 
 
-@pytest.mark.parametrize(("status", "exc"), ANTHROPIC_ERRORS)
-def test_anthropic_errors(stack: Stack, status: int, exc: type[anthropic.APIStatusError]) -> None:
-    kw: dict[str, Any] = {
-        "model": CLAUDE,
-        "max_tokens": 10,
-        "messages": [{"role": "user", "content": "fail please"}],
-    }
+@pytest.mark.parametrize(("provider", "status", "exc"), ERRORS)
+def test_errors(
+    stack: Stack, provider: str, status: int, exc: type[openai.APIStatusError | anthropic.APIStatusError]
+) -> None:
+    """An upstream error reaches the SDK as it would without the gateway (same exception, body
+    and rate-limit headers) and is logged with its status and both bodies."""
+    messages = [{"role": "user", "content": "fail please"}]
+    if provider == "openai":
+        model, kw = CHAT_MODEL, {"model": CHAT_MODEL, "messages": messages}
+        through, direct = stack.oa.chat.completions.create, stack.direct_oa.chat.completions.create
+        remaining = "x-ratelimit-remaining-requests"
+    else:
+        model, kw = CLAUDE, {"model": CLAUDE, "max_tokens": 10, "messages": messages}
+        through, direct = stack.an.messages.create, stack.direct_an.messages.create  # type: ignore[assignment]
+        remaining = "anthropic-ratelimit-requests-remaining"
     knobs = {"x-fake-status": str(status)}
     h = stack.mark(**knobs)
-    with pytest.raises(exc) as through:
-        stack.an.messages.create(**kw, extra_headers=h)
-    with pytest.raises(exc) as direct:
-        stack.direct_an.messages.create(**kw, extra_headers=knobs)
-    err = through.value
+    with pytest.raises(exc) as via:
+        through(**kw, extra_headers=h)
+    with pytest.raises(exc) as without:
+        direct(**kw, extra_headers=knobs)
+    err = via.value
     assert err.status_code == status
-    assert norm(err.body) == norm(direct.value.body)
-    assert norm_raw(err.response.content) == norm_raw(direct.value.response.content)
+    assert norm(err.body) == norm(without.value.body)
+    assert norm_raw(err.response.content) == norm_raw(without.value.response.content)
+    if provider == "openai":  # Anthropic's message quotes its per-call request id
+        assert err.message == without.value.message
     if status == 429:
         assert err.response.headers["retry-after"] == "7"
-        assert err.response.headers["anthropic-ratelimit-requests-remaining"] == "0"
+        assert err.response.headers[remaining] == "0"
 
     rid = err.response.headers["llmtap-request-id"]
     check_record(
         stack.record(rid),
         request_id=rid,
-        provider="anthropic",
-        model=CLAUDE,
+        provider=provider,
+        model=model,
         status=status,
         streamed=False,
         request_body=json.loads(err.response.request.content),

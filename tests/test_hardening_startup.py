@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 
 from llmtap.config import Settings
 from llmtap.queue.base import Message, open_queue
-from llmtap.record import encode
+from llmtap.record import encode, encode_many
 from procs import Proc, free_port, http_json, llmtap_env, services, start_llmtap, wait_until
 from worker_helpers import make_record
 
@@ -93,6 +94,60 @@ def test_worker_and_server_start_during_an_outage_and_work_once_it_ends(tmp_path
             if proc is not None:
                 proc.stop()
         services("start", "redis")
+        services("start", "postgres")
+
+
+@pytest.mark.skipif(not PG, reason="needs PostgreSQL (scripts/services.sh up)")
+def test_up_started_during_a_store_outage_connects_the_shared_store_once_it_is_back(tmp_path: Path) -> None:
+    """Issue 9: in `llmtap up` worker, server, ingest drain and deliverer all wait on one shared
+    store; once it is back it is connected once, and the records taken meanwhile are stored."""
+    assert PG
+    server_port = free_port()
+    env = llmtap_env(
+        tmp_path, store=PG, server_port=server_port, gateway_port=free_port(),
+        default_tenant="acme", log_level="debug",
+    )  # fmt: skip
+    services("stop", "postgres")
+    up = None
+    try:
+        up = start_llmtap("up", env, tmp_path / "up.log")
+        wait_until(_banner_or_exit(up), 60, what="up banner")
+        out = up.output()
+        assert up.alive(), out
+        assert [line for line in out.splitlines() if "WAITING" in line and "worker" in line], out
+        assert [line for line in out.splitlines() if "WAITING" in line and "server" in line], out
+        assert "gateway   http://" in out, out  # the gateway serves (it needs no store)
+        records = [make_record(i) for i in range(20)]
+
+        async def publish() -> None:  # into the embedded queue the worker consumes
+            q = open_queue(Settings(data_dir=tmp_path))
+            await q.connect("producer")
+            try:
+                await q.publish([Message(r.id, encode(r)) for r in records[:10]])
+            finally:
+                await q.close()
+
+        asyncio.run(publish())
+        base = f"http://127.0.0.1:{server_port}"
+        # Taken while the store is down: the ingest queue holds it.
+        headers = {"content-type": "application/json"}
+        req = urllib.request.Request(f"{base}/api/v1/ingest", data=encode_many(records[10:]), headers=headers)
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+        time.sleep(2)  # a few retry rounds of every waiting service
+        services("start", "postgres")
+
+        def all_stored() -> bool:
+            return all(http_json("GET", f"{base}/api/v1/requests/{r.id}")[0] == 200 for r in records)
+
+        wait_until(all_stored, 120, interval=0.5, what="records stored after the outage ended")
+        out = up.output()
+        assert "Traceback" not in out, out
+        assert out.count("backends: store ready") == 1, out
+        assert out.count("backends: handler chain ready") == 1, out
+    finally:
+        if up is not None:
+            assert up.stop() == 0, up.output()
         services("start", "postgres")
 
 

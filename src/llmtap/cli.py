@@ -8,11 +8,12 @@ each for scaled-out deployments; `status`, `keys` and `dlq` are operations. Sett
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -20,7 +21,13 @@ from llmtap import __version__
 from llmtap.config import Settings, load_settings
 from llmtap.errors import LlmtapError
 
+if TYPE_CHECKING:
+    from llmtap.queue.base import DeadLetter, Queue
+    from llmtap.store.base import ApiKey, Store
+    from llmtap.webhooks.outbox import Endpoint
+
 T = TypeVar("T")
+B = TypeVar("B", "Store", "Queue")
 
 EPILOG = """\b
 Examples:
@@ -37,16 +44,37 @@ Point your SDK at the gateway:
 
 
 def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    """The settings, or exit 2 with one sentence naming the bad one."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given and "settings" in ctx.obj:
+        return cast(Settings, ctx.obj["settings"])
     try:
         settings = load_settings(ctx.obj.get("config"), **overrides)
     except LlmtapError as e:
         _fail(str(e))
+    if not given:
+        ctx.obj["settings"] = settings  # a command asks more than once (tenant, missing files)
     return settings
 
 
 def _fail(message: str, code: int = 2) -> Any:
     click.echo(f"llmtap: {message}", err=True)
     sys.exit(code)
+
+
+def _found(result: T, what: str) -> T:
+    """The command's target exists, or exit 1 with one sentence ("no endpoint 'ep_1'")."""
+    if not result:
+        _fail(f"no {what}", 1)
+    return result
+
+
+def _listing(rows: Sequence[T], line: Callable[[T], str], empty: str) -> None:
+    """One line per row on stdout, or `empty` on stderr (a script reading stdout sees nothing)."""
+    for row in rows:
+        click.echo(line(row))
+    if not rows:
+        click.echo(empty, err=True)
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -62,45 +90,84 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
         return None  # type: ignore[return-value]
 
 
+def _run_with(ctx: click.Context, fn: Callable[[Settings], Awaitable[T]], *, create: bool = False) -> T:
+    """The one way a command runs: settings (a bad one: one sentence), then `fn` on an event
+    loop (a backend error: one sentence). `create` makes the data dir first."""
+    settings = _settings(ctx)
+    if create:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return _run(lambda: fn(settings))
+
+
+@contextlib.asynccontextmanager
+async def _connected(backend: B) -> AsyncIterator[B]:
+    """A store, or a queue as producer, connected for the length of one command."""
+    from llmtap.queue.base import Queue
+
+    await (backend.connect("producer") if isinstance(backend, Queue) else backend.connect())
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
 def _serve(settings: Settings, title: str, parts: list[str]) -> None:
-    from llmtap.runtime import Service, run_services, setup_logging
+    from llmtap.runtime import Service, SharedBackends, run_services, setup_logging
 
     setup_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     async def main() -> int:
-        services: list[Service] = []
+        # One store, one body store, one handler chain for every part of this process; started
+        # first, so it is stopped last, once nothing uses it any more.
+        shared = SharedBackends(settings)
+        services: list[Service] = [shared]
         # Start order: consumers and API first, the gateway last, so that it accepts traffic only
         # once everything behind it is ready; stop order is the reverse (gateway flushes first).
         if "worker" in parts:
             from llmtap.worker.worker import WorkerService
 
-            services.append(WorkerService(settings))
+            services.append(WorkerService(settings, backends=shared))
         if "server" in parts:
             from llmtap.server.app import ServerService
             from llmtap.webhooks.deliverer import DelivererService
 
-            services.append(ServerService(settings))
-            services.append(DelivererService(settings))
+            services.append(ServerService(settings, backends=shared))
+            services.append(DelivererService(settings, backends=shared))
         if "gateway" in parts:
             from llmtap.gateway.app import GatewayService
 
-            services.append(GatewayService(settings))
+            services.append(GatewayService(settings, backends=shared))
         return await run_services(settings, title, services)
 
     sys.exit(_run(main))
 
 
+_data_dir_option = click.option(
+    "--data-dir", type=click.Path(path_type=Path), help="Embedded data (LLMTAP_DATA_DIR)."
+)
+
+
 def _listen_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--host", help="Address to bind (LLMTAP_HOST).")(f)
-    f = click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data (LLMTAP_DATA_DIR).")(
-        f
-    )
-    return f
+    return _data_dir_option(click.option("--host", help="Address to bind (LLMTAP_HOST).")(f))
+
+
+def _port_option(part: str, label: str, default: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    env = f"LLMTAP_{part.upper()}_PORT"
+    return click.option(f"--{part}-port", type=int, help=f"{label} ({env}, default {default}).")
+
+
+class _Group(click.Group):
+    """Commands listed in the order they are defined: running llmtap first, then operations."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
 
 
 @click.group(
-    epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    cls=_Group,
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.option(
     "--config",
@@ -116,40 +183,44 @@ def cli(ctx: click.Context, config: Path | None) -> None:
     ctx.obj["config"] = config
 
 
-@cli.command(short_help="Run everything in one process (embedded defaults).")
-@_listen_options
-@click.option("--gateway-port", type=int, help="Gateway port (LLMTAP_GATEWAY_PORT, default 8787).")
-@click.option("--server-port", type=int, help="API + dashboard port (LLMTAP_SERVER_PORT, default 8788).")
-@click.pass_context
-def up(ctx: click.Context, /, **overrides: Any) -> None:
-    """Run gateway, log worker, API and dashboard in one process (embedded defaults)."""
-    _serve(_settings(ctx, **overrides), "up", ["worker", "server", "gateway"])
+def _serving(title: str, parts: list[str], short_help: str, doc: str, *options: Callable[[Any], Any]) -> None:
+    """Add a command that runs `parts` in this process; the four differ only in these."""
+
+    def command(ctx: click.Context, /, **overrides: Any) -> None:
+        _serve(_settings(ctx, **overrides), title, parts)
+
+    command.__doc__ = doc
+    f: Any = click.pass_context(command)
+    for option in reversed(options):
+        f = option(f)
+    cli.command(title, short_help=short_help)(f)
 
 
-@cli.command(short_help="Run the proxy alone (stateless, scale out).")
-@_listen_options
-@click.option("--gateway-port", type=int, help="Port (LLMTAP_GATEWAY_PORT, default 8787).")
-@click.pass_context
-def gateway(ctx: click.Context, /, **overrides: Any) -> None:
-    """Run the proxy alone (stateless: run many behind a load balancer)."""
-    _serve(_settings(ctx, **overrides), "gateway", ["gateway"])
-
-
-@cli.command(short_help="Run a log worker (run many: one consumer group).")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data (LLMTAP_DATA_DIR).")
-@click.pass_context
-def worker(ctx: click.Context, /, **overrides: Any) -> None:
-    """Run a log worker alone (run many: they share the queue's partitions)."""
-    _serve(_settings(ctx, **overrides), "worker", ["worker"])
-
-
-@cli.command(short_help="Run the query API, dashboard and ingest endpoint.")
-@_listen_options
-@click.option("--server-port", type=int, help="Port (LLMTAP_SERVER_PORT, default 8788).")
-@click.pass_context
-def server(ctx: click.Context, /, **overrides: Any) -> None:
-    """Run the query API, the dashboard and the fallback ingest endpoint."""
-    _serve(_settings(ctx, **overrides), "server", ["server"])
+_serving(
+    "up", ["worker", "server", "gateway"],
+    "Run everything in one process (embedded defaults).",
+    "Run gateway, log worker, API and dashboard in one process (embedded defaults).",
+    _listen_options, _port_option("gateway", "Gateway port", 8787),
+    _port_option("server", "API + dashboard port", 8788),
+)  # fmt: skip
+_serving(
+    "gateway", ["gateway"],
+    "Run the proxy alone (stateless, scale out).",
+    "Run the proxy alone (stateless: run many behind a load balancer).",
+    _listen_options, _port_option("gateway", "Port", 8787),
+)  # fmt: skip
+_serving(
+    "worker", ["worker"],
+    "Run a log worker (run many: one consumer group).",
+    "Run a log worker alone (run many: they share the queue's partitions).",
+    _data_dir_option,
+)  # fmt: skip
+_serving(
+    "server", ["server"],
+    "Run the query API, dashboard and ingest endpoint.",
+    "Run the query API, the dashboard and the fallback ingest endpoint.",
+    _listen_options, _port_option("server", "Port", 8788),
+)  # fmt: skip
 
 
 @cli.command(short_help="Show queue lag, dead letters and spool size.")
@@ -157,9 +228,8 @@ def server(ctx: click.Context, /, **overrides: Any) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show queue lag per partition, dead-letter count and spool size."""
-    settings = _settings(ctx)
 
-    async def main() -> dict[str, Any]:
+    async def main(settings: Settings) -> dict[str, Any]:
         from llmtap.errors import BackendUnavailable
         from llmtap.gateway.spool import spool_size
         from llmtap.queue import open_queue
@@ -180,11 +250,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         q = open_queue(settings)
         info["queue"] = q.description or settings.queue
         try:
-            await q.connect("producer")
-            try:
+            async with _connected(q):
                 st = await q.status()
-            finally:
-                await q.close()
         except BackendUnavailable as e:
             info.update(reachable=False, error=str(e), lag=None, partitions=[], dead_letters=None)
             return info
@@ -198,7 +265,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         )
         return info
 
-    info = _run(main)
+    info = _run_with(ctx, main)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         if not info["reachable"]:
@@ -246,22 +313,14 @@ def _store_missing(settings: Settings) -> bool:
     return path is not None and not Path(path).exists()
 
 
-def _with_store(ctx: click.Context, fn: Callable[[Any], Awaitable[T]], *, create: bool = False) -> T:
-    settings = _settings(ctx)
-    if create:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-
-    async def main() -> T:
+def _with_store(ctx: click.Context, fn: Callable[[Store], Awaitable[T]], *, create: bool = False) -> T:
+    async def main(settings: Settings) -> T:
         from llmtap.store import open_store
 
-        store = open_store(settings)
-        await store.connect()
-        try:
+        async with _connected(open_store(settings)) as store:
             return await fn(store)
-        finally:
-            await store.close()
 
-    return _run(main)
+    return _run_with(ctx, main, create=create)
 
 
 @keys.command("create")
@@ -287,11 +346,12 @@ def keys_list(ctx: click.Context, tenant: str | None) -> None:
     from llmtap import keys as k
 
     rows = [] if _store_missing(_settings(ctx)) else _with_store(ctx, lambda s: k.list_keys(s, tenant))
-    for key in rows:
+
+    def line(key: ApiKey) -> str:
         state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
-        click.echo(f"{key.id}  {key.prefix}…  tenant={key.tenant}  name={key.name or '-'}  {state}")
-    if not rows:
-        click.echo("no keys", err=True)
+        return f"{key.id}  {key.prefix}…  tenant={key.tenant}  name={key.name or '-'}  {state}"
+
+    _listing(rows, line, "no keys")
 
 
 @keys.command("revoke")
@@ -301,8 +361,8 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
     """Revoke a key by id; it stops working at once."""
     from llmtap import keys as k
 
-    if _store_missing(_settings(ctx)) or not _with_store(ctx, lambda s: k.revoke_key(s, key_id)):
-        _fail(f"no active key with id {key_id!r}", 1)
+    revoked = not _store_missing(_settings(ctx)) and _with_store(ctx, lambda s: k.revoke_key(s, key_id))
+    _found(revoked, f"active key with id {key_id!r}")
     click.echo(f"key {key_id} revoked")
 
 
@@ -325,6 +385,19 @@ def _with_hooks(
 
 def _tenant(ctx: click.Context, tenant: str | None) -> str:
     return tenant or _settings(ctx).default_tenant
+
+
+_tenant_option = click.option("--tenant", help="The endpoint's tenant (default: the default tenant).")
+
+
+def _one(id_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The arguments of a command on one endpoint or delivery: its id, and its `--tenant`."""
+    return lambda f: click.argument(id_name)(_tenant_option(click.pass_context(f)))
+
+
+def _change(ctx: click.Context, tenant: str | None, what: str, change: Callable[[Any, str], Any]) -> None:
+    """Run `change(db, tenant)` on the outbox; exit 1 with one sentence if `what` is not there."""
+    _found(_with_hooks(ctx, lambda db, _s: change(db, _tenant(ctx, tenant))), what)
 
 
 @webhooks.command("add")
@@ -367,45 +440,38 @@ def webhooks_list(ctx: click.Context, tenant: str | None) -> None:
     from llmtap.redact import redact_url
 
     rows = _with_hooks(ctx, lambda db, _s: db.list_endpoints(tenant))
-    for ep in rows:
+
+    def line(ep: Endpoint) -> str:
         state = "disabled" if ep.disabled_at else ("failing" if ep.failing_since else "active")
         extra = f"  filters={ep.filters}" if ep.filters else ""
         extra += f"  sample={ep.sample}" if ep.sample < 1 else ""
         extra += "  bodies" if ep.include_bodies else ""
         extra += "  rotating (signs with two secrets)" if ep.previous_secret else ""
         events = ",".join(ep.events)
-        click.echo(f"{ep.id}  tenant={ep.tenant}  {redact_url(ep.url)}  events={events}  {state}{extra}")
-    if not rows:
-        click.echo("no webhook endpoints", err=True)
+        return f"{ep.id}  tenant={ep.tenant}  {redact_url(ep.url)}  events={events}  {state}{extra}"
+
+    _listing(rows, line, "no webhook endpoints")
 
 
 @webhooks.command("remove")
-@click.argument("endpoint_id")
-@click.option("--tenant")
-@click.pass_context
+@_one("endpoint_id")
 def webhooks_remove(ctx: click.Context, endpoint_id: str, tenant: str | None) -> None:
     """Remove an endpoint and its pending deliveries."""
-    if not _with_hooks(ctx, lambda db, _s: db.remove_endpoint(_tenant(ctx, tenant), endpoint_id)):
-        _fail(f"no endpoint {endpoint_id!r}", 1)
+    _change(ctx, tenant, f"endpoint {endpoint_id!r}", lambda db, t: db.remove_endpoint(t, endpoint_id))
     click.echo(f"endpoint {endpoint_id} removed")
 
 
 @webhooks.command("enable")
-@click.argument("endpoint_id")
-@click.option("--tenant")
-@click.pass_context
+@_one("endpoint_id")
 def webhooks_enable(ctx: click.Context, endpoint_id: str, tenant: str | None) -> None:
     """Enable a disabled endpoint again; its pending deliveries are sent."""
-    if not _with_hooks(ctx, lambda db, _s: db.enable_endpoint(_tenant(ctx, tenant), endpoint_id)):
-        _fail(f"no endpoint {endpoint_id!r}", 1)
+    _change(ctx, tenant, f"endpoint {endpoint_id!r}", lambda db, t: db.enable_endpoint(t, endpoint_id))
     click.echo(f"endpoint {endpoint_id} enabled")
 
 
 @webhooks.command("rotate")
-@click.argument("endpoint_id")
-@click.option("--tenant")
+@_one("endpoint_id")
 @click.option("--secret", help="The new whsec_ secret (default: a new one, printed once).")
-@click.pass_context
 def webhooks_rotate(ctx: click.Context, endpoint_id: str, tenant: str | None, secret: str | None) -> None:
     """Give an endpoint a new secret; deliveries carry both signatures until the next rotation."""
     from llmtap.webhooks.outbox import check_secret, new_secret
@@ -414,16 +480,13 @@ def webhooks_rotate(ctx: click.Context, endpoint_id: str, tenant: str | None, se
         new = check_secret(secret) if secret else new_secret()
     except ValueError as e:
         _fail(str(e))
-    if not _with_hooks(ctx, lambda db, _s: db.rotate_secret(_tenant(ctx, tenant), endpoint_id, new)):
-        _fail(f"no endpoint {endpoint_id!r}", 1)
+    _change(ctx, tenant, f"endpoint {endpoint_id!r}", lambda db, t: db.rotate_secret(t, endpoint_id, new))
     click.echo(new)
     click.echo(f"endpoint {endpoint_id} signs with the new secret and the previous one", err=True)
 
 
 @webhooks.command("test")
-@click.argument("endpoint_id")
-@click.option("--tenant")
-@click.pass_context
+@_one("endpoint_id")
 def webhooks_test(ctx: click.Context, endpoint_id: str, tenant: str | None) -> None:
     """Send a signed sample event now and show the receiver's answer."""
     from llmtap.webhooks.manage import test_endpoint
@@ -434,19 +497,20 @@ def webhooks_test(ctx: click.Context, endpoint_id: str, tenant: str | None) -> N
             return None
         return await test_endpoint(ep, allow_private=settings.webhook_allow_private)
 
-    result = _with_hooks(ctx, go)
-    if result is None:
-        _fail(f"no endpoint {endpoint_id!r}", 1)
+    result = _found(_with_hooks(ctx, go), f"endpoint {endpoint_id!r}")
     click.echo(json.dumps(result))
     if not result["ok"]:
         sys.exit(1)
 
 
+_limit_option = click.option("--limit", default=50, show_default=True, help="Show at most this many.")
+
+
 @webhooks.command("deliveries")
-@click.option("--tenant")
+@_tenant_option
 @click.option("--endpoint", "endpoint_id", help="Only this endpoint's deliveries.")
 @click.option("--status", type=click.Choice(["pending", "delivered"]))
-@click.option("--limit", default=50, show_default=True)
+@_limit_option
 @click.pass_context
 def webhooks_deliveries(
     ctx: click.Context, tenant: str | None, endpoint_id: str | None, status: str | None, limit: int
@@ -455,24 +519,22 @@ def webhooks_deliveries(
     rows = _with_hooks(
         ctx, lambda db, _s: db.list_deliveries(_tenant(ctx, tenant), endpoint_id, status, limit)
     )
-    for d in rows:
+
+    def line(d: dict[str, Any]) -> str:
         last = d["last_error"] or (f"HTTP {d['last_status']}" if d["last_status"] else "")
-        click.echo(
+        return (
             f"{d['id']}  {d['endpoint_id']}  {d['event']}  {d['subject']}  {d['status']}"
             f"  attempts={d['attempts']}  {last}"
         )
-    if not rows:
-        click.echo("no deliveries", err=True)
+
+    _listing(rows, line, "no deliveries")
 
 
 @webhooks.command("redeliver")
-@click.argument("delivery_id")
-@click.option("--tenant")
-@click.pass_context
+@_one("delivery_id")
 def webhooks_redeliver(ctx: click.Context, delivery_id: str, tenant: str | None) -> None:
     """Send a delivery again, under its same webhook-id."""
-    if not _with_hooks(ctx, lambda db, _s: db.redeliver(_tenant(ctx, tenant), delivery_id)):
-        _fail(f"no delivery {delivery_id!r}", 1)
+    _change(ctx, tenant, f"delivery {delivery_id!r}", lambda db, t: db.redeliver(t, delivery_id))
     click.echo(f"delivery {delivery_id} queued again")
 
 
@@ -484,32 +546,27 @@ def dlq() -> None:
     """Inspect and replay dead-lettered records."""
 
 
-def _with_queue(ctx: click.Context, fn: Callable[[Any], Awaitable[T]]) -> T:
-    settings = _settings(ctx)
-
-    async def main() -> T:
+def _with_queue(ctx: click.Context, fn: Callable[[Queue], Awaitable[T]]) -> T:
+    async def main(settings: Settings) -> T:
         from llmtap.queue import open_queue
 
-        q = open_queue(settings)
-        await q.connect("producer")
-        try:
-            return await fn(q)
-        finally:
-            await q.close()
+        async with _connected(open_queue(settings)) as queue:
+            return await fn(queue)
 
-    return _run(main)
+    return _run_with(ctx, main)
 
 
 @dlq.command("list")
-@click.option("--limit", default=50, show_default=True)
+@_limit_option
 @click.pass_context
 def dlq_list(ctx: click.Context, limit: int) -> None:
     """List dead letters with their reasons."""
     rows = [] if _queue_missing(_settings(ctx)) else _with_queue(ctx, lambda q: q.dead_letters(limit))
-    for d in rows:
-        click.echo(f"{d.id}  partition={d.partition} offset={d.offset}  {d.reason}")
-    if not rows:
-        click.echo("no dead letters", err=True)
+
+    def line(d: DeadLetter) -> str:
+        return f"{d.id}  partition={d.partition} offset={d.offset}  {d.reason}"
+
+    _listing(rows, line, "no dead letters")
 
 
 @dlq.command("replay")

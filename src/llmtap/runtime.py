@@ -1,10 +1,11 @@
-"""Running services in one process: start-up banner, signal handling, orderly shutdown.
+"""Running services in one process: shared backends, start-up banner, signals, orderly shutdown.
 
 `llmtap up` runs gateway, worker and server together; `llmtap gateway|worker|server` run one.
 Each is a `Service`: `start()` returns banner lines once it is ready (or raises
 `BackendUnavailable` / `ConfigError` with one sentence), `stop()` drains and releases.
 Services stop in reverse start order, so `up` stops the gateway first (it flushes its pending
-records into the queue) and the worker after it.
+records into the queue) and the worker after it. The services of one process share one
+`SharedBackends` (one store, one body store, one handler chain), started first and stopped last.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ import random
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmtap import __version__
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, LlmtapError, TransientError
-from llmtap.redact import install_log_filter
+from llmtap.redact import install_log_filter, redact_url
+
+if TYPE_CHECKING:
+    from llmtap.bodies.base import BodyStore
+    from llmtap.handlers.base import Chain
+    from llmtap.store.base import Store
 
 log = logging.getLogger("llmtap")
 
@@ -71,38 +77,214 @@ def banner(settings: Settings, title: str, lines: Sequence[str]) -> str:
     return "\n".join(out)
 
 
+class SharedBackends:
+    """The store, body store and handler chain of one process, shared by its services.
+
+    `llmtap up` makes one and hands it to the worker, the server (and its ingest drain), the
+    webhook deliverer and the gateway; a service made without one makes its own and closes it
+    at stop. Each backend is created when a service first needs it (the gateway alone never
+    creates a store) and connected once, by whichever service asks first: a service started
+    during an outage asks again until it is back (`open_when_back`), and the others find it
+    connected. `stop()` closes what was connected, in reverse order, after every service.
+
+    Objects passed in are the caller's: used as they are, never connected, started or closed here.
+    """
+
+    name = "backends"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        bodies: BodyStore | None = None,
+        chain: Chain | None = None,
+    ) -> None:
+        self.settings = settings
+        self._store, self._bodies, self._chain = store, bodies, chain
+        given = {"store": store, "body store": bodies, "handler chain": chain}
+        self._given = frozenset(name for name, obj in given.items() if obj is not None)
+        self._ready = set(self._given)
+        self._stack = contextlib.AsyncExitStack()
+        self._lock = asyncio.Lock()
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from llmtap.store.base import open_store
+
+            self._store = open_store(self.settings)
+        return self._store
+
+    @property
+    def bodies(self) -> BodyStore:
+        if self._bodies is None:
+            from llmtap.bodies.base import open_body_store
+
+            self._bodies = open_body_store(self.settings)
+        return self._bodies
+
+    @property
+    def chain(self) -> Chain:
+        if self._chain is None:
+            from llmtap.handlers.base import build_chain
+
+            self._chain = build_chain(self.settings, self.store, self.bodies)
+        return self._chain
+
+    def store_description(self) -> str:
+        """The store for a banner line, without creating one (a worker given only a chain)."""
+        if self._store is not None:
+            return self._store.description
+        return redact_url(self.settings.store)
+
+    async def connect_store(self) -> Store:
+        store = self.store
+        await self._once("store", store.connect, store.close, store.description)
+        return store
+
+    async def connect_bodies(self) -> BodyStore:
+        bodies = self.bodies
+        await self._once("body store", bodies.connect, bodies.close, bodies.description)
+        return bodies
+
+    async def start_chain(self) -> Chain:
+        """The chain, started once its store and body store are connected (it writes to them)."""
+        chain = self.chain
+        if "handler chain" not in self._ready:
+            await self.connect_store()
+            await self.connect_bodies()
+            await self._once("handler chain", chain.start, chain.close, "")
+        return chain
+
+    async def _once(
+        self, name: str, open_: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]], what: str
+    ) -> None:
+        """Open `name` unless it is open; a failed open is closed again, so it can be retried."""
+        async with self._lock:  # two services waiting out one outage must not both connect
+            if name in self._ready:
+                return
+            try:
+                await open_()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await close()
+                raise
+            self._ready.add(name)
+            self._stack.push_async_callback(self._close, name, close)
+            log.debug("backends: %s ready%s", name, f" ({what})" if what else "")
+
+    @staticmethod
+    async def _close(name: str, close: Callable[[], Awaitable[None]]) -> None:
+        await close()
+        log.debug("backends: %s closed", name)
+
+    async def start(self) -> list[str]:
+        """Nothing to connect yet: each backend is connected by the first service that needs it."""
+        return []
+
+    async def stop(self) -> None:
+        """Close what was connected, in reverse order (the chain before the stores it writes to)."""
+        async with self._lock:
+            stack, self._stack = self._stack, contextlib.AsyncExitStack()
+            self._ready = set(self._given)
+            await stack.aclose()
+
+
+class OnBackends:
+    """A service on `SharedBackends`: the store, body store and chain it uses, and an exit stack
+    that undoes its start (closing the backends too if it made its own)."""
+
+    backends: SharedBackends
+    _private: SharedBackends | None
+    _stack: contextlib.AsyncExitStack
+
+    def _use_backends(
+        self,
+        settings: Settings,
+        backends: SharedBackends | None,
+        *,
+        store: Store | None = None,
+        bodies: BodyStore | None = None,
+        chain: Chain | None = None,
+    ) -> None:
+        """Use the shared `backends`, or private ones over the given objects (the caller's);
+        only private ones are closed by the service."""
+        self._private = None
+        if backends is None:
+            backends = self._private = SharedBackends(settings, store=store, bodies=bodies, chain=chain)
+        self.backends = backends
+        self._stack = contextlib.AsyncExitStack()
+
+    @property
+    def store(self) -> Store:
+        return self.backends.store
+
+    @property
+    def bodies(self) -> BodyStore:
+        return self.backends.bodies
+
+    @property
+    def chain(self) -> Chain:
+        return self.backends.chain
+
+    def _start_stack(self) -> contextlib.AsyncExitStack:
+        """A new exit stack for `start`; its last callback closes the private backends."""
+        stack = contextlib.AsyncExitStack()
+        if self._private is not None:
+            stack.push_async_callback(self._private.stop)
+        return stack
+
+    async def _unwind(self) -> None:
+        """Undo `start` in reverse (each service pushes onto `_stack` what it must undo)."""
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        await stack.aclose()
+
+
+async def cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel a background task and wait until it has ended (what it raises is its own business)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
 async def run_services(settings: Settings, title: str, services: Sequence[Service]) -> int:
-    """Start services in order, print the banner, wait for SIGINT/SIGTERM, stop in reverse."""
+    """Start services in order, print the banner, wait for SIGINT/SIGTERM, stop in reverse.
+
+    A service that fails to start stops the ones started before it (in reverse order too).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    failed: list[str] = []
 
-    started: list[Service] = []
-    lines: list[str] = []
-    try:
-        for svc in services:
-            lines += await svc.start()
-            started.append(svc)
-    except LlmtapError as e:
-        for svc in reversed(started):
-            with contextlib.suppress(Exception):
-                await svc.stop()
-        print(f"llmtap: {e}", file=sys.stderr, flush=True)
-        return 2
-
-    print(banner(settings, title, lines), flush=True)
-    await stop.wait()
-    print("llmtap: stopping (finishing in-flight requests and flushing logs)...", file=sys.stderr, flush=True)
-    code = 0
-    for svc in reversed(started):
+    async def stop_one(svc: Service) -> None:
         try:
             await asyncio.wait_for(svc.stop(), timeout=settings.shutdown_timeout + 5)
         except Exception as e:  # keep stopping the others; report the failure
             log.error("stopping %s failed: %s", svc.name, e)
-            code = 1
+            failed.append(svc.name)
+
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+                stack.callback(loop.remove_signal_handler, sig)
+            lines: list[str] = []
+            for svc in services:
+                lines += await svc.start()
+                stack.push_async_callback(stop_one, svc)
+            print(banner(settings, title, lines), flush=True)
+            await stop.wait()
+            print(
+                "llmtap: stopping (finishing in-flight requests and flushing logs)...",
+                file=sys.stderr,
+                flush=True,
+            )
+    except LlmtapError as e:  # from a start: the services started before it are stopped
+        print(f"llmtap: {e}", file=sys.stderr, flush=True)
+        return 2
     print("llmtap: stopped", file=sys.stderr, flush=True)
-    return code
+    return 1 if failed else 0
 
 
 async def open_when_back(

@@ -13,7 +13,6 @@ the body store. A request that was answered is therefore logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 from collections.abc import Awaitable
@@ -26,7 +25,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from llmtap.bodies.base import BodyStore, open_body_store
+from llmtap.bodies.base import BodyStore
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.gateway.proxy import Proxy
@@ -34,7 +33,8 @@ from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.gateway.sinks import IngestSink, SpoolReplayer, SpoolSink
 from llmtap.gateway.spool import DiskSpool, spool_dir
 from llmtap.queue.base import Queue, open_queue
-from llmtap.store.base import Store, open_store
+from llmtap.runtime import OnBackends, SharedBackends, cancel
+from llmtap.store.base import Store
 
 __all__ = ["GatewayService", "make_server"]
 
@@ -81,7 +81,7 @@ def make_server(proxy: Proxy) -> web.Server:
     )
 
 
-class GatewayService:
+class GatewayService(OnBackends):
     """`llmtap gateway`: the proxy and its publisher, as a `llmtap.runtime.Service`."""
 
     name = "gateway"
@@ -93,9 +93,12 @@ class GatewayService:
         queue: Queue | None = None,
         bodies: BodyStore | None = None,
         sinks: list[Sink] | None = None,
+        backends: SharedBackends | None = None,
     ) -> None:
-        """`queue`/`bodies` default to the backends the settings name (opened, connected and
-        closed by the service); given ones are used as they are and left open.
+        """`queue` defaults to the one the settings name (connected and closed by the service);
+        a given one is used as it is and left open. The body store (and, in multi-tenant mode,
+        the store of the key table) come from `backends` (shared, its maker's to close) or
+        from a `SharedBackends` of its own over `bodies` (a given one stays the caller's).
 
         The default sink chain is queue → ingest endpoint (`LLMTAP_INGEST_URL`, by default the
         server's) → disk spool (`<data dir>/spool`), the spool also taking what overflows the
@@ -103,10 +106,10 @@ class GatewayService:
         `sinks` replaces that chain (no overflow sink, no replayer).
         """
         self.settings = settings
-        self._own_queue = queue is None
-        self._own_bodies = bodies is None
-        self.queue = queue if queue is not None else open_queue(settings)
-        self.bodies = bodies if bodies is not None else open_body_store(settings)
+        #: Made here, so connected and closed here; given ones are their maker's.
+        self.queue: Queue = queue if queue is not None else open_queue(settings)
+        self._private_queue = self.queue if queue is None else None
+        self._use_backends(settings, backends, bodies=bodies)
         self.replayer: SpoolReplayer | None = None
         self._queue_sink: QueueSink | None = None
         self._reconnect: asyncio.Task[None] | None = None
@@ -123,7 +126,7 @@ class GatewayService:
             ]
             # A queue of our own opening: the replayer opens another on its own thread, so a
             # large replay never runs on the proxy's event loop (see SpoolReplayer.replay_once).
-            factory = (lambda: open_queue(settings)) if self._own_queue else None
+            factory = (lambda: open_queue(settings)) if queue is None else None
             self.replayer = SpoolReplayer(spool, self.queue, queue_factory=factory)
         self.publisher = Publisher(settings, sinks, self.bodies, overflow=overflow)
         if self.replayer is not None:
@@ -135,10 +138,11 @@ class GatewayService:
         self.registry.register(self.publisher.collector())
         # Multi-tenant mode maps `Llmtap-Auth` keys to tenants through the store's key table
         # (cached per process for `keys.CACHE_TTL` seconds, so the lookup is rarely a query).
-        self._keys_store: Store | None = open_store(settings) if settings.multi_tenant else None
+        self._keys_store: Store | None = self.backends.store if settings.multi_tenant else None
         self.port: int | None = None
         self._runner: web.ServerRunner | None = None
         self._ready = False
+        self._stop_deadline: float | None = None
 
     # -- tenants ---------------------------------------------------------------------------------
     def resolve_tenant(self, auth_header: str | None) -> str | Awaitable[str | None] | None:
@@ -158,14 +162,19 @@ class GatewayService:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> list[str]:
+        """Connect, start publishing, listen; a failure undoes what was done, in reverse.
+
+        What is undone at stop is pushed on an exit stack as it is done, in an order that
+        makes the stop order the documented one: listener, publisher, replayer, upstream
+        pool, queue, backends.
+        """
         s = self.settings
-        opened: list[Any] = []
         fallback_note: list[str] = []
-        try:
-            if self._own_queue:
+        self._stop_deadline = None
+        async with self._start_stack() as stack:
+            if self._private_queue is not None:
                 try:
-                    await self.queue.connect("producer")
-                    opened.append(self.queue)
+                    await self._private_queue.connect("producer")
                 except BackendUnavailable as e:
                     if self._queue_sink is None or self.replayer is None:
                         raise  # a custom sink chain has no fallback to start on
@@ -176,40 +185,36 @@ class GatewayService:
                         f"FALLBACK  queue unreachable at start ({e}); records go to the ingest "
                         "endpoint or the disk spool until it is back"
                     )
-            if self._own_bodies:
-                await self.bodies.connect()
-                opened.append(self.bodies)
+                stack.push_async_callback(self._close_queue)
+            await self.backends.connect_bodies()
             if self._keys_store is not None:
-                await self._keys_store.connect()
-                opened.append(self._keys_store)
+                await self.backends.connect_store()
+            stack.push_async_callback(self.proxy.close)  # the upstream pool, after the last publish
+            if self.replayer is not None:
+                stack.push_async_callback(self.replayer.stop)
+            stack.push_async_callback(self._stop_reconnect)
             await self.publisher.start()
+            stack.push_async_callback(self._stop_publisher)
             if self._queue_sink is not None and self._queue_sink.down is not None:
-                self._reconnect = asyncio.get_running_loop().create_task(
-                    self._connect_queue_later(), name="llmtap-queue-reconnect"
-                )
+                connect = self._connect_queue_later()
+                self._reconnect = asyncio.create_task(connect, name="llmtap-queue-reconnect")
             elif self.replayer is not None:
                 self.replayer.start()  # also brings back what was spooled before a restart
             await self.proxy.start()
             runner = web.ServerRunner(make_server(self.proxy), shutdown_timeout=s.shutdown_timeout)
             await runner.setup()
+            # Closes the listener, then waits (up to shutdown_timeout) for in-flight requests.
+            stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, s.host, s.gateway_port, backlog=4096, reuse_address=True)
             try:
                 await site.start()
             except OSError as e:
-                await runner.cleanup()
                 raise ConfigError(
                     f"cannot listen on {s.host}:{s.gateway_port} for the gateway: {e.strerror or e} "
                     "(set LLMTAP_GATEWAY_PORT or LLMTAP_HOST)"
                 ) from None
-            self._runner = runner
-        except BaseException:
-            await self.proxy.close()
-            await self.publisher.stop(timeout=1.0)
-            if self.replayer is not None:
-                await self.replayer.stop()
-            for backend in reversed(opened):
-                await backend.close()
-            raise
+            self._stack = stack.pop_all()
+        self._runner = runner
         self.port = int(runner.addresses[0][1])
         _freeze_startup_objects()
         self._ready = True
@@ -241,6 +246,22 @@ class GatewayService:
                 self.replayer.start()
             return
 
+    async def _stop_reconnect(self) -> None:
+        reconnect, self._reconnect = self._reconnect, None
+        if reconnect is not None:
+            await cancel(reconnect)
+
+    async def _stop_publisher(self) -> None:
+        """Publish what is pending with the time `stop` left (1 s when start failed)."""
+        deadline = self._stop_deadline
+        loop = asyncio.get_running_loop()
+        await self.publisher.stop(timeout=1.0 if deadline is None else max(deadline - loop.time(), 4.0))
+
+    async def _close_queue(self) -> None:
+        """Our queue, if connected (at start, or later by the fallback mode's reconnect)."""
+        if self._queue_sink is None or self._queue_sink.down is None:
+            await self.queue.close()
+
     async def stop(self) -> None:
         """Stop within about `shutdown_timeout` (+ a few seconds for the last publish).
 
@@ -249,26 +270,9 @@ class GatewayService:
         """
         self._ready = False
         self.proxy.draining = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.shutdown_timeout + 4.0
-        if self._runner is not None:
-            # Closes the listener, then waits (up to shutdown_timeout) for in-flight requests.
-            await self._runner.cleanup()
-            self._runner = None
-        await self.publisher.stop(timeout=max(deadline - loop.time(), 4.0))
-        if self._reconnect is not None:
-            self._reconnect.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconnect
-        if self.replayer is not None:
-            await self.replayer.stop()
-        await self.proxy.close()
-        if self._own_queue and (self._queue_sink is None or self._queue_sink.down is None):
-            await self.queue.close()
-        if self._own_bodies:
-            await self.bodies.close()
-        if self._keys_store is not None:
-            await self._keys_store.close()
+        self._stop_deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout + 4.0
+        self._runner = None
+        await self._unwind()
 
     # -- gateway-own routes ------------------------------------------------------------------------
     async def _healthz(self, request: web.BaseRequest) -> web.StreamResponse:

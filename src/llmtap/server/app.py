@@ -23,7 +23,7 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.handlers.base import Chain
 from llmtap.retention import RetentionTask
-from llmtap.runtime import open_when_back
+from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
 from llmtap.server import api, dashboard, openapi, security, webhooks_api
 from llmtap.server.auth import Unauthorized, check_ingest, tenant_for
 from llmtap.server.ingest import IngestQueue
@@ -136,13 +136,12 @@ def build_app(
     return app
 
 
-class ServerService:
+class ServerService(OnBackends):
     """`llmtap server`: a `runtime.Service`.
 
-    What it opens from settings (store, body store) it connects and closes; objects passed in
-    belong to the caller, who connects and closes them, so one process can run it beside a
-    worker over the same store. Its handler chain (built over that store and body store) is
-    the ingest drain's (`server.ingest`).
+    Store, body store and handler chain (the ingest drain's, `server.ingest`) come from
+    `backends`, shared with the other services of `llmtap up` and closed by whoever made it,
+    or from a `SharedBackends` of its own over `store`/`bodies` (given objects stay the caller's).
     """
 
     name = "server"
@@ -153,29 +152,13 @@ class ServerService:
         *,
         store: Store | None = None,
         bodies: BodyStore | None = None,
+        backends: SharedBackends | None = None,
     ) -> None:
         self.settings = settings
-        self._own_store = store is None
-        self._retention: RetentionTask | None = None
-        self._own_bodies = bodies is None
-        if store is None:
-            from llmtap.store.base import open_store
-
-            store = open_store(settings)
-        if bodies is None:
-            from llmtap.bodies.base import open_body_store
-
-            bodies = open_body_store(settings)
-        from llmtap.handlers.base import build_chain
-
-        self.store: Store = store
-        self.bodies: BodyStore = bodies
-        self.chain: Chain = build_chain(settings, store, bodies)
-        self.ingest = IngestQueue(settings, self.chain)
+        self._use_backends(settings, backends, store=store, bodies=bodies)
+        self.ingest = IngestQueue(settings, self.backends)
         self.port: int = settings.server_port
         self._runner: web.AppRunner | None = None
-        self._connector: asyncio.Task[None] | None = None
-        self._opened = False
 
     async def start(self) -> list[str]:
         """Listen, and connect the backends; during an outage, listen anyway and connect later.
@@ -185,24 +168,24 @@ class ServerService:
         store's own "not connected" error) and ingested records wait in the ingest queue; a
         wrong setting or a port in use still stops start-up.
         """
-        waiting: BackendUnavailable | None = None
-        try:
-            await self._open()
-        except BackendUnavailable as e:
-            waiting = e
-        try:
+        async with self._start_stack() as stack:  # a failure stops what started, in reverse
+            waiting: BackendUnavailable | None = None
+            try:
+                await self._open()
+            except BackendUnavailable as e:
+                waiting = e
             # Starts the chain and drains what a previous run accepted but had not stored.
             await self.ingest.start()
-        except BaseException:
-            await self._close_backends()
-            raise
-        app = build_app(self.settings, self.store, self.bodies, self.chain, self.ingest)
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.shutdown_timeout
-        )
-        host = self.settings.host
-        try:
+            # The batch in hand is finished, or left in the ingest queue for the next start.
+            stack.push_async_callback(self._stop_ingest)
+            app = build_app(self.settings, self.store, self.bodies, self.chain, self.ingest)
+            runner = web.AppRunner(
+                app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.shutdown_timeout
+            )
             await runner.setup()
+            # Stops accepting, lets in-flight calls finish (ingest: an fsync).
+            stack.push_async_callback(runner.cleanup)
+            host = self.settings.host
             try:
                 site = web.TCPSite(runner, host, self.settings.server_port)
                 await site.start()
@@ -212,20 +195,15 @@ class ServerService:
                     f"cannot listen on {host}:{self.settings.server_port}"
                     f" (LLMTAP_HOST/LLMTAP_SERVER_PORT): {why}"
                 ) from None
-        except BaseException:
-            await runner.cleanup()
-            with contextlib.suppress(Exception):
-                await self.ingest.stop()
-            await self._close_backends()
-            raise
+            self._stack = stack.pop_all()
         self._runner = runner
         self.port = runner.addresses[0][1]
         shown = host if ":" not in host else f"[{host}]"
         lines = [f"server    http://{shown}:{self.port}  (API /api/v1, dashboard /)"]
         if waiting is not None:
             lines.append(f"server    WAITING: {waiting} (the API answers 503 until it is back)")
-            connect = self._open_later(str(waiting))
-            self._connector = asyncio.create_task(connect, name="llmtap-server-connect")
+            connect = asyncio.create_task(self._open_later(str(waiting)), name="llmtap-server-connect")
+            self._stack.push_async_callback(cancel, connect)
         elif self.settings.retention_days:
             self._start_retention()
         if self.settings.retention_days:
@@ -235,24 +213,8 @@ class ServerService:
         return lines
 
     async def _open(self) -> None:
-        """Connect what we own, or nothing: a failure closes what was opened, so it can be retried."""
-        try:
-            if self._own_store:
-                await self.store.connect()
-            if self._own_bodies:
-                await self.bodies.connect()
-        except BaseException:
-            await self._close_backends()
-            raise
-        self._opened = True
-
-    async def _close_backends(self) -> None:
-        if self._own_bodies:
-            with contextlib.suppress(Exception):
-                await self.bodies.close()
-        if self._own_store:
-            with contextlib.suppress(Exception):
-                await self.store.close()
+        await self.backends.connect_store()
+        await self.backends.connect_bodies()
 
     async def _open_later(self, reason: str) -> None:
         if not await open_when_back("server", reason, self._open):
@@ -263,24 +225,16 @@ class ServerService:
 
     def _start_retention(self) -> None:
         assert self.settings.retention_days
-        self._retention = RetentionTask(self.store, self.bodies, self.settings.retention_days)
-        self._retention.start()
+        retention = RetentionTask(self.store, self.bodies, self.settings.retention_days)
+        retention.start()
+        self._stack.push_async_callback(retention.stop)  # first to stop: it uses everything else
 
-    async def stop(self) -> None:
-        connector, self._connector = self._connector, None
-        if connector is not None:
-            connector.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await connector
-        if self._retention is not None:
-            await self._retention.stop()
-            self._retention = None
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()  # stops accepting, lets in-flight calls finish (ingest: an fsync)
-        # The batch in hand is finished, or left in the ingest queue for the next start.
+    async def _stop_ingest(self) -> None:
         with contextlib.suppress(Exception):
             await self.ingest.stop()
-        if self._opened:
-            self._opened = False
-            await self._close_backends()
+
+    async def stop(self) -> None:
+        """Undo `start` in reverse: retention or the connector, the listener, the ingest drain,
+        private backends."""
+        self._runner = None
+        await self._unwind()

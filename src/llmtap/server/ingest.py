@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llmtap.config import Settings
-from llmtap.handlers.base import Chain
 from llmtap.queue.base import Message
 from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import LogRecord, encode, partition_key
+from llmtap.runtime import SharedBackends
 from llmtap.worker.worker import WorkerService
 
 log = logging.getLogger("llmtap.server")
@@ -44,25 +44,25 @@ def ingest_queue_path(settings: Settings) -> Path:
 class IngestQueue:
     """Durable append (`put`) plus the background drain into the handler chain."""
 
-    def __init__(self, settings: Settings, chain: Chain) -> None:
+    def __init__(self, settings: Settings, backends: SharedBackends) -> None:
         self.settings = settings
         path = ingest_queue_path(settings)
         self.queue = SQLiteQueue(str(path), partitions=PARTITIONS)
         self._drain_queue = SQLiteQueue(str(path), partitions=PARTITIONS)
-        self.worker = WorkerService(settings, queue=self._drain_queue, chain=chain)
+        self.worker = WorkerService(settings, queue=self._drain_queue, backends=backends)
         self._by = settings.partition_key
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await self.queue.connect("producer")
         try:
-            await self.worker.start()  # starts the chain, then takes the partitions
+            await self.worker.start()  # starts the (shared) chain, then takes the partitions
         except BaseException:
             await self.queue.close()
             raise
 
     async def stop(self) -> None:
-        """Store what was accepted while the drain makes progress, then stop; closes the chain.
+        """Store what was accepted while the drain makes progress, then stop (the chain is the server's).
 
         A server stopped for good leaves nothing behind when its store is up. When the store
         is down nothing moves, so stopping does not wait out `shutdown_timeout`: the records

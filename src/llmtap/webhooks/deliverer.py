@@ -31,13 +31,12 @@ import aiohttp
 
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError
 from llmtap.redact import redact_url
-from llmtap.runtime import open_when_back
+from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
 from llmtap.webhooks.db import Claimed, WebhookDB
 from llmtap.webhooks.outbox import EVENTS, Endpoint, check_secret, signature_header
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
-    from llmtap.store.base import Store
 
 log = logging.getLogger("llmtap.webhooks")
 
@@ -275,50 +274,47 @@ class Deliverer:
             self._wake.set()
 
 
-class DelivererService:
-    """`llmtap server` / `llmtap up` part: the deliverer with a store of its own."""
+class DelivererService(OnBackends):
+    """`llmtap server` / `llmtap up` part: the deliverer, on the store of `backends` (shared, its
+    maker's to close) or of a `SharedBackends` of its own."""
 
     name = "webhooks"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, backends: SharedBackends | None = None) -> None:
         self.settings = settings
-        self._store: Store | None = None
-        self._deliverer: Deliverer | None = None
-        self._connector: asyncio.Task[None] | None = None
+        self._use_backends(settings, backends)
 
     async def start(self) -> list[str]:
         """Deliver now, or, while the store is down, say so and start once it is back."""
+        self._stack = self._start_stack()
         try:
             return await self._open()
         except (BackendUnavailable, TransientError) as e:
-            self._connector = asyncio.create_task(self._open_later(str(e)), name="llmtap-webhooks-connect")
+            connect = asyncio.create_task(self._open_later(str(e)), name="llmtap-webhooks-connect")
+            self._stack.push_async_callback(cancel, connect)
             # The server's own banner line names the outage; this one only says what waits.
             return ["webhooks  delivering the outbox once the store is back"]
+        except BaseException:
+            await self._stack.aclose()
+            raise
 
     async def _open_later(self, reason: str) -> None:
         if await open_when_back("webhooks", reason, self._open, quiet=True):
             logging.getLogger("llmtap.webhooks").warning("webhooks: store is back; delivering the outbox")
 
     async def _open(self) -> list[str]:
-        from llmtap.store.base import open_store
-
         s = self.settings
         ep = env_endpoint(s)
-        store = open_store(s)
+        store = await self.backends.connect_store()
         try:
-            await store.connect()
             db = store.webhooks()
-            if ep is not None:
-                await db.put_endpoint(ep)
-        except NotImplementedError:
-            await store.close()
+        except NotImplementedError:  # a store without an outbox: nothing to deliver
+            if self._private is not None:
+                await self._private.stop()
             return []
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await store.close()
-            raise
-        self._store = store
-        self._deliverer = Deliverer(
+        if ep is not None:
+            await db.put_endpoint(ep)
+        deliverer = Deliverer(
             db,
             concurrency=s.webhook_concurrency,
             timeout=s.webhook_timeout_s,
@@ -326,15 +322,10 @@ class DelivererService:
             disable_after=s.webhook_disable_after_s,
             allow_private=s.webhook_allow_private,
         )
-        await self._deliverer.start()
+        await deliverer.start()
+        self._stack.push_async_callback(deliverer.stop)
         return ["webhooks: delivering the outbox" + (f" (and {redact_url(ep.url)})" if ep else "")]
 
     async def stop(self) -> None:
-        if self._connector is not None:
-            self._connector.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._connector
-        if self._deliverer is not None:
-            await self._deliverer.stop()
-        if self._store is not None:
-            await self._store.close()
+        """Undo `start` in reverse: the connector or the deliverer, then own backends."""
+        await self._unwind()

@@ -35,10 +35,9 @@ from prometheus_client import Counter, Histogram
 
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError, TransientError
-from llmtap.handlers.base import Chain, Item, build_chain
+from llmtap.handlers.base import Chain, Item
 from llmtap.record import LogRecord, decode
-from llmtap.redact import redact_url
-from llmtap.runtime import open_when_back
+from llmtap.runtime import OnBackends, SharedBackends, open_when_back
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
@@ -117,8 +116,14 @@ class _Abandon(Exception):
     """Stopping during an outage: leave the batch unacknowledged for redelivery."""
 
 
-class WorkerService:
-    """`llmtap worker`: a `runtime.Service` that drains the queue into the store."""
+class WorkerService(OnBackends):
+    """`llmtap worker`: a `runtime.Service` that drains the queue into the store.
+
+    Store, body store and chain come from `backends` (shared, the caller's to close) or from a
+    `SharedBackends` of its own over `store`/`bodies`/`chain` (objects given are used as they are,
+    the rest opened from settings and closed at stop). The queue, given or not, is the worker's:
+    a consumer connection is never shared.
+    """
 
     name = "worker"
 
@@ -130,6 +135,7 @@ class WorkerService:
         store: Store | None = None,
         bodies: BodyStore | None = None,
         chain: Chain | None = None,
+        backends: SharedBackends | None = None,
     ) -> None:
         self.settings = settings
         self.linger = settings.worker_linger_ms / 1000.0
@@ -138,26 +144,10 @@ class WorkerService:
 
             queue = open_queue(settings)
         self.queue = queue
-        # What we open from settings we connect and close; what we are given, the caller does.
-        self._own_store = store is None and chain is None
-        self._own_bodies = bodies is None and chain is None
-        if chain is None:
-            if store is None:
-                from llmtap.store.base import open_store
-
-                store = open_store(settings)
-            if bodies is None:
-                from llmtap.bodies.base import open_body_store
-
-                bodies = open_body_store(settings)
-            chain = build_chain(settings, store, bodies)
-        self.store = store
-        self.bodies = bodies
-        self.chain = chain
+        self._use_backends(settings, backends, store=store, bodies=bodies, chain=chain)
         self.stats = WorkerStats()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._opened = False
         self._progress_at = time.monotonic()
         self._progress_mark = (0, 0)
 
@@ -171,40 +161,29 @@ class WorkerService:
         (`ConfigError`) still stops start-up.
         """
         self._stopping.clear()
+        self._stack = self._start_stack()
         try:
             await self._open()
         except BackendUnavailable as e:
             self._task = asyncio.create_task(self._open_then_run(str(e)), name="llmtap-worker")
             return [f"worker    WAITING: {e} (consuming starts when it is back)"]
+        except BaseException:
+            await self._stack.aclose()
+            raise
         self._task = asyncio.create_task(self._run(), name="llmtap-worker")
-        store = self.store.description if self.store is not None else redact_url(self.settings.store)
-        return [f"worker    consuming {self.queue.description} → {store}"]
+        return [f"worker    consuming {self.queue.description} → {self.backends.store_description()}"]
 
     async def _open(self) -> None:
-        """Connect everything, or nothing: a failure closes what was opened, so it can be retried."""
+        """The backends, then the queue; a failed queue connection is closed again, for a retry."""
+        await self.backends.start_chain()
         try:
-            if self._own_store and self.store is not None:
-                await self.store.connect()
-            if self._own_bodies and self.bodies is not None:
-                await self.bodies.connect()
-            await self.chain.start()
             await self.queue.connect("consumer")  # last: take partitions only once able to work
         except BaseException:
-            await self._close_backends()
+            with contextlib.suppress(Exception):
+                await self.queue.close()
             raise
-        self._opened = True
-
-    async def _close_backends(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.chain.close()
-        with contextlib.suppress(Exception):
-            await self.queue.close()
-        if self._own_bodies and self.bodies is not None:
-            with contextlib.suppress(Exception):
-                await self.bodies.close()
-        if self._own_store and self.store is not None:
-            with contextlib.suppress(Exception):
-                await self.store.close()
+        # Closed first at stop: releases our partitions, so another worker takes them at once.
+        self._stack.push_async_callback(self.queue.close)
 
     async def _open_then_run(self, reason: str) -> None:
         opened = await open_when_back(
@@ -218,7 +197,7 @@ class WorkerService:
         )
         if not opened:
             return
-        store = self.store.description if self.store is not None else redact_url(self.settings.store)
+        store = self.backends.store_description()
         log.warning("worker: backends are back; consuming %s → %s", self.queue.description, store)
         await self._run()
 
@@ -235,16 +214,7 @@ class WorkerService:
                     await task
             except Exception:
                 log.exception("worker loop failed")
-        if not self._opened:
-            return  # never connected (stopped during an outage): _open left nothing open
-        self._opened = False
-        with contextlib.suppress(Exception):
-            await self.chain.close()
-        await self.queue.close()  # releases our partitions: another worker takes them now
-        if self._own_bodies and self.bodies is not None:
-            await self.bodies.close()
-        if self._own_store and self.store is not None:
-            await self.store.close()
+        await self._unwind()  # the queue, then the backends if they are ours
 
     # -- the loop -----------------------------------------------------------------------------
     async def _run(self) -> None:

@@ -1,0 +1,277 @@
+"""Issue 9: one process, one set of backends; services start in order and stop in reverse.
+
+`llmtap up` runs worker, server (with its ingest drain), webhook deliverer and gateway in one
+process. They share one store, one body store and one handler chain (`runtime.SharedBackends`):
+counted here on a real `llmtap up` as the process's file handles on the store's SQLite file,
+against what one store holds, and as the backends' own debug lines. `run_services` stops what
+it started in reverse order, also when a later service fails to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from llmtap.config import Settings
+from llmtap.errors import BackendUnavailable
+from llmtap.queue.base import Message, open_queue
+from llmtap.record import encode, encode_many
+from llmtap.runtime import Service, SharedBackends, run_services
+from llmtap.server.app import ServerService
+from llmtap.store.sqlite import SQLiteStore
+from llmtap.worker.worker import WorkerService
+from procs import free_port, http_json, llmtap_env, start_llmtap, wait_until
+from worker_helpers import make_record
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def handles_on(path: Path, pid: int | str = "self") -> int:
+    """How many file descriptors of process `pid` are open on `path` (one per SQLite connection)."""
+    n = 0
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir():
+        try:
+            n += os.readlink(fd) == str(path)
+        except OSError:  # closed meanwhile
+            continue
+    return n
+
+
+async def one_store_handles(path: Path) -> int:
+    """What a single SQLite store holds once the worker and the deliverer both used it."""
+    store = SQLiteStore(str(path))
+    await store.connect()
+    try:
+        await store.webhooks().claim({}, 8, 60.0)  # the outbox's connection, as the deliverer's
+        return handles_on(path)
+    finally:
+        await store.close()
+
+
+def test_up_opens_one_store_one_body_store_one_chain(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server_port = free_port()
+    env = llmtap_env(
+        data, gateway_port=free_port(), server_port=server_port, log_level="debug", default_tenant="acme"
+    )
+    proc = start_llmtap("up", env, tmp_path / "up.log")
+    try:
+        wait_until(lambda: "press Ctrl-C" in proc.output() or not proc.alive(), 60, what="banner")
+        assert proc.alive(), proc.output()
+        # Records through both users of the chain: the worker (queue) and the ingest drain.
+        queued = [make_record(i) for i in range(5)]
+        posted = [make_record(i) for i in range(5, 10)]
+
+        async def publish() -> None:
+            q = open_queue(Settings(data_dir=data))
+            await q.connect("producer")
+            try:
+                await q.publish([Message(r.id, encode(r)) for r in queued])
+            finally:
+                await q.close()
+
+        asyncio.run(publish())
+        base = f"http://127.0.0.1:{server_port}"
+        req = urllib.request.Request(
+            f"{base}/api/v1/ingest", data=encode_many(posted), headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+
+        def all_stored() -> bool:
+            return all(http_json("GET", f"{base}/api/v1/requests/{r.id}")[0] == 200 for r in queued + posted)
+
+        wait_until(all_stored, 60, interval=0.2, what="records stored by the worker and the ingest drain")
+        # Webhook deliverer polls the outbox: by now it has used its connection too.
+        held = handles_on(data / "store.db", proc.pid)
+        expected = asyncio.run(one_store_handles(tmp_path / "oracle.db"))
+        assert expected >= 2  # the writer and the reader at least: the count is meaningful
+        assert held == expected, f"{held} handles on store.db, one store holds {expected}"
+    finally:
+        code = proc.stop()
+    out = proc.output()
+    assert code == 0, out
+    assert "Traceback" not in out, out
+    lines = out.splitlines()
+    for what in ("store", "body store", "handler chain"):
+        assert sum(f"backends: {what} ready" in line for line in lines) == 1, out
+        assert sum(f"backends: {what} closed" in line for line in lines) == 1, out
+    # The shared backends go last, after every service stopped; the chain before its stores.
+    closed = [i for i, line in enumerate(lines) if "backends:" in line and line.endswith("closed")]
+    order = [lines[i].rsplit("backends: ", 1)[1] for i in closed]
+    assert order == ["handler chain closed", "body store closed", "store closed"], order
+    stopping = next(i for i, line in enumerate(lines) if "llmtap: stopping" in line)
+    assert stopping < closed[0] and lines[-1] == "llmtap: stopped", out
+
+
+# -- run_services ----------------------------------------------------------------------------------
+
+
+class Fake:
+    """A service that records its start and stop; `fail` makes its start raise that error."""
+
+    def __init__(self, name: str, events: list[str], fail: Exception | None = None) -> None:
+        self.name = name
+        self.events = events
+        self.fail = fail
+        self.stop_error: Exception | None = None
+
+    async def start(self) -> list[str]:
+        self.events.append(f"start {self.name}")
+        if self.fail is not None:
+            raise self.fail
+        return [f"{self.name} ready"]
+
+    async def stop(self) -> None:
+        self.events.append(f"stop {self.name}")
+        if self.stop_error is not None:
+            raise self.stop_error
+
+
+class SignalsWhenStarted(Fake):
+    """The last service: once it is up, the process gets SIGTERM (as from `kill`)."""
+
+    async def start(self) -> list[str]:
+        lines = await super().start()
+        asyncio.get_running_loop().call_soon(os.kill, os.getpid(), signal.SIGTERM)
+        return lines
+
+
+async def test_a_service_that_fails_to_start_stops_the_ones_started_before_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    events: list[str] = []
+    services: list[Service] = [
+        Fake("a", events),
+        Fake("b", events),
+        Fake("c", events, fail=BackendUnavailable("c's backend is down")),
+        Fake("d", events),
+    ]
+    assert await run_services(Settings(data_dir=tmp_path), "test", services) == 2
+    assert events == ["start a", "start b", "start c", "stop b", "stop a"]
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["llmtap: c's backend is down"], err
+
+
+async def test_services_stop_in_reverse_start_order_and_a_failed_stop_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[str] = []
+    a, b, c = Fake("a", events), Fake("b", events), SignalsWhenStarted("c", events)
+    b.stop_error = RuntimeError("b could not flush")
+    code = await asyncio.wait_for(run_services(Settings(data_dir=tmp_path), "test", [a, b, c]), 60)
+    assert code == 1  # b's failure is reported ...
+    assert events == ["start a", "start b", "start c", "stop c", "stop b", "stop a"]  # ... a still stops
+    assert "stopping b failed: b could not flush" in caplog.text
+    out = capsys.readouterr()
+    assert "a ready" in out.out and "c ready" in out.out
+    # The signal handlers were the run's only: SIGTERM is the default again afterwards.
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+async def test_real_services_started_before_a_failing_one_are_closed(tmp_path: Path) -> None:
+    """`up` with the server's port taken: the worker and the shared store, started before it,
+    are closed (no handle on the store's file is left in this process)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        settings = Settings(data_dir=tmp_path, server_port=busy.getsockname()[1])
+        shared = SharedBackends(settings)
+        worker = WorkerService(settings, backends=shared)
+        opened: list[int] = []
+        original = worker.start
+
+        async def start_and_count() -> list[str]:
+            lines = await original()
+            opened.append(handles_on(tmp_path / "store.db"))
+            return lines
+
+        worker.start = start_and_count  # type: ignore[method-assign]
+        server = ServerService(settings, backends=shared)
+        code = await run_services(settings, "up", [shared, worker, server])
+    assert code == 2
+    assert opened and opened[0] >= 2  # the worker had the store open ...
+    assert handles_on(tmp_path / "store.db") == 0  # ... and it is closed again
+    assert handles_on(tmp_path / "queue.db") == 0  # so is the worker's queue
+    assert handles_on(tmp_path / "ingest.db") == 0  # and the server's ingest queue, opened before it failed
+
+
+# -- SharedBackends --------------------------------------------------------------------------------
+
+
+async def test_backends_connect_each_once_for_concurrent_callers_and_retry_after_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    connects: list[str] = []
+    real_connect = SQLiteStore.connect
+
+    async def counting_connect(self: SQLiteStore) -> None:
+        connects.append(str(self.path))
+        await asyncio.sleep(0.05)  # let the other callers pile up behind this one
+        await real_connect(self)
+
+    monkeypatch.setattr(SQLiteStore, "connect", counting_connect)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the body store's directory should be")
+    settings = Settings(data_dir=tmp_path, bodies=f"file:{blocker / 'bodies'}")
+    shared = SharedBackends(settings)
+    caplog.set_level(logging.DEBUG, logger="llmtap")
+    try:
+        # Worker, server and deliverer waiting out one outage all ask at once: one connect.
+        results = await asyncio.gather(*(shared.start_chain() for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(r, BackendUnavailable) for r in results), results
+        assert len(connects) == 1  # the store connected once, and stays connected
+        blocker.unlink()  # the outage ends
+        chains = await asyncio.gather(*(shared.start_chain() for _ in range(3)))
+        assert chains[0] is chains[1] is chains[2] is shared.chain
+        assert len(connects) == 1
+        assert handles_on(tmp_path / "store.db") >= 2
+    finally:
+        await shared.stop()
+    assert handles_on(tmp_path / "store.db") == 0
+    ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("backends:")]
+    assert ready == [
+        f"backends: store ready (sqlite {tmp_path / 'store.db'})",
+        f"backends: body store ready (files in {blocker / 'bodies'})",
+        "backends: handler chain ready",
+        "backends: handler chain closed",
+        "backends: body store closed",
+        "backends: store closed",
+    ], ready
+
+
+async def test_backends_never_connect_or_close_what_they_were_given(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "given.db"))
+    await store.connect()
+    try:
+        shared = SharedBackends(Settings(data_dir=tmp_path), store=store)
+        assert await shared.connect_store() is store
+        await shared.start_chain()  # connects its own body store, starts its own chain
+        await shared.stop()
+        assert await store.write_batch([make_record(1)]) == 1  # still open: the caller's
+        assert not (tmp_path / "store.db").exists()  # and no store of its own was made
+    finally:
+        await store.close()
+
+
+def test_a_wrong_setting_in_a_shared_backend_still_stops_up_with_one_sentence(tmp_path: Path) -> None:
+    """The chain is built when a service first needs it: its `ConfigError` still stops start-up."""
+    env = llmtap_env(tmp_path, gateway_port=free_port(), server_port=free_port())
+    env["LLMTAP_WEBHOOK_URL"] = "https://example.com/hook"  # without LLMTAP_WEBHOOK_SECRET
+    r = subprocess.run(
+        [sys.executable, "-m", "llmtap.cli", "up"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "llmtap: LLMTAP_WEBHOOK_URL needs LLMTAP_WEBHOOK_SECRET (a whsec_... signing secret)"
+    ], r.stderr
