@@ -27,15 +27,16 @@ import pytest
 from llmtap.bodies.file import FileBodyStore
 from llmtap.config import Settings
 from llmtap.errors import TransientError
-from llmtap.handlers.base import Chain, Handler, Item
+from llmtap.handlers.base import Handler, Item
 from llmtap.handlers.bodies import BodyHandler
+from llmtap.handlers.chain import Chain, process_records
 from llmtap.handlers.cost import CostHandler
 from llmtap.handlers.store import StoreHandler
 from llmtap.queue.base import Message
 from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import Body, LogRecord, compress, decompress, encode
 from llmtap.store.sqlite import SQLiteStore
-from llmtap.worker import WorkerService, process_records
+from llmtap.worker import WorkerService
 from procs import CHAIN_WORKER, blocked_batch, chain_worker_args, processings
 from worker_helpers import make_record
 

@@ -21,7 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from llmtap.bodies.base import BodyStore
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
-from llmtap.handlers.base import Chain
+from llmtap.handlers.chain import Chain
 from llmtap.retention import RetentionTask
 from llmtap.runtime import open_when_back
 from llmtap.server import api, dashboard, openapi, security, webhooks_api
@@ -166,7 +166,7 @@ class ServerService:
             from llmtap.bodies.base import open_body_store
 
             bodies = open_body_store(settings)
-        from llmtap.handlers.base import build_chain
+        from llmtap.handlers.chain import build_chain
 
         self.store: Store = store
         self.bodies: BodyStore = bodies

@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llmtap.config import Settings
-from llmtap.handlers.base import Chain
+from llmtap.handlers.chain import Chain
 from llmtap.queue.base import Message
 from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import LogRecord, encode, partition_key
-from llmtap.worker.worker import WorkerService
+from llmtap.worker import WorkerService
 
 log = logging.getLogger("llmtap.server")
 
