@@ -1108,7 +1108,7 @@ async def test_a_5mb_body_with_the_body_store_down_goes_through_kafka_once_it_is
     stack.start_all(
         ("server", "server", {}),
         ("worker", "worker", {}),
-        # capture the whole body: the default capture cap (4 MB) would truncate it in the log
+        # capture the whole body: the default capture limit (4 MB) would truncate it in the log
         ("gateway", "gateway", {"gateway_port": gport, "data_dir": gdata, "max_body_bytes": 8 << 20}),
     )
     gw = url(gport)

@@ -563,16 +563,16 @@ async def test_large_body_goes_to_the_body_store(
 async def test_body_store_outage_keeps_big_bodies_in_the_spool_never_in_a_message(
     upstream: int, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    """Body store down: a record whose body is above the cap waits in the spool, body inline;
+    """Body store down: a record whose body is above the inline limit waits in the spool, body inline;
     the small one goes to the queue at once; once the body store is back the big one follows,
-    its body in the body store, byte for byte, and no message ever held more than the cap."""
+    its body in the body store, byte for byte, and no message ever held a body above it."""
     q = MemoryQueue()
     bodies = DirBodyStore(tmp_path / "bodies")
     bodies.down = True
-    cap = 4 * 1024
+    limit = 4 * 1024
     words = " ".join(os.urandom(6).hex() for _ in range(4000))  # ~52 KB, incompressible enough
     big_req = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": words}]})
-    s = settings_for(upstream, tmp_path, inline_body_bytes=cap)
+    s = settings_for(upstream, tmp_path, inline_body_bytes=limit)
     async with running_gateway(s, q, bodies) as (svc, gw):
         h = {**OPENAI_AUTH, "content-type": "application/json"}
         async with http.post(f"{gw}/openai/v1/chat/completions", data=big_req, headers=h) as r:
@@ -592,7 +592,7 @@ async def test_body_store_outage_keeps_big_bodies_in_the_spool_never_in_a_messag
     assert big.request_body.data is None and big.request_body.ref is not None
     stored = await bodies.get(big.request_body.ref)
     assert stored is not None and decompress(stored) == big_req
-    assert max(len(m.value) for m in q.messages) < 4 * cap + 16 * 1024
+    assert max(len(m.value) for m in q.messages) < 4 * limit + 16 * 1024
     assert svc.publisher.dropped == 0 and svc.replayer is not None and svc.replayer.dropped == 0
 
 

@@ -211,23 +211,23 @@ class _LoopBodyStore(DirBodyStore):
 
 
 @pytest.mark.parametrize("threaded", [False, True], ids=["same-loop", "replay-thread"])
-async def test_spooled_bodies_above_the_cap_go_to_the_body_store_before_the_queue(
+async def test_spooled_bodies_above_the_inline_limit_go_to_the_body_store_before_the_queue(
     tmp_path: Path, threaded: bool
 ) -> None:
-    """Issue 9: a record spooled with a body above the inline cap (the body store was down) is
+    """Issue 9: a record spooled with a body above the inline limit (the body store was down) is
     replayed only once its body is in the body store, with a reference in its message; while
     the body store is still down its segment stays as it is and nothing is published."""
-    cap = 4096
+    limit = 4096
     spool = DiskSpool(tmp_path / "spool", max_bytes=50_000_000)
     records = [_record(i) for i in range(10)]
     big_bytes = os.urandom(300_000)  # incompressible: zstd keeps it ~300 KB
     records[4].request_body = inline_body(
-        big_bytes, size=len(big_bytes), truncated=False, content_type="application/octet-stream", cap=cap
+        big_bytes, size=len(big_bytes), truncated=False, content_type="application/octet-stream", limit=limit
     )
     records[7].response_body = inline_body(
-        b'{"ok": true}', size=12, truncated=False, content_type=None, cap=cap
+        b'{"ok": true}', size=12, truncated=False, content_type=None, limit=limit
     )
-    assert not offload.fits(records[4], cap) and offload.fits(records[7], cap)
+    assert not offload.fits(records[4], limit) and offload.fits(records[7], limit)
     sink = SpoolSink(spool)
     await sink.send(records)
     await sink.close()
@@ -237,7 +237,7 @@ async def test_spooled_bodies_above_the_cap_go_to_the_body_store_before_the_queu
     bodies = _LoopBodyStore(tmp_path / "bodies")
     bodies.down = True
     factory = (lambda: SQLiteQueue(path, partitions=2)) if threaded else None
-    replayer = SpoolReplayer(spool, q, bodies=bodies, inline_cap=cap, queue_factory=factory)
+    replayer = SpoolReplayer(spool, q, bodies=bodies, inline_limit=limit, queue_factory=factory)
     try:
         with pytest.raises(BackendUnavailable):
             await replayer.replay_once()
@@ -259,7 +259,7 @@ async def test_spooled_bodies_above_the_cap_go_to_the_body_store_before_the_queu
         await replayer.stop()
         await q.close()
     assert set(got) == {r.id for r in records} and len(sizes) == 10
-    assert max(sizes) < 4 * cap  # the big body is no longer inline
+    assert max(sizes) < 4 * limit  # the big body is no longer inline
     big = got[records[4].id].request_body
     assert big is not None and big.data is None and big.ref is not None and big.size == len(big_bytes)
     stored = await bodies.get(big.ref)

@@ -329,7 +329,7 @@ async def test_server_outage_fails_fast_and_resumes_without_loss(queues: list[SQ
 async def test_gateway_sends_a_batch_sqs_refuses_to_the_next_sink_not_the_floor(
     queues: list[SQSQueue], tmp_path: Path
 ) -> None:
-    """A record too big for SQS (here: an inline cap raised to 1 MB, so a 400 KB body travels
+    """A record too big for SQS (here: an inline limit raised to 1 MB, so a 400 KB body travels
     inline) goes with its batch to the ingest endpoint; the next batches go to SQS again.
     Nothing is dropped."""
     from llmtap.config import Settings

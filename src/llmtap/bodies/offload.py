@@ -1,22 +1,22 @@
 """Where a body goes: inline in the record, or in the body store, and under which key.
 
-The one rule, with one cap (`LLMTAP_INLINE_BODY_BYTES`, 64 KiB by default): a body travels
+The one rule, with one limit (`LLMTAP_INLINE_BODY_BYTES`, 64 KiB by default): a body travels
 inline in a queue message only if its inline bytes (zstd-compressed from `COMPRESS_MIN_BYTES`
-on) are at most the cap; a larger body is written to the body store first, under `key`, and the
+on) are at most the limit; a larger body is written to the body store first, under `key`, and the
 record carries the reference. A record has at most three bodies and bounded metadata
-(`llmtap.limits`, ~150 KB), so with base64 a message stays under about 4 * cap + 150 KB (≈ 410 KB
-by default), far below Kafka's 1 MB default `message.max.bytes` (keep the cap under ~200 KiB).
+(`llmtap.limits`, ~150 KB), so with base64 a message stays under about 4 * limit + 150 KB (≈ 410 KB
+by default), far below Kafka's 1 MB default `message.max.bytes` (keep the limit under ~200 KiB).
 
 Who asks, and when:
 
 - the gateway's record builder: `inline_body` (compress or not);
-- the publisher, before a batch goes to a sink: `to_store(above=cap)`; only the records that
+- the publisher, before a batch goes to a sink: `to_store(above=limit)`; only the records that
   `fits` may go to the queue or the ingest endpoint;
-- the spool replayer, before spooled records go into the queue: `to_store(above=cap)` again;
+- the spool replayer, before spooled records go into the queue: `to_store(above=limit)` again;
 - the worker's body handler: `to_store(above=-1)`, every inline body, so rows never carry
   body bytes (`key` makes a redelivered record rewrite the same keys).
 
-When the body store is down, a record holding a body above the cap is not put in any message
+When the body store is down, a record holding a body above the limit is not put in any message
 (not the broker's, not the ingest endpoint's), not truncated and not held in memory: it goes,
 its body inline, to the gateway's fsynced disk spool (bounded by `LLMTAP_SPOOL_MAX_BYTES`),
 the local place that keeps it until the body store is back. The spool replayer then writes the
@@ -47,13 +47,13 @@ COMPRESS_MIN_BYTES = 1024
 PARTS = (("request_body", "request"), ("response_body", "response"), ("response_events", "events"))
 
 
-def inline_body(data: bytes, *, size: int, truncated: bool, content_type: str | None, cap: int) -> Body:
+def inline_body(data: bytes, *, size: int, truncated: bool, content_type: str | None, limit: int) -> Body:
     """A captured body as a record first carries it: inline, compressed unless it is small.
 
     Whether it may stay inline is decided later (`fits`, `to_store`), off the record builder,
     so the decision holds on every path the record takes.
     """
-    if len(data) < COMPRESS_MIN_BYTES and len(data) <= cap:
+    if len(data) < COMPRESS_MIN_BYTES and len(data) <= limit:
         return Body(content_type=content_type, size=size, truncated=truncated, data=data)
     z = compress(data)
     return Body(content_type=content_type, size=size, truncated=truncated, encoding="zstd", data=z)
@@ -64,11 +64,11 @@ def key(record: LogRecord, part: str, data: bytes) -> str:
     return body_key(record.tenant, record.id, record.started_at, part, data)
 
 
-def fits(record: LogRecord, cap: int) -> bool:
-    """No body of the record is inline above the cap: it may travel in a queue message."""
+def fits(record: LogRecord, limit: int) -> bool:
+    """No body of the record is inline above the limit: it may travel in a queue message."""
     for attr, _ in PARTS:
         body: Body | None = getattr(record, attr)
-        if body is not None and body.data is not None and len(body.data) > cap:
+        if body is not None and body.data is not None and len(body.data) > limit:
             return False
     return True
 

@@ -128,8 +128,8 @@ class GatewayService:
                 spool,
                 self.queue,
                 queue_factory=factory,
-                bodies=self.bodies,  # spooled bodies above the cap go there before the queue
-                inline_cap=settings.inline_body_bytes,
+                bodies=self.bodies,  # spooled bodies above the inline limit go there before the queue
+                inline_limit=settings.inline_body_bytes,
             )
         self.publisher = Publisher(settings, sinks, self.bodies, overflow=overflow)
         if self.replayer is not None:

@@ -247,7 +247,7 @@ class RecordBuilder:
     """Captures → records, their bodies inline (`bodies.offload.inline_body`).
 
     Which bodies must go to the body store before the record is published is decided by
-    `llmtap.bodies.offload` in the publisher, with the one cap (`inline_body_bytes`).
+    `llmtap.bodies.offload` in the publisher, with the one inline limit (`inline_body_bytes`).
     Compressed HTTP bodies (gzip, deflate, zstd, br) are stored decoded; a coding we cannot
     decode as sent.
 
@@ -336,7 +336,7 @@ class RecordBuilder:
         inline = self.inline
 
         def body(data: bytes, size: int, truncated: bool, ctype: str | None) -> Body:
-            return inline_body(data, size=size, truncated=truncated, content_type=ctype, cap=inline)
+            return inline_body(data, size=size, truncated=truncated, content_type=ctype, limit=inline)
 
         request_body = None
         if not lh.omit_request:

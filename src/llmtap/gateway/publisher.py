@@ -2,8 +2,8 @@
 
 `Publisher.submit` is what a request pays for logging: one deque append and two integer
 updates. A single background task does the rest in batches — every `publish_linger_ms`, or as
-soon as `publish_batch_size` captures wait: build the records, write the bodies above the cap
-to the body store (`llmtap.bodies.offload`), then hand the batch to the first `Sink` that takes it.
+soon as `publish_batch_size` captures wait: build the records, write the bodies above the inline
+limit to the body store (`llmtap.bodies.offload`), then hand the batch to the first `Sink` that takes it.
 
 Sinks form a chain: `Publisher(sinks=[QueueSink(q), IngestSink(...), SpoolSink(...)])`. A sink
 either makes the whole batch durable or raises `BackendUnavailable`; the batch then goes to the
@@ -22,7 +22,7 @@ halves, and the halves tried apart, down to the single record at fault; that rec
 published bare (`record.stripped`: its plain fields and the reason as its error) and only if even
 that is refused is it given up, with an ERROR line naming it and the reason, and counted.
 
-A record whose body is above the inline cap while the body store is down may only go to a sink
+A record whose body is above the inline limit while the body store is down may only go to a sink
 that keeps it locally (`Sink.large_bodies`: the disk spool), never into a message; the rest of
 its batch goes on as usual (`llmtap.bodies.offload` says why).
 """
@@ -75,7 +75,7 @@ class Sink(ABC):
 
     #: Written into `record.route` before the sink encodes the records.
     route: Route = "queue"
-    #: Takes records holding bodies above the inline cap (`bodies.offload`): only a sink that
+    #: Takes records holding bodies above the inline limit (`bodies.offload`): only a sink that
     #: keeps them on local disk, never one that puts them in a message.
     large_bodies: bool = False
 
@@ -117,7 +117,7 @@ class _Batch:
 
     def __init__(self, records: list[LogRecord], nbytes: int, big: bool) -> None:
         self.records = records
-        self.big = big  # some record holds a body above the cap, not yet in the body store
+        self.big = big  # some record holds a body above the inline limit, not yet in the body store
         self.nbytes = nbytes
         self.poison_rounds = 0
         self.reason = ""  # why the last sink refused it
@@ -147,8 +147,8 @@ class Publisher:
         self.linger = settings.publish_linger_ms / 1000.0
         self.buffer_limit = settings.publish_buffer_bytes
         self.gateway_id = gateway_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.cap = settings.inline_body_bytes  # the one body cap (`bodies.offload`)
-        self.builder = RecordBuilder(inline_body_bytes=self.cap, gateway=self.gateway_id)
+        self.inline_limit = settings.inline_body_bytes  # the one inline limit (`bodies.offload`)
+        self.builder = RecordBuilder(inline_body_bytes=self.inline_limit, gateway=self.gateway_id)
 
         # -- counters (read by /metrics and tests)
         self.submitted = 0
@@ -163,7 +163,7 @@ class Publisher:
         self.build_errors = 0
         self.body_uploads = 0
         self.body_store_failures = 0
-        self.bodies_spooled = 0  # records sent to the spool with a body above the cap
+        self.bodies_spooled = 0  # records sent to the spool with a body above the inline limit
         self._bodies_open_until = 0.0  # body store breaker: skipped until then after a failure
         self._bodies_cooldown = _BREAKER_MIN
         self.buffer_bytes = 0  # memory held: waiting captures + the batch in flight
@@ -460,12 +460,12 @@ class Publisher:
         records: list[LogRecord] = []
         nbytes = 0
         big = False
-        cap_bytes = self.cap
+        limit = self.inline_limit
         for i, cap in enumerate(caps):
             nbytes += cap.nbytes
             try:
                 record = builder.build(cap)
-                if not big and not offload.fits(record, cap_bytes):
+                if not big and not offload.fits(record, limit):
                     big = True
             except Exception as e:
                 self.build_errors += 1
@@ -500,8 +500,8 @@ class Publisher:
                 continue
             send = todo
             if batch.big and not sink.large_bodies:
-                # Bodies above the cap never go into a message: this sink takes the others.
-                send = [r for r in todo if offload.fits(r, self.cap)]
+                # Bodies above the inline limit never go into a message: this sink takes the others.
+                send = [r for r in todo if offload.fits(r, self.inline_limit)]
                 if not send:
                     continue
             try:
@@ -525,7 +525,7 @@ class Publisher:
             self._open_until.pop(id(sink), None)
             if send is todo:
                 if batch.big and sink.large_bodies:
-                    self.bodies_spooled += sum(not offload.fits(r, self.cap) for r in send)
+                    self.bodies_spooled += sum(not offload.fits(r, self.inline_limit) for r in send)
                 return True
             sent = {id(r) for r in send}
             todo = batch.records = [r for r in todo if id(r) not in sent]
@@ -536,18 +536,18 @@ class Publisher:
         return False
 
     async def _to_store(self, batch: _Batch) -> None:
-        """Write the batch's bodies above the cap to the body store, before the records that
+        """Write the batch's bodies above the inline limit to the body store, before the records that
         point at them are published. If the body store is down (or skipped by its breaker), the
         bodies stay inline and `_deliver` sends those records to a `large_bodies` sink only."""
         if self.bodies is None or self._bodies_open_until > time.monotonic():
             return
         try:
-            self.body_uploads += await offload.to_store(self.bodies, batch.records, above=self.cap)
+            self.body_uploads += await offload.to_store(self.bodies, batch.records, above=self.inline_limit)
         except Exception as e:
             self.body_store_failures += 1
             self._bodies_cooldown = min(self._bodies_cooldown * 2, _BREAKER_MAX)
             self._bodies_open_until = time.monotonic() + self._bodies_cooldown
-            self._warn("bodies", "body store unavailable; records with bodies above the cap spool: %s", e)
+            self._warn("bodies", "body store unavailable; records with bodies above the limit spool: %s", e)
             return
         self._bodies_cooldown = _BREAKER_MIN
         batch.big = False
@@ -609,7 +609,7 @@ class _PublisherCollector(Collector):
         )
         yield CounterMetricFamily(
             "llmtap_gateway_records_spooled_for_bodies",
-            "Records kept in the spool because a body above the cap found the body store down",
+            "Records kept in the spool because a body above the inline limit found the body store down",
             value=p.bodies_spooled,
         )
         yield GaugeMetricFamily(

@@ -8,7 +8,7 @@ The publisher's chain in a scaled-out gateway is `QueueSink → IngestSink → S
   records go when the in-memory buffer is over its bound.
 - `SpoolReplayer` publishes spooled records into the queue once it accepts again, and at
   start-up (records spooled before a restart are not lost). The spool is also where a record
-  waits whose body is above the inline cap while the body store is down (`bodies.offload`):
+  waits whose body is above the inline limit while the body store is down (`bodies.offload`):
   the replayer writes such bodies to the body store before the records go into the queue.
 
 Records keep the route they took (`record.route`): `ingest` for the fallback, `spool` for
@@ -112,7 +112,7 @@ class SpoolSink(Sink):
     """Last resort: append to the fsynced local spool (in a thread: the loop never blocks)."""
 
     route: Route = "spool"
-    large_bodies = True  # the local place a body above the cap waits for the body store
+    large_bodies = True  # the local place a body above the inline limit waits for the body store
 
     def __init__(self, spool: DiskSpool, partition_by: str = "tenant") -> None:
         self.spool = spool
@@ -162,7 +162,7 @@ class SpoolReplayer:
     sent bare (`record.stripped`), and only if that is refused too is it given up: counted in
     `dropped` and logged with its id.
 
-    Spooled records holding a body above the inline cap (`bodies.offload`) have it written to
+    Spooled records holding a body above the inline limit (`bodies.offload`) have it written to
     `bodies` first; while the body store refuses, their segment is left as it is, untouched.
     """
 
@@ -174,7 +174,7 @@ class SpoolReplayer:
         interval: float = 1.0,
         queue_factory: Callable[[], Queue] | None = None,
         bodies: BodyStore | None = None,
-        inline_cap: int = 64 * 1024,
+        inline_limit: int = 64 * 1024,
     ) -> None:
         """With `queue_factory`, replays run on a thread of their own with their own queue
         connection (made by the factory): the gateway's event loop does none of the encoding
@@ -183,7 +183,7 @@ class SpoolReplayer:
         self.spool = spool
         self.queue = queue
         self.bodies = bodies
-        self.cap = inline_cap
+        self.inline_limit = inline_limit
         self.bodies_stored = 0  # spooled bodies written to the body store before replay
         self._bodies_waiting = False
         self.interval = interval
@@ -262,22 +262,22 @@ class SpoolReplayer:
         return done
 
     async def _offload(self, frames: list[bytes]) -> list[bytes]:
-        """The frames, with every body above the cap moved to the body store (`bodies.offload`).
+        """The frames, with every body above the inline limit moved to the body store (`bodies.offload`).
 
-        A frame no longer than the cap cannot hold such a body (inline bytes travel as base64),
+        A frame no longer than the limit cannot hold such a body (inline bytes travel as base64),
         so only longer ones are decoded. All of the segment's bodies go in one `put_many`.
         """
-        cap = self.cap
+        limit = self.inline_limit
         big: list[tuple[int, str, LogRecord]] = []
         for n, frame in enumerate(frames):
-            if len(frame) <= cap:
+            if len(frame) <= limit:
                 continue
             msg = _unframe(frame)
             try:
                 record = decode(msg.value)
             except RecordError:
                 continue  # published as it is: `_publish` deals with what the queue refuses
-            if not offload.fits(record, cap):
+            if not offload.fits(record, limit):
                 big.append((n, msg.key, record))
         if not big:
             return frames
@@ -285,11 +285,11 @@ class SpoolReplayer:
             if self.bodies is None:
                 raise BackendUnavailable("no body store to take them")
             records = [r for _, _, r in big]
-            stored = await self._on_home(offload.to_store(self.bodies, records, above=cap))
+            stored = await self._on_home(offload.to_store(self.bodies, records, above=limit))
         except Exception as e:
             if not self._bodies_waiting:  # one line per outage, not one per try
                 log.warning(
-                    "spool: %d record(s) with bodies above the cap wait for the body store: %s",
+                    "spool: %d record(s) with bodies above the inline limit wait for the body store: %s",
                     len(big),
                     describe(e),
                 )
