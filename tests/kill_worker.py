@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # when run as a script from a checkout
     sys.path.insert(0, str(ROOT / "src"))
 
-from llmtap.handlers import base  # noqa: E402
+from llmtap.handlers import base, chain  # noqa: E402
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from llmtap.store.base import Store
 
 POISON_MODEL = "kill-me"
-_standard_chain = base.build_chain
+_standard_chain = chain.build_chain
 
 
 class KillProcess(base.Handler):
@@ -43,14 +43,14 @@ class KillProcess(base.Handler):
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
-def build_chain(settings: Settings, store: Store, bodies: BodyStore) -> base.Chain:
-    chain = _standard_chain(settings, store, bodies)
-    chain.handlers.insert(0, KillProcess())
-    return chain
+def build_chain(settings: Settings, store: Store, bodies: BodyStore) -> chain.Chain:
+    standard = _standard_chain(settings, store, bodies)
+    standard.handlers.insert(0, KillProcess())
+    return standard
 
 
 if __name__ == "__main__":
-    base.build_chain = build_chain  # before the worker module imports it
+    chain.build_chain = build_chain  # before the worker module imports it
     from llmtap.cli import main
 
     sys.argv = ["llmtap", "worker"]

@@ -1052,6 +1052,122 @@ async def test_postgres_outage_worker_retries_without_acking_then_stores_once(st
     assert worker.alive()
 
 
+# -- (5b) a 5 MB body while the body store is down ---------------------------------------------------
+
+KAFKA_DEFAULT_MESSAGE_MAX_BYTES = 1_048_588  # the broker's default `message.max.bytes`
+
+
+async def _kafka_topic_limit(topic: str) -> int:
+    """The topic's effective `max.message.bytes` as the broker reports it."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=os.environ[KAFKA_ENV], request_timeout_ms=10000)
+    await asyncio.wait_for(admin.start(), 15)
+    try:
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    for resp in responses:
+        for resource in resp.resources:
+            for entry in resource[4]:
+                if entry[0] == "max.message.bytes":
+                    return int(entry[1])
+    raise AssertionError(f"max.message.bytes not described for {topic}: {responses!r}")
+
+
+async def _kafka_messages(topic: str) -> list[bytes]:
+    """Every message value in the topic, read from the start (no consumer group)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=os.environ[KAFKA_ENV], enable_auto_commit=False)
+    await asyncio.wait_for(consumer.start(), 15)
+    try:
+        parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        end = await consumer.end_offsets(parts)
+        out: list[bytes] = []
+        deadline = time.monotonic() + 60
+        while [tp for tp in parts if await consumer.position(tp) < end[tp]]:
+            assert time.monotonic() < deadline, "reading the topic took too long"
+            batches = await consumer.getmany(timeout_ms=1000)
+            out += [m.value for msgs in batches.values() for m in msgs if m.value is not None]
+        return out
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize("kind", [QUEUES[0]])
+async def test_a_5mb_body_with_the_body_store_down_goes_through_kafka_once_it_is_back(stack: Stack) -> None:
+    """Issue 9: a record whose body is far past Kafka's default 1 MB limit, captured while S3 is
+    stopped, is neither inlined into a message (the broker would refuse it) nor cut nor lost:
+    it waits in the gateway's spool, and once S3 is back its body goes to S3 and the record
+    through Kafka, stored once with every byte of the body."""
+    gport, gdata = free_port(), stack.tmp / "gateway-data"
+    stack.start_all(
+        ("server", "server", {}),
+        ("worker", "worker", {}),
+        # capture the whole body: the default capture limit (4 MB) would truncate it in the log
+        ("gateway", "gateway", {"gateway_port": gport, "data_dir": gdata, "max_body_bytes": 8 << 20}),
+    )
+    gw = url(gport)
+    warm = assert_all_ok(await run_load([gw], 6, concurrency=3))
+    await stack.wait_stored(warm)
+    limit = await _kafka_topic_limit(stack.name)
+    assert limit <= KAFKA_DEFAULT_MESSAGE_MAX_BYTES, f"the broker allows {limit}-byte messages"
+
+    rid = str(uuid.uuid4())
+    # base64 of random bytes: zstd cannot shrink it below ~3.8 MB, far past 1 MB either way
+    prompt = f"{rid} " + base64.b64encode(os.urandom(3_900_000)).decode()
+    raw = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]}).encode()
+    assert len(raw) > 5_000_000
+    await stack.service("stop", "s3")
+    try:
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            headers = {**AUTH, "content-type": "application/json", "Llmtap-Request-Id": rid}
+            async with http.post(f"{gw}/openai/v1/chat/completions", data=raw, headers=headers) as r:
+                answer = await r.read()
+                assert r.status == 200, answer[:300]
+        during = assert_all_ok(await run_load([gw], 6, concurrency=3))
+        await until(lambda: _true(rid in spooled_ids(gdata)), 60, "the big record in the gateway's spool")
+        text = await asyncio.to_thread(gateway_metrics, gw)
+        assert metric(text, "llmtap_gateway_records_spooled_for_bodies_total") == 1
+        assert metric(text, "llmtap_gateway_records_dropped_total") == 0
+        assert rid not in await stack.stored_ids()
+    finally:
+        await stack.service("start", "s3")
+
+    ids = [*warm, rid, *during]
+    await stack.wait_stored(ids, timeout=120)
+    await stack.assert_exactly_once(ids)
+    await until(lambda: _true(spool_bytes(gdata) == 0), 60, "the spool replayed")
+
+    # the record went through Kafka, with a reference: every message far below the limit
+    values = await _kafka_messages(stack.name)
+    mine = [v for v in values if rid.encode() in v]
+    assert len(mine) == 1, f"{len(mine)} messages name the big record"
+    assert max(len(v) for v in values) < 512 * 1024 < limit
+    record = json.loads(mine[0])
+    assert record["route"] == "spool" and record["request_body"]["ref"], record["request_body"]
+    assert "data" not in record["request_body"]
+
+    # the whole body, byte for byte, in S3 and through the API
+    key = f"{stack.name}/{record['request_body']['ref']}"
+    async with s3_client() as s3:
+        obj = await s3.get_object(Bucket=os.environ["LLMTAP_TEST_S3_BUCKET"], Key=key)
+        async with obj["Body"] as stream:
+            stored = await stream.read()
+    assert zstandard.ZstdDecompressor().decompress(stored, max_output_size=64 << 20) == raw
+    status, rec = await asyncio.to_thread(http_json, "GET", f"{stack.api}/api/v1/requests/{rid}")
+    assert status == 200 and rec["route"] == "spool", rec.get("route")
+    assert rec["request_body"] == json.loads(raw)
+    assert rec["response_body"] == json.loads(answer)
+    assert (await stack.queue_view())[1] == []  # no dead letters
+    stack.logs_without_traceback()
+
+
 async def _more_than(ids: Awaitable[list[str]], n: int) -> bool:
     return len(await ids) > n
 

@@ -560,18 +560,40 @@ async def test_large_body_goes_to_the_body_store(
     assert len(q.messages[0].value) < 64 * 1024
 
 
-async def test_body_store_outage_sends_bodies_inline(
+async def test_body_store_outage_keeps_big_bodies_in_the_spool_never_in_a_message(
     upstream: int, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
+    """Body store down: a record whose body is above the inline limit waits in the spool, body inline;
+    the small one goes to the queue at once; once the body store is back the big one follows,
+    its body in the body store, byte for byte, and no message ever held a body above it."""
     q = MemoryQueue()
     bodies = DirBodyStore(tmp_path / "bodies")
     bodies.down = True
-    async with running_gateway(settings_for(upstream, tmp_path, inline_body_bytes=0), q, bodies) as (svc, gw):
+    limit = 4 * 1024
+    words = " ".join(os.urandom(6).hex() for _ in range(4000))  # ~52 KB, incompressible enough
+    big_req = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": words}]})
+    s = settings_for(upstream, tmp_path, inline_body_bytes=limit)
+    async with running_gateway(s, q, bodies) as (svc, gw):
+        h = {**OPENAI_AUTH, "content-type": "application/json"}
+        async with http.post(f"{gw}/openai/v1/chat/completions", data=big_req, headers=h) as r:
+            assert r.status == 200
+            await r.read()
         async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
             assert r.status == 200
-        (rec,) = await published(svc, q, 1)
-    assert rec.request_body is not None and rec.request_body.ref is None
-    assert orjson.loads(body_bytes(rec.request_body)) == CHAT  # type: ignore[arg-type]
+        await wait_for(lambda: len(q.messages) >= 1 and svc.publisher.bodies_spooled >= 1)
+        (small,) = q.records()
+        assert small.request_body is not None and small.request_body.data is not None
+        assert list((tmp_path / "spool").glob("*.spool")), "the big record waits in the spool"
+        assert bodies.puts == 0
+        bodies.down = False
+        await wait_for(lambda: len(q.messages) >= 2, timeout=30)
+        big = q.records()[1]
+    assert big.route == "spool" and big.request_body is not None
+    assert big.request_body.data is None and big.request_body.ref is not None
+    stored = await bodies.get(big.request_body.ref)
+    assert stored is not None and decompress(stored) == big_req
+    assert max(len(m.value) for m in q.messages) < 4 * limit + 16 * 1024
+    assert svc.publisher.dropped == 0 and svc.replayer is not None and svc.replayer.dropped == 0
 
 
 async def test_omit_flags(upstream: int, tmp_path: Path, http: aiohttp.ClientSession) -> None:

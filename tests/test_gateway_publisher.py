@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from gateway_support import MemoryQueue, wait_for
+from llmtap.bodies import offload
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable
 from llmtap.gateway.capture import CAPTURE_OVERHEAD, Capture
@@ -290,8 +291,8 @@ def test_capture_cap_keeps_head_and_a_bounded_tail_and_usage_survives() -> None:
     assert stream.endswith(b"".join(cap.tail))
     assert cap.nbytes < 2 * cap.max_bytes + 2 * TAIL_BYTES
 
-    rec, uploads = RecordBuilder(inline_body_bytes=1 << 20, gateway="t").build(cap)
-    assert uploads == []
+    rec = RecordBuilder(inline_body_bytes=1 << 20, gateway="t").build(cap)
+    assert offload.fits(rec, 1 << 20)  # all inline: nothing for the body store
     assert rec.usage.prompt_tokens == 11 and rec.usage.completion_tokens == 4321  # from the tail
     assert rec.response_events is not None and rec.response_events.truncated
     assert rec.response_events.size == len(stream)

@@ -5,19 +5,24 @@ Counts what went in and what came out, and the route each record took.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from gateway_support import DirBodyStore
+from llmtap.bodies import offload
+from llmtap.bodies.offload import inline_body
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable
 from llmtap.gateway.sinks import REPLAY_CHUNK, IngestSink, SpoolReplayer, SpoolSink
 from llmtap.gateway.spool import DiskSpool
 from llmtap.queue.sqlite import SQLiteQueue
-from llmtap.record import LogRecord, Usage, decode
+from llmtap.record import LogRecord, Usage, decode, decompress
 from llmtap.server.app import ServerService
 from llmtap.store import StatsQuery
 
@@ -191,3 +196,73 @@ async def test_one_bad_record_costs_the_spool_only_itself(tmp_path: Path) -> Non
         assert bare.request_headers == {} and bare.error and "MessageSizeTooLarge" in bare.error
     finally:
         await q.close()
+
+
+class _LoopBodyStore(DirBodyStore):
+    """Records the event loop each write ran on (a real S3 client is bound to one loop)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.loops: list[asyncio.AbstractEventLoop] = []
+
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
+        self.loops.append(asyncio.get_running_loop())
+        return await super().put_many(items)
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["same-loop", "replay-thread"])
+async def test_spooled_bodies_above_the_inline_limit_go_to_the_body_store_before_the_queue(
+    tmp_path: Path, threaded: bool
+) -> None:
+    """Issue 9: a record spooled with a body above the inline limit (the body store was down) is
+    replayed only once its body is in the body store, with a reference in its message; while
+    the body store is still down its segment stays as it is and nothing is published."""
+    limit = 4096
+    spool = DiskSpool(tmp_path / "spool", max_bytes=50_000_000)
+    records = [_record(i) for i in range(10)]
+    big_bytes = os.urandom(300_000)  # incompressible: zstd keeps it ~300 KB
+    records[4].request_body = inline_body(
+        big_bytes, size=len(big_bytes), truncated=False, content_type="application/octet-stream", limit=limit
+    )
+    records[7].response_body = inline_body(
+        b'{"ok": true}', size=12, truncated=False, content_type=None, limit=limit
+    )
+    assert not offload.fits(records[4], limit) and offload.fits(records[7], limit)
+    sink = SpoolSink(spool)
+    await sink.send(records)
+    await sink.close()
+    path = str(tmp_path / "queue.db")
+    q = SQLiteQueue(path, partitions=2)
+    await q.connect("both")
+    bodies = _LoopBodyStore(tmp_path / "bodies")
+    bodies.down = True
+    factory = (lambda: SQLiteQueue(path, partitions=2)) if threaded else None
+    replayer = SpoolReplayer(spool, q, bodies=bodies, inline_limit=limit, queue_factory=factory)
+    try:
+        with pytest.raises(BackendUnavailable):
+            await replayer.replay_once()
+        assert spool.pending() and (await q.status()).lag == 0  # nothing published twice later
+        bodies.down = False
+        assert await replayer.replay_once() == 10
+        assert not spool.pending() and replayer.bodies_stored == 1
+        assert set(bodies.loops) == {asyncio.get_running_loop()}  # the caller's loop, thread or not
+        got: dict[str, LogRecord] = {}
+        sizes: list[int] = []
+        while True:
+            ds = await q.consume(1000, timeout=0.5)
+            if not ds:
+                break
+            sizes += [len(d.value) for d in ds]
+            got.update((r.id, r) for r in (decode(d.value) for d in ds))
+            await q.ack(ds)
+    finally:
+        await replayer.stop()
+        await q.close()
+    assert set(got) == {r.id for r in records} and len(sizes) == 10
+    assert max(sizes) < 4 * limit  # the big body is no longer inline
+    big = got[records[4].id].request_body
+    assert big is not None and big.data is None and big.ref is not None and big.size == len(big_bytes)
+    stored = await bodies.get(big.ref)
+    assert stored is not None and decompress(stored) == big_bytes
+    small = got[records[7].id].response_body
+    assert small is not None and small.data == b'{"ok": true}' and small.ref is None  # small stays inline

@@ -13,8 +13,9 @@ from llmtap.bodies.base import body_key
 from llmtap.bodies.file import FileBodyStore
 from llmtap.config import Settings
 from llmtap.errors import TransientError
-from llmtap.handlers.base import Item, build_chain
+from llmtap.handlers.base import Item
 from llmtap.handlers.bodies import BodyHandler
+from llmtap.handlers.chain import build_chain
 from llmtap.handlers.cost import CostHandler
 from llmtap.handlers.store import StoreHandler
 from llmtap.record import Body, Usage, decompress

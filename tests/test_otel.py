@@ -16,7 +16,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from llmtap.bodies.file import FileBodyStore
 from llmtap.config import Settings
-from llmtap.handlers.base import Item, build_chain
+from llmtap.handlers.base import Item
+from llmtap.handlers.chain import build_chain
 from llmtap.record import Body, Usage
 from llmtap.store.base import StatsQuery
 from llmtap.store.sqlite import SQLiteStore

@@ -29,10 +29,10 @@ from llmtap import keys
 from llmtap.config import Settings, load_settings
 from llmtap.errors import ConfigError
 from llmtap.gateway.sinks import IngestSink
+from llmtap.handlers.chain import process_records
 from llmtap.record import Body, LogRecord, compress, encode, encode_many
 from llmtap.server.app import ServerService
 from llmtap.server.security import host_allowed
-from llmtap.worker.worker import process_records
 from procs import free_port, http_json, llmtap_env, start_llmtap, wait_http, wait_until
 from store_helpers import rec as _rec
 

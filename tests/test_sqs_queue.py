@@ -329,8 +329,9 @@ async def test_server_outage_fails_fast_and_resumes_without_loss(queues: list[SQ
 async def test_gateway_sends_a_batch_sqs_refuses_to_the_next_sink_not_the_floor(
     queues: list[SQSQueue], tmp_path: Path
 ) -> None:
-    """A record too big for SQS (here: no body store, so a 400 KB body travels inline) goes with
-    its batch to the ingest endpoint; the next batches go to SQS again. Nothing is dropped."""
+    """A record too big for SQS (here: an inline limit raised to 1 MB, so a 400 KB body travels
+    inline) goes with its batch to the ingest endpoint; the next batches go to SQS again.
+    Nothing is dropped."""
     from llmtap.config import Settings
     from llmtap.gateway.capture import Capture
     from llmtap.gateway.publisher import Publisher, QueueSink, Sink
@@ -361,7 +362,7 @@ async def test_gateway_sends_a_batch_sqs_refuses_to_the_next_sink_not_the_floor(
 
     q = await open_(fresh(), queues)
     ingest = Ingest()
-    s = Settings(data_dir=tmp_path, publish_linger_ms=1.0)  # type: ignore[call-arg]
+    s = Settings(data_dir=tmp_path, publish_linger_ms=1.0, inline_body_bytes=1 << 20)  # type: ignore[call-arg]
     pub = Publisher(s, [QueueSink(q), ingest])
     await pub.start()
     try:

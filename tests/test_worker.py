@@ -27,15 +27,16 @@ import pytest
 from llmtap.bodies.file import FileBodyStore
 from llmtap.config import Settings
 from llmtap.errors import TransientError
-from llmtap.handlers.base import Chain, Handler, Item
+from llmtap.handlers.base import Handler, Item
 from llmtap.handlers.bodies import BodyHandler
+from llmtap.handlers.chain import Abandoned, Chain, RetryPolicy, process_records, run_with_attempts
 from llmtap.handlers.cost import CostHandler
 from llmtap.handlers.store import StoreHandler
 from llmtap.queue.base import Message
 from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import Body, LogRecord, compress, decompress, encode
 from llmtap.store.sqlite import SQLiteStore
-from llmtap.worker import WorkerService, process_records
+from llmtap.worker import WorkerService
 from procs import CHAIN_WORKER, blocked_batch, chain_worker_args, processings
 from worker_helpers import make_record
 
@@ -258,6 +259,72 @@ async def test_process_records_for_the_ingest_endpoint(env: Env) -> None:
     env.store.down = True
     with pytest.raises(TransientError):
         await process_records(env.chain(), [make_record()])
+
+
+async def test_run_with_attempts_is_the_one_retry_policy() -> None:
+    """Issue 9: the policy the worker and the ingest drain share, without any queue around it.
+    An outage costs no attempt; a record failing once goes through on its retry; a record that
+    always raises (among others: bisected to it) is given up after `max_attempts` tries with
+    its reason; the others go through; the waits follow `RetryPolicy.delay`."""
+
+    class Flaky(Handler):
+        name = "flaky"
+
+        def __init__(self) -> None:
+            self.outages = 2
+
+        async def handle(self, items: Sequence[Item]) -> None:
+            if self.outages:
+                self.outages -= 1
+                raise TransientError("store down")
+            if any(i.record.model == "always" for i in items):
+                raise ValueError("bad record")  # several items: the chain bisects to it
+            for i in items:
+                if i.record.model == "once" and not i.record.properties:
+                    i.record.properties = {"seen": "1"}
+                    i.fail("flaky: once")
+
+    recs = [make_record(model=m) for m in ("gpt-4o", "always", "once", "gpt-4o")]
+    policy = RetryPolicy(max_attempts=3, backoff_start=0.01, backoff_cap=0.04)
+    given: list[tuple[int, str]] = []
+    retries: list[tuple[str, int]] = []
+    waits: list[float] = []
+
+    async def give_up(idx: int, reason: str) -> None:
+        given.append((idx, reason))
+
+    async def pause(seconds: float) -> None:
+        waits.append(seconds)
+
+    ok = await run_with_attempts(
+        Chain([Flaky()]),
+        recs,
+        policy,
+        give_up=give_up,
+        pause=pause,
+        retried=lambda k, n: retries.append((k, n)),
+    )
+    assert ok == [0, 2, 3]
+    assert given == [(1, "flaky: ValueError: bad record")]
+    # two outages (all four records), then two record retries before the third try gives up
+    assert retries == [("transient", 4), ("transient", 4), ("record", 2), ("record", 1)]
+    assert len(waits) == 4 and all(0.005 <= w <= 0.04 for w in waits)
+
+    # stopping while a record waits for its retry: nothing given up, Abandoned for redelivery
+    with pytest.raises(Abandoned):
+        await run_with_attempts(
+            Chain([Flaky()]), [make_record(model="always")], policy, give_up=give_up, stopping=lambda: True
+        )
+    assert len(given) == 1
+
+
+def test_retry_policy_bounds() -> None:
+    p = RetryPolicy(max_attempts=5, backoff_start=0.1, backoff_cap=5.0)
+    assert all(0.05 <= p.delay(1) <= 0.1 for _ in range(50))
+    assert all(2.5 <= p.delay(n) <= 5.0 for n in (7, 100, 10**6))  # capped, never overflows
+    assert not p.gives_up(4) and p.gives_up(5)
+    assert p.crash_reason(4) is None
+    assert p.crash_reason(5) == "delivered 5 times without ack: the worker died while processing it"
 
 
 async def test_banner_line(env: Env) -> None:

@@ -6,7 +6,7 @@ handlers (cost, body references). `v` is the schema version; a consumer refuses 
 not know instead of guessing (the message is dead-lettered with that reason).
 
 Bodies travel either inline (zstd-compressed, base64 in JSON) or as a reference to the body
-store, so a queue message stays far below Kafka's 1 MB default.
+store, so a queue message stays far below Kafka's 1 MB default: `llmtap.bodies.offload` decides.
 """
 
 from __future__ import annotations

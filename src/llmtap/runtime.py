@@ -26,7 +26,7 @@ from llmtap.redact import install_log_filter, redact_url
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
-    from llmtap.handlers.base import Chain
+    from llmtap.handlers.chain import Chain
     from llmtap.store.base import Store
 
 log = logging.getLogger("llmtap")
@@ -127,7 +127,7 @@ class SharedBackends:
     @property
     def chain(self) -> Chain:
         if self._chain is None:
-            from llmtap.handlers.base import build_chain
+            from llmtap.handlers.chain import build_chain
 
             self._chain = build_chain(self.settings, self.store, self.bodies)
         return self._chain

@@ -127,7 +127,13 @@ class GatewayService(OnBackends):
             # A queue of our own opening: the replayer opens another on its own thread, so a
             # large replay never runs on the proxy's event loop (see SpoolReplayer.replay_once).
             factory = (lambda: open_queue(settings)) if queue is None else None
-            self.replayer = SpoolReplayer(spool, self.queue, queue_factory=factory)
+            self.replayer = SpoolReplayer(
+                spool,
+                self.queue,
+                queue_factory=factory,
+                bodies=self.bodies,  # spooled bodies above the inline limit go there before the queue
+                inline_limit=settings.inline_body_bytes,
+            )
         self.publisher = Publisher(settings, sinks, self.bodies, overflow=overflow)
         if self.replayer is not None:
             replayer = self.replayer

@@ -24,20 +24,16 @@ import orjson
 import zstandard
 
 from llmtap import limits
-from llmtap.bodies.base import body_key
+from llmtap.bodies.offload import inline_body
 from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, LlmtapHeaders
 from llmtap.providers import provider_for
 from llmtap.providers.sse import StreamResult
-from llmtap.record import Body, LogRecord, Outcome, Usage, clean_text, compress
+from llmtap.record import Body, LogRecord, Outcome, Usage, clean_text
 from llmtap.redact import redact_text, redact_url
 
 #: Past `Capture.max_bytes` a stream keeps this much of its end, so the usage that providers send
 #: last is still found in very long streams.
 TAIL_BYTES = 64 * 1024
-
-#: Bodies smaller than this travel uncompressed (`encoding="identity"`): zstd's per-frame cost
-#: (~5 µs) buys almost nothing on a few hundred bytes.
-COMPRESS_MIN_BYTES = 1024
 
 #: Rough fixed memory of one capture beyond its bodies (objects, headers), for buffer accounting.
 CAPTURE_OVERHEAD = 1024
@@ -248,12 +244,12 @@ def _limited_properties(props: dict[str, str], truncated: list[str]) -> dict[str
 
 
 class RecordBuilder:
-    """Captures → records, plus the (key, compressed bytes, Body) triples to write to the body store.
+    """Captures → records, their bodies inline (`bodies.offload.inline_body`).
 
-    Bodies: under `COMPRESS_MIN_BYTES` inline as they are; otherwise zstd, inline when the
-    compressed form is at most `inline_body_bytes`, else written to the body store by the
-    publisher before the record is published (the record carries the key). Compressed HTTP
-    bodies (gzip, deflate, zstd, br) are stored decoded; a coding we cannot decode as sent.
+    Which bodies must go to the body store before the record is published is decided by
+    `llmtap.bodies.offload` in the publisher, with the one inline limit (`inline_body_bytes`).
+    Compressed HTTP bodies (gzip, deflate, zstd, br) are stored decoded; a coding we cannot
+    decode as sent.
 
     Times: `first_byte_at` is when the upstream's response headers arrived. Time to first token
     is, for streams, when the first body bytes arrived (the first SSE event: a role or content
@@ -261,15 +257,13 @@ class RecordBuilder:
     latency, since the client sees nothing before the whole body.
     """
 
-    def __init__(self, *, inline_body_bytes: int, gateway: str, body_store: bool = True) -> None:
+    def __init__(self, *, inline_body_bytes: int, gateway: str) -> None:
         self.inline = inline_body_bytes
         self.gateway = gateway
-        self.body_store = body_store
         self._request_headers = HeaderFilter(REQUEST_DROP)
         self._response_headers = HeaderFilter(RESPONSE_DROP)
 
-    def build(self, cap: Capture) -> tuple[LogRecord, list[tuple[str, bytes, Body]]]:
-        uploads: list[tuple[str, bytes, Body]] = []
+    def build(self, cap: Capture) -> LogRecord:
         fmt = provider_for(cap.provider)
         lh = LlmtapHeaders(cap.llmtap) if cap.llmtap else _NO_LLMTAP
         truncated: list[str] = []
@@ -339,16 +333,10 @@ class RecordBuilder:
         else:
             ttft = latency_ms if cap.status is not None else None
 
-        def body(data: bytes, size: int, truncated: bool, ctype: str | None, part: str) -> Body:
-            if len(data) < COMPRESS_MIN_BYTES and len(data) <= self.inline:
-                return Body(content_type=ctype, size=size, truncated=truncated, data=data)
-            z = compress(data)
-            if len(z) <= self.inline or not self.body_store:
-                return Body(content_type=ctype, size=size, truncated=truncated, encoding="zstd", data=z)
-            key = body_key(cap.tenant, cap.id, started_at, part, z)
-            b = Body(content_type=ctype, size=size, truncated=truncated, encoding="zstd", ref=key)
-            uploads.append((key, z, b))
-            return b
+        inline = self.inline
+
+        def body(data: bytes, size: int, truncated: bool, ctype: str | None) -> Body:
+            return inline_body(data, size=size, truncated=truncated, content_type=ctype, limit=inline)
 
         request_body = None
         if not lh.omit_request:
@@ -357,22 +345,18 @@ class RecordBuilder:
                 cap.request_size,
                 cap.request_size > len(cap.request_body),
                 req_ctype,
-                "request",
             )
         resp_body = resp_events = None
         if not lh.omit_response:
             if events is not None and response_body is not None:
-                resp_body = body(
-                    response_body, len(response_body), cap.truncated, response_body_type, "response"
-                )
-                resp_events = body(events, cap.response_size, cap.truncated, resp_ctype, "events")
+                resp_body = body(response_body, len(response_body), cap.truncated, response_body_type)
+                resp_events = body(events, cap.response_size, cap.truncated, resp_ctype)
             elif response_body is not None and (raw or cap.status is not None):
                 resp_body = body(
                     response_body,
                     cap.response_size if decoded is raw else len(response_body),
                     cap.truncated,
                     response_body_type,
-                    "response",
                 )
 
         user_id = _limited_id(lh.user_id, "user_id", truncated)
@@ -416,7 +400,7 @@ class RecordBuilder:
             truncated=truncated,
             gateway=self.gateway,
         )
-        return record, uploads
+        return record
 
     def fallback(self, cap: Capture, exc: BaseException) -> LogRecord:
         """A bare record from the capture's plain fields when building failed (a bug, not data):

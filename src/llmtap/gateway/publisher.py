@@ -2,8 +2,8 @@
 
 `Publisher.submit` is what a request pays for logging: one deque append and two integer
 updates. A single background task does the rest in batches — every `publish_linger_ms`, or as
-soon as `publish_batch_size` captures wait: build the records, write large bodies to the body
-store, then hand the batch to the first `Sink` that takes it.
+soon as `publish_batch_size` captures wait: build the records, write the bodies above the inline
+limit to the body store (`llmtap.bodies.offload`), then hand the batch to the first `Sink` that takes it.
 
 Sinks form a chain: `Publisher(sinks=[QueueSink(q), IngestSink(...), SpoolSink(...)])`. A sink
 either makes the whole batch durable or raises `BackendUnavailable`; the batch then goes to the
@@ -21,6 +21,10 @@ other than an outage (a record the queue, the server or the encoder will not tak
 halves, and the halves tried apart, down to the single record at fault; that record is then
 published bare (`record.stripped`: its plain fields and the reason as its error) and only if even
 that is refused is it given up, with an ERROR line naming it and the reason, and counted.
+
+A record whose body is above the inline limit while the body store is down may only go to a sink
+that keeps it locally (`Sink.large_bodies`: the disk spool), never into a message; the rest of
+its batch goes on as usual (`llmtap.bodies.offload` says why).
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from llmtap.bodies import offload
 from llmtap.errors import BackendUnavailable
 from llmtap.gateway.capture import Capture, RecordBuilder
 from llmtap.queue.base import Message, Queue
-from llmtap.record import Body, LogRecord, Route, encode, partition_key, stripped
+from llmtap.record import LogRecord, Route, encode, partition_key, stripped
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
@@ -70,6 +75,9 @@ class Sink(ABC):
 
     #: Written into `record.route` before the sink encodes the records.
     route: Route = "queue"
+    #: Takes records holding bodies above the inline limit (`bodies.offload`): only a sink that
+    #: keeps them on local disk, never one that puts them in a message.
+    large_bodies: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open what the sink needs."""
@@ -105,11 +113,11 @@ class QueueSink(Sink):
 
 
 class _Batch:
-    __slots__ = ("bare", "nbytes", "part", "poison_rounds", "reason", "records", "uploads")
+    __slots__ = ("bare", "big", "nbytes", "part", "poison_rounds", "reason", "records")
 
-    def __init__(self, records: list[LogRecord], uploads: list[tuple[str, bytes, Body]], nbytes: int) -> None:
+    def __init__(self, records: list[LogRecord], nbytes: int, big: bool) -> None:
         self.records = records
-        self.uploads = uploads
+        self.big = big  # some record holds a body above the inline limit, not yet in the body store
         self.nbytes = nbytes
         self.poison_rounds = 0
         self.reason = ""  # why the last sink refused it
@@ -132,17 +140,15 @@ class Publisher:
         if not sinks:
             raise ValueError("a publisher needs at least one sink")
         self.sinks = list(sinks)
+        self._large_sink = any(s.large_bodies for s in self.sinks)
         self.overflow = overflow
         self.bodies = bodies
         self.batch_size = settings.publish_batch_size
         self.linger = settings.publish_linger_ms / 1000.0
         self.buffer_limit = settings.publish_buffer_bytes
         self.gateway_id = gateway_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.builder = RecordBuilder(
-            inline_body_bytes=settings.inline_body_bytes,
-            gateway=self.gateway_id,
-            body_store=bodies is not None,
-        )
+        self.inline_limit = settings.inline_body_bytes  # the one inline limit (`bodies.offload`)
+        self.builder = RecordBuilder(inline_body_bytes=self.inline_limit, gateway=self.gateway_id)
 
         # -- counters (read by /metrics and tests)
         self.submitted = 0
@@ -157,6 +163,9 @@ class Publisher:
         self.build_errors = 0
         self.body_uploads = 0
         self.body_store_failures = 0
+        self.bodies_spooled = 0  # records sent to the spool with a body above the inline limit
+        self._bodies_open_until = 0.0  # body store breaker: skipped until then after a failure
+        self._bodies_cooldown = _BREAKER_MIN
         self.buffer_bytes = 0  # memory held: waiting captures + the batch in flight
         self.spill_bytes = 0  # memory held by captures on their way to the overflow sink
         self.spilled = 0  # captures sent to the overflow sink because the buffer was full
@@ -253,18 +262,13 @@ class Publisher:
         disk spool) in one go, skipping the slow ways that made us late. Returns how many."""
         if self.overflow is None:
             return 0
+        # Bodies not in the body store yet stay inline: the spool takes them (`large_bodies`).
         records: list[LogRecord] = list(self._held.records) if self._held is not None else []
-        if self._held is not None:
-            for _, data, body in self._held.uploads:  # not uploaded yet: keep them inline
-                body.data, body.ref = data, None
         for part in self._parts:
             records.extend(part.records)
         for cap in [*self._dq, *self._spill]:
             try:
-                record, uploads = self.builder.build(cap)
-                for _, data, body in uploads:
-                    body.data, body.ref = data, None
-                records.append(record)
+                records.append(self.builder.build(cap))
             except Exception as e:
                 records.append(self.builder.fallback(cap, e))
         if not records:
@@ -338,8 +342,8 @@ class Publisher:
         records = batch.records
         if len(records) > 1:
             mid = len(records) // 2
-            first = _Batch(records[:mid], [], batch.nbytes // 2)
-            second = _Batch(records[mid:], [], batch.nbytes - first.nbytes)
+            first = _Batch(records[:mid], batch.nbytes // 2, batch.big)
+            second = _Batch(records[mid:], batch.nbytes - first.nbytes, batch.big)
             first.part = second.part = True
             self._parts.appendleft(second)
             self._parts.appendleft(first)
@@ -358,7 +362,7 @@ class Publisher:
                 record.id,
                 batch.reason,
             )
-            bare = _Batch([stripped(record, batch.reason)], [], batch.nbytes)
+            bare = _Batch([stripped(record, batch.reason)], batch.nbytes, False)
             bare.part = bare.bare = True
             self._parts.appendleft(bare)
             return
@@ -441,8 +445,8 @@ class Publisher:
             caps = [spill.popleft() for _ in range(min(len(spill), self.batch_size))]
             batch = await self._build(caps)
             try:
-                if batch.uploads:
-                    await self._upload(batch)
+                if batch.big:
+                    await self._to_store(batch)  # or the spool keeps them inline
                 self.spilled += await self._send_apart(self.overflow, batch.records)
             except Exception as e:
                 self.failed += 1
@@ -454,14 +458,15 @@ class Publisher:
     async def _build(self, caps: list[Capture]) -> _Batch:
         builder = self.builder
         records: list[LogRecord] = []
-        uploads: list[tuple[str, bytes, Body]] = []
         nbytes = 0
+        big = False
+        limit = self.inline_limit
         for i, cap in enumerate(caps):
             nbytes += cap.nbytes
             try:
-                record, ups = builder.build(cap)
-                if ups:
-                    uploads.extend(ups)
+                record = builder.build(cap)
+                if not big and not offload.fits(record, limit):
+                    big = True
             except Exception as e:
                 self.build_errors += 1
                 self._warn(
@@ -477,14 +482,15 @@ class Publisher:
             self.requests[(record.provider, record.outcome)] += 1
             if i % _BUILD_SLICE == _BUILD_SLICE - 1:
                 await asyncio.sleep(0)
-        return _Batch(records, uploads, nbytes)
+        return _Batch(records, nbytes, big)
 
     async def _deliver(self, batch: _Batch) -> bool:
-        if batch.uploads:
-            await self._upload(batch)
+        if batch.big:
+            await self._to_store(batch)
         outage = False
         now = time.monotonic()
         last = self.sinks[-1]
+        todo = batch.records
         for sink in self.sinks:
             # Circuit breaker: a sink that just failed is skipped for a while (the last one never
             # is), so during an outage batches do not each wait out a timeout before reaching the
@@ -492,8 +498,14 @@ class Publisher:
             if sink is not last and self._open_until.get(id(sink), 0.0) > now:
                 outage = True
                 continue
+            send = todo
+            if batch.big and not sink.large_bodies:
+                # Bodies above the inline limit never go into a message: this sink takes the others.
+                send = [r for r in todo if offload.fits(r, self.inline_limit)]
+                if not send:
+                    continue
             try:
-                await sink.send(batch.records)
+                await sink.send(send)
             except BackendUnavailable as e:
                 outage = True
                 self.failed += 1
@@ -508,35 +520,37 @@ class Publisher:
                 batch.reason = f"{sink.route}: {type(e).__name__}: {e}"[:500]
                 self._warn(f"sink-{sink.route}", "%s sink failed (%s: %s)", sink.route, type(e).__name__, e)
                 continue
-            self.published += len(batch.records)
-            self.batches += 1
-            self.routes[sink.route] += len(batch.records)
+            self._count(sink, len(send))
             self._cooldown.pop(id(sink), None)
             self._open_until.pop(id(sink), None)
-            return True
+            if send is todo:
+                if batch.big and sink.large_bodies:
+                    self.bodies_spooled += sum(not offload.fits(r, self.inline_limit) for r in send)
+                return True
+            sent = {id(r) for r in send}
+            todo = batch.records = [r for r in todo if id(r) not in sent]
+        if batch.big and not self._large_sink:
+            outage = True  # only the body store can take them, and it is down: not their fault
         if not outage:
             batch.poison_rounds += 1
         return False
 
-    async def _upload(self, batch: _Batch) -> None:
-        """Write large bodies before the records that point at them are published.
-
-        If the body store is down, the bodies travel inline instead (the record is not held
-        back for a body store outage; the worker can still move them later).
-        """
-        assert self.bodies is not None
+    async def _to_store(self, batch: _Batch) -> None:
+        """Write the batch's bodies above the inline limit to the body store, before the records that
+        point at them are published. If the body store is down (or skipped by its breaker), the
+        bodies stay inline and `_deliver` sends those records to a `large_bodies` sink only."""
+        if self.bodies is None or self._bodies_open_until > time.monotonic():
+            return
         try:
-            refs = await self.bodies.put_many([(key, data) for key, data, _ in batch.uploads])
-            for (_, _, body), ref in zip(batch.uploads, refs, strict=True):
-                body.ref = ref  # the store decides the ref (the file store packs small bodies)
-            self.body_uploads += len(batch.uploads)
+            self.body_uploads += await offload.to_store(self.bodies, batch.records, above=self.inline_limit)
         except Exception as e:
             self.body_store_failures += 1
-            self._warn("bodies", "body store unavailable, sending bodies inline: %s", e)
-            for _, data, body in batch.uploads:
-                body.data = data
-                body.ref = None
-        batch.uploads = []
+            self._bodies_cooldown = min(self._bodies_cooldown * 2, _BREAKER_MAX)
+            self._bodies_open_until = time.monotonic() + self._bodies_cooldown
+            self._warn("bodies", "body store unavailable; records with bodies above the limit spool: %s", e)
+            return
+        self._bodies_cooldown = _BREAKER_MIN
+        batch.big = False
 
     def _warn(self, kind: str, msg: str, *args: object) -> None:
         now = time.monotonic()
@@ -592,6 +606,11 @@ class _PublisherCollector(Collector):
         )
         yield CounterMetricFamily(
             "llmtap_gateway_body_uploads", "Large bodies written to the body store", value=p.body_uploads
+        )
+        yield CounterMetricFamily(
+            "llmtap_gateway_records_spooled_for_bodies",
+            "Records kept in the spool because a body above the inline limit found the body store down",
+            value=p.bodies_spooled,
         )
         yield GaugeMetricFamily(
             "llmtap_gateway_publish_buffer_bytes",

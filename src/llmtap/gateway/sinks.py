@@ -7,7 +7,9 @@ The publisher's chain in a scaled-out gateway is `QueueSink → IngestSink → S
 - `SpoolSink` appends the batch to the local disk spool (fsynced): the last resort, and where
   records go when the in-memory buffer is over its bound.
 - `SpoolReplayer` publishes spooled records into the queue once it accepts again, and at
-  start-up (records spooled before a restart are not lost).
+  start-up (records spooled before a restart are not lost). The spool is also where a record
+  waits whose body is above the inline limit while the body store is down (`bodies.offload`):
+  the replayer writes such bodies to the body store before the records go into the queue.
 
 Records keep the route they took (`record.route`): `ingest` for the fallback, `spool` for
 records that went through the spool and were replayed, so an operator can see what an outage
@@ -23,15 +25,19 @@ import struct
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
-from llmtap.errors import BackendUnavailable
+from llmtap.bodies import offload
+from llmtap.errors import BackendUnavailable, RecordError
 from llmtap.gateway.publisher import Sink
 from llmtap.gateway.spool import DiskSpool, SpoolFull
 from llmtap.queue.base import Message, Queue
 from llmtap.record import LogRecord, Route, decode, encode, encode_many, partition_key, stripped
+
+if TYPE_CHECKING:
+    from llmtap.bodies.base import BodyStore
 
 log = logging.getLogger("llmtap.gateway")
 
@@ -106,6 +112,7 @@ class SpoolSink(Sink):
     """Last resort: append to the fsynced local spool (in a thread: the loop never blocks)."""
 
     route: Route = "spool"
+    large_bodies = True  # the local place a body above the inline limit waits for the body store
 
     def __init__(self, spool: DiskSpool, partition_by: str = "tenant") -> None:
         self.spool = spool
@@ -154,6 +161,9 @@ class SpoolReplayer:
     record by record, so one record cannot block the spool for good; a record refused alone is
     sent bare (`record.stripped`), and only if that is refused too is it given up: counted in
     `dropped` and logged with its id.
+
+    Spooled records holding a body above the inline limit (`bodies.offload`) have it written to
+    `bodies` first; while the body store refuses, their segment is left as it is, untouched.
     """
 
     def __init__(
@@ -163,12 +173,19 @@ class SpoolReplayer:
         *,
         interval: float = 1.0,
         queue_factory: Callable[[], Queue] | None = None,
+        bodies: BodyStore | None = None,
+        inline_limit: int = 64 * 1024,
     ) -> None:
         """With `queue_factory`, replays run on a thread of their own with their own queue
         connection (made by the factory): the gateway's event loop does none of the encoding
-        or IO. Without it they run on the caller's loop, paced in chunks."""
+        or IO. Without it they run on the caller's loop, paced in chunks. `bodies` is used on
+        the caller's loop (its client belongs there)."""
         self.spool = spool
         self.queue = queue
+        self.bodies = bodies
+        self.inline_limit = inline_limit
+        self.bodies_stored = 0  # spooled bodies written to the body store before replay
+        self._bodies_waiting = False
         self.interval = interval
         self.replayed = 0
         self.dropped = 0  # spooled records the queue refused even bare
@@ -177,6 +194,7 @@ class SpoolReplayer:
         self._factory = queue_factory
         self._thread: _LoopThread | None = None
         self._own: Queue | None = None  # the thread's queue, used on the thread's loop only
+        self._home: asyncio.AbstractEventLoop | None = None  # the caller's loop (`bodies` lives there)
 
     def start(self) -> None:
         self._stop.clear()
@@ -202,6 +220,7 @@ class SpoolReplayer:
         seconds (bench/replay_lag.py). With a queue factory the replay runs on its own thread
         and loop; without one it is paced in chunks of `REPLAY_CHUNK` with yields between.
         """
+        self._home = asyncio.get_running_loop()
         if self._factory is None:
             return await self._replay(self.queue, 0.0)
         if self._thread is None:
@@ -230,6 +249,8 @@ class SpoolReplayer:
             frames = await asyncio.to_thread(self._read, path)
             if not frames:
                 continue  # another process is replaying it, or it is empty
+            # BackendUnavailable while the body store is down: the segment stays as it is.
+            frames = await self._offload(frames)
             n = 0
             for i in range(0, len(frames), REPLAY_CHUNK):
                 n += await self._publish(queue, frames[i : i + REPLAY_CHUNK])
@@ -239,6 +260,56 @@ class SpoolReplayer:
             self.replayed += n
             log.info("replayed %d spooled record(s) from %s into the queue", n, path.name)
         return done
+
+    async def _offload(self, frames: list[bytes]) -> list[bytes]:
+        """The frames, with every body above the inline limit moved to the body store (`bodies.offload`).
+
+        A frame no longer than the limit cannot hold such a body (inline bytes travel as base64),
+        so only longer ones are decoded. All of the segment's bodies go in one `put_many`.
+        """
+        limit = self.inline_limit
+        big: list[tuple[int, str, LogRecord]] = []
+        for n, frame in enumerate(frames):
+            if len(frame) <= limit:
+                continue
+            msg = _unframe(frame)
+            try:
+                record = decode(msg.value)
+            except RecordError:
+                continue  # published as it is: `_publish` deals with what the queue refuses
+            if not offload.fits(record, limit):
+                big.append((n, msg.key, record))
+        if not big:
+            return frames
+        try:
+            if self.bodies is None:
+                raise BackendUnavailable("no body store to take them")
+            records = [r for _, _, r in big]
+            stored = await self._on_home(offload.to_store(self.bodies, records, above=limit))
+        except Exception as e:
+            if not self._bodies_waiting:  # one line per outage, not one per try
+                log.warning(
+                    "spool: %d record(s) with bodies above the inline limit wait for the body store: %s",
+                    len(big),
+                    describe(e),
+                )
+            self._bodies_waiting = True
+            raise BackendUnavailable(f"body store unavailable for spooled bodies: {describe(e)}") from e
+        if self._bodies_waiting:
+            log.warning("spool: the body store took the spooled bodies; replaying their records")
+        self._bodies_waiting = False
+        self.bodies_stored += stored
+        out = list(frames)
+        for n, key, record in big:
+            out[n] = _frame(key, encode(record))
+        return out
+
+    async def _on_home(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the caller's loop (where the body store's client lives)."""
+        home = self._home
+        if home is None or home is asyncio.get_running_loop():
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, home))
 
     async def _publish(self, queue: Queue, frames: list[bytes]) -> int:
         try:

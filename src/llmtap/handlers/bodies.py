@@ -1,11 +1,13 @@
 """Body storage: inline bodies go to the body store, the record keeps references.
 
-Runs first in the chain so the row the store writes never carries body bytes. One `put_many`
-per batch (one thread hop for files, concurrent uploads for S3). Idempotent: keys are derived
-from the record (tenant, request id, start date, part) and the bytes, so a redelivered record
-rewrites the same keys with the same bytes, a second request reusing the id writes other keys
-(its row is refused; the first request's body stays), and a body that already carries a
-reference is left alone. Any request id can name a body (`key_segment` encodes it).
+Runs first in the chain so the row the store writes never carries body bytes. Where a body goes
+and under which key is `llmtap.bodies.offload`'s decision: here every inline body is moved
+(`to_store(above=-1)`), one `put_many` per batch (one thread hop for files, concurrent uploads
+for S3). Idempotent: keys are derived from the record (tenant, request id, start date, part) and
+the bytes, so a redelivered record rewrites the same keys with the same bytes, a second request
+reusing the id writes other keys (its row is refused; the first request's body stays), and a
+body that already carries a reference is left alone. Any request id can name a body
+(`key_segment` encodes it).
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from llmtap.bodies.base import BodyStore, body_key
+from llmtap.bodies import offload
+from llmtap.bodies.base import BodyStore
 from llmtap.handlers.base import Handler, Item
-from llmtap.record import Body, LogRecord
+from llmtap.record import Body
 from llmtap.store.search import record_text
-
-_PARTS = (("request_body", "request"), ("response_body", "response"), ("response_events", "events"))
 
 
 class BodyHandler(Handler):
@@ -29,44 +30,15 @@ class BodyHandler(Handler):
 
     async def handle(self, items: Sequence[Item]) -> None:
         await self._search_texts(items)
-        puts: list[tuple[str, bytes]] = []
-        swaps: list[tuple[LogRecord, str, Body, str]] = []
-        for item in items:
-            r = item.record
-            pending = [
-                (attr, part, body)
-                for attr, part in _PARTS
-                if (body := getattr(r, attr)) is not None and body.ref is None and body.data is not None
-            ]
-            if not pending:
-                continue
-            for attr, part, body in pending:
-                assert body.data is not None
-                key = body_key(r.tenant, r.id, r.started_at, part, body.data)
-                puts.append((key, body.data))
-                swaps.append((r, attr, body, key))
-        if not puts:
-            return
-        refs = await self.bodies.put_many(puts)  # TransientError on an outage: batch retried
-        for (r, attr, body, _), key in zip(swaps, refs, strict=True):
-            setattr(
-                r,
-                attr,
-                Body(
-                    content_type=body.content_type,
-                    size=body.size,
-                    truncated=body.truncated,
-                    encoding=body.encoding,
-                    ref=key,
-                ),
-            )
+        # TransientError on an outage: the batch is retried, the records left as they were.
+        await offload.to_store(self.bodies, [i.record for i in items], above=-1)
 
     async def _search_texts(self, items: Sequence[Item]) -> None:
         """Each record's searchable text, while the bytes are here: inline bodies as they are,
         bodies the gateway already put in the body store (large ones) read back once."""
         stored: list[tuple[int, Body, str]] = []
         for n, item in enumerate(items):
-            for attr, _ in _PARTS:
+            for attr, _ in offload.PARTS:
                 body = getattr(item.record, attr)
                 if body is not None and body.data is None and body.ref is not None:
                     stored.append((n, body, body.ref))

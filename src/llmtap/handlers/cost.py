@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from llmtap.handlers.base import Handler, Item
+from llmtap.handlers.chain import fail_each
 from llmtap.pricing import apply_cost
 
 
@@ -16,8 +17,5 @@ class CostHandler(Handler):
     name = "cost"
 
     async def handle(self, items: Sequence[Item]) -> None:
-        for item in items:
-            try:
-                apply_cost(item.record)
-            except Exception as e:  # a record the price table chokes on: that record's fault
-                item.fail(f"{self.name}: {type(e).__name__}: {e}")
+        # A record the price table chokes on fails alone (`chain.fail_each`), the rest go on.
+        fail_each(self, items, lambda item: apply_cost(item.record))

@@ -16,10 +16,11 @@ without a crash); that is said at start-up, in the queue's description and in `l
 Publishing: `SendMessageBatch`, at most 10 entries and `MaximumMessageSize` bytes (the queue's
 own limit, 256 KiB unless set otherwise) per request. On a FIFO queue one group's messages are
 sent by one sequence of requests, each awaited before the next, so concurrency never reorders
-them; different groups go in parallel. A message over the limit (bodies above the inline cap
-already went to the body store; this is a body store outage's inline fallback, or a huge
-`LLMTAP_INLINE_BODY_BYTES`) is refused with `MessageRefused` before anything of the batch is
-sent, so the gateway's next sink (the ingest endpoint, then the spool) takes the whole batch.
+them; different groups go in parallel. A message over the limit (bodies above the inline limit
+are in the body store, or wait in the gateway's spool while it is down: `bodies.offload`; this
+is three bodies just under it, or a huge `LLMTAP_INLINE_BODY_BYTES`) is refused with
+`MessageRefused` before anything of the batch is sent, so the gateway's next sink (the ingest
+endpoint, then the spool) takes the whole batch.
 
 Consuming: long polling (`WaitTimeSeconds`), several receives per `consume` up to the batch
 size. Received messages stay invisible while held: a background task renews their visibility

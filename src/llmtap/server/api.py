@@ -21,7 +21,7 @@ from prometheus_client import Counter
 from llmtap.bodies.base import BodyStore, body_key
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError
-from llmtap.handlers.base import Chain
+from llmtap.handlers.chain import Chain
 from llmtap.record import Body, LogRecord, decode, decode_many, decompress
 from llmtap.server.auth import IngestCaller
 from llmtap.server.ingest import IngestQueue

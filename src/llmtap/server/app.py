@@ -21,7 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from llmtap.bodies.base import BodyStore
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
-from llmtap.handlers.base import Chain
+from llmtap.handlers.chain import Chain
 from llmtap.retention import RetentionTask
 from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
 from llmtap.server import api, dashboard, openapi, security, webhooks_api

@@ -6,9 +6,10 @@ after its timeout and spool the batch, which the server then stored anyway: ever
 travelled twice and the gateway's count and the store's `route` disagreed. Now the endpoint
 only appends the batch to an embedded SQLite queue in the server's data dir
 (`<data dir>/ingest.db`, one fsynced commit per batch) and answers; a `WorkerService` inside
-the server drains that queue through the same chain, with the worker's retries and dead
-letters. Records a killed server had accepted are drained when it starts again (at least
-once; the store keeps one row per request id, so redelivery is harmless).
+the server drains that queue through the same chain, with the worker's retry policy
+(`handlers.chain.RetryPolicy`, `run_with_attempts`) and dead letters. Records a killed server
+had accepted are drained when it starts again (at least once; the store keeps one row per
+request id, so redelivery is harmless).
 
 The data dir of a server that takes ingest must therefore be persistent (a volume, not a
 container's scratch layer). Records the chain rejects are dead-lettered in this queue:

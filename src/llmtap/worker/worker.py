@@ -1,19 +1,18 @@
 """The log worker: consume batches from the queue, run the handler chain, acknowledge.
 
-What each failure becomes:
+What happens to a record that fails is decided in `llmtap.handlers.chain` (`run_with_attempts`
+and `RetryPolicy`, the same for the server's ingest drain, which is a `WorkerService` too). This
+module applies that policy to what only a consumer sees:
 
 - a message that is not a record we can read (garbage, unknown version) → dead-lettered at once
   with `RecordError`'s reason; the rest of the batch goes on;
-- `TransientError` from the chain (store, body store or webhook down) → nothing is acknowledged,
-  the same batch is retried with exponential backoff (0.1 s doubling to 30 s, with jitter) while
-  the queue's leases are kept alive by its heartbeat; so an outage only delays;
-- another exception on a multi-record batch → the batch is bisected until the record(s) that
-  raise are isolated (handlers are idempotent, so re-running the good ones is harmless);
-- a record that fails (raises alone, or `Item.fail`) → retried with backoff up to
-  `worker_max_attempts`, then dead-lettered with the reason (e.g. "cost: ValueError: ...");
+- a record the policy gives up → dead-lettered with its reason (e.g. "cost: ValueError: ...");
 - a message that kills the worker *process* → redelivered with `delivery_count > 1`, handled
-  alone with a persisted attempt count, dead-lettered after `worker_max_attempts` deliveries
-  ("delivered N times without ack: ...") while the records around it are stored.
+  alone with a persisted attempt count (`Queue.begin_attempt`), dead-lettered after
+  `RetryPolicy.crash_reason` says so ("delivered N times without ack: ...") while the records
+  around it are stored;
+- a consume or an acknowledgement that fails → retried after `RetryPolicy.delay`, the batch's
+  leases kept alive by the queue's heartbeat; nothing is acknowledged before the chain succeeded.
 
 Then everything stored or dead-lettered is acknowledged in one call. Each partition's records
 go through the chain in publish order, and the queue hands out nothing more of a partition
@@ -25,17 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram
 
 from llmtap.config import Settings
-from llmtap.errors import BackendUnavailable, RecordError, TransientError
-from llmtap.handlers.base import Chain, Item
+from llmtap.errors import BackendUnavailable, RecordError
+from llmtap.handlers.chain import Abandoned, Chain, RetryPolicy, run_with_attempts
 from llmtap.record import LogRecord, decode
 from llmtap.runtime import OnBackends, SharedBackends, open_when_back
 
@@ -61,46 +58,7 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 
-BACKOFF_START = 0.1
-BACKOFF_CAP = 5.0  # an outage ends when the backend is back; do not sleep far past it
 PROGRESS_EVERY = 10.0  # seconds between progress lines at info level
-
-
-def _jitter(delay: float) -> float:
-    """Full jitter in [delay/2, delay]: workers that failed together do not retry together."""
-    return delay * (0.5 + random.random() / 2)
-
-
-async def _isolate(chain: Chain, items: list[Item]) -> None:
-    """Run the chain; on an unexpected error bisect until the failing records are pinned down."""
-    live = [i for i in items if i.ok]
-    if not live:
-        return
-    try:
-        await chain.run(live)
-    except TransientError:
-        raise
-    except Exception as e:
-        still = [i for i in live if i.ok]
-        if len(still) <= 1:
-            for i in still:  # the chain fails single items itself; this is a last resort
-                i.fail(f"{type(e).__name__}: {e}")
-            return
-        mid = len(still) // 2
-        await _isolate(chain, still[:mid])
-        await _isolate(chain, still[mid:])
-
-
-async def process_records(chain: Chain, records: Sequence[LogRecord]) -> list[Item]:
-    """Run records through the chain once; returns one `Item` per record, in order.
-
-    Items with `error` set could not be processed (the caller retries or dead-letters them).
-    Raises `TransientError` when a backend is down: then nothing can be assumed done.
-    Used by the worker and by the server's `POST /api/v1/ingest`.
-    """
-    items = [Item(r) for r in records]
-    await _isolate(chain, items)
-    return items
 
 
 @dataclass(slots=True)
@@ -110,10 +68,6 @@ class WorkerStats:
     dead_lettered: int = 0
     transient_retries: int = 0
     record_retries: int = 0
-
-
-class _Abandon(Exception):
-    """Stopping during an outage: leave the batch unacknowledged for redelivery."""
 
 
 class WorkerService(OnBackends):
@@ -136,8 +90,10 @@ class WorkerService(OnBackends):
         bodies: BodyStore | None = None,
         chain: Chain | None = None,
         backends: SharedBackends | None = None,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.settings = settings
+        self.policy = policy if policy is not None else RetryPolicy.from_settings(settings)
         self.linger = settings.worker_linger_ms / 1000.0
         if queue is None:
             from llmtap.queue.base import open_queue
@@ -192,8 +148,8 @@ class WorkerService(OnBackends):
             self._open,
             self._pause,
             self._stopping.is_set,
-            start=BACKOFF_START,
-            cap=BACKOFF_CAP,
+            start=self.policy.backoff_start,
+            cap=self.policy.backoff_cap,
         )
         if not opened:
             return
@@ -218,19 +174,20 @@ class WorkerService(OnBackends):
 
     # -- the loop -----------------------------------------------------------------------------
     async def _run(self) -> None:
-        delay = BACKOFF_START
+        failures = 0
         while not self._stopping.is_set():
             try:
                 deliveries = await self.queue.consume(self.settings.worker_batch_size, timeout=0.5)
             except Exception as e:  # the loop must outlive any failure, or the worker idles silently
+                failures += 1
+                delay = self.policy.delay(failures)
                 if isinstance(e, BackendUnavailable):
                     log.warning("worker: queue unavailable, retrying in %.1fs: %s", delay, e)
                 else:
                     log.exception("worker: consuming failed, retrying in %.1fs", delay)
-                await self._pause(_jitter(delay))
-                delay = min(delay * 2, BACKOFF_CAP)
+                await self._pause(delay)
                 continue
-            delay = BACKOFF_START
+            failures = 0
             if deliveries:
                 await self._handle_batch(deliveries)
                 if len(deliveries) * 4 < self.settings.worker_batch_size and self.linger > 0:
@@ -253,26 +210,27 @@ class WorkerService(OnBackends):
         dropped: it is finished, or abandoned at stop (then the queue redelivers it).
         """
         t0 = time.monotonic()
-        delay = BACKOFF_START
+        failures = 0
         dead: set[tuple[int, int]] = set()  # dead-lettered in an earlier try of this batch
         begun: dict[tuple[int, int], int] = {}  # attempts counted in an earlier try of this batch
         while True:
             try:
                 await self._process(deliveries, dead, begun)
                 break
-            except _Abandon:
+            except Abandoned:
                 log.info("worker: stopping during an outage; %d records left for redelivery", len(deliveries))
                 return
             except Exception as e:  # a bug, or the queue failing on ack/dead-letter: same batch again
                 if self._stopping.is_set():
                     log.warning("worker: stopping; batch left for redelivery after: %s", e)
                     return
+                failures += 1
+                delay = self.policy.delay(failures)
                 if isinstance(e, BackendUnavailable):  # an outage (ack during a broker restart)
                     log.warning("worker: queue unavailable, retrying the batch in %.1fs: %s", delay, e)
                 else:
                     log.exception("worker: batch failed, retrying in %.1fs", delay)
-                await self._pause(_jitter(delay))
-                delay = min(delay * 2, BACKOFF_CAP)
+                await self._pause(delay)
         self.stats.batches += 1
         BATCH_SECONDS.observe(time.monotonic() - t0)
 
@@ -285,7 +243,8 @@ class WorkerService(OnBackends):
         segfault, the OOM killer): no exception to catch, so it would come back forever and
         hold its partition. Handled alone, with a persisted count of attempts begun, it is
         dead-lettered after `worker_max_attempts` deliveries while the records around it are
-        stored. Per partition the redelivered messages precede new ones, so order holds.
+        stored (`RetryPolicy.crash_reason`). Per partition the redelivered messages precede new
+        ones, so order holds.
         """
         todo = [d for d in deliveries if (d.partition, d.offset) not in dead]
         suspects = [d for d in todo if d.delivery_count > 1]
@@ -294,14 +253,14 @@ class WorkerService(OnBackends):
                 n = begun[(d.partition, d.offset)]
             else:
                 n = begun[(d.partition, d.offset)] = await self.queue.begin_attempt(d)
-            if n >= self.settings.worker_max_attempts:
-                reason = f"delivered {n} times without ack: the worker died while processing it"
+            reason = self.policy.crash_reason(n)
+            if reason is not None:
                 await self._dead_letter(d, reason, "crash", dead)
                 log.warning("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, reason)
                 continue
             try:
                 await self._process_batch([d], dead)
-            except _Abandon:
+            except Abandoned:
                 with contextlib.suppress(Exception):
                     await self.queue.forget_attempt(d)  # stopping is not the message's fault
                 raise
@@ -316,52 +275,39 @@ class WorkerService(OnBackends):
 
     async def _process_batch(self, deliveries: list[Delivery], dead: set[tuple[int, int]]) -> None:
         work: list[tuple[Delivery, LogRecord]] = []
-        done: list[Delivery] = []
         for d in deliveries:
             try:
                 work.append((d, decode(d.value)))
             except RecordError as e:
                 await self._dead_letter(d, str(e), "decode", dead)
                 log.warning("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, e)
-        attempts = [0] * len(work)
-        pending = list(range(len(work)))
-        transient = BACKOFF_START
-        while pending:
-            try:
-                items = await process_records(self.chain, [work[i][1] for i in pending])
-            except TransientError as e:
-                if self._stopping.is_set():
-                    raise _Abandon from e
-                self.stats.transient_retries += 1
-                RETRIES.labels("transient").inc()
-                log.warning("worker: %s; retrying %d records in %.1fs", e, len(pending), transient)
-                await self._pause(_jitter(transient))
-                transient = min(transient * 2, BACKOFF_CAP)
-                continue
-            transient = BACKOFF_START
-            failed: list[int] = []
-            for idx, item in zip(pending, items, strict=True):
-                if item.ok:
-                    done.append(work[idx][0])
-                    continue
-                attempts[idx] += 1
-                if attempts[idx] >= self.settings.worker_max_attempts:
-                    assert item.error is not None
-                    await self._dead_letter(work[idx][0], item.error, "handler", dead)
-                    log.warning("worker: record %s dead-lettered: %s", item.record.id, item.error)
-                else:
-                    failed.append(idx)
-            pending = failed
-            if pending and self._stopping.is_set():
-                raise _Abandon  # no time to retry: redelivered later, with fresh attempts
-            if pending:
-                self.stats.record_retries += len(pending)
-                RETRIES.labels("record").inc(len(pending))
-                await self._pause(_jitter(min(BACKOFF_CAP, BACKOFF_START * 2 ** (max(attempts) - 1))))
-        if done:
-            await self.queue.ack(done)
-            self.stats.processed += len(done)
-            PROCESSED.inc(len(done))
+
+        async def give_up(idx: int, reason: str) -> None:
+            d, record = work[idx]
+            await self._dead_letter(d, reason, "handler", dead)
+            log.warning("worker: record %s dead-lettered: %s", record.id, reason)
+
+        ok = await run_with_attempts(
+            self.chain,
+            [r for _, r in work],
+            self.policy,
+            give_up=give_up,
+            pause=self._pause,
+            stopping=self._stopping.is_set,
+            retried=self._retried,
+        )
+        if ok:
+            await self.queue.ack([work[i][0] for i in ok])
+            self.stats.processed += len(ok)
+            PROCESSED.inc(len(ok))
+
+    def _retried(self, kind: str, n: int) -> None:
+        if kind == "transient":
+            self.stats.transient_retries += 1
+            RETRIES.labels("transient").inc()
+        else:
+            self.stats.record_retries += n
+            RETRIES.labels("record").inc(n)
 
     def _count_dead(self, cause: str) -> None:
         self.stats.dead_lettered += 1
