@@ -703,7 +703,7 @@ start_sqs() {
 		}
 		messages-storage {
 		  enabled = true
-		  uri = "jdbc:h2:$SQS_HOME/data/messages"
+		  uri = "jdbc:h2:$SQS_HOME/data/messages;DB_CLOSE_ON_EXIT=FALSE"
 		}
 	EOF
 	echo "---- $(date -Is) starting ElasticMQ $ELASTICMQ_VERSION" >>"$SQS_LOG"

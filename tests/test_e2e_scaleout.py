@@ -550,6 +550,8 @@ async def run_load(
     big_every: int = 0,
     ids: dict[int, str] | None = None,
     query: str = "",
+    t0: float | None = None,
+    started: list[Call] | None = None,
 ) -> list[Call]:
     """Send `n` requests round-robin over `gws`, each with a client-chosen id (`ids[i]` for
     request `i` if given): paced at `rate` per second (open loop, for latency), or `concurrency`
@@ -560,7 +562,7 @@ async def run_load(
         for i in range(n)
     ]
     loop = asyncio.get_running_loop()
-    t0 = loop.time()
+    t0 = loop.time() if t0 is None else t0  # `sent` is counted from here (the caller's clock)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
 
@@ -568,6 +570,8 @@ async def run_load(
             headers = {**AUTH, PROBE[0]: PROBE[1], **c.headers, "Llmtap-Request-Id": c.rid}
             start = loop.time()
             c.sent = start - t0
+            if started is not None:
+                started.append(c)
             try:
                 async with http.post(c.gw + c.path + query, json=c.body, headers=headers) as r:
                     data = await r.read()
@@ -783,17 +787,24 @@ async def test_broker_outage_mid_load_stores_everything_without_slowing_clients(
     warm = assert_all_ok(await run_load([gw], 30, concurrency=4))
     await stack.wait_stored(warm)  # the whole pipeline is up (group joined, tables made)
 
-    load = asyncio.create_task(run_load([gw], int(rate * duration), rate=rate))
-    control = asyncio.create_task(run_load([url(cport)], int(rate * duration / 2), rate=rate / 2))
-    t0 = time.monotonic()
-    await asyncio.sleep(3.0)
-    t_stop = time.monotonic() - t0
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    sent: list[Call] = []
+    load = asyncio.create_task(run_load([gw], int(rate * duration), rate=rate, t0=t0, started=sent))
+    control = asyncio.create_task(run_load([url(cport)], int(rate * duration / 2), rate=rate / 2, t0=t0))
+
+    async def sent_since(t: float, n: int) -> None:
+        # Conditions, not sleeps: on a busy machine the paced load falls behind its clock.
+        await until(lambda: _true(load.done() or sum(c.sent >= t for c in sent) >= n), 120, f"{n} sent")
+
+    await sent_since(1.0, 200)
+    t_stop = loop.time() - t0
     stop_took = await stack.service("stop", stack.kind)
-    t_down = time.monotonic() - t0
-    await asyncio.sleep(3.0)
-    t_start = time.monotonic() - t0
+    t_down = loop.time() - t0
+    await sent_since(t_down, 300)
+    t_start = loop.time() - t0
     start_took = await stack.service("start", stack.kind)
-    t_up = time.monotonic() - t0
+    t_up = loop.time() - t0
     calls = await load
     ctl = await control
 
