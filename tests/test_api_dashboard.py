@@ -80,6 +80,52 @@ async def test_sort_by_cost_and_latency_pages_in_keyset_order(server: Server) ->
     assert status == 400 and body["error"]["parameter"] == "sort"
 
 
+async def test_sessions_list_pages_most_recent_first_with_totals(server: Server) -> None:
+    records = dataset(150, seed=9, tenants=("default", "other"))
+    status, body, _ = await server.ingest(encode_many(records))
+    assert status == 200, body
+    mine = [r for r in records if r.tenant == "default" and r.session_id]
+
+    def expected(rs: list[Any]) -> list[tuple[str, int, int, int | None]]:
+        by: dict[str, list[Any]] = {}
+        for r in rs:
+            by.setdefault(r.session_id, []).append(r)
+        out = []
+        for sid, group in by.items():
+            last = max(r.started_at for r in group)
+            errors = sum(1 for r in group if r.status >= 400 or r.outcome != "completed")
+            out.append((sid, len(group), errors, sum(r.usage.total_tokens or 0 for r in group), last))
+        # most recently active first; ties by session id, descending
+        out.sort(key=lambda x: (x[4], x[0]), reverse=True)
+        return [x[:4] for x in out]
+
+    async def pages(query: str, limit: int) -> list[tuple[str, int, int, int]]:
+        got: list[dict[str, Any]] = []
+        cursor = ""
+        while True:
+            status, page = await server.get(f"/api/v1/sessions?limit={limit}{query}{cursor}")
+            assert status == 200, page
+            assert len(page["items"]) <= limit
+            got += page["items"]
+            if not page["next_cursor"]:
+                break
+            cursor = "&cursor=" + page["next_cursor"]
+        return [(x["session_id"], x["count"], x["error_count"], x["total_tokens"]) for x in got]
+
+    want = expected(mine)
+    assert len(want) == 3
+    assert await pages("", 1) == want  # the other tenant's sessions never appear
+    assert await pages("", 1000) == want
+    # Filters select the requests a session's totals cover (and so which sessions are listed).
+    gpt = [r for r in mine if r.model == "gpt-4o"]
+    assert gpt and len(gpt) < len(mine)
+    assert await pages("&model=gpt-4o", 2) == expected(gpt)
+    status, body = await server.get("/api/v1/sessions?sort=cost")
+    assert status == 400 and body["error"]["parameter"] == "sort"
+    status, body = await server.get("/api/v1/sessions?cursor=nope")
+    assert status == 400 and body["error"]["parameter"] == "cursor"
+
+
 async def test_status_class_and_range_filters(server: Server) -> None:
     await _load(server)
     rows = await _all(server, "", limit=1000)

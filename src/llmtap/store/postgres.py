@@ -612,6 +612,11 @@ class PostgresStore(Store):
         q, params = sql.list_sql(DIALECT, tenant, lq)
         return sql.session_result(DIALECT, session_id, totals, await self._fetch(q, *params))
 
+    async def list_sessions(self, tenant: str, query: ListQuery) -> Page:
+        q, params = sql.sessions_sql(DIALECT, tenant, query)
+        items, cursor = sql.sessions_page(DIALECT, await self._fetch(q, *params), query.limit)
+        return Page(items=items, next_cursor=cursor)
+
     async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
         q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
         return [sql.user_result(DIALECT, row) for row in await self._fetch(q, *params)]

@@ -35,6 +35,7 @@ from llmtap.store.query import (
     PROPERTY,
     ListQuery,
     StatsQuery,
+    decode_cursor,
     decode_sort_cursor,
     encode_cursor,
     encode_sort_cursor,
@@ -483,6 +484,15 @@ def _key(p: Params, q: StatsQuery, kind: Kind) -> str:
     return "NULL"
 
 
+#: The totals columns of `aggregate_sql` (and `sessions_sql`), read back by `aggregate_row`.
+_TOTALS = (
+    f"count(*), coalesce(sum(CASE WHEN {_ERROR} THEN 1 ELSE 0 END), 0),"
+    f" {', '.join(f'coalesce(sum(r.{c}), 0)' for c in _SUMS)},"
+    " coalesce(sum(r.cost_nanos), 0), min(r.created_at), max(r.created_at),"
+    " coalesce(sum(CASE WHEN r.cost_nanos IS NULL THEN 1 ELSE 0 END), 0)"
+)
+
+
 def aggregate_sql(
     d: Dialect, tenant: str, q: StatsQuery, kind: Kind, *, limit: int | None = None, percentiles: bool = True
 ) -> tuple[str, list[Any]]:
@@ -499,12 +509,7 @@ def aggregate_sql(
     where = where_sql(p, tenant, q.filters, q.since, q.until)
     if kind == "users":
         where += " AND r.user_id IS NOT NULL"
-    sums = ", ".join(f"coalesce(sum(r.{c}), 0)" for c in _SUMS)
-    cols = (
-        f"count(*), coalesce(sum(CASE WHEN {_ERROR} THEN 1 ELSE 0 END), 0), {sums},"
-        " coalesce(sum(r.cost_nanos), 0), min(r.created_at), max(r.created_at),"
-        " coalesce(sum(CASE WHEN r.cost_nanos IS NULL THEN 1 ELSE 0 END), 0)"
-    )
+    cols = _TOTALS
     if percentiles:
         if d.name != "postgresql":
             raise ValueError("percentiles in SQL need PostgreSQL's percentile_cont")
@@ -614,6 +619,39 @@ def group_value(d: Dialect, group_by: str, key: Any) -> Any:
     if group_by == "status":
         return int(key)
     return str(key)
+
+
+def sessions_sql(d: Dialect, tenant: str, q: ListQuery) -> tuple[str, list[Any]]:
+    """Sessions having a request that matches the filters, most recently active first,
+    keyset-paginated on (last matching request, session id); fetches limit + 1.
+
+    Totals (no percentiles) cover the session's matching requests. The cursor is
+    `encode_cursor(last_at_us, session_id)`.
+    """
+    p = Params(d)
+    where = where_sql(p, tenant, q) + " AND r.session_id IS NOT NULL"
+    having = ""
+    if q.cursor:
+        us, sid = decode_cursor(q.cursor)
+        having = f" HAVING (max(r.created_at), r.session_id) < ({p(d.ts_param(us))}, {p(sid)})"
+    return (
+        f"SELECT r.session_id, {_TOTALS} FROM requests r WHERE {where} GROUP BY r.session_id{having}"
+        f" ORDER BY max(r.created_at) DESC, r.session_id DESC LIMIT {p(q.limit + 1)}"
+    ), p.values
+
+
+def sessions_page(
+    d: Dialect, rows: Sequence[Sequence[Any]], limit: int
+) -> tuple[list[dict[str, Any]], str | None]:
+    """(items, next cursor) from the rows of `sessions_sql`."""
+    items = []
+    for row in rows[:limit]:
+        key, totals = aggregate_row(d, row, percentiles=False)
+        items.append({"session_id": key, **totals})
+    if len(rows) <= limit:
+        return items, None
+    last = rows[limit - 1]
+    return items, encode_cursor(d.ts_value(last[3 + len(_SUMS) + 2]), last[0])
 
 
 def session_result(

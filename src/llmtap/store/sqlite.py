@@ -498,6 +498,11 @@ class SQLiteStore(Store):
         q, params = sql.list_sql(DIALECT, tenant, lq)
         return sql.session_result(DIALECT, session_id, totals, self._fetch(q, params))
 
+    async def list_sessions(self, tenant: str, query: ListQuery) -> Page:
+        q, params = sql.sessions_sql(DIALECT, tenant, query)
+        items, cursor = sql.sessions_page(DIALECT, await self._read(self._fetch, q, params), query.limit)
+        return Page(items=items, next_cursor=cursor)
+
     async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
         q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
         rows = await self._read(self._fetch, q, params)
