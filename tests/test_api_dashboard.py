@@ -92,11 +92,12 @@ async def test_sessions_list_pages_most_recent_first_with_totals(server: Server)
             by.setdefault(r.session_id, []).append(r)
         out = []
         for sid, group in by.items():
-            last = max(r.started_at for r in group)
+            newest = max(group, key=lambda r: (r.started_at, r.id))
             errors = sum(1 for r in group if r.status >= 400 or r.outcome != "completed")
-            out.append((sid, len(group), errors, sum(r.usage.total_tokens or 0 for r in group), last))
-        # most recently active first; ties by session id, descending
-        out.sort(key=lambda x: (x[4], x[0]), reverse=True)
+            tokens = sum(r.usage.total_tokens or 0 for r in group)
+            out.append((sid, len(group), errors, tokens, (newest.started_at, newest.id)))
+        # most recently active first: by the newest request (its id breaks a tie)
+        out.sort(key=lambda x: x[4], reverse=True)
         return [x[:4] for x in out]
 
     async def pages(query: str, limit: int) -> list[tuple[str, int, int, int]]:
@@ -120,6 +121,9 @@ async def test_sessions_list_pages_most_recent_first_with_totals(server: Server)
     gpt = [r for r in mine if r.model == "gpt-4o"]
     assert gpt and len(gpt) < len(mine)
     assert await pages("&model=gpt-4o", 2) == expected(gpt)
+    env = mine[0].properties.get("env") or "prod"
+    with_env = [r for r in mine if r.properties.get("env") == env]
+    assert with_env and await pages("&property.env=" + env, 2) == expected(with_env)
     status, body = await server.get("/api/v1/sessions?sort=cost")
     assert status == 400 and body["error"]["parameter"] == "sort"
     status, body = await server.get("/api/v1/sessions?cursor=nope")

@@ -614,7 +614,11 @@ class PostgresStore(Store):
 
     async def list_sessions(self, tenant: str, query: ListQuery) -> Page:
         q, params = sql.sessions_sql(DIALECT, tenant, query)
-        items, cursor = sql.sessions_page(DIALECT, await self._fetch(q, *params), query.limit)
+        newest = await self._fetch(q, *params)
+        ids = [row[0] for row in newest[: query.limit]]
+        q, params = sql.session_totals_sql(DIALECT, tenant, query, ids)
+        totals = await self._fetch(q, *params) if ids else []
+        items, cursor = sql.sessions_page(DIALECT, newest, totals, query.limit)
         return Page(items=items, next_cursor=cursor)
 
     async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -622,36 +623,56 @@ def group_value(d: Dialect, group_by: str, key: Any) -> Any:
 
 
 def sessions_sql(d: Dialect, tenant: str, q: ListQuery) -> tuple[str, list[Any]]:
-    """Sessions having a request that matches the filters, most recently active first,
-    keyset-paginated on (last matching request, session id); fetches limit + 1.
+    """The newest matching request of each of the next `q.limit + 1` sessions, newest first.
 
-    Totals (no percentiles) cover the session's matching requests. The cursor is
-    `encode_cursor(last_at_us, session_id)`.
+    A session's place is its newest request matching the filters (most recently active first;
+    ties by that request's id), so a page is found by walking the (tenant, created_at) index
+    from the cursor and keeping the rows no newer matching row of their session follows (an
+    index probe each). That stops after a page of sessions; grouping every request of the range
+    to sort sessions by their last one (measured: 3.6 s for 7 days of 1M rows on PostgreSQL)
+    does not. Rows: (session id, created_at, id). The cursor is `encode_cursor` of the last.
     """
     p = Params(d)
     where = where_sql(p, tenant, q) + " AND r.session_id IS NOT NULL"
-    having = ""
     if q.cursor:
-        us, sid = decode_cursor(q.cursor)
-        having = f" HAVING (max(r.created_at), r.session_id) < ({p(d.ts_param(us))}, {p(sid)})"
+        us, rid = decode_cursor(q.cursor)
+        ts = p(d.ts_param(us))
+        where += f" AND r.created_at <= {ts} AND (r.created_at, r.id) < ({ts}, {p(rid)})"
+    inner = re.sub(r"\br\.", "n.", where_sql(p, tenant, q))  # the same filters, on `n`
+    newer = (
+        f"SELECT 1 FROM requests n WHERE {inner} AND {equals(d, 'n.session_id', 'r.session_id')}"
+        " AND n.created_at >= r.created_at AND (n.created_at, n.id) > (r.created_at, r.id)"
+    )
     return (
-        f"SELECT r.session_id, {_TOTALS} FROM requests r WHERE {where} GROUP BY r.session_id{having}"
-        f" ORDER BY max(r.created_at) DESC, r.session_id DESC LIMIT {p(q.limit + 1)}"
+        f"SELECT r.session_id, r.created_at, r.id FROM requests r WHERE {where} AND NOT EXISTS ({newer})"
+        f" ORDER BY r.created_at DESC, r.id DESC LIMIT {p(q.limit + 1)}"
     ), p.values
 
 
+def session_totals_sql(d: Dialect, tenant: str, q: ListQuery, ids: Sequence[str]) -> tuple[str, list[Any]]:
+    """Totals (no percentiles) of the matching requests of the sessions `ids`, one row each."""
+    p = Params(d)
+    where = where_sql(p, tenant, q)
+    marks = [p(i) for i in ids]
+    where += f" AND r.session_id IN ({', '.join(marks)})"
+    if d.hashed is not None:  # through the hash index, as `equals`
+        where += f" AND {d.hashed('r.session_id')} IN ({', '.join(d.hashed(m) for m in marks)})"
+    return f"SELECT r.session_id, {_TOTALS} FROM requests r WHERE {where} GROUP BY r.session_id", p.values
+
+
 def sessions_page(
-    d: Dialect, rows: Sequence[Sequence[Any]], limit: int
+    d: Dialect, newest: Sequence[Sequence[Any]], totals: Sequence[Sequence[Any]], limit: int
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """(items, next cursor) from the rows of `sessions_sql`."""
-    items = []
-    for row in rows[:limit]:
-        key, totals = aggregate_row(d, row, percentiles=False)
-        items.append({"session_id": key, **totals})
-    if len(rows) <= limit:
+    """(items, next cursor) from the rows of `sessions_sql` and `session_totals_sql`."""
+    by_id = {}
+    for row in totals:
+        key, t = aggregate_row(d, row, percentiles=False)
+        by_id[key] = t
+    items = [{"session_id": row[0], **by_id[row[0]]} for row in newest[:limit] if row[0] in by_id]
+    if len(newest) <= limit:
         return items, None
-    last = rows[limit - 1]
-    return items, encode_cursor(d.ts_value(last[3 + len(_SUMS) + 2]), last[0])
+    last = newest[limit - 1]
+    return items, encode_cursor(d.ts_value(last[1]), last[2])
 
 
 def session_result(

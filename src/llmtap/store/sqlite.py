@@ -499,8 +499,14 @@ class SQLiteStore(Store):
         return sql.session_result(DIALECT, session_id, totals, self._fetch(q, params))
 
     async def list_sessions(self, tenant: str, query: ListQuery) -> Page:
+        return await self._read(self._list_sessions, tenant, query)
+
+    def _list_sessions(self, tenant: str, query: ListQuery) -> Page:
         q, params = sql.sessions_sql(DIALECT, tenant, query)
-        items, cursor = sql.sessions_page(DIALECT, await self._read(self._fetch, q, params), query.limit)
+        newest = self._fetch(q, params)
+        ids = [row[0] for row in newest[: query.limit]]
+        q, params = sql.session_totals_sql(DIALECT, tenant, query, ids)
+        items, cursor = sql.sessions_page(DIALECT, newest, self._fetch(q, params) if ids else [], query.limit)
         return Page(items=items, next_cursor=cursor)
 
     async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
