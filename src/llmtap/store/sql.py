@@ -360,7 +360,8 @@ def list_sql(d: Dialect, tenant: str, q: ListQuery) -> tuple[str, list[Any]]:
             # The bare created_at bound lets an index on (tenant, created_at) start at the cursor.
             where += f" AND r.created_at {op}= {ts} AND (r.created_at, r.id) {op} ({ts}, {p(rid)})"
         else:
-            where += f" AND ({key}, r.created_at, r.id) {op} ({p(value)}, {p(d.ts_param(us))}, {p(rid)})"
+            v, ts = p(value), p(d.ts_param(us))  # a bare bound on the key, likewise for its index
+            where += f" AND {key} {op}= {v} AND ({key}, r.created_at, r.id) {op} ({v}, {ts}, {p(rid)})"
     order = "DESC" if desc else "ASC"
     by = f"r.created_at {order}, r.id {order}"
     if key is not None:

@@ -662,13 +662,13 @@ async function viewOverview(id, params) {
   // One call gives the totals, the time series and the top models.
   const bq = withGroup("model"); bq.set("bucket", bucket);
   const groupInput = h("label", {}, "Group by property", h("input", { name: "group", value: groupProp, placeholder: "e.g. feature", size: 12, autocomplete: "off" }));
+  const [uPlot, series] = await Promise.all([loadUPlot(), api("/api/v1/stats?" + bq)]);
   // Top users (never rolled up: as many rows as users) and a property not rolled up are answered
-  // from raw rows, which takes seconds at volume: asked at once, shown when they come, so they
-  // never hold up the tiles and charts.
+  // from raw rows, which takes seconds at volume: asked once the charts' data is in (running at
+  // the same time, their scan slowed the rollup read on a busy machine), shown when they come.
   const usersP = api("/api/v1/stats?" + withGroup("user_id"));
   const propsP = groupProp ? api("/api/v1/stats?" + withGroup("property." + groupProp)) : null;
   usersP.catch(() => {}); if (propsP) propsP.catch(() => {});
-  const [uPlot, series] = await Promise.all([loadUPlot(), api("/api/v1/stats?" + bq)]);
   const o = series.overall;
   // Every bucket of the range, empty ones included, so the x axis is honest about gaps.
   const start = since.getTime() / 1000;
