@@ -1,15 +1,18 @@
-"""Dashboard benchmark: time until the requests view and the 30-day overview are rendered in a
-real browser (Debian's chromium), over a store holding N requests.
+"""Dashboard benchmark: time until the requests view, the 30-day overview and the sessions list
+are rendered in a real browser (Debian's chromium), over a store holding N requests.
 
     .venv/bin/python bench/dashboard_bench.py [--rows 1000000] [--loads 7] [--db PATH | --pg URL]
 
 Rows are written through the store's own `write_batch` (SQLite) or COPY (PostgreSQL, reusing
 `store_bench.bulk_load`), spread over the last 30 days, without bodies (list views never read
-them). Each load opens a fresh page and measures, with the page's own clock
-(`performance.now()`, from navigation start), when the view's content is in the DOM: the
-table's rows for the requests view, all five charts for the overview. p50 and p95 of the loads
-are printed; targets from issue 8: requests < 500 ms, overview < 1 s. `--db` keeps (and
-reuses) the SQLite file between runs.
+them). Each load opens a fresh page; an init script notes with the page's own clock
+(`performance.now()`, from navigation start, at the first DOM change where it holds) when each
+milestone is in the DOM: the table's first row; for the overview the tiles and all five charts,
+then the top users (answered from raw rows, after the charts); the sessions table's first row.
+Each load's API calls and their durations (Resource Timing) are printed with it. p50 and p95
+of the loads are printed; targets from issue 8: requests < 500 ms, overview < 1 s. `--db` keeps
+(and reuses) the SQLite file between runs. The load average is printed before and after: on a
+shared machine, read the figures with it.
 """
 
 from __future__ import annotations
