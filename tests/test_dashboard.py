@@ -532,6 +532,23 @@ async def test_pages_send_a_csp_without_inline_script(srv: Srv) -> None:
         assert r.status == 404
 
 
+async def test_assets_are_named_by_hash_and_cached_for_good(srv: Srv) -> None:
+    """A returning page asks for index.html only: its assets' URLs carry their content's hash."""
+    import hashlib
+    import re
+
+    html = await srv.get("/")
+    urls = re.findall(r'"(/static/[^"?]+)\?v=([0-9a-f]{16})"', html)
+    assert {u for u, _ in urls} == {"/static/app.js", "/static/app.css", "/static/vendor/uplot/uPlot.min.css"}
+    for url, v in urls:
+        async with srv.http.get(f"{srv.base}{url}?v={v}") as r:
+            body = await r.read()
+            assert r.status == 200 and r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+        assert hashlib.sha256(body).hexdigest()[:16] == v
+        async with srv.http.get(f"{srv.base}{url}?v=0000000000000000") as r:  # not this content
+            assert r.status == 200 and "immutable" not in r.headers.get("Cache-Control", "")
+
+
 async def test_sessions_page_through_more_than_one_page(
     browser: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
