@@ -683,7 +683,7 @@ async function viewOverview(id, params) {
   render(
     h("h1", {}, "Overview"),
     filterBar(params, "overview", { defaultRange, extra: [groupInput] }),
-    h("p", { class: "hint muted", id: "overview-range" }, `${fmtTime(since.toISOString())} to ${custom ? fmtTime(until.toISOString()) : "now"}, in whole ${bucket}s (UTC)`,
+    h("p", { class: "hint muted", id: "overview-range" }, `${fmtTime(since.toISOString())} to ${custom ? fmtTime(until.toISOString()) : "now"} (local time), in whole UTC ${bucket}s`,
       series.source === "rollups" ? ` · from rollups (percentiles within ${Math.round(series.percentile_relative_error * 100)}%)` : ""),
     h("div", { class: "tiles" },
       tile("Requests", fmtInt(o.count), `${bucket} buckets`),
