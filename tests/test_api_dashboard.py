@@ -80,6 +80,30 @@ async def test_sort_by_cost_and_latency_pages_in_keyset_order(server: Server) ->
     assert status == 400 and body["error"]["parameter"] == "sort"
 
 
+async def test_sorted_pages_of_a_time_range_either_plan(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite walks the sort key's index for a range of many rows and sorts a range of few
+    (`SORT_INDEX_MIN_ROWS`); both plans page through the same rows in the same order."""
+    from llmtap.store import sqlite
+
+    await _load(server)
+    rows = await _all(server, "", limit=1000)
+    since = sorted(r["created_at"] for r in rows)[len(rows) // 3]
+    in_range = [r for r in rows if r["created_at"] >= since]
+    assert 10 < len(in_range) < len(rows)
+    for field, sort in (("cost_usd", "cost"), ("latency_ms", "latency")):
+        want = sorted(
+            in_range,
+            key=lambda r: (-1.0 if r[field] is None else float(r[field]), r["created_at"], r["id"]),
+            reverse=True,
+        )
+        for bound in (1, 10**9):  # every range "large" (index walk), every range "small" (sort)
+            monkeypatch.setattr(sqlite, "SORT_INDEX_MIN_ROWS", bound)
+            got = await _all(server, f"&sort={sort}&since={since.replace('+', '%2B')}", limit=4)
+            assert [r["id"] for r in got] == [r["id"] for r in want], (sort, bound)
+
+
 async def test_sessions_list_pages_most_recent_first_with_totals(server: Server) -> None:
     records = dataset(150, seed=9, tenants=("default", "other"))
     status, body, _ = await server.ingest(encode_many(records))

@@ -272,6 +272,8 @@ class Dialect:
     hashed: Callable[[str], str] | None = None
     #: The condition selecting rows whose searchable text contains `q` (`ListQuery.q`).
     search: Callable[[Params, str], str] | None = None
+    #: A column as an expression the planner will not answer from an index (see `list_sql`).
+    unindexed: Callable[[str], str] = str
 
 
 def equals(d: Dialect, column: str, placeholder: str) -> str:
@@ -294,9 +296,14 @@ class Params:
 
 
 def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = None,
-              until: datetime | None = None) -> str:  # fmt: skip
-    """The WHERE clause of a filter; every query is tenant-scoped here, in SQL."""
+              until: datetime | None = None, *, time_indexed: bool = True) -> str:  # fmt: skip
+    """The WHERE clause of a filter; every query is tenant-scoped here, in SQL.
+
+    `time_indexed=False` writes the time bounds so that the planner does not pick the
+    (tenant, created_at) index for them (see `list_sql`).
+    """
     d = p.dialect
+    created = "r.created_at" if time_indexed else d.unindexed("r.created_at")
     conds = [f"r.tenant = {p(tenant)}"]
     for col, val in (
         ("user_id", f.user_id),
@@ -325,10 +332,10 @@ def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = Non
         conds.append(d.search(p, f.q))
     for s in (f.since, since):
         if s is not None:
-            conds.append(f"r.created_at >= {p(d.ts_param(to_micros(s)))}")
+            conds.append(f"{created} >= {p(d.ts_param(to_micros(s)))}")
     for u in (f.until, until):
         if u is not None:
-            conds.append(f"r.created_at < {p(d.ts_param(to_micros(u)))}")
+            conds.append(f"{created} < {p(d.ts_param(to_micros(u)))}")
     for name, value in sorted(f.properties.items()):
         conds.append(
             "EXISTS (SELECT 1 FROM request_properties rp"
@@ -343,15 +350,20 @@ def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = Non
 SORT_KEYS = {"cost": "coalesce(r.cost_nanos, -1)", "latency": "r.latency_ms"}
 
 
-def list_sql(d: Dialect, tenant: str, q: ListQuery) -> tuple[str, list[Any]]:
+def list_sql(d: Dialect, tenant: str, q: ListQuery, *, sort_index: bool = False) -> tuple[str, list[Any]]:
     """Newest (or oldest) first, keyset-paginated on (created_at, id); fetches limit + 1.
 
     With `sort` cost or latency the keyset is (sort key, created_at, id), same direction.
+    `sort_index` keeps the time bounds away from the planner's index choice, so that a page
+    walks the sort key's index until it has `limit` rows of the range. (SQLite's planner, which
+    has no statistics, takes the time range from its index and sorts the range: 1.4 s for one
+    day, 8.7 s for 30 at 1M rows, against ms. That is right only for a range of few rows: see
+    `range_rows_sql`. PostgreSQL weighs both plans with its statistics.)
     """
     p = Params(d)
-    where = where_sql(p, tenant, q)
-    desc = q.order != "asc"
     key = SORT_KEYS.get(q.sort)
+    where = where_sql(p, tenant, q, time_indexed=not (sort_index and key is not None))
+    desc = q.order != "asc"
     if q.cursor:
         us, rid, value = decode_sort_cursor(q.cursor, q.sort)
         op = "<" if desc else ">"
@@ -368,6 +380,13 @@ def list_sql(d: Dialect, tenant: str, q: ListQuery) -> tuple[str, list[Any]]:
         by = f"{key} {order}, {by}"
     sql = f"SELECT {SELECT_COLUMNS} FROM requests r WHERE {where} ORDER BY {by} LIMIT {p(q.limit + 1)}"
     return sql, p.values
+
+
+def range_rows_sql(d: Dialect, tenant: str, q: ListQuery, cap: int) -> tuple[str, list[Any]]:
+    """How many rows match `q` (its time range through the time index), counted up to `cap`."""
+    p = Params(d)
+    where = where_sql(p, tenant, q)
+    return f"SELECT count(*) FROM (SELECT 1 FROM requests r WHERE {where} LIMIT {p(cap)}) AS c", p.values
 
 
 def page_from_rows(
