@@ -1,21 +1,25 @@
-"""Dashboard benchmark: time until the requests view and the 30-day overview are rendered in a
-real browser (Debian's chromium), over a store holding N requests.
+"""Dashboard benchmark: time until the requests view, the 30-day overview and the sessions list
+are rendered in a real browser (Debian's chromium), over a store holding N requests.
 
     .venv/bin/python bench/dashboard_bench.py [--rows 1000000] [--loads 7] [--db PATH | --pg URL]
 
 Rows are written through the store's own `write_batch` (SQLite) or COPY (PostgreSQL, reusing
 `store_bench.bulk_load`), spread over the last 30 days, without bodies (list views never read
-them). Each load opens a fresh page and measures, with the page's own clock
-(`performance.now()`, from navigation start), when the view's content is in the DOM: the
-table's rows for the requests view, all five charts for the overview. p50 and p95 of the loads
-are printed; targets from issue 8: requests < 500 ms, overview < 1 s. `--db` keeps (and
-reuses) the SQLite file between runs.
+them). Each load opens a fresh page; an init script notes with the page's own clock
+(`performance.now()`, from navigation start, at the first DOM change where it holds) when each
+milestone is in the DOM: the table's first row; for the overview the tiles and all five charts,
+then the top users (answered from raw rows, after the charts); the sessions table's first row.
+Each load's API calls and their durations (Resource Timing) are printed with it. p50 and p95
+of the loads are printed; targets from issue 8: requests < 500 ms, overview < 1 s. `--db` keeps
+(and reuses) the SQLite file between runs. The load average is printed before and after: on a
+shared machine, read the figures with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import shutil
 import statistics
@@ -92,46 +96,108 @@ def pcts(values: list[float]) -> dict[str, float]:
     return {"p50": round(statistics.median(values)), "p95": round(p95), "min": round(values[0])}
 
 
-async def measure(base: str, loads: int, timeout: float) -> dict[str, dict[str, float]]:
-    views = {
-        "requests (50 newest of 30 days)": ("/#/requests?range=30d", "#requests-table tbody tr"),
-        "overview (30 days)": ("/#/overview?range=30d", None),
-    }
+#: view -> (URL, [(milestone, JS condition that is true once the milestone is in the DOM)]).
+VIEWS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "requests": (
+        "/#/requests?range=30d",
+        [("requests view (50 newest of 30 days)", "document.querySelector('#requests-table tbody tr')")],
+    ),
+    "overview": (
+        "/#/overview?range=30d",
+        [
+            (
+                "overview (30 days): tiles + 5 charts",
+                "document.querySelectorAll('.chart canvas').length === 5",
+            ),
+            # top models and top users in (users are never rolled up: raw rows answer them)
+            (
+                "overview (30 days): + top users",
+                "document.querySelectorAll('.tops .topbox table').length >= 2",
+            ),
+        ],
+    ),
+    "sessions": (
+        "/#/sessions",
+        [("sessions (7 days, first page)", "document.querySelector('#sessions-table tbody tr')")],
+    ),
+}
+
+
+#: The page's API calls as [path + group_by, start ms, duration ms] (Resource Timing).
+CALLS_JS = """performance.getEntriesByType('resource').filter(e => e.name.includes('/api/')).map(e => {
+  const u = new URL(e.name);
+  const g = u.searchParams.get('group_by');
+  return [u.pathname.replace('/api/v1/', '') + (g ? ' group_by=' + g : ''), Math.round(e.startTime),
+          Math.round(e.duration)];
+})"""
+
+
+def marks_script(milestones: list[tuple[str, str]]) -> str:
+    """An init script noting, with the page's own clock, when each milestone's condition first
+    holds (checked at every DOM change). Reading `performance.now()` from Python after a wait
+    would add the CDP round trips, hundreds of ms on a busy machine, to every figure."""
+    conds = ", ".join(f"[{json.dumps(name)}, () => !!({cond})]" for name, cond in milestones)
+    return f"""
+window.__marks = {{}};
+const conds = [{conds}];
+const check = () => {{
+  for (const [name, cond] of conds) {{
+    if (!(name in window.__marks) && cond()) window.__marks[name] = performance.now();
+  }}
+}};
+new MutationObserver(check).observe(document, {{ childList: true, subtree: true }});
+"""
+
+
+async def measure(base: str, loads: int, timeout: float, views: list[str]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
-        ctx = await browser.new_context(viewport={"width": 1440, "height": 900})
-        for name, (url, selector) in views.items():
-            times = []
+        for view in views:
+            url, milestones = VIEWS[view]
+            ctx = await browser.new_context(viewport={"width": 1440, "height": 900})
+            await ctx.add_init_script(marks_script(milestones))
+            times: dict[str, list[float]] = {name: [] for name, _ in milestones}
             for i in range(loads + 1):  # the first load warms the caches and is not counted
                 page = await ctx.new_page()
                 await page.goto(base + url, wait_until="commit")
                 try:
-                    if selector:
-                        await page.wait_for_selector(selector, timeout=timeout * 1000)
-                    else:
-                        await page.wait_for_function(
-                            "() => document.querySelectorAll('.chart canvas').length === 5",
-                            timeout=timeout * 1000,
-                        )
-                    ms = await page.evaluate("performance.now()")
+                    await page.wait_for_function(
+                        "n => Object.keys(window.__marks || {}).length === n",
+                        arg=len(milestones),
+                        timeout=timeout * 1000,
+                    )
                 except PlaywrightTimeout:
-                    print(f"{name}: not rendered within {timeout} s; giving up on this view", flush=True)
+                    print(f"{view}: not rendered within {timeout} s; giving up on this view", flush=True)
                     await page.close()
                     break
+                got = [(name, float(ms)) for name, ms in (await page.evaluate("window.__marks")).items()]
+                # What the page asked the API, and how long each call took (Resource Timing).
+                calls = await page.evaluate(CALLS_JS)
                 await page.close()
-                if i:
-                    times.append(ms)
-                print(f"  {name}: load {i} {ms:.0f} ms", flush=True)
-            if not times:
-                out[name] = {"timed_out_s": timeout}
-                continue
-            out[name] = pcts(times)
-            print(
-                f"{name:<34} p50 {out[name]['p50']:>6} ms  p95 {out[name]['p95']:>6} ms  ({len(times)} loads)"
-            )
+                for name, ms in got:
+                    if i:
+                        times[name].append(ms)
+                shown = ", ".join(f"{n.split(': ')[-1]} {ms:.0f} ms" for n, ms in got)
+                api = "; ".join(f"{c[0]} at {c[1]} took {c[2]} ms" for c in calls)
+                print(f"  {view}: load {i}: {shown}  [API: {api}]", flush=True)
+            await ctx.close()
+            for name, _ in milestones:
+                if not times[name]:
+                    out[name] = {"timed_out_s": timeout}
+                    continue
+                out[name] = pcts(times[name])
+                print(
+                    f"{name:<44} p50 {out[name]['p50']:>6} ms  p95 {out[name]['p95']:>6} ms"
+                    f"  ({len(times[name])} loads)",
+                    flush=True,
+                )
         await browser.close()
     return out
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 async def main() -> None:
@@ -142,6 +208,9 @@ async def main() -> None:
     ap.add_argument("--db", type=Path, help="SQLite file to load (or reuse when it exists)")
     ap.add_argument("--pg", help="PostgreSQL URL of a database loaded by `store_bench.py scale --keep`")
     ap.add_argument("--tenant", default="default", help="tenant to show (store_bench.py loads 'bench')")
+    ap.add_argument(
+        "--views", default="requests,overview,sessions", help="comma-separated: " + ",".join(VIEWS)
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="llmtap-dash-"))
     try:
@@ -165,7 +234,10 @@ async def main() -> None:
         await svc.start()
         try:
             print(f"store: {store if not args.pg else 'postgresql'}; chromium {shutil.which('chromium')}")
-            results: dict[str, Any] = await measure(f"http://127.0.0.1:{svc.port}", args.loads, args.timeout)
+            print(f"load average before: {load_average()}", flush=True)
+            base = f"http://127.0.0.1:{svc.port}"
+            results: dict[str, Any] = await measure(base, args.loads, args.timeout, args.views.split(","))
+            print(f"load average after: {load_average()}", flush=True)
         finally:
             await svc.stop()
         print(results)

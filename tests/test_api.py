@@ -8,6 +8,7 @@ query API and compared with a Python reference.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import sqlite3
 import uuid
@@ -542,7 +543,7 @@ async def test_healthz_metrics_dashboard_openapi(server: Server) -> None:
         and "llmtap_api_requests_total" in text
     )
     status, html = await server.get("/")
-    assert status == 200 and '<script type="module" src="/static/app.js">' in html
+    assert status == 200 and re.search(r'<script type="module" src="/static/app\.js\?v=[0-9a-f]{16}">', html)
     status, js = await server.get("/static/app.js")
     assert status == 200 and "/api/v1/requests" in js
     status, doc = await server.get("/api/v1/openapi.json")

@@ -80,6 +80,80 @@ async def test_sort_by_cost_and_latency_pages_in_keyset_order(server: Server) ->
     assert status == 400 and body["error"]["parameter"] == "sort"
 
 
+async def test_sorted_pages_of_a_time_range_either_plan(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite walks the sort key's index for a range of many rows and sorts a range of few
+    (`SORT_INDEX_MIN_ROWS`); both plans page through the same rows in the same order."""
+    from llmtap.store import sqlite
+
+    await _load(server)
+    rows = await _all(server, "", limit=1000)
+    since = sorted(r["created_at"] for r in rows)[len(rows) // 3]
+    in_range = [r for r in rows if r["created_at"] >= since]
+    assert 10 < len(in_range) < len(rows)
+    for field, sort in (("cost_usd", "cost"), ("latency_ms", "latency")):
+        want = sorted(
+            in_range,
+            key=lambda r: (-1.0 if r[field] is None else float(r[field]), r["created_at"], r["id"]),
+            reverse=True,
+        )
+        for bound in (1, 10**9):  # every range "large" (index walk), every range "small" (sort)
+            monkeypatch.setattr(sqlite, "SORT_INDEX_MIN_ROWS", bound)
+            got = await _all(server, f"&sort={sort}&since={since.replace('+', '%2B')}", limit=4)
+            assert [r["id"] for r in got] == [r["id"] for r in want], (sort, bound)
+
+
+async def test_sessions_list_pages_most_recent_first_with_totals(server: Server) -> None:
+    records = dataset(150, seed=9, tenants=("default", "other"))
+    status, body, _ = await server.ingest(encode_many(records))
+    assert status == 200, body
+    mine = [r for r in records if r.tenant == "default" and r.session_id]
+
+    def expected(rs: list[Any]) -> list[tuple[str, int, int, int | None]]:
+        by: dict[str, list[Any]] = {}
+        for r in rs:
+            by.setdefault(r.session_id, []).append(r)
+        out = []
+        for sid, group in by.items():
+            newest = max(group, key=lambda r: (r.started_at, r.id))
+            errors = sum(1 for r in group if r.status >= 400 or r.outcome != "completed")
+            tokens = sum(r.usage.total_tokens or 0 for r in group)
+            out.append((sid, len(group), errors, tokens, (newest.started_at, newest.id)))
+        # most recently active first: by the newest request (its id breaks a tie)
+        out.sort(key=lambda x: x[4], reverse=True)
+        return [x[:4] for x in out]
+
+    async def pages(query: str, limit: int) -> list[tuple[str, int, int, int]]:
+        got: list[dict[str, Any]] = []
+        cursor = ""
+        while True:
+            status, page = await server.get(f"/api/v1/sessions?limit={limit}{query}{cursor}")
+            assert status == 200, page
+            assert len(page["items"]) <= limit
+            got += page["items"]
+            if not page["next_cursor"]:
+                break
+            cursor = "&cursor=" + page["next_cursor"]
+        return [(x["session_id"], x["count"], x["error_count"], x["total_tokens"]) for x in got]
+
+    want = expected(mine)
+    assert len(want) == 3
+    assert await pages("", 1) == want  # the other tenant's sessions never appear
+    assert await pages("", 1000) == want
+    # Filters select the requests a session's totals cover (and so which sessions are listed).
+    gpt = [r for r in mine if r.model == "gpt-4o"]
+    assert gpt and len(gpt) < len(mine)
+    assert await pages("&model=gpt-4o", 2) == expected(gpt)
+    env = mine[0].properties.get("env") or "prod"
+    with_env = [r for r in mine if r.properties.get("env") == env]
+    assert with_env and await pages("&property.env=" + env, 2) == expected(with_env)
+    status, body = await server.get("/api/v1/sessions?sort=cost")
+    assert status == 400 and body["error"]["parameter"] == "sort"
+    status, body = await server.get("/api/v1/sessions?cursor=nope")
+    assert status == 400 and body["error"]["parameter"] == "cursor"
+
+
 async def test_status_class_and_range_filters(server: Server) -> None:
     await _load(server)
     rows = await _all(server, "", limit=1000)

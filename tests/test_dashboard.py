@@ -12,6 +12,7 @@ import csv
 import io
 import shutil
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -197,7 +198,16 @@ async def test_every_view_renders_what_the_api_returns(srv: Srv, page: tuple[Any
     assert await pg.locator(".chart").count() == 5
     titles = await pg.locator(".chart .u-title").all_text_contents()
     assert any("Latency" in t for t in titles) and any("Cost" in t for t in titles)
-    stats = await srv.get("/api/v1/stats?since=" + quote((datetime.now(UTC) - timedelta(days=1)).isoformat()))
+    # 24 h in hour buckets: the range starts at a whole hour, which lets rollups answer it.
+    hour = (datetime.now(UTC) - timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
+    stats = await srv.get("/api/v1/stats?since=" + quote(hour.isoformat()))
+    assert stats["source"] == "rollups"
+    assert "from rollups" in (await pg.locator("#overview-range").text_content() or "")
+    # Top users come after the charts, from raw rows, and name the API's users in its order.
+    await pg.wait_for_selector("[data-top=user_id] table", timeout=WAIT)
+    top = await srv.get("/api/v1/stats?group_by=user_id&since=" + quote(hour.isoformat()))
+    shown = await pg.locator("[data-top=user_id] tbody tr td:first-child").all_text_contents()
+    assert shown == ["(none)" if g["key"] is None else g["key"] for g in top["groups"][:10]]
     tile = pg.locator(".tile", has_text="Requests").first.locator(".tvalue")
     assert (await tile.text_content()) == f"{stats['overall']['count']:,}"
     unp = pg.locator(".tile", has_text="Unpriced requests").locator(".tvalue")
@@ -205,15 +215,13 @@ async def test_every_view_renders_what_the_api_returns(srv: Srv, page: tuple[Any
 
     await pg.click("nav a[data-view=sessions]")
     await pg.wait_for_selector("#sessions-table", timeout=WAIT)
-    groups = await srv.get(
-        "/api/v1/stats?group_by=session_id&since="
-        + quote((datetime.now(UTC) - timedelta(days=7)).isoformat())
+    sessions = await srv.get(
+        "/api/v1/sessions?since=" + quote((datetime.now(UTC) - timedelta(days=7)).isoformat())
     )
-    want = {g["key"] for g in groups["groups"] if g["key"] is not None}
     got = await pg.eval_on_selector_all(
         "#sessions-table tr[data-session]", "rs => rs.map(r => r.dataset.session)"
     )
-    assert set(got) == want
+    assert got == [x["session_id"] for x in sessions["items"]] and got
     await pg.click(f'#sessions-table tr[data-session="{got[0]}"] a')
     session = await srv.get("/api/v1/sessions/" + quote(got[0]))
     await pg.wait_for_function(
@@ -524,6 +532,124 @@ async def test_pages_send_a_csp_without_inline_script(srv: Srv) -> None:
         assert r.status == 404
 
 
+async def test_assets_are_named_by_hash_and_cached_for_good(srv: Srv) -> None:
+    """A returning page asks for index.html only: its assets' URLs carry their content's hash."""
+    import hashlib
+    import re
+
+    html = await srv.get("/")
+    urls = re.findall(r'"(/static/[^"?]+)\?v=([0-9a-f]{16})"', html)
+    assert {u for u, _ in urls} == {"/static/app.js", "/static/app.css", "/static/vendor/uplot/uPlot.min.css"}
+    for url, v in urls:
+        async with srv.http.get(f"{srv.base}{url}?v={v}") as r:
+            body = await r.read()
+            assert r.status == 200 and r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+        assert hashlib.sha256(body).hexdigest()[:16] == v
+        async with srv.http.get(f"{srv.base}{url}?v=0000000000000000") as r:  # not this content
+            assert r.status == 200 and "immutable" not in r.headers.get("Cache-Control", "")
+
+
+async def test_sessions_page_through_more_than_one_page(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """120 sessions: three keyset pages of 50, 50 and 20, each the API's page; Back works."""
+    import random
+
+    rng = random.Random(5)
+    now = datetime.now(UTC)
+    records = [
+        dd.record(n, at=now - timedelta(minutes=n, seconds=rng.uniform(0, 50)), rng=rng, session=f"s-{n:03d}")
+        for n in range(120)
+    ]
+    records += [  # a second request in some sessions: totals cover both
+        dd.record(200 + n, at=now - timedelta(hours=3, minutes=n), rng=rng, session=f"s-{n:03d}")
+        for n in range(0, 120, 7)
+    ]
+    async for s in _server(tmp_path_factory.mktemp("sessions")):
+        await s.ingest(records)
+        api_pages: list[list[dict[str, Any]]] = []
+        cursor = ""
+        while True:
+            got = await s.get(
+                "/api/v1/sessions?limit=50&since=" + quote((now - timedelta(days=7)).isoformat()) + cursor
+            )
+            api_pages.append(got["items"])
+            if not got["next_cursor"]:
+                break
+            cursor = "&cursor=" + got["next_cursor"]
+        assert [len(p) for p in api_pages] == [50, 50, 20]
+        every = [x["session_id"] for p in api_pages for x in p]
+        assert sorted(every) == sorted({r.session_id for r in records if r.session_id})
+        assert every[:3] == ["s-000", "s-001", "s-002"]  # most recently active first
+        counts = {x["session_id"]: x["count"] for p in api_pages for x in p}
+        assert counts["s-007"] == 2 and counts["s-008"] == 1
+
+        ctx, pg, w = await open_page(browser, s.base)
+        try:
+            await pg.goto(s.base + "/#/sessions")
+            shown_pages = []
+            for i, want in enumerate(api_pages):
+                await pg.wait_for_function(
+                    "ids => JSON.stringify([...document.querySelectorAll('#sessions-table tr[data-session]')]"
+                    ".map(r => r.dataset.session)) === JSON.stringify(ids)",
+                    arg=[x["session_id"] for x in want],
+                    timeout=WAIT,
+                )
+                shown_pages.append(frag(pg))
+                row = pg.locator(f'#sessions-table tr[data-session="{want[0]["session_id"]}"] td.num')
+                assert (await row.first.text_content()) == str(want[0]["count"])
+                if i < len(api_pages) - 1:
+                    await pg.click("#next-page")
+                    await pg.wait_for_function(
+                        "h => location.hash !== h", arg="#" + shown_pages[-1], timeout=WAIT
+                    )
+            assert await pg.locator("#next-page").count() == 0
+            assert "cursor=" in shown_pages[-1]
+            await pg.go_back()
+            await pg.wait_for_function(
+                "id => document.querySelector('#sessions-table tr[data-session]')?.dataset.session === id",
+                arg=api_pages[1][0]["session_id"],
+                timeout=WAIT,
+            )
+            await pg.click("text=⇤ Most recent")
+            await pg.wait_for_function(
+                "id => document.querySelector('#sessions-table tr[data-session]')?.dataset.session === id",
+                arg="s-000",
+                timeout=WAIT,
+            )
+            w.check()
+        finally:
+            await ctx.close()
+
+
+async def test_the_page_watch_sees_foreign_requests_and_console_errors(srv: Srv, browser: Any) -> None:
+    """The checks every test relies on ("no request leaves the origin", "no console error") can fail.
+
+    Two layers keep requests home: the CSP (`connect-src 'self'` ...) refuses them in the page,
+    which the browser logs as a console error; what the CSP does not govern (a navigation) the
+    route guard sees and aborts.
+    """
+    ctx, pg, w = await open_page(browser, srv.base)
+    try:
+        await pg.goto(srv.base + "/#/requests?range=all")
+        await pg.wait_for_selector("#requests-table", timeout=WAIT)
+        w.check()  # the app itself: nothing
+        await pg.evaluate("fetch('https://cdn.example.com/x.js').catch(() => null)")
+        deadline = time.monotonic() + 10
+        while not any("cdn.example.com" in e for e in w.errors) and time.monotonic() < deadline:
+            await pg.wait_for_timeout(50)
+        assert any("cdn.example.com" in e and "Content Security Policy" in e for e in w.errors), w.errors
+        assert not w.foreign  # refused before it reached the network
+        await pg.evaluate("location.href = 'https://cdn.example.com/page'")
+        while not w.foreign and time.monotonic() < deadline + 10:
+            await pg.wait_for_timeout(50)
+        assert w.foreign == ["https://cdn.example.com/page"]
+        with pytest.raises(AssertionError):
+            w.check()
+    finally:
+        await ctx.close()
+
+
 # -- multi-tenant -----------------------------------------------------------------------------------
 
 
@@ -562,6 +688,28 @@ async def test_multi_tenant_sign_in_shows_one_tenants_data(
                 "#users-table tr[data-user]", "rs => rs.map(r => r.dataset.user)"
             )
             assert set(users) == {r.user_id for r in a if r.user_id}
+            # Overview totals and the sessions list are tenant A's alone.
+            await pg.goto(s.base + "/#/overview?range=7d")
+            await pg.wait_for_selector(".chart canvas", timeout=WAIT)
+            tile = pg.locator(".tile", has_text="Requests").first.locator(".tvalue")
+            assert (await tile.text_content()) == f"{len(a):,}"
+            # (Both tenants use the same user and session names: counts tell them apart.)
+            await pg.wait_for_selector("[data-top=user_id] table", timeout=WAIT)
+            top = await pg.eval_on_selector_all(
+                "[data-top=user_id] tbody tr",
+                "rs => rs.map(r => [r.cells[0].textContent, r.cells[1].textContent])",
+            )
+            per_user = Counter(r.user_id or "(none)" for r in a)
+            assert top and all(per_user[u] == int(n) for u, n in top), top
+            await pg.goto(s.base + "/#/sessions?range=all")
+            await pg.wait_for_selector("#sessions-table", timeout=WAIT)
+            shown = await pg.eval_on_selector_all(
+                "#sessions-table tr[data-session]",
+                "rs => rs.map(r => [r.dataset.session, r.cells[3].textContent])",
+            )
+            assert dict(shown) == {
+                k: str(v) for k, v in Counter(r.session_id for r in a if r.session_id).items()
+            }
             await pg.goto(s.base + "/#/requests?range=all")
             await pg.wait_for_selector("#requests-table", timeout=WAIT)
             async with pg.expect_download(timeout=WAIT) as info:

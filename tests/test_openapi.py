@@ -31,6 +31,7 @@ TAKES: dict[tuple[str, str], frozenset[str]] = {
     ("/api/v1/requests/stream", "get"): query.TAIL_PARAMS | {PROPERTY},
     ("/api/v1/stats", "get"): query.STATS_PARAMS | {PROPERTY},
     ("/api/v1/users", "get"): query.USERS_PARAMS,
+    ("/api/v1/sessions", "get"): query.SESSIONS_PARAMS | {PROPERTY},
     ("/api/v1/webhooks/deliveries", "get"): query.DELIVERY_PARAMS,
 }
 #: Routes the app serves that are no API (the dashboard's page and files).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -89,8 +90,35 @@ async def _healthz(request: web.Request) -> web.Response:
     return api.json_response({"status": "ok"})
 
 
-async def _index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+#: Assets index.html names; their URLs carry a hash of their content (see `_index`).
+_ASSETS = ("app.js", "app.css", "vendor/uplot/uPlot.min.css")
+_IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def _asset_hash(name: str) -> str:
+    return hashlib.sha256((STATIC / name).read_bytes()).hexdigest()[:16]
+
+
+async def _index(request: web.Request) -> web.Response:
+    """index.html, naming its script and styles by URLs that carry their content's hash.
+
+    Each URL is then cached for good (`immutable`, see `_cache_assets`) and a changed file is a
+    new URL: a returning page asks the server for nothing but this page, where heuristic caching
+    revalidated each file, a round trip each before the first API call (~100-300 ms apiece on a
+    busy machine).
+    """
+    html = (STATIC / "index.html").read_text("utf-8")
+    for name in _ASSETS:
+        html = html.replace(f'"/static/{name}"', f'"/static/{name}?v={_asset_hash(name)}"')
+    return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-cache"})
+
+
+async def _cache_assets(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: an asset asked for by its current hash may be cached for good."""
+    name = request.path.removeprefix("/static/")
+    v = request.query.get("v")
+    if v and response.status == 200 and name in _ASSETS and v == _asset_hash(name):
+        response.headers["Cache-Control"] = _IMMUTABLE
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -114,6 +142,7 @@ def build_app(
         client_max_size=MAX_BODY,
     )
     app.on_response_prepare.append(security.add_headers)
+    app.on_response_prepare.append(_cache_assets)
     app[api.SETTINGS] = settings
     app[api.STORE] = store
     app[api.BODIES] = bodies

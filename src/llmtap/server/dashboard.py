@@ -11,6 +11,8 @@ API lives here, in routes of its own:
 - `GET /api/v1/requests/stream?<list filters>`: server-sent events, one `request` event per
   newly stored record matching the filters (polled from the store, which is the only place
   every worker's writes meet).
+- `GET /api/v1/sessions?<list filters>&limit=&cursor=`: sessions with their totals, most
+  recently active first, keyset-paginated like the list.
 - `GET /api/v1/pipeline`: queue lag per partition, dead letters, spool size, newest record.
   `POST /api/v1/pipeline/dead-letters/replay`: replay dead letters. Dead letters carry records
   of every tenant, so in multi-tenant mode only their count is shown and replay is refused.
@@ -113,6 +115,16 @@ async def export(request: web.Request) -> web.StreamResponse:
         page = await store.list_requests(tenant, q)
     await resp.write_eof()
     return resp
+
+
+# -- sessions list --------------------------------------------------------------------------------
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    """Sessions, most recently active first, in keyset pages (the list's filters and cursor)."""
+    q = query.parse_list(request.query.items(), query.SESSIONS_PARAMS)
+    page = await request.app[api.STORE].list_sessions(request[api.TENANT], q)
+    return api.json_response({"items": page.items, "next_cursor": page.next_cursor})
 
 
 # -- live tail ------------------------------------------------------------------------------------
@@ -296,5 +308,6 @@ def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/api/v1/requests/export", export)
     r.add_get("/api/v1/requests/stream", stream)
+    r.add_get("/api/v1/sessions", list_sessions)
     r.add_get("/api/v1/pipeline", pipeline)
     r.add_post("/api/v1/pipeline/dead-letters/replay", replay)

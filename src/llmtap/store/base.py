@@ -100,6 +100,11 @@ class Store(ABC):
     async def sessions(self, tenant: str, session_id: str) -> dict[str, Any] | None: ...
 
     @abstractmethod
+    async def list_sessions(self, tenant: str, query: ListQuery) -> Page:
+        """Sessions with a request matching `query`'s filters, most recently active first
+        (keyset pages of `query.limit`): `session_id`, totals, `first_at`/`last_at`."""
+
+    @abstractmethod
     async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]: ...
 
     # -- retention ----------------------------------------------------------------------------

@@ -612,6 +612,15 @@ class PostgresStore(Store):
         q, params = sql.list_sql(DIALECT, tenant, lq)
         return sql.session_result(DIALECT, session_id, totals, await self._fetch(q, *params))
 
+    async def list_sessions(self, tenant: str, query: ListQuery) -> Page:
+        q, params = sql.sessions_sql(DIALECT, tenant, query)
+        newest = await self._fetch(q, *params)
+        ids = [row[0] for row in newest[: query.limit]]
+        q, params = sql.session_totals_sql(DIALECT, tenant, query, ids)
+        totals = await self._fetch(q, *params) if ids else []
+        items, cursor = sql.sessions_page(DIALECT, newest, totals, query.limit)
+        return Page(items=items, next_cursor=cursor)
+
     async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
         q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
         return [sql.user_result(DIALECT, row) for row in await self._fetch(q, *params)]

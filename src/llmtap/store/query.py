@@ -219,6 +219,8 @@ FILTERS = ("user_id", "session_id", "model", "provider", "status", "status_class
 LIST_PARAMS = frozenset({"limit", "cursor", "order", "sort", "q", *FILTERS})
 STATS_PARAMS = frozenset({"group_by", "bucket", "exact", *FILTERS})
 USERS_PARAMS = frozenset({"limit"})
+#: `GET /api/v1/sessions`: the list's parameters but sort and order (most recently active first).
+SESSIONS_PARAMS = LIST_PARAMS - {"sort", "order"}
 #: The export pages through everything itself: no limit or cursor; `format` picks csv or jsonl.
 EXPORT_FORMATS = ("csv", "jsonl")
 EXPORT_PARAMS = (LIST_PARAMS - {"limit", "cursor"}) | {"format"}

@@ -645,36 +645,46 @@ function chart(uPlot, el, title, unit, xs, series, opts = {}) {
 
 async function viewOverview(id, params) {
   const defaultRange = "24h";
-  const { since, until } = rangeOf(params, defaultRange);
-  const secs = (until - since) / 1000;
-  const bucket = bucketFor(secs);
+  const range = rangeOf(params, defaultRange);
+  const bucket = bucketFor((range.until - range.since) / 1000);
+  // The range widens to whole (UTC) buckets: every bucket charted is complete at its start, and
+  // bucket-aligned bounds let the store answer from its rollups (a few hundred rows instead of
+  // every request of the range: at 1M requests, milliseconds instead of seconds).
+  const step = BUCKET_SECS[bucket];
+  const since = new Date(Math.floor(range.since.getTime() / 1000 / step) * step * 1000);
+  const custom = (params.get("range") || defaultRange) === "custom";
+  const until = custom ? new Date(Math.ceil(range.until.getTime() / 1000 / step) * step * 1000) : range.until;
   const q = apiFilters(params, defaultRange);
-  if (!q.get("since")) q.set("since", since.toISOString());
-  if (!q.get("until")) q.set("until", until.toISOString());
+  q.set("since", since.toISOString());
+  if (custom) q.set("until", until.toISOString()); else q.delete("until");  // a preset runs to now
   const groupProp = params.get("group") || "";
   const withGroup = (g) => { const x = new URLSearchParams(q); x.set("group_by", g); return x; };
-  // One scan gives the time series and the top models (the store computes both in one call).
+  // One call gives the totals, the time series and the top models.
   const bq = withGroup("model"); bq.set("bucket", bucket);
   const groupInput = h("label", {}, "Group by property", h("input", { name: "group", value: groupProp, placeholder: "e.g. feature", size: 12, autocomplete: "off" }));
-  const [uPlot, series, users, props] = await Promise.all([
-    loadUPlot(),
-    api("/api/v1/stats?" + bq),
-    api("/api/v1/stats?" + withGroup("user_id")),
-    groupProp ? api("/api/v1/stats?" + withGroup("property." + groupProp)) : Promise.resolve(null),
-  ]);
+  const [uPlot, series] = await Promise.all([loadUPlot(), api("/api/v1/stats?" + bq)]);
+  // Top users (never rolled up: as many rows as users) and a property not rolled up are answered
+  // from raw rows, which takes seconds at volume: asked once the charts' data is in (running at
+  // the same time, their scan slowed the rollup read on a busy machine), shown when they come.
+  const usersP = api("/api/v1/stats?" + withGroup("user_id"));
+  const propsP = groupProp ? api("/api/v1/stats?" + withGroup("property." + groupProp)) : null;
+  usersP.catch(() => {}); if (propsP) propsP.catch(() => {});
   const o = series.overall;
   // Every bucket of the range, empty ones included, so the x axis is honest about gaps.
-  const step = BUCKET_SECS[bucket];
-  const start = Math.floor(since.getTime() / 1000 / step) * step;
+  const start = since.getTime() / 1000;
   const byStart = new Map(series.buckets.map((b) => [Math.floor(new Date(b.start).getTime() / 1000), b]));
   const xs = [];
   for (let t = start; t <= until.getTime() / 1000; t += step) xs.push(t);
   const col = (f) => xs.map((t) => { const b = byStart.get(t); return b ? f(b) : null; });
   const zero = (f) => xs.map((t) => { const b = byStart.get(t); return b ? f(b) : 0; });
   const charts = h("div", { class: "charts" });
+  const usersBox = pendingBox("Top users");
+  const propsBox = propsP ? pendingBox(`Property “${groupProp}”`) : h("div", { class: "topbox" }, h("h3", {}, "Group by a property"), h("p", { class: "muted" }, "Type a property name in “Group by property” to break totals down by its values."));
   render(
     h("h1", {}, "Overview"),
     filterBar(params, "overview", { defaultRange, extra: [groupInput] }),
+    h("p", { class: "hint muted", id: "overview-range" }, `${fmtTime(since.toISOString())} to ${custom ? fmtTime(until.toISOString()) : "now"} (local time), in whole UTC ${bucket}s`,
+      series.source === "rollups" ? ` · from rollups (percentiles within ${Math.round(series.percentile_relative_error * 100)}%)` : ""),
     h("div", { class: "tiles" },
       tile("Requests", fmtInt(o.count), `${bucket} buckets`),
       tile("Errors", fmtInt(o.error_count), pct(o.error_rate) + " of requests", o.error_count ? "warn" : ""),
@@ -684,12 +694,7 @@ async function viewOverview(id, params) {
       tile("Latency p50 / p95", `${fmtMs(o.latency_ms.p50)} / ${fmtMs(o.latency_ms.p95)}`, "p99 " + fmtMs(o.latency_ms.p99)),
       tile("TTFT p50 / p95", `${fmtMs(o.time_to_first_token_ms.p50)} / ${fmtMs(o.time_to_first_token_ms.p95)}`, "streamed requests")),
     charts,
-    h("div", { class: "tops" },
-      topTable("Top models", "model", series.groups, params),
-      topTable("Top users", "user_id", users.groups, params),
-      props ? topTable(`Property “${groupProp}”`, "property." + groupProp, props.groups, params)
-        : h("div", { class: "topbox" }, h("h3", {}, "Group by a property"), h("p", { class: "muted" }, "Type a property name in “Group by property” to break totals down by its values.")),
-    ));
+    h("div", { class: "tops" }, topTable("Top models", "model", series.groups, params), usersBox, propsBox));
   const slot = (name) => { const el = h("div", { class: "chart", "data-chart": name }); charts.append(el); return el; };
   chart(uPlot, slot("requests"), "Requests and errors per " + bucket, "requests", xs,
     [{ label: "requests", data: zero((b) => b.count) }, { label: "errors", data: zero((b) => b.error_count) }], { bars: false, fill: true });
@@ -703,12 +708,25 @@ async function viewOverview(id, params) {
     [{ label: "p50", data: col((b) => b.latency_ms.p50) }, { label: "p95", data: col((b) => b.latency_ms.p95) }, { label: "p99", data: col((b) => b.latency_ms.p99) }], { fmt: msFmt });
   chart(uPlot, slot("ttft"), "Time to first token percentiles", "ms", xs,
     [{ label: "p50", data: col((b) => b.time_to_first_token_ms.p50) }, { label: "p95", data: col((b) => b.time_to_first_token_ms.p95) }, { label: "p99", data: col((b) => b.time_to_first_token_ms.p99) }], { fmt: msFmt });
+  let alive = true;
+  onLeave(() => { alive = false; });
+  const settle = (box, p, title, key) => p.then(
+    (st) => { if (alive) box.replaceWith(topTable(title, key, st.groups, params)); },
+    (e) => { if (alive && !(e instanceof ApiError && e.status === 401)) fill(box, h("h3", {}, title), h("p", { class: "err" }, e.message)); });
+  await Promise.all([
+    settle(usersBox, usersP, "Top users", "user_id"),
+    propsP ? settle(propsBox, propsP, `Property “${groupProp}”`, "property." + groupProp) : null,
+  ]);
+}
+
+function pendingBox(title) {
+  return h("div", { class: "topbox pending" }, h("h3", {}, title), h("p", { class: "muted" }, "Loading…"));
 }
 
 function topTable(title, key, groups, params) {
   const rows = groups.slice(0, 10);
   const total = rows.reduce((a, g) => Math.max(a, g.count), 0) || 1;
-  return h("div", { class: "topbox" }, h("h3", {}, title),
+  return h("div", { class: "topbox", "data-top": key }, h("h3", {}, title),
     rows.length ? h("table", { class: "grid compact" },
       h("thead", {}, h("tr", {}, h("th", {}, key.startsWith("property.") ? "value" : key), h("th", { class: "num" }, "requests"), h("th", { class: "num" }, "cost"), h("th", { class: "num" }, "errors"))),
       h("tbody", {}, rows.map((g) => {
@@ -737,21 +755,25 @@ async function viewSessions(id, params) {
   if (id) return viewSession(id, params);
   const defaultRange = "7d";
   const q = apiFilters(params, defaultRange);
-  q.set("group_by", "session_id");
-  const st = await api("/api/v1/stats?" + q);
-  const groups = st.groups.filter((g) => g.key !== null).sort((a, b) => (b.last_at || "").localeCompare(a.last_at || ""));
+  if (params.get("cursor")) q.set("cursor", params.get("cursor"));
+  q.set("limit", "50");
+  const page = await api("/api/v1/sessions?" + q);
+  const nav = h("div", { class: "pager" },
+    params.get("cursor") ? h("a", { class: "button", href: hashFor("sessions", null, withParam(params, "cursor", null)) }, "⇤ Most recent") : null,
+    page.next_cursor ? h("a", { class: "button", id: "next-page", href: hashFor("sessions", null, withParam(params, "cursor", page.next_cursor)) }, "Next page →") : null);
   render(
     h("h1", {}, "Sessions"),
     filterBar(params, "sessions", { defaultRange }),
-    groups.length ? h("table", { class: "grid", id: "sessions-table" },
+    page.items.length ? h("table", { class: "grid", id: "sessions-table" },
       h("thead", {}, h("tr", {}, ["Session", "First request", "Last request", "Requests", "Errors", "Tokens", "Cost"].map((t, i) => h("th", { class: i > 2 ? "num" : "" }, t)))),
-      h("tbody", {}, groups.map((g) => h("tr", { "data-session": g.key },
-        h("td", { class: "ellipsis" }, h("a", { href: hashFor("sessions", g.key, null) }, g.key)),
+      h("tbody", {}, page.items.map((g) => h("tr", { "data-session": g.session_id },
+        h("td", { class: "ellipsis" }, h("a", { href: hashFor("sessions", g.session_id, null) }, g.session_id)),
         h("td", { class: "nowrap" }, fmtTime(g.first_at)), h("td", { class: "nowrap" }, fmtTime(g.last_at)),
         h("td", { class: "num" }, fmtInt(g.count)), h("td", { class: "num" }, fmtInt(g.error_count)),
         h("td", { class: "num" }, fmtInt(g.total_tokens)),
         h("td", { class: "num" }, g.unpriced_count === g.count ? costCell(null) : fmtUsd(g.cost_usd)))))) : h("p", { class: "empty" }, "No sessions in this range (send Llmtap-Session-Id to group requests)."),
-    h("p", { class: "hint muted" }, "The 100 largest sessions of the range, most recently active first."));
+    nav,
+    h("p", { class: "hint muted" }, "Most recently active first; totals cover the session's requests in the range and filters."));
 }
 
 async function viewSession(id, params) {
