@@ -1,7 +1,7 @@
 """Gateway benchmark: what does llmtap cost on top of one plain Python proxy hop?
 
 One run measures, in this invocation and on this machine, four ways of reaching the same fake
-upstream (llmtap.testing.fake_upstream):
+upstream (`llmtap fake-upstream`):
 
   direct       the client talks to the upstream itself (the latency floor)
   passthrough  bench/passthrough.py: a minimal aiohttp proxy with no logging (the floor for a hop)
@@ -400,7 +400,8 @@ class Bench:
             [
                 sys.executable,
                 "-m",
-                "llmtap.testing.fake_upstream",
+                "llmtap.cli",
+                "fake-upstream",
                 "--port",
                 str(port),
                 "--record-limit",

@@ -1329,7 +1329,7 @@ async def run_all(
     port = free_port()
     up = spawn(
         "upstream",
-        [sys.executable, "-m", "llmtap.testing.fake_upstream", "--port", str(port), "--record-limit", "0"],
+        [sys.executable, "-m", "llmtap.cli", "fake-upstream", "--port", str(port), "--record-limit", "0"],
         wd,
         other_cores,
     )

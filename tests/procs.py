@@ -185,7 +185,7 @@ def fake_upstream(tmp: Path) -> Iterator[str]:
     """Run the fake OpenAI/Anthropic upstream in its own process; yields its base URL."""
     port = free_port()
     proc = Proc(
-        [sys.executable, "-m", "llmtap.testing.fake_upstream", "--port", str(port)],
+        [sys.executable, "-m", "llmtap.cli", "fake-upstream", "--port", str(port)],
         dict(os.environ),
         tmp / "fake-upstream.log",
     )

@@ -22,10 +22,10 @@ import httpx2
 import openai
 import pytest
 
+from fake_thread import FakeUpstream
 from llmtap.testing.fake_upstream import (
     PROMPT_OVERHEAD,
     REASONING_TOKENS,
-    FakeUpstream,
     reply_text,
 )
 
@@ -558,7 +558,7 @@ def test_anthropic_in_stream_error_event(claude: anthropic.Anthropic) -> None:
 def test_cli_entry_point_prints_url() -> None:
     src = Path(__file__).resolve().parents[1] / "src"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmtap.testing.fake_upstream", "--port", "0"],
+        [sys.executable, "-m", "llmtap.cli", "fake-upstream", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
         env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},

@@ -230,7 +230,7 @@ async def test_query_key_never_recorded(upstream: int, tmp_path: Path) -> None:
 
 
 def test_fake_process_serves_gemini_and_azure(tmp_path: Path) -> None:
-    """`python -m llmtap.testing.fake_upstream` (what the process tests run) answers every
+    """`llmtap fake-upstream` (what the process tests run) answers every
     provider, not only the ones defined in its own module."""
     import json
     import urllib.request

@@ -120,7 +120,7 @@ async def test_sigterm_finishes_in_flight_requests_and_publishes_them(tmp_path: 
         LLMTAP_PUBLISH_LINGER_MS="3000",  # finished requests still wait in memory at SIGTERM time
     )
     log = tmp_path / "gateway.log"
-    fake = [sys.executable, "-m", "llmtap.testing.fake_upstream", "--port", str(up_port)]
+    fake = [sys.executable, "-m", "llmtap.cli", "fake-upstream", "--port", str(up_port)]
     gateway = [sys.executable, "-m", "llmtap.cli", "gateway"]
     with process(fake, tmp_path / "fake.log"), process(gateway, log, env) as proc:
         wait_http(f"{upstream}/_fake/health")

@@ -161,3 +161,25 @@ def test_server_side_web_searches() -> None:
     assert usage.web_search_requests == 2
     rec = priced("openai", "gpt-5", usage)
     assert rec.cost_nanos == nanos((1_000, "1.25"), (200, "10"), (2, "10000"))
+
+
+def test_openai_cache_writes_chat_and_responses() -> None:
+    # gpt-5.6-cyber per 1M: 12.5 in / 15.625 cache write / 1.25 cache read / 75 out. Writes are
+    # part of prompt_tokens: billed at the write price, not as plain input.
+    want = nanos((5_000, "12.5"), (3_000, "15.625"), (2_000, "1.25"), (1_000, "75"))
+    chat = {
+        "prompt_tokens": 10_000,
+        "completion_tokens": 1_000,
+        "total_tokens": 11_000,
+        "prompt_tokens_details": {"cached_tokens": 2_000, "cache_write_tokens": 3_000},
+    }
+    responses = {
+        "input_tokens": 10_000,
+        "output_tokens": 1_000,
+        "total_tokens": 11_000,
+        "input_tokens_details": {"cached_tokens": 2_000, "cache_write_tokens": 3_000},
+    }
+    for body in ({"object": "chat.completion", "usage": chat}, {"object": "response", "usage": responses}):
+        usage = openai.usage_from_body(body)
+        assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_write_tokens) == (10_000, 2_000, 3_000)
+        assert priced("openai", "gpt-5.6-cyber", usage).cost_nanos == want, body["object"]

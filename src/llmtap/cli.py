@@ -586,12 +586,24 @@ def dlq_replay(ctx: click.Context, ids: tuple[str, ...], replay_all: bool) -> No
 
 @cli.command("fake-upstream", short_help="Run a local fake OpenAI/Anthropic/Gemini/Azure API (demos).")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=9999, show_default=True)
-def fake_upstream(host: str, port: int) -> None:
-    """Run a local fake OpenAI/Anthropic/Gemini/Azure API (for demos and tests; no keys needed)."""
+@click.option("--port", default=9999, show_default=True, help="0 picks a free port (printed at start).")
+@click.option(
+    "--record-limit",
+    default=256,
+    show_default=True,
+    help="Requests kept for GET /_fake/requests (0: none, as benchmarks run it).",
+)
+def fake_upstream(host: str, port: int, record_limit: int) -> None:
+    """Run a local fake OpenAI/Anthropic/Gemini/Azure API (for demos and tests; no keys needed).
+
+    \b
+    Example:
+      llmtap fake-upstream --port 9999 &
+      LLMTAP_OPENAI_BASE_URL=http://127.0.0.1:9999 llmtap up
+    """
     from llmtap.testing.fake_upstream import run
 
-    run(host, port)
+    run(host, port, record_limit=record_limit)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """A local fake OpenAI, Anthropic, Gemini and Azure OpenAI upstream in their exact wire formats.
 
-This module is the entry point (`make_app`, `serve`, `run`, `python -m`, `FakeUpstream`) and
+This module is the entry point (`make_app`, `serve`, `run`; run it with `llmtap fake-upstream`) and
 what the providers share: knobs, deterministic reply planning, request recording, transport.
 Each provider's handlers live in their own module (`fake_openai`, `fake_anthropic`,
 `fake_gemini`), registered by `make_app`.
@@ -44,7 +44,6 @@ returns it as JSON (bodies base64) plus ``client_aborts`` (streams whose client 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import collections
@@ -53,8 +52,6 @@ import hashlib
 import itertools
 import os
 import struct
-import sys
-import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -66,7 +63,6 @@ import msgspec
 from aiohttp import web
 
 __all__ = [
-    "FakeUpstream",
     "expected_usage",
     "make_app",
     "reply_text",
@@ -722,7 +718,7 @@ async def serve(
 
 
 def run(host: str = "127.0.0.1", port: int = 9999, *, record_limit: int = DEFAULT_RECORD_LIMIT) -> None:
-    """Serve forever (used by ``python -m llmtap.testing.fake_upstream``); prints the URL once bound."""
+    """Serve forever (`llmtap fake-upstream`); prints the URL once bound."""
 
     async def main() -> None:
         runner, bound = await serve(make_app(record_limit=record_limit), host, port)
@@ -740,99 +736,3 @@ def run(host: str = "127.0.0.1", port: int = 9999, *, record_limit: int = DEFAUL
         loop_factory = uvloop.new_event_loop
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(main())
-
-
-class FakeUpstream:
-    """The fake on a background thread, for synchronous tests (``with FakeUpstream() as fake: ...``)."""
-
-    def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, *, record_limit: int = DEFAULT_RECORD_LIMIT
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.app = make_app(record_limit=record_limit)
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    @property
-    def url(self) -> str:
-        """Base URL without a path (Anthropic SDK style); add ``/v1`` for the OpenAI SDK."""
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> FakeUpstream:
-        self._thread = threading.Thread(target=self._main, name="fake-upstream", daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-        if self._error is not None:
-            raise RuntimeError("fake upstream failed to start") from self._error
-        return self
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # surfaced to start() instead of dying silently on the thread
-            self._error = exc
-            self._ready.set()
-
-    async def _serve(self) -> None:
-        runner, self.port = await serve(self.app, self.host, self.port)
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def requests(self) -> list[JSONDict]:
-        """Recorded requests (same shape as ``GET /_fake/requests``), oldest first."""
-        return [r.to_json() for r in list(self.app[STATE].requests)]
-
-    @property
-    def client_aborts(self) -> int:
-        """How many streams lost their client before the last event (cancellation tests)."""
-        return self.app[STATE].client_aborts
-
-    def clear(self) -> None:
-        self.app[STATE].requests.clear()
-        self.app[STATE].client_aborts = 0
-
-    def __enter__(self) -> FakeUpstream:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m llmtap.testing.fake_upstream --port 9999``."""
-    parser = argparse.ArgumentParser(
-        description="Fake OpenAI/Anthropic/Gemini/Azure upstream for llmtap tests and benchmarks"
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9999, help="0 picks a free port (printed on startup)")
-    parser.add_argument(
-        "--record-limit",
-        type=int,
-        default=DEFAULT_RECORD_LIMIT,
-        help="ring buffer size; 0 disables recording",
-    )
-    args = parser.parse_args(argv)
-    run(args.host, args.port, record_limit=args.record_limit)
-
-
-if __name__ == "__main__":
-    # Run the imported module, not this `__main__` copy: the provider modules (fake_gemini ...)
-    # import `llmtap.testing.fake_upstream`, and its app key must be the one the app was built with.
-    from llmtap.testing import fake_upstream
-
-    fake_upstream.main(sys.argv[1:])
