@@ -1,4 +1,4 @@
-"""Suite-wide rules.
+"""Suite-wide rules, and the fixtures several test files share.
 
 In CI (`CI` set, as every CI system does) a test that needs a service which is not there must
 FAIL, not skip: a run without Kafka, Redis, PostgreSQL, S3 or SQS would otherwise skip a third of the
@@ -9,7 +9,7 @@ with its reason (how to start the services).
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Generator
 
 import pytest
 
@@ -55,3 +55,14 @@ def pytest_report_header(config: pytest.Config) -> str:
     missing = [name for name, vs in envs.items() if not all(os.environ.get(v) for v in vs)]
     mode = "CI: missing services FAIL their tests" if in_ci() else "missing services skip their tests"
     return f"llmtap test services missing: {', '.join(missing) or 'none'} ({mode})"
+
+
+# -- shared fixtures -------------------------------------------------------------------------------
+@pytest.fixture
+async def upstream() -> AsyncIterator[int]:
+    """The fake provider upstream (every provider's wire format) on this test's loop; its port."""
+    from llmtap.testing.fake_upstream import make_app, serve
+
+    runner, port = await serve(make_app())
+    yield port
+    await runner.cleanup()

@@ -22,7 +22,6 @@ from gateway_support import MemoryQueue, running_gateway, settings_for, wait_for
 from llmtap.pricing import apply_cost
 from llmtap.record import LogRecord, body_bytes, encode
 from llmtap.testing.fake_gemini import THOUGHTS_TOKENS, gemini_usage
-from llmtap.testing.fake_upstream import make_app, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,13 +30,6 @@ MODEL = "gemini-2.5-flash"
 # Gemini 2.5 Flash, paid tier (ai.google.dev/gemini-api/docs/pricing), USD per 1M tokens:
 # input (text) 0.30, output incl. thinking 2.50, context cache read (text) 0.03.
 IN, OUT, CACHE_READ = 0.30, 2.50, 0.03
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[int]:
-    runner, port = await serve(make_app())
-    yield port
-    await runner.cleanup()
 
 
 _clients: list[genai.Client] = []

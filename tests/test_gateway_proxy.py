@@ -38,16 +38,9 @@ from gateway_support import (
 from llmtap.gateway.publisher import QueueSink
 from llmtap.queue.base import Message
 from llmtap.record import LogRecord, body_bytes, decode, decompress, encode
-from llmtap.testing.fake_upstream import expected_usage, make_app, reply_text, serve
+from llmtap.testing.fake_upstream import expected_usage, reply_text
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[int]:
-    runner, port = await serve(make_app())
-    yield port
-    await runner.cleanup()
 
 
 @pytest.fixture

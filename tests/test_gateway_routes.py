@@ -8,7 +8,6 @@ pricing code.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -21,7 +20,7 @@ from llmtap.errors import ConfigError
 from llmtap.pricing import apply_cost
 from llmtap.record import LogRecord, encode
 from llmtap.testing.fake_openai import AZURE_SERVED_MODEL
-from llmtap.testing.fake_upstream import expected_usage, make_app, serve
+from llmtap.testing.fake_upstream import expected_usage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,13 +31,6 @@ AZ_IN, AZ_OUT = 0.15, 0.60
 # Groq llama-3.3-70b-versatile: input 0.59, output 0.79.
 GROQ_IN, GROQ_OUT = 0.59, 0.79
 MESSAGES = [{"role": "user", "content": "hello from azure"}]
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[int]:
-    runner, port = await serve(make_app())
-    yield port
-    await runner.cleanup()
 
 
 async def records(q: MemoryQueue, n: int) -> list[LogRecord]:
