@@ -1,9 +1,10 @@
-"""The fake upstream's OpenAI API: chat completions (and Azure OpenAI's URLs for them),
-embeddings, models. Shares reply planning, knobs and transport with `fake_upstream`."""
+"""The fake upstream's OpenAI API: chat completions (and Azure OpenAI's URLs for them), the
+Responses API, embeddings, models. Shares reply planning, knobs and transport with `fake_upstream`."""
 
 from __future__ import annotations
 
-from typing import Final
+import itertools
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -26,10 +27,12 @@ from llmtap.testing.fake_upstream import (
     _new_id,
     _openai_usage,
     _plan_openai_chat,
+    _plan_openai_responses,
     _pretty,
     _rate_limit_headers,
     _receive,
     _Reply,
+    _responses_usage,
     _send_json,
     _with_stream_error,
     _write_events,
@@ -320,6 +323,174 @@ def _openai_stream_events(
         events.append(b"data: " + _ENC.encode(usage_chunk) + b"\n\n")
     events.append(b"data: [DONE]\n\n")
     return events
+
+
+async def openai_responses(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses``: a ``response`` object, or its SSE event stream (``event:`` lines,
+    ``sequence_number``, ending with ``response.completed``, or ``response.incomplete`` when
+    ``max_output_tokens`` cut the reply). Output items: a ``reasoning`` item when there are
+    reasoning tokens, ``x-fake-web-searches`` ``web_search_call`` items, then the message."""
+    body, created = await _receive(request)
+    early = _openai_gate(request)
+    if early is not None:
+        return early
+    req = _openai_parse(body, request)
+    if isinstance(req, web.Response):
+        return req
+    model = req.get("model")
+    if not isinstance(model, str) or not model:
+        return _openai_error(400, "Missing required parameter: 'model'.", param="model")
+    knobs = _Knobs.parse(request.headers)
+    plan = _plan_openai_responses(req, knobs)
+    rid = _new_id("resp_")
+    headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), "openai-processing-ms": "1"}
+    _echo_headers(request, body, headers)
+    items = _responses_items(plan, knobs.web_searches)
+    final = _response_object(rid, int(created), model, req, plan, items)
+    if req.get("stream") is not True:
+        return await _send_json(request, 200, _pretty(final), headers)
+    headers.update(_SSE_HEADERS)
+    events = _responses_stream_events(final, items, plan)
+    after = _int_header(request.headers, "x-fake-stream-error")
+    error = _responses_stream_error(min(max(after or 0, 0), len(events)))
+    return await _write_events(request, headers, _with_stream_error(request, events, error))
+
+
+def _responses_items(plan: _Reply, web_searches: int) -> list[JSONDict]:
+    """The completed output items, in the order OpenAI emits them."""
+    items: list[JSONDict] = []
+    if plan.reasoning_tokens:
+        items.append({"id": _new_id("rs_"), "type": "reasoning", "summary": []})
+    for n in range(web_searches):
+        items.append(
+            {
+                "id": _new_id("ws_"),
+                "type": "web_search_call",
+                "status": "completed",
+                "action": {"type": "search", "query": f"search {n + 1}"},
+            }
+        )
+    items.append(
+        {
+            "id": _new_id("msg_"),
+            "type": "message",
+            "status": "incomplete" if plan.truncated else "completed",
+            "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": plan.text}],
+            "role": "assistant",
+        }
+    )
+    return items
+
+
+def _response_object(
+    rid: str, created: int, model: str, req: JSONDict, plan: _Reply, output: list[JSONDict]
+) -> JSONDict:
+    """The final ``response`` object (``Response`` in the SDK's types), as a non-stream body."""
+    instructions = req.get("instructions")
+    reasoning = req.get("reasoning")
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": created,
+        "status": "incomplete" if plan.truncated else "completed",
+        "background": False,
+        "completed_at": None if plan.truncated else created,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if plan.truncated else None,
+        "instructions": instructions if isinstance(instructions, str) else None,
+        "max_output_tokens": _limit(req.get("max_output_tokens")),
+        "max_tool_calls": None,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": req.get("previous_response_id"),
+        "prompt_cache_key": None,
+        "reasoning": {
+            "effort": reasoning.get("effort") if isinstance(reasoning, dict) else None,
+            "summary": None,
+        },
+        "safety_identifier": None,
+        "service_tier": _tier(req),
+        "store": req.get("store") is not False,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": "auto",
+        "tools": req.get("tools") if isinstance(req.get("tools"), list) else [],
+        "top_logprobs": 0,
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": _responses_usage(plan),
+        "user": None,
+        "metadata": req.get("metadata") if isinstance(req.get("metadata"), dict) else {},
+    }
+
+
+def _sse_event(kind: str, payload: JSONDict) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + _ENC.encode(payload) + b"\n\n"
+
+
+def _responses_stream_events(final: JSONDict, items: list[JSONDict], plan: _Reply) -> list[bytes]:
+    """The exact SSE sequence OpenAI sends for one streamed response."""
+    seq = itertools.count()
+    events: list[bytes] = []
+
+    def emit(kind: str, **fields: Any) -> None:
+        events.append(_sse_event(kind, {"type": kind, "sequence_number": next(seq), **fields}))
+
+    pending = {
+        **final,
+        "status": "in_progress",
+        "completed_at": None,
+        "incomplete_details": None,
+        "output": [],
+        "usage": None,
+    }
+    emit("response.created", response=pending)
+    emit("response.in_progress", response=pending)
+    for index, item in enumerate(items):
+        kind = item["type"]
+        if kind == "message":
+            iid = item["id"]
+            text = plan.text
+            emit(
+                "response.output_item.added",
+                output_index=index,
+                item={**item, "status": "in_progress", "content": []},
+            )
+            empty_part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+            where = {"item_id": iid, "output_index": index, "content_index": 0}
+            emit("response.content_part.added", **where, part=empty_part)
+            for i, word in enumerate(plan.words):
+                emit("response.output_text.delta", **where, delta=word if i == 0 else " " + word, logprobs=[])
+            emit("response.output_text.done", **where, text=text, logprobs=[])
+            emit("response.content_part.done", **where, part={**empty_part, "text": text})
+        elif kind == "web_search_call":
+            emit(
+                "response.output_item.added",
+                output_index=index,
+                item={"id": item["id"], "type": kind, "status": "in_progress", "action": {"type": "search"}},
+            )
+            for phase in ("in_progress", "searching", "completed"):
+                emit(f"response.web_search_call.{phase}", output_index=index, item_id=item["id"])
+        else:
+            emit("response.output_item.added", output_index=index, item=item)
+        emit("response.output_item.done", output_index=index, item=item)
+    emit("response.incomplete" if plan.truncated else "response.completed", response=final)
+    return events
+
+
+def _responses_stream_error(sequence_number: int) -> bytes:
+    """OpenAI's in-stream ``error`` event (``x-fake-stream-error``)."""
+    return _sse_event(
+        "error",
+        {
+            "type": "error",
+            "sequence_number": sequence_number,
+            "code": "server_error",
+            "message": "The server had an error while processing your request. Sorry about that!",
+            "param": None,
+        },
+    )
 
 
 async def openai_embeddings(request: web.Request) -> web.StreamResponse:

@@ -30,7 +30,10 @@ Test controls are request headers (the gateway forwards them untouched):
 ``x-fake-response-bytes: N``   pad the reply so a non-stream body is about N bytes
 ``x-fake-cached-tokens: N``    simulate an N-token cached prompt prefix (OpenAI ``cached_tokens``,
                                Anthropic ``cache_read_input_tokens``)
-``x-fake-cache-creation-tokens: N``  Anthropic ``cache_creation_input_tokens`` (5-minute TTL)
+``x-fake-cache-creation-tokens: N``  Anthropic ``cache_creation_input_tokens`` (5-minute TTL),
+                               OpenAI Responses ``cache_write_tokens``
+``x-fake-reasoning-tokens: N`` OpenAI reasoning tokens (default: 64 for models named ``o*``, else 0)
+``x-fake-web-searches: N``     OpenAI Responses: N ``web_search_call`` output items
 ``x-fake-cache-1h-tokens: N``  Anthropic cache writes with the 1-hour TTL (``cache_creation``)
 ``x-fake-delta-usage: full``   Anthropic: ``message_delta.usage`` also carries the input counts
 ``x-fake-echo-headers: 1``     add ``x-fake-received-headers`` (received header names, in order)
@@ -127,6 +130,8 @@ class _Knobs:
     cached: int = 0
     cache_creation: int = 0
     cache_1h: int = 0
+    reasoning: int | None = None  # overrides the model-name rule (REASONING_TOKENS for "o*")
+    web_searches: int = 0  # Responses API: web_search_call output items before the message
 
     @classmethod
     def parse(cls, headers: Mapping[str, str]) -> _Knobs:
@@ -136,7 +141,13 @@ class _Knobs:
             cached=max(0, _int_header(headers, "x-fake-cached-tokens") or 0),
             cache_creation=max(0, _int_header(headers, "x-fake-cache-creation-tokens") or 0),
             cache_1h=max(0, _int_header(headers, "x-fake-cache-1h-tokens") or 0),
+            reasoning=_nonneg(_int_header(headers, "x-fake-reasoning-tokens")),
+            web_searches=max(0, _int_header(headers, "x-fake-web-searches") or 0),
         )
+
+
+def _nonneg(value: int | None) -> int | None:
+    return None if value is None else max(0, value)
 
 
 _NO_KNOBS: Final = _Knobs()
@@ -316,9 +327,53 @@ def _plan_openai_chat(req: JSONDict, knobs: _Knobs) -> _Reply:
     limit = _limit(req.get("max_completion_tokens"))
     if limit is None:
         limit = _limit(req.get("max_tokens"))
+    return _finish(source, tool_name, user_text, limit, knobs, prompt, _reasoning(req, knobs))
+
+
+def _reasoning(req: JSONDict, knobs: _Knobs) -> int:
+    if knobs.reasoning is not None:
+        return knobs.reasoning
     model = req.get("model")
-    reasoning = REASONING_TOKENS if isinstance(model, str) and model.startswith("o") else 0
-    return _finish(source, tool_name, user_text, limit, knobs, prompt, reasoning)
+    return REASONING_TOKENS if isinstance(model, str) and model.startswith("o") else 0
+
+
+def _responses_text(content: Any) -> str:
+    """Text of a Responses API input message's content: a string or `input_text` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p["text"]
+            for p in content
+            if isinstance(p, dict)
+            and p.get("type") in ("input_text", "output_text")
+            and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def _plan_openai_responses(req: JSONDict, knobs: _Knobs) -> _Reply:
+    """Responses API: `input` is a string (one user message) or a list of input items;
+    `instructions` count towards the prompt like a system message."""
+    raw = req.get("input")
+    items: list[JSONDict] = (
+        [{"role": "user", "content": raw}]
+        if isinstance(raw, str)
+        else [i for i in raw if isinstance(i, dict)]
+        if isinstance(raw, list)
+        else []
+    )
+    instructions = req.get("instructions")
+    words = _count_words(instructions) if isinstance(instructions, str) else 0
+    words += sum(_count_words(_responses_text(i.get("content"))) for i in items)
+    user_text = ""
+    for item in reversed(items):
+        if item.get("role") == "user":
+            user_text = _responses_text(item.get("content"))
+            break
+    source = ["echo:", *user_text.split()]
+    limit = _limit(req.get("max_output_tokens"))
+    return _finish(source, None, user_text, limit, knobs, PROMPT_OVERHEAD + words, _reasoning(req, knobs))
 
 
 def _plan_anthropic(req: JSONDict, knobs: _Knobs) -> _Reply:
@@ -365,6 +420,22 @@ def _openai_usage(r: _Reply) -> JSONDict:
     }
 
 
+def _responses_usage(r: _Reply) -> JSONDict:
+    """A Responses API `usage`: `input_tokens` counts cache reads and writes too."""
+    prompt = r.prompt_tokens + r.cached_tokens + r.cache_creation_tokens
+    output = r.output_tokens + r.reasoning_tokens
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {
+            "cached_tokens": r.cached_tokens,
+            "cache_write_tokens": r.cache_creation_tokens,
+        },
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": r.reasoning_tokens},
+        "total_tokens": prompt + output,
+    }
+
+
 def _anthropic_usage(r: _Reply, output_tokens: int | None = None) -> JSONDict:
     return {
         "input_tokens": r.prompt_tokens,
@@ -408,8 +479,9 @@ def expected_usage(
     """The exact ``usage`` object the fake sends for this request (tests compare proxied usage to it).
 
     ``provider`` is ``"openai"`` (chat completions, or embeddings when the body has ``input`` and no
-    ``messages``) or ``"anthropic"``.  Pass the request headers when they include usage-affecting
-    knobs (``x-fake-cached-tokens``, ``x-fake-cache-creation-tokens``, ``x-fake-chunks``,
+    ``messages``), ``"openai-responses"`` (the Responses API) or ``"anthropic"``.  Pass the
+    request headers when they include usage-affecting knobs (``x-fake-cached-tokens``,
+    ``x-fake-cache-creation-tokens``, ``x-fake-reasoning-tokens``, ``x-fake-chunks``,
     ``x-fake-response-bytes``).  For OpenAI streams the same object is in the final usage chunk
     (only with ``stream_options.include_usage``); for Anthropic streams ``message_start`` carries
     these counts with ``output_tokens: 1`` and ``message_delta`` the final ``output_tokens``.
@@ -421,9 +493,11 @@ def expected_usage(
             n = sum(_embedding_tokens(i) for i in _embedding_inputs(req))
             return {"prompt_tokens": n, "total_tokens": n}
         return _openai_usage(_plan_openai_chat(req, knobs))
+    if provider == "openai-responses":
+        return _responses_usage(_plan_openai_responses(req, knobs))
     if provider == "anthropic":
         return _anthropic_usage(_plan_anthropic(req, knobs))
-    raise ValueError(f"unknown provider {provider!r}; expected 'openai' or 'anthropic'")
+    raise ValueError(f"unknown provider {provider!r}; expected 'openai', 'openai-responses' or 'anthropic'")
 
 
 def reply_text(
@@ -431,8 +505,8 @@ def reply_text(
 ) -> str:
     """The exact assistant text the fake answers with ("" when it answers with a tool call)."""
     knobs = _Knobs.parse(_lower_headers(headers))
-    plan = _plan_openai_chat if provider == "openai" else _plan_anthropic
-    return plan(dict(request_json), knobs).text
+    plans = {"openai": _plan_openai_chat, "openai-responses": _plan_openai_responses}
+    return plans.get(provider, _plan_anthropic)(dict(request_json), knobs).text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,6 +753,7 @@ def make_app(
     anthropic_messages = fake_anthropic.anthropic_messages
     anthropic_count_tokens = fake_anthropic.anthropic_count_tokens
     r.add_post("/v1/chat/completions", openai_chat_completions)
+    r.add_post("/v1/responses", fake_openai.openai_responses)
     r.add_post("/v1/embeddings", openai_embeddings)
     r.add_get("/v1/models", list_models)
     r.add_post("/v1/messages", anthropic_messages)
