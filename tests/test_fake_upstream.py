@@ -349,6 +349,153 @@ def test_openai_in_stream_error_event(oai: openai.OpenAI) -> None:
         )
 
 
+# -------------------------------------------------------------------------------- OpenAI Responses API
+
+RESPONSES_INPUT: list[Any] = [
+    {"role": "user", "content": [{"type": "input_text", "text": "what is the weather"}]}
+]
+# "be brief" (2) + "what is the weather" (4) + PROMPT_OVERHEAD; reply "echo: what is the weather" (5).
+RESPONSES_PROMPT, RESPONSES_REPLY = 2 + 4 + PROMPT_OVERHEAD, 5
+RESPONSES_KNOBS = {"x-fake-cached-tokens": "40", "x-fake-reasoning-tokens": "30", "x-fake-web-searches": "2"}
+
+
+def responses_usage(
+    prompt: int, output: int, cached: int = 0, reasoning: int = 0, write: int = 0
+) -> dict[str, Any]:
+    """A Responses API usage object with fixed counts (input includes cache reads and writes)."""
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": write},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": prompt + output,
+    }
+
+
+KNOBBED_USAGE = responses_usage(RESPONSES_PROMPT + 40, RESPONSES_REPLY + 30, cached=40, reasoning=30)
+
+
+def test_responses_non_stream_parses_and_validates(oai: openai.OpenAI, fake: FakeUpstream) -> None:
+    from openai.types.responses import Response
+
+    r = oai.responses.create(
+        model="gpt-5", instructions="be brief", input=RESPONSES_INPUT, extra_headers=RESPONSES_KNOBS
+    )
+    assert r.object == "response" and r.status == "completed" and r.model == "gpt-5"
+    assert r.output_text == "echo: what is the weather"
+    assert [o.type for o in r.output] == ["reasoning", "web_search_call", "web_search_call", "message"]
+    assert r.usage is not None
+    assert r.usage.model_dump(exclude_none=True) == KNOBBED_USAGE
+    # The wire body passes the SDK's own types with validation (the client above only constructs).
+    body = json.dumps({"model": "gpt-5", "input": "hello there"}).encode()
+    status, headers, data = raw(fake, "POST", "/v1/responses", body, {"Authorization": "Bearer k"})
+    assert status == 200 and headers["content-type"] == "application/json"
+    strict = Response.model_validate(json.loads(data))
+    assert strict.output_text == "echo: hello there" and [o.type for o in strict.output] == ["message"]
+    assert strict.usage is not None
+    assert strict.usage.model_dump(exclude_none=True) == responses_usage(2 + PROMPT_OVERHEAD, 3)
+    # Cache writes (x-fake-cache-creation-tokens) are part of input_tokens; o* models reason.
+    w = oai.responses.create(
+        model="o4-mini", input="hello there", extra_headers={"x-fake-cache-creation-tokens": "7"}
+    )
+    assert w.usage is not None and w.usage.model_dump(exclude_none=True) == responses_usage(
+        2 + PROMPT_OVERHEAD + 7, 3 + REASONING_TOKENS, reasoning=REASONING_TOKENS, write=7
+    )
+
+
+def test_responses_max_output_tokens_is_incomplete(oai: openai.OpenAI) -> None:
+    r = oai.responses.create(model="gpt-5", input="one two three four", max_output_tokens=2)
+    assert r.status == "incomplete" and r.incomplete_details is not None
+    assert r.incomplete_details.reason == "max_output_tokens"
+    assert r.output_text == "echo: one"
+
+
+RESPONSES_STREAM_TYPES = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",  # reasoning
+    "response.output_item.done",
+    "response.output_item.added",  # web_search_call
+    "response.web_search_call.in_progress",
+    "response.web_search_call.searching",
+    "response.web_search_call.completed",
+    "response.output_item.done",
+    "response.output_item.added",  # message
+    "response.content_part.added",
+    *["response.output_text.delta"] * RESPONSES_REPLY,
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+def test_responses_stream_event_sequence(oai: openai.OpenAI, fake: FakeUpstream) -> None:
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    knobs = {**RESPONSES_KNOBS, "x-fake-web-searches": "1"}
+    events = list(
+        oai.responses.create(
+            model="gpt-5", instructions="be brief", input=RESPONSES_INPUT, stream=True, extra_headers=knobs
+        )
+    )
+    assert [e.type for e in events] == RESPONSES_STREAM_TYPES
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == "echo: what is the weather"
+    created, completed = events[0], events[-1]
+    assert created.type == "response.created" and created.response.status == "in_progress"
+    assert created.response.usage is None and created.response.output == []
+    assert completed.type == "response.completed" and completed.response.status == "completed"
+    assert completed.response.output_text == "echo: what is the weather"
+    assert completed.response.usage is not None
+    assert completed.response.usage.model_dump(exclude_none=True) == KNOBBED_USAGE
+    # On the wire: `event: <type>` then its JSON, each event valid under the SDK's own union type.
+    body = json.dumps(
+        {"model": "gpt-5", "input": RESPONSES_INPUT, "instructions": "be brief", "stream": True}
+    )
+    status, headers, data = raw(
+        fake, "POST", "/v1/responses", body.encode(), {"Authorization": "Bearer k", **knobs}
+    )
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+    blocks = data.decode().split("\n\n")
+    assert blocks[-1] == ""
+    kinds = []
+    for block in blocks[:-1]:
+        event_line, data_line = block.split("\n")
+        kind = event_line.removeprefix("event: ")
+        payload = json.loads(data_line.removeprefix("data: "))
+        assert payload["type"] == kind
+        adapter.validate_python(payload)
+        kinds.append(kind)
+    assert kinds == RESPONSES_STREAM_TYPES
+
+
+def test_responses_stream_helper_and_errors(oai: openai.OpenAI) -> None:
+    with oai.responses.stream(model="gpt-5", input="hello there") as stream:
+        final = stream.get_final_response()
+    assert final.output_text == "echo: hello there"
+    assert final.usage is not None and final.usage.output_tokens == 3
+    with pytest.raises(openai.RateLimitError) as info:
+        oai.responses.create(model="gpt-5", input="hi", extra_headers={"x-fake-status": "429"})
+    assert info.value.code == "rate_limit_exceeded"
+    events = list(
+        oai.responses.create(
+            model="gpt-5", input="hi", stream=True, extra_headers={"x-fake-stream-error": "3"}
+        )
+    )
+    assert [e.type for e in events][-1] == "error" and events[-1].sequence_number == 3
+    assert len(events) == 4
+    with pytest.raises(openai.APIConnectionError):
+        list(
+            oai.responses.create(
+                model="gpt-5", input="hi", stream=True, extra_headers={"x-fake-cut-after": "4"}
+            )
+        )
+
+
 def test_chunks_delay_and_response_bytes(oai: openai.OpenAI) -> None:
     req: dict[str, Any] = {
         "model": "gpt-4o",

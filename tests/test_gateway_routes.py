@@ -1,5 +1,5 @@
-"""Azure OpenAI and named OpenAI-compatible upstreams through the gateway, with the real `openai`
-SDK, and the validation of `LLMTAP_UPSTREAMS`.
+"""Azure OpenAI, named OpenAI-compatible upstreams and OpenAI's Responses API through the
+gateway, with the real `openai` SDK, and the validation of `LLMTAP_UPSTREAMS`.
 
 Expected costs are computed here from published prices (USD per 1M tokens), never with llmtap's
 pricing code.
@@ -8,6 +8,9 @@ pricing code.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import aiohttp
@@ -211,3 +214,121 @@ async def test_exact_cost_through_the_sdks_flex_tier_and_1h_cache(upstream: int,
     want = round((inp * 3 + 1000 * 3.75 + 2000 * 6 + 500 * 0.30 + out * 15) / 1e6 * 1e9)
     assert r_msg.cost_nanos == want and r_stream.cost_nanos == want
     assert r_stream.streamed and r_stream.usage.cache_write_1h_tokens == 2000
+
+
+def nanos(*terms: tuple[int, str]) -> int:
+    """Sum of count * USD-per-million, in 1e-9 USD rounded half-up (exact decimal arithmetic)."""
+    total = sum((Decimal(n) * Decimal(p) for n, p in terms), Decimal(0)) / Decimal(1_000_000)
+    return int((total * 1_000_000_000).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+async def upstream_bodies(port: int) -> list[dict[str, object]]:
+    """The JSON request bodies the fake upstream received, in order."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/_fake/requests") as r,
+    ):
+        got = await r.json()
+    return [json.loads(base64.b64decode(x["body_b64"])) for x in got["requests"]]
+
+
+RESPONSES_INPUT = [{"role": "user", "content": [{"type": "input_text", "text": "what is the weather"}]}]
+RESPONSES_KNOBS = {"x-fake-cached-tokens": "40", "x-fake-reasoning-tokens": "30", "x-fake-web-searches": "2"}
+# What the fake reports for that request, written out: input = PROMPT_OVERHEAD 8 + "be brief" 2 +
+# "what is the weather" 4 visible, + 40 cached; output = "echo: what is the weather" 5 + 30 reasoning.
+R_VISIBLE, R_CACHED, R_REPLY, R_REASONING = 14, 40, 5, 30
+R_PROMPT, R_COMPLETION = R_VISIBLE + R_CACHED, R_REPLY + R_REASONING
+# gpt-5 per 1M: input 1.25, cached input 0.125, output (reasoning included) 10; the web search
+# tool 10 USD per 1,000 calls, i.e. 10,000 per 1M.
+GPT5_RESPONSES_COST = nanos((R_VISIBLE, "1.25"), (R_CACHED, "0.125"), (R_COMPLETION, "10"), (2, "10000"))
+
+
+async def test_openai_responses_api_through_the_sdk(upstream: int, tmp_path: Path) -> None:
+    """`client.responses.create`, plain and streamed, and an error: the SDK parses what the
+    gateway relays, and the record has the provider's exact usage, web searches and cost."""
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (_, gw):
+        oa = openai.AsyncOpenAI(base_url=f"{gw}/openai/v1", api_key="sk-test", max_retries=0)
+        plain = await oa.responses.create(
+            model="gpt-5",
+            instructions="be brief",
+            input=RESPONSES_INPUT,  # type: ignore[arg-type]
+            extra_headers=RESPONSES_KNOBS,
+        )
+        stream = await oa.responses.create(
+            model="gpt-5",
+            instructions="be brief",
+            input=RESPONSES_INPUT,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers=RESPONSES_KNOBS,
+        )
+        events = [event async for event in stream]
+        with pytest.raises(openai.BadRequestError) as info:
+            await oa.responses.create(model="gpt-5", input="hi", extra_headers={"x-fake-status": "400"})
+        await oa.close()
+        r_plain, r_stream, r_err = await records(q, 3)
+        sent = await upstream_bodies(upstream)
+    assert plain.status == "completed" and plain.output_text == "echo: what is the weather"
+    assert [o.type for o in plain.output] == ["reasoning", "web_search_call", "web_search_call", "message"]
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == "echo: what is the weather"
+    done = events[-1]
+    assert done.type == "response.completed" and done.response.status == "completed"
+    assert done.response.output_text == "echo: what is the weather"
+    for u in (plain.usage, done.response.usage):
+        assert u is not None
+        assert (u.input_tokens, u.output_tokens, u.total_tokens) == (
+            R_PROMPT,
+            R_COMPLETION,
+            R_PROMPT + R_COMPLETION,
+        )
+        assert u.input_tokens_details.cached_tokens == R_CACHED
+        assert u.output_tokens_details.reasoning_tokens == R_REASONING
+    # The gateway asks for no stream usage here: a Responses stream always ends with it.
+    assert sent[1].get("stream") is True and "stream_options" not in sent[1]
+    for rec, streamed in ((r_plain, False), (r_stream, True)):
+        assert rec.provider == "openai" and rec.model == "gpt-5" and rec.status == 200
+        assert rec.path == "/v1/responses" and rec.streamed is streamed
+        u = rec.usage
+        assert u.source == "provider"
+        assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (
+            R_PROMPT,
+            R_COMPLETION,
+            R_PROMPT + R_COMPLETION,
+        )
+        assert (u.cached_tokens, u.reasoning_tokens, u.web_search_requests) == (R_CACHED, R_REASONING, 2)
+        assert u.cache_write_tokens is None
+        apply_cost(rec)
+        assert rec.cost_nanos == GPT5_RESPONSES_COST, streamed
+    assert info.value.status_code == 400
+    assert r_err.status == 400 and r_err.provider == "openai" and r_err.path == "/v1/responses"
+    assert r_err.error == "Invalid request (forced by x-fake-status)."
+    assert r_err.usage.source != "provider" and r_err.usage.prompt_tokens is None
+
+
+async def test_openai_responses_cache_writes_priced_at_the_write_rate(upstream: int, tmp_path: Path) -> None:
+    """Responses `cache_write_tokens` (streamed) are part of the input and billed at the write price."""
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (_, gw):
+        oa = openai.AsyncOpenAI(base_url=f"{gw}/openai/v1", api_key="sk-test", max_retries=0)
+        async with oa.responses.stream(
+            model="gpt-5.6-cyber",
+            input="price my cache writes",
+            extra_headers={"x-fake-cached-tokens": "2000", "x-fake-cache-creation-tokens": "3000"},
+        ) as stream:
+            final = await stream.get_final_response()
+        await oa.close()
+        (rec,) = await records(q, 1)
+    # input = PROMPT_OVERHEAD 8 + 4 words + 2000 read + 3000 written; output "echo: price my cache writes" 5.
+    assert final.usage is not None and final.usage.input_tokens == 5_012
+    assert final.usage.input_tokens_details.cache_write_tokens == 3_000
+    assert rec.streamed and rec.usage.source == "provider"
+    assert (rec.usage.prompt_tokens, rec.usage.cached_tokens, rec.usage.cache_write_tokens) == (
+        5_012,
+        2_000,
+        3_000,
+    )
+    assert rec.usage.completion_tokens == 5
+    apply_cost(rec)
+    # gpt-5.6-cyber per 1M: 12.5 in / 15.625 cache write / 1.25 cache read / 75 out.
+    assert rec.cost_nanos == nanos((12, "12.5"), (3_000, "15.625"), (2_000, "1.25"), (5, "75"))
