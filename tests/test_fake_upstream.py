@@ -26,6 +26,7 @@ from fake_thread import FakeUpstream
 from llmtap.testing.fake_upstream import (
     PROMPT_OVERHEAD,
     REASONING_TOKENS,
+    expected_usage,
     reply_text,
 )
 
@@ -386,6 +387,9 @@ def test_responses_non_stream_parses_and_validates(oai: openai.OpenAI, fake: Fak
     assert [o.type for o in r.output] == ["reasoning", "web_search_call", "web_search_call", "message"]
     assert r.usage is not None
     assert r.usage.model_dump(exclude_none=True) == KNOBBED_USAGE
+    req = {"model": "gpt-5", "instructions": "be brief", "input": RESPONSES_INPUT}
+    assert expected_usage("openai-responses", req, RESPONSES_KNOBS) == KNOBBED_USAGE
+    assert reply_text("openai-responses", req) == r.output_text
     # The wire body passes the SDK's own types with validation (the client above only constructs).
     body = json.dumps({"model": "gpt-5", "input": "hello there"}).encode()
     status, headers, data = raw(fake, "POST", "/v1/responses", body, {"Authorization": "Bearer k"})
