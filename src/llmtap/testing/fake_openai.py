@@ -159,6 +159,25 @@ async def azure_chat_completions(request: web.Request) -> web.StreamResponse:
     return await _chat(request, served=served, deployment=request.match_info.get("deployment"))
 
 
+async def _openai_request(
+    request: web.Request, no_model: str, param: str | None = None
+) -> tuple[bytes, dict[str, Any], str, float] | web.StreamResponse:
+    """Receive, auth-gate and parse an OpenAI request with a model: (raw body, parsed, model,
+    received at),
+    or the error response the API gives (`no_model` is that endpoint's own wording)."""
+    body, created = await _receive(request)
+    early = _openai_gate(request)
+    if early is not None:
+        return early
+    req = _openai_parse(body, request)
+    if isinstance(req, web.Response):
+        return req
+    model = req.get("model")
+    if not isinstance(model, str) or not model:
+        return _openai_error(400, no_model, param=param) if param else _openai_error(400, no_model)
+    return body, req, model, created
+
+
 async def _chat(
     request: web.Request, served: str | None = None, deployment: str | None = None
 ) -> web.StreamResponse:
@@ -330,16 +349,10 @@ async def openai_responses(request: web.Request) -> web.StreamResponse:
     ``sequence_number``, ending with ``response.completed``, or ``response.incomplete`` when
     ``max_output_tokens`` cut the reply). Output items: a ``reasoning`` item when there are
     reasoning tokens, ``x-fake-web-searches`` ``web_search_call`` items, then the message."""
-    body, created = await _receive(request)
-    early = _openai_gate(request)
-    if early is not None:
-        return early
-    req = _openai_parse(body, request)
-    if isinstance(req, web.Response):
-        return req
-    model = req.get("model")
-    if not isinstance(model, str) or not model:
-        return _openai_error(400, "Missing required parameter: 'model'.", param="model")
+    got = await _openai_request(request, "Missing required parameter: 'model'.", param="model")
+    if isinstance(got, web.StreamResponse):
+        return got
+    body, req, model, created = got
     knobs = _Knobs.parse(request.headers)
     plan = _plan_openai_responses(req, knobs)
     rid = _new_id("resp_")
@@ -495,16 +508,10 @@ def _responses_stream_error(sequence_number: int) -> bytes:
 
 async def openai_embeddings(request: web.Request) -> web.StreamResponse:
     """``POST /v1/embeddings``: float lists, or base64 float32 (the openai SDK's default request)."""
-    body, _ = await _receive(request)
-    early = _openai_gate(request)
-    if early is not None:
-        return early
-    req = _openai_parse(body, request)
-    if isinstance(req, web.Response):
-        return req
-    model = req.get("model")
-    if not isinstance(model, str) or not model:
-        return _openai_error(400, "you must provide a model parameter")
+    got = await _openai_request(request, "you must provide a model parameter")
+    if isinstance(got, web.StreamResponse):
+        return got
+    body, req, model, _ = got
     inputs = _embedding_inputs(req)
     if not inputs:
         return _openai_error(
