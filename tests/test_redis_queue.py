@@ -7,11 +7,14 @@ themselves), a real Redis outage (scripts/services.sh stop/start redis), and sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -276,3 +279,85 @@ async def test_consumer_recovers_when_redis_comes_back_without_its_streams(
             continue
         seen |= {parse(d.value) for d in batch}
         await consumer.ack(batch)
+
+
+class _Relay:
+    """A TCP relay in front of the real Redis that can turn into an echo: what a client's socket
+    does when its reconnect to a dead broker on a local port lands on itself (a TCP self-connect:
+    the kernel may pick the broker's port as the client's own when it is in the ephemeral range)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.echo = False
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.writers.append(w)
+        if self.echo:
+            await self._pipe(r, w)
+            return
+        ur, uw = await asyncio.open_connection(*self.target)
+        self.writers.append(uw)
+        await asyncio.gather(self._pipe(r, uw), self._pipe(ur, w))
+
+    @staticmethod
+    async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    def drop_connections(self) -> None:
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
+
+    async def close(self) -> None:
+        self.drop_connections()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_a_reply_that_is_not_redis_acknowledging_the_batch_is_not_taken_for_one(
+    spec: QueueSpec, queues: list[RedisQueue]
+) -> None:
+    """Found by a lost batch: a publish whose socket echoed the command back returned as if Redis
+    had stored the batch. Only Redis's own count of the entries it added acknowledges it."""
+    target = urlsplit(os.environ["LLMTAP_TEST_REDIS_URL"])
+    relay = _Relay((target.hostname or "127.0.0.1", target.port or 6379))
+    port = await relay.start()
+    try:
+        via = dataclasses.replace(spec, target=spec.target.replace(f":{target.port}/", f":{port}/", 1))
+        producer = await open_(via, queues, "producer")
+        consumer = await open_(spec, queues, "consumer")
+        first, lost, last = (keyed_records(keys=3, per_key=30)[i::3] for i in range(3))
+        await producer.publish(first)
+        relay.echo = True
+        relay.drop_connections()  # the broker "dies"; the client's reconnect meets an echo
+        with pytest.raises(BackendUnavailable, match="not an acknowledgment"):
+            await producer.publish(lost)
+        relay.echo = False  # Redis is back; the echoing socket stays open until the client drops it
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await producer.publish(last)
+                break
+            except BackendUnavailable:
+                assert time.monotonic() < deadline, "publishing did not resume"
+                await asyncio.sleep(0.2)
+        wanted = {parse(m.value) for m in first + last}
+        seen: set[tuple[str, int]] = set()
+        deadline = time.monotonic() + 30
+        while not wanted <= seen:
+            assert time.monotonic() < deadline, f"missing {len(wanted - seen)}"
+            batch = await consumer.consume(100, 0.5)
+            seen |= {parse(d.value) for d in batch}
+            await consumer.ack(batch)
+        assert not seen & {parse(m.value) for m in lost}
+    finally:
+        await relay.close()

@@ -358,11 +358,21 @@ class RedisQueue(Queue):
         for m in messages:
             args += (partition_for(m.key, n), m.key, m.value)
         try:
-            await asyncio.wait_for(self._scripts["publish"](args=args), self.op_timeout)
+            added = await asyncio.wait_for(self._scripts["publish"](args=args), self.op_timeout)
         except ResponseError as e:
             raise BackendUnavailable(f"Redis at {self._where} refused the batch: {e}") from None
         except (RedisError, OSError, TimeoutError) as e:
             raise self._unavailable(e) from None
+        if added != len(messages):
+            # Only Redis's count of the entries it added acknowledges the batch. Anything else is
+            # not Redis answering: e.g. a reconnect to a dead local broker that landed on its own
+            # port (a TCP self-connect) echoes the command back, which parses as a reply. Such a
+            # socket never fails by itself, so its connections go: the next try connects anew.
+            await bounded(self.r.connection_pool.disconnect(), self.op_timeout, "redis queue: reconnect")
+            raise BackendUnavailable(
+                f"Redis at {self._where} answered {str(added)[:60]} to a batch of {len(messages)}: "
+                "not an acknowledgment"
+            )
 
     # -- consumer ------------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
