@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import contextlib
 import json
 import math
@@ -621,6 +622,18 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
+def excess_over_control(calls: Sequence[Call], control: Sequence[Call]) -> list[float]:
+    """Each call's latency minus that of the control's call sent nearest in time to it."""
+    ctl = sorted(control, key=lambda c: c.sent)
+    times = [c.sent for c in ctl]
+    out = []
+    for c in calls:
+        i = bisect.bisect_left(times, c.sent)
+        near = min(ctl[max(0, i - 1) : i + 1], key=lambda o: abs(o.sent - c.sent))
+        out.append(c.latency - near.latency)
+    return out
+
+
 def timeline(calls: Sequence[Call], control: Sequence[Call]) -> str:
     """Per second of a load: requests, p50, p99 and max latency (ms), and the control's p99/max."""
     rows = []
@@ -835,18 +848,15 @@ async def test_broker_outage_mid_load_stores_everything_without_slowing_clients(
         f"max {max(c_during) * 1000:.1f} ms"
     )
     print(f"[{stack.kind}] client latency per second of the load (ms):\n{timeline(calls, ctl)}")
-    # What this guards against is a client waiting on the broker (its timeouts are seconds).
-    # On a shared two-core machine the broker's restart slows every process by hundreds of ms,
-    # the control too: compare with whichever is higher, before (plus the machine's slow-down)
-    # or the control during, with slack far below any broker timeout.
-    # When the whole machine stalls for seconds (both suites and stress-ng beside a JVM start),
-    # both gateways' latencies are the stall; 25% of the control's covers that, and a client
-    # held for the broker's timeout would still add seconds to an otherwise millisecond p50.
-    allowed99 = max(b99 + max(0.0, c99d - c99b), c99d) * 1.25 + 0.25
-    allowed50 = max(b50 + max(0.0, c50d - c50b), c50d) * 1.25 + 0.05
-    assert d99 < allowed99, f"client p99 rose during the broker outage: {d99:.3f}s, allowed {allowed99:.3f}s"
-    assert d50 < allowed50, f"client p50 rose during the broker outage: {d50:.3f}s, allowed {allowed50:.3f}s"
-    assert dmax < max(c_during) * 1.25 + 1.0, "a client waited on the broker"
+    # What this guards against is a client waiting on the broker (its timeouts are seconds): each
+    # request of the outage is compared with the control's request sent nearest in time, so a
+    # stall of the whole machine (a JVM starting beside stress-ng stalls both for seconds) cancels
+    # out, and a gateway that held its clients for the broker would still stand out by seconds.
+    gap = excess_over_control(during, ctl)
+    g50, g99 = percentile(gap, 50), percentile(gap, 99)
+    print(f"[{stack.kind}] over the control's nearest request: p50 {g50 * 1e3:.1f} ms p99 {g99 * 1e3:.1f} ms")
+    assert g50 < 0.25, f"clients waited during the broker outage: p50 {g50:.3f}s over the control"
+    assert g99 < 2.0, f"some clients waited on the broker: p99 {g99:.3f}s over the control"
 
     # the route each record took is visible: queue before, the ingest fallback while down
     routes = await stack.routes()
@@ -902,8 +912,10 @@ async def test_broker_and_server_down_records_spool_and_survive_a_gateway_restar
     ids = assert_all_ok(calls)  # clients never notice
     await until(lambda: _is_zero(pending_records(gw)), 60, "every record spooled")
     text = await asyncio.to_thread(gateway_metrics, gw)
-    assert metric(text, "llmtap_gateway_records_published_total", route="spool") == n
-    assert metric(text, "llmtap_gateway_records_dropped_total") == 0
+    name = "llmtap_gateway_records_published_total"
+    published = {r: metric(text, name, route=r) for r in ("queue", "ingest", "spool")}
+    dropped = metric(text, "llmtap_gateway_records_dropped_total")
+    assert published["spool"] == n and dropped == 0, (published, dropped, gateway.output()[-3000:])
     st = await stack.status(data_dir=gdata)  # the operator's view, queue down
     assert st["spool_bytes"] == spool_bytes(gdata) > 0, st
 
