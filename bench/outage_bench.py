@@ -426,7 +426,7 @@ class Services:
         here keeps the run going; the wait is reported.
         """
         var = {"redis": "LLMTAP_REDIS_PORT", "kafka": "LLMTAP_KAFKA_PORT", "postgres": "LLMTAP_POSTGRES_PORT"}
-        defaults = {"redis": "56379", "kafka": "59092", "postgres": "55432"}
+        defaults = {"redis": "26379", "kafka": "29092", "postgres": "25432"}
         if name not in var:
             return 0.0
         port = self.env.get(var[name], defaults[name])
@@ -637,9 +637,9 @@ class Run:
     # -- set-up ------------------------------------------------------------------------------
     def queue_url(self) -> str:
         if self.kind == "kafka":
-            port = self.services.env.get("LLMTAP_KAFKA_PORT", "59092")
+            port = self.services.env.get("LLMTAP_KAFKA_PORT", "29092")
             return f"kafka://127.0.0.1:{port}/{self.name}"
-        port = self.services.env.get("LLMTAP_REDIS_PORT", "56379")
+        port = self.services.env.get("LLMTAP_REDIS_PORT", "26379")
         return f"redis://127.0.0.1:{port}/0?prefix={self.name}"
 
     def env(self) -> dict[str, str]:

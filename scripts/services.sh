@@ -16,17 +16,17 @@
 #   SVC is one of: postgres redis kafka s3 sqs
 #
 # Services (ports overridable by env):
-#   postgres  PostgreSQL 15 (Debian postgresql-15), own cluster, trust auth   55432  LLMTAP_POSTGRES_PORT
-#   redis     Redis 7 (Debian redis-server), own daemon + config              56379  LLMTAP_REDIS_PORT
+#   postgres  PostgreSQL 15 (Debian postgresql-15), own cluster, trust auth   25432  LLMTAP_POSTGRES_PORT
+#   redis     Redis 7 (Debian redis-server), own daemon + config              26379  LLMTAP_REDIS_PORT
 #   kafka     Apache Kafka 4.1.1, KRaft combined broker+controller, jars from
-#             Maven Central (scripts/kafka/pom.xml)                          59092  LLMTAP_KAFKA_PORT
-#                                                           controller      59093  LLMTAP_KAFKA_CONTROLLER_PORT
+#             Maven Central (scripts/kafka/pom.xml)                          29092  LLMTAP_KAFKA_PORT
+#                                                           controller      29093  LLMTAP_KAFKA_CONTROLLER_PORT
 #   s3        SeaweedFS (master+volume+filer+S3 gateway in one `weed server`),
-#             built from the Go module proxy                                 59000  LLMTAP_S3_PORT
-#             internal ports 59101-59103 (http), 59111-59114 (grpc)  LLMTAP_S3_INTERNAL_PORT_BASE=59100
+#             built from the Go module proxy                                 29000  LLMTAP_S3_PORT
+#             internal ports 29101-29103 (http), 29111-29114 (grpc)  LLMTAP_S3_INTERNAL_PORT_BASE=29100
 #   sqs       ElasticMQ 1.6.11 (SQS-compatible), jars from Maven Central
 #             (scripts/elasticmq/pom.xml), messages kept in an H2 file so a
-#             stop/start loses nothing                                      59500  LLMTAP_ELASTICMQ_PORT
+#             stop/start loses nothing                                      29500  LLMTAP_ELASTICMQ_PORT
 #
 # State (data dirs, logs, pid files) lives under $LLMTAP_SERVICES_DIR
 # (default /tmp/llmtap-services); caches (kafka jars, the weed binary) under
@@ -65,22 +65,22 @@ TIMEOUT="${LLMTAP_SERVICES_TIMEOUT:-120}"     # seconds per service readiness
 RUN_DIR="$SERVICES_DIR/run"
 ALL_SERVICES=(postgres redis kafka s3 sqs)
 
-PG_PORT="${LLMTAP_POSTGRES_PORT:-55432}"
+PG_PORT="${LLMTAP_POSTGRES_PORT:-25432}"
 PG_BIN="${LLMTAP_PG_BIN:-/usr/lib/postgresql/15/bin}"
 PG_DB=llmtap_test
 PG_URL="postgresql://postgres@$HOST:$PG_PORT/$PG_DB"
 
-REDIS_PORT="${LLMTAP_REDIS_PORT:-56379}"
+REDIS_PORT="${LLMTAP_REDIS_PORT:-26379}"
 REDIS_URL="redis://$HOST:$REDIS_PORT/0"
 
-KAFKA_PORT="${LLMTAP_KAFKA_PORT:-59092}"
-KAFKA_CONTROLLER_PORT="${LLMTAP_KAFKA_CONTROLLER_PORT:-59093}"
+KAFKA_PORT="${LLMTAP_KAFKA_PORT:-29092}"
+KAFKA_CONTROLLER_PORT="${LLMTAP_KAFKA_CONTROLLER_PORT:-29093}"
 KAFKA_VERSION="${LLMTAP_KAFKA_VERSION:-4.1.1}"
 KAFKA_HEAP="${LLMTAP_KAFKA_HEAP:-512m}"
 KAFKA_BOOTSTRAP="$HOST:$KAFKA_PORT"
 
-S3_PORT="${LLMTAP_S3_PORT:-59000}"
-S3_BASE="${LLMTAP_S3_INTERNAL_PORT_BASE:-59100}"
+S3_PORT="${LLMTAP_S3_PORT:-29000}"
+S3_BASE="${LLMTAP_S3_INTERNAL_PORT_BASE:-29100}"
 S3_ACCESS_KEY=llmtap
 S3_SECRET_KEY=llmtap-secret
 S3_BUCKET=llmtap-test
@@ -90,7 +90,7 @@ SEAWEEDFS_MODULE=github.com/seaweedfs/seaweedfs
 SEAWEEDFS_VERSION="${LLMTAP_SEAWEEDFS_VERSION:-v0.0.0-20261109003541-7506e5f91cd6}"
 WEED_BIN="$CACHE_DIR/seaweedfs/$SEAWEEDFS_VERSION/weed"
 
-SQS_PORT="${LLMTAP_ELASTICMQ_PORT:-59500}"
+SQS_PORT="${LLMTAP_ELASTICMQ_PORT:-29500}"
 ELASTICMQ_VERSION="${LLMTAP_ELASTICMQ_VERSION:-1.6.11}"
 ELASTICMQ_HEAP="${LLMTAP_ELASTICMQ_HEAP:-384m}"
 SQS_ENDPOINT="http://$HOST:$SQS_PORT"
@@ -189,12 +189,26 @@ ensure_port_free() { # SVC PORT...
 	done
 }
 
-# Our fixed ports lie inside Linux's ephemeral range (32768-60999): reserve
-# them so the kernel never hands them to an outgoing connection (which would
-# make our bind() fail with EADDRINUSE). Needs root; harmless to repeat.
+# Our default ports lie below Linux's ephemeral range (32768-60999). A port inside it (an
+# override, or a machine whose range is wider) is reserved, so the kernel never hands it to an
+# outgoing connection: that would make our bind() fail with EADDRINUSE, and while the service
+# is stopped a client reconnecting to it could get it as its own port and talk to itself (a
+# TCP self-connect, which echoes every command back). Reserving needs a writable /proc/sys
+# (root, not in every container); where it is not, say so.
 reserve_ports() {
-	local f=/proc/sys/net/ipv4/ip_local_reserved_ports cur want
-	[ -w "$f" ] || return 0
+	local f=/proc/sys/net/ipv4/ip_local_reserved_ports cur want lo hi p inside=""
+	read -r lo hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || { lo=32768 hi=60999; }
+	for p in "$PG_PORT" "$REDIS_PORT" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$S3_PORT" "$SQS_PORT" \
+		"$S3_MASTER_PORT" "$S3_VOLUME_PORT" "$S3_FILER_PORT" "$S3_MASTER_GRPC" "$S3_VOLUME_GRPC" \
+		"$S3_FILER_GRPC" "$S3_S3_GRPC"; do
+		if [ "$p" -ge "$lo" ] && [ "$p" -le "$hi" ]; then inside="$inside $p"; fi
+	done
+	[ -n "$inside" ] || return 0
+	if [ ! -w "$f" ]; then
+		log "warning: ports$inside are in the ephemeral range $lo-$hi and $f is not writable;" \
+			"a client of a stopped service may connect to itself (pick ports outside the range)"
+		return 0
+	fi
 	want="$PG_PORT,$REDIS_PORT,$KAFKA_PORT,$KAFKA_CONTROLLER_PORT,$S3_PORT,$SQS_PORT"
 	want="$want,$S3_MASTER_PORT-$S3_FILER_PORT,$S3_MASTER_GRPC-$S3_S3_GRPC"
 	cur=$(cat "$f" 2>/dev/null || true)
