@@ -295,6 +295,7 @@ async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> floa
                         created,
                         created + timedelta(milliseconds=latency),
                         "bench:1",
+                        *(None,) * (len(sql.COLUMNS) - 35),  # the usage dimensions of version 6
                     )
                 )
                 keys_.append((TENANT, rid, created))

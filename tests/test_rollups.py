@@ -1,5 +1,7 @@
 """Rollups answer `stats` like raw rows do: counts, sums, first/last and group order exactly,
 percentiles within the sketches' 1% bound, on random data, through redelivery and retention.
+Per-user totals (`rollup.USER_DIM`: group_by=user_id, `GET /api/v1/users`) likewise, exactly,
+tenant by tenant, and only for ranges their migration covers.
 
 The raw path is itself checked against a plain-Python reference in test_store.py; here the
 overall answers are checked against that reference too.
@@ -9,17 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from ddsketch import DDSketch
 
 from llmtap.record import LogRecord
+from llmtap.store import rollup
 from llmtap.store.base import ListQuery, StatsQuery, Store
+from llmtap.store.query import to_micros
 from llmtap.store.sketch import RELATIVE_ACCURACY, Sketch
 from store_helpers import (
     T0,
@@ -72,6 +78,8 @@ def records() -> list[LogRecord]:
             x.user_id = "u" * 3000  # longer than a PostgreSQL B-tree entry: keys go by hash
         if i % 29 == 0:
             x.status = None  # no response: NULL status key
+        if i % 43 == 0:
+            x.user_id = ""  # a user id, not NULL: its own group
     return out
 
 
@@ -133,6 +141,8 @@ async def compare_all(store: Store, written: list[LogRecord], cutoff: datetime |
                 continue
             rolled_count += 1
             assert_same(got, want, (tenant, q))
+            if q.group_by == "user_id":  # totals rolled up, percentiles from the raw rows: exact
+                assert got["groups"] == want["groups"], (tenant, q)
             rows = ref_filter(written, tenant, since=q.since, until=q.until)
             if cutoff is not None:
                 rows = [r for r in rows if r.started_at >= cutoff]
@@ -140,8 +150,45 @@ async def compare_all(store: Store, written: list[LogRecord], cutoff: datetime |
     return rolled_count
 
 
+@pytest.fixture
+def users_sql_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Tenants whose `users` the user rollups answered (a spy on `rollup.users_sql`)."""
+    calls: list[str] = []
+    real = rollup.users_sql
+
+    def spy(d: Any, tenant: str, limit: int) -> Any:
+        calls.append(tenant)
+        return real(d, tenant, limit)
+
+    monkeypatch.setattr(rollup, "users_sql", spy)
+    return calls
+
+
+async def compare_users(
+    store: Store, written: list[LogRecord], calls: list[str], cutoff: datetime | None = None
+) -> None:
+    """`users` from the user rollups equals raw rows', and a plain-Python reference, per tenant."""
+    for tenant in ("acme", "globex"):
+        del calls[:]
+        got = await store.users(tenant, limit=1000)
+        assert calls == [tenant]
+        assert got == await store.users(tenant, limit=1000, exact=True)
+        assert await store.users(tenant, limit=3) == got[:3]
+        ref: dict[str, list[LogRecord]] = {}
+        for r in ref_filter(written, tenant):
+            if r.user_id is not None and (cutoff is None or r.started_at >= cutoff):
+                ref.setdefault(r.user_id, []).append(r)
+        assert {u["user_id"]: u["count"] for u in got} == {k: len(v) for k, v in ref.items()}
+        for u in got:
+            last = max(r.started_at for r in ref[u["user_id"]])
+            assert u["last_at"] == last.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            assert u["cost_usd"] == sum(r.cost_nanos or 0 for r in ref[u["user_id"]]) / 1e9
+
+
 @pytest.mark.parametrize("kind", store_params())
-async def test_rollups_equal_raw_through_redelivery_and_retention(kind: str, tmp_path: Path) -> None:
+async def test_rollups_equal_raw_through_redelivery_and_retention(
+    kind: str, tmp_path: Path, users_sql_calls: list[str]
+) -> None:
     data = records()
     async with rollup_store(kind, tmp_path) as store:
         batches = [data[i : i + 150] for i in range(0, len(data), 150)]
@@ -158,8 +205,10 @@ async def test_rollups_equal_raw_through_redelivery_and_retention(kind: str, tmp
         reused = rec(1, id=data[3].id, tenant=data[3].tenant, at=T0 - timedelta(days=1))
         assert await store.write_batch([reused]) == 0
         written = [*data, extra]
-        # 220 queries; raw rows answer user_id (30) and properties over minute-aligned ranges (12)
-        assert await compare_all(store, written) == 178
+        # 220 queries; raw rows answer properties over minute-aligned ranges (12) and user_id (day
+        # rollups only) with hour buckets or over hour- and minute-aligned ranges (18)
+        assert await compare_all(store, written) == 190
+        await compare_users(store, written, users_sql_calls)
 
         # Fallbacks: a filter, a range off the minute boundaries, a dimension not rolled up.
         for q in (
@@ -177,11 +226,13 @@ async def test_rollups_equal_raw_through_redelivery_and_retention(kind: str, tmp
         assert (await store.stats("acme", StatsQuery(exact=True, until=cutoff)))["overall"]["count"] == 0
         gone = await store.stats("acme", StatsQuery(until=cutoff.replace(minute=0, second=0, microsecond=0)))
         assert gone["source"] == "rollups" and gone["overall"]["count"] == 0
-        assert await compare_all(store, written, cutoff) == 178
+        assert await compare_all(store, written, cutoff) == 190
+        await compare_users(store, written, users_sql_calls, cutoff)
         # After retention, records keep adding up (the partly deleted buckets included).
         late = [rec(20_000 + i, id=f"after-{i}", at=cutoff + timedelta(seconds=i)) for i in range(30)]
         assert await store.write_batch(late) == 30
-        assert await compare_all(store, [*written, *late], cutoff) == 178
+        assert await compare_all(store, [*written, *late], cutoff) == 190
+        await compare_users(store, [*written, *late], users_sql_calls, cutoff)
 
 
 def test_sketch_roundtrip_merge_and_bound() -> None:
@@ -204,3 +255,94 @@ def test_sketch_roundtrip_merge_and_bound() -> None:
     for v in values:
         a.add(v, -1)
     assert a.count == 0 and a.bins == {} and a.quantiles([0.5]) == [None]
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_user_rollups_answer_from_their_migration_on(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, users_sql_calls: list[str]
+) -> None:
+    """A store upgraded with requests in it: the user rollups cover only what is written from
+    the upgrade on (the next minute); older ranges and the all-time users list read raw rows."""
+    import llmtap.store.postgres as pg
+    import llmtap.store.sqlite as lite
+    from llmtap.store.migrations import POSTGRES, SQLITE
+
+    module: Any = lite if kind == "sqlite" else pg
+    full = SQLITE if kind == "sqlite" else POSTGRES
+    assert full[-1][1].startswith("per-user day totals")  # the user rollups' migration is the last
+    old_data = records()[:300]
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "sqlite":
+            where: Any = tmp_path / "upgraded.db"
+        else:
+            where = await stack.enter_async_context(pg_database())
+
+        def make() -> Store:
+            return module.SQLiteStore(where) if kind == "sqlite" else module.PostgresStore(where)
+
+        monkeypatch.setattr(module, "MIGRATIONS", full[:-1])
+        old = make()
+        await old.connect()
+        try:
+            assert await old.write_batch(old_data) == len(old_data)
+        finally:
+            await old.close()
+        # The previous version wrote no user rows (this code does, whatever the schema's version).
+        if kind == "sqlite":
+            with sqlite3.connect(where) as db:
+                assert db.execute("DELETE FROM rollups WHERE dim = 'user_id'").rowcount > 0
+        else:
+            conn = await asyncpg.connect(where)
+            try:
+                assert await conn.execute("DELETE FROM rollups WHERE dim = 'user_id'") != "DELETE 0"
+            finally:
+                await conn.close()
+
+        monkeypatch.setattr(module, "MIGRATIONS", full)
+        before = datetime.now(UTC)
+        store = make()
+        await store.connect()
+        try:
+            after = datetime.now(UTC)
+            since = store._covered[rollup.USER_DIM]  # type: ignore[attr-defined]
+            minute = 60_000_000
+            assert to_micros(before) // minute * minute < since <= (to_micros(after) // minute + 1) * minute
+            midnight = T0.replace(hour=0, minute=0, second=0, microsecond=0)
+            for q in (
+                StatsQuery(group_by="user_id"),
+                StatsQuery(since=midnight - timedelta(days=30), until=midnight, group_by="user_id"),
+            ):
+                got = await store.stats("acme", q)
+                assert got["source"] == "raw"
+                assert got["groups"] and got["groups"][0]["count"] > 1
+            got_users = await store.users("acme")
+            assert users_sql_calls == [] and got_users == await store.users("acme", exact=True)
+            named = {r.user_id for r in ref_filter(old_data, "acme") if r.user_id is not None}
+            assert {u["user_id"] for u in got_users} == named and "" in named
+
+            # Written after the upgrade (and after the start of coverage): the user rollups answer.
+            today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+            new = records()[300:700]
+            for i, x in enumerate(new):
+                x.id = f"new-{i}"
+                x.started_at = today + timedelta(days=1, seconds=400 * i)
+            assert await store.write_batch(new) == len(new)
+            assert await store.write_batch(new[:50]) == 0  # redelivered: counted once
+            for tenant in ("acme", "globex"):
+                for bucket in (None, "day"):
+                    q = StatsQuery(since=today + timedelta(days=1), group_by="user_id", bucket=bucket)  # type: ignore[arg-type]
+                    got = await store.stats(tenant, q)
+                    want = await store.stats(tenant, StatsQuery(since=q.since, group_by="user_id",
+                                                                bucket=q.bucket, exact=True))  # fmt: skip
+                    assert_same(got, want, (tenant, q))
+                    assert got["groups"] == want["groups"]
+                    counts = {g["key"]: g["count"] for g in got["groups"]}
+                    ref: dict[Any, int] = {}
+                    for r in ref_filter(new, tenant):
+                        ref[r.user_id] = ref.get(r.user_id, 0) + 1
+                    assert counts == ref
+                # a range starting before the coverage still reads raw rows
+                q = StatsQuery(since=today, group_by="user_id")
+                assert (await store.stats(tenant, q))["source"] == "raw"
+        finally:
+            await store.close()

@@ -582,8 +582,15 @@ class PostgresStore(Store):
         validate_stats(query)
         plan = rollup.plan(query, self.rollup_properties, self._covered)
         if plan is not None:
+            users = None
+            if plan.dim == rollup.USER_DIM:
+                q, params = rollup.group_sql(DIALECT, tenant, plan)
+                top = await self._fetch(q, *params)
+                keys = [rollup.decode_key(plan.dim, row[0]) for row in top]
+                q, params = sql.keyed_values_sql(DIALECT, tenant, query, plan.dim, keys)
+                users = rollup.user_groups(top, await self._fetch(q, *params) if keys else [])
             q, params = rollup.read_sql(DIALECT, tenant, plan)
-            return rollup.answer(query, plan, await self._fetch(q, *params))
+            return rollup.answer(query, plan, await self._fetch(q, *params), users)
         parts: list[tuple[sql.Kind, int | None]] = [("overall", None)]
         if query.group_by:
             parts.append(("group", MAX_GROUPS))
@@ -621,7 +628,10 @@ class PostgresStore(Store):
         items, cursor = sql.sessions_page(DIALECT, newest, totals, query.limit)
         return Page(items=items, next_cursor=cursor)
 
-    async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+    async def users(self, tenant: str, limit: int = 100, *, exact: bool = False) -> list[dict[str, Any]]:
+        if not exact and rollup.users_covered(self._covered):
+            q, params = rollup.users_sql(DIALECT, tenant, limit)
+            return [rollup.user_result(row) for row in await self._fetch(q, *params)]
         q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
         return [sql.user_result(DIALECT, row) for row in await self._fetch(q, *params)]
 

@@ -9,9 +9,10 @@ error count, the six token sums, cost (nanodollars), first/last `created_at` and
 requests), `model`, `provider`, `status`, `property.<name>` for the names of
 `LLMTAP_ROLLUP_PROPERTIES` — so the row count grows with the values of each dimension, not with
 their product. Grains: minute, hour and day for `""`, model, provider and status; hour and day
-for properties (see `rolled`). Not `user_id` (see `BASE_DIMS`). Keys are text: `""` stands for
-NULL, anything else is `"="` followed by the value, so NULL and the empty string stay apart
-and the key can be NOT NULL.
+for properties (see `rolled`). Users (`USER_DIM`) are rolled up per day only and without
+sketches: per-user totals, what the top users and the Users view show (see `BASE_DIMS`). Keys
+are text: `""` stands for NULL, anything else is `"="` followed by the value, so NULL and the
+empty string stay apart and the key can be NOT NULL.
 
 Consistency with at-least-once delivery: the stores add a record's contribution in the same
 transaction as its row, and only when the row was newly inserted. Retention subtracts the
@@ -21,7 +22,9 @@ rows whose count reaches zero and recomputes first/last `created_at` of the rows
 
 Coverage: a dimension answers only for data written since it was rolled up (`rollup_dims`:
 since 0 when the store had no requests at that time); an older range falls back to raw rows.
-Every worker must run with the same `LLMTAP_ROLLUP_PROPERTIES`.
+Every worker must run with the same `LLMTAP_ROLLUP_PROPERTIES`. The base dimensions and the
+properties are registered at connect (`dims_for`); `USER_DIM` by its own migration, which is
+when its rows began.
 """
 
 from __future__ import annotations
@@ -38,17 +41,24 @@ from llmtap.store.query import BUCKET_MICROS, MAX_BUCKETS, MAX_GROUPS, iso, to_m
 from llmtap.store.sketch import RELATIVE_ACCURACY, Sketch, key_of
 
 GRAINS = ("minute", "hour", "day")
-#: `user_id` is not rolled up: with thousands of users a user's day holds one or two requests, so
-#: its rollup rows are about as many as raw rows and slower to merge (measured at 1M rows on
-#: PostgreSQL: top users over 30 days took 6.0 s from day rollups, 1.9 s from raw rows).
+#: Dimensions rolled up with latency/TTFT sketches at every grain. `user_id` is not one of them:
+#: with thousands of users a user's day holds a few requests, so rows with sketches were about
+#: as many as raw rows and slower to merge (measured at 1M rows on PostgreSQL: top users over 30
+#: days took 6.0 s from such day rollups, 1.9 s from raw rows). It is `USER_DIM` instead.
 BASE_DIMS = ("", "model", "provider", "status")
+#: Per-user totals: day grain only, no sketches (NULL), summed in SQL (`group_sql`): narrow rows
+#: a database adds up fast. Per-user percentiles, which the dashboard does not show, come from
+#: the raw rows of the users a stats answer lists (`sql.keyed_values_sql`), exactly.
+USER_DIM = "user_id"
 #: Dimensions also rolled up per minute; properties (a few values each, e.g. feature, env) per
-#: hour and day only.
+#: hour and day only; users per day only.
 MINUTE_DIMS = frozenset(("", "model", "provider", "status"))
 
 
 def rolled(grain: str, dim: str) -> bool:
     """Whether `dim` is rolled up at `grain`."""
+    if dim == USER_DIM:
+        return grain == "day"
     return grain != "minute" or dim in MINUTE_DIMS
 
 
@@ -113,7 +123,7 @@ class Cell:
 
     def row(self, key: tuple[str, str, int, str, str]) -> tuple[Any, ...]:
         return (*key, self.count, self.error_count, *self.sums, self.cost_nanos, self.unpriced_count,
-                self.first_at, self.last_at, self.latency.encode(), self.ttft.encode())  # fmt: skip
+                self.first_at, self.last_at, _encode(self.latency), _encode(self.ttft))  # fmt: skip
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Cell:
@@ -150,6 +160,11 @@ class Cell:
         return out
 
 
+def _encode(s: Sketch) -> bytes | None:
+    """An empty sketch (a `USER_DIM` row's, or TTFT with no streamed request) is NULL."""
+    return s.encode() if s.bins or s.zeros else None
+
+
 RollupKey = tuple[str, str, int, str, str]
 
 
@@ -172,7 +187,9 @@ def contribution(
     properties = orjson.loads(raw_props) if isinstance(raw_props, str | bytes) else raw_props
     error = 1 if (status is not None and status >= 400) or outcome != "completed" else 0
     lat_v, ttft_v = float(lat), None if ttft is None else float(ttft)
-    values: dict[str, Any] = {"": None, "model": model, "provider": provider, "status": status}
+    values: dict[str, Any] = {
+        "": None, "model": model, "provider": provider, "status": status, USER_DIM: src[9 + n]
+    }  # fmt: skip
     for p in props:
         values[f"property.{p}"] = properties.get(p)
     lat_key, ttft_key = key_of(lat_v), None if ttft_v is None else key_of(ttft_v)
@@ -198,6 +215,8 @@ def contribution(
                     cell.first_at = created
                 if cell.last_at is None or created > cell.last_at:
                     cell.last_at = created
+            if dim == USER_DIM:
+                continue  # totals only
             cell.latency.add(lat_v, sign, lat_key)
             if ttft_v is not None:
                 cell.ttft.add(ttft_v, sign, ttft_key)
@@ -260,7 +279,7 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
     if dim is not None:
         if dim.startswith("property."):
             dim = "property." + sql.property_name(dim[len("property.") :])
-        if dim not in dims_for(props) or dim == "":
+        if dim == "" or (dim not in dims_for(props) and dim != USER_DIM):
             return None
     since = None if q.since is None else to_micros(q.since)
     until = None if q.until is None else to_micros(q.until)
@@ -282,10 +301,11 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
 
 
 def read_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
-    """Rollup rows of the plan: dimension "" (overall, buckets) and the group dimension."""
+    """Rollup rows of the plan: dimension "" (overall, buckets) and the group dimension (not
+    `USER_DIM`'s: `group_sql` sums those)."""
     params = sql.Params(d)
     conds = [f"tenant = {params(tenant)}", f"grain = {params(p.grain)}"]
-    dims = [params("")] + ([params(p.dim)] if p.dim is not None else [])
+    dims = [params("")] + ([params(p.dim)] if p.dim not in (None, USER_DIM) else [])
     conds.append(f"dim IN ({', '.join(dims)})")
     if p.since is not None:
         conds.append(f"bucket >= {params(p.since)}")
@@ -295,8 +315,78 @@ def read_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
     return f"SELECT {cols} FROM rollups WHERE {' AND '.join(conds)}", params.values
 
 
-def answer(q: StatsQuery, p: Plan, rows: Iterable[Sequence[Any]]) -> dict[str, Any]:
-    """`stats` from the rollup rows of `read_sql` (bucket, dim, key, then the values)."""
+_SUMMED = ", ".join([f"sum({c})" for c in COLUMNS[5:-4]] + ["min(first_at)", "max(last_at)", "NULL", "NULL"])
+
+
+def _user_sums(
+    params: sql.Params, tenant: str, since: int | None, until: int | None, *, named: bool = False
+) -> str:
+    """`SELECT key, <the columns of Cell.from_row>` of the day rows of `USER_DIM`, per user
+    (`named`: not the NULL user)."""
+    conds = [f"tenant = {params(tenant)}", f"grain = {params('day')}", f"dim = {params(USER_DIM)}"]
+    if named:
+        conds.append(f"key <> {params('')}")
+    if since is not None:
+        conds.append(f"bucket >= {params(since)}")
+    if until is not None:
+        conds.append(f"bucket < {params(until)}")
+    return f"SELECT key, {_SUMMED} FROM rollups WHERE {' AND '.join(conds)} GROUP BY key"
+
+
+def group_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
+    """The `MAX_GROUPS` largest users of a `USER_DIM` plan, summed by the database (a 30-day
+    range of thousands of users is hundreds of thousands of rows: too many to merge in Python).
+    Order as the raw path's: largest first, then by key (bytewise, `"="` + value), NULL last."""
+    params = sql.Params(d)
+    q = _user_sums(params, tenant, p.since, p.until)
+    return f"{q} ORDER BY sum(count) DESC, key = '', key LIMIT {params(MAX_GROUPS)}", params.values
+
+
+def users_covered(covered_since: dict[str, int]) -> bool:
+    """Whether `USER_DIM` rows hold every request ever stored (`GET /api/v1/users` is all-time)."""
+    return covered_since.get(USER_DIM) == 0
+
+
+def users_sql(d: sql.Dialect, tenant: str, limit: int) -> tuple[str, list[Any]]:
+    """`GET /api/v1/users` from the `USER_DIM` rows: users (not NULL) most recently active
+    first, as `sql.aggregate_sql(kind="users")` orders them."""
+    params = sql.Params(d)
+    q = _user_sums(params, tenant, None, None, named=True)
+    return f"{q} ORDER BY max(last_at) DESC, key LIMIT {params(limit)}", params.values
+
+
+def user_result(row: Sequence[Any]) -> dict[str, Any]:
+    """One row of `users_sql` in the shape of `sql.user_result` (the raw path's)."""
+    totals = Cell.from_row(row[1:]).totals()
+    del totals["latency_ms"], totals["time_to_first_token_ms"]
+    return {"user_id": decode_key(USER_DIM, row[0]), **totals}
+
+
+def user_groups(rows: Iterable[Sequence[Any]], values: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """`stats` groups from the rows of `group_sql`, with exact percentiles from the raw rows of
+    those users (`sql.keyed_values_sql`: user, latency_ms, ttft_ms)."""
+    acc: dict[Any, tuple[list[float], list[float]]] = {}
+    for key, lat, ttft in values:
+        lats, ttfts = acc.setdefault(key, ([], []))
+        lats.append(lat)
+        if ttft is not None:
+            ttfts.append(ttft)
+    out = []
+    for row in rows:
+        key = decode_key(USER_DIM, row[0])
+        totals = Cell.from_row(row[1:]).totals()
+        lats, ttfts = acc.get(key, ([], []))
+        totals["latency_ms"] = sql.percentiles_of(lats)
+        totals["time_to_first_token_ms"] = sql.percentiles_of(ttfts)
+        out.append({"key": key, **totals})
+    return out
+
+
+def answer(
+    q: StatsQuery, p: Plan, rows: Iterable[Sequence[Any]], groups_of_users: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """`stats` from the rollup rows of `read_sql` (bucket, dim, key, then the values); for a
+    `USER_DIM` plan, its groups are `user_groups`'."""
     overall = Cell()
     groups: dict[Any, Cell] = {}
     buckets: dict[int, Cell] = {}
@@ -316,6 +406,8 @@ def answer(q: StatsQuery, p: Plan, rows: Iterable[Sequence[Any]]) -> dict[str, A
         groups.items(), key=lambda kv: (-kv[1].count, kv[0] is None, "" if kv[0] is None else kv[0])
     )
     result["groups"] = [{"key": k, **c.totals()} for k, c in ordered[:MAX_GROUPS] if c.count]
+    if p.dim == USER_DIM:
+        result["groups"] = groups_of_users or []
     result["buckets"] = [{"start": iso(b), **buckets[b].totals()} for b in sorted(buckets)[:MAX_BUCKETS]]
     result["source"] = "rollups"
     result["percentile_relative_error"] = RELATIVE_ACCURACY
@@ -347,6 +439,8 @@ def recompute_sql(d: sql.Dialect, key: RollupKey) -> tuple[str, list[Any]]:
         value = decode_key(dim, k)
         if value is None:
             conds.append(f"({expr}) IS NULL")
+        elif dim in sql.HASH_INDEXED:  # through the index (by hash on PostgreSQL)
+            conds.append(sql.equals(d, expr, p(value)))
         else:
             conds.append(f"({expr}) = {p(value)}")
     where = " AND ".join(conds)

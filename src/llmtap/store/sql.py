@@ -276,6 +276,10 @@ class Dialect:
     unindexed: Callable[[str], str] = str
 
 
+#: Columns of `requests` with an index on (tenant, column, created_at), by hash on PostgreSQL.
+HASH_INDEXED = frozenset(("user_id", "session_id", "model"))
+
+
 def equals(d: Dialect, column: str, placeholder: str) -> str:
     """`column = value`, through the hash index where the store has one (then the value)."""
     if d.hashed is None:
@@ -561,6 +565,31 @@ def values_sql(d: Dialect, tenant: str, q: StatsQuery) -> tuple[str, list[Any]]:
     b = _key(p, q, "bucket") if q.bucket else "NULL"
     where = where_sql(p, tenant, q.filters, q.since, q.until)
     return f"SELECT {g}, {b}, r.latency_ms, r.ttft_ms FROM requests r WHERE {where}", p.values
+
+
+def keyed_values_sql(
+    d: Dialect, tenant: str, q: StatsQuery, column: str, keys: Sequence[Any]
+) -> tuple[str, list[Any]]:
+    """(key, latency_ms, ttft_ms) of the rows `stats` covers whose `column` (of `HASH_INDEXED`)
+    is one of `keys` (None: NULL), through the column's index: the raw rows of a few groups."""
+    if column not in HASH_INDEXED:
+        raise ValueError(f"no index on {column!r}")
+    p = Params(d)
+    where = where_sql(p, tenant, q.filters, q.since, q.until)
+    col = f"r.{column}"
+    either = []
+    marks = [p(k) for k in keys if k is not None]
+    if marks:
+        cond = f"{col} IN ({', '.join(marks)})"
+        if d.hashed is not None:  # through the hash index, as `equals`
+            cond = f"{d.hashed(col)} IN ({', '.join(d.hashed(m) for m in marks)}) AND {cond}"
+        either.append(f"({cond})")
+    if any(k is None for k in keys):
+        either.append(f"{col} IS NULL")
+    if not either:
+        either.append("1 = 0")
+    where += f" AND ({' OR '.join(either)})"
+    return f"SELECT {col}, r.latency_ms, r.ttft_ms FROM requests r WHERE {where}", p.values
 
 
 def percentiles_of(values: list[float]) -> dict[str, float | None]:

@@ -461,8 +461,15 @@ class SQLiteStore(Store):
         percentiles in Python over one scan of the same rows."""
         plan = rollup.plan(query, self.rollup_properties, self._covered)
         if plan is not None:
+            users = None
+            if plan.dim == rollup.USER_DIM:
+                q, params = rollup.group_sql(DIALECT, tenant, plan)
+                top = self._fetch(q, params)
+                keys = [rollup.decode_key(plan.dim, row[0]) for row in top]
+                q, params = sql.keyed_values_sql(DIALECT, tenant, query, plan.dim, keys)
+                users = rollup.user_groups(top, self._fetch(q, params) if keys else [])
             q, params = rollup.read_sql(DIALECT, tenant, plan)
-            return rollup.answer(query, plan, self._r().execute(q, params))
+            return rollup.answer(query, plan, self._r().execute(q, params), users)
         return {**self._raw_stats(tenant, query), **rollup.RAW_SOURCE}
 
     def _raw_stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
@@ -524,7 +531,10 @@ class SQLiteStore(Store):
         items, cursor = sql.sessions_page(DIALECT, newest, self._fetch(q, params) if ids else [], query.limit)
         return Page(items=items, next_cursor=cursor)
 
-    async def users(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+    async def users(self, tenant: str, limit: int = 100, *, exact: bool = False) -> list[dict[str, Any]]:
+        if not exact and rollup.users_covered(self._covered):
+            q, params = rollup.users_sql(DIALECT, tenant, limit)
+            return [rollup.user_result(row) for row in await self._read(self._fetch, q, params)]
         q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
         rows = await self._read(self._fetch, q, params)
         return [sql.user_result(DIALECT, row) for row in rows]
