@@ -564,10 +564,14 @@ class PostgresStore(Store):
         self, tenant: str, query: StatsQuery, kind: sql.Kind, limit: int | None = None
     ) -> list[Any]:
         q, params = sql.aggregate_sql(DIALECT, tenant, query, kind, limit=limit)
+        return await self._analytic(q, params)
+
+    async def _analytic(self, q: str, params: Sequence[Any]) -> list[Any]:
         with self._errors():
             async with self._p().acquire() as conn, conn.transaction(readonly=True):
-                # Percentiles and grouping sort in memory: give them room rather than spill to
-                # disk. JIT compilation costs more than it saves on these one-pass queries.
+                # Percentiles and grouping sort or hash in memory: give them room rather than
+                # spill to disk (the per-user sums of 30 days of thousands of users need ~20 MB).
+                # JIT compilation costs more than it saves on these one-pass queries.
                 await conn.execute("SET LOCAL work_mem = '128MB'; SET LOCAL jit = off")
                 rows: list[Any] = await conn.fetch(q, *params)
                 return rows
@@ -585,7 +589,7 @@ class PostgresStore(Store):
             users = None
             if plan.dim == rollup.USER_DIM:
                 q, params = rollup.group_sql(DIALECT, tenant, plan)
-                top = await self._fetch(q, *params)
+                top = await self._analytic(q, params)
                 keys = [rollup.decode_key(plan.dim, row[0]) for row in top]
                 q, params = sql.keyed_values_sql(DIALECT, tenant, query, plan.dim, keys)
                 users = rollup.user_groups(top, await self._fetch(q, *params) if keys else [])
@@ -629,11 +633,16 @@ class PostgresStore(Store):
         return Page(items=items, next_cursor=cursor)
 
     async def users(self, tenant: str, limit: int = 100, *, exact: bool = False) -> list[dict[str, Any]]:
-        if not exact and rollup.users_covered(self._covered):
-            q, params = rollup.users_sql(DIALECT, tenant, limit)
-            return [rollup.user_result(row) for row in await self._fetch(q, *params)]
+        start = rollup.users_start(self._covered)
+        if not exact and start is not None and (start == 0 or not await self._older(tenant, start)):
+            q, params = rollup.users_sql(DIALECT, tenant, limit, start)
+            return [rollup.user_result(row) for row in await self._analytic(q, params)]
         q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
         return [sql.user_result(DIALECT, row) for row in await self._fetch(q, *params)]
+
+    async def _older(self, tenant: str, start: int) -> bool:
+        q, params = rollup.users_older_sql(DIALECT, tenant, start)
+        return bool((await self._fetch(q, *params))[0][0])
 
     # -- retention --------------------------------------------------------------------------------
     async def delete_older_than(self, cutoff: datetime, limit: int = 10_000) -> list[str]:

@@ -50,6 +50,7 @@ BASE_DIMS = ("", "model", "provider", "status")
 #: a database adds up fast. Per-user percentiles, which the dashboard does not show, come from
 #: the raw rows of the users a stats answer lists (`sql.keyed_values_sql`), exactly.
 USER_DIM = "user_id"
+_DAY = "day"
 #: Dimensions also rolled up per minute; properties (a few values each, e.g. feature, env) per
 #: hour and day only; users per day only.
 MINUTE_DIMS = frozenset(("", "model", "provider", "status"))
@@ -58,7 +59,7 @@ MINUTE_DIMS = frozenset(("", "model", "provider", "status"))
 def rolled(grain: str, dim: str) -> bool:
     """Whether `dim` is rolled up at `grain`."""
     if dim == USER_DIM:
-        return grain == "day"
+        return grain == _DAY
     return grain != "minute" or dim in MINUTE_DIMS
 
 
@@ -316,21 +317,36 @@ def read_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
 
 
 _SUMMED = ", ".join([f"sum({c})" for c in COLUMNS[5:-4]] + ["min(first_at)", "max(last_at)", "NULL", "NULL"])
+#: Longest key (bytes) the PostgreSQL index `rollups_users` holds (see its migration).
+USERS_INDEX_MAX_KEY = 1024
 
 
 def _user_sums(
     params: sql.Params, tenant: str, since: int | None, until: int | None, *, named: bool = False
 ) -> str:
     """`SELECT key, <the columns of Cell.from_row>` of the day rows of `USER_DIM`, per user
-    (`named`: not the NULL user)."""
-    conds = [f"tenant = {params(tenant)}", f"grain = {params('day')}", f"dim = {params(USER_DIM)}"]
+    (`named`: not the NULL user).
+
+    Read through the partial index `rollups_users`, which holds these rows' values in (tenant,
+    bucket) order, so no other rollup row is read. Grain, dimension and the key-length bound are
+    literals: that is what lets the planners (SQLite's, PostgreSQL's generic plans) prove the
+    index's condition. PostgreSQL's index holds keys up to `USERS_INDEX_MAX_KEY` bytes (an entry
+    is limited to ~2.7 KB); the rare longer ones are read through `rollups_users_long`.
+    """
+    conds = [f"tenant = {params(tenant)}", f"grain = '{_DAY}'", f"dim = '{USER_DIM}'"]
     if named:
         conds.append(f"key <> {params('')}")
     if since is not None:
         conds.append(f"bucket >= {params(since)}")
     if until is not None:
         conds.append(f"bucket < {params(until)}")
-    return f"SELECT key, {_SUMMED} FROM rollups WHERE {' AND '.join(conds)} GROUP BY key"
+    where = " AND ".join(conds)
+    cols = ", ".join(COLUMNS[4:-2])
+    rows = f"SELECT {cols} FROM rollups WHERE {where}"
+    if params.dialect.hashed is not None:
+        n = USERS_INDEX_MAX_KEY
+        rows = f"{rows} AND octet_length(key) <= {n} UNION ALL {rows} AND octet_length(key) > {n}"
+    return f"SELECT key, {_SUMMED} FROM ({rows}) AS u GROUP BY key"
 
 
 def group_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
@@ -342,16 +358,30 @@ def group_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
     return f"{q} ORDER BY sum(count) DESC, key = '', key LIMIT {params(MAX_GROUPS)}", params.values
 
 
-def users_covered(covered_since: dict[str, int]) -> bool:
-    """Whether `USER_DIM` rows hold every request ever stored (`GET /api/v1/users` is all-time)."""
-    return covered_since.get(USER_DIM) == 0
+def users_start(covered_since: dict[str, int]) -> int | None:
+    """The first day the `USER_DIM` rows hold whole (None: none). Of the day coverage began in,
+    the requests stored before were never added, and retention subtracts them all the same."""
+    since = covered_since.get(USER_DIM)
+    if since is None:
+        return None
+    day = BUCKET_MICROS[_DAY]
+    return -(-since // day) * day
 
 
-def users_sql(d: sql.Dialect, tenant: str, limit: int) -> tuple[str, list[Any]]:
-    """`GET /api/v1/users` from the `USER_DIM` rows: users (not NULL) most recently active
-    first, as `sql.aggregate_sql(kind="users")` orders them."""
+def users_older_sql(d: sql.Dialect, tenant: str, start: int) -> tuple[str, list[Any]]:
+    """Whether the tenant has requests before `start` (`users_start`, > 0). `GET /api/v1/users`
+    is all-time: the user rows answer it once there are none (after an upgrade, once retention
+    has removed them)."""
+    p = sql.Params(d)
+    cond = f"r.tenant = {p(tenant)} AND r.created_at < {p(d.ts_param(start))}"
+    return f"SELECT EXISTS (SELECT 1 FROM requests r WHERE {cond})", p.values
+
+
+def users_sql(d: sql.Dialect, tenant: str, limit: int, start: int = 0) -> tuple[str, list[Any]]:
+    """`GET /api/v1/users` from the `USER_DIM` rows from day `start` on: users (not NULL) most
+    recently active first, as `sql.aggregate_sql(kind="users")` orders them."""
     params = sql.Params(d)
-    q = _user_sums(params, tenant, None, None, named=True)
+    q = _user_sums(params, tenant, start or None, None, named=True)
     return f"{q} ORDER BY max(last_at) DESC, key LIMIT {params(limit)}", params.values
 
 

@@ -532,12 +532,18 @@ class SQLiteStore(Store):
         return Page(items=items, next_cursor=cursor)
 
     async def users(self, tenant: str, limit: int = 100, *, exact: bool = False) -> list[dict[str, Any]]:
-        if not exact and rollup.users_covered(self._covered):
-            q, params = rollup.users_sql(DIALECT, tenant, limit)
-            return [rollup.user_result(row) for row in await self._read(self._fetch, q, params)]
+        return await self._read(self._users, tenant, limit, exact)
+
+    def _users(self, tenant: str, limit: int, exact: bool) -> list[dict[str, Any]]:
+        start = rollup.users_start(self._covered)
+        if not exact and start is not None and (start == 0 or not self._older(tenant, start)):
+            q, params = rollup.users_sql(DIALECT, tenant, limit, start)
+            return [rollup.user_result(row) for row in self._fetch(q, params)]
         q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
-        rows = await self._read(self._fetch, q, params)
-        return [sql.user_result(DIALECT, row) for row in rows]
+        return [sql.user_result(DIALECT, row) for row in self._fetch(q, params)]
+
+    def _older(self, tenant: str, start: int) -> bool:
+        return bool(self._fetch(*rollup.users_older_sql(DIALECT, tenant, start))[0][0])
 
     # -- retention --------------------------------------------------------------------------------
     async def delete_older_than(self, cutoff: datetime, limit: int = 10_000) -> list[str]:

@@ -663,9 +663,10 @@ async function viewOverview(id, params) {
   const bq = withGroup("model"); bq.set("bucket", bucket);
   const groupInput = h("label", {}, "Group by property", h("input", { name: "group", value: groupProp, placeholder: "e.g. feature", size: 12, autocomplete: "off" }));
   const [uPlot, series] = await Promise.all([loadUPlot(), api("/api/v1/stats?" + bq)]);
-  // Top users (never rolled up: as many rows as users) and a property not rolled up are answered
-  // from raw rows, which takes seconds at volume: asked once the charts' data is in (running at
-  // the same time, their scan slowed the rollup read on a busy machine), shown when they come.
+  // Top users (rolled up per whole UTC day only: a range starting inside a day reads raw rows) and
+  // a property not rolled up may be answered from raw rows, which takes seconds at volume: asked
+  // once the charts' data is in (running at the same time, a scan slowed the rollup read on a
+  // busy machine), shown when they come.
   const usersP = api("/api/v1/stats?" + withGroup("user_id"));
   const propsP = groupProp ? api("/api/v1/stats?" + withGroup("property." + groupProp)) : null;
   usersP.catch(() => {}); if (propsP) propsP.catch(() => {});
