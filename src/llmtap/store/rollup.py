@@ -330,8 +330,9 @@ def _user_sums(
     Read through the partial index `rollups_users`, which holds these rows' values in (tenant,
     bucket) order, so no other rollup row is read. Grain, dimension and the key-length bound are
     literals: that is what lets the planners (SQLite's, PostgreSQL's generic plans) prove the
-    index's condition. PostgreSQL's index holds keys up to `USERS_INDEX_MAX_KEY` bytes (an entry
-    is limited to ~2.7 KB); the rare longer ones are read through `rollups_users_long`.
+    index's condition. SQLite's planner, which has no statistics, prefers the primary key (three
+    equalities) and is told. PostgreSQL's index holds keys up to `USERS_INDEX_MAX_KEY` bytes (an
+    entry is limited to ~2.7 KB); the rare longer ones are read through `rollups_users_long`.
     """
     conds = [f"tenant = {params(tenant)}", f"grain = '{_DAY}'", f"dim = '{USER_DIM}'"]
     if named:
@@ -341,11 +342,11 @@ def _user_sums(
     if until is not None:
         conds.append(f"bucket < {params(until)}")
     where = " AND ".join(conds)
-    cols = ", ".join(COLUMNS[4:-2])
-    rows = f"SELECT {cols} FROM rollups WHERE {where}"
-    if params.dialect.hashed is not None:
-        n = USERS_INDEX_MAX_KEY
-        rows = f"{rows} AND octet_length(key) <= {n} UNION ALL {rows} AND octet_length(key) > {n}"
+    if params.dialect.hashed is None:
+        return f"SELECT key, {_SUMMED} FROM rollups INDEXED BY rollups_users WHERE {where} GROUP BY key"
+    rows = f"SELECT {', '.join(COLUMNS[4:-2])} FROM rollups WHERE {where}"
+    n = USERS_INDEX_MAX_KEY
+    rows = f"{rows} AND octet_length(key) <= {n} UNION ALL {rows} AND octet_length(key) > {n}"
     return f"SELECT key, {_SUMMED} FROM ({rows}) AS u GROUP BY key"
 
 
