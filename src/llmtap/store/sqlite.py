@@ -281,13 +281,7 @@ class SQLiteStore(Store):
         self._wconn = conn = self._open(readonly=False)
         conn.execute("BEGIN IMMEDIATE")  # one process migrates at a time
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for v, _desc, ddl in MIGRATIONS:
-                if v > version:
-                    for stmt in ddl.split(";"):
-                        if stmt.strip():
-                            conn.execute(stmt)
-                    conn.execute(f"PRAGMA user_version = {int(v)}")
+            self._migrate(conn)
             self._outbox = bool(
                 conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'webhook_endpoints'").fetchone()
             )
@@ -312,6 +306,37 @@ class SQLiteStore(Store):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Apply every version not applied yet (a gap filled later included: see
+        `llmtap.store.migrations`); `user_version` keeps the highest applied, as before."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS llmtap_migrations"
+            " (version integer PRIMARY KEY, description text NOT NULL, applied_at integer NOT NULL)"
+        )
+        done = {int(r[0]) for r in conn.execute("SELECT version FROM llmtap_migrations")}
+        if not done and version:
+            # A file migrated before this table existed: versions had no gaps, 1..user_version ran.
+            done = {v for v, _, _ in MIGRATIONS if v <= version}
+            conn.executemany(
+                "INSERT INTO llmtap_migrations (version, description, applied_at) VALUES (?, ?, 0)",
+                [(v, d) for v, d, _ in MIGRATIONS if v in done],
+            )
+        for v, desc, ddl in MIGRATIONS:
+            if v in done:
+                continue
+            for stmt in ddl.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(
+                "INSERT INTO llmtap_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+                (v, desc, to_micros(sql.now())),
+            )
+            done.add(v)
+            version = max(version, v)
+        conn.execute(f"PRAGMA user_version = {int(version)}")
 
     def _connect_reader(self) -> None:
         self._rconn = self._open(readonly=True)

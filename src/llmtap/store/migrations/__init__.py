@@ -3,7 +3,11 @@
 `sqlite/0003_lowercase_properties.sql` is SQLite's version 3. A file's first line is
 `-- <description>` (recorded by PostgreSQL in `llmtap_migrations`); full-line `--` comments
 are notes for readers and are dropped when loading, so SQLite's statement split on `;` never
-sees them. Append new versions; never edit an applied one. Every migration is plain SQL; the
+sees them. Append new versions; never edit an applied one. Version numbers are unique but may
+have gaps: two branches can add migrations at once (one takes 9, the other 10) and land in either
+order, because each database records *which* versions it applied (`llmtap_migrations`, in both
+stores), not only the highest, so a version that lands after a higher one is still applied.
+Every migration is plain SQL; the
 steps that need Python (PostgreSQL's monthly partitions, the rollup coverage of a new
 property) are the stores' own, at connect and on write.
 
@@ -46,8 +50,9 @@ def load(database: str) -> list[tuple[int, str, str]]:
         sql = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
         found.append((int(m[1]), first[3:].strip(), sql.strip() + "\n"))
     found.sort()
-    if [v for v, _, _ in found] != list(range(1, len(found) + 1)):
-        raise ValueError(f"{database} migrations are not numbered 1..n: {[v for v, _, _ in found]}")
+    versions = [v for v, _, _ in found]
+    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
+        raise ValueError(f"{database} migrations need unique versions from 1 up: {versions}")
     return found
 
 
