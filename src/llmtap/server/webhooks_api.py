@@ -16,7 +16,7 @@ from llmtap.server import api
 from llmtap.store import query
 from llmtap.webhooks.manage import Invalid, create_endpoint, test_endpoint
 
-_ADD_FIELDS = frozenset({"url", "events", "filters", "sample", "include_bodies", "secret"})
+_ADD_FIELDS = frozenset({"url", "events", "filters", "sample", "include_bodies", "secret", "format"})
 
 
 def _id(request: web.Request) -> str:
@@ -50,6 +50,7 @@ async def add_endpoint(request: web.Request) -> web.Response:
         or not isinstance(sample, int | float) or isinstance(sample, bool)
         or not isinstance(body.get("include_bodies", False), bool)
         or not isinstance(body.get("secret") or "", str)
+        or not isinstance(body.get("format", "standard"), str)
     ):  # fmt: skip
         return api.error_response(400, "events and filters are lists of text, sample a number")
     settings = request.app[api.SETTINGS]
@@ -58,6 +59,7 @@ async def add_endpoint(request: web.Request) -> web.Response:
             request.app[api.STORE].webhooks(), api._tenant(request), body["url"], events=events,
             filters=filters, sample=float(sample), include_bodies=body.get("include_bodies", False),
             secret=body.get("secret"), allow_private=settings.webhook_allow_private,
+            format=body.get("format", "standard"),
         )  # fmt: skip
     except Invalid as e:
         return api.error_response(400, str(e))

@@ -30,7 +30,7 @@ from llmtap.webhooks.outbox import (
 
 ENDPOINT_COLS = (
     "id, tenant, url, secret, previous_secret, events, filters, sample, include_bodies,"
-    " created_at, disabled_at, failing_since, retry_at, failures"
+    " created_at, disabled_at, failing_since, retry_at, failures, format"
 )
 SELECT_ENDPOINTS = f"SELECT {ENDPOINT_COLS} FROM webhook_endpoints"
 INSERT_DELIVERY = (
@@ -52,7 +52,7 @@ def endpoint_from_row(row: Sequence[Any]) -> Endpoint:
         id=row[0], tenant=row[1], url=row[2], secret=row[3], previous_secret=row[4],
         events=orjson.loads(row[5]), filters=orjson.loads(row[6]), sample=float(row[7]),
         include_bodies=bool(row[8]), created_at=row[9], disabled_at=row[10],
-        failing_since=row[11], retry_at=row[12], failures=row[13],
+        failing_since=row[11], retry_at=row[12], failures=row[13], format=row[14],
     )  # fmt: skip
 
 
@@ -92,11 +92,11 @@ class WebhookDB:
         async with self.tx() as c:
             await c.execute(
                 "INSERT INTO webhook_endpoints (id, tenant, url, secret, previous_secret, events,"
-                " filters, sample, include_bodies, created_at, failures)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0)",
+                " filters, sample, include_bodies, created_at, failures, format)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11)",
                 ep.id, ep.tenant, ep.url, ep.secret, ep.previous_secret,
                 orjson.dumps(ep.events).decode(), orjson.dumps(ep.filters).decode(),
-                ep.sample, int(ep.include_bodies), ep.created_at,
+                ep.sample, int(ep.include_bodies), ep.created_at, ep.format,
             )  # fmt: skip
         return ep
 

@@ -33,7 +33,7 @@ from llmtap.errors import BackendUnavailable, ConfigError, TransientError
 from llmtap.redact import redact_url
 from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
 from llmtap.webhooks.db import Claimed, WebhookDB
-from llmtap.webhooks.outbox import EVENTS, Endpoint, check_secret, signature_header
+from llmtap.webhooks.outbox import EVENTS, Endpoint, check_secret, signature_header, slack_text
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
@@ -117,6 +117,8 @@ async def send(
         await check_target(ep.url, allow_private)
     except (Refused, TransientError) as e:
         return None, str(e), None
+    if ep.format == "slack":
+        body = slack_text(body)
     ts = int(time.time())
     headers = {
         "content-type": "application/json",

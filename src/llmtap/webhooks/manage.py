@@ -14,6 +14,7 @@ from llmtap.webhooks.db import WebhookDB, new_endpoint_id
 from llmtap.webhooks.deliverer import Refused, check_target, send
 from llmtap.webhooks.outbox import (
     EVENTS,
+    FORMATS,
     REQUEST_COMPLETED,
     Endpoint,
     check_secret,
@@ -38,11 +39,14 @@ async def create_endpoint(
     include_bodies: bool = False,
     secret: str | None = None,
     allow_private: bool = False,
+    format: str = "standard",
 ) -> Endpoint:
     """Validate and add an endpoint; the returned one holds its secret (shown once)."""
     bad = [e for e in events if e not in EVENTS]
     if bad:
         raise Invalid(f"unknown event {bad[0]!r}; events are {', '.join(EVENTS)}")
+    if format not in FORMATS:
+        raise Invalid(f"unknown format {format!r}; formats are {', '.join(FORMATS)}")
     if not 0.0 < sample <= 1.0:
         raise Invalid("sample is a fraction in (0, 1]")
     try:
@@ -53,7 +57,7 @@ async def create_endpoint(
         raise Invalid(str(e)) from None
     ep = Endpoint(
         new_endpoint_id(), tenant, url, secret, events=list(events or EVENTS), filters=parsed,
-        sample=sample, include_bodies=include_bodies,
+        sample=sample, include_bodies=include_bodies, format=format,
     )  # fmt: skip
     return await db.add_endpoint(ep)
 

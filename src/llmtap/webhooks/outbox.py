@@ -26,7 +26,12 @@ from llmtap.record import Body, LogRecord
 
 REQUEST_COMPLETED = "request.completed"
 DELIVERY_DISABLED = "delivery.disabled"
-EVENTS = (REQUEST_COMPLETED, DELIVERY_DISABLED)
+#: Alert events (`llmtap.alerts`): a rule's condition held, and later cleared.
+ALERT_FIRING = "alert.firing"
+ALERT_RESOLVED = "alert.resolved"
+EVENTS = (REQUEST_COMPLETED, DELIVERY_DISABLED, ALERT_FIRING, ALERT_RESOLVED)
+#: Payload formats of an endpoint: the signed envelope, or Slack's `{"text": ...}` (see `slack_text`).
+FORMATS = ("standard", "slack")
 #: Inline body text in a payload is capped: a receiver is not a body store.
 BODY_CAP = 64 * 1024
 
@@ -50,6 +55,7 @@ class Endpoint:
     failing_since: int | None = None
     retry_at: int | None = None
     failures: int = 0
+    format: str = "standard"
 
     def public(self) -> dict[str, Any]:
         """The endpoint as listings show it: never the secret itself."""
@@ -66,6 +72,7 @@ class Endpoint:
             "created_at": self.created_at,
             "disabled_at": self.disabled_at,
             "failing_since": self.failing_since,
+            "format": self.format,
         }
 
 
@@ -176,6 +183,27 @@ def plan(endpoints: Sequence[Endpoint], records: Sequence[LogRecord], now_us: in
                     )
                 )  # fmt: skip
     return out
+
+
+def slack_text(payload: bytes) -> bytes:
+    """An envelope as Slack's incoming-webhook body: one line of text a person reads.
+
+    Rendered when sent, not when queued: the outbox keeps the standard envelope, so the delivery
+    log and a redelivery look the same for every endpoint."""
+    msg: dict[str, Any] = msgspec.json.decode(payload)
+    event, data = msg.get("type", ""), msg.get("data") or {}
+    if event in (ALERT_FIRING, ALERT_RESOLVED):
+        text = data.get("summary") or f"{event} {data.get('alert_id')}"
+        mark = ":rotating_light: FIRING" if event == ALERT_FIRING else ":white_check_mark: RESOLVED"
+        line = f"{mark}: {text}"
+    elif event == DELIVERY_DISABLED:
+        line = f":warning: webhook endpoint {data.get('url')} disabled: {data.get('last_error')}"
+    else:
+        line = (
+            f"{event}: {data.get('provider')} {data.get('model')} status {data.get('status')}"
+            f" in {data.get('latency_ms')} ms (request {data.get('id')})"
+        )
+    return _encoder.encode({"text": line})
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
