@@ -21,7 +21,7 @@ from llmtap.server.app import ServerService
 from llmtap.server.openapi import document
 from llmtap.store import query
 from llmtap.store.base import ROW_FIELDS
-from llmtap.webhooks.outbox import EVENTS
+from llmtap.webhooks.outbox import EVENTS, FORMATS
 
 PROPERTY = "property.<Name>"
 #: The query parameters each endpoint takes, by the vocabulary (every other route takes none).
@@ -152,6 +152,25 @@ def test_limits_and_enums_are_the_vocabulary() -> None:
     assert f"at most {query.MAX_SESSION_REQUESTS})" in ops[("/api/v1/sessions/{id}", "get")]["summary"]
     add = ops[("/api/v1/webhooks", "post")]["requestBody"]["content"]["application/json"]["schema"]
     assert tuple(add["properties"]["events"]["items"]["enum"]) == EVENTS
+    assert tuple(add["properties"]["format"]["enum"]) == FORMATS
+
+
+def test_alert_rule_schema_is_the_rules_vocabulary() -> None:
+    from llmtap.alerts import rules
+
+    doc = document()
+    for name in ("AlertRuleInput", "AlertRulePatch", "AlertRule"):
+        props = resolve(doc, {"$ref": f"#/components/schemas/{name}"})["properties"]
+        assert tuple(props["metric"]["enum"]) == tuple(rules.METRICS), name
+        assert tuple(props["op"]["enum"]) == rules.OPS, name
+        window = props["window_s"]
+        assert (window["minimum"], window["maximum"]) == (rules.MIN_WINDOW_S, rules.MAX_WINDOW_S), name
+        assert all(g in props["group_by"]["description"] for g in rules.GROUPS), name
+        assert props["name"]["maxLength"] == rules.MAX_NAME
+    body = resolve(doc, {"$ref": "#/components/schemas/AlertRuleInput"})
+    from llmtap.server.alerts_api import _FIELDS, _REQUIRED
+
+    assert set(body["properties"]) == set(_FIELDS) and tuple(body["required"]) == _REQUIRED
 
 
 def test_request_schemas_hold_every_row_field() -> None:

@@ -9,6 +9,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,21 @@ import pytest
 import standardwebhooks
 from aiohttp import web
 
+from llmtap.alerts.db import AlertDB
+from llmtap.alerts.evaluator import Evaluator
+from llmtap.alerts.rules import make_rule
 from llmtap.store.base import Store
 from llmtap.webhooks.db import WebhookDB, new_endpoint_id
 from llmtap.webhooks.deliverer import Deliverer, Refused, check_target
-from llmtap.webhooks.outbox import DELIVERY_DISABLED, REQUEST_COMPLETED, Endpoint, new_secret
-from store_helpers import open_store, store_params
+from llmtap.webhooks.outbox import (
+    ALERT_FIRING,
+    ALERT_RESOLVED,
+    DELIVERY_DISABLED,
+    REQUEST_COMPLETED,
+    Endpoint,
+    new_secret,
+)
+from store_helpers import micros, open_store, rec, store_params
 from worker_helpers import make_record
 
 pytestmark = pytest.mark.timeout(300)
@@ -352,6 +363,50 @@ async def test_redeliver_sends_again_under_the_same_id(tmp_path: Path) -> None:
         finally:
             await d.stop()
             await rx.stop()
+
+
+# -- alert events -------------------------------------------------------------------------------
+
+
+async def test_alert_events_arrive_signed_and_as_slack_text(store: Store) -> None:
+    """`alert.firing` and `alert.resolved` reach the endpoints subscribed to them, each verified
+    with `standardwebhooks`; a Slack-format endpoint gets `{"text": ...}`, signed all the same;
+    an endpoint subscribed to records only gets no alert."""
+    db = store.webhooks()
+    secret = new_secret()
+    rx, slack, records_only = Receiver(secret), Receiver(secret), Receiver(secret)
+    for x in (rx, slack, records_only):
+        await x.start()
+    d = deliverer(db)
+    await d.start()
+    try:
+        alerts = [ALERT_FIRING, ALERT_RESOLVED]
+        await add(db, rx.url, secret, events=alerts)
+        await add(db, slack.url, secret, events=alerts, format="slack")
+        await add(db, records_only.url, secret, events=[REQUEST_COMPLETED])
+        now = datetime(2025, 3, 30, 12, 0, tzinfo=UTC)
+        rule = make_rule("acme", metric="requests", op="above", threshold=2, window_s=300, name="busy")
+        await AlertDB(db).add_rule(rule, micros(now))
+        await store.write_batch([rec(i, at=now - timedelta(minutes=1)) for i in range(3)])
+        ev = Evaluator(store, interval_s=60, resolve_after_s=0)
+        await ev.evaluate(rule, micros(now))  # 3 requests in the window: fires
+        await ev.evaluate(rule, micros(now + timedelta(minutes=6)))  # none left: resolves
+        await wait_for(lambda: len(rx.got) == 2 and len(slack.got) == 2, what="two alert events each")
+        await wait_for(lambda: len(records_only.got) == 3, what="the records' own events")
+        assert rx.bad == slack.bad == records_only.bad == []
+        assert [p["type"] for _, p in rx.got] == [ALERT_FIRING, ALERT_RESOLVED]
+        firing = rx.got[0][1]["data"]
+        assert (firing["alert_id"], firing["name"], firing["count"]) == (rule.id, "busy", 3)
+        assert rx.got[1][1]["data"]["episode"] == firing["episode"] == 1
+        assert len({i for i, _ in rx.got}) == 2  # a webhook-id per event
+        texts = [p["text"] for _, p in slack.got]
+        assert texts[0].startswith(":rotating_light: FIRING: busy: requests is 3 (above 2)")
+        assert texts[1].startswith(":white_check_mark: RESOLVED: busy: requests is 0 (no longer above 2)")
+        assert {p["type"] for _, p in records_only.got} == {REQUEST_COMPLETED}
+    finally:
+        await d.stop()
+        for x in (rx, slack, records_only):
+            await x.stop()
 
 
 # -- SSRF guard ---------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The `llmtap` command line.
 
 `llmtap up` runs everything on embedded defaults; `gateway`, `worker` and `server` run one part
-each for scaled-out deployments; `status`, `keys` and `dlq` are operations. Settings come from
-`LLMTAP_*` variables or `--config FILE.toml`; a bad one stops start-up with one sentence.
+each for scaled-out deployments; `status`, `keys`, `webhooks`, `alerts` and `dlq` are operations.
+Settings come from `LLMTAP_*` variables or `--config FILE.toml`; a bad one stops start-up with
+one sentence.
 """
 
 from __future__ import annotations
@@ -129,11 +130,13 @@ def _serve(settings: Settings, title: str, parts: list[str]) -> None:
 
             services.append(WorkerService(settings, backends=shared))
         if "server" in parts:
+            from llmtap.alerts.evaluator import AlertService
             from llmtap.server.app import ServerService
             from llmtap.webhooks.deliverer import DelivererService
 
             services.append(ServerService(settings, backends=shared))
             services.append(DelivererService(settings, backends=shared))
+            services.append(AlertService(settings, backends=shared))
         if "gateway" in parts:
             from llmtap.gateway.app import GatewayService
 
@@ -387,7 +390,7 @@ def _tenant(ctx: click.Context, tenant: str | None) -> str:
     return tenant or _settings(ctx).default_tenant
 
 
-_tenant_option = click.option("--tenant", help="The endpoint's tenant (default: the default tenant).")
+_tenant_option = click.option("--tenant", help="Its tenant (default: the default tenant).")
 
 
 def _one(id_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -403,17 +406,24 @@ def _change(ctx: click.Context, tenant: str | None, what: str, change: Callable[
 @webhooks.command("add")
 @click.argument("url")
 @click.option("--tenant", help="Tenant whose records it receives (default: the default tenant).")
-@click.option("--event", "events", multiple=True, help="request.completed, delivery.disabled (default: all).")
+@click.option(
+    "--event", "events", multiple=True,
+    help="request.completed, delivery.disabled, alert.firing, alert.resolved (default: all).",
+)  # fmt: skip
 @click.option(
     "--filter", "filters", multiple=True, help="model=NAME or property.NAME=VALUE (all must match)."
 )
 @click.option("--sample", default=1.0, show_default=True, help="Fraction of matching records sent.")
 @click.option("--include-bodies", is_flag=True, help="Add request/response bodies (size-capped).")
 @click.option("--secret", help="A whsec_ secret to use (default: a new one, printed once).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["standard", "slack"]), default="standard", show_default=True,
+    help="slack: send {\"text\": ...} (a Slack-compatible incoming webhook) instead of the envelope.",
+)  # fmt: skip
 @click.pass_context
 def webhooks_add(
     ctx: click.Context, url: str, tenant: str | None, events: tuple[str, ...], filters: tuple[str, ...],
-    sample: float, include_bodies: bool, secret: str | None,
+    sample: float, include_bodies: bool, secret: str | None, fmt: str,
 ) -> None:  # fmt: skip
     """Add an endpoint; prints its signing secret once."""
     from llmtap.webhooks.manage import Invalid, create_endpoint
@@ -422,6 +432,7 @@ def webhooks_add(
         return await create_endpoint(
             db, _tenant(ctx, tenant), url, events=events, filters=filters, sample=sample,
             include_bodies=include_bodies, secret=secret, allow_private=settings.webhook_allow_private,
+            format=fmt,
         )  # fmt: skip
 
     try:
@@ -447,6 +458,7 @@ def webhooks_list(ctx: click.Context, tenant: str | None) -> None:
         extra += f"  sample={ep.sample}" if ep.sample < 1 else ""
         extra += "  bodies" if ep.include_bodies else ""
         extra += "  rotating (signs with two secrets)" if ep.previous_secret else ""
+        extra += f"  format={ep.format}" if ep.format != "standard" else ""
         events = ",".join(ep.events)
         return f"{ep.id}  tenant={ep.tenant}  {redact_url(ep.url)}  events={events}  {state}{extra}"
 
@@ -536,6 +548,120 @@ def webhooks_redeliver(ctx: click.Context, delivery_id: str, tenant: str | None)
     """Send a delivery again, under its same webhook-id."""
     _change(ctx, tenant, f"delivery {delivery_id!r}", lambda db, t: db.redeliver(t, delivery_id))
     click.echo(f"delivery {delivery_id} queued again")
+
+
+# -- alerts -------------------------------------------------------------------------------------
+
+
+@cli.group(
+    epilog="""\b
+Examples:
+  llmtap alerts add --metric error_rate --above 0.05 --window 5m --group-by model --min-requests 20
+  llmtap alerts add --metric cost_usd --above 50 --window 1d --name "daily spend"
+  llmtap alerts add --metric requests --below 1 --window 15m --min-requests 0   # traffic stopped
+  llmtap alerts add --metric p95_latency_ms --above 4000 --window 10m --group-by property.feature
+
+\b
+`llmtap server` evaluates every rule each LLMTAP_ALERT_INTERVAL_S (60 s) over the last window of
+whole minutes; an alert fires once when its condition holds (with at least --min-requests
+requests in the window) and resolves once after it has been clear for
+LLMTAP_ALERT_RESOLVE_AFTER_S (300 s). Events alert.firing / alert.resolved go to the tenant's
+webhook endpoints that subscribe to them (llmtap webhooks add URL --event alert.firing ...).
+"""
+)
+def alerts() -> None:
+    """Manage alert rules (cost, error rate, requests, tokens, p95 latency or TTFT)."""
+
+
+def _with_alerts(ctx: click.Context, fn: Callable[[Any], Awaitable[T]], *, create: bool = False) -> T:
+    from llmtap.alerts.db import AlertDB
+
+    if not create and _store_missing(_settings(ctx)):
+        _fail("no store yet (nothing has been logged): no alert rules", 1)
+    return _with_store(ctx, lambda s: fn(AlertDB(s.webhooks())), create=create)
+
+
+@alerts.command("add")
+@click.option(
+    "--metric", required=True,
+    type=click.Choice(["cost_usd", "error_rate", "requests", "tokens", "p95_latency_ms", "p95_ttft_ms"]),
+    help="What to watch (error_rate is a fraction: 0.05 is 5%).",
+)  # fmt: skip
+@click.option("--above", type=float, help="Fire when the metric is above this.")
+@click.option("--below", type=float, help="Fire when the metric is below this.")
+@click.option("--window", required=True, help="Sliding window, whole minutes from 5m to 1d (5m, 1h, 1d).")
+@click.option("--group-by", help="One alert per model, user_id, provider, status or property.NAME.")
+@click.option(
+    "--min-requests", type=int, default=1, show_default=True,
+    help="Evaluate only windows with at least this many requests (not for --metric requests).",
+)  # fmt: skip
+@click.option("--name", help="A label shown in the alert's message.")
+@click.option("--tenant", help="Whose requests (default: the default tenant).")
+@click.pass_context
+def alerts_add(
+    ctx: click.Context, metric: str, above: float | None, below: float | None, window: str,
+    group_by: str | None, min_requests: int, name: str | None, tenant: str | None,
+) -> None:  # fmt: skip
+    """Add a rule; prints its id."""
+    from llmtap.alerts.rules import Invalid, make_rule, parse_duration
+    from llmtap.webhooks.db import now_us
+
+    if (above is None) == (below is None):
+        _fail("give exactly one of --above or --below")
+    try:
+        rule = make_rule(
+            _tenant(ctx, tenant), metric=metric, op="above" if above is not None else "below",
+            threshold=above if above is not None else below, window_s=parse_duration(window),
+            group_by=group_by, min_requests=min_requests, name=name,
+        )  # fmt: skip
+    except Invalid as e:
+        _fail(str(e))
+    added = _with_alerts(ctx, lambda db: db.add_rule(rule, now_us()), create=True)
+    click.echo(added.id)
+    click.echo(f"alert {added.id} for tenant {added.tenant!r}: {added.describe()}", err=True)
+
+
+@alerts.command("list")
+@click.option("--tenant", help="Only this tenant's rules (default: all).")
+@click.pass_context
+def alerts_list(ctx: click.Context, tenant: str | None) -> None:
+    """List rules, with the groups firing now."""
+
+    async def go(db: Any) -> list[tuple[Any, list[str]]]:
+        rules = await db.list_rules(tenant)
+        firing: dict[str, list[str]] = {}
+        for t in {r.tenant for r in rules}:
+            for st in await db.states(t):
+                if st["state"] == "firing":
+                    key = st["group_key"]
+                    firing.setdefault(st["rule_id"], []).append(key[1:] if key.startswith("=") else key)
+        return [(r, firing.get(r.id, [])) for r in rules]
+
+    rows = [] if _store_missing(_settings(ctx)) else _with_alerts(ctx, go)
+
+    def line(row: tuple[Any, list[str]]) -> str:
+        rule, firing = row
+        label = f"  name={rule.name!r}" if rule.name else ""
+        if not firing:
+            state = "ok"
+        elif rule.group_by:
+            state = f"FIRING for {', '.join(firing)}"
+        else:
+            state = "FIRING"
+        return f"{rule.id}  tenant={rule.tenant}  {rule.describe()}{label}  {state}"
+
+    _listing(rows, line, "no alert rules")
+
+
+@alerts.command("remove")
+@_one("rule_id")
+def alerts_remove(ctx: click.Context, rule_id: str, tenant: str | None) -> None:
+    """Remove a rule (an alert firing then sends no resolution)."""
+    removed = not _store_missing(_settings(ctx)) and _with_alerts(
+        ctx, lambda db: db.remove_rule(_tenant(ctx, tenant), rule_id)
+    )
+    _found(removed, f"alert rule {rule_id!r} of tenant {_tenant(ctx, tenant)!r}")
+    click.echo(f"alert {rule_id} removed")
 
 
 # -- dead letters -------------------------------------------------------------------------------

@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = Field(10.0, gt=0)
     webhook_concurrency: int = Field(8, ge=1, description="requests in flight per endpoint")
+    alert_interval_s: float = Field(
+        60.0, ge=1, le=3600, description="how often `llmtap server` evaluates the alert rules"
+    )
+    alert_resolve_after_s: float = Field(
+        300.0, ge=0, le=86400, description="a firing alert resolves once clear this long"
+    )
 
     # -- tenants -----------------------------------------------------------------------------
     multi_tenant: bool = False

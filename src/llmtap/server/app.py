@@ -25,7 +25,7 @@ from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.handlers.chain import Chain
 from llmtap.retention import RetentionTask
 from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
-from llmtap.server import api, dashboard, openapi, security, webhooks_api
+from llmtap.server import alerts_api, api, dashboard, openapi, security, webhooks_api
 from llmtap.server.auth import Unauthorized, check_ingest, tenant_for
 from llmtap.server.ingest import IngestQueue
 from llmtap.store.base import Store
@@ -162,6 +162,7 @@ def build_app(
     r.add_get("/api/v1/users", api.users)
     r.add_post("/api/v1/ingest", api.ingest)
     webhooks_api.add_routes(r)
+    alerts_api.add_routes(r)
     return app
 
 

@@ -1,0 +1,192 @@
+"""The alert evaluator: every `alert_interval_s`, each due rule is evaluated on the store's stats.
+
+The window of an evaluation at `now` is `[m - window, m)` where `m` is `now` rounded down to the
+minute: whole minutes, so the minute rollups answer it exactly when the grouping is rolled up
+(overall, model, provider, status); per user or per property (properties are rolled up per hour)
+raw rows answer, through the same `Store.stats` the API uses. A record counts once the worker has
+stored it: a queue lagging by more than the minute's margin shows up late, not never.
+
+Firing and resolving, per rule x group (the groups of `stats`: its 100 largest by count):
+
+- fires at the first evaluation where the condition holds with at least `min_requests` requests
+  (a window with fewer is no evidence and counts as clear);
+- resolves only once the condition has been clear at every evaluation for `alert_resolve_after_s`
+  (default 300 s; so at least two evaluations): a value hovering around the threshold fires once
+  and stays firing, and a firing/resolved pair takes at least that long, never a storm;
+- a firing group absent from a later answer (no requests in the window) is evaluated on an empty
+  window: `requests below N` keeps firing, the other metrics count as clear.
+
+Several servers may evaluate at once; `llmtap.alerts.db` says why that neither doubles nor
+loses an event. The clock is injectable (`now` in microseconds), so tests need no sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from llmtap.alerts.db import AlertDB, iso_us
+from llmtap.alerts.rules import AlertRule, duration_text, group_key, group_value, holds
+from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
+from llmtap.store.base import StatsQuery, Store
+from llmtap.store.query import from_micros
+
+if TYPE_CHECKING:
+    from llmtap.config import Settings
+
+log = logging.getLogger("llmtap.alerts")
+
+_MINUTE_US = 60_000_000
+#: The totals of a window without requests (a firing group that had none this time).
+_EMPTY: dict[str, Any] = {
+    "count": 0, "error_rate": 0.0, "total_tokens": 0, "cost_usd": 0.0,
+    "latency_ms": {"p95": None}, "time_to_first_token_ms": {"p95": None},
+}  # fmt: skip
+
+
+def _clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+def window_of(rule: AlertRule, now_us: int) -> tuple[int, int]:
+    end = now_us // _MINUTE_US * _MINUTE_US
+    return end - rule.window_s * 1_000_000, end
+
+
+class Evaluator:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        interval_s: float = 60.0,
+        resolve_after_s: float = 300.0,
+        clock: Callable[[], int] = _clock_us,
+    ) -> None:
+        self.store = store
+        self.db = AlertDB(store.webhooks())
+        self.interval_us = int(interval_s * 1e6)
+        self.resolve_after_us = int(resolve_after_s * 1e6)
+        self.clock = clock
+        self.fired = 0
+        self.resolved = 0
+
+    async def run_once(self, now_us: int | None = None) -> int:
+        """Evaluate every due rule this evaluator can claim; how many it evaluated."""
+        now = self.clock() if now_us is None else now_us
+        n = 0
+        for rule in await self.db.due_rules(now):
+            if not await self.db.claim(rule.id, now, self.interval_us):
+                continue  # another evaluator has it for this interval
+            try:
+                await self.evaluate(rule, now)
+            except (TransientError, BackendUnavailable):
+                raise
+            except Exception:  # one broken rule must not stop the others
+                log.exception("alert rule %s could not be evaluated", rule.id)
+            n += 1
+        return n
+
+    async def evaluate(self, rule: AlertRule, now_us: int) -> None:
+        """One evaluation of `rule` at `now_us` (no claim: `run_once` takes it)."""
+        since, until = window_of(rule, now_us)
+        stats = await self.store.stats(
+            rule.tenant,
+            StatsQuery(since=from_micros(since), until=from_micros(until), group_by=rule.group_by),
+        )
+        if rule.group_by is None:
+            seen = {"": stats["overall"]}
+        else:
+            seen = {group_key(g["key"]): g for g in stats["groups"]}
+        firing = await self.db.firing(rule.id)
+        base = {"window_start": iso_us(since), "window_end": iso_us(until), "source": stats.get("source")}
+        for key in seen.keys() | firing:
+            totals = seen.get(key, _EMPTY)
+            held, value = holds(rule, totals)
+            count = int(totals["count"])
+            data = {**base, **_event_data(rule, key, value, count, held)}
+            if held and key not in firing:
+                if await self.db.fire(rule, key, value, count, now_us, data) is not None:
+                    self.fired += 1
+                    log.warning("alert firing: %s", data["summary"])
+            elif held:
+                await self.db.holding(rule, key, value, count, now_us)
+            elif key in firing:
+                resolved = await self.db.clear(rule, key, value, count, now_us, self.resolve_after_us, data)
+                if resolved is not None:
+                    self.resolved += 1
+                    log.warning("alert resolved: %s", data["summary"])
+
+
+def _event_data(rule: AlertRule, key: str, value: float | None, count: int, held: bool) -> dict[str, Any]:
+    group = group_value(key)
+    where = f" for {rule.group_by}={group if key != 'null' else '(none)'}" if rule.group_by else ""
+    shown = "no value" if value is None else f"{value:.6g}"
+    summary = (
+        f"{rule.name or rule.id}: {rule.metric}{where} is {shown}"
+        f" ({'' if held else 'no longer '}{rule.op} {rule.threshold:g}) over the last"
+        f" {duration_text(rule.window_s)}, {count} requests"
+    )
+    return {
+        "alert_id": rule.id, "name": rule.name, "tenant": rule.tenant, "metric": rule.metric,
+        "op": rule.op, "threshold": rule.threshold, "window_s": rule.window_s,
+        "group_by": rule.group_by, "group": group, "value": value, "count": count,
+        "min_requests": rule.min_requests, "summary": summary,
+    }  # fmt: skip
+
+
+class AlertService(OnBackends):
+    """`llmtap server` / `llmtap up` part: evaluates the rules every `alert_interval_s`."""
+
+    name = "alerts"
+
+    def __init__(self, settings: Settings, *, backends: SharedBackends | None = None) -> None:
+        self.settings = settings
+        self._use_backends(settings, backends)
+        self.evaluator: Evaluator | None = None
+
+    async def start(self) -> list[str]:
+        self._stack = self._start_stack()
+        try:
+            return await self._open()
+        except (BackendUnavailable, TransientError) as e:
+            connect = asyncio.create_task(self._open_later(str(e)), name="llmtap-alerts-connect")
+            self._stack.push_async_callback(cancel, connect)
+            return ["alerts    evaluating once the store is back"]
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _open_later(self, reason: str) -> None:
+        if await open_when_back("alerts", reason, self._open, quiet=True):
+            log.warning("alerts: store is back; evaluating")
+
+    async def _open(self) -> list[str]:
+        store = await self.backends.connect_store()
+        try:
+            store.webhooks()
+        except NotImplementedError:  # a store without an outbox has no alert tables either
+            return []
+        s = self.settings
+        self.evaluator = Evaluator(
+            store, interval_s=s.alert_interval_s, resolve_after_s=s.alert_resolve_after_s
+        )
+        task = asyncio.create_task(self._loop(self.evaluator), name="llmtap-alerts")
+        self._stack.push_async_callback(cancel, task)
+        return [f"alerts    evaluated every {s.alert_interval_s:g} s"]
+
+    async def _loop(self, ev: Evaluator) -> None:
+        while True:
+            try:
+                await ev.run_once()
+            except (BackendUnavailable, TransientError) as e:
+                log.warning("alerts: store unavailable, evaluating again later: %s", e)
+            except Exception:
+                log.exception("alert evaluation failed")
+            await asyncio.sleep(self.settings.alert_interval_s)
+
+    async def stop(self) -> None:
+        await self._unwind()

@@ -1,0 +1,434 @@
+"""Alerts on real stores with an injected clock (no sleeps): rules fire once with enough requests,
+resolve once after a clear period, per group, never twice across evaluators; the API is
+tenant-scoped and the CLI checks rules. The events land in the webhook outbox (their delivery and
+signature: tests/test_webhooks.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from llmtap import keys
+from llmtap.alerts.db import AlertDB
+from llmtap.alerts.evaluator import Evaluator
+from llmtap.alerts.rules import AlertRule, Invalid, make_rule, parse_duration
+from llmtap.cli import cli
+from llmtap.store.base import Store
+from llmtap.webhooks.db import new_endpoint_id
+from llmtap.webhooks.outbox import ALERT_FIRING, ALERT_RESOLVED, REQUEST_COMPLETED, Endpoint, new_secret
+from store_helpers import open_store, pg_database, rec, store_params
+from test_api import Server, start_server
+
+pytestmark = pytest.mark.timeout(300)
+
+#: The injected "now" of the tests: a whole minute.
+T = datetime(2025, 3, 30, 12, 0, tzinfo=UTC)
+MIN = 60_000_000
+
+
+def us(dt: datetime) -> int:
+    return (dt - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
+def at(minutes: float) -> int:
+    """T + minutes, in microseconds (the evaluator's clock)."""
+    return us(T) + int(minutes * MIN)
+
+
+def r(when: datetime, tenant: str = "acme", **kw: Any) -> Any:
+    """A record at `when` with a fresh id (latency 100 ms, cost $0.000001, status 200)."""
+    return rec(0, id=str(uuid.uuid4()), tenant=tenant, at=when, **kw)
+
+
+@pytest.fixture(params=store_params())
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with open_store(request.param, tmp_path) as s:
+        yield s
+
+
+async def add_rule(store: Store, tenant: str = "acme", **kw: Any) -> AlertRule:
+    return await AlertDB(store.webhooks()).add_rule(make_rule(tenant, **kw), us(T))
+
+
+async def subscribe(
+    store: Store, tenant: str = "acme", events: tuple[str, ...] = (ALERT_FIRING, ALERT_RESOLVED)
+) -> Endpoint:
+    ep = Endpoint(new_endpoint_id(), tenant, "http://example.com/hook", new_secret(), events=list(events))
+    return await store.webhooks().add_endpoint(ep)
+
+
+async def events(store: Store, tenant: str = "acme") -> list[tuple[str, str, dict[str, Any]]]:
+    """(endpoint, event, payload) of every alert event in the tenant's outbox, oldest first."""
+    async with store.webhooks().tx() as c:
+        rows = await c.fetch(
+            "SELECT endpoint_id, event, payload, id FROM webhook_deliveries WHERE tenant = $1"
+            " AND event IN ('alert.firing', 'alert.resolved') ORDER BY created_at, id",
+            tenant,
+        )
+    return [(row[0], row[1], json.loads(row[2])) for row in rows]
+
+
+def kinds(evs: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
+    return [e for _, e, _ in evs]
+
+
+# -- rules ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"metric": "latency"}, "unknown metric 'latency'"),
+        ({"op": "over"}, "op must be above or below"),
+        ({"threshold": "5"}, "threshold must be a finite number"),
+        ({"threshold": float("nan")}, "threshold must be a finite number"),
+        ({"metric": "error_rate", "threshold": 5}, "fraction between 0 and 1"),
+        ({"window_s": 60}, "whole minutes from 5m to 1d"),
+        ({"window_s": 90_000}, "whole minutes from 5m to 1d"),
+        ({"window_s": 330}, "whole minutes from 5m to 1d"),
+        ({"group_by": "session"}, "group_by must be one of"),
+        ({"group_by": "property."}, "group_by must be one of"),
+        ({"min_requests": -1}, "min_requests must be a whole number"),
+        ({"name": "x" * 201}, "name must be text"),
+    ],
+)
+def test_a_bad_rule_is_refused_with_one_sentence(kw: dict[str, Any], message: str) -> None:
+    fields: dict[str, Any] = {"metric": "cost_usd", "op": "above", "threshold": 1, "window_s": 300, **kw}
+    with pytest.raises(Invalid) as e:
+        make_rule("acme", **fields)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_durations_and_property_groups() -> None:
+    assert [parse_duration(d) for d in ("300", "300s", "5m", "1h", "1d")] == [300, 300, 300, 3600, 86400]
+    with pytest.raises(Invalid):
+        parse_duration("5 minutes")
+    rule = make_rule(
+        "acme", metric="tokens", op="above", threshold=1, window_s=300, group_by="property.Feature"
+    )
+    assert rule.group_by == "property.feature"  # property names are case-insensitive
+
+
+# -- firing and resolving -----------------------------------------------------------------------------
+
+
+async def test_fires_once_with_enough_requests_and_resolves_once(store: Store) -> None:
+    ep = await subscribe(store)
+    await subscribe(store, events=(REQUEST_COMPLETED,))  # gets no alert event
+    rule = await add_rule(
+        store, metric="error_rate", op="above", threshold=0.5, window_s=3600, min_requests=4
+    )
+    ev = Evaluator(store, interval_s=60, resolve_after_s=300)
+    # Three failures in the window: a 100% error rate, but fewer requests than the minimum.
+    await store.write_batch([r(T - timedelta(minutes=10, seconds=i), status=500) for i in range(3)])
+    assert await ev.run_once(at(0.5)) == 1
+    assert kinds(await events(store)) == []
+    # Another evaluation in the same interval is not this evaluator's to make (the claim).
+    assert await ev.run_once(at(0.9)) == 0
+
+    await store.write_batch([r(T - timedelta(minutes=9), status=500)])
+    assert await ev.run_once(at(1.5)) == 1
+    got = await events(store)
+    assert [(e, k) for e, k, _ in got] == [(ep.id, ALERT_FIRING)]
+    data = got[0][2]["data"]
+    assert got[0][2]["type"] == ALERT_FIRING
+    assert (data["alert_id"], data["value"], data["count"], data["episode"]) == (rule.id, 1.0, 4, 1)
+    assert data["source"] == "rollups"  # a whole-minute window, no grouping: the minute rollups answer
+    assert data["window_end"].startswith("2025-03-30T12:01:00")
+    assert data["window_start"].startswith("2025-03-30T11:01:00")
+
+    # Still above: no second event, whatever the number of evaluations.
+    for m in range(2, 6):
+        await ev.run_once(at(m + 0.5))
+    assert len(await events(store)) == 1
+
+    # Clear from now on (4 errors of 20 requests); it resolves only after 300 s clear.
+    await store.write_batch([r(T + timedelta(minutes=5, seconds=i)) for i in range(16)])
+    clear_from = 6.5
+    for m in (6.5, 7.5, 8.5, 9.5, 10.5):
+        await ev.run_once(at(m))
+        assert kinds(await events(store)) == [ALERT_FIRING], f"resolved after only {m - clear_from} min"
+    await ev.run_once(at(11.5))
+    got = await events(store)
+    assert kinds(got) == [ALERT_FIRING, ALERT_RESOLVED]
+    resolved = got[1][2]["data"]
+    assert resolved["episode"] == 1 and resolved["value"] == pytest.approx(4 / 20) and resolved["count"] == 20
+    assert resolved["fired_at"].startswith("2025-03-30T12:01:30")
+    for m in range(12, 20):
+        await ev.run_once(at(m + 0.5))
+    assert len(await events(store)) == 2
+    state = (await AlertDB(store.webhooks()).states("acme"))[0]
+    assert (state["state"], state["episode"]) == ("resolved", 1)
+
+
+async def test_a_value_hovering_at_the_threshold_fires_once_and_resolves_once(store: Store) -> None:
+    """Requests in every other minute: the 5-minute count alternates 6, 4, 6, 4 ... around the
+    threshold 5 at each evaluation. One firing, no resolution while it hovers, one once it stops."""
+    await subscribe(store)
+    await add_rule(store, metric="requests", op="above", threshold=5, window_s=300, min_requests=0)
+    ev = Evaluator(store, interval_s=60, resolve_after_s=300)
+    recs = [r(T + timedelta(minutes=m, seconds=s)) for m in range(0, 30, 2) for s in (1, 2)]
+    await store.write_batch(recs)
+    for m in range(5, 31):
+        await ev.run_once(at(m))
+    assert kinds(await events(store)) == [ALERT_FIRING]
+    for m in range(31, 45):  # no more requests: clear at every evaluation from minute 31 on
+        await ev.run_once(at(m))
+    assert kinds(await events(store)) == [ALERT_FIRING, ALERT_RESOLVED]
+
+
+async def test_requests_below_fires_on_silence(store: Store) -> None:
+    await subscribe(store)
+    await add_rule(store, metric="requests", op="below", threshold=1, window_s=300, min_requests=0)
+    ev = Evaluator(store, interval_s=60, resolve_after_s=0)
+    await store.write_batch([r(T - timedelta(minutes=2))])
+    await ev.run_once(at(0))
+    assert kinds(await events(store)) == []
+    await ev.run_once(at(4))  # the one request left the window
+    assert kinds(await events(store)) == [ALERT_FIRING]
+    await store.write_batch([r(T + timedelta(minutes=4, seconds=30))])
+    await ev.run_once(at(5))
+    assert kinds(await events(store)) == [ALERT_FIRING, ALERT_RESOLVED]  # resolve_after 0: at once
+
+
+async def test_per_group_rules_fire_per_group(store: Store) -> None:
+    await subscribe(store)
+    await subscribe(store, "globex")
+    by_model = await add_rule(
+        store, metric="error_rate", op="above", threshold=0.5, window_s=600, group_by="model", min_requests=2
+    )
+    by_user = await add_rule(
+        store, metric="p95_latency_ms", op="above", threshold=1000, window_s=600, group_by="user_id",
+        min_requests=3,
+    )  # fmt: skip
+    w = T - timedelta(minutes=3)
+    await store.write_batch(
+        [r(w + timedelta(seconds=i), model="a", status=500) for i in range(3)]  # fires
+        + [r(w + timedelta(seconds=i), model="b") for i in range(3)]  # fine
+        + [r(w + timedelta(seconds=i), model="c", status=429, user_id="slow") for i in range(2)]  # fires
+        + [r(w + timedelta(seconds=i), model="d", status=500) for i in range(1)]  # too few
+        + [r(w + timedelta(seconds=i), model="b", user_id="slow", latency_ms=3000.0) for i in range(2)]
+        + [r(w + timedelta(seconds=i), model="b", user_id="fast", latency_ms=50.0) for i in range(5)]
+        + [r(w, tenant="globex", model="a", status=500) for _ in range(5)]  # another tenant's
+    )
+    ev = Evaluator(store, interval_s=60, resolve_after_s=300)
+    await ev.run_once(at(0))
+    await ev.run_once(at(1))
+    got = [
+        (p["data"]["alert_id"], p["data"]["group"], p["data"]["source"]) for _, _, p in await events(store)
+    ]
+    assert sorted(got) == sorted([
+        (by_model.id, "a", "rollups"), (by_model.id, "c", "rollups"), (by_user.id, "slow", "raw"),
+    ])  # fmt: skip
+    data = {p["data"]["group"]: p["data"] for _, _, p in await events(store)}
+    assert data["slow"]["count"] == 4 and data["slow"]["value"] > 1000  # 2 of 4 requests took 3 s
+    assert data["a"]["count"] == 3  # not globex's 5
+    assert await events(store, "globex") == []
+
+
+async def test_a_firing_group_that_goes_quiet_resolves(store: Store) -> None:
+    await subscribe(store)
+    await add_rule(store, metric="cost_usd", op="above", threshold=0, window_s=300, group_by="model")
+    ev = Evaluator(store, interval_s=60, resolve_after_s=120)
+    await store.write_batch([r(T - timedelta(minutes=1), model="x")])
+    await ev.run_once(at(0))
+    assert kinds(await events(store)) == [ALERT_FIRING]
+    for m in range(5, 8):  # the request left the window at minute 5 (4 until then)
+        await ev.run_once(at(m))
+    assert kinds(await events(store)) == [ALERT_FIRING, ALERT_RESOLVED]
+
+
+# -- several evaluators -------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def two_stores(kind: str, tmp_path: Path) -> AsyncIterator[tuple[Store, Store]]:
+    """Two stores on one database, as two `llmtap server` processes have."""
+    if kind == "sqlite":
+        from llmtap.store.sqlite import SQLiteStore
+
+        path = tmp_path / "shared.db"
+        a, b = SQLiteStore(path), SQLiteStore(path)
+        await a.connect()
+        await b.connect()
+        try:
+            yield a, b
+        finally:
+            await a.close()
+            await b.close()
+        return
+    from llmtap.store.postgres import PostgresStore
+
+    async with pg_database() as url:
+        a, b = PostgresStore(url), PostgresStore(url)
+        await a.connect()
+        await b.connect()
+        try:
+            yield a, b
+        finally:
+            await a.close()
+            await b.close()
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_two_evaluators_do_not_double_fire(kind: str, tmp_path: Path) -> None:
+    async with two_stores(kind, tmp_path) as (a, b):
+        await subscribe(a)
+        await subscribe(a)  # two endpoints: one event each
+        rule = await add_rule(a, metric="error_rate", op="above", threshold=0.5, window_s=600, min_requests=1)
+        await a.write_batch([r(T - timedelta(minutes=2), status=500) for _ in range(3)])
+        one = Evaluator(a, interval_s=60, resolve_after_s=60)
+        two = Evaluator(b, interval_s=60, resolve_after_s=60)
+        # Both at the same moment: one claims the rule, the other skips it.
+        done = await asyncio.gather(one.run_once(at(0)), two.run_once(at(0)))
+        assert sorted(done) == [0, 1]
+        assert kinds(await events(a)) == [ALERT_FIRING, ALERT_FIRING]
+        # Without claims (clocks apart, a claim lapsed), racing evaluations still fire nothing more:
+        # the state row decides.
+        await asyncio.gather(*(e.evaluate(rule, at(1 + i / 10)) for i in range(4) for e in (one, two)))
+        assert kinds(await events(a)) == [ALERT_FIRING, ALERT_FIRING]
+        assert one.fired + two.fired == 1
+        # Clear, then both race to resolve: one resolution per endpoint.
+        await a.write_batch([r(T + timedelta(seconds=i)) for i in range(20)])
+        await asyncio.gather(one.evaluate(rule, at(2)), two.evaluate(rule, at(2)))
+        await asyncio.gather(*(e.evaluate(rule, at(3.5)) for _ in range(4) for e in (one, two)))
+        got = await events(a)
+        assert kinds(got) == [ALERT_FIRING, ALERT_FIRING, ALERT_RESOLVED, ALERT_RESOLVED]
+        assert one.resolved + two.resolved == 1
+        assert len({p["data"]["episode"] for _, _, p in got}) == 1
+        # It can fire again later: a new episode, new events.
+        await a.write_batch([r(T + timedelta(minutes=3, seconds=i), status=500) for i in range(40)])
+        await asyncio.gather(one.evaluate(rule, at(4)), two.evaluate(rule, at(4)))
+        got = await events(a)
+        assert kinds(got)[4:] == [ALERT_FIRING, ALERT_FIRING]
+        assert {p["data"]["episode"] for _, k, p in got[4:]} == {2}
+
+
+# -- API and CLI ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=store_params())
+async def mt(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Server]:
+    async for s in start_server(request.param, tmp_path, multi_tenant=True):
+        yield s
+
+
+async def call(srv: Server, method: str, path: str, key: str | None, body: Any = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = None if body is None else json.dumps(body)
+    if method in ("POST", "PATCH"):
+        headers["Content-Type"] = "application/json"
+    async with srv.http.request(method, srv.base + path, headers=headers, data=data) as resp:
+        raw = await resp.read()
+        return resp.status, (json.loads(raw) if raw else None)
+
+
+async def test_alerts_api_is_authenticated_and_tenant_scoped(mt: Server) -> None:
+    _, key_a = await keys.create_key(mt.svc.store, "tenant-a", None)
+    _, key_b = await keys.create_key(mt.svc.store, "tenant-b", None)
+    for method, path in (("GET", "/api/v1/alerts"), ("POST", "/api/v1/alerts"), ("GET", "/api/v1/alerts/x"),
+                         ("PATCH", "/api/v1/alerts/x"), ("DELETE", "/api/v1/alerts/x")):  # fmt: skip
+        assert (await call(mt, method, path, None, {}))[0] == 401, (method, path)
+
+    rule = {"metric": "error_rate", "op": "above", "threshold": 0.1, "window_s": 600, "group_by": "model",
+            "min_requests": 10, "name": "errors"}  # fmt: skip
+    status, created = await call(mt, "POST", "/api/v1/alerts", key_a, rule)
+    assert status == 201, created
+    assert created["tenant"] == "tenant-a" and created["id"].startswith("al_")
+    assert {k: created[k] for k in rule} == rule
+    status, listed = await call(mt, "GET", "/api/v1/alerts", key_a)
+    assert status == 200 and [x["id"] for x in listed["items"]] == [created["id"]]
+    assert listed["items"][0]["firing"] == 0 and listed["items"][0]["states"] == []
+    assert (await call(mt, "GET", "/api/v1/alerts", key_b))[1] == {"items": []}
+    rid = created["id"]
+    for method in ("GET", "PATCH", "DELETE"):
+        assert (await call(mt, method, f"/api/v1/alerts/{rid}", key_b, {"threshold": 0.2}))[0] == 404, method
+
+    status, patched = await call(mt, "PATCH", f"/api/v1/alerts/{rid}", key_a, {"threshold": 0.2})
+    assert status == 200 and patched["threshold"] == 0.2 and patched["group_by"] == "model"
+    status, err = await call(mt, "PATCH", f"/api/v1/alerts/{rid}", key_a, {"threshold": 2})
+    assert status == 400 and "fraction" in err["error"]["message"]
+    assert (await call(mt, "GET", f"/api/v1/alerts/{rid}", key_a))[1]["threshold"] == 0.2
+
+    base = {"metric": "cost_usd", "op": "above", "threshold": 1, "window_s": 300}
+    for bad, says in (({**base, "metric": "nope"}, "unknown metric"), ({**base, "window_s": 30}, "5m to 1d"),
+                      ({**base, "extra": 1}, "unknown field 'extra'"),
+                      ({"metric": "cost_usd"}, "missing field 'op'"),
+                      ({**base, "group_by": "bogus"}, "group_by must be")):  # fmt: skip
+        status, err = await call(mt, "POST", "/api/v1/alerts", key_a, bad)
+        assert status == 400 and says in err["error"]["message"], (bad, err)
+
+    assert (await call(mt, "DELETE", f"/api/v1/alerts/{rid}", key_a))[0] == 204
+    assert (await call(mt, "GET", "/api/v1/alerts", key_a))[1] == {"items": []}
+    assert (await call(mt, "GET", f"/api/v1/alerts/{rid}", key_a))[0] == 404
+
+
+def test_cli_manages_rules(tmp_path: Path) -> None:
+    env = {"LLMTAP_DATA_DIR": str(tmp_path), "LLMTAP_STORE": f"sqlite:{tmp_path / 'store.db'}"}
+    runner = CliRunner()
+    res = runner.invoke(cli, ["alerts", "--help"], env=env)
+    assert res.exit_code == 0 and "Examples:" in res.stdout and "--group-by model" in res.stdout
+    res = runner.invoke(cli, ["alerts", "list"], env=env)
+    assert res.exit_code == 0 and "no alert rules" in res.output
+    for args, says in (
+        (["--metric", "error_rate", "--above", "5", "--window", "5m"], "fraction between 0 and 1"),
+        (["--metric", "cost_usd", "--above", "5", "--window", "2m"], "whole minutes from 5m to 1d"),
+        (["--metric", "cost_usd", "--above", "5", "--below", "1", "--window", "5m"], "exactly one of"),
+        (["--metric", "cost_usd", "--above", "5", "--window", "five"], "is not a duration"),
+    ):
+        res = runner.invoke(cli, ["alerts", "add", *args], env=env)
+        assert res.exit_code == 2 and says in res.output and res.output.count("\n") == 1, res.output
+    res = runner.invoke(
+        cli,
+        ["alerts", "add", "--metric", "error_rate", "--above", "0.05", "--window", "1h",
+         "--group-by", "model", "--min-requests", "20", "--tenant", "acme", "--name", "errors"],
+        env=env,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rule_id = res.stdout.strip()
+    assert rule_id.startswith("al_")
+    res = runner.invoke(cli, ["alerts", "list"], env=env)
+    assert res.exit_code == 0 and rule_id in res.stdout
+    assert "error_rate above 0.05 over 1h per model (min 20 requests)" in res.stdout
+    assert "tenant=acme" in res.stdout
+    # not the default tenant's
+    assert runner.invoke(cli, ["alerts", "remove", rule_id], env=env).exit_code == 1
+    assert runner.invoke(cli, ["alerts", "remove", rule_id, "--tenant", "acme"], env=env).exit_code == 0
+    assert "no alert rules" in runner.invoke(cli, ["alerts", "list"], env=env).output
+
+
+async def test_the_server_runs_the_evaluator(tmp_path: Path) -> None:
+    from llmtap.alerts.evaluator import AlertService
+    from llmtap.config import Settings
+    from llmtap.runtime import SharedBackends
+
+    settings = Settings(data_dir=tmp_path, store=f"sqlite:{tmp_path / 'store.db'}", alert_interval_s=1)
+    shared = SharedBackends(settings)
+    svc = AlertService(settings, backends=shared)
+    lines = await svc.start()
+    try:
+        assert lines == ["alerts    evaluated every 1 s"]
+        store = await shared.connect_store()
+        rule = await add_rule(store, metric="requests", op="above", threshold=100, window_s=300)
+        deadline = asyncio.get_running_loop().time() + 120
+
+        async def evaluated() -> bool:
+            got = await AlertDB(store.webhooks()).get_rule("acme", rule.id)
+            return got is not None and got.evaluated_at is not None
+
+        while not await evaluated():  # the service's own loop claims and evaluates it
+            assert asyncio.get_running_loop().time() < deadline, "the rule was never evaluated"
+            await asyncio.sleep(0.1)
+    finally:
+        await svc.stop()
+        await shared.stop()
