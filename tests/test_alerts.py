@@ -289,15 +289,14 @@ async def test_two_evaluators_do_not_double_fire(kind: str, tmp_path: Path) -> N
         await a.write_batch([r(T - timedelta(minutes=2), status=500) for _ in range(3)])
         one = Evaluator(a, interval_s=60, resolve_after_s=60)
         two = Evaluator(b, interval_s=60, resolve_after_s=60)
-        # Both at the same moment: one claims the rule, the other skips it.
-        done = await asyncio.gather(one.run_once(at(0)), two.run_once(at(0)))
-        assert sorted(done) == [0, 1]
-        assert kinds(await events(a)) == [ALERT_FIRING, ALERT_FIRING]
-        # Without claims (clocks apart, a claim lapsed), racing evaluations still fire nothing more:
-        # the state row decides.
-        await asyncio.gather(*(e.evaluate(rule, at(1 + i / 10)) for i in range(4) for e in (one, two)))
+        # Racing evaluations without claims (clocks apart, a claim lapsed): the state row decides.
+        await asyncio.gather(*(e.evaluate(rule, at(0)) for _ in range(4) for e in (one, two)))
         assert kinds(await events(a)) == [ALERT_FIRING, ALERT_FIRING]
         assert one.fired + two.fired == 1
+        # With claims, evaluators at the same moment evaluate the rule once in all.
+        done = await asyncio.gather(one.run_once(at(1)), two.run_once(at(1)))
+        assert sorted(done) == [0, 1]
+        assert kinds(await events(a)) == [ALERT_FIRING, ALERT_FIRING]
         # Clear, then both race to resolve: one resolution per endpoint.
         await a.write_batch([r(T + timedelta(seconds=i)) for i in range(20)])
         await asyncio.gather(one.evaluate(rule, at(2)), two.evaluate(rule, at(2)))
@@ -312,6 +311,27 @@ async def test_two_evaluators_do_not_double_fire(kind: str, tmp_path: Path) -> N
         got = await events(a)
         assert kinds(got)[4:] == [ALERT_FIRING, ALERT_FIRING]
         assert {p["data"]["episode"] for _, k, p in got[4:]} == {2}
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_of_concurrent_state_changes_in_the_store_one_wins(kind: str, tmp_path: Path) -> None:
+    """The store's conditional updates themselves, without the evaluator's own reading of the
+    state first: of many concurrent fires of one group one wins, and of many resolutions."""
+    async with two_stores(kind, tmp_path) as (a, b):
+        ep = await subscribe(a)
+        rule = await add_rule(a, metric="requests", op="above", threshold=0, window_s=300)
+        dbs = [AlertDB(s.webhooks()) for s in (a, b)]
+        won = await asyncio.gather(*(db.fire(rule, "=x", 1.0, 1, at(0), {}) for _ in range(5) for db in dbs))
+        assert sorted(won, key=str) == [1] + [None] * 9
+        done = await asyncio.gather(
+            *(db.clear(rule, "=x", 0.0, 0, at(1), 60_000_000, {}) for _ in range(5) for db in dbs)
+        )
+        assert done == [None] * 10  # clear for 0 s of the 60 required
+        done = await asyncio.gather(
+            *(db.clear(rule, "=x", 0.0, 0, at(2), 60_000_000, {}) for _ in range(5) for db in dbs)
+        )
+        assert sorted(done, key=str) == [1] + [None] * 9
+        assert [(e, k) for e, k, _ in await events(a)] == [(ep.id, ALERT_FIRING), (ep.id, ALERT_RESOLVED)]
 
 
 # -- API and CLI ----------------------------------------------------------------------------------
