@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -396,6 +397,11 @@ async def test_alerts_api_is_authenticated_and_tenant_scoped(mt: Server) -> None
 def test_cli_manages_rules(tmp_path: Path) -> None:
     env = {"LLMTAP_DATA_DIR": str(tmp_path), "LLMTAP_STORE": f"sqlite:{tmp_path / 'store.db'}"}
     runner = CliRunner()
+    from llmtap.alerts.rules import METRICS
+    from llmtap.cli import alerts_add
+
+    metric = next(p for p in alerts_add.params if p.name == "metric")
+    assert isinstance(metric.type, click.Choice) and list(metric.type.choices) == list(METRICS)
     res = runner.invoke(cli, ["alerts", "--help"], env=env)
     assert res.exit_code == 0 and "Examples:" in res.stdout and "--group-by model" in res.stdout
     res = runner.invoke(cli, ["alerts", "list"], env=env)

@@ -91,7 +91,8 @@ async def test_webhooks_api_is_authenticated_and_tenant_scoped(mt: Server) -> No
     u = "http://x.example/"
     for bad in ({"url": "ftp://x.example/"}, {"url": u, "events": ["nope"]},
                 {"url": u, "filters": ["user=1"]}, {"url": u, "sample": 0},
-                {"url": u, "secret": "plain"}, {"url": u, "extra": 1}):  # fmt: skip
+                {"url": u, "secret": "plain"}, {"url": u, "extra": 1}, {"url": u, "format": "teams"},
+                {"url": u, "events": ["alert.fired"]}):  # fmt: skip
         status, err = await call(mt, "POST", "/api/v1/webhooks", key_a, bad)
         assert status == 400, bad
         assert err["error"]["message"]
@@ -122,6 +123,17 @@ def test_cli_manages_endpoints(tmp_path: Path) -> None:
     res = runner.invoke(cli, ["webhooks", "rotate", ep_id, "--tenant", "acme"], env=env)
     assert res.exit_code == 0 and res.stdout.strip().startswith("whsec_") and res.stdout.strip() != secret
     assert "rotating" in runner.invoke(cli, ["webhooks", "list"], env=env).stdout
+    res = runner.invoke(
+        cli,
+        ["webhooks", "add", "http://127.0.0.1/slack", "--tenant", "acme", "--event", "alert.firing",
+         "--event", "alert.resolved", "--format", "slack"],
+        env=env,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    listed = runner.invoke(cli, ["webhooks", "list"], env=env).stdout
+    assert "events=alert.firing,alert.resolved  active  format=slack" in listed
+    slack_id = next(line.split()[0] for line in listed.splitlines() if "format=slack" in line)
+    assert runner.invoke(cli, ["webhooks", "remove", slack_id, "--tenant", "acme"], env=env).exit_code == 0
     # not the default tenant's endpoint
     assert runner.invoke(cli, ["webhooks", "remove", ep_id], env=env).exit_code == 1
     assert runner.invoke(cli, ["webhooks", "remove", ep_id, "--tenant", "acme"], env=env).exit_code == 0

@@ -581,7 +581,14 @@ def _with_alerts(ctx: click.Context, fn: Callable[[Any], Awaitable[T]], *, creat
     return _with_store(ctx, lambda s: fn(AlertDB(s.webhooks())), create=create)
 
 
-@alerts.command("add")
+@alerts.command(
+    "add",
+    epilog="""\b
+Examples:
+  llmtap alerts add --metric error_rate --above 0.05 --window 5m --group-by model --min-requests 20
+  llmtap alerts add --metric p95_ttft_ms --above 1500 --window 15m --group-by user_id --tenant acme
+""",
+)
 @click.option(
     "--metric", required=True,
     type=click.Choice(["cost_usd", "error_rate", "requests", "tokens", "p95_latency_ms", "p95_ttft_ms"]),
