@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from llmtap import keys
-from llmtap.alerts.db import AlertDB
+from llmtap.alerts.db import AlertDB, Outcome
 from llmtap.alerts.evaluator import Evaluator
 from llmtap.alerts.rules import AlertRule, Invalid, make_rule, parse_duration
 from llmtap.cli import cli
@@ -322,15 +322,14 @@ async def test_of_concurrent_state_changes_in_the_store_one_wins(kind: str, tmp_
         ep = await subscribe(a)
         rule = await add_rule(a, metric="requests", op="above", threshold=0, window_s=300)
         dbs = [AlertDB(s.webhooks()) for s in (a, b)]
-        won = await asyncio.gather(*(db.fire(rule, "=x", 1.0, 1, at(0), {}) for _ in range(5) for db in dbs))
+        won = await asyncio.gather(
+            *(db.fire(rule, Outcome("=x", True, 1.0, 1, False), at(0)) for _ in range(5) for db in dbs)
+        )
         assert sorted(won, key=str) == [1] + [None] * 9
-        done = await asyncio.gather(
-            *(db.clear(rule, "=x", 0.0, 0, at(1), 60_000_000, {}) for _ in range(5) for db in dbs)
-        )
+        clear = Outcome("=x", False, 0.0, 0, True)
+        done = await asyncio.gather(*(db.clear(rule, clear, at(1), MIN) for _ in range(5) for db in dbs))
         assert done == [None] * 10  # clear for 0 s of the 60 required
-        done = await asyncio.gather(
-            *(db.clear(rule, "=x", 0.0, 0, at(2), 60_000_000, {}) for _ in range(5) for db in dbs)
-        )
+        done = await asyncio.gather(*(db.clear(rule, clear, at(2), MIN) for _ in range(5) for db in dbs))
         assert sorted(done, key=str) == [1] + [None] * 9
         assert [(e, k) for e, k, _ in await events(a)] == [(ep.id, ALERT_FIRING), (ep.id, ALERT_RESOLVED)]
 

@@ -13,6 +13,8 @@ no-op: a receiver sees each firing and each resolution once, under one `webhook-
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +27,7 @@ from llmtap.webhooks.db import (
     delivery_params,
     endpoint_from_row,
 )
-from llmtap.webhooks.outbox import ALERT_FIRING, ALERT_RESOLVED, NewDelivery, delivery_id, envelope
+from llmtap.webhooks.outbox import ALERT_FIRING, ALERT_RESOLVED, Endpoint, NewDelivery, delivery_id, envelope
 
 _COLS = (
     "id, tenant, metric, op, threshold, window_s, group_by, min_requests, name, created_at,"
@@ -52,6 +54,19 @@ _RESOLVE = (
     " AND clear_since <= $6"
     " RETURNING episode, fired_at"
 )
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One group's evaluation: whether the condition held, the value and request count, whether
+    it was firing when the evaluation began, and the event's payload (if it comes to one)."""
+
+    key: str
+    held: bool
+    value: float | None
+    count: int
+    was_firing: bool
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def _rule(row: Any) -> AlertRule:
@@ -152,65 +167,103 @@ class AlertDB:
             )
         return {r[0] for r in rows}
 
-    async def fire(
-        self, rule: AlertRule, key: str, value: float | None, count: int, now_us: int, data: dict[str, Any]
-    ) -> int | None:
-        """Fire the rule x group unless it is firing already; the new episode, or None.
-
-        `data` is the event's payload; `episode` and `fired_at` are added here."""
+    async def apply(
+        self, rule: AlertRule, now_us: int, resolve_after_us: int, outcomes: Sequence[Outcome]
+    ) -> tuple[list[str], list[str]]:
+        """One evaluation's state changes, in one transaction (one commit, not one per group):
+        (keys fired, keys resolved). Keys are taken in order, so two evaluators lock rows in the
+        same order (PostgreSQL: no deadlock)."""
+        fired: list[str] = []
+        resolved: list[str] = []
         async with self.hooks.tx() as c:
-            rows = await c.fetch(_FIRE, rule.id, key, rule.tenant, value, count, now_us)
-            if not rows:
-                return None
-            episode = int(rows[0][0])
-            event = {**data, "episode": episode, "fired_at": iso_us(now_us)}
-            await self._announce(c, rule, key, episode, ALERT_FIRING, event, now_us)
+            endpoints: list[Endpoint] | None = None
+            for o in sorted(outcomes, key=lambda o: o.key):
+                if o.held and not o.was_firing:
+                    episode = await self._fire(c, rule, o, now_us)
+                    event, done = ALERT_FIRING, fired
+                elif o.held:
+                    await self._hold(c, rule, o, now_us)
+                    continue
+                elif o.was_firing:
+                    episode = await self._clear(c, rule, o, now_us, resolve_after_us)
+                    event, done = ALERT_RESOLVED, resolved
+                else:
+                    continue
+                if episode is None:
+                    continue
+                if endpoints is None:
+                    endpoints = await self._endpoints(c, rule.tenant)
+                await self._announce(c, endpoints, rule, o.key, episode, event, o.data, now_us)
+                done.append(o.key)
+        return fired, resolved
+
+    async def fire(self, rule: AlertRule, o: Outcome, now_us: int) -> int | None:
+        """Fire one rule x group unless it is firing already: the new episode, or None."""
+        async with self.hooks.tx() as c:
+            episode = await self._fire(c, rule, o, now_us)
+            if episode is not None:
+                eps = await self._endpoints(c, rule.tenant)
+                await self._announce(c, eps, rule, o.key, episode, ALERT_FIRING, o.data, now_us)
         return episode
 
-    async def holding(self, rule: AlertRule, key: str, value: float | None, count: int, now_us: int) -> None:
+    async def clear(self, rule: AlertRule, o: Outcome, now_us: int, resolve_after_us: int) -> int | None:
+        """One firing rule x group found clear: the episode it resolved, or None."""
+        async with self.hooks.tx() as c:
+            episode = await self._clear(c, rule, o, now_us, resolve_after_us)
+            if episode is not None:
+                eps = await self._endpoints(c, rule.tenant)
+                await self._announce(c, eps, rule, o.key, episode, ALERT_RESOLVED, o.data, now_us)
+        return episode
+
+    @staticmethod
+    async def _fire(c: Conn, rule: AlertRule, o: Outcome, now_us: int) -> int | None:
+        rows = await c.fetch(_FIRE, rule.id, o.key, rule.tenant, o.value, o.count, now_us)
+        if not rows:
+            return None
+        episode = int(rows[0][0])
+        o.data = {**o.data, "episode": episode, "fired_at": iso_us(now_us)}
+        return episode
+
+    @staticmethod
+    async def _hold(c: Conn, rule: AlertRule, o: Outcome, now_us: int) -> None:
         """A firing group whose condition still holds: any clear streak is over."""
-        async with self.hooks.tx() as c:
-            await c.execute(
-                "UPDATE alert_states SET clear_since = NULL, value = $3, count = $4, updated_at = $5"
-                " WHERE rule_id = $1 AND group_key = $2 AND state = 'firing'",
-                rule.id, key, value, count, now_us,
-            )  # fmt: skip
+        await c.execute(
+            "UPDATE alert_states SET clear_since = NULL, value = $3, count = $4, updated_at = $5"
+            " WHERE rule_id = $1 AND group_key = $2 AND state = 'firing'",
+            rule.id, o.key, o.value, o.count, now_us,
+        )  # fmt: skip
 
-    async def clear(
-        self,
-        rule: AlertRule,
-        key: str,
-        value: float | None,
-        count: int,
-        now_us: int,
-        resolve_after_us: int,
-        data: dict[str, Any],
-    ) -> int | None:
+    @staticmethod
+    async def _clear(c: Conn, rule: AlertRule, o: Outcome, now_us: int, resolve_after_us: int) -> int | None:
         """A firing group whose condition is clear: start its clear streak, and resolve it once
-        the streak is `resolve_after_us` old; the resolved episode, or None."""
-        async with self.hooks.tx() as c:
-            await c.execute(
-                "UPDATE alert_states SET clear_since = $3, updated_at = $3"
-                " WHERE rule_id = $1 AND group_key = $2 AND state = 'firing' AND clear_since IS NULL",
-                rule.id, key, now_us,
-            )  # fmt: skip
-            rows = await c.fetch(_RESOLVE, rule.id, key, now_us, value, count, now_us - resolve_after_us)
-            if not rows:
-                return None
-            episode, fired_at = int(rows[0][0]), int(rows[0][1])
-            event = {**data, "episode": episode, "fired_at": iso_us(fired_at), "resolved_at": iso_us(now_us)}
-            await self._announce(c, rule, key, episode, ALERT_RESOLVED, event, now_us)
+        the streak is `resolve_after_us` old."""
+        await c.execute(
+            "UPDATE alert_states SET clear_since = $3, updated_at = $3"
+            " WHERE rule_id = $1 AND group_key = $2 AND state = 'firing' AND clear_since IS NULL",
+            rule.id, o.key, now_us,
+        )  # fmt: skip
+        rows = await c.fetch(_RESOLVE, rule.id, o.key, now_us, o.value, o.count, now_us - resolve_after_us)
+        if not rows:
+            return None
+        episode, fired_at = int(rows[0][0]), int(rows[0][1])
+        o.data = {**o.data, "episode": episode, "fired_at": iso_us(fired_at), "resolved_at": iso_us(now_us)}
         return episode
 
+    @staticmethod
+    async def _endpoints(c: Conn, tenant: str) -> list[Endpoint]:
+        rows = await c.fetch(f"{SELECT_ENDPOINTS} WHERE tenant = $1 AND disabled_at IS NULL", tenant)
+        return [endpoint_from_row(r) for r in rows]
+
+    @staticmethod
     async def _announce(
-        self, c: Conn, rule: AlertRule, key: str, episode: int, event: str, data: dict[str, Any], now_us: int
-    ) -> None:
+        c: Conn, endpoints: Sequence[Endpoint], rule: AlertRule, key: str, episode: int, event: str,
+        data: dict[str, Any], now_us: int,
+    ) -> None:  # fmt: skip
         """The event to each enabled endpoint of the tenant that subscribes to it (filters and
         sampling are about requests: they do not apply)."""
-        rows = await c.fetch(f"{SELECT_ENDPOINTS} WHERE tenant = $1 AND disabled_at IS NULL", rule.tenant)
         subject = f"{rule.id}{' ' + key if key else ''} #{episode}"
         body = envelope(event, iso_us(now_us), data)
-        for ep in map(endpoint_from_row, rows):
+        for ep in endpoints:
             if event not in ep.events:
                 continue
             d = NewDelivery(

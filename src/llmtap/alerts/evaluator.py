@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from llmtap.alerts.db import AlertDB, iso_us
+from llmtap.alerts.db import AlertDB, Outcome, iso_us
 from llmtap.alerts.rules import AlertRule, duration_text, group_key, group_value, holds
 from llmtap.errors import BackendUnavailable, TransientError
 from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
@@ -103,22 +103,24 @@ class Evaluator:
             seen = {group_key(g["key"]): g for g in stats["groups"]}
         firing = await self.db.firing(rule.id)
         base = {"window_start": iso_us(since), "window_end": iso_us(until), "source": stats.get("source")}
+        outcomes = []
         for key in seen.keys() | firing:
             totals = seen.get(key, _EMPTY)
             held, value = holds(rule, totals)
             count = int(totals["count"])
-            data = {**base, **_event_data(rule, key, value, count, held)}
-            if held and key not in firing:
-                if await self.db.fire(rule, key, value, count, now_us, data) is not None:
-                    self.fired += 1
-                    log.warning("alert firing: %s", data["summary"])
-            elif held:
-                await self.db.holding(rule, key, value, count, now_us)
-            elif key in firing:
-                resolved = await self.db.clear(rule, key, value, count, now_us, self.resolve_after_us, data)
-                if resolved is not None:
-                    self.resolved += 1
-                    log.warning("alert resolved: %s", data["summary"])
+            if held or key in firing:
+                data = {**base, **_event_data(rule, key, value, count, held)}
+                outcomes.append(Outcome(key, held, value, count, key in firing, data))
+        if not outcomes:
+            return
+        fired, resolved = await self.db.apply(rule, now_us, self.resolve_after_us, outcomes)
+        self.fired += len(fired)
+        self.resolved += len(resolved)
+        by_key = {o.key: o for o in outcomes}
+        for key in fired:
+            log.warning("alert firing: %s", by_key[key].data["summary"])
+        for key in resolved:
+            log.warning("alert resolved: %s", by_key[key].data["summary"])
 
 
 def _event_data(rule: AlertRule, key: str, value: float | None, count: int, held: bool) -> dict[str, Any]:
