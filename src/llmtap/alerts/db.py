@@ -3,10 +3,11 @@
 Who decides. Any number of servers evaluate. Each takes a rule for one interval with a
 conditional update of `next_eval_at` (`claim`), so a rule is normally evaluated once per interval
 in all. That is economy, not safety: the state changes themselves are conditional updates of
-the rule x group row — `firing` only from not-firing (`fire`), `resolved` only from `firing`
-(`resolve`) — each in the transaction that writes the event into the outbox. PostgreSQL's row
-lock (an UPDATE waits for a concurrent one, then re-checks its WHERE) and SQLite's single
-writer make the second of two racing evaluators change nothing and write nothing. A delivery's id
+the rule x group row — `firing` only from not-firing (`_fire`), `resolved` only from `firing`
+(`_clear`) — in the transaction that writes the events into the outbox (one per evaluation,
+its rows taken in key order). PostgreSQL's row lock (an UPDATE waits for a concurrent one, then
+re-checks its WHERE) and SQLite's single writer make the second of two racing evaluators change
+nothing and write nothing. A delivery's id
 is derived from (endpoint, event, rule, group, episode) as well, so even a repeated insert is a
 no-op: a receiver sees each firing and each resolution once, under one `webhook-id`.
 """
