@@ -372,9 +372,13 @@ class PostgresStore(Store):
             raise BackendUnavailable(f"cannot connect to PostgreSQL at {self._where}: {_reason(e)}") from None
         now = sql.now()
         with self._errors():
-            # A database migrated only part-way (tests of old versions) has no outbox yet.
+            # A database migrated only part-way (tests of old versions) has no outbox yet, or not
+            # as this code reads it (endpoints with a payload format, version 9).
             self._outbox = bool(
-                await self._p().fetchval("SELECT to_regclass('webhook_endpoints') IS NOT NULL")
+                await self._p().fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema ="
+                    " current_schema() AND table_name = 'webhook_endpoints' AND column_name = 'format')"
+                )
             )
             await self._load_partitions()
             await self._ensure_partitions(

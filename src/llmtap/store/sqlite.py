@@ -215,7 +215,7 @@ class SQLiteStore(Store):
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._hooks: SQLiteWebhooks | None = None
-        self._outbox = False  # the webhook tables exist (not in a file migrated only part-way)
+        self._outbox = False  # the webhook tables are there (not in a file migrated only part-way)
 
     def webhooks(self) -> SQLiteWebhooks:
         if self._hooks is None:
@@ -282,8 +282,11 @@ class SQLiteStore(Store):
         conn.execute("BEGIN IMMEDIATE")  # one process migrates at a time
         try:
             self._migrate(conn)
+            # The outbox as this code reads it (endpoints with a payload format, version 10).
             self._outbox = bool(
-                conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'webhook_endpoints'").fetchone()
+                conn.execute(
+                    "SELECT 1 FROM pragma_table_info('webhook_endpoints') WHERE name = 'format'"
+                ).fetchone()
             )
             found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollup_dims'").fetchone()
             self._rollups = found is not None
