@@ -409,6 +409,22 @@ async def test_alert_events_arrive_signed_and_as_slack_text(store: Store) -> Non
             await x.stop()
 
 
+async def test_the_environment_endpoint_gets_event_types_added_since(tmp_path: Path) -> None:
+    """LLMTAP_WEBHOOK_URL's endpoint receives every event type, also one added by an upgrade."""
+    from llmtap.webhooks.deliverer import ENV_ENDPOINT_ID
+    from llmtap.webhooks.outbox import EVENTS
+
+    async with open_store("sqlite", tmp_path) as store:
+        db = store.webhooks()
+        secret = new_secret()
+        url = "http://example.com/h"
+        # as a version before the alert events stored it, then as this one does
+        await db.put_endpoint(Endpoint(ENV_ENDPOINT_ID, "default", url, secret, [REQUEST_COMPLETED]))
+        await db.put_endpoint(Endpoint(ENV_ENDPOINT_ID, "default", url, secret, list(EVENTS)))
+        [ep] = await db.list_endpoints("default")
+        assert ep.events == list(EVENTS) and ep.secret == secret and ep.previous_secret is None
+
+
 # -- SSRF guard ---------------------------------------------------------------------------------
 
 

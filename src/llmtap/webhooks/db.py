@@ -114,6 +114,11 @@ class WebhookDB:
                 )  # fmt: skip
                 return
             old = endpoint_from_row(rows[0])
+            if old.events != ep.events:  # event types added since (alerts): this endpoint gets all
+                await c.execute(
+                    "UPDATE webhook_endpoints SET events = $2 WHERE id = $1",
+                    ep.id, orjson.dumps(ep.events).decode(),
+                )  # fmt: skip
             if (old.url, old.secret, old.tenant) != (ep.url, ep.secret, ep.tenant):
                 # A changed secret keeps signing with the old one too, so receivers can roll over.
                 prev = old.secret if old.secret != ep.secret else old.previous_secret
