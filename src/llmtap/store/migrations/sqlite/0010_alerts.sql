@@ -1,7 +1,7 @@
 -- alert rules, their state per group, and a payload format per webhook endpoint
 --
--- The same columns as PostgreSQL's version 9; times in microseconds since the epoch. (Version 9
--- is another branch's: numbers may have gaps, see `llmtap.store.migrations`.)
+-- The same columns as PostgreSQL's version 9; times in microseconds since the epoch. (Written
+-- beside version 9, the user rollups, on another branch: see `llmtap.store.migrations` on gaps.)
 --
 -- alert_rules.next_eval_at is the claim: an evaluator takes a rule for one interval with a
 -- conditional update, so several servers evaluate each rule once per interval. alert_states
