@@ -24,20 +24,26 @@ body to the body store and publishes the record with the reference; while the bo
 still down it leaves the segment untouched (nothing published twice, nothing lost). The
 other records of the batch go on to the queue as usual. A user sees the record once the body
 store is back — when the worker, which writes every body there, can store rows again anyway.
+
+Readers (the API, the webhook deliverer) get a body's bytes back with `read`, whichever of the
+two places it is in.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from llmtap.bodies.base import body_key
-from llmtap.record import Body, LogRecord, compress
+from llmtap.record import Body, LogRecord, compress, decompress
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
+
+log = logging.getLogger("llmtap.bodies")
 
 #: Bodies smaller than this travel uncompressed (`encoding="identity"`): zstd's per-frame cost
 #: (~5 µs) buys almost nothing on a few hundred bytes.
@@ -95,3 +101,16 @@ async def to_store(bodies: BodyStore, records: Sequence[LogRecord], *, above: in
     for (r, attr, body), ref in zip(swaps, refs, strict=True):
         setattr(r, attr, msgspec.structs.replace(body, data=None, ref=ref))
     return len(puts)
+
+
+async def read(bodies: BodyStore, body: Body) -> bytes | None:
+    """The original bytes of a body, inline or in the body store; None when they are gone
+    (retention, a damaged object). Raises `TransientError` when the body store is down."""
+    raw = await bodies.get(body.ref) if body.ref is not None else body.data
+    if raw is None or body.encoding != "zstd":
+        return raw
+    try:
+        return decompress(raw)
+    except Exception:  # a damaged body must not make the whole record unreadable
+        log.warning("body %s is not valid zstd", body.ref or "(inline)")
+        return None

@@ -18,11 +18,12 @@ import orjson
 from aiohttp import web
 from prometheus_client import Counter
 
+from llmtap.bodies import offload
 from llmtap.bodies.base import BodyStore, body_key
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError
 from llmtap.handlers.chain import Chain
-from llmtap.record import Body, LogRecord, decode, decode_many, decompress
+from llmtap.record import Body, LogRecord, decode, decode_many
 from llmtap.server.auth import IngestCaller
 from llmtap.server.ingest import IngestQueue
 from llmtap.store import query
@@ -138,19 +139,9 @@ async def _resolve(bodies: BodyStore, meta: dict[str, Any] | None, *, as_text: b
     """A body reference → the body: parsed JSON if it is JSON, else text; None when absent."""
     if meta is None:
         return None
-    body = msgspec.convert(meta, Body)
-    if body.ref is not None:
-        raw = await bodies.get(body.ref)
-    else:
-        raw = body.data
+    raw = await offload.read(bodies, msgspec.convert(meta, Body))
     if raw is None:
         return None
-    if body.encoding == "zstd":
-        try:
-            raw = decompress(raw)
-        except Exception:  # a damaged body must not make the whole record unreadable
-            log.warning("body %s is not valid zstd", body.ref)
-            return None
     if not as_text:
         try:
             return orjson.loads(raw)
