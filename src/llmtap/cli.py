@@ -521,13 +521,13 @@ _limit_option = click.option("--limit", default=50, show_default=True, help="Sho
 @webhooks.command("deliveries")
 @_tenant_option
 @click.option("--endpoint", "endpoint_id", help="Only this endpoint's deliveries.")
-@click.option("--status", type=click.Choice(["pending", "delivered"]))
+@click.option("--status", type=click.Choice(["pending", "delivered", "failed"]))
 @_limit_option
 @click.pass_context
 def webhooks_deliveries(
     ctx: click.Context, tenant: str | None, endpoint_id: str | None, status: str | None, limit: int
 ) -> None:
-    """The delivery log, newest first: status, attempts, last answer."""
+    """The delivery log, newest first: status, attempts, last answer (failed: given up)."""
     rows = _with_hooks(
         ctx, lambda db, _s: db.list_deliveries(_tenant(ctx, tenant), endpoint_id, status, limit)
     )

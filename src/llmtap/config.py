@@ -126,6 +126,15 @@ class Settings(BaseSettings):
     alert_resolve_after_s: float = Field(
         300.0, ge=0, le=86400, description="a firing alert resolves once clear this long"
     )
+    webhook_body_bytes: int = Field(
+        64 * 1024, ge=0, description="--include-bodies: each body's text in a payload is cut to this"
+    )
+    webhook_keep_days: float = Field(
+        7.0, gt=0, description="delivered and given-up deliveries stay in the delivery log this long"
+    )
+    webhook_max_rejections: int = Field(
+        5, ge=1, description="attempts before an event a working receiver keeps refusing (4xx) is given up"
+    )
 
     # -- tenants -----------------------------------------------------------------------------
     multi_tenant: bool = False

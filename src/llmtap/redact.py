@@ -154,6 +154,26 @@ def redact_text(text: str) -> str:
     return _KEY_SHAPES.sub(REDACTED, text)
 
 
+#: A JSON member whose value is a string: `"name": "value"` (escapes inside the value kept).
+_JSON_MEMBER = re.compile(r'"(?P<name>[^"\\]{1,100})"(?P<sep>\s*:\s*)"(?P<value>(?:[^"\\]|\\.)*)"')
+
+
+def redact_body(text: str) -> str:
+    """A captured body's text for a copy that leaves llmtap (webhook payloads): string members
+    of JSON named like a credential (`"api_key": "..."`, the query-parameter rule) masked, then
+    `redact_text`. Only matched spans change, so a body without credentials stays byte-exact."""
+    if '"' in text:
+        text = _JSON_MEMBER.sub(
+            lambda m: (
+                f'"{m["name"]}"{m["sep"]}"{REDACTED}"'
+                if m["value"] and is_secret_param(m["name"])
+                else m.group()
+            ),
+            text,
+        )
+    return redact_text(text)
+
+
 class CredentialFilter(logging.Filter):
     """Masks credentials in every record it sees; turns aiohttp's traceback for a malformed
     request (which quotes the raw request) into one line without the client's bytes."""

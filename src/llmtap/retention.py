@@ -5,6 +5,11 @@ store and the body store. The cutoff is rounded down to midnight UTC, because th
 store packs a tenant's bodies of one day together and removes whole packs. Rows go first, then
 the bodies they referenced: a crash in between leaves orphan body files (disk, not wrong
 answers), never rows whose bodies are gone. Several servers running it at once is harmless.
+
+The same task empties the webhook delivery log: delivered and given-up deliveries finished more
+than `LLMTAP_WEBHOOK_KEEP_DAYS` ago are deleted in bounded batches (one short transaction each, so
+the deliverer and the worker's outbox writes never wait long); pending ones are never touched,
+however old. This runs whether or not `LLMTAP_RETENTION_DAYS` is set.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from llmtap.bodies.base import BodyStore
 from llmtap.store.base import Store
+from llmtap.webhooks.db import WebhookDB, now_us
 
 log = logging.getLogger("llmtap.retention")
 
@@ -37,21 +43,37 @@ async def purge(store: Store, bodies: BodyStore, cutoff: datetime, *, batch: int
         removed += len(refs)
 
 
+async def purge_deliveries(db: WebhookDB, keep_days: float, *, batch: int = 5_000) -> int:
+    """Delete delivered and given-up deliveries finished more than `keep_days` ago, `batch` rows
+    per transaction; returns how many."""
+    before = now_us() - int(keep_days * 86_400 * 1_000_000)
+    total = 0
+    while True:
+        n = await db.purge_deliveries(before, batch)
+        total += n
+        if n < batch:
+            return total
+        await asyncio.sleep(0)  # between batches, whoever waits for the database goes first
+
+
 class RetentionTask:
-    """Purges once shortly after start, then every `interval` seconds."""
+    """Purges once shortly after start, then every `interval` seconds: records and bodies when
+    `days` is set, the webhook delivery log when `webhook_keep_days` is."""
 
     def __init__(
         self,
         store: Store,
         bodies: BodyStore,
-        days: int,
+        days: int | None,
         *,
+        webhook_keep_days: float | None = None,
         interval: float = 3600.0,
         first_delay: float = 10.0,
     ) -> None:
         self.store = store
         self.bodies = bodies
         self.days = days
+        self.webhook_keep_days = webhook_keep_days
         self.interval = interval
         self.first_delay = first_delay
         self._task: asyncio.Task[None] | None = None
@@ -68,6 +90,12 @@ class RetentionTask:
     async def _run(self) -> None:
         await asyncio.sleep(self.first_delay)
         while True:
+            await self.run_once()
+            await asyncio.sleep(self.interval)
+
+    async def run_once(self) -> None:
+        """One round; an outage is logged and the round tried again at the next interval."""
+        if self.days:
             cutoff = cutoff_for(self.days)
             try:
                 n = await purge(self.store, self.bodies, cutoff)
@@ -75,4 +103,16 @@ class RetentionTask:
                     log.info("retention: removed records older than %s (%d bodies)", cutoff.date(), n)
             except Exception as e:  # an outage: try again next round
                 log.warning("retention: purge failed, retrying later: %s: %s", type(e).__name__, e)
-            await asyncio.sleep(self.interval)
+        if self.webhook_keep_days:
+            try:
+                db = self.store.webhooks()
+            except NotImplementedError:  # a store without an outbox
+                return
+            try:
+                n = await purge_deliveries(db, self.webhook_keep_days)
+                if n:
+                    log.info("retention: removed %d finished webhook deliveries", n)
+            except Exception as e:
+                log.warning(
+                    "retention: webhook delivery purge failed, retrying later: %s: %s", type(e).__name__, e
+                )

@@ -234,7 +234,7 @@ class ServerService(OnBackends):
             lines.append(f"server    WAITING: {waiting} (the API answers 503 until it is back)")
             connect = asyncio.create_task(self._open_later(str(waiting)), name="llmtap-server-connect")
             self._stack.push_async_callback(cancel, connect)
-        elif self.settings.retention_days:
+        else:
             self._start_retention()
         if self.settings.retention_days:
             lines.append(
@@ -250,12 +250,17 @@ class ServerService(OnBackends):
         if not await open_when_back("server", reason, self._open):
             return
         log.warning("server: backends are back; the API serves again")
-        if self.settings.retention_days:
-            self._start_retention()
+        self._start_retention()
 
     def _start_retention(self) -> None:
-        assert self.settings.retention_days
-        retention = RetentionTask(self.store, self.bodies, self.settings.retention_days)
+        """Records and bodies past `LLMTAP_RETENTION_DAYS` (if set); finished webhook deliveries
+        past `LLMTAP_WEBHOOK_KEEP_DAYS` (always)."""
+        retention = RetentionTask(
+            self.store,
+            self.bodies,
+            self.settings.retention_days,
+            webhook_keep_days=self.settings.webhook_keep_days,
+        )
         retention.start()
         self._stack.push_async_callback(retention.stop)  # first to stop: it uses everything else
 

@@ -99,8 +99,8 @@ async def deliveries(request: web.Request) -> web.Response:
         name = sorted(unknown)[0]
         return api.error_response(400, f"unknown parameter {name!r}", parameter=name)
     status = q.get("status")
-    if status not in (None, "pending", "delivered"):
-        return api.error_response(400, "status is pending or delivered", parameter="status")
+    if status not in (None, "pending", "delivered", "failed"):
+        return api.error_response(400, "status is pending, delivered or failed", parameter="status")
     try:
         limit = int(q.get("limit", "50"))
     except ValueError:

@@ -60,6 +60,19 @@ def delivery_params(d: NewDelivery) -> tuple[Any, ...]:
     return (d.id, d.endpoint_id, d.tenant, d.event, d.subject, d.payload.decode(), d.created_at)
 
 
+#: 4xx answers that refuse this event, not the receiver's state at the moment (408, 409, 423,
+#: 425 and 429 say "later"): an event refused this way while the endpoint takes others is given
+#: up after `max_rejections` attempts.
+_NOT_PERMANENT = frozenset({408, 409, 423, 425, 429})
+#: Standard Webhooks: 410 Gone means the receiver wants no more webhooks from us at all.
+GONE = 410
+
+
+def rejected(status: int | None) -> bool:
+    """A permanent refusal of one event (a 4xx other than the "try later" ones)."""
+    return status is not None and 400 <= status < 500 and status not in _NOT_PERMANENT
+
+
 @dataclass(slots=True)
 class Claimed:
     id: str
@@ -68,6 +81,8 @@ class Claimed:
     payload: bytes
     attempts: int
     probe: bool
+    subject: str = ""
+    last_status: int | None = None
 
 
 class Conn(Protocol):
@@ -221,7 +236,7 @@ class WebhookDB:
                     continue
                 due = "" if probe else " AND next_at <= $2"
                 got = await c.fetch(
-                    "SELECT id, event, payload, attempts FROM webhook_deliveries"
+                    "SELECT id, event, payload, attempts, subject, last_status FROM webhook_deliveries"
                     " WHERE endpoint_id = $1 AND status = 'pending'"
                     f" AND (lease_until IS NULL OR lease_until <= $2){due}"
                     f" ORDER BY next_at, created_at, id LIMIT $3{self.skip_locked}",
@@ -229,7 +244,7 @@ class WebhookDB:
                 )  # fmt: skip
                 for r in got:
                     await c.execute(_LEASE, r[0], lease)
-                    out.append(Claimed(r[0], ep, r[1], r[2].encode(), r[3], probe))
+                    out.append(Claimed(r[0], ep, r[1], r[2].encode(), r[3], probe, r[4], r[5]))
                 if probe and got:
                     # No second probe (here or in another deliverer) while this one is out.
                     await c.execute("UPDATE webhook_endpoints SET retry_at = $2 WHERE id = $1", ep.id, lease)
@@ -265,8 +280,20 @@ class WebhookDB:
         retry_after: float | None,
         max_backoff: float,
         disable_after: float,
-    ) -> bool:
-        """Record a failed attempt; back the endpoint off; True when it got disabled."""
+        max_rejections: int = 5,
+    ) -> str | None:
+        """Record a failed attempt and back the endpoint off. Returns "disabled" when the
+        endpoint got disabled (failing for `disable_after`, or 410 Gone), "given_up" when this
+        delivery was given up, else None.
+
+        A delivery is given up (status `failed`, its last answer kept in the log) when a receiver
+        that is taking other events refuses this one for good: a permanent 4xx (`rejected`) on
+        an attempt made while the endpoint was healthy (not a probe, not failing), the previous
+        attempt refused too, after at least `max_rejections` attempts. Without this, one event
+        a receiver can never accept would be retried for days, and each failure would send the
+        whole endpoint back to probing. A receiver refusing everything never gets a success,
+        so its events stay pending (for `llmtap webhooks enable`) and the endpoint is disabled.
+        """
         now = now_us()
         async with self.tx() as c:
             rows = await c.fetch(
@@ -275,31 +302,62 @@ class WebhookDB:
                 d.endpoint.id,
             )
             attempts = d.attempts + 1
+            healthy = bool(rows) and rows[0][0] is None and rows[0][2] is None and not d.probe
+            if (
+                healthy and status != GONE and rejected(status) and rejected(d.last_status)
+                and attempts >= max_rejections
+            ):  # fmt: skip
+                await c.execute(
+                    "UPDATE webhook_deliveries SET status = 'failed', attempts = $2, last_status = $3,"
+                    " last_error = $4, next_at = $5, lease_until = NULL WHERE id = $1",
+                    d.id, attempts, status, f"given up: {error}"[:500], now,
+                )  # fmt: skip
+                return "given_up"
             await c.execute(
                 "UPDATE webhook_deliveries SET attempts = $2, last_status = $3, last_error = $4,"
                 " next_at = $5, lease_until = NULL WHERE id = $1",
                 d.id, attempts, status, error[:500], now + backoff_us(attempts, max_backoff),
             )  # fmt: skip
             if not rows or rows[0][2] is not None:
-                return False
+                return None
             since = rows[0][0] if rows[0][0] is not None else now
             failures = rows[0][1] + 1
             wait = backoff_us(failures, max_backoff)
             if retry_after is not None:  # honoured, within reason (an hour)
                 wait = max(wait, int(min(retry_after, 3600.0) * 1e6))
-            if now - since >= disable_after * 1e6:
+            if status == GONE or now - since >= disable_after * 1e6:
                 await c.execute(
                     "UPDATE webhook_endpoints SET disabled_at = $2, failures = $3, retry_at = NULL"
                     " WHERE id = $1",
                     d.endpoint.id, now, failures,
                 )  # fmt: skip
                 await self._announce_disabled(c, d.endpoint, rows[0][3], since, now, error)
-                return True
+                return "disabled"
             await c.execute(
                 "UPDATE webhook_endpoints SET failing_since = $2, failures = $3, retry_at = $4 WHERE id = $1",
                 d.endpoint.id, since, failures, now + wait,
             )  # fmt: skip
-        return False
+        return None
+
+    async def postpone(self, d: Claimed, error: str, delay_s: float) -> None:
+        """Send this delivery later without an attempt (its bodies could not be read): the
+        endpoint's state is untouched, so its other deliveries go on."""
+        async with self.tx() as c:
+            await c.execute(
+                "UPDATE webhook_deliveries SET next_at = $2, last_error = $3, lease_until = NULL"
+                " WHERE id = $1 AND status = 'pending'",
+                d.id, now_us() + int(delay_s * random.uniform(0.5, 1.0) * 1e6), error[:500],
+            )  # fmt: skip
+
+    async def purge_deliveries(self, before_us: int, limit: int = 10_000) -> int:
+        """Delete up to `limit` delivered or given-up deliveries finished before `before_us`
+        (pending ones never); returns how many. The retention task calls it in a loop."""
+        async with self.tx() as c:
+            return await c.execute(
+                "DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries"
+                " WHERE status <> 'pending' AND COALESCE(delivered_at, next_at) < $1 LIMIT $2)",
+                before_us, limit,
+            )  # fmt: skip
 
     async def _announce_disabled(
         self, c: Conn, ep: Endpoint, tenant: str, since: int, now: int, error: str
@@ -335,4 +393,4 @@ def new_endpoint_id() -> str:
     return "ep_" + secrets.token_hex(8)
 
 
-__all__ = ["EVENTS", "Claimed", "Conn", "WebhookDB", "backoff_us", "new_endpoint_id"]
+__all__ = ["EVENTS", "Claimed", "Conn", "WebhookDB", "backoff_us", "new_endpoint_id", "rejected"]

@@ -7,8 +7,13 @@ over, and sends each claimed delivery as its own task: a slow endpoint fills onl
 never another endpoint's. A failure backs the *endpoint* off (exponential with jitter, capped at
 `webhook_max_backoff_s` so a receiver back after minutes is found within that cap; `Retry-After`
 honoured); the first success after a failure makes its whole backlog due at once. An endpoint
-failing for `webhook_disable_after_s` is disabled and the tenant's other endpoints get a
-`delivery.disabled` event.
+failing for `webhook_disable_after_s` (or answering 410 Gone, as Standard Webhooks asks) is
+disabled and the tenant's other endpoints get a `delivery.disabled` event. One event the receiver
+keeps refusing with a 4xx while it takes the others is given up (`WebhookDB.failed`).
+
+Endpoints added with `--include-bodies` get the record's bodies read into the payload just before
+it is sent (`webhooks.bodies`); when they cannot be read (store or body store down) the delivery
+is postponed, not counted as the endpoint's failure, and the endpoint's other deliveries go on.
 
 SSRF guard: the target's addresses are resolved at send time and loopback, link-local,
 private, multicast and reserved ones are refused unless `LLMTAP_WEBHOOK_ALLOW_PRIVATE=true`.
@@ -32,8 +37,16 @@ import aiohttp
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError
 from llmtap.redact import redact_url
 from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
+from llmtap.webhooks.bodies import BodiesUnavailable, PayloadBodies
 from llmtap.webhooks.db import Claimed, WebhookDB
-from llmtap.webhooks.outbox import EVENTS, Endpoint, check_secret, signature_header, slack_text
+from llmtap.webhooks.outbox import (
+    EVENTS,
+    REQUEST_COMPLETED,
+    Endpoint,
+    check_secret,
+    signature_header,
+    slack_text,
+)
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
@@ -150,8 +163,12 @@ class Deliverer:
         disable_after: float = 3 * 86400.0,
         allow_private: bool = False,
         poll: float = 0.25,
+        bodies: PayloadBodies | None = None,
+        max_rejections: int = 5,
     ) -> None:
         self.db = db
+        self.bodies = bodies
+        self.max_rejections = max_rejections
         self.concurrency = concurrency
         self.timeout = timeout
         self.max_backoff = max_backoff
@@ -169,6 +186,7 @@ class Deliverer:
         self._flusher: asyncio.Task[None] | None = None
         self.sent = 0
         self.failures = 0
+        self.postponed = 0
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -242,10 +260,32 @@ class Deliverer:
                     await asyncio.sleep(1.0)
             self._wake.set()
 
+    async def _with_bodies(self, d: Claimed) -> bytes | None:
+        """The payload to send: with the record's bodies for an endpoint that asked for them;
+        None (and the delivery postponed) when they cannot be read now."""
+        if self.bodies is None or not d.endpoint.include_bodies or d.event != REQUEST_COMPLETED:
+            return d.payload
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self.bodies.payload(d.endpoint.tenant, d.subject, d.payload)
+        except (BodiesUnavailable, TimeoutError) as e:
+            error = f"bodies unavailable, sending later: {e or 'timed out'}"
+        self.postponed += 1
+        for attempt in range(5):
+            try:
+                await self.db.postpone(d, error, min(self.max_backoff, 10.0))
+                break
+            except TransientError:  # the lease lapses and the delivery is claimed again anyway
+                await asyncio.sleep(0.5 * (attempt + 1))
+        return None
+
     async def _deliver(self, d: Claimed) -> None:
         assert self._session is not None
         try:
-            status, error, retry = await send(self._session, d.endpoint, d.id, d.payload, self.allow_private)
+            payload = await self._with_bodies(d)
+            if payload is None:
+                return
+            status, error, retry = await send(self._session, d.endpoint, d.id, payload, self.allow_private)
             for attempt in range(5):  # the outcome must land, or the row is sent again later
                 try:
                     if error is None:
@@ -254,13 +294,20 @@ class Deliverer:
                         self.sent += 1
                     else:
                         self.failures += 1
-                        if await self.db.failed(
-                            d, status, error, retry_after=retry,
-                            max_backoff=self.max_backoff, disable_after=self.disable_after,
-                        ):  # fmt: skip
+                        outcome = await self.db.failed(
+                            d, status, error, retry_after=retry, max_backoff=self.max_backoff,
+                            disable_after=self.disable_after, max_rejections=self.max_rejections,
+                        )  # fmt: skip
+                        if outcome == "disabled":
                             log.warning(
-                                "webhook endpoint %s (%s) disabled: failing for too long; last error: %s",
-                                d.endpoint.id, redact_url(d.endpoint.url), error,
+                                "webhook endpoint %s (%s) disabled: %s; last error: %s",
+                                d.endpoint.id, redact_url(d.endpoint.url),
+                                "410 Gone" if status == 410 else "failing for too long", error,
+                            )  # fmt: skip
+                        elif outcome == "given_up":
+                            log.warning(
+                                "webhook delivery %s to %s given up after %d attempts: %s",
+                                d.id, d.endpoint.id, d.attempts + 1, error,
                             )  # fmt: skip
                     break
                 except TransientError:
@@ -323,6 +370,8 @@ class DelivererService(OnBackends):
             max_backoff=s.webhook_max_backoff_s,
             disable_after=s.webhook_disable_after_s,
             allow_private=s.webhook_allow_private,
+            bodies=PayloadBodies(store, self.backends.connect_bodies, s.webhook_body_bytes),
+            max_rejections=s.webhook_max_rejections,
         )
         await deliverer.start()
         self._stack.push_async_callback(deliverer.stop)

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 
 from llmtap.record import Body, LogRecord
+from llmtap.redact import redact_text
 
 REQUEST_COMPLETED = "request.completed"
 DELIVERY_DISABLED = "delivery.disabled"
@@ -32,8 +33,6 @@ ALERT_RESOLVED = "alert.resolved"
 EVENTS = (REQUEST_COMPLETED, DELIVERY_DISABLED, ALERT_FIRING, ALERT_RESOLVED)
 #: Payload formats of an endpoint: the signed envelope, or Slack's `{"text": ...}` (see `slack_text`).
 FORMATS = ("standard", "slack")
-#: Inline body text in a payload is capped: a receiver is not a body store.
-BODY_CAP = 64 * 1024
 
 _DROP = frozenset({"request_body", "response_body", "response_events", "request_headers", "response_headers"})
 _encoder = msgspec.json.Encoder()
@@ -130,25 +129,26 @@ def matches(endpoint: Endpoint, record: LogRecord) -> bool:
     return _sampled(endpoint, record)
 
 
-def _body(body: Body | None) -> dict[str, Any] | None:
+def _body_meta(body: Body | None) -> dict[str, Any] | None:
+    """A body as the outbox row keeps it: what it is, never its bytes (the deliverer reads
+    those from the store when it sends, `webhooks.bodies`)."""
     if body is None:
         return None
-    out: dict[str, Any] = {"content_type": body.content_type, "size": body.size, "truncated": body.truncated}
-    if body.data is not None and body.encoding == "identity":
-        out["text"] = body.data[:BODY_CAP].decode("utf-8", "replace")
-        out["truncated"] = body.truncated or len(body.data) > BODY_CAP
-    return out
+    return {"content_type": body.content_type, "size": body.size, "truncated": body.truncated}
 
 
 def record_data(record: LogRecord, include_bodies: bool) -> dict[str, Any]:
-    """The record's metadata; no headers and no query string (where credentials could hide)."""
+    """The record's metadata; no headers and no query string (where credentials could hide).
+    With `include_bodies`, each body's metadata: the deliverer adds its text when it sends."""
     data: dict[str, Any] = msgspec.to_builtins(record)
     for k in _DROP:
         data.pop(k, None)
     data["target_url"] = record.target_url.split("?", 1)[0]
+    if record.error:  # the gateway redacts what it writes; an ingested record may not have
+        data["error"] = redact_text(record.error)
     if include_bodies:
-        data["request_body"] = _body(record.request_body)
-        data["response_body"] = _body(record.response_body)
+        data["request_body"] = _body_meta(record.request_body)
+        data["response_body"] = _body_meta(record.response_body)
     return data
 
 
