@@ -129,11 +129,15 @@ def _hide_password(url: str) -> str:
 
 # -- free text (error messages, log lines) ---------------------------------------------------------
 
-#: `name=value` pairs in a URL or a form, wherever they appear in a text.
-_PAIR = re.compile(r"(?P<name>[^\s?&;=#'\"<>()\[\]{},]+)=(?P<value>[^\s&;#'\"<>]*)")
+#: `name=value` pairs in a URL or a form, wherever they appear in a text. Each name pattern
+#: starts only where a run of name characters starts (the lookbehind): otherwise every position
+#: inside a long run (a body's text) would scan to the run's end again, quadratic time.
+_PAIR = re.compile(
+    r"(?<![^\s?&;=#'\"<>()\[\]{},])(?P<name>[^\s?&;=#'\"<>()\[\]{},]+)=(?P<value>[^\s&;#'\"<>]*)"
+)
 #: Header-like `Name: value` lines and `Bearer <token>`/`Basic <creds>` wherever they are.
 _HEADER = re.compile(
-    r"(?im)(?P<name>[\w.-]*(?:authorization|auth|key|token|secret|cookie|password|signature))"
+    r"(?im)(?<![\w.-])(?P<name>[\w.-]*?(?:authorization|auth|key|token|secret|cookie|password|signature))"
     r"(?P<sep>\s*:\s*)(?P<value>[^\r\n'\"]+)"
 )
 _SCHEME = re.compile(r"(?i)\b(?P<scheme>bearer|basic)(?P<sp>\s+)(?P<value>[^\s'\",;]+)")

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 #: The bodies a payload carries (a stream's raw events are left out: the response body holds
 #: the reassembled message).
 PARTS = ("request_body", "response_body")
+#: Bytes read past the cap for redaction (longer than any credential).
+REDACT_MARGIN = 16 * 1024
 
 
 class BodiesUnavailable(Exception):
@@ -51,9 +53,12 @@ def body_field(meta: dict[str, Any] | None, raw: bytes | None, cap: int) -> dict
     }
     if raw is None:
         return out
-    text = redact_body(raw.decode("utf-8", "replace"))
+    # Only what can be sent is decoded and redacted, plus a margin so a credential running
+    # across the cut is still recognised whole (and masked) before the cut.
+    window = cap + REDACT_MARGIN
+    text = redact_body(raw[:window].decode("utf-8", "replace"))
     data = text.encode("utf-8")
-    if len(data) > cap:
+    if len(raw) > window or len(data) > cap:
         # Cut on bytes; "ignore" only drops the character the cut split (the rest is valid UTF-8).
         text = data[:cap].decode("utf-8", "ignore")
         out["truncated"] = True
