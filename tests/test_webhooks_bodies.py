@@ -260,3 +260,51 @@ async def test_body_store_outage_delays_then_delivers(store: Store, bodies: Body
         await d.stop()
         await full.stop()
         await plain.stop()
+
+
+async def test_through_the_worker_and_the_server_deliverer(tmp_path: Path) -> None:
+    """The shipped wiring: queue → worker (body handler moves bodies to the file body store, the
+    store writes the outbox) → the server's deliverer service (reads them back at send time),
+    with an endpoint added as `llmtap webhooks add --include-bodies` adds it."""
+    from llmtap.config import Settings
+    from llmtap.queue.base import Message
+    from llmtap.queue.sqlite import SQLiteQueue
+    from llmtap.record import encode
+    from llmtap.webhooks.deliverer import DelivererService
+    from llmtap.webhooks.manage import create_endpoint
+    from llmtap.worker import WorkerService
+
+    settings = Settings(
+        data_dir=tmp_path, webhook_allow_private=True, webhook_body_bytes=CAP, default_tenant="acme",
+        worker_batch_size=20, shutdown_timeout=10,
+    )  # fmt: skip
+    secret = new_secret()
+    rx = RawReceiver(secret)
+    await rx.start()
+    producer = SQLiteQueue(str(tmp_path / "queue.db"), partitions=settings.partitions)
+    await producer.connect("producer")
+    worker, service = WorkerService(settings), DelivererService(settings)
+    await worker.start()
+    try:
+        assert worker.store is not None
+        await worker.backends.connect_store()
+        await create_endpoint(
+            worker.store.webhooks(), "acme", rx.url, include_bodies=True, secret=secret, allow_private=True
+        )
+        await service.start()
+        req = b'{"messages":[{"role":"user","content":"hello"}],"api_key":"%s"}' % CRED.encode()
+        big = b'{"text":"' + b"x" * (3 * CAP) + b'"}'
+        records = [record_with(req, big) for _ in range(3)]
+        await producer.publish([Message(r.id, encode(r)) for r in records])
+        await wait_for(lambda: len(rx.got) == 3, what="three deliveries through the whole pipeline")
+        assert rx.bad == [] and CRED.encode() not in b"".join(rx.raw)
+        for _, p in rx.got:
+            assert p["data"]["request_body"]["text"] == req.decode().replace(CRED, "***")
+            resp = p["data"]["response_body"]
+            assert resp["size"] == len(big) and resp["truncated"] is True
+            assert resp["text"].encode() == big[:CAP]
+    finally:
+        await service.stop()
+        await worker.stop()
+        await producer.close()
+        await rx.stop()
