@@ -341,13 +341,20 @@ class WebhookDB:
 
     async def postpone(self, d: Claimed, error: str, delay_s: float) -> None:
         """Send this delivery later without an attempt (its bodies could not be read): the
-        endpoint's state is untouched, so its other deliveries go on."""
+        endpoint's state is untouched, so its other deliveries go on (a probe's endpoint may
+        probe again after `delay_s`, not only once the probe's lease has lapsed)."""
+        later = now_us() + int(delay_s * random.uniform(0.5, 1.0) * 1e6)
         async with self.tx() as c:
             await c.execute(
                 "UPDATE webhook_deliveries SET next_at = $2, last_error = $3, lease_until = NULL"
                 " WHERE id = $1 AND status = 'pending'",
-                d.id, now_us() + int(delay_s * random.uniform(0.5, 1.0) * 1e6), error[:500],
+                d.id, later, error[:500],
             )  # fmt: skip
+            if d.probe:
+                await c.execute(
+                    "UPDATE webhook_endpoints SET retry_at = $2 WHERE id = $1 AND failing_since IS NOT NULL",
+                    d.endpoint.id, later,
+                )  # fmt: skip
 
     async def purge_deliveries(self, before_us: int, limit: int = 10_000) -> int:
         """Delete up to `limit` delivered or given-up deliveries finished before `before_us`

@@ -269,7 +269,7 @@ class Deliverer:
             async with asyncio.timeout(self.timeout):
                 return await self.bodies.payload(d.endpoint.tenant, d.subject, d.payload)
         except (BodiesUnavailable, TimeoutError) as e:
-            error = f"bodies unavailable, sending later: {e or 'timed out'}"
+            error = f"bodies unavailable, sending later: {str(e) or 'timed out'}"
         self.postponed += 1
         for attempt in range(5):
             try:
