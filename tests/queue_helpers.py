@@ -36,6 +36,7 @@ SERVICES = ROOT / "scripts" / "services.sh"
 if str(ROOT / "src") not in sys.path:  # when run as a script from a checkout
     sys.path.insert(0, str(ROOT / "src"))
 
+from llmtap.errors import BackendUnavailable  # noqa: E402
 from llmtap.queue.base import Delivery, Message, Queue  # noqa: E402
 
 BACKENDS = ("sqlite", "redis", "kafka", "sqs")
@@ -152,6 +153,21 @@ def parse(value: bytes) -> tuple[str, int]:
 def keyed_records(keys: int, per_key: int, size: int = 200) -> list[Message]:
     """`per_key` numbered records for each of `keys` keys, interleaved in publish order."""
     return [record(f"key-{k}", s, size) for s in range(per_key) for k in range(keys)]
+
+
+async def publish_retrying(q: Queue, messages: Sequence[Message], timeout: float = 60) -> None:
+    """Publish like the gateway does, minus its fallbacks: a broker that does not answer in time
+    (a JVM starved on a busy machine) is asked again. A repeat is harmless: FIFO SQS drops it by
+    its deduplication id, and the consumers' checks count records, not messages."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await q.publish(messages)
+            return
+        except BackendUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def publish_in_batches(q: Queue, messages: Sequence[Message], batch: int = 200) -> None:

@@ -29,6 +29,7 @@ from queue_helpers import (
     keyed_records,
     make_spec,
     publish_in_batches,
+    publish_retrying,
     record,
     skip_reason,
     wait_for,
@@ -209,7 +210,7 @@ async def test_consumer_processes_share_partitions_exactly_once(
         deadline = time.monotonic() + 60
         while seq < 60 or not all(p.log().acked for p in procs):
             assert time.monotonic() < deadline, "the processes did not share the work"
-            await producer.publish([record(f"key-{k}", seq) for k in range(12)])
+            await publish_retrying(producer, [record(f"key-{k}", seq) for k in range(12)])
             expected |= {(f"key-{k}", seq) for k in range(12)}
             seq += 1
             await asyncio.sleep(0.02)
