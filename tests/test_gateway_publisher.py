@@ -394,3 +394,41 @@ async def test_shutdown_deadline_spools_what_is_left_instead_of_dropping(tmp_pat
     assert pub.dropped == 0
     got = [v for seg in spool.segments_for_replay() for batch in spool.replay(seg) for v in batch]
     assert len(got) == 40
+
+
+class FirstSendHangs(ListSink):
+    """An overflow sink whose first write hangs (a disk stalled on fsync); later writes work."""
+
+    def __init__(self, route: Route) -> None:
+        super().__init__(route)
+        self.entered = asyncio.Event()
+        self.calls = 0
+
+    async def send(self, records: Sequence[LogRecord]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.entered.set()
+            await asyncio.Event().wait()
+        await super().send(records)
+
+
+async def test_a_spill_batch_on_its_way_counts_as_pending_and_is_rescued_at_the_deadline(
+    tmp_path: Path,
+) -> None:
+    """Captures taken off the overflow path are still only in memory until the spool has them:
+    /healthz's `pending_records` must count them (a gateway once said 0 with 270 in flight) and
+    the shutdown deadline must write them, not forget them."""
+    q = SlowQueue()
+    spool = FirstSendHangs("spool")
+    one = capture(0).nbytes
+    pub = Publisher(settings(tmp_path, publish_buffer_bytes=one * 3), [QueueSink(q)], overflow=spool)
+    await pub.start()
+    for i in range(6):  # 3 fit the buffer (stuck on the queue), 3 take the overflow path
+        pub.submit(capture(i))
+    await asyncio.wait_for(spool.entered.wait(), 10)
+    assert pub.published == 0 and pub.dropped == 0
+    assert pub.pending == 6
+    await pub.stop(timeout=0.3)
+    assert pub.dropped == 0, pub.dropped
+    assert sorted(r.id for r in spool.records) == sorted(capture(i).id for i in range(6))
+    assert pub.pending == 0

@@ -178,6 +178,12 @@ class Publisher:
         self._spill_wake = asyncio.Event()
         self._spill_task: asyncio.Task[None] | None = None
         self._held: _Batch | None = None
+        #: Captures taken off `_dq` / `_spill` and not yet held or published (being built, or a
+        #: spill batch on its way to the spool). `pending` counts them and `_rescue` writes them,
+        #: or they would be in memory only and invisible: a gateway reported 0 pending with 270
+        #: records still on their way to the spool.
+        self._building: list[Capture] = []
+        self._spilling: list[Capture] = []
         self._parts: deque[_Batch] = deque()  # parts of a refused batch, tried before new captures
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -220,7 +226,8 @@ class Publisher:
         """Captures not yet published (waiting + the batch in flight + spilling)."""
         held = len(self._held.records) if self._held is not None else 0
         parts = sum(len(b.records) for b in self._parts)
-        return len(self._dq) + held + parts + len(self._spill)
+        in_hand = len(self._building) + len(self._spilling)
+        return len(self._dq) + held + parts + len(self._spill) + in_hand
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -266,7 +273,9 @@ class Publisher:
         records: list[LogRecord] = list(self._held.records) if self._held is not None else []
         for part in self._parts:
             records.extend(part.records)
-        for cap in [*self._dq, *self._spill]:
+        # A spill batch cut off mid-write may reach the spool twice: its records keep their ids,
+        # and the store keeps one of each.
+        for cap in [*self._building, *self._spilling, *self._dq, *self._spill]:
             try:
                 records.append(self.builder.build(cap))
             except Exception as e:
@@ -280,6 +289,8 @@ class Publisher:
             return 0
         self._dq.clear()
         self._spill.clear()
+        self._building = []
+        self._spilling = []
         self._parts.clear()
         self._held = None
         log.warning("shutdown deadline reached: spooled %d records to disk for the next start", sent)
@@ -287,7 +298,7 @@ class Publisher:
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is published (tests, benchmarks)."""
-        while self._dq or self._held is not None or self._parts or self._spill or self.spill_bytes:
+        while self.pending or self.spill_bytes:
             self._wake.set()
             await asyncio.sleep(0.001)
 
@@ -320,8 +331,9 @@ class Publisher:
                     self._held = parts.popleft()
                 else:
                     take = min(len(dq), self.batch_size)
-                    caps = [dq.popleft() for _ in range(take)]
+                    caps = self._building = [dq.popleft() for _ in range(take)]
                     self._held = await self._build(caps)
+                    self._building = []
             batch = self._held
             if await self._deliver(batch):
                 self._held = None
@@ -442,7 +454,7 @@ class Publisher:
                 self._spill_wake.clear()
                 await self._spill_wake.wait()
                 continue
-            caps = [spill.popleft() for _ in range(min(len(spill), self.batch_size))]
+            caps = self._spilling = [spill.popleft() for _ in range(min(len(spill), self.batch_size))]
             batch = await self._build(caps)
             try:
                 if batch.big:
@@ -454,6 +466,7 @@ class Publisher:
                 log.error("overflow sink failed, %d records lost: %s", len(batch.records), e)
             finally:
                 self.spill_bytes -= batch.nbytes
+            self._spilling = []  # not when cancelled at the deadline: `_rescue` writes them
 
     async def _build(self, caps: list[Capture]) -> _Batch:
         builder = self.builder
