@@ -212,6 +212,18 @@ async def test_every_view_renders_what_the_api_returns(srv: Srv, page: tuple[Any
     assert (await tile.text_content()) == f"{stats['overall']['count']:,}"
     unp = pg.locator(".tile", has_text="Unpriced requests").locator(".tvalue")
     assert (await unp.text_content()) == f"{stats['overall']['unpriced_count']:,}"
+    # Over 3 days or more, top users start at a whole UTC day (users are rolled up per day), and
+    # the box says from when.
+    # (7 days are charted in hours; 30 days in days already.)
+    await pg.goto(srv.base + "/#/overview?range=7d")
+    await pg.wait_for_selector("[data-top=user_id] .topnote", timeout=WAIT)
+    day = (datetime.now(UTC) - timedelta(days=7)).replace(hour=0, minute=0, second=0, microsecond=0)
+    top = await srv.get("/api/v1/stats?group_by=user_id&since=" + quote(day.isoformat()))
+    assert top["source"] == "rollups" and top["groups"]
+    shown = await pg.locator("[data-top=user_id] tbody tr td:first-child").all_text_contents()
+    assert shown == ["(none)" if g["key"] is None else g["key"] for g in top["groups"][:10]]
+    note = await pg.locator("[data-top=user_id] .topnote").text_content() or ""
+    assert note.startswith("since ") and note.endswith("(whole UTC days)"), note
 
     await pg.click("nav a[data-view=sessions]")
     await pg.wait_for_selector("#sessions-table", timeout=WAIT)
