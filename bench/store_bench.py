@@ -250,6 +250,7 @@ async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> floa
         rollup_rows = 0
         for start in range(0, rows, chunk):
             reqs, keys_, props = [], [], []
+            srcs: list[tuple[Any, ...]] = []
             for i in range(start, min(rows, start + chunk)):
                 # in time order (as a worker writes them), so rollups of finished days can go
                 created = from_micros(now_us - span_us + i * span_us // rows)
@@ -300,11 +301,12 @@ async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> floa
                 )
                 keys_.append((TENANT, rid, created))
                 props.append((TENANT, rid, created, "env", env))
-                rollup.contribution(
-                    deltas,
-                    rollup.source_values((*reqs[-1][:2], to_micros(created), *reqs[-1][3:])),
-                    PROPS,
-                )
+                srcs.append(rollup.source_values((*reqs[-1][:2], to_micros(created), *reqs[-1][3:])))
+            for k, cell in rollup.contributions(srcs, PROPS).items():
+                if k in deltas:
+                    deltas[k].merge(cell)
+                else:
+                    deltas[k] = cell
             async with conn.transaction():
                 await conn.copy_records_to_table("request_keys", records=keys_)
                 await conn.copy_records_to_table("requests", records=reqs, columns=sql.COLUMNS)

@@ -505,12 +505,12 @@ class PostgresStore(Store):
                     async with self._p().acquire() as conn, conn.transaction():
                         await conn.copy_records_to_table(_STAGING, records=rows, columns=self._written)
                         new = await conn.fetch(self._move)
-                        deltas: dict[rollup.RollupKey, rollup.Cell] = {}
+                        srcs = []
                         for row in new:  # only rows whose key was new: redelivery adds nothing
                             src = list(row[1:])
                             src[1] = to_micros(src[1])
-                            rollup.contribution(deltas, src, self.rollup_properties)
-                        await self._apply_rollups(conn, deltas)
+                            srcs.append(src)
+                        await self._apply_rollups(conn, rollup.contributions(srcs, self.rollup_properties))
                         # The outbox rows commit with the records, for the new ones only.
                         eps = await conn.fetch(_ENDPOINTS) if self._outbox else []
                         endpoints = [endpoint_from_row(e) for e in eps]

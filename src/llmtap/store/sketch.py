@@ -74,10 +74,14 @@ class Sketch:
                 del bins[k]
 
     def encode(self) -> bytes:
-        keys = sorted(k for k, c in self.bins.items() if c)
-        if any(self.bins[k] < 0 for k in keys) or self.zeros < 0:
+        bins = self.bins
+        keys = sorted(bins)  # `add` and `merge` keep no zero count
+        try:  # an unsigned array refuses a negative count
+            ks, cs = array("i", keys), array("I", map(bins.__getitem__, keys))
+        except OverflowError:
+            raise ValueError("a sketch cannot hold a negative count") from None
+        if self.zeros < 0:
             raise ValueError("a sketch cannot hold a negative count")
-        ks, cs = array("i", keys), array("I", (self.bins[k] for k in keys))
         if not _LITTLE:
             ks.byteswap()
             cs.byteswap()

@@ -178,6 +178,7 @@ _ROLLUP_GET = (
 _ROLLUP_PUT = (
     f"INSERT OR REPLACE INTO rollups ({_ROLLUP_COLS}) VALUES ({', '.join('?' * len(rollup.COLUMNS))})"
 )
+_ROLLUP_ADD = rollup.add_totals_sql(["?"] * len(rollup.COLUMNS))
 _ROLLUP_DEL = "DELETE FROM rollups WHERE tenant = ?1 AND grain = ?2 AND dim = ?4 AND bucket = ?3 AND key = ?5"
 
 
@@ -425,10 +426,11 @@ class SQLiteStore(Store):
                         conn.execute(
                             "INSERT INTO request_text (rowid, text) VALUES (?, ?)", (cur.lastrowid, text)
                         )
-            deltas: dict[rollup.RollupKey, rollup.Cell] = {}
-            for row in rows:
-                rollup.contribution(deltas, rollup.source_values(row), self.rollup_properties)
-            self._apply_rollups(conn, deltas)
+            if self._rollups:
+                srcs = [rollup.source_values(row) for row in rows]
+                sketched, totals = rollup.split_totals(rollup.contributions(srcs, self.rollup_properties))
+                conn.executemany(_ROLLUP_ADD, totals)
+                self._apply_rollups(conn, sketched)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
