@@ -20,12 +20,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,9 +39,7 @@ from typing import Any
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 from playwright.async_api import async_playwright
 
-from llmtap.config import Settings
 from llmtap.record import LogRecord, Usage
-from llmtap.server.app import ServerService
 from llmtap.store.sqlite import SQLiteStore
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "claude-sonnet-4-20250514", "o4-mini", "claude-3-5-haiku-20241022")
@@ -226,27 +229,59 @@ async def main() -> None:
                 print(f"loading {args.rows} rows into {db} ...", flush=True)
                 print(f"load: {await load_sqlite(db, args.rows):.1f} s", flush=True)
             store = f"sqlite:{db}"
-        settings = Settings(
-            data_dir=tmp,
-            server_port=0,
-            store=store,
-            bodies=f"file:{tmp / 'bodies'}",
-            queue=f"sqlite:{tmp / 'q.db'}",
-            default_tenant=args.tenant,
-        )
-        svc = ServerService(settings)
-        await svc.start()
+        # `llmtap server` in a process of its own, as users run it (in this process it would
+        # share its event loop with Playwright's, and the page's API calls would wait on both).
+        port = free_port()
+        env = {
+            **os.environ,
+            "LLMTAP_DATA_DIR": str(tmp),
+            "LLMTAP_SERVER_PORT": str(port),
+            "LLMTAP_STORE": store,
+            "LLMTAP_BODIES": f"file:{tmp / 'bodies'}",
+            "LLMTAP_QUEUE": f"sqlite:{tmp / 'q.db'}",
+            "LLMTAP_DEFAULT_TENANT": args.tenant,
+        }
+        log = (tmp / "server.log").open("wb")
+        llmtap = str(Path(sys.executable).with_name("llmtap"))
+        proc = subprocess.Popen([llmtap, "server"], env=env, stdout=log, stderr=log)
         try:
+            base = f"http://127.0.0.1:{port}"
+            await wait_healthy(base, proc, 120)
             print(f"store: {store if not args.pg else 'postgresql'}; chromium {shutil.which('chromium')}")
             print(f"load average before: {load_average()}", flush=True)
-            base = f"http://127.0.0.1:{svc.port}"
             results: dict[str, Any] = await measure(base, args.loads, args.timeout, args.views.split(","))
             print(f"load average after: {load_average()}", flush=True)
         finally:
-            await svc.stop()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
         print(results)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llmtap server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"llmtap server not healthy within {timeout:g} s")
 
 
 if __name__ == "__main__":

@@ -662,14 +662,10 @@ async function viewOverview(id, params) {
   // One call gives the totals, the time series and the top models.
   const bq = withGroup("model"); bq.set("bucket", bucket);
   const groupInput = h("label", {}, "Group by property", h("input", { name: "group", value: groupProp, placeholder: "e.g. feature", size: 12, autocomplete: "off" }));
-  const [uPlot, series] = await Promise.all([loadUPlot(), api("/api/v1/stats?" + bq)]);
-  // Top users (rolled up per whole UTC day only: a range starting inside a day reads raw rows) and
-  // a property not rolled up may be answered from raw rows, which takes seconds at volume: asked
-  // once the charts' data is in (running at the same time, a scan slowed the rollup read on a
-  // busy machine), shown when they come.
-  // Users are rolled up per whole UTC day: over 3 days or more, the top users' range starts at
-  // the day's start (the box says so), which the rollups answer (at 1M requests, 7 days of raw
-  // rows took seconds); a shorter range reads its few raw rows.
+  // Top users come from the per-user day rollups, asked for beside the charts' data (both are
+  // rollup reads). Users are rolled up per whole UTC day: over 3 days or more, the top users'
+  // range starts at the day's start (the box says so), which the rollups answer (at 1M requests,
+  // 7 days of raw rows took seconds); a shorter range reads its few raw rows.
   const usersQ = withGroup("user_id");
   let usersSince = since;
   if ((until.getTime() - since.getTime()) / 1000 >= 3 * 86400) {
@@ -677,8 +673,13 @@ async function viewOverview(id, params) {
     usersQ.set("since", usersSince.toISOString());
   }
   const usersP = api("/api/v1/stats?" + usersQ);
+  usersP.catch(() => {});
+  const [uPlot, series] = await Promise.all([loadUPlot(), api("/api/v1/stats?" + bq)]);
+  // A property not rolled up is answered from raw rows, which takes seconds at volume: asked
+  // once the charts' data is in (running at the same time, a scan slowed the rollup read on a
+  // busy machine), shown when it comes.
   const propsP = groupProp ? api("/api/v1/stats?" + withGroup("property." + groupProp)) : null;
-  usersP.catch(() => {}); if (propsP) propsP.catch(() => {});
+  if (propsP) propsP.catch(() => {});
   const o = series.overall;
   // Every bucket of the range, empty ones included, so the x axis is honest about gaps.
   const start = since.getTime() / 1000;
