@@ -53,7 +53,7 @@ from llmtap.record import Body, LogRecord, Usage
 from llmtap.store import rollup, sql
 from llmtap.store.base import ListQuery, StatsQuery, Store
 from llmtap.store.postgres import PostgresStore
-from llmtap.store.query import BUCKET_MICROS, from_micros, to_micros
+from llmtap.store.query import from_micros, to_micros
 from llmtap.store.sqlite import SQLiteStore
 
 PROPS = ("feature", "env")
@@ -317,7 +317,7 @@ async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> floa
                 )
                 # rollups of the days before the last row's are complete
                 day = to_micros(reqs[-1][2]) // 86_400_000_000 * 86_400_000_000
-                done = [k for k in deltas if k[2] + BUCKET_MICROS[k[1]] <= day]
+                done = [k for k in deltas if rollup.bucket_end(k[1], k[2]) <= day]
                 rollup_rows += await copy_rollups(conn, {k: deltas.pop(k) for k in done})
             print(
                 f"  loaded {start + len(reqs):>9} rows, {rollup_rows} rollup rows"

@@ -118,6 +118,11 @@ def queries() -> list[StatsQuery]:
         (hour - timedelta(hours=200), hour - timedelta(hours=3)),  # hour rollups
         (minute - timedelta(days=9, minutes=7), minute + timedelta(minutes=1)),  # minute rollups
         (midnight - 40 * day, None),
+        # Whole days crossing months (T0 is March 30th): per-user sums read month rows less the
+        # days outside the range where that is fewer rows (`rollup.user_parts`), day rows else.
+        (datetime(2025, 1, 25, tzinfo=UTC), datetime(2025, 2, 20, tzinfo=UTC)),
+        (datetime(2025, 1, 3, tzinfo=UTC), None),
+        (datetime(2025, 2, 2, tzinfo=UTC), datetime(2025, 2, 27, tzinfo=UTC)),
     ]
     out = []
     for since, until in ranges:
@@ -205,9 +210,9 @@ async def test_rollups_equal_raw_through_redelivery_and_retention(
         reused = rec(1, id=data[3].id, tenant=data[3].tenant, at=T0 - timedelta(days=1))
         assert await store.write_batch([reused]) == 0
         written = [*data, extra]
-        # 220 queries; raw rows answer properties over minute-aligned ranges (12) and user_id (day
+        # 352 queries; raw rows answer properties over minute-aligned ranges (12) and user_id (day
         # rollups only) with hour buckets or over hour- and minute-aligned ranges (18)
-        assert await compare_all(store, written) == 190
+        assert await compare_all(store, written) == 316
         await compare_users(store, written, users_sql_calls)
 
         # Fallbacks: a filter, a range off the minute boundaries, a dimension not rolled up.
@@ -226,12 +231,12 @@ async def test_rollups_equal_raw_through_redelivery_and_retention(
         assert (await store.stats("acme", StatsQuery(exact=True, until=cutoff)))["overall"]["count"] == 0
         gone = await store.stats("acme", StatsQuery(until=cutoff.replace(minute=0, second=0, microsecond=0)))
         assert gone["source"] == "rollups" and gone["overall"]["count"] == 0
-        assert await compare_all(store, written, cutoff) == 190
+        assert await compare_all(store, written, cutoff) == 316
         await compare_users(store, written, users_sql_calls, cutoff)
         # After retention, records keep adding up (the partly deleted buckets included).
         late = [rec(20_000 + i, id=f"after-{i}", at=cutoff + timedelta(seconds=i)) for i in range(30)]
         assert await store.write_batch(late) == 30
-        assert await compare_all(store, [*written, *late], cutoff) == 190
+        assert await compare_all(store, [*written, *late], cutoff) == 316
         await compare_users(store, [*written, *late], users_sql_calls, cutoff)
 
 
@@ -355,5 +360,106 @@ async def test_user_rollups_answer_from_their_migration_on(
             while await store.delete_older_than(datetime.now(UTC)):
                 pass
             await compare_users(store, new, users_sql_calls)
+        finally:
+            await store.close()
+
+
+def test_user_parts_sum_to_the_range_whatever_the_months() -> None:
+    """The signed day and month parts of every whole-day range over 14 months add up to exactly
+    that range's days, each once, and never read more rows than the range has days."""
+    day = 86_400_000_000
+    start = to_micros(datetime(2024, 1, 1, tzinfo=UTC))
+    days = [start + i * day for i in range(430)]
+    r = random.Random(5)
+    ranges = [(r.choice(days), None) for _ in range(100)] + [(None, r.choice(days)) for _ in range(30)]
+    for _ in range(600):
+        a, b = sorted(r.sample(days, 2))
+        ranges.append((a, b))
+    ranges += [(None, None), (days[0], days[31]), (days[31], days[60])]  # Jan; Feb of a leap year
+    for since, until in ranges:
+        for subtract in (True, False):
+            parts = rollup.user_parts(since, until, subtract)
+            count: dict[int, int] = {}
+            for d in days:
+                month = rollup.month_start(d)
+                for grain, lo, hi, sign in parts:
+                    b = d if grain == "day" else month
+                    if (lo is None or b >= lo) and (hi is None or b < hi):
+                        count[d] = count.get(d, 0) + sign
+            want = {d for d in days if (since is None or d >= since) and (until is None or d < until)}
+            assert {d for d, c in count.items() if c} == want, (since, until, subtract, parts)
+            assert all(c == 1 for c in count.values() if c), (since, until, parts)
+            if not subtract:
+                assert all(sign == 1 for *_, sign in parts)
+            elif since is not None and until is not None:
+                n_days = (until - since) // day
+                rows = sum(1 if g == "month" else ((hi or 0) - (lo or 0)) // day for g, lo, hi, _ in parts)
+                assert rows <= n_days, (since, until, parts)
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_user_month_rows_are_built_from_the_day_rows_at_the_upgrade(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store upgraded with user day rows in it gets month rows that are exactly their sums,
+    so ranges that read a month less some days answer as raw rows do."""
+    import llmtap.store.postgres as pg
+    import llmtap.store.sqlite as lite
+    from llmtap.store.migrations import POSTGRES, SQLITE
+
+    module: Any = lite if kind == "sqlite" else pg
+    full = SQLITE if kind == "sqlite" else POSTGRES
+    ix = next(i for i, m in enumerate(full) if m[1].startswith("per-user month totals"))
+    data = records()
+    cols = "tenant, grain, bucket, key, count, cost_nanos, prompt_tokens"
+    read = f"SELECT {cols} FROM rollups WHERE dim = 'user_id' AND grain = 'month' ORDER BY 1, 3, 4"
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "sqlite":
+            where: Any = tmp_path / "upgraded.db"
+        else:
+            where = await stack.enter_async_context(pg_database())
+
+        async def sql(q: str) -> list[tuple[Any, ...]]:
+            if kind == "sqlite":
+                with sqlite3.connect(where) as db:
+                    return [tuple(r) for r in db.execute(q).fetchall()]
+            conn = await asyncpg.connect(where)
+            try:
+                return [tuple(r) for r in await conn.fetch(q)]
+            finally:
+                await conn.close()
+
+        def make() -> Store:
+            if kind == "sqlite":
+                return module.SQLiteStore(where, rollup_properties=PROPS)  # type: ignore[no-any-return]
+            return module.PostgresStore(where, rollup_properties=PROPS)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(module, "MIGRATIONS", full[:ix])
+        old = make()
+        await old.connect()
+        try:
+            for i in range(0, len(data), 200):
+                await old.write_batch(data[i : i + 200])
+        finally:
+            await old.close()
+        written = await sql(read)  # what this code's writer adds (the previous one did not)
+        assert len({r[2] for r in written}) == 3  # January to March
+        await sql("DELETE FROM rollups WHERE grain = 'month'")
+
+        monkeypatch.setattr(module, "MIGRATIONS", full)
+        store = make()
+        await store.connect()
+        try:
+            assert await sql(read) == written
+            for since, until in (
+                (datetime(2025, 2, 2, tzinfo=UTC), datetime(2025, 2, 27, tzinfo=UTC)),
+                (datetime(2025, 1, 3, tzinfo=UTC), None),
+            ):
+                for tenant in ("acme", "globex"):
+                    q = StatsQuery(since=since, until=until, group_by="user_id")
+                    got = await store.stats(tenant, q)
+                    assert got["source"] == "rollups"
+                    exact = StatsQuery(since=since, until=until, group_by="user_id", exact=True)
+                    assert got["groups"] == (await store.stats(tenant, exact))["groups"]
         finally:
             await store.close()

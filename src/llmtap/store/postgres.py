@@ -596,7 +596,7 @@ class PostgresStore(Store):
                 top = await self._analytic(q, params)
                 keys = [rollup.decode_key(plan.dim, row[0]) for row in top]
                 q, params = sql.keyed_values_sql(DIALECT, tenant, query, plan.dim, keys)
-                users = rollup.user_groups(top, await self._fetch(q, *params) if keys else [])
+                users = rollup.user_groups(top, await self._fetch(q, *params) if keys else [], to_micros)
             q, params = rollup.read_sql(DIALECT, tenant, plan)
             return rollup.answer(query, plan, await self._fetch(q, *params), users)
         parts: list[tuple[sql.Kind, int | None]] = [("overall", None)]

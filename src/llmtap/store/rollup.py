@@ -31,13 +31,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from llmtap.store import sql
 from llmtap.store.base import ListQuery, StatsQuery
-from llmtap.store.query import BUCKET_MICROS, MAX_BUCKETS, MAX_GROUPS, iso, to_micros
+from llmtap.store.query import BUCKET_MICROS, MAX_BUCKETS, MAX_GROUPS, from_micros, iso, to_micros
 from llmtap.store.sketch import RELATIVE_ACCURACY, Sketch, key_of
 
 GRAINS = ("minute", "hour", "day")
@@ -46,21 +47,40 @@ GRAINS = ("minute", "hour", "day")
 #: as many as raw rows and slower to merge (measured at 1M rows on PostgreSQL: top users over 30
 #: days took 6.0 s from such day rollups, 1.9 s from raw rows). It is `USER_DIM` instead.
 BASE_DIMS = ("", "model", "provider", "status")
-#: Per-user totals: day grain only, no sketches (NULL), summed in SQL (`group_sql`): narrow rows
-#: a database adds up fast. Per-user percentiles, which the dashboard does not show, come from
-#: the raw rows of the users a stats answer lists (`sql.keyed_values_sql`), exactly.
+#: Per-user totals: per UTC day and calendar month, no sketches (NULL), summed in SQL
+#: (`group_sql`): narrow rows a database adds up fast. A range reads whole months from the month
+#: rows, less the days outside it, and the rest from day rows (`user_parts`): 30 days of 10k
+#: users are ~40k rows instead of ~300k. Per-user percentiles and first/last times come from the
+#: raw rows of the users a stats answer lists (`sql.keyed_values_sql`), exactly.
 USER_DIM = "user_id"
 _DAY = "day"
+_MONTH = "month"
 #: Dimensions also rolled up per minute; properties (a few values each, e.g. feature, env) per
-#: hour and day only; users per day only.
+#: hour and day only; users per day and month only.
 MINUTE_DIMS = frozenset(("", "model", "provider", "status"))
 
 
 def rolled(grain: str, dim: str) -> bool:
     """Whether `dim` is rolled up at `grain`."""
     if dim == USER_DIM:
-        return grain == _DAY
-    return grain != "minute" or dim in MINUTE_DIMS
+        return grain in (_DAY, _MONTH)
+    return grain != _MONTH and (grain != "minute" or dim in MINUTE_DIMS)
+
+
+def month_start(us: int) -> int:
+    """The start of the UTC calendar month holding `us` (microseconds)."""
+    t = from_micros(us)
+    return to_micros(datetime(t.year, t.month, 1, tzinfo=UTC))
+
+
+def bucket_end(grain: str, bucket: int) -> int:
+    return _next_month(bucket) if grain == _MONTH else bucket + BUCKET_MICROS[grain]
+
+
+def _next_month(us: int) -> int:
+    t = from_micros(us)
+    y, m = (t.year + 1, 1) if t.month == 12 else (t.year, t.month + 1)
+    return to_micros(datetime(y, m, 1, tzinfo=UTC))
 
 
 _SUM_NAMES = (
@@ -247,6 +267,13 @@ def contributions(
             if acc is None:
                 acc = out[key] = Cell()
             acc.merge(cell)
+    for (tenant, grain, bucket, dim, k), cell in list(out.items()):
+        if dim == USER_DIM and grain == _DAY:
+            key = (tenant, _MONTH, month_start(bucket), dim, k)
+            acc = out.get(key)
+            if acc is None:
+                acc = out[key] = Cell()
+            acc.merge(cell)
     return out
 
 
@@ -377,33 +404,95 @@ _SUMMED = ", ".join([f"sum({c})" for c in COLUMNS[5:-4]] + ["min(first_at)", "ma
 USERS_INDEX_MAX_KEY = 1024
 
 
-def _user_sums(
-    params: sql.Params, tenant: str, since: int | None, until: int | None, *, named: bool = False
-) -> str:
-    """`SELECT key, <the columns of Cell.from_row>` of the day rows of `USER_DIM`, per user
-    (`named`: not the NULL user).
+Part = tuple[str, int | None, int | None, int]
 
-    Read through the partial index `rollups_users`, which holds these rows' values in (tenant,
-    bucket) order, so no other rollup row is read. Grain, dimension and the key-length bound are
-    literals: that is what lets the planners (SQLite's, PostgreSQL's generic plans) prove the
-    index's condition. SQLite's planner, which has no statistics, prefers the primary key (three
-    equalities) and is told. PostgreSQL's index holds keys up to `USERS_INDEX_MAX_KEY` bytes (an
-    entry is limited to ~2.7 KB); the rare longer ones are read through `rollups_users_long`.
+
+def user_parts(since: int | None, until: int | None, subtract: bool) -> list[Part]:
+    """(grain, from, to, sign) of the `USER_DIM` rows whose signed sum is the range [since,
+    until) (whole UTC days; None: open): whole months from month rows, a partial month from its
+    day rows or, with `subtract` and when fewer, its month row less the days outside the range
+    (sums subtract exactly; first and last times do not, see `user_groups`)."""
+    day = BUCKET_MICROS[_DAY]
+
+    def partial(m: int, lo: int, hi: int) -> list[Part]:
+        """[lo, hi) within month m (not all of it)."""
+        end = _next_month(m)
+        inside, outside = (hi - lo) // day, (end - m - (hi - lo)) // day
+        if subtract and outside < inside:
+            out: list[Part] = [(_MONTH, m, end, 1)]
+            if lo > m:
+                out.append((_DAY, m, lo, -1))
+            if hi < end:
+                out.append((_DAY, hi, end, -1))
+            return out
+        return [(_DAY, lo, hi, 1)]
+
+    parts: list[Part] = []
+    first = None if since is None else month_start(since)
+    if first is not None and since != first:  # a head inside a month
+        assert since is not None
+        end = _next_month(first)
+        if until is not None and until <= end:
+            return partial(first, since, until)
+        if until is None and subtract and (since - first) < (end - since):
+            return [(_MONTH, first, None, 1), (_DAY, first, since, -1)]
+        parts += partial(first, since, end)
+        first = end
+    if until is None:
+        return [*parts, (_MONTH, first, None, 1)]
+    last = month_start(until)
+    if first is None or first < last:
+        parts.append((_MONTH, first, last, 1))
+    if until != last:
+        parts += partial(last, max(last, since or last), until)
+    return parts
+
+
+def _user_sums(
+    params: sql.Params,
+    tenant: str,
+    since: int | None,
+    until: int | None,
+    *,
+    named: bool = False,
+    subtract: bool = False,
+) -> str:
+    """`SELECT key, <the columns of Cell.from_row>` of the `USER_DIM` rows of a range, summed
+    per user (`named`: not the NULL user), from the parts of `user_parts`.
+
+    Read through the partial indexes `rollups_users` (day rows) and `rollups_user_months`, which
+    hold these rows' values in (tenant, bucket) order, so no other rollup row is read. Grain,
+    dimension and the key-length bound are literals: that is what lets the planners (SQLite's,
+    PostgreSQL's generic plans) prove an index's condition. SQLite's planner, which has no
+    statistics, prefers the primary key (three equalities) and is told. PostgreSQL's indexes
+    hold keys up to `USERS_INDEX_MAX_KEY` bytes (an entry is limited to ~2.7 KB); the rare
+    longer ones are read through `rollups_users_long` / `rollups_user_months_long`.
     """
-    conds = [f"tenant = {params(tenant)}", f"grain = '{_DAY}'", f"dim = '{USER_DIM}'"]
-    if named:
-        conds.append(f"key <> {params('')}")
-    if since is not None:
-        conds.append(f"bucket >= {params(since)}")
-    if until is not None:
-        conds.append(f"bucket < {params(until)}")
-    where = " AND ".join(conds)
-    if params.dialect.hashed is None:
-        return f"SELECT key, {_SUMMED} FROM rollups INDEXED BY rollups_users WHERE {where} GROUP BY key"
-    rows = f"SELECT {', '.join(COLUMNS[4:-2])} FROM rollups WHERE {where}"
-    n = USERS_INDEX_MAX_KEY
-    rows = f"{rows} AND octet_length(key) <= {n} UNION ALL {rows} AND octet_length(key) > {n}"
-    return f"SELECT key, {_SUMMED} FROM ({rows}) AS u GROUP BY key"
+    values = COLUMNS[5:-4]
+    selects = []
+    for grain, lo, hi, sign in user_parts(since, until, subtract):
+        conds = [f"tenant = {params(tenant)}", f"grain = '{grain}'", f"dim = '{USER_DIM}'"]
+        if named:
+            conds.append(f"key <> {params('')}")
+        if lo is not None:
+            conds.append(f"bucket >= {params(lo)}")
+        if hi is not None:
+            conds.append(f"bucket < {params(hi)}")
+        where = " AND ".join(conds)
+        cols = ", ".join(
+            ["key", *(values if sign > 0 else [f"-{c} AS {c}" for c in values])]
+            + (["first_at", "last_at"] if sign > 0 else ["NULL AS first_at", "NULL AS last_at"])
+        )
+        if params.dialect.hashed is None:
+            index = "rollups_users" if grain == _DAY else "rollups_user_months"
+            selects.append(f"SELECT {cols} FROM rollups INDEXED BY {index} WHERE {where}")
+        else:
+            n = USERS_INDEX_MAX_KEY
+            rows = f"SELECT {cols} FROM rollups WHERE {where}"
+            short, long = f"{rows} AND octet_length(key) <= {n}", f"{rows} AND octet_length(key) > {n}"
+            selects.append(f"{short} UNION ALL {long}")
+    union = " UNION ALL ".join(selects)
+    return f"SELECT key, {_SUMMED} FROM ({union}) AS u GROUP BY key HAVING sum(count) > 0"
 
 
 def group_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
@@ -411,7 +500,7 @@ def group_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
     range of thousands of users is hundreds of thousands of rows: too many to merge in Python).
     Order as the raw path's: largest first, then by key (bytewise, `"="` + value), NULL last."""
     params = sql.Params(d)
-    q = _user_sums(params, tenant, p.since, p.until)
+    q = _user_sums(params, tenant, p.since, p.until, subtract=True)
     return f"{q} ORDER BY sum(count) DESC, key = '', key LIMIT {params(MAX_GROUPS)}", params.values
 
 
@@ -449,22 +538,29 @@ def user_result(row: Sequence[Any]) -> dict[str, Any]:
     return {"user_id": decode_key(USER_DIM, row[0]), **totals}
 
 
-def user_groups(rows: Iterable[Sequence[Any]], values: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
-    """`stats` groups from the rows of `group_sql`, with exact percentiles from the raw rows of
-    those users (`sql.keyed_values_sql`: user, latency_ms, ttft_ms)."""
-    acc: dict[Any, tuple[list[float], list[float]]] = {}
-    for key, lat, ttft in values:
-        lats, ttfts = acc.setdefault(key, ([], []))
+def user_groups(
+    rows: Iterable[Sequence[Any]], values: Iterable[Sequence[Any]], ts: Callable[[Any], int]
+) -> list[dict[str, Any]]:
+    """`stats` groups from the rows of `group_sql`, with exact percentiles and first and last
+    times from the raw rows of those users (`sql.keyed_values_sql`: user, latency_ms, ttft_ms,
+    created_at as the store reads it, `ts` making it microseconds): a month row less some days
+    has the month's first and last times, not the range's."""
+    acc: dict[Any, tuple[list[float], list[float], list[int]]] = {}
+    for key, lat, ttft, created in values:
+        lats, ttfts, times = acc.setdefault(key, ([], [], []))
         lats.append(lat)
         if ttft is not None:
             ttfts.append(ttft)
+        times.append(ts(created))
     out = []
     for row in rows:
         key = decode_key(USER_DIM, row[0])
         totals = Cell.from_row(row[1:]).totals()
-        lats, ttfts = acc.get(key, ([], []))
+        lats, ttfts, times = acc.get(key, ([], [], []))
         totals["latency_ms"] = sql.percentiles_of(lats)
         totals["time_to_first_token_ms"] = sql.percentiles_of(ttfts)
+        if times:
+            totals["first_at"], totals["last_at"] = iso(min(times)), iso(max(times))
         out.append({"key": key, **totals})
     return out
 
@@ -519,7 +615,7 @@ def recompute_sql(d: sql.Dialect, key: RollupKey) -> tuple[str, list[Any]]:
     conds = [
         f"r.tenant = {p(tenant)}",
         f"r.created_at >= {p(d.ts_param(bucket))}",
-        f"r.created_at < {p(d.ts_param(bucket + BUCKET_MICROS[grain]))}",
+        f"r.created_at < {p(d.ts_param(bucket_end(grain, bucket)))}",
     ]
     if dim:
         expr = sql.group_key(p, dim)

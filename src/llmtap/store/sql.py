@@ -570,7 +570,7 @@ def values_sql(d: Dialect, tenant: str, q: StatsQuery) -> tuple[str, list[Any]]:
 def keyed_values_sql(
     d: Dialect, tenant: str, q: StatsQuery, column: str, keys: Sequence[Any]
 ) -> tuple[str, list[Any]]:
-    """(key, latency_ms, ttft_ms) of the rows `stats` covers whose `column` (of `HASH_INDEXED`)
+    """(key, latency_ms, ttft_ms, created_at) of the rows `stats` covers whose `column` (of `HASH_INDEXED`)
     is one of `keys` (None: NULL), through the column's index: the raw rows of a few groups."""
     if column not in HASH_INDEXED:
         raise ValueError(f"no index on {column!r}")
@@ -589,7 +589,7 @@ def keyed_values_sql(
     if not either:
         either.append("1 = 0")
     where += f" AND ({' OR '.join(either)})"
-    return f"SELECT {col}, r.latency_ms, r.ttft_ms FROM requests r WHERE {where}", p.values
+    return f"SELECT {col}, r.latency_ms, r.ttft_ms, r.created_at FROM requests r WHERE {where}", p.values
 
 
 def percentiles_of(values: list[float]) -> dict[str, float | None]:

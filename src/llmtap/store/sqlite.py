@@ -497,7 +497,7 @@ class SQLiteStore(Store):
                 top = self._fetch(q, params)
                 keys = [rollup.decode_key(plan.dim, row[0]) for row in top]
                 q, params = sql.keyed_values_sql(DIALECT, tenant, query, plan.dim, keys)
-                users = rollup.user_groups(top, self._fetch(q, params) if keys else [])
+                users = rollup.user_groups(top, self._fetch(q, params) if keys else [], int)
             q, params = rollup.read_sql(DIALECT, tenant, plan)
             return rollup.answer(query, plan, self._r().execute(q, params), users)
         return {**self._raw_stats(tenant, query), **rollup.RAW_SOURCE}
