@@ -13,6 +13,9 @@ upstream's `/<path>` byte for byte, streams chunk by chunk, with no logging at a
                       experimental): the coroutine is driven from Rust instead of an asyncio Task
   granian-pyreqwest   granian as above, and pyreqwest (Rust reqwest) as the upstream client:
                       both ends in Rust, only the handler's glue left in Python
+  rust-hyper          no Python at all: bench/spike_hyper (hyper server + client on one tokio
+                      thread), the floor of a Rust hot path; only with --hyper-bin (build it with
+                      `cargo build --release` in bench/spike_hyper)
 
 Before measuring it checks, for each proxy, that a plain and a streamed answer arrive as the
 direct ones do (byte for byte but for the upstream's per-request id and timestamp), that the
@@ -71,6 +74,7 @@ CORES: dict[str, tuple[list[str], str] | None] = {
     "granian-rsgi-rtask": ([*GRANIAN, "--task-impl", "rust"], "app"),
     "granian-pyreqwest": (GRANIAN, "reqwest_app"),
 }
+HYPER = "rust-hyper"  # not in CORES: a binary built by hand, run when --hyper-bin names it
 BASELINE = "aiohttp"
 # The fake upstream's only per-request bytes: ids and timestamps, of the same length every time.
 VOLATILE = re.compile(rb'"(id|created)": ?("[^"]*"|\d+)')
@@ -150,6 +154,12 @@ class SpikeBench(bg.Bench):
         return int(self.args.rounds)
 
     def start_core(self, name: str) -> bg.Variant:
+        if name == HYPER:
+            port = bg.free_port()
+            cmd = [self.args.hyper_bin, "--port", str(port), "--upstream", self.upstream_url]
+            p = bg.spawn(name, cmd, self.workdir, self.proxy_cores)
+            bg.wait_ready(p, f"http://127.0.0.1:{port}/healthz")
+            return bg.Variant(name, f"http://127.0.0.1:{port}/openai", {"proxy": p})
         core = CORES[name]
         if core is None:
             v = self.start_variant("passthrough")
@@ -365,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each phase")
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each max-throughput run")
     ap.add_argument("--c1-requests", type=int, default=1000, help="sequential requests per c1 run")
+    ap.add_argument("--hyper-bin", metavar="PATH", help=f"also run {HYPER}: its binary (bench/spike_hyper)")
     ap.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     ap.add_argument("--nice", type=int, default=-10, help="niceness for all processes (root; 0 = off)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
@@ -374,13 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, bg._interrupt)
     bg.preflight()
     names = [n.strip() for n in args.cores.split(",") if n.strip()]
+    if args.hyper_bin and HYPER not in names:
+        names.append(HYPER)
     for n in names:
-        if n not in CORES:
-            ap.error(f"unknown core {n!r}")
+        if n not in CORES and not (n == HYPER and args.hyper_bin):
+            ap.error(f"unknown core {n!r}" + (f" ({n} needs --hyper-bin)" if n == HYPER else ""))
     if BASELINE not in names:
         names.insert(0, BASELINE)
     versions = {d: installed(d) for d in ("granian", "pyreqwest")}
-    needed = {"granian"} if any(CORES[n] for n in names) else set()
+    needed = {"granian"} if any(CORES.get(n) for n in names) else set()
     needed |= {"pyreqwest"} if "granian-pyreqwest" in names else set()
     if missing := sorted(d for d in needed if versions[d] is None):
         raise SystemExit(
