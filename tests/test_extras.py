@@ -316,7 +316,7 @@ def test_the_core_install_has_no_driver_and_all_is_every_extra() -> None:
     driver_dists = {canonicalize_name(d) for m in DRIVERS for d in dists[m]}
     assert not driver_dists & _names(PYPROJECT["dependencies"])
     backends = {"kafka", "redis", "postgres", "s3", "sqs", "otel"}
-    assert backends | {"all", "dev"} == extras.keys()
+    assert backends | {"all", "dev", "bench"} == extras.keys()  # bench: bench/spike_core.py only
     (everything,) = (Requirement(r) for r in extras["all"])
     assert everything.name == "llmtap" and everything.extras == backends
 
