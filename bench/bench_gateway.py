@@ -79,6 +79,15 @@ CPU_RATIO_TARGET = 1.5
 RPS_RATIO_TARGET = 0.67
 
 
+def load_phases(c1_requests: int, seconds: float) -> tuple[tuple[str, str, str, int, str, float], ...]:
+    """(phase, label, body, connections, mode, value) of each measured load, in order."""
+    return (
+        ("c1", "latency at concurrency 1", "chat", 1, "limit", c1_requests),
+        ("c64", "non-stream max throughput", "chat", 64, "seconds", seconds),
+        ("stream", "stream max throughput", "stream", 64, "seconds", seconds),
+    )
+
+
 def progress(msg: str) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
@@ -598,11 +607,7 @@ class Bench:
                 res[n]["runs"]["warmup"].append(
                     self.measure_wrk(vs[n], "warm-up", "chat", 64, "seconds", warm)
                 )
-            phases = (
-                ("c1", "latency at concurrency 1", "chat", 1, "limit", self.c1_requests),
-                ("c64", "non-stream max throughput", "chat", 64, "seconds", self.seconds),
-                ("stream", "stream max throughput", "stream", 64, "seconds", self.seconds),
-            )
+            phases = load_phases(self.c1_requests, self.seconds)
             for rnd in range(self.rounds):
                 k = rnd % len(names)
                 order = [*names[k:], *names[:k]]  # rotate so no variant always runs first

@@ -193,11 +193,7 @@ class SpikeBench(bg.Bench):
             for n in names:
                 res[n] = {"runs": {"warmup": [], "c1": [], "c64": [], "stream": []}}
                 res[n]["runs"]["warmup"].append(self.measure_wrk(vs[n], "warm-up", "chat", 64, "seconds", 2))
-            phases = (
-                ("c1", "latency at concurrency 1", "chat", 1, "limit", self.c1_requests),
-                ("c64", "non-stream max throughput", "chat", 64, "seconds", self.seconds),
-                ("stream", "stream max throughput", "stream", 64, "seconds", self.seconds),
-            )
+            phases = bg.load_phases(self.c1_requests, self.seconds)
             for rnd in range(self.rounds):
                 k = rnd % len(names)
                 order = [*names[k:], *names[:k]]  # rotate so that no core always runs first

@@ -32,6 +32,17 @@ if TYPE_CHECKING:
     from pyreqwest.client import Client
 
 
+def _local(path: str, proto: HTTPProtocol) -> bool:
+    """Answer what is not proxied (`/healthz`, 404); True if answered."""
+    if path.startswith("/openai/"):
+        return False
+    if path == "/healthz":
+        proto.response_bytes(200, [("content-type", "text/plain")], b"ok")
+    else:
+        proto.response_bytes(404, [("content-type", "text/plain")], b"not found")
+    return True
+
+
 class GranianPassthrough:
     def __init__(self, upstream: str) -> None:
         self.proxy = Passthrough(upstream)
@@ -47,11 +58,7 @@ class GranianPassthrough:
 
     async def __rsgi__(self, scope: Scope, proto: HTTPProtocol) -> None:
         path = scope.path
-        if not path.startswith("/openai/"):
-            if path == "/healthz":
-                proto.response_bytes(200, [("content-type", "text/plain")], b"ok")
-            else:
-                proto.response_bytes(404, [("content-type", "text/plain")], b"not found")
+        if _local(path, proto):
             return
         session = self.session or await self._session()
         url = self.proxy.base + path[len("/openai") :]
@@ -86,11 +93,7 @@ class ReqwestPassthrough:
 
     async def __rsgi__(self, scope: Scope, proto: HTTPProtocol) -> None:
         path = scope.path
-        if not path.startswith("/openai/"):
-            if path == "/healthz":
-                proto.response_bytes(200, [("content-type", "text/plain")], b"ok")
-            else:
-                proto.response_bytes(404, [("content-type", "text/plain")], b"not found")
+        if _local(path, proto):
             return
         client = self.client or self._client()
         url = self.base + path[len("/openai") :]
