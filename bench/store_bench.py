@@ -1,7 +1,7 @@
-"""Analytics-store benchmark: write throughput of both stores, and query latency at scale on PG.
+"""Analytics-store benchmark: write throughput of both stores, and query latency at scale.
 
     .venv/bin/python bench/store_bench.py write [--pg URL] [--records 20000] [--batch 500]
-    .venv/bin/python bench/store_bench.py scale [--pg URL] [--rows 1000000]
+    .venv/bin/python bench/store_bench.py scale [--store sqlite|pg] [--pg URL] [--rows 1000000]
 
 `write` times `Store.write_batch` (the worker's path: COPY + INSERT ... SELECT on PostgreSQL,
 executemany in one transaction on SQLite) with batches of realistic records, on a fresh SQLite
@@ -11,17 +11,17 @@ file and a fresh PostgreSQL database. Target: >= 5,000 records/s per worker proc
 carries ~1.5 KB of searchable text) and off (both switched off on the store object), so the cost
 of the analytics work per record shows.
 
-`scale` loads N synthetic rows straight into a fresh PostgreSQL database with COPY (minutes
-instead of hours through the API), in time order, and builds their rollups in the same pass
-(the worker's own code, `llmtap.store.rollup.contribution`, per row; COPYed per finished day).
-Then it times, through `PostgresStore`, a filtered list page (first page and a cursor page) and
-the dashboard's overview from rollups and from raw rows (`exact=True`): 30 days of totals, day
-buckets and the top models with p50/p90/p99, the same grouped by a rolled-up property, 24 h by
-hour. Targets at 1M rows: list page < 50 ms; overview from rollups < 200 ms.
+`scale` loads N synthetic rows into a fresh database of either store (`--store sqlite|pg`) with
+`scale_data.load` (days written in parallel in the stores' own row format, the worker's own
+`rollup.contributions` for the rollups, every row with ~250 bytes of searchable text, secondary
+indexes built once at the end), then times, through the store class, filtered list pages, `q=`
+search first pages (a frequent, a mid, a rare word and a string in no row), and the dashboard's
+overview from rollups (and from raw rows with `--raw`): 30 days of totals, day buckets and the
+top models with p50/p90/p99, the same grouped by a rolled-up property, top users, 24 h by hour.
+Targets (issue 11): 30-day overview < 200 ms, by property < 300 ms, `q=` first page < 500 ms.
 
-10M rows: `--rows 10000000 --keep` once (prints the database URL and the load time), then
-`--reuse URL` for every later timing run (no loading). The load is single-threaded Python: allow
-about ten times the 1M load time, and run it on an otherwise idle machine.
+10M rows: `--rows 10000000 --keep` once (prints the database URL or file and the load time),
+then `--reuse URL|PATH` for every later timing run (no loading).
 
 --pg defaults to $LLMTAP_TEST_POSTGRES_URL (scripts/services.sh env). Results print as lines
 and as JSON (append to bench/results/ if you keep them).
@@ -41,19 +41,20 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import asyncpg
+import scale_data
 
 from llmtap.record import Body, LogRecord, Usage
-from llmtap.store import rollup, sql
 from llmtap.store.base import ListQuery, StatsQuery, Store
 from llmtap.store.postgres import PostgresStore
-from llmtap.store.query import from_micros, to_micros
 from llmtap.store.sqlite import SQLiteStore
 
 PROPS = ("feature", "env")
@@ -226,117 +227,6 @@ async def bench_write(args: argparse.Namespace) -> dict[str, Any]:
 # -- scale ----------------------------------------------------------------------------------------------
 
 
-async def bulk_load(url: str, rows: int, days: int, chunk: int = 50_000) -> float:
-    """COPY `rows` synthetic rows (and their keys and properties) over the last `days` days."""
-    store = PostgresStore(url, rollup_properties=PROPS)
-    await store.connect()  # an empty database: every dimension is covered from the start
-    now = datetime.now(UTC)
-    months = set()
-    d = now - timedelta(days=days + 1)
-    while d <= now + timedelta(days=32):
-        months.add((d.year, d.month))
-        d += timedelta(days=27)
-    await store._ensure_partitions(months)
-    await store.close()
-
-    r = random.Random(42)
-    conn = await asyncpg.connect(url)
-    t0 = time.perf_counter()
-    try:
-        span_us = days * 86_400_000_000
-        now_us = to_micros(now)
-        headers = '{"content-type": "application/json"}'
-        deltas: dict[rollup.RollupKey, rollup.Cell] = {}
-        rollup_rows = 0
-        for start in range(0, rows, chunk):
-            reqs, keys_, props = [], [], []
-            srcs: list[tuple[Any, ...]] = []
-            for i in range(start, min(rows, start + chunk)):
-                # in time order (as a worker writes them), so rollups of finished days can go
-                created = from_micros(now_us - span_us + i * span_us // rows)
-                rid = str(uuid.UUID(int=r.getrandbits(128)))
-                latency = r.uniform(50, 4000)
-                model = MODELS[min(int(r.expovariate(0.35)), len(MODELS) - 1)]
-                env = "prod" if r.random() < 0.8 else "dev"
-                body = f'{{"ref": "{TENANT}/{rid}.request.zst", "size": 900, "encoding": "zstd"}}'
-                reqs.append(
-                    (
-                        TENANT,
-                        rid,
-                        created,
-                        "openai",
-                        model,
-                        "POST",
-                        "/v1/chat/completions",
-                        "https://api.openai.com/v1/chat/completions",
-                        200 if r.random() < 0.97 else 500,
-                        "completed",
-                        None,
-                        i % 2 == 0,
-                        latency,
-                        latency / 3,
-                        r.randrange(2000),
-                        r.randrange(800),
-                        2800,
-                        None,
-                        None,
-                        None,
-                        "provider",
-                        r.randrange(10**7),
-                        "bench",
-                        f"user-{r.randrange(10_000)}",
-                        f"session-{r.randrange(100_000)}",
-                        f'{{"env": "{env}"}}',
-                        headers,
-                        headers,
-                        body,
-                        None,
-                        None,
-                        "queue",
-                        created,
-                        created + timedelta(milliseconds=latency),
-                        "bench:1",
-                        *(None,) * (len(sql.COLUMNS) - 35),  # the usage dimensions of version 6
-                    )
-                )
-                keys_.append((TENANT, rid, created))
-                props.append((TENANT, rid, created, "env", env))
-                srcs.append(rollup.source_values((*reqs[-1][:2], to_micros(created), *reqs[-1][3:])))
-            for k, cell in rollup.contributions(srcs, PROPS).items():
-                if k in deltas:
-                    deltas[k].merge(cell)
-                else:
-                    deltas[k] = cell
-            async with conn.transaction():
-                await conn.copy_records_to_table("request_keys", records=keys_)
-                await conn.copy_records_to_table("requests", records=reqs, columns=sql.COLUMNS)
-                await conn.copy_records_to_table(
-                    "request_properties",
-                    records=props,
-                    columns=("tenant", "request_id", "created_at", "name", "value"),
-                )
-                # rollups of the days before the last row's are complete
-                day = to_micros(reqs[-1][2]) // 86_400_000_000 * 86_400_000_000
-                done = [k for k in deltas if rollup.bucket_end(k[1], k[2]) <= day]
-                rollup_rows += await copy_rollups(conn, {k: deltas.pop(k) for k in done})
-            print(
-                f"  loaded {start + len(reqs):>9} rows, {rollup_rows} rollup rows"
-                f"  ({time.perf_counter() - t0:6.1f} s)",
-                flush=True,
-            )
-        await copy_rollups(conn, deltas)
-        await conn.execute("VACUUM ANALYZE")
-    finally:
-        await conn.close()
-    return time.perf_counter() - t0
-
-
-async def copy_rollups(conn: asyncpg.Connection, cells: dict[rollup.RollupKey, rollup.Cell]) -> int:
-    rows = [cell.row(key) for key, cell in cells.items()]
-    await conn.copy_records_to_table("rollups", records=rows, columns=rollup.COLUMNS)
-    return len(rows)
-
-
 def report(name: str, r: dict[str, float]) -> None:
     print(f"  {name:<30} median {r['median_ms']:>8.2f} ms   max {r['max_ms']:>8.2f} ms", flush=True)
 
@@ -352,17 +242,34 @@ async def timed(fn: Callable[[], Awaitable[Any]], runs: int) -> dict[str, float]
 
 
 async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.pg:
-        raise SystemExit("scale needs --pg or LLMTAP_TEST_POSTGRES_URL")
-    url = args.reuse or await create_db(args.pg)
-    results: dict[str, Any] = {"rows": args.rows}
+    kind = args.store
+    if args.reuse:
+        kind = "pg" if args.reuse.startswith("postgres") else "sqlite"
+    if kind == "pg" and not (args.pg or args.reuse):
+        raise SystemExit("scale --store pg needs --pg or LLMTAP_TEST_POSTGRES_URL")
+    if args.reuse:
+        target = args.reuse
+    elif kind == "pg":
+        target = await create_db(args.pg)
+    else:
+        target = tempfile.mktemp(prefix=f"llmtap-scale-{args.rows}-", suffix=".db")
+    results: dict[str, Any] = {"store": kind, "rows": args.rows}
     try:
         if args.reuse:
             print(f"reusing the loaded database {args.reuse}", flush=True)
         else:
-            print(f"loading {args.rows} rows over {args.days} days with COPY...", flush=True)
-            results["load_seconds"] = round(await bulk_load(url, args.rows, args.days), 1)
-        store = PostgresStore(url, rollup_properties=PROPS)
+            print(
+                f"loading {args.rows:,} rows over {args.days} days into {kind} ({args.procs} processes)...",
+                flush=True,
+            )
+            results["load_seconds"] = round(
+                await scale_data.load(kind, target, args.rows, args.days, args.procs), 1
+            )
+        store: Store = (
+            PostgresStore(target, rollup_properties=PROPS)
+            if kind == "pg"
+            else SQLiteStore(target, rollup_properties=PROPS)
+        )
         await store.connect()
         try:
             first = await store.list_requests(TENANT, ListQuery(limit=50, model="gpt-4o"))
@@ -386,8 +293,15 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 "get by id": lambda: store.get_request(TENANT, first.items[7]["id"]),
             }
+            for label, term in scale_data.search_terms().items():
+                page = await store.list_requests(TENANT, ListQuery(limit=50, q=term))
+                results[f"q= {label}: first page rows"] = len(page.items)
+                cases[f"q={term!r} {label}, 50"] = partial(
+                    store.list_requests, TENANT, ListQuery(limit=50, q=term)
+                )
             for name, fn in cases.items():
-                results[name] = await timed(fn, args.runs)
+                runs = args.runs if not name.startswith("q=") else max(3, args.runs // 4)
+                results[name] = await timed(fn, runs)
                 report(name, results[name])
             now = datetime.now(UTC)
             midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -396,35 +310,38 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
                 "30d: model groups + day buckets": StatsQuery(
                     since=midnight - timedelta(days=30), group_by="model", bucket="day"
                 ),
-                "30d: property.env + day buckets": StatsQuery(
-                    since=midnight - timedelta(days=30), group_by="property.env", bucket="day"
+                "30d: property.feature + day buckets": StatsQuery(
+                    since=midnight - timedelta(days=30), group_by="property.feature", bucket="day"
                 ),
                 "30d: top users": StatsQuery(since=midnight - timedelta(days=30), group_by="user_id"),
                 "24h: hour buckets": StatsQuery(since=hour - timedelta(days=1), bucket="hour"),
             }
             for name, q in overview.items():
-                for source in ("rollups", "raw"):
+                for source in ("rollups", "raw") if args.raw else ("rollups",):
                     exact = source == "raw"
                     sq = StatsQuery(since=q.since, group_by=q.group_by, bucket=q.bucket, exact=exact)
                     got = await store.stats(TENANT, sq)
                     assert got["source"] == source, (name, got["source"])
                     label = f"stats {name} [{source}]"
-                    runs = args.runs if source == "rollups" else max(3, args.runs // 5)
-                    results[label] = await timed(lambda sq=sq: store.stats(TENANT, sq), runs)
+                    runs = args.runs if source == "rollups" else 3
+                    results[label] = await timed(partial(store.stats, TENANT, sq), runs)
                     report(label, results[label])
-            for source in ("rollups", "raw"):  # the dashboard's Users view
+            for source in ("rollups", "raw") if args.raw else ("rollups",):  # the dashboard's Users view
                 exact = source == "raw"
                 label = f"users 500 [{source}]"
-                runs = args.runs if source == "rollups" else max(3, args.runs // 5)
-                results[label] = await timed(lambda e=exact: store.users(TENANT, 500, exact=e), runs)
+                runs = args.runs if source == "rollups" else 3
+                results[label] = await timed(partial(store.users, TENANT, 500, exact=exact), runs)
                 report(label, results[label])
         finally:
             await store.close()
     finally:
-        if not args.keep and not args.reuse:
-            await drop_db(args.pg, url)
+        if args.keep or args.reuse:
+            print(f"kept database: {target}")
+        elif kind == "pg":
+            await drop_db(args.pg, target)
         else:
-            print(f"kept database: {url}")
+            for suffix in ("", "-wal", "-shm"):
+                Path(target + suffix).unlink(missing_ok=True)
     return results
 
 
@@ -438,7 +355,13 @@ def main() -> None:
     p.add_argument("--days", type=int, default=60, help="days the scale rows are spread over")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--keep", action="store_true", help="keep the scale database")
-    p.add_argument("--reuse", help="time queries on a database a --keep run loaded (no loading)")
+    p.add_argument("--store", choices=("sqlite", "pg"), default="pg", help="the store the scale rows go to")
+    p.add_argument("--procs", type=int, default=2, help="processes generating and writing the scale rows")
+    p.add_argument("--raw", action="store_true", help="also time the stats from raw rows (slow at 10M)")
+    p.add_argument(
+        "--reuse",
+        help="time queries on a database a --keep run loaded (PostgreSQL URL or SQLite path; no loading)",
+    )
     args = p.parse_args()
     out: dict[str, Any] = {}
     if args.what in ("write", "all"):
