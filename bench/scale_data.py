@@ -273,10 +273,9 @@ def _sqlite_build_indexes(path: str, defs: list[str], say: Callable[[str], None]
             conn.execute(d)
             say(f"  built {d.split(' ON ')[0].split()[-1]} ({time.perf_counter() - t0:.1f} s)")
         t0 = time.perf_counter()
-        conn.execute("INSERT INTO request_text (request_text) VALUES ('optimize')")
         conn.execute("ANALYZE")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        say(f"  FTS optimize + ANALYZE ({time.perf_counter() - t0:.1f} s)")
+        say(f"  ANALYZE ({time.perf_counter() - t0:.1f} s)")
     finally:
         conn.close()
 

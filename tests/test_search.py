@@ -5,6 +5,8 @@ metacharacters taken literally, the 32 KiB bound, retention and the API paramete
 from __future__ import annotations
 
 import json
+import uuid
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from llmtap.bodies.file import FileBodyStore
 from llmtap.handlers.base import Item
 from llmtap.handlers.bodies import BodyHandler
 from llmtap.record import Body, LogRecord
+from llmtap.store import sql
 from llmtap.store.base import ListQuery, Store
 from llmtap.store.search import SEARCH_BYTES
 from store_helpers import T0, open_store, rec, store_params
@@ -131,3 +134,64 @@ async def test_search_bodies(kind: str, tmp_path: Path) -> None:
             assert await search(store, "münchen") == {"german"}
     finally:
         await bodies.close()
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_a_common_word_is_looked_for_row_by_row_with_the_same_pages(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `SEARCH_INDEX_MAX` matches a page is looked for row by row among the newest rows
+    (`search_scan_sql`); every page, cursor and filter must equal the text index's answer."""
+    words = {
+        i: ("common " if i % 3 else "") + ("sparse " if i % 29 == 0 else "") + f"w{i}" for i in range(240)
+    }
+    records, texts = [], []
+    for i, text in words.items():
+        records.append(rec(i, model="gpt-4o" if i % 2 else "gpt-4o-mini", latency_ms=float(i * 37 % 101),
+                           properties={"env": "prod" if i % 5 else "dev"}))  # fmt: skip
+        texts.append(text)
+        records.append(rec(i, id=f"other-{i}", tenant="globex"))  # the same words, another tenant
+        texts.append(text)
+    by_index_pages = 0
+    real_list_sql = sql.list_sql
+
+    def list_sql(*a: Any, **kw: Any) -> tuple[str, list[Any]]:
+        nonlocal by_index_pages
+        by_index_pages += kw.get("hit") is None
+        return real_list_sql(*a, **kw)
+
+    async def pages(store: Store, query: ListQuery) -> list[list[str]]:
+        out, cursor = [], None
+        while True:
+            page = await store.list_requests("acme", replace(query, cursor=cursor))
+            out.append([x["id"] for x in page.items])
+            if page.next_cursor is None:
+                return out
+            cursor = page.next_cursor
+
+    queries = [
+        ListQuery(q="common", limit=7),
+        ListQuery(q="COMMON", limit=7, order="asc"),
+        ListQuery(q="common", limit=5, model="gpt-4o"),
+        ListQuery(q="common", limit=6, sort="latency"),
+        ListQuery(q="common", limit=6, sort="cost", order="asc"),
+        ListQuery(q="common", limit=4, properties={"env": "dev"}),
+        ListQuery(q="sparse", limit=3),  # few matches: through the index
+        ListQuery(q="mm", limit=9),  # shorter than a trigram
+    ]
+    async with open_store(kind, tmp_path) as store:
+        assert await store.write_batch(records, texts) == len(records)
+        monkeypatch.setattr(sql, "list_sql", list_sql)
+        monkeypatch.setattr(sql, "SEARCH_INDEX_MAX", 10**9)  # the index only
+        by_index = [await pages(store, query) for query in queries]
+        assert by_index_pages == sum(map(len, by_index))
+        monkeypatch.setattr(sql, "SEARCH_INDEX_MAX", 10)
+        monkeypatch.setattr(sql, "SEARCH_SCAN_ROWS", 40)  # some pages are found in 40 rows, some not
+        by_index_pages = 0
+        for query, want in zip(queries, by_index, strict=True):
+            assert await pages(store, query) == want, query
+        scanned = sum(map(len, by_index)) - by_index_pages
+    # what each query should find, from the words written above
+    assert {x for p in by_index[0] for x in p} == {str(uuid.UUID(int=i + 1)) for i in words if i % 3}
+    assert {x for p in by_index[6] for x in p} == {str(uuid.UUID(int=i + 1)) for i in words if i % 29 == 0}
+    assert scanned >= 20, scanned  # pages the row-by-row path answered

@@ -76,6 +76,11 @@ DIALECT = sql.Dialect(
     hashed=lambda expr: f"llmtap_hash({expr})",
     # pg_trgm answers LIKE through the GIN index for patterns of 3+ characters.
     search=lambda p, q: f"r.search_text LIKE {p(search.like_pattern(q))}",
+    search_row=lambda p, q: f"r.search_text LIKE {p(search.like_pattern(q))}",  # as a column
+    search_count=lambda p, q, cap: (
+        f"SELECT count(*) FROM (SELECT 1 FROM requests WHERE search_text LIKE {p(search.like_pattern(q))}"
+        f" LIMIT {int(cap)}) AS c"
+    ),
 )
 
 log = logging.getLogger(__name__)
@@ -337,6 +342,17 @@ class PostgresStore(Store):
             raise TransientError(f"PostgreSQL store at {self._where} is not connected")
         return self._pool
 
+    async def _first_hits(self, query: str, params: Sequence[Any], n: int) -> list[Sequence[Any]]:
+        """`sql.first_hits` through a cursor: the server stops where the page is full."""
+        out: list[Sequence[Any]] = []
+        with self._errors():
+            async with self._p().acquire() as conn, conn.transaction(readonly=True):
+                async for row in conn.cursor(query, *params, prefetch=200):
+                    out += sql.first_hits([tuple(row)], 1)
+                    if len(out) >= n:
+                        break
+        return out
+
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         with self._errors():
             rows: list[asyncpg.Record] = await self._p().fetch(query, *args)
@@ -559,6 +575,14 @@ class PostgresStore(Store):
         return sql.row_to_dict(DIALECT, rows[0]) if rows else None
 
     async def list_requests(self, tenant: str, query: ListQuery) -> Page:
+        if query.q:  # a common word: look for it row by row in the page's order (see search_scan_sql)
+            q, params = sql.search_count_sql(DIALECT, query.q)
+            if (await self._fetch(q, *params))[0][0] >= sql.SEARCH_INDEX_MAX:
+                q, params = sql.search_scan_sql(DIALECT, tenant, query)
+                rows = await self._first_hits(q, params, query.limit + 1)
+                if len(rows) > query.limit:
+                    items, cursor = sql.page_from_rows(DIALECT, rows, query.limit, query.sort)
+                    return Page(items=items, next_cursor=cursor)
         q, params = sql.list_sql(DIALECT, tenant, query)
         rows = await self._fetch(q, *params)
         items, cursor = sql.page_from_rows(DIALECT, rows, query.limit, query.sort)

@@ -23,8 +23,8 @@ import hmac
 import math
 import re
 import secrets
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -272,6 +272,10 @@ class Dialect:
     hashed: Callable[[str], str] | None = None
     #: The condition selecting rows whose searchable text contains `q` (`ListQuery.q`).
     search: Callable[[Params, str], str] | None = None
+    #: The same condition checked on each row, without the text index (`search_scan_sql`).
+    search_row: Callable[[Params, str], str] | None = None
+    #: A query counting the text index's matches for `q`, up to a bound (`search_scan_sql`).
+    search_count: Callable[[Params, str, int], str] | None = None
     #: A column as an expression the planner will not answer from an index (see `list_sql`).
     unindexed: Callable[[str], str] = str
 
@@ -354,7 +358,9 @@ def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = Non
 SORT_KEYS = {"cost": "coalesce(r.cost_nanos, -1)", "latency": "r.latency_ms"}
 
 
-def list_sql(d: Dialect, tenant: str, q: ListQuery, *, sort_index: bool = False) -> tuple[str, list[Any]]:
+def list_sql(
+    d: Dialect, tenant: str, q: ListQuery, *, sort_index: bool = False, hit: str | None = None
+) -> tuple[str, list[Any]]:
     """Newest (or oldest) first, keyset-paginated on (created_at, id); fetches limit + 1.
 
     With `sort` cost or latency the keyset is (sort key, created_at, id), same direction.
@@ -378,12 +384,62 @@ def list_sql(d: Dialect, tenant: str, q: ListQuery, *, sort_index: bool = False)
         else:
             v, ts = p(value), p(d.ts_param(us))  # a bare bound on the key, likewise for its index
             where += f" AND {key} {op}= {v} AND ({key}, r.created_at, r.id) {op} ({v}, {ts}, {p(rid)})"
-    order = "DESC" if desc else "ASC"
-    by = f"r.created_at {order}, r.id {order}"
-    if key is not None:
-        by = f"{key} {order}, {by}"
-    sql = f"SELECT {SELECT_COLUMNS} FROM requests r WHERE {where} ORDER BY {by} LIMIT {p(q.limit + 1)}"
+    columns = SELECT_COLUMNS
+    if hit is not None:  # see search_scan_sql
+        assert d.search_row is not None
+        columns += f", ({d.search_row(p, hit)})"
+    sql = f"SELECT {columns} FROM requests r WHERE {where} ORDER BY {_order_by(q)} LIMIT {p(q.limit + 1)}"
     return sql, p.values
+
+
+def _order_by(q: ListQuery) -> str:
+    order = "DESC" if q.order != "asc" else "ASC"
+    by = f"r.created_at {order}, r.id {order}"
+    key = SORT_KEYS.get(q.sort)
+    return by if key is None else f"{key} {order}, {by}"
+
+
+#: A `q=` page is looked for row by row, in the page's order, among this many rows of the
+#: other filters when the text index holds at least `SEARCH_INDEX_MAX` matches (see
+#: `search_scan_sql`).
+SEARCH_SCAN_ROWS = 20_000
+SEARCH_INDEX_MAX = 1_000
+
+
+def search_count_sql(d: Dialect, q: str) -> tuple[str, list[Any]]:
+    """How many matches the text index has for `q` (all tenants: it only picks the plan), up to
+    `SEARCH_INDEX_MAX`."""
+    assert d.search_count is not None
+    p = Params(d)
+    return d.search_count(p, q, SEARCH_INDEX_MAX), p.values
+
+
+def search_scan_sql(
+    d: Dialect, tenant: str, q: ListQuery, *, sort_index: bool = False
+) -> tuple[str, list[Any]]:
+    """The first `SEARCH_SCAN_ROWS` rows of `q`'s other filters in page order, each with a last
+    column saying whether its text holds `q.q`: read them lazily with `first_hits`.
+
+    Through the text index a page costs every match (all are found, then sorted): a common word
+    in 10M rows is a million matches, tens of seconds. Walking the page's order and checking
+    each row's text stops at `limit` matches instead. The answer is exact whenever it is a full
+    page (it comes from a prefix of the same order); otherwise the caller asks the index (then
+    the matches are few). The check is a column, not a filter, so that neither store can turn
+    it back into an index scan or sort the rows it would not need.
+    """
+    assert q.q is not None
+    return list_sql(d, tenant, replace(q, q=None, limit=SEARCH_SCAN_ROWS - 1), sort_index=sort_index, hit=q.q)
+
+
+def first_hits(rows: Iterable[Sequence[Any]], n: int) -> list[Sequence[Any]]:
+    """The first `n` rows of a `search_scan_sql` result whose text matched, without the mark."""
+    out = []
+    for row in rows:
+        if row[-1]:
+            out.append(row[:-1])
+            if len(out) >= n:
+                break
+    return out
 
 
 def range_rows_sql(d: Dialect, tenant: str, q: ListQuery, cap: int) -> tuple[str, list[Any]]:

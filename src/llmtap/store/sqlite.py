@@ -64,16 +64,29 @@ def _json(v: Any) -> Any:
 _GLOB_META = str.maketrans({"*": "[*]", "?": "[?]", "[": "[[]"})
 
 
-def _search(p: sql.Params, q: str) -> str:
+def _text_match(p: sql.Params, q: str, text: str) -> str:
     """FTS5 trigram: GLOB `*q*` (case-folded text, so case-sensitive GLOB is right) finds a
     substring of 3+ characters through the index; shorter ones are looked for row by row."""
     folded = search.fold(q)
     if len(folded) >= 3:
-        pattern = "*" + folded.translate(_GLOB_META) + "*"
-        docs = f"SELECT rowid FROM request_text WHERE text GLOB {p(pattern)}"
-    else:
-        docs = f"SELECT rowid FROM request_text WHERE instr(text, {p(folded)}) > 0"
+        return f"{text} GLOB {p('*' + folded.translate(_GLOB_META) + '*')}"
+    return f"instr({text}, {p(folded)}) > 0"
+
+
+def _search(p: sql.Params, q: str) -> str:
+    docs = f"SELECT rowid FROM request_text WHERE {_text_match(p, q, 'text')}"
     return f"(r.tenant, r.id) IN (SELECT s.tenant, s.id FROM request_search s WHERE s.docid IN ({docs}))"
+
+
+def _search_row(p: sql.Params, q: str) -> str:
+    # the text by rowid: the GLOB applies to the value, so FTS5 cannot take it as an index scan
+    doc = "SELECT s.docid FROM request_search s WHERE s.tenant = r.tenant AND s.id = r.id"
+    return _text_match(p, q, f"(SELECT t.text FROM request_text t WHERE t.rowid = ({doc}))")
+
+
+def _search_count(p: sql.Params, q: str, cap: int) -> str:
+    docs = f"SELECT 1 FROM request_text WHERE {_text_match(p, q, 'text')} LIMIT {int(cap)}"
+    return f"SELECT count(*) FROM ({docs})"
 
 
 DIALECT = sql.Dialect(
@@ -86,6 +99,8 @@ DIALECT = sql.Dialect(
     # json_each compares the key as a bound value: any property name is safe, quotes included.
     prop_value=lambda ph: f"(SELECT j.value FROM json_each(r.properties) AS j WHERE j.key = {ph})",
     search=_search,
+    search_row=_search_row,
+    search_count=_search_count,
     unindexed=lambda column: f"+{column}",  # SQLite's unary + hides a column from its indexes
 )
 
@@ -472,6 +487,18 @@ class SQLiteStore(Store):
         if sort_index and (query.since is not None or query.until is not None):
             q, params = sql.range_rows_sql(DIALECT, tenant, query, SORT_INDEX_MIN_ROWS)
             sort_index = self._fetch(q, params)[0][0] >= SORT_INDEX_MIN_ROWS
+        if query.q:  # a common word: look for it row by row in the page's order (see search_scan_sql)
+            q, params = sql.search_count_sql(DIALECT, query.q)
+            if self._fetch(q, params)[0][0] >= sql.SEARCH_INDEX_MAX:
+                q, params = sql.search_scan_sql(DIALECT, tenant, query, sort_index=sort_index)
+                cur = self._r().execute(q, params)
+                try:
+                    rows = sql.first_hits(cur, query.limit + 1)
+                finally:
+                    cur.close()
+                if len(rows) > query.limit:
+                    items, cursor = sql.page_from_rows(DIALECT, rows, query.limit, query.sort)
+                    return Page(items=items, next_cursor=cursor)
         q, params = sql.list_sql(DIALECT, tenant, query, sort_index=sort_index)
         items, cursor = sql.page_from_rows(DIALECT, self._fetch(q, params), query.limit, query.sort)
         return Page(items=items, next_cursor=cursor)
