@@ -195,3 +195,22 @@ async def test_a_common_word_is_looked_for_row_by_row_with_the_same_pages(
     assert {x for p in by_index[0] for x in p} == {str(uuid.UUID(int=i + 1)) for i in words if i % 3}
     assert {x for p in by_index[6] for x in p} == {str(uuid.UUID(int=i + 1)) for i in words if i % 29 == 0}
     assert scanned >= 20, scanned  # pages the row-by-row path answered
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_a_body_nested_as_deep_as_json_goes_is_stored_and_searchable(kind: str, tmp_path: Path) -> None:
+    """orjson parses 1000 levels; the text walk must too (a recursive one raised RecursionError
+    in the body handler, and the record went the way of a poison message)."""
+    deep = b"[" * 1000 + b'"deep needle"' + b"]" * 1000
+    body = Body(content_type="application/json", size=len(deep), encoding="identity", data=deep)
+    record = rec(1, id="deep", request_body=body)
+    bodies = FileBodyStore(str(tmp_path / "bodies"))
+    await bodies.connect()
+    try:
+        item = Item(record)
+        await BodyHandler(bodies).handle([item])
+        async with open_store(kind, tmp_path) as store:
+            assert await store.write_batch([item.record], [item.search_text]) == 1
+            assert await search(store, "DEEP NEEDLE") == {"deep"}
+    finally:
+        await bodies.close()

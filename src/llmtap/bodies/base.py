@@ -11,6 +11,7 @@ needs. Keys are stored in rows as references, so keys of an older scheme keep re
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 #: Characters kept as they are in a key segment; everything else is percent-encoded.
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+_ALL_SAFE = re.compile(r"[A-Za-z0-9._-]+")  # the common case (a UUID) in one call, not per character
 #: A segment longer than this (encoded) is cut and suffixed with `~` and a hash of the whole.
 _SEGMENT_MAX = 96
 
@@ -38,7 +40,7 @@ def key_segment(value: str) -> str:
     (readable prefix, `~`, a 128-bit hash of the whole value). `.` and `..` are encoded so a
     segment is never a path step.
     """
-    if value and value.isascii() and all(c in _SAFE for c in value) and value.strip(".") != "":
+    if _ALL_SAFE.fullmatch(value) and value.strip(".") != "":
         out = value
     elif not value:
         return "~"

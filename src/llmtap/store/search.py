@@ -39,15 +39,20 @@ def _decode(body: Body, raw: bytes) -> bytes:
     return raw[:_READ_BYTES]
 
 
-def _strings(v: Any) -> Iterator[str]:
-    if isinstance(v, str):
-        yield v
-    elif isinstance(v, dict):
-        for x in v.values():
-            yield from _strings(x)
-    elif isinstance(v, list):
-        for x in v:
-            yield from _strings(x)
+def _strings(v: Any) -> list[str]:
+    """The string values of parsed JSON, in document order; a loop, not recursion, so that any
+    nesting depth orjson accepts is walked."""
+    out: list[str] = []
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, dict):
+            stack.extend(reversed(x.values()))
+        elif isinstance(x, list):
+            stack.extend(reversed(x))
+    return out
 
 
 def _deltas(event: Any) -> Iterator[str]:
@@ -88,6 +93,15 @@ def body_text(body: Body, raw: bytes) -> str:
         return data.decode("utf-8", "replace")
 
 
+def _text_or_none(body: Body, raw: bytes) -> str | None:
+    """Best effort: a body whose text cannot be extracted is stored unsearchable, never lost
+    (the record must not become a poison message because of its search text)."""
+    try:
+        return body_text(body, raw)
+    except Exception:  # any failure here only costs the body its searchability
+        return None
+
+
 def fold(text: str) -> str:
     """The indexed form of text, and of a query: case-folded, storable on both stores."""
     from llmtap.store.sql import clean
@@ -104,7 +118,7 @@ def record_text(record: LogRecord, raw: Sequence[tuple[Body, bytes]] | None = No
             for b in (record.request_body, record.response_body, record.response_events)
             if b is not None and b.data is not None
         ]
-    parts = [t for b, data in raw if (t := body_text(b, data))]
+    parts = [t for b, data in raw if (t := _text_or_none(b, data))]
     if not parts:
         return None
     text = "\n".join(parts).encode("utf-8", "replace")[:SEARCH_BYTES].decode("utf-8", "ignore")
