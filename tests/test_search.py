@@ -182,7 +182,7 @@ async def test_a_common_word_is_looked_for_row_by_row_with_the_same_pages(
     async with open_store(kind, tmp_path) as store:
         assert await store.write_batch(records, texts) == len(records)
         monkeypatch.setattr(sql, "list_sql", list_sql)
-        monkeypatch.setattr(sql, "SEARCH_INDEX_MAX", 10**9)  # the index only
+        monkeypatch.setattr(sql, "SEARCH_SCAN_ROWS", 1)  # the index only: no page is found in 1 row
         by_index = [await pages(store, query) for query in queries]
         assert by_index_pages == sum(map(len, by_index))
         monkeypatch.setattr(sql, "SEARCH_INDEX_MAX", 10)
