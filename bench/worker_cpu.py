@@ -1,0 +1,139 @@
+"""CPU per record of `llmtap worker` (SQLite queue and store, rollups and search on), by thread.
+
+    .venv/bin/python bench/worker_cpu.py [SRC]     # SRC: another llmtap src/ to measure (A/B)
+    N=6000 PROFILE=1 SORT=cumulative TOP=40 .venv/bin/python bench/worker_cpu.py
+
+Publishes N records shaped like bench_gateway's chat traffic (a one-line prompt, a ~800-byte
+answer, inline bodies) into a fresh SQLite queue, starts a `WorkerService` and waits until the
+queue is drained, then prints the CPU per record of the process and of each thread (the event
+loop, the SQLite queue's thread, the store's writer thread). PROFILE=1 profiles the event-loop
+thread by its CPU time. For an A/B, run it alternately with SRC = `git archive` of the other
+commit's src/: on a shared machine only alternating runs compare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import json
+import os
+import pstats
+import resource
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parents[1] / "src"))
+
+from llmtap.config import Settings
+from llmtap.queue.base import Message
+from llmtap.queue.sqlite import SQLiteQueue
+from llmtap.record import Body, LogRecord, Usage, encode
+from llmtap.worker import WorkerService
+
+SRC = sys.path[0]
+N = int(os.environ.get("N", "6000"))
+REQ = json.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello to the benchmark."}]}
+).encode()
+RESP = json.dumps(
+    {
+        "id": "chatcmpl-x",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello! " + "lorem ipsum dolor sit amet " * 22},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 150, "total_tokens": 162},
+    }
+).encode()
+
+
+def record(i: int, t0: datetime) -> LogRecord:
+    at = t0 + timedelta(milliseconds=i)
+    return LogRecord(
+        id=str(uuid.uuid4()),
+        tenant="default",
+        provider="openai",
+        target_url="http://127.0.0.1:9/v1/chat/completions",
+        method="POST",
+        path="/v1/chat/completions",
+        model="gpt-4o-mini",
+        started_at=at,
+        first_byte_at=at + timedelta(milliseconds=3),
+        ended_at=at + timedelta(milliseconds=4),
+        latency_ms=4.0,
+        time_to_first_token_ms=3.0,
+        status=200,
+        usage=Usage(source="provider", prompt_tokens=12, completion_tokens=150, total_tokens=162),
+        request_headers={"content-type": "application/json", "user-agent": "wrk"},
+        response_headers={"content-type": "application/json", "content-length": str(len(RESP))},
+        request_body=Body(content_type="application/json", size=len(REQ), data=REQ),
+        response_body=Body(content_type="application/json", size=len(RESP), data=RESP),
+        route="queue",
+        gateway="bench:1",
+    )
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds per thread name (numbered pool threads summed)."""
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        if t.ident is None:
+            continue
+        try:
+            v = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        except OSError:
+            continue
+        name = t.name.rstrip("_0123456789")
+        out[name] = out.get(name, 0.0) + v
+    return out
+
+
+async def main() -> None:
+    prof = cProfile.Profile(time.thread_time) if os.environ.get("PROFILE") else None
+    with tempfile.TemporaryDirectory() as d:
+        settings = Settings(data_dir=Path(d), default_tenant="default")
+        producer = SQLiteQueue(str(Path(d) / "queue.db"), partitions=settings.partitions)
+        await producer.connect("producer")
+        t0 = datetime.now(UTC) - timedelta(seconds=N / 1000 + 5)
+        for i in range(0, N, 500):
+            batch = [record(j, t0) for j in range(i, min(N, i + 500))]
+            await producer.publish([Message(r.id, encode(r)) for r in batch])
+        worker = WorkerService(settings)
+        before, r0 = thread_cpu(), resource.getrusage(resource.RUSAGE_SELF)
+        if prof:
+            prof.enable()
+        w0 = time.monotonic()
+        await worker.start()
+        while (await producer.status()).lag:
+            await asyncio.sleep(0.05)
+        wall = time.monotonic() - w0
+        if prof:
+            prof.disable()
+        after, r1 = thread_cpu(), resource.getrusage(resource.RUSAGE_SELF)
+        await worker.stop()
+        await producer.close()
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    threads = " ".join(
+        f"{k}={(v - before.get(k, 0.0)) / N * 1e6:.0f}"
+        for k, v in after.items()
+        if v - before.get(k, 0.0) > 0.01
+    )
+    print(f"{SRC}: {cpu / N * 1e6:.0f} us CPU/record, wall {wall:.1f} s; by thread (us/record): {threads}")
+    if prof:
+        stats: Any = pstats.Stats(prof)
+        stats.sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "25")))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
