@@ -350,9 +350,10 @@ class PostgresStore(Store):
         with self._errors():
             async with self._p().acquire() as conn, conn.transaction(readonly=True):
                 async for row in conn.cursor(query, *params, prefetch=200):
-                    out += sql.first_hits([tuple(row)], 1)
-                    if len(out) >= n:
-                        break
+                    if row[-1]:  # the hit mark of `sql.search_scan_sql`
+                        out.append(tuple(row)[:-1])
+                        if len(out) >= n:
+                            break
         return out
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
