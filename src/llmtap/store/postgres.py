@@ -164,6 +164,13 @@ SELECT id, {", ".join(rollup.SOURCE_COLUMNS)} FROM ins
 """
 
 
+# Per partition (migration 11 says why): a property's value decides its hash, so the planner
+# must not multiply their selectivities.
+_PROPERTY_STATS = (
+    "CREATE STATISTICS IF NOT EXISTS {t}_deps (dependencies)"
+    " ON name, value, llmtap_hash(name), llmtap_hash(value) FROM {t}"
+)
+_PROPERTY_STATS_SINCE = 11
 _WRITTEN = (*sql.COLUMNS, "search_text")
 _MOVE = _move_sql(_WRITTEN)
 _R_KEY_ARRAYS = "$1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]"
@@ -493,6 +500,8 @@ class PostgresStore(Store):
                         f"CREATE TABLE IF NOT EXISTS {table}_p{year:04d}{month:02d}"
                         f" PARTITION OF {table} {bounds}"
                     )
+                if MIGRATIONS[-1][0] >= _PROPERTY_STATS_SINCE:  # a schema without llmtap_hash: none
+                    await conn.execute(_PROPERTY_STATS.format(t=f"request_properties_p{year:04d}{month:02d}"))
         self._months |= missing
 
     # -- writes -----------------------------------------------------------------------------------
