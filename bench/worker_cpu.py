@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/worker_cpu.py [SRC]     # SRC: another llmtap src/ to measure (A/B)
     N=6000 PROFILE=1 SORT=cumulative TOP=40 .venv/bin/python bench/worker_cpu.py
+    STORE=postgresql://... .venv/bin/python bench/worker_cpu.py     # the PostgreSQL store
 
 Publishes N records shaped like bench_gateway's chat traffic (a one-line prompt, a ~800-byte
 answer, inline bodies) into a fresh SQLite queue, starts a `WorkerService` and waits until the
-queue is drained, then prints the CPU per record of the process and of each thread (the event
-loop, the SQLite queue's thread, the store's writer thread). PROFILE=1 profiles the event-loop
+queue is drained, then prints records per second (wall) and the CPU per record of the process
+and of each thread (the event loop, the SQLite queue's thread, the store's writer thread).
+STORE (a PostgreSQL URL; default the SQLite store) picks the store: a PostgreSQL server's own
+CPU is not in the figures. PROFILE=1 profiles the event-loop
 thread by its CPU time. For an A/B, run it alternately with SRC = `git archive` of the other
 commit's src/: on a shared machine only alternating runs compare.
 """
@@ -102,7 +105,8 @@ def thread_cpu() -> dict[str, float]:
 async def main() -> None:
     prof = cProfile.Profile(time.thread_time) if os.environ.get("PROFILE") else None
     with tempfile.TemporaryDirectory() as d:
-        settings = Settings(data_dir=Path(d), default_tenant="default")
+        store = os.environ.get("STORE", "sqlite")
+        settings = Settings(data_dir=Path(d), default_tenant="default", store=store)
         producer = SQLiteQueue(str(Path(d) / "queue.db"), partitions=settings.partitions)
         await producer.connect("producer")
         t0 = datetime.now(UTC) - timedelta(seconds=N / 1000 + 5)
@@ -129,7 +133,10 @@ async def main() -> None:
         for k, v in after.items()
         if v - before.get(k, 0.0) > 0.01
     )
-    print(f"{SRC}: {cpu / N * 1e6:.0f} us CPU/record, wall {wall:.1f} s; by thread (us/record): {threads}")
+    print(
+        f"{SRC}: {N / wall:.0f} records/s, {cpu / N * 1e6:.0f} us CPU/record, wall {wall:.2f} s;"
+        f" by thread (us/record): {threads}"
+    )
     if prof:
         stats: Any = pstats.Stats(prof)
         stats.sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "25")))
