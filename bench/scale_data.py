@@ -264,6 +264,14 @@ def _sqlite_drop_indexes(path: str) -> list[str]:
         conn.close()
 
 
+def _sqlite_journal(path: str, mode: str) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA journal_mode = {mode}")
+    finally:
+        conn.close()
+
+
 def _sqlite_build_indexes(path: str, defs: list[str], say: Callable[[str], None]) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
@@ -274,7 +282,7 @@ def _sqlite_build_indexes(path: str, defs: list[str], say: Callable[[str], None]
             say(f"  built {d.split(' ON ')[0].split()[-1]} ({time.perf_counter() - t0:.1f} s)")
         t0 = time.perf_counter()
         conn.execute("ANALYZE")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA journal_mode = WAL")  # the store's own mode again
         say(f"  ANALYZE ({time.perf_counter() - t0:.1f} s)")
     finally:
         conn.close()
@@ -309,6 +317,9 @@ async def load(
         await lite.connect()
         await lite.close()
         defs = _sqlite_drop_indexes(target)
+        # A rollback journal while the pool writes: with two processes appending in turn, WAL
+        # checkpoints never catch up, and the WAL grew past the disk's 37 GB at 5.6M rows.
+        _sqlite_journal(target, "DELETE")
     jobs = [
         (kind, target, lo, hi, start, span, rows)
         for lo, hi, start, span in day_jobs(rows, days, to_micros(now))

@@ -272,6 +272,10 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
         )
         await store.connect()
         try:
+            if args.reuse:  # the rows a --keep run loaded, not this run's --rows
+                everything = await store.stats(TENANT, StatsQuery(since=datetime(2000, 1, 1, tzinfo=UTC)))
+                results["rows"] = everything["overall"]["count"]
+                print(f"{results['rows']:,} rows stored", flush=True)
             first = await store.list_requests(TENANT, ListQuery(limit=50, model="gpt-4o"))
             assert len(first.items) == 50
             cursor = first.next_cursor
