@@ -198,6 +198,46 @@ async def test_a_common_word_is_looked_for_row_by_row_with_the_same_pages(
 
 
 @pytest.mark.parametrize("kind", store_params())
+async def test_a_walk_that_falls_behind_its_pace_gives_up_early_with_the_same_pages(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A word with enough matches to be walked but too rare to fill a page in the walk's rows
+    goes to the index once the walk's pace says so (`walk_is_hopeless`), not after every row;
+    a common word never does. The pages equal the index's either way."""
+    records, texts = [], []
+    for i in range(400):
+        records.append(rec(i))
+        texts.append(("rare " if i < 40 and i % 10 == 0 else "") + ("common " if i % 3 else "") + f"w{i}")
+    calls: list[tuple[int, int, int, bool]] = []
+    real = sql.walk_is_hopeless
+    # the production figures: a word in 0.06% of rows gives up after 2,000; one that fills a
+    # page at its pace (51 in 20,000 rows: ~5 in 2,000) walks on
+    assert real(1, 2_000, 51) and not real(5, 2_000, 51) and not real(11, 5_000, 51)
+
+    def spy(hits: int, walked: int, n: int) -> bool:
+        calls.append((hits, walked, n, real(hits, walked, n)))
+        return calls[-1][-1]
+
+    async with open_store(kind, tmp_path) as store:
+        assert await store.write_batch(records, texts) == len(records)
+        monkeypatch.setattr(sql, "SEARCH_SCAN_ROWS", 1)
+        want = {w: await store.list_requests("acme", ListQuery(q=w, limit=3)) for w in ("rare", "common")}
+        monkeypatch.setattr(sql, "walk_is_hopeless", spy)
+        monkeypatch.setattr(sql, "SEARCH_INDEX_MAX", 2)
+        monkeypatch.setattr(sql, "SEARCH_SCAN_ROWS", 300)
+        monkeypatch.setattr(sql, "SEARCH_PACE_AT", frozenset({200, 250}))
+        got = await store.list_requests("acme", ListQuery(q="rare", limit=3))
+        assert calls == [(0, 200, 4, True)]  # newest first: no hit in 200 rows; stopped there
+        assert [x["id"] for x in got.items] == [x["id"] for x in want["rare"].items]
+        assert got.next_cursor == want["rare"].next_cursor
+        assert len(got.items) == 3
+        calls.clear()
+        got = await store.list_requests("acme", ListQuery(q="common", limit=3))
+        assert calls == []  # a full page long before the first pace check
+        assert [x["id"] for x in got.items] == [x["id"] for x in want["common"].items]
+
+
+@pytest.mark.parametrize("kind", store_params())
 async def test_a_body_nested_as_deep_as_json_goes_is_stored_and_searchable(kind: str, tmp_path: Path) -> None:
     """orjson parses 1000 levels; the text walk must too (a recursive one raised RecursionError
     in the body handler, and the record went the way of a poison message)."""

@@ -352,15 +352,20 @@ class PostgresStore(Store):
         return self._pool
 
     async def _first_hits(self, query: str, params: Sequence[Any], n: int) -> list[Sequence[Any]]:
-        """`sql.first_hits` through a cursor: the server stops where the page is full."""
+        """`sql.first_hits` through a cursor: the server stops where the page is full (or the
+        walk gives up)."""
         out: list[Sequence[Any]] = []
         with self._errors():
             async with self._p().acquire() as conn, conn.transaction(readonly=True):
+                walked = 0
                 async for row in conn.cursor(query, *params, prefetch=200):
+                    walked += 1
                     if row[-1]:  # the hit mark of `sql.search_scan_sql`
                         out.append(tuple(row)[:-1])
                         if len(out) >= n:
                             break
+                    if walked in sql.SEARCH_PACE_AT and sql.walk_is_hopeless(len(out), walked, n):
+                        break
         return out
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:

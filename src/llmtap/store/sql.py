@@ -404,6 +404,20 @@ def _order_by(q: ListQuery) -> str:
 #: `search_scan_sql`).
 SEARCH_SCAN_ROWS = 20_000
 SEARCH_INDEX_MAX = 1_000
+#: Rows walked after which a walk checks its pace (`walk_is_hopeless`).
+SEARCH_PACE_AT = frozenset({2_000, 5_000, 10_000})
+
+
+def walk_is_hopeless(hits: int, walked: int, n: int) -> bool:
+    """Whether a walk that found `hits` in `walked` rows is on course for less than half of its
+    `n` in `SEARCH_SCAN_ROWS` rows, even with one hit more: it gives up and the index answers.
+
+    A word in 0.06% of 10M rows has ~6k matches (cheap through the index) but ~13 in the walk's
+    20k rows: walking them all first cost 300 ms of its 600 ms page on SQLite. Half the pace
+    needed, not the pace itself, so that a word just common enough to fill a page (whose ~25k
+    matches are dear through the index) is seldom sent there by chance.
+    """
+    return 2 * (hits + 1) * SEARCH_SCAN_ROWS < n * walked
 
 
 def search_count_sql(d: Dialect, q: str) -> tuple[str, list[Any]]:
@@ -432,13 +446,16 @@ def search_scan_sql(
 
 
 def first_hits(rows: Iterable[Sequence[Any]], n: int) -> list[Sequence[Any]]:
-    """The first `n` rows of a `search_scan_sql` result whose text matched, without the mark."""
+    """The first `n` rows of a `search_scan_sql` result whose text matched, without the mark;
+    fewer when the walk gives up early (`walk_is_hopeless`)."""
     out = []
-    for row in rows:
+    for walked, row in enumerate(rows, 1):
         if row[-1]:
             out.append(row[:-1])
             if len(out) >= n:
                 break
+        if walked in SEARCH_PACE_AT and walk_is_hopeless(len(out), walked, n):
+            break
     return out
 
 
