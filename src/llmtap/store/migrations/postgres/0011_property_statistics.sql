@@ -4,7 +4,7 @@
 -- on how the two go together the planner multiplies their selectivities as if independent: at
 -- 10M requests `env=dev` (2M rows) was estimated at 48k, and a list page collected every match
 -- and sorted it (29 s). With functional dependencies the estimate is right and the page walks
--- both indexes newest first (35 ms). Statistics objects belong to one table, so every month
+-- both indexes newest first (61 ms). Statistics objects belong to one table, so every month
 -- partition gets its own: these here, new ones from the writer (`PostgresStore._ensure_partitions`).
 
 DO $$
