@@ -40,6 +40,7 @@ from store_helpers import (
 
 pytestmark = pytest.mark.timeout(600)
 PROPS = ("env", "Team")  # names are case-insensitive: "Team" rolls up property "team"
+PROPS_STORED = ("env", "team")  # as the stores pass them to `rollup.contributions`
 
 
 @contextlib.asynccontextmanager
@@ -260,6 +261,73 @@ def test_sketch_roundtrip_merge_and_bound() -> None:
     for v in values:
         a.add(v, -1)
     assert a.count == 0 and a.bins == {} and a.quantiles([0.5]) == [None]
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_batch_contributes_to_each_cell_what_its_rows_do(sign: int) -> None:
+    """`contributions` sums rows alike in every dimension before it touches the cells: the
+    grouping must be invisible. Checked against a row-by-row reference on the finest cells
+    (coarser ones are merged from those), rows packed into a few minutes so that most share a
+    group and some differ in one dimension only (model, status, a property, the user, the tenant).
+    """
+    from llmtap.store import sql
+
+    rows = dataset(600, seed=11)
+    r = random.Random(3)
+    for i, x in enumerate(rows):
+        x.started_at = T0 - timedelta(seconds=r.randrange(0, 240))
+        x.model = r.choice(("gpt-4o-mini", "gpt-4o", None))
+        x.user_id = r.choice(("u1", "u2", None, ""))
+        x.time_to_first_token_ms = None if i % 3 else x.latency_ms / 3
+    got = rollup.contributions([rollup.source_values(sql.record_values(x)) for x in rows], PROPS_STORED, sign)
+
+    def enc(v: str | None) -> str:
+        return "" if v is None else "=" + v
+
+    minute, hour, day = 60_000_000, 3_600_000_000, 86_400_000_000
+    want: dict[rollup.RollupKey, rollup.Cell] = {}
+    for x in rows:
+        at = to_micros(x.started_at)
+        m, t, h = at // minute * minute, x.tenant, at // hour * hour
+        keys = [
+            (t, "minute", m, "", ""),
+            (t, "minute", m, "model", enc(x.model)),
+            (t, "minute", m, "provider", enc(x.provider)),
+            (t, "minute", m, "status", enc(str(x.status))),
+        ]
+        keys += [(t, "hour", h, f"property.{p}", enc(x.properties.get(p))) for p in PROPS_STORED]
+        user = (t, "day", at // day * day, rollup.USER_DIM, enc(x.user_id))
+        error = x.status >= 400 or x.outcome != "completed"
+        u = x.usage
+        sums = [u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.cache_write_tokens,
+                u.reasoning_tokens]  # fmt: skip
+        for k in [*keys, user]:
+            c = want.setdefault(k, rollup.Cell())
+            c.count += sign
+            c.error_count += sign * error
+            c.sums = [a + sign * (b or 0) for a, b in zip(c.sums, sums, strict=True)]
+            c.cost_nanos += sign * (x.cost_nanos or 0)
+            c.unpriced_count += sign * (x.cost_nanos is None)
+            if sign > 0:
+                c.first_at = min(at, c.first_at or at)
+                c.last_at = max(at, c.last_at or at)
+            if k is not user:
+                c.latency.add(x.latency_ms, sign)
+                if x.time_to_first_token_ms is not None:
+                    c.ttft.add(x.time_to_first_token_ms, sign)
+
+    def values(c: rollup.Cell) -> tuple[Any, ...]:
+        return (c.count, c.error_count, c.sums, c.cost_nanos, c.unpriced_count, c.first_at, c.last_at,
+                c.latency.bins, c.latency.zeros, c.ttft.bins, c.ttft.zeros)  # fmt: skip
+
+    def fine(k: rollup.RollupKey) -> bool:
+        if k[3] == rollup.USER_DIM:
+            return k[1] == "day"
+        return k[1] == ("hour" if k[3].startswith("property.") else "minute")
+
+    finest = {k: values(c) for k, c in got.items() if fine(k)}
+    assert finest == {k: values(c) for k, c in want.items()}
+    assert sum(1 for k in got if k[1] == "minute" and k[3] == "") <= 10  # grouped: few minutes
 
 
 @pytest.mark.parametrize("kind", store_params())

@@ -207,40 +207,39 @@ def contributions(
     """The rollup deltas of some rows: added (sign 1) or subtracted (-1, retention); each row in
     `SOURCE_COLUMNS` order, created_at in microseconds, properties as JSON text or a dict.
 
-    Each row goes into its dimensions' finest cells only; the coarser ones are merged from those
-    (a batch's rows mostly share a minute: one merge instead of a sketch insert per row and grain).
+    Rows alike in every sketched dimension (tenant, minute, model, provider, status, the
+    property values) are summed first, then each sum goes into its dimensions' finest cells;
+    the coarser ones are merged from those. A batch's rows mostly share a minute and a model:
+    two cell updates per row (that group and the user's day) instead of one per dimension.
     """
-    fine: dict[RollupKey, Cell] = {}
     n = len(_SUM_NAMES)
     minute, hour, day = BUCKET_MICROS["minute"], BUCKET_MICROS["hour"], BUCKET_MICROS[_DAY]
     prop_dims = [(p, f"property.{p}") for p in props]
+    groups: dict[tuple[Any, ...], Cell] = {}
+    out: dict[RollupKey, Cell] = {}
     for src in srcs:
         tenant, created, provider, model, status, outcome, lat, ttft = src[:8]
         sums = [sign * int(v or 0) for v in src[8 : 8 + n]]
         cost = sign * int(src[8 + n] or 0)
         unpriced = sign if src[8 + n] is None else 0
-        error = 1 if (status is not None and status >= 400) or outcome != "completed" else 0
-        lat_v, ttft_v = float(lat), None if ttft is None else float(ttft)
-        lat_key, ttft_key = key_of(lat_v), None if ttft_v is None else key_of(ttft_v)
-        m, h = created // minute * minute, created // hour * hour
-        keys = [
-            (tenant, "minute", m, "", ""),
-            (tenant, "minute", m, "model", encode_key(model)),
-            (tenant, "minute", m, "provider", encode_key(provider)),
-            (tenant, "minute", m, "status", encode_key(status)),
-        ]
+        error = sign if (status is not None and status >= 400) or outcome != "completed" else 0
         if prop_dims:
             raw_props = src[10 + n]
             properties = orjson.loads(raw_props) if isinstance(raw_props, str | bytes) else raw_props
-            keys += [(tenant, "hour", h, dim, encode_key(properties.get(p))) for p, dim in prop_dims]
-        keys.append((tenant, _DAY, created // day * day, USER_DIM, encode_key(src[9 + n])))
-        last = len(keys) - 1
-        for i, key in enumerate(keys):
-            cell = fine.get(key)
-            if cell is None:
-                cell = fine[key] = Cell()
+            values = tuple(encode_key(properties.get(p)) for p, _ in prop_dims)
+        else:
+            values = ()
+        sig = (tenant, created // minute * minute, model, provider, status, values)
+        user = (tenant, _DAY, created // day * day, USER_DIM, encode_key(src[9 + n]))
+        group = groups.get(sig)
+        if group is None:
+            group = groups[sig] = Cell()
+        totals = out.get(user)
+        if totals is None:
+            totals = out[user] = Cell()  # USER_DIM: totals only, no sketches
+        for cell in (group, totals):
             cell.count += sign
-            cell.error_count += sign * error
+            cell.error_count += error
             s = cell.sums
             for j in range(n):
                 s[j] += sums[j]
@@ -251,12 +250,25 @@ def contributions(
                     cell.first_at = created
                 if cell.last_at is None or created > cell.last_at:
                     cell.last_at = created
-            if i == last:
-                continue  # USER_DIM: totals only
-            cell.latency.add(lat_v, sign, lat_key)
-            if ttft_v is not None:
-                cell.ttft.add(ttft_v, sign, ttft_key)
-    out = dict(fine)
+        lat_v = float(lat)
+        group.latency.add(lat_v, sign, key_of(lat_v))
+        if ttft is not None:
+            ttft_v = float(ttft)
+            group.ttft.add(ttft_v, sign, key_of(ttft_v))
+    for (tenant, m, model, provider, status, values), group in groups.items():
+        h = m // hour * hour
+        keys = [
+            (tenant, "minute", m, "", ""),
+            (tenant, "minute", m, "model", encode_key(model)),
+            (tenant, "minute", m, "provider", encode_key(provider)),
+            (tenant, "minute", m, "status", encode_key(status)),
+            *((tenant, "hour", h, dim, v) for (_, dim), v in zip(prop_dims, values, strict=True)),
+        ]
+        for key in keys:
+            target = out.get(key)
+            if target is None:
+                target = out[key] = Cell()
+            target.merge(group)
     for coarse, width in (("hour", hour), (_DAY, day)):
         finer = "minute" if coarse == "hour" else "hour"
         for (tenant, grain, bucket, dim, k), cell in list(out.items()):
