@@ -153,6 +153,8 @@ def property_name(name: str) -> str:
 
 def _properties(m: dict[str, str]) -> str:
     """Properties as JSON with lowercase names; of two names differing only in case, the first."""
+    if not m:
+        return "{}"
     if all(k == k.lower() for k in m):
         return _json(m)
     lowered: dict[str, str] = {}

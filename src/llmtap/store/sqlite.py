@@ -434,15 +434,19 @@ class SQLiteStore(Store):
             if props:
                 conn.executemany(_INSERT_PROP, props)
             if self._search:
-                for r in rows:
-                    text = found_text.get((r[0], r[1]))
-                    if text:
-                        cur = conn.execute(
-                            "INSERT INTO request_search (tenant, id) VALUES (?, ?)", (r[0], r[1])
-                        )
-                        conn.execute(
-                            "INSERT INTO request_text (rowid, text) VALUES (?, ?)", (cur.lastrowid, text)
-                        )
+                docs = [(r[0], r[1], t) for r in rows if (t := found_text.get((r[0], r[1])))]
+                if docs:
+                    # Docids numbered here, as SQLite would (max + 1; this transaction holds the
+                    # write lock): two `executemany` instead of two statements per record.
+                    top = conn.execute("SELECT coalesce(max(docid), 0) FROM request_search").fetchone()[0]
+                    conn.executemany(
+                        "INSERT INTO request_search (docid, tenant, id) VALUES (?, ?, ?)",
+                        [(top + i, t, rid) for i, (t, rid, _) in enumerate(docs, 1)],
+                    )
+                    conn.executemany(
+                        "INSERT INTO request_text (rowid, text) VALUES (?, ?)",
+                        [(top + i, text) for i, (_, _, text) in enumerate(docs, 1)],
+                    )
             if self._rollups:
                 srcs = [rollup.source_values(row) for row in rows]
                 sketched, totals = rollup.split_totals(rollup.contributions(srcs, self.rollup_properties))
