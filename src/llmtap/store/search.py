@@ -44,14 +44,16 @@ def _strings(v: Any) -> list[str]:
     nesting depth orjson accepts is walked."""
     out: list[str] = []
     stack = [v]
+    pop, extend, append = stack.pop, stack.extend, out.append
     while stack:
-        x = stack.pop()
-        if isinstance(x, str):
-            out.append(x)
-        elif isinstance(x, dict):
-            stack.extend(reversed(x.values()))
-        elif isinstance(x, list):
-            stack.extend(reversed(x))
+        x = pop()
+        t = type(x)  # orjson makes exactly these types: no isinstance chain per value
+        if t is str:
+            append(x)
+        elif t is dict:
+            extend(reversed(x.values()))
+        elif t is list:
+            extend(reversed(x))
     return out
 
 
