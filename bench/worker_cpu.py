@@ -117,7 +117,10 @@ async def main() -> None:
             await producer.publish([Message(r.id, encode(r)) for r in batch])
         worker = WorkerService(settings)
         s0 = time.monotonic()
-        await worker.start()  # not measured: migrations, imports and connections are paid once
+        banner = await worker.start()  # not measured: migrations, imports, connections
+        if any("WAITING" in line for line in banner):  # e.g. STORE names a database not there
+            await worker.stop()
+            raise SystemExit("\n".join(banner))
         while (await producer.status()).lag > N:  # nor the first batch (lazy imports, caches)
             await asyncio.sleep(0.01)
         startup = time.monotonic() - s0
