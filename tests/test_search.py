@@ -132,6 +132,12 @@ async def test_search_bodies(kind: str, tmp_path: Path) -> None:
             while await store.delete_older_than(T0 - timedelta(days=30)):
                 pass
             assert await search(store, "münchen") == {"german"}
+            # the newest document went with it: the next ones are numbered after what is left
+            fresh = [rec(10 + i, id=f"new{i}", request_body=jbody(chat("münchen"))) for i in range(3)]
+            assert await store.write_batch(fresh) == 3
+            assert await search(store, "münchen") == {"german", "new0", "new1", "new2"}
+            for q, want in CASES[1:]:  # every earlier document still leads to its own row
+                assert await search(store, q) == want, q
     finally:
         await bodies.close()
 
