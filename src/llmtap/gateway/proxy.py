@@ -35,6 +35,7 @@ from yarl import URL
 
 from llmtap.gateway.capture import Capture
 from llmtap.gateway.headers import LLMTAP_PREFIX, REQUEST_DROP, RESPONSE_DROP
+from llmtap.ids import new_id
 from llmtap.providers import Route, StreamFilter, routes
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ class Proxy:
                 404,
                 "llmtap_not_found",
                 f"no route for {request.path}: use {names}",
-                str(uuid.uuid4()),
+                new_id(),
             )
         provider = route.provider
         base = route.base
@@ -194,7 +195,7 @@ class Proxy:
             except ValueError:
                 request_id = None
         if request_id is None:
-            request_id = str(uuid.uuid4())
+            request_id = new_id()
 
         resolved = self.resolve_tenant(auth)
         if resolved is None or isinstance(resolved, str):
