@@ -432,3 +432,35 @@ async def test_a_spill_batch_on_its_way_counts_as_pending_and_is_rescued_at_the_
     assert pub.dropped == 0, pub.dropped
     assert sorted(r.id for r in spool.records) == sorted(capture(i).id for i in range(6))
     assert pub.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("values", "cut"),
+    [
+        (["ü" * 1024], False),  # at the fast path's edge: 2 KB, nothing to cut
+        (["𝄞" * 1024], False),  # 4-byte characters: exactly the 4096-byte value limit
+        (["𝄞" * 1025], True),  # one character more: cut
+        (["a" * 600, "𝄞" * 600], False),  # past the edge, every value and the total fit
+        (["x" * 4000] * 9, True),  # each fits, all together exceed 32 KB
+        (["https://h/p?api_key=sk-secret"], False),  # short, but a query to mask
+    ],
+)
+def test_recorded_headers_hold_their_limits_and_mask_queries(values: list[str], cut: bool) -> None:
+    from llmtap import limits
+    from llmtap.gateway.capture import RecordBuilder
+
+    cap = capture(1)
+    cap.request_headers = [
+        ("Content-Type", "application/json"),
+        *((f"X-H{i}", v) for i, v in enumerate(values)),
+    ]
+    rec = RecordBuilder(inline_body_bytes=1 << 20, gateway="t").build(cap)
+    kept = {k: v for k, v in rec.request_headers.items() if k.startswith("x-h")}
+    sizes = [len(v.encode("utf-8", "surrogatepass")) for v in kept.values()]
+    assert all(s <= limits.MAX_HEADER_VALUE_BYTES for s in sizes)
+    assert sum(sizes) <= limits.MAX_HEADER_BYTES
+    assert ("request_headers" in rec.truncated) is cut
+    if not cut:
+        for i, v in enumerate(values):
+            assert kept[f"x-h{i}"] == (v if "?" not in v else "https://h/p?api_key=***")
+    assert "sk-secret" not in orjson.dumps(rec.request_headers).decode()

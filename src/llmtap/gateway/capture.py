@@ -182,11 +182,19 @@ def _loads(data: bytes | None) -> Any:
 
 
 _NO_LLMTAP = LlmtapHeaders()
+#: Header values totalling at most this many characters fit both header limits, whatever they hold.
+_SHORT_HEADERS = min(limits.MAX_HEADER_VALUE_BYTES, limits.MAX_HEADER_BYTES) // 4
 
 
 def _recorded_headers(headers: dict[str, str], what: str, truncated: list[str]) -> dict[str, str]:
     """Headers as recorded: URLs with a query (`Referer`, `Location`) lose their secrets, and
     the count and value sizes are held to the documented limits."""
+    if len(headers) <= limits.MAX_HEADERS:
+        # The common case in one pass of C: no query to mask, and all values together so short
+        # (in characters, at most 4 UTF-8 bytes each) that neither limit can be reached.
+        joined = "".join(headers.values())
+        if len(joined) <= _SHORT_HEADERS and "?" not in joined:
+            return headers
     cut = False
     if len(headers) > limits.MAX_HEADERS:
         headers = dict(list(headers.items())[: limits.MAX_HEADERS])
