@@ -1,0 +1,178 @@
+"""CPU per request of the gateway's own logging work: capture -> record -> queue message.
+
+    .venv/bin/python bench/capture_cpu.py [SRC]     # SRC: another llmtap src/ to measure (A/B)
+    PROFILE=1 .venv/bin/python bench/capture_cpu.py
+
+`bench_gateway.py` measures the whole process against a passthrough, where one round differs
+from the next by +-15% on a shared 2-core machine: too coarse to see a cut of a few microseconds.
+This one times only llmtap's part, in one process and without sockets in the loop, so it
+repeats to within a few percent and an A/B of two source trees shows small changes.
+
+It runs the real gateway (in-process, on an ephemeral port) in front of the fake upstream and
+sends one chat request and one 20-chunk stream with the `openai` SDK (its real headers, plus a
+user id and two properties), keeping the `Capture` the proxy made of each. Then it times, per
+request, what the publisher does with a capture off the latency path: `RecordBuilder.build`,
+the inline-limit check, the queue message (`encode`, partition key). Also the request id a
+request without `Llmtap-Request-Id` gets. Figures: the best of REPEAT runs of N requests each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import gc
+import os
+import pstats
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parents[1] / "src"))
+
+import openai
+
+from llmtap.bodies import offload
+from llmtap.config import Settings
+from llmtap.gateway.app import GatewayService
+from llmtap.gateway.capture import Capture, RecordBuilder
+from llmtap.gateway.publisher import Sink
+from llmtap.record import LogRecord, encode, partition_key
+from llmtap.testing.fake_upstream import make_app, serve
+
+SRC = sys.path[0]
+N = int(os.environ.get("N", "20000"))
+REPEAT = int(os.environ.get("REPEAT", "5"))
+
+
+class _Keep(Sink):
+    """A sink that keeps what it is given (nothing leaves the process)."""
+
+    large_bodies = True
+
+    def __init__(self) -> None:
+        self.records: list[LogRecord] = []
+
+    async def send(self, records: Sequence[LogRecord]) -> None:
+        self.records.extend(records)
+
+
+async def captures() -> dict[str, Capture]:
+    runner, up_port = await serve(make_app(record_limit=0))
+    with tempfile.TemporaryDirectory() as d:
+        settings = Settings(
+            data_dir=Path(d), host="127.0.0.1", gateway_port=0, openai_base_url=f"http://127.0.0.1:{up_port}"
+        )
+        sink = _Keep()
+        service = GatewayService(settings, sinks=[sink])
+        kept: list[Capture] = []
+        submit = service.publisher.submit
+
+        def keep(cap: Capture) -> None:
+            kept.append(cap)
+            submit(cap)
+
+        service.publisher.submit = keep  # type: ignore[method-assign]
+        await service.start()
+        try:
+            client = openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{service.port}/openai/v1",
+                api_key="sk-bench",
+                default_headers={
+                    "Llmtap-User-Id": "user-42",
+                    "Llmtap-Property-Feature": "summarize",
+                    "Llmtap-Property-Env": "bench",
+                },
+            )
+            messages: Any = [{"role": "user", "content": "hello from the benchmark"}]
+            await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=messages,
+                stream=True,
+                extra_headers={"x-fake-chunks": "20"},
+            )
+            async for _ in stream:
+                pass
+            await client.close()
+            await service.publisher.flush()
+        finally:
+            await service.stop()
+            await runner.cleanup()
+    chat, streamed = kept
+    assert not chat.streamed and streamed.streamed, (chat.streamed, streamed.streamed)
+    assert len(sink.records) == 2 and all(r.usage.source == "provider" for r in sink.records)
+    return {"chat": chat, "stream": streamed}
+
+
+def per_request(fn: Any, n: int) -> float:
+    """Best of REPEAT: microseconds per call of fn(), fn called n times per run."""
+    best = float("inf")
+    for _ in range(REPEAT):
+        gc.collect()
+        gc.disable()  # a collection lands in one run and not the next: it was most of the spread
+        t0 = time.thread_time()
+        for _ in range(n):
+            fn()
+        best = min(best, time.thread_time() - t0)
+        gc.enable()
+    return best / n * 1e6
+
+
+def main() -> None:
+    caps = asyncio.run(captures())
+    builder = RecordBuilder(inline_body_bytes=64 * 1024, gateway="bench:1")
+    prof = cProfile.Profile(time.thread_time) if os.environ.get("PROFILE") else None
+    new_id = _request_id()
+    print(f"llmtap from {SRC}; N={N} per figure, best of {REPEAT}; CPU microseconds per request")
+    rows: list[tuple[str, float]] = [("request id (no Llmtap-Request-Id)", per_request(new_id, N))]
+    for name, cap in caps.items():
+        record = builder.build(cap)
+
+        def build(cap: Capture = cap) -> None:
+            builder.build(cap)
+
+        def message(record: LogRecord = record) -> None:
+            offload.fits(record, 64 * 1024)
+            encode(record)
+            partition_key(record, "tenant")
+
+        def both(cap: Capture = cap) -> None:
+            r = builder.build(cap)
+            offload.fits(r, 64 * 1024)
+            encode(r)
+            partition_key(r, "tenant")
+
+        if prof is not None:
+            prof.enable()
+        rows += [
+            (f"{name}: build the record", per_request(build, N)),
+            (f"{name}: queue message (fits, encode, key)", per_request(message, N)),
+            (f"{name}: capture -> message", per_request(both, N)),
+        ]
+        if prof is not None:
+            prof.disable()
+    for label, us in rows:
+        print(f"  {label:<42} {us:7.2f}")
+    if prof is not None:
+        pstats.Stats(prof).sort_stats(os.environ.get("SORT", "tottime")).print_stats(
+            int(os.environ.get("TOP", "30"))
+        )
+
+
+def _request_id() -> Any:
+    """What the proxy calls for a request id in this source tree."""
+    try:
+        from llmtap import ids  # type: ignore[attr-defined]
+
+        return ids.new_id
+    except ImportError:
+        import uuid
+
+        return lambda: str(uuid.uuid4())
+
+
+if __name__ == "__main__":
+    main()
