@@ -260,3 +260,19 @@ async def test_a_body_nested_as_deep_as_json_goes_is_stored_and_searchable(kind:
             assert await search(store, "DEEP NEEDLE") == {"deep"}
     finally:
         await bodies.close()
+
+
+def test_a_reassembled_stream_is_indexed_once_from_its_response() -> None:
+    """A stream record carries the reassembled response and the raw events: the text comes from
+    the response alone (the events hold the same deltas; parsing them again cost 8x the rest)."""
+    from llmtap.store.search import record_text
+
+    reassembled = jbody({"choices": [{"message": {"role": "assistant", "content": "The quick brown"}}]})
+    r = rec(
+        1, id="s", streamed=True, response_body=reassembled, response_events=sse("The qu", "ick br", "own")
+    )
+    text = record_text(r)
+    assert text is not None and text.count("the quick brown") == 1 and "assistant" in text
+    # no reassembled response (the stream held no JSON events): the events are the text
+    r.response_body = None
+    assert record_text(r) == "the quick brown"
