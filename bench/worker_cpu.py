@@ -3,6 +3,7 @@
     .venv/bin/python bench/worker_cpu.py [SRC]     # SRC: another llmtap src/ to measure (A/B)
     N=6000 PROFILE=1 SORT=cumulative TOP=40 .venv/bin/python bench/worker_cpu.py
     STORE=postgresql://... .venv/bin/python bench/worker_cpu.py     # the PostgreSQL store
+    SHAPE=stream .venv/bin/python bench/worker_cpu.py               # 20-chunk stream records
 
 Publishes WARM + N records shaped like bench_gateway's chat traffic (a one-line prompt, a
 ~800-byte answer, inline bodies) into a fresh SQLite queue, starts a `WorkerService` and waits
@@ -63,7 +64,44 @@ RESP = json.dumps(
 ).encode()
 
 
+def _sse_events(words: int = 20) -> bytes:
+    """A 20-delta OpenAI chat stream as the fake upstream sends it: role, deltas, finish, usage."""
+
+    def ev(choices: list[Any], **extra: Any) -> bytes:
+        chunk = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+        return b"data: " + json.dumps({**chunk, "choices": choices, **extra}).encode() + b"\n\n"
+
+    out = [ev([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+    out += [
+        ev([{"index": 0, "delta": {"content": f"word{n} "}, "finish_reason": None}]) for n in range(words)
+    ]
+    out.append(ev([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+    out.append(ev([], usage={"prompt_tokens": 12, "completion_tokens": words, "total_tokens": 12 + words}))
+    return b"".join(out) + b"data: [DONE]\n\n"
+
+
+EVENTS = _sse_events()
+REASSEMBLED = json.dumps(
+    {
+        "id": "chatcmpl-x",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(f"word{n} " for n in range(20))},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 20, "total_tokens": 32},
+    }
+).encode()
+STREAM = os.environ.get("SHAPE", "chat") == "stream"
+
+
 def record(i: int, t0: datetime) -> LogRecord:
+    if STREAM:
+        return stream_record(i, t0)
     at = t0 + timedelta(milliseconds=i)
     return LogRecord(
         id=str(uuid.uuid4()),
@@ -84,6 +122,35 @@ def record(i: int, t0: datetime) -> LogRecord:
         response_headers={"content-type": "application/json", "content-length": str(len(RESP))},
         request_body=Body(content_type="application/json", size=len(REQ), data=REQ),
         response_body=Body(content_type="application/json", size=len(RESP), data=RESP),
+        route="queue",
+        gateway="bench:1",
+    )
+
+
+def stream_record(i: int, t0: datetime) -> LogRecord:
+    """What the gateway publishes for a 20-chunk stream: the reassembled response and the events."""
+    at = t0 + timedelta(milliseconds=i)
+    return LogRecord(
+        id=str(uuid.uuid4()),
+        tenant="default",
+        provider="openai",
+        target_url="http://127.0.0.1:9/v1/chat/completions",
+        method="POST",
+        path="/v1/chat/completions",
+        model="gpt-4o-mini",
+        streamed=True,
+        started_at=at,
+        first_byte_at=at + timedelta(milliseconds=3),
+        ended_at=at + timedelta(milliseconds=9),
+        latency_ms=9.0,
+        time_to_first_token_ms=3.0,
+        status=200,
+        usage=Usage(source="provider", prompt_tokens=12, completion_tokens=20, total_tokens=32),
+        request_headers={"content-type": "application/json", "user-agent": "wrk"},
+        response_headers={"content-type": "text/event-stream"},
+        request_body=Body(content_type="application/json", size=len(REQ), data=REQ),
+        response_body=Body(content_type="application/json", size=len(REASSEMBLED), data=REASSEMBLED),
+        response_events=Body(content_type="text/event-stream", size=len(EVENTS), data=EVENTS),
         route="queue",
         gateway="bench:1",
     )
