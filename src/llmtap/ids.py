@@ -1,17 +1,25 @@
-"""Request ids: random (version 4) UUIDs without a system call each.
+"""Request ids: time-ordered UUIDs (version 7, RFC 9562), cheap to make and cheap to index.
 
-`str(uuid.uuid4())` reads 16 bytes from the kernel per call and builds a `UUID` object to
-print it (~5 us); the gateway makes one per request. Here one `os.urandom` read serves 128 ids
-and the text is cut straight from its hex: the same randomness source, the same 122 random
-bits and the same format. A forked child starts with an empty pool, never its parent's ids.
+A request id is the second column of every store's primary key (tenant, id). With random
+(version 4) ids each insert lands on a random page of that index: once the index outgrows the
+cache, a batch of 500 records reads and rewrites ~500 scattered pages, in the SQLite WAL and in
+PostgreSQL's WAL (full-page writes) alike. A version 7 id starts with its millisecond, so a batch
+appends to the few pages at the index's end. What stays random: 74 bits per id, unguessable.
+What the id reveals, its creation time to the millisecond, the record holds anyway.
+
+Also cheaper than `str(uuid.uuid4())` (~5.6 us: a getrandom syscall and a `UUID` object per
+call): one `os.urandom` read serves 200 ids, and the text is cut straight from hex (~2 us).
+A forked child starts with an empty pool, never its parent's random bits.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 
-_POOL_IDS = 128
+_POOL_IDS = 200
+_HEX_PER_ID = 19  # rand_a 3, the variant digit 1 (2 of its bits random), rand_b 3 + 12
 _VARIANT = "89ab"  # RFC 9562 variant bits 10xx: the first hex digit of the 4th group
 
 
@@ -32,13 +40,15 @@ os.register_at_fork(after_in_child=_pool.reset)
 
 
 def new_id() -> str:
-    """A fresh random UUID (version 4) as text, e.g. `1b4e28ba-2fa1-41d2-883f-0016d3cca427`."""
+    """A fresh version 7 UUID as text, e.g. `019ae4a2-7c1e-7d3a-9f0b-5e2c8a41d6b3`."""
+    ms = time.time_ns() // 1_000_000
     pool = _pool
     with pool.lock:
         p = pool.pos
         if p >= len(pool.hex):
-            pool.hex = os.urandom(16 * _POOL_IDS).hex()
+            pool.hex = os.urandom(_HEX_PER_ID * _POOL_IDS // 2).hex()
             p = 0
-        pool.pos = p + 32
-        h = pool.hex[p : p + 32]
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+        pool.pos = p + _HEX_PER_ID
+        r = pool.hex[p : p + _HEX_PER_ID]
+    t = f"{ms & 0xFFFFFFFFFFFF:012x}"
+    return f"{t[:8]}-{t[8:]}-7{r[:3]}-{_VARIANT[int(r[3], 16) & 3]}{r[4:7]}-{r[7:19]}"
