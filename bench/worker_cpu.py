@@ -4,6 +4,7 @@
     N=6000 PROFILE=1 SORT=cumulative TOP=40 .venv/bin/python bench/worker_cpu.py
     STORE=postgresql://... .venv/bin/python bench/worker_cpu.py     # the PostgreSQL store
     SHAPE=stream .venv/bin/python bench/worker_cpu.py               # 20-chunk stream records
+    BASE=/tmp/llmtap-scale-....db .venv/bin/python bench/worker_cpu.py  # into a store of many rows
 
 Publishes WARM + N records shaped like bench_gateway's chat traffic (a one-line prompt, a
 ~800-byte answer, inline bodies) into a fresh SQLite queue, starts a `WorkerService` and waits
@@ -24,6 +25,7 @@ import json
 import os
 import pstats
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -99,12 +101,26 @@ REASSEMBLED = json.dumps(
 STREAM = os.environ.get("SHAPE", "chat") == "stream"
 
 
+def _ids() -> Any:
+    """Request ids as the measured tree's gateway makes them (IDS=uuid4: random ones)."""
+    try:
+        from llmtap.ids import new_id as made  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # a tree from before `llmtap.ids`: uuid4
+        made = None
+    if made is None or os.environ.get("IDS") == "uuid4":
+        return lambda: str(uuid.uuid4())
+    return made
+
+
+new_id = _ids()
+
+
 def record(i: int, t0: datetime) -> LogRecord:
     if STREAM:
         return stream_record(i, t0)
     at = t0 + timedelta(milliseconds=i)
     return LogRecord(
-        id=str(uuid.uuid4()),
+        id=new_id(),
         tenant="default",
         provider="openai",
         target_url="http://127.0.0.1:9/v1/chat/completions",
@@ -131,7 +147,7 @@ def stream_record(i: int, t0: datetime) -> LogRecord:
     """What the gateway publishes for a 20-chunk stream: the reassembled response and the events."""
     at = t0 + timedelta(milliseconds=i)
     return LogRecord(
-        id=str(uuid.uuid4()),
+        id=new_id(),
         tenant="default",
         provider="openai",
         target_url="http://127.0.0.1:9/v1/chat/completions",
@@ -175,6 +191,8 @@ async def main() -> None:
     prof = cProfile.Profile(time.thread_time) if os.environ.get("PROFILE") else None
     with tempfile.TemporaryDirectory() as d:
         store = os.environ.get("STORE", "sqlite")
+        if os.environ.get("BASE"):  # a store that already holds many rows (store_bench.py scale --keep)
+            shutil.copyfile(os.environ["BASE"], Path(d) / "store.db")
         settings = Settings(data_dir=Path(d), default_tenant="default", store=store)
         producer = SQLiteQueue(str(Path(d) / "queue.db"), partitions=settings.partitions)
         await producer.connect("producer")
