@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -60,6 +60,8 @@ META = {
     **{f"Llmtap-Property-{k.title()}": v for k, v in PROPERTIES.items()},
 }
 MARK = "x-e2e-call"  # a per-call header to find the request the fake received
+#: What a held stream waits after its first token before the test lets it go on (a floor, not a race).
+GAP = 0.35
 CHAT_MODEL = "gpt-4o-mini"
 CLAUDE = "claude-haiku-4-5"
 TOOLS = [
@@ -534,8 +536,14 @@ def test_anthropic_messages(stack: Stack) -> None:
     )
 
 
-def _claude_stream(client: Anthropic, kw: dict[str, Any], headers: dict[str, str]) -> tuple[Any, ...]:
-    """(final message, text as streamed, s to first text, s in all, request id, JSON sent)."""
+def _claude_stream(
+    client: Anthropic,
+    kw: dict[str, Any],
+    headers: dict[str, str],
+    on_first: Callable[[], None] | None = None,
+) -> tuple[Any, ...]:
+    """(final message, text as streamed, s to first text, s in all, request id, JSON sent);
+    `on_first` runs when the first text arrives."""
     t0 = time.perf_counter()
     first: float | None = None
     parts: list[str] = []
@@ -543,6 +551,8 @@ def _claude_stream(client: Anthropic, kw: dict[str, Any], headers: dict[str, str
         for text in stream.text_stream:
             if first is None:
                 first = time.perf_counter() - t0
+                if on_first is not None:
+                    on_first()
             parts.append(text)
         final = stream.get_final_message()
         rid = stream.response.headers.get("llmtap-request-id")
@@ -551,28 +561,42 @@ def _claude_stream(client: Anthropic, kw: dict[str, Any], headers: dict[str, str
 
 
 def test_anthropic_stream_helper(stack: Stack) -> None:
-    """`messages.stream`, slowed down: events reach the SDK as they come, TTFT < latency."""
+    """`messages.stream`: events reach the SDK as they come (the first text arrives while the
+    upstream still holds the rest), and the record's TTFT is before its end."""
     kw: dict[str, Any] = {
         "model": CLAUDE,
         "max_tokens": 200,
         "messages": [{"role": "user", "content": "tell me about streaming"}],
     }
-    knobs = {"x-fake-chunk-delay-ms": "60", "x-fake-chunks": "6", "x-fake-cached-tokens": "64"}
-    h = stack.mark(**knobs)
-    final, text, first, total, rid, sent = _claude_stream(stack.an, kw, h)
+    knobs = {"x-fake-chunks": "6", "x-fake-cached-tokens": "64"}
+    hold = uuid.uuid4().hex
+    released: dict[str, Any] = {}
+
+    def release() -> None:
+        # Not a wait for anything: a gap of at least GAP between the first token and the end,
+        # which the record must show however slowly the machine runs.
+        time.sleep(GAP)
+        status, body = http_json("POST", f"{stack.fake}/_fake/release/{hold}")
+        assert status == 200
+        released.update(body)
+
+    # held after message_start, content_block_start, ping and the first text delta
+    h = stack.mark(**knobs, **{"x-fake-hold": hold, "x-fake-hold-after": "4"})
+    final, text, first, total, rid, sent = _claude_stream(stack.an, kw, h, on_first=release)
     d_final, d_text, *_ = _claude_stream(stack.direct_an, kw, knobs)
     assert norm(final.to_dict()) == norm(d_final.to_dict())
     assert text == d_text == reply_text("anthropic", kw, knobs) and len(text.split()) == 6
-    # 12 events 60 ms apart: the first words arrive long before the end (no buffering)
-    assert total > 0.6 and first is not None and first < total - 0.3, (first, total)
+    # The upstream sent one event and waited: a buffering gateway would have shown the SDK
+    # nothing until the hold ran out (20 s), and the release would find nobody holding.
+    assert released == {"was_holding": True} and first is not None and total > GAP, (released, first)
 
     rec = stack.record(rid)
     body = rec["response_body"]
     assert body["content"] == [{"type": "text", "text": text}]
     assert body["stop_reason"] == "end_turn" and body["id"] == final.id
     assert body["usage"] == expected_usage("anthropic", kw, knobs)
-    assert rec["latency_ms"] > 600
-    assert rec["time_to_first_token_ms"] < rec["latency_ms"] - 300, rec
+    assert rec["latency_ms"] > GAP * 1000
+    assert rec["time_to_first_token_ms"] < rec["latency_ms"] - GAP * 1000, rec
     check_record(
         rec,
         request_id=rid,

@@ -27,6 +27,11 @@ Test controls are request headers (the gateway forwards them untouched):
                                (no terminating events, no final chunk); non-stream: send N body
                                bytes of a larger Content-Length, then close
 ``x-fake-stream-error: N``     stream: after N events send the provider's in-stream error event
+``x-fake-hold: NAME``          stream: after the first event (``x-fake-hold-after: N``: the first
+                               N), hold the rest until ``POST /_fake/release/NAME`` (at most 20 s).
+                               Its answer says whether a stream was still holding: a client that
+                               got those events before releasing them proves that nothing between
+                               buffers the stream, however slow the machine
 ``x-fake-response-bytes: N``   pad the reply so a non-stream body is about N bytes
 ``x-fake-cached-tokens: N``    simulate an N-token cached prompt prefix (OpenAI ``cached_tokens``,
                                Anthropic ``cache_read_input_tokens``)
@@ -543,6 +548,7 @@ class _State:
     def __init__(self, record_limit: int) -> None:
         self.record_limit = record_limit
         self.client_aborts = 0  # streams whose client disconnected before the end
+        self.holds: dict[str, asyncio.Event] = {}  # x-fake-hold name -> released
         self.requests: collections.deque[_Recorded] = collections.deque(maxlen=max(record_limit, 1))
 
     def record(self, request: web.Request, body: bytes) -> None:
@@ -613,6 +619,29 @@ async def _send_json(
     return _cut_connection(request, resp)
 
 
+HOLD_MAX_S: Final = 20.0
+
+
+async def _hold(state: _State, name: str) -> None:
+    """Wait for `POST /_fake/release/<name>` (or HOLD_MAX_S); the name is forgotten after."""
+    event = state.holds.setdefault(name, asyncio.Event())
+    try:
+        async with asyncio.timeout(HOLD_MAX_S):
+            await event.wait()
+    except TimeoutError:
+        pass
+    finally:
+        state.holds.pop(name, None)
+
+
+async def fake_release(request: web.Request) -> web.Response:
+    """`POST /_fake/release/<name>`: let a held stream go on; says whether one was holding."""
+    event = request.app[STATE].holds.get(request.match_info["name"])
+    if event is not None:
+        event.set()
+    return web.json_response({"was_holding": event is not None})
+
+
 def _cut_connection(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
     """Flush what was written and close the socket without ending the body (truncated response)."""
     transport = request.transport
@@ -629,6 +658,10 @@ async def _write_events(
     resp = web.StreamResponse(status=200, headers=headers)
     delay = _int_header(request.headers, "x-fake-chunk-delay-ms") or 0
     cut = _int_header(request.headers, "x-fake-cut-after")
+    hold = request.headers.get("x-fake-hold", "")
+    hold_after = max(1, _int_header(request.headers, "x-fake-hold-after") or 1)
+    if hold and delay <= 0:
+        delay = 1  # event by event, so the first one leaves before the hold
     if cut is not None:
         events = events[: max(cut, 0)]
     try:
@@ -641,6 +674,8 @@ async def _write_events(
                 if i:
                     await asyncio.sleep(delay / 1000)
                 await resp.write(event)
+                if hold and i == hold_after - 1:
+                    await _hold(request.app[STATE], hold)
         if cut is not None:
             return _cut_connection(request, resp)
         await resp.write_eof()
@@ -764,6 +799,7 @@ def make_app(
     r.add_route("GET", "/_fake/requests", fake_requests)
     r.add_route("DELETE", "/_fake/requests", fake_requests)
     r.add_get("/_fake/health", fake_health)
+    r.add_post("/_fake/release/{name}", fake_release)
     r.add_route("*", "/{tail:.*}", not_found)
     return app
 
