@@ -8,9 +8,9 @@ PostgreSQL, where the indexes stay in the OS page cache; the locality counts onc
 outgrows memory. 74 bits stay random (unguessable); the millisecond an id reveals is in the
 record anyway.
 
-Cheaper than `str(uuid.uuid4())` (~5.6 us: a getrandom syscall and a `UUID` object per call):
-one `os.urandom` read serves 200 ids, and the text is cut straight from hex (~2-3 us). A forked
-child starts with an empty pool, never its parent's random bits.
+About what `str(uuid.uuid4())` costs (3-4 us; it makes a getrandom syscall and a `UUID` object
+per call): one `os.urandom` read serves 200 ids, and the text is cut straight from hex, which
+pays for reading the clock. A forked child starts with an empty pool, never its parent's bits.
 """
 
 from __future__ import annotations
