@@ -26,7 +26,6 @@ import pstats
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +37,13 @@ from llmtap.bodies import offload
 from llmtap.config import Settings
 from llmtap.gateway.app import GatewayService
 from llmtap.gateway.capture import Capture, RecordBuilder
-from llmtap.gateway.publisher import Sink
 from llmtap.record import LogRecord, encode, partition_key
 from llmtap.testing.fake_upstream import make_app, serve
+from llmtap.testing.sinks import ListSink
 
 SRC = sys.path[0]
 N = int(os.environ.get("N", "20000"))
 REPEAT = int(os.environ.get("REPEAT", "5"))
-
-
-class _Keep(Sink):
-    """A sink that keeps what it is given (nothing leaves the process)."""
-
-    large_bodies = True
-
-    def __init__(self) -> None:
-        self.records: list[LogRecord] = []
-
-    async def send(self, records: Sequence[LogRecord]) -> None:
-        self.records.extend(records)
 
 
 async def captures() -> dict[str, Capture]:
@@ -65,7 +52,7 @@ async def captures() -> dict[str, Capture]:
         settings = Settings(
             data_dir=Path(d), host="127.0.0.1", gateway_port=0, openai_base_url=f"http://127.0.0.1:{up_port}"
         )
-        sink = _Keep()
+        sink = ListSink(large_bodies=True)
         service = GatewayService(settings, sinks=[sink])
         kept: list[Capture] = []
         submit = service.publisher.submit

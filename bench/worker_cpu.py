@@ -37,6 +37,8 @@ from typing import Any
 
 sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parents[1] / "src"))
 
+import msgspec
+
 from llmtap.config import Settings
 from llmtap.queue.base import Message
 from llmtap.queue.sqlite import SQLiteQueue
@@ -116,8 +118,10 @@ new_id = _ids()
 
 
 def record(i: int, t0: datetime) -> LogRecord:
-    if STREAM:
-        return stream_record(i, t0)
+    return stream_record(i, t0) if STREAM else chat_record(i, t0)
+
+
+def chat_record(i: int, t0: datetime) -> LogRecord:
     at = t0 + timedelta(milliseconds=i)
     return LogRecord(
         id=new_id(),
@@ -146,29 +150,15 @@ def record(i: int, t0: datetime) -> LogRecord:
 def stream_record(i: int, t0: datetime) -> LogRecord:
     """What the gateway publishes for a 20-chunk stream: the reassembled response and the events."""
     at = t0 + timedelta(milliseconds=i)
-    return LogRecord(
-        id=new_id(),
-        tenant="default",
-        provider="openai",
-        target_url="http://127.0.0.1:9/v1/chat/completions",
-        method="POST",
-        path="/v1/chat/completions",
-        model="gpt-4o-mini",
+    return msgspec.structs.replace(
+        chat_record(i, t0),
         streamed=True,
-        started_at=at,
-        first_byte_at=at + timedelta(milliseconds=3),
         ended_at=at + timedelta(milliseconds=9),
         latency_ms=9.0,
-        time_to_first_token_ms=3.0,
-        status=200,
         usage=Usage(source="provider", prompt_tokens=12, completion_tokens=20, total_tokens=32),
-        request_headers={"content-type": "application/json", "user-agent": "wrk"},
         response_headers={"content-type": "text/event-stream"},
-        request_body=Body(content_type="application/json", size=len(REQ), data=REQ),
         response_body=Body(content_type="application/json", size=len(REASSEMBLED), data=REASSEMBLED),
         response_events=Body(content_type="text/event-stream", size=len(EVENTS), data=EVENTS),
-        route="queue",
-        gateway="bench:1",
     )
 
 

@@ -16,11 +16,11 @@ import pytest
 from gateway_support import MemoryQueue, wait_for
 from llmtap.bodies import offload
 from llmtap.config import Settings
-from llmtap.errors import BackendUnavailable
 from llmtap.gateway.capture import CAPTURE_OVERHEAD, Capture
 from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.queue.base import Message
 from llmtap.record import LogRecord, Route, decode, encode, partition_key
+from llmtap.testing.sinks import ListSink
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,26 +57,6 @@ def settings(tmp_path: Path, **over: object) -> Settings:
     base: dict[str, object] = {"data_dir": tmp_path, "publish_linger_ms": 1.0}
     base.update(over)
     return Settings(**base)  # type: ignore[arg-type]
-
-
-class ListSink(Sink):
-    """A second way out, like the ingest endpoint: keeps records, can be down."""
-
-    def __init__(self, route: Route) -> None:
-        self.route = route
-        self.records: list[LogRecord] = []
-        self.down = False
-        self.closed = False
-
-    async def send(self, records: Sequence[LogRecord]) -> None:
-        if self.down:
-            raise BackendUnavailable(f"{self.route} down")
-        for r in records:
-            r.route = self.route
-        self.records.extend(records)
-
-    async def close(self) -> None:
-        self.closed = True
 
 
 async def test_batches_and_partition_keys(tmp_path: Path) -> None:

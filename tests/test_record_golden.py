@@ -18,7 +18,6 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,11 @@ import pytest
 
 from llmtap.config import Settings
 from llmtap.gateway.app import GatewayService
-from llmtap.gateway.publisher import Sink
 from llmtap.providers import Route
 from llmtap.record import Body, LogRecord, body_bytes
 from llmtap.testing import fake_upstream
 from llmtap.testing.fake_upstream import make_app, serve
+from llmtap.testing.sinks import ListSink
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -126,16 +125,6 @@ AUTH = {
 }
 
 
-class _Keep(Sink):
-    large_bodies = True
-
-    def __init__(self) -> None:
-        self.records: list[LogRecord] = []
-
-    async def send(self, records: Sequence[LogRecord]) -> None:
-        self.records.extend(records)
-
-
 def _blank(text: str, port: int) -> str:
     text = re.sub(re.escape(fake_upstream._RUN_ID) + r"\d{10}", "<fake-id>", text)
     text = re.sub(r'("(?:created|created_at|completed_at)"\s*:\s*)\d{9,}', r"\1<time>", text)
@@ -184,7 +173,7 @@ async def test_records_for_fixed_traffic_are_the_committed_ones(tmp_path: Path) 
         gemini_base_url=base,
         publish_linger_ms=1.0,
     )
-    sink = _Keep()
+    sink = ListSink(large_bodies=True)
     service = GatewayService(settings, sinks=[sink])
     await service.start()
     got: dict[str, Any] = {}
