@@ -122,6 +122,34 @@ async def test_no_second_delivery_of_a_partition_while_one_is_outstanding(
         await c.close()
 
 
+async def test_a_backlog_is_handed_out_a_partition_at_a_time_in_turn(
+    producer: SQLiteQueue, qpath: str
+) -> None:
+    """Under a backlog a batch comes from as few partitions as it takes, so a worker's next
+    batch (`worker_pipeline`) finds partitions free while this one is written; the starting
+    partition rotates, so every partition gets its turn and none starves."""
+    await producer.publish(
+        [Message(key=_key_for(p), value=b"%d-%d" % (p, i)) for i in range(40) for p in range(4)]
+    )
+    c = await _consumer(qpath)
+    try:
+        first = await c.consume(30, timeout=2)
+        assert len(first) == 30 and len({d.partition for d in first}) == 1
+        second = await c.consume(30, timeout=2)  # the first still outstanding: another partition
+        assert len(second) == 30 and len({d.partition for d in second}) == 1
+        assert second[0].partition != first[0].partition
+        await c.ack(first + second)
+        seen = Counter(d.partition for d in first + second)
+        while sum(seen.values()) < 160:
+            got = await c.consume(30, timeout=2)
+            assert got, f"nothing handed out with {160 - sum(seen.values())} left"
+            seen.update(d.partition for d in got)
+            await c.ack(got)
+        assert seen == {0: 40, 1: 40, 2: 40, 3: 40}
+    finally:
+        await c.close()
+
+
 async def test_trimming_deletes_acked_rows_only(producer: SQLiteQueue, qpath: str) -> None:
     key = _key_for(1)
     await producer.publish([Message(key=key, value=b"x") for _ in range(10)])

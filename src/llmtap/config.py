@@ -101,6 +101,9 @@ class Settings(BaseSettings):
         50.0, ge=0, description="after a small batch, wait this long so the next one is bigger"
     )
     worker_max_attempts: int = Field(5, ge=1, description="tries of a failing record before dead-letter")
+    worker_pipeline: int = Field(
+        2, ge=1, le=16, description="batches in flight: the next batch's handlers run while one is written"
+    )
     retention_days: int | None = Field(None, ge=1)
     rollup_properties: str = Field(
         "",

@@ -413,25 +413,27 @@ class SQLiteQueue(Queue):
         # Bookkeeping is applied only once every read succeeded: a failed read hands out nothing.
         cursor = {p: state.owned[p].delivered for p in order}
         out: list[Delivery] = []
-        share = max(1, max_messages // len(order))  # a fair share each first, then fill up
-        for limit in (share, max_messages):
-            for p in order:
-                left = max_messages - len(out)
-                if left <= 0:
-                    break
-                if cursor[p] >= heads[p][0]:
-                    continue
-                rows = db.execute(
-                    "SELECT id, key, value FROM messages WHERE id >= ? AND id <= ? ORDER BY id LIMIT ?",
-                    ((p << _SHIFT) | cursor[p], (p << _SHIFT) | _MAX_OFFSET, min(left, limit)),
-                ).fetchall()
-                for rid, key, value in rows:
-                    off = rid & _MAX_OFFSET
-                    count = 2 if off < marked[p] else 1
-                    out.append(Delivery(partition=p, offset=off, key=key, value=value, delivery_count=count))
-                    cursor[p] = off + 1
-                if not rows:
-                    cursor[p] = heads[p][0]  # nothing there (trimmed meanwhile): skip for now
+        # Fill the batch from as few partitions as it takes, starting at a rotating one (no
+        # partition starves): a partition with deliveries out is not handed out again until
+        # they are acked, so a batch spread over every partition would leave nothing for the
+        # worker's next batch in flight (`worker_pipeline`) while this one is written.
+        for p in order:
+            left = max_messages - len(out)
+            if left <= 0:
+                break
+            if cursor[p] >= heads[p][0]:
+                continue
+            rows = db.execute(
+                "SELECT id, key, value FROM messages WHERE id >= ? AND id <= ? ORDER BY id LIMIT ?",
+                ((p << _SHIFT) | cursor[p], (p << _SHIFT) | _MAX_OFFSET, left),
+            ).fetchall()
+            for rid, key, value in rows:
+                off = rid & _MAX_OFFSET
+                count = 2 if off < marked[p] else 1
+                out.append(Delivery(partition=p, offset=off, key=key, value=value, delivery_count=count))
+                cursor[p] = off + 1
+            if not rows:
+                cursor[p] = heads[p][0]  # nothing there (trimmed meanwhile): skip for now
         # Persist how far we hand out before handing out: if this process dies handling them,
         # the next owner sees them as redelivered.
         marks_up = [(cursor[p], p) for p in order if cursor[p] > marked[p]]
