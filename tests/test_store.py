@@ -8,8 +8,10 @@ query's answer for equality.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -692,6 +694,37 @@ async def test_sqlite_lock_held_too_long_is_transient(tmp_path: Path) -> None:
         assert await store.write_batch([rec(1)]) == 0
     finally:
         await store.close()
+
+
+async def test_sqlite_batches_reach_the_database_file_from_the_checkpoint_thread(tmp_path: Path) -> None:
+    """Checkpoints run beside the writer, kicked after each batch: the rows reach the database
+    file itself, not only the WAL, with the writer's own checkpoint thousands of pages away and
+    the store still open. The WAL is read by nobody here: the file is opened `immutable`."""
+    from llmtap.store.sqlite import SQLiteStore
+
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    await store.connect()
+
+    def rows_in_the_file() -> int:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as db:
+                return int(db.execute("SELECT count(*) FROM requests").fetchone()[0])
+        except sqlite3.Error:  # caught mid-copy: look again
+            return -1
+
+    try:
+        for b in range(3):
+            assert await store.write_batch([rec(i, id=f"r{b}-{i}") for i in range(20)]) == 20
+        deadline = time.monotonic() + 30
+        while (n := rows_in_the_file()) != 60:
+            assert time.monotonic() < deadline, f"{n} of 60 rows in the database file"
+            await asyncio.sleep(0.05)
+        # Writes go on while and after the checkpoints run.
+        assert await store.write_batch([rec(i, id=f"r3-{i}") for i in range(20)]) == 20
+    finally:
+        await store.close()
+    assert rows_in_the_file() == 80  # closing checkpoints the rest
 
 
 async def test_sqlite_unopenable_path_is_one_sentence(tmp_path: Path) -> None:
