@@ -86,6 +86,14 @@ class _Checkpointer:
         self._queued = False
         self._closed = False
 
+    async def start(self) -> None:
+        """Open the connection now, on its thread: a store holds its handles from `connect`."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
+
+    def _connect(self) -> None:
+        if self._conn is None:
+            self._conn = self._open()
+
     def kick(self) -> None:
         with self._lock:
             if self._queued or self._closed:
@@ -97,8 +105,8 @@ class _Checkpointer:
         with self._lock:
             self._queued = False
         try:
-            if self._conn is None:
-                self._conn = self._open()
+            self._connect()
+            assert self._conn is not None
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error as e:  # the writer's own checkpoint still bounds the WAL
             log.debug("sqlite store: background checkpoint failed: %s", e)
@@ -351,6 +359,7 @@ class SQLiteStore(Store):
             await self._write(self._connect_writer)
             await self._read(self._connect_reader)
             self._checkpointer = _Checkpointer(lambda: self._open(readonly=False))
+            await self._checkpointer.start()
         except (TransientError, sqlite3.Error, OSError) as e:
             await self.close()
             cause = e.__cause__ or e
