@@ -212,6 +212,15 @@ class WorkerService(OnBackends):
                     if inflight:
                         await self._reap(inflight)
                     continue
+                if any(d.delivery_count > 1 for d in deliveries):
+                    # Redelivered messages may be what killed the last worker process: each is
+                    # handled alone (`_process`) with nothing else in flight, or an innocent
+                    # record in another batch would be counted as begun each time the culprit
+                    # kills the process, and dead-lettered with it.
+                    while inflight:
+                        await self._reap(inflight)
+                    await self._handle_batch(deliveries)
+                    continue
                 parts = frozenset(d.partition for d in deliveries)
                 before = [t for t, p in inflight.items() if p & parts]
                 task = asyncio.create_task(self._handle_after(before, deliveries), name="llmtap-worker-batch")
