@@ -34,7 +34,7 @@ from llmtap.handlers.cost import CostHandler
 from llmtap.handlers.store import StoreHandler
 from llmtap.queue.base import Message
 from llmtap.queue.sqlite import SQLiteQueue
-from llmtap.record import Body, LogRecord, compress, decompress, encode
+from llmtap.record import Body, LogRecord, compress, decode, decompress, encode
 from llmtap.store.sqlite import SQLiteStore
 from llmtap.worker import WorkerService
 from procs import CHAIN_WORKER, blocked_batch, chain_worker_args, processings
@@ -247,6 +247,64 @@ async def test_stop_during_an_outage_leaves_the_batch_for_redelivery(env: Env) -
     await env.worker()  # the partitions were released at once: no lease to wait for
     await until(lambda: env.rows()[0] == 20)
     assert env.rows() == (20, 20)
+
+
+async def test_a_redelivered_batch_runs_with_no_other_batch_in_flight(env: Env) -> None:
+    """`worker_pipeline` > 1, but a batch holding a redelivered message (it may be what killed the
+    last worker process) runs alone: were another batch in flight when it kills the process, that
+    batch's records would be redelivered too, counted as suspects, and dead-lettered with it.
+
+    A consumer takes three messages and goes away without an ack, so they come back with
+    `delivery_count` 2 beside first deliveries on the other partitions. Every batch waits
+    (bounded) for another to join it, so any overlap the worker allows is seen."""
+    recs = [make_record(i) for i in range(32)]
+    await env.publish([encode(r) for r in recs], key=lambda i: f"t{i % 8}")
+    first = SQLiteQueue(env.queue_path, partitions=4, lease_timeout=1.0, heartbeat_interval=0.2)
+    await first.connect("consumer")
+    taken = await first.consume(3, timeout=5)
+    await first.close()  # no ack: the three are redelivered
+    again = {decode(d.value).id for d in taken}
+    assert len(again) == 3
+
+    class Call:
+        def __init__(self, ids: set[str]) -> None:
+            self.ids, self.overlapped = ids, False
+
+    class Watcher(Handler):
+        """Marks every handler call that another batch's call was inside the chain beside."""
+
+        name = "watcher"
+
+        def __init__(self) -> None:
+            self.live: list[Call] = []
+            self.calls: list[Call] = []
+
+        async def handle(self, items: Sequence[Item]) -> None:
+            me = Call({i.record.id for i in items})
+            for other in self.live:
+                other.overlapped = me.overlapped = True
+            self.live.append(me)
+            self.calls.append(me)
+            try:
+                deadline = time.monotonic() + 3
+                while len(self.live) < 2 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            finally:
+                self.live.remove(me)
+
+    watcher = Watcher()
+    settings = Settings(
+        data_dir=env.tmp, worker_batch_size=4, worker_pipeline=4, worker_linger_ms=0, partitions=4
+    )
+    q = SQLiteQueue(env.queue_path, partitions=4, lease_timeout=1.0, heartbeat_interval=0.2)
+    w = WorkerService(settings, queue=q, store=env.store, chain=Chain([watcher, StoreHandler(env.store)]))
+    await w.start()
+    env.workers.append(w)
+    await until(lambda: env.rows()[0] == len(recs), 60, "every record stored")
+    assert env.rows() == (len(recs), len(recs))
+    beside = [sorted(c.ids) for c in watcher.calls if c.ids & again and c.overlapped]
+    assert beside == [], "a redelivered message was handled while another batch was in flight"
+    assert any(c.overlapped for c in watcher.calls), "batches never overlapped: the pipeline is off"
 
 
 async def test_process_records_for_the_ingest_endpoint(env: Env) -> None:
