@@ -83,7 +83,7 @@ async def open_queue() -> AsyncIterator[Opener]:
         await q.close()
 
 
-async def consume_all(q: Queue, n: int, timeout: float = 30, batch: int = 100) -> list[Delivery]:
+async def consume_all(q: Queue, n: int, timeout: float = 90, batch: int = 100) -> list[Delivery]:
     """Consume and ack until `n` deliveries arrived."""
     out: list[Delivery] = []
     deadline = time.monotonic() + timeout
@@ -118,7 +118,7 @@ async def test_publish_consume_ack_once_in_key_order(spec: QueueSpec, open_queue
     assert await again.consume(100, 2.0) == []
 
 
-async def wait_for_lag(q: Queue, lag: int, timeout: float = 10) -> None:
+async def wait_for_lag(q: Queue, lag: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while (seen := (await q.status()).lag) != lag:
         assert time.monotonic() < deadline, f"lag stays {seen}, expected {lag}"
