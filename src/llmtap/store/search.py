@@ -23,6 +23,7 @@ import orjson
 import zstandard
 
 from llmtap.record import Body, LogRecord
+from llmtap.store.sql import clean
 
 #: Bytes of UTF-8 text indexed per record.
 SEARCH_BYTES = 32 * 1024
@@ -107,8 +108,6 @@ def _text_or_none(body: Body, raw: bytes) -> str | None:
 
 def fold(text: str) -> str:
     """The indexed form of text, and of a query: case-folded, storable on both stores."""
-    from llmtap.store.sql import clean
-
     return clean(text.casefold())
 
 
