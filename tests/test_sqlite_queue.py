@@ -542,3 +542,39 @@ async def test_drained_backlog_gives_disk_space_back(qpath: str) -> None:
         assert pages() * 4096 <= full / 2, "trimmed pages were never given back"
     finally:
         await q.close()
+
+
+async def test_the_file_is_not_shrunk_while_a_backlog_is_being_drained(qpath: str) -> None:
+    """The vacuum moves pages on the queue's one thread, where fetches and acks wait: it waits
+    until the backlog is drained, however much of the file is already free."""
+    q = SQLiteQueue(qpath, partitions=2, heartbeat_interval=0.05)
+    await q.connect("both")
+    payload = os.urandom(1024)
+
+    def pages() -> tuple[int, int]:
+        with sqlite3.connect(qpath) as db:
+            return (
+                int(db.execute("PRAGMA page_count").fetchone()[0]),
+                int(db.execute("PRAGMA freelist_count").fetchone()[0]),
+            )
+
+    try:
+        for _ in range(40):
+            await q.publish([Message(key=f"k{j}", value=payload) for j in range(500)])
+        full = pages()[0]
+        while (await q.status()).lag > 5000:  # three quarters drained: most of the file is free
+            await q.ack(await q.consume(500, timeout=0.5))
+        total, free = pages()
+        assert free * 2 >= total, (total, free)  # what used to start the vacuum
+        t = time.time()
+        for _ in range(5):  # five heartbeats, each of which may shrink the file
+            t = await _heartbeat_after(qpath, q.consumer_id, t)
+        assert pages()[0] == total == full, "the file was shrunk while the backlog was being drained"
+        while batch := await q.consume(500, timeout=0.5):
+            await q.ack(batch)
+        deadline = time.monotonic() + 30
+        while pages()[0] * 2 > full and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert pages()[0] * 2 <= full, "the drained queue's pages were never given back"
+    finally:
+        await q.close()
