@@ -34,7 +34,7 @@ from llmtap.store import rollup, sql
 from llmtap.store.postgres import PostgresStore
 from llmtap.store.query import from_micros, to_micros
 from llmtap.store.sqlite import _INSERT as SQLITE_INSERT_REQUEST
-from llmtap.store.sqlite import SQLiteStore, _insert_rows
+from llmtap.store.sqlite import SQLiteStore
 
 PROPS = ("feature", "env")
 MODELS = [f"model-{i}" for i in range(12)] + ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4", "claude-haiku-4"]
@@ -177,7 +177,7 @@ def _sqlite_write(
         conn.execute("PRAGMA synchronous = OFF")
         conn.execute("PRAGMA cache_size = -262144")
         conn.execute("BEGIN IMMEDIATE")
-        _insert_rows(conn, SQLITE_INSERT_REQUEST, rows)  # the store's own multi-row statements
+        conn.executemany(SQLITE_INSERT_REQUEST, rows)
         conn.executemany(
             "INSERT INTO request_properties (tenant, request_id, created_at, name, value)"
             " VALUES (?, ?, ?, ?, ?)",
