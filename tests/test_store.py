@@ -1142,7 +1142,7 @@ async def test_sqlite_migrates_a_version_1_file(tmp_path: Path) -> None:
     """A store file written by the first schema keeps its rows and properties after upgrade."""
     from llmtap.store.migrations import SQLITE
     from llmtap.store.sql import COLUMNS, property_rows, record_values, written_columns
-    from llmtap.store.sqlite import SQLiteStore, _insert, _insert_rows
+    from llmtap.store.sqlite import SQLiteStore, _insert
 
     path = tmp_path / "v1.db"
     conn = sqlite3.connect(path, isolation_level=None)
@@ -1154,7 +1154,7 @@ async def test_sqlite_migrates_a_version_1_file(tmp_path: Path) -> None:
     values = record_values(r)
     v1 = written_columns({str(c[1]) for c in conn.execute("PRAGMA table_info(requests)")})
     assert v1 is not None  # version 1 had fewer columns than today
-    _insert_rows(conn, _insert(v1), [[values[COLUMNS.index(c)] for c in v1]])
+    conn.execute(_insert(v1), [values[COLUMNS.index(c)] for c in v1])
     conn.executemany(
         "INSERT INTO request_properties (tenant, request_id, created_at, name, value) VALUES (?, ?, ?, ?, ?)",
         property_rows(values),

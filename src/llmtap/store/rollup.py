@@ -304,13 +304,12 @@ def split_totals(deltas: dict[RollupKey, Cell]) -> tuple[dict[RollupKey, Cell], 
     return sketched, totals
 
 
-def add_totals_sql(values: str) -> str:
-    """Insert rollup rows without sketches (`split_totals`), or add them to the rows there;
-    `values` is what follows `VALUES`."""
+def add_totals_sql(placeholders: Sequence[str]) -> str:
+    """Insert a rollup row without sketches (`split_totals`), or add it to the row there."""
     cols = ", ".join(COLUMNS)
     added = ", ".join(f"{c} = rollups.{c} + excluded.{c}" for c in COLUMNS[5:-4])
     return (
-        f"INSERT INTO rollups ({cols}) VALUES {values}"
+        f"INSERT INTO rollups ({cols}) VALUES ({', '.join(placeholders)})"
         f" ON CONFLICT ({', '.join(UNIQUE)}) DO UPDATE SET {added},"
         " first_at = CASE WHEN rollups.first_at IS NULL OR excluded.first_at < rollups.first_at"
         " THEN excluded.first_at ELSE rollups.first_at END,"

@@ -1,8 +1,8 @@
 """The embedded analytics store: one SQLite file in WAL mode.
 
 sqlite3 calls block, so they never run on the event loop: all writes go through one dedicated
-writer thread (one connection, one transaction per batch, multi-row inserts with
-`ON CONFLICT(tenant, id) DO NOTHING`, `_insert_rows`), and reads through one reader thread with its own
+writer thread (one connection, one transaction per batch, `executemany` with
+`ON CONFLICT(tenant, id) DO NOTHING`), and reads through one reader thread with its own
 connection — WAL lets that reader see a consistent snapshot while a batch is being written, so
 a slow stats query never holds up the worker. `synchronous=FULL` makes a committed batch
 survive a power cut, which is what "acknowledged only once durable" needs; it costs one fsync
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import re
 import sqlite3
@@ -30,7 +29,6 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -177,54 +175,19 @@ DIALECT = sql.Dialect(
 
 
 def _insert(columns: Sequence[str]) -> str:
-    return f"INSERT INTO requests ({', '.join(columns)}) VALUES {{}} ON CONFLICT(tenant, id) DO NOTHING"
+    return (
+        f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        " ON CONFLICT(tenant, id) DO NOTHING"
+    )
 
 
 _INSERT = _insert(sql.COLUMNS)
-#: Rows per multi-row statement (`_insert_rows`), at most; a power of two.
-_ROWS_PER_STATEMENT = 256
-#: Bound values per statement: under SQLite's default `SQLITE_MAX_VARIABLE_NUMBER` (32766),
-#: wherever the library was built.
-_VALUES_PER_STATEMENT = 32_000
-
-
-@functools.lru_cache(maxsize=256)
-def _values_sql(template: str, width: int, rows: int) -> str:
-    return template.format(", ".join(["(" + ", ".join("?" * width) + ")"] * rows))
-
-
-def _insert_rows(conn: sqlite3.Connection, template: str, rows: Sequence[Sequence[Any]]) -> None:
-    """`executemany` as a few statements of many rows each (`template` has `{}` where the
-    `VALUES` rows go).
-
-    sqlite3 lets go of the GIL for each step of a statement and takes it back after. Row by
-    row that is thousands of hand-overs per batch, and at each one the writer queues behind
-    the event loop's Python: py-spy put a third of the writer's time at 2M rows there.
-    A statement of 256 rows lets go once and runs the B-tree inserts in C while the event
-    loop works. Statements hold a power of two of rows (437 = 256 + 128 + 32 + 16 + 4 + 1),
-    so a few texts cover every batch size and stay prepared in the connection's statement
-    cache: preparing one of 500 rows costs ~15 ms.
-    """
-    if not rows:
-        return
-    width = len(rows[0])
-    per = _ROWS_PER_STATEMENT
-    while per > 1 and per * width > _VALUES_PER_STATEMENT:
-        per //= 2
-    i = 0
-    while i < len(rows):
-        while per > len(rows) - i:
-            per //= 2
-        conn.execute(_values_sql(template, width, per), list(chain.from_iterable(rows[i : i + per])))
-        i += per
-
-
 # A property row belongs to the row that won the insert: a reused request id with a different
 # start time (a second request, not a redelivery) must not graft its properties onto the first.
 _INSERT_PROP = (
     "INSERT INTO request_properties (tenant, request_id, created_at, name, value)"
-    " SELECT v.column1, v.column2, v.column3, v.column4, v.column5 FROM (VALUES {}) AS v WHERE EXISTS"
-    " (SELECT 1 FROM requests WHERE tenant = v.column1 AND id = v.column2 AND created_at = v.column3)"
+    " SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS"
+    " (SELECT 1 FROM requests WHERE tenant = ?1 AND id = ?2 AND created_at = ?3)"
     " ON CONFLICT DO NOTHING"
 )
 
@@ -296,8 +259,10 @@ _ROLLUP_GET = (
     f"SELECT {', '.join(rollup.COLUMNS[5:])} FROM rollups"
     " WHERE tenant = ?1 AND grain = ?2 AND dim = ?4 AND bucket = ?3 AND key = ?5"
 )
-_ROLLUP_PUT = f"INSERT OR REPLACE INTO rollups ({_ROLLUP_COLS}) VALUES {{}}"
-_ROLLUP_ADD = rollup.add_totals_sql("{}")
+_ROLLUP_PUT = (
+    f"INSERT OR REPLACE INTO rollups ({_ROLLUP_COLS}) VALUES ({', '.join('?' * len(rollup.COLUMNS))})"
+)
+_ROLLUP_ADD = rollup.add_totals_sql(["?"] * len(rollup.COLUMNS))
 _ROLLUP_DEL = "DELETE FROM rollups WHERE tenant = ?1 AND grain = ?2 AND dim = ?4 AND bucket = ?3 AND key = ?5"
 
 
@@ -345,10 +310,7 @@ class SQLiteStore(Store):
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _open(self, readonly: bool) -> sqlite3.Connection:
-        # Room in the statement cache for `_insert_rows`'s texts (9 sizes per table) and reads.
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, timeout=self._busy_ms / 1000, cached_statements=512
-        )
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_ms / 1000)
         conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
@@ -530,9 +492,9 @@ class SQLiteStore(Store):
             rows = [row for _, row in fresh]
             before = conn.total_changes
             if self._project is not None:
-                _insert_rows(conn, self._insert, [tuple(row[i] for i in self._project) for row in rows])
+                conn.executemany(self._insert, [tuple(row[i] for i in self._project) for row in rows])
             else:
-                _insert_rows(conn, _INSERT, rows)
+                conn.executemany(_INSERT, rows)
             inserted = conn.total_changes - before
             # Endpoints are read inside the transaction: the outbox rows commit with the records,
             # for the new ones only.
@@ -543,27 +505,26 @@ class SQLiteStore(Store):
                 if due:
                     conn.executemany(_INSERT_DELIVERY, [delivery_params(d) for d in due])
             props = [p for row in rows for p in sql.property_rows(row)]
-            _insert_rows(conn, _INSERT_PROP, props)
+            if props:
+                conn.executemany(_INSERT_PROP, props)
             if self._search:
                 docs = [(r[0], r[1], t) for r in rows if (t := found_text.get((r[0], r[1])))]
                 if docs:
                     # Docids numbered here, as SQLite would (max + 1; this transaction holds the
-                    # write lock): two multi-row inserts instead of two statements per record.
+                    # write lock): two `executemany` instead of two statements per record.
                     top = conn.execute("SELECT coalesce(max(docid), 0) FROM request_search").fetchone()[0]
-                    _insert_rows(
-                        conn,
-                        "INSERT INTO request_search (docid, tenant, id) VALUES {}",
+                    conn.executemany(
+                        "INSERT INTO request_search (docid, tenant, id) VALUES (?, ?, ?)",
                         [(top + i, t, rid) for i, (t, rid, _) in enumerate(docs, 1)],
                     )
-                    _insert_rows(
-                        conn,
-                        "INSERT INTO request_text (rowid, text) VALUES {}",
+                    conn.executemany(
+                        "INSERT INTO request_text (rowid, text) VALUES (?, ?)",
                         [(top + i, text) for i, (_, _, text) in enumerate(docs, 1)],
                     )
             if self._rollups:
                 srcs = [rollup.source_values(row) for row in rows]
                 sketched, totals = rollup.split_totals(rollup.contributions(srcs, self.rollup_properties))
-                _insert_rows(conn, _ROLLUP_ADD, totals)
+                conn.executemany(_ROLLUP_ADD, totals)
                 self._apply_rollups(conn, sketched)
             conn.execute("COMMIT")
         except BaseException:
@@ -582,7 +543,7 @@ class SQLiteStore(Store):
             if found is not None:
                 existing[key] = rollup.Cell.from_row(found)
         upsert, delete = rollup.apply(existing, deltas)
-        _insert_rows(conn, _ROLLUP_PUT, upsert)
+        conn.executemany(_ROLLUP_PUT, upsert)
         conn.executemany(_ROLLUP_DEL, delete)
 
     # -- reads ------------------------------------------------------------------------------------
