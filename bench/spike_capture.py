@@ -189,7 +189,10 @@ def serve() -> None:
                 if rest:
                     self._submit(rest)
                 pushed, wakes, taken = relay.stats()
-                out = {**self.stats, "relay_pushed": pushed, "relay_wakes": wakes, "relay_batches": taken}
+                pub = self.publisher
+                out = {**self.stats, "relay_pushed": pushed, "relay_wakes": wakes, "relay_batches": taken,
+                       "published": pub.published, "publish_batches": pub.batches, "spilled": pub.spilled,
+                       "dropped": pub.dropped, "routes": dict(pub.routes)}  # fmt: skip
                 print("SPIKE_STATS " + json.dumps(out), flush=True)
             await super().stop()
 
@@ -272,7 +275,10 @@ def verify(bg: Any, upstream: str, vs: dict[str, Any], bodies: dict[str, Path]) 
             raise SystemExit(f"{name}: Llmtap-Request-Id {chat.headers.get('llmtap-request-id')!r} != ours")
         text, usage_chunks = [], 0
         stream = client.chat.completions.create(
-            model="gpt-4o-mini", messages=msgs, stream=True, extra_headers={"Llmtap-Request-Id": ids["stream"]}
+            model="gpt-4o-mini",
+            messages=msgs,
+            stream=True,
+            extra_headers={"Llmtap-Request-Id": ids["stream"]},
         )
         for ch in stream:
             if not ch.choices:
@@ -393,7 +399,9 @@ def make_bench_cls(bg: Any) -> Any:
                     return res
                 for n in names:
                     res[n] = {"runs": {"warmup": [], "c1": [], "c64": [], "stream": []}}
-                    res[n]["runs"]["warmup"].append(self.measure_wrk(vs[n], "warm-up", "chat", 64, "seconds", 2))
+                    res[n]["runs"]["warmup"].append(
+                        self.measure_wrk(vs[n], "warm-up", "chat", 64, "seconds", 2)
+                    )
                 threads0 = {n: thread_split(bg, vs[n].procs["proxy"].pid) for n in names}
                 phases = bg.load_phases(self.c1_requests, self.seconds)
                 for rnd in range(self.rounds):
@@ -476,12 +484,20 @@ def report(bg: Any, results: dict[str, Any]) -> str:
                 continue
             x = res[n]
             row = [n]
-            for phase, key in (("c64", "cpu_s_per_1k"), ("stream", "cpu_s_per_1k"), ("c64", "rps"), ("stream", "rps")):
+            for phase, key in (
+                ("c64", "cpu_s_per_1k"),
+                ("stream", "cpu_s_per_1k"),
+                ("c64", "rps"),
+                ("stream", "rps"),
+            ):
                 best = "cpu_s_per_1k_min" if key.startswith("cpu") else "rps_max"
-                row.append(f"{x[phase][key] / base[phase][key]:.2f} ({x[phase][best] / base[phase][best]:.2f})")
+                row.append(
+                    f"{x[phase][key] / base[phase][key]:.2f} ({x[phase][best] / base[phase][best]:.2f})"
+                )
             rows.append(row)
         out.append(bg.table(
-            "Ratios against passthrough: median rounds (best round of each side); targets: CPU <= 1.25, rps >= 0.80",
+            "Ratios against passthrough: median rounds (best round of each side); "
+            "targets: CPU <= 1.25, rps >= 0.80",
             ["variant", "CPU chat", "CPU stream", "rps chat", "rps stream"], rows,
         ))  # fmt: skip
     for n in names:
@@ -492,13 +508,15 @@ def report(bg: Any, results: dict[str, Any]) -> str:
                        + ", ".join(f"{k} {s:.2f}" for k, s in top if s >= 0.01))  # fmt: skip
         h = res[n].get("handover")
         if h:
-            nb = max(h["batches"], 1)
+            nb, nc = max(h["batches"], 1), max(h["captures"], 1)
+            drain, submit = 1e6 * h["drain_cpu_s"], 1e6 * h["submit_cpu_s"]
             out.append(
                 f"{n}: hand-over: {h['captures']} captures in {h['batches']} batches (mean "
                 f"{h['captures'] / nb:.1f}, max {h['max_batch']}); Rust->Python objects "
-                f"{1e6 * h['drain_cpu_s'] / nb:.0f} us/batch = {1e6 * h['drain_cpu_s'] / max(h['captures'], 1):.1f} "
-                f"us/capture; Capture + submit {1e6 * h['submit_cpu_s'] / nb:.0f} us/batch = "
-                f"{1e6 * h['submit_cpu_s'] / max(h['captures'], 1):.1f} us/capture; relay wake-ups {h['relay_wakes']}"
+                f"{drain / nb:.0f} us/batch = {drain / nc:.1f} us/capture; Capture + submit "
+                f"{submit / nb:.0f} us/batch = {submit / nc:.1f} us/capture; relay wake-ups "
+                f"{h['relay_wakes']}; publisher: {h['published']} published in {h['publish_batches']} "
+                f"batches, routes {h['routes']}, spilled {h['spilled']}, dropped {h['dropped']}"
             )
         lg = res[n].get("logged")
         if lg:
