@@ -359,6 +359,22 @@ def thread_split(bg: Any, pid: int) -> dict[str, float]:
         return {}
 
 
+#: The 20-chunk stream of the issue's targets (and of capture_cpu.py): chat.lua plus one header,
+#: `x-fake-chunks` (the fake upstream then answers with exactly that many content deltas).
+CHUNKS_ENV = "SPIKE_FAKE_CHUNKS"
+
+
+def chunked_lua(bg: Any, workdir: Path) -> Path:
+    src = bg.LUA.read_text()
+    anchor = 'headers["Authorization"] = "Bearer x"\n'
+    assert anchor in src, "bench/wrk/chat.lua changed: update spike_capture.chunked_lua"
+    extra = f'  local fc = os.getenv("{CHUNKS_ENV}")\n'
+    extra += '  if fc and fc ~= "" then headers["x-fake-chunks"] = fc end\n'
+    path = workdir / "chat_chunks.lua"
+    path.write_text(src.replace(anchor, anchor + extra))
+    return path
+
+
 def make_bench_cls(bg: Any) -> Any:
     @dataclass
     class CaptureBench(bg.Bench):  # type: ignore[misc,name-defined]
@@ -398,27 +414,36 @@ def make_bench_cls(bg: Any) -> Any:
                 if self.args.check_only:
                     return res
                 for n in names:
-                    res[n] = {"runs": {"warmup": [], "c1": [], "c64": [], "stream": []}}
+                    res[n] = {"runs": {"warmup": [], "c1": [], "c64": [], "stream": [], "stream20": []}}
                     res[n]["runs"]["warmup"].append(
                         self.measure_wrk(vs[n], "warm-up", "chat", 64, "seconds", 2)
                     )
                 threads0 = {n: thread_split(bg, vs[n].procs["proxy"].pid) for n in names}
-                phases = bg.load_phases(self.c1_requests, self.seconds)
+                bg.LUA = chunked_lua(bg, self.workdir)  # run_wrk reads it at each call
+                phases = (
+                    *bg.load_phases(self.c1_requests, self.seconds),
+                    ("stream20", "20-chunk stream max throughput", "stream", 64, "seconds", self.seconds),
+                )
                 for rnd in range(self.rounds):
                     k = rnd % len(names)
                     order = [*names[k:], *names[:k]]  # rotate so that no variant always runs first
                     for phase, label, body, conns, mode, value in phases:
+                        if phase == "stream20":
+                            os.environ[CHUNKS_ENV] = "20"
+                        else:
+                            os.environ.pop(CHUNKS_ENV, None)
                         targets = [*order, "direct"] if phase == "c1" else order
                         for n in targets:
                             v = direct if n == "direct" else vs[n]
                             lab = f"{label}, round {rnd + 1}/{self.rounds}"
                             res[n]["runs"][phase].append(self.measure_wrk(v, lab, body, conns, mode, value))
+                os.environ.pop(CHUNKS_ENV, None)
                 for n in names:
                     t1 = thread_split(bg, vs[n].procs["proxy"].pid)
                     t0 = threads0[n]
                     res[n]["thread_cpu_s"] = {k: round(t1[k] - t0.get(k, 0.0), 2) for k in t1}
                     res[n]["measured_sent"] = sum(
-                        r["sent"] for ph in ("c1", "c64", "stream") for r in res[n]["runs"][ph]
+                        r["sent"] for ph in ("c1", "c64", "stream", "stream20") for r in res[n]["runs"][ph]
                     )
                 for n in ("direct", *names):
                     for phase, runs in res[n]["runs"].items():
@@ -454,26 +479,26 @@ def spread(runs: Sequence[dict[str, Any]], key: str, nd: int) -> str:
 def report(bg: Any, results: dict[str, Any]) -> str:
     res, names = results["variants"], results["config"]["variants"]
     d = res["direct"]["c1"]["p50_ms"]
+    phases = (("c64", "chat"), ("stream", "stream"), ("stream20", "stream20"))
     rows = []
     for n in names:
         r = res[n]["runs"]
         rows.append([
             n,
-            spread(r["c64"], "cpu_s_per_1k", 3),
-            spread(r["stream"], "cpu_s_per_1k", 3),
-            spread(r["c64"], "rps", 0),
-            spread(r["stream"], "rps", 0),
+            *(spread(r[ph], "cpu_s_per_1k", 3) for ph, _ in phases),
+            *(spread(r[ph], "rps", 0) for ph, _ in phases),
             f"{res[n]['c1']['p50_ms'] - d:+.3f}",
-            f"{res[n]['c64']['util_pct']['proxy']:.0f}/{res[n]['stream']['util_pct']['proxy']:.0f}",
+            "/".join(f"{res[n][ph]['util_pct']['proxy']:.0f}" for ph, _ in phases),
             f"{res[n]['c64']['upstream_util_pct']:.0f}+{res[n]['c64']['wrk_util_pct']:.0f}",
-            f"{max(res[n]['c64']['foreign_util_pct'], res[n]['stream']['foreign_util_pct']):.0f}",
-            f"{statistics.median(x.get('catch_up_s', 0) for x in r['c64']):.1f}",
+            f"{max(res[n][ph]['foreign_util_pct'] for ph, _ in phases):.0f}",
+            "/".join(f"{statistics.median(x.get('catch_up_s', 0) for x in r[ph]):.1f}" for ph, _ in phases),
         ])  # fmt: skip
     out = [bg.table(
         "Medians (range) over rounds; CPU = the whole process, all threads, until the store holds every "
-        f"request of the run; +p50 = c1 p50 minus direct ({d:.3f} ms); util = % of its core, chat/stream",
-        ["variant", "CPU s/1k chat", "CPU s/1k stream", "rps chat", "rps stream", "+p50 c1 ms", "util",
-         "upstr+wrk", "other", "catch-up s"],
+        f"request of the run; +p50 = c1 p50 minus direct ({d:.3f} ms); util = % of its core; stream20 = "
+        "20-chunk streams",
+        ["variant", *(f"CPU s/1k {k}" for _, k in phases), *(f"rps {k}" for _, k in phases), "+p50 c1 ms",
+         "util", "upstr+wrk", "other", "catch-up s"],
         rows,
     )]  # fmt: skip
     base = res.get("passthrough")
@@ -484,21 +509,14 @@ def report(bg: Any, results: dict[str, Any]) -> str:
                 continue
             x = res[n]
             row = [n]
-            for phase, key in (
-                ("c64", "cpu_s_per_1k"),
-                ("stream", "cpu_s_per_1k"),
-                ("c64", "rps"),
-                ("stream", "rps"),
-            ):
-                best = "cpu_s_per_1k_min" if key.startswith("cpu") else "rps_max"
-                row.append(
-                    f"{x[phase][key] / base[phase][key]:.2f} ({x[phase][best] / base[phase][best]:.2f})"
-                )
+            for key, best in (("cpu_s_per_1k", "cpu_s_per_1k_min"), ("rps", "rps_max")):
+                for ph, _ in phases:
+                    row.append(f"{x[ph][key] / base[ph][key]:.2f} ({x[ph][best] / base[ph][best]:.2f})")
             rows.append(row)
         out.append(bg.table(
             "Ratios against passthrough: median rounds (best round of each side); "
             "targets: CPU <= 1.25, rps >= 0.80",
-            ["variant", "CPU chat", "CPU stream", "rps chat", "rps stream"], rows,
+            ["variant", *(f"CPU {k}" for _, k in phases), *(f"rps {k}" for _, k in phases)], rows,
         ))  # fmt: skip
     for n in names:
         th = res[n].get("thread_cpu_s")
