@@ -402,6 +402,16 @@ class Bench:
         return 20 if self.args.quick else 100
 
     # setup ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def upstream_running(self) -> Iterator[None]:
+        """The fake upstream for the duration of the block (stateless: stopped without a drain)."""
+        try:
+            self.start_upstream()
+            yield
+        finally:
+            if self.upstream is not None:
+                self.upstream.stop(5.0, signal.SIGTERM)
+
     def start_upstream(self) -> None:
         port = free_port()
         self.upstream = spawn(
@@ -1158,15 +1168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     with workdir(args.keep) as wd:
         b = Bench(args, wd, proxy_cores, load_cores)
-        try:
-            b.start_upstream()
+        with b.upstream_running():
             results["variants"] = b.run_all(names)
             results["ratios"] = ratios(results["variants"])
             if args.profile:
                 results["profile"] = b.run_profile()
-        finally:
-            if b.upstream is not None:
-                b.upstream.stop(5.0, signal.SIGTERM)  # stateless; no need for a graceful drain
         # Report before the work dir goes: llmtap leaves a body file per request to delete.
         print()
         print(report(results))

@@ -589,12 +589,8 @@ def bench(argv: Sequence[str]) -> int:
     t0 = time.monotonic()
     with bg.workdir(args.keep) as wd:
         b = make_bench_cls(bg)(args, wd, proxy_cores, load_cores)
-        try:
-            b.start_upstream()
+        with b.upstream_running():
             results["variants"] = b.run(names)
-        finally:
-            if b.upstream is not None:
-                b.upstream.stop(5.0, signal.SIGTERM)
     results["loadavg"]["after"] = loadavg()
     results["wall_s"] = round(time.monotonic() - t0, 1)
     results["ended_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())

@@ -426,12 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.quick, args.env, args.catch_up_timeout = False, [], 0.0
     with bg.workdir(args.keep) as wd:
         b = SpikeBench(args, wd, proxy_cores, load_cores)
-        try:
-            b.start_upstream()
+        with b.upstream_running():
             results["variants"] = b.run(names)
-        finally:
-            if b.upstream is not None:
-                b.upstream.stop(5.0, signal.SIGTERM)
     results["loadavg"]["after"] = loadavg()
     results["ratios"] = ratios(results["variants"], names)
     results["wall_s"] = round(time.monotonic() - t0, 1)
