@@ -8,6 +8,7 @@ gets a database of its own, created from that server and dropped afterwards.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -66,6 +67,25 @@ async def pg_database() -> AsyncIterator[str]:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
+
+
+async def pg_write(url: str, records: Sequence[LogRecord], batch: int = 500) -> None:
+    """Write `records` into the PostgreSQL store at `url` as the worker would, in batches."""
+    from llmtap.store.postgres import PostgresStore
+
+    store = PostgresStore(url)
+    await store.connect()
+    try:
+        for i in range(0, len(records), batch):
+            await store.write_batch(records[i : i + batch])
+    finally:
+        await store.close()
+
+
+async def planned_rows(conn: asyncpg.Connection, query: str, params: Sequence[Any]) -> float:
+    """The PostgreSQL planner's row estimate for `query` (what decides index or scan)."""
+    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}", *params)
+    return float(json.loads(plan)[0]["Plan"]["Plan Rows"])
 
 
 @contextlib.asynccontextmanager

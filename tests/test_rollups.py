@@ -10,7 +10,6 @@ overall answers are checked against that reference too.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import sqlite3
 import uuid
@@ -35,6 +34,8 @@ from store_helpers import (
     percentile_cont,
     pg_database,
     pg_url,
+    pg_write,
+    planned_rows,
     rec,
     ref_filter,
     store_params,
@@ -542,27 +543,22 @@ async def test_postgres_estimates_a_rollup_read_from_its_grain_and_dimension_tog
     that multiplies the two conditions as if independent estimates the overview's few day rows
     of `''` and `model` by the thousand; at 10M requests it then scanned the whole table (330-830
     ms instead of 8 ms, bench/README.md). Migration 12's statistics know the pairs."""
-    from llmtap.store.postgres import DIALECT, PostgresStore
+    from llmtap.store.postgres import DIALECT
 
     since = T0.replace(hour=0, minute=0, second=0, microsecond=0)
     async with pg_database() as url:
-        store = PostgresStore(url)
-        await store.connect()
-        try:
-            batch = [  # one request a minute for ~3 days, 2000 users, 2 models
+        await pg_write(  # one request a minute for ~3 days, 2000 users, 2 models
+            url,
+            [
                 rec(i, at=since + timedelta(minutes=i), user_id=f"u{i % 2000}", model=f"m{i % 2}")
                 for i in range(4000)
-            ]
-            for i in range(0, len(batch), 500):
-                await store.write_batch(batch[i : i + 500])
-        finally:
-            await store.close()
+            ],
+        )
         conn = await asyncpg.connect(url)
         try:
             await conn.execute("ANALYZE rollups")
             q, params = rollup.read_sql(DIALECT, "acme", rollup.Plan("day", "model", to_micros(since), None))
-            plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {q}", *params)
-            estimated = float(json.loads(plan)[0]["Plan"]["Plan Rows"])
+            estimated = await planned_rows(conn, q, params)
             actual = len(await conn.fetch(q, *params))
             total = await conn.fetchval("SELECT count(*) FROM rollups")
         finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sqlite3
 import time
 import uuid
@@ -36,6 +35,8 @@ from store_helpers import (
     open_store,
     pg_database,
     pg_url,
+    pg_write,
+    planned_rows,
     rec,
     ref_filter,
     store_params,
@@ -1024,27 +1025,21 @@ async def test_postgres_estimates_a_property_filter_from_the_value_not_twice() -
             f" AND {store_sql.equals(DIALECT, 'rp.value', p(value))}"
         )
         query = f"SELECT 1 FROM request_properties rp WHERE {where}"
-        plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}", *p.values)
-        rows = float(json.loads(plan)[0]["Plan"]["Plan Rows"])
-        return rows, len(await conn.fetch(query, *p.values))
+        return await planned_rows(conn, query, p.values), len(await conn.fetch(query, *p.values))
 
     async with pg_database() as url:
-        store = PostgresStore(url)
-        await store.connect()
-        try:
-            at = T0 + timedelta(days=400)  # a month no partition exists for yet
-            records = [
+        at = T0 + timedelta(days=400)  # a month no partition exists for yet
+        await pg_write(
+            url,
+            [
                 rec(
                     i,
                     at=at + timedelta(seconds=i),
                     properties={"env": "dev" if i % 5 == 0 else "prod", "feature": f"f{i % 7}"},
                 )
                 for i in range(3000)
-            ]
-            for i in range(0, len(records), 500):
-                await store.write_batch(records[i : i + 500])
-        finally:
-            await store.close()
+            ],
+        )
         conn = await asyncpg.connect(url)
         try:
             part = f"request_properties_p{at.year:04d}{at.month:02d}"
