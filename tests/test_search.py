@@ -1,6 +1,7 @@
 """`q=` search over request/response text on both stores: case-insensitive substrings in any
 script, through the body handler (inline bodies and bodies already in the body store), LIKE
-metacharacters taken literally, the 32 KiB bound, retention and the API parameter."""
+metacharacters taken literally, the 32 KiB bound (shared by request and response), retention and
+the API parameter."""
 
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ def corpus() -> dict[str, LogRecord]:
             request_body=jbody(chat("x" * (SEARCH_BYTES + 100) + " needle-beyond-the-bound")),
         ),
         "nobody": rec(7, id="nobody", at=at, request_body=None, response_body=None),
+        # a conversation longer than the bound, resent whole, and its answer
+        "resent": rec(
+            11, id="resent", at=at,
+            request_body=jbody(chat("opening words " + "y" * SEARCH_BYTES + " latest-question")),
+            response_body=jbody({"choices": [{"message": {"content": "the answer-needle"}}]}),
+        ),
     }  # fmt: skip
     for r in out.values():
         if r.id != "nobody" and (r.request_body is None or r.request_body.data is None):
@@ -84,6 +91,9 @@ CASES = [
     ("ми", {"russian"}),  # shorter than a trigram
     ("needle-beyond", set()),  # past the 32 KiB bound
     ("xxxx", {"long"}),
+    ("answer-needle", {"resent"}),  # a long request does not crowd out the answer
+    ("opening words", {"resent"}),
+    ("latest-question", set()),  # past the request's half of the bound
     ("plain", {"russian", "stream"}),
     ("nowhere at all", set()),
 ]
@@ -276,3 +286,4 @@ def test_a_reassembled_stream_is_indexed_once_from_its_response() -> None:
     # no reassembled response (the stream held no JSON events): the events are the text
     r.response_body = None
     assert record_text(r) == "the quick brown"
+

@@ -9,7 +9,8 @@ and punctuation left out, `\\u` escapes decoded, so "日本" matches however the
 it); for streams, the response the gateway reassembled from the events (its text is the deltas
 joined as the client saw them), or the deltas from the raw events when nothing could be
 reassembled; a body that is not JSON as text. At most `SEARCH_BYTES` (32 KiB of UTF-8) per
-record: the start of each conversation is searchable, the tail of a very long one is not.
+record, each side from its start: when the request and the response are both long, each keeps
+16 KiB, so the answer stays searchable however long the conversation resent with it.
 Text is case-folded (Python's `casefold`) at index and query time alike, which makes the
 search case-insensitive in every script the same way on both stores.
 """
@@ -125,11 +126,24 @@ def record_text(record: LogRecord, raw: Sequence[tuple[Body, bytes]] | None = No
         # The reassembled response already holds the stream's text: parsing every event again
         # cost 8x the rest of the record (a 20-event stream) and indexed the text twice.
         raw = [(b, data) for b, data in raw if b is not events]
-    parts = [t for b, data in raw if (t := _text_or_none(b, data))]
-    if not parts:
+    asked = [t for b, data in raw if b is record.request_body and (t := _text_or_none(b, data))]
+    said = [t for b, data in raw if b is not record.request_body and (t := _text_or_none(b, data))]
+    if not asked and not said:
         return None
-    text = "\n".join(parts).encode("utf-8", "replace")[:SEARCH_BYTES].decode("utf-8", "ignore")
-    return fold(text)
+    return fold(_within_bound("\n".join(asked), "\n".join(said)))
+
+
+def _within_bound(asked: str, said: str) -> str:
+    """The request's and the response's text in at most `SEARCH_BYTES`, each from its start.
+
+    A long request (a conversation resent whole each turn) must not crowd out the answer: when
+    both are long each keeps half, and a side shorter than half leaves the rest to the other.
+    """
+    a, s = asked.encode("utf-8", "replace"), said.encode("utf-8", "replace")
+    if len(a) + len(s) > SEARCH_BYTES:
+        keep = min(len(s), max(SEARCH_BYTES // 2, SEARCH_BYTES - len(a)))
+        a, s = a[: SEARCH_BYTES - keep], s[:keep]
+    return "\n".join(t for t in (a.decode("utf-8", "ignore"), s.decode("utf-8", "ignore")) if t)
 
 
 def like_pattern(q: str) -> str:
