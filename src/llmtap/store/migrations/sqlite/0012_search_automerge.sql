@@ -1,0 +1,11 @@
+-- The search index merges its segments 16 at a time instead of FTS5's default 4.
+--
+-- Every batch the worker writes adds a segment to `request_text`; FTS5 merges segments of a
+-- level once `automerge` of them exist, and with 4 it rewrites the same entries again and again
+-- as the index grows. On answer-sized documents (150 words of a Zipf vocabulary, ~900 bytes,
+-- batches of 500, 1M documents; bench/search_index.py) writing cost 132 us per document with 4,
+-- 108 with 8 and 100 with 16 (78 in the last tenth), while the index answered the same queries
+-- in the same time (a rare 6-character string 64 / 64 / 68 ms, a mid one 113 / 116 / 120 ms):
+-- a lookup reads each segment's list of the query's trigrams, and there are about as many.
+-- Kept in the index's own config table, so every connection and process uses it.
+INSERT INTO request_text (request_text, rank) VALUES ('automerge', 16);
