@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/search_index.py                      # 1M documents, automerge 4, 8, 16
     N=200000 AM=4,16 .venv/bin/python bench/search_index.py     # shorter
+    WORDS=4200 N=4000 AM=16 .venv/bin/python bench/search_index.py  # 32 KiB documents
 
 The worker adds one batch of documents per transaction, so the index grows by one segment per
 batch and FTS5 merges segments as it goes (`automerge` of them per level). This builds an index
@@ -32,7 +33,7 @@ from scale_data import _CUM, VOCAB, search_terms
 N = int(os.environ.get("N", "1000000"))
 AM = [int(x) for x in os.environ.get("AM", "4,8,16").split(",")]
 BATCH = 500
-WORDS = 150
+WORDS = int(os.environ.get("WORDS", "150"))
 
 
 def documents(seed: int) -> Iterator[str]:
@@ -82,7 +83,10 @@ def run(automerge: int, d: str) -> str:
 
 
 def main() -> None:
-    print(f"{N:,} documents of {WORDS} words in batches of {BATCH}; SQLite {sqlite3.sqlite_version}")
+    sample = documents(2)
+    size = sum(len(next(sample)) for _ in range(20)) / 20 / 1024
+    print(f"{N:,} documents of {WORDS} words (~{size:.1f} KiB) in batches of {BATCH};", end=" ")
+    print(f"SQLite {sqlite3.sqlite_version}")
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as d:
         for am in AM:
             print(run(am, d), flush=True)

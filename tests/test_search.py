@@ -316,3 +316,55 @@ async def test_sqlite_search_index_merges_16_segments_at_a_time_after_migrating(
         await new.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT v FROM request_text_config WHERE k = 'automerge'").fetchone() == (16,)
+
+
+def test_the_bound_is_shared_half_and_half_only_when_both_sides_are_long() -> None:
+    from llmtap.store.search import record_text
+
+    def text(ask: str, answer: str, limit: int) -> str | None:
+        r = rec(1, request_body=jbody(chat(ask)), response_body=jbody({"c": answer}))
+        return record_text(r, limit=limit)
+
+    # chat() adds the model's and the role's strings: "gpt-4o-mini\nuser\n" (17 bytes) + ask
+    assert text("a" * 3, "b" * 5, 64) == "gpt-4o-mini\nuser\naaa\nbbbbb"  # fits: all of it
+    assert text("a" * 100, "b" * 100, 64) == "gpt-4o-mini\nuser\n" + "a" * 15 + "\n" + "b" * 32
+    assert text("a" * 3, "b" * 100, 64) == "gpt-4o-mini\nuser\naaa\n" + "b" * 44  # the rest to the answer
+    assert text("a" * 100, "b" * 5, 64) == "gpt-4o-mini\nuser\n" + "a" * 42 + "\nbbbbb"
+    assert text("a" * 100, "b" * 100, 0) is None
+
+
+async def test_with_search_bytes_0_the_worker_indexes_nothing_and_reads_no_body_back(tmp_path: Path) -> None:
+    """`LLMTAP_SEARCH_BYTES=0`: the body handler extracts no text (the costliest part of a
+    worker on real answers) and fetches no body back from the body store; records and bodies
+    are stored as always."""
+    from llmtap.config import Settings
+    from llmtap.handlers.chain import build_chain
+
+    bodies = FileBodyStore(str(tmp_path / "bodies"))
+    await bodies.connect()
+    gets: list[str] = []
+    real_get = bodies.get
+
+    async def counted_get(ref: str) -> bytes | None:
+        gets.append(ref)
+        return await real_get(ref)
+
+    bodies.get = counted_get  # type: ignore[method-assign]
+    try:
+        raw = zstandard.ZstdCompressor().compress(json.dumps(chat("stored needle")).encode())
+        (ref,) = await bodies.put_many([("acme/big", raw)])
+        big = rec(1, id="big")
+        big.request_body = Body(content_type="application/json", size=99, encoding="zstd", ref=ref)
+        inline = rec(2, id="inline", request_body=jbody(chat("inline needle")))
+        async with open_store("sqlite", tmp_path) as store:
+            chain = build_chain(Settings(data_dir=tmp_path, search_bytes=0), store, bodies)
+            items = [Item(big), Item(inline)]
+            await chain.run(items)
+            assert all(i.ok for i in items) and [i.search_text for i in items] == [None, None]
+            assert gets == []
+            assert await search(store, "needle") == set()
+            got = await store.get_request("acme", "inline")
+            assert got is not None and got["request_body"]["ref"]  # the body went to the body store
+            assert await bodies.get(got["request_body"]["ref"]) is not None
+    finally:
+        await bodies.close()

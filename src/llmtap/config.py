@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         2, ge=1, le=16, description="batches in flight: the next batch's handlers run while one is written"
     )
     retention_days: int | None = Field(None, ge=1)
+    search_bytes: int = Field(
+        32 * 1024,
+        ge=0,
+        le=1024 * 1024,
+        description="UTF-8 bytes of request and response text indexed per record for q= search; 0: none",
+    )
     rollup_properties: str = Field(
         "",
         description="comma-separated property names rolled up for fast stats (e.g. feature,env);"

@@ -19,17 +19,21 @@ from llmtap.bodies import offload
 from llmtap.bodies.base import BodyStore
 from llmtap.handlers.base import Handler, Item
 from llmtap.record import Body
-from llmtap.store.search import record_text
+from llmtap.store.search import SEARCH_BYTES, record_text
 
 
 class BodyHandler(Handler):
     name = "bodies"
 
-    def __init__(self, bodies: BodyStore) -> None:
+    def __init__(self, bodies: BodyStore, search_bytes: int = SEARCH_BYTES) -> None:
         self.bodies = bodies
+        # The search text costs more than anything else in a worker on real answers (the index
+        # pays per distinct trigram): `search_bytes = 0` skips it, reads of stored bodies too.
+        self.search_bytes = search_bytes
 
     async def handle(self, items: Sequence[Item]) -> None:
-        await self._search_texts(items)
+        if self.search_bytes > 0:
+            await self._search_texts(items)
         # TransientError on an outage: the batch is retried, the records left as they were.
         await offload.to_store(self.bodies, [i.record for i in items], above=-1)
 
@@ -54,4 +58,4 @@ class BodyHandler(Handler):
                 for b in (r.request_body, r.response_body, r.response_events)
                 if b is not None and b.data is not None
             ]
-            item.search_text = record_text(r, raw + extra.get(n, []))
+            item.search_text = record_text(r, raw + extra.get(n, []), self.search_bytes)

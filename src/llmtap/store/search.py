@@ -26,7 +26,7 @@ import zstandard
 from llmtap.record import Body, LogRecord
 from llmtap.store.sql import clean
 
-#: Bytes of UTF-8 text indexed per record.
+#: Bytes of UTF-8 text indexed per record, by default (setting `search_bytes`).
 SEARCH_BYTES = 32 * 1024
 #: Bytes of a decompressed body read to extract the text (a longer body is read up to here).
 _READ_BYTES = 4 * 1024 * 1024
@@ -112,9 +112,12 @@ def fold(text: str) -> str:
     return clean(text.casefold())
 
 
-def record_text(record: LogRecord, raw: Sequence[tuple[Body, bytes]] | None = None) -> str | None:
+def record_text(
+    record: LogRecord, raw: Sequence[tuple[Body, bytes]] | None = None, limit: int = SEARCH_BYTES
+) -> str | None:
     """The searchable text of a record, from `raw` (body, stored bytes) pairs or, by default,
-    from the bodies still inline in the record."""
+    from the bodies still inline in the record; at most `limit` bytes (the worker's
+    `search_bytes` setting)."""
     if raw is None:
         raw = [
             (b, b.data)
@@ -130,19 +133,19 @@ def record_text(record: LogRecord, raw: Sequence[tuple[Body, bytes]] | None = No
     said = [t for b, data in raw if b is not record.request_body and (t := _text_or_none(b, data))]
     if not asked and not said:
         return None
-    return fold(_within_bound("\n".join(asked), "\n".join(said)))
+    return fold(_within_bound("\n".join(asked), "\n".join(said), limit)) or None
 
 
-def _within_bound(asked: str, said: str) -> str:
-    """The request's and the response's text in at most `SEARCH_BYTES`, each from its start.
+def _within_bound(asked: str, said: str, limit: int) -> str:
+    """The request's and the response's text in at most `limit` bytes, each from its start.
 
     A long request (a conversation resent whole each turn) must not crowd out the answer: when
     both are long each keeps half, and a side shorter than half leaves the rest to the other.
     """
     a, s = asked.encode("utf-8", "replace"), said.encode("utf-8", "replace")
-    if len(a) + len(s) > SEARCH_BYTES:
-        keep = min(len(s), max(SEARCH_BYTES // 2, SEARCH_BYTES - len(a)))
-        a, s = a[: SEARCH_BYTES - keep], s[:keep]
+    if len(a) + len(s) > limit:
+        keep = min(len(s), max(limit // 2, limit - len(a)))
+        a, s = a[: limit - keep], s[:keep]
     return "\n".join(t for t in (a.decode("utf-8", "ignore"), s.decode("utf-8", "ignore")) if t)
 
 
