@@ -4,6 +4,7 @@
     N=6000 PROFILE=1 SORT=cumulative TOP=40 .venv/bin/python bench/worker_cpu.py
     STORE=postgresql://... .venv/bin/python bench/worker_cpu.py     # the PostgreSQL store
     SHAPE=stream .venv/bin/python bench/worker_cpu.py               # 20-chunk stream records
+    TEXT=prose .venv/bin/python bench/worker_cpu.py                 # a different answer per record
     BASE=/tmp/llmtap-scale-....db .venv/bin/python bench/worker_cpu.py  # into a store of many rows
 
 Publishes WARM + N records shaped like bench_gateway's chat traffic (a one-line prompt, a
@@ -13,7 +14,10 @@ process and of each thread (the event loop, the SQLite queue's thread, the store
 thread). Both are taken from the end of the first batch: start-up, lazy imports and the pricing
 table are paid once per process, not per record. STORE (a PostgreSQL URL; default the SQLite
 store) picks the store: a PostgreSQL server's own CPU is not in the figures. PROFILE=1 profiles
-the event-loop thread by its CPU time. For an A/B, run it alternately with SRC = `git archive`
+the event-loop thread by its CPU time. TEXT=prose gives every record its own prompt (30 words)
+and answer (150 words) drawn from `scale_data`'s Zipf vocabulary: the default answer repeats one
+phrase, whose few distinct trigrams flatter the search index (it costs per distinct trigram of a
+document). For an A/B, run it alternately with SRC = `git archive`
 of the other commit's src/: on a shared machine only alternating runs compare.
 """
 
@@ -101,6 +105,22 @@ REASSEMBLED = json.dumps(
     }
 ).encode()
 STREAM = os.environ.get("SHAPE", "chat") == "stream"
+PROSE = os.environ.get("TEXT", "") == "prose"
+
+
+def _prose_bodies(i: int) -> tuple[bytes, bytes]:
+    """A prompt and an answer of their own for record i (TEXT=prose), like real traffic's."""
+    from random import Random
+
+    from scale_data import _CUM, VOCAB
+
+    r = Random(i)
+    words = r.choices(VOCAB, cum_weights=_CUM, k=180)
+    req = json.loads(REQ)
+    req["messages"][0]["content"] = " ".join(words[:30])
+    resp = json.loads(RESP)
+    resp["choices"][0]["message"]["content"] = " ".join(words[30:])
+    return json.dumps(req).encode(), json.dumps(resp).encode()
 
 
 def _ids() -> Any:
@@ -123,6 +143,7 @@ def record(i: int, t0: datetime) -> LogRecord:
 
 def chat_record(i: int, t0: datetime) -> LogRecord:
     at = t0 + timedelta(milliseconds=i)
+    req, resp = _prose_bodies(i) if PROSE else (REQ, RESP)
     return LogRecord(
         id=new_id(),
         tenant="default",
@@ -139,9 +160,9 @@ def chat_record(i: int, t0: datetime) -> LogRecord:
         status=200,
         usage=Usage(source="provider", prompt_tokens=12, completion_tokens=150, total_tokens=162),
         request_headers={"content-type": "application/json", "user-agent": "wrk"},
-        response_headers={"content-type": "application/json", "content-length": str(len(RESP))},
-        request_body=Body(content_type="application/json", size=len(REQ), data=REQ),
-        response_body=Body(content_type="application/json", size=len(RESP), data=RESP),
+        response_headers={"content-type": "application/json", "content-length": str(len(resp))},
+        request_body=Body(content_type="application/json", size=len(req), data=req),
+        response_body=Body(content_type="application/json", size=len(resp), data=resp),
         route="queue",
         gateway="bench:1",
     )
