@@ -13,11 +13,11 @@ until the queue is drained, then prints records per second (wall) and the CPU pe
 process and of each thread (the event loop, the SQLite queue's thread, the store's writer
 thread). Both are taken from the end of the first batch: start-up, lazy imports and the pricing
 table are paid once per process, not per record. STORE (a PostgreSQL URL; default the SQLite
-store) picks the store: a PostgreSQL server's own CPU is not in the figures. PROFILE=1 profiles
-the event-loop thread by its CPU time. TEXT=prose gives every record its own prompt (30 words)
-and answer (150 words) drawn from `scale_data`'s Zipf vocabulary: the default answer repeats one
-phrase, whose few distinct trigrams flatter the search index (it costs per distinct trigram of a
-document). For an A/B, run it alternately with SRC = `git archive`
+store) picks the store; the CPU of the local PostgreSQL server's processes is printed apart.
+PROFILE=1 profiles the event-loop thread by its CPU time. TEXT=prose gives every record its own
+prompt (30 words) and answer (150 words) drawn from `scale_data`'s Zipf vocabulary: the default
+answer repeats one phrase, whose few distinct trigrams flatter the search index (it costs per
+distinct trigram of a document). For an A/B, run it alternately with SRC = `git archive`
 of the other commit's src/: on a shared machine only alternating runs compare.
 """
 
@@ -198,6 +198,21 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+def postgres_cpu() -> float:
+    """CPU seconds of every `postgres` process on this machine (the store's server, when local;
+    other databases' work lands here too, so run it on a quiet server)."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        if name == "postgres" or name.startswith("postgres:"):
+            total += (int(rest[11]) + int(rest[12])) / tick
+    return total
+
+
 async def main() -> None:
     prof = cProfile.Profile(time.thread_time) if os.environ.get("PROFILE") else None
     with tempfile.TemporaryDirectory() as d:
@@ -220,7 +235,7 @@ async def main() -> None:
         while (await producer.status()).lag > N:  # nor the first batch (lazy imports, caches)
             await asyncio.sleep(0.01)
         startup = time.monotonic() - s0
-        before, r0 = thread_cpu(), resource.getrusage(resource.RUSAGE_SELF)
+        before, r0, pg0 = thread_cpu(), resource.getrusage(resource.RUSAGE_SELF), postgres_cpu()
         if prof:
             prof.enable()
         w0 = time.monotonic()
@@ -229,7 +244,7 @@ async def main() -> None:
         wall = time.monotonic() - w0
         if prof:
             prof.disable()
-        after, r1 = thread_cpu(), resource.getrusage(resource.RUSAGE_SELF)
+        after, r1, pg1 = thread_cpu(), resource.getrusage(resource.RUSAGE_SELF), postgres_cpu()
         await worker.stop()
         await producer.close()
     cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
@@ -241,6 +256,7 @@ async def main() -> None:
     print(
         f"{SRC}: {N / wall:.0f} records/s, {cpu / N * 1e6:.0f} us CPU/record, wall {wall:.2f} s"
         f" (start-up {startup:.2f} s, not counted); by thread (us/record): {threads}"
+        + (f"; PostgreSQL's processes {(pg1 - pg0) / N * 1e6:.0f} us/record" if store != "sqlite" else "")
     )
     if prof:
         stats: Any = pstats.Stats(prof)
