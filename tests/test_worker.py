@@ -171,6 +171,56 @@ async def _zero(v: Any) -> bool:
     return (await v) == 0
 
 
+async def test_a_big_batch_gives_the_event_loop_a_turn_every_slice_records(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In `llmtap up` the gateway's requests share the worker's event loop: a batch's Python
+    work per record (decode, search text, body keys, cost) must not run for the whole batch
+    without letting them in. Counted, not timed: the most per-record calls made between two
+    turns of a ticker task that runs whenever the loop is free."""
+    import llmtap.bodies.offload as offload
+    import llmtap.handlers.bodies as bodies
+    import llmtap.handlers.cost as cost
+    import llmtap.worker.worker as worker
+    from llmtap.cooperate import SLICE
+
+    calls = 0
+
+    def counted(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*a: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return fn(*a, **kw)
+
+        return call
+
+    for module, name in [(worker, "decode"), (bodies, "record_text"), (offload, "key"), (cost, "apply_cost")]:
+        monkeypatch.setattr(module, name, counted(getattr(module, name)))
+    n = 20 * SLICE
+    env.settings = env.settings.model_copy(update={"worker_batch_size": n, "worker_pipeline": 1})
+    await env.publish([encode(make_record(i)) for i in range(n)], key=lambda i: "one-partition")
+    stretches: list[int] = []
+
+    async def ticker() -> None:
+        last = calls
+        while True:
+            await asyncio.sleep(0)
+            stretches.append(calls - last)
+            last = calls
+
+    tick = asyncio.create_task(ticker())
+    try:
+        await env.worker()
+        await until(lambda: env.rows()[0] == n, what="the batch stored")
+    finally:
+        tick.cancel()
+    assert calls >= 4 * n  # decode, text, cost, and a key per body: all of them were counted
+    # A stage yields after every SLICE records (a record has two bodies: two keys each); the
+    # end of one stage and the start of the next may run together. Without the turns, one
+    # stretch held a whole stage (n calls or more).
+    assert max(stretches) <= 3 * SLICE, max(stretches)
+
+
 async def test_store_outage_acks_nothing_then_stores_everything_once(env: Env) -> None:
     env.store.down = True
     recs = [make_record(i) for i in range(120)]

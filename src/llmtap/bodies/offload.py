@@ -31,6 +31,7 @@ two places it is in.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from llmtap.bodies.base import body_key
+from llmtap.cooperate import SLICE
 from llmtap.record import Body, LogRecord, compress, decompress
 
 if TYPE_CHECKING:
@@ -88,13 +90,15 @@ async def to_store(bodies: BodyStore, records: Sequence[LogRecord], *, above: in
     """
     puts: list[tuple[str, bytes]] = []
     swaps: list[tuple[LogRecord, str, Body]] = []
-    for r in records:
+    for n, r in enumerate(records):
         for attr, part in PARTS:
             body: Body | None = getattr(r, attr)
             if body is None or body.data is None or body.ref is not None or len(body.data) <= above:
                 continue
             puts.append((key(r, part, body.data), body.data))
             swaps.append((r, attr, body))
+        if n % SLICE == SLICE - 1:
+            await asyncio.sleep(0)
     if not puts:
         return 0
     refs = await bodies.put_many(puts)  # the store decides the ref (the file store packs them)

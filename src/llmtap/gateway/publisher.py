@@ -44,6 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from llmtap.bodies import offload
+from llmtap.cooperate import SLICE
 from llmtap.errors import BackendUnavailable
 from llmtap.gateway.capture import Capture, RecordBuilder
 from llmtap.queue.base import Message, Queue
@@ -55,8 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmtap.gateway")
 
-#: Records built between yields to the event loop, so a big batch never stalls live requests.
-_BUILD_SLICE = 32
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
 #: A batch that every sink rejects with something other than `BackendUnavailable` (a bug or a
@@ -493,7 +492,7 @@ class Publisher:
                     continue
             records.append(record)
             self.requests[(record.provider, record.outcome)] += 1
-            if i % _BUILD_SLICE == _BUILD_SLICE - 1:
+            if i % SLICE == SLICE - 1:  # a big batch must not stall live requests
                 await asyncio.sleep(0)
         return _Batch(records, nbytes, big)
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from llmtap.bodies import offload
 from llmtap.bodies.base import BodyStore
+from llmtap.cooperate import SLICE
 from llmtap.handlers.base import Handler, Item
 from llmtap.record import Body
 from llmtap.store.search import SEARCH_BYTES, record_text
@@ -52,6 +53,8 @@ class BodyHandler(Handler):
             if data is not None:
                 extra.setdefault(n, []).append((body, data))
         for n, item in enumerate(items):
+            if n % SLICE == SLICE - 1:  # the costliest Python per record: let requests run
+                await asyncio.sleep(0)
             r = item.record
             raw = [
                 (b, b.data)

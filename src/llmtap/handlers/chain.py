@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llmtap.cooperate import SLICE
 from llmtap.errors import TransientError
 from llmtap.handlers.base import Handler, Item
 from llmtap.record import LogRecord
@@ -89,16 +90,18 @@ def failure(handler: str, exc: BaseException) -> str:
     return f"{handler}: {type(exc).__name__}: {exc}"
 
 
-def fail_each(handler: Handler, items: Sequence[Item], fn: Callable[[Item], object]) -> None:
+async def fail_each(handler: Handler, items: Sequence[Item], fn: Callable[[Item], object]) -> None:
     """Apply `fn` to each item; an item `fn` raises for fails alone, the others go on.
 
     For handlers that work record by record (cost): one bad record costs no bisection.
     """
-    for item in items:
+    for n, item in enumerate(items):
         try:
             fn(item)
         except Exception as e:
             item.fail(failure(handler.name, e))
+        if n % SLICE == SLICE - 1:
+            await asyncio.sleep(0)
 
 
 class Chain:

@@ -18,4 +18,4 @@ class CostHandler(Handler):
 
     async def handle(self, items: Sequence[Item]) -> None:
         # A record the price table chokes on fails alone (`chain.fail_each`), the rest go on.
-        fail_each(self, items, lambda item: apply_cost(item.record))
+        await fail_each(self, items, lambda item: apply_cost(item.record))

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Histogram
 
 from llmtap.config import Settings
+from llmtap.cooperate import SLICE
 from llmtap.errors import BackendUnavailable, RecordError
 from llmtap.handlers.chain import Abandoned, Chain, RetryPolicy, run_with_attempts
 from llmtap.record import LogRecord, decode
@@ -336,12 +337,14 @@ class WorkerService(OnBackends):
 
     async def _process_batch(self, deliveries: list[Delivery], dead: set[tuple[int, int]]) -> None:
         work: list[tuple[Delivery, LogRecord]] = []
-        for d in deliveries:
+        for i, d in enumerate(deliveries):
             try:
                 work.append((d, decode(d.value)))
             except RecordError as e:
                 await self._dead_letter(d, str(e), "decode", dead)
                 log.warning("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, e)
+            if i % SLICE == SLICE - 1:  # in `llmtap up` the gateway's requests share this loop
+                await asyncio.sleep(0)
 
         async def give_up(idx: int, reason: str) -> None:
             d, record = work[idx]
