@@ -6,6 +6,7 @@
     SHAPE=stream .venv/bin/python bench/worker_cpu.py               # 20-chunk stream records
     TEXT=prose .venv/bin/python bench/worker_cpu.py                 # a different answer per record
     BASE=/tmp/llmtap-scale-....db .venv/bin/python bench/worker_cpu.py  # into a store of many rows
+    LAG=1 .venv/bin/python bench/worker_cpu.py      # + how long the worker holds the event loop
 
 Publishes WARM + N records shaped like bench_gateway's chat traffic (a one-line prompt, a
 ~800-byte answer, inline bodies) into a fresh SQLite queue, starts a `WorkerService` and waits
@@ -17,8 +18,11 @@ store) picks the store; the CPU of the local PostgreSQL server's processes is pr
 PROFILE=1 profiles the event-loop thread by its CPU time. TEXT=prose gives every record its own
 prompt (30 words) and answer (150 words) drawn from `scale_data`'s Zipf vocabulary: the default
 answer repeats one phrase, whose few distinct trigrams flatter the search index (it costs per
-distinct trigram of a document). For an A/B, run it alternately with SRC = `git archive`
-of the other commit's src/: on a shared machine only alternating runs compare.
+distinct trigram of a document). LAG=1 runs a probe on the event loop that asks to wake every
+millisecond and prints how late it woke (p50, p99, max): in `llmtap up` the gateway's requests
+share that loop, so a late wake-up is how long a request arriving then would wait. For an A/B,
+run it alternately with SRC = `git archive` of the other commit's src/: on a shared machine only
+alternating runs compare.
 """
 
 from __future__ import annotations
@@ -198,6 +202,14 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+async def probe(lates: list[float]) -> None:
+    """Wake every millisecond; record how late each wake-up was (the loop was busy)."""
+    while True:
+        t = time.perf_counter()
+        await asyncio.sleep(0.001)
+        lates.append(time.perf_counter() - t - 0.001)
+
+
 def postgres_cpu() -> float:
     """CPU seconds of every `postgres` process on this machine (the store's server, when local;
     other databases' work lands here too, so run it on a quiet server)."""
@@ -238,10 +250,14 @@ async def main() -> None:
         before, r0, pg0 = thread_cpu(), resource.getrusage(resource.RUSAGE_SELF), postgres_cpu()
         if prof:
             prof.enable()
+        lates: list[float] = []
+        lag = asyncio.create_task(probe(lates)) if os.environ.get("LAG") else None
         w0 = time.monotonic()
         while (await producer.status()).lag:
             await asyncio.sleep(0.01)
         wall = time.monotonic() - w0
+        if lag is not None:
+            lag.cancel()
         if prof:
             prof.disable()
         after, r1, pg1 = thread_cpu(), resource.getrusage(resource.RUSAGE_SELF), postgres_cpu()
@@ -258,6 +274,11 @@ async def main() -> None:
         f" (start-up {startup:.2f} s, not counted); by thread (us/record): {threads}"
         + (f"; PostgreSQL's processes {(pg1 - pg0) / N * 1e6:.0f} us/record" if store != "sqlite" else "")
     )
+    if lates:
+        lates.sort()
+        at = [lates[int(q * (len(lates) - 1))] * 1000 for q in (0.5, 0.99, 1.0)]
+        print(f"event loop: {len(lates)} wake-ups, late by", end=" ")
+        print(f"p50 {at[0]:.2f} / p99 {at[1]:.2f} / max {at[2]:.2f} ms")
     if prof:
         stats: Any = pstats.Stats(prof)
         stats.sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "25")))
