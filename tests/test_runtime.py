@@ -179,6 +179,27 @@ async def test_services_stop_in_reverse_start_order_and_a_failed_stop_is_reporte
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+async def test_what_start_up_made_is_kept_out_of_the_collector_while_serving(tmp_path: Path) -> None:
+    """Full collections walked the whole start-up heap, stalling the event loop for up to
+    ~50 ms each: it is frozen once every service started, and thawed when they stopped."""
+    import gc
+
+    events: list[str] = []
+    frozen: list[int] = []
+
+    class Counts(Fake):
+        async def stop(self) -> None:
+            frozen.append(gc.get_freeze_count())
+            await super().stop()
+
+    assert gc.get_freeze_count() == 0
+    services: list[Service] = [Counts("a", events), SignalsWhenStarted("b", events)]
+    code = await asyncio.wait_for(run_services(Settings(data_dir=tmp_path), "test", services), 60)
+    assert code == 0 and events == ["start a", "start b", "stop b", "stop a"]
+    assert frozen and frozen[0] > 1000  # the interpreter's and the test's own objects, at least
+    assert gc.get_freeze_count() == 0
+
+
 async def test_real_services_started_before_a_failing_one_are_closed(tmp_path: Path) -> None:
     """`up` with the server's port taken: the worker and the shared store, started before it,
     are closed (no handle on the store's file is left in this process)."""
