@@ -244,6 +244,12 @@ async def main() -> None:
         if any("WAITING" in line for line in banner):  # e.g. STORE names a database not there
             await worker.stop()
             raise SystemExit("\n".join(banner))
+        try:  # what `llmtap worker` does once started (a tree from before it has no such step)
+            from llmtap.runtime import settle_heap  # type: ignore[attr-defined,unused-ignore]
+        except ImportError:
+            pass
+        else:
+            settle_heap()
         while (await producer.status()).lag > N:  # nor the first batch (lazy imports, caches)
             await asyncio.sleep(0.01)
         startup = time.monotonic() - s0
