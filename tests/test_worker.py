@@ -441,6 +441,18 @@ async def test_banner_line(env: Env) -> None:
     lines = await w.start()
     await w.stop()
     assert lines == [f"worker    consuming sqlite {env.queue_path} → sqlite {env.tmp / 'store.db'}"]
+    off = WorkerService(
+        env.settings.model_copy(update={"search_bytes": 0}),
+        queue=SQLiteQueue(env.queue_path, partitions=4),
+        store=env.store,
+        bodies=env.bodies,
+        chain=env.chain(),
+    )
+    lines = await off.start()
+    await off.stop()
+    assert [line.strip() for line in lines[1:]] == [
+        "search off (LLMTAP_SEARCH_BYTES=0): records stored now are not found by q="
+    ]
 
 
 # -- real processes ----------------------------------------------------------------------------

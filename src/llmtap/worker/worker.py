@@ -124,12 +124,19 @@ class WorkerService(OnBackends):
             await self._open()
         except BackendUnavailable as e:
             self._task = asyncio.create_task(self._open_then_run(str(e)), name="llmtap-worker")
-            return [f"worker    WAITING: {e} (consuming starts when it is back)"]
+            return [f"worker    WAITING: {e} (consuming starts when it is back)", *self._notes()]
         except BaseException:
             await self._stack.aclose()
             raise
         self._task = asyncio.create_task(self._run(), name="llmtap-worker")
-        return [f"worker    consuming {self.queue.description} → {self.backends.store_description()}"]
+        line = f"worker    consuming {self.queue.description} → {self.backends.store_description()}"
+        return [line, *self._notes()]
+
+    def _notes(self) -> list[str]:
+        """What a user would otherwise find out only from empty search results."""
+        if self.settings.search_bytes == 0:
+            return ["          search off (LLMTAP_SEARCH_BYTES=0): records stored now are not found by q="]
+        return []
 
     async def _open(self) -> None:
         """The backends, then the queue; a failed queue connection is closed again, for a retry."""
