@@ -5,6 +5,7 @@
     STORE=postgresql://... .venv/bin/python bench/worker_cpu.py     # the PostgreSQL store
     SHAPE=stream .venv/bin/python bench/worker_cpu.py               # 20-chunk stream records
     TEXT=prose .venv/bin/python bench/worker_cpu.py                 # a different answer per record
+    TEXT=conversation TURNS=10 .venv/bin/python bench/worker_cpu.py # turns resending their history
     BASE=/tmp/llmtap-scale-....db .venv/bin/python bench/worker_cpu.py  # into a store of many rows
     LAG=1 .venv/bin/python bench/worker_cpu.py      # + how long the worker holds the event loop
 
@@ -18,11 +19,14 @@ store) picks the store; the CPU of the local PostgreSQL server's processes is pr
 PROFILE=1 profiles the event-loop thread by its CPU time. TEXT=prose gives every record its own
 prompt (30 words) and answer (150 words) drawn from `scale_data`'s Zipf vocabulary: the default
 answer repeats one phrase, whose few distinct trigrams flatter the search index (it costs per
-distinct trigram of a document). LAG=1 runs a probe on the event loop that asks to wake every
-millisecond and prints how late it woke (p50, p99, max): in `llmtap up` the gateway's requests
-share that loop, so a late wake-up is how long a request arriving then would wait. For an A/B,
-run it alternately with SRC = `git archive` of the other commit's src/: on a shared machine only
-alternating runs compare.
+distinct trigram of a document). TEXT=conversation makes the records turns of conversations of
+TURNS turns (default 10), as chat clients send them: a 60-word system prompt and every earlier
+question (30 words) and answer (150 words) resent, then the new question; compare
+LLMTAP_SEARCH_SCOPE=turn with the default (the whole request indexed). LAG=1 runs a probe on the
+event loop that asks to wake every millisecond and prints how late it woke (p50, p99, max): in
+`llmtap up` the gateway's requests share that loop, so a late wake-up is how long a request
+arriving then would wait. For an A/B, run it alternately with SRC = `git archive` of the other
+commit's src/: on a shared machine only alternating runs compare.
 """
 
 from __future__ import annotations
@@ -110,6 +114,8 @@ REASSEMBLED = json.dumps(
 ).encode()
 STREAM = os.environ.get("SHAPE", "chat") == "stream"
 PROSE = os.environ.get("TEXT", "") == "prose"
+CONVERSATION = os.environ.get("TEXT", "") == "conversation"
+TURNS = int(os.environ.get("TURNS", "10"))
 
 
 def _prose_bodies(i: int) -> tuple[bytes, bytes]:
@@ -124,6 +130,38 @@ def _prose_bodies(i: int) -> tuple[bytes, bytes]:
     req["messages"][0]["content"] = " ".join(words[:30])
     resp = json.loads(RESP)
     resp["choices"][0]["message"]["content"] = " ".join(words[30:])
+    return json.dumps(req).encode(), json.dumps(resp).encode()
+
+
+_talk: dict[int, tuple[str, list[tuple[str, str]]]] = {}
+
+
+def _conversation_bodies(i: int) -> tuple[bytes, bytes]:
+    """Turn i % TURNS of conversation i // TURNS (TEXT=conversation): the request resends the
+    system prompt and every earlier question and answer; the response is this turn's answer."""
+    from random import Random
+
+    from scale_data import _CUM, VOCAB
+
+    c, k = divmod(i, TURNS)
+    if c not in _talk:
+        _talk.clear()  # records are made in order: one conversation at a time
+        r = Random(c)
+        system = " ".join(r.choices(VOCAB, cum_weights=_CUM, k=60))
+        pairs = []
+        for _ in range(TURNS):
+            words = r.choices(VOCAB, cum_weights=_CUM, k=180)
+            pairs.append((" ".join(words[:30]), " ".join(words[30:])))
+        _talk[c] = (system, pairs)
+    system, pairs = _talk[c]
+    messages = [{"role": "system", "content": system}]
+    for ask, answer in pairs[:k]:
+        messages += [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": pairs[k][0]})
+    req = json.loads(REQ)
+    req["messages"] = messages
+    resp = json.loads(RESP)
+    resp["choices"][0]["message"]["content"] = pairs[k][1]
     return json.dumps(req).encode(), json.dumps(resp).encode()
 
 
@@ -147,7 +185,10 @@ def record(i: int, t0: datetime) -> LogRecord:
 
 def chat_record(i: int, t0: datetime) -> LogRecord:
     at = t0 + timedelta(milliseconds=i)
-    req, resp = _prose_bodies(i) if PROSE else (REQ, RESP)
+    if CONVERSATION:
+        req, resp = _conversation_bodies(i)
+    else:
+        req, resp = _prose_bodies(i) if PROSE else (REQ, RESP)
     return LogRecord(
         id=new_id(),
         tenant="default",

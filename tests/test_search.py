@@ -57,7 +57,7 @@ def corpus() -> dict[str, LogRecord]:
         "meta": rec(5, id="meta", at=at, request_body=jbody(chat('50% off_sale "quoted" \\ back [a]*?'))),
         "long": rec(
             6, id="long", at=at,
-            request_body=jbody(chat("x" * (SEARCH_BYTES + 100) + " needle-beyond-the-bound")),
+            request_body=jbody(chat("x" * SEARCH_BYTES + " needle-beyond-the-bound " + "z" * SEARCH_BYTES)),
         ),
         "nobody": rec(7, id="nobody", at=at, request_body=None, response_body=None),
         # a conversation longer than the bound, resent whole, and its answer
@@ -89,11 +89,12 @@ CASES = [
     ("a]*", {"meta"}),
     ("*", {"meta"}),
     ("ми", {"russian"}),  # shorter than a trigram
-    ("needle-beyond", set()),  # past the 32 KiB bound
-    ("xxxx", {"long"}),
+    ("needle-beyond", set()),  # in the middle of a request past the 32 KiB bound
+    ("xxxx", {"long"}),  # its start
+    ("zzzz", {"long"}),  # and its end
     ("answer-needle", {"resent"}),  # a long request does not crowd out the answer
     ("opening words", {"resent"}),
-    ("latest-question", set()),  # past the request's half of the bound
+    ("latest-question", {"resent"}),  # a request cut keeps its end: the question just asked
     ("plain", {"russian", "stream"}),
     ("nowhere at all", set()),
 ]
@@ -326,11 +327,13 @@ def test_the_bound_is_shared_half_and_half_only_when_both_sides_are_long() -> No
         return record_text(r, limit=limit)
 
     # chat() adds the model's and the role's strings: "gpt-4o-mini\nuser\n" (17 bytes) + ask
+    # A request cut keeps its start and its end, half its room each ("\n" between them).
+    ask = "a" * 50 + "c" * 50
     assert text("a" * 3, "b" * 5, 64) == "gpt-4o-mini\nuser\naaa\nbbbbb"  # fits: all of it
-    assert text("a" * 100, "b" * 100, 64) == "gpt-4o-mini\nuser\n" + "a" * 15 + "\n" + "b" * 32
+    assert text(ask, "b" * 100, 64) == "gpt-4o-mini\nuser" + "\n" + "c" * 15 + "\n" + "b" * 32
     assert text("a" * 3, "b" * 100, 64) == "gpt-4o-mini\nuser\naaa\n" + "b" * 44  # the rest to the answer
-    assert text("a" * 100, "b" * 5, 64) == "gpt-4o-mini\nuser\n" + "a" * 42 + "\nbbbbb"
-    assert text("a" * 100, "b" * 100, 0) is None
+    assert text(ask, "b" * 5, 64) == "gpt-4o-mini\nuser\n" + "a" * 12 + "\n" + "c" * 29 + "\nbbbbb"
+    assert text(ask, "b" * 100, 0) is None
 
 
 async def test_with_search_bytes_0_the_worker_indexes_nothing_and_reads_no_body_back(tmp_path: Path) -> None:
@@ -368,3 +371,114 @@ async def test_with_search_bytes_0_the_worker_indexes_nothing_and_reads_no_body_
             assert await bodies.get(got["request_body"]["ref"]) is not None
     finally:
         await bodies.close()
+
+
+# -- LLMTAP_SEARCH_SCOPE=turn: what a request adds to its conversation ------------------------------
+
+SYSTEM = {"role": "system", "content": "you are the lighthouse keeper"}
+
+
+def _turns() -> list[tuple[dict[str, Any], str]]:
+    """A three-turn Chat Completions conversation as a client sends it: every earlier message
+    resent with each turn. (request, answer) per turn."""
+    msgs: list[dict[str, Any]] = [SYSTEM]
+    out = []
+    for n, (ask, answer) in enumerate(
+        [("first-question", "first-answer"), ("second-question", "second-answer"), ("third-q", "third-a")]
+    ):
+        msgs = [*msgs, {"role": "user", "content": f"{ask} {n}"}]
+        out.append(({"model": "gpt-4o-mini", "messages": msgs}, f"{answer} {n}"))
+        msgs = [*msgs, {"role": "assistant", "content": f"{answer} {n}"}]
+    return out
+
+
+def _conversation() -> list[LogRecord]:
+    return [
+        rec(
+            n,
+            id=f"turn{n}",
+            request_body=jbody(req),
+            response_body=jbody({"choices": [{"message": {"role": "assistant", "content": answer}}]}),
+        )
+        for n, (req, answer) in enumerate(_turns())
+    ]
+
+
+@pytest.mark.parametrize("kind", store_params())
+@pytest.mark.parametrize("scope", ["request", "turn"])
+async def test_search_scope_turn_finds_each_message_where_it_entered_the_conversation(
+    kind: str, scope: str, tmp_path: Path
+) -> None:
+    """By turn, a message is indexed once, in the request that added it (the system prompt with
+    the first turn); the whole request (the default) finds it in every later request too."""
+    bodies = FileBodyStore(str(tmp_path / "bodies"))
+    await bodies.connect()
+    try:
+        items = [Item(r) for r in _conversation()]
+        await BodyHandler(bodies, SEARCH_BYTES, scope).handle(items)  # type: ignore[arg-type]
+        async with open_store(kind, tmp_path) as store:
+            assert await store.write_batch([i.record for i in items], [i.search_text for i in items]) == 3
+            by_turn = scope == "turn"
+            want = {
+                "lighthouse keeper": {"turn0"} if by_turn else {"turn0", "turn1", "turn2"},
+                "first-question": {"turn0"} if by_turn else {"turn0", "turn1", "turn2"},
+                "first-answer": {"turn0"} if by_turn else {"turn0", "turn1", "turn2"},  # its response
+                "second-question": {"turn1"} if by_turn else {"turn1", "turn2"},
+                "second-answer": {"turn1"} if by_turn else {"turn1", "turn2"},
+                "third-q": {"turn2"},
+                "third-a": {"turn2"},
+            }
+            for q, ids in want.items():
+                assert await search(store, q) == ids, q
+    finally:
+        await bodies.close()
+
+
+def test_turn_per_provider() -> None:
+    """Each provider's rule for the new turn, on its own wire format."""
+    from llmtap.providers import provider_for
+
+    def turn(provider: str, req: Any) -> Any:
+        return provider_for(provider).turn(req)
+
+    first = {"model": "m", "messages": [SYSTEM, {"role": "user", "content": "hi"}]}
+    assert turn("openai", first) is first  # no earlier reply: the whole request (system prompt too)
+    later = {"model": "m", "tools": [{"x": 1}], "messages": [*first["messages"],  # type: ignore[list-item]
+             {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+             {"role": "tool", "content": "t"}]}  # fmt: skip
+    assert turn("openai", later) == [{"role": "user", "content": "q2"}, {"role": "tool", "content": "t"}]
+    assert turn("azure", later) == turn("vllm", later) == turn("openai", later)  # OpenAI's wire
+    # Responses API: items the model produced (messages, calls, reasoning) end the old part
+    responses = {"model": "m", "instructions": "be brief", "input": [
+        {"role": "user", "content": "q1"}, {"type": "reasoning", "summary": []},
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": "42"}]}  # fmt: skip
+    assert turn("openai", responses) == [{"type": "function_call_output", "call_id": "c", "output": "42"}]
+    assert turn("openai", {"model": "m", "input": "just text"}) == {"model": "m", "input": "just text"}
+    # Anthropic: `system` is resent; an assistant prefill at the end is new
+    anthropic = {"system": "s", "messages": [{"role": "user", "content": "q1"},
+                 {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                 {"role": "assistant", "content": "{"}]}  # fmt: skip
+    assert turn("anthropic", anthropic) == [
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "{"},
+    ]
+    # Gemini: the model's turns have role "model"
+    gemini = {"systemInstruction": {"parts": [{"text": "s"}]}, "contents": [
+        {"role": "user", "parts": [{"text": "q1"}]}, {"role": "model", "parts": [{"text": "a1"}]},
+        {"role": "user", "parts": [{"text": "q2"}]}]}  # fmt: skip
+    assert turn("gemini", gemini) == [{"role": "user", "parts": [{"text": "q2"}]}]
+    # Anything else a client may send is taken whole, never an error
+    for odd in [None, 3, "text", [], {"messages": "x"}, {"messages": [1, None, "a"]}, {"contents": {}}]:
+        for p in ("openai", "anthropic", "gemini"):
+            assert turn(p, odd) is odd
+
+
+def test_search_scope_is_a_checked_setting() -> None:
+    from llmtap.config import Settings
+    from llmtap.errors import ConfigError
+
+    assert Settings().search_scope == "request"
+    assert Settings(search_scope="turn").search_scope == "turn"
+    with pytest.raises((ConfigError, ValueError)):
+        Settings(search_scope="conversation")

@@ -453,6 +453,19 @@ async def test_banner_line(env: Env) -> None:
     assert [line.strip() for line in lines[1:]] == [
         "search off (LLMTAP_SEARCH_BYTES=0): records stored now are not found by q="
     ]
+    by_turn = WorkerService(
+        env.settings.model_copy(update={"search_scope": "turn"}),
+        queue=SQLiteQueue(env.queue_path, partitions=4),
+        store=env.store,
+        bodies=env.bodies,
+        chain=env.chain(),
+    )
+    lines = await by_turn.start()
+    await by_turn.stop()
+    assert [line.strip() for line in lines[1:]] == [
+        "search by turn (LLMTAP_SEARCH_SCOPE=turn): q= finds a message in the request that added it"
+        " to its conversation"
+    ]
 
 
 # -- real processes ----------------------------------------------------------------------------

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
         le=1024 * 1024,
         description="UTF-8 bytes of request and response text indexed per record for q= search; 0: none",
     )
+    search_scope: Literal["request", "turn"] = Field(
+        "request",
+        description="what of a request q= searches: all of it, or only the turn it adds to its"
+        " conversation (earlier messages resent with it are not indexed again)",
+    )
     rollup_properties: str = Field(
         "",
         description="comma-separated property names rolled up for fast stats (e.g. feature,env);"

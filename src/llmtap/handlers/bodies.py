@@ -20,17 +20,21 @@ from llmtap.bodies.base import BodyStore
 from llmtap.cooperate import SLICE
 from llmtap.handlers.base import Handler, Item
 from llmtap.record import Body
-from llmtap.store.search import SEARCH_BYTES, record_text
+from llmtap.store.search import SCOPE_REQUEST, SEARCH_BYTES, Scope, record_text
 
 
 class BodyHandler(Handler):
     name = "bodies"
 
-    def __init__(self, bodies: BodyStore, search_bytes: int = SEARCH_BYTES) -> None:
+    def __init__(
+        self, bodies: BodyStore, search_bytes: int = SEARCH_BYTES, search_scope: Scope = SCOPE_REQUEST
+    ) -> None:
         self.bodies = bodies
         # The search text costs more than anything else in a worker on real answers (the index
-        # pays per distinct trigram): `search_bytes = 0` skips it, reads of stored bodies too.
+        # pays per distinct trigram): `search_bytes = 0` skips it, reads of stored bodies too;
+        # `search_scope = "turn"` leaves out the earlier messages a conversation resends.
         self.search_bytes = search_bytes
+        self.search_scope = search_scope
 
     async def handle(self, items: Sequence[Item]) -> None:
         if self.search_bytes > 0:
@@ -61,4 +65,4 @@ class BodyHandler(Handler):
                 for b in (r.request_body, r.response_body, r.response_events)
                 if b is not None and b.data is not None
             ]
-            item.search_text = record_text(r, raw + extra.get(n, []), self.search_bytes)
+            item.search_text = record_text(r, raw + extra.get(n, []), self.search_bytes, self.search_scope)

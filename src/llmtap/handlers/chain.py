@@ -232,7 +232,11 @@ def build_chain(settings: Settings, store: Store, bodies: BodyStore) -> Chain:
     # Webhooks are not a handler: the store writes their outbox with the records, and the
     # deliverer (in `llmtap server` / `up`) sends it, so no receiver can hold back storing.
     store_handler = StoreHandler(store, env_endpoint(settings))
-    handlers: list[Handler] = [BodyHandler(bodies, settings.search_bytes), CostHandler(), store_handler]
+    handlers: list[Handler] = [
+        BodyHandler(bodies, settings.search_bytes, settings.search_scope),
+        CostHandler(),
+        store_handler,
+    ]
     from llmtap.handlers import otel
 
     if otel.enabled():

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from llmtap.providers.base import Provider
-from llmtap.providers.common import error_message
+from llmtap.providers.common import after_last_reply, error_message, role_is
 from llmtap.providers.sse import StreamResult, iter_events
 from llmtap.record import Usage
 
@@ -175,6 +175,9 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     )
 
 
+_ASSISTANT = role_is("assistant")
+
+
 class Anthropic(Provider):
     """`/anthropic/...` → `LLMTAP_ANTHROPIC_BASE_URL` (Messages API)."""
 
@@ -189,3 +192,7 @@ class Anthropic(Provider):
 
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         return reassemble_stream(raw)
+
+    def turn(self, request: Any) -> Any:
+        """The messages after the last assistant one (`system` and `tools` are resent)."""
+        return after_last_reply(request, "messages", _ASSISTANT)

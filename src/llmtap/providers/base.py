@@ -54,6 +54,15 @@ class Provider(ABC):
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         """The non-stream response a captured stream stands for; None if it holds no events."""
 
+    def turn(self, request: Any) -> Any:
+        """What a parsed request body adds to its conversation (`LLMTAP_SEARCH_SCOPE=turn`).
+
+        Chat APIs resend every earlier message with each turn; indexing them again each time
+        makes a conversation's search cost grow with the square of its length. The default,
+        for APIs without history, is the whole request.
+        """
+        return request
+
     def error_message(self, body: Any) -> str | None:
         """The human-readable message of a parsed error body."""
         return _common_error_message(body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -14,3 +15,25 @@ def error_message(body: Any) -> str | None:
             msg = err.get("message")
             return str(msg) if msg is not None else str(err.get("type") or err.get("code") or "error")
     return None
+
+
+def after_last_reply(request: Any, key: str, is_reply: Callable[[Any], bool]) -> Any:
+    """The messages a request adds to its conversation: those after the model's last reply in
+    `request[key]`; the whole request when it holds no earlier reply (a first turn, or an API
+    without history).
+
+    The last message is always new, whatever its role (an Anthropic assistant prefill), so the
+    search for a reply starts before it.
+    """
+    items = request.get(key) if isinstance(request, dict) else None
+    if not isinstance(items, list):
+        return request
+    for i in range(len(items) - 2, -1, -1):
+        if is_reply(items[i]):
+            return items[i + 1 :]
+    return request
+
+
+def role_is(role: str) -> Callable[[Any], bool]:
+    """A message test for `after_last_reply`: the message's `role` is `role`."""
+    return lambda m: isinstance(m, dict) and m.get("role") == role

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from llmtap.providers.base import Provider, response_model
-from llmtap.providers.common import error_message
+from llmtap.providers.common import after_last_reply, error_message, role_is
 from llmtap.providers.sse import StreamResult, iter_events
 from llmtap.record import Usage
 
@@ -170,6 +170,9 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     )
 
 
+_MODEL = role_is("model")
+
+
 class Gemini(Provider):
     """`/gemini/...` → `LLMTAP_GEMINI_BASE_URL` (the Gemini Developer API)."""
 
@@ -184,6 +187,10 @@ class Gemini(Provider):
 
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         return reassemble_stream(raw)
+
+    def turn(self, request: Any) -> Any:
+        """The `contents` after the last `model` one (`systemInstruction`, `tools` are resent)."""
+        return after_last_reply(request, "contents", _MODEL)
 
     def model(self, path: str, request: Any, response: Any) -> str | None:
         """The model named in the URL (the body names none), else the response's `modelVersion`."""

@@ -19,7 +19,7 @@ import msgspec
 import orjson
 
 from llmtap.providers.base import Provider, StreamFilter
-from llmtap.providers.common import error_message
+from llmtap.providers.common import after_last_reply, error_message, role_is
 from llmtap.providers.sse import StreamResult, data_payloads, event_bounds, last_boundary
 from llmtap.record import Usage
 
@@ -513,6 +513,32 @@ def _is_usage_chunk(event: bytes) -> bool:
     return _USAGE_OBJECT in event
 
 
+# -- the turn a request adds (search) -------------------------------------------------------------
+
+_assistant = role_is("assistant")
+#: Responses API input items the model produced (echoed back by the client with each turn),
+#: besides assistant messages and `*_call` items; `*_call_output` items are the client's.
+_MODEL_ITEMS = frozenset({"reasoning", "mcp_list_tools", "mcp_approval_request"})
+
+
+def _model_item(item: Any) -> bool:
+    if not isinstance(item, dict):
+        return False
+    kind = item.get("type")
+    if isinstance(kind, str) and (kind.endswith("_call") or kind in _MODEL_ITEMS):
+        return True
+    return item.get("role") == "assistant"
+
+
+def turn(request: Any) -> Any:
+    """Chat Completions: the messages after the last assistant one; Responses: the input items
+    after the last one the model produced (with `previous_response_id` the input holds only new
+    items already)."""
+    if isinstance(request, dict) and "messages" in request:
+        return after_last_reply(request, "messages", _assistant)
+    return after_last_reply(request, "input", _model_item)
+
+
 # -- the providers ---------------------------------------------------------------------------------
 
 
@@ -539,6 +565,9 @@ class OpenAI(Provider):
 
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         return reassemble_stream(raw)
+
+    def turn(self, request: Any) -> Any:
+        return turn(request)
 
 
 class OpenAICompatible(OpenAI):

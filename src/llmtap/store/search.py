@@ -9,25 +9,36 @@ and punctuation left out, `\\u` escapes decoded, so "日本" matches however the
 it); for streams, the response the gateway reassembled from the events (its text is the deltas
 joined as the client saw them), or the deltas from the raw events when nothing could be
 reassembled; a body that is not JSON as text. At most `SEARCH_BYTES` (32 KiB of UTF-8) per
-record, each side from its start: when the request and the response are both long, each keeps
-16 KiB, so the answer stays searchable however long the conversation resent with it.
+record: when the request and the response are both long, each keeps 16 KiB, so the answer stays
+searchable however long the conversation resent with it; a request cut keeps its start (the
+system prompt) and its end (the latest message), the response its start.
+
+`SCOPE_TURN` (setting `search_scope`) indexes of a request only what it adds to its conversation
+(the provider's `turn`): chat clients resend every earlier message with each turn, so indexing
+whole requests costs a conversation the square of its length, and each text is then found in
+every later request of it; by turn, each text is found where it entered the conversation.
 Text is case-folded (Python's `casefold`) at index and query time alike, which makes the
 search case-insensitive in every script the same way on both stores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
 
 import orjson
 import zstandard
 
+from llmtap.providers import provider_for
 from llmtap.record import Body, LogRecord
 from llmtap.store.sql import clean
 
 #: Bytes of UTF-8 text indexed per record, by default (setting `search_bytes`).
 SEARCH_BYTES = 32 * 1024
+#: What of a request is indexed (setting `search_scope`): all of it, or the turn it adds.
+Scope = Literal["request", "turn"]
+SCOPE_REQUEST: Scope = "request"
+SCOPE_TURN: Scope = "turn"
 #: Bytes of a decompressed body read to extract the text (a longer body is read up to here).
 _READ_BYTES = 4 * 1024 * 1024
 
@@ -75,7 +86,8 @@ def _deltas(event: Any) -> Iterator[str]:
         yield delta
 
 
-def body_text(body: Body, raw: bytes) -> str:
+def body_text(body: Body, raw: bytes, pick: Callable[[Any], Any] | None = None) -> str:
+    """The text of a body; `pick` chooses the part of a JSON body to take it from."""
     data = _decode(body, raw)
     ctype = (body.content_type or "").lower()
     if "event-stream" in ctype or data.startswith((b"data:", b"event:")):
@@ -93,16 +105,17 @@ def body_text(body: Body, raw: bytes) -> str:
                 other.append("\n".join(_strings(event)))
         return "".join(pieces) + ("\n" + "\n".join(other) if other else "")
     try:
-        return "\n".join(_strings(orjson.loads(data)))
+        obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         return data.decode("utf-8", "replace")
+    return "\n".join(_strings(obj if pick is None else pick(obj)))
 
 
-def _text_or_none(body: Body, raw: bytes) -> str | None:
+def _text_or_none(body: Body, raw: bytes, pick: Callable[[Any], Any] | None = None) -> str | None:
     """Best effort: a body whose text cannot be extracted is stored unsearchable, never lost
     (the record must not become a poison message because of its search text)."""
     try:
-        return body_text(body, raw)
+        return body_text(body, raw, pick)
     except Exception:  # any failure here only costs the body its searchability
         return None
 
@@ -113,11 +126,14 @@ def fold(text: str) -> str:
 
 
 def record_text(
-    record: LogRecord, raw: Sequence[tuple[Body, bytes]] | None = None, limit: int = SEARCH_BYTES
+    record: LogRecord,
+    raw: Sequence[tuple[Body, bytes]] | None = None,
+    limit: int = SEARCH_BYTES,
+    scope: Scope = SCOPE_REQUEST,
 ) -> str | None:
     """The searchable text of a record, from `raw` (body, stored bytes) pairs or, by default,
-    from the bodies still inline in the record; at most `limit` bytes (the worker's
-    `search_bytes` setting)."""
+    from the bodies still inline in the record; at most `limit` bytes, of the whole request or
+    of the turn it adds (the worker's `search_bytes` and `search_scope` settings)."""
     if raw is None:
         raw = [
             (b, b.data)
@@ -129,7 +145,8 @@ def record_text(
         # The reassembled response already holds the stream's text: parsing every event again
         # cost 8x the rest of the record (a 20-event stream) and indexed the text twice.
         raw = [(b, data) for b, data in raw if b is not events]
-    asked = [t for b, data in raw if b is record.request_body and (t := _text_or_none(b, data))]
+    pick = provider_for(record.provider).turn if scope == SCOPE_TURN else None
+    asked = [t for b, data in raw if b is record.request_body and (t := _text_or_none(b, data, pick))]
     said = [t for b, data in raw if b is not record.request_body and (t := _text_or_none(b, data))]
     if not asked and not said:
         return None
@@ -137,15 +154,21 @@ def record_text(
 
 
 def _within_bound(asked: str, said: str, limit: int) -> str:
-    """The request's and the response's text in at most `limit` bytes, each from its start.
+    """The request's and the response's text in at most `limit` bytes.
 
     A long request (a conversation resent whole each turn) must not crowd out the answer: when
     both are long each keeps half, and a side shorter than half leaves the rest to the other.
+    The response keeps its start; a request cut keeps its start and its end, half its room
+    each: the system prompt and the question just asked, which comes last.
     """
     a, s = asked.encode("utf-8", "replace"), said.encode("utf-8", "replace")
     if len(a) + len(s) > limit:
         keep = min(len(s), max(limit // 2, limit - len(a)))
-        a, s = a[: limit - keep], s[:keep]
+        room = limit - keep
+        if len(a) > room:
+            head = room // 2
+            a = a[:head] + b"\n" + a[len(a) - (room - head) + 1 :] if room > 1 else a[:room]
+        s = s[:keep]
     return "\n".join(t for t in (a.decode("utf-8", "ignore"), s.decode("utf-8", "ignore")) if t)
 
 

@@ -136,6 +136,11 @@ class WorkerService(OnBackends):
         """What a user would otherwise find out only from empty search results."""
         if self.settings.search_bytes == 0:
             return ["          search off (LLMTAP_SEARCH_BYTES=0): records stored now are not found by q="]
+        if self.settings.search_scope == "turn":
+            return [
+                "          search by turn (LLMTAP_SEARCH_SCOPE=turn): q= finds a message in the request"
+                " that added it to its conversation"
+            ]
         return []
 
     async def _open(self) -> None:
