@@ -7,6 +7,9 @@ upstream (`llmtap fake-upstream`):
   passthrough  bench/passthrough.py: a minimal aiohttp proxy with no logging (the floor for a hop)
   up           `llmtap up`: gateway + worker + API in one process, every request logged and stored
   split        `llmtap gateway`, `llmtap worker` and `llmtap server` as three processes
+  gateway      `llmtap gateway` with its core to itself, as in a scaled-out deployment: its worker
+               runs only between loads (started after each one, stopped once all is stored), so
+               its CPU and its heap are not on the gateway's core while the gateway is measured
 
 For each it reports latency at concurrency 1 and 64 (wrk), max throughput for non-streaming and
 streaming chat (wrk -t1 -c64), time to first byte of a slow stream (an aiohttp client), and CPU
@@ -39,7 +42,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 LUA = HERE / "wrk" / "chat.lua"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMPT = "hello from the benchmark"
-VARIANTS = ("direct", "passthrough", "up", "split")
+VARIANTS = ("direct", "passthrough", "up", "split", "gateway")
 
 # `python -m cProfile` times functions by wall clock, so every moment the event loop is
 # preempted (by the store's threads, by the upstream) is billed to whatever made the syscall.
@@ -76,6 +79,8 @@ T0 = time.monotonic()
 
 # Targets from the design: llmtap may cost at most 1.5x the CPU of a bare hop and keep 2/3 of its rps.
 CPU_RATIO_TARGET = 1.5
+#: Issue 15: `llmtap gateway` alone, CPU per 1k chat requests against the passthrough.
+GATEWAY_CPU_TARGET = 1.10
 RPS_RATIO_TARGET = 0.67
 
 
@@ -339,6 +344,10 @@ class Variant:
     stats_url: str | None = None  # llmtap's /api/v1/stats, to verify and await storage
     expected: int = 0  # chat requests sent so far; all must be stored
     logdir: Path | None = None
+    #: Starts a worker that stores what the last load left in the queue (variant `gateway`:
+    #: none runs during loads); it is stopped once the store holds everything.
+    drain: Callable[[], Proc] | None = None
+    drain_cpu_s: float = 0.0  # CPU of those workers, all loads so far
 
     @property
     def logs(self) -> bool:
@@ -360,13 +369,20 @@ class Variant:
         cost llmtap's server more each round, and `up` would be billed for our polling.
         """
         t0 = time.monotonic()
-        n = self.stored(since)
-        while n < expected and time.monotonic() - t0 < timeout:
-            for p in self.procs.values():
-                if not p.alive():
-                    raise SystemExit(f"{p.name} died:\n{p.tail()}")
-            time.sleep(0.1)
+        worker = self.drain() if self.drain is not None else None
+        try:
             n = self.stored(since)
+            while n < expected and time.monotonic() - t0 < timeout:
+                for p in [*self.procs.values(), *([worker] if worker else [])]:
+                    if not p.alive():
+                        raise SystemExit(f"{p.name} died:\n{p.tail()}")
+                time.sleep(0.1)
+                n = self.stored(since)
+        finally:
+            if worker is not None:
+                cpu = worker.cpu()
+                worker.stop()
+                self.drain_cpu_s += cpu
         return n, time.monotonic() - t0
 
     def cpu(self) -> dict[str, float]:
@@ -484,6 +500,18 @@ class Bench:
             v.procs["proxy"] = p
             wait_ready(p, f"http://127.0.0.1:{gw}/healthz")
             wait_ready(p, f"http://127.0.0.1:{srv}/healthz")
+        elif name == "gateway":
+            v.procs["gateway"] = spawn(
+                "llmtap-gateway-alone", [*cli, "gateway"], self.workdir, self.proxy_cores, env
+            )
+            v.procs["server"] = spawn(
+                "llmtap-server-alone", [*cli, "server"], self.workdir, self.proxy_cores, env
+            )
+            wait_ready(v.procs["server"], f"http://127.0.0.1:{srv}/healthz")
+            wait_ready(v.procs["gateway"], f"http://127.0.0.1:{gw}/healthz")
+            v.drain = lambda: spawn(
+                "llmtap-worker-drain", [*cli, "worker"], self.workdir, self.proxy_cores, env
+            )
         elif name == "split":
             # Order as `llmtap up` starts them: consumer and API first, the gateway last.
             for part in ("worker", "server", "gateway"):
@@ -637,6 +665,8 @@ class Bench:
                 if v.logs:
                     stored = v.stored()  # every row, once: the final check
                     res[n]["logged"] = {"stored": stored, "sent": v.expected}
+                    if v.drain is not None:
+                        res[n]["logged"]["drain_worker_cpu_s"] = round(v.drain_cpu_s, 2)
                     if v.logdir is not None:
                         res[n]["data_dir"] = dir_usage(v.logdir)
                     progress(f"{n}: logged {stored}/{v.expected}")
@@ -881,7 +911,8 @@ def report(results: dict[str, Any]) -> str:
     if rows:
         out.append(
             table(
-                "CPU seconds per 1,000 requests of the proxy process(es), storage catch-up included",
+                "CPU seconds per 1,000 requests of the proxy process(es), storage catch-up included "
+                "(but for `gateway`, whose worker runs between loads: see its logged line)",
                 ["variant", "c1", "c64 chat", "c64 stream", "catch-up s", "c64 chat by process"],
                 rows,
             )
@@ -922,6 +953,9 @@ def report(results: dict[str, Any]) -> str:
             ("CPU/1k chat, split (all) ÷ passthrough", "split_cpu_chat", None, True),
             ("CPU/1k chat, split gateway ÷ passthrough", "split_gw_cpu_chat", None, True),
             ("max rps chat, split ÷ passthrough", "split_rps_chat", None, False),
+            ("CPU/1k chat, gateway alone ÷ passthrough", "gw_cpu_chat", GATEWAY_CPU_TARGET, True),
+            ("CPU/1k stream, gateway alone ÷ passthrough", "gw_cpu_stream", None, True),
+            ("max rps chat, gateway alone ÷ passthrough", "gw_rps_chat", None, False),
         ):
             if key not in rat:
                 continue
@@ -952,6 +986,11 @@ def report(results: dict[str, Any]) -> str:
         if lg:
             ok = "OK" if lg["stored"] == lg["sent"] else "MISMATCH"
             line = f"{n}: logged {lg['stored']}/{lg['sent']} {ok} (rows in the store / requests sent)"
+            if "drain_worker_cpu_s" in lg:
+                line += (
+                    f"; its worker, between loads: {lg['drain_worker_cpu_s']:.1f} s CPU "
+                    f"({1000 * lg['drain_worker_cpu_s'] / max(lg['sent'], 1):.3f} s/1k, start-ups included)"
+                )
             du = v[n].get("data_dir")
             if du:
                 line += (
@@ -989,6 +1028,14 @@ def ratios(v: dict[str, Any]) -> dict[str, float]:
             gw = [run["cpu_s_per_1k_by_proc"]["gateway"] for run in x["runs"]["c64"]]
             r["split_gw_cpu_chat"] = statistics.median(gw) / pt["c64"]["cpu_s_per_1k"]
             r["best_split_gw_cpu_chat"] = min(gw) / pt["c64"]["cpu_s_per_1k_min"]
+    g = v.get("gateway")
+    if g is not None:  # the gateway process alone (the idle server beside it not counted)
+        for phase, kind in (("c64", "chat"), ("stream", "stream")):
+            gw = [run["cpu_s_per_1k_by_proc"]["gateway"] for run in g["runs"][phase]]
+            r[f"gw_cpu_{kind}"] = statistics.median(gw) / pt[phase]["cpu_s_per_1k"]
+            r[f"best_gw_cpu_{kind}"] = min(gw) / pt[phase]["cpu_s_per_1k_min"]
+            r[f"gw_rps_{kind}"] = g[phase]["rps"] / pt[phase]["rps"]
+            r[f"best_gw_rps_{kind}"] = g[phase]["rps_max"] / pt[phase]["rps_max"]
     return {k: round(val, 3) for k, val in r.items()}
 
 
