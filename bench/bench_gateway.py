@@ -77,11 +77,13 @@ finally:
 """
 T0 = time.monotonic()
 
-# Targets from the design: llmtap may cost at most 1.5x the CPU of a bare hop and keep 2/3 of its rps.
-CPU_RATIO_TARGET = 1.5
-#: Issue 15: `llmtap gateway` alone, CPU per 1k chat requests against the passthrough.
+# Issue 15's targets (the design's first ones were 1.5x the CPU and 2/3 of the rps of a bare hop):
+# `llmtap up` <= 1.25x the passthrough's CPU per 1k chat requests, <= 1.3x on streams, >= 0.8x
+# its max rps; `llmtap gateway` alone <= 1.10x its CPU.
+CPU_RATIO_TARGET = 1.25
+STREAM_CPU_RATIO_TARGET = 1.3
 GATEWAY_CPU_TARGET = 1.10
-RPS_RATIO_TARGET = 0.67
+RPS_RATIO_TARGET = 0.80
 
 
 def load_phases(c1_requests: int, seconds: float) -> tuple[tuple[str, str, str, int, str, float], ...]:
@@ -947,7 +949,7 @@ def report(results: dict[str, Any]) -> str:
         rows = []
         for label, key, target, ok_if_low in (
             ("CPU/1k chat, up ÷ passthrough", "cpu_chat", CPU_RATIO_TARGET, True),
-            ("CPU/1k stream, up ÷ passthrough", "cpu_stream", CPU_RATIO_TARGET, True),
+            ("CPU/1k stream, up ÷ passthrough", "cpu_stream", STREAM_CPU_RATIO_TARGET, True),
             ("max rps chat, up ÷ passthrough", "rps_chat", RPS_RATIO_TARGET, False),
             ("max rps stream, up ÷ passthrough", "rps_stream", RPS_RATIO_TARGET, False),
             ("CPU/1k chat, split (all) ÷ passthrough", "split_cpu_chat", None, True),
