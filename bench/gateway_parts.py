@@ -1,19 +1,25 @@
 """What each stage of the gateway's logging costs, measured live: relay, + record, + queue.
 
 `bench_gateway.py` gives the gateway's whole cost against the passthrough; this one splits it.
-Four processes on the proxy core, the same wrk chat load on each in turn (interleaved rounds,
+Five processes on the proxy core, the same wrk chat load on each in turn (interleaved rounds,
 medians), CPU per 1,000 requests from /proc:
 
   passthrough  bench/passthrough.py (the floor for one Python hop)
   relay        llmtap's `Proxy` on llmtap's server, every capture dropped at `submit`
   record       + the real `Publisher`: records built in batches, handed to a sink that drops them
   gateway      `llmtap gateway` itself: + encoding, the SQLite queue's insert and commit (fsync)
+  raw          what shipping raw captures would cost (issue 15's idea, not the product): the real
+               `Publisher` and SQLite queue, but each capture published as it was caught (headers
+               filtered and held to their limits, bodies compressed as `inline_body` does, no
+               parsing, no usage, no stream reassembly), leaving the record's building to a worker
 
+`--shape stream` sends 20-chunk streams instead of chat requests (the fake upstream's default).
 No worker runs (the queue just grows; its data dir is removed at the end), so nothing else
 shares the gateway's core. The steps between the rows are what the relay, the record building
-and the queue cost per request.
+and the queue cost per request; `raw`'s step is against `gateway`: what shipping raw captures
+would save.
 
-    .venv/bin/python bench/gateway_parts.py [--rounds 5] [--seconds 5] [--conns 64] [SRC]
+    .venv/bin/python bench/gateway_parts.py [--rounds 5] [--seconds 5] [--conns 64] [--shape stream] [SRC]
 
 SRC (another llmtap src/, e.g. `git archive <commit> src`) measures that tree instead.
 """
@@ -43,11 +49,12 @@ from bench_gateway import (  # noqa: E402 - the sibling script's helpers
     wait_ready,
 )
 
-STAGES = ("passthrough", "relay", "record", "gateway")
+STAGES = ("passthrough", "relay", "record", "gateway", "raw")
 
 
 def stage_server(stage: str, port: int, upstream: str, data_dir: str) -> None:
-    """`relay` or `record`: llmtap's proxy and server; captures dropped, or built then dropped."""
+    """`relay`, `record` or `raw`: llmtap's proxy and server; captures dropped, built then
+    dropped, or published raw to the SQLite queue."""
     from aiohttp import web
 
     from llmtap.bodies.file import FileBodyStore
@@ -69,10 +76,21 @@ def stage_server(stage: str, port: int, upstream: str, data_dir: str) -> None:
     async def serve() -> None:
         s = Settings(openai_base_url=upstream, data_dir=Path(data_dir))
         sink: Dropped | Publisher = Dropped()
-        if stage == "record":
+        if stage in ("record", "raw"):
             bodies = FileBodyStore(str(Path(data_dir) / "bodies"))
             await bodies.connect()
-            sink = Publisher(s, [Drop()], bodies)
+            sinks: list[Sink] = [Drop()]
+            if stage == "raw":
+                from raw_capture import RawBuilder, RawQueueSink
+
+                from llmtap.queue.sqlite import SQLiteQueue
+
+                queue = SQLiteQueue(str(Path(data_dir) / "queue.db"), partitions=s.partitions)
+                await queue.connect("producer")
+                sinks = [RawQueueSink(queue)]
+            sink = Publisher(s, sinks, bodies)
+            if stage == "raw":
+                sink.builder = RawBuilder(s.inline_body_bytes, sink.gateway_id)  # type: ignore[assignment]
             await sink.start()
         proxy = Proxy(s, sink, lambda auth: s.default_tenant)
 
@@ -97,6 +115,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--shape", choices=("chat", "stream"), default="chat", help="chat or 20-chunk streams")
     ap.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage's server
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -117,9 +136,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-parts-") as tmp:
         work = Path(tmp)
         body = work / "chat.json"
-        body.write_text(
-            json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]})
-        )
+        request: dict[str, object] = {"model": "gpt-4o-mini"}
+        request["messages"] = [{"role": "user", "content": PROMPT}]
+        if args.shape == "stream":
+            request["stream"] = True
+        body.write_text(json.dumps(request))
         up_port = free_port()
         upstream = f"http://127.0.0.1:{up_port}"
         procs: dict[str, Proc] = {}
@@ -153,7 +174,7 @@ def main() -> int:
             for stage in STAGES:  # warm-up: pools, caches, the allocator's arenas
                 run_wrk(bases[stage], body, args.conns, "seconds", 1.0, "/healthz")
             for rnd in range(args.rounds):
-                order = STAGES[rnd % 4 :] + STAGES[: rnd % 4]
+                order = STAGES[rnd % len(STAGES) :] + STAGES[: rnd % len(STAGES)]
                 for stage in order:
                     p = procs[stage]
                     c0 = p.cpu()
@@ -172,7 +193,7 @@ def main() -> int:
     }
     base = med["passthrough"][0]
     load = f"wrk -c{args.conns}, {args.rounds} rounds of {args.seconds:g} s"
-    print(f"\nCPU per 1,000 chat requests ({load}, medians)")
+    print(f"\nCPU per 1,000 {args.shape} requests ({load}, medians)")
     print(f"{'stage':12s} {'s/1k':>7s} {'range':>13s} {'÷ pass':>7s} {'step us/req':>12s} {'rps':>7s}")
     prev = None
     for s in STAGES:

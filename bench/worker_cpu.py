@@ -7,6 +7,7 @@
     TEXT=prose .venv/bin/python bench/worker_cpu.py                 # a different answer per record
     TEXT=conversation TURNS=10 .venv/bin/python bench/worker_cpu.py # turns resending their history
     BASE=/tmp/llmtap-scale-....db .venv/bin/python bench/worker_cpu.py  # into a store of many rows
+    DROP_INDEXES=requests_tenant_user,requests_created .venv/bin/python bench/worker_cpu.py  # what they cost
     LAG=1 .venv/bin/python bench/worker_cpu.py      # + how long the worker holds the event loop
 
 Publishes WARM + N records shaped like bench_gateway's chat traffic (a one-line prompt, a
@@ -38,6 +39,7 @@ import os
 import pstats
 import resource
 import shutil
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -266,6 +268,17 @@ def postgres_cpu() -> float:
     return total
 
 
+async def drop_indexes(path: Path, names: list[str]) -> None:
+    from llmtap.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(path)  # migrated as the worker would, then the indexes dropped
+    await store.connect()
+    await store.close()
+    with sqlite3.connect(path) as db:
+        for name in names:
+            db.execute(f"DROP INDEX {name}")
+
+
 async def main() -> None:
     prof = cProfile.Profile(time.thread_time) if os.environ.get("PROFILE") else None
     with tempfile.TemporaryDirectory() as d:
@@ -273,6 +286,8 @@ async def main() -> None:
         if os.environ.get("BASE"):  # a store that already holds many rows (store_bench.py scale --keep)
             shutil.copyfile(os.environ["BASE"], Path(d) / "store.db")
         settings = Settings(data_dir=Path(d), default_tenant="default", store=store)
+        if os.environ.get("DROP_INDEXES"):  # the SQLite store without these indexes of `requests`
+            await drop_indexes(Path(d) / "store.db", os.environ["DROP_INDEXES"].split(","))
         producer = SQLiteQueue(str(Path(d) / "queue.db"), partitions=settings.partitions)
         await producer.connect("producer")
         t0 = datetime.now(UTC) - timedelta(seconds=N / 1000 + 5)
