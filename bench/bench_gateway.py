@@ -52,6 +52,12 @@ HERE = Path(__file__).resolve().parent
 LUA = HERE / "wrk" / "chat.lua"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMPT = "hello from the benchmark"
+#: The fake upstream answers "echo:" and the prompt's words, one content delta each when
+#: streaming: this prompt's 19 words make the 20-chunk stream of issue 15's targets.
+STREAM_PROMPT = (
+    "hello from the benchmark: nineteen words, so that the echoed answer"
+    " streams in twenty chunks, one for each word"
+)
 VARIANTS = ("direct", "passthrough", "up", "split", "gateway")
 
 # `python -m cProfile` times functions by wall clock, so every moment the event loop is
@@ -452,7 +458,8 @@ class Bench:
         self.bench_procs.append(self.upstream)
         progress(f"fake upstream on {self.upstream_url} (pid {self.upstream.pid}, core {self.upstream.core})")
         for name, stream in (("chat", False), ("stream", True)):
-            body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]}
+            prompt = STREAM_PROMPT if stream else PROMPT
+            body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]}
             if stream:
                 body["stream"] = True
             path = self.workdir / f"{name}.json"

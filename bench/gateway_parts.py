@@ -13,7 +13,7 @@ medians), CPU per 1,000 requests from /proc:
                filtered and held to their limits, bodies compressed as `inline_body` does, no
                parsing, no usage, no stream reassembly), leaving the record's building to a worker
 
-`--shape stream` sends 20-chunk streams instead of chat requests (the fake upstream's default).
+`--shape stream` sends streams of 20 content chunks (the fake upstream echoes a 19-word prompt).
 No worker runs (the queue just grows; its data dir is removed at the end), so nothing else
 shares the gateway's core. The steps between the rows are what the relay, the record building
 and the queue cost per request; `raw`'s step is against `gateway`: what shipping raw captures
@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_gateway import (  # noqa: E402 - the sibling script's helpers
     PROMPT,
+    STREAM_PROMPT,
     Proc,
     free_port,
     pick_cores,
@@ -136,10 +137,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-parts-") as tmp:
         work = Path(tmp)
         body = work / "chat.json"
-        request: dict[str, object] = {"model": "gpt-4o-mini"}
-        request["messages"] = [{"role": "user", "content": PROMPT}]
-        if args.shape == "stream":
-            request["stream"] = True
+        request: dict[str, object] = {"model": "gpt-4o-mini", "stream": args.shape == "stream"}
+        prompt = STREAM_PROMPT if args.shape == "stream" else PROMPT
+        request["messages"] = [{"role": "user", "content": prompt}]
         body.write_text(json.dumps(request))
         up_port = free_port()
         upstream = f"http://127.0.0.1:{up_port}"
