@@ -1,4 +1,4 @@
-"""What each stage of the gateway's logging costs, measured live: relay, + record, + queue.
+"""What each stage of the gateway's logging costs, measured live: relay, + record, + queue, raw.
 
 `bench_gateway.py` gives the gateway's whole cost against the passthrough; this one splits it.
 Five processes on the proxy core, the same wrk chat load on each in turn (interleaved rounds,

@@ -1,6 +1,6 @@
 """One row per message, or one pre-encoded blob per batch: what the SQLite queue's layout costs.
 
-    .venv/bin/python bench/queue_blob.py [ROUNDS]
+    .venv/bin/python bench/queue_blob.py [--rounds 200]
 
 Issue 15 asked whether handing the SQLite queue one blob per batch would cut the gateway's
 publish. This measures the SQLite side alone, in one thread, on the queue's own settings (WAL,
@@ -12,13 +12,12 @@ are 1.4 KB, the size of a chat record. CPU (thread time) and wall per message, f
 
 from __future__ import annotations
 
+import argparse
 import os
 import sqlite3
-import sys
 import tempfile
 import time
 
-ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 VALUE = os.urandom(700).hex().encode()
 
 
@@ -31,14 +30,17 @@ def table(path: str) -> sqlite3.Connection:
 
 
 def main() -> None:
-    print(f"{ROUNDS} commits per figure; us per message, CPU (wall)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=200, help="commits per batch size and layout")
+    rounds = ap.parse_args().rounds
+    print(f"{rounds} commits per figure; us per message, CPU (wall)")
     with tempfile.TemporaryDirectory() as d:
         for size in (20, 100, 500):
             rows_db, blob_db = table(f"{d}/rows{size}"), table(f"{d}/blob{size}")
             cpu = {"rows": 0.0, "blob": 0.0}
             wall = {"rows": 0.0, "blob": 0.0}
             offset = 0
-            for _ in range(ROUNDS):
+            for _ in range(rounds):
                 rows = [(offset + i, "default", VALUE) for i in range(size)]
                 c0, w0 = time.thread_time(), time.perf_counter()
                 rows_db.execute("BEGIN IMMEDIATE")
@@ -54,7 +56,7 @@ def main() -> None:
                 cpu["blob"] += time.thread_time() - c0
                 wall["blob"] += time.perf_counter() - w0
                 offset += size
-            n = ROUNDS * size
+            n = rounds * size
             shown = "  ".join(f"{k} {cpu[k] / n * 1e6:5.1f} ({wall[k] / n * 1e6:5.1f})" for k in cpu)
             print(f"batch {size:3d}: {shown}")
             rows_db.close()
