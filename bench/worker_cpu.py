@@ -4,6 +4,7 @@
     N=6000 PROFILE=1 SORT=cumulative TOP=40 .venv/bin/python bench/worker_cpu.py
     STORE=postgresql://... .venv/bin/python bench/worker_cpu.py     # the PostgreSQL store
     SHAPE=stream .venv/bin/python bench/worker_cpu.py               # 20-chunk stream records
+    SHAPE=stream WHOLE=1 .venv/bin/python bench/worker_cpu.py       # ... their message built by the gateway
     TEXT=prose .venv/bin/python bench/worker_cpu.py                 # a different answer per record
     TEXT=conversation TURNS=10 .venv/bin/python bench/worker_cpu.py # turns resending their history
     BASE=/tmp/llmtap-scale-....db .venv/bin/python bench/worker_cpu.py  # into a store of many rows
@@ -115,6 +116,7 @@ REASSEMBLED = json.dumps(
     }
 ).encode()
 STREAM = os.environ.get("SHAPE", "chat") == "stream"
+WHOLE = os.environ.get("WHOLE", "") == "1"
 PROSE = os.environ.get("TEXT", "") == "prose"
 CONVERSATION = os.environ.get("TEXT", "") == "conversation"
 TURNS = int(os.environ.get("TURNS", "10"))
@@ -216,7 +218,9 @@ def chat_record(i: int, t0: datetime) -> LogRecord:
 
 
 def stream_record(i: int, t0: datetime) -> LogRecord:
-    """What the gateway publishes for a 20-chunk stream: the reassembled response and the events."""
+    """What the gateway publishes for a 20-chunk stream: the events, its message left to the
+    worker (`llmtap.handlers.streams`; before `handlers/streams.py` existed, the gateway sent the
+    reassembled message too: `WHOLE=1` publishes that shape)."""
     at = t0 + timedelta(milliseconds=i)
     return msgspec.structs.replace(
         chat_record(i, t0),
@@ -225,7 +229,9 @@ def stream_record(i: int, t0: datetime) -> LogRecord:
         latency_ms=9.0,
         usage=Usage(source="provider", prompt_tokens=12, completion_tokens=20, total_tokens=32),
         response_headers={"content-type": "text/event-stream"},
-        response_body=Body(content_type="application/json", size=len(REASSEMBLED), data=REASSEMBLED),
+        response_body=(
+            Body(content_type="application/json", size=len(REASSEMBLED), data=REASSEMBLED) if WHOLE else None
+        ),
         response_events=Body(content_type="text/event-stream", size=len(EVENTS), data=EVENTS),
     )
 

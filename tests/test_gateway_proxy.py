@@ -36,6 +36,7 @@ from gateway_support import (
     wait_for,
 )
 from llmtap.gateway.publisher import QueueSink
+from llmtap.handlers import streams
 from llmtap.queue.base import Message
 from llmtap.record import LogRecord, body_bytes, decode, decompress, encode
 from llmtap.testing.fake_upstream import expected_usage, reply_text
@@ -272,6 +273,10 @@ async def test_openai_stream_usage_injected_and_stripped(
         exp["total_tokens"],
     )
     assert body_bytes(rec.request_body) == req_bytes  # type: ignore[arg-type]  # what the client sent
+    # The gateway read the usage from the last chunk and left the message to the worker.
+    assert rec.response_body is None and streams.deferred(rec)
+    streams.finish(rec, svc.settings.inline_body_bytes)
+    assert rec.usage == u
     msg = orjson.loads(body_bytes(rec.response_body))  # type: ignore[arg-type]
     assert msg["object"] == "chat.completion"
     assert msg["choices"][0]["message"]["content"] == reply_text("openai", req, h)

@@ -151,7 +151,7 @@ async def test_chain_writes_the_env_endpoints_outbox_with_the_record(
     url = "https://hooks.example.com/llmtap"
     chain = build_chain(Settings(webhook_url=url, webhook_secret=new_secret()), store, bodies)
     # No handler talks to the receiver: nothing it does can hold back storing.
-    assert [h.name for h in chain.handlers] == ["bodies", "cost", "store"]
+    assert [h.name for h in chain.handlers] == ["streams", "bodies", "cost", "store"]
     rec = make_record()
     await chain.start()
     await chain.run([Item(rec)])

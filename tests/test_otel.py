@@ -132,7 +132,7 @@ async def test_stored_records_become_genai_spans(
     await col.start()
     otel_env(monkeypatch, f"http://127.0.0.1:{col.port}", content)
     chain = build_chain(Settings(), store, bodies)
-    assert [h.name for h in chain.handlers] == ["otel-capture", "bodies", "cost", "store", "otel"]
+    assert [h.name for h in chain.handlers] == ["streams", "otel-capture", "bodies", "cost", "store", "otel"]
     await chain.start()
     try:
         oa, an = openai_record(), anthropic_record()

@@ -106,7 +106,9 @@ class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="v",
     request_headers: dict[str, str] = {}
     response_headers: dict[str, str] = {}
     request_body: Body | None = None  # None: omitted by the client (Llmtap-Omit-Request)
-    response_body: Body | None = None  # for streams: the reassembled message as JSON
+    #: For streams: the reassembled message as JSON. A plain OpenAI chat stream leaves the gateway
+    #: without it (its events are the response) and the worker adds it (`handlers.streams`).
+    response_body: Body | None = None
     response_events: Body | None = None  # for streams: the raw SSE bytes
     omit_request: bool = False
     omit_response: bool = False

@@ -19,7 +19,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import brotli
-import msgspec
 import orjson
 import zstandard
 
@@ -34,6 +33,10 @@ from llmtap.redact import redact_text, redact_url
 #: Past `Capture.max_bytes` a stream keeps this much of its end, so the usage that providers send
 #: last is still found in very long streams.
 TAIL_BYTES = 64 * 1024
+
+#: What zstd may add to incompressible bytes (frame and block headers): a stream whose events
+#: are at most the inline limit less this stays inline, so the worker can reassemble it.
+_ZSTD_SLACK = 64
 
 #: Rough fixed memory of one capture beyond its bodies (objects, headers), for buffer accounting.
 CAPTURE_OVERHEAD = 1024
@@ -305,26 +308,33 @@ class RecordBuilder:
         response_body_type = resp_ctype
         events: bytes | None = None
         response_obj: Any = None
+        deferred = False  # the message is left to the worker
         if cap.streamed and decoded is not None:
             scan = decoded
             if cap.tail:
                 tail = _decode(b"".join(cap.tail), None) or b""
                 scan = decoded + b"\n\n" + tail
-            result: StreamResult | None = fmt.reassemble_stream(scan)
+            result: StreamResult | None = None
+            if (
+                not cap.tail
+                and not lh.omit_response
+                and len(decoded) + _ZSTD_SLACK <= self.inline
+                and fmt.model(cap.path, req_json, None) is not None
+            ):
+                # A plain stream's usage from two chunks: the worker rebuilds its message from
+                # the events (`llmtap.handlers.streams`), which stay inline for it. Only where
+                # the request names the model: the message could name another.
+                result = fmt.stream_summary(decoded)
+            deferred = result is not None
+            if result is None:
+                result = fmt.reassemble_stream(scan)
             if result is not None:
                 events = decoded
-                response_body = orjson.dumps(result.message)
-                response_body_type = "application/json"
-                usage = result.usage
-                if not result.complete and usage.source == "provider":
-                    # Counts seen before the stream broke off, not the provider's final ones.
-                    usage = msgspec.structs.replace(usage, source="partial")
-                response_obj = result.message
-                if result.complete and outcome == "client_disconnected":
-                    # The client left after the provider's end marker (SDKs stop reading at
-                    # `[DONE]`): it had the whole stream.
-                    outcome, error = "completed", None
-                error = error or result.error
+                if result.message is not None:
+                    response_body = orjson.dumps(result.message)
+                    response_body_type = "application/json"
+                    response_obj = result.message
+                usage, outcome, error = result.settle(outcome, error)
         elif decoded is not None and raw:
             obj = response_obj = _loads(decoded)
             if obj is not None:
@@ -356,7 +366,9 @@ class RecordBuilder:
             )
         resp_body = resp_events = None
         if not lh.omit_response:
-            if events is not None and response_body is not None:
+            if deferred and events is not None:
+                resp_events = body(events, cap.response_size, cap.truncated, resp_ctype)
+            elif events is not None and response_body is not None:
                 resp_body = body(response_body, len(response_body), cap.truncated, response_body_type)
                 resp_events = body(events, cap.response_size, cap.truncated, resp_ctype)
             elif response_body is not None and (raw or cap.status is not None):

@@ -223,16 +223,19 @@ async def run_with_attempts(
 
 
 def build_chain(settings: Settings, store: Store, bodies: BodyStore) -> Chain:
-    """The standard chain. Order matters: bodies and cost are settled before the row is written."""
+    """The standard chain. Order matters: streams are whole, bodies and cost settled, before the
+    row is written."""
     from llmtap.handlers.bodies import BodyHandler
     from llmtap.handlers.cost import CostHandler
     from llmtap.handlers.store import StoreHandler
+    from llmtap.handlers.streams import StreamHandler
     from llmtap.webhooks.deliverer import env_endpoint
 
     # Webhooks are not a handler: the store writes their outbox with the records, and the
     # deliverer (in `llmtap server` / `up`) sends it, so no receiver can hold back storing.
     store_handler = StoreHandler(store, env_endpoint(settings))
     handlers: list[Handler] = [
+        StreamHandler(settings.inline_body_bytes),
         BodyHandler(bodies, settings.search_bytes, settings.search_scope),
         CostHandler(),
         store_handler,
@@ -240,6 +243,7 @@ def build_chain(settings: Settings, store: Store, bodies: BodyStore) -> Chain:
     from llmtap.handlers import otel
 
     if otel.enabled():
-        # Capture reads the bodies before they leave the record; export follows the store.
-        handlers = [otel.OtelCapture(), *handlers, otel.OtelExport()]
+        # Capture reads the bodies (streams rebuilt) before they leave the record; export
+        # follows the store.
+        handlers = [handlers[0], otel.OtelCapture(), *handlers[1:], otel.OtelExport()]
     return Chain(handlers)

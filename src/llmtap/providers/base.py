@@ -54,6 +54,12 @@ class Provider(ABC):
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         """The non-stream response a captured stream stands for; None if it holds no events."""
 
+    def stream_summary(self, raw: bytes) -> StreamResult | None:
+        """A captured stream's usage, model, error and completeness without its message, when
+        they can be had far cheaper than by `reassemble_stream` (the message field is None);
+        None to have the gateway reassemble it. The worker reassembles the message later."""
+        return None
+
     def turn(self, request: Any) -> Any:
         """What a parsed request body adds to its conversation (`LLMTAP_SEARCH_SCOPE=turn`).
 

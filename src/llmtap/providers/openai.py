@@ -338,6 +338,34 @@ def _all_chunks(raw: bytes) -> list[_Chunk] | None:
     return chunks
 
 
+def stream_summary(raw: bytes) -> StreamResult | None:
+    """A plain chat stream's usage and model from its first and last chunks; None otherwise.
+
+    The gateway's shortcut (`RecordBuilder`): the worker reassembles the message later from
+    the events (`llmtap.handlers.streams`), so a stream's record costs the gateway two chunk
+    parses instead of twenty. It answers only where `reassemble_stream` would agree: the stream
+    ends with `[DONE]`, the first chunk names the model (so it is the head) and the last one
+    carries the usage (so no later chunk replaces it). The worker's full reassembly is the
+    record's final word either way.
+    """
+    if not raw.startswith(b"data: {") or not raw.endswith(_DONE) or b"\r" in raw:
+        return None
+    body = raw[: -len(_DONE)]
+    if not body.endswith(b"}\n\n"):
+        return None
+    first_end = body.find(b"\n\n")
+    last_start = body.rfind(b"\n\ndata: ", 0, len(body) - 2)
+    try:
+        first = _chunk_decoder.decode(body[6:first_end])
+        last = first if last_start < 0 else _chunk_decoder.decode(body[last_start + 8 : -2])
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    if first.choices is None or last.choices is None or not first.model or last.usage is None:
+        return None
+    usage = with_tier(parse_usage(last.usage), first.service_tier)
+    return StreamResult(None, usage, first.model, None, True)
+
+
 def _result(s: _Stream) -> StreamResult | None:
     if not s.seen:
         return None
@@ -565,6 +593,9 @@ class OpenAI(Provider):
 
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         return reassemble_stream(raw)
+
+    def stream_summary(self, raw: bytes) -> StreamResult | None:
+        return stream_summary(raw)
 
     def turn(self, request: Any) -> Any:
         return turn(request)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from llmtap.record import Usage
+import msgspec
+
+from llmtap.record import Outcome, Usage
 
 
 def iter_events(data: bytes) -> Iterator[tuple[str | None, bytes]]:
@@ -125,7 +127,7 @@ class StreamResult:
 
     def __init__(
         self,
-        message: dict[str, Any],
+        message: dict[str, Any] | None,
         usage: Usage,
         model: str | None,
         error: str | None,
@@ -136,3 +138,16 @@ class StreamResult:
         self.model = model
         self.error = error
         self.complete = complete
+
+    def settle(self, outcome: Outcome, error: str | None) -> tuple[Usage, Outcome, str | None]:
+        """The record's usage, outcome and error once this result is known (gateway and worker
+        alike, so a stream reassembled in either ends the same)."""
+        usage = self.usage
+        if not self.complete and usage.source == "provider":
+            # Counts seen before the stream broke off, not the provider's final ones.
+            usage = msgspec.structs.replace(usage, source="partial")
+        if self.complete and outcome == "client_disconnected":
+            # The client left after the provider's end marker (SDKs stop reading at `[DONE]`):
+            # it had the whole stream.
+            outcome, error = "completed", None
+        return usage, outcome, error or self.error

@@ -1,0 +1,69 @@
+"""Streams the gateway left to the worker: their message rebuilt from the events, first in the chain.
+
+A plain chat stream costs the gateway two chunk parses for its usage and model
+(`Provider.stream_summary`) instead of a reassembly of every chunk; its record travels with the
+events and no `response_body`. Here the message is rebuilt with the provider's
+`reassemble_stream`, as the gateway does for every other stream, and the full result is the
+record's word on usage, error and outcome too (`StreamResult.settle`), so the stored record is
+the one the gateway would have built (`tests/test_record_golden.py` compares them). A record the
+gateway built whole, or whose response was omitted, passes through untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+from llmtap.bodies.offload import inline_body
+from llmtap.handlers.base import Handler, Item
+from llmtap.handlers.chain import fail_each
+from llmtap.providers import provider_for
+from llmtap.record import LogRecord, body_bytes
+from llmtap.redact import redact_text
+
+
+def deferred(record: LogRecord) -> bool:
+    """The gateway shipped this stream's events for the worker to reassemble."""
+    events = record.response_events
+    return (
+        record.streamed
+        and record.response_body is None
+        and events is not None
+        and events.data is not None
+        and not record.omit_response
+    )
+
+
+def finish(record: LogRecord, inline_body_bytes: int) -> None:
+    """Rebuild a deferred stream's message into `response_body`, with the usage, error and
+    outcome of the full reassembly."""
+    events = record.response_events
+    raw = None if events is None else body_bytes(events)
+    if events is None or raw is None:
+        return
+    result = provider_for(record.provider).reassemble_stream(raw)
+    if result is None or result.message is None:
+        return  # nothing to rebuild: the events stay the record's response, as the gateway does
+    data = orjson.dumps(result.message)
+    record.response_body = inline_body(
+        data,
+        size=len(data),
+        truncated=events.truncated,
+        content_type="application/json",
+        limit=inline_body_bytes,
+    )
+    record.usage, record.outcome, error = result.settle(record.outcome, record.error)
+    record.error = redact_text(error)[:2000] if error else None
+
+
+class StreamHandler(Handler):
+    name = "streams"
+
+    def __init__(self, inline_body_bytes: int) -> None:
+        self.inline = inline_body_bytes
+
+    async def handle(self, items: Sequence[Item]) -> None:
+        todo = [i for i in items if deferred(i.record)]
+        if todo:
+            await fail_each(self, todo, lambda item: finish(item.record, self.inline))

@@ -1,0 +1,320 @@
+"""Plain OpenAI chat streams: the gateway reads their usage from two chunks and the worker
+rebuilds the message (`llmtap.handlers.streams`). The record stored must be the one the gateway
+built whole before (issue 15: the record stays identical), for well-formed streams and for every
+odd one a provider or a broken connection produces; odd ones the shortcut must not take.
+"""
+
+from __future__ import annotations
+
+import gzip
+import random
+from typing import Any
+
+import msgspec
+import orjson
+import pytest
+
+from llmtap.gateway.capture import Capture, RecordBuilder
+from llmtap.handlers import streams
+from llmtap.handlers.base import Item
+from llmtap.providers.openai import OpenAI
+from llmtap.record import LogRecord, Outcome, body_bytes
+
+INLINE = 64 * 1024
+DONE = b"data: [DONE]\n\n"
+
+
+def chunk(content: str | None = None, *, model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:
+    delta: dict[str, Any] = {} if content is None else {"content": content}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+        **extra,
+    }
+
+
+def usage_chunk(prompt: int = 9, completion: int = 5, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o-mini",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+        **extra,
+    }
+
+
+def sse(*events: dict[str, Any] | bytes, done: bool = True) -> bytes:
+    out = b"".join(e if isinstance(e, bytes) else b"data: " + orjson.dumps(e) + b"\n\n" for e in events)
+    return out + (DONE if done else b"")
+
+
+def capture(
+    stream: bytes,
+    *,
+    request: dict[str, Any] | None = None,
+    provider: str = "openai",
+    pieces: list[int] | None = None,
+    encoding: str | None = None,
+    outcome: Outcome = "completed",
+    error: str | None = None,
+    llmtap: list[tuple[str, str]] | None = None,
+    max_bytes: int = 4 * 1024 * 1024,
+) -> Capture:
+    body = orjson.dumps(request if request is not None else {"model": "gpt-4o-mini", "stream": True})
+    now = 1000.0  # fixed clocks: the two builds of one capture must agree to the microsecond
+    cap = Capture(
+        "00000000-0000-7000-8000-000000000001",
+        "default",
+        provider,
+        "POST",
+        "/v1/chat/completions",
+        "https://api.example/v1/chat/completions",
+        [("Content-Type", "application/json")],
+        llmtap,
+        body,
+        len(body),
+        1_780_000_000.0,
+        now,
+        max_bytes,
+    )
+    cap.status = 200
+    headers = [("Content-Type", "text/event-stream")]
+    if encoding == "gzip":
+        stream = gzip.compress(stream, mtime=0)
+        headers.append(("Content-Encoding", "gzip"))
+    cap.response_headers = headers
+    cap.streamed = True
+    cap.t_headers = cap.t_first = now + 0.001
+    at = 0
+    for size in pieces or [len(stream)]:
+        cap.add(stream[at : at + size])
+        at += size
+    if at < len(stream):
+        cap.add(stream[at:])
+    cap.t_end = now + 0.002
+    cap.outcome = outcome
+    cap.error = error
+    return cap
+
+
+def both(cap_args: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[LogRecord, LogRecord, bool]:
+    """(stored record with the shortcut, record built whole, whether the shortcut was taken)."""
+    builder = RecordBuilder(inline_body_bytes=INLINE, gateway="gw")
+    fast = builder.build(capture(**cap_args))
+    took = streams.deferred(fast)
+    if took:
+        streams.finish(fast, INLINE)
+    with monkeypatch.context() as m:
+        m.setattr(OpenAI, "stream_summary", lambda self, raw: None)
+        slow = builder.build(capture(**cap_args))
+    assert not streams.deferred(slow)
+    return fast, slow, took
+
+
+def same(a: LogRecord, b: LogRecord) -> None:
+    da, db = msgspec.to_builtins(a), msgspec.to_builtins(b)
+    for part in ("request_body", "response_body", "response_events"):
+        for d, r in ((da, a), (db, b)):
+            body = getattr(r, part)
+            if d.get(part) is not None:
+                d[part].pop("data", None)
+                d[part]["bytes"] = body_bytes(body)
+    assert da == db
+
+
+TOOL = {
+    "index": 0,
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": ""},
+}
+
+CASES: dict[str, tuple[dict[str, Any], bool]] = {
+    "plain": ({"stream": sse(chunk(""), chunk("Hello"), chunk(" world"), usage_chunk())}, True),
+    "network pieces": (
+        {"stream": sse(chunk(""), chunk("Hi"), usage_chunk()), "pieces": [3, 17, 40, 1]},
+        True,
+    ),
+    "gzip": ({"stream": sse(chunk("a"), chunk("b"), usage_chunk()), "encoding": "gzip"}, True),
+    "tool call": (
+        {
+            "stream": sse(
+                chunk(None, choices=[{"index": 0, "delta": {"tool_calls": [TOOL]}, "finish_reason": None}]),
+                chunk(
+                    None,
+                    choices=[
+                        {
+                            "index": 0,
+                            "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"c":1}'}}]},
+                            "finish_reason": "tool_calls",
+                        }
+                    ],
+                ),
+                usage_chunk(),
+            )
+        },
+        True,
+    ),
+    "two choices, refusal": (
+        {
+            "stream": sse(
+                chunk(
+                    None,
+                    choices=[
+                        {"index": 0, "delta": {"refusal": "no"}},
+                        {"index": 1, "delta": {"content": "x"}},
+                    ],
+                ),
+                usage_chunk(),
+            )
+        },
+        True,
+    ),
+    "service tier": (
+        {"stream": sse(chunk("a", service_tier="flex"), usage_chunk(service_tier="flex"))},
+        True,
+    ),
+    "client left after DONE": (
+        {"stream": sse(chunk("a"), usage_chunk()), "outcome": "client_disconnected", "error": "client gone"},
+        True,
+    ),
+    "named upstream": ({"stream": sse(chunk("a"), usage_chunk()), "provider": "groq"}, True),
+    # ... and what the shortcut must leave to the gateway's full reassembly:
+    # the model then comes from the message, which only the reassembly knows
+    "no model in request": ({"stream": sse(chunk("a"), usage_chunk()), "request": {"stream": True}}, False),
+    "azure": ({"stream": sse(chunk("a"), usage_chunk()), "provider": "azure"}, False),
+    "azure filter chunk first": (
+        {"stream": sse(chunk(None, model="", choices=[]), chunk("a"), usage_chunk()), "provider": "azure"},
+        False,
+    ),
+    "no usage chunk": ({"stream": sse(chunk("a"), chunk("b"))}, False),
+    "usage not last": ({"stream": sse(chunk("a"), usage_chunk(), chunk("b"))}, False),
+    "cut, no DONE": (
+        {"stream": sse(chunk("a"), usage_chunk(), done=False), "outcome": "upstream_error"},
+        False,
+    ),
+    "error event last": ({"stream": sse(chunk("a"), {"error": {"message": "overloaded"}})}, False),
+    "CRLF framing": ({"stream": sse(chunk("a"), usage_chunk()).replace(b"\n", b"\r\n")}, False),
+    "comment first": ({"stream": b": keep-alive\n\n" + sse(chunk("a"), usage_chunk())}, False),
+    "responses API": (
+        {
+            "stream": sse(
+                {
+                    "type": "response.completed",
+                    "response": {"model": "gpt-4o-mini", "usage": {"input_tokens": 1}},
+                }
+            )
+        },
+        False,
+    ),
+    "omitted response": (
+        {"stream": sse(chunk("a"), usage_chunk()), "llmtap": [("Llmtap-Omit-Response", "true")]},
+        False,
+    ),
+    "cut at max bytes": (
+        {"stream": sse(*(chunk("word ") for _ in range(50)), usage_chunk()), "max_bytes": 500},
+        False,
+    ),
+    "above the inline limit": (
+        {"stream": sse(*(chunk("w" * 1000) for _ in range(70)), usage_chunk())},
+        False,
+    ),
+    # Odd events in the middle: the shortcut reads only the ends, the worker's reassembly settles it.
+    "error event in the middle": (
+        {"stream": sse(chunk("a"), {"error": {"message": "hiccup"}}, usage_chunk())},
+        True,
+    ),
+    "garbage in the middle": ({"stream": sse(chunk("a"), b"data: {not json\n\n", usage_chunk())}, True),
+    "odd field type in the middle": (
+        {"stream": sse(chunk("a"), chunk(None, choices="x"), chunk("b"), usage_chunk())},
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_stored_record_is_the_one_built_whole(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    args, shortcut = CASES[name]
+    fast, slow, took = both(args, monkeypatch)
+    assert took is shortcut
+    same(fast, slow)
+    if shortcut:
+        assert fast.response_body is not None and fast.response_body.content_type == "application/json"
+
+
+def test_gateway_record_carries_usage_and_events_not_the_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What travels on the queue for a plain stream: tokens, model, outcome, the events."""
+    stream = sse(chunk(""), chunk("Hello"), usage_chunk(12, 3))
+    rec = RecordBuilder(inline_body_bytes=INLINE, gateway="gw").build(capture(stream))
+    assert rec.response_body is None and rec.response_events is not None
+    assert body_bytes(rec.response_events) == stream
+    assert (rec.usage.source, rec.usage.prompt_tokens, rec.usage.completion_tokens) == ("provider", 12, 3)
+    assert rec.model == "gpt-4o-mini" and rec.outcome == "completed"
+
+
+def _random_stream(rnd: random.Random) -> dict[str, Any]:
+    """A plain stream with random odd events in the middle, random framing of the ends."""
+    events: list[dict[str, Any] | bytes] = [
+        chunk(rnd.choice(["", "a", None]), model=rnd.choice(["m1", "m1", ""]))
+    ]
+    odd: list[dict[str, Any] | bytes] = [
+        {"error": {"message": "hiccup"}},
+        b"data: {cut\n\n",
+        b": comment\n\n",
+        b"event: x\ndata: {}\n\n",
+        chunk(None, choices="x"),
+        usage_chunk(1, 1),
+        {"type": "response.completed", "response": {"model": "r"}},
+        chunk("y", model="other"),
+        chunk(None, choices=[{"index": 2, "delta": {"content": "z"}, "finish_reason": "stop"}]),
+    ]
+    for _ in range(rnd.randrange(0, 8)):
+        events.append(rnd.choice(odd) if rnd.random() < 0.3 else chunk(rnd.choice(["x", " y", "ü"])))
+    if rnd.random() < 0.8:
+        events.append(
+            usage_chunk(rnd.randrange(100), rnd.randrange(100), service_tier=rnd.choice(["flex", None]))
+        )
+    return {
+        "stream": sse(*events, done=rnd.random() < 0.85),
+        "outcome": rnd.choice(["completed", "completed", "client_disconnected", "upstream_error"]),
+        "error": rnd.choice([None, None, "broke"]),
+        "provider": rnd.choice(["openai", "azure", "vllm"]),
+        "request": rnd.choice([{"model": "asked", "stream": True}, {"stream": True}]),
+        "encoding": rnd.choice([None, None, "gzip"]),
+    }
+
+
+def test_random_streams_store_the_same_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    rnd = random.Random(1504)
+    took = 0
+    for _ in range(400):
+        args = _random_stream(rnd)
+        fast, slow, shortcut = both(args, monkeypatch)
+        took += shortcut
+        same(fast, slow)
+    assert 50 < took < 350  # both paths were exercised (74 with this seed)
+
+
+async def test_handler_finishes_deferred_streams_and_leaves_the_rest() -> None:
+    builder = RecordBuilder(inline_body_bytes=INLINE, gateway="gw")
+    deferred = builder.build(capture(sse(chunk("a"), usage_chunk())))
+    whole = builder.build(capture(sse(chunk("a"), chunk("b"))))  # no usage chunk: built whole
+    before = msgspec.to_builtins(whole)
+    items = [Item(deferred), Item(whole)]
+    await streams.StreamHandler(INLINE).handle(items)
+    assert all(i.ok for i in items)
+    assert orjson.loads(body_bytes(deferred.response_body))["choices"][0]["message"]["content"] == "a"  # type: ignore[arg-type]
+    assert msgspec.to_builtins(whole) == before
+    # A redelivered record is finished already: handling it again changes nothing (idempotent).
+    again = msgspec.to_builtins(deferred)
+    await streams.StreamHandler(INLINE).handle([Item(deferred)])
+    assert msgspec.to_builtins(deferred) == again
