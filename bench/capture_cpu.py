@@ -10,7 +10,9 @@ repeats to within a few percent and an A/B of two source trees shows small chang
 
 It runs the real gateway (in-process, on an ephemeral port) in front of the fake upstream and
 sends one chat request and one 20-chunk stream with the `openai` SDK (its real headers, plus a
-user id and two properties), keeping the `Capture` the proxy made of each. Then it times, per
+user id and two properties), a 20-chunk Anthropic Messages stream with the `anthropic` SDK and
+a 20-chunk Gemini stream (`streamGenerateContent?alt=sse`, plain aiohttp), keeping the `Capture`
+the proxy made of each. Then it times, per
 request, what the publisher does with a capture off the latency path: `RecordBuilder.build`,
 the inline-limit check, the queue message (`encode`, partition key). Also the request id a
 request without `Llmtap-Request-Id` gets. Figures: the best of REPEAT runs of N requests each.
@@ -31,6 +33,8 @@ from typing import Any
 
 sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parents[1] / "src"))
 
+import aiohttp
+import anthropic
 import openai
 
 from llmtap.bodies import offload
@@ -50,7 +54,12 @@ async def captures() -> dict[str, Capture]:
     runner, up_port = await serve(make_app(record_limit=0))
     with tempfile.TemporaryDirectory() as d:
         settings = Settings(
-            data_dir=Path(d), host="127.0.0.1", gateway_port=0, openai_base_url=f"http://127.0.0.1:{up_port}"
+            data_dir=Path(d),
+            host="127.0.0.1",
+            gateway_port=0,
+            openai_base_url=f"http://127.0.0.1:{up_port}",
+            anthropic_base_url=f"http://127.0.0.1:{up_port}",
+            gemini_base_url=f"http://127.0.0.1:{up_port}",
         )
         sink = ListSink(large_bodies=True)
         service = GatewayService(settings, sinks=[sink])
@@ -84,14 +93,35 @@ async def captures() -> dict[str, Capture]:
             async for _ in stream:
                 pass
             await client.close()
+            gw = f"http://127.0.0.1:{service.port}"
+            claude = anthropic.AsyncAnthropic(base_url=f"{gw}/anthropic", api_key="sk-ant-bench")
+            async with claude.messages.stream(
+                model="claude-sonnet-4-5",
+                max_tokens=256,
+                messages=messages,
+                extra_headers={"x-fake-chunks": "20"},
+            ) as s:
+                async for _ in s:
+                    pass
+            await claude.close()
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"{gw}/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+                    json={"contents": [{"role": "user", "parts": [{"text": "hello from the benchmark"}]}]},
+                    headers={"x-goog-api-key": "AIza-bench", "x-fake-chunks": "20"},
+                ) as r,
+            ):
+                await r.read()
             await service.publisher.flush()
         finally:
             await service.stop()
             await runner.cleanup()
-    chat, streamed = kept
+    chat, streamed, claude_stream, gemini_stream = kept
     assert not chat.streamed and streamed.streamed, (chat.streamed, streamed.streamed)
-    assert len(sink.records) == 2 and all(r.usage.source == "provider" for r in sink.records)
-    return {"chat": chat, "stream": streamed}
+    assert claude_stream.streamed and gemini_stream.streamed
+    assert len(sink.records) == 4 and all(r.usage.source == "provider" for r in sink.records)
+    return {"chat": chat, "stream": streamed, "anthropic": claude_stream, "gemini": gemini_stream}
 
 
 def per_request(fn: Any, n: int) -> float:
@@ -117,6 +147,9 @@ def main() -> None:
     rows: list[tuple[str, float]] = [("request id (no Llmtap-Request-Id)", per_request(new_id, N))]
     for name, cap in caps.items():
         record = builder.build(cap)
+        if cap.streamed:
+            left = record.response_body is None  # the worker reassembles it (`handlers.streams`)
+            print(f"  {name}: {'message left to the worker' if left else 'reassembled in the gateway'}")
 
         def build(cap: Capture = cap) -> None:
             builder.build(cap)
@@ -142,7 +175,7 @@ def main() -> None:
         if prof is not None:
             prof.disable()
     for label, us in rows:
-        print(f"  {label:<42} {us:7.2f}")
+        print(f"  {label:<46} {us:7.2f}")
     if prof is not None:
         pstats.Stats(prof).sort_stats(os.environ.get("SORT", "tottime")).print_stats(
             int(os.environ.get("TOP", "30"))

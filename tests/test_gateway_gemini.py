@@ -19,6 +19,7 @@ from google import genai
 from google.genai import errors, types
 
 from gateway_support import MemoryQueue, running_gateway, settings_for, wait_for
+from llmtap.handlers import streams
 from llmtap.pricing import apply_cost
 from llmtap.record import LogRecord, body_bytes, encode
 from llmtap.testing.fake_gemini import THOUGHTS_TOKENS, gemini_usage
@@ -135,6 +136,10 @@ async def test_stream_thinking_and_cut(upstream: int, tmp_path: Path) -> None:
     assert u.reasoning_tokens == THOUGHTS_TOKENS
     assert u.completion_tokens == 5 + THOUGHTS_TOKENS  # visible words + thoughts, both billed as output
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens  # type: ignore[operator]
+    # Usage from the last chunk: the message is the worker's to rebuild (`handlers.streams`).
+    assert full.response_body is None and streams.deferred(full)
+    streams.finish(full, s.inline_body_bytes)
+    assert full.usage == u
     body = body_bytes(full.response_body)  # type: ignore[arg-type]
     assert body is not None and b"echo: stream me please echo:" in body and b'"thought":true' in body
     no_key(full)

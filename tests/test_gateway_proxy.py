@@ -340,6 +340,11 @@ async def test_anthropic_stream_record(upstream: int, tmp_path: Path, http: aioh
         prompt + exp["output_tokens"],
     )
     assert (u.cached_tokens, u.cache_write_tokens) == (40, 7)
+    # Usage from message_start and message_delta; the worker rebuilds the message.
+    for rec in (text_rec, tool_rec):
+        assert rec.response_body is None and streams.deferred(rec)
+        streams.finish(rec, svc.settings.inline_body_bytes)
+    assert text_rec.usage == u
     msg = orjson.loads(body_bytes(text_rec.response_body))  # type: ignore[arg-type]
     assert msg["content"] == [{"type": "text", "text": reply_text("anthropic", req, h)}]
     assert msg["stop_reason"] == "end_turn"

@@ -225,8 +225,14 @@ async def test_records_for_fixed_traffic_are_the_committed_ones(tmp_path: Path) 
         await runner.cleanup()
 
     assert sorted(got) == sorted([*CASES, "unreachable"])
-    # Plain OpenAI chat streams leave their message to the worker; the others are built whole.
-    assert sorted(deferred) == ["openai-stream", "openai-stream-tool-call", "openai-stream-usage-asked"]
+    # Whole streams of every provider leave their message to the worker; cut ones are built whole.
+    assert sorted(deferred) == [
+        "anthropic-stream",
+        "gemini-stream",
+        "openai-stream",
+        "openai-stream-tool-call",
+        "openai-stream-usage-asked",
+    ]
     stored = json.dumps(got)
     assert not any(
         secret in stored for secret in ("sk-golden", "sk-ant-golden", "AIza-golden", "sk-q", "AIza-never")

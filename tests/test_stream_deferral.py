@@ -1,4 +1,4 @@
-"""Plain OpenAI chat streams: the gateway reads their usage from two chunks and the worker
+"""Whole streams: the gateway reads their usage from the first and last events and the worker
 rebuilds the message (`llmtap.handlers.streams`). The record stored must be the one the gateway
 built whole before (issue 15: the record stays identical), for well-formed streams and for every
 odd one a provider or a broken connection produces; odd ones the shortcut must not take.
@@ -17,6 +17,8 @@ import pytest
 from llmtap.gateway.capture import Capture, RecordBuilder
 from llmtap.handlers import streams
 from llmtap.handlers.base import Item
+from llmtap.providers.anthropic import Anthropic
+from llmtap.providers.gemini import Gemini
 from llmtap.providers.openai import OpenAI
 from llmtap.record import LogRecord, Outcome, body_bytes
 
@@ -62,6 +64,7 @@ def capture(
     *,
     request: dict[str, Any] | None = None,
     provider: str = "openai",
+    path: str = "/v1/chat/completions",
     pieces: list[int] | None = None,
     encoding: str | None = None,
     outcome: Outcome = "completed",
@@ -76,8 +79,8 @@ def capture(
         "default",
         provider,
         "POST",
-        "/v1/chat/completions",
-        "https://api.example/v1/chat/completions",
+        path,
+        "https://api.example" + path,
         [("Content-Type", "application/json")],
         llmtap,
         body,
@@ -114,7 +117,8 @@ def both(cap_args: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[Log
     if took:
         streams.finish(fast, INLINE)
     with monkeypatch.context() as m:
-        m.setattr(OpenAI, "stream_summary", lambda self, raw: None)
+        for cls in (OpenAI, Anthropic, Gemini):
+            m.setattr(cls, "stream_summary", lambda self, raw: None)
         slow = builder.build(capture(**cap_args))
     assert not streams.deferred(slow)
     return fast, slow, took
@@ -318,3 +322,179 @@ async def test_handler_finishes_deferred_streams_and_leaves_the_rest() -> None:
     again = msgspec.to_builtins(deferred)
     await streams.StreamHandler(INLINE).handle([Item(deferred)])
     assert msgspec.to_builtins(deferred) == again
+
+
+# -- Anthropic and Gemini ---------------------------------------------------------------------------
+
+
+def anthropic_event(kind: str, **data: Any) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **data}) + b"\n\n"
+
+
+def anthropic_stream(*middle: bytes, stop: bool = True, out_tokens: int = 7) -> bytes:
+    start = anthropic_event(
+        "message_start",
+        message={
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-x",
+            "content": [],
+            "usage": {"input_tokens": 11, "cache_read_input_tokens": 4, "output_tokens": 1},
+        },
+    )
+    body = [
+        anthropic_event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+        *middle,
+        anthropic_event("content_block_stop", index=0),
+        anthropic_event(
+            "message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": out_tokens}
+        ),
+    ]
+    return start + b"".join(body) + (anthropic_event("message_stop") if stop else b"")
+
+
+def text(t: str) -> bytes:
+    return anthropic_event("content_block_delta", index=0, delta={"type": "text_delta", "text": t})
+
+
+GEMINI_PATH = "/v1beta/models/gemini-2.0-flash:streamGenerateContent"
+
+
+def gemini_chunk(t: str, *, finish: bool = False, usage: bool = False) -> bytes:
+    cand: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": t}]}, "index": 0}
+    if finish:
+        cand["finishReason"] = "STOP"
+    obj: dict[str, Any] = {"candidates": [cand], "modelVersion": "gemini-2.0-flash-001"}
+    if usage:
+        obj["usageMetadata"] = {"promptTokenCount": 5, "candidatesTokenCount": 3, "totalTokenCount": 8}
+    return b"data: " + orjson.dumps(obj) + b"\r\n\r\n"
+
+
+ANTHROPIC = {
+    "provider": "anthropic",
+    "path": "/v1/messages",
+    "request": {"model": "claude-x", "stream": True},
+}
+GEMINI = {"provider": "gemini", "path": GEMINI_PATH, "request": {"contents": []}}
+
+MORE_CASES: dict[str, tuple[dict[str, Any], bool]] = {
+    "anthropic": ({**ANTHROPIC, "stream": anthropic_stream(text("Hel"), text("lo"))}, True),
+    "anthropic, a ping and an error between": (
+        {
+            **ANTHROPIC,
+            "stream": anthropic_stream(
+                text("a"), anthropic_event("ping"), anthropic_event("error", error={"message": "overloaded"})
+            ),
+        },
+        True,
+    ),
+    "anthropic, two message_deltas": (
+        {
+            **ANTHROPIC,
+            "stream": anthropic_stream(
+                text("a"),
+                anthropic_event("message_delta", delta={}, usage={"input_tokens": 99, "output_tokens": 3}),
+            ),
+        },
+        True,
+    ),
+    "anthropic, cut before message_stop": (
+        {**ANTHROPIC, "stream": anthropic_stream(text("a"), stop=False)},
+        False,
+    ),
+    "anthropic, ping last": (
+        {**ANTHROPIC, "stream": anthropic_stream(text("a")) + anthropic_event("ping")},
+        False,
+    ),
+    "anthropic, no model in request": (
+        {**ANTHROPIC, "request": {"stream": True}, "stream": anthropic_stream(text("a"))},
+        False,
+    ),
+    "gemini": ({**GEMINI, "stream": gemini_chunk("Hel") + gemini_chunk("lo", finish=True, usage=True)}, True),
+    "gemini, LF framing": (
+        {
+            **GEMINI,
+            "stream": (gemini_chunk("a") + gemini_chunk("b", finish=True, usage=True)).replace(b"\r", b""),
+        },
+        True,
+    ),
+    "gemini, one chunk": ({**GEMINI, "stream": gemini_chunk("a", finish=True, usage=True)}, True),
+    "gemini, usage on every chunk": (
+        {**GEMINI, "stream": gemini_chunk("a", usage=True) + gemini_chunk("b", finish=True, usage=True)},
+        True,
+    ),
+    "gemini, error between": (
+        {
+            **GEMINI,
+            "stream": gemini_chunk("a")
+            + b'data: {"error": {"message": "x"}}\r\n\r\n'
+            + gemini_chunk("b", finish=True, usage=True),
+        },
+        True,
+    ),
+    "gemini, no finish": ({**GEMINI, "stream": gemini_chunk("a") + gemini_chunk("b", usage=True)}, False),
+    "gemini, cut": (
+        {**GEMINI, "stream": gemini_chunk("a") + gemini_chunk("b", finish=True, usage=True)[:-3]},
+        False,
+    ),
+    "gemini, no model in path": (
+        {
+            **GEMINI,
+            "path": "/v1beta/models:streamGenerateContent",
+            "stream": gemini_chunk("a", finish=True, usage=True),
+        },
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_CASES))
+def test_other_providers_store_the_record_built_whole(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    args, shortcut = MORE_CASES[name]
+    fast, slow, took = both(args, monkeypatch)
+    assert took is shortcut
+    same(fast, slow)
+
+
+def test_random_anthropic_and_gemini_streams_store_the_same_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    rnd = random.Random(2026)
+    odd_a = [
+        anthropic_event("ping"),
+        anthropic_event("error", error={"message": "e"}),
+        b"event: message_delta\ndata: {cut\n\n",
+        anthropic_event("message_delta", delta={"stop_reason": "max_tokens"}, usage={"output_tokens": 2}),
+        anthropic_event("message_stop"),
+        b": comment\n\n",
+    ]
+    odd_g = [
+        b'data: {"error": {"message": "x"}}\r\n\r\n',
+        b"data: {cut\r\n\r\n",
+        gemini_chunk("u", usage=True),
+        gemini_chunk("f", finish=True),
+        b": keep-alive\r\n\r\n",
+    ]
+    took = 0
+    for n in range(300):
+        if n % 2:
+            middle = [
+                rnd.choice(odd_a) if rnd.random() < 0.3 else text(rnd.choice("xyü"))
+                for _ in range(rnd.randrange(6))
+            ]
+            stream = anthropic_stream(*middle, stop=rnd.random() < 0.85, out_tokens=rnd.randrange(50))
+            if rnd.random() < 0.1:
+                stream += rnd.choice(odd_a)
+            args = {**ANTHROPIC, "stream": stream}
+        else:
+            parts = [
+                rnd.choice(odd_g) if rnd.random() < 0.3 else gemini_chunk(rnd.choice("xyü"))
+                for _ in range(rnd.randrange(6))
+            ]
+            parts.append(gemini_chunk("end", finish=rnd.random() < 0.85, usage=rnd.random() < 0.85))
+            args = {**GEMINI, "stream": b"".join(parts)}
+        args["outcome"] = rnd.choice(["completed", "client_disconnected", "upstream_error"])
+        args["encoding"] = rnd.choice([None, None, "gzip"])
+        fast, slow, shortcut = both(args, monkeypatch)
+        took += shortcut
+        same(fast, slow)
+    assert 50 < took < 250  # both paths were exercised

@@ -27,7 +27,7 @@ import orjson
 
 from llmtap.providers.base import Provider
 from llmtap.providers.common import after_last_reply, error_message, role_is
-from llmtap.providers.sse import StreamResult, iter_events
+from llmtap.providers.sse import StreamResult, edge_events, iter_events
 from llmtap.record import Usage
 
 if TYPE_CHECKING:
@@ -175,6 +175,39 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     )
 
 
+def _event(data: bytes, kind: str) -> dict[str, Any] | None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) and obj.get("type") == kind else None
+
+
+def stream_summary(raw: bytes) -> StreamResult | None:
+    """A Messages stream's usage and model from `message_start` and the closing `message_delta`
+    and `message_stop`; None for any other shape (the gateway then reassembles it). The worker
+    reassembles the message later and has the last word on usage and errors."""
+    ends = edge_events(raw, 2)
+    if ends is None:
+        return None
+    (_, first), [(_, delta_data), (_, stop_data)] = ends
+    start = _event(first, "message_start")
+    delta = _event(delta_data, "message_delta")
+    if start is None or delta is None or _event(stop_data, "message_stop") is None:
+        return None
+    usage: dict[str, Any] = {}
+    msg = start.get("message")
+    if isinstance(msg, dict) and isinstance(msg.get("usage"), dict):
+        usage.update(msg["usage"])
+    u = delta.get("usage")
+    if isinstance(u, dict):
+        usage.update({k: v for k, v in u.items() if v is not None})
+    model = msg.get("model") if isinstance(msg, dict) else None
+    return StreamResult(
+        None, parse_usage(usage or None), model if isinstance(model, str) else None, None, True
+    )
+
+
 _ASSISTANT = role_is("assistant")
 
 
@@ -192,6 +225,9 @@ class Anthropic(Provider):
 
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         return reassemble_stream(raw)
+
+    def stream_summary(self, raw: bytes) -> StreamResult | None:
+        return stream_summary(raw)
 
     def turn(self, request: Any) -> Any:
         """The messages after the last assistant one (`system` and `tools` are resent)."""

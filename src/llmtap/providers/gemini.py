@@ -23,7 +23,7 @@ import orjson
 
 from llmtap.providers.base import Provider, response_model
 from llmtap.providers.common import after_last_reply, error_message, role_is
-from llmtap.providers.sse import StreamResult, iter_events
+from llmtap.providers.sse import StreamResult, edge_events, iter_events
 from llmtap.record import Usage
 
 if TYPE_CHECKING:
@@ -170,6 +170,28 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     )
 
 
+def stream_summary(raw: bytes) -> StreamResult | None:
+    """A stream's usage and model version from its last chunk, when that chunk finishes a
+    candidate and carries `usageMetadata`; None otherwise (the gateway then reassembles it). The
+    worker reassembles the message later and has the last word on usage and errors."""
+    ends = edge_events(raw, 1)
+    if ends is None:
+        return None
+    try:
+        last = orjson.loads(ends[1][0][1])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(last, dict) or "error" in last or not isinstance(last.get("usageMetadata"), dict):
+        return None
+    cands = last.get("candidates")
+    if not isinstance(cands, list) or not any(isinstance(c, dict) and c.get("finishReason") for c in cands):
+        return None
+    model = last.get("modelVersion")
+    return StreamResult(
+        None, parse_usage(last["usageMetadata"]), model if isinstance(model, str) else None, None, True
+    )
+
+
 _MODEL = role_is("model")
 
 
@@ -187,6 +209,9 @@ class Gemini(Provider):
 
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         return reassemble_stream(raw)
+
+    def stream_summary(self, raw: bytes) -> StreamResult | None:
+        return stream_summary(raw)
 
     def turn(self, request: Any) -> Any:
         """The `contents` after the last `model` one (`systemInstruction`, `tools` are resent)."""

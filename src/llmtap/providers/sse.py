@@ -63,6 +63,32 @@ def data_payloads(data: bytes) -> list[bytes]:
     return [payload for _, payload in iter_events(data)]
 
 
+def edge_events(
+    data: bytes, last: int
+) -> tuple[tuple[str | None, bytes], list[tuple[str | None, bytes]]] | None:
+    """The first event and the last `last` events of a stream, for shortcuts that read only a
+    stream's ends (`Provider.stream_summary`); None unless the stream ends with a blank line and
+    each of those blocks is one event (no comment, no empty block among them).
+
+    The last events may include the first one in a short stream.
+    """
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if not data.endswith(b"\n\n"):
+        return None
+    first_end = data.find(b"\n\n") + 2
+    first = list(iter_events(data[:first_end]))
+    start = len(data) - 2
+    for _ in range(last):
+        start = data.rfind(b"\n\n", 0, start)
+        if start < 0:
+            break
+    tail = list(iter_events(data[start + 2 if start >= 0 else 0 :]))
+    if len(first) != 1 or len(tail) != last:
+        return None
+    return first[0], tail
+
+
 def last_boundary(data: bytes) -> int:
     """Offset just past the last complete event in `data` (-1 if none is complete)."""
     if data.endswith(b"\n\n"):  # the usual case: a read ends where an event ends
