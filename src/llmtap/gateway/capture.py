@@ -4,7 +4,9 @@ Two halves on purpose. `Capture` is filled on the latency path and does nothing 
 references, raw bytes and clock readings: no parsing, no encoding, no allocation beyond a list
 append per chunk. `RecordBuilder` turns captures into records later, in the publisher's
 background task, in batches: JSON parsing (orjson), usage extraction, stream reassembly,
-compression and the body-store split all happen there, after the client has its last byte.
+compression and the body-store split all happen there, after the client has its last byte. A
+whole stream is read only at its ends there (usage, model): the worker rebuilds its message
+(`llmtap.handlers.streams`), off the gateway's process altogether when scaled out.
 
 Clocks: one `time.time()` at the start gives the wall-clock anchor; every other instant is a
 `time.perf_counter()` reading, so durations are monotonic and cost ~50 ns each.
@@ -321,9 +323,9 @@ class RecordBuilder:
                 and len(decoded) + _ZSTD_SLACK <= self.inline
                 and fmt.model(cap.path, req_json, None) is not None
             ):
-                # A plain stream's usage from two chunks: the worker rebuilds its message from
-                # the events (`llmtap.handlers.streams`), which stay inline for it. Only where
-                # the request names the model: the message could name another.
+                # A whole stream's usage from its first and last events: the worker rebuilds
+                # its message from the events (`llmtap.handlers.streams`), which stay inline for
+                # it. Only where the request names the model: the message could name another.
                 result = fmt.stream_summary(decoded)
             deferred = result is not None
             if result is None:

@@ -1,12 +1,14 @@
 """Streams the gateway left to the worker: their message rebuilt from the events, first in the chain.
 
-A plain chat stream costs the gateway two chunk parses for its usage and model
-(`Provider.stream_summary`) instead of a reassembly of every chunk; its record travels with the
-events and no `response_body`. Here the message is rebuilt with the provider's
-`reassemble_stream`, as the gateway does for every other stream, and the full result is the
-record's word on usage, error and outcome too (`StreamResult.settle`), so the stored record is
-the one the gateway would have built (`tests/test_record_golden.py` compares them). A record the
-gateway built whole, or whose response was omitted, passes through untouched.
+A whole stream (OpenAI chat ending in `[DONE]` after its usage chunk, Anthropic's ending in
+`message_delta` and `message_stop`, Gemini's ending with a finish reason and its usage) costs the
+gateway two or three event parses for its usage and model (`Provider.stream_summary`) instead of
+a reassembly of every event; its record travels with the events and no `response_body`. Here
+the message is rebuilt with the provider's `reassemble_stream`, as the gateway does for every
+other stream, and the full result is the record's word on usage, error and outcome too
+(`StreamResult.settle`), so the stored record is the one the gateway would have built
+(`tests/test_stream_deferral.py`, `tests/test_record_golden.py`). A record the gateway built
+whole, or whose response was omitted, passes through untouched.
 """
 
 from __future__ import annotations
