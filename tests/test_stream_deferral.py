@@ -498,3 +498,26 @@ def test_random_anthropic_and_gemini_streams_store_the_same_record(monkeypatch: 
         took += shortcut
         same(fast, slow)
     assert 50 < took < 250  # both paths were exercised
+
+
+async def test_a_message_that_cannot_be_rebuilt_is_stored_as_the_gateway_sent_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reassembly bug costs the record its message, never its log (nor its neighbours')."""
+    builder = RecordBuilder(inline_body_bytes=INLINE, gateway="gw")
+    broken = builder.build(capture(sse(chunk("secret words"), usage_chunk(12, 3))))
+    fine = builder.build(capture(anthropic_stream(text("a")), **ANTHROPIC))
+    assert streams.deferred(broken) and streams.deferred(fine)
+    sent = msgspec.to_builtins(broken)
+
+    def boom(self: OpenAI, raw: bytes) -> None:
+        raise RuntimeError("reassembly bug near secret words")
+
+    monkeypatch.setattr(OpenAI, "reassemble_stream", boom)
+    items = [Item(broken), Item(fine)]
+    await streams.StreamHandler(INLINE).handle(items)
+    assert all(i.ok for i in items)
+    assert msgspec.to_builtins(broken) == sent  # untouched: usage from the ends, the events
+    assert broken.usage.prompt_tokens == 12 and body_bytes(broken.response_events)  # type: ignore[arg-type]
+    assert fine.response_body is not None  # the other provider's stream was finished
+    assert "RuntimeError" in caplog.text and "secret" not in caplog.text

@@ -13,16 +13,20 @@ whole, or whose response was omitted, passes through untouched.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 
 import orjson
 
 from llmtap.bodies.offload import inline_body
+from llmtap.cooperate import SLICE
 from llmtap.handlers.base import Handler, Item
-from llmtap.handlers.chain import fail_each
 from llmtap.providers import provider_for
 from llmtap.record import LogRecord, body_bytes
 from llmtap.redact import redact_text
+
+log = logging.getLogger("llmtap.worker")
 
 
 def deferred(record: LogRecord) -> bool:
@@ -48,24 +52,40 @@ def finish(record: LogRecord, inline_body_bytes: int) -> None:
     if result is None or result.message is None:
         return  # nothing to rebuild: the events stay the record's response, as the gateway does
     data = orjson.dumps(result.message)
-    record.response_body = inline_body(
+    body = inline_body(
         data,
         size=len(data),
         truncated=events.truncated,
         content_type="application/json",
         limit=inline_body_bytes,
     )
-    record.usage, record.outcome, error = result.settle(record.outcome, record.error)
+    usage, outcome, error = result.settle(record.outcome, record.error)
+    # All computed before anything is set: a failure leaves the record as the gateway sent it.
+    record.response_body = body
+    record.usage, record.outcome = usage, outcome
     record.error = redact_text(error)[:2000] if error else None
 
 
 class StreamHandler(Handler):
+    """Finishes deferred streams. One whose message cannot be rebuilt (a reassembly bug) is not
+    failed: the gateway's record is complete without it (usage from the stream's ends, the
+    events as its response), so it is stored as sent rather than dead-lettered."""
+
     name = "streams"
 
     def __init__(self, inline_body_bytes: int) -> None:
         self.inline = inline_body_bytes
 
     async def handle(self, items: Sequence[Item]) -> None:
-        todo = [i for i in items if deferred(i.record)]
-        if todo:
-            await fail_each(self, todo, lambda item: finish(item.record, self.inline))
+        failed: dict[str, int] = {}
+        for n, item in enumerate(items):
+            if deferred(item.record):
+                try:
+                    finish(item.record, self.inline)
+                except Exception as e:
+                    failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
+            if n % SLICE == SLICE - 1:
+                await asyncio.sleep(0)
+        if failed:
+            # Error types only: a message could quote the bodies.
+            log.warning("streams: %s; stored with their events and no message", failed)
