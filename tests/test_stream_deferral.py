@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import gzip
 import random
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import orjson
 import pytest
 
+from llmtap.bodies.file import FileBodyStore
+from llmtap.config import Settings
 from llmtap.gateway.capture import Capture, RecordBuilder
 from llmtap.handlers import streams
 from llmtap.handlers.base import Item
+from llmtap.handlers.chain import build_chain, process_records
 from llmtap.providers.anthropic import Anthropic
 from llmtap.providers.gemini import Gemini
 from llmtap.providers.openai import OpenAI
 from llmtap.record import LogRecord, Outcome, body_bytes
+from llmtap.store.sqlite import SQLiteStore
 
 INLINE = 64 * 1024
 DONE = b"data: [DONE]\n\n"
@@ -245,16 +250,6 @@ CASES: dict[str, tuple[dict[str, Any], bool]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_stored_record_is_the_one_built_whole(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    args, shortcut = CASES[name]
-    fast, slow, took = both(args, monkeypatch)
-    assert took is shortcut
-    same(fast, slow)
-    if shortcut:
-        assert fast.response_body is not None and fast.response_body.content_type == "application/json"
-
-
 def test_gateway_record_carries_usage_and_events_not_the_message(monkeypatch: pytest.MonkeyPatch) -> None:
     """What travels on the queue for a plain stream: tokens, model, outcome, the events."""
     stream = sse(chunk(""), chunk("Hello"), usage_chunk(12, 3))
@@ -449,12 +444,14 @@ MORE_CASES: dict[str, tuple[dict[str, Any], bool]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(MORE_CASES))
-def test_other_providers_store_the_record_built_whole(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    args, shortcut = MORE_CASES[name]
+@pytest.mark.parametrize("name", [*CASES, *MORE_CASES])
+def test_stored_record_is_the_one_built_whole(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    args, shortcut = {**CASES, **MORE_CASES}[name]
     fast, slow, took = both(args, monkeypatch)
     assert took is shortcut
     same(fast, slow)
+    if shortcut:
+        assert fast.response_body is not None and fast.response_body.content_type == "application/json"
 
 
 def test_random_anthropic_and_gemini_streams_store_the_same_record(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -521,3 +518,45 @@ async def test_a_message_that_cannot_be_rebuilt_is_stored_as_the_gateway_sent_it
     assert broken.usage.prompt_tokens == 12 and body_bytes(broken.response_events)  # type: ignore[arg-type]
     assert fine.response_body is not None  # the other provider's stream was finished
     assert "RuntimeError" in caplog.text and "secret" not in caplog.text
+
+
+async def test_worker_chain_stores_every_stream_even_one_it_cannot_rebuild(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standard chain on a real SQLite store and file bodies: 40 deferred streams, one of
+    which makes the reassembly raise. All 40 rows are stored; 39 with their rebuilt message."""
+    builder = RecordBuilder(inline_body_bytes=INLINE, gateway="gw")
+    records = []
+    for i in range(40):
+        cap = capture(sse(chunk("boom" if i == 7 else f"answer {i}"), usage_chunk(10 + i, 3)))
+        cap.id = f"00000000-0000-7000-8000-{i:012d}"
+        records.append(builder.build(cap))
+    assert all(streams.deferred(r) for r in records)
+    real = OpenAI.reassemble_stream
+
+    def flaky(self: OpenAI, raw: bytes) -> Any:
+        if b'"boom"' in raw:
+            raise RuntimeError("reassembly bug")
+        return real(self, raw)
+
+    monkeypatch.setattr(OpenAI, "reassemble_stream", flaky)
+    store = SQLiteStore(str(tmp_path / "store.db"))
+    bodies = FileBodyStore(str(tmp_path / "bodies"))
+    await store.connect()
+    await bodies.connect()
+    try:
+        chain = build_chain(Settings(data_dir=tmp_path), store, bodies)
+        await chain.start()
+        items = await process_records(chain, records)
+        await chain.close()
+        assert all(i.ok for i in items)
+        rows = [await store.get_request("default", r.id) for r in records]
+        assert all(row is not None for row in rows)  # 40 in, 40 stored
+        rebuilt = [row for row in rows if row is not None and row["response_body"] is not None]
+        assert len(rebuilt) == 39
+        broken = rows[7]
+        assert broken is not None and broken["response_body"] is None
+        assert broken["response_events"] is not None and broken["prompt_tokens"] == 17
+    finally:
+        await bodies.close()
+        await store.close()
