@@ -583,3 +583,30 @@ async def test_the_file_is_not_shrunk_while_a_backlog_is_being_drained(qpath: st
         assert pages()[0] * 2 <= full, "the drained queue's pages were never given back"
     finally:
         await q.close()
+
+
+async def test_an_idle_consumer_keeps_its_poll_back_off_across_calls(
+    producer: SQLiteQueue, qpath: str
+) -> None:
+    """A worker calls `consume` every half second while the queue is empty: a back-off that
+    restarted at its shortest pause each call polled twice as often as meant (an idle `llmtap up`
+    woke 170 times a second, ~100 with it kept). Messages bring the shortest pause back."""
+    from llmtap.queue import sqlite as sq
+
+    q = await _consumer(qpath)
+    try:
+        deadline = time.monotonic() + 30
+        while q._poll_pause == sq._POLL_MIN:  # one empty poll and one pause at least
+            assert await q.consume(10, timeout=0.3) == []
+            assert time.monotonic() < deadline
+        grown = q._poll_pause
+        assert await q.consume(10, timeout=0.3) == []
+        assert q._poll_pause >= grown  # not restarted by the new call
+        await producer.publish([Message("k", b"v")])
+        got: list[object] = []
+        while not got:
+            got = list(await q.consume(10, timeout=0.5))
+            assert time.monotonic() < deadline + 30
+        assert q._poll_pause == sq._POLL_MIN
+    finally:
+        await q.close()

@@ -75,6 +75,7 @@ _MAX_OFFSET = (1 << _SHIFT) - 1
 _SHRINK_MIN_PAGES = 4096  # 16 MB of 4 KB pages free before the file is shrunk
 _SHRINK_PAGES = 2048  # at most 8 MB per heartbeat: a short write transaction
 _SHRINK_MAX_LAG = 1000  # messages still waiting: more is a backlog being drained, shrink after
+_POLL_MIN, _POLL_MAX = 0.005, 0.1  # seconds between polls of an empty queue: first, at most
 _LOCK_RETRIES = 20  # on top of busy_timeout: "database is locked" that the busy handler did not absorb
 
 _SCHEMA = """
@@ -149,6 +150,7 @@ class SQLiteQueue(Queue):
         self._state = _State()  # likewise
         self._role: Role | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._poll_pause = _POLL_MIN
 
     # -- plumbing -----------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -336,17 +338,21 @@ class SQLiteQueue(Queue):
 
     # -- consumer -----------------------------------------------------------------------------
     async def consume(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Poll with a back-off kept across calls: a worker asks again every half second while
+        the queue is empty, and a back-off restarting at 5 ms each time made it poll twice as
+        often as 10 times a second (each poll a thread hop and a query)."""
         deadline = time.monotonic() + max(0.0, timeout)
-        pause = 0.005
         while True:
             out = await self._fetch_shielded(max_messages)
             if out:
+                self._poll_pause = _POLL_MIN
                 return out
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
+            pause = self._poll_pause
             await asyncio.sleep(min(pause, left))
-            pause = min(pause * 2, 0.1)  # idle: back off to 10 polls a second
+            self._poll_pause = min(pause * 2, _POLL_MAX)  # idle: back off to 10 polls a second
 
     async def _fetch_shielded(self, max_messages: int) -> list[Delivery]:
         """Fetch on the thread; if our caller is cancelled meanwhile, undo the hand-out so the
