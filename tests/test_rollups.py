@@ -244,6 +244,70 @@ async def test_rollups_equal_raw_through_redelivery_and_retention(
         await compare_users(store, [*written, *late], users_sql_calls, cutoff)
 
 
+def rollup_rows(path: Path) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute("SELECT * FROM rollups ORDER BY tenant, grain, dim, bucket, key").fetchall()
+
+
+async def test_sqlite_keeps_a_batchs_rollup_cells_only_while_nobody_else_changed_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQLite writer keeps the cells its last batch wrote instead of reading them back; any
+    other write to the file (another connection, retention on its own, a failed batch) must make
+    it read them again, or a count is lost. The rollups must end as one batch of the survivors
+    writes them into a fresh store."""
+    from llmtap.errors import TransientError
+    from llmtap.store.sqlite import SQLiteStore
+
+    reads: list[int] = []
+    real_from_row = rollup.Cell.from_row
+    monkeypatch.setattr(rollup.Cell, "from_row", lambda row: (reads.append(1), real_from_row(row))[1])
+    recs = [
+        rec(i, at=T0 + timedelta(milliseconds=500 * i), properties={"env": ("prod", "dev")[i % 2]})
+        for i in range(70)
+    ]  # all in one minute: every batch adds to the same cells
+    async with rollup_store("sqlite", tmp_path) as store:
+        assert isinstance(store, SQLiteStore)
+        await store.write_batch(recs[:10])
+        del reads[:]
+        await store.write_batch(recs[10:20])
+        assert reads == []  # kept from the batch before, not read back
+
+        other = SQLiteStore(store.path, rollup_properties=PROPS)  # a second worker on the file
+        await other.connect()
+        try:
+            await other.write_batch(recs[20:30])
+        finally:
+            await other.close()
+        await store.write_batch(recs[30:40])
+        assert reads  # read again: the other connection changed them
+
+        while await store.delete_older_than(recs[5].started_at, limit=3):  # on the writer's connection
+            pass
+        del reads[:]
+        await store.write_batch(recs[40:50])
+        assert reads
+
+        real_apply = store._apply_rollups
+
+        def apply_then_fail(*args: Any) -> Any:
+            real_apply(*args)  # the cells are changed in memory, then the transaction fails
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(store, "_apply_rollups", apply_then_fail)
+        with pytest.raises(TransientError):
+            await store.write_batch(recs[50:60])
+        monkeypatch.setattr(store, "_apply_rollups", real_apply)
+        await store.write_batch(recs[50:70])
+        got = rollup_rows(store.path)
+    async with rollup_store("sqlite", tmp_path) as ref:
+        assert await ref.write_batch(recs[5:]) == 65
+        assert isinstance(ref, SQLiteStore)
+        want = rollup_rows(ref.path)
+    assert got == want
+    assert [r[5] for r in got if r[1] == "minute" and r[3] == ""] == [65]  # the minute of all requests
+
+
 def test_sketch_roundtrip_merge_and_bound() -> None:
     r = random.Random(1)
     values = [r.lognormvariate(5, 2) for _ in range(5000)] + [0.0] * 50

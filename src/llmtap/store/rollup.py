@@ -321,10 +321,15 @@ def add_totals_sql(placeholders: Sequence[str]) -> str:
 def apply(
     existing: dict[RollupKey, Cell], deltas: dict[RollupKey, Cell]
 ) -> tuple[list[tuple[Any, ...]], list[RollupKey]]:
-    """(rows to upsert, keys to delete) once `deltas` are added to the `existing` cells."""
+    """(rows to upsert, keys to delete) once `deltas` are added to the `existing` cells.
+
+    `existing` is updated in place: afterwards it holds every cell as written (a deleted one
+    with a count of zero or less), which a store may keep for its next batch."""
     upsert, delete = [], []
     for key, delta in deltas.items():
-        cell = existing.get(key) or Cell()
+        cell = existing.get(key)
+        if cell is None:
+            cell = existing[key] = Cell()
         cell.merge(delta)
         if cell.count <= 0:
             delete.append(key)

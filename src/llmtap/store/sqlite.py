@@ -293,6 +293,12 @@ class SQLiteStore(Store):
         self._search = False  # likewise, the search index
         self._project: tuple[int, ...] | None = None  # likewise, every column of `sql.COLUMNS`
         self._insert = _INSERT
+        # The rollup cells the last batch wrote, decoded: the next batch mostly adds to the same
+        # ones (its minute, hour and day), and reading them back was a third of what a small
+        # batch's write cost. Valid while `_cells_mark` (data_version: no other connection
+        # committed; total_changes: nothing else written on ours) is unchanged.
+        self._cells: dict[rollup.RollupKey, rollup.Cell] = {}
+        self._cells_mark: tuple[int, int] | None = None
         self._busy_ms = int(busy_timeout * 1000)
         self.description = f"sqlite {self.path}"
         self._writer: ThreadPoolExecutor | None = None
@@ -475,6 +481,9 @@ class SQLiteStore(Store):
         }
         conn = self._w()
         conn.execute("BEGIN IMMEDIATE")
+        mark = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+        cells = self._cells if mark == self._cells_mark else {}
+        self._cells, self._cells_mark = {}, None  # until this transaction commits
         try:
             # Inside the write lock: the ids present now are exactly those this batch will not
             # insert, so only new rows count in the rollups (redelivery adds nothing).
@@ -525,26 +534,40 @@ class SQLiteStore(Store):
                 srcs = [rollup.source_values(row) for row in rows]
                 sketched, totals = rollup.split_totals(rollup.contributions(srcs, self.rollup_properties))
                 conn.executemany(_ROLLUP_ADD, totals)
-                self._apply_rollups(conn, sketched)
+                cells = self._apply_rollups(conn, sketched, cells)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        if self._rollups:
+            self._cells, self._cells_mark = cells, (mark[0], conn.total_changes)
         if self._checkpointer is not None:
             self._checkpointer.kick()
         return inserted
 
-    def _apply_rollups(self, conn: sqlite3.Connection, deltas: dict[rollup.RollupKey, rollup.Cell]) -> None:
+    def _apply_rollups(
+        self,
+        conn: sqlite3.Connection,
+        deltas: dict[rollup.RollupKey, rollup.Cell],
+        known: dict[rollup.RollupKey, rollup.Cell] | None = None,
+    ) -> dict[rollup.RollupKey, rollup.Cell]:
+        """Add `deltas` to the rollup rows in the caller's transaction; returns the cells as
+        written. `known`: cells as the database holds them now, not read again (and changed)."""
         if not self._rollups:
-            return
+            return {}
         existing = {}
         for key in deltas:
-            found = conn.execute(_ROLLUP_GET, key).fetchone()
-            if found is not None:
-                existing[key] = rollup.Cell.from_row(found)
+            cell = known.get(key) if known else None
+            if cell is None:
+                found = conn.execute(_ROLLUP_GET, key).fetchone()
+                if found is None:
+                    continue
+                cell = rollup.Cell.from_row(found)
+            existing[key] = cell
         upsert, delete = rollup.apply(existing, deltas)
         conn.executemany(_ROLLUP_PUT, upsert)
         conn.executemany(_ROLLUP_DEL, delete)
+        return {k: c for k, c in existing.items() if c.count > 0}
 
     # -- reads ------------------------------------------------------------------------------------
     def _fetch(self, query: str, params: Sequence[Any]) -> list[Any]:
