@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtap.queue.base import Message, partition_for
+from llmtap.queue.base import Delivery, Message, partition_for
 from llmtap.queue.sqlite import SQLiteQueue
 
 LEASE = 1.0  # short leases keep the takeover tests quick
@@ -608,5 +608,47 @@ async def test_an_idle_consumer_keeps_its_poll_back_off_across_calls(
             got = list(await q.consume(10, timeout=0.5))
             assert time.monotonic() < deadline + 30
         assert q._poll_pause == sq._POLL_MIN
+    finally:
+        await q.close()
+
+
+async def test_an_idle_consumer_fetches_only_once_the_file_changed(
+    producer: SQLiteQueue, qpath: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll of an empty queue was a hop to the queue thread and a query, 25 a second in an
+    idle `llmtap up` (its worker and the server's ingest drainer): most of its idle CPU. It now
+    reads `PRAGMA data_version` on the event loop and fetches only when a connection committed
+    since its last empty fetch; a probe that cannot be read makes every poll fetch."""
+    from llmtap.queue import sqlite as sq
+
+    monkeypatch.setattr(sq, "_REFETCH", 3600.0)
+    q = SQLiteQueue(qpath, partitions=4, lease_timeout=3600.0)  # no heartbeat commit in the test
+    await q.connect("consumer")
+    fetches = 0
+    real_fetch = q._fetch
+
+    def counting(n: int) -> list[Delivery]:
+        nonlocal fetches
+        fetches += 1
+        return real_fetch(n)
+
+    monkeypatch.setattr(q, "_fetch", counting)
+    try:
+        for _ in range(20):
+            assert await q.consume(10, timeout=0) == []
+        assert fetches == 1  # the first poll; nothing committed since
+
+        await producer.publish([Message("k", b"v")])  # another connection commits
+        got = await q.consume(10, timeout=0)
+        assert [d.value for d in got] == [b"v"] and fetches == 2
+        await q.ack(got)  # our own queue thread's commit counts too
+        assert await q.consume(10, timeout=0) == [] and fetches == 3
+        assert await q.consume(10, timeout=0) == [] and fetches == 3
+
+        assert q._probe is not None
+        q._probe.close()  # unreadable: back to fetching on every poll
+        for i in range(3):
+            assert await q.consume(10, timeout=0) == []
+            assert fetches == 4 + i
     finally:
         await q.close()

@@ -76,6 +76,7 @@ _SHRINK_MIN_PAGES = 4096  # 16 MB of 4 KB pages free before the file is shrunk
 _SHRINK_PAGES = 2048  # at most 8 MB per heartbeat: a short write transaction
 _SHRINK_MAX_LAG = 1000  # messages still waiting: more is a backlog being drained, shrink after
 _POLL_MIN, _POLL_MAX = 0.005, 0.1  # seconds between polls of an empty queue: first, at most
+_REFETCH = 1.0  # seconds: an idle consumer fetches at least this often, whatever the probe says
 _LOCK_RETRIES = 20  # on top of busy_timeout: "database is locked" that the busy handler did not absorb
 
 _SCHEMA = """
@@ -151,6 +152,12 @@ class SQLiteQueue(Queue):
         self._role: Role | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._poll_pause = _POLL_MIN
+        # `PRAGMA data_version` read on the event loop (it only reads the WAL index): a poll of
+        # an empty queue hops to the queue thread only when some connection committed since the
+        # last fetch that found nothing (`_idle_version`), or `_REFETCH` after it.
+        self._probe: sqlite3.Connection | None = None
+        self._idle_version: int | None = None
+        self._idle_at = 0.0
 
     # -- plumbing -----------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -214,6 +221,7 @@ class SQLiteQueue(Queue):
             await self._shutdown_executor()
             raise
         if role in ("consumer", "both"):
+            self._probe = await self._call(self._open_probe)
             await self._call(self._tick)
             self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="llmtap-queue-heartbeat")
 
@@ -273,7 +281,26 @@ class SQLiteQueue(Queue):
             db.close()
             raise BackendUnavailable(f"cannot open the SQLite queue at {self.path}: {e}") from e
 
+    def _open_probe(self) -> sqlite3.Connection | None:
+        try:
+            return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            return None  # no probe: every poll fetches, as before
+
+    def _version(self) -> int | None:
+        """Changes whenever another connection (any process; our queue thread's included)
+        committed to the file; None when it cannot be read (then the poll fetches)."""
+        if self._probe is None:
+            return None
+        try:
+            return int(self._probe.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error:
+            return None
+
     async def close(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.close()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -340,13 +367,20 @@ class SQLiteQueue(Queue):
     async def consume(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Poll with a back-off kept across calls: a worker asks again every half second while
         the queue is empty, and a back-off restarting at 5 ms each time made it poll twice as
-        often as 10 times a second (each poll a thread hop and a query)."""
+        often as 10 times a second. A poll fetches (a thread hop and a query) only when the
+        file changed since the last fetch that found nothing: the version is read before the
+        fetch, so a commit racing with it is seen by the next poll."""
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
-            out = await self._fetch_shielded(max_messages)
-            if out:
-                self._poll_pause = _POLL_MIN
-                return out
+            version = self._version()
+            stale = time.monotonic() - self._idle_at >= _REFETCH
+            if version is None or version != self._idle_version or stale:
+                out = await self._fetch_shielded(max_messages)
+                if out:
+                    self._poll_pause = _POLL_MIN
+                    self._idle_version = None
+                    return out
+                self._idle_version, self._idle_at = version, time.monotonic()
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
@@ -374,6 +408,7 @@ class SQLiteQueue(Queue):
             raise
 
     def _undeliver(self, deliveries: list[Delivery]) -> None:
+        self._idle_version = None  # handed out again without a commit: the next poll fetches
         first: dict[int, int] = {}
         for d in deliveries:
             first[d.partition] = min(first.get(d.partition, d.offset), d.offset)
