@@ -151,6 +151,26 @@ async def test_stop_flushes_everything_pending(tmp_path: Path) -> None:
     assert len(q.messages) == 300 and pub.pending == 0
 
 
+async def test_a_lone_capture_after_a_quiet_spell_does_not_wait_for_the_linger(tmp_path: Path) -> None:
+    """Light traffic: lingering batches nothing and only adds a wake-up (and delay before the
+    record is durable). A capture alone after no batch was sent for a linger goes at once;
+    one that follows closely, or a burst, still waits to fill a batch."""
+    q = MemoryQueue()
+    s = settings(tmp_path, publish_linger_ms=3_600_000.0, publish_batch_size=1000)
+    pub = Publisher(s, [QueueSink(q)])
+    await pub.start()
+    try:
+        pub.submit(capture(0))
+        await wait_for(lambda: len(q.messages) == 1, timeout=60)  # not an hour later
+        pub.submit(capture(1))  # a batch was sent just now: this one lingers
+        await asyncio.sleep(0.05)
+        assert len(q.messages) == 1 and pub.pending == 1
+    finally:
+        await pub.stop(timeout=5)
+    assert [decode(m.value).id for m in q.messages] == [capture(i).id for i in range(2)]
+    assert pub.published == 2 and pub.pending == 0
+
+
 async def test_stop_deadline_with_queue_down_counts_the_loss(tmp_path: Path) -> None:
     q = MemoryQueue()
     q.down = True

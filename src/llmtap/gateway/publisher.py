@@ -2,8 +2,9 @@
 
 `Publisher.submit` is what a request pays for logging: one deque append and two integer
 updates. A single background task does the rest in batches — every `publish_linger_ms`, or as
-soon as `publish_batch_size` captures wait: build the records, write the bodies above the inline
-limit to the body store (`llmtap.bodies.offload`), then hand the batch to the first `Sink` that takes it.
+soon as `publish_batch_size` captures wait (a lone capture after a quiet spell at once): build
+the records, write the bodies above the inline limit to the body store
+(`llmtap.bodies.offload`), then hand the batch to the first `Sink` that takes it.
 
 Sinks form a chain: `Publisher(sinks=[QueueSink(q), IngestSink(...), SpoolSink(...)])`. A sink
 either makes the whole batch durable or raises `BackendUnavailable`; the batch then goes to the
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -186,6 +188,7 @@ class Publisher:
         self._parts: deque[_Batch] = deque()  # parts of a refused batch, tried before new captures
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._sent_at = -math.inf  # loop time the last batch was made durable
         self._last_warn: dict[str, float] = {}
         self._open_until: dict[int, float] = {}  # id(sink) -> monotonic time it is tried again
         self._cooldown: dict[int, float] = {}
@@ -320,6 +323,7 @@ class Publisher:
                 and len(dq) < self.batch_size
                 and self.linger > 0
                 and not self._stopping
+                and not self._alone(len(dq))
             ):
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -335,6 +339,7 @@ class Publisher:
                     self._building = []
             batch = self._held
             if await self._deliver(batch):
+                self._sent_at = asyncio.get_running_loop().time()
                 self._held = None
                 self.buffer_bytes -= batch.nbytes
                 backoff = _BACKOFF_MIN
@@ -346,6 +351,16 @@ class Publisher:
                 continue
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def _alone(self, waiting: int) -> bool:
+        """A lone capture after a quiet spell (no batch sent for a linger) goes at once.
+
+        Under light traffic the linger batches nothing: it only adds a wake-up of its own, and
+        a process woken from sleep runs its first work several times slower (cold caches). The
+        capture goes out right after its request, while the loop is awake anyway, and is durable
+        sooner. A burst (more than one waiting) or steady traffic still lingers to fill a batch.
+        """
+        return waiting == 1 and asyncio.get_running_loop().time() - self._sent_at >= self.linger
 
     def _isolate(self, batch: _Batch) -> None:
         """A batch every sink refused (not an outage): find the record at fault instead of
