@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/steady_rate.py                                # idle, 100, 500 req/s; 3 rounds
     .venv/bin/python bench/steady_rate.py --rates 0,100 --rounds 2 --env LLMTAP_WORKER_LINGER_MS=50
+    .venv/bin/python bench/steady_rate.py --rates 0,10 --variants up --by-thread   # where it goes
 
 `bench_gateway.py` measures at max throughput, where every batch is full: a batch's fixed cost
 (the store's transaction with its rollup cells, the queue's fetch and ack, a body pack file, a
@@ -13,6 +14,9 @@ per rate, the CPU per request from the start of the load until the store holds e
 (the worker's catch-up included), the CPU as a share of one core, and for `up` the worker's
 batches (from its /metrics: how many records a batch held). Rate 0 is idle: CPU over
 `--seconds` with no traffic. Rounds are interleaved across the variants; medians are printed.
+`--by-thread` adds, per run, each thread's CPU per request and wake-ups a second (voluntary
+context switches, /proc), named by `py-spy dump` when py-spy is installed: below saturation a
+wake-up costs more than the work it does (cold caches), so their count is the figure to watch.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,8 +82,50 @@ def worker_batches(v: Variant) -> tuple[float, float]:
     return total[0], total[1]
 
 
-def measure(v: Variant, rate: float, seconds: float, timeout: float) -> dict[str, float]:
+def thread_stats(pid: int) -> dict[int, tuple[float, int]]:
+    """tid -> (CPU seconds, voluntary context switches) of every thread of `pid`."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        switches = re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M)
+        out[int(tid)] = ((int(fields[11]) + int(fields[12])) / tick, int(switches[1]) if switches else 0)
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """tid -> Python thread name, from `py-spy dump` (empty without py-spy)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return {}
+    out = subprocess.run([spy, "dump", "-p", str(pid)], capture_output=True, text=True, timeout=60).stdout
+    return {
+        int(m[1]): m[2]
+        for m in re.finditer(r'^Thread (?:0x[0-9a-fA-F]+ )?\(?(\d+)\)?.*?"([^"]*)"', out, re.M)
+    }
+
+
+def by_thread(pid: int, before: dict[int, tuple[float, int]], n: int, wall: float) -> str:
+    after, names = thread_stats(pid), thread_names(pid)
+    parts = []
+    for tid, (cpu, switches) in sorted(after.items()):
+        c0, s0 = before.get(tid, (0.0, 0))
+        if cpu > c0 or switches > s0:
+            cost = f"{(cpu - c0) / n * 1e6:.0f} us/req" if n else f"{cpu - c0:.2f} s"
+            parts.append(f"{names.get(tid, tid)} {cost} {(switches - s0) / wall:.0f}/s")
+    return "; ".join(parts)
+
+
+def measure(
+    v: Variant, rate: float, seconds: float, timeout: float, threads: bool = False
+) -> dict[str, float]:
     since = utc_now()
+    pid = next(iter(v.procs.values())).pid
+    before = thread_stats(pid) if threads else {}
     b0, p0 = worker_batches(v)
     c0 = sum(v.cpu().values()) + v.drain_cpu_s
     t0 = time.monotonic()
@@ -94,6 +142,9 @@ def measure(v: Variant, rate: float, seconds: float, timeout: float) -> dict[str
     wall = time.monotonic() - t0
     cpu = sum(v.cpu().values()) + v.drain_cpu_s - c0  # `gateway`: + its draining worker
     b1, p1 = worker_batches(v)
+    if threads:
+        first = next(iter(v.procs))
+        progress(f"  {v.name} threads of {first}, CPU and wake-ups: " + by_thread(pid, before, n, wall))
     return {
         "us_per_request": cpu / n * 1e6 if n else 0.0,
         "core_pct": 100 * cpu / wall,
@@ -110,6 +161,7 @@ def main() -> int:
     ap.add_argument("--variants", default="passthrough,up", help="passthrough, up, gateway (comma list)")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra env for llmtap")
     ap.add_argument("--catch-up-timeout", type=float, default=120.0)
+    ap.add_argument("--by-thread", action="store_true", help="each thread's CPU and wake-ups a second")
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     names = args.variants.split(",")
@@ -130,7 +182,7 @@ def main() -> int:
                     for rate in rates:
                         order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
                         for v in order:
-                            r = measure(v, rate, args.seconds, args.catch_up_timeout)
+                            r = measure(v, rate, args.seconds, args.catch_up_timeout, args.by_thread)
                             results.setdefault((v.name, rate), []).append(r)
                             batches = f", {r['batches']:.0f} worker batches of {r['per_batch']:.0f}"
                             progress(
