@@ -283,7 +283,8 @@ class SQLiteQueue(Queue):
 
     def _open_probe(self) -> sqlite3.Connection | None:
         try:
-            return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # No busy wait: read on the event loop, a locked file must fail at once (then fetch).
+            return sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error:
             return None  # no probe: every poll fetches, as before
 
