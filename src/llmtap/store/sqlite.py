@@ -481,10 +481,10 @@ class SQLiteStore(Store):
         }
         conn = self._w()
         conn.execute("BEGIN IMMEDIATE")
-        mark = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
-        cells = self._cells if mark == self._cells_mark else {}
-        self._cells, self._cells_mark = {}, None  # until this transaction commits
         try:
+            mark = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+            cells = self._cells if mark == self._cells_mark else {}
+            self._cells, self._cells_mark = {}, None  # until this transaction commits
             # Inside the write lock: the ids present now are exactly those this batch will not
             # insert, so only new rows count in the rollups (redelivery adds nothing).
             present: set[tuple[str, str]] = set()
