@@ -25,7 +25,7 @@ from ddsketch import DDSketch
 from llmtap.record import LogRecord
 from llmtap.store import rollup
 from llmtap.store.base import ListQuery, StatsQuery, Store
-from llmtap.store.query import to_micros
+from llmtap.store.query import from_micros, to_micros
 from llmtap.store.sketch import RELATIVE_ACCURACY, Sketch
 from store_helpers import (
     T0,
@@ -465,7 +465,9 @@ async def test_user_rollups_answer_from_their_migration_on(
             assert {u["user_id"] for u in got_users} == named and "" in named
 
             # Written after the upgrade (and after the start of coverage): the user rollups answer.
-            today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+            # The day is the coverage's, not the clock's: midnight may pass while this runs.
+            day_us = 86_400_000_000
+            today = from_micros((since - 1) // day_us * day_us)
             new = records()[300:700]
             for i, x in enumerate(new):
                 x.id = f"new-{i}"
@@ -492,7 +494,7 @@ async def test_user_rollups_answer_from_their_migration_on(
             # the user rollups once retention has removed them.
             assert await store.users("globex") == await store.users("globex", exact=True)
             assert users_sql_calls == []
-            while await store.delete_older_than(datetime.now(UTC)):
+            while await store.delete_older_than(today + timedelta(days=1)):
                 pass
             await compare_users(store, new, users_sql_calls)
         finally:
