@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gateway import Bench, Variant, progress, run_wrk, utc_now
+from bench_gateway import Bench, Variant, progress, run_wrk
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
@@ -67,7 +67,6 @@ def main() -> int:
         v: Variant = bench.start_variant("up")
         proxy = v.procs["proxy"]
         try:
-            since = utc_now()
             time.sleep(5)  # start-up's own allocations settle; the worker polls an empty queue
             idle, _ = rss_mb(proxy.pid)
             progress(f"llmtap up (pid {proxy.pid}) idle: RSS {idle:.0f} MB")
@@ -84,7 +83,9 @@ def main() -> int:
                 load_s = time.monotonic() - t0
                 after_load, _ = rss_mb(proxy.pid)
                 sent += w.sent
-                stored, wait_s = v.wait_stored(since, sent, args.catch_up_timeout)
+                v.expected += w.sent
+                got, wait_s = v.wait_stored(w.sent, args.catch_up_timeout)
+                stored = sent - w.sent + got
                 caught_up, peak = rss_mb(proxy.pid)
                 row = {
                     "requests": sent,

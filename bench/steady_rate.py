@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
-from bench_gateway import PROMPT, Bench, Variant, http_get, pick_cores, progress, utc_now
+from bench_gateway import PROMPT, Bench, Variant, http_get, pick_cores, progress
 
 
 async def paced(url: str, rate: float, seconds: float) -> int:
@@ -123,7 +123,6 @@ def by_thread(pid: int, before: dict[int, tuple[float, int]], n: int, wall: floa
 def measure(
     v: Variant, rate: float, seconds: float, timeout: float, threads: bool = False
 ) -> dict[str, float]:
-    since = utc_now()
     pid = next(iter(v.procs.values())).pid
     before = thread_stats(pid) if threads else {}
     b0, p0 = worker_batches(v)
@@ -136,7 +135,7 @@ def measure(
         time.sleep(seconds)
     if v.logs and n:
         v.expected += n
-        stored, _ = v.wait_stored(since, n, timeout)
+        stored, _ = v.wait_stored(n, timeout)
         if stored < n:
             raise SystemExit(f"{v.name}: only {stored} of {n} requests stored")
     wall = time.monotonic() - t0
