@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from llmtap.queue import sqlite as sq
 from llmtap.queue.base import Delivery, Message, partition_for
 from llmtap.queue.sqlite import SQLiteQueue
 
@@ -525,7 +526,12 @@ async def test_batches_of_1kb_records_take_one_transaction_each_not_one_per_reco
         await q.close()
 
 
-async def test_drained_backlog_gives_disk_space_back(qpath: str) -> None:
+@pytest.mark.parametrize("page_size", [4096, sq.PAGE_SIZE], ids=["4k-file-from-before", "new-file"])
+async def test_drained_backlog_gives_disk_space_back(
+    qpath: str, page_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also for a file made before the queue's page size grew: the thresholds are in bytes."""
+    monkeypatch.setattr(sq, "PAGE_SIZE", page_size)  # only a new file takes it
     q = SQLiteQueue(qpath, partitions=2, heartbeat_interval=0.05)
     await q.connect("both")
     payload = os.urandom(1024)
@@ -537,16 +543,52 @@ async def test_drained_backlog_gives_disk_space_back(qpath: str) -> None:
             await q.ack(batch)
         assert (await q.status()).lag == 0
 
-        def pages() -> int:
+        def size() -> int:
             with sqlite3.connect(qpath) as db:
-                return int(db.execute("PRAGMA page_count").fetchone()[0])
+                assert db.execute("PRAGMA page_size").fetchone()[0] == page_size
+                return int(db.execute("PRAGMA page_count").fetchone()[0]) * page_size
 
         deadline = time.monotonic() + 10
-        while pages() * 4096 > full / 2 and time.monotonic() < deadline:
+        while size() > full / 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert pages() * 4096 <= full / 2, "trimmed pages were never given back"
+        assert size() <= full / 2, "trimmed pages were never given back"
     finally:
         await q.close()
+
+
+async def test_a_new_file_gets_large_pages_and_an_old_one_keeps_its_own(
+    qpath: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two 2.5 KB messages share no 4 KB page; a 16 KB one holds six, so each message costs a
+    fraction of a page to write, checkpoint and read. A file written by an earlier version keeps
+    its 4 KB pages (WAL mode cannot change them) and its messages."""
+    q = SQLiteQueue(qpath, partitions=2)
+    await q.connect("producer")
+    await q.close()
+    with sqlite3.connect(qpath) as db:
+        assert db.execute("PRAGMA page_size").fetchone()[0] == sq.PAGE_SIZE == 16384
+
+    old = qpath + ".old"
+    monkeypatch.setattr(sq, "PAGE_SIZE", 4096)
+    q = SQLiteQueue(old, partitions=2)
+    await q.connect("producer")
+    await q.publish([Message(key=f"k{j}", value=os.urandom(2500)) for j in range(40)])
+    await q.close()
+    monkeypatch.undo()
+    q = SQLiteQueue(old, partitions=2)
+    await q.connect("both")
+    try:
+        await q.publish([Message(key=f"k{j}", value=os.urandom(2500)) for j in range(40, 60)])
+        got: list[Delivery] = []
+        while batch := await q.consume(100, timeout=0.5):
+            got += batch
+            await q.ack(batch)
+        assert len(got) == 60
+        assert q._page_size == 4096
+    finally:
+        await q.close()
+    with sqlite3.connect(old) as db:
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
 
 
 async def test_the_file_is_not_shrunk_while_a_backlog_is_being_drained(qpath: str) -> None:
@@ -554,7 +596,7 @@ async def test_the_file_is_not_shrunk_while_a_backlog_is_being_drained(qpath: st
     until the backlog is drained, however much of the file is already free."""
     q = SQLiteQueue(qpath, partitions=2, heartbeat_interval=0.05)
     await q.connect("both")
-    payload = os.urandom(1024)
+    payload = os.urandom(2048)  # 40 MB: past the 16 MB the queue keeps free for the next burst
 
     def pages() -> tuple[int, int]:
         with sqlite3.connect(qpath) as db:

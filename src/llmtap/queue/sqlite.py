@@ -72,8 +72,15 @@ T = TypeVar("T")
 
 _SHIFT = 40  # offsets per partition: 2**40; partitions * 2**40 stays far below 2**63
 _MAX_OFFSET = (1 << _SHIFT) - 1
-_SHRINK_MIN_PAGES = 4096  # 16 MB of 4 KB pages free before the file is shrunk
-_SHRINK_PAGES = 2048  # at most 8 MB per heartbeat: a short write transaction
+#: Pages of a new queue file. A message (a record, ~1-8 KB) is written to the WAL, read back and
+#: written again by the checkpoint, and read by the consumer, a page at a time: with SQLite's 4 KB
+#: default a 2.5 KB message filled a page of its own (two could not share one), so every message
+#: cost ~3.4 page writes and ~1 page read (strace). 16 KB holds six: publish 15 -> 9 us and
+#: consume + ack 15 -> 7 us a message (bench/README.md, "Queue pages"). An existing file keeps its
+#: page size (SQLite cannot change it in WAL mode).
+PAGE_SIZE = 16384
+_SHRINK_MIN_BYTES = 16 << 20  # free before the file is shrunk
+_SHRINK_BYTES = 8 << 20  # at most this much per heartbeat: a short write transaction
 _SHRINK_MAX_LAG = 1000  # messages still waiting: more is a backlog being drained, shrink after
 _POLL_MIN, _POLL_MAX = 0.005, 0.1  # seconds between polls of an empty queue: first, at most
 _REFETCH = 1.0  # seconds: an idle consumer fetches at least this often, whatever the probe says
@@ -148,6 +155,7 @@ class SQLiteQueue(Queue):
         self.description = f"sqlite {path}"
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched on the executor thread only
+        self._page_size = PAGE_SIZE  # the file's, once open
         self._state = _State()  # likewise
         self._role: Role | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -236,13 +244,16 @@ class SQLiteQueue(Queue):
         self._conn = db
         try:
             db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
-            # Only takes effect on a new, empty file: lets a drained backlog give space back.
+            # Both only take effect on a new, empty file, the page size only if set first.
+            db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            # Lets a drained backlog give space back.
             db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL mode (got {mode})")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA journal_size_limit=67108864")  # shrink the WAL back after bursts
+            self._page_size = int(db.execute("PRAGMA page_size").fetchone()[0])  # older files: 4 KB
 
             def init(db: sqlite3.Connection) -> None:
                 for statement in _SCHEMA.split(";"):
@@ -614,7 +625,8 @@ class SQLiteQueue(Queue):
         worker drained 20k records (py-spy, bench/README.md)."""
         db = self._db()
         free = db.execute("PRAGMA freelist_count").fetchone()[0]
-        if free < _SHRINK_MIN_PAGES or free * 2 < db.execute("PRAGMA page_count").fetchone()[0]:
+        page = self._page_size
+        if free * page < _SHRINK_MIN_BYTES or free * 2 < db.execute("PRAGMA page_count").fetchone()[0]:
             return
         if (
             db.execute("SELECT coalesce(sum(next_offset - committed), 0) FROM partitions").fetchone()[0]
@@ -622,7 +634,7 @@ class SQLiteQueue(Queue):
         ):
             return
         # executescript steps the pragma to completion (execute() would free a single page)
-        db.executescript(f"PRAGMA incremental_vacuum({_SHRINK_PAGES});")
+        db.executescript(f"PRAGMA incremental_vacuum({_SHRINK_BYTES // page});")
 
     def _rebalance(self, db: sqlite3.Connection) -> Callable[[], None]:
         """Renew, release and claim partitions so each live consumer holds its fair share.
