@@ -74,10 +74,10 @@ _SHIFT = 40  # offsets per partition: 2**40; partitions * 2**40 stays far below 
 _MAX_OFFSET = (1 << _SHIFT) - 1
 #: Pages of a new queue file. A message (a record, ~1-8 KB) is written to the WAL, read back and
 #: written again by the checkpoint, and read by the consumer, a page at a time: with SQLite's 4 KB
-#: default a 2.5 KB message filled a page of its own (two could not share one), so every message
-#: cost ~3.4 page writes and ~1 page read (strace). 16 KB holds six: publish 15 -> 9 us and
-#: consume + ack 15 -> 7 us a message (bench/README.md, "Queue pages"). An existing file keeps its
-#: page size (SQLite cannot change it in WAL mode).
+#: default a 2.5 KB message filled a page of its own (two could not share one), ~3.4 `pwrite` and
+#: ~1 `pread` calls a message (strace). 16 KB holds six: publish 15 -> 9 us and consume + ack
+#: 15 -> 7 us a message (`bench/queue_pages.py`; bench/README.md, "... queue pages"). An existing
+#: file keeps its page size (SQLite cannot change it in WAL mode).
 PAGE_SIZE = 16384
 _SHRINK_MIN_BYTES = 16 << 20  # free before the file is shrunk
 _SHRINK_BYTES = 8 << 20  # at most this much per heartbeat: a short write transaction
