@@ -10,6 +10,7 @@ overall answers are checked against that reference too.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import sqlite3
 import uuid
@@ -44,6 +45,9 @@ from store_helpers import (
 pytestmark = pytest.mark.timeout(600)
 PROPS = ("env", "Team")  # names are case-insensitive: "Team" rolls up property "team"
 PROPS_STORED = ("env", "team")  # as the stores pass them to `rollup.contributions`
+#: Ends of ranges off the minute (and hour) boundaries, as an API client sends "the last N hours".
+OFF_A = T0 - timedelta(days=2, minutes=30, seconds=20, microseconds=500_000)
+OFF_B = T0 - timedelta(hours=5, seconds=41, microseconds=7)
 
 
 @contextlib.asynccontextmanager
@@ -84,6 +88,15 @@ def records() -> list[LogRecord]:
             x.status = None  # no response: NULL status key
         if i % 43 == 0:
             x.user_id = ""  # a user id, not NULL: its own group
+    # Rows just inside and just outside the ends of the ranges off the grains' boundaries
+    # (`OFF_A`, `OFF_B`): the partial minutes (hours for properties) there are read from raw rows.
+    offsets = (-1, 0, 1, 30, 1200, -1200, -30, 0.5)
+    for i, (anchor, off) in enumerate((a, o) for a in (OFF_A, OFF_B) for o in offsets for _ in range(3)):
+        x = out[1 + 7 * i]
+        shift = anchor + timedelta(seconds=off) - x.started_at
+        x.started_at += shift
+        x.first_byte_at = None if x.first_byte_at is None else x.first_byte_at + shift
+        x.ended_at += shift
     return out
 
 
@@ -127,6 +140,13 @@ def queries() -> list[StatsQuery]:
         (datetime(2025, 1, 25, tzinfo=UTC), datetime(2025, 2, 20, tzinfo=UTC)),
         (datetime(2025, 1, 3, tzinfo=UTC), None),
         (datetime(2025, 2, 2, tzinfo=UTC), datetime(2025, 2, 27, tzinfo=UTC)),
+        # Off the grains' boundaries: days, hours and minutes inside from rollups, the partial
+        # minutes (hours for properties) at the ends from raw rows; users need whole days.
+        (OFF_A, OFF_B),
+        (OFF_A, None),
+        (None, OFF_B),
+        (OFF_B - timedelta(minutes=40, seconds=5), OFF_B - timedelta(minutes=20)),  # no whole hour
+        (OFF_A, OFF_A + timedelta(seconds=30)),  # no whole minute: raw rows only
     ]
     out = []
     for since, until in ranges:
@@ -214,15 +234,17 @@ async def test_rollups_equal_raw_through_redelivery_and_retention(
         reused = rec(1, id=data[3].id, tenant=data[3].tenant, at=T0 - timedelta(days=1))
         assert await store.write_batch([reused]) == 0
         written = [*data, extra]
-        # 352 queries; raw rows answer properties over minute-aligned ranges (12) and user_id (day
-        # rollups only) with hour buckets or over hour- and minute-aligned ranges (18)
-        assert await compare_all(store, written) == 316
+        # 286 queries a tenant, 234 from rollups; raw rows answer user_id (day rows only) with hour
+        # buckets or off whole days (24), properties over a range without a whole hour (6) and
+        # a range without a whole minute (22)
+        assert await compare_all(store, written) == 2 * 234
         await compare_users(store, written, users_sql_calls)
 
-        # Fallbacks: a filter, a range off the minute boundaries, a dimension not rolled up.
+        # Fallbacks: a filter, a range without a whole minute, a dimension not rolled up.
+        assert (await store.stats("acme", StatsQuery(since=T0)))["source"] == "rollups"
         for q in (
             StatsQuery(filters=ListQuery(user_id="alice")),
-            StatsQuery(since=T0),
+            StatsQuery(since=T0, until=T0 + timedelta(seconds=50)),
             StatsQuery(group_by="session_id"),
             StatsQuery(group_by="property.other"),
         ):
@@ -235,12 +257,12 @@ async def test_rollups_equal_raw_through_redelivery_and_retention(
         assert (await store.stats("acme", StatsQuery(exact=True, until=cutoff)))["overall"]["count"] == 0
         gone = await store.stats("acme", StatsQuery(until=cutoff.replace(minute=0, second=0, microsecond=0)))
         assert gone["source"] == "rollups" and gone["overall"]["count"] == 0
-        assert await compare_all(store, written, cutoff) == 316
+        assert await compare_all(store, written, cutoff) == 2 * 234
         await compare_users(store, written, users_sql_calls, cutoff)
         # After retention, records keep adding up (the partly deleted buckets included).
         late = [rec(20_000 + i, id=f"after-{i}", at=cutoff + timedelta(seconds=i)) for i in range(30)]
         assert await store.write_batch(late) == 30
-        assert await compare_all(store, [*written, *late], cutoff) == 316
+        assert await compare_all(store, [*written, *late], cutoff) == 2 * 234
         await compare_users(store, [*written, *late], users_sql_calls, cutoff)
 
 
@@ -623,7 +645,10 @@ async def test_postgres_estimates_a_rollup_read_from_its_grain_and_dimension_tog
         conn = await asyncpg.connect(url)
         try:
             await conn.execute("ANALYZE rollups")
-            q, params = rollup.read_sql(DIALECT, "acme", rollup.Plan("day", "model", to_micros(since), None))
+            covered = {d: 0 for d in rollup.dims_for(())}
+            p = rollup.plan(StatsQuery(since=since, group_by="model"), (), covered)
+            assert p is not None and p.spans == (("day", to_micros(since), None),) and not p.edges
+            q, params = rollup.read_sql(DIALECT, "acme", p)
             estimated = await planned_rows(conn, q, params)
             actual = len(await conn.fetch(q, *params))
             total = await conn.fetchval("SELECT count(*) FROM rollups")
@@ -631,3 +656,43 @@ async def test_postgres_estimates_a_rollup_read_from_its_grain_and_dimension_tog
             await conn.close()
     assert actual == 3 * 3 and total > 20_000  # 3 days x ('', m0, m1) among everything else
     assert estimated <= 10 * actual, (estimated, actual, total)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_range_off_the_boundaries_is_tiled_by_rollup_spans_and_two_raw_edges(seed: int) -> None:
+    """Spans and edges cover [since, until) once each; spans on their grain's boundaries, each
+    edge inside one bucket of the finest grain, so raw rows are read for two such buckets at most."""
+    r = random.Random(seed)
+    base = to_micros(T0) // 86_400_000_000 * 86_400_000_000
+    since = base - r.randrange(0, 40 * 86_400_000_000) if r.random() < 0.9 else None
+    until = base + r.randrange(-3 * 86_400_000_000, 5 * 86_400_000_000) if r.random() < 0.9 else None
+    if since is not None and until is not None and since >= until:
+        since, until = until - r.randrange(1, 3 * 3_600_000_000), until
+    group_by = r.choice((None, "model", "property.env"))
+    bucket = r.choice((None, "minute", "hour", "day"))
+    q = StatsQuery(
+        since=None if since is None else from_micros(since),
+        until=None if until is None else from_micros(until),
+        group_by=group_by,  # type: ignore[arg-type]
+        bucket=bucket,  # type: ignore[arg-type]
+    )
+    p = rollup.plan(q, PROPS_STORED, {d: 0 for d in rollup.dims_for(PROPS_STORED)})
+    finest = rollup.BUCKET_MICROS["hour" if group_by == "property.env" else "minute"]
+    if p is None:  # properties have no minute rows; no whole bucket inside: raw rows answer
+        no_whole = since is not None and until is not None and -(-since // finest) >= until // finest
+        assert (group_by == "property.env" and bucket == "minute") or no_whole, (since, until, group_by)
+        return
+    pieces: list[tuple[int | None, int | None]] = []
+    for grain, a, b in p.spans:
+        w = rollup.BUCKET_MICROS[grain]
+        assert rollup.rolled(grain, p.dim or "") and w <= rollup.BUCKET_MICROS[bucket or "day"]
+        assert (a is None or a % w == 0) and (b is None or b % w == 0)
+        pieces.append((a, b))
+    for a, b in p.edges:
+        assert a < b and b - a < finest and (a // finest == (b - 1) // finest)
+        pieces.append((a, b))
+    assert len(p.edges) <= 2 and len(p.spans) <= 5
+    pieces.sort(key=lambda ab: -1 if ab[0] is None else ab[0])
+    assert pieces[0][0] == since and pieces[-1][1] == until
+    for (_, b), (a, _) in itertools.pairwise(pieces):
+        assert b == a  # no gap, no overlap

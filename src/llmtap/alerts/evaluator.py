@@ -2,8 +2,9 @@
 
 The window of an evaluation at `now` is `[m - window, m)` where `m` is `now` rounded down to the
 minute: whole minutes, so the minute rollups answer it exactly when the grouping is rolled up
-(overall, model, provider, status); per user or per property (properties are rolled up per hour)
-raw rows answer, through the same `Store.stats` the API uses. A record counts once the worker has
+(overall, model, provider, status); per property (rolled up per hour) the whole hours inside it
+come from rollups and the partial hours at its ends from raw rows; per user raw rows answer;
+all through the same `Store.stats` the API uses. A record counts once the worker has
 stored it: a queue lagging by more than the minute's margin shows up late, not never.
 
 Firing and resolving, per rule x group (the groups of `stats`: its 100 largest by count):

@@ -638,8 +638,13 @@ class PostgresStore(Store):
                 keys = [rollup.decode_key(plan.dim, row[0]) for row in top]
                 q, params = sql.keyed_values_sql(DIALECT, tenant, query, plan.dim, keys)
                 users = rollup.user_groups(top, await self._fetch(q, *params) if keys else [], to_micros)
+            edges = None
+            if plan.edges:
+                q, params = rollup.edge_sql(DIALECT, tenant, plan)
+                rows = await self._fetch(q, *params)
+                edges = rollup.edge_cells(plan, rows, self.rollup_properties, to_micros)
             q, params = rollup.read_sql(DIALECT, tenant, plan)
-            return rollup.answer(query, plan, await self._fetch(q, *params), users)
+            return rollup.answer(query, plan, await self._fetch(q, *params), users, edges)
         parts: list[tuple[sql.Kind, int | None]] = [("overall", None)]
         if query.group_by:
             parts.append(("group", MAX_GROUPS))

@@ -360,19 +360,32 @@ def _plain(f: ListQuery) -> bool:
     )
 
 
+Span = tuple[str, int | None, int | None]  # (grain, from, to): rollup rows with from <= bucket < to
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
-    grain: str
+    grain: str  # the coarsest grain read
     dim: str | None  # the group_by dimension
     since: int | None
     until: int | None
+    #: Rollup rows to read; their buckets tile the range but for the `edges`.
+    spans: tuple[Span, ...] = ()
+    #: [from, to) ranges off the finest grain's boundaries (at the range's ends): raw rows,
+    #: added as rollups would have counted them (`edge_sql`, `edge_cells`).
+    edges: tuple[tuple[int, int], ...] = ()
 
 
 def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> Plan | None:
-    """The rollup reading that answers `q` exactly, or None (then raw rows answer).
+    """The rollup reading that answers `q`, or None (then raw rows answer).
 
-    Needs: no list filters; group_by among the rolled-up dimensions; since/until on the grain's
-    boundaries; a bucket no finer than the grain; the range inside the dimensions' coverage.
+    Needs: no list filters; group_by among the rolled-up dimensions; a bucket no finer than the
+    grain; the range inside the dimensions' coverage. A range on the grains' boundaries reads
+    rollup rows alone, coarsest first. One off them (`since=` to the second, as an API client
+    asks for "the last 24 hours") reads the whole minutes, hours and days inside it from rollups
+    and only the partial minutes at its ends (hours for a property) from raw rows: without
+    that, a range one second off the minute scanned every raw row in it. Users (day rows only)
+    still need whole days.
     """
     if q.exact or not _plain(q.filters):
         return None
@@ -390,30 +403,76 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
         start = covered_since.get(d)
         if start is None or (start > 0 and (since is None or since < start)):
             return None
-    for grain in reversed(GRAINS):  # coarsest first: fewest rows to read
+    widest = BUCKET_MICROS[q.bucket or _DAY]  # a grain no coarser than the bucket asked for
+    usable = [g for g in GRAINS if BUCKET_MICROS[g] <= widest and (dim is None or rolled(g, dim))]
+    for grain in reversed(usable):  # coarsest first: fewest rows to read
         width = BUCKET_MICROS[grain]
-        if q.bucket is not None and BUCKET_MICROS[q.bucket] < width:
-            continue
-        if dim is not None and not rolled(grain, dim):
-            continue
         if (since is None or since % width == 0) and (until is None or until % width == 0):
-            return Plan(grain, dim, since, until)
-    return None
+            return Plan(grain, dim, since, until, ((grain, since, until),))
+    if not usable or dim == USER_DIM:
+        return None
+    width = BUCKET_MICROS[usable[0]]
+    lo = None if since is None else -(-since // width) * width
+    hi = None if until is None else until // width * width
+    if lo is not None and hi is not None and lo >= hi:
+        return None  # under one bucket of the finest grain: few raw rows, answered exactly
+    spans = _tile(lo, hi, usable)
+    edges = tuple((a, b) for a, b in ((since, lo), (hi, until)) if a is not None and b is not None and a < b)
+    return Plan(max((s[0] for s in spans), key=GRAINS.index), dim, since, until, spans, edges)
+
+
+def _tile(lo: int | None, hi: int | None, grains: Sequence[str]) -> tuple[Span, ...]:
+    """[lo, hi) (on the finest grain's boundaries; None: open) as the fewest rollup spans: the
+    coarsest grain's whole buckets in the middle, finer ones towards the ends."""
+    for grain in reversed(grains):
+        w = BUCKET_MICROS[grain]
+        a = None if lo is None else -(-lo // w) * w
+        b = None if hi is None else hi // w * w
+        if a is None or b is None or a < b:
+            left = _tile(lo, a, grains) if lo is not None and a is not None and lo < a else ()
+            right = _tile(b, hi, grains) if hi is not None and b is not None and b < hi else ()
+            return (*left, (grain, a, b), *right)
+    return ()
 
 
 def read_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
     """Rollup rows of the plan: dimension "" (overall, buckets) and the group dimension (not
     `USER_DIM`'s: `group_sql` sums those)."""
     params = sql.Params(d)
-    conds = [f"tenant = {params(tenant)}", f"grain = {params(p.grain)}"]
-    dims = [params("")] + ([params(p.dim)] if p.dim not in (None, USER_DIM) else [])
-    conds.append(f"dim IN ({', '.join(dims)})")
-    if p.since is not None:
-        conds.append(f"bucket >= {params(p.since)}")
-    if p.until is not None:
-        conds.append(f"bucket < {params(p.until)}")
     cols = ", ".join(c for c in COLUMNS[2:])
-    return f"SELECT {cols} FROM rollups WHERE {' AND '.join(conds)}", params.values
+    selects = []
+    for grain, since, until in p.spans:
+        conds = [f"tenant = {params(tenant)}", f"grain = {params(grain)}"]
+        dims = [params("")] + ([params(p.dim)] if p.dim not in (None, USER_DIM) else [])
+        conds.append(f"dim IN ({', '.join(dims)})")
+        if since is not None:
+            conds.append(f"bucket >= {params(since)}")
+        if until is not None:
+            conds.append(f"bucket < {params(until)}")
+        selects.append(f"SELECT {cols} FROM rollups WHERE {' AND '.join(conds)}")
+    return " UNION ALL ".join(selects), params.values
+
+
+def edge_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
+    """`SOURCE_COLUMNS` of the raw rows in the plan's edges (through the (tenant, created_at)
+    index: a minute or an hour of rows at each end)."""
+    params = sql.Params(d)
+    ts = d.ts_param
+    ranges = " OR ".join(
+        f"(created_at >= {params(ts(a))} AND created_at < {params(ts(b))})" for a, b in p.edges
+    )
+    cols = ", ".join(SOURCE_COLUMNS)
+    return f"SELECT {cols} FROM requests WHERE tenant = {params(tenant)} AND ({ranges})", params.values
+
+
+def edge_cells(
+    p: Plan, rows: Iterable[Sequence[Any]], props: Sequence[str], ts: Callable[[Any], int]
+) -> dict[RollupKey, Cell]:
+    """What the edge rows (`edge_sql`'s, created_at as the store reads it) add to the answer:
+    their cells of "" and the group dimension at each one's finest grain, as if read from rollups."""
+    dims = ("", p.dim)
+    cells = contributions(_read_back(rows, ts), props)
+    return {k: c for k, c in cells.items() if k[3] in dims and k[1] == _finest(k[3])}
 
 
 _SUMMED = ", ".join([f"sum({c})" for c in COLUMNS[5:-4]] + ["min(first_at)", "max(last_at)", "NULL", "NULL"])
@@ -583,23 +642,31 @@ def user_groups(
 
 
 def answer(
-    q: StatsQuery, p: Plan, rows: Iterable[Sequence[Any]], groups_of_users: list[dict[str, Any]] | None = None
+    q: StatsQuery,
+    p: Plan,
+    rows: Iterable[Sequence[Any]],
+    groups_of_users: list[dict[str, Any]] | None = None,
+    edges: dict[RollupKey, Cell] | None = None,
 ) -> dict[str, Any]:
-    """`stats` from the rollup rows of `read_sql` (bucket, dim, key, then the values); for a
-    `USER_DIM` plan, its groups are `user_groups`'."""
+    """`stats` from the rollup rows of `read_sql` (bucket, dim, key, then the values) and the
+    plan's `edge_cells`; for a `USER_DIM` plan, its groups are `user_groups`'."""
     overall = Cell()
     groups: dict[Any, Cell] = {}
     buckets: dict[int, Cell] = {}
     width = BUCKET_MICROS[q.bucket] if q.bucket else 0
-    for row in rows:
-        bucket, dim, key, values = int(row[0]), row[1], row[2], row[3:]
+
+    def add(bucket: int, dim: str, key: str, cell: Cell) -> None:
         if dim == "":
-            overall.merge(Cell.from_row(values))
+            overall.merge(cell)
             if width:
-                b = bucket // width * width
-                _add(buckets, b, values)
+                _merge(buckets, bucket // width * width, cell)
         elif dim == p.dim:
-            _add(groups, decode_key(dim, key), values)
+            _merge(groups, decode_key(dim, key), cell)
+
+    for row in rows:
+        add(int(row[0]), row[1], row[2], Cell.from_row(row[3:]))
+    for (_, _, bucket, dim, key), cell in (edges or {}).items():
+        add(bucket, dim, key, cell)
     result: dict[str, Any] = {"overall": overall.totals() if overall.count else sql.empty_totals()}
     # largest first, then by key (code-point order is the stores' bytewise UTF-8 order), NULL last
     ordered = sorted(
@@ -614,12 +681,12 @@ def answer(
     return result
 
 
-def _add(into: dict[Any, Cell], k: Any, values: Sequence[Any]) -> None:
+def _merge(into: dict[Any, Cell], k: Any, cell: Cell) -> None:
     acc = into.get(k)
     if acc is None:
-        into[k] = Cell.from_row(values)
+        into[k] = cell  # each cell is merged into at most one: taken, not copied
     else:
-        acc.merge(Cell.from_row(values))
+        acc.merge(cell)
 
 
 RAW_SOURCE = {"source": "raw", "percentile_relative_error": 0.0}
@@ -651,9 +718,14 @@ def retention_deltas(
     rows: Iterable[Sequence[Any]], props: Sequence[str], ts: Callable[[Any], int]
 ) -> dict[RollupKey, Cell]:
     """Negative contributions of deleted rows (`SOURCE_COLUMNS`, created_at as the store reads it)."""
+    return contributions(_read_back(rows, ts), props, sign=-1)
+
+
+def _read_back(rows: Iterable[Sequence[Any]], ts: Callable[[Any], int]) -> list[list[Any]]:
+    """`SOURCE_COLUMNS` rows as read from a store, created_at in microseconds."""
     srcs = []
     for row in rows:
         src = list(row)
         src[1] = ts(src[1])
         srcs.append(src)
-    return contributions(srcs, props, sign=-1)
+    return srcs
