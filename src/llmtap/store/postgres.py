@@ -638,11 +638,9 @@ class PostgresStore(Store):
                 keys = [rollup.decode_key(plan.dim, row[0]) for row in top]
                 q, params = sql.keyed_values_sql(DIALECT, tenant, query, plan.dim, keys)
                 users = rollup.user_groups(top, await self._fetch(q, *params) if keys else [], to_micros)
-            edges = None
-            if plan.edges:
-                q, params = rollup.edge_sql(DIALECT, tenant, plan)
-                rows = await self._fetch(q, *params)
-                edges = rollup.edge_cells(plan, rows, self.rollup_properties, to_micros)
+            edges = rollup.Edges()
+            for kind, eq, eparams in rollup.edge_reads(DIALECT, tenant, query, plan):
+                edges.add(DIALECT, query, kind, await self._fetch(eq, *eparams))
             q, params = rollup.read_sql(DIALECT, tenant, plan)
             return rollup.answer(query, plan, await self._fetch(q, *params), users, edges)
         parts: list[tuple[sql.Kind, int | None]] = [("overall", None)]

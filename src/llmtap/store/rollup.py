@@ -372,7 +372,7 @@ class Plan:
     #: Rollup rows to read; their buckets tile the range but for the `edges`.
     spans: tuple[Span, ...] = ()
     #: [from, to) ranges off the finest grain's boundaries (at the range's ends): raw rows,
-    #: added as rollups would have counted them (`edge_sql`, `edge_cells`).
+    #: read as the raw path reads a range (`edge_reads`, `Edges`).
     edges: tuple[tuple[int, int], ...] = ()
 
 
@@ -453,26 +453,79 @@ def read_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
     return " UNION ALL ".join(selects), params.values
 
 
-def edge_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
-    """`SOURCE_COLUMNS` of the raw rows in the plan's edges (through the (tenant, created_at)
-    index: a minute or an hour of rows at each end)."""
-    params = sql.Params(d)
-    ts = d.ts_param
-    ranges = " OR ".join(
-        f"(created_at >= {params(ts(a))} AND created_at < {params(ts(b))})" for a, b in p.edges
-    )
-    cols = ", ".join(SOURCE_COLUMNS)
-    return f"SELECT {cols} FROM requests WHERE tenant = {params(tenant)} AND ({ranges})", params.values
+def edge_reads(d: sql.Dialect, tenant: str, q: StatsQuery, p: Plan) -> list[tuple[str, str, list[Any]]]:
+    """(kind, SQL, params) that read the plan's edges as the raw path reads a range: the totals
+    summed by the database (overall, per group, per bucket; kinds of `sql.aggregate_sql`) and
+    one scan of the latencies ("values", `sql.values_sql`); `Edges.add` takes each answer. Per
+    row that costs what the raw path pays, for a minute (an hour) at each end instead of all."""
+    out: list[tuple[str, str, list[Any]]] = []
+    for a, b in p.edges:
+        e = StatsQuery(since=from_micros(a), until=from_micros(b), group_by=q.group_by, bucket=q.bucket)
+        kinds: list[sql.Kind] = ["overall"]
+        kinds += ["group"] if q.group_by else []
+        kinds += ["bucket"] if q.bucket else []
+        for kind in kinds:
+            out.append((kind, *sql.aggregate_sql(d, tenant, e, kind, percentiles=False)))
+        out.append(("values", *sql.values_sql(d, tenant, e)))
+    return out
 
 
-def edge_cells(
-    p: Plan, rows: Iterable[Sequence[Any]], props: Sequence[str], ts: Callable[[Any], int]
-) -> dict[RollupKey, Cell]:
-    """What the edge rows (`edge_sql`'s, created_at as the store reads it) add to the answer:
-    their cells of "" and the group dimension at each one's finest grain, as if read from rollups."""
-    dims = ("", p.dim)
-    cells = contributions(_read_back(rows, ts), props)
-    return {k: c for k, c in cells.items() if k[3] in dims and k[1] == _finest(k[3])}
+@dataclass(slots=True)
+class Edges:
+    """The raw rows at a plan's ends in `answer`'s terms: cells overall, by the API's group value
+    and by bucket start (microseconds)."""
+
+    overall: Cell = field(default_factory=Cell)
+    groups: dict[Any, Cell] = field(default_factory=dict)
+    buckets: dict[int, Cell] = field(default_factory=dict)
+
+    def add(self, d: sql.Dialect, q: StatsQuery, kind: str, rows: Iterable[Sequence[Any]]) -> None:
+        """One answer of `edge_reads` (its `kind`)."""
+        if kind == "values":
+            self._add_values(d, q, rows)
+            return
+        n = len(_SUM_NAMES)
+        for row in rows:
+            cell = Cell(
+                count=int(row[1]),
+                error_count=int(row[2]),
+                sums=[int(v) for v in row[3 : 3 + n]],
+                cost_nanos=int(row[3 + n]),
+                first_at=None if row[4 + n] is None else d.ts_value(row[4 + n]),
+                last_at=None if row[5 + n] is None else d.ts_value(row[5 + n]),
+                unpriced_count=int(row[6 + n]),
+            )
+            if kind == "overall":
+                if cell.count:
+                    self.overall.merge(cell)
+            elif kind == "group":
+                _merge(self.groups, sql.group_value(d, q.group_by or "", row[0]), cell)
+            else:
+                _merge(self.buckets, d.ts_value(row[0]), cell)
+
+    def _add_values(self, d: sql.Dialect, q: StatsQuery, rows: Iterable[Sequence[Any]]) -> None:
+        # Bins counted per (group, bucket) first: one dict update per value, not three sketches'.
+        lat: dict[tuple[Any, Any, int | None], int] = {}
+        first: dict[tuple[Any, Any, int | None], int] = {}
+        for g, b, latency, ttft in rows:
+            k = (g, b, key_of(float(latency)))
+            lat[k] = lat.get(k, 0) + 1
+            if ttft is not None:
+                k = (g, b, key_of(float(ttft)))
+                first[k] = first.get(k, 0) + 1
+        for counts, which in ((lat, "latency"), (first, "ttft")):
+            for (g, b, key), c in counts.items():
+                cells = [self.overall]
+                if q.group_by:
+                    cells.append(self.groups.setdefault(sql.group_value(d, q.group_by, g), Cell()))
+                if q.bucket:
+                    cells.append(self.buckets.setdefault(d.ts_value(b), Cell()))
+                for cell in cells:
+                    sketch = cell.latency if which == "latency" else cell.ttft
+                    if key is None:
+                        sketch.zeros += c
+                    else:
+                        sketch.bins[key] = sketch.bins.get(key, 0) + c
 
 
 _SUMMED = ", ".join([f"sum({c})" for c in COLUMNS[5:-4]] + ["min(first_at)", "max(last_at)", "NULL", "NULL"])
@@ -646,10 +699,10 @@ def answer(
     p: Plan,
     rows: Iterable[Sequence[Any]],
     groups_of_users: list[dict[str, Any]] | None = None,
-    edges: dict[RollupKey, Cell] | None = None,
+    edges: Edges | None = None,
 ) -> dict[str, Any]:
     """`stats` from the rollup rows of `read_sql` (bucket, dim, key, then the values) and the
-    plan's `edge_cells`; for a `USER_DIM` plan, its groups are `user_groups`'."""
+    plan's `Edges`; for a `USER_DIM` plan, its groups are `user_groups`'."""
     overall = Cell()
     groups: dict[Any, Cell] = {}
     buckets: dict[int, Cell] = {}
@@ -665,8 +718,12 @@ def answer(
 
     for row in rows:
         add(int(row[0]), row[1], row[2], Cell.from_row(row[3:]))
-    for (_, _, bucket, dim, key), cell in (edges or {}).items():
-        add(bucket, dim, key, cell)
+    if edges is not None:
+        overall.merge(edges.overall)
+        for k, cell in edges.groups.items():
+            _merge(groups, k, cell)
+        for b, cell in edges.buckets.items():
+            _merge(buckets, b // width * width, cell)
     result: dict[str, Any] = {"overall": overall.totals() if overall.count else sql.empty_totals()}
     # largest first, then by key (code-point order is the stores' bytewise UTF-8 order), NULL last
     ordered = sorted(
@@ -718,14 +775,9 @@ def retention_deltas(
     rows: Iterable[Sequence[Any]], props: Sequence[str], ts: Callable[[Any], int]
 ) -> dict[RollupKey, Cell]:
     """Negative contributions of deleted rows (`SOURCE_COLUMNS`, created_at as the store reads it)."""
-    return contributions(_read_back(rows, ts), props, sign=-1)
-
-
-def _read_back(rows: Iterable[Sequence[Any]], ts: Callable[[Any], int]) -> list[list[Any]]:
-    """`SOURCE_COLUMNS` rows as read from a store, created_at in microseconds."""
     srcs = []
     for row in rows:
         src = list(row)
         src[1] = ts(src[1])
         srcs.append(src)
-    return srcs
+    return contributions(srcs, props, sign=-1)

@@ -630,10 +630,9 @@ class SQLiteStore(Store):
                 keys = [rollup.decode_key(plan.dim, row[0]) for row in top]
                 q, params = sql.keyed_values_sql(DIALECT, tenant, query, plan.dim, keys)
                 users = rollup.user_groups(top, self._fetch(q, params) if keys else [], int)
-            edges = None
-            if plan.edges:
-                q, params = rollup.edge_sql(DIALECT, tenant, plan)
-                edges = rollup.edge_cells(plan, self._fetch(q, params), self.rollup_properties, int)
+            edges = rollup.Edges()
+            for kind, eq, eparams in rollup.edge_reads(DIALECT, tenant, query, plan):
+                edges.add(DIALECT, query, kind, self._fetch(eq, eparams))
             q, params = rollup.read_sql(DIALECT, tenant, plan)
             return rollup.answer(query, plan, self._r().execute(q, params), users, edges)
         return {**self._raw_stats(tenant, query), **rollup.RAW_SOURCE}
