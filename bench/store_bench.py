@@ -319,6 +319,15 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 "30d: top users": StatsQuery(since=midnight - timedelta(days=30), group_by="user_id"),
                 "24h: hour buckets": StatsQuery(since=hour - timedelta(days=1), bucket="hour"),
+                # An API client's "the last N days" to the microsecond: rollups inside, raw rows
+                # only in the partial minute (hour, for a property) at each end.
+                "30d to now: model groups + day buckets": StatsQuery(
+                    since=now - timedelta(days=30), group_by="model", bucket="day"
+                ),
+                "30d to now: property.feature + day buckets": StatsQuery(
+                    since=now - timedelta(days=30), group_by="property.feature", bucket="day"
+                ),
+                "24h to now: hour buckets": StatsQuery(since=now - timedelta(days=1), bucket="hour"),
             }
             for name, q in overview.items():
                 for source in ("rollups", "raw") if args.raw else ("rollups",):
