@@ -352,6 +352,27 @@ def test_sketch_roundtrip_merge_and_bound() -> None:
     assert a.count == 0 and a.bins == {} and a.quantiles([0.5]) == [None]
 
 
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 5000])
+def test_add_all_bins_like_one_add_per_value(n: int) -> None:
+    """`Sketch.add_all` (sort, then bin ends found by probing) counts what `add` does per value:
+    zeros, repeats, values on and beside bin boundaries, one huge bin and many small ones."""
+    from llmtap.store.sketch import MAPPING
+
+    r = random.Random(n)
+    edges = [MAPPING.value(k) for k in range(-5, 900, 7)]  # bins' representative values
+    pool = [r.lognormvariate(5, 2) for _ in range(n)] + [0.0] * (n // 20) + [1e-320] * (n // 50)
+    pool += [r.choice(edges) * f for f in (1.0, 1 + 1e-12, 1 - 1e-12) for _ in range(n // 10)]
+    pool += [123.456] * (n // 3)  # one bin holding a third of them
+    values = pool[:n] if n < 64 else pool
+    one, many = Sketch(), Sketch()
+    many.add(7.0)  # into a sketch that already holds something
+    one.add(7.0)
+    for v in values:
+        one.add(v)
+    many.add_all(list(values))
+    assert (many.bins, many.zeros) == (one.bins, one.zeros)
+
+
 @pytest.mark.parametrize("sign", [1, -1])
 def test_a_batch_contributes_to_each_cell_what_its_rows_do(sign: int) -> None:
     """`contributions` sums rows alike in every dimension before it touches the cells: the

@@ -504,28 +504,32 @@ class Edges:
                 _merge(self.buckets, d.ts_value(row[0]), cell)
 
     def _add_values(self, d: sql.Dialect, q: StatsQuery, rows: Iterable[Sequence[Any]]) -> None:
-        # Bins counted per (group, bucket) first: one dict update per value, not three sketches'.
-        lat: dict[tuple[Any, Any, int | None], int] = {}
-        first: dict[tuple[Any, Any, int | None], int] = {}
+        # Values gathered per (group, bucket) as the raw path gathers them, then binned a list at
+        # a time (`Sketch.add_all`): a sort and a key per bin, not a key per value.
+        lat: dict[tuple[Any, Any], list[float]] = {}
+        first: dict[tuple[Any, Any], list[float]] = {}
         for g, b, latency, ttft in rows:
-            k = (g, b, key_of(float(latency)))
-            lat[k] = lat.get(k, 0) + 1
+            k = (g, b)
+            acc = lat.get(k)
+            if acc is None:
+                acc = lat[k] = []
+                first[k] = []
+            acc.append(latency)
             if ttft is not None:
-                k = (g, b, key_of(float(ttft)))
-                first[k] = first.get(k, 0) + 1
-        for counts, which in ((lat, "latency"), (first, "ttft")):
-            for (g, b, key), c in counts.items():
-                cells = [self.overall]
-                if q.group_by:
-                    cells.append(self.groups.setdefault(sql.group_value(d, q.group_by, g), Cell()))
-                if q.bucket:
-                    cells.append(self.buckets.setdefault(d.ts_value(b), Cell()))
-                for cell in cells:
-                    sketch = cell.latency if which == "latency" else cell.ttft
-                    if key is None:
-                        sketch.zeros += c
-                    else:
-                        sketch.bins[key] = sketch.bins.get(key, 0) + c
+                first[k].append(ttft)
+        for k, values in lat.items():
+            g, b = k
+            cells = [self.overall]
+            if q.group_by:
+                cells.append(self.groups.setdefault(sql.group_value(d, q.group_by, g), Cell()))
+            if q.bucket:
+                cells.append(self.buckets.setdefault(d.ts_value(b), Cell()))
+            latency, ttft = Sketch(), Sketch()
+            latency.add_all([float(v) for v in values])
+            ttft.add_all([float(v) for v in first[k]])
+            for cell in cells:
+                cell.latency.merge(latency)
+                cell.ttft.merge(ttft)
 
 
 _SUMMED = ", ".join([f"sum({c})" for c in COLUMNS[5:-4]] + ["min(first_at)", "max(last_at)", "NULL", "NULL"])

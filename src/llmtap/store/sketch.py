@@ -63,6 +63,42 @@ class Sketch:
         else:
             self.zeros += times
 
+    def add_all(self, values: list[float]) -> None:
+        """Count every value of `values` (sorted in place). Equal to `add` for each, but with a
+        key computed per bin probed, not per value: the values sorted, each bin's end is found
+        by galloping then bisecting on `key_of` itself (monotone), so a minute of 100k raw rows
+        costs a sort and a few thousand keys."""
+        n = len(values)
+        if n < 64:  # too few for the probes to pay
+            for v in values:
+                self.add(v)
+            return
+        values.sort()
+        i = 0
+        while i < n and values[i] <= MAPPING.min_possible:
+            i += 1
+        self.zeros += i
+        bins = self.bins
+        while i < n:
+            k = MAPPING.key(values[i])
+            lo, step = i, 1  # values[lo] is in bin k; find the first index past it
+            while lo + step < n and MAPPING.key(values[lo + step]) == k:
+                lo += step
+                step *= 2
+            hi = min(lo + step, n)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if MAPPING.key(values[mid]) == k:
+                    lo = mid
+                else:
+                    hi = mid
+            c = bins.get(k, 0) + hi - i
+            if c:
+                bins[k] = c
+            else:
+                del bins[k]
+            i = hi
+
     def merge(self, other: Sketch) -> None:
         self.zeros += other.zeros
         bins = self.bins
