@@ -365,7 +365,6 @@ Span = tuple[str, int | None, int | None]  # (grain, from, to): rollup rows with
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    grain: str  # the coarsest grain read
     dim: str | None  # the group_by dimension
     since: int | None
     until: int | None
@@ -408,7 +407,7 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
     for grain in reversed(usable):  # coarsest first: fewest rows to read
         width = BUCKET_MICROS[grain]
         if (since is None or since % width == 0) and (until is None or until % width == 0):
-            return Plan(grain, dim, since, until, ((grain, since, until),))
+            return Plan(dim, since, until, ((grain, since, until),))
     if not usable or dim == USER_DIM:
         return None
     width = BUCKET_MICROS[usable[0]]
@@ -418,7 +417,7 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
         return None  # under one bucket of the finest grain: few raw rows, answered exactly
     spans = _tile(lo, hi, usable)
     edges = tuple((a, b) for a, b in ((since, lo), (hi, until)) if a is not None and b is not None and a < b)
-    return Plan(max((s[0] for s in spans), key=GRAINS.index), dim, since, until, spans, edges)
+    return Plan(dim, since, until, spans, edges)
 
 
 def _tile(lo: int | None, hi: int | None, grains: Sequence[str]) -> tuple[Span, ...]:
