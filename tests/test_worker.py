@@ -25,6 +25,7 @@ import pytest
 
 from llmtap.bodies.file import FileBodyStore
 from llmtap.config import Settings
+from llmtap.cooperate import Foreground
 from llmtap.errors import TransientError
 from llmtap.handlers.base import Handler, Item
 from llmtap.handlers.bodies import BodyHandler
@@ -94,9 +95,16 @@ class Env:
     def chain(self) -> Chain:
         return Chain([BodyHandler(self.bodies), CostHandler(), self.boom, StoreHandler(self.store)])
 
-    async def worker(self) -> WorkerService:
+    async def worker(self, foreground: Foreground | None = None) -> WorkerService:
         q = SQLiteQueue(self.queue_path, partitions=4, lease_timeout=1.0, heartbeat_interval=0.2)
-        w = WorkerService(self.settings, queue=q, store=self.store, bodies=self.bodies, chain=self.chain())
+        w = WorkerService(
+            self.settings,
+            queue=q,
+            store=self.store,
+            bodies=self.bodies,
+            chain=self.chain(),
+            foreground=foreground,
+        )
         await w.start()
         self.workers.append(w)
         return w
@@ -218,6 +226,51 @@ async def test_a_big_batch_gives_the_event_loop_a_turn_every_slice_records(
     # end of one stage and the start of the next may run together. Without the turns, one
     # stretch held a whole stage (n calls or more).
     assert max(stretches) <= 3 * SLICE, max(stretches)
+
+
+class Gateway:
+    """What a worker in `llmtap up` sees of the gateway: a count that moves with each request
+    (it always has here), and the loop's thread on the CPU for `share` of the wall time."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.requests = 0
+        self.probed = 0
+
+    def activity(self) -> int:
+        self.requests += 1
+        return self.requests
+
+    def cpu(self) -> float:
+        self.probed += 1
+        return time.perf_counter() * self.share
+
+
+async def test_the_worker_takes_no_batch_while_the_gateway_keeps_the_loop_busy(env: Env) -> None:
+    """`llmtap up`: records wait in the queue while requests keep the loop busy, and are all
+    stored once they leave it time. Counted in probes of the loop, not timed."""
+    gw = Gateway(share=1.0)
+    fg = Foreground(gw.activity, 3600, cpu=gw.cpu)
+    await env.publish([encode(make_record(i)) for i in range(120)])
+    await env.worker(fg)
+    await until(lambda: gw.probed >= 20, what="the worker probing the busy loop")
+    assert env.rows() == (0, 0) and await env.lag() == 120
+    gw.share = 0.0  # the burst is over
+    await until(lambda: env.rows() == (120, 120), what="every record stored")
+    await until(lambda: _zero(env.lag()), what="everything acknowledged")
+    assert fg.ran_out == 0 and fg.waited > 0
+
+
+async def test_a_gateway_busy_for_ever_delays_the_records_by_the_bound_only(env: Env) -> None:
+    """The wait is bounded (`LLMTAP_WORKER_DEFER_S`): under a load that never ends, the worker
+    stops waiting and stores everything, as it would without a gateway beside it."""
+    gw = Gateway(share=1.0)
+    fg = Foreground(gw.activity, 0.3, cpu=gw.cpu)
+    await env.publish([encode(make_record(i)) for i in range(400)])
+    await env.worker(fg)
+    await until(lambda: env.rows() == (400, 400), what="every record stored, the loop busy throughout")
+    await until(lambda: _zero(env.lag()), what="everything acknowledged")
+    assert fg.ran_out >= 1
 
 
 async def test_store_outage_acks_nothing_then_stores_everything_once(env: Env) -> None:

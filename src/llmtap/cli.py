@@ -23,6 +23,8 @@ from llmtap.config import Settings, load_settings
 from llmtap.errors import LlmtapError
 
 if TYPE_CHECKING:
+    from llmtap.cooperate import Foreground
+    from llmtap.gateway.app import GatewayService
     from llmtap.queue.base import DeadLetter, Queue
     from llmtap.store.base import ApiKey, Store
     from llmtap.webhooks.outbox import Endpoint
@@ -125,10 +127,16 @@ def _serve(settings: Settings, title: str, parts: list[str]) -> None:
         services: list[Service] = [shared]
         # Start order: consumers and API first, the gateway last, so that it accepts traffic only
         # once everything behind it is ready; stop order is the reverse (gateway flushes first).
+        gateway = None
+        if "gateway" in parts:
+            from llmtap.gateway.app import GatewayService
+
+            gateway = GatewayService(settings, backends=shared)
         if "worker" in parts:
             from llmtap.worker.worker import WorkerService
 
-            services.append(WorkerService(settings, backends=shared))
+            foreground = _foreground(settings, gateway)
+            services.append(WorkerService(settings, backends=shared, foreground=foreground))
         if "server" in parts:
             from llmtap.alerts.evaluator import AlertService
             from llmtap.server.app import ServerService
@@ -137,13 +145,21 @@ def _serve(settings: Settings, title: str, parts: list[str]) -> None:
             services.append(ServerService(settings, backends=shared))
             services.append(DelivererService(settings, backends=shared))
             services.append(AlertService(settings, backends=shared))
-        if "gateway" in parts:
-            from llmtap.gateway.app import GatewayService
-
-            services.append(GatewayService(settings, backends=shared))
+        if gateway is not None:
+            services.append(gateway)
         return await run_services(settings, title, services)
 
     sys.exit(_run(main))
+
+
+def _foreground(settings: Settings, gateway: GatewayService | None) -> Foreground | None:
+    """The gateway's requests, for a worker sharing their event loop (`llmtap up`) to let go first."""
+    if gateway is None or settings.worker_defer_s <= 0:
+        return None
+    from llmtap.cooperate import Foreground
+
+    publisher = gateway.publisher
+    return Foreground(lambda: publisher.submitted, settings.worker_defer_s)
 
 
 _data_dir_option = click.option(

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
         description="after a small batch, wait this long so the next one is bigger",
     )
     worker_max_attempts: int = Field(5, ge=1, description="tries of a failing record before dead-letter")
+    worker_defer_s: float = Field(
+        10.0,
+        ge=0,
+        description="llmtap up: seconds the worker may wait while the gateway's requests keep it busy",
+    )
     worker_pipeline: int = Field(
         2, ge=1, le=16, description="batches in flight: the next batch's handlers run while one is written"
     )

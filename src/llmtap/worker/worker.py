@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Histogram
 
 from llmtap.config import Settings
-from llmtap.cooperate import SLICE
+from llmtap.cooperate import SLICE, Foreground
 from llmtap.errors import BackendUnavailable, RecordError
 from llmtap.handlers.chain import Abandoned, Chain, RetryPolicy, run_with_attempts
 from llmtap.record import LogRecord, decode
@@ -52,6 +52,10 @@ RETRIES = Counter(
     "llmtap_worker_retries_total",
     "Retries: of a whole batch after an outage (transient) or of a failing record (record)",
     ["kind"],
+)
+DEFERRED = Counter(
+    "llmtap_worker_deferred_seconds_total",
+    "Seconds the worker waited for the gateway's requests to leave the event loop some time (llmtap up)",
 )
 BATCH_SECONDS = Histogram(
     "llmtap_worker_batch_seconds",
@@ -92,8 +96,12 @@ class WorkerService(OnBackends):
         chain: Chain | None = None,
         backends: SharedBackends | None = None,
         policy: RetryPolicy | None = None,
+        foreground: Foreground | None = None,
     ) -> None:
+        """`foreground`: the requests of a gateway sharing this event loop (`llmtap up`), which
+        this worker lets go first while they keep the loop busy (`llmtap.cooperate.Foreground`)."""
         self.settings = settings
+        self.foreground = foreground
         self.policy = policy if policy is not None else RetryPolicy.from_settings(settings)
         self.linger = settings.worker_linger_ms / 1000.0
         self.pipeline = settings.worker_pipeline
@@ -107,7 +115,7 @@ class WorkerService(OnBackends):
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._progress_at = time.monotonic()
-        self._progress_mark = (0, 0)
+        self._progress_mark = (0, 0, 0.0)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -199,12 +207,21 @@ class WorkerService(OnBackends):
         """
         failures = 0
         inflight: dict[asyncio.Task[None], frozenset[int]] = {}
+        fg = self.foreground
         try:
             while not self._stopping.is_set():
                 self._progress()
                 if len(inflight) >= self.pipeline:
                     await self._reap(inflight)
                     continue
+                if fg is not None and fg.active():
+                    while inflight:  # the probe must see the loop without this worker's own work
+                        await self._reap(inflight)
+                    waited = fg.waited
+                    await fg.wait_turn(self._pause, self._stopping.is_set)
+                    DEFERRED.inc(fg.waited - waited)
+                    if self._stopping.is_set():
+                        break
                 try:
                     # With a batch in flight, take only what is ready: waiting here would hold
                     # up nothing, but waiting for that batch frees its partitions sooner.
@@ -221,6 +238,8 @@ class WorkerService(OnBackends):
                     await self._pause(delay)
                     continue
                 failures = 0
+                if fg is not None:
+                    fg.taken(len(deliveries), self.settings.worker_batch_size)
                 if not deliveries:
                     if inflight:
                         await self._reap(inflight)
@@ -394,14 +413,16 @@ class WorkerService(OnBackends):
         if now - self._progress_at < PROGRESS_EVERY:
             return
         processed, dead = self.stats.processed, self.stats.dead_lettered
-        p0, d0 = self._progress_mark
+        waited = self.foreground.waited if self.foreground is not None else 0.0
+        p0, d0, w0 = self._progress_mark
         if processed != p0 or dead != d0:
             rate = (processed - p0) / (now - self._progress_at)
             log.info(
-                "worker: %d records stored (%.0f/s), %d dead-lettered in the last %.0fs",
+                "worker: %d records stored (%.0f/s), %d dead-lettered in the last %.0fs%s",
                 processed - p0,
                 rate,
                 dead - d0,
                 now - self._progress_at,
+                f"; waited {waited - w0:.1f}s for the gateway's requests" if waited - w0 >= 0.5 else "",
             )
-        self._progress_at, self._progress_mark = now, (processed, dead)
+        self._progress_at, self._progress_mark = now, (processed, dead, waited)
