@@ -34,9 +34,9 @@ class Foreground:
     """The gateway's requests, which a worker in the same process lets go first.
 
     Interleaved with the requests, a worker's batches take the loop from them: at saturation
-    `llmtap up` served 0.56x the bare passthrough's requests a second, and 0.78x with the worker
-    waiting for the load to end, for 11% less CPU a request in all (bench/README.md, "The worker
-    steps aside"). So before taking a batch, a worker given a `Foreground` calls `wait_turn`:
+    `llmtap up` served 0.53-0.59x the bare passthrough's requests a second, and 0.70-0.87x with
+    the worker waiting for the burst to end (bench/README.md, "The worker steps aside"). So
+    before taking a batch, a worker given a `Foreground` calls `wait_turn`:
     if the gateway handled a request since the last look (`activity`, a counter the gateway
     bumps anyway), the worker probes the loop's thread for `PROBE_S` and waits while it stays
     busier than `BUSY_SHARE`.
