@@ -471,13 +471,29 @@ class Publisher:
             caps = self._spilling = [spill.popleft() for _ in range(min(len(spill), self.batch_size))]
             batch = await self._build(caps)
             try:
-                if batch.big:
-                    await self._to_store(batch)  # or the spool keeps them inline
-                self.spilled += await self._send_apart(self.overflow, batch.records)
-            except Exception as e:
-                self.failed += 1
-                self.dropped += len(batch.records)
-                log.error("overflow sink failed, %d records lost: %s", len(batch.records), e)
+                failures = 0
+                while True:
+                    try:
+                        if batch.big:
+                            await self._to_store(batch)  # or the spool keeps them inline
+                        self.spilled += await self._send_apart(self.overflow, batch.records)
+                        break
+                    except Exception as e:
+                        # These records are only in memory: keep them and try again (a disk
+                        # briefly full, a segment replayed under our feet). What arrives
+                        # meanwhile waits within the bound `submit` keeps; at the stop deadline
+                        # this task is cancelled and `_rescue` writes `_spilling` once more.
+                        self.failed += 1
+                        failures += 1
+                        delay = min(_BACKOFF_MIN * 2 ** (failures - 1), _BACKOFF_MAX)
+                        self._warn(
+                            "spill",
+                            "overflow sink failed (%s); %d records kept in memory, retrying in %.2fs",
+                            e,
+                            len(batch.records),
+                            delay,
+                        )
+                        await asyncio.sleep(delay)
             finally:
                 self.spill_bytes -= batch.nbytes
             self._spilling = []  # not when cancelled at the deadline: `_rescue` writes them

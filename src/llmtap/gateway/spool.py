@@ -45,10 +45,21 @@ def spool_dir(settings: Settings) -> Path:
 
 def spool_size(settings: Settings) -> int:
     """Bytes waiting in the spool (for `llmtap status`)."""
-    d = spool_dir(settings)
-    if not d.exists():
+    return _segment_bytes(spool_dir(settings))
+
+
+def _segment_bytes(directory: Path) -> int:
+    """Bytes in the segments. A segment replayed and deleted between the listing and its `stat`
+    (the replayer runs on another thread, or in another process) counts nothing: it is gone."""
+    if not directory.exists():
         return 0
-    return sum(p.stat().st_size for p in d.glob("*.spool"))
+    total = 0
+    for p in directory.glob("*.spool"):
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 class DiskSpool:
@@ -109,9 +120,7 @@ class DiskSpool:
             self._path = None
 
     def size(self) -> int:
-        if not self.dir.exists():
-            return 0
-        return sum(p.stat().st_size for p in self.dir.glob("*.spool"))
+        return _segment_bytes(self.dir)
 
     # -- replaying ----------------------------------------------------------------------------
     def pending(self) -> bool:
