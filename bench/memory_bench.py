@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/memory_bench.py                       # 1M requests in steps of 100k
     .venv/bin/python bench/memory_bench.py --requests 20000 --step 5000   # a smoke run
+    .venv/bin/python bench/memory_bench.py --requests 400000 --env LLMTAP_WORKER_DEFER_S=0
 
 Starts the fake upstream and `llmtap up` (SQLite queue, store and body files in a fresh data
 directory), samples the process's RSS idle, then sends the requests with wrk (-c64) in steps,
@@ -59,8 +60,9 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=64, help="wrk connections (64)")
     ap.add_argument("--catch-up-timeout", type=float, default=900.0, help="seconds per step to store all")
     ap.add_argument("--json", help="write the samples here")
+    ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra env for llmtap (repeat)")
     args = ap.parse_args()
-    bench_args = argparse.Namespace(env=[], quick=False, seconds=None, rounds=1)
+    bench_args = argparse.Namespace(env=args.env, quick=False, seconds=None, rounds=1)
     with tempfile.TemporaryDirectory(prefix="llmtap-memory-") as d:
         bench = Bench(bench_args, Path(d), None, None)
         bench.start_upstream()

@@ -36,15 +36,15 @@ class Foreground:
     Interleaved with the requests, a worker's batches take the loop from them: at saturation
     `llmtap up` served 0.53-0.59x the bare passthrough's requests a second, and 0.70-0.87x with
     the worker waiting for the burst to end (bench/README.md, "The worker steps aside"). So
-    before taking a batch, a worker given a `Foreground` calls `wait_turn`:
-    if the gateway handled a request since the last look (`activity`, a counter the gateway
-    bumps anyway), the worker probes the loop's thread for `PROBE_S` and waits while it stays
-    busier than `BUSY_SHARE`.
+    before taking a batch, a worker given a `Foreground` calls `wait_turn`: if the gateway
+    handled a request since the last look (`activity`, a counter the gateway bumps anyway), the
+    worker probes the loop's thread for `PROBE_S` and waits while it stays busier than
+    `BUSY_SHARE`.
 
     Bounded: after `max_wait` seconds of waiting in a row the worker stops waiting until it has
     caught up (`taken` sees a batch less than a quarter full), so under a load that never ends
-    it stores as it did without this, at most `max_wait` later. Nothing is dropped either way:
-    the records wait in the queue, which is what it is for.
+    it stores as it did without this, behind by about `max_wait` seconds of traffic more.
+    Nothing is dropped either way: the records wait in the queue, which is what it is for.
     """
 
     def __init__(
