@@ -43,7 +43,7 @@ class Foreground:
 
     Bounded: after `max_wait` seconds of waiting in a row the worker stops waiting until it has
     caught up (`taken` sees a batch less than a quarter full), so under a load that never ends
-    it stores as it did without this, behind by about `max_wait` seconds of traffic more.
+    it stores as it did without this, with at most `max_wait` seconds of traffic more queued.
     Nothing is dropped either way: the records wait in the queue, which is what it is for.
     """
 
