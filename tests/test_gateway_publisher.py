@@ -344,13 +344,20 @@ async def test_overflow_goes_to_the_overflow_sink_while_the_queue_is_slow(tmp_pa
     assert pub.spill_bytes == 0 and pub.buffer_bytes == 0
 
 
-async def test_overflow_path_full_or_failing_counts_drops(tmp_path: Path) -> None:
+async def stuck_queue_and_spool_down(tmp_path: Path) -> tuple[SlowQueue, ListSink, Publisher]:
+    """A queue that takes nothing until released, room for 3 captures in the buffer and 3 on
+    the overflow path, and an overflow sink (the spool) that is down."""
     q = SlowQueue()
     spool = ListSink("spool")
     spool.down = True
     one = capture(0).nbytes
     pub = Publisher(settings(tmp_path, publish_buffer_bytes=one * 3), [QueueSink(q)], overflow=spool)
     await pub.start()
+    return q, spool, pub
+
+
+async def test_overflow_path_full_or_failing_counts_drops(tmp_path: Path) -> None:
+    q, _, pub = await stuck_queue_and_spool_down(tmp_path)
     for i in range(10):
         pub.submit(capture(i))
     assert pub.dropped == 4  # 3 in the buffer, 3 on the overflow path, the rest over both bounds
@@ -365,12 +372,7 @@ async def test_an_overflow_sink_that_fails_for_a_while_loses_nothing(tmp_path: P
     """A write to the disk spool can fail for a moment (found live: a segment the replayer
     deleted between the spool's listing and its size check). The records on the overflow path
     are only in memory: they are kept and written once it works again, not dropped."""
-    q = SlowQueue()
-    spool = ListSink("spool")
-    spool.down = True
-    one = capture(0).nbytes
-    pub = Publisher(settings(tmp_path, publish_buffer_bytes=one * 3), [QueueSink(q)], overflow=spool)
-    await pub.start()
+    q, spool, pub = await stuck_queue_and_spool_down(tmp_path)
     for i in range(6):  # 3 fit the buffer (the queue is stuck), 3 take the overflow path
         pub.submit(capture(i))
     await wait_for(lambda: pub.failed >= 3)
