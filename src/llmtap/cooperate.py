@@ -24,7 +24,7 @@ SLICE = 32
 #: Share of the event loop's thread on the CPU, over a probe, above which it counts as busy.
 #: Requests at saturation keep it at 0.85-0.97 (the rest: waiting for the GIL, for sockets), a
 #: sequential client against a 0.1 ms upstream at 0.5-0.75; a machine whose other work takes
-#: the core keeps it lower (so on a shared machine the worker goes on as it did without this).
+#: the core keeps it lower (mean 0.44 beside the test suite and a CPU hog): the worker waits less.
 BUSY_SHARE = 0.6
 #: Seconds each probe of the loop's load lasts (and the worker sleeps) while it waits.
 PROBE_S = 0.05
