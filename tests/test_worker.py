@@ -230,27 +230,37 @@ async def test_a_big_batch_gives_the_event_loop_a_turn_every_slice_records(
 
 class Gateway:
     """What a worker in `llmtap up` sees of the gateway: a count that moves with each request
-    (it always has here), and the loop's thread on the CPU for `share` of the wall time."""
+    (it always has here), and the loop's thread on the CPU for `share` of the time. The time is
+    scripted (each reading of the clock advances it 25 ms), so a busy test machine cannot make
+    the loop look idle."""
 
     def __init__(self, share: float) -> None:
         self.share = share
         self.requests = 0
         self.probed = 0
+        self.t = 0.0
 
     def activity(self) -> int:
         self.requests += 1
         return self.requests
 
+    def clock(self) -> float:
+        self.t += 0.025
+        return self.t
+
     def cpu(self) -> float:
         self.probed += 1
-        return time.perf_counter() * self.share
+        return self.t * self.share
+
+    def foreground(self, max_wait: float) -> Foreground:
+        return Foreground(self.activity, max_wait, cpu=self.cpu, clock=self.clock)
 
 
 async def test_the_worker_takes_no_batch_while_the_gateway_keeps_the_loop_busy(env: Env) -> None:
     """`llmtap up`: records wait in the queue while requests keep the loop busy, and are all
     stored once they leave it time. Counted in probes of the loop, not timed."""
     gw = Gateway(share=1.0)
-    fg = Foreground(gw.activity, 3600, cpu=gw.cpu)
+    fg = gw.foreground(3600)
     await env.publish([encode(make_record(i)) for i in range(120)])
     await env.worker(fg)
     await until(lambda: gw.probed >= 20, what="the worker probing the busy loop")
@@ -265,7 +275,7 @@ async def test_a_gateway_busy_for_ever_delays_the_records_by_the_bound_only(env:
     """The wait is bounded (`LLMTAP_WORKER_DEFER_S`): under a load that never ends, the worker
     stops waiting and stores everything, as it would without a gateway beside it."""
     gw = Gateway(share=1.0)
-    fg = Foreground(gw.activity, 0.3, cpu=gw.cpu)
+    fg = gw.foreground(0.3)  # about 6 probes of the scripted clock
     await env.publish([encode(make_record(i)) for i in range(400)])
     await env.worker(fg)
     await until(lambda: env.rows() == (400, 400), what="every record stored, the loop busy throughout")

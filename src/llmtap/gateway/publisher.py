@@ -13,9 +13,10 @@ next sink. Each sink encodes the records itself, because the record says which r
 exponential backoff; batches keep their order. Memory is bounded by `publish_buffer_bytes`
 (captures waiting plus the batch held). Past it, a capture goes to the `overflow` sink (the
 disk spool) on a path of its own, so a queue that is slow rather than down does not make it
-wait; only when that path is full too (another `publish_buffer_bytes`) or fails is a capture
-dropped — counted in `dropped` and `llmtap_gateway_records_dropped_total`, and logged (at most
-every 10 s), never silently.
+wait; a write there that fails is retried with the same backoff, its records kept. Only when
+that path is full too (another `publish_buffer_bytes`) is a capture dropped — counted in
+`dropped` and `llmtap_gateway_records_dropped_total`, and logged (at most every 10 s), never
+silently.
 
 One record must never cost the others theirs. A batch that every sink refuses for a reason
 other than an outage (a record the queue, the server or the encoder will not take) is split in
@@ -471,7 +472,7 @@ class Publisher:
             caps = self._spilling = [spill.popleft() for _ in range(min(len(spill), self.batch_size))]
             batch = await self._build(caps)
             try:
-                failures = 0
+                backoff = _BACKOFF_MIN
                 while True:
                     try:
                         if batch.big:
@@ -484,16 +485,15 @@ class Publisher:
                         # meanwhile waits within the bound `submit` keeps; at the stop deadline
                         # this task is cancelled and `_rescue` writes `_spilling` once more.
                         self.failed += 1
-                        failures += 1
-                        delay = min(_BACKOFF_MIN * 2 ** (failures - 1), _BACKOFF_MAX)
                         self._warn(
                             "spill",
                             "overflow sink failed (%s); %d records kept in memory, retrying in %.2fs",
                             e,
                             len(batch.records),
-                            delay,
+                            backoff,
                         )
-                        await asyncio.sleep(delay)
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, _BACKOFF_MAX)
             finally:
                 self.spill_bytes -= batch.nbytes
             self._spilling = []  # not when cancelled at the deadline: `_rescue` writes them
