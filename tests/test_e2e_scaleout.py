@@ -322,7 +322,16 @@ class Stack:
         try:
             await until(all_there, timeout, f"{len(want)} stored records", interval=0.25)
         except AssertionError as e:
-            raise AssertionError(f"{e}; {seen[0]} of {len(want)} stored") from None
+            raise AssertionError(f"{e}; {seen[0]} of {len(want)} stored; {await self.where()}") from None
+
+    async def where(self) -> str:
+        """Where the records not stored are: the queue's own view, for a failure's message."""
+        try:
+            st, dead = await asyncio.wait_for(self.queue_view(), 30)
+        except Exception as e:
+            return f"queue not readable: {e!r}"
+        reasons = Counter(d.reason[:80] for d in dead)
+        return f"queue {st}; dead letters by reason {dict(reasons)}"
 
     async def assert_exactly_once(self, ids: Sequence[str]) -> None:
         """The store holds these ids, each in exactly one row, and nothing else of this tenant.

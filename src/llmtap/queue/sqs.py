@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import hashlib
 import json
@@ -74,6 +75,7 @@ from llmtap.queue.base import (
     Queue,
     QueueStatus,
     Role,
+    bounded,
     partition_for,
 )
 
@@ -396,7 +398,12 @@ class SQSQueue(Queue):
         key_attr = attrs.get(A_KEY, {}).get("BinaryValue", b"")
         key = key_attr.decode(errors="replace") if isinstance(key_attr, bytes) else str(key_attr)
         body = m.get("Body", "")
-        value = base64.b64decode(body) if A_B64 in attrs else body.encode()
+        value = body.encode()
+        if A_B64 in attrs:
+            # A foreign message with a bad base64 body goes to the worker as it is, which
+            # dead-letters it with its reason, instead of failing every receive that meets it.
+            with contextlib.suppress(binascii.Error, ValueError):
+                value = base64.b64decode(body, validate=True)
         return key, value, attrs
 
     def _offset(self, m: dict[str, Any]) -> int:
@@ -481,34 +488,56 @@ class SQSQueue(Queue):
             raise RuntimeError("SQSQueue is not connected as a consumer")
         wait = 0 if timeout <= 0 else max(1, min(self.wait_seconds, math.ceil(timeout)))
         t0 = time.monotonic()
-        got = await self._receive_held(min(_BATCH, max_messages), wait)
-        # More than 10 wanted: further receives, in parallel, while they come back full, and
-        # not for long: what was received is held (renewed) meanwhile, but not yet worked on.
-        last_full = len(got) == _BATCH
-        with contextlib.suppress(BackendUnavailable):  # keep what we have; the next call reports
+        got: list[dict[str, Any]] = []
+        try:
+            got += await self._receive_held(min(_BATCH, max_messages), wait)
+            # More than 10 wanted: further receives, in parallel, while they come back full, and
+            # not for long: what was received is held (renewed) meanwhile, but not yet worked on.
+            last_full = len(got) == _BATCH
             while last_full and len(got) < max_messages and time.monotonic() - t0 < self.visibility / 4:
                 want = max_messages - len(got)
                 sizes = [min(_BATCH, want - i * _BATCH) for i in range(min(math.ceil(want / _BATCH), 8))]
-                rounds = await asyncio.gather(*(self._receive_held(s, 0) for s in sizes))
-                last_full = all(len(r) == s for r, s in zip(rounds, sizes, strict=True))
-                for r in rounds:
-                    got += r
-        out: list[Delivery] = []
-        for m in got:
-            key, value, attrs = self._decode(m)
-            receipt = m["ReceiptHandle"]
-            replay = attrs.get(A_REPLAY, {}).get("StringValue")
-            out.append(
-                Delivery(
-                    partition_for(key, self.partitions),
-                    self._offset(m),
-                    key,
-                    value,
-                    delivery_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
-                    handle=_Handle(receipt, m["MessageId"], replay),
+                rounds = await asyncio.gather(
+                    *(self._receive_held(s, 0) for s in sizes), return_exceptions=True
                 )
-            )
-        return out
+                # What the receives that worked brought is held: it goes to the caller even when
+                # another receive failed, or it would stay invisible (renewed) and block its
+                # message group for as long as this consumer lives.
+                for r in rounds:
+                    if isinstance(r, list):
+                        got += r
+                errors = [r for r in rounds if isinstance(r, BaseException)]
+                if any(not isinstance(e, BackendUnavailable) for e in errors):
+                    raise next(e for e in errors if not isinstance(e, BackendUnavailable))
+                if errors:
+                    break  # keep what we have; the next call reports the outage
+                last_full = all(
+                    isinstance(r, list) and len(r) == s for r, s in zip(rounds, sizes, strict=True)
+                )
+            return [self._delivery(m) for m in got]
+        except BaseException:
+            await self._release([m["ReceiptHandle"] for m in got])
+            raise
+
+    def _delivery(self, m: dict[str, Any]) -> Delivery:
+        key, value, attrs = self._decode(m)
+        replay = attrs.get(A_REPLAY, {}).get("StringValue")
+        return Delivery(
+            partition_for(key, self.partitions),
+            self._offset(m),
+            key,
+            value,
+            delivery_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
+            handle=_Handle(m["ReceiptHandle"], m["MessageId"], replay),
+        )
+
+    async def _release(self, receipts: Sequence[str]) -> None:
+        """Give back messages received but never handed out (a `consume` that failed or was
+        cancelled half-way): no longer renewed, and visible again at once if SQS answers."""
+        for r in receipts:
+            self._held.pop(r, None)
+        if receipts:
+            await bounded(self._change_visibility(self._url, receipts, 0), self.op_timeout, "releasing")
 
     async def _receive_held(self, n: int, wait: int) -> list[dict[str, Any]]:
         """Receive from the main queue; the messages are held (renewed) from now on."""
