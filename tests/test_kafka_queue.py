@@ -210,6 +210,33 @@ async def test_dead_letter_replay_is_remembered_across_instances(
     assert sorted(d.value for d in replayed) == sorted(f"garbage {i}".encode() for i in range(4))
 
 
+async def test_a_foreign_dead_letter_with_garbage_headers_is_listed_and_replayed(
+    spec: QueueSpec, queues: list[KafkaQueue]
+) -> None:
+    # Anyone can produce to the dead-letter topic: a letter whose headers are not numbers is
+    # listed with fallbacks, and neither it nor the real one beside it blocks listing or replay.
+    from aiokafka import AIOKafkaProducer
+
+    q = await open_(spec, queues)
+    await q.publish([Message("k", b"real")])
+    (real,) = await take(q, 1, ack=False)
+    await q.dead_letter(real, "a real reason")
+    producer = AIOKafkaProducer(bootstrap_servers=q.bootstrap)
+    await producer.start()
+    try:
+        headers = [("partition", b"x"), ("offset", b"\xff\xfe"), ("failed_at", b"inf"), ("reason", b"\xff")]
+        await producer.send_and_wait(q.dlq_topic, b"foreign", key=b"\xff", headers=headers)
+    finally:
+        await producer.stop()
+    letters = await q.dead_letters()
+    assert sorted(d.value for d in letters) == [b"foreign", b"real"]
+    foreign = next(d for d in letters if d.value == b"foreign")
+    assert (foreign.partition, foreign.offset) == (0, 0)
+    assert 0 < foreign.failed_at < time.time() + 60  # the message's own time, not inf
+    assert await q.replay_dead_letters() == 2
+    assert sorted(d.value for d in await take(q, 2)) == [b"foreign", b"real"]
+
+
 def services(*args: str) -> None:
     subprocess.run([str(SERVICES), *args], check=True, capture_output=True, timeout=180)
 

@@ -291,6 +291,45 @@ async def test_a_foreign_message_with_a_bad_base64_body_is_handed_out_as_it_is(
 
 
 @needs_server
+async def test_a_foreign_dead_letter_with_garbage_attributes_is_listed_and_replayed(
+    queues: list[SQSQueue],
+) -> None:
+    # Something other than llmtap put a letter in the dead-letter queue, with attributes named
+    # like llmtap's but holding any text: it is listed (with fallbacks), and neither it nor the
+    # real letter beside it blocks the listing or the replay.
+    q = await open_(fresh(), queues)
+    await q.publish([Message("k", b'{"real": 1}')])
+    (real,) = await take(q, 1, ack=False)
+    await q.dead_letter(real, "a real reason")
+    garbage = {
+        "llmtap-offset": "abc",
+        "llmtap-failed-at": "nan",
+        "llmtap-b64": "1",
+        "llmtap-key": "\u00e9\ud7ff\ufffd",
+    }
+    async with get_session().create_client(
+        "sqs", region_name="us-east-1", endpoint_url=os.environ["LLMTAP_TEST_SQS_ENDPOINT"]
+    ) as c:
+        qurl = (await c.get_queue_url(QueueName=q.dlq_name))["QueueUrl"]
+        await c.send_message(
+            QueueUrl=qurl,
+            MessageBody="%%% not base64",
+            MessageAttributes={k: {"DataType": "String", "StringValue": v} for k, v in garbage.items()},
+            MessageGroupId="g",
+            MessageDeduplicationId=uuid.uuid4().hex,
+        )
+    letters = await q.dead_letters()
+    assert sorted(d.value for d in letters) == [b"%%% not base64", b'{"real": 1}']
+    foreign = next(d for d in letters if d.value == b"%%% not base64")
+    assert foreign.failed_at > 0 and foreign.failed_at == foreign.failed_at  # the send time, not NaN
+    assert foreign.offset >= 0 and "redrive policy" in foreign.reason
+    assert await q.replay_dead_letters() == 2
+    got = await take(q, 2)
+    assert sorted(d.value for d in got) == [b"%%% not base64", b'{"real": 1}']
+    assert (await q.status()).dead_letters == 0
+
+
+@needs_server
 async def test_a_message_that_keeps_coming_back_is_moved_by_the_redrive_policy(
     queues: list[SQSQueue],
 ) -> None:

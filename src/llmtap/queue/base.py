@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from llmtap.backends import QUEUES
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from llmtap.config import Settings
 
 Role = Literal["producer", "consumer", "both"]
+N = TypeVar("N")
+D = TypeVar("D")
 
 
 @dataclass(slots=True)
@@ -122,6 +125,26 @@ async def bounded(step: Awaitable[Any], timeout: float, what: str) -> None:
 def _drain_result(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved, so asyncio does not log "exception was never retrieved"
+
+
+def letter_field(text: str | bytes | None, kind: Callable[[str], N], default: D) -> N | D:
+    """A number a dead letter carries as text (partition, offset, time), or `default`.
+
+    Anything can be written to a dead-letter place by hand (a Kafka topic, a Redis stream, an SQS
+    queue): one letter with a field that is not a number must not fail the listing, or the
+    replay, of all the others.
+    """
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    if not text:
+        return default
+    try:
+        v = kind(text.strip())
+    except (ValueError, OverflowError):
+        return default
+    if isinstance(v, float) and not math.isfinite(v):
+        return default
+    return v
 
 
 def partition_for(key: str, partitions: int) -> int:

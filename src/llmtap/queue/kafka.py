@@ -67,6 +67,7 @@ from llmtap.queue.base import (
     QueueStatus,
     Role,
     bounded,
+    letter_field,
     partition_for,
 )
 from llmtap.redact import redact_url
@@ -666,12 +667,12 @@ class KafkaQueue(Queue):
                     out.append(
                         DeadLetter(
                             id=str(r.offset),
-                            partition=int(h.get("partition", "0")),
-                            offset=int(h.get("offset", "0")),
+                            partition=letter_field(h.get("partition"), int, 0),
+                            offset=letter_field(h.get("offset"), int, 0),
                             key=(r.key or b"").decode(errors="replace"),
                             value=r.value or b"",
                             reason=h.get("reason", ""),
-                            failed_at=float(h.get("failed_at", "0")),
+                            failed_at=letter_field(h.get("failed_at"), float, r.timestamp / 1000),
                         )
                     )
                     if limit is not None and len(out) >= limit:

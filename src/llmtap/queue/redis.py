@@ -63,6 +63,7 @@ from llmtap.queue.base import (
     QueueStatus,
     Role,
     bounded,
+    letter_field,
     partition_for,
 )
 from llmtap.redact import redact_url
@@ -716,16 +717,15 @@ class RedisQueue(Queue):
             raise self._unavailable(e) from None
         out = []
         for eid, f in entries:
-            entry = f.get(b"entry", b"0-0")
             out.append(
                 DeadLetter(
                     id=_s(eid),
-                    partition=int(f.get(b"partition", b"0")),
-                    offset=entry_offset(entry),
+                    partition=letter_field(f.get(b"partition"), int, 0),
+                    offset=letter_field(f.get(b"entry"), entry_offset, 0),
                     key=f.get(b"k", b"").decode(errors="replace"),
                     value=f.get(b"v", b""),
                     reason=f.get(b"reason", b"").decode(errors="replace"),
-                    failed_at=float(f.get(b"failed_at", b"0")),
+                    failed_at=letter_field(f.get(b"failed_at"), float, entry_offset(eid) / 1e9),
                 )
             )
         return out

@@ -76,6 +76,7 @@ from llmtap.queue.base import (
     QueueStatus,
     Role,
     bounded,
+    letter_field,
     partition_for,
 )
 
@@ -634,18 +635,17 @@ class SQSQueue(Queue):
                 f"moved by SQS after {sys_attrs.get('ApproximateReceiveCount', '?')} receives without an "
                 f"acknowledgement (redrive policy, maxReceiveCount {self.max_receives}): did a worker crash?"
             )
-        failed_at = (
-            attrs.get(A_FAILED_AT, {}).get("StringValue") or int(sys_attrs.get("SentTimestamp", 0)) / 1000
-        )
-        offset = attrs.get(A_OFFSET, {}).get("StringValue")
+        sent = int(sys_attrs.get("SentTimestamp", 0)) / 1000
+        failed_at = letter_field(attrs.get(A_FAILED_AT, {}).get("StringValue"), float, sent)
+        offset = letter_field(attrs.get(A_OFFSET, {}).get("StringValue"), int, None)
         return DeadLetter(
             id=m["MessageId"],
             partition=partition_for(key, self.partitions),
-            offset=int(offset) if offset else self._offset(m),
+            offset=self._offset(m) if offset is None else offset,
             key=key,
             value=value,
             reason=reason,
-            failed_at=float(failed_at),
+            failed_at=failed_at,
         )
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
