@@ -25,9 +25,11 @@ endpoint, then the spool) takes the whole batch.
 Consuming: long polling (`WaitTimeSeconds`), several receives per `consume` up to the batch
 size. Received messages stay invisible while held: a background task renews their visibility
 timeout (`ChangeMessageVisibilityBatch`) until they are acked (deleted only after the handler
-chain succeeded), dead-lettered, or released at `close` (visible again at once). A consumer that
-dies stops renewing, so its messages come back after `visibility_timeout` seconds: that is the
-takeover.
+chain succeeded), dead-lettered, or released at `close` (visible again at once). Whatever a
+`consume` received is handed out, even when another of its receives failed; if the call itself
+fails, what it had received is released, never held unseen (that blocked a message group for as
+long as the worker lived). A consumer that dies stops renewing, so its messages come back after
+`visibility_timeout` seconds: that is the takeover.
 
 Dead letters: llmtap's own dead-letter queue `<name>-dlq` (`<name>-dlq.fifo`) holds them, with
 the reason, source offset and time as message attributes. The main queue is created with a
