@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ if str(ROOT / "src") not in sys.path:  # when run as a script from a checkout
     sys.path.insert(0, str(ROOT / "src"))
 
 from llmtap.errors import BackendUnavailable  # noqa: E402
-from llmtap.queue.base import Delivery, Message, Queue  # noqa: E402
+from llmtap.queue.base import DeadLetter, Delivery, Message, Queue  # noqa: E402
 
 BACKENDS = ("sqlite", "redis", "kafka", "sqs")
 
@@ -225,6 +225,37 @@ async def consume_loop(q: Queue, ledger: Ledger, stop: asyncio.Event, batch: int
             except ValueError as e:
                 await q.dead_letter(d, f"cannot decode: {e}")
         await q.ack(good)
+
+
+async def take(q: Queue, n: int, timeout: float = 30, ack: bool = True, poll: float = 0.5) -> list[Delivery]:
+    """Consume until `n` deliveries arrived (acking them unless told not to)."""
+    out: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"got {len(out)} of {n}"
+        got = await q.consume(n - len(out), poll)
+        out += got
+        if ack:
+            await q.ack(got)
+    return out
+
+
+async def check_foreign_letter(q: Queue, write_foreign: Callable[[], Awaitable[None]]) -> DeadLetter:
+    """A letter written by hand to the dead-letter place (`write_foreign`: value b"foreign", its
+    fields not numbers) is listed beside a real one, with a plausible time, and both replay.
+    Returns the foreign letter as listed, for the backend's own checks."""
+    await q.publish([Message("k", b"real")])
+    (real,) = await take(q, 1, ack=False)
+    await q.dead_letter(real, "a real reason")
+    await write_foreign()
+    letters = await q.dead_letters()
+    assert sorted(d.value for d in letters) == [b"foreign", b"real"]
+    foreign = next(d for d in letters if d.value == b"foreign")
+    assert 0 < foreign.failed_at < time.time() + 60, foreign  # its own time: not NaN, not inf
+    assert await q.replay_dead_letters() == 2
+    assert sorted(d.value for d in await take(q, 2)) == [b"foreign", b"real"]
+    assert (await q.status()).dead_letters == 0
+    return foreign
 
 
 async def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.1) -> None:
