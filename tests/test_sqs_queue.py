@@ -265,6 +265,36 @@ async def test_a_consume_that_fails_gives_back_what_it_had_received(queues: list
 
 
 @needs_server
+async def test_a_consume_cancelled_mid_round_holds_nothing(queues: list[SQSQueue]) -> None:
+    # A worker stopping cancels its consume: what the round's finished receives got is released
+    # too (visible again at once), not left held until the queue is closed.
+    q = await open_(fresh(), queues, visibility_timeout=120)
+    messages = keyed_records(keys=6, per_key=10)
+    await q.publish(messages)
+    real, calls = q._receive, [0]
+
+    async def receive(url: str, n: int, wait: int, visibility: int) -> list[dict[str, Any]]:
+        calls[0] += 1
+        if calls[0] == 3:
+            await asyncio.Event().wait()  # a receive that never answers
+        return await real(url, n, wait, visibility)
+
+    q._receive = receive  # type: ignore[method-assign]
+    task = asyncio.create_task(q.consume(60, 1.0))
+    deadline = time.monotonic() + 60
+    while len(q._held) < 30:  # the first receive and the round's two others are in
+        assert time.monotonic() < deadline and not task.done(), len(q._held)
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert q._held == {}
+    other = await open_(f"sqs://{q.name}?endpoint={q.endpoint}", queues, "consumer")
+    got = await take(other, len(messages), timeout=30)  # far less than the 120 s visibility
+    assert sorted(d.value for d in got) == sorted(m.value for m in messages)
+
+
+@needs_server
 async def test_a_foreign_message_with_a_bad_base64_body_is_handed_out_as_it_is(
     queues: list[SQSQueue],
 ) -> None:

@@ -27,9 +27,9 @@ size. Received messages stay invisible while held: a background task renews thei
 timeout (`ChangeMessageVisibilityBatch`) until they are acked (deleted only after the handler
 chain succeeded), dead-lettered, or released at `close` (visible again at once). Whatever a
 `consume` received is handed out, even when another of its receives failed; if the call itself
-fails, what it had received is released, never held unseen (that blocked a message group for as
-long as the worker lived). A consumer that dies stops renewing, so its messages come back after
-`visibility_timeout` seconds: that is the takeover.
+fails or is cancelled, what it had received is released, never held unseen (that blocked a
+message group for as long as the worker lived). A consumer that dies stops renewing, so its
+messages come back after `visibility_timeout` seconds: that is the takeover.
 
 Dead letters: llmtap's own dead-letter queue `<name>-dlq` (`<name>-dlq.fifo`) holds them, with
 the reason, source offset and time as message attributes. The main queue is created with a
@@ -500,23 +500,24 @@ class SQSQueue(Queue):
             while last_full and len(got) < max_messages and time.monotonic() - t0 < self.visibility / 4:
                 want = max_messages - len(got)
                 sizes = [min(_BATCH, want - i * _BATCH) for i in range(min(math.ceil(want / _BATCH), 8))]
-                rounds = await asyncio.gather(
-                    *(self._receive_held(s, 0) for s in sizes), return_exceptions=True
-                )
-                # What the receives that worked brought is held: it goes to the caller even when
-                # another receive failed, or it would stay invisible (renewed) and block its
-                # message group for as long as this consumer lives.
-                for r in rounds:
-                    if isinstance(r, list):
-                        got += r
-                errors = [r for r in rounds if isinstance(r, BaseException)]
+                tasks = [asyncio.ensure_future(self._receive_held(s, 0)) for s in sizes]
+                try:
+                    await asyncio.wait(tasks)
+                finally:
+                    # What the receives that finished brought is held: it joins `got` even when
+                    # another receive failed or this call is cancelled, so it is handed out or
+                    # released below, never left invisible (renewed) blocking its message group.
+                    for t in tasks:
+                        if not t.done():
+                            t.cancel()
+                        elif not t.cancelled() and t.exception() is None:
+                            got += t.result()
+                errors = [e for t in tasks if (e := t.exception()) is not None]
                 if any(not isinstance(e, BackendUnavailable) for e in errors):
                     raise next(e for e in errors if not isinstance(e, BackendUnavailable))
                 if errors:
                     break  # keep what we have; the next call reports the outage
-                last_full = all(
-                    isinstance(r, list) and len(r) == s for r, s in zip(rounds, sizes, strict=True)
-                )
+                last_full = all(len(t.result()) == s for t, s in zip(tasks, sizes, strict=True))
             return [self._delivery(m) for m in got]
         except BaseException:
             await self._release([m["ReceiptHandle"] for m in got])
