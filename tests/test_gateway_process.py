@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,11 @@ import pytest
 
 from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import decode
+from procs import free_port
 
 pytestmark = pytest.mark.timeout(90)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello from a process test"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout: float = 30) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -31,6 +30,7 @@ from llmtap.webhooks.outbox import (
     Endpoint,
     new_secret,
 )
+from procs import free_port
 from store_helpers import micros, open_store, rec, store_params
 from worker_helpers import make_record
 
@@ -51,12 +51,6 @@ async def wait_for(
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what or cond}")
         await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Receiver:
