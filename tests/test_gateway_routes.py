@@ -149,7 +149,7 @@ async def test_named_upstreams_priced_by_their_own_provider(upstream: int, tmp_p
         ("gemini=http://10.0.0.5:8000", "taken by llmtap's own /gemini/ route"),
         ("healthz=http://10.0.0.5:8000", "taken"),
         ("vllm", "is not name=url"),
-        ("vllm=ftp://10.0.0.5", "needs an http:// or https:// URL"),
+        ("vllm=ftp://10.0.0.5", "must be an http:// or https:// URL"),
         ("vllm=http://a,vllm=http://b", "given twice"),
         ("Big Name=http://a", "must be lowercase letters"),
         ("vllm=http://a?x=1", "must not have a query"),
@@ -161,6 +161,31 @@ def test_upstreams_config_errors_are_one_sentence(value: str, needle: str) -> No
     msg = str(e.value)
     assert msg.startswith("invalid setting LLMTAP_UPSTREAMS: ") and needle in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "needle"),
+    [
+        ("openai_base_url", "http://oa:PASSWORD-1@10.0.0.5", "must not hold credentials"),
+        ("azure_base_url", "https://res.openai.azure.com?api-key=PASSWORD-2", "must not have a query"),
+        ("upstreams", "vllm=http://u:PASSWORD-3@10.0.0.5:8000", "must not hold credentials"),
+        ("upstreams", "vllm=http://u:PASSWORD-4@h:1,bad", "must not hold credentials"),
+        ("webhook_url", "notaurl://u:PASSWORD-5@x", "must be an http:// or https:// URL"),
+        ("ingest_url", "ftp://u:PASSWORD-6@h", "must be an http:// or https:// URL"),
+        ("s3_endpoint", "http://ak:PASSWORD-7@127.0.0.1:1", "must not hold credentials"),
+        ("bodies", "s3://u:PASSWORD-8@bucket/prefix", "takes no credentials"),
+        ("ingest_token", 12345678901234, "valid string"),
+        ("webhook_secret", ["whsec_PASSWORD-9"], "valid string"),
+    ],
+)
+def test_a_wrong_setting_never_shows_its_secret(setting: str, value: object, needle: str) -> None:
+    """Upstream base URLs take no credentials (requests are built on them and their errors
+    quote them); and no error line shows a password, a token or a secret."""
+    with pytest.raises(ConfigError) as e:
+        load_settings(**{setting: value})
+    msg = str(e.value)
+    assert needle in msg and "PASSWORD" not in msg and "12345678901234" not in msg, msg
+    assert msg.startswith(f"invalid setting LLMTAP_{setting.upper()}: ") and "\n" not in msg
 
 
 def test_upstreams_parsed() -> None:

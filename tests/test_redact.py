@@ -9,7 +9,15 @@ import time
 
 import pytest
 
-from llmtap.redact import CredentialFilter, install_log_filter, redact_body, redact_text, redact_url
+from llmtap.redact import (
+    CredentialFilter,
+    install_log_filter,
+    is_secret_name,
+    is_secret_value,
+    redact_body,
+    redact_text,
+    redact_url,
+)
 
 
 @pytest.mark.parametrize(
@@ -19,6 +27,7 @@ from llmtap.redact import CredentialFilter, install_log_filter, redact_body, red
         "password", "passwd", "auth", "secret", "client_secret", "sig", "signature", "token",
         "access_token", "refresh_token", "code", "X-Amz-Signature", "X-Amz-Credential",
         "x-goog-signature", "subscription-key", "my.secret", "k%65y",
+        "data[api_key]", "key[]", "hmac", "sas", "api_key%3D", "KEY%00", "oauth_consumer_key",
     ],
 )  # fmt: skip
 def test_credential_query_names_are_redacted_decoded(name: str) -> None:
@@ -30,7 +39,7 @@ def test_credential_query_names_are_redacted_decoded(name: str) -> None:
     assert red.endswith(f"?api-version=1&{name}=***&x=1")
 
 
-@pytest.mark.parametrize("name", ["api-version", "model", "limit", "max_tokens", "stream", "q"])
+@pytest.mark.parametrize("name", ["api-version", "model", "limit", "max_tokens", "stream", "q", "author"])
 def test_ordinary_query_names_are_kept(name: str) -> None:
     url = f"https://h/v1/x?{name}=value1"
     assert redact_url(url) == url
@@ -53,6 +62,66 @@ def test_semicolon_separated_and_repeated_params() -> None:
 def test_a_urls_password_is_hidden_too(url: str, shown: str) -> None:
     """One `redact_url` for banners and recorded URLs alike: the password and the query."""
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Authorization", "Proxy-Authorization", "x-api-key", "api-key", "X-Goog-Api-Key", "Cookie",
+        "Set-Cookie", "Set-Cookie2", "Llmtap-Auth", "cf-aig-authorization", "Helicone-Auth",
+        "x-ms-authorization-auxiliary", "X-Forwarded-Authorization", "X-Apikey", "Api-Keys",
+        "Token", "X-Auth", "Authentication", "X-Password", "X-Signature", "X-Hub-Signature-256",
+        "X-Credential", "x-api-key2", "X-Custom-Token", "X-Session-Token", "client_secret",
+    ],
+)  # fmt: skip
+def test_credential_header_names(name: str) -> None:
+    """One rule for header and query names (`is_secret_name`), credentials of other gateways
+    and platforms included."""
+    assert is_secret_name(name) and is_secret_name(name.lower())
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Content-Type", "User-Agent", "OpenAI-Organization", "anthropic-version", "x-stainless-arch",
+        "x-ratelimit-remaining-tokens", "anthropic-ratelimit-input-tokens-remaining", "keep-alive",
+        "www-authenticate", "x-goog-api-client", "openai-beta", "x-request-id", "traceparent",
+    ],
+)  # fmt: skip
+def test_ordinary_header_names_are_kept(name: str) -> None:
+    """Counts of tokens are not tokens: the rate-limit headers stay in the record."""
+    assert not is_secret_name(name)
+
+
+def test_a_header_valued_like_a_credential_is_one_whatever_its_name() -> None:
+    for v in ["Bearer abc", "basic Zm9vOmJhcg==", "Token xyz", "AWS4-HMAC-SHA256 Credential=AK/..",
+              "sk-proj-abcdefgh", "sk-ant-api03-abcdef", "AIza" + "x" * 30]:  # fmt: skip
+        assert is_secret_value(v), v
+    for v in ["application/json", "Bearer", "Bearer ", "tokenizer v2", "sk-1", "gzip, deflate", ""]:
+        assert not is_secret_value(v), v
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://h/v1/models;key=S3CR3T", "https://h/v1/models;key=***"),  # a path parameter
+        ("https://h/v1/x#access_token=S3CR3T", "https://h/v1/x#access_token=***"),  # the fragment
+        ("https://h/v1?next=https%3A%2F%2Fx%3Fkey%3DS3CR3T&a=1", "https://h/v1?next=***&a=1"),
+        ("sqs://q.fifo?endpoint=http://ak:S3CR3T@127.0.0.1:1&region=x",
+         "sqs://q.fifo?endpoint=http://ak:***@127.0.0.1:1&region=x"),  # a URL inside a value
+        ("vllm=http://u:S3CR3T@h:1,b=http://v:S3CR3T@h:2", "vllm=http://u:***@h:1,b=http://v:***@h:2"),
+        ("https://h/v1/models;v=2/chat", "https://h/v1/models;v=2/chat"),  # nothing to hide
+    ],
+)  # fmt: skip
+def test_secrets_anywhere_in_a_url_are_hidden(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_redact_text_hides_a_urls_password() -> None:
+    assert (
+        redact_text("could not reach http://bob:S3CR3T@h:1: refused")
+        == "could not reach http://bob:***@h:1: refused"
+    )
 
 
 def test_redact_text_masks_pairs_headers_bearer_and_key_shapes() -> None:
@@ -110,3 +179,24 @@ def test_log_filter_masks_any_logger_and_tracebacks() -> None:
     out = stream.getvalue()
     assert "LEAK" not in out, out
     assert "key=***" in out and "ValueError" in out and "Traceback" in out
+
+
+def test_a_malformed_request_log_line_never_quotes_the_clients_bytes() -> None:
+    """aiohttp's "Got more than 65536 bytes when reading: b'<the header's value>'" names no
+    header, so `redact_text` cannot know the value is a key: the quoted bytes are cut."""
+    from aiohttp.http_exceptions import LineTooLong
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(CredentialFilter())
+    lg = logging.getLogger("llmtap.test.badrequest")
+    lg.addHandler(handler)
+    try:
+        try:
+            raise LineTooLong(b"SECRET-RAW-" + b"a" * 100, 65536)
+        except LineTooLong:
+            lg.exception("Error handling request")
+    finally:
+        lg.removeHandler(handler)
+    out = stream.getvalue()
+    assert "SECRET" not in out and "rejected a malformed request" in out, out

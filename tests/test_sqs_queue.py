@@ -103,6 +103,18 @@ def test_description_says_what_kind_of_queue() -> None:
     assert SQSQueue("sqs://logs", 6).dlq_name == "logs-dlq"
 
 
+async def test_an_endpoints_password_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Banners, `llmtap status` and outage messages quote the endpoint: never its password."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    q = SQSQueue("sqs://logs.fifo?endpoint=http://ak:PASSWORD-1@127.0.0.1:1&region=us-east-1", 6)
+    assert q.description == "sqs://logs.fifo at http://ak:***@127.0.0.1:1 (SQS FIFO)"
+    with pytest.raises((ConfigError, BackendUnavailable)) as e:  # refused, or nothing answers
+        await q.connect("consumer")
+    assert "PASSWORD" not in str(e.value) and "127.0.0.1:1" in str(e.value)
+    await q.close()
+
+
 def test_message_groups_are_the_partitions() -> None:
     assert group_id("tenant-a", 6) == f"p{partition_for('tenant-a', 6)}"
     assert {group_id(f"key-{i}", 6) for i in range(200)} == {f"p{i}" for i in range(6)}

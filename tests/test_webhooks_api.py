@@ -88,6 +88,13 @@ async def test_webhooks_api_is_authenticated_and_tenant_scoped(mt: Server) -> No
     finally:
         await rx.stop()
 
+    # The URL's password and token are the receiver's credentials: listed masked, as the CLI does.
+    secret_url = "http://hook:PASSWORD-1@x.example/hook?token=PASSWORD-2&v=1"
+    status, made = await call(mt, "POST", "/api/v1/webhooks", key_a, {"url": secret_url})
+    assert status == 201 and made["url"] == "http://hook:***@x.example/hook?token=***&v=1"
+    status, listed = await call(mt, "GET", "/api/v1/webhooks", key_a)
+    assert "PASSWORD" not in str(listed) and made["id"] in {e["id"] for e in listed["items"]}
+
     u = "http://x.example/"
     for bad in ({"url": "ftp://x.example/"}, {"url": u, "events": ["nope"]},
                 {"url": u, "filters": ["user=1"]}, {"url": u, "sample": 0},

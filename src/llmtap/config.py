@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from llmtap.backends import FAMILIES
 from llmtap.errors import ConfigError
-from llmtap.redact import redact_url
+from llmtap.redact import is_secret_name, redact_url
 
 ENV_PREFIX = "LLMTAP_"
 #: Backend family by setting name: its URL schemes, classes and extras (`llmtap.backends`).
@@ -172,7 +172,15 @@ class Settings(BaseSettings):
         backend = family.find(v)
         if backend is None:
             raise ValueError(family.expected)
-        return v if backend.embedded else _check_network_url(v, host=backend.host)
+        if backend.embedded:
+            return v
+        v = _check_network_url(v, host=backend.host)
+        if info.field_name == "bodies" and "@" in urlsplit(v).netloc:
+            raise ValueError(
+                f"{redact_url(v)!r}: s3://bucket/prefix takes no credentials; set "
+                "LLMTAP_S3_ACCESS_KEY_ID and LLMTAP_S3_SECRET_ACCESS_KEY (or AWS_*) instead"
+            )
+        return v
 
     @field_validator("rollup_properties")
     @classmethod
@@ -184,23 +192,17 @@ class Settings(BaseSettings):
     def rollup_property_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.rollup_properties.split(",") if n)
 
-    @field_validator(
-        "openai_base_url",
-        "anthropic_base_url",
-        "gemini_base_url",
-        "azure_base_url",
-        "ingest_url",
-        "webhook_url",
-        "s3_endpoint",
-    )
+    @field_validator("ingest_url", "webhook_url")
     @classmethod
     def _check_url(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
-        return v.rstrip("/")
+        return None if v is None else _check_http_url(v)
+
+    @field_validator(
+        "openai_base_url", "anthropic_base_url", "gemini_base_url", "azure_base_url", "s3_endpoint"
+    )
+    @classmethod
+    def _check_base_url(cls, v: str | None) -> str | None:
+        return None if v is None else _check_http_url(v, base=True)
 
     @field_validator("upstreams")
     @classmethod
@@ -287,7 +289,7 @@ def parse_upstreams(value: str) -> dict[str, str]:
         name, sep, url = item.partition("=")
         name, url = name.strip(), url.strip()
         if not sep or not name or not url:
-            raise ValueError(f"entry {item!r} is not name=url")
+            raise ValueError(f"entry {redact_url(item)!r} is not name=url")
         if not _ROUTE_NAME_RE.match(name):
             raise ValueError(
                 f"upstream name {name!r} must be lowercase letters, digits, '-' or '_' "
@@ -297,15 +299,35 @@ def parse_upstreams(value: str) -> dict[str, str]:
             raise ValueError(f"upstream name {name!r} is taken by llmtap's own /{name}/ route")
         if name in out:
             raise ValueError(f"upstream name {name!r} is given twice")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"upstream {name!r} needs an http:// or https:// URL, got {url!r}")
-        if parts.query or parts.fragment:
-            raise ValueError(f"upstream {name!r} URL must not have a query or fragment, got {url!r}")
-        out[name] = url.rstrip("/")
+        try:
+            out[name] = _check_http_url(url, base=True)
+        except ValueError as e:
+            raise ValueError(f"upstream {name!r}: {e}") from None
     if not out:
         raise ValueError("must list at least one name=url")
     return out
+
+
+def _check_http_url(v: str, *, base: bool = False) -> str:
+    """An http(s) URL, trailing `/` dropped. A `base` (an upstream, the S3 endpoint) carries
+    no credentials and no query: requests are built on it and their errors quote it, so a
+    password or key in it would end up in records and messages; send credentials as headers.
+    Messages never show the URL's password."""
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as e:
+        raise ValueError(f"{redact_url(v)!r} is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, got {redact_url(v)!r}")
+    if base and "@" in parts.netloc:
+        raise ValueError(
+            f"must not hold credentials (user:password@), got {redact_url(v)!r}: "
+            "the client's own Authorization / api-key headers go upstream unchanged"
+        )
+    if base and (parts.query or parts.fragment):
+        raise ValueError(f"must not have a query or fragment, got {redact_url(v)!r}")
+    return v.rstrip("/")
 
 
 def normalize_host(name: str) -> str:
@@ -364,6 +386,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         if isinstance(value, str):
             value = redact_url(value)  # a URL's password must not reach the terminal or a log
         shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+        if is_secret_name(field):
+            shown = ""  # a token or secret of the wrong type is still a secret
         if isinstance(value, str) and value in msg:
             shown = ""  # the message names it already
         raise ConfigError(f"invalid setting {_env_name(field)}: {msg}{shown}") from None

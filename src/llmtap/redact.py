@@ -1,9 +1,14 @@
 """Credentials out of everything llmtap writes: recorded URLs, error texts and its own log.
 
-Query parameters are matched on their *decoded* name (`api%2Dkey` is `api-key`), normalized
-(case, `-`, `_` and `.` ignored, so `apiKey`, `API_KEY` and `api-key` are one name), against
-a list of known credential names plus any name ending in `key`, `token`, `secret`,
-`password` or `signature`. Redacting too much costs a little debugging; too little leaks a key.
+One rule for what a *name* says about its value, for query parameters and headers alike
+(`is_secret_name`): the decoded name (`api%2Dkey` is `api-key`), normalized (case, and all
+but letters and digits ignored: `apiKey`, `API_KEY`, `api-key`, `data[api_key]` are one name),
+is a secret if it is a known credential name, ends in `key`, `token`, `secret`, `password`,
+`signature`, `credential` or `sig`, holds `apikey`, or has a word such as `authorization`,
+`auth`, `password`, `secret`, `token`, `key` or `cookie` anywhere (`helicone-auth`,
+`x-ms-authorization-auxiliary`, `x-hub-signature-256`). `x-ratelimit-remaining-tokens` is not:
+`tokens` is a count. A header is also a credential by its value (`is_secret_value`: `Bearer
+...`, `sk-...`). Redacting too much costs a little debugging; too little leaks a key.
 
 The log filter exists because aiohttp logs a malformed request (a control character in
 `Authorization`, a raw non-ASCII byte in a query holding `?api-key=`) with a traceback that
@@ -58,7 +63,39 @@ _SECRET_PARAMS = frozenset(
     }
 )
 _SECRET_SUFFIXES = ("key", "token", "secret", "password", "signature", "credential", "sig")
-_NORMALIZE = str.maketrans("", "", "-_. ")
+#: Words that mark a secret wherever they stand in a name split at `-`, `_`, `.`, brackets.
+_SECRET_WORDS = frozenset(
+    {
+        "authorization",
+        "authorisation",
+        "auth",
+        "authentication",
+        "apikey",
+        "apikeys",
+        "key",
+        "keys",
+        "token",
+        "password",
+        "passwd",
+        "passphrase",
+        "secret",
+        "secrets",
+        "credential",
+        "credentials",
+        "cookie",
+        "cookies",
+        "cookie2",
+        "signature",
+        "sig",
+        "hmac",
+        "sas",
+        "jwt",
+        "bearer",
+    }
+)
+#: Words of a name: its runs of letters and digits (`-`, `_`, `.`, brackets, control bytes
+#: and anything else between them are separators).
+_WORD_SPLIT = re.compile(r"[^a-z0-9]+")
 
 
 def _decoded(name: str) -> str:
@@ -72,11 +109,41 @@ def _decoded(name: str) -> str:
     return name
 
 
-def is_secret_param(name: str) -> bool:
-    """True if a query parameter called `name` (as sent, possibly percent-encoded) looks like
-    it carries a credential."""
-    n = _decoded(name).lower().translate(_NORMALIZE)
-    return n in _SECRET_PARAMS or n.endswith(_SECRET_SUFFIXES)
+def is_secret_name(name: str) -> bool:
+    """True if a query parameter or header called `name` (as sent, possibly percent-encoded)
+    looks like it carries a credential (the rule in the module's docstring)."""
+    words = _WORD_SPLIT.split(_decoded(name).lower())
+    n = "".join(words)
+    if n in _SECRET_PARAMS or n.endswith(_SECRET_SUFFIXES) or "apikey" in n:
+        return True
+    return not _SECRET_WORDS.isdisjoint(words)
+
+
+is_secret_param = is_secret_name  # the query-parameter spelling of the same rule
+
+
+#: Authorization schemes (RFC 9110 §11) whose credentials follow them in a header value.
+_AUTH_SCHEMES = frozenset(
+    {"bearer", "basic", "digest", "token", "apikey", "negotiate", "hoba", "aws4-hmac-sha256"}
+)
+#: Well-known key shapes (OpenAI/Anthropic `sk-...`, Google `AIza...`), anywhere.
+_KEY_SHAPES = re.compile(r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,})")
+
+
+def is_secret_value(value: str) -> bool:
+    """True for a header value that reads as a credential whatever the header is called:
+    `<auth scheme> <credentials>` (`Bearer ...`, `Basic ...`) or a well-known key shape.
+    Called for every recorded header of every request, so a split and a set lookup, not a
+    regex, for the common value."""
+    sp = value.find(" ")
+    if 0 < sp < 17 and value[:sp].lower() in _AUTH_SCHEMES and value[sp + 1 :].strip():
+        return True
+    return value.startswith(("sk-", "AIza")) and _KEY_SHAPES.match(value) is not None
+
+
+def is_secret_header(name: str, value: str) -> bool:
+    """A header that must not be recorded: named like a credential, or valued like one."""
+    return is_secret_name(name) or is_secret_value(value)
 
 
 def redact_query(query: str) -> str:
@@ -89,12 +156,21 @@ def redact_query(query: str) -> str:
             out.append(part)
             continue
         name, sep, value = part.partition("=")
-        if sep and value and is_secret_param(name):
+        if sep and value and (is_secret_name(name) or _holds_secret(value)):
             out.append(f"{name}={REDACTED}")
             changed = True
         else:
             out.append(part)
     return "".join(out) if changed else query
+
+
+def _holds_secret(value: str) -> bool:
+    """A parameter value that is itself an encoded URL or query with a secret in it
+    (`redirect=https%3A%2F%2Fx%3Fkey%3D...`)."""
+    if "%" not in value and "@" not in value:
+        return False
+    d = _decoded(value)
+    return d != value and redact_text(d) != d
 
 
 def redact_url(url: str) -> str:
@@ -105,26 +181,29 @@ def redact_url(url: str) -> str:
     costs two `in` tests: the record builder calls this for every request.
     """
     if "@" in url:
-        url = _hide_password(url)
-    q = url.find("?")
-    if q < 0:
+        try:
+            urlsplit(url)
+        except ValueError:  # unparsable: show no userinfo at all rather than guess where it ends
+            scheme, sep, rest = url.partition("://")
+            return f"{scheme}://***@{rest.rsplit('@', 1)[-1]}" if sep and "@" in rest else url
+        url = _USERINFO.sub(_hide_password, url)
+    if "?" not in url and ";" not in url and "#" not in url:
         return url
-    query = url[q + 1 :]
-    red = redact_query(query)
-    return url if red is query else f"{url[: q + 1]}{red}"
+    # Path parameters (`/models;key=...`), the query and the fragment: each `name=value` pair
+    # under the same rule (`redact_query` splits at `&` and `;`, so `;` pairs in the path too).
+    head, hsep, frag = url.partition("#")
+    path, qsep, query = head.partition("?")
+    red = [redact_query(path) if ";" in path else path, qsep, redact_query(query) if qsep else ""]
+    red += [hsep, redact_query(frag) if hsep else ""]
+    return "".join(red)
 
 
-def _hide_password(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # unparsable: show no credentials at all rather than guess where they are
-        scheme, sep, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rsplit('@', 1)[-1]}" if sep and "@" in rest else url
-    if password:
-        netloc = parts.netloc.replace(f":{password}@", f":{REDACTED}@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
+#: `scheme://user:password@` anywhere in a text (a URL inside a query value or a list too).
+_USERINFO = re.compile(r"(?i)(?P<head>\b[a-z][a-z0-9+.-]*://[^/@:\s?#]*):(?P<pw>[^/@\s?#]+)@")
+
+
+def _hide_password(m: re.Match[str]) -> str:
+    return f"{m['head']}:{REDACTED}@"
 
 
 # -- free text (error messages, log lines) ---------------------------------------------------------
@@ -141,8 +220,6 @@ _HEADER = re.compile(
     r"(?P<sep>\s*:\s*)(?P<value>[^\r\n'\"]+)"
 )
 _SCHEME = re.compile(r"(?i)\b(?P<scheme>bearer|basic)(?P<sp>\s+)(?P<value>[^\s'\",;]+)")
-#: Well-known key shapes (OpenAI/Anthropic `sk-...`, Google `AIza...`), anywhere.
-_KEY_SHAPES = re.compile(r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,})")
 
 
 def _pair(m: re.Match[str]) -> str:
@@ -152,6 +229,8 @@ def _pair(m: re.Match[str]) -> str:
 def redact_text(text: str) -> str:
     """`text` with credential-looking values masked: query pairs, `Authorization:`-like header
     lines, `Bearer <token>`, and well-known API key shapes."""
+    if "@" in text:
+        text = _USERINFO.sub(_hide_password, text)
     text = _PAIR.sub(_pair, text)
     text = _HEADER.sub(lambda m: f"{m['name']}{m['sep']}{REDACTED}", text)
     text = _SCHEME.sub(lambda m: f"{m['scheme']}{m['sp']}{REDACTED}", text)
@@ -195,7 +274,10 @@ class CredentialFilter(logging.Filter):
         if exc is not None and _is_bad_request(exc):
             code = getattr(exc, "code", 400)
             what = str(getattr(exc, "message", "") or type(exc).__name__).strip().splitlines()
-            first = what[0].rstrip(":").strip() if what else type(exc).__name__
+            first = what[0] if what else type(exc).__name__
+            # aiohttp quotes the offending bytes after the reason (`... when reading: b'...'`):
+            # a header's value, with no name beside it for `redact_text` to know it by.
+            first = _QUOTED.split(first, 1)[0].rstrip(": ").strip() or type(exc).__name__
             msg = record.getMessage().replace("Error handling request", "rejected a malformed request")
             record.msg = "%s: %s %s (request not shown: it may hold credentials)"
             record.args = (redact_text(msg), code, redact_text(first)[:200])
@@ -215,6 +297,10 @@ class CredentialFilter(logging.Filter):
             record.exc_text = redact_text(record.exc_text)
         if record.stack_info:
             record.stack_info = redact_text(record.stack_info)
+
+
+#: Where a parser's message starts quoting the client's bytes: `b'...'`, `'...'`, `"..."`.
+_QUOTED = re.compile(r"""\bb?['"]|['"]""")
 
 
 def _is_bad_request(exc: BaseException) -> bool:

@@ -21,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from llmtap.bodies.base import BodyStore
 from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.redact import redact_text, redact_url
 
 _CONCURRENCY = 32
 
@@ -37,7 +38,7 @@ class S3BodyStore(BodyStore):
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc:
-            raise ValueError(f"body store URL must be s3://bucket/prefix, got {url!r}")
+            raise ValueError(f"body store URL must be s3://bucket/prefix, got {redact_url(url)!r}")
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
         self.endpoint = endpoint
@@ -46,8 +47,12 @@ class S3BodyStore(BodyStore):
         self._client: Any = None
         self._stack = contextlib.AsyncExitStack()
         self._sem = asyncio.Semaphore(_CONCURRENCY)
-        where = f" at {endpoint}" if endpoint else ""
+        where = f" at {redact_url(endpoint)}" if endpoint else ""
         self.description = f"s3://{self.bucket}/{self.prefix}{where}"
+
+    @property
+    def _where(self) -> str:
+        return redact_url(self.endpoint) if self.endpoint else "AWS"
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -77,12 +82,14 @@ class S3BodyStore(BodyStore):
             await self.close()
             code = e.response.get("Error", {}).get("Code", "?")
             raise BackendUnavailable(
-                f"S3 bucket {self.bucket!r} is not usable at {self.endpoint or 'AWS'} ({code}); "
+                f"S3 bucket {self.bucket!r} is not usable at {self._where} ({code}); "
                 "create it or check LLMTAP_BODIES and the S3 credentials"
             ) from None
         except (BotoCoreError, OSError) as e:
             await self.close()
-            raise BackendUnavailable(f"cannot reach S3 endpoint {self.endpoint or 'AWS'}: {e}") from None
+            raise BackendUnavailable(
+                f"cannot reach S3 endpoint {self._where}: {redact_text(str(e))}"
+            ) from None
 
     async def close(self) -> None:
         await self._stack.aclose()

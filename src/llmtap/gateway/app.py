@@ -28,11 +28,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from llmtap.bodies.base import BodyStore
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
-from llmtap.gateway.proxy import Proxy
+from llmtap.gateway.proxy import HEADER_LIMITS, Proxy
 from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.gateway.sinks import IngestSink, SpoolReplayer, SpoolSink
 from llmtap.gateway.spool import DiskSpool, spool_dir
 from llmtap.queue.base import Queue, open_queue
+from llmtap.redact import redact_url
 from llmtap.runtime import OnBackends, SharedBackends, cancel
 from llmtap.store.base import Store
 
@@ -41,12 +42,10 @@ __all__ = ["GatewayService", "make_server"]
 #: Largest request body accepted (LLM requests with images or documents run to tens of MB).
 CLIENT_MAX_SIZE = 512 * 1024 * 1024
 
-#: aiohttp's defaults (8 KiB) are too small for some SDKs' headers (long tokens, cookies).
 _HANDLER_KWARGS: dict[str, Any] = {
     "access_log": None,  # a log line per request would cost more than all of our logging
     "auto_decompress": False,  # relay compressed request bodies byte-for-byte
-    "max_line_size": 65536,
-    "max_field_size": 65536,
+    **HEADER_LIMITS,
 }
 
 
@@ -225,7 +224,7 @@ class GatewayService(OnBackends):
         _freeze_startup_objects()
         self._ready = True
         url = f"http://{_host(s.host)}:{self.port}"
-        routes = ", ".join(f"{url}/{name} → {r.base}" for name, r in self.proxy.routes.items())
+        routes = ", ".join(f"{url}/{name} → {redact_url(r.base)}" for name, r in self.proxy.routes.items())
         return [f"gateway   {url}  ({routes})", *fallback_note]
 
     async def _connect_queue_later(self) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from llmtap.redact import is_secret_name, is_secret_value
+
 LLMTAP_PREFIX = "llmtap-"
 PROPERTY_PREFIX = "llmtap-property-"
 
@@ -40,30 +42,18 @@ REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 #: byte-for-byte (compressed bodies included), so the upstream's length is still right.
 RESPONSE_DROP = HOP_BY_HOP
 
-#: Credentials by exact name; any name ending in one of CREDENTIAL_SUFFIXES also counts.
-CREDENTIAL_NAMES = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "x-api-key",
-        "api-key",
-        "apikey",
-        "llmtap-auth",
-        "cookie",
-        "set-cookie",
-        "set-cookie2",
-    }
-)
-CREDENTIAL_SUFFIXES = ("-key", "-token", "_key", "_token", "-secret", "_secret")
-
 
 def is_credential(lname: str) -> bool:
-    """True for a lowercase header name that carries a secret."""
-    return lname in CREDENTIAL_NAMES or lname.endswith(CREDENTIAL_SUFFIXES)
+    """True for a lowercase header name that carries a secret: `llmtap.redact.is_secret_name`,
+    the rule query parameters follow too (`authorization`, `x-api-key`, `cf-aig-authorization`,
+    `helicone-auth`, `cookie` ...)."""
+    return is_secret_name(lname)
 
 
 class HeaderFilter:
     """Headers as the record keeps them: lowercase names, credentials and `Llmtap-*` removed.
+    A credential is known by its name, or by its value whatever the name (`X-Whatever: Bearer
+    ...`, `sk-...`): a client's custom auth header is not ours to guess.
 
     The verdict per header *name as spelled* is cached: clients repeat the same few spellings,
     so a header costs one dict lookup instead of a lowercase copy and three set/prefix tests.
@@ -91,7 +81,7 @@ class HeaderFilter:
                 lname = self._verdict(name)
                 if len(cache) < 4096:  # bounded: header names are client-controlled
                     cache[name] = lname
-            if lname is None:
+            if lname is None or is_secret_value(value):
                 continue
             prev = out.get(lname)
             out[lname] = value if prev is None else f"{prev}, {value}"

@@ -81,6 +81,7 @@ from llmtap.queue.base import (
     letter_field,
     partition_for,
 )
+from llmtap.redact import redact_text, redact_url
 
 log = logging.getLogger("llmtap.queue.sqs")
 
@@ -223,7 +224,7 @@ class SQSQueue(Queue):
         self.op_timeout = op_timeout
         self.inline_body_bytes = inline_body_bytes
         self.max_bytes = DEFAULT_MAX_BYTES
-        where = f" at {self.endpoint}" if self.endpoint else ""
+        where = f" at {redact_url(self.endpoint)}" if self.endpoint else ""
         kind = "SQS FIFO" if self.fifo else "SQS standard queue: order best-effort"
         self.description = f"sqs://{name}{where} ({kind})"
         self._client: Any = None
@@ -241,8 +242,8 @@ class SQSQueue(Queue):
         elif isinstance(e, TimeoutError):
             why = f"no answer within {self.op_timeout:g}s"
         else:
-            why = str(e) or type(e).__name__
-        where = self.endpoint or f"AWS region {self.region}"
+            why = redact_text(str(e)) or type(e).__name__
+        where = redact_url(self.endpoint) if self.endpoint else f"AWS region {self.region}"
         return BackendUnavailable(f"cannot reach SQS queue {self.name} at {where}: {why}")
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *, wait: float = 0, **kwargs: Any) -> T:
@@ -276,7 +277,8 @@ class SQSQueue(Queue):
                 )
             )
         except ValueError as e:  # e.g. an endpoint that is not a URL
-            raise ConfigError(f"invalid setting LLMTAP_QUEUE: SQS endpoint {self.endpoint!r}: {e}") from None
+            where, why = redact_url(self.endpoint or ""), redact_text(str(e))
+            raise ConfigError(f"invalid setting LLMTAP_QUEUE: SQS endpoint {where!r}: {why}") from None
         try:
             self._dlq_url = await self._ensure_queue(self.dlq_name, {"MessageRetentionPeriod": _RETENTION})
             arn = (await self._attributes(self._dlq_url, "QueueArn"))["QueueArn"]

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from llmtap.record import Body, LogRecord
-from llmtap.redact import redact_text
+from llmtap.redact import redact_text, redact_url
 
 REQUEST_COMPLETED = "request.completed"
 DELIVERY_DISABLED = "delivery.disabled"
@@ -57,11 +57,12 @@ class Endpoint:
     format: str = "standard"
 
     def public(self) -> dict[str, Any]:
-        """The endpoint as listings show it: never the secret itself."""
+        """The endpoint as listings show it: never the secret itself, nor a password or token
+        in its URL (the CLI's listing hides them too)."""
         return {
             "id": self.id,
             "tenant": self.tenant,
-            "url": self.url,
+            "url": redact_url(self.url),
             "events": self.events,
             "filters": self.filters,
             "sample": self.sample,
