@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from llmtap.bodies.base import BodyStore
 from llmtap.config import Settings
@@ -143,12 +144,33 @@ async def running_gateway(
         await svc.stop()
 
 
+async def tiny_upstream(handler: Any, **server: Any) -> tuple[web.AppRunner, int]:
+    """An upstream that answers every path and method with `handler`; (runner, port).
+    `server`: aiohttp's server options (`auto_decompress=False` to read bodies as sent)."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, **server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
 async def wait_for(cond: Any, timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not cond():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+async def published(svc: Any, q: MemoryQueue, n: int) -> list[LogRecord]:
+    """The `n` records the gateway published (and no more)."""
+    await wait_for(lambda: len(q.messages) >= n, timeout=30)
+    await asyncio.sleep(0.05)  # and nothing more arrives
+    recs = q.records()
+    assert len(recs) == n, [r.path for r in recs]
+    return recs
 
 
 async def fake_requests(session: aiohttp.ClientSession, upstream: str) -> list[dict[str, Any]]:

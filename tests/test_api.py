@@ -450,6 +450,48 @@ async def test_ingest_any_request_id_names_its_body(server: Server) -> None:
         assert status == 200 and row["request_body"] == {"n": i}, (r.id[:20], row)
 
 
+async def test_ingest_applies_the_gateways_credential_rules_again(server: Server) -> None:
+    """Whatever posts to the ingest endpoint (a script holding the token, another gateway
+    version), no credential header, URL password or query key reaches the store."""
+    secrets = [f"SECRET{i}-{uuid.uuid4().hex}" for i in range(7)]
+    r = rec(
+        0,
+        id=str(uuid.uuid4()),
+        target_url=f"https://bob:{secrets[0]}@api.example.com/v1/chat/completions?key={secrets[1]}",
+        path=f"/v1/chat/completions;api_key={secrets[2]}",
+        error=f"upstream said: Authorization: Bearer {secrets[3]}",
+        request_headers={
+            "authorization": f"Bearer {secrets[4]}",
+            "x-debug": f"Bearer {secrets[5]}",
+            "content-type": "application/json",
+        },
+        response_headers={"set-cookie": f"sid={secrets[6]}", "x-ratelimit-remaining-tokens": "99"},
+    )
+    status, body, _ = await server.ingest(encode(r))
+    assert status == 200, body
+    status, row = await server.get(f"/api/v1/requests/{r.id}")
+    assert status == 200
+    text = orjson.dumps(row).decode()
+    for s in secrets:
+        assert s not in text, s
+    assert row["request_headers"] == {"content-type": "application/json"}
+    assert row["response_headers"] == {"x-ratelimit-remaining-tokens": "99"}
+    assert row["target_url"] == "https://bob:***@api.example.com/v1/chat/completions?key=***"
+
+
+async def test_a_request_id_is_found_however_the_client_spelled_it(server: Server) -> None:
+    """The gateway keys a chosen id in its canonical form; the API finds it by the spelling the
+    client chose too (Swift's `UUID().uuidString` is uppercase), and only by a UUID's."""
+    rid = str(uuid.uuid4())
+    assert (await server.ingest(encode(rec(0, id=rid))))[0] == 200
+    spellings = [rid.upper(), rid.replace("-", ""), f"urn:uuid:{rid.upper()}"]
+    for spelling in spellings:
+        status, row = await server.get(f"/api/v1/requests/{quote(spelling, safe='')}")
+        assert status == 200 and row["id"] == rid, spelling
+    status, _ = await server.get(f"/api/v1/requests/{rid[:-1]}")
+    assert status == 404
+
+
 async def test_ingest_answers_fast_while_the_store_is_locked_and_stores_after(tmp_path: Path) -> None:
     """Issue 7 item 8: ingest answers once the batch is durable, not once it is stored.
 

@@ -31,8 +31,10 @@ from gateway_support import (
     DirBodyStore,
     MemoryQueue,
     fake_requests,
+    published,
     running_gateway,
     settings_for,
+    tiny_upstream,
     wait_for,
 )
 from llmtap.gateway.publisher import QueueSink
@@ -90,14 +92,6 @@ async def raw_request(port: int, head: bytes, body: bytes) -> tuple[int, list[tu
     return status, headers, rest
 
 
-async def published(svc: Any, q: MemoryQueue, n: int) -> list[LogRecord]:
-    await wait_for(lambda: len(q.messages) >= n)
-    await asyncio.sleep(0.05)  # and nothing more arrives
-    recs = q.records()
-    assert len(recs) == n, [r.path for r in recs]
-    return recs
-
-
 # -- pass-through exactness -----------------------------------------------------------------------
 
 
@@ -147,16 +141,6 @@ async def test_request_reaches_upstream_unchanged(
     assert "authorization" not in rec.request_headers
     assert rec.request_headers["x-dup"] == "1, 2"
     assert dict(headers)["Llmtap-Request-Id"] == rec.id
-
-
-async def tiny_upstream(handler: Any) -> tuple[web.AppRunner, int]:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, int(runner.addresses[0][1])
 
 
 GZ_BODY = gzip.compress(

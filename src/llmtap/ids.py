@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 
 _POOL_IDS = 200
 _HEX_PER_ID = 19  # rand_a 3, the variant digit 1 (2 of its bits random), rand_b 3 + 12
@@ -53,3 +54,16 @@ def new_id() -> str:
         r = pool.hex[p : p + _HEX_PER_ID]
     t = f"{ms & 0xFFFFFFFFFFFF:012x}"
     return f"{t[:8]}-{t[8:]}-7{r[:3]}-{_VARIANT[int(r[3], 16) & 3]}{r[4:7]}-{r[7:19]}"
+
+
+def canonical_id(text: str) -> str | None:
+    """A client's UUID in the one form records are keyed by (lowercase, hyphenated), or None if
+    it is not one. `uuid.UUID` also takes braces, `urn:uuid:`, no hyphens and any Unicode
+    digit (Arabic-Indic one is 1): only ASCII is accepted, so two spellings that read differently to a
+    person never name one record."""
+    if not text.isascii():
+        return None
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        return None

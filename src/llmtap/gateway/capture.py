@@ -149,29 +149,39 @@ class Capture:
 # -- record building (background) ---------------------------------------------------------------
 
 
-def _decode(data: bytes, encoding: str | None) -> bytes | None:
-    """Undo a Content-Encoding for parsing; None if we cannot (an unknown coding).
+def _decode(data: bytes, encoding: str | None, limit: int) -> bytes | None:
+    """Undo a Content-Encoding for parsing and storing; None if we cannot (an unknown coding).
 
-    Decompression objects accept a truncated input and return what it holds.
+    At most `limit + 1` bytes come out, so a caller can tell a body cut at `limit`: a few KB of
+    gzip or brotli can hold gigabytes (a "zip bomb" from a client or an upstream), and this
+    runs on the event loop. Decompression objects accept a truncated input and return what it
+    holds.
     """
     if not encoding:
         return data
     enc = encoding.strip().lower()
+    cap = limit + 1
     try:
         if enc in ("", "identity"):
             return data
         if enc in ("gzip", "x-gzip"):
-            return zlib.decompressobj(wbits=47).decompress(data)
+            return zlib.decompressobj(wbits=47).decompress(data, cap)
         if enc == "deflate":
             try:
-                return zlib.decompressobj(wbits=47).decompress(data)
+                return zlib.decompressobj(wbits=47).decompress(data, cap)
             except zlib.error:
-                return zlib.decompressobj(wbits=-15).decompress(data)
+                return zlib.decompressobj(wbits=-15).decompress(data, cap)
         if enc == "zstd":
             # A streaming server may end a frame per flush: read them all.
-            return zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(data)
+            reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+            parts: list[bytes] = []
+            got = 0
+            while got < cap and (part := reader.read(cap - got)):
+                parts.append(part)
+                got += len(part)
+            return b"".join(parts)
         if enc == "br":
-            return bytes(brotli.Decompressor().process(data))
+            return bytes(brotli.Decompressor().process(data, output_buffer_limit=cap))[:cap]
     except (zlib.error, zstandard.ZstdError, brotli.error):
         return None
     return None
@@ -297,12 +307,17 @@ class RecordBuilder:
         req_ctype = req_headers.get("content-type")
         req_json = None
         if cap.request_body and not (cap.request_size > len(cap.request_body)):
-            req_json = _loads(_decode(cap.request_body, req_headers.get("content-encoding")))
+            # A body that decodes past `max_bytes` is cut, so it does not parse: no model, no
+            # usage rewrite, as for a body sent bigger than that.
+            req_json = _loads(_decode(cap.request_body, req_headers.get("content-encoding"), cap.max_bytes))
 
         # -- response
         raw = b"".join(cap.chunks)
         resp_ctype = resp_headers.get("content-type")
-        decoded = _decode(raw, resp_headers.get("content-encoding"))
+        decoded = _decode(raw, resp_headers.get("content-encoding"), cap.max_bytes)
+        cut = cap.truncated  # the body kept is not all there was (raw, or once decoded)
+        if decoded is not None and len(decoded) > cap.max_bytes:
+            decoded, cut = decoded[: cap.max_bytes], True
         usage = Usage()
         error = cap.error
         outcome = cap.outcome
@@ -314,7 +329,7 @@ class RecordBuilder:
         if cap.streamed and decoded is not None:
             scan = decoded
             if cap.tail:
-                tail = _decode(b"".join(cap.tail), None) or b""
+                tail = b"".join(cap.tail)
                 scan = decoded + b"\n\n" + tail
             result: StreamResult | None = None
             if (
@@ -343,6 +358,9 @@ class RecordBuilder:
                 usage = fmt.usage_from_body(obj)
                 if cap.status is not None and cap.status >= 400 and error is None:
                     error = fmt.error_message(obj)
+            elif cap.tail and decoded is raw:
+                # Cut at `max_bytes` (a big embeddings answer): its usage is in the tail kept.
+                usage = fmt.usage_from_tail(b"".join(cap.tail))
 
         model = fmt.model(cap.path, req_json, response_obj)
 
@@ -369,15 +387,15 @@ class RecordBuilder:
         resp_body = resp_events = None
         if not lh.omit_response:
             if deferred and events is not None:
-                resp_events = body(events, cap.response_size, cap.truncated, resp_ctype)
+                resp_events = body(events, cap.response_size, cut, resp_ctype)
             elif events is not None and response_body is not None:
-                resp_body = body(response_body, len(response_body), cap.truncated, response_body_type)
-                resp_events = body(events, cap.response_size, cap.truncated, resp_ctype)
+                resp_body = body(response_body, len(response_body), cut, response_body_type)
+                resp_events = body(events, cap.response_size, cut, resp_ctype)
             elif response_body is not None and (raw or cap.status is not None):
                 resp_body = body(
                     response_body,
                     cap.response_size if decoded is raw else len(response_body),
-                    cap.truncated,
+                    cut,
                     response_body_type,
                 )
 
@@ -399,7 +417,7 @@ class RecordBuilder:
             provider=cap.provider,
             target_url=redact_url(cap.target_url),
             method=cap.method,
-            path=cap.path,
+            path=redact_url(cap.path),
             model=model,
             streamed=cap.streamed,
             started_at=started_at,
@@ -435,7 +453,7 @@ class RecordBuilder:
             provider=cap.provider,
             target_url=redact_url(cap.target_url),
             method=cap.method,
-            path=cap.path,
+            path=redact_url(cap.path),
             streamed=cap.streamed,
             started_at=started_at,
             ended_at=started_at + timedelta(seconds=end - cap.t0),

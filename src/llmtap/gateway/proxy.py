@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -35,8 +34,9 @@ from yarl import URL
 
 from llmtap.gateway.capture import Capture
 from llmtap.gateway.headers import LLMTAP_PREFIX, REQUEST_DROP, RESPONSE_DROP
-from llmtap.ids import new_id
+from llmtap.ids import canonical_id, new_id
 from llmtap.providers import Route, StreamFilter, routes
+from llmtap.redact import redact_text, redact_url
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
@@ -77,6 +77,20 @@ def _json_error(status: int, kind: str, message: str, request_id: str | None) ->
         headers[REQUEST_ID_HEADER] = request_id
     body = orjson.dumps({"error": {"type": kind, "message": message}})
     return web.Response(status=status, body=body, headers=headers)
+
+
+#: Header sizes both sides of the gateway accept. aiohttp's defaults (8 KiB lines, 128
+#: headers) are too small for some SDKs' headers (long tokens, cookies), for clients sending
+#: many `Llmtap-Property-*` headers (the record keeps the first `limits.MAX_PROPERTIES` and
+#: says so) and for some upstreams' answers: nothing the upstream or the client would take is
+#: refused for its headers' sake.
+MAX_LINE_SIZE = MAX_FIELD_SIZE = 65536
+MAX_HEADERS = 1024
+HEADER_LIMITS: dict[str, int] = {
+    "max_line_size": MAX_LINE_SIZE,
+    "max_field_size": MAX_FIELD_SIZE,
+    "max_headers": MAX_HEADERS,
+}
 
 
 class Proxy:
@@ -125,6 +139,9 @@ class Proxy:
             trust_env=False,
             raise_for_status=False,
             requote_redirect_url=False,
+            max_line_size=MAX_LINE_SIZE,
+            max_field_size=MAX_FIELD_SIZE,
+            max_headers=MAX_HEADERS,
         )
 
     async def close(self) -> None:
@@ -190,10 +207,7 @@ class Proxy:
             forward.append((spelling.setdefault(lname, name), value))
 
         if request_id is not None:
-            try:
-                request_id = str(uuid.UUID(request_id))
-            except ValueError:
-                request_id = None
+            request_id = canonical_id(request_id)
         if request_id is None:
             request_id = new_id()
 
@@ -217,7 +231,7 @@ class Proxy:
 
         upstream_body = body
         stripper: StreamFilter | None = None
-        rewritten = provider.rewrite_request(method, path, body)
+        rewritten = provider.rewrite_request(method, path, body, "" if q < 0 else rest[q + 1 :])
         if rewritten is not None:
             upstream_body, stripper = rewritten
 
@@ -254,13 +268,16 @@ class Proxy:
         except TimeoutError as e:  # aiohttp's connect/read timeouts are TimeoutErrors too
             s = self.settings
             if isinstance(e, aiohttp.ConnectionTimeoutError):
-                why = f"could not connect to {base} within {s.upstream_connect_timeout:g} s"
+                why = f"could not connect to {redact_url(base)} within {s.upstream_connect_timeout:g} s"
             else:
-                why = f"{base} sent no response within {s.upstream_read_timeout:g} s"
+                why = f"{redact_url(base)} sent no response within {s.upstream_read_timeout:g} s"
             return self._gateway_error(cap, 504, "upstream_timeout", why)
         except (aiohttp.ClientError, OSError, ValueError) as e:
             return self._gateway_error(
-                cap, 502, "upstream_unreachable", f"could not reach {base}: {type(e).__name__}: {e}"
+                cap,
+                502,
+                "upstream_unreachable",
+                f"could not reach {redact_url(base)}: {type(e).__name__}: {redact_text(str(e))}",
             )
 
         try:
@@ -280,7 +297,7 @@ class Proxy:
         cap.status = upstream.status
         up_headers = upstream.headers
         cap.response_headers = up_headers.items()
-        sse = up_headers.get("Content-Type", "").startswith(_SSE)
+        sse = up_headers.get("Content-Type", "").lower().startswith(_SSE)  # media types ignore case
         cap.streamed = sse
         if not sse:
             stripper = None

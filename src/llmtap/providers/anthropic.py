@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from llmtap.providers.base import Provider
-from llmtap.providers.common import after_last_reply, error_message, role_is
+from llmtap.providers.common import after_last_reply, error_message, role_is, token_count
 from llmtap.providers.sse import StreamResult, edge_events, iter_events
 from llmtap.record import Usage
 
@@ -38,28 +38,24 @@ __all__ = ["Anthropic", "error_message", "parse_usage", "reassemble_stream", "us
 _TOOL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 
 
-def _int(value: Any) -> int | None:
-    return value if type(value) is int else None
-
-
 def parse_usage(u: Any) -> Usage:
     """An Anthropic `usage` object as a `Usage` (see the module docstring for the mapping)."""
     if not isinstance(u, dict):
         return Usage()
-    inp = _int(u.get("input_tokens"))
-    read = _int(u.get("cache_read_input_tokens"))
-    write = _int(u.get("cache_creation_input_tokens"))
-    out = _int(u.get("output_tokens"))
+    inp = token_count(u.get("input_tokens"))
+    read = token_count(u.get("cache_read_input_tokens"))
+    write = token_count(u.get("cache_creation_input_tokens"))
+    out = token_count(u.get("output_tokens"))
     if inp is None and out is None:
         return Usage()
     prompt = inp + (read or 0) + (write or 0) if inp is not None else None
     total = prompt + out if prompt is not None and out is not None else None
     # `cache_creation` splits the writes by TTL; 1-hour writes cost more than 5-minute ones.
     ttl = u.get("cache_creation")
-    write_1h = _int(ttl.get("ephemeral_1h_input_tokens")) if isinstance(ttl, dict) else None
+    write_1h = token_count(ttl.get("ephemeral_1h_input_tokens")) if isinstance(ttl, dict) else None
     tier = u.get("service_tier")
     tools = u.get("server_tool_use")
-    searches = _int(tools.get("web_search_requests")) if isinstance(tools, dict) else None
+    searches = token_count(tools.get("web_search_requests")) if isinstance(tools, dict) else None
     return Usage(
         source="provider",
         prompt_tokens=prompt,

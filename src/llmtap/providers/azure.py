@@ -10,8 +10,9 @@ rather than pricing a deployment name. The `api-key` header is a credential like
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
-from llmtap.providers.base import response_model
+from llmtap.providers.base import StreamFilter, response_model
 from llmtap.providers.openai import OpenAI
 
 if TYPE_CHECKING:
@@ -31,3 +32,26 @@ class Azure(OpenAI):
 
     def model(self, path: str, request: Any, response: Any) -> str | None:
         return response_model(response, "model")
+
+    def rewrite_request(
+        self, method: str, path: str, body: bytes, query: str = ""
+    ) -> tuple[bytes, StreamFilter] | None:
+        """Ask for the stream's usage only where Azure takes `stream_options`: the v1 API (no
+        `api-version`) and API versions from 2024-08-01 on. Older ones answer 400 to it, and
+        the client's call must not fail for our logging; their streams carry no usage anyway."""
+        if "api-version=" in query and not _takes_stream_options(query):
+            return None
+        return super().rewrite_request(method, path, body, query)
+
+
+#: The first Azure OpenAI API version that takes `stream_options` (2024-08-01-preview).
+_STREAM_OPTIONS_SINCE = "2024-08-01"
+
+
+def _takes_stream_options(query: str) -> bool:
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "api-version":
+            # `YYYY-MM-DD` or `YYYY-MM-DD-preview`: the date compares as text; the v1 API's
+            # `preview` / `latest` labels are newer than any dated version.
+            return not value[:4].isdigit() or value[:10] >= _STREAM_OPTIONS_SINCE
+    return True

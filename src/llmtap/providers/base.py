@@ -8,15 +8,16 @@ return); everything else runs in the publisher's background task on bytes alread
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmtap.providers.common import error_message as _common_error_message
+from llmtap.record import Usage
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
     from llmtap.providers.sse import StreamResult
-    from llmtap.record import Usage
 
 
 class StreamFilter(Protocol):
@@ -25,6 +26,9 @@ class StreamFilter(Protocol):
     def feed(self, chunk: bytes) -> bytes: ...
 
     def flush(self) -> bytes: ...
+
+
+_DECODER = json.JSONDecoder()
 
 
 class Provider(ABC):
@@ -41,14 +45,38 @@ class Provider(ABC):
     def base_url(self, settings: Settings) -> str | None:
         """The upstream for this route, or None while the route is off (not configured)."""
 
-    def rewrite_request(self, method: str, path: str, body: bytes) -> tuple[bytes, StreamFilter] | None:
+    def rewrite_request(
+        self, method: str, path: str, body: bytes, query: str = ""
+    ) -> tuple[bytes, StreamFilter] | None:
         """Hot path: a changed request body and the filter that hides the change from the
-        client's stream, or None to send the request unchanged (the default)."""
+        client's stream, or None to send the request unchanged (the default). `path` is the
+        upstream path without its query; `query` is the query string as sent, without `?`."""
         return None
+
+    #: The member of a non-stream answer that holds its usage (every provider sends it last).
+    usage_member = "usage"
 
     @abstractmethod
     def usage_from_body(self, body: Any) -> Usage:
         """Usage of a parsed non-stream response body."""
+
+    def usage_from_tail(self, tail: bytes) -> Usage:
+        """Usage of a non-stream answer too big to keep (a 60 MB embeddings list), from the
+        last bytes the capture kept: its last `"usage": {...}` member. Outside strings, where
+        every quote is escaped, that text can only be a member name."""
+        key = f'"{self.usage_member}"'.encode()
+        at = tail.rfind(key)
+        if at < 0:
+            return Usage()
+        text = tail[at + len(key) :].decode("utf-8", "replace").lstrip()
+        if not text.startswith(":"):
+            return Usage()
+        text = text[1:].lstrip()
+        try:
+            value, _ = _DECODER.raw_decode(text)
+        except ValueError:
+            return Usage()
+        return self.usage_from_body({self.usage_member: value})
 
     @abstractmethod
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:

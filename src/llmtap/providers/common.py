@@ -37,3 +37,15 @@ def after_last_reply(request: Any, key: str, is_reply: Callable[[Any], bool]) ->
 def role_is(role: str) -> Callable[[Any], bool]:
     """A message test for `after_last_reply`: the message's `role` is `role`."""
     return lambda m: isinstance(m, dict) and m.get("role") == role
+
+
+#: The largest token count a record takes. A provider (or a fake one) can send any JSON number;
+#: a count past this is not a count but garbage, and kept it would overflow the store's 64-bit
+#: integers (a dead-lettered record for a request the client got) or the cost's nanodollars.
+MAX_TOKENS = 10**12
+
+
+def token_count(value: Any) -> int | None:
+    """A provider's token count as the record keeps it: an int from 0 to `MAX_TOKENS`, else
+    None (unknown)."""
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS else None

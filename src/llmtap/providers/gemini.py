@@ -18,11 +18,12 @@ The API key travels as `x-goog-api-key` or `?key=`: both are credentials the rec
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import orjson
 
 from llmtap.providers.base import Provider, response_model
-from llmtap.providers.common import after_last_reply, error_message, role_is
+from llmtap.providers.common import after_last_reply, error_message, role_is, token_count
 from llmtap.providers.sse import StreamResult, edge_events, iter_events
 from llmtap.record import Usage
 
@@ -32,19 +33,15 @@ if TYPE_CHECKING:
 __all__ = ["Gemini", "model_from_path", "parse_usage", "reassemble_stream", "usage_from_body"]
 
 
-def _int(value: Any) -> int | None:
-    return value if type(value) is int else None
-
-
 def parse_usage(u: Any) -> Usage:
     """A Gemini `usageMetadata` object as a `Usage` (mapping in the module docstring)."""
     if not isinstance(u, dict):
         return Usage()
-    prompt = _int(u.get("promptTokenCount"))
-    candidates = _int(u.get("candidatesTokenCount"))
-    thoughts = _int(u.get("thoughtsTokenCount"))
-    tool_prompt = _int(u.get("toolUsePromptTokenCount"))
-    total = _int(u.get("totalTokenCount"))
+    prompt = token_count(u.get("promptTokenCount"))
+    candidates = token_count(u.get("candidatesTokenCount"))
+    thoughts = token_count(u.get("thoughtsTokenCount"))
+    tool_prompt = token_count(u.get("toolUsePromptTokenCount"))
+    total = token_count(u.get("totalTokenCount"))
     if prompt is None and candidates is None and total is None:
         return Usage()
     if prompt is not None and tool_prompt:
@@ -59,7 +56,7 @@ def parse_usage(u: Any) -> Usage:
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
-        cached_tokens=_int(u.get("cachedContentTokenCount")),
+        cached_tokens=token_count(u.get("cachedContentTokenCount")),
         reasoning_tokens=thoughts,
         input_audio_tokens=_modality(u.get("promptTokensDetails"), "AUDIO"),
         output_audio_tokens=_modality(u.get("candidatesTokensDetails"), "AUDIO"),
@@ -71,7 +68,7 @@ def _modality(details: Any, modality: str) -> int | None:
     total = 0
     for d in details if isinstance(details, list) else ():
         if isinstance(d, dict) and d.get("modality") == modality:
-            total += _int(d.get("tokenCount")) or 0
+            total += token_count(d.get("tokenCount")) or 0
     return total or None
 
 
@@ -87,6 +84,8 @@ def model_from_path(path: str) -> str | None:
     if i < 0:
         return None
     name = path[i + 7 :]
+    if "%" in name:  # `gemini-2.5-flash%3AgenerateContent` is the same call to the upstream
+        name = unquote(name)
     colon = name.find(":")
     name = name if colon < 0 else name[:colon]
     return name or None
@@ -203,6 +202,8 @@ class Gemini(Provider):
 
     def base_url(self, settings: Settings) -> str | None:
         return settings.gemini_base_url
+
+    usage_member = "usageMetadata"
 
     def usage_from_body(self, body: Any) -> Usage:
         return usage_from_body(body)

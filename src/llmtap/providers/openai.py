@@ -19,7 +19,7 @@ import msgspec
 import orjson
 
 from llmtap.providers.base import Provider, StreamFilter
-from llmtap.providers.common import after_last_reply, error_message, role_is
+from llmtap.providers.common import after_last_reply, error_message, role_is, token_count
 from llmtap.providers.sse import StreamResult, data_payloads, event_bounds, last_boundary
 from llmtap.record import Usage
 
@@ -37,10 +37,6 @@ __all__ = [
 ]
 
 
-def _int(value: Any) -> int | None:
-    return value if type(value) is int else None
-
-
 def parse_usage(u: Any) -> Usage:
     """An OpenAI `usage` object (chat, completions, embeddings or Responses API) as a `Usage`.
 
@@ -49,18 +45,18 @@ def parse_usage(u: Any) -> Usage:
     if not isinstance(u, dict):
         return Usage()
     if "prompt_tokens" in u or "completion_tokens" in u:
-        prompt = _int(u.get("prompt_tokens"))
-        completion = _int(u.get("completion_tokens"))
+        prompt = token_count(u.get("prompt_tokens"))
+        completion = token_count(u.get("completion_tokens"))
         details_in = u.get("prompt_tokens_details")
         details_out = u.get("completion_tokens_details")
     elif "input_tokens" in u or "output_tokens" in u:  # Responses API
-        prompt = _int(u.get("input_tokens"))
-        completion = _int(u.get("output_tokens"))
+        prompt = token_count(u.get("input_tokens"))
+        completion = token_count(u.get("output_tokens"))
         details_in = u.get("input_tokens_details")
         details_out = u.get("output_tokens_details")
     else:
         return Usage()
-    total = _int(u.get("total_tokens"))
+    total = token_count(u.get("total_tokens"))
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
     if not isinstance(details_in, dict):
@@ -74,11 +70,11 @@ def parse_usage(u: Any) -> Usage:
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
-        cached_tokens=_int(details_in.get("cached_tokens")),
-        cache_write_tokens=_int(details_in.get("cache_write_tokens")) or None,
-        reasoning_tokens=_int(details_out.get("reasoning_tokens")),
-        input_audio_tokens=_int(details_in.get("audio_tokens")) or None,
-        output_audio_tokens=_int(details_out.get("audio_tokens")) or None,
+        cached_tokens=token_count(details_in.get("cached_tokens")),
+        cache_write_tokens=token_count(details_in.get("cache_write_tokens")) or None,
+        reasoning_tokens=token_count(details_out.get("reasoning_tokens")),
+        input_audio_tokens=token_count(details_in.get("audio_tokens")) or None,
+        output_audio_tokens=token_count(details_out.get("audio_tokens")) or None,
     )
 
 
@@ -466,6 +462,8 @@ def inject_stream_usage(body: bytes) -> bytes | None:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
+    except RecursionError:  # nested deeper than the parser goes: the upstream's to judge
+        return None
     if not isinstance(obj, dict) or obj.get("stream") is not True:
         return None
     options = obj.get("stream_options")
@@ -478,7 +476,10 @@ def inject_stream_usage(body: bytes) -> bytes | None:
         options["include_usage"] = True
     else:
         return None
-    return orjson.dumps(obj)
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:  # deeper than orjson writes (254 levels; it reads 1024)
+        return None
 
 
 _USAGE_NULL = b',"usage":null'
@@ -538,7 +539,7 @@ def _is_usage_chunk(event: bytes) -> bool:
     Byte tests suffice: outside strings (where quotes are escaped) these markers can only be
     the chunk's own top-level members, as an empty `choices` holds nothing that could nest them.
     """
-    return _USAGE_OBJECT in event
+    return _USAGE_OBJECT in event and event.count(b"data:") == 1
 
 
 # -- the turn a request adds (search) -------------------------------------------------------------
@@ -582,7 +583,9 @@ class OpenAI(Provider):
     def base_url(self, settings: Settings) -> str | None:
         return settings.openai_base_url
 
-    def rewrite_request(self, method: str, path: str, body: bytes) -> tuple[bytes, StreamFilter] | None:
+    def rewrite_request(
+        self, method: str, path: str, body: bytes, query: str = ""
+    ) -> tuple[bytes, StreamFilter] | None:
         if not self.stream_usage or method != "POST" or not path.endswith("completions"):
             return None
         injected = inject_stream_usage(body)

@@ -7,6 +7,7 @@ CRLF / LF / CR ends a line, several `data:` lines join with LF, comments (`:`) a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,15 +90,21 @@ def edge_events(
     return first[0], tail
 
 
+#: A blank line: two line ends in a row, where a line ends at CRLF, LF or a CR alone (a CR
+#: followed by LF is one CRLF, never a CR and then an LF).
+_BLANK = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+
+
 def last_boundary(data: bytes) -> int:
     """Offset just past the last complete event in `data` (-1 if none is complete)."""
     if data.endswith(b"\n\n"):  # the usual case: a read ends where an event ends
         return len(data)
-    i = data.rfind(b"\n\n")
-    end = i + 2 if i >= 0 else -1
-    j = data.rfind(b"\r\n\r\n")
-    if j >= 0 and j + 4 > end:
-        end = j + 4
+    if b"\r" not in data:
+        i = data.rfind(b"\n\n")
+        return i + 2 if i >= 0 else -1
+    end = -1
+    for m in _BLANK.finditer(data):
+        end = m.end()
     return end
 
 
@@ -108,18 +115,11 @@ def event_bounds(data: bytes, pos: int) -> tuple[int, int]:
         a = data.rfind(b"\n\n", 0, pos)
         i = data.find(b"\n\n", pos)
         return (a + 2 if a >= 0 else 0), (i + 2 if i >= 0 else len(data))
-    a = data.rfind(b"\n\n", 0, pos)
-    start = a + 2 if a >= 0 else 0
-    b = data.rfind(b"\r\n\r\n", 0, pos)
-    if b >= 0 and b + 4 > start:
-        start = b + 4
-    i = data.find(b"\n\n", pos)
-    j = data.find(b"\r\n\r\n", pos)
-    if i < 0 and j < 0:
-        return start, len(data)
-    if j >= 0 and (i < 0 or j < i):
-        return start, j + 4
-    return start, i + 2
+    start = 0
+    for m in _BLANK.finditer(data, 0, pos):
+        start = m.end()
+    nxt = _BLANK.search(data, pos)
+    return start, (nxt.end() if nxt else len(data))
 
 
 def split_events(data: bytes) -> list[bytes]:

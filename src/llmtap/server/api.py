@@ -23,7 +23,9 @@ from llmtap.bodies.base import BodyStore, body_key
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError
 from llmtap.handlers.chain import Chain
+from llmtap.ids import canonical_id
 from llmtap.record import Body, LogRecord, decode, decode_many
+from llmtap.redact import is_secret_header, redact_text, redact_url
 from llmtap.server.auth import IngestCaller
 from llmtap.server.ingest import IngestQueue
 from llmtap.store import query
@@ -114,6 +116,9 @@ async def get_request(request: web.Request) -> web.Response:
     no_params(request)
     rid = path_id(request)
     row = await request.app[STORE].get_request(_tenant(request), rid)
+    if row is None and (canon := canonical_id(rid)) not in (None, rid):
+        # The id as the client chose it (`01A2...`, braces): the gateway keyed it canonical.
+        row = await request.app[STORE].get_request(_tenant(request), canon)
     if row is None:
         return error_response(404, f"no request {rid!r} (yet: records appear once the worker stored them)")
     bodies = request.app[BODIES]
@@ -251,6 +256,20 @@ def check_ingested(record: LogRecord, caller: IngestCaller) -> str | None:
     return None
 
 
+def scrub_ingested(record: LogRecord) -> LogRecord:
+    """The credential rules the gateway applies, applied again: whatever posts here (a gateway
+    of another version, a script holding the ingest token) gets no credential into the store."""
+    for part in ("request_headers", "response_headers"):
+        headers: dict[str, str] = getattr(record, part)
+        if any(is_secret_header(k, v) for k, v in headers.items()):
+            setattr(record, part, {k: v for k, v in headers.items() if not is_secret_header(k, v)})
+    record.target_url = redact_url(record.target_url)
+    record.path = redact_url(record.path)
+    if record.error is not None:
+        record.error = redact_text(record.error)
+    return record
+
+
 async def ingest(request: web.Request) -> web.Response:
     """Append posted records to the server's durable ingest queue; 200 once they are on disk.
 
@@ -272,7 +291,7 @@ async def ingest(request: web.Request) -> web.Response:
         if why is None:
             if r.route == "queue":  # the default: it came here, so it took the ingest route
                 r.route = "ingest"
-            accepted.append(r)
+            accepted.append(scrub_ingested(r))
         else:
             rejected.append({"id": r.id[:200], "reason": why})
     if accepted:

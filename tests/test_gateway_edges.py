@@ -1,0 +1,481 @@
+"""Input at the edges, from clients and from upstreams, that the gateway once refused, altered or
+logged wrong (an outside fuzzing and credential audit, 2026-12-05). Each request here is still
+proxied unchanged and logged once, and no credential reaches its record.
+
+The real gateway in-process (`running_gateway`, records caught by `MemoryQueue`), against the
+fake provider or a small aiohttp upstream that sends exactly what the case needs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tracemalloc
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway_support import MemoryQueue, published, running_gateway, settings_for, tiny_upstream
+from llmtap.gateway.capture import _decode
+from llmtap.providers.gemini import model_from_path
+from llmtap.record import body_bytes
+
+pytestmark = pytest.mark.timeout(120)
+
+CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+STREAM = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+#: The client side of these tests takes what the gateway relays, however large its headers.
+BIG_HEADERS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 1024}
+#: What the fake provider wants to see (any key).
+JSON_AUTH = {"Content-Type": "application/json", "Authorization": "Bearer sk-test-openai"}
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False, **BIG_HEADERS) as s:
+        yield s
+
+
+def sse(events: list[bytes], sep: bytes) -> bytes:
+    return b"".join(b"data: " + e + sep for e in events)
+
+
+CONTENT = (
+    b'{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini",'
+    b'"choices":[{"index":0,"delta":{"content":"Hello"}}]}'
+)
+USAGE = (
+    b'{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],'
+    b'"usage":{"prompt_tokens":11,"completion_tokens":1,"total_tokens":12}}'
+)
+
+
+def stream_upstream(sep: bytes, content_type: str = "text/event-stream") -> tuple[Any, list[bytes]]:
+    """An upstream streaming one content chunk, the usage chunk and `[DONE]`, events ending in
+    `sep`, written a few bytes at a time; it keeps the request bodies it got."""
+    bodies: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        bodies.append(await request.read())
+        resp = web.StreamResponse(headers={"Content-Type": content_type})
+        await resp.prepare(request)
+        data = sse([CONTENT, USAGE, b"[DONE]"], sep)
+        for i in range(0, len(data), 7):
+            await resp.write(data[i : i + 7])
+        await resp.write_eof()
+        return resp
+
+    return handler, bodies
+
+
+# -- client input ---------------------------------------------------------------------------------
+
+
+async def test_a_stream_request_nested_deeper_than_json_writers_go_is_proxied_and_logged(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """orjson reads 1024 levels but writes 254: the usage rewrite used to raise, and the client
+    got a 500 with no id and no record. Now the body goes upstream as sent."""
+    deep = b'{"model":"gpt-4o-mini","stream":true,"x":' + b"[" * 300 + b"]" * 300
+    deep += b',"messages":[{"role":"user","content":"deep"}]}'
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        async with http.post(f"{gw}/openai/v1/chat/completions", data=deep, headers=JSON_AUTH) as r:
+            assert r.status == 200
+            rid = r.headers["Llmtap-Request-Id"]
+            assert b"data: [DONE]" in await r.read()
+        (rec,) = await published(svc, q, 1)
+    assert rec.id == rid and rec.status == 200 and rec.outcome == "completed"
+    assert rec.request_body is not None and body_bytes(rec.request_body) == deep
+
+
+async def test_hundreds_of_property_headers_are_proxied_and_the_record_keeps_64(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """aiohttp refuses more than 128 headers by default: a request with 124 properties got a
+    400 from the gateway although the upstream takes it."""
+    headers = {f"Llmtap-Property-P{i:03d}": f"v{i}" for i in range(300)}
+    headers.update(JSON_AUTH)
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        async with http.post(f"{gw}/openai/v1/chat/completions", data=CHAT, headers=headers) as r:
+            assert r.status == 200
+            await r.read()
+        (rec,) = await published(svc, q, 1)
+    assert len(rec.properties) == 64 and "properties" in rec.truncated
+
+
+async def test_a_compressed_request_is_decoded_for_parsing_only_up_to_the_body_limit(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """64 MiB of JSON in 64 KiB of gzip: decoded whole, it took the gateway's event loop and
+    memory with it. Now at most `max_body_bytes` come out; the request is relayed as sent."""
+    got: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        got.append(await request.read())
+        return web.json_response({"id": "x", "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    head = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"'
+    payload = bomb.compress(head) + bomb.compress(b"a" * (64 << 20)) + bomb.compress(b'"}]}') + bomb.flush()
+    runner, port = await tiny_upstream(handler, auto_decompress=False)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path, max_body_bytes=1 << 20), q) as (svc, gw):
+            tracemalloc.start()
+            try:
+                async with http.post(
+                    f"{gw}/openai/v1/chat/completions",
+                    data=payload,
+                    headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+                ) as r:
+                    assert r.status == 200
+                    await r.read()
+                (rec,) = await published(svc, q, 1)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+    finally:
+        await runner.cleanup()
+    assert got == [payload]  # relayed byte for byte, still compressed
+    assert peak < 16 << 20, f"peak {peak >> 20} MiB while logging a 64 MiB bomb"
+    assert rec.status == 200 and rec.model is None  # cut at 1 MiB: not parsed, as a big body
+
+
+async def test_a_request_id_is_keyed_canonical_and_only_ascii_digits_make_one(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """`uuid.UUID` reads any Unicode digit: 32 Arabic-Indic ones were the id 1111...; two
+    spellings that look different to people must not name one record."""
+    q = MemoryQueue()
+    chosen = "01A24633-B8F1-4C9A-9D3E-5F6A7B8C9D0E"
+    arabic = "\u0661" * 32
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        ids = []
+        for rid in (chosen, arabic):
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions",
+                data=CHAT,
+                headers={**JSON_AUTH, "Llmtap-Request-Id": rid},
+            ) as r:
+                assert r.status == 200
+                ids.append(r.headers["Llmtap-Request-Id"])
+                await r.read()
+        recs = await published(svc, q, 2)
+    assert ids[0] == chosen.lower()
+    assert ids[1] != "11111111-1111-1111-1111-111111111111"
+    assert sorted(r.id for r in recs) == sorted(ids)
+
+
+async def test_credentials_are_known_by_their_name_or_their_value(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Headers other gateways and platforms use for keys (`cf-aig-authorization`,
+    `Helicone-Auth`, `X-Hub-Signature-256` ...) and any header whose value reads
+    `Bearer <token>` or `sk-...` go upstream but never into the record; so does a key in a path
+    parameter. Rate-limit headers counting `tokens` are not credentials and stay."""
+    seen: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        await request.read()
+        return web.json_response({"id": "x"}, headers={"x-ratelimit-remaining-tokens": "99"})
+
+    names = [
+        "cf-aig-authorization",
+        "Helicone-Auth",
+        "x-ms-authorization-auxiliary",
+        "X-Forwarded-Authorization",
+        "X-Apikey",
+        "X-Api-Keys",
+        "Token",
+        "X-Auth",
+        "Authentication",
+        "X-Password",
+        "X-Hub-Signature-256",
+        "X-Credential",
+        "x-api-key2",
+    ]
+    secrets = {n: f"SECRET-{i}-{n}" for i, n in enumerate(names)}
+    headers = dict(secrets)
+    headers["X-Debug"] = "Bearer SECRET-bearer-in-x-debug"
+    headers["X-Trace-Key-Shape"] = "sk-proj-SECRETabcdefgh"
+    headers["Content-Type"] = "application/json"
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions;key=SECRET-path", data=CHAT, headers=headers
+            ) as r:
+                assert r.status == 200
+                await r.read()
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    (up,) = seen
+    assert all(up[n] == v for n, v in secrets.items())  # every one reached the upstream
+    stored = b"".join(m.value for m in q.messages).decode()
+    assert "SECRET" not in stored, [h for h in rec.request_headers if "SECRET" in rec.request_headers[h]]
+    assert rec.request_headers.get("content-type") == "application/json"
+    assert rec.response_headers.get("x-ratelimit-remaining-tokens") == "99"
+    assert rec.path.endswith(";key=***") and rec.target_url.endswith(";key=***")
+
+
+# -- upstream answers -----------------------------------------------------------------------------
+
+
+async def test_an_answer_with_big_or_many_headers_is_relayed_not_a_502(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The upstream client kept aiohttp's 8190-byte and 128-header limits: such an answer
+    reached the client as `502 llmtap_upstream_unreachable`."""
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        resp = web.json_response({"id": "x"})
+        resp.headers["X-Big"] = "b" * 20000
+        for i in range(300):
+            resp.headers[f"X-H{i}"] = str(i)
+        return resp
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions", data=CHAT, headers={"Content-Type": "application/json"}
+            ) as r:
+                assert r.status == 200
+                assert r.headers["X-Big"] == "b" * 20000 and r.headers["X-H299"] == "299"
+                await r.read()
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert rec.status == 200 and rec.outcome == "completed"
+
+
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n", b"\r\n\n"], ids=repr)
+async def test_every_sse_line_ending_reaches_the_client_whole(
+    sep: bytes, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """SSE lines may end in CR alone. The usage-chunk filter only knew LF and CRLF blank lines,
+    held the whole stream as one event and dropped it: the client got nothing."""
+    handler, bodies = stream_upstream(sep)
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions", data=STREAM, headers={"Content-Type": "application/json"}
+            ) as r:
+                assert r.status == 200
+                got = await r.read()
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert json.loads(bodies[0])["stream_options"] == {"include_usage": True}  # we asked for it
+    assert b"Hello" in got and b"[DONE]" in got and b'"usage"' not in got  # ... and hid it
+    assert got.replace(b"\r", b"").replace(b"\n", b"") == sse([CONTENT, b"[DONE]"], b"")
+    assert rec.streamed and rec.usage.prompt_tokens == 11 and rec.usage.completion_tokens == 1
+
+
+async def test_a_stream_content_type_in_any_case_is_a_stream(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Media types are case-insensitive: `Text/Event-Stream` was taken for a plain body, so the
+    injected usage chunk reached the client and the record had no tokens."""
+    handler, _ = stream_upstream(b"\n\n", "Text/Event-Stream; charset=utf-8")
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions", data=STREAM, headers={"Content-Type": "application/json"}
+            ) as r:
+                got = await r.read()
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert got == sse([CONTENT, b"[DONE]"], b"\n\n")
+    assert rec.streamed and rec.usage.total_tokens == 12
+
+
+async def test_a_compressed_answer_is_kept_only_up_to_the_body_limit(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A 100 KB gzip answer holding 100 MB was stored whole, `truncated: false`, past
+    `max_body_bytes`. The client still gets the upstream's bytes unchanged."""
+    big = gzip.compress(b'{"id":"x","data":"' + b"a" * (100 << 20) + b'"}', compresslevel=1)
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(
+            body=big, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        )
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path, max_body_bytes=1 << 20), q) as (svc, gw):
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions", data=CHAT, headers={"Content-Type": "application/json"}
+            ) as r:
+                assert await r.read() == big
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert rec.response_body is not None and rec.response_body.truncated
+    kept = body_bytes(rec.response_body)
+    assert kept is not None and len(kept) == 1 << 20 and kept.startswith(b'{"id":"x","data":"aaa')
+
+
+async def test_token_counts_that_are_not_counts_are_unknown_not_a_dead_letter(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """2**63 tokens overflowed the store's 64-bit integer: the record was dead-lettered although
+    the client got its 200. A count outside 0..10**12 is now unknown (None); the others stay."""
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        usage = {
+            "prompt_tokens": 2**63,
+            "completion_tokens": 3,
+            "total_tokens": 2**64,
+            "prompt_tokens_details": {"cached_tokens": 7, "audio_tokens": -5},
+            "completion_tokens_details": {"reasoning_tokens": 10**13},
+        }
+        return web.json_response({"id": "x", "model": "gpt-4o-mini", "usage": usage})
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions", data=CHAT, headers={"Content-Type": "application/json"}
+            ) as r:
+                assert r.status == 200
+                await r.read()
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    u = rec.usage
+    assert (u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens) == (None, 3, None, 7)
+    assert u.input_audio_tokens is None and u.reasoning_tokens is None
+
+
+async def test_an_answer_past_the_body_limit_keeps_its_usage(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A 6 MB embeddings answer is kept to `max_body_bytes` (4 MiB), so it no longer parses:
+    its tokens and cost were lost. The usage is its last member, in the tail the capture keeps."""
+    vectors = [{"object": "embedding", "index": i, "embedding": [0.0123456789] * 1536} for i in range(300)]
+    answer = {
+        "object": "list",
+        "data": vectors,
+        "model": "text-embedding-3-small",
+        "usage": {"prompt_tokens": 400, "total_tokens": 400},
+    }
+    body = json.dumps(answer).encode()
+    assert len(body) > 4 << 20
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=body, content_type="application/json")
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    req = b'{"model":"text-embedding-3-small","input":["a","b"]}'
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            async with http.post(f"{gw}/openai/v1/embeddings", data=req, headers=JSON_AUTH) as r:
+                assert await r.read() == body
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert rec.response_body is not None and rec.response_body.truncated
+    assert (rec.usage.source, rec.usage.prompt_tokens, rec.usage.total_tokens) == ("provider", 400, 400)
+    assert rec.model == "text-embedding-3-small"  # so the worker prices it
+
+
+@pytest.mark.parametrize(
+    ("query", "asked"),
+    [
+        ("?api-version=2023-05-15", False),
+        ("?api-version=2024-06-01", False),
+        ("?api-version=2024-08-01-preview", True),
+        ("?api-version=2024-10-21", True),
+        ("?api-version=preview", True),
+        ("", True),
+    ],
+)
+async def test_azure_is_asked_for_stream_usage_only_where_its_api_version_takes_it(
+    query: str, asked: bool, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """API versions before 2024-08-01 answer 400 to `stream_options`: the client's stream must
+    not fail because we log it."""
+    handler, bodies = stream_upstream(b"\n\n")
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    s = settings_for(port, tmp_path, azure_base_url=f"http://127.0.0.1:{port}")
+    path = (
+        "/azure/openai/deployments/d1/chat/completions"
+        if query.startswith("?api-version=2")
+        else "/azure/openai/v1/chat/completions"
+    )
+    try:
+        async with running_gateway(s, q) as (svc, gw):
+            async with http.post(f"{gw}{path}{query}", data=STREAM, headers={"api-key": "k"}) as r:
+                assert r.status == 200
+                got = await r.read()
+            await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert (bodies[0] != STREAM) is asked
+    assert ("stream_options" in json.loads(bodies[0])) is asked
+    assert (b'"usage"' in got) is not asked  # not asked: the upstream's chunk is the client's own
+
+
+# -- units ----------------------------------------------------------------------------------------
+
+
+def test_decoding_stops_one_byte_past_the_limit_for_every_coding() -> None:
+    import brotli
+    import zstandard
+
+    raw = b"x" * (8 << 20)
+    coded = {
+        "gzip": gzip.compress(raw),
+        "deflate": zlib.compress(raw),
+        "br": brotli.compress(raw),
+        "zstd": zstandard.ZstdCompressor().compress(raw),
+    }
+    for enc, data in coded.items():
+        out = _decode(data, enc, 1000)
+        assert out is not None and len(out) == 1001 and out == raw[:1001], enc
+        assert _decode(data, enc, 16 << 20) == raw, enc  # under the limit: all of it
+        assert _decode(data[: len(data) // 2], enc, 16 << 20) is not None, enc  # truncated input
+
+
+def test_a_gemini_model_with_an_encoded_colon_is_the_model() -> None:
+    assert model_from_path("/v1beta/models/gemini-2.5-flash%3AgenerateContent") == "gemini-2.5-flash"
+    assert model_from_path("/v1beta/models/gemini-2.5-flash:streamGenerateContent") == "gemini-2.5-flash"
+
+
+def test_usage_from_the_tail_of_each_providers_answer() -> None:
+    from llmtap.providers import provider_for
+
+    tail = b'0.1, 0.2]}], "model": "m", "usage" :  {"prompt_tokens": 9, "total_tokens": 9}}'
+    assert provider_for("openai").usage_from_tail(tail).prompt_tokens == 9
+    tail = b'"stop_reason":"end_turn","usage":{"input_tokens":5,"output_tokens":2}}'
+    assert provider_for("anthropic").usage_from_tail(tail).completion_tokens == 2
+    tail = b'}]}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":4,"totalTokenCount":7}}'
+    assert provider_for("gemini").usage_from_tail(tail).total_tokens == 7
+    for cut in (b'"usage":{"prompt_tok', b"no usage here", b'"usage" 5'):
+        assert provider_for("openai").usage_from_tail(cut).source == "missing"
