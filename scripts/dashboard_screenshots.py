@@ -50,7 +50,9 @@ async def main(out: Path) -> None:
                 await svc.ingest.drained(timeout=300)
             q = open_queue(settings)
             await q.connect("both")
-            await q.publish([Message(key="req-7f3a", value=b'{"v": 9, "id": "req-7f3a"}')])
+            await q.publish(
+                [Message(key="req-7f3a", value=b'{"v": 9, "id": "01938f2e-5b7c-7a41-9c3e-4d2f8b6a1e07"}')]
+            )
             got = []
             while not got:
                 got = await q.consume(10, 1.0)

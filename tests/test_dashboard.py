@@ -756,7 +756,8 @@ async def test_dead_letters_replay_from_the_pipeline_view(srv: Srv, page: tuple[
     q = open_queue(srv.svc.settings)
     await q.connect("both")
     try:
-        await q.publish([Message(key="k1", value=b'{"not": "a record"}')])
+        # Not a record, but it names a request: the view shows the id, as text.
+        await q.publish([Message(key="k1", value=b'{"id": "<b>req-1</b>", "not": "a record"}')])
         deliveries: list[Any] = []
         deadline = time.monotonic() + 30
         while not deliveries and time.monotonic() < deadline:
@@ -768,6 +769,7 @@ async def test_dead_letters_replay_from_the_pipeline_view(srv: Srv, page: tuple[
         await pg.wait_for_selector("#dead-letters", timeout=WAIT)
         reason = await pg.locator("#dead-letters td.reason").first.text_content()
         assert reason == "cannot decode: <script>alert(1)</script>"
+        assert await pg.locator("#dead-letters td.request").first.text_content() == "<b>req-1</b>"
         await pg.click("#dead-letters button.replay")
         await pg.wait_for_selector("text=Replayed 1 dead letter(s).", timeout=WAIT)
         assert (await q.status()).dead_letters == 0

@@ -495,6 +495,8 @@ async def test_corrupt_messages_are_dead_lettered_and_do_not_stall_the_rest(spli
     assert all(f"partition={part}" in line for line in lines), lines
     reasons = " | ".join(lines)
     assert "not a JSON log record" in reasons and "unknown record version 99" in reasons, reasons
+    # The letter that names a request says which: what the client got in `Llmtap-Request-Id`.
+    assert sum(f"request={future_id}" in line for line in lines) == 1, lines
 
     status = await asyncio.to_thread(_llmtap_cli, split, "status", "--json")
     assert status.returncode == 0, status.stderr

@@ -713,7 +713,11 @@ def dlq_list(ctx: click.Context, limit: int) -> None:
     rows = [] if _queue_missing(_settings(ctx)) else _with_queue(ctx, lambda q: q.dead_letters(limit))
 
     def line(d: DeadLetter) -> str:
-        return f"{d.id}  partition={d.partition} offset={d.offset}  {d.reason}"
+        rid = d.request_id
+        if rid is not None and not rid.isprintable():  # a poison letter's id: no terminal escapes
+            rid = rid.encode("unicode_escape").decode("ascii")
+        request = f"  request={rid}" if rid else ""
+        return f"{d.id}  partition={d.partition} offset={d.offset}{request}  {d.reason}"
 
     _listing(rows, line, "no dead letters")
 

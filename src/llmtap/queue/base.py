@@ -32,6 +32,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import msgspec
+
 from llmtap.backends import QUEUES
 
 if TYPE_CHECKING:
@@ -76,6 +78,22 @@ class DeadLetter:
     value: bytes
     reason: str
     failed_at: float
+
+    @property
+    def request_id(self) -> str | None:
+        """The id of the request the letter holds, as its client got it in `Llmtap-Request-Id`
+        (an operator's way to match a letter to a user's report); None if it is not a record."""
+        try:
+            return _IdOnly.decode(self.value).id[:200]
+        except Exception:  # a poison message: anything goes
+            return None
+
+
+class _RecordId(msgspec.Struct):
+    id: str
+
+
+_IdOnly = msgspec.json.Decoder(_RecordId)  # reads `id`, skips the rest without building it
 
 
 @dataclass(slots=True)

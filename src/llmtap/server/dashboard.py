@@ -248,6 +248,7 @@ async def pipeline(request: web.Request) -> web.Response:
             else [
                 {
                     "id": d.id,
+                    "request_id": d.request_id,
                     "partition": d.partition,
                     "offset": d.offset,
                     "key": d.key,

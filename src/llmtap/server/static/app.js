@@ -966,9 +966,10 @@ async function viewPipeline() {
       : dl.length ? [
         h("p", {}, h("button", { type: "button", id: "replay-all", onclick: () => replay({ all: true }) }, "Replay all")),
         h("table", { class: "grid", id: "dead-letters" },
-          h("thead", {}, h("tr", {}, ["Id", "Partition", "Offset", "Key", "Failed at", "Reason", ""].map((t) => h("th", {}, t)))),
+          h("thead", {}, h("tr", {}, ["Id", "Request", "Partition", "Offset", "Key", "Failed at", "Reason", ""].map((t) => h("th", {}, t)))),
           h("tbody", {}, dl.map((d) => h("tr", {},
-            h("td", { class: "ellipsis" }, d.id), h("td", {}, String(d.partition)), h("td", {}, String(d.offset)), h("td", { class: "ellipsis" }, d.key),
+            h("td", { class: "ellipsis" }, d.id), h("td", { class: "ellipsis wide request", title: d.request_id || "" }, d.request_id || "–"),
+            h("td", {}, String(d.partition)), h("td", {}, String(d.offset)), h("td", { class: "ellipsis" }, d.key),
             h("td", { class: "nowrap" }, fmtTime(d.failed_at)), h("td", { class: "reason" }, d.reason),
             h("td", {}, h("button", { type: "button", class: "replay", onclick: () => replay({ ids: [d.id] }) }, "Replay"))))))]
         : h("p", { class: "muted" }, "No dead letters."));
