@@ -306,10 +306,18 @@ class RecordBuilder:
         # -- request
         req_ctype = req_headers.get("content-type")
         req_json = None
-        if cap.request_body and not (cap.request_size > len(cap.request_body)):
-            # A body that decodes past `max_bytes` is cut, so it does not parse: no model, no
-            # usage rewrite, as for a body sent bigger than that.
-            req_json = _loads(_decode(cap.request_body, req_headers.get("content-encoding"), cap.max_bytes))
+        req_kept, req_size = cap.request_body, cap.request_size
+        req_cut = req_size > len(req_kept)
+        if req_kept and "content-encoding" in req_headers:
+            # Stored decoded, like responses. A body that decodes past `max_bytes` is cut, so
+            # it does not parse: no model, as for a body sent bigger than that.
+            dec = _decode(req_kept, req_headers["content-encoding"], cap.max_bytes)
+            if dec is not None and dec is not req_kept:
+                req_cut = req_cut or len(dec) > cap.max_bytes
+                req_kept = dec[: cap.max_bytes]
+                req_size = len(req_kept)
+        if req_kept and not req_cut:
+            req_json = _loads(req_kept)
 
         # -- response
         raw = b"".join(cap.chunks)
@@ -379,9 +387,9 @@ class RecordBuilder:
         request_body = None
         if not lh.omit_request:
             request_body = body(
-                cap.request_body,
-                cap.request_size,
-                cap.request_size > len(cap.request_body),
+                req_kept,
+                req_size,
+                req_cut,
                 req_ctype,
             )
         resp_body = resp_events = None
