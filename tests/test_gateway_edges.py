@@ -8,6 +8,7 @@ fake provider or a small aiohttp upstream that sends exactly what the case needs
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import tracemalloc
@@ -29,15 +30,17 @@ pytestmark = pytest.mark.timeout(120)
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 STREAM = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
-#: The client side of these tests takes what the gateway relays, however large its headers.
-BIG_HEADERS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 1024}
 #: What the fake provider wants to see (any key).
 JSON_AUTH = {"Content-Type": "application/json", "Authorization": "Bearer sk-test-openai"}
 
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False, **BIG_HEADERS) as s:
+    # The client side takes what the gateway relays, however large its headers.
+    big = 65536
+    async with aiohttp.ClientSession(
+        auto_decompress=False, max_line_size=big, max_field_size=big, max_headers=1024
+    ) as s:
         yield s
 
 
@@ -440,6 +443,45 @@ async def test_azure_is_asked_for_stream_usage_only_where_its_api_version_takes_
     assert (bodies[0] != STREAM) is asked
     assert ("stream_options" in json.loads(bodies[0])) is asked
     assert (b'"usage"' in got) is not asked  # not asked: the upstream's chunk is the client's own
+
+
+async def test_a_request_cut_by_the_gateway_stopping_says_so(tmp_path: Path) -> None:
+    """A stream still running when `shutdown_timeout` ran out was recorded as the client's
+    doing ("client closed the connection"); it was llmtap's."""
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: " + CONTENT + b"\n\n")
+        await release.wait()  # never, in this test: the gateway stops first
+        return resp
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    got_first = asyncio.Event()
+
+    async def client(gw: str) -> None:
+        async with aiohttp.ClientSession() as s, s.post(f"{gw}/openai/v1/chat/completions", data=CHAT) as r:
+            await r.content.readuntil(b"\n\n")
+            got_first.set()
+            await r.read()
+
+    task: asyncio.Task[None] | None = None
+    try:
+        async with running_gateway(settings_for(port, tmp_path, shutdown_timeout=0.5), q) as (svc, gw):
+            task = asyncio.create_task(client(gw))
+            await asyncio.wait_for(got_first.wait(), 30)
+        (rec,) = await published(svc, q, 1)
+    finally:
+        release.set()
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+    assert rec.outcome == "client_disconnected"
+    assert rec.error is not None and rec.error.startswith("llmtap stopped mid-response"), rec.error
 
 
 # -- units ----------------------------------------------------------------------------------------

@@ -263,7 +263,9 @@ class Proxy:
                 allow_redirects=False,
             )
         except asyncio.CancelledError:
-            self._finish(cap, "client_disconnected", "client went away before the upstream answered")
+            self._finish(
+                cap, "client_disconnected", self._gone("before the upstream answered", cancelled=True)
+            )
             raise
         except TimeoutError as e:  # aiohttp's connect/read timeouts are TimeoutErrors too
             s = self.settings
@@ -350,7 +352,8 @@ class Proxy:
             if relayed:
                 self._finish(cap, "completed", None)
             else:
-                self._finish(cap, "client_disconnected", "client closed the connection mid-response")
+                cancelled = isinstance(e, asyncio.CancelledError)
+                self._finish(cap, "client_disconnected", self._gone("mid-response", cancelled))
             if isinstance(e, asyncio.CancelledError):
                 raise
             return resp
@@ -380,6 +383,13 @@ class Proxy:
             transport.close()
         resp.force_close()
         return resp
+
+    def _gone(self, when: str, cancelled: bool) -> str:
+        """Why the client's connection ended early: the client left, or llmtap stopped (a
+        request still running when the gateway's `shutdown_timeout` runs out is cancelled)."""
+        if cancelled and self.draining:
+            return f"llmtap stopped {when}: the request outlasted LLMTAP_SHUTDOWN_TIMEOUT"
+        return f"client went away {when}"
 
     def _gateway_error(self, cap: Capture, status: int, outcome: str, message: str) -> web.Response:
         resp = _json_error(status, f"llmtap_{outcome}", message, cap.id)
