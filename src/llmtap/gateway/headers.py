@@ -57,14 +57,17 @@ class HeaderFilter:
 
     The verdict per header *name as spelled* is cached: clients repeat the same few spellings,
     so a header costs one dict lookup instead of a lowercase copy and three set/prefix tests.
-    Repeated headers are joined with ", " (RFC 9110 §5.3).
+    So are short values known to be no credential (`application/json`, the SDK's user agent):
+    a set lookup instead of a function call per header. Repeated headers are joined with ", "
+    (RFC 9110 §5.3).
     """
 
-    __slots__ = ("_cache", "_drop")
+    __slots__ = ("_cache", "_drop", "_plain")
 
     def __init__(self, drop: frozenset[str]) -> None:
         self._drop = drop
         self._cache: dict[str, str | None] = {}
+        self._plain: set[str] = set()  # values that are no credential (never a secret's)
 
     def _verdict(self, name: str) -> str | None:
         lname = name.lower()
@@ -75,14 +78,20 @@ class HeaderFilter:
     def __call__(self, headers: Iterable[tuple[str, str]]) -> dict[str, str]:
         out: dict[str, str] = {}
         cache = self._cache
+        plain = self._plain
         for name, value in headers:
             lname = cache.get(name, "")  # "" = not seen yet (a real name is never empty)
             if lname == "":
                 lname = self._verdict(name)
                 if len(cache) < 4096:  # bounded: header names are client-controlled
                     cache[name] = lname
-            if lname is None or is_secret_value(value):
+            if lname is None:
                 continue
+            if value not in plain:
+                if is_secret_value(value):
+                    continue
+                if len(value) <= 256 and len(plain) < 4096:  # bounded: at most ~1 MB
+                    plain.add(value)
             prev = out.get(lname)
             out[lname] = value if prev is None else f"{prev}, {value}"
         return out
