@@ -14,6 +14,7 @@ import json
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from aiohttp import web
 from gateway_support import MemoryQueue, published, running_gateway, settings_for, tiny_upstream
 from llmtap.gateway.capture import _decode
 from llmtap.providers.gemini import model_from_path
-from llmtap.record import body_bytes
+from llmtap.record import LogRecord, body_bytes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,6 +75,44 @@ def stream_upstream(sep: bytes, content_type: str = "text/event-stream") -> tupl
         return resp
 
     return handler, bodies
+
+
+@dataclass
+class Exchange:
+    """One request through the gateway: what the client got and the one record published."""
+
+    status: int
+    headers: Any
+    body: bytes
+    record: LogRecord
+    queue: MemoryQueue
+
+
+async def exchange(
+    handler: Any,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    path: str = "/openai/v1/chat/completions",
+    data: bytes = CHAT,
+    headers: dict[str, str] | None = None,
+    **settings: Any,
+) -> Exchange:
+    """POST `data` to `path` through a gateway in front of an upstream answering with
+    `handler`; `settings`: the gateway's (`upstream_url` in a value stands for the upstream)."""
+    runner, port = await tiny_upstream(handler)
+    up = f"http://127.0.0.1:{port}"
+    over = {k: (up if v == "upstream_url" else v) for k, v in settings.items()}
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path, **over), q) as (svc, gw):
+            sent = {"Content-Type": "application/json"} if headers is None else headers
+            async with http.post(f"{gw}{path}", data=data, headers=sent) as r:
+                got = await r.read()
+                status, got_headers = r.status, r.headers
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    return Exchange(status, got_headers, got, rec, q)
 
 
 # -- client input ---------------------------------------------------------------------------------
@@ -210,21 +249,14 @@ async def test_credentials_are_known_by_their_name_or_their_value(
     headers["X-Debug"] = "Bearer SECRET-bearer-in-x-debug"
     headers["X-Trace-Key-Shape"] = "sk-proj-SECRETabcdefgh"
     headers["Content-Type"] = "application/json"
-    runner, port = await tiny_upstream(handler)
-    q = MemoryQueue()
-    try:
-        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
-            async with http.post(
-                f"{gw}/openai/v1/chat/completions;key=SECRET-path", data=CHAT, headers=headers
-            ) as r:
-                assert r.status == 200
-                await r.read()
-            (rec,) = await published(svc, q, 1)
-    finally:
-        await runner.cleanup()
+    x = await exchange(
+        handler, tmp_path, http, "/openai/v1/chat/completions;key=SECRET-path", headers=headers
+    )
+    assert x.status == 200
+    rec = x.record
     (up,) = seen
     assert all(up[n] == v for n, v in secrets.items())  # every one reached the upstream
-    stored = b"".join(m.value for m in q.messages).decode()
+    stored = b"".join(m.value for m in x.queue.messages).decode()
     assert "SECRET" not in stored, [h for h in rec.request_headers if "SECRET" in rec.request_headers[h]]
     assert rec.request_headers.get("content-type") == "application/json"
     assert rec.response_headers.get("x-ratelimit-remaining-tokens") == "99"
@@ -248,19 +280,9 @@ async def test_an_answer_with_big_or_many_headers_is_relayed_not_a_502(
             resp.headers[f"X-H{i}"] = str(i)
         return resp
 
-    runner, port = await tiny_upstream(handler)
-    q = MemoryQueue()
-    try:
-        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
-            async with http.post(
-                f"{gw}/openai/v1/chat/completions", data=CHAT, headers={"Content-Type": "application/json"}
-            ) as r:
-                assert r.status == 200
-                assert r.headers["X-Big"] == "b" * 20000 and r.headers["X-H299"] == "299"
-                await r.read()
-            (rec,) = await published(svc, q, 1)
-    finally:
-        await runner.cleanup()
+    x = await exchange(handler, tmp_path, http)
+    assert x.status == 200 and x.headers["X-Big"] == "b" * 20000 and x.headers["X-H299"] == "299"
+    rec = x.record
     assert rec.status == 200 and rec.outcome == "completed"
 
 
@@ -271,18 +293,9 @@ async def test_every_sse_line_ending_reaches_the_client_whole(
     """SSE lines may end in CR alone. The usage-chunk filter only knew LF and CRLF blank lines,
     held the whole stream as one event and dropped it: the client got nothing."""
     handler, bodies = stream_upstream(sep)
-    runner, port = await tiny_upstream(handler)
-    q = MemoryQueue()
-    try:
-        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
-            async with http.post(
-                f"{gw}/openai/v1/chat/completions", data=STREAM, headers={"Content-Type": "application/json"}
-            ) as r:
-                assert r.status == 200
-                got = await r.read()
-            (rec,) = await published(svc, q, 1)
-    finally:
-        await runner.cleanup()
+    x = await exchange(handler, tmp_path, http, data=STREAM)
+    got, rec = x.body, x.record
+    assert x.status == 200
     assert json.loads(bodies[0])["stream_options"] == {"include_usage": True}  # we asked for it
     assert b"Hello" in got and b"[DONE]" in got and b'"usage"' not in got  # ... and hid it
     assert got.replace(b"\r", b"").replace(b"\n", b"") == sse([CONTENT, b"[DONE]"], b"")
@@ -295,17 +308,8 @@ async def test_a_stream_content_type_in_any_case_is_a_stream(
     """Media types are case-insensitive: `Text/Event-Stream` was taken for a plain body, so the
     injected usage chunk reached the client and the record had no tokens."""
     handler, _ = stream_upstream(b"\n\n", "Text/Event-Stream; charset=utf-8")
-    runner, port = await tiny_upstream(handler)
-    q = MemoryQueue()
-    try:
-        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
-            async with http.post(
-                f"{gw}/openai/v1/chat/completions", data=STREAM, headers={"Content-Type": "application/json"}
-            ) as r:
-                got = await r.read()
-            (rec,) = await published(svc, q, 1)
-    finally:
-        await runner.cleanup()
+    x = await exchange(handler, tmp_path, http, data=STREAM)
+    got, rec = x.body, x.record
     assert got == sse([CONTENT, b"[DONE]"], b"\n\n")
     assert rec.streamed and rec.usage.total_tokens == 12
 
@@ -323,17 +327,9 @@ async def test_a_compressed_answer_is_kept_only_up_to_the_body_limit(
             body=big, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
         )
 
-    runner, port = await tiny_upstream(handler)
-    q = MemoryQueue()
-    try:
-        async with running_gateway(settings_for(port, tmp_path, max_body_bytes=1 << 20), q) as (svc, gw):
-            async with http.post(
-                f"{gw}/openai/v1/chat/completions", data=CHAT, headers={"Content-Type": "application/json"}
-            ) as r:
-                assert await r.read() == big
-            (rec,) = await published(svc, q, 1)
-    finally:
-        await runner.cleanup()
+    x = await exchange(handler, tmp_path, http, max_body_bytes=1 << 20)
+    assert x.body == big
+    rec = x.record
     assert rec.response_body is not None and rec.response_body.truncated
     kept = body_bytes(rec.response_body)
     assert kept is not None and len(kept) == 1 << 20 and kept.startswith(b'{"id":"x","data":"aaa')
@@ -356,19 +352,9 @@ async def test_token_counts_that_are_not_counts_are_unknown_not_a_dead_letter(
         }
         return web.json_response({"id": "x", "model": "gpt-4o-mini", "usage": usage})
 
-    runner, port = await tiny_upstream(handler)
-    q = MemoryQueue()
-    try:
-        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
-            async with http.post(
-                f"{gw}/openai/v1/chat/completions", data=CHAT, headers={"Content-Type": "application/json"}
-            ) as r:
-                assert r.status == 200
-                await r.read()
-            (rec,) = await published(svc, q, 1)
-    finally:
-        await runner.cleanup()
-    u = rec.usage
+    x = await exchange(handler, tmp_path, http)
+    assert x.status == 200
+    u = x.record.usage
     assert (u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens) == (None, 3, None, 7)
     assert u.input_audio_tokens is None and u.reasoning_tokens is None
 
@@ -392,16 +378,10 @@ async def test_an_answer_past_the_body_limit_keeps_its_usage(
         await request.read()
         return web.Response(body=body, content_type="application/json")
 
-    runner, port = await tiny_upstream(handler)
-    q = MemoryQueue()
     req = b'{"model":"text-embedding-3-small","input":["a","b"]}'
-    try:
-        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
-            async with http.post(f"{gw}/openai/v1/embeddings", data=req, headers=JSON_AUTH) as r:
-                assert await r.read() == body
-            (rec,) = await published(svc, q, 1)
-    finally:
-        await runner.cleanup()
+    x = await exchange(handler, tmp_path, http, "/openai/v1/embeddings", req)
+    assert x.body == body
+    rec = x.record
     assert rec.response_body is not None and rec.response_body.truncated
     assert (rec.usage.source, rec.usage.prompt_tokens, rec.usage.total_tokens) == ("provider", 400, 400)
     assert rec.model == "text-embedding-3-small"  # so the worker prices it
@@ -424,22 +404,16 @@ async def test_azure_is_asked_for_stream_usage_only_where_its_api_version_takes_
     """API versions before 2024-08-01 answer 400 to `stream_options`: the client's stream must
     not fail because we log it."""
     handler, bodies = stream_upstream(b"\n\n")
-    runner, port = await tiny_upstream(handler)
-    q = MemoryQueue()
-    s = settings_for(port, tmp_path, azure_base_url=f"http://127.0.0.1:{port}")
     path = (
         "/azure/openai/deployments/d1/chat/completions"
         if query.startswith("?api-version=2")
         else "/azure/openai/v1/chat/completions"
     )
-    try:
-        async with running_gateway(s, q) as (svc, gw):
-            async with http.post(f"{gw}{path}{query}", data=STREAM, headers={"api-key": "k"}) as r:
-                assert r.status == 200
-                got = await r.read()
-            await published(svc, q, 1)
-    finally:
-        await runner.cleanup()
+    x = await exchange(
+        handler, tmp_path, http, path + query, STREAM, {"api-key": "k"}, azure_base_url="upstream_url"
+    )
+    assert x.status == 200
+    got = x.body
     assert (bodies[0] != STREAM) is asked
     assert ("stream_options" in json.loads(bodies[0])) is asked
     assert (b'"usage"' in got) is not asked  # not asked: the upstream's chunk is the client's own
