@@ -54,6 +54,19 @@ async def test_malformed_pack_refs_are_refused(tmp_path: Path, ref: str) -> None
         await s.get(ref)
 
 
+async def test_a_ref_that_names_no_body_file_is_an_error_not_an_outage(tmp_path: Path) -> None:
+    """A folder, a path through a file, a name too long: no retry can read them. They were
+    `TransientError`s, which the chain retries for ever (a store outage), so one such record
+    held back every record behind it; as `ValueError` it is dead-lettered with its reason."""
+    s = FileBodyStore(str(tmp_path / "b"))
+    await s.connect()
+    (ref,) = await s.put_many([("t/2026/01/02/a.request.zst", b"x" * 100)])
+    for bad in ("t/2026/01/02", "t/2026", f"{ref.partition('#')[0]}/x.zst", f"t/{'x' * 300}.zst"):
+        with pytest.raises(ValueError) as e:
+            await s.get(bad)
+        assert not isinstance(e.value, TransientError), bad
+
+
 @pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a/../../x", "a//b", "", "a/./b", "a\\b"])
 async def test_keys_cannot_leave_the_root(tmp_path: Path, key: str) -> None:
     s = FileBodyStore(str(tmp_path / "b"))

@@ -330,6 +330,21 @@ async def test_tenant_key_cannot_forge_another_tenant_or_point_at_its_bodies(tmp
             ) as resp:
                 got = await resp.json()
                 assert resp.status == 200 and got["request_body"]["messages"][0]["content"] == "B's prompt"
+
+            # 5. a ref inside B's own folder that names no body (its day folder, a name no file
+            # system takes): refused at the door. Accepted, its reads failed for good and the
+            # ingest drain retried it for ever, every tenant's fallback records stuck behind it.
+            day = ref_a.replace("tenant-a/", "tenant-b/").rsplit("/", 1)[0]
+            (tmp_path / "bodies" / day).mkdir(parents=True, exist_ok=True)
+            for ref in (day, day.rsplit("/", 1)[0], f"{day}/{'x' * 300}.zst", f"{day}/x.pack#1"):
+                wedge = rec(6, tenant="tenant-b")
+                wedge.request_body = Body(content_type="application/json", size=1, encoding="zstd", ref=ref)
+                status, body = await post(http, svc, encode(wedge), b_auth)
+                assert status == 403 and "is not a body reference" in body["error"]["message"], (ref, body)
+            after = rec(7, tenant="tenant-a")
+            assert (await post(http, svc, encode(after), {"Authorization": "Bearer gateway-token"}))[0] == 200
+            await svc.ingest.drained()
+            assert await svc.store.get_request("tenant-a", after.id) is not None
         assert await svc.store.get_request("tenant-a", forged.id) is None
     finally:
         await svc.stop()

@@ -22,6 +22,7 @@ crash) at worst loses bodies of the last moments while their rows survive.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import time
@@ -177,7 +178,12 @@ class FileBodyStore(BodyStore):
 
         try:
             return await asyncio.to_thread(read)
+        except (IsADirectoryError, NotADirectoryError) as e:
+            # A ref that names no body file (a hand-made record): no retry can change that.
+            raise ValueError(f"body ref {key[:200]!r} names no body file: {e.strerror}") from None
         except OSError as e:
+            if e.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.ELOOP):
+                raise ValueError(f"body ref {key[:200]!r} names no body file: {e.strerror}") from None
             raise TransientError(f"reading body {key} failed: {e}") from e
 
     async def delete_many(self, keys: Sequence[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -216,6 +217,12 @@ def decode_ingest(raw: bytes) -> list[LogRecord]:
     raise RecordError("the body must be a JSON log record or an array of them")
 
 
+#: A body ref after its tenant's folder: a day folder (`<yyyy>/<mm>/<dd>/`) and one object, a
+#: `.zst` body (S3, one object per body) or a span of a `.pack` file (the file store); the
+#: name in ASCII and short enough for any file system.
+_REF_TAIL = re.compile(r"(?:\d{4}/\d{2}/\d{2}/)?[!-.0-~]{1,200}\.(?:zst|pack#\d{1,15}\+\d{1,15})")
+
+
 def tenant_dir(tenant: str) -> str:
     """The body-store folder every body key of `tenant` starts with (see `body_key`)."""
     return body_key(tenant, "x", _EPOCH, "request", b"").rsplit("/", 4)[0] + "/"
@@ -253,6 +260,10 @@ def check_ingested(record: LogRecord, caller: IngestCaller) -> str | None:
             or any(c in ref for c in "\\\0")
         ):
             return f"{part}.ref {ref[:200]!r} is not a body of tenant {record.tenant[:100]!r}"
+        if not _REF_TAIL.fullmatch(ref, len(own)):
+            # Only what a body store writes: a day folder and one body file (a folder, or a
+            # name no file system takes, would fail every read of it, for good).
+            return f"{part}.ref {ref[:200]!r} is not a body reference"
     return None
 
 
