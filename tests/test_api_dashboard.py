@@ -312,6 +312,10 @@ async def test_multi_tenant_pipeline_hides_dead_letters_and_export_is_scoped(tmp
         assert sorted(orjson.loads(x)["id"] for x in text.splitlines()) == sorted(r.id for r in a)
         status, health = await s.get("/api/v1/pipeline", headers=auth)
         assert status == 200 and health["dead_letters"] is None
+        # Queue-wide figures tell one tenant how much the others send: not shown to tenants.
+        hidden = ("queue", "lag", "dead_letter_count", "spool_bytes")
+        assert [health[k] for k in hidden] == [None] * 4 and health["partitions"] == [], health
+        assert health["last_request_at"] == max(r.started_at for r in a).isoformat().replace("+00:00", "Z")
         async with s.http.post(
             f"{s.base}/api/v1/pipeline/dead-letters/replay", json={"all": True}, headers=auth
         ) as r:

@@ -262,6 +262,18 @@ async def pipeline(request: web.Request) -> web.Response:
     except BackendUnavailable as e:
         info.update(reachable=False, error=str(e), lag=None, partitions=[], dead_letter_count=None)
         info["dead_letters"] = None
+    if settings.multi_tenant:
+        # The queue, its lag and owners, the spool and the dead letters are every tenant's:
+        # a tenant learns from them how much the others send. Its own newest request stays.
+        info.update(
+            queue=None,
+            lag=None,
+            partitions=[],
+            dead_letter_count=None,
+            dead_letters=None,
+            spool_bytes=None,
+            error=None if info["reachable"] else "the queue is unreachable",
+        )
     return api.json_response(info)
 
 
