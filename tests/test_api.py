@@ -479,12 +479,22 @@ async def test_ingest_applies_the_gateways_credential_rules_again(server: Server
     assert row["target_url"] == "https://bob:***@api.example.com/v1/chat/completions?key=***"
 
 
+async def test_a_body_nested_deeper_than_json_writers_go_is_served_as_text(server: Server) -> None:
+    """orjson reads 1024 levels but writes 254: such a body (the gateway relays and records
+    it) made `GET /api/v1/requests/{id}` a 500. Now its bodies come back as text."""
+    deep = b'{"model":"m","x":' + b"[" * 300 + b"]" * 300 + b"}"
+    r = rec(0, id=str(uuid.uuid4()), request_body=inline(deep))
+    assert (await server.ingest(encode(r)))[0] == 200
+    status, row = await server.get(f"/api/v1/requests/{r.id}")
+    assert status == 200 and row["request_body"] == deep.decode()
+
+
 async def test_a_request_id_is_found_however_the_client_spelled_it(server: Server) -> None:
     """The gateway keys a chosen id in its canonical form; the API finds it by the spelling the
     client chose too (Swift's `UUID().uuidString` is uppercase), and only by a UUID's."""
     rid = str(uuid.uuid4())
     assert (await server.ingest(encode(rec(0, id=rid))))[0] == 200
-    spellings = [rid.upper(), rid.replace("-", ""), f"urn:uuid:{rid.upper()}"]
+    spellings = [rid.upper(), rid.replace("-", ""), f"urn:uuid:{rid.upper()}", "{" + rid + "}"]
     for spelling in spellings:
         status, row = await server.get(f"/api/v1/requests/{quote(spelling, safe='')}")
         assert status == 200 and row["id"] == rid, spelling

@@ -391,6 +391,7 @@ async def test_an_answer_past_the_body_limit_keeps_its_usage(
     ("query", "asked"),
     [
         ("?api-version=2023-05-15", False),
+        ("?API-VERSION=2023-05-15", False),
         ("?api-version=2024-06-01", False),
         ("?api-version=2024-08-01-preview", True),
         ("?api-version=2024-10-21", True),
@@ -406,7 +407,7 @@ async def test_azure_is_asked_for_stream_usage_only_where_its_api_version_takes_
     handler, bodies = stream_upstream(b"\n\n")
     path = (
         "/azure/openai/deployments/d1/chat/completions"
-        if query.startswith("?api-version=2")
+        if query.lower().startswith("?api-version=2")
         else "/azure/openai/v1/chat/completions"
     )
     x = await exchange(
@@ -458,6 +459,39 @@ async def test_a_request_cut_by_the_gateway_stopping_says_so(tmp_path: Path) -> 
     assert rec.error is not None and rec.error.startswith("llmtap stopped mid-response"), rec.error
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/openai/v1/responses/resp_1"),
+        ("GET", "/openai/v1/chat/completions/chatcmpl-2"),
+        ("POST", "/openai/v1/responses/resp_1/cancel"),
+    ],
+)
+async def test_looking_up_an_answer_is_not_billed_again(
+    method: str, path: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A background response polled with `GET /v1/responses/{id}` echoes the usage it was
+    billed for when it was made: counted per poll, it was billed once per poll."""
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        usage = {"input_tokens": 30, "output_tokens": 12, "total_tokens": 42}
+        return web.json_response(
+            {"id": "resp_1", "model": "gpt-4o-mini", "status": "completed", "usage": usage}
+        )
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            async with http.request(method, f"{gw}{path}", headers={"Authorization": "Bearer k"}) as r:
+                assert r.status == 200 and json.loads(await r.read())["usage"]["input_tokens"] == 30
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert rec.usage.source == "missing" and rec.usage.total_tokens is None and rec.status == 200
+
+
 # -- units ----------------------------------------------------------------------------------------
 
 
@@ -495,3 +529,14 @@ def test_usage_from_the_tail_of_each_providers_answer() -> None:
     assert provider_for("gemini").usage_from_tail(tail).total_tokens == 7
     for cut in (b'"usage":{"prompt_tok', b"no usage here", b'"usage" 5'):
         assert provider_for("openai").usage_from_tail(cut).source == "missing"
+
+
+def test_a_gemini_stream_without_alt_sse_is_one_json_array_with_the_usage_last() -> None:
+    from llmtap.providers import provider_for
+
+    chunks = [
+        {"candidates": [{"content": {"parts": [{"text": "He"}]}}]},
+        {"candidates": [{"content": {"parts": [{"text": "llo"}]}, "finishReason": "STOP"}],
+         "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2, "totalTokenCount": 5}},
+    ]  # fmt: skip
+    assert provider_for("gemini").usage_from_body(chunks).total_tokens == 5

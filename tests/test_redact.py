@@ -56,7 +56,9 @@ def test_semicolon_separated_and_repeated_params() -> None:
         ("redis://:S3CR3T@cache:6379/0", "redis://:***@cache:6379/0"),
         ("postgresql://app:S3CR3T@db/x?sslpassword=S3CR3T", "postgresql://app:***@db/x?sslpassword=***"),
         ("kafka://b[1:9092/t?x=S3CR3T@other", "kafka://***@other"),  # unparsable: no userinfo shown
-        ("https://user@h/models/gemini@001", "https://user@h/models/gemini@001"),  # no password
+        ("https://h/models/gemini@001", "https://h/models/gemini@001"),  # an @ in the path
+        ("https://TOKEN@h/x", "https://***@h/x"),  # userinfo without `:` may be a token itself
+        ("http://u%3APASS@h/x", "http://***@h/x"),  # an encoded `:`
     ],
 )
 def test_a_urls_password_is_hidden_too(url: str, shown: str) -> None:

@@ -198,12 +198,15 @@ def redact_url(url: str) -> str:
     return "".join(red)
 
 
-#: `scheme://user:password@` anywhere in a text (a URL inside a query value or a list too).
-_USERINFO = re.compile(r"(?i)(?P<head>\b[a-z][a-z0-9+.-]*://[^/@:\s?#]*):(?P<pw>[^/@\s?#]+)@")
+#: `scheme://userinfo@` anywhere in a text (a URL inside a query value or a list too).
+_USERINFO = re.compile(r"(?i)(?P<head>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/@\s?#]+)@")
 
 
 def _hide_password(m: re.Match[str]) -> str:
-    return f"{m['head']}:{REDACTED}@"
+    """`user:***@`; userinfo with no `:` may be a token on its own (`https://TOKEN@host`,
+    `u%3Apass@`), so all of it is hidden then."""
+    user, colon, _ = m["userinfo"].partition(":")
+    return f"{m['head']}{user}:{REDACTED}@" if colon else f"{m['head']}{REDACTED}@"
 
 
 # -- free text (error messages, log lines) ---------------------------------------------------------

@@ -370,6 +370,9 @@ class RecordBuilder:
                 # Cut at `max_bytes` (a big embeddings answer): its usage is in the tail kept.
                 usage = fmt.usage_from_tail(b"".join(cap.tail))
 
+        if usage.source != "missing" and not fmt.bills(cap.method, cap.path):
+            usage = Usage()  # a look-up of an answer billed when it was made
+
         model = fmt.model(cap.path, req_json, response_obj)
 
         if cap.streamed and cap.t_first:

@@ -39,7 +39,7 @@ class Azure(OpenAI):
         """Ask for the stream's usage only where Azure takes `stream_options`: the v1 API (no
         `api-version`) and API versions from 2024-08-01 on. Older ones answer 400 to it, and
         the client's call must not fail for our logging; their streams carry no usage anyway."""
-        if "api-version=" in query and not _takes_stream_options(query):
+        if "api-version=" in query.lower() and not _takes_stream_options(query):
             return None
         return super().rewrite_request(method, path, body, query)
 
@@ -50,7 +50,7 @@ _STREAM_OPTIONS_SINCE = "2024-08-01"
 
 def _takes_stream_options(query: str) -> bool:
     for name, value in parse_qsl(query, keep_blank_values=True):
-        if name == "api-version":
+        if name.lower() == "api-version":
             # `YYYY-MM-DD` or `YYYY-MM-DD-preview`: the date compares as text; the v1 API's
             # `preview` / `latest` labels are newer than any dated version.
             return not value[:4].isdigit() or value[:10] >= _STREAM_OPTIONS_SINCE

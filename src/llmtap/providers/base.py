@@ -56,6 +56,13 @@ class Provider(ABC):
     #: The member of a non-stream answer that holds its usage (every provider sends it last).
     usage_member = "usage"
 
+    def bills(self, method: str, path: str) -> bool:
+        """Whether this call's answer is billed: a POST that generates. Looking up an earlier
+        answer (`GET /v1/responses/{id}`, a stored chat completion) or cancelling one echoes
+        the usage it was billed for once already; counted again, a client polling a
+        background response would pay once per poll."""
+        return method == "POST" and not path.endswith("/cancel")
+
     @abstractmethod
     def usage_from_body(self, body: Any) -> Usage:
         """Usage of a parsed non-stream response body."""

@@ -73,6 +73,10 @@ def _modality(details: Any, modality: str) -> int | None:
 
 
 def usage_from_body(body: Any) -> Usage:
+    if isinstance(body, list):
+        # `streamGenerateContent` without `alt=sse` answers one JSON array of the chunks; the
+        # usage is the last chunk's.
+        body = next((c for c in reversed(body) if isinstance(c, dict) and "usageMetadata" in c), None)
     if isinstance(body, dict):
         return parse_usage(body.get("usageMetadata"))
     return Usage()

@@ -128,6 +128,7 @@ async def get_request(request: web.Request) -> web.Response:
     resolved = await asyncio.gather(
         *(_resolve(bodies, row[p], as_text=p == "response_events") for p in parts)
     )
+    meta_of = {p: row[p] for p in parts}
     for part, value in zip(parts, resolved, strict=True):
         meta = row[part]
         info[part] = (
@@ -138,7 +139,13 @@ async def get_request(request: web.Request) -> web.Response:
         )
         row[part] = value
     row["bodies"] = info
-    return json_response(row)
+    try:
+        return json_response(row)
+    except orjson.JSONEncodeError:
+        # JSON nested deeper than orjson writes (254 levels; it reads 1024): the bodies as text.
+        texts = await asyncio.gather(*(_resolve(bodies, meta_of[p], as_text=True) for p in parts))
+        row.update(zip(parts, texts, strict=True))
+        return json_response(row)
 
 
 async def _resolve(bodies: BodyStore, meta: dict[str, Any] | None, *, as_text: bool) -> Any:

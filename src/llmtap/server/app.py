@@ -156,7 +156,7 @@ def build_app(
     dashboard.add_routes(app)  # the dashboard's API routes (export, live tail, pipeline)
     r.add_get("/api/v1/openapi.json", _openapi)
     r.add_get("/api/v1/requests", api.list_requests)
-    r.add_get("/api/v1/requests/{id}", api.get_request)
+    r.add_get("/api/v1/requests/{id:[^/]+}", api.get_request)  # braces too: `{uuid}` is an id
     r.add_get("/api/v1/stats", api.stats)
     r.add_get("/api/v1/sessions/{id}", api.session)
     r.add_get("/api/v1/users", api.users)
