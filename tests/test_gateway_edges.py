@@ -492,6 +492,46 @@ async def test_looking_up_an_answer_is_not_billed_again(
     assert rec.usage.source == "missing" and rec.usage.total_tokens is None and rec.status == 200
 
 
+@pytest.mark.parametrize("who", ["client", "llmtap"])
+async def test_a_request_whose_body_never_arrives_is_still_recorded(who: str, tmp_path: Path) -> None:
+    """Half a body, then the client hangs up or llmtap stops (aiohttp then drops what still
+    arrives): the request never reached the upstream, and it left no trace at all."""
+    reached: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.json_response({})
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    head = (
+        b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    try:
+        async with running_gateway(settings_for(port, tmp_path, shutdown_timeout=0.5), q) as (svc, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(head)
+            # The gateway says 100 Continue right before it reads the body: it is reading now.
+            assert (await asyncio.wait_for(reader.readline(), 30)).startswith(b"HTTP/1.1 100")
+            writer.write(b'{"model":"gpt-4o-mini","messages":[')
+            await writer.drain()
+            if who == "client":
+                writer.close()
+                (rec,) = await published(svc, q, 1)
+        if who == "llmtap":
+            (rec,) = await published(svc, q, 1)
+            writer.close()
+    finally:
+        await runner.cleanup()
+    assert reached == [] and rec.status is None and rec.outcome == "client_disconnected"
+    want = "client went away" if who == "client" else "llmtap stopped"
+    assert rec.error == (
+        f"{want} before its body arrived"
+        + (": the request outlasted LLMTAP_SHUTDOWN_TIMEOUT" if who == "llmtap" else "")
+    )
+
+
 # -- units ----------------------------------------------------------------------------------------
 
 

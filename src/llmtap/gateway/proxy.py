@@ -223,7 +223,13 @@ class Proxy:
             # We read the whole body before going upstream, so say so now (like aiohttp's router
             # does); otherwise curl & co. wait a second before sending it.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = await request.read()
+        lost: BaseException | None = None
+        try:
+            body = await request.read()
+        except (asyncio.CancelledError, ConnectionError) as e:
+            # The client hung up mid-upload, or llmtap is stopping (aiohttp then drops what
+            # still arrives): nothing goes upstream, but the request is still recorded.
+            body, lost = b"", e
         method = request.method
         q = rest.find("?")
         path = rest if q < 0 else rest[:q]
@@ -251,6 +257,12 @@ class Proxy:
             t0,
             max_body,
         )
+        if lost is not None:
+            cancelled = isinstance(lost, asyncio.CancelledError)
+            self._finish(cap, "client_disconnected", self._gone("before its body arrived", cancelled))
+            if cancelled:
+                raise lost
+            return web.Response(status=400)  # nobody is there to read it
 
         session = self.session
         assert session is not None
