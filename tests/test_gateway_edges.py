@@ -459,6 +459,46 @@ async def test_a_request_cut_by_the_gateway_stopping_says_so(tmp_path: Path) -> 
     assert rec.error is not None and rec.error.startswith("llmtap stopped mid-response"), rec.error
 
 
+async def test_a_big_responses_stream_keeps_its_usage(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Past `max_body_bytes` a stream keeps its last 64 KiB. A Responses API stream ends with
+    `response.completed`, which repeats the whole output: when that is larger than the tail,
+    the event could not be parsed and the record lost its tokens. Its usage member is its end."""
+    text = "word " * 20000  # 100 KB of output, repeated by the final event
+    deltas = [
+        b"event: response.output_text.delta\ndata: "
+        + json.dumps({"type": "response.output_text.delta", "delta": "word " * 2000}).encode()
+        for _ in range(500)  # ~5 MB of deltas, past the 4 MiB kept
+    ]
+    done = {
+        "type": "response.completed",
+        "response": {
+            "id": "resp_1",
+            "model": "gpt-4o-mini",
+            "status": "completed",
+            "output": [
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}
+            ],
+            "usage": {"input_tokens": 5, "output_tokens": 20000, "total_tokens": 20005},
+        },
+    }
+    body = b"\n\n".join([*deltas, b"event: response.completed\ndata: " + json.dumps(done).encode()]) + b"\n\n"
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(0, len(body), 65536):
+            await resp.write(body[i : i + 65536])
+        await resp.write_eof()
+        return resp
+
+    req = b'{"model":"gpt-4o-mini","input":"hi","stream":true}'
+    x = await exchange(handler, tmp_path, http, "/openai/v1/responses", req)
+    assert x.body == body
+    u = x.record.usage
+    assert (u.source, u.prompt_tokens, u.completion_tokens) == ("provider", 5, 20000), u
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [

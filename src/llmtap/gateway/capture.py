@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import brotli
+import msgspec
 import orjson
 import zstandard
 
@@ -360,6 +361,13 @@ class RecordBuilder:
                     response_body_type = "application/json"
                     response_obj = result.message
                 usage, outcome, error = result.settle(outcome, error)
+            if cap.tail and usage.source == "missing" and decoded is raw:
+                # The stream's last event began before the tail kept (a Responses API
+                # `response.completed` repeats the whole output): its usage member is at its end.
+                found = fmt.usage_from_tail(b"".join(cap.tail))
+                if found.source == "provider" and outcome != "completed":
+                    found = msgspec.structs.replace(found, source="partial")
+                usage = found if found.source != "missing" else usage
         elif decoded is not None and raw:
             obj = response_obj = _loads(decoded)
             if obj is not None:
