@@ -65,6 +65,12 @@ async def test_a_ref_that_names_no_body_file_is_an_error_not_an_outage(tmp_path:
         with pytest.raises(ValueError) as e:
             await s.get(bad)
         assert not isinstance(e.value, TransientError), bad
+    # ... but the store's own folder gone (a lost mount, a file in its place) is an outage.
+    root = tmp_path / "b"
+    root.rename(tmp_path / "away")
+    root.write_bytes(b"")
+    with pytest.raises(TransientError):
+        await s.get(ref)
 
 
 @pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a/../../x", "a//b", "", "a/./b", "a\\b"])

@@ -178,13 +178,19 @@ class FileBodyStore(BodyStore):
 
         try:
             return await asyncio.to_thread(read)
-        except (IsADirectoryError, NotADirectoryError) as e:
-            # A ref that names no body file (a hand-made record): no retry can change that.
-            raise ValueError(f"body ref {key[:200]!r} names no body file: {e.strerror}") from None
         except OSError as e:
-            if e.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.ELOOP):
+            if self._names_no_file(e):
+                # A ref no retry can read (a folder, a path through a file, a name too long:
+                # a hand-made record). Every other failure is the store's, and passes.
                 raise ValueError(f"body ref {key[:200]!r} names no body file: {e.strerror}") from None
             raise TransientError(f"reading body {key} failed: {e}") from e
+
+    def _names_no_file(self, e: OSError) -> bool:
+        if e.errno in (errno.EISDIR, errno.ENAMETOOLONG):
+            return True
+        # Not a directory on the way: the ref goes through a file, unless the root itself is
+        # gone (a lost mount replaced by a file): that is an outage.
+        return e.errno == errno.ENOTDIR and os.path.isdir(self.root)
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         if not keys:
