@@ -388,8 +388,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
         if is_secret_name(field):
             shown = ""  # a token or secret of the wrong type is still a secret
-        if isinstance(value, str) and value in msg:
-            shown = ""  # the message names it already
+        if isinstance(value, str) and (value in msg or "got '" in msg):
+            shown = ""  # the message names it (or the part of it at fault) already
         raise ConfigError(f"invalid setting {_env_name(field)}: {msg}{shown}") from None
     # A network backend whose extra is not installed: say which, before anything starts.
     for family in FAMILIES:

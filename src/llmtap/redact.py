@@ -119,9 +119,6 @@ def is_secret_name(name: str) -> bool:
     return not _SECRET_WORDS.isdisjoint(words)
 
 
-is_secret_param = is_secret_name  # the query-parameter spelling of the same rule
-
-
 #: Authorization schemes (RFC 9110 §11) whose credentials follow them in a header value.
 _AUTH_SCHEMES = frozenset(
     {"bearer", "basic", "digest", "token", "apikey", "negotiate", "hoba", "aws4-hmac-sha256"}
@@ -167,7 +164,7 @@ def redact_query(query: str) -> str:
 def _holds_secret(value: str) -> bool:
     """A parameter value that is itself an encoded URL or query with a secret in it
     (`redirect=https%3A%2F%2Fx%3Fkey%3D...`)."""
-    if "%" not in value and "@" not in value:
+    if "%" not in value:  # a URL left as it is was seen by `redact_url`/`redact_text` already
         return False
     d = _decoded(value)
     return d != value and redact_text(d) != d
@@ -226,7 +223,7 @@ _SCHEME = re.compile(r"(?i)\b(?P<scheme>bearer|basic)(?P<sp>\s+)(?P<value>[^\s'\
 
 
 def _pair(m: re.Match[str]) -> str:
-    return f"{m['name']}={REDACTED}" if m["value"] and is_secret_param(m["name"]) else m.group()
+    return f"{m['name']}={REDACTED}" if m["value"] and is_secret_name(m["name"]) else m.group()
 
 
 def redact_text(text: str) -> str:
@@ -252,7 +249,7 @@ def redact_body(text: str) -> str:
         text = _JSON_MEMBER.sub(
             lambda m: (
                 f'"{m["name"]}"{m["sep"]}"{REDACTED}"'
-                if m["value"] and is_secret_param(m["name"])
+                if m["value"] and is_secret_name(m["name"])
                 else m.group()
             ),
             text,

@@ -6,7 +6,7 @@ Three decisions live here:
   `Host`, `Content-Length` and `Expect`, which the gateway's own upstream connection sets; and
   every `Llmtap-*` header, which is addressed to the gateway),
 - what is *never recorded* (credentials: they go upstream but never into a record, a queue, a
-  store or a body file),
+  store or a body file; which ones is `llmtap.redact`'s rule, the one query parameters follow),
 - how the `Llmtap-*` headers a client sent become record fields.
 """
 
@@ -43,13 +43,6 @@ REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 RESPONSE_DROP = HOP_BY_HOP
 
 
-def is_credential(lname: str) -> bool:
-    """True for a lowercase header name that carries a secret: `llmtap.redact.is_secret_name`,
-    the rule query parameters follow too (`authorization`, `x-api-key`, `cf-aig-authorization`,
-    `helicone-auth`, `cookie` ...)."""
-    return is_secret_name(lname)
-
-
 class HeaderFilter:
     """Headers as the record keeps them: lowercase names, credentials and `Llmtap-*` removed.
     A credential is known by its name, or by its value whatever the name (`X-Whatever: Bearer
@@ -71,7 +64,7 @@ class HeaderFilter:
 
     def _verdict(self, name: str) -> str | None:
         lname = name.lower()
-        if lname in self._drop or lname.startswith(LLMTAP_PREFIX) or is_credential(lname):
+        if lname in self._drop or lname.startswith(LLMTAP_PREFIX) or is_secret_name(lname):
             return None
         return lname
 
