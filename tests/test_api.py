@@ -8,12 +8,13 @@ query API and compared with a Python reference.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,10 +25,11 @@ import pytest
 
 from llmtap.config import Settings
 from llmtap.errors import ConfigError
-from llmtap.record import Body, LogRecord, compress, encode, encode_many
+from llmtap.record import Body, LogRecord, Usage, compress, encode, encode_many
 from llmtap.server import api
 from llmtap.server.app import ServerService
 from llmtap.server.auth import is_loopback
+from llmtap.store import query as store_query
 from store_helpers import (
     T0,
     assert_totals,
@@ -298,6 +300,11 @@ async def test_stats_sessions_users(server: Server) -> None:
 
 # -- hostile input -------------------------------------------------------------------------------------
 
+
+def _cursor(value: list[Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
+
+
 BAD = [
     ("/api/v1/requests?limit=0", "limit"),
     ("/api/v1/requests?limit=1001", "limit"),
@@ -324,6 +331,17 @@ BAD = [
     ("/api/v1/stats?group_by=property.", "group_by"),
     ("/api/v1/stats?bucket=week", "bucket"),
     ("/api/v1/stats?bucket=minute&since=2000-01-01&until=2025-01-01", "bucket"),
+    ("/api/v1/stats?bucket=minute&since=2000-01-01", "bucket"),  # open-ended: up to now
+    ("/api/v1/stats?since=2026-02-01&until=2026-01-01", "until"),
+    ("/api/v1/requests?since=2026-02-01&until=2026-01-01", "until"),
+    ("/api/v1/requests?since=2026-11-20T05:30:00+05:30", "since"),  # '+' sent unencoded
+    # Forged cursors past the years a store can hold (a 500 on PostgreSQL before)
+    *[
+        (f"/api/v1/{path}?cursor={_cursor([us, 'x'])}", "cursor")
+        for path in ("requests", "sessions")
+        for us in (2**62 - 1, -(2**62) + 1, 253402300800000000)
+    ],
+    (f"/api/v1/requests?sort=cost&cursor={_cursor([2**62 - 1, 'x', 'cost', 5])}", "cursor"),
     ("/api/v1/stats?limit=5", "limit"),
     ("/api/v1/users?limit=0", "limit"),
     ("/api/v1/users?user_id=x", "user_id"),
@@ -342,6 +360,44 @@ async def test_bad_parameters_are_400_naming_the_parameter(server: Server) -> No
         assert (
             param.replace("\x00", "") in body["error"]["message"].replace("\x00", "") or param == "property."
         )
+
+
+async def test_times_are_read_as_iso_writes_them_and_echoed_in_four_digit_years(server: Server) -> None:
+    """`2026` and `20261120` are ISO 8601's year and basic date (they were read as seconds after
+    1970), a '+' lost to URL decoding gets a hint, and a year below 1000 keeps its four digits."""
+    for raw, echoed in (
+        ("2026", "2026-01-01T00:00:00.000000Z"),
+        ("20261120", "2026-11-20T00:00:00.000000Z"),
+        ("1764547200", "2025-12-01T00:00:00.000000Z"),  # epoch seconds stay epoch seconds
+        ("0", "1970-01-01T00:00:00.000000Z"),
+        ("0001-01-01", "0001-01-01T00:00:00.000000Z"),
+    ):
+        status, st = await server.get("/api/v1/stats", params={"since": raw})
+        assert status == 200 and st["since"] == echoed, (raw, st)
+    status, body = await server.get("/api/v1/stats?since=2026-11-20T05:30:00+05:30")
+    assert status == 400 and "%2B" in body["error"]["message"]
+    status, st = await server.get("/api/v1/stats?since=2026-11-20T05:30:00%2B05:30")
+    assert status == 200 and st["since"] == "2026-11-20T00:00:00.000000Z"
+
+
+async def test_stats_say_when_groups_or_buckets_were_cut(server: Server) -> None:
+    """Groups past the 100 largest and buckets past the 10,000 oldest are left out; the answer
+    says so, because its parts then no longer add up to its total."""
+    n = store_query.MAX_BUCKETS + 1  # one a minute, a user each of the first 105
+    users = store_query.MAX_GROUPS + 5
+    batch = [
+        rec(i, at=T0 + timedelta(minutes=i), user_id=f"user-{i:03}" if i < users else None) for i in range(n)
+    ]
+    assert (await server.ingest(encode_many(batch)))[0] == 200
+    for exact in ("true", "false"):
+        _, st = await server.get(f"/api/v1/stats?group_by=user_id&exact={exact}")
+        assert st["overall"]["count"] == n and len(st["groups"]) == store_query.MAX_GROUPS, st["overall"]
+        assert st["groups_truncated"] is True and st["buckets_truncated"] is False
+        _, st = await server.get(f"/api/v1/stats?group_by=model&bucket=minute&exact={exact}")
+        assert sum(g["count"] for g in st["groups"]) == n and st["groups_truncated"] is False
+        assert len(st["buckets"]) == store_query.MAX_BUCKETS and st["buckets_truncated"] is True
+        _, st = await server.get(f"/api/v1/stats?group_by=user_id&bucket=day&exact={exact}&user_id=user-001")
+        assert st["buckets_truncated"] is False and st["groups_truncated"] is False
 
 
 async def test_metacharacters_in_every_filter_return_nothing_and_leak_nothing(server: Server) -> None:
@@ -408,12 +464,54 @@ async def test_ingest_rejects_bad_input_with_reasons(server: Server) -> None:
 
 async def test_ingest_record_the_chain_rejects_is_named_and_others_stored(server: Server) -> None:
     good = rec(1)
-    bad = rec(2, id="bad", status=1000)  # not an HTTP status
+    bad = rec(2, id="bad", status=1000)  # not an HTTP status (an id no UUID: kept as posted)
     status, body, _ = await server.ingest(encode_many([good, bad]))
     assert status == 400
     assert body["error"]["accepted"] == 1
     assert [r["id"] for r in body["error"]["rejected"]] == ["bad"]
     assert (await server.get(f"/api/v1/requests/{good.id}"))[0] == 200
+
+
+async def test_ingest_keys_a_request_once_however_its_id_is_spelled(server: Server) -> None:
+    """Posted in four spellings of one UUID, a request is one row and counted once."""
+    rid = str(uuid.uuid4())
+    spellings = [rid.upper(), f"urn:uuid:{rid}", "{" + rid + "}", rid.replace("-", "")]
+    status, body, _ = await server.ingest(encode_many([rec(0, id=x) for x in spellings]))
+    assert (status, body) == (200, {"accepted": 4})
+    _, st = await server.get("/api/v1/stats")
+    assert st["overall"]["count"] == 1 and st["overall"]["prompt_tokens"] == 10
+    _, page = await server.get("/api/v1/requests")
+    assert [x["id"] for x in page["items"]] == [rid]
+
+
+async def test_ingest_refuses_counts_durations_and_times_no_request_has(server: Server) -> None:
+    """What the gateway never writes is refused with its reason, and the batch's good record is
+    stored: before, a token count of 2**62 made every exact stats query over it a 503 on SQLite
+    and a dead letter on PostgreSQL, and a year-9999 record was lost on PostgreSQL alone."""
+    t = T0.replace(year=2026)
+    bad = {
+        "prompt": rec(1, usage=Usage(source="provider", prompt_tokens=-1000)),
+        "huge": rec(2, usage=Usage(source="provider", prompt_tokens=2**62, total_tokens=2**62)),
+        "search": rec(3, usage=Usage(source="provider", web_search_requests=-1)),
+        "latency": rec(4, latency_ms=-50.0),
+        "slow": rec(5, latency_ms=1e13),
+        "ttft": rec(6, time_to_first_token_ms=-1.0),
+        "future": rec(7, at=datetime(9999, 12, 31, 23, tzinfo=UTC)),
+        "past": rec(8, at=datetime(1969, 12, 31, 23, 59, 30, tzinfo=UTC)),
+    }
+    good = rec(9, at=t)
+    status, body, _ = await server.ingest(encode_many([*bad.values(), good]))
+    assert status == 400 and body["error"]["accepted"] == 1, body
+    reasons = {x["id"]: x["reason"] for x in body["error"]["rejected"]}
+    assert reasons.keys() == {r.id for r in bad.values()}
+    assert "usage.prompt_tokens -1000 is not a token count" in reasons[bad["prompt"].id]
+    assert "usage.web_search_requests" in reasons[bad["search"].id]
+    assert "latency_ms 10000000000000.0 is not a duration" in reasons[bad["slow"].id]
+    assert "started_at" in reasons[bad["future"].id] and "1970 and 9999" in reasons[bad["past"].id]
+    for exact in ("true", "false"):
+        status, st = await server.get(f"/api/v1/stats?exact={exact}&bucket=day&since=2026-01-01")
+        assert status == 200 and st["overall"]["count"] == 1, st
+        assert [b["start"][:10] for b in st["buckets"]] == [t.date().isoformat()]
 
 
 async def test_property_names_are_case_insensitive_in_filters_and_group_by(server: Server) -> None:

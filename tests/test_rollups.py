@@ -266,6 +266,58 @@ async def test_rollups_equal_raw_through_redelivery_and_retention(
         await compare_users(store, [*written, *late], users_sql_calls, cutoff)
 
 
+@pytest.mark.parametrize("kind", store_params())
+async def test_a_property_taken_out_of_the_rollups_and_put_back_claims_nothing_it_missed(
+    kind: str, tmp_path: Path
+) -> None:
+    """Records stored while `env` was not rolled up are not in its rollups: put back, `env`
+    covers only what it sees from then on, and a process that still lists it (a server started
+    before a worker without it) stops answering from its rollups at once."""
+
+    @contextlib.asynccontextmanager
+    async def opened(where: str, props: tuple[str, ...]) -> AsyncIterator[Store]:
+        store: Store
+        if kind == "sqlite":
+            from llmtap.store.sqlite import SQLiteStore
+
+            store = SQLiteStore(Path(where), rollup_properties=props)
+        else:
+            from llmtap.store.postgres import PostgresStore
+
+            store = PostgresStore(where, rollup_properties=props)
+        await store.connect()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    async with contextlib.AsyncExitStack() as stack:
+        where = str(tmp_path / "s.db") if kind == "sqlite" else await stack.enter_async_context(pg_database())
+        now = datetime.now(UTC)
+        gap = [rec(i, at=now - timedelta(hours=1, seconds=i), properties={"env": "gap"}) for i in range(30)]
+        q = StatsQuery(
+            since=now - timedelta(hours=3), until=now + timedelta(hours=1), group_by="property.env"
+        )
+        want = [("gap", 30)]
+        async with opened(where, PROPS) as server:  # registers `env` on an empty store: since 0
+            async with opened(where, ("Team",)) as worker:  # without `env`
+                assert await worker.write_batch(gap) == 30
+            got = await server.stats("acme", q)
+            assert [(g["key"], g["count"]) for g in got["groups"]] == want, got["source"]
+        async with opened(where, PROPS) as again:  # `env` put back
+            got = await again.stats("acme", q)
+            assert [(g["key"], g["count"]) for g in got["groups"]] == want, got["source"]
+            hour = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+            at = hour + timedelta(minutes=30)
+            later = [rec(100 + i, at=at, properties={"env": "back"}) for i in range(3)]
+            await again.write_batch(later)
+            # A range of whole hours after it was put back (property rollups are hourly): rollups
+            q = StatsQuery(since=hour, until=hour + timedelta(hours=2), group_by="property.env")
+            got = await again.stats("acme", q)
+            assert got["source"] == "rollups"
+            assert [(g["key"], g["count"]) for g in got["groups"]] == [("back", 3)]
+
+
 def rollup_rows(path: Path) -> list[tuple[Any, ...]]:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return conn.execute("SELECT * FROM rollups ORDER BY tenant, grain, dim, bucket, key").fetchall()

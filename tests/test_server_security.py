@@ -497,7 +497,10 @@ async def test_malformed_ingest_is_a_4xx_naming_the_problem(server: ServerServic
             encode(rec(1)).replace(b'"status":200', b'"status":123456789012345678901234567890'),
             "is not an HTTP status",
         ),
-        (encode(rec(1)).replace(b'"prompt_tokens":11', b'"prompt_tokens":' + b"9" * 40), "64 bits"),
+        (
+            encode(rec(1)).replace(b'"prompt_tokens":11', b'"prompt_tokens":' + b"9" * 40),
+            "is not a token count",
+        ),
         (encode(rec(1)).replace(b'"size":20', b'"size":-' + b"9" * 25), "request_body.size"),
         (b'{"v":1,"id":"\xff\xfe"}', "UTF-8"),
         (b"\xff\xfe\x00{", "JSON log record"),

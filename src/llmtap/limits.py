@@ -25,6 +25,10 @@ MAX_HEADER_VALUE_BYTES = 4096
 MAX_HEADER_BYTES = 32768
 #: `Llmtap-Request-Id` must be a UUID (36 characters); anything else gets a fresh id.
 REQUEST_ID_CHARS = 36
+#: The largest token count a record takes. A provider (or a fake one) can send any JSON number;
+#: a count past this is not a count but garbage, and kept it would overflow the store's 64-bit
+#: integers (a dead-lettered record for a request the client got) or the cost's nanodollars.
+MAX_TOKENS = 10**12
 
 
 def cut(s: str, limit: int) -> str | None:

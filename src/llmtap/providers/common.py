@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from llmtap.limits import MAX_TOKENS
+
 
 def error_message(body: Any) -> str | None:
     """`error.message` of an error body or stream error event (both providers nest it the same
@@ -37,12 +39,6 @@ def after_last_reply(request: Any, key: str, is_reply: Callable[[Any], bool]) ->
 def role_is(role: str) -> Callable[[Any], bool]:
     """A message test for `after_last_reply`: the message's `role` is `role`."""
     return lambda m: isinstance(m, dict) and m.get("role") == role
-
-
-#: The largest token count a record takes. A provider (or a fake one) can send any JSON number;
-#: a count past this is not a count but garbage, and kept it would overflow the store's 64-bit
-#: integers (a dead-lettered record for a request the client got) or the cost's nanodollars.
-MAX_TOKENS = 10**12
 
 
 def token_count(value: Any) -> int | None:

@@ -25,7 +25,8 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError
 from llmtap.handlers.chain import Chain
 from llmtap.ids import canonical_id
-from llmtap.record import Body, LogRecord, decode, decode_many
+from llmtap.limits import MAX_TOKENS
+from llmtap.record import Body, LogRecord, Usage, decode, decode_many
 from llmtap.redact import is_secret_header, redact_text, redact_url
 from llmtap.server.auth import IngestCaller
 from llmtap.server.ingest import IngestQueue
@@ -168,6 +169,11 @@ async def stats(request: web.Request) -> web.Response:
     result = await request.app[STORE].stats(_tenant(request), q)
     result["group_by"] = q.group_by
     result["bucket"] = q.bucket
+    # Groups and buckets each split every counted request: short of the total, some were cut
+    # (`MAX_GROUPS` largest groups, `MAX_BUCKETS` earliest buckets).
+    total = result["overall"]["count"]
+    result["groups_truncated"] = q.group_by is not None and sum(g["count"] for g in result["groups"]) < total
+    result["buckets_truncated"] = q.bucket is not None and sum(b["count"] for b in result["buckets"]) < total
     result["since"] = None if q.since is None else query.iso(query.to_micros(q.since))
     result["until"] = None if q.until is None else query.iso(query.to_micros(q.until))
     return json_response(result)
@@ -195,14 +201,11 @@ async def users(request: web.Request) -> web.Response:
 _BODY_PARTS = ("request_body", "response_body", "response_events")
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _INT64 = (-(2**63), 2**63 - 1)
-_USAGE_INTS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-)
+#: Every count `Usage` holds: what a gateway records is 0..MAX_TOKENS (`token_count`).
+_USAGE_INTS = tuple(f.name for f in msgspec.structs.fields(Usage) if f.type == (int | None))
+#: Request times a store can bucket and print as ISO 8601: not before the epoch (SQLite's
+#: buckets round toward zero), not in the year 9999 (PostgreSQL's next bucket is year 10000).
+_TIMES = (datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC))
 
 
 def decode_ingest(raw: bytes) -> list[LogRecord]:
@@ -244,14 +247,28 @@ def check_ingested(record: LogRecord, caller: IngestCaller) -> str | None:
     """
     if caller.tenant is not None and record.tenant != caller.tenant:
         return f"tenant {record.tenant[:100]!r} is not the caller's tenant"
+    # One request, one row: a UUID in any spelling is keyed as the gateway keys it. (Other ids
+    # are no gateway's, but no UUID's spelling either: kept as posted.)
+    record.id = canonical_id(record.id) or record.id
     if record.status is not None and not 0 <= record.status <= 999:
         return f"status {str(record.status)[:30]} is not an HTTP status"
+    for name in _USAGE_INTS:
+        count = getattr(record.usage, name)
+        if count is not None and not 0 <= count <= MAX_TOKENS:
+            return f"usage.{name} {str(count)[:30]} is not a token count (0 to {MAX_TOKENS})"
     numbers = [("cost_nanos", record.cost_nanos)]
-    numbers += [(f"usage.{f}", getattr(record.usage, f)) for f in _USAGE_INTS]
     numbers += [(f"{p}.size", b.size) for p in _BODY_PARTS if (b := getattr(record, p)) is not None]
     for name, value in numbers:
         if value is not None and not _INT64[0] <= value <= _INT64[1]:
             return f"{name} {str(value)[:30]} does not fit in 64 bits"
+    for name in ("latency_ms", "time_to_first_token_ms"):
+        ms = getattr(record, name)
+        if ms is not None and not 0 <= ms <= 1e12:  # NaN fails too
+            return f"{name} {str(ms)[:30]} is not a duration"
+    for name in ("started_at", "first_byte_at", "ended_at"):
+        at = getattr(record, name)
+        if at is not None and not _TIMES[0] <= (at if at.tzinfo else at.replace(tzinfo=UTC)) < _TIMES[1]:
+            return f"{name} {str(at)[:40]} is not between 1970 and 9999"
     own = tenant_dir(record.tenant)
     for part in _BODY_PARTS:
         body: Body | None = getattr(record, part)

@@ -66,8 +66,12 @@ CLOSING = web.AppKey("dashboard_closing", asyncio.Event)
 def _csv_cell(v: Any) -> Any:
     if isinstance(v, dict):
         return orjson.dumps(v).decode()
-    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + v  # a spreadsheet must not run a stored value as a formula
+    if isinstance(v, bool):
+        return "true" if v else "false"  # as in JSON Lines, not Python's True
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r", "'"):
+        # A spreadsheet must not run a stored value as a formula; the quote it hides is doubled
+        # for a value that starts with one, so `'=x` and `=x` stay apart.
+        return "'" + v
     return "" if v is None else v
 
 

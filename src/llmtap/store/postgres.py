@@ -457,6 +457,11 @@ class PostgresStore(Store):
         """Register the rolled-up dimensions (see `llmtap.store.rollup`: coverage)."""
         empty = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM request_keys)")
         since = 0 if empty else (to_micros(sql.now()) // 60_000_000 + 1) * 60_000_000
+        registered = [r[0] for r in await conn.fetch("SELECT dim FROM rollup_dims")]
+        await conn.executemany(
+            "DELETE FROM rollup_dims WHERE dim = $1",
+            [(d,) for d in rollup.uncovered(registered, self.rollup_properties)],
+        )
         await conn.executemany(
             "INSERT INTO rollup_dims (dim, since) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             [(d, since) for d in rollup.dims_for(self.rollup_properties)],
@@ -629,6 +634,8 @@ class PostgresStore(Store):
         not the sum. (One GROUPING SETS query reads the rows once but sorts as much, serially.)
         """
         validate_stats(query)
+        if self._rollups:  # another process may have ended a dimension's coverage since
+            self._covered = {r[0]: int(r[1]) for r in await self._fetch("SELECT dim, since FROM rollup_dims")}
         plan = rollup.plan(query, self.rollup_properties, self._covered)
         if plan is not None:
             users = None

@@ -133,11 +133,16 @@ def from_micros(us: int) -> datetime:
     return EPOCH + timedelta(microseconds=us)
 
 
+#: The microseconds a `datetime` (and so every store) can hold: years 1 to 9999.
+MICROS_RANGE = (to_micros(datetime.min), to_micros(datetime.max))
+
+
 def iso(us: int | None) -> str | None:
-    """ISO 8601 UTC with microseconds and a `Z`, e.g. `2025-01-31T12:00:00.123456Z`."""
+    """ISO 8601 UTC with microseconds and a `Z`, e.g. `2025-01-31T12:00:00.123456Z` (the year
+    in four digits even before 1000, which `strftime("%Y")` does not pad)."""
     if us is None:
         return None
-    return from_micros(us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return from_micros(us).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 # -- cursors ----------------------------------------------------------------------------------------
@@ -173,7 +178,7 @@ def decode_sort_cursor(cursor: str, sort: str) -> tuple[int, str, float | int | 
         or len(value) != 4
         or value[2] != sort
         or type(value[0]) is not int
-        or not -(2**62) < value[0] < 2**62
+        or not MICROS_RANGE[0] <= value[0] <= MICROS_RANGE[1]
         or not isinstance(value[1], str)
         or "\x00" in value[1]
         or type(value[3]) is not (int if sort == "cost" else float)
@@ -192,7 +197,7 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         or len(value) != 2
         or type(value[0]) is not int
         or not isinstance(value[1], str)
-        or not -(2**62) < value[0] < 2**62
+        or not MICROS_RANGE[0] <= value[0] <= MICROS_RANGE[1]
         or "\x00" in value[1]
     ):
         raise ValueError("malformed cursor")
@@ -232,6 +237,8 @@ DELIVERY_PARAMS = frozenset({"endpoint", "status", "limit"})
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _EPOCH_RE = re.compile(r"^-?\d{1,12}(\.\d{1,9})?$")
+#: A time zone offset whose `+` a query string turned into a space.
+_SPACED_OFFSET = re.compile(r"\d \d\d(:?\d\d)?$")
 
 
 class QueryError(Exception):
@@ -313,14 +320,19 @@ def _number(params: Mapping[str, str], name: str) -> float:
 
 
 def parse_time(name: str, raw: str) -> datetime:
-    """ISO 8601 (naive means UTC) or epoch seconds."""
+    """ISO 8601 (naive means UTC) or epoch seconds. Four digits are a year and eight a date
+    (`2026`, `20261120`: ISO's own forms), never seconds after 1970."""
     try:
-        if _EPOCH_RE.match(raw):
+        if len(raw) == 4 and raw.isdigit():
+            return datetime(int(raw), 1, 1, tzinfo=UTC)
+        if _EPOCH_RE.match(raw) and not (len(raw) == 8 and raw.isdigit()):
             return datetime.fromtimestamp(float(raw), UTC)
         dt = datetime.fromisoformat(raw)
     except (ValueError, OverflowError, OSError):
+        hint = " (send a '+' in a URL as %2B)" if _SPACED_OFFSET.search(raw) else ""
         raise QueryError(
-            name, f"invalid parameter {name!r}: expected ISO 8601 (2025-01-31T12:00:00Z) or epoch seconds"
+            name,
+            f"invalid parameter {name!r}: expected ISO 8601 (2025-01-31T12:00:00Z) or epoch seconds{hint}",
         ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
@@ -348,6 +360,8 @@ def _filters(params: Mapping[str, str], props: dict[str, str]) -> ListQuery:
     for name in ("since", "until"):
         if name in params:
             setattr(q, name, parse_time(name, params[name]))
+    if q.since is not None and q.until is not None and q.until < q.since:
+        raise QueryError("until", "invalid parameter 'until': earlier than 'since'")
     return q
 
 
@@ -401,8 +415,9 @@ def parse_stats(items: Iterable[tuple[str, str]]) -> StatsQuery:
         if bucket not in BUCKETS:
             raise QueryError("bucket", "invalid parameter 'bucket': must be minute, hour or day")
         q.bucket = bucket
-        if q.since and q.until:
-            n = (to_micros(q.until) - to_micros(q.since)) // BUCKET_MICROS[bucket]
+        if q.since:  # open-ended: up to now (the buckets kept would be the oldest)
+            until = q.until or datetime.now(UTC)
+            n = (to_micros(until) - to_micros(q.since)) // BUCKET_MICROS[bucket]
             if n > MAX_BUCKETS:
                 raise QueryError(
                     "bucket", f"invalid parameter 'bucket': {n} {bucket}s is more than {MAX_BUCKETS} buckets"

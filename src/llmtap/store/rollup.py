@@ -115,6 +115,15 @@ def dims_for(props: Sequence[str]) -> tuple[str, ...]:
     return (*BASE_DIMS, *(f"property.{sql.property_name(p)}" for p in props))
 
 
+def uncovered(registered: Iterable[str], props: Sequence[str]) -> list[str]:
+    """Registered property dimensions this process will not roll up: their coverage ends now.
+
+    Kept, a property taken out of `LLMTAP_ROLLUP_PROPERTIES` and put back later would claim to
+    cover the records stored in between, which were never added to its rollups."""
+    mine = set(dims_for(props))
+    return [d for d in registered if d.startswith("property.") and d not in mine]
+
+
 @dataclass(slots=True)
 class Cell:
     """One rollup row's values (a delta while writing, a total while answering)."""

@@ -395,6 +395,11 @@ class SQLiteStore(Store):
                 # Dimensions rolled up from now on (see `llmtap.store.rollup`: coverage).
                 empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM requests)").fetchone()[0]
                 since = 0 if empty else (to_micros(sql.now()) // 60_000_000 + 1) * 60_000_000
+                registered = [row[0] for row in conn.execute("SELECT dim FROM rollup_dims")]
+                conn.executemany(
+                    "DELETE FROM rollup_dims WHERE dim = ?",
+                    [(d,) for d in rollup.uncovered(registered, self.rollup_properties)],
+                )
                 conn.executemany(
                     "INSERT OR IGNORE INTO rollup_dims (dim, since) VALUES (?, ?)",
                     [(d, since) for d in rollup.dims_for(self.rollup_properties)],
@@ -621,6 +626,8 @@ class SQLiteStore(Store):
     def _stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
         """From rollups when they answer the query exactly; else sums per kind in SQL and
         percentiles in Python over one scan of the same rows."""
+        if self._rollups:  # another process may have ended a dimension's coverage since
+            self._covered = dict(self._r().execute("SELECT dim, since FROM rollup_dims").fetchall())
         plan = rollup.plan(query, self.rollup_properties, self._covered)
         if plan is not None:
             users = None
