@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -157,6 +158,8 @@ def test_up_started_during_a_store_outage_connects_the_shared_store_once_it_is_b
         ("LLMTAP_QUEUE", "redis://:hunter2@[::1/0"),
         ("LLMTAP_QUEUE", "nats://broker:4222"),
         ("LLMTAP_STORE", "postgresql://u:hunter2@db:notaport/x"),
+        ("LLMTAP_DATA_DIR", "/proc/llmtap-nowhere"),  # no directory can be made there
+        ("LLMTAP_DATA_DIR", "/dev/null/llmtap"),  # a file is in the way
     ],
 )
 @pytest.mark.parametrize("command", ["worker", "server"])
@@ -172,3 +175,59 @@ def test_a_wrong_backend_url_still_stops_start_up_with_one_sentence(
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"llmtap: invalid setting {setting}"), r.stderr
     assert "hunter2" not in r.stderr  # the password of a mistyped URL is not echoed
+
+
+def _with_path(url: str, path: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+@pytest.mark.skipif(not (REDIS and PG), reason="needs Redis and PostgreSQL (scripts/services.sh up)")
+@pytest.mark.parametrize(
+    ("setting", "wrong", "said"),
+    [
+        (
+            "LLMTAP_STORE",
+            lambda: _with_path(PG or "", "/llmtap_no_such_db"),
+            'database "llmtap_no_such_db" does not exist',
+        ),
+        ("LLMTAP_STORE", lambda: (PG or "").replace("//postgres@", "//llmtap_no_such_role:hunter2@"), "role"),
+        ("LLMTAP_QUEUE", lambda: _with_path(REDIS or "", "/9999"), "DB index is out of range"),
+    ],
+)
+@pytest.mark.parametrize("command", ["worker", "server", "gateway"])
+def test_a_backend_that_answers_the_url_is_wrong_stops_start_up_with_one_sentence(
+    tmp_path: Path, command: str, setting: str, wrong: Callable[[], str], said: str
+) -> None:
+    """The server is up and says the database, role or Redis database is not there: no outage to
+    wait out (a worker would say WAITING for ever), but a setting to fix."""
+    if (command, setting) in (("gateway", "LLMTAP_STORE"), ("server", "LLMTAP_QUEUE")):
+        pytest.skip(f"{command} does not open {setting}")
+    env = llmtap_env(tmp_path)
+    env[setting] = wrong()
+    r = subprocess.run(
+        [sys.executable, "-m", "llmtap.cli", command], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"llmtap: invalid setting {setting}"), r.stderr
+    assert said in lines[0] and "hunter2" not in r.stderr
+
+
+def test_a_host_the_dns_does_not_know_is_a_wrong_setting_and_a_slow_resolver_an_outage() -> None:
+    import socket
+
+    from llmtap.errors import unknown_host
+
+    def chained(errno: int) -> Exception:
+        try:
+            try:
+                raise socket.gaierror(errno, "resolver")
+            except socket.gaierror as e:
+                raise OSError("Error connecting to db.internl:5432") from e
+        except OSError as outer:
+            return outer
+
+    assert unknown_host(chained(socket.EAI_NONAME))
+    assert not unknown_host(chained(socket.EAI_AGAIN))  # "temporary failure": wait for it
+    assert not unknown_host(ConnectionRefusedError())

@@ -60,6 +60,15 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     return settings
 
 
+def _make_data_dir(settings: Settings) -> None:
+    """Create the data dir, or exit 2 with one sentence (a path under /proc, or a file)."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
+        _fail(f"invalid setting LLMTAP_DATA_DIR: cannot create {str(settings.data_dir)!r}: {why}")
+
+
 def _fail(message: str, code: int = 2) -> Any:
     click.echo(f"llmtap: {message}", err=True)
     sys.exit(code)
@@ -98,7 +107,7 @@ def _run_with(ctx: click.Context, fn: Callable[[Settings], Awaitable[T]], *, cre
     loop (a backend error: one sentence). `create` makes the data dir first."""
     settings = _settings(ctx)
     if create:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        _make_data_dir(settings)
     return _run(lambda: fn(settings))
 
 
@@ -118,7 +127,7 @@ def _serve(settings: Settings, title: str, parts: list[str]) -> None:
     from llmtap.runtime import Service, SharedBackends, run_services, setup_logging
 
     setup_logging(settings.log_level)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _make_data_dir(settings)
 
     async def main() -> int:
         # One store, one body store, one handler chain for every part of this process; started

@@ -4,6 +4,10 @@ They exist so that each layer can tell a *user mistake* (one clear sentence, no 
 a *passing outage* (retry, never acknowledge) and a *bad record* (dead-letter it) apart.
 """
 
+from __future__ import annotations
+
+import socket
+
 
 class LlmtapError(Exception):
     """Base class."""
@@ -30,3 +34,17 @@ class RecordError(LlmtapError):
 
     It goes to the dead-letter place with this message as its reason.
     """
+
+
+def unknown_host(e: BaseException | None) -> bool:
+    """Whether `e` (or what caused it) is a name the DNS says does not exist: a mistyped host,
+    not an outage (a resolver that cannot answer right now is EAI_AGAIN, and waits)."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, socket.gaierror) and e.errno in (
+            socket.EAI_NONAME,
+            getattr(socket, "EAI_NODATA", -5),
+        ):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False

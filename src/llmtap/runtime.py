@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from llmtap import __version__
 from llmtap.config import Settings
-from llmtap.errors import BackendUnavailable, LlmtapError, TransientError
+from llmtap.errors import BackendUnavailable, ConfigError, LlmtapError
 from llmtap.redact import install_log_filter, redact_url
 
 if TYPE_CHECKING:
@@ -331,7 +331,8 @@ async def open_when_back(
         delay = min(delay * 2, cap)
         try:
             await open_()
-        except (BackendUnavailable, TransientError) as e:
+        except (BackendUnavailable, ConfigError) as e:  # a backend back wrong (a dropped
+            # database) is still waited for: refusing to start is for start-up only
             if str(e) != shown and not quiet:
                 shown = str(e)
                 log.warning("%s: still waiting: %s", who, e)

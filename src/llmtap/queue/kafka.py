@@ -57,7 +57,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import OffsetAndMetadata
 
-from llmtap.errors import BackendUnavailable, ConfigError
+from llmtap.errors import BackendUnavailable, ConfigError, unknown_host
 from llmtap.queue.base import (
     DeadLetter,
     Delivery,
@@ -267,7 +267,21 @@ class KafkaQueue(Queue):
                 self._consumer.subscribe([self.topic], listener=_Rebalance(self))
         except (KafkaError, OSError, TimeoutError) as e:
             await self.close()
+            await self._check_hosts()  # aiokafka's "unable to bootstrap" hides a mistyped host
             raise self._unavailable(e) from None
+
+    async def _check_hosts(self) -> None:
+        """`ConfigError` when a bootstrap host is a name the DNS does not know."""
+        loop = asyncio.get_running_loop()
+        for server in self.bootstrap.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                await loop.getaddrinfo(host.strip("[]") or server, port or None)
+            except OSError as e:
+                if unknown_host(e):
+                    raise ConfigError(
+                        f"invalid setting LLMTAP_QUEUE: unknown host {host!r} in {self.description}"
+                    ) from None
 
     async def _ensure_topics(self) -> None:
         """Create the topic (with `partitions`) and its dead-letter topic when missing."""

@@ -50,10 +50,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llmtap.errors import BackendUnavailable, ConfigError
+from llmtap.errors import BackendUnavailable, ConfigError, unknown_host
 from llmtap.queue.base import (
     DeadLetter,
     Delivery,
@@ -292,6 +292,10 @@ class RedisQueue(Queue):
             await self._init_layout()
         except (RedisError, OSError, TimeoutError) as e:
             await self._close_clients()
+            if isinstance(e, AuthenticationError) or "DB index is out of range" in str(e) or unknown_host(e):
+                # Redis answered (or the DNS did): the URL is wrong, no outage to wait out.
+                why = "unknown host" if unknown_host(e) else str(e).splitlines()[0]
+                raise ConfigError(f"invalid setting LLMTAP_QUEUE: Redis at {self._where}: {why}") from None
             raise self._unavailable(e) from None
         if role in ("consumer", "both"):
             try:

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import orjson
 
-from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.errors import BackendUnavailable, ConfigError, TransientError, unknown_host
 from llmtap.redact import redact_url
 from llmtap.store import rollup, search, sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
@@ -267,6 +267,13 @@ class PostgresWebhooks(WebhookDB):
 
 
 # Errors that mean "the database is not reachable or not accepting work right now".
+#: What a server answers to a URL naming a database or role it does not have, or a wrong
+#: password: a setting to fix, not an outage to wait out.
+_WRONG_URL: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidPasswordError,
+)
 _TRANSIENT: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
@@ -380,7 +387,13 @@ class PostgresStore(Store):
         settings = {"timezone": "UTC", "application_name": "llmtap"}
         try:
             conn = await asyncpg.connect(self.url, timeout=10, server_settings=settings)
+        except _WRONG_URL as e:  # the server answered: this database or role is not there
+            raise ConfigError(
+                f"invalid setting LLMTAP_STORE: PostgreSQL at {self._where} says: {_reason(e)}"
+            ) from None
         except Exception as e:  # asyncpg raises many kinds; all mean the same to the user
+            if unknown_host(e):
+                raise ConfigError(f"invalid setting LLMTAP_STORE: unknown host in {self._where}") from None
             raise BackendUnavailable(f"cannot connect to PostgreSQL at {self._where}: {_reason(e)}") from None
         try:
             await self._migrate(conn)
