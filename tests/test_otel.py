@@ -4,6 +4,7 @@ parent, content only when opted in, and a collector that is down never holding b
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,9 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from llmtap.bodies.file import FileBodyStore
-from llmtap.config import Settings
+from llmtap.config import Settings, load_settings
+from llmtap.errors import ConfigError
+from llmtap.handlers import otel
 from llmtap.handlers.base import Item
 from llmtap.handlers.chain import build_chain
 from llmtap.record import Body, Usage
@@ -215,3 +218,30 @@ async def test_collector_down_never_holds_back_storing(
     totals = await store.stats("acme", StatsQuery())
     assert totals["overall"]["count"] == 2000
     print(f"\n2000 records through the chain with the collector down: {elapsed:.2f}s")
+
+
+def test_the_config_file_sets_the_otel_keys_too(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The contract: a TOML file may set the same keys as the environment, the OpenTelemetry
+    SDK's `OTEL_*` included (it reads them from the environment, which still wins); a value
+    of `LLMTAP_OTLP_CONTENT` that is no boolean stops start-up instead of meaning false."""
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_HEADERS", "LLMTAP_OTLP_CONTENT"):
+        monkeypatch.setenv(name, "")  # so that the test's end restores what was there before
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "from=env")
+    config = tmp_path / "llmtap.toml"
+    config.write_text(
+        'OTEL_EXPORTER_OTLP_ENDPOINT = "http://collector:4318"\n'
+        'otel_exporter_otlp_headers = "from=file"\n'
+        "LLMTAP_OTLP_CONTENT = true\n"
+    )
+    settings = load_settings(config)
+    assert settings.otlp_content is True
+    assert os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4318"
+    assert os.environ["OTEL_EXPORTER_OTLP_HEADERS"] == "from=env"
+    assert otel.enabled()
+    chain = build_chain(settings, None, None)  # type: ignore[arg-type]
+    capture = next(h for h in chain.handlers if isinstance(h, otel.OtelCapture))
+    assert capture.content is True
+    monkeypatch.setenv("LLMTAP_OTLP_CONTENT", "ture")
+    with pytest.raises(ConfigError, match=r"^invalid setting LLMTAP_OTLP_CONTENT"):
+        load_settings()

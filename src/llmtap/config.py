@@ -7,6 +7,7 @@ and so does a backend whose driver is not installed (the sentence names the pip 
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -129,6 +130,9 @@ class Settings(BaseSettings):
         "",
         description="comma-separated property names rolled up for fast stats (e.g. feature,env);"
         " every worker must use the same list",
+    )
+    otlp_content: bool = Field(
+        False, description="exported spans carry the messages too (OTEL_EXPORTER_OTLP_ENDPOINT set)"
     )
     webhook_url: str | None = Field(None, description="one webhook endpoint without the CLI")
     webhook_secret: str | None = Field(None, description="its whsec_ secret (generated if unset)")
@@ -371,6 +375,11 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         # Accept both `gateway_port = 1` and `LLMTAP_GATEWAY_PORT = 1` spellings.
         for key, value in raw.items():
+            if key.upper().startswith("OTEL_"):
+                # The OpenTelemetry SDK's own settings (endpoint, headers, ...): it reads them from
+                # the environment, which wins over the file as it does for ours.
+                os.environ.setdefault(key.upper(), str(value))
+                continue
             name = key.lower().removeprefix(ENV_PREFIX.lower())
             file_values[name] = value
     file_values.update({k: v for k, v in overrides.items() if v is not None})

@@ -245,5 +245,5 @@ def build_chain(settings: Settings, store: Store, bodies: BodyStore) -> Chain:
     if otel.enabled():
         # Capture reads the bodies (streams rebuilt) before they leave the record; export
         # follows the store.
-        handlers = [handlers[0], otel.OtelCapture(), *handlers[1:], otel.OtelExport()]
+        handlers = [handlers[0], otel.OtelCapture(settings.otlp_content), *handlers[1:], otel.OtelExport()]
     return Chain(handlers)

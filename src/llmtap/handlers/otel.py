@@ -58,10 +58,6 @@ def require_sdk() -> None:
     require_modules(SDK_MODULES, f"{var} is set: exporting spans needs the OpenTelemetry SDK", "otel")
 
 
-def content_enabled() -> bool:
-    return os.environ.get("LLMTAP_OTLP_CONTENT", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def operation(path: str) -> str:
     p = path.split("?", 1)[0].rstrip("/")
     if p.endswith(("/chat/completions", "/messages", "/responses")):
@@ -193,8 +189,8 @@ class OtelCapture(Handler):
 
     name = "otel-capture"
 
-    def __init__(self) -> None:
-        self.content = content_enabled()
+    def __init__(self, content: bool = False) -> None:
+        self.content = content  # `LLMTAP_OTLP_CONTENT`
 
     async def handle(self, items: Sequence[Item]) -> None:
         for item in items:
