@@ -19,6 +19,7 @@ from aiohttp import web
 from llmtap.alerts.db import AlertDB
 from llmtap.alerts.evaluator import Evaluator
 from llmtap.alerts.rules import make_rule
+from llmtap.record import LogRecord, Usage
 from llmtap.store.base import Store
 from llmtap.webhooks.db import WebhookDB, new_endpoint_id
 from llmtap.webhooks.deliverer import Deliverer, Refused, check_target
@@ -164,6 +165,17 @@ async def test_every_delivery_verifies_and_carries_metadata_only(store: Store) -
             assert p["type"] == REQUEST_COMPLETED
             assert "?" not in p["data"]["target_url"]
             assert not {"request_body", "response_body", "request_headers"} & set(p["data"])
+            # The record without bodies: every field, at its default or None too (the contract's
+            # tenant, streamed, outcome, user and session; cost once priced).
+            assert set(p["data"]) == {"v", *LogRecord.__struct_fields__} - {
+                "request_body",
+                "response_body",
+                "response_events",
+                "request_headers",
+                "response_headers",
+            }
+            assert set(p["data"]["usage"]) == set(Usage.__struct_fields__)
+            assert p["data"]["streamed"] is False and p["data"]["outcome"] == "completed"
         await wait_for(lambda: _all_delivered(db, ep.id, 40), what="the delivery log to show 40 delivered")
     finally:
         await d.stop()

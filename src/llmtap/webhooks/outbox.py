@@ -141,9 +141,11 @@ def _body_meta(body: Body | None) -> dict[str, Any] | None:
 def record_data(record: LogRecord, include_bodies: bool) -> dict[str, Any]:
     """The record's metadata; no headers and no query string (where credentials could hide).
     With `include_bodies`, each body's metadata: the deliverer adds its text when it sends."""
-    data: dict[str, Any] = msgspec.to_builtins(record)
-    for k in _DROP:
-        data.pop(k, None)
+    # Every field, a default or None included: a receiver reads `data["streamed"]` without
+    # knowing which fields the queue's compact encoding leaves out.
+    full = {f: getattr(record, f) for f in record.__struct_fields__ if f not in _DROP}
+    full["usage"] = {f: getattr(record.usage, f) for f in record.usage.__struct_fields__}
+    data: dict[str, Any] = {"v": record.v, **msgspec.to_builtins(full)}
     data["target_url"] = record.target_url.split("?", 1)[0]
     if record.error:  # the gateway redacts what it writes; an ingested record may not have
         data["error"] = redact_text(record.error)
