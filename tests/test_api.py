@@ -132,7 +132,7 @@ async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         yield s
 
 
-def inline(obj: Any, content_type: str = "application/json") -> Body:
+def inline(obj: Any, content_type: str | None = "application/json") -> Body:
     raw = obj if isinstance(obj, bytes) else orjson.dumps(obj)
     return Body(content_type=content_type, size=len(raw), encoding="zstd", data=compress(raw))
 
@@ -180,6 +180,28 @@ async def test_get_request_has_the_contract_fields_and_bodies(server: Server) ->
 
     status, got = await server.get(f"/api/v1/requests/{uuid.uuid4()}")
     assert status == 404 and "message" in got["error"]
+
+
+async def test_a_body_is_json_only_where_it_was_json(server: Server) -> None:
+    """A text body that happens to parse (`null`, `123`, an object sent as text/plain) is text:
+    as JSON, `null` read as an omitted body. An object sent without a type (`curl -d`) is JSON."""
+    cases = [
+        (b"null", "text/plain", "null"),
+        (b"123", "text/plain; charset=utf-8", "123"),
+        (b'{"looks":"json"}', "text/plain", '{"looks":"json"}'),
+        (b"null", None, "null"),
+        (b"123", "application/x-www-form-urlencoded", "123"),
+        (b'{"a":1}', "application/x-www-form-urlencoded", {"a": 1}),
+        (b"[1]", None, [1]),
+        (b"null", "application/json", None),
+        (b"7", "application/vnd.api+json", 7),
+    ]
+    recs = [rec(10 + i, request_body=inline(raw, ctype)) for i, (raw, ctype, _) in enumerate(cases)]
+    assert (await server.ingest(encode_many(recs)))[0] == 200
+    for r, (raw, ctype, want) in zip(recs, cases, strict=True):
+        _, got = await server.get(f"/api/v1/requests/{r.id}")
+        assert got["request_body"] == want, (raw, ctype)
+        assert got["bodies"]["request_body"]["size"] == len(raw)
 
 
 async def test_list_pages_match_the_reference(server: Server) -> None:

@@ -156,11 +156,17 @@ async def _resolve(bodies: BodyStore, meta: dict[str, Any] | None, *, as_text: b
     raw = await offload.read(bodies, msgspec.convert(meta, Body))
     if raw is None:
         return None
-    if not as_text:
+    ctype = (meta.get("content_type") or "").split(";", 1)[0].strip().lower()
+    if not as_text and not ctype.startswith("text/"):
         try:
-            return orjson.loads(raw)
+            value = orjson.loads(raw)
         except orjson.JSONDecodeError:
             pass
+        else:
+            # Said to be JSON, or an object or array sent without saying (`curl -d`): JSON.
+            # A bare `null` or `123` of no JSON type is text, never the null of an omitted body.
+            if ctype == "application/json" or ctype.endswith("+json") or isinstance(value, dict | list):
+                return value
     return raw.decode("utf-8", "replace")
 
 
