@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -415,7 +416,7 @@ async def test_allowed_hosts_setting(tmp_path: Path) -> None:
                 ("corp.example", 200),
                 ("dash.corp.example", 200),
                 ("evilcorp.example", 421),
-                ("localhost", 421),  # an explicit list replaces the default
+                ("localhost", 200),  # an explicit list adds to the loopback names and bind host
             ):
                 async with http.get(base + "/api/v1/requests", headers={"Host": host}) as r:
                     assert r.status == expected, host
@@ -429,6 +430,10 @@ async def test_allowed_hosts_setting(tmp_path: Path) -> None:
         ):
             load_settings(allowed_hosts=bad) if bad else load_settings(allowed_hosts=" ")
     assert load_settings(host="0.0.0.0").allowed_host_names >= {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+    # A gateway on the same machine posts its fallback records to the bind host: never refused.
+    listed = load_settings(host="0.0.0.0", allowed_hosts="192.0.2.2,api.example")
+    ingest_host = urlsplit(listed.effective_ingest_url).hostname
+    assert host_allowed(ingest_host, listed.allowed_host_names)
     assert "myhost.lan" in load_settings(host="MyHost.lan").allowed_host_names
 
 

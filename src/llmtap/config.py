@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     allowed_hosts: str | None = Field(
         None,
         description="Host header values the server answers (DNS-rebinding guard), comma-separated; "
-        "default localhost, 127.0.0.1, ::1 and the bind host; '*' answers any; '.example.com' a domain",
+        "besides localhost, 127.0.0.1, ::1 and the bind host (always answered); '*' answers any;"
+        " '.example.com' a domain",
     )
 
     # -- upstreams ---------------------------------------------------------------------------
@@ -233,10 +234,15 @@ class Settings(BaseSettings):
     # -- derived -----------------------------------------------------------------------------
     @property
     def allowed_host_names(self) -> frozenset[str]:
-        """Lowercase `Host` names the server answers; `*` in it means any."""
+        """Lowercase `Host` names the server answers; `*` in it means any.
+
+        Loopback names and the bind host are always in it: a gateway on the same machine posts
+        its fallback records to `http://<bind host>:<port>` (`effective_ingest_url`), and no
+        DNS-rebinding page can send a `Host` that is not its own domain name."""
+        own = {"localhost", "127.0.0.1", "::1", normalize_host(self.host)}
         if self.allowed_hosts is not None:
-            return frozenset(normalize_host(n) for n in self.allowed_hosts.split(","))
-        return frozenset({"localhost", "127.0.0.1", "::1", normalize_host(self.host)})
+            return frozenset(own | {normalize_host(n) for n in self.allowed_hosts.split(",")})
+        return frozenset(own)
 
     @property
     def upstream_map(self) -> dict[str, str]:
