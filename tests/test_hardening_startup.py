@@ -182,29 +182,58 @@ def _with_path(url: str, path: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
-@pytest.mark.skipif(not (REDIS and PG), reason="needs Redis and PostgreSQL (scripts/services.sh up)")
+S3 = os.environ.get("LLMTAP_TEST_S3_ENDPOINT")
+
+
+def _s3(bucket: str, secret: str | None = None) -> dict[str, str]:
+    return {
+        "LLMTAP_BODIES": f"s3://{bucket}/startup",
+        "LLMTAP_S3_ENDPOINT": S3 or "",
+        "AWS_ACCESS_KEY_ID": os.environ.get("LLMTAP_TEST_S3_ACCESS_KEY", ""),
+        "AWS_SECRET_ACCESS_KEY": secret or os.environ.get("LLMTAP_TEST_S3_SECRET_KEY", ""),
+        "AWS_REGION": os.environ.get("LLMTAP_TEST_S3_REGION", "us-east-1"),
+    }
+
+
+@pytest.mark.skipif(
+    not (REDIS and PG and S3), reason="needs Redis, PostgreSQL and S3 (scripts/services.sh up)"
+)
 @pytest.mark.parametrize(
     ("setting", "wrong", "said"),
     [
         (
             "LLMTAP_STORE",
-            lambda: _with_path(PG or "", "/llmtap_no_such_db"),
+            lambda: {"LLMTAP_STORE": _with_path(PG or "", "/llmtap_no_such_db")},
             'database "llmtap_no_such_db" does not exist',
         ),
-        ("LLMTAP_STORE", lambda: (PG or "").replace("//postgres@", "//llmtap_no_such_role:hunter2@"), "role"),
-        ("LLMTAP_QUEUE", lambda: _with_path(REDIS or "", "/9999"), "DB index is out of range"),
+        (
+            "LLMTAP_STORE",
+            lambda: {"LLMTAP_STORE": (PG or "").replace("//postgres@", "//llmtap_no_such_role:hunter2@")},
+            "role",
+        ),
+        (
+            "LLMTAP_QUEUE",
+            lambda: {"LLMTAP_QUEUE": _with_path(REDIS or "", "/9999")},
+            "DB index is out of range",
+        ),
+        ("LLMTAP_BODIES", lambda: _s3("llmtap-no-such-bucket"), "no such bucket"),
+        (
+            "LLMTAP_BODIES",
+            lambda: _s3(os.environ.get("LLMTAP_TEST_S3_BUCKET", ""), secret="hunter2"),
+            "access denied",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["worker", "server", "gateway"])
 def test_a_backend_that_answers_the_url_is_wrong_stops_start_up_with_one_sentence(
-    tmp_path: Path, command: str, setting: str, wrong: Callable[[], str], said: str
+    tmp_path: Path, command: str, setting: str, wrong: Callable[[], dict[str, str]], said: str
 ) -> None:
-    """The server is up and says the database, role or Redis database is not there: no outage to
-    wait out (a worker would say WAITING for ever), but a setting to fix."""
+    """The server is up and says the database, role, Redis database or bucket is not there (or
+    the key is wrong): no outage to wait out (a worker would say WAITING for ever), but a
+    setting to fix."""
     if (command, setting) in (("gateway", "LLMTAP_STORE"), ("server", "LLMTAP_QUEUE")):
         pytest.skip(f"{command} does not open {setting}")
-    env = llmtap_env(tmp_path)
-    env[setting] = wrong()
+    env = llmtap_env(tmp_path) | wrong()
     r = subprocess.run(
         [sys.executable, "-m", "llmtap.cli", command], env=env, capture_output=True, text=True, timeout=120
     )

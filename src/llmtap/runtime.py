@@ -58,6 +58,8 @@ def setup_logging(level: str) -> None:
     # aiokafka logs an ERROR per retry while a broker is away (tens of thousands a minute);
     # the queue backend reports outages itself, rate-limited, in one line.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    # "Found credentials in environment variables" at each S3/SQS connect, above the banner.
+    logging.getLogger("aiobotocore.credentials").setLevel(logging.WARNING)
 
 
 def install_uvloop() -> None:

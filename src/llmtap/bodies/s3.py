@@ -17,13 +17,24 @@ from urllib.parse import urlsplit
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from llmtap.bodies.base import BodyStore
-from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.errors import BackendUnavailable, ConfigError, TransientError, unknown_host
 from llmtap.redact import redact_text, redact_url
 
 _CONCURRENCY = 32
+
+
+#: What S3 answers to a bucket URL or credentials that are wrong (HEAD answers bare codes).
+_WRONG_BUCKET = {
+    "404": "no such bucket (create it, or fix the name in LLMTAP_BODIES)",
+    "NoSuchBucket": "no such bucket (create it, or fix the name in LLMTAP_BODIES)",
+    "403": "access denied (check the S3 credentials and the bucket's policy)",
+    "AccessDenied": "access denied (check the S3 credentials and the bucket's policy)",
+    "InvalidAccessKeyId": "the access key is not known (check AWS_ACCESS_KEY_ID)",
+    "SignatureDoesNotMatch": "the secret key does not match (check AWS_SECRET_ACCESS_KEY)",
+}
 
 
 class S3BodyStore(BodyStore):
@@ -80,13 +91,26 @@ class S3BodyStore(BodyStore):
             await self._client.head_bucket(Bucket=self.bucket)
         except ClientError as e:
             await self.close()
-            code = e.response.get("Error", {}).get("Code", "?")
+            code = str(e.response.get("Error", {}).get("Code", "?"))
+            if code in _WRONG_BUCKET:  # S3 answered: a setting to fix, not an outage to wait out
+                raise ConfigError(
+                    f"invalid setting LLMTAP_BODIES: S3 at {self._where} answers {code} for bucket"
+                    f" {self.bucket!r}: {_WRONG_BUCKET[code]}"
+                ) from None
             raise BackendUnavailable(
                 f"S3 bucket {self.bucket!r} is not usable at {self._where} ({code}); "
                 "create it or check LLMTAP_BODIES and the S3 credentials"
             ) from None
+        except NoCredentialsError:
+            await self.close()
+            raise ConfigError(
+                f"invalid setting LLMTAP_BODIES: no AWS credentials for S3 at {self._where}"
+                " (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a role)"
+            ) from None
         except (BotoCoreError, OSError) as e:
             await self.close()
+            if unknown_host(e):
+                raise ConfigError(f"invalid setting LLMTAP_S3_ENDPOINT: unknown host {self._where}") from None
             raise BackendUnavailable(
                 f"cannot reach S3 endpoint {self._where}: {redact_text(str(e))}"
             ) from None
