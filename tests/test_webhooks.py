@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -214,7 +215,10 @@ async def test_rotation_signs_with_both_secrets(tmp_path: Path) -> None:
             await rx_new.stop()
 
 
-async def test_receiver_outage_under_load_every_event_arrives_once_after_it_returns(store: Store) -> None:
+async def test_receiver_outage_under_load_every_event_arrives_once_after_it_returns(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "llmtap")
     db = store.webhooks()
     secret = new_secret()
     rx = Receiver(secret)
@@ -250,6 +254,10 @@ async def test_receiver_outage_under_load_every_event_arrives_once_after_it_retu
         assert all(len(v) == 1 for v in ids.values()), "an event arrived under two webhook-ids"
         assert rx.bad == []
         assert drained < 120
+        # The log says when the endpoint went down and came back: once each, not once per retry.
+        lines = [r.getMessage() for r in caplog.records if "webhook endpoint" in r.getMessage()]
+        assert len([x for x in lines if " failing: " in x]) == 1, lines
+        assert len([x for x in lines if x.endswith("delivers again")]) == 1, lines
     finally:
         await d.stop()
         await rx.stop()
@@ -454,7 +462,8 @@ async def test_private_targets_are_refused_unless_allowed(url: str) -> None:
         await check_target(url, allow_private=True)
 
 
-async def test_refused_target_is_logged_not_sent(tmp_path: Path) -> None:
+async def test_refused_target_is_logged_not_sent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "llmtap")
     async with open_store("sqlite", tmp_path) as store:
         db = store.webhooks()
         secret = new_secret()
@@ -472,6 +481,8 @@ async def test_refused_target_is_logged_not_sent(tmp_path: Path) -> None:
 
             await wait_for(refused, what="the SSRF refusal in the delivery log")
             assert rx.got == [] and rx.arrivals == []
+            said = [r.getMessage() for r in caplog.records if "failing" in r.getMessage()]
+            assert len(said) == 1 and "LLMTAP_WEBHOOK_ALLOW_PRIVATE=true" in said[0], said
         finally:
             await d.stop()
             await rx.stop()

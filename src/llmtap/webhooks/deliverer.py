@@ -187,6 +187,9 @@ class Deliverer:
         self.sent = 0
         self.failures = 0
         self.postponed = 0
+        #: Endpoints whose last attempt failed, logged once when they start and stop failing
+        #: (not once per retry): the log says an endpoint is down, the delivery log says why.
+        self._failing: set[str] = set()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -292,8 +295,22 @@ class Deliverer:
                         self._done.append((d, status or 200))
                         self._done_ready.set()
                         self.sent += 1
+                        if d.endpoint.id in self._failing:
+                            self._failing.discard(d.endpoint.id)
+                            log.warning(
+                                "webhook endpoint %s (%s) delivers again",
+                                d.endpoint.id,
+                                redact_url(d.endpoint.url),
+                            )
                     else:
                         self.failures += 1
+                        if d.endpoint.id not in self._failing:
+                            self._failing.add(d.endpoint.id)
+                            log.warning(
+                                "webhook endpoint %s (%s) failing: %s; retried with backoff"
+                                " (llmtap webhooks deliveries)",
+                                d.endpoint.id, redact_url(d.endpoint.url), error,
+                            )  # fmt: skip
                         outcome = await self.db.failed(
                             d, status, error, retry_after=retry, max_backoff=self.max_backoff,
                             disable_after=self.disable_after, max_rejections=self.max_rejections,
