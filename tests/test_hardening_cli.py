@@ -80,3 +80,26 @@ def test_status_exits_1_when_the_queue_is_unreachable_in_both_forms(tmp_path: Pa
         assert info["reachable"] is False and info["error"]
     else:
         assert "UNREACHABLE" in r.stdout
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_is_taken_before_or_after_the_command_and_near_miss_variables_are_named(
+    tmp_path: Path, where: str
+) -> None:
+    """`llmtap status --config x.toml` as well as `llmtap --config x.toml status`; a variable one
+    letter off a setting is named with the setting it resembles (it was silently ignored), while
+    other tools' `LLMTAP_*` variables (`scripts/services.sh` ports) are left alone."""
+    queue = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: status says so, exits 1
+    config = tmp_path / "llmtap.toml"
+    config.write_text(f'queue = "{queue}"\n')
+    env = llmtap_env(tmp_path / "data")
+    env["LLMTAP_QUEU"] = "kafka://typo:9092/t"
+    env["LLMTAP_KAFKA_PORT"] = "29092"
+    args = ["--config", str(config), "status"] if where == "before" else ["status", "--config", str(config)]
+    r = _llmtap(env, *args, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert queue.removeprefix("redis://").split("/")[0] in r.stdout + r.stderr  # the file's queue
+    warnings = [x for x in r.stderr.splitlines() if x.startswith("llmtap: warning:")]
+    assert warnings == [
+        "llmtap: warning: LLMTAP_QUEU is not a setting (did you mean LLMTAP_QUEUE?); it is ignored"
+    ]

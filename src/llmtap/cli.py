@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import click
 
 from llmtap import __version__
-from llmtap.config import Settings, load_settings
+from llmtap.config import Settings, load_settings, misspelled_variables
 from llmtap.errors import LlmtapError
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
         settings = load_settings(ctx.obj.get("config"), **overrides)
     except LlmtapError as e:
         _fail(str(e))
+    if "settings" not in ctx.obj:
+        for line in misspelled_variables(os.environ):
+            click.echo(f"llmtap: warning: {line}", err=True)
     if not given:
         ctx.obj["settings"] = settings  # a command asks more than once (tenant, missing files)
     return settings
@@ -766,6 +770,33 @@ def fake_upstream(host: str, port: int, record_limit: int) -> None:
     from llmtap.testing.fake_upstream import run
 
     run(host, port, record_limit=record_limit)
+
+
+def _config_here(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.ensure_object(dict)["config"] = value
+
+
+def _accept_config_anywhere(group: click.Group) -> None:
+    """`llmtap up --config x.toml` as well as `llmtap --config x.toml up`: every command that
+    reads settings takes the option after its name too (people type it there)."""
+    for cmd in group.commands.values():
+        if isinstance(cmd, click.Group):
+            _accept_config_anywhere(cmd)
+        elif cmd.name != "fake-upstream":
+            cmd.params.append(
+                click.Option(
+                    ["--config"],
+                    type=click.Path(dir_okay=False, path_type=Path),
+                    expose_value=False,
+                    is_eager=True,
+                    callback=_config_here,
+                    help="TOML file with settings (as `llmtap --config FILE ...`).",
+                )
+            )
+
+
+_accept_config_anywhere(cli)
 
 
 def main() -> None:

@@ -7,9 +7,11 @@ and so does a backend whose driver is not installed (the sentence names the pip 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -363,6 +365,20 @@ def _check_network_url(v: str, *, host: bool = True) -> str:
 
 def _env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
+
+
+def misspelled_variables(environ: Mapping[str, str]) -> list[str]:
+    """`LLMTAP_QUEU is not a setting (did you mean LLMTAP_QUEUE?)` for each variable that is
+    no setting but close to one: the environment, unlike the TOML file, may hold other tools'
+    `LLMTAP_*` variables (`scripts/services.sh` ports), so only near misses are named."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {"LLMTAP_CONFIG"}
+    out = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known and not name.startswith("LLMTAP_TEST_"):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+            if close:
+                out.append(f"{name} is not a setting (did you mean {close[0]}?); it is ignored")
+    return out
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
