@@ -111,6 +111,7 @@ async def test_azure_route_off_until_configured(upstream: int, tmp_path: Path) -
         async with http.post(f"{gw}/azure/openai/v1/chat/completions", json={}) as r:
             body = await r.json()
     assert r.status == 404 and body["error"]["type"] == "llmtap_not_found"
+    assert "LLMTAP_AZURE_BASE_URL" in body["error"]["message"]  # how to turn it on
     assert q.messages == []
 
 

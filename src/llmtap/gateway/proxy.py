@@ -167,10 +167,12 @@ class Proxy:
             if local is not None:
                 return await local(request)
             names = ", ".join(f"/{n}/..." for n in self.routes)
+            first = raw[1:slash] if slash > 0 else raw[1:]
+            hint = "; /azure/... is on once LLMTAP_AZURE_BASE_URL is set" if first == "azure" else ""
             return _json_error(
                 404,
                 "llmtap_not_found",
-                f"no route for {request.path}: use {names}",
+                f"no route for {request.path}: use {names}{hint}",
                 new_id(),
             )
         provider = route.provider
