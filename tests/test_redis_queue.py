@@ -95,7 +95,16 @@ async def test_unreachable_redis_fails_fast_with_one_sentence() -> None:
     assert msg.startswith(f"cannot reach Redis at 127.0.0.1:{port}: ") and "\n" not in msg
 
 
-@pytest.mark.parametrize("url", ["redis:///0", "http://127.0.0.1:6379/0", "redis://h:1/0?claim_idle_ms=soon"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis:///0",
+        "http://127.0.0.1:6379/0",
+        "redis://h:1/0?claim_idle_ms=soon",
+        "redis://h:1/abc",
+        "redis://h:1/0/x",
+    ],
+)
 def test_bad_urls_are_one_sentence_config_errors(url: str) -> None:
     with pytest.raises(ConfigError, match=r"^invalid setting LLMTAP_QUEUE: "):
         RedisQueue(url, 6, "workers")

@@ -195,9 +195,12 @@ class RedisQueue(Queue):
         op_timeout: float = 5.0,
     ) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        db = parts.path.strip("/")
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname or not (db == "" or db.isdigit()):
+            # (redis-py reads `/abc` as database 0: a typo would share someone else's database)
             raise ConfigError(
                 f"invalid setting LLMTAP_QUEUE: {redact_url(url)!r} is not redis://host:port/db"
+                " (db: a database number)"
             )
         query = dict(parse_qsl(parts.query))
         ours = {k: query.pop(k) for k in _OUR_PARAMS if k in query}
