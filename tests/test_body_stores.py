@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmtap.bodies import BodyStore, body_key
-from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.errors import BackendUnavailable, ConfigError, TransientError
 
 
 def _s3_env() -> dict[str, str] | None:
@@ -160,8 +160,10 @@ async def test_s3_unreachable_is_one_sentence() -> None:
     with pytest.raises(BackendUnavailable) as e:
         await s.connect()
     assert "127.0.0.1:1" in str(e.value) and "\n" not in str(e.value)
-    s = _s3_store("x", url="s3://no-such-bucket-llmtap/x")
-    with pytest.raises(BackendUnavailable, match="no-such-bucket-llmtap"):
+    s = _s3_store("x", url="s3://no-such-bucket-llmtap/x")  # S3 answers: a setting to fix
+    with pytest.raises(
+        ConfigError, match=r"^invalid setting LLMTAP_BODIES: .*no-such-bucket-llmtap.*no such bucket"
+    ):
         await s.connect()
 
 
@@ -224,7 +226,12 @@ def test_reused_request_id_serves_the_first_requests_metadata_and_body(kind: str
     with fake_upstream(tmp_path) as upstream:
         gw, srv = free_port(), free_port()
         env = llmtap_env(
-            tmp_path / "data", gateway_port=gw, server_port=srv, openai_base_url=upstream, **_bodies_env(kind)
+            tmp_path / "data",
+            gateway_port=gw,
+            server_port=srv,
+            openai_base_url=upstream,
+            partition_key="tenant",  # one ordered partition: the marker is stored after the second
+            **_bodies_env(kind),
         )
         proc = start_llmtap("up", env, tmp_path / "up.log")
         try:
