@@ -448,7 +448,7 @@ async def test_corrupt_messages_are_dead_lettered_and_do_not_stall_the_rest(spli
     split.start_all(
         ("server", "server", {}),
         ("worker", "worker", {}),
-        ("gateway", "gateway", {}),  # partition by tenant: everything in one ordered partition
+        ("gateway", "gateway", {"partition_key": "tenant"}),  # everything in one ordered partition
     )
 
     first = await run_load(split.gw, 6, concurrency=1)

@@ -76,7 +76,9 @@ class Settings(BaseSettings):
 
     # -- queue behaviour ---------------------------------------------------------------------
     partitions: int = Field(6, ge=1, le=1024, description="partitions of a queue created by llmtap")
-    partition_key: Literal["tenant", "session_id", "user_id", "id"] = "tenant"
+    #: What keeps records in order. `session_id`: a conversation's turns in order, every other
+    #: record spread by its id (with `tenant`, one tenant is one partition: one busy worker).
+    partition_key: Literal["tenant", "session_id", "user_id", "id"] = "session_id"
 
     # -- capture -----------------------------------------------------------------------------
     max_body_bytes: int = Field(

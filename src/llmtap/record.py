@@ -274,8 +274,11 @@ def body_bytes(body: Body) -> bytes | None:
 
 
 def partition_key(record: LogRecord, by: str) -> str:
-    """The key that decides a record's partition (and so its ordering domain)."""
+    """The key that decides a record's partition (and so its ordering domain).
+
+    A record without the value (no session) has no order to keep with any other: keyed by its
+    own id, such records spread over every partition, so every worker has work."""
     if by == "tenant":
         return record.tenant
     value = getattr(record, by, None)
-    return clean_text(str(value)) if value else record.tenant
+    return clean_text(str(value)) if value else record.id
