@@ -775,3 +775,62 @@ async def test_dead_letters_replay_from_the_pipeline_view(srv: Srv, page: tuple[
         assert (await q.status()).dead_letters == 0
     finally:
         await q.close()
+
+
+# -- times, costs, statuses, errors and layout as the UX review found them ---------------------------
+
+
+def utc_text(iso: str) -> str:
+    """A stored time as the page shows it: UTC, to the second."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+async def test_times_are_utc_in_every_view_whatever_the_browsers_zone(srv: Srv, browser: Any) -> None:
+    ctx, pg, w = await open_page(browser, srv.base, timezone_id="America/New_York")
+    asked: list[str] = []
+    pg.on("request", lambda r: asked.append(r.url) if "/api/v1/" in r.url else None)
+    try:
+        items = (await srv.get("/api/v1/requests?limit=50"))["items"]
+        r = items[10]
+        await pg.goto(srv.base + "/#/requests?range=all")
+        await wait_rows(pg, [x["id"] for x in items])
+        head = await pg.locator("#requests-table thead th").first.text_content() or ""
+        assert head.startswith("Time (UTC)"), head
+        shown = await pg.locator(f'#requests-table tr[data-id="{r["id"]}"] td').first.text_content()
+        assert shown == utc_text(r["created_at"])
+
+        # The time copied from the table into From (and a second later into To) selects the row.
+        start = datetime.strptime(shown, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+        end = start + timedelta(seconds=1)
+        await pg.select_option("#filters select[name=range]", "custom")
+        await pg.fill("#filters input[name=since]", shown)
+        await pg.fill("#filters input[name=until]", end.strftime("%Y-%m-%d %H:%M:%S"))
+        await pg.click("#filters button[type=submit]")
+        want = await srv.get(
+            f"/api/v1/requests?limit=50&since={quote(start.isoformat())}&until={quote(end.isoformat())}"
+        )
+        ids = [x["id"] for x in want["items"]]
+        assert r["id"] in ids
+        await wait_rows(pg, ids)
+
+        # The drawer's timing: UTC to the millisecond, saying so.
+        await pg.click(f'#requests-table tr[data-id="{r["id"]}"] td.num >> nth=0')
+        started = pg.locator("#drawer dt", has_text="Started").locator("xpath=following-sibling::dd[1]")
+        micros = datetime.fromisoformat(r["created_at"].replace("Z", "+00:00")).microsecond
+        await playwright_api.expect(started).to_have_text(f"{shown}.{micros // 1000:03d} UTC", timeout=WAIT)
+
+        # One custom range, in the requests view and the overview: the same UTC instants.
+        hour = start.replace(minute=0, second=0) - timedelta(hours=3)
+        since, until = hour.strftime("%Y-%m-%d %H:%M"), (hour + timedelta(hours=2)).strftime("%Y-%m-%d %H:%M")
+        query = f"range=custom&since={quote(since)}&until={quote(until)}"
+        want_since = quote(hour.strftime("%Y-%m-%dT%H:%M:%S.000Z"), safe="")
+        for view in ("requests", "overview"):
+            asked.clear()
+            await pg.goto(f"{srv.base}/#/{view}?{query}")
+            await pg.wait_for_selector("#requests-table, .empty, .chart canvas", timeout=WAIT)
+            assert any(f"since={want_since}" in u for u in asked), (view, asked)
+        line = await pg.locator("#overview-range").text_content() or ""
+        assert line.startswith(f"{since}:00 to {until}:00 (UTC)"), line
+        w.check()
+    finally:
+        await ctx.close()

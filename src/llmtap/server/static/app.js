@@ -67,11 +67,37 @@ function fmtMs(v) {
   if (v >= 1000) return (v / 1000).toFixed(v >= 10000 ? 1 : 2) + " s";
   return Math.round(v) + " ms";
 }
+
+// Times: one rule everywhere. The page shows and reads every time in UTC (the API's zone, and the
+// zone of the overview's buckets) and says so, whatever the browser's zone: a time copied from
+// the table into From/To selects the same instant in every view.
+const pad = (n, w = 2) => String(n).padStart(w, "0");
+/** "2025-01-31 13:45:07" in UTC, for cells under a "(UTC)" header. */
 function fmtTime(iso) {
   if (!iso) return "–";
   const d = new Date(iso);
-  const pad = (n) => String(n).padStart(2, "0");
-  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  return `${d.getUTCFullYear()}-${pad(d.getUTCMonth() + 1)}-${pad(d.getUTCDate())} ${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}:${pad(d.getUTCSeconds())}`;
+}
+/** The same with its zone, for a time standing alone. */
+const fmtTimeUtc = (iso) => (iso ? fmtTime(iso) + " UTC" : "–");
+/** To the millisecond, with its zone (the drawer's timing). */
+const fmtInstant = (iso) => (iso ? `${fmtTime(iso)}.${pad(new Date(iso).getUTCMilliseconds(), 3)} UTC` : "–");
+
+const TIME_RE = /^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?)?\s*(Z|UTC|[+-]\d{2}:?\d{2})?$/i;
+
+/**
+ * A From/To field's text as a Date: UTC unless the text names its zone (Z, UTC, +02:00). Throws an
+ * error naming the field, so a typo is reported as such and not as "Invalid time value".
+ */
+function parseFieldTime(label, text) {
+  const m = TIME_RE.exec(String(text).trim());
+  if (m) {
+    const [, y, mo, d, hh = "00", mi = "00", ss = "00", frac = "", zone = "Z"] = m;
+    const z = /^(z|utc)$/i.test(zone) ? "Z" : zone.replace(/^([+-]\d{2})(\d{2})$/, "$1:$2");
+    const date = new Date(`${y}-${mo}-${d}T${hh}:${mi}:${ss}${frac.slice(0, 4)}${z}`);
+    if (!Number.isNaN(date.getTime())) return date;
+  }
+  throw new Error(`${label}: “${text}” is not a time; write it in UTC, e.g. 2025-01-31 13:45`);
 }
 function fmtBytes(v) {
   if (v === null || v === undefined) return "–";
@@ -209,8 +235,9 @@ function apiFilters(params, defaultRange = "24h", { search = false } = {}) {
   const out = new URLSearchParams();
   const range = params.get("range") || defaultRange;
   if (range === "custom") {
-    if (params.get("since")) out.set("since", params.get("since"));
-    if (params.get("until")) out.set("until", params.get("until"));
+    const { since, until } = customRange(params);
+    if (since) out.set("since", since.toISOString());
+    if (until) out.set("until", until.toISOString());
   } else if (RANGES[range]) {
     out.set("since", new Date(Date.now() - RANGES[range] * 1000).toISOString());
   }
@@ -220,12 +247,17 @@ function apiFilters(params, defaultRange = "24h", { search = false } = {}) {
   return out;
 }
 
+/** A custom range's bounds (null where a field is empty), read by the one rule of parseFieldTime. */
+function customRange(params) {
+  const read = (name, label) => (params.get(name) ? parseFieldTime(label, params.get(name)) : null);
+  return { since: read("since", "From (UTC)"), until: read("until", "To (UTC)") };
+}
+
 function rangeOf(params, defaultRange) {
   const range = params.get("range") || defaultRange;
   if (range === "custom") {
-    const since = params.get("since") ? new Date(params.get("since")) : new Date(Date.now() - 86400000);
-    const until = params.get("until") ? new Date(params.get("until")) : new Date();
-    return { since, until };
+    const { since, until } = customRange(params);
+    return { since: since || new Date(Date.now() - 86400000), until: until || new Date() };
   }
   const secs = RANGES[range] || 2592000;
   return { since: new Date(Date.now() - secs * 1000), until: new Date() };
@@ -245,8 +277,8 @@ function filterBar(params, view, { defaultRange = "24h", extra = [], search = fa
   const form = h("form", { class: "filters", id: "filters" },
     search ? field("q", "Search bodies", { type: "search", size: 20, maxlength: 200, placeholder: "prompt or reply text", title: "case-insensitive text search over request and response bodies" }) : null,
     view === "live" ? null : h("label", {}, "Time", rangeSel),
-    field("since", "From (UTC)", { class: "custom", placeholder: "2025-01-31T00:00Z", size: 16 }),
-    field("until", "To (UTC)", { class: "custom", placeholder: "2025-01-31T23:59Z", size: 16 }),
+    field("since", "From (UTC)", { class: "custom", placeholder: "2025-01-31 00:00", size: 16, title: "a UTC time, as the table shows them" }),
+    field("until", "To (UTC)", { class: "custom", placeholder: "2025-02-01 00:00", size: 16, title: "a UTC time, as the table shows them; the range ends before it" }),
     field("model", "Model", { size: 14 }),
     field("provider", "Provider", { size: 9 }),
     field("user_id", "User", { size: 12 }),
@@ -345,7 +377,7 @@ function requestTable(rows, params, view = "requests") {
   const th = (label, key, cls) => (sortable && key ? sortHeader(label, key, params, cls) : h("th", { class: cls }, label));
   return h("table", { class: "grid", id: "requests-table" },
     h("thead", {}, h("tr", {},
-      th("Time", "time"), th("Status"), th("Provider"), th("Model"), th("User"), th("Session"),
+      th("Time (UTC)", "time"), th("Status"), th("Provider"), th("Model"), th("User"), th("Session"),
       th("Tokens in", null, "num"), th("Tokens out", null, "num"), th("Cost", "cost", "num"),
       th("Latency", "latency", "num"), th("TTFT", null, "num"), th("Streamed"),
       ...propCols.map((c) => h("th", {}, c)))),
@@ -464,12 +496,12 @@ function detailView(row, params, view) {
     h("div", { class: "dhead" },
       h("button", { class: "close", type: "button", title: "close (Esc)", onclick: () => closeDrawer() }, "×"),
       h("h2", {}, row.model || "(no model)"),
-      h("div", { class: "muted" }, statusCell(row), " · ", row.provider, " · ", fmtTime(row.created_at), idx >= 0 ? ` · ${idx + 1} of ${tableRows.length}` : ""),
+      h("div", { class: "muted" }, statusCell(row), " · ", row.provider, " · ", fmtTimeUtc(row.created_at), idx >= 0 ? ` · ${idx + 1} of ${tableRows.length}` : ""),
       h("div", { class: "actions" }, h("a", { href: permalink, class: "button" }, "Permalink"), copyBtn),
       h("code", { class: "curl" }, curl)),
     section("Conversation", conversation(row)),
     section("Timing", kv([
-      ["Started", row.created_at], ["First byte", row.first_byte_at], ["Ended", row.ended_at],
+      ["Started", fmtInstant(row.created_at)], ["First byte", fmtInstant(row.first_byte_at)], ["Ended", fmtInstant(row.ended_at)],
       ["Latency", fmtMs(row.latency_ms)], ["Time to first token", fmtMs(row.time_to_first_token_ms)], ["Streamed", row.streamed ? "yes" : "no"]])),
     section("Cost and usage", kv([
       ["Cost", costCell(row.cost_usd)], ["Price table", row.price_version], ["Usage source", row.usage_source],
@@ -626,9 +658,10 @@ function chart(uPlot, el, title, unit, xs, series, opts = {}) {
   const colors = ["#2f6fdf", "#d9534f", "#2a9d62", "#e69b00", "#7952b3"];
   const plot = new uPlot({
     title, width, height: 220,
+    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"),  // the axis in UTC, as every time here
     scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] } },
     axes: [
-      { label: "time (local)", labelSize: 20, stroke: "#555" },
+      { label: "time (UTC)", labelSize: 20, stroke: "#555" },
       { label: unit, labelSize: 22, size: 82, stroke: "#555", values: (u, vals) => vals.map(opts.tick || fmt) },
     ],
     series: [{ label: "time" }, ...series.map((s, i) => ({
@@ -694,7 +727,7 @@ async function viewOverview(id, params) {
   render(
     h("h1", {}, "Overview"),
     filterBar(params, "overview", { defaultRange, extra: [groupInput] }),
-    h("p", { class: "hint muted", id: "overview-range" }, `${fmtTime(since.toISOString())} to ${custom ? fmtTime(until.toISOString()) : "now"} (local time), in whole UTC ${bucket}s`,
+    h("p", { class: "hint muted", id: "overview-range" }, `${fmtTime(since.toISOString())} to ${custom ? fmtTime(until.toISOString()) : "now"} (UTC), in whole ${bucket}s`,
       series.source === "rollups" ? ` · from rollups (percentiles within ${Math.round(series.percentile_relative_error * 100)}%)` : ""),
     h("div", { class: "tiles" },
       tile("Requests", fmtInt(o.count), `${bucket} buckets`),
@@ -726,7 +759,7 @@ async function viewOverview(id, params) {
     (e) => { if (alive && !(e instanceof ApiError && e.status === 401)) fill(box, h("h3", {}, title), h("p", { class: "err" }, e.message)); });
   await Promise.all([
     settle(usersBox, usersP, "Top users", "user_id", usersSince.getTime() !== since.getTime()
-      ? `since ${fmtTime(usersSince.toISOString())} (whole UTC days)` : null),
+      ? `since ${fmtTimeUtc(usersSince.toISOString())} (whole UTC days)` : null),
     propsP ? settle(propsBox, propsP, `Property “${groupProp}”`, "property." + groupProp) : null,
   ]);
 }
@@ -778,7 +811,7 @@ async function viewSessions(id, params) {
     h("h1", {}, "Sessions"),
     filterBar(params, "sessions", { defaultRange }),
     page.items.length ? h("table", { class: "grid", id: "sessions-table" },
-      h("thead", {}, h("tr", {}, ["Session", "First request", "Last request", "Requests", "Errors", "Tokens", "Cost"].map((t, i) => h("th", { class: i > 2 ? "num" : "" }, t)))),
+      h("thead", {}, h("tr", {}, ["Session", "First request (UTC)", "Last request (UTC)", "Requests", "Errors", "Tokens", "Cost"].map((t, i) => h("th", { class: i > 2 ? "num" : "" }, t)))),
       h("tbody", {}, page.items.map((g) => h("tr", { "data-session": g.session_id },
         h("td", { class: "ellipsis" }, h("a", { href: hashFor("sessions", g.session_id, null) }, g.session_id)),
         h("td", { class: "nowrap" }, fmtTime(g.first_at)), h("td", { class: "nowrap" }, fmtTime(g.last_at)),
@@ -799,13 +832,13 @@ async function viewSession(id, params) {
     h("div", { class: "tiles" },
       tile("Requests", fmtInt(t.count)), tile("Errors", fmtInt(t.error_count), pct(t.error_rate)),
       tile("Cost", fmtUsd(t.cost_usd) ?? "$0", t.unpriced_count ? `+ ${t.unpriced_count} unpriced` : ""),
-      tile("Tokens", fmtInt(t.total_tokens)), tile("First", fmtTime(t.first_at)), tile("Last", fmtTime(t.last_at))),
+      tile("Tokens", fmtInt(t.total_tokens)), tile("First", fmtTimeUtc(t.first_at)), tile("Last", fmtTimeUtc(t.last_at))),
     h("p", {}, h("a", { href: hashFor("requests", null, new URLSearchParams({ session_id: s.session_id, range: "all" })) }, "Show these requests in the table")),
     timeline);
   for (const r of s.requests) {
     const body = h("div", { class: "tl-body muted" }, "Loading conversation…");
     timeline.append(h("li", { "data-id": r.id },
-      h("div", { class: "tl-head" }, fmtTime(r.created_at), " · ", statusCell(r), " · ", r.model || "", " · ", costCell(r.cost_usd), " · ", fmtMs(r.latency_ms), " · ",
+      h("div", { class: "tl-head" }, fmtTimeUtc(r.created_at), " · ", statusCell(r), " · ", r.model || "", " · ", costCell(r.cost_usd), " · ", fmtMs(r.latency_ms), " · ",
         h("a", { href: hashFor("requests", r.id, new URLSearchParams({ session_id: s.session_id, range: "all" })) }, "details")),
       body));
   }
@@ -841,7 +874,7 @@ async function viewUsers(id, params) {
   render(
     h("h1", {}, "Users"),
     res.items.length ? h("table", { class: "grid", id: "users-table" },
-      h("thead", {}, h("tr", {}, ["User", "Requests", "Cost", "Tokens", "Error rate", "First seen", "Last seen"].map((t, i) => h("th", { class: i && i < 5 ? "num" : "" }, t)))),
+      h("thead", {}, h("tr", {}, ["User", "Requests", "Cost", "Tokens", "Error rate", "First seen (UTC)", "Last seen (UTC)"].map((t, i) => h("th", { class: i && i < 5 ? "num" : "" }, t)))),
       h("tbody", {}, res.items.map((u) => {
         const tr = h("tr", { "data-user": u.user_id },
           h("td", { class: "ellipsis" }, h("a", { href: hashFor("requests", null, new URLSearchParams({ user_id: u.user_id, range: "all" })) }, u.user_id)),
@@ -887,7 +920,7 @@ async function viewLive(id, params) {
     filterBar(params, "live", { defaultRange: "all", search: true }),
     h("div", { class: "pager" }, pauseBtn, status, countEl),
     h("table", { class: "grid", id: "requests-table" },
-      h("thead", {}, h("tr", {}, ["Time", "Status", "Provider", "Model", "User", "Session", "Tokens in", "Tokens out", "Cost", "Latency", "TTFT", "Streamed", ...propCols].map((t) => h("th", {}, t)))),
+      h("thead", {}, h("tr", {}, ["Time (UTC)", "Status", "Provider", "Model", "User", "Session", "Tokens in", "Tokens out", "Cost", "Latency", "TTFT", "Streamed", ...propCols].map((t) => h("th", {}, t)))),
       tbody),
     h("p", { class: "hint muted" }, "Requests appear here as soon as they are stored, newest on top, filtered like the table (the body search included)."));
   const ctrl = new AbortController();
@@ -955,7 +988,7 @@ async function viewPipeline() {
       tile("Queue lag", p.lag === null || p.lag === undefined ? "–" : fmtInt(p.lag), "records published, not yet stored", p.lag ? "warn" : ""),
       tile("Dead letters", fmtInt(p.dead_letter_count), "records that failed processing", p.dead_letter_count ? "warn" : ""),
       tile("Spool", fmtBytes(p.spool_bytes), "waiting on this host's disk for the queue", p.spool_bytes ? "warn" : ""),
-      tile("Newest stored request", p.last_request_at ? fmtTime(p.last_request_at) : "none", p.last_request_ended_at ? "ended " + fmtTime(p.last_request_ended_at) : "")),
+      tile("Newest stored request", p.last_request_at ? fmtTimeUtc(p.last_request_at) : "none", p.last_request_ended_at ? "ended " + fmtTimeUtc(p.last_request_ended_at) : "")),
     p.error ? h("p", { class: "err" }, p.error) : null,
     h("h2", {}, "Lag per partition"),
     p.partitions && p.partitions.length ? h("table", { class: "grid compact", id: "partitions" },
@@ -966,7 +999,7 @@ async function viewPipeline() {
       : dl.length ? [
         h("p", {}, h("button", { type: "button", id: "replay-all", onclick: () => replay({ all: true }) }, "Replay all")),
         h("table", { class: "grid", id: "dead-letters" },
-          h("thead", {}, h("tr", {}, ["Id", "Request", "Partition", "Offset", "Key", "Failed at", "Reason", ""].map((t) => h("th", {}, t)))),
+          h("thead", {}, h("tr", {}, ["Id", "Request", "Partition", "Offset", "Key", "Failed at (UTC)", "Reason", ""].map((t) => h("th", {}, t)))),
           h("tbody", {}, dl.map((d) => h("tr", {},
             h("td", { class: "ellipsis" }, d.id), h("td", { class: "ellipsis wide request", title: d.request_id || "" }, d.request_id || "–"),
             h("td", {}, String(d.partition)), h("td", {}, String(d.offset)), h("td", { class: "ellipsis" }, d.key),
