@@ -834,3 +834,46 @@ async def test_times_are_utc_in_every_view_whatever_the_browsers_zone(srv: Srv, 
         w.check()
     finally:
         await ctx.close()
+
+
+async def test_a_long_session_ends_with_every_conversation_loaded_or_offered(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """130 requests: the first 100 turns load by themselves; each other one says so and loads."""
+    import random
+
+    rng = random.Random(8)
+    now = datetime.now(UTC)
+    records = [dd.record(n, at=now - timedelta(seconds=n), rng=rng, session="marathon") for n in range(130)]
+    async for s in _server(tmp_path_factory.mktemp("long-session")):
+        await s.ingest(records)
+        ctx, pg, w = await open_page(browser, s.base)
+        try:
+            await pg.goto(s.base + "/#/sessions/marathon")
+            await pg.wait_for_function(
+                "() => document.querySelectorAll('.timeline li').length === 130"
+                " && ![...document.querySelectorAll('.tl-body')]"
+                ".some(b => b.textContent.includes('Loading conversation'))",
+                timeout=WAIT,
+            )
+            bodies = pg.locator(".timeline li .tl-body")
+            loaded = await pg.eval_on_selector_all(
+                ".timeline li .tl-body", "bs => bs.map(b => !!b.querySelector('.msg'))"
+            )
+            assert loaded == [True] * 100 + [False] * 30
+            assert await bodies.nth(100).text_content() == "Conversation not loaded. Load"
+            await pg.click(".timeline li:nth-child(101) button.load-turn")
+            await pg.wait_for_selector(".timeline li:nth-child(101) .tl-body .msg", timeout=WAIT)
+            await playwright_api.expect(pg.locator("#load-more")).to_contain_text(
+                "(29 not loaded)", timeout=WAIT
+            )
+            await pg.click("#load-more button")
+            await pg.wait_for_function(
+                "() => [...document.querySelectorAll('.timeline li .tl-body')]"
+                ".every(b => b.querySelector('.msg'))",
+                timeout=WAIT,
+            )
+            assert await pg.locator("#load-more").count() == 0
+            w.check()
+        finally:
+            await ctx.close()

@@ -836,35 +836,73 @@ async function viewSession(id, params) {
     h("p", {}, h("a", { href: hashFor("requests", null, new URLSearchParams({ session_id: s.session_id, range: "all" })) }, "Show these requests in the table")),
     timeline);
   for (const r of s.requests) {
-    const body = h("div", { class: "tl-body muted" }, "Loading conversation…");
     timeline.append(h("li", { "data-id": r.id },
       h("div", { class: "tl-head" }, fmtTimeUtc(r.created_at), " · ", statusCell(r), " · ", r.model || "", " · ", costCell(r.cost_usd), " · ", fmtMs(r.latency_ms), " · ",
         h("a", { href: hashFor("requests", r.id, new URLSearchParams({ session_id: s.session_id, range: "all" })) }, "details")),
-      body));
+      h("div", { class: "tl-body muted" })));
   }
-  // The turn each request added: its last input message and the reply (bodies fetched 4 at a time).
-  const queue = [...s.requests.slice(0, 100)];
+  // A long session loads its first turns by itself; every other entry says it is not loaded and
+  // offers to load it (one, or the next batch), so no entry waits for a load never asked for.
+  const load = turnLoader(timeline);
+  const rest = h("p", { id: "load-more" });
+  const offerRest = () => {
+    const left = s.requests.filter((r) => !load.asked.has(r.id));
+    if (!left.length) { rest.remove(); return; }
+    fill(rest, h("button", { type: "button", onclick: () => { load.add(left.slice(0, SESSION_BATCH)); offerRest(); } },
+      `Load the next ${Math.min(SESSION_BATCH, left.length)} conversations`), ` (${left.length} not loaded)`);
+  };
+  for (const r of s.requests.slice(SESSION_BATCH)) {
+    const button = h("button", { type: "button", class: "load-turn", onclick: () => { load.add([r]); offerRest(); } }, "Load");
+    fill(bodyOf(timeline, r.id), "Conversation not loaded. ", button);
+  }
+  load.add(s.requests.slice(0, SESSION_BATCH));
+  timeline.after(rest);
+  offerRest();
+}
+
+const SESSION_BATCH = 100;
+const bodyOf = (timeline, id) => timeline.querySelector(`li[data-id="${CSS.escape(id)}"] .tl-body`);
+
+/** Loads the turn each request added (its last input message and the reply), 4 bodies at a time. */
+function turnLoader(timeline) {
+  const queue = [];
+  const asked = new Set();
+  let running = 0;
   let alive = true;
   onLeave(() => { alive = false; });
-  const worker = async () => {
-    while (queue.length && alive) {
-      const r = queue.shift();
-      const li = timeline.querySelector(`li[data-id="${CSS.escape(r.id)}"] .tl-body`);
-      try {
-        const full = await api("/api/v1/requests/" + encodeURIComponent(r.id));
-        const conv = conversation(full);
-        const msgs = [...conv.querySelectorAll(":scope > .msg")];
-        let start = msgs.length - 1;
-        while (start > 0 && msgs[start].classList.contains("role-assistant")) start -= 1;
-        const turn = msgs.slice(Math.max(0, start));
-        clear(li).classList.remove("muted");
-        append(li, turn.length ? turn : [conv]);
-      } catch (e) {
-        if (li) li.textContent = e.message;
-      }
+  const loadOne = async (r) => {
+    const li = bodyOf(timeline, r.id);
+    try {
+      const full = await api("/api/v1/requests/" + encodeURIComponent(r.id));
+      const conv = conversation(full);
+      const msgs = [...conv.querySelectorAll(":scope > .msg")];
+      let start = msgs.length - 1;
+      while (start > 0 && msgs[start].classList.contains("role-assistant")) start -= 1;
+      const turn = msgs.slice(Math.max(0, start));
+      clear(li).classList.remove("muted");
+      append(li, turn.length ? turn : [conv]);
+    } catch (e) {
+      asked.delete(r.id);
+      fill(li, "Conversation not loaded: " + e.message + " ",
+        h("button", { type: "button", class: "load-turn", onclick: () => add([r]) }, "Retry"));
     }
   };
-  await Promise.all([worker(), worker(), worker(), worker()]);
+  const pump = () => {
+    while (alive && running < 4 && queue.length) {
+      running += 1;
+      loadOne(queue.shift()).finally(() => { running -= 1; pump(); });
+    }
+  };
+  const add = (rows) => {
+    for (const r of rows) {
+      if (asked.has(r.id)) continue;
+      asked.add(r.id);
+      fill(bodyOf(timeline, r.id), "Loading conversation…");
+      queue.push(r);
+    }
+    pump();
+  };
+  return { add, asked };
 }
 
 // -- users ---------------------------------------------------------------------------------------
