@@ -20,13 +20,14 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+import msgspec
 import orjson
 import pytest
 import pytest_asyncio
 
 from llmtap import keys
 from llmtap.config import Settings
-from llmtap.record import LogRecord, encode_many
+from llmtap.record import LogRecord, Usage, encode_many
 from llmtap.server.app import ServerService
 from llmtap.testing import dashboard_data as dd
 
@@ -877,3 +878,65 @@ async def test_a_long_session_ends_with_every_conversation_loaded_or_offered(
             w.check()
         finally:
             await ctx.close()
+
+
+def crafted_records() -> dict[str, LogRecord]:
+    """One request of each kind the review saw mislabelled, in sessions and users of their own."""
+    import random
+
+    rng = random.Random(21)
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    done = Usage(source="provider", prompt_tokens=900, completion_tokens=100, total_tokens=1000)
+
+    def rec(n: int, kind: int, **changes: Any) -> LogRecord:
+        base = dd.record(n, at=now - timedelta(seconds=n), rng=rng, kind=kind, user=f"user-{n}")
+        return msgspec.structs.replace(base, **{"status": 200, "error": None, "usage": done, **changes})
+
+    return {
+        # gpt-4o-mini at $0.15 per million input tokens: 2 tokens cost $0.0000003.
+        "tiny": rec(
+            0, 0, session_id="tiny", usage=Usage(source="provider", prompt_tokens=2, completion_tokens=0)
+        ),
+        "failed": rec(1, 1, status=429, error="upstream answered 429", usage=Usage()),
+        "unpriced": rec(2, 5),
+        "stream_error": rec(
+            3, 0, streamed=True, error="Overloaded", usage=Usage(source="partial", prompt_tokens=92)
+        ),
+        "cut": rec(4, 0, streamed=True, outcome="upstream_cut"),
+    }
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def crafted(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[tuple[Srv, dict[str, LogRecord]]]:
+    records = crafted_records()
+    async for s in _server(tmp_path_factory.mktemp("crafted")):
+        await s.ingest(list(records.values()))
+        yield s, records
+
+
+async def cost_text(pg: Any, rid: str) -> str:
+    cell = pg.locator(f'#requests-table tr[data-id="{rid}"] td:nth-child(9)')
+    await cell.wait_for(timeout=WAIT)
+    return await cell.text_content() or ""
+
+
+async def test_small_costs_are_written_out(crafted: tuple[Srv, dict[str, LogRecord]], browser: Any) -> None:
+    s, recs = crafted
+    tiny = recs["tiny"].id
+    assert (await s.get("/api/v1/requests/" + tiny))["cost_usd"] == pytest.approx(3e-7)
+    ctx, pg, w = await open_page(browser, s.base)
+    try:
+        await pg.goto(s.base + "/#/requests?range=all")
+        assert await cost_text(pg, tiny) == "$0.0000003"
+        await pg.goto(s.base + "/#/sessions/tiny")
+        tile = pg.locator(".tile", has_text="Cost").locator(".tvalue")
+        await playwright_api.expect(tile).to_have_text("$0.0000003", timeout=WAIT)
+        await playwright_api.expect(pg.locator(".tl-head")).to_contain_text("· $0.0000003 ·", timeout=WAIT)
+        await pg.goto(s.base + "/#/overview?range=7d&user_id=user-0")
+        tile = pg.locator(".tile", has_text="Cost").first.locator(".tvalue")
+        await playwright_api.expect(tile).to_have_text("$0.0000003", timeout=WAIT)
+        w.check()
+    finally:
+        await ctx.close()

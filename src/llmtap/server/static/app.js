@@ -59,8 +59,11 @@ const fmtInt = (v) => (v === null || v === undefined ? "–" : nf.format(v));
 function fmtUsd(v) {
   if (v === null || v === undefined) return null;
   if (v === 0) return "$0";
-  if (Math.abs(v) < 0.01) return "$" + v.toPrecision(3);
-  return "$" + v.toFixed(v < 100 ? 4 : 2);
+  const a = Math.abs(v);
+  if (a >= 0.01) return "$" + v.toFixed(v < 100 ? 4 : 2);
+  if (a < 1e-9) return "<$0.000000001";
+  // Three significant digits written out (toPrecision writes 3.00e-7), trailing zeros dropped.
+  return "$" + v.toFixed(2 - Math.floor(Math.log10(a))).replace(/0+$/, "");
 }
 function fmtMs(v) {
   if (v === null || v === undefined) return "–";
@@ -743,7 +746,7 @@ async function viewOverview(id, params) {
   chart(uPlot, slot("requests"), "Requests and errors per " + bucket, "requests", xs,
     [{ label: "requests", data: zero((b) => b.count) }, { label: "errors", data: zero((b) => b.error_count) }], { bars: false, fill: true });
   chart(uPlot, slot("cost"), "Cost per " + bucket + " (priced requests)", "USD", xs,
-    [{ label: "cost", data: zero((b) => b.cost_usd) }], { fmt: (v) => (v === null ? "–" : fmtUsd(v)), tick: (v) => "$" + +v.toPrecision(3), fill: true });
+    [{ label: "cost", data: zero((b) => b.cost_usd) }], { fmt: (v) => (v === null ? "–" : fmtUsd(v)), tick: (v) => (Math.abs(v) < 0.01 ? fmtUsd(v) : "$" + +v.toPrecision(3)), fill: true });
   chart(uPlot, slot("tokens"), "Tokens per " + bucket, "tokens", xs,
     [{ label: "input", data: zero((b) => b.prompt_tokens) }, { label: "output", data: zero((b) => b.completion_tokens) }],
     { tick: (v) => (v >= 1e6 ? v / 1e6 + "M" : v >= 1e3 ? v / 1e3 + "k" : String(v)) });
