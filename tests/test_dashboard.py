@@ -188,11 +188,15 @@ async def test_every_view_renders_what_the_api_returns(srv: Srv, page: tuple[Any
         "/api/v1/requests?limit=50&since=" + quote((datetime.now(UTC) - timedelta(days=1)).isoformat())
     )
     await wait_rows(pg, [r["id"] for r in api["items"]])
-    # Unpriced requests show a badge, never $0 (the dataset has a model with no known price).
-    unpriced = [r["id"] for r in api["items"] if r["cost_usd"] is None]
+    # Unpriced requests show a badge, never $0 (the dataset has a model with no known price);
+    # a request with no usage (a failed one) has no cost to price: a dash.
+    unpriced = [r["id"] for r in api["items"] if r["cost_usd"] is None and r["usage_source"] != "missing"]
     assert unpriced
     cell = pg.locator(f'tr[data-id="{unpriced[0]}"] .badge.unpriced')
     await cell.wait_for(timeout=WAIT)
+    no_usage = [r["id"] for r in api["items"] if r["usage_source"] == "missing"]
+    assert no_usage
+    assert await pg.locator(f'tr[data-id="{no_usage[0]}"] td:nth-child(9)').text_content() == "\u2013"
 
     await pg.click("nav a[data-view=overview]")
     await pg.wait_for_selector(".chart canvas", timeout=WAIT)
@@ -937,6 +941,29 @@ async def test_small_costs_are_written_out(crafted: tuple[Srv, dict[str, LogReco
         await pg.goto(s.base + "/#/overview?range=7d&user_id=user-0")
         tile = pg.locator(".tile", has_text="Cost").first.locator(".tvalue")
         await playwright_api.expect(tile).to_have_text("$0.0000003", timeout=WAIT)
+        w.check()
+    finally:
+        await ctx.close()
+
+
+async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(
+    crafted: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    s, recs = crafted
+    failed, unpriced = recs["failed"].id, recs["unpriced"].id
+    listed = {r["id"]: r for r in (await s.get("/api/v1/requests?limit=50"))["items"]}
+    assert listed[failed]["cost_usd"] is None and listed[failed]["usage_source"] == "missing"
+    assert listed[unpriced]["cost_usd"] is None and listed[unpriced]["prompt_tokens"] == 900
+    ctx, pg, w = await open_page(browser, s.base)
+    try:
+        await pg.goto(s.base + "/#/requests?range=all")
+        assert await cost_text(pg, failed) == "\u2013"
+        assert await cost_text(pg, unpriced) == "unpriced"
+        assert await pg.locator(f'tr[data-id="{unpriced}"] .badge.unpriced').count() == 1
+        await pg.goto(f"{s.base}/#/requests/{failed}?range=all")
+        cost = pg.locator("#drawer dt", has_text="Cost").first.locator("xpath=following-sibling::dd[1]")
+        await playwright_api.expect(cost).to_have_text("\u2013", timeout=WAIT)
+        assert await pg.locator("#drawer .badge.unpriced").count() == 0
         w.check()
     finally:
         await ctx.close()

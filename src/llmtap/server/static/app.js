@@ -110,9 +110,16 @@ function fmtBytes(v) {
 }
 const pct = (v) => (v === null || v === undefined ? "–" : (v * 100).toFixed(1) + "%");
 
-function costCell(v) {
+/**
+ * A cost, or why there is none: a request whose usage is missing (a failed one, mostly) has
+ * nothing to price ("–"); "unpriced" is kept for usage with no known price for its model.
+ * `row` is a request (list or detail); aggregates pass none.
+ */
+function costCell(v, row) {
   const s = fmtUsd(v);
-  return s === null ? h("span", { class: "badge unpriced", title: "no price known for this model: cost is unknown, not $0" }, "unpriced") : s;
+  if (s !== null) return s;
+  if (row && row.usage_source === "missing") return h("span", { class: "muted nocost", title: "no usage reported: nothing to price" }, "–");
+  return h("span", { class: "badge unpriced", title: "no price known for this model: cost is unknown, not $0" }, "unpriced");
 }
 
 function statusCell(row) {
@@ -362,7 +369,7 @@ function requestRow(row, params, propCols, view = "requests") {
       row.cache_write_tokens ? h("div", { class: "sub", title: "cache-write tokens" }, "write " + fmtInt(row.cache_write_tokens)) : null),
     h("td", { class: "num" }, fmtInt(row.completion_tokens),
       row.reasoning_tokens ? h("div", { class: "sub", title: "reasoning tokens" }, "reasoning " + fmtInt(row.reasoning_tokens)) : null),
-    h("td", { class: "num" }, costCell(row.cost_usd)),
+    h("td", { class: "num" }, costCell(row.cost_usd, row)),
     h("td", { class: "num" }, fmtMs(row.latency_ms)),
     h("td", { class: "num" }, fmtMs(row.time_to_first_token_ms)),
     h("td", {}, row.streamed ? "yes" : "no"),
@@ -507,7 +514,7 @@ function detailView(row, params, view) {
       ["Started", fmtInstant(row.created_at)], ["First byte", fmtInstant(row.first_byte_at)], ["Ended", fmtInstant(row.ended_at)],
       ["Latency", fmtMs(row.latency_ms)], ["Time to first token", fmtMs(row.time_to_first_token_ms)], ["Streamed", row.streamed ? "yes" : "no"]])),
     section("Cost and usage", kv([
-      ["Cost", costCell(row.cost_usd)], ["Price table", row.price_version], ["Usage source", row.usage_source],
+      ["Cost", costCell(row.cost_usd, row)], ["Price table", row.price_version], ["Usage source", row.usage_source],
       ["Prompt tokens", fmtInt(row.prompt_tokens)], ["Cached tokens", fmtInt(row.cached_tokens)], ["Cache-write tokens", fmtInt(row.cache_write_tokens)],
       ["Completion tokens", fmtInt(row.completion_tokens)], ["Reasoning tokens", fmtInt(row.reasoning_tokens)], ["Total tokens", fmtInt(row.total_tokens)]])),
     section("Request", kv([
@@ -840,7 +847,7 @@ async function viewSession(id, params) {
     timeline);
   for (const r of s.requests) {
     timeline.append(h("li", { "data-id": r.id },
-      h("div", { class: "tl-head" }, fmtTimeUtc(r.created_at), " · ", statusCell(r), " · ", r.model || "", " · ", costCell(r.cost_usd), " · ", fmtMs(r.latency_ms), " · ",
+      h("div", { class: "tl-head" }, fmtTimeUtc(r.created_at), " · ", statusCell(r), " · ", r.model || "", " · ", costCell(r.cost_usd, r), " · ", fmtMs(r.latency_ms), " · ",
         h("a", { href: hashFor("requests", r.id, new URLSearchParams({ session_id: s.session_id, range: "all" })) }, "details")),
       h("div", { class: "tl-body muted" })));
   }
