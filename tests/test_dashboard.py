@@ -967,3 +967,27 @@ async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(
         w.check()
     finally:
         await ctx.close()
+
+
+async def test_a_200_that_went_wrong_shows_a_badge(
+    crafted: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    s, recs = crafted
+    ctx, pg, w = await open_page(browser, s.base)
+    try:
+        await pg.goto(s.base + "/#/requests?range=all")
+        row = pg.locator(f'#requests-table tr[data-id="{recs["stream_error"].id}"]')
+        await playwright_api.expect(row.locator(".badge.err")).to_have_text("error", timeout=WAIT)
+        assert await row.locator(".badge.err").get_attribute("title") == "Overloaded"
+        assert await row.locator(".status.bad").count() == 1
+        cut = pg.locator(f'#requests-table tr[data-id="{recs["cut"].id}"]')
+        await playwright_api.expect(cut.locator(".badge.warn")).to_have_text("upstream_cut", timeout=WAIT)
+        fine = pg.locator(f'#requests-table tr[data-id="{recs["tiny"].id}"]')
+        assert await fine.locator(".badge").count() == 0 and await fine.locator(".status.ok").count() == 1
+        await row.locator("td.num").first.click()
+        await playwright_api.expect(pg.locator("#drawer .dhead .badge.err")).to_have_text(
+            "error", timeout=WAIT
+        )
+        w.check()
+    finally:
+        await ctx.close()

@@ -123,9 +123,14 @@ function costCell(v, row) {
 }
 
 function statusCell(row) {
-  const bad = (row.status !== null && row.status >= 400) || row.outcome !== "completed";
-  return h("span", { class: "status " + (bad ? "bad" : "ok"), title: row.error || row.outcome },
-    row.status === null ? "–" : String(row.status), row.outcome !== "completed" ? " " + row.outcome : "");
+  const failed = row.status !== null && row.status >= 400;
+  const cut = row.outcome !== "completed";
+  const code = h("span", { class: "status " + (failed || cut || row.error ? "bad" : "ok"), title: row.error || row.outcome },
+    row.status === null ? "–" : String(row.status));
+  // A 200 can still have gone wrong (a stream cut short, an error event inside it): a badge says so.
+  const badge = cut ? h("span", { class: "badge warn", title: row.error || "the response did not complete" }, row.outcome)
+    : row.error && !failed ? h("span", { class: "badge err", title: row.error }, "error") : null;
+  return badge ? h("span", { class: "statuscell" }, code, " ", badge) : code;
 }
 
 // -- API -----------------------------------------------------------------------------------------
