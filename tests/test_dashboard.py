@@ -991,3 +991,30 @@ async def test_a_200_that_went_wrong_shows_a_badge(
         w.check()
     finally:
         await ctx.close()
+
+
+async def test_a_custom_range_charts_its_buckets_and_no_more(srv: Srv, page: tuple[Any, Watch]) -> None:
+    pg, _ = page
+    since = (datetime.now(UTC) - timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    until = since + timedelta(days=1)
+    stats = await srv.get(
+        f"/api/v1/stats?bucket=hour&since={quote(since.isoformat())}&until={quote(until.isoformat())}"
+    )
+    assert stats["buckets"] and all(
+        since <= datetime.fromisoformat(b["start"].replace("Z", "+00:00")) < until for b in stats["buckets"]
+    )
+    await pg.goto(
+        f"{srv.base}/#/overview?range=custom&since={since:%Y-%m-%dT%H:%MZ}&until={until:%Y-%m-%dT%H:%MZ}"
+    )
+    await pg.wait_for_selector(".chart[data-chart=ttft] canvas", timeout=WAIT)
+    assert await pg.eval_on_selector_all(".chart", "cs => cs.map(c => c.dataset.points)") == ["24"] * 5
+    # The rightmost point under the cursor is the range's last hour, not the hour after it.
+    over = pg.locator(".chart[data-chart=requests] .u-over")
+    box = await over.bounding_box()
+    assert box
+    await pg.mouse.move(box["x"] + box["width"] - 1, box["y"] + box["height"] / 2)
+    time_value = pg.locator(".chart[data-chart=requests] .u-legend .u-series").first.locator(".u-value")
+    await playwright_api.expect(time_value).to_contain_text(
+        f"{until - timedelta(hours=1):%Y-%m-%d}", timeout=WAIT
+    )
+    await playwright_api.expect(time_value).to_contain_text("11:00pm", timeout=WAIT)

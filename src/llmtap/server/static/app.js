@@ -668,13 +668,14 @@ function tile(label, value, sub, cls) {
 }
 
 function chart(uPlot, el, title, unit, xs, series, opts = {}) {
+  el.dataset.points = xs.length;  // for tests and curious readers: how many buckets are drawn
   const width = Math.max(320, el.clientWidth - 16);
   const fmt = opts.fmt || ((v) => (v === null ? "–" : nf.format(v)));
   const colors = ["#2f6fdf", "#d9534f", "#2a9d62", "#e69b00", "#7952b3"];
   const plot = new uPlot({
     title, width, height: 220,
     tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"),  // the axis in UTC, as every time here
-    scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] } },
+    scales: { x: { time: true, range: opts.xRange && (() => opts.xRange) }, y: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] } },
     axes: [
       { label: "time (UTC)", labelSize: 20, stroke: "#555" },
       { label: unit, labelSize: 22, size: 82, stroke: "#555", values: (u, vals) => vals.map(opts.tick || fmt) },
@@ -733,7 +734,9 @@ async function viewOverview(id, params) {
   const start = since.getTime() / 1000;
   const byStart = new Map(series.buckets.map((b) => [Math.floor(new Date(b.start).getTime() / 1000), b]));
   const xs = [];
-  for (let t = start; t <= until.getTime() / 1000; t += step) xs.push(t);
+  const end = until.getTime() / 1000;
+  for (let t = start; t < end; t += step) xs.push(t);  // buckets starting before the range's end
+  const xRange = [start, end];  // the axis ends where the range does, not at the last bucket's start
   const col = (f) => xs.map((t) => { const b = byStart.get(t); return b ? f(b) : null; });
   const zero = (f) => xs.map((t) => { const b = byStart.get(t); return b ? f(b) : 0; });
   const charts = h("div", { class: "charts" });
@@ -756,17 +759,17 @@ async function viewOverview(id, params) {
     h("div", { class: "tops" }, topTable("Top models", "model", series.groups, params), usersBox, propsBox));
   const slot = (name) => { const el = h("div", { class: "chart", "data-chart": name }); charts.append(el); return el; };
   chart(uPlot, slot("requests"), "Requests and errors per " + bucket, "requests", xs,
-    [{ label: "requests", data: zero((b) => b.count) }, { label: "errors", data: zero((b) => b.error_count) }], { bars: false, fill: true });
+    [{ label: "requests", data: zero((b) => b.count) }, { label: "errors", data: zero((b) => b.error_count) }], { xRange, bars: false, fill: true });
   chart(uPlot, slot("cost"), "Cost per " + bucket + " (priced requests)", "USD", xs,
-    [{ label: "cost", data: zero((b) => b.cost_usd) }], { fmt: (v) => (v === null ? "–" : fmtUsd(v)), tick: (v) => (Math.abs(v) < 0.01 ? fmtUsd(v) : "$" + +v.toPrecision(3)), fill: true });
+    [{ label: "cost", data: zero((b) => b.cost_usd) }], { xRange, fmt: (v) => (v === null ? "–" : fmtUsd(v)), tick: (v) => (Math.abs(v) < 0.01 ? fmtUsd(v) : "$" + +v.toPrecision(3)), fill: true });
   chart(uPlot, slot("tokens"), "Tokens per " + bucket, "tokens", xs,
     [{ label: "input", data: zero((b) => b.prompt_tokens) }, { label: "output", data: zero((b) => b.completion_tokens) }],
-    { tick: (v) => (v >= 1e6 ? v / 1e6 + "M" : v >= 1e3 ? v / 1e3 + "k" : String(v)) });
+    { xRange, tick: (v) => (v >= 1e6 ? v / 1e6 + "M" : v >= 1e3 ? v / 1e3 + "k" : String(v)) });
   const msFmt = (v) => (v === null ? "–" : Math.round(v) + " ms");
   chart(uPlot, slot("latency"), "Latency percentiles", "ms", xs,
-    [{ label: "p50", data: col((b) => b.latency_ms.p50) }, { label: "p95", data: col((b) => b.latency_ms.p95) }, { label: "p99", data: col((b) => b.latency_ms.p99) }], { fmt: msFmt });
+    [{ label: "p50", data: col((b) => b.latency_ms.p50) }, { label: "p95", data: col((b) => b.latency_ms.p95) }, { label: "p99", data: col((b) => b.latency_ms.p99) }], { xRange, fmt: msFmt });
   chart(uPlot, slot("ttft"), "Time to first token percentiles", "ms", xs,
-    [{ label: "p50", data: col((b) => b.time_to_first_token_ms.p50) }, { label: "p95", data: col((b) => b.time_to_first_token_ms.p95) }, { label: "p99", data: col((b) => b.time_to_first_token_ms.p99) }], { fmt: msFmt });
+    [{ label: "p50", data: col((b) => b.time_to_first_token_ms.p50) }, { label: "p95", data: col((b) => b.time_to_first_token_ms.p95) }, { label: "p99", data: col((b) => b.time_to_first_token_ms.p99) }], { xRange, fmt: msFmt });
   let alive = true;
   onLeave(() => { alive = false; });
   const settle = (box, p, title, key, note) => p.then(
