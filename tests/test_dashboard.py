@@ -1018,3 +1018,21 @@ async def test_a_custom_range_charts_its_buckets_and_no_more(srv: Srv, page: tup
         f"{until - timedelta(hours=1):%Y-%m-%d}", timeout=WAIT
     )
     await playwright_api.expect(time_value).to_contain_text("11:00pm", timeout=WAIT)
+
+
+async def test_a_property_value_with_a_comma_survives_apply(srv: Srv, page: tuple[Any, Watch]) -> None:
+    from urllib.parse import parse_qsl
+
+    pg, _ = page
+    params = lambda: parse_qsl(frag(pg).split("?", 1)[1])  # noqa: E731
+    await pg.goto(srv.base + "/#/requests?range=all&property.note=a%2Cb%3Dc")
+    await pg.wait_for_selector("#requests-table, main .empty", timeout=WAIT)
+    assert await pg.input_value("#filters input[name=props]") == "note=a\\,b=c"
+    await pg.click("#filters button[type=submit]")  # the submit handler sets the hash
+    assert sorted(params()) == [("property.note", "a,b=c"), ("range", "all")]
+    # Typed: an escaped comma stays in its value, a plain one separates two filters.
+    await pg.wait_for_selector("#requests-table, main .empty", timeout=WAIT)
+    await pg.fill("#filters input[name=props]", "note=x\\, y, feature=search")
+    await pg.click("#filters button[type=submit]")
+    await pg.wait_for_function("() => location.hash.includes('feature=search')", timeout=WAIT)
+    assert sorted(params()) == [("property.feature", "search"), ("property.note", "x, y"), ("range", "all")]

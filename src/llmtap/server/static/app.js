@@ -285,7 +285,7 @@ function filterBar(params, view, { defaultRange = "24h", extra = [], search = fa
   const range = params.get("range") || defaultRange;
   const rangeSel = h("select", { name: "range" },
     ...Object.keys(RANGES).concat(["custom"]).map((r) => h("option", { value: r, selected: r === range }, r === "all" ? "all time" : r === "custom" ? "custom…" : "last " + r)));
-  const props = [...params].filter(([k]) => k.startsWith("property.")).map(([k, v]) => k.slice(9) + "=" + v).join(", ");
+  const props = propsText(params);
   const statusSel = h("select", { name: "status_class" },
     h("option", { value: "" }, "any"),
     ...["2xx", "3xx", "4xx", "5xx"].map((c) => h("option", { value: c, selected: params.get("status_class") === c }, c)));
@@ -299,7 +299,7 @@ function filterBar(params, view, { defaultRange = "24h", extra = [], search = fa
     field("user_id", "User", { size: 12 }),
     field("session_id", "Session", { size: 12 }),
     h("label", {}, "Status", statusSel),
-    h("label", {}, "Property", h("input", { name: "props", value: props, placeholder: "name=value, …", size: 16, autocomplete: "off" })),
+    h("label", {}, "Property", h("input", { name: "props", value: props, placeholder: "name=value, …", title: "name=value pairs, comma-separated; write a comma inside a value as \\,", size: 16, autocomplete: "off" })),
     field("min_cost_usd", "Cost ≥ $", { size: 5, inputmode: "decimal" }),
     field("max_cost_usd", "≤ $", { size: 5, inputmode: "decimal" }),
     field("min_latency_ms", "Latency ≥ ms", { size: 5, inputmode: "numeric" }),
@@ -322,13 +322,33 @@ function filterBar(params, view, { defaultRange = "24h", extra = [], search = fa
       if (k === "range" && val === defaultRange) continue;
       next.set(k, val);
     }
-    for (const pair of String(data.get("props") || "").split(",")) {
-      const i = pair.indexOf("=");
-      if (i > 0) next.set("property." + pair.slice(0, i).trim(), pair.slice(i + 1).trim());
-    }
+    for (const [name, value] of parseProps(String(data.get("props") || ""))) next.set("property." + name, value);
     go(view, null, next);
   });
   return form;
+}
+
+// The property filters share one text field, "name=value, name=value": a comma or backslash in a
+// name or value is written \, or \\ (and = in a name \=), so a value like "a,b=c" survives Apply.
+const escProp = (t, chars) => t.replace(chars, (c) => "\\" + c);
+function propsText(params) {
+  return [...params].filter(([k]) => k.startsWith("property."))
+    .map(([k, v]) => escProp(k.slice(9), /[\\,=]/g) + "=" + escProp(v, /[\\,]/g)).join(", ");
+}
+
+/** [name, value] pairs of the property field; the first unescaped = ends a name. */
+function parseProps(text) {
+  const pairs = [];
+  let cur = [""];
+  for (let i = 0; i < text.length; i += 1) {
+    const c = text[i];
+    if (c === "\\" && i + 1 < text.length) cur[cur.length - 1] += text[(i += 1)];
+    else if (c === ",") { pairs.push(cur); cur = [""]; }
+    else if (c === "=" && cur.length === 1) cur.push("");
+    else cur[cur.length - 1] += c;
+  }
+  pairs.push(cur);
+  return pairs.filter((p) => p.length === 2 && p[0].trim()).map(([k, v]) => [k.trim(), v.trim()]);
 }
 
 function withParam(params, key, value) {
