@@ -1036,3 +1036,46 @@ async def test_a_property_value_with_a_comma_survives_apply(srv: Srv, page: tupl
     await pg.click("#filters button[type=submit]")
     await pg.wait_for_function("() => location.hash.includes('feature=search')", timeout=WAIT)
     assert sorted(params()) == [("property.feature", "search"), ("property.note", "x, y"), ("range", "all")]
+
+
+async def test_errors_leave_the_filter_bar_and_no_stale_data(srv: Srv, page: tuple[Any, Watch]) -> None:
+    pg, w = page
+    expect = playwright_api.expect
+    await pg.goto(srv.base + "/#/requests?range=all")
+    await pg.wait_for_selector("#requests-table", timeout=WAIT)
+    # A bad value: the API's error, and the previous table gone (the bar stays, to fix it).
+    await pg.fill("#filters input[name=min_cost_usd]", "abc")
+    await pg.click("#filters button[type=submit]")
+    await expect(pg.locator("#banner")).to_contain_text("min_cost_usd", timeout=WAIT)
+    await expect(pg.locator("main #pending.err")).to_contain_text("min_cost_usd", timeout=WAIT)
+    assert await pg.locator("#requests-table").count() == 0
+    assert await pg.input_value("#filters input[name=min_cost_usd]") == "abc"
+
+    # The same link opened fresh: the bar to fix it, no "Loading…" forever.
+    ctx2, pg2, w2 = await open_page(pg.context.browser, srv.base)
+    try:
+        await pg2.goto(srv.base + "/#/requests?range=all&min_cost_usd=abc")
+        await expect(pg2.locator("main #pending.err")).to_contain_text("min_cost_usd", timeout=WAIT)
+        assert await pg2.input_value("#filters input[name=min_cost_usd]") == "abc"
+        w2.errors = [e for e in w2.errors if "400 (Bad Request)" not in e]
+        w2.check()
+    finally:
+        await ctx2.close()
+
+    # A bad custom time says which field is wrong, in every view that reads it.
+    for view in ("requests", "overview", "sessions"):
+        await pg.goto(f"{srv.base}/#/{view}?range=custom&since=yesterday")
+        await expect(pg.locator("#banner")).to_contain_text(
+            "From (UTC): “yesterday” is not a time", timeout=WAIT
+        )
+        assert await pg.input_value("#filters input[name=since]") == "yesterday"
+        assert "Invalid time value" not in (await pg.locator("#banner").text_content() or "")
+
+    # A page that does not exist says so.
+    await pg.goto(srv.base + "/#/nonsense")
+    await expect(pg.locator("main h1")).to_have_text("No such page", timeout=WAIT)
+    assert await pg.locator("#requests-table, #filters").count() == 0
+    await pg.click("main a[href='#/requests']")
+    await pg.wait_for_selector("#filters", timeout=WAIT)
+    await expect(pg.locator("#banner")).to_be_hidden()
+    w.errors = [e for e in w.errors if "400 (Bad Request)" not in e]  # the refused calls, logged

@@ -50,7 +50,16 @@ function safeHref(v) {
 const clear = (el) => { el.replaceChildren(); return el; };
 /** Replace an element's children (null and false skipped, arrays flattened, values as text). */
 const fill = (el, ...children) => append(clear(el), children);
-const render = (...children) => fill(main, ...children);
+let renders = 0; // how many times a view drew main (an error before its first draw clears it)
+const render = (...children) => { renders += 1; return fill(main, ...children); };
+
+/**
+ * A view's heading and filter bar at once, its data to come: a bad filter value leaves the bar
+ * on screen to fix it, and the previous view's data never stays under an error.
+ */
+function renderPending(title, bar) {
+  render(h("h1", {}, title), bar, h("p", { class: "muted", id: "pending" }, "Loading…"));
+}
 
 // -- formatting ----------------------------------------------------------------------------------
 
@@ -219,14 +228,23 @@ async function route() {
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.view === view);
   banner.hidden = true;
   const views = { requests: viewRequests, overview: viewOverview, sessions: viewSessions, users: viewUsers, live: viewLive, pipeline: viewPipeline };
-  const fn = views[view] || viewRequests;
-  document.title = "llmtap · " + (views[view] ? view : "requests");
+  const fn = views[view] || viewNotFound;
+  document.title = "llmtap · " + (views[view] ? view : "no such page");
+  const drawn = renders;
   try {
     await fn(id, params);
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) return;
     showError(e);
+    const pending = document.getElementById("pending");
+    if (pending) fill(pending, "Nothing shown: " + e.message).className = "err";
+    else if (renders === drawn) render(h("p", { class: "err", id: "pending" }, "Nothing shown: " + e.message));
   }
+}
+
+function viewNotFound() {
+  render(h("h1", {}, "No such page"),
+    h("p", {}, "This dashboard has no page “", location.hash, "”. Try ", h("a", { href: "#/requests" }, "Requests"), " or ", h("a", { href: "#/overview" }, "Overview"), "."));
 }
 
 function showError(e) {
@@ -421,11 +439,12 @@ function requestTable(rows, params, view = "requests") {
 
 async function viewRequests(id, params) {
   currentParams = params;
+  const colsInput = h("label", {}, "Columns", h("input", { name: "cols", value: params.get("cols") || "", placeholder: "property names", size: 12, autocomplete: "off" }));
+  const bar = filterBar(params, "requests", { extra: [colsInput], search: true });
+  renderPending("Requests", bar);
   const q = apiFilters(params, "24h", { search: true });
   for (const k of ["sort", "order", "cursor"]) if (params.get(k)) q.set(k, params.get(k));
   q.set("limit", "50");
-  const colsInput = h("label", {}, "Columns", h("input", { name: "cols", value: params.get("cols") || "", placeholder: "property names", size: 12, autocomplete: "off" }));
-  const bar = filterBar(params, "requests", { extra: [colsInput], search: true });
   const exportQ = apiFilters(params, "24h", { search: true });
   const exp = (fmt) => h("button", { type: "button", class: "export", "data-format": fmt, onclick: () => download(fmt, exportQ) }, "Export " + fmt.toUpperCase());
   const page = await api("/api/v1/requests?" + q.toString());
@@ -714,6 +733,10 @@ function chart(uPlot, el, title, unit, xs, series, opts = {}) {
 
 async function viewOverview(id, params) {
   const defaultRange = "24h";
+  const groupProp = params.get("group") || "";
+  const groupInput = h("label", {}, "Group by property", h("input", { name: "group", value: groupProp, placeholder: "e.g. feature", size: 12, autocomplete: "off" }));
+  const bar = filterBar(params, "overview", { defaultRange, extra: [groupInput] });
+  renderPending("Overview", bar);
   const range = rangeOf(params, defaultRange);
   const bucket = bucketFor((range.until - range.since) / 1000);
   // The range widens to whole (UTC) buckets: every bucket charted is complete at its start, and
@@ -726,11 +749,9 @@ async function viewOverview(id, params) {
   const q = apiFilters(params, defaultRange);
   q.set("since", since.toISOString());
   if (custom) q.set("until", until.toISOString()); else q.delete("until");  // a preset runs to now
-  const groupProp = params.get("group") || "";
   const withGroup = (g) => { const x = new URLSearchParams(q); x.set("group_by", g); return x; };
   // One call gives the totals, the time series and the top models.
   const bq = withGroup("model"); bq.set("bucket", bucket);
-  const groupInput = h("label", {}, "Group by property", h("input", { name: "group", value: groupProp, placeholder: "e.g. feature", size: 12, autocomplete: "off" }));
   // Top users come from the per-user day rollups, asked for beside the charts' data (both are
   // rollup reads). Users are rolled up per whole UTC day: over 3 days or more, the top users'
   // range starts at the day's start (the box says so), which the rollups answer (at 1M requests,
@@ -764,7 +785,7 @@ async function viewOverview(id, params) {
   const propsBox = propsP ? pendingBox(`Property “${groupProp}”`) : h("div", { class: "topbox" }, h("h3", {}, "Group by a property"), h("p", { class: "muted" }, "Type a property name in “Group by property” to break totals down by its values."));
   render(
     h("h1", {}, "Overview"),
-    filterBar(params, "overview", { defaultRange, extra: [groupInput] }),
+    bar,
     h("p", { class: "hint muted", id: "overview-range" }, `${fmtTime(since.toISOString())} to ${custom ? fmtTime(until.toISOString()) : "now"} (UTC), in whole ${bucket}s`,
       series.source === "rollups" ? ` · from rollups (percentiles within ${Math.round(series.percentile_relative_error * 100)}%)` : ""),
     h("div", { class: "tiles" },
@@ -838,6 +859,8 @@ function apiFiltersView(params) {
 async function viewSessions(id, params) {
   if (id) return viewSession(id, params);
   const defaultRange = "7d";
+  const bar = filterBar(params, "sessions", { defaultRange });
+  renderPending("Sessions", bar);
   const q = apiFilters(params, defaultRange);
   if (params.get("cursor")) q.set("cursor", params.get("cursor"));
   q.set("limit", "50");
@@ -847,7 +870,7 @@ async function viewSessions(id, params) {
     page.next_cursor ? h("a", { class: "button", id: "next-page", href: hashFor("sessions", null, withParam(params, "cursor", page.next_cursor)) }, "Next page →") : null);
   render(
     h("h1", {}, "Sessions"),
-    filterBar(params, "sessions", { defaultRange }),
+    bar,
     page.items.length ? h("table", { class: "grid", id: "sessions-table" },
       h("thead", {}, h("tr", {}, ["Session", "First request (UTC)", "Last request (UTC)", "Requests", "Errors", "Tokens", "Cost"].map((t, i) => h("th", { class: i > 2 ? "num" : "" }, t)))),
       h("tbody", {}, page.items.map((g) => h("tr", { "data-session": g.session_id },
