@@ -1079,3 +1079,13 @@ async def test_errors_leave_the_filter_bar_and_no_stale_data(srv: Srv, page: tup
     await pg.wait_for_selector("#filters", timeout=WAIT)
     await expect(pg.locator("#banner")).to_be_hidden()
     w.errors = [e for e in w.errors if "400 (Bad Request)" not in e]  # the refused calls, logged
+
+
+async def test_the_ttft_tile_says_what_it_covers(srv: Srv, page: tuple[Any, Watch]) -> None:
+    """Its percentiles include non-streamed requests (their TTFT is their latency): it says so."""
+    pg, _ = page
+    await pg.goto(srv.base + "/#/overview?range=all")
+    sub = pg.locator(".tile", has_text="TTFT p50 / p95").locator(".tsub")
+    await playwright_api.expect(sub).to_have_text(
+        "all requests (non-streamed: their whole latency)", timeout=WAIT
+    )

@@ -702,6 +702,10 @@ function bucketFor(seconds) {
 }
 const BUCKET_SECS = { minute: 60, hour: 3600, day: 86400 };
 
+// The gateway records a non-streamed request's time to first token as its whole latency, and the
+// stats cannot be limited to streamed requests: the TTFT tile says what its percentiles cover.
+const TTFT_NOTE = "all requests (non-streamed: their whole latency)";
+
 function tile(label, value, sub, cls) {
   return h("div", { class: "tile " + (cls || "") }, h("div", { class: "tlabel" }, label), h("div", { class: "tvalue" }, value), sub ? h("div", { class: "tsub" }, sub) : null);
 }
@@ -795,7 +799,7 @@ async function viewOverview(id, params) {
       tile("Unpriced requests", fmtInt(o.unpriced_count), "no price known: excluded from cost", o.unpriced_count ? "warn" : ""),
       tile("Tokens", fmtInt(o.total_tokens), `${fmtInt(o.prompt_tokens)} in · ${fmtInt(o.completion_tokens)} out`),
       tile("Latency p50 / p95", `${fmtMs(o.latency_ms.p50)} / ${fmtMs(o.latency_ms.p95)}`, "p99 " + fmtMs(o.latency_ms.p99)),
-      tile("TTFT p50 / p95", `${fmtMs(o.time_to_first_token_ms.p50)} / ${fmtMs(o.time_to_first_token_ms.p95)}`, "streamed requests")),
+      tile("TTFT p50 / p95", `${fmtMs(o.time_to_first_token_ms.p50)} / ${fmtMs(o.time_to_first_token_ms.p95)}`, TTFT_NOTE)),
     charts,
     h("div", { class: "tops" }, topTable("Top models", "model", series.groups, params), usersBox, propsBox));
   const slot = (name) => { const el = h("div", { class: "chart", "data-chart": name }); charts.append(el); return el; };
