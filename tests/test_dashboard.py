@@ -907,6 +907,7 @@ def crafted_records() -> dict[str, LogRecord]:
             3, 0, streamed=True, error="Overloaded", usage=Usage(source="partial", prompt_tokens=92)
         ),
         "cut": rec(4, 0, streamed=True, outcome="upstream_cut"),
+        "long_user": rec(5, 0, user_id="u" * 256, properties={"feature": "f" * 120, "env": "e" * 120}),
     }
 
 
@@ -1089,3 +1090,40 @@ async def test_the_ttft_tile_says_what_it_covers(srv: Srv, page: tuple[Any, Watc
     await playwright_api.expect(sub).to_have_text(
         "all requests (non-streamed: their whole latency)", timeout=WAIT
     )
+
+
+async def test_wide_tables_scroll_in_their_box_and_the_nav_fits_a_phone(
+    crafted: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    s, recs = crafted
+    long_user = recs["long_user"]
+    ctx, pg, w = await open_page(browser, s.base)
+    try:
+        await pg.set_viewport_size({"width": 1280, "height": 900})
+        await pg.goto(s.base + "/#/requests?range=all&cols=feature,env")
+        row = pg.locator(f'#requests-table tr[data-id="{long_user.id}"]')
+        await row.wait_for(timeout=WAIT)
+        assert await pg.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        user = row.locator("td:nth-child(5) a")
+        assert await user.get_attribute("title") == f"{long_user.user_id} (click to filter by user_id)"
+        box = await user.bounding_box()
+        assert box and box["width"] <= 230
+        prop = row.locator("td:nth-child(13) span")
+        assert await prop.get_attribute("title") == "f" * 120
+        assert (await prop.bounding_box() or {"width": 999})["width"] <= 230
+        await pg.screenshot(path="/tmp/dash-shots/requests-1280-long-values.png")
+
+        # A phone: every page of the nav is on screen and reachable.
+        await pg.set_viewport_size({"width": 390, "height": 800})
+        await pg.goto(s.base + "/#/requests?range=all")
+        await pg.wait_for_selector("#requests-table", timeout=WAIT)
+        for link in await pg.locator("#nav a").all():
+            b = await link.bounding_box()
+            assert b and b["x"] >= 0 and b["x"] + b["width"] <= 390, (await link.text_content(), b)
+        assert await pg.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        await pg.screenshot(path="/tmp/dash-shots/requests-390.png")
+        await pg.click("#nav a[data-view=pipeline]")
+        await pg.wait_for_selector("#partitions, main p.muted", timeout=WAIT)
+        w.check()
+    finally:
+        await ctx.close()

@@ -399,7 +399,7 @@ function sortHeader(label, key, params, cls) {
 function requestRow(row, params, propCols, view = "requests") {
   const filterLink = (key, value, text) =>
     value === null || value === undefined ? h("span", { class: "muted" }, "–")
-      : h("a", { href: hashFor("requests", null, withParam(params, key, value)), title: "filter by " + key }, text ?? value);
+      : h("a", { href: hashFor("requests", null, withParam(params, key, value)), title: `${value} (click to filter by ${key})` }, text ?? value);
   const tr = h("tr", { "data-id": row.id, tabindex: "-1" },
     h("td", { class: "nowrap", title: row.created_at }, fmtTime(row.created_at)),
     h("td", {}, statusCell(row)),
@@ -416,7 +416,7 @@ function requestRow(row, params, propCols, view = "requests") {
     h("td", { class: "num" }, fmtMs(row.latency_ms)),
     h("td", { class: "num" }, fmtMs(row.time_to_first_token_ms)),
     h("td", {}, row.streamed ? "yes" : "no"),
-    ...propCols.map((c) => h("td", { class: "ellipsis" }, (row.properties || {})[c] ?? "–")));
+    ...propCols.map((c) => h("td", { class: "ellipsis" }, capped((row.properties || {})[c] ?? "–"))));
   tr.addEventListener("click", (ev) => {
     if (ev.target.closest("a")) return;
     go(view, row.id, params);
@@ -428,14 +428,19 @@ function requestTable(rows, params, view = "requests") {
   const propCols = requestColumns(params);
   const sortable = view === "requests";
   const th = (label, key, cls) => (sortable && key ? sortHeader(label, key, params, cls) : h("th", { class: cls }, label));
-  return h("table", { class: "grid", id: "requests-table" },
+  return scroller(h("table", { class: "grid", id: "requests-table" },
     h("thead", {}, h("tr", {},
       th("Time (UTC)", "time"), th("Status"), th("Provider"), th("Model"), th("User"), th("Session"),
       th("Tokens in", null, "num"), th("Tokens out", null, "num"), th("Cost", "cost", "num"),
       th("Latency", "latency", "num"), th("TTFT", null, "num"), th("Streamed"),
       ...propCols.map((c) => h("th", {}, c)))),
-    h("tbody", {}, rows.map((r) => requestRow(r, params, propCols, view))));
+    h("tbody", {}, rows.map((r) => requestRow(r, params, propCols, view)))));
 }
+
+/** A wide table scrolls sideways in its own box, never the whole page. */
+const scroller = (table) => h("div", { class: "table-scroll" }, table);
+/** A long value cut with an ellipsis (CSS: td.ellipsis > *), whole in its tooltip. */
+const capped = (v) => h("span", { title: String(v) }, String(v));
 
 async function viewRequests(id, params) {
   currentParams = params;
@@ -843,7 +848,7 @@ function topTable(title, key, groups, params, note) {
         for (const [k, v] of apiFiltersView(params)) next.set(k, v);
         if (g.key !== null) next.set(key, String(g.key));
         return h("tr", {},
-          h("td", { class: "ellipsis" }, g.key === null ? h("span", { class: "muted" }, "(none)") : h("a", { href: hashFor("requests", null, next) }, String(g.key)),
+          h("td", { class: "ellipsis" }, g.key === null ? h("span", { class: "muted" }, "(none)") : h("a", { href: hashFor("requests", null, next), title: String(g.key) }, String(g.key)),
             h("div", { class: "bar", "data-w": Math.round((g.count / total) * 100) })),
           h("td", { class: "num" }, fmtInt(g.count)),
           h("td", { class: "num" }, g.unpriced_count === g.count ? costCell(null) : fmtUsd(g.cost_usd)),
@@ -875,14 +880,14 @@ async function viewSessions(id, params) {
   render(
     h("h1", {}, "Sessions"),
     bar,
-    page.items.length ? h("table", { class: "grid", id: "sessions-table" },
+    page.items.length ? scroller(h("table", { class: "grid", id: "sessions-table" },
       h("thead", {}, h("tr", {}, ["Session", "First request (UTC)", "Last request (UTC)", "Requests", "Errors", "Tokens", "Cost"].map((t, i) => h("th", { class: i > 2 ? "num" : "" }, t)))),
       h("tbody", {}, page.items.map((g) => h("tr", { "data-session": g.session_id },
-        h("td", { class: "ellipsis" }, h("a", { href: hashFor("sessions", g.session_id, null) }, g.session_id)),
+        h("td", { class: "ellipsis" }, h("a", { href: hashFor("sessions", g.session_id, null), title: g.session_id }, g.session_id)),
         h("td", { class: "nowrap" }, fmtTime(g.first_at)), h("td", { class: "nowrap" }, fmtTime(g.last_at)),
         h("td", { class: "num" }, fmtInt(g.count)), h("td", { class: "num" }, fmtInt(g.error_count)),
         h("td", { class: "num" }, fmtInt(g.total_tokens)),
-        h("td", { class: "num" }, g.unpriced_count === g.count ? costCell(null) : fmtUsd(g.cost_usd)))))) : h("p", { class: "empty" }, "No sessions in this range (send Llmtap-Session-Id to group requests)."),
+        h("td", { class: "num" }, g.unpriced_count === g.count ? costCell(null) : fmtUsd(g.cost_usd))))))) : h("p", { class: "empty" }, "No sessions in this range (send Llmtap-Session-Id to group requests)."),
     nav,
     h("p", { class: "hint muted" }, "Most recently active first; totals cover the session's requests in the range and filters."));
 }
@@ -976,11 +981,11 @@ async function viewUsers(id, params) {
   const res = await api("/api/v1/users?limit=500");
   render(
     h("h1", {}, "Users"),
-    res.items.length ? h("table", { class: "grid", id: "users-table" },
+    res.items.length ? scroller(h("table", { class: "grid", id: "users-table" },
       h("thead", {}, h("tr", {}, ["User", "Requests", "Cost", "Tokens", "Error rate", "First seen (UTC)", "Last seen (UTC)"].map((t, i) => h("th", { class: i && i < 5 ? "num" : "" }, t)))),
       h("tbody", {}, res.items.map((u) => {
         const tr = h("tr", { "data-user": u.user_id },
-          h("td", { class: "ellipsis" }, h("a", { href: hashFor("requests", null, new URLSearchParams({ user_id: u.user_id, range: "all" })) }, u.user_id)),
+          h("td", { class: "ellipsis" }, h("a", { href: hashFor("requests", null, new URLSearchParams({ user_id: u.user_id, range: "all" })), title: u.user_id }, u.user_id)),
           h("td", { class: "num" }, fmtInt(u.count)),
           h("td", { class: "num" }, u.unpriced_count === u.count ? costCell(null) : fmtUsd(u.cost_usd)),
           h("td", { class: "num" }, fmtInt(u.total_tokens)),
@@ -989,7 +994,7 @@ async function viewUsers(id, params) {
           h("td", { class: "nowrap" }, fmtTime(u.last_at)));
         tr.addEventListener("click", (ev) => { if (!ev.target.closest("a")) go("requests", null, new URLSearchParams({ user_id: u.user_id, range: "all" })); });
         return tr;
-      }))) : h("p", { class: "empty" }, "No users yet (send Llmtap-User-Id with requests)."),
+      })))) : h("p", { class: "empty" }, "No users yet (send Llmtap-User-Id with requests)."),
     h("p", { class: "hint muted" }, "Most recently active first; click a user to see their requests."));
 }
 
@@ -1022,9 +1027,9 @@ async function viewLive(id, params) {
     h("h1", {}, "Live tail"),
     filterBar(params, "live", { defaultRange: "all", search: true }),
     h("div", { class: "pager" }, pauseBtn, status, countEl),
-    h("table", { class: "grid", id: "requests-table" },
+    scroller(h("table", { class: "grid", id: "requests-table" },
       h("thead", {}, h("tr", {}, ["Time (UTC)", "Status", "Provider", "Model", "User", "Session", "Tokens in", "Tokens out", "Cost", "Latency", "TTFT", "Streamed", ...propCols].map((t) => h("th", {}, t)))),
-      tbody),
+      tbody)),
     h("p", { class: "hint muted" }, "Requests appear here as soon as they are stored, newest on top, filtered like the table (the body search included)."));
   const ctrl = new AbortController();
   onLeave(() => ctrl.abort());
@@ -1101,13 +1106,13 @@ async function viewPipeline() {
     dl === null ? h("p", { class: "muted" }, "Dead letters hold every tenant's records: in multi-tenant mode list and replay them with `llmtap dlq`.")
       : dl.length ? [
         h("p", {}, h("button", { type: "button", id: "replay-all", onclick: () => replay({ all: true }) }, "Replay all")),
-        h("table", { class: "grid", id: "dead-letters" },
+        scroller(h("table", { class: "grid", id: "dead-letters" },
           h("thead", {}, h("tr", {}, ["Id", "Request", "Partition", "Offset", "Key", "Failed at (UTC)", "Reason", ""].map((t) => h("th", {}, t)))),
           h("tbody", {}, dl.map((d) => h("tr", {},
-            h("td", { class: "ellipsis" }, d.id), h("td", { class: "ellipsis wide request", title: d.request_id || "" }, d.request_id || "–"),
-            h("td", {}, String(d.partition)), h("td", {}, String(d.offset)), h("td", { class: "ellipsis" }, d.key),
+            h("td", { class: "ellipsis" }, capped(d.id)), h("td", { class: "ellipsis wide request" }, capped(d.request_id || "–")),
+            h("td", {}, String(d.partition)), h("td", {}, String(d.offset)), h("td", { class: "ellipsis" }, capped(d.key)),
             h("td", { class: "nowrap" }, fmtTime(d.failed_at)), h("td", { class: "reason" }, d.reason),
-            h("td", {}, h("button", { type: "button", class: "replay", onclick: () => replay({ ids: [d.id] }) }, "Replay"))))))]
+            h("td", {}, h("button", { type: "button", class: "replay", onclick: () => replay({ ids: [d.id] }) }, "Replay")))))))]
         : h("p", { class: "muted" }, "No dead letters."));
 }
 
