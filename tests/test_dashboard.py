@@ -1127,3 +1127,26 @@ async def test_wide_tables_scroll_in_their_box_and_the_nav_fits_a_phone(
         w.check()
     finally:
         await ctx.close()
+
+
+async def test_a_new_page_opens_at_its_top_and_back_returns_where_it_was(
+    srv: Srv, page: tuple[Any, Watch]
+) -> None:
+    pg, _ = page
+    first = await srv.get("/api/v1/requests?limit=50")
+    second = await srv.get("/api/v1/requests?limit=50&cursor=" + first["next_cursor"])
+    await pg.goto(srv.base + "/#/requests?range=all")
+    await wait_rows(pg, [r["id"] for r in first["items"]])
+    await pg.locator("#next-page").scroll_into_view_if_needed()
+    bottom = await pg.evaluate("window.scrollY")
+    assert bottom > 500
+    await pg.click("#next-page")
+    await wait_rows(pg, [r["id"] for r in second["items"]])
+    assert await pg.evaluate("window.scrollY") == 0
+    await pg.go_back()
+    await wait_rows(pg, [r["id"] for r in first["items"]])
+    await pg.wait_for_function("y => Math.abs(window.scrollY - y) <= 2", arg=bottom, timeout=WAIT)
+    # Another view, from the nav: its top too.
+    await pg.click("nav a[data-view=sessions]")
+    await pg.wait_for_selector("#sessions-table", timeout=WAIT)
+    assert await pg.evaluate("window.scrollY") == 0

@@ -204,6 +204,7 @@ function hashFor(view, id, params) {
 }
 
 function go(view, id, params) {
+  navigated = true;
   const next = hashFor(view, id, params);
   if (location.hash !== next) location.hash = next;
   else route();
@@ -214,7 +215,18 @@ function onLeave(fn) { cleanup.push(fn); }
 
 let lastRoute = null;
 
+// Scroll: a navigation made on the page (a link, Apply, a key) opens the next view at its top;
+// Back and Forward return to where that view was left. (The browser's own restoration runs
+// before a view has drawn, so it is turned off.)
+let navigated = false;
+const scrollMemo = new Map(); // hash -> scrollY when it was left
+let shownHash = location.hash;
+history.scrollRestoration = "manual";
+document.addEventListener("click", (ev) => { if (ev.target.closest && ev.target.closest('a[href^="#/"]')) navigated = true; }, true);
+
 async function route() {
+  const byPage = navigated;
+  navigated = false;
   const { view, id, params } = parseHash();
   // Only the open request changed (J/K, Esc, a row click): keep the view (and a live tail) as it is.
   const key = view + "?" + params.toString();
@@ -231,8 +243,11 @@ async function route() {
   const fn = views[view] || viewNotFound;
   document.title = "llmtap · " + (views[view] ? view : "no such page");
   const drawn = renders;
+  const hash = location.hash;
+  if (byPage) window.scrollTo(0, 0);
   try {
     await fn(id, params);
+    if (!byPage && scrollMemo.has(hash) && location.hash === hash) window.scrollTo(0, scrollMemo.get(hash));
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) return;
     showError(e);
@@ -252,7 +267,11 @@ function showError(e) {
   banner.textContent = "Error: " + (e && e.message ? e.message : String(e));
 }
 
-window.addEventListener("hashchange", route);
+window.addEventListener("hashchange", () => {
+  scrollMemo.set(shownHash, window.scrollY);
+  shownHash = location.hash;
+  route();
+});
 
 // -- filters shared by requests, overview, live and export ----------------------------------------
 
