@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from llmtap import keys
@@ -841,6 +842,49 @@ async def test_postgres_outage_is_transient_then_recovers_exactly_once() -> None
         finally:
             await store.close()
             await proxy.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_made_again_empty_is_an_outage_and_the_store_migrates_it() -> None:
+    """The database dropped and created again under a running worker: every write met
+    `relation "requests" does not exist`, which was the record's fault (five tries, then a
+    dead letter: an outside check counted 367) until someone restarted the worker. It is an
+    outage now, and the next write makes the tables again and stores the batch."""
+    from urllib.parse import urlsplit
+
+    from llmtap.store.postgres import PostgresStore
+
+    admin = pg_url()
+    assert admin is not None
+    async with pg_database() as url:
+        name = urlsplit(url).path.lstrip("/")
+        store = PostgresStore(url, min_size=2, max_size=2)
+        await store.connect()
+        try:
+            assert await store.write_batch([rec(i) for i in range(10)]) == 10
+            conn = await asyncpg.connect(admin)
+            try:
+                await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+            batch = [rec(i) for i in range(10, 20)]
+            outages = 0
+            deadline = time.monotonic() + 60
+            while True:  # as the worker retries a batch: TransientError means "again later"
+                try:
+                    assert await store.write_batch(batch) == 10
+                    break
+                except TransientError:
+                    outages += 1
+                    assert time.monotonic() < deadline, "the store never made its tables again"
+                    await asyncio.sleep(0.1)
+            assert outages >= 1  # the first write met the empty database
+            assert {r["id"] for r in await all_pages(store, "acme", limit=100)} == {r.id for r in batch}
+            assert (await store.stats("acme", StatsQuery()))["overall"]["count"] == 10
+        finally:
+            await store.close()
 
 
 @pytest.mark.postgres

@@ -267,6 +267,7 @@ class PostgresWebhooks(WebhookDB):
 
 
 # Errors that mean "the database is not reachable or not accepting work right now".
+_SESSION = {"timezone": "UTC", "application_name": "llmtap"}
 #: What a server answers to a URL naming a database or role it does not have, or a wrong
 #: password: a setting to fix, not an outage to wait out.
 _WRONG_URL: tuple[type[BaseException], ...] = (
@@ -325,6 +326,7 @@ class PostgresStore(Store):
         self._min, self._max = min_size, max_size
         self._pool: asyncpg.Pool | None = None
         self._months: set[tuple[int, int]] = set()
+        self._schema_lost = False  # an UndefinedTableError was seen: `_restore` before writing
         self._outbox = False  # the webhook tables exist (not in a database migrated part-way)
         self._partition_mutex = asyncio.Lock()
         self._outage: str | None = None  # the reason, while PostgreSQL is unreachable
@@ -351,6 +353,12 @@ class PostgresStore(Store):
         except _TRANSIENT as e:
             self._down(e)
             raise TransientError(f"PostgreSQL at {self._where} unavailable: {_reason(e)}") from e
+        except asyncpg.exceptions.UndefinedTableError as e:
+            # Not the record's fault: the schema is gone. An outage until `_restore` ran.
+            if not self._schema_lost:
+                self._schema_lost = True
+                log.warning("PostgreSQL at %s lost llmtap's tables (%s); making them again", self._where, e)
+            raise TransientError(f"PostgreSQL at {self._where} has no llmtap tables: {_reason(e)}") from e
         self._up()
 
     def _p(self) -> asyncpg.Pool:
@@ -384,7 +392,7 @@ class PostgresStore(Store):
     async def connect(self) -> None:
         if self._pool is not None:
             return
-        settings = {"timezone": "UTC", "application_name": "llmtap"}
+        settings = _SESSION
         try:
             conn = await asyncpg.connect(self.url, timeout=10, server_settings=settings)
         except _WRONG_URL as e:  # the server answered: this database or role is not there
@@ -414,20 +422,39 @@ class PostgresStore(Store):
             _STORES.add(self)
         except Exception as e:
             raise BackendUnavailable(f"cannot connect to PostgreSQL at {self._where}: {_reason(e)}") from None
-        now = sql.now()
         with self._errors():
-            # A database migrated only part-way (tests of old versions) has no outbox yet, or not
-            # as this code reads it (endpoints with a payload format, version 9).
-            self._outbox = bool(
-                await self._p().fetchval(
-                    "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema ="
-                    " current_schema() AND table_name = 'webhook_endpoints' AND column_name = 'format')"
-                )
+            await self._load_schema()
+
+    async def _load_schema(self) -> None:
+        """What this store reads from the schema once connected (and again after `_restore`)."""
+        now = sql.now()
+        # A database migrated only part-way (tests of old versions) has no outbox yet, or not
+        # as this code reads it (endpoints with a payload format, version 9).
+        self._outbox = bool(
+            await self._p().fetchval(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema ="
+                " current_schema() AND table_name = 'webhook_endpoints' AND column_name = 'format')"
             )
-            await self._load_partitions()
-            await self._ensure_partitions(
-                {(now.year, now.month), _month_of(to_micros(_month_start(now.year, now.month + 1)))}
-            )
+        )
+        await self._load_partitions()
+        await self._ensure_partitions(
+            {(now.year, now.month), _month_of(to_micros(_month_start(now.year, now.month + 1)))}
+        )
+
+    async def _restore(self) -> None:
+        """The tables went away under a running store (the database dropped and made again, a
+        restore from an empty dump): migrate again, so work resumes without a restart and
+        without dead-lettering every record as if it were at fault."""
+        with self._errors():
+            # Not through the pool: its connections make their staging table from `requests`.
+            conn = await asyncpg.connect(self.url, timeout=10, server_settings=_SESSION)
+            try:
+                await self._migrate(conn)
+            finally:
+                await conn.close()
+            await self._load_schema()
+        self._schema_lost = False
+        log.warning("PostgreSQL at %s: llmtap's tables made again; storing resumes", self._where)
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
         await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
@@ -549,6 +576,8 @@ class PostgresStore(Store):
             rows.append(tuple(v))
         if not rows:
             return 0
+        if self._schema_lost:
+            await self._restore()
         with self._errors():
             for attempt in range(2):
                 await self._ensure_partitions(months)

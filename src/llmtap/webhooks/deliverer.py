@@ -222,6 +222,7 @@ class Deliverer:
 
     async def _run(self) -> None:
         quiet = 0
+        outage = False
         while True:
             got = 0
             try:
@@ -233,8 +234,13 @@ class Deliverer:
                     t = asyncio.create_task(self._deliver(d))
                     self._tasks.add(t)
                     t.add_done_callback(self._tasks.discard)
+                if outage:
+                    outage = False
+                    log.warning("webhook outbox available again")
             except TransientError as e:
-                log.warning("webhook outbox unavailable: %s", e)
+                if not outage:  # one line when it goes (and one when it is back), not per round
+                    outage = True
+                    log.warning("webhook outbox unavailable: %s", e)
             except Exception:
                 log.exception("webhook deliverer round failed")
             quiet = 0 if got else min(quiet + 1, 8)
