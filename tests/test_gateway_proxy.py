@@ -818,7 +818,9 @@ async def test_hanging_sinks_never_delay_a_response(
                 assert q.publish_calls >= 1 and not q.messages
             else:
                 await wait_for(lambda: bool(received) and b"/api/v1/ingest" in received[0], 10)
-            assert svc.publisher.published == 0
+            # Nothing reached a store through them (the spool may have taken some already: a
+            # batch a sink has not taken in `publish_spool_after_ms` is spooled too).
+            assert not svc.publisher.routes["queue"] and not svc.publisher.routes["ingest"]
 
         def pct(name: str, p: float) -> float:
             v = sorted(times[name])

@@ -490,3 +490,52 @@ def test_recorded_headers_hold_their_limits_and_mask_queries(values: list[str], 
         for i, v in enumerate(values):
             assert kept[f"x-h{i}"] == (v if "?" not in v else "https://h/p?api_key=***")
     assert "sk-secret" not in orjson.dumps(rec.request_headers).decode()
+
+
+class HungQueue(MemoryQueue):
+    """A broker that takes the connection and never answers (frozen, not refusing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self.calls += 1
+        await self.release.wait()
+        await super().publish(messages)
+
+
+async def test_a_hung_queue_does_not_keep_records_in_memory_only(tmp_path: Path) -> None:
+    """An outside check froze Kafka (SIGSTOP) and then killed the gateway: the 3 s of records
+    waiting on the 5 s publish timeout were in memory only, and all 150 were lost. A batch the
+    queue has not taken in `publish_spool_after_ms` now goes to the fsynced spool too; the
+    next batches skip the hung queue (its breaker) and go there at once. A record the queue
+    also takes later is stored once (one row per id)."""
+    from llmtap.gateway.sinks import SpoolSink, _unframe
+    from llmtap.gateway.spool import DiskSpool
+
+    q = HungQueue()
+    spool = DiskSpool(tmp_path / "spool", 1 << 30)
+    s = settings(tmp_path, publish_batch_size=10, publish_spool_after_ms=200.0)
+    pub = Publisher(s, [QueueSink(q), SpoolSink(spool)])
+    await pub.start()
+    try:
+        for i in range(30):
+            pub.submit(capture(i))
+
+        await wait_for(lambda: pub.published == 30, timeout=30)
+        assert pub.hedged == 10 and pub.pending == 0 and q.messages == []
+        # What a gateway killed now leaves behind: its spool segments, read as at a restart
+        # (the kernel closes a dead process's files; closing ours releases the segment's lock).
+        spool.close()
+        reader = DiskSpool(tmp_path / "spool", 1 << 30)
+        segments = reader.segments_for_replay()
+        frames = [v for seg in segments for batch in reader.replay(seg) for v in batch]
+        got = sorted(decode(_unframe(v).value).id for v in frames)
+        assert got == sorted(capture(i).id for i in range(30))
+        assert q.calls == 1  # one batch waited on the queue; the others went straight on
+        q.release.set()  # the broker wakes up: its batch arrives too (the store keeps one row)
+        await wait_for(lambda: len(q.messages) == 10, timeout=30)
+    finally:
+        await pub.stop(timeout=5)

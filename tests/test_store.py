@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from llmtap import keys
-from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.errors import BackendUnavailable, ConfigError, TransientError
 from llmtap.record import Body, Usage
 from llmtap.store.base import ListQuery, StatsQuery, Store
 from llmtap.store.query import decode_cursor, encode_cursor
@@ -751,7 +751,8 @@ async def test_postgres_unreachable_is_one_sentence() -> None:
     with pytest.raises(BackendUnavailable) as e:
         await PostgresStore(f"postgresql://u:secret@127.0.0.1:{port}/db").connect()
     assert str(e.value) == f"cannot connect to PostgreSQL at 127.0.0.1:{port}: connection refused"
-    with pytest.raises(BackendUnavailable, match=r"^cannot connect to PostgreSQL at .*does not exist"):
+    # The server answers that the database is not there: a setting to fix, not an outage.
+    with pytest.raises(ConfigError, match=r"^invalid setting LLMTAP_STORE: PostgreSQL at .*does not exist"):
         url = pg_url() or ""
         await PostgresStore(url.rsplit("/", 1)[0] + "/no_such_db_" + uuid.uuid4().hex[:6]).connect()
 

@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         20.0, ge=0, description="group commit: how long the publisher waits to fill a batch"
     )
     publish_buffer_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    publish_spool_after_ms: float = Field(
+        2000.0,
+        ge=0,
+        description="a batch the queue has not taken in this long goes to the disk spool too"
+        " (a hung broker must not keep records in memory only); 0: never",
+    )
     shutdown_timeout: float = Field(30.0, gt=0, description="seconds to drain on SIGTERM")
     ingest_url: str | None = Field(
         None, description="fallback: the llmtap server's base URL; default http://HOST:SERVER_PORT"

@@ -59,6 +59,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmtap.gateway")
 
+
+def _ignore_result(task: asyncio.Future[None]) -> None:
+    """A publish left running after its records were spooled: its outcome no longer matters."""
+    if not task.cancelled():
+        task.exception()
+
+
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
 #: A batch that every sink rejects with something other than `BackendUnavailable` (a bug or a
@@ -163,6 +170,9 @@ class Publisher:
         #: counts join `llmtap_gateway_records_dropped_total`.
         self.dropped_elsewhere: list[Callable[[], int]] = []
         self.build_errors = 0
+        #: Records also written to the spool because the queue had not taken them in time.
+        self.hedged = 0
+        self.spool_after = settings.publish_spool_after_ms / 1000.0
         self.body_uploads = 0
         self.body_store_failures = 0
         self.bodies_spooled = 0  # records sent to the spool with a body above the inline limit
@@ -548,7 +558,8 @@ class Publisher:
                 if not send:
                     continue
             try:
-                await sink.send(send)
+                if await self._send(sink, send, last):
+                    sink = last  # the spool took them while the queue hung: counted as its
             except BackendUnavailable as e:
                 outage = True
                 self.failed += 1
@@ -577,6 +588,38 @@ class Publisher:
         if not outage:
             batch.poison_rounds += 1
         return False
+
+    async def _send(self, sink: Sink, records: list[LogRecord], last: Sink) -> bool:
+        """`sink.send`, but a publish that hangs (a broker frozen, not refusing) does not keep
+        the records in memory only: after `spool_after` seconds they go to the disk spool too
+        (True), and the queue's publish finishes or fails on its own. A record both take is
+        stored once (one row per id); a gateway killed meanwhile lost nothing but the wait."""
+        if self.spool_after <= 0 or sink is last or last.route != "spool":
+            await sink.send(records)
+            return False
+        task = asyncio.ensure_future(sink.send(records))
+        done, _ = await asyncio.wait({task}, timeout=self.spool_after)
+        if done:
+            task.result()
+            return False
+        try:
+            await last.send(records)
+        except Exception:  # no spool either: wait for the queue as before
+            await task
+            return False
+        task.add_done_callback(_ignore_result)
+        self.hedged += len(records)
+        # Until its breaker closes, the next batches skip the hung queue instead of each waiting.
+        wait = min(self._cooldown.get(id(sink), _BREAKER_MIN) * 2, _BREAKER_MAX)
+        self._cooldown[id(sink)] = wait
+        self._open_until[id(sink)] = time.monotonic() + wait
+        self._warn(
+            f"sink-{sink.route}-slow",
+            "%s has not taken a batch in %.1fs: its records went to the disk spool too",
+            sink.route,
+            self.spool_after,
+        )
+        return True
 
     async def _to_store(self, batch: _Batch) -> None:
         """Write the batch's bodies above the inline limit to the body store, before the records that
@@ -649,6 +692,11 @@ class _PublisherCollector(Collector):
         )
         yield CounterMetricFamily(
             "llmtap_gateway_body_uploads", "Large bodies written to the body store", value=p.body_uploads
+        )
+        yield CounterMetricFamily(
+            "llmtap_gateway_records_spooled_while_hung",
+            "Records written to the spool too because the queue had not taken them in time",
+            value=p.hedged,
         )
         yield CounterMetricFamily(
             "llmtap_gateway_records_spooled_for_bodies",

@@ -200,10 +200,16 @@ class SpoolReplayer:
         self._stop.clear()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="llmtap-spool-replay")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop replaying; a replay still waiting on a queue that hangs is cut after `timeout`
+        seconds (its segment stays on disk and is replayed again later, at least once)."""
         self._stop.set()
         if self._task is not None:
-            await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=timeout)
+            if not done:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
         thread, self._thread = self._thread, None
         if thread is not None:
