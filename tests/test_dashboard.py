@@ -1150,3 +1150,125 @@ async def test_a_new_page_opens_at_its_top_and_back_returns_where_it_was(
     await pg.click("nav a[data-view=sessions]")
     await pg.wait_for_selector("#sessions-table", timeout=WAIT)
     assert await pg.evaluate("window.scrollY") == 0
+
+
+# -- wire formats beyond chat: Gemini, embeddings; long prompts -----------------------------------
+
+
+def wire_records() -> dict[str, LogRecord]:
+    """Gemini (plain, SSE stream as the store keeps it, a stream answered as one JSON array), an
+    embeddings call, and an 80 KB prompt: one session, one user."""
+    import random
+
+    from llmtap.providers.gemini import reassemble_stream
+
+    rng = random.Random(5)
+    now = datetime.now(UTC) - timedelta(minutes=2)
+    done = Usage(source="provider", prompt_tokens=61, completion_tokens=18, total_tokens=79)
+
+    def rec(n: int, kind: int, **changes: Any) -> LogRecord:
+        at = now - timedelta(seconds=10 * n)
+        base = dd.record(n, at=at, rng=rng, kind=kind, session="wire", user="wire-user")
+        return msgspec.structs.replace(base, **{"status": 200, "error": None, "usage": done, **changes})
+
+    def body(value: Any) -> Any:
+        return dd._body(value)
+
+    req, resp = dd.gemini_generate("gemini-2.5-flash", "Plan a day in Milan", "Start at the Duomo at 9.")
+    raw = dd.gemini_stream_events(resp)
+    chunks = [orjson.loads(line[6:]) for line in raw.split(b"\r\n\r\n") if line]
+    long_text = "".join(f"line {i:05d} of a very long pasted document. " for i in range(2000))
+    assert len(long_text) >= 80_000
+    long_req, long_resp = dd.openai_chat("gpt-4o-mini", long_text, "A short answer.")
+    return {
+        "gemini": rec(
+            0, 6, streamed=False, path="/v1beta/models/gemini-2.5-flash:generateContent",
+            request_body=body(req), response_body=body(resp), response_events=None,
+        ),
+        "gemini_stream": rec(
+            1, 6, streamed=True, path="/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            request_body=body(req), response_body=body(reassemble_stream(raw).message),  # type: ignore[union-attr]
+            response_events=dd._body(raw, "text/event-stream"),
+        ),
+        "gemini_array": rec(
+            2, 6, streamed=True, path="/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            request_body=body(req), response_body=body(chunks), response_events=None,
+        ),
+        "embeddings": rec(3, 7, usage=Usage(source="provider", prompt_tokens=24, total_tokens=24)),
+        "long": rec(
+            4, 0, request_body=body(long_req), response_body=body(long_resp),
+            usage=Usage(source="provider", prompt_tokens=20_000, completion_tokens=4, total_tokens=20_004),
+        ),
+    }  # fmt: skip
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def wire(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[tuple[Srv, dict[str, LogRecord]]]:
+    records = wire_records()
+    async for s in _server(tmp_path_factory.mktemp("wire")):
+        await s.ingest(list(records.values()))
+        yield s, records
+
+
+SHOTS = Path("/tmp/dash2-shots")
+
+
+async def shot(pg: Any, name: str, **kw: Any) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await pg.screenshot(path=str(SHOTS / f"{name}.png"), **kw)
+
+
+def gemini_texts(content: dict[str, Any]) -> list[str]:
+    return [p["text"] for p in content["parts"] if "text" in p and not p.get("thought")]
+
+
+async def test_gemini_conversations_render_in_the_drawer_and_the_session(
+    wire: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    s, recs = wire
+    ctx, pg, w = await open_page(browser, s.base)
+    try:
+        for name in ("gemini", "gemini_stream", "gemini_array"):
+            row = await s.get("/api/v1/requests/" + recs[name].id)
+            req, resp = row["request_body"], row["response_body"]
+            if name == "gemini_stream":  # the store keeps the reassembled response, not the events
+                assert resp["candidates"][0]["content"]["parts"][-1] == {"text": "Start at the Duomo at 9."}
+                answer = gemini_texts(resp["candidates"][0]["content"])
+            elif name == "gemini_array":
+                answer = [" ".join(t for c in resp for t in gemini_texts(c["candidates"][0]["content"]))]
+            else:
+                answer = gemini_texts(resp["candidates"][0]["content"])
+            await pg.goto(f"{s.base}/#/requests/{row['id']}?range=all")
+            conv = pg.locator("#drawer .conversation")
+            await conv.wait_for(timeout=WAIT)
+            roles = await conv.locator(":scope > .msg > .role").all_text_contents()
+            assert roles == ["system", "user", "model", "tool", "model"], (name, roles)
+            msgs = conv.locator(":scope > .msg")
+            system = req["systemInstruction"]["parts"][0]["text"]
+            assert await msgs.nth(0).locator(".text").text_content() == system
+            assert await msgs.nth(1).locator(".text").text_content() == req["contents"][0]["parts"][0]["text"]
+            call = req["contents"][1]["parts"][0]["functionCall"]
+            assert "→ tool call " + call["name"] in (await msgs.nth(2).text_content() or "")
+            assert orjson.loads(await msgs.nth(2).locator("pre").text_content() or "") == call["args"]
+            result = req["contents"][2]["parts"][0]["functionResponse"]
+            assert orjson.loads(await msgs.nth(3).locator("pre").text_content() or "") == result["response"]
+            reply = msgs.nth(4)
+            assert "".join(await reply.locator(":scope > .text").all_text_contents()) == "".join(answer)
+            assert await reply.locator(".reasoning").count() == 1  # the thought part, folded
+            assert await msgs.nth(4).evaluate("m => m.classList.contains('role-assistant')")
+            if name == "gemini":
+                await shot(pg, "drawer-gemini")
+        # The session page shows each Gemini turn: the function result sent and the reply.
+        await pg.goto(s.base + "/#/sessions/wire")
+        li = pg.locator(f'.timeline li[data-id="{recs["gemini"].id}"]')
+        await playwright_api.expect(li.locator(".msg.role-assistant > .text")).to_have_text(
+            "Start at the Duomo at 9.", timeout=WAIT
+        )
+        assert await li.locator(".msg .role").all_text_contents() == ["tool", "model"]
+        assert "raw bodies" not in (await pg.locator(".timeline").text_content() or "")
+        await shot(pg, "session-gemini")
+        w.check()
+    finally:
+        await ctx.close()

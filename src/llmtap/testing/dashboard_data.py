@@ -1,10 +1,11 @@
 """Realistic records for the dashboard's browser tests, screenshots and benchmark.
 
-Each record carries real request and response bodies in the three wire formats the dashboard
-renders as conversations (OpenAI chat, OpenAI Responses, Anthropic messages), with tools,
-images, reasoning and streams; `hostile_record` puts markup and `javascript:` URLs in every
-text field a page shows. Bodies are inline (identity): the server's handler chain moves them to
-the body store and prices the usage, as it does for a gateway's records.
+Each record carries real request and response bodies in the wire formats the dashboard
+renders as conversations (OpenAI chat, OpenAI Responses, Anthropic messages, Gemini
+generateContent), with tools, images, reasoning and streams, and OpenAI embeddings;
+`hostile_record` puts markup and `javascript:` URLs in every text field a page shows. Bodies
+are inline (identity): the server's handler chain moves them to the body store and prices the
+usage, as it does for a gateway's records.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from llmtap.providers.gemini import reassemble_stream
 from llmtap.record import Body, LogRecord, Usage
 
 SCRIPT = "<script>window.__pwned = (window.__pwned || 0) + 1; alert('xss')</script>"
@@ -126,6 +128,73 @@ def anthropic_messages(model: str, question: str, answer: str) -> tuple[Any, Any
     return request, response
 
 
+WEATHER_ARGS = {"city": "Milan"}
+WEATHER = {"forecast": "sunny, 24 C"}
+
+
+def gemini_generate(model: str, question: str, answer: str) -> tuple[Any, Any]:
+    """A `generateContent` call as the Gemini API takes and answers it (camelCase JSON): a system
+    instruction, a function call and its response, then the reply with a thought part."""
+    request = {
+        "systemInstruction": {"parts": [{"text": "You plan city trips. Use the weather tool."}]},
+        "contents": [
+            {"role": "user", "parts": [{"text": question}]},
+            {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": WEATHER_ARGS}}]},
+            {
+                "role": "user",
+                "parts": [{"functionResponse": {"name": "get_weather", "response": WEATHER}}],
+            },
+        ],
+        "tools": [{"functionDeclarations": [{"name": "get_weather", "parameters": {"type": "object"}}]}],
+        "generationConfig": {"temperature": 0.4, "thinkingConfig": {"includeThoughts": True}},
+    }
+    response = {
+        "candidates": [
+            {
+                "content": {
+                    "role": "model",
+                    "parts": [{"text": "Weather first, then the route.", "thought": True}, {"text": answer}],
+                },
+                "finishReason": "STOP",
+                "index": 0,
+            }
+        ],
+        "usageMetadata": {"promptTokenCount": 61, "candidatesTokenCount": 18, "totalTokenCount": 79},
+        "modelVersion": model,
+        "responseId": "gem-" + uuid.uuid4().hex[:12],
+    }
+    return request, response
+
+
+def gemini_stream_events(response: dict[str, Any]) -> bytes:
+    """`streamGenerateContent?alt=sse` events for a response: one chunk per part, each a partial
+    response, the last with the finish reason and usage (the Gemini API's CRLF separators)."""
+    cand = response["candidates"][0]
+    parts = cand["content"]["parts"]
+    chunks = []
+    for i, part in enumerate(parts):
+        c: dict[str, Any] = {"content": {"role": "model", "parts": [part]}, "index": 0}
+        chunk: dict[str, Any] = {"candidates": [c], "modelVersion": response["modelVersion"]}
+        if i == len(parts) - 1:
+            c["finishReason"] = cand["finishReason"]
+            chunk["usageMetadata"] = response["usageMetadata"]
+        chunks.append(b"data: " + orjson.dumps(chunk) + b"\r\n\r\n")
+    return b"".join(chunks)
+
+
+def openai_embeddings(model: str, question: str, answer: str, *, dims: int = 8) -> tuple[Any, Any]:
+    """An embeddings call with two inputs (a real model answers 1536 floats each: 8 here)."""
+    request = {"model": model, "input": [question, answer]}
+    vector = [round(0.1 * i - 0.35, 3) for i in range(dims)]
+    response = {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(2)],
+        "model": model,
+        "usage": {"prompt_tokens": 24, "total_tokens": 24},
+    }
+    return request, response
+
+
 QUESTIONS = (
     ("Is 1984 by George Orwell in stock?", "Yes, 3 copies of 1984 are in stock at $9.99."),
     ("How do I get from Paris to Milan?", "Take the TGV to Turin, then a Frecciarossa to Milan (about 7 h)."),
@@ -139,7 +208,17 @@ MODELS = (
     ("anthropic", "claude-sonnet-4-20250514", "messages"),
     ("anthropic", "claude-3-5-haiku-20241022", "messages"),
     ("openai", "acme-finetune-7b", "chat"),  # no price known: an unpriced request
+    ("gemini", "gemini-2.5-flash", "gemini"),
+    ("openai", "text-embedding-3-small", "embeddings"),
 )
+#: The kinds a record draws at random: the first six (the seeded datasets the tests read keep
+#: their mix); Gemini (6) and embeddings (7) are asked for by `kind`.
+RANDOM_KINDS = 6
+HOSTS = {
+    "openai": "https://api.openai.com",
+    "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com",
+}
 USERS = ("alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com", None)
 FEATURES = ("search", "chat", "review", "checkout")
 
@@ -155,7 +234,7 @@ def record(
     kind: int | None = None,
 ) -> LogRecord:
     """One realistic record (bodies inline, cost left to the server's price table)."""
-    provider, model, wire = MODELS[kind if kind is not None else rng.randrange(len(MODELS))]
+    provider, model, wire = MODELS[kind if kind is not None else rng.randrange(RANDOM_KINDS)]
     question, answer = QUESTIONS[n % len(QUESTIONS)]
     streamed = rng.random() < 0.4
     if wire == "chat":
@@ -164,6 +243,13 @@ def record(
     elif wire == "responses":
         req, resp = openai_responses(model, question, answer)
         path = "/v1/responses"
+    elif wire == "gemini":
+        req, resp = gemini_generate(model, question, answer)
+        path = f"/v1beta/models/{model}:" + ("streamGenerateContent" if streamed else "generateContent")
+    elif wire == "embeddings":
+        req, resp = openai_embeddings(model, question, answer)
+        path = "/v1/embeddings"
+        streamed = False
     else:
         req, resp = anthropic_messages(model, question, answer)
         path = "/v1/messages"
@@ -171,7 +257,7 @@ def record(
     latency = rng.lognormvariate(6.6, 0.5)
     ttft = latency * rng.uniform(0.1, 0.4) if streamed else None
     prompt = rng.randrange(200, 4000)
-    completion = rng.randrange(20, 800) if status == 200 else 0
+    completion = rng.randrange(20, 800) if status == 200 and wire != "embeddings" else 0
     cached = rng.choice((None, None, prompt // 2))
     usage = Usage(
         source="provider" if status == 200 else "missing",
@@ -184,7 +270,13 @@ def record(
     )
     events = None
     if streamed and status == 200:
-        if provider == "anthropic":
+        if provider == "gemini":
+            # What the store holds for a Gemini stream: the events, and the response the worker
+            # reassembles from them (`handlers.streams`).
+            raw = gemini_stream_events(resp)
+            resp = reassemble_stream(raw).message  # type: ignore[union-attr]
+            events = _body(raw, "text/event-stream")
+        elif provider == "anthropic":
             lines = [
                 "event: message_start\ndata: " + orjson.dumps({"type": "message_start"}).decode(),
                 "event: content_block_delta\ndata: "
@@ -193,12 +285,13 @@ def record(
                 ).decode(),
                 'event: message_stop\ndata: {"type": "message_stop"}',
             ]
+            events = _body(("\n\n".join(lines) + "\n\n").encode(), "text/event-stream")
         else:
             lines = [
                 "data: " + orjson.dumps({"choices": [{"delta": {"content": answer}}]}).decode(),
                 "data: [DONE]",
             ]
-        events = _body(("\n\n".join(lines) + "\n\n").encode(), "text/event-stream")
+            events = _body(("\n\n".join(lines) + "\n\n").encode(), "text/event-stream")
     error = None
     if status != 200:
         resp = {
@@ -213,7 +306,7 @@ def record(
         session_id=session,
         properties={"feature": FEATURES[n % len(FEATURES)], "env": rng.choice(("prod", "prod", "staging"))},
         provider=provider,
-        target_url=("https://api.openai.com" if provider == "openai" else "https://api.anthropic.com") + path,
+        target_url=HOSTS[provider] + path,
         method="POST",
         path=path,
         model=model,

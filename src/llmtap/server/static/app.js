@@ -597,10 +597,12 @@ function detailView(row, params, view) {
   return out;
 }
 
-// -- conversations: OpenAI chat, OpenAI Responses, Anthropic messages ------------------------------
+// -- conversations: OpenAI chat, OpenAI Responses, Anthropic messages, Gemini ---------------------
 
+/** A message; Gemini's "model" turns keep their name and look like any assistant's. */
 function msg(role, ...parts) {
-  return h("div", { class: "msg role-" + String(role).replace(/[^a-z_]/gi, "") }, h("div", { class: "role" }, role), ...parts);
+  const cls = role === "model" ? "assistant" : String(role).replace(/[^a-z_]/gi, "");
+  return h("div", { class: "msg role-" + cls }, h("div", { class: "role" }, role), ...parts);
 }
 const textPart = (t) => h("div", { class: "text" }, String(t));
 function imagePart(url) {
@@ -645,12 +647,100 @@ function anthropicBlocks(content) {
   });
 }
 
-function conversation(row) {
+// Gemini (generateContent, streamGenerateContent): the API takes proto JSON, where a field may be
+// spelled camelCase (what the API and the SDKs send) or snake_case; both are read.
+const gget = (o, camel, snake) => (o && typeof o === "object" ? (camel in o ? o[camel] : o[snake]) : undefined);
+
+function geminiParts(parts) {
+  if (!Array.isArray(parts)) return parts === undefined || parts === null ? [] : [h("pre", {}, pretty(parts))];
+  return parts.map((p) => {
+    if (!p || typeof p !== "object") return textPart(p);
+    const call = gget(p, "functionCall", "function_call");
+    const result = gget(p, "functionResponse", "function_response");
+    const inline = gget(p, "inlineData", "inline_data");
+    const file = gget(p, "fileData", "file_data");
+    const code = gget(p, "executableCode", "executable_code");
+    const codeResult = gget(p, "codeExecutionResult", "code_execution_result");
+    if (typeof p.text === "string") return p.thought ? reasoning(p.text) : textPart(p.text);
+    if (call) return toolCall(call.name, call.args, call.id);
+    if (result) return toolResult(result.response, result.name || result.id);
+    if (inline) {
+      const mime = gget(inline, "mimeType", "mime_type") || "data";
+      return h("div", { class: "attach" }, `[inline ${mime}, ${fmtBytes(String(inline.data || "").length)}]`);
+    }
+    if (file) {
+      const uri = String(gget(file, "fileUri", "file_uri") || "");
+      const safe = safeHref(uri);
+      return h("div", { class: "attach" }, `[${gget(file, "mimeType", "mime_type") || "file"}] `, safe ? h("a", { href: safe, target: "_blank", rel: "noopener noreferrer" }, uri) : uri);
+    }
+    if (code) return h("div", { class: "tool" }, h("span", { class: "tname" }, "→ code (" + (code.language || "?") + ")"), h("pre", {}, String(code.code ?? "")));
+    if (codeResult) return h("div", { class: "tool result" }, h("span", { class: "tname" }, "← code result (" + (codeResult.outcome || "?") + ")"), h("pre", {}, String(codeResult.output ?? "")));
+    return h("pre", {}, pretty(p));
+  });
+}
+
+/** A Content: its role ("user", "model"; a turn of function responses only is the tools'). */
+function geminiContent(c) {
+  if (typeof c === "string") return msg("user", textPart(c));
+  if (!c || typeof c !== "object") return msg("user", textPart(c));
+  const parts = Array.isArray(c.parts) ? c.parts : [];
+  const onlyResults = parts.length && parts.every((p) => p && gget(p, "functionResponse", "function_response"));
+  return msg(onlyResults ? "tool" : c.role || "user", ...geminiParts(c.parts));
+}
+
+/** The candidates of a response, or of the chunks of a stream answered as one JSON array. */
+function geminiCandidates(resp) {
+  if (Array.isArray(resp)) {
+    const merged = new Map();
+    for (const chunk of resp) {
+      for (const c of (chunk && Array.isArray(chunk.candidates) ? chunk.candidates : [])) {
+        const i = Number.isInteger(c.index) ? c.index : 0;
+        const acc = merged.get(i) || { content: { role: "model", parts: [] } };
+        const parts = c.content && Array.isArray(c.content.parts) ? c.content.parts : [];
+        for (const p of parts) {
+          const last = acc.content.parts[acc.content.parts.length - 1];
+          if (last && typeof last.text === "string" && typeof p.text === "string" && !!last.thought === !!p.thought) last.text += p.text;
+          else acc.content.parts.push({ ...p });
+        }
+        if (c.finishReason) acc.finishReason = c.finishReason;
+        merged.set(i, acc);
+      }
+    }
+    return [...merged.keys()].sort((a, b) => a - b).map((k) => merged.get(k));
+  }
+  return resp && typeof resp === "object" && Array.isArray(resp.candidates) ? resp.candidates : [];
+}
+
+function geminiConversation(req, resp, out) {
+  const system = gget(req, "systemInstruction", "system_instruction");
+  if (system) out.push(msg("system", ...(typeof system === "string" ? [textPart(system)] : geminiParts(system.parts))));
+  const contents = Array.isArray(req.contents) ? req.contents : req.contents ? [req.contents] : [];
+  for (const c of contents) out.push(geminiContent(c));
+  for (const cand of geminiCandidates(resp)) {
+    const reason = gget(cand, "finishReason", "finish_reason");
+    const note = reason && reason !== "STOP" ? h("div", { class: "attach" }, "finish reason: " + reason) : null;
+    out.push(msg((cand.content && cand.content.role) || "model", ...geminiParts(cand.content && cand.content.parts), note));
+  }
+  const feedback = resp && !Array.isArray(resp) && typeof resp === "object" ? gget(resp, "promptFeedback", "prompt_feedback") : null;
+  const blocked = feedback && gget(feedback, "blockReason", "block_reason");
+  if (blocked) out.push(msg("error", textPart("prompt blocked: " + blocked)));
+}
+
+const isGemini = (row, req) => req && typeof req === "object" && !Array.isArray(req)
+  && ("contents" in req || (row.provider === "gemini" && gget(req, "systemInstruction", "system_instruction")));
+
+/**
+ * The request and its reply as messages; `where` says what the fallback may point at (the
+ * drawer shows the raw bodies below it; the session page links to the request's details).
+ */
+function conversation(row, where = "drawer") {
   const req = row.request_body;
   const resp = row.response_body;
   const out = [];
   try {
-    if (req && typeof req === "object" && Array.isArray(req.messages) && (row.provider === "anthropic" || "system" in req && !req.messages.some((m) => m.role === "system") && row.path && row.path.includes("messages"))) {
+    if (isGemini(row, req)) {
+      geminiConversation(req, resp, out);
+    } else if (req && typeof req === "object" && Array.isArray(req.messages) && (row.provider === "anthropic" || "system" in req && !req.messages.some((m) => m.role === "system") && row.path && row.path.includes("messages"))) {
       if (req.system) out.push(msg("system", ...(typeof req.system === "string" ? [textPart(req.system)] : anthropicBlocks(req.system))));
       for (const m of req.messages) out.push(msg(m.role, ...anthropicBlocks(m.content)));
       if (resp && typeof resp === "object" && Array.isArray(resp.content)) out.push(msg("assistant", ...anthropicBlocks(resp.content)));
@@ -680,7 +770,10 @@ function conversation(row) {
   } catch (e) {
     out.length = 0;
   }
-  if (!out.length) return h("p", { class: "muted" }, "Not a conversation this dashboard renders; see the raw bodies below.");
+  if (!out.length) {
+    return h("p", { class: "muted" }, "Not a conversation this dashboard renders; ",
+      where === "drawer" ? "see the raw bodies below." : h("a", { href: hashFor("requests", row.id, new URLSearchParams({ session_id: row.session_id || "", range: "all" })) }, "see its raw bodies"));
+  }
   if (row.error) out.push(msg("error", textPart(row.error)));
   return h("div", { class: "conversation" }, out);
 }
@@ -963,7 +1056,7 @@ function turnLoader(timeline) {
     const li = bodyOf(timeline, r.id);
     try {
       const full = await api("/api/v1/requests/" + encodeURIComponent(r.id));
-      const conv = conversation(full);
+      const conv = conversation(full, "session");
       const msgs = [...conv.querySelectorAll(":scope > .msg")];
       let start = msgs.length - 1;
       while (start > 0 && msgs[start].classList.contains("role-assistant")) start -= 1;
