@@ -1272,3 +1272,62 @@ async def test_gemini_conversations_render_in_the_drawer_and_the_session(
         w.check()
     finally:
         await ctx.close()
+
+
+async def test_the_drawer_opens_on_its_key_facts_and_long_messages_fold(
+    wire: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    s, recs = wire
+    row = await s.get("/api/v1/requests/" + recs["long"].id)
+    long_text = row["request_body"]["messages"][1]["content"][0]["text"]
+    assert len(long_text) >= 80_000
+    ctx, pg, w = await open_page(browser, s.base)
+    try:
+        await pg.goto(f"{s.base}/#/requests/{row['id']}?range=all")
+        facts = pg.locator("#drawer #summary")
+        await facts.wait_for(timeout=WAIT)
+
+        async def fact(name: str) -> str:
+            return (await facts.locator(f'[data-fact="{name}"] dd').text_content() or "").strip()
+
+        # Every key fact is on the first screen, above the 80 KB prompt.
+        box = await facts.bounding_box()
+        assert box and box["y"] + box["height"] <= 1000, box
+        assert await fact("Status") == "200"
+        assert await fact("Model") == row["model"]
+        assert await fact("Tokens in / out") == "20,000 / 4"
+        timing = pg.locator("#drawer .dsec dt", has_text="Latency").locator("xpath=following-sibling::dd[1]")
+        assert await fact("Latency") == await timing.text_content()
+        cost = pg.locator("#drawer .dsec dt", has_text="Cost").locator("xpath=following-sibling::dd[1]")
+        assert await fact("Cost") == await cost.text_content()
+        ttft = pg.locator("#drawer .dsec dt", has_text="Time to first token")
+        assert await fact("TTFT") == await ttft.locator("xpath=following-sibling::dd[1]").text_content()
+        assert await fact("Time") == utc_text(row["created_at"]) + " UTC"
+        # The prompt shows its first lines and says how long it is.
+        longtext = pg.locator("#drawer .msg.role-user .longtext")
+        button = longtext.locator("button.more")
+        assert await button.text_content() == f"show all ({len(long_text):,} characters)"
+        assert (await longtext.locator(".text").bounding_box() or {"height": 0})["height"] < 150
+        assert await longtext.locator(".text").text_content() == long_text  # whole, as text
+        await shot(pg, "drawer-long-prompt")
+        await button.click()
+        await playwright_api.expect(button).to_have_text("show less", timeout=WAIT)
+        assert (await longtext.locator(".text").bounding_box() or {"height": 0})["height"] > 5000
+        await button.click()
+        await playwright_api.expect(button).to_have_text(f"show all ({len(long_text):,} characters)")
+        # The session links to its page, where the prompt is folded too.
+        await facts.locator('[data-fact="Session"] a').click()
+        await pg.wait_for_function("() => location.hash === '#/sessions/wire'", timeout=WAIT)
+        folded = pg.locator(f'.timeline li[data-id="{row["id"]}"] .longtext .text.collapsed')
+        await folded.wait_for(timeout=WAIT)
+        assert (await folded.bounding_box() or {"height": 0})["height"] < 150
+        await shot(pg, "session-long-prompt")
+        # The user links to their requests.
+        await pg.goto(f"{s.base}/#/requests/{row['id']}?range=all")
+        await facts.locator('[data-fact="User"] a').click()
+        await pg.wait_for_function("() => location.hash.includes('user_id=wire-user')", timeout=WAIT)
+        mine = await s.get("/api/v1/requests?limit=50&user_id=wire-user")
+        await wait_rows(pg, [r["id"] for r in mine["items"]])
+        w.check()
+    finally:
+        await ctx.close()

@@ -563,6 +563,26 @@ function pretty(v) {
   return typeof v === "string" ? v : JSON.stringify(v, null, 2);
 }
 
+/**
+ * The facts one opens a request for, above its conversation (which may be 80 KB long): the
+ * user and the session link to their requests and their session page.
+ */
+function summary(row) {
+  const link = (value, href, title) => (value === null || value === undefined ? "–" : h("a", { href, title }, value));
+  return h("dl", { class: "summary", id: "summary" },
+    [
+      ["Status", statusCell(row)],
+      ["Model", row.model || "–"],
+      ["Cost", costCell(row.cost_usd, row)],
+      ["Tokens in / out", `${fmtInt(row.prompt_tokens)} / ${fmtInt(row.completion_tokens)}`],
+      ["Latency", fmtMs(row.latency_ms)],
+      ["TTFT", fmtMs(row.time_to_first_token_ms)],
+      ["User", link(row.user_id, hashFor("requests", null, new URLSearchParams({ user_id: row.user_id ?? "", range: "all" })), `${row.user_id} (their requests)`)],
+      ["Session", link(row.session_id, hashFor("sessions", row.session_id ?? "", null), `${row.session_id} (the session page)`)],
+      ["Time", fmtTimeUtc(row.created_at)],
+    ].map(([k, v]) => h("div", { "data-fact": k }, h("dt", {}, k), h("dd", {}, v))));
+}
+
 function detailView(row, params, view) {
   const curl = curlFor(row.id);
   const copyBtn = h("button", { type: "button", class: "copy", onclick: async (ev) => {
@@ -574,7 +594,8 @@ function detailView(row, params, view) {
     h("div", { class: "dhead" },
       h("button", { class: "close", type: "button", title: "close (Esc)", onclick: () => closeDrawer() }, "×"),
       h("h2", {}, row.model || "(no model)"),
-      h("div", { class: "muted" }, statusCell(row), " · ", row.provider, " · ", fmtTimeUtc(row.created_at), idx >= 0 ? ` · ${idx + 1} of ${tableRows.length}` : ""),
+      h("div", { class: "muted" }, row.provider, " · ", row.method, idx >= 0 ? ` · ${idx + 1} of ${tableRows.length}` : ""),
+      summary(row),
       h("div", { class: "actions" }, h("a", { href: permalink, class: "button" }, "Permalink"), copyBtn),
       h("code", { class: "curl" }, curl)),
     section("Conversation", conversation(row)),
@@ -604,7 +625,29 @@ function msg(role, ...parts) {
   const cls = role === "model" ? "assistant" : String(role).replace(/[^a-z_]/gi, "");
   return h("div", { class: "msg role-" + cls }, h("div", { class: "role" }, role), ...parts);
 }
-const textPart = (t) => h("div", { class: "text" }, String(t));
+/** A message's text; a long one shows its first lines and a toggle to show it all. */
+function textPart(t) {
+  const s = String(t);
+  const el = h("div", { class: "text" }, s);
+  if (s.length <= LONG_CHARS && lineCount(s, LONG_LINES) <= LONG_LINES) return el;
+  const more = `show all (${nf.format(s.length)} characters)`;
+  el.classList.add("collapsed");
+  const button = h("button", { type: "button", class: "more", "aria-expanded": "false" }, more);
+  button.addEventListener("click", () => {
+    const collapsed = el.classList.toggle("collapsed");
+    button.textContent = collapsed ? more : "show less";
+    button.setAttribute("aria-expanded", String(!collapsed));
+  });
+  return h("div", { class: "longtext" }, el, button);
+}
+const LONG_CHARS = 1200;
+const LONG_LINES = 12;
+/** Lines in s, counted up to limit + 1. */
+function lineCount(s, limit) {
+  let n = 1;
+  for (let i = s.indexOf("\n"); i >= 0 && n <= limit; i = s.indexOf("\n", i + 1)) n += 1;
+  return n;
+}
 function imagePart(url) {
   const s = String(url || "");
   if (s.startsWith("data:")) return h("div", { class: "attach" }, `[inline image, ${fmtBytes(s.length)}]`);
