@@ -1195,6 +1195,16 @@ def wire_records() -> dict[str, LogRecord]:
             request_body=body(req), response_body=body(chunks), response_events=None,
         ),
         "embeddings": rec(3, 7, usage=Usage(source="provider", prompt_tokens=24, total_tokens=24)),
+        "gemini_embed": rec(
+            5, 6, streamed=False, model="gemini-embedding-001",
+            path="/v1beta/models/gemini-embedding-001:batchEmbedContents",
+            request_body=body({"requests": [
+                {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": t}]}}
+                for t in ("first text", "second text", "third text")
+            ]}),
+            response_body=body({"embeddings": [{"values": [0.25] * 768} for _ in range(3)]}),
+            response_events=None, usage=Usage(source="provider", prompt_tokens=6, total_tokens=6),
+        ),
         "long": rec(
             4, 0, request_body=body(long_req), response_body=body(long_resp),
             usage=Usage(source="provider", prompt_tokens=20_000, completion_tokens=4, total_tokens=20_004),
@@ -1328,6 +1338,48 @@ async def test_the_drawer_opens_on_its_key_facts_and_long_messages_fold(
         await pg.wait_for_function("() => location.hash.includes('user_id=wire-user')", timeout=WAIT)
         mine = await s.get("/api/v1/requests?limit=50&user_id=wire-user")
         await wait_rows(pg, [r["id"] for r in mine["items"]])
+        w.check()
+    finally:
+        await ctx.close()
+
+
+async def test_embeddings_show_their_inputs_and_how_many_vectors(
+    wire: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    s, recs = wire
+    ctx, pg, w = await open_page(browser, s.base)
+    try:
+        for name in ("embeddings", "gemini_embed"):
+            row = await s.get("/api/v1/requests/" + recs[name].id)
+            if name == "embeddings":
+                inputs = row["request_body"]["input"]
+                vectors = [d["embedding"] for d in row["response_body"]["data"]]
+            else:
+                inputs = [r["content"]["parts"][0]["text"] for r in row["request_body"]["requests"]]
+                vectors = [e["values"] for e in row["response_body"]["embeddings"]]
+            await pg.goto(f"{s.base}/#/requests/{row['id']}?range=all")
+            emb = pg.locator("#drawer .conversation.embeddings")
+            await emb.wait_for(timeout=WAIT)
+            assert await pg.locator("#drawer .dsec h3").first.text_content() == "Embeddings"
+            n = len(inputs)
+            roles = await emb.locator(":scope > .msg > .role").all_text_contents()
+            assert roles == [f"input {i + 1} of {n}" for i in range(n)] + ["embeddings"]
+            assert await emb.locator(".msg.role-input .text").all_text_contents() == inputs
+            assert await emb.locator(".msg.role-user").count() == 0  # inputs are no chat turn
+            (dims,) = {len(v) for v in vectors}
+            assert (
+                await emb.locator(".vectors").text_content()
+                == f"{len(vectors)} vectors of {dims:,} dimensions"
+            )
+            assert str(vectors[0][0]) not in (await emb.text_content() or "")  # no numbers
+            await shot(pg, f"drawer-{name}")
+        # On the session page too: every input, then the vectors.
+        await pg.goto(s.base + "/#/sessions/wire")
+        li = pg.locator(f'.timeline li[data-id="{recs["embeddings"].id}"]')
+        await playwright_api.expect(li.locator(".vectors")).to_have_text(
+            "2 vectors of 8 dimensions", timeout=WAIT
+        )
+        assert await li.locator(".msg.role-input").count() == 2
         w.check()
     finally:
         await ctx.close()

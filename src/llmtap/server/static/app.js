@@ -580,7 +580,7 @@ function summary(row) {
       ["User", link(row.user_id, hashFor("requests", null, new URLSearchParams({ user_id: row.user_id ?? "", range: "all" })), `${row.user_id} (their requests)`)],
       ["Session", link(row.session_id, hashFor("sessions", row.session_id ?? "", null), `${row.session_id} (the session page)`)],
       ["Time", fmtTimeUtc(row.created_at)],
-    ].map(([k, v]) => h("div", { "data-fact": k }, h("dt", {}, k), h("dd", {}, v))));
+    ].map(([k, v]) => h("div", { "data-fact": k }, h("dt", {}, k), h("dd", { title: typeof v === "string" ? v : undefined }, v))));
 }
 
 function detailView(row, params, view) {
@@ -598,7 +598,7 @@ function detailView(row, params, view) {
       summary(row),
       h("div", { class: "actions" }, h("a", { href: permalink, class: "button" }, "Permalink"), copyBtn),
       h("code", { class: "curl" }, curl)),
-    section("Conversation", conversation(row)),
+    ((conv) => section(conv.classList.contains("embeddings") ? "Embeddings" : "Conversation", conv))(conversation(row)),
     section("Timing", kv([
       ["Started", fmtInstant(row.created_at)], ["First byte", fmtInstant(row.first_byte_at)], ["Ended", fmtInstant(row.ended_at)],
       ["Latency", fmtMs(row.latency_ms)], ["Time to first token", fmtMs(row.time_to_first_token_ms)], ["Streamed", row.streamed ? "yes" : "no"]])),
@@ -772,6 +772,55 @@ function geminiConversation(req, resp, out) {
 const isGemini = (row, req) => req && typeof req === "object" && !Array.isArray(req)
   && ("contents" in req || (row.provider === "gemini" && gget(req, "systemInstruction", "system_instruction")));
 
+// Embeddings (OpenAI and Azure /embeddings, Gemini embedContent and batchEmbedContents): the
+// inputs as text, the reply as how many vectors of how many dimensions (the numbers say nothing).
+
+/** { inputs: [text or token ids], vectors: [dimensions], base64 } or null when not embeddings. */
+function embeddingsOf(row, req, resp) {
+  const path = String(row.path || "").split("?")[0];
+  const r = resp && typeof resp === "object" && !Array.isArray(resp) ? resp : {};
+  const geminiText = (c) => (c && Array.isArray(c.parts) ? c.parts.map((p) => (p && typeof p.text === "string" ? p.text : pretty(p))).join("\n") : pretty(c));
+  if (/:embedContent$/.test(path) || (req && typeof req === "object" && "content" in req && r.embedding)) {
+    const values = r.embedding && r.embedding.values;
+    return { inputs: [geminiText(req && req.content)], vectors: Array.isArray(values) ? [values.length] : [], base64: false };
+  }
+  if (/:batchEmbedContents$/.test(path)) {
+    const reqs = req && Array.isArray(req.requests) ? req.requests : [];
+    const embs = Array.isArray(r.embeddings) ? r.embeddings : [];
+    return { inputs: reqs.map((x) => geminiText(x && x.content)), vectors: embs.map((e) => (e && Array.isArray(e.values) ? e.values.length : 0)), base64: false };
+  }
+  const data = Array.isArray(r.data) ? r.data.filter((d) => d && typeof d === "object" && "embedding" in d) : [];
+  if (!/\/embeddings$/.test(path) && !data.length) return null;
+  const input = req && typeof req === "object" ? req.input : undefined;
+  let inputs;
+  if (typeof input === "string") inputs = [input];
+  else if (Array.isArray(input) && input.length && input.every((x) => typeof x === "number")) inputs = [input];  // one input as token ids
+  else if (Array.isArray(input)) inputs = input;
+  else inputs = input === undefined ? [] : [input];
+  const base64 = data.some((d) => typeof d.embedding === "string");
+  // A base64 vector is little-endian float32s: 4 bytes a dimension.
+  const dims = (e) => (Array.isArray(e) ? e.length : typeof e === "string" ? Math.floor((e.replace(/=+$/, "").length * 3) / 4 / 4) : 0);
+  return { inputs, vectors: data.map((d) => dims(d.embedding)), base64 };
+}
+
+function embeddingsView(emb) {
+  const n = emb.inputs.length;
+  const out = emb.inputs.map((x, i) => h("div", { class: "msg role-input" },
+    h("div", { class: "role" }, n > 1 ? `input ${i + 1} of ${n}` : "input"),
+    typeof x === "string" ? textPart(x)
+      : Array.isArray(x) && x.every((t) => typeof t === "number") ? textPart(`[${nf.format(x.length)} token ids] ${x.slice(0, 20).join(", ")}${x.length > 20 ? ", …" : ""}`)
+        : h("pre", {}, pretty(x))));
+  if (emb.vectors.length) {
+    const lo = Math.min(...emb.vectors);
+    const hi = Math.max(...emb.vectors);
+    const dims = lo === hi ? nf.format(lo) : `${nf.format(lo)}–${nf.format(hi)}`;
+    const count = emb.vectors.length;
+    out.push(h("div", { class: "msg role-embedding" }, h("div", { class: "role" }, "embeddings"),
+      h("div", { class: "text vectors" }, `${nf.format(count)} vector${count === 1 ? "" : "s"} of ${dims} dimension${dims === "1" ? "" : "s"}${emb.base64 ? " (base64)" : ""}`)));
+  }
+  return out;
+}
+
 /**
  * The request and its reply as messages; `where` says what the fallback may point at (the
  * drawer shows the raw bodies below it; the session page links to the request's details).
@@ -780,8 +829,13 @@ function conversation(row, where = "drawer") {
   const req = row.request_body;
   const resp = row.response_body;
   const out = [];
+  let kind = "conversation";
   try {
-    if (isGemini(row, req)) {
+    const emb = embeddingsOf(row, req, resp);
+    if (emb) {
+      kind = "embeddings";
+      out.push(...embeddingsView(emb));
+    } else if (isGemini(row, req)) {
       geminiConversation(req, resp, out);
     } else if (req && typeof req === "object" && Array.isArray(req.messages) && (row.provider === "anthropic" || "system" in req && !req.messages.some((m) => m.role === "system") && row.path && row.path.includes("messages"))) {
       if (req.system) out.push(msg("system", ...(typeof req.system === "string" ? [textPart(req.system)] : anthropicBlocks(req.system))));
@@ -818,7 +872,7 @@ function conversation(row, where = "drawer") {
       where === "drawer" ? "see the raw bodies below." : h("a", { href: hashFor("requests", row.id, new URLSearchParams({ session_id: row.session_id || "", range: "all" })) }, "see its raw bodies"));
   }
   if (row.error) out.push(msg("error", textPart(row.error)));
-  return h("div", { class: "conversation" }, out);
+  return h("div", { class: kind === "embeddings" ? "conversation embeddings" : "conversation" }, out);
 }
 
 function responsesItem(it) {
@@ -1103,7 +1157,8 @@ function turnLoader(timeline) {
       const msgs = [...conv.querySelectorAll(":scope > .msg")];
       let start = msgs.length - 1;
       while (start > 0 && msgs[start].classList.contains("role-assistant")) start -= 1;
-      const turn = msgs.slice(Math.max(0, start));
+      // An embeddings call is its inputs and vectors: all of it.
+      const turn = conv.classList.contains("embeddings") ? msgs : msgs.slice(Math.max(0, start));
       clear(li).classList.remove("muted");
       append(li, turn.length ? turn : [conv]);
     } catch (e) {
