@@ -1383,3 +1383,37 @@ async def test_embeddings_show_their_inputs_and_how_many_vectors(
         w.check()
     finally:
         await ctx.close()
+
+
+LUMINANCE = """sel => {
+  const el = document.querySelector(sel);
+  const lum = (c) => {
+    const [r, g, b] = c.match(/[\\d.]+/g).map(Number);
+    return (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255;
+  };
+  const st = getComputedStyle(el);
+  return [lum(st.backgroundColor), lum(st.color)];
+}"""
+
+
+async def test_dark_mode_follows_the_system(wire: tuple[Srv, dict[str, LogRecord]], browser: Any) -> None:
+    s, recs = wire
+    for scheme in ("dark", "light"):
+        ctx, pg, w = await open_page(browser, s.base, color_scheme=scheme)
+        try:
+            await pg.goto(f"{s.base}/#/requests/{recs['gemini'].id}?range=all")
+            await pg.wait_for_selector("#drawer .conversation .msg.role-assistant", timeout=WAIT)
+            for sel in ("body", "#drawer", "#requests-table th", "#drawer .msg.role-user", "#filters input"):
+                bg, fg = await pg.evaluate(LUMINANCE, sel)
+                if scheme == "dark":
+                    assert bg < 0.2 and fg > 0.6, (sel, bg, fg)  # light text on a dark ground
+                else:
+                    assert bg > 0.8 and fg < 0.4, (sel, bg, fg)
+            await shot(pg, f"{scheme}-drawer")
+            if scheme == "dark":
+                await pg.goto(s.base + "/#/overview?range=24h")
+                await pg.wait_for_selector(".chart canvas", timeout=WAIT)
+                await shot(pg, "dark-overview")
+            w.check()
+        finally:
+            await ctx.close()

@@ -929,13 +929,14 @@ function chart(uPlot, el, title, unit, xs, series, opts = {}) {
   const width = Math.max(320, el.clientWidth - 16);
   const fmt = opts.fmt || ((v) => (v === null ? "–" : nf.format(v)));
   const colors = ["#2f6fdf", "#d9534f", "#2a9d62", "#e69b00", "#7952b3"];
+  const axis = getComputedStyle(document.documentElement).getPropertyValue("--muted").trim() || "#555";  // dark mode too
   const plot = new uPlot({
     title, width, height: 220,
     tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"),  // the axis in UTC, as every time here
     scales: { x: { time: true, range: opts.xRange && (() => opts.xRange) }, y: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] } },
     axes: [
-      { label: "time (UTC)", labelSize: 20, stroke: "#555" },
-      { label: unit, labelSize: 22, size: 82, stroke: "#555", values: (u, vals) => vals.map(opts.tick || fmt) },
+      { label: "time (UTC)", labelSize: 20, stroke: axis },
+      { label: unit, labelSize: 22, size: 82, stroke: axis, values: (u, vals) => vals.map(opts.tick || fmt) },
     ],
     series: [{ label: "time" }, ...series.map((s, i) => ({
       label: s.label, stroke: colors[i % colors.length], width: 2, spanGaps: false,
