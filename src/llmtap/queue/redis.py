@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -139,6 +140,9 @@ return (#ARGV - 1) / 3
 """
 
 _OUR_PARAMS = ("prefix", "session_timeout_ms", "claim_idle_ms", "redeliver_after_ms")
+
+
+_ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 def _parse_id(eid: bytes | str) -> tuple[int, int]:
@@ -755,6 +759,9 @@ class RedisQueue(Queue):
                     replayed += await self._replay(chunk)
                     start = "(" + _s(chunk[-1][0])
             else:
+                # A dead letter's id is a stream entry id (`1764941129000-0`); anything else names
+                # no letter (Redis would answer "Invalid stream ID", which is no outage).
+                ids = [eid for eid in ids if _ENTRY_ID.fullmatch(eid)]
                 for i in range(0, len(ids), 500):
                     pipe = self.r.pipeline(transaction=False)
                     for eid in ids[i : i + 500]:
