@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -299,6 +300,39 @@ async def test_store_outage_acks_nothing_then_stores_everything_once(env: Env) -
     await until(lambda: _zero(env.lag()))
     assert env.rows() == (120, 120)
     assert w.stats.dead_lettered == 0 and w.stats.processed == 120
+
+
+async def test_a_store_that_hangs_is_reported_while_it_lasts(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frozen PostgreSQL (SIGSTOP) raised nothing for 75 s and the worker said nothing: now a
+    batch still running after `STALL_WARN_EVERY` is reported, again each period, and no more
+    once it is through."""
+    from llmtap.worker import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "STALL_WARN_EVERY", 0.3)
+    caplog.set_level(logging.WARNING, "llmtap")
+    release = asyncio.Event()
+    real = env.store.write_batch
+
+    async def hangs(records: Sequence[LogRecord], texts: Sequence[str | None] | None = None) -> int:
+        await release.wait()
+        return await real(records, texts)
+
+    monkeypatch.setattr(env.store, "write_batch", hangs)
+    await env.publish([encode(make_record(i)) for i in range(5)])
+    await env.worker()
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "has been running for" in r.getMessage()]
+
+    await until(lambda: len(said()) >= 2, what="two reports of the hanging batch")
+    assert "a batch of 5 records" in said()[0]
+    release.set()
+    await until(lambda: env.rows()[0] == 5, what="the batch stored once the store answers")
+    n = len(said())
+    await asyncio.sleep(1.0)  # three periods: the report stopped with the batch
+    assert len(said()) == n
 
 
 async def test_a_record_that_breaks_a_handler_is_retried_then_dead_lettered(env: Env) -> None:

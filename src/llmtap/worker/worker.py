@@ -64,6 +64,7 @@ BATCH_SECONDS = Histogram(
 )
 
 PROGRESS_EVERY = 10.0  # seconds between progress lines at info level
+STALL_WARN_EVERY = 30.0  # seconds a batch may run before the worker says it is still waiting
 
 
 @dataclass(slots=True)
@@ -303,20 +304,44 @@ class WorkerService(OnBackends):
         dropped: it is finished, or abandoned at stop (then the queue redelivers it).
         """
         t0 = time.monotonic()
+        # A store or queue that hangs (a frozen server, a network black hole) raises nothing for
+        # minutes: say so while it lasts, instead of storing nothing without a word.
+        loop = asyncio.get_running_loop()
+        watch: list[asyncio.TimerHandle] = []
+
+        def still_running() -> None:
+            log.warning(
+                "worker: a batch of %d records has been running for %.0fs (a store or queue that hangs?)",
+                len(deliveries),
+                time.monotonic() - t0,
+            )
+            watch[0] = loop.call_later(STALL_WARN_EVERY, still_running)
+
+        watch.append(loop.call_later(STALL_WARN_EVERY, still_running))
+        try:
+            finished = await self._retry_batch(deliveries)
+        finally:
+            watch[0].cancel()
+        if finished:
+            self.stats.batches += 1
+            BATCH_SECONDS.observe(time.monotonic() - t0)
+
+    async def _retry_batch(self, deliveries: list[Delivery]) -> bool:
+        """True once the batch is acknowledged; False if it was left for redelivery at stop."""
         failures = 0
         dead: set[tuple[int, int]] = set()  # dead-lettered in an earlier try of this batch
         begun: dict[tuple[int, int], int] = {}  # attempts counted in an earlier try of this batch
         while True:
             try:
                 await self._process(deliveries, dead, begun)
-                break
+                return True
             except Abandoned:
                 log.info("worker: stopping during an outage; %d records left for redelivery", len(deliveries))
-                return
+                return False
             except Exception as e:  # a bug, or the queue failing on ack/dead-letter: same batch again
                 if self._stopping.is_set():
                     log.warning("worker: stopping; batch left for redelivery after: %s", e)
-                    return
+                    return False
                 failures += 1
                 delay = self.policy.delay(failures)
                 if isinstance(e, BackendUnavailable):  # an outage (ack during a broker restart)
@@ -324,8 +349,6 @@ class WorkerService(OnBackends):
                 else:
                     log.exception("worker: batch failed, retrying in %.1fs", delay)
                 await self._pause(delay)
-        self.stats.batches += 1
-        BATCH_SECONDS.observe(time.monotonic() - t0)
 
     async def _process(
         self, deliveries: list[Delivery], dead: set[tuple[int, int]], begun: dict[tuple[int, int], int]
