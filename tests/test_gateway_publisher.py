@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import orjson
 import pytest
 
@@ -539,3 +541,38 @@ async def test_a_hung_queue_does_not_keep_records_in_memory_only(tmp_path: Path)
         await wait_for(lambda: len(q.messages) == 10, timeout=30)
     finally:
         await pub.stop(timeout=5)
+
+
+def test_records_spread_over_partitions_where_workers_scale_out() -> None:
+    """`LLMTAP_PARTITION_KEY=auto`: one tenant was one partition on every queue, so a second
+    worker on Kafka, Redis or SQS sat idle. There a session keeps its order and a record
+    without one is keyed by its own id; the embedded SQLite queue (one worker) keeps `tenant`."""
+    from llmtap.queue.base import partition_for
+
+    sessionless = [capture(i).id for i in range(60)]
+    for queue, by in (
+        ("kafka://127.0.0.1:9092/llmtap", "session_id"),
+        ("redis://127.0.0.1:6379/0", "session_id"),
+        ("sqs://llmtap.fifo", "session_id"),
+        ("sqlite", "tenant"),
+    ):
+        s = Settings(queue=queue)
+        assert s.partition_by == by, queue
+    assert Settings(queue="kafka://h:1/t", partition_key="tenant").partition_by == "tenant"
+    recs = [
+        LogRecord(
+            id=rid,
+            provider="openai",
+            target_url="https://api.openai.com/v1/chat/completions",
+            method="POST",
+            path="/v1/chat/completions",
+            started_at=datetime.now(UTC),
+            ended_at=datetime.now(UTC),
+            latency_ms=1.0,
+        )
+        for rid in sessionless
+    ]
+    spread = {partition_for(partition_key(r, "session_id"), 6) for r in recs}
+    assert spread == set(range(6))  # every partition has work
+    session = [msgspec.structs.replace(r, session_id="conv-1") for r in recs]
+    assert len({partition_for(partition_key(r, "session_id"), 6) for r in session}) == 1  # in order

@@ -867,6 +867,11 @@ async def test_postgres_made_again_empty_is_an_outage_and_the_store_migrates_it(
             conn = await asyncpg.connect(admin)
             try:
                 await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+                # While it is gone (a re-check found records dead-lettered in a 5 s gap):
+                # `database ... does not exist` from a running store is an outage too.
+                for _ in range(2):
+                    with pytest.raises(TransientError):
+                        await store.write_batch([rec(99)])
                 await conn.execute(f'CREATE DATABASE "{name}"')
             finally:
                 await conn.close()

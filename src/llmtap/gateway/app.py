@@ -114,7 +114,7 @@ class GatewayService(OnBackends):
         self._reconnect: asyncio.Task[None] | None = None
         overflow: Sink | None = None
         if sinks is None:
-            by = settings.partition_key
+            by = settings.partition_by
             spool = DiskSpool(spool_dir(settings), settings.spool_max_bytes)
             overflow = SpoolSink(spool, by)
             self._queue_sink = QueueSink(self.queue, by)

@@ -598,7 +598,10 @@ class Publisher:
             await sink.send(records)
             return False
         task = asyncio.ensure_future(sink.send(records))
-        done, _ = await asyncio.wait({task}, timeout=self.spool_after)
+        # A sink that failed or hung a moment ago (its breaker just let this batch through) may
+        # still hang: its probe holds records in memory for a fraction of the wait only.
+        after = self.spool_after if id(sink) not in self._cooldown else min(self.spool_after, 0.2)
+        done, _ = await asyncio.wait({task}, timeout=after)
         if done:
             task.result()
             return False
@@ -617,7 +620,7 @@ class Publisher:
             f"sink-{sink.route}-slow",
             "%s has not taken a batch in %.1fs: its records went to the disk spool too",
             sink.route,
-            self.spool_after,
+            after,
         )
         return True
 

@@ -51,7 +51,7 @@ class IngestQueue:
         self.queue = SQLiteQueue(str(path), partitions=PARTITIONS)
         self._drain_queue = SQLiteQueue(str(path), partitions=PARTITIONS)
         self.worker = WorkerService(settings, queue=self._drain_queue, backends=backends)
-        self._by = settings.partition_key
+        self._by = settings.partition_by
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -276,6 +276,9 @@ _WRONG_URL: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidPasswordError,
 )
 _TRANSIENT: tuple[type[BaseException], ...] = (
+    # Once connected, a database that is gone (dropped, about to be made again) is an outage:
+    # at start-up `_WRONG_URL` reads it as a wrong setting first.
+    asyncpg.exceptions.InvalidCatalogNameError,
     OSError,
     asyncio.TimeoutError,
     asyncpg.exceptions.PostgresConnectionError,
