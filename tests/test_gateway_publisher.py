@@ -18,6 +18,7 @@ import pytest
 from gateway_support import MemoryQueue, wait_for
 from llmtap.bodies import offload
 from llmtap.config import Settings
+from llmtap.errors import BackendUnavailable
 from llmtap.gateway.capture import CAPTURE_OVERHEAD, Capture
 from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.queue.base import Message
@@ -497,18 +498,22 @@ def test_recorded_headers_hold_their_limits_and_mask_queries(values: list[str], 
 class HungQueue(MemoryQueue):
     """A broker that takes the connection and never answers (frozen, not refusing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fails: bool = False) -> None:
         super().__init__()
         self.calls = 0
         self.release = asyncio.Event()
+        self.fails = fails  # at its client's timeout, as a frozen broker's publish does
 
     async def publish(self, messages: Sequence[Message]) -> None:
         self.calls += 1
         await self.release.wait()
+        if self.fails:
+            raise BackendUnavailable("no answer within 5s")
         await super().publish(messages)
 
 
-async def test_a_hung_queue_does_not_keep_records_in_memory_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fails", [False, True], ids=["queue-wakes-up", "publish-times-out"])
+async def test_a_hung_queue_does_not_keep_records_in_memory_only(tmp_path: Path, fails: bool) -> None:
     """An outside check froze Kafka (SIGSTOP) and then killed the gateway: the 3 s of records
     waiting on the 5 s publish timeout were in memory only, and all 150 were lost. A batch the
     queue has not taken in `publish_spool_after_ms` now goes to the fsynced spool too; the
@@ -517,7 +522,7 @@ async def test_a_hung_queue_does_not_keep_records_in_memory_only(tmp_path: Path)
     from llmtap.gateway.sinks import SpoolSink, _unframe
     from llmtap.gateway.spool import DiskSpool
 
-    q = HungQueue()
+    q = HungQueue(fails)
     spool = DiskSpool(tmp_path / "spool", 1 << 30)
     s = settings(tmp_path, publish_batch_size=10, publish_spool_after_ms=200.0)
     pub = Publisher(s, [QueueSink(q), SpoolSink(spool)])
@@ -537,8 +542,13 @@ async def test_a_hung_queue_does_not_keep_records_in_memory_only(tmp_path: Path)
         got = sorted(decode(_unframe(v).value).id for v in frames)
         assert got == sorted(capture(i).id for i in range(30))
         assert q.calls == 1  # one batch waited on the queue; the others went straight on
-        q.release.set()  # the broker wakes up: its batch arrives too (the store keeps one row)
-        await wait_for(lambda: len(q.messages) == 10, timeout=30)
+        assert pub.failed == 0  # not yet: the hung publish has not failed
+        q.release.set()
+        if fails:  # a failed attempt, counted once it fails (the records are safe either way)
+            await wait_for(lambda: pub.failed == 1, timeout=30)
+        else:  # the broker wakes up: its batch arrives too (the store keeps one row)
+            await wait_for(lambda: len(q.messages) == 10, timeout=30)
+            assert pub.failed == 0
     finally:
         await pub.stop(timeout=5)
 

@@ -60,12 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmtap.gateway")
 
 
-def _ignore_result(task: asyncio.Future[None]) -> None:
-    """A publish left running after its records were spooled: its outcome no longer matters."""
-    if not task.cancelled():
-        task.exception()
-
-
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
 #: A batch that every sink rejects with something other than `BackendUnavailable` (a bug or a
@@ -610,7 +604,7 @@ class Publisher:
         except Exception:  # no spool either: wait for the queue as before
             await task
             return False
-        task.add_done_callback(_ignore_result)
+        task.add_done_callback(self._late_result)
         self.hedged += len(records)
         # Until its breaker closes, the next batches skip the hung queue instead of each waiting.
         wait = min(self._cooldown.get(id(sink), _BREAKER_MIN) * 2, _BREAKER_MAX)
@@ -623,6 +617,12 @@ class Publisher:
             after,
         )
         return True
+
+    def _late_result(self, task: asyncio.Future[None]) -> None:
+        """A publish left running after its records were spooled: its records are safe either
+        way, but a failure is still a failed attempt (`llmtap_gateway_publish_failures_total`)."""
+        if not task.cancelled() and task.exception() is not None:
+            self.failed += 1
 
     async def _to_store(self, batch: _Batch) -> None:
         """Write the batch's bodies above the inline limit to the body store, before the records that
