@@ -199,7 +199,9 @@ async def test_error_count_tokens_embed(upstream: int, tmp_path: Path) -> None:
         err, counted, embedded = await records(q, 3)
     assert e.value.code == 429
     assert err.status == 429 and err.error and "429" in err.error
-    assert err.usage.source == "missing" and err.cost_usd is None
+    assert err.usage.source == "missing"
+    apply_cost(err)
+    assert err.cost_usd == 0  # refused: nothing billed, so not "unpriced" either
     assert (
         n.total_tokens
         == gemini_usage({"contents": [{"parts": [{"text": "count these four words"}]}]})["promptTokenCount"]

@@ -106,6 +106,40 @@ def test_openai_audio_tokens() -> None:
     assert rec.cost_nanos == nanos((200, "2.50"), (1_000, "32"), (100, "10"), (800, "64"))
 
 
+def test_audio_tokens_on_a_model_without_audio_prices_are_unpriced_not_text() -> None:
+    # gpt-4o-audio-preview bills audio at 40 in / 80 out per 1M, but the bundled table has its
+    # text prices only: priced as text, 1M of each would be $12.50 instead of $120.
+    body = openai_body(
+        "default",
+        prompt_tokens=1_000_000,
+        completion_tokens=1_000_000,
+        total_tokens=2_000_000,
+        prompt_tokens_details={"cached_tokens": 0, "audio_tokens": 1_000_000},
+        completion_tokens_details={"reasoning_tokens": 0, "audio_tokens": 1_000_000},
+    )
+    for model in ("gpt-4o-audio-preview", "gpt-4o-mini-audio-preview"):
+        rec = priced("openai", model, openai.usage_from_body(body))
+        assert (rec.cost_usd, rec.cost_nanos) == (None, None), model
+    # The same model without audio tokens is priced as usual.
+    text = openai.usage_from_body(
+        openai_body("default", prompt_tokens=1_000, completion_tokens=10, total_tokens=1_010)
+    )
+    assert priced("openai", "gpt-4o-audio-preview", text).cost_nanos == nanos((1_000, "2.50"), (10, "10"))
+
+
+def test_claude_sonnet_4_long_context_is_priced_at_its_long_context_rates() -> None:
+    # Sonnet 4 per 1M: 3 in / 15 out / 0.30 cache read up to 200k input tokens; above: 6 / 22.50 /
+    # 0.60 for the whole request (Anthropic's price page; the same as Sonnet 4.5).
+    for model in ("claude-sonnet-4-20250514", "claude-sonnet-4-0", "claude-sonnet-4-5"):
+        small = anthropic.usage_from_body({"usage": {"input_tokens": 100_000, "output_tokens": 1_000}})
+        assert priced("anthropic", model, small).cost_nanos == nanos((100_000, "3"), (1_000, "15")), model
+        big = anthropic.usage_from_body(
+            {"usage": {"input_tokens": 150_000, "output_tokens": 1_000, "cache_read_input_tokens": 100_000}}
+        )
+        want = nanos((150_000, "6"), (100_000, "0.60"), (1_000, "22.50"))
+        assert priced("anthropic", model, big).cost_nanos == want, model
+
+
 def test_gemini_audio_input_and_thinking() -> None:
     # gemini-2.5-flash per 1M: text/image/video input 0.30, audio input 1.00, output incl.
     # thinking 2.50.

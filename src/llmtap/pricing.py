@@ -26,8 +26,13 @@ provider parsers normalise to it, see `llmtap.providers.anthropic`), which is al
 - `reasoning_tokens` are part of `completion_tokens` (billed as output).
 
 Unknown model, unknown provider, missing or inconsistent usage → no cost (`None`), never a
-made-up 0. Prices come from the data bundled with the installed genai-prices release: we never
-start its `UpdatePrices` background fetcher, so nothing is fetched at run time.
+made-up 0; so are a cut stream's provisional counts (`usage.source == "partial"`: Anthropic's
+placeholder output count) and audio tokens on a model whose entry has no audio price. A call
+that generated nothing (an error answered without usage, a 429; a look-up; counting tokens)
+costs `0`, so that "unpriced" counts only the costs we do not know.
+
+Prices come from the data bundled with the installed genai-prices release: we never start its
+`UpdatePrices` background fetcher, so nothing is fetched at run time.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import genai_prices
 from genai_prices import data_snapshot
 from genai_prices import types as gp
 
-from llmtap.providers import pricing_id
+from llmtap.providers import pricing_id, provider_for
 
 if TYPE_CHECKING:
     from llmtap.record import LogRecord, Usage
@@ -66,6 +71,11 @@ _ZERO_KEYS = frozenset(
     }
 )
 _MAX_CACHE = 10_000  # model names come from clients: bound the caches
+#: Gaps in the bundled table, filled with a sibling's entry that has the same published prices
+#: (checked against the providers' price pages; `test_pricing.py` says when a release fixes one).
+#: Claude Sonnet 4 costs what Sonnet 4.5 does, long-context tiers (> 200k input tokens) included,
+#: but genai-prices 0.2.3-0.2.5 gives it the base rates at any size.
+_BORROWED = {("anthropic", "claude-sonnet-4-0"): "claude-sonnet-4-5"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +127,12 @@ def _find_model(provider: str, model: str) -> gp.ModelInfo | None:
     except KeyError:
         pass
     try:
-        _, info = _snapshot().find_provider_model(model, None, provider, None)
+        snap = _snapshot()
+        _, info = snap.find_provider_model(model, None, provider, None)
         found: gp.ModelInfo | None = info
+        sibling = _BORROWED.get((provider, info.id))
+        if sibling is not None:
+            found = snap.find_provider_model(sibling, None, provider, None)[1]
     except LookupError:
         found = None
     if len(_models) >= _MAX_CACHE:
@@ -279,12 +293,14 @@ def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) ->
         return Cost(usd=pico / 1e12, nanos=(pico + 500) // 1000, version=_version(day))
     gusage = genai_usage(usage)
     assert gusage is not None
+    price = plan.price if plan.model is None else plan.model.get_prices(at, context)
+    assert price is not None
+    if (usage.input_audio_tokens and price.input_audio_mtok is None) or (
+        usage.output_audio_tokens and price.output_audio_mtok is None
+    ):
+        return None  # the library would price the audio as text: unknown, not a guess
     try:
-        if plan.model is not None:
-            total = plan.model.get_prices(at, context).calc_price(gusage)["total_price"]
-        else:
-            assert plan.price is not None
-            total = plan.price.calc_price(gusage)["total_price"]
+        total = price.calc_price(gusage)["total_price"]
     except ValueError:
         return None  # the library judged the usage inconsistent
     return Cost(usd=float(total), nanos=_to_nanos(total), version=_version(day))
@@ -296,9 +312,28 @@ def apply_cost(record: LogRecord) -> None:
     A record's `provider` is its route; the route's provider names the price table's id
     (`gemini` → `google`; a named upstream its own name, so `vllm` stays unpriced).
     """
+    usage = record.usage
+    if usage.source == "missing" and _not_billed(record):
+        record.cost_usd, record.cost_nanos, record.price_version = 0.0, 0, None
+        return
     provider = pricing_id(record.provider)
-    cost = None if provider is None else price_usage(provider, record.model, record.usage, record.started_at)
+    cost = None
+    if provider is not None and usage.source != "partial":
+        cost = price_usage(provider, record.model, usage, record.started_at)
     if cost is None:
         record.cost_usd = record.cost_nanos = record.price_version = None
     else:
         record.cost_usd, record.cost_nanos, record.price_version = cost.usd, cost.nanos, cost.version
+
+
+def _not_billed(record: LogRecord) -> bool:
+    """A call that generated nothing: an error answer from the provider, no connection at all,
+    or a call the provider never bills (`Provider.bills`: a look-up, counting tokens).
+
+    A timeout is not one: the provider may have finished, and billed, after the gateway gave up.
+    """
+    if record.outcome == "upstream_unreachable":
+        return True
+    if not provider_for(record.provider).bills(record.method, record.path):
+        return True
+    return record.status is not None and record.status >= 400 and record.outcome != "upstream_timeout"

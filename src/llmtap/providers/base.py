@@ -31,6 +31,10 @@ class StreamFilter(Protocol):
 _DECODER = json.JSONDecoder()
 
 
+#: Path ends of POST calls that are never billed (cancelling, counting tokens, moderations).
+_FREE = ("/cancel", "/count_tokens", ":countTokens", "/moderations")
+
+
 class Provider(ABC):
     """One wire format reachable under a route prefix.
 
@@ -60,8 +64,9 @@ class Provider(ABC):
         """Whether this call's answer is billed: a POST that generates. Looking up an earlier
         answer (`GET /v1/responses/{id}`, a stored chat completion) or cancelling one echoes
         the usage it was billed for once already; counted again, a client polling a
-        background response would pay once per poll."""
-        return method == "POST" and not path.endswith("/cancel")
+        background response would pay once per poll. Token counting (`count_tokens`,
+        `:countTokens`) and OpenAI's moderations are free: their records cost $0."""
+        return method == "POST" and not path.endswith(_FREE)
 
     @abstractmethod
     def usage_from_body(self, body: Any) -> Usage:
