@@ -759,6 +759,53 @@ def test_client_chosen_request_id_is_logged_once(stack: Stack) -> None:
     assert status == 200 and stats["overall"]["count"] == 1
 
 
+def test_a_stream_that_ends_in_an_error_event_counts_as_an_error(stack: Stack) -> None:
+    """A 200 stream the provider ends with an error event (Anthropic's overloaded_error
+    mid-answer) failed: the SDK raises, and the record, stats and error rate say so. Its
+    provisional counts are not a cost (unpriced, not the placeholder's few cents)."""
+    case = uuid.uuid4().hex
+    prop = {"Llmtap-Property-case": case}
+    ids = []
+    with pytest.raises(openai.APIError):
+        h = stack.mark(**prop, **{"x-fake-stream-error": "2"})
+        for _ in stack.oa.chat.completions.create(
+            model=CHAT_MODEL,
+            messages=[{"role": "user", "content": "fail midway"}],
+            stream=True,
+            extra_headers=h,
+        ):
+            pass
+    with pytest.raises(anthropic.APIStatusError):
+        h = stack.mark(**prop, **{"x-fake-stream-error": "3"})
+        with stack.an.messages.stream(
+            model=CLAUDE,
+            max_tokens=50,
+            messages=[{"role": "user", "content": "fail midway"}],
+            extra_headers=h,
+        ) as st:
+            for _ in st:
+                pass
+    ok = stack.oa.chat.completions.with_raw_response.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "fine"}], extra_headers=stack.mark(**prop)
+    )
+    ids.append(ok.headers["llmtap-request-id"])
+    # one ordered partition (the embedded queue's default key): the last stored, all are
+    stack.record(ids[0])
+    rows = list_records(stack.api, **{"property.case": case})
+    assert len(rows) == 3, rows
+    failed = [r for r in rows if r["id"] != ids[0]]
+    for r in failed:
+        stack.record(r["id"])
+        assert r["status"] == 200 and r["outcome"] == "upstream_error" and r["error"], r
+        assert r["cost_usd"] is None, r
+    claude = next(r for r in failed if r["provider"] == "anthropic")
+    assert claude["usage_source"] == "partial" and claude["completion_tokens"] == 1  # the placeholder
+    status, stats = http_json("GET", f"{stack.api}/api/v1/stats?property.case={case}")
+    assert status == 200
+    overall = stats["overall"]
+    assert (overall["count"], overall["error_count"], overall["unpriced_count"]) == (3, 2, 2), overall
+
+
 def test_malformed_json_is_proxied_byte_identical_and_logged(stack: Stack) -> None:
     body = b'{"model": "gpt-4o-mini", '
     h = stack.mark(

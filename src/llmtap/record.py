@@ -28,6 +28,10 @@ Outcome = Literal[
     "upstream_cut",  # the upstream closed or broke the stream mid-way
     "upstream_timeout",  # no upstream answer in time: the gateway answered 504
     "upstream_unreachable",  # could not connect upstream: the gateway answered 502
+    # A stream the upstream answered with 2xx, then ended with an error event (Anthropic's
+    # `overloaded_error` mid-answer, OpenAI's `response.failed`). Set by the worker
+    # (`handlers.streams`), so a gateway never sends it to an older worker.
+    "upstream_error",
 ]
 #: `partial`: the provider's counts of a stream that ended before its end marker (a cut stream
 #: keeps only what its events said so far, e.g. Anthropic's placeholder output count).

@@ -8,7 +8,8 @@ the message is rebuilt with the provider's `reassemble_stream`, as the gateway d
 other stream, and the full result is the record's word on usage, error and outcome too
 (`StreamResult.settle`), so the stored record is the one the gateway would have built
 (`tests/test_stream_deferral.py`, `tests/test_record_golden.py`). A record the gateway built
-whole, or whose response was omitted, passes through untouched.
+whole, or whose response was omitted, passes through untouched, but for one decision made here
+for every stream: one that ended with an error event gets the outcome `upstream_error`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def deferred(record: LogRecord) -> bool:
         and events.data is not None
         and not record.omit_response
     )
+
+
+def settle_error(record: LogRecord) -> None:
+    """A 2xx stream that ended with an error event did not answer: its outcome says so, so
+    that stats, alerts and OpenTelemetry count it as an error as they count a 5xx."""
+    if record.streamed and record.error and record.outcome == "completed" and (record.status or 0) < 400:
+        record.outcome = "upstream_error"
 
 
 def finish(record: LogRecord, inline_body_bytes: int) -> None:
@@ -84,6 +92,7 @@ class StreamHandler(Handler):
                     finish(item.record, self.inline)
                 except Exception as e:
                     failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
+            settle_error(item.record)
             if n % SLICE == SLICE - 1:
                 await asyncio.sleep(0)
         if failed:
