@@ -1129,6 +1129,52 @@ async def test_wide_tables_scroll_in_their_box_and_the_nav_fits_a_phone(
         await ctx.close()
 
 
+# A point's topmost element is in the selector's element: nothing covers it.
+UNCOVERED = """sel => {
+  const el = document.querySelector(sel);
+  const r = el.getBoundingClientRect();
+  const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+  return !!hit && el.contains(hit);
+}"""
+
+
+async def test_the_drawer_is_readable_and_closable_at_every_width(srv: Srv, browser: Any) -> None:
+    """From a phone to a desktop, with the header at its widest (signed in: two rows at 720 and
+    800 px): the drawer's title and close button are not under the header, nothing of it is off
+    screen, and it is wide enough to read (up to 800 px it covers the page)."""
+    items = (await srv.get("/api/v1/requests?limit=5"))["items"]
+    ctx, pg, w = await open_page(browser, srv.base)
+    try:
+        # A key in the tab shows "signed in" and Sign out (a single-tenant server ignores it).
+        await ctx.add_init_script("sessionStorage.setItem('llmtap-key', 'llmtap_any')")
+        for width in (390, 640, 720, 800, 1280):
+            await pg.set_viewport_size({"width": width, "height": 800})
+            await pg.goto(f"{srv.base}/#/requests/{items[1]['id']}?range=all")
+            await pg.wait_for_selector("#drawer .conversation", timeout=WAIT)
+            await playwright_api.expect(pg.locator("#signout")).to_be_visible()
+            for sel in ("#drawer .close", "#drawer .dhead h2", "#summary"):
+                assert await pg.evaluate(UNCOVERED, sel), (width, sel)
+            box = await pg.locator("#drawer").bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, (width, box)
+            assert box["width"] >= min(width, 560), (width, box)  # beside a table only when roomy
+            assert await pg.evaluate(
+                "(() => { const d = document.getElementById('drawer');"
+                " return d.scrollWidth <= d.clientWidth; })()"
+            ), width
+            # A time is not broken inside its zone ("UT" / "C").
+            started = pg.locator("#drawer .dsec dt", has_text="Started").locator(
+                "xpath=following-sibling::dd[1]"
+            )
+            assert (await started.bounding_box() or {"height": 99})["height"] < 25, width
+            await shot(pg, f"drawer-{width}")
+            await pg.click("#drawer .close")
+            await playwright_api.expect(pg.locator("#drawer")).to_be_hidden()
+            assert await pg.evaluate(UNCOVERED, f'#requests-table tr[data-id="{items[1]["id"]}"] td')
+        w.check()
+    finally:
+        await ctx.close()
+
+
 async def test_a_new_page_opens_at_its_top_and_back_returns_where_it_was(
     srv: Srv, page: tuple[Any, Watch]
 ) -> None:

@@ -1329,6 +1329,11 @@ async function viewPipeline() {
 
 // -- start ---------------------------------------------------------------------------------------
 
+// The header wraps to more rows on a narrow screen or with the sign-out button: the drawer starts
+// under it, wherever its bottom is (set through CSSOM, as the bars below).
+const header = document.querySelector("header.top");
+new ResizeObserver(() => document.documentElement.style.setProperty("--top-h", header.offsetHeight + "px")).observe(header);
+
 // Bars of the top tables: widths set through CSSOM (style attributes would need 'unsafe-inline').
 new MutationObserver(() => {
   for (const el of document.querySelectorAll(".bar[data-w]")) { el.style.width = el.dataset.w + "%"; el.removeAttribute("data-w"); }
