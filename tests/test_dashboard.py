@@ -8,6 +8,7 @@ to another origin (route interception); a test fails if any happened.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import shutil
@@ -1080,6 +1081,45 @@ async def test_errors_leave_the_filter_bar_and_no_stale_data(srv: Srv, page: tup
     await pg.wait_for_selector("#filters", timeout=WAIT)
     await expect(pg.locator("#banner")).to_be_hidden()
     w.errors = [e for e in w.errors if "400 (Bad Request)" not in e]  # the refused calls, logged
+
+
+async def test_views_say_loading_until_their_answer_and_empty_only_after_it(
+    srv: Srv, page: tuple[Any, Watch]
+) -> None:
+    """While a view's data is on its way it says "Loading…": never an empty state (its own, or
+    the previous view's), which is shown only once an answer said there is nothing."""
+    pg, _ = page
+    expect = playwright_api.expect
+    empty = "/#/requests?range=custom&since=2001-01-01&until=2001-01-02"
+    gate = asyncio.Event()
+
+    async def held(route: Any) -> None:
+        await gate.wait()
+        await route.continue_()
+
+    await pg.route("**/api/v1/**", held)
+    targets = {
+        "users": "#users-table",
+        "pipeline": "main .tiles",
+        "sessions/sess-004": ".timeline li",
+        "sessions?range=all": "#sessions-table",
+        "overview?range=all": ".chart canvas",
+        "requests?range=all": "#requests-table",
+    }
+    for target, ready in targets.items():
+        gate.set()
+        await pg.goto(srv.base + empty)
+        # The empty state, once the (empty) answer came.
+        await expect(pg.locator("main .empty")).to_have_text("No requests match these filters.", timeout=WAIT)
+        gate.clear()
+        await pg.evaluate("h => { location.hash = h; }", "#/" + target)
+        await expect(pg.locator("main #pending")).to_have_text("Loading…", timeout=WAIT)
+        assert await pg.locator("main .empty, #requests-table").count() == 0, target
+        assert "No " not in (await pg.locator("main").text_content() or ""), target
+        gate.set()
+        await pg.wait_for_selector(ready, timeout=WAIT)
+        assert await pg.locator("main #pending").count() == 0, target
+    await pg.unroute("**/api/v1/**", held)
 
 
 async def test_the_ttft_tile_says_what_it_covers(srv: Srv, page: tuple[Any, Watch]) -> None:

@@ -242,6 +242,9 @@ async function route() {
   const views = { requests: viewRequests, overview: viewOverview, sessions: viewSessions, users: viewUsers, live: viewLive, pipeline: viewPipeline };
   const fn = views[view] || viewNotFound;
   document.title = "llmtap · " + (views[view] ? view : "no such page");
+  // Until the view draws: a neutral "Loading…", never the previous view (its data, or its empty
+  // state read as this view's answer). A view with a filter bar replaces it at once with its own.
+  render(h("p", { class: "muted", id: "pending" }, "Loading…"));
   const drawn = renders;
   const hash = location.hash;
   if (byPage) window.scrollTo(0, 0);
@@ -1189,6 +1192,7 @@ function turnLoader(timeline) {
 // -- users ---------------------------------------------------------------------------------------
 
 async function viewUsers(id, params) {
+  renderPending("Users");
   const res = await api("/api/v1/users?limit=500");
   render(
     h("h1", {}, "Users"),
@@ -1290,6 +1294,7 @@ async function viewLive(id, params) {
 // -- pipeline health -----------------------------------------------------------------------------
 
 async function viewPipeline() {
+  renderPending("Pipeline health");
   const p = await api("/api/v1/pipeline");
   const replay = async (body) => {
     try {
