@@ -467,6 +467,81 @@ async def test_live_tail_shows_new_requests_and_pauses(srv: Srv, page: tuple[Any
     assert await pg.locator(f'tr[data-id="{other.id}"]').count() == 0
 
 
+async def test_the_live_tail_says_when_it_is_cut_off_and_catches_up_when_back(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The server stopped, a 5xx, a refused key: the status says which, in place of "live",
+    and once the server answers again the tail is live with what was stored meanwhile."""
+    import random
+
+    tmp = tmp_path_factory.mktemp("tail")
+    paths = {
+        "data_dir": tmp,
+        "store": f"sqlite:{tmp / 'store.db'}",
+        "bodies": f"file:{tmp / 'bodies'}",
+        "queue": f"sqlite:{tmp / 'queue.db'}",
+    }
+    rng = random.Random(7)
+    expect = playwright_api.expect
+    status = "#live-status"
+    svc = ServerService(Settings(server_port=0, **paths))
+    await svc.start()
+    async with aiohttp.ClientSession() as http:
+        s = Srv(svc, http)
+        ctx, pg, w = await open_page(browser, s.base)
+        try:
+            await pg.goto(s.base + "/#/live")
+            await expect(pg.locator(status)).to_have_text("live", timeout=WAIT)
+            first = dd.record(1, at=datetime.now(UTC), rng=rng, kind=0)
+            await s.ingest([first])
+            await pg.wait_for_selector(f'#requests-table tr[data-id="{first.id}"]', timeout=WAIT)
+
+            await svc.stop()  # the server goes away
+            await expect(pg.locator(f"{status}.down")).to_contain_text(
+                "disconnected (the server cannot be reached): retrying in", timeout=WAIT
+            )
+            # It is back, but its stream answers 503, then refuses the key.
+            await pg.route(
+                "**/api/v1/requests/stream*",
+                lambda r: r.fulfill(
+                    status=503, json={"error": {"message": "temporarily unavailable: store down"}}
+                ),
+            )
+            s.svc = svc = ServerService(Settings(server_port=svc.port, **paths))
+            await svc.start()
+            await expect(pg.locator(f"{status}.down")).to_contain_text(
+                "the server answered 503: temporarily unavailable: store down", timeout=WAIT
+            )
+            missed = dd.record(2, at=datetime.now(UTC), rng=rng, kind=1)  # stored in the break
+            await s.ingest([missed])
+            await pg.unroute("**/api/v1/requests/stream*")
+            await pg.route(
+                "**/api/v1/requests/stream*",
+                lambda r: r.fulfill(status=401, json={"error": {"message": "an API key is required"}}),
+            )
+            await expect(pg.locator(f"{status}.down")).to_contain_text(
+                "sign-in required: the server refused the key", timeout=WAIT
+            )
+            await pg.wait_for_selector("#signin[open]", timeout=WAIT)
+            await pg.keyboard.press("Escape")  # no key to give: the tail keeps trying
+            await pg.unroute("**/api/v1/requests/stream*")
+
+            # Back: live again, with the request stored in the break, and new ones.
+            await expect(pg.locator(status)).to_have_text("live", timeout=WAIT)
+            assert await pg.locator(f"{status}.down").count() == 0
+            await pg.wait_for_selector(f'#requests-table tr[data-id="{missed.id}"]', timeout=WAIT)
+            after = dd.record(3, at=datetime.now(UTC), rng=rng, kind=0)
+            await s.ingest([after])
+            await pg.wait_for_selector(f'#requests-table tr[data-id="{after.id}"]', timeout=WAIT)
+            assert await row_ids(pg) == [after.id, missed.id, first.id]
+            await expect(pg.locator("main .pager")).to_contain_text("3 new since opened")
+            w.errors = [e for e in w.errors if "Failed to load resource" not in e]  # the refused calls
+            w.check()
+        finally:
+            await ctx.close()
+            await svc.stop()
+
+
 async def test_export_rows_equal_the_api(srv: Srv, page: tuple[Any, Watch]) -> None:
     pg, _ = page
     listed: list[dict[str, Any]] = []

@@ -159,7 +159,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
         }
     )
     await resp.prepare(request)
-    await resp.write(b": llmtap live tail\nretry: 2000\n\nevent: ready\ndata: {}\n\n")
+    # `opened_at` (the server's clock) lets a client catch up on what a broken stream missed.
+    ready = orjson.dumps({"opened_at": opened.isoformat()})
+    await resp.write(b": llmtap live tail\nretry: 2000\n\nevent: ready\ndata: " + ready + b"\n\n")
     try:
         await _tail(request, resp, fresh, seen)
     except ConnectionResetError:  # the client went away (closed the tab, paused the view)

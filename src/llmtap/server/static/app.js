@@ -1222,20 +1222,32 @@ async function viewLive(id, params) {
   let count = 0;
   const propCols = requestColumns(params);
   const tbody = h("tbody", {});
-  const status = h("span", { class: "live-status", id: "live-status" }, "connecting…");
+  const status = h("span", { class: "live-status", id: "live-status", role: "status" }, "connecting…");
   const pauseBtn = h("button", { type: "button", id: "pause" }, paused ? "Resume" : "Pause");
   const held = [];
+  const seen = new Set(); // ids shown or held: a catch-up after a break repeats none
+  let trouble = null; // why the tail is not live (it says so, in place of "live"), or null
+  const showStatus = (text) => {
+    if (text !== undefined) trouble = text;
+    status.textContent = trouble || (paused ? `paused (${held.length} waiting)` : "live");
+    status.classList.toggle("down", !!trouble);
+  };
   pauseBtn.addEventListener("click", () => {
     paused = !paused;
     pauseBtn.textContent = paused ? "Resume" : "Pause";
     if (!paused) { for (const r of held.splice(0)) show(r); }
-    status.textContent = paused ? `paused (${held.length} waiting)` : "live";
+    showStatus();
   });
   const show = (row) => {
     count += 1;
     tbody.prepend(requestRow(row, params, propCols, "live"));
     while (tbody.children.length > 500) tbody.lastChild.remove();
     countEl.textContent = `${count} new since opened`;
+  };
+  const receive = (row) => {
+    if (seen.has(row.id)) return;
+    seen.add(row.id);
+    if (paused) { held.push(row); showStatus(); } else show(row);
   };
   const countEl = h("span", { class: "muted" }, "0 new since opened");
   render(
@@ -1248,47 +1260,111 @@ async function viewLive(id, params) {
     h("p", { class: "hint muted" }, "Requests appear here as soon as they are stored, newest on top, filtered like the table (the body search included)."));
   const ctrl = new AbortController();
   onLeave(() => ctrl.abort());
-  (async () => {
-    let backoff = 1000;
-    while (!ctrl.signal.aborted) {
-      try {
-        const resp = await fetch("/api/v1/requests/stream?" + q, { headers: authHeaders(), signal: ctrl.signal });
-        if (resp.status === 401) { askKey(); return; }
-        if (!resp.ok) throw new Error("live tail: " + resp.status);
-        backoff = 1000;
-        const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-        let buf = "";
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          buf += value;
-          let i;
-          while ((i = buf.indexOf("\n\n")) >= 0) {
-            const block = buf.slice(0, i);
-            buf = buf.slice(i + 2);
-            let event = "message";
-            let data = "";
-            for (const line of block.split("\n")) {
-              if (line.startsWith("event:")) event = line.slice(6).trim();
-              else if (line.startsWith("data:")) data += line.slice(5).trim();
-            }
-            if (event === "ready") status.textContent = paused ? "paused" : "live";
-            else if (event === "unavailable") status.textContent = "store unavailable, retrying…";
-            else if (event === "request") {
-              const row = JSON.parse(data);
-              if (paused) { held.push(row); status.textContent = `paused (${held.length} waiting)`; } else show(row);
-            }
+  tail(q, ctrl.signal, { receive, showStatus });
+  if (id) await openDrawer(id, params, "live");
+}
+
+const TAIL_SILENCE = 40000; // ms: the server pings an idle stream every 15 s; longer is a dead link
+const TAIL_MAX_BACKOFF = 8000;
+
+/**
+ * Reads the live tail's stream until `signal` aborts, reconnecting for ever. Whatever cuts it
+ * off (the server stopped or unreachable, an error status, a refused key, a link gone silent)
+ * is said in the status in place of "live", with when it tries again; once back, the requests
+ * stored in the break are caught up from the list (the stream sends only what comes after it
+ * opened). Times for the catch-up are the server's: its `ready` event says when it opened.
+ */
+async function tail(q, signal, { receive, showStatus }) {
+  let backoff = 1000;
+  let refused = false; // the last answer was a 401: the sign-in dialog was shown for it
+  let firstOpen = null; // the server's time when the tail first opened
+  let lastWord = null; // the server's time of the last word from the stream
+  let storeDown = false;
+  while (!signal.aborted) {
+    const attempt = new AbortController();
+    const stop = () => attempt.abort(new Error("left"));
+    signal.addEventListener("abort", stop);
+    let silence;
+    const heard = () => {
+      clearTimeout(silence);
+      silence = setTimeout(() => attempt.abort(new Error(`no word from the server for ${TAIL_SILENCE / 1000} s`)), TAIL_SILENCE);
+    };
+    let why;
+    try {
+      heard();
+      const resp = await fetch("/api/v1/requests/stream?" + q, { headers: authHeaders(), signal: attempt.signal });
+      if (resp.status === 401) {
+        if (!refused) askKey();
+        refused = true;
+        throw new Error("sign-in required: the server refused the key");
+      }
+      if (!resp.ok) {
+        const body = await resp.json().catch(() => null);
+        throw new Error(`the server answered ${resp.status}` + (body && body.error && body.error.message ? ": " + body.error.message : ""));
+      }
+      const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buf = "";
+      let opened = null; // [server time, this browser's time] at the stream's ready
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        heard();
+        if (opened) lastWord = opened[0] + (Date.now() - opened[1]);
+        buf += value;
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          let event = "message";
+          let data = "";
+          for (const line of block.split("\n")) {
+            if (line.startsWith("event:")) event = line.slice(6).trim();
+            else if (line.startsWith("data:")) data += line.slice(5).trim();
+          }
+          if (event === "ready") {
+            const at = Date.parse((JSON.parse(data || "{}") || {}).opened_at);
+            opened = [Number.isNaN(at) ? Date.now() : at, Date.now()];
+            firstOpen ??= opened[0];
+            backoff = 1000;
+            refused = false;
+            if (lastWord !== null) await catchUp(q, Math.max(firstOpen, lastWord - 60000), receive);
+            lastWord = opened[0];
+            showStatus(null);
+          } else if (event === "unavailable") {
+            storeDown = true;
+            showStatus("store unavailable, retrying…");
+          } else {
+            if (storeDown) { storeDown = false; showStatus(null); } // a ping or a request: the store answers again
+            if (event === "request") receive(JSON.parse(data));
           }
         }
-      } catch (e) {
-        if (ctrl.signal.aborted) return;
-        status.textContent = "reconnecting…";
       }
-      await new Promise((r) => setTimeout(r, backoff));
-      backoff = Math.min(backoff * 2, 15000);
+      why = null; // ended by the server (its hourly bound, a restart): open the next one
+    } catch (e) {
+      if (signal.aborted) return;
+      why = attempt.signal.aborted && attempt.signal.reason ? attempt.signal.reason.message
+        : e instanceof TypeError ? "the server cannot be reached" : e.message;
+    } finally {
+      clearTimeout(silence);
+      signal.removeEventListener("abort", stop);
     }
-  })();
-  if (id) await openDrawer(id, params, "live");
+    if (signal.aborted) return;
+    if (why === null) showStatus("reconnecting…");
+    else showStatus(`disconnected (${why}): retrying in ${Math.round(backoff / 1000)} s…`);
+    await new Promise((r) => setTimeout(r, backoff));
+    backoff = Math.min(backoff * 2, TAIL_MAX_BACKOFF);
+  }
+}
+
+/** The requests stored since `since` (server time, ms) matching the tail's filters, oldest first. */
+async function catchUp(q, since, receive) {
+  const lq = new URLSearchParams(q);
+  lq.set("since", new Date(since).toISOString());
+  lq.set("limit", "500");
+  try {
+    const page = await api("/api/v1/requests?" + lq);
+    for (const row of page.items.reverse()) receive(row);
+  } catch (e) { /* the stream goes on; what was missed is in the table */ }
 }
 
 // -- pipeline health -----------------------------------------------------------------------------
