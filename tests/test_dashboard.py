@@ -1316,6 +1316,91 @@ async def test_a_new_page_opens_at_its_top_and_back_returns_where_it_was(
 # -- wire formats beyond chat: Gemini, embeddings; long prompts -----------------------------------
 
 
+ROWS = [{"isbn": f"978000000{i:04d}", "title": f"Catalogue book {i}", "in_stock": i % 7} for i in range(60)]
+
+
+def long_tool_bodies() -> dict[str, tuple[Any, Any]]:
+    """Request and response bodies with a short tool call, then a long call (30 rows of
+    arguments) and a long result (60 rows) in each wire format that has tools."""
+    args = {"query": "orwell", "rows": ROWS[:30]}
+    result = {"results": ROWS}
+    short = {"isbn": "9780451524935"}
+    answer = "Found 60 books; 3 copies of 1984 are in stock."
+    openai = {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "user", "content": "Find Orwell paperbacks"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_s",
+                        "type": "function",
+                        "function": {"name": "check_stock", "arguments": orjson.dumps(short).decode()},
+                    },
+                    {
+                        "id": "call_l",
+                        "type": "function",
+                        "function": {"name": "search_catalog", "arguments": orjson.dumps(args).decode()},
+                    },
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_s", "content": '{"in_stock": 3}'},
+            {"role": "tool", "tool_call_id": "call_l", "content": orjson.dumps(result).decode()},
+        ],
+    }
+    anthropic = {
+        "model": "claude-sonnet-4-20250514",
+        "max_tokens": 1024,
+        "messages": [
+            {"role": "user", "content": "Find Orwell paperbacks"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "tool_use", "id": "toolu_s", "name": "check_stock", "input": short},
+                    {"type": "tool_use", "id": "toolu_l", "name": "search_catalog", "input": args},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_s", "content": '{"in_stock": 3}'},
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_l",
+                        "content": [{"type": "text", "text": orjson.dumps(result).decode()}],
+                    },
+                ],
+            },
+        ],
+    }
+    gemini = {
+        "contents": [
+            {"role": "user", "parts": [{"text": "Find Orwell paperbacks"}]},
+            {
+                "role": "model",
+                "parts": [
+                    {"functionCall": {"name": "check_stock", "args": short}},
+                    {"functionCall": {"name": "search_catalog", "args": args}},
+                ],
+            },
+            {
+                "role": "user",
+                "parts": [
+                    {"functionResponse": {"name": "check_stock", "response": {"in_stock": 3}}},
+                    {"functionResponse": {"name": "search_catalog", "response": result}},
+                ],
+            },
+        ],
+    }
+    return {
+        "openai": (openai, {"choices": [{"message": {"role": "assistant", "content": answer}}]}),
+        "anthropic": (anthropic, {"role": "assistant", "content": [{"type": "text", "text": answer}]}),
+        "gemini": (gemini, {"candidates": [{"content": {"role": "model", "parts": [{"text": answer}]}}]}),
+    }  # fmt: skip
+
+
 def wire_records() -> dict[str, LogRecord]:
     """Gemini (plain, SSE stream as the store keeps it, a stream answered as one JSON array), an
     embeddings call, and an 80 KB prompt: one session, one user."""
@@ -1341,7 +1426,19 @@ def wire_records() -> dict[str, LogRecord]:
     long_text = "".join(f"line {i:05d} of a very long pasted document. " for i in range(2000))
     assert len(long_text) >= 80_000
     long_req, long_resp = dd.openai_chat("gpt-4o-mini", long_text, "A short answer.")
+    tools = long_tool_bodies()
     return {
+        **{
+            f"tools_{wire}": rec(
+                n, kind, streamed=False, path=path, response_events=None,
+                request_body=body(tools[wire][0]), response_body=body(tools[wire][1]),
+            )
+            for n, wire, kind, path in (
+                (6, "openai", 0, "/v1/chat/completions"),
+                (7, "anthropic", 3, "/v1/messages"),
+                (8, "gemini", 6, "/v1beta/models/gemini-2.5-flash:generateContent"),
+            )
+        },
         "gemini": rec(
             0, 6, streamed=False, path="/v1beta/models/gemini-2.5-flash:generateContent",
             request_body=body(req), response_body=body(resp), response_events=None,
@@ -1533,6 +1630,7 @@ async def test_embeddings_show_their_inputs_and_how_many_vectors(
                 == f"{len(vectors)} vectors of {dims:,} dimensions"
             )
             assert str(vectors[0][0]) not in (await emb.text_content() or "")  # no numbers
+            await pg.eval_on_selector("#drawer .conversation", "c => c.scrollIntoView()")
             await shot(pg, f"drawer-{name}")
         # On the session page too: every input, then the vectors.
         await pg.goto(s.base + "/#/sessions/wire")
@@ -1541,6 +1639,46 @@ async def test_embeddings_show_their_inputs_and_how_many_vectors(
             "2 vectors of 8 dimensions", timeout=WAIT
         )
         assert await li.locator(".msg.role-input").count() == 2
+        w.check()
+    finally:
+        await ctx.close()
+
+
+async def test_long_tool_calls_and_results_fold_like_long_messages(
+    wire: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    """OpenAI tool_calls and tool messages, Anthropic tool_use and tool_result, Gemini
+    functionCall and functionResponse: a long one shows its first lines and "show all", whole
+    as text; a short one stays as it is."""
+    s, recs = wire
+    ctx, pg, w = await open_page(browser, s.base)
+    try:
+        for name in ("tools_openai", "tools_anthropic", "tools_gemini"):
+            await pg.goto(f"{s.base}/#/requests/{recs[name].id}?range=all")
+            tools = pg.locator("#drawer .conversation .tool")
+            await tools.first.wait_for(timeout=WAIT)
+            assert await tools.count() == 4, name  # two calls, two results
+            texts = [t or "" for t in await tools.locator("pre").all_text_contents()]
+            long_call, long_result = texts[1], texts[3]  # each short one first
+            assert orjson.loads(long_call) == {"query": "orwell", "rows": ROWS[:30]}, name
+            assert orjson.loads(long_result) == {"results": ROWS}, name  # whole, as text
+            for i, text in enumerate(texts):
+                block = tools.nth(i)
+                if i in (0, 2):
+                    assert await block.locator(".longtext, button.more").count() == 0, (name, i)
+                    continue
+                button = block.locator(".longtext button.more")
+                assert await button.count() == 1, (name, i)
+                assert await button.text_content() == f"show all ({len(text):,} characters)", (name, i)
+                pre = block.locator(".longtext pre.collapsed")
+                assert (await pre.bounding_box() or {"height": 999})["height"] < 150, (name, i)
+                await button.click()
+                await playwright_api.expect(button).to_have_text("show less")
+                assert (await block.locator("pre").bounding_box() or {"height": 0})["height"] > 450, (name, i)
+                await button.click()
+                await playwright_api.expect(block.locator("pre.collapsed")).to_have_count(1)
+            await pg.eval_on_selector("#drawer .conversation", "c => c.scrollIntoView()")
+            await shot(pg, f"drawer-{name}")
         w.check()
     finally:
         await ctx.close()

@@ -629,9 +629,11 @@ function msg(role, ...parts) {
   return h("div", { class: "msg role-" + cls }, h("div", { class: "role" }, role), ...parts);
 }
 /** A message's text; a long one shows its first lines and a toggle to show it all. */
-function textPart(t) {
-  const s = String(t);
-  const el = h("div", { class: "text" }, s);
+const textPart = (t) => folding(h("div", { class: "text" }, String(t)));
+/** A tool's arguments or result, code and its output: preformatted, long ones folded the same way. */
+const codePart = (t) => folding(h("pre", {}, String(t)));
+function folding(el) {
+  const s = el.textContent;
   if (s.length <= LONG_CHARS && lineCount(s, LONG_LINES) <= LONG_LINES) return el;
   const more = `show all (${nf.format(s.length)} characters)`;
   el.classList.add("collapsed");
@@ -657,8 +659,8 @@ function imagePart(url) {
   const safe = safeHref(s);
   return h("div", { class: "attach" }, "[image] ", safe ? h("a", { href: safe, target: "_blank", rel: "noopener noreferrer" }, s) : s);
 }
-const toolCall = (name, args, id) => h("div", { class: "tool" }, h("span", { class: "tname" }, "→ tool call " + (name || "?")), id ? h("span", { class: "muted" }, " " + id) : null, h("pre", {}, typeof args === "string" ? tryPretty(args) : pretty(args)));
-const toolResult = (content, id) => h("div", { class: "tool result" }, h("span", { class: "tname" }, "← tool result"), id ? h("span", { class: "muted" }, " " + id) : null, h("pre", {}, typeof content === "string" ? content : pretty(content)));
+const toolCall = (name, args, id) => h("div", { class: "tool" }, h("span", { class: "tname" }, "→ tool call " + (name || "?")), id ? h("span", { class: "muted" }, " " + id) : null, codePart(typeof args === "string" ? tryPretty(args) : pretty(args)));
+const toolResult = (content, id) => h("div", { class: "tool result" }, h("span", { class: "tname" }, "← tool result"), id ? h("span", { class: "muted" }, " " + id) : null, codePart(typeof content === "string" ? content : pretty(content)));
 const reasoning = (t) => h("details", { class: "reasoning" }, h("summary", {}, "reasoning"), h("div", { class: "text" }, String(t)));
 function tryPretty(s) { try { return JSON.stringify(JSON.parse(s), null, 2); } catch (e) { return s; } }
 
@@ -719,8 +721,8 @@ function geminiParts(parts) {
       const safe = safeHref(uri);
       return h("div", { class: "attach" }, `[${gget(file, "mimeType", "mime_type") || "file"}] `, safe ? h("a", { href: safe, target: "_blank", rel: "noopener noreferrer" }, uri) : uri);
     }
-    if (code) return h("div", { class: "tool" }, h("span", { class: "tname" }, "→ code (" + (code.language || "?") + ")"), h("pre", {}, String(code.code ?? "")));
-    if (codeResult) return h("div", { class: "tool result" }, h("span", { class: "tname" }, "← code result (" + (codeResult.outcome || "?") + ")"), h("pre", {}, String(codeResult.output ?? "")));
+    if (code) return h("div", { class: "tool" }, h("span", { class: "tname" }, "→ code (" + (code.language || "?") + ")"), codePart(code.code ?? ""));
+    if (codeResult) return h("div", { class: "tool result" }, h("span", { class: "tname" }, "← code result (" + (codeResult.outcome || "?") + ")"), codePart(codeResult.output ?? ""));
     return h("pre", {}, pretty(p));
   });
 }
