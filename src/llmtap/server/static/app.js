@@ -925,6 +925,9 @@ const BUCKET_SECS = { minute: 60, hour: 3600, day: 86400 };
 // stats cannot be limited to streamed requests: the TTFT tile says what its percentiles cover.
 const TTFT_NOTE = "all requests (non-streamed: their whole latency)";
 
+/** "620 ms / 1.50 s", wrapping (in a narrow tile) between the two, never inside one. */
+const pair = (a, b) => [h("span", { class: "nowrap" }, a), " / ", h("span", { class: "nowrap" }, b)];
+
 function tile(label, value, sub, cls) {
   return h("div", { class: "tile " + (cls || "") }, h("div", { class: "tlabel" }, label), h("div", { class: "tvalue" }, value), sub ? h("div", { class: "tsub" }, sub) : null);
 }
@@ -1018,8 +1021,8 @@ async function viewOverview(id, params) {
       tile("Cost", fmtUsd(o.cost_usd) ?? "$0", o.unpriced_count ? `+ ${fmtInt(o.unpriced_count)} unpriced` : "all priced"),
       tile("Unpriced requests", fmtInt(o.unpriced_count), "no price known: excluded from cost", o.unpriced_count ? "warn" : ""),
       tile("Tokens", fmtInt(o.total_tokens), `${fmtInt(o.prompt_tokens)} in · ${fmtInt(o.completion_tokens)} out`),
-      tile("Latency p50 / p95", `${fmtMs(o.latency_ms.p50)} / ${fmtMs(o.latency_ms.p95)}`, "p99 " + fmtMs(o.latency_ms.p99)),
-      tile("TTFT p50 / p95", `${fmtMs(o.time_to_first_token_ms.p50)} / ${fmtMs(o.time_to_first_token_ms.p95)}`, TTFT_NOTE)),
+      tile("Latency p50 / p95", pair(fmtMs(o.latency_ms.p50), fmtMs(o.latency_ms.p95)), "p99 " + fmtMs(o.latency_ms.p99)),
+      tile("TTFT p50 / p95", pair(fmtMs(o.time_to_first_token_ms.p50), fmtMs(o.time_to_first_token_ms.p95)), TTFT_NOTE)),
     charts,
     h("div", { class: "tops" }, topTable("Top models", "model", series.groups, params), usersBox, propsBox));
   const slot = (name) => { const el = h("div", { class: "chart", "data-chart": name }); charts.append(el); return el; };
@@ -1257,7 +1260,8 @@ async function viewLive(id, params) {
     filterBar(params, "live", { defaultRange: "all", search: true }),
     h("div", { class: "pager" }, pauseBtn, status, countEl),
     scroller(h("table", { class: "grid", id: "requests-table" },
-      h("thead", {}, h("tr", {}, ["Time (UTC)", "Status", "Provider", "Model", "User", "Session", "Tokens in", "Tokens out", "Cost", "Latency", "TTFT", "Streamed", ...propCols].map((t) => h("th", {}, t)))),
+      h("thead", {}, h("tr", {}, ["Time (UTC)", "Status", "Provider", "Model", "User", "Session", "Tokens in", "Tokens out", "Cost", "Latency", "TTFT", "Streamed", ...propCols]
+        .map((t, i) => h("th", { class: i >= 6 && i <= 10 ? "num" : "" }, t)))),  // numbers right, as in the table
       tbody)),
     h("p", { class: "hint muted" }, "Requests appear here as soon as they are stored, newest on top, filtered like the table (the body search included)."));
   const ctrl = new AbortController();
