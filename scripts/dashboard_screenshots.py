@@ -41,7 +41,8 @@ async def main(out: Path) -> None:
         await svc.start()
         base = f"http://127.0.0.1:{svc.port}"
         try:
-            records = dd.dataset(3000, seed=5, span=timedelta(days=7))
+            # Every wire format the dashboard renders: Gemini and embeddings calls too.
+            records = dd.dataset(3000, seed=5, span=timedelta(days=7), kinds=len(dd.MODELS))
             async with aiohttp.ClientSession() as http:
                 for i in range(0, len(records), 250):
                     batch = encode_many(records[i : i + 250])
@@ -73,6 +74,10 @@ async def main(out: Path) -> None:
                 first = await page.eval_on_selector("#requests-table tbody tr[data-id]", "r => r.dataset.id")
                 chat = next(r for r in records if r.path == "/v1/messages" and r.status == 200)
                 await shot("detail", f"/#/requests/{chat.id}?range=7d", "#drawer .conversation")
+                gemini = next(r for r in records if r.model == "gemini-2.5-flash" and r.status == 200)
+                await shot("detail-gemini", f"/#/requests/{gemini.id}?range=7d", "#drawer .conversation")
+                emb = next(r for r in records if r.path.endswith(":batchEmbedContents") and r.status == 200)
+                await shot("detail-embeddings", f"/#/requests/{emb.id}?range=7d", "#drawer .embeddings")
                 assert first
                 await shot("overview", "/#/overview?range=7d&group=feature", ".chart canvas", full=True)
                 await shot("sessions", "/#/sessions?range=7d", "#sessions-table")
@@ -83,7 +88,14 @@ async def main(out: Path) -> None:
                 rng = random.Random(3)
                 async with aiohttp.ClientSession() as http:
                     for n in range(6):
-                        rec = dd.record(n, at=datetime.now(UTC), rng=rng, session="sess-live")
+                        rec = dd.record(
+                            n,
+                            at=datetime.now(UTC),
+                            rng=rng,
+                            session="sess-live",
+                            user="carol@example.com",
+                            kinds=len(dd.MODELS),
+                        )
                         async with http.post(
                             base + "/api/v1/ingest", data=encode_many([rec]), headers=JSON
                         ) as r:

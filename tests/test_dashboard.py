@@ -410,7 +410,8 @@ async def test_drawer_keys_and_permalink(srv: Srv, page: tuple[Any, Watch]) -> N
             text = await pg2.locator("#drawer .conversation").text_content()
             if path == "/v1/messages":
                 answer = next(b["text"] for b in full["response_body"]["content"] if b["type"] == "text")
-                assert await pg2.locator("#drawer .tool .tname", has_text="tool call read_file").count() == 1
+                tool = full["request_body"]["messages"][1]["content"][0]["name"]
+                assert await pg2.locator("#drawer .tool .tname", has_text=f"tool call {tool}").count() == 1
                 assert await pg2.locator("#drawer .reasoning").count() == 1
             elif path == "/v1/responses":
                 answer = full["response_body"]["output"][-1]["content"][0]["text"]
@@ -1636,7 +1637,7 @@ async def test_embeddings_show_their_inputs_and_how_many_vectors(
         await pg.goto(s.base + "/#/sessions/wire")
         li = pg.locator(f'.timeline li[data-id="{recs["embeddings"].id}"]')
         await playwright_api.expect(li.locator(".vectors")).to_have_text(
-            "2 vectors of 8 dimensions", timeout=WAIT
+            "2 vectors of 1,536 dimensions", timeout=WAIT
         )
         assert await li.locator(".msg.role-input").count() == 2
         w.check()

@@ -2,7 +2,8 @@
 
 Each record carries real request and response bodies in the wire formats the dashboard
 renders as conversations (OpenAI chat, OpenAI Responses, Anthropic messages, Gemini
-generateContent), with tools, images, reasoning and streams, and OpenAI embeddings;
+generateContent), with tools, images, reasoning and streams, and embeddings (OpenAI
+`/embeddings`, Gemini `batchEmbedContents`);
 `hostile_record` puts markup and `javascript:` URLs in every text field a page shows. Bodies
 are inline (identity): the server's handler chain moves them to the body store and prices the
 usage, as it does for a gateway's records.
@@ -91,27 +92,44 @@ def openai_responses(model: str, question: str, answer: str) -> tuple[Any, Any]:
     return request, response
 
 
-def anthropic_messages(model: str, question: str, answer: str) -> tuple[Any, Any]:
+#: What the embeddings calls index (for search): catalogue entries and policy paragraphs.
+DOCUMENTS = (
+    "1984, George Orwell. Penguin Modern Classics paperback, 336 pages. ISBN 9780451524935.",
+    "Refunds: within 30 days of purchase, with a receipt, to the original payment method.",
+    "Animal Farm, George Orwell. Hardback, illustrated edition, 144 pages.",
+    "Store credit: after 30 days, or without a receipt, at the current shelf price.",
+    "Homage to Catalonia, George Orwell. Paperback, 256 pages. Ships in 2 days.",
+)
+#: The tool a question calls (Anthropic's turns): name, input, result; by QUESTIONS' index.
+TOOLS = (
+    ("check_stock", {"isbn": "9780451524935"}, '{"in_stock": 3, "price": 9.99}'),
+    (
+        "search_trains",
+        {"from": "Paris", "to": "Milan"},
+        '[{"train": "TGV 9241", "to": "Turin"}, {"train": "FR 9531"}]',
+    ),
+    ("read_file", {"path": "src/app.py"}, "def main(): ..."),
+    ("get_policy", {"name": "refunds"}, "Refunds: 30 days, with a receipt. After that: store credit."),
+)
+
+
+def anthropic_messages(
+    model: str, question: str, answer: str, *, tool: tuple[str, Any, str] = TOOLS[2]
+) -> tuple[Any, Any]:
+    name, tool_input, result = tool
     request = {
         "model": model,
         "max_tokens": 1024,
-        "system": "You review pull requests. Be specific.",
+        "system": "You help the staff of an online bookshop. Use the tools; be specific.",
         "messages": [
             {"role": "user", "content": question},
             {
                 "role": "assistant",
-                "content": [
-                    {
-                        "type": "tool_use",
-                        "id": "toolu_01",
-                        "name": "read_file",
-                        "input": {"path": "src/app.py"},
-                    }
-                ],
+                "content": [{"type": "tool_use", "id": "toolu_01", "name": name, "input": tool_input}],
             },
             {
                 "role": "user",
-                "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "def main(): ..."}],
+                "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": result}],
             },
         ],
     }
@@ -128,18 +146,17 @@ def anthropic_messages(model: str, question: str, answer: str) -> tuple[Any, Any
     return request, response
 
 
-WEATHER_ARGS = {"city": "Milan"}
 WEATHER = {"forecast": "sunny, 24 C"}
 
 
-def gemini_generate(model: str, question: str, answer: str) -> tuple[Any, Any]:
+def gemini_generate(model: str, question: str, answer: str, *, city: str = "Milan") -> tuple[Any, Any]:
     """A `generateContent` call as the Gemini API takes and answers it (camelCase JSON): a system
     instruction, a function call and its response, then the reply with a thought part."""
     request = {
         "systemInstruction": {"parts": [{"text": "You plan city trips. Use the weather tool."}]},
         "contents": [
             {"role": "user", "parts": [{"text": question}]},
-            {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": WEATHER_ARGS}}]},
+            {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": city}}}]},
             {
                 "role": "user",
                 "parts": [{"functionResponse": {"name": "get_weather", "response": WEATHER}}],
@@ -183,7 +200,7 @@ def gemini_stream_events(response: dict[str, Any]) -> bytes:
 
 
 def openai_embeddings(model: str, question: str, answer: str, *, dims: int = 8) -> tuple[Any, Any]:
-    """An embeddings call with two inputs (a real model answers 1536 floats each: 8 here)."""
+    """An embeddings call with two inputs (a real model answers 1536 floats each: 8 by default)."""
     request = {"model": model, "input": [question, answer]}
     vector = [round(0.1 * i - 0.35, 3) for i in range(dims)]
     response = {
@@ -193,6 +210,24 @@ def openai_embeddings(model: str, question: str, answer: str, *, dims: int = 8) 
         "usage": {"prompt_tokens": 24, "total_tokens": 24},
     }
     return request, response
+
+
+def gemini_embed(model: str, texts: list[str], *, dims: int = 768) -> tuple[Any, Any]:
+    """A `batchEmbedContents` call: one request per text, vectors cut to `dims` (the API's
+    `outputDimensionality`; gemini-embedding-001 answers 3072 floats without it)."""
+    request = {
+        "requests": [
+            {
+                "model": f"models/{model}",
+                "content": {"parts": [{"text": t}]},
+                "taskType": "RETRIEVAL_DOCUMENT",
+                "outputDimensionality": dims,
+            }
+            for t in texts
+        ]
+    }
+    vector = [round(0.001 * (i % 97) - 0.048, 4) for i in range(dims)]
+    return request, {"embeddings": [{"values": vector} for _ in texts]}
 
 
 QUESTIONS = (
@@ -210,10 +245,22 @@ MODELS = (
     ("openai", "acme-finetune-7b", "chat"),  # no price known: an unpriced request
     ("gemini", "gemini-2.5-flash", "gemini"),
     ("openai", "text-embedding-3-small", "embeddings"),
+    ("gemini", "gemini-embedding-001", "gemini-embed"),
 )
-#: The kinds a record draws at random: the first six (the seeded datasets the tests read keep
-#: their mix); Gemini (6) and embeddings (7) are asked for by `kind`.
+#: The kinds a record draws at random by default: the first six (the seeded datasets the tests
+#: read keep their mix); Gemini (6) and the embeddings (7, 8) are asked for by `kind`, or drawn
+#: too with `kinds=len(MODELS)` (the README's screenshots).
 RANDOM_KINDS = 6
+#: Gemini's questions are trips (its tool is the weather): city, question, answer.
+TRIPS = (
+    ("Milan", "Plan a day in Milan", "Start at the Duomo at 9, then the Brera district; sunny, 24 C."),
+    ("Lisbon", "What should I pack for Lisbon this weekend?", "Light layers and walking shoes: sunny, 24 C."),
+    (
+        "Kyoto",
+        "Two days in Kyoto: temples or food?",
+        "Both: Fushimi Inari at dawn, Nishiki Market for lunch.",
+    ),
+)
 HOSTS = {
     "openai": "https://api.openai.com",
     "anthropic": "https://api.anthropic.com",
@@ -232,9 +279,12 @@ def record(
     session: str | None = None,
     user: str | None = None,
     kind: int | None = None,
+    kinds: int = RANDOM_KINDS,
 ) -> LogRecord:
-    """One realistic record (bodies inline, cost left to the server's price table)."""
-    provider, model, wire = MODELS[kind if kind is not None else rng.randrange(RANDOM_KINDS)]
+    """One realistic record (bodies inline, cost left to the server's price table); `kind`
+    picks its model in MODELS, else one of the first `kinds` is drawn."""
+    provider, model, wire = MODELS[kind if kind is not None else rng.randrange(kinds)]
+    embeds = wire in ("embeddings", "gemini-embed")
     question, answer = QUESTIONS[n % len(QUESTIONS)]
     streamed = rng.random() < 0.4
     if wire == "chat":
@@ -244,25 +294,34 @@ def record(
         req, resp = openai_responses(model, question, answer)
         path = "/v1/responses"
     elif wire == "gemini":
-        req, resp = gemini_generate(model, question, answer)
+        city, trip, plan = TRIPS[n % len(TRIPS)]
+        req, resp = gemini_generate(model, trip, plan, city=city)
         path = f"/v1beta/models/{model}:" + ("streamGenerateContent" if streamed else "generateContent")
     elif wire == "embeddings":
-        req, resp = openai_embeddings(model, question, answer)
+        docs = (DOCUMENTS[n % len(DOCUMENTS)], DOCUMENTS[(n + 1) % len(DOCUMENTS)])
+        req, resp = openai_embeddings(model, *docs, dims=1536)
         path = "/v1/embeddings"
         streamed = False
+    elif wire == "gemini-embed":
+        req, resp = gemini_embed(model, [DOCUMENTS[n % len(DOCUMENTS)], DOCUMENTS[(n + 1) % len(DOCUMENTS)]])
+        path = f"/v1beta/models/{model}:batchEmbedContents"
+        streamed = False
     else:
-        req, resp = anthropic_messages(model, question, answer)
+        req, resp = anthropic_messages(model, question, answer, tool=TOOLS[n % len(TOOLS)])
         path = "/v1/messages"
     status = rng.choices((200, 429, 500, 400), weights=(90, 4, 3, 3))[0]
-    latency = rng.lognormvariate(6.6, 0.5)
+    # An embeddings call: two sentences in, no output, fast (the same draws, other bounds).
+    latency = rng.lognormvariate(5.0 if embeds else 6.6, 0.5)
     ttft = latency * rng.uniform(0.1, 0.4) if streamed else None
-    prompt = rng.randrange(200, 4000)
-    completion = rng.randrange(20, 800) if status == 200 and wire != "embeddings" else 0
+    prompt = rng.randrange(12, 60) if embeds else rng.randrange(200, 4000)
+    completion = rng.randrange(20, 800) if status == 200 and not embeds else 0
+    # An embeddings call has no output: its usage has no completion tokens (a dash, not 0).
     cached = rng.choice((None, None, prompt // 2))
+    cached = None if embeds else cached
     usage = Usage(
         source="provider" if status == 200 else "missing",
         prompt_tokens=prompt if status == 200 else None,
-        completion_tokens=completion if status == 200 else None,
+        completion_tokens=completion if status == 200 and not embeds else None,
         total_tokens=prompt + completion if status == 200 else None,
         cached_tokens=cached if status == 200 else None,
         cache_write_tokens=rng.choice((None, 128)) if provider == "anthropic" and status == 200 else None,
@@ -336,8 +395,10 @@ def dataset(
     seed: int = 1,
     now: datetime | None = None,
     span: timedelta | None = None,
+    kinds: int = RANDOM_KINDS,
 ) -> list[LogRecord]:
-    """`count` records spread over `span` (default one day) before `now`, some in sessions."""
+    """`count` records spread over `span` (default one day) before `now`, some in sessions,
+    drawn from the first `kinds` of MODELS."""
     rng = random.Random(seed)
     end = now or datetime.now(UTC)
     span = span or timedelta(days=1)
@@ -346,7 +407,7 @@ def dataset(
         at = end - timedelta(seconds=rng.uniform(5, span.total_seconds()))
         session = f"sess-{n % 40:03d}" if n % 2 == 0 else None
         user = USERS[n % 40 % 4] if session else None  # a session belongs to one user
-        out.append(record(n, at=at, rng=rng, tenant=tenant, session=session, user=user))
+        out.append(record(n, at=at, rng=rng, tenant=tenant, session=session, user=user, kinds=kinds))
     return out
 
 
