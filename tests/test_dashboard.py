@@ -1030,7 +1030,8 @@ async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(
     s, recs = crafted
     failed, unpriced = recs["failed"].id, recs["unpriced"].id
     listed = {r["id"]: r for r in (await s.get("/api/v1/requests?limit=50"))["items"]}
-    assert listed[failed]["cost_usd"] is None and listed[failed]["usage_source"] == "missing"
+    # a 429 generated nothing: the worker prices it at $0, which the page shows as "–" too
+    assert listed[failed]["cost_usd"] == 0 and listed[failed]["usage_source"] == "missing"
     assert listed[unpriced]["cost_usd"] is None and listed[unpriced]["prompt_tokens"] == 900
     ctx, pg, w = await open_page(browser, s.base)
     try:
@@ -1054,8 +1055,13 @@ async def test_a_200_that_went_wrong_shows_a_badge(
     ctx, pg, w = await open_page(browser, s.base)
     try:
         await pg.goto(s.base + "/#/requests?range=all")
+        stored = await s.get("/api/v1/requests/" + recs["stream_error"].id)
+        assert stored["outcome"] == "upstream_error" and stored["cost_usd"] is None  # partial counts
         row = pg.locator(f'#requests-table tr[data-id="{recs["stream_error"].id}"]')
         await playwright_api.expect(row.locator(".badge.err")).to_have_text("error", timeout=WAIT)
+        assert await row.locator(".badge.warn").count() == 0
+        unpriced = row.locator(".badge.unpriced")
+        assert "final token counts" in (await unpriced.get_attribute("title") or "")
         assert await row.locator(".badge.err").get_attribute("title") == "Overloaded"
         assert await row.locator(".status.bad").count() == 1
         cut = pg.locator(f'#requests-table tr[data-id="{recs["cut"].id}"]')

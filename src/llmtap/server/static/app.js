@@ -125,10 +125,12 @@ const pct = (v) => (v === null || v === undefined ? "–" : (v * 100).toFixed(1)
  * `row` is a request (list or detail); aggregates pass none.
  */
 function costCell(v, row) {
+  // A call that generated nothing (a 429, a look-up) costs 0: shown as "–" like one without usage.
+  if (row && row.usage_source === "missing" && !v) return h("span", { class: "muted nocost", title: v === 0 ? "nothing generated: not billed" : "no usage reported: nothing to price" }, "–");
   const s = fmtUsd(v);
   if (s !== null) return s;
-  if (row && row.usage_source === "missing") return h("span", { class: "muted nocost", title: "no usage reported: nothing to price" }, "–");
-  return h("span", { class: "badge unpriced", title: "no price known for this model: cost is unknown, not $0" }, "unpriced");
+  const why = row && row.usage_source === "partial" ? "the stream ended before its final token counts" : "no price known for this model";
+  return h("span", { class: "badge unpriced", title: why + ": cost is unknown, not $0" }, "unpriced");
 }
 
 function statusCell(row) {
@@ -137,8 +139,9 @@ function statusCell(row) {
   const code = h("span", { class: "status " + (failed || cut || row.error ? "bad" : "ok"), title: row.error || row.outcome },
     row.status === null ? "–" : String(row.status));
   // A 200 can still have gone wrong (a stream cut short, an error event inside it): a badge says so.
-  const badge = cut ? h("span", { class: "badge warn", title: row.error || "the response did not complete" }, row.outcome)
-    : row.error && !failed ? h("span", { class: "badge err", title: row.error }, "error") : null;
+  const streamError = row.outcome === "upstream_error" || (row.error && !failed && !cut);
+  const badge = streamError ? h("span", { class: "badge err", title: row.error || "the stream ended in an error event" }, "error")
+    : cut ? h("span", { class: "badge warn", title: row.error || "the response did not complete" }, row.outcome) : null;
   return badge ? h("span", { class: "statuscell" }, code, " ", badge) : code;
 }
 
@@ -1019,7 +1022,7 @@ async function viewOverview(id, params) {
       tile("Requests", fmtInt(o.count), `${bucket} buckets`),
       tile("Errors", fmtInt(o.error_count), pct(o.error_rate) + " of requests", o.error_count ? "warn" : ""),
       tile("Cost", fmtUsd(o.cost_usd) ?? "$0", o.unpriced_count ? `+ ${fmtInt(o.unpriced_count)} unpriced` : "all priced"),
-      tile("Unpriced requests", fmtInt(o.unpriced_count), "no price known: excluded from cost", o.unpriced_count ? "warn" : ""),
+      tile("Unpriced requests", fmtInt(o.unpriced_count), "cost unknown: excluded from cost", o.unpriced_count ? "warn" : ""),
       tile("Tokens", fmtInt(o.total_tokens), `${fmtInt(o.prompt_tokens)} in · ${fmtInt(o.completion_tokens)} out`),
       tile("Latency p50 / p95", pair(fmtMs(o.latency_ms.p50), fmtMs(o.latency_ms.p95)), "p99 " + fmtMs(o.latency_ms.p99)),
       tile("TTFT p50 / p95", pair(fmtMs(o.time_to_first_token_ms.p50), fmtMs(o.time_to_first_token_ms.p95)), TTFT_NOTE)),
