@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import msgspec
 import orjson
 import pytest
 
@@ -476,6 +477,11 @@ async def test_ingest_rejects_bad_input_with_reasons(server: Server) -> None:
         (b"[1, 2]", "invalid record batch"),
         (b'{"v": 1, "id": "x"}', "invalid record"),
         (b'{"v":7,' + encode(rec(1))[1:], "version"),
+        (b'{"v":"1",' + encode(rec(1))[7:], "invalid record version '1'"),
+        # invalid UTF-8 inside a string: a reason, never an exception the caller must guess at
+        (encode(rec(1)).replace(b'"openai"', b'"open\xffai"'), "UTF-8"),
+        (encode(msgspec.structs.replace(rec(1), id="")), "length >= 1 - at `$.id`"),  # would merge
+        (b'{"zzz":1,' + encode(rec(1))[1:], "unknown field `zzz` (a newer llmtap's field"),
     ):
         status, body, _ = await server.ingest(payload)
         assert status == 400, payload

@@ -1030,7 +1030,7 @@ async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(
     s, recs = crafted
     failed, unpriced = recs["failed"].id, recs["unpriced"].id
     listed = {r["id"]: r for r in (await s.get("/api/v1/requests?limit=50"))["items"]}
-    # a 429 generated nothing: the worker prices it at $0, which the page shows as "–" too
+    # a 429 generated nothing: the worker prices it at $0, which the page shows as a dash too
     assert listed[failed]["cost_usd"] == 0 and listed[failed]["usage_source"] == "missing"
     assert listed[unpriced]["cost_usd"] is None and listed[unpriced]["prompt_tokens"] == 900
     ctx, pg, w = await open_page(browser, s.base)

@@ -1292,35 +1292,48 @@ async def test_poison_in_the_queue_is_dead_lettered_replayed_and_never_stalls(st
     first = assert_all_ok(await run_load([gw], 6, concurrency=1))
 
     future_id = str(uuid.uuid4())
+    current = _future_record(future_id, stack.tenant).replace(b'"v": 99', b'"v": 1')
+    poison = [
+        b"\x00garbage \xff",
+        _future_record(future_id, stack.tenant),
+        # Well-formed JSON with invalid UTF-8 inside a string: the decoder raised
+        # UnicodeDecodeError, not RecordError, and the worker retried its batch for ever.
+        current.replace(b'"openai"', b'"open\xffai"'),
+        current.replace(future_id.encode(), b""),  # an empty id would merge unrelated requests
+        b'{"a_newer_field":1,' + current[1:],  # a newer gateway's record: kept, not stripped
+    ]
     q = open_queue(load_settings(queue=stack.queue, partitions=PARTITIONS, data_dir=stack.tmp / "producer"))
     await q.connect("producer")
     try:
-        await q.publish(
-            [
-                Message(key=future_id, value=b"\x00garbage \xff"),
-                Message(key=future_id, value=_future_record(future_id, stack.tenant)),
-            ]
-        )
+        await q.publish([Message(key=future_id, value=v) for v in poison])
     finally:
         await q.close()
     second = assert_all_ok(await run_load([gw], 6, concurrency=1))
     await stack.wait_stored(first + second)
     await stack.assert_exactly_once(first + second)
     assert http_json("GET", f"{stack.api}/api/v1/requests/{future_id}")[0] == 404
+    n = len(poison)
 
     async def two_dead() -> bool:
         st, letters = await stack.queue_view()
-        return len(letters) == 2 and st.dead_letters == 2 and st.lag == 0
+        return len(letters) == n and st.dead_letters == n and st.lag == 0
 
-    await until(two_dead, 30, "two dead letters")
+    await until(two_dead, 30, "the poison dead-lettered")
     lines = await _dlq(stack)  # what an operator sees
     reasons = " | ".join(lines)
-    assert len(lines) == 2, lines
-    assert "not a JSON log record" in reasons and "unknown record version 99" in reasons, reasons
+    assert len(lines) == n, lines
+    for why in (
+        "not a JSON log record",
+        "unknown record version 99",
+        "not valid UTF-8",
+        "`$.id`",
+        "unknown field `a_newer_field` (a newer llmtap's field: upgrade the workers",
+    ):
+        assert why in reasons, (why, reasons)
 
     # replay both: they fail the same way again and are dead-lettered again, and nothing stalls
     r = await stack.cli("dlq", "replay", "--all")
-    assert r.returncode == 0 and r.stdout == "replayed 2 record(s)\n", r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout == f"replayed {n} record(s)\n", r.stdout + r.stderr
     third = assert_all_ok(await run_load([gw], 6, concurrency=1))
     await stack.wait_stored(first + second + third)
     await until(two_dead, 30, "the replayed poison dead-lettered again")
@@ -1328,10 +1341,10 @@ async def test_poison_in_the_queue_is_dead_lettered_replayed_and_never_stalls(st
     assert {line.split()[0] for line in again}.isdisjoint({line.split()[0] for line in lines}), (lines, again)
     reasons = " | ".join(again)
     assert "not a JSON log record" in reasons and "unknown record version 99" in reasons, reasons
-    assert len(again) == 2, again
+    assert len(again) == n, again
     await stack.assert_exactly_once(first + second + third)
     st = await stack.status()
-    assert st["dead_letters"] == 2 and st["lag"] == 0, st
+    assert st["dead_letters"] == n and st["lag"] == 0, st
     assert not await stack.sql("SELECT 1 FROM requests WHERE id = $1", future_id)
     stack.logs_without_traceback()
 

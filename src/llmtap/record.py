@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import zstandard
@@ -39,7 +39,7 @@ UsageSource = Literal["provider", "partial", "estimated", "missing"]
 Route = Literal["queue", "ingest", "spool"]
 
 
-class Body(msgspec.Struct, omit_defaults=True, kw_only=True):
+class Body(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unknown_fields=True):
     """A captured body: inline bytes or a reference into the body store.
 
     `data` holds the body encoded per `encoding` (`zstd` or `identity`); `ref` is a body-store
@@ -55,7 +55,7 @@ class Body(msgspec.Struct, omit_defaults=True, kw_only=True):
     ref: str | None = None
 
 
-class Usage(msgspec.Struct, omit_defaults=True, kw_only=True):
+class Usage(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unknown_fields=True):
     """Token counts as the provider reported them. `source` says where they came from."""
 
     source: UsageSource = "missing"
@@ -72,14 +72,19 @@ class Usage(msgspec.Struct, omit_defaults=True, kw_only=True):
     web_search_requests: int | None = None  # server-side web searches, billed per call
 
 
-class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="v", tag=VERSION):
+class LogRecord(
+    msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="v", tag=VERSION, forbid_unknown_fields=True
+):
     """Version 1 of the log record. Field names are part of the contract.
 
     The version travels as the struct's tag: every encoded record starts with `"v": 1`, and a
-    decoder refuses any other value (which `decode` reports as an unknown version).
+    decoder refuses any other value (which `decode` reports as an unknown version). Fields are
+    only ever added to version 1; a decoder refuses a field it does not know (a record from a
+    newer gateway), so the record waits in the dead-letter place for an upgraded worker instead
+    of being stored without it.
     """
 
-    id: str
+    id: Annotated[str, msgspec.Meta(min_length=1)]  # an empty id would merge unrelated requests
     tenant: str = "default"
     user_id: str | None = None
     session_id: str | None = None
@@ -227,22 +232,45 @@ def stripped(record: LogRecord, reason: str) -> LogRecord:
 
 
 def decode(data: bytes) -> LogRecord:
-    """Parse one message. Raises `RecordError` with a reason fit for the dead-letter place."""
+    """Parse one message. Raises `RecordError` with a reason fit for the dead-letter place,
+    whatever the bytes are: any other exception would fail the whole batch again and again."""
     try:
-        record = _decoder.decode(data)
+        return _decoder.decode(data)
     except msgspec.ValidationError as e:
-        # Tell "a version we don't know" apart from "a broken record".
-        try:
-            version = _probe.decode(data).get("v")
-        except msgspec.DecodeError:
-            version = None
-        if (version is not None and version != VERSION) or str(e).endswith("`$.v`"):
-            shown = version if version != VERSION else str(e).split()[2]
-            raise RecordError(f"unknown record version {shown} (this worker reads v{VERSION})") from None
-        raise RecordError(f"invalid record: {e}") from None
-    except msgspec.DecodeError as e:
-        raise RecordError(f"not a JSON log record: {e}") from None
-    return record
+        raise RecordError(_invalid(data, e)) from None
+    except Exception as e:
+        raise RecordError(_unreadable(e)) from None
+
+
+def _invalid(data: bytes, e: msgspec.ValidationError) -> str:
+    """Tell "a version we don't know" and "a newer gateway's field" apart from "a broken record"."""
+    text = str(e)
+    try:
+        version = _probe.decode(data).get("v")
+    except Exception:
+        version = None
+    if text.endswith("`$.v`"):
+        if text.startswith("Invalid value "):  # an int, and not ours (also when `v` is repeated)
+            return f"unknown record version {text.split()[2]} (this worker reads v{VERSION})"
+        return f"invalid record version {str(version)[:40]!r} (this worker reads v{VERSION})"
+    if type(version) is int and version != VERSION:
+        return f"unknown record version {version} (this worker reads v{VERSION})"
+    if text.startswith("Object contains unknown field"):
+        return (
+            f"invalid record: {text} (a newer llmtap's field: upgrade the workers, then "
+            "`llmtap dlq replay --all`)"
+        )
+    return f"invalid record: {text}"
+
+
+def _unreadable(e: Exception) -> str:
+    if isinstance(e, UnicodeError):
+        return "not a JSON log record: not valid UTF-8"
+    if isinstance(e, RecursionError):
+        return "not a JSON log record: nested too deeply"
+    if isinstance(e, msgspec.DecodeError):
+        return f"not a JSON log record: {e}"
+    return f"not a JSON log record: {type(e).__name__}: {str(e)[:200]}"
 
 
 _many_decoder = msgspec.json.Decoder(list[LogRecord])
@@ -250,10 +278,11 @@ _many_decoder = msgspec.json.Decoder(list[LogRecord])
 
 def decode_many(data: bytes) -> list[LogRecord]:
     try:
-        records = _many_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise RecordError(f"invalid record batch: {e}") from None
-    return records
+        return _many_decoder.decode(data)
+    except msgspec.ValidationError as e:
+        raise RecordError(_invalid(b"{}", e).replace("invalid record", "invalid record batch", 1)) from None
+    except Exception as e:
+        raise RecordError(_unreadable(e)) from None
 
 
 # -- body helpers ------------------------------------------------------------------------------
