@@ -94,3 +94,69 @@ async def test_postgres_applies_a_lower_version_that_lands_later(monkeypatch: py
             assert versions == [v for v, _, _ in pg.MIGRATIONS]
         finally:
             await conn.close()
+
+
+def _mark_newer(db_path: Path) -> None:
+    with sqlite3.connect(db_path) as db:
+        top = db.execute("SELECT max(version) FROM llmtap_migrations").fetchone()[0]
+        db.execute(
+            "INSERT INTO llmtap_migrations (version, description, applied_at) VALUES (?, 'newer', 0)",
+            (top + 1,),
+        )
+
+
+async def test_a_store_a_newer_llmtap_migrated_stops_start_up_with_one_sentence(tmp_path: Path) -> None:
+    """An older llmtap on newer data wrote rows without the newer schema's rollups and search,
+    and the newer one, back again, gave stats that did not add up: it must not start there."""
+    import subprocess
+    import sys
+
+    import llmtap.store.sqlite as lite
+    from procs import llmtap_env
+
+    env = llmtap_env(tmp_path / "data")
+    store = lite.SQLiteStore(tmp_path / "data" / "store.db")
+    await store.connect()
+    await store.close()
+    _mark_newer(tmp_path / "data" / "store.db")
+    for command in ("worker", "server", "up"):
+        r = subprocess.run(
+            [sys.executable, "-m", "llmtap.cli", command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 2, (command, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, (command, r.stderr)
+        assert lines[0].startswith("llmtap: invalid setting LLMTAP_STORE: the store at"), lines
+        assert f"schema version {lite.MIGRATIONS[-1][0] + 1}; this llmtap knows up to" in lines[0], lines
+    with sqlite3.connect(tmp_path / "data" / "store.db") as db:
+        assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_a_newer_llmtap_migrated_is_refused() -> None:
+    import asyncpg
+
+    import llmtap.store.postgres as pg
+    from llmtap.errors import ConfigError
+
+    async with pg_database() as url:
+        store = pg.PostgresStore(url)
+        await store.connect()
+        await store.close()
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                "INSERT INTO llmtap_migrations (version, description) VALUES ($1, 'newer')",
+                pg.MIGRATIONS[-1][0] + 7,
+            )
+        finally:
+            await conn.close()
+        with pytest.raises(
+            ConfigError, match=r"migrated by a newer llmtap \(schema version \d+; this llmtap"
+        ):
+            await pg.PostgresStore(url).connect()

@@ -37,6 +37,7 @@ from llmtap.redact import redact_url
 from llmtap.store import rollup, search, sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import POSTGRES as MIGRATIONS
+from llmtap.store.migrations import refuse_newer
 from llmtap.store.query import (
     MAX_BUCKETS,
     MAX_GROUPS,
@@ -468,6 +469,7 @@ class PostgresStore(Store):
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done = {r[0] for r in await conn.fetch("SELECT version FROM llmtap_migrations")}
+            refuse_newer(MIGRATIONS, done, self._where)
             for version, description, ddl in MIGRATIONS:
                 if version in done:
                     continue

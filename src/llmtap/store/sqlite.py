@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from llmtap.errors import BackendUnavailable, TransientError
+from llmtap.errors import BackendUnavailable, ConfigError, TransientError
 from llmtap.store import rollup, search, sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import SQLITE as MIGRATIONS
+from llmtap.store.migrations import refuse_newer
 from llmtap.store.query import (
     BUCKET_MICROS,
     MAX_BUCKETS,
@@ -366,6 +367,9 @@ class SQLiteStore(Store):
             await self._read(self._connect_reader)
             self._checkpointer = _Checkpointer(lambda: self._open(readonly=False))
             await self._checkpointer.start()
+        except ConfigError:
+            await self.close()
+            raise
         except (TransientError, sqlite3.Error, OSError) as e:
             await self.close()
             cause = e.__cause__ or e
@@ -376,7 +380,7 @@ class SQLiteStore(Store):
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
         conn.execute("BEGIN IMMEDIATE")  # one process migrates at a time
         try:
-            self._migrate(conn)
+            self._migrate(conn, str(self.path))
             # The outbox as this code reads it (endpoints with a payload format, version 10).
             self._outbox = bool(
                 conn.execute(
@@ -411,7 +415,7 @@ class SQLiteStore(Store):
             raise
 
     @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
+    def _migrate(conn: sqlite3.Connection, where: str) -> None:
         """Apply every version not applied yet (a gap filled later included: see
         `llmtap.store.migrations`); `user_version` keeps the highest applied, as before."""
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -420,6 +424,7 @@ class SQLiteStore(Store):
             " (version integer PRIMARY KEY, description text NOT NULL, applied_at integer NOT NULL)"
         )
         done = {int(r[0]) for r in conn.execute("SELECT version FROM llmtap_migrations")}
+        refuse_newer(MIGRATIONS, done, where)
         if not done and version:
             # A file migrated before this table existed: versions had no gaps, 1..user_version ran.
             done = {v for v, _, _ in MIGRATIONS if v <= version}

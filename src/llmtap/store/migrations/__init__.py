@@ -31,7 +31,10 @@ Both schemas have the same columns. PostgreSQL differences:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from importlib.resources import files
+
+from llmtap.errors import ConfigError
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -58,3 +61,17 @@ def load(database: str) -> list[tuple[int, str, str]]:
 
 POSTGRES = load("postgres")
 SQLITE = load("sqlite")
+
+
+def refuse_newer(migrations: list[tuple[int, str, str]], applied: Iterable[int], where: str) -> None:
+    """Stop before touching a store a newer llmtap migrated: this code would write rows without
+    what the newer schema keeps for them (rollups, search), and the newer code, back again,
+    would give stats that no longer add up."""
+    known = {v for v, _, _ in migrations}
+    unknown = sorted(set(applied) - known)
+    if unknown:
+        raise ConfigError(
+            f"invalid setting LLMTAP_STORE: the store at {where} was migrated by a newer llmtap"
+            f" (schema version {', '.join(map(str, unknown[:5]))}; this llmtap knows up to {max(known)}):"
+            " upgrade llmtap here too, or point LLMTAP_STORE at another store"
+        )
