@@ -149,6 +149,22 @@ def test_redact_body_masks_credential_members_and_keeps_the_rest_exact() -> None
     assert redact_body(plain) == plain
 
 
+def test_what_an_outside_check_found_past_the_redactor() -> None:
+    """Shapes that reached the store, a webhook payload and a span before (the security check
+    of 2026-12-05): bracketed names in free text, `Authorization=Bearer x`, string arrays,
+    JSON quoted inside JSON, and Groq / Hugging Face key shapes."""
+    assert redact_text("query data[api_key]=L1&x=1") == "query data[api_key]=***&x=1"
+    assert redact_text("see https://h/p?data[api_key]=L2") == "see https://h/p?data[api_key]=***"
+    assert "L3" not in redact_text("Authorization=Bearer L3, retry")
+    body = '{"client_secret": ["L4", "L5"], "e": "{\\"apiKey\\": \\"L6\\"}", "keys": [], "ids": ["a"]}'
+    red = redact_body(body)
+    assert not any(f"L{i}" in red for i in range(4, 7)), red
+    assert red.endswith('"keys": [], "ids": ["a"]}'), red  # nothing to hide: kept as it was
+    for key in ("gsk_" + "G" * 40, "hf_" + "H" * 34, "xai-" + "X" * 40):
+        assert is_secret_value(key) and redact_text(f"key {key} end") == "key *** end", key
+    assert redact_text("arr[0]=3 and [x=1]") == "arr[0]=3 and [x=1]"  # not credentials: kept
+
+
 def test_redaction_is_linear_in_the_texts_length() -> None:
     """A long run of word characters (a body, a log line) once cost quadratic time: each start
     position scanned to the run's end (12,000 characters took ~30 s, 48,000 over 8 minutes)."""

@@ -123,8 +123,12 @@ def is_secret_name(name: str) -> bool:
 _AUTH_SCHEMES = frozenset(
     {"bearer", "basic", "digest", "token", "apikey", "negotiate", "hoba", "aws4-hmac-sha256"}
 )
-#: Well-known key shapes (OpenAI/Anthropic `sk-...`, Google `AIza...`), anywhere.
-_KEY_SHAPES = re.compile(r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,})")
+#: Well-known key shapes, anywhere: OpenAI/Anthropic/DeepSeek `sk-...`, Google `AIza...`,
+#: Groq `gsk_...`, Hugging Face `hf_...`, xAI `xai-...`, Perplexity `pplx-...`, Replicate `r8_...`.
+_KEY_SHAPES = re.compile(
+    r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}|(?:gsk_|hf_|xai-|pplx-|r8_)[A-Za-z0-9]{20,})"
+)
+_KEY_PREFIXES = ("sk-", "AIza", "gsk_", "hf_", "xai-", "pplx-", "r8_")
 
 
 def is_secret_value(value: str) -> bool:
@@ -135,7 +139,7 @@ def is_secret_value(value: str) -> bool:
     sp = value.find(" ")
     if 0 < sp < 17 and value[:sp].lower() in _AUTH_SCHEMES and value[sp + 1 :].strip():
         return True
-    return value.startswith(("sk-", "AIza")) and _KEY_SHAPES.match(value) is not None
+    return value.startswith(_KEY_PREFIXES) and _KEY_SHAPES.match(value) is not None
 
 
 def is_secret_header(name: str, value: str) -> bool:
@@ -211,9 +215,8 @@ def _hide_password(m: re.Match[str]) -> str:
 #: `name=value` pairs in a URL or a form, wherever they appear in a text. Each name pattern
 #: starts only where a run of name characters starts (the lookbehind): otherwise every position
 #: inside a long run (a body's text) would scan to the run's end again, quadratic time.
-_PAIR = re.compile(
-    r"(?<![^\s?&;=#'\"<>()\[\]{},])(?P<name>[^\s?&;=#'\"<>()\[\]{},]+)=(?P<value>[^\s&;#'\"<>]*)"
-)
+#: Brackets belong to a name (`data[api_key]=`, PHP and Rails style), as in `is_secret_name`.
+_PAIR = re.compile(r"(?<![^\s?&;=#'\"<>(){},])(?P<name>[^\s?&;=#'\"<>(){},]+)=(?P<value>[^\s&;#'\"<>]*)")
 #: Header-like `Name: value` lines and `Bearer <token>`/`Basic <creds>` wherever they are.
 _HEADER = re.compile(
     r"(?im)(?<![\w.-])(?P<name>[\w.-]*?(?:authorization|auth|key|token|secret|cookie|password|signature))"
@@ -231,29 +234,51 @@ def redact_text(text: str) -> str:
     lines, `Bearer <token>`, and well-known API key shapes."""
     if "@" in text:
         text = _USERINFO.sub(_hide_password, text)
+    # `Bearer <token>` first: in `Authorization=Bearer <token>` the pair's value ends at the
+    # space, so masking the pair first would leave the scheme's pattern nothing to match.
+    text = _SCHEME.sub(lambda m: f"{m['scheme']}{m['sp']}{REDACTED}", text)
     text = _PAIR.sub(_pair, text)
     text = _HEADER.sub(lambda m: f"{m['name']}{m['sep']}{REDACTED}", text)
-    text = _SCHEME.sub(lambda m: f"{m['scheme']}{m['sp']}{REDACTED}", text)
     return _KEY_SHAPES.sub(REDACTED, text)
 
 
-#: A JSON member whose value is a string: `"name": "value"` (escapes inside the value kept).
-_JSON_MEMBER = re.compile(r'"(?P<name>[^"\\]{1,100})"(?P<sep>\s*:\s*)"(?P<value>(?:[^"\\]|\\.)*)"')
+#: A JSON member whose value is a string or an array of strings: `"name": "value"`,
+#: `"name": ["a", "b"]` (escapes inside the values kept).
+_STR = r'"(?:[^"\\]|\\.)*"'
+_JSON_MEMBER = re.compile(
+    rf'"(?P<name>[^"\\]{{1,100}})"(?P<sep>\s*:\s*)(?P<value>{_STR}|\[\s*{_STR}(?:\s*,\s*{_STR})*\s*\])'
+)
+#: The same inside a JSON string (JSON quoted in JSON: `"{\"api_key\": \"...\"}"`).
+_ESCAPED_MEMBER = re.compile(
+    r'\\"(?P<name>[^"\\]{1,100})\\"(?P<sep>\s*:\s*)\\"(?P<value>(?:[^"\\]|\\[^"])*)\\"'
+)
+_ANY_STR = re.compile(_STR)
+
+
+def _member(m: re.Match[str]) -> str:
+    value = m["value"]
+    if value in ('""', "[]") or not is_secret_name(m["name"]):
+        return m.group()
+    masked = _ANY_STR.sub(lambda s: s.group() if s.group() == '""' else f'"{REDACTED}"', value)
+    return f'"{m["name"]}"{m["sep"]}{masked}'
 
 
 def redact_body(text: str) -> str:
-    """A captured body's text for a copy that leaves llmtap (webhook payloads): string members
-    of JSON named like a credential (`"api_key": "..."`, the query-parameter rule) masked, then
-    `redact_text`. Only matched spans change, so a body without credentials stays byte-exact."""
+    """A captured body's text for a copy that leaves llmtap (webhook payloads): string and
+    string-array members of JSON named like a credential (`"api_key": "..."`, the query-parameter
+    rule) masked, also in JSON quoted inside a string, then `redact_text`. Only matched spans
+    change, so a body without credentials stays byte-exact."""
     if '"' in text:
-        text = _JSON_MEMBER.sub(
-            lambda m: (
-                f'"{m["name"]}"{m["sep"]}"{REDACTED}"'
-                if m["value"] and is_secret_name(m["name"])
-                else m.group()
-            ),
-            text,
-        )
+        text = _JSON_MEMBER.sub(_member, text)
+        if '\\"' in text:
+            text = _ESCAPED_MEMBER.sub(
+                lambda m: (
+                    f'\\"{m["name"]}\\"{m["sep"]}\\"{REDACTED}\\"'
+                    if m["value"] and is_secret_name(m["name"])
+                    else m.group()
+                ),
+                text,
+            )
     return redact_text(text)
 
 
