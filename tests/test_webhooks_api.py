@@ -99,7 +99,8 @@ async def test_webhooks_api_is_authenticated_and_tenant_scoped(mt: Server) -> No
     for bad in ({"url": "ftp://x.example/"}, {"url": u, "events": ["nope"]},
                 {"url": u, "filters": ["user=1"]}, {"url": u, "sample": 0},
                 {"url": u, "secret": "plain"}, {"url": u, "extra": 1}, {"url": u, "format": "teams"},
-                {"url": u, "events": ["alert.fired"]}):  # fmt: skip
+                {"url": u, "events": ["alert.fired"]},
+                {"url": u + "?pad=" + "x" * 9000}):  # a 20 MB URL was stored and listed  # fmt: skip
         status, err = await call(mt, "POST", "/api/v1/webhooks", key_a, bad)
         assert status == 400, bad
         assert err["error"]["message"]

@@ -28,6 +28,10 @@ class Invalid(ValueError):
     """A request to add an endpoint that cannot be honoured; the message says why."""
 
 
+#: Longer than any URL a browser or an HTTP server takes (2,048 is the web's de facto limit).
+MAX_URL_CHARS = 8192
+
+
 async def create_endpoint(
     db: WebhookDB,
     tenant: str,
@@ -49,6 +53,8 @@ async def create_endpoint(
         raise Invalid(f"unknown format {format!r}; formats are {', '.join(FORMATS)}")
     if not 0.0 < sample <= 1.0:
         raise Invalid("sample is a fraction in (0, 1]")
+    if len(url) > MAX_URL_CHARS:  # a 20 MB URL was stored, and printed by every `webhooks list`
+        raise Invalid(f"the URL is {len(url):,} characters long; at most {MAX_URL_CHARS:,} are taken")
     try:
         parsed = parse_filters(filters)
         secret = check_secret(secret) if secret else new_secret()
