@@ -605,6 +605,26 @@ async def test_ingest_applies_the_gateways_credential_rules_again(server: Server
     assert row["target_url"] == "https://bob:***@api.example.com/v1/chat/completions?key=***"
 
 
+async def test_ingest_holds_a_record_to_the_gateways_metadata_limits(server: Server) -> None:
+    """20,000 posted properties were stored as they came (20,001 rows), with `truncated` empty:
+    an ingested record gets the limits a gateway applies while it builds one (README, Limits)."""
+    r = rec(
+        0,
+        id=str(uuid.uuid4()),
+        properties={f"p{i:05d}": "v" for i in range(20_000)},
+        user_id="u" * 5000,
+        model="m" * 5000,
+        request_headers={f"x-h{i}": "v" for i in range(500)},
+    )
+    status, body, _ = await server.ingest(encode(r))
+    assert status == 200, body
+    status, row = await server.get(f"/api/v1/requests/{r.id}")
+    assert status == 200
+    assert len(row["properties"]) == 64 and len(row["user_id"]) == 256 and len(row["model"]) == 256
+    assert len(row["request_headers"]) == 128
+    assert set(row["truncated"]) == {"properties", "user_id", "model", "request_headers"}, row["truncated"]
+
+
 async def test_a_body_nested_deeper_than_json_writers_go_is_served_as_text(server: Server) -> None:
     """orjson reads 1024 levels but writes 254: such a body (the gateway relays and records
     it) made `GET /api/v1/requests/{id}` a 500. Now its bodies come back as text."""

@@ -8,6 +8,14 @@ client's LLM call is never refused for its metadata. Sizes are UTF-8 bytes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from llmtap.record import clean_text
+from llmtap.redact import redact_url
+
+if TYPE_CHECKING:
+    from llmtap.record import LogRecord
+
 #: Properties per request (`Llmtap-Property-*` headers); the rest are not recorded.
 MAX_PROPERTIES = 64
 #: A property name (after the `Llmtap-Property-` prefix).
@@ -39,3 +47,91 @@ def cut(s: str, limit: int) -> str | None:
     if len(b) <= limit:
         return None
     return b[:limit].decode("utf-8", "ignore")
+
+
+#: Header values totalling at most this many characters fit both header limits, whatever they hold.
+_SHORT_HEADERS = min(MAX_HEADER_VALUE_BYTES, MAX_HEADER_BYTES) // 4
+
+
+def headers(headers: dict[str, str], what: str, truncated: list[str]) -> dict[str, str]:
+    """Headers as recorded: URLs with a query (`Referer`, `Location`) lose their secrets, and
+    the count and value sizes are held to the documented limits."""
+    if len(headers) <= MAX_HEADERS:
+        # The common case in one pass of C: no query to mask, and all values together so short
+        # (in characters, at most 4 UTF-8 bytes each) that neither limit can be reached.
+        joined = "".join(headers.values())
+        if len(joined) <= _SHORT_HEADERS and "?" not in joined:
+            return headers
+    was_cut = False
+    if len(headers) > MAX_HEADERS:
+        headers = dict(list(headers.items())[:MAX_HEADERS])
+        was_cut = True
+    total = 0
+    for name, value in headers.items():
+        if "?" in value:
+            value = headers[name] = redact_url(value)
+        short = cut(value, min(MAX_HEADER_VALUE_BYTES, max(MAX_HEADER_BYTES - total, 0)))
+        if short is not None:
+            value = headers[name] = short
+            was_cut = True
+        total += len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if was_cut:
+        truncated.append(what)
+    return headers
+
+
+def ident(value: str | None, what: str, truncated: list[str]) -> str | None:
+    """A user or session id held to `MAX_ID_BYTES`."""
+    if value is None:
+        return None
+    value = clean_text(value)
+    short = cut(value, MAX_ID_BYTES)
+    if short is None:
+        return value
+    truncated.append(what)
+    return short
+
+
+def properties(props: dict[str, str], truncated: list[str]) -> dict[str, str]:
+    """Properties held to the documented limits (count, name and value size)."""
+    if len(props) <= MAX_PROPERTIES and all(
+        len(k) <= MAX_PROPERTY_NAME_BYTES // 4 and len(v) <= MAX_PROPERTY_VALUE_BYTES // 4
+        for k, v in props.items()
+    ):
+        return props  # the common case: a few short ones
+    out: dict[str, str] = {}
+    flags: set[str] = set()
+    for name, value in props.items():
+        if len(out) >= MAX_PROPERTIES:
+            flags.add("properties")
+            break
+        name, value = clean_text(name), clean_text(value)
+        short = cut(name, MAX_PROPERTY_NAME_BYTES)
+        if short is not None:
+            name = short
+            flags.add("property_name")
+        short = cut(value, MAX_PROPERTY_VALUE_BYTES)
+        if short is not None:
+            value = short
+            flags.add("property_value")
+        out.setdefault(name, value)
+    truncated.extend(sorted(flags))
+    return out
+
+
+def bound(record: LogRecord) -> None:
+    """Hold a record that did not come from a gateway (the ingest endpoint) to the limits a
+    gateway applies while it builds one: 20,000 posted properties were stored as 20,001 rows."""
+    flags: list[str] = []
+    record.request_headers = headers(record.request_headers, "request_headers", flags)
+    record.response_headers = headers(record.response_headers, "response_headers", flags)
+    record.user_id = ident(record.user_id, "user_id", flags)
+    record.session_id = ident(record.session_id, "session_id", flags)
+    record.properties = properties(record.properties, flags)
+    if record.model is not None:
+        short = cut(record.model, MAX_MODEL_BYTES)
+        if short is not None:
+            record.model = short
+            flags.append("model")
+    if flags:
+        record.truncated = [*record.truncated, *(f for f in flags if f not in record.truncated)]

@@ -30,7 +30,7 @@ from llmtap.bodies.offload import inline_body
 from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, LlmtapHeaders
 from llmtap.providers import provider_for
 from llmtap.providers.sse import StreamResult
-from llmtap.record import Body, LogRecord, Outcome, Usage, clean_text
+from llmtap.record import Body, LogRecord, Outcome, Usage
 from llmtap.redact import redact_text, redact_url
 
 #: Past `Capture.max_bytes` a stream keeps this much of its end, so the usage that providers send
@@ -198,73 +198,6 @@ def _loads(data: bytes | None) -> Any:
 
 
 _NO_LLMTAP = LlmtapHeaders()
-#: Header values totalling at most this many characters fit both header limits, whatever they hold.
-_SHORT_HEADERS = min(limits.MAX_HEADER_VALUE_BYTES, limits.MAX_HEADER_BYTES) // 4
-
-
-def _recorded_headers(headers: dict[str, str], what: str, truncated: list[str]) -> dict[str, str]:
-    """Headers as recorded: URLs with a query (`Referer`, `Location`) lose their secrets, and
-    the count and value sizes are held to the documented limits."""
-    if len(headers) <= limits.MAX_HEADERS:
-        # The common case in one pass of C: no query to mask, and all values together so short
-        # (in characters, at most 4 UTF-8 bytes each) that neither limit can be reached.
-        joined = "".join(headers.values())
-        if len(joined) <= _SHORT_HEADERS and "?" not in joined:
-            return headers
-    cut = False
-    if len(headers) > limits.MAX_HEADERS:
-        headers = dict(list(headers.items())[: limits.MAX_HEADERS])
-        cut = True
-    total = 0
-    for name, value in headers.items():
-        if "?" in value:
-            value = headers[name] = redact_url(value)
-        short = limits.cut(value, min(limits.MAX_HEADER_VALUE_BYTES, max(limits.MAX_HEADER_BYTES - total, 0)))
-        if short is not None:
-            value = headers[name] = short
-            cut = True
-        total += len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
-    if cut:
-        truncated.append(what)
-    return headers
-
-
-def _limited_id(value: str | None, what: str, truncated: list[str]) -> str | None:
-    if value is None:
-        return None
-    value = clean_text(value)
-    short = limits.cut(value, limits.MAX_ID_BYTES)
-    if short is None:
-        return value
-    truncated.append(what)
-    return short
-
-
-def _limited_properties(props: dict[str, str], truncated: list[str]) -> dict[str, str]:
-    """Properties held to the documented limits (count, name and value size)."""
-    if len(props) <= limits.MAX_PROPERTIES and all(
-        len(k) <= limits.MAX_PROPERTY_NAME_BYTES // 4 and len(v) <= limits.MAX_PROPERTY_VALUE_BYTES // 4
-        for k, v in props.items()
-    ):
-        return props  # the common case: a few short ones
-    out: dict[str, str] = {}
-    flags: set[str] = set()
-    for name, value in props.items():
-        if len(out) >= limits.MAX_PROPERTIES:
-            flags.add("properties")
-            break
-        name, value = clean_text(name), clean_text(value)
-        short = limits.cut(name, limits.MAX_PROPERTY_NAME_BYTES)
-        if short is not None:
-            name = short
-            flags.add("property_name")
-        short = limits.cut(value, limits.MAX_PROPERTY_VALUE_BYTES)
-        if short is not None:
-            value = short
-            flags.add("property_value")
-        out.setdefault(name, value)
-    truncated.extend(sorted(flags))
-    return out
 
 
 class RecordBuilder:
@@ -291,10 +224,8 @@ class RecordBuilder:
         fmt = provider_for(cap.provider)
         lh = LlmtapHeaders(cap.llmtap) if cap.llmtap else _NO_LLMTAP
         truncated: list[str] = []
-        req_headers = _recorded_headers(
-            self._request_headers(cap.request_headers), "request_headers", truncated
-        )
-        resp_headers = _recorded_headers(
+        req_headers = limits.headers(self._request_headers(cap.request_headers), "request_headers", truncated)
+        resp_headers = limits.headers(
             self._response_headers(cap.response_headers), "response_headers", truncated
         )
 
@@ -418,9 +349,9 @@ class RecordBuilder:
                     response_body_type,
                 )
 
-        user_id = _limited_id(lh.user_id, "user_id", truncated)
-        session_id = _limited_id(lh.session_id, "session_id", truncated)
-        properties = _limited_properties(lh.properties, truncated)
+        user_id = limits.ident(lh.user_id, "user_id", truncated)
+        session_id = limits.ident(lh.session_id, "session_id", truncated)
+        properties = limits.properties(lh.properties, truncated)
         if model is not None:
             short = limits.cut(model, limits.MAX_MODEL_BYTES)
             if short is not None:

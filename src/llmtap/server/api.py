@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import Counter
 
+from llmtap import limits
 from llmtap.bodies import offload
 from llmtap.bodies.base import BodyStore, body_key
 from llmtap.config import Settings
@@ -299,6 +300,7 @@ def scrub_ingested(record: LogRecord) -> LogRecord:
     record.path = redact_url(record.path)
     if record.error is not None:
         record.error = redact_text(record.error)
+    limits.bound(record)
     return record
 
 
