@@ -82,6 +82,17 @@ def test_status_exits_1_when_the_queue_is_unreachable_in_both_forms(tmp_path: Pa
         assert "UNREACHABLE" in r.stdout
 
 
+@pytest.mark.parametrize("queue", ["kafka://127.0.0.1:{port}/t", "redis://127.0.0.1:{port}/0"])
+def test_an_admin_command_on_an_unreachable_queue_says_one_line(tmp_path: Path, queue: str) -> None:
+    """aiokafka's own "Unable connect to ..." ERROR reached stderr above llmtap's sentence: the
+    admin commands set up no logging, so Python's last-resort handler printed it."""
+    env = llmtap_env(tmp_path, queue=queue.format(port=free_port()))  # nothing listens there
+    r = _llmtap(env, "dlq", "list", cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmtap: cannot reach "), r.stderr
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_config_is_taken_before_or_after_the_command_and_near_miss_variables_are_named(
     tmp_path: Path, where: str

@@ -211,6 +211,9 @@ class _Group(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, config: Path | None) -> None:
     """llmtap: an LLM observability gateway that logs every request without slowing it down."""
+    from llmtap.runtime import quiet_libraries
+
+    quiet_libraries()
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
 

@@ -55,6 +55,12 @@ def setup_logging(level: str) -> None:
     install_log_filter()
     # aiohttp's per-request access log would cost the hot path; we log records, not lines.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Libraries that say what llmtap says better: also for the admin commands (`dlq`,
+    `status`), which print their own one-line errors and set up no logging."""
     # aiokafka logs an ERROR per retry while a broker is away (tens of thousands a minute);
     # the queue backend reports outages itself, rate-limited, in one line.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
