@@ -198,6 +198,54 @@ async def test_one_bad_record_costs_the_spool_only_itself(tmp_path: Path) -> Non
         await q.close()
 
 
+async def test_a_record_too_large_for_the_queue_is_replayed_with_its_bodies_in_the_body_store(
+    tmp_path: Path,
+) -> None:
+    """SQS takes 256 KiB a message; a record with three inline bodies of up to the inline limit
+    (64 KiB each, more in base64) is larger. With the ingest endpoint down it went to the spool,
+    and the replay published it bare: no user, no properties, no bodies, no tokens, no cost.
+    Now its bodies go to the body store and the record goes whole; while the body store is
+    down it waits on disk."""
+    spool = DiskSpool(tmp_path / "spool", max_bytes=50_000_000)
+    records = [_record(i) for i in range(3)]
+    big = records[1]
+    big.properties = {"feature": "chat"}
+    noise = [os.urandom(30_000) for _ in range(3)]  # incompressible: zstd cannot save it
+    big.request_body = inline_body(noise[0], size=30_000, truncated=False, content_type=None, limit=65536)
+    big.response_body = inline_body(noise[1], size=30_000, truncated=False, content_type=None, limit=65536)
+    big.response_events = inline_body(noise[2], size=30_000, truncated=False, content_type=None, limit=65536)
+    await SpoolSink(spool).send(records)
+    q = _SizeLimitedQueue(str(tmp_path / "queue.db"), partitions=2)
+    await q.connect("both")
+    bodies = DirBodyStore(tmp_path / "bodies")
+    await bodies.connect()
+    try:
+        replayer = SpoolReplayer(spool, q, bodies=bodies)
+        bodies.down = True
+        with pytest.raises(BackendUnavailable):
+            await replayer.replay_once()
+        assert spool.pending() and replayer.dropped == 0  # waits whole, not bare
+        bodies.down = False
+        assert await replayer.replay_once() == 3
+        assert not spool.pending() and replayer.dropped == 0 and bodies.puts == 3
+        got: dict[str, LogRecord] = {}
+        while ds := await q.consume(1000, timeout=0.5):
+            got.update((r.id, r) for r in (decode(d.value) for d in ds))
+            await q.ack(ds)
+        assert set(got) == {r.id for r in records}
+        whole = got[big.id]
+        assert whole.error is None and whole.properties == {"feature": "chat"} and whole.user_id == "u1"
+        assert whole.usage.completion_tokens == 1
+        for part, data in zip(("request_body", "response_body", "response_events"), noise, strict=True):
+            body = getattr(whole, part)
+            assert body.data is None and body.ref is not None
+            stored = await bodies.get(body.ref)
+            assert stored is not None
+            assert (decompress(stored) if body.encoding == "zstd" else stored) == data, part
+    finally:
+        await q.close()
+
+
 class _LoopBodyStore(DirBodyStore):
     """Records the event loop each write ran on (a real S3 client is bound to one loop)."""
 

@@ -158,9 +158,12 @@ class SpoolReplayer:
     the segment over later (at least once: the store keeps one row per request id).
 
     A batch the queue refuses for another reason than an outage (a message too large) is sent
-    record by record, so one record cannot block the spool for good; a record refused alone is
-    sent bare (`record.stripped`), and only if that is refused too is it given up: counted in
-    `dropped` and logged with its id.
+    record by record, so one record cannot block the spool for good. A record refused alone has
+    every body moved to the body store (an SQS message takes 256 KiB, less than a record with
+    three inline bodies of up to the inline limit) and is sent again; only if that is refused too
+    is it sent bare (`record.stripped`), and only if that is refused as well is it given up:
+    counted in `dropped` and logged with its id. While the body store is down such a record's
+    segment stays on disk.
 
     Spooled records holding a body above the inline limit (`bodies.offload`) have it written to
     `bodies` first; while the body store refuses, their segment is left as it is, untouched.
@@ -343,6 +346,14 @@ class SpoolReplayer:
             msg = _unframe(frame)
             record = decode(msg.value)
             rid = record.id
+            if await self._bodies_out(record):
+                try:
+                    await queue.publish([Message(key=msg.key, value=encode(record))])
+                    return 1
+                except BackendUnavailable:
+                    raise
+                except Exception as e:
+                    reason = f"{reason}; without its bodies too: {type(e).__name__}: {e}"
             await queue.publish([Message(key=msg.key, value=encode(stripped(record, reason)))])
         except BackendUnavailable:
             raise
@@ -356,6 +367,21 @@ class SpoolReplayer:
             "the queue refused spooled record %s (%s); published it bare, with that reason", rid, reason
         )
         return 1
+
+    async def _bodies_out(self, record: LogRecord) -> bool:
+        """Move every inline body of `record` to the body store; False when it has none there
+        to move (or no body store). Raises `BackendUnavailable` while the body store is down:
+        the record waits on disk whole rather than being published without its content."""
+        if self.bodies is None or not any(
+            (b := getattr(record, attr)) is not None and b.data is not None for attr, _ in offload.PARTS
+        ):
+            return False
+        try:
+            stored = await self._on_home(offload.to_store(self.bodies, [record], above=-1))
+        except Exception as e:
+            raise BackendUnavailable(f"body store unavailable for a spooled record: {describe(e)}") from e
+        self.bodies_stored += stored
+        return True
 
     def _read(self, path: Path) -> list[bytes]:
         return [f for batch in self.spool.replay(path) for f in batch]
