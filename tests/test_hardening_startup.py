@@ -9,6 +9,7 @@ processes start, and started again while they run.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -266,3 +268,68 @@ def test_a_host_the_dns_does_not_know_is_a_wrong_setting_and_a_slow_resolver_an_
     assert unknown_host(chained(socket.EAI_NONAME))
     assert not unknown_host(chained(socket.EAI_AGAIN))  # "temporary failure": wait for it
     assert not unknown_host(ConnectionRefusedError())
+
+
+@pytest.mark.skipif(not S3, reason="needs S3 (scripts/services.sh up)")
+async def test_a_gateway_starts_while_the_body_store_is_down_and_uses_it_once_back(tmp_path: Path) -> None:
+    """`llmtap gateway` exited when S3 refused connections at start, so a gateway restarted or
+    added during an S3 outage proxied nothing. The body store only takes bodies above the
+    inline limit: the gateway now starts, spools those records, and uses S3 once it answers."""
+    from llmtap.queue.sqlite import SQLiteQueue
+    from llmtap.record import decode
+    from procs import fake_upstream
+    from tcp_proxy import TcpProxy
+
+    s3 = urlsplit(S3 or "")
+    proxy = TcpProxy(s3.port or 80)
+    proxy.refuse = True  # S3 "down": connections reset at once
+    await proxy.start()
+    gport = free_port()
+    bucket = os.environ.get("LLMTAP_TEST_S3_BUCKET", "llmtap-test")
+    env = llmtap_env(tmp_path / "data", gateway_port=gport, inline_body_bytes=1024) | _s3(bucket)
+    env["LLMTAP_BODIES"] = f"s3://{bucket}/gw-later-{uuid.uuid4().hex[:8]}"
+    env["LLMTAP_S3_ENDPOINT"] = f"http://127.0.0.1:{proxy.port}"
+    big = os.urandom(4000).hex()  # 8 KB that zstd cannot bring under the 1 KiB inline limit
+
+    def chat(n: int) -> int:
+        body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"{n} {big}"}]})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{gport}/openai/v1/chat/completions",
+            data=body.encode(),
+            headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return int(r.status)
+
+    with fake_upstream(tmp_path) as fake:
+        env["LLMTAP_OPENAI_BASE_URL"] = fake
+        gw = start_llmtap("gateway", env, tmp_path / "gateway.log")
+        try:
+            await asyncio.to_thread(wait_until, _banner_or_exit(gw), 60)
+            assert gw.alive(), gw.output()
+            assert "FALLBACK  body store unreachable at start" in gw.output(), gw.output()
+            assert await asyncio.to_thread(chat, 1) == 200  # proxied while S3 is down
+            proxy.refuse = False  # S3 back, same address
+            await asyncio.to_thread(
+                wait_until, lambda: "reachable: spooled bodies go there" in gw.output(), 90
+            )
+            assert await asyncio.to_thread(chat, 2) == 200
+            q = SQLiteQueue(str(tmp_path / "data" / "queue.db"), partitions=Settings().partitions)
+            await q.connect("consumer")
+            got: list[Any] = []
+            try:
+                deadline = time.monotonic() + 90  # the spooled one is replayed within seconds
+                while len(got) < 2 and time.monotonic() < deadline:
+                    ds = await q.consume(10, timeout=1.0)
+                    got += [decode(d.value) for d in ds]
+                    if ds:
+                        await q.ack(ds)
+            finally:
+                await q.close()
+            assert len(got) == 2, gw.output()
+            for r in got:  # both with their request body in S3, referenced, not inline
+                assert r.request_body is not None and r.request_body.ref and r.request_body.data is None, r
+            assert sorted(r.route for r in got) == ["queue", "spool"], [r.route for r in got]
+        finally:
+            assert gw.stop() == 0, gw.output()
+            await proxy.stop()

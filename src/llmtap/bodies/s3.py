@@ -121,6 +121,8 @@ class S3BodyStore(BodyStore):
         self._client = None
 
     async def _put(self, key: str, data: bytes) -> None:
+        if self._client is None:  # not connected yet (a gateway started during an S3 outage)
+            raise TransientError(f"S3 at {self._where} is not connected yet")
         async with self._sem:
             await self._client.put_object(
                 Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/zstd"

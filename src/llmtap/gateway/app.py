@@ -112,6 +112,7 @@ class GatewayService(OnBackends):
         self.replayer: SpoolReplayer | None = None
         self._queue_sink: QueueSink | None = None
         self._reconnect: asyncio.Task[None] | None = None
+        self._bodies_later: asyncio.Task[None] | None = None
         overflow: Sink | None = None
         if sinks is None:
             by = settings.partition_by
@@ -191,7 +192,18 @@ class GatewayService(OnBackends):
                         "endpoint or the disk spool until it is back"
                     )
                 stack.push_async_callback(self._close_queue)
-            await self.backends.connect_bodies()
+            try:
+                await self.backends.connect_bodies()
+            except BackendUnavailable as e:
+                # The body store only takes bodies above the inline limit; while it is away
+                # those records wait in the spool (`bodies.offload`): proxy now, connect later.
+                fallback_note.append(
+                    f"FALLBACK  body store unreachable at start ({e}); records with bodies above"
+                    " the inline limit wait in the disk spool until it is back"
+                )
+                self._bodies_later = asyncio.create_task(
+                    self._connect_bodies_later(), name="llmtap-bodies-reconnect"
+                )
             if self._keys_store is not None:
                 await self.backends.connect_store()
             stack.push_async_callback(self.proxy.close)  # the upstream pool, after the last publish
@@ -251,10 +263,27 @@ class GatewayService(OnBackends):
                 self.replayer.start()
             return
 
+    async def _connect_bodies_later(self) -> None:
+        """The body store was unreachable at start: keep trying, as for the queue."""
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.backends.connect_bodies()
+            except Exception as e:  # an outage, or a setting S3 now refuses: keep trying, say so
+                if not isinstance(e, BackendUnavailable):
+                    log.warning("connecting the body store failed (%s: %s); retrying", type(e).__name__, e)
+                delay = min(delay * 2, _RECONNECT_MAX)
+                continue
+            log.warning("body store %s reachable: spooled bodies go there", self.bodies.description)
+            return
+
     async def _stop_reconnect(self) -> None:
         reconnect, self._reconnect = self._reconnect, None
-        if reconnect is not None:
-            await cancel(reconnect)
+        later, self._bodies_later = self._bodies_later, None
+        for task in (reconnect, later):
+            if task is not None:
+                await cancel(task)
 
     async def _stop_publisher(self) -> None:
         """Publish what is pending with the time `stop` left (1 s when start failed)."""
