@@ -140,6 +140,34 @@ async def test_unreachable_endpoint_fails_fast_with_one_sentence(monkeypatch: py
     assert "\n" not in msg
 
 
+async def test_an_endpoint_host_the_dns_does_not_know_is_a_wrong_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It waited for ever (WAITING) where Kafka, Redis, PostgreSQL and S3 stop start-up with one
+    line; a resolver that cannot answer right now (EAI_AGAIN) is still an outage."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, *args: Any, **kw: Any) -> Any:
+        if host == "sqs.nowhere.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if host == "sqs.later.example":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    q = SQSQueue("sqs://llmtap.fifo?endpoint=http://sqs.nowhere.example:1&region=us-east-1", 6, op_timeout=3)
+    with pytest.raises(
+        ConfigError, match=r"^invalid setting LLMTAP_QUEUE: unknown host in SQS endpoint http://sqs"
+    ):
+        await q.connect("both")
+    q = SQSQueue("sqs://llmtap.fifo?endpoint=http://sqs.later.example:1&region=us-east-1", 6, op_timeout=3)
+    with pytest.raises(BackendUnavailable):
+        await q.connect("both")
+    await q.close()
+
+
 # -- against the server -------------------------------------------------------------------------
 
 

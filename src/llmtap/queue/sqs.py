@@ -69,7 +69,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
-from llmtap.errors import BackendUnavailable, ConfigError
+from llmtap.errors import BackendUnavailable, ConfigError, unknown_host
 from llmtap.queue.base import (
     DeadLetter,
     Delivery,
@@ -311,6 +311,11 @@ class SQSQueue(Queue):
             raise self._unavailable(e) from None
         except (BotoCoreError, OSError, TimeoutError) as e:
             await self.close()
+            if unknown_host(e):  # the DNS says no such name: a setting to fix, not an outage
+                where = redact_url(self.endpoint or f"sqs.{self.region}.amazonaws.com")
+                raise ConfigError(
+                    f"invalid setting LLMTAP_QUEUE: unknown host in SQS endpoint {where}"
+                ) from None
             raise self._unavailable(e) from None
         self.max_bytes = int(attrs.get("MaximumMessageSize") or DEFAULT_MAX_BYTES)
         if "RedrivePolicy" not in attrs:
