@@ -94,6 +94,14 @@ def test_bad_urls_are_one_sentence_config_errors(url: str) -> None:
         KafkaQueue(url, 6, "workers")
 
 
+def test_each_deployment_may_name_its_consumer_group() -> None:
+    """Every deployment on one cluster shared the group `llmtap-workers`: a worker starting in
+    one made the others' group rebalance (and pause). `?group=` gives each its own."""
+    q = KafkaQueue("kafka://h:1/logs?group=team-a", 6, "llmtap-workers")
+    assert (q.group, q.replay_group) == ("team-a", "team-a-dlq-replay")
+    assert KafkaQueue("kafka://h:1/logs", 6, "llmtap-workers").group == "llmtap-workers"
+
+
 async def test_topic_and_dead_letter_topic_are_created(spec: QueueSpec, queues: list[KafkaQueue]) -> None:
     q = await open_(spec, queues, "producer")
     admin = AIOKafkaAdminClient(bootstrap_servers=os.environ["LLMTAP_TEST_KAFKA_BOOTSTRAP"])

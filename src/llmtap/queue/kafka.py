@@ -25,8 +25,10 @@ URL: `kafka://host:port[,host:port]/topic` with optional query parameters `parti
 (of a topic llmtap creates), `replication` (default: min(3, brokers)), `compression`
 (`zstd`/`lz4`/`gzip`/`none`; default zstd or lz4 when aiokafka has the codec, else none),
 `session_timeout_ms` (a dead worker's partitions move after this; default 10000),
-`request_timeout_ms` (outage detection; default 5000) and `redeliver_after_ms` (a delivery
-unacked this long is handed out again; default 60000).
+`request_timeout_ms` (outage detection; default 5000), `redeliver_after_ms` (a delivery
+unacked this long is handed out again; default 60000) and `group` (the workers' consumer
+group, default `llmtap-workers`: give each deployment on a shared cluster its own, or a worker
+starting in one makes every other one's group rebalance).
 """
 
 from __future__ import annotations
@@ -195,8 +197,10 @@ class KafkaQueue(Queue):
         self.bootstrap = parts.netloc.rsplit("@", 1)[-1]
         self.topic = topic
         self.dlq_topic = f"{topic}.dlq"
-        self.group = group
-        self.replay_group = f"{group}-dlq-replay"
+        self.group = query.get("group", group)
+        if not self.group or len(self.group) > 200:
+            raise ConfigError(f"invalid setting LLMTAP_QUEUE: bad group in {redact_url(url)!r}")
+        self.replay_group = f"{self.group}-dlq-replay"
         self.session_timeout = session_timeout or ms.get("session_timeout_ms", 10.0)
         self.op_timeout = op_timeout or ms.get("request_timeout_ms", 5.0)
         self.redeliver_after = redeliver_after or ms.get("redeliver_after_ms", 60.0)
