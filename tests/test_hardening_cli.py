@@ -31,6 +31,7 @@ def _llmtap(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedP
         (["status", "--json"], 0),
         (["dlq", "list"], 0),
         (["dlq", "replay", "--all"], 0),
+        (["dlq", "replay", "1-0"], 1),  # an id that names no dead letter is not "done"
         (["keys", "list"], 0),
         (["keys", "revoke", "k_nope"], 1),
     ],

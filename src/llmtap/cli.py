@@ -751,6 +751,9 @@ def dlq_replay(ctx: click.Context, ids: tuple[str, ...], replay_all: bool) -> No
     else:
         n = _with_queue(ctx, lambda q: q.replay_dead_letters(None if replay_all else list(ids)))
     click.echo(f"replayed {n} record(s)")
+    missing = 0 if replay_all else len(set(ids)) - n
+    if missing > 0:  # a mistyped id must not read as done
+        _fail(f"{missing} of the ids named no dead letter (`llmtap dlq list` shows them)", 1)
 
 
 @cli.command("fake-upstream", short_help="Run a local fake OpenAI/Anthropic/Gemini/Azure API (demos).")
