@@ -416,3 +416,24 @@ async def test_a_worker_with_batches_in_flight_keeps_each_key_in_order(
         assert (
             db.execute("SELECT count(*), count(DISTINCT id) FROM requests").fetchone() == (len(records),) * 2
         )
+
+
+async def test_inspecting_a_queue_creates_nothing(spec: QueueSpec, open_queue: Opener) -> None:
+    """`llmtap status` and `dlq list` connect to inspect: a mistyped queue name made them create
+    the topic (queue, streams) and report a healthy lag 0 (README: read-only commands create
+    nothing). Now it is `QueueMissing`, again on a second look, until a producer creates it."""
+    from llmtap.errors import QueueMissing
+
+    if spec.backend == "sqlite":
+        pytest.skip("the CLI checks for the embedded queue's file before it opens it")
+    for _ in range(2):  # the first look created nothing the second could find
+        q = spec.build()
+        with pytest.raises(QueueMissing, match="nothing was published to it yet"):
+            await q.connect("inspect")
+        await q.close()
+    producer = await open_queue(spec, "producer")
+    await producer.publish([record("k", 0)])
+    q = await open_queue(spec, "inspect")
+    st = await q.status()
+    assert st.lag == 1 and st.dead_letters == 0
+    assert len(st.partitions) == (0 if spec.backend == "sqs" else spec.partitions)  # SQS: totals only

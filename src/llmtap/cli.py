@@ -26,7 +26,7 @@ from llmtap.errors import LlmtapError
 if TYPE_CHECKING:
     from llmtap.cooperate import Foreground
     from llmtap.gateway.app import GatewayService
-    from llmtap.queue.base import DeadLetter, Queue
+    from llmtap.queue.base import DeadLetter, Queue, Role
     from llmtap.store.base import ApiKey, Store
     from llmtap.webhooks.outbox import Endpoint
 
@@ -116,11 +116,12 @@ def _run_with(ctx: click.Context, fn: Callable[[Settings], Awaitable[T]], *, cre
 
 
 @contextlib.asynccontextmanager
-async def _connected(backend: B) -> AsyncIterator[B]:
-    """A store, or a queue as producer, connected for the length of one command."""
+async def _connected(backend: B, role: Role = "producer") -> AsyncIterator[B]:
+    """A store, or a queue (as producer, or `inspect`: creating nothing), connected for the
+    length of one command."""
     from llmtap.queue.base import Queue
 
-    await (backend.connect("producer") if isinstance(backend, Queue) else backend.connect())
+    await (backend.connect(role) if isinstance(backend, Queue) else backend.connect())
     try:
         yield backend
     finally:
@@ -265,7 +266,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show queue lag per partition, dead-letter count and spool size."""
 
     async def main(settings: Settings) -> dict[str, Any]:
-        from llmtap.errors import BackendUnavailable
+        from llmtap.errors import BackendUnavailable, QueueMissing
         from llmtap.gateway.spool import spool_size
         from llmtap.queue import open_queue
 
@@ -285,10 +286,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
         q = open_queue(settings)
         info["queue"] = q.description or settings.queue
         try:
-            async with _connected(q):
+            async with _connected(q, "inspect"):
                 st = await q.status()
-        except BackendUnavailable as e:
+        except (BackendUnavailable, QueueMissing) as e:
             info.update(reachable=False, error=str(e), lag=None, partitions=[], dead_letters=None)
+            info["missing"] = isinstance(e, QueueMissing)
             return info
         info.update(
             lag=st.lag,
@@ -308,7 +310,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"queue         {info['queue']}")
     if not info["reachable"]:
-        click.echo(f"              UNREACHABLE: {info['error']}")
+        click.echo(f"              {'MISSING' if info.get('missing') else 'UNREACHABLE'}: {info['error']}")
         click.echo(f"spool         {info['spool_bytes']} bytes waiting on local disk")
         sys.exit(1)
     click.echo(f"lag           {info['lag']} record(s) not yet stored")
@@ -711,11 +713,11 @@ def dlq() -> None:
     """Inspect and replay dead-lettered records."""
 
 
-def _with_queue(ctx: click.Context, fn: Callable[[Queue], Awaitable[T]]) -> T:
+def _with_queue(ctx: click.Context, fn: Callable[[Queue], Awaitable[T]], role: Role = "producer") -> T:
     async def main(settings: Settings) -> T:
         from llmtap.queue import open_queue
 
-        async with _connected(open_queue(settings)) as queue:
+        async with _connected(open_queue(settings), role) as queue:
             return await fn(queue)
 
     return _run_with(ctx, main)
@@ -726,7 +728,10 @@ def _with_queue(ctx: click.Context, fn: Callable[[Queue], Awaitable[T]]) -> T:
 @click.pass_context
 def dlq_list(ctx: click.Context, limit: int) -> None:
     """List dead letters with their reasons."""
-    rows = [] if _queue_missing(_settings(ctx)) else _with_queue(ctx, lambda q: q.dead_letters(limit))
+    if _queue_missing(_settings(ctx)):
+        rows: list[DeadLetter] = []  # no queue file, no dead letters: nothing to create
+    else:
+        rows = _with_queue(ctx, lambda q: q.dead_letters(limit), "inspect")
 
     def line(d: DeadLetter) -> str:
         rid = d.request_id

@@ -25,6 +25,11 @@ class BackendUnavailable(LlmtapError):
     """
 
 
+class QueueMissing(LlmtapError):
+    """An `inspect` connection found no such queue: nothing was ever published to it, or the
+    setting names the wrong one. Read-only commands create nothing, so they say so instead."""
+
+
 class TransientError(BackendUnavailable):
     """A handler hit an outage; the whole batch is retried later and nothing is acknowledged."""
 

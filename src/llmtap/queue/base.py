@@ -39,7 +39,9 @@ from llmtap.backends import QUEUES
 if TYPE_CHECKING:
     from llmtap.config import Settings
 
-Role = Literal["producer", "consumer", "both"]
+#: `inspect`: read-only commands (`status`, `dlq list`): connect to what exists, create nothing,
+#: and raise `QueueMissing` when the queue is not there.
+Role = Literal["producer", "consumer", "both", "inspect"]
 N = TypeVar("N")
 D = TypeVar("D")
 

@@ -59,7 +59,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import OffsetAndMetadata
 
-from llmtap.errors import BackendUnavailable, ConfigError, unknown_host
+from llmtap.errors import BackendUnavailable, ConfigError, QueueMissing, unknown_host
 from llmtap.queue.base import (
     DeadLetter,
     Delivery,
@@ -248,7 +248,7 @@ class KafkaQueue(Queue):
                 request_timeout_ms=int(self.op_timeout * 1000),
             )
             await asyncio.wait_for(self._admin.start(), self.op_timeout)
-            await asyncio.wait_for(self._ensure_topics(), self.op_timeout * 3)
+            await asyncio.wait_for(self._ensure_topics(create=role != "inspect"), self.op_timeout * 3)
             await self._start_producer()
             if role in ("consumer", "both"):
                 self._consumer = AIOKafkaConsumer(
@@ -269,6 +269,9 @@ class KafkaQueue(Queue):
                 # Subscribing after start: joining the group may wait for a rebalance (others
                 # finishing their batches), which `consume` can wait for, `connect` should not.
                 self._consumer.subscribe([self.topic], listener=_Rebalance(self))
+        except QueueMissing:
+            await self.close()
+            raise
         except (KafkaError, OSError, TimeoutError) as e:
             await self.close()
             await self._check_hosts()  # aiokafka's "unable to bootstrap" hides a mistyped host
@@ -287,12 +290,18 @@ class KafkaQueue(Queue):
                         f"invalid setting LLMTAP_QUEUE: unknown host {host!r} in {self.description}"
                     ) from None
 
-    async def _ensure_topics(self) -> None:
-        """Create the topic (with `partitions`) and its dead-letter topic when missing."""
+    async def _ensure_topics(self, create: bool = True) -> None:
+        """Create the topic (with `partitions`) and its dead-letter topic when missing (without
+        `create`: raise `QueueMissing` instead)."""
         assert self._admin is not None
         # Describe only topics that exist: a metadata request naming a missing topic makes a
         # broker with auto.create.topics.enable create it, with its default partition count.
         existing = set(await self._admin.list_topics()) & {self.topic, self.dlq_topic}
+        if not create and self.topic not in existing:
+            raise QueueMissing(
+                f"no topic {self.topic!r} at {self.bootstrap}: nothing was published to it yet,"
+                " or LLMTAP_QUEUE names another"
+            )
         described = await self._admin.describe_topics(sorted(existing)) if existing else []
         meta = {t["topic"]: t for t in described}
         replication = self.replication
@@ -315,7 +324,8 @@ class KafkaQueue(Queue):
                     )
                     self.partitions = len(t["partitions"])
                 continue
-            wanted.append(NewTopic(name, n, replication, topic_configs=configs))
+            if create:
+                wanted.append(NewTopic(name, n, replication, topic_configs=configs))
         if wanted:
             resp = await self._admin.create_topics(wanted)
             for name, code, *rest in resp.topic_errors:

@@ -54,7 +54,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llmtap.errors import BackendUnavailable, ConfigError, unknown_host
+from llmtap.errors import BackendUnavailable, ConfigError, QueueMissing, unknown_host
 from llmtap.queue.base import (
     DeadLetter,
     Delivery,
@@ -296,7 +296,13 @@ class RedisQueue(Queue):
             self._scripts[name] = self._r.register_script(src)
         try:
             await asyncio.wait_for(self._r.ping(), self.op_timeout)
-            await self._init_layout()
+            if role == "inspect":
+                await self._find_layout()
+            else:
+                await self._init_layout()
+        except QueueMissing:
+            await self._close_clients()
+            raise
         except (RedisError, OSError, TimeoutError) as e:
             await self._close_clients()
             if isinstance(e, AuthenticationError) or "DB index is out of range" in str(e) or unknown_host(e):
@@ -311,6 +317,17 @@ class RedisQueue(Queue):
                 await self._close_clients()
                 raise self._unavailable(e) from None
             self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="llmtap-redis-heartbeat")
+
+    async def _find_layout(self) -> None:
+        """The partition count of an existing queue; `QueueMissing` when there is none."""
+        stored = await self.r.hget(f"{self.prefix}:meta", "partitions")
+        if stored is None and not await self.r.exists(self.stream(0)):
+            raise QueueMissing(
+                f"no queue {self.prefix!r} in Redis at {self._where}: nothing was published to it yet,"
+                " or LLMTAP_QUEUE names another"
+            )
+        if stored is not None:
+            self.partitions = int(stored)
 
     async def _init_layout(self) -> None:
         """Fix the partition count at creation and make sure every stream has our group."""

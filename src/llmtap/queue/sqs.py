@@ -69,7 +69,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
-from llmtap.errors import BackendUnavailable, ConfigError, unknown_host
+from llmtap.errors import BackendUnavailable, ConfigError, QueueMissing, unknown_host
 from llmtap.queue.base import (
     DeadLetter,
     Delivery,
@@ -243,8 +243,10 @@ class SQSQueue(Queue):
             why = f"no answer within {self.op_timeout:g}s"
         else:
             why = redact_text(str(e)) or type(e).__name__
-        where = redact_url(self.endpoint) if self.endpoint else f"AWS region {self.region}"
-        return BackendUnavailable(f"cannot reach SQS queue {self.name} at {where}: {why}")
+        return BackendUnavailable(f"cannot reach SQS queue {self.name} at {self._where()}: {why}")
+
+    def _where(self) -> str:
+        return redact_url(self.endpoint) if self.endpoint else f"AWS region {self.region}"
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *, wait: float = 0, **kwargs: Any) -> T:
         """One SQS request, bounded (`wait`: a long poll's own seconds), every failure as
@@ -280,18 +282,16 @@ class SQSQueue(Queue):
             where, why = redact_url(self.endpoint or ""), redact_text(str(e))
             raise ConfigError(f"invalid setting LLMTAP_QUEUE: SQS endpoint {where!r}: {why}") from None
         try:
-            self._dlq_url = await self._ensure_queue(self.dlq_name, {"MessageRetentionPeriod": _RETENTION})
-            arn = (await self._attributes(self._dlq_url, "QueueArn"))["QueueArn"]
-            redrive = json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": str(self.max_receives)})
-            self._url = await self._ensure_queue(
-                self.name,
-                {
-                    "MessageRetentionPeriod": _RETENTION,
-                    "VisibilityTimeout": str(self.visibility),
-                    "RedrivePolicy": redrive,
-                },
-            )
-            attrs = await self._attributes(self._url, "MaximumMessageSize", "RedrivePolicy")
+            if role == "inspect":  # read-only commands create nothing
+                self._url = await self._find_queue(self.name)
+                self._dlq_url = await self._find_queue(self.dlq_name)
+                attrs = await self._attributes(self._url, "MaximumMessageSize", "RedrivePolicy")
+            else:
+                await self._create_queues()
+                attrs = await self._attributes(self._url, "MaximumMessageSize", "RedrivePolicy")
+        except QueueMissing:
+            await self.close()
+            raise
         except NoCredentialsError:
             await self.close()
             raise ConfigError(
@@ -343,6 +343,33 @@ class SQSQueue(Queue):
             self._renewer = asyncio.get_running_loop().create_task(
                 self._renew_loop(), name="llmtap-sqs-renew"
             )
+
+    async def _create_queues(self) -> None:
+        """The dead-letter queue, then the queue with a redrive policy to it, made if missing."""
+        self._dlq_url = await self._ensure_queue(self.dlq_name, {"MessageRetentionPeriod": _RETENTION})
+        arn = (await self._attributes(self._dlq_url, "QueueArn"))["QueueArn"]
+        redrive = json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": str(self.max_receives)})
+        self._url = await self._ensure_queue(
+            self.name,
+            {
+                "MessageRetentionPeriod": _RETENTION,
+                "VisibilityTimeout": str(self.visibility),
+                "RedrivePolicy": redrive,
+            },
+        )
+
+    async def _find_queue(self, name: str) -> str:
+        """The URL of an existing queue; `QueueMissing` when there is none."""
+        async with asyncio.timeout(self.op_timeout):
+            try:
+                return str((await self._client.get_queue_url(QueueName=name))["QueueUrl"])
+            except ClientError as e:
+                if _code(e) not in _MISSING:
+                    raise
+        raise QueueMissing(
+            f"no SQS queue {name!r} at {self._where()}: nothing was published to it yet,"
+            " or LLMTAP_QUEUE names another"
+        )
 
     async def _ensure_queue(self, name: str, attrs: dict[str, str]) -> str:
         """The queue's URL; created (with `attrs`) when missing. An existing queue is used as is."""
