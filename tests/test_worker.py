@@ -772,3 +772,52 @@ async def test_long_values_and_a_reused_id_through_the_worker_into_postgres(tmp_
             await w.stop()
             await producer.close()
             await store.close()
+
+
+def test_a_worker_alone_serves_healthz_and_metrics_on_its_port(tmp_path: Path) -> None:
+    """Scaled out, a worker's counters lived in a process nothing could scrape (the ops check
+    read `llmtap_worker_records_processed_total 0` on the server while 1,500 were stored).
+    `LLMTAP_WORKER_PORT` serves them, and /healthz says when the worker waits for a backend."""
+    import urllib.request
+
+    from procs import free_port, http_json, llmtap_env, start_llmtap, wait_until
+
+    port = free_port()
+    env = llmtap_env(tmp_path / "data", worker_port=port)
+    settings = Settings(data_dir=tmp_path / "data")
+    n = 25
+
+    async def publish() -> None:
+        q = SQLiteQueue(str(tmp_path / "data" / "queue.db"), settings.partitions)
+        await q.connect("producer")
+        try:
+            await q.publish([Message("k", encode(make_record(i))) for i in range(n)])
+        finally:
+            await q.close()
+
+    (tmp_path / "data").mkdir()
+    asyncio.run(publish())
+    worker = start_llmtap("worker", env, tmp_path / "worker.log")
+    try:
+        wait_until(lambda: "press Ctrl-C" in worker.output() or not worker.alive(), 60)
+        assert f"/healthz and /metrics on http://127.0.0.1:{port}" in worker.output(), worker.output()
+
+        def metric(name: str) -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+        wait_until(lambda: metric("llmtap_worker_records_processed_total") == n, 60, what="records counted")
+        assert http_json("GET", f"http://127.0.0.1:{port}/healthz") == (200, {"status": "ok", "stored": n})
+    finally:
+        assert worker.stop() == 0, worker.output()
+
+    # A worker waiting for its store is up but not ready: 503 with the reason.
+    env = llmtap_env(tmp_path / "data", worker_port=port, store=f"postgresql://u@127.0.0.1:{free_port()}/x")
+    worker = start_llmtap("worker", env, tmp_path / "waiting.log")
+    try:
+        wait_until(lambda: "press Ctrl-C" in worker.output() or not worker.alive(), 60)
+        status, body = http_json("GET", f"http://127.0.0.1:{port}/healthz")
+        assert status == 503 and body["status"] == "waiting" and "PostgreSQL" in body["reason"], body
+    finally:
+        assert worker.stop() == 0, worker.output()

@@ -150,7 +150,12 @@ def _serve(settings: Settings, title: str, parts: list[str]) -> None:
             from llmtap.worker.worker import WorkerService
 
             foreground = _foreground(settings, gateway)
-            services.append(WorkerService(settings, backends=shared, foreground=foreground))
+            worker = WorkerService(settings, backends=shared, foreground=foreground)
+            services.append(worker)
+            if parts == ["worker"] and settings.worker_port is not None:
+                from llmtap.worker.probe import WorkerProbe
+
+                services.append(WorkerProbe(settings, worker))
         if "server" in parts:
             from llmtap.alerts.evaluator import AlertService
             from llmtap.server.app import ServerService
@@ -250,6 +255,8 @@ _serving(
     "Run a log worker (run many: one consumer group).",
     "Run a log worker alone (run many: they share the queue's partitions).",
     _data_dir_option,
+    click.option("--worker-port", type=int,
+                 help="Serve /healthz and /metrics on this port (LLMTAP_WORKER_PORT, default off)."),
 )  # fmt: skip
 _serving(
     "server", ["server"],

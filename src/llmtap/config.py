@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     gateway_port: int = Field(8787, ge=0, le=65535)
     server_port: int = Field(8788, ge=0, le=65535)
+    worker_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="`llmtap worker` serves /healthz and /metrics here (off when unset: several"
+        " workers on one host each need their own port)",
+    )
     data_dir: Path = Path("./.llmtap")
     allowed_hosts: str | None = Field(
         None,

@@ -117,6 +117,8 @@ class WorkerService(OnBackends):
         self._task: asyncio.Task[None] | None = None
         self._progress_at = time.monotonic()
         self._progress_mark = (0, 0, 0.0)
+        #: Why the worker is not consuming (a backend it waits for), or None while it consumes.
+        self.waiting: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -132,6 +134,7 @@ class WorkerService(OnBackends):
         try:
             await self._open()
         except BackendUnavailable as e:
+            self.waiting = str(e)
             self._task = asyncio.create_task(self._open_then_run(str(e)), name="llmtap-worker")
             return [f"worker    WAITING: {e} (consuming starts when it is back)", *self._notes()]
         except BaseException:
@@ -176,6 +179,7 @@ class WorkerService(OnBackends):
         )
         if not opened:
             return
+        self.waiting = None
         store = self.backends.store_description()
         log.warning("worker: backends are back; consuming %s → %s", self.queue.description, store)
         await self._run()
