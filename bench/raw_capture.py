@@ -3,7 +3,7 @@ the worker" would put on the queue. A benchmark prototype (`gateway_parts.py`'s 
 not a product path: the contract's queue carries `LogRecord` v1.
 
 It keeps what may not leave the gateway as caught: credentials and `Llmtap-*` headers are
-filtered out and headers held to their limits (`HeaderFilter`, `_recorded_headers`), URLs lose
+filtered out and headers held to their limits (`HeaderFilter`, `limits.headers`), URLs lose
 their secrets, bodies are compressed from 1 KiB on (`inline_body`, as records carry them).
 Everything a record derives from the bytes (JSON parsing, model, usage, stream reassembly, error
 text, the `Llmtap-*` fields) would be the worker's.
@@ -16,8 +16,9 @@ from typing import Any
 
 import msgspec
 
+from llmtap import limits
 from llmtap.bodies.offload import inline_body
-from llmtap.gateway.capture import Capture, _recorded_headers
+from llmtap.gateway.capture import Capture
 from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter
 from llmtap.gateway.publisher import Sink
 from llmtap.queue.base import Message, Queue
@@ -62,8 +63,8 @@ class RawBuilder:
 
     def build(self, cap: Capture) -> RawCapture:
         truncated: list[str] = []
-        req = _recorded_headers(self._request_headers(cap.request_headers), "request_headers", truncated)
-        resp = _recorded_headers(self._response_headers(cap.response_headers), "response_headers", truncated)
+        req = limits.headers(self._request_headers(cap.request_headers), "request_headers", truncated)
+        resp = limits.headers(self._response_headers(cap.response_headers), "response_headers", truncated)
         t0 = cap.t0
         raw = b"".join(cap.chunks)
         return RawCapture(
