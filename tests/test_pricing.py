@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 import pytest
 from genai_prices import calc_price, data_snapshot
@@ -179,18 +180,24 @@ def test_every_openai_and_anthropic_model_agrees_with_the_library() -> None:
     assert checked > 100
 
 
-def test_apply_cost_fills_the_record() -> None:
-    rec = LogRecord(
+def _record(provider: str, path: str, **fields: Any) -> LogRecord:
+    """A record of a call to `path`, for `apply_cost`."""
+    return LogRecord(
         id="r1",
-        provider="openai",
-        target_url="https://api.openai.com/v1/chat/completions",
-        method="POST",
-        path="/v1/chat/completions",
-        model="gpt-4o-mini",
+        provider=provider,
+        target_url="https://upstream.example" + path,
+        method=fields.pop("method", "POST"),
+        path=path,
         started_at=NOW,
         ended_at=NOW,
         latency_ms=1.0,
-        usage=_usage(1000, 100, None, None, None),
+        **fields,
+    )
+
+
+def test_apply_cost_fills_the_record() -> None:
+    rec = _record(
+        "openai", "/v1/chat/completions", model="gpt-4o-mini", usage=_usage(1000, 100, None, None, None)
     )
     pricing.apply_cost(rec)
     assert rec.cost_nanos == _nanos(_expected("openai", "gpt-4o-mini", rec.usage))
@@ -222,16 +229,10 @@ def test_what_a_request_without_final_usage_costs(
 ) -> None:
     """Unknown is None ("unpriced", never a guess); a failed call the provider did not bill is 0."""
     counted = source != "missing"
-    rec = LogRecord(
-        id="r1",
-        provider="anthropic",
-        target_url="https://api.anthropic.com/v1/messages",
-        method="POST",
-        path="/v1/messages",
+    rec = _record(
+        "anthropic",
+        "/v1/messages",
         model="claude-sonnet-4-5",
-        started_at=NOW,
-        ended_at=NOW,
-        latency_ms=1.0,
         status=status,
         outcome=outcome,  # type: ignore[arg-type]
         usage=Usage(
@@ -267,18 +268,7 @@ def test_what_a_request_without_final_usage_costs(
 def test_calls_that_are_never_billed_cost_zero(
     provider: str, method: str, path: str, want: int | None
 ) -> None:
-    rec = LogRecord(
-        id="r1",
-        provider=provider,
-        target_url="http://upstream" + path,
-        method=method,
-        path=path,
-        model="gpt-4o-mini",
-        started_at=NOW,
-        ended_at=NOW,
-        latency_ms=1.0,
-        status=200,
-    )
+    rec = _record(provider, path, method=method, model="gpt-4o-mini", status=200)
     pricing.apply_cost(rec)
     assert rec.cost_nanos == want
 

@@ -358,27 +358,32 @@ class SQSQueue(Queue):
             },
         )
 
-    async def _find_queue(self, name: str) -> str:
-        """The URL of an existing queue; `QueueMissing` when there is none."""
+    async def _existing_url(self, name: str) -> str | None:
+        """The URL of the queue `name`, or None when there is no such queue."""
         async with asyncio.timeout(self.op_timeout):
             try:
                 return str((await self._client.get_queue_url(QueueName=name))["QueueUrl"])
             except ClientError as e:
                 if _code(e) not in _MISSING:
                     raise
-        raise QueueMissing(
-            f"no SQS queue {name!r} at {self._where()}: nothing was published to it yet,"
-            " or LLMTAP_QUEUE names another"
-        )
+        return None
+
+    async def _find_queue(self, name: str) -> str:
+        """The URL of an existing queue; `QueueMissing` when there is none."""
+        url = await self._existing_url(name)
+        if url is None:
+            raise QueueMissing(
+                f"no SQS queue {name!r} at {self._where()}: nothing was published to it yet,"
+                " or LLMTAP_QUEUE names another"
+            )
+        return url
 
     async def _ensure_queue(self, name: str, attrs: dict[str, str]) -> str:
         """The queue's URL; created (with `attrs`) when missing. An existing queue is used as is."""
+        url = await self._existing_url(name)
+        if url is not None:
+            return url
         async with asyncio.timeout(self.op_timeout):
-            try:
-                return str((await self._client.get_queue_url(QueueName=name))["QueueUrl"])
-            except ClientError as e:
-                if _code(e) not in _MISSING:
-                    raise
             if name.endswith(".fifo"):
                 attrs = {**attrs, "FifoQueue": "true", "ContentBasedDeduplication": "false"}
             log.info("creating SQS queue %s", name)
