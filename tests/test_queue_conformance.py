@@ -424,8 +424,6 @@ async def test_inspecting_a_queue_creates_nothing(spec: QueueSpec, open_queue: O
     nothing). Now it is `QueueMissing`, again on a second look, until a producer creates it."""
     from llmtap.errors import QueueMissing
 
-    if spec.backend == "sqlite":
-        pytest.skip("the CLI checks for the embedded queue's file before it opens it")
     for _ in range(2):  # the first look created nothing the second could find
         q = spec.build()
         with pytest.raises(QueueMissing, match="nothing was published to it yet"):

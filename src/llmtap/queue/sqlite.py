@@ -54,7 +54,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from llmtap.errors import BackendUnavailable
+from llmtap.errors import BackendUnavailable, QueueMissing
 from llmtap.queue.base import (
     DeadLetter,
     Delivery,
@@ -225,7 +225,7 @@ class SQLiteQueue(Queue):
         self._role = role
         try:
             await self._call(self._open)
-        except BackendUnavailable:
+        except (BackendUnavailable, QueueMissing):
             await self._shutdown_executor()
             raise
         if role in ("consumer", "both"):
@@ -236,6 +236,8 @@ class SQLiteQueue(Queue):
     def _open(self) -> None:
         if self._conn is not None:
             return
+        if self._role == "inspect" and not Path(self.path).exists():  # create nothing to look at
+            raise QueueMissing(f"no queue file {self.path}: nothing was published to it yet")
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
