@@ -9,6 +9,7 @@ to another origin (route interception); a test fails if any happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import shutil
@@ -145,6 +146,18 @@ async def open_page(browser: Any, base: str, **context: Any) -> tuple[Any, Any, 
 
     page.on("dialog", on_dialog)
     return ctx, page, w
+
+
+@contextlib.asynccontextmanager
+async def opened_page(browser: Any, base: str, **context: Any) -> AsyncIterator[Any]:
+    """A page in a context of its own (`page.context`); on a clean exit it must have had no
+    console error, dialog or request to another origin (`Watch.check`); closed either way."""
+    ctx, pg, w = await open_page(browser, base, **context)
+    try:
+        yield pg
+        w.check()
+    finally:
+        await ctx.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -680,8 +693,7 @@ async def test_sessions_page_through_more_than_one_page(
         counts = {x["session_id"]: x["count"] for p in api_pages for x in p}
         assert counts["s-007"] == 2 and counts["s-008"] == 1
 
-        ctx, pg, w = await open_page(browser, s.base)
-        try:
+        async with opened_page(browser, s.base) as pg:
             await pg.goto(s.base + "/#/sessions")
             shown_pages = []
             for i, want in enumerate(api_pages):
@@ -713,9 +725,6 @@ async def test_sessions_page_through_more_than_one_page(
                 arg="s-000",
                 timeout=WAIT,
             )
-            w.check()
-        finally:
-            await ctx.close()
 
 
 async def test_the_page_watch_sees_foreign_requests_and_console_errors(srv: Srv, browser: Any) -> None:
@@ -929,8 +938,7 @@ async def test_a_long_session_ends_with_every_conversation_loaded_or_offered(
     records = [dd.record(n, at=now - timedelta(seconds=n), rng=rng, session="marathon") for n in range(130)]
     async for s in _server(tmp_path_factory.mktemp("long-session")):
         await s.ingest(records)
-        ctx, pg, w = await open_page(browser, s.base)
-        try:
+        async with opened_page(browser, s.base) as pg:
             await pg.goto(s.base + "/#/sessions/marathon")
             await pg.wait_for_function(
                 "() => document.querySelectorAll('.timeline li').length === 130"
@@ -956,9 +964,6 @@ async def test_a_long_session_ends_with_every_conversation_loaded_or_offered(
                 timeout=WAIT,
             )
             assert await pg.locator("#load-more").count() == 0
-            w.check()
-        finally:
-            await ctx.close()
 
 
 def crafted_records() -> dict[str, LogRecord]:
@@ -1008,8 +1013,7 @@ async def test_small_costs_are_written_out(crafted: tuple[Srv, dict[str, LogReco
     s, recs = crafted
     tiny = recs["tiny"].id
     assert (await s.get("/api/v1/requests/" + tiny))["cost_usd"] == pytest.approx(3e-7)
-    ctx, pg, w = await open_page(browser, s.base)
-    try:
+    async with opened_page(browser, s.base) as pg:
         await pg.goto(s.base + "/#/requests?range=all")
         assert await cost_text(pg, tiny) == "$0.0000003"
         await pg.goto(s.base + "/#/sessions/tiny")
@@ -1019,9 +1023,6 @@ async def test_small_costs_are_written_out(crafted: tuple[Srv, dict[str, LogReco
         await pg.goto(s.base + "/#/overview?range=7d&user_id=user-0")
         tile = pg.locator(".tile", has_text="Cost").first.locator(".tvalue")
         await playwright_api.expect(tile).to_have_text("$0.0000003", timeout=WAIT)
-        w.check()
-    finally:
-        await ctx.close()
 
 
 async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(
@@ -1033,8 +1034,7 @@ async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(
     # a 429 generated nothing: the worker prices it at $0, which the page shows as a dash too
     assert listed[failed]["cost_usd"] == 0 and listed[failed]["usage_source"] == "missing"
     assert listed[unpriced]["cost_usd"] is None and listed[unpriced]["prompt_tokens"] == 900
-    ctx, pg, w = await open_page(browser, s.base)
-    try:
+    async with opened_page(browser, s.base) as pg:
         await pg.goto(s.base + "/#/requests?range=all")
         assert await cost_text(pg, failed) == "\u2013"
         assert await cost_text(pg, unpriced) == "unpriced"
@@ -1043,17 +1043,13 @@ async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(
         cost = pg.locator("#drawer dt", has_text="Cost").first.locator("xpath=following-sibling::dd[1]")
         await playwright_api.expect(cost).to_have_text("\u2013", timeout=WAIT)
         assert await pg.locator("#drawer .badge.unpriced").count() == 0
-        w.check()
-    finally:
-        await ctx.close()
 
 
 async def test_a_200_that_went_wrong_shows_a_badge(
     crafted: tuple[Srv, dict[str, LogRecord]], browser: Any
 ) -> None:
     s, recs = crafted
-    ctx, pg, w = await open_page(browser, s.base)
-    try:
+    async with opened_page(browser, s.base) as pg:
         await pg.goto(s.base + "/#/requests?range=all")
         stored = await s.get("/api/v1/requests/" + recs["stream_error"].id)
         assert stored["outcome"] == "upstream_error" and stored["cost_usd"] is None  # partial counts
@@ -1072,9 +1068,6 @@ async def test_a_200_that_went_wrong_shows_a_badge(
         await playwright_api.expect(pg.locator("#drawer .dhead .badge.err")).to_have_text(
             "error", timeout=WAIT
         )
-        w.check()
-    finally:
-        await ctx.close()
 
 
 async def test_a_custom_range_charts_its_buckets_and_no_more(srv: Srv, page: tuple[Any, Watch]) -> None:
@@ -1219,8 +1212,7 @@ async def test_wide_tables_scroll_in_their_box_and_the_nav_fits_a_phone(
 ) -> None:
     s, recs = crafted
     long_user = recs["long_user"]
-    ctx, pg, w = await open_page(browser, s.base)
-    try:
+    async with opened_page(browser, s.base) as pg:
         await pg.set_viewport_size({"width": 1280, "height": 900})
         await pg.goto(s.base + "/#/requests?range=all&cols=feature,env")
         row = pg.locator(f'#requests-table tr[data-id="{long_user.id}"]')
@@ -1246,9 +1238,6 @@ async def test_wide_tables_scroll_in_their_box_and_the_nav_fits_a_phone(
         await pg.screenshot(path="/tmp/dash-shots/requests-390.png")
         await pg.click("#nav a[data-view=pipeline]")
         await pg.wait_for_selector("#partitions, main p.muted", timeout=WAIT)
-        w.check()
-    finally:
-        await ctx.close()
 
 
 # A point's topmost element is in the selector's element: nothing covers it.
@@ -1265,10 +1254,9 @@ async def test_the_drawer_is_readable_and_closable_at_every_width(srv: Srv, brow
     800 px): the drawer's title and close button are not under the header, nothing of it is off
     screen, and it is wide enough to read (up to 800 px it covers the page)."""
     items = (await srv.get("/api/v1/requests?limit=5"))["items"]
-    ctx, pg, w = await open_page(browser, srv.base)
-    try:
+    async with opened_page(browser, srv.base) as pg:
         # A key in the tab shows "signed in" and Sign out (a single-tenant server ignores it).
-        await ctx.add_init_script("sessionStorage.setItem('llmtap-key', 'llmtap_any')")
+        await pg.context.add_init_script("sessionStorage.setItem('llmtap-key', 'llmtap_any')")
         for width in (390, 640, 720, 800, 1280):
             await pg.set_viewport_size({"width": width, "height": 800})
             await pg.goto(f"{srv.base}/#/requests/{items[1]['id']}?range=all")
@@ -1292,9 +1280,6 @@ async def test_the_drawer_is_readable_and_closable_at_every_width(srv: Srv, brow
             await pg.click("#drawer .close")
             await playwright_api.expect(pg.locator("#drawer")).to_be_hidden()
             assert await pg.evaluate(UNCOVERED, f'#requests-table tr[data-id="{items[1]["id"]}"] td')
-        w.check()
-    finally:
-        await ctx.close()
 
 
 async def test_a_new_page_opens_at_its_top_and_back_returns_where_it_was(
@@ -1503,8 +1488,7 @@ async def test_gemini_conversations_render_in_the_drawer_and_the_session(
     wire: tuple[Srv, dict[str, LogRecord]], browser: Any
 ) -> None:
     s, recs = wire
-    ctx, pg, w = await open_page(browser, s.base)
-    try:
+    async with opened_page(browser, s.base) as pg:
         for name in ("gemini", "gemini_stream", "gemini_array"):
             row = await s.get("/api/v1/requests/" + recs[name].id)
             req, resp = row["request_body"], row["response_body"]
@@ -1544,9 +1528,6 @@ async def test_gemini_conversations_render_in_the_drawer_and_the_session(
         assert await li.locator(".msg .role").all_text_contents() == ["tool", "model"]
         assert "raw bodies" not in (await pg.locator(".timeline").text_content() or "")
         await shot(pg, "session-gemini")
-        w.check()
-    finally:
-        await ctx.close()
 
 
 async def test_the_drawer_opens_on_its_key_facts_and_long_messages_fold(
@@ -1556,8 +1537,7 @@ async def test_the_drawer_opens_on_its_key_facts_and_long_messages_fold(
     row = await s.get("/api/v1/requests/" + recs["long"].id)
     long_text = row["request_body"]["messages"][1]["content"][0]["text"]
     assert len(long_text) >= 80_000
-    ctx, pg, w = await open_page(browser, s.base)
-    try:
+    async with opened_page(browser, s.base) as pg:
         await pg.goto(f"{s.base}/#/requests/{row['id']}?range=all")
         facts = pg.locator("#drawer #summary")
         await facts.wait_for(timeout=WAIT)
@@ -1603,17 +1583,13 @@ async def test_the_drawer_opens_on_its_key_facts_and_long_messages_fold(
         await pg.wait_for_function("() => location.hash.includes('user_id=wire-user')", timeout=WAIT)
         mine = await s.get("/api/v1/requests?limit=50&user_id=wire-user")
         await wait_rows(pg, [r["id"] for r in mine["items"]])
-        w.check()
-    finally:
-        await ctx.close()
 
 
 async def test_embeddings_show_their_inputs_and_how_many_vectors(
     wire: tuple[Srv, dict[str, LogRecord]], browser: Any
 ) -> None:
     s, recs = wire
-    ctx, pg, w = await open_page(browser, s.base)
-    try:
+    async with opened_page(browser, s.base) as pg:
         for name in ("embeddings", "gemini_embed"):
             row = await s.get("/api/v1/requests/" + recs[name].id)
             if name == "embeddings":
@@ -1646,9 +1622,6 @@ async def test_embeddings_show_their_inputs_and_how_many_vectors(
             "2 vectors of 1,536 dimensions", timeout=WAIT
         )
         assert await li.locator(".msg.role-input").count() == 2
-        w.check()
-    finally:
-        await ctx.close()
 
 
 async def test_long_tool_calls_and_results_fold_like_long_messages(
@@ -1658,8 +1631,7 @@ async def test_long_tool_calls_and_results_fold_like_long_messages(
     functionCall and functionResponse: a long one shows its first lines and "show all", whole
     as text; a short one stays as it is."""
     s, recs = wire
-    ctx, pg, w = await open_page(browser, s.base)
-    try:
+    async with opened_page(browser, s.base) as pg:
         for name in ("tools_openai", "tools_anthropic", "tools_gemini"):
             await pg.goto(f"{s.base}/#/requests/{recs[name].id}?range=all")
             tools = pg.locator("#drawer .conversation .tool")
@@ -1686,9 +1658,6 @@ async def test_long_tool_calls_and_results_fold_like_long_messages(
                 await playwright_api.expect(block.locator("pre.collapsed")).to_have_count(1)
             await pg.eval_on_selector("#drawer .conversation", "c => c.scrollIntoView()")
             await shot(pg, f"drawer-{name}")
-        w.check()
-    finally:
-        await ctx.close()
 
 
 LUMINANCE = """sel => {
@@ -1705,8 +1674,7 @@ LUMINANCE = """sel => {
 async def test_dark_mode_follows_the_system(wire: tuple[Srv, dict[str, LogRecord]], browser: Any) -> None:
     s, recs = wire
     for scheme in ("dark", "light"):
-        ctx, pg, w = await open_page(browser, s.base, color_scheme=scheme)
-        try:
+        async with opened_page(browser, s.base, color_scheme=scheme) as pg:
             await pg.goto(f"{s.base}/#/requests/{recs['gemini'].id}?range=all")
             await pg.wait_for_selector("#drawer .conversation .msg.role-assistant", timeout=WAIT)
             for sel in ("body", "#drawer", "#requests-table th", "#drawer .msg.role-user", "#filters input"):
@@ -1720,6 +1688,3 @@ async def test_dark_mode_follows_the_system(wire: tuple[Srv, dict[str, LogRecord
                 await pg.goto(s.base + "/#/overview?range=24h")
                 await pg.wait_for_selector(".chart canvas", timeout=WAIT)
                 await shot(pg, "dark-overview")
-            w.check()
-        finally:
-            await ctx.close()
