@@ -195,6 +195,32 @@ async def test_rebalance_drops_only_unacked_in_flight_deliveries(
     assert (await a.status()).lag == 0
 
 
+async def test_status_from_another_process_names_each_partitions_consumer(
+    spec: QueueSpec, queues: list[KafkaQueue]
+) -> None:
+    """`llmtap status` runs in a process of its own: the owners come from the group coordinator."""
+    a = await open_(spec, queues, "consumer")
+    b = await open_(spec, queues, "consumer")
+    inspector = await open_(spec, queues, "inspect")
+    expected: dict[int, str] = {}
+
+    async def shared() -> None:
+        stop = time.monotonic() + 60
+        while time.monotonic() < stop:
+            await asyncio.gather(a.consume(10, 0.2), b.consume(10, 0.2))  # keep both in the group
+            if a.owned_partitions() and b.owned_partitions():
+                expected.clear()
+                expected.update(dict.fromkeys(a.owned_partitions(), a.client_id))
+                expected.update(dict.fromkeys(b.owned_partitions(), b.client_id))
+                seen = {p.partition: p.owner for p in (await inspector.status()).partitions}
+                if seen == expected:
+                    return
+        raise AssertionError(f"status never named both consumers: {expected}")
+
+    await shared()
+    assert sorted(expected) == list(range(6)) and set(expected.values()) == {a.client_id, b.client_id}
+
+
 async def test_dead_letter_replay_is_remembered_across_instances(
     spec: QueueSpec, queues: list[KafkaQueue]
 ) -> None:

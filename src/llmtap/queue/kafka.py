@@ -49,6 +49,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.codec import has_lz4, has_zstd
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
@@ -767,12 +768,40 @@ class KafkaQueue(Queue):
             end = await meta.end_offsets(tps)
             committed = await self._admin.list_consumer_group_offsets(self.group, partitions=tps)
             watermark, replayed, _, dlq_end = await self._replay_state()
+            owners = await self._group_owners()
         except (KafkaError, OSError, TimeoutError) as e:
             raise self._unavailable(e) from None
         out = QueueStatus(backend="kafka", dead_letters=max(0, dlq_end - watermark - len(replayed)))
         for tp in tps:
             c = committed.get(tp)
             start = c.offset if c is not None and c.offset >= 0 else begin[tp]
-            owner = self.client_id if tp.partition in self._assigned else None
+            owner = owners.get(tp.partition)
+            if owner is None and tp.partition in self._assigned:
+                owner = self.client_id
             out.partitions.append(PartitionStatus(tp.partition, max(0, end[tp] - start), owner))
         return out
+
+    async def _group_owners(self) -> dict[int, str]:
+        """partition → the client id of the group member the broker assigned it to.
+
+        The group coordinator knows every worker's assignment; `llmtap status` runs in a process
+        of its own, so its own assignment (none) says nothing about who consumes.
+        """
+        assert self._admin is not None
+        try:
+            described = await asyncio.wait_for(
+                self._admin.describe_consumer_groups([self.group]), self.op_timeout
+            )
+        except KafkaError:
+            return {}  # e.g. the group was never created: nobody owns anything
+        owners: dict[int, str] = {}
+        for response in described:
+            for group in response.groups:
+                for member in group[5]:
+                    client_id, assignment = member[-4], member[-1]  # v4 adds a field after the id
+                    if not assignment:
+                        continue  # joined, not yet assigned (a rebalance in progress)
+                    for topic, partitions in ConsumerProtocolMemberAssignment.decode(assignment).assignment:
+                        if topic == self.topic:
+                            owners.update(dict.fromkeys(partitions, client_id))
+        return owners
