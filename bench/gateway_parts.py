@@ -100,7 +100,7 @@ def stage_server(stage: str, port: int, upstream: str, data_dir: str) -> None:
 
         proxy.local = {"/healthz": healthz}
         await proxy.start()
-        runner = web.ServerRunner(make_server(proxy))
+        runner = web.ServerRunner(make_server(proxy, s.header_timeout))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
         _freeze_startup_objects()  # as the gateway service does once it is ready

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
         " (a hung broker must not keep records in memory only); 0: never",
     )
     shutdown_timeout: float = Field(30.0, gt=0, description="seconds to drain on SIGTERM")
+    header_timeout: float = Field(
+        60.0, gt=0, description="seconds a client has to send a request's headers (slow-client guard)"
+    )
     ingest_url: str | None = Field(
         None, description="fallback: the llmtap server's base URL; default http://HOST:SERVER_PORT"
     )

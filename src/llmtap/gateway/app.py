@@ -32,6 +32,7 @@ from llmtap.gateway.proxy import HEADER_LIMITS, Proxy
 from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.gateway.sinks import IngestSink, SpoolReplayer, SpoolSink
 from llmtap.gateway.spool import DiskSpool, spool_dir
+from llmtap.headertimeout import GuardedServer
 from llmtap.queue.base import Queue, open_queue
 from llmtap.redact import redact_url
 from llmtap.runtime import OnBackends, SharedBackends, cancel
@@ -53,7 +54,7 @@ log = logging.getLogger("llmtap.gateway")
 _RECONNECT_MAX = 5.0  # seconds between attempts to reach a queue that was down at start
 
 
-def make_server(proxy: Proxy) -> web.Server:
+def make_server(proxy: Proxy, header_timeout: float) -> web.Server:
     """aiohttp's low-level server around `proxy.handle` (must be called in a running loop).
 
     `handler_cancellation=True`: when a client disconnects, its handler is cancelled right
@@ -72,8 +73,9 @@ def make_server(proxy: Proxy) -> web.Server:
             message, payload, protocol, writer, task, loop, client_max_size=CLIENT_MAX_SIZE
         )
 
-    return web.Server(
+    return GuardedServer(
         proxy.handle,
+        header_timeout=header_timeout,
         request_factory=request_factory,
         handler_cancellation=True,
         **_HANDLER_KWARGS,
@@ -218,7 +220,8 @@ class GatewayService(OnBackends):
             elif self.replayer is not None:
                 self.replayer.start()  # also brings back what was spooled before a restart
             await self.proxy.start()
-            runner = web.ServerRunner(make_server(self.proxy), shutdown_timeout=s.shutdown_timeout)
+            server = make_server(self.proxy, s.header_timeout)
+            runner = web.ServerRunner(server, shutdown_timeout=s.shutdown_timeout)
             await runner.setup()
             # Closes the listener, then waits (up to shutdown_timeout) for in-flight requests.
             stack.push_async_callback(runner.cleanup)

@@ -23,6 +23,7 @@ from llmtap.bodies.base import BodyStore
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.handlers.chain import Chain
+from llmtap.headertimeout import app_runner
 from llmtap.retention import RetentionTask
 from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
 from llmtap.server import alerts_api, api, dashboard, openapi, security, webhooks_api
@@ -209,8 +210,12 @@ class ServerService(OnBackends):
             # The batch in hand is finished, or left in the ingest queue for the next start.
             stack.push_async_callback(self._stop_ingest)
             app = build_app(self.settings, self.store, self.bodies, self.chain, self.ingest)
-            runner = web.AppRunner(
-                app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.shutdown_timeout
+            runner = app_runner(
+                app,
+                self.settings.header_timeout,
+                access_log=None,
+                handle_signals=False,
+                shutdown_timeout=self.settings.shutdown_timeout,
             )
             await runner.setup()
             # Stops accepting, lets in-flight calls finish (ingest: an fsync).

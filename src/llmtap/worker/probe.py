@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from llmtap.headertimeout import app_runner
+
 if TYPE_CHECKING:
     from llmtap.config import Settings
     from llmtap.worker.worker import WorkerService
@@ -33,7 +35,7 @@ class WorkerProbe:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = app_runner(app, self.settings.header_timeout, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.worker_port, reuse_address=True)
         await site.start()

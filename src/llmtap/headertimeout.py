@@ -1,0 +1,99 @@
+"""A deadline for a request's headers: the slow-client guard (nginx's `client_header_timeout`).
+
+aiohttp closes a connection idle *between* requests after its keep-alive timeout (an hour), but
+a client that sends a request's headers a few bytes at a time holds its connection, and one of
+the process's file descriptors, for as long as it keeps sending: a few hundred such clients
+stop a gateway from accepting anyone else. Here a connection whose request line and headers
+are not all in `LLMTAP_HEADER_TIMEOUT` seconds after its first byte (or after it was opened) is
+closed. Request bodies and responses are not limited: an upload or a stream may take as long as
+it takes.
+
+Every HTTP port of llmtap's (the gateway, the server, a worker's probe port) is a
+`GuardedServer`: the gateway's directly, the others through `app_runner`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, timing each request's headers."""
+
+    __slots__ = ("_armed_count", "_header_timeout", "_header_timer")
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._armed_count = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()  # a connection that never sends a request is closed too
+
+    def data_received(self, data: bytes) -> None:
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:  # a request's headers are complete
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+        elif self._header_timer is None and not self._request_in_progress:
+            self._arm()  # the first bytes of the next request on a kept-alive connection
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._armed_count = self._request_count
+        self._header_timer = self._loop.call_later(self._header_timeout, self._expire)
+
+    def _expire(self) -> None:
+        self._header_timer = None
+        # Bytes that arrived while a request was being handled (a body the handler did not
+        # read, or a pipelined request) are not a slow client: aiohttp deals with those.
+        if self._request_count == self._armed_count and not self._request_in_progress:
+            self.force_close()
+
+
+class GuardedServer(web.Server):
+    """aiohttp's low-level server whose connections time their requests' headers."""
+
+    def __init__(self, handler: Any, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.header_timeout = header_timeout
+
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs)
+
+
+class _AppRunner(web.AppRunner):
+    """`web.AppRunner` whose server is a `GuardedServer`."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        return GuardedServer(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            header_timeout=self._header_timeout,
+            **made._kwargs,
+        )
+
+
+def app_runner(app: web.Application, header_timeout: float, **kwargs: Any) -> web.AppRunner:
+    """A runner for an `Application` (the server, a worker's probe) with the header deadline."""
+    return _AppRunner(app, header_timeout=header_timeout, **kwargs)

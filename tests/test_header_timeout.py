@@ -1,0 +1,211 @@
+"""Slow clients: `LLMTAP_HEADER_TIMEOUT` closes a connection whose request headers do not arrive.
+
+A client that sends its headers a few bytes at a time used to hold its connection (and a file
+descriptor) for as long as it kept sending, on the gateway and on the server. The real
+`llmtap up` with a 2 s deadline, raw sockets: the slow header senders are cut off, and nothing
+else is: a body sent slowly, a stream longer than the deadline, a kept-alive connection that
+is quiet between two requests.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from procs import Proc, fake_upstream, free_port, get_record, llmtap_env, start_llmtap, wait_http
+
+DEADLINE = 2.0
+CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+STREAM = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+
+
+@dataclass
+class Stack:
+    gw_port: int
+    api_port: int
+    proc: Proc
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("slow")
+    with fake_upstream(tmp) as fake:
+        gw_port, api_port = free_port(), free_port()
+        env = llmtap_env(
+            tmp / "data", gateway_port=gw_port, server_port=api_port, openai_base_url=fake, header_timeout=DEADLINE
+        )
+        proc = start_llmtap("up", env, tmp / "up.log")
+        try:
+            try:
+                wait_http(f"http://127.0.0.1:{gw_port}/healthz", 60)
+                wait_http(f"http://127.0.0.1:{api_port}/healthz", 60)
+            except AssertionError:
+                raise AssertionError(proc.output()) from None
+            yield Stack(gw_port, api_port, proc)
+        finally:
+            proc.stop()
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def _closed(s: socket.socket) -> bool:
+    """Whether the server closed the connection (EOF or a reset), without waiting."""
+    s.setblocking(False)
+    try:
+        return s.recv(65536) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+    finally:
+        s.setblocking(True)
+
+
+def _dribble_until_closed(port: int, first: bytes, limit: float = 90) -> tuple[float, int]:
+    """Send `first`, then one header byte every 0.2 s until the server closes the connection.
+
+    Returns the seconds it stayed open and the header bytes sent; fails if it never closes."""
+    s = _connect(port)
+    start = time.monotonic()
+    sent = 0
+    try:
+        s.sendall(first)
+        while time.monotonic() - start < limit:
+            if _closed(s):
+                return time.monotonic() - start, sent
+            try:
+                s.sendall(b"X-Slow: " if sent % 20 == 0 else b"a" if sent % 20 < 19 else b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - start, sent
+            sent += 1
+            time.sleep(0.2)
+    finally:
+        s.close()
+    raise AssertionError(f"a client sending its headers one byte at a time kept its connection {limit} s")
+
+
+def _read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length or chunked body."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed before the response headers: {buf!r}"
+        buf += chunk
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    if "content-length" in headers:
+        n = int(headers["content-length"])
+        while len(rest) < n:
+            chunk = s.recv(65536)
+            assert chunk, "connection closed mid-body"
+            rest += chunk
+        return status, headers, rest[:n]
+    body = b""
+    while True:  # chunked
+        while b"\r\n" not in rest:
+            rest += s.recv(65536)
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        while len(rest) < size + 2:
+            chunk = s.recv(65536)
+            assert chunk, "connection closed mid-chunk"
+            rest += chunk
+        body, rest = body + rest[:size], rest[size + 2 :]
+        if size == 0:
+            return status, headers, body
+
+
+def _post(target: bytes, body: bytes, extra: bytes = b"") -> tuple[bytes, bytes]:
+    head = (
+        b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer sk-test\r\n"
+        b"Content-Type: application/json\r\n" + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    return head, body
+
+
+@pytest.mark.parametrize("port_of", ["gateway", "server"])
+def test_a_client_that_sends_its_headers_a_byte_at_a_time_is_cut_off(stack: Stack, port_of: str) -> None:
+    port = stack.gw_port if port_of == "gateway" else stack.api_port
+    opened, sent = _dribble_until_closed(port, b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    # Closed by the deadline, not by a header-size limit (20 bytes a line, 5 lines a second).
+    assert opened >= DEADLINE - 0.5 and sent < 64 * 1024, (opened, sent)
+
+
+def test_a_connection_that_never_sends_a_byte_is_closed(stack: Stack) -> None:
+    s = _connect(stack.gw_port)
+    start = time.monotonic()
+    try:
+        s.settimeout(60)
+        assert s.recv(1) == b""  # EOF, not the 60 s socket timeout
+    finally:
+        s.close()
+    assert time.monotonic() - start >= DEADLINE - 0.5
+
+
+def test_a_slow_body_a_long_stream_and_a_quiet_kept_alive_connection_are_not_cut(stack: Stack) -> None:
+    s = _connect(stack.gw_port)
+    try:
+        # 1. Headers at once, the body over three deadlines.
+        head, body = _post(b"/openai/v1/chat/completions", CHAT, b"Llmtap-User-Id: slow-body\r\n")
+        s.sendall(head)
+        step = len(body) // 6 + 1
+        for i in range(0, len(body), step):
+            s.sendall(body[i : i + step])
+            time.sleep(DEADLINE / 2)
+        status, headers, answer = _read_response(s)
+        assert status == 200, answer
+        slow_body = headers["llmtap-request-id"]
+
+        # 2. Quiet for two deadlines between requests on the same connection.
+        time.sleep(DEADLINE * 2)
+        assert not _closed(s)
+
+        # 3. A stream that lasts longer than the deadline (10 chunks, 0.5 s apart).
+        head, body = _post(
+            b"/openai/v1/chat/completions", STREAM, b"x-fake-chunks: 10\r\nx-fake-chunk-delay-ms: 500\r\n"
+        )
+        s.sendall(head + body)
+        started = time.monotonic()
+        status, headers, answer = _read_response(s)
+        assert status == 200 and answer.rstrip().endswith(b"data: [DONE]"), answer[-200:]
+        assert time.monotonic() - started > DEADLINE
+        stream = headers["llmtap-request-id"]
+    finally:
+        s.close()
+    first = get_record(stack.api, slow_body, timeout=60)
+    assert first["user_id"] == "slow-body" and first["status"] == 200 and first["outcome"] == "completed"
+    second = get_record(stack.api, stream, timeout=60)
+    assert second["streamed"] and second["outcome"] == "completed"
+
+
+def test_the_gateway_serves_others_while_slow_clients_wait_to_be_cut_off(stack: Stack) -> None:
+    slow = [_connect(stack.gw_port) for _ in range(50)]
+    try:
+        for s in slow:
+            s.sendall(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half: ")
+        head, body = _post(b"/openai/v1/chat/completions", CHAT)
+        with _connect(stack.gw_port) as s:
+            s.sendall(head + body)
+            status, _, _ = _read_response(s)
+        assert status == 200
+        deadline = time.monotonic() + 60
+        while not all(_closed(s) for s in slow):
+            assert time.monotonic() < deadline, "slow clients still connected 60 s later"
+            time.sleep(0.2)
+    finally:
+        for s in slow:
+            s.close()
