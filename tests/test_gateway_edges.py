@@ -420,6 +420,172 @@ async def test_azure_is_asked_for_stream_usage_only_where_its_api_version_takes_
     assert (b'"usage"' in got) is not asked  # not asked: the upstream's chunk is the client's own
 
 
+def usage_stream(usage_null: bool = True) -> list[bytes]:
+    """OpenAI's stream events when `include_usage` was asked for (`usage_null`: as OpenAI sends
+    them, `"usage":null` on every content chunk), `[DONE]` last."""
+    null = b',"usage":null' if usage_null else b""
+    return [CONTENT[:-1] + null + b"}", CONTENT[:-1] + null + b"}", USAGE, b"[DONE]"]
+
+
+def held_stream_upstream(compress: str) -> tuple[Any, dict[str, Any]]:
+    """An upstream streaming `usage_stream()` events, gzipped when `compress` is "asked" and the
+    request allows gzip, or "always". After the first event it waits until the test says the
+    client got it (`seen["client_got_first"]`, up to 30 s), so a gateway that buffers the stream
+    shows as a client that got nothing until the end."""
+    seen: dict[str, Any] = {"client_got_first": asyncio.Event(), "waited_out": False}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen["accept_encoding"] = request.headers.get("Accept-Encoding")
+        seen["body"] = await request.read()
+        gz = compress == "always" or (compress == "asked" and "gzip" in (seen["accept_encoding"] or ""))
+        headers = {"Content-Type": "text/event-stream"}
+        if gz:
+            headers["Content-Encoding"] = "gzip"
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        z = zlib.compressobj(wbits=31) if gz else None
+        sent = b""
+        for i, event in enumerate(usage_stream()):
+            data = b"data: " + event + b"\n\n"
+            out = z.compress(data) + z.flush(zlib.Z_SYNC_FLUSH) if z is not None else data
+            sent += out
+            await resp.write(out)
+            if i == 0:
+                try:
+                    await asyncio.wait_for(seen["client_got_first"].wait(), 30)
+                except TimeoutError:
+                    seen["waited_out"] = True
+        if z is not None:
+            tail = z.flush()
+            sent += tail
+            await resp.write(tail)
+        seen["sent"] = sent
+        await resp.write_eof()
+        return resp
+
+    return handler, seen
+
+
+async def read_stream(resp: aiohttp.ClientResponse, seen: dict[str, Any]) -> bytes:
+    got = b""
+    async for chunk in resp.content.iter_any():
+        got += chunk
+        seen["client_got_first"].set()
+    return got
+
+
+async def test_a_stream_we_ask_usage_for_comes_uncompressed_and_event_by_event(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The usage filter reads the stream's bytes: compressed, it found no event ends, held the
+    whole stream to its end and let the added usage chunk through (an outside check, 2026-12-05:
+    the OpenAI SDK always sends `Accept-Encoding: gzip`)."""
+    handler, seen = held_stream_upstream("asked")
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            h = {**JSON_AUTH, "Accept-Encoding": "gzip, deflate, br"}
+            async with http.post(f"{gw}/openai/v1/chat/completions", data=STREAM, headers=h) as r:
+                assert r.status == 200 and "Content-Encoding" not in r.headers
+                got = await read_stream(r, seen)
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert seen["accept_encoding"] == "identity" and "stream_options" in json.loads(seen["body"])
+    assert not seen["waited_out"], "the client got nothing until the stream ended"
+    assert got == sse([*usage_stream(usage_null=False)[:2], b"[DONE]"], b"\n\n")  # as if never asked
+    assert rec.usage.source == "provider" and rec.usage.total_tokens == 12
+
+
+async def test_a_stream_compressed_anyway_is_relayed_as_sent_event_by_event(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """An upstream that compresses although asked not to: the filter cannot read the bytes, so
+    they pass as they came, never held back."""
+    handler, seen = held_stream_upstream("always")
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            async with http.post(f"{gw}/openai/v1/chat/completions", data=STREAM, headers=JSON_AUTH) as r:
+                assert r.status == 200 and r.headers["Content-Encoding"] == "gzip"
+                got = await read_stream(r, seen)
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert not seen["waited_out"], "the client got nothing until the stream ended"
+    assert got == seen["sent"]
+    assert rec.usage.source == "provider" and rec.usage.total_tokens == 12
+
+
+MISTRAL_422 = (
+    b'{"object":"error","message":{"detail":[{"type":"extra_forbidden","loc":["body","stream_options"],'
+    b'"msg":"Extra inputs are not permitted","input":{"include_usage":true}}]},'
+    b'"type":"invalid_request_message_error","param":null,"code":null}'
+)
+
+
+async def test_an_upstream_that_refuses_the_stream_options_we_add_gets_the_clients_request(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Mistral answers 422 to any field it does not know: every stream through a named route
+    failed because we asked for usage. Now the client's own request is sent instead, and this
+    upstream is not asked again."""
+    bodies: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        bodies.append(body)
+        if "stream_options" in json.loads(body):
+            return web.Response(status=422, body=MISTRAL_422, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse([CONTENT, USAGE, b"[DONE]"], b"\n\n"))  # Mistral sends usage unasked
+        await resp.write_eof()
+        return resp
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        settings = settings_for(port, tmp_path, upstreams=f"mistral=http://127.0.0.1:{port}")
+        async with running_gateway(settings, q) as (svc, gw):
+            got = []
+            for _ in range(2):
+                async with http.post(
+                    f"{gw}/mistral/v1/chat/completions", data=STREAM, headers=JSON_AUTH
+                ) as r:
+                    assert r.status == 200, await r.read()
+                    got.append(await r.read())
+            recs = await published(svc, q, 2)
+    finally:
+        await runner.cleanup()
+    assert [("stream_options" in json.loads(b)) for b in bodies] == [True, False, False]
+    assert bodies[1] == bodies[2] == STREAM
+    assert got[0] == got[1] == sse([CONTENT, USAGE, b"[DONE]"], b"\n\n")
+    for rec in recs:
+        assert rec.status == 200 and rec.outcome == "completed" and rec.usage.total_tokens == 12
+        assert rec.error is None
+
+
+async def test_another_refusal_of_a_stream_request_reaches_the_client_as_sent(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A 400 that is not about our field was read to find out: the client still gets it whole."""
+    refusal = b'{"error":{"message":"model not found","type":"invalid_request_error"}}'
+    bodies: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        bodies.append(await request.read())
+        return web.Response(status=400, body=refusal, content_type="application/json")
+
+    x = await exchange(handler, tmp_path, http, "/openai/v1/chat/completions", STREAM, JSON_AUTH)
+    assert x.status == 400 and x.body == refusal and int(x.headers["Content-Length"]) == len(refusal)
+    assert len(bodies) == 1 and "stream_options" in json.loads(bodies[0])  # sent once, not again
+    assert x.record.status == 400 and x.record.error == "model not found"
+    assert x.record.response_body is not None and body_bytes(x.record.response_body) == refusal
+
+
 async def test_a_request_cut_by_the_gateway_stopping_says_so(tmp_path: Path) -> None:
     """A stream still running when `shutdown_timeout` ran out was recorded as the client's
     doing ("client closed the connection"); it was llmtap's."""

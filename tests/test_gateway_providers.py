@@ -259,6 +259,29 @@ def test_stripper_restores_the_plain_stream_at_every_split() -> None:
     assert out == plain
 
 
+def _spaced(stream: bytes) -> bytes:
+    """The same events written by `json.dumps` with its default spacing (`"usage": null`)."""
+    out = []
+    for line in stream.split(b"\n"):
+        if line.startswith(b"data: {"):
+            line = b"data: " + json.dumps(json.loads(line[6:])).encode()
+        out.append(line)
+    return b"\n".join(out)
+
+
+def test_stripper_restores_a_stream_written_with_spaces() -> None:
+    """Some OpenAI-compatible servers write JSON with spaces: the usage chunk we asked for got
+    through to the client (a `choices: []` chunk its `chunk.choices[0]` loop failed on)."""
+    with_usage, plain = (
+        _spaced(openai_tool_stream(usage_null=True)),
+        _spaced(openai_tool_stream(usage_null=False)),
+    )
+    assert b'"usage": null' in with_usage and b'"choices": []' in with_usage
+    for cut in range(0, len(with_usage) + 1, 7):
+        s = openai.UsageChunkStripper()
+        assert s.feed(with_usage[:cut]) + s.feed(with_usage[cut:]) + s.flush() == plain, cut
+
+
 def test_stripper_keeps_usage_text_inside_content() -> None:
     # a model that *writes* the marker text: inside a JSON string the quotes are escaped
     tricky = sse(chunk({"content": 'say ,"usage":null and "choices":[] please'}, usage_null=True))

@@ -40,7 +40,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with fake_upstream(tmp) as fake:
         gw_port, api_port = free_port(), free_port()
         env = llmtap_env(
-            tmp / "data", gateway_port=gw_port, server_port=api_port, openai_base_url=fake, header_timeout=DEADLINE
+            tmp / "data",
+            gateway_port=gw_port,
+            server_port=api_port,
+            openai_base_url=fake,
+            header_timeout=DEADLINE,
         )
         proc = start_llmtap("up", env, tmp / "up.log")
         try:
@@ -132,7 +136,11 @@ def _read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
 def _post(target: bytes, body: bytes, extra: bytes = b"") -> tuple[bytes, bytes]:
     head = (
         b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer sk-test\r\n"
-        b"Content-Type: application/json\r\n" + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        b"Content-Type: application/json\r\n"
+        + extra
+        + b"Content-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
     )
     return head, body
 
@@ -140,7 +148,9 @@ def _post(target: bytes, body: bytes, extra: bytes = b"") -> tuple[bytes, bytes]
 @pytest.mark.parametrize("port_of", ["gateway", "server"])
 def test_a_client_that_sends_its_headers_a_byte_at_a_time_is_cut_off(stack: Stack, port_of: str) -> None:
     port = stack.gw_port if port_of == "gateway" else stack.api_port
-    opened, sent = _dribble_until_closed(port, b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    opened, sent = _dribble_until_closed(
+        port, b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    )
     # Closed by the deadline, not by a header-size limit (20 bytes a line, 5 lines a second).
     assert opened >= DEADLINE - 0.5 and sent < 64 * 1024, (opened, sent)
 

@@ -50,6 +50,32 @@ _URL_CACHE_MAX = 4096
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
+#: An upstream that refuses unknown request fields answers these, naming the field.
+_REFUSALS = frozenset({400, 422})
+_REFUSED_FIELD = b"stream_options"
+_SMALL_BODY = 65536
+
+
+def _identity(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers asking for an uncompressed answer."""
+    out = [(k, v) for k, v in headers if k.lower() != "accept-encoding"]
+    out.append(("Accept-Encoding", "identity"))
+    return out
+
+
+async def _small_body(upstream: aiohttp.ClientResponse) -> bytes | None:
+    """The whole body of an answer that says it is small; None (nothing read) otherwise."""
+    length = upstream.headers.get("Content-Length")
+    if length is None or not length.isdigit() or int(length) > _SMALL_BODY:
+        return None
+    try:
+        return await upstream.content.readexactly(int(length))
+    except asyncio.IncompleteReadError as e:  # the upstream broke mid-body: relay what came
+        return e.partial
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
+
+
 class CaptureSink(Protocol):
     def submit(self, capture: Capture) -> None: ...
 
@@ -112,6 +138,8 @@ class Proxy:
         self.routes: dict[str, Route] = routes(settings)
         self._max_body = settings.max_body_bytes
         self._urls: dict[str, URL] = {}
+        #: Upstreams (base URLs) that refused a request rewrite: sent the client's own since.
+        self.refuse_rewrite: set[str] = set()
         #: Set when the gateway stops: responses then say `Connection: close`, so clients and
         #: load balancers learn from the answer itself not to send more on that connection.
         self.draining = False
@@ -239,9 +267,13 @@ class Proxy:
 
         upstream_body = body
         stripper: StreamFilter | None = None
-        rewritten = provider.rewrite_request(method, path, body, "" if q < 0 else rest[q + 1 :])
-        if rewritten is not None:
-            upstream_body, stripper = rewritten
+        sent_headers = forward
+        if base not in self.refuse_rewrite:
+            rewritten = provider.rewrite_request(method, path, body, "" if q < 0 else rest[q + 1 :])
+            if rewritten is not None:
+                upstream_body, stripper = rewritten
+                # The filter reads the stream's bytes: they must come uncompressed.
+                sent_headers = _identity(forward)
 
         max_body = self._max_body
         cap = Capture(
@@ -268,36 +300,49 @@ class Proxy:
 
         session = self.session
         assert session is not None
-        try:
-            upstream = await session.request(
-                method,
-                self._url(target),
-                headers=forward,
-                data=upstream_body or None,
-                allow_redirects=False,
-            )
-        except asyncio.CancelledError:
-            self._finish(
-                cap, "client_disconnected", self._gone("before the upstream answered", cancelled=True)
-            )
-            raise
-        except TimeoutError as e:  # aiohttp's connect/read timeouts are TimeoutErrors too
-            s = self.settings
-            if isinstance(e, aiohttp.ConnectionTimeoutError):
-                why = f"could not connect to {redact_url(base)} within {s.upstream_connect_timeout:g} s"
-            else:
-                why = f"{redact_url(base)} sent no response within {s.upstream_read_timeout:g} s"
-            return self._gateway_error(cap, 504, "upstream_timeout", why)
-        except (aiohttp.ClientError, OSError, ValueError) as e:
-            return self._gateway_error(
-                cap,
-                502,
-                "upstream_unreachable",
-                f"could not reach {redact_url(base)}: {type(e).__name__}: {redact_text(str(e))}",
-            )
+        read_ahead: bytes | None = None  # an error body read to decide on a resend, relayed first
+        while True:
+            try:
+                upstream = await session.request(
+                    method,
+                    self._url(target),
+                    headers=sent_headers,
+                    data=upstream_body or None,
+                    allow_redirects=False,
+                )
+            except asyncio.CancelledError:
+                self._finish(
+                    cap, "client_disconnected", self._gone("before the upstream answered", cancelled=True)
+                )
+                raise
+            except TimeoutError as e:  # aiohttp's connect/read timeouts are TimeoutErrors too
+                s = self.settings
+                if isinstance(e, aiohttp.ConnectionTimeoutError):
+                    why = f"could not connect to {redact_url(base)} within {s.upstream_connect_timeout:g} s"
+                else:
+                    why = f"{redact_url(base)} sent no response within {s.upstream_read_timeout:g} s"
+                return self._gateway_error(cap, 504, "upstream_timeout", why)
+            except (aiohttp.ClientError, OSError, ValueError) as e:
+                return self._gateway_error(
+                    cap,
+                    502,
+                    "upstream_unreachable",
+                    f"could not reach {redact_url(base)}: {type(e).__name__}: {redact_text(str(e))}",
+                )
+            if stripper is None or upstream.status not in _REFUSALS:
+                break
+            read_ahead = await _small_body(upstream)
+            if read_ahead is None or _REFUSED_FIELD not in read_ahead:
+                break
+            # An upstream that refuses fields it does not know (Mistral: 422 extra_forbidden)
+            # refused the `stream_options` we added: send the client's own request instead,
+            # and never add it for this upstream again (one extra round trip per process).
+            upstream.release()
+            self.refuse_rewrite.add(base)
+            upstream_body, stripper, sent_headers, read_ahead = body, None, forward, None
 
         try:
-            return await self._relay(request, upstream, cap, stripper, request_id)
+            return await self._relay(request, upstream, cap, stripper, request_id, read_ahead)
         finally:
             upstream.release()
 
@@ -308,6 +353,7 @@ class Proxy:
         cap: Capture,
         stripper: StreamFilter | None,
         request_id: str,
+        read_ahead: bytes | None = None,
     ) -> web.StreamResponse:
         cap.t_headers = time.perf_counter()
         cap.status = upstream.status
@@ -315,7 +361,8 @@ class Proxy:
         cap.response_headers = up_headers.items()
         sse = up_headers.get("Content-Type", "").lower().startswith(_SSE)  # media types ignore case
         cap.streamed = sse
-        if not sse:
+        if not sse or up_headers.get("Content-Encoding", "identity").lower() != "identity":
+            # Compressed although asked not to: relayed as it is, the filter cannot read it.
             stripper = None
 
         headers: list[tuple[str, str]] = []
@@ -337,6 +384,10 @@ class Proxy:
         relayed = False  # every body byte was handed to the client's connection
         try:
             await resp.prepare(request)
+            if read_ahead:  # already read from the upstream: it comes first
+                cap.t_first = time.perf_counter()
+                cap.add(read_ahead)
+                await resp.write(read_ahead)
             while True:
                 try:
                     chunk = await content.readany()

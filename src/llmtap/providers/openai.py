@@ -13,6 +13,7 @@ OpenAI then puts on every other chunk. The client gets the bytes it would have g
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -485,6 +486,11 @@ def inject_stream_usage(body: bytes) -> bytes | None:
 _USAGE_NULL = b',"usage":null'
 _EMPTY_CHOICES = b'"choices":[]'
 _USAGE_OBJECT = b'"usage":{'
+# The same markers in JSON written with spaces (`json.dumps`' default: `"usage": null`), as
+# some OpenAI-compatible servers send it. Only looked for where the compact ones are not found.
+_SPACED_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
+_SPACED_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+_SPACED_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
 class UsageChunkStripper:
@@ -522,24 +528,44 @@ class UsageChunkStripper:
 
 def _clean(data: bytes) -> bytes:
     data = data.replace(_USAGE_NULL, b"")
-    pos = data.find(_EMPTY_CHOICES)
-    while pos >= 0:
-        start, end = event_bounds(data, pos)
-        if _is_usage_chunk(data[start:end]):
-            data = data[:start] + data[end:]
-            pos = data.find(_EMPTY_CHOICES, start)
-        else:
-            pos = data.find(_EMPTY_CHOICES, end)
+    if _EMPTY_CHOICES in data:
+        return _drop_usage_chunks(data)
+    if b'"usage"' in data:  # compact JSON has no `"usage"` left but in the usage chunk
+        return _drop_usage_chunks(_SPACED_USAGE_NULL.sub(b"", data), spaced=True)
     return data
 
 
-def _is_usage_chunk(event: bytes) -> bool:
+def _drop_usage_chunks(data: bytes, spaced: bool = False) -> bytes:
+    find = _spaced_find if spaced else _compact_find
+    pos = find(data, 0)
+    while pos >= 0:
+        start, end = event_bounds(data, pos)
+        if _is_usage_chunk(data[start:end], spaced):
+            data = data[:start] + data[end:]
+            pos = find(data, start)
+        else:
+            pos = find(data, end)
+    return data
+
+
+def _compact_find(data: bytes, start: int) -> int:
+    return data.find(_EMPTY_CHOICES, start)
+
+
+def _spaced_find(data: bytes, start: int) -> int:
+    m = _SPACED_EMPTY_CHOICES.search(data, start)
+    return -1 if m is None else m.start()
+
+
+def _is_usage_chunk(event: bytes, spaced: bool = False) -> bool:
     """The event holding `"choices":[]` is the usage chunk if it also holds a usage object.
 
     Byte tests suffice: outside strings (where quotes are escaped) these markers can only be
     the chunk's own top-level members, as an empty `choices` holds nothing that could nest them.
     """
-    return _USAGE_OBJECT in event and event.count(b"data:") == 1
+    if event.count(b"data:") != 1:
+        return False
+    return _USAGE_OBJECT in event or (spaced and _SPACED_USAGE_OBJECT.search(event) is not None)
 
 
 # -- the turn a request adds (search) -------------------------------------------------------------
