@@ -4,12 +4,15 @@ table form when the queue is unreachable."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from llmtap.config import load_settings
+from llmtap.errors import ConfigError
 from procs import free_port, llmtap_env
 
 
@@ -115,3 +118,23 @@ def test_config_is_taken_before_or_after_the_command_and_near_miss_variables_are
     assert warnings == [
         "llmtap: warning: LLMTAP_QUEU is not a setting (did you mean LLMTAP_QUEUE?); it is ignored"
     ]
+
+
+def test_a_flag_wins_over_the_environment_which_wins_over_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old `LLMTAP_DATA_DIR` in the shell beat `llmtap up --data-dir X` (an outside check):
+    the logs went where the user had not asked."""
+    config = tmp_path / "llmtap.toml"
+    config.write_text(f'gateway_port = 1001\nserver_port = 2001\ndata_dir = "{tmp_path / "file"}"\n')
+    for name in [k for k in os.environ if k.startswith("LLMTAP_") and not k.startswith("LLMTAP_TEST_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LLMTAP_GATEWAY_PORT", "1002")
+    monkeypatch.setenv("LLMTAP_DATA_DIR", str(tmp_path / "env"))
+    s = load_settings(config, gateway_port=1003, data_dir=str(tmp_path / "flag"), server_port=None)
+    assert (s.gateway_port, s.data_dir, s.server_port) == (1003, tmp_path / "flag", 2001)
+    s = load_settings(config)
+    assert (s.gateway_port, s.data_dir, s.server_port) == (1002, tmp_path / "env", 2001)
+    with pytest.raises(ConfigError, match="LLMTAP_GATEWAY_PORT"):
+        load_settings(config, gateway_port=-5)  # a bad flag is named like the setting
+    assert load_settings(config).gateway_port == 1002  # and leaves nothing behind

@@ -12,11 +12,13 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from llmtap.backends import FAMILIES
@@ -302,8 +304,23 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # init kwargs carry the TOML file's values; environment wins over them.
-        return (env_settings, init_settings)
+        # Command-line flags win over the environment, which wins over the TOML file's values
+        # (the init kwargs): a flag typed now must beat an old LLMTAP_DATA_DIR in the shell.
+        return (_FlagSource(settings_cls), env_settings, init_settings)
+
+
+#: The command-line flags of the `load_settings` call in progress.
+_FLAGS: ContextVar[Mapping[str, Any] | None] = ContextVar("llmtap_flags", default=None)
+
+
+class _FlagSource(PydanticBaseSettingsSource):
+    """The settings given as command-line flags, the first source asked."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return (_FLAGS.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FLAGS.get() or {})
 
 
 #: A host name (letters, digits, '-', '.', '_'), an IPv4 or a bare or bracketed IPv6 address.
@@ -411,7 +428,8 @@ def misspelled_variables(environ: Mapping[str, str]) -> list[str]:
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build settings from the TOML file, the environment and explicit overrides.
+    """Build settings from the TOML file, the environment and command-line flags (`overrides`),
+    each winning over the one before.
 
     Raises `ConfigError` with one sentence naming the first bad setting.
     """
@@ -433,7 +451,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
                 continue
             name = key.lower().removeprefix(ENV_PREFIX.lower())
             file_values[name] = value
-    file_values.update({k: v for k, v in overrides.items() if v is not None})
+    flags = _FLAGS.set({k: v for k, v in overrides.items() if v is not None})
     try:
         settings = Settings(**file_values)
     except ValidationError as e:
@@ -451,6 +469,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         if isinstance(value, str) and (value in msg or "got '" in msg):
             shown = ""  # the message names it (or the part of it at fault) already
         raise ConfigError(f"invalid setting {_env_name(field)}: {msg}{shown}") from None
+    finally:
+        _FLAGS.reset(flags)
     # A network backend whose extra is not installed: say which, before anything starts.
     for family in FAMILIES:
         url = getattr(settings, family.setting)
