@@ -30,8 +30,8 @@ def _llmtap(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedP
 @pytest.mark.parametrize(
     ("args", "code"),
     [
-        (["status"], 0),
-        (["status", "--json"], 0),
+        (["status"], 1),  # MISSING: no llmtap ran here (a mistyped data dir looked healthy)
+        (["status", "--json"], 1),
         (["dlq", "list"], 0),
         (["dlq", "replay", "--all"], 0),
         (["dlq", "replay", "1-0"], 1),  # an id that names no dead letter is not "done"
@@ -51,7 +51,37 @@ def test_read_only_commands_on_a_fresh_directory_create_nothing(
     assert list(work.iterdir()) == []  # no data dir, no queue file, no store file
     if args == ["status", "--json"]:
         info = json.loads(r.stdout)
-        assert info["reachable"] is True and info["lag"] == 0 and info["dead_letters"] == 0
+        assert info["reachable"] is False and info["missing"] is True
+        assert str(work / ".llmtap" / "queue.db") in info["error"] and "--data-dir" in info["error"]
+    elif args == ["status"]:
+        assert "MISSING: no queue file" in r.stdout, r.stdout
+
+
+def test_admin_commands_take_data_dir_after_their_name(tmp_path: Path) -> None:
+    """`llmtap status --data-dir X` looks where `llmtap up --data-dir X` ran (they had no such
+    flag: only LLMTAP_DATA_DIR, easy to forget in another shell)."""
+    ran = tmp_path / "ran-here"
+    env = llmtap_env(tmp_path / "elsewhere")
+    code = (
+        "import asyncio\n"
+        "from llmtap.config import Settings\n"
+        "from llmtap.queue.base import Message, open_queue\n"
+        "async def main():\n"
+        "    q = open_queue(Settings())\n"
+        "    await q.connect('producer')\n"
+        "    await q.publish([Message('k', b'one'), Message('k', b'two')])\n"
+        "    await q.close()\n"
+        "asyncio.run(main())\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], env={**env, "LLMTAP_DATA_DIR": str(ran)}, check=True, timeout=60
+    )
+    r = _llmtap(env, "status", "--json", "--data-dir", str(ran), cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["lag"] == 2, r.stderr
+    r = _llmtap(env, "dlq", "list", "--data-dir", str(ran), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert _llmtap(env, "status", cwd=tmp_path).returncode == 1  # LLMTAP_DATA_DIR: nothing there
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_read_only_commands_still_read_an_existing_queue(tmp_path: Path) -> None:

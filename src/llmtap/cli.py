@@ -52,8 +52,9 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     given = {k: v for k, v in overrides.items() if v is not None}
     if not given and "settings" in ctx.obj:
         return cast(Settings, ctx.obj["settings"])
+    flags = {"data_dir": ctx.obj.get("data_dir"), **given}  # `--data-dir` of an admin command
     try:
-        settings = load_settings(ctx.obj.get("config"), **overrides)
+        settings = load_settings(ctx.obj.get("config"), **flags)
     except LlmtapError as e:
         _fail(str(e))
     if "settings" not in ctx.obj:
@@ -276,6 +277,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         from llmtap.errors import BackendUnavailable, QueueMissing
         from llmtap.gateway.spool import spool_size
         from llmtap.queue import open_queue
+        from llmtap.queue.base import embedded_queue_path
 
         # Every key in every case, so scripts reading the JSON (and the table below) never miss one.
         info: dict[str, Any] = {
@@ -287,8 +289,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "notes": [],
         }
         info["spool_bytes"] = spool_size(settings)  # the spool matters most when the queue is down
-        if _queue_missing(settings):  # nothing published yet: report it, create nothing
-            info.update(lag=0, partitions=[], dead_letters=0)
+        if _queue_missing(settings):  # no llmtap ever ran on this data dir: create nothing
+            where = embedded_queue_path(settings)
+            info.update(reachable=False, missing=True, lag=None, partitions=[], dead_letters=None)
+            info["error"] = (
+                f"no queue file {where}: no llmtap ran with this data dir (set --data-dir or LLMTAP_DATA_DIR)"
+            )
             return info
         q = open_queue(settings)
         info["queue"] = q.description or settings.queue
@@ -795,12 +801,18 @@ def _config_here(ctx: click.Context, _param: click.Parameter, value: Path | None
         ctx.ensure_object(dict)["config"] = value
 
 
-def _accept_config_anywhere(group: click.Group) -> None:
+def _data_dir_here(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.ensure_object(dict)["data_dir"] = value
+
+
+def _accept_anywhere(group: click.Group) -> None:
     """`llmtap up --config x.toml` as well as `llmtap --config x.toml up`: every command that
-    reads settings takes the option after its name too (people type it there)."""
+    reads settings takes the option after its name too (people type it there); and every one
+    takes `--data-dir`, so `llmtap status --data-dir X` looks where `llmtap up --data-dir X` ran."""
     for cmd in group.commands.values():
         if isinstance(cmd, click.Group):
-            _accept_config_anywhere(cmd)
+            _accept_anywhere(cmd)
         elif cmd.name != "fake-upstream":
             cmd.params.append(
                 click.Option(
@@ -812,9 +824,20 @@ def _accept_config_anywhere(group: click.Group) -> None:
                     help="TOML file with settings (as `llmtap --config FILE ...`).",
                 )
             )
+            if not any(p.name == "data_dir" for p in cmd.params):
+                cmd.params.append(
+                    click.Option(
+                        ["--data-dir"],
+                        type=click.Path(file_okay=False, path_type=Path),
+                        expose_value=False,
+                        is_eager=True,
+                        callback=_data_dir_here,
+                        help="Embedded data (LLMTAP_DATA_DIR).",
+                    )
+                )
 
 
-_accept_config_anywhere(cli)
+_accept_anywhere(cli)
 
 
 def main() -> None:
