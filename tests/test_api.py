@@ -24,6 +24,7 @@ import msgspec
 import orjson
 import pytest
 
+from llmtap.bodies import offload
 from llmtap.config import Settings
 from llmtap.errors import ConfigError
 from llmtap.record import Body, LogRecord, Usage, compress, encode, encode_many
@@ -802,3 +803,31 @@ async def test_list_search_q(server: Server) -> None:
     assert [orjson.loads(line)["id"] for line in str(body).splitlines() if line.strip()] == ["a"]
     assert (await server.get("/api/v1/requests?q="))[0] == 400
     assert (await server.get("/api/v1/requests?q=" + "x" * 201))[0] == 400
+
+
+async def test_a_binary_body_comes_back_in_base64_and_a_lost_one_says_so(server: Server) -> None:
+    """An outside check: audio and uploaded files came back as text with U+FFFD in place of
+    every byte that is not UTF-8 (the bytes could not be had back), and a body logged but not in
+    this server's body store (another host's disk, retention) read as `null`: as if omitted."""
+    audio = bytes(range(256)) * 40  # no UTF-8 text
+    text = "héllo wörld " * 10
+    cut_text = (text + "ö").encode()[:-1]  # cut inside the last character
+    binary = rec(0, request_body=None, response_body=inline(audio, "audio/mpeg"))
+    cut = rec(1, request_body=Body(content_type="text/plain", size=500, truncated=True,
+                                   encoding="zstd", data=compress(cut_text)))  # fmt: skip
+    lost = rec(2, request_body=inline({"messages": []}), response_body=inline({"gone": True}))
+    await offload.to_store(server.svc.bodies, [lost], above=-1)  # both bodies by reference
+    for pack in {lost.request_body.ref, lost.response_body.ref}:  # type: ignore[union-attr]
+        await server.svc.bodies.delete_many([pack])  # type: ignore[list-item]
+    assert (await server.ingest(encode_many([binary, cut, lost])))[0] == 200
+
+    _, got = await server.get(f"/api/v1/requests/{binary.id}")
+    assert got["bodies"]["response_body"]["encoding"] == "base64"
+    assert base64.b64decode(got["response_body"]) == audio
+    _, got = await server.get(f"/api/v1/requests/{cut.id}")  # cut inside a character: still text
+    assert got["request_body"] == text and "encoding" not in got["bodies"]["request_body"]
+    _, got = await server.get(f"/api/v1/requests/{lost.id}")
+    assert got["request_body"] is None and got["bodies"]["request_body"]["missing"] is True
+    assert got["response_body"] is None and got["bodies"]["response_body"]["missing"] is True
+    _, got = await server.get(f"/api/v1/requests/{binary.id}")
+    assert got["request_body"] is None and got["bodies"]["request_body"] is None  # omitted: no mark

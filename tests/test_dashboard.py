@@ -29,7 +29,7 @@ import pytest_asyncio
 
 from llmtap import keys
 from llmtap.config import Settings
-from llmtap.record import LogRecord, Usage, encode_many
+from llmtap.record import Body, LogRecord, Usage, compress, encode_many
 from llmtap.server.app import ServerService
 from llmtap.testing import dashboard_data as dd
 
@@ -990,7 +990,11 @@ def crafted_records() -> dict[str, LogRecord]:
         ),
         "cut": rec(4, 0, streamed=True, outcome="upstream_cut"),
         "long_user": rec(5, 0, user_id="u" * 256, properties={"feature": "f" * 120, "env": "e" * 120}),
-    }
+        "binary": rec(6, 0, response_body=Body(content_type="audio/mpeg", size=1024, encoding="zstd",
+                                               data=compress(bytes(range(256)) * 4))),
+        "lost": rec(7, 0, request_body=Body(content_type="application/json", size=74, encoding="zstd",
+                                            ref="default/2026/12/05/lost.request.0123456789abcdef01234567.zst")),
+    }  # fmt: skip
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -1043,6 +1047,26 @@ async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(
         cost = pg.locator("#drawer dt", has_text="Cost").first.locator("xpath=following-sibling::dd[1]")
         await playwright_api.expect(cost).to_have_text("\u2013", timeout=WAIT)
         assert await pg.locator("#drawer .badge.unpriced").count() == 0
+
+
+async def test_a_binary_body_and_a_lost_one_say_what_they_are(
+    crafted: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    """Audio came back as text full of U+FFFD, and a body not in the body store (another host's
+    disk) as "(none)", like a body never logged."""
+    s, recs = crafted
+    async with opened_page(browser, s.base) as pg:
+        await pg.goto(f"{s.base}/#/requests/{recs['binary'].id}?range=all")
+        raw = pg.locator("#drawer section", has_text="Raw response body")
+        await playwright_api.expect(raw).to_contain_text(
+            "Binary body: 1,024 bytes of audio/mpeg, in base64", timeout=WAIT
+        )
+        await playwright_api.expect(raw.locator("pre")).to_contain_text("AAECAwQFBgc", timeout=WAIT)
+        await pg.goto(f"{s.base}/#/requests/{recs['lost'].id}?range=all")
+        raw = pg.locator("#drawer section", has_text="Raw request body")
+        await playwright_api.expect(raw).to_contain_text(
+            "Logged (74 bytes) but not found in the body store", timeout=WAIT
+        )
 
 
 async def test_a_200_that_went_wrong_shows_a_badge(

@@ -25,7 +25,7 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable
 from llmtap.queue.base import Message, open_queue
 from llmtap.record import encode, encode_many
-from llmtap.runtime import Service, SharedBackends, run_services
+from llmtap.runtime import Service, SharedBackends, banner, notes, run_services
 from llmtap.server.app import ServerService
 from llmtap.store.sqlite import SQLiteStore
 from llmtap.worker.worker import WorkerService
@@ -296,3 +296,16 @@ def test_a_wrong_setting_in_a_shared_backend_still_stops_up_with_one_sentence(tm
     assert r.stderr.strip().splitlines() == [
         "llmtap: LLMTAP_WEBHOOK_URL needs LLMTAP_WEBHOOK_SECRET (a whsec_... signing secret)"
     ], r.stderr
+
+
+def test_scaled_out_parts_with_file_bodies_are_told_to_share_the_directory(tmp_path: Path) -> None:
+    """An outside check ran gateway, worker and server with data dirs of their own and the
+    default file bodies: every body read `null` in the API, and nothing said why."""
+    scaled = Settings(data_dir=tmp_path, queue="redis://127.0.0.1:6379/0", store="postgresql://db/x")
+    for part in ("gateway", "worker", "server"):
+        (note,) = notes(scaled, part)
+        assert str(tmp_path / "bodies") in note and "LLMTAP_BODIES=s3://" in note
+        assert f"  note: {note}" in banner(scaled, part, [])
+    assert notes(scaled, "up") == []  # one process: it reads what it wrote
+    assert notes(Settings(data_dir=tmp_path), "worker") == []  # embedded queue: one host
+    assert notes(Settings(data_dir=tmp_path, queue="redis://h:1/0", bodies="s3://b/p"), "worker") == []

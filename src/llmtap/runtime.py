@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmtap import __version__
@@ -82,8 +83,25 @@ def banner(settings: Settings, title: str, lines: Sequence[str]) -> str:
     out += [f"  {line}" for line in lines]
     backends = settings.describe()
     out.append("  backends: " + ", ".join(f"{k}={v}" for k, v in backends.items()))
+    out += [f"  note: {n}" for n in notes(settings, title)]
     out.append("  press Ctrl-C to stop")
     return "\n".join(out)
+
+
+def notes(settings: Settings, title: str) -> list[str]:
+    """What a deployment's settings leave to the operator, said at start-up."""
+    from llmtap.backends import BODIES, QUEUES
+
+    out = []
+    files = BODIES.embedded_path(settings.bodies, settings.data_dir)
+    scaled_out = QUEUES.embedded_path(settings.queue, settings.data_dir) is None
+    if title != "up" and files is not None and scaled_out:
+        # Scaled out with bodies on local disk: a body written by one host is read by another.
+        out.append(
+            f"bodies are files under {Path(files).resolve()}: every gateway, worker and server must"
+            " share that directory (or set LLMTAP_BODIES=s3://...), else the API finds no body"
+        )
+    return out
 
 
 class SharedBackends:

@@ -9,6 +9,7 @@ cursor or time — each is a 400 naming the parameter, never a 500 and never sil
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 from datetime import UTC, datetime
@@ -127,36 +128,47 @@ async def get_request(request: web.Request) -> web.Response:
     bodies = request.app[BODIES]
     info: dict[str, Any] = {}
     parts = ("request_body", "response_body", "response_events")
-    resolved = await asyncio.gather(
-        *(_resolve(bodies, row[p], as_text=p == "response_events") for p in parts)
-    )
+    raws = await asyncio.gather(*(_read(bodies, row[p]) for p in parts))
     meta_of = {p: row[p] for p in parts}
-    for part, value in zip(parts, resolved, strict=True):
+    for part, raw in zip(parts, raws, strict=True):
         meta = row[part]
+        value, encoding = _decoded(raw, meta, as_text=part == "response_events")
         info[part] = (
             None
             if meta is None
             else {k: meta.get(k) for k in ("content_type", "size")}
             | {"truncated": bool(meta.get("truncated"))}
         )
+        if meta is not None and raw is None:
+            # Logged, but not in this server's body store: deleted by retention, damaged, or
+            # (`LLMTAP_BODIES=file` scaled out) written to another host's disk.
+            info[part]["missing"] = True
+        if encoding is not None:
+            info[part]["encoding"] = encoding
         row[part] = value
     row["bodies"] = info
     try:
         return json_response(row)
     except orjson.JSONEncodeError:
         # JSON nested deeper than orjson writes (254 levels; it reads 1024): the bodies as text.
-        texts = await asyncio.gather(*(_resolve(bodies, meta_of[p], as_text=True) for p in parts))
-        row.update(zip(parts, texts, strict=True))
+        for part, raw in zip(parts, raws, strict=True):
+            row[part] = _decoded(raw, meta_of[part], as_text=True)[0]
         return json_response(row)
 
 
-async def _resolve(bodies: BodyStore, meta: dict[str, Any] | None, *, as_text: bool) -> Any:
-    """A body reference → the body: parsed JSON if it is JSON, else text; None when absent."""
+async def _read(bodies: BodyStore, meta: dict[str, Any] | None) -> bytes | None:
+    """A body reference → its bytes; None when absent or not found."""
     if meta is None:
         return None
-    raw = await offload.read(bodies, msgspec.convert(meta, Body))
-    if raw is None:
-        return None
+    return await offload.read(bodies, msgspec.convert(meta, Body))
+
+
+def _decoded(raw: bytes | None, meta: dict[str, Any] | None, *, as_text: bool) -> tuple[Any, str | None]:
+    """A body's bytes as the API shows them: parsed JSON if it is JSON, else text; bytes of no
+    text type that are not UTF-8 (audio, an uploaded file) in base64, so they can be had back
+    exactly. The second value is "base64" then."""
+    if raw is None or meta is None:
+        return None, None
     ctype = (meta.get("content_type") or "").split(";", 1)[0].strip().lower()
     if not as_text and not ctype.startswith("text/"):
         try:
@@ -167,8 +179,16 @@ async def _resolve(bodies: BodyStore, meta: dict[str, Any] | None, *, as_text: b
             # Said to be JSON, or an object or array sent without saying (`curl -d`): JSON.
             # A bare `null` or `123` of no JSON type is text, never the null of an omitted body.
             if ctype == "application/json" or ctype.endswith("+json") or isinstance(value, dict | list):
-                return value
-    return raw.decode("utf-8", "replace")
+                return value, None
+    # A body cut at the size limit may end inside a character: still text.
+    for cut in range(4 if meta.get("truncated") else 1):
+        try:
+            return raw[: len(raw) - cut].decode("utf-8"), None
+        except UnicodeDecodeError:
+            continue
+    if as_text or ctype.startswith("text/"):  # said to be text: read as text
+        return raw.decode("utf-8", "replace"), None
+    return base64.b64encode(raw).decode("ascii"), "base64"
 
 
 async def stats(request: web.Request) -> web.Response:

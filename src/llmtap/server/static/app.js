@@ -618,10 +618,26 @@ function detailView(row, params, view) {
     section("Properties", Object.keys(row.properties || {}).length ? kv(Object.entries(row.properties)) : h("p", { class: "muted" }, "none")),
     section("Headers", h("h4", {}, "Request"), kv(Object.entries(row.request_headers || {})), h("h4", {}, "Response"), kv(Object.entries(row.response_headers || {}))),
   ];
-  if (row.response_events) out.push(section("Stream events", h("pre", { class: "raw" }, pretty(row.response_events))));
-  out.push(section("Raw request body", h("pre", { class: "raw" }, pretty(row.request_body))));
-  out.push(section("Raw response body", h("pre", { class: "raw" }, pretty(row.response_body))));
+  if (row.response_events) out.push(section("Stream events", rawBody(row, "response_events")));
+  out.push(section("Raw request body", rawBody(row, "request_body")));
+  out.push(section("Raw response body", rawBody(row, "response_body")));
   return out;
+}
+
+/** A body as the API gave it, saying why there is none, or that it is binary (in base64). */
+function rawBody(row, part) {
+  const meta = (row.bodies || {})[part];
+  const value = row[part];
+  if (meta && meta.missing) {
+    return h("p", { class: "muted" }, `Logged (${fmtInt(meta.size)} bytes) but not found in the body store: deleted by retention, damaged, or written to another host's disk (LLMTAP_BODIES=file on separate hosts).`);
+  }
+  if (meta && meta.encoding === "base64" && typeof value === "string") {
+    const shown = value.length > 4096 ? value.slice(0, 4096) + "…" : value;
+    return h("div", {},
+      h("p", { class: "muted" }, `Binary body: ${fmtInt(meta.size)} bytes of ${meta.content_type || "unknown type"}, in base64 (the API's ${part} holds all of it).`),
+      h("pre", { class: "raw" }, shown));
+  }
+  return h("pre", { class: "raw" }, pretty(value));
 }
 
 // -- conversations: OpenAI chat, OpenAI Responses, Anthropic messages, Gemini ---------------------
