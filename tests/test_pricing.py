@@ -261,6 +261,16 @@ def test_what_a_request_without_final_usage_costs(
         ("openai", "POST", "/v1/moderations", 0),
         ("anthropic", "POST", "/v1/messages/count_tokens", 0),
         ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:countTokens", 0),
+        # Uploads and batches or jobs created generate nothing yet (an outside check, 2026-12-05)
+        ("openai", "POST", "/v1/files", 0),
+        ("openai", "POST", "/v1/batches", 0),
+        ("openai", "POST", "/v1/uploads", 0),
+        ("anthropic", "POST", "/v1/complete", None),  # legacy text completions: billed
+        ("openai", "POST", "/v1/fine_tuning/jobs", 0),
+        ("anthropic", "POST", "/v1/messages/batches", 0),
+        ("gemini", "POST", "/upload/v1beta/files", 0),
+        ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", 0),
+        ("gemini", "POST", "/v1beta/models/gemini-embedding-001:batchEmbedContents", None),  # billed now
         ("openai", "POST", "/v1/chat/completions", None),  # generated, but no usage came: unknown
         ("gemini", "POST", "/v1beta/models/gemini-embedding-001:embedContent", None),
     ],

@@ -32,7 +32,13 @@ _DECODER = json.JSONDecoder()
 
 
 #: Path ends of POST calls that are never billed (cancelling, counting tokens, moderations).
-_FREE = ("/cancel", "/count_tokens", ":countTokens", "/moderations")
+_FREE = (
+    "/cancel", "/count_tokens", ":countTokens", "/moderations",
+    # Uploads, and batches or fine-tuning jobs created (billed when they run, where llmtap
+    # never sees it): OpenAI, Anthropic (`/v1/messages/batches`) and Gemini.
+    # (Not "/complete": Anthropic's legacy text completions are `POST /v1/complete`.)
+    "/files", "/uploads", "/batches", "/jobs", ":batchGenerateContent",
+)  # fmt: skip
 
 
 class Provider(ABC):
@@ -65,7 +71,8 @@ class Provider(ABC):
         answer (`GET /v1/responses/{id}`, a stored chat completion) or cancelling one echoes
         the usage it was billed for once already; counted again, a client polling a
         background response would pay once per poll. Token counting (`count_tokens`,
-        `:countTokens`) and OpenAI's moderations are free: their records cost $0."""
+        `:countTokens`) and OpenAI's moderations are free, and an upload or a batch created
+        generates nothing yet: their records cost $0."""
         return method == "POST" and not path.endswith(_FREE)
 
     @abstractmethod
