@@ -91,7 +91,8 @@ def guard(settings: Settings) -> Callable[..., Awaitable[web.StreamResponse]]:
         if request.method in _BODY_METHODS and request.content_type != "application/json":
             return _error(
                 415,
-                f"{request.method} needs 'Content-Type: application/json', got {request.content_type!r}",
+                f"{request.method} needs 'Content-Type: application/json' (a body or not: a guard"
+                f" against cross-site requests), got {request.content_type!r}",
             )
         return await handler(request)
 
