@@ -218,3 +218,20 @@ def test_a_malformed_request_log_line_never_quotes_the_clients_bytes() -> None:
         lg.removeHandler(handler)
     out = stream.getvalue()
     assert "SECRET" not in out and "rejected a malformed request" in out, out
+
+
+def test_a_webhook_urls_token_path_is_masked_and_its_names_kept() -> None:
+    from llmtap.redact import redact_webhook_url as shown
+
+    assert shown("https://hooks.slack.com/services/T0123ABCD/B0456EFGH/abcdefghijklmnopqrstuvwx") == (
+        "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/***"
+    )
+    assert shown("https://webhook.site/0e5b1c3a-8d2f-4c1e-9a7b-2f3e4d5c6b7a") == "https://webhook.site/***"
+    assert shown("https://ops.example.com/hooks/llmtap-alerts?token=t0k") == (
+        "https://ops.example.com/hooks/llmtap-alerts?token=***"
+    )
+    assert (
+        shown("https://u:pw@ops.example.com/a/123456789012345678")
+        == "https://u:***@ops.example.com/a/123456789012345678"
+    )
+    assert shown("not a url") == "not a url" and shown("https://h") == "https://h"

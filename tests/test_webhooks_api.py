@@ -94,6 +94,17 @@ async def test_webhooks_api_is_authenticated_and_tenant_scoped(mt: Server) -> No
     assert status == 201 and made["url"] == "http://hook:***@x.example/hook?token=***&v=1"
     status, listed = await call(mt, "GET", "/api/v1/webhooks", key_a)
     assert "PASSWORD" not in str(listed) and made["id"] in {e["id"] for e in listed["items"]}
+    # Slack's and Discord's incoming webhooks: the path is the credential (an outside check).
+    for url, shown in (
+        ("https://hooks.slack.com/services/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",
+         "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/***"),
+        ("https://discord.com/api/webhooks/123456789012345678/Ab-Cd_3fGh" + "x1" * 29,
+         "https://discord.com/api/webhooks/123456789012345678/***"),
+    ):  # fmt: skip
+        status, made = await call(mt, "POST", "/api/v1/webhooks", key_a, {"url": url})
+        assert status == 201 and made["url"] == shown
+    status, listed = await call(mt, "GET", "/api/v1/webhooks", key_a)
+    assert "S3cr3t" not in str(listed) and "x1x1" not in str(listed)
 
     u = "http://x.example/"
     for bad in ({"url": "ftp://x.example/"}, {"url": u, "events": ["nope"]},

@@ -495,7 +495,7 @@ def webhooks_add(
 @click.pass_context
 def webhooks_list(ctx: click.Context, tenant: str | None) -> None:
     """List endpoints (never their secrets)."""
-    from llmtap.redact import redact_url
+    from llmtap.redact import redact_webhook_url
 
     rows = _with_hooks(ctx, lambda db, _s: db.list_endpoints(tenant))
 
@@ -507,7 +507,7 @@ def webhooks_list(ctx: click.Context, tenant: str | None) -> None:
         extra += "  rotating (signs with two secrets)" if ep.previous_secret else ""
         extra += f"  format={ep.format}" if ep.format != "standard" else ""
         events = ",".join(ep.events)
-        return f"{ep.id}  tenant={ep.tenant}  {redact_url(ep.url)}  events={events}  {state}{extra}"
+        return f"{ep.id}  tenant={ep.tenant}  {redact_webhook_url(ep.url)}  events={events}  {state}{extra}"
 
     _listing(rows, line, "no webhook endpoints")
 

@@ -199,6 +199,26 @@ def redact_url(url: str) -> str:
     return "".join(red)
 
 
+#: A URL path segment that is a secret, not a name: 16 or more letters, digits, `-` or `_`
+#: with letters and digits both, or any 24 or more (Slack's `/services/T…/B…/<24 characters>`,
+#: Discord's `/api/webhooks/<id>/<68 characters>`, a UUID); `hooks`, an all-digit id are kept.
+_TOKEN_SEGMENT = re.compile(r"(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{16,}|[\w-]{24,}", re.ASCII)
+
+
+def redact_webhook_url(url: str) -> str:
+    """A webhook endpoint's URL as listed and logged: `redact_url`, and path segments that look
+    like tokens shown as `***` (for Slack or Discord incoming webhooks the path is the
+    credential). Never raises."""
+    red = redact_url(url)
+    scheme, sep, rest = red.partition("://")
+    host, slash, tail = rest.partition("/")
+    if not sep or not slash:
+        return red
+    path, qsep, query = tail.partition("?")
+    masked = "/".join("***" if _TOKEN_SEGMENT.fullmatch(seg) else seg for seg in path.split("/"))
+    return f"{scheme}://{host}/{masked}{qsep}{query}"
+
+
 #: `scheme://userinfo@` anywhere in a text (a URL inside a query value or a list too).
 _USERINFO = re.compile(r"(?i)(?P<head>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/@\s?#]+)@")
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from llmtap.redact import redact_webhook_url
 from llmtap.webhooks.outbox import (
     DELIVERY_DISABLED,
     EVENTS,
@@ -384,7 +385,8 @@ class WebhookDB:
     ) -> None:
         """A `delivery.disabled` event to the tenant's other endpoints that subscribe to it."""
         rows = await c.fetch(f"{SELECT_ENDPOINTS} WHERE tenant = $1 AND disabled_at IS NULL", tenant)
-        data = {"endpoint_id": ep.id, "url": ep.url.split("?", 1)[0], "failing_since_us": since,
+        shown = redact_webhook_url(ep.url).split("?", 1)[0]
+        data = {"endpoint_id": ep.id, "url": shown, "failing_since_us": since,
                 "disabled_at_us": now, "last_error": error[:500]}  # fmt: skip
         for other in map(endpoint_from_row, rows):
             if DELIVERY_DISABLED not in other.events:

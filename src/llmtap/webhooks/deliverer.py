@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError
-from llmtap.redact import redact_url
+from llmtap.redact import redact_webhook_url
 from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
 from llmtap.webhooks.bodies import BodiesUnavailable, PayloadBodies
 from llmtap.webhooks.db import Claimed, WebhookDB
@@ -86,7 +86,7 @@ async def check_target(url: str, allow_private: bool) -> None:
     """Refuse URLs that are not http(s) or resolve to an internal address."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise Refused(f"{redact_url(url)} is not an http(s) URL")
+        raise Refused(f"{redact_webhook_url(url)} is not an http(s) URL")
     if allow_private:
         return
     host = parts.hostname
@@ -306,7 +306,7 @@ class Deliverer:
                             log.warning(
                                 "webhook endpoint %s (%s) delivers again",
                                 d.endpoint.id,
-                                redact_url(d.endpoint.url),
+                                redact_webhook_url(d.endpoint.url),
                             )
                     else:
                         self.failures += 1
@@ -315,7 +315,7 @@ class Deliverer:
                             log.warning(
                                 "webhook endpoint %s (%s) failing: %s; retried with backoff"
                                 " (llmtap webhooks deliveries)",
-                                d.endpoint.id, redact_url(d.endpoint.url), error,
+                                d.endpoint.id, redact_webhook_url(d.endpoint.url), error,
                             )  # fmt: skip
                         outcome = await self.db.failed(
                             d, status, error, retry_after=retry, max_backoff=self.max_backoff,
@@ -324,7 +324,7 @@ class Deliverer:
                         if outcome == "disabled":
                             log.warning(
                                 "webhook endpoint %s (%s) disabled: %s; last error: %s",
-                                d.endpoint.id, redact_url(d.endpoint.url),
+                                d.endpoint.id, redact_webhook_url(d.endpoint.url),
                                 "410 Gone" if status == 410 else "failing for too long", error,
                             )  # fmt: skip
                         elif outcome == "given_up":
@@ -398,7 +398,7 @@ class DelivererService(OnBackends):
         )
         await deliverer.start()
         self._stack.push_async_callback(deliverer.stop)
-        return ["webhooks: delivering the outbox" + (f" (and {redact_url(ep.url)})" if ep else "")]
+        return ["webhooks: delivering the outbox" + (f" (and {redact_webhook_url(ep.url)})" if ep else "")]
 
     async def stop(self) -> None:
         """Undo `start` in reverse: the connector or the deliverer, then own backends."""

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from llmtap.record import Body, LogRecord
-from llmtap.redact import redact_text, redact_url
+from llmtap.redact import redact_text, redact_webhook_url
 
 REQUEST_COMPLETED = "request.completed"
 DELIVERY_DISABLED = "delivery.disabled"
@@ -62,7 +62,7 @@ class Endpoint:
         return {
             "id": self.id,
             "tenant": self.tenant,
-            "url": redact_url(self.url),
+            "url": redact_webhook_url(self.url),
             "events": self.events,
             "filters": self.filters,
             "sample": self.sample,
