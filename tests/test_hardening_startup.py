@@ -333,3 +333,35 @@ async def test_a_gateway_starts_while_the_body_store_is_down_and_uses_it_once_ba
         finally:
             assert gw.stop() == 0, gw.output()
             await proxy.stop()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("LLMTAP_OPENAI_BASE_URL", "http://127.0.0.1:{port}/openai"),
+        ("LLMTAP_ANTHROPIC_BASE_URL", "http://localhost:{port}"),
+        ("LLMTAP_UPSTREAMS", "groq=http://127.0.0.1:{port}/openai"),
+    ],
+)
+@pytest.mark.parametrize("command", ["gateway", "up"])
+def test_an_upstream_that_is_the_gateway_itself_stops_start_up(
+    tmp_path: Path, command: str, setting: str, value: str
+) -> None:
+    """An outside check pointed LLMTAP_OPENAI_BASE_URL at the gateway's own /openai: one curl
+    call became 1,467 nested requests and as many error records in 10 s."""
+    port = free_port()
+    env = llmtap_env(tmp_path / "data", gateway_port=port, server_port=free_port())
+    env[setting] = value.format(port=port)
+    r = subprocess.run(
+        [sys.executable, "-m", "llmtap.cli", command], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"llmtap: {setting} ("), r.stderr
+    assert f"is this gateway itself (port {port})" in lines[0]
+    # Another port on this host is another server (a local vLLM, the fake upstream): fine.
+    from llmtap.gateway.app import self_loop
+    from llmtap.providers import routes
+
+    other = Settings(gateway_port=port, openai_base_url=f"http://127.0.0.1:{port + 1}")
+    assert self_loop(other, routes(other)) is None

@@ -17,6 +17,7 @@ import gc
 import logging
 from collections.abc import Awaitable
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -33,6 +34,7 @@ from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.gateway.sinks import IngestSink, SpoolReplayer, SpoolSink
 from llmtap.gateway.spool import DiskSpool, spool_dir
 from llmtap.headertimeout import GuardedServer
+from llmtap.providers import BUILTIN, Route
 from llmtap.queue.base import Queue, open_queue
 from llmtap.redact import redact_url
 from llmtap.runtime import OnBackends, SharedBackends, cancel
@@ -80,6 +82,33 @@ def make_server(proxy: Proxy, header_timeout: float) -> web.Server:
         handler_cancellation=True,
         **_HANDLER_KWARGS,
     )
+
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
+
+
+def self_loop(settings: Settings, table: dict[str, Route]) -> str | None:
+    """A sentence naming the route whose upstream is this gateway itself, else None.
+
+    Such a gateway sends each request to itself, again and again: an outside check saw one
+    curl call become 1,467 nested requests and as many error records in 10 s.
+    """
+    port = settings.gateway_port
+    ours = _LOOPBACK | {settings.host.strip("[]").lower()}
+    for name, route in table.items():
+        try:
+            url = urlsplit(route.base)
+            target = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError:
+            continue
+        host = (url.hostname or "").lower()
+        if target == port and (host in ours or host.startswith("127.")):
+            setting = f"LLMTAP_{name.upper()}_BASE_URL" if name in BUILTIN else "LLMTAP_UPSTREAMS"
+            return (
+                f"{setting} ({redact_url(route.base)}) is this gateway itself (port {port}): every"
+                f" request to /{name}/... would be sent back to it; point it at the provider"
+            )
+    return None
 
 
 class GatewayService(OnBackends):
@@ -177,6 +206,9 @@ class GatewayService(OnBackends):
         pool, queue, backends.
         """
         s = self.settings
+        loop = self_loop(s, self.proxy.routes)
+        if loop is not None:
+            raise ConfigError(loop)
         fallback_note: list[str] = []
         self._stop_deadline = None
         async with self._start_stack() as stack:
