@@ -168,3 +168,27 @@ def test_a_flag_wins_over_the_environment_which_wins_over_the_config_file(
     with pytest.raises(ConfigError, match="LLMTAP_GATEWAY_PORT"):
         load_settings(config, gateway_port=-5)  # a bad flag is named like the setting
     assert load_settings(config).gateway_port == 1002  # and leaves nothing behind
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        (
+            "LLMTAP_GATEWAY_PROT = 1",
+            "unknown setting 'LLMTAP_GATEWAY_PROT' in config file {f} (did you mean LLMTAP_GATEWAY_PORT?)",
+        ),
+        (
+            "gateway_prot = 1",
+            "unknown setting 'gateway_prot' in config file {f} (did you mean gateway_port?)",
+        ),
+        ("zzz = 1", "unknown setting 'zzz' in config file {f}"),
+    ],
+)
+def test_a_mistyped_config_file_key_is_named_as_written_with_its_file(
+    tmp_path: Path, line: str, said: str
+) -> None:
+    config = tmp_path / "llmtap.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(config)
+    assert str(e.value) == said.format(f=config)

@@ -408,7 +408,7 @@ def keys_list(ctx: click.Context, tenant: str | None) -> None:
 @click.argument("key_id")
 @click.pass_context
 def keys_revoke(ctx: click.Context, key_id: str) -> None:
-    """Revoke a key by id; it stops working at once."""
+    """Revoke a key by id; running gateways and servers refuse it within 2 seconds."""
     from llmtap import keys as k
 
     revoked = not _store_missing(_settings(ctx)) and _with_store(ctx, lambda s: k.revoke_key(s, key_id))

@@ -434,6 +434,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     Raises `ConfigError` with one sentence naming the first bad setting.
     """
     file_values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # a setting's name as the file wrote it
     if config_file is not None:
         path = Path(config_file)
         try:
@@ -451,6 +452,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
                 continue
             name = key.lower().removeprefix(ENV_PREFIX.lower())
             file_values[name] = value
+            spelled[name] = key
     flags = _FLAGS.set({k: v for k, v in overrides.items() if v is not None})
     try:
         settings = Settings(**file_values)
@@ -460,7 +462,12 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
         if err["type"] == "extra_forbidden":
-            raise ConfigError(f"unknown setting {field!r} in config file") from None
+            key = spelled.get(field, field)
+            close = difflib.get_close_matches(field, list(Settings.model_fields), n=1, cutoff=0.8)
+            hint = ""
+            if close:
+                hint = f" (did you mean {ENV_PREFIX + close[0].upper() if key.isupper() else close[0]}?)"
+            raise ConfigError(f"unknown setting {key!r} in config file {config_file}{hint}") from None
         if isinstance(value, str):
             value = redact_url(value)  # a URL's password must not reach the terminal or a log
         shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
