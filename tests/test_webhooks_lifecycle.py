@@ -266,3 +266,22 @@ async def test_a_recovered_endpoints_backlog_is_claimed_in_index_order_not_sorte
     claimed = await db.claim({}, 8, 30.0)
     # The oldest first: created at now - n, now - n + 1, ...
     assert [d.subject for d in claimed] == [f"r{n - k}" for k in range(8)]
+
+
+async def test_requests_in_flight_that_fail_together_count_as_one_failure(store: Store) -> None:
+    """An outside check: the 8 requests in flight failing together counted as failures 1-8, so
+    the first wait was already the longest (60 s) and a one-second blip delayed deliveries by a
+    minute. Now the first failure backs off 0.5-1 s, and the next ones double from there."""
+    db = store.webhooks()
+    ep = await add(db, "http://127.0.0.1:9/hook", new_secret())
+    await store.write_batch([make_record(i) for i in range(8)])
+    claimed = await db.claim({}, 8, 30.0)
+    assert len(claimed) == 8 and not any(d.probe for d in claimed)
+    before = now_us()
+    for d in claimed:
+        await db.failed(d, 500, "HTTP 500", retry_after=None, max_backoff=60.0, disable_after=3600.0)
+    async with db.tx() as c:
+        ((failures, retry_at),) = await c.fetch(
+            "SELECT failures, retry_at FROM webhook_endpoints WHERE id = $1", ep.id
+        )
+    assert failures == 1 and retry_at - before <= 1_100_000, (failures, (retry_at - before) / 1e6)

@@ -334,6 +334,11 @@ class WebhookDB:
             )  # fmt: skip
             if not rows or rows[0][2] is not None:
                 return None
+            if rows[0][0] is not None and not d.probe and status != GONE:
+                # Sent while the endpoint was healthy, failed after another request of the same
+                # round marked it failing: one outage counts once, not once per request in
+                # flight (8 of them took the first wait straight to the longest).
+                return None
             since = rows[0][0] if rows[0][0] is not None else now
             failures = rows[0][1] + 1
             wait = backoff_us(failures, max_backoff)
