@@ -245,3 +245,41 @@ def test_the_config_file_sets_the_otel_keys_too(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("LLMTAP_OTLP_CONTENT", "ture")
     with pytest.raises(ConfigError, match=r"^invalid setting LLMTAP_OTLP_CONTENT"):
         load_settings()
+
+
+def test_gemini_and_other_routes_follow_the_conventions_names() -> None:
+    """An outside check: Gemini spans were named `gemini-2.0-flash:generateContent <model>` (one
+    name per model), with provider `gemini` and no response id, model or finish reasons."""
+    answer = {"responseId": "r-1", "modelVersion": "gemini-2.0-flash-001",
+              "candidates": [{"finishReason": "STOP", "content": {"parts": [{"text": "hi"}]}}]}  # fmt: skip
+    path = "/v1beta/models/gemini-2.0-flash:streamGenerateContent"
+    gem = make_record(
+        3, provider="gemini", path=path, model="gemini-2.0-flash", response_body=json_body(answer)
+    )
+    a = otel.attributes(gem, otel.facts(gem, False))
+    assert a["gen_ai.operation.name"] == "generate_content" and a["gen_ai.provider.name"] == "gcp.gemini"
+    assert (a["gen_ai.response.id"], a["gen_ai.response.model"]) == ("r-1", "gemini-2.0-flash-001")
+    assert a["gen_ai.response.finish_reasons"] == ["STOP"]
+    assert otel.operation("/v1beta/models/text-embedding-004:batchEmbedContents") == "embeddings"
+    assert otel.operation("/v1beta/models/gemini-2.5-flash:countTokens") == "countTokens"
+    assert otel.operation("/openai/deployments/d1/chat/completions") == "chat"
+    for route, name in (
+        ("azure", "azure.ai.openai"),
+        ("groq", "groq"),
+        ("mistral", "mistral_ai"),
+        ("openai", "openai"),
+    ):
+        r = make_record(4, provider=route)
+        assert otel.attributes(r, {})["gen_ai.provider.name"] == name
+
+
+def test_message_content_in_spans_has_its_credentials_masked() -> None:
+    """`LLMTAP_OTLP_CONTENT=true` exported messages as sent; webhook payloads mask credentials."""
+    secret = "sk-proj-" + "A1b2C3d4" * 6
+    rec = make_record(
+        5, request_body=json_body({"model": "gpt-4o-mini", "messages": [
+            {"role": "user", "content": f"my key is {secret}, and \"api_key\": \"hunter2hunter2\""}]}),
+    )  # fmt: skip
+    notes = otel.facts(rec, True)
+    assert secret not in notes["input"] and "hunter2hunter2" not in notes["input"]
+    assert "my key is" in notes["input"]

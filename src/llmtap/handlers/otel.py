@@ -26,6 +26,7 @@ from prometheus_client import Counter
 from llmtap.backends import require_modules
 from llmtap.handlers.base import Handler, Item
 from llmtap.record import Body, LogRecord, decompress
+from llmtap.redact import redact_body
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -38,7 +39,16 @@ SPANS = Counter(
     "Spans of stored records: queued for export, exported, or dropped (collector down / queue full)",
     ["result"],
 )
-_PROVIDERS = {"openai": "openai", "anthropic": "anthropic"}
+#: Route → `gen_ai.provider.name` where the conventions spell it otherwise (a named upstream
+#: is its own name: `groq`, `deepseek`, `perplexity` are the conventions' names too).
+_PROVIDERS = {"gemini": "gcp.gemini", "azure": "azure.ai.openai", "mistral": "mistral_ai", "xai": "x_ai"}
+#: Gemini's `models/{model}:{method}` → the conventions' operation.
+_GEMINI_OPERATIONS = {
+    "generateContent": "generate_content",
+    "streamGenerateContent": "generate_content",
+    "embedContent": "embeddings",
+    "batchEmbedContents": "embeddings",
+}
 #: Content attributes are capped: a span is not a body store.
 CONTENT_CAP = 16 * 1024
 
@@ -60,6 +70,10 @@ def require_sdk() -> None:
 
 def operation(path: str) -> str:
     p = path.split("?", 1)[0].rstrip("/")
+    last = p.rsplit("/", 1)[-1]
+    if ":" in last:  # Gemini: the model, then its method
+        method = last.rsplit(":", 1)[-1]
+        return _GEMINI_OPERATIONS.get(method, method)
     if p.endswith(("/chat/completions", "/messages", "/responses")):
         return "chat"
     if p.endswith("/embeddings"):
@@ -82,7 +96,8 @@ def _json(body: Body | None) -> Any:
 
 
 def _capped(value: Any) -> str:
-    text = orjson.dumps(value).decode()
+    """Content for a span: JSON, credentials masked as in webhook payloads, cut to the cap."""
+    text = redact_body(orjson.dumps(value).decode())
     return text if len(text) <= CONTENT_CAP else text[:CONTENT_CAP] + "…"
 
 
@@ -111,13 +126,15 @@ def facts(record: LogRecord, with_content: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     resp = _json(record.response_body)
     if isinstance(resp, dict):
-        if isinstance(resp.get("id"), str):
-            out["response_id"] = resp["id"]
-        if isinstance(resp.get("model"), str):
-            out["response_model"] = resp["model"]
+        for key, note in (("id", "response_id"), ("responseId", "response_id"), ("model", "response_model"),
+                          ("modelVersion", "response_model")):  # fmt: skip  # OpenAI, Anthropic; Gemini
+            if isinstance(resp.get(key), str):
+                out[note] = resp[key]
         reasons = [c.get("finish_reason") for c in resp.get("choices") or [] if isinstance(c, dict)]
         if isinstance(resp.get("stop_reason"), str):
             reasons = [resp["stop_reason"]]
+        elif isinstance(resp.get("candidates"), list):
+            reasons = [c.get("finishReason") for c in resp["candidates"] if isinstance(c, dict)]
         if reasons and all(isinstance(r, str) for r in reasons):
             out["finish_reasons"] = reasons
     if with_content:
