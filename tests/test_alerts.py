@@ -202,6 +202,28 @@ async def test_requests_below_fires_on_silence(store: Store) -> None:
     assert kinds(await events(store)) == [ALERT_FIRING, ALERT_RESOLVED]  # resolve_after 0: at once
 
 
+async def test_requests_below_per_group_fires_when_a_group_goes_silent(store: Store) -> None:
+    """An outside check: a group with no requests is in no stats answer, so a grouped
+    `requests below 1` could never fire for the group that stopped."""
+    await subscribe(store)
+    await add_rule(
+        store, metric="requests", op="below", threshold=1, window_s=300, group_by="model", min_requests=0
+    )
+    ev = Evaluator(store, interval_s=60, resolve_after_s=0)
+    await store.write_batch([r(T - timedelta(minutes=2), model=m) for m in ("a", "b")])
+    await ev.run_once(at(0))
+    assert kinds(await events(store)) == []
+    await store.write_batch([r(T + timedelta(minutes=3), model="a")])  # b stopped
+    await ev.run_once(at(4))
+    evs = await events(store)
+    assert [(e, p["data"]["group"], p["data"]["count"]) for _, e, p in evs] == [(ALERT_FIRING, "b", 0)]
+    await ev.run_once(at(9))  # b stays silent: still firing, not again; a went silent too
+    assert [(e, p["data"]["group"]) for _, e, p in await events(store)] == [
+        (ALERT_FIRING, "b"),
+        (ALERT_FIRING, "a"),
+    ]
+
+
 async def test_per_group_rules_fire_per_group(store: Store) -> None:
     await subscribe(store)
     await subscribe(store, "globex")

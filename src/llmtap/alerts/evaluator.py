@@ -15,7 +15,8 @@ Firing and resolving, per rule x group (the groups of `stats`: its 100 largest b
   (default 300 s; so at least two evaluations): a value hovering around the threshold fires once
   and stays firing, and a firing/resolved pair takes at least that long, never a storm;
 - a firing group absent from a later answer (no requests in the window) is evaluated on an empty
-  window: `requests below N` keeps firing, the other metrics count as clear.
+  window: `requests below N` keeps firing, the other metrics count as clear; for a grouped
+  `requests below N`, so are the groups of the window before (a group that went silent fires).
 
 Several servers may evaluate at once; `llmtap.alerts.db` says why that neither doubles nor
 loses an event. The clock is injectable (`now` in microseconds), so tests need no sleeps.
@@ -102,6 +103,17 @@ class Evaluator:
             seen = {"": stats["overall"]}
         else:
             seen = {group_key(g["key"]): g for g in stats["groups"]}
+            if rule.metric == "requests" and rule.op == "below":
+                # A group that went silent is in no answer of this window: the groups of the one
+                # before are evaluated too, on an empty window (then `requests below N` fires).
+                before = await self.store.stats(
+                    rule.tenant,
+                    StatsQuery(
+                        since=from_micros(2 * since - until), until=from_micros(since), group_by=rule.group_by
+                    ),
+                )
+                for g in before["groups"]:
+                    seen.setdefault(group_key(g["key"]), _EMPTY)
         firing = await self.db.firing(rule.id)
         base = {"window_start": iso_us(since), "window_end": iso_us(until), "source": stats.get("source")}
         outcomes = []
