@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -486,6 +487,63 @@ async def test_refused_target_is_logged_not_sent(tmp_path: Path, caplog: pytest.
         finally:
             await d.stop()
             await rx.stop()
+
+
+async def test_a_name_that_rebinds_to_a_private_address_after_the_check_reaches_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outside check (by reading): `check_target` resolved the name, then the session resolved
+    it again to connect, so a name answering a public address first and a private one next (DNS
+    rebinding) reached an internal service. The session connects only to public addresses now:
+    here the first lookup is made to pass, and `localhost` still reaches nothing."""
+    from llmtap.webhooks import deliverer as deliverer_module
+
+    async def passes(url: str, allow_private: bool) -> None:
+        return None  # as if the first lookup had answered a public address
+
+    monkeypatch.setattr(deliverer_module, "check_target", passes)
+    async with open_store("sqlite", tmp_path) as store:
+        db = store.webhooks()
+        secret = new_secret()
+        rx = Receiver(secret)
+        await rx.start()
+        d = deliverer(db, allow_private=False)
+        await d.start()
+        try:
+            ep = await add(db, rx.url.replace("127.0.0.1", "localhost"), secret)
+            await store.write_batch([make_record(1)])
+
+            async def refused() -> bool:
+                log = await db.list_deliveries("acme", endpoint_id=ep.id)
+                return bool(log) and "private address" in (log[0]["last_error"] or "")
+
+            await wait_for(refused, what="the connection refused to a private address")
+            assert rx.got == [] and rx.arrivals == []
+        finally:
+            await d.stop()
+            await rx.stop()
+
+
+async def test_the_public_only_resolver_keeps_public_addresses() -> None:
+    from aiohttp.abc import AbstractResolver
+
+    from llmtap.webhooks.deliverer import PublicOnly
+
+    class Answers(AbstractResolver):
+        def __init__(self, *hosts: str) -> None:
+            self.hosts = hosts
+
+        async def resolve(self, host: str, port: int = 0, family: Any = socket.AF_INET) -> list[Any]:
+            return [{"hostname": host, "host": h, "port": port, "family": family, "proto": 0, "flags": 0}
+                    for h in self.hosts]  # fmt: skip
+
+        async def close(self) -> None:
+            return None
+
+    got = await PublicOnly(Answers("93.184.215.14", "10.0.0.7", "::ffff:127.0.0.1")).resolve("x.example", 443)
+    assert [r["host"] for r in got] == ["93.184.215.14"]
+    with pytest.raises(OSError, match="private address"):
+        await PublicOnly(Answers("169.254.169.254", "fe80::1%eth0")).resolve("x.example", 443)
 
 
 def test_payload_example_is_json() -> None:

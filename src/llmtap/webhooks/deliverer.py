@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError
 from llmtap.redact import redact_webhook_url
@@ -106,6 +108,29 @@ async def check_target(url: str, allow_private: bool) -> None:
             )
 
 
+class PublicOnly(AbstractResolver):
+    """aiohttp's resolver, keeping only public addresses: the session connects to an address
+    checked here, not to whatever a second lookup answers. `check_target` resolves once to say
+    why a URL is refused; without this, a name that answers a public address to that lookup and
+    a private one to the connection's (DNS rebinding) would reach an internal service."""
+
+    def __init__(self, inner: AbstractResolver | None = None) -> None:
+        self._inner = inner or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        public = [r for r in found if not _bad_address(ipaddress.ip_address(r["host"].split("%", 1)[0]))]
+        if not public:
+            why = "a private address (LLMTAP_WEBHOOK_ALLOW_PRIVATE=true allows it)"
+            raise OSError(f"{host} resolves to {why}")
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
@@ -145,6 +170,8 @@ async def send(
             await resp.content.read(4096)  # the receiver's answer is not kept beyond its status
             status = resp.status
             retry = retry_after_seconds(resp.headers.get("Retry-After"))
+    except aiohttp.ClientConnectorDNSError as e:  # `PublicOnly`'s refusal says why in its own words
+        return None, f"cannot connect to {redact_webhook_url(ep.url)}: {e.os_error}"[:500], None
     except (aiohttp.ClientError, TimeoutError, OSError) as e:
         return None, f"{type(e).__name__}: {e}"[:500] or type(e).__name__, None
     if 200 <= status < 300:
@@ -192,9 +219,10 @@ class Deliverer:
         self._failing: set[str] = set()
 
     async def start(self) -> None:
+        resolver = None if self.allow_private else PublicOnly()
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout),
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=resolver),
         )
         self._loop = asyncio.create_task(self._run())
         self._flusher = asyncio.create_task(self._flush_successes())
