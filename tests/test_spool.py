@@ -130,3 +130,70 @@ def test_appends_and_replays_on_two_threads_lose_nothing(
     writer.join()
     assert errors == []
     assert sorted(got) == sorted(values) and len(got) == len(values)
+
+
+FULL_DISK = """
+import json, pathlib, resource, signal, sys
+from llmtap.gateway.spool import DiskSpool
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+spool = DiskSpool(pathlib.Path(sys.argv[1]), max_bytes=10**9)
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+kept, failed = [], 0
+
+
+def batch(i):
+    return [f"batch-{i}-record-{j}-".encode() * 40 for j in range(3)]  # ~2.4 KB
+
+
+def append(i):
+    global failed
+    try:
+        spool.append(batch(i))
+        kept.extend(v.decode() for v in batch(i))
+    except OSError:
+        failed += 1
+
+
+resource.setrlimit(resource.RLIMIT_FSIZE, (10, hard))  # full at once: the first write fails
+append(0)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # full part-way through a batch
+for i in range(1, 20):
+    append(i)
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space again
+for i in range(20, 25):
+    append(i)
+print(json.dumps({"kept": kept, "failed": failed}))
+"""
+
+
+def test_a_full_disk_leaves_no_torn_frame_before_later_records_and_no_empty_segments(tmp_path: Path) -> None:
+    """A soak on a full tmpfs (an outside check) left an empty segment per failed attempt, and a
+    write cut short by the full disk left a torn frame that the next batch, once there was space
+    again, was appended after: a replay stops at a torn frame, so those records were lost. The
+    disk is made full for real here, by the process's file-size limit."""
+    import json
+    import subprocess
+    import sys
+
+    d = tmp_path / "spool"
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(d)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["failed"] > 1 and len(result["kept"]) > 15  # some batches failed, later ones not
+    reader = DiskSpool(d, max_bytes=10**9)
+    segments = reader.segments_for_replay()
+    assert all(seg.stat().st_size > 0 for seg in segments), [seg.stat().st_size for seg in segments]
+    got = [v.decode() for seg in segments for batch in reader.replay(seg) for v in batch]
+    assert got == result["kept"]  # every batch it said it kept, in order, and nothing else
+
+
+def test_an_empty_segment_left_behind_is_removed_by_the_replay(tmp_path: Path) -> None:
+    d = tmp_path / "spool"
+    d.mkdir()
+    (d / "00000000000000000001-1-000001.spool").touch()  # left by a version before the fix
+    spool = DiskSpool(d, max_bytes=10_000_000)
+    assert [list(spool.replay(seg)) for seg in spool.segments_for_replay()] == [[]]
+    assert not spool.pending()

@@ -87,10 +87,31 @@ class DiskSpool:
                 self._rotate()
             assert self._fd is not None
             view = memoryview(frames)
-            while view:
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except OSError:
+                self._undo_write()
+                raise
             self._written += len(frames)
+
+    def _undo_write(self) -> None:
+        """After a failed write (a full disk): cut off what part of the batch got written, so
+        a later batch never follows a torn frame (a replay stops at one: what came after it
+        would be lost), and remove a segment left empty (one per attempt piled up on a disk
+        that stayed full)."""
+        assert self._fd is not None and self._path is not None
+        try:
+            os.ftruncate(self._fd, self._written)
+        except OSError:
+            log.error("spool: cannot cut a failed write off %s; closing it", self._path)
+            self._written = SEGMENT_BYTES  # the next batch goes to a new segment
+            return
+        if self._written == 0:
+            path = self._path
+            self._close()
+            path.unlink(missing_ok=True)
 
     def _rotate(self) -> None:
         self._close()
@@ -148,8 +169,12 @@ class DiskSpool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return  # another process is replaying it
-            data = os.read(fd, os.fstat(fd).st_size)
+                return  # another process is replaying it, or still writing it
+            size = os.fstat(fd).st_size
+            if size == 0:  # nobody writes it (a writer holds the lock): left by a failed write
+                path.unlink(missing_ok=True)
+                return
+            data = os.read(fd, size)
             batch: list[bytes] = []
             for value in _frames(data):
                 batch.append(value)
