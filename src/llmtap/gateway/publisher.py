@@ -491,9 +491,11 @@ class Publisher:
                         self.failed += 1
                         self._warn(
                             "spill",
-                            "overflow sink failed (%s); %d records kept in memory, retrying in %.2fs",
+                            "overflow sink failed (%s); %d records held in memory only (%d MB),"
+                            " retrying in %.2fs",
                             e,
-                            len(batch.records),
+                            self.pending,
+                            (self.buffer_bytes + self.spill_bytes) >> 20,
                             backoff,
                         )
                         await asyncio.sleep(backoff)

@@ -602,12 +602,19 @@ class SQLiteQueue(Queue):
 
     # -- leases -------------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
+        said = 0.0  # when a failure was last logged: once a minute, not once a heartbeat
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             try:
                 await self._call(self._tick)
+                if said:
+                    log.warning("queue heartbeat of %s works again", self.path)
+                    said = 0.0
             except BackendUnavailable as e:
-                log.warning("queue heartbeat failed (will retry): %s", e)
+                if time.monotonic() - said >= 60.0:
+                    log.warning("queue heartbeat of %s failed (retrying every %gs): %s", self.path,
+                                self.heartbeat_interval, e)  # fmt: skip
+                    said = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the heartbeat die silently
