@@ -786,3 +786,50 @@ def test_a_gemini_stream_without_alt_sse_is_one_json_array_with_the_usage_last()
          "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2, "totalTokenCount": 5}},
     ]  # fmt: skip
     assert provider_for("gemini").usage_from_body(chunks).total_tokens == 5
+
+
+def event(kind: str, **data: Any) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + json.dumps({"type": kind, **data}).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("path", "opening", "output"),
+    [
+        (
+            "/openai/v1/responses",
+            [event("response.created", response={"id": "r1"}),
+             event("response.in_progress", response={"id": "r1"})],
+            [event("response.output_text.delta", delta="Hi")],
+        ),
+        (
+            "/anthropic/v1/messages",
+            [event("message_start", message={"id": "m1", "model": "claude-sonnet-4-6"}),
+             event("content_block_start", index=0, content_block={"type": "text", "text": ""})],
+            [event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hi"})],
+        ),
+    ],
+)  # fmt: skip
+async def test_time_to_first_token_is_the_first_generated_output_not_the_opening_events(
+    tmp_path: Path, http: aiohttp.ClientSession, path: str, opening: list[bytes], output: list[bytes]
+) -> None:
+    """An outside check: a Responses stream whose `response.created` came at once and its first
+    text 2 s later (a reasoning model) was recorded with a time to first token of 6 ms."""
+    pause = 0.5
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in opening:
+            await resp.write(event)
+        await asyncio.sleep(pause)  # the model thinks
+        for event in output:
+            await resp.write(event)
+        await resp.write_eof()
+        return resp
+
+    body = b'{"model":"m","stream":true,"input":"hi","max_tokens":5,"messages":[]}'
+    x = await exchange(handler, tmp_path, http, path, body, JSON_AUTH)
+    assert x.status == 200 and x.record.streamed
+    ttft = x.record.time_to_first_token_ms
+    assert ttft is not None and ttft >= pause * 1000 * 0.9, ttft

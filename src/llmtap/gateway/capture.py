@@ -106,7 +106,7 @@ class Capture:
         self.started = started  # time.time() at arrival
         self.t0 = t0  # perf_counter() at arrival
         self.t_headers = 0.0  # upstream response headers received
-        self.t_first = 0.0  # first response body bytes received
+        self.t_first = 0.0  # first generated output received (`Provider.token_marker`)
         self.t_end = 0.0
         self.status: int | None = None
         self.response_headers: Iterable[tuple[str, str]] = ()

@@ -342,7 +342,8 @@ class Proxy:
             upstream_body, stripper, sent_headers, read_ahead = body, None, forward, None
 
         try:
-            return await self._relay(request, upstream, cap, stripper, request_id, read_ahead)
+            marker = provider.token_marker(path)
+            return await self._relay(request, upstream, cap, stripper, request_id, read_ahead, marker)
         finally:
             upstream.release()
 
@@ -354,6 +355,7 @@ class Proxy:
         stripper: StreamFilter | None,
         request_id: str,
         read_ahead: bytes | None = None,
+        marker: bytes | None = None,
     ) -> web.StreamResponse:
         cap.t_headers = time.perf_counter()
         cap.status = upstream.status
@@ -385,7 +387,8 @@ class Proxy:
         try:
             await resp.prepare(request)
             if read_ahead:  # already read from the upstream: it comes first
-                cap.t_first = time.perf_counter()
+                if marker is None or marker in read_ahead:
+                    cap.t_first = time.perf_counter()
                 cap.add(read_ahead)
                 await resp.write(read_ahead)
             while True:
@@ -396,8 +399,8 @@ class Proxy:
                     return await self._cut(request, resp, upstream, cap, tail, e)
                 if not chunk:
                     break
-                if not cap.t_first:
-                    cap.t_first = time.perf_counter()
+                if not cap.t_first and (marker is None or marker in chunk):
+                    cap.t_first = time.perf_counter()  # the first token's arrival (`token_marker`)
                 cap.add(chunk)
                 if stripper is not None:
                     chunk = stripper.feed(chunk)

@@ -219,6 +219,10 @@ class Anthropic(Provider):
     def usage_from_body(self, body: Any) -> Usage:
         return usage_from_body(body)
 
+    def token_marker(self, path: str) -> bytes | None:
+        # Text, thinking or tool input; `message_start` comes at once.
+        return b'"content_block_delta"' if path.endswith("/messages") else None
+
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         return reassemble_stream(raw)
 

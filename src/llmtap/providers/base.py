@@ -120,6 +120,13 @@ class Provider(ABC):
         """The human-readable message of a parsed error body."""
         return _common_error_message(body)
 
+    def token_marker(self, path: str) -> bytes | None:
+        """Bytes only a stream's chunks of generated output hold, for its time to first token;
+        None: the first chunk is one (OpenAI chat, Gemini). Where a stream opens with events
+        sent before the model produced anything (Responses' `response.created`, Anthropic's
+        `message_start`), its first byte said nothing about when the first token came."""
+        return None
+
     def model(self, path: str, request: Any, response: Any) -> str | None:
         """The record's model: by default the one the client asked for, else the response's.
 

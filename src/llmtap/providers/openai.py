@@ -620,6 +620,11 @@ class OpenAI(Provider):
     def usage_from_body(self, body: Any) -> Usage:
         return usage_from_body(body)
 
+    def token_marker(self, path: str) -> bytes | None:
+        # Every Responses event of generated output is a `*.delta` (text, refusal, reasoning
+        # summary, tool arguments); `response.created` / `in_progress` come at once.
+        return b'.delta"' if path.endswith("/responses") else None
+
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         return reassemble_stream(raw)
 
