@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 
@@ -833,3 +834,45 @@ async def test_time_to_first_token_is_the_first_generated_output_not_the_opening
     assert x.status == 200 and x.record.streamed
     ttft = x.record.time_to_first_token_ms
     assert ttft is not None and ttft >= pause * 1000 * 0.9, ttft
+
+
+async def test_a_transcription_upload_names_its_model_and_prices_its_audio(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """An outside check: `audio/transcriptions` (a multipart upload) was recorded without a model,
+    so unpriced, and its `input_token_details.audio_tokens` (spelled without the s) were lost."""
+    from llmtap import pricing
+
+    answer = {
+        "text": "Hello there.",
+        "usage": {"type": "tokens", "input_tokens": 14, "output_tokens": 45, "total_tokens": 59,
+                  "input_token_details": {"text_tokens": 0, "audio_tokens": 14}},
+    }  # fmt: skip
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(answer)
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            form = aiohttp.FormData()
+            form.add_field(
+                "file", b"RIFF\x00\x01\x02fake wav bytes", filename="a.wav", content_type="audio/wav"
+            )
+            form.add_field("model", "gpt-4o-transcribe")
+            form.add_field("response_format", "json")
+            headers = {"Authorization": "Bearer sk-test"}
+            async with http.post(f"{gw}/openai/v1/audio/transcriptions", data=form, headers=headers) as r:
+                assert r.status == 200 and (await r.json()) == answer
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert rec.model == "gpt-4o-transcribe"
+    u = rec.usage
+    assert (u.prompt_tokens, u.completion_tokens, u.input_audio_tokens) == (14, 45, 14)
+    pricing.apply_cost(rec)
+    text_only = msgspec.structs.replace(u, input_audio_tokens=None)
+    as_text = pricing.price_usage("openai", "gpt-4o-transcribe", text_only, rec.started_at)
+    assert rec.cost_usd is not None and as_text is not None and rec.cost_usd > as_text.usd  # audio costs more

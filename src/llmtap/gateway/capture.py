@@ -14,6 +14,7 @@ Clocks: one `time.time()` at the start gives the wall-clock anchor; every other 
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections import deque
 from collections.abc import Iterable
@@ -43,6 +44,10 @@ _ZSTD_SLACK = 64
 
 #: Rough fixed memory of one capture beyond its bodies (objects, headers), for buffer accounting.
 CAPTURE_OVERHEAD = 1024
+
+
+#: A multipart form's `model` field: its part's headers, a blank line, the value.
+_FORM_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,256})\r\n', re.IGNORECASE)
 
 
 class Capture:
@@ -250,6 +255,16 @@ class RecordBuilder:
                 req_size = len(req_kept)
         if req_kept and not req_cut:
             req_json = _loads(req_kept)
+        if (
+            req_json is None
+            and req_kept
+            and req_ctype
+            and req_ctype.lower().startswith("multipart/form-data")
+        ):
+            # An upload (audio transcription, translation) names its model in a form field.
+            field = _FORM_MODEL.search(req_kept)
+            if field is not None:
+                req_json = {"model": field.group(1).decode("utf-8", "replace")}
 
         # -- response
         raw = b"".join(cap.chunks)

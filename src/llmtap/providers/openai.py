@@ -53,7 +53,8 @@ def parse_usage(u: Any) -> Usage:
     elif "input_tokens" in u or "output_tokens" in u:  # Responses API
         prompt = token_count(u.get("input_tokens"))
         completion = token_count(u.get("output_tokens"))
-        details_in = u.get("input_tokens_details")
+        # Transcriptions spell it `input_token_details` (with its `audio_tokens`).
+        details_in = u.get("input_tokens_details") or u.get("input_token_details")
         details_out = u.get("output_tokens_details")
     else:
         return Usage()
