@@ -133,6 +133,15 @@ function costCell(v, row) {
   return h("span", { class: "badge unpriced", title: why + ": cost is unknown, not $0" }, "unpriced");
 }
 
+/** A group's cost (a user, a session, a model): unknown when none of its requests is priced,
+ *  else the sum of those that are, saying how many are left out. */
+function groupCost(g) {
+  if (g.unpriced_count && g.unpriced_count === g.count) return costCell(null);
+  if (!g.unpriced_count) return fmtUsd(g.cost_usd);
+  return h("span", {}, fmtUsd(g.cost_usd) ?? "$0",
+    h("div", { class: "sub", title: "requests with no known price: not in this sum" }, `+ ${fmtInt(g.unpriced_count)} unpriced`));
+}
+
 function statusCell(row) {
   const failed = row.status !== null && row.status >= 400;
   const cut = row.outcome !== "completed";
@@ -951,6 +960,13 @@ function tile(label, value, sub, cls) {
   return h("div", { class: "tile " + (cls || "") }, h("div", { class: "tlabel" }, label), h("div", { class: "tvalue" }, value), sub ? h("div", { class: "tsub" }, sub) : null);
 }
 
+/** An x-axis tick in 24-hour UTC, like every time on these pages: the hour, or the day at
+ *  midnight and on spans of more than two days. */
+function axisTime(ts, span) {
+  const iso = new Date(ts * 1000).toISOString();
+  return span > 2 * 86400 || iso.slice(11, 16) === "00:00" ? iso.slice(5, 10) : iso.slice(11, 16);
+}
+
 function chart(uPlot, el, title, unit, xs, series, opts = {}) {
   el.dataset.points = xs.length;  // for tests and curious readers: how many buckets are drawn
   const width = Math.max(320, el.clientWidth - 16);
@@ -962,10 +978,10 @@ function chart(uPlot, el, title, unit, xs, series, opts = {}) {
     tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"),  // the axis in UTC, as every time here
     scales: { x: { time: true, range: opts.xRange && (() => opts.xRange) }, y: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] } },
     axes: [
-      { label: "time (UTC)", labelSize: 20, stroke: axis },
+      { label: "time (UTC)", labelSize: 20, stroke: axis, values: (u, splits) => splits.map((ts) => axisTime(ts, u.scales.x.max - u.scales.x.min)) },
       { label: unit, labelSize: 22, size: 82, stroke: axis, values: (u, vals) => vals.map(opts.tick || fmt) },
     ],
-    series: [{ label: "time" }, ...series.map((s, i) => ({
+    series: [{ label: "time", value: (u, ts) => (ts == null ? "–" : new Date(ts * 1000).toISOString().slice(0, 16).replace("T", " ")) }, ...series.map((s, i) => ({
       label: s.label, stroke: colors[i % colors.length], width: 2, spanGaps: false,
       fill: opts.fill && i === 0 ? colors[0] + "22" : undefined,
       paths: opts.bars ? uPlot.paths.bars({ size: [0.8, 40] }) : undefined,
@@ -1035,9 +1051,9 @@ async function viewOverview(id, params) {
     h("p", { class: "hint muted", id: "overview-range" }, `${fmtTime(since.toISOString())} to ${custom ? fmtTime(until.toISOString()) : "now"} (UTC), in whole ${bucket}s`,
       series.source === "rollups" ? ` · from rollups (percentiles within ${Math.round(series.percentile_relative_error * 100)}%)` : ""),
     h("div", { class: "tiles" },
-      tile("Requests", fmtInt(o.count), `${bucket} buckets`),
+      tile("Requests", fmtInt(o.count), o.count ? `${bucket} buckets` : "none yet in this range"),
       tile("Errors", fmtInt(o.error_count), pct(o.error_rate) + " of requests", o.error_count ? "warn" : ""),
-      tile("Cost", fmtUsd(o.cost_usd) ?? "$0", o.unpriced_count ? `+ ${fmtInt(o.unpriced_count)} unpriced` : "all priced"),
+      tile("Cost", fmtUsd(o.cost_usd) ?? "$0", o.unpriced_count ? `+ ${fmtInt(o.unpriced_count)} unpriced` : o.count ? "all priced" : ""),
       tile("Unpriced requests", fmtInt(o.unpriced_count), "cost unknown: excluded from cost", o.unpriced_count ? "warn" : ""),
       tile("Tokens", fmtInt(o.total_tokens), `${fmtInt(o.prompt_tokens)} in · ${fmtInt(o.completion_tokens)} out`),
       tile("Latency p50 / p95", pair(fmtMs(o.latency_ms.p50), fmtMs(o.latency_ms.p95)), "p99 " + fmtMs(o.latency_ms.p99)),
@@ -1088,7 +1104,7 @@ function topTable(title, key, groups, params, note) {
           h("td", { class: "ellipsis" }, g.key === null ? h("span", { class: "muted" }, "(none)") : h("a", { href: hashFor("requests", null, next), title: String(g.key) }, String(g.key)),
             h("div", { class: "bar", "data-w": Math.round((g.count / total) * 100) })),
           h("td", { class: "num" }, fmtInt(g.count)),
-          h("td", { class: "num" }, g.unpriced_count === g.count ? costCell(null) : fmtUsd(g.cost_usd)),
+          h("td", { class: "num" }, groupCost(g)),
           h("td", { class: "num" }, pct(g.error_rate)));
       }))) : h("p", { class: "muted" }, "No data in this range."));
 }
@@ -1124,7 +1140,7 @@ async function viewSessions(id, params) {
         h("td", { class: "nowrap" }, fmtTime(g.first_at)), h("td", { class: "nowrap" }, fmtTime(g.last_at)),
         h("td", { class: "num" }, fmtInt(g.count)), h("td", { class: "num" }, fmtInt(g.error_count)),
         h("td", { class: "num" }, fmtInt(g.total_tokens)),
-        h("td", { class: "num" }, g.unpriced_count === g.count ? costCell(null) : fmtUsd(g.cost_usd))))))) : h("p", { class: "empty" }, "No sessions in this range (send Llmtap-Session-Id to group requests)."),
+        h("td", { class: "num" }, groupCost(g))))))) : h("p", { class: "empty" }, "No sessions in this range (send Llmtap-Session-Id to group requests)."),
     nav,
     h("p", { class: "hint muted" }, "Most recently active first; totals cover the session's requests in the range and filters."));
 }
@@ -1226,7 +1242,7 @@ async function viewUsers(id, params) {
         const tr = h("tr", { "data-user": u.user_id },
           h("td", { class: "ellipsis" }, h("a", { href: hashFor("requests", null, new URLSearchParams({ user_id: u.user_id, range: "all" })), title: u.user_id }, u.user_id)),
           h("td", { class: "num" }, fmtInt(u.count)),
-          h("td", { class: "num" }, u.unpriced_count === u.count ? costCell(null) : fmtUsd(u.cost_usd)),
+          h("td", { class: "num" }, groupCost(u)),
           h("td", { class: "num" }, fmtInt(u.total_tokens)),
           h("td", { class: "num" }, pct(u.error_rate)),
           h("td", { class: "nowrap" }, fmtTime(u.first_at)),
