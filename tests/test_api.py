@@ -831,3 +831,16 @@ async def test_a_binary_body_comes_back_in_base64_and_a_lost_one_says_so(server:
     assert got["response_body"] is None and got["bodies"]["response_body"]["missing"] is True
     _, got = await server.get(f"/api/v1/requests/{binary.id}")
     assert got["request_body"] is None and got["bodies"]["request_body"] is None  # omitted: no mark
+
+
+async def test_an_sdk_pointed_at_the_servers_port_is_told_where_the_gateway_is(server: Server) -> None:
+    """The OpenAI, Anthropic and Gemini SDKs pointed at the server's port got a bare
+    "404: Not Found" (an outside check)."""
+    gw = server.svc.settings.gateway_port
+    for path in ("/openai/v1/chat/completions", "/anthropic/v1/messages", "/v1beta/models/g:generateContent"):
+        async with server.http.post(server.base + path, json={"model": "m"}) as r:
+            body = await r.json()
+        assert r.status == 404, body
+        said = body["error"]["message"]
+        assert "API and dashboard port" in said and f"127.0.0.1:{gw}/openai/v1" in said, said
+    assert (await server.get("/api/v1/nope"))[0] == 404  # the API's own 404 stays as it was

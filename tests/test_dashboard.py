@@ -1118,7 +1118,7 @@ async def test_a_custom_range_charts_its_buckets_and_no_more(srv: Srv, page: tup
     await playwright_api.expect(time_value).to_contain_text(
         f"{until - timedelta(hours=1):%Y-%m-%d}", timeout=WAIT
     )
-    await playwright_api.expect(time_value).to_contain_text("23:00", timeout=WAIT)  # 24-hour UTC, as elsewhere
+    await playwright_api.expect(time_value).to_contain_text("23:00", timeout=WAIT)  # 24-hour UTC
 
 
 async def test_a_property_value_with_a_comma_survives_apply(srv: Srv, page: tuple[Any, Watch]) -> None:

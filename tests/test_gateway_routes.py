@@ -115,6 +115,21 @@ async def test_azure_route_off_until_configured(upstream: int, tmp_path: Path) -
     assert q.messages == []
 
 
+async def test_a_browser_or_api_call_at_the_gateway_is_sent_to_the_servers_port(
+    upstream: int, tmp_path: Path
+) -> None:
+    """Opening the gateway's port in a browser said only "no route for /"."""
+    settings = settings_for(upstream, tmp_path, server_port=18788)
+    async with running_gateway(settings) as (_, gw), aiohttp.ClientSession() as http:
+        for path in ("/", "/api/v1/requests"):
+            async with http.get(gw + path) as r:
+                body = await r.json()
+            assert (
+                r.status == 404
+                and "on the server's port, LLMTAP_SERVER_PORT: 18788" in body["error"]["message"]
+            )
+
+
 async def test_named_upstreams_priced_by_their_own_provider(upstream: int, tmp_path: Path) -> None:
     q = MemoryQueue()
     url = f"http://127.0.0.1:{upstream}"

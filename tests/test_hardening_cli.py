@@ -192,3 +192,13 @@ def test_a_mistyped_config_file_key_is_named_as_written_with_its_file(
     with pytest.raises(ConfigError) as e:
         load_settings(config)
     assert str(e.value) == said.format(f=config)
+
+
+def test_a_key_created_in_single_tenant_mode_says_it_is_not_checked(tmp_path: Path) -> None:
+    env = llmtap_env(tmp_path / "data")
+    r = _llmtap(env, "keys", "create", "--tenant", "acme", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("lt_"), r.stderr
+    assert "keys are checked only in multi-tenant mode (LLMTAP_MULTI_TENANT=true)" in r.stderr
+    env["LLMTAP_MULTI_TENANT"] = "true"
+    r = _llmtap(env, "keys", "create", "--tenant", "acme", cwd=tmp_path)
+    assert r.returncode == 0 and "multi-tenant mode" not in r.stderr

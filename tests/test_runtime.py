@@ -309,3 +309,20 @@ def test_scaled_out_parts_with_file_bodies_are_told_to_share_the_directory(tmp_p
     assert notes(scaled, "up") == []  # one process: it reads what it wrote
     assert notes(Settings(data_dir=tmp_path), "worker") == []  # embedded queue: one host
     assert notes(Settings(data_dir=tmp_path, queue="redis://h:1/0", bodies="s3://b/p"), "worker") == []
+
+
+def test_the_banner_says_what_the_settings_leave_to_the_operator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway banner listed a store it never uses; none said multi-tenant or OpenTelemetry, and
+    `LLMTAP_HOST=0.0.0.0` printed a URL whose dashboard answered 421 from another machine."""
+    plain = Settings(data_dir=tmp_path, store="postgresql://db/x")
+    assert "store=" not in banner(plain, "gateway", []) and "store=postgresql" in banner(plain, "worker", [])
+    mt = Settings(data_dir=tmp_path, store="postgresql://db/x", multi_tenant=True)
+    text = banner(mt, "gateway", [])
+    assert "store=postgresql" in text and "tenants: multi-tenant" in text  # keys live in the store
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    assert "spans: every stored record to http://collector:4318" in banner(plain, "up", [])
+    assert "spans:" not in banner(plain, "gateway", [])
+    everywhere = Settings(data_dir=tmp_path, host="0.0.0.0")
+    assert "LLMTAP_ALLOWED_HOSTS" in banner(everywhere, "up", []) and not notes(everywhere, "gateway")

@@ -153,8 +153,17 @@ def test_cli_manages_endpoints(tmp_path: Path) -> None:
     assert "events=alert.firing,alert.resolved  active  format=slack" in listed
     slack_id = next(line.split()[0] for line in listed.splitlines() if "format=slack" in line)
     assert runner.invoke(cli, ["webhooks", "remove", slack_id, "--tenant", "acme"], env=env).exit_code == 0
-    # not the default tenant's endpoint
-    assert runner.invoke(cli, ["webhooks", "remove", ep_id], env=env).exit_code == 1
+    # not the default tenant's endpoint: said whose it is
+    res = runner.invoke(cli, ["webhooks", "remove", ep_id], env=env)
+    assert res.exit_code == 1 and "it is tenant 'acme''s (add --tenant acme)" in res.output, res.output
+    res = runner.invoke(cli, ["webhooks", "test", ep_id], env=env)
+    assert res.exit_code == 1 and "add --tenant acme" in res.output
+    assert "it is tenant" not in runner.invoke(cli, ["webhooks", "remove", "ep_nope"], env=env).output
     assert runner.invoke(cli, ["webhooks", "remove", ep_id, "--tenant", "acme"], env=env).exit_code == 0
     res = runner.invoke(cli, ["webhooks", "list"], env=env)
     assert "no webhook endpoints" in res.output
+    # A name this machine cannot resolve may resolve where the server runs (the README's example
+    # failed here): taken, and checked again at each send.
+    del env["LLMTAP_WEBHOOK_ALLOW_PRIVATE"]
+    res = runner.invoke(cli, ["webhooks", "add", "https://hooks.example.invalid/llmtap"], env=env)
+    assert res.exit_code == 0 and res.stdout.strip().startswith("whsec_"), res.output

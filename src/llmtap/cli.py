@@ -386,6 +386,12 @@ def keys_create(ctx: click.Context, tenant: str, name: str | None) -> None:
     click.echo(
         f"key {key.id} for tenant {key.tenant!r} created; store it now, it is not shown again", err=True
     )
+    if not _settings(ctx).multi_tenant:
+        click.echo(
+            "llmtap: note: keys are checked only in multi-tenant mode (LLMTAP_MULTI_TENANT=true);"
+            " until then every request is the default tenant's",
+            err=True,
+        )
 
 
 @keys.command("list")
@@ -445,9 +451,26 @@ def _one(id_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return lambda f: click.argument(id_name)(_tenant_option(click.pass_context(f)))
 
 
-def _change(ctx: click.Context, tenant: str | None, what: str, change: Callable[[Any, str], Any]) -> None:
-    """Run `change(db, tenant)` on the outbox; exit 1 with one sentence if `what` is not there."""
-    _found(_with_hooks(ctx, lambda db, _s: change(db, _tenant(ctx, tenant))), what)
+def _change(
+    ctx: click.Context, tenant: str | None, endpoint_id: str, change: Callable[[Any, str], Any]
+) -> None:
+    """Run `change(db, tenant)` on one endpoint; exit 1 with one sentence if it is not there."""
+    done = _with_hooks(ctx, lambda db, _s: change(db, _tenant(ctx, tenant)))
+    _found_endpoint(ctx, done, endpoint_id, tenant)
+
+
+def _found_endpoint(ctx: click.Context, result: T, endpoint_id: str, tenant: str | None) -> T:
+    """Like `_found`; without `--tenant`, an endpoint of another tenant is named with its tenant
+    (`webhooks list` shows every tenant's, the others default to the default tenant's)."""
+    if result:
+        return result
+    hint = ""
+    if tenant is None:
+        endpoints = _with_hooks(ctx, lambda db, _s: db.list_endpoints(None))
+        owner = next((ep.tenant for ep in endpoints if ep.id == endpoint_id), None)
+        if owner is not None:
+            hint = f" for the default tenant: it is tenant {owner!r}'s (add --tenant {owner})"
+    return cast(T, _fail(f"no endpoint {endpoint_id!r}{hint}", 1))
 
 
 @webhooks.command("add")
@@ -516,7 +539,7 @@ def webhooks_list(ctx: click.Context, tenant: str | None) -> None:
 @_one("endpoint_id")
 def webhooks_remove(ctx: click.Context, endpoint_id: str, tenant: str | None) -> None:
     """Remove an endpoint and its pending deliveries."""
-    _change(ctx, tenant, f"endpoint {endpoint_id!r}", lambda db, t: db.remove_endpoint(t, endpoint_id))
+    _change(ctx, tenant, endpoint_id, lambda db, t: db.remove_endpoint(t, endpoint_id))
     click.echo(f"endpoint {endpoint_id} removed")
 
 
@@ -524,7 +547,7 @@ def webhooks_remove(ctx: click.Context, endpoint_id: str, tenant: str | None) ->
 @_one("endpoint_id")
 def webhooks_enable(ctx: click.Context, endpoint_id: str, tenant: str | None) -> None:
     """Enable a disabled endpoint again; its pending deliveries are sent."""
-    _change(ctx, tenant, f"endpoint {endpoint_id!r}", lambda db, t: db.enable_endpoint(t, endpoint_id))
+    _change(ctx, tenant, endpoint_id, lambda db, t: db.enable_endpoint(t, endpoint_id))
     click.echo(f"endpoint {endpoint_id} enabled")
 
 
@@ -539,7 +562,7 @@ def webhooks_rotate(ctx: click.Context, endpoint_id: str, tenant: str | None, se
         new = check_secret(secret) if secret else new_secret()
     except ValueError as e:
         _fail(str(e))
-    _change(ctx, tenant, f"endpoint {endpoint_id!r}", lambda db, t: db.rotate_secret(t, endpoint_id, new))
+    _change(ctx, tenant, endpoint_id, lambda db, t: db.rotate_secret(t, endpoint_id, new))
     click.echo(new)
     click.echo(f"endpoint {endpoint_id} signs with the new secret and the previous one", err=True)
 
@@ -556,7 +579,7 @@ def webhooks_test(ctx: click.Context, endpoint_id: str, tenant: str | None) -> N
             return None
         return await test_endpoint(ep, allow_private=settings.webhook_allow_private)
 
-    result = _found(_with_hooks(ctx, go), f"endpoint {endpoint_id!r}")
+    result = _found_endpoint(ctx, _with_hooks(ctx, go), endpoint_id, tenant)
     click.echo(json.dumps(result))
     if not result["ok"]:
         sys.exit(1)
@@ -593,7 +616,10 @@ def webhooks_deliveries(
 @_one("delivery_id")
 def webhooks_redeliver(ctx: click.Context, delivery_id: str, tenant: str | None) -> None:
     """Send a delivery again, under its same webhook-id."""
-    _change(ctx, tenant, f"delivery {delivery_id!r}", lambda db, t: db.redeliver(t, delivery_id))
+    _found(
+        _with_hooks(ctx, lambda db, _s: db.redeliver(_tenant(ctx, tenant), delivery_id)),
+        f"delivery {delivery_id!r}",
+    )
     click.echo(f"delivery {delivery_id} queued again")
 
 

@@ -82,7 +82,16 @@ def banner(settings: Settings, title: str, lines: Sequence[str]) -> str:
     out = [f"llmtap {__version__} · {title}"]
     out += [f"  {line}" for line in lines]
     backends = settings.describe()
+    if title == "gateway" and not settings.multi_tenant:
+        backends.pop("store")  # a gateway reads the store only for tenants' keys
     out.append("  backends: " + ", ".join(f"{k}={v}" for k, v in backends.items()))
+    if settings.multi_tenant:
+        out.append("  tenants: multi-tenant (every request and API call needs a tenant's key)")
+    if title != "gateway":
+        from llmtap.handlers import otel
+
+        if otel.enabled():
+            out.append(f"  spans: every stored record to {otel.endpoint()} (OTLP/HTTP)")
     out += [f"  note: {n}" for n in notes(settings, title)]
     out.append("  press Ctrl-C to stop")
     return "\n".join(out)
@@ -93,6 +102,11 @@ def notes(settings: Settings, title: str) -> list[str]:
     from llmtap.backends import BODIES, QUEUES
 
     out = []
+    if title in ("up", "server") and settings.host.strip("[]") in ("0.0.0.0", "::"):
+        out.append(
+            "listening on every address, but the server answers only the Host names in"
+            " LLMTAP_ALLOWED_HOSTS: add the names or addresses people open the dashboard by"
+        )
     files = BODIES.embedded_path(settings.bodies, settings.data_dir)
     scaled_out = QUEUES.embedded_path(settings.queue, settings.data_dir) is None
     if title != "up" and files is not None and scaled_out:

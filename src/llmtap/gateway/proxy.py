@@ -197,6 +197,9 @@ class Proxy:
             names = ", ".join(f"/{n}/..." for n in self.routes)
             first = raw[1:slash] if slash > 0 else raw[1:]
             hint = "; /azure/... is on once LLMTAP_AZURE_BASE_URL is set" if first == "azure" else ""
+            if first in ("", "api", "static"):
+                port = self.settings.server_port
+                hint = f" (the dashboard and /api/... are on the server's port, LLMTAP_SERVER_PORT: {port})"
             return _json_error(
                 404,
                 "llmtap_not_found",

@@ -62,6 +62,13 @@ def enabled() -> bool:
     return any(os.environ.get(name) for name in _ENDPOINT_VARS)
 
 
+def endpoint() -> str:
+    """Where spans go, for the start-up banner (credentials in the URL masked)."""
+    from llmtap.redact import redact_url
+
+    return redact_url(next((os.environ[n] for n in _ENDPOINT_VARS if os.environ.get(n)), ""))
+
+
 def require_sdk() -> None:
     """Stop start-up with one sentence when export is asked for but the SDK is not installed."""
     var = next((name for name in _ENDPOINT_VARS if os.environ.get(name)), _ENDPOINT_VARS[-1])

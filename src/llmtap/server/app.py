@@ -62,6 +62,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except BackendUnavailable as e:  # TransientError included: the store or body store is down
         log.warning("%s %s: %s", request.method, request.path, e)
         response = api.error_response(503, f"temporarily unavailable: {e}")
+    except web.HTTPNotFound as e:
+        if request.path.startswith(("/api/", "/static/")):
+            response = api.error_response(e.status, e.reason)
+        else:  # an SDK pointed at this port instead of the gateway's, mostly
+            response = api.error_response(404, _not_here(request))
     except web.HTTPException as e:
         if not request.path.startswith("/api/") or e.status < 400:
             raise
@@ -72,6 +77,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     if endpoint.startswith("/api/"):
         API_REQUESTS.labels(endpoint, str(response.status)).inc()
     return response
+
+
+def _not_here(request: web.Request) -> str:
+    s = request.app[api.SETTINGS]
+    return (
+        f"no route for {request.path[:200]} on llmtap's API and dashboard port: LLM requests go to"
+        f" the gateway's port (LLMTAP_GATEWAY_PORT, {s.gateway_port} here), e.g. an SDK's"
+        f" base_url http://{request.host.rsplit(':', 1)[0]}:{s.gateway_port}/openai/v1"
+    )
 
 
 def _auth(settings: Settings, store: Store) -> Callable[..., Awaitable[web.StreamResponse]]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 
+from llmtap.errors import TransientError
 from llmtap.webhooks.db import WebhookDB, new_endpoint_id
 from llmtap.webhooks.deliverer import Refused, check_target, send
 from llmtap.webhooks.outbox import (
@@ -61,6 +62,10 @@ async def create_endpoint(
         await check_target(url, allow_private)
     except (ValueError, Refused) as e:
         raise Invalid(str(e)) from None
+    except TransientError:
+        # A name this host cannot resolve (yet) may resolve where the server runs, which checks
+        # it again at each send.
+        secret = secret or new_secret()
     ep = Endpoint(
         new_endpoint_id(), tenant, url, secret, events=list(events or EVENTS), filters=parsed,
         sample=sample, include_bodies=include_bodies, format=format,
