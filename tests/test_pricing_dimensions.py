@@ -217,3 +217,17 @@ def test_openai_cache_writes_chat_and_responses() -> None:
         usage = openai.usage_from_body(body)
         assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_write_tokens) == (10_000, 2_000, 3_000)
         assert priced("openai", "gpt-5.6-cyber", usage).cost_nanos == want, body["object"]
+
+
+def test_image_input_tokens_are_priced_at_the_image_rate_or_unknown() -> None:
+    """An outside check: gpt-image-1's `input_tokens_details.image_tokens` were priced as text
+    ($0.00225 where the table says $0.00245)."""
+    from llmtap.pricing import price_usage
+
+    usage = openai.parse_usage({"input_tokens": 50, "output_tokens": 100, "total_tokens": 150,
+                         "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}})  # fmt: skip
+    assert usage.input_image_tokens == 40 and usage.prompt_tokens == 50
+    cost = price_usage("openai", "gpt-image-1", usage, AT)
+    # $5/M text input, $10/M image input, $40/M output
+    assert cost is not None and cost.nanos == 10 * 5_000 + 40 * 10_000 + 100 * 40_000
+    assert price_usage("openai", "gpt-4o-mini", usage, AT) is None  # no image price: unknown

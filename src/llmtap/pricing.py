@@ -225,6 +225,8 @@ def genai_usage(usage: Usage) -> gp.Usage | None:
         kw["input_audio_tokens"] = min(usage.input_audio_tokens, total_input)
     if usage.output_audio_tokens:
         kw["output_audio_tokens"] = min(usage.output_audio_tokens, output)
+    if usage.input_image_tokens:
+        kw["input_image_tokens"] = min(usage.input_image_tokens, total_input)
     if usage.web_search_requests:
         kw["web_searches"] = usage.web_search_requests
     return gp.Usage(**kw)
@@ -236,6 +238,7 @@ def _extra(usage: Usage) -> bool:
         usage.cache_write_1h_tokens
         or usage.input_audio_tokens
         or usage.output_audio_tokens
+        or usage.input_image_tokens
         or usage.web_search_requests
     )
 
@@ -295,10 +298,12 @@ def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) ->
     assert gusage is not None
     price = plan.price if plan.model is None else plan.model.get_prices(at, context)
     assert price is not None
-    if (usage.input_audio_tokens and price.input_audio_mtok is None) or (
-        usage.output_audio_tokens and price.output_audio_mtok is None
+    if (
+        (usage.input_audio_tokens and price.input_audio_mtok is None)
+        or (usage.output_audio_tokens and price.output_audio_mtok is None)
+        or (usage.input_image_tokens and price.input_image_mtok is None)
     ):
-        return None  # the library would price the audio as text: unknown, not a guess
+        return None  # the library would price the audio or image as text: unknown, not a guess
     try:
         total = price.calc_price(gusage)["total_price"]
     except ValueError:

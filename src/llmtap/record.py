@@ -68,6 +68,7 @@ class Usage(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unknown_fie
     reasoning_tokens: int | None = None  # part of completion_tokens (thinking, billed as output)
     input_audio_tokens: int | None = None  # part of prompt_tokens
     output_audio_tokens: int | None = None  # part of completion_tokens
+    input_image_tokens: int | None = None  # part of prompt_tokens (image models price them apart)
     service_tier: str | None = None  # as the provider reported it (`flex`, `priority` price differently)
     web_search_requests: int | None = None  # server-side web searches, billed per call
 

@@ -77,6 +77,7 @@ def parse_usage(u: Any) -> Usage:
         reasoning_tokens=token_count(details_out.get("reasoning_tokens")),
         input_audio_tokens=token_count(details_in.get("audio_tokens")) or None,
         output_audio_tokens=token_count(details_out.get("audio_tokens")) or None,
+        input_image_tokens=token_count(details_in.get("image_tokens")) or None,
     )
 
 
