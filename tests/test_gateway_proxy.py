@@ -638,6 +638,7 @@ async def test_multi_tenant_without_key_is_401_before_upstream(
         async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT) as r:
             assert r.status == 401
             assert (await r.json())["error"]["type"] == "llmtap_unauthorized"
+            assert "Llmtap-Request-Id" not in r.headers  # not logged: an id would point at nothing
         svc.proxy.resolve_tenant = lambda auth: "acme" if auth == "Bearer k1" else None
         async with http.post(
             f"{gw}/openai/v1/chat/completions", json=CHAT, headers={"Llmtap-Auth": "Bearer k1"}

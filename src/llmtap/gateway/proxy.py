@@ -204,7 +204,7 @@ class Proxy:
                 404,
                 "llmtap_not_found",
                 f"no route for {request.path}: use {names}{hint}",
-                new_id(),
+                None,  # not logged: an id would point at no record
             )
         provider = route.provider
         base = route.base
@@ -250,7 +250,8 @@ class Proxy:
         else:  # an async resolver (a key lookup)
             tenant = await resolved
         if tenant is None:
-            return _json_error(401, "llmtap_unauthorized", "missing or unknown Llmtap-Auth key", request_id)
+            # Not logged (a tenant's log is for its keys' requests): no id to look up.
+            return _json_error(401, "llmtap_unauthorized", "missing or unknown Llmtap-Auth key", None)
 
         if expect is not None and expect.lower() == "100-continue" and request.version >= (1, 1):
             # We read the whole body before going upstream, so say so now (like aiohttp's router
