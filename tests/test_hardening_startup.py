@@ -365,3 +365,20 @@ def test_an_upstream_that_is_the_gateway_itself_stops_start_up(
 
     other = Settings(gateway_port=port, openai_base_url=f"http://127.0.0.1:{port + 1}")
     assert self_loop(other, routes(other)) is None
+
+
+@pytest.mark.parametrize("command", ["up", "worker", "gateway", "server"])
+def test_a_data_dir_that_cannot_be_written_stops_start_up_with_one_sentence(
+    tmp_path: Path, command: str
+) -> None:
+    """A read-only data dir logged "retrying until they are back", then `unable to open database
+    file` (an outside check). /sys takes no files, even from root; a read-only mount is alike."""
+    env = llmtap_env(Path("/sys"), gateway_port=free_port(), server_port=free_port())
+    r = subprocess.run(
+        [sys.executable, "-m", "llmtap.cli", command], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "llmtap: invalid setting LLMTAP_DATA_DIR: cannot write in '/sys'"
+    )

@@ -72,6 +72,12 @@ def _make_data_dir(settings: Settings) -> None:
     except OSError as e:
         why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
         _fail(f"invalid setting LLMTAP_DATA_DIR: cannot create {str(settings.data_dir)!r}: {why}")
+    probe = settings.data_dir / f".llmtap-write-{os.getpid()}"
+    try:  # queues, stores and the spool all write here: say so now, not as "unable to open database file"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        _fail(f"invalid setting LLMTAP_DATA_DIR: cannot write in {str(settings.data_dir)!r}: {e.strerror}")
 
 
 def _fail(message: str, code: int = 2) -> Any:
