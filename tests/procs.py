@@ -143,7 +143,7 @@ class Proc:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def llmtap_env(data_dir: Path, **settings: str | int) -> dict[str, str]:
+def llmtap_env(data_dir: Path, **settings: str | int | float) -> dict[str, str]:
     """A clean environment for an llmtap child: no inherited LLMTAP_* except what we pass."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_") or k.startswith("LLMTAP_TEST_")}
     env["LLMTAP_DATA_DIR"] = str(data_dir)
@@ -229,6 +229,33 @@ def fake_upstream(tmp: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.kill()
+
+
+class Up:
+    """A running `llmtap up`: its ports, URLs and process."""
+
+    def __init__(self, gw_port: int, api_port: int, proc: Proc) -> None:
+        self.gw_port, self.api_port, self.proc = gw_port, api_port, proc
+        self.gw = f"http://127.0.0.1:{gw_port}"
+        self.api = f"http://127.0.0.1:{api_port}"
+
+
+@contextmanager
+def running_up(tmp: Path, timeout: float = 60, **settings: str | int | float) -> Iterator[Up]:
+    """`llmtap up` on `tmp / "data"` (log `tmp / "up.log"`) with these settings, once both its
+    ports answer; stopped at the end. A start that fails shows the process's output."""
+    gw_port, api_port = free_port(), free_port()
+    env = llmtap_env(tmp / "data", gateway_port=gw_port, server_port=api_port, **settings)
+    proc = start_llmtap("up", env, tmp / "up.log")
+    try:
+        try:
+            wait_http(f"http://127.0.0.1:{gw_port}/healthz", timeout)
+            wait_http(f"http://127.0.0.1:{api_port}/healthz", timeout)
+        except AssertionError:
+            raise AssertionError(proc.output()) from None
+        yield Up(gw_port, api_port, proc)
+    finally:
+        proc.stop()
 
 
 def services(action: str, name: str) -> None:

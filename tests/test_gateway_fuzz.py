@@ -30,18 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from procs import (
-    Proc,
-    fake_upstream,
-    free_port,
-    http_json,
-    list_records,
-    llmtap_env,
-    start_llmtap,
-    stored_count,
-    wait_http,
-    wait_until,
-)
+from procs import Proc, fake_upstream, http_json, list_records, running_up, stored_count, wait_until
 from rawhttp import exchange, request_bytes
 from store_helpers import pg_url, store_params
 
@@ -105,27 +94,12 @@ def _store(kind: str) -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module", params=store_params())
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    with fake_upstream(tmp) as fake, _store(request.param) as store:
-        gw_port, api_port = free_port(), free_port()
-        env = llmtap_env(
-            tmp / "data",
-            gateway_port=gw_port,
-            server_port=api_port,
-            openai_base_url=fake,
-            anthropic_base_url=fake,
-            **store,
-        )
-        proc = start_llmtap("up", env, tmp / "up.log")
-        gw, api = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{api_port}"
-        try:
-            try:
-                wait_http(f"{gw}/healthz", 60)
-                wait_http(f"{api}/healthz", 60)
-            except AssertionError:
-                raise AssertionError(proc.output()) from None
-            yield Stack(gw_port, gw, api, proc)
-        finally:
-            proc.stop()
+    with (
+        fake_upstream(tmp) as fake,
+        _store(request.param) as store,
+        running_up(tmp, openai_base_url=fake, anthropic_base_url=fake, **store) as up,
+    ):
+        yield Stack(up.gw_port, up.gw, up.api, up.proc)
 
 
 # -- the generator ---------------------------------------------------------------------------------

@@ -14,16 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from procs import (
-    Proc,
-    fake_upstream,
-    free_port,
-    get_record,
-    http_json,
-    llmtap_env,
-    start_llmtap,
-    wait_http,
-)
+from procs import Proc, fake_upstream, get_record, http_json, running_up
 from rawhttp import RawUpstream, exchange, request_bytes
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
@@ -46,26 +37,14 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("hostile")
     raw_up = RawUpstream(ODD_RESPONSE)
-    with fake_upstream(tmp) as fake:
-        gw_port, api_port = free_port(), free_port()
-        env = llmtap_env(
-            tmp / "data",
-            gateway_port=gw_port,
-            server_port=api_port,
-            openai_base_url=fake,
-            anthropic_base_url=raw_up.url,
-        )
-        proc = start_llmtap("up", env, tmp / "up.log")
-        try:
-            try:
-                wait_http(f"http://127.0.0.1:{gw_port}/healthz", 60)
-                wait_http(f"http://127.0.0.1:{api_port}/healthz", 60)
-            except AssertionError:
-                raise AssertionError(proc.output()) from None
-            yield Stack(gw_port, f"http://127.0.0.1:{api_port}", fake, proc)
-        finally:
-            proc.stop()
-            raw_up.close()
+    try:
+        with (
+            fake_upstream(tmp) as fake,
+            running_up(tmp, openai_base_url=fake, anthropic_base_url=raw_up.url) as up,
+        ):
+            yield Stack(up.gw_port, up.api, fake, up.proc)
+    finally:
+        raw_up.close()
 
 
 def _chat(

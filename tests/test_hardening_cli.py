@@ -57,25 +57,30 @@ def test_read_only_commands_on_a_fresh_directory_create_nothing(
         assert "MISSING: no queue file" in r.stdout, r.stdout
 
 
-def test_admin_commands_take_data_dir_after_their_name(tmp_path: Path) -> None:
-    """`llmtap status --data-dir X` looks where `llmtap up --data-dir X` ran (they had no such
-    flag: only LLMTAP_DATA_DIR, easy to forget in another shell)."""
-    ran = tmp_path / "ran-here"
-    env = llmtap_env(tmp_path / "elsewhere")
+def _publish(env: dict[str, str], *values: bytes) -> None:
+    """Publish `values` to the queue `env` names, the way a gateway does, in a process of its own."""
     code = (
-        "import asyncio\n"
+        "import asyncio, sys\n"
         "from llmtap.config import Settings\n"
         "from llmtap.queue.base import Message, open_queue\n"
         "async def main():\n"
         "    q = open_queue(Settings())\n"
         "    await q.connect('producer')\n"
-        "    await q.publish([Message('k', b'one'), Message('k', b'two')])\n"
+        "    await q.publish([Message('k', v.encode()) for v in sys.argv[1:]])\n"
         "    await q.close()\n"
         "asyncio.run(main())\n"
     )
     subprocess.run(
-        [sys.executable, "-c", code], env={**env, "LLMTAP_DATA_DIR": str(ran)}, check=True, timeout=60
+        [sys.executable, "-c", code, *(v.decode() for v in values)], env=env, check=True, timeout=60
     )
+
+
+def test_admin_commands_take_data_dir_after_their_name(tmp_path: Path) -> None:
+    """`llmtap status --data-dir X` looks where `llmtap up --data-dir X` ran (they had no such
+    flag: only LLMTAP_DATA_DIR, easy to forget in another shell)."""
+    ran = tmp_path / "ran-here"
+    env = llmtap_env(tmp_path / "elsewhere")
+    _publish({**env, "LLMTAP_DATA_DIR": str(ran)}, b"one", b"two")
     r = _llmtap(env, "status", "--json", "--data-dir", str(ran), cwd=tmp_path)
     assert r.returncode == 0 and json.loads(r.stdout)["lag"] == 2, r.stderr
     r = _llmtap(env, "dlq", "list", "--data-dir", str(ran), cwd=tmp_path)
@@ -86,19 +91,7 @@ def test_admin_commands_take_data_dir_after_their_name(tmp_path: Path) -> None:
 
 def test_read_only_commands_still_read_an_existing_queue(tmp_path: Path) -> None:
     env = llmtap_env(tmp_path / "data")
-    # a real queue file, created the way a gateway creates it
-    code = (
-        "import asyncio\n"
-        "from llmtap.config import Settings\n"
-        "from llmtap.queue.base import Message, open_queue\n"
-        "async def main():\n"
-        "    q = open_queue(Settings())\n"
-        "    await q.connect('producer')\n"
-        "    await q.publish([Message('k', b'not a record')])\n"
-        "    await q.close()\n"
-        "asyncio.run(main())\n"
-    )
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    _publish(env, b"not a record")
     r = _llmtap(env, "status", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["lag"] == 1

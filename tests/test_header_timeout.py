@@ -12,50 +12,21 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
-from procs import Proc, fake_upstream, free_port, get_record, llmtap_env, start_llmtap, wait_http
+from procs import Up, fake_upstream, get_record, running_up
 
 DEADLINE = 2.0
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 STREAM = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 
 
-@dataclass
-class Stack:
-    gw_port: int
-    api_port: int
-    proc: Proc
-
-    @property
-    def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     tmp = tmp_path_factory.mktemp("slow")
-    with fake_upstream(tmp) as fake:
-        gw_port, api_port = free_port(), free_port()
-        env = llmtap_env(
-            tmp / "data",
-            gateway_port=gw_port,
-            server_port=api_port,
-            openai_base_url=fake,
-            header_timeout=DEADLINE,
-        )
-        proc = start_llmtap("up", env, tmp / "up.log")
-        try:
-            try:
-                wait_http(f"http://127.0.0.1:{gw_port}/healthz", 60)
-                wait_http(f"http://127.0.0.1:{api_port}/healthz", 60)
-            except AssertionError:
-                raise AssertionError(proc.output()) from None
-            yield Stack(gw_port, api_port, proc)
-        finally:
-            proc.stop()
+    with fake_upstream(tmp) as fake, running_up(tmp, openai_base_url=fake, header_timeout=DEADLINE) as up:
+        yield up
 
 
 def _connect(port: int) -> socket.socket:
@@ -146,7 +117,7 @@ def _post(target: bytes, body: bytes, extra: bytes = b"") -> tuple[bytes, bytes]
 
 
 @pytest.mark.parametrize("port_of", ["gateway", "server"])
-def test_a_client_that_sends_its_headers_a_byte_at_a_time_is_cut_off(stack: Stack, port_of: str) -> None:
+def test_a_client_that_sends_its_headers_a_byte_at_a_time_is_cut_off(stack: Up, port_of: str) -> None:
     port = stack.gw_port if port_of == "gateway" else stack.api_port
     opened, sent = _dribble_until_closed(
         port, b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -155,7 +126,7 @@ def test_a_client_that_sends_its_headers_a_byte_at_a_time_is_cut_off(stack: Stac
     assert opened >= DEADLINE - 0.5 and sent < 64 * 1024, (opened, sent)
 
 
-def test_a_connection_that_never_sends_a_byte_is_closed(stack: Stack) -> None:
+def test_a_connection_that_never_sends_a_byte_is_closed(stack: Up) -> None:
     s = _connect(stack.gw_port)
     start = time.monotonic()
     try:
@@ -166,7 +137,7 @@ def test_a_connection_that_never_sends_a_byte_is_closed(stack: Stack) -> None:
     assert time.monotonic() - start >= DEADLINE - 0.5
 
 
-def test_a_slow_body_a_long_stream_and_a_quiet_kept_alive_connection_are_not_cut(stack: Stack) -> None:
+def test_a_slow_body_a_long_stream_and_a_quiet_kept_alive_connection_are_not_cut(stack: Up) -> None:
     s = _connect(stack.gw_port)
     try:
         # 1. Headers at once, the body over three deadlines.
@@ -202,7 +173,7 @@ def test_a_slow_body_a_long_stream_and_a_quiet_kept_alive_connection_are_not_cut
     assert second["streamed"] and second["outcome"] == "completed"
 
 
-def test_the_gateway_serves_others_while_slow_clients_wait_to_be_cut_off(stack: Stack) -> None:
+def test_the_gateway_serves_others_while_slow_clients_wait_to_be_cut_off(stack: Up) -> None:
     slow = [_connect(stack.gw_port) for _ in range(50)]
     try:
         for s in slow:

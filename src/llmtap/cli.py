@@ -842,30 +842,29 @@ def _accept_anywhere(group: click.Group) -> None:
     """`llmtap up --config x.toml` as well as `llmtap --config x.toml up`: every command that
     reads settings takes the option after its name too (people type it there); and every one
     takes `--data-dir`, so `llmtap status --data-dir X` looks where `llmtap up --data-dir X` ran."""
+
+    def option(name: str, kind: click.Path, callback: Any, help: str) -> click.Option:
+        return click.Option(
+            [name], type=kind, expose_value=False, is_eager=True, callback=callback, help=help
+        )
+
     for cmd in group.commands.values():
         if isinstance(cmd, click.Group):
             _accept_anywhere(cmd)
         elif cmd.name != "fake-upstream":
+            config = click.Path(dir_okay=False, path_type=Path)
             cmd.params.append(
-                click.Option(
-                    ["--config"],
-                    type=click.Path(dir_okay=False, path_type=Path),
-                    expose_value=False,
-                    is_eager=True,
-                    callback=_config_here,
-                    help="TOML file with settings (as `llmtap --config FILE ...`).",
+                option(
+                    "--config",
+                    config,
+                    _config_here,
+                    "TOML file with settings (as `llmtap --config FILE ...`).",
                 )
             )
             if not any(p.name == "data_dir" for p in cmd.params):
+                data = click.Path(file_okay=False, path_type=Path)
                 cmd.params.append(
-                    click.Option(
-                        ["--data-dir"],
-                        type=click.Path(file_okay=False, path_type=Path),
-                        expose_value=False,
-                        is_eager=True,
-                        callback=_data_dir_here,
-                        help="Embedded data (LLMTAP_DATA_DIR).",
-                    )
+                    option("--data-dir", data, _data_dir_here, "Embedded data (LLMTAP_DATA_DIR).")
                 )
 
 
