@@ -9,6 +9,7 @@ fake provider or a small aiohttp upstream that sends exactly what the case needs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import tracemalloc
@@ -567,6 +568,72 @@ async def test_an_upstream_that_refuses_the_stream_options_we_add_gets_the_clien
     for rec in recs:
         assert rec.status == 200 and rec.outcome == "completed" and rec.usage.total_tokens == 12
         assert rec.error is None
+
+
+async def test_a_validation_error_that_quotes_the_request_is_no_refusal_of_stream_options(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """vLLM and other FastAPI servers echo the whole request under `input` with any 422 (an
+    outside review): a client's own mistake was sent twice and turned usage off for good."""
+    bodies: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.read()
+        bodies.append(body)
+        err = {"detail": [{"type": "missing", "loc": ["body", "max_tokens"], "msg": "Field required",
+                           "input": json.loads(body)}]}  # fmt: skip
+        return web.Response(status=422, body=json.dumps(err).encode(), content_type="application/json")
+
+    runner, port = await tiny_upstream(handler)
+    try:
+        settings = settings_for(port, tmp_path, upstreams=f"vllm=http://127.0.0.1:{port}")
+        async with running_gateway(settings, MemoryQueue()) as (svc, gw):
+            for _ in range(2):
+                async with http.post(f"{gw}/vllm/v1/chat/completions", data=STREAM, headers=JSON_AUTH) as r:
+                    assert r.status == 422 and json.loads(await r.read())["detail"][0]["type"] == "missing"
+            assert svc.proxy.refuse_rewrite == set()
+    finally:
+        await runner.cleanup()
+    assert ["stream_options" in json.loads(b) for b in bodies] == [True, True]  # each sent once, as asked
+
+
+async def test_an_error_body_cut_short_is_relayed_as_far_as_it_came(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """An error answer is read ahead to see whether it refuses our field: when the upstream broke
+    mid-body, what came was dropped and the client got nothing (an outside review)."""
+    part = b'{"error":{"message":"partial'
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(
+            status=400, headers={"Content-Type": "application/json", "Content-Length": "1000"}
+        )
+        await resp.prepare(request)
+        await resp.write(part)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            got = b""
+            with contextlib.suppress(aiohttp.ClientPayloadError):
+                async with http.post(f"{gw}/openai/v1/chat/completions", data=STREAM, headers=JSON_AUTH) as r:
+                    async for chunk in r.content.iter_any():
+                        got += chunk
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert got == part
+    assert (
+        rec.outcome == "upstream_cut"
+        and rec.response_body is not None
+        and body_bytes(rec.response_body) == part
+    )
 
 
 async def test_another_refusal_of_a_stream_request_reaches_the_client_as_sent(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
@@ -35,7 +35,7 @@ from yarl import URL
 from llmtap.gateway.capture import Capture
 from llmtap.gateway.headers import LLMTAP_PREFIX, REQUEST_DROP, RESPONSE_DROP
 from llmtap.ids import canonical_id, new_id
-from llmtap.providers import Route, StreamFilter, routes
+from llmtap.providers import Provider, Route, StreamFilter, routes
 from llmtap.redact import redact_text, redact_url
 
 if TYPE_CHECKING:
@@ -64,16 +64,53 @@ def _identity(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 async def _small_body(upstream: aiohttp.ClientResponse) -> bytes | None:
-    """The whole body of an answer that says it is small; None (nothing read) otherwise."""
+    """The body of an answer that says it is small, read whole; None (nothing read) otherwise.
+
+    An upstream that breaks mid-body leaves what came: it is relayed first, then the relay
+    meets the same error and cuts the client's connection as it would have.
+    """
     length = upstream.headers.get("Content-Length")
     if length is None or not length.isdigit() or int(length) > _SMALL_BODY:
         return None
+    got = b""
+    while len(got) < int(length):
+        try:
+            chunk = await upstream.content.readany()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            break  # the stream keeps the error for the relay
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def _refuses_stream_options(body: bytes) -> bool:
+    """Whether an error answer refuses `stream_options` itself, not merely quotes it.
+
+    Refusals name the field in an error's location (`loc`, Mistral and other pydantic servers)
+    or message (OpenAI-style `Unrecognized request argument supplied: stream_options`). vLLM and
+    other FastAPI servers echo the whole request under `input` with any validation error: a
+    client's own mistake there must not count as a refusal (an outside review).
+    """
+    if _REFUSED_FIELD not in body:
+        return False
     try:
-        return await upstream.content.readexactly(int(length))
-    except asyncio.IncompleteReadError as e:  # the upstream broke mid-body: relay what came
-        return e.partial
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        return None
+        found = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return True  # a text error naming the field
+    stack: list[Any] = [found]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            loc = node.get("loc")
+            if isinstance(loc, list) and "stream_options" in loc:
+                return True
+            stack.extend(v for k, v in node.items() if k != "input")
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str) and "stream_options" in node:
+            return True
+    return False
 
 
 class CaptureSink(Protocol):
@@ -272,7 +309,9 @@ class Proxy:
         upstream_body = body
         stripper: StreamFilter | None = None
         sent_headers = forward
-        if base not in self.refuse_rewrite:
+        # Azure's API versions differ in what they take: one refusal speaks for its version only.
+        rewrite_key = base if q < 0 or provider.name != "azure" else base + rest[q:]
+        if rewrite_key not in self.refuse_rewrite:
             rewritten = provider.rewrite_request(method, path, body, "" if q < 0 else rest[q + 1 :])
             if rewritten is not None:
                 upstream_body, stripper = rewritten
@@ -335,19 +374,25 @@ class Proxy:
                 )
             if stripper is None or upstream.status not in _REFUSALS:
                 break
-            read_ahead = await _small_body(upstream)
-            if read_ahead is None or _REFUSED_FIELD not in read_ahead:
+            try:
+                read_ahead = await _small_body(upstream)
+            except asyncio.CancelledError:
+                upstream.close()
+                self._finish(
+                    cap, "client_disconnected", self._gone("before the upstream answered", cancelled=True)
+                )
+                raise
+            if read_ahead is None or not _refuses_stream_options(read_ahead):
                 break
             # An upstream that refuses fields it does not know (Mistral: 422 extra_forbidden)
             # refused the `stream_options` we added: send the client's own request instead,
             # and never add it for this upstream again (one extra round trip per process).
             upstream.release()
-            self.refuse_rewrite.add(base)
+            self.refuse_rewrite.add(rewrite_key)
             upstream_body, stripper, sent_headers, read_ahead = body, None, forward, None
 
         try:
-            marker = provider.token_marker(path)
-            return await self._relay(request, upstream, cap, stripper, request_id, read_ahead, marker)
+            return await self._relay(request, upstream, cap, stripper, request_id, read_ahead, provider, path)
         finally:
             upstream.release()
 
@@ -358,8 +403,9 @@ class Proxy:
         cap: Capture,
         stripper: StreamFilter | None,
         request_id: str,
-        read_ahead: bytes | None = None,
-        marker: bytes | None = None,
+        read_ahead: bytes | None,
+        provider: Provider,
+        path: str,
     ) -> web.StreamResponse:
         cap.t_headers = time.perf_counter()
         cap.status = upstream.status
@@ -367,6 +413,7 @@ class Proxy:
         cap.response_headers = up_headers.items()
         sse = up_headers.get("Content-Type", "").lower().startswith(_SSE)  # media types ignore case
         cap.streamed = sse
+        marker = provider.token_marker(path) if sse else None  # time to first token: streams only
         if not sse or up_headers.get("Content-Encoding", "identity").lower() != "identity":
             # Compressed although asked not to: relayed as it is, the filter cannot read it.
             stripper = None
