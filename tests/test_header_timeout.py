@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -190,3 +191,59 @@ def test_the_gateway_serves_others_while_slow_clients_wait_to_be_cut_off(stack: 
     finally:
         for s in slow:
             s.close()
+
+
+async def test_a_body_that_arrives_before_its_handler_runs_arms_no_deadline() -> None:
+    """An outside review: body bytes parsed before aiohttp's handler task started (or after it
+    answered) armed the header deadline, so an idle kept-alive connection was closed after
+    `LLMTAP_HEADER_TIMEOUT` instead of aiohttp's keep-alive. The connection is driven byte by byte
+    here (the two `data_received` calls that the network may or may not deliver apart)."""
+    import asyncio
+
+    from aiohttp import web
+
+    from llmtap.headertimeout import GuardedServer
+
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.closed, self.out = False, b""
+
+        def write(self, data: Any) -> None:
+            self.out += bytes(data)
+
+        def writelines(self, chunks: Any) -> None:
+            self.out += b"".join(chunks)
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("127.0.0.1", 1) if name == "peername" else default
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+    async def handler(request: web.BaseRequest) -> web.Response:
+        await request.read()
+        return web.Response(text="ok")
+
+    server = GuardedServer(handler, header_timeout=0.3, keepalive_timeout=3600)
+    conn, transport = server(), Transport()
+    conn.connection_made(transport)
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+    conn.data_received(b"x" * 10)  # before the handler task ran
+    deadline = time.monotonic() + 30
+    while b"200 OK" not in transport.out:
+        assert time.monotonic() < deadline, "no answer"
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(1.0)  # idle, kept alive, longer than the header deadline
+    assert not transport.closed
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n")  # the next request's headers, half of them
+    while not transport.closed:
+        assert time.monotonic() < deadline, "half-sent headers were not cut off"
+        await asyncio.sleep(0.05)
+    conn.connection_lost(None)

@@ -18,19 +18,21 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 
 class _Handler(RequestHandler):
     """aiohttp's connection handler, timing each request's headers."""
 
-    __slots__ = ("_armed_count", "_header_timeout", "_header_timer")
+    __slots__ = ("_armed_count", "_body", "_header_timeout", "_header_timer")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
         self._armed_count = 0
+        self._body: StreamReader | None = None  # the last request's body, as it arrives
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -38,18 +40,23 @@ class _Handler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         count = self._request_count
+        between = self._body is None or self._body.is_eof()  # the last request's body all came
         super().data_received(data)
         if self._request_count != count:  # a request's headers are complete
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-        elif self._header_timer is None and not self._request_in_progress:
-            self._arm()  # the first bytes of the next request on a kept-alive connection
+            self._body = self._messages[-1][1] if self._messages else None
+        elif self._header_timer is None and not self._request_in_progress and between:
+            # The first bytes of the next request on a kept-alive connection: not more of the
+            # last one's body (which may arrive before its handler starts, or after it answered).
+            self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        self._body = None
         super().connection_lost(exc)
 
     def _arm(self) -> None:
