@@ -197,3 +197,46 @@ def test_an_empty_segment_left_behind_is_removed_by_the_replay(tmp_path: Path) -
     spool = DiskSpool(d, max_bytes=10_000_000)
     assert [list(spool.replay(seg)) for seg in spool.segments_for_replay()] == [[]]
     assert not spool.pending()
+
+
+def test_a_replayer_in_another_process_never_deletes_a_segment_being_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outside review: a replayer that removes empty unlocked segments (left by a full disk)
+    could take one between the writer's `open` and its `flock`; the writer then appended, and
+    fsynced, to a deleted file. Segments rotate at every append here, and the replayer is a
+    spool of its own on the same directory (as a second gateway's would be)."""
+    import threading
+
+    import llmtap.gateway.spool as spool_module
+
+    monkeypatch.setattr(spool_module, "SEGMENT_BYTES", 1)  # every append opens a new segment
+    writer_spool = DiskSpool(tmp_path / "spool", max_bytes=10**9)
+    reader = DiskSpool(tmp_path / "spool", max_bytes=10**9)
+    values = [f"value-{i:06d}".encode() for i in range(3000)]
+    writing = True
+
+    def write() -> None:
+        nonlocal writing
+        try:
+            for v in values:
+                writer_spool.append([v])
+        finally:
+            writing = False
+
+    got: list[bytes] = []
+    thread = threading.Thread(target=write)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while writing:
+        assert time.monotonic() < deadline, "the writer never finished"
+        for seg in sorted((tmp_path / "spool").glob("*.spool")):
+            frames = [v for batch in reader.replay(seg) for v in batch]
+            if frames:
+                got += frames
+                reader.done(seg)
+    thread.join()
+    writer_spool.close()
+    for seg in reader.segments_for_replay():
+        got += [v for batch in reader.replay(seg) for v in batch]
+    assert sorted(got) == values

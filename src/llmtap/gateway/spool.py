@@ -119,9 +119,13 @@ class DiskSpool:
         self._seq += 1
         name = f"{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.spool"
         self._path = self.dir / name
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # Created under a name no replayer lists, locked, then named: a replayer never sees it
+        # unlocked (it would take the empty file for one a failed write left, and delete it).
+        hidden = self.dir / f".{name}.new"
+        self._fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         # Held while we write it: a replayer in another process skips a segment still growing.
         fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.rename(hidden, self._path)
         self._written = 0
         # Make the new file's directory entry durable too.
         dfd = os.open(self.dir, os.O_RDONLY)
@@ -152,7 +156,24 @@ class DiskSpool:
         self.close()
         if not self.dir.exists():
             return []
+        for stale in self.dir.glob(".*.spool.new"):  # a process died between creating and naming one
+            self._drop_if_abandoned(stale)
         return sorted(self.dir.glob("*.spool"))
+
+    @staticmethod
+    def _drop_if_abandoned(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its creator still holds it: alive
+            if os.fstat(fd).st_size == 0:
+                path.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
 
     def replay(self, path: Path) -> Iterator[list[bytes]]:
         """Yield the segment's records in batches, under an exclusive lock.
