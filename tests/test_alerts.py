@@ -224,6 +224,22 @@ async def test_requests_below_per_group_fires_when_a_group_goes_silent(store: St
     ]
 
 
+async def test_a_group_beyond_the_largest_hundred_is_not_taken_for_a_silent_one(store: Store) -> None:
+    """An outside review: a group in the window before, still sending now but ranked below the
+    100 largest groups the stats answer holds, was evaluated as empty and fired."""
+    await subscribe(store)
+    await add_rule(
+        store, metric="requests", op="below", threshold=1, window_s=300, group_by="model", min_requests=0
+    )
+    ev = Evaluator(store, interval_s=60, resolve_after_s=0)
+    await store.write_batch([r(T - timedelta(minutes=2), model="x") for _ in range(5)])
+    await ev.run_once(at(0))
+    batch = [r(T + timedelta(minutes=3), model=f"m{i:03d}") for i in range(100) for _ in range(3)]
+    await store.write_batch([*batch, *(r(T + timedelta(minutes=3), model="x") for _ in range(2))])
+    await ev.run_once(at(4))
+    assert [p["data"]["group"] for _, _, p in await events(store) if p["data"]["group"] == "x"] == []
+
+
 async def test_per_group_rules_fire_per_group(store: Store) -> None:
     await subscribe(store)
     await subscribe(store, "globex")

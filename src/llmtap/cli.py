@@ -293,6 +293,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "waiting": None,
             "in_flight": None,
             "notes": [],
+            "missing": False,
         }
         info["spool_bytes"] = spool_size(settings)  # the spool matters most when the queue is down
         if _queue_missing(settings):  # no llmtap ever ran on this data dir: create nothing

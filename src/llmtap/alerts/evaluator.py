@@ -35,7 +35,7 @@ from llmtap.alerts.rules import AlertRule, duration_text, group_key, group_value
 from llmtap.errors import BackendUnavailable, TransientError
 from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
 from llmtap.store.base import StatsQuery, Store
-from llmtap.store.query import from_micros
+from llmtap.store.query import MAX_GROUPS, from_micros
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
@@ -103,9 +103,11 @@ class Evaluator:
             seen = {"": stats["overall"]}
         else:
             seen = {group_key(g["key"]): g for g in stats["groups"]}
-            if rule.metric == "requests" and rule.op == "below":
+            if rule.metric == "requests" and rule.op == "below" and len(seen) < MAX_GROUPS:
                 # A group that went silent is in no answer of this window: the groups of the one
                 # before are evaluated too, on an empty window (then `requests below N` fires).
+                # Not when this answer is cut at its largest groups: a group missing from it may
+                # be a small one still sending.
                 before = await self.store.stats(
                     rule.tenant,
                     StatsQuery(
