@@ -126,3 +126,19 @@ async def test_large_batch_spread_over_threads_round_trips(tmp_path: Path) -> No
     for ref, (_, data) in zip(refs, items, strict=True):
         assert await s.get(ref) == data
     assert sum(1 for p in (tmp_path / "b").rglob("*") if p.is_file()) == 3 + 130
+
+
+async def test_deleting_a_days_bodies_removes_the_folders_it_leaves_empty(tmp_path: Path) -> None:
+    """Retention left an empty folder per day deleted (an outside soak)."""
+    s = FileBodyStore(str(tmp_path / "b"))
+    await s.connect()
+    old = await s.put_many([("t/2026/11/02/a.request.zst", b"one"), ("t/2026/11/03/b.request.zst", b"two")])
+    kept = await s.put_many([("t/2026/12/05/c.request.zst", b"three")])
+    await s.delete_many(old)
+    left = sorted(p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_dir())
+    assert left == ["t", "t/2026", "t/2026/12", "t/2026/12/05"]
+    assert await s.get(kept[0]) == b"three"
+    again = await s.put_many([("t/2026/11/02/d.request.zst", b"four")])  # the folder is made again
+    assert await s.get(again[0]) == b"four"
+    await s.delete_many(again + kept)
+    assert list((tmp_path / "b").iterdir()) == []  # the root stays

@@ -201,6 +201,16 @@ class FileBodyStore(BodyStore):
         def delete() -> None:
             for p in paths:
                 _unlink(p)
+            # Day, month, year and tenant folders left empty go too (retention left one empty
+            # folder a day behind). A writer that finds its folder gone makes it again.
+            for d in dict.fromkeys(os.path.dirname(p) for p in paths):
+                while d.startswith(self.root + os.sep):
+                    self._dirs.discard(d)
+                    try:
+                        os.rmdir(d)
+                    except OSError:  # not empty (or gone): its parents are not empty either
+                        break
+                    d = os.path.dirname(d)
 
         await asyncio.to_thread(delete)
 
