@@ -755,6 +755,25 @@ async def test_the_page_watch_sees_foreign_requests_and_console_errors(srv: Srv,
         await ctx.close()
 
 
+async def test_a_fresh_install_says_how_to_send_the_first_request(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """An outside walk-through: a fresh install's landing page said only "No requests match these
+    filters", and never where an SDK's base_url should point."""
+    async for s in _server(tmp_path_factory.mktemp("fresh")):
+        async with opened_page(browser, s.base) as pg:
+            await pg.goto(s.base + "/#/requests")
+            first = pg.locator("main .empty.first-run")
+            await playwright_api.expect(first).to_contain_text("No requests in this range.", timeout=WAIT)
+            await playwright_api.expect(first.locator("pre")).to_contain_text(
+                'OpenAI(base_url="http://127.0.0.1:8787/openai/v1")', timeout=WAIT
+            )
+            await pg.goto(s.base + "/#/requests?model=nope")  # with a filter: the filter's fault
+            await playwright_api.expect(pg.locator("main .empty")).to_have_text(
+                "No requests match these filters.", timeout=WAIT
+            )
+
+
 # -- multi-tenant -----------------------------------------------------------------------------------
 
 
@@ -1209,7 +1228,7 @@ async def test_views_say_loading_until_their_answer_and_empty_only_after_it(
         gate.set()
         await pg.goto(srv.base + empty)
         # The empty state, once the (empty) answer came.
-        await expect(pg.locator("main .empty")).to_have_text("No requests match these filters.", timeout=WAIT)
+        await expect(pg.locator("main .empty")).to_contain_text("No requests in this range.", timeout=WAIT)
         gate.clear()
         await pg.evaluate("h => { location.hash = h; }", "#/" + target)
         await expect(pg.locator("main #pending")).to_have_text("Loading…", timeout=WAIT)

@@ -476,6 +476,19 @@ const scroller = (table) => h("div", { class: "table-scroll" }, table);
 /** A long value cut with an ellipsis (CSS: td.ellipsis > *), whole in its tooltip. */
 const capped = (v) => h("span", { title: String(v) }, String(v));
 
+/** The empty state: with filters, say so; with none, how to send the first request. */
+function noRequests(params) {
+  const filtered = [...params.keys()].some((k) => !["range", "since", "until", "cols", "sort", "order", "cursor"].includes(k));
+  if (filtered) return h("p", { class: "empty" }, "No requests match these filters.");
+  const base = `http://${location.hostname.includes(":") ? `[${location.hostname}]` : location.hostname}:8787`;
+  return h("div", { class: "empty first-run" },
+    h("p", {}, "No requests in this range. To log one, send it through the gateway (port 8787 unless LLMTAP_GATEWAY_PORT says otherwise); it shows here a second later:"),
+    h("pre", { class: "raw" },
+      `OpenAI(base_url="${base}/openai/v1")\n` +
+      `Anthropic(base_url="${base}/anthropic")\n` +
+      `genai.Client(http_options={"base_url": "${base}/gemini"})`));
+}
+
 async function viewRequests(id, params) {
   currentParams = params;
   const colsInput = h("label", {}, "Columns", h("input", { name: "cols", value: params.get("cols") || "", placeholder: "property names", size: 12, autocomplete: "off" }));
@@ -495,7 +508,7 @@ async function viewRequests(id, params) {
   render(
     h("h1", {}, "Requests"),
     bar,
-    page.items.length ? requestTable(page.items, params) : h("p", { class: "empty" }, "No requests match these filters."),
+    page.items.length ? requestTable(page.items, params) : noRequests(params),
     nav,
     h("p", { class: "hint muted" }, "Keys: J / K next / previous request, Esc closes, / focuses the search. Click a value to filter by it."));
   if (id) await openDrawer(id, params, "requests"); else closeDrawer(false);
