@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 import orjson
@@ -50,9 +50,8 @@ _URL_CACHE_MAX = 4096
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
-#: An upstream that refuses unknown request fields answers these, naming the field.
+#: An error answer read whole to ask the provider whether it refuses a rewrite (`_small_body`).
 _REFUSALS = frozenset({400, 422})
-_REFUSED_FIELD = b"stream_options"
 _SMALL_BODY = 65536
 
 
@@ -82,35 +81,6 @@ async def _small_body(upstream: aiohttp.ClientResponse) -> bytes | None:
             break
         got += chunk
     return got
-
-
-def _refuses_stream_options(body: bytes) -> bool:
-    """Whether an error answer refuses `stream_options` itself, not merely quotes it.
-
-    Refusals name the field in an error's location (`loc`, Mistral and other pydantic servers)
-    or message (OpenAI-style `Unrecognized request argument supplied: stream_options`). vLLM and
-    other FastAPI servers echo the whole request under `input` with any validation error: a
-    client's own mistake there must not count as a refusal (an outside review).
-    """
-    if _REFUSED_FIELD not in body:
-        return False
-    try:
-        found = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return True  # a text error naming the field
-    stack: list[Any] = [found]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            loc = node.get("loc")
-            if isinstance(loc, list) and "stream_options" in loc:
-                return True
-            stack.extend(v for k, v in node.items() if k != "input")
-        elif isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, str) and "stream_options" in node:
-            return True
-    return False
 
 
 class CaptureSink(Protocol):
@@ -309,8 +279,7 @@ class Proxy:
         upstream_body = body
         stripper: StreamFilter | None = None
         sent_headers = forward
-        # Azure's API versions differ in what they take: one refusal speaks for its version only.
-        rewrite_key = base if q < 0 or provider.name != "azure" else base + rest[q:]
+        rewrite_key = provider.rewrite_scope(base, "" if q < 0 else rest[q + 1 :])
         if rewrite_key not in self.refuse_rewrite:
             rewritten = provider.rewrite_request(method, path, body, "" if q < 0 else rest[q + 1 :])
             if rewritten is not None:
@@ -382,11 +351,11 @@ class Proxy:
                     cap, "client_disconnected", self._gone("before the upstream answered", cancelled=True)
                 )
                 raise
-            if read_ahead is None or not _refuses_stream_options(read_ahead):
+            if read_ahead is None or not provider.refuses_rewrite(upstream.status, read_ahead):
                 break
-            # An upstream that refuses fields it does not know (Mistral: 422 extra_forbidden)
-            # refused the `stream_options` we added: send the client's own request instead,
-            # and never add it for this upstream again (one extra round trip per process).
+            # The upstream refused what the rewrite added (Mistral refuses any field it does not
+            # know): send the client's own request instead, and never rewrite for this upstream
+            # again (one extra round trip per process).
             upstream.release()
             self.refuse_rewrite.add(rewrite_key)
             upstream_body, stripper, sent_headers, read_ahead = body, None, forward, None

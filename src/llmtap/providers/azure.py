@@ -27,6 +27,10 @@ class Azure(OpenAI):
     name = "azure"
     pricing_id: str | None = "azure"
 
+    def rewrite_scope(self, base: str, query: str) -> str:
+        # API versions differ in what they take: one refusal speaks for its version only.
+        return f"{base}?{query}" if query else base
+
     def base_url(self, settings: Settings) -> str | None:
         return settings.azure_base_url
 

@@ -63,6 +63,16 @@ class Provider(ABC):
         upstream path without its query; `query` is the query string as sent, without `?`."""
         return None
 
+    def refuses_rewrite(self, status: int, body: bytes) -> bool:
+        """Whether an error answer (read whole, small) refuses what `rewrite_request` added:
+        the gateway then sends the client's own request instead, and no rewrite again to the
+        same upstream (`rewrite_scope`)."""
+        return False
+
+    def rewrite_scope(self, base: str, query: str) -> str:
+        """What one refusal of a rewrite speaks for: the upstream, by default."""
+        return base
+
     #: The member of a non-stream answer that holds its usage (every provider sends it last).
     usage_member = "usage"
 

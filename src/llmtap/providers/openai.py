@@ -485,6 +485,35 @@ def inject_stream_usage(body: bytes) -> bytes | None:
         return None
 
 
+def refuses_stream_options(body: bytes) -> bool:
+    """Whether an error answer refuses `stream_options` itself, not merely quotes it.
+
+    Refusals name the field in an error's location (`loc`, Mistral and other pydantic servers)
+    or message (OpenAI-style `Unrecognized request argument supplied: stream_options`). vLLM and
+    other FastAPI servers echo the whole request under `input` with any validation error: a
+    client's own mistake there must not count as a refusal (an outside review).
+    """
+    if b"stream_options" not in body:
+        return False
+    try:
+        found = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return True  # a text error naming the field
+    stack: list[Any] = [found]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            loc = node.get("loc")
+            if isinstance(loc, list) and "stream_options" in loc:
+                return True
+            stack.extend(v for k, v in node.items() if k != "input")
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str) and "stream_options" in node:
+            return True
+    return False
+
+
 _USAGE_NULL = b',"usage":null'
 _EMPTY_CHOICES = b'"choices":[]'
 _USAGE_OBJECT = b'"usage":{'
@@ -618,6 +647,9 @@ class OpenAI(Provider):
             return None
         injected = inject_stream_usage(body)
         return None if injected is None else (injected, UsageChunkStripper())
+
+    def refuses_rewrite(self, status: int, body: bytes) -> bool:
+        return refuses_stream_options(body)
 
     def usage_from_body(self, body: Any) -> Usage:
         return usage_from_body(body)
