@@ -43,6 +43,10 @@ def spool_dir(settings: Settings) -> Path:
     return settings.data_dir / "spool"
 
 
+#: A hidden segment this old was left by a process that died before naming it.
+_ABANDONED_AFTER_S = 60.0
+
+
 def spool_size(settings: Settings) -> int:
     """Bytes waiting in the spool (for `llmtap status`)."""
     return _segment_bytes(spool_dir(settings))
@@ -162,7 +166,10 @@ class DiskSpool:
 
     @staticmethod
     def _drop_if_abandoned(path: Path) -> None:
+        # Only an old one: a writer opens it, then locks it, and must find it there to name it.
         try:
+            if time.time() - path.stat().st_mtime < _ABANDONED_AFTER_S:
+                return
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return
