@@ -34,6 +34,7 @@ from queue_helpers import (
     take,
     wait_for,
 )
+from store_helpers import rec
 
 pytestmark = [
     pytest.mark.kafka,
@@ -338,3 +339,79 @@ async def test_records_fetched_before_the_assign_listener_ran_are_not_skipped(
     want = [m.value for m in first] + [m.value + b"-2" for m in second]
     assert sorted(d.value for d in got) == sorted(want)
     assert (await q.status()).lag == 0
+
+
+async def _limit_topics(topics: dict[str, int]) -> None:
+    """Set each topic's `max.message.bytes` (a broker or topic limit below a record's size)."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=os.environ["LLMTAP_TEST_KAFKA_BOOTSTRAP"])
+    await admin.start()
+    try:
+        await admin.alter_configs(
+            [
+                ConfigResource(ConfigResourceType.TOPIC, t, configs={"max.message.bytes": str(n)})
+                for t, n in topics.items()
+            ]
+        )
+    finally:
+        await admin.close()
+
+
+def _big(rid: str) -> Any:
+    from llmtap.record import Body
+
+    body = Body(size=60_000, data=os.urandom(60_000))  # incompressible, under the inline limit
+    return rec(0, id=rid, request_body=body, response_body=body, response_events=body)
+
+
+async def test_a_record_too_large_for_the_topic_is_refused_and_the_spool_moves_on(
+    spec: QueueSpec, queues: list[KafkaQueue], tmp_path: Path
+) -> None:
+    """Too large is the record's fault, not an outage: an outage kept the spool replaying the
+    records before it forever (one more copy of each a second) and never reached those after."""
+    from llmtap.errors import MessageRefused
+    from llmtap.gateway.sinks import SpoolReplayer, SpoolSink
+    from llmtap.gateway.spool import DiskSpool
+    from llmtap.record import decode, encode
+
+    q = await open_(spec, queues, "producer", compression=None)
+    await _limit_topics({q.topic: 100_000})
+    big = _big("big-1")
+    assert len(encode(big)) > 200_000
+    probes = 0  # the topic's new limit may take a moment to apply: until then a probe goes in
+    while not await _refused(q, _big(f"probe-{probes}")):
+        probes += 1
+        assert probes < 100, "the broker never applied max.message.bytes"
+        await asyncio.sleep(0.2)
+
+    spool = DiskSpool(tmp_path / "spool", 1 << 30)
+    goods = [rec(i, id=f"good-{i}") for i in range(150)]
+    sink = SpoolSink(spool, partition_by="tenant")
+    await sink.send([*goods[:148], big, goods[148]])  # the big one inside the second chunk of 100
+    await sink.send([goods[149]])
+    replayer = SpoolReplayer(spool, q)
+    assert await replayer.replay_once() == 151
+    assert not spool.pending() and replayer.dropped == 0
+    assert await replayer.replay_once() == 0  # nothing left to publish twice
+
+    consumer = await open_(spec, queues, "consumer")
+    got = [
+        r for d in await take(consumer, 151 + probes) if not (r := decode(d.value)).id.startswith("probe-")
+    ]
+    assert sorted(r.id for r in got) == sorted([g.id for g in goods] + ["big-1"])
+    bare = next(r for r in got if r.id == "big-1")
+    assert bare.request_body is None and "too large" in (bare.error or ""), bare.error
+    with pytest.raises(MessageRefused):
+        await q.publish([Message(key="acme", value=encode(big))])
+
+
+async def _refused(q: KafkaQueue, record: Any) -> bool:
+    from llmtap.errors import MessageRefused
+    from llmtap.record import encode
+
+    try:
+        await q.publish([Message(key="acme", value=encode(record))])
+    except MessageRefused:
+        return True
+    return False

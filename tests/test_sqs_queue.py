@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 from aiobotocore.session import get_session
 
-from llmtap.errors import BackendUnavailable, ConfigError
+from llmtap.errors import BackendUnavailable, ConfigError, MessageRefused
 from llmtap.queue.base import Message, partition_for
-from llmtap.queue.sqs import MessageRefused, SQSQueue, group_id
+from llmtap.queue.sqs import SQSQueue, group_id
 from queue_helpers import (
     SERVICES,
     check_foreign_letter,
@@ -610,3 +610,56 @@ async def test_gateway_sends_a_batch_sqs_refuses_to_the_next_sink_not_the_floor(
     via_sqs = {decode(d.value).id for d in await take(q, 3 - len(ingest.records))}
     assert str(uuid.UUID(int=3)) in via_sqs
     assert via_sqs | {r.id for r in ingest.records} == {str(uuid.UUID(int=i)) for i in (1, 2, 3)}
+
+
+@needs_server
+async def test_a_letter_too_large_for_the_dead_letter_queue_is_shortened_not_retried_forever(
+    queues: list[SQSQueue], tmp_path: Path
+) -> None:
+    """A message that fits the queue need not fit its letter (the reason and offsets travel as
+    attributes): refused on every try, the batch was retried forever and the records after it
+    in its group were never stored. Now the letter holds the message's head, and they are."""
+    import sqlite3
+
+    from llmtap.config import Settings
+    from llmtap.handlers.chain import Chain
+    from llmtap.handlers.store import StoreHandler
+    from llmtap.record import encode
+    from llmtap.store.sqlite import SQLiteStore
+    from llmtap.worker.worker import LETTER_HEAD, WorkerService
+    from store_helpers import rec
+
+    url = fresh()
+    q = await open_(url, queues, "producer")
+    poison = b'{"not": "a record", "pad": "' + b"x" * (q.max_bytes - 100) + b'"}'
+    good = rec(1, id="after-the-poison")
+    await q.publish([Message("acme", poison, id="poison"), Message("acme", encode(good), id="good")])
+    store = SQLiteStore(str(tmp_path / "store.db"))
+    await store.connect()
+    settings = Settings(data_dir=tmp_path, worker_batch_size=1, worker_linger_ms=0, shutdown_timeout=5)
+    worker = WorkerService(
+        settings,
+        queue=SQSQueue(url, 6, "workers", visibility_timeout=4),
+        store=store,
+        chain=Chain([StoreHandler(store)]),
+    )
+    await worker.start()
+
+    def stored() -> bool:
+        with sqlite3.connect(tmp_path / "store.db") as db:
+            return db.execute("SELECT count(*) FROM requests WHERE id = ?", (good.id,)).fetchone()[0] == 1
+
+    try:
+        deadline = time.monotonic() + 90
+        while not stored():
+            assert time.monotonic() < deadline, (
+                f"the record after the poison was never stored: {worker.stats}"
+            )
+            await asyncio.sleep(0.2)
+    finally:
+        await worker.stop()
+        await store.close()
+    assert worker.stats.dead_lettered == 1
+    (letter,) = await q.dead_letters()
+    assert letter.value == poison[:LETTER_HEAD]
+    assert f"the letter holds the first {LETTER_HEAD} of its {len(poison)} bytes" in letter.reason

@@ -821,3 +821,27 @@ def test_a_worker_alone_serves_healthz_and_metrics_on_its_port(tmp_path: Path) -
         assert status == 503 and body["status"] == "waiting" and "PostgreSQL" in body["reason"], body
     finally:
         assert worker.stop() == 0, worker.output()
+
+
+def test_a_smaller_letter_keeps_a_records_fields_and_a_messages_head() -> None:
+    """What the worker dead-letters when the dead-letter place refuses the whole message."""
+    from datetime import UTC, datetime
+
+    from llmtap.worker.worker import LETTER_HEAD, smaller_letter
+
+    body = Body(size=200_000, data=os.urandom(200_000))
+    full = LogRecord(
+        id="r-1", tenant="acme", provider="openai", target_url="http://u/v1/chat/completions", method="POST",
+        path="/v1/chat/completions", model="gpt-4o-mini", user_id="u-1", status=200, request_body=body,
+        started_at=datetime.now(UTC), ended_at=datetime.now(UTC), latency_ms=1.0,
+    )  # fmt: skip
+    value, what = smaller_letter(encode(full), "handler: boom")
+    letter = decode(value)
+    assert (letter.id, letter.tenant, letter.status, letter.request_body) == ("r-1", "acme", 200, None)
+    assert "handler: boom" in (letter.error or "") and "without its bodies" in what
+    assert len(value) < 2_000
+    junk = os.urandom(3 * LETTER_HEAD)
+    assert smaller_letter(junk, "x") == (
+        junk[:LETTER_HEAD],
+        f"the letter holds the first {LETTER_HEAD} of its {len(junk)} bytes",
+    )

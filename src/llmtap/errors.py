@@ -25,6 +25,12 @@ class BackendUnavailable(LlmtapError):
     """
 
 
+class MessageRefused(LlmtapError, ValueError):
+    """The queue will not take this message (too large for it): not an outage. The gateway splits
+    the batch down to the record at fault and sends that one without its bodies; the worker
+    dead-letters a smaller letter instead of retrying one the dead-letter place never takes."""
+
+
 class QueueMissing(LlmtapError):
     """An `inspect` connection found no such queue: nothing was ever published to it, or the
     setting names the wrong one. Read-only commands create nothing, so they say so instead."""

@@ -56,11 +56,14 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
     TopicAlreadyExistsError,
 )
 from aiokafka.structs import OffsetAndMetadata
 
-from llmtap.errors import BackendUnavailable, ConfigError, QueueMissing, unknown_host
+from llmtap.errors import BackendUnavailable, ConfigError, MessageRefused, QueueMissing, unknown_host
 from llmtap.queue.base import (
     DeadLetter,
     Delivery,
@@ -113,6 +116,10 @@ def _decode_offsets(text: str) -> set[int]:
         a, _, b = part.partition("-")
         out.update(range(int(a), int(b or a) + 1))
     return out
+
+
+#: What the broker (or the producer, against `max_request_size`) says of a message too large.
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
 
 
 @dataclass(slots=True)
@@ -429,6 +436,14 @@ class KafkaQueue(Queue):
             self._producer_broken = True
             for f in futures:  # fail later, unobserved: retrieve so asyncio does not log them
                 f.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if isinstance(e, _TOO_LARGE):
+                # The record, not the broker: an outage would keep it (and every record spooled
+                # after it) waiting forever. Refused, the sender splits the batch down to it.
+                size = max((len(v) for _, v, _ in records), default=0)
+                raise MessageRefused(
+                    f"Kafka topic {topic} refused a message as too large ({type(e).__name__}; "
+                    f"the largest of the batch is {size} bytes)"
+                ) from None
             raise self._unavailable(e) from None
 
     # -- consumer ------------------------------------------------------------------------------

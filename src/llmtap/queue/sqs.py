@@ -69,7 +69,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
-from llmtap.errors import BackendUnavailable, ConfigError, QueueMissing, unknown_host
+from llmtap.errors import BackendUnavailable, ConfigError, MessageRefused, QueueMissing, unknown_host
 from llmtap.queue.base import (
     DeadLetter,
     Delivery,
@@ -104,10 +104,6 @@ A_REPLAY = "llmtap-replay"
 A_REASON = "llmtap-reason"
 A_OFFSET = "llmtap-offset"
 A_FAILED_AT = "llmtap-failed-at"
-
-
-class MessageRefused(ValueError):
-    """A message SQS would not take (too large): not an outage, so the next sink gets the batch."""
 
 
 @dataclass(slots=True)

@@ -25,16 +25,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram
 
 from llmtap.config import Settings
 from llmtap.cooperate import SLICE, Foreground
-from llmtap.errors import BackendUnavailable, RecordError
+from llmtap.errors import BackendUnavailable, MessageRefused, RecordError
 from llmtap.handlers.chain import Abandoned, Chain, RetryPolicy, run_with_attempts
-from llmtap.record import LogRecord, decode
+from llmtap.record import LogRecord, decode, encode, stripped
 from llmtap.runtime import OnBackends, SharedBackends, open_when_back
 
 if TYPE_CHECKING:
@@ -389,7 +389,17 @@ class WorkerService(OnBackends):
             await self._process_batch(rest, dead)
 
     async def _dead_letter(self, d: Delivery, reason: str, cause: str, dead: set[tuple[int, int]]) -> None:
-        await self.queue.dead_letter(d, reason)
+        try:
+            await self.queue.dead_letter(d, reason)
+        except MessageRefused as e:
+            # The letter is larger than the message it came from (the reason and offsets travel
+            # with it) and the dead-letter place refuses it: retrying it would hold the partition
+            # for good. A smaller letter keeps the request's fields and the reason.
+            value, what = smaller_letter(d.value, reason)
+            log.error(
+                "worker: the dead-letter place refused message %s/%s (%s); %s", d.partition, d.offset, e, what
+            )
+            await self.queue.dead_letter(replace(d, value=value), f"{reason} [{what}]")
         dead.add((d.partition, d.offset))  # a re-run of the batch (ack failed) must not repeat it
         self._count_dead(cause)
 
@@ -453,3 +463,19 @@ class WorkerService(OnBackends):
                 f"; waited {waited - w0:.1f}s for the gateway's requests" if waited - w0 >= 0.5 else "",
             )
         self._progress_at, self._progress_mark = now, (processed, dead, waited)
+
+
+#: How much of an unreadable message a letter keeps when the whole is too large for the letter.
+LETTER_HEAD = 16 * 1024
+
+
+def smaller_letter(value: bytes, reason: str) -> tuple[bytes, str]:
+    """A letter the dead-letter place takes, and what it holds: the record without its bodies
+    (replayed, it stores the request's fields with the reason as its error), or, for bytes that
+    are no record, their first `LETTER_HEAD` bytes."""
+    try:
+        record = decode(value)
+    except RecordError:
+        return value[:LETTER_HEAD], f"the letter holds the first {LETTER_HEAD} of its {len(value)} bytes"
+    what = f"the letter holds the record without its bodies ({len(value)} bytes in full)"
+    return encode(stripped(record, reason)), what
