@@ -49,6 +49,34 @@ def test_torn_tail_is_dropped_rest_kept(tmp_path: Path) -> None:
     assert got == [b"first", b"second"]
 
 
+@pytest.mark.parametrize("damage", ["flipped", "zeroed"])
+def test_a_corrupt_frame_costs_its_own_records_not_those_after_it(tmp_path: Path, damage: str) -> None:
+    """A disk error mid-segment (a flipped bit, a zeroed block) lost every frame after it."""
+    spool = DiskSpool(tmp_path / "spool", max_bytes=10_000_000)
+    values = [b'{"id": "r-%d", "pad": "%s"}' % (i, b"x" * (i % 50)) for i in range(300)]
+    spool.append(values[:100])
+    spool.append(values[100:200])
+    spool.append(values[200:])
+    spool.close()
+    (seg,) = spool.segments_for_replay()
+    data = bytearray(seg.read_bytes())
+    at = data.index(b'"r-150"')
+    if damage == "flipped":
+        data[at] ^= 0x01
+    else:
+        data[at - 20 : at + 4000] = bytes(4020)
+    seg.write_bytes(bytes(data))
+    got = [v for batch in spool.replay(seg) for v in batch]
+    lost = [v for v in values if v not in got]
+    assert got == [v for v in values if v not in lost]  # the rest, in order
+    assert 1 <= len(lost) <= (1 if damage == "flipped" else 150) and values[150] in lost
+    assert values[-1] in got
+    kept = list((tmp_path / "spool" / "corrupt").iterdir())
+    assert len(kept) == 1 and spool.unreadable_bytes == kept[0].stat().st_size > 0
+    if damage == "flipped":  # exactly the damaged frame, for whoever reads it by hand
+        assert kept[0].read_bytes()[8:] == values[150].replace(b'"r-', b"#r-")
+
+
 def test_growing_segment_is_not_replayed_by_another_process(tmp_path: Path) -> None:
     d = tmp_path / "spool"
     writer = DiskSpool(d, max_bytes=10_000_000)

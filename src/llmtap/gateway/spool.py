@@ -6,6 +6,8 @@ Append-only segment files under `<data_dir>/spool/`. Each frame is `length (4 by
 returns the records survive a crash or a power loss. A torn last frame (crash mid-write) fails
 its checksum and is dropped on read: it was never acknowledged as spooled, and its records
 were still in the caller's hands (the caller only forgets a batch once `append` returned).
+A corrupt frame elsewhere (a disk error) costs only its own records: the replay reads on from
+the next intact frame and keeps the unreadable bytes in `corrupt/`.
 
 Replay takes whole segments oldest first: the writer rotates to a new segment before a segment
 is replayed, so a segment being replayed is never appended to. Several gateway processes on one
@@ -18,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -32,6 +35,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmtap.gateway")
 
 _HEADER = struct.Struct(">II")
+#: No frame is empty: eight zero bytes (a crash can leave zeroed blocks) would read as an intact
+#: empty frame, crc32(b"") being 0.
+_MIN_FRAME = 1
 SEGMENT_BYTES = 16 * 1024 * 1024
 
 
@@ -77,6 +83,7 @@ class DiskSpool:
         self._written = 0
         self._seq = 0
         self._lock = threading.Lock()  # append (sink thread) vs close (replayer thread)
+        self.unreadable_bytes = 0  # corrupt spans met on replay (their records are lost)
 
     # -- writing ------------------------------------------------------------------------------
     def append(self, values: Sequence[bytes]) -> None:
@@ -204,32 +211,78 @@ class DiskSpool:
                 return
             data = os.read(fd, size)
             batch: list[bytes] = []
-            for value in _frames(data):
+            bad: list[tuple[int, int]] = []
+            for value in _frames(data, bad):
                 batch.append(value)
                 if len(batch) >= 500:
                     yield batch
                     batch = []
+            self._keep_unreadable(path, data, bad)
             if batch:
                 yield batch
         finally:
             os.close(fd)
+
+    def _keep_unreadable(self, path: Path, data: bytes, bad: list[tuple[int, int]]) -> None:
+        """Copy each unreadable span to `corrupt/` (the records in it may still be read by hand)
+        and say so: the segment itself is deleted once its intact frames are replayed."""
+        for a, b in bad:
+            kept = self.dir / "corrupt" / f"{path.stem}.{a}.bin"
+            try:
+                kept.parent.mkdir(exist_ok=True)
+                kept.write_bytes(data[a:b])
+            except OSError as e:
+                kept = Path(f"nowhere ({e})")
+            self.unreadable_bytes += b - a
+            log.error(
+                "spool: %d unreadable bytes at byte %d of %s (a disk error?): the records in them are lost; "
+                "the bytes are kept in %s, the frames after them replayed",
+                b - a,
+                a,
+                path.name,
+                kept,
+            )
 
     @staticmethod
     def done(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _frames(data: bytes) -> Iterator[bytes]:
+def _frames(data: bytes, bad: list[tuple[int, int]] | None = None) -> Iterator[bytes]:
+    """The intact frames of a segment. Past a corrupt frame (a disk error, not a torn tail) the
+    next intact one is found and reading goes on: one bad spot costs the frames in it, not every
+    frame after it. Unreadable spans go to `bad` as (start, end); a torn tail (a crash mid-write,
+    never acknowledged) is not one."""
     pos, end = 0, len(data)
     while pos + _HEADER.size <= end:
         length, crc = _HEADER.unpack_from(data, pos)
         start = pos + _HEADER.size
         value = data[start : start + length]
-        if len(value) != length or zlib.crc32(value) != crc:
-            if start + length < end:  # not a torn tail: frames after it are unreadable
-                log.error(
-                    "spool: a corrupt frame at byte %d; %d bytes after it are unreadable", pos, end - pos
-                )
-            return  # torn tail: never acknowledged as spooled
-        yield value
-        pos = start + length
+        if length >= _MIN_FRAME and len(value) == length and zlib.crc32(value) == crc:
+            yield value
+            pos = start + length
+            continue
+        nxt = _next_frame(data, pos + 1)
+        if nxt is None:
+            if (start + length < end or length < _MIN_FRAME) and bad is not None:
+                bad.append((pos, end))  # not the shape of a torn tail
+            return
+        if bad is not None:
+            bad.append((pos, nxt))
+        pos = nxt
+
+
+def _next_frame(data: bytes, pos: int) -> int | None:
+    """Where the next intact frame starts at or after `pos`, if anywhere. Payloads are a key and
+    JSON text, which has no byte below 0x20, so a frame's length (at most the bytes left) starts
+    with a byte no larger than `(bytes left) >> 24`: only such bytes are tried."""
+    end = len(data)
+    top = min(255, max(0, end - pos - _HEADER.size) >> 24)
+    candidates = re.compile(b"[\\x00-" + re.escape(bytes([top])) + b"]")
+    for m in candidates.finditer(data, pos, max(pos, end - _HEADER.size - _MIN_FRAME + 1)):
+        p = m.start()
+        length, crc = _HEADER.unpack_from(data, p)
+        start = p + _HEADER.size
+        if _MIN_FRAME <= length <= end - start and zlib.crc32(data[start : start + length]) == crc:
+            return p
+    return None
