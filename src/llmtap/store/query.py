@@ -319,15 +319,21 @@ def _number(params: Mapping[str, str], name: str) -> float:
     return value
 
 
+#: The times a query may name: a month short of `datetime`'s own end, which the answer's month
+#: and day steps go past.
+TIME_RANGE = (datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC))
+
+
 def parse_time(name: str, raw: str) -> datetime:
     """ISO 8601 (naive means UTC) or epoch seconds. Four digits are a year and eight a date
     (`2026`, `20261120`: ISO's own forms), never seconds after 1970."""
     try:
         if len(raw) == 4 and raw.isdigit():
-            return datetime(int(raw), 1, 1, tzinfo=UTC)
-        if _EPOCH_RE.match(raw) and not (len(raw) == 8 and raw.isdigit()):
-            return datetime.fromtimestamp(float(raw), UTC)
-        dt = datetime.fromisoformat(raw)
+            dt = datetime(int(raw), 1, 1, tzinfo=UTC)
+        elif _EPOCH_RE.match(raw) and not (len(raw) == 8 and raw.isdigit()):
+            dt = datetime.fromtimestamp(float(raw), UTC)
+        else:
+            dt = datetime.fromisoformat(raw)
     except (ValueError, OverflowError, OSError):
         hint = " (send a '+' in a URL as %2B)" if _SPACED_OFFSET.search(raw) else ""
         raise QueryError(
@@ -337,9 +343,12 @@ def parse_time(name: str, raw: str) -> datetime:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     try:
-        return dt.astimezone(UTC)
+        dt = dt.astimezone(UTC)
     except (ValueError, OverflowError):
         raise QueryError(name, f"invalid parameter {name!r}: out of range") from None
+    if not TIME_RANGE[0] <= dt <= TIME_RANGE[1]:  # rollups reach a month past their range's end
+        raise QueryError(name, f"invalid parameter {name!r}: out of range (years 1 to 9998)")
+    return dt
 
 
 def _filters(params: Mapping[str, str], props: dict[str, str]) -> ListQuery:

@@ -586,7 +586,8 @@ def user_parts(since: int | None, until: int | None, subtract: bool) -> list[Par
         parts.append((_MONTH, first, last, 1))
     if until != last:
         parts += partial(last, max(last, since or last), until)
-    return parts
+    # An empty range on a month's first instant has no part: one that reads nothing, not `FROM ()`.
+    return parts or [(_DAY, until, until, 1)]
 
 
 def _user_sums(
