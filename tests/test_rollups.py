@@ -10,11 +10,13 @@ overall answers are checked against that reference too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import random
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -266,6 +268,63 @@ async def test_rollups_equal_raw_through_redelivery_and_retention(
         await compare_users(store, [*written, *late], users_sql_calls, cutoff)
 
 
+@contextlib.asynccontextmanager
+async def opened_store(kind: str, where: str, props: tuple[str, ...]) -> AsyncIterator[Store]:
+    store: Store
+    if kind == "sqlite":
+        from llmtap.store.sqlite import SQLiteStore
+
+        store = SQLiteStore(Path(where), rollup_properties=props)
+    else:
+        from llmtap.store.postgres import PostgresStore
+
+        store = PostgresStore(where, rollup_properties=props)
+    await store.connect()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_a_property_added_covers_no_row_stored_before_it_whatever_its_clock(
+    kind: str, tmp_path: Path
+) -> None:
+    """Rows already stored but stamped after now (a gateway clock minutes or a year ahead of the
+    worker's) are not in a property's rollups registered now: its coverage starts after them.
+    It started at the next minute by the worker's clock and answered no group for them."""
+    async with contextlib.AsyncExitStack() as stack:
+        where = str(tmp_path / "s.db") if kind == "sqlite" else await stack.enter_async_context(pg_database())
+        now = datetime.now(UTC)
+        ahead = [
+            *[rec(i, at=now + timedelta(minutes=3, seconds=i), properties={"feat": "a"}) for i in range(10)],
+            *[
+                rec(100 + i, at=now + timedelta(days=365, seconds=i), properties={"feat": "a"})
+                for i in range(5)
+            ],
+        ]
+        async with opened_store(kind, where, ("Team",)) as before:
+            assert await before.write_batch(ahead) == 15
+        async with opened_store(kind, where, ("Team", "feat")) as store:
+            hour = now.replace(minute=0, second=0, microsecond=0)
+            later = [rec(200 + i, at=now + timedelta(days=400), properties={"feat": "b"}) for i in range(2)]
+            await store.write_batch(later)
+            for since, until in (
+                (hour, hour + timedelta(hours=2)),
+                (hour, hour + timedelta(days=500)),
+                (hour + timedelta(days=365), hour + timedelta(days=366)),
+            ):
+                q = StatsQuery(since=since, until=until, group_by="property.feat")
+                got, exact = await store.stats("acme", q), await store.stats("acme", replace(q, exact=True))
+                pairs = [(g["key"], g["count"]) for g in got["groups"]]
+                assert pairs == [(g["key"], g["count"]) for g in exact["groups"]], (
+                    since,
+                    until,
+                    got["source"],
+                )
+                assert pairs, (since, until)
+
+
 @pytest.mark.parametrize("kind", store_params())
 async def test_a_property_taken_out_of_the_rollups_and_put_back_claims_nothing_it_missed(
     kind: str, tmp_path: Path
@@ -274,23 +333,7 @@ async def test_a_property_taken_out_of_the_rollups_and_put_back_claims_nothing_i
     covers only what it sees from then on, and a process that still lists it (a server started
     before a worker without it) stops answering from its rollups at once."""
 
-    @contextlib.asynccontextmanager
-    async def opened(where: str, props: tuple[str, ...]) -> AsyncIterator[Store]:
-        store: Store
-        if kind == "sqlite":
-            from llmtap.store.sqlite import SQLiteStore
-
-            store = SQLiteStore(Path(where), rollup_properties=props)
-        else:
-            from llmtap.store.postgres import PostgresStore
-
-            store = PostgresStore(where, rollup_properties=props)
-        await store.connect()
-        try:
-            yield store
-        finally:
-            await store.close()
-
+    opened = functools.partial(opened_store, kind)
     async with contextlib.AsyncExitStack() as stack:
         where = str(tmp_path / "s.db") if kind == "sqlite" else await stack.enter_async_context(pg_database())
         now = datetime.now(UTC)

@@ -501,8 +501,19 @@ class PostgresStore(Store):
     async def _cover_dims(self, conn: asyncpg.Connection) -> None:
         """Register the rolled-up dimensions (see `llmtap.store.rollup`: coverage)."""
         empty = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM request_keys)")
-        since = 0 if empty else (to_micros(sql.now()) // 60_000_000 + 1) * 60_000_000
+        now = to_micros(sql.now())
         registered = [r[0] for r in await conn.fetch("SELECT dim FROM rollup_dims")]
+        if empty:
+            since = 0
+        elif set(rollup.dims_for(self.rollup_properties)) - set(registered):
+            # Rows stamped after now (a gateway clock ahead): this month's and later partitions,
+            # read through the BRIN index.
+            newest = await conn.fetchval(
+                "SELECT max(created_at) FROM requests WHERE created_at >= $1", from_micros(now)
+            )
+            since = rollup.coverage_start(now, None if newest is None else to_micros(newest))
+        else:
+            since = rollup.coverage_start(now, None)  # nothing new: unused
         await conn.executemany(
             "DELETE FROM rollup_dims WHERE dim = $1",
             [(d,) for d in rollup.uncovered(registered, self.rollup_properties)],

@@ -24,7 +24,9 @@ Coverage: a dimension answers only for data written since it was rolled up (`rol
 since 0 when the store had no requests at that time); an older range falls back to raw rows.
 Every worker must run with the same `LLMTAP_ROLLUP_PROPERTIES`. The base dimensions and the
 properties are registered at connect (`dims_for`); `USER_DIM` by its own migration, which is
-when its rows began.
+when its rows began. A dimension's coverage starts at the next minute, or after the newest
+row already stored if that is later (a gateway clock ahead of the worker's stamps rows in what
+would otherwise be covered, yet they were never added to the new dimension's rollups).
 """
 
 from __future__ import annotations
@@ -113,6 +115,12 @@ def decode_key(dim: str, key: str) -> Any:
 
 def dims_for(props: Sequence[str]) -> tuple[str, ...]:
     return (*BASE_DIMS, *(f"property.{sql.property_name(p)}" for p in props))
+
+
+def coverage_start(now: int, newest: int | None) -> int:
+    """Where a dimension registered now starts covering: the minute after `now`, or after the
+    newest row already stored (`created_at` is the gateway's clock, not this process's)."""
+    return (max(now, newest if newest is not None else now) // 60_000_000 + 1) * 60_000_000
 
 
 def uncovered(registered: Iterable[str], props: Sequence[str]) -> list[str]:

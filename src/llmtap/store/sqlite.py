@@ -398,8 +398,17 @@ class SQLiteStore(Store):
             if self._rollups:
                 # Dimensions rolled up from now on (see `llmtap.store.rollup`: coverage).
                 empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM requests)").fetchone()[0]
-                since = 0 if empty else (to_micros(sql.now()) // 60_000_000 + 1) * 60_000_000
+                now = to_micros(sql.now())
                 registered = [row[0] for row in conn.execute("SELECT dim FROM rollup_dims")]
+                if empty:
+                    since = 0
+                elif set(rollup.dims_for(self.rollup_properties)) - set(registered):
+                    newest = conn.execute(
+                        "SELECT max(created_at) FROM requests WHERE created_at >= ?", (now,)
+                    )
+                    since = rollup.coverage_start(now, newest.fetchone()[0])
+                else:
+                    since = rollup.coverage_start(now, None)  # nothing new: unused
                 conn.executemany(
                     "DELETE FROM rollup_dims WHERE dim = ?",
                     [(d,) for d in rollup.uncovered(registered, self.rollup_properties)],
