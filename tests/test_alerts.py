@@ -422,9 +422,13 @@ async def test_alerts_api_is_authenticated_and_tenant_scoped(mt: Server) -> None
     for bad, says in (({**base, "metric": "nope"}, "unknown metric"), ({**base, "window_s": 30}, "5m to 1d"),
                       ({**base, "extra": 1}, "unknown field 'extra'"),
                       ({"metric": "cost_usd"}, "missing field 'op'"),
-                      ({**base, "group_by": "bogus"}, "group_by must be")):  # fmt: skip
+                      ({**base, "group_by": "bogus"}, "group_by must be"),
+                      ({**base, "metric": []}, "unknown metric"),  # unhashable: a 500 before
+                      ({**base, "metric": {"a": 1}}, "unknown metric")):  # fmt: skip
         status, err = await call(mt, "POST", "/api/v1/alerts", key_a, bad)
         assert status == 400 and says in err["error"]["message"], (bad, err)
+    status, err = await call(mt, "PATCH", f"/api/v1/alerts/{rid}", key_a, {"metric": {"a": 1}})
+    assert status == 400 and "unknown metric" in err["error"]["message"], err
 
     assert (await call(mt, "DELETE", f"/api/v1/alerts/{rid}", key_a))[0] == 204
     assert (await call(mt, "GET", "/api/v1/alerts", key_a))[1] == {"items": []}

@@ -114,7 +114,7 @@ def make_rule(
     name: Any = None,
 ) -> AlertRule:
     """A checked rule, or `Invalid` naming the first thing wrong (values may come from JSON)."""
-    if metric not in METRICS:
+    if not isinstance(metric, str) or metric not in METRICS:
         raise Invalid(f"unknown metric {metric!r}; metrics are {', '.join(METRICS)}")
     if op not in OPS:
         raise Invalid(f"op must be above or below, got {op!r}")
