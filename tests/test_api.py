@@ -775,6 +775,7 @@ async def test_healthz_metrics_dashboard_openapi(server: Server) -> None:
     assert status == 404 and "error" in body
     async with server.http.delete(server.base + "/api/v1/requests") as r:
         assert r.status == 405 and "error" in orjson.loads(await r.read())
+        assert "GET" in r.headers["Allow"]  # RFC 9110: a 405 names the methods that are
 
 
 async def test_banner_port_and_port_in_use(tmp_path: Path) -> None:

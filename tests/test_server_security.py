@@ -446,6 +446,8 @@ async def test_posts_must_be_json_so_cross_site_forms_fail(server: ServerService
             async with http.post(base + "/api/v1/ingest", data=encode(r1), headers=headers) as r:
                 assert r.status == 415, ctype
                 assert "application/json" in (await r.json())["error"]["message"]
+        async with http.post(base + "/api/v1/webhooks/ep_x/test", skip_auto_headers={"Content-Type"}) as r:
+            assert r.status == 415 and (await r.json())["error"]["message"].endswith("got none")
         await server.ingest.drained()
         assert await server.store.get_request("default", r1.id) is None
         async with http.post(

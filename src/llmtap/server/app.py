@@ -71,6 +71,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/api/") or e.status < 400:
             raise
         response = api.error_response(e.status, e.reason)
+        if "Allow" in e.headers:  # a 405 says which methods are (RFC 9110)
+            response.headers["Allow"] = e.headers["Allow"]
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         response = api.error_response(500, "internal error (logged on the server)")
