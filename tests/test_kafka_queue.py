@@ -244,6 +244,23 @@ async def test_dead_letter_replay_is_remembered_across_instances(
     assert sorted(d.value for d in replayed) == sorted(f"garbage {i}".encode() for i in range(4))
 
 
+async def test_the_same_delivery_dead_lettered_twice_is_one_letter(
+    spec: QueueSpec, queues: list[KafkaQueue]
+) -> None:
+    """The letter is written before the commit: a failed commit (or a rebalance in between)
+    dead-letters the message again. The contract: the same delivery twice is one dead letter."""
+    q = await open_(spec, queues)
+    await q.publish([Message(f"bad{i}", f"garbage {i}".encode()) for i in range(3)])
+    got = await take(q, 3, ack=False)
+    for d in [*got, got[1], got[1]]:
+        await q.dead_letter(d, f"poison {d.key}")
+    letters = await q.dead_letters()
+    assert sorted(d.key for d in letters) == ["bad0", "bad1", "bad2"]
+    assert await q.replay_dead_letters() == 3
+    assert await q.dead_letters() == [] and await q.replay_dead_letters() == 0
+    assert sorted(d.value for d in await take(q, 3)) == [f"garbage {i}".encode() for i in range(3)]
+
+
 async def test_a_foreign_dead_letter_with_garbage_headers_is_listed_and_replayed(
     spec: QueueSpec, queues: list[KafkaQueue]
 ) -> None:

@@ -679,8 +679,13 @@ class KafkaQueue(Queue):
         return watermark, replayed, begin, end
 
     async def _read_dlq(self, start: int, end: int, limit: int | None, skip: set[int]) -> list[DeadLetter]:
-        """Dead letters with offsets in [start, end), oldest first, without the `skip` ones."""
+        """Dead letters with offsets in [start, end), oldest first, without the `skip` ones.
+
+        A letter is written before its message's commit; a commit that failed (or a rebalance in
+        between) has the message dead-lettered again. Letters of the same source partition and
+        offset are one delivery: the first is listed (and replayed), its copies passed over."""
         out: list[DeadLetter] = []
+        sources: set[tuple[int, int]] = set()
         if start >= end:
             return out
         reader = AIOKafkaConsumer(
@@ -705,14 +710,22 @@ class KafkaQueue(Queue):
                     position = r.offset + 1
                     if r.offset >= end:
                         break
-                    if r.offset in skip:
-                        continue
                     h = {k: v.decode(errors="replace") for k, v in r.headers}
+                    source = (
+                        letter_field(h.get("partition"), int, None),
+                        letter_field(h.get("offset"), int, None),
+                    )
+                    if source[0] is not None and source[1] is not None:
+                        if source in sources:
+                            continue
+                        sources.add((source[0], source[1]))
+                    if r.offset in skip:  # replayed already (its copies with it)
+                        continue
                     out.append(
                         DeadLetter(
                             id=str(r.offset),
-                            partition=letter_field(h.get("partition"), int, 0),
-                            offset=letter_field(h.get("offset"), int, 0),
+                            partition=source[0] or 0,
+                            offset=source[1] or 0,
                             key=(r.key or b"").decode(errors="replace"),
                             value=r.value or b"",
                             reason=h.get("reason", ""),
