@@ -403,6 +403,34 @@ async def test_unreachable_upstream_is_502(tmp_path: Path, http: aiohttp.ClientS
     assert rec.error and "could not reach" in rec.error
 
 
+async def test_a_body_too_large_for_the_memory_left_is_answered_and_logged(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory reading an upload (many huge bodies at once, a memory limit): aiohttp's bare
+    500 with a traceback and no record. Now a 503 saying so, with its id, and its record."""
+    read = web.BaseRequest.read
+
+    async def short_of_memory(self: web.BaseRequest) -> bytes:
+        if (self.content_length or 0) > 1_000_000:
+            raise MemoryError
+        return await read(self)
+
+    monkeypatch.setattr(web.BaseRequest, "read", short_of_memory)
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        big = {**CHAT, "messages": [{"role": "user", "content": "x" * 2_000_000}]}
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=big, headers=OPENAI_AUTH) as r:
+            assert r.status == 503
+            body = await r.json()
+            rid = r.headers["Llmtap-Request-Id"]
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
+            assert r.status == 200  # the next one goes through
+        recs = {x.id: x for x in await published(svc, q, 2)}
+    assert body["error"]["type"] == "llmtap_out_of_memory"
+    rec = recs[rid]
+    assert rec.status == 503 and rec.outcome == "completed" and "out of memory" in (rec.error or "")
+
+
 async def test_slow_upstream_is_504(upstream: int, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     q = MemoryQueue()
     s = settings_for(upstream, tmp_path, upstream_read_timeout=0.3)

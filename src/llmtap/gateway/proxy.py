@@ -271,6 +271,8 @@ class Proxy:
             # The client hung up mid-upload, or llmtap is stopping (aiohttp then drops what
             # still arrives): nothing goes upstream, but the request is still recorded.
             body, lost = b"", e
+        except MemoryError as e:  # a body larger than the memory left (many huge uploads at once)
+            body, lost = b"", e
         method = request.method
         q = rest.find("?")
         path = rest if q < 0 else rest[:q]
@@ -303,6 +305,13 @@ class Proxy:
             t0,
             max_body,
         )
+        if isinstance(lost, MemoryError):
+            why = f"llmtap ran out of memory reading the request body ({request.content_length or '?'} bytes)"
+            resp = _json_error(503, "llmtap_out_of_memory", why + "; nothing was sent upstream", cap.id)
+            cap.status, cap.response_headers = 503, resp.headers.items()
+            cap.add(resp.body)  # type: ignore[arg-type]
+            self._finish(cap, "completed", why)  # answered in full, by the gateway
+            return resp
         if lost is not None:
             cancelled = isinstance(lost, asyncio.CancelledError)
             self._finish(cap, "client_disconnected", self._gone("before its body arrived", cancelled))
