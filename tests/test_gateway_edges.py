@@ -361,11 +361,14 @@ async def test_token_counts_that_are_not_counts_are_unknown_not_a_dead_letter(
     assert u.input_audio_tokens is None and u.reasoning_tokens is None
 
 
+@pytest.mark.parametrize("request_cut", [False, True])
 async def test_an_answer_past_the_body_limit_keeps_its_usage(
-    tmp_path: Path, http: aiohttp.ClientSession
+    tmp_path: Path, http: aiohttp.ClientSession, request_cut: bool
 ) -> None:
     """A 6 MB embeddings answer is kept to `max_body_bytes` (4 MiB), so it no longer parses:
-    its tokens and cost were lost. The usage is its last member, in the tail the capture keeps."""
+    its tokens and cost were lost. The usage is its last member, in the tail the capture keeps.
+    With the request cut too (the SDK names the model after 2048 inputs) the model comes from
+    that tail as well: it was None, so the call was unpriced."""
     vectors = [{"object": "embedding", "index": i, "embedding": [0.0123456789] * 1536} for i in range(300)]
     answer = {
         "object": "list",
@@ -377,10 +380,14 @@ async def test_an_answer_past_the_body_limit_keeps_its_usage(
     assert len(body) > 4 << 20
 
     async def handler(request: web.Request) -> web.Response:
-        await request.read()
+        async for _ in request.content.iter_chunked(1 << 16):  # past aiohttp's 1 MiB `read`
+            pass
         return web.Response(body=body, content_type="application/json")
 
     req = b'{"model":"text-embedding-3-small","input":["a","b"]}'
+    if request_cut:
+        req = json.dumps({"input": ["x" * 2100] * 2048, "model": "text-embedding-3-small"}).encode()
+        assert len(req) > 4 << 20
     x = await exchange(handler, tmp_path, http, "/openai/v1/embeddings", req)
     assert x.body == body
     rec = x.record

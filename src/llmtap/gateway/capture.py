@@ -321,8 +321,9 @@ class RecordBuilder:
                 if cap.status is not None and cap.status >= 400 and error is None:
                     error = fmt.error_message(obj)
             elif cap.tail and decoded is raw:
-                # Cut at `max_bytes` (a big embeddings answer): its usage is in the tail kept.
-                usage = fmt.usage_from_tail(b"".join(cap.tail))
+                # Cut at `max_bytes` (a big embeddings answer): its usage and model are in the tail kept.
+                tail = b"".join(cap.tail)
+                usage, response_obj = fmt.usage_from_tail(tail), fmt.response_from_tail(tail)
 
         if usage.source != "missing" and not fmt.bills(cap.method, cap.path):
             usage = Usage()  # a look-up of an answer billed when it was made

@@ -91,21 +91,16 @@ class Provider(ABC):
 
     def usage_from_tail(self, tail: bytes) -> Usage:
         """Usage of a non-stream answer too big to keep (a 60 MB embeddings list), from the
-        last bytes the capture kept: its last `"usage": {...}` member. Outside strings, where
-        every quote is escaped, that text can only be a member name."""
-        key = f'"{self.usage_member}"'.encode()
-        at = tail.rfind(key)
-        if at < 0:
-            return Usage()
-        text = tail[at + len(key) :].decode("utf-8", "replace").lstrip()
-        if not text.startswith(":"):
-            return Usage()
-        text = text[1:].lstrip()
-        try:
-            value, _ = _DECODER.raw_decode(text)
-        except ValueError:
-            return Usage()
-        return self.usage_from_body({self.usage_member: value})
+        last bytes the capture kept: its last `"usage": {...}` member."""
+        value = tail_member(tail, self.usage_member)
+        return Usage() if value is None else self.usage_from_body({self.usage_member: value})
+
+    def response_from_tail(self, tail: bytes) -> dict[str, Any]:
+        """What `model` may read of such an answer: its last `"model"` member, which the
+        embeddings answers of OpenAI and its kind put beside their usage (the request, cut
+        too, named it after the inputs)."""
+        value = tail_member(tail, "model")
+        return {"model": value} if isinstance(value, str) else {}
 
     @abstractmethod
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
@@ -147,6 +142,23 @@ class Provider(ABC):
         if isinstance(model, str):
             return model
         return response_model(response, "model")
+
+
+def tail_member(tail: bytes, name: str) -> Any:
+    """The value of the last `"name": ...` member in the kept end of a JSON text, or None.
+    Outside strings, where every quote is escaped, that text can only be a member name."""
+    key = f'"{name}"'.encode()
+    at = tail.rfind(key)
+    if at < 0:
+        return None
+    text = tail[at + len(key) :].decode("utf-8", "replace").lstrip()
+    if not text.startswith(":"):
+        return None
+    try:
+        value, _ = _DECODER.raw_decode(text[1:].lstrip())
+    except ValueError:
+        return None
+    return value
 
 
 def response_model(response: Any, key: str) -> str | None:
