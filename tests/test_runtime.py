@@ -326,3 +326,33 @@ def test_the_banner_says_what_the_settings_leave_to_the_operator(
     assert "spans:" not in banner(plain, "gateway", [])
     everywhere = Settings(data_dir=tmp_path, host="0.0.0.0")
     assert "LLMTAP_ALLOWED_HOSTS" in banner(everywhere, "up", []) and not notes(everywhere, "gateway")
+
+
+def test_a_gateway_raises_its_open_file_limit_and_says_when_it_stays_low(tmp_path: Path) -> None:
+    """At 256 open files, 300 clients left no descriptor for any upstream connection: every
+    request failed with 502 'Too many open files', and nothing at start-up said why."""
+    script = (
+        "import resource; from llmtap.runtime import raise_fd_limit;"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]));"
+        "print(raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    now, soft = map(int, out.stdout.split())
+    assert now == soft and soft > 256  # raised to the hard limit
+    from llmtap.runtime import FEW_FDS, fd_note
+
+    assert fd_note(FEW_FDS) is None
+    note = fd_note(256)
+    assert note is not None and "only 256 files" in note and "ulimit -n" in note
+    script = (
+        "import resource, sys; from llmtap.config import Settings;"
+        "from llmtap.runtime import banner, raise_fd_limit;"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); raise_fd_limit();"
+        "print(banner(Settings(data_dir=sys.argv[1]), sys.argv[2], []))"
+    )
+    for part, said in (("up", True), ("gateway", True), ("worker", False)):
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path), part], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        assert ("note: this process may open only 256 files" in out.stdout) == said, out.stdout

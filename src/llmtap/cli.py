@@ -136,10 +136,11 @@ async def _connected(backend: B, role: Role = "producer") -> AsyncIterator[B]:
 
 
 def _serve(settings: Settings, title: str, parts: list[str]) -> None:
-    from llmtap.runtime import Service, SharedBackends, run_services, setup_logging
+    from llmtap.runtime import Service, SharedBackends, raise_fd_limit, run_services, setup_logging
 
     setup_logging(settings.log_level)
     _make_data_dir(settings)
+    raise_fd_limit()
 
     async def main() -> int:
         # One store, one body store, one handler chain for every part of this process; started

@@ -92,9 +92,49 @@ def banner(settings: Settings, title: str, lines: Sequence[str]) -> str:
 
         if otel.enabled():
             out.append(f"  spans: every stored record to {otel.endpoint()} (OTLP/HTTP)")
-    out += [f"  note: {n}" for n in notes(settings, title)]
+    said = notes(settings, title)
+    if title in ("up", "gateway"):
+        import resource
+
+        said += filter(None, [fd_note(resource.getrlimit(resource.RLIMIT_NOFILE)[0])])
+    out += [f"  note: {n}" for n in said]
     out.append("  press Ctrl-C to stop")
     return "\n".join(out)
+
+
+#: Below this many file descriptors a gateway is said to run short under load: each client
+#: connection and each upstream connection holds one.
+FEW_FDS = 4096
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one, as servers do; returns the limit now.
+
+    Distributions default the soft limit to 1024 (containers sometimes less): a gateway with a
+    few hundred clients then has no descriptor left for its upstream connections, and every
+    request fails with 502 'Too many open files' at once."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            return soft
+        return want
+    return soft
+
+
+def fd_note(fds: int) -> str | None:
+    """A start-up note when a gateway may open few files (after `raise_fd_limit`)."""
+    if fds >= FEW_FDS:
+        return None
+    return (
+        f"this process may open only {fds} files (ulimit -n, its hard limit): each client and"
+        " upstream connection takes one, so a few hundred at once fail with 'Too many open"
+        f" files'; raise it to {FEW_FDS} or more"
+    )
 
 
 def notes(settings: Settings, title: str) -> list[str]:
