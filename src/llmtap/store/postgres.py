@@ -148,6 +148,7 @@ def _move_sql(columns: Sequence[str]) -> str:
 WITH k AS (
     INSERT INTO request_keys (tenant, id, created_at)
     SELECT tenant, id, created_at FROM {_STAGING}
+    WHERE created_at >= coalesce((SELECT before FROM retention_floor), '-infinity')
     ON CONFLICT DO NOTHING
     RETURNING tenant, id
 ), ins AS (
@@ -771,6 +772,13 @@ class PostgresStore(Store):
         y, m = _month_of(cutoff_us)
         boundary = _month_start(y, m)  # rows before it live in wholly expired months
         with self._errors():
+            # No record of those months is stored while their rows are released but not yet
+            # dropped (migration 14): it would take a released key again.
+            await self._fetch(
+                "INSERT INTO retention_floor (one, before) VALUES (true, $1)"
+                " ON CONFLICT (one) DO UPDATE SET before = EXCLUDED.before",
+                boundary,
+            )
             while True:
                 async with self._p().acquire() as conn, conn.transaction():
                     rows = await conn.fetch(_RETENTION, cutoff, limit, boundary)
@@ -798,8 +806,6 @@ class PostgresStore(Store):
         """Drop the months wholly before `boundary` whose keys are all released."""
         await self._load_partitions()
         expired = sorted(ym for ym in self._months if _month_start(ym[0], ym[1] + 1) <= boundary)
-        if not expired:
-            return
         async with self._partition_mutex, self._p().acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITION_LOCK)
             for year, month in expired:
@@ -807,10 +813,13 @@ class PostgresStore(Store):
                 if await conn.fetchval(
                     "SELECT EXISTS (SELECT 1 FROM request_keys WHERE created_at < $1)", end
                 ):
-                    break
+                    return  # a purge under way: the floor stays
                 for table in ("requests", "request_properties"):
                     await conn.execute(f"DROP TABLE IF EXISTS {table}_p{year:04d}{month:02d}")
                 self._months.discard((year, month))
+            # Nothing released is left: an old record arriving late is stored again (in a
+            # partition made for it) and goes at the next purge, its key and row together.
+            await conn.execute("DELETE FROM retention_floor")
 
     # -- API keys ---------------------------------------------------------------------------------
     async def create_key(self, tenant: str, name: str | None, key_hash: str, prefix: str) -> ApiKey:
