@@ -285,3 +285,21 @@ async def test_requests_in_flight_that_fail_together_count_as_one_failure(store:
             "SELECT failures, retry_at FROM webhook_endpoints WHERE id = $1", ep.id
         )
     assert failures == 1 and retry_at - before <= 1_100_000, (failures, (retry_at - before) / 1e6)
+
+
+async def test_enabling_another_tenants_endpoint_reschedules_nothing_of_theirs(store: Store) -> None:
+    """The tenant check guarded the endpoint's row only: with another tenant's endpoint id, a
+    call made that tenant's backed-off deliveries due at once."""
+    db = store.webhooks()
+    theirs = await add(db, "https://example.com/hook", new_secret(), tenant="globex")
+    await store.write_batch([make_record(1, tenant="globex")])
+    hour = 3_600_000_000
+    async with db.tx() as c:
+        await c.execute("UPDATE webhook_deliveries SET next_at = next_at + $1", hour)
+    (before,) = await db.list_deliveries("globex")
+    assert await db.enable_endpoint("acme", theirs.id) is False
+    (after,) = await db.list_deliveries("globex")
+    assert after["next_at"] == before["next_at"] > now_us() + hour / 2
+    assert await db.enable_endpoint("globex", theirs.id) is True  # its own tenant: due now
+    (own,) = await db.list_deliveries("globex")
+    assert own["next_at"] <= now_us()

@@ -184,7 +184,8 @@ class WebhookDB:
                 " retry_at = NULL WHERE id = $1 AND tenant = $2",
                 endpoint_id, tenant,
             )  # fmt: skip
-            await c.execute(_ALL_DUE, endpoint_id, now_us())
+            if n:  # another tenant's endpoint id reschedules nothing of theirs
+                await c.execute(_ALL_DUE, endpoint_id, now_us())
         return n > 0
 
     # -- the delivery log ---------------------------------------------------------------------
