@@ -535,18 +535,27 @@ MISTRAL_422 = (
 )
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 async def test_an_upstream_that_refuses_the_stream_options_we_add_gets_the_clients_request(
-    tmp_path: Path, http: aiohttp.ClientSession
+    tmp_path: Path, http: aiohttp.ClientSession, chunked: bool
 ) -> None:
     """Mistral answers 422 to any field it does not know: every stream through a named route
     failed because we asked for usage. Now the client's own request is sent instead, and this
-    upstream is not asked again."""
+    upstream is not asked again. A refusal sent chunked (no length) was passed on as it came."""
     bodies: list[bytes] = []
 
     async def handler(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         bodies.append(body)
         if "stream_options" in json.loads(body):
+            if chunked:
+                refusal = web.StreamResponse(status=422, headers={"Content-Type": "application/json"})
+                refusal.enable_chunked_encoding()
+                await refusal.prepare(request)
+                await refusal.write(MISTRAL_422[:40])
+                await refusal.write(MISTRAL_422[40:])
+                await refusal.write_eof()
+                return refusal
             return web.Response(status=422, body=MISTRAL_422, content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)

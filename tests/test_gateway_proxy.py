@@ -431,6 +431,61 @@ async def test_a_body_too_large_for_the_memory_left_is_answered_and_logged(
     assert rec.status == 503 and rec.outcome == "completed" and "out of memory" in (rec.error or "")
 
 
+async def test_an_upstream_header_aiohttp_will_not_write_costs_neither_the_answer_nor_its_log(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A control character in an upstream header: aiohttp's client reads it, its server refuses
+    to write it. The client got a bare 500 and no record was made. Now the header is left out
+    of the client's answer (the record keeps it), and the answer and its record go through."""
+    from rawhttp import RawUpstream
+
+    raw = RawUpstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Ctl: a\x01b\r\nX-Fine: yes\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(raw.port, tmp_path), q) as (svc, gw):
+            async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
+                assert r.status == 200 and await r.read() == b"{}"
+                assert "X-Ctl" not in r.headers and r.headers["X-Fine"] == "yes"
+                rid = r.headers["Llmtap-Request-Id"]
+            (rec,) = await published(svc, q, 1)
+    finally:
+        raw.close()
+    assert rec.id == rid and rec.status == 200 and rec.outcome == "completed"
+    assert ("x-ctl", "a\x01b") in [(k.lower(), v) for k, v in rec.response_headers.items()]
+
+
+async def test_a_relay_that_fails_for_any_reason_still_logs_the_request(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a client leaving was caught while relaying: any other error (a bug, a write aiohttp
+    refuses) lost the record. It is recorded as a cut answer, with what went wrong."""
+    write = web.StreamResponse.write
+    calls = 0
+
+    async def failing(self: web.StreamResponse, data: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("boom")
+        await write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", failing)
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        h = {**OPENAI_AUTH, "x-fake-chunks": "8"}
+        with contextlib.suppress(aiohttp.ClientError):
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions", json={**CHAT, "stream": True}, headers=h
+            ) as r:
+                await r.read()
+        (rec,) = await published(svc, q, 1)
+    assert rec.outcome == "upstream_cut" and rec.status == 200
+    assert rec.error is not None and "llmtap could not relay" in rec.error and "boom" in rec.error
+
+
 async def test_slow_upstream_is_504(upstream: int, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     q = MemoryQueue()
     s = settings_for(upstream, tmp_path, upstream_read_timeout=0.3)

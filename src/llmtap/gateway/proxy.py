@@ -23,6 +23,8 @@ Relaying rules:
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
@@ -52,7 +54,11 @@ SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 #: An error answer read whole to ask the provider whether it refuses a rewrite (`_small_body`).
 _REFUSALS = frozenset({400, 422})
+log = logging.getLogger("llmtap.gateway")
+
 _SMALL_BODY = 65536
+#: Header values aiohttp refuses to write (any control character but tab).
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _identity(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -63,16 +69,19 @@ def _identity(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 async def _small_body(upstream: aiohttp.ClientResponse) -> bytes | None:
-    """The body of an answer that says it is small, read whole; None (nothing read) otherwise.
+    """The body of an answer that says it is small, read whole; None (nothing read) if it says
+    it is larger. Without a length (chunked), up to `_SMALL_BODY` bytes and a little more are
+    read: what was read is relayed first either way.
 
     An upstream that breaks mid-body leaves what came: it is relayed first, then the relay
     meets the same error and cuts the client's connection as it would have.
     """
     length = upstream.headers.get("Content-Length")
-    if length is None or not length.isdigit() or int(length) > _SMALL_BODY:
+    if length is not None and (not length.isdigit() or int(length) > _SMALL_BODY):
         return None
+    limit = _SMALL_BODY + 1 if length is None else int(length)
     got = b""
-    while len(got) < int(length):
+    while len(got) < limit:
         try:
             chunk = await upstream.content.readany()
         except (aiohttp.ClientError, TimeoutError, OSError):
@@ -403,6 +412,8 @@ class Proxy:
                 continue
             if stripper is not None and lname == "content-length":
                 continue  # we change the body's length
+            if _FORBIDDEN.search(value) is not None:
+                continue  # aiohttp would refuse to send the whole answer; the record keeps it
             headers.append((name, value))
         headers.append((REQUEST_ID_HEADER, request_id))
 
@@ -454,6 +465,9 @@ class Proxy:
             if isinstance(e, asyncio.CancelledError):
                 raise
             return resp
+        except Exception as e:  # a bug, or an answer aiohttp will not write: still a record
+            log.exception("could not relay the upstream's answer to request %s", request_id)
+            return await self._cut(request, resp, upstream, cap, b"", e, "llmtap could not relay")
         self._finish(cap, "completed", None)
         return resp
 
@@ -465,15 +479,17 @@ class Proxy:
         cap: Capture,
         tail: bytes,
         exc: BaseException,
+        what: str | None = None,
     ) -> web.StreamResponse:
-        """The upstream broke mid-body: pass on what came, then end the client's connection
-        without a proper end of body, so the client sees the same truncation."""
+        """The upstream broke mid-body (or llmtap could not pass it on, `what`): pass on what
+        came, then end the client's connection without a proper end of body, so the client
+        sees the truncation."""
         upstream.close()
-        what = "timed out" if isinstance(exc, TimeoutError) else "broke"
-        self._finish(cap, "upstream_cut", f"upstream {what} mid-response: {type(exc).__name__}: {exc}")
+        what = what or f"upstream {'timed out' if isinstance(exc, TimeoutError) else 'broke'}"
+        self._finish(cap, "upstream_cut", f"{what} mid-response: {type(exc).__name__}: {exc}")
         try:
             await resp.write(tail)  # also sends the headers if nothing was written yet
-        except ConnectionError:
+        except Exception:  # the client's connection is closed next either way
             pass
         transport = request.transport
         if transport is not None:
