@@ -259,6 +259,28 @@ def test_stripper_restores_the_plain_stream_at_every_split() -> None:
     assert out == plain
 
 
+def test_stripper_restores_crlf_and_usage_first_streams_at_every_split() -> None:
+    """sse-starlette frames events with CRLF: a read ending in `\r\n\r` took the lone CR for
+    the blank line and the next read's LF went with the usage chunk (the client got
+    `}\r\n\rdata: [DONE]`). A server writing `{"usage":null,...}` first kept it in every chunk."""
+    crlf = (
+        openai_tool_stream(usage_null=True).replace(b"\n", b"\r\n"),
+        openai_tool_stream(usage_null=False).replace(b"\n", b"\r\n"),
+    )
+    first = (
+        openai_tool_stream(usage_null=True)
+        .replace(b',"usage":null', b"")
+        .replace(b"data: {", b'data: {"usage":null,'),
+        openai_tool_stream(usage_null=False),
+    )
+    assert first[0].count(b'{"usage":null,') > 3
+    for with_usage, plain in (crlf, first):
+        assert with_usage != plain
+        for cut in range(len(with_usage) + 1):
+            s = openai.UsageChunkStripper()
+            assert s.feed(with_usage[:cut]) + s.feed(with_usage[cut:]) + s.flush() == plain, cut
+
+
 def _spaced(stream: bytes) -> bytes:
     """The same events written by `json.dumps` with its default spacing (`"usage": null`)."""
     out = []

@@ -520,6 +520,8 @@ _USAGE_OBJECT = b'"usage":{'
 # The same markers in JSON written with spaces (`json.dumps`' default: `"usage": null`), as
 # some OpenAI-compatible servers send it. Only looked for where the compact ones are not found.
 _SPACED_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
+#: The member written first (`{"usage":null,"id":...}`), as a few servers order it.
+_FIRST_USAGE_NULL = re.compile(rb'\{\s*"usage"\s*:\s*null\s*,\s*')
 _SPACED_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _SPACED_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
@@ -559,10 +561,13 @@ class UsageChunkStripper:
 
 def _clean(data: bytes) -> bytes:
     data = data.replace(_USAGE_NULL, b"")
+    if b'{"usage":null,' in data:
+        data = data.replace(b'{"usage":null,', b"{")
     if _EMPTY_CHOICES in data:
         return _drop_usage_chunks(data)
     if b'"usage"' in data:  # compact JSON has no `"usage"` left but in the usage chunk
-        return _drop_usage_chunks(_SPACED_USAGE_NULL.sub(b"", data), spaced=True)
+        data = _FIRST_USAGE_NULL.sub(b"{", _SPACED_USAGE_NULL.sub(b"", data))
+        return _drop_usage_chunks(data, spaced=True)
     return data
 
 

@@ -102,8 +102,10 @@ def last_boundary(data: bytes) -> int:
     if b"\r" not in data:
         i = data.rfind(b"\n\n")
         return i + 2 if i >= 0 else -1
-    end = -1
+    end, n = -1, len(data)
     for m in _BLANK.finditer(data):
+        if m.end() == n and data[-1] == 0x0D:  # a CR the next read may join to a LF: not yet an end
+            break
         end = m.end()
     return end
 
