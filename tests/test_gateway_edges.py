@@ -919,6 +919,34 @@ async def test_time_to_first_token_is_the_first_generated_output_not_the_opening
     assert ttft is not None and ttft >= pause * 1000 * 0.9, ttft
 
 
+async def test_a_token_marker_split_across_two_reads_still_marks_the_first_token(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """`content_block_delta` cut in two by the network: the first token was taken from the next
+    read holding the whole marker (here 2 s later)."""
+    later = 2.0
+    first = event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hi"})
+    cut = first.index(b'"content_block_delta"') + 5  # inside the marker itself
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(event("message_start", message={"id": "m1", "model": "claude-sonnet-4-6"}))
+        await resp.write(first[:cut])
+        await asyncio.sleep(0.1)
+        await resp.write(first[cut:])
+        await asyncio.sleep(later)
+        await resp.write(event("content_block_delta", index=0, delta={"type": "text_delta", "text": "!"}))
+        await resp.write_eof()
+        return resp
+
+    body = b'{"model":"m","stream":true,"max_tokens":5,"messages":[]}'
+    x = await exchange(handler, tmp_path, http, "/anthropic/v1/messages", body, JSON_AUTH)
+    ttft = x.record.time_to_first_token_ms
+    assert ttft is not None and ttft < (later - 0.5) * 1000 < x.record.latency_ms, (ttft, x.record.latency_ms)
+
+
 async def test_a_transcription_upload_names_its_model_and_prices_its_audio(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:

@@ -423,6 +423,7 @@ class Proxy:
         if self.draining:
             resp.force_close()
         content = upstream.content
+        carry = b""  # the last read's end, while looking for the first token's marker
         relayed = False  # every body byte was handed to the client's connection
         try:
             await resp.prepare(request)
@@ -439,8 +440,11 @@ class Proxy:
                     return await self._cut(request, resp, upstream, cap, tail, e)
                 if not chunk:
                     break
-                if not cap.t_first and (marker is None or marker in chunk):
-                    cap.t_first = time.perf_counter()  # the first token's arrival (`token_marker`)
+                if not cap.t_first:
+                    if marker is None or marker in chunk or marker in carry + chunk[: len(marker)]:
+                        cap.t_first = time.perf_counter()  # the first token's arrival (`token_marker`)
+                    elif marker is not None:
+                        carry = (carry + chunk)[1 - len(marker) :]  # a marker split across reads
                 cap.add(chunk)
                 if stripper is not None:
                     chunk = stripper.feed(chunk)
