@@ -72,6 +72,7 @@ class RawUpstream:
 
     def __init__(self, response: bytes) -> None:
         self.response = response
+        self.heads: list[bytes] = []  # each request's head, as it arrived
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -102,6 +103,7 @@ class RawUpstream:
                             return
                         buf += c
                     head, _, buf = buf.partition(b"\r\n\r\n")
+                    self.heads.append(head)
                     length = 0
                     for line in head.split(b"\r\n")[1:]:
                         k, _, v = line.partition(b":")

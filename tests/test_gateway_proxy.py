@@ -457,6 +457,37 @@ async def test_an_upstream_header_aiohttp_will_not_write_costs_neither_the_answe
     assert ("x-ctl", "a\x01b") in [(k.lower(), v) for k, v in rec.response_headers.items()]
 
 
+async def test_headers_a_connection_header_lists_are_not_forwarded_either_way(tmp_path: Path) -> None:
+    """RFC 9110 7.6.1: a header named in `Connection` is hop-by-hop. Both were forwarded."""
+    from rawhttp import RawUpstream, exchange, request_bytes
+
+    raw = RawUpstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: X-Bar\r\nX-Bar: hop\r\n"
+        b"X-Keep: yes\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(raw.port, tmp_path), q) as (svc, gw):
+            port = int(gw.rsplit(":", 1)[1])
+            head = [
+                (b"Authorization", b"Bearer sk-test"),
+                (b"Content-Type", b"application/json"),
+                (b"Connection", b"keep-alive, X-Hop"),
+                (b"X-Hop", b"hop-only"),
+                (b"X-Stay", b"yes"),
+            ]
+            ans = await asyncio.to_thread(
+                exchange, port, request_bytes(b"POST", b"/openai/v1/chat/completions", head, b"{}")
+            )
+            await published(svc, q, 1)
+    finally:
+        raw.close()
+    assert ans is not None and ans.status == 200 and ans.body == b"{}"
+    assert ans.header("x-bar") is None and ans.header("x-keep") == "yes"
+    (sent,) = raw.heads
+    assert b"x-hop:" not in sent.lower() and b"x-stay: yes" in sent.lower()
+
+
 async def test_a_relay_that_fails_for_any_reason_still_logs_the_request(
     upstream: int, tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

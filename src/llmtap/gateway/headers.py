@@ -43,6 +43,15 @@ REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 RESPONSE_DROP = HOP_BY_HOP
 
 
+def connection_listed(value: str | None) -> frozenset[str]:
+    """Header names a `Connection` header makes hop-by-hop (RFC 9110 7.6.1): not forwarded.
+    Empty for the usual `keep-alive` / `close`, so the common case costs one comparison."""
+    if not value:
+        return frozenset()
+    names = {t.strip().lower() for t in value.split(",")} - {"keep-alive", "close", ""}
+    return frozenset(names)
+
+
 class HeaderFilter:
     """Headers as the record keeps them: lowercase names, credentials and `Llmtap-*` removed.
     A credential is known by its name, or by its value whatever the name (`X-Whatever: Bearer

@@ -35,7 +35,7 @@ from aiohttp import web
 from yarl import URL
 
 from llmtap.gateway.capture import Capture
-from llmtap.gateway.headers import LLMTAP_PREFIX, REQUEST_DROP, RESPONSE_DROP
+from llmtap.gateway.headers import LLMTAP_PREFIX, REQUEST_DROP, RESPONSE_DROP, connection_listed
 from llmtap.ids import canonical_id, new_id
 from llmtap.providers import Provider, Route, StreamFilter, routes
 from llmtap.redact import redact_text, redact_url
@@ -238,11 +238,14 @@ class Proxy:
         # aiohttp's client keeps only the last of two headers whose names differ in case
         # (`X-A` then `x-a`); a repeat is sent with its first spelling, so both values arrive.
         spelling: dict[str, str] = {}
+        hop: frozenset[str] = frozenset()  # names the client's `Connection` header lists
         for name, value in request.headers.items():
             lname = name.lower()
             if lname in REQUEST_DROP:
                 if lname == "expect":
                     expect = value
+                elif lname == "connection" and (listed := connection_listed(value)):
+                    hop = hop | listed if hop else listed
                 continue
             if lname.startswith(LLMTAP_PREFIX):
                 if llmtap is None:
@@ -254,6 +257,8 @@ class Proxy:
                     auth = value
                 continue
             forward.append((spelling.setdefault(lname, name), value))
+        if hop:
+            forward = [(n, v) for n, v in forward if n.lower() not in hop]
 
         if request_id is not None:
             request_id = canonical_id(request_id)
@@ -406,9 +411,10 @@ class Proxy:
             stripper = None
 
         headers: list[tuple[str, str]] = []
+        hop = connection_listed(up_headers.get("Connection"))
         for name, value in up_headers.items():
             lname = name.lower()
-            if lname in RESPONSE_DROP:
+            if lname in RESPONSE_DROP or lname in hop:
                 continue
             if stripper is not None and lname == "content-length":
                 continue  # we change the body's length
