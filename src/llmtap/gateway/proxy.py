@@ -418,7 +418,7 @@ class Proxy:
                 continue
             if stripper is not None and lname == "content-length":
                 continue  # we change the body's length
-            if _FORBIDDEN.search(value) is not None:
+            if not value.isprintable() and _FORBIDDEN.search(value) is not None:
                 continue  # aiohttp would refuse to send the whole answer; the record keeps it
             headers.append((name, value))
         headers.append((REQUEST_ID_HEADER, request_id))
