@@ -70,8 +70,9 @@ def exchange(port: int, data: bytes, timeout: float = 60.0) -> Answer | None:
 class RawUpstream:
     """A fake provider answering every request with `response` (raw bytes), in a thread."""
 
-    def __init__(self, response: bytes) -> None:
+    def __init__(self, response: bytes, *, close: bool = False) -> None:
         self.response = response
+        self.close_after = close  # end the connection after each answer (a close-delimited body)
         self.heads: list[bytes] = []  # each request's head, as it arrived
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -116,6 +117,8 @@ class RawUpstream:
                         buf += c
                     buf = buf[length:]
                     conn.sendall(self.response)
+                    if self.close_after:
+                        return
             except OSError:
                 return
 

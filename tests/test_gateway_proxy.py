@@ -488,6 +488,36 @@ async def test_headers_a_connection_header_lists_are_not_forwarded_either_way(tm
     assert b"x-hop:" not in sent.lower() and b"x-stay: yes" in sent.lower()
 
 
+@pytest.mark.parametrize("whole", [True, False])
+async def test_a_close_delimited_stream_that_stops_before_its_end_is_a_cut(
+    tmp_path: Path, http: aiohttp.ClientSession, whole: bool
+) -> None:
+    """Without a length or chunks the body ends where the connection does: an upstream that
+    dropped it mid-event looked complete, and the record said `completed`."""
+    from rawhttp import RawUpstream
+
+    event = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"delta":{"content":"Hi"}}]}\n\n'
+    body = event + b"data: [DONE]\n\n" if whole else event + event[:30]
+    raw = RawUpstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body, close=True
+    )
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(raw.port, tmp_path), q) as (svc, gw):
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions", json={**CHAT, "stream": True}, headers=OPENAI_AUTH
+            ) as r:
+                assert r.status == 200 and await r.read() == body
+            (rec,) = await published(svc, q, 1)
+    finally:
+        raw.close()
+    assert rec.streamed
+    if whole:
+        assert rec.outcome == "completed" and rec.error is None
+    else:
+        assert rec.outcome == "upstream_cut" and "before the stream's end marker" in (rec.error or "")
+
+
 async def test_a_relay_that_fails_for_any_reason_still_logs_the_request(
     upstream: int, tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

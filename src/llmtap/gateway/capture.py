@@ -307,6 +307,11 @@ class RecordBuilder:
                     response_body_type = "application/json"
                     response_obj = result.message
                 usage, outcome, error = result.settle(outcome, error)
+                if not result.complete and outcome == "completed" and _close_delimited(cap.response_headers):
+                    # Neither a length nor chunks: the connection's end was the body's end, so a
+                    # connection the upstream dropped looked like a whole answer to the client.
+                    outcome = "upstream_cut"
+                    error = error or "the upstream closed the connection before the stream's end marker"
             if cap.tail and usage.source == "missing" and decoded is raw:
                 # The stream's last event began before the tail kept (a Responses API
                 # `response.completed` repeats the whole output): its usage member is at its end.
@@ -429,3 +434,12 @@ class RecordBuilder:
             error=redact_text(f"llmtap could not build this record: {type(exc).__name__}: {exc}")[:2000],
             gateway=self.gateway,
         )
+
+
+def _close_delimited(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether an answer's body ended where its connection did (HTTP/1.0 style)."""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "content-length" or (lname == "transfer-encoding" and "chunked" in value.lower()):
+            return False
+    return True
