@@ -216,6 +216,17 @@ def test_openai_error_message() -> None:
         "Rate limit reached"
     )
     assert openai.error_message({"ok": 1}) is None
+    # OpenAI-compatible servers' own shapes (the record's error was None for them)
+    vllm = {
+        "object": "error",
+        "message": "The model `x` does not exist.",
+        "type": "NotFoundError",
+        "code": 404,
+    }
+    assert openai.error_message(vllm) == "The model `x` does not exist."
+    assert openai.error_message({"error": "model 'x' not found"}) == "model 'x' not found"  # Ollama
+    mistral = {"object": "error", "message": {"detail": [{"msg": "Extra inputs are not permitted"}]}}
+    assert "Extra inputs are not permitted" in (openai.error_message(mistral) or "")
 
 
 # -- the stream-usage rewrite ------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from llmtap.limits import MAX_TOKENS
 
 
@@ -16,6 +18,11 @@ def error_message(body: Any) -> str | None:
         if isinstance(err, dict):
             msg = err.get("message")
             return str(msg) if msg is not None else str(err.get("type") or err.get("code") or "error")
+        if isinstance(err, str):  # `{"error": "..."}`: Ollama, some proxies
+            return err
+        if body.get("object") == "error" and body.get("message") is not None:  # vLLM, Mistral
+            msg = body["message"]
+            return msg if isinstance(msg, str) else orjson.dumps(msg).decode()
     return None
 
 
