@@ -1205,3 +1205,19 @@ def test_migrations_are_the_sql_files_of_each_database() -> None:
             assert description and not description.startswith("-"), (database, version)
             assert not any(line.lstrip().startswith("--") for line in sql.splitlines()), (database, version)
             assert any(w in sql for w in ("CREATE", "ALTER", "UPDATE", "INSERT")), (database, version)
+
+
+async def test_a_query_sqlite_cannot_parse_is_a_bug_not_an_outage(tmp_path: Path) -> None:
+    """A malformed query (the stats of an empty range once read `FROM ()`) was answered 503
+    'temporarily unavailable', as if the store were down; a locked database still is."""
+    from llmtap.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "s.db")
+    await store.connect()
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="syntax error"):
+            await store._read(lambda: store._r().execute("SELECT * FROM ()"))
+        with pytest.raises(TransientError):
+            await store._read(lambda: store._r().execute("SELECT * FROM no_such_table_here"))
+    finally:
+        await store.close()

@@ -333,7 +333,10 @@ class SQLiteStore(Store):
         try:
             return await loop.run_in_executor(executor, fn, *args)
         except sqlite3.OperationalError as e:
+            if executor is self._reader and "syntax error" in str(e):
+                raise  # a query llmtap built wrong: a bug (500), not a store to wait for (503)
             # locked / busy / disk I/O / full disk: passing conditions, the caller retries.
+            # (A write that can never succeed waits too: its records stay in the queue.)
             raise TransientError(f"SQLite store {self.path}: {e}") from e
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
