@@ -419,6 +419,7 @@ async def test_a_record_too_large_for_the_topic_is_refused_and_the_spool_moves_o
     assert sorted(r.id for r in got) == sorted([g.id for g in goods] + ["big-1"])
     bare = next(r for r in got if r.id == "big-1")
     assert bare.request_body is None and "too large" in (bare.error or ""), bare.error
+    assert (bare.model, bare.usage, bare.cost_nanos) == (big.model, big.usage, big.cost_nanos)  # its numbers
     with pytest.raises(MessageRefused):
         await q.publish([Message(key="acme", value=encode(big))])
 

@@ -823,25 +823,38 @@ def test_a_worker_alone_serves_healthz_and_metrics_on_its_port(tmp_path: Path) -
         assert worker.stop() == 0, worker.output()
 
 
-def test_a_smaller_letter_keeps_a_records_fields_and_a_messages_head() -> None:
-    """What the worker dead-letters when the dead-letter place refuses the whole message."""
+def test_smaller_letters_keep_a_records_numbers_first_and_a_messages_head() -> None:
+    """What the worker dead-letters when the dead-letter place refuses the whole message: first
+    the record without bodies and headers (its model, tokens, cost and user survive a replay),
+    then its plain fields, then the first bytes, then nothing but the reason."""
     from datetime import UTC, datetime
 
-    from llmtap.worker.worker import LETTER_HEAD, smaller_letter
+    from llmtap.record import Usage
+    from llmtap.worker.worker import LETTER_HEAD, smaller_letters
 
     body = Body(size=200_000, data=os.urandom(200_000))
     full = LogRecord(
         id="r-1", tenant="acme", provider="openai", target_url="http://u/v1/chat/completions", method="POST",
         path="/v1/chat/completions", model="gpt-4o-mini", user_id="u-1", status=200, request_body=body,
         started_at=datetime.now(UTC), ended_at=datetime.now(UTC), latency_ms=1.0,
+        properties={"feature": "search"},
+        usage=Usage(source="provider", prompt_tokens=120, completion_tokens=4, total_tokens=124),
+        request_headers={"x-big": "y" * 50_000}, error="upstream said no",
     )  # fmt: skip
-    value, what = smaller_letter(encode(full), "handler: boom")
-    letter = decode(value)
-    assert (letter.id, letter.tenant, letter.status, letter.request_body) == ("r-1", "acme", 200, None)
-    assert "handler: boom" in (letter.error or "") and "without its bodies" in what
-    assert len(value) < 2_000
-    junk = os.urandom(3 * LETTER_HEAD)
-    assert smaller_letter(junk, "x") == (
-        junk[:LETTER_HEAD],
-        f"the letter holds the first {LETTER_HEAD} of its {len(junk)} bytes",
+    letters = list(smaller_letters(encode(full), "handler: boom"))
+    sizes = [len(v) for v, _ in letters]
+    assert sizes == sorted(sizes, reverse=True) and len(letters) == 3 and sizes[0] < 3_000
+    light = decode(letters[0][0])
+    assert (light.model, light.user_id, light.properties, light.usage) == (
+        "gpt-4o-mini", "u-1", {"feature": "search"}, full.usage
+    )  # fmt: skip
+    assert light.request_body is None and light.request_headers == {}
+    assert (
+        light.error is not None
+        and light.error.startswith("upstream said no | ")
+        and "handler: boom" in light.error
     )
+    plain = decode(letters[1][0])
+    assert (plain.id, plain.tenant, plain.status, plain.model) == ("r-1", "acme", 200, None)
+    junk = os.urandom(3 * LETTER_HEAD)
+    assert [v for v, _ in smaller_letters(junk, "x")] == [junk[:LETTER_HEAD], b""]

@@ -208,6 +208,24 @@ def _text(value: object) -> str:
     return clean_text(value if isinstance(value, str) else str(value))
 
 
+def lightened(record: LogRecord, reason: str) -> LogRecord:
+    """The record without its bodies and headers, every other field kept (model, tokens, cost,
+    user, session, properties), with `reason` added to its error: what is sent when the whole
+    record is too large for the queue or the dead-letter place. `stripped` is for a record
+    that cannot be encoded at all."""
+    note = f"llmtap could not deliver the full record (bodies and headers left out): {reason}"
+    error = note if record.error is None else f"{record.error} | {note}"
+    return msgspec.structs.replace(
+        record,
+        request_body=None,
+        response_body=None,
+        response_events=None,
+        request_headers={},
+        response_headers={},
+        error=clean_text(error)[:2000],
+    )
+
+
 def stripped(record: LogRecord, reason: str) -> LogRecord:
     """The record reduced to its plain fields, with `reason` as its error: what is stored when
     the full record cannot be encoded or is refused, so the request is still counted and the

@@ -51,7 +51,7 @@ from llmtap.cooperate import SLICE
 from llmtap.errors import BackendUnavailable
 from llmtap.gateway.capture import Capture, RecordBuilder
 from llmtap.queue.base import Message, Queue
-from llmtap.record import LogRecord, Route, encode, partition_key, stripped
+from llmtap.record import LogRecord, Route, encode, lightened, partition_key, stripped
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
@@ -439,7 +439,12 @@ class Publisher:
         reason = f"{type(exc).__name__}: {exc}"
         self.poisoned += 1
         try:
-            await sink.send([stripped(record, reason)])
+            try:  # too large, most likely: its numbers travel without its bodies and headers
+                await sink.send([lightened(record, reason)])
+            except BackendUnavailable:
+                raise
+            except Exception:
+                await sink.send([stripped(record, reason)])
         except BackendUnavailable:
             raise
         except Exception as e:

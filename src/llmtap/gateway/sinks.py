@@ -34,7 +34,7 @@ from llmtap.errors import BackendUnavailable, RecordError
 from llmtap.gateway.publisher import Sink
 from llmtap.gateway.spool import DiskSpool, SpoolFull
 from llmtap.queue.base import Message, Queue
-from llmtap.record import LogRecord, Route, decode, encode, encode_many, partition_key, stripped
+from llmtap.record import LogRecord, Route, decode, encode, encode_many, lightened, partition_key, stripped
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
@@ -354,7 +354,12 @@ class SpoolReplayer:
                     raise
                 except Exception as e:
                     reason = f"{reason}; without its bodies too: {type(e).__name__}: {e}"
-            await queue.publish([Message(key=msg.key, value=encode(stripped(record, reason)))])
+            try:  # its numbers, without bodies and headers
+                await queue.publish([Message(key=msg.key, value=encode(lightened(record, reason)))])
+            except BackendUnavailable:
+                raise
+            except Exception:
+                await queue.publish([Message(key=msg.key, value=encode(stripped(record, reason)))])
         except BackendUnavailable:
             raise
         except Exception as e:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ from llmtap.config import Settings
 from llmtap.cooperate import SLICE, Foreground
 from llmtap.errors import BackendUnavailable, MessageRefused, RecordError
 from llmtap.handlers.chain import Abandoned, Chain, RetryPolicy, run_with_attempts
-from llmtap.record import LogRecord, decode, encode, stripped
+from llmtap.record import LogRecord, decode, encode, lightened, stripped
 from llmtap.runtime import OnBackends, SharedBackends, open_when_back
 
 if TYPE_CHECKING:
@@ -394,12 +395,23 @@ class WorkerService(OnBackends):
         except MessageRefused as e:
             # The letter is larger than the message it came from (the reason and offsets travel
             # with it) and the dead-letter place refuses it: retrying it would hold the partition
-            # for good. A smaller letter keeps the request's fields and the reason.
-            value, what = smaller_letter(d.value, reason)
-            log.error(
-                "worker: the dead-letter place refused message %s/%s (%s); %s", d.partition, d.offset, e, what
-            )
-            await self.queue.dead_letter(replace(d, value=value), f"{reason} [{what}]")
+            # for good. Smaller letters, each keeping less, until one is taken.
+            short = reason[:LETTER_REASON]
+            for value, what in smaller_letters(d.value, short):
+                log.error(
+                    "worker: the dead-letter place refused message %s/%s (%s); %s",
+                    d.partition,
+                    d.offset,
+                    e,
+                    what,
+                )
+                try:
+                    await self.queue.dead_letter(replace(d, value=value), f"{short} [{what}]")
+                    break
+                except MessageRefused as again:
+                    e = again
+            else:
+                raise e
         dead.add((d.partition, d.offset))  # a re-run of the batch (ack failed) must not repeat it
         self._count_dead(cause)
 
@@ -465,17 +477,30 @@ class WorkerService(OnBackends):
         self._progress_at, self._progress_mark = now, (processed, dead, waited)
 
 
-#: How much of an unreadable message a letter keeps when the whole is too large for the letter.
+#: How much of an unreadable message a letter keeps when the whole is too large for the letter,
+#: and of the reason a smaller letter carries.
 LETTER_HEAD = 16 * 1024
+LETTER_REASON = 1000
 
 
-def smaller_letter(value: bytes, reason: str) -> tuple[bytes, str]:
-    """A letter the dead-letter place takes, and what it holds: the record without its bodies
-    (replayed, it stores the request's fields with the reason as its error), or, for bytes that
-    are no record, their first `LETTER_HEAD` bytes."""
+def smaller_letters(value: bytes, reason: str) -> Iterator[tuple[bytes, str]]:
+    """Letters the dead-letter place may take, each smaller than the last, and what each holds:
+    the record without bodies and headers (replayed, its numbers are stored), then its plain
+    fields; for bytes that are no record, their first `LETTER_HEAD` bytes; last, nothing but
+    the reason."""
     try:
         record = decode(value)
     except RecordError:
-        return value[:LETTER_HEAD], f"the letter holds the first {LETTER_HEAD} of its {len(value)} bytes"
-    what = f"the letter holds the record without its bodies ({len(value)} bytes in full)"
-    return encode(stripped(record, reason)), what
+        record = None
+    if record is not None:
+        yield (
+            encode(lightened(record, reason)),
+            f"the letter holds the record without its bodies and headers ({len(value)} bytes in full)",
+        )
+        yield (
+            encode(stripped(record, reason)),
+            f"the letter holds the record's plain fields ({len(value)} bytes in full)",
+        )
+    else:
+        yield value[:LETTER_HEAD], f"the letter holds the first {LETTER_HEAD} of its {len(value)} bytes"
+    yield b"", f"the letter holds none of its {len(value)} bytes"
