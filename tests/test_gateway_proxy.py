@@ -440,9 +440,9 @@ async def test_an_upstream_header_aiohttp_will_not_write_costs_neither_the_answe
     from rawhttp import RawUpstream
 
     raw = RawUpstream(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Ctl: a\x01b\r\nX-Fine: yes\r\n"
+        b"HTTP/1.1 200 O\x01K\r\nContent-Type: application/json\r\nX-Ctl: a\x01b\r\nX-Fine: yes\r\n"
         b"Content-Length: 2\r\n\r\n{}"
-    )
+    )  # the reason phrase too: aiohttp refuses to write it as well
     q = MemoryQueue()
     try:
         async with running_gateway(settings_for(raw.port, tmp_path), q) as (svc, gw):
@@ -545,6 +545,32 @@ async def test_a_relay_that_fails_for_any_reason_still_logs_the_request(
         (rec,) = await published(svc, q, 1)
     assert rec.outcome == "upstream_cut" and rec.status == 200
     assert rec.error is not None and "llmtap could not relay" in rec.error and "boom" in rec.error
+
+
+async def test_an_answer_that_fails_before_its_headers_went_out_is_a_502_with_its_id(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing sent yet when relaying failed: the client is told, with the request's id."""
+    prepare = web.StreamResponse.prepare
+    calls = 0
+
+    async def failing(self: web.StreamResponse, request: web.BaseRequest) -> Any:
+        nonlocal calls
+        if request.path.startswith("/openai/") and not calls:  # the gateway's, not the upstream's
+            calls += 1
+            raise RuntimeError("boom")
+        return await prepare(self, request)
+
+    monkeypatch.setattr(web.StreamResponse, "prepare", failing)
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
+            assert r.status == 502
+            body = await r.json()
+            rid = r.headers["Llmtap-Request-Id"]
+        (rec,) = await published(svc, q, 1)
+    assert body["error"]["type"] == "llmtap_upstream_cut" and "boom" in body["error"]["message"]
+    assert rec.id == rid and rec.status == 502 and rec.outcome == "upstream_cut"
 
 
 async def test_slow_upstream_is_504(upstream: int, tmp_path: Path, http: aiohttp.ClientSession) -> None:

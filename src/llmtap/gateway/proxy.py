@@ -423,8 +423,11 @@ class Proxy:
             headers.append((name, value))
         headers.append((REQUEST_ID_HEADER, request_id))
 
+        reason = upstream.reason
+        if reason and not reason.isprintable() and _FORBIDDEN.search(reason) is not None:
+            reason = None  # aiohttp's standard phrase instead of one it refuses to write
         resp = (web.StreamResponse if sse else _Coalesced)(
-            status=upstream.status, reason=upstream.reason, headers=headers
+            status=upstream.status, reason=reason, headers=headers
         )
         if self.draining:
             resp.force_close()
@@ -477,6 +480,10 @@ class Proxy:
             return resp
         except Exception as e:  # a bug, or an answer aiohttp will not write: still a record
             log.exception("could not relay the upstream's answer to request %s", request_id)
+            if not resp.prepared:  # nothing sent yet: say so to the client
+                upstream.close()
+                why = f"llmtap could not relay the upstream's answer: {type(e).__name__}: {e}"
+                return self._gateway_error(cap, 502, "upstream_cut", why)
             return await self._cut(request, resp, upstream, cap, b"", e, "llmtap could not relay")
         self._finish(cap, "completed", None)
         return resp
