@@ -775,8 +775,8 @@ class PostgresStore(Store):
             # No record of those months is stored while their rows are released but not yet
             # dropped (migration 14): it would take a released key again.
             await self._fetch(
-                "INSERT INTO retention_floor (one, before) VALUES (true, $1)"
-                " ON CONFLICT (one) DO UPDATE SET before = EXCLUDED.before",
+                "INSERT INTO retention_floor (one, before) VALUES (true, $1) ON CONFLICT (one)"
+                " DO UPDATE SET before = greatest(retention_floor.before, EXCLUDED.before)",
                 boundary,
             )
             while True:
@@ -817,9 +817,12 @@ class PostgresStore(Store):
                 for table in ("requests", "request_properties"):
                     await conn.execute(f"DROP TABLE IF EXISTS {table}_p{year:04d}{month:02d}")
                 self._months.discard((year, month))
-            # Nothing released is left: an old record arriving late is stored again (in a
-            # partition made for it) and goes at the next purge, its key and row together.
-            await conn.execute("DELETE FROM retention_floor")
+            # Released rows live only in months wholly before the floor that are not dropped yet
+            # (another server's purge may have a later boundary): with none left, an old record
+            # arriving late is stored again and goes at the next purge, key and row together.
+            floor = await conn.fetchval("SELECT before FROM retention_floor")
+            if floor is not None and not any(_month_start(y, m + 1) <= floor for y, m in self._months):
+                await conn.execute("DELETE FROM retention_floor WHERE before = $1", floor)
 
     # -- API keys ---------------------------------------------------------------------------------
     async def create_key(self, tenant: str, name: str | None, key_hash: str, prefix: str) -> ApiKey:
