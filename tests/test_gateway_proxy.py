@@ -488,16 +488,20 @@ async def test_headers_a_connection_header_lists_are_not_forwarded_either_way(tm
     assert b"x-hop:" not in sent.lower() and b"x-stay: yes" in sent.lower()
 
 
-@pytest.mark.parametrize("whole", [True, False])
+@pytest.mark.parametrize("whole", [True, False, "error"])
 async def test_a_close_delimited_stream_that_stops_before_its_end_is_a_cut(
-    tmp_path: Path, http: aiohttp.ClientSession, whole: bool
+    tmp_path: Path, http: aiohttp.ClientSession, whole: bool | str
 ) -> None:
     """Without a length or chunks the body ends where the connection does: an upstream that
     dropped it mid-event looked complete, and the record said `completed`."""
     from rawhttp import RawUpstream
 
     event = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"delta":{"content":"Hi"}}]}\n\n'
-    body = event + b"data: [DONE]\n\n" if whole else event + event[:30]
+    body = {
+        True: event + b"data: [DONE]\n\n",
+        False: event + event[:30],
+        "error": event + b'data: {"error":{"message":"backend overloaded","type":"server_error"}}\n\n',
+    }[whole]
     raw = RawUpstream(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body, close=True
     )
@@ -512,8 +516,10 @@ async def test_a_close_delimited_stream_that_stops_before_its_end_is_a_cut(
     finally:
         raw.close()
     assert rec.streamed
-    if whole:
+    if whole is True:
         assert rec.outcome == "completed" and rec.error is None
+    elif whole == "error":  # ended by the upstream's error event: not a cut (the worker says upstream_error)
+        assert rec.outcome == "completed" and rec.error == "backend overloaded"
     else:
         assert rec.outcome == "upstream_cut" and "before the stream's end marker" in (rec.error or "")
 

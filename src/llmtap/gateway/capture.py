@@ -307,7 +307,12 @@ class RecordBuilder:
                     response_body_type = "application/json"
                     response_obj = result.message
                 usage, outcome, error = result.settle(outcome, error)
-                if not result.complete and outcome == "completed" and _close_delimited(cap.response_headers):
+                if (
+                    not result.complete
+                    and result.error is None  # an error event ends it: `upstream_error`, told later
+                    and outcome == "completed"
+                    and _close_delimited(cap.response_headers)
+                ):
                     # Neither a length nor chunks: the connection's end was the body's end, so a
                     # connection the upstream dropped looked like a whole answer to the client.
                     outcome = "upstream_cut"
