@@ -327,6 +327,8 @@ def test_sse_boundaries() -> None:
     assert last_boundary(b"data: a\n\ndata: b") == 9
     assert last_boundary(b"data: a\r\n\r\ndata: b\r\n\r\n") == 22
     assert last_boundary(b"data: a\n") == -1
+    assert last_boundary(b"data: a\r\r") == 9  # CR framing: released at once, not a read late
+    assert last_boundary(b"data: a\r\n\r\ndata: b\r\n\r") == 11  # CRLF: that last CR may be half
     data = b"data: a\n\ndata: b\r\n\r\ndata: c"
     assert split_events(data) == [b"data: a\n\n", b"data: b\r\n\r\n", b"data: c"]
 

@@ -104,8 +104,8 @@ def last_boundary(data: bytes) -> int:
         return i + 2 if i >= 0 else -1
     end, n = -1, len(data)
     for m in _BLANK.finditer(data):
-        if m.end() == n and data[-1] == 0x0D:  # a CR the next read may join to a LF: not yet an end
-            break
+        if m.end() == n and data[-1] == 0x0D and b"\r\n" in data:
+            break  # CRLF framing: a last CR the next read may join to a LF is not yet an end
         end = m.end()
     return end
 
