@@ -116,12 +116,15 @@ def raise_fd_limit() -> int:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    top = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    # macOS says "unlimited" but refuses more than its kern.maxfilesperproc: step down.
+    for want in (top, min(top, 65536), min(top, 10240)):
+        if want <= soft:
+            break
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (ValueError, OSError):
-            return soft
+            continue
         return want
     return soft
 
@@ -131,7 +134,7 @@ def fd_note(fds: int) -> str | None:
     if fds >= FEW_FDS:
         return None
     return (
-        f"this process may open only {fds} files (ulimit -n, its hard limit): each client and"
+        f"this process may open only {fds} files (ulimit -n): each client and"
         " upstream connection takes one, so a few hundred at once fail with 'Too many open"
         f" files'; raise it to {FEW_FDS} or more"
     )

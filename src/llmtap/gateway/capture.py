@@ -333,7 +333,9 @@ class RecordBuilder:
             elif cap.tail and decoded is raw:
                 # Cut at `max_bytes` (a big embeddings answer): its usage and model are in the tail kept.
                 tail = b"".join(cap.tail)
-                usage, response_obj = fmt.usage_from_tail(tail), fmt.response_from_tail(tail)
+                usage = fmt.usage_from_tail(tail)
+                if fmt.bills(cap.method, cap.path):  # not a listing's last item's model
+                    response_obj = fmt.response_from_tail(tail)
 
         if usage.source != "missing" and not fmt.bills(cap.method, cap.path):
             usage = Usage()  # a look-up of an answer billed when it was made

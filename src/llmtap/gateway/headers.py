@@ -43,10 +43,13 @@ REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 RESPONSE_DROP = HOP_BY_HOP
 
 
+_PLAIN_CONNECTION = frozenset(("keep-alive", "close", "Keep-Alive", "Close"))
+
+
 def connection_listed(value: str | None) -> frozenset[str]:
     """Header names a `Connection` header makes hop-by-hop (RFC 9110 7.6.1): not forwarded.
-    Empty for the usual `keep-alive` / `close`, so the common case costs one comparison."""
-    if not value:
+    Empty for the usual `keep-alive` / `close`, so the common case costs one set look-up."""
+    if not value or value in _PLAIN_CONNECTION:
         return frozenset()
     names = {t.strip().lower() for t in value.split(",")} - {"keep-alive", "close", ""}
     return frozenset(names)
