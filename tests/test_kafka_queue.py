@@ -256,7 +256,9 @@ async def test_the_same_delivery_dead_lettered_twice_is_one_letter(
         await q.dead_letter(d, f"poison {d.key}")
     letters = await q.dead_letters()
     assert sorted(d.key for d in letters) == ["bad0", "bad1", "bad2"]
-    assert await q.replay_dead_letters() == 3
+    # Replayed one by one, the first letter's copies go with it, whatever the watermark does.
+    for d in sorted(letters, key=lambda d: int(d.id)):
+        assert await q.replay_dead_letters([d.id]) == 1
     assert await q.dead_letters() == [] and await q.replay_dead_letters() == 0
     assert sorted(d.value for d in await take(q, 3)) == [f"garbage {i}".encode() for i in range(3)]
 

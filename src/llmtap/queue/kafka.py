@@ -678,14 +678,22 @@ class KafkaQueue(Queue):
             replayed = {o for o in _decode_offsets(mark.metadata) if o >= watermark}
         return watermark, replayed, begin, end
 
-    async def _read_dlq(self, start: int, end: int, limit: int | None, skip: set[int]) -> list[DeadLetter]:
+    async def _read_dlq(
+        self,
+        start: int,
+        end: int,
+        limit: int | None,
+        skip: set[int],
+        copies: dict[str, list[int]] | None = None,
+    ) -> list[DeadLetter]:
         """Dead letters with offsets in [start, end), oldest first, without the `skip` ones.
 
         A letter is written before its message's commit; a commit that failed (or a rebalance in
         between) has the message dead-lettered again. Letters of the same source partition and
-        offset are one delivery: the first is listed (and replayed), its copies passed over."""
+        offset are one delivery: the first is listed (and replayed), its copies passed over
+        (`copies`: the first's id -> the copies' offsets, to be marked replayed with it)."""
         out: list[DeadLetter] = []
-        sources: set[tuple[int, int]] = set()
+        sources: dict[tuple[int, int], str] = {}
         if start >= end:
             return out
         reader = AIOKafkaConsumer(
@@ -716,9 +724,12 @@ class KafkaQueue(Queue):
                         letter_field(h.get("offset"), int, None),
                     )
                     if source[0] is not None and source[1] is not None:
-                        if source in sources:
+                        first = sources.get((source[0], source[1]))
+                        if first is not None:
+                            if copies is not None:
+                                copies.setdefault(first, []).append(r.offset)
                             continue
-                        sources.add((source[0], source[1]))
+                        sources[(source[0], source[1])] = str(r.offset)
                     if r.offset in skip:  # replayed already (its copies with it)
                         continue
                     out.append(
@@ -749,15 +760,17 @@ class KafkaQueue(Queue):
     async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
         try:
             watermark, replayed, _, end = await self._replay_state()
-            letters = await self._read_dlq(watermark, end, None, replayed)
+            copies: dict[str, list[int]] = {}
+            letters = await self._read_dlq(watermark, end, None, replayed, copies)
             wanted = set(ids) if ids is not None else None
             chosen = [d for d in letters if wanted is None or d.id in wanted]
             if not chosen:
                 return 0
             await self._send(self.topic, [(d.key, d.value, None) for d in chosen])
-            # Remember what was replayed: the watermark passes every replayed (or vanished)
-            # offset from its old place up to the first dead letter still waiting.
+            # Remember what was replayed (and the copies of it): the watermark passes every
+            # replayed (or vanished) offset from its old place up to the first letter waiting.
             done = replayed | {int(d.id) for d in chosen}
+            done |= {o for d in chosen for o in copies.get(d.id, ())}
             waiting = sorted(int(d.id) for d in letters if int(d.id) not in done)
             new_mark = waiting[0] if waiting else end
             above = _encode_offsets([o for o in done if o >= new_mark])
