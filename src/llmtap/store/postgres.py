@@ -138,17 +138,18 @@ _PARTITION_LOCK = 0x6C6C6D74_0002
 _STAGING = "llmtap_staging"
 
 
-def _move_sql(columns: Sequence[str]) -> str:
+def _move_sql(columns: Sequence[str], floor: bool = True) -> str:
     """One statement: claim keys, insert the rows whose key was new, and their properties.
     `columns`: what the staging table is given (`sql.COLUMNS`, and `search_text` once migration
-    5 made it)."""
+    5 made it); `floor`: migration 14's `retention_floor` is there."""
     cols = ", ".join(columns)
     s_cols = ", ".join(f"s.{c}" for c in columns)
+    above = "WHERE created_at >= coalesce((SELECT before FROM retention_floor), '-infinity')" if floor else ""
     return f"""
 WITH k AS (
     INSERT INTO request_keys (tenant, id, created_at)
     SELECT tenant, id, created_at FROM {_STAGING}
-    WHERE created_at >= coalesce((SELECT before FROM retention_floor), '-infinity')
+    {above}
     ON CONFLICT DO NOTHING
     RETURNING tenant, id
 ), ins AS (
@@ -325,6 +326,7 @@ class PostgresStore(Store):
         self._project: tuple[int, ...] | None = None  # likewise, every column of `sql.COLUMNS`
         self._written: tuple[str, ...] = _WRITTEN
         self._move = _MOVE
+        self._floor = True  # migration 14's `retention_floor` (an older schema has none)
         self.description = f"postgresql {redact_url(url)}"
         parts = urlsplit(url)
         self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
@@ -493,7 +495,9 @@ class PostgresStore(Store):
             cols = sql.written_columns(present)
             self._project = None if cols is None else tuple(sql.COLUMNS.index(c) for c in cols)
             self._written = (*(cols or sql.COLUMNS), *(("search_text",) if self._search else ()))
-            self._move = _MOVE if self._written == _WRITTEN else _move_sql(self._written)
+            self._floor = await conn.fetchval("SELECT to_regclass('retention_floor') IS NOT NULL")
+            fresh = self._written == _WRITTEN and self._floor
+            self._move = _MOVE if fresh else _move_sql(self._written, self._floor)
             if self._rollups:
                 await self._cover_dims(conn)
         finally:
@@ -774,11 +778,12 @@ class PostgresStore(Store):
         with self._errors():
             # No record of those months is stored while their rows are released but not yet
             # dropped (migration 14): it would take a released key again.
-            await self._fetch(
-                "INSERT INTO retention_floor (one, before) VALUES (true, $1) ON CONFLICT (one)"
-                " DO UPDATE SET before = greatest(retention_floor.before, EXCLUDED.before)",
-                boundary,
-            )
+            if self._floor:
+                await self._fetch(
+                    "INSERT INTO retention_floor (one, before) VALUES (true, $1) ON CONFLICT (one)"
+                    " DO UPDATE SET before = greatest(retention_floor.before, EXCLUDED.before)",
+                    boundary,
+                )
             while True:
                 async with self._p().acquire() as conn, conn.transaction():
                     rows = await conn.fetch(_RETENTION, cutoff, limit, boundary)
@@ -820,7 +825,7 @@ class PostgresStore(Store):
             # Released rows live only in months wholly before the floor that are not dropped yet
             # (another server's purge may have a later boundary): with none left, an old record
             # arriving late is stored again and goes at the next purge, key and row together.
-            floor = await conn.fetchval("SELECT before FROM retention_floor")
+            floor = await conn.fetchval("SELECT before FROM retention_floor") if self._floor else None
             if floor is not None and not any(_month_start(y, m + 1) <= floor for y, m in self._months):
                 await conn.execute("DELETE FROM retention_floor WHERE before = $1", floor)
 
