@@ -195,3 +195,45 @@ def test_a_key_created_in_single_tenant_mode_says_it_is_not_checked(tmp_path: Pa
     env["LLMTAP_MULTI_TENANT"] = "true"
     r = _llmtap(env, "keys", "create", "--tenant", "acme", cwd=tmp_path)
     assert r.returncode == 0 and "multi-tenant mode" not in r.stderr
+
+
+def test_ctrl_c_during_an_admin_command_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    """Ctrl-C while a command waited on a locked store: a TypeError traceback (its result was
+    None), and `dlq replay` said 'replayed None record(s)' with exit 0."""
+    import signal
+    import sqlite3
+    import time
+
+    env = llmtap_env(tmp_path)
+    assert _llmtap(env, "keys", "create", "--tenant", "acme", cwd=tmp_path).returncode == 0
+    lock = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # the command waits for it (SQLite's busy timeout)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmtap.cli", "keys", "list"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # Interrupted once it opened the store (inside the command, waiting on the lock).
+        deadline = time.monotonic() + 60
+        fds = Path(f"/proc/{proc.pid}/fd")
+        while not any(str(tmp_path / "store.db") == os.path.realpath(f) for f in _links(fds)):
+            assert time.monotonic() < deadline and proc.poll() is None, "the command never opened the store"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and err.strip().startswith("llmtap: interrupted"), err
+
+
+def _links(fds: Path) -> list[Path]:
+    try:
+        return list(fds.iterdir())
+    except OSError:
+        return []

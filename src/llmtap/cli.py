@@ -100,7 +100,7 @@ def _listing(rows: Sequence[T], line: Callable[[T], str], empty: str) -> None:
         click.echo(empty, err=True)
 
 
-def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+def _run(coro_fn: Callable[[], Awaitable[T]], *, serving: bool = False) -> T:
     from llmtap.runtime import install_uvloop
 
     install_uvloop()
@@ -109,8 +109,11 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     except LlmtapError as e:
         _fail(str(e))
         raise  # unreachable
-    except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch it first
-        return None  # type: ignore[return-value]
+    except KeyboardInterrupt:
+        if serving:  # pragma: no cover - its signal handlers normally catch it first
+            return None  # type: ignore[return-value]
+        # A command cut short: say so, and exit as a shell's Ctrl-C does (what was done is done).
+        return _fail("interrupted (Ctrl-C): the command may have done part of its work", 130)  # type: ignore[no-any-return]
 
 
 def _run_with(ctx: click.Context, fn: Callable[[Settings], Awaitable[T]], *, create: bool = False) -> T:
@@ -176,7 +179,7 @@ def _serve(settings: Settings, title: str, parts: list[str]) -> None:
             services.append(gateway)
         return await run_services(settings, title, services)
 
-    sys.exit(_run(main))
+    sys.exit(_run(main, serving=True))
 
 
 def _foreground(settings: Settings, gateway: GatewayService | None) -> Foreground | None:
