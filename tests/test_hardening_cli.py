@@ -237,3 +237,61 @@ def _links(fds: Path) -> list[Path]:
         return list(fds.iterdir())
     except OSError:
         return []
+
+
+def test_a_letter_written_by_hand_lists_escaped_and_never_blocks_the_others(tmp_path: Path) -> None:
+    """A letter whose key is not UTF-8 failed `dlq list` and `dlq replay --all` for every letter
+    (exit 2); an id or reason holding a terminal escape was printed raw; an id named twice was
+    replayed twice."""
+    import sqlite3
+    import time
+
+    env = llmtap_env(tmp_path)
+    _publish(env, b"seed")  # makes the queue file
+    with sqlite3.connect(tmp_path / "queue.db") as db:
+        db.executemany(
+            'INSERT INTO dead_letters (id, partition, "offset", key, value, reason, failed_at)'
+            " VALUES (?, ?, ?, CAST(? AS TEXT), ?, ?, ?)",
+            [
+                ("g1", 0, 1, b"\xff\xfeA", b"\x00", "r", time.time()),
+                ("g2\x1b]0;pwned\x07", "zero", "x", b"k", b"v", "two\nlines", "soon"),
+                ("g3", 0, 3, b"k", b"w", "fine", time.time()),
+            ],
+        )
+    r = _llmtap(env, "dlq", "list", cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and "\x1b" not in r.stdout, r.stdout
+    assert any(line.startswith("g2\\x1b]0;pwned\\x07") and "two\\nlines" in line for line in lines), lines
+    r = _llmtap(env, "dlq", "replay", "g3", "g3", cwd=tmp_path)
+    assert (r.returncode, r.stdout.strip()) == (0, "replayed 1 record(s)"), r.stderr
+    r = _llmtap(env, "dlq", "replay", "--all", cwd=tmp_path)
+    assert (r.returncode, r.stdout.strip()) == (0, "replayed 2 record(s)"), r.stderr
+
+
+def test_mistakes_the_cli_review_found_are_one_sentence_each(tmp_path: Path) -> None:
+    """Each was a traceback, or silently something else (an empty LLMTAP_HOST bound every
+    address; an empty --tenant was the default tenant's)."""
+    import socket
+
+    env = llmtap_env(tmp_path / "d")
+    bad_toml = tmp_path / "c.toml"
+    bad_toml.write_bytes(b"\xff\xfe")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        cases = [
+            ({"LLMTAP_HOST": ""}, ["status"], "invalid setting LLMTAP_HOST: is empty"),
+            ({"LLMTAP_DATA_DIR": ""}, ["status"], "invalid setting LLMTAP_DATA_DIR: is empty"),
+            ({}, ["status", "--config", str(bad_toml)], "is not UTF-8 text"),
+            ({}, ["status", "--config", str(bad_toml / "x")], "cannot be read: Not a directory"),
+            ({}, ["keys", "create", "--tenant", ""], "Invalid value for '--tenant'"),
+            ({}, ["webhooks", "list", "--tenant", " "], "Invalid value for '--tenant'"),
+            ({}, ["dlq", "list", "--limit", "-1"], "Invalid value for '--limit'"),
+            ({}, ["worker", "--worker-port", port], f"cannot listen on 127.0.0.1:{port}"),
+        ]
+        for extra, args, says in cases:
+            r = _llmtap({**env, **extra}, *args, cwd=tmp_path)
+            assert r.returncode == 2 and says in r.stderr, (args, r.returncode, r.stderr)
+            assert "Traceback" not in r.stderr, (args, r.stderr)

@@ -92,6 +92,12 @@ def _found(result: T, what: str) -> T:
     return result
 
 
+def _shown(text: str) -> str:
+    """Stored text on one line of a listing: no terminal escapes, no line breaks (a poison
+    letter's fields, a key's name are anyone's bytes)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _listing(rows: Sequence[T], line: Callable[[T], str], empty: str) -> None:
     """One line per row on stdout, or `empty` on stderr (a script reading stdout sees nothing)."""
     for row in rows:
@@ -384,8 +390,16 @@ def _with_store(ctx: click.Context, fn: Callable[[Store], Awaitable[T]], *, crea
     return _run_with(ctx, main, create=create)
 
 
+def _tenant_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A `--tenant` that names one: an empty one (an unset shell variable) is not the default
+    tenant, and control characters would print as terminal escapes in every listing."""
+    if value is not None and (not value.strip() or not value.isprintable()):
+        raise click.BadParameter("must be a tenant's name: not empty, no control characters")
+    return value
+
+
 @keys.command("create")
-@click.option("--tenant", required=True, help="Tenant the key belongs to.")
+@click.option("--tenant", callback=_tenant_name, required=True, help="Tenant the key belongs to.")
 @click.option("--name", help="A label to recognise the key by.")
 @click.pass_context
 def keys_create(ctx: click.Context, tenant: str, name: str | None) -> None:
@@ -406,7 +420,7 @@ def keys_create(ctx: click.Context, tenant: str, name: str | None) -> None:
 
 
 @keys.command("list")
-@click.option("--tenant", help="Only this tenant's keys.")
+@click.option("--tenant", callback=_tenant_name, help="Only this tenant's keys.")
 @click.pass_context
 def keys_list(ctx: click.Context, tenant: str | None) -> None:
     """List keys (prefix, tenant, state); never the keys themselves."""
@@ -416,7 +430,9 @@ def keys_list(ctx: click.Context, tenant: str | None) -> None:
 
     def line(key: ApiKey) -> str:
         state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
-        return f"{key.id}  {key.prefix}…  tenant={key.tenant}  name={key.name or '-'}  {state}"
+        return (
+            f"{key.id}  {key.prefix}…  tenant={_shown(key.tenant)}  name={_shown(key.name or '-')}  {state}"
+        )
 
     _listing(rows, line, "no keys")
 
@@ -454,7 +470,9 @@ def _tenant(ctx: click.Context, tenant: str | None) -> str:
     return tenant or _settings(ctx).default_tenant
 
 
-_tenant_option = click.option("--tenant", help="Its tenant (default: the default tenant).")
+_tenant_option = click.option(
+    "--tenant", callback=_tenant_name, help="Its tenant (default: the default tenant)."
+)
 
 
 def _one(id_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -486,7 +504,9 @@ def _found_endpoint(ctx: click.Context, result: T, endpoint_id: str, tenant: str
 
 @webhooks.command("add")
 @click.argument("url")
-@click.option("--tenant", help="Tenant whose records it receives (default: the default tenant).")
+@click.option(
+    "--tenant", callback=_tenant_name, help="Tenant whose records it receives (default: the default tenant)."
+)
 @click.option(
     "--event", "events", multiple=True,
     help="request.completed, delivery.disabled, alert.firing, alert.resolved (default: all).",
@@ -525,7 +545,7 @@ def webhooks_add(
 
 
 @webhooks.command("list")
-@click.option("--tenant", help="Only this tenant's endpoints (default: all).")
+@click.option("--tenant", callback=_tenant_name, help="Only this tenant's endpoints (default: all).")
 @click.pass_context
 def webhooks_list(ctx: click.Context, tenant: str | None) -> None:
     """List endpoints (never their secrets)."""
@@ -596,7 +616,9 @@ def webhooks_test(ctx: click.Context, endpoint_id: str, tenant: str | None) -> N
         sys.exit(1)
 
 
-_limit_option = click.option("--limit", default=50, show_default=True, help="Show at most this many.")
+_limit_option = click.option(
+    "--limit", default=50, show_default=True, type=click.IntRange(1, 100_000), help="Show at most this many."
+)
 
 
 @webhooks.command("deliveries")
@@ -687,7 +709,7 @@ Examples:
     help="Evaluate only windows with at least this many requests (not for --metric requests).",
 )  # fmt: skip
 @click.option("--name", help="A label shown in the alert's message.")
-@click.option("--tenant", help="Whose requests (default: the default tenant).")
+@click.option("--tenant", callback=_tenant_name, help="Whose requests (default: the default tenant).")
 @click.pass_context
 def alerts_add(
     ctx: click.Context, metric: str, above: float | None, below: float | None, window: str,
@@ -713,7 +735,7 @@ def alerts_add(
 
 
 @alerts.command("list")
-@click.option("--tenant", help="Only this tenant's rules (default: all).")
+@click.option("--tenant", callback=_tenant_name, help="Only this tenant's rules (default: all).")
 @click.pass_context
 def alerts_list(ctx: click.Context, tenant: str | None) -> None:
     """List rules, with the groups firing now."""
@@ -785,10 +807,8 @@ def dlq_list(ctx: click.Context, limit: int) -> None:
 
     def line(d: DeadLetter) -> str:
         rid = d.request_id
-        if rid is not None and not rid.isprintable():  # a poison letter's id: no terminal escapes
-            rid = rid.encode("unicode_escape").decode("ascii")
-        request = f"  request={rid}" if rid else ""
-        return f"{d.id}  partition={d.partition} offset={d.offset}{request}  {d.reason}"
+        request = f"  request={_shown(rid)}" if rid else ""
+        return f"{_shown(d.id)}  partition={d.partition} offset={d.offset}{request}  {_shown(d.reason)}"
 
     _listing(rows, line, "no dead letters")
 
@@ -804,7 +824,8 @@ def dlq_replay(ctx: click.Context, ids: tuple[str, ...], replay_all: bool) -> No
     if _queue_missing(_settings(ctx)):
         n = 0  # no queue, no dead letters: nothing to create
     else:
-        n = _with_queue(ctx, lambda q: q.replay_dead_letters(None if replay_all else list(ids)))
+        named = list(dict.fromkeys(ids))  # an id named twice is replayed once
+        n = _with_queue(ctx, lambda q: q.replay_dead_letters(None if replay_all else named))
     click.echo(f"replayed {n} record(s)")
     missing = 0 if replay_all else len(set(ids)) - n
     if missing > 0:  # a mistyped id must not read as done

@@ -210,6 +210,20 @@ class Settings(BaseSettings):
             )
         return v
 
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, v: str) -> str:
+        if not v.strip():  # an empty variable (a compose file's `LLMTAP_HOST=`) bound every address
+            raise ValueError("is empty: name an address to listen on (127.0.0.1, or 0.0.0.0 for every one)")
+        return v.strip()
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _check_data_dir(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():  # `Path("")` is the current directory
+            raise ValueError("is empty: name a directory (the default is ./.llmtap)")
+        return v
+
     @field_validator("rollup_properties")
     @classmethod
     def _check_rollup_properties(cls, v: str) -> str:
@@ -438,11 +452,15 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     if config_file is not None:
         path = Path(config_file)
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (TOML files are)") from None
+        except OSError as e:  # a directory, no permission, a symlink loop
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
         # Accept both `gateway_port = 1` and `LLMTAP_GATEWAY_PORT = 1` spellings.
         for key, value in raw.items():
             if key.upper().startswith("OTEL_"):

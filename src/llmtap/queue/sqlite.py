@@ -63,6 +63,7 @@ from llmtap.queue.base import (
     Queue,
     QueueStatus,
     Role,
+    letter_field,
     partition_for,
 )
 
@@ -725,26 +726,40 @@ class SQLiteQueue(Queue):
     # -- operations ---------------------------------------------------------------------------
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         def read() -> list[DeadLetter]:
+            # As bytes: one letter written by hand with text that is not UTF-8 (or numbers that
+            # are not numbers) must not fail the listing of all the others.
             rows = self._db().execute(
-                'SELECT id, partition, "offset", key, value, reason, failed_at FROM dead_letters'
-                " ORDER BY failed_at, id LIMIT ?",
+                'SELECT CAST(id AS BLOB), partition, "offset", CAST(key AS BLOB), value,'
+                " CAST(reason AS BLOB), failed_at FROM dead_letters ORDER BY failed_at, id LIMIT ?",
                 (limit,),
             )
-            return [DeadLetter(*r) for r in rows]
+            return [
+                DeadLetter(
+                    id=_text(i),
+                    partition=letter_field(str(p), int, 0),
+                    offset=letter_field(str(o), int, 0),
+                    key=_text(k),
+                    value=v if isinstance(v, bytes) else str(v).encode(),
+                    reason=_text(r),
+                    failed_at=letter_field(str(t), float, 0.0),
+                )
+                for i, p, o, k, v, r, t in rows
+            ]
 
         return await self._call(read)
 
     async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
         def replay(db: sqlite3.Connection) -> int:
+            what = "SELECT id, CAST(key AS BLOB), value FROM dead_letters"
             if ids is None:
-                rows = db.execute("SELECT id, key, value FROM dead_letters ORDER BY failed_at, id").fetchall()
+                rows = db.execute(f"{what} ORDER BY failed_at, id").fetchall()
             else:
                 rows = []
-                for i in ids:
-                    rows += db.execute("SELECT id, key, value FROM dead_letters WHERE id=?", (i,)).fetchall()
+                for i in dict.fromkeys(ids):
+                    rows += db.execute(f"{what} WHERE id=?", (i,)).fetchall()
             if not rows:
                 return 0
-            self._append([(k, v) for _, k, v in rows], db)
+            self._append([(_text(k), v) for _, k, v in rows], db)
             db.executemany("DELETE FROM dead_letters WHERE id=?", [(r[0],) for r in rows])
             return len(rows)
 
@@ -765,3 +780,10 @@ class SQLiteQueue(Queue):
             return QueueStatus(backend="sqlite", partitions=parts, dead_letters=int(dead))
 
         return await self._call(read)
+
+
+def _text(value: object) -> str:
+    """A text column read as bytes, whatever was written into it."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)

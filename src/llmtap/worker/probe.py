@@ -8,11 +8,13 @@ registry) and whether it consumes or waits for a backend, for a liveness or read
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from llmtap.errors import ConfigError
 from llmtap.headertimeout import app_runner
 
 if TYPE_CHECKING:
@@ -38,7 +40,15 @@ class WorkerProbe:
         self._runner = app_runner(app, self.settings.header_timeout, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.worker_port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:  # a port in use, a host that does not resolve: one sentence
+            await self._runner.cleanup()
+            why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise ConfigError(
+                f"cannot listen on {self.settings.host}:{self.settings.worker_port}"
+                f" (LLMTAP_HOST/LLMTAP_WORKER_PORT): {why}"
+            ) from None
         port = self._runner.addresses[0][1]
         return [f"worker    /healthz and /metrics on http://{self.settings.host}:{port}"]
 
