@@ -54,26 +54,12 @@ OFF_B = T0 - timedelta(hours=5, seconds=41, microseconds=7)
 
 @contextlib.asynccontextmanager
 async def rollup_store(kind: str, tmp_path: Path) -> AsyncIterator[Store]:
-    store: Store
-    if kind == "sqlite":
-        from llmtap.store.sqlite import SQLiteStore
-
-        store = SQLiteStore(tmp_path / f"r-{uuid.uuid4().hex[:6]}.db", rollup_properties=PROPS)
-        await store.connect()
-        try:
-            yield store
-        finally:
-            await store.close()
-        return
-    from llmtap.store.postgres import PostgresStore
-
-    async with pg_database() as url:
-        store = PostgresStore(url, rollup_properties=PROPS)
-        await store.connect()
-        try:
-            yield store
-        finally:
-            await store.close()
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "sqlite":
+            where = str(tmp_path / f"r-{uuid.uuid4().hex[:6]}.db")
+        else:
+            where = await stack.enter_async_context(pg_database())
+        yield await stack.enter_async_context(opened_store(kind, where, PROPS))
 
 
 def records() -> list[LogRecord]:
