@@ -155,10 +155,10 @@ def test_cli_manages_endpoints(tmp_path: Path) -> None:
     assert runner.invoke(cli, ["webhooks", "remove", slack_id, "--tenant", "acme"], env=env).exit_code == 0
     # not the default tenant's endpoint: said whose it is
     res = runner.invoke(cli, ["webhooks", "remove", ep_id], env=env)
-    assert res.exit_code == 1 and "it is tenant 'acme''s (add --tenant acme)" in res.output, res.output
+    assert res.exit_code == 1 and "it belongs to tenant 'acme' (add --tenant acme)" in res.output, res.output
     res = runner.invoke(cli, ["webhooks", "test", ep_id], env=env)
     assert res.exit_code == 1 and "add --tenant acme" in res.output
-    assert "it is tenant" not in runner.invoke(cli, ["webhooks", "remove", "ep_nope"], env=env).output
+    assert "it belongs to tenant" not in runner.invoke(cli, ["webhooks", "remove", "ep_nope"], env=env).output
     assert runner.invoke(cli, ["webhooks", "remove", ep_id, "--tenant", "acme"], env=env).exit_code == 0
     res = runner.invoke(cli, ["webhooks", "list"], env=env)
     assert "no webhook endpoints" in res.output

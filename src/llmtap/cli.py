@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -498,7 +499,9 @@ def _found_endpoint(ctx: click.Context, result: T, endpoint_id: str, tenant: str
         endpoints = _with_hooks(ctx, lambda db, _s: db.list_endpoints(None))
         owner = next((ep.tenant for ep in endpoints if ep.id == endpoint_id), None)
         if owner is not None:
-            hint = f" for the default tenant: it is tenant {owner!r}'s (add --tenant {owner})"
+            hint = (
+                f" for the default tenant: it belongs to tenant {owner!r} (add --tenant {shlex.quote(owner)})"
+            )
     return cast(T, _fail(f"no endpoint {endpoint_id!r}{hint}", 1))
 
 
