@@ -172,8 +172,10 @@ async def send(
             retry = retry_after_seconds(resp.headers.get("Retry-After"))
     except aiohttp.ClientConnectorDNSError as e:  # `PublicOnly`'s refusal says why in its own words
         return None, f"cannot connect to {redact_webhook_url(ep.url)}: {e.os_error}"[:500], None
-    except (aiohttp.ClientError, TimeoutError, OSError) as e:
-        return None, f"{type(e).__name__}: {e}"[:500] or type(e).__name__, None
+    except TimeoutError:  # its message is empty: "TimeoutError: " said nothing
+        return None, f"no answer within {session.timeout.total or '?'} s", None
+    except (aiohttp.ClientError, OSError) as e:
+        return None, (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)[:500], None
     if 200 <= status < 300:
         return status, None, None
     return status, f"HTTP {status}", retry
