@@ -423,6 +423,7 @@ async def test_alerts_api_is_authenticated_and_tenant_scoped(mt: Server) -> None
                       ({**base, "extra": 1}, "unknown field 'extra'"),
                       ({"metric": "cost_usd"}, "missing field 'op'"),
                       ({**base, "group_by": "bogus"}, "group_by must be"),
+                      ({**base, "threshold": -1}, "threshold must be 0 or more"),  # always fired
                       ({**base, "metric": []}, "unknown metric"),  # unhashable: a 500 before
                       ({**base, "metric": {"a": 1}}, "unknown metric")):  # fmt: skip
         status, err = await call(mt, "POST", "/api/v1/alerts", key_a, bad)

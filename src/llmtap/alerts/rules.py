@@ -120,6 +120,8 @@ def make_rule(
         raise Invalid(f"op must be above or below, got {op!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
         raise Invalid("threshold must be a finite number")
+    if threshold < 0:  # every metric is a count, an amount, a rate or a duration
+        raise Invalid(f"threshold must be 0 or more (a {metric} is never negative)")
     if metric == "error_rate" and not 0 <= threshold <= 1:
         raise Invalid("an error_rate threshold is a fraction between 0 and 1 (0.05 is 5%)")
     if isinstance(window_s, bool) or not isinstance(window_s, int):
