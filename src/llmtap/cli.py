@@ -42,6 +42,7 @@ Examples:
   LLMTAP_QUEUE=sqs://llmtap.fifo AWS_REGION=eu-west-1 llmtap worker
   llmtap status
 
+\b
 Point your SDK at the gateway:
   OpenAI(base_url="http://127.0.0.1:8787/openai/v1")
   Anthropic(base_url="http://127.0.0.1:8787/anthropic")
