@@ -109,9 +109,13 @@ def _listing(rows: Sequence[T], line: Callable[[T], str], empty: str) -> None:
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]], *, serving: bool = False) -> T:
-    from llmtap.runtime import install_uvloop
+    if serving:
+        from llmtap.runtime import install_uvloop
 
-    install_uvloop()
+        # Only for the services: uvloop retries its wait when a signal interrupts it, so a
+        # Ctrl-C reached an admin command only once its current call returned (a locked store:
+        # 10 s), and then raced that call's own error. The services set their own handlers.
+        install_uvloop()
     try:
         return asyncio.run(coro_fn())  # type: ignore[arg-type]
     except LlmtapError as e:
