@@ -216,6 +216,8 @@ def test_ctrl_c_during_an_admin_command_is_one_line_and_exit_130(tmp_path: Path)
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # As a terminal starts it: a suite run in the background (CI) inherits SIGINT ignored.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         # Interrupted once it opened the store (inside the command, waiting on the lock).
         deadline = time.monotonic() + 60
