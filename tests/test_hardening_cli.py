@@ -292,6 +292,7 @@ def test_mistakes_the_cli_review_found_are_one_sentence_each(tmp_path: Path) -> 
             ({}, ["webhooks", "list", "--tenant", " "], "Invalid value for '--tenant'"),
             ({}, ["dlq", "list", "--limit", "-1"], "Invalid value for '--limit'"),
             ({}, ["worker", "--worker-port", port], f"cannot listen on 127.0.0.1:{port}"),
+            ({}, ["fake-upstream", "--port", port], f"cannot listen on 127.0.0.1:{port} for the fake"),
         ]
         for extra, args, says in cases:
             r = _llmtap({**env, **extra}, *args, cwd=tmp_path)

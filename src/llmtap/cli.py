@@ -859,7 +859,10 @@ def fake_upstream(host: str, port: int, record_limit: int) -> None:
     """
     from llmtap.testing.fake_upstream import run
 
-    run(host, port, record_limit=record_limit)
+    try:
+        run(host, port, record_limit=record_limit)
+    except OSError as e:  # a busy port or a host not on this machine: one sentence, no traceback
+        _fail(f"cannot listen on {host}:{port} for the fake upstream: {e.strerror or e}")
 
 
 def _config_here(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
