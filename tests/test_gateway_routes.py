@@ -373,3 +373,14 @@ async def test_openai_responses_cache_writes_priced_at_the_write_rate(upstream: 
     apply_cost(rec)
     # gpt-5.6-cyber per 1M: 12.5 in / 15.625 cache write / 1.25 cache read / 75 out.
     assert rec.cost_nanos == nanos((12, "12.5"), (3_000, "15.625"), (2_000, "1.25"), (5, "75"))
+
+
+async def test_a_stopped_gateway_gives_its_process_the_collector_back(upstream: int, tmp_path: Path) -> None:
+    """Start-up freezes what exists and raises gen0's threshold; an application (or a test
+    session) embedding the gateway kept both after stopping it, for good."""
+    import gc
+
+    frozen, threshold = gc.get_freeze_count(), gc.get_threshold()
+    async with running_gateway(settings_for(upstream, tmp_path)):
+        assert gc.get_freeze_count() > frozen
+    assert (gc.get_freeze_count(), gc.get_threshold()) == (frozen, threshold)

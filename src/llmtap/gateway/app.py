@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -268,7 +268,7 @@ class GatewayService(OnBackends):
             self._stack = stack.pop_all()
         self._runner = runner
         self.port = int(runner.addresses[0][1])
-        _freeze_startup_objects()
+        self._stack.callback(_freeze_startup_objects())  # undone on stop (an embedding process lives on)
         self._ready = True
         url = f"http://{_host(s.host)}:{self.port}"
         routes = ", ".join(f"{url}/{name} → {redact_url(r.base)}" for name, r in self.proxy.routes.items())
@@ -355,18 +355,27 @@ class GatewayService(OnBackends):
         )
 
 
-def _freeze_startup_objects() -> None:
-    """Exempt everything that exists once we are ready from the cyclic garbage collector.
+def _freeze_startup_objects() -> Callable[[], None]:
+    """Exempt everything that exists once we are ready from the cyclic garbage collector;
+    returns what undoes it.
 
     Modules, settings, price tables, connection pools live for the whole process; scanning them
     again on every full collection costs milliseconds each time, paid by whichever request is
     running (a classic server tweak: `gc.freeze`). Objects created later are collected as usual.
+    A process that embeds a gateway and stops it (tests, an application) gets its collector back.
     """
     gc.collect()
     gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
+    before = gc.get_threshold()
+    gen0, gen1, gen2 = before
     if gen0 == 700:  # Python's default: nobody tuned it
         gc.set_threshold(20_000, gen1, gen2)
+
+    def undo() -> None:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+    return undo
 
 
 def _host(host: str) -> str:
