@@ -23,7 +23,8 @@ from llmtap.record import LogRecord, decode
 
 
 class MemoryQueue(Queue):
-    """Keeps what was published; `down = True` makes `publish` raise `BackendUnavailable`."""
+    """Keeps what was published; `down = True` makes `publish` raise `BackendUnavailable`;
+    `gate`, while not set, holds every publish (`holding` counts those waiting)."""
 
     description = "memory"
 
@@ -33,6 +34,8 @@ class MemoryQueue(Queue):
         self.publish_calls = 0
         self.refused = 0
         self.closed = False
+        self.gate: asyncio.Event | None = None
+        self.holding = 0
 
     async def connect(self, role: Role) -> None:
         self.closed = False
@@ -43,6 +46,12 @@ class MemoryQueue(Queue):
     async def publish(self, messages: Sequence[Message]) -> None:
         self.publish_calls += 1
         await asyncio.sleep(0)  # a real backend yields while it makes the batch durable
+        if self.gate is not None:
+            self.holding += 1
+            try:
+                await self.gate.wait()
+            finally:
+                self.holding -= 1
         if self.down:
             self.refused += 1
             raise BackendUnavailable("memory queue is down")
@@ -156,7 +165,7 @@ async def tiny_upstream(handler: Any, **server: Any) -> tuple[web.AppRunner, int
     return runner, int(runner.addresses[0][1])
 
 
-async def wait_for(cond: Any, timeout: float = 5.0) -> None:
+async def wait_for(cond: Any, timeout: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not cond():
         if asyncio.get_running_loop().time() > deadline:

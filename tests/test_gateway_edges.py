@@ -923,28 +923,47 @@ async def test_a_token_marker_split_across_two_reads_still_marks_the_first_token
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     """`content_block_delta` cut in two by the network: the first token was taken from the next
-    read holding the whole marker (here 2 s later)."""
-    later = 2.0
+    read holding the whole marker. Each part is written once the client has the one before it
+    (so the gateway surely reads them apart, however slow the machine), and the last event
+    `later` seconds after that: the first token must be marked at least `later` before the end."""
+    later = 1.0
     first = event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hi"})
     cut = first.index(b'"content_block_delta"') + 5  # inside the marker itself
+    start = event("message_start", message={"id": "m1", "model": "claude-sonnet-4-6"})
+    got = bytearray()
+    has_half, has_first = asyncio.Event(), asyncio.Event()
 
     async def handler(request: web.Request) -> web.StreamResponse:
         await request.read()
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        await resp.write(event("message_start", message={"id": "m1", "model": "claude-sonnet-4-6"}))
-        await resp.write(first[:cut])
-        await asyncio.sleep(0.1)
+        await resp.write(start + first[:cut])
+        await asyncio.wait_for(has_half.wait(), 60)
         await resp.write(first[cut:])
+        await asyncio.wait_for(has_first.wait(), 60)
         await asyncio.sleep(later)
         await resp.write(event("content_block_delta", index=0, delta={"type": "text_delta", "text": "!"}))
         await resp.write_eof()
         return resp
 
     body = b'{"model":"m","stream":true,"max_tokens":5,"messages":[]}'
-    x = await exchange(handler, tmp_path, http, "/anthropic/v1/messages", body, JSON_AUTH)
-    ttft = x.record.time_to_first_token_ms
-    assert ttft is not None and ttft < (later - 0.5) * 1000 < x.record.latency_ms, (ttft, x.record.latency_ms)
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            async with http.post(f"{gw}/anthropic/v1/messages", data=body, headers=JSON_AUTH) as r:
+                async for part in r.content.iter_any():
+                    got += part
+                    if got.endswith(start + first[:cut]):
+                        has_half.set()
+                    if got.endswith(first):
+                        has_first.set()
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert has_first.is_set() and got.count(b"content_block_delta") == 4  # both deltas, whole
+    ttft = rec.time_to_first_token_ms
+    assert ttft is not None and ttft <= rec.latency_ms - (later * 1000 - 50), (ttft, rec.latency_ms)
 
 
 async def test_a_transcription_upload_names_its_model_and_prices_its_audio(

@@ -583,13 +583,13 @@ async def test_slow_upstream_is_504(upstream: int, tmp_path: Path, http: aiohttp
     q = MemoryQueue()
     s = settings_for(upstream, tmp_path, upstream_read_timeout=0.3)
     async with running_gateway(s, q) as (svc, gw):
-        h = {**OPENAI_AUTH, "x-fake-delay-ms": "3000"}
+        h = {**OPENAI_AUTH, "x-fake-delay-ms": "60000"}
         t0 = time.monotonic()
         async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=h) as r:
             assert r.status == 504
             body = await r.json()
             assert "Llmtap-Request-Id" in r.headers
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 30  # the upstream's answer is a minute away
         (rec,) = await published(svc, q, 1)
     assert body["error"]["type"] == "llmtap_upstream_timeout"
     assert rec.outcome == "upstream_timeout" and rec.status == 504
@@ -600,7 +600,7 @@ async def test_client_disconnect_mid_stream_stops_upstream_read(
 ) -> None:
     q = MemoryQueue()
     async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
-        h = {**OPENAI_AUTH, "x-fake-chunk-delay-ms": "100", "x-fake-chunks": "60"}
+        h = {**OPENAI_AUTH, "x-fake-chunk-delay-ms": "100", "x-fake-chunks": "600"}
         t0 = time.monotonic()
         r = await http.post(f"{gw}/openai/v1/chat/completions", json={**CHAT, "stream": True}, headers=h)
         first = await r.content.readany()
@@ -609,8 +609,8 @@ async def test_client_disconnect_mid_stream_stops_upstream_read(
         (rec,) = await published(svc, q, 1)
         noticed = time.monotonic() - t0
     assert rec.outcome == "client_disconnected"
-    assert noticed < 2.0  # the full stream would take 6 s: the gateway stopped at once
-    assert rec.latency_ms < 2000
+    assert noticed < 30  # the full stream would take 60 s: the gateway stopped at once
+    assert rec.latency_ms < 30_000
     assert rec.streamed
 
 
@@ -1008,7 +1008,7 @@ async def test_hanging_sinks_never_delay_a_response(
         assert pct("broken", 0.5) <= 2 * pct("healthy", 0.5) + 0.020, summary
         assert pct("broken", 0.9) <= 2 * pct("healthy", 0.9) + 0.050, summary
         assert pct("broken", 0.5) <= 5 * pct("direct", 0.5) + 0.030, summary
-        assert max(times["broken"]) < 2.0, summary  # no response waited for a sink's timeout
+        assert max(times["broken"]) < 8.0, summary  # none waited for the ingest sink's 10 s timeout
 
     # and nothing was lost: at the shutdown deadline the records went to the disk spool
     spooled = _spooled(tmp_path / "broken" / "spool")
@@ -1022,14 +1022,16 @@ async def test_queue_outage_holds_records_and_clients_are_unaffected(
     """Chain = the queue alone: the records wait in memory, in order, until it is back."""
     q = MemoryQueue()
     q.down = True
+    q.gate = asyncio.Event()  # the queue's first answer is held until every client has its own
     async with running_gateway(settings_for(upstream, tmp_path), q, sinks=[QueueSink(q)]) as (svc, gw):
         ids = []
         for _ in range(10):
-            t0 = time.monotonic()
             async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
                 assert r.status == 200
                 ids.append(r.headers["Llmtap-Request-Id"])
-            assert time.monotonic() - t0 < 2.0  # not held for the queue (a busy machine is slow)
+        await wait_for(lambda: q.holding >= 1)
+        assert q.refused == 0  # all ten answered while the queue had not answered once
+        q.gate.set()
         await wait_for(lambda: q.refused >= 2)
         assert q.messages == [] and svc.publisher.pending == 10 and svc.publisher.failed >= 2
         q.down = False

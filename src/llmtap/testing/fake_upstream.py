@@ -32,6 +32,9 @@ Test controls are request headers (the gateway forwards them untouched):
                                Its answer says whether a stream was still holding: a client that
                                got those events before releasing them proves that nothing between
                                buffers the stream, however slow the machine
+``x-fake-hold-first: NAME``    hold the answer before its first byte (stream or not) until
+                               ``POST /_fake/release/NAME`` (at most 120 s): a test stops the
+                               gateway while a request is surely in flight, however slow the machine
 ``x-fake-response-bytes: N``   pad the reply so a non-stream body is about N bytes
 ``x-fake-cached-tokens: N``    simulate an N-token cached prompt prefix (OpenAI ``cached_tokens``,
                                Anthropic ``cache_read_input_tokens``)
@@ -576,6 +579,9 @@ async def _receive(request: web.Request) -> tuple[bytes, float]:
     delay = _int_header(request.headers, "x-fake-delay-ms")
     if delay and delay > 0:
         await asyncio.sleep(delay / 1000)
+    hold = request.headers.get("x-fake-hold-first", "")
+    if hold:
+        await _hold(request.app[STATE], hold, most=120.0)
     return body, time.time()
 
 
@@ -622,11 +628,11 @@ async def _send_json(
 HOLD_MAX_S: Final = 20.0
 
 
-async def _hold(state: _State, name: str) -> None:
-    """Wait for `POST /_fake/release/<name>` (or HOLD_MAX_S); the name is forgotten after."""
+async def _hold(state: _State, name: str, most: float = HOLD_MAX_S) -> None:
+    """Wait for `POST /_fake/release/<name>` (or `most` seconds); the name is forgotten after."""
     event = state.holds.setdefault(name, asyncio.Event())
     try:
-        async with asyncio.timeout(HOLD_MAX_S):
+        async with asyncio.timeout(most):
             await event.wait()
     except TimeoutError:
         pass
