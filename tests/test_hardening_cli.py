@@ -97,6 +97,21 @@ def test_read_only_commands_still_read_an_existing_queue(tmp_path: Path) -> None
     assert json.loads(r.stdout)["lag"] == 1
 
 
+def test_status_names_spool_bytes_a_replay_could_not_read(tmp_path: Path) -> None:
+    """They were kept in spool/corrupt/ with one log line, and nothing counted them after."""
+    env = llmtap_env(tmp_path / "data")
+    _publish(env, b"not a record")
+    corrupt = tmp_path / "data" / "spool" / "corrupt"
+    corrupt.mkdir(parents=True)
+    (corrupt / "gw-1.0.bin").write_bytes(b"x" * 123)
+    r = _llmtap(env, "status", "--json", cwd=tmp_path)
+    info = json.loads(r.stdout)
+    assert (r.returncode, info["spool_unreadable_bytes"], info["spool_bytes"]) == (0, 123, 0), r.stderr
+    assert any("123 unreadable spool bytes" in n and str(corrupt) in n for n in info["notes"]), info
+    r = _llmtap(env, "status", cwd=tmp_path)
+    assert "note          123 unreadable spool bytes (their records are lost)" in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("as_json", [False, True])
 def test_status_exits_1_when_the_queue_is_unreachable_in_both_forms(tmp_path: Path, as_json: bool) -> None:
     env = llmtap_env(tmp_path, queue=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there

@@ -297,7 +297,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     async def main(settings: Settings) -> dict[str, Any]:
         from llmtap.errors import BackendUnavailable, QueueMissing
-        from llmtap.gateway.spool import spool_size
+        from llmtap.gateway.spool import spool_dir, spool_size, spool_unreadable
         from llmtap.queue import open_queue
         from llmtap.queue.base import embedded_queue_path
 
@@ -312,6 +312,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "missing": False,
         }
         info["spool_bytes"] = spool_size(settings)  # the spool matters most when the queue is down
+        info["spool_unreadable_bytes"] = spool_unreadable(settings)
+        if info["spool_unreadable_bytes"]:  # a disk error cost records: say where their bytes are
+            info["notes"].append(
+                f"{info['spool_unreadable_bytes']} unreadable spool bytes (their records are lost) "
+                f"kept in {spool_dir(settings) / 'corrupt'}; delete them once looked at"
+            )
         if _queue_missing(settings):  # no llmtap ever ran on this data dir: create nothing
             where = embedded_queue_path(settings)
             info.update(reachable=False, missing=True, lag=None, partitions=[], dead_letters=None)
@@ -334,7 +340,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             dead_letters=st.dead_letters,
             waiting=st.waiting,
             in_flight=st.in_flight,
-            notes=st.notes,
+            notes=[*info["notes"], *st.notes],
         )
         return info
 
@@ -348,6 +354,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if not info["reachable"]:
         click.echo(f"              {'MISSING' if info.get('missing') else 'UNREACHABLE'}: {info['error']}")
         click.echo(f"spool         {info['spool_bytes']} bytes waiting on local disk")
+        for note in info["notes"]:
+            click.echo(f"note          {note}")
         sys.exit(1)
     click.echo(f"lag           {info['lag']} record(s) not yet stored")
     if info["waiting"] is not None:

@@ -58,13 +58,18 @@ def spool_size(settings: Settings) -> int:
     return _segment_bytes(spool_dir(settings))
 
 
-def _segment_bytes(directory: Path) -> int:
+def spool_unreadable(settings: Settings) -> int:
+    """Bytes kept in `spool/corrupt/` (spans a replay could not read; for `llmtap status`)."""
+    return _segment_bytes(spool_dir(settings) / "corrupt", "*.bin")
+
+
+def _segment_bytes(directory: Path, pattern: str = "*.spool") -> int:
     """Bytes in the segments. A segment replayed and deleted between the listing and its `stat`
     (the replayer runs on another thread, or in another process) counts nothing: it is gone."""
     if not directory.exists():
         return 0
     total = 0
-    for p in directory.glob("*.spool"):
+    for p in directory.glob(pattern):
         try:
             total += p.stat().st_size
         except FileNotFoundError:
