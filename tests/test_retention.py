@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,34 @@ async def test_purge_removes_old_rows_and_bodies_keeps_recent(kind: str, tmp_pat
         assert [await bodies.get(ref) for ref in old_refs] == [None] * len(old_refs)
         assert None not in [await bodies.get(ref) for ref in new_refs]
         assert await purge(store, bodies, cutoff_for(30)) == 0  # idempotent
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_a_record_stamped_in_another_time_zone_shares_no_pack_with_kept_days(
+    kind: str, tmp_path: Path
+) -> None:
+    """Ingest takes any UTC offset: a body went to the folder of the record's local day, the
+    pack of a later UTC day, and purging that record deleted the kept records' bodies."""
+    bodies = FileBodyStore(str(tmp_path / "bodies"))
+    await bodies.connect()
+    cutoff = cutoff_for(30)
+    plus5 = timezone(timedelta(hours=5))
+    old = rec(1, at=(cutoff - timedelta(hours=4)).astimezone(plus5))  # the cutoff's day, locally
+    kept = [rec(2, at=cutoff), rec(3, at=cutoff + timedelta(hours=1))]
+    for r in [old, *kept]:
+        r.request_body = Body(size=9, encoding="zstd", data=compress(b'{"r": "%s"}' % r.id.encode()))
+        r.response_body = None
+    await BodyHandler(bodies).handle([Item(r) for r in [old, *kept]])  # one batch, as a worker's
+    assert old.request_body and old.request_body.ref
+    assert f"/{(cutoff - timedelta(days=1)):%Y/%m/%d}/" in old.request_body.ref  # its UTC day
+    async with open_store(kind, tmp_path) as store:
+        await store.write_batch([old, *kept])
+        assert await purge(store, bodies, cutoff) >= 1
+        page = await store.list_requests("acme", ListQuery(limit=10))
+        assert sorted(i["id"] for i in page.items) == sorted(r.id for r in kept)
+        assert await bodies.get(old.request_body.ref) is None
+        for r in kept:
+            assert r.request_body and r.request_body.ref and await bodies.get(r.request_body.ref)
 
 
 @pytest.mark.parametrize("kind", store_params())

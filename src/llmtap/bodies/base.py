@@ -14,7 +14,7 @@ import hashlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from llmtap.backends import BODIES
@@ -70,6 +70,8 @@ def body_key(tenant: str, request_id: str, created: datetime, part: str, data: b
     while a redelivery of the same record rewrites the same key with the same bytes.
     """
     digest = hashlib.blake2b(data, digest_size=12).hexdigest()
+    if created.utcoffset():  # the UTC day: retention purges whole UTC days, packs and all
+        created = created.astimezone(UTC)  # (a record ingested with +05:00 shared a later day's pack)
     # Not strftime: this runs two or three times per record and strftime costs microseconds.
     return (
         f"{key_segment(tenant)}/{created.year:04d}/{created.month:02d}/{created.day:02d}/"
