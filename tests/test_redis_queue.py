@@ -386,3 +386,33 @@ async def test_a_reply_that_is_not_redis_acknowledging_the_batch_is_not_taken_fo
         assert not seen & {parse(m.value) for m in lost}
     finally:
         await relay.close()
+
+
+async def test_a_redis_that_evicts_keys_is_refused_at_start_and_named_by_status(
+    spec: QueueSpec, queues: list[RedisQueue]
+) -> None:
+    """A Redis run as a cache (`allkeys-lru`) took every publish and then evicted the streams:
+    2,039 of 3,000 records gone without an error (the queue review). `noeviction` refuses the
+    writes instead, and the gateway falls back; `volatile-*` never takes keys without a TTL."""
+    producer = await open_(spec, queues, "producer")
+    await producer.publish(keyed_records(keys=2, per_key=2))
+    before = (await producer.r.config_get("maxmemory-policy"))["maxmemory-policy"]
+    try:
+        await producer.r.config_set("maxmemory-policy", "allkeys-lru")
+        for role in ("producer", "consumer"):
+            q = spec.build()
+            with pytest.raises(ConfigError) as e:
+                await connect(q, role)
+            assert "evicts keys when full (maxmemory-policy allkeys-lru)" in str(e.value), str(e.value)
+            assert "set maxmemory-policy noeviction" in str(e.value)
+        st = await producer.status()
+        assert any("maxmemory-policy allkeys-lru" in n for n in st.notes), st.notes
+        await producer.r.config_set("maxmemory-policy", "volatile-lru")  # safe for us: accepted
+        await open_(spec, queues, "producer")
+    finally:
+        await producer.r.config_set("maxmemory-policy", before)
+    # A stream gone (evicted, deleted by hand) is named by status, not called an outage.
+    await producer.r.delete(producer.stream(0), producer.stream(1))
+    st = await producer.status()
+    assert sum("is missing (evicted or deleted?)" in n for n in st.notes) == 2, st.notes
+    assert not any("maxmemory-policy" in n for n in st.notes)

@@ -299,8 +299,15 @@ class RedisQueue(Queue):
             if role == "inspect":
                 await self._find_layout()
             else:
+                evicts = await self._evicting_policy()
+                if evicts is not None:
+                    raise ConfigError(
+                        f"invalid setting LLMTAP_QUEUE: Redis at {self._where} evicts keys when full "
+                        f"(maxmemory-policy {evicts}): queued records would vanish without an error; "
+                        "set maxmemory-policy noeviction (or a volatile-* policy) on it"
+                    )
                 await self._init_layout()
-        except QueueMissing:
+        except (QueueMissing, ConfigError):
             await self._close_clients()
             raise
         except (RedisError, OSError, TimeoutError) as e:
@@ -317,6 +324,18 @@ class RedisQueue(Queue):
                 await self._close_clients()
                 raise self._unavailable(e) from None
             self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="llmtap-redis-heartbeat")
+
+    async def _evicting_policy(self) -> str | None:
+        """Redis's `maxmemory-policy` when it may evict our streams (an `allkeys-*` policy: a
+        Redis run as a cache), else None. Our keys have no TTL, so `volatile-*` never takes
+        them; `noeviction` refuses writes when full, which the gateway sees and falls back on.
+        A Redis that hides INFO (some managed ones) cannot be checked: None."""
+        try:
+            info = await asyncio.wait_for(self.r.info("memory"), self.op_timeout)
+        except ResponseError:
+            return None
+        policy = _s(info.get("maxmemory_policy", ""))
+        return policy if policy.startswith("allkeys") else None
 
     async def _find_layout(self) -> None:
         """The partition count of an existing queue; `QueueMissing` when there is none."""
@@ -823,10 +842,25 @@ class RedisQueue(Queue):
                 pipe.xinfo_groups(self.stream(p))
                 pipe.get(self._lease_prefix + str(p))
             pipe.xlen(self.dlq_key)
-            res = await pipe.execute()
+            res = await pipe.execute(raise_on_error=False)
+            for r in res:
+                if isinstance(r, Exception) and not _no_such_key(r):
+                    raise r
             out = QueueStatus(backend="redis", dead_letters=int(res[-1]))
+            evicts = await self._evicting_policy()
+            if evicts is not None:
+                out.notes.append(
+                    f"Redis evicts keys when full (maxmemory-policy {evicts}): records may vanish;"
+                    " set maxmemory-policy noeviction"
+                )
             for p in range(self.partitions):
                 groups, owner = res[2 * p], res[2 * p + 1]
+                if isinstance(groups, Exception):  # the stream is gone (evicted, or deleted by hand)
+                    out.notes.append(
+                        f"stream {self.stream(p)} is missing (evicted or deleted?): records in it are lost"
+                    )
+                    out.partitions.append(PartitionStatus(p, 0, _s(owner) if owner else None))
+                    continue
                 g = next((g for g in groups if _s(g["name"]) == self.group), None)
                 if g is None:
                     lag = int(await self.r.xlen(self.stream(p)))
@@ -840,3 +874,7 @@ class RedisQueue(Queue):
             return out
         except (RedisError, OSError, TimeoutError) as e:
             raise self._unavailable(e) from None
+
+
+def _no_such_key(e: Exception) -> bool:
+    return isinstance(e, ResponseError) and "no such key" in str(e).lower()
