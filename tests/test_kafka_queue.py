@@ -435,3 +435,35 @@ async def _refused(q: KafkaQueue, record: Any) -> bool:
     except MessageRefused:
         return True
     return False
+
+
+async def test_records_the_topics_retention_removed_unstored_are_said_lost(
+    tmp_path: Path, queues: list[KafkaQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker (or store) outage longer than the topic's `retention.ms`: the consumer started
+    at the oldest record left without a word, and `status` counted the removed records as
+    waiting for ever (the queue review; removal done here as retention does it)."""
+    from aiokafka.admin import RecordsToDelete
+    from aiokafka.structs import TopicPartition
+
+    spec = make_spec("kafka", tmp_path, partitions=1)
+    q = await open_(spec, queues)
+    await q.publish([Message("k", f"r{i}".encode()) for i in range(8)])
+    await q.ack(await take(q, 3))  # stored; then the workers stop
+    await q.close()
+    queues.remove(q)
+    admin = AIOKafkaAdminClient(bootstrap_servers=q.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({TopicPartition(q.topic, 0): RecordsToDelete(6)}, timeout_ms=30_000)
+    finally:
+        await admin.close()
+    inspect = await open_(spec, queues, "inspect")
+    st = await inspect.status()
+    assert st.lag == 2 and any("3 record(s) removed by the topic's retention" in n for n in st.notes), st
+    with caplog.at_level("ERROR", logger="llmtap.queue"):
+        q2 = await open_(spec, queues, "consumer")
+        rest = await take(q2, 2)
+    assert [d.offset for d in rest] == [6, 7]
+    said = [r.getMessage() for r in caplog.records if "removed by the topic's retention" in r.getMessage()]
+    assert said and "3 record(s)" in said[0] and "offsets 3-5" in said[0], said

@@ -474,6 +474,30 @@ class KafkaQueue(Queue):
         for p in mine:
             del self._assigned[p]
 
+    async def _say_expired(self, committed: dict[TopicPartition, Any]) -> None:
+        """Log, loudly, records the topic's retention removed before any worker stored them.
+
+        The consumer then starts at the oldest record left (`auto_offset_reset`) and says
+        nothing: a worker (or store) outage longer than `retention.ms` cost those logs."""
+        try:
+            meta = await self._meta_consumer()
+            begin = await meta.beginning_offsets(list(committed))
+        except Exception:  # only a diagnosis: the assignment goes on without it
+            return
+        for tp, om in committed.items():
+            lost = begin.get(tp, 0) - om.offset if om is not None and om.offset >= 0 else 0
+            if lost > 0:
+                log.error(
+                    "kafka queue: %d record(s) of %s partition %d (offsets %d-%d) were removed by the "
+                    "topic's retention before any worker stored them: their logs are lost "
+                    "(raise retention.ms on the topic above your longest worker or store outage)",
+                    lost,
+                    self.topic,
+                    tp.partition,
+                    om.offset,
+                    begin[tp] - 1,
+                )
+
     async def _on_assigned(self, assigned: set[int]) -> None:
         self._epoch += 1
         # A new Assignment restarts every partition from its committed offset.
@@ -491,6 +515,8 @@ class KafkaQueue(Queue):
                         fresh[tp.partition].mark, fresh[tp.partition].attempt = _parse_metadata(om.metadata)
             except Exception as e:  # the counts restart: a crashing record takes longer to isolate
                 log.warning("kafka queue: cannot read delivery marks (%s); counting afresh", e)
+            else:
+                await self._say_expired(got)
         self._assigned = fresh
         self._rebalancing = False
         log.info("kafka queue %s: assigned partitions %s", self.topic, sorted(assigned))
@@ -816,6 +842,12 @@ class KafkaQueue(Queue):
         for tp in tps:
             c = committed.get(tp)
             start = c.offset if c is not None and c.offset >= 0 else begin[tp]
+            if start < begin[tp]:  # removed by retention, never stored: no longer waiting
+                out.notes.append(
+                    f"partition {tp.partition}: {begin[tp] - start} record(s) removed by the topic's "
+                    "retention before any worker stored them (lost; raise retention.ms)"
+                )
+                start = begin[tp]
             owner = owners.get(tp.partition)
             if owner is None and tp.partition in self._assigned:
                 owner = self.client_id
