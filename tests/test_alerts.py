@@ -287,6 +287,77 @@ async def test_a_firing_group_that_goes_quiet_resolves(store: Store) -> None:
     assert kinds(await events(store)) == [ALERT_FIRING, ALERT_RESOLVED]
 
 
+async def test_a_firing_group_outranked_by_a_hundred_others_is_still_evaluated(store: Store) -> None:
+    """The alerts review: a user at 100% errors was "resolved" with no value once a hundred busier
+    users filled the stats answer, its failed request still in the window. A firing group
+    missing from a cut answer is asked for alone; while it holds it stays firing, and once its
+    request leaves the window it resolves (the null group, which no filter selects, is left)."""
+    await subscribe(store)
+    await add_rule(store, metric="error_rate", op="above", threshold=0.5, window_s=600, group_by="user_id")
+    ev = Evaluator(store, interval_s=60, resolve_after_s=60)
+    await store.write_batch([r(T - timedelta(minutes=1), user_id="u_small", status=500)])
+    await ev.run_once(at(0))
+    assert kinds(await events(store)) == [ALERT_FIRING]
+    busy = [r(T + timedelta(seconds=10), user_id=f"u{i:03d}") for i in range(100) for _ in range(2)]
+    await store.write_batch(busy)
+    for m in range(1, 6):  # u_small's failure is still in the window: no resolution
+        await ev.run_once(at(m))
+    assert kinds(await events(store)) == [ALERT_FIRING]
+    (state,) = await AlertDB(store.webhooks()).states("acme")
+    assert (state["state"], state["value"], state["count"]) == ("firing", 1.0, 1)
+    for m in range(10, 13):  # it left the window (9 min after it): clear, then resolved
+        await ev.run_once(at(m))
+    got = await events(store)
+    assert kinds(got) == [ALERT_FIRING, ALERT_RESOLVED] and got[1][2]["data"]["group"] == "u_small"
+
+
+async def test_a_rule_given_another_grouping_starts_afresh(store: Store) -> None:
+    """The alerts review: `requests below 100` firing ungrouped, then PATCHed to group by model:
+    its ungrouped state was scored on an empty window at every evaluation, firing for ever."""
+    await subscribe(store)
+    rule = await add_rule(store, metric="requests", op="below", threshold=100, window_s=300, min_requests=0)
+    ev = Evaluator(store, interval_s=60, resolve_after_s=60)
+    await store.write_batch([r(T - timedelta(minutes=1), model="a") for _ in range(12)])
+    await ev.run_once(at(0))
+    assert kinds(await events(store)) == [ALERT_FIRING]
+    db = AlertDB(store.webhooks())
+    rule.group_by, rule.threshold = "model", 5
+    assert await db.update_rule(rule)
+    assert await db.states("acme") == []  # the ungrouped state went with the old grouping
+    for m in range(1, 4):
+        await ev.run_once(at(m))
+    assert kinds(await events(store)) == [ALERT_FIRING]  # model a has 12 >= 5: nothing fires
+    rule.threshold = 50  # the same grouping: states kept, the next evaluation judges anew
+    assert await db.update_rule(rule)
+    await ev.run_once(at(4))
+    got = await events(store)
+    assert kinds(got) == [ALERT_FIRING, ALERT_FIRING] and got[1][2]["data"]["group"] == "a"
+    assert [s["group_key"] for s in await db.states("acme")] == ["=a"]
+
+
+async def test_a_rule_removed_during_its_evaluation_fires_nothing(store: Store) -> None:
+    """The alerts review: removed while its stats were read, the rule still wrote a firing
+    state (orphaned: no rule) and an `alert.firing` for it."""
+    await subscribe(store)
+    rule = await add_rule(store, metric="error_rate", op="above", threshold=0.5, window_s=300)
+    await store.write_batch([r(T - timedelta(minutes=1), status=500)])
+    db = AlertDB(store.webhooks())
+    ev = Evaluator(store, interval_s=60)
+    real_stats = store.stats
+
+    async def stats(*args: Any, **kw: Any) -> Any:
+        out = await real_stats(*args, **kw)
+        assert await db.remove_rule("acme", rule.id)  # after the stats were read, before the states
+        return out
+
+    store.stats = stats  # type: ignore[method-assign]
+    try:
+        await ev.evaluate(rule, at(0))
+    finally:
+        store.stats = real_stats  # type: ignore[method-assign]
+    assert await db.states("acme") == [] and await events(store) == []
+
+
 # -- several evaluators -------------------------------------------------------------------------------
 
 

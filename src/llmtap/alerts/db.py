@@ -115,8 +115,16 @@ class AlertDB:
         return _rule(rows[0]) if rows else None
 
     async def update_rule(self, rule: AlertRule) -> bool:
-        """Store a changed rule (its id and tenant fixed); due again at once."""
+        """Store a changed rule (its id and tenant fixed); due again at once. A new `group_by`
+        starts it afresh: the old groups are no groups of the new answer (an ungrouped alert
+        firing stayed firing for ever, scored on an empty window), and like a removed rule's
+        they send no resolution."""
         async with self.hooks.tx() as c:
+            rows = await c.fetch(
+                "SELECT group_by FROM alert_rules WHERE id = $1 AND tenant = $2", rule.id, rule.tenant
+            )
+            if rows and rows[0][0] != rule.group_by:
+                await c.execute("DELETE FROM alert_states WHERE rule_id = $1", rule.id)
             n = await c.execute(
                 "UPDATE alert_rules SET metric = $3, op = $4, threshold = $5, window_s = $6, group_by = $7,"
                 " min_requests = $8, name = $9, next_eval_at = 0 WHERE id = $1 AND tenant = $2",
@@ -177,6 +185,13 @@ class AlertDB:
         fired: list[str] = []
         resolved: list[str] = []
         async with self.hooks.tx() as c:
+            # The rule's row, locked until commit: a rule removed (or being removed) meanwhile
+            # changes nothing and sends nothing (it left a firing state and event behind).
+            if not await c.execute(
+                "UPDATE alert_rules SET evaluated_at = evaluated_at WHERE id = $1 AND tenant = $2",
+                rule.id, rule.tenant,
+            ):  # fmt: skip
+                return fired, resolved
             endpoints: list[Endpoint] | None = None
             for o in sorted(outcomes, key=lambda o: o.key):
                 if o.held and not o.was_firing:

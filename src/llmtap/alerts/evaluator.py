@@ -28,14 +28,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from llmtap.alerts.db import AlertDB, Outcome, iso_us
 from llmtap.alerts.rules import AlertRule, duration_text, group_key, group_value, holds
 from llmtap.errors import BackendUnavailable, TransientError
 from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
 from llmtap.store.base import StatsQuery, Store
-from llmtap.store.query import MAX_GROUPS, from_micros
+from llmtap.store.query import MAX_GROUPS, PROPERTY, ListQuery, from_micros
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
@@ -117,9 +117,19 @@ class Evaluator:
                 for g in before["groups"]:
                     seen.setdefault(group_key(g["key"]), _EMPTY)
         firing = await self.db.firing(rule.id)
+        unknown: set[str] = set()
+        if rule.group_by is not None and len(stats["groups"]) >= MAX_GROUPS:
+            # The answer holds the largest groups only: a firing group missing from it may still
+            # be sending (and its condition holding). Ask for it alone; not knowable: unchanged.
+            for key in firing - seen.keys():
+                own = await self._one_group(rule, since, until, key)
+                if own is None:
+                    unknown.add(key)
+                else:
+                    seen[key] = own
         base = {"window_start": iso_us(since), "window_end": iso_us(until), "source": stats.get("source")}
         outcomes = []
-        for key in seen.keys() | firing:
+        for key in (seen.keys() | firing) - unknown:
             totals = seen.get(key, _EMPTY)
             held, value = holds(rule, totals)
             count = int(totals["count"])
@@ -136,6 +146,26 @@ class Evaluator:
             log.warning("alert firing: %s", by_key[key].data["summary"])
         for key in resolved:
             log.warning("alert resolved: %s", by_key[key].data["summary"])
+
+    async def _one_group(self, rule: AlertRule, since: int, until: int, key: str) -> dict[str, Any] | None:
+        """The totals of one group of `rule` over the window (None: the group of requests
+        without a value, which no filter selects)."""
+        value = group_value(key)
+        if value is None or rule.group_by is None:
+            return None
+        if rule.group_by.startswith(PROPERTY):
+            filters = ListQuery(properties={rule.group_by[len(PROPERTY) :]: value})
+        elif rule.group_by == "status":
+            if not value.isdigit():
+                return None
+            filters = ListQuery(status=int(value))
+        else:  # model, provider, user_id, session_id
+            filters = ListQuery()
+            setattr(filters, rule.group_by, value)
+        stats = await self.store.stats(
+            rule.tenant, StatsQuery(since=from_micros(since), until=from_micros(until), filters=filters)
+        )
+        return cast(dict[str, Any], stats["overall"])
 
 
 def _event_data(rule: AlertRule, key: str, value: float | None, count: int, held: bool) -> dict[str, Any]:
