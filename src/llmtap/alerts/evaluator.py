@@ -5,7 +5,8 @@ minute: whole minutes, so the minute rollups answer it exactly when the grouping
 (overall, model, provider, status); per property (rolled up per hour) the whole hours inside it
 come from rollups and the partial hours at its ends from raw rows; per user raw rows answer;
 all through the same `Store.stats` the API uses. A record counts once the worker has
-stored it: a queue lagging by more than the minute's margin shows up late, not never.
+stored it: a record stored late counts in the evaluations whose window still holds its start
+time (a queue lagging by more than a rule's window hides that record from the rule).
 
 Firing and resolving, per rule x group (the groups of `stats`: its 100 largest by count):
 
