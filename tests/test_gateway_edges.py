@@ -24,7 +24,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from gateway_support import MemoryQueue, published, running_gateway, settings_for, tiny_upstream
+from gateway_support import MemoryQueue, dead_port, published, running_gateway, settings_for, tiny_upstream
 from llmtap.gateway.capture import _decode
 from llmtap.providers.gemini import model_from_path
 from llmtap.record import LogRecord, body_bytes
@@ -820,6 +820,25 @@ async def test_a_request_whose_body_never_arrives_is_still_recorded(who: str, tm
         f"{want} before its body arrived"
         + (": the request outlasted LLMTAP_SHUTDOWN_TIMEOUT" if who == "llmtap" else "")
     )
+
+
+async def test_a_client_gone_before_its_100_continue_is_still_recorded(tmp_path: Path) -> None:
+    """The concurrency review: `Expect: 100-continue` and the client gone at once: writing the
+    100 raised before the request's capture existed: 22 of 30 left no record (and a traceback)."""
+    q = MemoryQueue()
+    head = (
+        b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    )
+    n = 30
+    async with running_gateway(settings_for(dead_port(), tmp_path), q) as (svc, _):
+        for _ in range(n):
+            _, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(head)
+            await writer.drain()
+            writer.close()
+        recs = await published(svc, q, n)
+    assert {(r.status, r.outcome) for r in recs} == {(None, "client_disconnected")}
 
 
 # -- units ----------------------------------------------------------------------------------------

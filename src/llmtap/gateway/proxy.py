@@ -274,12 +274,13 @@ class Proxy:
             # Not logged (a tenant's log is for its keys' requests): no id to look up.
             return _json_error(401, "llmtap_unauthorized", "missing or unknown Llmtap-Auth key", None)
 
-        if expect is not None and expect.lower() == "100-continue" and request.version >= (1, 1):
-            # We read the whole body before going upstream, so say so now (like aiohttp's router
-            # does); otherwise curl & co. wait a second before sending it.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         lost: BaseException | None = None
         try:
+            if expect is not None and expect.lower() == "100-continue" and request.version >= (1, 1):
+                # We read the whole body before going upstream, so say so now (like aiohttp's
+                # router does); otherwise curl & co. wait a second before sending it. A client
+                # gone by then is recorded like one gone mid-upload (it was not, at all).
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = await request.read()
         except (asyncio.CancelledError, ConnectionError) as e:
             # The client hung up mid-upload, or llmtap is stopping (aiohttp then drops what
