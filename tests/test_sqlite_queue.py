@@ -694,3 +694,25 @@ async def test_an_idle_consumer_fetches_only_once_the_file_changed(
             assert fetches == 4 + i
     finally:
         await q.close()
+
+
+async def test_closing_gives_up_a_call_stuck_on_a_file_another_process_locked(qpath: str) -> None:
+    """The concurrency review: a gateway stopping while another process held the queue file
+    locked waited for the lock (each of 20 tries waits busy_timeout: minutes), then exited 1.
+    Closing now ends the stuck call after its current try and returns; the lock is held
+    throughout, so nothing here waits for it to go."""
+    from llmtap.errors import BackendUnavailable
+
+    q = SQLiteQueue(qpath, partitions=1, busy_timeout_ms=2000)
+    await q.connect("producer")
+    holder = sqlite3.connect(qpath, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        publish = asyncio.ensure_future(q.publish([Message("k", b"v")]))
+        await asyncio.sleep(0)  # on the queue's thread, waiting for the lock
+        await asyncio.wait_for(q.close(), 30)
+        with pytest.raises(BackendUnavailable):
+            await asyncio.wait_for(publish, 30)  # 20 tries of 2 s would be 40 s
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

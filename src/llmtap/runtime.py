@@ -356,8 +356,11 @@ async def run_services(settings: Settings, title: str, services: Sequence[Servic
     async def stop_one(svc: Service) -> None:
         try:
             await asyncio.wait_for(svc.stop(), timeout=settings.shutdown_timeout + 5)
+        except TimeoutError:
+            log.error("stopping %s failed: not done within %g s", svc.name, settings.shutdown_timeout + 5)
+            failed.append(svc.name)
         except Exception as e:  # keep stopping the others; report the failure
-            log.error("stopping %s failed: %s", svc.name, e)
+            log.error("stopping %s failed: %s", svc.name, str(e) or type(e).__name__)
             failed.append(svc.name)
 
     try:

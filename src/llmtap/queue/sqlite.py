@@ -63,6 +63,7 @@ from llmtap.queue.base import (
     Queue,
     QueueStatus,
     Role,
+    bounded,
     letter_field,
     partition_for,
 )
@@ -153,6 +154,7 @@ class SQLiteQueue(Queue):
         self.heartbeat_interval = heartbeat_interval or max(0.05, lease_timeout / 5)
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
+        self._closing = False  # stop retrying a locked file: the queue is being closed
         self.consumer_id = consumer_id or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.description = f"sqlite {path}"
         self._executor: ThreadPoolExecutor | None = None
@@ -184,7 +186,7 @@ class SQLiteQueue(Queue):
             except sqlite3.OperationalError as e:
                 self._rollback()
                 msg = str(e).lower()
-                if ("locked" in msg or "busy" in msg) and attempt < _LOCK_RETRIES - 1:
+                if ("locked" in msg or "busy" in msg) and attempt < _LOCK_RETRIES - 1 and not self._closing:
                     time.sleep(min(0.2, 0.005 * 2**attempt))
                     continue
                 raise BackendUnavailable(f"the SQLite queue {self.path} failed: {e}") from e
@@ -222,6 +224,7 @@ class SQLiteQueue(Queue):
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def connect(self, role: Role) -> None:
+        self._closing = False
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmtap-sqlite-queue")
         self._role = role
@@ -324,14 +327,18 @@ class SQLiteQueue(Queue):
             self._heartbeat_task = None
         if self._executor is None:
             return
-        with contextlib.suppress(BackendUnavailable):
-            await self._call(self._close_db)
+        # A call stuck on a file another process holds locked (each try waits busy_timeout,
+        # 20 tries) held a stopping process for minutes: it now gives up after its current try,
+        # and the close waits that long at most, then is left to finish on its own.
+        self._closing = True
+        close = self._call(self._close_db)
+        await bounded(close, self.busy_timeout_ms / 1000 + 5, f"closing the SQLite queue {self.path}")
         await self._shutdown_executor()
 
     async def _shutdown_executor(self) -> None:
         ex, self._executor = self._executor, None
         if ex is not None:
-            await asyncio.get_running_loop().run_in_executor(None, ex.shutdown, True)
+            ex.shutdown(wait=False)  # its thread ends once its last call returned
 
     def _close_db(self) -> None:
         db = self._conn
