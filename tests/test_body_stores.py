@@ -268,3 +268,24 @@ def test_reused_request_id_serves_the_first_requests_metadata_and_body(kind: str
                 assert row["request_body"]["messages"][0]["content"] == texts[0], size
         finally:
             proc.stop()
+
+
+def test_a_zstd_body_decodes_every_frame_and_no_more_than_the_limit() -> None:
+    """The body-store review: a 16 KB frame of zeros declared 512 MB was decoded whole (6.9 GB
+    for one API read); a body of two frames came back as its first, and a frame without its
+    size in the header as "not valid zstd"."""
+    import zstandard
+
+    from llmtap.record import DECODE_LIMIT, compress, decompress
+
+    one, two = compress(b"first " * 20), compress(b"second " * 10)
+    assert decompress(one + two) == b"first " * 20 + b"second " * 10
+    sizeless = zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 5000)
+    assert decompress(sizeless) == b"x" * 5000
+    bomb = compress(bytes(256 << 20))  # ~8 KB
+    assert len(bomb) < 64 << 10
+    assert decompress(bomb, 1 << 20) == bytes(1 << 20)
+    assert len(decompress(bomb)) == DECODE_LIMIT
+    assert decompress(one + b"trailing garbage") == b"first " * 20  # as before: what could be read
+    with pytest.raises(zstandard.ZstdError):
+        decompress(b"not zstd at all")

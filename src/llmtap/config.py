@@ -92,7 +92,10 @@ class Settings(BaseSettings):
 
     # -- capture -----------------------------------------------------------------------------
     max_body_bytes: int = Field(
-        4 * 1024 * 1024, ge=0, description="bodies above this are truncated in the log (never in transit)"
+        4 * 1024 * 1024,
+        ge=0,
+        le=64 * 1024 * 1024,  # record.DECODE_LIMIT: what a stored body may decode to
+        description="bodies above this are truncated in the log (never in transit)",
     )
     inline_body_bytes: int = Field(
         64 * 1024, ge=0, description="compressed bodies up to this size travel inside the queue message"

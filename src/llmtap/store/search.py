@@ -30,7 +30,7 @@ import orjson
 import zstandard
 
 from llmtap.providers import provider_for
-from llmtap.record import Body, LogRecord
+from llmtap.record import Body, LogRecord, decompress
 from llmtap.store.sql import clean
 
 #: Bytes of UTF-8 text indexed per record, by default (setting `search_bytes`).
@@ -45,9 +45,8 @@ _READ_BYTES = 4 * 1024 * 1024
 
 def _decode(body: Body, raw: bytes) -> bytes:
     if body.encoding == "zstd":
-        reader = zstandard.ZstdDecompressor().decompressobj()
         try:
-            return reader.decompress(raw)[:_READ_BYTES]
+            return decompress(raw, _READ_BYTES)
         except zstandard.ZstdError:
             return b""
     return raw[:_READ_BYTES]
