@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -342,6 +343,25 @@ async def test_tenant_key_cannot_forge_another_tenant_or_point_at_its_bodies(tmp
                 wedge.request_body = Body(content_type="application/json", size=1, encoding="zstd", ref=ref)
                 status, body = await post(http, svc, encode(wedge), b_auth)
                 assert status == 403 and "is not a body reference" in body["error"]["message"], (ref, body)
+            # 6. B's own body, named by a record of another day: retention deletes what a purged
+            # record names, a pack whole, so a record dated 2020 naming today's pack took
+            # today's bodies with it (body-store review).
+            own_row = await svc.store.get_request("tenant-b", own.id)
+            assert own_row is not None and "#" in own_row["request_body"]["ref"]
+            own_ref = own_row["request_body"]["ref"]
+            single = own_ref.rsplit("/", 1)[0] + f"/{own.id}.request.{'0' * 24}.zst"
+            for i, ref in enumerate((own_ref, single)):
+                old = rec(8 + i, tenant="tenant-b", at=datetime(2020, 1, 1, tzinfo=UTC))
+                old.request_body = Body(content_type="application/json", size=1, encoding="zstd", ref=ref)
+                status, body = await post(http, svc, encode(old), b_auth)
+                assert (
+                    status == 403 and "not in the folder of the record's day" in body["error"]["message"]
+                ), body
+            same_day = rec(10, tenant="tenant-b", at=own.started_at)  # a pack of its day: fine
+            same_day.request_body = Body(
+                content_type="application/json", size=1, encoding="zstd", ref=own_ref
+            )
+            assert (await post(http, svc, encode(same_day), b_auth)) == (200, {"accepted": 1})
             after = rec(7, tenant="tenant-a")
             assert (await post(http, svc, encode(after), {"Authorization": "Bearer gateway-token"}))[0] == 200
             await svc.ingest.drained()

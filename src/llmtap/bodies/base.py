@@ -70,13 +70,16 @@ def body_key(tenant: str, request_id: str, created: datetime, part: str, data: b
     while a redelivery of the same record rewrites the same key with the same bytes.
     """
     digest = hashlib.blake2b(data, digest_size=12).hexdigest()
-    if created.utcoffset():  # the UTC day: retention purges whole UTC days, packs and all
-        created = created.astimezone(UTC)  # (a record ingested with +05:00 shared a later day's pack)
+    return f"{key_segment(tenant)}/{day_folder(created)}{key_segment(request_id)}.{part}.{digest}.zst"
+
+
+def day_folder(created: datetime) -> str:
+    """`<yyyy>/<mm>/<dd>/` of the UTC day: retention purges whole UTC days, packs and all (a
+    record ingested with +05:00 shared a later day's pack)."""
+    if created.utcoffset():
+        created = created.astimezone(UTC)
     # Not strftime: this runs two or three times per record and strftime costs microseconds.
-    return (
-        f"{key_segment(tenant)}/{created.year:04d}/{created.month:02d}/{created.day:02d}/"
-        f"{key_segment(request_id)}.{part}.{digest}.zst"
-    )
+    return f"{created.year:04d}/{created.month:02d}/{created.day:02d}/"
 
 
 class BodyStore(ABC):

@@ -22,7 +22,7 @@ from prometheus_client import Counter
 
 from llmtap import limits
 from llmtap.bodies import offload
-from llmtap.bodies.base import BodyStore, body_key
+from llmtap.bodies.base import BodyStore, body_key, day_folder
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError
 from llmtap.handlers.chain import Chain
@@ -306,6 +306,11 @@ def check_ingested(record: LogRecord, caller: IngestCaller) -> str | None:
             # Only what a body store writes: a day folder and one body file (a folder, or a
             # name no file system takes, would fail every read of it, for good).
             return f"{part}.ref {ref[:200]!r} is not a body reference"
+        # And in the record's own UTC day: retention deletes what a purged record's refs name
+        # (a pack whole), so a record dated 2020 naming today's pack took today's bodies with
+        # it. Bodies of one day go together, whoever names them.
+        if ref.count("/") > own.count("/") and not ref.startswith(own + day_folder(record.started_at)):
+            return f"{part}.ref {ref[:200]!r} is not in the folder of the record's day"
     return None
 
 
