@@ -895,6 +895,13 @@ def event(kind: str, **data: Any) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + json.dumps({"type": kind, **data}).encode() + b"\n\n"
 
 
+def chat_chunk(delta: dict[str, Any]) -> bytes:
+    """An OpenAI chat stream's chunk, as OpenAI writes it (no spaces)."""
+    body = {"id": "c1", "object": "chat.completion.chunk", "model": "o3", "choices": [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}  # fmt: skip
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
 @pytest.mark.parametrize(
     ("path", "opening", "output"),
     [
@@ -909,6 +916,24 @@ def event(kind: str, **data: Any) -> bytes:
             [event("message_start", message={"id": "m1", "model": "claude-sonnet-4-6"}),
              event("content_block_start", index=0, content_block={"type": "text", "text": ""})],
             [event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hi"})],
+        ),
+        (  # the README check: the role chunk (sent at once) was taken for the first token
+            "/openai/v1/chat/completions",
+            [chat_chunk({"role": "assistant", "content": "", "refusal": None})],
+            [chat_chunk({"content": "Hi"}), b"data: [DONE]\n\n"],
+        ),
+        (
+            "/openai/v1/chat/completions",
+            [chat_chunk({"role": "assistant", "content": None})],
+            [chat_chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                         "function": {"name": "f", "arguments": ""}}]}),
+             b"data: [DONE]\n\n"],
+        ),
+        (  # a compatible server's reasoning stream (vLLM, DeepSeek)
+            "/openai/v1/chat/completions",
+            [chat_chunk({"role": "assistant", "content": ""})],
+            [chat_chunk({"reasoning_content": "Let me"}), chat_chunk({"content": "Hi"}),
+             b"data: [DONE]\n\n"],
         ),
     ],
 )  # fmt: skip

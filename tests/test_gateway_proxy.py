@@ -203,7 +203,8 @@ async def test_stream_reaches_client_chunk_by_chunk(
     gap = 0.3  # between the first event and the rest: a floor however slow the machine, not a race
     async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
         hold = uuid.uuid4().hex
-        h = {**OPENAI_AUTH, "x-fake-chunks": "8", "x-fake-hold": hold}
+        # held after the role chunk and the first text: the first token is before the hold
+        h = {**OPENAI_AUTH, "x-fake-chunks": "8", "x-fake-hold": hold, "x-fake-hold-after": "2"}
         released: dict[str, object] = {}
         reads = 0
         data = b""
@@ -214,7 +215,7 @@ async def test_stream_reaches_client_chunk_by_chunk(
             async for chunk in r.content.iter_any():
                 reads += 1
                 data += chunk
-                if not released and data.count(b"\n\n") >= 1:  # a whole first event
+                if not released and data.count(b"\n\n") >= 2:  # the events before the hold
                     await asyncio.sleep(gap)
                     async with http.post(f"http://127.0.0.1:{upstream}/_fake/release/{hold}") as rel:
                         released = await rel.json()

@@ -58,6 +58,9 @@ log = logging.getLogger("llmtap.gateway")
 
 _SMALL_BODY = 65536
 #: Header values aiohttp refuses to write (any control character but tab).
+#: Bytes of one read kept for the next, while looking for the first token: longer than any
+#: `token_marker` match.
+_CARRY = 64
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -438,7 +441,7 @@ class Proxy:
         try:
             await resp.prepare(request)
             if read_ahead:  # already read from the upstream: it comes first
-                if marker is None or marker in read_ahead:
+                if marker is None or marker.search(read_ahead):
                     cap.t_first = time.perf_counter()
                 cap.add(read_ahead)
                 await resp.write(read_ahead)
@@ -451,10 +454,14 @@ class Proxy:
                 if not chunk:
                     break
                 if not cap.t_first:
-                    if marker is None or marker in chunk or marker in carry + chunk[: len(marker)]:
+                    if (
+                        marker is None
+                        or marker.search(chunk)
+                        or (carry and marker.search(carry + chunk[:_CARRY]))
+                    ):
                         cap.t_first = time.perf_counter()  # the first token's arrival (`token_marker`)
-                    elif marker is not None:
-                        carry = (carry + chunk)[1 - len(marker) :]  # a marker split across reads
+                    else:
+                        carry = (carry + chunk)[-_CARRY:]  # a marker split across reads
                 cap.add(chunk)
                 if stripper is not None:
                     chunk = stripper.feed(chunk)

@@ -21,6 +21,7 @@ input counts again). Later values win.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -29,6 +30,9 @@ from llmtap.providers.base import Provider
 from llmtap.providers.common import after_last_reply, error_message, role_is, token_count
 from llmtap.providers.sse import StreamResult, edge_events, iter_events
 from llmtap.record import Usage
+
+#: A stream's generated output (`token_marker`): text, thinking or tool input.
+_OUTPUT = re.compile(rb'"content_block_delta"')
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
@@ -219,9 +223,9 @@ class Anthropic(Provider):
     def usage_from_body(self, body: Any) -> Usage:
         return usage_from_body(body)
 
-    def token_marker(self, path: str) -> bytes | None:
+    def token_marker(self, path: str) -> re.Pattern[bytes] | None:
         # Text, thinking or tool input; `message_start` comes at once.
-        return b'"content_block_delta"' if path.endswith("/messages") else None
+        return _OUTPUT if path.endswith("/messages") else None
 
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         return reassemble_stream(raw)

@@ -9,6 +9,7 @@ return); everything else runs in the publisher's background task on bytes alread
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -125,11 +126,12 @@ class Provider(ABC):
         """The human-readable message of a parsed error body."""
         return _common_error_message(body)
 
-    def token_marker(self, path: str) -> bytes | None:
-        """Bytes only a stream's chunks of generated output hold, for its time to first token;
-        None: the first chunk is one (OpenAI chat, Gemini). Where a stream opens with events
-        sent before the model produced anything (Responses' `response.created`, Anthropic's
-        `message_start`), its first byte said nothing about when the first token came."""
+    def token_marker(self, path: str) -> re.Pattern[bytes] | None:
+        """What only a stream's chunks of generated output hold, for its time to first token;
+        None: the first chunk is one (Gemini). Where a stream opens with events sent before the
+        model produced anything (OpenAI chat's `"role":"assistant","content":""`, Responses'
+        `response.created`, Anthropic's `message_start`), its first byte said nothing about
+        when the first token came (a reasoning model: seconds before it)."""
         return None
 
     def model(self, path: str, request: Any, response: Any) -> str | None:

@@ -609,6 +609,12 @@ def _is_usage_chunk(event: bytes, spaced: bool = False) -> bool:
 _assistant = role_is("assistant")
 #: Responses API input items the model produced (echoed back by the client with each turn),
 #: besides assistant messages and `*_call` items; `*_call_output` items are the client's.
+#: Generated output in a stream's chunk (`token_marker`): text, reasoning or a refusal that is
+#: not empty (the opening chunk's `"content":""` is none), or a tool call.
+_CHAT_OUTPUT = re.compile(
+    rb'"(?:content|reasoning_content|reasoning|refusal)"\s*:\s*"[^"]|"(?:tool_calls|function_call|audio)"\s*:\s*[\[{]'
+)
+_RESPONSES_OUTPUT = re.compile(rb'\.delta"')
 _MODEL_ITEMS = frozenset({"reasoning", "mcp_list_tools", "mcp_approval_request"})
 
 
@@ -659,10 +665,15 @@ class OpenAI(Provider):
     def usage_from_body(self, body: Any) -> Usage:
         return usage_from_body(body)
 
-    def token_marker(self, path: str) -> bytes | None:
+    def token_marker(self, path: str) -> re.Pattern[bytes] | None:
         # Every Responses event of generated output is a `*.delta` (text, refusal, reasoning
-        # summary, tool arguments); `response.created` / `in_progress` come at once.
-        return b'.delta"' if path.endswith("/responses") else None
+        # summary, tool arguments); `response.created` / `in_progress` come at once. A chat
+        # stream opens with the role and an empty content, sent before any output (a reasoning
+        # model thinks after it); output is text (or reasoning, or a refusal) that is not
+        # empty, or a tool call. Legacy completions' first chunk is text.
+        if path.endswith("/responses"):
+            return _RESPONSES_OUTPUT
+        return _CHAT_OUTPUT if path.endswith("/chat/completions") else None
 
     def reassemble_stream(self, raw: bytes) -> StreamResult | None:
         return reassemble_stream(raw)
