@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -289,3 +290,24 @@ def test_a_zstd_body_decodes_every_frame_and_no_more_than_the_limit() -> None:
     assert decompress(one + b"trailing garbage") == b"first " * 20  # as before: what could be read
     with pytest.raises(zstandard.ZstdError):
         decompress(b"not zstd at all")
+
+
+async def test_s3_keys_a_delete_refused_one_by_one_are_not_taken_for_deleted() -> None:
+    """The body-store review: DeleteObjects answers 200 and lists the keys it refused (access
+    denied, a lock); retention logged them removed and they stayed for ever. The answer's shape
+    is S3's documented one, handed over by a stand-in client (SeaweedFS refuses no key)."""
+    from llmtap.bodies.s3 import S3BodyStore
+
+    class Client:
+        def __init__(self, errors: list[dict[str, str]]) -> None:
+            self.errors = errors
+
+        async def delete_objects(self, **kw: Any) -> dict[str, Any]:
+            return {"Errors": self.errors} if self.errors else {}
+
+    store = S3BodyStore("s3://b/p")
+    store._client = Client([{"Key": "p/a", "Code": "AccessDenied", "Message": "Access Denied"}])
+    with pytest.raises(TransientError, match=r"refused to delete 1 of 2 bodies \(AccessDenied"):
+        await store.delete_many(["a", "b"])
+    store._client = Client([{"Key": "p/a", "Code": "NoSuchKey", "Message": "gone already"}])
+    await store.delete_many(["a", "b"])  # gone is what was wanted

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,6 +77,40 @@ async def test_a_record_stamped_in_another_time_zone_shares_no_pack_with_kept_da
         assert await bodies.get(old.request_body.ref) is None
         for r in kept:
             assert r.request_body and r.request_body.ref and await bodies.get(r.request_body.ref)
+
+
+async def test_bodies_a_failed_delete_left_are_deleted_by_the_next_round(tmp_path: Path) -> None:
+    """The body-store review: S3 down (or refusing keys) while the purge deleted the rows, and
+    their bodies stayed for ever: nothing names them once the rows are gone."""
+    from llmtap.errors import TransientError
+    from llmtap.retention import RetentionTask
+
+    class Flaky(FileBodyStore):
+        down = True
+
+        async def delete_many(self, keys: Any) -> None:
+            if self.down:
+                raise TransientError("body store down")
+            await super().delete_many(keys)
+
+    bodies = Flaky(str(tmp_path / "bodies"))
+    await bodies.connect()
+    old = [rec(i, at=datetime.now(UTC) - timedelta(days=40, seconds=i)) for i in range(5)]
+    for r in old:
+        r.request_body = Body(size=9, encoding="zstd", data=compress(b'{"i": 1}'))
+        r.response_body = None
+    await BodyHandler(bodies).handle([Item(r) for r in old])
+    refs = [r.request_body.ref for r in old if r.request_body and r.request_body.ref]
+    assert len(refs) == 5
+    async with open_store("sqlite", tmp_path) as store:
+        await store.write_batch(old)
+        task = RetentionTask(store, bodies, 30)
+        await task.run_once()  # rows gone, bodies not
+        assert (await store.list_requests("acme", ListQuery(limit=10))).items == []
+        assert all([await bodies.get(ref) for ref in refs])
+        bodies.down = False
+        await task.run_once()
+        assert [await bodies.get(ref) for ref in refs] == [None] * 5
 
 
 @pytest.mark.parametrize("kind", store_params())

@@ -32,14 +32,29 @@ def cutoff_for(days: int, now: datetime | None = None) -> datetime:
     return day - timedelta(days=days)
 
 
-async def purge(store: Store, bodies: BodyStore, cutoff: datetime, *, batch: int = 10_000) -> int:
-    """Delete everything created before `cutoff`; returns how many body refs were removed."""
+async def purge(
+    store: Store, bodies: BodyStore, cutoff: datetime, *, batch: int = 10_000, owed: list[str] | None = None
+) -> int:
+    """Delete everything created before `cutoff`; returns how many body refs were removed.
+
+    The rows go first (their refs come back with them), so bodies the body store failed to
+    delete are named by nothing any more: they are kept in `owed` and deleted first the next
+    time (they stayed for ever). Not across a restart: `owed` lives in the caller's memory."""
+    owed = [] if owed is None else owed
     removed = 0
+    if owed:
+        await bodies.delete_many(owed)
+        removed += len(owed)
+        owed.clear()
     while True:
         refs = await store.delete_older_than(cutoff, limit=batch)
         if not refs:
             return removed
-        await bodies.delete_many(refs)
+        try:
+            await bodies.delete_many(refs)
+        except BaseException:
+            owed.extend(refs)
+            raise
         removed += len(refs)
 
 
@@ -77,6 +92,7 @@ class RetentionTask:
         self.interval = interval
         self.first_delay = first_delay
         self._task: asyncio.Task[None] | None = None
+        self._owed: list[str] = []  # refs of purged rows whose bodies are still to delete
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="llmtap-retention")
@@ -98,7 +114,7 @@ class RetentionTask:
         if self.days:
             cutoff = cutoff_for(self.days)
             try:
-                n = await purge(self.store, self.bodies, cutoff)
+                n = await purge(self.store, self.bodies, cutoff, owed=self._owed)
                 if n:
                     log.info("retention: removed records older than %s (%d bodies)", cutoff.date(), n)
             except Exception as e:  # an outage: try again next round

@@ -152,9 +152,18 @@ class S3BodyStore(BodyStore):
         for i in range(0, len(keys), 1000):  # S3's DeleteObjects limit
             chunk = keys[i : i + 1000]
             try:
-                await self._client.delete_objects(
+                answer = await self._client.delete_objects(
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": self._key(k)} for k in chunk], "Quiet": True},
                 )
             except (BotoCoreError, ClientError, OSError) as e:
                 raise TransientError(f"S3 delete failed: {e}") from e
+            # A 200 may still refuse keys one by one (permissions, a lock, SlowDown per key):
+            # retention must not take their bodies for deleted.
+            errors = [e for e in answer.get("Errors") or () if e.get("Code") != "NoSuchKey"]
+            if errors:
+                first = errors[0]
+                raise TransientError(
+                    f"S3 refused to delete {len(errors)} of {len(chunk)} bodies "
+                    f"({first.get('Code')}: {first.get('Message')}, e.g. {first.get('Key')})"
+                )
