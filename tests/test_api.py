@@ -866,3 +866,23 @@ async def test_an_sdk_pointed_at_the_servers_port_is_told_where_the_gateway_is(s
         said = body["error"]["message"]
         assert "API and dashboard port" in said and f"127.0.0.1:{gw}/openai/v1" in said, said
     assert (await server.get("/api/v1/nope"))[0] == 404  # the API's own 404 stays as it was
+
+
+async def test_a_ref_naming_no_body_file_reads_as_missing_not_a_500(server: Server) -> None:
+    """The body-store review: a pack ref naming a folder was a 500 with a traceback, and one
+    spanning 999,999,999,999,999 bytes made the read allocate them (a MemoryError)."""
+    from llmtap.bodies.base import day_folder
+
+    r = rec(0, request_body=inline({"messages": []}), response_body=inline({"ok": True}))
+    await offload.to_store(server.svc.bodies, [r], above=-1)
+    pack = r.request_body.ref  # type: ignore[union-attr]
+    assert pack and "#" in pack
+    day = "default/" + day_folder(r.started_at)
+    r.request_body.ref = day.rstrip("/") + "#0+10"  # type: ignore[union-attr]  # its folder
+    r.response_body.ref = pack.split("#")[0] + "#0+999999999999999"  # type: ignore[union-attr]
+    await server.svc.store.write_batch([r])  # written as a worker would, past ingest's checks
+    status, got = await server.get(f"/api/v1/requests/{r.id}")
+    assert status == 200, got
+    assert (
+        got["bodies"]["request_body"]["missing"] is True and got["bodies"]["response_body"]["missing"] is True
+    )

@@ -165,6 +165,8 @@ class FileBodyStore(BodyStore):
         key, _, span = key.partition("#")
         path = self._path(key)
         offset, length = _span(span) if span else (0, -1)
+        if length >= PACK_MAX:  # no pack holds one (a hand-made ref: the read allocated it all)
+            raise ValueError(f"body ref {key[:200]!r}#{span[:40]} spans more than a pack's body")
 
         def read() -> bytes | None:
             try:

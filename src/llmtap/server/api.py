@@ -160,7 +160,11 @@ async def _read(bodies: BodyStore, meta: dict[str, Any] | None) -> bytes | None:
     """A body reference → its bytes; None when absent or not found."""
     if meta is None:
         return None
-    return await offload.read(bodies, msgspec.convert(meta, Body))
+    try:
+        return await offload.read(bodies, msgspec.convert(meta, Body))
+    except ValueError as e:  # a ref no store can read (a hand-made record): missing, not a 500
+        log.warning("%s", e)
+        return None
 
 
 def _decoded(raw: bytes | None, meta: dict[str, Any] | None, *, as_text: bool) -> tuple[Any, str | None]:
