@@ -886,3 +886,34 @@ async def test_a_ref_naming_no_body_file_reads_as_missing_not_a_500(server: Serv
     assert (
         got["bodies"]["request_body"]["missing"] is True and got["bodies"]["response_body"]["missing"] is True
     )
+
+
+async def test_a_body_the_store_will_not_give_now_leaves_the_record_and_its_other_bodies(
+    server: Server,
+) -> None:
+    """The body-store review: one body's S3 error (a 403 for a key a lifecycle rule deleted,
+    a 503 SlowDown) made the whole record a 503, metadata and other bodies included."""
+    from llmtap.errors import TransientError
+
+    r = rec(0, request_body=inline({"messages": [{"role": "user", "content": "hi"}]}),
+            response_body=inline({"ok": True}))  # fmt: skip
+    await offload.to_store(server.svc.bodies, [r], above=-1)
+    await server.svc.store.write_batch([r])
+    bodies = server.svc.bodies
+    real_get = bodies.get
+    refused = r.response_body.ref  # type: ignore[union-attr]
+
+    async def get(key: str) -> bytes | None:
+        if key == refused:
+            raise TransientError("S3 download failed: An error occurred (AccessDenied)")
+        return await real_get(key)
+
+    bodies.get = get  # type: ignore[method-assign]
+    try:
+        status, got = await server.get(f"/api/v1/requests/{r.id}")
+    finally:
+        bodies.get = real_get  # type: ignore[method-assign]
+    assert status == 200 and got["id"] == r.id and got["model"] == r.model, got
+    assert got["request_body"] == {"messages": [{"role": "user", "content": "hi"}]}
+    assert got["response_body"] is None and "AccessDenied" in got["bodies"]["response_body"]["unavailable"]
+    assert "missing" not in got["bodies"]["response_body"]

@@ -24,7 +24,7 @@ from llmtap import limits
 from llmtap.bodies import offload
 from llmtap.bodies.base import BodyStore, body_key, day_folder
 from llmtap.config import Settings
-from llmtap.errors import BackendUnavailable, RecordError
+from llmtap.errors import BackendUnavailable, RecordError, TransientError
 from llmtap.handlers.chain import Chain
 from llmtap.ids import canonical_id
 from llmtap.limits import MAX_TOKENS
@@ -128,9 +128,13 @@ async def get_request(request: web.Request) -> web.Response:
     bodies = request.app[BODIES]
     info: dict[str, Any] = {}
     parts = ("request_body", "response_body", "response_events")
-    raws = await asyncio.gather(*(_read(bodies, row[p]) for p in parts))
+    got = await asyncio.gather(*(_read(bodies, row[p]) for p in parts), return_exceptions=True)
+    for g in got:
+        if isinstance(g, BaseException) and not isinstance(g, TransientError):
+            raise g
+    raws: list[bytes | None] = [None if isinstance(g, BaseException) else g for g in got]
     meta_of = {p: row[p] for p in parts}
-    for part, raw in zip(parts, raws, strict=True):
+    for part, raw, outcome in zip(parts, raws, got, strict=True):
         meta = row[part]
         value, encoding = _decoded(raw, meta, as_text=part == "response_events")
         info[part] = (
@@ -139,7 +143,12 @@ async def get_request(request: web.Request) -> web.Response:
             else {k: meta.get(k) for k in ("content_type", "size")}
             | {"truncated": bool(meta.get("truncated"))}
         )
-        if meta is not None and raw is None:
+        if isinstance(outcome, TransientError):
+            # A body the store would not give now (down, S3's 503 SlowDown, or its 403 for a
+            # key gone when the role may not list the bucket: for good): the record and its
+            # other bodies still show, and why this one does not.
+            info[part]["unavailable"] = str(outcome)
+        elif meta is not None and raw is None:
             # Logged, but not in this server's body store: deleted by retention, damaged, or
             # (`LLMTAP_BODIES=file` scaled out) written to another host's disk.
             info[part]["missing"] = True

@@ -650,6 +650,9 @@ function detailView(row, params, view) {
 function rawBody(row, part) {
   const meta = (row.bodies || {})[part];
   const value = row[part];
+  if (meta && meta.unavailable) {
+    return h("p", { class: "muted" }, `Logged (${fmtInt(meta.size)} bytes), but the body store would not give it just now: ${meta.unavailable}. Reload to try again.`);
+  }
   if (meta && meta.missing) {
     return h("p", { class: "muted" }, `Logged (${fmtInt(meta.size)} bytes) but not found in the body store: deleted by retention, damaged, or written to another host's disk (LLMTAP_BODIES=file on separate hosts).`);
   }
