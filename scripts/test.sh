@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs llmtap, starts the real services the tests need (PostgreSQL,
-# Redis, Kafka, an S3-compatible server; see scripts/services.sh), runs lint, types and pytest,
+# Redis, Kafka, an S3-compatible server, ElasticMQ for SQS, chromium for the browser tests;
+# see scripts/services.sh), runs lint, types and pytest,
 # and stops the services again. Extra arguments go to pytest (e.g. -k kafka, -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."

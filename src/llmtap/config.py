@@ -246,8 +246,13 @@ class Settings(BaseSettings):
         "openai_base_url", "anthropic_base_url", "gemini_base_url", "azure_base_url", "s3_endpoint"
     )
     @classmethod
-    def _check_base_url(cls, v: str | None) -> str | None:
-        return None if v is None else _check_http_url(v, base=True)
+    def _check_base_url(cls, v: str | None, info: ValidationInfo) -> str | None:
+        why = (
+            "set LLMTAP_S3_ACCESS_KEY_ID and LLMTAP_S3_SECRET_ACCESS_KEY (or AWS_*) instead"
+            if info.field_name == "s3_endpoint"
+            else None
+        )
+        return None if v is None else _check_http_url(v, base=True, credentials=why)
 
     @field_validator("upstreams")
     @classmethod
@@ -383,7 +388,7 @@ def parse_upstreams(value: str) -> dict[str, str]:
     return out
 
 
-def _check_http_url(v: str, *, base: bool = False) -> str:
+def _check_http_url(v: str, *, base: bool = False, credentials: str | None = None) -> str:
     """An http(s) URL, trailing `/` dropped. A `base` (an upstream, the S3 endpoint) carries
     no credentials and no query: requests are built on it and their errors quote it, so a
     password or key in it would end up in records and messages; send credentials as headers.
@@ -398,7 +403,7 @@ def _check_http_url(v: str, *, base: bool = False) -> str:
     if base and "@" in parts.netloc:
         raise ValueError(
             f"must not hold credentials (user:password@), got {redact_url(v)!r}: "
-            "the client's own Authorization / api-key headers go upstream unchanged"
+            + (credentials or "the client's own Authorization / api-key headers go upstream unchanged")
         )
     if base and (parts.query or parts.fragment):
         raise ValueError(f"must not have a query or fragment, got {redact_url(v)!r}")

@@ -105,7 +105,8 @@ class S3BodyStore(BodyStore):
             await self.close()
             raise ConfigError(
                 f"invalid setting LLMTAP_BODIES: no AWS credentials for S3 at {self._where}"
-                " (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a role)"
+                " (set LLMTAP_S3_ACCESS_KEY_ID and LLMTAP_S3_SECRET_ACCESS_KEY, or AWS_ACCESS_KEY_ID and"
+                " AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a role)"
             ) from None
         except (BotoCoreError, OSError) as e:
             await self.close()
