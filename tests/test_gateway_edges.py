@@ -1050,3 +1050,22 @@ async def test_a_transcription_upload_names_its_model_and_prices_its_audio(
     text_only = msgspec.structs.replace(u, input_audio_tokens=None)
     as_text = pricing.price_usage("openai", "gpt-4o-transcribe", text_only, rec.started_at)
     assert rec.cost_usd is not None and as_text is not None and rec.cost_usd > as_text.usd  # audio costs more
+
+
+async def test_a_capture_finished_twice_is_one_record_with_its_first_outcome(tmp_path: Path) -> None:
+    """The concurrency review: an upstream cut whose last write to the client was cancelled
+    (the client left that moment) finished its capture again from the handler's `except`: two
+    records of one id, the second calling it `client_disconnected`."""
+    import time
+
+    from llmtap.gateway.capture import Capture
+
+    q = MemoryQueue()
+    async with running_gateway(settings_for(dead_port(), tmp_path), q) as (svc, _):
+        now = time.perf_counter()
+        cap = Capture("r-1", "default", "openai", "POST", "/v1/chat/completions", "http://x", [], None,
+                      b"{}", 2, time.time(), now, 1 << 20)  # fmt: skip
+        svc.proxy._finish(cap, "upstream_cut", "upstream broke mid-response")
+        svc.proxy._finish(cap, "client_disconnected", "client went away")
+        (rec,) = await published(svc, q, 1)
+    assert (rec.id, rec.outcome) == ("r-1", "upstream_cut")

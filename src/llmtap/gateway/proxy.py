@@ -542,6 +542,8 @@ class Proxy:
         return resp
 
     def _finish(self, cap: Capture, outcome: str, error: str | None) -> None:
+        if cap.t_end:  # finished already (a cut whose last write was cancelled): one record
+            return
         cap.t_end = time.perf_counter()
         cap.outcome = outcome  # type: ignore[assignment]
         cap.error = error
