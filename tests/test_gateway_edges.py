@@ -1069,3 +1069,43 @@ async def test_a_capture_finished_twice_is_one_record_with_its_first_outcome(tmp
         svc.proxy._finish(cap, "client_disconnected", "client went away")
         (rec,) = await published(svc, q, 1)
     assert (rec.id, rec.outcome) == ("r-1", "upstream_cut")
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_upstream_connection(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The concurrency review: three clients asking for a large answer and reading none of it
+    held the gateway's three upstream connections for ever; a fourth request waited without
+    end while /healthz said ok. A client that reads nothing for `client_stall_timeout` is
+    cut off (recorded), and the pool serves the next request."""
+    import socket
+
+    q = MemoryQueue()
+    settings = settings_for(upstream, tmp_path, client_stall_timeout=1.0, upstream_max_connections=1)
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    async with running_gateway(settings, q) as (svc, gw):
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.settimeout(60)
+        head = (
+            b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer sk-test\r\nx-fake-response-bytes: 30000000\r\n"
+            + b"Content-Length: %d\r\n\r\n"
+            % len(body)
+        )
+        try:  # (blocking calls off the loop the gateway runs on)
+            await asyncio.to_thread(stalled.connect, ("127.0.0.1", svc.port))
+            await asyncio.to_thread(stalled.sendall, head + body)
+            assert (await asyncio.to_thread(stalled.recv, 100)).startswith(b"HTTP/1.1 200")  # no more
+            async with http.post(
+                f"{gw}/openai/v1/chat/completions",
+                data=body,
+                headers={**JSON_AUTH, "Authorization": "Bearer k"},
+                timeout=aiohttp.ClientTimeout(total=120),
+            ) as r:  # waits for the one upstream connection, freed by the cut
+                assert r.status == 200 and b"usage" in await r.read()
+            recs = await published(svc, q, 2)
+        finally:
+            stalled.close()
+    cut = next(r for r in recs if r.error and "LLMTAP_CLIENT_STALL_TIMEOUT" in r.error)
+    assert cut.outcome == "client_disconnected" and cut.status == 200, cut

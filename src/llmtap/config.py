@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     header_timeout: float = Field(
         60.0, gt=0, description="seconds a client has to send a request's headers (slow-client guard)"
     )
+    client_stall_timeout: float = Field(
+        120.0,
+        gt=0,
+        description="seconds a client may read nothing of an answer while more waits for it; then it is"
+        " cut off (it held an upstream connection for ever)",
+    )
     ingest_url: str | None = Field(
         None, description="fallback: the llmtap server's base URL; default http://HOST:SERVER_PORT"
     )

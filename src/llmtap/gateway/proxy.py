@@ -58,6 +58,15 @@ log = logging.getLogger("llmtap.gateway")
 
 _SMALL_BODY = 65536
 #: Header values aiohttp refuses to write (any control character but tab).
+#: Bytes the client's connection may hold unsent before a write to it is timed: below the
+#: transport's high-water mark (64 KiB), no write can pause it (and so make aiohttp wait).
+_BACKED_UP = 16 * 1024
+
+
+class ClientStalled(ConnectionError):
+    """The client read nothing of the answer for `client_stall_timeout` seconds."""
+
+
 #: Bytes of one read kept for the next, while looking for the first token: longer than any
 #: `token_marker` match.
 _CARRY = 64
@@ -438,6 +447,7 @@ class Proxy:
         content = upstream.content
         carry = b""  # the last read's end, while looking for the first token's marker
         relayed = False  # every body byte was handed to the client's connection
+        client = request.transport
         try:
             await resp.prepare(request)
             if read_ahead:  # already read from the upstream: it comes first
@@ -467,19 +477,29 @@ class Proxy:
                     chunk = stripper.feed(chunk)
                     if not chunk:
                         continue
-                await resp.write(chunk)
+                if client is not None and client.get_write_buffer_size() + len(chunk) > _BACKED_UP:
+                    await self._write_or_stall(resp, chunk)  # the client reads slower than it gets
+                else:  # no write under the mark can make aiohttp wait for the client
+                    await resp.write(chunk)
             if stripper is not None:
                 rest = stripper.flush()
                 if rest:
                     await resp.write(rest)
             relayed = True
-            await resp.write_eof()
+            if client is not None and client.get_write_buffer_size() > _BACKED_UP:
+                await self._write_or_stall(resp, None)  # the end waits for the client too
+            else:
+                await resp.write_eof()
         except (asyncio.CancelledError, ConnectionError) as e:
             # The client went away. If that was only during the final framing, it had the
             # whole body (the record builder also spots streams that reached their end marker).
             upstream.close()
-            if relayed:
+            if isinstance(e, ClientStalled) and client is not None:
+                client.abort()
+            if relayed and not isinstance(e, ClientStalled):
                 self._finish(cap, "completed", None)
+            elif isinstance(e, ClientStalled):
+                self._finish(cap, "client_disconnected", str(e))
             else:
                 cancelled = isinstance(e, asyncio.CancelledError)
                 self._finish(cap, "client_disconnected", self._gone("mid-response", cancelled))
@@ -495,6 +515,19 @@ class Proxy:
             return await self._cut(request, resp, upstream, cap, b"", e, "llmtap could not relay")
         self._finish(cap, "completed", None)
         return resp
+
+    async def _write_or_stall(self, resp: web.StreamResponse, chunk: bytes | None) -> None:
+        """Write to a client that is behind (None: the end of the answer), giving up after
+        `client_stall_timeout` seconds without progress: a client that stops reading held its
+        upstream connection (and a place in the pool every other request waits for) for ever."""
+        try:
+            async with asyncio.timeout(self.settings.client_stall_timeout):
+                await (resp.write_eof() if chunk is None else resp.write(chunk))
+        except TimeoutError:
+            raise ClientStalled(
+                f"client read nothing for {self.settings.client_stall_timeout:g} s while the answer "
+                "waited (LLMTAP_CLIENT_STALL_TIMEOUT): cut off"
+            ) from None
 
     async def _cut(
         self,
