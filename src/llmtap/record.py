@@ -321,30 +321,40 @@ DECODE_LIMIT = 64 * 1024 * 1024
 
 
 def decompress(data: bytes, limit: int = DECODE_LIMIT) -> bytes:
-    """The bytes of a zstd body, at most `limit` of them (more are cut off).
+    """The bytes of a zstd body, at most `limit` of them (more are cut off). Raises
+    `zstandard.ZstdError` when a frame is cut short or followed by bytes that are none: a
+    damaged body reads as missing, never as an empty or shorter one.
 
     Every frame is read (a body written in pieces by another producer came back as its
     first), and frames without their size in the header too."""
-    first: bytes | None = None
     size = zstandard.frame_content_size(data)
     if 0 <= size <= limit:  # the common case, ours: one frame of known size, read in one call
         one = _zd.decompressobj()
-        first = one.decompress(data)
+        out = one.decompress(data)
+        if not one.eof:
+            raise zstandard.ZstdError("the zstd frame is cut short")
         if not one.unused_data:
-            return first
-    chunks: list[bytes] = []
-    left = limit
+            return out
+    # Several frames, or sizes not known (or above the limit): first how much they make, read
+    # no further than the limit (a frame of zeros says nothing of its size until decoded)...
     reader = _zd.stream_reader(data, read_across_frames=True)
-    try:
-        while left > 0 and (chunk := reader.read(min(left, 1 << 20))):
-            chunks.append(chunk)
-            left -= len(chunk)
-    except zstandard.ZstdError:
-        if first is not None:  # bytes after a good frame that are none: what could be read
-            return first
-        if not chunks:
-            raise
-    return b"".join(chunks)
+    head: list[bytes] = []
+    got = 0
+    while got <= limit and (chunk := reader.read(min(limit + 1 - got, 1 << 20))):
+        head.append(chunk)
+        got += len(chunk)
+    if got > limit:
+        return b"".join(head)[:limit]
+    # ...then, as all of it is within the limit, frame by frame, which says when one ends early.
+    parts: list[bytes] = []
+    rest = data
+    while rest:
+        frame = _zd.decompressobj()
+        parts.append(frame.decompress(rest))
+        if not frame.eof:
+            raise zstandard.ZstdError("a zstd frame is cut short")
+        rest = frame.unused_data
+    return b"".join(parts)
 
 
 def body_bytes(body: Body) -> bytes | None:
