@@ -32,20 +32,42 @@ def cutoff_for(days: int, now: datetime | None = None) -> datetime:
     return day - timedelta(days=days)
 
 
+#: Rounds a body that could not be deleted is tried again before it is given up on (and said
+#: so): a key S3 refuses for good (object lock, a deny policy) must not be retried for ever.
+OWED_ROUNDS = 24
+
+
 async def purge(
-    store: Store, bodies: BodyStore, cutoff: datetime, *, batch: int = 10_000, owed: list[str] | None = None
+    store: Store,
+    bodies: BodyStore,
+    cutoff: datetime,
+    *,
+    batch: int = 10_000,
+    owed: dict[str, int] | None = None,
 ) -> int:
     """Delete everything created before `cutoff`; returns how many body refs were removed.
 
     The rows go first (their refs come back with them), so bodies the body store failed to
-    delete are named by nothing any more: they are kept in `owed` and deleted first the next
-    time (they stayed for ever). Not across a restart: `owed` lives in the caller's memory."""
-    owed = [] if owed is None else owed
+    delete are named by nothing any more: they are kept in `owed` (ref -> rounds tried) and
+    deleted before the next round's rows (they stayed for ever), at most `OWED_ROUNDS` times.
+    A failure there never holds back the rows. Not across a restart: `owed` lives in the
+    caller's memory."""
+    owed = {} if owed is None else owed
     removed = 0
     if owed:
-        await bodies.delete_many(owed)
-        removed += len(owed)
-        owed.clear()
+        refs = list(owed)
+        try:
+            await bodies.delete_many(refs)
+        except Exception as e:
+            for ref in refs:
+                owed[ref] += 1
+                if owed[ref] >= OWED_ROUNDS:
+                    del owed[ref]
+                    log.error("retention: gave up deleting body %s after %d rounds: %s", ref, OWED_ROUNDS, e)
+            log.warning("retention: %d bodies of purged records still to delete: %s", len(owed), e)
+        else:
+            removed += len(refs)
+            owed.clear()
     while True:
         refs = await store.delete_older_than(cutoff, limit=batch)
         if not refs:
@@ -53,7 +75,7 @@ async def purge(
         try:
             await bodies.delete_many(refs)
         except BaseException:
-            owed.extend(refs)
+            owed.update(dict.fromkeys(refs, 1))
             raise
         removed += len(refs)
 
@@ -92,7 +114,7 @@ class RetentionTask:
         self.interval = interval
         self.first_delay = first_delay
         self._task: asyncio.Task[None] | None = None
-        self._owed: list[str] = []  # refs of purged rows whose bodies are still to delete
+        self._owed: dict[str, int] = {}  # refs of purged rows whose bodies are still to delete
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="llmtap-retention")
