@@ -396,9 +396,12 @@ async def test_a_redis_that_evicts_keys_is_refused_at_start_and_named_by_status(
     writes instead, and the gateway falls back; `volatile-*` never takes keys without a TTL."""
     producer = await open_(spec, queues, "producer")
     await producer.publish(keyed_records(keys=2, per_key=2))
-    before = (await producer.r.config_get("maxmemory-policy"))["maxmemory-policy"]
+    before = await producer.r.config_get("maxmemory*")
     try:
+        await producer.r.config_set("maxmemory", "0")
         await producer.r.config_set("maxmemory-policy", "allkeys-lru")
+        await open_(spec, queues, "producer")  # without a memory limit nothing is evicted
+        await producer.r.config_set("maxmemory", "2gb")
         for role in ("producer", "consumer"):
             q = spec.build()
             with pytest.raises(ConfigError) as e:
@@ -410,7 +413,8 @@ async def test_a_redis_that_evicts_keys_is_refused_at_start_and_named_by_status(
         await producer.r.config_set("maxmemory-policy", "volatile-lru")  # safe for us: accepted
         await open_(spec, queues, "producer")
     finally:
-        await producer.r.config_set("maxmemory-policy", before)
+        await producer.r.config_set("maxmemory-policy", before["maxmemory-policy"])
+        await producer.r.config_set("maxmemory", before["maxmemory"])
     # A stream gone (evicted, deleted by hand) is named by status, not called an outage.
     await producer.r.delete(producer.stream(0), producer.stream(1))
     st = await producer.status()

@@ -335,7 +335,9 @@ class RedisQueue(Queue):
         except ResponseError:
             return None
         policy = _s(info.get("maxmemory_policy", ""))
-        return policy if policy.startswith("allkeys") else None
+        if not policy.startswith("allkeys") or not int(info.get("maxmemory") or 0):
+            return None  # no memory limit: nothing is ever evicted, whatever the policy
+        return policy
 
     async def _find_layout(self) -> None:
         """The partition count of an existing queue; `QueueMissing` when there is none."""
