@@ -1109,3 +1109,27 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_upstream_con
             stalled.close()
     cut = next(r for r in recs if r.error and "LLMTAP_CLIENT_STALL_TIMEOUT" in r.error)
     assert cut.outcome == "client_disconnected" and cut.status == 200, cut
+
+
+@pytest.mark.parametrize(
+    ("chunk", "output"),
+    [
+        (b'{"delta":{"role":"assistant","content":"","refusal":null}}', False),  # OpenAI's opening
+        (b'{"delta":{"role":"assistant","content":null,"tool_calls":[]}}', False),
+        (b'{"delta":{"content":[]}}', False),
+        (b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}', False),
+        (b'{"delta":{"content":"Hi"}}', True),
+        (b'{"delta": {"content": "Hi"}}', True),  # spaced, as some servers write
+        (b'{"delta":{"content":"\\"quoted\\""}}', True),
+        (b'{"delta":{"tool_calls":[{"index":0,"function":{"name":"f"}}]}}', True),
+        (b'{"delta":{"content":[{"type":"thinking","thinking":[]}]}}', True),  # Mistral's parts
+        (b'{"delta":{"reasoning_content":"Let me"}}', True),  # vLLM, DeepSeek
+    ],
+)
+def test_what_an_openai_chat_chunk_counts_as_output_for_the_first_token(chunk: bytes, output: bool) -> None:
+    """Today's diff review: a role chunk with `"tool_calls":[]` was taken for output, and
+    content sent as a list of parts never was."""
+    from llmtap.providers import provider_for
+
+    marker = provider_for("openai").token_marker("/v1/chat/completions")
+    assert marker is not None and bool(marker.search(b"data: " + chunk + b"\n\n")) is output

@@ -610,9 +610,11 @@ _assistant = role_is("assistant")
 #: Responses API input items the model produced (echoed back by the client with each turn),
 #: besides assistant messages and `*_call` items; `*_call_output` items are the client's.
 #: Generated output in a stream's chunk (`token_marker`): text, reasoning or a refusal that is
-#: not empty (the opening chunk's `"content":""` is none), or a tool call.
+#: not empty (the opening chunk's `"content":""` is none; Mistral's content parts are a list of
+#: objects), or a tool call (not an empty list).
 _CHAT_OUTPUT = re.compile(
-    rb'"(?:content|reasoning_content|reasoning|refusal)"\s*:\s*"[^"]|"(?:tool_calls|function_call|audio)"\s*:\s*[\[{]'
+    rb'"(?:content|reasoning_content|reasoning|refusal)"\s*:\s*(?:"[^"]|\[\s*\{)'
+    rb'|"(?:tool_calls|function_call|audio)"\s*:\s*(?:\[\s*)?\{'
 )
 _RESPONSES_OUTPUT = re.compile(rb'\.delta"')
 _MODEL_ITEMS = frozenset({"reasoning", "mcp_list_tools", "mcp_approval_request"})
