@@ -384,3 +384,12 @@ async def test_a_stopped_gateway_gives_its_process_the_collector_back(upstream: 
     async with running_gateway(settings_for(upstream, tmp_path)):
         assert gc.get_freeze_count() > frozen
     assert (gc.get_freeze_count(), gc.get_threshold()) == (frozen, threshold)
+    # Two, stopped in the order they started: the collector is back once the last stopped.
+    a = running_gateway(settings_for(upstream, tmp_path / "a"))
+    b = running_gateway(settings_for(upstream, tmp_path / "b"))
+    await a.__aenter__()
+    await b.__aenter__()
+    await a.__aexit__(None, None, None)
+    assert gc.get_freeze_count() > frozen and gc.get_threshold() != threshold  # b still serves
+    await b.__aexit__(None, None, None)
+    assert (gc.get_freeze_count(), gc.get_threshold()) == (frozen, threshold)

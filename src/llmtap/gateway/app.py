@@ -355,6 +355,10 @@ class GatewayService(OnBackends):
         )
 
 
+#: Gateways running in this process that froze it, and the threshold found before the first.
+_freezes: list[tuple[int, int, int]] = []
+
+
 def _freeze_startup_objects() -> Callable[[], None]:
     """Exempt everything that exists once we are ready from the cyclic garbage collector;
     returns what undoes it.
@@ -362,18 +366,23 @@ def _freeze_startup_objects() -> Callable[[], None]:
     Modules, settings, price tables, connection pools live for the whole process; scanning them
     again on every full collection costs milliseconds each time, paid by whichever request is
     running (a classic server tweak: `gc.freeze`). Objects created later are collected as usual.
-    A process that embeds a gateway and stops it (tests, an application) gets its collector back.
+    A process that embeds gateways and stops them (tests, an application) gets its collector
+    back once the last one stopped.
     """
     gc.collect()
     gc.freeze()
     before = gc.get_threshold()
+    _freezes.append(before)
     gen0, gen1, gen2 = before
     if gen0 == 700:  # Python's default: nobody tuned it
         gc.set_threshold(20_000, gen1, gen2)
 
     def undo() -> None:
-        gc.unfreeze()
-        gc.set_threshold(*before)
+        first = _freezes[0]  # what the process had before any gateway
+        _freezes.pop()
+        if not _freezes:
+            gc.unfreeze()
+            gc.set_threshold(*first)
 
     return undo
 
