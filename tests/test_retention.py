@@ -79,6 +79,27 @@ async def test_a_record_stamped_in_another_time_zone_shares_no_pack_with_kept_da
             assert r.request_body and r.request_body.ref and await bodies.get(r.request_body.ref)
 
 
+async def test_bodies_no_row_names_go_with_their_day(tmp_path: Path) -> None:
+    """The body-store review: a second request reusing an id has its row refused and its body
+    written; no purge ever named that body, so it stayed for ever. Whole day folders before
+    the cutoff (a day of margin) go now; the day before the cutoff's and later stay."""
+    from llmtap.bodies.base import body_key
+
+    bodies = FileBodyStore(str(tmp_path / "bodies"))
+    await bodies.connect()
+    cutoff = cutoff_for(30)
+    orphan_at, margin_at, kept_at = cutoff - timedelta(days=3), cutoff - timedelta(hours=2), cutoff
+    refs = await bodies.put_many([
+        (body_key("acme", "dup", orphan_at, "request", b"x"), compress(b"second prompt")),
+        (body_key("acme", "m", margin_at, "request", b"y"), compress(b"the day before")),
+        (body_key("acme", "k", kept_at, "request", b"z"), compress(b"kept")),
+    ])  # fmt: skip
+    async with open_store("sqlite", tmp_path) as store:
+        await purge(store, bodies, cutoff)
+    assert [await bodies.get(r) for r in refs] == [None, compress(b"the day before"), compress(b"kept")]
+    assert not (tmp_path / "bodies" / "acme" / f"{orphan_at:%Y/%m/%d}").exists()
+
+
 async def test_bodies_a_failed_delete_left_are_deleted_by_the_next_round(tmp_path: Path) -> None:
     """The body-store review: S3 down (or refusing keys) while the purge deleted the rows, and
     their bodies stayed for ever: nothing names them once the rows are gone."""

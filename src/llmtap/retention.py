@@ -71,6 +71,12 @@ async def purge(
     while True:
         refs = await store.delete_older_than(cutoff, limit=batch)
         if not refs:
+            # Bodies no row names (a reused id's second body) go with their day. A day of
+            # margin: bodies written before day folders were UTC days (ingested times with an
+            # offset) may sit in the folder of the day before their record's.
+            swept = await bodies.delete_days_before(cutoff.date() - timedelta(days=1))
+            if swept:
+                log.info("retention: removed %d day folders of bodies before %s", swept, cutoff.date())
             return removed
         try:
             await bodies.delete_many(refs)

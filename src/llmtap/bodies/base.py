@@ -14,7 +14,7 @@ import hashlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING
 
 from llmtap.backends import BODIES
@@ -108,6 +108,12 @@ class BodyStore(ABC):
     @abstractmethod
     async def delete_many(self, refs: Sequence[str]) -> None:
         """Delete by ref (for the file store, a pack ref removes its whole pack)."""
+
+    async def delete_days_before(self, day: date) -> int:
+        """Delete every body in a day folder before `day`, named by a record or not; how many
+        folders went. What retention's refs miss (a second request reusing an id: its row was
+        refused, its body written) goes with its day. None by default (S3: a lifecycle rule)."""
+        return 0
 
 
 def open_body_store(settings: Settings) -> BodyStore:

@@ -25,8 +25,10 @@ import asyncio
 import errno
 import itertools
 import os
+import shutil
 import time
 from collections.abc import Sequence
+from datetime import date
 
 from llmtap.bodies.base import BodyStore
 from llmtap.errors import BackendUnavailable, TransientError
@@ -215,6 +217,51 @@ class FileBodyStore(BodyStore):
                     d = os.path.dirname(d)
 
         await asyncio.to_thread(delete)
+
+    async def delete_days_before(self, day: date) -> int:
+        def sweep() -> int:
+            gone = 0
+            for when, path in _day_folders(self.root):
+                if when < day:
+                    shutil.rmtree(path, ignore_errors=True)
+                    self._dirs.discard(path)
+                    gone += 1
+                    for parent in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+                        try:  # the month and year left empty go too
+                            os.rmdir(parent)
+                            self._dirs.discard(parent)
+                        except OSError:
+                            break
+            return gone
+
+        return await asyncio.to_thread(sweep)
+
+
+def _day_folders(root: str) -> list[tuple[date, str]]:
+    """(day, path) of every `<tenant>/<yyyy>/<mm>/<dd>` folder under `root`."""
+    out: list[tuple[date, str]] = []
+    for tenant in _folders(root):
+        for year in _folders(tenant.path, 4):
+            for month in _folders(year.path, 2):
+                for day in _folders(month.path, 2):
+                    try:
+                        out.append((date(int(year.name), int(month.name), int(day.name)), day.path))
+                    except ValueError:
+                        continue
+    return out
+
+
+def _folders(path: str, digits: int | None = None) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return [
+                e
+                for e in it
+                if e.is_dir(follow_symlinks=False)
+                and (digits is None or (len(e.name) == digits and e.name.isdigit()))
+            ]
+    except FileNotFoundError:
+        return []
 
 
 def _span(span: str) -> tuple[int, int]:
