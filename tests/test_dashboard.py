@@ -28,6 +28,7 @@ import pytest
 import pytest_asyncio
 
 from llmtap import keys
+from llmtap.bodies.base import day_folder
 from llmtap.config import Settings
 from llmtap.record import Body, LogRecord, Usage, compress, encode_many
 from llmtap.server.app import ServerService
@@ -1001,7 +1002,7 @@ def crafted_records() -> dict[str, LogRecord]:
         base = dd.record(n, at=now - timedelta(seconds=n), rng=rng, kind=kind, user=f"user-{n}")
         return msgspec.structs.replace(base, **{"status": 200, "error": None, "usage": done, **changes})
 
-    return {
+    out = {
         # gpt-4o-mini at $0.15 per million input tokens: 2 tokens cost $0.0000003.
         "tiny": rec(
             0, 0, session_id="tiny", usage=Usage(source="provider", prompt_tokens=2, completion_tokens=0)
@@ -1015,9 +1016,13 @@ def crafted_records() -> dict[str, LogRecord]:
         "long_user": rec(5, 0, user_id="u" * 256, properties={"feature": "f" * 120, "env": "e" * 120}),
         "binary": rec(6, 0, response_body=Body(content_type="audio/mpeg", size=1024, encoding="zstd",
                                                data=compress(bytes(range(256)) * 4))),
-        "lost": rec(7, 0, request_body=Body(content_type="application/json", size=74, encoding="zstd",
-                                            ref="default/2026/12/05/lost.request.0123456789abcdef01234567.zst")),
+        "lost": rec(7, 0),
     }  # fmt: skip
+    lost = out["lost"]  # a body by reference, in its day's folder, that is in no body store
+    name = "lost.request.0123456789abcdef01234567.zst"
+    ref = f"default/{day_folder(lost.started_at)}{name}"
+    lost.request_body = Body(content_type="application/json", size=74, encoding="zstd", ref=ref)
+    return out
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
