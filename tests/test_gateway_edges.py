@@ -1133,3 +1133,39 @@ def test_what_an_openai_chat_chunk_counts_as_output_for_the_first_token(chunk: b
 
     marker = provider_for("openai").token_marker("/v1/chat/completions")
     assert marker is not None and bool(marker.search(b"data: " + chunk + b"\n\n")) is output
+
+
+@pytest.mark.parametrize("reading", [True, False])
+async def test_a_slow_reader_is_never_cut_a_stalled_one_is(tmp_path: Path, reading: bool) -> None:
+    """Today's diff review: the stall timer covered one write, and one write of a large read
+    takes a slow link longer than the timeout while its bytes flow: a client reading steadily at
+    150 KB/s was cut. Progress (what is left unsent shrinking) is timed now. Driven by hand:
+    each look at the client's connection finds less unsent (reading) or the same (stalled)."""
+    from llmtap.gateway.proxy import ClientStalled
+
+    taken = asyncio.Event()
+
+    class Client:
+        unsent, looks = 10_000_000, 0
+
+        def get_write_buffer_size(self) -> int:
+            self.looks += 1
+            if reading:
+                self.unsent -= 100_000
+            if self.looks >= 5:
+                taken.set()  # the client took the whole write in the end
+            return self.unsent
+
+    class Answer:
+        async def write(self, chunk: bytes) -> None:
+            await taken.wait()
+
+    async with running_gateway(settings_for(dead_port(), tmp_path, client_stall_timeout=0.05)) as (svc, _):
+        client = Client()
+        if reading:
+            await svc.proxy._write_or_stall(Answer(), client, b"x" * 768_000)  # type: ignore[arg-type]
+            assert client.looks == 5
+        else:
+            with pytest.raises(ClientStalled, match="read nothing for 0.05 s"):
+                await svc.proxy._write_or_stall(Answer(), client, b"x" * 768_000)  # type: ignore[arg-type]
+            assert client.looks == 2 and not taken.is_set()

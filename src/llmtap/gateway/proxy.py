@@ -478,7 +478,7 @@ class Proxy:
                     if not chunk:
                         continue
                 if client is not None and client.get_write_buffer_size() + len(chunk) > _BACKED_UP:
-                    await self._write_or_stall(resp, chunk)  # the client reads slower than it gets
+                    await self._write_or_stall(resp, client, chunk)  # the client reads slower than it gets
                 else:  # no write under the mark can make aiohttp wait for the client
                     await resp.write(chunk)
             if stripper is not None:
@@ -487,7 +487,7 @@ class Proxy:
                     await resp.write(rest)
             relayed = True
             if client is not None and client.get_write_buffer_size() > _BACKED_UP:
-                await self._write_or_stall(resp, None)  # the end waits for the client too
+                await self._write_or_stall(resp, client, None)  # the end waits for the client too
             else:
                 await resp.write_eof()
         except (asyncio.CancelledError, ConnectionError) as e:
@@ -516,18 +516,34 @@ class Proxy:
         self._finish(cap, "completed", None)
         return resp
 
-    async def _write_or_stall(self, resp: web.StreamResponse, chunk: bytes | None) -> None:
-        """Write to a client that is behind (None: the end of the answer), giving up after
-        `client_stall_timeout` seconds without progress: a client that stops reading held its
-        upstream connection (and a place in the pool every other request waits for) for ever."""
+    async def _write_or_stall(
+        self, resp: web.StreamResponse, client: asyncio.Transport, chunk: bytes | None
+    ) -> None:
+        """Write to a client that is behind (None: the end of the answer), giving up once it
+        took nothing for `client_stall_timeout` seconds: a client that stops reading held its
+        upstream connection (and a place in the pool every other request waits for) for ever.
+        Progress, not the write, is timed: one write of a large read may take a slow link
+        minutes while its bytes do flow (what is left unsent only shrinks meanwhile)."""
+        stall = self.settings.client_stall_timeout
+        write = asyncio.ensure_future(resp.write_eof() if chunk is None else resp.write(chunk))
+        unsent = client.get_write_buffer_size()
         try:
-            async with asyncio.timeout(self.settings.client_stall_timeout):
-                await (resp.write_eof() if chunk is None else resp.write(chunk))
-        except TimeoutError:
-            raise ClientStalled(
-                f"client read nothing for {self.settings.client_stall_timeout:g} s while the answer "
-                "waited (LLMTAP_CLIENT_STALL_TIMEOUT): cut off"
-            ) from None
+            while True:
+                done, _ = await asyncio.wait({write}, timeout=stall)
+                if done:
+                    return write.result()
+                now = client.get_write_buffer_size()
+                if now >= unsent:
+                    break
+                unsent = now  # it took some: wait on
+        except asyncio.CancelledError:
+            write.cancel()
+            raise
+        write.cancel()
+        raise ClientStalled(
+            f"client read nothing for {stall:g} s while the answer waited"
+            " (LLMTAP_CLIENT_STALL_TIMEOUT): cut off"
+        )
 
     async def _cut(
         self,
@@ -545,11 +561,15 @@ class Proxy:
         upstream.close()
         what = what or f"upstream {'timed out' if isinstance(exc, TimeoutError) else 'broke'}"
         self._finish(cap, "upstream_cut", f"{what} mid-response: {type(exc).__name__}: {exc}")
-        try:
-            await resp.write(tail)  # also sends the headers if nothing was written yet
-        except Exception:  # the client's connection is closed next either way
-            pass
         transport = request.transport
+        try:  # also sends the headers if nothing was written yet
+            if transport is not None and transport.get_write_buffer_size() + len(tail) > _BACKED_UP:
+                await self._write_or_stall(resp, transport, tail)
+            else:
+                await resp.write(tail)
+        except Exception:  # the client's connection is closed next either way
+            if transport is not None:
+                transport.abort()  # what it did not take will not be taken
         if transport is not None:
             transport.close()
         resp.force_close()
