@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from llmtap.bodies import BodyStore, body_key
-from llmtap.errors import BackendUnavailable, ConfigError, TransientError
+from llmtap.errors import BackendUnavailable, ConfigError, NotDeleted, TransientError
 
 
 def _s3_env() -> dict[str, str] | None:
@@ -310,7 +310,20 @@ async def test_s3_keys_a_delete_refused_one_by_one_are_not_taken_for_deleted() -
 
     store = S3BodyStore("s3://b/p")
     store._client = Client([{"Key": "p/a", "Code": "AccessDenied", "Message": "Access Denied"}])
-    with pytest.raises(TransientError, match=r"refused to delete 1 of 2 bodies \(AccessDenied"):
+    with pytest.raises(NotDeleted, match=r"refused to delete 1 of 2 bodies \(AccessDenied") as e:
         await store.delete_many(["a", "b"])
+    assert e.value.refs == ["a"] and isinstance(e.value, TransientError)
+    store._client = Client([{"Key": "p/k0", "Code": "AccessDenied", "Message": "Access Denied"}])
+    calls: list[int] = []
+    real = store._client.delete_objects
+
+    async def counted(**kw: Any) -> dict[str, Any]:
+        calls.append(len(kw["Delete"]["Objects"]))
+        return await real(**kw)
+
+    store._client.delete_objects = counted
+    with pytest.raises(NotDeleted):  # a refusal in the first 1,000 keys: the rest still sent
+        await store.delete_many([f"k{i}" for i in range(2500)])
+    assert calls == [1000, 1000, 500]
     store._client = Client([{"Key": "p/a", "Code": "NoSuchKey", "Message": "gone already"}])
     await store.delete_many(["a", "b"])  # gone is what was wanted

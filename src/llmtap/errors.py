@@ -40,6 +40,15 @@ class TransientError(BackendUnavailable):
     """A handler hit an outage; the whole batch is retried later and nothing is acknowledged."""
 
 
+class NotDeleted(TransientError):
+    """A body store deleted some of the bodies asked and refused `refs` one by one (an object
+    lock, a deny policy): retention counts those, and only those, toward giving up."""
+
+    def __init__(self, message: str, refs: list[str]) -> None:
+        super().__init__(message)
+        self.refs = refs
+
+
 class RecordError(LlmtapError):
     """This one record cannot be processed (garbage bytes, unknown version, invalid field).
 

@@ -20,6 +20,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from llmtap.bodies.base import BodyStore
+from llmtap.errors import NotDeleted
 from llmtap.store.base import Store
 from llmtap.webhooks.db import WebhookDB, now_us
 
@@ -48,8 +49,9 @@ async def purge(
     """Delete everything created before `cutoff`; returns how many body refs were removed.
 
     The rows go first (their refs come back with them), so bodies the body store failed to
-    delete are named by nothing any more: they are kept in `owed` (ref -> rounds tried) and
-    deleted before the next round's rows (they stayed for ever), at most `OWED_ROUNDS` times.
+    delete are named by nothing any more: they are kept in `owed` (ref -> rounds the store
+    refused it) and deleted before the next round's rows (they stayed for ever); one refused
+    `OWED_ROUNDS` times is given up on. An outage counts no round.
     A failure there never holds back the rows. Not across a restart: `owed` lives in the
     caller's memory."""
     owed = {} if owed is None else owed
@@ -58,12 +60,25 @@ async def purge(
         refs = list(owed)
         try:
             await bodies.delete_many(refs)
-        except Exception as e:
+        except NotDeleted as e:  # the others went; only the refused ones count a round
+            refused = set(e.refs)
+            given_up = 0
             for ref in refs:
-                owed[ref] += 1
-                if owed[ref] >= OWED_ROUNDS:
+                if ref not in refused:
                     del owed[ref]
-                    log.error("retention: gave up deleting body %s after %d rounds: %s", ref, OWED_ROUNDS, e)
+                    removed += 1
+                elif (tries := owed[ref] + 1) >= OWED_ROUNDS:
+                    del owed[ref]
+                    given_up += 1
+                else:
+                    owed[ref] = tries
+            if given_up:
+                log.error(
+                    "retention: gave up deleting %d bodies refused %d rounds in a row (e.g. %s): %s",
+                    given_up, OWED_ROUNDS, e.refs[0], e,
+                )  # fmt: skip
+            log.warning("retention: %d bodies of purged records still to delete: %s", len(owed), e)
+        except Exception as e:  # an outage: nothing is counted, all are tried again
             log.warning("retention: %d bodies of purged records still to delete: %s", len(owed), e)
         else:
             removed += len(refs)
@@ -80,8 +95,12 @@ async def purge(
             return removed
         try:
             await bodies.delete_many(refs)
+        except NotDeleted as e:
+            owed.update(dict.fromkeys(e.refs, 1))
+            raise
         except BaseException:
-            owed.update(dict.fromkeys(refs, 1))
+            for ref in refs:
+                owed.setdefault(ref, 0)
             raise
         removed += len(refs)
 

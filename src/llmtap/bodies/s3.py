@@ -20,7 +20,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from llmtap.bodies.base import BodyStore
-from llmtap.errors import BackendUnavailable, ConfigError, TransientError, unknown_host
+from llmtap.errors import BackendUnavailable, ConfigError, NotDeleted, TransientError, unknown_host
 from llmtap.redact import redact_text, redact_url
 
 _CONCURRENCY = 32
@@ -150,21 +150,26 @@ class S3BodyStore(BodyStore):
             raise TransientError(f"S3 download failed: {e}") from e
 
     async def delete_many(self, keys: Sequence[str]) -> None:
+        refused: list[str] = []
+        first: dict[str, Any] = {}
         for i in range(0, len(keys), 1000):  # S3's DeleteObjects limit
             chunk = keys[i : i + 1000]
+            ref_of = {self._key(k): k for k in chunk}
             try:
                 answer = await self._client.delete_objects(
-                    Bucket=self.bucket,
-                    Delete={"Objects": [{"Key": self._key(k)} for k in chunk], "Quiet": True},
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in ref_of], "Quiet": True}
                 )
             except (BotoCoreError, ClientError, OSError) as e:
                 raise TransientError(f"S3 delete failed: {e}") from e
             # A 200 may still refuse keys one by one (permissions, a lock, SlowDown per key):
-            # retention must not take their bodies for deleted.
-            errors = [e for e in answer.get("Errors") or () if e.get("Code") != "NoSuchKey"]
-            if errors:
-                first = errors[0]
-                raise TransientError(
-                    f"S3 refused to delete {len(errors)} of {len(chunk)} bodies "
-                    f"({first.get('Code')}: {first.get('Message')}, e.g. {first.get('Key')})"
-                )
+            # retention must not take their bodies for deleted. The other chunks go on.
+            for err in answer.get("Errors") or ():
+                if err.get("Code") != "NoSuchKey":
+                    refused.append(ref_of.get(err.get("Key", ""), err.get("Key", "")))
+                    first = first or err
+        if refused:
+            raise NotDeleted(
+                f"S3 refused to delete {len(refused)} of {len(keys)} bodies "
+                f"({first.get('Code')}: {first.get('Message')}, e.g. {first.get('Key')})",
+                refused,
+            )
