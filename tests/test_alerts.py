@@ -311,6 +311,36 @@ async def test_a_firing_group_outranked_by_a_hundred_others_is_still_evaluated(s
     assert kinds(got) == [ALERT_FIRING, ALERT_RESOLVED] and got[1][2]["data"]["group"] == "u_small"
 
 
+async def test_outranked_firing_groups_are_asked_for_in_turns(store: Store, monkeypatch: Any) -> None:
+    """Today's second diff review: with a cap on the groups asked for alone per evaluation, the
+    same first ones were asked every time and a group sorted after them never resolved."""
+    from llmtap.alerts import evaluator
+
+    monkeypatch.setattr(evaluator, "_ALONE_MAX", 2)
+    await subscribe(store)
+    await add_rule(store, metric="error_rate", op="above", threshold=0.5, window_s=600, group_by="user_id")
+    ev = Evaluator(store, interval_s=60, resolve_after_s=60)
+    small = [f"s{i}" for i in range(5)]
+    await store.write_batch([r(T - timedelta(minutes=1), user_id=u, status=500) for u in small])
+    await ev.run_once(at(0))
+    assert len(await AlertDB(store.webhooks()).states("acme")) == 5
+    busy = [r(T + timedelta(seconds=10), user_id=f"u{i:03d}") for i in range(100) for _ in range(2)]
+    await store.write_batch(busy)
+    asked: list[list[str]] = []
+    real = ev._one_group
+
+    async def one_group(rule: Any, since: int, until: int, key: str) -> Any:
+        asked[-1].append(key)
+        return await real(rule, since, until, key)
+
+    ev._one_group = one_group  # type: ignore[method-assign]
+    for m in range(1, 4):
+        asked.append([])
+        await ev.run_once(at(m))
+    assert all(len(a) == 2 for a in asked), asked
+    assert {k for a in asked for k in a} == {f"={u}" for u in small}, asked
+
+
 async def test_a_rule_given_another_grouping_starts_afresh(store: Store) -> None:
     """The alerts review: `requests below 100` firing ungrouped, then PATCHed to group by model:
     its ungrouped state was scored on an empty window at every evaluation, firing for ever."""

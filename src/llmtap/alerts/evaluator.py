@@ -44,8 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmtap.alerts")
 
 _MINUTE_US = 60_000_000
-#: Firing groups missing from a cut answer asked for alone per evaluation (one query each);
-#: the others keep their state until a later evaluation (or the answer) has them.
+#: Firing groups missing from a cut answer asked for alone per evaluation (one query each), in
+#: turns: the others keep their state until their turn (or the answer) comes.
 _ALONE_MAX = 50
 #: The totals of a window without requests (a firing group that had none this time).
 _EMPTY: dict[str, Any] = {
@@ -79,6 +79,7 @@ class Evaluator:
         self.clock = clock
         self.fired = 0
         self.resolved = 0
+        self._turns: dict[str, int] = {}  # rule -> where the next turn of outranked groups starts
 
     async def run_once(self, now_us: int | None = None) -> int:
         """Evaluate every due rule this evaluator can claim; how many it evaluated."""
@@ -125,7 +126,10 @@ class Evaluator:
         if rule.group_by is not None and len(stats["groups"]) >= MAX_GROUPS:
             # The answer holds the largest groups only: a firing group missing from it may still
             # be sending (and its condition holding). Ask for it alone; not knowable: unchanged.
-            for n, key in enumerate(sorted(firing - seen.keys())):
+            missing = sorted(firing - seen.keys())
+            turn = self._turns.get(rule.id, 0) % max(1, len(missing))  # others' turn next time
+            self._turns[rule.id] = turn + _ALONE_MAX
+            for n, key in enumerate(missing[turn:] + missing[:turn]):
                 own = await self._one_group(rule, since, until, key) if n < _ALONE_MAX else None
                 if own is None:
                     unknown.add(key)
