@@ -57,7 +57,6 @@ _REFUSALS = frozenset({400, 422})
 log = logging.getLogger("llmtap.gateway")
 
 _SMALL_BODY = 65536
-#: Header values aiohttp refuses to write (any control character but tab).
 #: Bytes the client's connection may hold unsent before a write to it is timed: below the
 #: transport's high-water mark (64 KiB), no write can pause it (and so make aiohttp wait).
 _BACKED_UP = 16 * 1024
@@ -70,6 +69,7 @@ class ClientStalled(ConnectionError):
 #: Bytes of one read kept for the next, while looking for the first token: longer than any
 #: `token_marker` match.
 _CARRY = 64
+#: Header values aiohttp refuses to write (any control character but tab).
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
