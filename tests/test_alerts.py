@@ -549,6 +549,8 @@ def test_cli_manages_rules(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "Examples:" in res.stdout and "--group-by model" in res.stdout
     res = runner.invoke(cli, ["alerts", "list"], env=env)
     assert res.exit_code == 0 and "no alert rules" in res.output
+    # nothing there yet (a mistyped data dir looks the same): the answer says where it looked
+    assert f"no store at '{tmp_path / 'store.db'}' yet" in res.stderr
     for args, says in (
         (["--metric", "error_rate", "--above", "5", "--window", "5m"], "fraction between 0 and 1"),
         (["--metric", "cost_usd", "--above", "5", "--window", "2m"], "whole minutes from 5m to 1d"),

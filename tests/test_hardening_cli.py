@@ -55,6 +55,9 @@ def test_read_only_commands_on_a_fresh_directory_create_nothing(
         assert str(work / ".llmtap" / "queue.db") in info["error"] and "--data-dir" in info["error"]
     elif args == ["status"]:
         assert "MISSING: no queue file" in r.stdout, r.stdout
+    elif r.returncode == 0:  # "none", and where it looked (a mistyped --data-dir looked the same)
+        what = "queue" if args[0] == "dlq" else "store"
+        assert f"no {what} at '{work / '.llmtap' / f'{what}.db'}' yet" in r.stderr, r.stderr
 
 
 def _publish(env: dict[str, str], *values: bytes) -> None:

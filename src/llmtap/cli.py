@@ -318,7 +318,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
                 f"{info['spool_unreadable_bytes']} unreadable spool bytes (their records are lost) "
                 f"kept in {spool_dir(settings) / 'corrupt'}; delete them once looked at"
             )
-        if _queue_missing(settings):  # no llmtap ever ran on this data dir: create nothing
+        if _queue_missing(settings, say=False):  # no llmtap ever ran on this data dir: create nothing
             where = embedded_queue_path(settings)
             info.update(reachable=False, missing=True, lag=None, partitions=[], dead_letters=None)
             info["error"] = (
@@ -378,20 +378,28 @@ def keys() -> None:
     """Manage tenants' API keys (multi-tenant mode)."""
 
 
-def _queue_missing(settings: Settings) -> bool:
+def _queue_missing(settings: Settings, say: bool = True) -> bool:
     """The embedded queue's file does not exist: read-only commands must not create it."""
     from llmtap.queue.base import embedded_queue_path
 
-    path = embedded_queue_path(settings)
-    return path is not None and not Path(path).exists()
+    return _missing(embedded_queue_path(settings), "queue", say)
 
 
-def _store_missing(settings: Settings) -> bool:
+def _store_missing(settings: Settings, say: bool = True) -> bool:
     """Likewise for the embedded store."""
     from llmtap.store.base import embedded_store_path
 
-    path = embedded_store_path(settings)
-    return path is not None and not Path(path).exists()
+    return _missing(embedded_store_path(settings), "store", say)
+
+
+def _missing(path: str | Path | None, what: str, say: bool) -> bool:
+    """Whether an embedded file is absent; says so on stderr, naming it: "no keys" alone, for a
+    mistyped `--data-dir`, read as if there were none."""
+    if path is None or Path(path).exists():
+        return False
+    if say:
+        click.echo(f"llmtap: note: no {what} at {str(path)!r} yet (LLMTAP_DATA_DIR or --data-dir)", err=True)
+    return True
 
 
 def _with_store(ctx: click.Context, fn: Callable[[Store], Awaitable[T]], *, create: bool = False) -> T:
@@ -475,7 +483,7 @@ def _with_hooks(
     ctx: click.Context, fn: Callable[[Any, Settings], Awaitable[T]], *, create: bool = False
 ) -> T:
     settings = _settings(ctx)
-    if not create and _store_missing(settings):
+    if not create and _store_missing(settings, say=False):
         _fail("no store yet (nothing has been logged): no webhook endpoints or deliveries", 1)
     return _with_store(ctx, lambda s: fn(s.webhooks(), settings), create=create)
 
@@ -698,7 +706,7 @@ def alerts() -> None:
 def _with_alerts(ctx: click.Context, fn: Callable[[Any], Awaitable[T]], *, create: bool = False) -> T:
     from llmtap.alerts.db import AlertDB
 
-    if not create and _store_missing(_settings(ctx)):
+    if not create and _store_missing(_settings(ctx), say=False):
         _fail("no store yet (nothing has been logged): no alert rules", 1)
     return _with_store(ctx, lambda s: fn(AlertDB(s.webhooks())), create=create)
 
