@@ -382,23 +382,25 @@ def _queue_missing(settings: Settings, say: bool = True) -> bool:
     """The embedded queue's file does not exist: read-only commands must not create it."""
     from llmtap.queue.base import embedded_queue_path
 
-    return _missing(embedded_queue_path(settings), "queue", say)
+    where = "LLMTAP_QUEUE" if settings.queue != "sqlite" else "LLMTAP_DATA_DIR or --data-dir"
+    return _missing(embedded_queue_path(settings), "queue", where if say else None)
 
 
 def _store_missing(settings: Settings, say: bool = True) -> bool:
     """Likewise for the embedded store."""
     from llmtap.store.base import embedded_store_path
 
-    return _missing(embedded_store_path(settings), "store", say)
+    where = "LLMTAP_STORE" if settings.store != "sqlite" else "LLMTAP_DATA_DIR or --data-dir"
+    return _missing(embedded_store_path(settings), "store", where if say else None)
 
 
-def _missing(path: str | Path | None, what: str, say: bool) -> bool:
+def _missing(path: str | Path | None, what: str, setting: str | None) -> bool:
     """Whether an embedded file is absent; says so on stderr, naming it: "no keys" alone, for a
     mistyped `--data-dir`, read as if there were none."""
     if path is None or Path(path).exists():
         return False
-    if say:
-        click.echo(f"llmtap: note: no {what} at {str(path)!r} yet (LLMTAP_DATA_DIR or --data-dir)", err=True)
+    if setting is not None:  # None: the caller says it its own way
+        click.echo(f"llmtap: note: no {what} at {str(path)!r} yet ({setting})", err=True)
     return True
 
 
