@@ -168,6 +168,44 @@ async def test_s3_unreachable_is_one_sentence() -> None:
         await s.connect()
 
 
+async def test_s3_reads_during_a_connect_that_then_fails_are_transient() -> None:
+    """A server started during an S3 outage retries its connect while the API reads bodies: a
+    read must not use the client a failing connect is about to close (it raised "'NoneType'
+    object has no attribute 'get'" from inside aiobotocore), nor one not yet connected."""
+    import asyncio
+
+    pytest.importorskip("aiobotocore")
+    from llmtap.bodies.s3 import S3BodyStore
+
+    arrived = asyncio.Event()
+    conns: list[asyncio.StreamWriter] = []
+
+    async def silent(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(w)  # accepts, never answers: the connect's HEAD hangs
+        arrived.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    s = S3BodyStore("s3://b/p", endpoint=f"http://127.0.0.1:{port}", access_key_id="a", secret_access_key="b")
+    key = body_key("acme", str(uuid.uuid4()), datetime.now(UTC), "request", b"")
+    try:
+        with pytest.raises(TransientError, match="not connected yet"):
+            await s.get(key)
+        connecting = asyncio.create_task(s.connect())
+        await asyncio.wait_for(arrived.wait(), 60)  # the bucket check is on its way
+        for call in (s.get(key), s.put_many([(key, b"x")]), s.delete_many([key])):
+            with pytest.raises(TransientError, match="not connected yet"):
+                await asyncio.wait_for(call, 60)
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+    finally:
+        for w in conns:
+            w.close()
+        server.close()
+        await s.close()
+
+
 @pytest.mark.s3
 @pytest.mark.slow
 async def test_s3_outage_mid_run_is_transient_then_recovers() -> None:

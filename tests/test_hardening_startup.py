@@ -58,6 +58,8 @@ def test_worker_and_server_start_during_an_outage_and_work_once_it_ends(tmp_path
             waiting = [line for line in out.splitlines() if "WAITING" in line]
             assert len(waiting) == 1, out  # the outage in one banner line, with its reason
             assert "cannot" in waiting[0] or "unreachable" in waiting[0].lower(), waiting
+            if name == "server":
+                assert "the API answers 503 until it is back" in waiting[0], waiting
         # The API is up and says the store is not there yet.
         status, body = http_json("GET", f"http://127.0.0.1:{port}/api/v1/requests")
         assert status == 503, body
@@ -98,6 +100,28 @@ def test_worker_and_server_start_during_an_outage_and_work_once_it_ends(tmp_path
                 proc.stop()
         services("start", "redis")
         services("start", "postgres")
+
+
+def test_server_with_its_body_store_down_says_it_serves_records(tmp_path: Path) -> None:
+    """The store is there, the body store is not: the banner said "the API answers 503" while
+    the API listed records (each body says it is unavailable, and why)."""
+    pytest.importorskip("aiobotocore")
+    port = free_port()
+    env = llmtap_env(
+        tmp_path, server_port=port, bodies="s3://bucket/x", s3_endpoint=f"http://127.0.0.1:{free_port()}",
+        s3_access_key_id="a", s3_secret_access_key="b",
+    )  # fmt: skip
+    server = start_llmtap("server", env, tmp_path / "server.log")
+    try:
+        wait_until(_banner_or_exit(server), 60, what="server banner")
+        out = server.output()
+        waiting = [line for line in out.splitlines() if "WAITING" in line]
+        assert len(waiting) == 1 and "cannot reach S3" in waiting[0], out
+        assert "records are served; their bodies read as unavailable until it is back" in waiting[0]
+        status, body = http_json("GET", f"http://127.0.0.1:{port}/api/v1/requests")
+        assert status == 200 and body == {"items": [], "next_cursor": None}, body
+    finally:
+        server.stop()
 
 
 @pytest.mark.skipif(not PG, reason="needs PostgreSQL (scripts/services.sh up)")

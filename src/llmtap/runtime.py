@@ -222,6 +222,10 @@ class SharedBackends:
             return self._store.description
         return redact_url(self.settings.store)
 
+    def connected(self, name: str) -> bool:
+        """Whether `name` ("store", "body store", "handler chain") is open."""
+        return name in self._ready
+
     async def connect_store(self) -> Store:
         store = self.store
         await self._once("store", store.connect, store.close, store.description)

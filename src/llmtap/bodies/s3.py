@@ -77,7 +77,9 @@ class S3BodyStore(BodyStore):
             max_pool_connections=_CONCURRENCY,
             s3={"addressing_style": "path"},
         )
-        self._client = await self._stack.enter_async_context(
+        # Named `self._client` only once the bucket answered: a retrying connect (a server
+        # started during an outage) must not hand reads a client its failure then closes.
+        client = await self._stack.enter_async_context(
             session.create_client(
                 "s3",
                 endpoint_url=self.endpoint,
@@ -88,7 +90,7 @@ class S3BodyStore(BodyStore):
             )
         )
         try:
-            await self._client.head_bucket(Bucket=self.bucket)
+            await client.head_bucket(Bucket=self.bucket)
         except ClientError as e:
             await self.close()
             code = str(e.response.get("Error", {}).get("Code", "?"))
@@ -115,6 +117,12 @@ class S3BodyStore(BodyStore):
             raise BackendUnavailable(
                 f"cannot reach S3 endpoint {self._where}: {redact_text(str(e))}"
             ) from None
+        self._client = client
+
+    def _connected(self) -> Any:
+        if self._client is None:  # not connected yet (started during an S3 outage)
+            raise TransientError(f"S3 at {self._where} is not connected yet")
+        return self._client
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -122,10 +130,9 @@ class S3BodyStore(BodyStore):
         self._client = None
 
     async def _put(self, key: str, data: bytes) -> None:
-        if self._client is None:  # not connected yet (a gateway started during an S3 outage)
-            raise TransientError(f"S3 at {self._where} is not connected yet")
+        client = self._connected()
         async with self._sem:
-            await self._client.put_object(
+            await client.put_object(
                 Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/zstd"
             )
 
@@ -138,7 +145,7 @@ class S3BodyStore(BodyStore):
 
     async def get(self, key: str) -> bytes | None:
         try:
-            resp = await self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            resp = await self._connected().get_object(Bucket=self.bucket, Key=self._key(key))
             async with resp["Body"] as stream:
                 data: bytes = await stream.read()
                 return data
@@ -152,11 +159,12 @@ class S3BodyStore(BodyStore):
     async def delete_many(self, keys: Sequence[str]) -> None:
         refused: list[str] = []
         first: dict[str, Any] = {}
+        client = self._connected()
         for i in range(0, len(keys), 1000):  # S3's DeleteObjects limit
             chunk = keys[i : i + 1000]
             ref_of = {self._key(k): k for k in chunk}
             try:
-                answer = await self._client.delete_objects(
+                answer = await client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in ref_of], "Quiet": True}
                 )
             except (BotoCoreError, ClientError, OSError) as e:

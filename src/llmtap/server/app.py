@@ -252,7 +252,11 @@ class ServerService(OnBackends):
         shown = host if ":" not in host else f"[{host}]"
         lines = [f"server    http://{shown}:{self.port}  (API /api/v1, dashboard /)"]
         if waiting is not None:
-            lines.append(f"server    WAITING: {waiting} (the API answers 503 until it is back)")
+            if self.backends.connected("store"):  # records are listed, each body says why not
+                until = "records are served; their bodies read as unavailable until it is back"
+            else:
+                until = "the API answers 503 until it is back"
+            lines.append(f"server    WAITING: {waiting} ({until})")
             connect = asyncio.create_task(self._open_later(str(waiting)), name="llmtap-server-connect")
             self._stack.push_async_callback(cancel, connect)
         else:
