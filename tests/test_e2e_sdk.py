@@ -503,6 +503,68 @@ def test_openai_embeddings(stack: Stack) -> None:
     )
 
 
+def _audio_or_image(stack: Stack, kind: str, stream: bool) -> tuple[Any, list[Any]]:
+    """One transcription, image or speech call through the gateway: the raw answer and, for a
+    stream, its events as the SDK parsed them."""
+    h = stack.mark()
+    extra: dict[str, Any] = {"extra_headers": h}
+    if kind == "transcription":
+        raw = stack.oa.audio.transcriptions.with_raw_response.create(
+            model="gpt-4o-transcribe", file=("a.wav", bytes(range(256)) * 40), stream=stream, **extra
+        )
+    elif kind == "image":
+        more = {"stream": True, "partial_images": 1} if stream else {}
+        raw = stack.oa.images.with_raw_response.generate(
+            model="gpt-image-1", prompt="a red cat on a mat", **more, **extra
+        )
+    else:
+        more = {"stream_format": "sse"} if stream else {}
+        raw = stack.oa.audio.speech.with_raw_response.create(
+            model="gpt-4o-mini-tts", voice="alloy", input="hello there friend", **more, **extra
+        )
+    if not stream:
+        return raw, []
+    events = (
+        list(raw.parse())
+        if kind != "speech"
+        else [json.loads(line[6:]) for line in raw.text.split("\n") if line.startswith("data: ")]
+    )
+    return raw, events
+
+
+@pytest.mark.parametrize("kind", ["transcription", "image", "speech"])
+def test_openai_audio_and_image_streams_keep_their_usage(stack: Stack, kind: str) -> None:
+    """A streamed transcription, image or speech carries its usage in its last event (not in
+    a chat chunk): it was recorded with no tokens and no cost, under a made-up empty
+    `chat.completion`. Now: the provider's tokens, priced as the same call unstreamed, and
+    the events themselves as the response."""
+    raw, events = _audio_or_image(stack, kind, stream=True)
+    last = events[-1]
+    usage = last.get("usage") if isinstance(last, dict) else last.usage.model_dump()
+    assert usage and usage["total_tokens"] > 0, last
+    rec = stack.record(raw.headers["llmtap-request-id"])
+    assert rec["streamed"] is True and rec["outcome"] == "completed", rec
+    assert rec["usage_source"] == "provider"
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["total_tokens"]) == (
+        usage["input_tokens"], usage["output_tokens"], usage["total_tokens"],
+    )  # fmt: skip
+    assert rec["cost_usd"] and rec["cost_usd"] > 0, rec["cost_usd"]
+    body = rec["response_body"]  # the events as sent, every one
+    assert isinstance(body, str), body
+    sent = [json.loads(line[6:]) for line in body.split("\n") if line.startswith("data: ")]
+    assert [e["type"] for e in sent] == [e["type"] if isinstance(e, dict) else e.type for e in events]
+    if kind == "transcription":
+        assert rec["input_audio_tokens"] == usage["input_token_details"]["audio_tokens"]
+    if kind != "speech":  # speech unstreamed is bytes alone, no usage: nothing to compare with
+        twin, _ = _audio_or_image(stack, kind, stream=False)
+        plain = stack.record(twin.headers["llmtap-request-id"])
+        assert plain["usage_source"] == "provider" and plain["total_tokens"] == rec["total_tokens"]
+        assert plain["cost_usd"] == rec["cost_usd"]
+    if kind == "transcription":  # its text is found like the same call's unstreamed
+        status, found = http_json("GET", f"{stack.api}/api/v1/requests?q=the%20fake%20transcript&limit=100")
+        assert status == 200 and rec["id"] in [r["id"] for r in found["items"]], found
+
+
 # -- Anthropic -------------------------------------------------------------------------------------
 
 

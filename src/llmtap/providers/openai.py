@@ -154,6 +154,11 @@ class _Chunk(msgspec.Struct, gc=False):
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
 _HEAD_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
 _RESPONSE_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
+#: The last event of the other typed streams (transcriptions, image generations and edits,
+#: speech as SSE): each carries the call's `usage`.
+_EVENTS_END = frozenset(
+    {"transcript.text.done", "image_generation.completed", "image_edit.completed", "speech.audio.done"}
+)
 
 
 class _Choice:
@@ -178,7 +183,10 @@ class _Choice:
 class _Stream:
     """What has been gathered so far from one stream's events."""
 
-    __slots__ = ("choices", "complete", "error", "final_response", "head", "seen", "text_completion", "usage")
+    __slots__ = (
+        "choices", "complete", "error", "events", "final_response", "head", "seen", "text_completion",
+        "usage",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.head: dict[str, Any] = {}
@@ -189,6 +197,7 @@ class _Stream:
         self.final_response: dict[str, Any] | None = None
         self.seen = False
         self.complete = False
+        self.events = False  # typed events that are neither chat chunks nor the Responses API's
 
     def choice(self, index: Any) -> _Choice:
         st = self.choices.get(index)
@@ -241,7 +250,10 @@ class _Stream:
                 resp = obj.get("response")
                 if isinstance(resp, dict):
                     self.final_response = resp
-                if kind in _RESPONSE_END:
+                elif isinstance(obj.get("usage"), dict):  # a transcription's, image's or speech's
+                    self.usage = obj["usage"]
+                self.events = True
+                if kind in _RESPONSE_END or kind in _EVENTS_END:
                     self.complete = True
                 if kind == "error" or kind == "response.failed":
                     self.error = error_message(obj) or error_message(resp) or str(obj.get("message") or kind)
@@ -380,6 +392,10 @@ def _result(s: _Stream) -> StreamResult | None:
             s.error,
             s.complete,
         )
+    if s.events and not s.choices and not s.head:
+        # A transcription, image or speech stream: no message to rebuild (its events are the
+        # record's response), but the usage its last event carries. Model: the request's.
+        return StreamResult(None, parse_usage(s.usage), None, s.error, s.complete)
     out_choices: list[dict[str, Any]] = []
     for idx in sorted(s.choices, key=lambda i: i if isinstance(i, int) else 0):
         st = s.choices[idx]

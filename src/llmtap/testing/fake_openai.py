@@ -1,5 +1,6 @@
 """The fake upstream's OpenAI API: chat completions (and Azure OpenAI's URLs for them), the
-Responses API, embeddings, models. Shares reply planning, knobs and transport with `fake_upstream`."""
+Responses API, embeddings, transcriptions, speech, image generations, models. Shares reply
+planning, knobs and transport with `fake_upstream`."""
 
 from __future__ import annotations
 
@@ -534,6 +535,159 @@ async def openai_embeddings(request: web.Request) -> web.StreamResponse:
     headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_"), "openai-processing-ms": "1"}
     _echo_headers(request, body, headers)
     return await _send_json(request, 200, _ENC.encode(out), headers)
+
+
+# -- audio and images: typed event streams whose last event carries the usage ----------------------
+
+
+def _form(body: bytes, content_type: str) -> dict[str, bytes]:
+    """A multipart/form-data body's fields by name (files as their bytes)."""
+    import email.parser
+    import email.policy
+
+    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    fields: dict[str, bytes] = {}
+    for part in msg.iter_parts() if msg.is_multipart() else ():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            payload = part.get_payload(decode=True)
+            fields[name] = payload if isinstance(payload, bytes) else b""
+    return fields
+
+
+def _data_event(payload: JSONDict) -> bytes:
+    return b"data: " + _ENC.encode(payload) + b"\n\n"
+
+
+async def openai_transcriptions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/audio/transcriptions`` (multipart: ``file``, ``model``, ``stream``): the text
+    (the fake hears the file's bytes as words), token usage as gpt-4o-transcribe reports it
+    (whisper-1: seconds); streamed as ``transcript.text.delta`` events and a
+    ``transcript.text.done`` that carries the usage."""
+    body, _ = await _receive(request)
+    early = _openai_gate(request)
+    if early is not None:
+        return early
+    fields = _form(body, request.headers.get("Content-Type", ""))
+    model = fields.get("model", b"").decode("utf-8", "replace")
+    if not model or "file" not in fields:
+        missing = "model" if not model else "file"
+        return _openai_error(400, f"you must provide a {missing} parameter", param=missing)
+    audio = fields["file"]
+    text = "Hello there, this is the fake transcript."
+    audio_tokens = max(1, len(audio) // 100)
+    text_tokens = _embedding_tokens(fields.get("prompt", b"").decode("utf-8", "replace"))
+    usage: JSONDict
+    if model == "whisper-1":
+        usage = {"type": "duration", "seconds": max(1, len(audio) // 16000)}
+    else:
+        out_tokens = _embedding_tokens(text)
+        usage = {
+            "type": "tokens",
+            "input_tokens": audio_tokens + text_tokens,
+            "input_token_details": {"text_tokens": text_tokens, "audio_tokens": audio_tokens},
+            "output_tokens": out_tokens,
+            "total_tokens": audio_tokens + text_tokens + out_tokens,
+        }
+    headers = {**_JSON_HEADERS, "x-request-id": _new_id("req_")}
+    if fields.get("stream", b"").lower() != b"true":
+        return await _send_json(request, 200, _ENC.encode({"text": text, "usage": usage}), headers)
+    events = [
+        _data_event({"type": "transcript.text.delta", "delta": word, "logprobs": None})
+        for word in (w if i == 0 else " " + w for i, w in enumerate(text.split(" ")))
+    ]
+    events.append(
+        _data_event({"type": "transcript.text.done", "text": text, "logprobs": None, "usage": usage})
+    )
+    return await _write_events(request, {**_SSE_HEADERS, "x-request-id": headers["x-request-id"]}, events)
+
+
+#: One 1x1 PNG, the fake's every image.
+_PNG_B64: Final = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+async def openai_images(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/images/generations``: gpt-image-1's answer (``b64_json``, token usage with
+    text and image input details); streamed (``stream: true``) as ``partial_images``
+    ``image_generation.partial_image`` events and an ``image_generation.completed`` that carries
+    the usage."""
+    got = await _openai_request(request, "you must provide a model parameter")
+    if isinstance(got, web.StreamResponse):
+        return got
+    _, req, _, created = got
+    prompt = req.get("prompt") if isinstance(req.get("prompt"), str) else ""
+    text_tokens = _embedding_tokens(prompt)
+    out_tokens = 272  # a low-quality square image
+    usage = {
+        "total_tokens": text_tokens + out_tokens,
+        "input_tokens": text_tokens,
+        "output_tokens": out_tokens,
+        "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": 0},
+    }
+    meta = {"background": "opaque", "output_format": "png", "quality": "low", "size": "1024x1024"}
+    headers = {"x-request-id": _new_id("req_")}
+    if req.get("stream") is not True:
+        out = {"created": int(created), "data": [{"b64_json": _PNG_B64}], "usage": usage, **meta}
+        return await _send_json(request, 200, _ENC.encode(out), {**_JSON_HEADERS, **headers})
+    partials = _limit(req.get("partial_images")) or 0
+    events = [
+        _sse_event(
+            "image_generation.partial_image",
+            {
+                "type": "image_generation.partial_image",
+                "b64_json": _PNG_B64,
+                "created_at": int(created),
+                "partial_image_index": i,
+                **meta,
+            },
+        )
+        for i in range(min(partials, 3))
+    ]
+    events.append(
+        _sse_event(
+            "image_generation.completed",
+            {
+                "type": "image_generation.completed",
+                "b64_json": _PNG_B64,
+                "created_at": int(created),
+                "usage": usage,
+                **meta,
+            },
+        )
+    )
+    return await _write_events(request, {**_SSE_HEADERS, **headers}, events)
+
+
+async def openai_speech(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/audio/speech``: audio bytes (``audio/mpeg``), or with ``stream_format: "sse"``
+    ``speech.audio.delta`` events (base64 audio) and a ``speech.audio.done`` that carries the
+    token usage gpt-4o-mini-tts reports."""
+    got = await _openai_request(request, "you must provide a model parameter")
+    if isinstance(got, web.StreamResponse):
+        return got
+    _, req, _, _ = got
+    text = req.get("input") if isinstance(req.get("input"), str) else ""
+    audio = bytes(range(256)) * max(1, _embedding_tokens(text))  # not MP3: bytes that are no text
+    headers = {"x-request-id": _new_id("req_")}
+    if req.get("stream_format") != "sse":
+        return web.Response(status=200, body=audio, headers={**headers, "Content-Type": "audio/mpeg"})
+    import base64
+
+    events = [
+        _data_event({"type": "speech.audio.delta", "audio": base64.b64encode(audio[i : i + 512]).decode()})
+        for i in range(0, len(audio), 512)
+    ]
+    in_tokens = _embedding_tokens(text)
+    usage = {
+        "input_tokens": in_tokens,
+        "output_tokens": len(audio) // 64,
+        "total_tokens": in_tokens + len(audio) // 64,
+    }
+    events.append(_data_event({"type": "speech.audio.done", "usage": usage}))
+    return await _write_events(request, {**_SSE_HEADERS, **headers}, events)
 
 
 OPENAI_MODELS: Final = (
