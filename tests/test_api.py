@@ -855,6 +855,38 @@ async def test_a_binary_body_comes_back_in_base64_and_a_lost_one_says_so(server:
     assert got["request_body"] is None and got["bodies"]["request_body"] is None  # omitted: no mark
 
 
+async def test_a_text_body_in_another_charset_is_read_in_it(server: Server) -> None:
+    """An outside check: a `text/plain; charset=iso-8859-1` answer showed (and was indexed) as
+    "caf\ufffd d\ufffdj\ufffd": UTF-8 with replacement characters, the text lost. A body mislabelled
+    Latin-1 that is UTF-8 still reads as UTF-8."""
+    latin = "café déjà vu ñ"
+    named = rec(
+        0, request_body=None, response_body=inline(latin.encode("latin-1"), "text/plain; charset=iso-8859-1")
+    )
+    quoted = rec(
+        1,
+        request_body=None,
+        response_body=inline(latin.encode("cp1252"), 'text/html; Charset="windows-1252"'),
+    )
+    mislabelled = rec(
+        2, request_body=None, response_body=inline("naïve ünïcode".encode(), "text/plain; charset=latin-1")
+    )
+    unknown = rec(
+        3, request_body=None, response_body=inline("déjà".encode("latin-1"), "text/plain; charset=nope-8")
+    )
+    assert (await server.ingest(encode_many([named, quoted, mislabelled, unknown])))[0] == 200
+    for r, want in (
+        (named, latin),
+        (quoted, latin),
+        (mislabelled, "naïve ünïcode"),
+        (unknown, "d\ufffdj\ufffd"),
+    ):
+        _, got = await server.get(f"/api/v1/requests/{r.id}")
+        assert got["response_body"] == want and "encoding" not in got["bodies"]["response_body"], got
+    status, page = await server.get("/api/v1/requests?q=d%C3%A9j%C3%A0%20vu")  # "déjà vu"
+    assert status == 200 and sorted(x["id"] for x in page["items"]) == sorted([named.id, quoted.id]), page
+
+
 async def test_an_sdk_pointed_at_the_servers_port_is_told_where_the_gateway_is(server: Server) -> None:
     """The OpenAI, Anthropic and Gemini SDKs pointed at the server's port got a bare
     "404: Not Found" (an outside check)."""

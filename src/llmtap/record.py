@@ -11,6 +11,7 @@ store, so a queue message stays far below Kafka's 1 MB default: `llmtap.bodies.o
 
 from __future__ import annotations
 
+import codecs
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -355,6 +356,22 @@ def decompress(data: bytes, limit: int = DECODE_LIMIT) -> bytes:
             raise zstandard.ZstdError("a zstd frame is cut short")
         rest = frame.unused_data
     return b"".join(parts)
+
+
+def declared_charset(content_type: str | None) -> str | None:
+    """The codec a body's `charset=` names when it is not UTF-8's (None: no charset, UTF-8,
+    or one Python does not know): a Latin-1 answer read as UTF-8 showed and indexed "caf\ufffd"."""
+    if not content_type or "charset" not in content_type.lower():
+        return None
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            try:
+                codec = codecs.lookup(value.strip().strip('"').strip())
+            except (LookupError, ValueError):
+                return None
+            return None if codec.name == "utf-8" else codec.name
+    return None
 
 
 def body_bytes(body: Body) -> bytes | None:

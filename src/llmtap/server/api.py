@@ -28,7 +28,7 @@ from llmtap.errors import BackendUnavailable, RecordError, TransientError
 from llmtap.handlers.chain import Chain
 from llmtap.ids import canonical_id
 from llmtap.limits import MAX_TOKENS
-from llmtap.record import Body, LogRecord, Usage, decode, decode_many
+from llmtap.record import Body, LogRecord, Usage, declared_charset, decode, decode_many
 from llmtap.redact import is_secret_header, redact_text, redact_url
 from llmtap.server.auth import IngestCaller
 from llmtap.server.ingest import IngestQueue
@@ -193,12 +193,15 @@ def _decoded(raw: bytes | None, meta: dict[str, Any] | None, *, as_text: bool) -
             # A bare `null` or `123` of no JSON type is text, never the null of an omitted body.
             if ctype == "application/json" or ctype.endswith("+json") or isinstance(value, dict | list):
                 return value, None
+    # UTF-8, else the charset the body names (one mislabelled Latin-1 is UTF-8 all the same).
     # A body cut at the size limit may end inside a character: still text.
-    for cut in range(4 if meta.get("truncated") else 1):
-        try:
-            return raw[: len(raw) - cut].decode("utf-8"), None
-        except UnicodeDecodeError:
-            continue
+    charset = declared_charset(meta.get("content_type"))
+    for codec in ("utf-8", charset) if charset else ("utf-8",):
+        for cut in range(4 if meta.get("truncated") else 1):
+            try:
+                return raw[: len(raw) - cut].decode(codec), None
+            except UnicodeDecodeError:
+                continue
     if as_text or ctype.startswith("text/"):  # said to be text: read as text
         return raw.decode("utf-8", "replace"), None
     return base64.b64encode(raw).decode("ascii"), "base64"

@@ -30,7 +30,7 @@ import orjson
 import zstandard
 
 from llmtap.providers import provider_for
-from llmtap.record import Body, LogRecord, decompress
+from llmtap.record import Body, LogRecord, declared_charset, decompress
 from llmtap.store.sql import clean
 
 #: Bytes of UTF-8 text indexed per record, by default (setting `search_bytes`).
@@ -106,8 +106,16 @@ def body_text(body: Body, raw: bytes, pick: Callable[[Any], Any] | None = None) 
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return data.decode("utf-8", "replace")
+        return _text(data, body.content_type)
     return "\n".join(_strings(obj if pick is None else pick(obj)))
+
+
+def _text(data: bytes, content_type: str | None) -> str:
+    """UTF-8, else the charset the body names (a Latin-1 answer indexed "caf\ufffd")."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode(declared_charset(content_type) or "utf-8", "replace")
 
 
 def _text_or_none(body: Body, raw: bytes, pick: Callable[[Any], Any] | None = None) -> str | None:
