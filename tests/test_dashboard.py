@@ -990,6 +990,9 @@ async def test_a_long_session_ends_with_every_conversation_loaded_or_offered(
             assert await pg.locator("#load-more").count() == 0
 
 
+CUT_REPLY = b'{"choices":[{"message":{"content":"aaa'
+
+
 def crafted_records() -> dict[str, LogRecord]:
     """One request of each kind the review saw mislabelled, in sessions and users of their own."""
     import random
@@ -1017,6 +1020,9 @@ def crafted_records() -> dict[str, LogRecord]:
         "binary": rec(6, 0, response_body=Body(content_type="audio/mpeg", size=1024, encoding="zstd",
                                                data=compress(bytes(range(256)) * 4))),
         "lost": rec(7, 0),
+        # 5 MB answered, 1 MB kept (LLMTAP_MAX_BODY_BYTES): no JSON any more, the reply gone
+        "cut_body": rec(8, 0, session_id="cut-body", response_body=Body(content_type="application/json",
+                        size=5_000_000, truncated=True, encoding="zstd", data=compress(CUT_REPLY))),
     }  # fmt: skip
     lost = out["lost"]  # a body by reference, in its day's folder, that is in no body store
     name = "lost.request.0123456789abcdef01234567.zst"
@@ -1094,6 +1100,32 @@ async def test_a_binary_body_and_a_lost_one_say_what_they_are(
         raw = pg.locator("#drawer section", has_text="Raw request body")
         await playwright_api.expect(raw).to_contain_text(
             "Logged (74 bytes) but not found in the body store", timeout=WAIT
+        )
+
+
+async def test_a_body_cut_at_the_size_limit_says_so(
+    crafted: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    """An outside check: a 5 MB answer showed the conversation with the assistant's reply
+    silently missing, and nothing anywhere said the body was cut."""
+    s, recs = crafted
+    rid = recs["cut_body"].id
+    async with opened_page(browser, s.base) as pg:
+        await pg.goto(f"{s.base}/#/requests/{rid}?range=all")
+        conv = pg.locator("#drawer section", has_text="Conversation")
+        await playwright_api.expect(conv.locator(".cut")).to_contain_text(
+            "The response was cut: this body was 5,000,000 bytes, more than the gateway keeps"
+            " (LLMTAP_MAX_BODY_BYTES)", timeout=WAIT,
+        )  # fmt: skip
+        raw = pg.locator("#drawer section", has_text="Raw response body")
+        await playwright_api.expect(raw.locator(".cut")).to_contain_text(
+            "Cut: this body was 5,000,000 bytes", timeout=WAIT
+        )
+        await playwright_api.expect(raw.locator("pre")).to_contain_text('"content":"aaa', timeout=WAIT)
+        assert await pg.locator("#drawer section", has_text="Raw request body").locator(".cut").count() == 0
+        await pg.goto(f"{s.base}/#/sessions/{recs['cut_body'].session_id}")
+        await playwright_api.expect(pg.locator(".timeline .cut").first).to_contain_text(
+            "The response was cut", timeout=WAIT
         )
 
 

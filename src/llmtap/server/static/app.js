@@ -656,13 +656,21 @@ function rawBody(row, part) {
   if (meta && meta.missing) {
     return h("p", { class: "muted" }, `Logged (${fmtInt(meta.size)} bytes) but not found in the body store: deleted by retention, damaged, or written to another host's disk (LLMTAP_BODIES=file on separate hosts).`);
   }
+  const cut = meta && meta.truncated ? h("p", { class: "muted cut" }, cutNote(meta)) : null;
   if (meta && meta.encoding === "base64" && typeof value === "string") {
     const shown = value.length > 4096 ? value.slice(0, 4096) + "…" : value;
+    const holds = meta.truncated ? "what was kept" : "all of it";
     return h("div", {},
-      h("p", { class: "muted" }, `Binary body: ${fmtInt(meta.size)} bytes of ${meta.content_type || "unknown type"}, in base64 (the API's ${part} holds all of it).`),
+      cut,
+      h("p", { class: "muted" }, `Binary body: ${fmtInt(meta.size)} bytes of ${meta.content_type || "unknown type"}, in base64 (the API's ${part} holds ${holds}).`),
       h("pre", { class: "raw" }, shown));
   }
-  return h("pre", { class: "raw" }, pretty(value));
+  return cut ? h("div", {}, cut, h("pre", { class: "raw" }, pretty(value))) : h("pre", { class: "raw" }, pretty(value));
+}
+
+/** Why a body shows only its start: it was larger than the gateway keeps. */
+function cutNote(meta) {
+  return `Cut: this body was ${fmtInt(meta.size)} bytes, more than the gateway keeps (LLMTAP_MAX_BODY_BYTES); only its start was logged.`;
 }
 
 // -- conversations: OpenAI chat, OpenAI Responses, Anthropic messages, Gemini ---------------------
@@ -916,12 +924,16 @@ function conversation(row, where = "drawer") {
   } catch (e) {
     out.length = 0;
   }
+  // A body cut at the size limit is no JSON any more: the turns it held are missing here.
+  const cut = [["request_body", "request"], ["response_body", "response"]]
+    .filter(([part]) => ((row.bodies || {})[part] || {}).truncated)
+    .map(([part, name]) => h("p", { class: "muted cut" }, `The ${name} was cut: ${cutNote(row.bodies[part]).slice(5)} Its part of the conversation may be missing here; see the raw body.`));
   if (!out.length) {
-    return h("p", { class: "muted" }, "Not a conversation this dashboard renders; ",
-      where === "drawer" ? "see the raw bodies below." : h("a", { href: hashFor("requests", row.id, new URLSearchParams({ session_id: row.session_id || "", range: "all" })) }, "see its raw bodies"));
+    return h("div", {}, ...cut, h("p", { class: "muted" }, "Not a conversation this dashboard renders; ",
+      where === "drawer" ? "see the raw bodies below." : h("a", { href: hashFor("requests", row.id, new URLSearchParams({ session_id: row.session_id || "", range: "all" })) }, "see its raw bodies")));
   }
   if (row.error) out.push(msg("error", textPart(row.error)));
-  return h("div", { class: kind === "embeddings" ? "conversation embeddings" : "conversation" }, out);
+  return h("div", { class: kind === "embeddings" ? "conversation embeddings" : "conversation" }, ...cut, out);
 }
 
 function responsesItem(it) {
@@ -1220,7 +1232,7 @@ function turnLoader(timeline) {
       // An embeddings call is its inputs and vectors: all of it.
       const turn = conv.classList.contains("embeddings") ? msgs : msgs.slice(Math.max(0, start));
       clear(li).classList.remove("muted");
-      append(li, turn.length ? turn : [conv]);
+      append(li, turn.length ? [...conv.querySelectorAll(":scope > .cut"), ...turn] : [conv]);
     } catch (e) {
       asked.delete(r.id);
       fill(li, "Conversation not loaded: " + e.message + " ",
