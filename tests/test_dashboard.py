@@ -991,6 +991,18 @@ async def test_a_long_session_ends_with_every_conversation_loaded_or_offered(
 
 
 CUT_REPLY = b'{"choices":[{"message":{"content":"aaa'
+BOUNDARY = "llmtap-test-boundary"
+#: A transcription upload, as the openai SDK sends it: text fields and a file that is no text.
+UPLOAD = (
+    (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-transcribe\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nSpeaker: Zoë\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="talk.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    ).encode()
+    + bytes(range(256)) * 16
+    + f"\r\n--{BOUNDARY}--\r\n".encode()
+)
 
 
 def crafted_records() -> dict[str, LogRecord]:
@@ -1021,6 +1033,8 @@ def crafted_records() -> dict[str, LogRecord]:
                                                data=compress(bytes(range(256)) * 4))),
         "lost": rec(7, 0),
         # 5 MB answered, 1 MB kept (LLMTAP_MAX_BODY_BYTES): no JSON any more, the reply gone
+        "upload": rec(9, 0, request_body=Body(content_type=f"multipart/form-data; boundary={BOUNDARY}",
+                      size=len(UPLOAD), encoding="zstd", data=compress(UPLOAD))),
         "cut_body": rec(8, 0, session_id="cut-body", response_body=Body(content_type="application/json",
                         size=5_000_000, truncated=True, encoding="zstd", data=compress(CUT_REPLY))),
     }  # fmt: skip
@@ -1127,6 +1141,29 @@ async def test_a_body_cut_at_the_size_limit_says_so(
         await playwright_api.expect(pg.locator(".timeline .cut").first).to_contain_text(
             "The response was cut", timeout=WAIT
         )
+
+
+async def test_an_upload_shows_its_form_fields_and_files(
+    crafted: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    """An outside check: a transcription's upload showed as one base64 blob (its file is no
+    text), the model, prompt and file name unreadable."""
+    s, recs = crafted
+    rid = recs["upload"].id
+    got = await s.get(f"/api/v1/requests/{rid}")
+    assert got["bodies"]["request_body"]["encoding"] == "base64"
+    async with opened_page(browser, s.base) as pg:
+        await pg.goto(f"{s.base}/#/requests/{rid}?range=all")
+        raw = pg.locator("#drawer section", has_text="Raw request body")
+        await playwright_api.expect(raw).to_contain_text(
+            f"Form (multipart/form-data, {len(UPLOAD):,} bytes), 3 fields:", timeout=WAIT
+        )
+        fields = raw.locator("dl.kv")
+        await playwright_api.expect(fields.locator("dt")).to_have_text(["model", "prompt", "file"])
+        await playwright_api.expect(fields.locator("dd")).to_have_text(
+            ["gpt-4o-transcribe", "Speaker: Zoë", 'file "talk.wav", 4,096 bytes, audio/wav']
+        )
+        assert await raw.locator("details pre").count() == 1  # the bytes as sent, folded away
 
 
 async def test_a_200_that_went_wrong_shows_a_badge(

@@ -657,6 +657,19 @@ function rawBody(row, part) {
     return h("p", { class: "muted" }, `Logged (${fmtInt(meta.size)} bytes) but not found in the body store: deleted by retention, damaged, or written to another host's disk (LLMTAP_BODIES=file on separate hosts).`);
   }
   const cut = meta && meta.truncated ? h("p", { class: "muted cut" }, cutNote(meta)) : null;
+  const form = meta && typeof value === "string" ? formParts(meta, value) : null;
+  if (form) {
+    // An upload (a transcription's audio, a file): its fields by name, each file by its size.
+    const shown = value.length > 4096 ? value.slice(0, 4096) + "…" : value;
+    return h("div", { class: "form" },
+      cut,
+      h("p", { class: "muted" }, `Form (multipart/form-data, ${fmtInt(meta.size)} bytes), ${form.length} field${form.length === 1 ? "" : "s"}:`),
+      kv(form.map((f) => [f.name, f.filename !== undefined
+        ? `file ${JSON.stringify(f.filename)}, ${fmtInt(f.bytes)} bytes${f.type ? ", " + f.type : ""}`
+        : textPart(f.text)])),
+      h("details", {}, h("summary", {}, meta.encoding === "base64" ? "the body in base64" : "the body as sent"),
+        h("pre", { class: "raw" }, shown)));
+  }
   if (meta && meta.encoding === "base64" && typeof value === "string") {
     const shown = value.length > 4096 ? value.slice(0, 4096) + "…" : value;
     const holds = meta.truncated ? "what was kept" : "all of it";
@@ -666,6 +679,45 @@ function rawBody(row, part) {
       h("pre", { class: "raw" }, shown));
   }
   return cut ? h("div", {}, cut, h("pre", { class: "raw" }, pretty(value))) : h("pre", { class: "raw" }, pretty(value));
+}
+
+/** A multipart/form-data body's fields: {name, text} or {name, filename, bytes, type}; null
+ * when it is none or cannot be read as one. `value` is the API's text or base64 of it. */
+function formParts(meta, value) {
+  const ctype = meta.content_type || "";
+  const b = /^multipart\/form-data\b.*?\bboundary=(?:"([^"]+)"|([^;\s]+))/i.exec(ctype);
+  if (!b) return null;
+  if (value.length > 32e6) return null; // read in the browser: not a whole large upload
+  let bin = ""; // one character per byte
+  try {
+    if (meta.encoding === "base64") bin = atob(value);
+    else {
+      const bytes = new TextEncoder().encode(value);
+      for (let i = 0; i < bytes.length; i += 8192) bin += String.fromCharCode.apply(null, bytes.subarray(i, i + 8192));
+    }
+  } catch (e) {
+    return null;
+  }
+  const utf8 = (s) => new TextDecoder().decode(Uint8Array.from(s, (c) => c.charCodeAt(0)));
+  const pieces = bin.split("--" + (b[1] || b[2]));
+  const out = [];
+  for (const piece of pieces.slice(1)) {
+    if (piece.startsWith("--")) break; // the closing boundary
+    const sep = piece.indexOf("\r\n\r\n");
+    if (sep < 0) continue; // cut at the size limit inside its headers
+    const head = piece.slice(0, sep);
+    let body = piece.slice(sep + 4);
+    if (body.endsWith("\r\n")) body = body.slice(0, -2);
+    const disp = (/content-disposition:[^\r\n]*/i.exec(head) || [""])[0];
+    const name = /\bname="([^"]*)"/i.exec(disp);
+    const file = /\bfilename="([^"]*)"/i.exec(disp);
+    const type = /content-type:[ \t]*([^\r\n]*)/i.exec(head);
+    const field = { name: name ? utf8(name[1]) : "(no name)" };
+    if (file) Object.assign(field, { filename: utf8(file[1]), bytes: body.length, type: type ? type[1] : "" });
+    else field.text = utf8(body);
+    out.push(field);
+  }
+  return out.length ? out : null;
 }
 
 /** Why a body shows only its start: it was larger than the gateway keeps. */
