@@ -127,6 +127,44 @@ def test_a_client_that_sends_its_headers_a_byte_at_a_time_is_cut_off(stack: Up, 
     assert opened >= DEADLINE - 0.5 and sent < 64 * 1024, (opened, sent)
 
 
+def test_headers_past_one_mib_are_refused_431_and_a_big_but_sane_head_is_served(stack: Up) -> None:
+    """An outside check: 1,000 header lines of 60 KB each (the gateway takes 1,024 lines of up to
+    64 KiB), never finished, held 115 MB of the gateway's memory per connection, with no key
+    asked for. Past 1 MiB the connection is now answered 431 and closed. (The server's port
+    keeps aiohttp's 8 KiB lines: it refuses the first such line.)"""
+    line = b"X-Big: " + b"a" * 60_000 + b"\r\n"
+    s = _connect(stack.gw_port)
+    got = b""
+    sent = 0
+    try:
+        s.sendall(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        while sent < 64 * 1024 * 1024:  # far past the limit, if never cut
+            try:
+                s.sendall(line)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(line)
+            s.setblocking(False)
+            try:
+                chunk = s.recv(65536)
+            except BlockingIOError:
+                continue
+            finally:
+                s.setblocking(True)
+            got += chunk
+            if not chunk or got.endswith(b"not read\r\n"):
+                break
+    finally:
+        s.close()
+    assert sent < 8 * 1024 * 1024, sent  # answered soon after 1 MiB, not at 64 MiB
+    assert got.startswith(b"HTTP/1.1 431 ") and got.endswith(b"larger than 1 MiB: not read\r\n"), got[:200]
+    head, body = _post(b"/openai/v1/chat/completions", CHAT, line * 15)  # 900 KB: big, but served
+    with _connect(stack.gw_port) as s:
+        s.sendall(head + body)
+        status, _, answer = _read_response(s)
+    assert status == 200, answer
+
+
 def test_a_connection_that_never_sends_a_byte_is_closed(stack: Up) -> None:
     s = _connect(stack.gw_port)
     start = time.monotonic()

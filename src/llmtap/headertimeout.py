@@ -8,6 +8,11 @@ are not all in `LLMTAP_HEADER_TIMEOUT` seconds after its first byte (or after it
 closed. Request bodies and responses are not limited: an upload or a stream may take as long as
 it takes.
 
+The same guard bounds a request's head in bytes (`HEAD_MAX`): the gateway takes 1,024 header
+lines of up to 64 KiB (what some clients and upstreams send), and one client that sent 58 MB
+of them, unfinished, held 115 MB of the gateway's memory per connection, before any key was
+checked. Past `HEAD_MAX` the connection is answered 431 and closed.
+
 Every HTTP port of llmtap's (the gateway, the server, a worker's probe port) is a
 `GuardedServer`: the gateway's directly, the others through `app_runner`.
 """
@@ -21,17 +26,28 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
+#: The most bytes a request line and its headers may take (nginx allows 32 KiB by default; an
+#: upstream behind Cloudflare, about as much): far above any real client, far below harm.
+HEAD_MAX = 1024 * 1024
+
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\nContent-Length: 45\r\n\r\nrequest headers larger than 1 MiB: not read\r\n"
+)
+
 
 class _Handler(RequestHandler):
-    """aiohttp's connection handler, timing each request's headers."""
+    """aiohttp's connection handler, timing each request's headers and counting their bytes."""
 
-    __slots__ = ("_armed_count", "_body", "_header_timeout", "_header_timer")
+    __slots__ = ("_armed_count", "_body", "_discarding", "_head_bytes", "_header_timeout", "_header_timer")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
         self._armed_count = 0
+        self._head_bytes = 0  # received since the request's head began (while the timer runs)
+        self._discarding = False  # refused: what still comes is dropped until the close
         self._body: StreamReader | None = None  # the last request's body, as it arrives
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -39,6 +55,13 @@ class _Handler(RequestHandler):
         self._arm()  # a connection that never sends a request is closed too
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        if self._header_timer is not None:  # a request's head is on its way
+            self._head_bytes += len(data)
+            if self._head_bytes > HEAD_MAX:  # refused before aiohttp's parser holds any of it
+                self._refuse()
+                return
         count = self._request_count
         between = self._body is None or self._body.is_eof()  # the last request's body all came
         super().data_received(data)
@@ -59,8 +82,24 @@ class _Handler(RequestHandler):
         self._body = None
         super().connection_lost(exc)
 
+    def _refuse(self) -> None:
+        """Answer 431, and close once the client had time to read it: closing at once, with its
+        headers still arriving, would reset the connection and lose the answer on the way."""
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        self._discarding = True
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(_TOO_LARGE)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(self._header_timeout, self.force_close)
+
     def _arm(self) -> None:
         self._armed_count = self._request_count
+        self._head_bytes = 0
         self._header_timer = self._loop.call_later(self._header_timeout, self._expire)
 
     def _expire(self) -> None:
