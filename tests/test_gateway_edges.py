@@ -1169,3 +1169,109 @@ async def test_a_slow_reader_is_never_cut_a_stalled_one_is(tmp_path: Path, readi
             with pytest.raises(ClientStalled, match=r"read nothing for 0\.05 s"):
                 await svc.proxy._write_or_stall(Answer(), client, b"x" * 768_000)  # type: ignore[arg-type]
             assert client.looks == 2 and not taken.is_set()
+
+
+async def test_the_upstream_is_sent_no_fragment_no_dot_segment_and_one_request_id(tmp_path: Path) -> None:
+    """An outside check of the HTTP edge:
+    - a `#x` in the target hid a stream's usage (the provider's checks saw `completions#x`, the
+      upstream was sent `completions`), and the record named a path never requested;
+    - `/openai/../../x` left the route's base path on upstreams that resolve dot segments;
+    - an absolute-form target (`POST http://host/openai/...`) was a 404;
+    - `CONNECT` went upstream as `CONNECT host:port`, recorded under another path;
+    - an upstream's own `Llmtap-Request-Id` (another llmtap) reached the client beside ours;
+    - `Llmtap-Omit-Request: true` then `false`: the body was stored (the last one won)."""
+    from rawhttp import RawUpstream, exchange, request_bytes
+
+    events = sse([CONTENT, USAGE, b"[DONE]"], b"\n\n")
+    upstream = RawUpstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nLlmtap-Request-Id: 00000000-0000-7000-8000-"
+        b"000000000001\r\nContent-Length: " + str(len(events)).encode() + b"\r\n\r\n" + events
+    )
+    q = MemoryQueue()
+    settings = settings_for(dead_port(), tmp_path, openai_base_url=upstream.url + "/base")
+    auth = [(b"Authorization", b"Bearer sk-test"), (b"Content-Type", b"application/json")]
+    try:
+        async with running_gateway(settings, q) as (svc, _):
+            port = svc.port
+
+            def send(method: bytes, target: bytes, *extra: tuple[bytes, bytes]) -> Any:
+                return exchange(port, request_bytes(method, target, [*auth, *extra], STREAM))
+
+            cases = [
+                (b"/openai/v1/chat/completions#x", b"/base/v1/chat/completions"),
+                (b"/openai/../../x", b"/base/x"),
+                (b"/openai/%2e%2e/%2E%2E/v1/./chat/completions?a=1#f", b"/base/v1/chat/completions?a=1"),
+                (
+                    f"http://127.0.0.1:{port}/openai/v1/chat/completions".encode(),
+                    b"/base/v1/chat/completions",
+                ),
+            ]
+            answers = []
+            for target, _ in cases:
+                answers.append(await asyncio.to_thread(send, b"POST", target))
+            connect = await asyncio.to_thread(send, b"CONNECT", b"/openai/v1/x")
+            omit = await asyncio.to_thread(
+                send, b"POST", b"/openai/v1/chat/completions",
+                (b"Llmtap-Omit-Request", b"true"), (b"Llmtap-Omit-Request", b"false"),
+            )  # fmt: skip
+            records = {r.id: r for r in await published(svc, q, len(cases) + 1)}
+    finally:
+        upstream.close()
+    assert connect is not None and connect.status == 405, connect
+    sent = [head.split(b"\r\n", 1)[0] for head in upstream.heads]
+    assert sent == [b"POST " + want + b" HTTP/1.1" for _, want in cases] + [
+        b"POST /base/v1/chat/completions HTTP/1.1"
+    ]  # CONNECT never went upstream
+    for (target, want), got in zip(cases, answers, strict=True):
+        assert got is not None and got.status == 200, (target, got)
+        ids = [v for k, v in got.headers if k.lower() == b"llmtap-request-id"]
+        assert len(ids) == 1 and ids[0] != b"00000000-0000-7000-8000-000000000001", ids  # ours alone
+        rec = records[ids[0].decode()]
+        path = want.removeprefix(b"/base").decode().partition("?")[0]
+        assert rec.path == path and rec.target_url == upstream.url + want.decode(), (rec.path, rec.target_url)
+        assert (rec.usage.prompt_tokens, rec.usage.completion_tokens) == (11, 1), (target, rec.usage)
+    assert omit is not None and omit.status == 200
+    (omitted,) = [r for r in records.values() if r.omit_request]
+    assert omitted.request_body is None
+
+
+def test_dot_segments_never_climb_above_the_routes_base() -> None:
+    from llmtap.gateway.proxy import _tidy
+
+    assert _tidy("/v1/chat/completions") == "/v1/chat/completions"
+    assert _tidy("/../../../etc/passwd") == "/etc/passwd"
+    assert _tidy("/v1/a/..") == "/v1/"
+    assert _tidy("/v1/./a/%2e%2E/b?x=/../#frag") == "/v1/b?x=/../"
+    assert _tidy("/a.b/.well-known/c.json") == "/a.b/.well-known/c.json"
+    assert _tidy("/v1/%2Fx") == "/v1/%2Fx"
+
+
+async def test_an_http_1_0_client_asking_keep_alive_gets_the_end_of_a_stream(tmp_path: Path) -> None:
+    """An outside check: an HTTP/1.0 client with `Connection: keep-alive` asking for a stream
+    got an answer with no length, no chunks and no close: it never saw its end."""
+    import socket
+
+    handler, _ = stream_upstream(b"\n\n")
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, _):
+
+            def ask() -> bytes:
+                with socket.create_connection(("127.0.0.1", svc.port), timeout=30) as s:
+                    s.sendall(
+                        b"POST /openai/v1/chat/completions HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"
+                        b"Authorization: Bearer sk-test\r\nContent-Length: " + str(len(STREAM)).encode()
+                        + b"\r\n\r\n" + STREAM
+                    )  # fmt: skip
+                    got = b""
+                    while chunk := s.recv(65536):  # to the end: a socket timeout fails the test
+                        got += chunk
+                    return got
+
+            got = await asyncio.to_thread(ask)
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert got.startswith(b"HTTP/1.0 200") and got.endswith(b"data: [DONE]\n\n"), got[-300:]
+    assert rec.outcome == "completed" and rec.usage.prompt_tokens == 11

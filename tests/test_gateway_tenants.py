@@ -127,3 +127,37 @@ def test_revoked_key_stops_working(stack: dict[str, Any]) -> None:
     # another process revoked it: the gateway's key cache lives at most keys.CACHE_TTL seconds
     wait_until(lambda: _chat(stack, key)[0] == 401, timeout=10, what="revoked key refused")
     assert "revoked" in _cli(env, "keys", "list", "--tenant", "initech")
+
+
+def test_two_different_keys_are_refused_and_an_underscore_key_never_goes_upstream(
+    stack: dict[str, Any],
+) -> None:
+    """An outside check: with two `Llmtap-Auth` headers the last one won (a client could bill
+    another tenant's key over its front proxy's), and `Llmtap_Auth` (which CGI-style stacks take
+    for `Llmtap-Auth`) was sent to the provider, a tenant's key with it."""
+    from rawhttp import exchange, request_bytes
+
+    port = int(stack["gw"].rsplit(":", 1)[1])
+    body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+
+    def send(*headers: tuple[bytes, bytes]) -> Any:
+        base = [(b"Authorization", b"Bearer sk-upstream"), (b"Content-Type", b"application/json")]
+        return exchange(port, request_bytes(b"POST", b"/openai/v1/chat/completions", [*base, *headers], body))
+
+    a, b = (f"Bearer {stack[k]}".encode() for k in ("a", "b"))
+    before = _upstream_count(stack)
+    got = send((b"Llmtap-Auth", a), (b"Llmtap-Auth", b))
+    assert got is not None and got.status == 401 and b"two different Llmtap-Auth keys" in got.body, got
+    assert _upstream_count(stack) == before  # refused before anything went upstream
+    got = send((b"Llmtap-Auth", a), (b"llmtap-auth", a))  # the same key twice: one tenant
+    assert got is not None and got.status == 200, got
+    got = send((b"Llmtap-Auth", a), (b"Llmtap_Auth", b), (b"Llmtap_User_Id", b"u-underscore"))
+    assert got is not None and got.status == 200, got
+    _, seen = http_json("GET", f"{stack['upstream']}/_fake/requests")
+    names = {k.lower() for k, _ in seen["requests"][-1]["headers"]}
+    assert not {n for n in names if n.startswith(("llmtap-", "llmtap_"))}, names
+    rec = get_record(
+        stack["srv"], got.header("llmtap-request-id") or "", headers={"authorization": f"Bearer {stack['a']}"}
+    )
+    assert rec["tenant"] == "acme" and rec["user_id"] is None
+    assert not [h for h in rec["request_headers"] if h.startswith("llmtap")], rec["request_headers"]

@@ -413,6 +413,8 @@ def _check_http_url(v: str, *, base: bool = False, credentials: str | None = Non
         )
     if base and (parts.query or parts.fragment):
         raise ValueError(f"must not have a query or fragment, got {redact_url(v)!r}")
+    if any(c.isspace() or not c.isprintable() for c in v):  # sent as is in every request line
+        raise ValueError(f"must not hold spaces or control characters, got {redact_url(v)!r}")
     return v.rstrip("/")
 
 

@@ -17,6 +17,9 @@ from collections.abc import Iterable
 from llmtap.redact import is_secret_name, is_secret_value
 
 LLMTAP_PREFIX = "llmtap-"
+#: Names addressed to the gateway, never sent upstream nor recorded: `Llmtap_Auth` too, which
+#: CGI-style stacks take for `Llmtap-Auth` (a tenant's key went to the provider that way).
+LLMTAP_PREFIXES = ("llmtap-", "llmtap_")
 PROPERTY_PREFIX = "llmtap-property-"
 
 #: RFC 9110 §7.6.1 connection-scoped headers. `Proxy-Authorization` is addressed to a proxy
@@ -39,8 +42,10 @@ HOP_BY_HOP = frozenset(
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 
 #: Response headers not relayed to the client. Content-Length stays: the body is relayed
-#: byte-for-byte (compressed bodies included), so the upstream's length is still right.
-RESPONSE_DROP = HOP_BY_HOP
+#: byte-for-byte (compressed bodies included), so the upstream's length is still right. An
+#: upstream's own `Llmtap-Request-Id` (another llmtap in front of the provider) is replaced by
+#: ours: the client got both, and `headers.get` joined them into no id at all.
+RESPONSE_DROP = HOP_BY_HOP | {"llmtap-request-id"}
 
 
 _PLAIN_CONNECTION = frozenset(("keep-alive", "close", "Keep-Alive", "Close"))
@@ -76,7 +81,7 @@ class HeaderFilter:
 
     def _verdict(self, name: str) -> str | None:
         lname = name.lower()
-        if lname in self._drop or lname.startswith(LLMTAP_PREFIX) or is_secret_name(lname):
+        if lname in self._drop or lname.startswith(LLMTAP_PREFIXES) or is_secret_name(lname):
             return None
         return lname
 
@@ -131,11 +136,13 @@ class LlmtapHeaders:
                 self.user_id = value or None
             elif lname == "llmtap-session-id":
                 self.session_id = value or None
+            # Said twice (a front proxy's and the client's, or `true, false`): any yes is a yes;
+            # the last one won, so a client could undo its proxy's omission.
             elif lname == "llmtap-omit-request":
-                self.omit_request = _truthy(value)
+                self.omit_request = self.omit_request or _truthy(value)
             elif lname == "llmtap-omit-response":
-                self.omit_response = _truthy(value)
+                self.omit_response = self.omit_response or _truthy(value)
 
 
 def _truthy(value: str) -> bool:
-    return value.strip().lower() in ("true", "1", "yes", "on")
+    return any(v.strip().lower() in ("true", "1", "yes", "on") for v in value.split(","))

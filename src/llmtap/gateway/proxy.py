@@ -35,7 +35,7 @@ from aiohttp import web
 from yarl import URL
 
 from llmtap.gateway.capture import Capture
-from llmtap.gateway.headers import LLMTAP_PREFIX, REQUEST_DROP, RESPONSE_DROP, connection_listed
+from llmtap.gateway.headers import LLMTAP_PREFIXES, REQUEST_DROP, RESPONSE_DROP, connection_listed
 from llmtap.ids import canonical_id, new_id
 from llmtap.providers import Provider, Route, StreamFilter, routes
 from llmtap.redact import redact_text, redact_url
@@ -123,6 +123,40 @@ class _Coalesced(web.StreamResponse):
     """
 
     _send_headers_immediately = False
+
+
+def _origin_form(raw: str) -> str:
+    """The path and query of an absolute-form request target (RFC 9112 3.2.2)."""
+    if raw.startswith(("http://", "https://")):
+        start = raw.find("/", raw.find("//") + 2)
+        return raw[start:] if start >= 0 else "/"
+    return raw
+
+
+def _tidy(rest: str) -> str:
+    """What the upstream is sent after the route's base: no fragment (yarl drops it, and the
+    record and the provider's path checks named a path never requested: a `#` hid a stream's
+    usage), no dot segments (`/groq/../x` left the route's base on upstreams that resolve
+    them; resolved here, never above the base)."""
+    cut = rest.find("#")
+    if cut >= 0:
+        rest = rest[:cut]
+    q = rest.find("?")
+    path = rest if q < 0 else rest[:q]
+    if "/." not in path and "%2e" not in path and "%2E" not in path:
+        return rest
+    kept: list[str] = []
+    segments = path.split("/")[1:]
+    for seg in segments:
+        plain = seg.replace("%2e", ".").replace("%2E", ".")
+        if plain == "..":
+            if kept:
+                kept.pop()
+        elif plain != ".":
+            kept.append(seg)
+    last = segments[-1].replace("%2e", ".").replace("%2E", ".") if segments else ""
+    path = "/" + "/".join(kept) + ("/" if kept and last in (".", "..") else "")
+    return path if q < 0 else path + rest[q:]
 
 
 def _json_error(status: int, kind: str, message: str, request_id: str | None) -> web.Response:
@@ -216,6 +250,8 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = request.raw_path
+        if raw[:1] != "/":  # absolute-form (`POST http://host/openai/...`), which servers must take
+            raw = _origin_form(raw)
         slash = raw.find("/", 1)
         route = self.routes.get(raw[1:slash]) if slash > 0 else None
         if route is None:
@@ -234,9 +270,11 @@ class Proxy:
                 f"no route for {request.path}: use {names}{hint}",
                 None,  # not logged: an id would point at no record
             )
+        if request.method == "CONNECT":  # a tunnel: nothing to log, no path to send it to
+            return _json_error(405, "llmtap_method_not_allowed", "CONNECT is not proxied", None)
         provider = route.provider
         base = route.base
-        rest = raw[slash:]
+        rest = _tidy(raw[slash:])
 
         started = time.time()
         t0 = time.perf_counter()
@@ -246,6 +284,7 @@ class Proxy:
         llmtap: list[tuple[str, str]] | None = None
         request_id: str | None = None
         auth: str | None = None
+        two_keys = False  # two different Llmtap-Auth values
         expect: str | None = None
         # aiohttp's client keeps only the last of two headers whose names differ in case
         # (`X-A` then `x-a`); a repeat is sent with its first spelling, so both values arrive.
@@ -259,13 +298,15 @@ class Proxy:
                 elif lname == "connection" and (listed := connection_listed(value)):
                     hop = hop | listed if hop else listed
                 continue
-            if lname.startswith(LLMTAP_PREFIX):
+            if lname.startswith(LLMTAP_PREFIXES):
                 if llmtap is None:
                     llmtap = []
                 llmtap.append((name, value))
                 if lname == "llmtap-request-id":
                     request_id = value
                 elif lname == "llmtap-auth":
+                    if auth is not None and value != auth:
+                        two_keys = True
                     auth = value
                 continue
             forward.append((spelling.setdefault(lname, name), value))
@@ -277,6 +318,10 @@ class Proxy:
         if request_id is None:
             request_id = new_id()
 
+        if two_keys and self.settings.multi_tenant:
+            # A front proxy's key and the client's own: which tenant pays is not ours to guess
+            # (the last one won, so a client could bill another tenant's key over its proxy's).
+            return _json_error(401, "llmtap_unauthorized", "two different Llmtap-Auth keys", None)
         resolved = self.resolve_tenant(auth)
         if resolved is None or isinstance(resolved, str):
             tenant = resolved
@@ -442,7 +487,9 @@ class Proxy:
         resp = (web.StreamResponse if sse else _Coalesced)(
             status=upstream.status, reason=reason, headers=headers
         )
-        if self.draining:
+        if self.draining or request.version < (1, 1):
+            # HTTP/1.0 with `keep-alive`: an answer of no length (a stream) ends only with the
+            # connection, which aiohttp would keep open: the client waited for ever.
             resp.force_close()
         content = upstream.content
         carry = b""  # the last read's end, while looking for the first token's marker
