@@ -1275,3 +1275,26 @@ async def test_an_http_1_0_client_asking_keep_alive_gets_the_end_of_a_stream(tmp
         await runner.cleanup()
     assert got.startswith(b"HTTP/1.0 200") and got.endswith(b"data: [DONE]\n\n"), got[-300:]
     assert rec.outcome == "completed" and rec.usage.prompt_tokens == 11
+
+
+async def test_a_request_aiohttp_cannot_parse_is_told_why_without_its_credentials(tmp_path: Path) -> None:
+    """An outside check: aiohttp's 400 quoted the offending request line back to the client,
+    `Authorization: Bearer sk-...` or `?key=AIza...` with it (SDKs put error bodies into their
+    exceptions, and those into logs and error trackers)."""
+    from rawhttp import exchange
+
+    bad = [
+        b"POST /openai/v1/chat/completions HTTP/1.1\nHost: x\nAuthorization: Bearer sk-secret123\n"
+        b"Content-Length: 2\nConnection: close\n\n{}",
+        b"POST /openai/v1/x?key=AIzaSECRET4567890&q=\x7f HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Length: 2\r\n\r\n{}",
+        b"POST /openai/v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: sk-secret456\x01\r\nConnection: close\r\n"
+        b"Content-Length: 2\r\n\r\n{}",
+    ]
+    async with running_gateway(settings_for(dead_port(), tmp_path), MemoryQueue()) as (svc, _):
+        for data in bad:
+            got = await asyncio.to_thread(exchange, svc.port, data)
+            assert got is not None and got.status == 400, (data, got)
+            assert b":" in got.body and b"b'" not in got.body, got.body  # aiohttp's reason, not the bytes
+            for secret in (b"sk-secret", b"AIzaSECRET"):
+                assert secret not in got.body, got.body

@@ -20,11 +20,14 @@ Every HTTP port of llmtap's (the gateway, the server, a worker's probe port) is 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+
+from llmtap.redact import redact_text
 
 #: The most bytes a request line and its headers may take (nginx allows 32 KiB by default; an
 #: upstream behind Cloudflare, about as much): far above any real client, far below harm.
@@ -34,6 +37,10 @@ _TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Connection: close\r\nContent-Length: 45\r\n\r\nrequest headers larger than 1 MiB: not read\r\n"
 )
+
+
+#: The lines of aiohttp's parse errors that quote the request (`b'POST ...'`) and point into it.
+_QUOTED = re.compile(r"""\s*(b['"]|\^|$)""")
 
 
 class _Handler(RequestHandler):
@@ -81,6 +88,21 @@ class _Handler(RequestHandler):
             self._header_timer = None
         self._body = None
         super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse, without the request's bytes: its
+        message quotes the offending line (`Authorization: Bearer sk-...` back to the client,
+        whose SDK puts error bodies into exceptions and their logs). The reason stays."""
+        if message and status != 500:
+            said = [line for line in message.splitlines() if not _QUOTED.match(line)]
+            message = redact_text("\n".join(said).rstrip())
+        return super().handle_error(request, status, exc, message)
 
     def _refuse(self) -> None:
         """Answer 431, and close once the client had time to read it: closing at once, with its
