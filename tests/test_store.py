@@ -12,7 +12,7 @@ import contextlib
 import sqlite3
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import pytest
 
 from llmtap import keys
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError
-from llmtap.record import Body, Usage
+from llmtap.record import Body, LogRecord, Usage
 from llmtap.store.base import ListQuery, StatsQuery, Store
 from llmtap.store.query import decode_cursor, encode_cursor
 from store_helpers import (
@@ -204,6 +204,32 @@ async def test_cost_usd_without_nanos_is_kept_exactly_to_the_nano(store: Store) 
     await store.write_batch([r])
     row = await store.get_request("acme", r.id)
     assert row is not None and row["cost_usd"] == 0.000123456
+
+
+async def test_sums_past_64_bits_saturate_and_every_record_is_stored(store: Store) -> None:
+    """An outside check: 13 records of 10^12 prompt and completion tokens each (the most a count
+    may be) at o1-pro's price, $750M a record, took a day's cost sum past 2^63 nanodollars: the
+    store refused the batch and the records were dead-lettered (SQLite 1 of 13, PostgreSQL, whose
+    user-month row overflowed, all 12 of the next day's too), and SQLite's exact stats for the
+    range answered 503 for good. Every record is stored now; sums that large saturate."""
+    big = Usage(source="provider", prompt_tokens=10**12, completion_tokens=10**12, total_tokens=2 * 10**12)
+    day = datetime(2026, 10, 5, tzinfo=UTC)
+
+    def whale(i: int, at: datetime) -> LogRecord:
+        return rec(i, at=at + timedelta(minutes=i), model="o1-pro", user_id="whale", usage=big,
+                   cost_nanos=750_000_000 * 10**9, cost_usd=750_000_000.0)  # fmt: skip
+
+    first = [whale(i, day) for i in range(13)]
+    second = [whale(100 + i, day + timedelta(days=1)) for i in range(12)]
+    for r in first:  # one by one: the sums grow row by row, as a worker's batches do
+        assert await store.write_batch([r]) == 1
+    assert await store.write_batch(second) == 12
+    for exact in (False, True):
+        got = await store.stats("acme", StatsQuery(since=day, until=day + timedelta(days=2), exact=exact))
+        assert got["overall"]["count"] == 25, got["overall"]
+        assert got["overall"]["prompt_tokens"] == 25 * 10**12  # far below 2^63: exact
+    rows = await all_pages(store, "acme", limit=1000, user_id="whale")
+    assert len(rows) == 25
 
 
 async def test_same_batch_twice_gives_one_row_each(store: Store) -> None:

@@ -132,6 +132,12 @@ def uncovered(registered: Iterable[str], props: Sequence[str]) -> list[str]:
     return [d for d in registered if d.startswith("property.") and d not in mine]
 
 
+#: A rollup sum stops here (the columns are 64-bit): 13 records of 10^12 tokens each at o1-pro's
+#: price took a day's cost past it, and the store refused the batch: the records were
+#: dead-lettered. Sums that large are no real traffic; they saturate rather than cost a log.
+INT64_MAX = 2**63 - 1
+
+
 @dataclass(slots=True)
 class Cell:
     """One rollup row's values (a delta while writing, a total while answering)."""
@@ -160,7 +166,10 @@ class Cell:
         self.ttft.merge(o.ttft)
 
     def row(self, key: tuple[str, str, int, str, str]) -> tuple[Any, ...]:
-        return (*key, self.count, self.error_count, *self.sums, self.cost_nanos, self.unpriced_count,
+        sums, cost = self.sums, self.cost_nanos
+        if cost > INT64_MAX or max(sums) > INT64_MAX:  # see INT64_MAX
+            sums, cost = [min(v, INT64_MAX) for v in sums], min(cost, INT64_MAX)
+        return (*key, self.count, self.error_count, *sums, cost, self.unpriced_count,
                 self.first_at, self.last_at, _encode(self.latency), _encode(self.ttft))  # fmt: skip
 
     @classmethod
@@ -324,7 +333,8 @@ def split_totals(deltas: dict[RollupKey, Cell]) -> tuple[dict[RollupKey, Cell], 
 def add_totals_sql(placeholders: Sequence[str]) -> str:
     """Insert a rollup row without sketches (`split_totals`), or add it to the row there."""
     cols = ", ".join(COLUMNS)
-    added = ", ".join(f"{c} = rollups.{c} + excluded.{c}" for c in COLUMNS[5:-4])
+    # min(): SQLite makes an overflowing integer sum a REAL; it is held at INT64_MAX, as `Cell.row`.
+    added = ", ".join(f"{c} = min(rollups.{c} + excluded.{c}, {INT64_MAX})" for c in COLUMNS[5:-4])
     return (
         f"INSERT INTO rollups ({cols}) VALUES ({', '.join(placeholders)})"
         f" ON CONFLICT ({', '.join(UNIQUE)}) DO UPDATE SET {added},"

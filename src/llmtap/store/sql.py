@@ -280,6 +280,10 @@ class Dialect:
     search_count: Callable[[Params, str, int], str] | None = None
     #: A column as an expression the planner will not answer from an index (see `list_sql`).
     unindexed: Callable[[str], str] = str
+    #: The sum of a column, 0 when no row: SQLite's `sum` of integers fails past 2^63 (a 503 for
+    #: good), its `total` is a float (exact to 2^53: $9M in nanodollars; the API's `cost_usd`
+    #: is a float anyway); PostgreSQL's sum of bigints is a numeric.
+    add_up: Callable[[str], str] = lambda column: f"coalesce(sum({column}), 0)"
 
 
 #: Columns of `requests` with an index on (tenant, column, created_at), by hash on PostgreSQL.
@@ -584,13 +588,14 @@ def _key(p: Params, q: StatsQuery, kind: Kind) -> str:
     return "NULL"
 
 
-#: The totals columns of `aggregate_sql` (and `sessions_sql`), read back by `aggregate_row`.
-_TOTALS = (
-    f"count(*), coalesce(sum(CASE WHEN {_ERROR} THEN 1 ELSE 0 END), 0),"
-    f" {', '.join(f'coalesce(sum(r.{c}), 0)' for c in _SUMS)},"
-    " coalesce(sum(r.cost_nanos), 0), min(r.created_at), max(r.created_at),"
-    " coalesce(sum(CASE WHEN r.cost_nanos IS NULL THEN 1 ELSE 0 END), 0)"
-)
+def _totals(d: Dialect) -> str:
+    """The totals columns of `aggregate_sql` (and `sessions_sql`), read back by `aggregate_row`."""
+    return (
+        f"count(*), coalesce(sum(CASE WHEN {_ERROR} THEN 1 ELSE 0 END), 0),"
+        f" {', '.join(d.add_up(f'r.{c}') for c in _SUMS)},"
+        f" {d.add_up('r.cost_nanos')}, min(r.created_at), max(r.created_at),"
+        " coalesce(sum(CASE WHEN r.cost_nanos IS NULL THEN 1 ELSE 0 END), 0)"
+    )
 
 
 def aggregate_sql(
@@ -609,7 +614,7 @@ def aggregate_sql(
     where = where_sql(p, tenant, q.filters, q.since, q.until)
     if kind == "users":
         where += " AND r.user_id IS NOT NULL"
-    cols = _TOTALS
+    cols = _totals(d)
     if percentiles:
         if d.name != "postgresql":
             raise ValueError("percentiles in SQL need PostgreSQL's percentile_cont")
@@ -707,7 +712,7 @@ def aggregate_row(d: Dialect, row: Sequence[Any], *, percentiles: bool = True) -
     for i, name in enumerate(_SUMS):
         out[name] = int(row[3 + i])
     base = 3 + len(_SUMS)
-    out["cost_usd"] = int(row[base]) / 1e9
+    out["cost_usd"] = float(row[base]) / 1e9
     out["first_at"] = None if row[base + 1] is None else iso(d.ts_value(row[base + 1]))
     out["last_at"] = None if row[base + 2] is None else iso(d.ts_value(row[base + 2]))
     out["unpriced_count"] = int(row[base + 3])
@@ -781,7 +786,7 @@ def session_totals_sql(d: Dialect, tenant: str, q: ListQuery, ids: Sequence[str]
     where += f" AND r.session_id IN ({', '.join(marks)})"
     if d.hashed is not None:  # through the hash index, as `equals`
         where += f" AND {d.hashed('r.session_id')} IN ({', '.join(d.hashed(m) for m in marks)})"
-    return f"SELECT r.session_id, {_TOTALS} FROM requests r WHERE {where} GROUP BY r.session_id", p.values
+    return f"SELECT r.session_id, {_totals(d)} FROM requests r WHERE {where} GROUP BY r.session_id", p.values
 
 
 def sessions_page(

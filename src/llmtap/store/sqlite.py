@@ -172,6 +172,7 @@ DIALECT = sql.Dialect(
     search_row=_search_row,
     search_count=_search_count,
     unindexed=lambda column: f"+{column}",  # SQLite's unary + hides a column from its indexes
+    add_up=lambda column: f"total({column})",
 )
 
 
