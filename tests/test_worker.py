@@ -522,6 +522,45 @@ async def test_run_with_attempts_is_the_one_retry_policy() -> None:
     assert len(given) == 1
 
 
+async def test_an_outage_is_reported_once_when_it_begins_and_once_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An outside check: a worker logged every retry of an outage (20-37 lines a minute, 50,000
+    a day), and its `/healthz` said ok all along (it said "waiting" only at start-up)."""
+    from llmtap.handlers.chain import OUTAGE_LOG_EVERY
+
+    class Down(Handler):
+        name = "down"
+
+        def __init__(self, tries: int) -> None:
+            self.tries = tries
+
+        async def handle(self, items: Sequence[Item]) -> None:
+            if self.tries:
+                self.tries -= 1
+                raise TransientError("the store is down")
+
+    seen: list[str | None] = []
+
+    async def pause(seconds: float) -> None:
+        pass
+
+    async def give_up(idx: int, reason: str) -> None:
+        raise AssertionError(reason)
+
+    tries = 3 * OUTAGE_LOG_EVERY + 1
+    with caplog.at_level(logging.WARNING, logger="llmtap.worker"):
+        ok = await run_with_attempts(
+            Chain([Down(tries)]), [make_record()], RetryPolicy(), give_up=give_up, pause=pause,
+            outage=seen.append,
+        )  # fmt: skip
+    assert ok == [0]
+    assert seen == ["the store is down", None]  # began, ended: what /healthz says between
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 + 3 + 1, lines  # the start, about one a minute, the end
+    assert "still, after" in lines[1] and f"works again after {tries} tries" in lines[-1], lines
+
+
 def test_retry_policy_bounds() -> None:
     p = RetryPolicy(max_attempts=5, backoff_start=0.1, backoff_cap=5.0)
     assert all(0.05 <= p.delay(1) <= 0.1 for _ in range(50))
@@ -786,12 +825,13 @@ def test_a_worker_alone_serves_healthz_and_metrics_on_its_port(tmp_path: Path) -
     env = llmtap_env(tmp_path / "data", worker_port=port)
     settings = Settings(data_dir=tmp_path / "data")
     n = 25
+    records = [make_record(i) for i in range(n)]
 
     async def publish() -> None:
         q = SQLiteQueue(str(tmp_path / "data" / "queue.db"), settings.partitions)
         await q.connect("producer")
         try:
-            await q.publish([Message("k", encode(make_record(i))) for i in range(n)])
+            await q.publish([Message("k", encode(r)) for r in records])
         finally:
             await q.close()
 
@@ -808,7 +848,17 @@ def test_a_worker_alone_serves_healthz_and_metrics_on_its_port(tmp_path: Path) -
             return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
         wait_until(lambda: metric("llmtap_worker_records_processed_total") == n, 60, what="records counted")
-        assert http_json("GET", f"http://127.0.0.1:{port}/healthz") == (200, {"status": "ok", "stored": n})
+        assert http_json("GET", f"http://127.0.0.1:{port}/healthz") == (
+            200, {"status": "ok", "processed": n, "rows_written": n},
+        )  # fmt: skip
+        # The same records again (a redelivery, a spool replay): processed again, no new row.
+        # The "stored" count said 2n, while the store held n.
+        asyncio.run(publish())
+        wait_until(lambda: metric("llmtap_worker_records_processed_total") == 2 * n, 60, what="counted again")
+        assert metric("llmtap_store_rows_written_total") == n
+        assert http_json("GET", f"http://127.0.0.1:{port}/healthz") == (
+            200, {"status": "ok", "processed": 2 * n, "rows_written": n},
+        )  # fmt: skip
     finally:
         assert worker.stop() == 0, worker.output()
 

@@ -175,14 +175,17 @@ async def run_with_attempts(
     pause: Callable[[float], Awaitable[object]] = asyncio.sleep,
     stopping: Callable[[], bool] = lambda: False,
     retried: Callable[[str, int], None] = lambda kind, n: None,
+    outage: Callable[[str | None], None] = lambda reason: None,
 ) -> list[int]:
     """Run `records` through the chain until each went through or was given up.
 
     Returns the indexes (into `records`) of those that went through, in order. A record given
     up is passed to `give_up(index, reason)` at once (the worker dead-letters it), so a retry
     of the others never repeats it. `retried(kind, n)` reports retries: `"transient"` (the
-    whole lot, an outage) or `"record"` (n failing records). `pause` sleeps and should wake up
-    when stopping; raises `Abandoned` if `stopping()` while records wait for a retry.
+    whole lot, an outage) or `"record"` (n failing records); `outage(reason)` an outage as it
+    begins, and `outage(None)` its end. `pause` sleeps and should wake up when stopping; raises
+    `Abandoned` if `stopping()` while records wait for a retry. An outage is logged when it
+    begins, about once a minute while it lasts and when it ends, not at every retry.
     """
     attempts = [0] * len(records)
     pending = list(range(len(records)))
@@ -197,9 +200,16 @@ async def run_with_attempts(
             outages += 1
             retried("transient", len(pending))
             wait = policy.delay(outages)
-            log.warning("worker: %s; retrying %d records in %.1fs", e, len(pending), wait)
+            if outages == 1:
+                outage(str(e))
+            if outages == 1 or outages % OUTAGE_LOG_EVERY == 0:
+                still = "" if outages == 1 else f"still, after {outages} tries: "
+                log.warning("worker: %s%s; retrying %d records in %.1fs", still, e, len(pending), wait)
             await pause(wait)
             continue
+        if outages:
+            log.warning("worker: the chain works again after %d tries", outages)
+            outage(None)
         outages = 0
         failed: list[int] = []
         for idx, item in zip(pending, items, strict=True):
@@ -220,6 +230,11 @@ async def run_with_attempts(
             await pause(policy.delay(max(attempts[i] for i in pending)))
     done.sort()
     return done
+
+
+#: Retries of one outage between two log lines about it (a retry waits up to a few seconds:
+#: about a line a minute; a line per retry was 20-37 a minute, 50,000 a day).
+OUTAGE_LOG_EVERY = 12
 
 
 def build_chain(settings: Settings, store: Store, bodies: BodyStore) -> Chain:

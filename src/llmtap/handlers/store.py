@@ -9,13 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from prometheus_client import Counter
+
 from llmtap.handlers.base import Handler, Item
 from llmtap.store.base import Store
 from llmtap.webhooks.outbox import Endpoint
 
+ROWS = Counter(
+    "llmtap_store_rows_written_total",
+    "New rows the store took (a record it had already, delivered again, is not one)",
+)
+
 
 class StoreHandler(Handler):
     name = "store"
+    #: New rows written by every store handler of this process (`/healthz` of a worker).
+    rows_written = 0
 
     def __init__(self, store: Store, env_endpoint: Endpoint | None = None) -> None:
         self.store = store
@@ -28,4 +37,6 @@ class StoreHandler(Handler):
             await self.store.webhooks().put_endpoint(self.env_endpoint)
 
     async def handle(self, items: Sequence[Item]) -> None:
-        await self.store.write_batch([i.record for i in items], [i.search_text for i in items])
+        new = await self.store.write_batch([i.record for i in items], [i.search_text for i in items])
+        StoreHandler.rows_written += new
+        ROWS.inc(new)

@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from llmtap.errors import ConfigError
+from llmtap.handlers.store import StoreHandler
 from llmtap.headertimeout import app_runner
 
 if TYPE_CHECKING:
@@ -61,7 +62,13 @@ class WorkerProbe:
         waiting = self.worker.waiting
         if waiting is not None:  # up, but not consuming: a readiness check should say so
             return web.json_response({"status": "waiting", "reason": waiting}, status=503)
-        return web.json_response({"status": "ok", "stored": self.worker.stats.processed})
+        return web.json_response(
+            {
+                "status": "ok",
+                "processed": self.worker.stats.processed,
+                "rows_written": StoreHandler.rows_written,
+            }
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         resp = web.Response(body=generate_latest(REGISTRY))

@@ -34,7 +34,7 @@ from prometheus_client import Counter, Histogram
 from llmtap.config import Settings
 from llmtap.cooperate import SLICE, Foreground
 from llmtap.errors import BackendUnavailable, MessageRefused, RecordError
-from llmtap.handlers.chain import Abandoned, Chain, RetryPolicy, run_with_attempts
+from llmtap.handlers.chain import OUTAGE_LOG_EVERY, Abandoned, Chain, RetryPolicy, run_with_attempts
 from llmtap.record import LogRecord, decode, encode, lightened, stripped
 from llmtap.runtime import OnBackends, SharedBackends, open_when_back
 
@@ -45,7 +45,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmtap.worker")
 
-PROCESSED = Counter("llmtap_worker_records_processed_total", "Records that went through the whole chain")
+PROCESSED = Counter(
+    "llmtap_worker_records_processed_total",
+    "Records that went through the whole chain (one delivered again counts again; the store keeps one row:"
+    " llmtap_store_rows_written_total)",
+)
 DEAD_LETTERED = Counter(
     "llmtap_worker_records_dead_lettered_total", "Records moved to the dead-letter place", ["cause"]
 )
@@ -237,12 +241,19 @@ class WorkerService(OnBackends):
                 except Exception as e:  # the loop must outlive any failure, or the worker idles silently
                     failures += 1
                     delay = self.policy.delay(failures)
-                    if isinstance(e, BackendUnavailable):
-                        log.warning("worker: queue unavailable, retrying in %.1fs: %s", delay, e)
-                    else:
-                        log.exception("worker: consuming failed, retrying in %.1fs", delay)
+                    if failures == 1:
+                        self._outage(f"queue: {e}")
+                    if failures == 1 or failures % OUTAGE_LOG_EVERY == 0:  # not a line per retry
+                        still = "" if failures == 1 else f" (still, after {failures} tries)"
+                        if isinstance(e, BackendUnavailable):
+                            log.warning("worker: queue unavailable%s, retrying in %.1fs: %s", still, delay, e)
+                        else:
+                            log.exception("worker: consuming failed%s, retrying in %.1fs", still, delay)
                     await self._pause(delay)
                     continue
+                if failures:
+                    log.warning("worker: the queue answers again after %d tries", failures)
+                    self._outage(None)
                 failures = 0
                 if fg is not None:
                     fg.taken(len(deliveries), self.settings.worker_batch_size)
@@ -377,7 +388,7 @@ class WorkerService(OnBackends):
             reason = self.policy.crash_reason(n)
             if reason is not None:
                 await self._dead_letter(d, reason, "crash", dead)
-                log.warning("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, reason)
+                log.error("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, reason)
                 continue
             try:
                 await self._process_batch([d], dead)
@@ -422,14 +433,14 @@ class WorkerService(OnBackends):
                 work.append((d, decode(d.value)))
             except RecordError as e:
                 await self._dead_letter(d, str(e), "decode", dead)
-                log.warning("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, e)
+                log.error("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, e)
             if i % SLICE == SLICE - 1:  # in `llmtap up` the gateway's requests share this loop
                 await asyncio.sleep(0)
 
         async def give_up(idx: int, reason: str) -> None:
             d, record = work[idx]
             await self._dead_letter(d, reason, "handler", dead)
-            log.warning("worker: record %s dead-lettered: %s", record.id, reason)
+            log.error("worker: record %s dead-lettered: %s", record.id, reason)
 
         ok = await run_with_attempts(
             self.chain,
@@ -439,11 +450,16 @@ class WorkerService(OnBackends):
             pause=self._pause,
             stopping=self._stopping.is_set,
             retried=self._retried,
+            outage=self._outage,
         )
         if ok:
             await self.queue.ack([work[i][0] for i in ok])
             self.stats.processed += len(ok)
             PROCESSED.inc(len(ok))
+
+    def _outage(self, reason: str | None) -> None:
+        """An outage met while running (None: its end): `/healthz` says so, as at start-up."""
+        self.waiting = reason
 
     def _retried(self, kind: str, n: int) -> None:
         if kind == "transient":
@@ -467,7 +483,7 @@ class WorkerService(OnBackends):
         if processed != p0 or dead != d0:
             rate = (processed - p0) / (now - self._progress_at)
             log.info(
-                "worker: %d records stored (%.0f/s), %d dead-lettered in the last %.0fs%s",
+                "worker: %d records processed (%.0f/s), %d dead-lettered in the last %.0fs%s",
                 processed - p0,
                 rate,
                 dead - d0,
