@@ -854,6 +854,7 @@ async def test_healthz_metrics_and_unknown_paths(
             text = await r.text()
     assert 'llmtap_gateway_records_published_total{route="queue"} 3.0' in text
     assert 'llmtap_gateway_requests_total{outcome="completed",provider="openai"} 3.0' in text
+    assert "llmtap_gateway_captures_total 3.0" in text
     assert "llmtap_gateway_publish_buffer_bytes 0.0" in text
 
 

@@ -135,10 +135,21 @@ async def test_memory_bound_drops_are_counted_not_silent(
     for i in range(12):
         pub.submit(capture(i))
     assert pub.dropped == 7 and pub.submitted == 5
-    assert any("publish buffer full" in r.getMessage() for r in caplog.records)
+    # An outside check: one WARNING "1 dropped so far" for 30 records lost, no id, and the
+    # later ones never logged. Now every one lost is named, at ERROR, within a second.
+    await wait_for(lambda: any(r.levelname == "ERROR" for r in caplog.records))
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "7 records lost in the last second" in line and "7 lost since start" in line, line
+    assert all(capture(i).id in line for i in range(5, 12)), line
+    for i in range(12, 40):  # more than a line names: the rest are counted
+        pub.submit(capture(i))
+    await wait_for(lambda: sum(r.levelname == "ERROR" for r in caplog.records) == 2)
+    line = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
+    assert "28 records lost" in line and " and 8 more;" in line and "35 lost since start" in line, line
+    assert pub.submitted + pub.dropped_full == 40  # llmtap_gateway_captures_total: every request
     q.down = False
     await wait_for(lambda: len(q.messages) == 5)
-    assert pub.published + pub.dropped == 12
+    assert pub.published + pub.dropped == 40
     await pub.stop(timeout=1)
 
 

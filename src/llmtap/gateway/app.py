@@ -346,7 +346,14 @@ class GatewayService(OnBackends):
     # -- gateway-own routes ------------------------------------------------------------------------
     async def _healthz(self, request: web.BaseRequest) -> web.StreamResponse:
         ok = self._ready
-        body = orjson.dumps({"status": "ok" if ok else "stopping", "pending_records": self.publisher.pending})
+        pub = self.publisher  # records lost show here too, not only in /metrics and the log
+        body = orjson.dumps(
+            {
+                "status": "ok" if ok else "stopping",
+                "pending_records": pub.pending,
+                "dropped_records": pub.dropped,
+            }
+        )
         return web.Response(status=200 if ok else 503, body=body, content_type="application/json")
 
     async def _metrics(self, request: web.BaseRequest) -> web.StreamResponse:

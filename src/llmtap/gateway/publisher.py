@@ -15,8 +15,8 @@ exponential backoff; batches keep their order. Memory is bounded by `publish_buf
 disk spool) on a path of its own, so a queue that is slow rather than down does not make it
 wait; a write there that fails is retried with the same backoff, its records kept. Only when
 that path is full too (another `publish_buffer_bytes`) is a capture dropped — counted in
-`dropped` and `llmtap_gateway_records_dropped_total`, and logged (at most every 10 s), never
-silently.
+`dropped` and `llmtap_gateway_records_dropped_total`, and logged at ERROR with its id (in one
+line a second for all given up in it), never silently.
 
 One record must never cost the others theirs. A batch that every sink refuses for a reason
 other than an outage (a record the queue, the server or the encoder will not take) is split in
@@ -68,6 +68,7 @@ _POISON_ROUNDS = 5
 #: The same for a part of a split batch: the batch it came from already had its retries.
 _PART_ROUNDS = 2
 _WARN_EVERY = 10.0
+_DROP_IDS_SHOWN = 20  # ids named per report of records given up
 #: A sink that raised BackendUnavailable is skipped for this long (doubling up to the max).
 _BREAKER_MIN = 0.25
 _BREAKER_MAX = 10.0
@@ -195,6 +196,9 @@ class Publisher:
         self._stopping = False
         self._sent_at = -math.inf  # loop time the last batch was made durable
         self._last_warn: dict[str, float] = {}
+        self.dropped_full = 0  # captures given up at once: memory and the spool path were full
+        self._drops = 0  # records given up since the last report of them (`_report_drops`)
+        self._drop_ids: list[str] = []
         self._open_until: dict[int, float] = {}  # id(sink) -> monotonic time it is tried again
         self._cooldown: dict[int, float] = {}
 
@@ -212,13 +216,7 @@ class Publisher:
                 if len(self._spill) == 1:
                     self._spill_wake.set()
                 return
-            self.dropped += 1
-            self._warn(
-                "drop",
-                "publish buffer full (%d bytes): dropped a record; %d dropped so far",
-                self.buffer_limit,
-                self.dropped,
-            )
+            self._dropped_now(capture.id)
             return
         self.buffer_bytes += size
         dq = self._dq
@@ -227,6 +225,28 @@ class Publisher:
         n = len(dq)
         if n == 1 or n == self.batch_size:
             self._wake.set()
+
+    def _dropped_now(self, request_id: str) -> None:
+        """Count a record given up because memory and the spool are full; its id is logged
+        within a second, at ERROR, with the others given up meanwhile (not here: this is the
+        request's path, and one line per drop would flood the log in the very moment)."""
+        self.dropped += 1
+        self.dropped_full += 1
+        self._drops += 1
+        if len(self._drop_ids) < _DROP_IDS_SHOWN:
+            self._drop_ids.append(request_id)
+        if self._drops == 1:
+            asyncio.get_running_loop().call_later(1.0, self._report_drops)
+
+    def _report_drops(self) -> None:
+        n, ids = self._drops, self._drop_ids
+        self._drops, self._drop_ids = 0, []
+        more = f" and {n - len(ids)} more" if n > len(ids) else ""
+        log.error(
+            "publish buffer (%d bytes) and spool full: %d records lost in the last second, ids %s%s;"
+            " %d lost since start (llmtap_gateway_records_dropped_total)",
+            self.buffer_limit, n, ", ".join(ids), more, self.dropped,
+        )  # fmt: skip
 
     @property
     def pending(self) -> int:
@@ -667,11 +687,19 @@ class _PublisherCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         p = self.pub
         req = CounterMetricFamily(
-            "llmtap_gateway_requests", "Requests proxied and logged", labels=["provider", "outcome"]
+            "llmtap_gateway_requests",
+            "Records built from requests, by provider and outcome (not yet: the ones still waiting in"
+            " memory, llmtap_gateway_pending_records; never: the ones given up, ..._records_dropped)",
+            labels=["provider", "outcome"],
         )
         for (provider, outcome), n in sorted(p.requests.items()):
             req.add_metric([provider, outcome], n)
         yield req
+        yield CounterMetricFamily(
+            "llmtap_gateway_captures",
+            "Requests answered and captured: each becomes a record or is counted as dropped",
+            value=p.submitted + p.dropped_full,
+        )
         pub = CounterMetricFamily(
             "llmtap_gateway_records_published", "Records made durable, by route", labels=["route"]
         )
