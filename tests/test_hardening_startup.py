@@ -60,9 +60,11 @@ def test_worker_and_server_start_during_an_outage_and_work_once_it_ends(tmp_path
             assert "cannot" in waiting[0] or "unreachable" in waiting[0].lower(), waiting
             if name == "server":
                 assert "the API answers 503 until it is back" in waiting[0], waiting
-        # The API is up and says the store is not there yet.
+        # The API is up and says the store is not there yet; so does /healthz (it said ok).
         status, body = http_json("GET", f"http://127.0.0.1:{port}/api/v1/requests")
         assert status == 503, body
+        status, body = http_json("GET", f"http://127.0.0.1:{port}/healthz")
+        assert status == 503 and body["status"] == "waiting" and "PostgreSQL" in body["reason"], body
         time.sleep(3)  # a few retry rounds of both, for the log-volume check below
         services("start", "postgres")  # the store first: the worker now waits on the queue alone
         wait_until(lambda: "still waiting" in worker.output() and "Redis" in worker.output(), 120)
@@ -88,6 +90,7 @@ def test_worker_and_server_start_during_an_outage_and_work_once_it_ends(tmp_path
 
         wait_until(all_stored, 120, interval=0.5, what="records stored after the outage ended")
         assert worker.alive() and server.alive()
+        assert http_json("GET", f"http://127.0.0.1:{port}/healthz") == (200, {"status": "ok"})
         for proc in (worker, server):
             out = proc.output()
             assert "backends are back" in out, out

@@ -103,7 +103,17 @@ def _auth(settings: Settings, store: Store) -> Callable[..., Awaitable[web.Strea
     return auth
 
 
+#: What the server waits for (the store it could not connect), or None: `/healthz` says so.
+WAITING: web.AppKey[Callable[[], str | None]] = web.AppKey("waiting")
+
+
 async def _healthz(request: web.Request) -> web.Response:
+    """200 when the API can answer; 503 with the reason while the server waits for its store
+    (the API answers 503 then: a readiness check said ok)."""
+    waiting = request.app.get(WAITING)
+    reason = waiting() if waiting is not None else None
+    if reason is not None:
+        return api.json_response({"status": "waiting", "reason": reason}, status=503)
     return api.json_response({"status": "ok"})
 
 
@@ -150,9 +160,15 @@ async def _openapi(request: web.Request) -> web.Response:
 
 
 def build_app(
-    settings: Settings, store: Store, bodies: BodyStore, chain: Chain, ingest: IngestQueue
+    settings: Settings,
+    store: Store,
+    bodies: BodyStore,
+    chain: Chain,
+    ingest: IngestQueue,
+    waiting: Callable[[], str | None] | None = None,
 ) -> web.Application:
-    """The server's aiohttp application over already-connected backends."""
+    """The server's aiohttp application over its backends (`waiting`: why the store is not
+    connected yet, or None)."""
     app = web.Application(
         # security.guard first: a foreign Host or a non-JSON POST never reaches any route.
         middlewares=[security.guard(settings), _errors, _auth(settings, store)],
@@ -165,6 +181,8 @@ def build_app(
     app[api.BODIES] = bodies
     app[api.CHAIN] = chain
     app[api.INGEST] = ingest
+    if waiting is not None:
+        app[WAITING] = waiting
     r = app.router
     r.add_get("/healthz", _healthz)
     r.add_get("/metrics", _metrics)
@@ -225,7 +243,11 @@ class ServerService(OnBackends):
             await self.ingest.start()
             # The batch in hand is finished, or left in the ingest queue for the next start.
             stack.push_async_callback(self._stop_ingest)
-            app = build_app(self.settings, self.store, self.bodies, self.chain, self.ingest)
+            why = str(waiting) if waiting is not None else ""
+            app = build_app(
+                self.settings, self.store, self.bodies, self.chain, self.ingest,
+                waiting=lambda: None if self.backends.connected("store") else why,
+            )  # fmt: skip
             runner = app_runner(
                 app,
                 self.settings.header_timeout,
