@@ -874,12 +874,21 @@ async def test_a_text_body_in_another_charset_is_read_in_it(server: Server) -> N
     unknown = rec(
         3, request_body=None, response_body=inline("déjà".encode("latin-1"), "text/plain; charset=nope-8")
     )
-    assert (await server.ingest(encode_many([named, quoted, mislabelled, unknown])))[0] == 200
+    # codecs Python knows that are no charset (a client's header): the record's view was a 500
+    no_text = [
+        rec(
+            4 + i,
+            request_body=None,
+            response_body=inline("déjà".encode("latin-1"), f"text/plain; charset={c}"),
+        )
+        for i, c in enumerate(("base64", "undefined", "rot13", "unicode_escape"))
+    ]
+    assert (await server.ingest(encode_many([named, quoted, mislabelled, unknown, *no_text])))[0] == 200
     for r, want in (
         (named, latin),
         (quoted, latin),
         (mislabelled, "naïve ünïcode"),
-        (unknown, "d\ufffdj\ufffd"),
+        *((r, "d\ufffdj\ufffd") for r in (unknown, *no_text)),
     ):
         _, got = await server.get(f"/api/v1/requests/{r.id}")
         assert got["response_body"] == want and "encoding" not in got["bodies"]["response_body"], got

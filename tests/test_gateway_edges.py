@@ -1290,6 +1290,8 @@ async def test_a_request_aiohttp_cannot_parse_is_told_why_without_its_credential
         b"Content-Length: 2\r\n\r\n{}",
         b"POST /openai/v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: sk-secret456\x01\r\nConnection: close\r\n"
         b"Content-Length: 2\r\n\r\n{}",
+        # a line too long: aiohttp quotes its start on the reason's own line
+        b"POST /openai/v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: sk-secret789" + b"A" * 70_000 + b"\r\n\r\n",
     ]
     async with running_gateway(settings_for(dead_port(), tmp_path), MemoryQueue()) as (svc, _):
         for data in bad:

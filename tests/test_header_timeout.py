@@ -165,6 +165,41 @@ def test_headers_past_one_mib_are_refused_431_and_a_big_but_sane_head_is_served(
     assert status == 200, answer
 
 
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_head_pipelined_behind_a_request_in_progress_is_held_to_one_mib(stack: Up) -> None:
+    """The review of the cap: it counted only while no request was being answered, so a head
+    pipelined behind a slow one (every LLM call takes seconds) grew without bound again: 40 MB
+    of it, 83 MB of the gateway's memory. Past 1 MiB it is now read and dropped; the request
+    being answered is finished, and the connection closed after it."""
+    head, body = _post(b"/openai/v1/chat/completions", CHAT, b"x-fake-delay-ms: 3000\r\n")
+    line = b"X-Big: " + b"a" * 60_000 + b"\r\n"
+    before = _rss(stack.proc.pid)
+    s = _connect(stack.gw_port)
+    sent = 0
+    try:
+        s.sendall(head + body + b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        try:
+            while sent < 48 * 1024 * 1024:
+                s.sendall(line)
+                sent += len(line)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        grown = _rss(stack.proc.pid) - before
+        status, _, answer = _read_response(s)  # the first request's answer, whole
+        assert status == 200 and b"chat.completion" in answer, answer[:200]
+        deadline = time.monotonic() + 60
+        while not _closed(s):
+            assert time.monotonic() < deadline, "the connection stayed open"
+            time.sleep(0.1)
+    finally:
+        s.close()
+    assert grown < 24 * 1024 * 1024, (grown, sent)  # not the ~2x of what was sent
+
+
 def test_a_connection_that_never_sends_a_byte_is_closed(stack: Up) -> None:
     s = _connect(stack.gw_port)
     start = time.monotonic()

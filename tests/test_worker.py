@@ -908,3 +908,18 @@ def test_smaller_letters_keep_a_records_numbers_first_and_a_messages_head() -> N
     assert (plain.id, plain.tenant, plain.status, plain.model) == ("r-1", "acme", 200, None)
     junk = os.urandom(3 * LETTER_HEAD)
     assert [v for v, _ in smaller_letters(junk, "x")] == [junk[:LETTER_HEAD], b""]
+
+
+def test_two_outages_at_once_each_end_on_their_own() -> None:
+    """The review of `/healthz` in an outage: one slot for the queue's and the store's outages,
+    so the store coming back first cleared the queue's, still going on (`/healthz` said ok)."""
+    from llmtap.worker.worker import WorkerService
+
+    w = WorkerService.__new__(WorkerService)
+    w._starting, w._outages = None, {}
+    w._outage("queue", "queue: Redis refused the connection")
+    w._outage("chain", "the store is down")
+    w._outage("chain", None)
+    assert w.waiting == "queue: Redis refused the connection"
+    w._outage("queue", None)
+    assert w.waiting is None

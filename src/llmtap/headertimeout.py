@@ -39,8 +39,8 @@ _TOO_LARGE = (
 )
 
 
-#: The lines of aiohttp's parse errors that quote the request (`b'POST ...'`) and point into it.
-_QUOTED = re.compile(r"""\s*(b['"]|\^|$)""")
+#: Where aiohttp's parse errors begin to quote the request (`b'POST ...'`, `b"..."`).
+_QUOTE = re.compile(r"""\bb['"]""")
 
 
 class _Handler(RequestHandler):
@@ -64,15 +64,16 @@ class _Handler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
-        if self._header_timer is not None:  # a request's head is on its way
+        count = self._request_count
+        between = self._body is None or self._body.is_eof()  # the last request's body all came
+        if between:  # so this is a request's head: the first, or one pipelined behind another
             self._head_bytes += len(data)
             if self._head_bytes > HEAD_MAX:  # refused before aiohttp's parser holds any of it
                 self._refuse()
                 return
-        count = self._request_count
-        between = self._body is None or self._body.is_eof()  # the last request's body all came
         super().data_received(data)
         if self._request_count != count:  # a request's headers are complete
+            self._head_bytes = 0
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
@@ -100,8 +101,9 @@ class _Handler(RequestHandler):
         message quotes the offending line (`Authorization: Bearer sk-...` back to the client,
         whose SDK puts error bodies into exceptions and their logs). The reason stays."""
         if message and status != 500:
-            said = [line for line in message.splitlines() if not _QUOTED.match(line)]
-            message = redact_text("\n".join(said).rstrip())
+            # Each line up to where it quotes (`b'...`): "Got more than 8190 bytes ... b'<value>'".
+            said = [_QUOTE.split(line, 1)[0].rstrip() for line in message.splitlines()]
+            message = redact_text("\n".join(line for line in said if line.strip("^ ")).rstrip())
         return super().handle_error(request, status, exc, message)
 
     def _refuse(self) -> None:
@@ -112,6 +114,12 @@ class _Handler(RequestHandler):
             self._header_timer = None
         self._discarding = True
         transport = self.transport
+        if self._waiter is None or self._messages:
+            # Pipelined behind a request still being answered (aiohttp's loop waits for the
+            # next one only when idle): a 431 now would land inside that answer. It is
+            # finished, and the connection closed after it.
+            self.close()
+            return
         if transport is None:
             return
         transport.write(_TOO_LARGE)
@@ -121,7 +129,6 @@ class _Handler(RequestHandler):
 
     def _arm(self) -> None:
         self._armed_count = self._request_count
-        self._head_bytes = 0
         self._header_timer = self._loop.call_later(self._header_timeout, self._expire)
 
     def _expire(self) -> None:

@@ -358,6 +358,12 @@ def decompress(data: bytes, limit: int = DECODE_LIMIT) -> bytes:
     return b"".join(parts)
 
 
+#: Python text codecs no body is in (they decode escapes, or nothing at all).
+_NOT_CHARSETS = frozenset(
+    {"unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined", "utf-7", "mbcs", "oem"}
+)
+
+
 def declared_charset(content_type: str | None) -> str | None:
     """The codec a body's `charset=` names when it is not UTF-8's (None: no charset, UTF-8,
     or one Python does not know): a Latin-1 answer read as UTF-8 showed and indexed "caf\ufffd"."""
@@ -370,7 +376,9 @@ def declared_charset(content_type: str | None) -> str | None:
                 codec = codecs.lookup(value.strip().strip('"').strip())
             except (LookupError, ValueError):
                 return None
-            return None if codec.name == "utf-8" else codec.name
+            if not codec._is_text_encoding or codec.name in _NOT_CHARSETS or codec.name == "utf-8":
+                return None  # `charset=base64`, `rot13`, `unicode_escape`: a client's, no charset
+            return codec.name
     return None
 
 

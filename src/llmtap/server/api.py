@@ -200,7 +200,7 @@ def _decoded(raw: bytes | None, meta: dict[str, Any] | None, *, as_text: bool) -
         for cut in range(4 if meta.get("truncated") else 1):
             try:
                 return raw[: len(raw) - cut].decode(codec), None
-            except UnicodeDecodeError:
+            except (UnicodeError, LookupError):  # any codec's failure: the next try
                 continue
     if as_text or ctype.startswith("text/"):  # said to be text: read as text
         return raw.decode("utf-8", "replace"), None

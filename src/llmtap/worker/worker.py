@@ -122,8 +122,17 @@ class WorkerService(OnBackends):
         self._task: asyncio.Task[None] | None = None
         self._progress_at = time.monotonic()
         self._progress_mark = (0, 0, 0.0)
-        #: Why the worker is not consuming (a backend it waits for), or None while it consumes.
-        self.waiting: str | None = None
+        #: Why the worker is not consuming (a backend it waits for at start), or None.
+        self._starting: str | None = None
+        #: Outages met while running, by what failed ("queue", "chain"): each ends on its own.
+        self._outages: dict[str, str] = {}
+
+    @property
+    def waiting(self) -> str | None:
+        """Why the worker is not consuming or storing now (`/healthz`), or None."""
+        if self._starting is not None:
+            return self._starting
+        return next(iter(self._outages.values()), None)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -139,7 +148,7 @@ class WorkerService(OnBackends):
         try:
             await self._open()
         except BackendUnavailable as e:
-            self.waiting = str(e)
+            self._starting = str(e)
             self._task = asyncio.create_task(self._open_then_run(str(e)), name="llmtap-worker")
             return [f"worker    WAITING: {e} (consuming starts when it is back)", *self._notes()]
         except BaseException:
@@ -184,7 +193,7 @@ class WorkerService(OnBackends):
         )
         if not opened:
             return
-        self.waiting = None
+        self._starting = None
         store = self.backends.store_description()
         log.warning("worker: backends are back; consuming %s → %s", self.queue.description, store)
         await self._run()
@@ -242,7 +251,7 @@ class WorkerService(OnBackends):
                     failures += 1
                     delay = self.policy.delay(failures)
                     if failures == 1:
-                        self._outage(f"queue: {e}")
+                        self._outage("queue", f"queue: {e}")
                     if failures == 1 or failures % OUTAGE_LOG_EVERY == 0:  # not a line per retry
                         still = "" if failures == 1 else f" (still, after {failures} tries)"
                         if isinstance(e, BackendUnavailable):
@@ -253,7 +262,7 @@ class WorkerService(OnBackends):
                     continue
                 if failures:
                     log.warning("worker: the queue answers again after %d tries", failures)
-                    self._outage(None)
+                    self._outage("queue", None)
                 failures = 0
                 if fg is not None:
                     fg.taken(len(deliveries), self.settings.worker_batch_size)
@@ -450,16 +459,20 @@ class WorkerService(OnBackends):
             pause=self._pause,
             stopping=self._stopping.is_set,
             retried=self._retried,
-            outage=self._outage,
+            outage=lambda reason: self._outage("chain", reason),
         )
         if ok:
             await self.queue.ack([work[i][0] for i in ok])
             self.stats.processed += len(ok)
             PROCESSED.inc(len(ok))
 
-    def _outage(self, reason: str | None) -> None:
-        """An outage met while running (None: its end): `/healthz` says so, as at start-up."""
-        self.waiting = reason
+    def _outage(self, kind: str, reason: str | None) -> None:
+        """An outage of `kind` met while running (None: its end): `/healthz` says so while any
+        lasts, as at start-up (one slot for both: the store's end cleared a queue outage)."""
+        if reason is None:
+            self._outages.pop(kind, None)
+        else:
+            self._outages[kind] = reason
 
     def _retried(self, kind: str, n: int) -> None:
         if kind == "transient":
