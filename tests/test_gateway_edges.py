@@ -1205,23 +1205,33 @@ async def test_the_upstream_is_sent_no_fragment_no_dot_segment_and_one_request_i
                     f"http://127.0.0.1:{port}/openai/v1/chat/completions".encode(),
                     b"/base/v1/chat/completions",
                 ),
+                (b"HTTP://127.0.0.1/openai/v1/chat/completions", b"/base/v1/chat/completions"),
             ]
             answers = []
             for target, _ in cases:
                 answers.append(await asyncio.to_thread(send, b"POST", target))
             connect = await asyncio.to_thread(send, b"CONNECT", b"/openai/v1/x")
+            tunnel = await asyncio.to_thread(send, b"CONNECT", b"api.openai.com:443")
+            queried = await asyncio.to_thread(send, b"POST", b"http://x?y=/openai/v1/chat/completions")
             omit = await asyncio.to_thread(
                 send, b"POST", b"/openai/v1/chat/completions",
                 (b"Llmtap-Omit-Request", b"true"), (b"Llmtap-Omit-Request", b"false"),
             )  # fmt: skip
-            records = {r.id: r for r in await published(svc, q, len(cases) + 1)}
+            underscore = await asyncio.to_thread(
+                send, b"POST", b"/openai/v1/chat/completions", (b"Llmtap_Omit_Response", b"true")
+            )
+            records = {r.id: r for r in await published(svc, q, len(cases) + 2)}
     finally:
         upstream.close()
     assert connect is not None and connect.status == 405, connect
+    assert tunnel is not None and tunnel.status == 405, tunnel
+    assert queried is not None and queried.status == 404, queried  # its path is `/`: no route
     sent = [head.split(b"\r\n", 1)[0] for head in upstream.heads]
-    assert sent == [b"POST " + want + b" HTTP/1.1" for _, want in cases] + [
-        b"POST /base/v1/chat/completions HTTP/1.1"
-    ]  # CONNECT never went upstream
+    assert (
+        sent
+        == [b"POST " + want + b" HTTP/1.1" for _, want in cases]
+        + [b"POST /base/v1/chat/completions HTTP/1.1"] * 2
+    )  # CONNECT never went upstream
     for (target, want), got in zip(cases, answers, strict=True):
         assert got is not None and got.status == 200, (target, got)
         ids = [v for k, v in got.headers if k.lower() == b"llmtap-request-id"]
@@ -1233,6 +1243,9 @@ async def test_the_upstream_is_sent_no_fragment_no_dot_segment_and_one_request_i
     assert omit is not None and omit.status == 200
     (omitted,) = [r for r in records.values() if r.omit_request]
     assert omitted.request_body is None
+    assert underscore is not None and underscore.status == 200
+    (kept_out,) = [r for r in records.values() if r.omit_response]  # `Llmtap_Omit_*` honoured
+    assert kept_out.response_body is None and kept_out.response_events is None
 
 
 def test_dot_segments_never_climb_above_the_routes_base() -> None:

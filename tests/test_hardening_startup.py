@@ -105,6 +105,31 @@ def test_worker_and_server_start_during_an_outage_and_work_once_it_ends(tmp_path
         services("start", "postgres")
 
 
+@pytest.mark.skipif(not PG, reason="needs PostgreSQL (scripts/services.sh up)")
+def test_server_healthz_says_when_its_store_goes_away_and_comes_back(tmp_path: Path) -> None:
+    """The review of /healthz: it said "waiting" only while the store had never connected; a
+    store that went away later left it at ok while the API answered 503."""
+    assert PG
+    port = free_port()
+    server = start_llmtap("server", llmtap_env(tmp_path, store=PG, server_port=port), tmp_path / "server.log")
+    health = f"http://127.0.0.1:{port}/healthz"
+    try:
+        wait_until(lambda: http_json("GET", health)[0] == 200 if server.alive() else True, 60, what="ready")
+        assert server.alive(), server.output()
+        services("stop", "postgres")
+        try:
+            wait_until(lambda: http_json("GET", health)[0] == 503, 60, what="503 while the store is away")
+            status, body = http_json("GET", health)
+            assert status == 503 and body["status"] == "waiting" and body["reason"].startswith("store: "), (
+                body
+            )
+        finally:
+            services("start", "postgres")
+        wait_until(lambda: http_json("GET", health)[0] == 200, 120, interval=0.5, what="ok once it is back")
+    finally:
+        server.stop()
+
+
 def test_server_with_its_body_store_down_says_it_serves_records(tmp_path: Path) -> None:
     """The store is there, the body store is not: the banner said "the API answers 503" while
     the API listed records (each body says it is unavailable, and why)."""

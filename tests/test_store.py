@@ -230,6 +230,17 @@ async def test_sums_past_64_bits_saturate_and_every_record_is_stored(store: Stor
         assert got["overall"]["prompt_tokens"] == 25 * 10**12  # far below 2^63: exact
     rows = await all_pages(store, "acme", limit=1000, user_id="whale")
     assert len(rows) == 25
+    # per user too (the review of this fix: SQLite summed the user rows with `sum`: a 503 for good)
+    span = {"since": day, "until": day + timedelta(days=2)}
+    for exact in (False, True):
+        got = await store.stats("acme", StatsQuery(**span, group_by="user_id", exact=exact))
+        (whale,) = got["groups"]
+        assert whale["count"] == 25 and whale["prompt_tokens"] == 25 * 10**12, whale
+    got = await store.stats("acme", StatsQuery(group_by="user_id"))
+    assert got["groups"][0]["count"] == 25
+    for exact in (False, True):
+        (user,) = await store.users("acme", exact=exact)
+        assert user["user_id"] == "whale" and user["count"] == 25, user
 
 
 async def test_same_batch_twice_gives_one_row_each(store: Store) -> None:

@@ -486,7 +486,12 @@ def _with_hooks(
 ) -> T:
     settings = _settings(ctx)
     if not create and _store_missing(settings, say=False):
-        _fail("no store yet (nothing has been logged): no webhook endpoints or deliveries", 1)
+        from llmtap.store.base import embedded_store_path
+
+        where = embedded_store_path(settings)
+        _fail(
+            f"no store at {str(where)!r} yet (nothing has been logged): no webhook endpoints or deliveries", 1
+        )
     return _with_store(ctx, lambda s: fn(s.webhooks(), settings), create=create)
 
 
@@ -709,7 +714,10 @@ def _with_alerts(ctx: click.Context, fn: Callable[[Any], Awaitable[T]], *, creat
     from llmtap.alerts.db import AlertDB
 
     if not create and _store_missing(_settings(ctx), say=False):
-        _fail("no store yet (nothing has been logged): no alert rules", 1)
+        from llmtap.store.base import embedded_store_path
+
+        where = embedded_store_path(_settings(ctx))
+        _fail(f"no store at {str(where)!r} yet (nothing has been logged): no alert rules", 1)
     return _with_store(ctx, lambda s: fn(AlertDB(s.webhooks())), create=create)
 
 

@@ -399,6 +399,7 @@ def _check_http_url(v: str, *, base: bool = False, credentials: str | None = Non
     no credentials and no query: requests are built on it and their errors quote it, so a
     password or key in it would end up in records and messages; send credentials as headers.
     Messages never show the URL's password."""
+    v = v.strip()  # a trailing newline from a mounted secret or `$(cat file)`
     try:
         parts = urlsplit(v)
         parts.port  # noqa: B018 - raises on a port that is not a number

@@ -351,7 +351,7 @@ class GatewayService(OnBackends):
             {
                 "status": "ok" if ok else "stopping",
                 "pending_records": pub.pending,
-                "dropped_records": pub.dropped,
+                "dropped_records": pub.dropped_total,
             }
         )
         return web.Response(status=200 if ok else 503, body=body, content_type="application/json")

@@ -125,6 +125,8 @@ class LlmtapHeaders:
         self.omit_response = False
         for name, value in pairs:
             lname = name.lower()
+            if lname[6:7] == "_" and lname.replace("_", "-") in _OMITS:
+                lname = lname.replace("_", "-")  # `Llmtap_Omit_*`: a privacy request is honoured
             if lname.startswith(PROPERTY_PREFIX):
                 # Lowercase, like the header name itself is case-insensitive (RFC 9110 §5.1):
                 # HTTP/2 and some SDKs lowercase every header, others send `Title-Case`, and one
@@ -142,6 +144,9 @@ class LlmtapHeaders:
                 self.omit_request = self.omit_request or _truthy(value)
             elif lname == "llmtap-omit-response":
                 self.omit_response = self.omit_response or _truthy(value)
+
+
+_OMITS = frozenset(("llmtap-omit-request", "llmtap-omit-response"))
 
 
 def _truthy(value: str) -> bool:

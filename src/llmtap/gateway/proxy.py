@@ -126,10 +126,15 @@ class _Coalesced(web.StreamResponse):
 
 
 def _origin_form(raw: str) -> str:
-    """The path and query of an absolute-form request target (RFC 9112 3.2.2)."""
-    if raw.startswith(("http://", "https://")):
-        start = raw.find("/", raw.find("//") + 2)
-        return raw[start:] if start >= 0 else "/"
+    """The path and query of an absolute-form request target (RFC 9112 3.2.2; the scheme in
+    any case): `http://host?q=/openai/x` is the path `/` with a query, not `/openai/x`."""
+    if raw[:8].lower().startswith(("http://", "https://")):
+        authority = raw.find("//") + 2
+        ends = [i for i in (raw.find(c, authority) for c in "/?#") if i >= 0]
+        if not ends:
+            return "/"
+        end = min(ends)
+        return raw[end:] if raw[end] == "/" else "/" + raw[end:]
     return raw
 
 
@@ -251,6 +256,8 @@ class Proxy:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = request.raw_path
         if raw[:1] != "/":  # absolute-form (`POST http://host/openai/...`), which servers must take
+            if request.method == "CONNECT":  # authority-form (`host:port`): a tunnel, not proxied
+                return _json_error(405, "llmtap_method_not_allowed", "CONNECT is not proxied", None)
             raw = _origin_form(raw)
         slash = raw.find("/", 1)
         route = self.routes.get(raw[1:slash]) if slash > 0 else None

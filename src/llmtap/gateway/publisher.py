@@ -238,7 +238,14 @@ class Publisher:
         if self._drops == 1:
             asyncio.get_running_loop().call_later(1.0, self._report_drops)
 
+    @property
+    def dropped_total(self) -> int:
+        """Records given up here and by the spool's replayer (`llmtap_gateway_records_dropped`)."""
+        return self.dropped + sum(f() for f in self.dropped_elsewhere)
+
     def _report_drops(self) -> None:
+        if not self._drops:  # reported already (at stop)
+            return
         n, ids = self._drops, self._drop_ids
         self._drops, self._drop_ids = 0, []
         more = f" and {n - len(ids)} more" if n > len(ids) else ""
@@ -285,6 +292,8 @@ class Publisher:
                 if lost:
                     self.dropped += lost
                     log.error("shutdown deadline reached: %d records could not be published", lost)
+        if self._drops:  # given up in the last second: named now, the timer dies with the loop
+            self._report_drops()
         for sink in self._all_sinks():
             try:
                 await sink.close()
@@ -718,7 +727,7 @@ class _PublisherCollector(Collector):
         yield CounterMetricFamily(
             "llmtap_gateway_records_dropped",
             "Records given up (buffer full, shutdown deadline, refused even bare)",
-            value=p.dropped + sum(f() for f in p.dropped_elsewhere),
+            value=p.dropped_total,
         )
         yield CounterMetricFamily(
             "llmtap_gateway_records_poisoned",

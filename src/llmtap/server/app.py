@@ -114,7 +114,16 @@ async def _healthz(request: web.Request) -> web.Response:
     reason = waiting() if waiting is not None else None
     if reason is not None:
         return api.json_response({"status": "waiting", "reason": reason}, status=503)
+    try:  # one indexed look-up: a store that went away after start-up says so here too
+        await asyncio.wait_for(request.app[api.STORE].get_request("", _NO_ID), _PROBE_TIMEOUT)
+    except (BackendUnavailable, TimeoutError) as e:  # TransientError too
+        why = str(e) or f"no answer within {_PROBE_TIMEOUT:g} s"
+        return api.json_response({"status": "waiting", "reason": f"store: {why}"}, status=503)
     return api.json_response({"status": "ok"})
+
+
+_NO_ID = "00000000-0000-0000-0000-000000000000"
+_PROBE_TIMEOUT = 3.0
 
 
 #: Assets index.html names; their URLs carry a hash of their content (see `_index`).

@@ -558,7 +558,13 @@ class Edges:
                 cell.ttft.merge(ttft)
 
 
-_SUMMED = ", ".join([f"sum({c})" for c in COLUMNS[5:-4]] + ["min(first_at)", "max(last_at)", "NULL", "NULL"])
+def _summed(d: sql.Dialect) -> str:
+    """The `USER_DIM` rows' columns summed (tokens and cost as `Dialect.add_up`: SQLite's `sum`
+    of integers fails past 2^63, a 503 for good), first and last, no sketches."""
+    cols = [d.add_up(c) if c in _SUM_NAMES or c == "cost_nanos" else f"sum({c})" for c in COLUMNS[5:-4]]
+    return ", ".join([*cols, "min(first_at)", "max(last_at)", "NULL", "NULL"])
+
+
 #: Longest key (bytes) the PostgreSQL index `rollups_users` holds (see its migration).
 USERS_INDEX_MAX_KEY = 1024
 
@@ -652,7 +658,7 @@ def _user_sums(
             short, long = f"{rows} AND octet_length(key) <= {n}", f"{rows} AND octet_length(key) > {n}"
             selects.append(f"{short} UNION ALL {long}")
     union = " UNION ALL ".join(selects)
-    return f"SELECT key, {_SUMMED} FROM ({union}) AS u GROUP BY key HAVING sum(count) > 0"
+    return f"SELECT key, {_summed(params.dialect)} FROM ({union}) AS u GROUP BY key HAVING sum(count) > 0"
 
 
 def group_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
