@@ -1220,7 +1220,10 @@ async def test_the_upstream_is_sent_no_fragment_no_dot_segment_and_one_request_i
             underscore = await asyncio.to_thread(
                 send, b"POST", b"/openai/v1/chat/completions", (b"Llmtap_Omit_Response", b"true")
             )
-            records = {r.id: r for r in await published(svc, q, len(cases) + 2)}
+            mixed = await asyncio.to_thread(
+                send, b"POST", b"/openai/v1/chat/completions", (b"Llmtap-Omit_Request", b"true")
+            )
+            records = {r.id: r for r in await published(svc, q, len(cases) + 3)}
     finally:
         upstream.close()
     assert connect is not None and connect.status == 405, connect
@@ -1230,7 +1233,7 @@ async def test_the_upstream_is_sent_no_fragment_no_dot_segment_and_one_request_i
     assert (
         sent
         == [b"POST " + want + b" HTTP/1.1" for _, want in cases]
-        + [b"POST /base/v1/chat/completions HTTP/1.1"] * 2
+        + [b"POST /base/v1/chat/completions HTTP/1.1"] * 3
     )  # CONNECT never went upstream
     for (target, want), got in zip(cases, answers, strict=True):
         assert got is not None and got.status == 200, (target, got)
@@ -1241,8 +1244,9 @@ async def test_the_upstream_is_sent_no_fragment_no_dot_segment_and_one_request_i
         assert rec.path == path and rec.target_url == upstream.url + want.decode(), (rec.path, rec.target_url)
         assert (rec.usage.prompt_tokens, rec.usage.completion_tokens) == (11, 1), (target, rec.usage)
     assert omit is not None and omit.status == 200
-    (omitted,) = [r for r in records.values() if r.omit_request]
-    assert omitted.request_body is None
+    omitted = [r for r in records.values() if r.omit_request]  # `Llmtap-Omit_Request` too
+    assert len(omitted) == 2 and all(r.request_body is None for r in omitted)
+    assert mixed is not None and mixed.status == 200
     assert underscore is not None and underscore.status == 200
     (kept_out,) = [r for r in records.values() if r.omit_response]  # `Llmtap_Omit_*` honoured
     assert kept_out.response_body is None and kept_out.response_events is None

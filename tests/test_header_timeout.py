@@ -200,6 +200,51 @@ def test_a_head_pipelined_behind_a_request_in_progress_is_held_to_one_mib(stack:
     assert grown < 24 * 1024 * 1024, (grown, sent)  # not the ~2x of what was sent
 
 
+def test_requests_pipelined_before_an_oversized_head_are_answered_then_431(stack: Up) -> None:
+    """The second review: a complete request queued between one in progress and an oversized
+    head was dropped unanswered (and unlogged) when the connection closed after the first."""
+    slow, body = _post(b"/openai/v1/chat/completions", CHAT, b"x-fake-delay-ms: 1500\r\n")
+    quick, _ = _post(b"/openai/v1/chat/completions", CHAT, b"Llmtap-User-Id: queued\r\n")
+    big = b"POST /openai/v1/chat/completions HTTP/1.1\r\n" + (b"X-Big: " + b"a" * 60_000 + b"\r\n") * 20
+    s = _connect(stack.gw_port)
+    try:
+        s.sendall(slow + body + quick + body + big)
+        first = _read_response(s)
+        second = _read_response(s)
+        third = _read_response(s)
+    finally:
+        s.close()
+    assert first[0] == 200 and second[0] == 200 and third[0] == 431, (first[0], second[0], third)
+    rec = get_record(stack.api, second[1]["llmtap-request-id"], timeout=60)
+    assert rec["user_id"] == "queued"
+
+
+def test_a_flood_of_chunked_trailers_is_cut_off(stack: Up) -> None:
+    """The second review: a chunked upload's trailers are headers aiohttp holds, and were not
+    counted: 57 MB of unfinished ones held 111 MB of the gateway's memory. The request is cut
+    off once what came beyond its body passes 1 MiB (and the body itself)."""
+    before = _rss(stack.proc.pid)
+    s = _connect(stack.gw_port)
+    sent = 0
+    try:
+        s.sendall(
+            b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer sk-t\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(CHAT):x}\r\n".encode() + CHAT + b"\r\n0\r\n"
+        )
+        line = b"X-Trailer: " + b"a" * 60_000 + b"\r\n"
+        try:
+            while sent < 48 * 1024 * 1024 and not _closed(s):
+                s.sendall(line)
+                sent += len(line)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        grown = _rss(stack.proc.pid) - before
+    finally:
+        s.close()
+    assert sent < 48 * 1024 * 1024, "never cut off"
+    assert grown < 24 * 1024 * 1024, (grown, sent)
+
+
 def test_a_connection_that_never_sends_a_byte_is_closed(stack: Up) -> None:
     s = _connect(stack.gw_port)
     start = time.monotonic()

@@ -46,14 +46,18 @@ _QUOTE = re.compile(r"""\bb['"]""")
 class _Handler(RequestHandler):
     """aiohttp's connection handler, timing each request's headers and counting their bytes."""
 
-    __slots__ = ("_armed_count", "_body", "_discarding", "_head_bytes", "_header_timeout", "_header_timer")
+    __slots__ = (
+        "_armed_count", "_body", "_body_bytes", "_discarding", "_head_bytes", "_header_timeout",
+        "_header_timer",
+    )  # fmt: skip
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
         self._armed_count = 0
-        self._head_bytes = 0  # received since the request's head began (while the timer runs)
+        self._head_bytes = 0  # received since the request's head began
+        self._body_bytes = 0  # received since, while its body came (framing and trailers too)
         self._discarding = False  # refused: what still comes is dropped until the close
         self._body: StreamReader | None = None  # the last request's body, as it arrives
 
@@ -71,13 +75,24 @@ class _Handler(RequestHandler):
             if self._head_bytes > HEAD_MAX:  # refused before aiohttp's parser holds any of it
                 self._refuse()
                 return
+        else:
+            self._body_bytes += len(data)
         super().data_received(data)
         if self._request_count != count:  # a request's headers are complete
-            self._head_bytes = 0
+            self._head_bytes = self._body_bytes = 0
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
             self._body = self._messages[-1][1] if self._messages else None
+        elif not between and self._body is not None:
+            # A chunked body's trailers are headers too (aiohttp holds them like a head's):
+            # 57 MB of unfinished ones held 111 MB. What came beyond the body's own bytes past
+            # the cap, and past the body itself (chunk framing is a few bytes a chunk), is no
+            # upload: the request is cut off.
+            extra = self._body_bytes - self._body.total_bytes
+            if extra > HEAD_MAX and extra > self._body.total_bytes:
+                self._discarding = True
+                self.force_close()
         elif self._header_timer is None and not self._request_in_progress and between:
             # The first bytes of the next request on a kept-alive connection: not more of the
             # last one's body (which may arrive before its handler starts, or after it answered).
@@ -113,14 +128,17 @@ class _Handler(RequestHandler):
             self._header_timer.cancel()
             self._header_timer = None
         self._discarding = True
+        self._refuse_when_idle()
+
+    def _refuse_when_idle(self) -> None:
         transport = self.transport
-        if self._waiter is None or self._messages:
-            # Pipelined behind a request still being answered (aiohttp's loop waits for the
-            # next one only when idle): a 431 now would land inside that answer. It is
-            # finished, and the connection closed after it.
-            self.close()
-            return
         if transport is None:
+            return
+        if self._waiter is None or self._messages:
+            # Pipelined behind requests still being answered (aiohttp's loop waits for the
+            # next one only when idle): a 431 now would land inside an answer, and closing
+            # would drop the complete requests queued. They are answered first.
+            self._loop.call_later(0.05, self._refuse_when_idle)
             return
         transport.write(_TOO_LARGE)
         if transport.can_write_eof():

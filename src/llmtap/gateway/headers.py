@@ -125,7 +125,7 @@ class LlmtapHeaders:
         self.omit_response = False
         for name, value in pairs:
             lname = name.lower()
-            if lname[6:7] == "_" and lname.replace("_", "-") in _OMITS:
+            if "_" in lname and lname.replace("_", "-") in _OMITS:
                 lname = lname.replace("_", "-")  # `Llmtap_Omit_*`: a privacy request is honoured
             if lname.startswith(PROPERTY_PREFIX):
                 # Lowercase, like the header name itself is case-insensitive (RFC 9110 §5.1):
