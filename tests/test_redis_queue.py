@@ -420,3 +420,38 @@ async def test_a_redis_that_evicts_keys_is_refused_at_start_and_named_by_status(
     st = await producer.status()
     assert sum("is missing (evicted or deleted?)" in n for n in st.notes) == 2, st.notes
     assert not any("maxmemory-policy" in n for n in st.notes)
+
+
+async def test_an_outage_is_logged_when_it_begins_and_ends_not_at_every_heartbeat(
+    spec: QueueSpec, queues: list[RedisQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the self-observability check: through a Redis outage every worker warned at
+    every heartbeat (a third of the session timeout: every 3 s by default, ~1,000 lines an hour)."""
+    from tcp_proxy import TcpProxy
+
+    target = urlsplit(os.environ["LLMTAP_TEST_REDIS_URL"])
+    proxy = TcpProxy(target.port or 6379)
+    await proxy.start()
+    via = dataclasses.replace(spec, target=spec.target.replace(f":{target.port}/", f":{proxy.port}/", 1))
+    consumer = await open_(via, queues, "consumer", session_timeout=0.3)  # a heartbeat every 0.1 s
+    caplog.set_level("WARNING", logger="llmtap")
+    proxy.refuse = True
+    for w in list(proxy._writers):
+        w.transport.abort()
+    deadline = time.monotonic() + 30
+    while consumer._heartbeat_error is None:  # the first failed heartbeat
+        assert time.monotonic() < deadline, "no heartbeat failed through the outage"
+        await asyncio.sleep(0.05)
+    failed = proxy.refused
+    while proxy.refused < failed + 10:  # ten more heartbeats meet the outage
+        assert time.monotonic() < deadline, f"only {proxy.refused - failed} more heartbeats"
+        await asyncio.sleep(0.05)
+    proxy.refuse = False
+    while consumer._heartbeat_error is not None:
+        assert time.monotonic() < deadline, "the heartbeat did not recover"
+        await asyncio.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if "heartbeat" in r.getMessage()]
+    await proxy.stop()
+    assert len(lines) == 2, lines
+    assert "failed" in lines[0] and f"127.0.0.1:{proxy.port}" in lines[0]
+    assert "works again" in lines[1]

@@ -427,18 +427,25 @@ class RedisQueue(Queue):
     # -- consumer ------------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
         interval = self.session_timeout / 3
+        said = 0.0  # when a failure was last logged: once a minute, not once a heartbeat
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._heartbeat_once()
                 self._heartbeat_error = None
+                if said:
+                    log.warning("redis queue heartbeat to %s works again", self._where)
+                    said = 0.0
                 if time.monotonic() - self._last_trim > self.trim_interval:
                     self._last_trim = time.monotonic()
                     for p in list(self._owned):
                         await self.trim_partition(p)
             except (RedisError, OSError, TimeoutError) as e:
                 self._heartbeat_error = e
-                log.warning("redis queue heartbeat failed: %s", e)
+                if time.monotonic() - said >= 60.0:
+                    log.warning("redis queue heartbeat to %s failed (retrying every %gs): %s",
+                                self._where, interval, e)  # fmt: skip
+                    said = time.monotonic()
             except Exception:  # never let the heartbeat die silently: leases would lapse
                 log.exception("redis queue heartbeat failed")
 
