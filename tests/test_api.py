@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import socket
 import sqlite3
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -32,6 +34,7 @@ from llmtap.server import api
 from llmtap.server.app import ServerService
 from llmtap.server.auth import is_loopback
 from llmtap.store import query as store_query
+from procs import llmtap_env
 from store_helpers import (
     T0,
     assert_totals,
@@ -699,6 +702,21 @@ async def test_ingest_answers_fast_while_the_store_is_locked_and_stores_after(tm
             # Answered while the lock is still held; within the gateway's 10 s (what matters).
             assert took < 9.5, f"ingest answered after {took:.1f}s with the store locked"
             assert (await srv.get(f"/api/v1/requests/{batch[0].id}"))[0] in (404, 503)  # not stored yet
+            # The backlog is named where operators look (it was counted nowhere).
+            status, pipe = await srv.get("/api/v1/pipeline")
+            assert status == 200 and pipe["ingest"] == {"lag": 500, "dead_letters": 0}, pipe
+            async with http.get(f"{srv.base}/metrics") as r:
+                assert "llmtap_server_ingest_lag 500.0" in await r.text()
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "llmtap.cli", "status", "--json",
+                stdout=asyncio.subprocess.PIPE, env=llmtap_env(tmp_path),
+            )  # fmt: skip
+            out, _ = await cli.communicate()
+            assert json.loads(out)["ingest"] == {
+                "path": str(tmp_path / "ingest.db"),
+                "lag": 500,
+                "dead_letters": 0,
+            }
             blocker.execute("ROLLBACK")
             blocker.close()
             await svc.ingest.drained(timeout=90)

@@ -312,6 +312,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "missing": False,
         }
         info["spool_bytes"] = spool_size(settings)  # the spool matters most when the queue is down
+        info["ingest"] = await _ingest_status(settings)
         info["spool_unreadable_bytes"] = spool_unreadable(settings)
         if info["spool_unreadable_bytes"]:  # a disk error cost records: say where their bytes are
             info["notes"].append(
@@ -350,10 +351,19 @@ def status(ctx: click.Context, as_json: bool) -> None:
         if not info["reachable"]:
             sys.exit(1)  # like the table form: scripts can test the exit code alone
         return
+    ingest = info["ingest"]
+    said_ingest = (
+        f"ingest        {ingest['lag']} record(s) posted to this data dir's server, not yet stored; "
+        f"{ingest['dead_letters']} dead letter(s) (LLMTAP_QUEUE=sqlite:{ingest['path']} llmtap dlq list)"
+        if ingest and (ingest["lag"] or ingest["dead_letters"])
+        else None
+    )
     click.echo(f"queue         {info['queue']}")
     if not info["reachable"]:
         click.echo(f"              {'MISSING' if info.get('missing') else 'UNREACHABLE'}: {info['error']}")
         click.echo(f"spool         {info['spool_bytes']} bytes waiting on local disk")
+        if said_ingest:
+            click.echo(said_ingest)
         for note in info["notes"]:
             click.echo(f"note          {note}")
         sys.exit(1)
@@ -366,8 +376,28 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"  partition {p['partition']:>3}  lag {p['lag']:>8}  owner {p['owner'] or '-'}")
     click.echo(f"dead letters  {info['dead_letters']}")
     click.echo(f"spool         {info['spool_bytes']} bytes waiting on local disk")
+    if said_ingest:
+        click.echo(said_ingest)
     for note in info["notes"]:
         click.echo(f"note          {note}")
+
+
+async def _ingest_status(settings: Settings) -> dict[str, Any] | None:
+    """The server's ingest queue in this data dir (records gateways posted while theirs was
+    down), or None when no server took ingest here."""
+    from llmtap.errors import BackendUnavailable
+    from llmtap.queue.sqlite import SQLiteQueue
+    from llmtap.server.ingest import PARTITIONS, ingest_queue_path
+
+    path = ingest_queue_path(settings)
+    if not path.exists():
+        return None
+    try:
+        async with _connected(SQLiteQueue(str(path), partitions=PARTITIONS), "inspect") as q:
+            st = await q.status()
+    except BackendUnavailable:
+        return None
+    return {"path": str(path), "lag": st.lag, "dead_letters": st.dead_letters}
 
 
 # -- keys ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import REGISTRY, Counter, generate_latest
+from prometheus_client import REGISTRY, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from llmtap.bodies.base import BodyStore
@@ -40,6 +40,11 @@ MAX_BODY = 128 * 1024 * 1024
 API_REQUESTS = Counter(
     "llmtap_api_requests_total", "Query API calls by endpoint and status", ["endpoint", "status"]
 )
+INGEST_LAG = Gauge(
+    "llmtap_server_ingest_lag",
+    "Records POST /api/v1/ingest accepted into this server's ingest.db, not yet stored",
+)
+INGEST_DEAD = Gauge("llmtap_server_ingest_dead_letters", "Dead letters in this server's ingest.db")
 
 # Routes that never need a tenant's key.
 _PUBLIC = frozenset({"/healthz", "/metrics", "/", "/api/v1/openapi.json", "/api/v1/ingest"})
@@ -158,6 +163,10 @@ async def _cache_assets(request: web.Request, response: web.StreamResponse) -> N
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    ingest = await dashboard.ingest_status(request.app[api.INGEST])
+    if ingest is not None:  # read per scrape: the drain runs in this process, the figure is exact
+        INGEST_LAG.set(ingest["lag"])
+        INGEST_DEAD.set(ingest["dead_letters"])
     resp = web.Response(body=generate_latest(REGISTRY))
     resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return resp

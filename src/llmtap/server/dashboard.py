@@ -13,7 +13,8 @@ API lives here, in routes of its own:
   every worker's writes meet).
 - `GET /api/v1/sessions?<list filters>&limit=&cursor=`: sessions with their totals, most
   recently active first, keyset-paginated like the list.
-- `GET /api/v1/pipeline`: queue lag per partition, dead letters, spool size, newest record.
+- `GET /api/v1/pipeline`: queue lag per partition, dead letters, spool size, this server's
+  ingest backlog (`ingest.db`), newest record.
   `POST /api/v1/pipeline/dead-letters/replay`: replay dead letters. Dead letters carry records
   of every tenant, so in multi-tenant mode only their count is shown and replay is refused.
 """
@@ -36,6 +37,7 @@ from aiohttp import web
 from llmtap.errors import BackendUnavailable
 from llmtap.queue.base import Queue
 from llmtap.server import api
+from llmtap.server.ingest import IngestQueue
 from llmtap.store import query
 from llmtap.store.query import ListQuery
 
@@ -221,6 +223,16 @@ async def _queue(app: web.Application) -> Queue:
         return queue
 
 
+async def ingest_status(ingest: IngestQueue) -> dict[str, int] | None:
+    """This server's ingest queue (`ingest.db`): records gateways posted that wait for the store,
+    and the dead letters of its drain; None when its file cannot be read."""
+    try:
+        st = await ingest.status()
+    except BackendUnavailable:
+        return None
+    return {"lag": st.lag, "dead_letters": st.dead_letters}
+
+
 async def pipeline(request: web.Request) -> web.Response:
     api.no_params(request)
     from llmtap.gateway.spool import spool_size
@@ -268,6 +280,7 @@ async def pipeline(request: web.Request) -> web.Response:
     except BackendUnavailable as e:
         info.update(reachable=False, error=str(e), lag=None, partitions=[], dead_letter_count=None)
         info["dead_letters"] = None
+    info["ingest"] = await ingest_status(request.app[api.INGEST])
     if settings.multi_tenant:
         # The queue, its lag and owners, the spool and the dead letters are every tenant's:
         # a tenant learns from them how much the others send. Its own newest request stays.
@@ -278,6 +291,7 @@ async def pipeline(request: web.Request) -> web.Response:
             dead_letter_count=None,
             dead_letters=None,
             spool_bytes=None,
+            ingest=None,
             error=None if info["reachable"] else "the queue is unreachable",
         )
     return api.json_response(info)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llmtap.config import Settings
-from llmtap.queue.base import Message
+from llmtap.queue.base import Message, QueueStatus
 from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import LogRecord, encode, partition_key
 from llmtap.runtime import SharedBackends
@@ -97,6 +97,10 @@ class IngestQueue:
 
     async def lag(self) -> int:
         return (await self.queue.status()).lag
+
+    async def status(self) -> QueueStatus:
+        """What waits in `ingest.db`: accepted, not yet stored (`lag`), and dead letters."""
+        return await self.queue.status()
 
     async def drained(self, timeout: float = 60.0) -> None:
         """Wait until everything accepted so far is stored or dead-lettered (tests, shutdown)."""
