@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -320,3 +321,31 @@ async def test_multi_tenant_pipeline_hides_dead_letters_and_export_is_scoped(tmp
             f"{s.base}/api/v1/pipeline/dead-letters/replay", json={"all": True}, headers=auth
         ) as r:
             assert r.status == 403
+
+
+async def test_pipeline_names_a_queue_it_cannot_reach_without_its_password(tmp_path: Path) -> None:
+    """The Pipeline page said "UNREACHABLE" under an empty queue name: which queue was not said."""
+    import socket
+
+    from llmtap.config import Settings
+    from llmtap.server.app import ServerService
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    settings = Settings(
+        data_dir=tmp_path, server_port=0, store=f"sqlite:{tmp_path / 'store.db'}",
+        bodies=f"file:{tmp_path / 'bodies'}", queue=f"redis://:s3cret-pw@127.0.0.1:{port}/0",
+    )  # fmt: skip
+    svc = ServerService(settings)
+    await svc.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{svc.port}/api/v1/pipeline") as r:
+                assert r.status == 200
+                info = await r.json()
+    finally:
+        await svc.stop()
+    assert info["reachable"] is False and info["error"], info
+    assert info["queue"] == f"redis://:***@127.0.0.1:{port}/0 (Redis Streams)", info
+    assert "s3cret" not in str(info)

@@ -217,6 +217,7 @@ async def _queue(app: web.Application) -> Queue:
             from llmtap.queue import open_queue
 
             q = open_queue(app[api.SETTINGS])
+            holder["description"] = q.description  # named while it cannot be reached too
             await q.connect("producer")
             holder["queue"] = q
         queue: Queue = holder["queue"]
@@ -279,7 +280,7 @@ async def pipeline(request: web.Request) -> web.Response:
         )
     except BackendUnavailable as e:
         info.update(reachable=False, error=str(e), lag=None, partitions=[], dead_letter_count=None)
-        info["dead_letters"] = None
+        info.update(queue=request.app[QUEUE].get("description") or "queue", dead_letters=None)
     info["ingest"] = await ingest_status(request.app[api.INGEST])
     if settings.multi_tenant:
         # The queue, its lag and owners, the spool and the dead letters are every tenant's:
