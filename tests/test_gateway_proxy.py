@@ -707,6 +707,46 @@ async def test_credentials_never_reach_the_record(tmp_path: Path, http: aiohttp.
     assert "api-key=***" in rec.target_url
 
 
+@pytest.mark.parametrize("coding", ["identity", "gzip"])
+async def test_an_error_answer_quoting_the_key_is_stored_with_it_masked(
+    coding: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Found by the failed-requests check: an upstream that quotes the caller's key in its 401
+    ("Incorrect API key provided: Bearer ...") had the key stored in the response body, shown
+    by the dashboard and found by body search. The client still gets the answer as sent."""
+    key, other, param = (f"tenant{i}{uuid.uuid4().hex}" for i in range(3))  # no known key shape
+    sent: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        h = request.headers
+        quoted = f"{h['Authorization']} / {h['x-api-key']} / {request.query['key']}"
+        body = json.dumps({"error": {"message": f"Incorrect API key provided: {quoted}"}}).encode()
+        headers = {"Content-Type": "application/json"}
+        if coding == "gzip":
+            body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+        sent.append(body)
+        return web.Response(status=401, body=body, headers=headers)
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            h = {"Authorization": f"Bearer {key}", "x-api-key": other}
+            async with http.post(f"{gw}/openai/v1/chat/completions?key={param}", json=CHAT, headers=h) as r:
+                assert r.status == 401
+                assert await r.read() == sent[0]  # the client's answer is the upstream's
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    stored = body_bytes(rec.response_body)  # type: ignore[arg-type]
+    for secret in (key, other, param):
+        assert secret.encode() not in encode(rec), secret
+    assert json.loads(stored)["error"]["message"] == "Incorrect API key provided: Bearer *** / *** / ***"
+    assert rec.response_body is not None and rec.response_body.size == len(stored)
+    assert rec.error is not None and key not in rec.error and "Incorrect API key provided" in rec.error
+
+
 async def test_large_body_goes_to_the_body_store(
     upstream: int, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qsl
 
 import brotli
 import msgspec
@@ -32,7 +33,7 @@ from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, Ll
 from llmtap.providers import provider_for
 from llmtap.providers.sse import StreamResult
 from llmtap.record import Body, LogRecord, Outcome, Usage
-from llmtap.redact import redact_text, redact_url
+from llmtap.redact import is_secret_header, is_secret_name, redact_text, redact_url
 
 #: Past `Capture.max_bytes` a stream keeps this much of its end, so the usage that providers send
 #: last is still found in very long streams.
@@ -203,6 +204,37 @@ def _loads(data: bytes | None) -> Any:
 
 
 _NO_LLMTAP = LlmtapHeaders()
+_SCHEMED = re.compile(r"(?i)^[a-z][a-z0-9._~+-]*\s+(\S.*)$")
+
+
+def _credentials(cap: Capture) -> set[bytes]:
+    """The credentials the client sent (header values, and query values named like one), and
+    the token of a `Bearer <token>`: what an upstream's error answer may quote back."""
+    found: list[str] = [v for k, v in cap.request_headers if is_secret_header(k, v)]
+    query = cap.target_url.partition("?")[2].partition("#")[0]
+    if query:
+        for name, value in parse_qsl(query, keep_blank_values=False):
+            if is_secret_name(name):
+                found.append(value)
+    out: set[bytes] = set()
+    for value in found:
+        value = value.strip()
+        m = _SCHEMED.match(value)
+        v = m.group(1).strip() if m else value  # `Bearer <token>`: the token (quoted as `Bearer ***`)
+        if len(v) >= 8:  # shorter is no key, and masking it would mangle ordinary text
+            out.add(v.encode("utf-8", "surrogateescape"))
+    return out
+
+
+def _scrub(body: bytes, secrets: set[bytes]) -> bytes:
+    """`body` with the client's own credentials masked; the same object when none is in it.
+    Exact values only: pattern rules (`redact.redact_body`) would mask an error's
+    `"code": "rate_limit_exceeded"` (`code` names an OAuth secret)."""
+    out = body
+    for secret in sorted(secrets, key=len, reverse=True):  # a key holding another first
+        if secret in out:
+            out = out.replace(secret, b"***")
+    return out
 
 
 class RecordBuilder:
@@ -337,6 +369,20 @@ class RecordBuilder:
                 if fmt.bills(cap.method, cap.path):  # not a listing's last item's model
                     response_obj = fmt.response_from_tail(tail)
 
+        scrubbed = False
+        if cap.status is not None and cap.status >= 400 and response_body and events is None:
+            # An error answer may quote the caller's key back ("Incorrect API key provided:
+            # Bearer sk-..."): stored with it masked, like the error text. Only error answers
+            # are read for it, so the common request pays nothing.
+            secrets = _credentials(cap)
+            clean = _scrub(response_body, secrets)
+            scrubbed = clean is not response_body
+            response_body = clean
+            if error and scrubbed:
+                error = _scrub(error.encode("utf-8", "surrogateescape"), secrets).decode(
+                    "utf-8", "surrogateescape"
+                )
+
         if usage.source != "missing" and not fmt.bills(cap.method, cap.path):
             usage = Usage()  # a look-up of an answer billed when it was made
 
@@ -372,7 +418,7 @@ class RecordBuilder:
             elif response_body is not None and (raw or cap.status is not None):
                 resp_body = body(
                     response_body,
-                    cap.response_size if decoded is raw else len(response_body),
+                    cap.response_size if decoded is raw and not scrubbed else len(response_body),
                     cut,
                     response_body_type,
                 )
