@@ -494,6 +494,37 @@ def test_anthropic_cut_stream_keeps_partial_tool_input() -> None:
     assert res.message["stop_reason"] is None
 
 
+def test_a_stream_cut_after_its_final_usage_is_priced_on_it() -> None:
+    """Found by the failed-requests check: a stream cut after the event that carries the final
+    counts (OpenAI's usage chunk, Anthropic's `message_delta`) and before its end marker was
+    recorded `partial` and left unpriced, though those are the counts the provider bills."""
+    whole = openai_tool_stream(usage_null=True)
+    cut = whole[: -len(b"data: [DONE]\n\n")]
+    got = openai.reassemble_stream(cut)
+    assert got is not None and not got.complete
+    usage, outcome, _ = got.settle("upstream_cut", "cut")
+    assert (usage.source, usage.prompt_tokens, usage.completion_tokens, outcome) == (
+        "provider", 120, 40, "upstream_cut"
+    )  # fmt: skip
+    # Before the usage chunk, or with usage on every chunk (continuous counts), they stay partial.
+    before = whole[: whole.index(b'"choices":[]') - 200]
+    continuous = sse(
+        {**chunk({"content": "a"}), "usage": OPENAI_USAGE}, {**chunk({"content": "b"}), "usage": OPENAI_USAGE}
+    )
+    for raw in (before, continuous):
+        res = openai.reassemble_stream(raw[: raw.rindex(b"\n\n") + 2])
+        assert res is not None
+        assert res.settle("upstream_cut", "cut")[0].source in ("partial", "missing")
+    full = anthropic_stream({"output_tokens": 5})
+    stop = full.rindex(b"event: message_stop")
+    res = anthropic.reassemble_stream(full[:stop])  # message_delta came, message_stop did not
+    assert res is not None and not res.complete
+    usage, _, _ = res.settle("upstream_cut", "cut")
+    assert (usage.source, usage.completion_tokens) == ("provider", 5)
+    res = anthropic.reassemble_stream(full[: full.rindex(b"event: message_delta")])
+    assert res is not None and res.settle("upstream_cut", "cut")[0].source == "partial"
+
+
 def test_anthropic_error_event() -> None:
     body = ev("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
     res = anthropic.reassemble_stream(body)

@@ -92,7 +92,7 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     usage: dict[str, Any] = {}
     error: str | None = None
     seen = False
-    complete = False
+    complete = final = False
 
     for event, data in iter_events(raw):
         try:
@@ -141,6 +141,7 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
             u = obj.get("usage")
             if isinstance(u, dict):
                 usage.update({k: v for k, v in u.items() if v is not None})
+                final = True  # the closing delta's counts are the message's: billed as they are
         elif kind == "message_stop":
             complete = True
         elif kind == "error":
@@ -171,7 +172,7 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
         message["usage"] = usage
     model = message.get("model")
     return StreamResult(
-        message, parse_usage(usage or None), model if isinstance(model, str) else None, error, complete
+        message, parse_usage(usage or None), model if isinstance(model, str) else None, error, complete, final
     )
 
 

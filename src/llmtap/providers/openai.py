@@ -184,8 +184,8 @@ class _Stream:
     """What has been gathered so far from one stream's events."""
 
     __slots__ = (
-        "choices", "complete", "error", "events", "final_response", "head", "seen", "text_completion",
-        "usage",
+        "choices", "complete", "error", "events", "final", "final_response", "head", "seen",
+        "text_completion", "usage",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -197,6 +197,7 @@ class _Stream:
         self.final_response: dict[str, Any] | None = None
         self.seen = False
         self.complete = False
+        self.final = False  # the usage chunk (no choices: the stream's last before `[DONE]`) came
         self.events = False  # typed events that are neither chat chunks nor the Responses API's
 
     def choice(self, index: Any) -> _Choice:
@@ -213,6 +214,7 @@ class _Stream:
             self.text_completion = c.object == "text_completion"
         if c.usage is not None:
             self.usage = c.usage
+            self.final = not choices
         for ch in choices:
             st = self.choice(ch.index)
             d = ch.delta
@@ -266,6 +268,7 @@ class _Stream:
         u = obj.get("usage")
         if isinstance(u, dict):
             self.usage = u
+            self.final = chunk_choices == []
         for ch in chunk_choices if isinstance(chunk_choices, list) else ():
             if not isinstance(ch, dict):
                 continue
@@ -434,7 +437,8 @@ def _result(s: _Stream) -> StreamResult | None:
             message_obj[key] = head[key]
     model = head.get("model")
     usage = with_tier(parse_usage(s.usage), head.get("service_tier"))
-    return StreamResult(message_obj, usage, model if isinstance(model, str) else None, s.error, s.complete)
+    model = model if isinstance(model, str) else None
+    return StreamResult(message_obj, usage, model, s.error, s.complete, s.final)
 
 
 def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:

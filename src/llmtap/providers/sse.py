@@ -148,10 +148,12 @@ class StreamResult:
 
     `complete` says the stream reached the provider's own end marker (`data: [DONE]`,
     `message_stop`, `response.completed`): the client had everything, whatever happened to the
-    connection afterwards.
+    connection afterwards. `final` says its usage came in the event that carries the final
+    counts (OpenAI's usage chunk, Anthropic's `message_delta`): a stream cut after it is still
+    priced, on the counts the provider bills.
     """
 
-    __slots__ = ("complete", "error", "message", "model", "usage")
+    __slots__ = ("complete", "error", "final", "message", "model", "usage")
 
     def __init__(
         self,
@@ -160,18 +162,20 @@ class StreamResult:
         model: str | None,
         error: str | None,
         complete: bool = False,
+        final: bool = False,
     ) -> None:
         self.message = message
         self.usage = usage
         self.model = model
         self.error = error
         self.complete = complete
+        self.final = final
 
     def settle(self, outcome: Outcome, error: str | None) -> tuple[Usage, Outcome, str | None]:
         """The record's usage, outcome and error once this result is known (gateway and worker
         alike, so a stream reassembled in either ends the same)."""
         usage = self.usage
-        if not self.complete and usage.source == "provider":
+        if not self.complete and not self.final and usage.source == "provider":
             # Counts seen before the stream broke off, not the provider's final ones.
             usage = msgspec.structs.replace(usage, source="partial")
         if self.complete and outcome == "client_disconnected":
