@@ -173,6 +173,17 @@ async def test_status_class_and_range_filters(server: Server) -> None:
         (f"&min_cost_usd={c1!r}&max_cost_usd={c3!r}", lambda r: priced(r, c1, c3)),
         (f"&max_latency_ms={l1!r}", lambda r: r["latency_ms"] <= l1),
         (f"&min_latency_ms={l3!r}&status_class=5xx", lambda r: r["latency_ms"] >= l3 and r["status"] == 500),
+        # Errors a status class cannot find (a 200 cut mid-stream, a client gone): what error_count counts.
+        ("&outcome=upstream_cut", lambda r: r["outcome"] == "upstream_cut"),
+        ("&error=true", lambda r: (r["status"] or 0) >= 400 or r["outcome"] != "completed"),
+        (
+            "&error=false&provider=openai",
+            lambda r: (r["status"] or 0) < 400 and r["outcome"] == "completed" and r["provider"] == "openai",
+        ),
+        (
+            "&error=true&status_class=2xx",
+            lambda r: r["outcome"] != "completed" and 200 <= (r["status"] or 0) < 300,
+        ),
     ]
     for query, pred in cases:
         want = [r["id"] for r in rows if pred(r)]
@@ -181,7 +192,10 @@ async def test_status_class_and_range_filters(server: Server) -> None:
         # stats take the same filters
         status, st = await server.get("/api/v1/stats?" + query.lstrip("&"))
         assert status == 200 and st["overall"]["count"] == len(want), query
-    for bad in ("status_class=6xx", "min_cost_usd=-1", "max_latency_ms=nan", "min_cost_usd=abc"):
+    status, st = await server.get("/api/v1/stats")
+    assert st["overall"]["error_count"] == len(await _all(server, "&error=true"))  # one definition
+    bad_ones = ("status_class=6xx", "min_cost_usd=-1", "max_latency_ms=nan", "min_cost_usd=abc", "outcome=x")
+    for bad in (*bad_ones, "error=yes"):
         status, body = await server.get("/api/v1/requests?" + bad)
         assert status == 400 and body["error"]["parameter"] == bad.split("=")[0], bad
 

@@ -779,6 +779,35 @@ async def test_a_fresh_install_says_how_to_send_the_first_request(
             )
 
 
+async def test_errors_a_status_cannot_find_are_one_click_from_the_errors_tile(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Found by the failed-requests check: a 200 whose stream was cut, a client gone, an upstream
+    never reached were in the Errors tile's count but no filter could list them."""
+    import msgspec
+
+    async for s in _server(tmp_path_factory.mktemp("errors")):
+        records = dd.dataset(40, seed=21)
+        for i, outcome in ((3, "upstream_cut"), (7, "client_disconnected"), (11, "upstream_cut")):
+            records[i] = msgspec.structs.replace(records[i], status=200, outcome=outcome, error="cut")
+        await s.ingest(records)
+        errors = (await s.get("/api/v1/requests?limit=50&error=true"))["items"]
+        cut = (await s.get("/api/v1/requests?limit=50&outcome=upstream_cut"))["items"]
+        overall = (await s.get("/api/v1/stats"))["overall"]
+        assert len(errors) == overall["error_count"] and len(cut) == 2
+        assert any(r["status"] == 200 for r in errors) and any((r["status"] or 0) >= 400 for r in errors)
+        async with opened_page(browser, s.base) as pg:
+            await pg.goto(s.base + "/#/overview?range=all")
+            await pg.click("#list-errors", timeout=WAIT)
+            await wait_rows(pg, [r["id"] for r in errors])
+            assert "error=true" in frag(pg)
+            assert await pg.input_value("#filters select[name=outcome_pick]") == "error"
+            await pg.select_option("#filters select[name=outcome_pick]", "outcome:upstream_cut")
+            await pg.click("#filters button[type=submit]")
+            await wait_rows(pg, [r["id"] for r in cut])
+            assert "outcome=upstream_cut" in frag(pg) and "error=" not in frag(pg)
+
+
 # -- multi-tenant -----------------------------------------------------------------------------------
 
 

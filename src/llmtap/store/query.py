@@ -21,9 +21,11 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
+
+from llmtap.record import Outcome
 
 # -- the queries ----------------------------------------------------------------------------------
 
@@ -61,6 +63,11 @@ class ListQuery:
     max_cost_usd: float | None = None
     min_latency_ms: float | None = None
     max_latency_ms: float | None = None
+    #: One `LogRecord.outcome` (`completed`, `upstream_cut` ...).
+    outcome: str | None = None
+    #: True: what stats count in `error_count` (status 400 or more, or an outcome other than
+    #: `completed`: cut streams, error events, clients gone, upstreams unreachable); False: the rest.
+    error: bool | None = None
 
 
 GroupBy = str  # one of `STAT_GROUPS` or "property.<Name>" (see `is_group_by`)
@@ -218,7 +225,7 @@ def item_cursor(item: Mapping[str, Any], sort: str) -> str:
 # -- query-string parameters ------------------------------------------------------------------------
 
 #: Filters every list-like endpoint and `stats` take (besides `property.<Name>`).
-FILTERS = ("user_id", "session_id", "model", "provider", "status", "status_class",
+FILTERS = ("user_id", "session_id", "model", "provider", "status", "status_class", "outcome", "error",
            "min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms", "since", "until")  # fmt: skip
 #: Parameters of each query endpoint (list-like ones take `property.<Name>` too).
 LIST_PARAMS = frozenset({"limit", "cursor", "order", "sort", "q", *FILTERS})
@@ -236,6 +243,8 @@ TAIL_PARAMS = LIST_PARAMS - {"cursor", "sort"}
 DELIVERY_PARAMS = frozenset({"endpoint", "status", "limit"})
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
+_BOOLS = {"true": True, "false": False}
 _EPOCH_RE = re.compile(r"^-?\d{1,12}(\.\d{1,9})?$")
 #: A time zone offset whose `+` a query string turned into a space.
 _SPACED_OFFSET = re.compile(r"\d \d\d(:?\d\d)?$")
@@ -363,6 +372,14 @@ def _filters(params: Mapping[str, str], props: dict[str, str]) -> ListQuery:
         if raw not in _STATUS_CLASSES:
             raise QueryError("status_class", "invalid parameter 'status_class': must be 1xx ... 5xx")
         q.status_class = int(raw[0])
+    if "outcome" in params:
+        if params["outcome"] not in OUTCOMES:
+            raise QueryError("outcome", f"invalid parameter 'outcome': must be one of {', '.join(OUTCOMES)}")
+        q.outcome = params["outcome"]
+    if "error" in params:
+        if params["error"] not in _BOOLS:
+            raise QueryError("error", "invalid parameter 'error': must be true or false")
+        q.error = _BOOLS[params["error"]]
     for name in ("min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms"):
         if name in params:
             setattr(q, name, _number(params, name))

@@ -377,6 +377,8 @@ def _plain(f: ListQuery) -> bool:
         and f.status is None
         and not f.q
         and f.status_class is None
+        and f.outcome is None
+        and f.error is None
         and f.min_cost_usd is None
         and f.max_cost_usd is None
         and f.min_latency_ms is None

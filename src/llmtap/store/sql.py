@@ -332,6 +332,10 @@ def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = Non
     if f.status_class is not None:
         lo = int(f.status_class) * 100
         conds.append(f"r.status >= {p(lo)} AND r.status < {p(lo + 100)}")
+    if f.outcome is not None:
+        conds.append(f"r.outcome = {p(f.outcome)}")
+    if f.error is not None:  # what stats count in error_count
+        conds.append(_ERROR if f.error else "(coalesce(r.status, 0) < 400 AND r.outcome = 'completed')")
     if f.min_cost_usd is not None:
         conds.append(f"r.cost_nanos >= {p(round(f.min_cost_usd * 1e9))}")
     if f.max_cost_usd is not None:

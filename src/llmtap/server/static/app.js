@@ -291,7 +291,8 @@ window.addEventListener("hashchange", () => {
 // -- filters shared by requests, overview, live and export ----------------------------------------
 
 const RANGES = { "15m": 900, "1h": 3600, "24h": 86400, "7d": 604800, "30d": 2592000, all: null };
-const FILTER_KEYS = ["user_id", "session_id", "model", "provider", "status_class", "min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms"];
+const FILTER_KEYS = ["user_id", "session_id", "model", "provider", "status_class", "outcome", "error", "min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms"];
+const OUTCOMES = ["completed", "client_disconnected", "upstream_cut", "upstream_timeout", "upstream_unreachable", "upstream_error"];
 
 /**
  * The API's filter parameters for the view's URL params (range presets become since/until).
@@ -341,6 +342,15 @@ function filterBar(params, view, { defaultRange = "24h", extra = [], search = fa
   const statusSel = h("select", { name: "status_class" },
     h("option", { value: "" }, "any"),
     ...["2xx", "3xx", "4xx", "5xx"].map((c) => h("option", { value: c, selected: params.get("status_class") === c }, c)));
+  // Errors a status cannot find (a 200 whose stream was cut, a client gone, no answer at all):
+  // "errors" is what the Errors tile counts (the API's error=true), or one outcome.
+  const picked = params.get("error") === "true" ? "error" : params.get("error") === "false" ? "ok"
+    : params.get("outcome") ? "outcome:" + params.get("outcome") : "";
+  const outcomeSel = h("select", { name: "outcome_pick", title: "errors: status 400 or more, or any outcome but completed" },
+    h("option", { value: "" }, "any"),
+    h("option", { value: "error", selected: picked === "error" }, "errors"),
+    h("option", { value: "ok", selected: picked === "ok" }, "no errors"),
+    ...OUTCOMES.map((o) => h("option", { value: "outcome:" + o, selected: picked === "outcome:" + o }, o.replace(/_/g, " "))));
   const form = h("form", { class: "filters", id: "filters" },
     search ? field("q", "Search bodies", { type: "search", size: 20, maxlength: 200, placeholder: "prompt or reply text", title: "case-insensitive text search over request and response bodies" }) : null,
     view === "live" ? null : h("label", {}, "Time", rangeSel),
@@ -351,6 +361,7 @@ function filterBar(params, view, { defaultRange = "24h", extra = [], search = fa
     field("user_id", "User", { size: 12 }),
     field("session_id", "Session", { size: 12 }),
     h("label", {}, "Status", statusSel),
+    h("label", {}, "Outcome", outcomeSel),
     h("label", {}, "Property", h("input", { name: "props", value: props, placeholder: "name=value, …", title: "name=value pairs, comma-separated; write a comma inside a value as \\,", size: 16, autocomplete: "off" })),
     field("min_cost_usd", "Cost ≥ $", { size: 5, inputmode: "decimal" }),
     field("max_cost_usd", "≤ $", { size: 5, inputmode: "decimal" }),
@@ -372,6 +383,11 @@ function filterBar(params, view, { defaultRange = "24h", extra = [], search = fa
       if (!val || k === "props" || k === "props_col") continue;
       if ((k === "since" || k === "until") && data.get("range") !== "custom") continue;
       if (k === "range" && val === defaultRange) continue;
+      if (k === "outcome_pick") {
+        if (val === "error" || val === "ok") next.set("error", String(val === "error"));
+        else next.set("outcome", val.slice("outcome:".length));
+        continue;
+      }
       next.set(k, val);
     }
     for (const [name, value] of parseProps(String(data.get("props") || ""))) next.set("property." + name, value);
@@ -1132,7 +1148,9 @@ async function viewOverview(id, params) {
       series.source === "rollups" ? ` · from rollups (percentiles within ${Math.round(series.percentile_relative_error * 100)}%)` : ""),
     h("div", { class: "tiles" },
       tile("Requests", fmtInt(o.count), o.count ? `${bucket} buckets` : "none yet in this range"),
-      tile("Errors", fmtInt(o.error_count), pct(o.error_rate) + " of requests", o.error_count ? "warn" : ""),
+      tile("Errors", fmtInt(o.error_count), o.error_count ? [pct(o.error_rate) + " of requests · ",
+        h("a", { id: "list-errors", href: hashFor("requests", null, withParam(withParam(params, "group", null), "error", "true")) }, "list them")]
+        : pct(o.error_rate) + " of requests", o.error_count ? "warn" : ""),
       tile("Cost", fmtUsd(o.cost_usd) ?? "$0", o.unpriced_count ? `+ ${fmtInt(o.unpriced_count)} unpriced` : o.count ? "all priced" : ""),
       tile("Unpriced requests", fmtInt(o.unpriced_count), "cost unknown: excluded from cost", o.unpriced_count ? "warn" : ""),
       tile("Tokens", fmtInt(o.total_tokens), `${fmtInt(o.prompt_tokens)} in · ${fmtInt(o.completion_tokens)} out`),
