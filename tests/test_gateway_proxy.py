@@ -639,6 +639,9 @@ async def test_upstream_cut_mid_stream(upstream: int, tmp_path: Path, http: aioh
     assert stream_rec.usage.source == "partial"
     assert json_rec.outcome == "upstream_cut"
     assert json_rec.response_body is not None and json_rec.response_body.size == 100
+    # aiohttp's parser repr ("<ContentLengthError: 400, message=...>") named a 400 on a 200.
+    for r in (stream_rec, json_rec):
+        assert r.error is not None and "Not enough data" in r.error and "400" not in r.error, r.error
 
 
 async def test_malformed_json_is_proxied_and_logged(

@@ -62,6 +62,16 @@ _SMALL_BODY = 65536
 _BACKED_UP = 16 * 1024
 
 
+#: aiohttp's parser errors as their payload errors quote them: `<TransferEncodingError: 400,
+#: message='Not enough data ...'>`. The 400 is the parser's code, not any status of this request.
+_PARSER_REPR = re.compile(r"<\w+Error: \d{3}, message='([^']*)'>")
+
+
+def _plain(exc: BaseException) -> str:
+    """An exception's text without aiohttp's parser-error reprs (their message stays)."""
+    return _PARSER_REPR.sub(r"\1", str(exc))
+
+
 class ClientStalled(ConnectionError):
     """The client read nothing of the answer for `client_stall_timeout` seconds."""
 
@@ -614,7 +624,7 @@ class Proxy:
         sees the truncation."""
         upstream.close()
         what = what or f"upstream {'timed out' if isinstance(exc, TimeoutError) else 'broke'}"
-        self._finish(cap, "upstream_cut", f"{what} mid-response: {type(exc).__name__}: {exc}")
+        self._finish(cap, "upstream_cut", f"{what} mid-response: {type(exc).__name__}: {_plain(exc)}")
         transport = request.transport
         try:  # also sends the headers if nothing was written yet
             if transport is not None and transport.get_write_buffer_size() + len(tail) > _BACKED_UP:
