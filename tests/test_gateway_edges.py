@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import time
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator
@@ -707,6 +708,64 @@ async def test_a_request_cut_by_the_gateway_stopping_says_so(tmp_path: Path) -> 
         await runner.cleanup()
     assert rec.outcome == "client_disconnected"
     assert rec.error is not None and rec.error.startswith("llmtap stopped mid-response"), rec.error
+
+
+async def test_a_request_waiting_on_its_upstream_is_cut_at_the_shutdown_timeout_not_twice_it(
+    tmp_path: Path,
+) -> None:
+    """Found by the failed-requests check: with LLMTAP_SHUTDOWN_TIMEOUT=4, requests waiting on
+    their upstream (for its headers, or mid-stream) were cut 8 s after SIGTERM: aiohttp waits the
+    timeout, then cancels only the request's body and waits the timeout again."""
+    release, held = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if request.headers.get("x-mode") == "head":
+            held.set()
+            await release.wait()  # no answer at all
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: " + CONTENT + b"\n\n")
+        await release.wait()  # then silence
+        return resp
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    ended: list[float] = []
+    timeout = 3.0
+
+    async def client(gw: str, mode: str, started: asyncio.Event) -> None:
+        async with aiohttp.ClientSession() as s:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with s.post(
+                    f"{gw}/openai/v1/chat/completions", data=CHAT, headers={"x-mode": mode}
+                ) as r:
+                    await r.content.readuntil(b"\n\n")
+                    started.set()
+                    await r.read()
+        ended.append(time.monotonic())
+
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        async with running_gateway(settings_for(port, tmp_path, shutdown_timeout=timeout), q) as (svc, gw):
+            first = asyncio.Event()
+            tasks.append(asyncio.create_task(client(gw, "stream", first)))
+            tasks.append(asyncio.create_task(client(gw, "head", asyncio.Event())))
+            await asyncio.wait_for(asyncio.gather(first.wait(), held.wait()), 30)
+            stopping = time.monotonic()
+        recs = await published(svc, q, 2)
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    finally:
+        release.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await runner.cleanup()
+    took = max(ended) - stopping
+    assert timeout - 0.5 < took < 2 * timeout - 0.5, f"cut {took:.1f} s after the stop began"
+    for r in recs:  # and their records say whose doing it was
+        assert r.outcome == "client_disconnected" and r.error is not None, r.error
+        assert r.error.startswith("llmtap stopped") and "LLMTAP_SHUTDOWN_TIMEOUT" in r.error, r.error
 
 
 async def test_a_big_responses_stream_keeps_its_usage(tmp_path: Path, http: aiohttp.ClientSession) -> None:

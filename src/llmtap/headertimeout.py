@@ -98,6 +98,27 @@ class _Handler(RequestHandler):
             # last one's body (which may arrive before its handler starts, or after it answered).
             self._arm()
 
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """Stop within `timeout`, not twice it.
+
+        aiohttp waits `timeout` for the request being handled, then cancels only its body and
+        waits `timeout` again: a handler waiting on its upstream held the stop for twice
+        `LLMTAP_SHUTDOWN_TIMEOUT`. Its task is cancelled once the first wait is over.
+        """
+        timer = None
+        if timeout is not None and self._request_in_progress:
+            timer = asyncio.get_running_loop().call_later(timeout, self._cancel_handler)
+        try:
+            await super().shutdown(timeout)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _cancel_handler(self) -> None:
+        task = self._task_handler
+        if task is not None and not task.done():
+            task.cancel()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
