@@ -300,3 +300,8 @@ def list_records(server_url: str, **filters: str) -> list[dict[str, Any]]:
         cursor = body["next_cursor"]
         if not cursor:
             return items
+
+
+def ingest_auth(data_dir: Path) -> dict[str, str]:
+    """The `Authorization` of a server's ingest: the token it keeps in its data dir (made at start)."""
+    return {"Authorization": "Bearer " + (data_dir / "ingest.token").read_text().strip()}

@@ -29,10 +29,10 @@ import pytest
 from llmtap.bodies import offload
 from llmtap.config import Settings
 from llmtap.errors import ConfigError
+from llmtap.ingest_token import ingest_token
 from llmtap.record import Body, LogRecord, Usage, compress, encode, encode_many
 from llmtap.server import api
 from llmtap.server.app import ServerService
-from llmtap.server.auth import is_loopback
 from llmtap.store import query as store_query
 from procs import llmtap_env
 from store_helpers import (
@@ -80,7 +80,8 @@ class Server:
         self.svc = svc
         self.http = http
         self.base = f"http://127.0.0.1:{svc.port}"
-        self.ingest_headers: dict[str, str] = {}  # e.g. the ingest token (multi-tenant mode)
+        # The server's ingest token (its data dir's, unless a test sets LLMTAP_INGEST_TOKEN).
+        self.ingest_headers: dict[str, str] = {"Authorization": f"Bearer {ingest_token(svc.settings)}"}
 
     async def get(self, path: str, **kw: Any) -> tuple[int, Any]:
         async with self.http.get(self.base + path, **kw) as r:
@@ -749,6 +750,7 @@ async def test_ingest_answers_503_when_its_queue_cannot_be_written(tmp_path: Pat
 @pytest.mark.parametrize("kind", store_params())
 async def test_ingest_token(kind: str, tmp_path: Path) -> None:
     async for srv in start_server(kind, tmp_path, ingest_token="s3cret-token"):
+        srv.ingest_headers = {}
         payload = encode(rec(1))
         for headers in (
             {},
@@ -763,11 +765,35 @@ async def test_ingest_token(kind: str, tmp_path: Path) -> None:
         assert (status, body) == (200, {"accepted": 1})
 
 
-def test_loopback_rule_for_ingest_without_a_token() -> None:
-    for addr in ("127.0.0.1", "127.8.9.10", "::1"):
-        assert is_loopback(addr)
-    for addr in ("10.0.0.1", "192.168.1.1", "8.8.8.8", "::ffff:8.8.8.8", "fe80::1%eth0", "", None, "garbage"):
-        assert not is_loopback(addr), addr
+async def test_ingest_trusts_no_address_and_a_data_dir_token_stands_in_for_a_setting(tmp_path: Path) -> None:
+    """Found by the reverse-proxy check: single-tenant ingest without LLMTAP_INGEST_TOKEN took
+    any loopback caller, and behind nginx on the same host every caller is loopback ($12,500
+    of forged cost from the network). Now it takes only a token: the setting's, else the one
+    llmtap keeps in the data dir, which a gateway sharing that dir presents."""
+    import stat
+
+    from llmtap.gateway.sinks import IngestSink
+
+    async for srv in start_server("sqlite", tmp_path):
+        srv.ingest_headers = {}
+        status, body, _ = await srv.ingest(encode(rec(1)), wait=False)  # from 127.0.0.1, no token
+        assert status == 401 and "ingest.token" in body["error"]["message"], body
+        path = tmp_path / "ingest.token"
+        token = path.read_text().strip()
+        assert len(token) >= 40 and stat.S_IMODE(path.stat().st_mode) == 0o600
+        # A gateway on the same data dir finds the same token; its records are stored.
+        assert ingest_token(srv.svc.settings) == token
+        sink = IngestSink(srv.base, ingest_token(srv.svc.settings))
+        await sink.start()
+        try:
+            await sink.send([rec(2)])
+        finally:
+            await sink.close()
+        await srv.svc.ingest.drained()
+        assert (await srv.get(f"/api/v1/requests/{rec(2).id}"))[0] == 200
+        assert (await srv.get(f"/api/v1/requests/{rec(1).id}"))[0] == 404
+    async for srv in start_server("sqlite", tmp_path):  # kept across restarts
+        assert ingest_token(srv.svc.settings) == token
 
 
 # -- the rest of the surface -----------------------------------------------------------------------------

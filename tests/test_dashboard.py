@@ -30,6 +30,7 @@ import pytest_asyncio
 from llmtap import keys
 from llmtap.bodies.base import day_folder
 from llmtap.config import Settings
+from llmtap.ingest_token import ingest_token
 from llmtap.record import Body, LogRecord, Usage, compress, encode_many
 from llmtap.server.app import ServerService
 from llmtap.testing import dashboard_data as dd
@@ -52,8 +53,7 @@ class Srv:
         self.svc = svc
         self.http = http
         self.base = f"http://127.0.0.1:{svc.port}"
-        token = svc.settings.ingest_token
-        self.ingest_headers = {**JSON, **({"Authorization": f"Bearer {token}"} if token else {})}
+        self.ingest_headers = {**JSON, "Authorization": f"Bearer {ingest_token(svc.settings)}"}
 
     async def ingest(self, records: list[LogRecord]) -> None:
         for i in range(0, len(records), 200):

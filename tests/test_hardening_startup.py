@@ -26,7 +26,7 @@ import pytest
 from llmtap.config import Settings
 from llmtap.queue.base import Message, open_queue
 from llmtap.record import encode, encode_many
-from procs import Proc, free_port, http_json, llmtap_env, services, start_llmtap, wait_until
+from procs import Proc, free_port, http_json, ingest_auth, llmtap_env, services, start_llmtap, wait_until
 from worker_helpers import make_record
 
 pytestmark = pytest.mark.timeout(600)
@@ -185,7 +185,7 @@ def test_up_started_during_a_store_outage_connects_the_shared_store_once_it_is_b
         asyncio.run(publish())
         base = f"http://127.0.0.1:{server_port}"
         # Taken while the store is down: the ingest queue holds it.
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", **ingest_auth(tmp_path)}
         req = urllib.request.Request(f"{base}/api/v1/ingest", data=encode_many(records[10:]), headers=headers)
         with urllib.request.urlopen(req, timeout=30) as r:
             assert r.status == 200

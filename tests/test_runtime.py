@@ -29,7 +29,7 @@ from llmtap.runtime import Service, SharedBackends, banner, notes, run_services
 from llmtap.server.app import ServerService
 from llmtap.store.sqlite import SQLiteStore
 from llmtap.worker.worker import WorkerService
-from procs import free_port, http_json, llmtap_env, start_llmtap, wait_until
+from procs import free_port, http_json, ingest_auth, llmtap_env, start_llmtap, wait_until
 from worker_helpers import make_record
 
 pytestmark = pytest.mark.timeout(180)
@@ -83,7 +83,9 @@ def test_up_opens_one_store_one_body_store_one_chain(tmp_path: Path) -> None:
         asyncio.run(publish())
         base = f"http://127.0.0.1:{server_port}"
         req = urllib.request.Request(
-            f"{base}/api/v1/ingest", data=encode_many(posted), headers={"content-type": "application/json"}
+            f"{base}/api/v1/ingest",
+            data=encode_many(posted),
+            headers={"content-type": "application/json", **ingest_auth(data)},
         )
         with urllib.request.urlopen(req, timeout=30) as r:
             assert r.status == 200

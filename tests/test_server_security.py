@@ -32,10 +32,11 @@ from llmtap.config import Settings, load_settings
 from llmtap.errors import ConfigError
 from llmtap.gateway.sinks import IngestSink
 from llmtap.handlers.chain import process_records
+from llmtap.ingest_token import ingest_token
 from llmtap.record import Body, LogRecord, compress, encode, encode_many
 from llmtap.server.app import ServerService
 from llmtap.server.security import host_allowed
-from procs import free_port, http_json, llmtap_env, start_llmtap, wait_http, wait_until
+from procs import free_port, http_json, ingest_auth, llmtap_env, start_llmtap, wait_http, wait_until
 from store_helpers import rec as _rec
 
 pytestmark = pytest.mark.timeout(180)
@@ -74,8 +75,9 @@ async def server(tmp_path: Path) -> AsyncIterator[ServerService]:
 async def post(
     http: aiohttp.ClientSession, svc: ServerService, payload: bytes, headers: dict[str, str] | None = None
 ) -> tuple[int, Any]:
+    auth = {"Authorization": f"Bearer {ingest_token(svc.settings)}"} if headers is None else headers
     async with http.post(
-        f"http://127.0.0.1:{svc.port}/api/v1/ingest", data=payload, headers={**JSON, **(headers or {})}
+        f"http://127.0.0.1:{svc.port}/api/v1/ingest", data=payload, headers={**JSON, **auth}
     ) as r:
         raw = await r.read()
         return r.status, orjson.loads(raw) if r.content_type == "application/json" else raw.decode()
@@ -197,7 +199,8 @@ def test_server_sigkilled_after_answering_stores_the_batch_after_restart(tmp_pat
         blocker = sqlite3.connect(tmp_path / "store.db", isolation_level=None, timeout=30)
         blocker.execute("BEGIN IMMEDIATE")
         try:
-            status, body = http_json("POST", base + "/api/v1/ingest", orjson.loads(encode_many(records)))
+            payload = orjson.loads(encode_many(records))
+            status, body = http_json("POST", base + "/api/v1/ingest", payload, ingest_auth(tmp_path / "data"))
             assert (status, body) == (200, {"accepted": 200}), server.output()
             status, stats = http_json("GET", base + "/api/v1/stats")
             assert status == 200 and stats["overall"]["count"] == 0  # accepted, not stored
@@ -265,7 +268,7 @@ async def test_multi_tenant_ingest_needs_credentials_even_from_loopback(tmp_path
     try:
         async with aiohttp.ClientSession() as http:
             r = rec(1, tenant="tenant-a")
-            status, body = await post(http, svc, encode(r))
+            status, body = await post(http, svc, encode(r), {})  # from loopback, no credentials
             assert status == 401 and "LLMTAP_INGEST_TOKEN" in body["error"]["message"], body
             status, body = await post(http, svc, encode(r), {"Authorization": "Bearer llmtap-nope"})
             assert status == 401
@@ -461,8 +464,9 @@ async def test_posts_must_be_json_so_cross_site_forms_fail(server: ServerService
     base = f"http://127.0.0.1:{server.port}"
     r1 = rec(1)
     async with aiohttp.ClientSession() as http:
+        auth = {"Authorization": f"Bearer {ingest_token(server.settings)}"}  # a token does not let it in
         for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
-            headers = {"Content-Type": ctype} if ctype else {}
+            headers = {"Content-Type": ctype, **auth} if ctype else auth
             async with http.post(base + "/api/v1/ingest", data=encode(r1), headers=headers) as r:
                 assert r.status == 415, ctype
                 assert "application/json" in (await r.json())["error"]["message"]
@@ -473,7 +477,7 @@ async def test_posts_must_be_json_so_cross_site_forms_fail(server: ServerService
         async with http.post(
             base + "/api/v1/ingest",
             data=encode(r1),
-            headers={"Content-Type": "application/json; charset=utf-8"},
+            headers={"Content-Type": "application/json; charset=utf-8", **auth},
         ) as r:
             assert r.status == 200
 
@@ -561,7 +565,9 @@ async def test_oversized_ingest_is_413(tmp_path: Path, monkeypatch: pytest.Monke
 
         async with aiohttp.ClientSession() as http:
             async with http.post(
-                f"http://127.0.0.1:{svc.port}/api/v1/ingest", data=huge(), headers=JSON
+                f"http://127.0.0.1:{svc.port}/api/v1/ingest",
+                data=huge(),
+                headers={**JSON, "Authorization": f"Bearer {ingest_token(svc.settings)}"},
             ) as r:
                 assert r.status == 413, r.status
                 assert "error" in await r.json()

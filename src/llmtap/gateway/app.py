@@ -34,6 +34,7 @@ from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.gateway.sinks import IngestSink, SpoolReplayer, SpoolSink
 from llmtap.gateway.spool import DiskSpool, spool_dir
 from llmtap.headertimeout import GuardedServer
+from llmtap.ingest_token import ingest_token
 from llmtap.providers import BUILTIN, Route
 from llmtap.queue.base import Queue, open_queue
 from llmtap.redact import redact_url
@@ -152,7 +153,7 @@ class GatewayService(OnBackends):
             self._queue_sink = QueueSink(self.queue, by)
             sinks = [
                 self._queue_sink,
-                IngestSink(settings.effective_ingest_url, settings.ingest_token),
+                IngestSink(settings.effective_ingest_url, ingest_token(settings)),
                 overflow,
             ]
             # A queue of our own opening: the replayer opens another on its own thread, so a

@@ -24,10 +24,11 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.handlers.chain import Chain
 from llmtap.headertimeout import app_runner
+from llmtap.ingest_token import ingest_token
 from llmtap.retention import RetentionTask
 from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
 from llmtap.server import alerts_api, api, dashboard, openapi, security, webhooks_api
-from llmtap.server.auth import Unauthorized, check_ingest, tenant_for
+from llmtap.server.auth import INGEST_TOKEN, Unauthorized, check_ingest, tenant_for
 from llmtap.server.ingest import IngestQueue
 from llmtap.store.base import Store
 
@@ -199,6 +200,7 @@ def build_app(
     app[api.BODIES] = bodies
     app[api.CHAIN] = chain
     app[api.INGEST] = ingest
+    app[INGEST_TOKEN] = ingest_token(settings)
     if waiting is not None:
         app[WAITING] = waiting
     r = app.router

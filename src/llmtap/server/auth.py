@@ -5,24 +5,23 @@
   endpoint and the OpenAPI document needs `Authorization: Bearer <key>` (a key made with
   `llmtap keys create`); the key's tenant scopes every query, in SQL. Keys are resolved through
   `llmtap.keys.resolve_tenant` (cached for at most `keys.CACHE_TTL` seconds per process).
-- Ingest (`POST /api/v1/ingest`) is a service path used by gateways: it needs
-  `Authorization: Bearer <LLMTAP_INGEST_TOKEN>`. In single-tenant mode without an ingest token
-  it accepts only connections from loopback addresses (127.0.0.0/8, ::1), which is what the
-  embedded `llmtap up` needs and never exposes the endpoint to the network by accident. In
-  multi-tenant mode it is always authenticated: the ingest token (records of any tenant) or a
-  tenant's API key (records of that tenant only); loopback is not trusted there.
+- Ingest (`POST /api/v1/ingest`) is a service path used by gateways: it always needs
+  `Authorization: Bearer <token>`, `LLMTAP_INGEST_TOKEN` or the one kept in the data dir
+  (`llmtap.ingest_token`); no address is trusted (behind a reverse proxy on the same host
+  every caller is loopback). In multi-tenant mode a tenant's API key is taken too (records of
+  that tenant only).
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from llmtap import keys
 from llmtap.config import Settings
+from llmtap.ingest_token import token_path
 from llmtap.store.base import Store
 
 
@@ -43,15 +42,6 @@ async def tenant_for(request: web.Request, settings: Settings, store: Store) -> 
     return tenant
 
 
-def is_loopback(remote: str | None) -> bool:
-    if not remote:
-        return False
-    try:
-        return ipaddress.ip_address(remote.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass(frozen=True, slots=True)
 class IngestCaller:
     """Who posted to ingest: a gateway with the service token (`tenant` None: records of any
@@ -63,11 +53,10 @@ class IngestCaller:
 async def check_ingest(request: web.Request, settings: Settings, store: Store) -> IngestCaller:
     """Who may post these records; raises `Unauthorized` when nobody.
 
-    Multi-tenant mode never trusts the network: a local caller (or a reverse proxy on this
-    host) could otherwise forge records into any tenant. It takes the ingest token or a
-    tenant's key; single-tenant mode keeps the loopback rule when no token is set.
+    The ingest token (`LLMTAP_INGEST_TOKEN`, or the data dir's) lets a gateway post records of
+    any tenant; in multi-tenant mode a tenant's key posts that tenant's.
     """
-    token = settings.ingest_token
+    token = request.app[INGEST_TOKEN]
     given = keys.parse_bearer(request.headers.get("Authorization"))
     if token is not None and given is not None:
         if hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode()):
@@ -81,8 +70,11 @@ async def check_ingest(request: web.Request, settings: Settings, store: Store) -
             "ingest in multi-tenant mode needs 'Authorization: Bearer <LLMTAP_INGEST_TOKEN>'"
             " (set on the server) or a tenant's API key"
         )
-    if token is None:
-        if not is_loopback(request.remote):
-            raise Unauthorized("ingest from other hosts needs LLMTAP_INGEST_TOKEN set on the server")
-        return IngestCaller()
-    raise Unauthorized("invalid or missing ingest token: send 'Authorization: Bearer <LLMTAP_INGEST_TOKEN>'")
+    raise Unauthorized(
+        "ingest needs 'Authorization: Bearer <token>': LLMTAP_INGEST_TOKEN as set on the server,"
+        f" or when it is not set the token in the server's {token_path(settings)}"
+    )
+
+
+#: The server's ingest token, read or made once at start-up (`llmtap.ingest_token`).
+INGEST_TOKEN: web.AppKey[str | None] = web.AppKey("ingest_token", str)
