@@ -652,14 +652,14 @@ async def test_assets_are_named_by_hash_and_cached_for_good(srv: Srv) -> None:
     import re
 
     html = await srv.get("/")
-    urls = re.findall(r'"(/static/[^"?]+)\?v=([0-9a-f]{16})"', html)
-    assert {u for u, _ in urls} == {"/static/app.js", "/static/app.css", "/static/vendor/uplot/uPlot.min.css"}
+    urls = re.findall(r'"(static/[^"?]+)\?v=([0-9a-f]{16})"', html)
+    assert {u for u, _ in urls} == {"static/app.js", "static/app.css", "static/vendor/uplot/uPlot.min.css"}
     for url, v in urls:
-        async with srv.http.get(f"{srv.base}{url}?v={v}") as r:
+        async with srv.http.get(f"{srv.base}/{url}?v={v}") as r:
             body = await r.read()
             assert r.status == 200 and r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
         assert hashlib.sha256(body).hexdigest()[:16] == v
-        async with srv.http.get(f"{srv.base}{url}?v=0000000000000000") as r:  # not this content
+        async with srv.http.get(f"{srv.base}/{url}?v=0000000000000000") as r:  # not this content
             assert r.status == 200 and "immutable" not in r.headers.get("Cache-Control", "")
 
 
@@ -777,6 +777,50 @@ async def test_a_fresh_install_says_how_to_send_the_first_request(
             await playwright_api.expect(pg.locator("main .empty")).to_have_text(
                 "No requests match these filters.", timeout=WAIT
             )
+
+
+async def test_the_dashboard_works_under_a_path_prefix(srv: Srv, browser: Any) -> None:
+    """Found by the reverse-proxy check: behind an ingress mapping `/llmtap/` to the server, the
+    page loaded its script, styles and API from the host's root (`/static/...`, `/api/v1/...`)
+    and stayed on "Loading…". Every URL the page uses is relative to it now."""
+    from aiohttp import web
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        path = request.match_info["rest"]
+        async with srv.http.request(
+            request.method, f"{srv.base}/{path}", params=request.query, data=await request.read(),
+            headers={k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")},
+        ) as up:  # fmt: skip
+            resp = web.StreamResponse(status=up.status)
+            for k in ("Content-Type", "Content-Disposition", "Cache-Control", "Content-Security-Policy"):
+                if k in up.headers:
+                    resp.headers[k] = up.headers[k]
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/llmtap/{rest:.*}", relay)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    proxy = f"http://127.0.0.1:{runner.addresses[0][1]}/llmtap/"
+    try:
+        async with opened_page(browser, proxy) as pg:
+            await pg.goto(proxy + "#/requests?range=all")
+            await wait_rows(pg, [r["id"] for r in (await srv.get("/api/v1/requests?limit=50"))["items"]])
+            assert await pg.evaluate("getComputedStyle(document.body).fontFamily") != "Times New Roman"
+            async with pg.expect_download(timeout=WAIT) as info:
+                await pg.click("button.export[data-format=csv]")
+            download = await info.value
+            assert download.url.startswith(proxy + "api/v1/requests/export?"), download.url
+            assert (await download.path()).read_bytes().startswith(b"id,")
+            await pg.goto(proxy + "#/overview?range=all")
+            await pg.wait_for_selector(".charts canvas", timeout=WAIT)  # uPlot loaded, stats read
+    finally:
+        await runner.cleanup()
 
 
 async def test_errors_a_status_cannot_find_are_one_click_from_the_errors_tile(

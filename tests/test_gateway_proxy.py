@@ -665,6 +665,34 @@ async def test_malformed_json_is_proxied_and_logged(
 # -- what the record holds (and does not) ------------------------------------------------------------
 
 
+async def test_what_a_front_proxy_says_about_the_network_is_recorded_not_sent_to_the_provider(
+    upstream: int, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Found by the reverse-proxy check: behind nginx, X-Forwarded-For (users' internal
+    addresses), X-Forwarded-Host and Via went on to OpenAI; and a default nginx buffered every
+    stream whole, as nothing told it not to."""
+    q = MemoryQueue()
+    trail = {
+        "X-Forwarded-For": "10.9.8.7, 127.0.0.1", "X-Real-IP": "10.9.8.7", "Forwarded": "for=10.9.8.7",
+        "X-Forwarded-Host": "llm.internal.example", "X-Forwarded-Proto": "https", "Via": "1.1 nginx",
+    }  # fmt: skip
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
+        url = f"{gw}/openai/v1/chat/completions"
+        async with http.post(url, json={**CHAT, "stream": True}, headers={**OPENAI_AUTH, **trail}) as r:
+            assert r.status == 200 and r.headers["X-Accel-Buffering"] == "no"
+            await r.read()
+        async with http.post(url, json=CHAT, headers={**OPENAI_AUTH, **trail}) as r:
+            assert r.status == 200 and "X-Accel-Buffering" not in r.headers  # a stream's only
+        recs = await published(svc, q, 2)
+    sent = (await fake_requests(http, f"http://127.0.0.1:{upstream}"))[-2:]
+    for got in sent:
+        names = {k.lower() for k, _ in got["headers"]}
+        assert not names & {k.lower() for k in trail}, names
+    for rec in recs:
+        assert rec.request_headers["x-forwarded-for"] == "10.9.8.7, 127.0.0.1"
+        assert rec.request_headers["via"] == "1.1 nginx"
+
+
 async def test_credentials_never_reach_the_record(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     secrets = [f"SECRET{i}-{uuid.uuid4().hex}" for i in range(8)]
     seen: list[dict[str, str]] = []

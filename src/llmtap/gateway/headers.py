@@ -3,8 +3,9 @@
 Three decisions live here:
 
 - what is *not forwarded* (hop-by-hop headers, which describe one connection, not the message;
-  `Host`, `Content-Length` and `Expect`, which the gateway's own upstream connection sets; and
-  every `Llmtap-*` header, which is addressed to the gateway),
+  `Host`, `Content-Length` and `Expect`, which the gateway's own upstream connection sets;
+  every `Llmtap-*` header, which is addressed to the gateway; and what a reverse proxy in
+  front of it says about the client's network, `PROXY_TRAIL`, which is recorded),
 - what is *never recorded* (credentials: they go upstream but never into a record, a queue, a
   store or a body file; which ones is `llmtap.redact`'s rule, the one query parameters follow),
 - how the `Llmtap-*` headers a client sent become record fields.
@@ -40,6 +41,20 @@ HOP_BY_HOP = frozenset(
 
 #: Request headers not sent upstream (the upstream connection sets its own framing and Host).
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+
+#: What a reverse proxy in front of the gateway adds about the client and the network (its
+#: address, your host names, the proxies on the way): recorded, never sent to the provider,
+#: for whom the gateway is the client. A default nginx config sent users' internal addresses
+#: to OpenAI that way.
+PROXY_TRAIL = frozenset(
+    {
+        "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
+        "x-forwarded-prefix", "x-forwarded-server", "x-real-ip", "forwarded", "via",
+        "x-client-ip", "true-client-ip", "cf-connecting-ip", "x-envoy-external-address",
+    }
+)  # fmt: skip
+#: Request headers never forwarded (`REQUEST_DROP` and `PROXY_TRAIL`): one set look-up a header.
+FORWARD_DROP = REQUEST_DROP | PROXY_TRAIL
 
 #: Response headers not relayed to the client. Content-Length stays: the body is relayed
 #: byte-for-byte (compressed bodies included), so the upstream's length is still right. An

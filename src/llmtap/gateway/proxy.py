@@ -35,7 +35,7 @@ from aiohttp import web
 from yarl import URL
 
 from llmtap.gateway.capture import Capture
-from llmtap.gateway.headers import LLMTAP_PREFIXES, REQUEST_DROP, RESPONSE_DROP, connection_listed
+from llmtap.gateway.headers import FORWARD_DROP, LLMTAP_PREFIXES, RESPONSE_DROP, connection_listed
 from llmtap.ids import canonical_id, new_id
 from llmtap.providers import Provider, Route, StreamFilter, routes
 from llmtap.redact import redact_text, redact_url
@@ -309,7 +309,7 @@ class Proxy:
         hop: frozenset[str] = frozenset()  # names the client's `Connection` header lists
         for name, value in request.headers.items():
             lname = name.lower()
-            if lname in REQUEST_DROP:
+            if lname in FORWARD_DROP:
                 if lname == "expect":
                     expect = value
                 elif lname == "connection" and (listed := connection_listed(value)):
@@ -497,6 +497,10 @@ class Proxy:
                 continue  # aiohttp would refuse to send the whole answer; the record keeps it
             headers.append((name, value))
         headers.append((REQUEST_ID_HEADER, request_id))
+        if sse and "X-Accel-Buffering" not in up_headers:
+            # nginx buffers a proxied answer whole unless told not to (or configured so): a
+            # stream behind a default nginx reached the client in one piece at its end.
+            headers.append(("X-Accel-Buffering", "no"))
 
         reason = upstream.reason
         if reason and not reason.isprintable() and _FORBIDDEN.search(reason) is not None:

@@ -151,7 +151,7 @@ async def _index(request: web.Request) -> web.Response:
     """
     html = (STATIC / "index.html").read_text("utf-8")
     for name in _ASSETS:
-        html = html.replace(f'"/static/{name}"', f'"/static/{name}?v={_asset_hash(name)}"')
+        html = html.replace(f'"static/{name}"', f'"static/{name}?v={_asset_hash(name)}"')
     return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-cache"})
 
 

@@ -39,7 +39,7 @@ function append(el, children) {
 /** Hash links of this app, and absolute http(s) URLs; anything else (javascript:, data:) is no link. */
 function safeHref(v) {
   const s = String(v);
-  if (s.startsWith("#/") || s.startsWith("/api/") || s.startsWith("blob:")) return s;
+  if (s.startsWith("#/") || s.startsWith("api/") || s.startsWith("blob:")) return s;
   try {
     const u = new URL(s);
     if (u.protocol === "http:" || u.protocol === "https:") return u.href;
@@ -515,7 +515,7 @@ async function viewRequests(id, params) {
   q.set("limit", "50");
   const exportQ = apiFilters(params, "24h", { search: true });
   const exp = (fmt) => h("button", { type: "button", class: "export", "data-format": fmt, onclick: () => download(fmt, exportQ) }, "Export " + fmt.toUpperCase());
-  const page = await api("/api/v1/requests?" + q.toString());
+  const page = await api("api/v1/requests?" + q.toString());
   tableRows = page.items.map((r) => r.id);
   const nav = h("div", { class: "pager" },
     params.get("cursor") ? h("a", { class: "button", href: hashFor("requests", null, withParam(params, "cursor", null)) }, "⇤ Newest") : null,
@@ -533,7 +533,7 @@ async function viewRequests(id, params) {
 async function download(fmt, q) {
   const query = new URLSearchParams(q);
   query.set("format", fmt);
-  const url = "/api/v1/requests/export?" + query.toString();
+  const url = "api/v1/requests/export?" + query.toString();
   if (!sessionStorage.getItem(KEY)) {
     // No key to send: a plain download link lets the browser stream any size straight to disk.
     const a = h("a", { href: url, download: "", hidden: true });
@@ -578,7 +578,7 @@ async function openDrawer(id, params, view) {
   fill(drawer, h("p", { class: "muted" }, "Loading…"));
   let row;
   try {
-    row = await api("/api/v1/requests/" + encodeURIComponent(id));
+    row = await api("api/v1/requests/" + encodeURIComponent(id));
   } catch (e) {
     if (drawerState && drawerState.id === id) fill(drawer, h("button", { class: "close", onclick: () => closeDrawer() }, "×"), h("p", { class: "err" }, e.message));
     return;
@@ -590,7 +590,7 @@ async function openDrawer(id, params, view) {
 
 function curlFor(id) {
   const key = sessionStorage.getItem(KEY) ? " -H 'Authorization: Bearer $LLMTAP_KEY'" : "";
-  const url = location.origin + "/api/v1/requests/" + encodeURIComponent(id);
+  const url = new URL("api/v1/requests/" + encodeURIComponent(id), document.baseURI).href;
   return "curl -s" + key + " '" + url.replace(/'/g, "'\\''") + "'";
 }
 
@@ -1120,13 +1120,13 @@ async function viewOverview(id, params) {
     usersSince = new Date(Math.floor(since.getTime() / 86400e3) * 86400e3);
     usersQ.set("since", usersSince.toISOString());
   }
-  const usersP = api("/api/v1/stats?" + usersQ);
+  const usersP = api("api/v1/stats?" + usersQ);
   usersP.catch(() => {});
-  const [uPlot, series] = await Promise.all([loadUPlot(), api("/api/v1/stats?" + bq)]);
+  const [uPlot, series] = await Promise.all([loadUPlot(), api("api/v1/stats?" + bq)]);
   // A property not rolled up is answered from raw rows, which takes seconds at volume: asked
   // once the charts' data is in (running at the same time, a scan slowed the rollup read on a
   // busy machine), shown when it comes.
-  const propsP = groupProp ? api("/api/v1/stats?" + withGroup("property." + groupProp)) : null;
+  const propsP = groupProp ? api("api/v1/stats?" + withGroup("property." + groupProp)) : null;
   if (propsP) propsP.catch(() => {});
   const o = series.overall;
   // Every bucket of the range, empty ones included, so the x axis is honest about gaps.
@@ -1224,7 +1224,7 @@ async function viewSessions(id, params) {
   const q = apiFilters(params, defaultRange);
   if (params.get("cursor")) q.set("cursor", params.get("cursor"));
   q.set("limit", "50");
-  const page = await api("/api/v1/sessions?" + q);
+  const page = await api("api/v1/sessions?" + q);
   const nav = h("div", { class: "pager" },
     params.get("cursor") ? h("a", { class: "button", href: hashFor("sessions", null, withParam(params, "cursor", null)) }, "⇤ Most recent") : null,
     page.next_cursor ? h("a", { class: "button", id: "next-page", href: hashFor("sessions", null, withParam(params, "cursor", page.next_cursor)) }, "Next page →") : null);
@@ -1244,7 +1244,7 @@ async function viewSessions(id, params) {
 }
 
 async function viewSession(id, params) {
-  const s = await api("/api/v1/sessions/" + encodeURIComponent(id));
+  const s = await api("api/v1/sessions/" + encodeURIComponent(id));
   const t = s.totals;
   const timeline = h("ol", { class: "timeline" });
   render(
@@ -1294,7 +1294,7 @@ function turnLoader(timeline) {
   const loadOne = async (r) => {
     const li = bodyOf(timeline, r.id);
     try {
-      const full = await api("/api/v1/requests/" + encodeURIComponent(r.id));
+      const full = await api("api/v1/requests/" + encodeURIComponent(r.id));
       const conv = conversation(full, "session");
       const msgs = [...conv.querySelectorAll(":scope > .msg")];
       let start = msgs.length - 1;
@@ -1331,7 +1331,7 @@ function turnLoader(timeline) {
 
 async function viewUsers(id, params) {
   renderPending("Users");
-  const res = await api("/api/v1/users?limit=500");
+  const res = await api("api/v1/users?limit=500");
   render(
     h("h1", {}, "Users"),
     res.items.length ? scroller(h("table", { class: "grid", id: "users-table" },
@@ -1431,7 +1431,7 @@ async function tail(q, signal, { receive, showStatus }) {
     let why;
     try {
       heard();
-      const resp = await fetch("/api/v1/requests/stream?" + q, { headers: authHeaders(), signal: attempt.signal });
+      const resp = await fetch("api/v1/requests/stream?" + q, { headers: authHeaders(), signal: attempt.signal });
       if (resp.status === 401) {
         if (!refused) askKey();
         refused = true;
@@ -1501,7 +1501,7 @@ async function catchUp(q, since, receive) {
   lq.set("since", new Date(since).toISOString());
   lq.set("limit", "500");
   try {
-    const page = await api("/api/v1/requests?" + lq);
+    const page = await api("api/v1/requests?" + lq);
     for (const row of page.items.reverse()) receive(row);
   } catch (e) { /* the stream goes on; what was missed is in the table */ }
 }
@@ -1510,10 +1510,10 @@ async function catchUp(q, since, receive) {
 
 async function viewPipeline() {
   renderPending("Pipeline health");
-  const p = await api("/api/v1/pipeline");
+  const p = await api("api/v1/pipeline");
   const replay = async (body) => {
     try {
-      const r = await api("/api/v1/pipeline/dead-letters/replay", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+      const r = await api("api/v1/pipeline/dead-letters/replay", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
       banner.hidden = false;
       banner.textContent = `Replayed ${r.replayed} dead letter(s).`;
       setTimeout(route, 800);
