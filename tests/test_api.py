@@ -747,6 +747,25 @@ async def test_ingest_answers_503_when_its_queue_cannot_be_written(tmp_path: Pat
         assert (await srv.get(f"/api/v1/requests/{rec(1).id}"))[0] == 200
 
 
+async def test_a_server_whose_ingest_queue_cannot_be_opened_starts_and_opens_it_later(tmp_path: Path) -> None:
+    """Found by the disk check: on a full disk `ingest.db` could not be opened and `llmtap up`
+    exited at start, so no request was proxied at all. The server starts; ingest answers 503
+    (a gateway spools) until the file opens, which is tried again every few seconds."""
+    (tmp_path / "ingest.db").mkdir()  # what SQLite cannot open, as on a full or read-only disk
+    async for srv in start_server("sqlite", tmp_path):
+        status, body, _ = await srv.ingest(encode(rec(1)), wait=False)
+        assert status == 503 and "ingest queue is not open" in body["error"]["message"], body
+        assert (await srv.get("/api/v1/pipeline"))[1]["ingest"] is None
+        (tmp_path / "ingest.db").rmdir()
+        deadline = asyncio.get_running_loop().time() + 60
+        while srv.svc.ingest.down is not None:
+            assert asyncio.get_running_loop().time() < deadline, srv.svc.ingest.down
+            await asyncio.sleep(0.1)
+        status, body, _ = await srv.ingest(encode(rec(1)))
+        assert status == 200, body
+        assert (await srv.get(f"/api/v1/requests/{rec(1).id}"))[0] == 200
+
+
 @pytest.mark.parametrize("kind", store_params())
 async def test_ingest_token(kind: str, tmp_path: Path) -> None:
     async for srv in start_server(kind, tmp_path, ingest_token="s3cret-token"):

@@ -293,6 +293,8 @@ class ServerService(OnBackends):
         self.port = runner.addresses[0][1]
         shown = host if ":" not in host else f"[{host}]"
         lines = [f"server    http://{shown}:{self.port}  (API /api/v1, dashboard /)"]
+        if self.ingest.down is not None:
+            lines.append(f"server    ingest WAITING: {self.ingest.down} (ingest answers 503; gateways spool)")
         if waiting is not None:
             if self.backends.connected("store"):  # records are listed, each body says why not
                 until = "records are served; their bodies read as unavailable until it is back"

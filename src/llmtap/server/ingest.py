@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llmtap.config import Settings
+from llmtap.errors import BackendUnavailable
 from llmtap.queue.base import Message, QueueStatus
 from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import LogRecord, encode, partition_key
@@ -52,8 +53,23 @@ class IngestQueue:
         self._drain_queue = SQLiteQueue(str(path), partitions=PARTITIONS)
         self.worker = WorkerService(settings, queue=self._drain_queue, backends=backends)
         self._by = settings.partition_by
+        #: Why `ingest.db` could not be opened (ingest answers 503 meanwhile), or None.
+        self.down: str | None = None
+        self._retry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Open `ingest.db` and start its drain; on a disk that refuses it (full, read-only),
+        start anyway: ingest answers 503 (a gateway then spools) and the file is opened again
+        every few seconds. It used to stop the whole `llmtap up`: a full disk and a restart
+        took every proxied request down with it."""
+        try:
+            await self._start()
+        except BackendUnavailable as e:
+            self.down = str(e)
+            log.warning("ingest: %s; POST /api/v1/ingest answers 503 until it opens (retried)", e)
+            self._retry = asyncio.create_task(self._start_later(), name="llmtap-ingest-open")
+
+    async def _start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await self.queue.connect("producer")
         try:
@@ -61,6 +77,18 @@ class IngestQueue:
         except BaseException:
             await self.queue.close()
             raise
+        self.down = None
+
+    async def _start_later(self, every: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._start()
+            except BackendUnavailable as e:
+                self.down = str(e)
+                continue
+            log.warning("ingest: %s opened; POST /api/v1/ingest takes records again", self.queue.path)
+            return
 
     async def stop(self) -> None:
         """Store what was accepted while the drain makes progress, then stop (the chain is the server's).
@@ -69,6 +97,11 @@ class IngestQueue:
         is down nothing moves, so stopping does not wait out `shutdown_timeout`: the records
         stay in `ingest.db` for the next start.
         """
+        if self._retry is not None:
+            self._retry.cancel()
+            await asyncio.gather(self._retry, return_exceptions=True)
+        if self.down is not None:  # never opened: nothing to drain or stop
+            return
         try:
             await self._settle()
         except Exception as e:
@@ -92,14 +125,18 @@ class IngestQueue:
 
     async def put(self, records: Sequence[LogRecord]) -> None:
         """Durable on return (fsynced); raises `BackendUnavailable` when the disk refuses."""
+        if self.down is not None:
+            raise BackendUnavailable(f"the server's ingest queue is not open: {self.down}")
         by = self._by
         await self.queue.publish([Message(key=partition_key(r, by), value=encode(r)) for r in records])
 
     async def lag(self) -> int:
-        return (await self.queue.status()).lag
+        return (await self.status()).lag
 
     async def status(self) -> QueueStatus:
         """What waits in `ingest.db`: accepted, not yet stored (`lag`), and dead letters."""
+        if self.down is not None:
+            raise BackendUnavailable(f"the server's ingest queue is not open: {self.down}")
         return await self.queue.status()
 
     async def drained(self, timeout: float = 60.0) -> None:
