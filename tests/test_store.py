@@ -1258,3 +1258,27 @@ async def test_a_query_sqlite_cannot_parse_is_a_bug_not_an_outage(tmp_path: Path
             await store._read(lambda: store._r().execute("SELECT * FROM no_such_table_here"))
     finally:
         await store.close()
+
+
+async def test_a_full_disk_is_named_not_hidden_by_a_failed_rollback(tmp_path: Path) -> None:
+    """Found by the disk check: on a full disk the worker logged "cannot rollback - no transaction
+    is active": SQLite had rolled back already, and our ROLLBACK's error replaced the real one."""
+    from llmtap.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "store.db")
+    await store.connect()
+    try:
+        await store.write_batch([rec(i) for i in range(5)])
+
+        def cap() -> None:  # a file that may grow by two pages only: a disk that is full
+            conn = store._w()
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages + 2}").fetchall()
+
+        await store._write(cap)
+        with pytest.raises(TransientError, match="database or disk is full"):  # retried, not dead-lettered
+            for b in range(50):
+                await store.write_batch([rec(1000 + b * 50 + i) for i in range(50)])
+        assert (await store.get_request(rec(1).tenant, rec(1).id)) is not None  # what was stored stays
+    finally:
+        await store.close()

@@ -251,11 +251,21 @@ class SQLiteWebhooks(WebhookDB):
             try:
                 yield _SQLiteConn(conn, self._run)
             except BaseException:
-                await self._run(lambda: conn.execute("ROLLBACK"))
+                await self._run(lambda: _rollback(conn))
                 raise
             await self._run(lambda: conn.execute("COMMIT"))
 
 
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back what is open, without hiding why: SQLite has already rolled back after some
+    errors ("database or disk is full"), and a ROLLBACK then raised "cannot rollback - no
+    transaction is active" in place of the full disk's own message."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+#: Bytes the store's WAL file is truncated to after a checkpoint (as the queue's).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 _ROLLUP_COLS = ", ".join(rollup.COLUMNS)
 _ROLLUP_GET = (
     f"SELECT {', '.join(rollup.COLUMNS[5:])} FROM rollups"
@@ -325,6 +335,10 @@ class SQLiteStore(Store):
         conn.execute("PRAGMA cache_size = -32000")
         if readonly:
             conn.execute("PRAGMA query_only = 1")
+        else:
+            # A WAL grown by a large purge (retention deletes 10,000 rows a transaction) is cut
+            # back to this at the next checkpoint: it stayed at its largest until a restart.
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         return conn
 
     async def _run(self, executor: ThreadPoolExecutor | None, fn: Callable[..., T], *args: Any) -> T:
@@ -424,7 +438,7 @@ class SQLiteStore(Store):
                 self._covered = dict(conn.execute("SELECT dim, since FROM rollup_dims").fetchall())
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
 
     @staticmethod
@@ -560,7 +574,7 @@ class SQLiteStore(Store):
                 cells = self._apply_rollups(conn, sketched, cells)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
         if self._rollups:
             self._cells, self._cells_mark = cells, (mark[0], conn.total_changes)
@@ -786,7 +800,7 @@ class SQLiteStore(Store):
                 )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
         return [ref for r in rows for ref in sql.body_refs(r[:3])], len(rows)
 
