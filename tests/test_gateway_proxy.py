@@ -778,6 +778,37 @@ async def test_an_error_answer_quoting_the_key_is_stored_with_it_masked(
     assert rec.error is not None and key not in rec.error and "Incorrect API key provided" in rec.error
 
 
+async def test_an_answer_that_is_an_error_says_so_in_the_record(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Found by the failed-requests check: a 502 page from a load balancer had no error text (the
+    dashboard explained nothing), and a 200 whose JSON is an error object (OpenRouter) none either."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if request.headers.get("x-mode") == "html":
+            page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+            return web.Response(status=502, body=page, content_type="text/html")
+        if request.headers.get("x-mode") == "empty":
+            return web.Response(status=503)
+        return web.json_response({"error": {"message": "No endpoints found for x/y.", "code": 404}})
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            for mode in ("html", "empty", "json"):
+                h = {**OPENAI_AUTH, "x-mode": mode}
+                async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=h) as r:
+                    await r.read()
+            html, empty, json_ = await published(svc, q, 3)
+    finally:
+        await runner.cleanup()
+    assert html.error == "upstream answered 502 (text/html, 50 bytes)", html.error
+    assert empty.error == "upstream answered 503 (no content type, 0 bytes)", empty.error
+    assert (json_.status, json_.outcome, json_.error) == (200, "completed", "No endpoints found for x/y.")
+
+
 async def test_large_body_goes_to_the_body_store(
     upstream: int, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:

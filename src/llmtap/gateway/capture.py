@@ -360,7 +360,12 @@ class RecordBuilder:
             obj = response_obj = _loads(decoded)
             if obj is not None:
                 usage = fmt.usage_from_body(obj)
-                if cap.status is not None and cap.status >= 400 and error is None:
+                if (
+                    cap.status is not None
+                    and error is None
+                    and (cap.status >= 400 or (isinstance(obj, dict) and "error" in obj))
+                ):
+                    # A 2xx whose body is an error object (OpenRouter, some proxies) says so too.
                     error = fmt.error_message(obj)
             elif cap.tail and decoded is raw:
                 # Cut at `max_bytes` (a big embeddings answer): its usage and model are in the tail kept.
@@ -369,6 +374,11 @@ class RecordBuilder:
                 if fmt.bills(cap.method, cap.path):  # not a listing's last item's model
                     response_obj = fmt.response_from_tail(tail)
 
+        if error is None and cap.status is not None and cap.status >= 400:
+            # An answer without a readable error (an HTML page from a load balancer, an empty
+            # body): the record says what came, where it said nothing.
+            kind = resp_ctype.split(";")[0].strip() if resp_ctype else "no content type"
+            error = f"upstream answered {cap.status} ({kind}, {cap.response_size} bytes)"
         scrubbed = False
         if cap.status is not None and cap.status >= 400 and response_body and events is None:
             # An error answer may quote the caller's key back ("Incorrect API key provided:
