@@ -72,7 +72,7 @@ class MemoryQueue(Queue):
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         return []
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None, *, publish: bool = True) -> int:
         return 0
 
     async def status(self) -> QueueStatus:

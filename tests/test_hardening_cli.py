@@ -100,6 +100,46 @@ def test_read_only_commands_still_read_an_existing_queue(tmp_path: Path) -> None
     assert json.loads(r.stdout)["lag"] == 1
 
 
+def test_dlq_discard_removes_named_letters_for_good_after_asking(tmp_path: Path) -> None:
+    """Found by the disk check: dead letters that can never be stored were kept for ever (30 MB
+    of them in one queue file) and no command could remove them."""
+    import asyncio
+
+    from llmtap.queue.sqlite import SQLiteQueue
+
+    env = llmtap_env(tmp_path / "data")
+    _publish(env, b"not a record", b"nor this", b"nor that")
+
+    async def dead_letter_all() -> list[str]:
+        q = SQLiteQueue(str(tmp_path / "data" / "queue.db"), 6)
+        await q.connect("consumer")
+        try:
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(await q.dead_letters()) < 3:
+                assert asyncio.get_running_loop().time() < deadline, "the letters never came"
+                for d in await q.consume(10, 1.0):
+                    await q.dead_letter(d, "cannot decode")
+            return [d.id for d in await q.dead_letters()]
+        finally:
+            await q.close()
+
+    ids = asyncio.run(dead_letter_all())
+    assert len(ids) == 3
+    r = _llmtap(env, "dlq", "discard", ids[0], "--yes", cwd=tmp_path)
+    assert (r.returncode, r.stdout.strip()) == (0, "discarded 1 record(s)"), r.stderr
+    r = _llmtap(env, "dlq", "discard", ids[0], "--yes", cwd=tmp_path)
+    assert r.returncode == 1 and "named no dead letter" in r.stderr  # not "done"
+    r = subprocess.run(
+        [sys.executable, "-m", "llmtap.cli", "dlq", "discard", "--all"],
+        env=env, cwd=tmp_path, input="n\n", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 1 and "Aborted" in r.stderr, r.stderr  # asked, and said no
+    assert ids[1] in _llmtap(env, "dlq", "list", cwd=tmp_path).stdout
+    r = _llmtap(env, "dlq", "discard", "--all", "--yes", cwd=tmp_path)
+    assert r.stdout.strip() == "discarded 2 record(s)", r.stderr
+    assert json.loads(_llmtap(env, "status", "--json", cwd=tmp_path).stdout)["dead_letters"] == 0
+
+
 def test_status_names_spool_bytes_a_replay_could_not_read(tmp_path: Path) -> None:
     """They were kept in spool/corrupt/ with one log line, and nothing counted them after."""
     env = llmtap_env(tmp_path / "data")

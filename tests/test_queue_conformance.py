@@ -334,6 +334,15 @@ async def test_poison_messages_are_dead_lettered_and_replayed(spec: QueueSpec, o
     assert ledger.duplicates == 0 and ledger.violations == []
     assert sorted(d.value for d in await q.dead_letters()) == sorted(m.value for m in poison)
 
+    # Discarded means gone for good (`llmtap dlq discard`): listed no more, never delivered again.
+    # Found by the disk check: dead letters that can never be stored grew the queue for ever.
+    again = await q.dead_letters()
+    assert await q.discard_dead_letters([again[0].id]) == 1
+    assert await q.discard_dead_letters([again[0].id, "no-such-letter"]) == 0
+    assert await q.discard_dead_letters() == len(poison) - 1
+    assert await q.dead_letters() == [] and (await q.status()).dead_letters == 0
+    assert (await q.status()).lag == 0
+
 
 async def test_a_worker_with_batches_in_flight_keeps_each_key_in_order(
     spec: QueueSpec, tmp_path: Path

@@ -846,7 +846,7 @@ def alerts_remove(ctx: click.Context, rule_id: str, tenant: str | None) -> None:
 
 @cli.group()
 def dlq() -> None:
-    """Inspect and replay dead-lettered records."""
+    """Inspect, replay or discard dead-lettered records."""
 
 
 def _with_queue(ctx: click.Context, fn: Callable[[Queue], Awaitable[T]], role: Role = "producer") -> T:
@@ -892,6 +892,38 @@ def dlq_replay(ctx: click.Context, ids: tuple[str, ...], replay_all: bool) -> No
         n = _with_queue(ctx, lambda q: q.replay_dead_letters(None if replay_all else named))
     click.echo(f"replayed {n} record(s)")
     missing = 0 if replay_all else len(set(ids)) - n
+    if missing > 0:  # a mistyped id must not read as done
+        _fail(f"{missing} of the ids named no dead letter (`llmtap dlq list` shows them)", 1)
+
+
+@dlq.command("discard")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "discard_all", is_flag=True, help="Discard every dead letter.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def dlq_discard(ctx: click.Context, ids: tuple[str, ...], discard_all: bool, yes: bool) -> None:
+    """Remove dead letters for good: records that can never be stored.
+
+    Their only copy goes (`llmtap dlq list` shows them and why they failed). Kafka keeps a
+    discarded letter's bytes in `<topic>.dlq` until its retention.ms, unlisted.
+
+    \b
+    Example:
+      llmtap dlq discard 17 18        # these ids (from `llmtap dlq list`)
+      llmtap dlq discard --all --yes
+    """
+    if not ids and not discard_all:
+        _fail("name dead-letter ids to discard, or pass --all")
+    if _queue_missing(_settings(ctx)):
+        click.echo("discarded 0 record(s)")
+        return
+    if not yes:
+        what = "every dead letter" if discard_all else f"{len(set(ids))} dead letter(s)"
+        click.confirm(f"Discard {what} for good? Their records will never be stored", abort=True)
+    named = list(dict.fromkeys(ids))
+    n = _with_queue(ctx, lambda q: q.discard_dead_letters(None if discard_all else named))
+    click.echo(f"discarded {n} record(s)")
+    missing = 0 if discard_all else len(named) - n
     if missing > 0:  # a mistyped id must not read as done
         _fail(f"{missing} of the ids named no dead letter (`llmtap dlq list` shows them)", 1)
 

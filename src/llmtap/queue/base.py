@@ -222,8 +222,14 @@ class Queue(ABC):
         """The oldest dead letters."""
 
     @abstractmethod
-    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
-        """Publish dead letters (all, or these ids) again and remove them; returns how many."""
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None, *, publish: bool = True) -> int:
+        """Publish dead letters (all, or these ids) again and remove them; returns how many.
+        `publish=False` only removes them (`discard_dead_letters`)."""
+
+    async def discard_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        """Remove dead letters (all, or these ids) for good: records that can never be stored.
+        Their only copy goes (list or export them first); returns how many."""
+        return await self.replay_dead_letters(ids, publish=False)
 
     @abstractmethod
     async def status(self) -> QueueStatus:

@@ -783,7 +783,7 @@ class KafkaQueue(Queue):
         except (KafkaError, OSError, TimeoutError) as e:
             raise self._unavailable(e) from None
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None, *, publish: bool = True) -> int:
         try:
             watermark, replayed, _, end = await self._replay_state()
             copies: dict[str, list[int]] = {}
@@ -792,8 +792,10 @@ class KafkaQueue(Queue):
             chosen = [d for d in letters if wanted is None or d.id in wanted]
             if not chosen:
                 return 0
-            await self._send(self.topic, [(d.key, d.value, None) for d in chosen])
-            # Remember what was replayed (and the copies of it): the watermark passes every
+            if publish:
+                await self._send(self.topic, [(d.key, d.value, None) for d in chosen])
+            # Remember what was replayed (discarded: the same; the topic keeps its bytes until
+            # its retention.ms, unlisted) (and the copies of it): the watermark passes every
             # replayed (or vanished) offset from its old place up to the first letter waiting.
             done = replayed | {int(d.id) for d in chosen}
             done |= {o for d in chosen for o in copies.get(d.id, ())}

@@ -786,7 +786,7 @@ class RedisQueue(Queue):
             )
         return out
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None, *, publish: bool = True) -> int:
         replayed = 0
         try:
             if ids is None:
@@ -801,7 +801,7 @@ class RedisQueue(Queue):
                     chunk: Any = await self.r.xrange(self.dlq_key, start, end, count=500)
                     if not chunk:
                         break
-                    replayed += await self._replay(chunk)
+                    replayed += await self._replay(chunk, publish)
                     start = "(" + _s(chunk[-1][0])
             else:
                 # A dead letter's id is a stream entry id (`1764941129000-0`); anything else names
@@ -812,12 +812,14 @@ class RedisQueue(Queue):
                     for eid in ids[i : i + 500]:
                         pipe.xrange(self.dlq_key, eid, eid)
                     entries = [e[0] for e in await pipe.execute() if e]
-                    replayed += await self._replay(entries)
+                    replayed += await self._replay(entries, publish)
         except (RedisError, OSError, TimeoutError) as e:
             raise self._unavailable(e) from None
         return replayed
 
-    async def _replay(self, entries: list[Any]) -> int:
+    async def _replay(self, entries: list[Any], publish: bool = True) -> int:
+        if not publish:
+            return int(await self.r.xdel(self.dlq_key, *[eid for eid, _ in entries])) if entries else 0
         args: list[Any] = [f"{self.prefix}:p"]
         for eid, f in entries:
             args += [eid, partition_for(f.get(b"k", b"").decode(errors="replace"), self.partitions)]

@@ -755,7 +755,7 @@ class SQLiteQueue(Queue):
 
         return await self._call(read)
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None, *, publish: bool = True) -> int:
         def replay(db: sqlite3.Connection) -> int:
             what = "SELECT id, CAST(key AS BLOB), value FROM dead_letters"
             if ids is None:
@@ -766,7 +766,8 @@ class SQLiteQueue(Queue):
                     rows += db.execute(f"{what} WHERE id=?", (i,)).fetchall()
             if not rows:
                 return 0
-            self._append([(_text(k), v) for _, k, v in rows], db)
+            if publish:
+                self._append([(_text(k), v) for _, k, v in rows], db)
             db.executemany("DELETE FROM dead_letters WHERE id=?", [(r[0],) for r in rows])
             return len(rows)
 

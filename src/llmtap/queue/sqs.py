@@ -700,7 +700,7 @@ class SQSQueue(Queue):
         letters = [self._letter(m) for m in seen]
         return sorted(letters, key=lambda d: d.failed_at)
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None, *, publish: bool = True) -> int:
         wanted = set(ids) if ids is not None else None
         token = uuid.uuid4().hex  # what this replay publishes carries it: skip it if it comes back
         skipped: list[str] = []
@@ -721,14 +721,15 @@ class SQSQueue(Queue):
                 if not chosen:
                     continue
                 entries = []
-                for m in chosen:
+                for m in chosen if publish else ():
                     letter = self._letter(m)
                     entries.append(
                         self._entry(
                             letter.key, letter.value, _sha("replay:" + m["MessageId"]), {A_REPLAY: token}
                         )
                     )
-                await self._send_entries(self._url, entries)
+                if entries:
+                    await self._send_entries(self._url, entries)
                 await self._delete(self._dlq_url, [m["ReceiptHandle"] for m in chosen])
                 replayed += len(chosen)
                 if wanted is not None:
