@@ -923,3 +923,54 @@ def test_two_outages_at_once_each_end_on_their_own() -> None:
     assert w.waiting == "queue: Redis refused the connection"
     w._outage("queue", None)
     assert w.waiting is None
+
+
+class Hang(Handler):
+    """A store that takes no write (a locked table, a frozen database) until `release` is set."""
+
+    name = "hang"
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle(self, items: Sequence[Item]) -> None:
+        self.entered.set()
+        await self.release.wait()
+
+
+async def test_restarts_while_the_store_hangs_never_dead_letter_a_good_record(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the retry check: a worker stopped (SIGTERM) five times while the store hung on a
+    lock dead-lettered a good record as "delivered 5 times without ack: the worker died while
+    processing it". A stop, an outage or a hang is not the message killing the worker."""
+    import llmtap.worker.worker as worker_module
+
+    hang = Hang()
+    env.settings = env.settings.model_copy(update={"shutdown_timeout": 0.5})
+    chain = env.chain
+    monkeypatch.setattr(env, "chain", lambda: Chain([hang, *chain().handlers]))
+    await env.publish([encode(make_record(1))])
+    for _ in range(env.settings.worker_max_attempts + 2):  # stops at the stop deadline, cancelled
+        hang.entered.clear()
+        w = await env.worker()
+        await until(hang.entered.is_set, 60, what="the record handed to the chain")
+        await w.stop()
+        env.workers.remove(w)
+
+    # Killed outright (SIGKILL) while it hangs: no stop to forget the attempt, so a hang longer
+    # than SUSPECT_STALL forgets it already.
+    monkeypatch.setattr(worker_module, "SUSPECT_STALL", 0.2)
+    hang.entered.clear()
+    w = await env.worker()
+    await until(hang.entered.is_set, 60, what="the record handed to the chain again")
+
+    def counted() -> int:
+        with sqlite3.connect(env.queue_path) as db:
+            return int(db.execute("SELECT coalesce(sum(n), 0) FROM attempts").fetchone()[0])
+
+    await until(lambda: counted() == 0, 30, what="the hung attempt forgotten")
+    hang.release.set()
+    await until(lambda: env.rows()[0] == 1, 60, what="the record stored")
+    assert (await env.producer.status()).dead_letters == 0 and w.stats.dead_lettered == 0
