@@ -358,3 +358,50 @@ def test_a_gateway_raises_its_open_file_limit_and_says_when_it_stays_low(tmp_pat
         )
         assert out.returncode == 0, out.stderr
         assert ("note: this process may open only 256 files" in out.stdout) == said, out.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("LLMTAP_TEST_POSTGRES_URL"), reason="needs PostgreSQL")
+async def test_a_worker_starting_behind_a_locked_table_says_it_waits_and_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    """Found by the retry check: a worker started while `requests` was locked (a long ALTER, a
+    VACUUM FULL) printed nothing and ignored SIGTERM and SIGINT: only SIGKILL ended it."""
+    import asyncpg
+
+    from llmtap.store.postgres import PostgresStore
+    from store_helpers import pg_database
+
+    async with pg_database() as url:
+        store = PostgresStore(url)
+        await store.connect()  # the schema, as a running deployment has it
+        await store.close()
+        locker = await asyncpg.connect(url)
+        try:
+            await locker.execute("BEGIN; LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")
+            env = llmtap_env(tmp_path / "data", store=url)
+            first = start_llmtap("worker", env, tmp_path / "worker1.log")
+            try:  # the lock's timeout: it says what it waits for, and keeps trying
+                wait_until(lambda: "lock timeout" in first.output() or not first.alive(), 60, what="a word")
+                assert first.alive() and "started without its backends" in first.output(), first.output()
+            finally:
+                assert first.stop(signal.SIGTERM, timeout=30) == 0, first.output()
+            second = start_llmtap("worker", env, tmp_path / "worker2.log")
+            deadline = asyncio.get_running_loop().time() + 60
+            watcher = await asyncpg.connect(url)  # not the locker's: its transaction sees one snapshot
+            try:
+                while not await watcher.fetchval(  # inside its start-up, waiting on the lock
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                ):
+                    assert asyncio.get_running_loop().time() < deadline and second.alive(), second.output()
+                    await asyncio.sleep(0.1)
+                t0 = asyncio.get_running_loop().time()
+                assert second.stop(signal.SIGTERM, timeout=30) == 0, second.output()
+                # Before the lock's 10 s timeout would have ended the start-up anyway.
+                assert asyncio.get_running_loop().time() - t0 < 8, second.output()
+                assert "stopped while starting" in second.output(), second.output()
+            finally:
+                await watcher.close()
+                second.kill()  # a no-op once it stopped
+        finally:
+            await locker.close()

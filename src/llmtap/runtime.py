@@ -375,11 +375,16 @@ async def run_services(settings: Settings, title: str, services: Sequence[Servic
             stack.callback(gc.unfreeze)  # after every service stopped (callbacks run last-in first)
             lines: list[str] = []
             for svc in services:
-                lines += await svc.start()
+                started = await _start_unless_stopped(svc, stop)
+                if started is None:  # SIGINT/SIGTERM during start-up (a backend that hangs)
+                    print(f"llmtap: stopped while starting {svc.name}", file=sys.stderr, flush=True)
+                    break
+                lines += started
                 stack.push_async_callback(stop_one, svc)
-            print(banner(settings, title, lines), flush=True)
-            settle_heap()
-            await stop.wait()
+            else:
+                print(banner(settings, title, lines), flush=True)
+                settle_heap()
+                await stop.wait()
             print(
                 "llmtap: stopping (finishing in-flight requests and flushing logs)...",
                 file=sys.stderr,
@@ -390,6 +395,23 @@ async def run_services(settings: Settings, title: str, services: Sequence[Servic
         return 2
     print("llmtap: stopped", file=sys.stderr, flush=True)
     return 1 if failed else 0
+
+
+async def _start_unless_stopped(svc: Service, stop: asyncio.Event) -> list[str] | None:
+    """`svc.start()`, or None when a stop is asked first: a start waiting on a backend that
+    hangs (a locked table) ignored SIGTERM and SIGINT until it timed out."""
+    starting = asyncio.ensure_future(svc.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if starting.done():
+        return starting.result()
+    starting.cancel()  # its start-up stack undoes what it had opened
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await starting
+    return None
 
 
 async def open_when_back(

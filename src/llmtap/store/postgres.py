@@ -530,9 +530,13 @@ class PostgresStore(Store):
         self._covered = {r[0]: int(r[1]) for r in await conn.fetch("SELECT dim, since FROM rollup_dims")}
 
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
-        # Per-connection staging table for COPY; emptied at every commit.
+        # Per-connection staging table for COPY; emptied at every commit. `LIKE requests` waits
+        # for a lock on it: behind a long ALTER or VACUUM FULL a start hung silently for the
+        # command timeout (120 s). Past 10 s the connection fails, and start-up says it waits.
         await conn.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE requests) ON COMMIT DELETE ROWS"
+            "SET lock_timeout = '10s';"
+            f" CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE requests) ON COMMIT DELETE ROWS;"
+            " RESET lock_timeout"
         )
         self._up()  # a new connection (the pool restoring its floor, too) means it is back
 
