@@ -115,6 +115,12 @@ class _Handler(RequestHandler):
                 timer.cancel()
 
     def _cancel_handler(self) -> None:
+        # aiohttp's first wait ends here rather than in a race with its own timeout (at 5 s or
+        # less both fire at once: the finished handler then set a result on the cancelled
+        # waiter, "InvalidStateError" at ERROR on every such stop).
+        waiter, self._handler_waiter = self._handler_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         task = self._task_handler
         if task is not None and not task.done():
             task.cancel()
