@@ -511,7 +511,11 @@ def test_a_stream_cut_after_its_final_usage_is_priced_on_it() -> None:
     continuous = sse(
         {**chunk({"content": "a"}), "usage": OPENAI_USAGE}, {**chunk({"content": "b"}), "usage": OPENAI_USAGE}
     )
-    for raw in (before, continuous):
+    usage_first = sse(  # a usage chunk first (prompt only), then content, then the cut
+        {**{k: v for k, v in chunk({}).items() if k != "choices"}, "choices": [], "usage": OPENAI_USAGE},
+        chunk({"content": "a"}),
+    )
+    for raw in (before, continuous, usage_first):
         res = openai.reassemble_stream(raw[: raw.rindex(b"\n\n") + 2])
         assert res is not None
         assert res.settle("upstream_cut", "cut")[0].source in ("partial", "missing")

@@ -9,6 +9,7 @@ and every request ends up as exactly one correct record — without credentials.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import hashlib
@@ -747,12 +748,14 @@ async def test_an_error_answer_quoting_the_key_is_stored_with_it_masked(
     by the dashboard and found by body search. The client still gets the answer as sent."""
     key, other, param = (f"tenant{i}{uuid.uuid4().hex}" for i in range(3))  # no known key shape
     sent: list[bytes] = []
+    plain: list[bytes] = []
 
     async def handler(request: web.Request) -> web.StreamResponse:
         await request.read()
         h = request.headers
         quoted = f"{h['Authorization']} / {h['x-api-key']} / {request.query['key']}"
         body = json.dumps({"error": {"message": f"Incorrect API key provided: {quoted}"}}).encode()
+        plain.append(body)
         headers = {"Content-Type": "application/json"}
         if coding == "gzip":
             body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
@@ -774,8 +777,68 @@ async def test_an_error_answer_quoting_the_key_is_stored_with_it_masked(
     for secret in (key, other, param):
         assert secret.encode() not in encode(rec), secret
     assert json.loads(stored)["error"]["message"] == "Incorrect API key provided: Bearer *** / *** / ***"
-    assert rec.response_body is not None and rec.response_body.size == len(stored)
+    # `size` stays the body's as it travelled (decoded), not the masked text's.
+    assert rec.response_body is not None and rec.response_body.size == len(plain[0])
     assert rec.error is not None and key not in rec.error and "Incorrect API key provided" in rec.error
+
+
+async def test_every_error_answer_quoting_a_key_has_it_masked(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Found by the review of that fix: a streamed error event, a 2xx error object, a Basic
+    password, a key JSON writes with `\\/`, and a key cut in half at LLMTAP_MAX_BODY_BYTES were
+    still stored; and OpenAI's fine-tuning jobs (`"error": {}` while all is well) read as errors."""
+    slash_key = "tenant/" + uuid.uuid4().hex
+    password = "pw-" + uuid.uuid4().hex
+    long_key = "tenant" + uuid.uuid4().hex * 4
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        mode, h = request.headers["x-mode"], request.headers
+        if mode == "sse":  # an error event in a stream (Anthropic's form), status 401
+            event = {
+                "type": "error",
+                "error": {"type": "authentication_error", "message": f"bad key {h['x-api-key']}"},
+            }
+            return web.Response(
+                status=401, body=b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n",
+                content_type="text/event-stream",
+            )  # fmt: skip
+        if mode == "basic":  # a 200 whose body is an error, quoting the decoded password
+            return web.json_response({"error": {"message": f"user u rejected with password {password}"}})
+        if mode == "slash":
+            escaped = slash_key.replace("/", "\\/").encode()  # as PHP's json_encode writes it
+            return web.Response(status=403, body=b'{"error": {"message": "key ' + escaped + b'"}}')
+        if mode == "cut":  # the key straddles the kept bytes' end
+            pad = b'{"error": {"message": "' + b"x" * (4096 - 23 - 20)
+            return web.Response(status=401, body=pad + long_key.encode() + b'"}}')
+        return web.json_response({"object": "fine_tuning.job", "status": "running", "error": {}})
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    auth = {
+        "sse": {"x-api-key": uuid.uuid4().hex + "k"},
+        "basic": {"Authorization": "Basic " + base64.b64encode(f"u:{password}".encode()).decode()},
+        "slash": {"Authorization": f"Bearer {slash_key}"},
+        "cut": {"Authorization": f"Bearer {long_key}"},
+        "job": {"Authorization": "Bearer " + uuid.uuid4().hex},
+    }
+    try:
+        async with running_gateway(settings_for(port, tmp_path, max_body_bytes=4096), q) as (svc, gw):
+            for mode, h in auth.items():
+                async with http.post(
+                    f"{gw}/openai/v1/chat/completions", json=CHAT, headers={**h, "x-mode": mode}
+                ) as r:
+                    await r.read()
+            recs = dict(zip(auth, await published(svc, q, len(auth)), strict=True))
+    finally:
+        await runner.cleanup()
+    secrets = [auth["sse"]["x-api-key"], password, slash_key, slash_key.replace("/", "\\/"), long_key[:12]]
+    for mode, rec in recs.items():
+        for secret in secrets:
+            assert secret.encode() not in encode(rec), (mode, secret)
+    assert recs["basic"].error == "user u rejected with password ***"
+    assert recs["job"].error is None and recs["job"].outcome == "completed"
 
 
 async def test_an_answer_that_is_an_error_says_so_in_the_record(

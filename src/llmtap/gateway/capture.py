@@ -14,6 +14,7 @@ Clocks: one `time.time()` at the start gives the wall-clock anchor; every other 
 
 from __future__ import annotations
 
+import base64
 import re
 import zlib
 from collections import deque
@@ -208,32 +209,59 @@ _SCHEMED = re.compile(r"(?i)^[a-z][a-z0-9._~+-]*\s+(\S.*)$")
 
 
 def _credentials(cap: Capture) -> set[bytes]:
-    """The credentials the client sent (header values, and query values named like one), and
-    the token of a `Bearer <token>`: what an upstream's error answer may quote back."""
+    """The credentials the client sent (header values, and query values named like one), the
+    token of a `Bearer <token>`, the password a `Basic` one encodes, and each as JSON writes it
+    (`/` as `\\/`): what an upstream's error answer may quote back."""
     found: list[str] = [v for k, v in cap.request_headers if is_secret_header(k, v)]
     query = cap.target_url.partition("?")[2].partition("#")[0]
     if query:
         for name, value in parse_qsl(query, keep_blank_values=False):
             if is_secret_name(name):
                 found.append(value)
-    out: set[bytes] = set()
+    values: list[str] = []
     for value in found:
         value = value.strip()
         m = _SCHEMED.match(value)
         v = m.group(1).strip() if m else value  # `Bearer <token>`: the token (quoted as `Bearer ***`)
+        values.append(v)
+        if m and value[:6].lower() == "basic ":
+            try:
+                plain = base64.b64decode(v, validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                continue
+            values += [plain, plain.partition(":")[2]]
+    out: set[bytes] = set()
+    for v in values:
         if len(v) >= 8:  # shorter is no key, and masking it would mangle ordinary text
             out.add(v.encode("utf-8", "surrogateescape"))
+            if "/" in v:
+                out.add(v.replace("/", "\\/").encode("utf-8", "surrogateescape"))
     return out
 
 
-def _scrub(body: bytes, secrets: set[bytes]) -> bytes:
+def _is_error(obj: Any) -> bool:
+    """A 2xx JSON body that is an error: an `error` that says something. OpenAI's fine-tuning
+    jobs carry `"error": {}` (or null) while all is well."""
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, str):
+        return bool(err.strip())
+    return isinstance(err, dict) and bool(err.get("message") or err.get("code") or err.get("type"))
+
+
+def _scrub(body: bytes, secrets: set[bytes], cut: bool = False) -> bytes:
     """`body` with the client's own credentials masked; the same object when none is in it.
     Exact values only: pattern rules (`redact.redact_body`) would mask an error's
-    `"code": "rate_limit_exceeded"` (`code` names an OAuth secret)."""
+    `"code": "rate_limit_exceeded"` (`code` names an OAuth secret). A body `cut` at the size
+    limit may end in the first part of one: that goes too."""
     out = body
     for secret in sorted(secrets, key=len, reverse=True):  # a key holding another first
         if secret in out:
             out = out.replace(secret, b"***")
+        if cut:
+            for n in range(len(secret) - 1, 7, -1):
+                if out.endswith(secret[:n]):
+                    out = out[:-n] + b"***"
+                    break
     return out
 
 
@@ -360,11 +388,7 @@ class RecordBuilder:
             obj = response_obj = _loads(decoded)
             if obj is not None:
                 usage = fmt.usage_from_body(obj)
-                if (
-                    cap.status is not None
-                    and error is None
-                    and (cap.status >= 400 or (isinstance(obj, dict) and "error" in obj))
-                ):
+                if cap.status is not None and error is None and (cap.status >= 400 or _is_error(obj)):
                     # A 2xx whose body is an error object (OpenRouter, some proxies) says so too.
                     error = fmt.error_message(obj)
             elif cap.tail and decoded is raw:
@@ -379,19 +403,22 @@ class RecordBuilder:
             # body): the record says what came, where it said nothing.
             kind = resp_ctype.split(";")[0].strip() if resp_ctype else "no content type"
             error = f"upstream answered {cap.status} ({kind}, {cap.response_size} bytes)"
-        scrubbed = False
-        if cap.status is not None and cap.status >= 400 and response_body and events is None:
+        size = cap.response_size if decoded is raw else len(response_body or b"")  # before masking
+        if error is not None or (cap.status is not None and cap.status >= 400):
             # An error answer may quote the caller's key back ("Incorrect API key provided:
-            # Bearer sk-..."): stored with it masked, like the error text. Only error answers
-            # are read for it, so the common request pays nothing.
+            # Bearer sk-..."), in its body, a stream's error event or a 2xx error object: stored
+            # with it masked, like the error text. Only error answers are read for it, so the
+            # common request pays nothing.
             secrets = _credentials(cap)
-            clean = _scrub(response_body, secrets)
-            scrubbed = clean is not response_body
-            response_body = clean
-            if error and scrubbed:
-                error = _scrub(error.encode("utf-8", "surrogateescape"), secrets).decode(
-                    "utf-8", "surrogateescape"
-                )
+            if secrets:
+                if response_body:
+                    response_body = _scrub(response_body, secrets, cut)
+                if events:
+                    events = _scrub(events, secrets, cut)
+                if error:
+                    error = _scrub(error.encode("utf-8", "surrogateescape"), secrets).decode(
+                        "utf-8", "surrogateescape"
+                    )
 
         if usage.source != "missing" and not fmt.bills(cap.method, cap.path):
             usage = Usage()  # a look-up of an answer billed when it was made
@@ -428,7 +455,7 @@ class RecordBuilder:
             elif response_body is not None and (raw or cap.status is not None):
                 resp_body = body(
                     response_body,
-                    cap.response_size if decoded is raw and not scrubbed else len(response_body),
+                    size,
                     cut,
                     response_body_type,
                 )

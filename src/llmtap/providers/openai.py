@@ -215,6 +215,8 @@ class _Stream:
         if c.usage is not None:
             self.usage = c.usage
             self.final = not choices
+        elif choices:
+            self.final = False  # content after a usage chunk: that one was not the last word
         for ch in choices:
             st = self.choice(ch.index)
             d = ch.delta
@@ -269,6 +271,8 @@ class _Stream:
         if isinstance(u, dict):
             self.usage = u
             self.final = chunk_choices == []
+        elif chunk_choices:
+            self.final = False
         for ch in chunk_choices if isinstance(chunk_choices, list) else ():
             if not isinstance(ch, dict):
                 continue
