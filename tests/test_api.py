@@ -705,7 +705,7 @@ async def test_ingest_answers_fast_while_the_store_is_locked_and_stores_after(tm
             assert (await srv.get(f"/api/v1/requests/{batch[0].id}"))[0] in (404, 503)  # not stored yet
             # The backlog is named where operators look (it was counted nowhere).
             status, pipe = await srv.get("/api/v1/pipeline")
-            assert status == 200 and pipe["ingest"] == {"lag": 500, "dead_letters": 0}, pipe
+            assert status == 200 and pipe["ingest"] == {"lag": 500, "dead_letters": 0, "error": None}, pipe
             async with http.get(f"{srv.base}/metrics") as r:
                 assert "llmtap_server_ingest_lag 500.0" in await r.text()
             cli = await asyncio.create_subprocess_exec(
@@ -717,6 +717,7 @@ async def test_ingest_answers_fast_while_the_store_is_locked_and_stores_after(tm
                 "path": str(tmp_path / "ingest.db"),
                 "lag": 500,
                 "dead_letters": 0,
+                "error": None,
             }
             blocker.execute("ROLLBACK")
             blocker.close()
@@ -755,7 +756,16 @@ async def test_a_server_whose_ingest_queue_cannot_be_opened_starts_and_opens_it_
     async for srv in start_server("sqlite", tmp_path):
         status, body, _ = await srv.ingest(encode(rec(1)), wait=False)
         assert status == 503 and "ingest queue is not open" in body["error"]["message"], body
-        assert (await srv.get("/api/v1/pipeline"))[1]["ingest"] is None
+        # ... and says so wherever operators look, not only in the start-up banner.
+        ingest = (await srv.get("/api/v1/pipeline"))[1]["ingest"]
+        assert ingest["lag"] is None and "unable to open database file" in ingest["error"], ingest
+        assert "llmtap_server_ingest_open 0.0" in (await srv.get("/metrics"))[1]
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llmtap.cli", "status", "--data-dir", str(tmp_path),
+            stdout=asyncio.subprocess.PIPE, env=llmtap_env(tmp_path),
+        )  # fmt: skip
+        out, _ = await cli.communicate()
+        assert "ingest        UNREADABLE" in out.decode(), out.decode()
         (tmp_path / "ingest.db").rmdir()
         deadline = asyncio.get_running_loop().time() + 60
         while srv.svc.ingest.down is not None:
@@ -797,6 +807,7 @@ async def test_ingest_trusts_no_address_and_a_data_dir_token_stands_in_for_a_set
         srv.ingest_headers = {}
         status, body, _ = await srv.ingest(encode(rec(1)), wait=False)  # from 127.0.0.1, no token
         assert status == 401 and "ingest.token" in body["error"]["message"], body
+        assert str(tmp_path) not in body["error"]["message"]  # where the server keeps it is its own
         path = tmp_path / "ingest.token"
         token = path.read_text().strip()
         assert len(token) >= 40 and stat.S_IMODE(path.stat().st_mode) == 0o600

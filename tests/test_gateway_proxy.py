@@ -676,6 +676,7 @@ async def test_what_a_front_proxy_says_about_the_network_is_recorded_not_sent_to
     trail = {
         "X-Forwarded-For": "10.9.8.7, 127.0.0.1", "X-Real-IP": "10.9.8.7", "Forwarded": "for=10.9.8.7",
         "X-Forwarded-Host": "llm.internal.example", "X-Forwarded-Proto": "https", "Via": "1.1 nginx",
+        "X-Original-Forwarded-For": "10.9.8.7", "Fastly-Client-IP": "10.9.8.7", "X-Original-URI": "/llm/x",
     }  # fmt: skip
     async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
         url = f"{gw}/openai/v1/chat/completions"

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from llmtap.config import Settings
+from llmtap.ingest_token import ingest_token
 from llmtap.server.app import ServerService
 from llmtap.server.openapi import document
 from llmtap.store import query
@@ -111,7 +112,8 @@ async def test_each_route_documents_exactly_the_parameters_the_server_takes(
     async def refused(method: str, path: str, name: str) -> bool:
         """Whether the server answers `?<name>=x` with 400 'unknown parameter <name>'."""
         url = base + path.replace("{id}", "x")
-        async with http.request(method, url, params={name: "x"}, json={}) as r:
+        auth = {"Authorization": f"Bearer {ingest_token(svc.settings)}"}  # ingest needs it first
+        async with http.request(method, url, params={name: "x"}, json={}, headers=auth) as r:
             if r.status != 400:
                 return False
             err = orjson.loads(await r.read())["error"]

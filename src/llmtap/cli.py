@@ -352,12 +352,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
             sys.exit(1)  # like the table form: scripts can test the exit code alone
         return
     ingest = info["ingest"]
-    said_ingest = (
-        f"ingest        {ingest['lag']} record(s) posted to this data dir's server, not yet stored; "
-        f"{ingest['dead_letters']} dead letter(s) (LLMTAP_QUEUE=sqlite:{ingest['path']} llmtap dlq list)"
-        if ingest and (ingest["lag"] or ingest["dead_letters"])
-        else None
-    )
+    said_ingest = None
+    if ingest and ingest["error"]:
+        said_ingest = f"ingest        UNREADABLE (the server's ingest answers 503): {ingest['error']}"
+    elif ingest and (ingest["lag"] or ingest["dead_letters"]):
+        said_ingest = (
+            f"ingest        {ingest['lag']} record(s) posted to this data dir's server, not yet stored; "
+            f"{ingest['dead_letters']} dead letter(s) (LLMTAP_QUEUE=sqlite:{ingest['path']} llmtap dlq list)"
+        )
     click.echo(f"queue         {info['queue']}")
     if not info["reachable"]:
         click.echo(f"              {'MISSING' if info.get('missing') else 'UNREACHABLE'}: {info['error']}")
@@ -395,9 +397,9 @@ async def _ingest_status(settings: Settings) -> dict[str, Any] | None:
     try:
         async with _connected(SQLiteQueue(str(path), partitions=PARTITIONS), "inspect") as q:
             st = await q.status()
-    except BackendUnavailable:
-        return None
-    return {"path": str(path), "lag": st.lag, "dead_letters": st.dead_letters}
+    except BackendUnavailable as e:  # what the server cannot open either: its ingest answers 503
+        return {"path": str(path), "lag": None, "dead_letters": None, "error": str(e)}
+    return {"path": str(path), "lag": st.lag, "dead_letters": st.dead_letters, "error": None}
 
 
 # -- keys ---------------------------------------------------------------------------------------

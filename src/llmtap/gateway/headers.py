@@ -49,8 +49,10 @@ REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 PROXY_TRAIL = frozenset(
     {
         "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
-        "x-forwarded-prefix", "x-forwarded-server", "x-real-ip", "forwarded", "via",
-        "x-client-ip", "true-client-ip", "cf-connecting-ip", "x-envoy-external-address",
+        "x-forwarded-prefix", "x-forwarded-server", "x-forwarded-uri", "x-real-ip", "forwarded",
+        "via", "x-client-ip", "true-client-ip", "cf-connecting-ip", "x-envoy-external-address",
+        "x-original-forwarded-for", "x-original-uri", "x-original-url", "x-cluster-client-ip",
+        "fastly-client-ip", "x-azure-clientip", "x-azure-socketip", "x-appengine-user-ip",
     }
 )  # fmt: skip
 #: Request headers never forwarded (`REQUEST_DROP` and `PROXY_TRAIL`): one set look-up a header.

@@ -46,6 +46,10 @@ INGEST_LAG = Gauge(
     "Records POST /api/v1/ingest accepted into this server's ingest.db, not yet stored",
 )
 INGEST_DEAD = Gauge("llmtap_server_ingest_dead_letters", "Dead letters in this server's ingest.db")
+INGEST_OPEN = Gauge(
+    "llmtap_server_ingest_open",
+    "1 while this server's ingest.db is open (0: ingest answers 503, gateways spool)",
+)
 
 # Routes that never need a tenant's key.
 _PUBLIC = frozenset({"/healthz", "/metrics", "/", "/api/v1/openapi.json", "/api/v1/ingest"})
@@ -165,7 +169,8 @@ async def _cache_assets(request: web.Request, response: web.StreamResponse) -> N
 
 async def _metrics(request: web.Request) -> web.Response:
     ingest = await dashboard.ingest_status(request.app[api.INGEST])
-    if ingest is not None:  # read per scrape: the drain runs in this process, the figure is exact
+    INGEST_OPEN.set(ingest["error"] is None)
+    if ingest["error"] is None:  # read per scrape: the drain runs in this process, the figure is exact
         INGEST_LAG.set(ingest["lag"])
         INGEST_DEAD.set(ingest["dead_letters"])
     resp = web.Response(body=generate_latest(REGISTRY))

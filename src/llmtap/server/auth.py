@@ -21,7 +21,7 @@ from aiohttp import web
 
 from llmtap import keys
 from llmtap.config import Settings
-from llmtap.ingest_token import token_path
+from llmtap.ingest_token import FILE
 from llmtap.store.base import Store
 
 
@@ -70,9 +70,9 @@ async def check_ingest(request: web.Request, settings: Settings, store: Store) -
             "ingest in multi-tenant mode needs 'Authorization: Bearer <LLMTAP_INGEST_TOKEN>'"
             " (set on the server) or a tenant's API key"
         )
-    raise Unauthorized(
+    raise Unauthorized(  # the data dir's path is the server's business: not named to callers
         "ingest needs 'Authorization: Bearer <token>': LLMTAP_INGEST_TOKEN as set on the server,"
-        f" or when it is not set the token in the server's {token_path(settings)}"
+        f" or when it is not set the token in the server's <data dir>/{FILE}"
     )
 
 

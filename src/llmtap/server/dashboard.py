@@ -224,14 +224,15 @@ async def _queue(app: web.Application) -> Queue:
         return queue
 
 
-async def ingest_status(ingest: IngestQueue) -> dict[str, int] | None:
+async def ingest_status(ingest: IngestQueue) -> dict[str, Any]:
     """This server's ingest queue (`ingest.db`): records gateways posted that wait for the store,
-    and the dead letters of its drain; None when its file cannot be read."""
+    and the dead letters of its drain; `error` (and no counts) when it cannot be read, which
+    means ingest answers 503 and gateways spool."""
     try:
         st = await ingest.status()
-    except BackendUnavailable:
-        return None
-    return {"lag": st.lag, "dead_letters": st.dead_letters}
+    except BackendUnavailable as e:
+        return {"lag": None, "dead_letters": None, "error": str(e)}
+    return {"lag": st.lag, "dead_letters": st.dead_letters, "error": None}
 
 
 async def pipeline(request: web.Request) -> web.Response:

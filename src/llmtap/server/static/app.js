@@ -1527,9 +1527,10 @@ async function viewPipeline() {
       tile("Queue lag", p.lag === null || p.lag === undefined ? "–" : fmtInt(p.lag), "records published, not yet stored", p.lag ? "warn" : ""),
       tile("Dead letters", fmtInt(p.dead_letter_count), "records that failed processing", p.dead_letter_count ? "warn" : ""),
       tile("Spool", fmtBytes(p.spool_bytes), "waiting on this host's disk for the queue", p.spool_bytes ? "warn" : ""),
-      p.ingest && (p.ingest.lag || p.ingest.dead_letters) ? tile("Ingest backlog", fmtInt(p.ingest.lag),
-        `posted by gateways whose queue was down, not yet stored; ${fmtInt(p.ingest.dead_letters)} dead letter(s) (llmtap dlq on ingest.db)`,
-        "warn") : null,
+      p.ingest && p.ingest.error ? tile("Ingest", "CLOSED", "ingest.db cannot be opened (gateways spool): " + p.ingest.error, "warn")
+        : p.ingest && (p.ingest.lag || p.ingest.dead_letters) ? tile("Ingest backlog", fmtInt(p.ingest.lag),
+          `posted by gateways whose queue was down, not yet stored; ${fmtInt(p.ingest.dead_letters)} dead letter(s) (llmtap dlq on ingest.db)`,
+          "warn") : null,
       tile("Newest stored request", p.last_request_at ? fmtTimeUtc(p.last_request_at) : "none", p.last_request_ended_at ? "ended " + fmtTimeUtc(p.last_request_ended_at) : "")),
     p.error ? h("p", { class: "err" }, p.error) : null,
     h("h2", {}, "Lag per partition"),
