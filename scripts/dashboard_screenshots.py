@@ -21,6 +21,7 @@ import aiohttp
 from playwright.async_api import async_playwright
 
 from llmtap.config import Settings
+from llmtap.ingest_token import ingest_token
 from llmtap.queue import open_queue
 from llmtap.queue.base import Message
 from llmtap.record import encode_many
@@ -40,13 +41,14 @@ async def main(out: Path) -> None:
         svc = ServerService(settings)
         await svc.start()
         base = f"http://127.0.0.1:{svc.port}"
+        headers = {**JSON, "Authorization": f"Bearer {ingest_token(settings)}"}  # ingest needs its token
         try:
             # Every wire format the dashboard renders: Gemini and embeddings calls too.
             records = dd.dataset(3000, seed=5, span=timedelta(days=7), kinds=len(dd.MODELS))
             async with aiohttp.ClientSession() as http:
                 for i in range(0, len(records), 250):
                     batch = encode_many(records[i : i + 250])
-                    async with http.post(base + "/api/v1/ingest", data=batch, headers=JSON) as r:
+                    async with http.post(base + "/api/v1/ingest", data=batch, headers=headers) as r:
                         assert r.status == 200, await r.text()
                 await svc.ingest.drained(timeout=300)
             q = open_queue(settings)
@@ -97,7 +99,7 @@ async def main(out: Path) -> None:
                             kinds=len(dd.MODELS),
                         )
                         async with http.post(
-                            base + "/api/v1/ingest", data=encode_many([rec]), headers=JSON
+                            base + "/api/v1/ingest", data=encode_many([rec]), headers=headers
                         ) as r:
                             assert r.status == 200
                         await page.wait_for_selector(f'tr[data-id="{rec.id}"]')
