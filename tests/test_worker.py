@@ -944,9 +944,7 @@ async def test_restarts_while_the_store_hangs_never_dead_letter_a_good_record(
 ) -> None:
     """Found by the retry check: a worker stopped (SIGTERM) five times while the store hung on a
     lock dead-lettered a good record as "delivered 5 times without ack: the worker died while
-    processing it". A stop, an outage or a hang is not the message killing the worker."""
-    import llmtap.worker.worker as worker_module
-
+    processing it". A stop cancelling the handling is not the message killing the worker."""
     hang = Hang()
     env.settings = env.settings.model_copy(update={"shutdown_timeout": 0.5})
     chain = env.chain
@@ -959,18 +957,9 @@ async def test_restarts_while_the_store_hangs_never_dead_letter_a_good_record(
         await w.stop()
         env.workers.remove(w)
 
-    # Killed outright (SIGKILL) while it hangs: no stop to forget the attempt, so a hang longer
-    # than SUSPECT_STALL forgets it already.
-    monkeypatch.setattr(worker_module, "SUSPECT_STALL", 0.2)
     hang.entered.clear()
     w = await env.worker()
     await until(hang.entered.is_set, 60, what="the record handed to the chain again")
-
-    def counted() -> int:
-        with sqlite3.connect(env.queue_path) as db:
-            return int(db.execute("SELECT coalesce(sum(n), 0) FROM attempts").fetchone()[0])
-
-    await until(lambda: counted() == 0, 30, what="the hung attempt forgotten")
     hang.release.set()
     await until(lambda: env.rows()[0] == 1, 60, what="the record stored")
     assert (await env.producer.status()).dead_letters == 0 and w.stats.dead_lettered == 0

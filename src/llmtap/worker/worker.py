@@ -25,9 +25,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram
 
@@ -70,10 +70,6 @@ BATCH_SECONDS = Histogram(
 
 PROGRESS_EVERY = 10.0  # seconds between progress lines at info level
 STALL_WARN_EVERY = 30.0  # seconds a batch may run before the worker says it is still waiting
-#: Seconds a redelivered message may be handled before its attempt stops counting as one that
-#: may crash the worker: what kills a process (a segfault, the OOM killer) does so at once;
-#: longer, it waits on something (a locked table, a hung store).
-SUSPECT_STALL = 10.0
 
 
 @dataclass(slots=True)
@@ -130,7 +126,6 @@ class WorkerService(OnBackends):
         self._starting: str | None = None
         #: Outages met while running, by what failed ("queue", "chain"): each ends on its own.
         self._outages: dict[str, str] = {}
-        self._tasks: set[asyncio.Task[None]] = set()  # best-effort queue writes (`_background`)
 
     @property
     def waiting(self) -> str | None:
@@ -404,29 +399,16 @@ class WorkerService(OnBackends):
                 await self._dead_letter(d, reason, "crash", dead)
                 log.error("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, reason)
                 continue
-            # An attempt counts toward "the worker died while processing it" only while the
-            # handling could be what kills us: not once it waits on an outage or a hung store,
-            # nor when a stop cancels it. Five restarts during a locked store dead-lettered a
-            # good record as a crash (an outside check).
-            forgotten = False
-
-            def forget(d: Delivery = d) -> None:
-                nonlocal forgotten
-                if not forgotten:
-                    forgotten = True
-                    self._background(self.queue.forget_attempt(d))
-
-            timer = asyncio.get_running_loop().call_later(SUSPECT_STALL, forget)
             try:
-                await self._process_batch([d], dead, on_outage=forget)
+                await self._process_batch([d], dead)
             except (Abandoned, asyncio.CancelledError):
-                if not forgotten:
-                    forgotten = True
-                    with contextlib.suppress(Exception):
-                        await self.queue.forget_attempt(d)  # stopping is not the message's fault
+                # A stop is not the message's fault: neither during an outage (`Abandoned`) nor
+                # at the stop deadline (cancelled): five SIGTERMs while the store hung on a lock
+                # dead-lettered a good record as a crash. (A SIGKILL then still counts: nothing
+                # tells it from a message that kills the worker, however slowly.)
+                with contextlib.suppress(Exception):
+                    await self.queue.forget_attempt(d)
                 raise
-            finally:
-                timer.cancel()
         rest = [d for d in todo if d.delivery_count <= 1]
         if rest:
             await self._process_batch(rest, dead)
@@ -457,23 +439,7 @@ class WorkerService(OnBackends):
         dead.add((d.partition, d.offset))  # a re-run of the batch (ack failed) must not repeat it
         self._count_dead(cause)
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run `coro` on its own, its failure ignored (a best-effort queue write)."""
-
-        async def quietly() -> None:
-            with contextlib.suppress(Exception):
-                await coro
-
-        task = asyncio.ensure_future(quietly())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _process_batch(
-        self,
-        deliveries: list[Delivery],
-        dead: set[tuple[int, int]],
-        on_outage: Callable[[], None] | None = None,
-    ) -> None:
+    async def _process_batch(self, deliveries: list[Delivery], dead: set[tuple[int, int]]) -> None:
         work: list[tuple[Delivery, LogRecord]] = []
         for i, d in enumerate(deliveries):
             try:
@@ -497,17 +463,12 @@ class WorkerService(OnBackends):
             pause=self._pause,
             stopping=self._stopping.is_set,
             retried=self._retried,
-            outage=lambda reason: self._chain_outage(reason, on_outage),
+            outage=lambda reason: self._outage("chain", reason),
         )
         if ok:
             await self.queue.ack([work[i][0] for i in ok])
             self.stats.processed += len(ok)
             PROCESSED.inc(len(ok))
-
-    def _chain_outage(self, reason: str | None, began: Callable[[], None] | None) -> None:
-        self._outage("chain", reason)
-        if reason is not None and began is not None:
-            began()
 
     def _outage(self, kind: str, reason: str | None) -> None:
         """An outage of `kind` met while running (None: its end): `/healthz` says so while any
