@@ -759,7 +759,8 @@ async def test_a_server_whose_ingest_queue_cannot_be_opened_starts_and_opens_it_
         # ... and says so wherever operators look, not only in the start-up banner.
         ingest = (await srv.get("/api/v1/pipeline"))[1]["ingest"]
         assert ingest["lag"] is None and "unable to open database file" in ingest["error"], ingest
-        assert "llmtap_server_ingest_open 0.0" in (await srv.get("/metrics"))[1]
+        metrics = (await srv.get("/metrics"))[1]
+        assert "llmtap_server_ingest_open 0.0" in metrics and "llmtap_server_ingest_lag NaN" in metrics
         cli = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "llmtap.cli", "status", "--data-dir", str(tmp_path),
             stdout=asyncio.subprocess.PIPE, env=llmtap_env(tmp_path),

@@ -666,6 +666,9 @@ async def test_malformed_json_is_proxied_and_logged(
 # -- what the record holds (and does not) ------------------------------------------------------------
 
 
+JWT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbm4iLCJlbWFpbCI6ImFubkBjb3JwIn0.c2lnbmF0dXJlLWJ5dGVz"
+
+
 async def test_what_a_front_proxy_says_about_the_network_is_recorded_not_sent_to_the_provider(
     upstream: int, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -677,6 +680,9 @@ async def test_what_a_front_proxy_says_about_the_network_is_recorded_not_sent_to
         "X-Forwarded-For": "10.9.8.7, 127.0.0.1", "X-Real-IP": "10.9.8.7", "Forwarded": "for=10.9.8.7",
         "X-Forwarded-Host": "llm.internal.example", "X-Forwarded-Proto": "https", "Via": "1.1 nginx",
         "X-Original-Forwarded-For": "10.9.8.7", "Fastly-Client-IP": "10.9.8.7", "X-Original-URI": "/llm/x",
+        # an authenticating front door's token and signed assertion (oauth2-proxy, AWS ALB OIDC)
+        "X-Forwarded-Access-Token": "ya29.front-door-token", "X-Amzn-Oidc-Data": JWT,
+        "X-Forwarded-Email": "ann@corp.example",
     }  # fmt: skip
     async with running_gateway(settings_for(upstream, tmp_path), q) as (svc, gw):
         url = f"{gw}/openai/v1/chat/completions"
@@ -693,6 +699,9 @@ async def test_what_a_front_proxy_says_about_the_network_is_recorded_not_sent_to
     for rec in recs:
         assert rec.request_headers["x-forwarded-for"] == "10.9.8.7, 127.0.0.1"
         assert rec.request_headers["via"] == "1.1 nginx"
+        assert rec.request_headers["x-forwarded-email"] == "ann@corp.example"  # who asked: kept
+        assert "x-amzn-oidc-data" not in rec.request_headers and JWT.encode() not in encode(rec)
+        assert "x-forwarded-access-token" not in rec.request_headers
 
 
 async def test_credentials_never_reach_the_record(tmp_path: Path, http: aiohttp.ClientSession) -> None:
@@ -813,6 +822,14 @@ async def test_every_error_answer_quoting_a_key_has_it_masked(
         if mode == "cut":  # the key straddles the kept bytes' end
             pad = b'{"error": {"message": "' + b"x" * (4096 - 23 - 20)
             return web.Response(status=401, body=pad + long_key.encode() + b'"}}')
+        if mode == "flag":  # `"error": true` beside the message, and a debug header quoting the key
+            key = h["Authorization"][7:]
+            headers = {"X-Debug": f"rejected {key}"}
+            return web.json_response({"error": True, "message": f"key {key} revoked"}, headers=headers)
+        if mode == "placeholder":  # LiteLLM's docs' `Bearer anything`: no key to hunt down in words
+            return web.json_response(
+                {"error": {"message": "model `anything-llm` does not exist"}}, status=404
+            )
         return web.json_response({"object": "fine_tuning.job", "status": "running", "error": {}})
 
     runner, port = await tiny_upstream(handler)
@@ -823,6 +840,8 @@ async def test_every_error_answer_quoting_a_key_has_it_masked(
         "slash": {"Authorization": f"Bearer {slash_key}"},
         "cut": {"Authorization": f"Bearer {long_key}"},
         "job": {"Authorization": "Bearer " + uuid.uuid4().hex},
+        "flag": {"Authorization": "Bearer sk-live-" + uuid.uuid4().hex},
+        "placeholder": {"Authorization": "Bearer anything"},
     }
     try:
         async with running_gateway(settings_for(port, tmp_path, max_body_bytes=4096), q) as (svc, gw):
@@ -834,11 +853,23 @@ async def test_every_error_answer_quoting_a_key_has_it_masked(
             recs = dict(zip(auth, await published(svc, q, len(auth)), strict=True))
     finally:
         await runner.cleanup()
-    secrets = [auth["sse"]["x-api-key"], password, slash_key, slash_key.replace("/", "\\/"), long_key[:12]]
+    flag_key = auth["flag"]["Authorization"][7:]
+    secrets = [
+        auth["sse"]["x-api-key"],
+        password,
+        slash_key,
+        slash_key.replace("/", "\\/"),
+        long_key[:12],
+        flag_key,
+    ]
     for mode, rec in recs.items():
         for secret in secrets:
             assert secret.encode() not in encode(rec), (mode, secret)
     assert recs["basic"].error == "user u rejected with password ***"
+    assert (
+        recs["flag"].error == "key *** revoked" and recs["flag"].response_headers["x-debug"] == "rejected ***"
+    )
+    assert recs["placeholder"].error == "model `anything-llm` does not exist"
     assert recs["job"].error is None and recs["job"].outcome == "completed"
 
 

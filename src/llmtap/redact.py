@@ -124,11 +124,13 @@ _AUTH_SCHEMES = frozenset(
     {"bearer", "basic", "digest", "token", "apikey", "negotiate", "hoba", "aws4-hmac-sha256"}
 )
 #: Well-known key shapes, anywhere: OpenAI/Anthropic/DeepSeek `sk-...`, Google `AIza...`,
-#: Groq `gsk_...`, Hugging Face `hf_...`, xAI `xai-...`, Perplexity `pplx-...`, Replicate `r8_...`.
+#: Groq `gsk_...`, Hugging Face `hf_...`, xAI `xai-...`, Perplexity `pplx-...`, Replicate `r8_...`,
+#: and signed JSON Web Tokens (`eyJ...`: a front proxy's OIDC assertion about the user).
 _KEY_SHAPES = re.compile(
-    r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}|(?:gsk_|hf_|xai-|pplx-|r8_)[A-Za-z0-9]{20,})"
+    r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}|(?:gsk_|hf_|xai-|pplx-|r8_)[A-Za-z0-9]{20,}"
+    r"|eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*)"
 )
-_KEY_PREFIXES = ("sk-", "AIza", "gsk_", "hf_", "xai-", "pplx-", "r8_")
+_KEY_PREFIXES = ("sk-", "AIza", "gsk_", "hf_", "xai-", "pplx-", "r8_", "eyJ")
 
 
 def is_secret_value(value: str) -> bool:

@@ -232,20 +232,32 @@ def _credentials(cap: Capture) -> set[bytes]:
             values += [plain, plain.partition(":")[2]]
     out: set[bytes] = set()
     for v in values:
-        if len(v) >= 8:  # shorter is no key, and masking it would mangle ordinary text
+        if _key_like(v):
             out.add(v.encode("utf-8", "surrogateescape"))
             if "/" in v:
                 out.add(v.replace("/", "\\/").encode("utf-8", "surrogateescape"))
     return out
 
 
+def _key_like(v: str) -> bool:
+    """A value worth masking wherever it appears: 12 characters or more, or 8 with letters and
+    digits both. A placeholder key (`Bearer anything`, `x-api-key: 10000000`) masked as such
+    turned ordinary words and numbers of error messages into `***`."""
+    if len(v) >= 12:
+        return True
+    return len(v) >= 8 and any(c.isdigit() for c in v) and any(c.isalpha() for c in v)
+
+
+def _scrub_text(text: str, secrets: set[bytes]) -> str:
+    return _scrub(text.encode("utf-8", "surrogateescape"), secrets).decode("utf-8", "surrogateescape")
+
+
 def _is_error(obj: Any) -> bool:
-    """A 2xx JSON body that is an error: an `error` that says something. OpenAI's fine-tuning
-    jobs carry `"error": {}` (or null) while all is well."""
+    """A 2xx JSON body that is an error: an `error` member that is set (`true`, a message, an
+    object with anything in it). OpenAI's fine-tuning jobs carry `"error": {}` (or null) while
+    all is well."""
     err = obj.get("error") if isinstance(obj, dict) else None
-    if isinstance(err, str):
-        return bool(err.strip())
-    return isinstance(err, dict) and bool(err.get("message") or err.get("code") or err.get("type"))
+    return bool(err.strip()) if isinstance(err, str) else bool(err)
 
 
 def _scrub(body: bytes, secrets: set[bytes], cut: bool = False) -> bytes:
@@ -391,6 +403,9 @@ class RecordBuilder:
                 if cap.status is not None and error is None and (cap.status >= 400 or _is_error(obj)):
                     # A 2xx whose body is an error object (OpenRouter, some proxies) says so too.
                     error = fmt.error_message(obj)
+                    if error is None and cap.status < 400:
+                        msg = obj.get("message") if isinstance(obj, dict) else None
+                        error = msg if isinstance(msg, str) and msg else "the answer's JSON holds an error"
             elif cap.tail and decoded is raw:
                 # Cut at `max_bytes` (a big embeddings answer): its usage and model are in the tail kept.
                 tail = b"".join(cap.tail)
@@ -411,14 +426,14 @@ class RecordBuilder:
             # common request pays nothing.
             secrets = _credentials(cap)
             if secrets:
+                # A debug header may quote the key too.
+                resp_headers = {k: _scrub_text(v, secrets) for k, v in resp_headers.items()}
                 if response_body:
                     response_body = _scrub(response_body, secrets, cut)
                 if events:
                     events = _scrub(events, secrets, cut)
                 if error:
-                    error = _scrub(error.encode("utf-8", "surrogateescape"), secrets).decode(
-                        "utf-8", "surrogateescape"
-                    )
+                    error = _scrub_text(error, secrets)
 
         if usage.source != "missing" and not fmt.bills(cap.method, cap.path):
             usage = Usage()  # a look-up of an answer billed when it was made

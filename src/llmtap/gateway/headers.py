@@ -57,6 +57,15 @@ PROXY_TRAIL = frozenset(
 )  # fmt: skip
 #: Request headers never forwarded (`REQUEST_DROP` and `PROXY_TRAIL`): one set look-up a header.
 FORWARD_DROP = REQUEST_DROP | PROXY_TRAIL
+#: Families of what front doors add (`PROXY_TRAIL` by prefix): forwarded identities and client
+#: certificates, and the access tokens and signed assertions of an authenticating proxy
+#: (oauth2-proxy, AWS ALB OIDC, Azure Easy Auth, Cloudflare Access, Google IAP), which are the
+#: user's credentials for your network, not the provider's business.
+PROXY_TRAIL_PREFIXES = (
+    "x-forwarded-", "x-original-", "x-auth-request-", "x-amzn-oidc-", "x-ms-token-",
+    "x-ms-client-principal", "cf-access-", "x-goog-iap-", "x-arr-", "x-remote-", "x-originating-",
+    "cf-connecting-",
+)  # fmt: skip
 
 #: Response headers not relayed to the client. Content-Length stays: the body is relayed
 #: byte-for-byte (compressed bodies included), so the upstream's length is still right. An

@@ -35,7 +35,13 @@ from aiohttp import web
 from yarl import URL
 
 from llmtap.gateway.capture import Capture
-from llmtap.gateway.headers import FORWARD_DROP, LLMTAP_PREFIXES, RESPONSE_DROP, connection_listed
+from llmtap.gateway.headers import (
+    FORWARD_DROP,
+    LLMTAP_PREFIXES,
+    PROXY_TRAIL_PREFIXES,
+    RESPONSE_DROP,
+    connection_listed,
+)
 from llmtap.ids import canonical_id, new_id
 from llmtap.providers import Provider, Route, StreamFilter, routes
 from llmtap.redact import redact_text, redact_url
@@ -315,6 +321,8 @@ class Proxy:
                 elif lname == "connection" and (listed := connection_listed(value)):
                     hop = hop | listed if hop else listed
                 continue
+            if lname.startswith(PROXY_TRAIL_PREFIXES):
+                continue  # recorded (the record's own filter), not forwarded
             if lname.startswith(LLMTAP_PREFIXES):
                 if llmtap is None:
                     llmtap = []

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -170,9 +171,9 @@ async def _cache_assets(request: web.Request, response: web.StreamResponse) -> N
 async def _metrics(request: web.Request) -> web.Response:
     ingest = await dashboard.ingest_status(request.app[api.INGEST])
     INGEST_OPEN.set(ingest["error"] is None)
-    if ingest["error"] is None:  # read per scrape: the drain runs in this process, the figure is exact
-        INGEST_LAG.set(ingest["lag"])
-        INGEST_DEAD.set(ingest["dead_letters"])
+    # Read per scrape: the drain runs in this process, the figure is exact (unknown: NaN, not 0).
+    INGEST_LAG.set(math.nan if ingest["lag"] is None else ingest["lag"])
+    INGEST_DEAD.set(math.nan if ingest["dead_letters"] is None else ingest["dead_letters"])
     resp = web.Response(body=generate_latest(REGISTRY))
     resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return resp
