@@ -321,18 +321,24 @@ async def test_a_store_that_hangs_is_reported_while_it_lasts(
 
     monkeypatch.setattr(env.store, "write_batch", hangs)
     await env.publish([encode(make_record(i)) for i in range(5)])
-    await env.worker()
+    w = await env.worker()
 
     def said() -> list[str]:
         return [r.getMessage() for r in caplog.records if "has been running for" in r.getMessage()]
 
-    await until(lambda: len(said()) >= 2, what="two reports of the hanging batch")
-    assert "a batch of 5 records" in said()[0]
-    release.set()
+    try:
+        await until(lambda: len(said()) >= 2, what="two reports of the hanging batch")
+        assert "a batch of 5 records" in said()[0]
+        # `/healthz` reads `waiting`: it answered "ok" for as long as the batch hung
+        assert w.waiting is not None and "a batch of 5 records has been running for" in w.waiting
+    finally:
+        release.set()  # a failed check must not leave the worker's stop waiting on the hang
     await until(lambda: env.rows()[0] == 5, what="the batch stored once the store answers")
+    await until(lambda: w.waiting is None, what="healthy again once the batch is through")
     n = len(said())
     await asyncio.sleep(1.0)  # three periods: the report stopped with the batch
     assert len(said()) == n
+    assert w.waiting is None
 
 
 async def test_a_record_that_breaks_a_handler_is_retried_then_dead_lettered(env: Env) -> None:

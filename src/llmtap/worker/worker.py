@@ -334,12 +334,17 @@ class WorkerService(OnBackends):
         loop = asyncio.get_running_loop()
         watch: list[asyncio.TimerHandle] = []
 
+        # `/healthz` says so too (503, as in an outage): a worker whose batch hangs stores
+        # nothing, and a probe that read "ok" kept it in service for as long as the hang lasted.
+        stall = f"stall {id(watch)}"
+
         def still_running() -> None:
-            log.warning(
-                "worker: a batch of %d records has been running for %.0fs (a store or queue that hangs?)",
-                len(deliveries),
-                time.monotonic() - t0,
+            why = (
+                f"a batch of {len(deliveries)} records has been running for "
+                f"{time.monotonic() - t0:.0f}s (a store or queue that hangs?)"
             )
+            log.warning("worker: %s", why)
+            self._outage(stall, why)
             watch[0] = loop.call_later(STALL_WARN_EVERY, still_running)
 
         watch.append(loop.call_later(STALL_WARN_EVERY, still_running))
@@ -347,6 +352,7 @@ class WorkerService(OnBackends):
             finished = await self._retry_batch(deliveries)
         finally:
             watch[0].cancel()
+            self._outage(stall, None)
         if finished:
             self.stats.batches += 1
             BATCH_SECONDS.observe(time.monotonic() - t0)
