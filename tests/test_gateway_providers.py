@@ -600,6 +600,78 @@ def test_openai_fast_and_general_paths_agree() -> None:
     assert cut is not None and not cut.complete and cut.usage.source == "missing"
 
 
+# -- OpenAI-compatible servers' own spellings (an outside check of vLLM, DeepSeek, Groq ...) ----
+
+
+def test_deepseek_cache_hits_are_cached_tokens() -> None:
+    """DeepSeek reports its cache as `prompt_cache_hit_tokens`, billed at a tenth: read as
+    nothing, its answers were priced ~1.9x too high."""
+    u = openai.parse_usage(
+        {
+            "prompt_tokens": 1000,
+            "completion_tokens": 20,
+            "total_tokens": 1020,
+            "prompt_cache_hit_tokens": 900,
+            "prompt_cache_miss_tokens": 100,
+        }
+    )
+    assert (u.prompt_tokens, u.cached_tokens) == (1000, 900)
+    # OpenAI's own spelling wins where both are present
+    both = {**OPENAI_USAGE, "prompt_cache_hit_tokens": 7}
+    assert openai.parse_usage(both).cached_tokens == 64
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_streamed_reasoning_is_kept_under_its_own_name(general: bool) -> None:
+    """DeepSeek's `reasoning_content` and OpenRouter's `reasoning` deltas were dropped from a
+    stream's rebuilt message (so unsearchable), while the non-stream answer keeps them."""
+    events = [
+        chunk({"role": "assistant", "content": "", "reasoning_content": "Let me"}),
+        chunk({"reasoning_content": " think."}),
+        chunk({"content": "42"}, "stop"),
+    ]
+    body = sse(*events) + b"data: [DONE]\n\n"
+    if general:
+        body = b": keep-alive\n\n" + body
+    res = openai.reassemble_stream(body)
+    assert res is not None
+    (choice,) = res.message["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "42", "reasoning_content": "Let me think."}
+    other = openai.reassemble_stream(sse(chunk({"reasoning": "Hmm"}), chunk({"content": "ok"}, "stop")))
+    assert other is not None
+    assert other.message["choices"][0]["message"]["reasoning"] == "Hmm"
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_groq_usage_on_the_last_chunk(general: bool) -> None:
+    """Groq puts a stream's usage in `x_groq.usage` on the chunk that finishes it."""
+    last = chunk({}, "stop")
+    last["x_groq"] = {
+        "id": "req_1",
+        "usage": {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35},
+    }
+    body = sse(chunk({"role": "assistant", "content": "hi"}), last) + b"data: [DONE]\n\n"
+    if general:
+        body = b": keep-alive\n\n" + body
+    res = openai.reassemble_stream(body)
+    assert res is not None
+    assert (res.usage.source, res.usage.prompt_tokens, res.usage.completion_tokens) == ("provider", 30, 5)
+    assert res.final
+
+
+def test_a_flat_error_event_mid_stream_is_the_stream_error() -> None:
+    """vLLM's older servers end a failing stream with `{"object":"error","message":...}`: it
+    read as a Responses API event (a string `type`) and the record said `completed`."""
+    err = {
+        "object": "error",
+        "message": "maximum context length exceeded",
+        "type": "BadRequestError",
+        "code": 400,
+    }
+    res = openai.reassemble_stream(sse(chunk({"role": "assistant", "content": "a"}), err))
+    assert res is not None and res.error == "maximum context length exceeded"
+
+
 # -- Gemini ---------------------------------------------------------------------------------------
 
 

@@ -67,12 +67,15 @@ def parse_usage(u: Any) -> Usage:
         details_out = {}
     if prompt is None and completion is None and total is None:
         return Usage()
+    cached = token_count(details_in.get("cached_tokens"))
+    if cached is None:  # DeepSeek's spelling: its cache hits are billed at a tenth
+        cached = token_count(u.get("prompt_cache_hit_tokens"))
     return Usage(
         source="provider",
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
-        cached_tokens=token_count(details_in.get("cached_tokens")),
+        cached_tokens=cached,
         cache_write_tokens=token_count(details_in.get("cache_write_tokens")) or None,
         reasoning_tokens=token_count(details_out.get("reasoning_tokens")),
         input_audio_tokens=token_count(details_in.get("audio_tokens")) or None,
@@ -131,6 +134,8 @@ class _Delta(msgspec.Struct, gc=False):
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[_ToolDelta] | None = None
+    reasoning_content: str | None = None  # DeepSeek, vLLM, llama.cpp
+    reasoning: str | None = None  # OpenRouter, Groq, Ollama
 
 
 class _ChoiceDelta(msgspec.Struct, gc=False):
@@ -149,6 +154,7 @@ class _Chunk(msgspec.Struct, gc=False):
     service_tier: str | None = None
     choices: list[_ChoiceDelta] | None = None
     usage: dict[str, Any] | None = None
+    x_groq: dict[str, Any] | None = None  # Groq: `{"usage": ...}` on a stream's last chunk
 
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
@@ -162,13 +168,16 @@ _EVENTS_END = frozenset(
 
 
 class _Choice:
-    __slots__ = ("content", "finish", "refusal", "role", "saw_content", "text", "tools")
+    __slots__ = ("content", "finish", "reasoning", "refusal", "role", "saw_content", "text", "tools")
 
     def __init__(self) -> None:
         self.role: str | None = None
         self.content: list[str] = []
         self.saw_content = False
         self.refusal: list[str] = []
+        #: Reasoning text by the member that carried it (`reasoning_content` or `reasoning`):
+        #: the message keeps the server's name for it, as its non-stream answer does.
+        self.reasoning: dict[str, list[str]] = {}
         self.text: list[str] = []
         self.tools: dict[int, dict[str, Any]] = {}
         self.finish: Any = None
@@ -215,6 +224,9 @@ class _Stream:
         if c.usage is not None:
             self.usage = c.usage
             self.final = not choices
+        elif c.x_groq is not None and isinstance(c.x_groq.get("usage"), dict):
+            self.usage = c.x_groq["usage"]  # on the chunk that finishes: the last word too
+            self.final = True
         elif choices:
             self.final = False  # content after a usage chunk: that one was not the last word
         for ch in choices:
@@ -228,6 +240,10 @@ class _Stream:
                     st.role = d.role
                 if d.refusal is not None:
                     st.refusal.append(d.refusal)
+                if d.reasoning_content is not None:
+                    st.reasoning.setdefault("reasoning_content", []).append(d.reasoning_content)
+                if d.reasoning is not None:
+                    st.reasoning.setdefault("reasoning", []).append(d.reasoning)
                 if d.tool_calls:
                     for tc in d.tool_calls:
                         t = st.tool(tc.index)
@@ -250,7 +266,9 @@ class _Stream:
         chunk_choices = obj.get("choices")
         if chunk_choices is None:
             kind = obj.get("type")
-            if isinstance(kind, str):  # Responses API events
+            if obj.get("object") == "error":  # vLLM's and Mistral's flat error event
+                self.error = error_message(obj) or str(kind or "error")
+            elif isinstance(kind, str):  # Responses API events
                 resp = obj.get("response")
                 if isinstance(resp, dict):
                     self.final_response = resp
@@ -268,9 +286,13 @@ class _Stream:
             self.head = {k: v for k in _HEAD_KEYS if (v := obj.get(k)) is not None and v != ""}
             self.text_completion = obj.get("object") == "text_completion"
         u = obj.get("usage")
+        groq = obj.get("x_groq")
         if isinstance(u, dict):
             self.usage = u
             self.final = chunk_choices == []
+        elif isinstance(groq, dict) and isinstance(groq.get("usage"), dict):
+            self.usage = groq["usage"]
+            self.final = True
         elif chunk_choices:
             self.final = False
         for ch in chunk_choices if isinstance(chunk_choices, list) else ():
@@ -417,6 +439,8 @@ def _result(s: _Stream) -> StreamResult | None:
         }
         if st.refusal:
             message["refusal"] = "".join(st.refusal)
+        for key, parts in st.reasoning.items():
+            message[key] = "".join(parts)
         if st.tools:
             message["tool_calls"] = [
                 {
@@ -456,6 +480,10 @@ def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:
     refusal = delta.get("refusal")
     if isinstance(refusal, str):
         st.refusal.append(refusal)
+    for key in ("reasoning_content", "reasoning"):
+        text = delta.get(key)
+        if isinstance(text, str):
+            st.reasoning.setdefault(key, []).append(text)
     calls = delta.get("tool_calls")
     if isinstance(calls, list):
         for tc in calls:
