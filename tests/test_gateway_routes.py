@@ -17,7 +17,7 @@ import aiohttp
 import openai
 import pytest
 
-from gateway_support import MemoryQueue, running_gateway, settings_for, wait_for
+from gateway_support import MemoryQueue, fake_requests, running_gateway, settings_for, wait_for
 from llmtap.config import load_settings
 from llmtap.errors import ConfigError
 from llmtap.pricing import apply_cost
@@ -156,6 +156,67 @@ async def test_named_upstreams_priced_by_their_own_provider(upstream: int, tmp_p
     apply_cost(rv)
     assert rg.cost_nanos == cost_nanos(want["prompt_tokens"], want["completion_tokens"], GROQ_IN, GROQ_OUT)
     assert rv.cost_usd is None and rv.cost_nanos is None
+
+
+async def test_a_named_upstream_records_the_model_that_answered(upstream: int, tmp_path: Path) -> None:
+    """OpenRouter's `openrouter/auto` (and its `models` fallbacks) answer with the model it
+    routed to, which is the one billed: the record kept the model asked for (unpriced, or
+    priced 21x too low on a fallback)."""
+    q = MemoryQueue()
+    url = f"http://127.0.0.1:{upstream}"
+    s = settings_for(upstream, tmp_path, upstreams=f"openrouter={url}")
+    served = "anthropic/claude-3.5-sonnet"
+    async with running_gateway(s, q) as (_, gw):
+        client = openai.AsyncOpenAI(
+            base_url=f"{gw}/openrouter/v1",
+            api_key="sk-or-test",
+            max_retries=0,
+            default_headers={"x-fake-served-model": served},
+        )
+        answer = await client.chat.completions.create(model="openrouter/auto", messages=MESSAGES)  # type: ignore[arg-type]
+        stream = await client.chat.completions.create(model="openrouter/auto", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        async for _ in stream:
+            pass
+        await client.close()
+        recs = await records(q, 2)
+    assert answer.model == served
+    for rec in recs:
+        assert (rec.provider, rec.model) == ("openrouter", served), rec.streamed
+        u = rec.usage
+        assert u.source == "provider" and u.prompt_tokens and u.completion_tokens
+        apply_cost(rec)  # OpenRouter's anthropic/claude-3.5-sonnet: input 3, output 15
+        assert rec.cost_nanos == cost_nanos(u.prompt_tokens, u.completion_tokens, 3.0, 15.0)
+
+
+async def test_stream_usage_skipped_where_the_upstream_sends_it_unasked(
+    upstream: int, tmp_path: Path
+) -> None:
+    """A vLLM started with `--enable-force-include-usage` (and OpenRouter, always) sends the
+    usage chunk unasked: asking and stripping took it from the client. `LLMTAP_STREAM_USAGE_SKIP`
+    names such routes; OpenRouter's host needs no naming."""
+    from llmtap.providers import routes
+
+    q = MemoryQueue()
+    url = f"http://127.0.0.1:{upstream}"
+    s = settings_for(upstream, tmp_path, upstreams=f"vllm={url},groq={url}", stream_usage_skip="vllm")
+    req = json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode()
+    h = {"Authorization": "Bearer none", "Content-Type": "application/json"}
+    async with running_gateway(s, q) as (_, gw), aiohttp.ClientSession() as http:
+        async with http.post(f"{gw}/vllm/v1/chat/completions", data=req, headers=h) as r:
+            assert r.status == 200
+            await r.read()
+        sent = await fake_requests(http, url)
+        await records(q, 1)
+    assert base64.b64decode(sent[-1]["body_b64"]) == req  # the client's request, not rewritten
+    table = routes(s)
+    assert table["vllm"].provider.rewrite_request("POST", "/v1/chat/completions", req) is None
+    assert table["groq"].provider.rewrite_request("POST", "/v1/chat/completions", req) is not None
+    assert table["openai"].provider.rewrite_request("POST", "/v1/chat/completions", req) is not None
+    other = load_settings(upstreams="or=https://openrouter.ai/api,x=https://evil-openrouter.ai.example")
+    assert routes(other)["or"].provider.rewrite_request("POST", "/v1/chat/completions", req) is None
+    assert routes(other)["x"].provider.rewrite_request("POST", "/v1/chat/completions", req) is not None
+    with pytest.raises(ConfigError, match="invalid setting LLMTAP_STREAM_USAGE_SKIP: 'V LLM' is not a route"):
+        load_settings(stream_usage_skip="openai, V LLM")
 
 
 @pytest.mark.parametrize(

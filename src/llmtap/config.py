@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="ask OpenAI for usage on streams the client did not ask it for, and strip that "
         "extra chunk from what the client receives",
     )
+    stream_usage_skip: str | None = Field(
+        None,
+        description="routes whose upstream sends stream usage unasked (vLLM started with "
+        "--enable-force-include-usage), comma-separated: the gateway neither asks for it nor strips "
+        "it there (OpenRouter's upstreams are known and skipped without it)",
+    )
 
     # -- backends ----------------------------------------------------------------------------
     queue: str = "sqlite"
@@ -268,6 +274,17 @@ class Settings(BaseSettings):
         parse_upstreams(v)
         return v
 
+    @field_validator("stream_usage_skip")
+    @classmethod
+    def _check_stream_usage_skip(cls, v: str | None) -> str | None:
+        for name in (v or "").split(","):
+            name = name.strip()
+            if name and not _ROUTE_NAME_RE.match(name):
+                raise ValueError(
+                    f"{name!r} is not a route name (openai, azure, or a name from LLMTAP_UPSTREAMS)"
+                )
+        return v
+
     @field_validator("allowed_hosts")
     @classmethod
     def _check_allowed_hosts(cls, v: str | None) -> str | None:
@@ -304,6 +321,11 @@ class Settings(BaseSettings):
         if self.partition_key != "auto":
             return self.partition_key
         return "tenant" if self.queue.split(":", 1)[0] == "sqlite" else "session_id"
+
+    @property
+    def stream_usage_routes_skipped(self) -> frozenset[str]:
+        """`LLMTAP_STREAM_USAGE_SKIP` as a set of route names."""
+        return frozenset(n.strip() for n in (self.stream_usage_skip or "").split(",") if n.strip())
 
     @property
     def upstream_map(self) -> dict[str, str]:

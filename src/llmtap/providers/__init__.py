@@ -37,9 +37,16 @@ class Route:
     base: str  # upstream base URL, no trailing slash
 
 
-def _make(cls: type[Provider], settings: Settings | None) -> Provider:
+def _asks_stream_usage(settings: Settings | None, name: str) -> bool:
+    """Whether route `name`'s streams are rewritten to report usage (`openai.inject_stream_usage`)."""
+    if settings is None:
+        return True
+    return settings.openai_stream_usage and name not in settings.stream_usage_routes_skipped
+
+
+def _make(cls: type[Provider], settings: Settings | None, name: str) -> Provider:
     if issubclass(cls, OpenAI):
-        return cls(settings.openai_stream_usage if settings is not None else True)
+        return cls(_asks_stream_usage(settings, name))
     return cls()
 
 
@@ -48,12 +55,12 @@ def routes(settings: Settings) -> dict[str, Route]:
     `LLMTAP_UPSTREAMS` (config validation keeps their names off the built-ins')."""
     table: dict[str, Route] = {}
     for name, cls in BUILTIN.items():
-        provider = _make(cls, settings)
+        provider = _make(cls, settings, name)
         base = provider.base_url(settings)
         if base:
             table[name] = Route(provider, base)
     for name, url in settings.upstream_map.items():
-        table[name] = Route(OpenAICompatible(name, url, settings.openai_stream_usage), url)
+        table[name] = Route(OpenAICompatible(name, url, _asks_stream_usage(settings, name)), url)
     return table
 
 
@@ -66,7 +73,7 @@ def provider_for(name: str) -> Provider:
     p = _formats.get(name)
     if p is None:
         cls = BUILTIN.get(name)
-        p = _make(cls, None) if cls is not None else OpenAICompatible(name)
+        p = _make(cls, None, name) if cls is not None else OpenAICompatible(name)
         if len(_formats) < 1024:  # names come from records: bound the cache
             _formats[name] = p
     return p

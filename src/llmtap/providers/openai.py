@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import msgspec
 import orjson
 
-from llmtap.providers.base import Provider, StreamFilter
+from llmtap.providers.base import Provider, StreamFilter, response_model
 from llmtap.providers.common import after_last_reply, error_message, role_is, token_count
 from llmtap.providers.sse import StreamResult, data_payloads, event_bounds, last_boundary
 from llmtap.record import Usage
@@ -748,10 +749,26 @@ class OpenAICompatible(OpenAI):
     """
 
     def __init__(self, name: str, url: str | None = None, stream_usage: bool = True) -> None:
-        super().__init__(stream_usage)
+        super().__init__(stream_usage and not sends_stream_usage(url))
         self.name = name
         self.pricing_id = name
         self.url = url
 
     def base_url(self, settings: Settings) -> str | None:
         return self.url
+
+    def model(self, path: str, request: Any, response: Any) -> str | None:
+        """The model that answered, else the one asked for: an aggregator's answer names the
+        model it routed to (OpenRouter's `openrouter/auto`, its fallbacks from `models`), which
+        is the one billed; a self-hosted server names the one it serves."""
+        return response_model(response, "model") or super().model(path, request, response)
+
+
+#: Upstream hosts whose streams carry usage whether asked or not (OpenRouter: `include_usage`
+#: "has no effect"): asking and stripping there took from clients a chunk they always get.
+_SENDS_STREAM_USAGE = ("openrouter.ai",)
+
+
+def sends_stream_usage(url: str | None) -> bool:
+    host = (urlsplit(url).hostname or "") if url else ""
+    return any(host == h or host.endswith("." + h) for h in _SENDS_STREAM_USAGE)

@@ -131,8 +131,9 @@ def _openai_parse(body: bytes, request: web.Request) -> JSONDict | web.Response:
 
 
 async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/chat/completions``: non-stream JSON or SSE ``chat.completion.chunk`` stream."""
-    return await _chat(request)
+    """``POST /v1/chat/completions``: non-stream JSON or SSE ``chat.completion.chunk`` stream.
+    ``x-fake-served-model`` names another model in the answer (an aggregator's routing)."""
+    return await _chat(request, served=request.headers.get("x-fake-served-model"))
 
 
 #: What the fake's Azure deployments serve (a deployment name is not a model; responses say
