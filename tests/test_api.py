@@ -767,6 +767,7 @@ async def test_a_server_whose_ingest_queue_cannot_be_opened_starts_and_opens_it_
         )  # fmt: skip
         out, _ = await cli.communicate()
         assert "ingest        UNREADABLE" in out.decode(), out.decode()
+        assert cli.returncode == 1  # scripts test the exit code alone
         (tmp_path / "ingest.db").rmdir()
         deadline = asyncio.get_running_loop().time() + 60
         while srv.svc.ingest.down is not None:

@@ -346,12 +346,15 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return info
 
     info = _run_with(ctx, main)
+    ingest = info["ingest"]
+    # Exit 1 when records cannot be taken: the queue is unreachable, or the server's ingest
+    # file is (its endpoint answers 503, so a gateway whose queue is down spools).
+    failing = not info["reachable"] or bool(ingest and ingest["error"])
     if as_json:
         click.echo(json.dumps(info, indent=2))
-        if not info["reachable"]:
+        if failing:
             sys.exit(1)  # like the table form: scripts can test the exit code alone
         return
-    ingest = info["ingest"]
     said_ingest = None
     if ingest and ingest["error"]:
         said_ingest = f"ingest        UNREADABLE (the server's ingest answers 503): {ingest['error']}"
@@ -382,6 +385,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(said_ingest)
     for note in info["notes"]:
         click.echo(f"note          {note}")
+    if failing:
+        sys.exit(1)
 
 
 async def _ingest_status(settings: Settings) -> dict[str, Any] | None:
