@@ -752,3 +752,38 @@ def test_gemini_stream_reassembled() -> None:
     # Cut before the last event: no finishReason, so not complete (the record marks it partial).
     cut = gemini.reassemble_stream(raw[: raw.rfind(b"data: ")])
     assert cut is not None and not cut.complete and cut.usage.completion_tokens == 0
+
+
+def test_an_aggregators_billed_cost_is_the_cost() -> None:
+    """OpenRouter reports what it billed (`usage.cost`); the price table's list price missed its
+    routing, caching and discounts (an outside check: $0.00021 recorded for a $0.0042 call)."""
+    from datetime import UTC, datetime
+
+    from llmtap.pricing import apply_cost
+    from llmtap.record import LogRecord
+
+    def priced(usage: dict[str, object], model: str = "openai/gpt-4o-mini") -> LogRecord:
+        now = datetime.now(UTC)
+        rec = LogRecord(
+            id="r1", provider="openrouter", target_url="https://openrouter.ai/api/v1/chat/completions",
+            method="POST", path="/v1/chat/completions", model=model, started_at=now, ended_at=now,
+            latency_ms=1.0, status=200, usage=openai.parse_usage(usage),
+        )  # fmt: skip
+        apply_cost(rec)
+        return rec
+
+    base = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+    rec = priced({**base, "cost": 0.0042})
+    assert (rec.cost_usd, rec.cost_nanos, rec.price_version) == (0.0042, 4_200_000, "billed by openrouter")
+    # a model the table does not know is priced too
+    assert priced({**base, "cost": 0.001}, model="someone/new-model-9000").cost_nanos == 1_000_000
+    # with the client's own key, `cost` is the fee; the provider billed the rest to that key
+    byok = {**base, "cost": 0.0002, "is_byok": True, "cost_details": {"upstream_inference_cost": 0.004}}
+    assert priced(byok).cost_nanos == 4_200_000
+    # no figure, or a figure that is none: the price table as before
+    table = priced(base).cost_nanos
+    assert table == 210_000  # gpt-4o-mini via OpenRouter: input 0.15, output 0.60 per 1M
+    for odd in (True, -1, float("nan"), "0.1", 1e12, None):
+        assert priced({**base, "cost": odd}).cost_nanos == table, odd
+    assert priced({**base, "cost": 0.1, "is_byok": True}).cost_nanos == table  # fee without the rest
+    assert priced({**base, "cost": 0}).cost_nanos == 0  # a free model

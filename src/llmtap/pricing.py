@@ -321,6 +321,13 @@ def apply_cost(record: LogRecord) -> None:
     if usage.source == "missing" and _not_billed(record):
         record.cost_usd, record.cost_nanos, record.price_version = 0.0, 0, None
         return
+    if usage.billed_usd is not None and usage.source == "provider":
+        # What the provider billed beats what the table says it lists: an aggregator's routing
+        # (another upstream, a cache, a discount) or a model missing from the table.
+        billed = Decimal(repr(usage.billed_usd))
+        record.cost_usd, record.cost_nanos = float(billed), _to_nanos(billed)
+        record.price_version = f"billed by {record.provider}"
+        return
     provider = pricing_id(record.provider)
     cost = None
     if provider is not None and usage.source != "partial":

@@ -72,6 +72,9 @@ class Usage(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unknown_fie
     input_image_tokens: int | None = None  # part of prompt_tokens (image models price them apart)
     service_tier: str | None = None  # as the provider reported it (`flex`, `priority` price differently)
     web_search_requests: int | None = None  # server-side web searches, billed per call
+    #: The provider's own charge for the call in USD (OpenRouter's `usage.cost`), which the
+    #: record's cost takes over the price table's (`llmtap.pricing.apply_cost`).
+    billed_usd: float | None = None
 
 
 class LogRecord(

@@ -73,6 +73,7 @@ def parse_usage(u: Any) -> Usage:
         cached = token_count(u.get("prompt_cache_hit_tokens"))
     return Usage(
         source="provider",
+        billed_usd=billed_usd(u),
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
@@ -83,6 +84,30 @@ def parse_usage(u: Any) -> Usage:
         output_audio_tokens=token_count(details_out.get("audio_tokens")) or None,
         input_image_tokens=token_count(details_in.get("image_tokens")) or None,
     )
+
+
+#: A charge above this for one call is not a charge (a provider's bug, or not USD).
+_MAX_BILLED_USD = 1_000_000.0
+
+
+def _usd(value: Any) -> float | None:
+    if type(value) not in (int, float) or not 0 <= value <= _MAX_BILLED_USD:
+        return None  # bool, NaN, negative, absurd: no figure rather than a wrong one
+    return float(value)
+
+
+def billed_usd(u: dict[str, Any]) -> float | None:
+    """The charge an aggregator reports in its usage (OpenRouter: `cost`, in USD), or None.
+
+    With the client's own provider key (`is_byok`), `cost` is only the aggregator's fee and the
+    provider's charge, billed to that key, is `cost_details.upstream_inference_cost`: the call
+    cost their sum."""
+    cost = _usd(u.get("cost"))
+    if cost is None or u.get("is_byok") is not True:
+        return cost
+    details = u.get("cost_details")
+    upstream = _usd(details.get("upstream_inference_cost")) if isinstance(details, dict) else None
+    return None if upstream is None else cost + upstream
 
 
 def with_tier(usage: Usage, tier: Any) -> Usage:
