@@ -835,6 +835,52 @@ async def test_postgres_outage_is_transient_then_recovers_exactly_once() -> None
 
 @pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_refusing_the_role_mid_run_is_an_outage_not_the_records_fault() -> None:
+    """A password rotated under a running worker (a managed database's rotation) made every
+    write raise InvalidPasswordError, counted as the record's fault: all dead-lettered within
+    5 s. Refused logins are an outage once connected (at start they stay a wrong setting).
+    Reproduced with NOLOGIN, as the test server trusts every password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from llmtap.store.postgres import PostgresStore
+
+    role = "llmtap_r_" + uuid.uuid4().hex[:8]
+    async with pg_database() as url:
+        parts = urlsplit(url)
+        db = parts.path.lstrip("/")
+        admin = await asyncpg.connect(url)
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        await admin.execute(f'ALTER DATABASE "{db}" OWNER TO "{role}"')
+        store = PostgresStore(urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}")))
+        try:
+            await store.connect()
+            assert await store.write_batch([rec(i) for i in range(5)]) == 5
+            await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
+            await admin.execute(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+            )
+            said = []
+            for _ in range(3):  # the first may meet the connection just terminated
+                with pytest.raises(TransientError) as e:
+                    await store.write_batch([rec(i) for i in range(5, 10)])
+                said.append(str(e.value))
+            assert "not permitted to log in" in said[-1], said
+            await admin.execute(f'ALTER ROLE "{role}" LOGIN')
+            assert await store.write_batch([rec(i) for i in range(5, 10)]) == 5
+        finally:
+            await store.close()
+            await admin.execute(f'ALTER DATABASE "{db}" OWNER TO CURRENT_USER')
+            await admin.execute(f'DROP OWNED BY "{role}"')
+            await admin.close()
+    admin = await asyncpg.connect(pg_url())
+    try:
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+    finally:
+        await admin.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_postgres_made_again_empty_is_an_outage_and_the_store_migrates_it() -> None:
     """The database dropped and created again under a running worker: every write met
     `relation "requests" does not exist`, which was the record's fault (five tries, then a

@@ -279,9 +279,10 @@ _WRONG_URL: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidPasswordError,
 )
 _TRANSIENT: tuple[type[BaseException], ...] = (
-    # Once connected, a database that is gone (dropped, about to be made again) is an outage:
-    # at start-up `_WRONG_URL` reads it as a wrong setting first.
-    asyncpg.exceptions.InvalidCatalogNameError,
+    # Once connected, a database that is gone (dropped, about to be made again) or a login
+    # refused (a password rotated under a running worker) is an outage, not the record's
+    # fault: at start-up `_WRONG_URL` reads them as a wrong setting first.
+    *_WRONG_URL,
     OSError,
     asyncio.TimeoutError,
     asyncpg.exceptions.PostgresConnectionError,
