@@ -110,6 +110,25 @@ def test_bad_urls_are_one_sentence_config_errors(url: str) -> None:
         RedisQueue(url, 6, "workers")
 
 
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("ssl_ca_certs=/etc/ca.pem", "'ssl_ca_certs' (TLS parameters need a rediss:// URL)"),
+        ("health_check_intervall=5", "'health_check_intervall'"),
+    ],
+)
+async def test_a_url_parameter_redis_does_not_take_is_one_sentence(
+    spec: QueueSpec, query: str, needle: str
+) -> None:
+    """redis-py hands URL parameters to its connections unchecked: a typo was a TypeError
+    traceback at start (exit 1)."""
+    url = spec.target + ("&" if "?" in spec.target else "?") + query
+    q = RedisQueue(url, 6, "workers")
+    with pytest.raises(ConfigError) as e:
+        await q.connect("both")
+    assert str(e.value) == f"invalid setting LLMTAP_QUEUE: Redis takes no URL parameter {needle}"
+
+
 async def test_records_go_to_the_partition_of_their_key(spec: QueueSpec, queues: list[RedisQueue]) -> None:
     q = await open_(spec, queues, "producer")
     messages = keyed_records(keys=20, per_key=3)

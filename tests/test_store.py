@@ -835,6 +835,46 @@ async def test_postgres_outage_is_transient_then_recovers_exactly_once() -> None
 
 @pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_settings_no_wait_cures_stop_start_up_with_one_sentence() -> None:
+    """`sslmode=bogus`, a CA file that is not there, a misspelt parameter: waited out as outages
+    (for ever); a role that may not create tables: a traceback. Each is one sentence now."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from llmtap.store.postgres import PostgresStore
+
+    role = "llmtap_r_" + uuid.uuid4().hex[:8]
+    async with pg_database() as url:
+        for query, needle in [
+            ("sslmode=bogus", "`sslmode` parameter must be one of"),
+            ("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", "cannot be read"),
+            ("sslrootcrt=/x", 'unrecognized configuration parameter "sslrootcrt"'),
+        ]:
+            with pytest.raises(ConfigError) as e:
+                await PostgresStore(f"{url}?{query}").connect()
+            assert str(e.value).startswith("invalid setting LLMTAP_STORE: ") and needle in str(e.value), (
+                e.value
+            )
+        parts = urlsplit(url)
+        admin = await asyncpg.connect(url)
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        await admin.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        try:
+            weak = PostgresStore(urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}")))
+            with pytest.raises(
+                ConfigError, match=r"its role cannot make llmtap.s tables .*permission denied"
+            ):
+                await weak.connect()
+        finally:
+            await admin.close()
+    admin = await asyncpg.connect(pg_url())
+    try:
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+    finally:
+        await admin.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_postgres_refusing_the_role_mid_run_is_an_outage_not_the_records_fault() -> None:
     """A password rotated under a running worker (a managed database's rotation) made every
     write raise InvalidPasswordError, counted as the record's fault: all dead-lettered within

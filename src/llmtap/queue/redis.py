@@ -310,6 +310,15 @@ class RedisQueue(Queue):
         except (QueueMissing, ConfigError):
             await self._close_clients()
             raise
+        except TypeError as e:  # redis-py passes URL parameters on as arguments, unchecked
+            await self._close_clients()
+            m = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+            if m is None:
+                raise
+            hint = " (TLS parameters need a rediss:// URL)" if m[1].startswith("ssl") else ""
+            raise ConfigError(
+                f"invalid setting LLMTAP_QUEUE: Redis takes no URL parameter {m[1]!r}{hint}"
+            ) from None
         except (RedisError, OSError, TimeoutError) as e:
             await self._close_clients()
             if isinstance(e, AuthenticationError) or "DB index is out of range" in str(e) or unknown_host(e):

@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from llmtap.errors import BackendUnavailable
+from llmtap.errors import BackendUnavailable, ConfigError
 from llmtap.queue.base import Queue
 from llmtap.server import api
 from llmtap.server.ingest import IngestQueue
@@ -279,7 +279,7 @@ async def pipeline(request: web.Request) -> web.Response:
                 for d in await q.dead_letters(100)
             ]
         )
-    except BackendUnavailable as e:
+    except (BackendUnavailable, ConfigError) as e:  # ConfigError: a password refused mid-run
         info.update(reachable=False, error=str(e), lag=None, partitions=[], dead_letter_count=None)
         info.update(queue=request.app[QUEUE].get("description") or "queue", dead_letters=None)
     info["ingest"] = await ingest_status(request.app[api.INGEST])

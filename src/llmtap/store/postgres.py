@@ -297,6 +297,21 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.LockNotAvailableError,
 )
 
+
+def _wrong_setting(e: Exception) -> str | None:
+    """What is wrong with the URL when connecting failed for a reason no waiting cures: a
+    parameter asyncpg refuses (`sslmode=bogus`, `verify-full` without a CA file), a file it
+    names that cannot be read (`sslrootcert`, `sslcert`, `sslkey`), or an error the server
+    answered (an unknown parameter) that is no outage. None: an outage, waited out."""
+    if isinstance(e, asyncpg.exceptions.ClientConfigurationError):
+        return _reason(e)
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+        return f"a file it names (sslrootcert, sslcert, sslkey) cannot be read: {e.strerror or e}"
+    if isinstance(e, asyncpg.PostgresError) and not isinstance(e, _TRANSIENT):
+        return f"PostgreSQL says: {_reason(e)}"
+    return None
+
+
 _PART_RE = re.compile(r"^requests_p(\d{4})(\d{2})$")
 
 
@@ -410,11 +425,20 @@ class PostgresStore(Store):
         except Exception as e:  # asyncpg raises many kinds; all mean the same to the user
             if unknown_host(e):
                 raise ConfigError(f"invalid setting LLMTAP_STORE: unknown host in {self._where}") from None
+            wrong = _wrong_setting(e)
+            if wrong is not None:  # waited out as an outage, it would have been waited for ever
+                raise ConfigError(f"invalid setting LLMTAP_STORE: {wrong}") from None
             raise BackendUnavailable(f"cannot connect to PostgreSQL at {self._where}: {_reason(e)}") from None
         try:
             await self._migrate(conn)
         except _TRANSIENT as e:
             raise BackendUnavailable(f"cannot connect to PostgreSQL at {self._where}: {_reason(e)}") from None
+        except asyncpg.exceptions.InsufficientPrivilegeError as e:
+            raise ConfigError(
+                f"invalid setting LLMTAP_STORE: its role cannot make llmtap's tables ({_reason(e)}); "
+                "connect as the database's owner (llmtap makes its tables and the pg_trgm extension "
+                "at start)"
+            ) from None
         finally:
             await conn.close()
         try:
