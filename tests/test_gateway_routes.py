@@ -255,6 +255,10 @@ def test_upstreams_config_errors_are_one_sentence(value: str, needle: str) -> No
         ("openai_base_url", "http://127.0.0.1:1/v\t1", "must not hold spaces or control characters"),
         ("bodies", "s3://u:PASSWORD-8@bucket/prefix", "takes no credentials"),
         ("ingest_token", 12345678901234, "valid string"),
+        # a password with raw `#` `?` `/` `@`: urllib quoted its head as the port, the tail showed
+        ("store", "postgresql://app:PASSWORD-10#x@db/llmtap", "its port is not a number"),
+        ("queue", "rediss://u:PASSWORD-11?x@h:6380/0", "its port is not a number"),
+        ("store", "postgresql://app:PASSWORD/12@db:x/llmtap", "its port is not a number"),
         ("webhook_secret", ["whsec_PASSWORD-9"], "valid string"),
     ],
 )

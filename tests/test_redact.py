@@ -235,3 +235,24 @@ def test_a_webhook_urls_token_path_is_masked_and_its_names_kept() -> None:
         == "https://u:***@ops.example.com/a/123456789012345678"
     )
     assert shown("not a url") == "not a url" and shown("https://h") == "https://h"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:Pr0d#Secret@db:5432/x", "postgresql://app:***@db:5432/x"),
+        ("postgresql://u:p%25w/x@h/db", "postgresql://u:***@h/db"),
+        ("rediss://mgdat:P@Ssw0rdTail@localhost:6380/0", "rediss://mgdat:***@localhost:6380/0"),
+        ("postgresql://u:p@ss:w/rd%Zz@h/db", "postgresql://u:***@h/db"),
+        ("redis://:only-a-password@h/0", "redis://***@h/0"),
+        ("redis://a-token@h/0", "redis://***@h/0"),
+        ("kafka://h:1,h2:2/topic", "kafka://h:1,h2:2/topic"),
+        ("postgresql://u@h/db?password=hunter2hunter2", "postgresql://***@h/db?password=***"),
+    ],
+)
+def test_a_backend_urls_password_is_hidden_whole_whatever_it_holds(url: str, shown: str) -> None:
+    """A password with a raw `@`, `/`, `?` or `#` showed its tail in the banner, `llmtap status`
+    and the Pipeline page (an outside check of managed-service settings)."""
+    from llmtap.redact import redact_dsn
+
+    assert redact_dsn(url) == shown

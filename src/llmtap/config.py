@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from llmtap.backends import FAMILIES
 from llmtap.errors import ConfigError
-from llmtap.redact import is_secret_name, redact_url
+from llmtap.redact import is_secret_name, redact_dsn, redact_url
 
 ENV_PREFIX = "LLMTAP_"
 #: Backend family by setting name: its URL schemes, classes and extras (`llmtap.backends`).
@@ -339,9 +339,9 @@ class Settings(BaseSettings):
     def describe(self) -> dict[str, str]:
         """Backends in words, for start-up banners (no credentials)."""
         return {
-            "queue": redact_url(self.queue),
-            "store": redact_url(self.store),
-            "bodies": redact_url(self.bodies),
+            "queue": redact_dsn(self.queue),
+            "store": redact_dsn(self.store),
+            "bodies": redact_dsn(self.bodies),
             "data dir": str(self.data_dir.resolve()),
         }
 
@@ -426,7 +426,7 @@ def _check_http_url(v: str, *, base: bool = False, credentials: str | None = Non
         parts = urlsplit(v)
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError as e:
-        raise ValueError(f"{redact_url(v)!r} is not a valid URL ({e})") from None
+        raise ValueError(f"{redact_dsn(v)!r} is not a valid URL ({_url_error(e)})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"must be an http:// or https:// URL, got {redact_url(v)!r}")
     if base and "@" in parts.netloc:
@@ -439,6 +439,17 @@ def _check_http_url(v: str, *, base: bool = False, credentials: str | None = Non
     if any(c.isspace() or not c.isprintable() for c in v):  # sent as is in every request line
         raise ValueError(f"must not hold spaces or control characters, got {redact_url(v)!r}")
     return v.rstrip("/")
+
+
+def _url_error(e: ValueError) -> str:
+    """What urllib found wrong, without quoting it: its text quotes the part it read as a port,
+    which is a password's head when the password holds a raw `#`, `?` or `/`."""
+    text = str(e)
+    if text.startswith("Port could not be cast"):
+        return "its port is not a number; a password holding @ : / ? # must be percent-encoded"
+    if text.startswith("Port out of range"):
+        return "its port is out of range"
+    return "its host is malformed"
 
 
 def normalize_host(name: str) -> str:
@@ -456,9 +467,9 @@ def _check_network_url(v: str, *, host: bool = True) -> str:
         parts = urlsplit(v)
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError as e:
-        raise ValueError(f"{redact_url(v)!r} is not a valid URL ({e})") from None
+        raise ValueError(f"{redact_dsn(v)!r} is not a valid URL ({_url_error(e)})") from None
     if host and not parts.netloc:
-        raise ValueError(f"{redact_url(v)!r} names no host")
+        raise ValueError(f"{redact_dsn(v)!r} names no host")
     return v
 
 
@@ -526,7 +537,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
                 hint = f" (did you mean {ENV_PREFIX + close[0].upper() if key.isupper() else close[0]}?)"
             raise ConfigError(f"unknown setting {key!r} in config file {config_file}{hint}") from None
         if isinstance(value, str):
-            value = redact_url(value)  # a URL's password must not reach the terminal or a log
+            value = redact_dsn(value)  # a URL's password must not reach the terminal or a log
         shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
         if is_secret_name(field):
             shown = ""  # a token or secret of the wrong type is still a secret

@@ -201,6 +201,21 @@ def redact_url(url: str) -> str:
     return "".join(red)
 
 
+def redact_dsn(url: str) -> str:
+    """A backend URL (queue, store) as `redact_url` shows it, but with everything between `://`
+    and its *last* `@` taken for the userinfo: a password holding a raw `@`, `/`, `?` or `#`
+    (which drivers read each their own way) showed its tail through the URL rules. Only for
+    settings: a target URL's path may hold an `@` (`claude-3-5-sonnet@20240620` on Vertex)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return redact_url(url)
+    userinfo, _, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not colon or any(c in user for c in "/?#"):
+        user = ""  # a token on its own, or no telling where the user name ends
+    return redact_url(f"{scheme}://{user + ':' if user else ''}{REDACTED}@{host}")
+
+
 #: A URL path segment that is a secret, not a name: 16 or more letters, digits, `-` or `_`
 #: with letters and digits both, or any 24 or more (Slack's `/services/T…/B…/<24 characters>`,
 #: Discord's `/api/webhooks/<id>/<68 characters>`, a UUID); `hooks`, an all-digit id are kept.

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from llmtap import __version__
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError, LlmtapError
-from llmtap.redact import install_log_filter, redact_url
+from llmtap.redact import install_log_filter, redact_dsn
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
@@ -220,7 +220,7 @@ class SharedBackends:
         """The store for a banner line, without creating one (a worker given only a chain)."""
         if self._store is not None:
             return self._store.description
-        return redact_url(self.settings.store)
+        return redact_dsn(self.settings.store)
 
     def connected(self, name: str) -> bool:
         """Whether `name` ("store", "body store", "handler chain") is open."""

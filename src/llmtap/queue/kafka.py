@@ -76,7 +76,7 @@ from llmtap.queue.base import (
     letter_field,
     partition_for,
 )
-from llmtap.redact import redact_url
+from llmtap.redact import redact_dsn
 
 log = logging.getLogger("llmtap.queue.kafka")
 
@@ -193,7 +193,7 @@ class KafkaQueue(Queue):
         topic = parts.path.strip("/")
         if parts.scheme != "kafka" or not parts.netloc or not topic or "/" in topic:
             raise ConfigError(
-                f"invalid setting LLMTAP_QUEUE: {redact_url(url)!r} is not kafka://host:port[,host:port]/topic"
+                f"invalid setting LLMTAP_QUEUE: {redact_dsn(url)!r} is not kafka://host:port[,host:port]/topic"
             )
         query = dict(parse_qsl(parts.query))
         try:
@@ -201,13 +201,13 @@ class KafkaQueue(Queue):
             self.replication = int(query["replication"]) if "replication" in query else None
             ms = {k: int(v) / 1000 for k, v in query.items() if k.endswith("_ms")}
         except ValueError:
-            raise ConfigError(f"invalid setting LLMTAP_QUEUE: bad number in {redact_url(url)!r}") from None
+            raise ConfigError(f"invalid setting LLMTAP_QUEUE: bad number in {redact_dsn(url)!r}") from None
         self.bootstrap = parts.netloc.rsplit("@", 1)[-1]
         self.topic = topic
         self.dlq_topic = f"{topic}.dlq"
         self.group = query.get("group", group)
         if not self.group or len(self.group) > 200:
-            raise ConfigError(f"invalid setting LLMTAP_QUEUE: bad group in {redact_url(url)!r}")
+            raise ConfigError(f"invalid setting LLMTAP_QUEUE: bad group in {redact_dsn(url)!r}")
         self.replay_group = f"{self.group}-dlq-replay"
         self.session_timeout = session_timeout or ms.get("session_timeout_ms", 10.0)
         self.op_timeout = op_timeout or ms.get("request_timeout_ms", 5.0)
@@ -224,7 +224,7 @@ class KafkaQueue(Queue):
                 "(gzip always is; lz4 and zstd need the cramjam package)"
             )
         self.client_id = f"llmtap-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.description = f"{redact_url(url)} (Kafka)"
+        self.description = f"{redact_dsn(url)} (Kafka)"
         self._admin: AIOKafkaAdminClient | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None

@@ -67,7 +67,7 @@ from llmtap.queue.base import (
     letter_field,
     partition_for,
 )
-from llmtap.redact import redact_url
+from llmtap.redact import redact_dsn
 
 log = logging.getLogger("llmtap.queue.redis")
 
@@ -203,7 +203,7 @@ class RedisQueue(Queue):
         if parts.scheme not in ("redis", "rediss") or not parts.hostname or not (db == "" or db.isdigit()):
             # (redis-py reads `/abc` as database 0: a typo would share someone else's database)
             raise ConfigError(
-                f"invalid setting LLMTAP_QUEUE: {redact_url(url)!r} is not redis://host:port/db"
+                f"invalid setting LLMTAP_QUEUE: {redact_dsn(url)!r} is not redis://host:port/db"
                 " (db: a database number)"
             )
         query = dict(parse_qsl(parts.query))
@@ -211,7 +211,7 @@ class RedisQueue(Queue):
         try:
             ms = {k: float(v) / 1000 for k, v in ours.items() if k.endswith("_ms")}
         except ValueError:
-            raise ConfigError(f"invalid setting LLMTAP_QUEUE: bad number in {redact_url(url)!r}") from None
+            raise ConfigError(f"invalid setting LLMTAP_QUEUE: bad number in {redact_dsn(url)!r}") from None
         self.prefix = ours.get("prefix", "llmtap")
         self.group = group
         self.partitions = partitions
@@ -223,7 +223,7 @@ class RedisQueue(Queue):
         self.consumer_id = consumer_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._url = parts._replace(query=urlencode(query)).geturl()
         self._where = f"{parts.hostname}:{parts.port or 6379}"
-        self.description = f"{redact_url(url)} (Redis Streams)"
+        self.description = f"{redact_dsn(url)} (Redis Streams)"
         self._r: aioredis.Redis | None = None  # commands with a timeout
         self._rb: aioredis.Redis | None = None  # blocking XREADGROUP
         self._role: Role | None = None

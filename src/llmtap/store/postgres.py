@@ -33,7 +33,7 @@ import asyncpg
 import orjson
 
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError, unknown_host
-from llmtap.redact import redact_url
+from llmtap.redact import redact_dsn
 from llmtap.store import rollup, search, sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import POSTGRES as MIGRATIONS
@@ -343,7 +343,7 @@ class PostgresStore(Store):
         self._written: tuple[str, ...] = _WRITTEN
         self._move = _MOVE
         self._floor = True  # migration 14's `retention_floor` (an older schema has none)
-        self.description = f"postgresql {redact_url(url)}"
+        self.description = f"postgresql {redact_dsn(url)}"
         parts = urlsplit(url)
         self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
         self._min, self._max = min_size, max_size
