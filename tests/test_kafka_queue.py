@@ -467,3 +467,103 @@ async def test_records_the_topics_retention_removed_unstored_are_said_lost(
     assert [d.offset for d in rest] == [6, 7]
     said = [r.getMessage() for r in caplog.records if "removed by the topic's retention" in r.getMessage()]
     assert said and "3 record(s)" in said[0] and "offsets 3-5" in said[0], said
+
+
+async def _delete_before(q: KafkaQueue, offset: int) -> None:
+    """Remove a partition-0 prefix as the topic's retention does."""
+    from aiokafka.admin import RecordsToDelete
+    from aiokafka.structs import TopicPartition
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=q.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({TopicPartition(q.topic, 0): RecordsToDelete(offset)}, timeout_ms=30_000)
+    finally:
+        await admin.close()
+
+
+def _lost_count() -> float:
+    from llmtap.queue.base import LOST
+
+    return LOST.labels("kafka")._value.get()  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_records_removed_under_a_running_worker_are_said_lost(
+    tmp_path: Path, queues: list[KafkaQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stalled worker (a locked store) outlived the retention: handing its deliveries out
+    again met removed offsets, aiokafka went on from the oldest record left, and 1,477 logs
+    were lost without a line (an outside check). Each gap is an ERROR and counted now."""
+    spec = make_spec("kafka", tmp_path, partitions=1)
+    q = await open_(spec, queues, redeliver_after=0.5)
+    await q.publish([Message("k", f"r{i}".encode()) for i in range(8)])
+    held = await take(q, 8, ack=False)  # handed out, never acknowledged: the store hangs
+    assert [d.offset for d in held] == list(range(8))
+    await _delete_before(q, 6)
+    before = _lost_count()
+    with caplog.at_level("ERROR", logger="llmtap.queue"):
+        again = await take(q, 2, timeout=60)  # redelivery from offset 0, which is gone
+    assert [d.offset for d in again] == [6, 7]
+    said = [r.getMessage() for r in caplog.records if "removed by the topic's retention" in r.getMessage()]
+    assert said and "6 record(s)" in said[0] and "offsets 0-5" in said[0], said
+    assert _lost_count() - before == 6
+
+
+async def test_a_partition_never_committed_is_measured_from_its_start(
+    tmp_path: Path, queues: list[KafkaQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loss check read only partitions with a commit: a partition no worker had acked yet
+    (or whose group offsets expired) lost 290 records unnamed. Its start is committed on
+    assignment, so a later loss is counted; a start past 0 without a commit is said at once."""
+    from aiokafka.structs import TopicPartition
+
+    spec = make_spec("kafka", tmp_path, partitions=1)
+    producer = await open_(spec, queues, "producer")
+    await producer.publish([Message("k", f"r{i}".encode()) for i in range(8)])
+    await _delete_before(producer, 3)  # before any worker of this group ever ran
+    with caplog.at_level("ERROR", logger="llmtap.queue"):
+        q = await open_(spec, queues, "consumer")
+        first = await take(q, 5, ack=False)
+    assert [d.offset for d in first] == [3, 4, 5, 6, 7]
+    said = [r.getMessage() for r in caplog.records if "has no committed offset" in r.getMessage()]
+    assert said and "starts at offset 3" in said[0] and "records 0-2" in said[0], said
+    admin = AIOKafkaAdminClient(bootstrap_servers=q.bootstrap)
+    await admin.start()
+    try:
+        got = await admin.list_consumer_group_offsets(q.group, partitions=[TopicPartition(q.topic, 0)])
+    finally:
+        await admin.close()
+    assert got[TopicPartition(q.topic, 0)].offset == 3  # committed at assignment, before any ack
+    await q.close()  # the workers stop with nothing acknowledged; retention goes on
+    queues.remove(q)
+    await _delete_before(producer, 5)
+    before = _lost_count()
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="llmtap.queue"):
+        q2 = await open_(spec, queues, "consumer")
+        rest = await take(q2, 3)
+    assert [d.offset for d in rest] == [5, 6, 7]
+    said = [r.getMessage() for r in caplog.records if "removed by the topic's retention" in r.getMessage()]
+    assert said and "2 record(s)" in said[0] and "offsets 3-4" in said[0], said
+    assert _lost_count() - before == 2
+
+
+async def test_a_compacted_topic_is_refused(tmp_path: Path, queues: list[KafkaQueue]) -> None:
+    """Records are keyed by session: compaction kept the newest of each and 190 of 306 logs
+    vanished with no word anywhere (an outside check)."""
+    from aiokafka.admin import NewTopic
+
+    spec = make_spec("kafka", tmp_path, partitions=1)
+    q = spec.build()
+    assert isinstance(q, KafkaQueue)
+    admin = AIOKafkaAdminClient(bootstrap_servers=q.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(q.topic, 1, 1, topic_configs={"cleanup.policy": "compact"})])
+    finally:
+        await admin.close()
+    for role in ("producer", "inspect"):
+        with pytest.raises(
+            ConfigError, match=r"has cleanup\.policy=compact: Kafka would keep only the newest"
+        ):
+            await spec.build().connect(role)  # type: ignore[arg-type]

@@ -408,11 +408,19 @@ async def test_a_reply_that_is_not_redis_acknowledging_the_batch_is_not_taken_fo
 
 
 async def test_a_redis_that_evicts_keys_is_refused_at_start_and_named_by_status(
-    spec: QueueSpec, queues: list[RedisQueue]
+    spec: QueueSpec,
+    queues: list[RedisQueue],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A Redis run as a cache (`allkeys-lru`) took every publish and then evicted the streams:
     2,039 of 3,000 records gone without an error (the queue review). `noeviction` refuses the
-    writes instead, and the gateway falls back; `volatile-*` never takes keys without a TTL."""
+    writes instead, and the gateway falls back; `volatile-*` never takes keys without a TTL.
+    Switched to `allkeys-*` under a running gateway (1,003 of 1,200 lost: an outside check), the
+    next publish is refused (the gateway falls back) with an ERROR."""
+    from llmtap.queue import redis as redis_module
+
+    monkeypatch.setattr(redis_module, "POLICY_EVERY", 0.0)
     producer = await open_(spec, queues, "producer")
     await producer.publish(keyed_records(keys=2, per_key=2))
     before = await producer.r.config_get("maxmemory*")
@@ -421,6 +429,10 @@ async def test_a_redis_that_evicts_keys_is_refused_at_start_and_named_by_status(
         await producer.r.config_set("maxmemory-policy", "allkeys-lru")
         await open_(spec, queues, "producer")  # without a memory limit nothing is evicted
         await producer.r.config_set("maxmemory", "2gb")
+        with caplog.at_level("WARNING", logger="llmtap.queue"), pytest.raises(BackendUnavailable) as refused:
+            await producer.publish(keyed_records(keys=1, per_key=1))  # connected before the switch
+        assert "evicts keys when full (maxmemory-policy allkeys-lru): not publishing" in str(refused.value)
+        assert any(r.levelname == "ERROR" and "now evicts keys" in r.getMessage() for r in caplog.records)
         for role in ("producer", "consumer"):
             q = spec.build()
             with pytest.raises(ConfigError) as e:
@@ -431,6 +443,8 @@ async def test_a_redis_that_evicts_keys_is_refused_at_start_and_named_by_status(
         assert any("maxmemory-policy allkeys-lru" in n for n in st.notes), st.notes
         await producer.r.config_set("maxmemory-policy", "volatile-lru")  # safe for us: accepted
         await open_(spec, queues, "producer")
+        await producer.publish(keyed_records(keys=1, per_key=1))  # and the running one publishes again
+        assert any("no longer evicts keys" in r.getMessage() for r in caplog.records)
     finally:
         await producer.r.config_set("maxmemory-policy", before["maxmemory-policy"])
         await producer.r.config_set("maxmemory", before["maxmemory"])

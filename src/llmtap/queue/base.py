@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
+from prometheus_client import Counter
 
 from llmtap.backends import QUEUES
 
@@ -42,6 +43,14 @@ if TYPE_CHECKING:
 #: `inspect`: read-only commands (`status`, `dlq list`): connect to what exists, create nothing,
 #: and raise `QueueMissing` when the queue is not there.
 Role = Literal["producer", "consumer", "both", "inspect"]
+#: Records a broker removed before any worker stored them (Kafka retention or compaction, Redis
+#: eviction): lost logs, each also an ERROR line. Alert on any increase.
+LOST = Counter(
+    "llmtap_queue_records_lost_total",
+    "Records the queue's broker removed before any worker stored them (retention, compaction, eviction)",
+    ["queue"],
+)
+
 N = TypeVar("N")
 D = TypeVar("D")
 

@@ -48,6 +48,7 @@ from urllib.parse import parse_qsl, urlsplit
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.codec import has_lz4, has_zstd
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import (
@@ -65,6 +66,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from llmtap.errors import BackendUnavailable, ConfigError, MessageRefused, QueueMissing, unknown_host
 from llmtap.queue.base import (
+    LOST,
     DeadLetter,
     Delivery,
     Message,
@@ -118,6 +120,8 @@ def _decode_offsets(text: str) -> set[int]:
     return out
 
 
+_DAY_MS = 86_400_000
+
 #: What the broker (or the producer, against `max_request_size`) says of a message too large.
 _TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
 
@@ -129,6 +133,9 @@ class _Assigned:
     epoch: int
     pending: dict[int, float] = field(default_factory=dict)  # delivered, unacked: offset -> when
     next_offset: int | None = None  # the offset after the last delivered record
+    #: The offset the partition's next record should have (its commit, then each record's
+    #: successor): a record beyond it means the broker removed those between, unread.
+    expect: int | None = None
     committed: int = -1
     mark: int = -1  # persisted: every offset below it was handed out before (maybe by the dead)
     attempt: tuple[int, int] | None = None  # persisted: (offset, handlings begun) of one record
@@ -230,6 +237,7 @@ class KafkaQueue(Queue):
         self._consumer: AIOKafkaConsumer | None = None
         self._meta: AIOKafkaConsumer | None = None  # group-less, for offsets and the DLQ
         self._assigned: dict[int, _Assigned] = {}
+        self._unmarked: set[int] = set()  # assigned without a committed offset: commit their start
         self._epoch = 0
         self._rebalancing = False
         self._acked = asyncio.Event()
@@ -334,6 +342,8 @@ class KafkaQueue(Queue):
                 continue
             if create:
                 wanted.append(NewTopic(name, n, replication, topic_configs=configs))
+        if self.topic in existing:
+            await self._check_topic_configs()
         if wanted:
             resp = await self._admin.create_topics(wanted)
             for name, code, *rest in resp.topic_errors:
@@ -352,6 +362,36 @@ class KafkaQueue(Queue):
                 ):
                     break
                 await asyncio.sleep(0.05)
+
+    async def _check_topic_configs(self) -> None:
+        """Refuse a compacted topic (Kafka keeps only the newest record of each key, here a
+        session's: every other record of it vanishes unread) and warn of a retention shorter
+        than a day (a worker or store outage longer than it loses logs)."""
+        assert self._admin is not None
+        try:
+            found = await self._admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, self.topic)])
+            configs = {c[0]: c[1] for c in found[0].resources[0][4]}
+        except Exception as e:  # only a check: an ACL without DescribeConfigs is no reason to stop
+            log.info("kafka queue: cannot read the configs of topic %s (%s); not checked", self.topic, e)
+            return
+        if "compact" in (configs.get("cleanup.policy") or ""):
+            raise ConfigError(
+                f"invalid setting LLMTAP_QUEUE: topic {self.topic!r} has cleanup.policy="
+                f"{configs['cleanup.policy']}: Kafka would keep only the newest record of each session "
+                "and the others' logs would vanish unread; use cleanup.policy=delete"
+            )
+        try:
+            retention_ms = int(configs.get("retention.ms") or -1)
+        except ValueError:
+            return
+        if 0 <= retention_ms < _DAY_MS:
+            log.warning(
+                "kafka queue: topic %s keeps records %.1f h (retention.ms=%d): a worker or store outage "
+                "longer than that loses their logs; a week (604800000) is safer",
+                self.topic,
+                retention_ms / 3_600_000,
+                retention_ms,
+            )
 
     def _retire(self, producer: AIOKafkaProducer) -> None:
         """Stop an old producer in the background, to the end: cancelling `stop()` half-way
@@ -474,29 +514,58 @@ class KafkaQueue(Queue):
         for p in mine:
             del self._assigned[p]
 
-    async def _say_expired(self, committed: dict[TopicPartition, Any]) -> None:
-        """Log, loudly, records the topic's retention removed before any worker stored them.
+    def _say_lost(self, partition: int, first: int, upto: int) -> None:
+        """Log, loudly, and count records the broker removed (offsets `first`..`upto - 1`)."""
+        LOST.labels("kafka").inc(upto - first)
+        log.error(
+            "kafka queue: %d record(s) of %s partition %d (offsets %d-%d) were removed by the "
+            "topic's retention before any worker stored them: their logs are lost "
+            "(raise retention.ms on the topic above your longest worker or store outage)",
+            upto - first,
+            self.topic,
+            partition,
+            first,
+            upto - 1,
+        )
+
+    async def _say_expired(self, committed: dict[TopicPartition, Any], fresh: dict[int, _Assigned]) -> None:
+        """Log, loudly, records the topic's retention removed before any worker stored them, and
+        set where each partition's next record is expected (`_Assigned.expect`).
 
         The consumer then starts at the oldest record left (`auto_offset_reset`) and says
-        nothing: a worker (or store) outage longer than `retention.ms` cost those logs."""
+        nothing: a worker (or store) outage longer than `retention.ms` cost those logs. A
+        partition the group never committed starts at its oldest record, which is committed at
+        once: a later loss there is measured from it, not passed over for want of a commit."""
         try:
             meta = await self._meta_consumer()
             begin = await meta.beginning_offsets(list(committed))
         except Exception:  # only a diagnosis: the assignment goes on without it
             return
+        unmarked: set[int] = set()
         for tp, om in committed.items():
-            lost = begin.get(tp, 0) - om.offset if om is not None and om.offset >= 0 else 0
-            if lost > 0:
-                log.error(
-                    "kafka queue: %d record(s) of %s partition %d (offsets %d-%d) were removed by the "
-                    "topic's retention before any worker stored them: their logs are lost "
-                    "(raise retention.ms on the topic above your longest worker or store outage)",
-                    lost,
-                    self.topic,
-                    tp.partition,
-                    om.offset,
-                    begin[tp] - 1,
-                )
+            st = fresh.get(tp.partition)
+            if st is None:
+                continue
+            if om is None or om.offset < 0:
+                st.expect = st.next_offset = begin.get(tp, 0)
+                unmarked.add(tp.partition)
+                if st.expect > 0:
+                    log.error(
+                        "kafka queue: %s partition %d has no committed offset for group %s and starts at "
+                        "offset %d: records 0-%d were removed by the topic's retention before this group "
+                        "read them (lost, unless another group stored them; or the group's offsets "
+                        "expired: offsets.retention.minutes)",
+                        self.topic,
+                        tp.partition,
+                        self.group,
+                        st.expect,
+                        st.expect - 1,
+                    )
+                continue
+            st.expect = max(om.offset, begin.get(tp, 0))  # a loss said here is not said again
+            if begin.get(tp, 0) > om.offset:
+                self._say_lost(tp.partition, om.offset, begin[tp])
+        self._unmarked = unmarked
 
     async def _on_assigned(self, assigned: set[int]) -> None:
         self._epoch += 1
@@ -516,9 +585,15 @@ class KafkaQueue(Queue):
             except Exception as e:  # the counts restart: a crashing record takes longer to isolate
                 log.warning("kafka queue: cannot read delivery marks (%s); counting afresh", e)
             else:
-                await self._say_expired(got)
+                await self._say_expired(got, fresh)
         self._assigned = fresh
         self._rebalancing = False
+        unmarked, self._unmarked = self._unmarked & set(fresh), set()
+        if unmarked:
+            try:
+                await asyncio.wait_for(self._commit(unmarked, force=True), self.op_timeout)
+            except Exception as e:  # committed with its first record instead
+                log.warning("kafka queue: cannot commit the start of partitions %s: %s", sorted(unmarked), e)
         log.info("kafka queue %s: assigned partitions %s", self.topic, sorted(assigned))
 
     async def consume(self, max_messages: int, timeout: float) -> list[Delivery]:
@@ -533,6 +608,10 @@ class KafkaQueue(Queue):
         records: list[ConsumerRecord[bytes, bytes]]
         for tp, records in data.items():
             st = self._assigned.get(tp.partition)
+            if st is not None and records and st.expect is not None and records[0].offset > st.expect:
+                # aiokafka met an offset the retention (or compaction) had removed and went on
+                # from the oldest record left (`auto_offset_reset`) without a word.
+                self._say_lost(tp.partition, st.expect, records[0].offset)
             if st is None:
                 # aiokafka fetches a new assignment before our listener has set it up: these
                 # come again from here once it has. Dropped instead, a later commit would
@@ -543,7 +622,7 @@ class KafkaQueue(Queue):
                 continue
             for r in records:
                 st.pending[r.offset] = now
-                st.next_offset = r.offset + 1
+                st.next_offset = st.expect = r.offset + 1
                 count = self._redelivered.get((tp.partition, r.offset), 0) + 1
                 if r.offset < st.mark:
                     count = max(count, 2)  # handed out before, maybe by a process that died
@@ -587,7 +666,7 @@ class KafkaQueue(Queue):
                 if first is not None:
                     for off in [o for o in st.pending if o >= first]:
                         del st.pending[off]
-                    st.next_offset = first
+                    st.next_offset = st.expect = first
                     self.consumer.seek(TopicPartition(self.topic, p), first)
             out.clear()
             raise
@@ -604,7 +683,7 @@ class KafkaQueue(Queue):
                     self._redelivered.clear()
                 self.consumer.seek(TopicPartition(self.topic, p), first)
                 st.pending.clear()
-                st.next_offset = first
+                st.next_offset = st.expect = first
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         touched = set()

@@ -71,6 +71,9 @@ from llmtap.redact import redact_dsn
 
 log = logging.getLogger("llmtap.queue.redis")
 
+#: Seconds between checks of Redis's eviction policy (`RedisQueue._watch_policy`).
+POLICY_EVERY = 30.0
+
 # Heartbeat: renew our membership and leases, acquire the partitions that are ours by the fair
 # share rule, and report which leases we hold that now belong to someone else. Server time, so
 # consumers on hosts with skewed clocks agree on who is alive.
@@ -235,6 +238,8 @@ class RedisQueue(Queue):
         self._heartbeat_error: BaseException | None = None
         self._rr = 0
         self._last_trim = 0.0
+        self._policy_at = time.monotonic()  # checked by `connect`
+        self._evicting: str | None = None
         self._scripts: dict[str, Any] = {}
 
     # -- keys ----------------------------------------------------------------------------------
@@ -407,9 +412,41 @@ class RedisQueue(Queue):
         self._r = self._rb = None
 
     # -- producer ------------------------------------------------------------------------------
+    async def _watch_policy(self) -> str | None:
+        """The eviction policy checked at start, again every `POLICY_EVERY` seconds: a Redis
+        switched to `allkeys-*` under a running gateway took 1,003 of 1,200 records and
+        dropped them (an outside check). An ERROR when it starts evicting, a WARNING when it
+        stops; the gateway publishes elsewhere (ingest, spool) meanwhile."""
+        now = time.monotonic()
+        if now - self._policy_at < POLICY_EVERY:
+            return self._evicting
+        self._policy_at = now
+        try:
+            evicts = await self._evicting_policy()
+        except (RedisError, OSError, TimeoutError):
+            return self._evicting  # an outage says itself elsewhere
+        if evicts != self._evicting:
+            if evicts is not None:
+                log.error(
+                    "redis queue: Redis at %s now evicts keys when full (maxmemory-policy %s): queued "
+                    "records may vanish unread; publishing elsewhere until it is set to noeviction",
+                    self._where,
+                    evicts,
+                )
+            else:
+                log.warning("redis queue: Redis at %s no longer evicts keys", self._where)
+            self._evicting = evicts
+        return evicts
+
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
+        evicts = await self._watch_policy()
+        if evicts is not None:
+            raise BackendUnavailable(
+                f"Redis at {self._where} evicts keys when full (maxmemory-policy {evicts}): not publishing"
+                " to it (records would vanish unread)"
+            )
         # One script call per batch, run by Redis in one step: one command to encode and one
         # reply to parse cost the gateway a sixth of the CPU of a pipeline of XADDs.
         n = self.partitions
@@ -441,6 +478,7 @@ class RedisQueue(Queue):
             await asyncio.sleep(interval)
             try:
                 await self._heartbeat_once()
+                await self._watch_policy()
                 self._heartbeat_error = None
                 if said:
                     log.warning("redis queue heartbeat to %s works again", self._where)

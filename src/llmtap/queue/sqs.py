@@ -92,6 +92,8 @@ _BATCH = 10  # SQS's entries per batch request
 _FIFO_LANES = 16  # parallel request sequences per publish on a FIFO queue
 _CONCURRENCY = 16  # requests in flight per operation
 _RETENTION = str(14 * 24 * 3600)  # SQS's maximum: logs may wait out a long store outage
+_RETENTION_WARN = 7 * 24 * 3600  # less than a week kept: said at start
+_CHECKED = ("MaximumMessageSize", "RedrivePolicy", "MessageRetentionPeriod")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 # Characters SQS accepts in a message body or string attribute (XML 1.0's).
 _BAD_CHARS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -281,10 +283,10 @@ class SQSQueue(Queue):
             if role == "inspect":  # read-only commands create nothing
                 self._url = await self._find_queue(self.name)
                 self._dlq_url = await self._find_queue(self.dlq_name)
-                attrs = await self._attributes(self._url, "MaximumMessageSize", "RedrivePolicy")
+                attrs = await self._attributes(self._url, *_CHECKED)
             else:
                 await self._create_queues()
-                attrs = await self._attributes(self._url, "MaximumMessageSize", "RedrivePolicy")
+                attrs = await self._attributes(self._url, *_CHECKED)
         except QueueMissing:
             await self.close()
             raise
@@ -314,6 +316,18 @@ class SQSQueue(Queue):
                 ) from None
             raise self._unavailable(e) from None
         self.max_bytes = int(attrs.get("MaximumMessageSize") or DEFAULT_MAX_BYTES)
+        kept = attrs.get("MessageRetentionPeriod")
+        if kept is not None and kept.isdigit() and int(kept) < _RETENTION_WARN:
+            # SQS deletes an older message unread and says so nowhere: a worker or store outage
+            # longer than this loses logs, undetectable afterwards (a queue made by hand keeps
+            # AWS's default, 4 days).
+            log.warning(
+                "sqs queue %s keeps messages %.1f days (MessageRetentionPeriod=%s): a worker or store "
+                "outage longer than that loses their logs without a trace; set it to 1209600 (14 days)",
+                self.name,
+                int(kept) / 86400,
+                kept,
+            )
         if "RedrivePolicy" not in attrs:
             log.info(
                 "sqs queue %s has no redrive policy: a message that crashes workers is retried forever",
