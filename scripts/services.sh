@@ -21,6 +21,7 @@
 #   kafka     Apache Kafka 4.1.1, KRaft combined broker+controller, jars from
 #             Maven Central (scripts/kafka/pom.xml)                          29092  LLMTAP_KAFKA_PORT
 #                                                           controller      29093  LLMTAP_KAFKA_CONTROLLER_PORT
+#                                               SASL PLAIN (llmtap/...)     29094  LLMTAP_KAFKA_SASL_PORT
 #   s3        SeaweedFS (master+volume+filer+S3 gateway in one `weed server`),
 #             built from the Go module proxy                                 29000  LLMTAP_S3_PORT
 #             internal ports 29101-29103 (http), 29111-29114 (grpc)  LLMTAP_S3_INTERNAL_PORT_BASE=29100
@@ -75,6 +76,9 @@ REDIS_URL="redis://$HOST:$REDIS_PORT/0"
 
 KAFKA_PORT="${LLMTAP_KAFKA_PORT:-29092}"
 KAFKA_CONTROLLER_PORT="${LLMTAP_KAFKA_CONTROLLER_PORT:-29093}"
+KAFKA_SASL_PORT="${LLMTAP_KAFKA_SASL_PORT:-$((KAFKA_PORT + 2))}"
+KAFKA_SASL_USER=llmtap
+KAFKA_SASL_PASSWORD=llmtap-kafka-secret
 KAFKA_VERSION="${LLMTAP_KAFKA_VERSION:-4.1.1}"
 KAFKA_HEAP="${LLMTAP_KAFKA_HEAP:-512m}"
 KAFKA_BOOTSTRAP="$HOST:$KAFKA_PORT"
@@ -198,7 +202,7 @@ ensure_port_free() { # SVC PORT...
 reserve_ports() {
 	local f=/proc/sys/net/ipv4/ip_local_reserved_ports cur want lo hi p inside=""
 	read -r lo hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || { lo=32768 hi=60999; }
-	for p in "$PG_PORT" "$REDIS_PORT" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$S3_PORT" "$SQS_PORT" \
+	for p in "$PG_PORT" "$REDIS_PORT" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_PORT" "$S3_PORT" "$SQS_PORT" \
 		"$S3_MASTER_PORT" "$S3_VOLUME_PORT" "$S3_FILER_PORT" "$S3_MASTER_GRPC" "$S3_VOLUME_GRPC" \
 		"$S3_FILER_GRPC" "$S3_S3_GRPC"; do
 		if [ "$p" -ge "$lo" ] && [ "$p" -le "$hi" ]; then inside="$inside $p"; fi
@@ -209,7 +213,7 @@ reserve_ports() {
 			"a client of a stopped service may connect to itself (pick ports outside the range)"
 		return 0
 	fi
-	want="$PG_PORT,$REDIS_PORT,$KAFKA_PORT,$KAFKA_CONTROLLER_PORT,$S3_PORT,$SQS_PORT"
+	want="$PG_PORT,$REDIS_PORT,$KAFKA_PORT,$KAFKA_CONTROLLER_PORT,$KAFKA_SASL_PORT,$S3_PORT,$SQS_PORT"
 	want="$want,$S3_MASTER_PORT-$S3_FILER_PORT,$S3_MASTER_GRPC-$S3_S3_GRPC"
 	cur=$(cat "$f" 2>/dev/null || true)
 	echo "${cur:+$cur,}$want" >"$f" 2>/dev/null ||
@@ -480,8 +484,8 @@ kafka_java() { # CLASS ARGS... : run a Kafka tool on the broker's classpath
 start_kafka() {
 	install_kafka
 	mkdir -p "$KAFKA_HOME/logs"
-	ensure_port_free kafka "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"
-	sed -e "s|@HOST@|$HOST|g; s|@PORT@|$KAFKA_PORT|g; s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g; s|@DATA_DIR@|$KAFKA_DATA|g" \
+	ensure_port_free kafka "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_PORT"
+	sed -e "s|@HOST@|$HOST|g; s|@PORT@|$KAFKA_PORT|g; s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g; s|@SASL_PORT@|$KAFKA_SASL_PORT|g; s|@DATA_DIR@|$KAFKA_DATA|g" \
 		"$SCRIPT_DIR/kafka/server.properties.in" >"$KAFKA_HOME/server.properties"
 	# The controller's address is written into the metadata log at format time:
 	# reformat (test data only) when it or the Kafka version changed.
@@ -856,6 +860,7 @@ cmd_env() {
 		export LLMTAP_TEST_POSTGRES_URL=$PG_URL
 		export LLMTAP_TEST_REDIS_URL=$REDIS_URL
 		export LLMTAP_TEST_KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP
+		export LLMTAP_TEST_KAFKA_SASL_URL=kafka://$KAFKA_SASL_USER:$KAFKA_SASL_PASSWORD@$HOST:$KAFKA_SASL_PORT
 		export LLMTAP_TEST_S3_ENDPOINT=$S3_ENDPOINT
 		export LLMTAP_TEST_S3_ACCESS_KEY=$S3_ACCESS_KEY
 		export LLMTAP_TEST_S3_SECRET_KEY=$S3_SECRET_KEY

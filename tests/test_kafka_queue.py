@@ -567,3 +567,53 @@ async def test_a_compacted_topic_is_refused(tmp_path: Path, queues: list[KafkaQu
             ConfigError, match=r"has cleanup\.policy=compact: Kafka would keep only the newest"
         ):
             await spec.build().connect(role)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LLMTAP_TEST_KAFKA_SASL_URL"), reason="no SASL listener (scripts/services.sh)"
+)
+async def test_managed_kafka_sasl_login_round_trip_and_a_wrong_password(
+    tmp_path: Path, queues: list[KafkaQueue]
+) -> None:
+    """Managed Kafka (MSK, Confluent Cloud, Aiven) needs SASL: `kafka://user:pass@...` was
+    taken, its userinfo dropped and the connection made in plain text, unauthenticated; its
+    query options were ignored (an outside check). The test broker's SASL PLAIN listener."""
+    import uuid
+
+    base = os.environ["LLMTAP_TEST_KAFKA_SASL_URL"]
+    name = "sasl-" + uuid.uuid4().hex[:8]
+    url = f"{base}/{name}?security_protocol=SASL_PLAINTEXT&sasl_mechanism=PLAIN&group={name}&partitions=2"
+    q = KafkaQueue(url, 2, "workers")
+    await connect(q, "both")
+    queues.append(q)
+    assert "llmtap-kafka-secret" not in q.description
+    await q.publish([Message("k", b"over SASL")])
+    got = await take(q, 1)
+    assert got[0].value == b"over SASL"
+    bad = url.replace("llmtap-kafka-secret", "wrong-PASSWORD")
+    with pytest.raises(ConfigError) as e:
+        await KafkaQueue(bad, 2, "workers").connect("producer")
+    msg = str(e.value)
+    assert msg.startswith("invalid setting LLMTAP_QUEUE: Kafka at ") and "refused the PLAIN login" in msg, msg
+    assert "PASSWORD" not in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("kafka://u:p@h:1/t", "a Kafka user and password need security_protocol=SASL_SSL"),
+        ("kafka://h:1/t?security_protocol=SASL_SSL", "needs kafka://user:password@host/topic"),
+        (
+            "kafka://u:p@h:1/t?security_protocol=SASL_SSL&sasl_mechanism=GSSAPI",
+            "sasl_mechanism must be one of",
+        ),
+        ("kafka://h:1/t?security_protocol=TLS", "security_protocol must be one of"),
+        ("kafka://h:1/t?securityprotocol=SSL", "Kafka takes no URL parameter 'securityprotocol'"),
+        ("kafka://h:1/t?ssl_cafile=/nonexistent/ca.pem", "ssl_cafile '/nonexistent/ca.pem' cannot be read"),
+        ("kafka://h:1/t?security_protocol=PLAINTEXT&ssl_cafile=/etc/hostname", "ssl_* parameters need"),
+    ],
+)
+def test_managed_kafka_settings_are_checked_at_start(url: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        KafkaQueue(url, 6, "workers")
+    assert str(e.value).startswith("invalid setting LLMTAP_QUEUE: ") and needle in str(e.value), e.value

@@ -28,7 +28,10 @@ URL: `kafka://host:port[,host:port]/topic` with optional query parameters `parti
 `request_timeout_ms` (outage detection; default 5000), `redeliver_after_ms` (a delivery
 unacked this long is handed out again; default 60000) and `group` (the workers' consumer
 group, default `llmtap-workers`: give each deployment on a shared cluster its own, or a worker
-starting in one makes every other one's group rebalance).
+starting in one makes every other one's group rebalance). Managed Kafka: `security_protocol`
+(`SSL`, `SASL_SSL`, `SASL_PLAINTEXT`), `sasl_mechanism` (`PLAIN`, `SCRAM-SHA-256`,
+`SCRAM-SHA-512`) with the user and percent-encoded password in the URL's userinfo, and
+`ssl_cafile` / `ssl_certfile` / `ssl_keyfile`; any other parameter is refused at start.
 """
 
 from __future__ import annotations
@@ -43,13 +46,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.codec import has_lz4, has_zstd
+from aiokafka.conn import create_conn
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import (
     CommitFailedError,
@@ -60,8 +64,11 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     RecordListTooLargeError,
     RecordTooLargeError,
+    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
 )
+from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import OffsetAndMetadata
 
 from llmtap.errors import BackendUnavailable, ConfigError, MessageRefused, QueueMissing, unknown_host
@@ -121,6 +128,68 @@ def _decode_offsets(text: str) -> set[int]:
 
 
 _DAY_MS = 86_400_000
+#: The URL's query parameters (anything else is refused: it used to be ignored).
+_PARAMS = frozenset(
+    {
+        "partitions", "replication", "group", "compression", "session_timeout_ms",
+        "request_timeout_ms", "redeliver_after_ms", "security_protocol", "sasl_mechanism",
+        "ssl_cafile", "ssl_certfile", "ssl_keyfile",
+    }
+)  # fmt: skip
+_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _security(parts: SplitResult, query: dict[str, str]) -> dict[str, Any]:
+    """aiokafka's TLS and SASL arguments from the URL: `kafka://user:password@host/topic?
+    security_protocol=SASL_SSL&sasl_mechanism=SCRAM-SHA-512&ssl_cafile=/ca.pem` (managed Kafka:
+    MSK, Confluent Cloud, Aiven). The password is percent-encoded in the URL; a mistake is one
+    sentence at start, never a connection made in plain text."""
+    where = "invalid setting LLMTAP_QUEUE: "
+    protocol = query.get("security_protocol", "").upper()
+    user = unquote(parts.username) if parts.username else None
+    if not protocol:
+        if user is not None or "sasl_mechanism" in query:
+            raise ConfigError(
+                where + "a Kafka user and password need security_protocol=SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        protocol = "SSL" if any(k.startswith("ssl_") for k in query) else "PLAINTEXT"
+    if protocol not in _PROTOCOLS:
+        raise ConfigError(
+            where + f"security_protocol must be one of {', '.join(_PROTOCOLS)}, not {protocol!r}"
+        )
+    out: dict[str, Any] = {"security_protocol": protocol}
+    if protocol.startswith("SASL_"):
+        mechanism = query.get("sasl_mechanism", "PLAIN").upper()
+        if mechanism not in _MECHANISMS:
+            raise ConfigError(
+                where + f"sasl_mechanism must be one of {', '.join(_MECHANISMS)}, not {mechanism!r}"
+            )
+        if user is None or parts.password is None:
+            raise ConfigError(where + f"security_protocol={protocol} needs kafka://user:password@host/topic")
+        out.update(
+            sasl_mechanism=mechanism,
+            sasl_plain_username=user,
+            sasl_plain_password=unquote(parts.password),
+        )
+    elif user is not None:
+        raise ConfigError(where + f"a Kafka user and password need a SASL security_protocol, not {protocol}")
+    if protocol.endswith("SSL"):
+        files = {}
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if key in query:
+                path = query[key]
+                if not os.access(path, os.R_OK) or os.path.isdir(path):
+                    raise ConfigError(where + f"{key} {path!r} cannot be read")
+                files[key.removeprefix("ssl_")] = path
+        try:
+            out["ssl_context"] = create_ssl_context(**files)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise ConfigError(where + f"the TLS files do not load: {e}") from None
+    elif any(k.startswith("ssl_") for k in query):
+        raise ConfigError(where + f"ssl_* parameters need security_protocol=SSL or SASL_SSL, not {protocol}")
+    return out
+
 
 #: What the broker (or the producer, against `max_request_size`) says of a message too large.
 _TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
@@ -203,6 +272,13 @@ class KafkaQueue(Queue):
                 f"invalid setting LLMTAP_QUEUE: {redact_dsn(url)!r} is not kafka://host:port[,host:port]/topic"
             )
         query = dict(parse_qsl(parts.query))
+        unknown = sorted(set(query) - _PARAMS)
+        if unknown:  # was ignored: `?security_protocol=SASL_SSL` connected in plain text, unauthenticated
+            raise ConfigError(
+                f"invalid setting LLMTAP_QUEUE: Kafka takes no URL parameter {unknown[0]!r} "
+                f"(it takes {', '.join(sorted(_PARAMS))})"
+            )
+        security = _security(parts, query)
         try:
             self.partitions = int(query.get("partitions", partitions))
             self.replication = int(query["replication"]) if "replication" in query else None
@@ -231,6 +307,13 @@ class KafkaQueue(Queue):
                 "(gzip always is; lz4 and zstd need the cramjam package)"
             )
         self.client_id = f"llmtap-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        #: What every client of this queue is made with: the brokers, and TLS and SASL if set.
+        self._client_kw: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "client_id": self.client_id,
+            **security,
+        }
+        self._sasl = security.get("sasl_mechanism")
         self.description = f"{redact_dsn(url)} (Kafka)"
         self._admin: AIOKafkaAdminClient | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -259,8 +342,7 @@ class KafkaQueue(Queue):
     async def connect(self, role: Role) -> None:
         try:
             self._admin = AIOKafkaAdminClient(
-                bootstrap_servers=self.bootstrap,
-                client_id=self.client_id,
+                **self._client_kw,
                 request_timeout_ms=int(self.op_timeout * 1000),
             )
             await asyncio.wait_for(self._admin.start(), self.op_timeout)
@@ -268,8 +350,7 @@ class KafkaQueue(Queue):
             await self._start_producer()
             if role in ("consumer", "both"):
                 self._consumer = AIOKafkaConsumer(
-                    bootstrap_servers=self.bootstrap,
-                    client_id=self.client_id,
+                    **self._client_kw,
                     group_id=self.group,
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",
@@ -291,7 +372,39 @@ class KafkaQueue(Queue):
         except (KafkaError, OSError, TimeoutError) as e:
             await self.close()
             await self._check_hosts()  # aiokafka's "unable to bootstrap" hides a mistyped host
+            await self._check_login(e)  # ... and a login the broker refused
             raise self._unavailable(e) from None
+
+    async def _check_login(self, e: BaseException) -> None:
+        """`ConfigError` when the broker refused the SASL login (a wrong password, a mechanism
+        it does not enable): aiokafka only logs that and reports "unable to bootstrap", which
+        read as an outage and was waited out for ever."""
+        if self._sasl is None:
+            return
+        if not isinstance(e, SaslAuthenticationFailed | UnsupportedSaslMechanismError):
+            host, _, port = self.bootstrap.split(",")[0].strip().rpartition(":")
+            kw = {k: v for k, v in self._client_kw.items() if k != "bootstrap_servers"}
+            try:
+                conn = await asyncio.wait_for(
+                    create_conn(
+                        host.strip("[]"),
+                        int(port or 9092),
+                        request_timeout_ms=int(self.op_timeout * 1000),
+                        **kw,
+                    ),
+                    self.op_timeout,
+                )
+            except (SaslAuthenticationFailed, UnsupportedSaslMechanismError) as refused:
+                e = refused
+            except Exception:  # unreachable, or anything else: the outage it looks like
+                return
+            else:
+                conn.close()
+                return
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"invalid setting LLMTAP_QUEUE: Kafka at {self.bootstrap} refused the {self._sasl} login ({why})"
+        ) from None
 
     async def _check_hosts(self) -> None:
         """`ConfigError` when a bootstrap host is a name the DNS does not know."""
@@ -407,8 +520,7 @@ class KafkaQueue(Queue):
 
     async def _start_producer(self) -> None:
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            client_id=self.client_id,
+            **self._client_kw,
             enable_idempotence=True,
             linger_ms=self.linger_ms,
             compression_type=self.compression,
@@ -758,8 +870,7 @@ class KafkaQueue(Queue):
     async def _meta_consumer(self) -> AIOKafkaConsumer:
         if self._meta is None:
             meta = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap,
-                client_id=self.client_id,
+                **self._client_kw,
                 group_id=None,
                 enable_auto_commit=False,
                 request_timeout_ms=int(self.op_timeout * 1000),
@@ -802,8 +913,7 @@ class KafkaQueue(Queue):
         if start >= end:
             return out
         reader = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            client_id=self.client_id,
+            **self._client_kw,
             group_id=None,
             enable_auto_commit=False,
             request_timeout_ms=int(self.op_timeout * 1000),
@@ -892,8 +1002,7 @@ class KafkaQueue(Queue):
 
     async def _commit_replay_mark(self, offset: int, metadata: str) -> None:
         marker = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            client_id=self.client_id,
+            **self._client_kw,
             group_id=self.replay_group,
             enable_auto_commit=False,
             request_timeout_ms=int(self.op_timeout * 1000),
