@@ -488,3 +488,21 @@ async def test_an_outage_is_logged_when_it_begins_and_ends_not_at_every_heartbea
     assert len(lines) == 2, lines
     assert "failed" in lines[0] and f"127.0.0.1:{proxy.port}" in lines[0]
     assert "works again" in lines[1]
+
+
+async def test_a_full_redis_is_named_full_not_unreachable(spec: QueueSpec, queues: list[RedisQueue]) -> None:
+    """Past its `maxmemory` Redis answers every write with OOM: the worker said "cannot reach
+    Redis" while it answered, and could not start (an outside check)."""
+    producer = await open_(spec, queues, "producer")
+    before = await producer.r.config_get("maxmemory*")
+    try:
+        await producer.r.config_set("maxmemory-policy", "noeviction")
+        await producer.r.config_set("maxmemory", "1")  # below what it holds: full at once
+        with pytest.raises(BackendUnavailable) as e:
+            await spec.build().connect("consumer")  # not `connect`: it waits out outages
+        assert "is full (used memory above its maxmemory): raise maxmemory" in str(e.value), str(e.value)
+        with pytest.raises(BackendUnavailable, match="refused the batch: command not allowed when used memory"):
+            await producer.publish(keyed_records(keys=1, per_key=1))  # the gateway falls back
+    finally:
+        await producer.r.config_set("maxmemory", before["maxmemory"])
+        await producer.r.config_set("maxmemory-policy", before["maxmemory-policy"])

@@ -269,6 +269,11 @@ class RedisQueue(Queue):
 
     def _unavailable(self, e: BaseException) -> BackendUnavailable:
         text = str(e)
+        if "maxmemory" in text:  # OOM: Redis answers, it is full (`noeviction`, or nothing left to evict)
+            return BackendUnavailable(
+                f"Redis at {self._where} is full (used memory above its maxmemory): raise maxmemory; "
+                "records go to the fallback meanwhile, and a worker cannot join until it is raised"
+            )
         if "111" in text or "refused" in text.lower():
             why = "connection refused"
         elif isinstance(e, TimeoutError | RedisTimeoutError):
