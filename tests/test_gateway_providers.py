@@ -253,6 +253,12 @@ def test_inject_stream_usage() -> None:
     )
     assert out is not None
     assert orjson.loads(out)["stream_options"] == {"include_usage": True, "include_obfuscation": False}
+    # vLLM's per-chunk usage: asked for alone it does nothing, with `include_usage` it would put
+    # usage on every chunk the client gets (an outside check): the request goes as written
+    assert (
+        openai.inject_stream_usage(b'{"stream":true,"stream_options":{"continuous_usage_stats":true}}')
+        is None
+    )
 
 
 def test_stripper_restores_the_plain_stream_at_every_split() -> None:

@@ -501,7 +501,7 @@ async def test_a_full_redis_is_named_full_not_unreachable(spec: QueueSpec, queue
         with pytest.raises(BackendUnavailable) as e:
             await spec.build().connect("consumer")  # not `connect`: it waits out outages
         assert "is full (used memory above its maxmemory): raise maxmemory" in str(e.value), str(e.value)
-        with pytest.raises(BackendUnavailable, match="refused the batch: command not allowed when used memory"):
+        with pytest.raises(BackendUnavailable, match="refused the batch: command not allowed"):
             await producer.publish(keyed_records(keys=1, per_key=1))  # the gateway falls back
     finally:
         await producer.r.config_set("maxmemory", before["maxmemory"])

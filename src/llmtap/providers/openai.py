@@ -553,6 +553,10 @@ def inject_stream_usage(body: bytes) -> bytes | None:
     elif isinstance(options, dict):
         if options.get("include_usage") is True:
             return None
+        if options.get("continuous_usage_stats"):
+            # vLLM: with `include_usage` added this puts usage on every chunk, which no
+            # stripping could take back out; without it, it does nothing. Sent as the client wrote it.
+            return None
         # An explicit false is overridden too: the client still never sees the usage chunk.
         options["include_usage"] = True
     else:
