@@ -405,3 +405,35 @@ async def test_a_worker_starting_behind_a_locked_table_says_it_waits_and_stops_o
                 second.kill()  # a no-op once it stopped
         finally:
             await locker.close()
+
+
+def test_json_log_lines_parse_and_carry_no_credential() -> None:
+    """`LLMTAP_LOG_FORMAT=json`: one object a line for log collectors, through the same
+    credential filter as the text lines (message and traceback)."""
+    import json
+    import subprocess
+    import sys
+
+    key = "sk-proj-" + "a1B2c3D4" * 4
+    code = f"""
+import logging
+from llmtap.runtime import setup_logging
+setup_logging("info", "json")
+log = logging.getLogger("llmtap.test")
+log.warning("upstream said: Incorrect API key provided: Bearer {key}")
+try:
+    raise ValueError("api_key={key}")
+except ValueError:
+    log.exception("a batch failed")
+log.debug("not shown at info")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert key not in out.stderr and "a1B2c3D4" not in out.stderr, out.stderr
+    lines = [json.loads(line) for line in out.stderr.splitlines()]
+    assert [(r["level"], r["logger"]) for r in lines] == [
+        ("warning", "llmtap.test"),
+        ("error", "llmtap.test"),
+    ]
+    assert lines[0]["message"].startswith("upstream said: Incorrect API key provided: Bearer ")
+    assert "ValueError: api_key=" in lines[1]["exception"] and lines[1]["message"] == "a batch failed"
+    assert lines[0]["time"].endswith("+00:00") and isinstance(lines[0]["pid"], int)

@@ -153,7 +153,7 @@ async def _connected(backend: B, role: Role = "producer") -> AsyncIterator[B]:
 def _serve(settings: Settings, title: str, parts: list[str]) -> None:
     from llmtap.runtime import Service, SharedBackends, raise_fd_limit, run_services, setup_logging
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     _make_data_dir(settings)
     raise_fd_limit()
 

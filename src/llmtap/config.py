@@ -207,6 +207,9 @@ class Settings(BaseSettings):
     default_tenant: str = "default"
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object a line on stderr, for Loki, Datadog, CloudWatch"
+    )
 
     @field_validator("queue", "store", "bodies")
     @classmethod

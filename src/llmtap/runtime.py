@@ -18,8 +18,11 @@ import random
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
 
 from llmtap import __version__
 from llmtap.config import Settings
@@ -46,12 +49,33 @@ class Service(Protocol):
         ...
 
 
-def setup_logging(level: str) -> None:
+class JsonLines(logging.Formatter):
+    """One JSON object a line (`LLMTAP_LOG_FORMAT=json`): what log collectors parse without a
+    pattern. The credential filter has run on the record before (message and traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        exc = record.exc_text or (self.formatException(record.exc_info) if record.exc_info else None)
+        if exc:
+            out["exception"] = exc
+        return orjson.dumps(out, default=str).decode()
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if fmt == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLines())
     # No log line may carry a credential: aiohttp quotes a malformed request's raw bytes.
     install_log_filter()
     # aiohttp's per-request access log would cost the hot path; we log records, not lines.
