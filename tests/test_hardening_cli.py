@@ -356,3 +356,67 @@ def test_mistakes_the_cli_review_found_are_one_sentence_each(tmp_path: Path) -> 
             r = _llmtap({**env, **extra}, *args, cwd=tmp_path)
             assert r.returncode == 2 and says in r.stderr, (args, r.returncode, r.stderr)
             assert "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_erase_a_user_for_good_through_llmtap_up(tmp_path: Path) -> None:
+    """`llmtap erase --user`: a data subject's requests leave the API, the search and the
+    totals, and their body files leave the disk; another user's stay. Nothing matched is exit 1."""
+    import sqlite3
+
+    import openai
+
+    from procs import fake_upstream, http_json, list_records, running_up, stored_count, wait_until
+
+    with (
+        fake_upstream(tmp_path) as upstream,
+        running_up(tmp_path, openai_base_url=upstream, inline_body_bytes=0) as up,
+    ):
+        client = openai.OpenAI(base_url=f"{up.gw}/openai/v1", api_key="sk-test", max_retries=0)
+        for user, n in (("user-42", 3), ("user-7", 2)):
+            for i in range(n):
+                client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=[{"role": "user", "content": f"secret of {user} #{i}"}],
+                    extra_headers={"Llmtap-User-Id": user},
+                )
+        wait_until(lambda: stored_count(up.api) == 5, 60, what="5 stored")
+        # Where each body lies (inline limit 0: all in files, packed by batch with other users')
+        db = sqlite3.connect(tmp_path / "data" / "store.db")
+        refs = {
+            user: [json.loads(b)["ref"] for row in rows for b in row]
+            for user in ("user-42", "user-7")
+            if (
+                rows := db.execute(
+                    "SELECT request_body, response_body FROM requests WHERE user_id = ?", (user,)
+                ).fetchall()
+            )
+        }
+        db.close()
+        assert len(refs["user-42"]) == 6 and len(refs["user-7"]) == 4
+
+        def span(ref: str) -> bytes:
+            name, _, where = ref.partition("#")
+            offset, _, length = where.partition("+")
+            with open(tmp_path / "data" / "bodies" / name, "rb") as f:
+                return os.pread(f.fileno(), int(length), int(offset))
+
+        kept = {ref: span(ref) for ref in refs["user-7"]}
+        env = llmtap_env(tmp_path / "data")
+        r = _llmtap(env, "erase", "--user", "user-42", "--yes", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "erased 3 request(s) and 6 bodies in tenant default", r.stdout
+        assert list_records(up.api, user_id="user-42") == []
+        assert list_records(up.api, q="secret of user-42") == []
+        others = list_records(up.api)
+        assert [x["user_id"] for x in others] == ["user-7", "user-7"]
+        assert stored_count(up.api) == 2  # the totals no longer count them
+        for ref in refs["user-42"]:  # its bytes are gone from the disk ...
+            assert span(ref).strip(b"\0") == b"", ref
+        assert {ref: span(ref) for ref in refs["user-7"]} == kept  # ... the packs' other bodies stay
+        status, body = http_json("GET", f"{up.api}/api/v1/requests/{others[0]['id']}")
+        assert status == 200 and "secret of user-7" in json.dumps(body), body
+        again = _llmtap(env, "erase", "--user", "user-42", "--yes", cwd=tmp_path)
+        assert again.returncode == 1 and "nothing matched" in again.stderr, again.stderr
+        assert "erased 0 request(s)" in again.stdout
+        none = _llmtap(env, "erase", "--yes", cwd=tmp_path)
+        assert none.returncode == 2 and "name what to erase" in none.stderr

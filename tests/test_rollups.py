@@ -254,6 +254,57 @@ async def test_rollups_equal_raw_through_redelivery_and_retention(
         await compare_users(store, [*written, *late], users_sql_calls, cutoff)
 
 
+async def _erase_all(store: Store, tenant: str, by: str, value: str) -> tuple[int, list[str]]:
+    rows, refs = 0, []
+    while True:
+        n, keys = await store.erase(tenant, by, value, limit=97)
+        rows, refs = rows + n, refs + keys
+        if n == 0:
+            return rows, refs
+
+
+def _refs(r: LogRecord) -> list[str]:
+    return [b.ref for b in (r.request_body, r.response_body, r.response_events) if b is not None and b.ref]
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_erasing_a_user_a_session_or_a_request_leaves_no_trace_and_rollups_equal_raw(
+    kind: str, tmp_path: Path, users_sql_calls: list[str]
+) -> None:
+    """`llmtap erase` (GDPR art. 17): the rows, their search text, properties and bodies' refs
+    go, the totals stay those of what is left (rollups equal raw rows after it), and the
+    user's own rollup rows go with the last of their requests."""
+    data = records()
+    async with rollup_store(kind, tmp_path) as store:
+        for i in range(0, len(data), 300):
+            await store.write_batch(data[i : i + 300])
+        gone = [r for r in data if r.tenant == "acme" and r.user_id == "alice"]
+        assert len(gone) > 50
+        rows, refs = await _erase_all(store, "acme", "user_id", "alice")
+        assert rows == len(gone) and sorted(refs) == sorted(x for r in gone for x in _refs(r))
+        left = [r for r in data if r not in gone]
+        assert any(
+            r.tenant == "globex" and r.user_id == "alice" for r in left
+        )  # another tenant's alice stays
+        assert all(u["user_id"] != "alice" for u in await store.users("acme"))
+        assert any(u["user_id"] == "alice" for u in await store.users("globex"))
+        assert await store.get_request("acme", gone[0].id) is None
+        page = await store.list_requests("acme", ListQuery(user_id="alice", limit=10))
+        assert page.items == []
+        session = next(r.session_id for r in left if r.tenant == "acme" and r.session_id)
+        in_session = [r for r in left if r.tenant == "acme" and r.session_id == session]
+        assert (await _erase_all(store, "acme", "session_id", session))[0] == len(in_session)
+        left = [r for r in left if r not in in_session]
+        one = next(r for r in left if r.tenant == "globex")
+        assert (await _erase_all(store, "acme", "id", one.id))[0] == 0  # not acme's to erase
+        assert (await _erase_all(store, "globex", "id", one.id))[0] == 1
+        left.remove(one)
+        assert await compare_all(store, left) > 0
+        await compare_users(store, left, users_sql_calls)
+        with pytest.raises(ValueError):
+            await store.erase("acme", "model; DROP TABLE requests", "x")
+
+
 @contextlib.asynccontextmanager
 async def opened_store(kind: str, where: str, props: tuple[str, ...]) -> AsyncIterator[Store]:
     store: Store

@@ -25,6 +25,7 @@ from llmtap.config import Settings, load_settings, misspelled_variables
 from llmtap.errors import LlmtapError
 
 if TYPE_CHECKING:
+    from llmtap.bodies.base import BodyStore
     from llmtap.cooperate import Foreground
     from llmtap.gateway.app import GatewayService
     from llmtap.queue.base import DeadLetter, Queue, Role
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from llmtap.webhooks.outbox import Endpoint
 
 T = TypeVar("T")
-B = TypeVar("B", "Store", "Queue")
+B = TypeVar("B", "Store", "Queue", "BodyStore")
 
 EPILOG = """\b
 Examples:
@@ -139,8 +140,8 @@ def _run_with(ctx: click.Context, fn: Callable[[Settings], Awaitable[T]], *, cre
 
 @contextlib.asynccontextmanager
 async def _connected(backend: B, role: Role = "producer") -> AsyncIterator[B]:
-    """A store, or a queue (as producer, or `inspect`: creating nothing), connected for the
-    length of one command."""
+    """A store, a body store, or a queue (as producer, or `inspect`: creating nothing),
+    connected for the length of one command."""
     from llmtap.queue.base import Queue
 
     await (backend.connect(role) if isinstance(backend, Queue) else backend.connect())
@@ -508,6 +509,80 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
     revoked = not _store_missing(_settings(ctx)) and _with_store(ctx, lambda s: k.revoke_key(s, key_id))
     _found(revoked, f"active key with id {key_id!r}")
     click.echo(f"key {key_id} revoked")
+
+
+@cli.command(short_help="Erase a user's, a session's or given requests' logs (bodies too).")
+@click.option("--user", "user_id", help="Every request of this user id (Llmtap-User-Id).")
+@click.option("--session", "session_id", help="Every request of this session id.")
+@click.option("--request", "request_ids", multiple=True, help="This request id (repeat for more).")
+@click.option("--tenant", callback=_tenant_name, help="The tenant (default: the default tenant).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def erase(
+    ctx: click.Context,
+    user_id: str | None,
+    session_id: str | None,
+    request_ids: tuple[str, ...],
+    tenant: str | None,
+    yes: bool,
+) -> None:
+    """Erase logs for good: a data subject's request to be forgotten (GDPR art. 17).
+
+    Deletes the requests' rows, bodies (files or S3 objects), search text, properties and
+    their share of the rollups (a user's own rollup rows go with the last request); totals
+    keep no trace of who. Records still in the queue are stored when the workers reach them:
+    erase again once `llmtap status` shows lag 0. Webhook deliveries already sent, and OTel
+    exports, are out of llmtap's hands.
+
+    \b
+    Example:
+      llmtap erase --user user-42
+      llmtap erase --session chat-9 --tenant acme --yes
+      llmtap erase --request 0193c1e2-... --request 0193c1e3-...
+    """
+    targets = [("user_id", v) for v in [user_id] if v is not None]
+    targets += [("session_id", v) for v in [session_id] if v is not None]
+    targets += [("id", v) for v in dict.fromkeys(request_ids)]
+    if not targets:
+        _fail("name what to erase: --user, --session or --request")
+    for by, value in targets:
+        if not value.strip():
+            _fail(f"--{by.removesuffix('_id') if by != 'id' else 'request'} must not be empty")
+    settings = _settings(ctx)
+    who = tenant if tenant is not None else settings.default_tenant
+    if _store_missing(settings):
+        click.echo("erased 0 request(s)")
+        return
+    if not yes:
+        what = ", ".join(
+            f"{'request' if by == 'id' else by.removesuffix('_id')} {_shown(v)}" for by, v in targets
+        )
+        click.confirm(f"Erase every stored request of {what} in tenant {_shown(who)}, for good?", abort=True)
+
+    async def run(settings: Settings) -> tuple[int, int]:
+        from llmtap.bodies.base import open_body_store
+        from llmtap.store import open_store
+
+        rows = refs = 0
+        async with _connected(open_store(settings)) as store, _connected(open_body_store(settings)) as bodies:
+            for by, value in targets:
+                while True:
+                    n, keys = await store.erase(who, by, value, limit=2_000)
+                    if keys:
+                        await bodies.erase_many(keys)
+                    rows, refs = rows + n, refs + len(keys)
+                    if n == 0:
+                        break
+                    if rows >= 10_000 and rows % 10_000 < n:
+                        click.echo(f"  ... {rows} erased", err=True)
+        return rows, refs
+
+    rows, refs = _run_with(ctx, run)
+    click.echo(
+        f"erased {rows} request(s) and {refs} bod{'y' if refs == 1 else 'ies'} in tenant {_shown(who)}"
+    )
+    if rows == 0:
+        _fail("nothing matched (ids are exact; `--tenant` names another tenant's)", 1)
 
 
 # -- webhooks -----------------------------------------------------------------------------------

@@ -109,6 +109,12 @@ class BodyStore(ABC):
     async def delete_many(self, refs: Sequence[str]) -> None:
         """Delete by ref (for the file store, a pack ref removes its whole pack)."""
 
+    async def erase_many(self, refs: Sequence[str]) -> None:
+        """Delete exactly these bodies and no other (`llmtap erase`): where `delete_many` takes
+        a file store's whole pack, other requests' bodies in it must stay. One object per body
+        (S3): the same as `delete_many`."""
+        await self.delete_many(refs)
+
     async def delete_days_before(self, day: date) -> int:
         """Delete every body in a day folder before `day`, named by a record or not; how many
         folders went. What retention's refs miss (a second request reusing an id: its row was

@@ -114,6 +114,13 @@ class Store(ABC):
     async def delete_older_than(self, cutoff: datetime, limit: int = 10_000) -> list[str]:
         """Delete rows created before `cutoff`; returns the body refs they held."""
 
+    @abstractmethod
+    async def erase(self, tenant: str, by: str, value: str, limit: int = 10_000) -> tuple[int, list[str]]:
+        """Delete up to `limit` of `tenant`'s rows whose `by` (`sql.ERASE_BY`: a user, a session,
+        a request id) is `value`, with their properties, search text and share of the rollups
+        (a user's own rollup rows go with their last request); returns (rows deleted, their body
+        refs). Call again until it deletes nothing (`llmtap erase`)."""
+
     # -- API keys -----------------------------------------------------------------------------
     @abstractmethod
     async def create_key(self, tenant: str, name: str | None, key_hash: str, prefix: str) -> ApiKey: ...

@@ -240,6 +240,24 @@ UNION ALL
 SELECT (SELECT count(*) FROM gone), NULL, NULL, NULL, {_SRC_NULL}
 """
 
+#: `Store.erase`: one tenant's rows by a column of `sql.ERASE_BY` (formatted in, never input),
+#: their keys and property rows, in one statement; returns the rows' body columns and rollup
+#: sources.
+_ERASE = """
+WITH pick AS (
+    SELECT tenant, id, created_at FROM requests WHERE tenant = $1 AND {by} = $2 LIMIT $3
+), gone AS (
+    DELETE FROM request_keys k USING pick g
+    WHERE k.tenant = g.tenant AND llmtap_hash(k.id) = llmtap_hash(g.id) AND k.id = g.id
+), dp AS (
+    DELETE FROM request_properties p USING pick g
+    WHERE p.tenant = g.tenant AND p.request_id = g.id AND p.created_at = g.created_at
+)
+DELETE FROM requests r USING pick g
+WHERE r.tenant = g.tenant AND r.id = g.id AND r.created_at = g.created_at
+RETURNING r.request_body, r.response_body, r.response_events, {src}
+"""
+
 _ENDPOINTS = f"{SELECT_ENDPOINTS} WHERE disabled_at IS NULL"
 
 
@@ -821,20 +839,39 @@ class PostgresStore(Store):
                     # The same rows leave the rollups (same transaction); first/last of what
                     # is left are read again.
                     gone = (row[4:] for row in rows if row[4] is not None)
-                    deltas = rollup.retention_deltas(gone, self.rollup_properties, to_micros)
-                    for key in await self._apply_rollups(conn, deltas):
-                        q, params = rollup.recompute_sql(DIALECT, key)
-                        first, last = (await conn.fetch(q, *params))[0]
-                        await conn.execute(
-                            f"UPDATE rollups SET first_at = $6, last_at = $7 WHERE {_R_WHERE}",
-                            *key,
-                            None if first is None else to_micros(first),
-                            None if last is None else to_micros(last),
-                        )
+                    await self._leave_rollups(
+                        conn, rollup.retention_deltas(gone, self.rollup_properties, to_micros)
+                    )
                 if refs or deleted < limit:
                     break
             await self._drop_expired_partitions(boundary)
         return refs
+
+    async def erase(self, tenant: str, by: str, value: str, limit: int = 10_000) -> tuple[int, list[str]]:
+        if by not in sql.ERASE_BY:
+            raise ValueError(f"erase by {by!r}")
+        query = _ERASE.format(by=by, src=_SRC_R)
+        with self._errors():
+            async with self._p().acquire() as conn, conn.transaction():
+                rows = await conn.fetch(query, tenant, value, limit)
+                deltas = rollup.retention_deltas((row[3:] for row in rows), self.rollup_properties, to_micros)
+                await self._leave_rollups(conn, deltas)
+        return len(rows), [ref for row in rows for ref in sql.body_refs(row[:3])]
+
+    async def _leave_rollups(
+        self, conn: asyncpg.Connection, deltas: dict[rollup.RollupKey, rollup.Cell]
+    ) -> None:
+        """Take deleted rows' `deltas` out of the rollups (in the caller's transaction); the
+        first/last times of what is left are read again."""
+        for key in await self._apply_rollups(conn, deltas):
+            q, params = rollup.recompute_sql(DIALECT, key)
+            first, last = (await conn.fetch(q, *params))[0]
+            await conn.execute(
+                f"UPDATE rollups SET first_at = $6, last_at = $7 WHERE {_R_WHERE}",
+                *key,
+                None if first is None else to_micros(first),
+                None if last is None else to_micros(last),
+            )
 
     async def _drop_expired_partitions(self, boundary: datetime) -> None:
         """Drop the months wholly before `boundary` whose keys are all released."""

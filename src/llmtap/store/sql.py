@@ -244,6 +244,10 @@ def property_rows(
     return [(values[t], values[i], values[c], k, v) for k, v in props.items()]
 
 
+#: What `Store.erase` deletes a tenant's rows by (columns: never from input unchecked).
+ERASE_BY = ("user_id", "session_id", "id")
+
+
 def body_refs(values: Sequence[Any]) -> list[str]:
     """Body-store keys referenced by the body columns (JSON text) of a row."""
     refs = []

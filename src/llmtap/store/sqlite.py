@@ -761,16 +761,33 @@ class SQLiteStore(Store):
             if refs or deleted < limit:
                 return refs
 
+    async def erase(self, tenant: str, by: str, value: str, limit: int = 10_000) -> tuple[int, list[str]]:
+        if by not in sql.ERASE_BY:
+            raise ValueError(f"erase by {by!r}")
+        refs, deleted = await self._write(
+            self._delete_picked,
+            f"SELECT rowid FROM requests WHERE tenant = ?1 AND {by} = ?2 LIMIT ?3",
+            (tenant, value, limit),
+        )
+        return deleted, refs
+
     def _delete_chunk(self, cutoff_us: int, limit: int) -> tuple[list[str], int]:
+        return self._delete_picked(
+            "SELECT rowid FROM requests WHERE created_at < ?1 ORDER BY created_at LIMIT ?2",
+            (cutoff_us, limit),
+        )
+
+    def _delete_picked(self, pick: str, params: Sequence[Any]) -> tuple[list[str], int]:
+        """Delete the rows `pick` selects (rowids) with everything that names them: property
+        rows, search text, their share of the rollups. Returns their body refs and count."""
         conn = self._w()
         conn.execute("BEGIN IMMEDIATE")
         try:
             rows = conn.execute(
-                "DELETE FROM requests WHERE rowid IN"
-                " (SELECT rowid FROM requests WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)"
+                f"DELETE FROM requests WHERE rowid IN ({pick})"
                 " RETURNING request_body, response_body, response_events, tenant, id, created_at,"
                 " properties, " + ", ".join(rollup.SOURCE_COLUMNS),
-                (cutoff_us, limit),
+                params,
             ).fetchall()
             conn.executemany(
                 "DELETE FROM request_properties"
