@@ -378,6 +378,8 @@ class RecordBuilder:
                     response_body = orjson.dumps(result.message)
                     response_body_type = "application/json"
                     response_obj = result.message
+                elif result.model is not None:  # a summary: the model its first chunk names
+                    response_obj = {"model": result.model}
                 usage, outcome, error = result.settle(outcome, error)
                 if (
                     not result.complete

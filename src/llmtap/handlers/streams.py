@@ -56,9 +56,14 @@ def finish(record: LogRecord, inline_body_bytes: int) -> None:
     raw = None if events is None else body_bytes(events)
     if events is None or raw is None:
         return
-    result = provider_for(record.provider).reassemble_stream(raw)
+    fmt = provider_for(record.provider)
+    result = fmt.reassemble_stream(raw)
     if result is None or result.message is None:
         return  # nothing to rebuild: the events stay the record's response, as the gateway does
+    # The model as the gateway reads a whole stream: a named upstream's answer names the model
+    # that answered (the gateway saw only the first chunk's); OpenAI's the one asked for.
+    asked = {"model": record.model} if record.model else None
+    model = fmt.model(record.path, asked, result.message) or record.model
     data = orjson.dumps(result.message)
     body = inline_body(
         data,
@@ -70,7 +75,7 @@ def finish(record: LogRecord, inline_body_bytes: int) -> None:
     usage, outcome, error = result.settle(record.outcome, record.error)
     # All computed before anything is set: a failure leaves the record as the gateway sent it.
     record.response_body = body
-    record.usage, record.outcome = usage, outcome
+    record.usage, record.outcome, record.model = usage, outcome, model
     record.error = redact_text(error)[:2000] if error else None
 
 
