@@ -248,6 +248,17 @@ def test_a_webhook_urls_token_path_is_masked_and_its_names_kept() -> None:
         ("redis://a-token@h/0", "redis://***@h/0"),
         ("kafka://h:1,h2:2/topic", "kafka://h:1,h2:2/topic"),
         ("postgresql://u@h/db?password=hunter2hunter2", "postgresql://***@h/db?password=***"),
+        # an `@` in the query is the query's, with its own rule (the review: its tail showed)
+        (
+            "postgresql://h:5432/db?user=u&password=Xy@Zw9secretTail",
+            "postgresql://h:5432/db?user=u&password=***",
+        ),
+        ("redis://h:6379/9?password=ab@cdTAIL&prefix=x", "redis://h:6379/9?password=***&prefix=x"),
+        (
+            "postgresql://u:p@h/db?sslrootcert=/etc/ssl/a@b.pem",
+            "postgresql://u:***@h/db?sslrootcert=/etc/ssl/a@b.pem",
+        ),
+        ("rediss://u:pa?ss@h:6380/0", "rediss://u:***@h:6380/0"),
     ],
 )
 def test_a_backend_urls_password_is_hidden_whole_whatever_it_holds(url: str, shown: str) -> None:

@@ -209,7 +209,16 @@ def redact_dsn(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return redact_url(url)
-    userinfo, _, host = rest.rpartition("@")
+    # Where the userinfo ends: the last `@` before the query (a password may hold `/` and `@`);
+    # with none there, and no path begun, the first `@` after a `?` or `#` the password holds.
+    # An `@` in the query of a URL with a path is the query's (`?password=a@b`: its own rule).
+    q = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, q)
+    if at < 0 and "/" not in rest[:q]:
+        at = rest.find("@", q)
+    if at < 0:
+        return redact_url(url)
+    userinfo, host = rest[:at], rest[at + 1 :]
     user, colon, _ = userinfo.partition(":")
     if not colon or any(c in user for c in "/?#"):
         user = ""  # a token on its own, or no telling where the user name ends
