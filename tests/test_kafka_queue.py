@@ -497,16 +497,22 @@ async def test_records_removed_under_a_running_worker_are_said_lost(
     spec = make_spec("kafka", tmp_path, partitions=1)
     q = await open_(spec, queues, redeliver_after=0.5)
     await q.publish([Message("k", f"r{i}".encode()) for i in range(8)])
-    held = await take(q, 8, ack=False)  # handed out, never acknowledged: the store hangs
-    assert [d.offset for d in held] == list(range(8))
+    held = await take(q, 3, ack=False)  # handed out, never acknowledged: the store hangs
+    assert [d.offset for d in held] == [0, 1, 2]
     await _delete_before(q, 6)
+    await asyncio.sleep(0.6)  # at least `redeliver_after`: the next consume rewinds first
     before = _lost_count()
-    with caplog.at_level("ERROR", logger="llmtap.queue"):
+    with caplog.at_level("WARNING", logger="llmtap.queue"):
         again = await take(q, 2, timeout=60)  # redelivery from offset 0, which is gone
     assert [d.offset for d in again] == [6, 7]
     said = [r.getMessage() for r in caplog.records if "removed by the topic's retention" in r.getMessage()]
-    assert said and "6 record(s)" in said[0] and "offsets 0-5" in said[0], said
-    assert _lost_count() - before == 6
+    # 0-2 are still in the hung batch's hands (stored if it ends well): said apart, not counted
+    assert any("offsets 0-2 were removed" in m and "while a worker still handled them" in m for m in said), (
+        said
+    )
+    lost = [m for m in said if "before any worker stored them" in m]
+    assert lost and "3 record(s)" in lost[0] and "offsets 3-5" in lost[0], said
+    assert _lost_count() - before == 3
 
 
 async def test_a_partition_never_committed_is_measured_from_its_start(
@@ -562,11 +568,12 @@ async def test_a_compacted_topic_is_refused(tmp_path: Path, queues: list[KafkaQu
         await admin.create_topics([NewTopic(q.topic, 1, 1, topic_configs={"cleanup.policy": "compact"})])
     finally:
         await admin.close()
-    for role in ("producer", "inspect"):
+    for role in ("producer", "consumer"):
         with pytest.raises(
             ConfigError, match=r"has cleanup\.policy=compact: Kafka would keep only the newest"
         ):
             await spec.build().connect(role)  # type: ignore[arg-type]
+    await open_(spec, queues, "inspect")  # `status` and `dlq` still show it
 
 
 @pytest.mark.skipif(

@@ -205,6 +205,7 @@ class _Assigned:
     #: The offset the partition's next record should have (its commit, then each record's
     #: successor): a record beyond it means the broker removed those between, unread.
     expect: int | None = None
+    handed: int = -1  # the offset after the last one ever handed out here (rewinds keep it)
     committed: int = -1
     mark: int = -1  # persisted: every offset below it was handed out before (maybe by the dead)
     attempt: tuple[int, int] | None = None  # persisted: (offset, handlings begun) of one record
@@ -366,6 +367,7 @@ class KafkaQueue(Queue):
                 # Subscribing after start: joining the group may wait for a rebalance (others
                 # finishing their batches), which `consume` can wait for, `connect` should not.
                 self._consumer.subscribe([self.topic], listener=_Rebalance(self))
+                LOST.labels("kafka")  # at 0 from the start: `increase()` sees the first loss
         except QueueMissing:
             await self.close()
             raise
@@ -455,7 +457,7 @@ class KafkaQueue(Queue):
                 continue
             if create:
                 wanted.append(NewTopic(name, n, replication, topic_configs=configs))
-        if self.topic in existing:
+        if self.topic in existing and create:  # `status` and `dlq` still show a compacted one
             await self._check_topic_configs()
         if wanted:
             resp = await self._admin.create_topics(wanted)
@@ -499,10 +501,10 @@ class KafkaQueue(Queue):
             return
         if 0 <= retention_ms < _DAY_MS:
             log.warning(
-                "kafka queue: topic %s keeps records %.1f h (retention.ms=%d): a worker or store outage "
+                "kafka queue: topic %s keeps records %g s (retention.ms=%d): a worker or store outage "
                 "longer than that loses their logs; a week (604800000) is safer",
                 self.topic,
-                retention_ms / 3_600_000,
+                retention_ms / 1000,
                 retention_ms,
             )
 
@@ -722,8 +724,18 @@ class KafkaQueue(Queue):
             st = self._assigned.get(tp.partition)
             if st is not None and records and st.expect is not None and records[0].offset > st.expect:
                 # aiokafka met an offset the retention (or compaction) had removed and went on
-                # from the oldest record left (`auto_offset_reset`) without a word.
-                self._say_lost(tp.partition, st.expect, records[0].offset)
+                # from the oldest record left (`auto_offset_reset`) without a word. Records this
+                # consumer handed out before (a rewind of a hung batch) may still be stored by
+                # that handling: said apart, not counted.
+                held = min(max(st.handed, st.expect), records[0].offset)
+                if held > st.expect:
+                    log.warning(
+                        "kafka queue: %s partition %d offsets %d-%d were removed by the topic's retention "
+                        "while a worker still handled them: lost unless that handling stores them",
+                        self.topic, tp.partition, st.expect, held - 1,
+                    )  # fmt: skip
+                if records[0].offset > held:
+                    self._say_lost(tp.partition, held, records[0].offset)
             if st is None:
                 # aiokafka fetches a new assignment before our listener has set it up: these
                 # come again from here once it has. Dropped instead, a later commit would
@@ -735,6 +747,7 @@ class KafkaQueue(Queue):
             for r in records:
                 st.pending[r.offset] = now
                 st.next_offset = st.expect = r.offset + 1
+                st.handed = max(st.handed, st.expect)
                 count = self._redelivered.get((tp.partition, r.offset), 0) + 1
                 if r.offset < st.mark:
                     count = max(count, 2)  # handed out before, maybe by a process that died
