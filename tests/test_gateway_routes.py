@@ -217,6 +217,14 @@ async def test_stream_usage_skipped_where_the_upstream_sends_it_unasked(
     assert routes(other)["x"].provider.rewrite_request("POST", "/v1/chat/completions", req) is not None
     with pytest.raises(ConfigError, match="invalid setting LLMTAP_STREAM_USAGE_SKIP: 'V LLM' is not a route"):
         load_settings(stream_usage_skip="openai, V LLM")
+    for typo in ("vlm", "anthropic"):  # a route that is not there, or not OpenAI-shaped: was taken
+        with pytest.raises(
+            ConfigError, match=f"LLMTAP_STREAM_USAGE_SKIP: '{typo}' is not an OpenAI-shaped route"
+        ):
+            load_settings(upstreams="vllm=http://10.0.0.5:8000", stream_usage_skip=f"vllm,{typo}")
+    # OpenRouter behind the built-in route is known by its host too
+    via_openai = routes(load_settings(openai_base_url="https://openrouter.ai/api"))["openai"]
+    assert via_openai.provider.rewrite_request("POST", "/v1/chat/completions", req) is None
 
 
 @pytest.mark.parametrize(

@@ -388,6 +388,18 @@ _ROUTE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _RESERVED_ROUTES = frozenset({"healthz", "metrics", "api", "static"})
 
 
+def _routes_known(settings: Settings) -> Settings:
+    """Settings naming routes must name OpenAI-shaped ones that exist: a typo (`vlm`) was taken
+    and the route went on stripping what its upstream sends."""
+    shaped = {"openai", "azure", *settings.upstream_map}
+    for name in sorted(settings.stream_usage_routes_skipped - shaped):
+        raise ConfigError(
+            f"invalid setting LLMTAP_STREAM_USAGE_SKIP: {name!r} is not an OpenAI-shaped route "
+            f"(openai, azure, or a name from LLMTAP_UPSTREAMS: {', '.join(sorted(shaped))})"
+        )
+    return settings
+
+
 def parse_upstreams(value: str) -> dict[str, str]:
     """`name=url,name2=url2` → {name: url}; raises ValueError with one sentence on any mistake."""
     from llmtap.providers import BUILTIN  # providers import this module's Settings for types
@@ -526,7 +538,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             spelled[name] = key
     flags = _FLAGS.set({k: v for k, v in overrides.items() if v is not None})
     try:
-        settings = Settings(**file_values)
+        settings = _routes_known(Settings(**file_values))
     except ValidationError as e:
         err = e.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"

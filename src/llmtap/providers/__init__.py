@@ -15,7 +15,7 @@ from llmtap.providers.anthropic import Anthropic
 from llmtap.providers.azure import Azure
 from llmtap.providers.base import Provider, StreamFilter
 from llmtap.providers.gemini import Gemini
-from llmtap.providers.openai import OpenAI, OpenAICompatible
+from llmtap.providers.openai import OpenAI, OpenAICompatible, sends_stream_usage
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
@@ -57,6 +57,8 @@ def routes(settings: Settings) -> dict[str, Route]:
     for name, cls in BUILTIN.items():
         provider = _make(cls, settings, name)
         base = provider.base_url(settings)
+        if base and isinstance(provider, OpenAI) and sends_stream_usage(base):
+            provider.stream_usage = False  # `LLMTAP_OPENAI_BASE_URL=https://openrouter.ai/api`
         if base:
             table[name] = Route(provider, base)
     for name, url in settings.upstream_map.items():

@@ -47,7 +47,7 @@ Role = Literal["producer", "consumer", "both", "inspect"]
 #: eviction): lost logs, each also an ERROR line. Alert on any increase.
 LOST = Counter(
     "llmtap_queue_records_lost_total",
-    "Records the queue's broker removed before any worker stored them (retention, compaction, eviction)",
+    "Records the queue's broker removed before any worker stored them (Kafka retention or compaction)",
     ["queue"],
 )
 
