@@ -264,9 +264,9 @@ def test_upstreams_config_errors_are_one_sentence(value: str, needle: str) -> No
         ("bodies", "s3://u:PASSWORD-8@bucket/prefix", "takes no credentials"),
         ("ingest_token", 12345678901234, "valid string"),
         # a password with raw `#` `?` `/` `@`: urllib quoted its head as the port, the tail showed
-        ("store", "postgresql://app:PASSWORD-10#x@db/llmtap", "its port is not a number"),
-        ("queue", "rediss://u:PASSWORD-11?x@h:6380/0", "its port is not a number"),
-        ("store", "postgresql://app:PASSWORD/12@db:x/llmtap", "its port is not a number"),
+        ("store", "postgresql://app:PASSWORD-10#x@db/llmtap", "a port is not a number"),
+        ("queue", "rediss://u:PASSWORD-11?x@h:6380/0", "a port is not a number"),
+        ("store", "postgresql://app:PASSWORD/12@db:x/llmtap", "a port is not a number"),
         ("webhook_secret", ["whsec_PASSWORD-9"], "valid string"),
     ],
 )
@@ -278,6 +278,14 @@ def test_a_wrong_setting_never_shows_its_secret(setting: str, value: object, nee
     msg = str(e.value)
     assert needle in msg and "PASSWORD" not in msg and "12345678901234" not in msg, msg
     assert msg.startswith(f"invalid setting LLMTAP_{setting.upper()}: ") and "\n" not in msg
+
+
+def test_multi_host_backend_urls_are_taken() -> None:
+    """`kafka://host:port[,host:port]/topic`, as documented, was refused at start."""
+    assert load_settings(queue="kafka://k1:9092,k2:9092/llmtap").queue == "kafka://k1:9092,k2:9092/llmtap"
+    load_settings(store="postgresql://u:p@db1:5432,db2:5432/llmtap")
+    with pytest.raises(ConfigError, match="a port is not a number"):
+        load_settings(queue="kafka://k1:x,k2:9092/llmtap")
 
 
 def test_upstreams_parsed() -> None:

@@ -461,7 +461,7 @@ def _url_error(e: ValueError) -> str:
     which is a password's head when the password holds a raw `#`, `?` or `/`."""
     text = str(e)
     if text.startswith("Port could not be cast"):
-        return "its port is not a number; a password holding @ : / ? # must be percent-encoded"
+        return "a port is not a number; a password holding @ : / ? # must be percent-encoded"
     if text.startswith("Port out of range"):
         return "its port is out of range"
     return "its host is malformed"
@@ -480,7 +480,9 @@ def _check_network_url(v: str, *, host: bool = True) -> str:
     with one sentence, while an unreachable host is an outage the services wait out."""
     try:
         parts = urlsplit(v)
-        parts.port  # noqa: B018 - raises on a port that is not a number
+        hosts = parts.netloc.rpartition("@")[2]
+        for one in hosts.split(",") if "," in hosts else [None]:  # `kafka://h1:9092,h2:9092/t`
+            (parts if one is None else urlsplit("//" + one)).port  # noqa: B018 - raises on a bad port
     except ValueError as e:
         raise ValueError(f"{redact_dsn(v)!r} is not a valid URL ({_url_error(e)})") from None
     if host and not parts.netloc:
