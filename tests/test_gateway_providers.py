@@ -622,6 +622,12 @@ def test_deepseek_cache_hits_are_cached_tokens() -> None:
         }
     )
     assert (u.prompt_tokens, u.cached_tokens) == (1000, 900)
+    both_spellings = {
+        "prompt_tokens": 1000,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_cache_hit_tokens": 900,
+    }
+    assert openai.parse_usage(both_spellings).cached_tokens == 900  # an explicit 0 beside the hits
     # OpenAI's own spelling wins where both are present
     both = {**OPENAI_USAGE, "prompt_cache_hit_tokens": 7}
     assert openai.parse_usage(both).cached_tokens == 64
@@ -663,6 +669,11 @@ def test_groq_usage_on_the_last_chunk(general: bool) -> None:
     assert res is not None
     assert (res.usage.source, res.usage.prompt_tokens, res.usage.completion_tokens) == ("provider", 30, 5)
     assert res.final
+    # on a chunk that does not finish the stream, the counts are not the last word (a cut there)
+    early = chunk({"content": "hi"})
+    early["x_groq"] = last["x_groq"]
+    cut = openai.reassemble_stream(b": x\n\n" * general + sse(chunk({"role": "assistant"}), early))
+    assert cut is not None and cut.usage.prompt_tokens == 30 and not cut.final
 
 
 def test_a_flat_error_event_mid_stream_is_the_stream_error() -> None:

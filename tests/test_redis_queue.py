@@ -129,6 +129,15 @@ async def test_a_url_parameter_redis_does_not_take_is_one_sentence(
     assert str(e.value) == f"invalid setting LLMTAP_QUEUE: Redis takes no URL parameter {needle}"
 
 
+async def test_a_url_parameter_value_redis_refuses_is_one_sentence(spec: QueueSpec) -> None:
+    """`?socket_timeout=abc`: redis-py's ValueError was a 75-line traceback (the review)."""
+    q = RedisQueue(spec.target + ("&" if "?" in spec.target else "?") + "socket_timeout=abc", 6, "workers")
+    with pytest.raises(
+        ConfigError, match=r"^invalid setting LLMTAP_QUEUE: Invalid value for 'socket_timeout'"
+    ):
+        await q.connect("producer")
+
+
 async def test_records_go_to_the_partition_of_their_key(spec: QueueSpec, queues: list[RedisQueue]) -> None:
     q = await open_(spec, queues, "producer")
     messages = keyed_records(keys=20, per_key=3)

@@ -69,8 +69,8 @@ def parse_usage(u: Any) -> Usage:
     if prompt is None and completion is None and total is None:
         return Usage()
     cached = token_count(details_in.get("cached_tokens"))
-    if cached is None:  # DeepSeek's spelling: its cache hits are billed at a tenth
-        cached = token_count(u.get("prompt_cache_hit_tokens"))
+    if not cached:  # DeepSeek's spelling: its cache hits are billed at a tenth
+        cached = token_count(u.get("prompt_cache_hit_tokens")) or cached
     return Usage(
         source="provider",
         billed_usd=billed_usd(u),
@@ -251,8 +251,8 @@ class _Stream:
             self.usage = c.usage
             self.final = not choices
         elif c.x_groq is not None and isinstance(c.x_groq.get("usage"), dict):
-            self.usage = c.x_groq["usage"]  # on the chunk that finishes: the last word too
-            self.final = True
+            self.usage = c.x_groq["usage"]  # on the chunk that finishes: the last word there
+            self.final = all(ch.finish_reason is not None for ch in choices)
         elif choices:
             self.final = False  # content after a usage chunk: that one was not the last word
         for ch in choices:
@@ -318,7 +318,9 @@ class _Stream:
             self.final = chunk_choices == []
         elif isinstance(groq, dict) and isinstance(groq.get("usage"), dict):
             self.usage = groq["usage"]
-            self.final = True
+            self.final = isinstance(chunk_choices, list) and all(
+                isinstance(ch, dict) and ch.get("finish_reason") is not None for ch in chunk_choices
+            )
         elif chunk_choices:
             self.final = False
         for ch in chunk_choices if isinstance(chunk_choices, list) else ():

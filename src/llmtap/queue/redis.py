@@ -294,8 +294,11 @@ class RedisQueue(Queue):
 
     async def connect(self, role: Role) -> None:
         self._role = role
-        self._r = self._client(self.op_timeout)
-        self._rb = self._client(None)
+        try:
+            self._r = self._client(self.op_timeout)
+            self._rb = self._client(None)
+        except ValueError as e:  # redis-py's check of a URL parameter's value (`socket_timeout=abc`)
+            raise ConfigError(f"invalid setting LLMTAP_QUEUE: {str(e).splitlines()[0][:200]}") from None
         scripts = (
             ("publish", _PUBLISH),
             ("rebalance", _REBALANCE),
