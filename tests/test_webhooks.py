@@ -145,6 +145,25 @@ async def test_outbox_rows_exist_exactly_for_newly_stored_records(store: Store) 
     assert len({d["id"] for d in log}) == len(log) == 8
 
 
+async def test_erasing_a_user_takes_their_webhook_deliveries_too(store: Store) -> None:
+    """A delivery's payload is the record: `llmtap erase` left a user's requests in the outbox
+    and the delivery log."""
+    db = store.webhooks()
+    ep = await add(db, "http://example.com/hook", new_secret())
+    recs = [make_record(i) for i in range(6)]
+    for r in recs[:4]:
+        r.user_id = "erase-me"
+    other_tenant = make_record(9, tenant="globex")
+    other_tenant.user_id = "erase-me"
+    assert await store.write_batch([*recs, other_tenant]) == 7
+    assert len(await db.list_deliveries("acme", limit=100)) == 6
+    assert (await store.erase("acme", "user_id", "erase-me"))[0] == 4
+    left = await db.list_deliveries("acme", endpoint_id=ep.id, limit=100)
+    assert {d["subject"] for d in left} == {recs[4].id, recs[5].id}
+    assert len(await db.list_deliveries("globex", limit=100)) == 0  # globex has no endpoint: none made
+    assert (await store.erase("globex", "user_id", "erase-me"))[0] == 1
+
+
 # -- delivery -----------------------------------------------------------------------------------
 
 

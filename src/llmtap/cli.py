@@ -528,10 +528,11 @@ def erase(
 ) -> None:
     """Erase logs for good: a data subject's request to be forgotten (GDPR art. 17).
 
-    Deletes the requests' rows, bodies (files or S3 objects), search text, properties and
-    their share of the rollups (a user's own rollup rows go with the last request); totals
+    Deletes the requests' rows, bodies (files or S3 objects), search text, properties,
+    webhook deliveries and their share of the rollups (a user's own rollup rows go with the
+    last request); totals
     keep no trace of who. Records still in the queue are stored when the workers reach them:
-    erase again once `llmtap status` shows lag 0. Webhook deliveries already sent, and OTel
+    erase again once `llmtap status` shows lag 0. What webhooks already delivered, and OTel
     exports, are out of llmtap's hands.
 
     \b

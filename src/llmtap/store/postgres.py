@@ -252,7 +252,7 @@ WITH pick AS (
 ), dp AS (
     DELETE FROM request_properties p USING pick g
     WHERE p.tenant = g.tenant AND p.request_id = g.id AND p.created_at = g.created_at
-)
+){deliveries}
 DELETE FROM requests r USING pick g
 WHERE r.tenant = g.tenant AND r.id = g.id AND r.created_at = g.created_at
 RETURNING r.request_body, r.response_body, r.response_events, {src}
@@ -850,7 +850,14 @@ class PostgresStore(Store):
     async def erase(self, tenant: str, by: str, value: str, limit: int = 10_000) -> tuple[int, list[str]]:
         if by not in sql.ERASE_BY:
             raise ValueError(f"erase by {by!r}")
-        query = _ERASE.format(by=by, src=_SRC_R)
+        # Webhook deliveries carry the record in their payload (pending and logged ones).
+        deliveries = (
+            ", dw AS (DELETE FROM webhook_deliveries w USING pick g"
+            " WHERE w.tenant = g.tenant AND w.subject = g.id)"
+            if self._outbox
+            else ""
+        )
+        query = _ERASE.format(by=by, src=_SRC_R, deliveries=deliveries)
         with self._errors():
             async with self._p().acquire() as conn, conn.transaction():
                 rows = await conn.fetch(query, tenant, value, limit)

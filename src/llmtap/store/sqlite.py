@@ -768,6 +768,7 @@ class SQLiteStore(Store):
             self._delete_picked,
             f"SELECT rowid FROM requests WHERE tenant = ?1 AND {by} = ?2 LIMIT ?3",
             (tenant, value, limit),
+            self._outbox,
         )
         return deleted, refs
 
@@ -777,9 +778,12 @@ class SQLiteStore(Store):
             (cutoff_us, limit),
         )
 
-    def _delete_picked(self, pick: str, params: Sequence[Any]) -> tuple[list[str], int]:
+    def _delete_picked(
+        self, pick: str, params: Sequence[Any], deliveries: bool = False
+    ) -> tuple[list[str], int]:
         """Delete the rows `pick` selects (rowids) with everything that names them: property
-        rows, search text, their share of the rollups. Returns their body refs and count."""
+        rows, search text, their share of the rollups, and (`deliveries`: an erasure) their
+        webhook deliveries, whose payloads carry the record. Returns their body refs and count."""
         conn = self._w()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -794,6 +798,12 @@ class SQLiteStore(Store):
                 " WHERE tenant = ?1 AND name = ?4 AND value = ?5 AND created_at = ?3 AND request_id = ?2",
                 [p for r in rows for p in sql.property_rows(r[3:7], positions=(0, 1, 2, 3))],
             )
+            if deliveries and rows:  # one pass over the deliveries a chunk (no index by subject)
+                conn.execute(
+                    "DELETE FROM webhook_deliveries"
+                    " WHERE tenant = ?1 AND subject IN (SELECT value FROM json_each(?2))",
+                    (rows[0][3], orjson.dumps([r[4] for r in rows]).decode()),
+                )
             # The same rows leave the rollups; first/last of what is left are read again.
             if self._search:
                 for r in rows:
