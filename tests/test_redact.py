@@ -244,7 +244,7 @@ def test_a_webhook_urls_token_path_is_masked_and_its_names_kept() -> None:
         ("postgresql://u:p%25w/x@h/db", "postgresql://u:***@h/db"),
         ("rediss://mgdat:P@Ssw0rdTail@localhost:6380/0", "rediss://mgdat:***@localhost:6380/0"),
         ("postgresql://u:p@ss:w/rd%Zz@h/db", "postgresql://u:***@h/db"),
-        ("redis://:only-a-password@h/0", "redis://***@h/0"),
+        ("redis://:only-a-password@h/0", "redis://:***@h/0"),
         ("redis://a-token@h/0", "redis://***@h/0"),
         ("kafka://h:1,h2:2/topic", "kafka://h:1,h2:2/topic"),
         ("postgresql://u@h/db?password=hunter2hunter2", "postgresql://***@h/db?password=***"),

@@ -220,9 +220,10 @@ def redact_dsn(url: str) -> str:
         return redact_url(url)
     userinfo, host = rest[:at], rest[at + 1 :]
     user, colon, _ = userinfo.partition(":")
-    if not colon or any(c in user for c in "/?#"):
-        user = ""  # a token on its own, or no telling where the user name ends
-    return redact_url(f"{scheme}://{user + ':' if user else ''}{REDACTED}@{host}")
+    if any(c in user for c in "/?#"):
+        user = ""  # no telling where the user name ends
+    # `user:***`, `:***` (a password alone); no `:` at all: a token on its own, all hidden
+    return redact_url(f"{scheme}://{user + ':' if colon else ''}{REDACTED}@{host}")
 
 
 #: A URL path segment that is a secret, not a name: 16 or more letters, digits, `-` or `_`
