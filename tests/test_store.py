@@ -833,6 +833,15 @@ async def test_postgres_outage_is_transient_then_recovers_exactly_once() -> None
             await proxy.stop()
 
 
+async def _drop_role(role: str) -> None:
+    """Drop a role a test made (after the database it owned objects in is gone)."""
+    admin = await asyncpg.connect(pg_url())
+    try:
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+    finally:
+        await admin.close()
+
+
 @pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_postgres_settings_no_wait_cures_stop_start_up_with_one_sentence() -> None:
@@ -866,11 +875,7 @@ async def test_postgres_settings_no_wait_cures_stop_start_up_with_one_sentence()
                 await weak.connect()
         finally:
             await admin.close()
-    admin = await asyncpg.connect(pg_url())
-    try:
-        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
-    finally:
-        await admin.close()
+    await _drop_role(role)
 
 
 @pytest.mark.postgres
@@ -912,11 +917,7 @@ async def test_postgres_refusing_the_role_mid_run_is_an_outage_not_the_records_f
             await admin.execute(f'ALTER DATABASE "{db}" OWNER TO CURRENT_USER')
             await admin.execute(f'DROP OWNED BY "{role}"')
             await admin.close()
-    admin = await asyncpg.connect(pg_url())
-    try:
-        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
-    finally:
-        await admin.close()
+    await _drop_role(role)
 
 
 @pytest.mark.postgres
