@@ -275,12 +275,19 @@ async def test_erasing_a_user_a_session_or_a_request_leaves_no_trace_and_rollups
     go, the totals stay those of what is left (rollups equal raw rows after it), and the
     user's own rollup rows go with the last of their requests."""
     data = records()
-    async with rollup_store(kind, tmp_path) as store:
+    async with contextlib.AsyncExitStack() as stack:
+        where = str(tmp_path / "e.db") if kind == "sqlite" else await stack.enter_async_context(pg_database())
+        store = await stack.enter_async_context(opened_store(kind, where, PROPS))
         for i in range(0, len(data), 300):
             await store.write_batch(data[i : i + 300])
+        registered = dict(store._covered)  # type: ignore[attr-defined]
+        assert any(d.startswith("property.") for d in registered)
+        # `llmtap erase` connects as a command does, without the services' LLMTAP_ROLLUP_PROPERTIES:
+        # it took the user out of no property rollup and unregistered the server's dimensions.
+        admin = await stack.enter_async_context(opened_store(kind, where, None))
         gone = [r for r in data if r.tenant == "acme" and r.user_id == "alice"]
         assert len(gone) > 50
-        rows, refs = await _erase_all(store, "acme", "user_id", "alice")
+        rows, refs = await _erase_all(admin, "acme", "user_id", "alice")
         assert rows == len(gone) and sorted(refs) == sorted(x for r in gone for x in _refs(r))
         left = [r for r in data if r not in gone]
         assert any(
@@ -293,20 +300,22 @@ async def test_erasing_a_user_a_session_or_a_request_leaves_no_trace_and_rollups
         assert page.items == []
         session = next(r.session_id for r in left if r.tenant == "acme" and r.session_id)
         in_session = [r for r in left if r.tenant == "acme" and r.session_id == session]
-        assert (await _erase_all(store, "acme", "session_id", session))[0] == len(in_session)
+        assert (await _erase_all(admin, "acme", "session_id", session))[0] == len(in_session)
         left = [r for r in left if r not in in_session]
         one = next(r for r in left if r.tenant == "globex")
-        assert (await _erase_all(store, "acme", "id", one.id))[0] == 0  # not acme's to erase
-        assert (await _erase_all(store, "globex", "id", one.id))[0] == 1
+        assert (await _erase_all(admin, "acme", "id", one.id))[0] == 0  # not acme's to erase
+        assert (await _erase_all(admin, "globex", "id", one.id))[0] == 1
         left.remove(one)
         assert await compare_all(store, left) > 0
         await compare_users(store, left, users_sql_calls)
         with pytest.raises(ValueError):
             await store.erase("acme", "model; DROP TABLE requests", "x")
+        again = await stack.enter_async_context(opened_store(kind, where, PROPS))
+        assert again._covered == registered  # type: ignore[attr-defined]  # no dimension dropped or restarted
 
 
 @contextlib.asynccontextmanager
-async def opened_store(kind: str, where: str, props: tuple[str, ...]) -> AsyncIterator[Store]:
+async def opened_store(kind: str, where: str, props: tuple[str, ...] | None) -> AsyncIterator[Store]:
     store: Store
     if kind == "sqlite":
         from llmtap.store.sqlite import SQLiteStore

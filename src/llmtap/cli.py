@@ -446,7 +446,7 @@ def _with_store(ctx: click.Context, fn: Callable[[Store], Awaitable[T]], *, crea
     async def main(settings: Settings) -> T:
         from llmtap.store import open_store
 
-        async with _connected(open_store(settings)) as store:
+        async with _connected(open_store(settings, admin=True)) as store:
             return await fn(store)
 
     return _run_with(ctx, main, create=create)
@@ -565,7 +565,10 @@ def erase(
         from llmtap.store import open_store
 
         rows = refs = 0
-        async with _connected(open_store(settings)) as store, _connected(open_body_store(settings)) as bodies:
+        async with (
+            _connected(open_store(settings, admin=True)) as store,
+            _connected(open_body_store(settings)) as bodies,
+        ):
             for by, value in targets:
                 while True:
                     n, keys = await store.erase(who, by, value, limit=2_000)

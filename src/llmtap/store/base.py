@@ -140,9 +140,12 @@ def embedded_store_path(settings: Settings) -> str | None:
     return STORES.embedded_path(settings.store, settings.data_dir)
 
 
-def open_store(settings: Settings) -> Store:
-    """The store named by `LLMTAP_STORE` (`ConfigError` when its extra is missing)."""
+def open_store(settings: Settings, *, admin: bool = False) -> Store:
+    """The store named by `LLMTAP_STORE` (`ConfigError` when its extra is missing). `admin`: a
+    command's connection, which keeps the rolled-up properties the services registered, whatever
+    its own `LLMTAP_ROLLUP_PROPERTIES` says."""
     backend, cls = STORES.load(settings.store)
     target = embedded_store_path(settings) if backend.embedded else settings.store
-    store: Store = cls(target, rollup_properties=settings.rollup_property_names)
+    props = None if admin else settings.rollup_property_names
+    store: Store = cls(target, rollup_properties=props)
     return store

@@ -350,10 +350,17 @@ def _api_key(row: Sequence[Any]) -> ApiKey:
 
 class PostgresStore(Store):
     def __init__(
-        self, url: str, *, min_size: int = 1, max_size: int = 10, rollup_properties: Sequence[str] = ()
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        rollup_properties: Sequence[str] | None = (),
     ) -> None:
+        """`rollup_properties` None: an admin command's connection (see `SQLiteStore`)."""
         self.url = url
-        self.rollup_properties = tuple(sql.property_name(p) for p in rollup_properties)
+        self._admin = rollup_properties is None
+        self.rollup_properties = tuple(sql.property_name(p) for p in rollup_properties or ())
         self._covered: dict[str, int] = {}
         self._rollups = False  # the schema has them (always, unless a test stops migrations early)
         self._search = False  # likewise, requests.search_text
@@ -551,6 +558,9 @@ class PostgresStore(Store):
         empty = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM request_keys)")
         now = to_micros(sql.now())
         registered = [r[0] for r in await conn.fetch("SELECT dim FROM rollup_dims")]
+        if self._admin:  # the services' dimensions, as they registered them
+            self.rollup_properties = rollup.registered_properties(registered)
+            registered = list(rollup.dims_for(self.rollup_properties))
         if empty:
             since = 0
         elif set(rollup.dims_for(self.rollup_properties)) - set(registered):

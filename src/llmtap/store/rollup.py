@@ -117,6 +117,13 @@ def dims_for(props: Sequence[str]) -> tuple[str, ...]:
     return (*BASE_DIMS, *(f"property.{sql.property_name(p)}" for p in props))
 
 
+def registered_properties(registered: Iterable[str]) -> tuple[str, ...]:
+    """The properties of registered `property.*` dimensions (an admin connection's, which must
+    neither add nor drop any: `llmtap erase` with other settings than the server's took a
+    user's rollup rows out of nothing and unregistered the server's dimensions)."""
+    return tuple(d.removeprefix("property.") for d in registered if d.startswith("property."))
+
+
 def coverage_start(now: int, newest: int | None) -> int:
     """Where a dimension registered now starts covering: the minute after `now`, or after the
     newest row already stored (`created_at` is the gateway's clock, not this process's)."""

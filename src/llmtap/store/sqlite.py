@@ -296,10 +296,17 @@ def _api_key(row: Sequence[Any]) -> ApiKey:
 
 class SQLiteStore(Store):
     def __init__(
-        self, path: str | Path, *, busy_timeout: float = 10.0, rollup_properties: Sequence[str] = ()
+        self,
+        path: str | Path,
+        *,
+        busy_timeout: float = 10.0,
+        rollup_properties: Sequence[str] | None = (),
     ) -> None:
+        """`rollup_properties` None: an admin command's connection, which rolls up the
+        properties the services registered and registers none itself (`open_store`)."""
         self.path = Path(path)
-        self.rollup_properties = tuple(sql.property_name(p) for p in rollup_properties)
+        self._admin = rollup_properties is None
+        self.rollup_properties = tuple(sql.property_name(p) for p in rollup_properties or ())
         self._covered: dict[str, int] = {}
         self._rollups = False  # the schema has them (always, unless a test stops migrations early)
         self._search = False  # likewise, the search index
@@ -418,6 +425,9 @@ class SQLiteStore(Store):
                 empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM requests)").fetchone()[0]
                 now = to_micros(sql.now())
                 registered = [row[0] for row in conn.execute("SELECT dim FROM rollup_dims")]
+                if self._admin:  # the services' dimensions, as they registered them
+                    self.rollup_properties = rollup.registered_properties(registered)
+                    registered = list(rollup.dims_for(self.rollup_properties))
                 if empty:
                     since = 0
                 elif set(rollup.dims_for(self.rollup_properties)) - set(registered):
