@@ -259,6 +259,15 @@ def test_a_webhook_urls_token_path_is_masked_and_its_names_kept() -> None:
             "postgresql://u:***@h/db?sslrootcert=/etc/ssl/a@b.pem",
         ),
         ("rediss://u:pa?ss@h:6380/0", "rediss://u:***@h:6380/0"),
+        # raw `/` then `?` or `#` in the password (the second review: shown whole)
+        ("postgresql://u:s3cr/et?x@127.0.0.1:25432/llmtap", "postgresql://u:***@127.0.0.1:25432/llmtap"),
+        ("redis://:s3cr/et#x@127.0.0.1:26379/0", "redis://:***@127.0.0.1:26379/0"),
+        (
+            "kafka://u:pa/ss?w@k:9094/t?security_protocol=SASL_SSL",
+            "kafka://u:***@k:9094/t?security_protocol=SASL_SSL",
+        ),
+        ("postgresql://u:a?b=c@h/db", "postgresql://***"),  # no telling: all of it hidden
+        ("postgresql://host:5432?password=x@y", "postgresql://host:5432?password=***"),
     ],
 )
 def test_a_backend_urls_password_is_hidden_whole_whatever_it_holds(url: str, shown: str) -> None:

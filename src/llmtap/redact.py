@@ -209,15 +209,19 @@ def redact_dsn(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return redact_url(url)
-    # Where the userinfo ends: the last `@` before the query (a password may hold `/` and `@`);
-    # with none there, and no path begun, the first `@` after a `?` or `#` the password holds.
-    # An `@` in the query of a URL with a path is the query's (`?password=a@b`: its own rule).
+    # Where the userinfo ends: the last `@` before the first `?` or `#` (a password may hold
+    # `/` and `@`). With none there, the first `@` after it: the query's when a `name=` comes
+    # first (`?password=a@b`: the query's own rule masks it), else the password's, which holds
+    # the `?` or `#` (`u:s3cr/et?x@host`). When neither reading can be told, all is hidden.
     q = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
     at = rest.rfind("@", 0, q)
-    if at < 0 and "/" not in rest[:q]:
-        at = rest.find("@", q)
     if at < 0:
-        return redact_url(url)
+        at = rest.find("@", q)
+        if "=" in rest[q:at]:  # a `name=value` first: the `@` is a query value's
+            head = rest[:q]
+            if "/" not in head and ":" in head and not head.rpartition(":")[2].isdigit():
+                return f"{scheme}://{REDACTED}"  # `u:a?b=c@h`: a password, or a host? Not told.
+            return redact_url(url)
     userinfo, host = rest[:at], rest[at + 1 :]
     user, colon, _ = userinfo.partition(":")
     if any(c in user for c in "/?#"):

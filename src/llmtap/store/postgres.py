@@ -245,7 +245,7 @@ SELECT (SELECT count(*) FROM gone), NULL, NULL, NULL, {_SRC_NULL}
 #: sources.
 _ERASE = """
 WITH pick AS (
-    SELECT tenant, id, created_at FROM requests WHERE tenant = $1 AND {by} = $2 LIMIT $3
+    SELECT tenant, id, created_at FROM requests WHERE tenant = $1 AND {match} LIMIT $3
 ), gone AS (
     DELETE FROM request_keys k USING pick g
     WHERE k.tenant = g.tenant AND llmtap_hash(k.id) = llmtap_hash(g.id) AND k.id = g.id
@@ -867,7 +867,15 @@ class PostgresStore(Store):
             if self._outbox
             else ""
         )
-        query = _ERASE.format(by=by, src=_SRC_R, deliveries=deliveries)
+        # Through the indexes (`llmtap_hash` of the column): a plain `= $2` read every partition.
+        if by == "id":
+            match = (
+                "id = $2 AND created_at IN (SELECT k.created_at FROM request_keys k"
+                " WHERE k.tenant = $1 AND llmtap_hash(k.id) = llmtap_hash($2) AND k.id = $2)"
+            )
+        else:
+            match = f"llmtap_hash({by}) = llmtap_hash($2) AND {by} = $2"
+        query = _ERASE.format(match=match, src=_SRC_R, deliveries=deliveries)
         with self._errors():
             async with self._p().acquire() as conn, conn.transaction():
                 rows = await conn.fetch(query, tenant, value, limit)
