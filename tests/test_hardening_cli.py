@@ -420,3 +420,33 @@ def test_erase_a_user_for_good_through_llmtap_up(tmp_path: Path) -> None:
         assert "erased 0 request(s)" in again.stdout
         none = _llmtap(env, "erase", "--yes", cwd=tmp_path)
         assert none.returncode == 2 and "name what to erase" in none.stderr
+        both = _llmtap(env, "erase", "--user", "user-7", "--session", "s1", "--yes", cwd=tmp_path)
+        assert both.returncode == 2 and "not both" in both.stderr  # it read as "and", meant "or"
+        typo = _llmtap(llmtap_env(tmp_path / "data-typo"), "erase", "--user", "user-7", "--yes", cwd=tmp_path)
+        assert typo.returncode == 1 and "no store here" in typo.stderr, typo.stderr
+
+        # A body store that refuses: the rows go, their refs are kept and erased at the next run.
+        first = others[0]["id"]
+        db = sqlite3.connect(tmp_path / "data" / "store.db")
+        (row,) = db.execute(
+            "SELECT request_body, response_body FROM requests WHERE id = ?", (first,)
+        ).fetchall()
+        db.close()
+        mine = [json.loads(b)["ref"] for b in row]
+        pack = tmp_path / "data" / "bodies" / mine[0].partition("#")[0]
+        pack.rename(pack.with_suffix(".away"))
+        pack.mkdir()  # what no write goes into
+        failed = _llmtap(env, "erase", "--request", first, "--yes", cwd=tmp_path)
+        assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+        assert "could not be erased yet" in failed.stderr and "run `llmtap erase` again" in failed.stderr
+        owed = tmp_path / "data" / "erase-owed.txt"
+        assert set(owed.read_text().split()) >= {mine[0]}
+        pack.rmdir()
+        pack.with_suffix(".away").rename(pack)
+        second = others[1]["id"]
+        done = _llmtap(env, "erase", "--request", second, "--yes", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert not owed.exists()
+        for ref in mine:
+            assert span(ref).strip(b"\0") == b"", ref  # the first request's bodies: gone now
+        assert stored_count(up.api) == 0

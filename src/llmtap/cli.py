@@ -541,6 +541,9 @@ def erase(
       llmtap erase --session chat-9 --tenant acme --yes
       llmtap erase --request 0193c1e2-... --request 0193c1e3-...
     """
+    if user_id is not None and session_id is not None:
+        # "alice, session s1" reads as alice's requests in s1, and erased bob's in s1 too
+        _fail("give --user or --session, not both (each erases every request it names)")
     targets = [("user_id", v) for v in [user_id] if v is not None]
     targets += [("session_id", v) for v in [session_id] if v is not None]
     targets += [("id", v) for v in dict.fromkeys(request_ids)]
@@ -552,41 +555,111 @@ def erase(
     settings = _settings(ctx)
     who = tenant if tenant is not None else settings.default_tenant
     if _store_missing(settings):
-        click.echo("erased 0 request(s)")
-        return
+        _fail("nothing erased: there is no store here (a mistyped --data-dir?)", 1)
     if not yes:
         what = ", ".join(
             f"{'request' if by == 'id' else by.removesuffix('_id')} {_shown(v)}" for by, v in targets
         )
         click.confirm(f"Erase every stored request of {what} in tenant {_shown(who)}, for good?", abort=True)
+    owed_file = settings.data_dir / ERASE_OWED
 
-    async def run(settings: Settings) -> tuple[int, int]:
+    async def run(settings: Settings) -> tuple[int, int, list[str], int | None]:
         from llmtap.bodies.base import open_body_store
         from llmtap.store import open_store
 
         rows = refs = 0
+        failed: list[str] = []
         async with (
             _connected(open_store(settings, admin=True)) as store,
             _connected(open_body_store(settings)) as bodies,
         ):
+            # bodies an earlier erase could not remove (their rows are gone): first
+            owed = await _erase_bodies(bodies, _read_owed(owed_file))
             for by, value in targets:
                 while True:
                     n, keys = await store.erase(who, by, value, limit=2_000)
-                    if keys:
-                        await bodies.erase_many(keys)
+                    failed += await _erase_bodies(bodies, keys)
                     rows, refs = rows + n, refs + len(keys)
                     if n == 0:
                         break
                     if rows >= 10_000 and rows % 10_000 < n:
                         click.echo(f"  ... {rows} erased", err=True)
-        return rows, refs
+        owed += failed
+        _write_owed(owed_file, owed)
+        return rows, refs - len(failed), owed, await _dead_letters_of(settings, who, targets)
 
-    rows, refs = _run_with(ctx, run)
+    rows, refs, owed, letters = _run_with(ctx, run)
     click.echo(
         f"erased {rows} request(s) and {refs} bod{'y' if refs == 1 else 'ies'} in tenant {_shown(who)}"
     )
+    if letters:
+        click.echo(
+            f"llmtap: {letters} dead letter(s) hold these requests (replayed, they would be stored"
+            " again): remove them with `llmtap dlq discard` (`llmtap dlq list` shows their ids)",
+            err=True,
+        )
+    if owed:
+        _fail(
+            f"{len(owed)} bod{'y' if len(owed) == 1 else 'ies'} could not be erased yet (kept in"
+            f" {owed_file}): run `llmtap erase` again once the body store answers",
+            1,
+        )
     if rows == 0:
         _fail("nothing matched (ids are exact; `--tenant` names another tenant's)", 1)
+
+
+#: Body refs `llmtap erase` could not remove yet (their rows are gone): tried first next time.
+ERASE_OWED = "erase-owed.txt"
+
+
+def _read_owed(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line]
+    except FileNotFoundError:
+        return []
+
+
+def _write_owed(path: Path, owed: list[str]) -> None:
+    if owed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{ref}\n" for ref in owed))
+    else:
+        path.unlink(missing_ok=True)
+
+
+async def _erase_bodies(bodies: BodyStore, refs: list[str]) -> list[str]:
+    """Erase `refs`; those the store refused or could not reach, to try again."""
+    if not refs:
+        return []
+    try:
+        await bodies.erase_many(refs)
+    except Exception as e:  # the rows are gone: their refs must not be
+        click.echo(f"llmtap: erasing {len(refs)} bodies failed ({type(e).__name__}: {e})", err=True)
+        return list(refs)
+    return []
+
+
+async def _dead_letters_of(settings: Settings, tenant: str, targets: list[tuple[str, str]]) -> int | None:
+    """How many dead letters hold the erased requests (None: the queue could not be read)."""
+    from llmtap.queue import open_queue
+    from llmtap.record import decode
+
+    if _queue_missing(settings, say=False):
+        return 0
+    try:
+        async with _connected(open_queue(settings), "inspect") as q:
+            letters = await q.dead_letters(100_000)
+    except Exception:
+        return None
+    n = 0
+    for letter in letters:
+        try:
+            r = decode(letter.value)
+        except Exception:
+            continue
+        if r.tenant == tenant and any(getattr(r, by) == value for by, value in targets):
+            n += 1
+    return n
 
 
 # -- webhooks -----------------------------------------------------------------------------------
