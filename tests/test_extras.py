@@ -208,7 +208,7 @@ def test_load_settings_checks_the_driver_too(monkeypatch: pytest.MonkeyPatch) ->
          "'redis://host:port/db' or 'sqs://queue-name' (got 'kafka:/h/t')"),
         ("queue", "kafka:///t", "invalid setting LLMTAP_QUEUE: 'kafka:///t' names no host"),
         ("bodies", "s3://b:x/p", "invalid setting LLMTAP_BODIES: 's3://b:x/p' is not a valid URL "
-         "(Port could not be cast to integer value as 'x')"),
+         "(a port is not a number; a password holding @ : / ? # must be percent-encoded)"),
     ],
 )  # fmt: skip
 def test_unknown_or_malformed_backend_urls_keep_their_messages(
