@@ -450,3 +450,29 @@ def test_erase_a_user_for_good_through_llmtap_up(tmp_path: Path) -> None:
         for ref in mine:
             assert span(ref).strip(b"\0") == b"", ref  # the first request's bodies: gone now
         assert stored_count(up.api) == 0
+
+    # A dead letter holding the user's record would store it again when replayed: named.
+    import asyncio
+
+    from llmtap.queue.base import Message
+    from llmtap.queue.sqlite import SQLiteQueue
+    from llmtap.record import encode
+    from store_helpers import rec
+
+    async def dead_letter_of(user: str) -> None:
+        q = SQLiteQueue(str(tmp_path / "data" / "queue.db"), partitions=1)  # the file keeps its own count
+        await q.connect("both")
+        try:
+            await q.publish([Message(key="k", value=encode(rec(1, tenant="default", user_id=user)))])
+            got: list = []
+            while not got:
+                got = await q.consume(10, 1.0)
+            await q.dead_letter(got[0], "test: a record that could not be stored")
+        finally:
+            await q.close()
+
+    asyncio.run(dead_letter_of("user-7"))
+    named = _llmtap(env, "erase", "--user", "user-7", "--yes", cwd=tmp_path)
+    assert "1 dead letter(s) hold these requests" in named.stderr and "llmtap dlq discard" in named.stderr, (
+        named.stderr
+    )
