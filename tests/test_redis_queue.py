@@ -129,6 +129,18 @@ async def test_a_url_parameter_redis_does_not_take_is_one_sentence(
     assert str(e.value) == f"invalid setting LLMTAP_QUEUE: Redis takes no URL parameter {needle}"
 
 
+@pytest.mark.parametrize("key", ["ssl_ca_certs", "ssl_certfile", "ssl_keyfile"])
+def test_a_tls_file_that_cannot_be_read_is_one_sentence(key: str, tmp_path: Path) -> None:
+    """A missing CA file read as an unreachable Redis: start-up waited for ever (managed check)."""
+    url = f"rediss://:s3cret@127.0.0.1:1/0?{key}={tmp_path}/nope.pem"
+    with pytest.raises(ConfigError) as e:
+        RedisQueue(url, 6, "workers")
+    assert str(e.value) == (
+        f"invalid setting LLMTAP_QUEUE: {key} of 'rediss://:***@127.0.0.1:1/0?{key}={tmp_path}/nope.pem'"
+        " cannot be read: No such file or directory"
+    )
+
+
 async def test_a_url_parameter_value_redis_refuses_is_one_sentence(spec: QueueSpec) -> None:
     """`?socket_timeout=abc`: redis-py's ValueError was a 75-line traceback (the review)."""
     q = RedisQueue(spec.target + ("&" if "?" in spec.target else "?") + "socket_timeout=abc", 6, "workers")

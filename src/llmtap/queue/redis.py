@@ -210,6 +210,8 @@ class RedisQueue(Queue):
                 " (db: a database number)"
             )
         query = dict(parse_qsl(parts.query))
+        if parts.scheme == "rediss":  # (on redis:// a TLS parameter is refused at connect)
+            _check_tls_files(query, url)
         ours = {k: query.pop(k) for k in _OUR_PARAMS if k in query}
         try:
             ms = {k: float(v) / 1000 for k, v in ours.items() if k.endswith("_ms")}
@@ -940,6 +942,22 @@ class RedisQueue(Queue):
             return out
         except (RedisError, OSError, TimeoutError) as e:
             raise self._unavailable(e) from None
+
+
+def _check_tls_files(query: dict[str, str], url: str) -> None:
+    """A TLS file the URL names must be readable now: redis-py opens it on each connection
+    attempt, so a missing CA read as an unreachable Redis and was waited out for ever."""
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if key not in query:
+            continue
+        try:
+            with open(query[key], "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                f"invalid setting LLMTAP_QUEUE: {key} of {redact_dsn(url)!r} cannot be read: "
+                f"{e.strerror or e}"
+            ) from None
 
 
 def _no_such_key(e: Exception) -> bool:
