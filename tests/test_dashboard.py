@@ -1884,3 +1884,173 @@ async def test_dark_mode_follows_the_system(wire: tuple[Srv, dict[str, LogRecord
                 await pg.goto(s.base + "/#/overview?range=24h")
                 await pg.wait_for_selector(".chart canvas", timeout=WAIT)
                 await shot(pg, "dark-overview")
+
+
+# -- accessibility -------------------------------------------------------------------------------
+
+# Text whose contrast with the background it sits on is below WCAG AA (4.5:1, 3:1 for large
+# text): every visible element with text of its own, the charts' canvases aside.
+CONTRAST = (Path(__file__).parent / "contrast.js").read_text()
+
+
+async def test_text_has_aa_contrast_in_every_view_and_both_schemes(
+    wire: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    """axe found the accent, the green status and muted labels under 4.5:1 on the page's greys,
+    the selected row's blue and the sorted header (a11y check)."""
+    s, recs = wire
+    session = next(r.session_id for r in recs.values() if r.session_id)
+    views = [
+        f"#/requests/{recs['gemini'].id}?range=all&sort=cost",  # a sorted column, a selected row
+        "#/overview?range=all",
+        "#/sessions?range=all",
+        f"#/sessions/{quote(session)}",
+        "#/users?range=all",
+        "#/pipeline",
+        "#/nowhere",
+    ]
+    for scheme in ("light", "dark"):
+        async with opened_page(browser, s.base, color_scheme=scheme) as pg:
+            for view in views:
+                await pg.goto(f"{s.base}/{view}")
+                await pg.wait_for_selector("main h1", timeout=WAIT)
+                await pg.wait_for_function(
+                    "() => !document.querySelector('#pending, .pending, #drawer:not([hidden]) > p.muted')",
+                    timeout=WAIT,
+                )
+                assert await pg.evaluate(CONTRAST) == [], (scheme, view)
+
+
+async def test_a_keyboard_reaches_every_request_and_the_drawer_hands_the_focus_back(
+    srv: Srv, page: tuple[Any, Watch]
+) -> None:
+    """Rows opened on a mouse click only, the drawer left the focus where it was (204 Tabs to
+    its close button), and Apply, a sort or the next page dropped it to the page's start."""
+    pg, _ = page
+    await pg.goto(srv.base + "/#/requests?range=all")
+    ids = [r["id"] for r in (await srv.get("/api/v1/requests?limit=50"))["items"]]
+    await wait_rows(pg, ids)
+    active = "() => document.activeElement"
+    await pg.keyboard.press("Tab")  # the first stop skips header and filters
+    assert await pg.evaluate(f"({active})().id") == "skip"
+    await pg.keyboard.press("Enter")
+    first = f'#requests-table tr[data-id="{ids[0]}"] a.open'
+    await pg.wait_for_function(f"() => ({active})() === document.querySelector('{first}')", timeout=WAIT)
+    await pg.keyboard.press("Enter")
+    await pg.wait_for_function(f"() => ({active})().id === 'drawer-title'", timeout=WAIT)
+    assert await pg.get_attribute("#drawer", "role") == "dialog"
+    await pg.keyboard.press("Tab")  # on into the detail, not back to the page
+    assert await pg.evaluate(f"document.getElementById('drawer').contains(({active})())")
+    await pg.keyboard.press("Escape")
+    await pg.wait_for_function(
+        f"() => document.getElementById('drawer').hidden"
+        f" && ({active})() === document.querySelector('{first}')",
+        timeout=WAIT,
+    )
+    # J reaches the second request; Esc gives the focus to its row, not the one it began from.
+    for rid in ids[:2]:
+        await pg.keyboard.press("j")
+        await pg.wait_for_function(
+            "id => document.querySelector('#drawer .curl')?.textContent.includes(encodeURIComponent(id))",
+            arg=rid,
+            timeout=WAIT,
+        )
+    await pg.keyboard.press("Escape")
+    second = f'#requests-table tr[data-id="{ids[1]}"] a.open'
+    await pg.wait_for_function(f"() => ({active})() === document.querySelector('{second}')", timeout=WAIT)
+
+    # A sort from the keyboard keeps the focus on its header, which says how it sorts.
+    await pg.focus("th a[data-sort=cost]")
+    await pg.keyboard.press("Enter")
+    await pg.wait_for_function(
+        f"() => location.hash.includes('sort=cost') && ({active})().dataset.sort === 'cost'"
+        " && document.querySelector('th[aria-sort]')?.getAttribute('aria-sort') === 'descending'",
+        timeout=WAIT,
+    )
+    # Apply from a filter keeps the focus in that filter.
+    model = next(r["model"] for r in (await srv.get("/api/v1/requests?limit=5"))["items"] if r["model"])
+    await pg.fill("#filters [name=model]", model)
+    await pg.keyboard.press("Enter")
+    try:
+        await pg.wait_for_function(
+            f"() => location.hash.includes('model=') && ({active})().name === 'model'"
+            " && document.getElementById('announce').textContent.includes('requests shown')",
+            timeout=WAIT,
+        )
+    except playwright_api.TimeoutError:
+        state = await pg.evaluate(
+            "[location.hash, document.activeElement.outerHTML.slice(0, 150),"
+            " document.getElementById('announce').textContent]"
+        )
+        raise AssertionError(f"the focus left the model filter after Apply: {state}") from None
+
+    # A phone: the drawer covers the page, and Tab stays in it until it is closed.
+    await pg.set_viewport_size({"width": 390, "height": 800})
+    await pg.goto(srv.base + "/#/requests?range=all")
+    await wait_rows(pg, ids)
+    await pg.focus(first)
+    await pg.keyboard.press("Enter")
+    await pg.wait_for_function(f"() => ({active})().id === 'drawer-title'", timeout=WAIT)
+    for _ in range(40):
+        await pg.keyboard.press("Tab")
+        inside = await pg.evaluate(
+            f"(() => {{ const a = ({active})(); return a === document.body"
+            " || document.getElementById('drawer').contains(a); })()"
+        )
+        assert inside, await pg.evaluate(f"({active})().outerHTML.slice(0, 200)")
+    await pg.keyboard.press("Escape")
+    await pg.wait_for_function(
+        f"() => !document.querySelector('main').inert && ({active})() === document.querySelector('{first}')",
+        timeout=WAIT,
+    )
+
+
+async def test_charts_are_named_and_their_numbers_are_a_table(srv: Srv, page: tuple[Any, Watch]) -> None:
+    """uPlot's canvases said nothing to a screen reader, and p50/p95/p99 differed by colour only."""
+    pg, _ = page
+    await pg.goto(srv.base + "/#/overview?range=7d")
+    await pg.wait_for_selector(".chart canvas", timeout=WAIT)
+    names = await pg.eval_on_selector_all(
+        ".chart .uplot", "us => us.map(u => [u.getAttribute('role'), u.getAttribute('aria-label')])"
+    )
+    assert len(names) == 5 and all(role == "img" and label for role, label in names), names
+    box = pg.locator('[data-chart="requests"]')
+    await box.locator("summary").click()
+    rows = box.locator("details tbody tr")
+    points = int(await box.get_attribute("data-points") or 0)
+    assert points > 0 and await rows.count() == points
+    counts = await rows.evaluate_all("rs => rs.map(r => Number(r.cells[1].textContent.replace(/,/g, '')))")
+    tile = await pg.locator(".tile", has_text="Requests").first.locator(".tvalue").text_content()
+    assert sum(counts) == int((tile or "").replace(",", ""))
+    # Within the legend the three percentiles are drawn solid, dashed and dotted.
+    assert await pg.locator('[data-chart="latency"] .u-legend').count() == 1
+
+
+async def test_a_refused_key_is_forgotten_and_escape_leaves_a_way_to_sign_in(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """After a refused key the header said "signed in" (the key stayed in the tab); Escape on
+    the sign-in dialog left "Loading…" for ever, with no way back but another page."""
+    async for s in _server(tmp_path_factory.mktemp("mt-a11y"), multi_tenant=True, ingest_token="gw-token"):
+        ctx, pg, w = await open_page(browser, s.base)
+        try:
+            await pg.goto(s.base + "/#/requests?range=all")
+            await pg.wait_for_selector("#signin[open]", timeout=WAIT)
+            assert await pg.evaluate("document.activeElement.id") == "signin-key"
+            assert await pg.locator("label[for=signin-key]").text_content() == "API key"
+            await pg.keyboard.press("Escape")
+            await playwright_api.expect(pg.locator("#signin-again")).to_be_visible(timeout=WAIT)
+            await pg.click("#signin-again")
+            await pg.wait_for_selector("#signin[open]", timeout=WAIT)
+            await pg.fill("#signin-key", "llmtap_wrong")
+            await pg.keyboard.press("Enter")
+            await playwright_api.expect(pg.locator("#signin-error")).to_have_text(
+                "That key was refused.", timeout=WAIT
+            )
+            assert await pg.evaluate("sessionStorage.getItem('llmtap-key')") is None
+            assert await pg.locator("#tenant").text_content() == ""
+            assert await pg.locator("#signout").is_hidden()
+            w.errors = [e for e in w.errors if "401" not in e]  # the refused calls
+            w.check()
+        finally:
+            await ctx.close()

@@ -178,9 +178,23 @@ async function api(path, opts = {}) {
 
 const signin = document.getElementById("signin");
 function askKey(message) {
-  document.getElementById("signin-error").textContent = message || (sessionStorage.getItem(KEY) ? "That key was refused." : "");
+  // A key the server refused is forgotten at once: kept, the header said "signed in" with it.
+  const refused = !!sessionStorage.getItem(KEY);
+  if (refused) { sessionStorage.removeItem(KEY); updateAuth(); }
+  const said = message || (refused ? "That key was refused." : null);
+  // (A view's other calls answer 401 too, after the key is gone: they leave the message be.)
+  if (said !== null || !signin.open) document.getElementById("signin-error").textContent = said || "";
   if (!signin.open) signin.showModal();
 }
+// Closed without a key (Escape): a view still waiting for its data says why, with a way back
+// (it said "Loading…" for ever). A view already drawn (the live tail) stays as it is.
+signin.addEventListener("close", () => {
+  const pending = document.getElementById("pending");
+  if (sessionStorage.getItem(KEY) || !pending) return;
+  fill(pending, "Nothing shown: this server needs a tenant's API key. ",
+    h("button", { type: "button", id: "signin-again", onclick: () => askKey() }, "Sign in"));
+  pending.className = "";
+});
 document.getElementById("signin-form").addEventListener("submit", () => {
   const key = document.getElementById("signin-key").value.trim();
   if (key) sessionStorage.setItem(KEY, key);
@@ -249,11 +263,15 @@ async function route() {
   lastRoute = key;
   for (const fn of cleanup.splice(0)) { try { fn(); } catch (e) { /* ignore */ } }
   if (!id || (view !== "requests" && view !== "live")) closeDrawer(false);
-  for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.view === view);
+  for (const a of document.querySelectorAll("#nav a")) {
+    a.classList.toggle("active", a.dataset.view === view);
+    if (a.dataset.view === view) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
+  }
+  const focusKey = byPage ? focusKeyOf(document.activeElement) : null;
   banner.hidden = true;
   const views = { requests: viewRequests, overview: viewOverview, sessions: viewSessions, users: viewUsers, live: viewLive, pipeline: viewPipeline };
   const fn = views[view] || viewNotFound;
-  document.title = "llmtap · " + (views[view] ? view : "no such page");
+  document.title = "llmtap · " + (views[view] ? view[0].toUpperCase() + view.slice(1) + (id && view === "sessions" ? " " + id : "") : "No such page");
   // Until the view draws: a neutral "Loading…", never the previous view (its data, or its empty
   // state read as this view's answer). A view with a filter bar replaces it at once with its own.
   render(h("p", { class: "muted", id: "pending" }, "Loading…"));
@@ -263,6 +281,7 @@ async function route() {
   try {
     await fn(id, params);
     if (!byPage && scrollMemo.has(hash) && location.hash === hash) window.scrollTo(0, scrollMemo.get(hash));
+    if (byPage && location.hash === hash) refocus(focusKey);
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) return;
     showError(e);
@@ -272,14 +291,47 @@ async function route() {
   }
 }
 
+/**
+ * What had the focus before a view was drawn again (Apply, a sort, the next page), as a selector
+ * that finds its counterpart in the new view: the new view's elements are new, and the focus
+ * fell to the page's start (a keyboard user had to tab back through the header and filters).
+ */
+function focusKeyOf(el) {
+  if (!el || el === document.body || !main.contains(el)) return null;
+  if (el.id) return "#" + CSS.escape(el.id);
+  if (el.name) return `#filters [name="${CSS.escape(el.name)}"]`;
+  if (el.dataset.sort) return `th a[data-sort="${CSS.escape(el.dataset.sort)}"]`;
+  if (el.closest("#filters")) return "#filters button[type=submit]";
+  return null;
+}
+function refocus(key) {
+  const el = (key && main.querySelector(key)) || main.querySelector("h1");
+  if (!el) return;
+  if (el.tagName === "H1") el.setAttribute("tabindex", "-1");
+  el.focus({ preventScroll: true });
+}
+
 function viewNotFound() {
   render(h("h1", {}, "No such page"),
     h("p", {}, "This dashboard has no page “", location.hash, "”. Try ", h("a", { href: "#/requests" }, "Requests"), " or ", h("a", { href: "#/overview" }, "Overview"), "."));
 }
 
+/** Said by screen readers without moving the focus (a list redrawn after Apply). */
+function announce(text) {
+  const el = document.getElementById("announce");
+  el.textContent = "";
+  setTimeout(() => { el.textContent = text; }, 50);  // a change, even when the text is the same
+}
+
 function showError(e) {
   banner.hidden = false;
   banner.textContent = "Error: " + (e && e.message ? e.message : String(e));
+  // The field a message names ("From (UTC): … is not a time") is marked for assistive tech.
+  for (const input of document.querySelectorAll("#filters input[name=since], #filters input[name=until]")) {
+    const label = input.closest("label");
+    const named = label && banner.textContent.includes(label.firstChild.textContent + ":");
+    if (named) input.setAttribute("aria-invalid", "true"); else input.removeAttribute("aria-invalid");
+  }
 }
 
 window.addEventListener("hashchange", () => {
@@ -364,9 +416,9 @@ function filterBar(params, view, { defaultRange = "24h", extra = [], search = fa
     h("label", {}, "Outcome", outcomeSel),
     h("label", {}, "Property", h("input", { name: "props", value: props, placeholder: "name=value, …", title: "name=value pairs, comma-separated; write a comma inside a value as \\,", size: 16, autocomplete: "off" })),
     field("min_cost_usd", "Cost ≥ $", { size: 5, inputmode: "decimal" }),
-    field("max_cost_usd", "≤ $", { size: 5, inputmode: "decimal" }),
+    field("max_cost_usd", "≤ $", { size: 5, inputmode: "decimal", "aria-label": "Cost at most (USD)" }),
     field("min_latency_ms", "Latency ≥ ms", { size: 5, inputmode: "numeric" }),
-    field("max_latency_ms", "≤ ms", { size: 5, inputmode: "numeric" }),
+    field("max_latency_ms", "≤ ms", { size: 5, inputmode: "numeric", "aria-label": "Latency at most (ms)" }),
     ...extra,
     h("button", { type: "submit" }, "Apply"),
     h("a", { href: hashFor(view, null, new URLSearchParams()), class: "button" }, "Reset"));
@@ -441,17 +493,19 @@ function sortHeader(label, key, params, cls) {
   const order = params.get("order") || "desc";
   const active = sort === key;
   const next = withParam(withParam(params, "sort", key === "time" ? null : key), "order", active && order === "desc" ? "asc" : null);
-  return h("th", { class: cls },
-    h("a", { href: hashFor("requests", null, next), class: active ? "sorted" : "", title: "sort by " + key },
+  return h("th", { class: cls, "aria-sort": active ? (order === "desc" ? "descending" : "ascending") : null },
+    h("a", { href: hashFor("requests", null, next), class: active ? "sorted" : "", title: "sort by " + key, "data-sort": key },
       label, active ? (order === "desc" ? " ▼" : " ▲") : ""));
 }
 
 function requestRow(row, params, propCols, view = "requests") {
   const filterLink = (key, value, text) =>
     value === null || value === undefined ? h("span", { class: "muted" }, "–")
-      : h("a", { href: hashFor("requests", null, withParam(params, key, value)), title: `${value} (click to filter by ${key})` }, text ?? value);
+      : h("a", { href: hashFor("requests", null, withParam(params, key, value)), title: `${value} (click to filter by ${key})` }, h("bdi", {}, text ?? value));
   const tr = h("tr", { "data-id": row.id, tabindex: "-1" },
-    h("td", { class: "nowrap", title: row.created_at }, fmtTime(row.created_at)),
+    // The time opens the request: a link, so Tab reaches every row (a click anywhere else does too).
+    h("td", { class: "nowrap", title: row.created_at },
+      h("a", { class: "open", href: hashFor(view, row.id, params), "aria-label": `${fmtTimeUtc(row.created_at)}, ${row.model || "no model"}: open the request` }, fmtTime(row.created_at))),
     h("td", {}, statusCell(row)),
     h("td", {}, filterLink("provider", row.provider)),
     h("td", { class: "model" }, filterLink("model", row.model)),
@@ -490,7 +544,7 @@ function requestTable(rows, params, view = "requests") {
 /** A wide table scrolls sideways in its own box, never the whole page. */
 const scroller = (table) => h("div", { class: "table-scroll" }, table);
 /** A long value cut with an ellipsis (CSS: td.ellipsis > *), whole in its tooltip. */
-const capped = (v) => h("span", { title: String(v) }, String(v));
+const capped = (v) => h("span", { title: String(v), dir: "auto" }, String(v));
 
 /** The empty state: with filters, say so; with none, how to send the first request. */
 function noRequests(params) {
@@ -499,7 +553,7 @@ function noRequests(params) {
   const base = `http://${location.hostname.includes(":") ? `[${location.hostname}]` : location.hostname}:8787`;
   return h("div", { class: "empty first-run" },
     h("p", {}, "No requests in this range. To log one, send it through the gateway (port 8787 unless LLMTAP_GATEWAY_PORT says otherwise); it shows here a second later:"),
-    h("pre", { class: "raw" },
+    h("pre", { class: "raw", tabindex: 0 },
       `OpenAI(base_url="${base}/openai/v1")\n` +
       `Anthropic(base_url="${base}/anthropic")\n` +
       `genai.Client(http_options={"base_url": "${base}/gemini"})`));
@@ -521,6 +575,7 @@ async function viewRequests(id, params) {
     params.get("cursor") ? h("a", { class: "button", href: hashFor("requests", null, withParam(params, "cursor", null)) }, "⇤ Newest") : null,
     page.next_cursor ? h("a", { class: "button", id: "next-page", href: hashFor("requests", null, withParam(withParam(params, "cursor", null), "cursor", page.next_cursor)) }, "Next page →") : null,
     h("span", { class: "spacer" }), exp("csv"), exp("jsonl"));
+  announce(page.items.length ? `${page.items.length} requests shown${page.next_cursor ? ", more on the next page" : ""}` : "no requests match");
   render(
     h("h1", {}, "Requests"),
     bar,
@@ -555,11 +610,30 @@ async function download(fmt, q) {
 // -- detail drawer -------------------------------------------------------------------------------
 
 let drawerState = null; // { id, params, view }
+let drawerOpener = null; // what had the focus when the drawer opened: it gets it back
+const narrow = window.matchMedia("(max-width: 800px)"); // the drawer covers the page (app.css)
+
+/** While the drawer covers the page, what is under it is out of reach of Tab and screen readers. */
+function coverPage(on) {
+  for (const el of [main, header, banner, document.getElementById("skip")]) el.inert = on && narrow.matches;
+}
+narrow.addEventListener("change", () => coverPage(!drawer.hidden));
 
 function closeDrawer(navigate = true) {
   if (drawer.hidden && !drawerState) return;
+  // The focus was in the drawer, or nowhere (Tab went past its end): it goes back to the table.
+  const had = drawer.contains(document.activeElement) || !document.activeElement || document.activeElement === document.body;
+  const id = drawerState && drawerState.id;
   drawer.hidden = true;
+  coverPage(false);
   clear(drawer);
+  if (had) {
+    // Back to the row it was opened from (or the one J/K reached), else what opened it.
+    const row = id && [...document.querySelectorAll("#requests-table tr[data-id]")].find((t) => t.dataset.id === id);
+    const back = (row && row.querySelector("a.open")) || (drawerOpener && drawerOpener.isConnected ? drawerOpener : null);
+    if (back) back.focus(); else refocus(null);
+  }
+  drawerOpener = null;
   document.querySelectorAll("tr.selected").forEach((tr) => tr.classList.remove("selected"));
   if (navigate && drawerState) {
     const { view, params } = drawerState;
@@ -574,19 +648,29 @@ async function openDrawer(id, params, view) {
   document.querySelectorAll("tr.selected").forEach((tr) => tr.classList.remove("selected"));
   const tr = [...document.querySelectorAll("tr[data-id]")].find((t) => t.dataset.id === id);
   if (tr) { tr.classList.add("selected"); tr.scrollIntoView({ block: "nearest" }); }
+  if (drawer.hidden && !drawer.contains(document.activeElement)) drawerOpener = document.activeElement;
   drawer.hidden = false;
+  coverPage(true);
   fill(drawer, h("p", { class: "muted" }, "Loading…"));
   let row;
   try {
     row = await api("api/v1/requests/" + encodeURIComponent(id));
   } catch (e) {
-    if (drawerState && drawerState.id === id) fill(drawer, h("button", { class: "close", onclick: () => closeDrawer() }, "×"), h("p", { class: "err" }, e.message));
+    if (drawerState && drawerState.id === id) {
+      fill(drawer, closeButton(), h("p", { class: "err" }, e.message));
+      drawer.querySelector(".close").focus();
+    }
     return;
   }
   if (!drawerState || drawerState.id !== id) return;
   fill(drawer, ...detailView(row, params, view));
   drawer.scrollTop = 0;
+  // The focus goes to the request's heading: Tab goes on into its detail, Esc closes it.
+  const heading = drawer.querySelector(".dhead h2");
+  if (heading) { heading.setAttribute("tabindex", "-1"); heading.focus({ preventScroll: true }); }
 }
+
+const closeButton = () => h("button", { class: "close", type: "button", title: "close (Esc)", "aria-label": "Close the request detail", onclick: () => closeDrawer() }, "×");
 
 function curlFor(id) {
   const key = sessionStorage.getItem(KEY) ? " -H 'Authorization: Bearer $LLMTAP_KEY'" : "";
@@ -636,8 +720,8 @@ function detailView(row, params, view) {
   const idx = tableRows.indexOf(row.id);
   const out = [
     h("div", { class: "dhead" },
-      h("button", { class: "close", type: "button", title: "close (Esc)", onclick: () => closeDrawer() }, "×"),
-      h("h2", {}, row.model || "(no model)"),
+      closeButton(),
+      h("h2", { id: "drawer-title" }, row.model || "(no model)"),
       h("div", { class: "muted" }, row.provider, " · ", row.method, idx >= 0 ? ` · ${idx + 1} of ${tableRows.length}` : ""),
       summary(row),
       h("div", { class: "actions" }, h("a", { href: permalink, class: "button" }, "Permalink"), copyBtn),
@@ -684,7 +768,7 @@ function rawBody(row, part) {
         ? `file ${JSON.stringify(f.filename)}, ${fmtInt(f.bytes)} bytes${f.type ? ", " + f.type : ""}`
         : textPart(f.text)])),
       h("details", {}, h("summary", {}, meta.encoding === "base64" ? "the body in base64" : "the body as sent"),
-        h("pre", { class: "raw" }, shown)));
+        h("pre", { class: "raw", tabindex: 0 }, shown)));
   }
   if (meta && meta.encoding === "base64" && typeof value === "string") {
     const shown = value.length > 4096 ? value.slice(0, 4096) + "…" : value;
@@ -692,9 +776,9 @@ function rawBody(row, part) {
     return h("div", {},
       cut,
       h("p", { class: "muted" }, `Binary body: ${fmtInt(meta.size)} bytes of ${meta.content_type || "unknown type"}, in base64 (the API's ${part} holds ${holds}).`),
-      h("pre", { class: "raw" }, shown));
+      h("pre", { class: "raw", tabindex: 0 }, shown));
   }
-  return cut ? h("div", {}, cut, h("pre", { class: "raw" }, pretty(value))) : h("pre", { class: "raw" }, pretty(value));
+  return cut ? h("div", {}, cut, h("pre", { class: "raw", tabindex: 0 }, pretty(value))) : h("pre", { class: "raw", tabindex: 0 }, pretty(value));
 }
 
 /** A multipart/form-data body's fields: {name, text} or {name, filename, bytes, type}; null
@@ -749,7 +833,7 @@ function msg(role, ...parts) {
   return h("div", { class: "msg role-" + cls }, h("div", { class: "role" }, role), ...parts);
 }
 /** A message's text; a long one shows its first lines and a toggle to show it all. */
-const textPart = (t) => folding(h("div", { class: "text" }, String(t)));
+const textPart = (t) => folding(h("div", { class: "text", dir: "auto" }, String(t)));
 /** A tool's arguments or result, code and its output: preformatted, long ones folded the same way. */
 const codePart = (t) => folding(h("pre", {}, String(t)));
 function folding(el) {
@@ -781,7 +865,7 @@ function imagePart(url) {
 }
 const toolCall = (name, args, id) => h("div", { class: "tool" }, h("span", { class: "tname" }, "→ tool call " + (name || "?")), id ? h("span", { class: "muted" }, " " + id) : null, codePart(typeof args === "string" ? tryPretty(args) : pretty(args)));
 const toolResult = (content, id) => h("div", { class: "tool result" }, h("span", { class: "tname" }, "← tool result"), id ? h("span", { class: "muted" }, " " + id) : null, codePart(typeof content === "string" ? content : pretty(content)));
-const reasoning = (t) => h("details", { class: "reasoning" }, h("summary", {}, "reasoning"), h("div", { class: "text" }, String(t)));
+const reasoning = (t) => h("details", { class: "reasoning" }, h("summary", {}, "reasoning"), h("div", { class: "text", dir: "auto" }, String(t)));
 function tryPretty(s) { try { return JSON.stringify(JSON.parse(s), null, 2); } catch (e) { return s; } }
 
 function openaiContent(content) {
@@ -1065,7 +1149,7 @@ function axisTime(ts, span) {
 
 function chart(uPlot, el, title, unit, xs, series, opts = {}) {
   el.dataset.points = xs.length;  // for tests and curious readers: how many buckets are drawn
-  const width = Math.max(320, el.clientWidth - 16);
+  const width = Math.max(240, el.clientWidth - 16);
   const fmt = opts.fmt || ((v) => (v === null ? "–" : nf.format(v)));
   const colors = ["#2f6fdf", "#d9534f", "#2a9d62", "#e69b00", "#7952b3"];
   const axis = getComputedStyle(document.documentElement).getPropertyValue("--muted").trim() || "#555";  // dark mode too
@@ -1078,7 +1162,7 @@ function chart(uPlot, el, title, unit, xs, series, opts = {}) {
       { label: unit, labelSize: 22, size: 82, stroke: axis, values: (u, vals) => vals.map(opts.tick || fmt) },
     ],
     series: [{ label: "time", value: (u, ts) => (ts == null ? "–" : new Date(ts * 1000).toISOString().slice(0, 16).replace("T", " ")) }, ...series.map((s, i) => ({
-      label: s.label, stroke: colors[i % colors.length], width: 2, spanGaps: false,
+      label: s.label, stroke: colors[i % colors.length], width: 2, spanGaps: false, dash: DASHES[i % DASHES.length],
       fill: opts.fill && i === 0 ? colors[0] + "22" : undefined,
       paths: opts.bars ? uPlot.paths.bars({ size: [0.8, 40] }) : undefined,
       value: (u, v) => fmt(v),
@@ -1086,8 +1170,22 @@ function chart(uPlot, el, title, unit, xs, series, opts = {}) {
     legend: { live: true },
   }, [xs, ...series.map((s) => s.data)], el);
   onLeave(() => plot.destroy());
+  // uPlot draws on a canvas, which says nothing to a screen reader: the chart is named, and its
+  // numbers are one click away as a table (for anyone who wants the exact figures, too).
+  plot.root.setAttribute("role", "img");
+  plot.root.setAttribute("aria-label", `${title}: chart of ${series.map((s) => s.label).join(", ")} per bucket; the numbers are in the table below it`);
+  const table = () => scroller(h("table", { class: "grid compact" },
+    h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "bucket start (UTC)"), series.map((s) => h("th", { scope: "col", class: "num" }, s.label)))),
+    h("tbody", {}, xs.map((ts, row) => h("tr", {}, h("th", { scope: "row", class: "nowrap" }, fmtTime(new Date(ts * 1000).toISOString())),
+      series.map((s) => h("td", { class: "num" }, fmt(s.data[row] ?? null))))))));
+  const details = h("details", { class: "chart-data" }, h("summary", {}, "Show the numbers"));
+  // Built when opened: 30 days of hours are 720 rows a chart.
+  details.addEventListener("toggle", () => { if (details.open && details.children.length === 1) details.append(table()); });
+  el.append(details);
   return plot;
 }
+// Solid, dashed, dotted: p50 / p95 / p99 (and any two series) apart without their colours.
+const DASHES = [undefined, [8, 4], [2, 3], [12, 3, 2, 3], [4, 4]];
 
 async function viewOverview(id, params) {
   const defaultRange = "24h";
@@ -1140,7 +1238,7 @@ async function viewOverview(id, params) {
   const zero = (f) => xs.map((t) => { const b = byStart.get(t); return b ? f(b) : 0; });
   const charts = h("div", { class: "charts" });
   const usersBox = pendingBox("Top users");
-  const propsBox = propsP ? pendingBox(`Property “${groupProp}”`) : h("div", { class: "topbox" }, h("h3", {}, "Group by a property"), h("p", { class: "muted" }, "Type a property name in “Group by property” to break totals down by its values."));
+  const propsBox = propsP ? pendingBox(`Property “${groupProp}”`) : h("div", { class: "topbox" }, h("h2", {}, "Group by a property"), h("p", { class: "muted" }, "Type a property name in “Group by property” to break totals down by its values."));
   render(
     h("h1", {}, "Overview"),
     bar,
@@ -1175,7 +1273,7 @@ async function viewOverview(id, params) {
   onLeave(() => { alive = false; });
   const settle = (box, p, title, key, note) => p.then(
     (st) => { if (alive) box.replaceWith(topTable(title, key, st.groups, params, note)); },
-    (e) => { if (alive && !(e instanceof ApiError && e.status === 401)) fill(box, h("h3", {}, title), h("p", { class: "err" }, e.message)); });
+    (e) => { if (alive && !(e instanceof ApiError && e.status === 401)) fill(box, h("h2", {}, title), h("p", { class: "err" }, e.message)); });
   await Promise.all([
     settle(usersBox, usersP, "Top users", "user_id", usersSince.getTime() !== since.getTime()
       ? `since ${fmtTimeUtc(usersSince.toISOString())} (whole UTC days)` : null),
@@ -1184,27 +1282,27 @@ async function viewOverview(id, params) {
 }
 
 function pendingBox(title) {
-  return h("div", { class: "topbox pending" }, h("h3", {}, title), h("p", { class: "muted" }, "Loading…"));
+  return h("div", { class: "topbox pending" }, h("h2", {}, title), h("p", { class: "muted" }, "Loading…"));
 }
 
 function topTable(title, key, groups, params, note) {
   const rows = groups.slice(0, 10);
   const total = rows.reduce((a, g) => Math.max(a, g.count), 0) || 1;
-  return h("div", { class: "topbox", "data-top": key }, h("h3", {}, title),
+  return h("div", { class: "topbox", "data-top": key }, h("h2", {}, title),
     note ? h("p", { class: "hint muted topnote" }, note) : null,
-    rows.length ? h("table", { class: "grid compact" },
+    rows.length ? scroller(h("table", { class: "grid compact" },
       h("thead", {}, h("tr", {}, h("th", {}, key.startsWith("property.") ? "value" : key), h("th", { class: "num" }, "requests"), h("th", { class: "num" }, "cost"), h("th", { class: "num" }, "errors"))),
       h("tbody", {}, rows.map((g) => {
         const next = new URLSearchParams();
         for (const [k, v] of apiFiltersView(params)) next.set(k, v);
         if (g.key !== null) next.set(key, String(g.key));
         return h("tr", {},
-          h("td", { class: "ellipsis" }, g.key === null ? h("span", { class: "muted" }, "(none)") : h("a", { href: hashFor("requests", null, next), title: String(g.key) }, String(g.key)),
+          h("td", { class: "ellipsis" }, g.key === null ? h("span", { class: "muted" }, "(none)") : h("a", { href: hashFor("requests", null, next), title: String(g.key), dir: "auto" }, String(g.key)),
             h("div", { class: "bar", "data-w": Math.round((g.count / total) * 100) })),
           h("td", { class: "num" }, fmtInt(g.count)),
           h("td", { class: "num" }, groupCost(g)),
           h("td", { class: "num" }, pct(g.error_rate)));
-      }))) : h("p", { class: "muted" }, "No data in this range."));
+      })))) : h("p", { class: "muted" }, "No data in this range."));
 }
 
 /** The view params that are filters (to carry from overview to requests). */
@@ -1258,8 +1356,8 @@ async function viewSession(id, params) {
     timeline);
   for (const r of s.requests) {
     timeline.append(h("li", { "data-id": r.id },
-      h("div", { class: "tl-head" }, fmtTimeUtc(r.created_at), " · ", statusCell(r), " · ", r.model || "", " · ", costCell(r.cost_usd, r), " · ", fmtMs(r.latency_ms), " · ",
-        h("a", { href: hashFor("requests", r.id, new URLSearchParams({ session_id: s.session_id, range: "all" })) }, "details")),
+      h("div", { class: "tl-head" }, fmtTimeUtc(r.created_at), " · ", statusCell(r), " · ", h("bdi", {}, r.model || ""), " · ", costCell(r.cost_usd, r), " · ", fmtMs(r.latency_ms), " · ",
+        h("a", { href: hashFor("requests", r.id, new URLSearchParams({ session_id: s.session_id, range: "all" })), "aria-label": `details of the request at ${fmtTimeUtc(r.created_at)}` }, "details")),
       h("div", { class: "tl-body muted" })));
   }
   // A long session loads its first turns by itself; every other entry says it is not loaded and
@@ -1534,20 +1632,20 @@ async function viewPipeline() {
       tile("Newest stored request", p.last_request_at ? fmtTimeUtc(p.last_request_at) : "none", p.last_request_ended_at ? "ended " + fmtTimeUtc(p.last_request_ended_at) : "")),
     p.error ? h("p", { class: "err" }, p.error) : null,
     h("h2", {}, "Lag per partition"),
-    p.partitions && p.partitions.length ? h("table", { class: "grid compact", id: "partitions" },
+    p.partitions && p.partitions.length ? scroller(h("table", { class: "grid compact", id: "partitions" },
       h("thead", {}, h("tr", {}, h("th", {}, "Partition"), h("th", { class: "num" }, "Lag"), h("th", {}, "Owner"))),
-      h("tbody", {}, p.partitions.map((x) => h("tr", {}, h("td", {}, String(x.partition)), h("td", { class: "num" }, fmtInt(x.lag)), h("td", {}, x.owner || "–"))))) : h("p", { class: "muted" }, "No partitions reported."),
+      h("tbody", {}, p.partitions.map((x) => h("tr", {}, h("td", {}, String(x.partition)), h("td", { class: "num" }, fmtInt(x.lag)), h("td", {}, x.owner || "–")))))) : h("p", { class: "muted" }, "No partitions reported."),
     h("h2", {}, "Dead letters"),
     dl === null ? h("p", { class: "muted" }, "Dead letters hold every tenant's records: in multi-tenant mode list and replay them with `llmtap dlq`.")
       : dl.length ? [
         h("p", {}, h("button", { type: "button", id: "replay-all", onclick: () => replay({ all: true }) }, "Replay all")),
         scroller(h("table", { class: "grid", id: "dead-letters" },
-          h("thead", {}, h("tr", {}, ["Id", "Request", "Partition", "Offset", "Key", "Failed at (UTC)", "Reason", ""].map((t) => h("th", {}, t)))),
+          h("thead", {}, h("tr", {}, ["Id", "Request", "Partition", "Offset", "Key", "Failed at (UTC)", "Reason", "Action"].map((t) => h("th", {}, t)))),
           h("tbody", {}, dl.map((d) => h("tr", {},
             h("td", { class: "ellipsis" }, capped(d.id)), h("td", { class: "ellipsis wide request" }, capped(d.request_id || "–")),
             h("td", {}, String(d.partition)), h("td", {}, String(d.offset)), h("td", { class: "ellipsis" }, capped(d.key)),
             h("td", { class: "nowrap" }, fmtTime(d.failed_at)), h("td", { class: "reason" }, d.reason),
-            h("td", {}, h("button", { type: "button", class: "replay", onclick: () => replay({ ids: [d.id] }) }, "Replay")))))))]
+            h("td", {}, h("button", { type: "button", class: "replay", "aria-label": `Replay dead letter ${d.id}`, onclick: () => replay({ ids: [d.id] }) }, "Replay")))))))]
         : h("p", { class: "muted" }, "No dead letters."));
 }
 
@@ -1562,6 +1660,12 @@ new ResizeObserver(() => document.documentElement.style.setProperty("--top-h", h
 new MutationObserver(() => {
   for (const el of document.querySelectorAll(".bar[data-w]")) { el.style.width = el.dataset.w + "%"; el.removeAttribute("data-w"); }
 }).observe(main, { childList: true, subtree: true });
+
+// Past the header and the filters: to the first request of the table, else the view's heading.
+document.getElementById("skip").addEventListener("click", () => {
+  const first = main.querySelector("#requests-table a.open, #sessions-table a, #users-table a");
+  if (first) first.focus(); else refocus(null);
+});
 
 updateAuth();
 route();
