@@ -560,3 +560,51 @@ async def test_worker_chain_stores_every_stream_even_one_it_cannot_rebuild(
     finally:
         await bodies.close()
         await store.close()
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        pytest.param((b"a \\ud83d", b"\\ude00 b"), id="surrogate-pair-split-over-two-events"),
+        pytest.param((b"a \xff\xfe", b" b"), id="bytes-that-are-not-utf-8"),
+    ],
+)
+def test_a_stream_event_only_a_lenient_parser_reads_keeps_the_message(
+    odd: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """msgspec refuses a lone surrogate escape and raises UnicodeDecodeError on a bad byte: the
+    event was skipped as cut off (the answer's text lost from the message) or the whole
+    reassembly failed (no message at all), where the client's own parser reads both (unicode
+    check). Now read as the client does, U+FFFD for what cannot be text."""
+    first, second = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+        b'"choices":[{"index":0,"delta":{"content":"' + text + b'"},"finish_reason":null}]}\n\n'
+        for text in odd
+    )
+    stream = sse(chunk("", role="assistant"), first, second, chunk("!"), usage_chunk())
+    fast, slow, _ = both({"stream": stream}, monkeypatch)
+    same(fast, slow)
+    for rec in (fast, slow):
+        assert rec.usage.prompt_tokens == 9 and rec.usage.completion_tokens == 5
+        assert rec.model == "gpt-4o-mini" and rec.usage.source == "provider"
+        message = orjson.loads(body_bytes(rec.response_body))["choices"][0]["message"]
+        assert message["content"].startswith("a \ufffd") and message["content"].endswith(" b!")
+
+
+def test_a_json_answer_only_a_lenient_parser_reads_keeps_its_usage_and_model() -> None:
+    """orjson refuses a lone surrogate escape: the answer's usage and model were lost (unpriced)."""
+    answer = (
+        b'{"id":"c","object":"chat.completion","created":1,"model":"gpt-4o-mini-2024-07-18",'
+        b'"choices":[{"index":0,"message":{"role":"assistant","content":"lone \\ud83d split"},'
+        b'"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}'
+    )
+    for body in (answer, answer.replace(b"\\ud83d", b"\xff")):
+        cap = capture(
+            body, request={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\ud800"}]}
+        )
+        cap.streamed = False
+        cap.response_headers = [("Content-Type", "application/json")]
+        rec = RecordBuilder(inline_body_bytes=INLINE, gateway="gw").build(cap)
+        assert rec.model == "gpt-4o-mini"  # (the built-in route's: the model asked for)
+        assert (rec.usage.source, rec.usage.prompt_tokens, rec.usage.completion_tokens) == ("provider", 11, 7)
+        assert body_bytes(rec.response_body) == body  # stored as it came

@@ -32,6 +32,7 @@ from llmtap import limits
 from llmtap.bodies.offload import inline_body
 from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, LlmtapHeaders
 from llmtap.providers import provider_for
+from llmtap.providers.common import loads
 from llmtap.providers.sse import StreamResult
 from llmtap.record import Body, LogRecord, Outcome, Usage
 from llmtap.redact import is_secret_header, is_secret_name, redact_text, redact_url
@@ -199,7 +200,7 @@ def _loads(data: bytes | None) -> Any:
     if not data:
         return None
     try:
-        return orjson.loads(data)
+        return loads(data)
     except orjson.JSONDecodeError:
         return None
 

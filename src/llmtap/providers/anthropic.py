@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from llmtap.providers.base import Provider
-from llmtap.providers.common import after_last_reply, error_message, role_is, token_count
+from llmtap.providers.common import after_last_reply, error_message, loads, role_is, token_count
 from llmtap.providers.sse import StreamResult, edge_events, iter_events
 from llmtap.record import Usage
 
@@ -96,7 +96,7 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
 
     for event, data in iter_events(raw):
         try:
-            obj = orjson.loads(data)
+            obj = loads(data)
         except orjson.JSONDecodeError:
             continue
         if not isinstance(obj, dict):
@@ -159,7 +159,7 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
         if btype in _TOOL_BLOCKS:
             if joined:
                 try:
-                    block["input"] = orjson.loads(joined)
+                    block["input"] = loads(joined)
                 except orjson.JSONDecodeError:
                     block["input"] = joined
         elif btype == "thinking":
@@ -178,7 +178,7 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
 
 def _event(data: bytes, kind: str) -> dict[str, Any] | None:
     try:
-        obj = orjson.loads(data)
+        obj = loads(data)
     except orjson.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) and obj.get("type") == kind else None

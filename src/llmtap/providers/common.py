@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from llmtap.limits import MAX_TOKENS
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def loads(data: bytes | str) -> Any:
+    """JSON as the client's own parser reads it: orjson first; what it refuses but Python's
+    `json` and JavaScript's `JSON.parse` take (a lone surrogate escape such as `\\ud83d`, a
+    byte that is not UTF-8 inside a string) is read leniently, with U+FFFD in place of what
+    cannot be text. Raises `orjson.JSONDecodeError` when the data is not JSON at all.
+
+    An upstream that splits an emoji's surrogate pair over two stream events, or answers one
+    bad byte, must not cost a record its usage, its model or its reassembled message."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise orjson.JSONDecodeError("not JSON", "", 0) from None
+    return _scrub(obj)
+
+
+def _scrub(v: Any) -> Any:
+    """Lone surrogates (which no store or encoder takes) as U+FFFD, in keys and values."""
+    if isinstance(v, str):
+        return _LONE_SURROGATE.sub("\ufffd", v)
+    if isinstance(v, list):
+        return [_scrub(x) for x in v]
+    if isinstance(v, dict):
+        return {_scrub(k): _scrub(x) for k, x in v.items()}
+    return v
 
 
 def error_message(body: Any) -> str | None:

@@ -23,7 +23,7 @@ from urllib.parse import unquote
 import orjson
 
 from llmtap.providers.base import Provider, response_model
-from llmtap.providers.common import after_last_reply, error_message, role_is, token_count
+from llmtap.providers.common import after_last_reply, error_message, loads, role_is, token_count
 from llmtap.providers.sse import StreamResult, edge_events, iter_events
 from llmtap.record import Usage
 
@@ -129,7 +129,7 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     seen = complete = False
     for _, data in iter_events(raw):
         try:
-            obj = orjson.loads(data)
+            obj = loads(data)
         except orjson.JSONDecodeError:
             continue
         if not isinstance(obj, dict):
@@ -181,7 +181,7 @@ def stream_summary(raw: bytes) -> StreamResult | None:
     if ends is None:
         return None
     try:
-        last = orjson.loads(ends[1][0][1])
+        last = loads(ends[1][0][1])
     except orjson.JSONDecodeError:
         return None
     if not isinstance(last, dict) or "error" in last or not isinstance(last.get("usageMetadata"), dict):

@@ -21,7 +21,7 @@ import msgspec
 import orjson
 
 from llmtap.providers.base import Provider, StreamFilter, response_model
-from llmtap.providers.common import after_last_reply, error_message, role_is, token_count
+from llmtap.providers.common import after_last_reply, error_message, loads, role_is, token_count
 from llmtap.providers.sse import StreamResult, data_payloads, event_bounds, last_boundary
 from llmtap.record import Usage
 
@@ -362,16 +362,17 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
             chunk = decode(data)
         except msgspec.ValidationError:
             chunk = None
-        except msgspec.DecodeError:
-            continue  # not JSON (a cut-off last event)
-        s.seen = True
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            chunk = None  # not JSON (a cut-off last event), or JSON only a lenient parser reads
         if chunk is not None and chunk.choices is not None:
+            s.seen = True
             s.typed(chunk, chunk.choices)
             continue
         try:
-            obj = orjson.loads(data)
+            obj = loads(data)
         except orjson.JSONDecodeError:
             continue
+        s.seen = True
         if isinstance(obj, dict):
             s.generic(obj)
 
@@ -398,7 +399,7 @@ def _all_chunks(raw: bytes) -> list[_Chunk] | None:
         return None
     try:
         chunks = _chunks_decoder.decode(b"[" + body[6:-2].replace(b"\n\ndata: ", b",") + b"]")
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
         return None
     for c in chunks:
         if c.choices is None:
@@ -426,7 +427,7 @@ def stream_summary(raw: bytes) -> StreamResult | None:
     try:
         first = _chunk_decoder.decode(body[6:first_end])
         last = first if last_start < 0 else _chunk_decoder.decode(body[last_start + 8 : -2])
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
         return None
     if first.choices is None or last.choices is None or not first.model or last.usage is None:
         return None
@@ -542,7 +543,7 @@ def inject_stream_usage(body: bytes) -> bytes | None:
     if b'"stream"' not in body:
         return None
     try:
-        obj = orjson.loads(body)
+        obj = loads(body)
     except orjson.JSONDecodeError:
         return None
     except RecursionError:  # nested deeper than the parser goes: the upstream's to judge
@@ -580,7 +581,7 @@ def refuses_stream_options(body: bytes) -> bool:
     if b"stream_options" not in body:
         return False
     try:
-        found = orjson.loads(body)
+        found = loads(body)
     except orjson.JSONDecodeError:
         return True  # a text error naming the field
     stack: list[Any] = [found]
