@@ -476,3 +476,12 @@ def test_erase_a_user_for_good_through_llmtap_up(tmp_path: Path) -> None:
     assert "1 dead letter(s) hold these requests" in named.stderr and "llmtap dlq discard" in named.stderr, (
         named.stderr
     )
+
+
+def test_listings_write_stored_control_characters_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    """A user id sent as `evil\\x1b[2J` (or C1's `\\x9b`) reached the terminal raw through
+    `llmtap alerts list` (unicode check): escape sequences run by whoever reads the listing."""
+    from llmtap import cli
+
+    cli._listing(["FIRING for evil\x1b[2J\x9b2J\x85 日本 🙂"], lambda row: row, "none")
+    assert capsys.readouterr().out == "FIRING for evil\\x1b[2J\\x9b2J\\x85 日本 🙂\n"

@@ -558,3 +558,21 @@ def test_payload_example_is_json() -> None:
     data = record_data(make_record(1), False)
     body = json.loads(envelope(REQUEST_COMPLETED, "2026-01-01T00:00:00+00:00", data))
     assert body["type"] == REQUEST_COMPLETED and body["data"]["model"] == "gpt-4o-mini"
+
+
+def test_slack_text_rounds_the_latency() -> None:
+    """`status 200 in 1.8745400000170775 ms` (unicode check)."""
+    from llmtap.webhooks.outbox import slack_text
+
+    env = {
+        "type": "request.completed",
+        "data": {
+            "provider": "openai",
+            "model": "m",
+            "status": 200,
+            "latency_ms": 1.8745400000170775,
+            "id": "r1",
+        },
+    }
+    text = json.loads(slack_text(json.dumps(env).encode()))["text"]
+    assert text == "request.completed: openai m status 200 in 1.87 ms (request r1)"

@@ -101,10 +101,15 @@ def _shown(text: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
+#: C0 and C1 control characters: stored values (a user id sent with `ESC [2J`) are shown escaped,
+#: never written to the terminal raw (unicode check: `alerts list` cleared the screen).
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
 def _listing(rows: Sequence[T], line: Callable[[T], str], empty: str) -> None:
     """One line per row on stdout, or `empty` on stderr (a script reading stdout sees nothing)."""
     for row in rows:
-        click.echo(line(row))
+        click.echo(line(row).translate(_CONTROLS))
     if not rows:
         click.echo(empty, err=True)
 

@@ -204,9 +204,14 @@ def slack_text(payload: bytes) -> bytes:
     else:
         line = (
             f"{event}: {data.get('provider')} {data.get('model')} status {data.get('status')}"
-            f" in {data.get('latency_ms')} ms (request {data.get('id')})"
+            f" in {_ms(data.get('latency_ms'))} ms (request {data.get('id')})"
         )
     return _encoder.encode({"text": line})
+
+
+def _ms(v: Any) -> Any:
+    """A latency as people read it (`1.87`, not `1.8745400000170775`)."""
+    return round(v, 2) if isinstance(v, float) else v
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
