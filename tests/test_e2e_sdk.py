@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anthropic
 import openai
@@ -472,6 +473,31 @@ def test_openai_tool_calls(stack: Stack, stream: bool) -> None:
         response_body=body if stream else received_json(raw),
         tokens=record_usage("openai", kw, {}),
     )
+
+
+def test_non_ascii_ids_and_properties_travel_from_the_sdks_percent_encoded(stack: Stack) -> None:
+    """The SDKs refuse header values that are not ASCII (`UnicodeEncodeError`), so a user named
+    José or a property in Japanese could not be set at all (unicode check): an RFC 8187
+    ext-value (`UTF-8''` and percent-encoded UTF-8) is decoded; anything else is kept as sent."""
+    user, session, feature = "José Müller", "セッション-1", "검색 🔎"
+    h = stack.mark(
+        **{
+            "Llmtap-User-Id": "UTF-8''" + quote(user),
+            "Llmtap-Session-Id": "utf-8''" + quote(session),
+            "Llmtap-Property-Feature": "UTF-8''" + quote(feature),
+            "Llmtap-Property-Literal": "100%25 sure",  # no prefix: as sent
+            "Llmtap-Property-Broken": "UTF-8''%ff%fe",  # not UTF-8: as sent
+        }
+    )
+    raw = stack.oa.chat.completions.with_raw_response.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], extra_headers=h
+    )
+    rec = stack.record(raw.headers["llmtap-request-id"])
+    assert (rec["user_id"], rec["session_id"]) == (user, session)
+    assert rec["properties"]["feature"] == feature
+    assert rec["properties"]["literal"] == "100%25 sure"
+    assert rec["properties"]["broken"] == "UTF-8''%ff%fe"
+    assert [r["id"] for r in list_records(stack.api, user_id=user)] == [rec["id"]]
 
 
 def test_openai_embeddings(stack: Stack) -> None:

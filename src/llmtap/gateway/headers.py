@@ -14,6 +14,7 @@ Three decisions live here:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from urllib.parse import unquote
 
 from llmtap.redact import is_secret_name, is_secret_value
 
@@ -159,11 +160,11 @@ class LlmtapHeaders:
                 # property must not split into two by client.
                 prop = lname[len(PROPERTY_PREFIX) :]
                 if prop:
-                    self.properties[prop] = value
+                    self.properties[prop] = _ext_value(value)
             elif lname == "llmtap-user-id":
-                self.user_id = value or None
+                self.user_id = _ext_value(value) or None
             elif lname == "llmtap-session-id":
-                self.session_id = value or None
+                self.session_id = _ext_value(value) or None
             # Said twice (a front proxy's and the client's, or `true, false`): any yes is a yes;
             # the last one won, so a client could undo its proxy's omission.
             elif lname == "llmtap-omit-request":
@@ -173,6 +174,19 @@ class LlmtapHeaders:
 
 
 _OMITS = frozenset(("llmtap-omit-request", "llmtap-omit-response"))
+
+
+def _ext_value(value: str) -> str:
+    """`UTF-8''Jos%C3%A9` as `José` (RFC 8187's ext-value): the OpenAI, Anthropic and Google
+    SDKs send header values as ASCII only, so a user id, session id or property value in any
+    other script can only travel percent-encoded. Anything else, or bytes that do not decode
+    as UTF-8, is kept as sent."""
+    if value[:7].lower() != "utf-8''":
+        return value
+    try:
+        return unquote(value[7:], errors="strict")
+    except UnicodeDecodeError:
+        return value
 
 
 def _truthy(value: str) -> bool:
