@@ -969,3 +969,17 @@ async def test_restarts_while_the_store_hangs_never_dead_letter_a_good_record(
     hang.release.set()
     await until(lambda: env.rows()[0] == 1, 60, what="the record stored")
     assert (await env.producer.status()).dead_letters == 0 and w.stats.dead_lettered == 0
+
+
+def test_a_lone_surrogate_escape_is_named_as_such_not_as_truncated_input() -> None:
+    """msgspec says "Input data was truncated" for `"\\ud800"` at a string's end: a dead letter's
+    reason sent its reader looking for a cut message (unicode check)."""
+    from llmtap.record import RecordError, decode
+
+    with pytest.raises(RecordError) as e:
+        decode(b'{"v":1,"error":"err\\u0000\\ud800"}')
+    assert str(e.value) == (
+        "not a JSON log record: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
+    )
+    with pytest.raises(RecordError, match=r"^not a JSON log record: Input data was truncated$"):
+        decode(b'{"v":1,"error":"cut')

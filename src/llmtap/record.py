@@ -262,7 +262,7 @@ def decode(data: bytes) -> LogRecord:
     except msgspec.ValidationError as e:
         raise RecordError(_invalid(data, e)) from None
     except Exception as e:
-        raise RecordError(_unreadable(e)) from None
+        raise RecordError(_unreadable(e, data)) from None
 
 
 def _invalid(data: bytes, e: msgspec.ValidationError) -> str:
@@ -286,12 +286,18 @@ def _invalid(data: bytes, e: msgspec.ValidationError) -> str:
     return f"invalid record: {text}"
 
 
-def _unreadable(e: Exception) -> str:
+_LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _unreadable(e: Exception, data: bytes) -> str:
     if isinstance(e, UnicodeError):
         return "not a JSON log record: not valid UTF-8"
     if isinstance(e, RecursionError):
         return "not a JSON log record: nested too deeply"
     if isinstance(e, msgspec.DecodeError):
+        if str(e) == "Input data was truncated" and _LONE_SURROGATE_ESCAPE.search(data):
+            # msgspec's words for a lone surrogate escape at a string's end (unicode check)
+            return "not a JSON log record: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
         return f"not a JSON log record: {e}"
     return f"not a JSON log record: {type(e).__name__}: {str(e)[:200]}"
 
@@ -305,7 +311,7 @@ def decode_many(data: bytes) -> list[LogRecord]:
     except msgspec.ValidationError as e:
         raise RecordError(_invalid(b"{}", e).replace("invalid record", "invalid record batch", 1)) from None
     except Exception as e:
-        raise RecordError(_unreadable(e)) from None
+        raise RecordError(_unreadable(e, data)) from None
 
 
 # -- body helpers ------------------------------------------------------------------------------
