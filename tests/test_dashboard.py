@@ -1939,6 +1939,7 @@ async def test_a_keyboard_reaches_every_request_and_the_drawer_hands_the_focus_b
     await pg.keyboard.press("Enter")
     await pg.wait_for_function(f"() => ({active})().id === 'drawer-title'", timeout=WAIT)
     assert await pg.get_attribute("#drawer", "role") == "dialog"
+    assert (await pg.title()).startswith("llmtap · Request ")  # the open request, in the tab's name
     await pg.keyboard.press("Tab")  # on into the detail, not back to the page
     assert await pg.evaluate(f"document.getElementById('drawer').contains(({active})())")
     await pg.keyboard.press("Escape")
@@ -1947,6 +1948,7 @@ async def test_a_keyboard_reaches_every_request_and_the_drawer_hands_the_focus_b
         f" && ({active})() === document.querySelector('{first}')",
         timeout=WAIT,
     )
+    assert await pg.title() == "llmtap · Requests"
     # J reaches the second request; Esc gives the focus to its row, not the one it began from.
     for rid in ids[:2]:
         await pg.keyboard.press("j")

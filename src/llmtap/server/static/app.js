@@ -240,6 +240,7 @@ let cleanup = [];
 function onLeave(fn) { cleanup.push(fn); }
 
 let lastRoute = null;
+let viewTitle = "llmtap"; // the page's title while no request is open in the drawer
 
 // Scroll: a navigation made on the page (a link, Apply, a key) opens the next view at its top;
 // Back and Forward return to where that view was left. (The browser's own restoration runs
@@ -271,7 +272,8 @@ async function route() {
   banner.hidden = true;
   const views = { requests: viewRequests, overview: viewOverview, sessions: viewSessions, users: viewUsers, live: viewLive, pipeline: viewPipeline };
   const fn = views[view] || viewNotFound;
-  document.title = "llmtap · " + (views[view] ? view[0].toUpperCase() + view.slice(1) + (id && view === "sessions" ? " " + id : "") : "No such page");
+  viewTitle = "llmtap · " + (views[view] ? view[0].toUpperCase() + view.slice(1) + (id && view === "sessions" ? " " + id : "") : "No such page");
+  document.title = viewTitle;
   // Until the view draws: a neutral "Loading…", never the previous view (its data, or its empty
   // state read as this view's answer). A view with a filter bar replaces it at once with its own.
   render(h("p", { class: "muted", id: "pending" }, "Loading…"));
@@ -625,6 +627,7 @@ function closeDrawer(navigate = true) {
   const had = drawer.contains(document.activeElement) || !document.activeElement || document.activeElement === document.body;
   const id = drawerState && drawerState.id;
   drawer.hidden = true;
+  document.title = viewTitle;
   coverPage(false);
   clear(drawer);
   if (had) {
@@ -665,6 +668,7 @@ async function openDrawer(id, params, view) {
   if (!drawerState || drawerState.id !== id) return;
   fill(drawer, ...detailView(row, params, view));
   drawer.scrollTop = 0;
+  document.title = `llmtap · Request ${row.model || row.id} (${fmtTimeUtc(row.created_at)})`;
   // The focus goes to the request's heading: Tab goes on into its detail, Esc closes it.
   const heading = drawer.querySelector(".dhead h2");
   if (heading) { heading.setAttribute("tabindex", "-1"); heading.focus({ preventScroll: true }); }
