@@ -608,3 +608,22 @@ def test_a_json_answer_only_a_lenient_parser_reads_keeps_its_usage_and_model() -
         assert rec.model == "gpt-4o-mini"  # (the built-in route's: the model asked for)
         assert (rec.usage.source, rec.usage.prompt_tokens, rec.usage.completion_tokens) == ("provider", 11, 7)
         assert body_bytes(rec.response_body) == body  # stored as it came
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        pytest.param(lambda b: b"\xef\xbb\xbf" + b, id="utf-8-with-a-byte-order-mark"),
+        pytest.param(lambda b: b.decode().encode("utf-16"), id="utf-16"),
+    ],
+)
+def test_a_json_request_with_a_bom_or_in_utf_16_names_its_model(encode: Any) -> None:
+    """Python's json (RFC 8259 §8.1) reads both; orjson refused them: no model, no price."""
+    request = encode(b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}')
+    cap = capture(b'{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}')
+    cap.streamed = False
+    cap.response_headers = [("Content-Type", "application/json")]
+    cap.request_body, cap.request_size = request, len(request)
+    rec = RecordBuilder(inline_body_bytes=INLINE, gateway="gw").build(cap)
+    assert rec.model == "gpt-4o-mini"
+    assert body_bytes(rec.request_body) == request  # stored as it came

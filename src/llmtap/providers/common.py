@@ -18,7 +18,8 @@ def loads(data: bytes | str) -> Any:
     """JSON as the client's own parser reads it: orjson first; what it refuses but Python's
     `json` and JavaScript's `JSON.parse` take (a lone surrogate escape such as `\\ud83d`, a
     byte that is not UTF-8 inside a string) is read leniently, with U+FFFD in place of what
-    cannot be text. Raises `orjson.JSONDecodeError` when the data is not JSON at all.
+    cannot be text; a body with a byte-order mark, or in UTF-16, as JSON too. Raises
+    `orjson.JSONDecodeError` when the data is not JSON at all.
 
     An upstream that splits an emoji's surrogate pair over two stream events, or answers one
     bad byte, must not cost a record its usage, its model or its reassembled message."""
@@ -27,8 +28,10 @@ def loads(data: bytes | str) -> Any:
     except orjson.JSONDecodeError:
         pass
     try:
-        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-        obj = json.loads(text)
+        try:
+            obj = json.loads(data)  # bytes: a BOM, UTF-16 and UTF-32 are recognised (RFC 8259 §8.1)
+        except UnicodeDecodeError:
+            obj = json.loads(data.decode("utf-8", "replace") if isinstance(data, bytes) else data)
     except (ValueError, RecursionError):
         raise orjson.JSONDecodeError("not JSON", "", 0) from None
     return _scrub(obj)
