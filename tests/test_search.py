@@ -289,6 +289,20 @@ def test_a_reassembled_stream_is_indexed_once_from_its_response() -> None:
     assert record_text(r) == "the quick brown"
 
 
+def test_json_only_a_lenient_parser_reads_is_indexed_as_its_text() -> None:
+    """A body with a byte-order mark, a lone surrogate escape or a byte that is not UTF-8 was
+    indexed as raw JSON text, its `\\u` escapes undecoded: `q=` missed what the page showed."""
+    from llmtap.store.search import body_text
+
+    for data in (
+        b'\xef\xbb\xbf{"messages": [{"content": "\\u65e5\\u672c red"}]}',
+        b'{"messages": [{"content": "\\u65e5\\u672c red \\ud83d"}]}',
+        b'{"messages": [{"content": "\\u65e5\\u672c red \xff"}]}',
+    ):
+        text = body_text(Body(content_type="application/json", size=len(data), data=data), data)
+        assert text.startswith("\u65e5\u672c red"), (data, text)
+
+
 async def test_sqlite_search_index_merges_16_segments_at_a_time_after_migrating(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

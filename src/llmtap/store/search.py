@@ -30,6 +30,7 @@ import orjson
 import zstandard
 
 from llmtap.providers import provider_for
+from llmtap.providers.common import loads
 from llmtap.record import Body, LogRecord, declared_charset, decompress
 from llmtap.store.sql import clean
 
@@ -95,7 +96,7 @@ def body_text(body: Body, raw: bytes, pick: Callable[[Any], Any] | None = None) 
             if not line.startswith(b"data:"):
                 continue
             try:
-                event = orjson.loads(line[5:])
+                event = loads(line[5:])
             except orjson.JSONDecodeError:
                 continue
             found = list(_deltas(event))
@@ -104,7 +105,7 @@ def body_text(body: Body, raw: bytes, pick: Callable[[Any], Any] | None = None) 
                 other.append("\n".join(_strings(event)))
         return "".join(pieces) + ("\n" + "\n".join(other) if other else "")
     try:
-        obj = orjson.loads(data)
+        obj = loads(data)
     except orjson.JSONDecodeError:
         return _text(data, body.content_type)
     return "\n".join(_strings(obj if pick is None else pick(obj)))
