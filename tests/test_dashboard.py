@@ -926,9 +926,14 @@ async def test_multi_tenant_sign_in_shows_one_tenants_data(
             await pg.click("nav a[data-view=pipeline]")
             await pg.wait_for_selector("#partitions, main p.muted", timeout=WAIT)
             await pg.wait_for_selector("text=in multi-tenant mode list and replay them", timeout=WAIT)
-            # Signing out forgets the key: the next view asks again.
+            # Signing out forgets the key: the next view asks again, and the request open beside
+            # the view goes with it (it stayed on screen, the tenant's bodies and all).
+            await pg.goto(f"{s.base}/#/requests/{a[0].id}?range=all")
+            await pg.wait_for_selector("#drawer .dhead h2", timeout=WAIT)
             await pg.click("#signout")
             await pg.wait_for_selector("#signin[open]", timeout=WAIT)
+            assert await pg.locator("#drawer").is_hidden()
+            assert await pg.locator("#drawer *").count() == 0
             assert await pg.evaluate("sessionStorage.getItem('llmtap-key')") is None
             # The failed sign-in's 401 is the only console error a browser logs by itself.
             w.errors = [e for e in w.errors if "401" not in e]
@@ -2053,6 +2058,44 @@ async def test_a_refused_key_is_forgotten_and_escape_leaves_a_way_to_sign_in(
             assert await pg.locator("#tenant").text_content() == ""
             assert await pg.locator("#signout").is_hidden()
             w.errors = [e for e in w.errors if "401" not in e]  # the refused calls
+            w.check()
+        finally:
+            await ctx.close()
+
+
+async def test_a_late_401_for_an_earlier_key_does_not_sign_out_the_key_in_use(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The overview's slow call made with a stale key answered 401 after the user had signed in
+    with a good one: the good key was deleted and the dialog said it was refused (review)."""
+    async for s in _server(tmp_path_factory.mktemp("mt-late"), multi_tenant=True, ingest_token="gw-token"):
+        await s.ingest(dd.dataset(10, tenant="tenant-a", seed=5))
+        _, key = await keys.create_key(s.svc.store, "tenant-a", "dash")
+        ctx, pg, w = await open_page(browser, s.base)
+        signed_in = asyncio.Event()
+
+        async def hold_stale(route: Any) -> None:
+            if route.request.headers.get("authorization") == "Bearer llmtap_stale":
+                await signed_in.wait()  # noqa: B023  (one server, one event) answered once the good key is in use
+            await route.continue_()
+
+        try:
+            await pg.context.add_init_script("sessionStorage.setItem('llmtap-key', 'llmtap_stale')")
+            await pg.route("**/api/v1/stats?*group_by=user_id*", hold_stale)
+            await pg.goto(s.base + "/#/overview?range=7d")
+            await pg.wait_for_selector("#signin[open]", timeout=WAIT)  # the fast calls' 401
+            await pg.fill("#signin-key", key)
+            await pg.keyboard.press("Enter")
+            await pg.wait_for_selector(".chart canvas", timeout=WAIT)
+            async with pg.expect_response(
+                lambda r: "group_by=user_id" in r.url and r.status == 401, timeout=WAIT
+            ):
+                signed_in.set()
+            await pg.evaluate("new Promise(r => requestAnimationFrame(() => setTimeout(r, 0)))")
+            assert await pg.evaluate("sessionStorage.getItem('llmtap-key')") == key
+            assert not await pg.evaluate("document.getElementById('signin').open")
+            await pg.wait_for_selector("[data-top=user_id] table", timeout=WAIT)  # the good key's
+            w.errors = [e for e in w.errors if "401" not in e]
             w.check()
         finally:
             await ctx.close()

@@ -804,3 +804,39 @@ def test_an_aggregators_billed_cost_is_the_cost() -> None:
         assert priced({**base, "cost": odd}).cost_nanos == table, odd
     assert priced({**base, "cost": 0.1, "is_byok": True}).cost_nanos == table  # fee without the rest
     assert priced({**base, "cost": 0}).cost_nanos == 0  # a free model
+
+
+def test_an_anthropic_stream_with_an_emoji_split_over_two_deltas_keeps_the_emoji() -> None:
+    """The halves of a surrogate pair in two `text_delta`s: each event alone is JSON only a
+    lenient parser reads; joined, they are the emoji the client's SDK shows (review)."""
+
+    def delta(text: bytes) -> bytes:
+        return (
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"text_delta","text":"' + text + b'"}}\n\n'
+        )
+
+    raw = anthropic_stream({"output_tokens": 5})
+    cut = raw.index(b"event: content_block_stop")
+    raw = raw[:cut] + delta(b"a \\ud83d") + delta(b"\\ude00 b") + raw[cut:]
+    res = anthropic.reassemble_stream(raw)
+    assert res is not None
+    assert res.message["content"][0]["thinking"].endswith("a \U0001f600 b"), res.message["content"]
+
+
+def test_bodies_only_a_lenient_parse_reads_are_sent_on_unchanged_and_never_raise() -> None:
+    """The stream-usage rewrite parsed such a request leniently and sent it re-encoded (`NaN`
+    as null, a lone surrogate as U+FFFD); a refusal's 700-deep body raised RecursionError from
+    the scrub (a 500 and no record, review)."""
+    from llmtap.providers.common import loads
+    from llmtap.providers.openai import inject_stream_usage, refuses_stream_options
+
+    for body in (
+        b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi \\ud83d"}]}',
+        b'{"model":"m","stream":true,"temperature":NaN}',
+        b'{"model":"m","stream":true,"messages":[{"role":"user","content":"\xff\xfe"}]}',
+    ):
+        assert inject_stream_usage(body) is None  # sent as the client wrote it
+    deep = b'{"error":' * 700 + b'"stream_options \\ud83d"' + b"}" * 700
+    assert refuses_stream_options(deep) in (True, False)
+    assert isinstance(loads(b'{"a":' * 900 + b'"\\ud83d"' + b"}" * 900), dict)

@@ -483,5 +483,5 @@ def test_listings_write_stored_control_characters_escaped(capsys: pytest.Capture
     `llmtap alerts list` (unicode check): escape sequences run by whoever reads the listing."""
     from llmtap import cli
 
-    cli._listing(["FIRING for evil\x1b[2J\x9b2J\x85 日本 🙂"], lambda row: row, "none")
-    assert capsys.readouterr().out == "FIRING for evil\\x1b[2J\\x9b2J\\x85 日本 🙂\n"
+    cli._listing(["FIRING for evil\x1b[2J\x9b2J\x85 日本 🙂 \u202egnp.exe"], lambda row: row, "none")
+    assert capsys.readouterr().out == "FIRING for evil\\x1b[2J\\x9b2J\\x85 日本 🙂 \\u202egnp.exe\n"

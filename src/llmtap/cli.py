@@ -101,9 +101,13 @@ def _shown(text: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-#: C0 and C1 control characters: stored values (a user id sent with `ESC [2J`) are shown escaped,
+#: C0 and C1 control characters and the bidirectional overrides and isolates: stored values (a
+#: user id sent with `ESC [2J`, or U+202E reversing the rest of the line) are shown escaped,
 #: never written to the terminal raw (unicode check: `alerts list` cleared the screen).
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))},
+    **{c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))},
+}
 
 
 def _listing(rows: Sequence[T], line: Callable[[T], str], empty: str) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from llmtap.providers.base import Provider
-from llmtap.providers.common import after_last_reply, error_message, loads, role_is, token_count
+from llmtap.providers.common import after_last_reply, error_message, loads, role_is, scrub_stream, token_count
 from llmtap.providers.sse import StreamResult, edge_events, iter_events
 from llmtap.record import Usage
 
@@ -80,6 +80,12 @@ def usage_from_body(body: Any) -> Usage:
 
 
 def reassemble_stream(raw: bytes) -> StreamResult | None:
+    """`_reassemble`, its text scrubbed: events are read keeping lone surrogates, so an emoji
+    split over two deltas is whole again once they are joined (`common.loads`)."""
+    return scrub_stream(_reassemble(raw), raw)
+
+
+def _reassemble(raw: bytes) -> StreamResult | None:
     """Rebuild the `message` a Messages stream stands for; None if `raw` holds no JSON events.
 
     Text, thinking and tool-use blocks are assembled from their deltas (tool `input` parsed from
@@ -96,7 +102,7 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
 
     for event, data in iter_events(raw):
         try:
-            obj = loads(data)
+            obj = loads(data, keep_surrogates=True)
         except orjson.JSONDecodeError:
             continue
         if not isinstance(obj, dict):

@@ -10,23 +10,35 @@ from typing import Any
 import orjson
 
 from llmtap.limits import MAX_TOKENS
+from llmtap.providers.sse import StreamResult
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: What orjson says of JSON it refuses that Python's `json` and `JSON.parse` read: a lone
+#: surrogate escape, a byte that is not UTF-8, a byte-order mark (UTF-16 reads as "not UTF-8").
+#: Anything else (a body cut short, NaN, HTML) is refused as before: a lenient second parse of
+#: a 10 MB cut answer would cost the gateway's loop a second for nothing (review).
+_LENIENT = ("surrogate", "UTF-8", "byte order mark")
+#: Python's parser takes ~25x orjson's time (1 s for 10 MB of numbers) on the gateway's event
+#: loop: above this, such a body is not read as JSON (its record keeps the bytes, as before).
+_LENIENT_MAX = 1024 * 1024
 
 
-def loads(data: bytes | str) -> Any:
-    """JSON as the client's own parser reads it: orjson first; what it refuses but Python's
-    `json` and JavaScript's `JSON.parse` take (a lone surrogate escape such as `\\ud83d`, a
-    byte that is not UTF-8 inside a string) is read leniently, with U+FFFD in place of what
-    cannot be text; a body with a byte-order mark, or in UTF-16, as JSON too. Raises
-    `orjson.JSONDecodeError` when the data is not JSON at all.
+def loads(data: bytes | str, *, keep_surrogates: bool = False) -> Any:
+    """JSON as the client's own parser reads it: orjson first; what it refuses only for its
+    text (a lone surrogate escape such as `\\ud83d`, a byte that is not UTF-8, a byte-order
+    mark, UTF-16) is read by Python's `json`, with U+FFFD in place of what cannot be text.
+    Raises `orjson.JSONDecodeError` when orjson refused it for anything else.
 
-    An upstream that splits an emoji's surrogate pair over two stream events, or answers one
-    bad byte, must not cost a record its usage, its model or its reassembled message."""
+    An upstream that sends one bad byte, or an emoji's surrogate pair split over two stream
+    events, must not cost a record its usage, model or message. `keep_surrogates` leaves lone
+    surrogates in place for a reassembler, which joins the events' text and then `scrub`s it
+    (so the two halves become the emoji again). Never for bodies sent on: this parse is not
+    byte-faithful (the gateway forwards what it cannot parse strictly unchanged)."""
     try:
         return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        pass
+    except orjson.JSONDecodeError as e:
+        if len(data) > _LENIENT_MAX or not any(word in str(e) for word in _LENIENT):
+            raise
     try:
         try:
             obj = json.loads(data)  # bytes: a BOM, UTF-16 and UTF-32 are recognised (RFC 8259 §8.1)
@@ -34,18 +46,51 @@ def loads(data: bytes | str) -> Any:
             obj = json.loads(data.decode("utf-8", "replace") if isinstance(data, bytes) else data)
     except (ValueError, RecursionError):
         raise orjson.JSONDecodeError("not JSON", "", 0) from None
-    return _scrub(obj)
+    return obj if keep_surrogates else scrub(obj)
 
 
-def _scrub(v: Any) -> Any:
-    """Lone surrogates (which no store or encoder takes) as U+FFFD, in keys and values."""
-    if isinstance(v, str):
-        return _LONE_SURROGATE.sub("\ufffd", v)
-    if isinstance(v, list):
-        return [_scrub(x) for x in v]
-    if isinstance(v, dict):
-        return {_scrub(k): _scrub(x) for k, x in v.items()}
-    return v
+def _fixed(text: str) -> str:
+    """Surrogate pairs joined, lone surrogates (which no store or encoder takes) as U+FFFD."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def scrub(obj: Any) -> Any:
+    """`obj` with every string `_fixed`, keys too; lists and dicts in place. A loop, not
+    recursion: JSON nested as deep as a parser reads it must not raise here (review)."""
+    if isinstance(obj, str):
+        return _fixed(obj)
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, list):
+            for i, v in enumerate(x):
+                if isinstance(v, str):
+                    x[i] = _fixed(v)
+                elif isinstance(v, list | dict):
+                    stack.append(v)
+        elif isinstance(x, dict):
+            for k, v in list(x.items()):
+                if isinstance(v, str):
+                    x[k] = v = _fixed(v)
+                elif isinstance(v, list | dict):
+                    stack.append(v)
+                if isinstance(k, str) and _SURROGATE.search(k):
+                    del x[k]
+                    x[_fixed(k)] = v
+    return obj
+
+
+def scrub_stream(result: StreamResult | None, raw: bytes) -> StreamResult | None:
+    """A reassembled stream's `StreamResult` with its text `scrub`bed when the events held a
+    `\\uD8xx`-style escape (a byte test first: streams without one pay nothing)."""
+    if result is None or (b"\\ud" not in raw and b"\\uD" not in raw):
+        return result
+    result.message = scrub(result.message)
+    result.model = scrub(result.model) if isinstance(result.model, str) else result.model
+    result.error = scrub(result.error) if isinstance(result.error, str) else result.error
+    return result
 
 
 def error_message(body: Any) -> str | None:

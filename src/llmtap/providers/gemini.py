@@ -23,7 +23,7 @@ from urllib.parse import unquote
 import orjson
 
 from llmtap.providers.base import Provider, response_model
-from llmtap.providers.common import after_last_reply, error_message, loads, role_is, token_count
+from llmtap.providers.common import after_last_reply, error_message, loads, role_is, scrub_stream, token_count
 from llmtap.providers.sse import StreamResult, edge_events, iter_events
 from llmtap.record import Usage
 
@@ -116,6 +116,12 @@ def _merge_part(parts: list[dict[str, Any]], part: dict[str, Any]) -> None:
 
 
 def reassemble_stream(raw: bytes) -> StreamResult | None:
+    """`_reassemble`, its text scrubbed: events are read keeping lone surrogates, so an emoji
+    split over two deltas is whole again once they are joined (`common.loads`)."""
+    return scrub_stream(_reassemble(raw), raw)
+
+
+def _reassemble(raw: bytes) -> StreamResult | None:
     """Rebuild the `GenerateContentResponse` a `streamGenerateContent?alt=sse` stream stands for.
 
     Each event is a partial response: parts are appended per candidate (text joined), the last
@@ -129,7 +135,7 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
     seen = complete = False
     for _, data in iter_events(raw):
         try:
-            obj = loads(data)
+            obj = loads(data, keep_surrogates=True)
         except orjson.JSONDecodeError:
             continue
         if not isinstance(obj, dict):

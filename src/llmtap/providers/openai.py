@@ -21,7 +21,7 @@ import msgspec
 import orjson
 
 from llmtap.providers.base import Provider, StreamFilter, response_model
-from llmtap.providers.common import after_last_reply, error_message, loads, role_is, token_count
+from llmtap.providers.common import after_last_reply, error_message, loads, role_is, scrub_stream, token_count
 from llmtap.providers.sse import StreamResult, data_payloads, event_bounds, last_boundary
 from llmtap.record import Usage
 
@@ -369,14 +369,14 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
             s.typed(chunk, chunk.choices)
             continue
         try:
-            obj = loads(data)
+            obj = loads(data, keep_surrogates=True)  # joined with the next event's, then scrubbed
         except orjson.JSONDecodeError:
             continue
         s.seen = True
         if isinstance(obj, dict):
             s.generic(obj)
 
-    return _result(s)
+    return scrub_stream(_result(s), raw)
 
 
 _DONE = b"data: [DONE]\n\n"
@@ -543,7 +543,7 @@ def inject_stream_usage(body: bytes) -> bytes | None:
     if b'"stream"' not in body:
         return None
     try:
-        obj = loads(body)
+        obj = orjson.loads(body)  # strict: a body only a lenient parse reads is sent unchanged
     except orjson.JSONDecodeError:
         return None
     except RecursionError:  # nested deeper than the parser goes: the upstream's to judge
@@ -581,8 +581,8 @@ def refuses_stream_options(body: bytes) -> bool:
     if b"stream_options" not in body:
         return False
     try:
-        found = loads(body)
-    except orjson.JSONDecodeError:
+        found = orjson.loads(body)
+    except (orjson.JSONDecodeError, RecursionError):  # (a refusal's text, or deeper than JSON goes)
         return True  # a text error naming the field
     stack: list[Any] = [found]
     while stack:

@@ -166,8 +166,9 @@ function authHeaders() {
 }
 
 async function api(path, opts = {}) {
+  const used = sessionStorage.getItem(KEY);
   const resp = await fetch(path, { ...opts, headers: { ...authHeaders(), ...(opts.headers || {}) } });
-  if (resp.status === 401) { askKey(); throw new ApiError(401, "sign in required"); }
+  if (resp.status === 401) { askKey(undefined, used); throw new ApiError(401, "sign in required"); }
   const ctype = resp.headers.get("content-type") || "";
   const body = ctype.includes("json") ? await resp.json() : await resp.text();
   if (!resp.ok) throw new ApiError(resp.status, (body && body.error && body.error.message) || String(resp.status));
@@ -177,9 +178,13 @@ async function api(path, opts = {}) {
 // -- sign-in -------------------------------------------------------------------------------------
 
 const signin = document.getElementById("signin");
-function askKey(message) {
+function askKey(message, used) {
+  const now = sessionStorage.getItem(KEY);
+  // A call made with an earlier key (the overview's slow stats, answered after a new sign-in):
+  // its 401 says nothing of the key in use now, which must not be forgotten for it (review).
+  if (used !== undefined && now && used !== now) return;
   // A key the server refused is forgotten at once: kept, the header said "signed in" with it.
-  const refused = !!sessionStorage.getItem(KEY);
+  const refused = !!now;
   if (refused) { sessionStorage.removeItem(KEY); updateAuth(); }
   const said = message || (refused ? "That key was refused." : null);
   // (A view's other calls answer 401 too, after the key is gone: they leave the message be.)
@@ -206,6 +211,7 @@ document.getElementById("signin-form").addEventListener("submit", () => {
 document.getElementById("signout").addEventListener("click", () => {
   sessionStorage.removeItem(KEY);
   updateAuth();
+  closeDrawer(false);  // the tenant's request open beside the view goes with it (review)
   clear(main);
   askKey();
 });
@@ -1533,9 +1539,10 @@ async function tail(q, signal, { receive, showStatus }) {
     let why;
     try {
       heard();
+      const used = sessionStorage.getItem(KEY);
       const resp = await fetch("api/v1/requests/stream?" + q, { headers: authHeaders(), signal: attempt.signal });
       if (resp.status === 401) {
-        if (!refused) askKey();
+        if (!refused) askKey(undefined, used);
         refused = true;
         throw new Error("sign-in required: the server refused the key");
       }
