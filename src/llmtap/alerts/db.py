@@ -7,9 +7,9 @@ the rule x group row — `firing` only from not-firing (`_fire`), `resolved` onl
 (`_clear`) — in the transaction that writes the events into the outbox (one per evaluation,
 its rows taken in key order). PostgreSQL's row lock (an UPDATE waits for a concurrent one, then
 re-checks its WHERE) and SQLite's single writer make the second of two racing evaluators change
-nothing and write nothing. A delivery's id
-is derived from (endpoint, event, rule, group, episode) as well, so even a repeated insert is a
-no-op: a receiver sees each firing and each resolution once, under one `webhook-id`.
+nothing and write nothing. A delivery's id is derived from (endpoint, event, rule, group,
+episode, its firing time) as well, so even a repeated insert is a no-op: a receiver sees each
+firing and each resolution once, under one `webhook-id`, never reused for another firing.
 """
 
 from __future__ import annotations
@@ -278,12 +278,16 @@ class AlertDB:
         """The event to each enabled endpoint of the tenant that subscribes to it (filters and
         sampling are about requests: they do not apply)."""
         subject = f"{rule.id}{' ' + key if key else ''} #{episode}"
+        # The episode's firing time as well: a store restored from an older backup counts
+        # episodes again from an earlier one, and a receiver that drops ids it has seen must
+        # not drop a new firing for it (restore check).
+        fired = data.get("fired_at", "")
         body = envelope(event, iso_us(now_us), data)
         for ep in endpoints:
             if event not in ep.events:
                 continue
             d = NewDelivery(
-                delivery_id(ep.id, event, rule.tenant, f"{rule.id}\x00{key}\x00{episode}"),
+                delivery_id(ep.id, event, rule.tenant, f"{rule.id}\x00{key}\x00{episode}\x00{fired}"),
                 ep.id, rule.tenant, event, subject, body, now_us,
             )  # fmt: skip
             await c.execute(INSERT_DELIVERY, *delivery_params(d))
