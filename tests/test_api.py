@@ -509,6 +509,8 @@ async def test_ingest_rejects_bad_input_with_reasons(server: Server) -> None:
         (encode(rec(1)).replace(b'"openai"', b'"open\xffai"'), "UTF-8"),
         (encode(msgspec.structs.replace(rec(1), id="")), "length >= 1 - at `$.id`"),  # would merge
         (b'{"zzz":1,' + encode(rec(1))[1:], "unknown field `zzz` (a newer llmtap's field"),
+        # an export row posted back: no `v`, not a newer llmtap's record (restore check)
+        (b'{"id":"x","created_at":"2025-01-01T00:00:00Z"}', "not a log record: it has no `v`"),
     ):
         status, body, _ = await server.ingest(payload)
         assert status == 400, payload

@@ -278,6 +278,9 @@ def _invalid(data: bytes, e: msgspec.ValidationError) -> str:
         return f"invalid record version {str(version)[:40]!r} (this worker reads v{VERSION})"
     if type(version) is int and version != VERSION:
         return f"unknown record version {version} (this worker reads v{VERSION})"
+    if text.startswith("Object contains unknown field") and version is None:
+        # No `v` at all: not a record of any version (an export row posted back, restore check)
+        return f"invalid record: {text} (not a log record: it has no `v`; an export row is a report)"
     if text.startswith("Object contains unknown field"):
         return (
             f"invalid record: {text} (a newer llmtap's field: upgrade the workers, then "
