@@ -168,6 +168,7 @@ class Settings(BaseSettings):
     rollup_properties: str = Field(
         "",
         description="comma-separated property names rolled up for fast stats (e.g. feature,env);"
+        " properties with few values only (not an id per request or per user);"
         " every worker must use the same list",
     )
     otlp_content: bool = Field(
