@@ -315,14 +315,17 @@ async def test_a_consume_cancelled_mid_round_holds_nothing(queues: list[SQSQueue
 
     async def receive(url: str, n: int, wait: int, visibility: int) -> list[dict[str, Any]]:
         calls[0] += 1
-        if calls[0] == 3:
-            await asyncio.Event().wait()  # a receive that never answers
+        if calls[0] >= 3:
+            # Receives that never answer. (Only the 3rd did: on a busy machine the 4th to 6th
+            # were still in flight at the cancel, done at the server but not here, and their
+            # messages stayed invisible for the visibility timeout, as SQS keeps them.)
+            await asyncio.Event().wait()
         return await real(url, n, wait, visibility)
 
     q._receive = receive  # type: ignore[method-assign]
     task = asyncio.create_task(q.consume(60, 1.0))
     deadline = time.monotonic() + 60
-    while len(q._held) < 30:  # the first receive and the round's two others are in
+    while len(q._held) < 20:  # the first receive and the round's finished one are in
         assert time.monotonic() < deadline and not task.done(), len(q._held)
         await asyncio.sleep(0.05)
     task.cancel()
