@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -765,6 +766,37 @@ async def test_sqlite_batches_reach_the_database_file_from_the_checkpoint_thread
     finally:
         await store.close()
     assert rows_in_the_file() == 80  # closing checkpoints the rest
+
+
+async def test_sqlite_reads_go_on_while_others_are_slow(tmp_path: Path) -> None:
+    """A slow read (stats over raw rows: seconds at 1M rows) does not hold the others: the
+    Requests list and a stats call are answered while all reader threads but one are busy."""
+    from llmtap.store import sqlite as lite
+
+    store = lite.SQLiteStore(tmp_path / "s.db")
+    await store.connect()
+    release = threading.Event()
+    held = threading.Semaphore(0)
+
+    def slow() -> None:
+        held.release()
+        release.wait(120)
+
+    loop = asyncio.get_running_loop()
+    blockers = [asyncio.ensure_future(store._read(slow)) for _ in range(lite.READERS - 1)]
+    try:
+        assert await store.write_batch([rec(i) for i in range(5)]) == 5
+        for _ in blockers:
+            assert await loop.run_in_executor(None, held.acquire, True, 60)
+        page = await asyncio.wait_for(store.list_requests("acme", ListQuery(limit=3)), 60)
+        assert len(page.items) == 3
+        totals = await asyncio.wait_for(store.stats("acme", StatsQuery(exact=True)), 60)
+        assert totals["overall"]["count"] == 5
+    finally:
+        release.set()
+        await asyncio.gather(*blockers)
+        await store.close()
+    assert store._rconns == []  # every reader's connection closed
 
 
 async def test_sqlite_unopenable_path_is_one_sentence(tmp_path: Path) -> None:
