@@ -1116,6 +1116,15 @@ def crafted_records() -> dict[str, LogRecord]:
         "cut_body": rec(8, 0, session_id="cut-body", response_body=Body(content_type="application/json",
                         size=5_000_000, truncated=True, encoding="zstd", data=compress(CUT_REPLY))),
     }  # fmt: skip
+    # The tenant's first request, long before "last 30d"; tokens enough to fill a tile.
+    big = Usage(
+        source="provider", prompt_tokens=1_373_000_000, completion_tokens=407_465, total_tokens=1_373_407_465
+    )
+    old = rec(10, 0, usage=big)
+    ago = timedelta(days=90)
+    old.started_at, old.ended_at = old.started_at - ago, old.ended_at - ago
+    old.first_byte_at = None if old.first_byte_at is None else old.first_byte_at - ago
+    out["ancient"] = old
     lost = out["lost"]  # a body by reference, in its day's folder, that is in no body store
     name = "lost.request.0123456789abcdef01234567.zst"
     ref = f"default/{day_folder(lost.started_at)}{name}"
@@ -1153,6 +1162,33 @@ async def test_small_costs_are_written_out(crafted: tuple[Srv, dict[str, LogReco
         await pg.goto(s.base + "/#/overview?range=7d&user_id=user-0")
         tile = pg.locator(".tile", has_text="Cost").first.locator(".tvalue")
         await playwright_api.expect(tile).to_have_text("$0.0000003", timeout=WAIT)
+
+
+async def test_all_time_starts_at_the_first_request_and_big_figures_stay_on_one_line(
+    crafted: tuple[Srv, dict[str, LogRecord]], browser: Any
+) -> None:
+    """ "All time" was the last 30 days; a 13-digit token count broke over two lines."""
+    s, recs = crafted
+    first = recs["ancient"].started_at
+    everything = (await s.get("/api/v1/stats"))["overall"]
+    assert everything["first_at"].startswith(f"{first:%Y-%m-%d}")
+    async with opened_page(browser, s.base) as pg:
+        await pg.goto(s.base + "/#/overview?range=all")
+        requests = pg.locator(".tile", has_text="Requests").first.locator(".tvalue")
+        await playwright_api.expect(requests).to_have_text(f"{everything['count']:,}", timeout=WAIT)
+        hint = await pg.locator("#overview-range").text_content() or ""
+        assert hint.startswith(f"{first:%Y-%m-%d} 00:00:00 to now"), hint
+        for width in range(320, 1520, 40):
+            await pg.set_viewport_size({"width": width, "height": 900})
+            tokens = pg.locator(".tile", has_text="Tokens").first.locator(".tvalue")
+            await playwright_api.expect(tokens).to_have_text(f"{everything['total_tokens']:,}", timeout=WAIT)
+            lines = await tokens.evaluate(
+                "el => { const r = document.createRange(); r.selectNodeContents(el);"
+                " return r.getClientRects().length }"
+            )
+            box = await tokens.bounding_box()
+            tile = await pg.locator(".tile", has_text="Tokens").first.bounding_box()
+            assert lines == 1 and box and tile and box["x"] + box["width"] <= tile["x"] + tile["width"], width
 
 
 async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(

@@ -1147,7 +1147,13 @@ const TTFT_NOTE = "all requests (non-streamed: their whole latency)";
 const pair = (a, b) => [h("span", { class: "nowrap" }, a), " / ", h("span", { class: "nowrap" }, b)];
 
 function tile(label, value, sub, cls) {
-  return h("div", { class: "tile " + (cls || "") }, h("div", { class: "tlabel" }, label), h("div", { class: "tvalue" }, value), sub ? h("div", { class: "tsub" }, sub) : null);
+  // A figure never breaks mid-number ("1,373,407,46" / "5"): it stays on one line, smaller when long.
+  let vcls = "tvalue";
+  if (typeof value === "string") {
+    if (/^[-+$\d.,%]+$/.test(value)) vcls += " figure";
+    if (value.length > 11) vcls += " long";
+  }
+  return h("div", { class: "tile " + (cls || "") }, h("div", { class: "tlabel" }, label), h("div", { class: vcls }, value), sub ? h("div", { class: "tsub" }, sub) : null);
 }
 
 /** An x-axis tick in 24-hour UTC, like every time on these pages: the hour, or the day at
@@ -1203,7 +1209,12 @@ async function viewOverview(id, params) {
   const groupInput = h("label", {}, "Group by property", h("input", { name: "group", value: groupProp, placeholder: "e.g. feature", size: 12, autocomplete: "off" }));
   const bar = filterBar(params, "overview", { defaultRange, extra: [groupInput] });
   renderPending("Overview", bar);
-  const range = rangeOf(params, defaultRange);
+  let range = rangeOf(params, defaultRange);
+  if ((params.get("range") || defaultRange) === "all") {
+    // All time starts at the first request the filters match (an overall call: from rollups).
+    const first = (await api("api/v1/stats?" + apiFilters(params, defaultRange))).overall.first_at;
+    range = { since: first ? new Date(first) : new Date(Date.now() - 86400000), until: new Date() };
+  }
   const bucket = bucketFor((range.until - range.since) / 1000);
   // The range widens to whole (UTC) buckets: every bucket charted is complete at its start, and
   // bucket-aligned bounds let the store answer from its rollups (a few hundred rows instead of
