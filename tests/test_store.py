@@ -865,6 +865,28 @@ async def test_postgres_outage_is_transient_then_recovers_exactly_once() -> None
             await proxy.stop()
 
 
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_commits_are_synchronous_whatever_the_servers_default() -> None:
+    """A worker acknowledges records once their batch commits: with the server's
+    `synchronous_commit = off` (the test server's, for speed), a crash lost acknowledged ones."""
+    from llmtap.store.postgres import PostgresStore
+
+    async with pg_database() as url:
+        admin = await asyncpg.connect(url)
+        try:
+            assert await admin.fetchval("SHOW synchronous_commit") == "off"  # this server's default
+        finally:
+            await admin.close()
+        store = PostgresStore(url)
+        await store.connect()
+        try:
+            assert [r[0] for r in await store._fetch("SHOW synchronous_commit")] == ["on"]
+            assert await store.write_batch([rec(1)]) == 1
+        finally:
+            await store.close()
+
+
 async def _drop_role(role: str) -> None:
     """Drop a role a test made (after the database it owned objects in is gone)."""
     admin = await asyncpg.connect(pg_url())
