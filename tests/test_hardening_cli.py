@@ -485,3 +485,20 @@ def test_listings_write_stored_control_characters_escaped(capsys: pytest.Capture
 
     cli._listing(["FIRING for evil\x1b[2J\x9b2J\x85 日本 🙂 \u202egnp.exe"], lambda row: row, "none")
     assert capsys.readouterr().out == "FIRING for evil\\x1b[2J\\x9b2J\\x85 日本 🙂 \\u202egnp.exe\n"
+
+
+def test_looking_at_a_queue_made_with_other_partitions_says_nothing_about_them(tmp_path: Path) -> None:
+    """The server's ingest queue is made with 4 partitions: `llmtap dlq list` on it (as the
+    README says) warned "created with 4 partitions; using that, not 6" before its answer. A
+    service that publishes to it with another count is still told."""
+    env = llmtap_env(tmp_path / "data")
+    made = {**env, "LLMTAP_PARTITIONS": "4"}
+    _publish(made, b"one")
+    r = _llmtap(env, "dlq", "list", cwd=tmp_path)
+    assert r.returncode == 0 and "no dead letters" in r.stderr, r.stderr
+    assert "partitions" not in r.stderr, r.stderr
+    r = _llmtap(env, "status", cwd=tmp_path)
+    assert "partitions;" not in r.stderr, r.stderr
+    _publish(env, b"two")  # a producer with the default 6: warned, and it uses the file's 4
+    r = _llmtap(env, "status", "--json", cwd=tmp_path)
+    assert json.loads(r.stdout)["lag"] == 2

@@ -278,7 +278,9 @@ class SQLiteQueue(Queue):
                     )
                 elif int(row[0]) != self.partitions:
                     # Every process must map keys alike: the file's count wins over the setting.
-                    log.warning(
+                    # Said to the services that publish or consume, not to a command that only
+                    # looks (`llmtap dlq list` on the server's ingest queue, made with 4).
+                    (log.debug if self._role == "inspect" else log.warning)(
                         "queue %s was created with %s partitions; using that, not %s",
                         self.path,
                         row[0],
