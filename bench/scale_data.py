@@ -37,6 +37,16 @@ from llmtap.store.sqlite import _INSERT as SQLITE_INSERT_REQUEST
 from llmtap.store.sqlite import SQLiteStore
 
 PROPS = ("feature", "env")
+#: `--cardinality high`: also a rolled-up property with a value per request (a request id, a
+#: client bug or an attack) and 5,000 models (fine-tunes), against the same rows otherwise.
+HIGH_PROPS = (*PROPS, "reqid")
+HIGH_MODELS = 5000
+
+
+def props_for(high: bool) -> tuple[str, ...]:
+    return HIGH_PROPS if high else PROPS
+
+
 MODELS = [f"model-{i}" for i in range(12)] + ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4", "claude-haiku-4"]
 TENANT = "bench"
 USERS = 10_000
@@ -96,8 +106,10 @@ def day_jobs(rows: int, days: int, now_us: int) -> list[tuple[int, int, int, int
     return [(lo, hi, start, span) for lo, hi in pairwise(firsts) if hi > lo]
 
 
-def _rows(lo: int, hi: int, start: int, span: int, total: int) -> Iterator[tuple[tuple[Any, ...], str]]:
-    """(`sql.record_values`-shaped row, searchable text) for rows lo..hi-1."""
+def _rows(
+    lo: int, hi: int, start: int, span: int, total: int, high: bool = False
+) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """(`sql.record_values`-shaped row, searchable text) for rows lo..hi-1 (`high`: see `HIGH_PROPS`)."""
     r = random.Random(lo)
     headers = '{"content-type": "application/json"}'
     n_models = len(MODELS)
@@ -106,9 +118,12 @@ def _rows(lo: int, hi: int, start: int, span: int, total: int) -> Iterator[tuple
         rid = str(uuid.UUID(int=r.getrandbits(128)))
         latency = r.uniform(50, 4000)
         model = MODELS[min(int(r.expovariate(0.35)), n_models - 1)]
+        if high:
+            model = f"ft:gpt-4o-mini:acme:{r.randrange(HIGH_MODELS)}"
         status = 200 if r.random() < 0.97 else 500
         prompt, completion = r.randrange(2000), r.randrange(800)
-        props = orjson.dumps({"env": "prod" if r.random() < 0.8 else "dev", "feature": f"f{r.randrange(20)}"})
+        prop = {"env": "prod" if r.random() < 0.8 else "dev", "feature": f"f{r.randrange(20)}"}
+        props = orjson.dumps({**prop, "reqid": rid} if high else prop)
         body = f'{{"ref": "{TENANT}/{rid}.request.zst", "size": 900, "encoding": "zstd"}}'
         row = (
             TENANT, rid, created, "openai", model, "POST", "/v1/chat/completions",
@@ -122,9 +137,11 @@ def _rows(lo: int, hi: int, start: int, span: int, total: int) -> Iterator[tuple
         yield row, " ".join(r.choices(VOCAB, cum_weights=_CUM, k=WORDS_PER_ROW))
 
 
-def _cells(rows: list[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], dict[rollup.RollupKey, rollup.Cell]]:
+def _cells(
+    rows: list[tuple[Any, ...]], props: tuple[str, ...]
+) -> tuple[list[tuple[Any, ...]], dict[rollup.RollupKey, rollup.Cell]]:
     """A day's finished rollup rows, and its per-user month cells (merged across days)."""
-    deltas = rollup.contributions((rollup.source_values(row) for row in rows), PROPS)
+    deltas = rollup.contributions((rollup.source_values(row) for row in rows), props)
     months = {k: deltas.pop(k) for k in [k for k in deltas if k[1] == "month"]}
     return [cell.row(k) for k, cell in deltas.items()], months
 
@@ -198,12 +215,14 @@ def _sqlite_write(
         conn.close()
 
 
-def _day(job: tuple[str, str, int, int, int, int, int]) -> tuple[int, dict[rollup.RollupKey, rollup.Cell]]:
-    kind, target, lo, hi, start, span, total = job
-    pairs = list(_rows(lo, hi, start, span, total))
+def _day(
+    job: tuple[str, str, int, int, int, int, int, bool],
+) -> tuple[int, dict[rollup.RollupKey, rollup.Cell]]:
+    kind, target, lo, hi, start, span, total, high = job
+    pairs = list(_rows(lo, hi, start, span, total, high))
     rows = [p[0] for p in pairs]
     texts = [p[1] for p in pairs]
-    cells, months = _cells(rows)
+    cells, months = _cells(rows, props_for(high))
     if kind == "pg":
         asyncio.run(_pg_write(target, rows, texts, cells))
     else:
@@ -300,20 +319,27 @@ def months_between(lo: datetime, hi: datetime) -> set[tuple[int, int]]:
 
 
 async def load(
-    kind: str, target: str, rows: int, days: int, procs: int = 2, say: Callable[[str], None] = print
+    kind: str,
+    target: str,
+    rows: int,
+    days: int,
+    procs: int = 2,
+    say: Callable[[str], None] = print,
+    high: bool = False,
 ) -> float:
-    """Load `rows` rows over the last `days` days into an empty database; returns the seconds."""
+    """Load `rows` rows over the last `days` days into an empty database; returns the seconds.
+    `high`: with a property of a value per request and 5,000 models (`HIGH_PROPS`)."""
     now = datetime.now(UTC)
     t0 = time.perf_counter()
     # the store's own migrations, on an empty database: every dimension is rolled up from the start
     if kind == "pg":
-        pg = PostgresStore(target, rollup_properties=PROPS)
+        pg = PostgresStore(target, rollup_properties=props_for(high))
         await pg.connect()
         await pg._ensure_partitions(months_between(now - timedelta(days=days + 1), now))
         await pg.close()
         defs = await _pg_drop_indexes(target)
     else:
-        lite = SQLiteStore(target, rollup_properties=PROPS)
+        lite = SQLiteStore(target, rollup_properties=props_for(high))
         await lite.connect()
         await lite.close()
         defs = _sqlite_drop_indexes(target)
@@ -321,7 +347,7 @@ async def load(
         # checkpoints never catch up, and the WAL grew past the disk's 37 GB at 5.6M rows.
         _sqlite_journal(target, "DELETE")
     jobs = [
-        (kind, target, lo, hi, start, span, rows)
+        (kind, target, lo, hi, start, span, rows, high)
         for lo, hi, start, span in day_jobs(rows, days, to_micros(now))
     ]
     months: dict[rollup.RollupKey, rollup.Cell] = {}

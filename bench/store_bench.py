@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/store_bench.py write [--pg URL] [--records 20000] [--batch 500]
     .venv/bin/python bench/store_bench.py scale [--store sqlite|pg] [--pg URL] [--rows 1000000]
+    .venv/bin/python bench/store_bench.py cardinality [--store sqlite|pg] [--rows 300000] [--days 3]
 
 `write` times `Store.write_batch` (the worker's path: COPY + INSERT ... SELECT on PostgreSQL,
 executemany in one transaction on SQLite) with batches of realistic records, on a fresh SQLite
@@ -20,6 +21,12 @@ overview from rollups (and from raw rows with `--raw`): 30 days of totals, day b
 top models with p50/p90/p99, the same grouped by a rolled-up property, top users, 24 h by hour.
 Targets (issue 11): 30-day overview < 200 ms, by property < 300 ms, `q=` first page < 500 ms.
 
+`cardinality` loads the same N rows twice into fresh databases: as `scale` does (16 models, a
+property of 20 values), and with a rolled-up property holding a value per request and 5,000
+models (`scale_data.HIGH_PROPS`), then times the dashboard's grouped stats on both and prints
+high / low per query: what a user pays for values that never repeat. Target: no query above
+5x, and none above 1 s at 300k rows over 3 days.
+
 10M rows: `--rows 10000000 --keep` once (prints the database URL or file and the load time),
 then `--reuse URL|PATH` for every later timing run (no loading).
 
@@ -34,6 +41,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -358,14 +366,75 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+async def bench_cardinality(args: argparse.Namespace) -> dict[str, Any]:
+    kind = args.store
+    if kind == "pg" and not args.pg:
+        raise SystemExit("cardinality --store pg needs --pg or LLMTAP_TEST_POSTGRES_URL")
+    now = datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    results: dict[str, Any] = {"store": kind, "rows": args.rows, "days": args.days}
+    for level in ("low", "high"):
+        high = level == "high"
+        prop = "property.reqid" if high else "property.feature"  # the property with the most values
+        queries = {
+            f"{args.days}d whole days: by model": StatsQuery(
+                since=midnight - timedelta(days=args.days - 1), group_by="model"
+            ),
+            "7d to now: by model, hour buckets (Overview)": StatsQuery(
+                since=now - timedelta(days=7), group_by="model", bucket="hour"
+            ),
+            f"{args.days}d whole days: by busiest property": StatsQuery(
+                since=midnight - timedelta(days=args.days - 1), group_by=prop
+            ),
+            "24h to now: by busiest property": StatsQuery(since=now - timedelta(days=1), group_by=prop),
+        }
+        target = (
+            await create_db(args.pg) if kind == "pg" else tempfile.mktemp(prefix="llmtap-card-", suffix=".db")
+        )
+        try:
+            print(f"loading {args.rows:,} rows, {level} cardinality, into {kind}...", flush=True)
+            await scale_data.load(kind, target, args.rows, args.days, args.procs, lambda _: None, high)
+            props = scale_data.props_for(high)
+            store: Store = (
+                PostgresStore(target, rollup_properties=props)
+                if kind == "pg"
+                else SQLiteStore(target, rollup_properties=props)
+            )
+            await store.connect()
+            try:
+                for name, q in queries.items():
+                    got = await store.stats(TENANT, q)
+                    assert got["source"] == "rollups", (name, got["source"])
+                    results.setdefault(name, {})[level] = r = await timed(partial(store.stats, TENANT, q), 5)
+                    report(f"{level}: {name}", r)
+            finally:
+                await store.close()
+            results[f"max RSS after {level} (MB)"] = (
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+            )
+        finally:
+            if kind == "pg":
+                await drop_db(args.pg, target)
+            else:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(target + suffix).unlink(missing_ok=True)
+    print(f"\n{'query':<48} {'low ms':>9} {'high ms':>9} {'high/low':>9}")
+    for name, r in results.items():
+        if isinstance(r, dict):
+            lo, hi = r["low"]["median_ms"], r["high"]["median_ms"]
+            print(f"{name:<48} {lo:>9.1f} {hi:>9.1f} {hi / lo:>8.1f}x")
+    print(*(f"{k}: {v}" for k, v in results.items() if k.startswith("max RSS")), sep="\n")
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("write", "scale", "all"))
+    p.add_argument("what", choices=("write", "scale", "cardinality", "all"))
     p.add_argument("--pg", default=os.environ.get("LLMTAP_TEST_POSTGRES_URL"), help="PostgreSQL server URL")
     p.add_argument("--records", type=int, default=20_000, help="records for the write benchmark")
     p.add_argument("--batch", type=int, default=500)
-    p.add_argument("--rows", type=int, default=1_000_000, help="rows for the scale benchmark")
-    p.add_argument("--days", type=int, default=60, help="days the scale rows are spread over")
+    p.add_argument("--rows", type=int, help="rows for scale (1,000,000) and cardinality (300,000)")
+    p.add_argument("--days", type=int, help="days the rows are spread over (scale 60, cardinality 3)")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--keep", action="store_true", help="keep the scale database")
     p.add_argument("--store", choices=("sqlite", "pg"), default="pg", help="the store the scale rows go to")
@@ -376,11 +445,16 @@ def main() -> None:
         help="time queries on a database a --keep run loaded (PostgreSQL URL or SQLite path; no loading)",
     )
     args = p.parse_args()
+    card = args.what == "cardinality"
+    args.rows = args.rows or (300_000 if card else 1_000_000)
+    args.days = args.days or (3 if card else 60)
     out: dict[str, Any] = {}
     if args.what in ("write", "all"):
         out["write"] = asyncio.run(bench_write(args))
     if args.what in ("scale", "all"):
         out["scale"] = asyncio.run(bench_scale(args))
+    if card:
+        out["cardinality"] = asyncio.run(bench_cardinality(args))
     print(json.dumps(out, indent=2))
 
 

@@ -254,6 +254,79 @@ async def test_rollups_equal_raw_through_redelivery_and_retention(
         await compare_users(store, [*written, *late], users_sql_calls, cutoff)
 
 
+#: A range off the minute and the hour: its first partial minute (hour, for a property) is raw.
+SURGE_SINCE = T0 - timedelta(days=3, minutes=17, seconds=23, microseconds=500_000)
+
+
+def many_groups() -> list[LogRecord]:
+    """More models, statuses and property values than an answer lists (`MAX_GROUPS`), counts
+    tied around the cut, and for each dimension keys whose rows sit mostly in `SURGE_SINCE`'s
+    raw edge: few in the rollups, the most of all in the range that starts there."""
+    r = random.Random(11)
+    span = int(timedelta(days=4).total_seconds())
+    out: list[LogRecord] = []
+
+    def add(n: int, at: datetime | None = None, tenant: str = "acme", **kw: Any) -> None:
+        for _ in range(n):
+            when = at or T0 - timedelta(seconds=r.randrange(span), microseconds=r.randrange(10**6))
+            out.append(rec(len(out), id=f"g-{len(out)}", tenant=tenant, at=when, **kw))
+
+    models = [f"m-{i:03d}{'é' if i % 9 == 0 else ''}" for i in range(140)]
+    statuses = [*range(0, 15), *range(90, 110), *range(195, 300), *range(990, 1000)]
+    envs = [f"e{i % 7}-{i}" if i % 11 else f"红-{i}" for i in range(150)]
+    for _ in range(700):  # ~5 rows a key: many ties around the cut
+        add(1, model=r.choice(models), status=r.choice(statuses), properties={"env": r.choice(envs)})
+    edge = SURGE_SINCE + timedelta(seconds=10)  # inside its partial minute and partial hour
+    add(1, model="surge", status=7, properties={"env": "surge"})  # in the rollups: below the cut
+    add(19, at=edge, model="surge", status=7, properties={"env": "surge"})
+    add(16, at=edge, model="edge-only", status=8, properties={"env": "edge-only"})
+    add(300, tenant="globex", model="theirs", status=555, properties={"env": "theirs"})
+    return out
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_more_groups_than_an_answer_lists_are_ranked_in_sql_and_only_those_listed_read(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dimension with a value per request has as many rollup rows as requests: the database
+    counts per key and only the listed groups' rows (with their sketches) are read. The groups
+    are the raw path's, in its order, ties at the cut and keys that rank by their raw edge rows
+    included."""
+    listed: list[Any] = []
+    real = rollup.read_sql
+
+    def spy(d: Any, tenant: str, p: rollup.Plan, keys: Any = None) -> Any:
+        listed.append(keys)
+        return real(d, tenant, p, keys)
+
+    monkeypatch.setattr(rollup, "read_sql", spy)
+    data = many_groups()
+    midnight = T0.replace(hour=0, minute=0, second=0, microsecond=0)
+    async with rollup_store(kind, tmp_path) as store:
+        assert await store.write_batch(data) == len(data)
+        for since, until in ((None, None), (midnight - timedelta(days=3), midnight), (SURGE_SINCE, None)):
+            for group_by in ("model", "status", "property.env"):
+                for bucket in (None, "hour"):
+                    q = StatsQuery(since=since, until=until, group_by=group_by, bucket=bucket)  # type: ignore[arg-type]
+                    del listed[:]
+                    got = await store.stats("acme", q)
+                    exact = StatsQuery(since=since, until=until, group_by=group_by, bucket=bucket, exact=True)  # type: ignore[arg-type]
+                    want = await store.stats("acme", exact)
+                    assert_same(got, want, q)
+                    assert len(got["groups"]) == rollup.MAX_GROUPS, q
+                    assert listed and all(k is not None and len(k) == rollup.MAX_GROUPS for k in listed), q
+                    keys = [g["key"] for g in got["groups"]]
+                    assert "theirs" not in keys and 555 not in keys
+                    if since == SURGE_SINCE:  # the edge's rows rank these first
+                        surge = {"model": "surge", "status": 7, "property.env": "surge"}[group_by]
+                        assert keys[:2] == [surge, "edge-only" if group_by != "status" else 8], q
+        # Fewer keys than an answer lists: all of them, no list of keys.
+        q = StatsQuery(group_by="provider")
+        del listed[:]
+        assert [g["key"] for g in (await store.stats("acme", q))["groups"]] == ["openai"]
+        assert listed == [None]
+
+
 async def _erase_all(store: Store, tenant: str, by: str, value: str) -> tuple[int, list[str]]:
     rows, refs = 0, []
     while True:
@@ -854,6 +927,21 @@ def test_a_range_off_the_boundaries_is_tiled_by_rollup_spans_and_two_raw_edges(s
         assert a < b and b - a < finest and (a // finest == (b - 1) // finest)
         pieces.append((a, b))
     assert len(p.edges) <= 2 and len(p.spans) <= 5
+    assert_tiles(pieces, since, until)
+    # The group's rows: the same range at the coarsest grains it has, whatever the bucket.
+    assert bool(p.group_spans) == (group_by is not None)
+    if group_by is None:
+        return
+    pieces = list(p.edges)
+    for grain, a, b in p.group_spans:
+        w = rollup.BUCKET_MICROS[grain]
+        assert rollup.rolled(grain, p.dim or "") and (a is None or a % w == 0) and (b is None or b % w == 0)
+        pieces.append((a, b))
+    assert_tiles(pieces, since, until)
+    assert len(p.group_spans) <= 5
+
+
+def assert_tiles(pieces: list[tuple[int | None, int | None]], since: int | None, until: int | None) -> None:
     pieces.sort(key=lambda ab: -1 if ab[0] is None else ab[0])
     assert pieces[0][0] == since and pieces[-1][1] == until
     for (_, b), (a, _) in itertools.pairwise(pieces):

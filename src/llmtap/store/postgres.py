@@ -771,8 +771,12 @@ class PostgresStore(Store):
             edges = rollup.Edges()
             for kind, eq, eparams in rollup.edge_reads(DIALECT, tenant, query, plan):
                 edges.add(DIALECT, query, kind, await self._fetch(eq, *eparams))
-            q, params = rollup.read_sql(DIALECT, tenant, plan)
-            return rollup.answer(query, plan, await self._fetch(q, *params), users, edges)
+            listed = None
+            if rollup.grouped(plan):
+                top = await self._analytic(*rollup.top_sql(DIALECT, tenant, plan))
+                listed = rollup.listed(top)
+            q, params = rollup.read_sql(DIALECT, tenant, plan, listed)
+            return rollup.answer(query, plan, await self._fetch(q, *params), users, edges, listed)
         parts: list[tuple[sql.Kind, int | None]] = [("overall", None)]
         if query.group_by:
             parts.append(("group", MAX_GROUPS))

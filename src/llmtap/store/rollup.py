@@ -409,6 +409,10 @@ class Plan:
     #: [from, to) ranges off the finest grain's boundaries (at the range's ends): raw rows,
     #: read as the raw path reads a range (`edge_reads`, `Edges`).
     edges: tuple[tuple[int, int], ...] = ()
+    #: The group dimension's rows to read: the same range as `spans`, at the coarsest grains
+    #: (groups are totals over the range, whatever the bucket): 30 days of a model are 30 day
+    #: rows, not 720 hour rows, when the Overview asks for hour buckets.
+    group_spans: tuple[Span, ...] = ()
 
 
 def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> Plan | None:
@@ -443,7 +447,7 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
     for grain in reversed(usable):  # coarsest first: fewest rows to read
         width = BUCKET_MICROS[grain]
         if (since is None or since % width == 0) and (until is None or until % width == 0):
-            return Plan(dim, since, until, ((grain, since, until),))
+            return Plan(dim, since, until, ((grain, since, until),), (), _group_spans(dim, since, until))
     if not usable or dim == USER_DIM:
         return None
     width = BUCKET_MICROS[usable[0]]
@@ -453,7 +457,14 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
         return None  # under one bucket of the finest grain: few raw rows, answered exactly
     spans = _tile(lo, hi, usable)
     edges = tuple((a, b) for a, b in ((since, lo), (hi, until)) if a is not None and b is not None and a < b)
-    return Plan(dim, since, until, spans, edges)
+    return Plan(dim, since, until, spans, edges, _group_spans(dim, lo, hi))
+
+
+def _group_spans(dim: str | None, lo: int | None, hi: int | None) -> tuple[Span, ...]:
+    """`Plan.group_spans` of [lo, hi) (on the boundaries of a grain `dim` is rolled up at)."""
+    if dim is None or dim == USER_DIM:
+        return ()
+    return _tile(lo, hi, [g for g in GRAINS if rolled(g, dim)])
 
 
 def _tile(lo: int | None, hi: int | None, grains: Sequence[str]) -> tuple[Span, ...]:
@@ -470,22 +481,84 @@ def _tile(lo: int | None, hi: int | None, grains: Sequence[str]) -> tuple[Span, 
     return ()
 
 
-def read_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
+def _span_conds(params: sql.Params, tenant: str, span: Span) -> list[str]:
+    grain, since, until = span
+    conds = [f"tenant = {params(tenant)}", f"grain = {params(grain)}"]
+    if since is not None:
+        conds.append(f"bucket >= {params(since)}")
+    if until is not None:
+        conds.append(f"bucket < {params(until)}")
+    return conds
+
+
+def read_sql(
+    d: sql.Dialect, tenant: str, p: Plan, keys: Sequence[str] | None = None
+) -> tuple[str, list[Any]]:
     """Rollup rows of the plan: dimension "" (overall, buckets) and the group dimension (not
-    `USER_DIM`'s: `group_sql` sums those)."""
+    `USER_DIM`'s: `group_sql` sums those), only its `keys` (encoded) when given (`chosen`)."""
     params = sql.Params(d)
     cols = ", ".join(c for c in COLUMNS[2:])
     selects = []
-    for grain, since, until in p.spans:
-        conds = [f"tenant = {params(tenant)}", f"grain = {params(grain)}"]
-        dims = [params("")] + ([params(p.dim)] if p.dim not in (None, USER_DIM) else [])
-        conds.append(f"dim IN ({', '.join(dims)})")
-        if since is not None:
-            conds.append(f"bucket >= {params(since)}")
-        if until is not None:
-            conds.append(f"bucket < {params(until)}")
+    for span in p.spans:
+        conds = [*_span_conds(params, tenant, span), f"dim = {params('')}"]
         selects.append(f"SELECT {cols} FROM rollups WHERE {' AND '.join(conds)}")
+    if p.dim is not None and p.dim != USER_DIM and (keys is None or keys):
+        for span in p.group_spans:
+            conds = [*_span_conds(params, tenant, span), f"dim = {params(p.dim)}"]
+            if keys is not None:
+                conds.append(f"key IN ({', '.join(params(k) for k in keys)})")
+            selects.append(f"SELECT {cols} FROM rollups WHERE {' AND '.join(conds)}")
     return " UNION ALL ".join(selects), params.values
+
+
+def top_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
+    """The `MAX_GROUPS` keys (encoded) of the group dimension with the most requests in the
+    plan's range, counted by the database from the rollup rows and the raw rows of the edges.
+
+    Why: a dimension with a value per request (a rolled-up request id) has as many rollup rows
+    as requests, and reading them all with their sketches to keep 100 took seconds and hundreds
+    of MB; the counts alone are narrow, and then only the listed keys' rows are read (`read_sql`).
+    Ordered as `answer` orders groups: a status's digits by length first (numeric order), NULL
+    (`""`) last."""
+    params = sql.Params(d)
+    assert p.dim is not None
+    selects = []
+    for span in p.group_spans:
+        conds = [*_span_conds(params, tenant, span), f"dim = {params(p.dim)}"]
+        selects.append(f"SELECT key, count AS n FROM rollups WHERE {' AND '.join(conds)}")
+    for a, b in p.edges:
+        g = sql.group_key(params, p.dim)
+        where = sql.where_sql(params, tenant, ListQuery(), from_micros(a), from_micros(b))
+        key = "CASE WHEN g IS NULL THEN '' ELSE '=' || CAST(g AS TEXT) END"
+        if d.name == "postgresql":  # ordered bytewise, as the rollups' keys
+            key = f'({key}) COLLATE "C"'
+        rows = f"SELECT {g} AS g FROM requests r WHERE {where}"
+        selects.append(f"SELECT {key} AS key, count(*) AS n FROM ({rows}) AS e GROUP BY g")
+    union = " UNION ALL ".join(selects)
+    by_key = "length(key), key" if p.dim == "status" else "key"
+    return (
+        f"SELECT key FROM ({union}) AS t GROUP BY key HAVING sum(n) > 0"
+        f" ORDER BY sum(n) DESC, key = '', {by_key} LIMIT {params(MAX_GROUPS)}",
+        params.values,
+    )
+
+
+def _rank(item: tuple[int, Any]) -> tuple[int, bool, Any]:
+    """`answer`'s order of groups: largest first, then by key (code-point order is the stores'
+    bytewise UTF-8 order), NULL last."""
+    n, value = item
+    return (-n, value is None, "" if value is None else value)
+
+
+def grouped(p: Plan) -> bool:
+    """Whether the plan's groups are rollup keys to choose from (`top_sql`)."""
+    return p.dim is not None and p.dim != USER_DIM
+
+
+def listed(top: Sequence[Sequence[Any]]) -> list[str] | None:
+    """The keys of `top_sql` an answer lists, or None: the top holds every key (fewer than
+    `MAX_GROUPS`), all are read."""
+    return [row[0] for row in top] if len(top) >= MAX_GROUPS else None
 
 
 def edge_reads(d: sql.Dialect, tenant: str, q: StatsQuery, p: Plan) -> list[tuple[str, str, list[Any]]]:
@@ -746,9 +819,11 @@ def answer(
     rows: Iterable[Sequence[Any]],
     groups_of_users: list[dict[str, Any]] | None = None,
     edges: Edges | None = None,
+    keys: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """`stats` from the rollup rows of `read_sql` (bucket, dim, key, then the values) and the
-    plan's `Edges`; for a `USER_DIM` plan, its groups are `user_groups`'."""
+    plan's `Edges`; for a `USER_DIM` plan, its groups are `user_groups`'. `keys`: the groups
+    `chosen` (None: all)."""
     overall = Cell()
     groups: dict[Any, Cell] = {}
     buckets: dict[int, Cell] = {}
@@ -766,15 +841,14 @@ def answer(
         add(int(row[0]), row[1], row[2], Cell.from_row(row[3:]))
     if edges is not None:
         overall.merge(edges.overall)
+        listed = None if keys is None else {decode_key(p.dim or "", k) for k in keys}
         for k, cell in edges.groups.items():
-            _merge(groups, k, cell)
+            if listed is None or k in listed:
+                _merge(groups, k, cell)
         for b, cell in edges.buckets.items():
             _merge(buckets, b // width * width, cell)
     result: dict[str, Any] = {"overall": overall.totals() if overall.count else sql.empty_totals()}
-    # largest first, then by key (code-point order is the stores' bytewise UTF-8 order), NULL last
-    ordered = sorted(
-        groups.items(), key=lambda kv: (-kv[1].count, kv[0] is None, "" if kv[0] is None else kv[0])
-    )
+    ordered = sorted(groups.items(), key=lambda kv: _rank((kv[1].count, kv[0])))
     result["groups"] = [{"key": k, **c.totals()} for k, c in ordered[:MAX_GROUPS] if c.count]
     if p.dim == USER_DIM:
         result["groups"] = groups_of_users or []

@@ -702,8 +702,12 @@ class SQLiteStore(Store):
             edges = rollup.Edges()
             for kind, eq, eparams in rollup.edge_reads(DIALECT, tenant, query, plan):
                 edges.add(DIALECT, query, kind, self._fetch(eq, eparams))
-            q, params = rollup.read_sql(DIALECT, tenant, plan)
-            return rollup.answer(query, plan, self._r().execute(q, params), users, edges)
+            listed = None
+            if rollup.grouped(plan):
+                top = self._fetch(*rollup.top_sql(DIALECT, tenant, plan))
+                listed = rollup.listed(top)
+            q, params = rollup.read_sql(DIALECT, tenant, plan, listed)
+            return rollup.answer(query, plan, self._r().execute(q, params), users, edges, listed)
         return {**self._raw_stats(tenant, query), **rollup.RAW_SOURCE}
 
     def _raw_stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
