@@ -324,8 +324,15 @@ async def test_stats_sessions_users(server: Server) -> None:
     assert (await server.get("/api/v1/sessions/nope"))[0] == 404
     status, users = await server.get("/api/v1/users?limit=2")
     assert status == 200 and len(users["items"]) == 2
-    status, users = await server.get("/api/v1/users")
-    assert {u["user_id"] for u in users["items"]} == {r.user_id for r in records if r.user_id}
+    status, everyone = await server.get("/api/v1/users")
+    assert {u["user_id"] for u in everyone["items"]} == {r.user_id for r in records if r.user_id}
+    assert everyone["next_cursor"] is None
+    paged = users["items"]  # page after page of 2: every user once, in the same order
+    while users["next_cursor"]:
+        status, users = await server.get("/api/v1/users?limit=2&cursor=" + users["next_cursor"])
+        assert status == 200
+        paged += users["items"]
+    assert paged == everyone["items"]
 
 
 # -- hostile input -------------------------------------------------------------------------------------
@@ -378,6 +385,8 @@ BAD = [
     ("/api/v1/stats?since=9998-12-01T00:00:00Z&until=9999-12-31T00:00:00Z&group_by=user_id", "until"),
     ("/api/v1/stats?limit=5", "limit"),
     ("/api/v1/users?limit=0", "limit"),
+    ("/api/v1/users?cursor=abc", "cursor"),
+    (f"/api/v1/users?cursor={_cursor([2**62 - 1, 'x'])}", "cursor"),
     ("/api/v1/users?user_id=x", "user_id"),
     ("/api/v1/requests/abc?x=1", "x"),
     ("/api/v1/sessions/abc?limit=1", "limit"),

@@ -272,6 +272,18 @@ async def test_every_view_renders_what_the_api_returns(srv: Srv, page: tuple[Any
     users = (await srv.get("/api/v1/users?limit=500"))["items"]
     got = await pg.eval_on_selector_all("#users-table tr[data-user]", "rs => rs.map(r => r.dataset.user)")
     assert got == [u["user_id"] for u in users]
+    # A page at a time: page 2 of 2-user pages is the API's, and "Most recent" goes back.
+    assert len(users) > 2
+    await pg.goto(srv.base + "/#/users?limit=2")
+    await pg.locator("#next-page").click()
+    await playwright_api.expect(pg.locator("#users-table tr[data-user]")).to_have_count(2, timeout=WAIT)
+    got = await pg.eval_on_selector_all("#users-table tr[data-user]", "rs => rs.map(r => r.dataset.user)")
+    assert got == [u["user_id"] for u in users[2:4]]
+    await pg.get_by_role("link", name="⇤ Most recent").click()
+    await pg.wait_for_function("() => !location.hash.includes('cursor=')", timeout=WAIT)
+    await playwright_api.expect(pg.locator("#users-table tr[data-user]").first).to_have_attribute(
+        "data-user", users[0]["user_id"], timeout=WAIT
+    )
     await pg.click(f'#users-table tr[data-user="{users[0]["user_id"]}"] td.num >> nth=0')
     await pg.wait_for_function("() => location.hash.includes('user_id=')", timeout=WAIT)
     want_ids = [

@@ -85,6 +85,13 @@ def records() -> list[LogRecord]:
         x.started_at += shift
         x.first_byte_at = None if x.first_byte_at is None else x.first_byte_at + shift
         x.ended_at += shift
+    # Users last active at one instant, more than a page of `compare_users`: a page ends among them.
+    tied = T0 - timedelta(hours=2, seconds=13)
+    for tenant in ("acme", "globex"):
+        out += [
+            rec(40_000 + i, id=f"tie-{tenant}-{i}", tenant=tenant, at=tied, user_id=f"tie-{i:02d}")
+            for i in range(10)
+        ]
     return out
 
 
@@ -173,9 +180,9 @@ def users_sql_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = rollup.users_sql
 
-    def spy(d: Any, tenant: str, limit: int, start: int = 0) -> Any:
+    def spy(d: Any, tenant: str, limit: int, start: int = 0, after: Any = None) -> Any:
         calls.append(tenant)
-        return real(d, tenant, limit, start)
+        return real(d, tenant, limit, start, after)
 
     monkeypatch.setattr(rollup, "users_sql", spy)
     return calls
@@ -191,6 +198,15 @@ async def compare_users(
         assert calls == [tenant]
         assert got == await store.users(tenant, limit=1000, exact=True)
         assert await store.users(tenant, limit=3) == got[:3]
+        for exact in (False, True):  # pages of 7, each after the last of the one before
+            pages: list[dict[str, Any]] = []
+            while True:
+                after = None if not pages else (to_micros(_iso(pages[-1]["last_at"])), pages[-1]["user_id"])
+                page = await store.users(tenant, limit=7, exact=exact, after=after)
+                pages += page
+                if len(page) < 7:
+                    break
+            assert pages == got, (tenant, exact)
         ref: dict[str, list[LogRecord]] = {}
         for r in ref_filter(written, tenant):
             if r.user_id is not None and (cutoff is None or r.started_at >= cutoff):
@@ -200,6 +216,10 @@ async def compare_users(
             last = max(r.started_at for r in ref[u["user_id"]])
             assert u["last_at"] == last.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             assert u["cost_usd"] == sum(r.cost_nanos or 0 for r in ref[u["user_id"]]) / 1e9
+
+
+def _iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 @pytest.mark.parametrize("kind", store_params())

@@ -235,8 +235,11 @@ async def session(request: web.Request) -> web.Response:
 
 
 async def users(request: web.Request) -> web.Response:
-    limit = query.parse_users_limit(request.query.items())
-    return json_response({"items": await request.app[STORE].users(_tenant(request), limit)})
+    limit, after = query.parse_users(request.query.items())
+    items = await request.app[STORE].users(_tenant(request), limit + 1, after=after)
+    more = len(items) > limit
+    items = items[:limit]
+    return json_response({"items": items, "next_cursor": query.users_cursor(items[-1]) if more else None})
 
 
 # -- ingest ---------------------------------------------------------------------------------------

@@ -105,9 +105,12 @@ class Store(ABC):
         (keyset pages of `query.limit`): `session_id`, totals, `first_at`/`last_at`."""
 
     @abstractmethod
-    async def users(self, tenant: str, limit: int = 100, *, exact: bool = False) -> list[dict[str, Any]]:
-        """Per-user totals (no percentiles), most recently active first; from the user rollups
-        when they hold every stored request, else (or `exact`) from raw rows."""
+    async def users(
+        self, tenant: str, limit: int = 100, *, exact: bool = False, after: tuple[int, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Per-user totals (no percentiles), most recently active first (then by user id),
+        those after `after` (last active in microseconds, user id); from the user rollups when
+        they hold every stored request, else (or `exact`) from raw rows."""
 
     # -- retention ----------------------------------------------------------------------------
     @abstractmethod

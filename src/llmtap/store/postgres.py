@@ -814,12 +814,16 @@ class PostgresStore(Store):
         items, cursor = sql.sessions_page(DIALECT, newest, totals, query.limit)
         return Page(items=items, next_cursor=cursor)
 
-    async def users(self, tenant: str, limit: int = 100, *, exact: bool = False) -> list[dict[str, Any]]:
+    async def users(
+        self, tenant: str, limit: int = 100, *, exact: bool = False, after: tuple[int, str] | None = None
+    ) -> list[dict[str, Any]]:
         start = rollup.users_start(self._covered)
         if not exact and start is not None and (start == 0 or not await self._older(tenant, start)):
-            q, params = rollup.users_sql(DIALECT, tenant, limit, start)
+            q, params = rollup.users_sql(DIALECT, tenant, limit, start, after)
             return [rollup.user_result(row) for row in await self._analytic(q, params)]
-        q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
+        q, params = sql.aggregate_sql(
+            DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False, after=after
+        )
         return [sql.user_result(DIALECT, row) for row in await self._fetch(q, *params)]
 
     async def _older(self, tenant: str, start: int) -> bool:

@@ -230,7 +230,7 @@ FILTERS = ("user_id", "session_id", "model", "provider", "status", "status_class
 #: Parameters of each query endpoint (list-like ones take `property.<Name>` too).
 LIST_PARAMS = frozenset({"limit", "cursor", "order", "sort", "q", *FILTERS})
 STATS_PARAMS = frozenset({"group_by", "bucket", "exact", *FILTERS})
-USERS_PARAMS = frozenset({"limit"})
+USERS_PARAMS = frozenset({"limit", "cursor"})
 #: `GET /api/v1/sessions`: the list's parameters but sort and order (most recently active first).
 SESSIONS_PARAMS = LIST_PARAMS - {"sort", "order"}
 #: The export pages through everything itself: no limit or cursor; `format` picks csv or jsonl.
@@ -451,7 +451,18 @@ def parse_stats(items: Iterable[tuple[str, str]]) -> StatsQuery:
     return q
 
 
-def parse_users_limit(items: Iterable[tuple[str, str]]) -> int:
-    """The `limit` of `GET /api/v1/users`."""
+def parse_users(items: Iterable[tuple[str, str]]) -> tuple[int, tuple[int, str] | None]:
+    """The `limit` of `GET /api/v1/users`, and the (last_at, user_id) its `cursor` continues after."""
     params, _ = split_params(items, USERS_PARAMS, properties=False)
-    return integer(params, "limit", DEFAULT_USERS_LIMIT, 1, MAX_LIMIT)
+    after = None
+    if "cursor" in params:
+        try:
+            after = decode_cursor(params["cursor"])
+        except ValueError:
+            raise QueryError("cursor", "invalid parameter 'cursor': not a cursor this API returned") from None
+    return integer(params, "limit", DEFAULT_USERS_LIMIT, 1, MAX_LIMIT), after
+
+
+def users_cursor(item: Mapping[str, Any]) -> str:
+    """The cursor of the page after a users item (`parse_users`)."""
+    return encode_cursor(to_micros(datetime.fromisoformat(item["last_at"])), item["user_id"])

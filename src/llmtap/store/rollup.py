@@ -771,11 +771,16 @@ def users_older_sql(d: sql.Dialect, tenant: str, start: int) -> tuple[str, list[
     return f"SELECT EXISTS (SELECT 1 FROM requests r WHERE {cond})", p.values
 
 
-def users_sql(d: sql.Dialect, tenant: str, limit: int, start: int = 0) -> tuple[str, list[Any]]:
+def users_sql(
+    d: sql.Dialect, tenant: str, limit: int, start: int = 0, after: tuple[int, str] | None = None
+) -> tuple[str, list[Any]]:
     """`GET /api/v1/users` from the `USER_DIM` rows from day `start` on: users (not NULL) most
-    recently active first, as `sql.aggregate_sql(kind="users")` orders them."""
+    recently active first, as `sql.users_sql` orders them, after `after` (a page's last)."""
     params = sql.Params(d)
     q = _user_sums(params, tenant, start or None, None, named=True)
+    if after is not None:
+        last, key = params(after[0]), params(encode_key(after[1]))
+        q += f" AND (max(last_at) < {last} OR (max(last_at) = {last} AND key > {key}))"
     return f"{q} ORDER BY max(last_at) DESC, key LIMIT {params(limit)}", params.values
 
 

@@ -607,9 +607,17 @@ def _totals(d: Dialect) -> str:
 
 
 def aggregate_sql(
-    d: Dialect, tenant: str, q: StatsQuery, kind: Kind, *, limit: int | None = None, percentiles: bool = True
+    d: Dialect,
+    tenant: str,
+    q: StatsQuery,
+    kind: Kind,
+    *,
+    limit: int | None = None,
+    percentiles: bool = True,
+    after: tuple[int, str] | None = None,
 ) -> tuple[str, list[Any]]:
-    """One aggregate query: overall, per group, per time bucket, or per user.
+    """One aggregate query: overall, per group, per time bucket, or per user (those after
+    `after`, last active in microseconds and user id: a page of `GET /api/v1/users`).
 
     Result columns: key, count, error_count, the `_SUMS`, cost_nanos, first and last created_at,
     the count of unpriced rows (cost NULL: shown as such, never as $0), then (PostgreSQL,
@@ -639,6 +647,9 @@ def aggregate_sql(
         group, order = f" GROUP BY {key}", f" ORDER BY {key}"
     else:  # users: most recently active first
         group, order = f" GROUP BY {key}", f" ORDER BY max(r.created_at) DESC, {key}"
+        if after is not None:
+            last, user = p(d.ts_param(after[0])), p(after[1])
+            group += f" HAVING max(r.created_at) < {last} OR (max(r.created_at) = {last} AND {key} > {user})"
     lim = f" LIMIT {p(limit)}" if limit is not None else ""
     return f"SELECT {key}, {cols} FROM requests r WHERE {where}{group}{order}{lim}", p.values
 

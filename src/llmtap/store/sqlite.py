@@ -769,15 +769,21 @@ class SQLiteStore(Store):
         items, cursor = sql.sessions_page(DIALECT, newest, self._fetch(q, params) if ids else [], query.limit)
         return Page(items=items, next_cursor=cursor)
 
-    async def users(self, tenant: str, limit: int = 100, *, exact: bool = False) -> list[dict[str, Any]]:
-        return await self._read(self._users, tenant, limit, exact)
+    async def users(
+        self, tenant: str, limit: int = 100, *, exact: bool = False, after: tuple[int, str] | None = None
+    ) -> list[dict[str, Any]]:
+        return await self._read(self._users, tenant, limit, exact, after)
 
-    def _users(self, tenant: str, limit: int, exact: bool) -> list[dict[str, Any]]:
+    def _users(
+        self, tenant: str, limit: int, exact: bool, after: tuple[int, str] | None
+    ) -> list[dict[str, Any]]:
         start = rollup.users_start(self._covered)
         if not exact and start is not None and (start == 0 or not self._older(tenant, start)):
-            q, params = rollup.users_sql(DIALECT, tenant, limit, start)
+            q, params = rollup.users_sql(DIALECT, tenant, limit, start, after)
             return [rollup.user_result(row) for row in self._fetch(q, params)]
-        q, params = sql.aggregate_sql(DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False)
+        q, params = sql.aggregate_sql(
+            DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False, after=after
+        )
         return [sql.user_result(DIALECT, row) for row in self._fetch(q, params)]
 
     def _older(self, tenant: str, start: int) -> bool:

@@ -1450,7 +1450,13 @@ function turnLoader(timeline) {
 
 async function viewUsers(id, params) {
   renderPending("Users");
-  const res = await api("api/v1/users?limit=500");
+  const q = new URLSearchParams({ limit: params.get("limit") || "500" });
+  if (params.get("cursor")) q.set("cursor", params.get("cursor"));
+  const res = await api("api/v1/users?" + q);
+  const nav = h("div", { class: "pager" },
+    params.get("cursor") ? h("a", { class: "button", href: hashFor("users", null, withParam(params, "cursor", null)) }, "⇤ Most recent") : null,
+    res.next_cursor ? h("a", { class: "button", id: "next-page", href: hashFor("users", null, withParam(params, "cursor", res.next_cursor)) }, "Next page →") : null);
+  announce(res.items.length ? `${res.items.length} users shown${res.next_cursor ? ", more on the next page" : ""}` : "no users");
   render(
     h("h1", {}, "Users"),
     res.items.length ? scroller(h("table", { class: "grid", id: "users-table" },
@@ -1467,7 +1473,8 @@ async function viewUsers(id, params) {
         tr.addEventListener("click", (ev) => { if (!ev.target.closest("a")) go("requests", null, new URLSearchParams({ user_id: u.user_id, range: "all" })); });
         return tr;
       })))) : h("p", { class: "empty" }, "No users yet (send Llmtap-User-Id with requests)."),
-    h("p", { class: "hint muted" }, "Most recently active first; click a user to see their requests."));
+    nav,
+    h("p", { class: "hint muted" }, "Most recently active first, a page at a time; click a user to see their requests."));
 }
 
 // -- live tail -----------------------------------------------------------------------------------
