@@ -961,23 +961,45 @@ async def test_dead_letters_replay_from_the_pipeline_view(srv: Srv, page: tuple[
     q = open_queue(srv.svc.settings)
     await q.connect("both")
     try:
-        # Not a record, but it names a request: the view shows the id, as text.
-        await q.publish([Message(key="k1", value=b'{"id": "<b>req-1</b>", "not": "a record"}')])
+        # Not records, but one names a request: the view shows the id, as text.
+        await q.publish(
+            [
+                Message(key="k1", value=b'{"id": "<b>req-1</b>", "not": "a record"}'),
+                Message(key="k2", value=b'{"not": "a record either"}'),
+            ]
+        )
         deliveries: list[Any] = []
         deadline = time.monotonic() + 30
-        while not deliveries and time.monotonic() < deadline:
-            deliveries = await q.consume(10, 1.0)
-        assert deliveries
-        await q.dead_letter(deliveries[0], "cannot decode: <script>alert(1)</script>")
+        while len(deliveries) < 2 and time.monotonic() < deadline:
+            deliveries += await q.consume(10, 1.0)
+        assert len(deliveries) == 2
+        for d in deliveries:
+            await q.dead_letter(d, "cannot decode: <script>alert(1)</script>")
         pg, _ = page
         await pg.goto(srv.base + "/#/pipeline")
         await pg.wait_for_selector("#dead-letters", timeout=WAIT)
         reason = await pg.locator("#dead-letters td.reason").first.text_content()
         assert reason == "cannot decode: <script>alert(1)</script>"
-        assert await pg.locator("#dead-letters td.request").first.text_content() == "<b>req-1</b>"
-        await pg.click("#dead-letters button.replay")
+        assert "<b>req-1</b>" in await pg.locator("#dead-letters td.request").all_text_contents()
+        # Replay all asks first; Cancel replays nothing.
+        await pg.click("#replay-all")
+        confirm = pg.locator("#replay-all-confirm")
+        await playwright_api.expect(confirm).to_contain_text("Send all 2 dead letter(s)", timeout=WAIT)
+        await playwright_api.expect(pg.locator("#replay-all-yes")).to_be_focused(timeout=WAIT)
+        await pg.click("#replay-all-no")
+        await playwright_api.expect(confirm).to_be_hidden(timeout=WAIT)
+        assert (await q.status()).dead_letters == 2
+        await pg.click("#dead-letters button.replay >> nth=0")
         await pg.wait_for_selector("text=Replayed 1 dead letter(s).", timeout=WAIT)
-        assert (await q.status()).dead_letters == 0
+        assert (await q.status()).dead_letters == 1
+        await playwright_api.expect(pg.locator("#dead-letters tbody tr")).to_have_count(1, timeout=WAIT)
+        await pg.click("#replay-all")
+        await pg.click("#replay-all-yes")
+        deadline = time.monotonic() + 30  # the banner says the same as the first replay's
+        while (await q.status()).dead_letters:
+            assert time.monotonic() < deadline, "Replay all left dead letters"
+            await asyncio.sleep(0.1)
+        await playwright_api.expect(pg.locator("#dead-letters")).to_have_count(0, timeout=WAIT)
     finally:
         await q.close()
 

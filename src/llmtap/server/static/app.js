@@ -1647,6 +1647,15 @@ async function viewPipeline() {
     } catch (e) { showError(e); }
   };
   const dl = p.dead_letters;
+  // Replay all asks first: it sends every dead letter back through the handlers at once.
+  const replayAll = h("button", { type: "button", id: "replay-all" }, "Replay all");
+  const yes = h("button", { type: "button", id: "replay-all-yes", onclick: () => replay({ all: true }) }, `Replay ${fmtInt(p.dead_letter_count)}`);
+  const no = h("button", { type: "button", id: "replay-all-no" }, "Cancel");
+  const ask = h("span", { id: "replay-all-confirm", role: "group", "aria-label": "Confirm replay all" },
+    `Send all ${fmtInt(p.dead_letter_count)} dead letter(s) back to the queue? `, yes, " ", no);
+  ask.hidden = true;
+  replayAll.addEventListener("click", () => { replayAll.hidden = true; ask.hidden = false; yes.focus(); });
+  no.addEventListener("click", () => { ask.hidden = true; replayAll.hidden = false; replayAll.focus(); });
   render(
     h("h1", {}, "Pipeline health"),
     h("div", { class: "tiles" },
@@ -1667,7 +1676,7 @@ async function viewPipeline() {
     h("h2", {}, "Dead letters"),
     dl === null ? h("p", { class: "muted" }, "Dead letters hold every tenant's records: in multi-tenant mode list and replay them with `llmtap dlq`.")
       : dl.length ? [
-        h("p", {}, h("button", { type: "button", id: "replay-all", onclick: () => replay({ all: true }) }, "Replay all")),
+        h("p", {}, replayAll, ask),
         scroller(h("table", { class: "grid", id: "dead-letters" },
           h("thead", {}, h("tr", {}, ["Id", "Request", "Partition", "Offset", "Key", "Failed at (UTC)", "Reason", "Action"].map((t) => h("th", {}, t)))),
           h("tbody", {}, dl.map((d) => h("tr", {},
