@@ -437,3 +437,33 @@ log.debug("not shown at info")
     assert lines[0]["message"].startswith("upstream said: Incorrect API key provided: Bearer ")
     assert "ValueError: api_key=" in lines[1]["exception"] and lines[1]["message"] == "a batch failed"
     assert lines[0]["time"].endswith("+00:00") and isinstance(lines[0]["pid"], int)
+
+
+async def test_requests_left_in_the_data_dirs_store_are_named_when_another_store_is_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Switched to another store (PostgreSQL, another file), the data directory's store.db still
+    holds the requests stored before, which llmtap does not move: start-up says so, once."""
+    left = SQLiteStore(tmp_path / "store.db")
+    await left.connect()
+    await left.close()
+    caplog.set_level(logging.WARNING, logger="llmtap")
+
+    async def warnings(store: str) -> list[str]:
+        caplog.clear()
+        shared = SharedBackends(Settings(data_dir=tmp_path, store=store))
+        try:
+            await asyncio.gather(shared.connect_store(), shared.connect_store())
+            await shared.connect_store()
+        finally:
+            await shared.stop()
+        return [r.getMessage() for r in caplog.records if "holds requests" in r.getMessage()]
+
+    elsewhere = f"sqlite:{tmp_path / 'elsewhere.db'}"
+    assert await warnings(elsewhere) == []  # store.db is there, but empty
+    await left.connect()
+    assert await left.write_batch([make_record(1)]) == 1
+    await left.close()
+    said = await warnings(elsewhere)
+    assert len(said) == 1 and str(tmp_path / "store.db") in said[0] and "elsewhere.db" in said[0], said
+    assert await warnings("sqlite") == []  # the data directory's own store: nothing left behind

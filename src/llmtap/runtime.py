@@ -215,6 +215,7 @@ class SharedBackends:
         self._ready = set(self._given)
         self._stack = contextlib.AsyncExitStack()
         self._lock = asyncio.Lock()
+        self._looked_behind = False  # for requests in an embedded store left behind (`left_behind`)
 
     @property
     def store(self) -> Store:
@@ -253,6 +254,13 @@ class SharedBackends:
     async def connect_store(self) -> Store:
         store = self.store
         await self._once("store", store.connect, store.close, store.description)
+        if not self._looked_behind and "store" not in self._given:
+            self._looked_behind = True
+            from llmtap.store.base import left_behind
+
+            warning = await asyncio.to_thread(left_behind, self.settings)
+            if warning:
+                log.warning("%s", warning)
         return store
 
     async def connect_bodies(self) -> BodyStore:

@@ -12,6 +12,8 @@ the API spells it, is `llmtap.store.query`.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from llmtap.backends import STORES
+from llmtap.redact import redact_dsn
 
 # The query vocabulary's two queries, re-exported: the `Store` methods take them.
 from llmtap.store.query import ListQuery as ListQuery
@@ -141,6 +144,26 @@ class Store(ABC):
 def embedded_store_path(settings: Settings) -> str | None:
     """The SQLite store's file when `LLMTAP_STORE` is the embedded store, else None."""
     return STORES.embedded_path(settings.store, settings.data_dir)
+
+
+def left_behind(settings: Settings) -> str | None:
+    """A warning when the data directory's embedded store holds requests and `LLMTAP_STORE`
+    names another store: llmtap moves nothing between stores, and after switching to
+    PostgreSQL a team saw an empty dashboard with no word about where its requests were."""
+    default = settings.data_dir / STORES.backend("sqlite").default_path
+    if embedded_store_path(settings) == str(default) or not default.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{default.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            if not db.execute("SELECT EXISTS (SELECT 1 FROM requests)").fetchone()[0]:
+                return None
+    except sqlite3.Error:
+        return None  # not a store, or not one we can read: nothing to say about it
+    return (
+        f"{default} holds requests, but LLMTAP_STORE is {redact_dsn(settings.store)}: llmtap does not"
+        " move stored requests from one store to another, so they are not shown or counted here"
+        " (see the README's Backup and restore; move or delete that file to stop this warning)"
+    )
 
 
 def open_store(settings: Settings, *, admin: bool = False) -> Store:
