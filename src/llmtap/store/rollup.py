@@ -31,8 +31,9 @@ would otherwise be covered, yet they were never added to the new dimension's rol
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -396,6 +397,24 @@ def _plain(f: ListQuery) -> bool:
     )
 
 
+def _where(f: ListQuery, props: Sequence[str]) -> tuple[str, str] | None:
+    """The rollup rows standing for all of a filter's requests: ("", "") with no filter, (dim,
+    encoded key) for one equality on a rolled-up dimension (`model=`, `provider=`, `status=`,
+    `property.<rolled up>=`: the cost of one model per day, the Overview of one feature);
+    None when rollups cannot answer it."""
+    eq: list[tuple[str, Any]] = [("model", f.model), ("provider", f.provider), ("status", f.status)]
+    eq += [(f"property.{sql.property_name(k)}", v) for k, v in f.properties.items()]
+    given = [(d, v) for d, v in eq if v is not None]
+    if len(given) > 1 or not _plain(replace(f, model=None, provider=None, status=None, properties={})):
+        return None
+    if not given:
+        return ("", "")
+    dim, value = given[0]
+    if dim.startswith("property.") and dim not in dims_for(props):
+        return None
+    return dim, encode_key(value)
+
+
 Span = tuple[str, int | None, int | None]  # (grain, from, to): rollup rows with from <= bucket < to
 
 
@@ -413,20 +432,27 @@ class Plan:
     #: (groups are totals over the range, whatever the bucket): 30 days of a model are 30 day
     #: rows, not 720 hour rows, when the Overview asks for hour buckets.
     group_spans: tuple[Span, ...] = ()
+    #: The rows of the totals and buckets (`_where`): ("", "") all requests, else a filter's
+    #: (dim, key). Grouped by that same dimension, they are the only group too.
+    where: tuple[str, str] = ("", "")
+    filters: ListQuery = field(default_factory=ListQuery)
+    one_group: bool = False  # grouped by the filter's dimension: its value is the only group
 
 
 def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> Plan | None:
     """The rollup reading that answers `q`, or None (then raw rows answer).
 
-    Needs: no list filters; group_by among the rolled-up dimensions; a bucket no finer than the
-    grain; the range inside the dimensions' coverage. A range on the grains' boundaries reads
+    Needs: no list filter but one `_where` takes; group_by among the rolled-up dimensions (the
+    filter's own, if any); a bucket no finer than the grain; the range inside the dimensions'
+    coverage. A range on the grains' boundaries reads
     rollup rows alone, coarsest first. One off them (`since=` to the second, as an API client
     asks for "the last 24 hours") reads the whole minutes, hours and days inside it from rollups
     and only the partial minutes at its ends (hours for a property) from raw rows: without
     that, a range one second off the minute scanned every raw row in it. Users (day rows only)
     still need whole days.
     """
-    if q.exact or not _plain(q.filters):
+    where = None if q.exact else _where(q.filters, props)
+    if where is None:
         return None
     dim = q.group_by
     if dim is not None:
@@ -434,20 +460,27 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
             dim = "property." + sql.property_name(dim[len("property.") :])
         if dim == "" or (dim not in dims_for(props) and dim != USER_DIM):
             return None
+        if where[0] and dim != where[0]:
+            return None  # no rollup holds one dimension's groups within another's value
     since = None if q.since is None else to_micros(q.since)
     until = None if q.until is None else to_micros(q.until)
-    for d in ("", dim):
+    for d in ("", dim, where[0]):
         if d is None:
             continue
         start = covered_since.get(d)
         if start is None or (start > 0 and (since is None or since < start)):
             return None
     widest = BUCKET_MICROS[q.bucket or _DAY]  # a grain no coarser than the bucket asked for
-    usable = [g for g in GRAINS if BUCKET_MICROS[g] <= widest and (dim is None or rolled(g, dim))]
+    usable = [
+        g for g in GRAINS if BUCKET_MICROS[g] <= widest and all(rolled(g, d) for d in (dim, where[0]) if d)
+    ]
+    one_group = bool(where[0]) and dim == where[0]
+    dim = None if one_group else dim
+    made = functools.partial(Plan, where=where, filters=q.filters, one_group=one_group)
     for grain in reversed(usable):  # coarsest first: fewest rows to read
         width = BUCKET_MICROS[grain]
         if (since is None or since % width == 0) and (until is None or until % width == 0):
-            return Plan(dim, since, until, ((grain, since, until),), (), _group_spans(dim, since, until))
+            return made(dim, since, until, ((grain, since, until),), (), _group_spans(dim, since, until))
     if not usable or dim == USER_DIM:
         return None
     width = BUCKET_MICROS[usable[0]]
@@ -457,7 +490,7 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
         return None  # under one bucket of the finest grain: few raw rows, answered exactly
     spans = _tile(lo, hi, usable)
     edges = tuple((a, b) for a, b in ((since, lo), (hi, until)) if a is not None and b is not None and a < b)
-    return Plan(dim, since, until, spans, edges, _group_spans(dim, lo, hi))
+    return made(dim, since, until, spans, edges, _group_spans(dim, lo, hi))
 
 
 def _group_spans(dim: str | None, lo: int | None, hi: int | None) -> tuple[Span, ...]:
@@ -500,7 +533,11 @@ def read_sql(
     cols = ", ".join(c for c in COLUMNS[2:])
     selects = []
     for span in p.spans:
-        conds = [*_span_conds(params, tenant, span), f"dim = {params('')}"]
+        conds = [
+            *_span_conds(params, tenant, span),
+            f"dim = {params(p.where[0])}",
+            f"key = {params(p.where[1])}",
+        ]
         selects.append(f"SELECT {cols} FROM rollups WHERE {' AND '.join(conds)}")
     if p.dim is not None and p.dim != USER_DIM and (keys is None or keys):
         for span in p.group_spans:
@@ -568,7 +605,13 @@ def edge_reads(d: sql.Dialect, tenant: str, q: StatsQuery, p: Plan) -> list[tupl
     row that costs what the raw path pays, for a minute (an hour) at each end instead of all."""
     out: list[tuple[str, str, list[Any]]] = []
     for a, b in p.edges:
-        e = StatsQuery(since=from_micros(a), until=from_micros(b), group_by=q.group_by, bucket=q.bucket)
+        e = StatsQuery(
+            since=from_micros(a),
+            until=from_micros(b),
+            group_by=q.group_by,
+            bucket=q.bucket,
+            filters=p.filters,
+        )
         kinds: list[sql.Kind] = ["overall"]
         kinds += ["group"] if q.group_by else []
         kinds += ["bucket"] if q.bucket else []
@@ -835,7 +878,7 @@ def answer(
     width = BUCKET_MICROS[q.bucket] if q.bucket else 0
 
     def add(bucket: int, dim: str, key: str, cell: Cell) -> None:
-        if dim == "":
+        if (dim, key) == p.where:
             overall.merge(cell)
             if width:
                 _merge(buckets, bucket // width * width, cell)
@@ -855,6 +898,8 @@ def answer(
     result: dict[str, Any] = {"overall": overall.totals() if overall.count else sql.empty_totals()}
     ordered = sorted(groups.items(), key=lambda kv: _rank((kv[1].count, kv[0])))
     result["groups"] = [{"key": k, **c.totals()} for k, c in ordered[:MAX_GROUPS] if c.count]
+    if p.one_group and overall.count:
+        result["groups"] = [{"key": decode_key(p.where[0], p.where[1]), **result["overall"]}]
     if p.dim == USER_DIM:
         result["groups"] = groups_of_users or []
     result["buckets"] = [{"start": iso(b), **buckets[b].totals()} for b in sorted(buckets)[:MAX_BUCKETS]]
