@@ -49,6 +49,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -328,6 +329,13 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 "30d: top users": StatsQuery(since=midnight - timedelta(days=30), group_by="user_id"),
                 "24h: hour buckets": StatsQuery(since=hour - timedelta(days=1), bucket="hour"),
+                # One model's cost per day (the Overview filtered by a model): its rollup rows.
+                "30d: model=X, day buckets": StatsQuery(
+                    since=midnight - timedelta(days=30), bucket="day", filters=ListQuery(model="model-0")
+                ),
+                "7d to now: property env=dev, hour buckets": StatsQuery(
+                    since=now - timedelta(days=7), bucket="hour", filters=ListQuery(properties={"env": "dev"})
+                ),
                 # An API client's "the last N days" to the microsecond: rollups inside, raw rows
                 # only in the partial minute (hour, for a property) at each end.
                 "30d to now: model groups + day buckets": StatsQuery(
@@ -341,7 +349,7 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
             for name, q in overview.items():
                 for source in ("rollups", "raw") if args.raw else ("rollups",):
                     exact = source == "raw"
-                    sq = StatsQuery(since=q.since, group_by=q.group_by, bucket=q.bucket, exact=exact)
+                    sq = replace(q, exact=exact)
                     got = await store.stats(TENANT, sq)
                     assert got["source"] == source, (name, got["source"])
                     label = f"stats {name} [{source}]"
