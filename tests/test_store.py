@@ -799,6 +799,23 @@ async def test_sqlite_reads_go_on_while_others_are_slow(tmp_path: Path) -> None:
     assert store._rconns == []  # every reader's connection closed
 
 
+async def test_sqlite_close_interrupts_a_read_that_would_never_end(tmp_path: Path) -> None:
+    """Closing (a SIGTERM) waits for no query: one still running, and the ones queued behind
+    it, are interrupted and their callers told the store is unavailable."""
+    from llmtap.store import sqlite as lite
+
+    store = lite.SQLiteStore(tmp_path / "s.db")
+    await store.connect()
+    endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+    reads = [asyncio.ensure_future(store._read(store._fetch, endless, ())) for _ in range(lite.READERS + 2)]
+    await asyncio.sleep(0.3)  # they are running (and two are queued)
+    assert not any(r.done() for r in reads)
+    await asyncio.wait_for(store.close(), 60)
+    for r in reads:
+        with pytest.raises(TransientError, match="interrupted"):
+            await r
+
+
 async def test_sqlite_unopenable_path_is_one_sentence(tmp_path: Path) -> None:
     from llmtap.store.sqlite import SQLiteStore
 

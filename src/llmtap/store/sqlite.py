@@ -519,8 +519,15 @@ class SQLiteStore(Store):
             await asyncio.get_running_loop().run_in_executor(self._writer, _close)
             self._writer.shutdown(wait=True)
         if self._reader is not None:
-            reader = self._reader
-            await asyncio.get_running_loop().run_in_executor(None, reader.shutdown, True)
+            # A read still running (stats over raw rows: seconds, a dashboard's call) is
+            # interrupted, and so is any queued behind it, again and again until the pool has
+            # stopped: a shutdown waits for no query (the callers get a 503).
+            done = asyncio.get_running_loop().run_in_executor(None, self._reader.shutdown, True)
+            while not done.done():
+                with self._rlock:
+                    for conn in self._rconns:
+                        conn.interrupt()
+                await asyncio.wait([done], timeout=0.05)
             with self._rlock:
                 conns, self._rconns = self._rconns, []
             for conn in conns:
