@@ -251,6 +251,13 @@ async def timed(fn: Callable[[], Awaitable[Any]], runs: int) -> dict[str, float]
     return {"median_ms": round(statistics.median(times), 2), "max_ms": round(max(times), 2)}
 
 
+def bench_store(kind: str, target: str, props: tuple[str, ...]) -> Store:
+    """The store class of `kind` ("pg" or "sqlite") on a loaded database."""
+    if kind == "pg":
+        return PostgresStore(target, rollup_properties=props)
+    return SQLiteStore(target, rollup_properties=props)
+
+
 async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     kind = args.store
     if args.reuse:
@@ -275,11 +282,7 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
             results["load_seconds"] = round(
                 await scale_data.load(kind, target, args.rows, args.days, args.procs), 1
             )
-        store: Store = (
-            PostgresStore(target, rollup_properties=PROPS)
-            if kind == "pg"
-            else SQLiteStore(target, rollup_properties=PROPS)
-        )
+        store = bench_store(kind, target, PROPS)
         await store.connect()
         try:
             if args.reuse:  # the rows a --keep run loaded, not this run's --rows
@@ -403,12 +406,7 @@ async def bench_cardinality(args: argparse.Namespace) -> dict[str, Any]:
         try:
             print(f"loading {args.rows:,} rows, {level} cardinality, into {kind}...", flush=True)
             await scale_data.load(kind, target, args.rows, args.days, args.procs, lambda _: None, high)
-            props = scale_data.props_for(high)
-            store: Store = (
-                PostgresStore(target, rollup_properties=props)
-                if kind == "pg"
-                else SQLiteStore(target, rollup_properties=props)
-            )
+            store = bench_store(kind, target, scale_data.props_for(high))
             await store.connect()
             try:
                 for name, q in queries.items():
