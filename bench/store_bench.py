@@ -426,9 +426,9 @@ async def bench_cardinality(args: argparse.Namespace) -> dict[str, Any]:
                 for suffix in ("", "-wal", "-shm"):
                     Path(target + suffix).unlink(missing_ok=True)
     print(f"\n{'query':<48} {'low ms':>9} {'high ms':>9} {'high/low':>9}")
-    for name, r in results.items():
-        if isinstance(r, dict):
-            lo, hi = r["low"]["median_ms"], r["high"]["median_ms"]
+    for name, timing in results.items():
+        if isinstance(timing, dict):
+            lo, hi = timing["low"]["median_ms"], timing["high"]["median_ms"]
             print(f"{name:<48} {lo:>9.1f} {hi:>9.1f} {hi / lo:>8.1f}x")
     print(*(f"{k}: {v}" for k, v in results.items() if k.startswith("max RSS")), sep="\n")
     return results
