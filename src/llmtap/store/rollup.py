@@ -437,6 +437,10 @@ class Plan:
     where: tuple[str, str] = ("", "")
     filters: ListQuery = field(default_factory=ListQuery)
     one_group: bool = False  # grouped by the filter's dimension: its value is the only group
+    #: `USER_DIM`: the whole UTC days [from, to) its day and month rows sum (None: open; from >= to:
+    #: none), and the raw ranges at the ends (`users_edges`) summed beside them per user.
+    user_days: tuple[int | None, int | None] = (None, None)
+    user_edges: tuple[tuple[int, int], ...] = ()
 
 
 def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> Plan | None:
@@ -471,17 +475,28 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
         if start is None or (start > 0 and (since is None or since < start)):
             return None
     widest = BUCKET_MICROS[q.bucket or _DAY]  # a grain no coarser than the bucket asked for
-    usable = [
-        g for g in GRAINS if BUCKET_MICROS[g] <= widest and all(rolled(g, d) for d in (dim, where[0]) if d)
-    ]
+    sketched = (d for d in (dim, where[0]) if d and d != USER_DIM)  # users: `user_days` below
+    usable = [g for g in GRAINS if BUCKET_MICROS[g] <= widest and all(rolled(g, d) for d in sketched)]
     one_group = bool(where[0]) and dim == where[0]
     dim = None if one_group else dim
     made = functools.partial(Plan, where=where, filters=q.filters, one_group=one_group)
+    if dim == USER_DIM:  # whole days from the user rows, the rest of the range from raw rows
+        day = BUCKET_MICROS[_DAY]
+        lo = None if since is None else -(-since // day) * day
+        hi = None if until is None else until // day * day
+        if lo is not None and hi is not None and lo > hi:
+            lo = hi = since  # inside one day: all of it raw
+        raw = ((since, lo), (hi, until))
+        made = functools.partial(
+            made,
+            user_days=(lo, hi),
+            user_edges=tuple((a, b) for a, b in raw if a is not None and b is not None and a < b),
+        )
     for grain in reversed(usable):  # coarsest first: fewest rows to read
         width = BUCKET_MICROS[grain]
         if (since is None or since % width == 0) and (until is None or until % width == 0):
             return made(dim, since, until, ((grain, since, until),), (), _group_spans(dim, since, until))
-    if not usable or dim == USER_DIM:
+    if not usable:
         return None
     width = BUCKET_MICROS[usable[0]]
     lo = None if since is None else -(-since // width) * width
@@ -497,7 +512,8 @@ def _group_spans(dim: str | None, lo: int | None, hi: int | None) -> tuple[Span,
     """`Plan.group_spans` of [lo, hi) (on the boundaries of a grain `dim` is rolled up at)."""
     if dim is None or dim == USER_DIM:
         return ()
-    return _tile(lo, hi, [g for g in GRAINS if rolled(g, dim)])
+    grains = [g for g in GRAINS if rolled(g, dim)]
+    return _tile(lo, hi, grains) or ((grains[0], lo, hi),)  # an empty range: a span of no rows
 
 
 def _tile(lo: int | None, hi: int | None, grains: Sequence[str]) -> tuple[Span, ...]:
@@ -613,7 +629,7 @@ def edge_reads(d: sql.Dialect, tenant: str, q: StatsQuery, p: Plan) -> list[tupl
             filters=p.filters,
         )
         kinds: list[sql.Kind] = ["overall"]
-        kinds += ["group"] if q.group_by else []
+        kinds += ["group"] if p.dim not in (None, USER_DIM) else []  # users: `group_sql`
         kinds += ["bucket"] if q.bucket else []
         for kind in kinds:
             out.append((kind, *sql.aggregate_sql(d, tenant, e, kind, percentiles=False)))
@@ -747,9 +763,11 @@ def _user_sums(
     *,
     named: bool = False,
     subtract: bool = False,
+    edges: Sequence[tuple[int, int]] = (),
 ) -> str:
     """`SELECT key, <the columns of Cell.from_row>` of the `USER_DIM` rows of a range, summed
-    per user (`named`: not the NULL user), from the parts of `user_parts`.
+    per user (`named`: not the NULL user), from the parts of `user_parts`, and the raw rows
+    of the `edges` (ranges off whole days) summed alike (`_raw_user_sums`).
 
     Read through the partial indexes `rollups_users` (day rows) and `rollups_user_months`, which
     hold these rows' values in (tenant, bucket) order, so no other rollup row is read. Grain,
@@ -761,7 +779,9 @@ def _user_sums(
     """
     values = COLUMNS[5:-4]
     selects = []
-    for grain, lo, hi, sign in user_parts(since, until, subtract):
+    # No whole day (`Plan.user_days` empty): the edges hold the range, if it has any.
+    parts = [] if edges and since is not None and since == until else user_parts(since, until, subtract)
+    for grain, lo, hi, sign in parts:
         conds = [f"tenant = {params(tenant)}", f"grain = '{grain}'", f"dim = '{USER_DIM}'"]
         if named:
             conds.append(f"key <> {params('')}")
@@ -782,16 +802,40 @@ def _user_sums(
             rows = f"SELECT {cols} FROM rollups WHERE {where}"
             short, long = f"{rows} AND octet_length(key) <= {n}", f"{rows} AND octet_length(key) > {n}"
             selects.append(f"{short} UNION ALL {long}")
+    selects += [_raw_user_sums(params, tenant, a, b) for a, b in edges]
     union = " UNION ALL ".join(selects)
     return f"SELECT key, {_summed(params.dialect)} FROM ({union}) AS u GROUP BY key HAVING sum(count) > 0"
 
 
+def _raw_user_sums(params: sql.Params, tenant: str, since: int, until: int) -> str:
+    """The `_user_sums` columns of the raw rows of [since, until), per user: what
+    `contributions` adds to a user's day (first and last times are read later, exactly)."""
+    d = params.dialect
+    key = "CASE WHEN r.user_id IS NULL THEN '' ELSE '=' || r.user_id END"
+    if d.name == "postgresql":  # ordered bytewise, as the rollups' keys
+        key = f'({key}) COLLATE "C"'
+    cols = [
+        f"{key} AS key",
+        "count(*) AS count",
+        f"coalesce(sum(CASE WHEN {sql.ERROR} THEN 1 ELSE 0 END), 0) AS error_count",
+        *(f"{d.add_up(f'r.{c}')} AS {c}" for c in (*_SUM_NAMES, "cost_nanos")),
+        "coalesce(sum(CASE WHEN r.cost_nanos IS NULL THEN 1 ELSE 0 END), 0) AS unpriced_count",
+        "NULL AS first_at",
+        "NULL AS last_at",
+    ]
+    where = sql.where_sql(params, tenant, ListQuery(), from_micros(since), from_micros(until))
+    return f"SELECT {', '.join(cols)} FROM requests r WHERE {where} GROUP BY r.user_id"
+
+
 def group_sql(d: sql.Dialect, tenant: str, p: Plan) -> tuple[str, list[Any]]:
     """The `MAX_GROUPS` largest users of a `USER_DIM` plan, summed by the database (a 30-day
-    range of thousands of users is hundreds of thousands of rows: too many to merge in Python).
-    Order as the raw path's: largest first, then by key (bytewise, `"="` + value), NULL last."""
+    range of thousands of users is hundreds of thousands of rows: too many to merge in Python):
+    the whole days from the user rows, the partial days at the ends (an API client's "the last
+    30 days" to the second) from raw rows. Order as the raw path's: largest first, then by key
+    (bytewise, `"="` + value), NULL last."""
     params = sql.Params(d)
-    q = _user_sums(params, tenant, p.since, p.until, subtract=True)
+    lo, hi = p.user_days
+    q = _user_sums(params, tenant, lo, hi, subtract=True, edges=p.user_edges)
     return f"{q} ORDER BY sum(count) DESC, key = '', key LIMIT {params(MAX_GROUPS)}", params.values
 
 

@@ -75,7 +75,7 @@ BODY_COLUMNS = ("request_body", "response_body", "response_events")
 
 #: Stats percentiles (fractions), the same on both stores.
 PERCENTILES = (0.5, 0.9, 0.95, 0.99)
-_ERROR = "(r.status >= 400 OR r.outcome <> 'completed')"
+ERROR = "(r.status >= 400 OR r.outcome <> 'completed')"
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = Non
     if f.outcome is not None:
         conds.append(f"r.outcome = {p(f.outcome)}")
     if f.error is not None:  # what stats count in error_count
-        conds.append(_ERROR if f.error else "(coalesce(r.status, 0) < 400 AND r.outcome = 'completed')")
+        conds.append(ERROR if f.error else "(coalesce(r.status, 0) < 400 AND r.outcome = 'completed')")
     if f.min_cost_usd is not None:
         conds.append(f"r.cost_nanos >= {p(round(f.min_cost_usd * 1e9))}")
     if f.max_cost_usd is not None:
@@ -599,7 +599,7 @@ def _key(p: Params, q: StatsQuery, kind: Kind) -> str:
 def _totals(d: Dialect) -> str:
     """The totals columns of `aggregate_sql` (and `sessions_sql`), read back by `aggregate_row`."""
     return (
-        f"count(*), coalesce(sum(CASE WHEN {_ERROR} THEN 1 ELSE 0 END), 0),"
+        f"count(*), coalesce(sum(CASE WHEN {ERROR} THEN 1 ELSE 0 END), 0),"
         f" {', '.join(d.add_up(f'r.{c}') for c in _SUMS)},"
         f" {d.add_up('r.cost_nanos')}, min(r.created_at), max(r.created_at),"
         " coalesce(sum(CASE WHEN r.cost_nanos IS NULL THEN 1 ELSE 0 END), 0)"
