@@ -1225,6 +1225,35 @@ async def test_all_time_starts_at_the_first_request_and_big_figures_stay_on_one_
             assert lines == 1 and box and tile and box["x"] + box["width"] <= tile["x"] + tile["width"], width
 
 
+async def test_all_time_older_than_the_charts_hold_says_so_and_a_filter_matching_nothing_is_empty(
+    tmp_path: Path, browser: Any
+) -> None:
+    """A request from 1990 (a client clock, an import) made "all time" ask for 13,000 day
+    buckets: a 400, and an Overview with nothing but the error."""
+    import random
+
+    rng = random.Random(5)
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    old = dd.record(0, at=datetime(1990, 1, 2, 3, 4, 5, tzinfo=UTC), rng=rng, kind=0, user="old")
+    recent = dd.record(1, at=now, rng=rng, kind=0, user="recent")
+    async for s in _server(tmp_path):
+        await s.ingest([old, recent])
+        async with opened_page(browser, s.base) as pg:
+            await pg.goto(s.base + "/#/overview?range=all")
+            hint = pg.locator("#overview-range")
+            await playwright_api.expect(hint).to_contain_text(
+                "the oldest request, at 1990-01-02", timeout=WAIT
+            )
+            await playwright_api.expect(hint).to_contain_text("older than the 9,990 days charted")
+            requests = pg.locator(".tile", has_text="Requests").first.locator(".tvalue")
+            await playwright_api.expect(requests).to_have_text("1", timeout=WAIT)  # the 1990 one is not in it
+            assert await pg.locator("#banner").is_hidden()
+            await pg.goto(s.base + "/#/overview?range=all&model=no-such-model")
+            await playwright_api.expect(hint).not_to_contain_text("oldest", timeout=WAIT)
+            await playwright_api.expect(requests).to_have_text("0", timeout=WAIT)
+            assert await pg.locator("#banner").is_hidden()
+
+
 async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(
     crafted: tuple[Srv, dict[str, LogRecord]], browser: Any
 ) -> None:

@@ -1138,6 +1138,8 @@ function bucketFor(seconds) {
   return "day";
 }
 const BUCKET_SECS = { minute: 60, hour: 3600, day: 86400 };
+// Day buckets a chart asks for at most (the API's limit is 10,000 buckets).
+const MAX_DAYS = 9990;
 
 // The gateway records a non-streamed request's time to first token as its whole latency, and the
 // stats cannot be limited to streamed requests: the TTFT tile says what its percentiles cover.
@@ -1160,6 +1162,7 @@ function tile(label, value, sub, cls) {
  *  midnight and on spans of more than two days. */
 function axisTime(ts, span) {
   const iso = new Date(ts * 1000).toISOString();
+  if (span > 300 * 86400) return iso.slice(0, 7);  // months and years ("all time"): the year too
   return span > 2 * 86400 || iso.slice(11, 16) === "00:00" ? iso.slice(5, 10) : iso.slice(11, 16);
 }
 
@@ -1210,10 +1213,19 @@ async function viewOverview(id, params) {
   const bar = filterBar(params, "overview", { defaultRange, extra: [groupInput] });
   renderPending("Overview", bar);
   let range = rangeOf(params, defaultRange);
+  let olderThanShown = null; // "all time" reaching past what the charts can hold (MAX_DAYS)
   if ((params.get("range") || defaultRange) === "all") {
-    // All time starts at the first request the filters match (an overall call: from rollups).
-    const first = (await api("api/v1/stats?" + apiFilters(params, defaultRange))).overall.first_at;
-    range = { since: first ? new Date(first) : new Date(Date.now() - 86400000), until: new Date() };
+    // All time starts at the oldest request the filters match: the list's first row, oldest
+    // first (a walk of the time index that stops there, whatever the filters).
+    const fq = apiFilters(params, defaultRange);
+    fq.set("order", "asc"); fq.set("limit", "1");
+    const oldest = (await api("api/v1/requests?" + fq)).items[0];
+    const now = new Date();
+    range = { since: oldest ? new Date(oldest.created_at) : new Date(now - 86400000), until: now };
+    if (now - range.since > MAX_DAYS * 86400000) {
+      olderThanShown = range.since;
+      range.since = new Date(now - MAX_DAYS * 86400000);
+    }
   }
   const bucket = bucketFor((range.until - range.since) / 1000);
   // The range widens to whole (UTC) buckets: every bucket charted is complete at its start, and
@@ -1264,7 +1276,8 @@ async function viewOverview(id, params) {
     h("h1", {}, "Overview"),
     bar,
     h("p", { class: "hint muted", id: "overview-range" }, `${fmtTime(since.toISOString())} to ${custom ? fmtTime(until.toISOString()) : "now"} (UTC), in whole ${bucket}s`,
-      series.source === "rollups" ? ` · from rollups (percentiles within ${Math.round(series.percentile_relative_error * 100)}%)` : ""),
+      series.source === "rollups" ? ` · from rollups (percentiles within ${Math.round(series.percentile_relative_error * 100)}%)` : "",
+      olderThanShown ? ` · the oldest request, at ${fmtTime(olderThanShown.toISOString())}, is older than the ${fmtInt(MAX_DAYS)} days charted` : ""),
     h("div", { class: "tiles" },
       tile("Requests", fmtInt(o.count), o.count ? `${bucket} buckets` : "none yet in this range"),
       tile("Errors", fmtInt(o.error_count), o.error_count ? [pct(o.error_rate) + " of requests · ",
