@@ -348,6 +348,8 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
                     since=now - timedelta(days=30), group_by="property.feature", bucket="day"
                 ),
                 "24h to now: hour buckets": StatsQuery(since=now - timedelta(days=1), bucket="hour"),
+                # Whole days from the user rows, the partial days at the ends from raw rows.
+                "30d to now: top users": StatsQuery(since=now - timedelta(days=30), group_by="user_id"),
             }
             for name, q in overview.items():
                 for source in ("rollups", "raw") if args.raw else ("rollups",):
