@@ -678,7 +678,8 @@ class SQLiteStore(Store):
                 if len(rows) > query.limit:
                     items, cursor = sql.page_from_rows(DIALECT, rows, query.limit, query.sort)
                     return Page(items=items, next_cursor=cursor)
-        q, params = sql.list_sql(DIALECT, tenant, query, sort_index=sort_index)
+        through = sql.property_walk(DIALECT, tenant, query, self._count)
+        q, params = sql.list_sql(DIALECT, tenant, query, sort_index=sort_index, through=through)
         items, cursor = sql.page_from_rows(DIALECT, self._fetch(q, params), query.limit, query.sort)
         return Page(items=items, next_cursor=cursor)
 
@@ -686,10 +687,20 @@ class SQLiteStore(Store):
         validate_stats(query)
         return await self._read(self._stats, tenant, query)
 
+    def _count(self, query: str, params: Sequence[Any]) -> int:
+        return int(self._fetch(query, params)[0][0])
+
     def _sums(
-        self, tenant: str, query: StatsQuery, kind: sql.Kind, limit: int | None = None
+        self,
+        tenant: str,
+        query: StatsQuery,
+        kind: sql.Kind,
+        limit: int | None = None,
+        through: str | None = None,
     ) -> list[tuple[Any, dict[str, Any]]]:
-        q, params = sql.aggregate_sql(DIALECT, tenant, query, kind, limit=limit, percentiles=False)
+        q, params = sql.aggregate_sql(
+            DIALECT, tenant, query, kind, limit=limit, percentiles=False, through=through
+        )
         return [sql.aggregate_row(DIALECT, row, percentiles=False) for row in self._fetch(q, params)]
 
     def _stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
@@ -718,16 +729,17 @@ class SQLiteStore(Store):
         return {**self._raw_stats(tenant, query), **rollup.RAW_SOURCE}
 
     def _raw_stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
-        overall_rows = self._sums(tenant, query, "overall")
+        through = sql.property_walk(DIALECT, tenant, query.filters, self._count, query.since, query.until)
+        overall_rows = self._sums(tenant, query, "overall", through=through)
         if not overall_rows or not overall_rows[0][1]["count"]:
             return {"overall": sql.empty_totals(), "groups": [], "buckets": []}
-        group_rows = self._sums(tenant, query, "group", MAX_GROUPS) if query.group_by else []
-        bucket_rows = self._sums(tenant, query, "bucket", MAX_BUCKETS) if query.bucket else []
+        group_rows = self._sums(tenant, query, "group", MAX_GROUPS, through) if query.group_by else []
+        bucket_rows = self._sums(tenant, query, "bucket", MAX_BUCKETS, through) if query.bucket else []
         # (latencies, TTFTs) per overall / group key / bucket key
         every: tuple[list[float], list[float]] = ([], [])
         per_g: dict[Any, tuple[list[float], list[float]]] = {key: ([], []) for key, _ in group_rows}
         per_b: dict[Any, tuple[list[float], list[float]]] = {key: ([], []) for key, _ in bucket_rows}
-        q, params = sql.values_sql(DIALECT, tenant, query)
+        q, params = sql.values_sql(DIALECT, tenant, query, through)
         cur = self._r().execute(q, params)
         while chunk := cur.fetchmany(10_000):
             for g, b, lat, first in chunk:
