@@ -149,6 +149,12 @@ async def test_sessions_list_pages_most_recent_first_with_totals(server: Server)
     env = mine[0].properties.get("env") or "prod"
     with_env = [r for r in mine if r.properties.get("env") == env]
     assert with_env and await pages("&property.env=" + env, 2) == expected(with_env)
+    # SQLite walks a filter property's rows (`sql.property_walk`); the answers are the same.
+    assert await pages("&property.env=nope", 2) == []
+    both = [r for r in with_env if r.model == "gpt-4o"]
+    assert await pages(f"&property.env={env}&model=gpt-4o", 1) == expected(both)
+    red = [r for r in with_env if r.properties.get("team") == "red"]
+    assert await pages(f"&property.env={env}&property.team=red", 1) == expected(red)
     status, body = await server.get("/api/v1/sessions?sort=cost")
     assert status == 400 and body["error"]["parameter"] == "sort"
     status, body = await server.get("/api/v1/sessions?cursor=nope")

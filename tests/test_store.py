@@ -859,7 +859,11 @@ async def test_sqlite_a_property_filter_walks_that_propertys_rows_not_the_range(
     rare = {17, 5000, 9999}
     try:
         records = [
-            rec(i, properties={"env": "prod", **({"team": "rare"} if i in rare else {})})
+            rec(
+                i,
+                session_id=f"s{i % 50}",
+                properties={"env": "prod", **({"team": "rare"} if i in rare else {})},
+            )
             for i in range(10_000)
         ]
         for i in range(0, 10_000, 1000):
@@ -895,6 +899,15 @@ async def test_sqlite_a_property_filter_walks_that_propertys_rows_not_the_range(
             assert [r["id"] for r in page.items] == want, f
             walked = steps([store_sql.list_sql(lite.DIALECT, "acme", q)])
             assert steps(ran) * 10 < walked, (f, steps(ran), walked)
+            # The Sessions list likewise (its newest matching request per session).
+            ran.clear()
+            sessions = await store.list_sessions("acme", q)
+            listed = [records[k].session_id for k in sorted(rare, reverse=True) if records[k].id in want]
+            assert [x["session_id"] for x in sessions.items] == listed, f
+            if q.model is None:  # (with it, both check a session's newer rows through the model's index)
+                walked = steps([store_sql.sessions_sql(lite.DIALECT, "acme", q)])
+                found = [x for x in ran if "GROUP BY r.session_id" not in x[0]]  # not the listed ones' totals
+                assert steps(found) * 10 < walked, (f, steps(found), walked)
             # Stats from raw rows (exact, or a filter rollups cannot answer) likewise.
             sq = StatsQuery(filters=q, bucket="hour", exact=True)
             ran.clear()

@@ -781,7 +781,8 @@ class SQLiteStore(Store):
         return await self._read(self._list_sessions, tenant, query)
 
     def _list_sessions(self, tenant: str, query: ListQuery) -> Page:
-        q, params = sql.sessions_sql(DIALECT, tenant, query)
+        through = sql.property_walk(DIALECT, tenant, query, self._count)
+        q, params = sql.sessions_sql(DIALECT, tenant, query, through)
         newest = self._fetch(q, params)
         ids = [row[0] for row in newest[: query.limit]]
         q, params = sql.session_totals_sql(DIALECT, tenant, query, ids)
