@@ -475,7 +475,7 @@ def plan(q: StatsQuery, props: Sequence[str], covered_since: dict[str, int]) -> 
         if start is None or (start > 0 and (since is None or since < start)):
             return None
     widest = BUCKET_MICROS[q.bucket or _DAY]  # a grain no coarser than the bucket asked for
-    sketched = (d for d in (dim, where[0]) if d and d != USER_DIM)  # users: `user_days` below
+    sketched = tuple(d for d in (dim, where[0]) if d and d != USER_DIM)  # users: `user_days` below
     usable = [g for g in GRAINS if BUCKET_MICROS[g] <= widest and all(rolled(g, d) for d in sketched)]
     one_group = bool(where[0]) and dim == where[0]
     dim = None if one_group else dim

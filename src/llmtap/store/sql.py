@@ -25,7 +25,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -40,6 +40,7 @@ from llmtap.store.query import (
     decode_sort_cursor,
     encode_cursor,
     encode_sort_cursor,
+    from_micros,
     is_group_by,
     iso,
     to_micros,
@@ -451,22 +452,23 @@ def from_sql(
     )
 
 
-def _property_rows(
-    p: Params, tenant: str, f: ListQuery, name: str, since: datetime | None, until: datetime | None
-) -> str:
-    """The `request_properties` rows of `f`'s filter property `name` in `f`'s time range."""
+def _property_rows(p: Params, tenant: str, f: ListQuery, name: str, *bounds: datetime | None) -> str:
+    """The `request_properties` rows of `f`'s filter property `name` in `f`'s time range, within
+    `bounds` (pairs of since and until, None for open) too."""
     d = p.dialect
     conds = [
         f"rp.tenant = {p(tenant)}",
         equals(d, "rp.name", p(property_name(name))),
         equals(d, "rp.value", p(f.properties[name])),
     ]
-    for s in (f.since, since):
-        if s is not None:
-            conds.append(f"rp.created_at >= {p(d.ts_param(to_micros(s)))}")
-    for u in (f.until, until):
-        if u is not None:
-            conds.append(f"rp.created_at < {p(d.ts_param(to_micros(u)))}")
+    # One bound each way: SQLite ranges its index on one and checks each row against the others.
+    times = (f.since, f.until, *bounds)
+    lo = max((t for t in times[0::2] if t is not None), default=None)
+    hi = min((t for t in times[1::2] if t is not None), default=None)
+    if lo is not None:
+        conds.append(f"rp.created_at >= {p(d.ts_param(to_micros(lo)))}")
+    if hi is not None:
+        conds.append(f"rp.created_at < {p(d.ts_param(to_micros(hi)))}")
     return " AND ".join(conds)
 
 
@@ -474,51 +476,78 @@ def _count_sql(p: Params, inner: str, cap: int) -> tuple[str, list[Any]]:
     return f"SELECT count(*) FROM (SELECT 1 {inner} LIMIT {p(cap)}) AS c", p.values
 
 
-#: Rows a page's candidate indexes are counted up to when choosing one (`property_walk`).
+#: Rows a page's candidate walks are counted up to when choosing one (`property_walk`).
 WALK_COUNT_CAP = 1000
+#: Filters on a request's own columns: the time walk checks them before any property.
+_NARROWING = (
+    "provider", "status", "status_class", "outcome", "error",
+    "min_cost_usd", "max_cost_usd", "min_latency_ms", "max_latency_ms",
+)  # fmt: skip
 
 
 def property_walk(
     d: Dialect,
     tenant: str,
     f: ListQuery,
-    count: Callable[[str, list[Any]], int],
+    fetch: Callable[[str, list[Any]], Sequence[Sequence[Any]]],
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> str | None:
     """The filter property whose `request_properties` rows a list page or a raw stats read walks
-    (see `from_sql`), or None for the requests' own indexes; `count` runs a counting query.
+    (see `from_sql`), or None for the requests' own indexes; `fetch` runs a query.
 
-    The property with the fewest rows in the range is walked, unless an equality on an indexed
-    column has no more (a user's or a session's requests). A value no request has then costs
-    one index probe: walking the range for it took 0.8 s at 1M rows, seconds with another filter
-    that needs each row, and stats over a common value's rows took 4.8 s instead of 0.65 s.
-    Counting costs at most `WALK_COUNT_CAP` index steps per candidate, and a lone property with
-    no other index to weigh it against is walked uncounted. SQLite's choice: PostgreSQL plans
-    the EXISTS of `where_sql` as a join by its statistics (the same figures either way).
+    A value few requests have is found without walking the range: one no request has took
+    0.8 s at 1M rows, seconds with another filter that needs each row, and stats over a 6%
+    value's rows 4.8 s instead of 0.65 s. But a step of the property walk costs about twice a
+    step of the time walk, which checks a request's own columns (`_NARROWING`) before any
+    property: with such a filter, a value on a third of the requests or more is left to the
+    time walk. The shares are those of the `WALK_COUNT_CAP` requests the page would walk
+    first (the newest, or the oldest), so two common values are told apart. An equality on an
+    indexed column (a user's or a session's requests) keeps its index unless the property has
+    fewer rows in the range, both counted up to the cap. SQLite's choice: PostgreSQL plans the
+    EXISTS of `where_sql` as a join by its statistics (the same figures either way).
     """
     if f.sort != "time" or not f.properties or f.q:
         return None
-    if len(f.properties) == 1 and all(getattr(f, c) is None for c in HASH_INDEXED):
-        return next(iter(f.properties))  # no other index to weigh it against
-    counts = {}
-    for name in sorted(f.properties):
+    indexed = [c for c in sorted(HASH_INDEXED) if getattr(f, c) is not None]
+    narrowed = any(getattr(f, c) is not None for c in _NARROWING)
+    if len(f.properties) == 1 and not indexed and not narrowed:
+        return next(iter(f.properties))  # nothing else to weigh it against
+
+    def rows(name: str, a: datetime | None = None, b: datetime | None = None) -> int:
         p = Params(d)
-        counts[name] = count(
-            *_count_sql(
-                p,
-                f"FROM request_properties rp WHERE {_property_rows(p, tenant, f, name, since, until)}",
-                WALK_COUNT_CAP,
-            )
-        )
-    name = min(counts, key=counts.__getitem__)
-    for column in sorted(HASH_INDEXED):
-        if getattr(f, column) is None:
-            continue
-        p = Params(d)
-        only = ListQuery(since=f.since, until=f.until, **{column: getattr(f, column)})
-        if count(*_count_sql(p, from_sql(p, tenant, only, since, until), WALK_COUNT_CAP)) <= counts[name]:
-            return None
+        walked = _property_rows(p, tenant, f, name, since, until, a, b)
+        found = fetch(*_count_sql(p, f"FROM request_properties rp WHERE {walked}", WALK_COUNT_CAP))
+        return int(found[0][0])
+
+    # The first WALK_COUNT_CAP requests of the range in page order end at `edge`.
+    p = Params(d)
+    bounds = ListQuery(since=f.since, until=f.until)
+    order = "ASC" if f.order == "asc" else "DESC"
+    edge_rows = fetch(
+        f"SELECT r.created_at {from_sql(p, tenant, bounds, since, until)}"
+        f" ORDER BY r.created_at {order} LIMIT 1 OFFSET {p(WALK_COUNT_CAP - 1)}",
+        p.values,
+    )
+    if edge_rows:
+        edge = from_micros(d.ts_value(edge_rows[0][0]))
+        window = (edge, None) if order == "DESC" else (None, edge + timedelta(microseconds=1))
+        shares = {name: rows(name, *window) for name in sorted(f.properties)}
+    else:  # a range of fewer requests than that: any walk is short
+        shares = {name: rows(name) for name in sorted(f.properties)}
+    name = min(shares, key=shares.__getitem__)
+    if edge_rows and narrowed and 3 * shares[name] >= WALK_COUNT_CAP:
+        return None
+    if indexed:
+        fewest = rows(name)
+        for column in indexed:
+            p = Params(d)
+            only = ListQuery(since=f.since, until=f.until, **{column: getattr(f, column)})
+            if (
+                int(fetch(*_count_sql(p, from_sql(p, tenant, only, since, until), WALK_COUNT_CAP))[0][0])
+                <= fewest
+            ):
+                return None
     return name
 
 

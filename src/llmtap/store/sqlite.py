@@ -363,8 +363,12 @@ class SQLiteStore(Store):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(executor, fn, *args)
+        except RuntimeError as e:  # the pool was shut down: `close()` has begun
+            if "shutdown" not in str(e):
+                raise
+            raise TransientError(f"SQLite store {self.path} is closing") from None
         except sqlite3.OperationalError as e:
-            if executor is self._reader and "syntax error" in str(e):
+            if executor is not self._writer and "syntax error" in str(e):
                 raise  # a query llmtap built wrong: a bug (500), not a store to wait for (503)
             # locked / busy / disk I/O / full disk: passing conditions, the caller retries.
             # (A write that can never succeed waits too: its records stay in the queue.)
@@ -503,6 +507,7 @@ class SQLiteStore(Store):
         self._r()  # a file that cannot be read fails here, at start-up
 
     async def close(self) -> None:
+        reader, self._reader = self._reader, None  # a read asked for from now on is told at once
         if self._hooks is not None:
             await self._hooks.close()
             self._hooks = None
@@ -518,11 +523,11 @@ class SQLiteStore(Store):
 
             await asyncio.get_running_loop().run_in_executor(self._writer, _close)
             self._writer.shutdown(wait=True)
-        if self._reader is not None:
+        if reader is not None:
             # A read still running (stats over raw rows: seconds, a dashboard's call) is
             # interrupted, and so is any queued behind it, again and again until the pool has
             # stopped: a shutdown waits for no query (the callers get a 503).
-            done = asyncio.get_running_loop().run_in_executor(None, self._reader.shutdown, True)
+            done = asyncio.get_running_loop().run_in_executor(None, reader.shutdown, True)
             while not done.done():
                 with self._rlock:
                     for conn in self._rconns:
@@ -532,7 +537,7 @@ class SQLiteStore(Store):
                 conns, self._rconns = self._rconns, []
             for conn in conns:
                 conn.close()
-        self._writer = self._reader = None
+        self._writer = None
 
     # -- writes -----------------------------------------------------------------------------------
     async def write_batch(
@@ -678,7 +683,7 @@ class SQLiteStore(Store):
                 if len(rows) > query.limit:
                     items, cursor = sql.page_from_rows(DIALECT, rows, query.limit, query.sort)
                     return Page(items=items, next_cursor=cursor)
-        through = sql.property_walk(DIALECT, tenant, query, self._count)
+        through = sql.property_walk(DIALECT, tenant, query, self._fetch)
         q, params = sql.list_sql(DIALECT, tenant, query, sort_index=sort_index, through=through)
         items, cursor = sql.page_from_rows(DIALECT, self._fetch(q, params), query.limit, query.sort)
         return Page(items=items, next_cursor=cursor)
@@ -686,9 +691,6 @@ class SQLiteStore(Store):
     async def stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
         validate_stats(query)
         return await self._read(self._stats, tenant, query)
-
-    def _count(self, query: str, params: Sequence[Any]) -> int:
-        return int(self._fetch(query, params)[0][0])
 
     def _sums(
         self,
@@ -729,7 +731,7 @@ class SQLiteStore(Store):
         return {**self._raw_stats(tenant, query), **rollup.RAW_SOURCE}
 
     def _raw_stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
-        through = sql.property_walk(DIALECT, tenant, query.filters, self._count, query.since, query.until)
+        through = sql.property_walk(DIALECT, tenant, query.filters, self._fetch, query.since, query.until)
         overall_rows = self._sums(tenant, query, "overall", through=through)
         if not overall_rows or not overall_rows[0][1]["count"]:
             return {"overall": sql.empty_totals(), "groups": [], "buckets": []}
@@ -781,7 +783,7 @@ class SQLiteStore(Store):
         return await self._read(self._list_sessions, tenant, query)
 
     def _list_sessions(self, tenant: str, query: ListQuery) -> Page:
-        through = sql.property_walk(DIALECT, tenant, query, self._count)
+        through = sql.property_walk(DIALECT, tenant, query, self._fetch)
         q, params = sql.sessions_sql(DIALECT, tenant, query, through)
         newest = self._fetch(q, params)
         ids = [row[0] for row in newest[: query.limit]]
