@@ -36,6 +36,7 @@ from llmtap.ingest_token import ingest_token
 from llmtap.record import Body, LogRecord, compress, encode, encode_many
 from llmtap.server.app import ServerService
 from llmtap.server.security import host_allowed
+from llmtap.store.base import StatsQuery
 from procs import free_port, http_json, ingest_auth, llmtap_env, start_llmtap, wait_http, wait_until
 from store_helpers import rec as _rec
 
@@ -655,3 +656,42 @@ def _encode(raw: str) -> str:
         else:
             out.append("".join(f"%{x:02X}" for x in b))
     return "".join(out)
+
+
+async def test_stopping_waits_for_no_slow_query(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM with a raw stats call in flight (seconds at 1M rows; here a query that never
+    ends) stops the server at once, long before its shutdown timeout: the query is cut and its
+    caller told 503. The store itself stays usable (in `llmtap up` the worker still writes)."""
+    from llmtap.store.sqlite import SQLiteStore
+
+    endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+
+    def slow_stats(self: SQLiteStore, tenant: str, query: Any) -> dict[str, Any]:
+        self._fetch(endless, ())
+        raise AssertionError("the endless query ended")
+
+    monkeypatch.setattr(SQLiteStore, "_stats", slow_stats)
+    svc = await start(tmp_path, shutdown_timeout=300)
+    store = svc.store
+    assert isinstance(store, SQLiteStore)
+    async with aiohttp.ClientSession() as http:
+
+        async def ask() -> tuple[int, Any]:
+            async with http.get(f"http://127.0.0.1:{svc.port}/api/v1/stats?exact=true") as r:
+                return r.status, await r.json()
+
+        calls = [asyncio.ensure_future(ask()) for _ in range(2)]
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(store._running) < 2:  # both queries are running
+            assert asyncio.get_running_loop().time() < deadline, "the stats calls never started"
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(svc.stop(), 60)  # not the 300 s shutdown timeout
+        for status, body in await asyncio.gather(*calls):
+            assert status == 503, body
+    # Reads asked for after the cut run as usual (the store is shared with other services).
+    monkeypatch.undo()
+    await store.connect()
+    try:
+        assert (await store.stats("default", StatsQuery(exact=True)))["overall"]["count"] == 0
+    finally:
+        await store.close()

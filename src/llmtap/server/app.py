@@ -282,8 +282,10 @@ class ServerService(OnBackends):
                 shutdown_timeout=self.settings.shutdown_timeout,
             )
             await runner.setup()
-            # Stops accepting, lets in-flight calls finish (ingest: an fsync).
+            # Stops accepting, lets in-flight calls finish (ingest: an fsync) ...
             stack.push_async_callback(runner.cleanup)
+            # ... having first cut the store reads they wait on (a raw stats call: seconds).
+            stack.push_async_callback(self.store.cut_reads)
             host = self.settings.host
             try:
                 site = web.TCPSite(runner, host, self.settings.server_port)

@@ -70,6 +70,13 @@ class Store(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    async def cut_reads(self) -> None:
+        """End the reads asked for so far: running ones are interrupted, queued ones refused,
+        their callers told the store is unavailable (a 503). A stopping server calls it so that
+        its stop waits for no slow query; reads asked for afterwards run as usual. (Nothing
+        here: a PostgreSQL query ends with the pool's connections, or by its own timeout.)"""
+        return None
+
     def webhooks(self) -> WebhookDB:
         """Webhook endpoints and the outbox (written with the records by `write_batch`)."""
         raise NotImplementedError(f"{type(self).__name__} has no webhook outbox")

@@ -330,6 +330,9 @@ class SQLiteStore(Store):
         self._local = threading.local()  # a reader thread's connection
         self._rconns: list[sqlite3.Connection] = []  # every reader thread's, to close
         self._rlock = threading.Lock()
+        self._asked = 0  # reads asked for so far: a read's ticket
+        self._cut = 0  # reads with a lower ticket are refused or interrupted (`cut_reads`)
+        self._running: dict[int, sqlite3.Connection] = {}  # ticket: the reader's connection
         self._checkpointer: _Checkpointer | None = None
         self._hooks: SQLiteWebhooks | None = None
         self._outbox = False  # the webhook tables are there (not in a file migrated only part-way)
@@ -378,7 +381,33 @@ class SQLiteStore(Store):
         return await self._run(self._writer, fn, *args)
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._run(self._reader, fn, *args)
+        ticket, self._asked = self._asked, self._asked + 1
+
+        def read() -> T:
+            conn = self._r()
+            with self._rlock:
+                self._running[ticket] = conn
+            try:
+                if ticket < self._cut:
+                    raise sqlite3.OperationalError("interrupted: the server is stopping")
+                return fn(*args)
+            finally:
+                with self._rlock:
+                    del self._running[ticket]
+
+        return await self._run(self._reader, read)
+
+    async def cut_reads(self) -> None:
+        self._cut = self._asked
+        # Again and again until none is left: a read may start its query just after one pass.
+        while True:
+            with self._rlock:
+                cut = [conn for ticket, conn in self._running.items() if ticket < self._cut]
+                for conn in cut:
+                    conn.interrupt()
+            if not cut:
+                return
+            await asyncio.sleep(0.05)
 
     def _w(self) -> sqlite3.Connection:
         assert self._wconn is not None
