@@ -440,7 +440,7 @@ log.debug("not shown at info")
 
 
 async def test_requests_left_in_the_data_dirs_store_are_named_when_another_store_is_used(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Switched to another store (PostgreSQL, another file), the data directory's store.db still
     holds the requests stored before, which llmtap does not move: start-up says so, once."""
@@ -467,3 +467,10 @@ async def test_requests_left_in_the_data_dirs_store_are_named_when_another_store
     said = await warnings(elsewhere)
     assert len(said) == 1 and str(tmp_path / "store.db") in said[0] and "elsewhere.db" in said[0], said
     assert await warnings("sqlite") == []  # the data directory's own store: nothing left behind
+    # ... however it is named (an outside check saw the warning for the store in use).
+    assert await warnings(f"sqlite:{tmp_path / 'store.db'}") == []
+    (tmp_path / "alias.db").symlink_to(tmp_path / "store.db")
+    assert await warnings(f"sqlite:{tmp_path / 'alias.db'}") == []
+    monkeypatch.chdir(tmp_path.parent)
+    assert await warnings(f"sqlite:./{tmp_path.name}/store.db") == []
+    assert await warnings(f"sqlite:{tmp_path.name}//store.db") == []

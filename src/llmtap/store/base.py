@@ -13,6 +13,7 @@ the API spells it, is `llmtap.store.query`.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -158,8 +159,12 @@ def left_behind(settings: Settings) -> str | None:
     names another store: llmtap moves nothing between stores, and after switching to
     PostgreSQL a team saw an empty dashboard with no word about where its requests were."""
     default = settings.data_dir / STORES.backend("sqlite").default_path
-    if embedded_store_path(settings) == str(default) or not default.is_file():
+    if not default.is_file():
         return None
+    in_use = embedded_store_path(settings)
+    with contextlib.suppress(OSError):  # the same file however named: relative, `./`, a symlink
+        if in_use is not None and os.path.samefile(in_use, default):
+            return None
     try:
         with contextlib.closing(sqlite3.connect(f"{default.resolve().as_uri()}?mode=ro", uri=True)) as db:
             if not db.execute("SELECT EXISTS (SELECT 1 FROM requests)").fetchone()[0]:
