@@ -1252,6 +1252,15 @@ async def test_all_time_older_than_the_charts_hold_says_so_and_a_filter_matching
             await playwright_api.expect(hint).not_to_contain_text("oldest", timeout=WAIT)
             await playwright_api.expect(requests).to_have_text("0", timeout=WAIT)
             assert await pg.locator("#banner").is_hidden()
+            # A custom range as long is charted to its end, and says so (it was the 400 alone).
+            until = now.strftime("%Y-%m-%dT%H:%M")
+            await pg.goto(s.base + f"/#/overview?range=custom&since=1990-01-01T00:00&until={until}")
+            await playwright_api.expect(hint).to_contain_text(
+                "the range asked for starts at 1990-01-01", timeout=WAIT
+            )
+            await playwright_api.expect(hint).to_contain_text("a chart holds its last 9,990 days")
+            await playwright_api.expect(requests).to_have_text("1", timeout=WAIT)
+            assert await pg.locator("#banner").is_hidden()
 
 
 async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(

@@ -1213,8 +1213,8 @@ async function viewOverview(id, params) {
   const bar = filterBar(params, "overview", { defaultRange, extra: [groupInput] });
   renderPending("Overview", bar);
   let range = rangeOf(params, defaultRange);
-  let olderThanShown = null; // "all time" reaching past what the charts can hold (MAX_DAYS)
-  if ((params.get("range") || defaultRange) === "all") {
+  const allTime = (params.get("range") || defaultRange) === "all";
+  if (allTime) {
     // All time starts at the oldest request the filters match: the list's first row, oldest
     // first (a walk of the time index that stops there, whatever the filters).
     const fq = apiFilters(params, defaultRange);
@@ -1222,10 +1222,12 @@ async function viewOverview(id, params) {
     const oldest = (await api("api/v1/requests?" + fq)).items[0];
     const now = new Date();
     range = { since: oldest ? new Date(oldest.created_at) : new Date(now - 86400000), until: now };
-    if (now - range.since > MAX_DAYS * 86400000) {
-      olderThanShown = range.since;
-      range.since = new Date(now - MAX_DAYS * 86400000);
-    }
+  }
+  // "All time" or a custom range reaching past what a chart can hold is charted to its end.
+  let olderThanShown = null;
+  if (range.until - range.since > MAX_DAYS * 86400000) {
+    olderThanShown = range.since;
+    range = { since: new Date(range.until - MAX_DAYS * 86400000), until: range.until };
   }
   const bucket = bucketFor((range.until - range.since) / 1000);
   // The range widens to whole (UTC) buckets: every bucket charted is complete at its start, and
@@ -1277,7 +1279,8 @@ async function viewOverview(id, params) {
     bar,
     h("p", { class: "hint muted", id: "overview-range" }, `${fmtTime(since.toISOString())} to ${custom ? fmtTime(until.toISOString()) : "now"} (UTC), in whole ${bucket}s`,
       series.source === "rollups" ? ` · from rollups (percentiles within ${Math.round(series.percentile_relative_error * 100)}%)` : "",
-      olderThanShown ? ` · the oldest request, at ${fmtTime(olderThanShown.toISOString())}, is older than the ${fmtInt(MAX_DAYS)} days charted` : ""),
+      olderThanShown ? (allTime ? ` · the oldest request, at ${fmtTime(olderThanShown.toISOString())}, is older than the ${fmtInt(MAX_DAYS)} days charted`
+        : ` · the range asked for starts at ${fmtTime(olderThanShown.toISOString())}: a chart holds its last ${fmtInt(MAX_DAYS)} days`) : ""),
     h("div", { class: "tiles" },
       tile("Requests", fmtInt(o.count), o.count ? `${bucket} buckets` : "none yet in this range"),
       tile("Errors", fmtInt(o.error_count), o.error_count ? [pct(o.error_rate) + " of requests · ",
