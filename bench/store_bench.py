@@ -304,6 +304,21 @@ async def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
                 "list property env=dev, 50": lambda: store.list_requests(
                     TENANT, ListQuery(limit=50, properties={"env": "dev"})
                 ),
+                # A value no request has: the page is empty, however many rows the range holds.
+                "list property feature=none, 50": lambda: store.list_requests(
+                    TENANT, ListQuery(limit=50, properties={"feature": "f-none"})
+                ),
+                "list property env=dev + model=X, 50": lambda: store.list_requests(
+                    TENANT, ListQuery(limit=50, model="claude-haiku-4", properties={"env": "dev"})
+                ),
+                "list property feature=none + since 7d, 50": lambda: store.list_requests(
+                    TENANT,
+                    ListQuery(
+                        limit=50,
+                        properties={"feature": "f-none"},
+                        since=datetime.now(UTC) - timedelta(days=7),
+                    ),
+                ),
                 "list model+since 7d, 50": lambda: store.list_requests(
                     TENANT,
                     ListQuery(limit=50, model="claude-haiku-4", since=datetime.now(UTC) - timedelta(days=7)),
