@@ -282,10 +282,7 @@ class ServerService(OnBackends):
                 shutdown_timeout=self.settings.shutdown_timeout,
             )
             await runner.setup()
-            # Stops accepting, lets in-flight calls finish (ingest: an fsync) ...
-            stack.push_async_callback(runner.cleanup)
-            # ... having first cut the store reads they wait on (a raw stats call: seconds).
-            stack.push_async_callback(self.store.cut_reads)
+            stack.push_async_callback(self._finish_calls, runner)
             host = self.settings.host
             try:
                 site = web.TCPSite(runner, host, self.settings.server_port)
@@ -340,6 +337,19 @@ class ServerService(OnBackends):
         )
         retention.start()
         self._stack.push_async_callback(retention.stop)  # first to stop: it uses everything else
+
+    async def _finish_calls(self, runner: web.AppRunner) -> None:
+        """Stop accepting and let the calls in flight finish (ingest: an fsync), cutting the
+        store reads they wait on (a raw stats call: seconds) until the last has answered: a
+        call accepted as the stop began asks for its read after the first cut."""
+        cleanup = asyncio.ensure_future(runner.cleanup())
+        try:
+            while not cleanup.done():
+                await self.store.cut_reads()
+                await asyncio.wait([cleanup], timeout=0.1)
+        finally:
+            cleanup.cancel()  # nothing when done; else a stop given up on takes it along
+        await cleanup
 
     async def _stop_ingest(self) -> None:
         with contextlib.suppress(Exception):
