@@ -349,11 +349,14 @@ async def test_overflow_goes_to_the_overflow_sink_while_the_queue_is_slow(tmp_pa
     await pub.start()
     for i in range(30):
         pub.submit(capture(i))
-        await asyncio.sleep(0.002)  # traffic over time: the overflow path keeps up
+        # Traffic over time: the overflow path keeps up. (Paced by 2 ms sleeps, a loaded CI
+        # machine let 10 captures pile up on it, and the next was dropped.)
+        await wait_for(lambda: pub.spill_bytes == 0)
     await wait_for(lambda: len(spool.records) == 20)  # 10 fit the buffer, 20 overflow at once
     assert q.messages == [] and pub.dropped == 0 and pub.spilled == 20
     q.release.set()
-    await wait_for(lambda: len(q.messages) == 10)
+    # The counters move once the publish call has returned, after the queue holds the messages.
+    await wait_for(lambda: len(q.messages) == 10 and pub.published == 30)
     ids = {decode(m.value).id for m in q.messages} | {r.id for r in spool.records}
     assert ids == {capture(i).id for i in range(30)}
     assert {r.route for r in spool.records} == {"spool"}
