@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 from yarl import URL
@@ -38,6 +39,7 @@ from llmtap.server.app import ServerService
 from llmtap.server.security import host_allowed
 from llmtap.store.base import StatsQuery
 from procs import free_port, http_json, ingest_auth, llmtap_env, start_llmtap, wait_http, wait_until
+from store_helpers import pg_database, pg_url
 from store_helpers import rec as _rec
 
 pytestmark = pytest.mark.timeout(180)
@@ -709,3 +711,63 @@ async def test_stopping_waits_for_no_slow_query(tmp_path: Path, monkeypatch: pyt
         assert (await store.stats("default", StatsQuery(exact=True)))["overall"]["count"] == 0
     finally:
         await store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="needs PostgreSQL (scripts/services.sh up)")
+async def test_stopping_cuts_postgresql_reads_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on SQLite: a stop with a raw stats call in flight on PostgreSQL (10-30 s at 10M rows;
+    here one that never ends) ends its query on the server and answers 503 at once, and the
+    store's later reads run. An outside check found the stop waited the whole shutdown timeout."""
+    from llmtap.store.postgres import PostgresStore
+
+    marker = f"llmtap-cut-{uuid.uuid4().hex[:8]}"
+
+    async def endless_stats(self: PostgresStore, tenant: str, query: Any) -> dict[str, Any]:
+        if query.bucket == "day":  # a call accepted as the stop begins: its read starts later
+            late.set()
+            await asyncio.sleep(1)
+        await self._analytic(f"SELECT pg_sleep(3600) /* {marker} */", ())
+        raise AssertionError("the endless query ended")
+
+    async def until_sleeping(conn: asyncpg.Connection, n: int, what: str) -> None:
+        q = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()"
+        deadline = asyncio.get_running_loop().time() + 60
+        while (got := await conn.fetchval(q, f"%pg_sleep(3600) /* {marker}%")) != n:
+            assert asyncio.get_running_loop().time() < deadline, f"{what}: {got} queries sleeping"
+            await asyncio.sleep(0.05)
+
+    late = asyncio.Event()
+    async with pg_database() as url:
+        stats = PostgresStore.stats
+        monkeypatch.setattr(PostgresStore, "stats", endless_stats)
+        svc = await start(tmp_path, store=url, shutdown_timeout=300)
+        store = svc.store
+        assert isinstance(store, PostgresStore)
+        watcher = await asyncpg.connect(url)
+        try:
+            async with aiohttp.ClientSession() as http:
+
+                async def ask(query: str = "") -> tuple[int, Any]:
+                    async with http.get(f"http://127.0.0.1:{svc.port}/api/v1/stats?exact=true{query}") as r:
+                        return r.status, await r.json()
+
+                calls = [asyncio.ensure_future(ask()) for _ in range(2)]
+                await until_sleeping(watcher, 2, "the stats queries never started")
+                calls.append(asyncio.ensure_future(ask("&bucket=day")))
+                await asyncio.wait_for(late.wait(), 60)
+                await asyncio.wait_for(svc.stop(), 60)  # not the 300 s shutdown timeout
+                for status, body in await asyncio.gather(*calls):
+                    assert status == 503, body
+            # The queries ended on the server too (asyncpg cancels them), not only in the client.
+            await until_sleeping(watcher, 0, "the queries still run on the server")
+        finally:
+            await watcher.close()
+        # Reads asked for after the cut run as usual (the store is shared with other services).
+        monkeypatch.setattr(PostgresStore, "stats", stats)
+        await store.connect()
+        try:
+            await store.cut_reads()  # nothing running: nothing to end
+            assert (await store.stats("default", StatsQuery(exact=True)))["overall"]["count"] == 0
+        finally:
+            await store.close()

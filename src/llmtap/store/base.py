@@ -74,8 +74,8 @@ class Store(ABC):
     async def cut_reads(self) -> None:
         """End the reads asked for so far: running ones are interrupted, queued ones refused,
         their callers told the store is unavailable (a 503). A stopping server calls it so that
-        its stop waits for no slow query; reads asked for afterwards run as usual. (Nothing
-        here: a PostgreSQL query ends with the pool's connections, or by its own timeout.)"""
+        its stop waits for no slow query; reads asked for afterwards run as usual. Writes are
+        not cut: once sent, they finish (the worker's batch, an API key made)."""
         return None
 
     def webhooks(self) -> WebhookDB:

@@ -381,6 +381,7 @@ class PostgresStore(Store):
         self._outbox = False  # the webhook tables exist (not in a database migrated part-way)
         self._partition_mutex = asyncio.Lock()
         self._outage: str | None = None  # the reason, while PostgreSQL is unreachable
+        self._reads: set[asyncio.Timeout] = set()  # reads running: `cut_reads` ends them
 
     # -- outage state: one log line when it starts, one when it ends ------------------------------
     def _down(self, cause: BaseException | str) -> None:
@@ -417,24 +418,53 @@ class PostgresStore(Store):
             raise TransientError(f"PostgreSQL store at {self._where} is not connected")
         return self._pool
 
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[None]:
+        """A read `cut_reads` can end: its deadline, none until then, is moved to now (asyncpg
+        cancels the query on the server), and its caller is told the store is unavailable."""
+        deadline = asyncio.timeout(None)
+        try:
+            async with deadline:
+                self._reads.add(deadline)
+                try:
+                    yield
+                finally:
+                    self._reads.discard(deadline)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # not the cut's (outside `_errors`, which reads a timeout as an outage)
+            raise TransientError(f"PostgreSQL store at {self._where}: the server is stopping") from None
+
+    async def cut_reads(self) -> None:
+        for deadline in list(self._reads):
+            if not deadline.expired():
+                deadline.reschedule(asyncio.get_running_loop().time())
+
     async def _first_hits(self, query: str, params: Sequence[Any], n: int) -> list[Sequence[Any]]:
         """`sql.first_hits` through a cursor: the server stops where the page is full (or the
         walk gives up)."""
         out: list[Sequence[Any]] = []
-        with self._errors():
-            async with self._p().acquire() as conn, conn.transaction(readonly=True):
-                walked = 0
-                async for row in conn.cursor(query, *params, prefetch=200):
-                    walked += 1
-                    if row[-1]:  # the hit mark of `sql.search_scan_sql`
-                        out.append(tuple(row)[:-1])
-                        if len(out) >= n:
+        async with self._read():
+            with self._errors():
+                async with self._p().acquire() as conn, conn.transaction(readonly=True):
+                    walked = 0
+                    async for row in conn.cursor(query, *params, prefetch=200):
+                        walked += 1
+                        if row[-1]:  # the hit mark of `sql.search_scan_sql`
+                            out.append(tuple(row)[:-1])
+                            if len(out) >= n:
+                                break
+                        if walked in sql.SEARCH_PACE_AT and sql.walk_is_hopeless(len(out), walked, n):
                             break
-                    if walked in sql.SEARCH_PACE_AT and sql.walk_is_hopeless(len(out), walked, n):
-                        break
         return out
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """A read (`cut_reads` ends it)."""
+        async with self._read():
+            return await self._change(query, *args)
+
+    async def _change(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """A statement that writes: once sent, it is let finish."""
         with self._errors():
             rows: list[asyncpg.Record] = await self._p().fetch(query, *args)
             return rows
@@ -740,14 +770,16 @@ class PostgresStore(Store):
         return await self._analytic(q, params)
 
     async def _analytic(self, q: str, params: Sequence[Any]) -> list[Any]:
-        with self._errors():
-            async with self._p().acquire() as conn, conn.transaction(readonly=True):
-                # Percentiles and grouping sort or hash in memory: give them room rather than
-                # spill to disk (the per-user sums of 30 days of thousands of users need ~20 MB).
-                # JIT compilation costs more than it saves on these one-pass queries.
-                await conn.execute("SET LOCAL work_mem = '128MB'; SET LOCAL jit = off")
-                rows: list[Any] = await conn.fetch(q, *params)
-                return rows
+        async with self._read():
+            with self._errors():
+                async with self._p().acquire() as conn, conn.transaction(readonly=True):
+                    # Percentiles and grouping sort or hash in memory: give them room rather
+                    # than spill to disk (the per-user sums of 30 days of thousands of users
+                    # need ~20 MB). JIT compilation costs more than it saves on these one-pass
+                    # queries.
+                    await conn.execute("SET LOCAL work_mem = '128MB'; SET LOCAL jit = off")
+                    rows: list[Any] = await conn.fetch(q, *params)
+                    return rows
 
     async def stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
         """Overall, groups and buckets as separate queries on separate connections, run at once.
@@ -847,7 +879,7 @@ class PostgresStore(Store):
             # No record of those months is stored while their rows are released but not yet
             # dropped (migration 14): it would take a released key again.
             if self._floor:
-                await self._fetch(
+                await self._change(
                     "INSERT INTO retention_floor (one, before) VALUES (true, $1) ON CONFLICT (one)"
                     " DO UPDATE SET before = greatest(retention_floor.before, EXCLUDED.before)",
                     boundary,
@@ -933,7 +965,7 @@ class PostgresStore(Store):
 
     # -- API keys ---------------------------------------------------------------------------------
     async def create_key(self, tenant: str, name: str | None, key_hash: str, prefix: str) -> ApiKey:
-        row = await self._fetch(
+        row = await self._change(
             "INSERT INTO api_keys (id, tenant, name, prefix, key_hash, created_at)"
             " VALUES ($1, $2, $3, $4, $5, $6)"
             " RETURNING id, tenant, name, prefix, created_at, revoked_at",
@@ -965,7 +997,7 @@ class PostgresStore(Store):
         return [_api_key(r) for r in rows]
 
     async def revoke_key(self, key_id: str) -> bool:
-        rows = await self._fetch(
+        rows = await self._change(
             "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL RETURNING id",
             sql.now(),
             key_id,
