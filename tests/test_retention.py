@@ -185,3 +185,44 @@ async def test_an_old_record_redelivered_during_a_purge_is_not_stored_twice(
         while await store.delete_older_than(month, limit=5):
             pass
         assert len((await store.list_requests("acme", ListQuery(limit=100))).items) == 5
+
+
+@pytest.mark.parametrize(("chunk_seconds", "expected"), [(0.0, [1000, 100, 100]), (1e9, [1000, 1500])])
+async def test_sqlite_purge_chunks_follow_the_time_a_row_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_seconds: float, expected: list[int]
+) -> None:
+    """SQLite has one writer: a 10,000-row chunk (7-19 s at 1M rows) held the worker's next
+    batch and a stopping `llmtap up` as long. Chunks start at 1,000 rows and shrink when a
+    chunk outlasts `PURGE_CHUNK_SECONDS` (to 100 at least), grow at most twofold up to `limit`
+    when fast, and keep their size from call to call; every old row still goes, and only those."""
+    from llmtap.store.sqlite import SQLiteStore
+
+    asked: list[int] = []
+    chunk = SQLiteStore._delete_chunk
+
+    def counted(self: SQLiteStore, cutoff_us: int, limit: int) -> tuple[list[str], int]:
+        asked.append(limit)
+        return chunk(self, cutoff_us, limit)
+
+    monkeypatch.setattr(SQLiteStore, "_delete_chunk", counted)
+    now = datetime.now(UTC)
+    old = [rec(i, at=now - timedelta(days=40, seconds=i)) for i in range(1_200 if chunk_seconds else 1_150)]
+    kept = [rec(5_000 + i, at=now - timedelta(hours=1, seconds=i)) for i in range(10)]
+    for r in old:  # bodies end a `delete_older_than` call (their refs are returned)
+        r.request_body = r.response_body = None
+    async with open_store("sqlite", tmp_path) as store:
+        assert isinstance(store, SQLiteStore)
+        store.purge_chunk_seconds = chunk_seconds
+        await store.write_batch(old + kept)
+        assert await store.delete_older_than(cutoff_for(30), limit=1_500) == []
+        assert asked == expected
+        page = await store.list_requests("acme", ListQuery(limit=100))
+        assert sorted(i["id"] for i in page.items) == sorted(r.id for r in kept)
+        # The next call (a purge with bodies makes one per chunk) starts from the size found.
+        asked.clear()
+        late = [rec(8_000 + i, at=now - timedelta(days=35, seconds=i)) for i in range(300)]
+        for r in late:
+            r.request_body = r.response_body = None
+        await store.write_batch(late)
+        assert await store.delete_older_than(cutoff_for(30), limit=1_500) == []
+        assert asked[0] == expected[-1] and len((await store.list_requests("acme", ListQuery())).items) == 10
