@@ -26,7 +26,6 @@ import logging
 import re
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -271,12 +270,6 @@ WAL_SIZE_LIMIT = 64 * 1024 * 1024
 #: a slow query (stats over raw rows: seconds at 1M rows) held the Requests list, the drawer and
 #: the Overview's other calls behind it for as long (measured: a 19 ms page took 12.8 s).
 READERS = 4
-#: What one retention transaction aims to last: the worker's next batch, and a stopping
-#: `llmtap up`, wait for it on the one writer. A row costs ~0.7-2 ms at 1M rows (its index
-#: entries, search text, rollup rows): a fixed 10,000-row chunk held both 3-4 s on an idle
-#: machine, 7-19 s on a busy one. Shorter costs throughput: each chunk also rereads the rollup
-#: rows it touches (1,000-row chunks purged at half the rate of 10,000-row ones).
-PURGE_CHUNK_SECONDS = 2.0
 _ROLLUP_COLS = ", ".join(rollup.COLUMNS)
 _ROLLUP_GET = (
     f"SELECT {', '.join(rollup.COLUMNS[5:])} FROM rollups"
@@ -341,8 +334,6 @@ class SQLiteStore(Store):
         self._cut = 0  # reads with a lower ticket are refused or interrupted (`cut_reads`)
         self._running: dict[int, sqlite3.Connection] = {}  # ticket: the reader's connection
         self._checkpointer: _Checkpointer | None = None
-        self.purge_chunk_seconds = PURGE_CHUNK_SECONDS
-        self._purge_chunk = 1_000  # rows a retention transaction deletes (`delete_older_than`)
         self._hooks: SQLiteWebhooks | None = None
         self._outbox = False  # the webhook tables are there (not in a file migrated only part-way)
 
@@ -851,21 +842,14 @@ class SQLiteStore(Store):
 
     # -- retention --------------------------------------------------------------------------------
     async def delete_older_than(self, cutoff: datetime, limit: int = 10_000) -> list[str]:
-        """Deletes in chunks of at most `limit` rows until some body refs are found or nothing
-        is left. An empty list therefore means no row older than `cutoff` remains.
+        """Deletes in chunks of `limit` rows until some body refs are found or nothing is left.
+
+        An empty list therefore means no row older than `cutoff` remains.
         """
         us = to_micros(cutoff)
         while True:
-            # The chunk follows the time a row takes (`PURGE_CHUNK_SECONDS`), from call to call:
-            # a purge with bodies calls once per chunk.
-            n = min(limit, self._purge_chunk)
-            began = time.monotonic()
-            refs, deleted = await self._write(self._delete_chunk, us, n)
-            if deleted == n:  # a chunk that ended early says nothing of the time per row
-                took = time.monotonic() - began  # any wait behind the worker too: a busy writer
-                fit = int(n * self.purge_chunk_seconds / max(took, 1e-3))
-                self._purge_chunk = max(100, min(2 * n, fit))
-            if refs or deleted < n:
+            refs, deleted = await self._write(self._delete_chunk, us, limit)
+            if refs or deleted < limit:
                 return refs
 
     async def erase(self, tenant: str, by: str, value: str, limit: int = 10_000) -> tuple[int, list[str]]:
