@@ -234,6 +234,54 @@ async def test_export_streams_every_matching_row(server: Server) -> None:
         assert status == 400 and body["error"]["parameter"] == param, bad
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+async def test_an_export_cut_mid_way_ends_unfinished_not_with_a_second_answer(
+    server: Server, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """An outside check: a store read failing after the first page (a stop cutting reads, an
+    outage) had a whole 503 response written into the 200's chunked body. curl kept a cut CSV
+    after a framing error; an aiohttp client waited for ever. The connection now ends without
+    the last chunk: every client sees an unfinished transfer, and the rows sent stay whole."""
+    from llmtap.errors import TransientError
+    from llmtap.server import dashboard
+
+    await _load(server, 300)
+    monkeypatch.setattr(dashboard, "EXPORT_PAGE", 50)
+    store = server.svc.store
+    read = store.list_requests
+    pages = 0
+
+    async def cut_after_two(tenant: str, q: Any) -> Any:
+        nonlocal pages
+        pages += 1
+        if pages > 2:
+            raise TransientError("the server is stopping")
+        return await read(tenant, q)
+
+    monkeypatch.setattr(store, "list_requests", cut_after_two)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.svc.port)
+    writer.write(f"GET /api/v1/requests/export?format={fmt} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    raw = await asyncio.wait_for(reader.read(), 60)  # to the end: the server closes
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and raw.count(b"HTTP/1.1 ") == 1, raw[-300:]
+    assert b"Transfer-Encoding: chunked" in head and not body.endswith(b"0\r\n\r\n"), raw[-300:]
+    rows = b""  # the chunks sent: two pages, whole
+    while body:
+        size, _, rest = body.partition(b"\r\n")
+        rows, body = rows + rest[: int(size, 16)], rest[int(size, 16) + 2 :]
+    lines = rows.decode().splitlines()
+    assert len(lines) == 100 + (fmt == "csv"), lines[-3:]
+    pages = 0
+    async with server.http.get(f"{server.base}/api/v1/requests/export?format={fmt}") as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(r.read(), 60)
+    pages = -1000  # the store answers again: the export is whole
+    async with server.http.get(f"{server.base}/api/v1/requests/export?format=jsonl") as r:
+        assert len((await r.read()).splitlines()) == len(await _all(server, "", limit=1000))
+
+
 async def _events(server: Server, query: str, want: int, send: Callable[[], Awaitable[None]]) -> list[Any]:
     """The first `want` request events of a live tail opened before `send()` runs."""
     out: list[Any] = []

@@ -51,6 +51,8 @@ CHAIN = web.AppKey("chain", Chain)
 INGEST = web.AppKey("ingest", IngestQueue)
 TENANT = web.RequestKey("tenant", str)
 INGEST_CALLER = web.RequestKey("ingest_caller", IngestCaller)
+#: The streamed answer of a request whose status and headers are sent (`open_stream`).
+STREAM = web.RequestKey("stream", web.StreamResponse)
 
 
 #: A refused query parameter (400 naming it); raised by the vocabulary's parsers too.
@@ -66,6 +68,14 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 def error_response(status: int, message: str, **extra: Any) -> web.Response:
     headers = {"Retry-After": "5"} if status == 503 else None
     return json_response({"error": {"message": message, **extra}}, status=status, headers=headers)
+
+
+async def open_stream(request: web.Request, resp: web.StreamResponse) -> None:
+    """Send a streamed answer's status and headers. From then on an error cannot be answered
+    with its own status: the error middleware cuts the connection instead, so the client sees an
+    unfinished transfer (an export cut mid-way must not look complete)."""
+    request[STREAM] = resp
+    await resp.prepare(request)
 
 
 # -- parameter parsing ----------------------------------------------------------------------------

@@ -84,9 +84,18 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = api.error_response(e.status, e.reason)
         if "Allow" in e.headers:  # a 405 says which methods are (RFC 9110)
             response.headers["Allow"] = e.headers["Allow"]
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
+    except Exception as e:
+        stream = request.get(api.STREAM)
+        if not (isinstance(e, ConnectionResetError) and stream is not None):  # not a client gone
+            log.exception("%s %s failed", request.method, request.path)
         response = api.error_response(500, "internal error (logged on the server)")
+    stream = request.get(api.STREAM)
+    if stream is not None and stream is not response and stream.prepared:
+        # Its status went out with the first bytes: a second answer would be written into the
+        # body. End the connection unfinished (no last chunk): the client knows it is cut.
+        if request.transport is not None:
+            request.transport.close()
+        response = stream
     if endpoint.startswith("/api/"):
         API_REQUESTS.labels(endpoint, str(response.status)).inc()
     return response

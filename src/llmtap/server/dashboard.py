@@ -96,7 +96,7 @@ async def export(request: web.Request) -> web.StreamResponse:
             "Cache-Control": "no-store",
         }
     )
-    await resp.prepare(request)
+    await api.open_stream(request, resp)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
     if fmt == "csv":
@@ -160,7 +160,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",
         }
     )
-    await resp.prepare(request)
+    await api.open_stream(request, resp)
     # `opened_at` (the server's clock) lets a client catch up on what a broken stream missed.
     ready = orjson.dumps({"opened_at": opened.isoformat()})
     await resp.write(b": llmtap live tail\nretry: 2000\n\nevent: ready\ndata: " + ready + b"\n\n")
