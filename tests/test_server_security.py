@@ -731,7 +731,8 @@ async def test_stopping_cuts_postgresql_reads_too(tmp_path: Path, monkeypatch: p
         raise AssertionError("the endless query ended")
 
     async def until_sleeping(conn: asyncpg.Connection, n: int, what: str) -> None:
-        q = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()"
+        q = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1"
+        q += " AND pid <> pg_backend_pid()"
         deadline = asyncio.get_running_loop().time() + 60
         while (got := await conn.fetchval(q, f"%pg_sleep(3600) /* {marker}%")) != n:
             assert asyncio.get_running_loop().time() < deadline, f"{what}: {got} queries sleeping"
@@ -771,3 +772,41 @@ async def test_stopping_cuts_postgresql_reads_too(tmp_path: Path, monkeypatch: p
             assert (await store.stats("default", StatsQuery(exact=True)))["overall"]["count"] == 0
         finally:
             await store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="needs PostgreSQL (scripts/services.sh up)")
+async def test_a_failed_part_of_postgresql_stats_ends_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw stats run overall, groups and buckets as three queries at once. When one failed (cut
+    by a stop as it began), `asyncio.gather` answered at once and left the others running: a
+    query no one awaited held its connection, and the stop's pool close waited for it."""
+    from llmtap.errors import TransientError
+    from llmtap.store.postgres import PostgresStore
+
+    marker = f"llmtap-sibling-{uuid.uuid4().hex[:8]}"
+    started = asyncio.Event()
+
+    async def aggregate(self: PostgresStore, tenant: str, query: Any, kind: str, limit: Any = None) -> Any:
+        if kind == "overall":
+            await started.wait()
+            raise TransientError("cut")
+        started.set()
+        return await self._analytic(f"SELECT pg_sleep(3600) /* {marker} */", ())
+
+    monkeypatch.setattr(PostgresStore, "_aggregate", aggregate)
+    async with pg_database() as url:
+        store = PostgresStore(url)
+        await store.connect()
+        watcher = await asyncpg.connect(url)
+        try:
+            with pytest.raises(TransientError):
+                await asyncio.wait_for(store.stats("default", StatsQuery(exact=True, group_by="model")), 60)
+            q = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1"
+            q += " AND pid <> pg_backend_pid()"
+            deadline = asyncio.get_running_loop().time() + 20  # the pool's close would wait 3600 s
+            while running := await watcher.fetchval(q, f"%pg_sleep(3600) /* {marker}%"):
+                assert asyncio.get_running_loop().time() < deadline, f"{running} queries left running"
+                await asyncio.sleep(0.05)
+        finally:
+            await watcher.close()
+            await asyncio.wait_for(store.close(), 60)

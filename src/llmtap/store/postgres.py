@@ -24,9 +24,9 @@ import logging
 import re
 import socket
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -345,6 +345,22 @@ def _month_start(year: int, month: int) -> datetime:
 def _month_of(us: int) -> tuple[int, int]:
     dt = from_micros(us)
     return dt.year, dt.month
+
+
+T = TypeVar("T")
+
+
+async def _all_or_none(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """Every result, or the first error with the others cancelled and ended: `asyncio.gather`
+    left them running (their queries held connections a stop then waited on)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _api_key(row: Sequence[Any]) -> ApiKey:
@@ -814,7 +830,7 @@ class PostgresStore(Store):
             parts.append(("group", MAX_GROUPS))
         if query.bucket:
             parts.append(("bucket", MAX_BUCKETS))
-        results = await asyncio.gather(*(self._aggregate(tenant, query, k, lim) for k, lim in parts))
+        results = await _all_or_none(self._aggregate(tenant, query, k, lim) for k, lim in parts)
         found = dict(zip((k for k, _ in parts), results, strict=True))
         rows = found["overall"]
         overall = sql.aggregate_row(DIALECT, rows[0])[1] if rows and rows[0][1] else sql.empty_totals()
