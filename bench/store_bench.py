@@ -3,6 +3,7 @@
     .venv/bin/python bench/store_bench.py write [--pg URL] [--records 20000] [--batch 500]
     .venv/bin/python bench/store_bench.py scale [--store sqlite|pg] [--pg URL] [--rows 1000000]
     .venv/bin/python bench/store_bench.py cardinality [--store sqlite|pg] [--rows 300000] [--days 3]
+    .venv/bin/python bench/store_bench.py purge [--rows 300000] [--days 10] [--reuse store.db]
 
 `write` times `Store.write_batch` (the worker's path: COPY + INSERT ... SELECT on PostgreSQL,
 executemany in one transaction on SQLite) with batches of realistic records, on a fresh SQLite
@@ -27,6 +28,11 @@ models (`scale_data.HIGH_PROPS`), then times the dashboard's grouped stats on bo
 high / low per query: what a user pays for values that never repeat. Target: none above 1 s at
 300k rows over 3 days (a value per request still costs the database a GROUP BY over every value,
 so that query stays tens of times its low-cardinality time).
+
+`purge` (SQLite) deletes the loaded rows day by day as retention does, chunk sizes taking turns
+(`--chunks 10000,2000`; retention's is 10,000): rows/s and the longest transaction of each, i.e.
+how long the worker's next batch and a stop wait behind the purge. `--reuse` works on a copy of
+the file (the copy is deleted).
 
 10M rows: `--rows 10000000 --keep` once (prints the database URL or file and the load time),
 then `--reuse URL|PATH` for every later timing run (no loading).
@@ -451,9 +457,65 @@ async def bench_cardinality(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+async def bench_purge(args: argparse.Namespace) -> dict[str, Any]:
+    """Retention on SQLite, one day at a time, the chunk sizes taking turns (same file, same
+    run): a purge's throughput against how long one transaction holds the one writer."""
+    import shutil
+
+    sizes = [int(c) for c in args.chunks.split(",")]
+    target = tempfile.mktemp(prefix="llmtap-purge-", suffix=".db")
+    seen: dict[int, list[tuple[int, float]]] = {c: [] for c in sizes}
+    try:
+        if args.reuse:
+            print(f"copying {args.reuse}...", flush=True)
+            shutil.copyfile(args.reuse, target)
+        else:
+            print(f"loading {args.rows:,} rows over {args.days} days into sqlite...", flush=True)
+            await scale_data.load("sqlite", target, args.rows, args.days, args.procs)
+        store = SQLiteStore(target, rollup_properties=PROPS)
+        await store.connect()
+        chunk = store._delete_chunk
+        took: list[tuple[int, float]] = []
+
+        def timed(cutoff_us: int, limit: int) -> tuple[list[str], int]:
+            t0 = time.perf_counter()
+            refs, deleted = chunk(cutoff_us, limit)
+            took.append((deleted, time.perf_counter() - t0))
+            return refs, deleted
+
+        store._delete_chunk = timed  # type: ignore[method-assign]
+        first = await store._read(store._fetch, "SELECT min(created_at) FROM requests", ())
+        day = datetime.fromtimestamp(first[0][0] / 1e6, UTC)
+        day = day.replace(hour=0, minute=0, second=0, microsecond=0)
+        for i in range(args.purge_days):
+            size = sizes[i % len(sizes)]
+            took.clear()
+            while await store.delete_older_than(day + timedelta(days=i + 1), limit=size):
+                pass
+            seen[size] += took
+            rows = sum(d for d, _ in took)
+            print(f"day {i + 1}: chunks of {size:>6,} {rows:>7,} rows, {len(took):>3} chunks,"
+                  f" longest {max((t for _, t in took), default=0):.2f} s", flush=True)  # fmt: skip
+        await store.close()
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            Path(target + suffix).unlink(missing_ok=True)
+    out: dict[str, Any] = {}
+    print(f"\n{'chunk rows':<12} {'rows/s':>8} {'longest s':>10} {'median s':>9}")
+    for size, chunks in seen.items():
+        if not chunks:
+            continue
+        rows, secs = sum(d for d, _ in chunks), sum(t for _, t in chunks)
+        longest, median = max(t for _, t in chunks), statistics.median(t for _, t in chunks)
+        out[str(size)] = {"rows_per_s": round(rows / secs), "longest_s": round(longest, 2)}
+        out[str(size)]["median_s"] = round(median, 2)
+        print(f"{size:<12,} {rows / secs:>8,.0f} {longest:>10.2f} {median:>9.2f}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("write", "scale", "cardinality", "all"))
+    p.add_argument("what", choices=("write", "scale", "cardinality", "purge", "all"))
     p.add_argument("--pg", default=os.environ.get("LLMTAP_TEST_POSTGRES_URL"), help="PostgreSQL server URL")
     p.add_argument("--records", type=int, default=20_000, help="records for the write benchmark")
     p.add_argument("--batch", type=int, default=500)
@@ -463,6 +525,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the scale database")
     p.add_argument("--store", choices=("sqlite", "pg"), default="pg", help="the store the scale rows go to")
     p.add_argument("--procs", type=int, default=2, help="processes generating and writing the scale rows")
+    p.add_argument("--purge-days", type=int, default=6, help="days purge deletes, chunk sizes taking turns")
+    p.add_argument("--chunks", default="10000,2000", help="purge: the chunk sizes (rows) compared")
     p.add_argument("--raw", action="store_true", help="also time the stats from raw rows (slow at 10M)")
     p.add_argument(
         "--reuse",
@@ -470,8 +534,8 @@ def main() -> None:
     )
     args = p.parse_args()
     card = args.what == "cardinality"
-    args.rows = args.rows or (300_000 if card else 1_000_000)
-    args.days = args.days or (3 if card else 60)
+    args.rows = args.rows or (300_000 if args.what in ("cardinality", "purge") else 1_000_000)
+    args.days = args.days or (3 if card else 10 if args.what == "purge" else 60)
     out: dict[str, Any] = {}
     if args.what in ("write", "all"):
         out["write"] = asyncio.run(bench_write(args))
@@ -479,6 +543,8 @@ def main() -> None:
         out["scale"] = asyncio.run(bench_scale(args))
     if card:
         out["cardinality"] = asyncio.run(bench_cardinality(args))
+    if args.what == "purge":
+        out["purge"] = asyncio.run(bench_purge(args))
     print(json.dumps(out, indent=2))
 
 
