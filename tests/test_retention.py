@@ -185,3 +185,60 @@ async def test_an_old_record_redelivered_during_a_purge_is_not_stored_twice(
         while await store.delete_older_than(month, limit=5):
             pass
         assert len((await store.list_requests("acme", ListQuery(limit=100))).items) == 5
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_a_purge_rereads_only_the_rollup_rows_that_outlive_it(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each purge chunk read the first and last times of every rollup row it touched again,
+    most of a chunk's cost. Only rows whose bucket ends after the cutoff are read again now
+    (the others go whole in the same purge); the rollups' answers still equal the raw rows',
+    first and last times included, after a cutoff inside a day and one at midnight."""
+    from llmtap.store import StatsQuery, rollup
+
+    reread: list[str] = []
+    recompute = rollup.recompute_sql
+
+    def counted(d: Any, key: Any) -> Any:
+        reread.append(key[1])
+        return recompute(d, key)
+
+    monkeypatch.setattr(rollup, "recompute_sql", counted)
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=5)
+    hours = (2, 6, 10, 12.2, 12.8, 13, 15, 25, 30, 40)
+    records = [
+        rec(i, at=day + timedelta(hours=h, minutes=i), user_id=f"u{i % 3}") for i, h in enumerate(hours)
+    ]
+
+    async def same_answers(store: Any) -> None:
+        q = {"since": day - timedelta(days=1), "until": day + timedelta(days=3), "group_by": "user_id"}
+        rolled = await store.stats("acme", StatsQuery(**q, bucket="hour"))
+        raw = await store.stats("acme", StatsQuery(**q, bucket="hour", exact=True))
+        assert rolled["source"] == "rollups"
+        for part in ("overall", "groups", "buckets"):
+            assert _times(rolled[part]) == _times(raw[part]), part
+        assert await store.users("acme") == await store.users("acme", exact=True)
+
+    async with open_store(kind, tmp_path) as store:
+        for r in records:
+            r.request_body = r.response_body = None
+        await store.write_batch(records)
+        await same_answers(store)
+        while await store.delete_older_than(day + timedelta(hours=12.5), limit=2):  # inside a day
+            pass
+        await same_answers(store)
+        assert "hour" in reread and "day" in reread  # the rows of 12:00 and of that day stay
+        reread.clear()
+        while await store.delete_older_than(day + timedelta(days=1), limit=2):  # at midnight
+            pass
+        await same_answers(store)
+        assert set(reread) <= {"month"}  # no minute, hour or day row outlives this one
+        assert len((await store.list_requests("acme", ListQuery())).items) == 3
+
+
+def _times(part: Any) -> Any:
+    """Counts and first/last times of a stats part (a dict, or a list of groups or buckets)."""
+    if isinstance(part, list):
+        return [_times(x) for x in part]
+    return (part.get("key"), part.get("start"), part["count"], part.get("first_at"), part.get("last_at"))

@@ -909,7 +909,7 @@ class PostgresStore(Store):
                     # is left are read again.
                     gone = (row[4:] for row in rows if row[4] is not None)
                     await self._leave_rollups(
-                        conn, rollup.retention_deltas(gone, self.rollup_properties, to_micros)
+                        conn, rollup.retention_deltas(gone, self.rollup_properties, to_micros), cutoff_us
                     )
                 if refs or deleted < limit:
                     break
@@ -943,11 +943,14 @@ class PostgresStore(Store):
         return len(rows), [ref for row in rows for ref in sql.body_refs(row[:3])]
 
     async def _leave_rollups(
-        self, conn: asyncpg.Connection, deltas: dict[rollup.RollupKey, rollup.Cell]
+        self,
+        conn: asyncpg.Connection,
+        deltas: dict[rollup.RollupKey, rollup.Cell],
+        purged_before: int | None = None,
     ) -> None:
         """Take deleted rows' `deltas` out of the rollups (in the caller's transaction); the
-        first/last times of what is left are read again."""
-        for key in await self._apply_rollups(conn, deltas):
+        first/last times of what is left are read again (`rollup.to_reread`)."""
+        for key in rollup.to_reread(await self._apply_rollups(conn, deltas), purged_before):
             q, params = rollup.recompute_sql(DIALECT, key)
             first, last = (await conn.fetch(q, *params))[0]
             await conn.execute(
