@@ -333,6 +333,18 @@ async def test_stats_sessions_users(server: Server) -> None:
         assert status == 200
         paged += users["items"]
     assert paged == everyone["items"]
+    # Highest cost first, a page at a time the same way.
+    status, costly = await server.get("/api/v1/users?sort=cost")
+    assert [u["user_id"] for u in costly["items"]] == [
+        u["user_id"] for u in sorted(everyone["items"], key=lambda u: (-(u["cost_usd"] or 0), u["user_id"]))
+    ]
+    status, users = await server.get("/api/v1/users?sort=cost&limit=2")
+    paged = users["items"]
+    while users["next_cursor"]:
+        status, users = await server.get("/api/v1/users?sort=cost&limit=2&cursor=" + users["next_cursor"])
+        assert status == 200, users
+        paged += users["items"]
+    assert paged == costly["items"]
 
 
 # -- hostile input -------------------------------------------------------------------------------------
@@ -386,6 +398,9 @@ BAD = [
     ("/api/v1/stats?limit=5", "limit"),
     ("/api/v1/users?limit=0", "limit"),
     ("/api/v1/users?cursor=abc", "cursor"),
+    ("/api/v1/users?sort=latency", "sort"),
+    (f"/api/v1/users?sort=cost&cursor={_cursor([1, 'x'])}", "cursor"),  # a time sort's cursor
+    (f"/api/v1/users?cursor={_cursor([0, 'x', 'cost', 5])}", "cursor"),  # a cost sort's
     (f"/api/v1/users?cursor={_cursor([2**62 - 1, 'x'])}", "cursor"),
     ("/api/v1/users?user_id=x", "user_id"),
     ("/api/v1/requests/abc?x=1", "x"),

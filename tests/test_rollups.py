@@ -183,9 +183,9 @@ def users_sql_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = rollup.users_sql
 
-    def spy(d: Any, tenant: str, limit: int, start: int = 0, after: Any = None) -> Any:
+    def spy(d: Any, tenant: str, limit: int, start: int = 0, after: Any = None, sort: str = "time") -> Any:
         calls.append(tenant)
-        return real(d, tenant, limit, start, after)
+        return real(d, tenant, limit, start, after, sort)
 
     monkeypatch.setattr(rollup, "users_sql", spy)
     return calls
@@ -210,6 +210,20 @@ async def compare_users(
                 if len(page) < 7:
                     break
             assert pages == got, (tenant, exact)
+        # Highest cost first (unpriced counts as 0), then by user id; paged the same way.
+        by_cost = await store.users(tenant, limit=1000, sort="cost")
+        assert by_cost == await store.users(tenant, limit=1000, exact=True, sort="cost")
+        assert by_cost == sorted(got, key=lambda u: (-round((u["cost_usd"] or 0) * 1e9), u["user_id"]))
+        for exact in (False, True):
+            pages = []
+            while True:
+                last = pages[-1] if pages else None
+                after = None if last is None else (round((last["cost_usd"] or 0) * 1e9), last["user_id"])
+                page = await store.users(tenant, limit=7, exact=exact, after=after, sort="cost")
+                pages += page
+                if len(page) < 7:
+                    break
+            assert pages == by_cost, (tenant, exact)
         ref: dict[str, list[LogRecord]] = {}
         for r in ref_filter(written, tenant):
             if r.user_id is not None and (cutoff is None or r.started_at >= cutoff):

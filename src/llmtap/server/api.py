@@ -245,11 +245,12 @@ async def session(request: web.Request) -> web.Response:
 
 
 async def users(request: web.Request) -> web.Response:
-    limit, after = query.parse_users(request.query.items())
-    items = await request.app[STORE].users(_tenant(request), limit + 1, after=after)
+    limit, after, sort = query.parse_users(request.query.items())
+    items = await request.app[STORE].users(_tenant(request), limit + 1, after=after, sort=sort)
     more = len(items) > limit
     items = items[:limit]
-    return json_response({"items": items, "next_cursor": query.users_cursor(items[-1]) if more else None})
+    cursor = query.users_cursor(items[-1], sort) if more else None
+    return json_response({"items": items, "next_cursor": cursor})
 
 
 # -- ingest ---------------------------------------------------------------------------------------

@@ -117,11 +117,19 @@ class Store(ABC):
 
     @abstractmethod
     async def users(
-        self, tenant: str, limit: int = 100, *, exact: bool = False, after: tuple[int, str] | None = None
+        self,
+        tenant: str,
+        limit: int = 100,
+        *,
+        exact: bool = False,
+        after: tuple[int, str] | None = None,
+        sort: str = "time",
     ) -> list[dict[str, Any]]:
-        """Per-user totals (no percentiles), most recently active first (then by user id),
-        those after `after` (last active in microseconds, user id); from the user rollups when
-        they hold every stored request, else (or `exact`) from raw rows."""
+        """Per-user totals (no percentiles), most recently active first (`sort="time"`) or
+        highest cost first (`"cost"`; unpriced counts as 0), then by user id; those after
+        `after` (the sort's value: last active in microseconds, or cost in nanodollars; user
+        id); from the user rollups when they hold every stored request, else (or `exact`) from
+        raw rows."""
 
     # -- retention ----------------------------------------------------------------------------
     @abstractmethod

@@ -863,14 +863,20 @@ class PostgresStore(Store):
         return Page(items=items, next_cursor=cursor)
 
     async def users(
-        self, tenant: str, limit: int = 100, *, exact: bool = False, after: tuple[int, str] | None = None
+        self,
+        tenant: str,
+        limit: int = 100,
+        *,
+        exact: bool = False,
+        after: tuple[int, str] | None = None,
+        sort: str = "time",
     ) -> list[dict[str, Any]]:
         start = rollup.users_start(self._covered)
         if not exact and start is not None and (start == 0 or not await self._older(tenant, start)):
-            q, params = rollup.users_sql(DIALECT, tenant, limit, start, after)
+            q, params = rollup.users_sql(DIALECT, tenant, limit, start, after, sort)
             return [rollup.user_result(row) for row in await self._analytic(q, params)]
         q, params = sql.aggregate_sql(
-            DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False, after=after
+            DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False, after=after, users_by=sort
         )
         return [sql.user_result(DIALECT, row) for row in await self._fetch(q, *params)]
 

@@ -230,7 +230,9 @@ FILTERS = ("user_id", "session_id", "model", "provider", "status", "status_class
 #: Parameters of each query endpoint (list-like ones take `property.<Name>` too).
 LIST_PARAMS = frozenset({"limit", "cursor", "order", "sort", "q", *FILTERS})
 STATS_PARAMS = frozenset({"group_by", "bucket", "exact", *FILTERS})
-USERS_PARAMS = frozenset({"limit", "cursor"})
+USERS_PARAMS = frozenset({"limit", "cursor", "sort"})
+#: `GET /api/v1/users` orders: most recently active first, or highest cost first.
+USERS_SORTS = ("time", "cost")
 #: `GET /api/v1/sessions`: the list's parameters but sort and order (most recently active first).
 SESSIONS_PARAMS = LIST_PARAMS - {"sort", "order"}
 #: The export pages through everything itself: no limit or cursor; `format` picks csv or jsonl.
@@ -451,18 +453,29 @@ def parse_stats(items: Iterable[tuple[str, str]]) -> StatsQuery:
     return q
 
 
-def parse_users(items: Iterable[tuple[str, str]]) -> tuple[int, tuple[int, str] | None]:
-    """The `limit` of `GET /api/v1/users`, and the (last_at, user_id) its `cursor` continues after."""
+def parse_users(items: Iterable[tuple[str, str]]) -> tuple[int, tuple[int, str] | None, str]:
+    """The `limit` of `GET /api/v1/users`, what its `cursor` continues after (the sort's value:
+    last_at in microseconds or cost in nanodollars, and the user id), and its `sort`."""
     params, _ = split_params(items, USERS_PARAMS, properties=False)
+    sort = params.get("sort", "time")
+    if sort not in USERS_SORTS:
+        raise QueryError("sort", "invalid parameter 'sort': must be time or cost")
     after = None
     if "cursor" in params:
         try:
-            after = decode_cursor(params["cursor"])
+            if sort == "time":
+                after = decode_cursor(params["cursor"])
+            else:
+                _, user, nanos = decode_sort_cursor(params["cursor"], sort)
+                assert isinstance(nanos, int)
+                after = nanos, user
         except ValueError:
             raise QueryError("cursor", "invalid parameter 'cursor': not a cursor this API returned") from None
-    return integer(params, "limit", DEFAULT_USERS_LIMIT, 1, MAX_LIMIT), after
+    return integer(params, "limit", DEFAULT_USERS_LIMIT, 1, MAX_LIMIT), after, sort
 
 
-def users_cursor(item: Mapping[str, Any]) -> str:
+def users_cursor(item: Mapping[str, Any], sort: str = "time") -> str:
     """The cursor of the page after a users item (`parse_users`)."""
+    if sort == "cost":
+        return encode_sort_cursor(0, item["user_id"], "cost", round((item["cost_usd"] or 0) * 1e9))
     return encode_cursor(to_micros(datetime.fromisoformat(item["last_at"])), item["user_id"])

@@ -859,16 +859,23 @@ def users_older_sql(d: sql.Dialect, tenant: str, start: int) -> tuple[str, list[
 
 
 def users_sql(
-    d: sql.Dialect, tenant: str, limit: int, start: int = 0, after: tuple[int, str] | None = None
+    d: sql.Dialect,
+    tenant: str,
+    limit: int,
+    start: int = 0,
+    after: tuple[int, str] | None = None,
+    sort: str = "time",
 ) -> tuple[str, list[Any]]:
     """`GET /api/v1/users` from the `USER_DIM` rows from day `start` on: users (not NULL) most
-    recently active first, as `sql.users_sql` orders them, after `after` (a page's last)."""
+    recently active first or highest cost first, as the raw path (`sql.aggregate_sql`) orders
+    them, after `after` (a page's last)."""
     params = sql.Params(d)
     q = _user_sums(params, tenant, start or None, None, named=True)
+    by = d.add_up("cost_nanos") if sort == "cost" else "max(last_at)"
     if after is not None:
         last, key = params(after[0]), params(encode_key(after[1]))
-        q += f" AND (max(last_at) < {last} OR (max(last_at) = {last} AND key > {key}))"
-    return f"{q} ORDER BY max(last_at) DESC, key LIMIT {params(limit)}", params.values
+        q += f" AND ({by} < {last} OR ({by} = {last} AND key > {key}))"
+    return f"{q} ORDER BY {by} DESC, key LIMIT {params(limit)}", params.values
 
 
 def user_result(row: Sequence[Any]) -> dict[str, Any]:

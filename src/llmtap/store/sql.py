@@ -753,9 +753,11 @@ def aggregate_sql(
     percentiles: bool = True,
     after: tuple[int, str] | None = None,
     through: str | None = None,
+    users_by: str = "time",
 ) -> tuple[str, list[Any]]:
-    """One aggregate query: overall, per group, per time bucket, or per user (those after
-    `after`, last active in microseconds and user id: a page of `GET /api/v1/users`).
+    """One aggregate query: overall, per group, per time bucket, or per user (a page of
+    `GET /api/v1/users`: most recently active first, or `users_by="cost"` highest cost first;
+    those after `after`, the sort's value and the user id).
 
     Result columns: key, count, error_count, the `_SUMS`, cost_nanos, first and last created_at,
     the count of unpriced rows (cost NULL: shown as such, never as $0), then (PostgreSQL,
@@ -783,11 +785,13 @@ def aggregate_sql(
         group, order = f" GROUP BY {key}", f" ORDER BY count(*) DESC, ({key}) IS NULL, {key}"
     elif kind == "bucket":  # oldest first
         group, order = f" GROUP BY {key}", f" ORDER BY {key}"
-    else:  # users: most recently active first
-        group, order = f" GROUP BY {key}", f" ORDER BY max(r.created_at) DESC, {key}"
+    else:  # users: most recently active first, or highest cost first
+        by = d.add_up("r.cost_nanos") if users_by == "cost" else "max(r.created_at)"
+        group, order = f" GROUP BY {key}", f" ORDER BY {by} DESC, {key}"
         if after is not None:
-            last, user = p(d.ts_param(after[0])), p(after[1])
-            group += f" HAVING max(r.created_at) < {last} OR (max(r.created_at) = {last} AND {key} > {user})"
+            last = p(after[0] if users_by == "cost" else d.ts_param(after[0]))
+            user = p(after[1])
+            group += f" HAVING {by} < {last} OR ({by} = {last} AND {key} > {user})"
     lim = f" LIMIT {p(limit)}" if limit is not None else ""
     return f"SELECT {key}, {cols} {source}{group}{order}{lim}", p.values
 

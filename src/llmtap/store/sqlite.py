@@ -821,19 +821,25 @@ class SQLiteStore(Store):
         return Page(items=items, next_cursor=cursor)
 
     async def users(
-        self, tenant: str, limit: int = 100, *, exact: bool = False, after: tuple[int, str] | None = None
+        self,
+        tenant: str,
+        limit: int = 100,
+        *,
+        exact: bool = False,
+        after: tuple[int, str] | None = None,
+        sort: str = "time",
     ) -> list[dict[str, Any]]:
-        return await self._read(self._users, tenant, limit, exact, after)
+        return await self._read(self._users, tenant, limit, exact, after, sort)
 
     def _users(
-        self, tenant: str, limit: int, exact: bool, after: tuple[int, str] | None
+        self, tenant: str, limit: int, exact: bool, after: tuple[int, str] | None, sort: str
     ) -> list[dict[str, Any]]:
         start = rollup.users_start(self._covered)
         if not exact and start is not None and (start == 0 or not self._older(tenant, start)):
-            q, params = rollup.users_sql(DIALECT, tenant, limit, start, after)
+            q, params = rollup.users_sql(DIALECT, tenant, limit, start, after, sort)
             return [rollup.user_result(row) for row in self._fetch(q, params)]
         q, params = sql.aggregate_sql(
-            DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False, after=after
+            DIALECT, tenant, StatsQuery(), "users", limit=limit, percentiles=False, after=after, users_by=sort
         )
         return [sql.user_result(DIALECT, row) for row in self._fetch(q, params)]
 
