@@ -284,6 +284,28 @@ async def test_every_view_renders_what_the_api_returns(srv: Srv, page: tuple[Any
     await playwright_api.expect(pg.locator("#users-table tr[data-user]").first).to_have_attribute(
         "data-user", users[0]["user_id"], timeout=WAIT
     )
+    # Cost sorts highest first, from its first page, and pages on in that order.
+    costly = [u["user_id"] for u in (await srv.get("/api/v1/users?limit=500&sort=cost"))["items"]]
+    recent = [u["user_id"] for u in users]
+    assert sorted(costly) == sorted(recent) and costly[:4] != recent[:4]
+    await pg.locator("#users-table th a[data-sort=cost]").click()
+    await pg.wait_for_function("() => location.hash.includes('sort=cost')", timeout=WAIT)
+    await playwright_api.expect(pg.locator("#users-table th[aria-sort=descending]")).to_contain_text("Cost")
+    await playwright_api.expect(pg.locator("#users-table tr[data-user]").first).to_have_attribute(
+        "data-user", costly[0], timeout=WAIT
+    )
+    await pg.locator("#next-page").click()
+    await pg.wait_for_function("() => location.hash.includes('cursor=')", timeout=WAIT)
+    await playwright_api.expect(pg.locator("#users-table tr[data-user]").first).to_have_attribute(
+        "data-user", costly[2], timeout=WAIT
+    )
+    got = await pg.eval_on_selector_all("#users-table tr[data-user]", "rs => rs.map(r => r.dataset.user)")
+    assert got == costly[2:4]
+    await pg.locator("#users-table th a[data-sort=time]").click()  # back to the most recent
+    await pg.wait_for_function("() => !location.hash.includes('sort=')", timeout=WAIT)
+    await playwright_api.expect(pg.locator("#users-table tr[data-user]").first).to_have_attribute(
+        "data-user", users[0]["user_id"], timeout=WAIT
+    )
     await pg.click(f'#users-table tr[data-user="{users[0]["user_id"]}"] td.num >> nth=0')
     await pg.wait_for_function("() => location.hash.includes('user_id=')", timeout=WAIT)
     want_ids = [

@@ -1467,16 +1467,28 @@ function turnLoader(timeline) {
 async function viewUsers(id, params) {
   renderPending("Users");
   const q = new URLSearchParams({ limit: params.get("limit") || "500" });
+  const byCost = params.get("sort") === "cost";
+  if (byCost) q.set("sort", "cost");
   if (params.get("cursor")) q.set("cursor", params.get("cursor"));
   const res = await api("api/v1/users?" + q);
+  // Cost and last seen sort (largest first); a new sort starts at its first page.
+  const th = (label, i, key) => {
+    const cls = i && i < 5 ? "num" : "";
+    if (!key) return h("th", { class: cls }, label);
+    const active = (key === "cost") === byCost;
+    const href = hashFor("users", null, withParam(withParam(params, "sort", key === "cost" ? "cost" : null), "cursor", null));
+    return h("th", { class: cls, "aria-sort": active ? "descending" : null },
+      h("a", { href, class: active ? "sorted" : "", "data-sort": key, title: key === "cost" ? "highest cost first" : "most recently active first" },
+        label, active ? " ▼" : ""));
+  };
   const nav = h("div", { class: "pager" },
-    params.get("cursor") ? h("a", { class: "button", href: hashFor("users", null, withParam(params, "cursor", null)) }, "⇤ Most recent") : null,
+    params.get("cursor") ? h("a", { class: "button", href: hashFor("users", null, withParam(params, "cursor", null)) }, byCost ? "⇤ Highest cost" : "⇤ Most recent") : null,
     res.next_cursor ? h("a", { class: "button", id: "next-page", href: hashFor("users", null, withParam(params, "cursor", res.next_cursor)) }, "Next page →") : null);
   announce(res.items.length ? `${res.items.length} users shown${res.next_cursor ? ", more on the next page" : ""}` : "no users");
   render(
     h("h1", {}, "Users"),
     res.items.length ? scroller(h("table", { class: "grid", id: "users-table" },
-      h("thead", {}, h("tr", {}, ["User", "Requests", "Cost", "Tokens", "Error rate", "First seen (UTC)", "Last seen (UTC)"].map((t, i) => h("th", { class: i && i < 5 ? "num" : "" }, t)))),
+      h("thead", {}, h("tr", {}, [["User"], ["Requests"], ["Cost", "cost"], ["Tokens"], ["Error rate"], ["First seen (UTC)"], ["Last seen (UTC)", "time"]].map(([t, key], i) => th(t, i, key)))),
       h("tbody", {}, res.items.map((u) => {
         const tr = h("tr", { "data-user": u.user_id },
           h("td", { class: "ellipsis" }, h("a", { href: hashFor("requests", null, new URLSearchParams({ user_id: u.user_id, range: "all" })), title: u.user_id }, u.user_id)),
@@ -1490,7 +1502,9 @@ async function viewUsers(id, params) {
         return tr;
       })))) : h("p", { class: "empty" }, "No users yet (send Llmtap-User-Id with requests)."),
     nav,
-    h("p", { class: "hint muted" }, "Most recently active first, a page at a time; click a user to see their requests."));
+    h("p", { class: "hint muted" }, byCost
+      ? "Highest cost first (unpriced requests count as $0), a page at a time; click a user to see their requests."
+      : "Most recently active first, a page at a time; click Cost to see who costs most, a user to see their requests."));
 }
 
 // -- live tail -----------------------------------------------------------------------------------
