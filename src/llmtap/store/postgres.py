@@ -915,7 +915,7 @@ class PostgresStore(Store):
                     # is left are read again.
                     gone = (row[4:] for row in rows if row[4] is not None)
                     await self._leave_rollups(
-                        conn, rollup.retention_deltas(gone, self.rollup_properties, to_micros), cutoff_us
+                        conn, rollup.retention_deltas(gone, self.rollup_properties, to_micros)
                     )
                 if refs or deleted < limit:
                     break
@@ -949,14 +949,11 @@ class PostgresStore(Store):
         return len(rows), [ref for row in rows for ref in sql.body_refs(row[:3])]
 
     async def _leave_rollups(
-        self,
-        conn: asyncpg.Connection,
-        deltas: dict[rollup.RollupKey, rollup.Cell],
-        purged_before: int | None = None,
+        self, conn: asyncpg.Connection, deltas: dict[rollup.RollupKey, rollup.Cell]
     ) -> None:
         """Take deleted rows' `deltas` out of the rollups (in the caller's transaction); the
-        first/last times of what is left are read again (`rollup.to_reread`)."""
-        for key in rollup.to_reread(await self._apply_rollups(conn, deltas), purged_before):
+        first/last times of what is left are read again."""
+        for key in await self._apply_rollups(conn, deltas):
             q, params = rollup.recompute_sql(DIALECT, key)
             first, last = (await conn.fetch(q, *params))[0]
             await conn.execute(

@@ -992,17 +992,6 @@ def recompute_sql(d: sql.Dialect, key: RollupKey) -> tuple[str, list[Any]]:
     return f"SELECT min(r.created_at), max(r.created_at) FROM requests r WHERE {where}", p.values
 
 
-def to_reread(keys: Iterable[RollupKey], purged_before: int | None = None) -> list[RollupKey]:
-    """The rollup rows, still there after rows left them, whose first and last times are read
-    again (`recompute_sql`). A purge (`purged_before`: its cutoff, microseconds) leaves out the
-    buckets that end by then: their every row goes in the purge's later chunks, and the rollup
-    row with the last; meanwhile its first time is a deleted row's. Reading them again each chunk
-    was a purge's largest cost per chunk (bench/README.md, SQLite retention)."""
-    if purged_before is None:
-        return list(keys)
-    return [k for k in keys if bucket_end(k[1], k[2]) > purged_before]
-
-
 def retention_deltas(
     rows: Iterable[Sequence[Any]], props: Sequence[str], ts: Callable[[Any], int]
 ) -> dict[RollupKey, Cell]:

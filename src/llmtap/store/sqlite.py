@@ -873,16 +873,14 @@ class SQLiteStore(Store):
         return self._delete_picked(
             "SELECT rowid FROM requests WHERE created_at < ?1 ORDER BY created_at LIMIT ?2",
             (cutoff_us, limit),
-            purged_before=cutoff_us,
         )
 
     def _delete_picked(
-        self, pick: str, params: Sequence[Any], deliveries: bool = False, purged_before: int | None = None
+        self, pick: str, params: Sequence[Any], deliveries: bool = False
     ) -> tuple[list[str], int]:
         """Delete the rows `pick` selects (rowids) with everything that names them: property
         rows, search text, their share of the rollups, and (`deliveries`: an erasure) their
-        webhook deliveries, whose payloads carry the record. Returns their body refs and count.
-        `purged_before`: a purge's cutoff (`rollup.to_reread`)."""
+        webhook deliveries, whose payloads carry the record. Returns their body refs and count."""
         conn = self._w()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -913,7 +911,7 @@ class SQLiteStore(Store):
                         conn.execute("DELETE FROM request_text WHERE rowid = ?", doc)
             deltas = rollup.retention_deltas((r[7:] for r in rows), self.rollup_properties, int)
             self._apply_rollups(conn, deltas)
-            for key in rollup.to_reread(deltas if self._rollups else (), purged_before):
+            for key in deltas if self._rollups else ():
                 cur = conn.execute(_ROLLUP_GET, key).fetchone()
                 if cur is None:
                     continue
