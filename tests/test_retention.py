@@ -185,3 +185,51 @@ async def test_an_old_record_redelivered_during_a_purge_is_not_stored_twice(
         while await store.delete_older_than(month, limit=5):
             pass
         assert len((await store.list_requests("acme", ListQuery(limit=100))).items) == 5
+
+
+@pytest.mark.parametrize("kind", store_params())
+async def test_rollup_first_and_last_times_follow_every_purge(kind: str, tmp_path: Path) -> None:
+    """After a purge the rollups answer as the raw rows do, first and last times included: a
+    cutoff inside a day, one at midnight, and a purge stopped after one chunk then followed by
+    one with an earlier cutoff (retention days raised). An optimisation that skipped reading
+    them again for buckets ending by the cutoff left a deleted record's time there for good
+    in that last case (an outside check; reverted)."""
+    from llmtap.store import StatsQuery
+
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=5)
+    hours = (2, 6, 10, 12.2, 12.8, 13, 15, 25, 30, 40, 50, 60)
+    records = [
+        rec(i, at=day + timedelta(hours=h, minutes=i), user_id=f"u{i % 3}") for i, h in enumerate(hours)
+    ]
+
+    async def same_answers(store: Any) -> None:
+        q = {"since": day - timedelta(days=1), "until": day + timedelta(days=4), "group_by": "user_id"}
+        for bucket in ("hour", "day"):
+            rolled = await store.stats("acme", StatsQuery(**q, bucket=bucket))
+            raw = await store.stats("acme", StatsQuery(**q, bucket=bucket, exact=True))
+            assert rolled["source"] == "rollups"
+            for part in ("overall", "groups", "buckets"):
+                assert _times(rolled[part]) == _times(raw[part]), (bucket, part)
+        assert await store.users("acme") == await store.users("acme", exact=True)
+
+    async with open_store(kind, tmp_path) as store:
+        await store.write_batch(records)  # with bodies: a purge call ends after each chunk
+        await same_answers(store)
+        while await store.delete_older_than(day + timedelta(hours=12.5), limit=2):  # inside a day
+            pass
+        await same_answers(store)
+        while await store.delete_older_than(day + timedelta(days=1), limit=2):  # at midnight
+            pass
+        await same_answers(store)
+        assert await store.delete_older_than(day + timedelta(hours=55), limit=1)  # one chunk: stopped
+        while await store.delete_older_than(day + timedelta(hours=26), limit=2):  # earlier cutoff
+            pass
+        await same_answers(store)
+        assert len((await store.list_requests("acme", ListQuery())).items) == 4
+
+
+def _times(part: Any) -> Any:
+    """Counts and first/last times of a stats part (a dict, or a list of groups or buckets)."""
+    if isinstance(part, list):
+        return [_times(x) for x in part]
+    return (part.get("key"), part.get("start"), part["count"], part.get("first_at"), part.get("last_at"))
