@@ -244,6 +244,7 @@ async def test_an_export_cut_mid_way_ends_unfinished_not_with_a_second_answer(
     the last chunk: every client sees an unfinished transfer, and the rows sent stay whole."""
     from llmtap.errors import TransientError
     from llmtap.server import dashboard
+    from llmtap.server.app import API_REQUESTS
 
     await _load(server, 300)
     monkeypatch.setattr(dashboard, "EXPORT_PAGE", 50)
@@ -259,6 +260,8 @@ async def test_an_export_cut_mid_way_ends_unfinished_not_with_a_second_answer(
         return await read(tenant, q)
 
     monkeypatch.setattr(store, "list_requests", cut_after_two)
+    cut = API_REQUESTS.labels("/api/v1/requests/export", "503")
+    counted = cut._value.get()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.svc.port)
     writer.write(f"GET /api/v1/requests/export?format={fmt} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     raw = await asyncio.wait_for(reader.read(), 60)  # to the end: the server closes
@@ -272,6 +275,7 @@ async def test_an_export_cut_mid_way_ends_unfinished_not_with_a_second_answer(
         rows, body = rows + rest[: int(size, 16)], rest[int(size, 16) + 2 :]
     lines = rows.decode().splitlines()
     assert len(lines) == 100 + (fmt == "csv"), lines[-3:]
+    assert cut._value.get() == counted + 1  # in the metrics as what it would have answered
     pages = 0
     async with server.http.get(f"{server.base}/api/v1/requests/export?format={fmt}") as r:
         assert r.status == 200

@@ -95,9 +95,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         # body. End the connection unfinished (no last chunk): the client knows it is cut.
         if request.transport is not None:
             request.transport.close()
-        response = stream
+        status, response = response.status, stream  # counted as what it would have answered
+    else:
+        status = response.status
     if endpoint.startswith("/api/"):
-        API_REQUESTS.labels(endpoint, str(response.status)).inc()
+        API_REQUESTS.labels(endpoint, str(status)).inc()
     return response
 
 
