@@ -1032,6 +1032,49 @@ async def test_postgres_unreachable_is_one_sentence() -> None:
 
 @pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_a_database_refusing_connections_is_an_outage_not_bad_records() -> None:
+    """`ALTER DATABASE ... ALLOW_CONNECTIONS false` (maintenance) makes new connections fail
+    with "database is not currently accepting connections" (SQLSTATE 55000). That was no known
+    outage: a worker's batch needing a new connection bisected and dead-lettered every record
+    (an outside check saw the webhook deliverer log a traceback per round)."""
+    from llmtap.store.postgres import PostgresStore
+
+    async with pg_database() as url:
+        name = url.rsplit("/", 1)[1]
+        admin = await asyncpg.connect(pg_url())
+        store = PostgresStore(url, min_size=1, max_size=1)
+        await store.connect()
+        try:
+            assert await store.write_batch([rec(i) for i in range(5)]) == 5
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            )  # the pool must connect again
+            batch = [rec(i) for i in range(5, 15)]
+            said = []
+            for _ in range(4):  # the first may meet the terminated connection
+                with pytest.raises(TransientError) as e:
+                    await store.write_batch(batch)
+                said.append(str(e.value))
+            assert "not currently accepting connections" in said[-1], said
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            for _ in range(50):
+                try:
+                    assert await store.write_batch(batch) == 10
+                    break
+                except TransientError:
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the store never recovered")
+            assert len(await all_pages(store, "acme", limit=100)) == 15
+        finally:
+            await store.close()
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await admin.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_postgres_outage_is_transient_then_recovers_exactly_once() -> None:
     from urllib.parse import urlsplit, urlunsplit
 

@@ -315,7 +315,10 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,  # disk full, out of memory, too many clients
     asyncpg.exceptions.TransactionRollbackError,  # serialization failure, deadlock
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # a failover in progress
-    asyncpg.exceptions.LockNotAvailableError,
+    # A database closed to new connections (`ALLOW_CONNECTIONS false`: maintenance), and the
+    # rest of SQLSTATE class 55 (a lock not available, an object in use): states that pass,
+    # not a record's fault (it was dead-lettered).
+    asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
 )
 
 
