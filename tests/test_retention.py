@@ -14,7 +14,7 @@ from llmtap.handlers.bodies import BodyHandler
 from llmtap.record import Body, compress
 from llmtap.retention import cutoff_for, purge
 from llmtap.store import ListQuery
-from store_helpers import open_store, rec, store_params
+from store_helpers import open_store, pg_url, rec, store_params
 
 
 def test_cutoff_is_midnight_utc_days_back() -> None:
@@ -233,3 +233,65 @@ def _times(part: Any) -> Any:
     if isinstance(part, list):
         return [_times(x) for x in part]
     return (part.get("key"), part.get("start"), part["count"], part.get("first_at"), part.get("last_at"))
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="needs PostgreSQL (scripts/services.sh up)")
+async def test_a_purge_stopped_part_way_then_an_earlier_cutoff_leaves_no_released_rows(
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL releases the keys of rows in wholly expired months first and drops the months
+    later. An outside check stopped a purge after its first chunk, raised the retention days,
+    and purged again: the 20 released rows stayed for good (listed and exported, 404 to
+    `get_request`, 16 older than the new cutoff), the floor stayed, and a record inside the new
+    retention was refused (`write_batch` 0: lost). Now the next purge deletes them and lowers
+    the floor."""
+    import uuid
+
+    import asyncpg
+
+    from llmtap.store import StatsQuery
+    from llmtap.store.postgres import PostgresStore
+    from store_helpers import pg_database
+
+    base = datetime(2026, 9, 2, tzinfo=UTC)
+    records = [
+        rec(i, id=str(uuid.uuid4()), at=base + timedelta(hours=6 * i)) for i in range(200)
+    ]  # to Oct 22
+    for r in records[1:]:
+        r.request_body = r.response_body = None  # the first chunk has refs: one call, one chunk
+    async with pg_database() as url:
+        store = PostgresStore(url)
+        await store.connect()
+        db = await asyncpg.connect(url)
+        try:
+            await store.write_batch(records)
+            assert await store.delete_older_than(datetime(2026, 10, 20, tzinfo=UTC), limit=20)  # then stopped
+            assert await db.fetchval("SELECT count(*) FROM requests") == 200  # 20 released, not yet dropped
+            cutoff = datetime(2026, 9, 6, tzinfo=UTC)  # retention days raised
+            while await store.delete_older_than(cutoff, limit=20):
+                pass
+            kept = [r for r in records if r.started_at >= cutoff]
+            released = [r for r in records[:20] if r.started_at >= cutoff]  # gone with the first purge
+            keys = await db.fetchval("SELECT count(*) FROM request_keys")
+            assert keys == len(kept) - len(released) and len(released) == 4
+            assert await db.fetchval("SELECT count(*) FROM requests") == keys  # no row without its key
+            assert await db.fetchval("SELECT count(*) FROM requests WHERE created_at < $1", cutoff) == 0
+            listed = await store.list_requests("acme", ListQuery(limit=500))
+            assert len(listed.items) == keys
+            assert all([await store.get_request("acme", item["id"]) for item in listed.items[::20]])
+            raw = await store.stats("acme", StatsQuery(exact=True))
+            assert (
+                raw["overall"]["count"]
+                == (await store.stats("acme", StatsQuery()))["overall"]["count"]
+                == keys
+            )
+            late = rec(
+                999, id=str(uuid.uuid4()), at=datetime(2026, 9, 20, tzinfo=UTC)
+            )  # inside the new retention
+            late.request_body = late.response_body = None
+            assert await store.write_batch([late]) == 1
+            assert await store.get_request("acme", late.id) is not None
+        finally:
+            await db.close()
+            await store.close()

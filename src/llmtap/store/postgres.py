@@ -240,6 +240,20 @@ UNION ALL
 SELECT (SELECT count(*) FROM gone), NULL, NULL, NULL, {_SRC_NULL}
 """
 
+#: Rows of [$1, $2) whose keys a purge released (every stored row has its key until then),
+#: with their property rows: their rollup share and bodies went when they were released.
+_RELEASED = """
+WITH gone AS (
+    DELETE FROM requests r WHERE r.created_at >= $1 AND r.created_at < $2 AND NOT EXISTS (
+        SELECT 1 FROM request_keys k
+        WHERE k.tenant = r.tenant AND llmtap_hash(k.id) = llmtap_hash(r.id) AND k.id = r.id
+    )
+    RETURNING r.tenant, r.id, r.created_at
+)
+DELETE FROM request_properties p USING gone g
+WHERE p.tenant = g.tenant AND p.request_id = g.id AND p.created_at = g.created_at
+"""
+
 #: `Store.erase`: one tenant's rows by a column of `sql.ERASE_BY` (formatted in, never input),
 #: their keys and property rows, in one statement; returns the rows' body columns and rollup
 #: sources.
@@ -904,11 +918,7 @@ class PostgresStore(Store):
             # No record of those months is stored while their rows are released but not yet
             # dropped (migration 14): it would take a released key again.
             if self._floor:
-                await self._change(
-                    "INSERT INTO retention_floor (one, before) VALUES (true, $1) ON CONFLICT (one)"
-                    " DO UPDATE SET before = greatest(retention_floor.before, EXCLUDED.before)",
-                    boundary,
-                )
+                await self._raise_floor(boundary)
             while True:
                 async with self._p().acquire() as conn, conn.transaction():
                     rows = await conn.fetch(_RETENTION, cutoff, limit, boundary)
@@ -965,6 +975,25 @@ class PostgresStore(Store):
                 None if first is None else to_micros(first),
                 None if last is None else to_micros(last),
             )
+
+    async def _raise_floor(self, boundary: datetime) -> None:
+        """Set the retention floor to at least `boundary`. A floor above it is an earlier purge
+        with a later cutoff that stopped part-way (retention days raised since, or another
+        server's setting): the rows whose keys it released are gone from every read but the
+        list and the export, and nothing would ever drop them, nor clear the floor that refuses
+        their months' records (outside check). Those rows are deleted now, and the floor comes
+        down to this purge's boundary."""
+        async with self._p().acquire() as conn, conn.transaction():
+            floor = await conn.fetchval("SELECT before FROM retention_floor FOR UPDATE")
+            if floor is not None and floor > boundary:
+                await conn.execute(_RELEASED, boundary, floor)
+                await conn.execute("UPDATE retention_floor SET before = $1", boundary)
+            else:
+                await conn.execute(
+                    "INSERT INTO retention_floor (one, before) VALUES (true, $1) ON CONFLICT (one)"
+                    " DO UPDATE SET before = greatest(retention_floor.before, EXCLUDED.before)",
+                    boundary,
+                )
 
     async def _drop_expired_partitions(self, boundary: datetime) -> None:
         """Drop the months wholly before `boundary` whose keys are all released."""
