@@ -1030,6 +1030,19 @@ async def test_postgres_unreachable_is_one_sentence() -> None:
         await PostgresStore(url.rsplit("/", 1)[0] + "/no_such_db_" + uuid.uuid4().hex[:6]).connect()
 
 
+async def _write_when_back(store: Store, batch: list[LogRecord], timeout: float = 30) -> int:
+    """`write_batch` once the store is back: the pool recovers by itself, and a retry may
+    still meet a dead connection (TransientError) for a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await store.write_batch(batch)
+        except TransientError:
+            if time.monotonic() > deadline:
+                raise AssertionError("the store never recovered") from None
+            await asyncio.sleep(0.1)
+
+
 @pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_a_database_refusing_connections_is_an_outage_not_bad_records() -> None:
@@ -1058,14 +1071,7 @@ async def test_a_database_refusing_connections_is_an_outage_not_bad_records() ->
                 said.append(str(e.value))
             assert "not currently accepting connections" in said[-1], said
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            for _ in range(50):
-                try:
-                    assert await store.write_batch(batch) == 10
-                    break
-                except TransientError:
-                    await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("the store never recovered")
+            assert await _write_when_back(store, batch) == 10
             assert len(await all_pages(store, "acme", limit=100)) == 15
         finally:
             await store.close()
@@ -1097,14 +1103,7 @@ async def test_postgres_outage_is_transient_then_recovers_exactly_once() -> None
             with pytest.raises(TransientError):
                 await store.list_requests("acme", ListQuery())
             await proxy.start()  # back, same address
-            for _ in range(20):  # the pool recovers by itself; a retry may still meet a dead one
-                try:
-                    assert await store.write_batch(batch) == 10
-                    break
-                except TransientError:
-                    await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("the store never recovered")
+            assert await _write_when_back(store, batch) == 10
             assert len(await all_pages(store, "acme", limit=100)) == 20
         finally:
             await store.close()
