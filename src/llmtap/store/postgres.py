@@ -24,7 +24,7 @@ import logging
 import re
 import socket
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -814,34 +814,54 @@ class PostgresStore(Store):
                     rows: list[Any] = await conn.fetch(q, *params)
                     return rows
 
+    @contextlib.asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[Callable[[str, Sequence[Any]], Awaitable[list[Any]]]]:
+        """Reads that make one answer, on one connection in one REPEATABLE READ transaction:
+        they see the same rows (top groups then their rows; a batch written between two would
+        count in one and not the other)."""
+        async with self._read():
+            with self._errors():
+                async with (
+                    self._p().acquire() as conn,
+                    conn.transaction(isolation="repeatable_read", readonly=True),
+                ):
+                    await conn.execute("SET LOCAL work_mem = '128MB'; SET LOCAL jit = off")
+
+                    async def read(q: str, params: Sequence[Any]) -> list[Any]:
+                        return list(await conn.fetch(q, *params))
+
+                    yield read
+
     async def stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
         """Overall, groups and buckets as separate queries on separate connections, run at once.
 
         Ordered-set aggregates (percentile_cont) cannot use parallel query, so this is how the
         sorts of a stats call spread over the server's cores: wall time is the slowest query's,
         not the sum. (One GROUPING SETS query reads the rows once but sorts as much, serially.)
+        Each part sees its own snapshot, so a batch written meanwhile may count in one and not
+        another; an answer from rollups is read in one (`_snapshot`).
         """
         validate_stats(query)
-        if self._rollups:  # another process may have ended a dimension's coverage since
-            self._covered = {r[0]: int(r[1]) for r in await self._fetch("SELECT dim, since FROM rollup_dims")}
-        plan = rollup.plan(query, self.rollup_properties, self._covered)
-        if plan is not None:
-            users = None
-            if plan.dim == rollup.USER_DIM:
-                q, params = rollup.group_sql(DIALECT, tenant, plan)
-                top = await self._analytic(q, params)
-                keys = [rollup.decode_key(plan.dim, row[0]) for row in top]
-                q, params = sql.keyed_values_sql(DIALECT, tenant, query, plan.dim, keys)
-                users = rollup.user_groups(top, await self._fetch(q, *params) if keys else [], to_micros)
-            edges = rollup.Edges()
-            for kind, eq, eparams in rollup.edge_reads(DIALECT, tenant, query, plan):
-                edges.add(DIALECT, query, kind, await self._fetch(eq, *eparams))
-            listed = None
-            if rollup.grouped(plan):
-                top = await self._analytic(*rollup.top_sql(DIALECT, tenant, plan))
-                listed = rollup.listed(top)
-            q, params = rollup.read_sql(DIALECT, tenant, plan, listed)
-            return rollup.answer(query, plan, await self._fetch(q, *params), users, edges, listed)
+        async with self._snapshot() as read:
+            if self._rollups:  # another process may have ended a dimension's coverage since
+                covered = await read("SELECT dim, since FROM rollup_dims", ())
+                self._covered = {r[0]: int(r[1]) for r in covered}
+            plan = rollup.plan(query, self.rollup_properties, self._covered)
+            if plan is not None:
+                users = None
+                if plan.dim == rollup.USER_DIM:
+                    top = await read(*rollup.group_sql(DIALECT, tenant, plan))
+                    keys = [rollup.decode_key(plan.dim, row[0]) for row in top]
+                    q, params = sql.keyed_values_sql(DIALECT, tenant, query, plan.dim, keys)
+                    users = rollup.user_groups(top, await read(q, params) if keys else [], to_micros)
+                edges = rollup.Edges()
+                for kind, eq, eparams in rollup.edge_reads(DIALECT, tenant, query, plan):
+                    edges.add(DIALECT, query, kind, await read(eq, eparams))
+                listed = None
+                if rollup.grouped(plan):
+                    listed = rollup.listed(await read(*rollup.top_sql(DIALECT, tenant, plan)))
+                q, params = rollup.read_sql(DIALECT, tenant, plan, listed)
+                return rollup.answer(query, plan, await read(q, params), users, edges, listed)
         parts: list[tuple[sql.Kind, int | None]] = [("overall", None)]
         if query.group_by:
             parts.append(("group", MAX_GROUPS))

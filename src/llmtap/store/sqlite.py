@@ -390,6 +390,8 @@ class SQLiteStore(Store):
             try:
                 if ticket < self._cut:
                     raise sqlite3.OperationalError("interrupted: the server is stopping")
+                if conn.in_transaction:  # a snapshot's end refused (interrupted): end it now
+                    conn.execute("ROLLBACK")
                 return fn(*args)
             finally:
                 with self._rlock:
@@ -719,7 +721,19 @@ class SQLiteStore(Store):
 
     async def stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
         validate_stats(query)
-        return await self._read(self._stats, tenant, query)
+        return await self._read(self._snapshot, self._stats, tenant, query)
+
+    def _snapshot(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn`'s statements in one read transaction: an answer read in several statements
+        (top groups then their rows, sums then latencies) sees the same rows in all of them, not
+        a batch written between two."""
+        conn = self._r()
+        conn.execute("BEGIN")
+        try:
+            return fn(*args)
+        finally:
+            with contextlib.suppress(sqlite3.Error):  # refused: `_read` ends it before the next
+                conn.execute("ROLLBACK")
 
     def _sums(
         self,
