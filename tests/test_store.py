@@ -1156,6 +1156,8 @@ async def test_postgres_settings_no_wait_cures_stop_start_up_with_one_sentence()
             ("sslmode=bogus", "`sslmode` parameter must be one of"),
             ("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", "cannot be read"),
             ("sslrootcrt=/x", 'unrecognized configuration parameter "sslrootcrt"'),
+            # SQLSTATE 55P02, in class 55 that is otherwise a passing state (an outage)
+            ("shared_buffers=1MB", '"shared_buffers" cannot be changed without restarting the server'),
         ]:
             with pytest.raises(ConfigError) as e:
                 await PostgresStore(f"{url}?{query}").connect()

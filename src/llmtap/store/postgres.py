@@ -345,7 +345,11 @@ def _wrong_setting(e: Exception) -> str | None:
         return _reason(e)
     if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
         return f"a file it names (sslrootcert, sslcert, sslkey) cannot be read: {e.strerror or e}"
-    if isinstance(e, asyncpg.PostgresError) and not isinstance(e, _TRANSIENT):
+    # A server parameter in the URL that only a restart sets (55P02) is in class 55, which is
+    # otherwise a passing state: it never passes.
+    if isinstance(e, asyncpg.exceptions.CantChangeRuntimeParamError) or (
+        isinstance(e, asyncpg.PostgresError) and not isinstance(e, _TRANSIENT)
+    ):
         return f"PostgreSQL says: {_reason(e)}"
     return None
 
