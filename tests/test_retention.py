@@ -237,15 +237,20 @@ def _times(part: Any) -> Any:
 
 @pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="needs PostgreSQL (scripts/services.sh up)")
+@pytest.mark.parametrize(("first_chunk", "erase"), [(20, False), (22, False), (22, True)])
 async def test_a_purge_stopped_part_way_then_an_earlier_cutoff_leaves_no_released_rows(
-    tmp_path: Path,
+    tmp_path: Path, first_chunk: int, erase: bool
 ) -> None:
     """PostgreSQL releases the keys of rows in wholly expired months first and drops the months
     later. An outside check stopped a purge after its first chunk, raised the retention days,
     and purged again: the 20 released rows stayed for good (listed and exported, 404 to
     `get_request`, 16 older than the new cutoff), the floor stayed, and a record inside the new
     retention was refused (`write_batch` 0: lost). Now the next purge deletes them and lowers
-    the floor."""
+    the floor.
+
+    A stop mid-day (22 keys: half of Sep 7 released) left the first/last times of that day, of
+    the whole range and of a user on the released rows, for good; erasing a user in between
+    took the released rows' share out of the rollups a second time (second check)."""
     import uuid
 
     import asyncpg
@@ -256,7 +261,8 @@ async def test_a_purge_stopped_part_way_then_an_earlier_cutoff_leaves_no_release
 
     base = datetime(2026, 9, 2, tzinfo=UTC)
     records = [
-        rec(i, id=str(uuid.uuid4()), at=base + timedelta(hours=6 * i)) for i in range(200)
+        rec(i, id=str(uuid.uuid4()), at=base + timedelta(hours=6 * i), user_id=f"u{i % 3}")
+        for i in range(200)
     ]  # to Oct 22
     for r in records[1:]:
         r.request_body = r.response_body = None  # the first chunk has refs: one call, one chunk
@@ -266,15 +272,21 @@ async def test_a_purge_stopped_part_way_then_an_earlier_cutoff_leaves_no_release
         db = await asyncpg.connect(url)
         try:
             await store.write_batch(records)
-            assert await store.delete_older_than(datetime(2026, 10, 20, tzinfo=UTC), limit=20)  # then stopped
-            assert await db.fetchval("SELECT count(*) FROM requests") == 200  # 20 released, not yet dropped
+            stopped = datetime(2026, 10, 20, tzinfo=UTC)
+            assert await store.delete_older_than(stopped, limit=first_chunk)  # then stopped
+            assert await db.fetchval("SELECT count(*) FROM requests") == 200  # released, not yet dropped
+            if erase:
+                while (await store.erase("acme", "user_id", "u1"))[0]:
+                    pass
             cutoff = datetime(2026, 9, 6, tzinfo=UTC)  # retention days raised
             while await store.delete_older_than(cutoff, limit=20):
                 pass
-            kept = [r for r in records if r.started_at >= cutoff]
-            released = [r for r in records[:20] if r.started_at >= cutoff]  # gone with the first purge
+            kept = [r for r in records if r.started_at >= cutoff and not (erase and r.user_id == "u1")]
+            released = [r for r in records[:first_chunk] if r in kept]  # gone with the first purge
             keys = await db.fetchval("SELECT count(*) FROM request_keys")
-            assert keys == len(kept) - len(released) and len(released) == 4
+            assert keys == len(kept) - len(released) and len(released) == len(
+                [i for i in range(16, first_chunk) if not erase or i % 3 != 1]
+            )
             assert await db.fetchval("SELECT count(*) FROM requests") == keys  # no row without its key
             assert await db.fetchval("SELECT count(*) FROM requests WHERE created_at < $1", cutoff) == 0
             listed = await store.list_requests("acme", ListQuery(limit=500))
@@ -286,6 +298,10 @@ async def test_a_purge_stopped_part_way_then_an_earlier_cutoff_leaves_no_release
                 == (await store.stats("acme", StatsQuery()))["overall"]["count"]
                 == keys
             )
+            for q in (StatsQuery(), StatsQuery(bucket="day"), StatsQuery(group_by="user_id")):
+                exact = StatsQuery(bucket=q.bucket, group_by=q.group_by, exact=True)
+                assert_rollups_equal(await store.stats("acme", q), await store.stats("acme", exact))
+            assert await store.users("acme") == await store.users("acme", exact=True)
             late = rec(
                 999, id=str(uuid.uuid4()), at=datetime(2026, 9, 20, tzinfo=UTC)
             )  # inside the new retention
@@ -295,3 +311,15 @@ async def test_a_purge_stopped_part_way_then_an_earlier_cutoff_leaves_no_release
         finally:
             await db.close()
             await store.close()
+
+
+def assert_rollups_equal(rolled: dict[str, Any], raw: dict[str, Any]) -> None:
+    """Counts, sums and first/last times equal (percentiles come from sketches)."""
+    plain = ("latency_ms", "time_to_first_token_ms", "source", "percentile_relative_error")
+
+    def strip(part: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in part.items() if k not in plain}
+
+    assert strip(rolled["overall"]) == strip(raw["overall"])
+    for part in ("groups", "buckets"):
+        assert [strip(x) for x in rolled[part]] == [strip(x) for x in raw[part]], part

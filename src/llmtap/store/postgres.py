@@ -242,34 +242,41 @@ SELECT (SELECT count(*) FROM gone), NULL, NULL, NULL, {_SRC_NULL}
 
 #: Rows of [$1, $2) whose keys a purge released (every stored row has its key until then),
 #: with their property rows: their rollup share and bodies went when they were released.
-_RELEASED = """
+#: Returns their rollup sources: the first/last times of what they shared are read again.
+_RELEASED = f"""
 WITH gone AS (
     DELETE FROM requests r WHERE r.created_at >= $1 AND r.created_at < $2 AND NOT EXISTS (
         SELECT 1 FROM request_keys k
         WHERE k.tenant = r.tenant AND llmtap_hash(k.id) = llmtap_hash(r.id) AND k.id = r.id
     )
-    RETURNING r.tenant, r.id, r.created_at
+    RETURNING r.id, {_SRC_R}
+), dp AS (
+    DELETE FROM request_properties p USING gone g
+    WHERE p.tenant = g.tenant AND p.request_id = g.id AND p.created_at = g.created_at
 )
-DELETE FROM request_properties p USING gone g
-WHERE p.tenant = g.tenant AND p.request_id = g.id AND p.created_at = g.created_at
+SELECT {", ".join("g." + c for c in rollup.SOURCE_COLUMNS)} FROM gone g
 """
 
 #: `Store.erase`: one tenant's rows by a column of `sql.ERASE_BY` (formatted in, never input),
-#: their keys and property rows, in one statement; returns the rows' body columns and rollup
-#: sources.
+#: their keys and property rows, in one statement; returns the rows' body columns, rollup
+#: sources and whether the row still had its key (a row a stopped purge released has left the
+#: rollups already).
 _ERASE = """
 WITH pick AS (
     SELECT tenant, id, created_at FROM requests WHERE tenant = $1 AND {match} LIMIT $3
 ), gone AS (
     DELETE FROM request_keys k USING pick g
     WHERE k.tenant = g.tenant AND llmtap_hash(k.id) = llmtap_hash(g.id) AND k.id = g.id
+    RETURNING k.tenant, k.id, k.created_at
 ), dp AS (
     DELETE FROM request_properties p USING pick g
     WHERE p.tenant = g.tenant AND p.request_id = g.id AND p.created_at = g.created_at
 ){deliveries}
 DELETE FROM requests r USING pick g
 WHERE r.tenant = g.tenant AND r.id = g.id AND r.created_at = g.created_at
-RETURNING r.request_body, r.response_body, r.response_events, {src}
+RETURNING r.request_body, r.response_body, r.response_events, {src}, EXISTS (
+    SELECT 1 FROM gone k WHERE k.tenant = r.tenant AND k.id = r.id AND k.created_at = r.created_at
+)
 """
 
 _ENDPOINTS = f"{SELECT_ENDPOINTS} WHERE disabled_at IS NULL"
@@ -981,7 +988,8 @@ class PostgresStore(Store):
         with self._errors():
             async with self._p().acquire() as conn, conn.transaction():
                 rows = await conn.fetch(query, tenant, value, limit)
-                deltas = rollup.retention_deltas((row[3:] for row in rows), self.rollup_properties, to_micros)
+                keyed = (row[3:-1] for row in rows if row[-1])
+                deltas = rollup.retention_deltas(keyed, self.rollup_properties, to_micros)
                 await self._leave_rollups(conn, deltas)
         return len(rows), [ref for row in rows for ref in sql.body_refs(row[:3])]
 
@@ -990,7 +998,10 @@ class PostgresStore(Store):
     ) -> None:
         """Take deleted rows' `deltas` out of the rollups (in the caller's transaction); the
         first/last times of what is left are read again."""
-        for key in await self._apply_rollups(conn, deltas):
+        await self._reread_times(conn, await self._apply_rollups(conn, deltas))
+
+    async def _reread_times(self, conn: asyncpg.Connection, keys: Iterable[rollup.RollupKey]) -> None:
+        for key in keys:
             q, params = rollup.recompute_sql(DIALECT, key)
             first, last = (await conn.fetch(q, *params))[0]
             await conn.execute(
@@ -1010,7 +1021,10 @@ class PostgresStore(Store):
         async with self._p().acquire() as conn, conn.transaction():
             floor = await conn.fetchval("SELECT before FROM retention_floor FOR UPDATE")
             if floor is not None and floor > boundary:
-                await conn.execute(_RELEASED, boundary, floor)
+                gone = await conn.fetch(_RELEASED, boundary, floor)
+                # Released, they still counted in the first/last times read then.
+                shared = rollup.retention_deltas(gone, self.rollup_properties, to_micros)
+                await self._reread_times(conn, shared)
                 await conn.execute("UPDATE retention_floor SET before = $1", boundary)
             else:
                 await conn.execute(
