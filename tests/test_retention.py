@@ -323,3 +323,76 @@ def assert_rollups_equal(rolled: dict[str, Any], raw: dict[str, Any]) -> None:
     assert strip(rolled["overall"]) == strip(raw["overall"])
     for part in ("groups", "buckets"):
         assert [strip(x) for x in rolled[part]] == [strip(x) for x in raw[part]], part
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="needs PostgreSQL (scripts/services.sh up)")
+@pytest.mark.parametrize("a_stops", [False, True])
+async def test_a_purge_under_way_keeps_its_floor_while_another_server_purges_with_an_earlier_cutoff(
+    a_stops: bool,
+) -> None:
+    """A rolling deploy that raises the retention days: the old server (A) is part-way through
+    its purge when the new one (B) purges with an earlier cutoff. B took A's floor for a stopped
+    purge's: it lowered it and then cleared it while A went on releasing keys under it, and a
+    record redelivered for one of those keys was stored a second time (outside check). Now B
+    leaves a floor a purge under way holds; A's purge ends it, or, A stopped (its session and
+    lock gone), B's next purge settles what A left."""
+    import uuid
+
+    import asyncpg
+
+    from llmtap.store import StatsQuery
+    from llmtap.store.postgres import PostgresStore
+    from store_helpers import pg_database
+
+    base = datetime(2026, 9, 2, tzinfo=UTC)
+    records = [
+        rec(i, id=str(uuid.uuid4()), at=base + timedelta(hours=6 * i), user_id=f"u{i % 3}")
+        for i in range(200)
+    ]  # to Oct 22
+    for r in records:
+        if r.started_at.day % 5:  # one day in five has bodies: a call of A's purge ends there
+            r.request_body = r.response_body = None
+    a_cutoff, b_cutoff = datetime(2026, 10, 20, tzinfo=UTC), datetime(2026, 9, 6, tzinfo=UTC)
+    async with pg_database() as url:
+        a, b = PostgresStore(url), PostgresStore(url)
+        await a.connect()
+        await b.connect()
+        db = await asyncpg.connect(url)
+        try:
+            await a.write_batch(records)
+            assert await a.delete_older_than(a_cutoff, limit=30)  # A's purge is under way
+            while await b.delete_older_than(b_cutoff, limit=30):
+                pass
+            assert await db.fetchval("SELECT before FROM retention_floor") == datetime(
+                2026, 10, 1, tzinfo=UTC
+            )
+            assert await a.delete_older_than(a_cutoff, limit=30)  # A goes on releasing keys
+            released = await db.fetch(
+                "SELECT r.id FROM requests r WHERE NOT EXISTS"
+                " (SELECT 1 FROM request_keys k WHERE k.tenant = r.tenant AND k.id = r.id)"
+            )
+            again = [r for r in records if r.id in {row[0] for row in released}]
+            assert again and await b.write_batch(again) == 0  # redelivered: refused, not stored twice
+            if a_stops:
+                await a.close()  # SIGTERM in the rolling deploy
+                keyed = {row[0] for row in await db.fetch("SELECT id FROM request_keys")}
+                kept = [r for r in records if r.started_at >= b_cutoff and r.id in keyed]
+            else:
+                while await a.delete_older_than(a_cutoff, limit=30):
+                    pass
+                kept = [r for r in records if r.started_at >= a_cutoff]
+            while await b.delete_older_than(b_cutoff, limit=30):
+                pass
+            assert await db.fetchval("SELECT count(*) FROM request_keys") == len(kept)
+            assert await db.fetchval("SELECT count(*) FROM requests") == len(kept)
+            assert await db.fetchval("SELECT before FROM retention_floor") is None
+            listed = await b.list_requests("acme", ListQuery(limit=500))
+            assert sorted(i["id"] for i in listed.items) == sorted(r.id for r in kept)
+            for q in (StatsQuery(), StatsQuery(bucket="day"), StatsQuery(group_by="user_id")):
+                exact = StatsQuery(bucket=q.bucket, group_by=q.group_by, exact=True)
+                assert_rollups_equal(await b.stats("acme", q), await b.stats("acme", exact))
+        finally:
+            await db.close()
+            await a.close()
+            await b.close()

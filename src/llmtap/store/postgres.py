@@ -134,6 +134,10 @@ logging.getLogger("asyncpg.pool").addFilter(_PoolFloorLog())
 # Advisory-lock keys (arbitrary constants, namespaced by their value).
 _MIGRATION_LOCK = 0x6C6C6D74_0001
 _PARTITION_LOCK = 0x6C6C6D74_0002
+#: Held shared (by its session) for as long as a purge runs, across its calls: a server that
+#: finds the retention floor above its own purge's can tell a purge under way (the floor
+#: stands) from one that stopped (its released rows are finished, the floor lowered).
+_PURGE_LOCK = 0x6C6C6D74_0003
 
 _STAGING = "llmtap_staging"
 
@@ -415,6 +419,8 @@ class PostgresStore(Store):
         self._written: tuple[str, ...] = _WRITTEN
         self._move = _MOVE
         self._floor = True  # migration 14's `retention_floor` (an older schema has none)
+        self._purging: Any = None  # the connection holding `_PURGE_LOCK` while a purge runs
+        self._purging_to: datetime | None = None  # and that purge's boundary
         self.description = f"postgresql {redact_dsn(url)}"
         parts = urlsplit(url)
         self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
@@ -671,6 +677,7 @@ class PostgresStore(Store):
         self._up()  # a new connection (the pool restoring its floor, too) means it is back
 
     async def close(self) -> None:
+        await self._purge_ends()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -946,24 +953,30 @@ class PostgresStore(Store):
         y, m = _month_of(cutoff_us)
         boundary = _month_start(y, m)  # rows before it live in wholly expired months
         with self._errors():
-            # No record of those months is stored while their rows are released but not yet
-            # dropped (migration 14): it would take a released key again.
-            if self._floor:
-                await self._raise_floor(boundary)
-            while True:
-                async with self._p().acquire() as conn, conn.transaction():
-                    rows = await conn.fetch(_RETENTION, cutoff, limit, boundary)
-                    deleted = int(rows[0][0])
-                    refs = [ref for row in rows for ref in sql.body_refs(row[1:4])]
-                    # The same rows leave the rollups (same transaction); first/last of what
-                    # is left are read again.
-                    gone = (row[4:] for row in rows if row[4] is not None)
-                    await self._leave_rollups(
-                        conn, rollup.retention_deltas(gone, self.rollup_properties, to_micros)
-                    )
-                if refs or deleted < limit:
-                    break
-            await self._drop_expired_partitions(boundary)
+            try:
+                # No record of those months is stored while their rows are released but not
+                # yet dropped (migration 14): it would take a released key again.
+                if self._floor:
+                    await self._purge_goes_on(boundary)
+                while True:
+                    async with self._p().acquire() as conn, conn.transaction():
+                        rows = await conn.fetch(_RETENTION, cutoff, limit, boundary)
+                        deleted = int(rows[0][0])
+                        refs = [ref for row in rows for ref in sql.body_refs(row[1:4])]
+                        # The same rows leave the rollups (same transaction); first/last of
+                        # what is left are read again.
+                        gone = (row[4:] for row in rows if row[4] is not None)
+                        await self._leave_rollups(
+                            conn, rollup.retention_deltas(gone, self.rollup_properties, to_micros)
+                        )
+                    if refs or deleted < limit:
+                        break
+                await self._drop_expired_partitions(boundary)
+            except BaseException:
+                await self._purge_ends()  # a stopped purge: the next one settles what it left
+                raise
+        if not refs:
+            await self._purge_ends()
         return refs
 
     async def erase(self, tenant: str, by: str, value: str, limit: int = 10_000) -> tuple[int, list[str]]:
@@ -1011,27 +1024,54 @@ class PostgresStore(Store):
                 None if last is None else to_micros(last),
             )
 
-    async def _raise_floor(self, boundary: datetime) -> None:
-        """Set the retention floor to at least `boundary`. A floor above it is an earlier purge
-        with a later cutoff that stopped part-way (retention days raised since, or another
-        server's setting): the rows whose keys it released are gone from every read but the
-        list and the export, and nothing would ever drop them, nor clear the floor that refuses
-        their months' records (outside check). Those rows are deleted now, and the floor comes
-        down to this purge's boundary."""
+    async def _purge_goes_on(self, boundary: datetime) -> None:
+        """Before each chunk: the retention floor at least `boundary`. At a purge's start, what
+        an earlier purge that stopped part-way left is settled first (`_settle_floor`), then
+        `_PURGE_LOCK` is taken (shared) and held until the purge ends, then the floor raised:
+        nothing is released before the floor covers it."""
+        if self._purging is None or self._purging.is_closed() or self._purging_to != boundary:
+            await self._purge_ends()
+            await self._settle_floor(boundary)
+            conn = await self._p().acquire()
+            try:
+                await conn.execute("SELECT pg_advisory_lock_shared($1)", _PURGE_LOCK)
+            except BaseException:
+                await self._p().release(conn)
+                raise
+            self._purging, self._purging_to = conn, boundary
+        await self._change(
+            "INSERT INTO retention_floor (one, before) VALUES (true, $1) ON CONFLICT (one)"
+            " DO UPDATE SET before = greatest(retention_floor.before, EXCLUDED.before)",
+            boundary,
+        )
+
+    async def _purge_ends(self) -> None:
+        conn, self._purging = self._purging, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a connection lost has let the lock go
+                await conn.execute("SELECT pg_advisory_unlock_shared($1)", _PURGE_LOCK)
+            with contextlib.suppress(Exception):
+                await self._p().release(conn)
+
+    async def _settle_floor(self, boundary: datetime) -> None:
+        """A floor above `boundary` with no purge under way (none holds `_PURGE_LOCK`) is an
+        earlier purge with a later cutoff that stopped part-way (retention days raised since,
+        or another server's setting): the rows whose keys it released are gone from every read
+        but the list and the export, and nothing would ever drop them, nor clear the floor that
+        refuses their months' records (outside check). Those rows are deleted, and the floor
+        comes down to `boundary`. A purge under way keeps its floor: it is still releasing keys
+        under it (a rolling deploy that raised the retention days; outside check)."""
         async with self._p().acquire() as conn, conn.transaction():
             floor = await conn.fetchval("SELECT before FROM retention_floor FOR UPDATE")
-            if floor is not None and floor > boundary:
-                gone = await conn.fetch(_RELEASED, boundary, floor)
-                # Released, they still counted in the first/last times read then.
-                shared = rollup.retention_deltas(gone, self.rollup_properties, to_micros)
-                await self._reread_times(conn, shared)
-                await conn.execute("UPDATE retention_floor SET before = $1", boundary)
-            else:
-                await conn.execute(
-                    "INSERT INTO retention_floor (one, before) VALUES (true, $1) ON CONFLICT (one)"
-                    " DO UPDATE SET before = greatest(retention_floor.before, EXCLUDED.before)",
-                    boundary,
-                )
+            if floor is None or floor <= boundary:
+                return
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PURGE_LOCK):
+                return
+            gone = await conn.fetch(_RELEASED, boundary, floor)
+            # Released, they still counted in the first/last times read then.
+            shared = rollup.retention_deltas(gone, self.rollup_properties, to_micros)
+            await self._reread_times(conn, shared)
+            await conn.execute("UPDATE retention_floor SET before = $1", boundary)
 
     async def _drop_expired_partitions(self, boundary: datetime) -> None:
         """Drop the months wholly before `boundary` whose keys are all released."""
