@@ -23,6 +23,7 @@ import contextlib
 import logging
 import re
 import socket
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -344,6 +345,25 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     # rest of SQLSTATE class 55 (a lock not available, an object in use): states that pass,
     # not a record's fault (it was dead-lettered).
     asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
+    # The database's own failures: a corrupted table or index, an I/O error (XX001, XX002,
+    # class 58). No record causes them; an operator repairs them (every record was dead-lettered).
+    asyncpg.exceptions.DataCorruptedError,
+    asyncpg.exceptions.IndexCorruptedError,
+    asyncpg.exceptions.PostgresSystemError,
+    # A statement prepared before a schema change (a rolling upgrade): prepared again next try.
+    asyncpg.exceptions.InvalidCachedStatementError,
+)
+#: Connection losses: any statement that works again ends such an outage. Others (a full disk,
+#: a read-only database, privileges revoked) end when a write works: reads may work throughout.
+_LOST: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
 )
 
 
@@ -430,19 +450,28 @@ class PostgresStore(Store):
         self._schema_lost = False  # an UndefinedTableError was seen: `_restore` before writing
         self._outbox = False  # the webhook tables exist (not in a database migrated part-way)
         self._partition_mutex = asyncio.Lock()
-        self._outage: str | None = None  # the reason, while PostgreSQL is unreachable
+        self._outage: str | None = None  # the reason, while PostgreSQL is unavailable
+        self._outage_lost = True  # that outage is a lost connection (`_LOST`)
+        self._outage_at = 0.0  # when it began (monotonic)
         self._reads: set[asyncio.Timeout] = set()  # reads running: `cut_reads` ends them
 
     # -- outage state: one log line when it starts, one when it ends ------------------------------
-    def _down(self, cause: BaseException | str) -> None:
+    def _down(self, cause: BaseException | str, lost: bool | None = None) -> None:
         if self._outage is None:
             self._outage = _reason(cause) if isinstance(cause, BaseException) else cause
-            log.warning("PostgreSQL at %s is unreachable (%s); reconnecting", self._where, self._outage)
+            self._outage_lost = isinstance(cause, _LOST) if lost is None else lost
+            self._outage_at = time.monotonic()
+            log.warning("PostgreSQL at %s is unavailable (%s); retrying", self._where, self._outage)
 
-    def _up(self) -> None:
-        if self._outage is not None:
+    def _up(self, wrote: bool = False) -> None:
+        # A full disk still answers reads: each one ended the outage it had just begun (a pair
+        # of lines a second). An outage that was not a lost connection ends with a write, or
+        # with any statement a minute on (a process that only reads).
+        if self._outage is not None and (
+            wrote or self._outage_lost or time.monotonic() - self._outage_at > 60
+        ):
             self._outage = None
-            log.warning("PostgreSQL at %s is reachable again", self._where)
+            log.warning("PostgreSQL at %s is available again", self._where)
 
     def webhooks(self) -> PostgresWebhooks:
         return PostgresWebhooks(self)
@@ -461,6 +490,14 @@ class PostgresStore(Store):
                 self._schema_lost = True
                 log.warning("PostgreSQL at %s lost llmtap's tables (%s); making them again", self._where, e)
             raise TransientError(f"PostgreSQL at {self._where} has no llmtap tables: {_reason(e)}") from e
+        except asyncpg.exceptions.PostgresSyntaxError:
+            raise  # a statement llmtap built wrong: a bug, not a database to wait for
+        except asyncpg.exceptions.SyntaxOrAccessError as e:
+            # Privileges revoked, a column renamed by hand (class 42): the statements are
+            # llmtap's and records travel as COPY data, so no record causes these (every
+            # record was dead-lettered). An outage until an operator puts it right.
+            self._down(e)
+            raise TransientError(f"PostgreSQL at {self._where} refuses llmtap: {_reason(e)}") from e
         self._up()
 
     def _p(self) -> asyncpg.Pool:
@@ -761,10 +798,18 @@ class PostgresStore(Store):
                             due = outbox.plan(endpoints, fresh, now_us())
                             if due:
                                 await conn.executemany(INSERT_DELIVERY, [delivery_params(d) for d in due])
-                        return len(new)
-                except asyncpg.exceptions.CheckViolationError:
+                    self._up(wrote=True)
+                    return len(new)
+                except asyncpg.exceptions.CheckViolationError as e:
                     # "no partition found for row": another process dropped a month we had
                     # cached (retention, then a late record). Re-read and create it again.
+                    if attempt and "no partition" in str(e):
+                        # Making it did nothing: a table of that name is there, not attached
+                        # (detached by hand). Not the record's fault: wait for an operator.
+                        msg = f"no partition of requests for a month of this batch ({_reason(e)}); "
+                        msg += "is a requests_pYYYYMM table detached? attach it again"
+                        self._down(msg, lost=False)
+                        raise TransientError(f"PostgreSQL at {self._where}: {msg}") from e
                     if attempt:
                         raise
                     await self._load_partitions()

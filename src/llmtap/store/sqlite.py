@@ -72,6 +72,10 @@ log = logging.getLogger("llmtap.store.sqlite")
 WAL_CHECKPOINT_PAGES = 16384
 
 
+#: SQLite result codes (primary) of a damaged store file.
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 class _Checkpointer:
     """Copies the WAL into the database on its own thread and connection, kicked after a batch.
 
@@ -376,6 +380,12 @@ class SQLiteStore(Store):
             # locked / busy / disk I/O / full disk: passing conditions, the caller retries.
             # (A write that can never succeed waits too: its records stay in the queue.)
             raise TransientError(f"SQLite store {self.path}: {e}") from e
+        except sqlite3.DatabaseError as e:
+            # A damaged file ("database disk image is malformed", "file is not a database"): no
+            # record causes it (every one was dead-lettered); they wait for a repair.
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF not in _DAMAGED:
+                raise
+            raise TransientError(f"SQLite store {self.path} is damaged ({e}): repair or restore it") from e
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._run(self._writer, fn, *args)
