@@ -579,6 +579,7 @@ async def test_ingest_refuses_counts_durations_and_times_no_request_has(server: 
         "ttft": rec(6, time_to_first_token_ms=-1.0),
         "future": rec(7, at=datetime(9999, 12, 31, 23, tzinfo=UTC)),
         "past": rec(8, at=datetime(1969, 12, 31, 23, 59, 30, tzinfo=UTC)),
+        "audio": rec(10, usage=Usage(source="provider", input_audio_tokens=3_000_000_000)),  # int32
     }
     good = rec(9, at=t)
     status, body, _ = await server.ingest(encode_many([*bad.values(), good]))
@@ -587,6 +588,7 @@ async def test_ingest_refuses_counts_durations_and_times_no_request_has(server: 
     assert reasons.keys() == {r.id for r in bad.values()}
     assert "usage.prompt_tokens -1000 is not a token count" in reasons[bad["prompt"].id]
     assert "usage.web_search_requests" in reasons[bad["search"].id]
+    assert "input_audio_tokens 3000000000 is not a token count (0 to 2147483647)" in reasons[bad["audio"].id]
     assert "latency_ms 10000000000000.0 is not a duration" in reasons[bad["slow"].id]
     assert "started_at" in reasons[bad["future"].id] and "1970 and 9999" in reasons[bad["past"].id]
     for exact in ("true", "false"):

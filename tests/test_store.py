@@ -170,6 +170,27 @@ async def test_round_trip_of_every_field(store: Store) -> None:
     assert list(row) == list(ROW_FIELDS)
 
 
+async def test_a_count_too_large_for_a_32_bit_column_is_stored_as_unknown(store: Store) -> None:
+    """An outside check posted input_audio_tokens = 3e9 (ingest took up to 1e12, as a gateway
+    does from a provider): PostgreSQL's integer column overflowed and the record was dead-
+    lettered. Both stores keep the record, with that count unknown, the others as they were."""
+    from llmtap.limits import MAX_NARROW_COUNT
+
+    big = Usage(
+        source="provider",
+        prompt_tokens=3_000_000_000,
+        input_audio_tokens=3_000_000_000,
+        output_audio_tokens=MAX_NARROW_COUNT,
+        cache_write_1h_tokens=MAX_NARROW_COUNT + 1,
+        web_search_requests=10**12,
+    )
+    assert await store.write_batch([rec(1, usage=big)]) == 1
+    row = await store.get_request("acme", rec(1).id)
+    assert row is not None
+    assert row["prompt_tokens"] == 3_000_000_000 and row["output_audio_tokens"] == MAX_NARROW_COUNT
+    assert row["input_audio_tokens"] is row["cache_write_1h_tokens"] is row["web_search_requests"] is None
+
+
 async def test_omitted_bodies_and_missing_values_are_null(store: Store) -> None:
     r = rec(
         1,

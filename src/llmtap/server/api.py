@@ -27,7 +27,7 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError, TransientError
 from llmtap.handlers.chain import Chain
 from llmtap.ids import canonical_id
-from llmtap.limits import MAX_TOKENS
+from llmtap.limits import MAX_NARROW_COUNT, MAX_TOKENS, NARROW_USAGE
 from llmtap.record import Body, LogRecord, Usage, declared_charset, decode, decode_many
 from llmtap.redact import is_secret_header, redact_text, redact_url
 from llmtap.server.auth import IngestCaller
@@ -302,8 +302,9 @@ def check_ingested(record: LogRecord, caller: IngestCaller) -> str | None:
         return f"status {str(record.status)[:30]} is not an HTTP status"
     for name in _USAGE_INTS:
         count = getattr(record.usage, name)
-        if count is not None and not 0 <= count <= MAX_TOKENS:
-            return f"usage.{name} {str(count)[:30]} is not a token count (0 to {MAX_TOKENS})"
+        top = MAX_NARROW_COUNT if name in NARROW_USAGE else MAX_TOKENS
+        if count is not None and not 0 <= count <= top:
+            return f"usage.{name} {str(count)[:30]} is not a token count (0 to {top})"
     numbers = [("cost_nanos", record.cost_nanos)]
     numbers += [(f"{p}.size", b.size) for p in _BODY_PARTS if (b := getattr(record, p)) is not None]
     for name, value in numbers:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 import orjson
 
+from llmtap.limits import MAX_NARROW_COUNT
 from llmtap.store.query import (
     MAX_SESSION_REQUESTS,
     PROPERTY,
@@ -172,6 +173,10 @@ def cost_nanos(record: LogRecord) -> int | None:
     return None
 
 
+def _narrow(count: int | None) -> int | None:
+    return count if count is None or count <= MAX_NARROW_COUNT else None  # `limits.NARROW_USAGE`
+
+
 def record_values(r: LogRecord) -> tuple[Any, ...]:
     """A record as the `COLUMNS` tuple: timestamps in microseconds, JSON columns as text."""
     u = r.usage
@@ -213,11 +218,11 @@ def record_values(r: LogRecord) -> tuple[Any, ...]:
         None if r.first_byte_at is None else to_micros(r.first_byte_at),
         to_micros(r.ended_at),
         _clean_opt(r.gateway),
-        u.cache_write_1h_tokens,
-        u.input_audio_tokens,
-        u.output_audio_tokens,
+        _narrow(u.cache_write_1h_tokens),
+        _narrow(u.input_audio_tokens),
+        _narrow(u.output_audio_tokens),
         _clean_opt(u.service_tier),
-        u.web_search_requests,
+        _narrow(u.web_search_requests),
     )
 
 
