@@ -1331,6 +1331,48 @@ async def test_sqlite_a_damaged_file_is_an_outage_not_the_records_fault(tmp_path
         await store.close()
 
 
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+async def test_sqlite_a_file_removed_or_replaced_while_open_is_opened_again_and_nothing_written_since_lost(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outside check deleted store.db (and its WAL) under `llmtap up`: every batch after that
+    was acknowledged and shown while the process ran, and none was there after its restart. The
+    batch that finds its file gone is refused (the worker writes it again) and the store opens
+    the file at its path again: what was written since is in the file a restart opens."""
+    from llmtap.store.sqlite import SQLiteStore
+
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    await store.connect()
+    try:
+        assert await store.write_batch([rec(i) for i in range(5)]) == 5
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        if how == "replaced":  # a restored copy, say: another file at the path
+            other = SQLiteStore(path)
+            await other.connect()
+            assert await other.write_batch([rec(100)]) == 1
+            await other.close()
+        late = [rec(i) for i in range(10, 15)]
+        with pytest.raises(TransientError, match=how):
+            await store.write_batch(late)
+        assert await store.write_batch(late) == 5  # the worker's retry
+        assert await store.write_batch([rec(20)]) == 1
+        assert (await store.stats("acme", StatsQuery()))["overall"]["count"] == 6 + (how == "replaced")
+    finally:
+        await store.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "llmtap.store.sqlite"]
+    assert len(said) == 1 and f"its file was {how} while open; opening it again" in said[0], said
+    again = SQLiteStore(path)  # the restart
+    await again.connect()
+    try:
+        got = await again.list_requests("acme", ListQuery(limit=50))
+        want = {r.id for r in [*late, rec(20)]} | ({rec(100).id} if how == "replaced" else set())
+        assert {x["id"] for x in got.items} == want
+    finally:
+        await again.close()
+
+
 @pytest.mark.postgres
 @pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
 async def test_postgres_made_again_empty_is_an_outage_and_the_store_migrates_it() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -70,6 +71,11 @@ log = logging.getLogger("llmtap.store.sqlite")
 #: The writer's own automatic checkpoint (SQLite's default is 1000 pages): a backstop that bounds
 #: the WAL (~64 MB of 4 KB pages) when the checkpoint thread falls behind or cannot finish.
 WAL_CHECKPOINT_PAGES = 16384
+
+
+class _FileGone(Exception):
+    """The store's file was removed or replaced while open: what was written since went into
+    a file nobody will open again."""
 
 
 #: SQLite result codes (primary) of a damaged store file.
@@ -340,6 +346,9 @@ class SQLiteStore(Store):
         self._checkpointer: _Checkpointer | None = None
         self._hooks: SQLiteWebhooks | None = None
         self._outbox = False  # the webhook tables are there (not in a file migrated only part-way)
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
+        self._lost: str | None = None  # why the file must be opened again (`_FileGone`)
+        self._reopening = asyncio.Lock()
 
     def webhooks(self) -> SQLiteWebhooks:
         if self._hooks is None:
@@ -463,6 +472,8 @@ class SQLiteStore(Store):
 
     def _connect_writer(self) -> None:
         self._wconn = conn = self._open(readonly=False)
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
         conn.execute("BEGIN IMMEDIATE")  # one process migrates at a time
         try:
@@ -549,6 +560,7 @@ class SQLiteStore(Store):
 
     async def close(self) -> None:
         reader, self._reader = self._reader, None  # a read asked for from now on is told at once
+        self._cells, self._cells_mark = {}, None  # another file may be opened next
         if self._hooks is not None:
             await self._hooks.close()
             self._hooks = None
@@ -586,9 +598,33 @@ class SQLiteStore(Store):
     ) -> int:
         if not records:
             return 0
+        if self._lost is not None:
+            await self._open_again()
         # Row building runs on the writer thread too: in `llmtap up` this event loop also
         # serves the gateway, which should not wait for a batch's JSON encoding.
-        return await self._write(self._write_records, list(records), texts)
+        try:
+            return await self._write(self._write_records, list(records), texts)
+        except _FileGone as e:
+            if self._lost is None:
+                self._lost = str(e)
+                log.error(
+                    "SQLite store %s: %s while open; opening it again (a new, empty store) and"
+                    " writing the batches since again",
+                    self.path, e,
+                )  # fmt: skip
+            await self._open_again()
+            raise TransientError(f"SQLite store {self.path}: {e} (written again)") from None
+
+    async def _open_again(self) -> None:
+        async with self._reopening:
+            if self._lost is None:
+                return  # another batch did
+            await self.close()
+            try:
+                await self.connect()
+            except (BackendUnavailable, ConfigError) as e:
+                raise TransientError(f"SQLite store {self.path} cannot be opened again: {e}") from None
+            self._lost = None
 
     def _write_records(self, records: list[LogRecord], texts: Sequence[str | None] | None) -> int:
         given = {id(r): t for r, t in zip(records, texts or (), strict=False)}
@@ -661,9 +697,21 @@ class SQLiteStore(Store):
             raise
         if self._rollups:
             self._cells, self._cells_mark = cells, (mark[0], conn.total_changes)
+        self._check_identity()
         if self._checkpointer is not None:
             self._checkpointer.kick()
         return inserted
+
+    def _check_identity(self) -> None:
+        """After a commit: the file written is still the one at the path (an outside check
+        deleted it under `llmtap up`: every batch since was acknowledged, shown while the process
+        ran, and gone at its restart)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise _FileGone("its file was removed") from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise _FileGone("its file was replaced")
 
     def _apply_rollups(
         self,
