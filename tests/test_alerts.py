@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -604,3 +605,45 @@ async def test_the_server_runs_the_evaluator(tmp_path: Path) -> None:
     finally:
         await svc.stop()
         await shared.stop()
+
+
+async def test_an_outage_is_one_line_when_it_begins_and_one_when_it_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The evaluator logged "store unavailable" every round of an outage (a line a minute at the
+    default interval, an outside audit counted them): now once, and once when it is back."""
+    from llmtap.alerts.evaluator import AlertService, Evaluator
+    from llmtap.config import Settings
+    from llmtap.errors import TransientError
+    from llmtap.runtime import SharedBackends
+
+    settings = Settings(data_dir=tmp_path, store=f"sqlite:{tmp_path / 'store.db'}")
+    settings = settings.model_copy(update={"alert_interval_s": 0.01})  # below the setting's floor
+    shared = SharedBackends(settings)
+    svc = AlertService(settings, backends=shared)
+    rounds = {"n": 0}
+    real = Evaluator.run_once
+
+    async def run_once(self: Evaluator) -> Any:
+        rounds["n"] += 1
+        if 3 <= rounds["n"] <= 12:
+            raise TransientError("database is locked")
+        return await real(self)
+
+    caplog.set_level(logging.INFO, logger="llmtap.alerts")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Evaluator, "run_once", run_once)
+        await svc.start()
+        try:
+            deadline = asyncio.get_running_loop().time() + 120
+            while rounds["n"] < 20:
+                assert asyncio.get_running_loop().time() < deadline, rounds
+                await asyncio.sleep(0.05)
+        finally:
+            await svc.stop()
+            await shared.stop()
+    said = [r.getMessage() for r in caplog.records if r.name == "llmtap.alerts"]
+    assert [m.split(":")[1].strip() for m in said] == [
+        "store unavailable, evaluating again later",
+        "store available again, evaluating",
+    ], said

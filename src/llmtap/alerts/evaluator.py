@@ -234,11 +234,17 @@ class AlertService(OnBackends):
         return [f"alerts    evaluated every {s.alert_interval_s:g} s"]
 
     async def _loop(self, ev: Evaluator) -> None:
+        outage = False
         while True:
             try:
                 await ev.run_once()
+                if outage:
+                    outage = False
+                    log.warning("alerts: store available again, evaluating")
             except (BackendUnavailable, TransientError) as e:
-                log.warning("alerts: store unavailable, evaluating again later: %s", e)
+                if not outage:  # one line when it goes and one when it is back, not per round
+                    outage = True
+                    log.warning("alerts: store unavailable, evaluating again later: %s", e)
             except Exception:
                 log.exception("alert evaluation failed")
             await asyncio.sleep(self.settings.alert_interval_s)
