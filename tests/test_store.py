@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1153,6 +1153,36 @@ async def test_postgres_commits_are_synchronous_whatever_the_servers_default() -
             await store.close()
 
 
+@contextlib.asynccontextmanager
+async def _store_of_its_own_role(
+    role: str | None = None,
+) -> AsyncIterator[tuple[Any, asyncpg.Connection, str]]:
+    """A PostgreSQL store connected as a role of its own that owns its database (a superuser
+    passes every privilege check), five records written; an admin connection beside it."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from llmtap.store.postgres import PostgresStore
+
+    role = role or "llmtap_r_" + uuid.uuid4().hex[:8]
+    async with pg_database() as url:
+        parts = urlsplit(url)
+        db = parts.path.lstrip("/")
+        admin = await asyncpg.connect(url)
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        await admin.execute(f'ALTER DATABASE "{db}" OWNER TO "{role}"')
+        store = PostgresStore(urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}")))
+        try:
+            await store.connect()
+            assert await store.write_batch([rec(i) for i in range(5)]) == 5
+            yield store, admin, role
+        finally:
+            await store.close()
+            await admin.execute(f'ALTER DATABASE "{db}" OWNER TO CURRENT_USER')
+            await admin.execute(f'DROP OWNED BY "{role}"')
+            await admin.close()
+    await _drop_role(role)
+
+
 async def _drop_role(role: str) -> None:
     """Drop a role a test made (after the database it owned objects in is gone)."""
     admin = await asyncpg.connect(pg_url())
@@ -1207,39 +1237,19 @@ async def test_postgres_refusing_the_role_mid_run_is_an_outage_not_the_records_f
     write raise InvalidPasswordError, counted as the record's fault: all dead-lettered within
     5 s. Refused logins are an outage once connected (at start they stay a wrong setting).
     Reproduced with NOLOGIN, as the test server trusts every password."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    from llmtap.store.postgres import PostgresStore
-
-    role = "llmtap_r_" + uuid.uuid4().hex[:8]
-    async with pg_database() as url:
-        parts = urlsplit(url)
-        db = parts.path.lstrip("/")
-        admin = await asyncpg.connect(url)
-        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
-        await admin.execute(f'ALTER DATABASE "{db}" OWNER TO "{role}"')
-        store = PostgresStore(urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}")))
-        try:
-            await store.connect()
-            assert await store.write_batch([rec(i) for i in range(5)]) == 5
-            await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
-            await admin.execute(
-                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
-            )
-            said = []
-            for _ in range(3):  # the first may meet the connection just terminated
-                with pytest.raises(TransientError) as e:
-                    await store.write_batch([rec(i) for i in range(5, 10)])
-                said.append(str(e.value))
-            assert "not permitted to log in" in said[-1], said
-            await admin.execute(f'ALTER ROLE "{role}" LOGIN')
-            assert await store.write_batch([rec(i) for i in range(5, 10)]) == 5
-        finally:
-            await store.close()
-            await admin.execute(f'ALTER DATABASE "{db}" OWNER TO CURRENT_USER')
-            await admin.execute(f'DROP OWNED BY "{role}"')
-            await admin.close()
-    await _drop_role(role)
+    async with _store_of_its_own_role() as (store, admin, role):
+        await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
+        await admin.execute(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+        )
+        said = []
+        for _ in range(3):  # the first may meet the connection just terminated
+            with pytest.raises(TransientError) as e:
+                await store.write_batch([rec(i) for i in range(5, 10)])
+            said.append(str(e.value))
+        assert "not permitted to log in" in said[-1], said
+        await admin.execute(f'ALTER ROLE "{role}" LOGIN')
+        assert await store.write_batch([rec(i) for i in range(5, 10)]) == 5
 
 
 @pytest.mark.postgres
@@ -1250,10 +1260,6 @@ async def test_postgres_privileges_revoked_a_column_renamed_or_a_month_detached_
     outside check counted every record of the batches in flight dead-lettered. Records travel
     as COPY data, so none of these can be a record's: they are outages now, with a reason that
     says what to fix, and writes go on once it is fixed."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    from llmtap.store.postgres import PostgresStore
-
     role = "llmtap_r_" + uuid.uuid4().hex[:8]
     cases = [
         (
@@ -1273,33 +1279,18 @@ async def test_postgres_privileges_revoked_a_column_renamed_or_a_month_detached_
             "detached",
         ),
     ]
-    async with pg_database() as url:
-        parts = urlsplit(url)
-        db = parts.path.lstrip("/")
-        admin = await asyncpg.connect(url)
-        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
-        await admin.execute(f'ALTER DATABASE "{db}" OWNER TO "{role}"')
-        store = PostgresStore(urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}")))
-        try:
-            await store.connect()
-            assert await store.write_batch([rec(i) for i in range(5)]) == 5
-            for n, (breaks, mends, said) in enumerate(cases, 1):
-                batch = [rec(10 * n + i) for i in range(5)]
-                await admin.execute(breaks)
-                with pytest.raises(TransientError) as e:
-                    await store.write_batch(batch)
-                with pytest.raises(TransientError) as e:  # the first try's cache refreshed: same
-                    await store.write_batch(batch)
-                assert said in str(e.value), (breaks, e.value)
-                await admin.execute(mends)
-                assert await _write_when_back(store, batch) == 5, breaks
-            assert (await store.stats("acme", StatsQuery()))["overall"]["count"] == 20
-        finally:
-            await store.close()
-            await admin.execute(f'ALTER DATABASE "{db}" OWNER TO CURRENT_USER')
-            await admin.execute(f'DROP OWNED BY "{role}"')
-            await admin.close()
-    await _drop_role(role)
+    async with _store_of_its_own_role(role) as (store, admin, _):
+        for n, (breaks, mends, said) in enumerate(cases, 1):
+            batch = [rec(10 * n + i) for i in range(5)]
+            await admin.execute(breaks)
+            with pytest.raises(TransientError) as e:
+                await store.write_batch(batch)
+            with pytest.raises(TransientError) as e:  # the first try's cache refreshed: same
+                await store.write_batch(batch)
+            assert said in str(e.value), (breaks, e.value)
+            await admin.execute(mends)
+            assert await _write_when_back(store, batch) == 5, breaks
+        assert (await store.stats("acme", StatsQuery()))["overall"]["count"] == 20
 
 
 async def test_sqlite_a_damaged_file_is_an_outage_not_the_records_fault(tmp_path: Path) -> None:
