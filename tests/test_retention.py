@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from llmtap.bodies.file import FileBodyStore
 from llmtap.handlers.base import Item
 from llmtap.handlers.bodies import BodyHandler
-from llmtap.record import Body, compress
+from llmtap.record import Body, LogRecord, compress
 from llmtap.retention import cutoff_for, purge
 from llmtap.store import ListQuery
 from store_helpers import open_store, pg_url, rec, store_params
@@ -335,8 +336,9 @@ async def test_a_purge_under_way_keeps_its_floor_while_another_server_purges_wit
     its purge when the new one (B) purges with an earlier cutoff. B took A's floor for a stopped
     purge's: it lowered it and then cleared it while A went on releasing keys under it, and a
     record redelivered for one of those keys was stored a second time (outside check). Now B
-    leaves a floor a purge under way holds; A's purge ends it, or, A stopped (its session and
-    lock gone), B's next purge settles what A left."""
+    leaves the floor of a purge inside a call (it holds `_PURGE_LOCK`). Between A's calls, or
+    A stopped, B settles what A released so far, and A raises the floor again before it
+    releases more: no id is ever stored twice."""
     import uuid
 
     import asyncpg
@@ -350,8 +352,8 @@ async def test_a_purge_under_way_keeps_its_floor_while_another_server_purges_wit
         rec(i, id=str(uuid.uuid4()), at=base + timedelta(hours=6 * i), user_id=f"u{i % 3}")
         for i in range(200)
     ]  # to Oct 22
-    for r in records:
-        if r.started_at.day % 5:  # one day in five has bodies: a call of A's purge ends there
+    for i, r in enumerate(records):
+        if i not in (0, 193):  # a call of A's purge ends at a body: after 0, and Oct 20 06:00
             r.request_body = r.response_body = None
     a_cutoff, b_cutoff = datetime(2026, 10, 20, tzinfo=UTC), datetime(2026, 9, 6, tzinfo=UTC)
     async with pg_database() as url:
@@ -359,36 +361,65 @@ async def test_a_purge_under_way_keeps_its_floor_while_another_server_purges_wit
         await a.connect()
         await b.connect()
         db = await asyncpg.connect(url)
-        try:
-            await a.write_batch(records)
-            assert await a.delete_older_than(a_cutoff, limit=30)  # A's purge is under way
-            while await b.delete_older_than(b_cutoff, limit=30):
-                pass
-            assert await db.fetchval("SELECT before FROM retention_floor") == datetime(
-                2026, 10, 1, tzinfo=UTC
-            )
-            assert await a.delete_older_than(a_cutoff, limit=30)  # A goes on releasing keys
-            released = await db.fetch(
+
+        async def released() -> list[LogRecord]:
+            rows = await db.fetch(
                 "SELECT r.id FROM requests r WHERE NOT EXISTS"
                 " (SELECT 1 FROM request_keys k WHERE k.tenant = r.tenant AND k.id = r.id)"
             )
-            again = [r for r in records if r.id in {row[0] for row in released}]
-            assert again and await b.write_batch(again) == 0  # redelivered: refused, not stored twice
+            return [r for r in records if r.id in {row[0] for row in rows}]
+
+        try:
+            await a.write_batch(records)
+            assert await a.delete_older_than(a_cutoff, limit=30)  # A's purge: its first call
+            # A's second call releases the rest chunk by chunk; B purges between two chunks.
+            pool, acquired, seen = a._p(), 0, {}  # type: ignore[attr-defined]
+
+            class Pool:
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(pool, name)
+
+                def acquire(self) -> Any:
+                    nonlocal acquired
+                    acquired += 1
+                    if acquired == 5:  # settle, lock, chunks 1 and 2: then B
+                        return b_between()
+                    return pool.acquire()
+
+            @contextlib.asynccontextmanager
+            async def b_between() -> Any:
+                while await b.delete_older_than(b_cutoff, limit=30):
+                    pass
+                seen["floor"] = await db.fetchval("SELECT before FROM retention_floor")
+                again = await released()
+                seen["again"] = len(again), await b.write_batch(again)  # redelivered
+                async with pool.acquire() as conn:
+                    yield conn
+
+            a._p = lambda: Pool()  # type: ignore[attr-defined,method-assign]
+            assert not await a.delete_older_than(a_cutoff, limit=30)
+            del a._p  # type: ignore[attr-defined]
+            assert seen["floor"] == datetime(2026, 10, 1, tzinfo=UTC)  # A's boundary: it stood
+            assert seen["again"][0] > 30 and seen["again"][1] == 0  # refused, not stored twice
+            # A's next purge (a later day: October wholly expired) releases two keys and its
+            # call ends at a body; B purges between A's calls.
+            later = datetime(2026, 11, 5, tzinfo=UTC)
+            assert await a.delete_older_than(later, limit=1)
+            gone = await released()
+            assert [r.started_at.day for r in gone] == [20, 20]
             if a_stops:
                 await a.close()  # SIGTERM in the rolling deploy
-                keyed = {row[0] for row in await db.fetch("SELECT id FROM request_keys")}
-                kept = [r for r in records if r.started_at >= b_cutoff and r.id in keyed]
-            else:
-                while await a.delete_older_than(a_cutoff, limit=30):
-                    pass
-                kept = [r for r in records if r.started_at >= a_cutoff]
             while await b.delete_older_than(b_cutoff, limit=30):
                 pass
-            assert await db.fetchval("SELECT count(*) FROM request_keys") == len(kept)
-            assert await db.fetchval("SELECT count(*) FROM requests") == len(kept)
-            assert await db.fetchval("SELECT before FROM retention_floor") is None
+            assert await released() == []  # B settled them
+            assert await b.write_batch(gone) == 2  # redelivered: stored again, once
+            if not a_stops:
+                while await a.delete_older_than(later, limit=30):
+                    pass
+            keyed = {row[0] for row in await db.fetch("SELECT id FROM request_keys")}
+            assert await db.fetchval("SELECT count(*) FROM requests") == len(keyed)  # no id twice
             listed = await b.list_requests("acme", ListQuery(limit=500))
-            assert sorted(i["id"] for i in listed.items) == sorted(r.id for r in kept)
+            assert sorted(i["id"] for i in listed.items) == sorted(keyed)
             for q in (StatsQuery(), StatsQuery(bucket="day"), StatsQuery(group_by="user_id")):
                 exact = StatsQuery(bucket=q.bucket, group_by=q.group_by, exact=True)
                 assert_rollups_equal(await b.stats("acme", q), await b.stats("acme", exact))

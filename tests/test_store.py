@@ -1225,6 +1225,9 @@ async def test_postgres_settings_no_wait_cures_stop_start_up_with_one_sentence()
                 ConfigError, match=r"its role cannot make llmtap.s tables .*permission denied"
             ):
                 await weak.connect()
+            await admin.execute("REVOKE USAGE ON SCHEMA public FROM PUBLIC")  # was a traceback
+            with pytest.raises(ConfigError, match=r"tables \(no schema has been selected to create in\)"):
+                await weak.connect()
         finally:
             await admin.close()
     await _drop_role(role)

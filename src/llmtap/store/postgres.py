@@ -135,7 +135,7 @@ logging.getLogger("asyncpg.pool").addFilter(_PoolFloorLog())
 # Advisory-lock keys (arbitrary constants, namespaced by their value).
 _MIGRATION_LOCK = 0x6C6C6D74_0001
 _PARTITION_LOCK = 0x6C6C6D74_0002
-#: Held shared (by its session) for as long as a purge runs, across its calls: a server that
+#: Held shared (by its session) through each call of a purge: a server that
 #: finds the retention floor above its own purge's can tell a purge under way (the floor
 #: stands) from one that stopped (its released rows are finished, the floor lowered).
 _PURGE_LOCK = 0x6C6C6D74_0003
@@ -353,6 +353,9 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     # A statement prepared before a schema change (a rolling upgrade): prepared again next try.
     asyncpg.exceptions.InvalidCachedStatementError,
 )
+#: A role that may not make llmtap's tables: no privilege (42501), or no schema it may create in
+#: (3F000: USAGE on public revoked, an empty search_path).
+_NO_RIGHTS = (asyncpg.exceptions.InsufficientPrivilegeError, asyncpg.exceptions.InvalidSchemaNameError)
 #: Connection losses: any statement that works again ends such an outage. Others (a full disk,
 #: a read-only database, privileges revoked) end when a write works: reads may work throughout.
 _LOST: tuple[type[BaseException], ...] = (
@@ -439,8 +442,6 @@ class PostgresStore(Store):
         self._written: tuple[str, ...] = _WRITTEN
         self._move = _MOVE
         self._floor = True  # migration 14's `retention_floor` (an older schema has none)
-        self._purging: Any = None  # the connection holding `_PURGE_LOCK` while a purge runs
-        self._purging_to: datetime | None = None  # and that purge's boundary
         self.description = f"postgresql {redact_dsn(url)}"
         parts = urlsplit(url)
         self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
@@ -492,7 +493,7 @@ class PostgresStore(Store):
             raise TransientError(f"PostgreSQL at {self._where} has no llmtap tables: {_reason(e)}") from e
         except asyncpg.exceptions.PostgresSyntaxError:
             raise  # a statement llmtap built wrong: a bug, not a database to wait for
-        except asyncpg.exceptions.SyntaxOrAccessError as e:
+        except (asyncpg.exceptions.SyntaxOrAccessError, asyncpg.exceptions.InvalidSchemaNameError) as e:
             # Privileges revoked, a column renamed by hand (class 42): the statements are
             # llmtap's and records travel as COPY data, so no record causes these (every
             # record was dead-lettered). An outage until an operator puts it right.
@@ -578,7 +579,7 @@ class PostgresStore(Store):
             await self._migrate(conn)
         except _TRANSIENT as e:
             raise BackendUnavailable(f"cannot connect to PostgreSQL at {self._where}: {_reason(e)}") from None
-        except asyncpg.exceptions.InsufficientPrivilegeError as e:
+        except _NO_RIGHTS as e:
             raise ConfigError(
                 f"invalid setting LLMTAP_STORE: its role cannot make llmtap's tables ({_reason(e)}); "
                 "connect as the database's owner (llmtap makes its tables and the pg_trgm extension "
@@ -714,7 +715,6 @@ class PostgresStore(Store):
         self._up()  # a new connection (the pool restoring its floor, too) means it is back
 
     async def close(self) -> None:
-        await self._purge_ends()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -998,11 +998,10 @@ class PostgresStore(Store):
         y, m = _month_of(cutoff_us)
         boundary = _month_start(y, m)  # rows before it live in wholly expired months
         with self._errors():
+            # No record of those months is stored while their rows are released but not yet
+            # dropped (migration 14): it would take a released key again.
+            held = await self._purge_begins(boundary) if self._floor else None
             try:
-                # No record of those months is stored while their rows are released but not
-                # yet dropped (migration 14): it would take a released key again.
-                if self._floor:
-                    await self._purge_goes_on(boundary)
                 while True:
                     async with self._p().acquire() as conn, conn.transaction():
                         rows = await conn.fetch(_RETENTION, cutoff, limit, boundary)
@@ -1017,11 +1016,9 @@ class PostgresStore(Store):
                     if refs or deleted < limit:
                         break
                 await self._drop_expired_partitions(boundary)
-            except BaseException:
-                await self._purge_ends()  # a stopped purge: the next one settles what it left
-                raise
-        if not refs:
-            await self._purge_ends()
+            finally:
+                if held is not None:
+                    await self._purge_ends(held)
         return refs
 
     async def erase(self, tenant: str, by: str, value: str, limit: int = 10_000) -> tuple[int, list[str]]:
@@ -1069,34 +1066,32 @@ class PostgresStore(Store):
                 None if last is None else to_micros(last),
             )
 
-    async def _purge_goes_on(self, boundary: datetime) -> None:
-        """Before each chunk: the retention floor at least `boundary`. At a purge's start, what
-        an earlier purge that stopped part-way left is settled first (`_settle_floor`), then
-        `_PURGE_LOCK` is taken (shared) and held until the purge ends, then the floor raised:
-        nothing is released before the floor covers it."""
-        if self._purging is None or self._purging.is_closed() or self._purging_to != boundary:
-            await self._purge_ends()
-            await self._settle_floor(boundary)
-            conn = await self._p().acquire()
-            try:
-                await conn.execute("SELECT pg_advisory_lock_shared($1)", _PURGE_LOCK)
-            except BaseException:
-                await self._p().release(conn)
-                raise
-            self._purging, self._purging_to = conn, boundary
-        await self._change(
-            "INSERT INTO retention_floor (one, before) VALUES (true, $1) ON CONFLICT (one)"
-            " DO UPDATE SET before = greatest(retention_floor.before, EXCLUDED.before)",
-            boundary,
-        )
+    async def _purge_begins(self, boundary: datetime) -> Any:
+        """Before a call's chunks: what an earlier purge that stopped part-way left is settled
+        (`_settle_floor`), `_PURGE_LOCK` taken (shared, on the connection returned, released by
+        `_purge_ends`), and the retention floor raised to at least `boundary`: nothing is
+        released before the floor covers it. Between calls (the caller deletes bodies) another
+        server may settle what this purge released so far: rows past its cutoff, and the floor
+        is raised again before more are released."""
+        await self._settle_floor(boundary)
+        conn = await self._p().acquire()
+        try:
+            await conn.execute("SELECT pg_advisory_lock_shared($1)", _PURGE_LOCK)
+            await conn.execute(
+                "INSERT INTO retention_floor (one, before) VALUES (true, $1) ON CONFLICT (one)"
+                " DO UPDATE SET before = greatest(retention_floor.before, EXCLUDED.before)",
+                boundary,
+            )
+        except BaseException:
+            await self._purge_ends(conn)
+            raise
+        return conn
 
-    async def _purge_ends(self) -> None:
-        conn, self._purging = self._purging, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # a connection lost has let the lock go
-                await conn.execute("SELECT pg_advisory_unlock_shared($1)", _PURGE_LOCK)
-            with contextlib.suppress(Exception):
-                await self._p().release(conn)
+    async def _purge_ends(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):  # a connection lost has let the lock go
+            await conn.execute("SELECT pg_advisory_unlock_shared($1)", _PURGE_LOCK)
+        with contextlib.suppress(Exception):
+            await self._p().release(conn)
 
     async def _settle_floor(self, boundary: datetime) -> None:
         """A floor above `boundary` with no purge under way (none holds `_PURGE_LOCK`) is an
