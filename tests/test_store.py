@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -1325,14 +1326,39 @@ async def test_sqlite_a_damaged_file_is_an_outage_not_the_records_fault(tmp_path
         await store.close()
 
 
+async def test_sqlite_a_folder_that_cannot_be_searched_any_more_is_no_lost_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's folder made unsearchable (chmod 600) under a running worker: the check that
+    the file is still there raised PermissionError after the commit, and the records, stored,
+    were dead-lettered too (outside check; reproduced here without root's immunity)."""
+    import llmtap.store.sqlite as sqlite_store
+
+    store = sqlite_store.SQLiteStore(tmp_path / "s.db")
+    await store.connect()
+    try:
+
+        def refused(path: Any) -> tuple[int, int]:
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(sqlite_store, "_identity", refused)
+        assert await store.write_batch([rec(i) for i in range(5)]) == 5
+        assert len((await store.list_requests("acme", ListQuery())).items) == 5
+    finally:
+        monkeypatch.undo()
+        await store.close()
+
+
 @pytest.mark.parametrize("how", ["removed", "replaced"])
 async def test_sqlite_a_file_removed_or_replaced_while_open_is_opened_again_and_nothing_written_since_lost(
     tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An outside check deleted store.db (and its WAL) under `llmtap up`: every batch after that
     was acknowledged and shown while the process ran, and none was there after its restart. The
-    batch that finds its file gone is refused (the worker writes it again) and the store opens
-    the file at its path again: what was written since is in the file a restart opens."""
+    batch (or read) that finds its file gone is refused (the worker writes it again) and the
+    store opens the file at its path again: what was written since is in the file a restart
+    opens. A backup moved over the file, the old WAL left beside it, is opened without that WAL:
+    replayed onto the copy, it broke every index (second check)."""
     from llmtap.store.sqlite import SQLiteStore
 
     path = tmp_path / "s.db"
@@ -1340,23 +1366,31 @@ async def test_sqlite_a_file_removed_or_replaced_while_open_is_opened_again_and_
     await store.connect()
     try:
         assert await store.write_batch([rec(i) for i in range(5)]) == 5
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        if how == "replaced":  # a restored copy, say: another file at the path
-            other = SQLiteStore(path)
-            await other.connect()
-            assert await other.write_batch([rec(100)]) == 1
-            await other.close()
+        if how == "removed":
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            with pytest.raises(TransientError, match="removed"):  # a read finds it first
+                await store.list_requests("acme", ListQuery())
+            assert (await store.list_requests("acme", ListQuery())).items == []
+        else:  # a backup with one record of its own, moved over the file
+            backup = SQLiteStore(tmp_path / "backup.db")
+            await backup.connect()
+            assert await backup.write_batch([rec(100)]) == 1
+            await backup.close()
+            assert await store.write_batch([rec(i) for i in range(5, 9)]) == 4  # in the WAL
+            os.replace(tmp_path / "backup.db", path)
         late = [rec(i) for i in range(10, 15)]
-        with pytest.raises(TransientError, match=how):
-            await store.write_batch(late)
-        assert await store.write_batch(late) == 5  # the worker's retry
+        if how == "replaced":
+            with pytest.raises(TransientError, match="replaced"):
+                await store.write_batch(late)
+        assert await store.write_batch(late) == 5  # (the worker's retry)
         assert await store.write_batch([rec(20)]) == 1
         assert (await store.stats("acme", StatsQuery()))["overall"]["count"] == 6 + (how == "replaced")
     finally:
         await store.close()
     said = [r.getMessage() for r in caplog.records if r.name == "llmtap.store.sqlite"]
-    assert len(said) == 1 and f"its file was {how} while open; opening it again" in said[0], said
+    assert len(said) == 1 and f"its file was {how} while open; opening" in said[0], said
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     again = SQLiteStore(path)  # the restart
     await again.connect()
     try:

@@ -27,6 +27,7 @@ import os
 import re
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -76,6 +77,18 @@ WAL_CHECKPOINT_PAGES = 16384
 class _FileGone(Exception):
     """The store's file was removed or replaced while open: what was written since went into
     a file nobody will open again."""
+
+
+def _identity(path: str | Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _identity_or_none(path: str | Path) -> tuple[int, int] | None:
+    try:
+        return _identity(path)
+    except OSError:
+        return None
 
 
 #: SQLite result codes (primary) of a damaged store file.
@@ -347,6 +360,7 @@ class SQLiteStore(Store):
         self._hooks: SQLiteWebhooks | None = None
         self._outbox = False  # the webhook tables are there (not in a file migrated only part-way)
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
+        self._wal: tuple[tuple[int, int] | None, ...] = (None, None)  # ... of its -wal and -shm
         self._lost: str | None = None  # why the file must be opened again (`_FileGone`)
         self._reopening = asyncio.Lock()
 
@@ -356,10 +370,17 @@ class SQLiteStore(Store):
         return self._hooks
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _open(self, readonly: bool) -> sqlite3.Connection:
+    def _open(self, readonly: bool, create: bool = False) -> sqlite3.Connection:
         # A reader is closed after its thread's pool has stopped, from the closing thread.
+        # Only the writer, at `connect`, makes the file: a reader (or the webhook connection)
+        # opened after it was removed made an empty one, with no tables, at its path.
+        where = f"file:{urllib.parse.quote(str(self.path))}{'' if create else '?mode=rw'}"
         conn = sqlite3.connect(
-            self.path, isolation_level=None, timeout=self._busy_ms / 1000, check_same_thread=not readonly
+            where,
+            uri=True,
+            timeout=self._busy_ms / 1000,
+            isolation_level=None,
+            check_same_thread=not readonly,
         )
         conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
         conn.execute("PRAGMA journal_mode = WAL")
@@ -403,6 +424,7 @@ class SQLiteStore(Store):
         ticket, self._asked = self._asked, self._asked + 1
 
         def read() -> T:
+            self._check_identity()
             conn = self._r()
             with self._rlock:
                 self._running[ticket] = conn
@@ -416,7 +438,11 @@ class SQLiteStore(Store):
                 with self._rlock:
                     del self._running[ticket]
 
-        return await self._run(self._reader, read)
+        try:
+            return await self._run(self._reader, read)
+        except _FileGone as e:
+            await self._file_gone(e)
+            raise TransientError(f"SQLite store {self.path}: {e}; opened again") from None
 
     async def cut_reads(self) -> None:
         self._cut = self._asked
@@ -471,9 +497,8 @@ class SQLiteStore(Store):
             raise BackendUnavailable(f"cannot open the SQLite store {self.path}: {cause}") from e
 
     def _connect_writer(self) -> None:
-        self._wconn = conn = self._open(readonly=False)
-        st = os.stat(self.path)
-        self._identity = (st.st_dev, st.st_ino)
+        self._wconn = conn = self._open(readonly=False, create=True)
+        self._identity = _identity(self.path)
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
         conn.execute("BEGIN IMMEDIATE")  # one process migrates at a time
         try:
@@ -522,6 +547,9 @@ class SQLiteStore(Store):
         except BaseException:
             _rollback(conn)
             raise
+        # This file's WAL and shared memory: left at the path when the file is replaced, they
+        # would be replayed onto the next file opened there (`_drop_stale_wal`).
+        self._wal = (_identity_or_none(f"{self.path}-wal"), _identity_or_none(f"{self.path}-shm"))
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection, where: str) -> None:
@@ -591,6 +619,8 @@ class SQLiteStore(Store):
             for conn in conns:
                 conn.close()
         self._writer = None
+        if self._identity is not None:
+            self._drop_stale_wal()
 
     # -- writes -----------------------------------------------------------------------------------
     async def write_batch(
@@ -605,15 +635,18 @@ class SQLiteStore(Store):
         try:
             return await self._write(self._write_records, list(records), texts)
         except _FileGone as e:
-            if self._lost is None:
-                self._lost = str(e)
-                log.error(
-                    "SQLite store %s: %s while open; opening it again (a new, empty store) and"
-                    " writing the batches since again",
-                    self.path, e,
-                )  # fmt: skip
-            await self._open_again()
+            await self._file_gone(e)
             raise TransientError(f"SQLite store {self.path}: {e} (written again)") from None
+
+    async def _file_gone(self, e: _FileGone) -> None:
+        if self._lost is None:
+            self._lost = str(e)
+            now = "a new, empty store" if "removed" in str(e) else "the file now there"
+            log.error(
+                "SQLite store %s: %s while open; opening %s and writing the batches since again",
+                self.path, e, now,
+            )  # fmt: skip
+        await self._open_again()
 
     async def _open_again(self) -> None:
         async with self._reopening:
@@ -703,15 +736,34 @@ class SQLiteStore(Store):
         return inserted
 
     def _check_identity(self) -> None:
-        """After a commit: the file written is still the one at the path (an outside check
-        deleted it under `llmtap up`: every batch since was acknowledged, shown while the process
-        ran, and gone at its restart)."""
+        """The file is still the one at the path: checked after each commit and before each
+        read (an outside check deleted it under `llmtap up`: every batch since was
+        acknowledged, shown while the process ran, and gone at its restart)."""
         try:
-            st = os.stat(self.path)
+            now = _identity(self.path)
         except FileNotFoundError:
             raise _FileGone("its file was removed") from None
-        if (st.st_dev, st.st_ino) != self._identity:
+        except OSError:
+            return  # cannot tell (a folder made unreadable): the file open is written and read
+        if now != self._identity:
             raise _FileGone("its file was replaced")
+
+    def _drop_stale_wal(self) -> None:
+        """After the last connection closed: a WAL and shared memory at the path that are the
+        closed file's (it was replaced) are removed. SQLite leaves them when its file has
+        moved, and replayed them onto the next file opened at the path: a restored copy came up
+        with broken indexes (outside check)."""
+        try:
+            if _identity(self.path) == self._identity:
+                return
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+        for suffix, mine in zip(("-wal", "-shm"), self._wal, strict=True):
+            with contextlib.suppress(OSError):
+                if mine is not None and _identity_or_none(f"{self.path}{suffix}") == mine:
+                    os.unlink(f"{self.path}{suffix}")
 
     def _apply_rollups(
         self,
