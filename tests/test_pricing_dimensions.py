@@ -197,6 +197,26 @@ def test_server_side_web_searches() -> None:
     assert rec.cost_nanos == nanos((1_000, "1.25"), (200, "10"), (2, "10000"))
 
 
+def test_a_count_the_store_keeps_as_unknown_leaves_the_cost_unknown() -> None:
+    """3e9 web searches (a provider's garbage; the gateway takes counts up to 1e12) were priced
+    $30M while the store kept the count as unknown (it is past its 32-bit column): no cost
+    now. One under the bound is priced."""
+    body = {
+        "usage": {
+            "input_tokens": 2_000,
+            "output_tokens": 300,
+            "server_tool_use": {"web_search_requests": 3_000_000_000},
+        }
+    }
+    usage = anthropic.usage_from_body(body)
+    assert usage.web_search_requests == 3_000_000_000
+    rec = priced("anthropic", "claude-sonnet-4-5", usage)
+    assert rec.cost_nanos is None
+    body["usage"]["server_tool_use"] = {"web_search_requests": 2**31 - 1}
+    rec = priced("anthropic", "claude-sonnet-4-5", anthropic.usage_from_body(body))
+    assert rec.cost_nanos == nanos((2_000, "3"), (300, "15"), (2**31 - 1, "10000"))
+
+
 def test_openai_cache_writes_chat_and_responses() -> None:
     # gpt-5.6-cyber per 1M: 12.5 in / 15.625 cache write / 1.25 cache read / 75 out. Writes are
     # part of prompt_tokens: billed at the write price, not as plain input.

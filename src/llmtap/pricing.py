@@ -47,6 +47,7 @@ import genai_prices
 from genai_prices import data_snapshot
 from genai_prices import types as gp
 
+from llmtap.limits import MAX_NARROW_COUNT, NARROW_USAGE
 from llmtap.providers import pricing_id, provider_for
 
 if TYPE_CHECKING:
@@ -205,6 +206,8 @@ def _counts(usage: Usage) -> tuple[int, int, int, int] | None:
     write = usage.cache_write_tokens or 0
     if min(prompt, completion, read, write) < 0 or read + write > prompt:
         return None  # inconsistent: cached parts larger than the whole
+    if any((getattr(usage, name) or 0) > MAX_NARROW_COUNT for name in NARROW_USAGE):
+        return None  # garbage the store keeps as unknown: 3e9 web searches priced $30M
     return prompt, read, write, completion
 
 
