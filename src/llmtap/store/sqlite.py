@@ -739,6 +739,8 @@ class SQLiteStore(Store):
         """The file is still the one at the path: checked after each commit and before each
         read (an outside check deleted it under `llmtap up`: every batch since was
         acknowledged, shown while the process ran, and gone at its restart)."""
+        if self._identity is None:
+            return  # not opened yet
         try:
             now = _identity(self.path)
         except FileNotFoundError:
