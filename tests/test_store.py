@@ -26,7 +26,7 @@ from llmtap import keys
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError
 from llmtap.record import Body, LogRecord, Usage
 from llmtap.store.base import ListQuery, StatsQuery, Store
-from llmtap.store.query import decode_cursor, encode_cursor
+from llmtap.store.query import decode_cursor, encode_cursor, parse_users, users_cursor
 from store_helpers import (
     ENVS,
     MODELS,
@@ -657,6 +657,21 @@ async def test_sessions_and_users(store: Store) -> None:
     last = [u["last_at"] for u in users]
     assert last == sorted(last, reverse=True)
     assert len(await store.users("acme", limit=2)) == 2
+
+
+@pytest.mark.parametrize("nanos", [8_968_725_613_810_762, 8_427_068_202_505_595])
+async def test_users_by_cost_page_on_exact_nanodollars_past_millions(store: Store, nanos: int) -> None:
+    # Two users of equal cost above ~$4.5M, where cost_usd as a float no longer gives back its
+    # nanodollars: a cursor made from it repeated the first user (first value) or skipped the
+    # second (second value) on the next page.
+    assert round(nanos / 1e9 * 1e9) != nanos
+    await store.write_batch([rec(i, user_id=u, cost_nanos=nanos) for i, u in enumerate("ab")])
+    for exact in (False, True):
+        (first,) = await store.users("acme", limit=1, exact=exact, sort="cost")
+        assert first["user_id"] == "a"
+        _, after, _ = parse_users([("sort", "cost"), ("cursor", users_cursor(first, "cost"))])
+        rest = await store.users("acme", limit=5, exact=exact, after=after, sort="cost")
+        assert [u["user_id"] for u in rest] == ["b"], exact
 
 
 async def test_tenants_never_see_each_other(store: Store) -> None:

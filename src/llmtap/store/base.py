@@ -27,6 +27,7 @@ from llmtap.redact import redact_dsn
 # The query vocabulary's two queries, re-exported: the `Store` methods take them.
 from llmtap.store.query import ListQuery as ListQuery
 from llmtap.store.query import StatsQuery as StatsQuery
+from llmtap.store.query import UserTotals as UserTotals
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
@@ -124,7 +125,7 @@ class Store(ABC):
         exact: bool = False,
         after: tuple[int, str] | None = None,
         sort: str = "time",
-    ) -> list[dict[str, Any]]:
+    ) -> list[UserTotals]:
         """Per-user totals (no percentiles), most recently active first (`sort="time"`) or
         highest cost first (`"cost"`; unpriced counts as 0), then by user id; those after
         `after` (the sort's value: last active in microseconds, or cost in nanodollars; user

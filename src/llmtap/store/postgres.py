@@ -43,6 +43,7 @@ from llmtap.store.query import (
     MAX_BUCKETS,
     MAX_GROUPS,
     MAX_SESSION_REQUESTS,
+    UserTotals,
     from_micros,
     iso,
     to_micros,
@@ -970,7 +971,7 @@ class PostgresStore(Store):
         exact: bool = False,
         after: tuple[int, str] | None = None,
         sort: str = "time",
-    ) -> list[dict[str, Any]]:
+    ) -> list[UserTotals]:
         start = rollup.users_start(self._covered)
         if not exact and start is not None and (start == 0 or not await self._older(tenant, start)):
             q, params = rollup.users_sql(DIALECT, tenant, limit, start, after, sort)

@@ -474,8 +474,19 @@ def parse_users(items: Iterable[tuple[str, str]]) -> tuple[int, tuple[int, str] 
     return integer(params, "limit", DEFAULT_USERS_LIMIT, 1, MAX_LIMIT), after, sort
 
 
-def users_cursor(item: Mapping[str, Any], sort: str = "time") -> str:
+class UserTotals(dict[str, Any]):
+    """One item of `Store.users`: the API's dict, carrying the exact cost in nanodollars
+    beside it for the cost sort's cursor (a float `cost_usd` is exact only to about $2M)."""
+
+    __slots__ = ("cost_nanos",)
+
+    def __init__(self, items: dict[str, Any], cost_nanos: int) -> None:
+        super().__init__(items)
+        self.cost_nanos = cost_nanos
+
+
+def users_cursor(item: UserTotals, sort: str = "time") -> str:
     """The cursor of the page after a users item (`parse_users`)."""
     if sort == "cost":
-        return encode_sort_cursor(0, item["user_id"], "cost", round((item["cost_usd"] or 0) * 1e9))
+        return encode_sort_cursor(0, item["user_id"], "cost", item.cost_nanos)
     return encode_cursor(to_micros(datetime.fromisoformat(item["last_at"])), item["user_id"])

@@ -41,7 +41,7 @@ import orjson
 
 from llmtap.store import sql
 from llmtap.store.base import ListQuery, StatsQuery
-from llmtap.store.query import BUCKET_MICROS, MAX_BUCKETS, MAX_GROUPS, from_micros, iso, to_micros
+from llmtap.store.query import BUCKET_MICROS, MAX_BUCKETS, MAX_GROUPS, UserTotals, from_micros, iso, to_micros
 from llmtap.store.sketch import RELATIVE_ACCURACY, Sketch, key_of
 
 GRAINS = ("minute", "hour", "day")
@@ -878,11 +878,12 @@ def users_sql(
     return f"{q} ORDER BY {by} DESC, key LIMIT {params(limit)}", params.values
 
 
-def user_result(row: Sequence[Any]) -> dict[str, Any]:
+def user_result(row: Sequence[Any]) -> UserTotals:
     """One row of `users_sql` in the shape of `sql.user_result` (the raw path's)."""
-    totals = Cell.from_row(row[1:]).totals()
+    cell = Cell.from_row(row[1:])
+    totals = cell.totals()
     del totals["latency_ms"], totals["time_to_first_token_ms"]
-    return {"user_id": decode_key(USER_DIM, row[0]), **totals}
+    return UserTotals({"user_id": decode_key(USER_DIM, row[0]), **totals}, cell.cost_nanos)
 
 
 def user_groups(

@@ -37,6 +37,7 @@ from llmtap.store.query import (
     PROPERTY,
     ListQuery,
     StatsQuery,
+    UserTotals,
     decode_cursor,
     decode_sort_cursor,
     encode_cursor,
@@ -985,10 +986,10 @@ def session_result(
     }
 
 
-def user_result(d: Dialect, row: Sequence[Any]) -> dict[str, Any]:
+def user_result(d: Dialect, row: Sequence[Any]) -> UserTotals:
     """One row of a `users` aggregate (no percentiles) as the API's dict."""
     key, totals = aggregate_row(d, row, percentiles=False)
-    return {"user_id": key, **totals}
+    return UserTotals({"user_id": key, **totals}, int(row[3 + len(_SUMS)]))
 
 
 def now() -> datetime:

@@ -46,6 +46,7 @@ from llmtap.store.query import (
     MAX_BUCKETS,
     MAX_GROUPS,
     MAX_SESSION_REQUESTS,
+    UserTotals,
     from_micros,
     iso,
     to_micros,
@@ -954,12 +955,12 @@ class SQLiteStore(Store):
         exact: bool = False,
         after: tuple[int, str] | None = None,
         sort: str = "time",
-    ) -> list[dict[str, Any]]:
+    ) -> list[UserTotals]:
         return await self._read(self._users, tenant, limit, exact, after, sort)
 
     def _users(
         self, tenant: str, limit: int, exact: bool, after: tuple[int, str] | None, sort: str
-    ) -> list[dict[str, Any]]:
+    ) -> list[UserTotals]:
         start = rollup.users_start(self._covered)
         if not exact and start is not None and (start == 0 or not self._older(tenant, start)):
             q, params = rollup.users_sql(DIALECT, tenant, limit, start, after, sort)
