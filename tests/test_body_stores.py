@@ -365,3 +365,49 @@ async def test_s3_keys_a_delete_refused_one_by_one_are_not_taken_for_deleted() -
     assert calls == [1000, 1000, 500]
     store._client = Client([{"Key": "p/a", "Code": "NoSuchKey", "Message": "gone already"}])
     await store.delete_many(["a", "b"])  # gone is what was wanted
+
+
+@pytest.mark.s3
+async def test_s3_day_folders_before_a_day_go_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention's sweep on S3 (the file store removes whole day folders): bodies no row names
+    any more (a reused id's second body, a delete that failed before a restart) stayed in the
+    bucket for ever. Listings walk pages (two keys a page here); objects llmtap did not write,
+    folders that are not days and another deployment's prefix are left alone."""
+    import llmtap.bodies.s3 as s3
+
+    if _s3_env() is None:
+        pytest.skip("LLMTAP_TEST_S3_* not set: run scripts/services.sh up")
+    monkeypatch.setattr(s3, "_PAGE", 2)
+    run = uuid.uuid4().hex[:8]
+    store, other = _s3_store(f"sweep-{run}"), _s3_store(f"sweep-{run}-other")
+    await store.connect()
+    await other.connect()
+    try:
+        day = datetime(2026, 3, 1, tzinfo=UTC).date()
+        at = [datetime(2025, 12, 31, 23, tzinfo=UTC), datetime(2026, 2, 27, tzinfo=UTC),
+              datetime(2026, 2, 28, 23, 59, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC),
+              datetime(2026, 3, 2, tzinfo=UTC)]  # fmt: skip
+        old_refs, kept_refs = [], []
+        for tenant in ("acme", "globex", "grp/eu"):
+            for when in at:
+                items = [(body_key(tenant, f"r{i}", when, "request", b"%d" % i), b"x") for i in range(3)]
+                refs = await store.put_many(items)
+                (old_refs if when.date() < day else kept_refs).extend(refs)
+        theirs = await other.put_many([(body_key("acme", "r", at[0], "request", b"x"), b"x")])
+        env = _s3_env()
+        assert env and isinstance(store, s3.S3BodyStore)
+        client = store._connected()
+        mine = ("acme/2025/12/31/notes.txt", "acme/2025/13/01/x.request.ab.zst",
+                "acme/old/01/01/x.request.ab.zst", "readme.request.ab.zst")  # fmt: skip
+        foreign = [f"sweep-{run}/{key}" for key in mine]
+        for key in foreign:
+            await client.put_object(Bucket=env["LLMTAP_TEST_S3_BUCKET"], Key=key, Body=b"theirs")
+        assert await store.delete_days_before(day) == 3 * 3  # three tenants, three days each
+        assert [await store.get(r) for r in old_refs] == [None] * len(old_refs)
+        assert all([await store.get(r) for r in kept_refs]) and await other.get(theirs[0])
+        for key in foreign:
+            await client.head_object(Bucket=env["LLMTAP_TEST_S3_BUCKET"], Key=key)  # still there
+        assert await store.delete_days_before(day) == 0  # nothing left to sweep
+    finally:
+        await store.close()
+        await other.close()

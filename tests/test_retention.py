@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -80,13 +81,22 @@ async def test_a_record_stamped_in_another_time_zone_shares_no_pack_with_kept_da
             assert r.request_body and r.request_body.ref and await bodies.get(r.request_body.ref)
 
 
-async def test_bodies_no_row_names_go_with_their_day(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["file", pytest.param("s3", marks=pytest.mark.s3)])
+async def test_bodies_no_row_names_go_with_their_day(kind: str, tmp_path: Path) -> None:
     """The body-store review: a second request reusing an id has its row refused and its body
-    written; no purge ever named that body, so it stayed for ever. Whole day folders before
-    the cutoff (a day of margin) go now; the day before the cutoff's and later stay."""
-    from llmtap.bodies.base import body_key
+    written; no purge ever named that body, so it stayed for ever (on S3 too, as did a body
+    whose delete failed before a restart: what is owed lives in memory). Whole day folders
+    before the cutoff (a day of margin) go now; the day before the cutoff's and later stay."""
+    from llmtap.bodies.base import BodyStore, body_key
 
-    bodies = FileBodyStore(str(tmp_path / "bodies"))
+    if kind == "file":
+        bodies: BodyStore = FileBodyStore(str(tmp_path / "bodies"))
+    else:
+        from test_body_stores import _s3_env, _s3_store
+
+        if _s3_env() is None:
+            pytest.skip("LLMTAP_TEST_S3_* not set: run scripts/services.sh up")
+        bodies = _s3_store(f"retention-{uuid.uuid4().hex[:8]}")
     await bodies.connect()
     cutoff = cutoff_for(30)
     orphan_at, margin_at, kept_at = cutoff - timedelta(days=3), cutoff - timedelta(hours=2), cutoff
@@ -95,10 +105,40 @@ async def test_bodies_no_row_names_go_with_their_day(tmp_path: Path) -> None:
         (body_key("acme", "m", margin_at, "request", b"y"), compress(b"the day before")),
         (body_key("acme", "k", kept_at, "request", b"z"), compress(b"kept")),
     ])  # fmt: skip
+    try:
+        async with open_store("sqlite", tmp_path) as store:
+            await purge(store, bodies, cutoff)
+        assert [await bodies.get(r) for r in refs] == [None, compress(b"the day before"), compress(b"kept")]
+    finally:
+        await bodies.close()
+    assert kind != "file" or not (tmp_path / "bodies" / "acme" / f"{orphan_at:%Y/%m/%d}").exists()
+
+
+async def test_a_sweep_s3_refuses_is_one_warning_and_the_rows_still_go(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keys of an old day folder S3 refuses (an object lock) are said once per round; the round's
+    rows and their bodies are still purged and counted."""
+    from llmtap.errors import NotDeleted
+
+    class Locked(FileBodyStore):
+        async def delete_days_before(self, day: Any) -> int:
+            raise NotDeleted("S3 refused to delete 2 bodies of day folders (AccessDenied)", ["a", "b"])
+
+    bodies = Locked(str(tmp_path / "bodies"))
+    await bodies.connect()
+    old = rec(1, at=datetime.now(UTC) - timedelta(days=40))
+    old.request_body = Body(size=9, encoding="zstd", data=compress(b'{"i": 1}'))
+    old.response_body = None
+    await BodyHandler(bodies).handle([Item(old)])
     async with open_store("sqlite", tmp_path) as store:
-        await purge(store, bodies, cutoff)
-    assert [await bodies.get(r) for r in refs] == [None, compress(b"the day before"), compress(b"kept")]
-    assert not (tmp_path / "bodies" / "acme" / f"{orphan_at:%Y/%m/%d}").exists()
+        await store.write_batch([old])
+        with caplog.at_level("WARNING", logger="llmtap.retention"):
+            assert await purge(store, bodies, cutoff_for(30)) == 1
+        assert (await store.list_requests("acme", ListQuery(limit=10))).items == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "retention: S3 refused to delete 2 bodies of day folders (AccessDenied)"
+    ]
 
 
 async def test_bodies_a_failed_delete_left_are_deleted_by_the_next_round(tmp_path: Path) -> None:

@@ -52,8 +52,8 @@ async def purge(
     delete are named by nothing any more: they are kept in `owed` (ref -> rounds the store
     refused it) and deleted before the next round's rows (they stayed for ever); one refused
     `OWED_ROUNDS` times is given up on. An outage counts no round.
-    A failure there never holds back the rows. Not across a restart: `owed` lives in the
-    caller's memory."""
+    A failure there never holds back the rows. `owed` lives in the caller's memory: after a
+    restart the day-folder sweep at the end of a round takes what it held."""
     owed = {} if owed is None else owed
     removed = 0
     if owed:
@@ -89,7 +89,11 @@ async def purge(
             # Bodies no row names (a reused id's second body) go with their day. A day of
             # margin: bodies written before day folders were UTC days (ingested times with an
             # offset) may sit in the folder of the day before their record's.
-            swept = await bodies.delete_days_before(cutoff.date() - timedelta(days=1))
+            try:
+                swept = await bodies.delete_days_before(cutoff.date() - timedelta(days=1))
+            except NotDeleted as e:  # keys S3 refuses for good (a lock): the rows still went
+                log.warning("retention: %s", e)
+                return removed
             if swept:
                 log.info("retention: removed %d day folders of bodies before %s", swept, cutoff.date())
             return removed

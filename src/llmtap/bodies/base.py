@@ -118,7 +118,7 @@ class BodyStore(ABC):
     async def delete_days_before(self, day: date) -> int:
         """Delete every body in a day folder before `day`, named by a record or not; how many
         folders went. What retention's refs miss (a second request reusing an id: its row was
-        refused, its body written) goes with its day. None by default (S3: a lifecycle rule)."""
+        refused, its body written) goes with its day. None by default."""
         return 0
 
 

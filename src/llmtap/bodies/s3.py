@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import re
+from collections.abc import AsyncIterator, Sequence
+from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +26,11 @@ from llmtap.errors import BackendUnavailable, ConfigError, NotDeleted, Transient
 from llmtap.redact import redact_text, redact_url
 
 _CONCURRENCY = 32
+#: Keys per listing page (S3's maximum; tests lower it to walk pages).
+_PAGE = 1000
+#: The last segment of a `body_key` (older keys had no digest): the day-folder sweep deletes
+#: nothing else, so a bucket shared with other data loses none of it.
+_BODY_NAME = re.compile(r"[^/]+\.(?:request|response|events)(?:\.[0-9a-f]+)?\.zst")
 
 
 #: What S3 answers to a bucket URL or credentials that are wrong (HEAD answers bare codes).
@@ -157,15 +164,25 @@ class S3BodyStore(BodyStore):
             raise TransientError(f"S3 download failed: {e}") from e
 
     async def delete_many(self, keys: Sequence[str]) -> None:
+        ref_of = {self._key(k): k for k in keys}
+        refused, first = await self._delete(list(ref_of))
+        if refused:
+            raise NotDeleted(
+                f"S3 refused to delete {len(refused)} of {len(keys)} bodies "
+                f"({first.get('Code')}: {first.get('Message')}, e.g. {first.get('Key')})",
+                [ref_of.get(k, k) for k in refused],
+            )
+
+    async def _delete(self, keys: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+        """Delete objects by full key; the keys S3 refused one by one, and its first refusal."""
         refused: list[str] = []
         first: dict[str, Any] = {}
         client = self._connected()
         for i in range(0, len(keys), 1000):  # S3's DeleteObjects limit
             chunk = keys[i : i + 1000]
-            ref_of = {self._key(k): k for k in chunk}
             try:
                 answer = await client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in ref_of], "Quiet": True}
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
                 )
             except (BotoCoreError, ClientError, OSError) as e:
                 raise TransientError(f"S3 delete failed: {e}") from e
@@ -173,11 +190,74 @@ class S3BodyStore(BodyStore):
             # retention must not take their bodies for deleted. The other chunks go on.
             for err in answer.get("Errors") or ():
                 if err.get("Code") != "NoSuchKey":
-                    refused.append(ref_of.get(err.get("Key", ""), err.get("Key", "")))
+                    refused.append(err.get("Key", ""))
                     first = first or err
+        return refused, first
+
+    async def delete_days_before(self, day: date) -> int:
+        """Delete the bodies of every `<tenant>/<yyyy>/<mm>/<dd>/` folder before `day`, named by a
+        record or not: what retention's refs miss (a reused id's second body, a body whose
+        delete failed before a restart) goes with its day, as on the file store. Only years and
+        months that can hold such a day are listed, so a round after the first lists little."""
+        gone = 0
+        refused: list[str] = []
+        first: dict[str, Any] = {}
+        async for tenant, _ in self._folders(self._key("")):
+            async for year, y in self._folders(tenant, 4):
+                if y > day.year:
+                    continue
+                async for month, m in self._folders(year, 2):
+                    if (y, m) > (day.year, day.month):
+                        continue
+                    async for folder, d in self._folders(month, 2):
+                        if not _before(y, m, d, day):
+                            continue
+                        keys = [k async for k in self._names(folder)]
+                        if not keys:
+                            continue
+                        no, err = await self._delete(keys)
+                        refused += no
+                        first = first or err
+                        gone += len(no) < len(keys)
         if refused:
             raise NotDeleted(
-                f"S3 refused to delete {len(refused)} of {len(keys)} bodies "
-                f"({first.get('Code')}: {first.get('Message')}, e.g. {first.get('Key')})",
+                f"S3 refused to delete {len(refused)} bodies of day folders before {day}"
+                f" ({first.get('Code')}: {first.get('Message')}, e.g. {first.get('Key')})",
                 refused,
             )
+        return gone
+
+    async def _folders(self, under: str, digits: int = 0) -> AsyncIterator[tuple[str, int]]:
+        """The folders (`CommonPrefixes`) right under `under`, with their number; with `digits`,
+        only those named by that many digits."""
+        async for page in self._pages(under, delimiter="/"):
+            for p in page.get("CommonPrefixes") or ():
+                name = p["Prefix"][len(under) : -1]
+                if not digits:
+                    yield p["Prefix"], 0
+                elif len(name) == digits and name.isascii() and name.isdigit():
+                    yield p["Prefix"], int(name)
+
+    async def _names(self, folder: str) -> AsyncIterator[str]:
+        """The keys of bodies right in `folder`."""
+        async for page in self._pages(folder, delimiter="/"):
+            for obj in page.get("Contents") or ():
+                if _BODY_NAME.fullmatch(obj["Key"][len(folder) :]):
+                    yield obj["Key"]
+
+    async def _pages(self, prefix: str, delimiter: str) -> AsyncIterator[dict[str, Any]]:
+        paginator = self._connected().get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter=delimiter, PaginationConfig={"PageSize": _PAGE}
+            ):
+                yield page
+        except (BotoCoreError, ClientError, OSError) as e:
+            raise TransientError(f"S3 listing failed: {e}") from e
+
+
+def _before(y: int, m: int, d: int, day: date) -> bool:
+    try:
+        return date(y, m, d) < day
+    except ValueError:  # not a day (13/45): not a folder llmtap wrote
+        return False
