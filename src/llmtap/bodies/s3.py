@@ -212,13 +212,13 @@ class S3BodyStore(BodyStore):
                     async for folder, d in self._folders(month, 2):
                         if not _before(y, m, d, day):
                             continue
-                        keys = [k async for k in self._names(folder)]
-                        if not keys:
-                            continue
-                        no, err = await self._delete(keys)
-                        refused += no
-                        first = first or err
-                        gone += len(no) < len(keys)
+                        went = False
+                        async for keys in self._names(folder):  # a page at a time: memory stays flat
+                            no, err = await self._delete(keys)
+                            refused += no
+                            first = first or err
+                            went = went or len(no) < len(keys)
+                        gone += went
         if refused:
             raise NotDeleted(
                 f"S3 refused to delete {len(refused)} bodies of day folders before {day}"
@@ -238,12 +238,12 @@ class S3BodyStore(BodyStore):
                 elif len(name) == digits and name.isascii() and name.isdigit():
                     yield p["Prefix"], int(name)
 
-    async def _names(self, folder: str) -> AsyncIterator[str]:
-        """The keys of bodies right in `folder`."""
+    async def _names(self, folder: str) -> AsyncIterator[list[str]]:
+        """The keys of bodies right in `folder`, a listing page at a time (none empty)."""
         async for page in self._pages(folder, delimiter="/"):
-            for obj in page.get("Contents") or ():
-                if _BODY_NAME.fullmatch(obj["Key"][len(folder) :]):
-                    yield obj["Key"]
+            names = [o["Key"] for o in page.get("Contents") or ()]
+            if keys := [k for k in names if _BODY_NAME.fullmatch(k[len(folder) :])]:
+                yield keys
 
     async def _pages(self, prefix: str, delimiter: str) -> AsyncIterator[dict[str, Any]]:
         paginator = self._connected().get_paginator("list_objects_v2")
