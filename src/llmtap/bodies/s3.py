@@ -28,6 +28,8 @@ from llmtap.redact import redact_text, redact_url
 _CONCURRENCY = 32
 #: Keys per listing page (S3's maximum; tests lower it to walk pages).
 _PAGE = 1000
+#: Tenants whose day folders the retention sweep lists at once.
+_SWEEPS = 8
 #: The last segment of a `body_key` (older keys had no digest): the day-folder sweep deletes
 #: nothing else, so a bucket shared with other data loses none of it.
 _BODY_NAME = re.compile(r"[^/]+\.(?:request|response|events)(?:\.[0-9a-f]+)?\.zst")
@@ -198,27 +200,38 @@ class S3BodyStore(BodyStore):
         """Delete the bodies of every `<tenant>/<yyyy>/<mm>/<dd>/` folder before `day`, named by a
         record or not: what retention's refs miss (a reused id's second body, a body whose
         delete failed before a restart) goes with its day, as on the file store. Only years and
-        months that can hold such a day are listed, so a round after the first lists little."""
-        gone = 0
+        months that can hold such a day are listed, so a round after the first lists little;
+        tenants are walked `_SWEEPS` at a time (listings are round trips)."""
         refused: list[str] = []
         first: dict[str, Any] = {}
-        async for tenant, _ in self._folders(self._key("")):
-            async for year, y in self._folders(tenant, 4):
-                if y > day.year:
-                    continue
-                async for month, m in self._folders(year, 2):
-                    if (y, m) > (day.year, day.month):
+        walks = asyncio.Semaphore(_SWEEPS)
+
+        async def walk(tenant: str) -> int:
+            nonlocal first
+            async with walks:
+                gone = 0
+                async for year, y in self._folders(tenant, 4):
+                    if y > day.year:
                         continue
-                    async for folder, d in self._folders(month, 2):
-                        if not _before(y, m, d, day):
+                    async for month, m in self._folders(year, 2):
+                        if (y, m) > (day.year, day.month):
                             continue
-                        went = False
-                        async for keys in self._names(folder):  # a page at a time: memory stays flat
-                            no, err = await self._delete(keys)
-                            refused += no
-                            first = first or err
-                            went = went or len(no) < len(keys)
-                        gone += went
+                        async for folder, d in self._folders(month, 2):
+                            if not _before(y, m, d, day):
+                                continue
+                            went = False
+                            async for keys in self._names(folder):  # a page at a time: flat memory
+                                no, err = await self._delete(keys)
+                                refused.extend(no)
+                                first = first or err
+                                went = went or len(no) < len(keys)
+                            gone += went
+                return gone
+
+        gone = 0
+        async for page in self._pages(self._key(""), delimiter="/"):
+            tenants = [p["Prefix"] for p in page.get("CommonPrefixes") or ()]
+            gone += sum(await asyncio.gather(*(walk(t) for t in tenants)))
         if refused:
             raise NotDeleted(
                 f"S3 refused to delete {len(refused)} bodies of day folders before {day}"
