@@ -1063,17 +1063,16 @@ async def test_a_stats_answer_sees_one_snapshot_whatever_is_written_during_it(
     kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch written between two statements of one stats call (the top groups and their rows,
-    the edges and the rollups, SQLite's sums and its latencies) counts in all of them or in
-    none: the answer equals the one before the write or the one after it. Not asked of
-    PostgreSQL's raw path, whose parts run at once on separate connections (`stats`)."""
+    the edges and the rollups, SQLite's sums and its latencies, PostgreSQL's raw parts run at
+    once on their own connections) counts in all of them or in none: the answer equals the
+    one before the write or the one after it."""
     midnight = T0.replace(hour=0, minute=0, second=0, microsecond=0)
     asked = [
         StatsQuery(since=midnight - timedelta(days=30), until=midnight, group_by="model", bucket="day"),
         StatsQuery(since=OFF_A, until=OFF_B, group_by="model", bucket="hour"),
         StatsQuery(since=midnight - timedelta(days=30), until=midnight, group_by="user_id"),
     ]
-    if kind == "sqlite":  # PostgreSQL's raw parts run at once, each on its own connection
-        asked.append(StatsQuery(since=OFF_A, until=OFF_B, group_by="property.env", bucket="hour", exact=True))
+    asked.append(StatsQuery(since=OFF_A, until=OFF_B, group_by="property.env", bucket="hour", exact=True))
     async with rollup_store(kind, tmp_path) as store:
         await store.write_batch(records())
         loop = asyncio.get_running_loop()

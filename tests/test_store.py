@@ -1865,3 +1865,32 @@ async def test_a_full_disk_is_named_not_hidden_by_a_failed_rollback(tmp_path: Pa
         assert (await store.get_request(rec(1).tenant, rec(1).id)) is not None  # what was stored stays
     finally:
         await store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("pool", [3, 5])
+async def test_postgres_raw_stats_under_a_busy_small_pool_never_wait_on_each_other(pool: int) -> None:
+    """A raw stats answer takes a connection per part, sharing one snapshot. Many at once on a
+    small pool, beside writes and a purge (which holds a connection while it waits for
+    another), all finish and agree; a pool too small for a set reads the parts in turn."""
+    from llmtap.store.postgres import PostgresStore
+
+    async with pg_database() as url:
+        store = PostgresStore(url, max_size=pool)
+        await store.connect()
+        try:
+            await store.write_batch(dataset(300, seed=9))
+            q = StatsQuery(group_by="model", bucket="day", exact=True)
+            want = await store.stats("acme", q)
+
+            async def churn() -> None:
+                for i in range(5):
+                    await store.write_batch([rec(1000 + i, tenant="other")])
+                    await store.delete_older_than(datetime(2000, 1, 1, tzinfo=UTC))
+
+            got = await asyncio.wait_for(
+                asyncio.gather(*(store.stats("acme", q) for _ in range(16)), churn()), timeout=90
+            )
+            assert got[:16] == [want] * 16
+        finally:
+            await store.close()

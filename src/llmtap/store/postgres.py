@@ -452,6 +452,7 @@ class PostgresStore(Store):
         self._schema_lost = False  # an UndefinedTableError was seen: `_restore` before writing
         self._outbox = False  # the webhook tables exist (not in a database migrated part-way)
         self._partition_mutex = asyncio.Lock()
+        self._claim = asyncio.Lock()  # taking a set of connections (`_at_once`)
         self._outage: str | None = None  # the reason, while PostgreSQL is unavailable
         self._outage_lost = True  # that outage is a lost connection (`_LOST`)
         self._outage_at = 0.0  # when it began (monotonic)
@@ -896,14 +897,43 @@ class PostgresStore(Store):
 
                     yield read
 
+    async def _at_once(self, reads: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """`reads` at once, each on its own connection, all in the snapshot the first exports.
+
+        The connections are taken together under `_claim`: two calls each holding part of a
+        set would wait on each other for ever. The others never wait while holding one (a
+        purge holds one and waits for one more), so a pool with two to spare cannot run dry;
+        a smaller one reads them one after another in one transaction instead."""
+        if len(reads) == 1 or self._max < len(reads) + 2:
+            async with self._snapshot() as read:
+                return [await read(q, params) for q, params in reads]
+        async with self._read():
+            with self._errors():
+                async with contextlib.AsyncExitStack() as stack:
+                    async with self._claim:
+                        conns = [await stack.enter_async_context(self._p().acquire()) for _ in reads]
+                    snapshot = None
+                    for conn in conns:
+                        await stack.enter_async_context(
+                            conn.transaction(isolation="repeatable_read", readonly=True)
+                        )
+                        if snapshot is None:
+                            snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
+                        else:  # a string the server made: '0000000A-0000001B-1'
+                            await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+                        await conn.execute("SET LOCAL work_mem = '128MB'; SET LOCAL jit = off")
+                    return await _all_or_none(
+                        c.fetch(q, *params) for c, (q, params) in zip(conns, reads, strict=True)
+                    )
+
     async def stats(self, tenant: str, query: StatsQuery) -> dict[str, Any]:
         """Overall, groups and buckets as separate queries on separate connections, run at once.
 
         Ordered-set aggregates (percentile_cont) cannot use parallel query, so this is how the
         sorts of a stats call spread over the server's cores: wall time is the slowest query's,
         not the sum. (One GROUPING SETS query reads the rows once but sorts as much, serially.)
-        Each part sees its own snapshot, so a batch written meanwhile may count in one and not
-        another; an answer from rollups is read in one (`_snapshot`).
+        The parts share one snapshot (`_at_once`), as an answer from rollups reads in one
+        (`_snapshot`): a batch written meanwhile counts in all of them or in none.
         """
         validate_stats(query)
         async with self._snapshot() as read:
@@ -931,7 +961,9 @@ class PostgresStore(Store):
             parts.append(("group", MAX_GROUPS))
         if query.bucket:
             parts.append(("bucket", MAX_BUCKETS))
-        results = await _all_or_none(self._aggregate(tenant, query, k, lim) for k, lim in parts)
+        results = await self._at_once(
+            [sql.aggregate_sql(DIALECT, tenant, query, k, limit=lim) for k, lim in parts]
+        )
         found = dict(zip((k for k, _ in parts), results, strict=True))
         rows = found["overall"]
         overall = sql.aggregate_row(DIALECT, rows[0])[1] if rows and rows[0][1] else sql.empty_totals()
