@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -413,32 +412,22 @@ async def test_a_purge_under_way_keeps_its_floor_while_another_server_purges_wit
             await a.write_batch(records)
             assert await a.delete_older_than(a_cutoff, limit=30)  # A's purge: its first call
             # A's second call releases the rest chunk by chunk; B purges between two chunks.
-            pool, acquired, seen = a._p(), 0, {}  # type: ignore[attr-defined]
+            chunk, chunks, seen = a._purge_chunk, 0, {}  # type: ignore[attr-defined]
 
-            class Pool:
-                def __getattr__(self, name: str) -> Any:
-                    return getattr(pool, name)
+            async def b_between(*args: Any) -> Any:
+                nonlocal chunks
+                chunks += 1
+                if chunks == 3:  # after chunks 1 and 2
+                    while await b.delete_older_than(b_cutoff, limit=30):
+                        pass
+                    seen["floor"] = await db.fetchval("SELECT before FROM retention_floor")
+                    again = await released()
+                    seen["again"] = len(again), await b.write_batch(again)  # redelivered
+                return await chunk(*args)
 
-                def acquire(self) -> Any:
-                    nonlocal acquired
-                    acquired += 1
-                    if acquired == 5:  # settle, lock, chunks 1 and 2: then B
-                        return b_between()
-                    return pool.acquire()
-
-            @contextlib.asynccontextmanager
-            async def b_between() -> Any:
-                while await b.delete_older_than(b_cutoff, limit=30):
-                    pass
-                seen["floor"] = await db.fetchval("SELECT before FROM retention_floor")
-                again = await released()
-                seen["again"] = len(again), await b.write_batch(again)  # redelivered
-                async with pool.acquire() as conn:
-                    yield conn
-
-            a._p = lambda: Pool()  # type: ignore[attr-defined,method-assign]
+            a._purge_chunk = b_between  # type: ignore[attr-defined,method-assign]
             assert not await a.delete_older_than(a_cutoff, limit=30)
-            del a._p  # type: ignore[attr-defined]
+            del a._purge_chunk  # type: ignore[attr-defined]
             assert seen["floor"] == datetime(2026, 10, 1, tzinfo=UTC)  # A's boundary: it stood
             assert seen["again"][0] > 30 and seen["again"][1] == 0  # refused, not stored twice
             # A's next purge (a later day: October wholly expired) releases two keys and its
@@ -467,3 +456,79 @@ async def test_a_purge_under_way_keeps_its_floor_while_another_server_purges_wit
             await db.close()
             await a.close()
             await b.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="needs PostgreSQL (scripts/services.sh up)")
+async def test_a_purge_whose_lock_session_is_killed_releases_no_more_keys() -> None:
+    """The purge's lock lives on its own session. An outside check killed that session
+    (`pg_terminate_backend`) mid-purge: the chunks went on, on other connections, under no lock;
+    a server with a longer retention took the floor for a stopped purge's and cleared it, the
+    redelivered records were stored twice, and every purge after failed on a negative count.
+    Now the chunks run on the lock's session: killed, the purge stops with it."""
+    import uuid
+
+    import asyncpg
+
+    from llmtap.errors import TransientError
+    from llmtap.store import StatsQuery
+    from llmtap.store.postgres import PostgresStore
+    from store_helpers import pg_database
+
+    base = datetime(2026, 8, 2, tzinfo=UTC)
+    records = [
+        rec(i, id=str(uuid.uuid4()), at=base + timedelta(hours=6 * i), user_id=f"u{i % 3}")
+        for i in range(300)
+    ]
+    for r in records:
+        r.request_body = r.response_body = None  # one call: the whole purge
+    short_cutoff, long_cutoff = datetime(2026, 10, 20, tzinfo=UTC), datetime(2026, 8, 20, tzinfo=UTC)
+    async with pg_database() as url:
+        short, long = PostgresStore(url), PostgresStore(url)
+        await short.connect()
+        await long.connect()
+        db = await asyncpg.connect(url)
+
+        async def keys() -> int:
+            return int(await db.fetchval("SELECT count(*) FROM request_keys"))
+
+        try:
+            await short.write_batch(records)
+            chunk, chunks, seen = short._purge_chunk, 0, {}  # type: ignore[attr-defined]
+
+            async def killed_after_the_first(*args: Any) -> Any:
+                nonlocal chunks
+                chunks += 1
+                if chunks == 2:  # the lock's session dies between two chunks
+                    seen["keys"] = await keys()
+                    holder = await db.fetchval(  # the session holding `_PURGE_LOCK`
+                        "SELECT pid FROM pg_locks"
+                        " WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted"
+                    )
+                    assert await db.fetchval("SELECT pg_terminate_backend($1)", holder)
+                    # The longer retention's server settles what was released so far.
+                    while await long.delete_older_than(long_cutoff, limit=30):
+                        pass
+                return await chunk(*args)
+
+            short._purge_chunk = killed_after_the_first  # type: ignore[attr-defined,method-assign]
+            with pytest.raises(TransientError):
+                await short.delete_older_than(short_cutoff, limit=30)
+            del short._purge_chunk  # type: ignore[attr-defined]
+            assert seen["keys"] == 300 - 30 and await keys() == len(
+                [r for r in records if r.started_at >= long_cutoff]
+            )
+            # Every record redelivered: those inside the long retention are refused (stored).
+            assert await short.write_batch([r for r in records if r.started_at >= long_cutoff]) == 0
+            while await short.delete_older_than(short_cutoff, limit=30):  # the next round
+                pass
+            kept = {r.id for r in records if r.started_at >= short_cutoff}
+            assert {row[0] for row in await db.fetch("SELECT id FROM requests")} == kept
+            assert await db.fetchval("SELECT count(*) FROM requests") == len(kept) == await keys()
+            for q in (StatsQuery(), StatsQuery(bucket="day"), StatsQuery(group_by="user_id")):
+                exact = StatsQuery(bucket=q.bucket, group_by=q.group_by, exact=True)
+                assert_rollups_equal(await short.stats("acme", q), await short.stats("acme", exact))
+        finally:
+            await db.close()
+            await short.close()
+            await long.close()

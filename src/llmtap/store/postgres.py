@@ -901,9 +901,9 @@ class PostgresStore(Store):
         """`reads` at once, each on its own connection, all in the snapshot the first exports.
 
         The connections are taken together under `_claim`: two calls each holding part of a
-        set would wait on each other for ever. The others never wait while holding one (a
-        purge holds one and waits for one more), so a pool with two to spare cannot run dry;
-        a smaller one reads them one after another in one transaction instead."""
+        set would wait on each other for ever. Other callers take one at a time, so a pool
+        with two to spare cannot run dry (kept as a margin); a smaller one reads the parts one
+        after another in one transaction instead."""
         if len(reads) == 1 or self._max < len(reads) + 2:
             async with self._snapshot() as read:
                 return [await read(q, params) for q, params in reads]
@@ -1036,23 +1036,33 @@ class PostgresStore(Store):
             held = await self._purge_begins(boundary) if self._floor else None
             try:
                 while True:
-                    async with self._p().acquire() as conn, conn.transaction():
-                        rows = await conn.fetch(_RETENTION, cutoff, limit, boundary)
-                        deleted = int(rows[0][0])
-                        refs = [ref for row in rows for ref in sql.body_refs(row[1:4])]
-                        # The same rows leave the rollups (same transaction); first/last of
-                        # what is left are read again.
-                        gone = (row[4:] for row in rows if row[4] is not None)
-                        await self._leave_rollups(
-                            conn, rollup.retention_deltas(gone, self.rollup_properties, to_micros)
-                        )
+                    # On the session that holds `_PURGE_LOCK`: killed, it takes the lock with
+                    # it, and no key is released after (another server may then settle what
+                    # this purge released; outside check: on a pool connection the chunks
+                    # went on under no lock and no floor, and redelivered records were stored
+                    # twice).
+                    async with contextlib.AsyncExitStack() as stack:
+                        conn = held or await stack.enter_async_context(self._p().acquire())
+                        refs, deleted = await self._purge_chunk(conn, cutoff, limit, boundary)
                     if refs or deleted < limit:
                         break
-                await self._drop_expired_partitions(boundary)
+                await self._drop_expired_partitions(boundary, held)
             finally:
                 if held is not None:
                     await self._purge_ends(held)
         return refs
+
+    async def _purge_chunk(
+        self, conn: asyncpg.Connection, cutoff: datetime, limit: int, boundary: datetime
+    ) -> tuple[list[str], int]:
+        """One transaction of `delete_older_than`: its body refs and how many rows went."""
+        async with conn.transaction():
+            rows = await conn.fetch(_RETENTION, cutoff, limit, boundary)
+            # The same rows leave the rollups (same transaction); first/last of what is left
+            # are read again.
+            gone = (row[4:] for row in rows if row[4] is not None)
+            await self._leave_rollups(conn, rollup.retention_deltas(gone, self.rollup_properties, to_micros))
+        return [ref for row in rows for ref in sql.body_refs(row[1:4])], int(rows[0][0])
 
     async def erase(self, tenant: str, by: str, value: str, limit: int = 10_000) -> tuple[int, list[str]]:
         if by not in sql.ERASE_BY:
@@ -1146,11 +1156,15 @@ class PostgresStore(Store):
             await self._reread_times(conn, shared)
             await conn.execute("UPDATE retention_floor SET before = $1", boundary)
 
-    async def _drop_expired_partitions(self, boundary: datetime) -> None:
-        """Drop the months wholly before `boundary` whose keys are all released."""
+    async def _drop_expired_partitions(self, boundary: datetime, held: Any = None) -> None:
+        """Drop the months wholly before `boundary` whose keys are all released (on `held`, the
+        purge's session, when there is one: its floor is cleared only while it holds the lock)."""
         await self._load_partitions()
         expired = sorted(ym for ym in self._months if _month_start(ym[0], ym[1] + 1) <= boundary)
-        async with self._partition_mutex, self._p().acquire() as conn, conn.transaction():
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self._partition_mutex)
+            conn = held or await stack.enter_async_context(self._p().acquire())
+            await stack.enter_async_context(conn.transaction())
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITION_LOCK)
             for year, month in expired:
                 end = _month_start(year, month + 1)
