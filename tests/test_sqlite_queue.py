@@ -8,6 +8,7 @@ what came out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -716,3 +717,57 @@ async def test_closing_gives_up_a_call_stuck_on_a_file_another_process_locked(qp
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+async def test_a_queue_file_removed_or_replaced_while_open_is_opened_again_and_nothing_published_since_lost(
+    producer: SQLiteQueue, qpath: str, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outside check deleted queue.db (and its WAL) under a running stack: the gateway went on
+    publishing into the deleted file, every record since was lost, and nothing was logged. The
+    publish that finds its file gone is refused (the gateway falls back), the queue opens the
+    path again, and the consumer follows at its next write; deliveries it had out from the old
+    file are never acknowledged in the new one, whose offsets start again."""
+    keys = [_key_for(p) for p in range(4)]
+    await producer.publish([Message(key=keys[i % 4], value=b"old-%d" % i) for i in range(8)])
+    c = await _consumer(qpath)
+    try:
+        out: list[Delivery] = []
+        while len(out) < 8:
+            out += await c.consume(8, timeout=5)
+        await c.ack(out[:4])  # the rest outstanding when the file goes
+        old = out[4:]
+        if how == "removed":
+            for suffix in ("", "-wal", "-shm"):
+                os.unlink(qpath + suffix)
+        else:
+            copy = qpath + ".copy"
+            with sqlite3.connect(qpath) as src, sqlite3.connect(copy) as dst:
+                src.backup(dst)
+            os.replace(copy, qpath)
+        with pytest.raises(sq.BackendUnavailable, match=f"its file was {how} while open; opened again"):
+            await producer.publish([Message(key=keys[0], value=b"refused")])
+        assert f"SQLite queue {qpath}: its file was {how} while open" in caplog.text
+        new = [Message(key=keys[i % 4], value=b"new-%d" % i) for i in range(12)]
+        await producer.publish(new)
+        # Old deliveries acked late (the worker's retry after the refusal included): nothing of
+        # the new file is taken for them.
+        for _ in range(2):
+            with contextlib.suppress(sq.BackendUnavailable):
+                await c.ack(old)
+        got: list[bytes] = []
+        deadline = time.monotonic() + 60
+        while sum(v.startswith(b"new-") for v in got) < 12:
+            assert time.monotonic() < deadline, f"new records not all delivered: {got}"
+            try:
+                batch = await c.consume(20, timeout=1)
+            except sq.BackendUnavailable:
+                continue  # the consumer finding the file gone: it opened the path again
+            got += [d.value for d in batch]
+            await c.ack(batch)
+        assert sorted(v for v in got if v.startswith(b"new-")) == sorted(m.value for m in new)
+        assert b"refused" not in got  # published into the file that went: the gateway fell back
+        assert not [v for v, n in Counter(got).items() if n > 1]  # none twice
+        assert await c.consume(20, timeout=0.3) == []
+    finally:
+        await c.close()

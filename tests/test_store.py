@@ -1347,6 +1347,7 @@ async def test_sqlite_a_folder_that_cannot_be_searched_any_more_is_no_lost_file(
     """The store's folder made unsearchable (chmod 600) under a running worker: the check that
     the file is still there raised PermissionError after the commit, and the records, stored,
     were dead-lettered too (outside check; reproduced here without root's immunity)."""
+    import llmtap.sqlitefile
     import llmtap.store.sqlite as sqlite_store
 
     store = sqlite_store.SQLiteStore(tmp_path / "s.db")
@@ -1356,7 +1357,7 @@ async def test_sqlite_a_folder_that_cannot_be_searched_any_more_is_no_lost_file(
         def refused(path: Any) -> tuple[int, int]:
             raise PermissionError(13, "Permission denied", str(path))
 
-        monkeypatch.setattr(sqlite_store, "_identity", refused)
+        monkeypatch.setattr(llmtap.sqlitefile, "identity", refused)
         assert await store.write_batch([rec(i) for i in range(5)]) == 5
         assert len((await store.list_requests("acme", ListQuery())).items) == 5
     finally:

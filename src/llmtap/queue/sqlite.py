@@ -67,6 +67,7 @@ from llmtap.queue.base import (
     letter_field,
     partition_for,
 )
+from llmtap.sqlitefile import FileGone, WatchedFile
 
 log = logging.getLogger("llmtap.queue.sqlite")
 
@@ -161,6 +162,8 @@ class SQLiteQueue(Queue):
         self._conn: sqlite3.Connection | None = None  # touched on the executor thread only
         self._page_size = PAGE_SIZE  # the file's, once open
         self._state = _State()  # likewise
+        self._file = WatchedFile(path)  # removed or replaced while open: opened again
+        self._gen = 1  # files opened so far: a delivery's `handle`, so none is acked in the next
         self._role: Role | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._poll_pause = _POLL_MIN
@@ -201,7 +204,9 @@ class SQLiteQueue(Queue):
                 self._conn.execute("ROLLBACK")
 
     def _db(self) -> sqlite3.Connection:
-        assert self._conn is not None, "queue not connected"
+        if self._conn is None:  # opening it again after its file went failed: try once more
+            self._open()
+        assert self._conn is not None
         return self._conn
 
     def _write(self, fn: Callable[[sqlite3.Connection], T], sync: str | None = None) -> T:
@@ -220,7 +225,31 @@ class SQLiteQueue(Queue):
         finally:
             if sync is not None and sync != self.synchronous:
                 db.execute(f"PRAGMA synchronous={self.synchronous}")
+        try:
+            self._file.check()
+        except FileGone as e:  # committed into a file nobody opens again: refused, not lost
+            self._open_again(e)
+            raise BackendUnavailable(f"the SQLite queue {self.path}: {e} while open; opened again") from None
         return result
+
+    def _open_again(self, e: FileGone) -> None:
+        """The file at the path is opened in place of the one that went (an outside check
+        deleted queue.db under a running stack: the gateway published into the deleted file,
+        every record since lost, and said nothing). What the old file held goes with it; its
+        deliveries are never acknowledged in the new one (`_gen`), whose offsets start again."""
+        what = "a new, empty queue" if "removed" in str(e) else "the file now there"
+        log.error("SQLite queue %s: %s while open; opening %s", self.path, e, what)
+        db, self._conn = self._conn, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+        self._file.drop_stale_wal()
+        self._state = _State()  # its partitions are claimed again in the new file
+        self._gen += 1
+        self._idle_version = None
+        self._open()
+        if self._probe is not None:  # not closed here: the event loop may be reading it
+            self._probe = self._open_probe()
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def connect(self, role: Role) -> None:
@@ -250,6 +279,7 @@ class SQLiteQueue(Queue):
             raise BackendUnavailable(f"cannot open the SQLite queue at {self.path}: {e}") from e
         self._conn = db
         try:
+            self._file.open()
             db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
             # Both only take effect on a new, empty file, the page size only if set first.
             db.execute(f"PRAGMA page_size={PAGE_SIZE}")
@@ -296,6 +326,7 @@ class SQLiteQueue(Queue):
                     if "locked" not in str(e).lower() or attempt == _LOCK_RETRIES - 1:
                         raise
                     time.sleep(0.01 * (attempt + 1))
+            self._file.wal_made()
         except sqlite3.Error as e:
             self._conn = None
             db.close()
@@ -361,6 +392,7 @@ class SQLiteQueue(Queue):
         finally:
             self._conn = None
             db.close()
+            self._file.drop_stale_wal()
 
     # -- producer -----------------------------------------------------------------------------
     async def publish(self, messages: Sequence[Message]) -> None:
@@ -480,6 +512,7 @@ class SQLiteQueue(Queue):
         # Bookkeeping is applied only once every read succeeded: a failed read hands out nothing.
         cursor = {p: state.owned[p].delivered for p in order}
         out: list[Delivery] = []
+        gen = self._gen
         # Fill the batch from as few partitions as it takes, starting at a rotating one (no
         # partition starves): a partition with deliveries out is not handed out again until
         # they are acked, so a batch spread over every partition would leave nothing for the
@@ -497,7 +530,8 @@ class SQLiteQueue(Queue):
             for rid, key, value in rows:
                 off = rid & _MAX_OFFSET
                 count = 2 if off < marked[p] else 1
-                out.append(Delivery(partition=p, offset=off, key=key, value=value, delivery_count=count))
+                d = Delivery(partition=p, offset=off, key=key, value=value, delivery_count=count, handle=gen)
+                out.append(d)
                 cursor[p] = off + 1
             if not rows:
                 cursor[p] = heads[p][0]  # nothing there (trimmed meanwhile): skip for now
@@ -519,12 +553,17 @@ class SQLiteQueue(Queue):
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:
             return
-        offs = [(d.partition, d.offset) for d in deliveries]
-        await self._call(self._ack, offs)
+        await self._call(self._ack, deliveries)
 
-    def _ack(self, offs: Sequence[tuple[int, int]]) -> None:
-        apply = self._write(partial(self._ack_in_tx, offs), "NORMAL")
-        apply()
+    def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        offs = [(d.partition, d.offset) for d in deliveries if self._current(d)]
+        if offs:
+            apply = self._write(partial(self._ack_in_tx, offs), "NORMAL")
+            apply()
+
+    def _current(self, d: Delivery) -> bool:
+        """Handed out from the file open now (on the queue thread, where `_gen` changes)."""
+        return d.handle is None or d.handle == self._gen
 
     def _ack_in_tx(self, offs: Sequence[tuple[int, int]], db: sqlite3.Connection) -> Callable[[], None]:
         """Advance committed offsets over contiguous acknowledged runs and trim what they cover.
@@ -586,7 +625,8 @@ class SQLiteQueue(Queue):
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (f"{d.partition}-{d.offset}", d.partition, d.offset, d.key, d.value, reason, time.time()),
             )
-            return self._ack_in_tx([(d.partition, d.offset)], db)
+            # Kept either way; a delivery of a file that went has no offset to ack here.
+            return self._ack_in_tx([(d.partition, d.offset)], db) if self._current(d) else lambda: None
 
         self._write(tx)()
 
@@ -594,6 +634,8 @@ class SQLiteQueue(Queue):
         rid = (delivery.partition << _SHIFT) | delivery.offset
 
         def tx(db: sqlite3.Connection) -> int:
+            if not self._current(delivery):
+                return 1  # the new file's message at that offset is another one
             db.execute(
                 "INSERT INTO attempts (id, n) VALUES (?, 1) ON CONFLICT(id) DO UPDATE SET n = n + 1", (rid,)
             )
@@ -607,7 +649,8 @@ class SQLiteQueue(Queue):
         rid = (delivery.partition << _SHIFT) | delivery.offset
 
         def tx(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE attempts SET n = n - 1 WHERE id=? AND n > 0", (rid,))
+            if self._current(delivery):
+                db.execute("UPDATE attempts SET n = n - 1 WHERE id=? AND n > 0", (rid,))
 
         await self._call(self._write, tx, "NORMAL")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import sqlite3
 import threading
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError
+from llmtap.sqlitefile import FileGone, WatchedFile
 from llmtap.store import rollup, search, sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import SQLITE as MIGRATIONS
@@ -73,23 +73,6 @@ log = logging.getLogger("llmtap.store.sqlite")
 #: The writer's own automatic checkpoint (SQLite's default is 1000 pages): a backstop that bounds
 #: the WAL (~64 MB of 4 KB pages) when the checkpoint thread falls behind or cannot finish.
 WAL_CHECKPOINT_PAGES = 16384
-
-
-class _FileGone(Exception):
-    """The store's file was removed or replaced while open: what was written since went into
-    a file nobody will open again."""
-
-
-def _identity(path: str | Path) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def _identity_or_none(path: str | Path) -> tuple[int, int] | None:
-    try:
-        return _identity(path)
-    except OSError:
-        return None
 
 
 #: SQLite result codes (primary) of a damaged store file.
@@ -360,9 +343,8 @@ class SQLiteStore(Store):
         self._checkpointer: _Checkpointer | None = None
         self._hooks: SQLiteWebhooks | None = None
         self._outbox = False  # the webhook tables are there (not in a file migrated only part-way)
-        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
-        self._wal: tuple[tuple[int, int] | None, ...] = (None, None)  # ... of its -wal and -shm
-        self._lost: str | None = None  # why the file must be opened again (`_FileGone`)
+        self._file = WatchedFile(self.path)  # removed or replaced while open (`FileGone`)
+        self._lost: str | None = None  # why the file must be opened again
         self._reopening = asyncio.Lock()
 
     def webhooks(self) -> SQLiteWebhooks:
@@ -425,7 +407,7 @@ class SQLiteStore(Store):
         ticket, self._asked = self._asked, self._asked + 1
 
         def read() -> T:
-            self._check_identity()
+            self._file.check()
             conn = self._r()
             with self._rlock:
                 self._running[ticket] = conn
@@ -441,7 +423,7 @@ class SQLiteStore(Store):
 
         try:
             return await self._run(self._reader, read)
-        except _FileGone as e:
+        except FileGone as e:
             await self._file_gone(e)
             raise TransientError(f"SQLite store {self.path}: {e}; opened again") from None
 
@@ -499,7 +481,7 @@ class SQLiteStore(Store):
 
     def _connect_writer(self) -> None:
         self._wconn = conn = self._open(readonly=False, create=True)
-        self._identity = _identity(self.path)
+        self._file.open()
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
         conn.execute("BEGIN IMMEDIATE")  # one process migrates at a time
         try:
@@ -548,9 +530,7 @@ class SQLiteStore(Store):
         except BaseException:
             _rollback(conn)
             raise
-        # This file's WAL and shared memory: left at the path when the file is replaced, they
-        # would be replayed onto the next file opened there (`_drop_stale_wal`).
-        self._wal = (_identity_or_none(f"{self.path}-wal"), _identity_or_none(f"{self.path}-shm"))
+        self._file.wal_made()
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection, where: str) -> None:
@@ -620,8 +600,7 @@ class SQLiteStore(Store):
             for conn in conns:
                 conn.close()
         self._writer = None
-        if self._identity is not None:
-            self._drop_stale_wal()
+        self._file.drop_stale_wal()
 
     # -- writes -----------------------------------------------------------------------------------
     async def write_batch(
@@ -635,11 +614,11 @@ class SQLiteStore(Store):
         # serves the gateway, which should not wait for a batch's JSON encoding.
         try:
             return await self._write(self._write_records, list(records), texts)
-        except _FileGone as e:
+        except FileGone as e:
             await self._file_gone(e)
             raise TransientError(f"SQLite store {self.path}: {e} (written again)") from None
 
-    async def _file_gone(self, e: _FileGone) -> None:
+    async def _file_gone(self, e: FileGone) -> None:
         if self._lost is None:
             self._lost = str(e)
             now = "a new, empty store" if "removed" in str(e) else "the file now there"
@@ -731,42 +710,10 @@ class SQLiteStore(Store):
             raise
         if self._rollups:
             self._cells, self._cells_mark = cells, (mark[0], conn.total_changes)
-        self._check_identity()
+        self._file.check()
         if self._checkpointer is not None:
             self._checkpointer.kick()
         return inserted
-
-    def _check_identity(self) -> None:
-        """The file is still the one at the path: checked after each commit and before each
-        read (an outside check deleted it under `llmtap up`: every batch since was
-        acknowledged, shown while the process ran, and gone at its restart)."""
-        if self._identity is None:
-            return  # not opened yet
-        try:
-            now = _identity(self.path)
-        except FileNotFoundError:
-            raise _FileGone("its file was removed") from None
-        except OSError:
-            return  # cannot tell (a folder made unreadable): the file open is written and read
-        if now != self._identity:
-            raise _FileGone("its file was replaced")
-
-    def _drop_stale_wal(self) -> None:
-        """After the last connection closed: a WAL and shared memory at the path that are the
-        closed file's (it was replaced) are removed. SQLite leaves them when its file has
-        moved, and replayed them onto the next file opened at the path: a restored copy came up
-        with broken indexes (outside check)."""
-        try:
-            if _identity(self.path) == self._identity:
-                return
-        except FileNotFoundError:
-            pass
-        except OSError:
-            return
-        for suffix, mine in zip(("-wal", "-shm"), self._wal, strict=True):
-            with contextlib.suppress(OSError):
-                if mine is not None and _identity_or_none(f"{self.path}{suffix}") == mine:
-                    os.unlink(f"{self.path}{suffix}")
 
     def _apply_rollups(
         self,
