@@ -51,7 +51,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llmtap.errors import BackendUnavailable, ConfigError, QueueMissing, unknown_host
@@ -276,6 +276,15 @@ class RedisQueue(Queue):
                 f"Redis at {self._where} is full (used memory above its maxmemory): raise maxmemory; "
                 "records go to the fallback meanwhile, and a worker cannot join until it is raised"
             )
+        # Redis answered, and said no: "cannot reach" sent operators to the network (redis-py
+        # drops the WRONGPASS/NOPERM/READONLY code from the text, its class keeps it).
+        first = text.splitlines()[0][:300] if text else type(e).__name__
+        if isinstance(e, AuthenticationError):
+            return BackendUnavailable(f"Redis at {self._where} refuses our credentials: {first}")
+        if isinstance(e, NoPermissionError):
+            return BackendUnavailable(f"Redis at {self._where} refuses the command (ACL): {first}")
+        if isinstance(e, ReadOnlyError):
+            return BackendUnavailable(f"Redis at {self._where} is read-only (a replica?): {first}")
         if "111" in text or "refused" in text.lower():
             why = "connection refused"
         elif isinstance(e, TimeoutError | RedisTimeoutError):

@@ -126,6 +126,10 @@ class WorkerService(OnBackends):
         self._starting: str | None = None
         #: Outages met while running, by what failed ("queue", "chain"): each ends on its own.
         self._outages: dict[str, str] = {}
+        #: Batches whose last try failed (an ack or a dead-letter write), and the tries of all
+        #: of them since the first failed: one outage, reported as one (`_batch_failed`).
+        self._failing: set[int] = set()
+        self._batch_tries = 0
 
     @property
     def waiting(self) -> str | None:
@@ -250,8 +254,7 @@ class WorkerService(OnBackends):
                 except Exception as e:  # the loop must outlive any failure, or the worker idles silently
                     failures += 1
                     delay = self.policy.delay(failures)
-                    if failures == 1:
-                        self._outage("queue", f"queue: {e}")
+                    self._outage("queue", f"queue: {e}")  # each time: /healthz names the cause now
                     if failures == 1 or failures % OUTAGE_LOG_EVERY == 0:  # not a line per retry
                         still = "" if failures == 1 else f" (still, after {failures} tries)"
                         if isinstance(e, BackendUnavailable):
@@ -358,28 +361,64 @@ class WorkerService(OnBackends):
             BATCH_SECONDS.observe(time.monotonic() - t0)
 
     async def _retry_batch(self, deliveries: list[Delivery]) -> bool:
-        """True once the batch is acknowledged; False if it was left for redelivery at stop."""
+        """True once the batch is acknowledged; False if it was left for redelivery at stop.
+
+        A failing ack or dead-letter write is an outage as a failing consume is: `/healthz`
+        says so (503, naming the latest cause), and the log when it begins, about once a minute
+        while it lasts and when it ends, for all the batches in flight together (a line per
+        retry per batch was 17 lines in 12 s, while `/healthz` said ok).
+        """
         failures = 0
         dead: set[tuple[int, int]] = set()  # dead-lettered in an earlier try of this batch
         begun: dict[tuple[int, int], int] = {}  # attempts counted in an earlier try of this batch
-        while True:
-            try:
-                await self._process(deliveries, dead, begun)
-                return True
-            except Abandoned:
-                log.info("worker: stopping during an outage; %d records left for redelivery", len(deliveries))
-                return False
-            except Exception as e:  # a bug, or the queue failing on ack/dead-letter: same batch again
-                if self._stopping.is_set():
-                    log.warning("worker: stopping; batch left for redelivery after: %s", e)
+        key = id(deliveries)
+        try:
+            while True:
+                try:
+                    await self._process(deliveries, dead, begun)
+                    self._batch_back(key)
+                    return True
+                except Abandoned:
+                    log.info(
+                        "worker: stopping during an outage; %d records left for redelivery", len(deliveries)
+                    )
                     return False
-                failures += 1
-                delay = self.policy.delay(failures)
-                if isinstance(e, BackendUnavailable):  # an outage (ack during a broker restart)
-                    log.warning("worker: queue unavailable, retrying the batch in %.1fs: %s", delay, e)
-                else:
-                    log.exception("worker: batch failed, retrying in %.1fs", delay)
-                await self._pause(delay)
+                except Exception as e:  # a bug, or the queue failing on ack/dead-letter: same batch again
+                    if self._stopping.is_set():
+                        log.warning("worker: stopping; batch left for redelivery after: %s", e)
+                        return False
+                    failures += 1
+                    delay = self.policy.delay(failures)
+                    self._batch_failed(key, e, delay)
+                    await self._pause(delay)
+        finally:  # left for redelivery (a stop): no longer failing either
+            self._failing.discard(key)
+            if not self._failing:
+                self._outage("batch", None)
+
+    def _batch_failed(self, key: int, e: Exception, delay: float) -> None:
+        """A try of batch `key` failed: report the outage, one for all the batches in flight."""
+        begins = not self._failing
+        self._failing.add(key)
+        self._batch_tries = 1 if begins else self._batch_tries + 1
+        outage = isinstance(e, BackendUnavailable)  # (an ack during a broker restart)
+        self._outage("batch", f"queue: {e}" if outage else f"a batch fails: {type(e).__name__}: {e}")
+        if not begins and self._batch_tries % OUTAGE_LOG_EVERY:
+            return  # not a line per retry
+        still = "" if begins else f" (still, after {self._batch_tries} tries)"
+        if outage:
+            log.warning("worker: queue unavailable%s, retrying the batch in %.1fs: %s", still, delay, e)
+        else:
+            log.exception("worker: batch failed%s, retrying in %.1fs", still, delay)
+
+    def _batch_back(self, key: int) -> None:
+        """Batch `key` went through: the outage ends once no batch in flight is failing."""
+        if key not in self._failing:
+            return
+        self._failing.discard(key)
+        if not self._failing:
+            log.warning("worker: the batches go through again after %d tries", self._batch_tries)
+            self._outage("batch", None)
 
     async def _process(
         self, deliveries: list[Delivery], dead: set[tuple[int, int]], begun: dict[tuple[int, int], int]

@@ -1,0 +1,181 @@
+"""Redis answering no while llmtap runs: an ACL without XACK, a read-only replica, a password
+changed under the gateway. Each on a redis-server of the test's own (ACLs and REPLICAOF would
+disturb the shared one), with the worker's `/healthz` read over HTTP and the log lines counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from llmtap.bodies.file import FileBodyStore
+from llmtap.config import Settings
+from llmtap.handlers.bodies import BodyHandler
+from llmtap.handlers.chain import OUTAGE_LOG_EVERY, Chain, RetryPolicy
+from llmtap.handlers.cost import CostHandler
+from llmtap.handlers.store import StoreHandler
+from llmtap.queue.base import Message
+from llmtap.queue.redis import RedisQueue
+from llmtap.record import encode
+from llmtap.store.sqlite import SQLiteStore
+from llmtap.worker import WorkerService
+from llmtap.worker.probe import WorkerProbe
+from worker_helpers import make_record
+
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def redis_port(tmp_path: Path) -> Iterator[int]:
+    """A redis-server of this test's own, without persistence; its admin is the default user."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def until(pred: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = await pred()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def admin(redis_port: int) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.Redis(port=redis_port)
+    yield r
+    await r.aclose()
+
+
+async def rejected(admin: aioredis.Redis, command: str) -> int:
+    """Calls of `command` Redis refused (an ACL) or failed (READONLY) so far."""
+    stats: Any = await admin.info("commandstats")
+    s = stats.get(f"cmdstat_{command}", {})
+    return int(s.get("rejected_calls", 0)) + int(s.get("failed_calls", 0))
+
+
+async def test_a_worker_whose_acks_redis_refuses_says_so_on_healthz_and_once_in_the_log(
+    tmp_path: Path, redis_port: int, admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outside check: with XACK taken from the worker's ACL user its `/healthz` said ok for
+    30 s (until the stall watchdog, with a generic reason), the log had a line per retry per
+    batch in flight (17 in 12 s) saying "cannot reach Redis" for Redis's NOPERM, and the reason
+    stayed the first one when the cause changed."""
+    await admin.execute_command("ACL", "SETUSER", "w", "on", ">pw", "~*", "&*", "+@all", "-xack")
+    url = f"redis://w:pw@127.0.0.1:{redis_port}/0"
+    producer = RedisQueue(url, 4, "workers")
+    await producer.connect("producer")
+    n = 40
+    await producer.publish([Message(key=f"t{i % 8}", value=encode(make_record(i))) for i in range(n)])
+    await producer.close()
+
+    port = free_port()
+    settings = Settings(
+        data_dir=tmp_path, worker_batch_size=10, partitions=4, worker_port=port, shutdown_timeout=5
+    )
+    store = SQLiteStore(str(tmp_path / "store.db"))
+    bodies = FileBodyStore(str(tmp_path / "bodies"))
+    await store.connect()
+    await bodies.connect()
+    chain = Chain([BodyHandler(bodies), CostHandler(), StoreHandler(store)])
+    caplog.set_level(logging.WARNING, "llmtap.worker")
+    worker = WorkerService(
+        settings,
+        queue=RedisQueue(url, 4, "workers"),
+        store=store,
+        bodies=bodies,
+        chain=chain,
+        policy=RetryPolicy(backoff_start=0.05, backoff_cap=0.2),  # many retries in a few seconds
+    )
+    probe = WorkerProbe(settings, worker)
+    await worker.start()
+    await probe.start()
+    http = aiohttp.ClientSession()
+
+    async def healthz() -> tuple[int, dict[str, Any]]:
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            return resp.status, await resp.json()
+
+    async def reason_has(text: str) -> bool:
+        status, body = await healthz()
+        return status == 503 and text in body.get("reason", "")
+
+    def retry_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "retrying the batch" in r.getMessage()]
+
+    try:
+        # Well before the 30 s stall watchdog: the reason is Redis's answer, not "unreachable".
+        await until(lambda: reason_has("refuses the command (ACL)"), 25, "/healthz naming the refused XACK")
+        _, body = await healthz()
+        assert "xack" in body["reason"] and "cannot reach" not in body["reason"], body
+
+        async def tried() -> int:
+            return await rejected(admin, "xack") >= 2 * OUTAGE_LOG_EVERY + 2
+
+        await until(tried, 60, "the acks retried")
+        lines = retry_lines()
+        tries = await rejected(admin, "xack")
+        assert 1 <= len(lines) <= 1 + tries // OUTAGE_LOG_EVERY, (tries, lines)
+        assert "refuses the command (ACL)" in lines[0] and "cannot reach" not in lines[0], lines[0]
+
+        # Another cause (a replica now: NOPERM is checked first, so no try slips through).
+        await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        await admin.execute_command("ACL", "SETUSER", "w", "+xack")
+        await until(lambda: reason_has("is read-only (a replica?)"), 30, "/healthz naming the new cause")
+
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+
+        async def healthy() -> bool:
+            status, body = await healthz()
+            return status == 200 and body["processed"] >= n
+
+        await until(healthy, 60, "the worker healthy with every record acked")
+        back = [r.getMessage() for r in caplog.records if "go through again" in r.getMessage()]
+        assert len(back) == 1, back
+        assert [m for m in retry_lines() if "still" not in m] == lines[:1]  # one outage, one start
+    finally:
+        await http.close()
+        await probe.stop()
+        await worker.stop()
+        await store.close()
+        await bodies.close()
