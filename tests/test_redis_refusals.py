@@ -21,6 +21,9 @@ import redis.asyncio as aioredis
 
 from llmtap.bodies.file import FileBodyStore
 from llmtap.config import Settings
+from llmtap.errors import ConfigError
+from llmtap.gateway.sinks import SpoolReplayer, SpoolSink
+from llmtap.gateway.spool import DiskSpool
 from llmtap.handlers.bodies import BodyHandler
 from llmtap.handlers.chain import OUTAGE_LOG_EVERY, Chain, RetryPolicy
 from llmtap.handlers.cost import CostHandler
@@ -179,3 +182,56 @@ async def test_a_worker_whose_acks_redis_refuses_says_so_on_healthz_and_once_in_
         await worker.stop()
         await store.close()
         await bodies.close()
+
+
+async def test_a_password_changed_under_the_gateway_is_one_outage_for_the_spool_replayer(
+    tmp_path: Path, redis_port: int, admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outside check: a Redis password changed mid-run made the replayer log a ConfigError
+    ("invalid username-password pair") about every 1.3 s until it was restored. Refused after
+    start-up it is an outage: one line when it begins, one when it ends."""
+    await admin.execute_command("ACL", "SETUSER", "g", "on", ">pw1", "~*", "&*", "+@all")
+    url = f"redis://g:pw1@127.0.0.1:{redis_port}/0"
+    queue = RedisQueue(url, 4, "workers")
+    await queue.connect("producer")  # the gateway's start-up: the password was right
+    spool = DiskSpool(tmp_path / "spool", 10 * 1024 * 1024)
+    n = 20
+    await SpoolSink(spool).send([make_record(i) for i in range(n)])
+    await admin.execute_command("ACL", "SETUSER", "g", "resetpass", ">pw2")
+    # At start-up the same refusal is a wrong setting, one sentence, as before.
+    with pytest.raises(ConfigError, match="invalid setting LLMTAP_QUEUE"):
+        await RedisQueue(url, 4, "workers").connect("producer")
+
+    caplog.set_level(logging.WARNING, "llmtap.gateway")
+    replayer = SpoolReplayer(spool, queue, interval=0.05, queue_factory=lambda: RedisQueue(url, 4, "workers"))
+    replayer.start()
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "spool replay" in r.getMessage()]
+
+    async def denied() -> int:  # refused logins (Redis 7.0 has no acl_access_denied_auth)
+        entries: Any = await admin.acl_log(128)
+        return sum(int(e["count"]) for e in entries if e["reason"] == "auth")
+
+    try:
+        first = await denied()
+
+        async def refused_often() -> bool:
+            return await denied() >= first + 10
+
+        await until(refused_often, 60, "ten refused connections of the replayer")
+        said = lines()
+        assert len(said) == 1, said
+        assert "waits for the queue" in said[0] and "pw1" not in said[0], said
+        await admin.execute_command("ACL", "SETUSER", "g", "resetpass", ">pw1")
+
+        async def replayed() -> bool:
+            return replayer.replayed == n and not await asyncio.to_thread(spool.pending)
+
+        await until(replayed, 60, "the spool replayed once the password is back")
+        said = lines()
+        assert len(said) == 2 and "takes the spooled records again" in said[1], said
+    finally:
+        await replayer.stop()
+        await queue.close()
+        spool.close()

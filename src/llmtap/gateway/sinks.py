@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiohttp
 
 from llmtap.bodies import offload
-from llmtap.errors import BackendUnavailable, RecordError
+from llmtap.errors import BackendUnavailable, ConfigError, RecordError
 from llmtap.gateway.publisher import Sink
 from llmtap.gateway.spool import DiskSpool, SpoolFull
 from llmtap.queue.base import Message, Queue
@@ -392,14 +392,27 @@ class SpoolReplayer:
         return [f for batch in self.spool.replay(path) for f in batch]
 
     async def _run(self) -> None:
+        """Replay while anything is spooled; an outage is logged when it begins and when it ends.
+
+        A queue that refuses our settings now (`ConfigError`: Redis refusing a password changed
+        under us) took them at start-up: an outage to wait out like any other, as for a worker
+        (`runtime.open_when_back`). It was logged at every try, about every 1.3 s.
+        """
+        down: str | None = None  # why the replay waits, while it does
         while not self._stop.is_set():
             if await asyncio.to_thread(self.spool.pending):
                 try:
                     await self.replay_once()
-                except BackendUnavailable:
-                    pass  # the queue is still down; the records stay on disk
+                except (BackendUnavailable, ConfigError) as e:  # the records stay on disk
+                    if down is None:
+                        log.warning("spool replay waits for the queue (records stay on disk): %s", e)
+                    down = str(e)
                 except Exception as e:  # never let the replayer die
                     log.warning("spool replay failed: %s: %s", type(e).__name__, e)
+                else:
+                    if down is not None:
+                        log.warning("spool replay: the queue takes the spooled records again")
+                    down = None
             try:
                 await asyncio.wait_for(self._stop.wait(), self.interval)
             except TimeoutError:
