@@ -779,27 +779,25 @@ async def test_stopping_cuts_postgresql_reads_too(tmp_path: Path, monkeypatch: p
 async def test_a_failed_part_of_postgresql_stats_ends_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
     """Raw stats run overall, groups and buckets as three queries at once. When one failed (cut
     by a stop as it began), `asyncio.gather` answered at once and left the others running: a
-    query no one awaited held its connection, and the stop's pool close waited for it."""
-    from llmtap.errors import TransientError
+    query no one awaited held its connection, and the stop's pool close waited for it. (The
+    others now run a query that never ends; the overall part fails once they are under way.)"""
+    from llmtap.store import sql
     from llmtap.store.postgres import PostgresStore
 
     marker = f"llmtap-sibling-{uuid.uuid4().hex[:8]}"
-    started = asyncio.Event()
 
-    async def aggregate(self: PostgresStore, tenant: str, query: Any, kind: str, limit: Any = None) -> Any:
-        if kind == "overall":
-            await started.wait()
-            raise TransientError("cut")
-        started.set()
-        return await self._analytic(f"SELECT pg_sleep(3600) /* {marker} */", ())
+    def aggregate_sql(d: Any, tenant: str, query: Any, kind: str, **kw: Any) -> tuple[str, list[Any]]:
+        if kind == "overall":  # fails once the others are under way
+            return "SELECT pg_sleep(0.5), 1 / 0", []
+        return f"SELECT pg_sleep(3600) /* {marker} */", []
 
-    monkeypatch.setattr(PostgresStore, "_aggregate", aggregate)
+    monkeypatch.setattr(sql, "aggregate_sql", aggregate_sql)
     async with pg_database() as url:
         store = PostgresStore(url)
         await store.connect()
         watcher = await asyncpg.connect(url)
         try:
-            with pytest.raises(TransientError):
+            with pytest.raises(asyncpg.DivisionByZeroError):
                 await asyncio.wait_for(store.stats("default", StatsQuery(exact=True, group_by="model")), 60)
             q = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1"
             q += " AND pid <> pg_backend_pid()"
