@@ -98,6 +98,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 # Characters SQS accepts in a message body or string attribute (XML 1.0's).
 _BAD_CHARS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+#: Seconds between two attempts to create a queue deleted while running again: each process
+#: tries at most this often, however many of its requests meet the missing queue.
+_RECREATE_EVERY = 5.0
 _DENIED = ("AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "UnrecognizedClientException")
 
 A_KEY = "llmtap-key"
@@ -227,36 +230,81 @@ class SQSQueue(Queue):
         self.description = f"sqs://{name}{where} ({kind})"
         self._client: Any = None
         self._stack = contextlib.AsyncExitStack()
+        self._role: Role = "inspect"
         self._url = ""
         self._dlq_url = ""
+        self._recreating = asyncio.Lock()
+        self._recreate_at = 0.0  # monotonic time before which no new attempt is made
+        self._gone = False  # a queue was found missing and no request has worked since
         self._held: dict[str, float] = {}  # receipt handle -> monotonic time it becomes visible
         self._renewer: asyncio.Task[None] | None = None
         self._sem = asyncio.Semaphore(_CONCURRENCY)
 
     # -- errors ---------------------------------------------------------------------------------
     def _unavailable(self, e: BaseException) -> BackendUnavailable:
+        return BackendUnavailable(f"cannot reach SQS queue {self.name} at {self._where()}: {self._why(e)}")
+
+    def _why(self, e: BaseException) -> str:
         if isinstance(e, ClientError):
-            why = f"{_code(e)}: {e.response.get('Error', {}).get('Message', '')}".rstrip(": ")
-        elif isinstance(e, TimeoutError):
-            why = f"no answer within {self.op_timeout:g}s"
-        else:
-            why = redact_text(str(e)) or type(e).__name__
-        return BackendUnavailable(f"cannot reach SQS queue {self.name} at {self._where()}: {why}")
+            return f"{_code(e)}: {e.response.get('Error', {}).get('Message', '')}".rstrip(": ")
+        if isinstance(e, TimeoutError):
+            return f"no answer within {self.op_timeout:g}s"
+        return redact_text(str(e)) or type(e).__name__
 
     def _where(self) -> str:
         return redact_url(self.endpoint) if self.endpoint else f"AWS region {self.region}"
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *, wait: float = 0, **kwargs: Any) -> T:
         """One SQS request, bounded (`wait`: a long poll's own seconds), every failure as
-        `BackendUnavailable`."""
+        `BackendUnavailable`. A queue that does not exist any more is created again first."""
         try:
             async with self._sem, asyncio.timeout(self.op_timeout + wait):
-                return await fn(**kwargs)
+                got = await fn(**kwargs)
         except (ClientError, BotoCoreError, OSError, TimeoutError) as e:
+            if isinstance(e, ClientError) and _code(e) in _MISSING and self._role != "inspect":
+                raise BackendUnavailable(
+                    f"SQS queue {self.name} or {self.dlq_name} at {self._where()} does not exist "
+                    f"(deleted while running?): {await self._recreate()}"
+                ) from None
             raise self._unavailable(e) from None
+        self._gone = False
+        return got
+
+    async def _recreate(self) -> str:
+        """Create the queue and its dead-letter queue again, as `connect` does, after one of them
+        was deleted while running (by hand, or by a tool that tears down what it did not make).
+
+        Without this the gateway sent every record to its fallback and the worker waited for ever,
+        until a restart. The request that met the missing queue still fails (an outage: nothing
+        was sent, received or deleted); the next one uses the new queue. Concurrent requests
+        make one attempt, and a process makes at most one per `_RECREATE_EVERY` seconds (SQS
+        refuses to create a queue under a name deleted less than 60 s ago: that is retried).
+        Returns what became of it, for the request's error.
+        """
+        async with self._recreating:
+            if time.monotonic() < self._recreate_at:
+                return "being created again"
+            if not self._gone:
+                log.warning(
+                    "sqs queue %s or its dead-letter queue %s does not exist any more (deleted while "
+                    "running?): creating what is missing again as at start; what it held is lost",
+                    self.name,
+                    self.dlq_name,
+                )
+            self._gone = True
+            try:
+                await self._create_queues()
+                attrs = await self._attributes(self._url, "MaximumMessageSize")
+            except (ClientError, BotoCoreError, OSError, TimeoutError) as e:
+                return f"creating it again failed (retried in {_RECREATE_EVERY:g}s): {self._why(e)}"
+            finally:
+                self._recreate_at = time.monotonic() + _RECREATE_EVERY
+            self.max_bytes = int(attrs.get("MaximumMessageSize") or DEFAULT_MAX_BYTES)
+            return "created again"
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def connect(self, role: Role) -> None:
+        self._role = role
         session = get_session()
         if self.region is None:
             self.region = session.get_config_variable("region") or ("us-east-1" if self.endpoint else None)
