@@ -4,13 +4,15 @@ Queue and dead-letter queue creation (redrive policy), SQS's limits (10 entries 
 queue's byte limit per request; a message over it refused before anything is sent), bodies SQS
 would not take as text, visibility renewal while a batch is held, the redrive policy moving a
 message that keeps coming back, deduplication by record id, a standard queue (best-effort order,
-said in the status), a real server outage (scripts/services.sh stop/start sqs) and start-up
-errors. Against ElasticMQ (scripts/services.sh), FIFO queues unless a test says otherwise.
+said in the status), a queue deleted while running (created again), a real server outage
+(scripts/services.sh stop/start sqs) and start-up errors. Against ElasticMQ (scripts/services.sh),
+FIFO queues unless a test says otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -24,6 +26,7 @@ from typing import Any
 
 import pytest
 from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
 
 from llmtap.errors import BackendUnavailable, ConfigError, MessageRefused
 from llmtap.queue.base import Message, partition_for
@@ -422,6 +425,140 @@ async def test_a_record_published_twice_is_delivered_once(queues: list[SQSQueue]
     got = await take(q, 2)
     assert [d.value for d in got] == [b'{"first": 1}', b'{"other": 1}']
     assert await q.consume(10, 1.0) == []
+
+
+async def raw_delete(name: str) -> None:
+    """Delete a queue behind llmtap's back, as an operator or a teardown script would."""
+    async with get_session().create_client(
+        "sqs", region_name="us-east-1", endpoint_url=os.environ["LLMTAP_TEST_SQS_ENDPOINT"]
+    ) as c:
+        await c.delete_queue(QueueUrl=(await c.get_queue_url(QueueName=name))["QueueUrl"])
+
+
+async def wait_recreated(
+    name: str, errors: list[BackendUnavailable], before: int, timeout: float = 60
+) -> None:
+    """Until the deleted queue `name` exists again, after the process under test met its absence."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if len(errors) > before:
+            with contextlib.suppress(ClientError):
+                await raw_attributes(name)
+                return
+        assert time.monotonic() < deadline, (
+            f"queue {name} was not created again ({len(errors) - before} errors)"
+        )
+        await asyncio.sleep(0.1)
+
+
+# What llmtap sets on a queue it creates (ElasticMQ does not report the retention period).
+_KEPT = ("FifoQueue", "ContentBasedDeduplication", "VisibilityTimeout", "RedrivePolicy")
+
+
+@needs_server
+async def test_a_queue_deleted_while_running_is_created_again_and_records_flow_on(
+    queues: list[SQSQueue],
+) -> None:
+    """The queue is deleted under a running producer and consumer (by hand, a teardown script):
+    whichever meets its absence creates it again as at start (same attributes, redrive policy),
+    and every record published after that is consumed. Seen: the gateway sent every record to its
+    fallback and the worker reported "waiting" for good, until restarted. While the queue is gone
+    a publish fails as an outage (the gateway's fallback takes the batch), never as a refusal."""
+    url = fresh()
+    producer = await open_(url, queues, "producer")
+    consumer = await open_(url, queues, "consumer")
+    made = {k: v for k, v in (await raw_attributes(producer.name)).items() if k in _KEPT}
+    assert set(made) == set(_KEPT)
+    acked: list[tuple[float, Message]] = []  # (when its publish began, the record) once published
+    publish_errors: list[BackendUnavailable] = []
+    consume_errors: list[BackendUnavailable] = []
+    seen: set[tuple[str, int]] = set()
+    publishing, consuming = asyncio.Lock(), asyncio.Lock()  # held by the test: that loop pauses
+    stop = asyncio.Event()
+
+    async def publish_loop() -> None:
+        seq = 0
+        while not stop.is_set():
+            async with publishing:
+                batch = [record(f"key-{k}", seq) for k in range(3)]
+                began = time.monotonic()
+                try:
+                    await producer.publish(batch)  # MessageRefused or anything else fails the test
+                except BackendUnavailable as e:
+                    publish_errors.append(e)
+                else:
+                    acked.extend((began, m) for m in batch)
+                    seq += 1
+            await asyncio.sleep(0.02)
+
+    async def consume_loop() -> None:
+        while not stop.is_set():
+            async with consuming:
+                try:
+                    batch = await consumer.consume(50, 0.5)
+                    seen.update(parse(d.value) for d in batch)
+                    await consumer.ack(batch)
+                except BackendUnavailable as e:
+                    consume_errors.append(e)
+            await asyncio.sleep(0.02)
+
+    async def flowing(since: float, n: int = 30) -> None:
+        """Until `n` records published after `since` arrived, and every one of them."""
+        deadline = time.monotonic() + 60
+        while True:
+            wanted = {parse(m.value) for began, m in acked if began > since}
+            if len(wanted) >= n and wanted <= seen:
+                return
+            missing = len(wanted - seen)
+            assert time.monotonic() < deadline, (
+                f"{len(wanted)} published since, {missing} of them not consumed"
+            )
+            assert not loops.done(), "a loop failed"
+            await asyncio.sleep(0.1)
+
+    async def delete_main() -> float:
+        await raw_delete(producer.name)
+        return time.monotonic()  # anything published from now on went to a new queue
+
+    loops = asyncio.gather(publish_loop(), consume_loop())
+    try:
+        await flowing(0)
+        # Both running: deleted under them.
+        await flowing(await delete_main())
+        # The producer alone meets the missing queue (the consumer paused).
+        async with consuming:
+            n = len(publish_errors)
+            gone = await delete_main()
+            await wait_recreated(producer.name, publish_errors, n)
+        await flowing(gone)
+        # The consumer alone (the producer paused).
+        async with publishing:
+            n = len(consume_errors)
+            gone = await delete_main()
+            await wait_recreated(producer.name, consume_errors, n)
+        await flowing(gone)
+    finally:
+        stop.set()
+        await loops
+    assert {k: v for k, v in (await raw_attributes(producer.name)).items() if k in _KEPT} == made
+    assert publish_errors and consume_errors
+    assert all("does not exist" in str(e) for e in publish_errors), publish_errors[0]
+    assert await consumer.dead_letters() == []
+
+
+@needs_server
+async def test_a_dead_letter_queue_deleted_while_running_is_created_again(queues: list[SQSQueue]) -> None:
+    q = await open_(fresh(), queues)
+    await q.publish([Message("k", b'{"bad": 1}'), Message("k", b'{"bad": 2}')])
+    first, second = await take(q, 2, ack=False)
+    await raw_delete(q.dlq_name)
+    with pytest.raises(BackendUnavailable, match="does not exist"):
+        await q.dead_letter(first, "a record that cannot be stored")  # an outage: retried, kept
+    await q.dead_letter(first, "a record that cannot be stored")
+    await q.dead_letter(second, "another")
+    assert sorted(x.reason for x in await q.dead_letters()) == ["a record that cannot be stored", "another"]
+    policy = json.loads((await raw_attributes(q.name))["RedrivePolicy"])
+    assert policy["deadLetterTargetArn"] == (await raw_attributes(q.dlq_name))["QueueArn"]
 
 
 @needs_server
