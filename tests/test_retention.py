@@ -338,9 +338,7 @@ async def test_a_purge_stopped_part_way_then_an_earlier_cutoff_leaves_no_release
                 == (await store.stats("acme", StatsQuery()))["overall"]["count"]
                 == keys
             )
-            for q in (StatsQuery(), StatsQuery(bucket="day"), StatsQuery(group_by="user_id")):
-                exact = StatsQuery(bucket=q.bucket, group_by=q.group_by, exact=True)
-                assert_rollups_equal(await store.stats("acme", q), await store.stats("acme", exact))
+            await assert_rollups_match_raw(store)
             assert await store.users("acme") == await store.users("acme", exact=True)
             late = rec(
                 999, id=str(uuid.uuid4()), at=datetime(2026, 9, 20, tzinfo=UTC)
@@ -351,6 +349,15 @@ async def test_a_purge_stopped_part_way_then_an_earlier_cutoff_leaves_no_release
         finally:
             await db.close()
             await store.close()
+
+
+async def assert_rollups_match_raw(store: Any) -> None:
+    """Overall, per day and per user: the rollups' answer equals the raw rows'."""
+    from llmtap.store import StatsQuery
+
+    for q in (StatsQuery(), StatsQuery(bucket="day"), StatsQuery(group_by="user_id")):
+        exact = StatsQuery(bucket=q.bucket, group_by=q.group_by, exact=True)
+        assert_rollups_equal(await store.stats("acme", q), await store.stats("acme", exact))
 
 
 def assert_rollups_equal(rolled: dict[str, Any], raw: dict[str, Any]) -> None:
@@ -382,7 +389,6 @@ async def test_a_purge_under_way_keeps_its_floor_while_another_server_purges_wit
 
     import asyncpg
 
-    from llmtap.store import StatsQuery
     from llmtap.store.postgres import PostgresStore
     from store_helpers import pg_database
 
@@ -449,9 +455,7 @@ async def test_a_purge_under_way_keeps_its_floor_while_another_server_purges_wit
             assert await db.fetchval("SELECT count(*) FROM requests") == len(keyed)  # no id twice
             listed = await b.list_requests("acme", ListQuery(limit=500))
             assert sorted(i["id"] for i in listed.items) == sorted(keyed)
-            for q in (StatsQuery(), StatsQuery(bucket="day"), StatsQuery(group_by="user_id")):
-                exact = StatsQuery(bucket=q.bucket, group_by=q.group_by, exact=True)
-                assert_rollups_equal(await b.stats("acme", q), await b.stats("acme", exact))
+            await assert_rollups_match_raw(b)
         finally:
             await db.close()
             await a.close()
@@ -471,7 +475,6 @@ async def test_a_purge_whose_lock_session_is_killed_releases_no_more_keys() -> N
     import asyncpg
 
     from llmtap.errors import TransientError
-    from llmtap.store import StatsQuery
     from llmtap.store.postgres import PostgresStore
     from store_helpers import pg_database
 
@@ -525,9 +528,7 @@ async def test_a_purge_whose_lock_session_is_killed_releases_no_more_keys() -> N
             kept = {r.id for r in records if r.started_at >= short_cutoff}
             assert {row[0] for row in await db.fetch("SELECT id FROM requests")} == kept
             assert await db.fetchval("SELECT count(*) FROM requests") == len(kept) == await keys()
-            for q in (StatsQuery(), StatsQuery(bucket="day"), StatsQuery(group_by="user_id")):
-                exact = StatsQuery(bucket=q.bucket, group_by=q.group_by, exact=True)
-                assert_rollups_equal(await short.stats("acme", q), await short.stats("acme", exact))
+            await assert_rollups_match_raw(short)
         finally:
             await db.close()
             await short.close()
