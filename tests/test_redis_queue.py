@@ -527,3 +527,45 @@ async def test_a_full_redis_is_named_full_not_unreachable(spec: QueueSpec, queue
     finally:
         await producer.r.config_set("maxmemory", before["maxmemory"])
         await producer.r.config_set("maxmemory-policy", before["maxmemory-policy"])
+
+
+async def test_entries_trimmed_before_any_worker_read_them_are_said_lost_once(
+    tmp_path: Path, queues: list[RedisQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outside check trimmed the streams by length (`XTRIM MAXLEN 0`) while the worker was
+    stopped: 30 of 30 records were lost with no line and no count, and `llmtap status` showed
+    "lag 30" for good. Now the owner says it (one ERROR line, the loss counter) and the lag is
+    what is left."""
+    from llmtap.queue.base import LOST, Message
+
+    spec = make_spec("redis", tmp_path, partitions=1, trim_interval=0.05)
+    q = await open_(spec, queues, "both", session_timeout=0.3)
+    await q.publish([Message(key="k", value=b"read-%d" % i) for i in range(5)])
+    got = await _take(q, 5)
+    await q.ack(got)
+    before = LOST.labels("redis")._value.get()
+    with caplog.at_level("ERROR", logger="llmtap.queue.redis"):
+        await q.publish([Message(key="k", value=b"lost-%d" % i) for i in range(30)])
+        await q.r.xtrim(q.stream(0), maxlen=0, approximate=False)  # by hand, before any read
+        deadline = time.monotonic() + 30
+        while LOST.labels("redis")._value.get() - before < 30:
+            assert time.monotonic() < deadline, caplog.text
+            await asyncio.sleep(0.05)
+        assert (await q.status()).lag == 0
+        await q.publish([Message(key="k", value=b"after-%d" % i) for i in range(3)])
+        later = await _take(q, 3)
+        assert [d.value for d in later] == [b"after-0", b"after-1", b"after-2"]
+        await q.ack(later)
+        await asyncio.sleep(0.3)  # trims of the heartbeat: a hole is said once
+    lines = [r.getMessage() for r in caplog.records if "were removed" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("redis queue: 30 record(s) of"), lines
+    assert LOST.labels("redis")._value.get() - before == 30
+
+
+async def _take(q: RedisQueue, n: int, timeout: float = 30) -> list[Delivery]:
+    got: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"{len(got)} of {n} delivered"
+        got += await q.consume(n - len(got), timeout=0.5)
+    return got

@@ -44,10 +44,12 @@ if TYPE_CHECKING:
 #: and raise `QueueMissing` when the queue is not there.
 Role = Literal["producer", "consumer", "both", "inspect"]
 #: Records a broker removed before any worker stored them (Kafka retention or compaction, Redis
-#: eviction): lost logs, each also an ERROR line. Alert on any increase.
+#: streams trimmed or deleted from by hand): lost logs, each also an ERROR line. Alert on any
+#: increase.
 LOST = Counter(
     "llmtap_queue_records_lost_total",
-    "Records the queue's broker removed before any worker stored them (Kafka retention or compaction)",
+    "Records the queue's broker removed before any worker stored them (Kafka retention or compaction,"
+    " a Redis stream trimmed by hand)",
     ["queue"],
 )
 

@@ -56,6 +56,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llmtap.errors import BackendUnavailable, ConfigError, QueueMissing, unknown_host
 from llmtap.queue.base import (
+    LOST,
     DeadLetter,
     Delivery,
     Message,
@@ -135,6 +136,32 @@ return n
 """
 
 # Append a batch. ARGV: stream prefix, then (partition, key, value) per record.
+# Entries removed before group ARGV[1] read them (XTRIM MAXLEN, XDEL by hand): what was ever
+# added, less what the group read, less what is still there to read. Said once: the group's
+# read count is set past them, which also makes Redis's `lag` right again (it counted them as
+# waiting for good). Returns {removed, last id the group read}; 0 where it cannot tell (a read
+# count Redis lost, a group that read nothing yet, more than ARGV[2] entries left to count).
+_REMOVED = """
+local function field(arr, name)
+  for i = 1, #arr, 2 do if arr[i] == name then return arr[i + 1] end end
+end
+local added = field(redis.call('XINFO', 'STREAM', KEYS[1]), 'entries-added')
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  if field(g, 'name') == ARGV[1] then
+    local last, read = field(g, 'last-delivered-id'), field(g, 'entries-read')
+    if not added or not read or last == '0-0' then return {0, ''} end
+    local rest = #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])
+    if rest >= tonumber(ARGV[2]) then return {0, ''} end
+    local removed = added - read - rest
+    if removed > 0 then
+      redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', added - rest)
+    end
+    return {removed, last}
+  end
+end
+return {0, ''}
+"""
+
 _PUBLISH = """
 for i = 2, #ARGV, 3 do
   redis.call('XADD', ARGV[1] .. ARGV[i], '*', 'k', ARGV[i + 1], 'v', ARGV[i + 2])
@@ -146,6 +173,10 @@ _OUR_PARAMS = ("prefix", "session_timeout_ms", "claim_idle_ms", "redeliver_after
 
 
 _ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+#: Entries counted one by one at most, when counting what a deletion removed.
+_COUNT_CAP = 100_000
 
 
 def _parse_id(eid: bytes | str) -> tuple[int, int]:
@@ -315,6 +346,7 @@ class RedisQueue(Queue):
             ("rebalance", _REBALANCE),
             ("release", _RELEASE),
             ("replay", _REPLAY),
+            ("removed", _REMOVED),
         )
         for name, src in scripts:
             self._scripts[name] = self._r.register_script(src)
@@ -505,6 +537,7 @@ class RedisQueue(Queue):
                 if time.monotonic() - self._last_trim > self.trim_interval:
                     self._last_trim = time.monotonic()
                     for p in list(self._owned):
+                        await self._say_removed(p)
                         await self.trim_partition(p)
             except (RedisError, OSError, TimeoutError) as e:
                 self._heartbeat_error = e
@@ -890,6 +923,27 @@ class RedisQueue(Queue):
         for eid, f in entries:
             args += [eid, partition_for(f.get(b"k", b"").decode(errors="replace"), self.partitions)]
         return int(await self._scripts["replay"](keys=[self.dlq_key], args=args))
+
+    async def _say_removed(self, partition: int) -> None:
+        """Log, loudly, and count entries removed before this group read them (`XTRIM MAXLEN`
+        or `XDEL` by hand, `MAXLEN` on another producer): the worker read on past the hole and
+        said nothing, 30 of 30 records lost, and `llmtap status` showed them as waiting for
+        good (outside check). `_REMOVED` counts them and marks them said, for every process."""
+        stream = self.stream(partition)
+        try:
+            n, last = await self._scripts["removed"](keys=[stream], args=[self.group, _COUNT_CAP])
+        except ResponseError as e:
+            if _no_such_key(e) or "unknown" in str(e).lower():  # no stream yet; Redis before 7
+                return
+            raise
+        if int(n) > 0:
+            LOST.labels("redis").inc(int(n))
+            log.error(
+                "redis queue: %d record(s) of %s were removed (trimmed or deleted) before any worker "
+                "of group %s read them, after entry %s: their logs are lost (never trim llmtap's "
+                "streams by length: llmtap trims what every group has acknowledged)",
+                int(n), stream, self.group, _s(last),
+            )  # fmt: skip
 
     async def trim_partition(self, partition: int, exact: bool = False) -> int:
         """Drop entries every group has acked; never one still pending or not yet delivered.
