@@ -51,7 +51,19 @@ const clear = (el) => { el.replaceChildren(); return el; };
 /** Replace an element's children (null and false skipped, arrays flattened, values as text). */
 const fill = (el, ...children) => append(clear(el), children);
 let renders = 0; // how many times a view drew main (an error before its first draw clears it)
-const render = (...children) => { renders += 1; return fill(main, ...children); };
+const render = (...children) => {
+  renders += 1;
+  // A focused element drawn again (the filter bar kept from "Loading…" to the data) is taken
+  // out and put back, which drops the focus: it gets it back (the caret where it was).
+  const had = document.activeElement;
+  const caret = had && typeof had.selectionStart === "number" ? [had.selectionStart, had.selectionEnd] : null;
+  const out = fill(main, ...children);
+  if (had && had !== document.body && had.isConnected && document.activeElement !== had) {
+    had.focus({ preventScroll: true });
+    if (caret) try { had.setSelectionRange(caret[0], caret[1]); } catch (e) { /* not a text field */ }
+  }
+  return out;
+};
 
 /**
  * A view's heading and filter bar at once, its data to come: a bad filter value leaves the bar
@@ -289,7 +301,10 @@ async function route() {
   try {
     await fn(id, params);
     if (!byPage && scrollMemo.has(hash) && location.hash === hash) window.scrollTo(0, scrollMemo.get(hash));
-    if (byPage && location.hash === hash) refocus(focusKey);
+    // Only a focus that fell off with the old view goes back: one the user put somewhere
+    // while the view loaded stays there (typing into a filter lost it to the sort's header).
+    const lost = !document.activeElement || document.activeElement === document.body;
+    if (byPage && location.hash === hash && lost) refocus(focusKey);
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) return;
     showError(e);
