@@ -594,6 +594,65 @@ def test_openai_audio_and_image_streams_keep_their_usage(stack: Stack, kind: str
 # -- Anthropic -------------------------------------------------------------------------------------
 
 
+def test_the_end_user_an_sdk_names_in_the_body_is_the_user_when_no_header_says_one(stack: Stack) -> None:
+    """Apps already tell the provider who asks (OpenAI's `user` or `safety_identifier`,
+    Anthropic's `metadata.user_id`): without `Llmtap-User-Id` that is the record's user, on
+    chat, streams, embeddings and messages alike; the header wins where both are sent."""
+    oa = OpenAI(base_url=f"{stack.gw}/openai/v1", api_key=OPENAI_KEY, max_retries=0)
+    an = Anthropic(base_url=f"{stack.gw}/anthropic", api_key=ANTHROPIC_KEY, max_retries=0)
+    msgs: list[Any] = [{"role": "user", "content": "who am i"}]
+
+    def chat(**kw: Any) -> Any:
+        return oa.chat.completions.with_raw_response.create(
+            model=CHAT_MODEL, messages=msgs, extra_headers=stack.mark(), **kw
+        )
+
+    def streamed(**kw: Any) -> Any:
+        raw = chat(stream=True, **kw)
+        assert [c for c in raw.parse()]
+        return raw
+
+    calls: list[tuple[str | None, Any]] = [
+        ("body-user-1", chat(user="body-user-1")),
+        ("body-user-2", streamed(user="body-user-2")),
+        ("hashed-3", chat(safety_identifier="hashed-3")),
+        ("body-user-4", chat(user="body-user-4", safety_identifier="hashed-4")),
+        ("José", chat(user="José")),  # the body is UTF-8: no header encoding needed
+        (
+            "emb-user-5",
+            oa.embeddings.with_raw_response.create(
+                model="text-embedding-3-small", input="x", user="emb-user-5", extra_headers=stack.mark()
+            ),
+        ),
+        (
+            "claude-user-6",
+            an.messages.with_raw_response.create(
+                model=CLAUDE,
+                max_tokens=50,
+                messages=msgs,
+                metadata={"user_id": "claude-user-6"},
+                extra_headers=stack.mark(),
+            ),
+        ),
+        # The header wins over the body.
+        (USER, stack.oa.chat.completions.with_raw_response.create(
+            model=CHAT_MODEL, messages=msgs, user="not-this-one", extra_headers=stack.mark()
+        )),
+        # Nothing named, or nothing that is a name.
+        (None, chat()),
+        (None, chat(user="")),
+        (None, chat(extra_body={"user": 42})),
+        (None, an.messages.with_raw_response.create(
+            model=CLAUDE, max_tokens=50, messages=msgs, metadata={}, extra_headers=stack.mark()
+        )),
+    ]  # fmt: skip
+    for user, raw in calls:
+        rec = stack.record(raw.headers["llmtap-request-id"])
+        assert rec["user_id"] == user, (user, rec["request_body"])
+    got = {r["id"] for r in list_records(stack.api, user_id="body-user-2")}
+    assert got == {calls[1][1].headers["llmtap-request-id"]}
+
+
 def test_anthropic_messages(stack: Stack) -> None:
     kw: dict[str, Any] = {
         "model": CLAUDE,

@@ -167,6 +167,35 @@ def test_malformed_requests_never_put_a_credential_in_the_log(stack: Stack) -> N
     get_record(stack.api, rid, timeout=60)
 
 
+def test_a_hostile_end_user_in_the_body_is_cut_cleaned_and_flagged_never_refused(stack: Stack) -> None:
+    """The body's `user` becomes the user id without a header: a megabyte of it, NUL, a lone
+    surrogate escape or a non-string is held to the same limits as the header's, and the call
+    and its record go through."""
+    from llmtap import limits
+
+    cases = [  # the `user` member as a client's JSON writes it, and the user id stored
+        (json.dumps("ü" * 5000).encode(), "ü" * (limits.MAX_ID_BYTES // 2)),
+        (b'"a\\u0000b\\ud800c"', "a\ufffdb\ufffdc"),
+        ('"\u202eevil ü"'.encode(), "\u202eevil ü"),  # raw UTF-8, a bidi override kept as text
+        (b'{"id": "x"}', None),
+        (b'["u"]', None),
+        (b"null", None),
+    ]
+    for member, expected in cases:
+        body = (
+            b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "user": '
+            + member
+            + b"}"
+        )
+        head = [(b"Authorization", b"Bearer sk-test"), (b"Content-Type", b"application/json")]
+        ans = exchange(stack.gw_port, request_bytes(b"POST", b"/openai/v1/chat/completions", head, body))
+        # (The fake refuses a lone surrogate with a 400, as OpenAI does: logged all the same.)
+        assert ans is not None and ans.status in (200, 400), ans
+        r = get_record(stack.api, ans.header("llmtap-request-id"), timeout=60)
+        assert r["user_id"] == expected, (member[:40], r["user_id"])
+        assert r["truncated"] == (["user_id"] if member == cases[0][0] else []), r["truncated"]
+
+
 def test_metadata_beyond_the_limits_is_cut_and_flagged_never_refused(stack: Stack) -> None:
     """Issue 7 item 4: one request stored 6.6 MB of properties. Now the documented limits hold:
     the call goes through, the record is cut and says what was cut. (Within the 1 MiB a

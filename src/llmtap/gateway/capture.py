@@ -478,7 +478,9 @@ class RecordBuilder:
                     response_body_type,
                 )
 
-        user_id = limits.ident(lh.user_id, "user_id", truncated)
+        # The header says who asked; else the user the request names to the provider.
+        user_id = lh.user_id if lh.user_id is not None else fmt.end_user(req_json)
+        user_id = limits.ident(user_id, "user_id", truncated)
         session_id = limits.ident(lh.session_id, "session_id", truncated)
         properties = limits.properties(lh.properties, truncated)
         if model is not None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from llmtap.providers.base import Provider
+from llmtap.providers.base import Provider, text_member
 from llmtap.providers.common import after_last_reply, error_message, loads, role_is, scrub_stream, token_count
 from llmtap.providers.sse import StreamResult, edge_events, iter_events
 from llmtap.record import Usage
@@ -243,3 +243,6 @@ class Anthropic(Provider):
     def turn(self, request: Any) -> Any:
         """The messages after the last assistant one (`system` and `tools` are resent)."""
         return after_last_reply(request, "messages", _ASSISTANT)
+
+    def end_user(self, request: Any) -> str | None:
+        return text_member(request, "metadata", "user_id")

@@ -122,6 +122,15 @@ class Provider(ABC):
         """
         return request
 
+    def end_user(self, request: Any) -> str | None:
+        """The end user a parsed request body names, for a client that sent no `Llmtap-User-Id`.
+
+        Apps already tell the provider who asks (OpenAI's `user`, Anthropic's
+        `metadata.user_id`); asking them to say it again in a header lost it wherever they
+        did not. None by default: the API has no such field.
+        """
+        return None
+
     def error_message(self, body: Any) -> str | None:
         """The human-readable message of a parsed error body."""
         return _common_error_message(body)
@@ -161,6 +170,13 @@ def tail_member(tail: bytes, name: str) -> Any:
     except ValueError:
         return None
     return value
+
+
+def text_member(obj: Any, *path: str) -> str | None:
+    """The non-empty string at `obj[path[0]][path[1]]...`, or None."""
+    for key in path:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj if isinstance(obj, str) and obj else None
 
 
 def response_model(response: Any, key: str) -> str | None:

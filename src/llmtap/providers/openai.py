@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import msgspec
 import orjson
 
-from llmtap.providers.base import Provider, StreamFilter, response_model
+from llmtap.providers.base import Provider, StreamFilter, response_model, text_member
 from llmtap.providers.common import after_last_reply, error_message, loads, role_is, scrub_stream, token_count
 from llmtap.providers.sse import StreamResult, data_payloads, event_bounds, last_boundary
 from llmtap.record import Usage
@@ -770,6 +770,10 @@ class OpenAI(Provider):
 
     def turn(self, request: Any) -> Any:
         return turn(request)
+
+    def end_user(self, request: Any) -> str | None:
+        # `user` is being replaced by `safety_identifier` (and `prompt_cache_key`, not a user).
+        return text_member(request, "user") or text_member(request, "safety_identifier")
 
 
 class OpenAICompatible(OpenAI):
