@@ -200,8 +200,7 @@ async def run_with_attempts(
             outages += 1
             retried("transient", len(pending))
             wait = policy.delay(outages)
-            if outages == 1:
-                outage(str(e))
+            outage(str(e))  # each time: `/healthz` names the cause of now, not the first one
             if outages == 1 or outages % OUTAGE_LOG_EVERY == 0:
                 still = "" if outages == 1 else f"still, after {outages} tries: "
                 log.warning("worker: %s%s; retrying %d records in %.1fs", still, e, len(pending), wait)
