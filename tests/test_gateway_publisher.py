@@ -6,6 +6,8 @@ Every test counts what went in and what came out.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -15,7 +17,7 @@ import msgspec
 import orjson
 import pytest
 
-from gateway_support import MemoryQueue, wait_for
+from gateway_support import DirBodyStore, MemoryQueue, wait_for
 from llmtap.bodies import offload
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable
@@ -84,7 +86,8 @@ async def test_batches_and_partition_keys(tmp_path: Path) -> None:
     await pub.stop(timeout=1)
 
 
-async def test_chain_falls_through_and_back(tmp_path: Path) -> None:
+async def test_chain_falls_through_and_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="llmtap")
     q = MemoryQueue()
     ingest = ListSink("ingest")
     pub = Publisher(settings(tmp_path), [QueueSink(q), ingest])
@@ -103,6 +106,44 @@ async def test_chain_falls_through_and_back(tmp_path: Path) -> None:
     assert pub.failed >= 1 and pub.dropped == 0
     await pub.stop(timeout=1)
     assert ingest.closed
+    # Logged: the queue down once (the warning is throttled), and once when it is back.
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("llmtap")]
+    assert sum("queue unavailable" in line for line in lines) == 1, lines
+    assert sum("queue works again" in line for line in lines) == 1, lines
+
+
+async def test_a_body_store_outage_is_said_when_it_begins_and_when_it_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records with a body above the inline limit go to the spool while the body store is
+    down; the log said when it went down and never that it was back."""
+    caplog.set_level(logging.WARNING, logger="llmtap")
+    q = MemoryQueue()
+    spool = ListSink("spool", large_bodies=True)
+    store = DirBodyStore(tmp_path / "bodies")
+    await store.connect()
+    s = settings(tmp_path, inline_body_bytes=4096)
+    pub = Publisher(s, [QueueSink(q), spool], bodies=store)
+    await pub.start()
+
+    def big(i: int) -> Capture:
+        cap = capture(i)
+        data = b'{"model":"gpt-4o","input":"' + os.urandom(20_000).hex().encode() + b'"}'
+        cap.request_body, cap.request_size = data, len(data)
+        return cap
+
+    store.down = True
+    pub.submit(big(0))
+    await wait_for(lambda: len(spool.records) == 1)
+    store.down = False
+    await asyncio.sleep(1.1)  # the body store's breaker stays open a moment after a failure
+    pub.submit(big(1))
+    await wait_for(lambda: len(q.messages) == 1)
+    await pub.stop(timeout=1)
+    assert store.puts == 1 and pub.dropped == 0
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("llmtap")]
+    assert sum("body store unavailable" in line for line in lines) == 1, lines
+    assert sum("body store works again" in line for line in lines) == 1, lines
 
 
 async def test_all_sinks_down_holds_then_delivers_in_order(tmp_path: Path) -> None:

@@ -196,6 +196,8 @@ class Publisher:
         self._stopping = False
         self._sent_at = -math.inf  # loop time the last batch was made durable
         self._last_warn: dict[str, float] = {}
+        #: What failed and when it began (`_down`), to say once when it works again (`_back`).
+        self._down_since: dict[str, float] = {}
         self.dropped_full = 0  # captures given up at once: memory and the spool path were full
         self._drops = 0  # records given up since the last report of them (`_report_drops`)
         self._drop_ids: list[str] = []
@@ -598,6 +600,7 @@ class Publisher:
                 self._cooldown[id(sink)] = wait
                 self._open_until[id(sink)] = time.monotonic() + wait
                 self._warn(f"sink-{sink.route}", "%s unavailable, trying the next way: %s", sink.route, e)
+                self._down(sink.route)
                 continue
             except Exception as e:
                 self.failed += 1
@@ -605,6 +608,8 @@ class Publisher:
                 self._warn(f"sink-{sink.route}", "%s sink failed (%s: %s)", sink.route, type(e).__name__, e)
                 continue
             self._count(sink, len(send))
+            if self._down_since:
+                self._back(sink.route)
             self._cooldown.pop(id(sink), None)
             self._open_until.pop(id(sink), None)
             if send is todo:
@@ -652,6 +657,7 @@ class Publisher:
             sink.route,
             after,
         )
+        self._down(sink.route)
         return True
 
     def _late_result(self, task: asyncio.Future[None]) -> None:
@@ -673,9 +679,22 @@ class Publisher:
             self._bodies_cooldown = min(self._bodies_cooldown * 2, _BREAKER_MAX)
             self._bodies_open_until = time.monotonic() + self._bodies_cooldown
             self._warn("bodies", "body store unavailable; records with bodies above the limit spool: %s", e)
+            self._down("body store")
             return
+        if self._down_since:
+            self._back("body store")
         self._bodies_cooldown = _BREAKER_MIN
         batch.big = False
+
+    def _down(self, what: str) -> None:
+        self._down_since.setdefault(what, time.monotonic())
+
+    def _back(self, what: str) -> None:
+        """One line when a way that failed takes records again: the warnings said it was down
+        (once every few seconds), and nothing said it was not any more."""
+        since = self._down_since.pop(what, None)
+        if since is not None:
+            log.warning("%s works again (it failed for %.0fs)", what, time.monotonic() - since)
 
     def _warn(self, kind: str, msg: str, *args: object) -> None:
         now = time.monotonic()
