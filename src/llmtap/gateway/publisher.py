@@ -691,10 +691,11 @@ class Publisher:
 
     def _back(self, what: str) -> None:
         """One line when a way that failed takes records again: the warnings said it was down
-        (once every few seconds), and nothing said it was not any more."""
+        (once every few seconds), and nothing said it was not any more. Throttled like them, so
+        a flapping queue is not a line per flap."""
         since = self._down_since.pop(what, None)
         if since is not None:
-            log.warning("%s works again (it failed for %.0fs)", what, time.monotonic() - since)
+            self._warn(f"back-{what}", "%s works again (it failed for %.0fs)", what, time.monotonic() - since)
 
     def _warn(self, kind: str, msg: str, *args: object) -> None:
         now = time.monotonic()
