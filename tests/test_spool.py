@@ -38,6 +38,25 @@ def test_new_process_sees_records_of_dead_one(tmp_path: Path) -> None:
     assert got == [b"a", b"b", b"c"]
 
 
+def test_a_clock_stepped_back_still_replays_segments_in_the_order_they_were_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock audit: a gateway whose clock was stepped back an hour named its new segment
+    before the older ones, so a request id logged by both kept the second copy, not the first."""
+    d = tmp_path / "spool"
+    first = DiskSpool(d, max_bytes=10_000_000)
+    first.append([b"first"])
+    first.close()  # that gateway stopped; the next one starts with the clock an hour behind
+    now = time.time_ns()
+    monkeypatch.setattr(time, "time_ns", lambda: now - 3600 * 10**9)
+    second = DiskSpool(d, max_bytes=10_000_000)
+    second.append([b"second"])
+    second.close()
+    second.append([b"third"])  # and again within one process
+    got = [v for seg in second.segments_for_replay() for batch in second.replay(seg) for v in batch]
+    assert got == [b"first", b"second", b"third"]
+
+
 def test_torn_tail_is_dropped_rest_kept(tmp_path: Path) -> None:
     spool = DiskSpool(tmp_path / "spool", max_bytes=10_000_000)
     spool.append([b"first", b"second"])

@@ -87,6 +87,7 @@ class DiskSpool:
         self._path: Path | None = None
         self._written = 0
         self._seq = 0
+        self._stamp = 0  # the newest segment name's stamp (`_next_stamp`)
         self._lock = threading.Lock()  # append (sink thread) vs close (replayer thread)
         self.unreadable_bytes = 0  # corrupt spans met on replay (their records are lost)
 
@@ -133,7 +134,7 @@ class DiskSpool:
         self._close()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        name = f"{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.spool"
+        name = f"{self._next_stamp():020d}-{os.getpid()}-{self._seq:06d}.spool"
         self._path = self.dir / name
         # Created under a name no replayer lists, locked, then named: a replayer never sees it
         # unlocked (it would take the empty file for one a failed write left, and delete it).
@@ -149,6 +150,19 @@ class DiskSpool:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+    def _next_stamp(self) -> int:
+        """A new segment's name, which orders the replay: the clock, but always after every
+        segment already there. A clock stepped back (NTP, a VM restored) named a new segment
+        before older ones, and their records were replayed after its own: a request id logged
+        twice kept the later copy, not the first."""
+        newest = self._stamp
+        for path in self.dir.glob("*.spool"):
+            head = path.name.partition("-")[0]
+            if head.isdigit():
+                newest = max(newest, int(head))
+        self._stamp = max(time.time_ns(), newest + 1)
+        return self._stamp
 
     def close(self) -> None:
         with self._lock:
