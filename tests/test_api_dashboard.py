@@ -11,7 +11,7 @@ import asyncio
 import csv
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +325,38 @@ async def test_live_tail_sends_new_matching_records_only(server: Server) -> None
     got = await _events(server, "model=gpt-4o", 3, send)
     assert sorted(r["id"] for r in got) == ["new-1", "new-3", "new-5"]
     assert all("request_body" not in r for r in got)
+
+
+async def test_a_gateway_clock_hours_ahead_does_not_hide_the_others_from_the_tail(server: Server) -> None:
+    """The clock audit: 510 records stamped 3 h ahead (a gateway whose clock ran ahead) filled
+    every poll's page of the newest records, and no other record reached the tail."""
+    ahead = datetime.now(UTC) + timedelta(hours=3)
+    future = [rec(7000 + i, id=f"ahead-{i}", at=ahead) for i in range(510)]
+    status, body, _ = await server.ingest(encode_many(future))
+    assert status == 200, body
+    now = datetime.now(UTC)
+    new = [rec(7600 + i, id=f"now-{i}", at=now) for i in range(5)]
+
+    async def send() -> None:
+        status, body, _ = await server.ingest(encode_many(new))
+        assert status == 200, body
+
+    got = await _events(server, "", 5, send)
+    assert sorted(r["id"] for r in got) == [f"now-{i}" for i in range(5)]
+
+
+async def test_more_new_records_than_a_page_in_one_poll_all_reach_the_live_tail(server: Server) -> None:
+    """A poll read the newest 500 records only: a burst of more between two polls (half a
+    second) sent its newest 500 and never the rest."""
+    now = datetime.now(UTC)
+    new = [rec(8000 + i, id=f"burst-{i:04d}", at=now + timedelta(microseconds=i)) for i in range(1300)]
+
+    async def send() -> None:
+        status, body, _ = await server.ingest(encode_many(new))
+        assert status == 200, body
+
+    got = await _events(server, "", 1300, send)
+    assert sorted(r["id"] for r in got) == [r.id for r in new]
 
 
 async def test_live_tail_takes_the_body_search(server: Server) -> None:

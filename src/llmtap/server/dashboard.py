@@ -56,6 +56,12 @@ EXPORT_COLUMNS = tuple(f for f in (
 #: How often the live tail looks for new records, and how far back (late-stored records).
 TAIL_POLL = 0.5
 TAIL_WINDOW = timedelta(minutes=10)
+#: How far past the server's clock a record's time may be and still be tailed (gateway clocks
+#: differ a little; one far ahead is in the list, not the tail).
+TAIL_AHEAD = timedelta(minutes=1)
+TAIL_PAGE = 500
+#: New records one poll sends at most (10 pages; a faster flow is sampled, not held in memory).
+TAIL_MAX_ROWS = 5000
 TAIL_MAX_SECONDS = 3600.0  # the client reconnects; bounds a forgotten tab's work
 
 QUEUE = web.AppKey("dashboard_queue", dict)
@@ -144,15 +150,36 @@ async def stream(request: web.Request) -> web.StreamResponse:
     store = request.app[api.STORE]
     tenant = request[api.TENANT]
     opened = datetime.now(UTC)
-    user_since = q.since
-    q.limit = 500
+    user_since, user_until = q.since, q.until
+    q.limit = TAIL_PAGE
     q.order = "desc"
+    seen: dict[str, str] = {}
 
-    async def fresh() -> list[dict[str, Any]]:
+    async def fresh(first: bool = False) -> list[dict[str, Any]]:
+        """The newest records, page after page until one holds a record already sent: a poll
+        that met more than a page of new ones sent only the newest page. Only those stamped
+        up to `TAIL_AHEAD` past now: a gateway whose clock ran hours ahead filled every page
+        with its own records, and no other record reached the tail while it was ahead."""
         q.since = max(user_since, opened - TAIL_WINDOW) if user_since else opened - TAIL_WINDOW
-        return (await store.list_requests(tenant, q)).items
+        ahead = datetime.now(UTC) + TAIL_AHEAD
+        q.until = min(user_until, ahead) if user_until else ahead
+        q.cursor, rows = None, []
+        try:
+            while True:
+                page = await store.list_requests(tenant, q)
+                rows += page.items
+                if (
+                    page.next_cursor is None
+                    or first  # the first look: only what to leave out
+                    or len(rows) >= TAIL_MAX_ROWS
+                    or any(row["id"] in seen for row in page.items)
+                ):
+                    return rows
+                q.cursor = page.next_cursor
+        finally:
+            q.cursor = None
 
-    seen: dict[str, str] = {row["id"]: row["created_at"] for row in await fresh()}
+    seen.update((row["id"], row["created_at"]) for row in await fresh(first=True))
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -197,9 +224,11 @@ async def _tail(
         )
         for row in new:
             seen[row["id"]] = row["created_at"]
-        if len(seen) > 5000:  # forget what fell out of the window
+        if len(seen) > TAIL_MAX_ROWS:  # forget what fell out of the window (in place: `fresh` reads it)
             cutoff = min(row["created_at"] for row in rows) if rows else ""
-            seen = {k: v for k, v in seen.items() if v >= cutoff}
+            kept = {k: v for k, v in seen.items() if v >= cutoff}
+            seen.clear()
+            seen.update(kept)
         if not out and time.monotonic() - last_ping > 15:
             out = b": ping\n\n"  # keeps proxies from closing an idle stream
         if out:
