@@ -1365,6 +1365,43 @@ async def test_sqlite_a_folder_that_cannot_be_searched_any_more_is_no_lost_file(
         await store.close()
 
 
+async def test_sqlite_a_file_moved_away_and_back_keeps_its_wal_and_every_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`mv store.db` leaves its WAL at the path: the store took the file for removed, made a new
+    one there and removed that WAL, so what the moved file held there was lost when it came
+    back (the review of the queue's reopen). Now batches are refused while it is away (the
+    worker writes them again) and the file is used again once back."""
+    from llmtap.store.sqlite import SQLiteStore
+
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    await store.connect()
+    try:
+        assert await store.write_batch([rec(i) for i in range(5)]) == 5
+        os.rename(path, tmp_path / "away.db")
+        for _ in range(2):
+            with pytest.raises(TransientError, match="missing from its path"):
+                await store.write_batch([rec(i) for i in range(5, 8)])
+        with pytest.raises(TransientError, match="missing from its path"):
+            await store.list_requests("acme", ListQuery())
+        os.rename(tmp_path / "away.db", path)
+        assert await store.write_batch([rec(i) for i in range(5, 8)]) in (0, 3)  # (the retry)
+        assert (await store.stats("acme", StatsQuery()))["overall"]["count"] == 8
+    finally:
+        await store.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "llmtap.store.sqlite"]
+    assert not any("while open; opening" in line for line in said), said
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    again = SQLiteStore(path)  # the restart
+    await again.connect()
+    try:
+        got = await again.list_requests("acme", ListQuery(limit=50))
+        assert {x["id"] for x in got.items} == {rec(i).id for i in range(8)}
+    finally:
+        await again.close()
+
+
 @pytest.mark.parametrize("how", ["removed", "replaced"])
 async def test_sqlite_a_file_removed_or_replaced_while_open_is_opened_again_and_nothing_written_since_lost(
     tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture

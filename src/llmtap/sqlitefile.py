@@ -9,13 +9,26 @@ everything written since goes into a file nobody opens again, acknowledged all t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 from pathlib import Path
+
+#: How long a file missing from its path, its WAL still there, is waited for before a new one
+#: is made at the path: `mv` moves the file and leaves the WAL, so it may be coming back.
+AWAY_GRACE = 30.0
 
 
 class FileGone(Exception):
     """The file was removed or replaced while open: what was written since went into a file
     nobody will open again."""
+
+
+class FileAway(Exception):
+    """The file is missing from its path, its WAL still beside the path: moved away, maybe for
+    a moment. Nothing is opened in its place yet: a new file made there, and that WAL removed,
+    lost what the file held when it was moved back, and another process still writing through
+    that WAL parted from ours (an outside check: a worker stopped consuming for good)."""
 
 
 def identity(path: str | Path) -> tuple[int, int]:
@@ -33,31 +46,55 @@ def identity_or_none(path: str | Path) -> tuple[int, int] | None:
 class WatchedFile:
     """The (device, inode) of a SQLite file as opened, and of its WAL and shared memory."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, what: str, log: logging.Logger) -> None:
         self.path = str(path)
+        self.what = what  # "SQLite queue", for the log lines
+        self.log = log
         self.opened: tuple[int, int] | None = None
         self._wal: tuple[tuple[int, int] | None, ...] = (None, None)
+        self.away_since: float | None = None  # monotonic time it went missing (`FileAway`)
 
     def open(self) -> None:
         """Just after connecting: this is the file open."""
         self.opened = identity(self.path)
+        self.away_since = None
 
     def wal_made(self) -> None:
         """After the first write: its WAL and shared memory are the ones at the path now."""
         self._wal = (identity_or_none(f"{self.path}-wal"), identity_or_none(f"{self.path}-shm"))
 
     def check(self) -> None:
-        """Raise `FileGone` unless the file at the path is still the one opened."""
+        """Raise `FileGone` unless the file at the path is still the one opened; `FileAway`
+        while it is missing, its WAL left at the path, for less than `AWAY_GRACE`."""
         if self.opened is None:
             return  # not opened yet
         try:
             now = identity(self.path)
         except FileNotFoundError:
+            if not self._wal_left():
+                raise FileGone("its file was removed") from None
+            at = time.monotonic()
+            if self.away_since is None:
+                self.away_since = at
+                self.log.error(
+                    "%s %s: its file is missing from its path, its WAL still there (moved away?);"
+                    " refusing writes for up to %.0fs for it to come back, then opening a new one",
+                    self.what, self.path, AWAY_GRACE,
+                )  # fmt: skip
+            if at - self.away_since < AWAY_GRACE:
+                raise FileAway(f"its file is missing from its path ({at - self.away_since:.0f}s)") from None
             raise FileGone("its file was removed") from None
         except OSError:
             return  # cannot tell (a folder made unreadable): the file open is written and read
         if now != self.opened:
             raise FileGone("its file was replaced")
+        if self.away_since is not None:
+            self.log.warning("%s %s: its file is back at its path", self.what, self.path)
+            self.away_since = None
+
+    def _wal_left(self) -> bool:
+        mine = self._wal[0]
+        return mine is not None and identity_or_none(f"{self.path}-wal") == mine
 
     def drop_stale_wal(self) -> None:
         """After the last connection closed: a WAL and shared memory at the path that are the
@@ -70,7 +107,8 @@ class WatchedFile:
             if identity(self.path) == self.opened:
                 return
         except FileNotFoundError:
-            pass
+            if self.away_since is None or time.monotonic() - self.away_since < AWAY_GRACE:
+                return  # moved away, maybe for a moment: its WAL stays with its name
         except OSError:
             return
         for suffix, mine in zip(("-wal", "-shm"), self._wal, strict=True):

@@ -67,7 +67,7 @@ from llmtap.queue.base import (
     letter_field,
     partition_for,
 )
-from llmtap.sqlitefile import FileGone, WatchedFile
+from llmtap.sqlitefile import FileAway, FileGone, WatchedFile
 
 log = logging.getLogger("llmtap.queue.sqlite")
 
@@ -162,7 +162,7 @@ class SQLiteQueue(Queue):
         self._conn: sqlite3.Connection | None = None  # touched on the executor thread only
         self._page_size = PAGE_SIZE  # the file's, once open
         self._state = _State()  # likewise
-        self._file = WatchedFile(path)  # removed or replaced while open: opened again
+        self._file = WatchedFile(path, "SQLite queue", log)  # removed or replaced while open: opened again
         self._gen = 1  # files opened so far: a delivery's `handle`, so none is acked in the next
         self._role: Role | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -171,6 +171,7 @@ class SQLiteQueue(Queue):
         # an empty queue hops to the queue thread only when some connection committed since the
         # last fetch that found nothing (`_idle_version`), or `_REFETCH` after it.
         self._probe: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._idle_version: int | None = None
         self._idle_at = 0.0
 
@@ -212,6 +213,8 @@ class SQLiteQueue(Queue):
     def _write(self, fn: Callable[[sqlite3.Connection], T], sync: str | None = None) -> T:
         """One write transaction. BEGIN IMMEDIATE takes the write lock up front, so the busy
         handler (busy_timeout) waits for other processes instead of failing on upgrade."""
+        if self._file.away_since is not None:
+            self._check_file()  # nothing written into a file moved away, until it is back
         db = self._db()
         if sync is not None:
             db.execute(f"PRAGMA synchronous={sync}")
@@ -225,12 +228,17 @@ class SQLiteQueue(Queue):
         finally:
             if sync is not None and sync != self.synchronous:
                 db.execute(f"PRAGMA synchronous={self.synchronous}")
+        self._check_file()
+        return result
+
+    def _check_file(self) -> None:
         try:
             self._file.check()
+        except FileAway as e:  # committed into a file that may come back: refused all the same
+            raise BackendUnavailable(f"the SQLite queue {self.path}: {e}") from None
         except FileGone as e:  # committed into a file nobody opens again: refused, not lost
             self._open_again(e)
             raise BackendUnavailable(f"the SQLite queue {self.path}: {e} while open; opened again") from None
-        return result
 
     def _open_again(self, e: FileGone) -> None:
         """The file at the path is opened in place of the one that went (an outside check
@@ -248,12 +256,17 @@ class SQLiteQueue(Queue):
         self._gen += 1
         self._idle_version = None
         self._open()
-        if self._probe is not None:  # not closed here: the event loop may be reading it
-            self._probe = self._open_probe()
+        if self._probe is not None:
+            old, self._probe = self._probe, self._open_probe()
+            # Closed on the event loop, which reads it (`_version`); left open, it kept the old
+            # file's descriptors, and their disk space, for good (the review found 32 after 10).
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(old.close)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def connect(self, role: Role) -> None:
         self._closing = False
+        self._loop = asyncio.get_running_loop()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmtap-sqlite-queue")
         self._role = role

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError
-from llmtap.sqlitefile import FileGone, WatchedFile
+from llmtap.sqlitefile import FileAway, FileGone, WatchedFile
 from llmtap.store import rollup, search, sql
 from llmtap.store.base import ApiKey, ListQuery, Page, StatsQuery, Store
 from llmtap.store.migrations import SQLITE as MIGRATIONS
@@ -343,7 +343,9 @@ class SQLiteStore(Store):
         self._checkpointer: _Checkpointer | None = None
         self._hooks: SQLiteWebhooks | None = None
         self._outbox = False  # the webhook tables are there (not in a file migrated only part-way)
-        self._file = WatchedFile(self.path)  # removed or replaced while open (`FileGone`)
+        self._file = WatchedFile(
+            self.path, "SQLite store", log
+        )  # removed or replaced while open (`FileGone`)
         self._lost: str | None = None  # why the file must be opened again
         self._reopening = asyncio.Lock()
 
@@ -423,6 +425,8 @@ class SQLiteStore(Store):
 
         try:
             return await self._run(self._reader, read)
+        except FileAway as e:
+            raise TransientError(f"SQLite store {self.path}: {e}") from None
         except FileGone as e:
             await self._file_gone(e)
             raise TransientError(f"SQLite store {self.path}: {e}; opened again") from None
@@ -614,6 +618,8 @@ class SQLiteStore(Store):
         # serves the gateway, which should not wait for a batch's JSON encoding.
         try:
             return await self._write(self._write_records, list(records), texts)
+        except FileAway as e:  # committed into a file that may come back: written again then
+            raise TransientError(f"SQLite store {self.path}: {e}") from None
         except FileGone as e:
             await self._file_gone(e)
             raise TransientError(f"SQLite store {self.path}: {e} (written again)") from None
@@ -640,6 +646,8 @@ class SQLiteStore(Store):
             self._lost = None
 
     def _write_records(self, records: list[LogRecord], texts: Sequence[str | None] | None) -> int:
+        if self._file.away_since is not None:
+            self._file.check()  # nothing written into a file moved away, until it is back
         given = {id(r): t for r, t in zip(records, texts or (), strict=False)}
         kept = sql.dedupe(records)
         rows = [sql.record_values(r) for r in kept]
