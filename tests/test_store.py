@@ -674,6 +674,21 @@ async def test_users_by_cost_page_on_exact_nanodollars_past_millions(store: Stor
         assert [u["user_id"] for u in rest] == ["b"], exact
 
 
+async def test_users_by_cost_page_past_a_user_whose_total_passes_2_62_nanodollars(store: Store) -> None:
+    # The review: a user's total is a sum, and its cursor was held to a request's bound (2**62,
+    # ~$4.6B): the page after such a user was refused, and every user after it unreachable.
+    big = 2_500_000_000_000_000_000  # two of them: 5e18 > 2**62
+    await store.write_batch(
+        [rec(0, user_id="a", cost_nanos=big), rec(1, user_id="a", cost_nanos=big), rec(2, user_id="b")]
+    )
+    for exact in (False, True):
+        (first,) = await store.users("acme", limit=1, exact=exact, sort="cost")
+        assert first["user_id"] == "a" and first.cost_nanos > 2**62
+        _, after, _ = parse_users([("sort", "cost"), ("cursor", users_cursor(first, "cost"))])
+        rest = await store.users("acme", limit=5, exact=exact, after=after, sort="cost")
+        assert [u["user_id"] for u in rest] == ["b"], exact
+
+
 async def test_tenants_never_see_each_other(store: Store) -> None:
     a = [rec(i, tenant="a", user_id="u", session_id="s", properties={"p": "v"}) for i in range(5)]
     b = [rec(i, tenant="b", user_id="u", session_id="s", properties={"p": "v"}) for i in range(5, 8)]

@@ -174,8 +174,11 @@ def _cursor_value(cursor: str) -> Any:
         raise ValueError("malformed cursor") from None
 
 
-def decode_sort_cursor(cursor: str, sort: str) -> tuple[int, str, float | int | None]:
-    """(created_us, id, sort value); `ValueError` unless the cursor was made for this `sort`."""
+def decode_sort_cursor(
+    cursor: str, sort: str, cost_bound: int = 2**62
+) -> tuple[int, str, float | int | None]:
+    """(created_us, id, sort value); `ValueError` unless the cursor was made for this `sort`.
+    A request's cost in nanodollars stays below `cost_bound`; a user's total may reach int64's."""
     value = _cursor_value(cursor)
     if sort == "time":
         us, rid = decode_cursor(cursor)
@@ -190,7 +193,7 @@ def decode_sort_cursor(cursor: str, sort: str) -> tuple[int, str, float | int | 
         or "\x00" in value[1]
         or type(value[3]) is not (int if sort == "cost" else float)
         or not math.isfinite(value[3])
-        or (sort == "cost" and not -(2**62) < value[3] < 2**62)
+        or (sort == "cost" and not -cost_bound <= value[3] < cost_bound)
     ):
         raise ValueError("malformed cursor")
     return value[0], value[1], value[3]
@@ -466,7 +469,8 @@ def parse_users(items: Iterable[tuple[str, str]]) -> tuple[int, tuple[int, str] 
             if sort == "time":
                 after = decode_cursor(params["cursor"])
             else:
-                _, user, nanos = decode_sort_cursor(params["cursor"], sort)
+                # A user's total is a sum: past 2**62 (~$4.6B) its cursor was refused (review).
+                _, user, nanos = decode_sort_cursor(params["cursor"], sort, cost_bound=2**63)
                 assert isinstance(nanos, int)
                 after = nanos, user
         except ValueError:
