@@ -136,8 +136,9 @@ return n
 """
 
 # Append a batch. ARGV: stream prefix, then (partition, key, value) per record.
-# Entries removed before group ARGV[1] read them (XTRIM MAXLEN, XDEL by hand): what was ever
-# added, less what the group read, less what is still there to read. Said once: the group's
+# Entries trimmed before group ARGV[1] read them (XTRIM MAXLEN by hand): what was ever added,
+# less what the group read, less what is still there to read. (An XDEL makes Redis 7.0 forget
+# the group's read count once a read passes it: those are not found.) Said once: the group's
 # read count is set past them, which also makes Redis's `lag` right again (it counted them as
 # waiting for good). Returns {removed, last id the group read}; 0 where it cannot tell (a read
 # count Redis lost, a group that read nothing yet, more than ARGV[2] entries left to count).
@@ -925,10 +926,11 @@ class RedisQueue(Queue):
         return int(await self._scripts["replay"](keys=[self.dlq_key], args=args))
 
     async def _say_removed(self, partition: int) -> None:
-        """Log, loudly, and count entries removed before this group read them (`XTRIM MAXLEN`
-        or `XDEL` by hand, `MAXLEN` on another producer): the worker read on past the hole and
-        said nothing, 30 of 30 records lost, and `llmtap status` showed them as waiting for
-        good (outside check). `_REMOVED` counts them and marks them said, for every process."""
+        """Log, loudly, and count entries trimmed before this group read them (`XTRIM MAXLEN`
+        by hand, `MAXLEN` on another producer; not an `XDEL` a read passed): the worker read
+        on past the hole and said nothing, 30 of 30 records lost, and `llmtap status` showed
+        them as waiting for good (outside check). `_REMOVED` counts them and marks them said,
+        for every process."""
         stream = self.stream(partition)
         try:
             n, last = await self._scripts["removed"](keys=[stream], args=[self.group, _COUNT_CAP])
