@@ -1285,6 +1285,35 @@ async def test_all_time_older_than_the_charts_hold_says_so_and_a_filter_matching
             assert await pg.locator("#banner").is_hidden()
 
 
+async def test_requests_stamped_after_now_are_in_no_tile_the_charts_do_not_draw(
+    tmp_path: Path, browser: Any
+) -> None:
+    """The clock audit: the tiles of "last 24h" and "all time" counted requests stamped after
+    now (a gateway's clock hours ahead, an import dated 2999), which no chart drew."""
+    import random
+
+    rng = random.Random(6)
+    now = datetime.now(UTC)
+    recs = [dd.record(0, at=now - timedelta(minutes=5), rng=rng, kind=0, user="now")]
+    ahead = [now + timedelta(hours=3), now + timedelta(hours=5), datetime(2999, 6, 1, tzinfo=UTC)]
+    recs += [dd.record(i, at=at, rng=rng, kind=0, user="ahead") for i, at in enumerate(ahead, 1)]
+    async for s in _server(tmp_path):
+        await s.ingest(recs)
+        for view in ("overview?range=24h", "overview?range=all", "overview?range=1h"):
+            async with opened_page(browser, s.base) as pg:  # a page each: no view left from the last
+                await pg.goto(s.base + "/#/" + view)
+                requests = pg.locator(".tile", has_text="Requests").first.locator(".tvalue")
+                await playwright_api.expect(requests).to_have_text("1", timeout=WAIT)
+                box = pg.locator('[data-chart="requests"]')  # the chart's numbers, as a table
+                await box.locator("summary").click(timeout=WAIT)
+                rows = box.locator("details tbody tr")
+                await playwright_api.expect(rows.first).to_be_attached(timeout=WAIT)
+                counts = await rows.evaluate_all(
+                    "rs => rs.map(r => Number(r.cells[1].textContent.replace(/,/g, '')))"
+                )
+                assert sum(counts) == 1, (view, counts)
+
+
 async def test_a_request_without_usage_has_no_cost_not_an_unknown_price(
     crafted: tuple[Srv, dict[str, LogRecord]], browser: Any
 ) -> None:

@@ -1254,7 +1254,9 @@ async function viewOverview(id, params) {
   const until = custom ? new Date(Math.ceil(range.until.getTime() / 1000 / step) * step * 1000) : range.until;
   const q = apiFilters(params, defaultRange);
   q.set("since", since.toISOString());
-  if (custom) q.set("until", until.toISOString()); else q.delete("until");  // a preset runs to now
+  // A preset runs to now, its last bucket's end: the tiles count what the charts draw, and no
+  // request stamped later (a gateway's clock hours ahead, an import dated 2999) is in them.
+  q.set("until", custom ? until.toISOString() : new Date(Math.ceil(until.getTime() / 1000 / step) * step * 1000).toISOString());
   const withGroup = (g) => { const x = new URLSearchParams(q); x.set("group_by", g); return x; };
   // One call gives the totals, the time series and the top models.
   const bq = withGroup("model"); bq.set("bucket", bucket);
