@@ -1545,8 +1545,9 @@ async def test_postgres_outage_logs_one_line_down_and_one_back(caplog: pytest.Lo
             while proxy.refused < 4:  # asyncpg's floor retries (1 s, 2 s, 4 s apart)
                 assert asyncio.get_running_loop().time() < deadline, proxy.refused
                 await asyncio.sleep(0.1)
-            with pytest.raises(TransientError):
-                await store.write_batch([rec(1)])
+            for _ in range(2):  # a lost connection's first failure alone is not said an outage
+                with pytest.raises(TransientError):
+                    await store.write_batch([rec(1)])
             proxy.refuse = False
             deadline = asyncio.get_running_loop().time() + 60
             while True:
@@ -1563,6 +1564,44 @@ async def test_postgres_outage_logs_one_line_down_and_one_back(caplog: pytest.Lo
     assert not flood, f"{len(flood)} asyncpg or traceback records, e.g. {flood[0].getMessage()!r}"
     mine = [r.getMessage() for r in caplog.records if r.name == "llmtap.store.postgres"]
     assert len(mine) == 2 and "is unavailable" in mine[0] and "is available again" in mine[1], mine
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_connections_killed_one_by_one_are_no_outage_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The review: each stats query killed by `pg_terminate_backend` (an operator, an idle
+    timeout) logged "unavailable" and then "available again": 46 pairs in 40 s. One lost
+    connection whose next call works is no outage; a second failure in a row is."""
+    import logging
+
+    import asyncpg
+
+    from llmtap.store.postgres import PostgresStore
+
+    caplog.set_level(logging.DEBUG)
+    async with pg_database() as url:
+        store = PostgresStore(url, min_size=1, max_size=1)
+        await store.connect()
+        admin = await asyncpg.connect(url)
+        try:
+            assert await store.write_batch([rec(0)]) == 1
+            for i in range(5):
+                pid = await admin.fetchval(
+                    "SELECT pid FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+                with contextlib.suppress(TransientError):  # the killed connection's call
+                    await store.write_batch([rec(1 + i)])
+                assert await store.write_batch([rec(1 + i)]) in (0, 1)  # the next one works
+            assert (await store.stats("acme", StatsQuery(exact=True)))["overall"]["count"] == 6
+        finally:
+            await admin.close()
+            await store.close()
+    mine = [r for r in caplog.records if r.name == "llmtap.store.postgres"]
+    assert not [r for r in mine if r.levelno >= logging.WARNING], [r.getMessage() for r in mine]
 
 
 @pytest.mark.postgres

@@ -456,6 +456,7 @@ class PostgresStore(Store):
         self._outage: str | None = None  # the reason, while PostgreSQL is unavailable
         self._outage_lost = True  # that outage is a lost connection (`_LOST`)
         self._outage_at = 0.0  # when it began (monotonic)
+        self._outage_said = False  # logged: a lost connection is an outage at its second failure
         self._reads: set[asyncio.Timeout] = set()  # reads running: `cut_reads` ends them
 
     # -- outage state: one log line when it starts, one when it ends ------------------------------
@@ -464,7 +465,17 @@ class PostgresStore(Store):
             self._outage = _reason(cause) if isinstance(cause, BaseException) else cause
             self._outage_lost = isinstance(cause, _LOST) if lost is None else lost
             self._outage_at = time.monotonic()
-            log.warning("PostgreSQL at %s is unavailable (%s); retrying", self._where, self._outage)
+            self._outage_said = False
+            if not self._outage_lost:  # a refusal (a full disk, privileges): an outage at once
+                self._say_down()
+        elif not self._outage_said:
+            # A second failure: an outage. One connection lost alone (killed by an operator or
+            # an idle timeout) is not one: each made a pair of lines (46 pairs in 40 s, review).
+            self._say_down()
+
+    def _say_down(self) -> None:
+        self._outage_said = True
+        log.warning("PostgreSQL at %s is unavailable (%s); retrying", self._where, self._outage)
 
     def _up(self, wrote: bool = False) -> None:
         # A full disk still answers reads: each one ended the outage it had just begun (a pair
@@ -473,8 +484,13 @@ class PostgresStore(Store):
         if self._outage is not None and (
             wrote or self._outage_lost or time.monotonic() - self._outage_at > 60
         ):
-            self._outage = None
-            log.warning("PostgreSQL at %s is available again", self._where)
+            reason, self._outage = self._outage, None
+            if self._outage_said:
+                log.warning("PostgreSQL at %s is available again", self._where)
+            else:
+                log.debug(
+                    "PostgreSQL at %s: a connection was lost (%s); the next call worked", self._where, reason
+                )
 
     def webhooks(self) -> PostgresWebhooks:
         return PostgresWebhooks(self)
