@@ -317,6 +317,9 @@ class RedisQueue(Queue):
             return BackendUnavailable(f"Redis at {self._where} refuses the command (ACL): {first}")
         if isinstance(e, ReadOnlyError):
             return BackendUnavailable(f"Redis at {self._where} is read-only (a replica?): {first}")
+        if isinstance(e, ResponseError) and first.startswith("NOGROUP"):
+            # Redis answered: a stream or its group is gone (deleted, or Redis restarted empty).
+            return BackendUnavailable(f"Redis at {self._where} lost a consumer group; made again: {first}")
         if "111" in text or "refused" in text.lower():
             why = "connection refused"
         elif isinstance(e, TimeoutError | RedisTimeoutError):
