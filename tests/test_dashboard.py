@@ -2203,6 +2203,39 @@ async def test_a_field_focused_while_a_sort_loads_keeps_the_focus(srv: Srv, page
     assert await pg.evaluate("document.activeElement.name") == "model"
 
 
+async def test_keys_typed_after_enter_in_a_filter_while_the_view_loads_are_kept(
+    srv: Srv, page: tuple[Any, Watch]
+) -> None:
+    """The review: after Enter in a filter the focus sat on the page until the data came, so
+    keys typed meanwhile were lost; then it came back with the caret at the field's start."""
+    pg, _ = page
+    await pg.goto(srv.base + "/#/requests?range=all")
+    await pg.wait_for_selector("#requests-table", timeout=WAIT)
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(route: Any) -> None:
+        if "model=gpt" in route.request.url:
+            held.set()
+            await release.wait()
+        await route.fallback()
+
+    await pg.route("**/api/v1/requests?*", slow)
+    try:
+        await pg.fill("#filters [name=model]", "gpt")
+        await pg.keyboard.press("Enter")
+        await asyncio.wait_for(held.wait(), WAIT / 1000)  # the view is loading
+        await pg.keyboard.type("-4o")
+        state = "(() => { const a = document.activeElement; return [a.name, a.value, a.selectionStart]; })()"
+        assert await pg.evaluate(state) == ["model", "gpt-4o", 6]
+    finally:
+        release.set()
+    await pg.wait_for_function(
+        "() => document.getElementById('announce').textContent.includes('requests shown')", timeout=WAIT
+    )
+    await pg.unroute("**/api/v1/requests?*", slow)
+    assert await pg.evaluate(state) == ["model", "gpt-4o", 6]  # drawn with its data: still typing there
+
+
 async def test_charts_are_named_and_their_numbers_are_a_table(srv: Srv, page: tuple[Any, Watch]) -> None:
     """uPlot's canvases said nothing to a screen reader, and p50/p95/p99 differed by colour only."""
     pg, _ = page

@@ -51,17 +51,28 @@ const clear = (el) => { el.replaceChildren(); return el; };
 /** Replace an element's children (null and false skipped, arrays flattened, values as text). */
 const fill = (el, ...children) => append(clear(el), children);
 let renders = 0; // how many times a view drew main (an error before its first draw clears it)
+//: What had the focus when the view began (Enter in a filter, a sort), found again in the view
+//: as soon as it is drawn: until the data came, the focus sat on the page and keys typed meanwhile
+//: were lost (a review typed "gpt", Enter, "-4o": the "-4o" went nowhere).
+let focusAfter = null; // { key, caret }
+const caretOf = (el) => (el && typeof el.selectionStart === "number" ? [el.selectionStart, el.selectionEnd] : null);
+function focusOn(el, caret) {
+  el.focus({ preventScroll: true });
+  if (typeof el.selectionStart !== "number") return;
+  const end = el.value.length;  // no caret known: after the text, where typing goes on
+  try { el.setSelectionRange(Math.min(caret ? caret[0] : end, end), Math.min(caret ? caret[1] : end, end)); } catch (e) { /* not a text field */ }
+}
 const render = (...children) => {
   renders += 1;
   // A focused element drawn again (the filter bar kept from "Loading…" to the data) is taken
   // out and put back, which drops the focus: it gets it back (the caret where it was).
   const had = document.activeElement;
-  const caret = had && typeof had.selectionStart === "number" ? [had.selectionStart, had.selectionEnd] : null;
+  const caret = caretOf(had);
   const out = fill(main, ...children);
-  if (had && had !== document.body && had.isConnected && document.activeElement !== had) {
-    had.focus({ preventScroll: true });
-    if (caret) try { had.setSelectionRange(caret[0], caret[1]); } catch (e) { /* not a text field */ }
-  }
+  if (had && had !== document.body && had.isConnected && document.activeElement !== had) focusOn(had, caret);
+  const lost = !document.activeElement || document.activeElement === document.body;
+  const counterpart = focusAfter && lost ? main.querySelector(focusAfter.key) : null;
+  if (counterpart) { focusOn(counterpart, focusAfter.caret); focusAfter = null; }
   return out;
 };
 
@@ -287,6 +298,7 @@ async function route() {
     if (a.dataset.view === view) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   }
   const focusKey = byPage ? focusKeyOf(document.activeElement) : null;
+  focusAfter = focusKey ? { key: focusKey, caret: caretOf(document.activeElement) } : null;
   banner.hidden = true;
   const views = { requests: viewRequests, overview: viewOverview, sessions: viewSessions, users: viewUsers, live: viewLive, pipeline: viewPipeline };
   const fn = views[view] || viewNotFound;
@@ -305,6 +317,7 @@ async function route() {
     // while the view loaded stays there (typing into a filter lost it to the sort's header).
     const lost = !document.activeElement || document.activeElement === document.body;
     if (byPage && location.hash === hash && lost) refocus(focusKey);
+    if (location.hash === hash) focusAfter = null;
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) return;
     showError(e);
@@ -331,7 +344,7 @@ function refocus(key) {
   const el = (key && main.querySelector(key)) || main.querySelector("h1");
   if (!el) return;
   if (el.tagName === "H1") el.setAttribute("tabindex", "-1");
-  el.focus({ preventScroll: true });
+  focusOn(el, null);
 }
 
 function viewNotFound() {
