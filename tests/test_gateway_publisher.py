@@ -230,7 +230,9 @@ async def test_a_lone_capture_after_a_quiet_spell_does_not_wait_for_the_linger(t
     assert pub.published == 2 and pub.pending == 0
 
 
-async def test_stop_deadline_with_queue_down_counts_the_loss(tmp_path: Path) -> None:
+async def test_stop_deadline_with_queue_down_counts_the_loss(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     q = MemoryQueue()
     q.down = True
     pub = Publisher(settings(tmp_path), [QueueSink(q)])
@@ -241,6 +243,9 @@ async def test_stop_deadline_with_queue_down_counts_the_loss(tmp_path: Path) -> 
     await pub.stop(timeout=0.3)
     assert time.monotonic() - t0 < 1.5
     assert pub.dropped == 7 and q.messages == []
+    # Named, as any other record given up (the audit found only the count).
+    (line,) = [r.getMessage() for r in caplog.records if "shutdown deadline" in r.getMessage()]
+    assert "7 records could not be published" in line and all(capture(i).id in line for i in range(7)), line
 
 
 async def test_poison_batch_is_given_up(tmp_path: Path) -> None:

@@ -290,10 +290,16 @@ class Publisher:
                 for task in late:
                     task.cancel()
                 await asyncio.wait(late)
+                ids = self._pending_ids()
                 lost = self.pending - await self._rescue()
                 if lost:
                     self.dropped += lost
-                    log.error("shutdown deadline reached: %d records could not be published", lost)
+                    # Named, as every other record given up is (the audit found only a count).
+                    more = f" and {lost - len(ids)} more" if lost > len(ids) else ""
+                    log.error(
+                        "shutdown deadline reached: %d records could not be published, ids %s%s",
+                        lost, ", ".join(ids), more,
+                    )  # fmt: skip
         if self._drops:  # given up in the last second: named now, the timer dies with the loop
             self._report_drops()
         for sink in self._all_sinks():
@@ -301,6 +307,20 @@ class Publisher:
                 await sink.close()
             except Exception as e:
                 log.warning("closing %s sink failed: %s", sink.route, e)
+
+    def _pending_ids(self) -> list[str]:
+        """The first ids of what is still in memory, for the line that says they were lost."""
+        ids: list[str] = []
+        held = self._held.records if self._held is not None else []
+        for r in [*held, *(r for part in self._parts for r in part.records)]:
+            if len(ids) >= _DROP_IDS_SHOWN:
+                return ids
+            ids.append(r.id)
+        for cap in [*self._building, *self._spilling, *self._dq, *self._spill]:
+            if len(ids) >= _DROP_IDS_SHOWN:
+                break
+            ids.append(cap.id)
+        return ids
 
     async def _rescue(self) -> int:
         """At the shutdown deadline, write what is still in memory to the overflow sink (the
