@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -449,6 +450,34 @@ async def wait_recreated(
             f"queue {name} was not created again ({len(errors) - before} errors)"
         )
         await asyncio.sleep(0.1)
+
+
+@needs_server
+async def test_a_purge_behind_llmtaps_back_is_said_once_not_a_line_per_message(
+    queues: list[SQSQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An audit purged the queue (PurgeQueue) under a running worker: 122 of 600 records went
+    unread without a trace, and the only lines were one INFO per message in flight whose delete
+    SQS refused. Those refusals are now one WARNING that says what a purge costs."""
+    url = fresh()
+    q = await open_(url, queues)
+    await q.publish([Message(f"k{i % 6}", b"m%d" % i) for i in range(30)])
+    held = await take(q, 10)
+    name = q.name
+    async with get_session().create_client(
+        "sqs", region_name="us-east-1", endpoint_url=os.environ["LLMTAP_TEST_SQS_ENDPOINT"]
+    ) as c:
+        await c.purge_queue(QueueUrl=(await c.get_queue_url(QueueName=name))["QueueUrl"])
+    caplog.set_level(logging.INFO, logger="llmtap.queue.sqs")
+    await q.ack(held[:5])
+    await q.ack(held[5:])
+    said = [r for r in caplog.records if r.name == "llmtap.queue.sqs"]
+    assert len(said) == 1, [r.getMessage() for r in said]  # one line a minute at most
+    assert said[0].levelname == "WARNING" and "never purge" in said[0].getMessage()
+    assert (
+        "10 ReceiptHandleIsInvalid" in said[0].getMessage()
+        or "5 ReceiptHandleIsInvalid" in said[0].getMessage()
+    )
 
 
 # What llmtap sets on a queue it creates (ElasticMQ does not report the retention period).

@@ -60,6 +60,7 @@ import os
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -237,6 +238,8 @@ class SQSQueue(Queue):
         self._recreate_at = 0.0  # monotonic time before which no new attempt is made
         self._gone = False  # a queue was found missing and no request has worked since
         self._held: dict[str, float] = {}  # receipt handle -> monotonic time it becomes visible
+        self._delete_failures: Counter[str] = Counter()  # since the last line (`_say_delete_failed`)
+        self._delete_failed_said = -math.inf
         self._renewer: asyncio.Task[None] | None = None
         self._sem = asyncio.Semaphore(_CONCURRENCY)
 
@@ -687,19 +690,40 @@ class SQSQueue(Queue):
         return done
 
     async def _delete(self, url: str, receipts: Sequence[str]) -> None:
+        failed: Counter[str] = Counter()
+
         async def one(chunk: Sequence[str]) -> None:
             entries = [{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(chunk)]
             resp = await self._call(self._client.delete_message_batch, QueueUrl=url, Entries=entries)
             for f in resp.get("Failed") or []:
-                # A stale receipt (the message came back after a lapse and was received again):
-                # the other receiver deletes it; at least once either way.
-                log.info("sqs queue %s: delete failed: %s %s", self.name, f.get("Code"), f.get("Message", ""))
+                failed[str(f.get("Code"))] += 1
 
         chunks = [receipts[i : i + _BATCH] for i in range(0, len(receipts), _BATCH)]
         results = await asyncio.gather(*(one(c) for c in chunks), return_exceptions=True)
+        if failed:
+            self._say_delete_failed(failed)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+
+    def _say_delete_failed(self, failed: Counter[str]) -> None:
+        """Deletes SQS refused: the message is gone already (received again elsewhere after a
+        lapse, and deleted there: at least once either way) or the queue was purged, and then
+        every record not yet read went with it, without a trace (an audit lost 122 of 600 that
+        way, with one INFO line per message in flight). Said once a minute, counted."""
+        self._delete_failures.update(failed)
+        now = time.monotonic()
+        if now - self._delete_failed_said < 60.0:
+            return
+        self._delete_failed_said = now
+        counts = ", ".join(f"{n} {code}" for code, n in self._delete_failures.most_common())
+        self._delete_failures.clear()
+        log.warning(
+            "sqs queue %s: deletes refused (%s): those messages were gone already, received again"
+            " elsewhere or purged; a purge also removed every record not read yet (never purge"
+            " llmtap's queue)",
+            self.name, counts,
+        )  # fmt: skip
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         receipts = [d.handle.receipt for d in deliveries if isinstance(d.handle, _Handle)]
