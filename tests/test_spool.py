@@ -66,6 +66,26 @@ def test_torn_tail_is_dropped_rest_kept(tmp_path: Path) -> None:
         f.write(b"\x00\x00\x00\x10\x12\x34")  # a frame header cut short, as a crash would leave
     got = [v for batch in spool.replay(seg) for v in batch]
     assert got == [b"first", b"second"]
+    assert spool.unreadable_bytes == 6  # said and kept: a file cut short by hand looks the same
+
+
+def test_a_segment_cut_short_by_hand_says_its_lost_tail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue audit cut a closed segment 50 bytes into its 75th frame: 25 records that had
+    been written and acknowledged vanished without a line, read as a crash's torn tail."""
+    spool = DiskSpool(tmp_path / "spool", max_bytes=10_000_000)
+    values = [b"record-%03d" % i * 20 for i in range(100)]
+    spool.append(values)
+    spool.close()
+    (seg,) = spool.segments_for_replay()
+    cut = sum(8 + len(v) for v in values[:74]) + 50
+    os.truncate(seg, cut)
+    got = [v for batch in spool.replay(seg) for v in batch]
+    assert got == values[:74]
+    (line,) = [r.getMessage() for r in caplog.records if "spool:" in r.getMessage()]
+    assert "ends in 50 bytes that are not a whole record" in line and "cut short" in line, line
+    assert spool.unreadable_bytes == 50 and len(list((tmp_path / "spool" / "corrupt").iterdir())) == 1
 
 
 @pytest.mark.parametrize("damage", ["flipped", "zeroed"])

@@ -231,20 +231,26 @@ class DiskSpool:
             data = os.read(fd, size)
             batch: list[bytes] = []
             bad: list[tuple[int, int]] = []
-            for value in _frames(data, bad):
+            torn: list[tuple[int, int]] = []
+            for value in _frames(data, bad, torn):
                 batch.append(value)
                 if len(batch) >= 500:
                     yield batch
                     batch = []
             self._keep_unreadable(path, data, bad)
+            self._keep_unreadable(path, data, torn, torn=True)
             if batch:
                 yield batch
         finally:
             os.close(fd)
 
-    def _keep_unreadable(self, path: Path, data: bytes, bad: list[tuple[int, int]]) -> None:
+    def _keep_unreadable(
+        self, path: Path, data: bytes, bad: list[tuple[int, int]], torn: bool = False
+    ) -> None:
         """Copy each unreadable span to `corrupt/` (the records in it may still be read by hand)
-        and say so: the segment itself is deleted once its intact frames are replayed."""
+        and say so: the segment itself is deleted once its intact frames are replayed. A torn
+        tail is said too: a crash mid-write (never acknowledged) leaves one, and so does a file
+        cut short by hand or by a disk, which lost every frame after the cut without a word."""
         for a, b in bad:
             kept = self.dir / "corrupt" / f"{path.stem}.{a}.bin"
             try:
@@ -253,6 +259,14 @@ class DiskSpool:
             except OSError as e:
                 kept = Path(f"nowhere ({e})")
             self.unreadable_bytes += b - a
+            if torn:
+                log.warning(
+                    "spool: %s ends in %d bytes that are not a whole record (a write cut short by a"
+                    " crash, never acknowledged; or the file cut short: the records after the cut"
+                    " are lost); the bytes are kept in %s",
+                    path.name, b - a, kept,
+                )  # fmt: skip
+                continue
             log.error(
                 "spool: %d unreadable bytes at byte %d of %s (a disk error?): the records in them are lost; "
                 "the bytes are kept in %s, the frames after them replayed",
@@ -267,7 +281,9 @@ class DiskSpool:
         path.unlink(missing_ok=True)
 
 
-def _frames(data: bytes, bad: list[tuple[int, int]] | None = None) -> Iterator[bytes]:
+def _frames(
+    data: bytes, bad: list[tuple[int, int]] | None = None, torn: list[tuple[int, int]] | None = None
+) -> Iterator[bytes]:
     """The intact frames of a segment. Past a corrupt frame (a disk error, not a torn tail) the
     next intact one is found and reading goes on: one bad spot costs the frames in it, not every
     frame after it. Unreadable spans go to `bad` as (start, end); a torn tail (a crash mid-write,
@@ -283,12 +299,17 @@ def _frames(data: bytes, bad: list[tuple[int, int]] | None = None) -> Iterator[b
             continue
         nxt = _next_frame(data, pos + 1)
         if nxt is None:
-            if (start + length < end or length < _MIN_FRAME) and bad is not None:
-                bad.append((pos, end))  # not the shape of a torn tail
+            if start + length < end or length < _MIN_FRAME:
+                if bad is not None:
+                    bad.append((pos, end))  # not the shape of a torn tail
+            elif torn is not None:
+                torn.append((pos, end))
             return
         if bad is not None:
             bad.append((pos, nxt))
         pos = nxt
+    if pos < end and torn is not None:  # less than a frame's header left
+        torn.append((pos, end))
 
 
 def _next_frame(data: bytes, pos: int) -> int | None:
