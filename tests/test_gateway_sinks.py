@@ -25,6 +25,7 @@ from llmtap.queue.sqlite import SQLiteQueue
 from llmtap.record import LogRecord, Usage, decode, decompress
 from llmtap.server.app import ServerService
 from llmtap.store import StatsQuery
+from llmtap.testing.sinks import ListSink
 
 
 def _record(i: int, tenant: str = "default") -> LogRecord:
@@ -194,6 +195,52 @@ async def test_one_bad_record_costs_the_spool_only_itself(tmp_path: Path) -> Non
         assert got[records[4].id].user_id == "u\\xfe"
         bare = got[records[11].id]
         assert bare.request_headers == {} and bare.error and "MessageSizeTooLarge" in bare.error
+    finally:
+        await q.close()
+
+
+async def test_a_spooled_record_the_queue_refuses_goes_whole_to_ingest_or_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue audit lowered Kafka's message.max.bytes: every spooled record was published
+    bare at replay (bodies and headers gone for good, over a setting), though the ingest
+    endpoint took them whole once back. Now the ingest endpoint takes it whole; while that is
+    down the record waits on disk (for `WHOLE_WAIT`), and only then goes bare."""
+    from llmtap.gateway import sinks as sinks_module
+
+    async def spooled(name: str) -> tuple[DiskSpool, list[LogRecord]]:
+        spool = DiskSpool(tmp_path / name, max_bytes=50_000_000)
+        records = [_record(i) for i in range(5)]
+        records[2].request_headers = {"x-huge": "z" * 100_000}  # past the queue's limit
+        sink = SpoolSink(spool)
+        await sink.send(records)
+        await sink.close()
+        return spool, records
+
+    q = _SizeLimitedQueue(str(tmp_path / "queue.db"), partitions=2)
+    await q.connect("both")
+    ingest = ListSink("ingest")
+    try:
+        spool, records = await spooled("a")
+        ingest.down = True
+        replayer = SpoolReplayer(spool, q, whole=ingest)
+        with pytest.raises(BackendUnavailable, match="waits on disk"):
+            await replayer.replay_once()
+        assert spool.pending()
+        ingest.down = False
+        assert await replayer.replay_once() == 5
+        assert not spool.pending() and replayer.dropped == 0
+        (whole,) = ingest.records
+        assert whole.id == records[2].id and whole.request_headers == {"x-huge": "z" * 100_000}
+        assert whole.error is None
+        # Waited long enough: bare, as before, so one record never holds the spool for good.
+        spool, records = await spooled("b")
+        ingest.down = True
+        monkeypatch.setattr(sinks_module, "WHOLE_WAIT", 0.0)
+        assert await SpoolReplayer(spool, q, whole=ingest).replay_once() == 5
+        bare = [decode(d.value) for d in await q.consume(1000, timeout=0.5)]
+        bare = [r for r in bare if r.id == records[2].id and r.request_headers == {}]
+        assert bare and bare[0].error and "MessageSizeTooLarge" in bare[0].error
     finally:
         await q.close()
 

@@ -151,11 +151,8 @@ class GatewayService(OnBackends):
             spool = DiskSpool(spool_dir(settings), settings.spool_max_bytes)
             overflow = SpoolSink(spool, by)
             self._queue_sink = QueueSink(self.queue, by)
-            sinks = [
-                self._queue_sink,
-                IngestSink(settings.effective_ingest_url, ingest_token(settings)),
-                overflow,
-            ]
+            ingest = IngestSink(settings.effective_ingest_url, ingest_token(settings))
+            sinks = [self._queue_sink, ingest, overflow]
             # A queue of our own opening: the replayer opens another on its own thread, so a
             # large replay never runs on the proxy's event loop (see SpoolReplayer.replay_once).
             factory = (lambda: open_queue(settings)) if queue is None else None
@@ -165,6 +162,7 @@ class GatewayService(OnBackends):
                 queue_factory=factory,
                 bodies=self.bodies,  # spooled bodies above the inline limit go there before the queue
                 inline_limit=settings.inline_body_bytes,
+                whole=ingest,  # a record the queue refuses goes there whole, not bare
             )
         self.publisher = Publisher(settings, sinks, self.bodies, overflow=overflow)
         if self.replayer is not None:

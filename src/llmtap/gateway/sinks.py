@@ -23,6 +23,7 @@ import contextlib
 import logging
 import struct
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -150,6 +151,17 @@ class _LoopThread:
         self.loop.close()
 
 
+#: How long a spooled record the queue refuses alone waits on disk for the ingest endpoint
+#: before it is published bare (its numbers, without bodies and headers).
+WHOLE_WAIT = 600.0
+
+
+def segment_time(path: Path) -> float | None:
+    """When a spool segment was begun (its name's stamp, `DiskSpool._next_stamp`), in seconds."""
+    head = path.name.partition("-")[0]
+    return int(head) / 1e9 if head.isdigit() else None
+
+
 class SpoolReplayer:
     """Moves spooled records into the queue whenever the queue takes them.
 
@@ -158,9 +170,11 @@ class SpoolReplayer:
     the segment over later (at least once: the store keeps one row per request id).
 
     A batch the queue refuses for another reason than an outage (a message too large) is sent
-    record by record, so one record cannot block the spool for good. A record refused alone has
-    every body moved to the body store (an SQS message takes 256 KiB, less than a record with
-    three inline bodies of up to the inline limit) and is sent again; only if that is refused too
+    record by record, so one record cannot block the spool for good. A record refused alone goes
+    whole to the ingest endpoint (`whole`; it waits on disk while that is down, `WHOLE_WAIT` at
+    most); failing that, it has every body moved to the body store (an SQS message takes 256
+    KiB, less than a record with three inline bodies of up to the inline limit) and is sent
+    again; only if that is refused too
     is it sent bare (`record.stripped`), and only if that is refused as well is it given up:
     counted in `dropped` and logged with its id. While the body store is down such a record's
     segment stays on disk.
@@ -178,12 +192,15 @@ class SpoolReplayer:
         queue_factory: Callable[[], Queue] | None = None,
         bodies: BodyStore | None = None,
         inline_limit: int = 64 * 1024,
+        whole: Sink | None = None,
     ) -> None:
         """With `queue_factory`, replays run on a thread of their own with their own queue
         connection (made by the factory): the gateway's event loop does none of the encoding
-        or IO. Without it they run on the caller's loop, paced in chunks. `bodies` is used on
-        the caller's loop (its client belongs there)."""
+        or IO. Without it they run on the caller's loop, paced in chunks. `bodies` and `whole`
+        (the ingest sink, which takes a record the queue refuses) are used on the caller's
+        loop (their clients belong there)."""
         self.spool = spool
+        self.whole = whole
         self.queue = queue
         self.bodies = bodies
         self.inline_limit = inline_limit
@@ -261,8 +278,9 @@ class SpoolReplayer:
             # BackendUnavailable while the body store is down: the segment stays as it is.
             frames = await self._offload(frames)
             n = 0
+            born = segment_time(path)
             for i in range(0, len(frames), REPLAY_CHUNK):
-                n += await self._publish(queue, frames[i : i + REPLAY_CHUNK])
+                n += await self._publish(queue, frames[i : i + REPLAY_CHUNK], born)
                 await asyncio.sleep(pause)  # let other work in between chunks
             await asyncio.to_thread(DiskSpool.done, path)
             done += n
@@ -320,7 +338,7 @@ class SpoolReplayer:
             return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, home))
 
-    async def _publish(self, queue: Queue, frames: list[bytes]) -> int:
+    async def _publish(self, queue: Queue, frames: list[bytes], born: float | None = None) -> int:
         try:
             await queue.publish([_unframe(f) for f in frames])
             return len(frames)
@@ -328,6 +346,8 @@ class SpoolReplayer:
             raise
         except Exception as e:
             if len(frames) == 1:
+                if await self._send_whole(frames[0], e, born):
+                    return 1
                 return await self._publish_bare(queue, frames[0], e)
             log.warning(
                 "the queue refused a spooled batch (%s: %s); replaying it record by record",
@@ -336,8 +356,36 @@ class SpoolReplayer:
             )
         n = 0
         for frame in frames:
-            n += await self._publish(queue, [frame])
+            n += await self._publish(queue, [frame], born)
         return n
+
+    async def _send_whole(self, frame: bytes, exc: Exception, born: float | None) -> bool:
+        """A record the queue refuses alone (a broker's size limit lowered) goes to the ingest
+        endpoint whole: published bare, it lost its bodies and headers for good over a setting
+        (queue audit). While that is down too the record waits on disk, `WHOLE_WAIT` seconds
+        from its spooling at most (then bare, so one record never holds the spool for ever)."""
+        if self.whole is None:
+            return False
+        try:
+            record = decode(_unframe(frame).value)
+        except Exception:
+            return False  # not a record: the bare path says so
+        try:
+            await self._on_home(self.whole.send([record]))
+        except BackendUnavailable as e:
+            if born is not None and time.time() - born < WHOLE_WAIT:
+                raise BackendUnavailable(
+                    f"the queue refuses spooled record {record.id} ({type(exc).__name__}: {exc}) and"
+                    f" {self.whole.route} is unavailable ({e}); it waits on disk"
+                ) from e
+            return False
+        except Exception:
+            return False
+        log.warning(
+            "the queue refused spooled record %s (%s: %s); sent it whole to %s",
+            record.id, type(exc).__name__, exc, self.whole.route,
+        )  # fmt: skip
+        return True
 
     async def _publish_bare(self, queue: Queue, frame: bytes, exc: Exception) -> int:
         reason = f"{type(exc).__name__}: {exc}"
