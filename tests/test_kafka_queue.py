@@ -307,6 +307,16 @@ async def test_broker_outage_fails_fast_and_resumes_without_loss(
         took = time.monotonic() - t0
         print(f"publish during a Kafka outage raised BackendUnavailable after {took:.3f}s: {e.value}")
         assert took < 6
+        # A consumer says it too: aiokafka's fetch returns nothing while the broker is down, and
+        # a worker's /healthz said ok for the whole outage (queue audit).
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline, "the consumer never said the broker is down"
+            try:
+                await consumer.ack(await consumer.consume(200, 0.5))
+            except BackendUnavailable as down:
+                if "no group coordinator" in str(down):
+                    break
     finally:
         await asyncio.to_thread(services, "start", "kafka")
     after = [m for m in keyed_records(keys=6, per_key=40) if parse(m.value)[1] >= 20]

@@ -88,6 +88,9 @@ from llmtap.queue.base import (
 from llmtap.redact import redact_dsn
 
 log = logging.getLogger("llmtap.queue.kafka")
+#: How long aiokafka may go without a group coordinator before a consume says it is an outage
+#: (a rebalance or a coordinator moving takes a second or two).
+COORDINATOR_GRACE = 10.0
 
 _METADATA_MAX = 3500  # below the broker's offset.metadata.max.bytes (4096 by default)
 
@@ -328,6 +331,7 @@ class KafkaQueue(Queue):
         self._redelivered: dict[tuple[int, int], int] = {}
         self._producer_broken = False
         self._producer_lock = asyncio.Lock()
+        self._no_coordinator_at: float | None = None  # since when (`_check_coordinator`)
         self._retiring: set[asyncio.Task[None]] = set()
 
     def _unavailable(self, e: BaseException) -> BackendUnavailable:
@@ -338,6 +342,24 @@ class KafkaQueue(Queue):
         else:
             why = str(e) or type(e).__name__
         return BackendUnavailable(f"cannot reach Kafka at {self.bootstrap}: {why}")
+
+    def _check_coordinator(self) -> None:
+        """An outage while aiokafka has no group coordinator for `COORDINATOR_GRACE` seconds:
+        with the broker down, `getmany` returns nothing rather than failing, so a worker's
+        `/healthz` said ok and its log said nothing for the whole outage (queue audit). Reads
+        aiokafka's coordinator state; an aiokafka without it is never taken for an outage."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        if getattr(coordinator, "coordinator_id", 0) is not None:
+            self._no_coordinator_at = None
+            return
+        now = time.monotonic()
+        if self._no_coordinator_at is None:
+            self._no_coordinator_at = now
+        elif now - self._no_coordinator_at >= COORDINATOR_GRACE:
+            raise BackendUnavailable(
+                f"cannot reach Kafka at {self.bootstrap}: no group coordinator for"
+                f" {now - self._no_coordinator_at:.0f}s (the brokers are down or unreachable)"
+            )
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def connect(self, role: Role) -> None:
@@ -717,6 +739,8 @@ class KafkaQueue(Queue):
             data = await consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_messages)
         except KafkaError as e:
             raise self._unavailable(e) from None
+        if not data:
+            self._check_coordinator()
         now = time.monotonic()
         out: list[Delivery] = []
         records: list[ConsumerRecord[bytes, bytes]]
