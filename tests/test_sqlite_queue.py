@@ -469,13 +469,21 @@ async def test_a_queue_file_moved_away_and_back_under_a_consumer_process_loses_a
         if refused[-1] != "taken":
             await p.publish(msgs(101, 200))
         assert os.stat(qpath + "-wal").st_ino == wal  # the WAL at the path is still the file's own
+        # Away again, for longer than any wait (a 30 s grace then made a new file there, which
+        # lost the WAL's records and stranded the worker on the file's return: review).
+        os.rename(qpath, qpath + ".away")
+        for _ in range(3):
+            with pytest.raises(sq.BackendUnavailable, match="missing from its path"):
+                await p.publish(msgs(200, 201))
+        os.rename(qpath + ".away", qpath)
+        await p.publish(msgs(201, 300))
     finally:
         await p.close()
     Path(qpath + ".done").touch()
     c.p.wait(60)
     assert c.p.returncode == 0, c.wait_for("never")
     got = consumed()
-    assert set(got) == {f"m{i}" for i in range(200)} and max(got.values()) == 1, got
+    assert set(got) == {f"m{i}" for i in range(300)} and max(got.values()) <= 2, got
     assert all("missing from its path" in r for r in refused[:2]), refused
     with sqlite3.connect(qpath) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -509,20 +517,57 @@ async def test_a_queue_opened_again_keeps_no_descriptor_of_the_files_that_went(q
         await q.close()
 
 
-async def test_a_queue_file_missing_past_the_grace_is_made_anew_without_its_old_wal(
-    producer: SQLiteQueue, qpath: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A file moved away for good (`mv`, or `rm` of the file alone): after the grace a new
-    file is made at the path, and the WAL left there is removed first: replayed onto the new
-    file it made it unreadable ("file is not a database", the review)."""
-    from llmtap import sqlitefile
+async def test_an_idle_consumer_whose_heartbeat_fails_says_so(producer: SQLiteQueue, qpath: str) -> None:
+    """An idle poll writes nothing, so a worker said ok while its heartbeat (lease renewal)
+    failed once a minute and its lag grew (review): a consume now says the outage."""
+    await producer.publish([Message(key="k", value=b"m")])
+    c = await _consumer(qpath)  # a heartbeat every 0.1 s
+    try:
+        first: list[Delivery] = []
+        deadline = time.monotonic() + 60
+        while not first:
+            assert time.monotonic() < deadline
+            first = await c.consume(10, timeout=0.5)
+        await c.ack(first)
+        os.rename(qpath, qpath + ".away")
+        while True:
+            assert time.monotonic() < deadline, "the consumer never said its heartbeat fails"
+            try:
+                assert await c.consume(10, timeout=0.2) == []
+            except sq.BackendUnavailable as e:
+                assert "heartbeat fails" in str(e) and "missing from its path" in str(e), e
+                break
+        os.rename(qpath + ".away", qpath)
+        await producer.publish([Message(key="k", value=b"after")])
+        got: list[bytes] = []
+        while not got:
+            assert time.monotonic() < deadline, "the consumer never came back"
+            try:
+                got = [d.value for d in await c.consume(10, timeout=0.2)]
+            except sq.BackendUnavailable:
+                await asyncio.sleep(0.05)  # as the worker backs off (its heartbeat runs meanwhile)
+        assert got == [b"after"]
+    finally:
+        await c.close()
 
-    monkeypatch.setattr(sqlitefile, "AWAY_GRACE", 0.2)
+
+async def test_a_queue_file_missing_with_its_wal_left_is_never_replaced_until_the_wal_goes(
+    producer: SQLiteQueue, qpath: str
+) -> None:
+    """A file gone from its path for good (`rm` of the file alone, or moved for minutes): after
+    a 30 s grace a new file was made at the path and the WAL left there removed. Moved back
+    after that, the file had lost what that WAL held (4 records) and a worker, tied through
+    another connection to the removed WAL, consumed nothing more (review). Now writes are
+    refused as long as the WAL is there (the gateway falls back, the log says what to do);
+    once the operator removes it, a new, empty queue is made."""
     await producer.publish([Message(key="k", value=b"old")])
     os.rename(qpath, qpath + ".away")
-    with pytest.raises(sq.BackendUnavailable, match="missing from its path"):
-        await producer.publish([Message(key="k", value=b"refused")])
-    await asyncio.sleep(0.3)  # past the (shortened) grace: a floor, not a race
+    for _ in range(3):
+        with pytest.raises(sq.BackendUnavailable, match="missing from its path"):
+            await producer.publish([Message(key="k", value=b"refused")])
+    assert not os.path.exists(qpath)  # nothing made in its place
+    for suffix in ("-wal", "-shm"):  # what the log line tells the operator to do
+        os.unlink(qpath + suffix)
     with pytest.raises(sq.BackendUnavailable, match="removed while open; opened again"):
         await producer.publish([Message(key="k", value=b"refused")])
     await producer.publish([Message(key="k", value=b"new")])

@@ -14,9 +14,8 @@ import os
 import time
 from pathlib import Path
 
-#: How long a file missing from its path, its WAL still there, is waited for before a new one
-#: is made at the path: `mv` moves the file and leaves the WAL, so it may be coming back.
-AWAY_GRACE = 30.0
+#: How often a file missing from its path, its WAL still there, is said again (seconds).
+AWAY_SAID_EVERY = 300.0
 
 
 class FileGone(Exception):
@@ -25,10 +24,13 @@ class FileGone(Exception):
 
 
 class FileAway(Exception):
-    """The file is missing from its path, its WAL still beside the path: moved away, maybe for
-    a moment. Nothing is opened in its place yet: a new file made there, and that WAL removed,
-    lost what the file held when it was moved back, and another process still writing through
-    that WAL parted from ours (an outside check: a worker stopped consuming for good)."""
+    """The file is missing from its path, its WAL still beside the path: moved away (`mv`
+    leaves the WAL), maybe for a moment. Nothing is made in its place while that WAL is there:
+    a new file made there, and that WAL removed, lost what the file held when it was moved back,
+    and another process (or another connection of ours, which SQLite ties to the same file)
+    still writing through that WAL parted from it: records lost and a worker stuck for good
+    (two outside checks, after 3 s and after 40 s away). The operator moves it back, or removes
+    the WAL and shared memory to start anew."""
 
 
 def identity(path: str | Path) -> tuple[int, int]:
@@ -53,6 +55,7 @@ class WatchedFile:
         self.opened: tuple[int, int] | None = None
         self._wal: tuple[tuple[int, int] | None, ...] = (None, None)
         self.away_since: float | None = None  # monotonic time it went missing (`FileAway`)
+        self._away_said = 0.0
 
     def open(self) -> None:
         """Just after connecting: this is the file open."""
@@ -65,7 +68,7 @@ class WatchedFile:
 
     def check(self) -> None:
         """Raise `FileGone` unless the file at the path is still the one opened; `FileAway`
-        while it is missing, its WAL left at the path, for less than `AWAY_GRACE`."""
+        while it is missing and its WAL is still at the path."""
         if self.opened is None:
             return  # not opened yet
         try:
@@ -74,16 +77,16 @@ class WatchedFile:
             if not self._wal_left():
                 raise FileGone("its file was removed") from None
             at = time.monotonic()
-            if self.away_since is None:
-                self.away_since = at
+            if self.away_since is None or at - self._away_said >= AWAY_SAID_EVERY:
+                self.away_since = self.away_since or at
+                self._away_said = at
                 self.log.error(
-                    "%s %s: its file is missing from its path, its WAL still there (moved away?);"
-                    " refusing writes for up to %.0fs for it to come back, then opening a new one",
-                    self.what, self.path, AWAY_GRACE,
+                    "%s %s: its file is missing from its path, its WAL still there (moved away?),"
+                    " for %.0fs: writes are refused until it is back; to start a new, empty one"
+                    " instead, remove %s-wal and %s-shm",
+                    self.what, self.path, at - self.away_since, self.path, self.path,
                 )  # fmt: skip
-            if at - self.away_since < AWAY_GRACE:
-                raise FileAway(f"its file is missing from its path ({at - self.away_since:.0f}s)") from None
-            raise FileGone("its file was removed") from None
+            raise FileAway(f"its file is missing from its path ({at - self.away_since:.0f}s)") from None
         except OSError:
             return  # cannot tell (a folder made unreadable): the file open is written and read
         if now != self.opened:
@@ -107,8 +110,7 @@ class WatchedFile:
             if identity(self.path) == self.opened:
                 return
         except FileNotFoundError:
-            if self.away_since is None or time.monotonic() - self.away_since < AWAY_GRACE:
-                return  # moved away, maybe for a moment: its WAL stays with its name
+            return  # moved away, maybe for a moment (or removed alone): its WAL stays with its name
         except OSError:
             return
         for suffix, mine in zip(("-wal", "-shm"), self._wal, strict=True):

@@ -172,6 +172,7 @@ class SQLiteQueue(Queue):
         # last fetch that found nothing (`_idle_version`), or `_REFETCH` after it.
         self._probe: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._heartbeat_failing: tuple[float, str] | None = None  # since when, and why
         self._idle_version: int | None = None
         self._idle_at = 0.0
 
@@ -441,6 +442,14 @@ class SQLiteQueue(Queue):
         file changed since the last fetch that found nothing: the version is read before the
         fetch, so a commit racing with it is seen by the next poll."""
         deadline = time.monotonic() + max(0.0, timeout)
+        if self._heartbeat_failing is not None and time.monotonic() - self._heartbeat_failing[0] > max(
+            2 * self.heartbeat_interval, 5.0
+        ):
+            # Its leases are not renewed: an outage, though an idle poll writes nothing (a worker
+            # said ok while its heartbeat failed once a minute and its lag grew: review).
+            raise BackendUnavailable(
+                f"the SQLite queue {self.path}: its heartbeat fails: {self._heartbeat_failing[1]}"
+            )
         while True:
             version = self._version()
             stale = time.monotonic() - self._idle_at >= _REFETCH
@@ -674,10 +683,13 @@ class SQLiteQueue(Queue):
             await asyncio.sleep(self.heartbeat_interval)
             try:
                 await self._call(self._tick)
+                self._heartbeat_failing = None
                 if said:
                     log.warning("queue heartbeat of %s works again", self.path)
                     said = 0.0
             except BackendUnavailable as e:
+                if self._heartbeat_failing is None:
+                    self._heartbeat_failing = (time.monotonic(), str(e))
                 if time.monotonic() - said >= 60.0:
                     log.warning("queue heartbeat of %s failed (retrying every %gs): %s", self.path,
                                 self.heartbeat_interval, e)  # fmt: skip
