@@ -180,6 +180,7 @@ def test_a_hostile_end_user_in_the_body_is_cut_cleaned_and_flagged_never_refused
         (b'{"id": "x"}', None),
         (b'["u"]', None),
         (b"null", None),
+        (b'"   "', None),  # blank: no user, as a blank header
     ]
     for member, expected in cases:
         body = (

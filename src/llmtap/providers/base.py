@@ -173,10 +173,10 @@ def tail_member(tail: bytes, name: str) -> Any:
 
 
 def text_member(obj: Any, *path: str) -> str | None:
-    """The non-empty string at `obj[path[0]][path[1]]...`, or None."""
+    """The string at `obj[path[0]][path[1]]...` that is not blank, or None."""
     for key in path:
         obj = obj.get(key) if isinstance(obj, dict) else None
-    return obj if isinstance(obj, str) and obj else None
+    return obj if isinstance(obj, str) and obj.strip() else None
 
 
 def response_model(response: Any, key: str) -> str | None:
