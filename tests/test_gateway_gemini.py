@@ -213,6 +213,50 @@ async def test_error_count_tokens_embed(upstream: int, tmp_path: Path) -> None:
         no_key(rec)
 
 
+async def test_openai_compatible_endpoint_with_the_openai_sdk(upstream: int, tmp_path: Path) -> None:
+    """Gemini's OpenAI-compatible endpoint (`/v1beta/openai/`) through `/gemini`: an outside
+    check found its records without model, tokens or cost (read as Gemini's own format)."""
+    from openai import AsyncOpenAI
+
+    q = MemoryQueue()
+    s = settings_for(upstream, tmp_path, gemini_base_url=f"http://127.0.0.1:{upstream}")
+    async with running_gateway(s, q) as (_, gw):
+        oa = AsyncOpenAI(api_key=KEY, base_url=f"{gw}/gemini/v1beta/openai", max_retries=0)
+        try:
+            chat = await oa.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hello gemini world"}]
+            )
+            stream = await oa.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "stream this"}], stream=True
+            )
+            chunks = [c async for c in stream]
+            emb = await oa.embeddings.create(model="gemini-embedding-001", input="embed me")
+        finally:
+            await oa.close()
+        plain, streamed, embedded = await records(q, 3)
+    assert chat.usage is not None and chat.choices[0].message.content
+    # The usage chunk the gateway asked for is the gateway's: the client, which did not ask,
+    # gets none.
+    assert chunks and all(c.usage is None for c in chunks)
+    assert emb.data and emb.usage.prompt_tokens > 0
+    for rec, want in (
+        (plain, chat.usage.prompt_tokens),
+        (streamed, None),
+        (embedded, emb.usage.prompt_tokens),
+    ):
+        assert (rec.provider, rec.status) == ("gemini", 200)
+        assert rec.usage.source == "provider", rec.path
+        assert rec.usage.prompt_tokens and (want is None or rec.usage.prompt_tokens == want)
+        no_key(rec)
+    assert (plain.model, streamed.model, embedded.model) == (MODEL, MODEL, "gemini-embedding-001")
+    assert streamed.streamed and streamed.usage.completion_tokens
+    u = plain.usage
+    assert (u.prompt_tokens, u.completion_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    apply_cost(plain)
+    expected = (u.prompt_tokens * IN + u.completion_tokens * OUT) / 1e6  # type: ignore[operator]
+    assert plain.cost_nanos == round(expected * 1e9)
+
+
 async def test_query_key_never_recorded(upstream: int, tmp_path: Path) -> None:
     q = MemoryQueue()
     s = settings_for(upstream, tmp_path, gemini_base_url=f"http://127.0.0.1:{upstream}")

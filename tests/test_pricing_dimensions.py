@@ -251,3 +251,102 @@ def test_image_input_tokens_are_priced_at_the_image_rate_or_unknown() -> None:
     # $5/M text input, $10/M image input, $40/M output
     assert cost is not None and cost.nanos == 10 * 5_000 + 40 * 10_000 + 100 * 40_000
     assert price_usage("openai", "gpt-4o-mini", usage, AT) is None  # no image price: unknown
+
+
+def test_gemini_image_output_is_priced_at_the_image_rate() -> None:
+    """An outside check: gemini-2.5-flash-image's 1,290 image tokens were priced as text output
+    ($2.50/M), 12x below Google's $0.039 an image ($30/M)."""
+    body = {
+        "usageMetadata": {
+            "promptTokenCount": 20,
+            "candidatesTokenCount": 1290,
+            "totalTokenCount": 1310,
+            "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1290}],
+        }
+    }
+    usage = gemini.usage_from_body(body)
+    assert (usage.output_image_tokens, usage.completion_tokens) == (1290, 1290)
+    # gemini-2.5-flash-image per 1M: input 0.30, text output 2.50, image output 30.
+    assert priced("gemini", "gemini-2.5-flash-image", usage).cost_nanos == nanos((20, "0.30"), (1290, "30"))
+    # A model without an image output price: unknown, never text prices for images.
+    assert priced("gemini", "gemini-2.5-flash", usage).cost_nanos is None
+
+
+def test_anthropic_us_only_inference_costs_a_tenth_more_and_fast_mode_is_unpriced() -> None:
+    """An outside check: `inference_geo: "us"` (1.1x every token price, Opus 4.6 on) and
+    `speed: "fast"` (6x on Opus 4.6) were both priced at standard rates."""
+    usage = anthropic.usage_from_body(
+        {"usage": {"input_tokens": 10_000, "output_tokens": 2_000, "inference_geo": "us",
+                   "cache_read_input_tokens": 4_000, "server_tool_use": {"web_search_requests": 2}}}
+    )  # fmt: skip
+    assert usage.inference_geo == "us" and usage.speed is None
+    # claude-opus-4-6 per 1M: input 5, cache read 0.50, output 25; web search $10 per 1,000.
+    tokens = Decimal(nanos((10_000, "5"), (4_000, "0.50"), (2_000, "25")))
+    want = int((tokens * Decimal("1.1")).quantize(Decimal(1), rounding=ROUND_HALF_UP)) + nanos((2, "10000"))
+    assert priced("anthropic", "claude-opus-4-6", usage).cost_nanos == want
+    # The usual values say nothing and change nothing.
+    plain = anthropic.usage_from_body(
+        {
+            "usage": {
+                "input_tokens": 10_000,
+                "output_tokens": 2_000,
+                "inference_geo": "global",
+                "speed": "standard",
+            }
+        }
+    )
+    assert (plain.inference_geo, plain.speed) == (None, None)
+    assert priced("anthropic", "claude-opus-4-6", plain).cost_nanos == nanos((10_000, "5"), (2_000, "25"))
+    # Fast mode's multiplier differs by model and the table has none: unknown, not 6x too low.
+    fast = anthropic.usage_from_body(
+        {"usage": {"input_tokens": 10_000, "output_tokens": 2_000, "speed": "fast"}}
+    )
+    assert fast.speed == "fast"
+    assert priced("anthropic", "claude-opus-4-6", fast).cost_nanos is None
+    # A geography the table knows no premium for: unknown too.
+    eu = anthropic.usage_from_body({"usage": {"input_tokens": 10, "output_tokens": 2, "inference_geo": "eu"}})
+    assert priced("anthropic", "claude-opus-4-6", eu).cost_nanos is None
+
+
+def test_anthropic_fast_mode_of_a_stream_is_unpriced() -> None:
+    """The stream's `message_start` usage names the speed; the closing delta does not repeat it."""
+    raw = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+        b'"role":"assistant","model":"claude-opus-4-6","content":[],"usage":{"input_tokens":10,'
+        b'"output_tokens":1,"speed":"fast"}}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+        b'"usage":{"output_tokens":5}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    result = anthropic.reassemble_stream(raw)
+    assert result is not None and result.usage.speed == "fast" and result.usage.completion_tokens == 5
+    assert priced("anthropic", "claude-opus-4-6", result.usage).cost_nanos is None
+
+
+def test_gemini_openai_compatible_answers_count_thoughts_as_output() -> None:
+    """Gemini's OpenAI-compatible endpoint: OpenAI's usage, the thoughts in `total_tokens` but
+    not always in `completion_tokens`; they are output, billed as such."""
+    from llmtap.providers import provider_for
+
+    fmt = provider_for("gemini", "/v1beta/openai/chat/completions")
+    usage = fmt.usage_from_body(
+        {
+            "model": "gemini-2.5-flash",
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1600},
+        }
+    )
+    assert (usage.completion_tokens, usage.reasoning_tokens, usage.total_tokens) == (600, 500, 1600)
+    # gemini-2.5-flash per 1M: input 0.30, output incl. thinking 2.50.
+    assert priced("gemini", "gemini-2.5-flash", usage).cost_nanos == nanos((1000, "0.30"), (600, "2.50"))
+    # Reported the OpenAI way (thoughts inside), nothing is added.
+    usage = fmt.usage_from_body(
+        {"usage": {"prompt_tokens": 1000, "completion_tokens": 600, "total_tokens": 1600,
+                   "completion_tokens_details": {"reasoning_tokens": 500}}}
+    )  # fmt: skip
+    assert (usage.completion_tokens, usage.reasoning_tokens) == (600, 500)
+    assert fmt.model("/v1beta/openai/chat/completions", {"model": "models/gemini-2.5-flash"}, None) == (
+        "gemini-2.5-flash"
+    )
+    assert (
+        type(provider_for("gemini", "/v1beta/models/gemini-2.5-flash:generateContent")).__name__ == "Gemini"
+    )

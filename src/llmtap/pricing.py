@@ -10,11 +10,13 @@ arithmetic), far too slow per record for a worker that should do thousands per s
 - the plain token case (input, cache read, cache write, output; flat or tiered by input size) is
   computed here with integers: prices per million tokens scaled by 1e6 are integers, so the sum
   is exact in pico-USD and `cost_nanos` is the exact cost rounded half-up to 1e-9 USD;
-- anything else (per-request fees, server-side web searches, audio tokens, 1-hour cache
-  writes, time-of-day prices, prices with more than six decimals) falls back to the library's
+- anything else (per-request fees, server-side web searches, audio and image tokens, 1-hour
+  cache writes, time-of-day prices, prices with more than six decimals) falls back to the library's
   own calculation on the cached price object;
 - a reported `service_tier` of `flex` or `priority` selects that tier's prices (the table's
-  price variants); every other tier is the standard price.
+  price variants); every other tier is the standard price;
+- Anthropic's US-only inference multiplies the token prices by 1.1; its fast mode, whose
+  multiplier differs by model and is not in the table, leaves the cost unknown.
 
 Usage semantics: the record follows OpenAI's convention for every provider (the gateway's
 provider parsers normalise to it, see `llmtap.providers.anthropic`), which is also genai-prices'
@@ -27,7 +29,7 @@ provider parsers normalise to it, see `llmtap.providers.anthropic`), which is al
 
 Unknown model, unknown provider, missing or inconsistent usage → no cost (`None`), never a
 made-up 0; so are a cut stream's provisional counts (`usage.source == "partial"`: Anthropic's
-placeholder output count) and audio tokens on a model whose entry has no audio price. A call
+placeholder output count) and audio or image tokens on a model whose entry has no price for them. A call
 that generated nothing (an error answered without usage, a 429; a look-up; counting tokens)
 costs `0`, so that "unpriced" counts only the costs we do not know.
 
@@ -44,6 +46,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any
 
 import genai_prices
+import msgspec
 from genai_prices import data_snapshot
 from genai_prices import types as gp
 
@@ -230,6 +233,8 @@ def genai_usage(usage: Usage) -> gp.Usage | None:
         kw["output_audio_tokens"] = min(usage.output_audio_tokens, output)
     if usage.input_image_tokens:
         kw["input_image_tokens"] = min(usage.input_image_tokens, total_input)
+    if usage.output_image_tokens:
+        kw["output_image_tokens"] = min(usage.output_image_tokens, output)
     if usage.web_search_requests:
         kw["web_searches"] = usage.web_search_requests
     return gp.Usage(**kw)
@@ -242,6 +247,7 @@ def _extra(usage: Usage) -> bool:
         or usage.input_audio_tokens
         or usage.output_audio_tokens
         or usage.input_image_tokens
+        or usage.output_image_tokens
         or usage.web_search_requests
     )
 
@@ -257,10 +263,33 @@ def _to_nanos(total: Decimal) -> int:
     return int((total * 1_000_000_000).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
+#: Anthropic's US-only inference (`inference_geo: "us"`, Opus 4.6 and later: the only models
+#: that take it) costs 1.1x on every token price; web searches are not tokens.
+_GEO_PREMIUM = {"us": Decimal("1.1")}
+
+
+def _premium(usage: Usage) -> Decimal | None:
+    """The multiplier a reported mode puts on the table's token prices; None when unknown.
+
+    Fast mode (`speed: "fast"`) is not one number: 6x on Opus 4.6 and 4.7, 2x on Opus 4.8 and 5,
+    and the table has no fast prices. Priced at standard it was 2-6x too low; unpriced, it is
+    counted as such."""
+    if usage.speed is not None:
+        return None
+    if usage.inference_geo is None:
+        return _ONE
+    return _GEO_PREMIUM.get(usage.inference_geo)
+
+
+_ONE = Decimal(1)
+
+
 def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) -> Cost | None:
     """The cost of one request, or None when the model or the usage is unknown."""
     if not model:
         return None
+    if usage.speed is not None or usage.inference_geo is not None:
+        return _with_premium(provider, model, usage, at)
     counts = _counts(usage)
     if counts is None:
         return None
@@ -305,6 +334,7 @@ def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) ->
         (usage.input_audio_tokens and price.input_audio_mtok is None)
         or (usage.output_audio_tokens and price.output_audio_mtok is None)
         or (usage.input_image_tokens and price.input_image_mtok is None)
+        or (usage.output_image_tokens and price.output_image_mtok is None)
     ):
         return None  # the library would price the audio or image as text: unknown, not a guess
     try:
@@ -312,6 +342,19 @@ def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) ->
     except ValueError:
         return None  # the library judged the usage inconsistent
     return Cost(usd=float(total), nanos=_to_nanos(total), version=_version(day))
+
+
+def _with_premium(provider: str, model: str, usage: Usage, at: datetime) -> Cost | None:
+    """The table's cost with a reported mode's multiplier on its token part (`_premium`)."""
+    factor = _premium(usage)
+    plain = msgspec.structs.replace(usage, speed=None, inference_geo=None)
+    whole = price_usage(provider, model, plain, at)
+    tokens = price_usage(provider, model, msgspec.structs.replace(plain, web_search_requests=None), at)
+    if factor is None or whole is None or tokens is None:
+        return None
+    extra = Decimal(tokens.nanos) * (factor - 1)
+    nanos = whole.nanos + int(extra.quantize(_ONE, rounding=ROUND_HALF_UP))
+    return Cost(usd=whole.usd + tokens.usd * float(factor - 1), nanos=nanos, version=whole.version)
 
 
 def apply_cost(record: LogRecord) -> None:
@@ -349,6 +392,6 @@ def _not_billed(record: LogRecord) -> bool:
     """
     if record.outcome == "upstream_unreachable":
         return True
-    if not provider_for(record.provider).bills(record.method, record.path):
+    if not provider_for(record.provider, record.path).bills(record.method, record.path):
         return True
     return record.status is not None and record.status >= 400 and record.outcome != "upstream_timeout"

@@ -70,7 +70,10 @@ class Usage(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unknown_fie
     input_audio_tokens: int | None = None  # part of prompt_tokens
     output_audio_tokens: int | None = None  # part of completion_tokens
     input_image_tokens: int | None = None  # part of prompt_tokens (image models price them apart)
+    output_image_tokens: int | None = None  # part of completion_tokens (Gemini's image output)
     service_tier: str | None = None  # as the provider reported it (`flex`, `priority` price differently)
+    speed: str | None = None  # Anthropic's `speed` when not standard (`fast`: premium prices)
+    inference_geo: str | None = None  # Anthropic's `inference_geo` when not global (`us`: 1.1x)
     web_search_requests: int | None = None  # server-side web searches, billed per call
     #: The provider's own charge for the call in USD (OpenRouter's `usage.cost`), which the
     #: record's cost takes over the price table's (`llmtap.pricing.apply_cost`).

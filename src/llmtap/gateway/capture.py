@@ -299,7 +299,7 @@ class RecordBuilder:
         self._response_headers = HeaderFilter(RESPONSE_DROP)
 
     def build(self, cap: Capture) -> LogRecord:
-        fmt = provider_for(cap.provider)
+        fmt = provider_for(cap.provider, cap.path)
         lh = LlmtapHeaders(cap.llmtap) if cap.llmtap else _NO_LLMTAP
         truncated: list[str] = []
         req_headers = limits.headers(self._request_headers(cap.request_headers), "request_headers", truncated)

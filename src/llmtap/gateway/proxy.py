@@ -374,6 +374,7 @@ class Proxy:
         q = rest.find("?")
         path = rest if q < 0 else rest[:q]
         target = base + rest
+        provider = provider.wire(path)
 
         upstream_body = body
         stripper: StreamFilter | None = None

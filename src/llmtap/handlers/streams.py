@@ -56,7 +56,7 @@ def finish(record: LogRecord, inline_body_bytes: int) -> None:
     raw = None if events is None else body_bytes(events)
     if events is None or raw is None:
         return
-    fmt = provider_for(record.provider)
+    fmt = provider_for(record.provider, record.path)
     result = fmt.reassemble_stream(raw)
     if result is None or result.message is None:
         return  # nothing to rebuild: the events stay the record's response, as the gateway does

@@ -45,7 +45,7 @@ def _asks_stream_usage(settings: Settings | None, name: str) -> bool:
 
 
 def _make(cls: type[Provider], settings: Settings | None, name: str) -> Provider:
-    if issubclass(cls, OpenAI):
+    if issubclass(cls, (OpenAI, Gemini)):  # Gemini: its OpenAI-compatible endpoint's streams
         return cls(_asks_stream_usage(settings, name))
     return cls()
 
@@ -69,16 +69,17 @@ def routes(settings: Settings) -> dict[str, Route]:
 _formats: dict[str, Provider] = {}
 
 
-def provider_for(name: str) -> Provider:
-    """The provider that reads records of route `name` (off the latency path). A name that is
-    not built in is a named upstream: OpenAI's format, its own prices."""
+def provider_for(name: str, path: str = "") -> Provider:
+    """The provider that reads records of route `name` (off the latency path), in the wire
+    format of `path` (`Provider.wire`). A name that is not built in is a named upstream:
+    OpenAI's format, its own prices."""
     p = _formats.get(name)
     if p is None:
         cls = BUILTIN.get(name)
         p = _make(cls, None, name) if cls is not None else OpenAICompatible(name)
         if len(_formats) < 1024:  # names come from records: bound the cache
             _formats[name] = p
-    return p
+    return p.wire(path)
 
 
 def pricing_id(name: str) -> str | None:

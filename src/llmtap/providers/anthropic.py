@@ -9,6 +9,7 @@ cached tokens are a *part* of the prompt:
     cached_tokens      = cache_read_input_tokens
     cache_write_tokens = cache_creation_input_tokens
     cache_write_1h_tokens = cache_creation.ephemeral_1h_input_tokens (part of the writes)
+    speed, inference_geo  = speed, inference_geo when not `standard` / `global` (priced apart)
     completion_tokens  = output_tokens
     total_tokens       = prompt_tokens + completion_tokens
 
@@ -60,6 +61,9 @@ def parse_usage(u: Any) -> Usage:
     tier = u.get("service_tier")
     tools = u.get("server_tool_use")
     searches = token_count(tools.get("web_search_requests")) if isinstance(tools, dict) else None
+    # Fast mode and US-only inference price the same tokens higher (`llmtap.pricing`).
+    speed = _label(u.get("speed"), "standard")
+    geo = _label(u.get("inference_geo"), "global")
     return Usage(
         source="provider",
         prompt_tokens=prompt,
@@ -70,7 +74,17 @@ def parse_usage(u: Any) -> Usage:
         cache_write_1h_tokens=write_1h or None,
         service_tier=tier if isinstance(tier, str) and tier else None,
         web_search_requests=searches or None,
+        speed=speed,
+        inference_geo=geo,
     )
+
+
+def _label(value: Any, usual: str) -> str | None:
+    """A reported mode other than the usual one (None for that, or for nothing), kept short:
+    it comes from the upstream, and only says which prices apply."""
+    if not isinstance(value, str) or not value or value == usual:
+        return None
+    return value[:64]
 
 
 def usage_from_body(body: Any) -> Usage:

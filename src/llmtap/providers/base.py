@@ -77,6 +77,12 @@ class Provider(ABC):
     #: The member of a non-stream answer that holds its usage (every provider sends it last).
     usage_member = "usage"
 
+    def wire(self, path: str) -> Provider:
+        """The provider that speaks `path`'s wire format: this one, but for an API that also
+        answers in another's (Gemini's OpenAI-compatible endpoint under `/v1beta/openai/`).
+        Every reader of a request or its answer asks this first (`provider_for(name, path)`)."""
+        return self
+
     def bills(self, method: str, path: str) -> bool:
         """Whether this call's answer is billed: a POST that generates. Looking up an earlier
         answer (`GET /v1/responses/{id}`, a stored chat completion) or cancelling one echoes

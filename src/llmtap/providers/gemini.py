@@ -9,6 +9,11 @@ Token convention (the record's, see `llmtap.pricing`), from `usageMetadata`:
     completion_tokens  = candidatesTokenCount + thoughtsTokenCount
     reasoning_tokens   = thoughtsTokenCount                             (billed as output)
     total_tokens       = totalTokenCount
+    input/output_audio_tokens, output_image_tokens = the AUDIO / IMAGE entries of
+                         promptTokensDetails / candidatesTokensDetails  (priced apart)
+
+Its OpenAI-compatible endpoint (`/v1beta/openai/...`) answers in OpenAI's wire format, which
+`GeminiOpenAI` reads (`Provider.wire`), at Google's prices.
 
 `countTokens` costs nothing and consumes nothing: its answer is not usage (source "missing").
 The API key travels as `x-goog-api-key` or `?key=`: both are credentials the record never keeps
@@ -24,6 +29,7 @@ import orjson
 
 from llmtap.providers.base import Provider, response_model
 from llmtap.providers.common import after_last_reply, error_message, loads, role_is, scrub_stream, token_count
+from llmtap.providers.openai import OpenAI
 from llmtap.providers.sse import StreamResult, edge_events, iter_events
 from llmtap.record import Usage
 
@@ -60,6 +66,7 @@ def parse_usage(u: Any) -> Usage:
         reasoning_tokens=thoughts,
         input_audio_tokens=_modality(u.get("promptTokensDetails"), "AUDIO"),
         output_audio_tokens=_modality(u.get("candidatesTokensDetails"), "AUDIO"),
+        output_image_tokens=_modality(u.get("candidatesTokensDetails"), "IMAGE"),
     )
 
 
@@ -204,14 +211,69 @@ def stream_summary(raw: bytes) -> StreamResult | None:
 _MODEL = role_is("model")
 
 
-class Gemini(Provider):
-    """`/gemini/...` → `LLMTAP_GEMINI_BASE_URL` (the Gemini Developer API)."""
+def _thoughts_as_output(usage: Usage) -> Usage:
+    """Output that counts the thoughts, as the record's convention does (`llmtap.pricing`).
+
+    Gemini's OpenAI-compatible answers may leave the thoughts out of `completion_tokens` while
+    `total_tokens` counts them (and bills them as output): what the total holds beyond the
+    prompt and that output is the thinking."""
+    prompt, out, total = usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+    if prompt is not None and out is not None and total is not None and total > prompt + out:
+        hidden = total - prompt - out
+        usage.completion_tokens = out + hidden
+        usage.reasoning_tokens = (usage.reasoning_tokens or 0) + hidden
+    return usage
+
+
+def _thoughts_in(result: StreamResult | None) -> StreamResult | None:
+    if result is not None:
+        _thoughts_as_output(result.usage)
+    return result
+
+
+class GeminiOpenAI(OpenAI):
+    """Gemini's OpenAI-compatible endpoint (`/v1beta/openai/chat/completions`, `/embeddings`):
+    OpenAI's wire, the model named in the body, Google's prices."""
 
     name = "gemini"
     pricing_id: str | None = "google"
 
     def base_url(self, settings: Settings) -> str | None:
         return settings.gemini_base_url
+
+    def usage_from_body(self, body: Any) -> Usage:
+        return _thoughts_as_output(super().usage_from_body(body))
+
+    def reassemble_stream(self, raw: bytes) -> StreamResult | None:
+        return _thoughts_in(super().reassemble_stream(raw))
+
+    def stream_summary(self, raw: bytes) -> StreamResult | None:
+        return _thoughts_in(super().stream_summary(raw))
+
+    def model(self, path: str, request: Any, response: Any) -> str | None:
+        # The SDK's `models/gemini-2.5-flash` is the same model as `gemini-2.5-flash`.
+        model = super().model(path, request, response)
+        return (model[7:] or None) if model is not None and model.startswith("models/") else model
+
+
+#: Where Gemini answers in OpenAI's format: `/v1beta/openai/...` (any API version).
+_OPENAI_COMPATIBLE = "/openai/"
+
+
+class Gemini(Provider):
+    """`/gemini/...` → `LLMTAP_GEMINI_BASE_URL` (the Gemini Developer API)."""
+
+    name = "gemini"
+    pricing_id: str | None = "google"
+
+    def __init__(self, stream_usage: bool = True) -> None:
+        self.compatible = GeminiOpenAI(stream_usage)
+
+    def base_url(self, settings: Settings) -> str | None:
+        return settings.gemini_base_url
+
+    def wire(self, path: str) -> Provider:
+        return self.compatible if _OPENAI_COMPATIBLE in path else self
 
     usage_member = "usageMetadata"
 

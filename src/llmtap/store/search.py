@@ -153,7 +153,7 @@ def record_text(
         # The reassembled response already holds the stream's text: parsing every event again
         # cost 8x the rest of the record (a 20-event stream) and indexed the text twice.
         raw = [(b, data) for b, data in raw if b is not events]
-    pick = provider_for(record.provider).turn if scope == SCOPE_TURN else None
+    pick = provider_for(record.provider, record.path).turn if scope == SCOPE_TURN else None
     asked = [t for b, data in raw if b is record.request_body and (t := _text_or_none(b, data, pick))]
     said = [t for b, data in raw if b is not record.request_body and (t := _text_or_none(b, data))]
     if not asked and not said:

@@ -275,5 +275,10 @@ async def models(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
-    """Register the Gemini routes (before the fake's catch-all)."""
+    """Register the Gemini routes (before the fake's catch-all), its OpenAI-compatible
+    endpoint too (`/v1beta/openai/...`: OpenAI's wire, served as the OpenAI fake serves it)."""
+    from llmtap.testing import fake_openai
+
     router.add_post("/{version}/models/{spec}", models)
+    router.add_post("/{version}/openai/chat/completions", fake_openai.openai_chat_completions)
+    router.add_post("/{version}/openai/embeddings", fake_openai.openai_embeddings)
