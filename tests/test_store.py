@@ -26,7 +26,7 @@ from llmtap import keys
 from llmtap.errors import BackendUnavailable, ConfigError, TransientError
 from llmtap.record import Body, LogRecord, Usage
 from llmtap.store.base import ListQuery, StatsQuery, Store
-from llmtap.store.query import decode_cursor, encode_cursor, parse_users, users_cursor
+from llmtap.store.query import decode_cursor, decode_walk_cursor, encode_cursor, parse_users, users_cursor
 from store_helpers import (
     ENVS,
     MODELS,
@@ -657,6 +657,34 @@ async def test_sessions_and_users(store: Store) -> None:
     last = [u["last_at"] for u in users]
     assert last == sorted(last, reverse=True)
     assert len(await store.users("acme", limit=2)) == 2
+
+
+async def test_a_sessions_walk_sees_the_list_as_its_first_page_did(store: Store) -> None:
+    """An outside check: sessions active again while the list was paged left their place below
+    the cursor for one above it and no page showed them (7 of 100 skipped under traffic)."""
+    await store.write_batch([rec(i, session_id=f"s{i}") for i in range(10)])
+    first = await store.list_sessions("acme", ListQuery(limit=3))
+    seen = [g["session_id"] for g in first.items]
+    assert seen == ["s9", "s8", "s7"]
+    # The oldest sessions get new requests, newer than any the first page saw.
+    await store.write_batch([rec(100 + i, session_id=f"s{i}") for i in (0, 2, 5)])
+    cursor, counts = first.next_cursor, {}
+    while cursor is not None:
+        page = await store.list_sessions("acme", ListQuery(limit=3, cursor=cursor))
+        seen += [g["session_id"] for g in page.items]
+        counts.update({g["session_id"]: g["count"] for g in page.items})
+        cursor = page.next_cursor
+    assert seen == [f"s{i}" for i in range(9, -1, -1)]  # each once, in the first page's order
+    assert counts["s2"] == counts["s5"] == 1  # totals as of the walk's start too
+    # A new walk sees them at the top, with their new requests.
+    fresh = await store.list_sessions("acme", ListQuery(limit=3))
+    assert [(g["session_id"], g["count"]) for g in fresh.items] == [("s5", 2), ("s2", 2), ("s0", 2)]
+    # A cursor made before walks were bounded still pages (a dashboard open across an upgrade).
+    assert first.next_cursor is not None
+    us, rid, held = decode_walk_cursor(first.next_cursor)
+    assert held is not None and held > us
+    old = await store.list_sessions("acme", ListQuery(limit=3, cursor=encode_cursor(us, rid)))
+    assert [g["session_id"] for g in old.items] == ["s6", "s4", "s3"]  # unbounded: s5 has moved up
 
 
 @pytest.mark.parametrize("nanos", [8_968_725_613_810_762, 8_427_068_202_505_595])

@@ -1003,12 +1003,13 @@ class PostgresStore(Store):
         return sql.session_result(DIALECT, session_id, totals, await self._fetch(q, *params))
 
     async def list_sessions(self, tenant: str, query: ListQuery) -> Page:
+        query, held = sql.sessions_walk(query)
         q, params = sql.sessions_sql(DIALECT, tenant, query)
         newest = await self._fetch(q, *params)
         ids = [row[0] for row in newest[: query.limit]]
         q, params = sql.session_totals_sql(DIALECT, tenant, query, ids)
         totals = await self._fetch(q, *params) if ids else []
-        items, cursor = sql.sessions_page(DIALECT, newest, totals, query.limit)
+        items, cursor = sql.sessions_page(DIALECT, newest, totals, query.limit, held)
         return Page(items=items, next_cursor=cursor)
 
     async def users(

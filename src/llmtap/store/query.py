@@ -199,9 +199,31 @@ def decode_sort_cursor(
     return value[0], value[1], value[3]
 
 
+def encode_walk_cursor(created_us: int, request_id: str, held_us: int) -> str:
+    """A cursor of a list whose rows move while it is walked (sessions: a session's place is its
+    newest request): `encode_cursor`'s, plus the walk's bound, the newest time its first page
+    saw, which holds every later page to the list as it was then."""
+    raw = orjson.dumps([created_us, request_id, held_us])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_walk_cursor(cursor: str) -> tuple[int, str, int | None]:
+    """(created_us, id, the walk's bound); a cursor of `encode_cursor` has no bound."""
+    value = _cursor_value(cursor)
+    if isinstance(value, list) and len(value) == 3:
+        held = value.pop()
+        if type(held) is not int or not MICROS_RANGE[0] <= held <= MICROS_RANGE[1]:
+            raise ValueError("malformed cursor")
+        return (*_plain_cursor(value), held)
+    return (*_plain_cursor(value), None)
+
+
 def decode_cursor(cursor: str) -> tuple[int, str]:
     """Raises `ValueError` for anything `encode_cursor` did not produce."""
-    value = _cursor_value(cursor)
+    return _plain_cursor(_cursor_value(cursor))
+
+
+def _plain_cursor(value: Any) -> tuple[int, str]:
     if (
         not isinstance(value, list)
         or len(value) != 2

@@ -38,10 +38,11 @@ from llmtap.store.query import (
     ListQuery,
     StatsQuery,
     UserTotals,
-    decode_cursor,
     decode_sort_cursor,
+    decode_walk_cursor,
     encode_cursor,
     encode_sort_cursor,
+    encode_walk_cursor,
     from_micros,
     is_group_by,
     iso,
@@ -933,7 +934,7 @@ def sessions_sql(d: Dialect, tenant: str, q: ListQuery, through: str | None = No
     source = from_sql(p, tenant, q, through=through) + " AND r.session_id IS NOT NULL"
     created, rid_col = ("r.created_at", "r.id") if through is None else ("rp.created_at", "rp.request_id")
     if q.cursor:
-        us, rid = decode_cursor(q.cursor)
+        us, rid, _ = decode_walk_cursor(q.cursor)
         ts = p(d.ts_param(us))
         source += f" AND {created} <= {ts} AND ({created}, {rid_col}) < ({ts}, {p(rid)})"
     inner = re.sub(r"\br\.", "n.", where_sql(p, tenant, q))  # the same filters, on `n`
@@ -958,10 +959,31 @@ def session_totals_sql(d: Dialect, tenant: str, q: ListQuery, ids: Sequence[str]
     return f"SELECT r.session_id, {_totals(d)} FROM requests r WHERE {where} GROUP BY r.session_id", p.values
 
 
+def sessions_walk(q: ListQuery) -> tuple[ListQuery, int | None]:
+    """A sessions page's query, and the bound of its walk (`encode_walk_cursor`).
+
+    A session's place is its newest request: one active again after the first page left its
+    place below the cursor for one above it, and no page showed it (an outside check: 7 of 100
+    sessions skipped under traffic). So every later page sees the list as the first one did:
+    up to the newest request that page saw, totals included."""
+    if not q.cursor:
+        return q, None
+    held = decode_walk_cursor(q.cursor)[2]
+    if held is None:
+        return q, None
+    bound = from_micros(held + 1)  # `until` is exclusive
+    return replace(q, until=bound if q.until is None or bound < q.until else q.until), held
+
+
 def sessions_page(
-    d: Dialect, newest: Sequence[Sequence[Any]], totals: Sequence[Sequence[Any]], limit: int
+    d: Dialect,
+    newest: Sequence[Sequence[Any]],
+    totals: Sequence[Sequence[Any]],
+    limit: int,
+    held: int | None,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """(items, next cursor) from the rows of `sessions_sql` and `session_totals_sql`."""
+    """(items, next cursor) from the rows of `sessions_sql` and `session_totals_sql`; `held`
+    is the walk's bound (`sessions_walk`), None on its first page."""
     by_id = {}
     for row in totals:
         key, t = aggregate_row(d, row, percentiles=False)
@@ -970,7 +992,9 @@ def sessions_page(
     if len(newest) <= limit:
         return items, None
     last = newest[limit - 1]
-    return items, encode_cursor(d.ts_value(last[1]), last[2])
+    if held is None:
+        held = d.ts_value(newest[0][1])
+    return items, encode_walk_cursor(d.ts_value(last[1]), last[2], held)
 
 
 def session_result(

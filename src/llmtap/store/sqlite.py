@@ -894,12 +894,14 @@ class SQLiteStore(Store):
         return await self._read(self._list_sessions, tenant, query)
 
     def _list_sessions(self, tenant: str, query: ListQuery) -> Page:
+        query, held = sql.sessions_walk(query)
         through = sql.property_walk(DIALECT, tenant, query, self._fetch)
         q, params = sql.sessions_sql(DIALECT, tenant, query, through)
         newest = self._fetch(q, params)
         ids = [row[0] for row in newest[: query.limit]]
         q, params = sql.session_totals_sql(DIALECT, tenant, query, ids)
-        items, cursor = sql.sessions_page(DIALECT, newest, self._fetch(q, params) if ids else [], query.limit)
+        totals = self._fetch(q, params) if ids else []
+        items, cursor = sql.sessions_page(DIALECT, newest, totals, query.limit, held)
         return Page(items=items, next_cursor=cursor)
 
     async def users(
