@@ -152,14 +152,22 @@ class _LoopThread:
 
 
 #: How long a spooled record the queue refuses alone waits on disk for the ingest endpoint
-#: before it is published bare (its numbers, without bodies and headers).
+#: before it is published bare (its numbers, without bodies and headers): from the first
+#: refusal this process saw, on the monotonic clock (a gateway restarted meanwhile waits anew).
 WHOLE_WAIT = 600.0
 
 
-def segment_time(path: Path) -> float | None:
-    """When a spool segment was begun (its name's stamp, `DiskSpool._next_stamp`), in seconds."""
-    head = path.name.partition("-")[0]
-    return int(head) / 1e9 if head.isdigit() else None
+class _Tally:
+    """What a segment's replay did: records published, sent whole to ingest, and held (frames
+    that wait on disk for the ingest endpoint: written to a new segment, so the rest of their
+    segment is done with)."""
+
+    __slots__ = ("held", "published", "whole")
+
+    def __init__(self) -> None:
+        self.published = 0
+        self.whole = 0
+        self.held: list[bytes] = []
 
 
 class SpoolReplayer:
@@ -215,6 +223,9 @@ class SpoolReplayer:
         self._thread: _LoopThread | None = None
         self._own: Queue | None = None  # the thread's queue, used on the thread's loop only
         self._home: asyncio.AbstractEventLoop | None = None  # the caller's loop (`bodies` lives there)
+        #: Record id → when the queue first refused it while the ingest endpoint was down
+        #: (monotonic): it waits on disk `WHOLE_WAIT` from then.
+        self._held_since: dict[str, float] = {}
 
     def start(self) -> None:
         self._stop.clear()
@@ -277,15 +288,32 @@ class SpoolReplayer:
                 continue  # another process is replaying it, or it is empty
             # BackendUnavailable while the body store is down: the segment stays as it is.
             frames = await self._offload(frames)
-            n = 0
-            born = segment_time(path)
+            tally = _Tally()
             for i in range(0, len(frames), REPLAY_CHUNK):
-                n += await self._publish(queue, frames[i : i + REPLAY_CHUNK], born)
+                await self._publish(queue, frames[i : i + REPLAY_CHUNK], tally)
                 await asyncio.sleep(pause)  # let other work in between chunks
+            if tally.held:
+                # Written again before the segment goes: a record that waits holds neither its
+                # segment's other records (published again at every try: 2,035 messages for 300
+                # records in 80 s) nor the segments after it.
+                try:
+                    await asyncio.to_thread(self.spool.append, tally.held)
+                except (SpoolFull, OSError) as e:
+                    for frame in tally.held:
+                        tally.published += await self._publish_bare(
+                            queue, frame, RuntimeError(f"it could not wait on disk: {e}")
+                        )
+                    tally.held = []
             await asyncio.to_thread(DiskSpool.done, path)
+            n = tally.published + tally.whole
             done += n
             self.replayed += n
-            log.info("replayed %d spooled record(s) from %s into the queue", n, path.name)
+            log.log(
+                logging.INFO if n else logging.DEBUG,  # not a line a second for a record that waits
+                "replayed %d spooled record(s) from %s: %d into the queue, %d whole to the ingest"
+                " endpoint, %d waiting on disk for it",
+                n, path.name, tally.published, tally.whole, len(tally.held),
+            )  # fmt: skip
         return done
 
     async def _offload(self, frames: list[bytes]) -> list[bytes]:
@@ -338,54 +366,70 @@ class SpoolReplayer:
             return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, home))
 
-    async def _publish(self, queue: Queue, frames: list[bytes], born: float | None = None) -> int:
+    async def _publish(self, queue: Queue, frames: list[bytes], tally: _Tally) -> None:
         try:
             await queue.publish([_unframe(f) for f in frames])
-            return len(frames)
+            tally.published += len(frames)
+            return
         except BackendUnavailable:
             raise
         except Exception as e:
             if len(frames) == 1:
-                if await self._send_whole(frames[0], e, born):
-                    return 1
-                return await self._publish_bare(queue, frames[0], e)
+                outcome = await self._send_whole(frames[0], e)
+                if outcome == "sent":
+                    tally.whole += 1
+                elif outcome == "held":
+                    tally.held.append(frames[0])
+                else:
+                    tally.published += await self._publish_bare(queue, frames[0], e)
+                return
             log.warning(
                 "the queue refused a spooled batch (%s: %s); replaying it record by record",
                 type(e).__name__,
                 e,
             )
-        n = 0
         for frame in frames:
-            n += await self._publish(queue, [frame], born)
-        return n
+            await self._publish(queue, [frame], tally)
 
-    async def _send_whole(self, frame: bytes, exc: Exception, born: float | None) -> bool:
+    async def _send_whole(self, frame: bytes, exc: Exception) -> str:
         """A record the queue refuses alone (a broker's size limit lowered) goes to the ingest
         endpoint whole: published bare, it lost its bodies and headers for good over a setting
-        (queue audit). While that is down too the record waits on disk, `WHOLE_WAIT` seconds
-        from its spooling at most (then bare, so one record never holds the spool for ever)."""
+        (queue audit). While that is down too the record is "held": it waits on disk,
+        `WHOLE_WAIT` seconds from the first refusal at most (then "bare", so one record never
+        waits for ever)."""
         if self.whole is None:
-            return False
+            return "bare"
         try:
             record = decode(_unframe(frame).value)
         except Exception:
-            return False  # not a record: the bare path says so
+            return "bare"  # not a record: the bare path says so
         try:
             await self._on_home(self.whole.send([record]))
         except BackendUnavailable as e:
-            if born is not None and time.time() - born < WHOLE_WAIT:
-                raise BackendUnavailable(
-                    f"the queue refuses spooled record {record.id} ({type(exc).__name__}: {exc}) and"
-                    f" {self.whole.route} is unavailable ({e}); it waits on disk"
-                ) from e
-            return False
+            now = time.monotonic()
+            first = self._held_since.get(record.id)
+            if first is None:
+                if len(self._held_since) >= 100_000:  # ids come from the spool: bound the map
+                    self._held_since.clear()
+                self._held_since[record.id] = first = now
+                log.warning(
+                    "the queue refuses spooled record %s (%s: %s) and %s is unavailable (%s): it"
+                    " waits on disk for %s, %.0f s at most, then goes bare",
+                    record.id, type(exc).__name__, exc, self.whole.route, e, self.whole.route, WHOLE_WAIT,
+                )  # fmt: skip
+            if now - first < WHOLE_WAIT:
+                return "held"
+            self._held_since.pop(record.id, None)
+            return "bare"
         except Exception:
-            return False
+            self._held_since.pop(record.id, None)
+            return "bare"
+        self._held_since.pop(record.id, None)
         log.warning(
             "the queue refused spooled record %s (%s: %s); sent it whole to %s",
             record.id, type(exc).__name__, exc, self.whole.route,
         )  # fmt: skip
-        return True
+        return "sent"
 
     async def _publish_bare(self, queue: Queue, frame: bytes, exc: Exception) -> int:
         reason = f"{type(exc).__name__}: {exc}"

@@ -90,6 +90,9 @@ class DiskSpool:
         self._stamp = 0  # the newest segment name's stamp (`_next_stamp`)
         self._lock = threading.Lock()  # append (sink thread) vs close (replayer thread)
         self.unreadable_bytes = 0  # corrupt spans met on replay (their records are lost)
+        #: Spans already kept and said, as (segment name, start, end): a segment read again
+        #: (its replay cut short by an outage) says them once, not at every try.
+        self._kept: set[tuple[str, int, int]] = set()
 
     # -- writing ------------------------------------------------------------------------------
     def append(self, values: Sequence[bytes]) -> None:
@@ -252,6 +255,11 @@ class DiskSpool:
         tail is said too: a crash mid-write (never acknowledged) leaves one, and so does a file
         cut short by hand or by a disk, which lost every frame after the cut without a word."""
         for a, b in bad:
+            if (path.name, a, b) in self._kept:
+                continue
+            if len(self._kept) >= 10_000:
+                self._kept.clear()
+            self._kept.add((path.name, a, b))
             kept = self.dir / "corrupt" / f"{path.stem}.{a}.bin"
             try:
                 kept.parent.mkdir(exist_ok=True)
