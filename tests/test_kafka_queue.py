@@ -81,6 +81,36 @@ async def test_unreachable_kafka_fails_fast_with_one_sentence() -> None:
     assert msg.startswith(f"cannot reach Kafka at 127.0.0.1:{port}: ") and "\n" not in msg
 
 
+def test_a_coordinator_blip_before_a_busy_spell_is_no_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rev13: the coordinator check ran on empty polls only, so a blip followed by 12 s of
+    polls that all returned records stayed on the clock, and the first empty poll after a
+    second, momentary blip raised "no group coordinator for 12s". A loss as long as the grace
+    with no records coming is still an outage."""
+    from types import SimpleNamespace
+
+    from llmtap.queue import kafka as kafka_module
+
+    clock = [0.0]
+    monkeypatch.setattr(kafka_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    q = KafkaQueue("kafka://127.0.0.1:9/llmtap", 6, "workers")
+    coordinator = SimpleNamespace(coordinator_id=None)
+    q._consumer = SimpleNamespace(_coordinator=coordinator)  # type: ignore[assignment]
+    q._check_coordinator(idle=True)  # blip 1, at an empty poll
+    coordinator.coordinator_id = 1
+    for t in range(1, 13):  # back at once; every poll brings records
+        clock[0] = float(t)
+        q._check_coordinator(idle=False)
+    coordinator.coordinator_id = None  # blip 2, momentary
+    q._check_coordinator(idle=True)
+    # Lost for longer than the grace, records or not: the next empty poll says so.
+    for t in range(13, 13 + int(kafka_module.COORDINATOR_GRACE)):
+        clock[0] = float(t)
+        q._check_coordinator(idle=False)
+    clock[0] += 1
+    with pytest.raises(BackendUnavailable, match="no group coordinator"):
+        q._check_coordinator(idle=True)
+
+
 @pytest.mark.parametrize(
     "url",
     [

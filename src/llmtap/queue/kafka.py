@@ -343,11 +343,15 @@ class KafkaQueue(Queue):
             why = str(e) or type(e).__name__
         return BackendUnavailable(f"cannot reach Kafka at {self.bootstrap}: {why}")
 
-    def _check_coordinator(self) -> None:
+    def _check_coordinator(self, idle: bool) -> None:
         """An outage while aiokafka has no group coordinator for `COORDINATOR_GRACE` seconds:
         with the broker down, `getmany` returns nothing rather than failing, so a worker's
         `/healthz` said ok and its log said nothing for the whole outage (queue audit). Reads
-        aiokafka's coordinator state; an aiokafka without it is never taken for an outage."""
+        aiokafka's coordinator state; an aiokafka without it is never taken for an outage.
+
+        Checked at every poll, raised only by an `idle` one (a poll that returned records is no
+        outage): checked at empty polls only, a blip before a busy spell (a backlog draining)
+        stayed on the clock, and the first empty poll after it was an outage at once (rev13)."""
         coordinator = getattr(self.consumer, "_coordinator", None)
         if getattr(coordinator, "coordinator_id", 0) is not None:
             self._no_coordinator_at = None
@@ -355,7 +359,7 @@ class KafkaQueue(Queue):
         now = time.monotonic()
         if self._no_coordinator_at is None:
             self._no_coordinator_at = now
-        elif now - self._no_coordinator_at >= COORDINATOR_GRACE:
+        elif idle and now - self._no_coordinator_at >= COORDINATOR_GRACE:
             raise BackendUnavailable(
                 f"cannot reach Kafka at {self.bootstrap}: no group coordinator for"
                 f" {now - self._no_coordinator_at:.0f}s (the brokers are down or unreachable)"
@@ -739,8 +743,7 @@ class KafkaQueue(Queue):
             data = await consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_messages)
         except KafkaError as e:
             raise self._unavailable(e) from None
-        if not data:
-            self._check_coordinator()
+        self._check_coordinator(idle=not data)
         now = time.monotonic()
         out: list[Delivery] = []
         records: list[ConsumerRecord[bytes, bytes]]
