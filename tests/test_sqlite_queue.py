@@ -888,6 +888,34 @@ async def test_closing_gives_up_a_call_stuck_on_a_file_another_process_locked(qp
         holder.close()
 
 
+async def test_a_file_another_process_keeps_locked_is_an_outage_after_one_busy_timeout(qpath: str) -> None:
+    """rev13: `BEGIN IMMEDIATE` held by hand for 40 s; each call retried 20 times, each try
+    waiting busy_timeout again, so a worker stood for up to ~200 s with `/healthz` ok and no
+    line. One whole busy_timeout is an outage now (the worker says it and tries again later);
+    the lock gone, the same queue goes on."""
+    from llmtap.errors import BackendUnavailable
+
+    q = SQLiteQueue(qpath, partitions=1, busy_timeout_ms=1000)
+    await q.connect("both")
+    holder = sqlite3.connect(qpath, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="locked by another process"):
+            await asyncio.wait_for(q.publish([Message("k", b"v")]), 60)
+        # One busy_timeout (1 s), not 20 of them (20 s and more): bounded generously.
+        assert time.monotonic() - t0 < 12
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    try:
+        await q.publish([Message("k", b"v")])
+        got = await q.consume(10, timeout=5)
+        assert [d.value for d in got] == [b"v"]
+    finally:
+        await q.close()
+
+
 @pytest.mark.parametrize("how", ["removed", "replaced"])
 async def test_a_queue_file_removed_or_replaced_while_open_is_opened_again_and_nothing_published_since_lost(
     producer: SQLiteQueue, qpath: str, how: str, caplog: pytest.LogCaptureFixture

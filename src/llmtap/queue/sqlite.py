@@ -184,16 +184,33 @@ class SQLiteQueue(Queue):
         return await loop.run_in_executor(self._executor, partial(self._guarded, fn, *args))
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` on the queue thread, retrying lock contention, mapping errors to ours."""
+        """Run `fn` on the queue thread, retrying lock contention, mapping errors to ours.
+
+        A lock the busy handler gave up on after its whole `busy_timeout` is held by another
+        process (a `BEGIN IMMEDIATE` by hand, a backup): an outage, said at once. Retried 20
+        times, each waiting the timeout again, a worker stood ~200 s without a word, `/healthz`
+        ok (rev13). Errors the handler never waited on (a read snapshot's upgrade) retry."""
+        started = time.monotonic()
         for attempt in range(_LOCK_RETRIES):
             try:
                 return fn(*args)
             except sqlite3.OperationalError as e:
                 self._rollback()
                 msg = str(e).lower()
-                if ("locked" in msg or "busy" in msg) and attempt < _LOCK_RETRIES - 1 and not self._closing:
+                waited = time.monotonic() - started
+                if (
+                    ("locked" in msg or "busy" in msg)
+                    and attempt < _LOCK_RETRIES - 1
+                    and not self._closing
+                    and waited < self.busy_timeout_ms / 1000
+                ):
                     time.sleep(min(0.2, 0.005 * 2**attempt))
                     continue
+                if "locked" in msg or "busy" in msg:
+                    raise BackendUnavailable(
+                        f"the SQLite queue {self.path} is locked by another process"
+                        f" ({waited:.0f} s waited): {e}"
+                    ) from e
                 raise BackendUnavailable(f"the SQLite queue {self.path} failed: {e}") from e
             except sqlite3.DatabaseError as e:
                 self._rollback()
