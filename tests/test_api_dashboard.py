@@ -8,6 +8,7 @@ the records (or, for values the server derives such as cost, from the plain time
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ import pytest
 
 from llmtap import keys
 from llmtap.record import Body, encode_many
+from llmtap.store.query import encode_cursor
 from llmtap.testing import dashboard_data as dd
 from store_helpers import dataset, store_params
 from test_api import Server, rec, start_server
@@ -159,6 +161,14 @@ async def test_sessions_list_pages_most_recent_first_with_totals(server: Server)
     assert status == 400 and body["error"]["parameter"] == "sort"
     status, body = await server.get("/api/v1/sessions?cursor=nope")
     assert status == 400 and body["error"]["parameter"] == "cursor"
+    # A walk's cursor carries its bound (`encode_walk_cursor`); a tampered bound is refused,
+    # a cursor of the requests list (no bound) still pages.
+    for bad in ([1, "a", "x"], [1, "a", 1.5], [1, "a", 2**62], [1, "a", 2, 3]):
+        raw = base64.urlsafe_b64encode(orjson.dumps(bad)).decode().rstrip("=")
+        status, body = await server.get("/api/v1/sessions?cursor=" + raw)
+        assert status == 400 and body["error"]["parameter"] == "cursor", bad
+    status, _ = await server.get("/api/v1/sessions?cursor=" + encode_cursor(2**40, "z"))
+    assert status == 200
 
 
 async def test_status_class_and_range_filters(server: Server) -> None:

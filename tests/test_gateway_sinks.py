@@ -222,6 +222,18 @@ async def test_a_spooled_record_the_queue_refuses_goes_whole_to_ingest_or_waits_
     q = _SizeLimitedQueue(str(tmp_path / "queue.db"), partitions=2)
     await q.connect("both")
     ingest = ListSink("ingest")
+    clock = [1000.0]
+    # The module's own `time` (the event loop's clock stays the real one).
+    monkeypatch.setattr(sinks_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    publishes = 0
+    publish = q.publish
+
+    async def counted(messages):  # type: ignore[no-untyped-def]
+        nonlocal publishes
+        publishes += 1
+        await publish(messages)
+
+    monkeypatch.setattr(q, "publish", counted)
     try:
         spool, records = await spooled("a")
         ingest.down = True
@@ -229,15 +241,19 @@ async def test_a_spooled_record_the_queue_refuses_goes_whole_to_ingest_or_waits_
         # The record that waits holds back neither the others nor the next tries: rev13 saw
         # the records before it published again at every try (2,035 messages for 300 records
         # in 80 s) and every record after it held back.
-        for _ in range(3):
-            await replayer.replay_once()
-        assert spool.pending()  # the one that waits, on disk
+        assert await replayer.replay_once() == 4
+        tried = publishes
+        for _ in range(3):  # its own segment, left alone until `HELD_RETRY` (rev14: resent each second)
+            assert await replayer.replay_once() == 0
+        assert publishes == tried and spool.pending()  # it waits, on disk
         deliveries = await q.consume(1000, timeout=0.5)
         await q.ack(deliveries)
         published = sorted(decode(d.value).id for d in deliveries)
         assert published == sorted(r.id for i, r in enumerate(records) if i != 2)
-        assert replayer.replayed == 4
+        clock[0] += sinks_module.HELD_RETRY
+        assert await replayer.replay_once() == 0 and publishes > tried  # tried again: still down
         ingest.down = False
+        clock[0] += sinks_module.HELD_RETRY
         assert await replayer.replay_once() == 1
         assert not spool.pending() and replayer.dropped == 0 and replayer.replayed == 5
         (whole,) = ingest.records
@@ -252,18 +268,22 @@ async def test_a_spooled_record_the_queue_refuses_goes_whole_to_ingest_or_waits_
         ahead = time.time_ns() + 30 * 86400 * 10**9
         seg.rename(seg.with_name(f"{ahead:020d}-{seg.name.partition('-')[2]}"))
         ingest.down = True
-        clock = [1000.0]
-        # The module's own `time` (the event loop's clock stays the real one).
-        monkeypatch.setattr(sinks_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
         replayer = SpoolReplayer(spool, q, whole=ingest)
         assert await replayer.replay_once() == 4  # the others go; one waits
         clock[0] += sinks_module.WHOLE_WAIT - 1
         assert await replayer.replay_once() == 0 and spool.pending()
-        clock[0] += 2
+        clock[0] += sinks_module.HELD_RETRY  # its next try, past the wait
         assert await replayer.replay_once() == 1 and not spool.pending()
         bare = [decode(d.value) for d in await q.consume(1000, timeout=0.5)]
         bare = [r for r in bare if r.id == records[2].id and r.request_headers == {}]
         assert bare and bare[0].error and "MessageSizeTooLarge" in bare[0].error
+        # A spool more than half full: the waiting record's old segment, deleted right after,
+        # leaves it the room (rev14: refused as "spool full" and published at once).
+        spool, records = await spooled("c")
+        (seg,) = spool.segments_for_replay()
+        spool.max_bytes = seg.stat().st_size + 1000
+        replayer = SpoolReplayer(spool, q, whole=ingest)
+        assert await replayer.replay_once() == 4 and spool.pending() and replayer.dropped == 0
     finally:
         await q.close()
 
@@ -289,15 +309,20 @@ async def test_a_record_too_large_for_the_queue_is_replayed_with_its_bodies_in_t
     await q.connect("both")
     bodies = DirBodyStore(tmp_path / "bodies")
     await bodies.connect()
+    ingest = ListSink("ingest")
+    ingest.down = True  # the way it takes does not wait for ingest (rev14: held for 10 minutes)
     try:
-        replayer = SpoolReplayer(spool, q, bodies=bodies)
         bodies.down = True
-        with pytest.raises(BackendUnavailable):
-            await replayer.replay_once()
-        assert spool.pending() and replayer.dropped == 0  # waits whole, not bare
+        with pytest.raises(BackendUnavailable):  # no ingest sink: the segment waits as it is
+            await SpoolReplayer(spool, q, bodies=bodies).replay_once()
+        replayer = SpoolReplayer(spool, q, bodies=bodies, whole=ingest)
+        assert await replayer.replay_once() == 2  # the others go; it waits, whole
+        assert spool.pending() and replayer.dropped == 0
         bodies.down = False
-        assert await replayer.replay_once() == 3
+        replayer = SpoolReplayer(spool, q, bodies=bodies, whole=ingest)
+        assert await replayer.replay_once() == 1
         assert not spool.pending() and replayer.dropped == 0 and bodies.puts == 3
+        assert not ingest.records
         got: dict[str, LogRecord] = {}
         while ds := await q.consume(1000, timeout=0.5):
             got.update((r.id, r) for r in (decode(d.value) for d in ds))

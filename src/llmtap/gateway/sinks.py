@@ -155,6 +155,9 @@ class _LoopThread:
 #: before it is published bare (its numbers, without bodies and headers): from the first
 #: refusal this process saw, on the monotonic clock (a gateway restarted meanwhile waits anew).
 WHOLE_WAIT = 600.0
+#: How often records that wait for the ingest endpoint try the queue and ingest again (their
+#: segment is left alone in between: tried every second, it was rewritten and resent each time).
+HELD_RETRY = 30.0
 
 
 class _Tally:
@@ -226,6 +229,8 @@ class SpoolReplayer:
         #: Record id → when the queue first refused it while the ingest endpoint was down
         #: (monotonic): it waits on disk `WHOLE_WAIT` from then.
         self._held_since: dict[str, float] = {}
+        #: Segments holding only records that wait (`spool.write_segment`) → when to try them.
+        self._held_due: dict[str, float] = {}
 
     def start(self) -> None:
         self._stop.clear()
@@ -283,28 +288,35 @@ class SpoolReplayer:
         done = 0
         segments = await asyncio.to_thread(self.spool.segments_for_replay)
         for path in segments:
+            due = self._held_due.get(path.name)
+            if due is not None and time.monotonic() < due:
+                continue  # records that wait for the ingest endpoint, tried again later
             frames = await asyncio.to_thread(self._read, path)
             if not frames:
                 continue  # another process is replaying it, or it is empty
             # BackendUnavailable while the body store is down: the segment stays as it is.
             frames = await self._offload(frames)
             tally = _Tally()
+            quiet = due is not None  # its records were refused before: said already
             for i in range(0, len(frames), REPLAY_CHUNK):
-                await self._publish(queue, frames[i : i + REPLAY_CHUNK], tally)
+                await self._publish(queue, frames[i : i + REPLAY_CHUNK], tally, quiet)
                 await asyncio.sleep(pause)  # let other work in between chunks
             if tally.held:
-                # Written again before the segment goes: a record that waits holds neither its
-                # segment's other records (published again at every try: 2,035 messages for 300
-                # records in 80 s) nor the segments after it.
+                # Written to a segment of their own before this one goes: a record that waits
+                # holds neither its segment's other records (published again at every try:
+                # 2,035 messages for 300 records in 80 s) nor the segments after it.
                 try:
-                    await asyncio.to_thread(self.spool.append, tally.held)
+                    held = await asyncio.to_thread(self._hold, tally.held, path)
                 except (SpoolFull, OSError) as e:
                     for frame in tally.held:
                         tally.published += await self._publish_bare(
                             queue, frame, RuntimeError(f"it could not wait on disk: {e}")
                         )
                     tally.held = []
+                else:
+                    self._held_due[held.name] = time.monotonic() + HELD_RETRY
             await asyncio.to_thread(DiskSpool.done, path)
+            self._held_due.pop(path.name, None)
             n = tally.published + tally.whole
             done += n
             self.replayed += n
@@ -315,6 +327,15 @@ class SpoolReplayer:
                 n, path.name, tally.published, tally.whole, len(tally.held),
             )  # fmt: skip
         return done
+
+    def _hold(self, frames: list[bytes], leaving: Path) -> Path:
+        """Write records that wait to a segment of their own; the space of `leaving`, deleted
+        right after, is theirs (counted, a spool half full held no record back: rev14)."""
+        try:
+            freeing = leaving.stat().st_size
+        except FileNotFoundError:
+            freeing = 0
+        return self.spool.write_segment(frames, freeing=freeing)
 
     async def _offload(self, frames: list[bytes]) -> list[bytes]:
         """The frames, with every body above the inline limit moved to the body store (`bodies.offload`).
@@ -366,7 +387,7 @@ class SpoolReplayer:
             return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, home))
 
-    async def _publish(self, queue: Queue, frames: list[bytes], tally: _Tally) -> None:
+    async def _publish(self, queue: Queue, frames: list[bytes], tally: _Tally, quiet: bool = False) -> None:
         try:
             await queue.publish([_unframe(f) for f in frames])
             tally.published += len(frames)
@@ -375,34 +396,54 @@ class SpoolReplayer:
             raise
         except Exception as e:
             if len(frames) == 1:
-                outcome = await self._send_whole(frames[0], e)
-                if outcome == "sent":
+                outcome = await self._refused_alone(queue, frames[0], e)
+                if outcome == "queued":
+                    tally.published += 1
+                elif outcome == "sent":
                     tally.whole += 1
                 elif outcome == "held":
                     tally.held.append(frames[0])
                 else:
                     tally.published += await self._publish_bare(queue, frames[0], e)
                 return
-            log.warning(
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
                 "the queue refused a spooled batch (%s: %s); replaying it record by record",
                 type(e).__name__,
                 e,
             )
         for frame in frames:
-            await self._publish(queue, [frame], tally)
+            await self._publish(queue, [frame], tally, quiet)
 
-    async def _send_whole(self, frame: bytes, exc: Exception) -> str:
-        """A record the queue refuses alone (a broker's size limit lowered) goes to the ingest
-        endpoint whole: published bare, it lost its bodies and headers for good over a setting
-        (queue audit). While that is down too the record is "held": it waits on disk,
-        `WHOLE_WAIT` seconds from the first refusal at most (then "bare", so one record never
-        waits for ever)."""
-        if self.whole is None:
-            return "bare"
+    async def _refused_alone(self, queue: Queue, frame: bytes, exc: Exception) -> str:
+        """What becomes of a record the queue refuses alone (a broker's size limit lowered):
+        "queued" with its bodies in the body store (nothing lost: their references travel),
+        else "sent" whole to the ingest endpoint, else "held" while that is down (`_send_whole`),
+        else "bare" (`_publish_bare`, which says what it lost)."""
         try:
-            record = decode(_unframe(frame).value)
+            msg = _unframe(frame)
+            record = decode(msg.value)
         except Exception:
             return "bare"  # not a record: the bare path says so
+        try:
+            if await self._bodies_out(record):
+                await queue.publish([Message(key=msg.key, value=encode(record))])
+                self._held_since.pop(record.id, None)
+                return "queued"
+        except BackendUnavailable:
+            if self.whole is None:
+                raise  # the queue down, or the body store: the record waits on disk whole
+        except Exception:
+            pass  # still too large without its bodies: whole to ingest, else bare
+        return await self._send_whole(record, exc)
+
+    async def _send_whole(self, record: LogRecord, exc: Exception) -> str:
+        """A record the queue refuses alone goes to the ingest endpoint whole: published bare,
+        it lost its bodies and headers for good over a setting (queue audit). While that is down
+        too the record is "held": it waits on disk, `WHOLE_WAIT` seconds from the first refusal
+        at most (then "bare", so one record never waits for ever)."""
+        if self.whole is None:
+            return "bare"
         try:
             await self._on_home(self.whole.send([record]))
         except BackendUnavailable as e:

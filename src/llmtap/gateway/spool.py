@@ -116,6 +116,27 @@ class DiskSpool:
                 raise
             self._written += len(frames)
 
+    def write_segment(self, values: Sequence[bytes], freeing: int = 0) -> Path:
+        """Write `values` durably to a closed segment of their own (records that wait:
+        `SpoolReplayer`), counting `freeing` bytes about to be deleted as free; returns it."""
+        frames = b"".join(_HEADER.pack(len(v), zlib.crc32(v)) + v for v in values)
+        with self._lock:
+            if self.size() - freeing + len(frames) > self.max_bytes:
+                raise SpoolFull(f"spool at {self.dir} is full ({self.max_bytes} bytes)")
+            self._rotate()
+            assert self._fd is not None and self._path is not None
+            path, view = self._path, memoryview(frames)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except OSError:
+                self._close()
+                path.unlink(missing_ok=True)
+                raise
+            self._close()  # the next append begins another segment
+            return path
+
     def _undo_write(self) -> None:
         """After a failed write (a full disk): cut off what part of the batch got written, so
         a later batch never follows a torn frame (a replay stops at one: what came after it

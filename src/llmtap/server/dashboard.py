@@ -134,7 +134,7 @@ async def export(request: web.Request) -> web.StreamResponse:
 
 async def list_sessions(request: web.Request) -> web.Response:
     """Sessions, most recently active first, in keyset pages (the list's filters and cursor)."""
-    q = query.parse_list(request.query.items(), query.SESSIONS_PARAMS)
+    q = query.parse_list(request.query.items(), query.SESSIONS_PARAMS, walk=True)
     page = await request.app[api.STORE].list_sessions(request[api.TENANT], q)
     return api.json_response({"items": page.items, "next_cursor": page.next_cursor})
 

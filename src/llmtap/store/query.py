@@ -418,8 +418,11 @@ def _filters(params: Mapping[str, str], props: dict[str, str]) -> ListQuery:
     return q
 
 
-def parse_list(items: Iterable[tuple[str, str]], allowed: Iterable[str] = LIST_PARAMS) -> ListQuery:
-    """A `ListQuery` from query-string pairs (`allowed`: the endpoint's parameters)."""
+def parse_list(
+    items: Iterable[tuple[str, str]], allowed: Iterable[str] = LIST_PARAMS, *, walk: bool = False
+) -> ListQuery:
+    """A `ListQuery` from query-string pairs (`allowed`: the endpoint's parameters; `walk`:
+    its cursors are `encode_walk_cursor`'s, the sessions list's)."""
     params, props = split_params(items, allowed, properties=True)
     q = _filters(params, props)
     q.limit = integer(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
@@ -437,7 +440,10 @@ def parse_list(items: Iterable[tuple[str, str]], allowed: Iterable[str] = LIST_P
         q.q = params["q"]
     if "cursor" in params:
         try:
-            decode_sort_cursor(params["cursor"], sort)
+            if walk:
+                decode_walk_cursor(params["cursor"])
+            else:
+                decode_sort_cursor(params["cursor"], sort)
         except ValueError:
             raise QueryError("cursor", "invalid parameter 'cursor': not a cursor this API returned") from None
         q.cursor = params["cursor"]
