@@ -905,12 +905,28 @@ async def test_a_file_another_process_keeps_locked_is_an_outage_after_one_busy_t
             await asyncio.wait_for(q.publish([Message("k", b"v")]), 60)
         # One busy_timeout (1 s), not 20 of them (20 s and more): bounded generously.
         assert time.monotonic() - t0 < 12
+        # An idle consumer says it too (its heartbeat cannot write): what a worker's /healthz shows.
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, "the idle consumer never said the queue is locked"
+            try:
+                await q.consume(10, timeout=0.2)
+            except BackendUnavailable as e:
+                assert "locked by another process" in str(e), e
+                break
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     try:
         await q.publish([Message("k", b"v")])
-        got = await q.consume(10, timeout=5)
+        got: list[Delivery] = []
+        deadline = time.monotonic() + 60
+        while not got:  # once its heartbeat has written again
+            assert time.monotonic() < deadline, "the queue never came back"
+            try:
+                got = await q.consume(10, timeout=0.5)
+            except BackendUnavailable:
+                await asyncio.sleep(0.1)  # as a worker backs off (its heartbeat runs meanwhile)
         assert [d.value for d in got] == [b"v"]
     finally:
         await q.close()

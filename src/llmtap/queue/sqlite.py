@@ -698,6 +698,7 @@ class SQLiteQueue(Queue):
         said = 0.0  # when a failure was last logged: once a minute, not once a heartbeat
         while True:
             await asyncio.sleep(self.heartbeat_interval)
+            began = time.monotonic()
             try:
                 await self._call(self._tick)
                 self._heartbeat_failing = None
@@ -706,7 +707,10 @@ class SQLiteQueue(Queue):
                     said = 0.0
             except BackendUnavailable as e:
                 if self._heartbeat_failing is None:
-                    self._heartbeat_failing = (time.monotonic(), str(e))
+                    # Since the failing try began: a lock waited out for busy_timeout is that
+                    # long an outage already (timed from its end, /healthz said it 12 s after
+                    # the log line: rev14).
+                    self._heartbeat_failing = (began, str(e))
                 if time.monotonic() - said >= 60.0:
                     log.warning("queue heartbeat of %s failed (retrying every %gs): %s", self.path,
                                 self.heartbeat_interval, e)  # fmt: skip
