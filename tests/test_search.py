@@ -289,6 +289,48 @@ def test_a_reassembled_stream_is_indexed_once_from_its_response() -> None:
     assert record_text(r) == "the quick brown"
 
 
+def test_encoded_media_is_not_indexed_but_the_words_around_it_are() -> None:
+    """The media audit: base64 images in messages, `b64_json`, audio answers and uploaded files
+    were indexed as text: random queries matched them, and an image before the user's words
+    took the whole text budget (`q=capybaraotter` found nothing)."""
+    import base64
+    import os
+
+    from llmtap.store.search import body_text, record_text
+
+    image = base64.b64encode(os.urandom(60_000)).decode()
+    request = {
+        "model": "claude-sonnet-4-5",
+        "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}},
+            {"type": "text", "text": "capybaraotter"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}},
+        ]}],
+    }  # fmt: skip
+    answer = {"created": 1, "data": [{"b64_json": image, "revised_prompt": "a red fox"}]}
+    r = rec(1, id="m", request_body=jbody(request), response_body=jbody(answer))
+    text = record_text(r)
+    assert text is not None and "capybaraotter" in text and "a red fox" in text
+    assert image[:40].casefold() not in text and len(text) < 200
+    # A body of a binary type is no text at all; a form's text fields are, not its files.
+    audio = os.urandom(20_000)
+    assert body_text(Body(content_type="audio/mpeg", size=len(audio), data=audio), audio) == ""
+    form = (
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + audio + b"\r\n"
+        b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nmake it a watercolour\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-image-1\r\n--xyz--\r\n'
+    )
+    ctype = "multipart/form-data; boundary=xyz"
+    got = body_text(Body(content_type=ctype, size=len(form), data=form), form)
+    assert got == "make it a watercolour\ngpt-image-1"
+    # Long words without spaces that are not base64 (a URL, CJK prose) are still text.
+    url = "https://example.com/" + "a/" * 150
+    cjk = "\u65e5\u672c\u8a9e" * 100
+    assert body_text(jbody({"u": url, "c": cjk}), zstandard.ZstdCompressor().compress(
+        json.dumps({"u": url, "c": cjk}).encode())) == url + "\n" + cjk  # fmt: skip
+
+
 def test_json_only_a_lenient_parser_reads_is_indexed_as_its_text() -> None:
     """A body with a byte-order mark, a lone surrogate escape or a byte that is not UTF-8 was
     indexed as raw JSON text, its `\\u` escapes undecoded: `q=` missed what the page showed."""

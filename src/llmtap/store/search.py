@@ -8,7 +8,9 @@ What is indexed, per record: the string values of the request and response JSON 
 and punctuation left out, `\\u` escapes decoded, so "日本" matches however the client encoded
 it); for streams, the response the gateway reassembled from the events (its text is the deltas
 joined as the client saw them), or the deltas from the raw events when nothing could be
-reassembled; a body that is not JSON as text. At most `SEARCH_BYTES` (32 KiB of UTF-8) per
+reassembled; a body that is not JSON as text; of a multipart form its text fields. Encoded
+media is left out: audio, image and other binary bodies, uploaded files, and JSON strings that
+are base64 data (an image in a message, `b64_json`). At most `SEARCH_BYTES` (32 KiB of UTF-8) per
 record: when the request and the response are both long, each keeps 16 KiB, so the answer stays
 searchable however long the conversation resent with it; a request cut keeps its start (the
 system prompt) and its end (the latest message), the response its start.
@@ -23,6 +25,7 @@ search case-insensitive in every script the same way on both stores.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -53,9 +56,28 @@ def _decode(body: Body, raw: bytes) -> bytes:
     return raw[:_READ_BYTES]
 
 
+#: A string this long without a space may be encoded media: base64 image, audio or document
+#: data (Anthropic's `source.data`, Gemini's `inline_data`, `b64_json`, a `data:` URL).
+_BLOB_MIN = 200
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]+=*")
+#: Content types whose bytes are no text: an audio answer decoded as text indexed 17 KB of
+#: garbage, matched by random queries (media audit).
+_BINARY = ("audio/", "image/", "video/", "application/octet-stream", "application/pdf", "application/zip")
+
+
+def _blob(s: str) -> bool:
+    """Encoded media, not prose: indexed, it matched random queries and took the record's
+    whole text budget from the words around it (media audit)."""
+    if " " in s:
+        return False
+    if s.startswith("data:"):
+        return ";base64," in s[:200]
+    return _BASE64.fullmatch(s) is not None
+
+
 def _strings(v: Any) -> list[str]:
-    """The string values of parsed JSON, in document order; a loop, not recursion, so that any
-    nesting depth orjson accepts is walked."""
+    """The string values of parsed JSON, in document order, encoded media left out (`_blob`);
+    a loop, not recursion, so that any nesting depth orjson accepts is walked."""
     out: list[str] = []
     stack = [v]
     pop, extend, append = stack.pop, stack.extend, out.append
@@ -63,7 +85,8 @@ def _strings(v: Any) -> list[str]:
         x = pop()
         t = type(x)  # orjson makes exactly these types: no isinstance chain per value
         if t is str:
-            append(x)
+            if len(x) < _BLOB_MIN or not _blob(x):
+                append(x)
         elif t is dict:
             extend(reversed(x.values()))
         elif t is list:
@@ -104,6 +127,10 @@ def body_text(body: Body, raw: bytes, pick: Callable[[Any], Any] | None = None) 
             if not found:
                 other.append("\n".join(_strings(event)))
         return "".join(pieces) + ("\n" + "\n".join(other) if other else "")
+    if ctype.startswith(_BINARY):
+        return ""
+    if ctype.startswith("multipart/form-data"):
+        return _form_text(data, body.content_type or "")
     try:
         obj = loads(data)
     except orjson.JSONDecodeError:
@@ -117,6 +144,26 @@ def _text(data: bytes, content_type: str | None) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data.decode(declared_charset(content_type) or "utf-8", "replace")
+
+
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+
+
+def _form_text(data: bytes, content_type: str) -> str:
+    """The text fields of a multipart form (an image edit's `prompt`, a transcription's), not
+    its files: an upload's bytes are no text."""
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        return ""
+    out = []
+    for part in data.split(b"--" + found.group(1).encode("latin-1")):
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if not sep or b"filename=" in head.lower() or b"content-disposition" not in head.lower():
+            continue
+        text = _text(value.removesuffix(b"\r\n"), None)
+        if text and not (len(text) >= _BLOB_MIN and _blob(text)):
+            out.append(text)
+    return "\n".join(out)
 
 
 def _text_or_none(body: Body, raw: bytes, pick: Callable[[Any], Any] | None = None) -> str | None:
