@@ -1118,6 +1118,58 @@ async def test_a_transcription_upload_names_its_model_and_prices_its_audio(
     assert rec.cost_usd is not None and as_text is not None and rec.cost_usd > as_text.usd  # audio costs more
 
 
+async def test_media_calls_keep_their_model_and_are_priced_by_their_own_units(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The media audit: a form's `model` after a file larger than LLMTAP_MAX_BODY_BYTES was lost
+    (the model field comes last in OpenAI's own curl examples); whisper-1's `seconds` and
+    tts-1's characters were unpriced though the table prices them; an upload's parts and its
+    completion were counted as billed, unpriced."""
+    from llmtap import pricing
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if request.path.endswith("/audio/speech"):
+            return web.Response(body=b"ID3" + bytes(range(256)) * 20, content_type="audio/mpeg")
+        if request.path.endswith("/transcriptions"):
+            return web.json_response({"text": "hi", "usage": {"type": "duration", "seconds": 9.2}})
+        return web.json_response({"id": "part_1", "object": "upload.part"})
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path, max_body_bytes=4096), q) as (svc, gw):
+            headers = {"Authorization": "Bearer sk-test"}
+            form = aiohttp.FormData()
+            form.add_field("file", b"\xff\xfb" * 10_000, filename="a.mp3", content_type="audio/mpeg")
+            form.add_field("model", "whisper-1")
+            async with http.post(f"{gw}/openai/v1/audio/transcriptions", data=form, headers=headers) as r:
+                assert r.status == 200
+            speech = {"model": "tts-1", "input": "Hello, world!", "voice": "alloy"}
+            async with http.post(f"{gw}/openai/v1/audio/speech", json=speech, headers=headers) as r:
+                assert r.status == 200 and (await r.read()).startswith(b"ID3")
+            for tail in ("parts", "complete"):
+                async with http.post(
+                    f"{gw}/openai/v1/uploads/upload_1/{tail}", json={}, headers=headers
+                ) as r:
+                    assert r.status == 200
+            recs = {r.path.rsplit("/", 1)[-1]: r for r in await published(svc, q, 4)}
+    finally:
+        await runner.cleanup()
+    heard = recs["transcriptions"]
+    assert heard.model == "whisper-1" and heard.request_body is not None and heard.request_body.truncated
+    assert heard.usage.audio_seconds == 10
+    pricing.apply_cost(heard)
+    assert heard.cost_nanos == 1_000_000  # whisper-1: $0.006 a minute, 10 s
+    said = recs["speech"]
+    assert said.model == "tts-1" and said.usage.source == "estimated" and said.usage.input_characters == 13
+    pricing.apply_cost(said)
+    assert said.cost_nanos == 13 * 15_000  # tts-1: $15 per million characters
+    for tail in ("parts", "complete"):
+        pricing.apply_cost(recs[tail])
+        assert recs[tail].cost_usd == 0, tail  # generates nothing: $0, not "unpriced"
+
+
 async def test_a_capture_finished_twice_is_one_record_with_its_first_outcome(tmp_path: Path) -> None:
     """The concurrency review: an upstream cut whose last write to the client was cancelled
     (the client left that moment) finished its capture again from the handler's `except`: two

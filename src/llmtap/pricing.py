@@ -16,7 +16,9 @@ arithmetic), far too slow per record for a worker that should do thousands per s
 - a reported `service_tier` of `flex` or `priority` selects that tier's prices (the table's
   price variants); every other tier is the standard price;
 - Anthropic's US-only inference multiplies the token prices by 1.1; its fast mode, whose
-  multiplier differs by model and is not in the table, leaves the cost unknown.
+  multiplier differs by model and is not in the table, leaves the cost unknown;
+- audio billed by its length (whisper-1's `seconds`) and speech by its input's characters
+  (tts-1) are priced per those units, where the table has them.
 
 Usage semantics: the record follows OpenAI's convention for every provider (the gateway's
 provider parsers normalise to it, see `llmtap.providers.anthropic`), which is also genai-prices'
@@ -288,6 +290,9 @@ def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) ->
     """The cost of one request, or None when the model or the usage is unknown."""
     if not model:
         return None
+    by_length = usage.audio_seconds is not None or usage.input_characters is not None
+    if by_length and usage.prompt_tokens is None:
+        return _by_length(provider, model, usage, at)
     if usage.speed is not None or usage.inference_geo is not None:
         return _with_premium(provider, model, usage, at)
     counts = _counts(usage)
@@ -342,6 +347,29 @@ def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) ->
     except ValueError:
         return None  # the library judged the usage inconsistent
     return Cost(usd=float(total), nanos=_to_nanos(total), version=_version(day))
+
+
+def _by_length(provider: str, model: str, usage: Usage, at: datetime) -> Cost | None:
+    """Audio billed by its length (whisper-1's seconds) or input by its characters (tts-1),
+    where the table prices that unit; unknown otherwise (a $0 from a price that has none)."""
+    info = _find_model(provider, model)
+    if info is None:
+        return None
+    price = info.get_prices(at, None)
+    units = set(price.__dict__)
+    if usage.audio_seconds is not None:
+        if not any("audio_hours" in u or "audio_seconds" in u for u in units):
+            return None
+        gusage = gp.Usage(audio_seconds=usage.audio_seconds)
+    else:
+        if not any("chars" in u for u in units):
+            return None
+        gusage = gp.Usage(input_characters=usage.input_characters)
+    try:
+        total = price.calc_price(gusage)["total_price"]
+    except ValueError:
+        return None
+    return Cost(usd=float(total), nanos=_to_nanos(total), version=_version(at.astimezone(UTC).date()))
 
 
 def _with_premium(provider: str, model: str, usage: Usage, at: datetime) -> Cost | None:

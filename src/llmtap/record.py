@@ -71,6 +71,8 @@ class Usage(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unknown_fie
     output_audio_tokens: int | None = None  # part of completion_tokens
     input_image_tokens: int | None = None  # part of prompt_tokens (image models price them apart)
     output_image_tokens: int | None = None  # part of completion_tokens (Gemini's image output)
+    audio_seconds: int | None = None  # audio billed by its length (whisper-1), in whole seconds
+    input_characters: int | None = None  # input billed per character (tts-1), from the request
     service_tier: str | None = None  # as the provider reported it (`flex`, `priority` price differently)
     speed: str | None = None  # Anthropic's `speed` when not standard (`fast`: premium prices)
     inference_geo: str | None = None  # Anthropic's `inference_geo` when not global (`us`: 1.1x)

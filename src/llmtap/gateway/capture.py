@@ -50,6 +50,8 @@ CAPTURE_OVERHEAD = 1024
 
 
 #: A multipart form's `model` field: its part's headers, a blank line, the value.
+#: Bytes kept of the end of a request cut at `max_bytes` (`Capture.request_tail`).
+REQUEST_TAIL = 64 * 1024
 _FORM_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,256})\r\n', re.IGNORECASE)
 
 
@@ -69,6 +71,7 @@ class Capture:
         "request_body",
         "request_headers",
         "request_size",
+        "request_tail",
         "response_headers",
         "response_size",
         "started",
@@ -111,6 +114,9 @@ class Capture:
         self.llmtap = llmtap
         self.request_body = request_body  # already cut to `max_bytes`
         self.request_size = request_size
+        #: The end of a request cut at `max_bytes` (`REQUEST_TAIL`): a form's fields after its
+        #: file (`-F file=@big.mp3 -F model=...`, as OpenAI's docs order them).
+        self.request_tail = b""
         self.started = started  # time.time() at arrival
         self.t0 = t0  # perf_counter() at arrival
         self.t_headers = 0.0  # upstream response headers received
@@ -335,7 +341,7 @@ class RecordBuilder:
             and req_ctype.lower().startswith("multipart/form-data")
         ):
             # An upload (audio transcription, translation) names its model in a form field.
-            field = _FORM_MODEL.search(req_kept)
+            field = _FORM_MODEL.search(req_kept) or _FORM_MODEL.search(cap.request_tail)
             if field is not None:
                 req_json = {"model": field.group(1).decode("utf-8", "replace")}
 
@@ -440,6 +446,8 @@ class RecordBuilder:
 
         if usage.source != "missing" and not fmt.bills(cap.method, cap.path):
             usage = Usage()  # a look-up of an answer billed when it was made
+        elif usage.source == "missing" and cap.status is not None and 200 <= cap.status < 300:
+            usage = fmt.usage_from_request(cap.path, req_json) or usage  # speech: its characters
 
         model = fmt.model(cap.path, req_json, response_obj)
 

@@ -34,7 +34,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from llmtap.gateway.capture import Capture
+from llmtap.gateway.capture import REQUEST_TAIL, Capture
 from llmtap.gateway.headers import (
     FORWARD_DROP,
     LLMTAP_PREFIXES,
@@ -403,6 +403,8 @@ class Proxy:
             t0,
             max_body,
         )
+        if len(body) > max_body:
+            cap.request_tail = body[-REQUEST_TAIL:]
         if isinstance(lost, MemoryError):
             why = f"llmtap ran out of memory reading the request body ({request.content_length or '?'} bytes)"
             resp = _json_error(503, "llmtap_out_of_memory", why + "; nothing was sent upstream", cap.id)

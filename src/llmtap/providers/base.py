@@ -90,7 +90,11 @@ class Provider(ABC):
         background response would pay once per poll. Token counting (`count_tokens`,
         `:countTokens`) and OpenAI's moderations are free, and an upload or a batch created
         generates nothing yet: their records cost $0."""
-        return method == "POST" and not path.endswith(_FREE)
+        if method != "POST" or path.endswith(_FREE):
+            return False
+        # An upload's parts and its completion (`/v1/uploads/{id}/parts`, `/complete`): not
+        # Anthropic's billed `POST /v1/complete`, so matched under `/uploads/` only.
+        return not ("/uploads/" in path and path.endswith(("/parts", "/complete")))
 
     @abstractmethod
     def usage_from_body(self, body: Any) -> Usage:
@@ -127,6 +131,11 @@ class Provider(ABC):
         for APIs without history, is the whole request.
         """
         return request
+
+    def usage_from_request(self, path: str, request: Any) -> Usage | None:
+        """What a billed call's parsed request says it uses, for an answer that reports no
+        usage (source "estimated"); None: nothing (the default)."""
+        return None
 
     def end_user(self, request: Any) -> str | None:
         """The end user a parsed request body names, for a client that sent no `Llmtap-User-Id`.

@@ -13,6 +13,7 @@ OpenAI then puts on every other chunk. The client gets the bytes it would have g
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 import msgspec
 import orjson
 
+from llmtap.limits import MAX_TOKENS
 from llmtap.providers.base import Provider, StreamFilter, response_model, text_member
 from llmtap.providers.common import after_last_reply, error_message, loads, role_is, scrub_stream, token_count
 from llmtap.providers.sse import StreamResult, data_payloads, event_bounds, last_boundary
@@ -46,6 +48,11 @@ def parse_usage(u: Any) -> Usage:
     """
     if not isinstance(u, dict):
         return Usage()
+    if u.get("type") == "duration":  # whisper-1 bills its audio by the second
+        seconds = u.get("seconds")
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and 0 <= seconds <= MAX_TOKENS:
+            return Usage(source="provider", audio_seconds=math.ceil(seconds))
+        return Usage()  # NaN, negative, absurd: unknown
     if "prompt_tokens" in u or "completion_tokens" in u:
         prompt = token_count(u.get("prompt_tokens"))
         completion = token_count(u.get("completion_tokens"))
@@ -774,6 +781,14 @@ class OpenAI(Provider):
     def end_user(self, request: Any) -> str | None:
         # `user` is being replaced by `safety_identifier` (and `prompt_cache_key`, not a user).
         return text_member(request, "user") or text_member(request, "safety_identifier")
+
+    def usage_from_request(self, path: str, request: Any) -> Usage | None:
+        """Speech (`/audio/speech`) answers audio bytes and no usage; tts-1 and tts-1-hd bill
+        each character of its `input`."""
+        text = request.get("input") if isinstance(request, dict) else None
+        if path.endswith("/audio/speech") and isinstance(text, str):
+            return Usage(source="estimated", input_characters=len(text))
+        return None
 
 
 class OpenAICompatible(OpenAI):
