@@ -1170,6 +1170,36 @@ async def test_media_calls_keep_their_model_and_are_priced_by_their_own_units(
         assert recs[tail].cost_usd == 0, tail  # generates nothing: $0, not "unpriced"
 
 
+async def test_an_upstream_url_handed_to_the_client_points_at_the_gateway(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A redirect's `Location` at the upstream took the client's next call round the gateway;
+    it names the route as the client reached it (a proxy in front: `X-Forwarded-*`). A host that
+    only begins like the upstream's is left alone."""
+
+    async def handler(request: web.Request) -> web.Response:
+        where = request.query.get("to", "")
+        return web.Response(status=307, headers={"Location": where.replace("UP", f"http://127.0.0.1:{port}")})
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (_, gw):
+            cases = [
+                ("UP/v1/files/f1?x=1", {}, f"{gw}/openai/v1/files/f1?x=1"),
+                ("UP/v1/x", {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "llm.example.com"},
+                 "https://llm.example.com/openai/v1/x"),
+                ("UP.evil.example/v1/x", {}, f"http://127.0.0.1:{port}.evil.example/v1/x"),
+                ("https://elsewhere.example/v1/x", {}, "https://elsewhere.example/v1/x"),
+            ]  # fmt: skip
+            for to, headers, want in cases:
+                url = f"{gw}/openai/v1/go"
+                async with http.get(url, params={"to": to}, headers=headers, allow_redirects=False) as r:
+                    assert r.status == 307 and r.headers["Location"] == want, (to, r.headers["Location"])
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_capture_finished_twice_is_one_record_with_its_first_outcome(tmp_path: Path) -> None:
     """The concurrency review: an upstream cut whose last write to the client was cancelled
     (the client left that moment) finished its capture again from the handler's `except`: two

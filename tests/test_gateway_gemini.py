@@ -257,6 +257,27 @@ async def test_openai_compatible_endpoint_with_the_openai_sdk(upstream: int, tmp
     assert plain.cost_nanos == round(expected * 1e9)
 
 
+async def test_a_file_upload_comes_through_the_gateway(upstream: int, tmp_path: Path) -> None:
+    """The media audit: the Files API's resumable upload answered the upstream's own URL
+    (`X-Goog-Upload-URL`), so the file's bytes went round the gateway: unlogged, and lost to a
+    client that can reach only the gateway. The URL is the gateway's route now."""
+    q = MemoryQueue()
+    s = settings_for(upstream, tmp_path, gemini_base_url=f"http://127.0.0.1:{upstream}")
+    data = tmp_path / "notes.txt"
+    data.write_bytes(b"meeting notes " * 1000)
+    async with running_gateway(s, q) as (_, gw):
+        file = await client(gw).aio.files.upload(file=str(data), config={"mime_type": "text/plain"})
+        start, upload = await records(q, 2)
+    assert file.name == "files/fake-file-1" and file.size_bytes == 14_000
+    assert start.path == upload.path and start.path.startswith("/upload/") and start.path.endswith("/files")
+    assert upload.request_body is not None and upload.request_body.size == 14_000  # the bytes, logged
+    assert "upload_id=fake-upload-1" in upload.target_url
+    for rec in (start, upload):
+        apply_cost(rec)
+        assert rec.status == 200 and rec.cost_usd == 0  # an upload generates nothing
+        no_key(rec)
+
+
 async def test_query_key_never_recorded(upstream: int, tmp_path: Path) -> None:
     q = MemoryQueue()
     s = settings_for(upstream, tmp_path, gemini_base_url=f"http://127.0.0.1:{upstream}")

@@ -180,6 +180,23 @@ def _tidy(rest: str) -> str:
     return path if q < 0 else path + rest[q:]
 
 
+def _under(url: str, base: str) -> bool:
+    """Whether `url` is `base` or below it (not `https://api.example.com.evil/`)."""
+    return url.startswith(base) and url[len(base) : len(base) + 1] in ("", "/", "?", "#")
+
+
+def _here(request: web.BaseRequest, route: str) -> str:
+    """This route's URL as the client reached it (`X-Forwarded-Proto` / `-Host` from a proxy in
+    front, else the request's own): where an upstream URL handed to the client must point, or
+    the client goes round the gateway (Gemini's resumable uploads: every file's bytes unlogged,
+    and lost to a client that can reach only the gateway)."""
+    headers = request.headers
+    proto = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    host = headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    scheme = proto if proto in ("http", "https") else request.scheme
+    return f"{scheme}://{host}/{route}"
+
+
 def _json_error(status: int, kind: str, message: str, request_id: str | None) -> web.Response:
     headers = {"Content-Type": "application/json"}
     if request_id is not None:
@@ -470,7 +487,9 @@ class Proxy:
             upstream_body, stripper, sent_headers, read_ahead = body, None, forward, None
 
         try:
-            return await self._relay(request, upstream, cap, stripper, request_id, read_ahead, provider, path)
+            return await self._relay(
+                request, upstream, cap, stripper, request_id, read_ahead, provider, path, (raw[1:slash], base)
+            )
         finally:
             upstream.release()
 
@@ -484,6 +503,7 @@ class Proxy:
         read_ahead: bytes | None,
         provider: Provider,
         path: str,
+        route: tuple[str, str],  # (name, upstream base URL): to rewrite `relocated_headers`
     ) -> web.StreamResponse:
         cap.t_headers = time.perf_counter()
         cap.status = upstream.status
@@ -498,10 +518,13 @@ class Proxy:
 
         headers: list[tuple[str, str]] = []
         hop = connection_listed(up_headers.get("Connection"))
+        relocated = provider.relocated_headers
         for name, value in up_headers.items():
             lname = name.lower()
             if lname in RESPONSE_DROP or lname in hop:
                 continue
+            if lname in relocated and _under(value, route[1]):
+                value = _here(request, route[0]) + value[len(route[1]) :]
             if stripper is not None and lname == "content-length":
                 continue  # we change the body's length
             if not value.isprintable() and _FORBIDDEN.search(value) is not None:

@@ -76,6 +76,9 @@ class Provider(ABC):
 
     #: The member of a non-stream answer that holds its usage (every provider sends it last).
     usage_member = "usage"
+    #: Answer headers (lower case) whose URL at the upstream is rewritten to the gateway's own
+    #: route, so the client's next call comes through it (a redirect's `Location`).
+    relocated_headers: frozenset[str] = frozenset({"location"})
 
     def wire(self, path: str) -> Provider:
         """The provider that speaks `path`'s wire format: this one, but for an API that also

@@ -276,6 +276,9 @@ class Gemini(Provider):
         return self.compatible if _OPENAI_COMPATIBLE in path else self
 
     usage_member = "usageMetadata"
+    #: The Files API's resumable upload answers where to send the file: the upstream's URL,
+    #: which took the bytes round the gateway.
+    relocated_headers = frozenset({"location", "x-goog-upload-url"})
 
     def usage_from_body(self, body: Any) -> Usage:
         return usage_from_body(body)

@@ -274,11 +274,37 @@ async def models(request: web.Request) -> web.StreamResponse:
     return _error(404, f"Method {method!r} is not found for model {model!r}.")
 
 
+async def upload_file(request: web.Request) -> web.Response:
+    """The Files API's resumable upload (`client.files.upload`): `start` answers the URL to send
+    the bytes to (this server's own, absolute, as Google's), `upload, finalize` takes them."""
+    command = request.headers.get("X-Goog-Upload-Command", "")
+    body = await request.read()
+    if "start" in command:
+        url = f"{request.url.origin()}{request.path}?upload_id=fake-upload-1&upload_protocol=resumable"
+        return web.Response(headers={"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active"})
+    if request.query.get("upload_id") != "fake-upload-1":
+        return _error(400, "Unknown upload id.")
+    done = "finalize" in command
+    file = {
+        "name": "files/fake-file-1",
+        "mimeType": "application/octet-stream",
+        "sizeBytes": str(len(body)),
+        "uri": f"{request.url.origin()}/v1beta/files/fake-file-1",
+        "state": "ACTIVE",
+    }
+    return web.Response(
+        body=fu._pretty({"file": file}) if done else b"",
+        content_type="application/json",
+        headers={"X-Goog-Upload-Status": "final" if done else "active"},
+    )
+
+
 def add_routes(router: web.UrlDispatcher) -> None:
     """Register the Gemini routes (before the fake's catch-all), its OpenAI-compatible
     endpoint too (`/v1beta/openai/...`: OpenAI's wire, served as the OpenAI fake serves it)."""
     from llmtap.testing import fake_openai
 
     router.add_post("/{version}/models/{spec}", models)
+    router.add_post("/upload/{version}/files", upload_file)
     router.add_post("/{version}/openai/chat/completions", fake_openai.openai_chat_completions)
     router.add_post("/{version}/openai/embeddings", fake_openai.openai_embeddings)
