@@ -1354,6 +1354,41 @@ async def test_a_binary_body_and_a_lost_one_say_what_they_are(
         )
 
 
+async def test_an_image_in_a_message_is_shown_by_its_size_not_in_full(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The media audit: JSON bodies holding base64 media were shown whole: a 6 MB image and PDF
+    request made a 4 MB block of text in the detail view."""
+    import base64
+    import random
+
+    rng = random.Random(5)
+    image = base64.b64encode(rng.randbytes(300_000)).decode()
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}},
+        {"type": "text", "text": "what is in this picture?"}]}]}  # fmt: skip
+    raw = orjson.dumps(body)
+    record = msgspec.structs.replace(
+        dd.record(1, at=datetime.now(UTC) - timedelta(minutes=1), rng=rng, kind=0),
+        request_body=Body(
+            content_type="application/json", size=len(raw), encoding="zstd", data=compress(raw)
+        ),
+    )
+    async for s in _server(tmp_path_factory.mktemp("media")):
+        await s.ingest([record])
+        async with opened_page(browser, s.base) as pg:
+            await pg.goto(f"{s.base}/#/requests/{record.id}?range=all")
+            pre = pg.locator("#drawer section", has_text="Raw request body").locator("pre")
+            await playwright_api.expect(pre).to_contain_text("what is in this picture?", timeout=WAIT)
+            await playwright_api.expect(pre).to_contain_text(
+                "«base64 data, 293.0 KiB: not shown", timeout=WAIT
+            )
+            assert len(await pre.text_content() or "") < 2_000
+            assert image[:100] not in (await pg.locator("#drawer").text_content() or "")
+        got = await s.get(f"/api/v1/requests/{record.id}")
+        assert image in orjson.dumps(got["request_body"]).decode()  # the API keeps it whole
+
+
 async def test_a_body_cut_at_the_size_limit_says_so(
     crafted: tuple[Srv, dict[str, LogRecord]], browser: Any
 ) -> None:

@@ -724,9 +724,25 @@ function section(title, ...body) {
   return h("section", { class: "dsec" }, h("h3", {}, title), ...body);
 }
 
+// Encoded media in JSON (an image in a message, `b64_json`, a speech answer's audio): shown in
+// full, one 6 MB request made a 4 MB block of text. A long string without a space that is all
+// base64, or a `data:` URL, is shown by its size; the API's body still holds it whole.
+const B64 = /^[A-Za-z0-9+/_-]+=*$/;
+function isBlob(s) {
+  if (s.length < 200 || s.includes(" ")) return false;
+  return s.startsWith("data:") ? s.slice(0, 200).includes(";base64,") : B64.test(s);
+}
+function elide(key, value) {
+  if (typeof value === "string" && isBlob(value)) {
+    const kind = value.startsWith("data:") ? value.slice(5, value.indexOf(";")) || "data" : "base64 data";
+    return `«${kind}, ${fmtBytes(Math.floor(value.length * 3 / 4))}: not shown, the API's body holds it»`;
+  }
+  return value;
+}
+
 function pretty(v) {
   if (v === null || v === undefined) return "(none)";
-  return typeof v === "string" ? v : JSON.stringify(v, null, 2);
+  return typeof v === "string" ? v : JSON.stringify(v, elide, 2);
 }
 
 /**
