@@ -1374,8 +1374,19 @@ async def test_an_image_in_a_message_is_shown_by_its_size_not_in_full(
             content_type="application/json", size=len(raw), encoding="zstd", data=compress(raw)
         ),
     )
+    # An upload cut at the size limit: its file part showed the bytes kept as the file's size.
+    form = (
+        b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.mp3"\r\n'
+        b"Content-Type: audio/mpeg\r\n\r\n" + rng.randbytes(4000)
+    )
+    upload = msgspec.structs.replace(
+        dd.record(2, at=datetime.now(UTC) - timedelta(minutes=1), rng=rng, kind=0),
+        request_body=Body(content_type="multipart/form-data; boundary=xyz", size=6_000_000, truncated=True,
+                          encoding="zstd", data=compress(form)),
+    )  # fmt: skip
     async for s in _server(tmp_path_factory.mktemp("media")):
-        await s.ingest([record])
+        await s.ingest([record, upload])
         async with opened_page(browser, s.base) as pg:
             await pg.goto(f"{s.base}/#/requests/{record.id}?range=all")
             pre = pg.locator("#drawer section", has_text="Raw request body").locator("pre")
@@ -1385,6 +1396,11 @@ async def test_an_image_in_a_message_is_shown_by_its_size_not_in_full(
             )
             assert len(await pre.text_content() or "") < 2_000
             assert image[:100] not in (await pg.locator("#drawer").text_content() or "")
+            await pg.goto(f"{s.base}/#/requests/{upload.id}?range=all")
+            fields = pg.locator("#drawer section", has_text="Raw request body").locator("dl.kv dd")
+            await playwright_api.expect(fields).to_have_text(
+                ["whisper-1", 'file "big.mp3", cut: its first 4,000 bytes kept, audio/mpeg'], timeout=WAIT
+            )
         got = await s.get(f"/api/v1/requests/{record.id}")
         assert image in orjson.dumps(got["request_body"]).decode()  # the API keeps it whole
 

@@ -819,7 +819,7 @@ function rawBody(row, part) {
       cut,
       h("p", { class: "muted" }, `Form (multipart/form-data, ${fmtInt(meta.size)} bytes), ${form.length} field${form.length === 1 ? "" : "s"}:`),
       kv(form.map((f) => [f.name, f.filename !== undefined
-        ? `file ${JSON.stringify(f.filename)}, ${fmtInt(f.bytes)} bytes${f.type ? ", " + f.type : ""}`
+        ? `file ${JSON.stringify(f.filename)}, ${f.cut ? "cut: its first " : ""}${fmtInt(f.bytes)} bytes${f.cut ? " kept" : ""}${f.type ? ", " + f.type : ""}`
         : textPart(f.text)])),
       h("details", {}, h("summary", {}, meta.encoding === "base64" ? "the body in base64" : "the body as sent"),
         h("pre", { class: "raw", tabindex: 0 }, shown)));
@@ -855,7 +855,9 @@ function formParts(meta, value) {
   const utf8 = (s) => new TextDecoder().decode(Uint8Array.from(s, (c) => c.charCodeAt(0)));
   const pieces = bin.split("--" + (b[1] || b[2]));
   const out = [];
-  for (const piece of pieces.slice(1)) {
+  const last = pieces.length - 1;
+  for (const [i, piece] of pieces.entries()) {
+    if (i === 0) continue; // before the first boundary
     if (piece.startsWith("--")) break; // the closing boundary
     const sep = piece.indexOf("\r\n\r\n");
     if (sep < 0) continue; // cut at the size limit inside its headers
@@ -867,7 +869,9 @@ function formParts(meta, value) {
     const file = /\bfilename="([^"]*)"/i.exec(disp);
     const type = /content-type:[ \t]*([^\r\n]*)/i.exec(head);
     const field = { name: name ? utf8(name[1]) : "(no name)" };
-    if (file) Object.assign(field, { filename: utf8(file[1]), bytes: body.length, type: type ? type[1] : "" });
+    // The part the size limit cut (no boundary after it): its bytes are only those kept.
+    const cut = i === last && meta.truncated;
+    if (file) Object.assign(field, { filename: utf8(file[1]), bytes: body.length, cut, type: type ? type[1] : "" });
     else field.text = utf8(body);
     out.push(field);
   }
