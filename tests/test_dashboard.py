@@ -1384,6 +1384,8 @@ async def test_an_image_in_a_message_is_shown_by_its_size_not_in_full(
         dd.record(2, at=datetime.now(UTC) - timedelta(minutes=1), rng=rng, kind=0),
         request_body=Body(content_type="multipart/form-data; boundary=xyz", size=6_000_000, truncated=True,
                           encoding="zstd", data=compress(form)),
+        usage=Usage(source="provider", prompt_tokens=14, completion_tokens=3, total_tokens=17,
+                    input_audio_tokens=14, service_tier="flex", web_search_requests=2),
     )  # fmt: skip
     async for s in _server(tmp_path_factory.mktemp("media")):
         await s.ingest([record, upload])
@@ -1401,6 +1403,13 @@ async def test_an_image_in_a_message_is_shown_by_its_size_not_in_full(
             await playwright_api.expect(fields).to_have_text(
                 ["whisper-1", 'file "big.mp3", cut: its first 4,000 bytes kept, audio/mpeg'], timeout=WAIT
             )
+            # What is priced apart is shown where the provider reported it (the media audit).
+            usage = pg.locator("#drawer section", has_text="Cost and usage")
+            for label, value in (("Audio tokens in / out", "14 / \u2013"), ("Web searches", "2"),
+                                 ("Service tier", "flex")):  # fmt: skip
+                dd_ = usage.locator("dt", has_text=label).locator("xpath=following-sibling::dd[1]")
+                await playwright_api.expect(dd_).to_have_text(value, timeout=WAIT)
+            assert await usage.locator("dt", has_text="1-hour cache-write tokens").count() == 0
         got = await s.get(f"/api/v1/requests/{record.id}")
         assert image in orjson.dumps(got["request_body"]).decode()  # the API keeps it whole
 

@@ -787,7 +787,12 @@ function detailView(row, params, view) {
     section("Cost and usage", kv([
       ["Cost", costCell(row.cost_usd, row)], ["Price table", row.price_version], ["Usage source", row.usage_source],
       ["Prompt tokens", fmtInt(row.prompt_tokens)], ["Cached tokens", fmtInt(row.cached_tokens)], ["Cache-write tokens", fmtInt(row.cache_write_tokens)],
-      ["Completion tokens", fmtInt(row.completion_tokens)], ["Reasoning tokens", fmtInt(row.reasoning_tokens)], ["Total tokens", fmtInt(row.total_tokens)]])),
+      ["Completion tokens", fmtInt(row.completion_tokens)], ["Reasoning tokens", fmtInt(row.reasoning_tokens)], ["Total tokens", fmtInt(row.total_tokens)],
+      // Priced apart, where the provider reports them (none: not shown).
+      row.cache_write_1h_tokens != null ? ["1-hour cache-write tokens", fmtInt(row.cache_write_1h_tokens)] : null,
+      row.input_audio_tokens != null || row.output_audio_tokens != null ? ["Audio tokens in / out", `${fmtInt(row.input_audio_tokens)} / ${fmtInt(row.output_audio_tokens)}`] : null,
+      row.web_search_requests != null ? ["Web searches", fmtInt(row.web_search_requests)] : null,
+      row.service_tier != null ? ["Service tier", row.service_tier] : null])),
     section("Request", kv([
       ["Id", row.id], ["Method", row.method], ["Path", row.path], ["Target", row.target_url], ["User", row.user_id], ["Session", row.session_id],
       ["Route", row.route], ["Gateway", row.gateway], ["Error", row.error]])),
