@@ -5,6 +5,7 @@ tokens, written out as numbers), never with llmtap's or genai-prices' code.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -350,3 +351,33 @@ def test_gemini_openai_compatible_answers_count_thoughts_as_output() -> None:
     assert (
         type(provider_for("gemini", "/v1beta/models/gemini-2.5-flash:generateContent")).__name__ == "Gemini"
     )
+
+
+def test_gemini_grounding_with_google_search_is_priced() -> None:
+    """An outside check: `groundingMetadata.webSearchQueries` was not counted, though Google
+    bills Gemini 3 each search query ($14 per 1,000) and Gemini 2.5 each grounded prompt ($35)."""
+    body = {
+        "modelVersion": "gemini-3-pro-preview",
+        "candidates": [{"content": {"parts": [{"text": "x"}]},
+                        "groundingMetadata": {"webSearchQueries": ["a", "b"]}}],
+        "usageMetadata": {"promptTokenCount": 100, "candidatesTokenCount": 50, "totalTokenCount": 150},
+    }  # fmt: skip
+    usage = gemini.usage_from_body(body)
+    assert usage.web_search_requests == 2
+    # gemini-3-pro-preview per 1M: input 2, output 12; search queries $14 per 1,000.
+    want = nanos((100, "2"), (50, "12"), (2, "14000"))
+    assert priced("gemini", "gemini-3-pro-preview", usage).cost_nanos == want
+    body["modelVersion"] = "gemini-2.5-flash"
+    usage = gemini.usage_from_body(body)
+    assert usage.web_search_requests == 1  # one grounded prompt
+    # gemini-2.5-flash per 1M: input 0.30, output 2.50; grounded prompts $35 per 1,000.
+    want = nanos((100, "0.30"), (50, "2.50"), (1, "35000"))
+    assert priced("gemini", "gemini-2.5-flash", usage).cost_nanos == want
+    # No search asked: nothing added; a stream's grounding is read from its message.
+    del body["candidates"][0]["groundingMetadata"]
+    assert gemini.usage_from_body(body).web_search_requests is None
+    chunk = dict(body, candidates=[{"content": {"parts": [{"text": "x"}]}, "finishReason": "STOP",
+                                    "groundingMetadata": {"webSearchQueries": ["q"]}}])  # fmt: skip
+    raw = b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n"
+    result = gemini.reassemble_stream(raw)
+    assert result is not None and result.usage.web_search_requests == 1

@@ -79,13 +79,33 @@ def _modality(details: Any, modality: str) -> int | None:
     return total or None
 
 
+def with_grounding(usage: Usage, response: Any) -> Usage:
+    """The usage with the Google Search grounding the answer was billed for
+    (`groundingMetadata.webSearchQueries`): Gemini 3 bills each search query, earlier models
+    each grounded prompt (the price table's `web_searches` unit for both; free daily or monthly
+    quotas are not known here, so it is the paid price)."""
+    queries, grounded = 0, False
+    cands = response.get("candidates") if isinstance(response, dict) else None
+    for c in cands if isinstance(cands, list) else ():
+        meta = c.get("groundingMetadata") if isinstance(c, dict) else None
+        asked = meta.get("webSearchQueries") if isinstance(meta, dict) else None
+        if isinstance(asked, list) and asked:
+            grounded = True
+            queries += len(asked)
+    if grounded and usage.source == "provider":
+        version = response.get("modelVersion") if isinstance(response, dict) else None
+        per_prompt = isinstance(version, str) and version.startswith(("gemini-1", "gemini-2"))
+        usage.web_search_requests = 1 if per_prompt else queries
+    return usage
+
+
 def usage_from_body(body: Any) -> Usage:
     if isinstance(body, list):
         # `streamGenerateContent` without `alt=sse` answers one JSON array of the chunks; the
         # usage is the last chunk's.
         body = next((c for c in reversed(body) if isinstance(c, dict) and "usageMetadata" in c), None)
     if isinstance(body, dict):
-        return parse_usage(body.get("usageMetadata"))
+        return with_grounding(parse_usage(body.get("usageMetadata")), body)
     return Usage()
 
 
@@ -182,7 +202,11 @@ def _reassemble(raw: bytes) -> StreamResult | None:
     message.update(head)
     model = head.get("modelVersion")
     return StreamResult(
-        message, parse_usage(usage), model if isinstance(model, str) else None, error, complete
+        message,
+        with_grounding(parse_usage(usage), message),
+        model if isinstance(model, str) else None,
+        error,
+        complete,
     )
 
 
@@ -204,7 +228,11 @@ def stream_summary(raw: bytes) -> StreamResult | None:
         return None
     model = last.get("modelVersion")
     return StreamResult(
-        None, parse_usage(last["usageMetadata"]), model if isinstance(model, str) else None, None, True
+        None,
+        with_grounding(parse_usage(last["usageMetadata"]), last),
+        model if isinstance(model, str) else None,
+        None,
+        True,
     )
 
 
