@@ -99,18 +99,13 @@ class DiskSpool:
         """Write the batch durably (one write, one fsync). Raises `SpoolFull` over the limit."""
         if not values:
             return
-        frames = b"".join(_HEADER.pack(len(v), zlib.crc32(v)) + v for v in values)
+        frames = self._framed(values)
         with self._lock:
-            if self.size() + len(frames) > self.max_bytes:
-                raise SpoolFull(f"spool at {self.dir} is full ({self.max_bytes} bytes)")
+            self._room(len(frames), 0)
             if self._fd is None or self._written >= SEGMENT_BYTES:
                 self._rotate()
-            assert self._fd is not None
-            view = memoryview(frames)
             try:
-                while view:
-                    view = view[os.write(self._fd, view) :]
-                os.fsync(self._fd)
+                self._write_all(frames)
             except OSError:
                 self._undo_write()
                 raise
@@ -119,23 +114,36 @@ class DiskSpool:
     def write_segment(self, values: Sequence[bytes], freeing: int = 0) -> Path:
         """Write `values` durably to a closed segment of their own (records that wait:
         `SpoolReplayer`), counting `freeing` bytes about to be deleted as free; returns it."""
-        frames = b"".join(_HEADER.pack(len(v), zlib.crc32(v)) + v for v in values)
+        frames = self._framed(values)
         with self._lock:
-            if self.size() - freeing + len(frames) > self.max_bytes:
-                raise SpoolFull(f"spool at {self.dir} is full ({self.max_bytes} bytes)")
+            self._room(len(frames), freeing)
             self._rotate()
-            assert self._fd is not None and self._path is not None
-            path, view = self._path, memoryview(frames)
+            path = self._path
+            assert path is not None
             try:
-                while view:
-                    view = view[os.write(self._fd, view) :]
-                os.fsync(self._fd)
+                self._write_all(frames)
             except OSError:
                 self._close()
                 path.unlink(missing_ok=True)
                 raise
             self._close()  # the next append begins another segment
             return path
+
+    @staticmethod
+    def _framed(values: Sequence[bytes]) -> bytes:
+        return b"".join(_HEADER.pack(len(v), zlib.crc32(v)) + v for v in values)
+
+    def _room(self, size: int, freeing: int) -> None:
+        if self.size() - freeing + size > self.max_bytes:
+            raise SpoolFull(f"spool at {self.dir} is full ({self.max_bytes} bytes)")
+
+    def _write_all(self, frames: bytes) -> None:
+        """One write (looping over partial writes) and one fsync of the open segment."""
+        assert self._fd is not None
+        view = memoryview(frames)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fsync(self._fd)
 
     def _undo_write(self) -> None:
         """After a failed write (a full disk): cut off what part of the batch got written, so
