@@ -1387,8 +1387,15 @@ async def test_an_image_in_a_message_is_shown_by_its_size_not_in_full(
         usage=Usage(source="provider", prompt_tokens=14, completion_tokens=3, total_tokens=17,
                     input_audio_tokens=14, service_tier="flex", web_search_requests=2),
     )  # fmt: skip
+    dna = {"model": "m", "messages": [{"role": "user", "content": "ACGT" * 60}]}
+    kept = (orjson.dumps(dna)[:-3] + b', "image": "' + image.encode())[:200_000]
+    cut = msgspec.structs.replace(
+        dd.record(3, at=datetime.now(UTC) - timedelta(minutes=1), rng=rng, kind=0),
+        request_body=Body(content_type="application/json", size=6_000_000, truncated=True, encoding="zstd",
+                          data=compress(kept)),
+    )  # fmt: skip
     async for s in _server(tmp_path_factory.mktemp("media")):
-        await s.ingest([record, upload])
+        await s.ingest([record, upload, cut])
         async with opened_page(browser, s.base) as pg:
             await pg.goto(f"{s.base}/#/requests/{record.id}?range=all")
             pre = pg.locator("#drawer section", has_text="Raw request body").locator("pre")
@@ -1410,6 +1417,13 @@ async def test_an_image_in_a_message_is_shown_by_its_size_not_in_full(
                 dd_ = usage.locator("dt", has_text=label).locator("xpath=following-sibling::dd[1]")
                 await playwright_api.expect(dd_).to_have_text(value, timeout=WAIT)
             assert await usage.locator("dt", has_text="1-hour cache-write tokens").count() == 0
+            # Cut at the size limit, the body is text, no JSON: its base64 is elided all the same
+            # (rev15: 4 MB shown); a DNA sequence is text, shown.
+            await pg.goto(f"{s.base}/#/requests/{cut.id}?range=all")
+            pre = pg.locator("#drawer section", has_text="Raw request body").locator("pre")
+            await playwright_api.expect(pre).to_contain_text("«base64 data", timeout=WAIT)
+            await playwright_api.expect(pre).to_contain_text("ACGT" * 60, timeout=WAIT)
+            assert len(await pre.text_content() or "") < 5_000
         got = await s.get(f"/api/v1/requests/{record.id}")
         assert image in orjson.dumps(got["request_body"]).decode()  # the API keeps it whole
 

@@ -324,6 +324,15 @@ def test_encoded_media_is_not_indexed_but_the_words_around_it_are() -> None:
     ctype = "multipart/form-data; boundary=xyz"
     got = body_text(Body(content_type=ctype, size=len(form), data=form), form)
     assert got == "make it a watercolour\ngpt-image-1"
+    # A body cut at the size limit is no JSON any more: its base64 runs go all the same (rev15).
+    cut = json.dumps(request).encode()[:200_000]
+    got = body_text(Body(content_type="application/json", size=len(cut), truncated=True, data=cut), cut)
+    assert image[:40] not in got and "claude-sonnet-4-5" in got and len(got) < 1_000
+    # Long words of base64's letters that are not base64 are text (rev15: a DNA sequence, a
+    # slug, a hex digest were taken for media).
+    words = ["ACGT" * 60, "-".join(["some-long-slug"] * 20), "0123456789abcdef" * 16, "MKTAYIAKQR" * 25]
+    assert body_text(jbody({"w": words}), zstandard.ZstdCompressor().compress(
+        json.dumps({"w": words}).encode())) == "\n".join(words)  # fmt: skip
     # Long words without spaces that are not base64 (a URL, CJK prose) are still text.
     url = "https://example.com/" + "a/" * 150
     cjk = "\u65e5\u672c\u8a9e" * 100

@@ -67,12 +67,26 @@ _BINARY = ("audio/", "image/", "video/", "application/octet-stream", "applicatio
 
 def _blob(s: str) -> bool:
     """Encoded media, not prose: indexed, it matched random queries and took the record's
-    whole text budget from the words around it (media audit)."""
+    whole text budget from the words around it (media audit). Base64 of any size mixes upper
+    and lower case and digits; a DNA sequence, a slug or a hex digest does not (rev15)."""
     if " " in s:
         return False
     if s.startswith("data:"):
         return ";base64," in s[:200]
-    return _BASE64.fullmatch(s) is not None
+    return _BASE64.fullmatch(s) is not None and _mixed(s)
+
+
+def _mixed(s: str) -> bool:
+    head = s[:200]
+    return head != head.upper() and head != head.lower() and any(c.isdigit() for c in head)
+
+
+#: Base64 runs inside text that is not JSON any more (a body cut at the size limit).
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{200,}=*")
+
+
+def _without_blobs(text: str) -> str:
+    return _BASE64_RUN.sub(lambda m: " " if _mixed(m.group()) else m.group(), text)
 
 
 def _strings(v: Any) -> list[str]:
@@ -134,7 +148,9 @@ def body_text(body: Body, raw: bytes, pick: Callable[[Any], Any] | None = None) 
     try:
         obj = loads(data)
     except orjson.JSONDecodeError:
-        return _text(data, body.content_type)
+        # Not JSON (any more: a body over the size limit is cut): its text, without the base64
+        # runs an image request holds (rev15: a 6 MB one indexed 4 MiB of it).
+        return _without_blobs(_text(data, body.content_type))
     return "\n".join(_strings(obj if pick is None else pick(obj)))
 
 

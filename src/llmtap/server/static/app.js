@@ -727,22 +727,28 @@ function section(title, ...body) {
 // Encoded media in JSON (an image in a message, `b64_json`, a speech answer's audio): shown in
 // full, one 6 MB request made a 4 MB block of text. A long string without a space that is all
 // base64, or a `data:` URL, is shown by its size; the API's body still holds it whole.
+// Base64 of any size mixes upper and lower case and digits; a DNA sequence, a slug or a hex
+// digest does not (they are text, shown).
 const B64 = /^[A-Za-z0-9+/_-]+=*$/;
+const B64_RUN = /[A-Za-z0-9+/_-]{200,}=*/g;
+const mixed = (s) => { const head = s.slice(0, 200); return /[a-z]/.test(head) && /[A-Z]/.test(head) && /[0-9]/.test(head); };
 function isBlob(s) {
   if (s.length < 200 || s.includes(" ")) return false;
-  return s.startsWith("data:") ? s.slice(0, 200).includes(";base64,") : B64.test(s);
+  return s.startsWith("data:") ? s.slice(0, 200).includes(";base64,") : B64.test(s) && mixed(s);
 }
+const blobNote = (kind, chars) => `«${kind}, ${fmtBytes(Math.floor(chars * 3 / 4))}: not shown, the API's body holds it»`;
 function elide(key, value) {
   if (typeof value === "string" && isBlob(value)) {
-    const kind = value.startsWith("data:") ? value.slice(5, value.indexOf(";")) || "data" : "base64 data";
-    return `«${kind}, ${fmtBytes(Math.floor(value.length * 3 / 4))}: not shown, the API's body holds it»`;
+    return blobNote(value.startsWith("data:") ? value.slice(5, value.indexOf(";")) || "data" : "base64 data", value.length);
   }
   return value;
 }
 
 function pretty(v) {
   if (v === null || v === undefined) return "(none)";
-  return typeof v === "string" ? v : JSON.stringify(v, elide, 2);
+  // A body cut at the size limit is text, no JSON: its base64 runs are elided in place.
+  if (typeof v === "string") return v.length < 200 ? v : v.replace(B64_RUN, (m) => (mixed(m) ? blobNote("base64 data", m.length) : m));
+  return JSON.stringify(v, elide, 2);
 }
 
 /**
