@@ -33,7 +33,7 @@ import aiohttp
 from llmtap.bodies import offload
 from llmtap.errors import BackendUnavailable, ConfigError, RecordError
 from llmtap.gateway.publisher import Sink
-from llmtap.gateway.spool import DiskSpool, SpoolFull
+from llmtap.gateway.spool import HELD_TAG, DiskSpool, SpoolFull
 from llmtap.queue.base import Message, Queue
 from llmtap.record import LogRecord, Route, decode, encode, encode_many, lightened, partition_key, stripped
 
@@ -158,6 +158,7 @@ WHOLE_WAIT = 600.0
 #: How often records that wait for the ingest endpoint try the queue and ingest again (their
 #: segment is left alone in between: tried every second, it was rewritten and resent each time).
 HELD_RETRY = 30.0
+_wall = time.time  # a held segment's age from its mtime (a module name: tests replace `time`)
 
 
 class _Tally:
@@ -287,8 +288,10 @@ class SpoolReplayer:
     async def _replay(self, queue: Queue, pause: float) -> int:
         done = 0
         segments = await asyncio.to_thread(self.spool.segments_for_replay)
+        names = {p.name for p in segments}
+        self._held_due = {n: d for n, d in self._held_due.items() if n in names}  # gone: forgotten
         for path in segments:
-            due = self._held_due.get(path.name)
+            due = self._due(path)
             if due is not None and time.monotonic() < due:
                 continue  # records that wait for the ingest endpoint, tried again later
             frames = await asyncio.to_thread(self._read, path)
@@ -327,6 +330,21 @@ class SpoolReplayer:
                 n, path.name, tally.published, tally.whole, len(tally.held),
             )  # fmt: skip
         return done
+
+    def _due(self, path: Path) -> float | None:
+        """When records that wait may be tried again (monotonic): this process's own note, else,
+        for a segment another gateway sharing the spool held, its age (rev15: two gateways
+        rewrote each other's every second), never more than `HELD_RETRY` from now."""
+        due = self._held_due.get(path.name)
+        if due is not None or not path.name.endswith(HELD_TAG + ".spool"):
+            return due
+        try:
+            age = max(0.0, _wall() - path.stat().st_mtime)
+        except FileNotFoundError:
+            return None
+        due = time.monotonic() + max(0.0, HELD_RETRY - age)
+        self._held_due[path.name] = due
+        return due
 
     def _hold(self, frames: list[bytes], leaving: Path) -> Path:
         """Write records that wait to a segment of their own; the space of `leaving`, deleted

@@ -77,6 +77,10 @@ def _segment_bytes(directory: Path, pattern: str = "*.spool") -> int:
     return total
 
 
+#: The name's end of a segment of records that wait (`DiskSpool.write_segment`).
+HELD_TAG = "-held"
+
+
 class DiskSpool:
     """Durable local overflow for encoded records. Blocking: call from a thread."""
 
@@ -113,11 +117,12 @@ class DiskSpool:
 
     def write_segment(self, values: Sequence[bytes], freeing: int = 0) -> Path:
         """Write `values` durably to a closed segment of their own (records that wait:
-        `SpoolReplayer`), counting `freeing` bytes about to be deleted as free; returns it."""
+        `SpoolReplayer`; its name ends in `HELD_TAG`, so every process sharing the spool knows
+        to leave it alone a while), counting `freeing` bytes about to be deleted as free."""
         frames = self._framed(values)
         with self._lock:
             self._room(len(frames), freeing)
-            self._rotate()
+            self._rotate(HELD_TAG)
             path = self._path
             assert path is not None
             try:
@@ -162,11 +167,11 @@ class DiskSpool:
             self._close()
             path.unlink(missing_ok=True)
 
-    def _rotate(self) -> None:
+    def _rotate(self, tag: str = "") -> None:
         self._close()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        name = f"{self._next_stamp():020d}-{os.getpid()}-{self._seq:06d}.spool"
+        name = f"{self._next_stamp():020d}-{os.getpid()}-{self._seq:06d}{tag}.spool"
         self._path = self.dir / name
         # Created under a name no replayer lists, locked, then named: a replayer never sees it
         # unlocked (it would take the empty file for one a failed write left, and delete it).
