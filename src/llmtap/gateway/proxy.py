@@ -28,6 +28,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -192,9 +193,30 @@ def _here(request: web.BaseRequest, route: str) -> str:
     and lost to a client that can reach only the gateway)."""
     headers = request.headers
     proto = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-    host = headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    host = headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+    if not _HOST.fullmatch(host):
+        host = request.host  # none, or no host name (rev15: spaces, `..` and a query were used)
     scheme = proto if proto in ("http", "https") else request.scheme
     return f"{scheme}://{host}/{route}"
+
+
+#: A host (name, IPv4 or [IPv6]) and an optional port, as a `Host` header holds one.
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
+
+
+def _relocated(value: str, request: web.BaseRequest, route: tuple[str, str]) -> str:
+    """An upstream URL rewritten to the gateway's route: absolute under the route's base, or
+    a path under the base's own (`Location: /v1/models` took the client to no route)."""
+    base = route[1]
+    if _under(value, base):
+        return _here(request, route[0]) + value[len(base) :]
+    if value.startswith("/") and not value.startswith("//"):
+        prefix = urlsplit(base).path.rstrip("/")
+        if _under(value, prefix) if prefix else True:
+            return f"/{route[0]}{value[len(prefix) :]}"
+    return value
 
 
 def _json_error(status: int, kind: str, message: str, request_id: str | None) -> web.Response:
@@ -523,8 +545,8 @@ class Proxy:
             lname = name.lower()
             if lname in RESPONSE_DROP or lname in hop:
                 continue
-            if lname in relocated and _under(value, route[1]):
-                value = _here(request, route[0]) + value[len(route[1]) :]
+            if lname in relocated:
+                value = _relocated(value, request, route)
             if stripper is not None and lname == "content-length":
                 continue  # we change the body's length
             if not value.isprintable() and _FORBIDDEN.search(value) is not None:
