@@ -1194,6 +1194,7 @@ async def test_an_upstream_url_handed_to_the_client_points_at_the_gateway(
                 # rev15: no host name is taken from a header; a path at the upstream is the route's
                 ("UP/v1/x", {"X-Forwarded-Host": "a b.example, c"}, f"{gw}/openai/v1/x"),
                 ("UP/v1/x", {"X-Forwarded-Host": "ex.com/../../evil?x="}, f"{gw}/openai/v1/x"),
+                ("UP/v1/x", {"X-Forwarded-Host": "my_gw.internal:8080"}, "http://my_gw.internal:8080/openai/v1/x"),
                 ("/v1/models?x=1", {}, "/openai/v1/models?x=1"),
                 ("//elsewhere.example/v1/x", {}, "//elsewhere.example/v1/x"),
             ]  # fmt: skip

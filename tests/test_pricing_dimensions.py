@@ -381,3 +381,21 @@ def test_gemini_grounding_with_google_search_is_priced() -> None:
     raw = b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n"
     result = gemini.reassemble_stream(raw)
     assert result is not None and result.usage.web_search_requests == 1
+    # The queries in an earlier chunk than the supports (rev16: lost to the last chunk's);
+    # a model named another way is still a 2.x one.
+    first = dict(
+        chunk,
+        modelVersion="gemini-3-pro-preview",
+        candidates=[
+            {"content": {"parts": [{"text": "x"}]}, "groundingMetadata": {"webSearchQueries": ["q1", "q2"]}}
+        ],
+    )
+    last = dict(chunk, modelVersion="gemini-3-pro-preview", candidates=[
+        {"content": {"parts": [{"text": "y"}]}, "finishReason": "STOP",
+         "groundingMetadata": {"groundingSupports": [{"segment": {"text": "y"}}]}}])  # fmt: skip
+    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in (first, last))
+    result = gemini.reassemble_stream(raw)
+    assert result is not None and result.usage.web_search_requests == 2
+    body["candidates"] = first["candidates"]
+    for version in ("publishers/google/models/gemini-2.0-flash-001", "models/Gemini-2.5-Flash"):
+        assert gemini.usage_from_body(dict(body, modelVersion=version)).web_search_requests == 1

@@ -330,9 +330,18 @@ def test_encoded_media_is_not_indexed_but_the_words_around_it_are() -> None:
     assert image[:40] not in got and "claude-sonnet-4-5" in got and len(got) < 1_000
     # Long words of base64's letters that are not base64 are text (rev15: a DNA sequence, a
     # slug, a hex digest were taken for media).
-    words = ["ACGT" * 60, "-".join(["some-long-slug"] * 20), "0123456789abcdef" * 16, "MKTAYIAKQR" * 25]
+    words = ["ACGT" * 60, "-".join(["some-long-slug"] * 20), "0123456789abcdef" * 16, "MKTAYIAKQR" * 25,
+             "/home/User1/projects/Module0/Module1/" * 10, "CamelCaseIdent1" * 18]  # fmt: skip
     assert body_text(jbody({"w": words}), zstandard.ZstdCompressor().compress(
         json.dumps({"w": words}).encode())) == "\n".join(words)  # fmt: skip
+    # Audio that begins with silence ("AAAA..."), MIME base64 in lines (rev16).
+    silent = base64.b64encode(bytes(150) + os.urandom(3000)).decode()
+    lines = base64.encodebytes(os.urandom(3000)).decode()
+    for blob in (silent, lines):
+        raw = json.dumps({"a": blob, "t": "kept"}).encode()
+        assert body_text(Body(content_type="application/json", size=len(raw), data=raw), raw) == "kept"
+        assert "kept" in (got := body_text(Body(size=9, truncated=True, data=raw[:-2]), raw[:-2]))
+        assert len(got) < 100
     # Long words without spaces that are not base64 (a URL, CJK prose) are still text.
     url = "https://example.com/" + "a/" * 150
     cjk = "\u65e5\u672c\u8a9e" * 100

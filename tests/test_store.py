@@ -96,6 +96,8 @@ async def test_round_trip_of_every_field(store: Store) -> None:
             output_audio_tokens=6,
             service_tier="flex",
             web_search_requests=2,
+            audio_seconds=9,
+            input_characters=13,
         ),
         cost_nanos=123_456_789,
         response_events=Body(
@@ -163,6 +165,8 @@ async def test_round_trip_of_every_field(store: Store) -> None:
         "output_audio_tokens": 6,
         "service_tier": "flex",
         "web_search_requests": 2,
+        "audio_seconds": 9,
+        "input_characters": 13,
     }
     for k, v in expect.items():
         assert row[k] == v, k

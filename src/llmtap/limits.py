@@ -37,10 +37,14 @@ REQUEST_ID_CHARS = 36
 #: a count past this is not a count but garbage, and kept it would overflow the store's 64-bit
 #: integers (a dead-lettered record for a request the client got) or the cost's nanodollars.
 MAX_TOKENS = 10**12
-#: Counts PostgreSQL keeps in 32-bit columns (migration 6: 1-hour cache writes, audio, web
-#: searches): past this one is garbage too, and it overflowed the column (the record was
-#: dead-lettered). Ingest refuses it; a store keeps it as unknown.
-NARROW_USAGE = ("cache_write_1h_tokens", "input_audio_tokens", "output_audio_tokens", "web_search_requests")
+#: Counts PostgreSQL keeps in 32-bit columns (migrations 6 and 15: 1-hour cache writes, audio,
+#: web searches, audio seconds, input characters): past this one is garbage too, and it
+#: overflowed the column (the record was dead-lettered). Ingest refuses it; a store keeps it as
+#: unknown.
+NARROW_USAGE = (
+    "cache_write_1h_tokens", "input_audio_tokens", "output_audio_tokens", "web_search_requests",
+    "audio_seconds", "input_characters",
+)  # fmt: skip
 MAX_NARROW_COUNT = 2**31 - 1
 
 

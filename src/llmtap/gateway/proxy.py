@@ -186,7 +186,7 @@ def _under(url: str, base: str) -> bool:
     return url.startswith(base) and url[len(base) : len(base) + 1] in ("", "/", "?", "#")
 
 
-def _here(request: web.BaseRequest, route: str) -> str:
+def _here(request: web.BaseRequest, route: str) -> str | None:
     """This route's URL as the client reached it (`X-Forwarded-Proto` / `-Host` from a proxy in
     front, else the request's own): where an upstream URL handed to the client must point, or
     the client goes round the gateway (Gemini's resumable uploads: every file's bytes unlogged,
@@ -196,13 +196,15 @@ def _here(request: web.BaseRequest, route: str) -> str:
     host = headers.get("X-Forwarded-Host", "").split(",")[0].strip()
     if not _HOST.fullmatch(host):
         host = request.host  # none, or no host name (rev15: spaces, `..` and a query were used)
+        if not _HOST.fullmatch(host):
+            return None  # no URL of ours to give (a `Host: a b`): the upstream's is left
     scheme = proto if proto in ("http", "https") else request.scheme
     return f"{scheme}://{host}/{route}"
 
 
 #: A host (name, IPv4 or [IPv6]) and an optional port, as a `Host` header holds one.
 _HOST = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
 )
 
 
@@ -211,7 +213,8 @@ def _relocated(value: str, request: web.BaseRequest, route: tuple[str, str]) -> 
     a path under the base's own (`Location: /v1/models` took the client to no route)."""
     base = route[1]
     if _under(value, base):
-        return _here(request, route[0]) + value[len(base) :]
+        here = _here(request, route[0])
+        return value if here is None else here + value[len(base) :]
     if value.startswith("/") and not value.startswith("//"):
         prefix = urlsplit(base).path.rstrip("/")
         if _under(value, prefix) if prefix else True:

@@ -93,8 +93,10 @@ def with_grounding(usage: Usage, response: Any) -> Usage:
             grounded = True
             queries += len(asked)
     if grounded and usage.source == "provider":
+        # `gemini-2.5-flash`, `models/gemini-2.0-flash-001`, `publishers/google/models/...`
         version = response.get("modelVersion") if isinstance(response, dict) else None
-        per_prompt = isinstance(version, str) and version.startswith(("gemini-1", "gemini-2"))
+        named = version.lower() if isinstance(version, str) else ""
+        per_prompt = "gemini-1" in named or "gemini-2" in named
         usage.web_search_requests = 1 if per_prompt else queries
     return usage
 
@@ -140,6 +142,25 @@ def _merge_part(parts: list[dict[str, Any]], part: dict[str, Any]) -> None:
                 last["thoughtSignature"] = part["thoughtSignature"]
             return
     parts.append(dict(part))
+
+
+def _merge_grounding(candidate: dict[str, Any], meta: Any) -> None:
+    """A chunk's `groundingMetadata` onto the candidate's: later members win, but the search
+    queries of every chunk are kept (an earlier chunk's were lost to a later one's supports)."""
+    before = candidate.get("groundingMetadata")
+    if not isinstance(before, dict) or not isinstance(meta, dict):
+        candidate["groundingMetadata"] = meta
+        return
+    earlier = before.get("webSearchQueries")
+    asked = list(earlier) if isinstance(earlier, list) else []
+    merged = {**before, **meta}
+    later = meta.get("webSearchQueries")
+    for q in later if isinstance(later, list) else ():
+        if q not in asked:
+            asked.append(q)
+    if asked:
+        merged["webSearchQueries"] = asked
+    candidate["groundingMetadata"] = merged
 
 
 def reassemble_stream(raw: bytes) -> StreamResult | None:
@@ -190,7 +211,9 @@ def _reassemble(raw: bytes) -> StreamResult | None:
                     if isinstance(p, dict):
                         _merge_part(acc["parts"], p)
             for key, value in c.items():
-                if key != "content":
+                if key == "groundingMetadata":
+                    _merge_grounding(out, value)
+                elif key != "content":
                     out[key] = value
             if c.get("finishReason"):
                 complete = True

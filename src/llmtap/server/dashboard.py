@@ -51,7 +51,7 @@ EXPORT_COLUMNS = tuple(f for f in (
     "total_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens", "usage_source",
     "cost_usd", "price_version", "user_id", "session_id", "properties", "route", "gateway",
     "cache_write_1h_tokens", "input_audio_tokens", "output_audio_tokens", "service_tier",
-    "web_search_requests",
+    "web_search_requests", "audio_seconds", "input_characters",
 ))  # fmt: skip
 #: How often the live tail looks for new records, and how far back (late-stored records).
 TAIL_POLL = 0.5

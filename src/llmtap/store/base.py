@@ -42,7 +42,8 @@ ROW_FIELDS = (
     "usage_source", "cost_usd", "price_version", "user_id", "session_id", "properties",
     "request_headers", "response_headers", "request_body", "response_body", "response_events",
     "route", "first_byte_at", "ended_at", "gateway", "cache_write_1h_tokens", "input_audio_tokens",
-    "output_audio_tokens", "service_tier", "web_search_requests", "truncated",
+    "output_audio_tokens", "service_tier", "web_search_requests", "audio_seconds", "input_characters",
+    "truncated",
 )  # fmt: skip
 
 

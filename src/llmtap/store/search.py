@@ -59,7 +59,7 @@ def _decode(body: Body, raw: bytes) -> bytes:
 #: A string this long without a space may be encoded media: base64 image, audio or document
 #: data (Anthropic's `source.data`, Gemini's `inline_data`, `b64_json`, a `data:` URL).
 _BLOB_MIN = 200
-_BASE64 = re.compile(r"[A-Za-z0-9+/_-]+=*")
+_BASE64 = re.compile(r"[A-Za-z0-9+/_\r\n-]+=*")  # MIME base64 wraps its lines
 #: Content types whose bytes are no text: an audio answer decoded as text indexed 17 KB of
 #: garbage, matched by random queries (media audit).
 _BINARY = ("audio/", "image/", "video/", "application/octet-stream", "application/pdf", "application/zip")
@@ -67,26 +67,29 @@ _BINARY = ("audio/", "image/", "video/", "application/octet-stream", "applicatio
 
 def _blob(s: str) -> bool:
     """Encoded media, not prose: indexed, it matched random queries and took the record's
-    whole text budget from the words around it (media audit). Base64 of any size mixes upper
-    and lower case and digits; a DNA sequence, a slug or a hex digest does not (rev15)."""
+    whole text budget from the words around it (media audit)."""
     if " " in s:
         return False
     if s.startswith("data:"):
         return ";base64," in s[:200]
-    return _BASE64.fullmatch(s) is not None and _mixed(s)
+    return _BASE64.fullmatch(s) is not None and _random(s)
 
 
-def _mixed(s: str) -> bool:
-    head = s[:200]
-    return head != head.upper() and head != head.lower() and any(c.isdigit() for c in head)
+def _random(s: str) -> bool:
+    """Base64 of media uses most of its 64 letters in any 200 (~60 for random bytes); a path,
+    an identifier, a DNA sequence or a hex digest uses few (rev15, rev16). Three places are
+    looked at: audio that begins with silence begins with "AAAA"."""
+    n = len(s)
+    return any(len(set(s[i : i + 200])) >= 40 for i in (0, n // 2, max(0, n - 200)))
 
 
-#: Base64 runs inside text that is not JSON any more (a body cut at the size limit).
-_BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{200,}=*")
+#: Runs of base64's letters in text that is not JSON any more (a body cut at the size limit),
+#: JSON's escaped `\n` and `\/` inside them; each run matched once (no backtracking).
+_BASE64_RUN = re.compile(r"(?:[A-Za-z0-9+/_-]|\\[nr/])+=*")
 
 
 def _without_blobs(text: str) -> str:
-    return _BASE64_RUN.sub(lambda m: " " if _mixed(m.group()) else m.group(), text)
+    return _BASE64_RUN.sub(lambda m: " " if len(m[0]) >= _BLOB_MIN and _random(m[0]) else m[0], text)
 
 
 def _strings(v: Any) -> list[str]:

@@ -60,7 +60,7 @@ COLUMNS: tuple[str, ...] = (
     "cost_nanos", "price_version", "user_id", "session_id", "properties", "request_headers",
     "response_headers", "request_body", "response_body", "response_events", "route",
     "first_byte_at", "ended_at", "gateway", "cache_write_1h_tokens", "input_audio_tokens",
-    "output_audio_tokens", "service_tier", "web_search_requests",
+    "output_audio_tokens", "service_tier", "web_search_requests", "audio_seconds", "input_characters",
 )  # fmt: skip
 
 
@@ -225,6 +225,8 @@ def record_values(r: LogRecord) -> tuple[Any, ...]:
         _narrow(u.output_audio_tokens),
         _clean_opt(u.service_tier),
         _narrow(u.web_search_requests),
+        _narrow(u.audio_seconds),
+        _narrow(u.input_characters),
     )
 
 
@@ -693,6 +695,8 @@ def row_to_dict(d: Dialect, row: Sequence[Any]) -> dict[str, Any]:
         "output_audio_tokens": row[37],
         "service_tier": row[38],
         "web_search_requests": row[39],
+        "audio_seconds": row[40],
+        "input_characters": row[41],
         "truncated": _truncated(request_headers),
     }
 

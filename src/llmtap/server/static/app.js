@@ -727,14 +727,15 @@ function section(title, ...body) {
 // Encoded media in JSON (an image in a message, `b64_json`, a speech answer's audio): shown in
 // full, one 6 MB request made a 4 MB block of text. A long string without a space that is all
 // base64, or a `data:` URL, is shown by its size; the API's body still holds it whole.
-// Base64 of any size mixes upper and lower case and digits; a DNA sequence, a slug or a hex
-// digest does not (they are text, shown).
-const B64 = /^[A-Za-z0-9+/_-]+=*$/;
-const B64_RUN = /[A-Za-z0-9+/_-]{200,}=*/g;
-const mixed = (s) => { const head = s.slice(0, 200); return /[a-z]/.test(head) && /[A-Z]/.test(head) && /[0-9]/.test(head); };
+// Base64 of media uses most of its 64 letters in any 200 (~60); a path, an identifier, a DNA
+// sequence or a hex digest uses few (they are text, shown). Three places are looked at: audio
+// that begins with silence begins with "AAAA". MIME base64 wraps its lines.
+const B64 = /^[A-Za-z0-9+/_\r\n-]+=*$/;
+const B64_RUN = /(?:[A-Za-z0-9+/_-]|\\[nr/])+=*/g; // in text (a cut body): JSON's \n and \/ inside
+const random = (s) => [0, s.length >> 1, Math.max(0, s.length - 200)].some((i) => new Set(s.slice(i, i + 200)).size >= 40);
 function isBlob(s) {
   if (s.length < 200 || s.includes(" ")) return false;
-  return s.startsWith("data:") ? s.slice(0, 200).includes(";base64,") : B64.test(s) && mixed(s);
+  return s.startsWith("data:") ? s.slice(0, 200).includes(";base64,") : B64.test(s) && random(s);
 }
 const blobNote = (kind, chars) => `«${kind}, ${fmtBytes(Math.floor(chars * 3 / 4))}: not shown, the API's body holds it»`;
 function elide(key, value) {
@@ -747,7 +748,7 @@ function elide(key, value) {
 function pretty(v) {
   if (v === null || v === undefined) return "(none)";
   // A body cut at the size limit is text, no JSON: its base64 runs are elided in place.
-  if (typeof v === "string") return v.length < 200 ? v : v.replace(B64_RUN, (m) => (mixed(m) ? blobNote("base64 data", m.length) : m));
+  if (typeof v === "string") return v.length < 200 ? v : v.replace(B64_RUN, (m) => (m.length >= 200 && random(m) ? blobNote("base64 data", m.length) : m));
   return JSON.stringify(v, elide, 2);
 }
 
@@ -798,6 +799,8 @@ function detailView(row, params, view) {
       row.cache_write_1h_tokens != null ? ["1-hour cache-write tokens", fmtInt(row.cache_write_1h_tokens)] : null,
       row.input_audio_tokens != null || row.output_audio_tokens != null ? ["Audio tokens in / out", `${fmtInt(row.input_audio_tokens)} / ${fmtInt(row.output_audio_tokens)}`] : null,
       row.web_search_requests != null ? ["Web searches", fmtInt(row.web_search_requests)] : null,
+      row.audio_seconds != null ? ["Audio seconds", fmtInt(row.audio_seconds)] : null,
+      row.input_characters != null ? ["Input characters", fmtInt(row.input_characters)] : null,
       row.service_tier != null ? ["Service tier", row.service_tier] : null])),
     section("Request", kv([
       ["Id", row.id], ["Method", row.method], ["Path", row.path], ["Target", row.target_url], ["User", row.user_id], ["Session", row.session_id],
