@@ -155,6 +155,27 @@ def test_status_names_spool_bytes_a_replay_could_not_read(tmp_path: Path) -> Non
     assert "note          123 unreadable spool bytes (their records are lost)" in r.stdout, r.stdout
 
 
+def test_status_says_what_waits_in_held_segments_for_the_ingest_endpoint(tmp_path: Path) -> None:
+    """Records the queue refused wait in `-held` segments while the ingest endpoint is down: a
+    spool that stayed full said only its size, not that those records wait, nor for what."""
+    from llmtap.gateway.spool import DiskSpool
+
+    env = llmtap_env(tmp_path / "data")
+    _publish(env, b"not a record")
+    spool = DiskSpool(tmp_path / "data" / "spool", 1 << 20)
+    spool.write_segment([b"x" * 100, b"y" * 50])
+    spool.append([b"z" * 10])
+    spool.close()
+    r = _llmtap(env, "status", "--json", cwd=tmp_path)
+    info = json.loads(r.stdout)
+    assert 150 < info["spool_held_bytes"] < info["spool_bytes"], info
+    said = f"{info['spool_held_bytes']} of the spool's bytes are records the queue refused"
+    assert any(n.startswith(said) and "LLMTAP_INGEST_URL" in n for n in info["notes"]), info
+    r = _llmtap(env, "status", cwd=tmp_path)
+    assert f"note          {said}" in r.stdout, r.stdout
+    assert "tried every 30 s; 10 min after a gateway first tried one" in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("as_json", [False, True])
 def test_status_exits_1_when_the_queue_is_unreachable_in_both_forms(tmp_path: Path, as_json: bool) -> None:
     env = llmtap_env(tmp_path, queue=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there

@@ -307,7 +307,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     async def main(settings: Settings) -> dict[str, Any]:
         from llmtap.errors import BackendUnavailable, QueueMissing
-        from llmtap.gateway.spool import spool_dir, spool_size, spool_unreadable
+        from llmtap.gateway.sinks import HELD_RETRY, WHOLE_WAIT
+        from llmtap.gateway.spool import spool_dir, spool_held, spool_size, spool_unreadable
         from llmtap.queue import open_queue
         from llmtap.queue.base import embedded_queue_path
 
@@ -322,6 +323,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "missing": False,
         }
         info["spool_bytes"] = spool_size(settings)  # the spool matters most when the queue is down
+        info["spool_held_bytes"] = spool_held(settings)
+        if info["spool_held_bytes"]:  # the queue refused them: they wait for the ingest endpoint
+            info["notes"].append(
+                f"{info['spool_held_bytes']} of the spool's bytes are records the queue refused "
+                f"(too large for it): they wait for the ingest endpoint (LLMTAP_INGEST_URL), tried "
+                f"every {HELD_RETRY:.0f} s; {WHOLE_WAIT / 60:.0f} min after a gateway first tried one, it "
+                f"goes without its bodies and headers"
+            )
         info["ingest"] = await _ingest_status(settings)
         info["spool_unreadable_bytes"] = spool_unreadable(settings)
         if info["spool_unreadable_bytes"]:  # a disk error cost records: say where their bytes are

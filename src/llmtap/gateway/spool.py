@@ -58,6 +58,12 @@ def spool_size(settings: Settings) -> int:
     return _segment_bytes(spool_dir(settings))
 
 
+def spool_held(settings: Settings) -> int:
+    """Bytes of the segments that hold records the queue refused, waiting for the ingest
+    endpoint (`DiskSpool.write_segment`; part of `spool_size`)."""
+    return _segment_bytes(spool_dir(settings), f"*{HELD_TAG}.spool")
+
+
 def spool_unreadable(settings: Settings) -> int:
     """Bytes kept in `spool/corrupt/` (spans a replay could not read; for `llmtap status`)."""
     return _segment_bytes(spool_dir(settings) / "corrupt", "*.bin")
