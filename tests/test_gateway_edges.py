@@ -1197,10 +1197,38 @@ async def test_an_upstream_url_handed_to_the_client_points_at_the_gateway(
                 ("UP/v1/x", {"X-Forwarded-Host": "my_gw.internal:8080"}, "http://my_gw.internal:8080/openai/v1/x"),
                 ("/v1/models?x=1", {}, "/openai/v1/models?x=1"),
                 ("//elsewhere.example/v1/x", {}, "//elsewhere.example/v1/x"),
+                # rev17: a proxy that strips a prefix (nginx `location /v1proxy/`) says it, and
+                # its port apart; RFC 7239's `Forwarded`; an upstream's URL in capitals
+                ("UP/v1/x", {"X-Forwarded-Host": "llm.example.com", "X-Forwarded-Proto": "https",
+                             "X-Forwarded-Prefix": "/v1proxy/"}, "https://llm.example.com/v1proxy/openai/v1/x"),
+                ("/v1/models", {"X-Forwarded-Prefix": "/v1proxy"}, "/v1proxy/openai/v1/models"),
+                ("UP/v1/x", {"X-Forwarded-Host": "llm.example.com", "X-Forwarded-Port": "8443",
+                             "X-Forwarded-Proto": "https"}, "https://llm.example.com:8443/openai/v1/x"),
+                ("UP/v1/x", {"X-Forwarded-Host": "llm.example.com", "X-Forwarded-Port": "443",
+                             "X-Forwarded-Proto": "https"}, "https://llm.example.com/openai/v1/x"),
+                ("UP/v1/x", {"X-Forwarded-Host": "[2001:db8::1]", "X-Forwarded-Port": "99999"},
+                 "http://[2001:db8::1]/openai/v1/x"),
+                ("UP/v1/x", {"X-Forwarded-Host": "llm.example.com:99999"}, f"{gw}/openai/v1/x"),
+                ("UP/v1/x", {"X-Forwarded-Prefix": "/a/../../evil"}, f"{gw}/openai/v1/x"),
+                ("UP/v1/x", {"X-Forwarded-Prefix": "/p?q=1"}, f"{gw}/openai/v1/x"),
+                ("UP/v1/x", {"Forwarded": 'for=1.2.3.4;proto=https;host="gw.example:444", for=5.6.7.8'},
+                 "https://gw.example:444/openai/v1/x"),
+                (f"HTTP://127.0.0.1:{port}/v1/x", {}, f"{gw}/openai/v1/x"),
             ]  # fmt: skip
             for to, headers, want in cases:
                 url = f"{gw}/openai/v1/go"
                 async with http.get(url, params={"to": to}, headers=headers, allow_redirects=False) as r:
+                    assert r.status == 307 and r.headers["Location"] == want, (to, r.headers["Location"])
+        # LLMTAP_PUBLIC_URL: where clients reach the gateway, whatever a request's headers say
+        public = settings_for(port, tmp_path).model_copy(
+            update={"public_url": "https://llm.example.com/v1proxy"}
+        )
+        async with running_gateway(public, q) as (_, gw):
+            for to, want in [("UP/v1/x?u=1", "https://llm.example.com/v1proxy/openai/v1/x?u=1"),
+                             ("/v1/models", "/v1proxy/openai/v1/models")]:  # fmt: skip
+                headers = {"X-Forwarded-Host": "other.example", "X-Forwarded-Prefix": "/elsewhere"}
+                async with http.get(f"{gw}/openai/v1/go", params={"to": to}, headers=headers,
+                                    allow_redirects=False) as r:  # fmt: skip
                     assert r.status == 307 and r.headers["Location"] == want, (to, r.headers["Location"])
     finally:
         await runner.cleanup()

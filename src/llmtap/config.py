@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     openai_base_url: str = "https://api.openai.com"
     anthropic_base_url: str = "https://api.anthropic.com"
     gemini_base_url: str = "https://generativelanguage.googleapis.com"
+    public_url: str | None = Field(
+        None,
+        description="the gateway's URL as clients reach it through a proxy in front"
+        " (https://llm.example.com/v1proxy): an upstream URL handed to a client points there",
+    )
     azure_base_url: str | None = Field(
         None,
         description="the Azure OpenAI resource, e.g. https://myres.openai.azure.com (off until set)",
@@ -253,7 +258,7 @@ class Settings(BaseSettings):
     def rollup_property_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.rollup_properties.split(",") if n)
 
-    @field_validator("ingest_url", "webhook_url")
+    @field_validator("ingest_url", "webhook_url", "public_url")
     @classmethod
     def _check_url(cls, v: str | None) -> str | None:
         return None if v is None else _check_http_url(v)

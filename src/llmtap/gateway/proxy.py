@@ -182,43 +182,91 @@ def _tidy(rest: str) -> str:
 
 
 def _under(url: str, base: str) -> bool:
-    """Whether `url` is `base` or below it (not `https://api.example.com.evil/`)."""
-    return url.startswith(base) and url[len(base) : len(base) + 1] in ("", "/", "?", "#")
+    """Whether `url` is `base` or below it (not `https://api.example.com.evil/`); the scheme
+    and host ignore case (`HTTP://API.example.com/...` is the same place)."""
+    n = len(base)
+    return url[:n].lower() == base.lower() and url[n : n + 1] in ("", "/", "?", "#")
 
 
-def _here(request: web.BaseRequest, route: str) -> str | None:
-    """This route's URL as the client reached it (`X-Forwarded-Proto` / `-Host` from a proxy in
-    front, else the request's own): where an upstream URL handed to the client must point, or
-    the client goes round the gateway (Gemini's resumable uploads: every file's bytes unlogged,
-    and lost to a client that can reach only the gateway)."""
+def _here(request: web.BaseRequest, route: str, public: str | None) -> str | None:
+    """This route's URL as the client reached it: where an upstream URL handed to the client
+    must point, or the client goes round the gateway (Gemini's resumable uploads: every file's
+    bytes unlogged, and lost to a client that can reach only the gateway). `LLMTAP_PUBLIC_URL`
+    when set; else what a proxy in front says (`Forwarded`, `X-Forwarded-Proto/-Host/-Port/
+    -Prefix`: rev17, a prefix nginx strips was lost and the upload went to no route); else the
+    request's own `Host`."""
+    if public is not None:
+        return f"{public}/{route}"
+    proto, host = _forwarded(request.headers.get("Forwarded", ""))
     headers = request.headers
-    proto = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-    host = headers.get("X-Forwarded-Host", "").split(",")[0].strip()
-    if not _HOST.fullmatch(host):
-        host = request.host  # none, or no host name (rev15: spaces, `..` and a query were used)
-        if not _HOST.fullmatch(host):
-            return None  # no URL of ours to give (a `Host: a b`): the upstream's is left
+    proto = proto or _first(headers.get("X-Forwarded-Proto", "")).lower()
+    host = host or _first(headers.get("X-Forwarded-Host", ""))
     scheme = proto if proto in ("http", "https") else request.scheme
-    return f"{scheme}://{host}/{route}"
+    if _port(host) is None:
+        host = request.host  # none, or no host name (rev15: spaces, `..` and a query were used)
+        if _port(host) is None:
+            return None  # no URL of ours to give (a `Host: a b`): the upstream's is left
+    elif _port(host) == "":  # the proxy's own port, when it says it apart
+        port = _first(headers.get("X-Forwarded-Port", ""))
+        if port.isdigit() and 0 < int(port) < 65536 and port != {"http": "80", "https": "443"}.get(scheme):
+            host = f"{host}:{port}"
+    return f"{scheme}://{host}{_prefix(request)}/{route}"
+
+
+def _first(value: str) -> str:
+    """A header a chain of proxies appends to: the first (the outermost) value."""
+    return value.split(",", 1)[0].strip()
+
+
+def _forwarded(value: str) -> tuple[str, str]:
+    """`proto` and `host` of RFC 7239's first element (the proxy nearest the client)."""
+    proto = host = ""
+    for pair in _first(value).split(";"):
+        name, _, v = pair.strip().partition("=")
+        v = v.strip().strip('"')
+        if name.lower() == "proto":
+            proto = v.lower()
+        elif name.lower() == "host":
+            host = v
+    return proto, host
+
+
+def _prefix(request: web.BaseRequest) -> str:
+    """`X-Forwarded-Prefix`: the path a proxy in front strips before the gateway's routes
+    (`/v1proxy`); only a plain path is taken, never `..` or a query."""
+    prefix = _first(request.headers.get("X-Forwarded-Prefix", "")).rstrip("/")
+    if not prefix or not _PREFIX.fullmatch(prefix) or "/../" in prefix + "/" or "/./" in prefix + "/":
+        return ""
+    return prefix
 
 
 #: A host (name, IPv4 or [IPv6]) and an optional port, as a `Host` header holds one.
 _HOST = re.compile(
-    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?"
 )
+_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+")
 
 
-def _relocated(value: str, request: web.BaseRequest, route: tuple[str, str]) -> str:
+def _port(value: str) -> str | None:
+    """A `Host` value's port ("" for none), or None when it is no host (a port over 65535 too)."""
+    found = _HOST.fullmatch(value)
+    if found is None or (found[1] is not None and not 0 < int(found[1]) < 65536):
+        return None
+    return found[1] or ""
+
+
+def _relocated(value: str, request: web.BaseRequest, route: tuple[str, str], public: str | None) -> str:
     """An upstream URL rewritten to the gateway's route: absolute under the route's base, or
     a path under the base's own (`Location: /v1/models` took the client to no route)."""
     base = route[1]
     if _under(value, base):
-        here = _here(request, route[0])
+        here = _here(request, route[0], public)
         return value if here is None else here + value[len(base) :]
     if value.startswith("/") and not value.startswith("//"):
         prefix = urlsplit(base).path.rstrip("/")
         if _under(value, prefix) if prefix else True:
-            return f"/{route[0]}{value[len(prefix) :]}"
+            mount = urlsplit(public).path.rstrip("/") if public is not None else _prefix(request)
+            return f"{mount}/{route[0]}{value[len(prefix) :]}"
     return value
 
 
@@ -549,7 +597,7 @@ class Proxy:
             if lname in RESPONSE_DROP or lname in hop:
                 continue
             if lname in relocated:
-                value = _relocated(value, request, route)
+                value = _relocated(value, request, route, self.settings.public_url)
             if stripper is not None and lname == "content-length":
                 continue  # we change the body's length
             if not value.isprintable() and _FORBIDDEN.search(value) is not None:
