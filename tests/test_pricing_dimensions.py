@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+import msgspec
+
 from llmtap.pricing import apply_cost
 from llmtap.providers import anthropic, gemini, openai
 from llmtap.record import LogRecord, Usage
@@ -399,3 +401,22 @@ def test_gemini_grounding_with_google_search_is_priced() -> None:
     body["candidates"] = first["candidates"]
     for version in ("publishers/google/models/gemini-2.0-flash-001", "models/Gemini-2.5-Flash"):
         assert gemini.usage_from_body(dict(body, modelVersion=version)).web_search_requests == 1
+    # rev17: `streamGenerateContent` without `alt=sse` is one JSON array: the queries of its
+    # first chunk count, the usage of its last; `first` has no usage of its own.
+    array = [{k: v for k, v in first.items() if k != "usageMetadata"}, last]
+    usage = gemini.usage_from_body(array)
+    assert (usage.prompt_tokens, usage.web_search_requests) == (100, 2)
+    want = nanos((100, "2"), (50, "12"), (2, "14000"))
+    assert priced("gemini", "gemini-3-pro-preview", usage).cost_nanos == want
+
+
+def test_a_search_the_price_table_has_no_price_for_leaves_the_cost_unknown() -> None:
+    """rev17: a grounded gemini-1.5-pro or gemini-2.0-flash-lite call was priced as its tokens
+    alone (the library prices an unknown unit at $0) and not counted as unpriced."""
+    usage = Usage(source="provider", prompt_tokens=1_000, completion_tokens=100, total_tokens=1_100)
+    for model in ("gemini-1.5-pro", "gemini-2.0-flash-lite"):
+        assert priced("gemini", model, usage).cost_nanos is not None
+        searched = msgspec.structs.replace(usage, web_search_requests=1)
+        assert priced("gemini", model, searched).cost_nanos is None, model
+    searched = msgspec.structs.replace(usage, web_search_requests=1)
+    assert priced("gemini", "gemini-2.5-flash", searched).cost_nanos is not None

@@ -340,8 +340,11 @@ def price_usage(provider: str, model: str | None, usage: Usage, at: datetime) ->
         or (usage.output_audio_tokens and price.output_audio_mtok is None)
         or (usage.input_image_tokens and price.input_image_mtok is None)
         or (usage.output_image_tokens and price.output_image_mtok is None)
+        or (usage.web_search_requests and getattr(price, "web_searches_kcount", None) is None)
     ):
-        return None  # the library would price the audio or image as text: unknown, not a guess
+        # The library would price the audio or image as text, and a search at $0 (rev17: a
+        # grounded gemini-1.5-pro call priced as its tokens alone): unknown, not a guess.
+        return None
     try:
         total = price.calc_price(gusage)["total_price"]
     except ValueError:

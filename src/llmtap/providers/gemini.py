@@ -104,11 +104,32 @@ def with_grounding(usage: Usage, response: Any) -> Usage:
 def usage_from_body(body: Any) -> Usage:
     if isinstance(body, list):
         # `streamGenerateContent` without `alt=sse` answers one JSON array of the chunks; the
-        # usage is the last chunk's.
-        body = next((c for c in reversed(body) if isinstance(c, dict) and "usageMetadata" in c), None)
+        # usage is the last chunk's, the search queries every chunk's (rev17: they come in the
+        # first, the usage in the last: the searches were lost).
+        chunks = [c for c in body if isinstance(c, dict)]
+        last = next((c for c in reversed(chunks) if "usageMetadata" in c), None)
+        if last is None:
+            return Usage()
+        return with_grounding(parse_usage(last.get("usageMetadata")), _grounded(chunks))
     if isinstance(body, dict):
         return with_grounding(parse_usage(body.get("usageMetadata")), body)
     return Usage()
+
+
+def _grounded(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stream chunks as one response as far as `with_grounding` reads it: each candidate's
+    grounding merged over the chunks (`_merge_grounding`), the last model version."""
+    candidates: dict[Any, dict[str, Any]] = {}
+    version = None
+    for chunk in chunks:
+        version = chunk.get("modelVersion", version)
+        cands = chunk.get("candidates")
+        for i, c in enumerate(cands if isinstance(cands, list) else ()):
+            if isinstance(c, dict) and "groundingMetadata" in c:
+                index = c.get("index", i)
+                key = index if isinstance(index, int) else i
+                _merge_grounding(candidates.setdefault(key, {}), c["groundingMetadata"])
+    return {"candidates": list(candidates.values()), "modelVersion": version}
 
 
 def model_from_path(path: str) -> str | None:
