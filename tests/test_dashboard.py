@@ -1394,8 +1394,23 @@ async def test_an_image_in_a_message_is_shown_by_its_size_not_in_full(
         request_body=Body(content_type="application/json", size=6_000_000, truncated=True, encoding="zstd",
                           data=compress(kept)),
     )  # fmt: skip
+    # rev17: a `data:` URL inside a message's prose, and silent audio (few distinct letters),
+    # were shown whole; a 300-letter password is text.
+    letters = "abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+    password = "".join(rng.choice(letters) for _ in range(300))
+    chat = {"model": "gpt-4o", "messages": [
+        {"role": "user", "content": f"Chart: ![c](data:image/png;base64,{image}) what does the trend show?"},
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {
+            "data": base64.b64encode(bytes(30_000)).decode(), "format": "wav"}}]},
+        {"role": "user", "content": password}]}  # fmt: skip
+    raw = orjson.dumps(chat)
+    prose = msgspec.structs.replace(
+        dd.record(4, at=datetime.now(UTC) - timedelta(minutes=1), rng=rng, kind=0),
+        request_body=Body(content_type="application/json", size=len(raw), encoding="zstd",
+                          data=compress(raw)),
+    )  # fmt: skip
     async for s in _server(tmp_path_factory.mktemp("media")):
-        await s.ingest([record, upload, cut])
+        await s.ingest([record, upload, cut, prose])
         async with opened_page(browser, s.base) as pg:
             await pg.goto(f"{s.base}/#/requests/{record.id}?range=all")
             pre = pg.locator("#drawer section", has_text="Raw request body").locator("pre")
@@ -1424,6 +1439,17 @@ async def test_an_image_in_a_message_is_shown_by_its_size_not_in_full(
             await playwright_api.expect(pre).to_contain_text("«base64 data", timeout=WAIT)
             await playwright_api.expect(pre).to_contain_text("ACGT" * 60, timeout=WAIT)
             assert len(await pre.text_content() or "") < 5_000
+            await pg.goto(f"{s.base}/#/requests/{prose.id}?range=all")
+            conv = pg.locator("#drawer section", has_text="Conversation")
+            await playwright_api.expect(conv).to_contain_text("what does the trend show?", timeout=WAIT)
+            note = "«base64 data, 293.0 KiB: not shown"
+            await playwright_api.expect(conv).to_contain_text(note, timeout=WAIT)
+            await playwright_api.expect(conv).to_contain_text(password, timeout=WAIT)
+            pre = pg.locator("#drawer section", has_text="Raw request body").locator("pre")
+            note = "«base64 data, 29.3 KiB: not shown"
+            await playwright_api.expect(pre).to_contain_text(note, timeout=WAIT)
+            await playwright_api.expect(pre).to_contain_text(password, timeout=WAIT)
+            assert len(await pg.locator("#drawer").text_content() or "") < 10_000
         got = await s.get(f"/api/v1/requests/{record.id}")
         assert image in orjson.dumps(got["request_body"]).decode()  # the API keeps it whole
 

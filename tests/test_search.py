@@ -6,6 +6,7 @@ the API parameter."""
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from dataclasses import replace
 from datetime import timedelta
@@ -347,6 +348,29 @@ def test_encoded_media_is_not_indexed_but_the_words_around_it_are() -> None:
     cjk = "\u65e5\u672c\u8a9e" * 100
     assert body_text(jbody({"u": url, "c": cjk}), zstandard.ZstdCompressor().compress(
         json.dumps({"u": url, "c": cjk}).encode())) == url + "\n" + cjk  # fmt: skip
+
+    # rev17: a `data:` URL inside a message's prose was indexed whole; silent or quiet audio
+    # under a media key (few distinct letters) was text; a password, a list of identifiers or
+    # of keys a few hundred letters long was taken for media.
+    def text_of(obj: Any) -> str:
+        raw = json.dumps(obj).encode()
+        return body_text(Body(content_type="application/json", size=len(raw), data=raw), raw)
+
+    prose = f"Here is my chart ![chart](data:image/png;base64,{image}) what does the trend show?"
+    got = text_of({"messages": [{"content": prose}]})
+    assert "trend show" in got and "chart" in got and image[:40] not in got and len(got) < 200
+    quiet = base64.b64encode(b"".join(n.to_bytes(2, "little", signed=True) for n in
+                                      [(i * 7919) % 21 - 10 for i in range(20_000)])).decode()  # fmt: skip
+    for audio_b64 in (base64.b64encode(bytes(30_000)).decode(), quiet):
+        parts = [{"inline_data": {"mime_type": "audio/wav", "data": audio_b64}}, {"text": "kept"}]
+        assert text_of({"contents": [{"parts": parts}]}) == "audio/wav\nkept"
+    rng = random.Random(17)
+    alnum = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    password = "".join(rng.choice(alnum) for _ in range(300))
+    idents = "\n".join(f"get{w}ById_{i}" for i, w in enumerate(["User", "Order", "Item", "Cart"] * 4))
+    keys = "\n".join("5" + "".join(rng.choice(alnum[:-1]) for _ in range(50)) for _ in range(5))
+    for text in (password, idents, keys):
+        assert text_of({"messages": [{"role": "user", "content": text}]}) == f"user\n{text}"
 
 
 def test_json_only_a_lenient_parser_reads_is_indexed_as_its_text() -> None:

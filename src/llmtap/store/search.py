@@ -56,23 +56,41 @@ def _decode(body: Body, raw: bytes) -> bytes:
     return raw[:_READ_BYTES]
 
 
-#: A string this long without a space may be encoded media: base64 image, audio or document
-#: data (Anthropic's `source.data`, Gemini's `inline_data`, `b64_json`, a `data:` URL).
+#: Encoded media in JSON: base64 image, audio or document data (Anthropic's `source.data`,
+#: Gemini's `inline_data`, `b64_json`, a `data:` URL). Under one of these keys a string of
+#: base64's letters this long is media whatever its letters (rev17: silent or quiet audio uses
+#: few of them); under another key it must be longer and look random (`_random`): a password,
+#: a list of identifiers or keys of a few hundred letters is text.
 _BLOB_MIN = 200
+_LOOSE_MIN = 1024
+_MEDIA_KEYS = frozenset(
+    {
+        "data",
+        "b64_json",
+        "file_data",
+        "audio",
+        "result",
+        "partial_image_b64",
+        "bytesBase64Encoded",
+        "embedding",
+    }
+)
 _BASE64 = re.compile(r"[A-Za-z0-9+/_\r\n-]+=*")  # MIME base64 wraps its lines
 #: Content types whose bytes are no text: an audio answer decoded as text indexed 17 KB of
 #: garbage, matched by random queries (media audit).
 _BINARY = ("audio/", "image/", "video/", "application/octet-stream", "application/pdf", "application/zip")
 
 
-def _blob(s: str) -> bool:
+def _blob(s: str, keyed: bool = False) -> bool:
     """Encoded media, not prose: indexed, it matched random queries and took the record's
-    whole text budget from the words around it (media audit)."""
+    whole text budget from the words around it (media audit). `keyed`: under a media key."""
     if " " in s:
         return False
     if s.startswith("data:"):
         return ";base64," in s[:200]
-    return _BASE64.fullmatch(s) is not None and _random(s)
+    if not keyed and len(s) < _LOOSE_MIN:
+        return False
+    return _BASE64.fullmatch(s) is not None and (keyed or _random(s))
 
 
 def _random(s: str) -> bool:
@@ -86,10 +104,13 @@ def _random(s: str) -> bool:
 #: Runs of base64's letters in text that is not JSON any more (a body cut at the size limit),
 #: JSON's escaped `\n` and `\/` inside them; each run matched once (no backtracking).
 _BASE64_RUN = re.compile(r"(?:[A-Za-z0-9+/_-]|\\[nr/])+=*")
+#: Long runs of them in prose holding a `data:` URL (a Markdown image: rev17, 400 KB of an
+#: image's base64 was indexed, each random fragment of it found the record).
+_BASE64_IN_TEXT = re.compile(r"[A-Za-z0-9+/_-]{200,}=*")
 
 
-def _without_blobs(text: str) -> str:
-    return _BASE64_RUN.sub(lambda m: " " if len(m[0]) >= _BLOB_MIN and _random(m[0]) else m[0], text)
+def _without_blobs(text: str, runs: re.Pattern[str] = _BASE64_RUN) -> str:
+    return runs.sub(lambda m: " " if len(m[0]) >= _BLOB_MIN and _random(m[0]) else m[0], text)
 
 
 def _strings(v: Any) -> list[str]:
@@ -98,14 +119,33 @@ def _strings(v: Any) -> list[str]:
     out: list[str] = []
     stack = [v]
     pop, extend, append = stack.pop, stack.extend, out.append
+    keys = _MEDIA_KEYS
     while stack:
         x = pop()
         t = type(x)  # orjson makes exactly these types: no isinstance chain per value
         if t is str:
-            if len(x) < _BLOB_MIN or not _blob(x):
+            if len(x) < _BLOB_MIN:
+                append(x)
+            elif " " in x:  # prose: a `data:` URL in it is elided (cheap tests first: the
+                # regex over every long message cost a conversation's turn 50-75 us)
+                append(_without_blobs(x, _BASE64_IN_TEXT) if ";" in x and ";base64," in x else x)
+            elif not _blob(x):
                 append(x)
         elif t is dict:
-            extend(reversed(x.values()))
+            if keys.isdisjoint(x):
+                extend(reversed(x.values()))
+            else:  # a media key's string is left out here, its own rule (`_blob(keyed=True)`)
+                extend(
+                    reversed(
+                        [
+                            val
+                            for k, val in x.items()
+                            if not (
+                                k in keys and type(val) is str and len(val) >= _BLOB_MIN and _blob(val, True)
+                            )
+                        ]
+                    )
+                )
         elif t is list:
             extend(reversed(x))
     return out
@@ -180,7 +220,7 @@ def _form_text(data: bytes, content_type: str) -> str:
         if not sep or b"filename=" in head.lower() or b"content-disposition" not in head.lower():
             continue
         text = _text(value.removesuffix(b"\r\n"), None)
-        if text and not (len(text) >= _BLOB_MIN and _blob(text)):
+        if text and not (len(text) >= _BLOB_MIN and _blob(text)):  # a file sent as a field
             out.append(text)
     return "\n".join(out)
 

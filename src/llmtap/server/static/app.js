@@ -725,30 +725,42 @@ function section(title, ...body) {
 }
 
 // Encoded media in JSON (an image in a message, `b64_json`, a speech answer's audio): shown in
-// full, one 6 MB request made a 4 MB block of text. A long string without a space that is all
-// base64, or a `data:` URL, is shown by its size; the API's body still holds it whole.
-// Base64 of media uses most of its 64 letters in any 200 (~60); a path, an identifier, a DNA
-// sequence or a hex digest uses few (they are text, shown). Three places are looked at: audio
-// that begins with silence begins with "AAAA". MIME base64 wraps its lines.
+// full, one 6 MB request made a 4 MB block of text. It is shown by its size (the API's body
+// still holds it whole): a `data:` URL; under a media key (MEDIA_KEYS) a string of base64's
+// letters, whatever they are (silent or quiet audio uses few); under another key one over 1 KiB
+// that looks random: base64 of media uses most of its 64 letters in any 200 (~60), a path, an
+// identifier, a DNA sequence or a hex digest few, and a password or a list of identifiers of a
+// few hundred letters is text. Three places are looked at: audio that begins with silence
+// begins with "AAAA". MIME base64 wraps its lines. In prose (a `data:` URL in Markdown), long
+// random runs are elided in place. The search index (store/search.py) follows the same rules
+// (in prose only where it holds "base64,": it reads every message of every record).
 const B64 = /^[A-Za-z0-9+/_\r\n-]+=*$/;
 const B64_RUN = /(?:[A-Za-z0-9+/_-]|\\[nr/])+=*/g; // in text (a cut body): JSON's \n and \/ inside
+const B64_IN_TEXT = /[A-Za-z0-9+/_-]{200,}=*/g;
+const MEDIA_KEYS = new Set(["data", "b64_json", "file_data", "audio", "result", "partial_image_b64", "bytesBase64Encoded", "embedding"]);
 const random = (s) => [0, s.length >> 1, Math.max(0, s.length - 200)].some((i) => new Set(s.slice(i, i + 200)).size >= 40);
-function isBlob(s) {
+function isBlob(s, keyed) {
   if (s.length < 200 || s.includes(" ")) return false;
-  return s.startsWith("data:") ? s.slice(0, 200).includes(";base64,") : B64.test(s) && random(s);
+  if (s.startsWith("data:")) return s.slice(0, 200).includes(";base64,");
+  if (!keyed && s.length < 1024) return false;
+  return B64.test(s) && (keyed || random(s));
 }
 const blobNote = (kind, chars) => `«${kind}, ${fmtBytes(Math.floor(chars * 3 / 4))}: not shown, the API's body holds it»`;
+const elideRuns = (s, runs) => s.replace(runs, (m) => (m.length >= 200 && random(m) ? blobNote("base64 data", m.length) : m));
+/** Prose with base64 in it (an image's `data:` URL in a Markdown message), its runs elided. */
+const inText = (s) => (s.length < 200 || !s.includes(" ") ? s : elideRuns(s, B64_IN_TEXT));
 function elide(key, value) {
-  if (typeof value === "string" && isBlob(value)) {
+  if (typeof value !== "string" || value.length < 200) return value;
+  if (isBlob(value, MEDIA_KEYS.has(key))) {
     return blobNote(value.startsWith("data:") ? value.slice(5, value.indexOf(";")) || "data" : "base64 data", value.length);
   }
-  return value;
+  return inText(value);
 }
 
 function pretty(v) {
   if (v === null || v === undefined) return "(none)";
   // A body cut at the size limit is text, no JSON: its base64 runs are elided in place.
-  if (typeof v === "string") return v.length < 200 ? v : v.replace(B64_RUN, (m) => (m.length >= 200 && random(m) ? blobNote("base64 data", m.length) : m));
+  if (typeof v === "string") return v.length < 200 ? v : elideRuns(v, B64_RUN);
   return JSON.stringify(v, elide, 2);
 }
 
@@ -905,7 +917,7 @@ function msg(role, ...parts) {
   return h("div", { class: "msg role-" + cls }, h("div", { class: "role" }, role), ...parts);
 }
 /** A message's text; a long one shows its first lines and a toggle to show it all. */
-const textPart = (t) => folding(h("div", { class: "text", dir: "auto" }, String(t)));
+const textPart = (t) => folding(h("div", { class: "text", dir: "auto" }, inText(String(t))));
 /** A tool's arguments or result, code and its output: preformatted, long ones folded the same way. */
 const codePart = (t) => folding(h("pre", {}, String(t)));
 function folding(el) {
