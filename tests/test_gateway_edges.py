@@ -1133,6 +1133,9 @@ async def test_media_calls_keep_their_model_and_are_priced_by_their_own_units(
             return web.Response(body=b"ID3" + bytes(range(256)) * 20, content_type="audio/mpeg")
         if request.path.endswith("/transcriptions"):
             return web.json_response({"text": "hi", "usage": {"type": "duration", "seconds": 9.2}})
+        if request.path.endswith("/translations"):  # response_format=srt: no usage at all
+            srt = "1\n00:00:00,000 --> 00:00:05,000\nhello\n\n2\n00:00:05,000 --> 00:00:12,340\nworld\n"
+            return web.Response(text=srt, content_type="text/plain")
         return web.json_response({"id": "part_1", "object": "upload.part"})
 
     runner, port = await tiny_upstream(handler)
@@ -1145,6 +1148,12 @@ async def test_media_calls_keep_their_model_and_are_priced_by_their_own_units(
             form.add_field("model", "whisper-1")
             async with http.post(f"{gw}/openai/v1/audio/transcriptions", data=form, headers=headers) as r:
                 assert r.status == 200
+            form = aiohttp.FormData()
+            form.add_field("file", b"\xff\xfb" * 100, filename="a.mp3", content_type="audio/mpeg")
+            form.add_field("model", "whisper-1")
+            form.add_field("response_format", "srt")
+            async with http.post(f"{gw}/openai/v1/audio/translations", data=form, headers=headers) as r:
+                assert r.status == 200
             speech = {"model": "tts-1", "input": "Hello, world!", "voice": "alloy"}
             async with http.post(f"{gw}/openai/v1/audio/speech", json=speech, headers=headers) as r:
                 assert r.status == 200 and (await r.read()).startswith(b"ID3")
@@ -1153,7 +1162,7 @@ async def test_media_calls_keep_their_model_and_are_priced_by_their_own_units(
                     f"{gw}/openai/v1/uploads/upload_1/{tail}", json={}, headers=headers
                 ) as r:
                     assert r.status == 200
-            recs = {r.path.rsplit("/", 1)[-1]: r for r in await published(svc, q, 4)}
+            recs = {r.path.rsplit("/", 1)[-1]: r for r in await published(svc, q, 5)}
     finally:
         await runner.cleanup()
     heard = recs["transcriptions"]
@@ -1161,6 +1170,11 @@ async def test_media_calls_keep_their_model_and_are_priced_by_their_own_units(
     assert heard.usage.audio_seconds == 10
     pricing.apply_cost(heard)
     assert heard.cost_nanos == 1_000_000  # whisper-1: $0.006 a minute, 10 s
+    # rev17: subtitles (`response_format=srt|vtt`) carry no usage: the last cue's end, rounded up
+    subtitled = recs["translations"]
+    assert subtitled.usage.source == "estimated" and subtitled.usage.audio_seconds == 13
+    pricing.apply_cost(subtitled)
+    assert subtitled.cost_nanos == 1_300_000
     said = recs["speech"]
     assert said.model == "tts-1" and said.usage.source == "estimated" and said.usage.input_characters == 13
     pricing.apply_cost(said)

@@ -448,6 +448,8 @@ class RecordBuilder:
             usage = Usage()  # a look-up of an answer billed when it was made
         elif usage.source == "missing" and cap.status is not None and 200 <= cap.status < 300:
             usage = fmt.usage_from_request(cap.path, req_json) or usage  # speech: its characters
+            if usage.source == "missing" and response_obj is None and decoded:
+                usage = fmt.usage_from_text(cap.path, decoded) or usage  # subtitles: their end
 
         model = fmt.model(cap.path, req_json, response_obj)
 

@@ -140,6 +140,11 @@ class Provider(ABC):
         usage (source "estimated"); None: nothing (the default)."""
         return None
 
+    def usage_from_text(self, path: str, answer: bytes) -> Usage | None:
+        """What a billed call's answer that is no JSON says it used (subtitles: the audio's
+        length, source "estimated"); None: nothing (the default)."""
+        return None
+
     def end_user(self, request: Any) -> str | None:
         """The end user a parsed request body names, for a client that sent no `Llmtap-User-Id`.
 

@@ -790,6 +790,23 @@ class OpenAI(Provider):
             return Usage(source="estimated", input_characters=len(text))
         return None
 
+    def usage_from_text(self, path: str, answer: bytes) -> Usage | None:
+        """A transcription as subtitles (`response_format=srt|vtt`) has no usage: whisper-1
+        bills the audio's seconds, read here from the last cue's end (rev17: unpriced). It can
+        be shorter than the audio by a trailing silence: "estimated"."""
+        if not path.endswith(("/audio/transcriptions", "/audio/translations")):
+            return None
+        found = _CUE_END.findall(answer[-4096:])
+        if not found:
+            return None
+        h, m, sec, ms = found[-1]
+        seconds = int(h or 0) * 3600 + int(m) * 60 + int(sec) + int(ms) / 1000
+        return Usage(source="estimated", audio_seconds=math.ceil(seconds)) if seconds > 0 else None
+
+
+#: A subtitle cue's end time: SRT `00:01:02,500`, WebVTT `00:01:02.500` or `01:02.500`.
+_CUE_END = re.compile(rb"-->[ \t]*(?:(\d{1,3}):)?(\d{2}):(\d{2})[,.](\d{3})")
+
 
 class OpenAICompatible(OpenAI):
     """A named upstream from `LLMTAP_UPSTREAMS` (vLLM, Ollama, Groq, OpenRouter ...).
