@@ -1077,3 +1077,8 @@ def test_zz_every_request_stored_once_and_no_secret_on_disk(stack: Stack) -> Non
             seen_header = seen_header or b"x-stainless-lang" in view
             seen_body = seen_body or b"last one" in view
     assert scanned > 10_000 and seen_header and seen_body
+    # ... and none of it readable by another user (the deploy audit: store.db, its WAL and the
+    # body files were 0644 / 0640 under the default umask 022)
+    shared = [(str(p), oct(p.stat().st_mode & 0o777)) for p in [stack.data_dir, *stack.data_dir.rglob("*")]
+              if p.stat().st_mode & 0o077]  # fmt: skip
+    assert not shared, shared

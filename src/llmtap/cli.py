@@ -71,7 +71,7 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
 def _make_data_dir(settings: Settings) -> None:
     """Create the data dir, or exit 2 with one sentence (a path under /proc, or a file)."""
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
         _fail(f"invalid setting LLMTAP_DATA_DIR: cannot create {str(settings.data_dir)!r}: {why}")
@@ -253,6 +253,10 @@ def cli(ctx: click.Context, config: Path | None) -> None:
     from llmtap.runtime import quiet_libraries
 
     quiet_libraries()
+    # Everything llmtap writes holds prompts, answers or secrets (the stores, the queue, body
+    # files, the spool, exports): readable by its own user only, whatever the caller's umask
+    # (the deploy audit: store.db and its WAL were 0644, read by `nobody`).
+    os.umask(os.umask(0o077) | 0o077)
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
 
