@@ -79,9 +79,9 @@ async def waiting_upstream(http: aiohttp.ClientSession, upstream: str) -> int:
 
 
 async def slow_calls(
-    gw: str, upstream: str, n: int, proc: subprocess.Popen[bytes]
+    gw: str, upstream: str, n: int, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM
 ) -> list[tuple[int, bytes]]:
-    """5 quick requests, then `n` slow ones; SIGTERM the gateway while the slow ones wait."""
+    """5 quick requests, then `n` slow ones; signal the gateway while the slow ones wait."""
     async with aiohttp.ClientSession() as http:
         for _ in range(5):
             async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT) as r:
@@ -98,11 +98,13 @@ async def slow_calls(
         while await waiting_upstream(http, upstream) < n:  # all of them wait on the upstream now
             assert time.monotonic() < deadline, "the slow requests never reached the upstream"
             await asyncio.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         return await asyncio.gather(*calls)
 
 
-async def test_sigterm_finishes_in_flight_requests_and_publishes_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_sigterm_finishes_in_flight_requests_and_publishes_them(tmp_path: Path, sig: int) -> None:
+    """SIGHUP too: it killed the process at once, and the records of answers sent (deploy audit)."""
     port, up_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{up_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_")}
@@ -119,13 +121,14 @@ async def test_sigterm_finishes_in_flight_requests_and_publishes_them(tmp_path: 
     with process(fake, tmp_path / "fake.log"), process(gateway, log, env) as proc:
         wait_http(f"{upstream}/_fake/health")
         wait_http(f"http://127.0.0.1:{port}/healthz")
-        results = await slow_calls(f"http://127.0.0.1:{port}", upstream, 16, proc)
+        results = await slow_calls(f"http://127.0.0.1:{port}", upstream, 16, proc, sig)
         assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()
     assert [status for status, _ in results] == [200] * 16
     for i, (_, body) in enumerate(results):
         assert (b"data: [DONE]" in body) if i % 2 == 0 else (b"echo: hello from a process test" in body)
     out = log.read_text()
     assert "Traceback" not in out, out
+    assert ("SIGHUP: stopping as on SIGTERM" in out) == (sig == signal.SIGHUP), out
 
     values = await drain(tmp_path / "data" / "queue.db", 6, 21)
     records = [decode(v) for v in values]

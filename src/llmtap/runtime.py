@@ -401,8 +401,10 @@ async def run_services(settings: Settings, title: str, services: Sequence[Servic
 
     try:
         async with contextlib.AsyncExitStack() as stack:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+            # SIGHUP too (a closed terminal, `kill -HUP` as a reload habit): it killed the
+            # process at once, records answered but not yet published with it (deploy audit).
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.add_signal_handler(sig, _stopping, sig, stop)
                 stack.callback(loop.remove_signal_handler, sig)
             stack.callback(gc.unfreeze)  # after every service stopped (callbacks run last-in first)
             lines: list[str] = []
@@ -427,6 +429,12 @@ async def run_services(settings: Settings, title: str, services: Sequence[Servic
         return 2
     print("llmtap: stopped", file=sys.stderr, flush=True)
     return 1 if failed else 0
+
+
+def _stopping(sig: signal.Signals, stop: asyncio.Event) -> None:
+    if sig == signal.SIGHUP and not stop.is_set():
+        print("llmtap: SIGHUP: stopping as on SIGTERM (there is no reload)", file=sys.stderr, flush=True)
+    stop.set()
 
 
 async def _start_unless_stopped(svc: Service, stop: asyncio.Event) -> list[str] | None:
