@@ -373,10 +373,16 @@ def test_mistakes_the_cli_review_found_are_one_sentence_each(tmp_path: Path) -> 
             ({}, ["worker", "--worker-port", port], f"cannot listen on 127.0.0.1:{port}"),
             ({}, ["fake-upstream", "--port", port], f"cannot listen on 127.0.0.1:{port} for the fake"),
         ]
+        # the deploy audit: a key pasted into the wrong setting was echoed back
+        key = "sk-proj-" + "A1b2C3d4" * 5
+        cases += [
+            ({"LLMTAP_GATEWAY_PORT": key}, ["status"], "GATEWAY_PORT: Input should be a valid integer"),
+            ({"LLMTAP_LOG_LEVEL": f"Bearer {key}"}, ["status"], "(a credential: not shown)"),
+        ]
         for extra, args, says in cases:
             r = _llmtap({**env, **extra}, *args, cwd=tmp_path)
             assert r.returncode == 2 and says in r.stderr, (args, r.returncode, r.stderr)
-            assert "Traceback" not in r.stderr, (args, r.stderr)
+            assert "Traceback" not in r.stderr and key not in r.stderr, (args, r.stderr)
 
 
 def test_erase_a_user_for_good_through_llmtap_up(tmp_path: Path) -> None:

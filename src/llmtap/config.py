@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from llmtap.backends import FAMILIES
 from llmtap.errors import ConfigError
-from llmtap.redact import is_secret_name, redact_dsn, redact_url
+from llmtap.redact import is_secret_name, is_secret_value, redact_dsn, redact_url
 
 ENV_PREFIX = "LLMTAP_"
 #: Backend family by setting name: its URL schemes, classes and extras (`llmtap.backends`).
@@ -564,6 +564,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
         if is_secret_name(field):
             shown = ""  # a token or secret of the wrong type is still a secret
+        elif isinstance(value, str) and is_secret_value(value):  # a key pasted into another setting
+            shown, msg = " (a credential: not shown)", msg.replace(value, "***")
         if isinstance(value, str) and (value in msg or "got '" in msg):
             shown = ""  # the message names it (or the part of it at fault) already
         raise ConfigError(f"invalid setting {_env_name(field)}: {msg}{shown}") from None
