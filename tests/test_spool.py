@@ -57,6 +57,25 @@ def test_a_clock_stepped_back_still_replays_segments_in_the_order_they_were_writ
     assert got == [b"first", b"second", b"third"]
 
 
+def test_two_writers_of_one_pid_naming_the_same_stamp_keep_both_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deploy audit: containers sharing a spool volume are all pid 1; two that name the
+    same stamp at once (clocks behind the newest segment) made one name, and the second
+    rename replaced the first's segment while it was being written."""
+    d = tmp_path / "spool"
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    monkeypatch.setattr(DiskSpool, "_next_stamp", lambda self: 101)  # the race, made certain
+    one, two = DiskSpool(d, max_bytes=10_000_000), DiskSpool(d, max_bytes=10_000_000)
+    one.append([b"from one"])
+    two.append([b"from two"])
+    one.append([b"one again"])
+    one.close()
+    two.close()
+    got = {v for seg in one.segments_for_replay() for batch in one.replay(seg) for v in batch}
+    assert got == {b"from one", b"from two", b"one again"}
+
+
 def test_torn_tail_is_dropped_rest_kept(tmp_path: Path) -> None:
     spool = DiskSpool(tmp_path / "spool", max_bytes=10_000_000)
     spool.append([b"first", b"second"])

@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import struct
 import threading
 import time
@@ -98,6 +99,7 @@ class DiskSpool:
         self._written = 0
         self._seq = 0
         self._stamp = 0  # the newest segment name's stamp (`_next_stamp`)
+        self._token = secrets.token_hex(4)  # this writer's, in its segments' names (`_rotate`)
         self._lock = threading.Lock()  # append (sink thread) vs close (replayer thread)
         self.unreadable_bytes = 0  # corrupt spans met on replay (their records are lost)
         #: Spans already kept and said, as (segment name, start, end): a segment read again
@@ -177,12 +179,14 @@ class DiskSpool:
         self._close()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        name = f"{self._next_stamp():020d}-{os.getpid()}-{self._seq:06d}{tag}.spool"
+        # The pid alone is no writer's own: containers sharing a spool volume are all pid 1,
+        # and two whose clocks lag the newest segment name the same stamp (deploy audit).
+        name = f"{self._next_stamp():020d}-{os.getpid()}.{self._token}-{self._seq:06d}{tag}.spool"
         self._path = self.dir / name
         # Created under a name no replayer lists, locked, then named: a replayer never sees it
         # unlocked (it would take the empty file for one a failed write left, and delete it).
         hidden = self.dir / f".{name}.new"
-        self._fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         # Held while we write it: a replayer in another process skips a segment still growing.
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         os.rename(hidden, self._path)
