@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from llmtap.runtime import Service, SharedBackends, banner, notes, run_services
 from llmtap.server.app import ServerService
 from llmtap.store.sqlite import SQLiteStore
 from llmtap.worker.worker import WorkerService
-from procs import free_port, http_json, ingest_auth, llmtap_env, start_llmtap, wait_until
+from procs import Proc, free_port, http_json, ingest_auth, llmtap_env, start_llmtap, wait_until
 from worker_helpers import make_record
 
 pytestmark = pytest.mark.timeout(180)
@@ -474,3 +475,31 @@ async def test_requests_left_in_the_data_dirs_store_are_named_when_another_store
     monkeypatch.chdir(tmp_path.parent)
     assert await warnings(f"sqlite:./{tmp_path.name}/store.db") == []
     assert await warnings(f"sqlite:{tmp_path.name}//store.db") == []
+
+
+def test_livez_answers_on_every_port_while_healthz_says_the_store_is_away(tmp_path: Path) -> None:
+    """The deploy audit: with one probe, a liveness check on `/healthz` restarted every worker
+    and server through a database outage. `/livez` is 200 while the process answers."""
+    pytest.importorskip("asyncpg")
+    store = f"postgresql://llmtap@127.0.0.1:{free_port()}/nowhere"  # nothing listens there
+    gateway, server, worker = free_port(), free_port(), free_port()
+    env = llmtap_env(tmp_path / "up", store=store, gateway_port=gateway, server_port=server)
+    up = start_llmtap("up", env, tmp_path / "up.log")
+    env = llmtap_env(tmp_path / "w", store=store, worker_port=worker)
+    alone = start_llmtap("worker", env, tmp_path / "w.log")
+
+    def banner_or_exit(proc: Proc) -> Callable[[], bool]:
+        return lambda: not proc.alive() or "press Ctrl-C" in proc.output()
+
+    try:
+        for proc in (up, alone):
+            wait_until(banner_or_exit(proc), 60, what="the banner")
+            assert proc.alive(), proc.output()
+        for port in (server, worker):
+            status, body = http_json("GET", f"http://127.0.0.1:{port}/healthz")
+            assert status == 503 and body["status"] == "waiting", (port, status, body)
+        for port in (gateway, server, worker):
+            assert http_json("GET", f"http://127.0.0.1:{port}/livez") == (200, {"status": "alive"}), port
+    finally:
+        up.stop()
+        alone.stop()

@@ -391,7 +391,7 @@ _HOST_RE = re.compile(
 #: A route name: what follows the first `/` of a gateway path.
 _ROUTE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 #: First path segments the gateway answers itself, so no upstream may take them.
-_RESERVED_ROUTES = frozenset({"healthz", "metrics", "api", "static"})
+_RESERVED_ROUTES = frozenset({"healthz", "livez", "metrics", "api", "static"})
 
 
 def _routes_known(settings: Settings) -> Settings:

@@ -431,6 +431,15 @@ async def run_services(settings: Settings, title: str, services: Sequence[Servic
     return 1 if failed else 0
 
 
+async def livez(request: Any) -> Any:
+    """Liveness (`GET /livez` on every port): 200 while the process's event loop answers, even
+    stopping or waiting for a backend. `/healthz` is readiness: a liveness probe on it had an
+    orchestrator restart every worker and server through a database outage (deploy audit)."""
+    from aiohttp import web
+
+    return web.Response(body=b'{"status":"alive"}', content_type="application/json")
+
+
 def _stopping(sig: signal.Signals, stop: asyncio.Event) -> None:
     if sig == signal.SIGHUP and not stop.is_set():
         print("llmtap: SIGHUP: stopping as on SIGTERM (there is no reload)", file=sys.stderr, flush=True)

@@ -38,7 +38,7 @@ from llmtap.ingest_token import ingest_token
 from llmtap.providers import BUILTIN, Route
 from llmtap.queue.base import Queue, open_queue
 from llmtap.redact import redact_url
-from llmtap.runtime import OnBackends, SharedBackends, cancel
+from llmtap.runtime import OnBackends, SharedBackends, cancel, livez
 from llmtap.store.base import Store
 
 __all__ = ["GatewayService", "make_server"]
@@ -169,7 +169,7 @@ class GatewayService(OnBackends):
             replayer = self.replayer
             self.publisher.dropped_elsewhere.append(lambda: replayer.dropped)
         self.proxy = Proxy(settings, self.publisher, self.resolve_tenant)
-        self.proxy.local = {"/healthz": self._healthz, "/metrics": self._metrics}
+        self.proxy.local = {"/healthz": self._healthz, "/livez": livez, "/metrics": self._metrics}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.publisher.collector())
         # Multi-tenant mode maps `Llmtap-Auth` keys to tenants through the store's key table

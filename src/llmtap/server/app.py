@@ -27,7 +27,7 @@ from llmtap.handlers.chain import Chain
 from llmtap.headertimeout import app_runner
 from llmtap.ingest_token import ingest_token
 from llmtap.retention import RetentionTask
-from llmtap.runtime import OnBackends, SharedBackends, cancel, open_when_back
+from llmtap.runtime import OnBackends, SharedBackends, cancel, livez, open_when_back
 from llmtap.server import alerts_api, api, dashboard, openapi, security, webhooks_api
 from llmtap.server.auth import INGEST_TOKEN, Unauthorized, check_ingest, tenant_for
 from llmtap.server.ingest import IngestQueue
@@ -53,7 +53,7 @@ INGEST_OPEN = Gauge(
 )
 
 # Routes that never need a tenant's key.
-_PUBLIC = frozenset({"/healthz", "/metrics", "/", "/api/v1/openapi.json", "/api/v1/ingest"})
+_PUBLIC = frozenset({"/healthz", "/livez", "/metrics", "/", "/api/v1/openapi.json", "/api/v1/ingest"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -222,6 +222,7 @@ def build_app(
         app[WAITING] = waiting
     r = app.router
     r.add_get("/healthz", _healthz)
+    r.add_get("/livez", livez)
     r.add_get("/metrics", _metrics)
     r.add_get("/", _index)
     r.add_static("/static/", STATIC)  # the dashboard's script and style: the CSP allows no inline ones

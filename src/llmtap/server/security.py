@@ -29,7 +29,7 @@ from llmtap.config import Settings, normalize_host
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Paths answered whatever the `Host`: probes address the server by pod IP; nothing stored here.
-HOST_EXEMPT = frozenset({"/healthz", "/metrics"})
+HOST_EXEMPT = frozenset({"/healthz", "/livez", "/metrics"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 CSP = (

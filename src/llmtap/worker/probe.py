@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from llmtap.errors import ConfigError
 from llmtap.handlers.store import StoreHandler
 from llmtap.headertimeout import app_runner
+from llmtap.runtime import livez
 
 if TYPE_CHECKING:
     from llmtap.config import Settings
@@ -37,6 +38,7 @@ class WorkerProbe:
     async def start(self) -> list[str]:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/livez", livez)
         app.router.add_get("/metrics", self._metrics)
         self._runner = app_runner(app, self.settings.header_timeout, access_log=None)
         await self._runner.setup()
