@@ -69,18 +69,20 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
 
 
 def _make_data_dir(settings: Settings) -> None:
-    """Create the data dir, or exit 2 with one sentence (a path under /proc, or a file)."""
+    """Create the data dir, or exit 2 with one sentence (a path under /proc, or a file) that
+    names it whole (the default `.llmtap` is relative to a working directory the user may not know)."""
+    where = os.path.abspath(settings.data_dir)
     try:
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
-        _fail(f"invalid setting LLMTAP_DATA_DIR: cannot create {str(settings.data_dir)!r}: {why}")
+        _fail(f"invalid setting LLMTAP_DATA_DIR: cannot create {where!r}: {why}")
     probe = settings.data_dir / f".llmtap-write-{os.getpid()}"
     try:  # queues, stores and the spool all write here: say so now, not as "unable to open database file"
         probe.touch()
         probe.unlink()
     except OSError as e:
-        _fail(f"invalid setting LLMTAP_DATA_DIR: cannot write in {str(settings.data_dir)!r}: {e.strerror}")
+        _fail(f"invalid setting LLMTAP_DATA_DIR: cannot write in {where!r}: {e.strerror}")
 
 
 def _fail(message: str, code: int = 2) -> Any:
