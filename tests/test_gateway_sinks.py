@@ -168,6 +168,41 @@ class _SizeLimitedQueue(SQLiteQueue):
         await super().publish(messages)
 
 
+class _BrokenDriverQueue(SQLiteQueue):
+    """A driver that fails on what it reads back (redis-py 8.2's HELLO check on an echo)."""
+
+    broken = True
+
+    async def publish(self, messages):  # type: ignore[no-untyped-def]
+        if self.broken:
+            raise AttributeError("'list' object has no attribute 'get'")
+        await super().publish(messages)
+
+
+async def test_a_driver_failure_is_an_outage_for_the_spool_not_a_refusal(tmp_path: Path) -> None:
+    """The packaging audit: with redis-py 8.2 an AttributeError from the driver was taken for the
+    queue refusing each record: they went bare, then were dropped, and the segment deleted."""
+    spool = DiskSpool(tmp_path / "spool", max_bytes=50_000_000)
+    sink = SpoolSink(spool, partition_by="user_id")
+    records = [_record(i) for i in range(5)]
+    await sink.send(records)
+    await sink.close()
+    q = _BrokenDriverQueue(str(tmp_path / "queue.db"), partitions=2)
+    await q.connect("both")
+    try:
+        replayer = SpoolReplayer(spool, q)
+        with pytest.raises(BackendUnavailable, match="the queue failed: AttributeError"):
+            await replayer.replay_once()
+        assert spool.pending() and replayer.dropped == 0
+        q.broken = False
+        assert await replayer.replay_once() == 5
+        ds = await q.consume(100, timeout=0.5)
+        assert {decode(d.value).id for d in ds} == {r.id for r in records}
+        assert all(decode(d.value).error is None for d in ds)  # whole, not bare (with a reason)
+    finally:
+        await q.close()
+
+
 async def test_one_bad_record_costs_the_spool_only_itself(tmp_path: Path) -> None:
     """Issue 7: a record with a header byte that was not UTF-8 could not be spooled (the whole
     batch failed), and a spooled record the queue refuses blocked its segment's replay forever."""

@@ -413,6 +413,12 @@ class SpoolReplayer:
         except BackendUnavailable:
             raise
         except Exception as e:
+            if not isinstance(e, ValueError):
+                # Not a refusal of these records (a queue refuses one as `MessageRefused`, a
+                # ValueError): the driver failed, e.g. redis-py 8.2 on a reply it did not expect.
+                # Taken for a refusal, every record went bare and then was dropped with its
+                # segment (the packaging audit): an outage instead, and the segment waits.
+                raise BackendUnavailable(f"the queue failed: {type(e).__name__}: {e}") from e
             if len(frames) == 1:
                 outcome = await self._refused_alone(queue, frames[0], e)
                 if outcome == "queued":

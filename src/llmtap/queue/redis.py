@@ -514,6 +514,9 @@ class RedisQueue(Queue):
             raise BackendUnavailable(f"Redis at {self._where} refused the batch: {e}") from None
         except (RedisError, OSError, TimeoutError) as e:
             raise self._unavailable(e) from None
+        except Exception as e:  # the driver failed on what came back (redis-py 8.2 on an echo)
+            await bounded(self.r.connection_pool.disconnect(), self.op_timeout, "redis queue: reconnect")
+            raise BackendUnavailable(f"Redis at {self._where}: {type(e).__name__}: {e}") from None
         if added != len(messages):
             # Only Redis's count of the entries it added acknowledges the batch. Anything else is
             # not Redis answering: e.g. a reconnect to a dead local broker that landed on its own
