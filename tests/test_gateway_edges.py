@@ -1513,3 +1513,40 @@ async def test_a_request_aiohttp_cannot_parse_is_told_why_without_its_credential
             assert b":" in got.body and b"b'" not in got.body, got.body  # aiohttp's reason, not the bytes
             for secret in (b"sk-secret", b"AIzaSECRET"):
                 assert secret not in got.body, got.body
+
+
+async def test_a_stream_with_an_integer_past_64_bits_keeps_its_record(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """fuzz2: `created: 2**64` in a chunk (typed chunks keep integers whole, orjson refuses to
+    write them) made the record "llmtap could not build this record": no model, tokens, user
+    or bodies, and an upstream_error."""
+    big = 2**64
+    events = [
+        {"id": "c1", "object": "chat.completion.chunk", "created": big, "model": "my-model",
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hello"}}]},
+        {"id": "c1", "object": "chat.completion.chunk", "created": big, "model": "my-model",
+         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"id": "c1", "object": "chat.completion.chunk", "created": big, "model": "my-model", "choices": [],
+         "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18, "queue_time_ns": big}},
+    ]  # fmt: skip
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=body, content_type="text/event-stream")
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, gw):
+            ask = {"messages": [{"role": "user", "content": "hi"}], "stream": True}  # no model: rebuilt here
+            headers = {"Authorization": "Bearer sk-test", "Llmtap-User-Id": "alice"}
+            async with http.post(f"{gw}/openai/v1/chat/completions", json=ask, headers=headers) as r:
+                assert r.status == 200 and b"hello" in await r.read()
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert (rec.outcome, rec.error, rec.model, rec.user_id) == ("completed", None, "my-model", "alice")
+    assert (rec.usage.prompt_tokens, rec.usage.completion_tokens) == (11, 7)
+    assert rec.response_body is not None and b"hello" in (rec.response_body.data or b"")

@@ -32,7 +32,7 @@ from llmtap import limits
 from llmtap.bodies.offload import inline_body
 from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, LlmtapHeaders
 from llmtap.providers import provider_for
-from llmtap.providers.common import loads
+from llmtap.providers.common import dumps, loads
 from llmtap.providers.sse import StreamResult
 from llmtap.record import Body, LogRecord, Outcome, Usage
 from llmtap.redact import is_secret_header, is_secret_name, redact_text, redact_url
@@ -382,7 +382,7 @@ class RecordBuilder:
             if result is not None:
                 events = decoded
                 if result.message is not None:
-                    response_body = orjson.dumps(result.message)
+                    response_body = dumps(result.message)
                     response_body_type = "application/json"
                     response_obj = result.message
                 elif result.model is not None:  # a summary: the model its first chunk names

@@ -18,12 +18,11 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-import orjson
-
 from llmtap.bodies.offload import inline_body
 from llmtap.cooperate import SLICE
 from llmtap.handlers.base import Handler, Item
 from llmtap.providers import provider_for
+from llmtap.providers.common import dumps
 from llmtap.record import LogRecord, body_bytes
 from llmtap.redact import redact_text
 
@@ -64,7 +63,7 @@ def finish(record: LogRecord, inline_body_bytes: int) -> None:
     # that answered (the gateway saw only the first chunk's); OpenAI's the one asked for.
     asked = {"model": record.model} if record.model else None
     model = fmt.model(record.path, asked, result.message) or record.model
-    data = orjson.dumps(result.message)
+    data = dumps(result.message)
     body = inline_body(
         data,
         size=len(data),

@@ -23,6 +23,16 @@ _LENIENT = ("surrogate", "UTF-8", "byte order mark")
 _LENIENT_MAX = 1024 * 1024
 
 
+def dumps(obj: Any) -> bytes:
+    """JSON of a message rebuilt from a stream: orjson, else Python's `json` for the integers
+    orjson refuses (past 64 bits: msgspec's typed chunks keep them whole). A stream whose
+    `created` was 2**64 cost its record model, tokens, user and bodies (fuzz2)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, default=str).encode()
+
+
 def loads(data: bytes | str, *, keep_surrogates: bool = False) -> Any:
     """JSON as the client's own parser reads it: orjson first; what it refuses only for its
     text (a lone surrogate escape such as `\\ud83d`, a byte that is not UTF-8, a byte-order
