@@ -580,6 +580,9 @@ async def test_ingest_refuses_counts_durations_and_times_no_request_has(server: 
         "future": rec(7, at=datetime(9999, 12, 31, 23, tzinfo=UTC)),
         "past": rec(8, at=datetime(1969, 12, 31, 23, 59, 30, tzinfo=UTC)),
         "audio": rec(10, usage=Usage(source="provider", input_audio_tokens=3_000_000_000)),  # int32
+        # fuzz2: a charge past 64-bit nanodollars was dead-lettered, a negative one stored
+        "billed": rec(11, usage=Usage(source="provider", prompt_tokens=5, billed_usd=1e12)),
+        "refund": rec(12, usage=Usage(source="provider", prompt_tokens=5, billed_usd=-2.0)),
     }
     good = rec(9, at=t)
     status, body, _ = await server.ingest(encode_many([*bad.values(), good]))
@@ -590,6 +593,8 @@ async def test_ingest_refuses_counts_durations_and_times_no_request_has(server: 
     assert "usage.web_search_requests" in reasons[bad["search"].id]
     assert "input_audio_tokens 3000000000 is not a token count (0 to 2147483647)" in reasons[bad["audio"].id]
     assert "latency_ms 10000000000000.0 is not a duration" in reasons[bad["slow"].id]
+    assert "usage.billed_usd -2.0 is not a charge (0 to 1000000 USD)" in reasons[bad["refund"].id]
+    assert "usage.billed_usd 1000000000000.0 is not a charge" in reasons[bad["billed"].id]
     assert "started_at" in reasons[bad["future"].id] and "1970 and 9999" in reasons[bad["past"].id]
     for exact in ("true", "false"):
         status, st = await server.get(f"/api/v1/stats?exact={exact}&bucket=day&since=2026-01-01")

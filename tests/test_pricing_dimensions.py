@@ -420,3 +420,16 @@ def test_a_search_the_price_table_has_no_price_for_leaves_the_cost_unknown() -> 
         assert priced("gemini", model, searched).cost_nanos is None, model
     searched = msgspec.structs.replace(usage, web_search_requests=1)
     assert priced("gemini", "gemini-2.5-flash", searched).cost_nanos is not None
+
+
+def test_a_billed_charge_out_of_range_is_ignored_for_the_price_table() -> None:
+    """fuzz2: a record's `billed_usd` of 1e300 (a queue's record: ingest refuses it now) made
+    the cost handler raise, and the record was dead-lettered; a reported charge in range wins."""
+    usage = Usage(source="provider", prompt_tokens=1_000, completion_tokens=100, total_tokens=1_100)
+    table = priced("openai", "gpt-4o-mini", usage).cost_nanos
+    assert table is not None
+    def billed(usd: float) -> int | None:
+        return priced("openai", "gpt-4o-mini", msgspec.structs.replace(usage, billed_usd=usd)).cost_nanos
+
+    assert [billed(wild) for wild in (1e300, -2.0, float("nan"), 1e12)] == [table] * 4
+    assert billed(0.5) == 500_000_000

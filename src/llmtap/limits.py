@@ -46,6 +46,11 @@ NARROW_USAGE = (
     "audio_seconds", "input_characters",
 )  # fmt: skip
 MAX_NARROW_COUNT = 2**31 - 1
+#: A charge a provider reports above this for one call is not a charge (a bug, or not USD); the
+#: bound also keeps its nanodollars in 64 bits (fuzz2: an ingested 1e12 was dead-lettered).
+MAX_BILLED_USD = 1_000_000.0
+#: Characters of a record's `error` kept (the gateway's; ingest cuts what it is posted to it).
+MAX_ERROR_CHARS = 2000
 
 
 def cut(s: str, limit: int) -> str | None:

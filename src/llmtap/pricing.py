@@ -52,7 +52,7 @@ import msgspec
 from genai_prices import data_snapshot
 from genai_prices import types as gp
 
-from llmtap.limits import MAX_NARROW_COUNT, NARROW_USAGE
+from llmtap.limits import MAX_BILLED_USD, MAX_NARROW_COUNT, NARROW_USAGE
 from llmtap.providers import pricing_id, provider_for
 
 if TYPE_CHECKING:
@@ -398,7 +398,8 @@ def apply_cost(record: LogRecord) -> None:
     if usage.source == "missing" and _not_billed(record):
         record.cost_usd, record.cost_nanos, record.price_version = 0.0, 0, None
         return
-    if usage.billed_usd is not None and usage.source == "provider":
+    billed_ok = usage.billed_usd is not None and 0 <= usage.billed_usd <= MAX_BILLED_USD
+    if billed_ok and usage.source == "provider":  # out of range (a queue's record): the table's
         # What the provider billed beats what the table says it lists: an aggregator's routing
         # (another upstream, a cache, a discount) or a model missing from the table.
         billed = Decimal(repr(usage.billed_usd))

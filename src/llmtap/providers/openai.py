@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import msgspec
 import orjson
 
-from llmtap.limits import MAX_TOKENS
+from llmtap.limits import MAX_BILLED_USD, MAX_TOKENS
 from llmtap.providers.base import Provider, StreamFilter, response_model, text_member
 from llmtap.providers.common import after_last_reply, error_message, loads, role_is, scrub_stream, token_count
 from llmtap.providers.sse import StreamResult, data_payloads, event_bounds, last_boundary
@@ -93,12 +93,8 @@ def parse_usage(u: Any) -> Usage:
     )
 
 
-#: A charge above this for one call is not a charge (a provider's bug, or not USD).
-_MAX_BILLED_USD = 1_000_000.0
-
-
 def _usd(value: Any) -> float | None:
-    if type(value) not in (int, float) or not 0 <= value <= _MAX_BILLED_USD:
+    if type(value) not in (int, float) or not 0 <= value <= MAX_BILLED_USD:
         return None  # bool, NaN, negative, absurd: no figure rather than a wrong one
     return float(value)
 

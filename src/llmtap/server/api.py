@@ -27,7 +27,7 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError, TransientError
 from llmtap.handlers.chain import Chain
 from llmtap.ids import canonical_id
-from llmtap.limits import MAX_NARROW_COUNT, MAX_TOKENS, NARROW_USAGE
+from llmtap.limits import MAX_BILLED_USD, MAX_ERROR_CHARS, MAX_NARROW_COUNT, MAX_TOKENS, NARROW_USAGE
 from llmtap.record import Body, LogRecord, Usage, declared_charset, decode, decode_many
 from llmtap.redact import is_secret_header, redact_text, redact_url
 from llmtap.server.auth import IngestCaller
@@ -305,6 +305,11 @@ def check_ingested(record: LogRecord, caller: IngestCaller) -> str | None:
         top = MAX_NARROW_COUNT if name in NARROW_USAGE else MAX_TOKENS
         if count is not None and not 0 <= count <= top:
             return f"usage.{name} {str(count)[:30]} is not a token count (0 to {top})"
+    billed = record.usage.billed_usd
+    if billed is not None and not 0 <= billed <= MAX_BILLED_USD:  # NaN fails too
+        return f"usage.billed_usd {str(billed)[:30]} is not a charge (0 to {MAX_BILLED_USD:.0f} USD)"
+    if record.error is not None and len(record.error) > MAX_ERROR_CHARS:  # as a gateway cuts it
+        record.error = record.error[:MAX_ERROR_CHARS]
     numbers = [("cost_nanos", record.cost_nanos)]
     numbers += [(f"{p}.size", b.size) for p in _BODY_PARTS if (b := getattr(record, p)) is not None]
     for name, value in numbers:
