@@ -496,6 +496,22 @@ async def test_metacharacters_in_every_filter_return_nothing_and_leak_nothing(se
     assert len(body["items"]) == 3
 
 
+async def test_a_cost_bound_past_64_bit_nanodollars_is_no_500(server: Server) -> None:
+    """fuzz2: `min_cost_usd=1e10` (the API takes up to 1e12) overflowed the store's 64-bit
+    integer: 500 on both stores, for the list, the export, stats and sessions."""
+    await server.ingest(encode_many([rec(i) for i in range(3)]))
+    for path in ("/api/v1/requests", "/api/v1/requests/export", "/api/v1/stats", "/api/v1/sessions"):
+        for name, value, rows in (("min_cost_usd", "1e10", 0), ("max_cost_usd", "1e12", 3)):
+            status, body = await server.get(path, params={name: value})
+            assert status == 200, (path, name, status, body)
+            if path == "/api/v1/stats":
+                assert body["overall"]["count"] == rows, (name, body["overall"])
+            elif path == "/api/v1/requests":
+                assert len(body["items"]) == rows, name
+    status, body = await server.get("/api/v1/requests", params={"min_cost_usd": "2e12"})
+    assert status == 400 and "from 0 to 1e12" in body["error"]["message"], body
+
+
 async def test_invalid_utf8_in_query_is_400_not_500(server: Server) -> None:
     status, body = await server.get("/api/v1/requests?user_id=%ff%fe")
     assert status in (200, 400), body  # decoded with replacement characters, or refused

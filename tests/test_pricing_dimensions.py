@@ -428,6 +428,7 @@ def test_a_billed_charge_out_of_range_is_ignored_for_the_price_table() -> None:
     usage = Usage(source="provider", prompt_tokens=1_000, completion_tokens=100, total_tokens=1_100)
     table = priced("openai", "gpt-4o-mini", usage).cost_nanos
     assert table is not None
+
     def billed(usd: float) -> int | None:
         return priced("openai", "gpt-4o-mini", msgspec.structs.replace(usage, billed_usd=usd)).cost_nanos
 

@@ -351,7 +351,8 @@ def _number(params: Mapping[str, str], name: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or not 0 <= value <= 1e12:
-        raise QueryError(name, f"invalid parameter {name!r}: must be a number >= 0, got {raw[:50]!r}")
+        why = f"invalid parameter {name!r}: must be a number from 0 to 1e12, got {raw[:50]!r}"
+        raise QueryError(name, why)
     return value
 
 

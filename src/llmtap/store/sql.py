@@ -80,6 +80,8 @@ BODY_COLUMNS = ("request_body", "response_body", "response_events")
 #: Stats percentiles (fractions), the same on both stores.
 PERCENTILES = (0.5, 0.9, 0.95, 0.99)
 ERROR = "(r.status >= 400 OR r.outcome <> 'completed')"
+#: The largest integer a store column holds (both stores: 64-bit signed).
+_INT64_MAX = 2**63 - 1
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -350,10 +352,12 @@ def where_sql(p: Params, tenant: str, f: ListQuery, since: datetime | None = Non
         conds.append(f"r.outcome = {p(f.outcome)}")
     if f.error is not None:  # what stats count in error_count
         conds.append(ERROR if f.error else "(coalesce(r.status, 0) < 400 AND r.outcome = 'completed')")
+    # Nanodollars past 64 bits (a bound above $9.2B, which the API takes: fuzz2's 500) are
+    # the largest a column holds: no cost is above it.
     if f.min_cost_usd is not None:
-        conds.append(f"r.cost_nanos >= {p(round(f.min_cost_usd * 1e9))}")
+        conds.append(f"r.cost_nanos >= {p(min(round(f.min_cost_usd * 1e9), _INT64_MAX))}")
     if f.max_cost_usd is not None:
-        conds.append(f"r.cost_nanos <= {p(round(f.max_cost_usd * 1e9))}")
+        conds.append(f"r.cost_nanos <= {p(min(round(f.max_cost_usd * 1e9), _INT64_MAX))}")
     if f.min_latency_ms is not None:
         conds.append(f"r.latency_ms >= {p(float(f.min_latency_ms))}")
     if f.max_latency_ms is not None:
