@@ -403,6 +403,9 @@ async def test_pipeline_health_and_replay_rules(server: Server, tmp_path: Path) 
         assert r.status == 415  # a cross-site form cannot trigger it
     async with server.http.post(f"{server.base}/api/v1/pipeline/dead-letters/replay", json={}) as r:
         assert r.status == 400
+    both = {"all": True, "ids": ["x"]}  # fuzz2: the ids were ignored and everything replayed
+    async with server.http.post(f"{server.base}/api/v1/pipeline/dead-letters/replay", json=both) as r:
+        assert r.status == 400 and "not both" in (await r.json())["error"]["message"]
     async with server.http.post(
         f"{server.base}/api/v1/pipeline/dead-letters/replay", json={"all": True}
     ) as r:

@@ -364,6 +364,11 @@ def test_encoded_media_is_not_indexed_but_the_words_around_it_are() -> None:
     for audio_b64 in (base64.b64encode(bytes(30_000)).decode(), quiet):
         parts = [{"inline_data": {"mime_type": "audio/wav", "data": audio_b64}}, {"text": "kept"}]
         assert text_of({"contents": [{"parts": parts}]}) == "audio/wav\nkept"
+    # fuzz2: a boundary past U+00FF raised (the request was not searchable)
+    part = 'Content-Disposition: form-data; name="prompt"\r\n\r\nwatercolour\r\n'
+    form = f"--\u382d\r\n{part}--\u382d--\r\n".encode()
+    ctype = "multipart/form-data; boundary=\u382d"
+    assert body_text(Body(content_type=ctype, size=len(form), data=form), form) == "watercolour"
     rng = random.Random(17)
     alnum = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
     password = "".join(rng.choice(alnum) for _ in range(300))

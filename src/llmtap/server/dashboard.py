@@ -342,6 +342,8 @@ async def replay(request: web.Request) -> web.Response:
         raise api.BadParameter("body", 'the body must be JSON: {"ids": [...]} or {"all": true}') from None
     ids = body.get("ids") if isinstance(body, dict) else None
     everything = isinstance(body, dict) and body.get("all") is True
+    if everything and ids is not None:  # fuzz2: ids beside `all` were ignored, all replayed
+        raise api.BadParameter("ids", 'name dead-letter ids ({"ids": [...]}) or pass {"all": true}, not both')
     if not everything and not (isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids)):
         raise api.BadParameter("ids", 'name dead-letter ids ({"ids": [...]}) or pass {"all": true}')
     q = await _queue(request.app)
