@@ -1402,7 +1402,10 @@ async def test_an_image_in_a_message_is_shown_by_its_size_not_in_full(
         {"role": "user", "content": f"Chart: ![c](data:image/png;base64,{image}) what does the trend show?"},
         {"role": "user", "content": [{"type": "input_audio", "input_audio": {
             "data": base64.b64encode(bytes(30_000)).decode(), "format": "wav"}}]},
-        {"role": "user", "content": password}]}  # fmt: skip
+        {"role": "user", "content": password},
+        # rev18b: a text document's `data` is its text
+        {"role": "user", "content": [{"type": "document", "source": {
+            "type": "text", "media_type": "text/plain", "data": "ACGT" * 90 + "ZEBRA"}}]}]}  # fmt: skip
     raw = orjson.dumps(chat)
     prose = msgspec.structs.replace(
         dd.record(4, at=datetime.now(UTC) - timedelta(minutes=1), rng=rng, kind=0),
@@ -1449,6 +1452,7 @@ async def test_an_image_in_a_message_is_shown_by_its_size_not_in_full(
             note = "«base64 data, 29.3 KiB: not shown"
             await playwright_api.expect(pre).to_contain_text(note, timeout=WAIT)
             await playwright_api.expect(pre).to_contain_text(password, timeout=WAIT)
+            await playwright_api.expect(pre).to_contain_text("ACGTZEBRA", timeout=WAIT)
             assert len(await pg.locator("#drawer").text_content() or "") < 10_000
         got = await s.get(f"/api/v1/requests/{record.id}")
         assert image in orjson.dumps(got["request_body"]).decode()  # the API keeps it whole

@@ -364,6 +364,16 @@ def test_encoded_media_is_not_indexed_but_the_words_around_it_are() -> None:
     for audio_b64 in (base64.b64encode(bytes(30_000)).decode(), quiet):
         parts = [{"inline_data": {"mime_type": "audio/wav", "data": audio_b64}}, {"text": "kept"}]
         assert text_of({"contents": [{"parts": parts}]}) == "audio/wav\nkept"
+    # rev18b: what a media key holds elsewhere is text (Gemini's function `result`, an
+    # Anthropic text document's `data`); a `data:` URL in prose goes whatever its letters.
+    ids = "\n".join(f"ORDERX{i:06d}" for i in range(60))
+    dna = "ACGT" * 100 + "ZEBRAMARKDNA"
+    called = {"functionResponse": {"name": "f", "response": {"result": ids}}}
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": dna}}
+    got = text_of({"contents": [{"parts": [called]}], "messages": [{"content": [document]}]})
+    assert ids in got and dna in got, got[:200]
+    flat = "see ![x](data:image/png;base64," + "A" * 4000 + ") end"
+    assert text_of({"m": flat}) == "see ![x](data:image/png;base64, ) end"
     # fuzz2: a boundary past U+00FF raised (the request was not searchable)
     part = 'Content-Disposition: form-data; name="prompt"\r\n\r\nwatercolour\r\n'
     form = f"--\u382d\r\n{part}--\u382d--\r\n".encode()

@@ -56,34 +56,45 @@ def _decode(body: Body, raw: bytes) -> bytes:
     return raw[:_READ_BYTES]
 
 
-#: Encoded media in JSON: base64 image, audio or document data (Anthropic's `source.data`,
-#: Gemini's `inline_data`, `b64_json`, a `data:` URL). Under one of these keys a string of
-#: base64's letters this long is media whatever its letters (rev17: silent or quiet audio uses
-#: few of them); under another key it must be longer and look random (`_random`): a password,
-#: a list of identifiers or keys of a few hundred letters is text.
+#: Encoded media in JSON: base64 image, audio or document data. Where its place says it is
+#: (`_media`: Anthropic's base64 `source.data`, Gemini's `inline_data.data`, OpenAI's
+#: `input_audio.data`, an audio answer's `data`, `b64_json`, an image generation's `result`)
+#: a string of base64's letters this long is media whatever its letters (rev17: silent or
+#: quiet audio uses few of them). Elsewhere it must be longer and look random (`_random`): a
+#: password or a list of identifiers a few hundred letters long is text, and so is what a
+#: key of the same name holds in another place (rev18b: Gemini's function `result`, an
+#: Anthropic text document's `data`).
 _BLOB_MIN = 200
 _LOOSE_MIN = 1024
-_MEDIA_KEYS = frozenset(
-    {
-        "data",
-        "b64_json",
-        "file_data",
-        "audio",
-        "result",
-        "partial_image_b64",
-        "bytesBase64Encoded",
-        "embedding",
-    }
+#: Keys whose string is base64 wherever it is (their names say so).
+_ALWAYS_MEDIA = frozenset(
+    {"b64_json", "partial_image_b64", "bytesBase64Encoded", "embedding", "audio", "file_data"}
 )
+#: Every key `_media` may call media: a dict with none of them is walked at C speed.
+_MEDIA_KEYS = _ALWAYS_MEDIA | {"data", "result"}
 _BASE64 = re.compile(r"[A-Za-z0-9+/_\r\n-]+=*")  # MIME base64 wraps its lines
 #: Content types whose bytes are no text: an audio answer decoded as text indexed 17 KB of
 #: garbage, matched by random queries (media audit).
 _BINARY = ("audio/", "image/", "video/", "application/octet-stream", "application/pdf", "application/zip")
 
 
+def _media(holder: dict[str, Any], key: str) -> bool:
+    """Whether `holder[key]` is media by its place (the dashboard's `mediaPlace` agrees)."""
+    if key in _ALWAYS_MEDIA:
+        return True
+    if key == "result":  # the Responses API's image generation; a function's result is text
+        return holder.get("type") == "image_generation_call"
+    if key != "data":
+        return False
+    if "media_type" in holder:  # Anthropic's source: base64, or a text document's own text
+        return holder.get("type") == "base64"
+    # Gemini's inline_data (base64 whatever its type), OpenAI's input_audio, an audio answer
+    return any(k in holder for k in ("mime_type", "mimeType", "format", "transcript", "expires_at"))
+
+
 def _blob(s: str, keyed: bool = False) -> bool:
     """Encoded media, not prose: indexed, it matched random queries and took the record's
-    whole text budget from the words around it (media audit). `keyed`: under a media key."""
+    whole text budget from the words around it (media audit). `keyed`: in a media place."""
     if " " in s:
         return False
     if s.startswith("data:"):
@@ -104,13 +115,13 @@ def _random(s: str) -> bool:
 #: Runs of base64's letters in text that is not JSON any more (a body cut at the size limit),
 #: JSON's escaped `\n` and `\/` inside them; each run matched once (no backtracking).
 _BASE64_RUN = re.compile(r"(?:[A-Za-z0-9+/_-]|\\[nr/])+=*")
-#: Long runs of them in prose holding a `data:` URL (a Markdown image: rev17, 400 KB of an
-#: image's base64 was indexed, each random fragment of it found the record).
-_BASE64_IN_TEXT = re.compile(r"[A-Za-z0-9+/_-]{200,}=*")
+#: A `data:` URL's payload in prose (a Markdown image: rev17, 400 KB of an image's base64 was
+#: indexed, each random fragment of it found the record), whatever its letters.
+_DATA_URL_IN_TEXT = re.compile(r";base64,[A-Za-z0-9+/_-]{200,}=*")
 
 
-def _without_blobs(text: str, runs: re.Pattern[str] = _BASE64_RUN) -> str:
-    return runs.sub(lambda m: " " if len(m[0]) >= _BLOB_MIN and _random(m[0]) else m[0], text)
+def _without_blobs(text: str) -> str:
+    return _BASE64_RUN.sub(lambda m: " " if len(m[0]) >= _BLOB_MIN and _random(m[0]) else m[0], text)
 
 
 def _strings(v: Any) -> list[str]:
@@ -126,22 +137,26 @@ def _strings(v: Any) -> list[str]:
         if t is str:
             if len(x) < _BLOB_MIN:
                 append(x)
-            elif " " in x:  # prose: a `data:` URL in it is elided (cheap tests first: the
+            elif " " in x:  # prose: a `data:` URL in it is left out (a cheap test first: a
                 # regex over every long message cost a conversation's turn 50-75 us)
-                append(_without_blobs(x, _BASE64_IN_TEXT) if ";" in x and ";base64," in x else x)
+                append(_DATA_URL_IN_TEXT.sub(";base64, ", x) if ";" in x and ";base64," in x else x)
             elif not _blob(x):
                 append(x)
         elif t is dict:
             if keys.isdisjoint(x):
                 extend(reversed(x.values()))
-            else:  # a media key's string is left out here, its own rule (`_blob(keyed=True)`)
+            else:  # a string in a media place is left out here, by its own rule
                 extend(
                     reversed(
                         [
                             val
                             for k, val in x.items()
                             if not (
-                                k in keys and type(val) is str and len(val) >= _BLOB_MIN and _blob(val, True)
+                                k in keys
+                                and type(val) is str
+                                and len(val) >= _BLOB_MIN
+                                and _media(x, k)
+                                and _blob(val, True)
                             )
                         ]
                     )

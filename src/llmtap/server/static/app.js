@@ -726,19 +726,29 @@ function section(title, ...body) {
 
 // Encoded media in JSON (an image in a message, `b64_json`, a speech answer's audio): shown in
 // full, one 6 MB request made a 4 MB block of text. It is shown by its size (the API's body
-// still holds it whole): a `data:` URL; under a media key (MEDIA_KEYS) a string of base64's
-// letters, whatever they are (silent or quiet audio uses few); under another key one over 1 KiB
-// that looks random: base64 of media uses most of its 64 letters in any 200 (~60), a path, an
-// identifier, a DNA sequence or a hex digest few, and a password or a list of identifiers of a
-// few hundred letters is text. Three places are looked at: audio that begins with silence
-// begins with "AAAA". MIME base64 wraps its lines. In prose (a `data:` URL in Markdown), long
-// random runs are elided in place. The search index (store/search.py) follows the same rules
-// (in prose only where it holds "base64,": it reads every message of every record).
+// still holds it whole): a `data:` URL, also inside prose (a Markdown image), whatever its
+// letters; in a place that says it is media (mediaPlace: Anthropic's base64 source, Gemini's
+// inline_data, input_audio, an audio answer, b64_json, an image generation's result) a string
+// of base64's letters, whatever they are (silent or quiet audio uses few); elsewhere one over
+// 1 KiB that looks random: base64 of media uses most of its 64 letters in any 200 (~60), a
+// path, an identifier, a DNA sequence or a hex digest few, and a password or a list of
+// identifiers of a few hundred letters is text, as is a function's `result` or a text
+// document's `data`. Three places are looked at: audio that begins with silence begins with
+// "AAAA". MIME base64 wraps its lines. The search index (store/search.py) has the same rules.
 const B64 = /^[A-Za-z0-9+/_\r\n-]+=*$/;
 const B64_RUN = /(?:[A-Za-z0-9+/_-]|\\[nr/])+=*/g; // in text (a cut body): JSON's \n and \/ inside
-const B64_IN_TEXT = /[A-Za-z0-9+/_-]{200,}=*/g;
-const MEDIA_KEYS = new Set(["data", "b64_json", "file_data", "audio", "result", "partial_image_b64", "bytesBase64Encoded", "embedding"]);
+const DATA_URL_IN_TEXT = /;base64,([A-Za-z0-9+/_-]{200,}=*)/g;
+const ALWAYS_MEDIA = new Set(["b64_json", "partial_image_b64", "bytesBase64Encoded", "embedding", "audio", "file_data"]);
 const random = (s) => [0, s.length >> 1, Math.max(0, s.length - 200)].some((i) => new Set(s.slice(i, i + 200)).size >= 40);
+/** Whether holder[key] is media by its place (store/search.py's `_media`). */
+function mediaPlace(holder, key) {
+  if (ALWAYS_MEDIA.has(key)) return true;
+  if (!holder || typeof holder !== "object" || Array.isArray(holder)) return false;
+  if (key === "result") return holder.type === "image_generation_call";
+  if (key !== "data") return false;
+  if ("media_type" in holder) return holder.type === "base64";
+  return ["mime_type", "mimeType", "format", "transcript", "expires_at"].some((k) => k in holder);
+}
 function isBlob(s, keyed) {
   if (s.length < 200 || s.includes(" ")) return false;
   if (s.startsWith("data:")) return s.slice(0, 200).includes(";base64,");
@@ -746,21 +756,21 @@ function isBlob(s, keyed) {
   return B64.test(s) && (keyed || random(s));
 }
 const blobNote = (kind, chars) => `«${kind}, ${fmtBytes(Math.floor(chars * 3 / 4))}: not shown, the API's body holds it»`;
-const elideRuns = (s, runs) => s.replace(runs, (m) => (m.length >= 200 && random(m) ? blobNote("base64 data", m.length) : m));
-/** Prose with base64 in it (an image's `data:` URL in a Markdown message), its runs elided. */
-const inText = (s) => (s.length < 200 || !s.includes(" ") ? s : elideRuns(s, B64_IN_TEXT));
+/** Prose with a `data:` URL in it (a Markdown image): its payload elided. */
+const inText = (s) => (s.length < 200 || !s.includes(";base64,") ? s : s.replace(DATA_URL_IN_TEXT, (m, b64) => ";base64," + blobNote("base64 data", b64.length)));
 function elide(key, value) {
+  // `this` is the object holding `key` (JSON.stringify's replacer): a media place is known by it.
   if (typeof value !== "string" || value.length < 200) return value;
-  if (isBlob(value, MEDIA_KEYS.has(key))) {
+  if (isBlob(value, mediaPlace(this, key))) {
     return blobNote(value.startsWith("data:") ? value.slice(5, value.indexOf(";")) || "data" : "base64 data", value.length);
   }
-  return inText(value);
+  return value.includes(" ") ? inText(value) : value;
 }
 
 function pretty(v) {
   if (v === null || v === undefined) return "(none)";
   // A body cut at the size limit is text, no JSON: its base64 runs are elided in place.
-  if (typeof v === "string") return v.length < 200 ? v : elideRuns(v, B64_RUN);
+  if (typeof v === "string") return v.length < 200 ? v : v.replace(B64_RUN, (m) => (m.length >= 200 && random(m) ? blobNote("base64 data", m.length) : m));
   return JSON.stringify(v, elide, 2);
 }
 
