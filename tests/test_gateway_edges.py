@@ -1128,13 +1128,17 @@ async def test_media_calls_keep_their_model_and_are_priced_by_their_own_units(
     from llmtap import pricing
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        await request.read()
+        form = await request.post() if request.content_type.startswith("multipart/") else {}
         if request.path.endswith("/audio/speech"):
             return web.Response(body=b"ID3" + bytes(range(256)) * 20, content_type="audio/mpeg")
         if request.path.endswith("/transcriptions"):
             return web.json_response({"text": "hi", "usage": {"type": "duration", "seconds": 9.2}})
-        if request.path.endswith("/translations"):  # response_format=srt: no usage at all
-            srt = "1\n00:00:00,000 --> 00:00:05,000\nhello\n\n2\n00:00:05,000 --> 00:00:12,340\nworld\n"
+        if request.path.endswith("/translations") and form.get("response_format") == "text":
+            return web.Response(text="He typed --> 23:59:59,999 into the chat", content_type="text/plain")
+        if request.path.endswith("/translations"):  # response_format=srt: no usage at all; past
+            # the body limit (4096 here), so its end is read from the capture's tail (rev18b)
+            cues = [f"{i}\n00:00:{i // 10:02d},000 --> 00:00:{i // 10:02d},500\nw {i}\n" for i in range(300)]
+            srt = "\n".join([*cues, "301\n00:00:05,000 --> 00:00:12,340\nworld\n"])
             return web.Response(text=srt, content_type="text/plain")
         return web.json_response({"id": "part_1", "object": "upload.part"})
 
@@ -1154,6 +1158,13 @@ async def test_media_calls_keep_their_model_and_are_priced_by_their_own_units(
             form.add_field("response_format", "srt")
             async with http.post(f"{gw}/openai/v1/audio/translations", data=form, headers=headers) as r:
                 assert r.status == 200
+            form = aiohttp.FormData()
+            form.add_field("file", b"\xff\xfb" * 100, filename="a.mp3", content_type="audio/mpeg")
+            form.add_field("model", "whisper-1")
+            form.add_field("response_format", "text")
+            text_url = f"{gw}/openai/v1/audio/translations?as=text"
+            async with http.post(text_url, data=form, headers=headers) as r:
+                assert r.status == 200
             speech = {"model": "tts-1", "input": "Hello, world!", "voice": "alloy"}
             async with http.post(f"{gw}/openai/v1/audio/speech", json=speech, headers=headers) as r:
                 assert r.status == 200 and (await r.read()).startswith(b"ID3")
@@ -1162,7 +1173,9 @@ async def test_media_calls_keep_their_model_and_are_priced_by_their_own_units(
                     f"{gw}/openai/v1/uploads/upload_1/{tail}", json={}, headers=headers
                 ) as r:
                     assert r.status == 200
-            recs = {r.path.rsplit("/", 1)[-1]: r for r in await published(svc, q, 5)}
+            got = await published(svc, q, 6)
+            recs = {r.path.rsplit("/", 1)[-1] + ("-text" if "as=text" in r.target_url else ""): r
+                    for r in got}  # fmt: skip
     finally:
         await runner.cleanup()
     heard = recs["transcriptions"]
@@ -1172,9 +1185,12 @@ async def test_media_calls_keep_their_model_and_are_priced_by_their_own_units(
     assert heard.cost_nanos == 1_000_000  # whisper-1: $0.006 a minute, 10 s
     # rev17: subtitles (`response_format=srt|vtt`) carry no usage: the last cue's end, rounded up
     subtitled = recs["translations"]
+    assert subtitled.response_body is not None and subtitled.response_body.truncated  # cut: the tail
     assert subtitled.usage.source == "estimated" and subtitled.usage.audio_seconds == 13
     pricing.apply_cost(subtitled)
     assert subtitled.cost_nanos == 1_300_000
+    # rev18b: a text answer with an arrow in it is no subtitle: unpriced, not a day of audio
+    assert recs["translations-text"].usage.source == "missing"
     said = recs["speech"]
     assert said.model == "tts-1" and said.usage.source == "estimated" and said.usage.input_characters == 13
     pricing.apply_cost(said)

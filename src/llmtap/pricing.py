@@ -398,8 +398,9 @@ def apply_cost(record: LogRecord) -> None:
     if usage.source == "missing" and _not_billed(record):
         record.cost_usd, record.cost_nanos, record.price_version = 0.0, 0, None
         return
-    billed_ok = usage.billed_usd is not None and 0 <= usage.billed_usd <= MAX_BILLED_USD
-    if billed_ok and usage.source == "provider":  # out of range (a queue's record): the table's
+    if usage.billed_usd is not None and not 0 <= usage.billed_usd <= MAX_BILLED_USD:
+        usage.billed_usd = None  # no charge (a queue's record; ingest refuses it): the table's
+    if usage.billed_usd is not None and usage.source == "provider":
         # What the provider billed beats what the table says it lists: an aggregator's routing
         # (another upstream, a cache, a discount) or a model missing from the table.
         billed = Decimal(repr(usage.billed_usd))

@@ -52,7 +52,11 @@ CAPTURE_OVERHEAD = 1024
 #: A multipart form's `model` field: its part's headers, a blank line, the value.
 #: Bytes kept of the end of a request cut at `max_bytes` (`Capture.request_tail`).
 REQUEST_TAIL = 64 * 1024
-_FORM_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,256})\r\n', re.IGNORECASE)
+#: The form fields a record reads (an upload's `model`; a transcription's `response_format`):
+#: its part's headers, a blank line, the value.
+_FORM_FIELD = re.compile(
+    rb'name="(model|response_format)"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,256})\r\n', re.IGNORECASE
+)
 
 
 class Capture:
@@ -341,9 +345,11 @@ class RecordBuilder:
             and req_ctype.lower().startswith("multipart/form-data")
         ):
             # An upload (audio transcription, translation) names its model in a form field.
-            field = _FORM_MODEL.search(req_kept) or _FORM_MODEL.search(cap.request_tail)
-            if field is not None:
-                req_json = {"model": field.group(1).decode("utf-8", "replace")}
+            fields: dict[str, str] = {}
+            for field in (*_FORM_FIELD.finditer(req_kept), *_FORM_FIELD.finditer(cap.request_tail)):
+                fields.setdefault(field.group(1).decode().lower(), field.group(2).decode("utf-8", "replace"))
+            if fields:
+                req_json = fields
 
         # -- response
         raw = b"".join(cap.chunks)
@@ -448,8 +454,9 @@ class RecordBuilder:
             usage = Usage()  # a look-up of an answer billed when it was made
         elif usage.source == "missing" and cap.status is not None and 200 <= cap.status < 300:
             usage = fmt.usage_from_request(cap.path, req_json) or usage  # speech: its characters
-            if usage.source == "missing" and response_obj is None and decoded:
-                usage = fmt.usage_from_text(cap.path, decoded) or usage  # subtitles: their end
+            if usage.source == "missing" and not response_obj and decoded:  # subtitles: their end
+                answer = b"".join(cap.tail) if cap.tail and decoded is raw else decoded  # cut: its end
+                usage = fmt.usage_from_text(cap.path, req_json, answer) or usage
 
         model = fmt.model(cap.path, req_json, response_obj)
 

@@ -140,7 +140,7 @@ class Provider(ABC):
         usage (source "estimated"); None: nothing (the default)."""
         return None
 
-    def usage_from_text(self, path: str, answer: bytes) -> Usage | None:
+    def usage_from_text(self, path: str, request: Any, answer: bytes) -> Usage | None:
         """What a billed call's answer that is no JSON says it used (subtitles: the audio's
         length, source "estimated"); None: nothing (the default)."""
         return None

@@ -786,11 +786,15 @@ class OpenAI(Provider):
             return Usage(source="estimated", input_characters=len(text))
         return None
 
-    def usage_from_text(self, path: str, answer: bytes) -> Usage | None:
+    def usage_from_text(self, path: str, request: Any, answer: bytes) -> Usage | None:
         """A transcription as subtitles (`response_format=srt|vtt`) has no usage: whisper-1
         bills the audio's seconds, read here from the last cue's end (rev17: unpriced). It can
-        be shorter than the audio by a trailing silence: "estimated"."""
+        be shorter than the audio by a trailing silence: "estimated". Only a form that asked for
+        subtitles, and only a whole timing line (rev18b: "-->" in a text answer priced a day)."""
         if not path.endswith(("/audio/transcriptions", "/audio/translations")):
+            return None
+        asked = request.get("response_format") if isinstance(request, dict) else None
+        if not isinstance(asked, str) or asked.lower() not in ("srt", "vtt"):
             return None
         found = _CUE_END.findall(answer[-4096:])
         if not found:
@@ -800,8 +804,12 @@ class OpenAI(Provider):
         return Usage(source="estimated", audio_seconds=math.ceil(seconds)) if seconds > 0 else None
 
 
-#: A subtitle cue's end time: SRT `00:01:02,500`, WebVTT `00:01:02.500` or `01:02.500`.
-_CUE_END = re.compile(rb"-->[ \t]*(?:(\d{1,3}):)?(\d{2}):(\d{2})[,.](\d{3})")
+#: A subtitle cue's timing line, its end time caught: SRT `00:01:02,500`, WebVTT `00:01:02.500`
+#: or `01:02.500`, cue settings after it.
+_TIME = rb"(?:(\d{1,3}):)?(\d{2}):(\d{2})[,.](\d{3})"
+_CUE_END = re.compile(
+    rb"^(?:\d{1,3}:)?\d{2}:\d{2}[,.]\d{3}[ \t]+-->[ \t]+" + _TIME + rb"(?:[ \t][^\r\n]*)?\r?$", re.MULTILINE
+)
 
 
 class OpenAICompatible(OpenAI):
