@@ -1244,6 +1244,7 @@ async def test_an_upstream_url_handed_to_the_client_points_at_the_gateway(
                 ("UP/v1/x", {"Forwarded": 'for=1.2.3.4;proto=https;host="gw.example:444", for=5.6.7.8'},
                  "https://gw.example:444/openai/v1/x"),
                 (f"HTTP://127.0.0.1:{port}/v1/x", {}, f"{gw}/openai/v1/x"),
+
             ]  # fmt: skip
             for to, headers, want in cases:
                 url = f"{gw}/openai/v1/go"
@@ -1566,3 +1567,19 @@ async def test_a_stream_with_an_integer_past_64_bits_keeps_its_record(
     assert (rec.outcome, rec.error, rec.model, rec.user_id) == ("completed", None, "my-model", "alice")
     assert (rec.usage.prompt_tokens, rec.usage.completion_tokens) == (11, 7)
     assert rec.response_body is not None and b"hello" in (rec.response_body.data or b"")
+
+
+def test_a_forwarded_port_of_other_digits_is_not_taken() -> None:
+    """rev18a: `X-Forwarded-Port: \u00b2` (and full-width digits) are digits to str.isdigit, and
+    int() raised while the answer's headers were written: a 500, the request unlogged."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from llmtap.gateway.proxy import _here
+
+    def here(port: str) -> str | None:
+        headers = {"X-Forwarded-Host": "a.com", "X-Forwarded-Port": port}
+        return _here(make_mocked_request("GET", "/x", headers=headers), "openai", None)
+
+    for port in ("\u00b2", "\uff14\uff14\uff13", "\u0668\u0660", "99999", "0"):
+        assert here(port) == "http://a.com/openai", port
+    assert here("8443") == "http://a.com:8443/openai"

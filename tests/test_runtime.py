@@ -503,3 +503,21 @@ def test_livez_answers_on_every_port_while_healthz_says_the_store_is_away(tmp_pa
     finally:
         up.stop()
         alone.stop()
+
+
+def test_a_sighup_stops_even_when_stderr_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rev18a: a hung-up terminal's stderr raised in the handler before the stop was set, so the
+    SIGHUP of a closed terminal was swallowed and the process kept running."""
+    from llmtap import runtime
+
+    class Gone:
+        def write(self, _: str) -> int:
+            raise OSError(5, "Input/output error")
+
+        def flush(self) -> None:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sys, "stderr", Gone())
+    stop = asyncio.Event()
+    runtime._stopping(signal.SIGHUP, stop)
+    assert stop.is_set()

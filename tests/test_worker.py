@@ -848,7 +848,7 @@ def test_a_worker_alone_serves_healthz_and_metrics_on_its_port(tmp_path: Path) -
     worker = start_llmtap("worker", env, tmp_path / "worker.log")
     try:
         wait_until(lambda: "press Ctrl-C" in worker.output() or not worker.alive(), 60)
-        assert f"/healthz and /metrics on http://127.0.0.1:{port}" in worker.output(), worker.output()
+        assert f"/healthz, /livez and /metrics on http://127.0.0.1:{port}" in worker.output(), worker.output()
 
         def metric(name: str) -> float:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:

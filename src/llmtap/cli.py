@@ -256,7 +256,7 @@ def cli(ctx: click.Context, config: Path | None) -> None:
 
     quiet_libraries()
     # Everything llmtap writes holds prompts, answers or secrets (the stores, the queue, body
-    # files, the spool, exports): readable by its own user only, whatever the caller's umask
+    # files, the spool): readable by its own user only, whatever the caller's umask
     # (the deploy audit: store.db and its WAL were 0644, read by `nobody`).
     os.umask(os.umask(0o077) | 0o077)
     ctx.ensure_object(dict)
@@ -295,7 +295,7 @@ _serving(
     "Run a log worker alone (run many: they share the queue's partitions).",
     _data_dir_option,
     click.option("--worker-port", type=int,
-                 help="Serve /healthz and /metrics on this port (LLMTAP_WORKER_PORT, default off)."),
+                 help="Serve /healthz, /livez and /metrics on this port (LLMTAP_WORKER_PORT, default off)."),
 )  # fmt: skip
 _serving(
     "server", ["server"],

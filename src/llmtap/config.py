@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         None,
         ge=0,
         le=65535,
-        description="`llmtap worker` serves /healthz and /metrics here (off when unset: several"
+        description="`llmtap worker` serves /healthz, /livez and /metrics here (off when unset: several"
         " workers on one host each need their own port)",
     )
     data_dir: Path = Path("./.llmtap")
@@ -258,21 +258,25 @@ class Settings(BaseSettings):
     def rollup_property_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.rollup_properties.split(",") if n)
 
-    @field_validator("ingest_url", "webhook_url", "public_url")
+    @field_validator("ingest_url", "webhook_url")
     @classmethod
     def _check_url(cls, v: str | None) -> str | None:
         return None if v is None else _check_http_url(v)
 
     @field_validator(
-        "openai_base_url", "anthropic_base_url", "gemini_base_url", "azure_base_url", "s3_endpoint"
+        "openai_base_url",
+        "anthropic_base_url",
+        "gemini_base_url",
+        "azure_base_url",
+        "s3_endpoint",
+        "public_url",
     )
     @classmethod
     def _check_base_url(cls, v: str | None, info: ValidationInfo) -> str | None:
-        why = (
-            "set LLMTAP_S3_ACCESS_KEY_ID and LLMTAP_S3_SECRET_ACCESS_KEY (or AWS_*) instead"
-            if info.field_name == "s3_endpoint"
-            else None
-        )
+        why = {
+            "s3_endpoint": "set LLMTAP_S3_ACCESS_KEY_ID and LLMTAP_S3_SECRET_ACCESS_KEY (or AWS_*) instead",
+            "public_url": "it is handed to every client",
+        }.get(info.field_name or "")
         return None if v is None else _check_http_url(v, base=True, credentials=why)
 
     @field_validator("upstreams")

@@ -419,15 +419,11 @@ async def run_services(settings: Settings, title: str, services: Sequence[Servic
                 print(banner(settings, title, lines), flush=True)
                 settle_heap()
                 await stop.wait()
-            print(
-                "llmtap: stopping (finishing in-flight requests and flushing logs)...",
-                file=sys.stderr,
-                flush=True,
-            )
+            _say("llmtap: stopping (finishing in-flight requests and flushing logs)...")
     except LlmtapError as e:  # from a start: the services started before it are stopped
         print(f"llmtap: {e}", file=sys.stderr, flush=True)
         return 2
-    print("llmtap: stopped", file=sys.stderr, flush=True)
+    _say("llmtap: stopped")
     return 1 if failed else 0
 
 
@@ -441,9 +437,16 @@ async def livez(request: Any) -> Any:
 
 
 def _stopping(sig: signal.Signals, stop: asyncio.Event) -> None:
-    if sig == signal.SIGHUP and not stop.is_set():
-        print("llmtap: SIGHUP: stopping as on SIGTERM (there is no reload)", file=sys.stderr, flush=True)
-    stop.set()
+    said = stop.is_set()
+    stop.set()  # first: a hung-up terminal's stderr raises (rev18a: the stop was never set)
+    if sig == signal.SIGHUP and not said:
+        _say("llmtap: SIGHUP: stopping as on SIGTERM (there is no reload)")
+
+
+def _say(line: str) -> None:
+    """A line on stderr, which may be gone: a closed terminal (EIO), a closed pipe (EPIPE)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
 
 
 async def _start_unless_stopped(svc: Service, stop: asyncio.Event) -> list[str] | None:

@@ -208,7 +208,10 @@ def _here(request: web.BaseRequest, route: str, public: str | None) -> str | Non
             return None  # no URL of ours to give (a `Host: a b`): the upstream's is left
     elif _port(host) == "":  # the proxy's own port, when it says it apart
         port = _first(headers.get("X-Forwarded-Port", ""))
-        if port.isdigit() and 0 < int(port) < 65536 and port != {"http": "80", "https": "443"}.get(scheme):
+        # ASCII digits only: a superscript two or full-width digits are digits to str.isdigit
+        # (rev18a: int() raised, a 500 and the request unlogged)
+        default = {"http": "80", "https": "443"}.get(scheme)
+        if _PORT.fullmatch(port) and 0 < int(port) < 65536 and port != default:
             host = f"{host}:{port}"
     return f"{scheme}://{host}{_prefix(request)}/{route}"
 
@@ -244,6 +247,7 @@ def _prefix(request: web.BaseRequest) -> str:
 _HOST = re.compile(
     r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?"
 )
+_PORT = re.compile(r"[0-9]{1,5}")
 _PREFIX = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+")
 
 
@@ -597,7 +601,10 @@ class Proxy:
             if lname in RESPONSE_DROP or lname in hop:
                 continue
             if lname in relocated:
-                value = _relocated(value, request, route, self.settings.public_url)
+                try:
+                    value = _relocated(value, request, route, self.settings.public_url)
+                except Exception:  # a bug here must not cost the record: the upstream's URL
+                    log.exception("could not rewrite the %s header of request %s", name, request_id)
             if stripper is not None and lname == "content-length":
                 continue  # we change the body's length
             if not value.isprintable() and _FORBIDDEN.search(value) is not None:

@@ -53,7 +53,7 @@ class WorkerProbe:
                 f" (LLMTAP_HOST/LLMTAP_WORKER_PORT): {why}"
             ) from None
         port = self._runner.addresses[0][1]
-        return [f"worker    /healthz and /metrics on http://{self.settings.host}:{port}"]
+        return [f"worker    /healthz, /livez and /metrics on http://{self.settings.host}:{port}"]
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
