@@ -378,6 +378,10 @@ def test_mistakes_the_cli_review_found_are_one_sentence_each(tmp_path: Path) -> 
         cases += [
             ({"LLMTAP_GATEWAY_PORT": key}, ["status"], "GATEWAY_PORT: Input should be a valid integer"),
             ({"LLMTAP_LOG_LEVEL": f"Bearer {key}"}, ["status"], "(a credential: not shown)"),
+            # rev18a: with a space or quotes around it, or inside a list setting, it was shown
+            ({"LLMTAP_GATEWAY_PORT": f" {key}"}, ["status"], "(got ' ***')"),
+            ({"LLMTAP_GATEWAY_PORT": f'"{key}"'}, ["status"], "LLMTAP_GATEWAY_PORT"),
+            ({"LLMTAP_UPSTREAMS": f"a=http://x,{key}"}, ["status"], "LLMTAP_UPSTREAMS: entry '***'"),
         ]
         for extra, args, says in cases:
             r = _llmtap({**env, **extra}, *args, cwd=tmp_path)

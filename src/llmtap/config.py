@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from llmtap.backends import FAMILIES
 from llmtap.errors import ConfigError
-from llmtap.redact import is_secret_name, is_secret_value, redact_dsn, redact_url
+from llmtap.redact import is_secret_name, is_secret_value, redact_dsn, redact_text, redact_url
 
 ENV_PREFIX = "LLMTAP_"
 #: Backend family by setting name: its URL schemes, classes and extras (`llmtap.backends`).
@@ -572,7 +572,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             shown, msg = " (a credential: not shown)", msg.replace(value, "***")
         if isinstance(value, str) and (value in msg or "got '" in msg):
             shown = ""  # the message names it (or the part of it at fault) already
-        raise ConfigError(f"invalid setting {_env_name(field)}: {msg}{shown}") from None
+        # A key anywhere in it (a list setting quotes its parts; a value with a space or quotes
+        # around it is no key's shape as a whole: rev18a) is masked where it stands.
+        raise ConfigError(redact_text(f"invalid setting {_env_name(field)}: {msg}{shown}")) from None
     finally:
         _FLAGS.reset(flags)
     # A network backend whose extra is not installed: say which, before anything starts.
