@@ -30,7 +30,7 @@ from llmtap.handlers.cost import CostHandler
 from llmtap.handlers.store import StoreHandler
 from llmtap.queue.base import Message
 from llmtap.queue.redis import RedisQueue
-from llmtap.record import encode
+from llmtap.record import decode, encode
 from llmtap.store.sqlite import SQLiteStore
 from llmtap.worker import WorkerService
 from llmtap.worker.probe import WorkerProbe
@@ -235,3 +235,43 @@ async def test_a_password_changed_under_the_gateway_is_one_outage_for_the_spool_
         await replayer.stop()
         await queue.close()
         spool.close()
+
+
+async def test_a_record_past_proto_max_bulk_len_is_refused_alone_and_the_spool_goes_on(
+    tmp_path: Path, redis_port: int, admin: aioredis.Redis
+) -> None:
+    """rev18a: a value past Redis's `proto-max-bulk-len` (1 MB on some managed plans) was taken
+    for an outage: the spool waited on that record for ever, and on every record after it. It
+    is refused as too large now: its bodies go to the body store and every record is queued."""
+    from llmtap.errors import MessageRefused
+    from llmtap.record import Body
+
+    await admin.config_set("proto-max-bulk-len", "1mb")
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    queue = RedisQueue(url, 4, "workers")
+    await queue.connect("both")
+    big = make_record(0, request_body=Body(content_type="application/json", size=1_500_000,
+                                           data=b"x" * 1_500_000))  # fmt: skip
+    try:
+        with pytest.raises(MessageRefused, match="too large"):
+            await queue.publish([Message(key="k", value=encode(big))])
+        await queue.publish([Message(key="k", value=encode(make_record(1)))])  # it connects anew
+        spool = DiskSpool(tmp_path / "spool", max_bytes=50_000_000)
+        sink = SpoolSink(spool, partition_by="user_id")
+        small = [make_record(i) for i in range(2, 8)]
+        await sink.send([small[0], big, *small[1:]])
+        await sink.close()
+        bodies = FileBodyStore(str(tmp_path / "bodies"))
+        await bodies.connect()
+        replayer = SpoolReplayer(spool, queue, bodies=bodies, inline_limit=8_000_000)
+        assert await replayer.replay_once() == 7
+        assert not spool.pending() and replayer.dropped == 0
+        got: dict[str, Any] = {}
+        while len(got) < 8:
+            ds = await queue.consume(100, timeout=2)
+            assert ds, f"only {len(got)} of 8 records in the queue"
+            got.update((r.id, r) for r in (decode(d.value) for d in ds))
+            await queue.ack(ds)
+        assert big.id in got and got[big.id].request_body.ref is not None  # in the body store
+    finally:
+        await queue.close()

@@ -54,7 +54,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llmtap.errors import BackendUnavailable, ConfigError, QueueMissing, unknown_host
+from llmtap.errors import BackendUnavailable, ConfigError, MessageRefused, QueueMissing, unknown_host
 from llmtap.queue.base import (
     LOST,
     DeadLetter,
@@ -511,6 +511,13 @@ class RedisQueue(Queue):
         try:
             added = await asyncio.wait_for(self._scripts["publish"](args=args), self.op_timeout)
         except ResponseError as e:
+            if "protocol error" in str(e).lower():
+                # A value past its `proto-max-bulk-len` (1 MB on some managed plans): the batch is
+                # too large, not Redis down. Taken for an outage, the spool waited on that record
+                # for ever, and every record spooled after it (rev18a). Redis closes the
+                # connection after it: the next publish connects anew.
+                await bounded(self.r.connection_pool.disconnect(), self.op_timeout, "redis queue: reconnect")
+                raise MessageRefused(f"Redis at {self._where} refused the batch as too large: {e}") from None
             raise BackendUnavailable(f"Redis at {self._where} refused the batch: {e}") from None
         except (RedisError, OSError, TimeoutError) as e:
             raise self._unavailable(e) from None
