@@ -1053,6 +1053,8 @@ async def test_healthz_metrics_and_unknown_paths(
     assert 'llmtap_gateway_requests_total{outcome="completed",provider="openai"} 3.0' in text
     assert "llmtap_gateway_captures_total 3.0" in text
     assert "llmtap_gateway_publish_buffer_bytes 0.0" in text
+    # rev18a: a spool that makes no progress said nothing but its size in `llmtap status`
+    assert "llmtap_gateway_spool_bytes 0.0" in text and "llmtap_gateway_spool_oldest_seconds 0.0" in text
 
 
 # -- shutdown and outages --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +25,8 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from llmtap.bodies.base import BodyStore
 from llmtap.config import Settings
@@ -172,6 +174,8 @@ class GatewayService(OnBackends):
         self.proxy.local = {"/healthz": self._healthz, "/livez": livez, "/metrics": self._metrics}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.publisher.collector())
+        if self.replayer is not None:
+            self.registry.register(_SpoolCollector(self.replayer))
         # Multi-tenant mode maps `Llmtap-Auth` keys to tenants through the store's key table
         # (cached per process for `keys.CACHE_TTL` seconds, so the lookup is rarely a query).
         self._keys_store: Store | None = self.backends.store if settings.multi_tenant else None
@@ -359,6 +363,27 @@ class GatewayService(OnBackends):
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+
+class _SpoolCollector(Collector):
+    """The disk spool at scrape time: what waits there, and for how long."""
+
+    def __init__(self, replayer: SpoolReplayer) -> None:
+        self.replayer = replayer
+
+    def collect(self) -> Iterator[Metric]:
+        spool = self.replayer.spool
+        yield GaugeMetricFamily("llmtap_gateway_spool_bytes", "Bytes of records waiting in the disk spool",
+                                value=spool.size())  # fmt: skip
+        yield GaugeMetricFamily(
+            "llmtap_gateway_spool_oldest_seconds",
+            "Seconds since the oldest spool segment was written (0: none waits); alert when it keeps"
+            " growing while the queue is up: the replay makes no progress",
+            value=spool.oldest_age(),
+        )
+        replayed = self.replayer.replayed
+        yield CounterMetricFamily("llmtap_gateway_spool_replayed", "Spooled records published to the queue",
+                                  value=replayed)  # fmt: skip
 
 
 #: Gateways running in this process that froze it, and the threshold found before the first.

@@ -224,6 +224,19 @@ class DiskSpool:
     def size(self) -> int:
         return _segment_bytes(self.dir)
 
+    def oldest_age(self) -> float:
+        """Seconds since the oldest segment was last written (0 when none waits): one that keeps
+        growing while the queue takes records is a replay that makes no progress (rev18a: a
+        record the queue refused held the spool for ever, and only its size said anything)."""
+        oldest = None
+        for path in self.dir.glob("*.spool") if self.dir.exists() else ():
+            try:
+                at = path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # replayed meanwhile
+            oldest = at if oldest is None else min(oldest, at)
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+
     # -- replaying ----------------------------------------------------------------------------
     def pending(self) -> bool:
         return self.dir.exists() and any(self.dir.glob("*.spool"))
