@@ -273,5 +273,16 @@ async def test_a_record_past_proto_max_bulk_len_is_refused_alone_and_the_spool_g
             got.update((r.id, r) for r in (decode(d.value) for d in ds))
             await queue.ack(ds)
         assert big.id in got and got[big.id].request_body.ref is not None  # in the body store
+        # rev19: a "Protocol error" about anything else (a proxy in front) stays an outage
+        from redis.exceptions import ResponseError
+
+        from llmtap.errors import BackendUnavailable
+
+        async def refuses(*_: Any, **__: Any) -> Any:
+            raise ResponseError("Protocol error: unexpected command (proxy)")
+
+        queue._scripts["publish"] = refuses
+        with pytest.raises(BackendUnavailable):
+            await queue.publish([Message(key="k", value=encode(make_record(9)))])
     finally:
         await queue.close()

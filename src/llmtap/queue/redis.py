@@ -75,6 +75,9 @@ log = logging.getLogger("llmtap.queue.redis")
 #: Seconds between checks of Redis's eviction policy (`RedisQueue._watch_policy`).
 POLICY_EVERY = 30.0
 
+#: The smallest `proto-max-bulk-len` Redis takes: no shorter value is refused for its size.
+_MIN_BULK_CAP = 1 << 20
+
 # Heartbeat: renew our membership and leases, acquire the partitions that are ours by the fair
 # share rule, and report which leases we hold that now belong to someone else. Server time, so
 # consumers on hosts with skewed clocks agree on who is alive.
@@ -511,11 +514,14 @@ class RedisQueue(Queue):
         try:
             added = await asyncio.wait_for(self._scripts["publish"](args=args), self.op_timeout)
         except ResponseError as e:
-            if "protocol error" in str(e).lower():
-                # A value past its `proto-max-bulk-len` (1 MB on some managed plans): the batch is
-                # too large, not Redis down. Taken for an outage, the spool waited on that record
-                # for ever, and every record spooled after it (rev18a). Redis closes the
-                # connection after it: the next publish connects anew.
+            biggest = max(len(m.value) for m in messages)
+            if "invalid bulk length" in str(e).lower() and biggest >= _MIN_BULK_CAP:
+                # A value past Redis's `proto-max-bulk-len` (1 MiB at the least, some managed
+                # plans' cap): the batch is too large, not Redis down. Taken for an outage, the
+                # spool waited on that record for ever, and every record spooled after it
+                # (rev18a). Any other refusal stays an outage (rev19: a proxy's own "Protocol
+                # error" made small records bare). Redis closes the connection: the next
+                # publish connects anew.
                 await bounded(self.r.connection_pool.disconnect(), self.op_timeout, "redis queue: reconnect")
                 raise MessageRefused(f"Redis at {self._where} refused the batch as too large: {e}") from None
             raise BackendUnavailable(f"Redis at {self._where} refused the batch: {e}") from None
