@@ -185,10 +185,14 @@ def redact_url(url: str) -> str:
     """
     if "@" in url:
         try:
-            urlsplit(url)
+            netloc = urlsplit(url).netloc
         except ValueError:  # unparsable: show no userinfo at all rather than guess where it ends
             scheme, sep, rest = url.partition("://")
             return f"{scheme}://***@{rest.rsplit('@', 1)[-1]}" if sep and "@" in rest else url
+        if "@" in netloc:  # the userinfo as the URL's parser reads it, spaces and all (rev19)
+            userinfo, _, host = netloc.rpartition("@")
+            user, colon, _ = userinfo.partition(":")
+            url = url.replace(netloc, f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}", 1)
         url = _USERINFO.sub(_hide_password, url)
     if "?" not in url and ";" not in url and "#" not in url:
         return url
