@@ -52,11 +52,33 @@ CAPTURE_OVERHEAD = 1024
 #: A multipart form's `model` field: its part's headers, a blank line, the value.
 #: Bytes kept of the end of a request cut at `max_bytes` (`Capture.request_tail`).
 REQUEST_TAIL = 64 * 1024
-#: The form fields a record reads (an upload's `model`; a transcription's `response_format`):
-#: its part's headers, a blank line, the value.
-_FORM_FIELD = re.compile(
-    rb'name="(model|response_format)"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,256})\r\n', re.IGNORECASE
-)
+#: The form fields a record reads (an upload's `model`; a transcription's `response_format`),
+#: in a part's `Content-Disposition`.
+_FORM_FIELD = re.compile(rb'content-disposition:[^\r\n]*\bname="(model|response_format)"', re.IGNORECASE)
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+
+
+def _form_fields(content_type: str, *pieces: bytes) -> dict[str, str]:
+    """The fields `_FORM_FIELD` names, read part by part at the form's boundary, never from a
+    file's bytes or another field's value (rev19: a file holding `name="response_format"` set
+    it); a field sent twice keeps its last value. `pieces`: the body's start, and its end when
+    a size limit cut it."""
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        return {}
+    fields: dict[str, str] = {}
+    delimiter = b"\r\n--" + found.group(1).encode("utf-8", "surrogateescape")
+    for piece in pieces:
+        for part in (b"\r\n" + piece).split(delimiter):
+            head, sep, value = part.partition(b"\r\n\r\n")
+            if not sep or b"filename=" in head:
+                continue
+            field = _FORM_FIELD.search(head)
+            end = value.find(b"\r\n")  # the delimiter took the value's own line end
+            end = len(value) if end < 0 else end
+            if field is not None and 0 < end <= 256:
+                fields[field.group(1).decode().lower()] = value[:end].decode("utf-8", "replace")
+    return fields
 
 
 class Capture:
@@ -345,9 +367,7 @@ class RecordBuilder:
             and req_ctype.lower().startswith("multipart/form-data")
         ):
             # An upload (audio transcription, translation) names its model in a form field.
-            fields: dict[str, str] = {}
-            for field in (*_FORM_FIELD.finditer(req_kept), *_FORM_FIELD.finditer(cap.request_tail)):
-                fields.setdefault(field.group(1).decode().lower(), field.group(2).decode("utf-8", "replace"))
+            fields = _form_fields(req_ctype, req_kept, cap.request_tail)
             if fields:
                 req_json = fields
 
