@@ -1055,6 +1055,7 @@ async def test_healthz_metrics_and_unknown_paths(
     assert "llmtap_gateway_publish_buffer_bytes 0.0" in text
     # rev18a: a spool that makes no progress said nothing but its size in `llmtap status`
     assert "llmtap_gateway_spool_bytes 0.0" in text and "llmtap_gateway_spool_oldest_seconds 0.0" in text
+    assert "llmtap_gateway_spool_held_bytes 0.0" in text
 
 
 # -- shutdown and outages --------------------------------------------------------------------------

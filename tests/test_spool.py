@@ -337,11 +337,14 @@ def test_a_replayer_in_another_process_never_deletes_a_segment_being_created(
 def test_the_oldest_segment_says_how_long_it_has_waited(tmp_path: Path) -> None:
     """`llmtap_gateway_spool_oldest_seconds`: a replay that makes no progress is seen by it."""
     spool = DiskSpool(tmp_path / "spool", max_bytes=10_000_000)
-    assert spool.oldest_age() == 0.0
+    assert spool.stats() == (0, 0, 0.0)
     spool.append([b"a"])
     spool.close()
     spool.append([b"b"])
     spool.close()
     first = sorted((tmp_path / "spool").glob("*.spool"))[0]
     os.utime(first, (time.time() - 600, time.time() - 600))
-    assert 599 < spool.oldest_age() < 700
+    held = spool.write_segment([b"waits"])  # rewritten at each try: its bytes say it waits
+    os.utime(held, (time.time() - 900, time.time() - 900))
+    total, held_bytes, oldest = spool.stats()
+    assert total == spool.size() and 0 < held_bytes < total and 599 < oldest < 700

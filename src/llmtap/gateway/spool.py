@@ -224,18 +224,25 @@ class DiskSpool:
     def size(self) -> int:
         return _segment_bytes(self.dir)
 
-    def oldest_age(self) -> float:
-        """Seconds since the oldest segment was last written (0 when none waits): one that keeps
-        growing while the queue takes records is a replay that makes no progress (rev18a: a
-        record the queue refused held the spool for ever, and only its size said anything)."""
+    def stats(self) -> tuple[int, int, float]:
+        """(bytes waiting, bytes of them held for the ingest endpoint, seconds since the oldest
+        segment not held was last written: 0 when none waits), in one listing. That age growing
+        while the queue takes records is a replay that makes no progress (rev18a: a record the
+        queue refused held the spool for ever, and only its size said anything); held segments
+        are rewritten at each try, so their bytes say they wait (rev19). Blocking: a thread."""
+        total = held = 0
         oldest = None
         for path in self.dir.glob("*.spool") if self.dir.exists() else ():
             try:
-                at = path.stat().st_mtime
+                st = path.stat()
             except FileNotFoundError:
                 continue  # replayed meanwhile
-            oldest = at if oldest is None else min(oldest, at)
-        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+            total += st.st_size
+            if path.name.endswith(HELD_TAG + ".spool"):
+                held += st.st_size
+            else:
+                oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+        return total, held, 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     # -- replaying ----------------------------------------------------------------------------
     def pending(self) -> bool:
