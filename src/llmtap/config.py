@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from llmtap.backends import FAMILIES
 from llmtap.errors import ConfigError
-from llmtap.redact import is_secret_name, is_secret_value, redact_dsn, redact_text, redact_url
+from llmtap.redact import is_secret_name, is_secret_value, redact_dsn, redact_keys, redact_url
 
 ENV_PREFIX = "LLMTAP_"
 #: Backend family by setting name: its URL schemes, classes and extras (`llmtap.backends`).
@@ -574,7 +574,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             shown = ""  # the message names it (or the part of it at fault) already
         # A key anywhere in it (a list setting quotes its parts; a value with a space or quotes
         # around it is no key's shape as a whole: rev18a) is masked where it stands.
-        raise ConfigError(redact_text(f"invalid setting {_env_name(field)}: {msg}{shown}")) from None
+        raise ConfigError(f"invalid setting {_env_name(field)}: {redact_keys(msg + shown)}") from None
     finally:
         _FLAGS.reset(flags)
     # A network backend whose extra is not installed: say which, before anything starts.

@@ -284,6 +284,12 @@ def _pair(m: re.Match[str]) -> str:
     return f"{m['name']}={REDACTED}" if m["value"] and is_secret_name(m["name"]) else m.group()
 
 
+def redact_keys(text: str) -> str:
+    """`text` with only API keys and `Bearer <token>` masked: for messages that name settings
+    and show examples (`redact_text` would mask `LLMTAP_INGEST_TOKEN: Input should be ...`)."""
+    return _KEY_SHAPES.sub(REDACTED, _SCHEME.sub(lambda m: f"{m['scheme']}{m['sp']}{REDACTED}", text))
+
+
 def redact_text(text: str) -> str:
     """`text` with credential-looking values masked: query pairs, `Authorization:`-like header
     lines, `Bearer <token>`, and well-known API key shapes."""
