@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from llmtap.gateway.headers import recordable
 from llmtap.redact import (
     CredentialFilter,
     install_log_filter,
@@ -163,6 +164,32 @@ def test_what_an_outside_check_found_past_the_redactor() -> None:
     for key in ("gsk_" + "G" * 40, "hf_" + "H" * 34, "xai-" + "X" * 40):
         assert is_secret_value(key) and redact_text(f"key {key} end") == "key *** end", key
     assert redact_text("arr[0]=3 and [x=1]") == "arr[0]=3 and [x=1]"  # not credentials: kept
+
+
+def test_key_shapes_of_other_providers_and_tools_are_credentials() -> None:
+    """OpenAI-compatible providers' keys and the tokens a client's other tools carry, in an
+    oddly named header or in an error text, are masked like an OpenAI key; look-alikes are not."""
+    keys = (
+        "nvapi-" + "N" * 40,
+        "csk-" + "c" * 40,
+        "fw_" + "F" * 24,
+        "ghp_" + "g" * 36,
+        "ghs_" + "g" * 36,
+        "github_pat_" + "11ABC" + "_x" * 30,
+        "glpat-" + "G" * 20,
+        "xoxb-1234-5678-" + "s" * 24,
+        "sk_live_" + "S" * 24,
+        "rk_test_" + "R" * 24,
+        "AKIA" + "IOSFODNN7EXAMPLE",
+        "ASIA" + "Z" * 16,
+    )
+    for key in keys:
+        assert is_secret_value(key), key
+        assert redact_text(f"upstream said: bad key {key}, retry") == "upstream said: bad key ***, retry", key
+        assert recordable([("X-Custom-Thing", key), ("X-Other", "v")], frozenset()) == {"x-other": "v"}
+    for plain in ("ghost_town_of_the_old_west", "AKIA is a name", "fw_small", "github", "sk_other_x"):
+        assert not is_secret_value(plain), plain
+        assert redact_text(plain) == plain, plain
 
 
 def test_redaction_is_linear_in_the_texts_length() -> None:

@@ -125,12 +125,21 @@ _AUTH_SCHEMES = frozenset(
 )
 #: Well-known key shapes, anywhere: OpenAI/Anthropic/DeepSeek `sk-...`, Google `AIza...`,
 #: Groq `gsk_...`, Hugging Face `hf_...`, xAI `xai-...`, Perplexity `pplx-...`, Replicate `r8_...`,
-#: and signed JSON Web Tokens (`eyJ...`: a front proxy's OIDC assertion about the user).
+#: the OpenAI-compatible NVIDIA `nvapi-...`, Cerebras `csk-...` and Fireworks `fw_...`; the
+#: tokens a client's other tools carry (GitHub `ghp_...`/`github_pat_...`, GitLab `glpat-...`,
+#: Slack `xoxb-...`, Stripe `sk_live_...`, AWS access key ids `AKIA...`); and signed JSON Web
+#: Tokens (`eyJ...`: a front proxy's OIDC assertion about the user).
 _KEY_SHAPES = re.compile(
-    r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}|(?:gsk_|hf_|xai-|pplx-|r8_)[A-Za-z0-9]{20,}"
+    r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}"
+    r"|(?:gsk_|hf_|xai-|pplx-|r8_|csk-|fw_|gh[pousr]_)[A-Za-z0-9]{20,}"
+    r"|(?:nvapi-|glpat-|github_pat_)[A-Za-z0-9_\-]{20,}|xox[abposr]-[A-Za-z0-9\-]{10,}"
+    r"|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
     r"|eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*)"
 )
-_KEY_PREFIXES = ("sk-", "AIza", "gsk_", "hf_", "xai-", "pplx-", "r8_", "eyJ")
+_KEY_PREFIXES = (
+    "sk-", "AIza", "gsk_", "hf_", "xai-", "pplx-", "r8_", "csk-", "fw_", "gh", "github_pat_", "nvapi-",
+    "glpat-", "xox", "sk_", "rk_", "AKIA", "ASIA", "eyJ",
+)  # fmt: skip
 
 
 def is_secret_value(value: str) -> bool:
