@@ -312,13 +312,13 @@ async def test_exact_cost_through_the_sdks_flex_tier_and_1h_cache(upstream: int,
             "x-fake-cached-tokens": "500",
         }
         m = await an.messages.create(
-            model="claude-sonnet-4-5",
+            model="claude-sonnet-4-6",
             max_tokens=100,
             messages=msgs,
             extra_headers=h,  # type: ignore[arg-type]
         )
         async with an.messages.stream(
-            model="claude-sonnet-4-5",
+            model="claude-sonnet-4-6",
             max_tokens=100,
             messages=msgs,
             extra_headers=h,  # type: ignore[arg-type]
@@ -333,7 +333,7 @@ async def test_exact_cost_through_the_sdks_flex_tier_and_1h_cache(upstream: int,
         apply_cost(rec)
     # gpt-5 per 1M: standard 1.25 in / 10 out, flex 0.625 / 5.
     assert r_flex.cost_nanos == cost_nanos(p, c, 0.625, 5) and r_std.cost_nanos == cost_nanos(p, c, 1.25, 10)
-    # claude-sonnet-4-5 per 1M: input 3, 5-minute write 3.75, 1-hour write 6, read 0.30, output 15.
+    # claude-sonnet-4-6 per 1M: input 3, 5-minute write 3.75, 1-hour write 6, read 0.30, output 15.
     assert m.usage.cache_creation is not None and m.usage.cache_creation.ephemeral_1h_input_tokens == 2000
     inp, out = m.usage.input_tokens, m.usage.output_tokens
     want = round((inp * 3 + 1000 * 3.75 + 2000 * 6 + 500 * 0.30 + out * 15) / 1e6 * 1e9)
