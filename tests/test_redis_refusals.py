@@ -6,6 +6,7 @@ disturb the shared one), with the worker's `/healthz` read over HTTP and the log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import socket
@@ -284,5 +285,36 @@ async def test_a_record_past_proto_max_bulk_len_is_refused_alone_and_the_spool_g
         queue._scripts["publish"] = refuses
         with pytest.raises(BackendUnavailable):
             await queue.publish([Message(key="k", value=encode(make_record(9)))])
+    finally:
+        await queue.close()
+
+
+async def test_a_batch_whose_write_redis_cuts_short_is_refused_as_too_large_not_an_outage(
+    redis_port: int, admin: aioredis.Redis
+) -> None:
+    """rev20: past `proto-max-bulk-len` Redis closes the connection while a large value is still
+    being written, so the client sees a reset or a broken pipe, not the refusal: 5 MB, 20 MB
+    and a batch of 1.2 MB records were taken for an outage and held the spool for ever. Such a
+    batch is refused now; with Redis gone, the same batch is still an outage."""
+    from llmtap.errors import BackendUnavailable, MessageRefused
+    from llmtap.record import Body
+
+    def sized(i: int, n: int) -> Message:
+        body = Body(content_type="application/json", size=n, data=b"x" * n)
+        return Message(key=f"k{i}", value=encode(make_record(i, request_body=body)))
+
+    await admin.config_set("proto-max-bulk-len", "1mb")
+    queue = RedisQueue(f"redis://127.0.0.1:{redis_port}/0", 4, "workers")
+    await queue.connect("both")
+    try:
+        batch = [sized(i, 1_200_000) for i in range(6)]
+        for messages in ([sized(0, 5_000_000)], [sized(0, 20_000_000)], batch):
+            with pytest.raises(MessageRefused, match="too large"):
+                await queue.publish(messages)
+            await queue.publish([Message(key="k", value=encode(make_record(1)))])  # connects anew
+        with contextlib.suppress(Exception):  # redis-py may or may not raise as the server goes
+            await admin.shutdown(nosave=True)
+        with pytest.raises(BackendUnavailable):
+            await queue.publish(batch)
     finally:
         await queue.close()

@@ -52,6 +52,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llmtap.errors import BackendUnavailable, ConfigError, MessageRefused, QueueMissing, unknown_host
@@ -496,6 +497,17 @@ class RedisQueue(Queue):
             self._evicting = evicts
         return evicts
 
+    async def _refused_big(self, messages: Sequence[Message]) -> bool:
+        """Whether a batch whose write broke the connection was refused for its size: it holds
+        a value Redis may refuse, and Redis answers a PING on a new connection."""
+        if max(len(m.value) for m in messages) < _MIN_BULK_CAP:
+            return False
+        try:
+            await bounded(self.r.connection_pool.disconnect(), self.op_timeout, "redis queue: reconnect")
+            return bool(await asyncio.wait_for(self.r.ping(), self.op_timeout))
+        except Exception:  # Redis is down, or the network: an outage after all
+            return False
+
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
@@ -526,6 +538,16 @@ class RedisQueue(Queue):
                 raise MessageRefused(f"Redis at {self._where} refused the batch as too large: {e}") from None
             raise BackendUnavailable(f"Redis at {self._where} refused the batch: {e}") from None
         except (RedisError, OSError, TimeoutError) as e:
+            if isinstance(e, RedisConnectionError | OSError) and await self._refused_big(messages):
+                # Redis refuses a value past `proto-max-bulk-len` and closes the connection
+                # while a large one is still being written: the client sees a reset or a
+                # broken pipe, not the refusal (rev20: 5 MB and batches of 1.2 MB records;
+                # taken for an outage, they held the spool for ever). Redis answering at once
+                # on a new connection says it was the batch.
+                raise MessageRefused(
+                    f"Redis at {self._where} closed the connection while a batch of"
+                    f" {sum(len(m.value) for m in messages)} bytes was written ({e}): too large"
+                ) from None
             raise self._unavailable(e) from None
         except Exception as e:  # the driver failed on what came back (redis-py 8.2 on an echo)
             await bounded(self.r.connection_pool.disconnect(), self.op_timeout, "redis queue: reconnect")
