@@ -1129,9 +1129,10 @@ BOUNDARY = "llmtap-test-boundary"
 #: A transcription upload, as the openai SDK sends it: text fields and a file that is no text.
 UPLOAD = (
     (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-transcribe\r\n'
+        # .NET's HttpClient leaves a field's name unquoted (rev20: shown as "(no name)")
+        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=model\r\n\r\ngpt-4o-transcribe\r\n"
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nSpeaker: Zoë\r\n'
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="talk.wav"\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; FileName="talk.wav"\r\n'
         "Content-Type: audio/wav\r\n\r\n"
     ).encode()
     + bytes(range(256)) * 16

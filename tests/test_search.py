@@ -595,3 +595,47 @@ def test_search_scope_is_a_checked_setting() -> None:
     assert Settings(search_scope="turn").search_scope == "turn"
     with pytest.raises((ConfigError, ValueError)):
         Settings(search_scope="conversation")
+
+
+def test_forms_are_read_part_by_part_as_servers_read_them_in_bounded_work() -> None:
+    """rev20: .NET's `HttpClient` quotes the boundary and not the field name
+    (`name=model`, as RFC 7578 allows): the gateway missed its model and the form's text; a
+    boundary followed by ` ; charset=...`, `FILENAME=` and `filename*=` were read otherwise than
+    servers read them; one part head of 8,000 `content-disposition:` held the gateway's event
+    loop for 16 s (a regex backtracking from each)."""
+    import time
+
+    from llmtap.gateway.capture import _form_fields
+    from llmtap.store.search import body_text
+
+    g = "2f0c6e6a-5b0e-4c3a-9a4f-2b6b1d1c9e11"
+    dotnet = (
+        f"--{g}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Disposition: form-data; name=model\r\n\r\n"
+        f"whisper-1\r\n--{g}\r\nContent-Disposition: form-data; name=response_format\r\n\r\nsrt\r\n"
+        f"--{g}\r\nContent-Disposition: form-data; name=prompt\r\n\r\nspeak slowly\r\n"
+        f"--{g}\r\nContent-Disposition: form-data; name=file; FILENAME=a.mp3\r\n\r\nID3 not text\r\n"
+        f"--{g}\r\nContent-Disposition: form-data; name=\"x\"; filename*=UTF-8''b.mp3\r\n\r\nnor this\r\n"
+        f"--{g}\r\nContent-Disposition: form-data; name*=UTF-8''language\r\n\r\nen\r\n--{g}--\r\n"
+    ).encode()
+    for ctype in (
+        f'multipart/form-data; boundary="{g}"',
+        f"multipart/form-data; boundary={g} ; charset=utf-8",
+        f"Multipart/Form-Data;BOUNDARY={g}",
+    ):
+        assert _form_fields(ctype, dotnet) == {"model": "whisper-1", "response_format": "srt"}, ctype
+        got = body_text(Body(content_type=ctype, size=len(dotnet), data=dotnet), dotnet)
+        assert got == "whisper-1\nsrt\nspeak slowly\nen", ctype
+    t0 = time.process_time()  # this process's CPU: other jobs on the machine do not count
+    head = (
+        b"--b\r\n"
+        + b"content-disposition:" * 40_000
+        + b'\r\n\r\nx\r\n--b\r\nContent-Disposition: f; name="model"'
+    )
+    assert _form_fields("multipart/form-data; boundary=b", head + b"\r\n\r\ngpt-4o-transcribe\r\n--b--") == {
+        "model": "gpt-4o-transcribe"
+    }
+    empty = b"--b\r\n\r\n\r\n" * 400_000  # 4 MB of parts with nothing in them: 256 are read
+    assert _form_fields("multipart/form-data; boundary=b", empty) == {}
+    body_text(Body(content_type="multipart/form-data; boundary=b", size=len(head), data=head), head)
+    assert time.process_time() - t0 < 20.0  # bounded: milliseconds; the regex took ~400 s on the first

@@ -33,6 +33,7 @@ from llmtap.bodies.offload import inline_body
 from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, LlmtapHeaders
 from llmtap.providers import provider_for
 from llmtap.providers.common import dumps, loads
+from llmtap.providers.forms import form_boundary, form_parts
 from llmtap.providers.sse import StreamResult
 from llmtap.record import Body, LogRecord, Outcome, Usage
 from llmtap.redact import is_secret_header, is_secret_name, redact_text, redact_url
@@ -54,30 +55,27 @@ CAPTURE_OVERHEAD = 1024
 REQUEST_TAIL = 64 * 1024
 #: The form fields a record reads (an upload's `model`; a transcription's `response_format`),
 #: in a part's `Content-Disposition`.
-_FORM_FIELD = re.compile(rb'content-disposition:[^\r\n]*\bname="(model|response_format)"', re.IGNORECASE)
-_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+#: Form fields an upload's record reads: its model, and the format its answer comes in.
+_FORM_NAMES = frozenset(("model", "response_format"))
 
 
 def _form_fields(content_type: str, *pieces: bytes) -> dict[str, str]:
-    """The fields `_FORM_FIELD` names, read part by part at the form's boundary, never from a
-    file's bytes or another field's value (rev19: a file holding `name="response_format"` set
-    it); a field sent twice keeps its last value. `pieces`: the body's start, and its end when
-    a size limit cut it."""
-    found = _BOUNDARY.search(content_type)
-    if found is None:
+    """The fields `_FORM_NAMES` names, read part by part at the form's boundary
+    (`providers.forms`), never from a file's bytes or another field's value (rev19: a file
+    holding `name="response_format"` set it); a field sent twice keeps its last value.
+    `pieces`: the body's start, and its end when a size limit cut it."""
+    boundary = form_boundary(content_type)
+    if boundary is None:
         return {}
     fields: dict[str, str] = {}
-    delimiter = b"\r\n--" + found.group(1).encode("utf-8", "surrogateescape")
     for piece in pieces:
-        for part in (b"\r\n" + piece).split(delimiter):
-            head, sep, value = part.partition(b"\r\n\r\n")
-            if not sep or b"filename=" in head:
+        for name, is_file, value in form_parts(piece, boundary):
+            if name is None or is_file or name.lower() not in _FORM_NAMES:
                 continue
-            field = _FORM_FIELD.search(head)
-            end = value.find(b"\r\n")  # the delimiter took the value's own line end
+            end = value.find(b"\r\n")  # a value of one line: its first line
             end = len(value) if end < 0 else end
-            if field is not None and 0 < end <= 256:
-                fields[field.group(1).decode().lower()] = value[:end].decode("utf-8", "replace")
+            if 0 < end <= 256:
+                fields[name.lower()] = value[:end].decode("utf-8", "replace")
     return fields
 
 

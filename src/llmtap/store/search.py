@@ -34,6 +34,7 @@ import zstandard
 
 from llmtap.providers import provider_for
 from llmtap.providers.common import loads
+from llmtap.providers.forms import form_boundary, form_parts
 from llmtap.record import Body, LogRecord, declared_charset, decompress
 from llmtap.store.sql import clean
 
@@ -220,23 +221,18 @@ def _text(data: bytes, content_type: str | None) -> str:
         return data.decode(declared_charset(content_type) or "utf-8", "replace")
 
 
-_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
-
-
 def _form_text(data: bytes, content_type: str) -> str:
     """The text fields of a multipart form (an image edit's `prompt`, a transcription's), not
-    its files: an upload's bytes are no text."""
-    found = _BOUNDARY.search(content_type)
-    if found is None:
+    its files: an upload's bytes are no text. Parts read as the gateway reads them
+    (`providers.forms`)."""
+    boundary = form_boundary(content_type)
+    if boundary is None:
         return ""
     out = []
-    # A boundary is ASCII (RFC 2046); one that is not is what the client sent, as UTF-8 (fuzz2:
-    # a character past U+00FF raised, and the request was not searchable).
-    for part in data.split(b"--" + found.group(1).encode("utf-8", "surrogateescape")):
-        head, sep, value = part.partition(b"\r\n\r\n")
-        if not sep or b"filename=" in head.lower() or b"content-disposition" not in head.lower():
+    for name, is_file, value in form_parts(data, boundary):
+        if name is None or is_file:
             continue
-        text = _text(value.removesuffix(b"\r\n"), None)
+        text = _text(value, None)
         if text and not (len(text) >= _BLOB_MIN and _blob(text)):  # a file sent as a field
             out.append(text)
     return "\n".join(out)

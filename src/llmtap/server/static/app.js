@@ -901,17 +901,29 @@ function formParts(meta, value) {
     let body = piece.slice(sep + 4);
     if (body.endsWith("\r\n")) body = body.slice(0, -2);
     const disp = (/content-disposition:[^\r\n]*/i.exec(head) || [""])[0];
-    const name = /\bname="([^"]*)"/i.exec(disp);
-    const file = /\bfilename="([^"]*)"/i.exec(disp);
+    const name = formParam(disp, "name") ?? formParam(disp, "name\\*");
+    const file = formParam(disp, "filename") ?? formParam(disp, "filename\\*");
     const type = /content-type:[ \t]*([^\r\n]*)/i.exec(head);
-    const field = { name: name ? utf8(name[1]) : "(no name)" };
+    const field = { name: name !== undefined ? utf8(name) : "(no name)" };
     // The part the size limit cut (no boundary after it): its bytes are only those kept.
     const cut = i === last && meta.truncated;
-    if (file) Object.assign(field, { filename: utf8(file[1]), bytes: body.length, cut, type: type ? type[1] : "" });
+    if (file !== undefined) Object.assign(field, { filename: utf8(file), bytes: body.length, cut, type: type ? type[1] : "" });
     else field.text = utf8(body);
     out.push(field);
   }
   return out.length ? out : null;
+}
+
+/** A Content-Disposition parameter, quoted or not (RFC 7578 allows `name=model`, which .NET's
+ * HttpClient sends), any letters' case, as the gateway reads it (`providers/forms.py`);
+ * `filename*=UTF-8''a.mp3` percent-decoded. Undefined when the head has none. */
+function formParam(disp, key) {
+  const m = new RegExp(`;\\s*${key}\\s*=\\s*(?:"([^"]*)"|([^;\\s]*))`, "i").exec(disp);
+  if (!m) return undefined;
+  const v = m[1] ?? m[2];
+  const ext = /^[\w-]+'[^']*'(.*)$/.exec(v);
+  // RFC 8187's charset'language'value: one character per byte, as `utf8` then reads them
+  return key.endsWith("*") && ext ? unescape(ext[1]) : v;
 }
 
 /** Why a body shows only its start: it was larger than the gateway keeps. */
