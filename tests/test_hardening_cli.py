@@ -389,6 +389,37 @@ def test_mistakes_the_cli_review_found_are_one_sentence_each(tmp_path: Path) -> 
             assert "Traceback" not in r.stderr and key not in r.stderr, (args, r.stderr)
 
 
+def test_a_start_up_error_never_shows_a_password_whatever_shape_the_setting_has(tmp_path: Path) -> None:
+    """rev20: a config file's list where a URL was expected was shown whole (`(got [...])`), a
+    forgotten upstream name echoed its URL, a tab in a URL hid its password from the URL
+    parser, and `user:2024#pass@host` read as a port and a fragment was accepted and logged."""
+    env = llmtap_env(tmp_path / "d")
+    secret = "hunter2ZQX"
+    files = {
+        "store": f'store = ["postgresql://u:{secret}@h/db"]',
+        "queue": f'queue = ["redis://:{secret}@h:6379/0"]',
+        "upstreams": f'upstreams = ["vllm=http://u:{secret}@h"]',
+        "openai_base_url": f'openai_base_url = ["https://h.example/v1?api-key={secret}"]',
+    }
+    cases: list[tuple[dict[str, str], list[str], str]] = []
+    for name, line in files.items():
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(line + "\n")
+        cases.append(({}, ["--config", str(cfg), "status"], f"LLMTAP_{name.upper()}: Input should be"))
+    cases += [
+        ({"LLMTAP_UPSTREAMS": f"https://admin:{secret}@llm.internal/v1?x=y"}, ["status"], "upstream name"),
+        ({"LLMTAP_OPENAI_BASE_URL": f"http://admin:hun\t{secret}@llm.internal"}, ["status"], "credentials"),
+        ({"LLMTAP_INGEST_URL": f"http://admin:2024#{secret}@127.0.0.1:9"}, ["status"], "%23"),
+        ({"LLMTAP_WEBHOOK_URL": f"http://admin:2024?{secret}@127.0.0.1:9"}, ["status"], "%3F"),
+        ({"LLMTAP_OPENAI_BASE_URL": f"http://admin:2024#{secret}@llm.internal"}, ["status"], "fragment"),
+    ]
+    for extra, args, says in cases:
+        r = _llmtap({**env, **extra}, *args, cwd=tmp_path)
+        assert r.returncode == 2 and says in r.stderr, (args, extra, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr and secret not in r.stderr, (args, extra, r.stderr)
+        assert "***" in r.stderr, (args, extra, r.stderr)
+
+
 def test_erase_a_user_for_good_through_llmtap_up(tmp_path: Path) -> None:
     """`llmtap erase --user`: a data subject's requests leave the API, the search and the
     totals, and their body files leave the disk; another user's stay. Nothing matched is exit 1."""

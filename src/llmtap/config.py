@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from llmtap.backends import FAMILIES
 from llmtap.errors import ConfigError
-from llmtap.redact import is_secret_name, is_secret_value, redact_dsn, redact_keys, redact_url
+from llmtap.redact import is_secret_name, is_secret_value, redact_dsn, redact_keys, redact_text, redact_url
 
 ENV_PREFIX = "LLMTAP_"
 #: Backend family by setting name: its URL schemes, classes and extras (`llmtap.backends`).
@@ -422,11 +422,11 @@ def parse_upstreams(value: str) -> dict[str, str]:
         name, sep, url = item.partition("=")
         name, url = name.strip(), url.strip()
         if not sep or not name or not url:
-            raise ValueError(f"entry {redact_url(item)!r} is not name=url")
+            raise ValueError(f"entry {redact_dsn(item)!r} is not name=url")
         if not _ROUTE_NAME_RE.match(name):
             raise ValueError(
-                f"upstream name {name!r} must be lowercase letters, digits, '-' or '_' "
-                f"(it becomes /{name}/...)"
+                f"upstream name {redact_dsn(name)!r} must be lowercase letters, digits, '-' or '_' "
+                "(it becomes a route: /<name>/...)"
             )
         if name in BUILTIN or name in _RESERVED_ROUTES:
             raise ValueError(f"upstream name {name!r} is taken by llmtap's own /{name}/ route")
@@ -441,6 +441,16 @@ def parse_upstreams(value: str) -> dict[str, str]:
     return out
 
 
+def _masked(value: Any) -> Any:
+    """A setting's value with the password of each URL in it masked (`redact_dsn`): a string,
+    or the strings of a list a config file gave where one was expected."""
+    if isinstance(value, str):
+        return redact_dsn(value)
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    return value
+
+
 def _check_http_url(v: str, *, base: bool = False, credentials: str | None = None) -> str:
     """An http(s) URL, trailing `/` dropped. A `base` (an upstream, the S3 endpoint) carries
     no credentials and no query: requests are built on it and their errors quote it, so a
@@ -453,16 +463,25 @@ def _check_http_url(v: str, *, base: bool = False, credentials: str | None = Non
     except ValueError as e:
         raise ValueError(f"{redact_dsn(v)!r} is not a valid URL ({_url_error(e)})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL, got {redact_url(v)!r}")
+        raise ValueError(f"must be an http:// or https:// URL, got {redact_dsn(v)!r}")
     if base and "@" in parts.netloc:
         raise ValueError(
-            f"must not hold credentials (user:password@), got {redact_url(v)!r}: "
+            f"must not hold credentials (user:password@), got {redact_dsn(v)!r}: "
             + (credentials or "the client's own Authorization / api-key headers go upstream unchanged")
         )
     if base and (parts.query or parts.fragment):
-        raise ValueError(f"must not have a query or fragment, got {redact_url(v)!r}")
+        raise ValueError(f"must not have a query or fragment, got {redact_dsn(v)!r}")
+    at = parts.query.find("@")
+    if parts.fragment or (at >= 0 and "=" not in parts.query[:at]):
+        # What follows `#` never reaches the server, and `user:2024#pass@host` or `?pass@host`
+        # is a password the URL reads as a port and a fragment: requests went to host `user`,
+        # and their errors printed the password whole (rev20).
+        raise ValueError(
+            f"must not have a fragment or an '@' in its query, got {redact_dsn(v)!r}"
+            " (a '#', '?' or '@' in a password is written %23, %3F, %40)"
+        )
     if any(c.isspace() or not c.isprintable() for c in v):  # sent as is in every request line
-        raise ValueError(f"must not hold spaces or control characters, got {redact_url(v)!r}")
+        raise ValueError(f"must not hold spaces or control characters, got {redact_dsn(v)!r}")
     return v.rstrip("/")
 
 
@@ -563,9 +582,11 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             if close:
                 hint = f" (did you mean {ENV_PREFIX + close[0].upper() if key.isupper() else close[0]}?)"
             raise ConfigError(f"unknown setting {key!r} in config file {config_file}{hint}") from None
-        if isinstance(value, str):
-            value = redact_dsn(value)  # a URL's password must not reach the terminal or a log
-        shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+        value = _masked(value)  # a URL's password must not reach the terminal or a log
+        # Shown with every credential rule (rev20: a list's URLs were shown whole).
+        shown = ""
+        if value is not None and not isinstance(value, dict):
+            shown = f" (got {redact_text(repr(value))})"
         if is_secret_name(field):
             shown = ""  # a token or secret of the wrong type is still a secret
         elif isinstance(value, str) and is_secret_value(value):  # a key pasted into another setting

@@ -201,7 +201,11 @@ def redact_url(url: str) -> str:
         if "@" in netloc:  # the userinfo as the URL's parser reads it, spaces and all (rev19)
             userinfo, _, host = netloc.rpartition("@")
             user, colon, _ = userinfo.partition(":")
-            url = url.replace(netloc, f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}", 1)
+            if netloc in url:
+                url = url.replace(netloc, f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}", 1)
+            else:  # the parser dropped a tab or line end the URL holds (rev20): up to its `@`
+                scheme, _, rest = url.partition("://")
+                url = f"{scheme}://{REDACTED}@{rest.rsplit('@', 1)[-1]}"
         url = _USERINFO.sub(_hide_password, url)
     if "?" not in url and ";" not in url and "#" not in url:
         return url
