@@ -1047,7 +1047,15 @@ async def test_healthz_metrics_and_unknown_paths(
             async with http.post(f"{gw}/openai/v1/chat/completions", json=CHAT, headers=OPENAI_AUTH) as r:
                 await r.read()
         await published(svc, q, 3)
+        # rev20: one entry of the spool's listing that cannot be read (a link loop, NFS's
+        # ESTALE) made every scrape a 500
+        from llmtap.gateway.spool import spool_dir
+
+        spool = spool_dir(svc.settings)
+        spool.mkdir(parents=True, exist_ok=True)
+        (spool / "loop.spool").symlink_to("loop.spool")
         async with http.get(f"{gw}/metrics") as r:
+            assert r.status == 200
             text = await r.text()
     assert 'llmtap_gateway_records_published_total{route="queue"} 3.0' in text
     assert 'llmtap_gateway_requests_total{outcome="completed",provider="openai"} 3.0' in text

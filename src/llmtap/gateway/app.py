@@ -174,8 +174,10 @@ class GatewayService(OnBackends):
         self.proxy.local = {"/healthz": self._healthz, "/livez": livez, "/metrics": self._metrics}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.publisher.collector())
+        self._spool_metrics: _SpoolCollector | None = None
         if self.replayer is not None:
-            self.registry.register(_SpoolCollector(self.replayer))
+            self._spool_metrics = _SpoolCollector(self.replayer)
+            self.registry.register(self._spool_metrics)
         # Multi-tenant mode maps `Llmtap-Auth` keys to tenants through the store's key table
         # (cached per process for `keys.CACHE_TTL` seconds, so the lookup is rarely a query).
         self._keys_store: Store | None = self.backends.store if settings.multi_tenant else None
@@ -360,9 +362,12 @@ class GatewayService(OnBackends):
         return web.Response(status=200 if ok else 503, body=body, content_type="application/json")
 
     async def _metrics(self, request: web.BaseRequest) -> web.StreamResponse:
-        # On a thread: the spool's listing (a stat per segment) held the proxy's loop for 0.3 s
-        # a scrape with 20,000 segments (rev19).
-        body = await asyncio.to_thread(generate_latest, self.registry)
+        # The spool's listing on a thread: a stat per segment held the proxy's loop for 0.3 s a
+        # scrape with 20,000 segments (rev19). The counters on the loop, which changes them: read
+        # from a thread, a dict or deque changing under the read could fail the scrape (rev20).
+        if self._spool_metrics is not None:
+            self._spool_metrics.stats = await asyncio.to_thread(self._spool_metrics.replayer.spool.stats)
+        body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -371,9 +376,10 @@ class _SpoolCollector(Collector):
 
     def __init__(self, replayer: SpoolReplayer) -> None:
         self.replayer = replayer
+        self.stats: tuple[int, int, float] | None = None  # read off the loop before a scrape
 
     def collect(self) -> Iterator[Metric]:
-        total, held, oldest = self.replayer.spool.stats()
+        total, held, oldest = self.stats if self.stats is not None else self.replayer.spool.stats()
         yield GaugeMetricFamily("llmtap_gateway_spool_bytes", "Bytes of records waiting in the disk spool",
                                 value=total)  # fmt: skip
         yield GaugeMetricFamily(

@@ -79,7 +79,7 @@ def _segment_bytes(directory: Path, pattern: str = "*.spool") -> int:
     for p in directory.glob(pattern):
         try:
             total += p.stat().st_size
-        except FileNotFoundError:
+        except OSError:  # gone meanwhile, or unreadable (a link loop, NFS's ESTALE): not counted
             pass
     return total
 
@@ -235,8 +235,8 @@ class DiskSpool:
         for path in self.dir.glob("*.spool") if self.dir.exists() else ():
             try:
                 st = path.stat()
-            except FileNotFoundError:
-                continue  # replayed meanwhile
+            except OSError:  # replayed meanwhile; or unreadable (a link loop, NFS's ESTALE):
+                continue  # not ours to count, and one entry must not fail every metric (rev20)
             total += st.st_size
             if path.name.endswith(HELD_TAG + ".spool"):
                 held += st.st_size
