@@ -671,7 +671,10 @@ async def test_batches_of_1kb_records_take_one_transaction_each_not_one_per_reco
     statements: list[str] = []
     db = q._conn
     assert db is not None
-    db.set_trace_callback(statements.append)  # called on the queue's thread, one list append
+    # Set and unset on the queue's own thread: from this one, waiting for SQLite's mutex while
+    # the queue's thread (a heartbeat) was in a statement whose trace wanted the GIL held here,
+    # it deadlocked the whole test run (pytest-timeout's alarm cannot fire in C code).
+    await q._call(db.set_trace_callback, statements.append)  # called on the queue's thread
 
     def transactions() -> int:
         return sum(1 for s in statements if s.lstrip().upper().startswith("BEGIN"))
@@ -692,7 +695,7 @@ async def test_batches_of_1kb_records_take_one_transaction_each_not_one_per_reco
         assert published <= n // size + 10, published
         assert consumed <= 3 * (n // size) + 10, consumed
     finally:
-        db.set_trace_callback(None)
+        await q._call(db.set_trace_callback, None)
         await q.close()
 
 
