@@ -412,6 +412,11 @@ def test_a_start_up_error_never_shows_a_password_whatever_shape_the_setting_has(
         ({"LLMTAP_INGEST_URL": f"http://admin:2024#{secret}@127.0.0.1:9"}, ["status"], "%23"),
         ({"LLMTAP_WEBHOOK_URL": f"http://admin:2024?{secret}@127.0.0.1:9"}, ["status"], "%3F"),
         ({"LLMTAP_OPENAI_BASE_URL": f"http://admin:2024#{secret}@llm.internal"}, ["status"], "fragment"),
+        # rev21: without `//` no parser finds a userinfo
+        ({"LLMTAP_OPENAI_BASE_URL": f"user:{secret}@proxy.internal:8080"}, ["status"], "http://"),
+        ({"LLMTAP_QUEUE": f"user:{secret}@redis:6379"}, ["status"], "LLMTAP_QUEUE"),
+        ({"LLMTAP_STORE": f"postgresql:/llmtap:{secret}@h/db"}, ["status"], "LLMTAP_STORE"),
+        ({"LLMTAP_UPSTREAMS": f"vllm=https:u:{secret}@h"}, ["status"], "upstream 'vllm'"),
     ]
     for extra, args, says in cases:
         r = _llmtap({**env, **extra}, *args, cwd=tmp_path)

@@ -224,6 +224,10 @@ def redact_dsn(url: str) -> str:
     (which drivers read each their own way) showed its tail through the URL rules. Only for
     settings: a target URL's path may hold an `@` (`claude-3-5-sonnet@20240620` on Vertex)."""
     scheme, sep, rest = url.partition("://")
+    if not sep and "@" in url:
+        # No `//` (`user:pass@host:8080`, `postgresql:/u:p@h`, `https:u:p@h`): no parser finds
+        # a userinfo, so all up to the last `@` is hidden (rev21: these were printed whole).
+        return f"{REDACTED}@{redact_url(url.rpartition('@')[2])}"
     if not sep or "@" not in rest:
         return redact_url(url)
     # Where the userinfo ends: the last `@` before the first `?` or `#` (a password may hold
