@@ -348,3 +348,42 @@ def test_the_oldest_segment_says_how_long_it_has_waited(tmp_path: Path) -> None:
     os.utime(held, (time.time() - 900, time.time() - 900))
     total, held_bytes, oldest = spool.stats()
     assert total == spool.size() and 0 < held_bytes < total and 599 < oldest < 700
+
+
+def test_what_is_no_segment_in_the_spool_holds_neither_the_replay_nor_the_figures(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """rev20, rev21: a link loop, a directory or a FIFO named like a segment (sorted first)
+    failed every replay for ever, so every record spooled after it waited on disk; the FIFO
+    held the replay's thread, and the process's stop, in `open`. They are no segments now: the
+    real ones replay, and the figures count those only. A segment that cannot be read is said
+    once, and the others go on."""
+    d = tmp_path / "spool"
+    spool = DiskSpool(d, max_bytes=10_000_000)
+    spool.append([b"a", b"b"])
+    spool.close()
+    spool.append([b"c"])
+    spool.close()
+    real = spool.size()
+    (d / "0-loop.spool").symlink_to("0-loop.spool")
+    (d / "1-dir.spool").mkdir()
+    os.mkfifo(d / "2-fifo.spool")
+    (d / "3-link.spool").symlink_to(next(iter(spool.segments_for_replay())))  # no copy of a segment
+    assert spool.stats()[0] == real and spool.size() == real
+    got = [v for seg in spool.segments_for_replay() for batch in spool.replay(seg) for v in batch]
+    assert got == [b"a", b"b", b"c"]
+    # A segment whose bytes cannot be read (a disk error): said once, the next one still read.
+    first, second = spool.segments_for_replay()
+    real_read = os.read
+
+    def failing_read(fd: int, n: int) -> bytes:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(first):
+            raise OSError(5, "Input/output error")
+        return real_read(fd, n)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "read", failing_read)
+        for _ in range(3):
+            assert [v for batch in spool.replay(first) for v in batch] == []
+            assert [v for batch in spool.replay(second) for v in batch] == [b"c"]
+    assert sum("cannot read segment" in r.getMessage() for r in caplog.records) == 1

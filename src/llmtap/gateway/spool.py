@@ -18,10 +18,12 @@ segment is replayed under an exclusive `flock`, so no two processes replay the s
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import logging
 import os
 import re
 import secrets
+import stat
 import struct
 import threading
 import time
@@ -70,18 +72,34 @@ def spool_unreadable(settings: Settings) -> int:
     return _segment_bytes(spool_dir(settings) / "corrupt", "*.bin")
 
 
-def _segment_bytes(directory: Path, pattern: str = "*.spool") -> int:
-    """Bytes in the segments. A segment replayed and deleted between the listing and its `stat`
-    (the replayer runs on another thread, or in another process) counts nothing: it is gone."""
-    if not directory.exists():
-        return 0
-    total = 0
-    for p in directory.glob(pattern):
+#: How a segment is opened to be read: never through a link, never waiting for a FIFO's writer.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def _files(directory: Path, pattern: str = "*.spool") -> Iterator[tuple[Path, os.stat_result]]:
+    """The regular files in `directory` whose names match `pattern`, with their `stat`.
+
+    Segments are only ever regular files we made: a link (a loop), a directory or a FIFO of the
+    same name is no segment, and read as one it blocked the replay of every segment after it
+    for ever, or (a FIFO) its thread and the process's stop (rev21). An entry gone between the
+    listing and its `stat` (replayed meanwhile), or that cannot be read, is left out."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:  # no spool directory (yet), or one we cannot list
+        return
+    for entry in entries:
+        if not fnmatch.fnmatchcase(entry.name, pattern):
+            continue
         try:
-            total += p.stat().st_size
-        except OSError:  # gone meanwhile, or unreadable (a link loop, NFS's ESTALE): not counted
-            pass
-    return total
+            if entry.is_file(follow_symlinks=False):
+                yield Path(entry.path), entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+
+
+def _segment_bytes(directory: Path, pattern: str = "*.spool") -> int:
+    """Bytes in the segments (`_files`)."""
+    return sum(st.st_size for _, st in _files(directory, pattern))
 
 
 #: The name's end of a segment of records that wait (`DiskSpool.write_segment`).
@@ -102,6 +120,7 @@ class DiskSpool:
         self._token = secrets.token_hex(4)  # this writer's, in its segments' names (`_rotate`)
         self._lock = threading.Lock()  # append (sink thread) vs close (replayer thread)
         self.unreadable_bytes = 0  # corrupt spans met on replay (their records are lost)
+        self._unreadable_seen: set[str] = set()  # segments said to be unreadable, by name
         #: Spans already kept and said, as (segment name, start, end): a segment read again
         #: (its replay cut short by an outage) says them once, not at every try.
         self._kept: set[tuple[str, int, int]] = set()
@@ -204,7 +223,7 @@ class DiskSpool:
         before older ones, and their records were replayed after its own: a request id logged
         twice kept the later copy, not the first."""
         newest = self._stamp
-        for path in self.dir.glob("*.spool"):
+        for path, _ in _files(self.dir):
             head = path.name.partition("-")[0]
             if head.isdigit():
                 newest = max(newest, int(head))
@@ -232,11 +251,7 @@ class DiskSpool:
         are rewritten at each try, so their bytes say they wait (rev19). Blocking: a thread."""
         total = held = 0
         oldest = None
-        for path in self.dir.glob("*.spool") if self.dir.exists() else ():
-            try:
-                st = path.stat()
-            except OSError:  # replayed meanwhile; or unreadable (a link loop, NFS's ESTALE):
-                continue  # not ours to count, and one entry must not fail every metric (rev20)
+        for path, st in _files(self.dir):  # one entry must not fail every metric (rev20)
             total += st.st_size
             if path.name.endswith(HELD_TAG + ".spool"):
                 held += st.st_size
@@ -246,16 +261,14 @@ class DiskSpool:
 
     # -- replaying ----------------------------------------------------------------------------
     def pending(self) -> bool:
-        return self.dir.exists() and any(self.dir.glob("*.spool"))
+        return any(True for _ in _files(self.dir))
 
     def segments_for_replay(self) -> list[Path]:
         """Segments to replay, oldest first. Closes our own open segment so it is included."""
         self.close()
-        if not self.dir.exists():
-            return []
-        for stale in self.dir.glob(".*.spool.new"):  # a process died between creating and naming one
+        for stale, _ in _files(self.dir, ".*.spool.new"):  # a process died between creating and naming one
             self._drop_if_abandoned(stale)
-        return sorted(self.dir.glob("*.spool"))
+        return sorted(path for path, _ in _files(self.dir))
 
     @staticmethod
     def _drop_if_abandoned(path: Path) -> None:
@@ -263,8 +276,8 @@ class DiskSpool:
         try:
             if time.time() - path.stat().st_mtime < _ABANDONED_AFTER_S:
                 return
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+            fd = os.open(path, _READ_FLAGS)
+        except OSError:  # gone, or replaced by what is no file since the listing
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its creator still holds it: alive
@@ -283,10 +296,15 @@ class DiskSpool:
         keeps one row per request id).
         """
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, _READ_FLAGS)
         except FileNotFoundError:
             return
+        except OSError as e:  # unreadable: the segments after it go on (rev21)
+            self._unreadable_once(path, e)
+            return
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the listing
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -295,7 +313,11 @@ class DiskSpool:
             if size == 0:  # nobody writes it (a writer holds the lock): left by a failed write
                 path.unlink(missing_ok=True)
                 return
-            data = os.read(fd, size)
+            try:
+                data = os.read(fd, size)
+            except OSError as e:  # a disk error (EIO), NFS's ESTALE: the segments after it go on
+                self._unreadable_once(path, e)
+                return
             batch: list[bytes] = []
             bad: list[tuple[int, int]] = []
             torn: list[tuple[int, int]] = []
@@ -310,6 +332,19 @@ class DiskSpool:
                 yield batch
         finally:
             os.close(fd)
+
+    def _unreadable_once(self, path: Path, e: OSError) -> None:
+        """Say once per segment that it cannot be read: it stays where it is (its records may
+        come back with the disk, or be read by hand) and the replay goes on without it."""
+        if path.name in self._unreadable_seen:
+            return
+        if len(self._unreadable_seen) >= 10_000:
+            self._unreadable_seen.clear()
+        self._unreadable_seen.add(path.name)
+        log.warning(
+            "spool: cannot read segment %s (%s: %s): its records wait there; the others are replayed",
+            path, type(e).__name__, e,
+        )  # fmt: skip
 
     def _keep_unreadable(
         self, path: Path, data: bytes, bad: list[tuple[int, int]], torn: bool = False
