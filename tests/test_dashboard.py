@@ -1137,6 +1137,8 @@ UPLOAD = (
     ).encode()
     + bytes(range(256)) * 16
     + f"\r\n--{BOUNDARY}--\r\n".encode()
+    # rev21: no part after the close delimiter (the dashboard showed it, the servers ignore it)
+    + f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="epilogue"\r\n\r\nnot a field\r\n'.encode()
 )
 
 

@@ -70,12 +70,12 @@ def _form_fields(content_type: str, *pieces: bytes) -> dict[str, str]:
     fields: dict[str, str] = {}
     for piece in pieces:
         for name, is_file, value in form_parts(piece, boundary):
-            if name is None or is_file or name.lower() not in _FORM_NAMES:
+            if is_file or name not in _FORM_NAMES:  # as servers read them: case and all
                 continue
             end = value.find(b"\r\n")  # a value of one line: its first line
             end = len(value) if end < 0 else end
             if 0 < end <= 256:
-                fields[name.lower()] = value[:end].decode("utf-8", "replace")
+                fields[name] = value[:end].decode("utf-8", "replace")
     return fields
 
 

@@ -872,11 +872,14 @@ function rawBody(row, part) {
 }
 
 /** A multipart/form-data body's fields: {name, text} or {name, filename, bytes, type}; null
- * when it is none or cannot be read as one. `value` is the API's text or base64 of it. */
+ * when it is none or cannot be read as one. `value` is the API's text or base64 of it. Read as
+ * the gateway reads it (`providers/forms.py`, rev21): a delimiter starts a line and ends it,
+ * the close delimiter ends the form, at most 256 parts, heads of at most 8 KiB. */
 function formParts(meta, value) {
   const ctype = meta.content_type || "";
-  const b = /^multipart\/form-data\b.*?\bboundary=(?:"([^"]+)"|([^;\s]+))/i.exec(ctype);
-  if (!b) return null;
+  if (!/^\s*multipart\/form-data\b/i.test(ctype)) return null;
+  const boundary = headerParams(ctype).get("boundary");
+  if (!boundary) return null;
   if (value.length > 32e6) return null; // read in the browser: not a whole large upload
   let bin = ""; // one character per byte
   try {
@@ -889,41 +892,73 @@ function formParts(meta, value) {
     return null;
   }
   const utf8 = (s) => new TextDecoder().decode(Uint8Array.from(s, (c) => c.charCodeAt(0)));
-  const pieces = bin.split("--" + (b[1] || b[2]));
+  const body = "\r\n" + bin;
+  const delim = "\r\n--" + utf8ToBin(boundary);
+  const next = (from) => { // [offset, closes the form, where the next part's head starts]
+    for (let s = from; ; ) {
+      const pos = body.indexOf(delim, s);
+      if (pos < 0) return [-1, false, -1];
+      const after = pos + delim.length;
+      if (body.startsWith("--", after)) return [pos, true, -1];
+      let eol = after;
+      while (eol < body.length && eol - after < 64 && (body[eol] === " " || body[eol] === "\t")) eol++;
+      if (body.startsWith("\r\n", eol)) return [pos, false, eol + 2];
+      s = pos + 1; // the boundary's letters inside a line: no delimiter
+    }
+  };
   const out = [];
-  const last = pieces.length - 1;
-  for (const [i, piece] of pieces.entries()) {
-    if (i === 0) continue; // before the first boundary
-    if (piece.startsWith("--")) break; // the closing boundary
-    const sep = piece.indexOf("\r\n\r\n");
-    if (sep < 0) continue; // cut at the size limit inside its headers
-    const head = piece.slice(0, sep);
-    let body = piece.slice(sep + 4);
-    if (body.endsWith("\r\n")) body = body.slice(0, -2);
-    const disp = (/content-disposition:[^\r\n]*/i.exec(head) || [""])[0];
-    const name = formParam(disp, "name") ?? formParam(disp, "name\\*");
-    const file = formParam(disp, "filename") ?? formParam(disp, "filename\\*");
-    const type = /content-type:[ \t]*([^\r\n]*)/i.exec(head);
+  let [pos, close, start] = next(0);
+  for (let n = 0; n < 256 && pos >= 0 && !close; n++) {
+    let after;
+    [pos, close, after] = next(start);
+    const stop = pos < 0 ? body.length : pos;
+    let head = "";
+    let at = start + 2;
+    if (!body.startsWith("\r\n", start)) {
+      const end = body.slice(start, Math.min(stop, start + 8196)).indexOf("\r\n\r\n");
+      if (end < 0) { // a head too long to be one, or cut at the size limit inside it
+        start = after;
+        continue;
+      }
+      head = body.slice(start, start + end);
+      at = start + end + 4;
+    }
+    const part = body.slice(at, stop);
+    const disp = (/^content-disposition:[^\r\n]*/im.exec(head) || [""])[0];
+    const params = headerParams(disp.slice(disp.indexOf(":") + 1));
+    const name = params.get("name*") ?? params.get("name");
+    const file = params.get("filename") ?? params.get("filename*");
+    const type = /^content-type:[ \t]*([^\r\n]*)/im.exec(head);
     const field = { name: name !== undefined ? utf8(name) : "(no name)" };
-    // The part the size limit cut (no boundary after it): its bytes are only those kept.
-    const cut = i === last && meta.truncated;
-    if (file !== undefined) Object.assign(field, { filename: utf8(file), bytes: body.length, cut, type: type ? type[1] : "" });
-    else field.text = utf8(body);
+    // The part the size limit cut (no delimiter after it): its bytes are only those kept.
+    const cut = pos < 0 && meta.truncated;
+    if (file !== undefined) Object.assign(field, { filename: utf8(file), bytes: part.length, cut, type: type ? type[1] : "" });
+    else field.text = utf8(part);
     out.push(field);
+    start = after;
   }
   return out.length ? out : null;
 }
 
-/** A Content-Disposition parameter, quoted or not (RFC 7578 allows `name=model`, which .NET's
- * HttpClient sends), any letters' case, as the gateway reads it (`providers/forms.py`);
- * `filename*=UTF-8''a.mp3` percent-decoded. Undefined when the head has none. */
-function formParam(disp, key) {
-  const m = new RegExp(`;\\s*${key}\\s*=\\s*(?:"([^"]*)"|([^;\\s]*))`, "i").exec(disp);
-  if (!m) return undefined;
-  const v = m[1] ?? m[2];
-  const ext = /^[\w-]+'[^']*'(.*)$/.exec(v);
-  // RFC 8187's charset'language'value: one character per byte, as `utf8` then reads them
-  return key.endsWith("*") && ext ? unescape(ext[1]) : v;
+/** The parameters of a header value (`; key=value`, quoted with `\` escapes or not), keys
+ * lowercased, at most 16: a quoted `;` or `boundary=` stays in its value (rev21). RFC 8187's
+ * `key*=UTF-8''value` is percent-decoded, one character per byte, as `utf8` then reads it. */
+function headerParams(value) {
+  const out = new Map();
+  const re = /;\s*([^\s=;"]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^;]*))?/g;
+  for (let m, n = 0; n < 16 && (m = re.exec(value)); n++) {
+    const key = m[1].toLowerCase();
+    let v = (m[2] || "").trim();
+    if (v.startsWith('"')) v = v.slice(1, -1).replace(/\\(.)/gs, "$1");
+    const ext = key.endsWith("*") ? /^[\w-]+'[^']*'(.*)$/.exec(v) : null;
+    if (!out.has(key)) out.set(key, ext ? unescape(ext[1]) : v);
+  }
+  return out;
+}
+
+/** A string's UTF-8 bytes, one character per byte (a boundary past ASCII, as the client sent it). */
+function utf8ToBin(s) {
+  return Array.from(new TextEncoder().encode(s), (b) => String.fromCharCode(b)).join("");
 }
 
 /** Why a body shows only its start: it was larger than the gateway keeps. */
