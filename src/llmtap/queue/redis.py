@@ -51,7 +51,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoPermissionError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -78,6 +85,7 @@ POLICY_EVERY = 30.0
 
 #: The smallest `proto-max-bulk-len` Redis takes: no shorter value is refused for its size.
 _MIN_BULK_CAP = 1 << 20
+
 
 # Heartbeat: renew our membership and leases, acquire the partitions that are ours by the fair
 # share rule, and report which leases we hold that now belong to someone else. Server time, so
@@ -497,16 +505,39 @@ class RedisQueue(Queue):
             self._evicting = evicts
         return evicts
 
-    async def _refused_big(self, messages: Sequence[Message]) -> bool:
-        """Whether a batch whose write broke the connection was refused for its size: it holds
-        a value Redis may refuse, and Redis answers a PING on a new connection."""
+    async def _refused_big(
+        self, messages: Sequence[Message], args: list[str | bytes | int]
+    ) -> Literal["refused", "published", "outage"]:
+        """Whether a batch whose write broke the connection was refused for its size: it holds a
+        value Redis may refuse, Redis answers a PING on a new connection, and the batch sent
+        once more on it breaks the connection again. A restart, a failover or a blip (rev21:
+        Redis loading its dataset answered PING a moment later) passes that second try: the
+        batch is then "published" (at least once)."""
         if max(len(m.value) for m in messages) < _MIN_BULK_CAP:
-            return False
+            return "outage"
         try:
             await bounded(self.r.connection_pool.disconnect(), self.op_timeout, "redis queue: reconnect")
-            return bool(await asyncio.wait_for(self.r.ping(), self.op_timeout))
+            if not await asyncio.wait_for(self.r.ping(), self.op_timeout):
+                return "outage"
         except Exception:  # Redis is down, or the network: an outage after all
-            return False
+            return "outage"
+        try:
+            added = await asyncio.wait_for(self._scripts["publish"](args=args), self.op_timeout)
+        except (RedisConnectionError, OSError) as e:
+            if isinstance(e, BusyLoadingError | TimeoutError):
+                raise self._unavailable(e) from None
+            await bounded(self.r.connection_pool.disconnect(), self.op_timeout, "redis queue: reconnect")
+            return "refused"
+        except ResponseError as e:
+            if "invalid bulk length" in str(e).lower():  # said this time
+                await bounded(self.r.connection_pool.disconnect(), self.op_timeout, "redis queue: reconnect")
+                return "refused"
+            raise BackendUnavailable(f"Redis at {self._where} refused the batch: {e}") from None
+        except (RedisError, TimeoutError) as e:
+            raise self._unavailable(e) from None
+        if added != len(messages):
+            raise BackendUnavailable(f"Redis at {self._where} answered {str(added)[:60]} to a batch")
+        return "published"
 
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
@@ -538,7 +569,14 @@ class RedisQueue(Queue):
                 raise MessageRefused(f"Redis at {self._where} refused the batch as too large: {e}") from None
             raise BackendUnavailable(f"Redis at {self._where} refused the batch: {e}") from None
         except (RedisError, OSError, TimeoutError) as e:
-            if isinstance(e, RedisConnectionError | OSError) and await self._refused_big(messages):
+            # A slow write (a timeout) or a Redis still loading its data is no refusal (rev21)
+            maybe = isinstance(e, RedisConnectionError | OSError) and not isinstance(
+                e, BusyLoadingError | TimeoutError
+            )
+            verdict = await self._refused_big(messages, args) if maybe else "outage"
+            if verdict == "published":
+                return  # the second try went through
+            if verdict == "refused":
                 # Redis refuses a value past `proto-max-bulk-len` and closes the connection
                 # while a large one is still being written: the client sees a reset or a
                 # broken pipe, not the refusal (rev20: 5 MB and batches of 1.2 MB records;
