@@ -13,6 +13,7 @@ Three decisions live here:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from urllib.parse import unquote
 
@@ -177,16 +178,26 @@ _OMITS = frozenset(("llmtap-omit-request", "llmtap-omit-response"))
 
 
 def _ext_value(value: str) -> str:
-    """`UTF-8''Jos%C3%A9` as `José` (RFC 8187's ext-value): the OpenAI, Anthropic and Google
-    SDKs send header values as ASCII only, so a user id, session id or property value in any
-    other script can only travel percent-encoded. Anything else, or bytes that do not decode
-    as UTF-8, is kept as sent."""
+    """`UTF-8''Jos%C3%A9` as `José` (RFC 8187's ext-value): the Python OpenAI, Anthropic and
+    Google SDKs send header values as ASCII only, so a user id, session id or property value in
+    any other script can only travel percent-encoded. Bytes that are no UTF-8 are Latin-1, as
+    HTTP has it: Node's `fetch` (every Node SDK) sends `José` so, and the two runtimes' users
+    were two (the clients audit). Anything else is kept as sent."""
     if value[:7].lower() != "utf-8''":
-        return value
+        if not _UNDECODED.search(value):
+            return value
+        try:  # the bytes as they came (aiohttp's escape), each one a Latin-1 character
+            return value.encode("utf-8", "surrogateescape").decode("latin-1")
+        except UnicodeEncodeError:  # another lone surrogate: not bytes that came
+            return value
     try:
         return unquote(value[7:], errors="strict")
     except UnicodeDecodeError:
         return value
+
+
+#: What aiohttp makes of header bytes that are no UTF-8: `surrogateescape`'s stand-ins.
+_UNDECODED = re.compile("[\udc80-\udcff]")
 
 
 def _truthy(value: str) -> bool:
