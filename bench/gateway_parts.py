@@ -5,6 +5,8 @@ Five processes on the proxy core, the same wrk chat load on each in turn (interl
 medians), CPU per 1,000 requests from /proc:
 
   passthrough  bench/passthrough.py (the floor for one Python hop)
+  relay-bare   (only with --stages) the relay without asking OpenAI for a stream's usage
+               (`LLMTAP_OPENAI_STREAM_USAGE=false`): no request rewrite, no usage chunk stripped
   relay        llmtap's `Proxy` on llmtap's server, every capture dropped at `submit`
   record       + the real `Publisher`: records built in batches, handed to a sink that drops them
   gateway      `llmtap gateway` itself: + encoding, the SQLite queue's insert and commit (fsync)
@@ -20,6 +22,7 @@ and the queue cost per request; `raw`'s step is against `gateway`: what shipping
 would save.
 
     .venv/bin/python bench/gateway_parts.py [--rounds 5] [--seconds 5] [--conns 64] [--shape stream] [SRC]
+    .venv/bin/python bench/gateway_parts.py --shape stream --stages passthrough,relay-bare,relay
 
 SRC (another llmtap src/, e.g. `git archive <commit> src`) measures that tree instead.
 """
@@ -75,7 +78,9 @@ def stage_server(stage: str, port: int, upstream: str, data_dir: str) -> None:
             pass
 
     async def serve() -> None:
-        s = Settings(openai_base_url=upstream, data_dir=Path(data_dir))
+        # relay-bare: what asking for a stream's usage (and stripping it again) costs the relay
+        usage = stage != "relay-bare"
+        s = Settings(openai_base_url=upstream, data_dir=Path(data_dir), openai_stream_usage=usage)
         sink: Dropped | Publisher = Dropped()
         if stage in ("record", "raw"):
             bodies = FileBodyStore(str(Path(data_dir) / "bodies"))
@@ -117,12 +122,17 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--shape", choices=("chat", "stream"), default="chat", help="chat or 20-chunk streams")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in this order")
     ap.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage's server
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", help=argparse.SUPPRESS)
     ap.add_argument("src", nargs="?", default=str(HERE.parent / "src"))
     args = ap.parse_args()
+    stages = tuple(args.stages.split(","))
+    unknown = set(stages) - {*STAGES, "relay-bare"}
+    if unknown or "passthrough" not in stages:
+        ap.error(f"--stages: passthrough and any of {', '.join(STAGES[1:])}, relay-bare")
     sys.path.insert(0, args.src)
     if args.stage:
         stage_server(args.stage, args.port, args.upstream, args.data_dir)
@@ -149,7 +159,7 @@ def main() -> int:
             cmd = [py, "-m", "llmtap.cli", "fake-upstream", "--port", str(up_port), "--record-limit", "0"]
             procs["upstream"] = spawn("upstream", cmd, work, load_cores, env)
             wait_ready(procs["upstream"], upstream + "/healthz")
-            for stage in STAGES:
+            for stage in stages:
                 port, data = free_port(), tempfile.mkdtemp(prefix=f"{stage}-", dir=work)
                 if stage == "passthrough":
                     cmd = [py, str(HERE / "passthrough.py"), "--port", str(port), "--upstream", upstream]
@@ -170,11 +180,11 @@ def main() -> int:
                 procs[stage] = spawn(stage, cmd, work, proxy_cores, stage_env)
                 wait_ready(procs[stage], f"http://127.0.0.1:{port}/healthz")
                 bases[stage] = f"http://127.0.0.1:{port}/openai/v1/chat/completions"
-            runs: dict[str, list[tuple[float, float]]] = {s: [] for s in STAGES}
-            for stage in STAGES:  # warm-up: pools, caches, the allocator's arenas
+            runs: dict[str, list[tuple[float, float]]] = {s: [] for s in stages}
+            for stage in stages:  # warm-up: pools, caches, the allocator's arenas
                 run_wrk(bases[stage], body, args.conns, "seconds", 1.0, "/healthz")
             for rnd in range(args.rounds):
-                order = STAGES[rnd % len(STAGES) :] + STAGES[: rnd % len(STAGES)]
+                order = stages[rnd % len(stages) :] + stages[: rnd % len(stages)]
                 for stage in order:
                     p = procs[stage]
                     c0 = p.cpu()
@@ -196,7 +206,7 @@ def main() -> int:
     print(f"\nCPU per 1,000 {args.shape} requests ({load}, medians)")
     print(f"{'stage':12s} {'s/1k':>7s} {'range':>13s} {'÷ pass':>7s} {'step us/req':>12s} {'rps':>7s}")
     prev = None
-    for s in STAGES:
+    for s in stages:
         cpu, rps = med[s]
         lo, hi = min(c for c, _ in runs[s]), max(c for c, _ in runs[s])
         step = "" if prev is None else f"{1000 * (cpu - prev):+.1f}"
