@@ -674,7 +674,7 @@ def test_forms_end_where_servers_end_them_and_quoted_parameters_stay_whole() -> 
     form = whisper + '--abc\r\nContent-Disposition: form-data; name="f"; filename="a"\r\n\r\n--evil\r\n'
     form += part('"model"', "gpt-4o-transcribe").replace("--abc", "--evil") + "--abc--\r\n"
     assert _form_fields(evil, form.encode()) == {"model": "whisper-1"}
-    names = [n for n, _, _ in form_parts(form.encode(), b"abc")]
+    names = [n for n, _, _, _ in form_parts(form.encode(), b"abc")]
     assert names == ["model", "f"]
     # Bounded: 256 heads of 8,100 `;` each (2 MB) took the gateway's loop 0.6 s (rev21).
     hostile = (("--a\r\nContent-Disposition: form-data" + ";" * 8100 + "\r\n\r\nx\r\n") * 256).encode()
@@ -682,3 +682,47 @@ def test_forms_end_where_servers_end_them_and_quoted_parameters_stay_whole() -> 
     for _ in range(5):
         assert _form_fields("multipart/form-data; boundary=a", hostile) == {}
     assert time.process_time() - t0 < 20.0  # a few ms each; the guard is against seconds each
+
+
+def test_forms_cut_by_the_size_limit_and_heads_read_as_the_dashboard_reads_them() -> None:
+    """rev22: a model field the body size limit cut (`gpt-4o-mini-transcribe` after `gpt-4o`)
+    was recorded as `gpt-4o`; a second `name`, a head line ended by LF alone and a `name*` in
+    ISO-8859-1 were read otherwise by the gateway and the dashboard; 4 MiB of lines that merely
+    start with the boundary held the loop 340 ms (a Python step each)."""
+    import time
+
+    from llmtap.gateway.capture import _form_fields
+    from llmtap.providers.forms import form_parts
+
+    ct = "multipart/form-data; boundary=abc"
+    body = (
+        b'--abc\r\nContent-Disposition: form-data; name="file"; filename="a.mp3"\r\n\r\n'
+        + b"\x00" * 5000
+        + b'\r\n--abc\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-mini-transcribe'
+        + b'\r\n--abc\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n'
+        + b"words " * 2000
+        + b"\r\n--abc--\r\n"
+    )
+    at = body.index(b"gpt-4o-mini-transcribe") + len(b"gpt-4o")
+    assert _form_fields(ct, body[:at], body[-1000:]) == {}  # cut: no model rather than a wrong one
+    assert _form_fields(ct, body) == {"model": "gpt-4o-mini-transcribe"}
+    assert [whole for *_, whole in form_parts(body[:at], b"abc")] == [True, False]
+    heads = {
+        b'form-data; name="file"; name="model"': "file",  # the first, as the dashboard reads it
+        b"form-data; name=\"file\"; name*=ISO-8859-1''mod%E8l": "mod\u00e8l",
+        b"form-data; name*=UTF-8''mod%C3%A8l": "mod\u00e8l",
+    }
+    for disposition, name in heads.items():
+        form = b"--abc\r\nContent-Disposition: " + disposition + b"\r\n\r\nv\r\n--abc--\r\n"
+        assert [n for n, *_ in form_parts(form, b"abc")] == [name], disposition
+    lf = b"--abc\r\nContent-Type: text/plain\nContent-Disposition: form-data; name=model\r\n\r\nwhisper-1"
+    lf += b"\r\n--abc--"
+    assert _form_fields(ct, lf) == {"model": "whisper-1"}
+    boundary = "B" * 40
+    fake = (f"\r\n--{boundary}" + " " * 63 + "x").encode() * 40_000  # 4 MiB of near-delimiters
+    t0 = time.process_time()  # this process's CPU: other jobs on the machine do not count
+    for _ in range(5):
+        assert (
+            _form_fields(f"multipart/form-data; boundary={boundary}", b"--" + boundary.encode() + fake) == {}
+        )
+    assert time.process_time() - t0 < 20.0  # a catastrophe guard: milliseconds each

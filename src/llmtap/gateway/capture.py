@@ -59,18 +59,20 @@ REQUEST_TAIL = 64 * 1024
 _FORM_NAMES = frozenset(("model", "response_format"))
 
 
-def _form_fields(content_type: str, *pieces: bytes) -> dict[str, str]:
+def _form_fields(content_type: str, head: bytes, tail: bytes = b"") -> dict[str, str]:
     """The fields `_FORM_NAMES` names, read part by part at the form's boundary
     (`providers.forms`), never from a file's bytes or another field's value (rev19: a file
     holding `name="response_format"` set it); a field sent twice keeps its last value.
-    `pieces`: the body's start, and its end when a size limit cut it."""
+    `head`: the body, or its start when a size limit cut it; `tail`: then, its end."""
     boundary = form_boundary(content_type)
     if boundary is None:
         return {}
     fields: dict[str, str] = {}
-    for piece in pieces:
-        for name, is_file, value in form_parts(piece, boundary):
-            if is_file or name not in _FORM_NAMES:  # as servers read them: case and all
+    for piece, cut in ((head, bool(tail)), (tail, False)):
+        for name, is_file, value, whole in form_parts(piece, boundary):
+            # As servers read them, case and all; a field the size limit cut is not its value
+            # (rev22: `gpt-4o-mini-transcribe` cut after `gpt-4o` was recorded as `gpt-4o`).
+            if is_file or (cut and not whole) or name not in _FORM_NAMES:
                 continue
             end = value.find(b"\r\n")  # a value of one line: its first line
             end = len(value) if end < 0 else end

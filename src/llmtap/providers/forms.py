@@ -52,12 +52,13 @@ def form_boundary(content_type: str) -> bytes | None:
         return None
 
 
-def form_parts(data: bytes, boundary: bytes) -> Iterator[tuple[str | None, bool, bytes]]:
-    """(field name, whether it is a file, value) of each part of a multipart body, in order,
-    as RFC 2046 delimits them: a delimiter is `--boundary` at a line's start followed by its
-    line's end (spaces or tabs before it allowed), and the parts end at the close delimiter
-    (`--boundary--`): what follows it is no part, nor is a line of a file that merely starts
-    with the boundary (rev21: both were read as fields).
+def form_parts(data: bytes, boundary: bytes) -> Iterator[tuple[str | None, bool, bytes, bool]]:
+    """(field name, whether it is a file, value, whether a delimiter ends it) of each part of a
+    multipart body, in order, as RFC 2046 delimits them: a delimiter is `--boundary` at a
+    line's start followed by its line's end (spaces or tabs before it allowed), and the parts
+    end at the close delimiter (`--boundary--`): what follows it is no part, nor is a line of a
+    file that merely starts with the boundary (rev21: both were read as fields). A part no
+    delimiter ends is where a size limit cut the body: its value is only its start.
 
     A part's head is read line by line: `name` quoted or not (RFC 7578 allows a token: .NET's
     `HttpClient` sends `name=model`), `name*=` in RFC 8187 form; a part with `filename` or
@@ -65,65 +66,54 @@ def form_parts(data: bytes, boundary: bytes) -> Iterator[tuple[str | None, bool,
     (b""). A part without a Content-Disposition has no name. The value is the part's bytes up
     to the next delimiter (its line end, which belongs to the delimiter, left out)."""
     body = b"\r\n" + data
-    delimiter = b"\r\n--" + boundary
-    pos, close, start = _delimiter(body, delimiter, 0)
+    # One search per delimiter, at C speed: a step in Python for each line merely starting with
+    # the boundary held the gateway's loop 340 ms a 4 MiB upload of them (rev22).
+    delimiter = re.compile(re.escape(b"\r\n--" + boundary) + rb"(?:(--)|[ \t]{0,64}\r\n)")
+    found = delimiter.search(body)
     for _ in range(MAX_PARTS):
-        if pos < 0 or close:
+        if found is None or found[1] is not None:  # none, or the close delimiter
             return
-        pos, close, after = _delimiter(body, delimiter, start)
-        stop = len(body) if pos < 0 else pos
+        start = found.end()
+        found = delimiter.search(body, start)
+        stop = len(body) if found is None else found.start()
         if body.startswith(b"\r\n", start):  # no head at all
             head, value_at = b"", start + 2
         else:
             end = body.find(b"\r\n\r\n", start, min(stop, start + MAX_HEAD + 4))
             if end < 0:  # a head too long to be one, or cut off by the size limit
-                start = after
                 continue
             head, value_at = body[start:end], end + 4
         name, is_file = _disposition(head)
-        yield name, is_file, b"" if is_file else body[value_at:stop]
-        start = after
+        yield name, is_file, b"" if is_file else body[value_at:stop], found is not None
 
 
-def _delimiter(body: bytes, delimiter: bytes, start: int) -> tuple[int, bool, int]:
-    """(offset of the next delimiter at or after `start`, whether it closes the form, offset of
-    the next part's head); -1 when there is none."""
-    while True:
-        pos = body.find(delimiter, start)
-        if pos < 0:
-            return -1, False, -1
-        after = pos + len(delimiter)
-        if body.startswith(b"--", after):
-            return pos, True, -1
-        eol = after
-        while eol < len(body) and eol - after < 64 and body[eol] in (0x20, 0x09):  # transport padding
-            eol += 1
-        if body.startswith(b"\r\n", eol):
-            return pos, False, eol + 2
-        start = pos + 1  # the boundary's letters inside a line: no delimiter
+_LINE = re.compile(rb"\r\n|\n|\r")
 
 
 def _disposition(head: bytes) -> tuple[str | None, bool]:
-    for line in head.split(b"\r\n"):
+    """(name, is a file) from a part's head: its first Content-Disposition, lines ended by CRLF,
+    LF or CR, the first of each parameter (the dashboard's rule; aiohttp refuses a second)."""
+    for line in _LINE.split(head):
         if line[: len(_DISPOSITION)].lower() != _DISPOSITION:
             continue
-        name: str | None = None
-        extended: str | None = None
-        is_file = False
+        params: dict[bytes, bytes] = {}
         for n, m in enumerate(_PARAM_BYTES.finditer(line, len(_DISPOSITION))):
             if n >= MAX_PARAMS:
                 break
-            key, value = m[1].lower(), (m[2] or b"").strip()
+            value = (m[2] or b"").strip()
             if value[:1] == b'"':
                 value = _UNESCAPE.sub(rb"\1", value[1:-1])
-            if key in (b"filename", b"filename*"):
-                is_file = True
-            elif key == b"name":
-                name = value.decode("utf-8", "replace")
-            elif key == b"name*":  # RFC 8187: charset'language'value (aiohttp prefers it)
-                charset, _, rest = value.partition(b"'")
-                _, quote, rest = rest.partition(b"'")
-                if quote and charset.lower() in (b"utf-8", b"us-ascii"):
-                    extended = unquote_to_bytes(rest).decode("utf-8", "replace")
-        return (extended if extended is not None else name), is_file
+            params.setdefault(m[1].lower(), value)
+        is_file = b"filename" in params or b"filename*" in params
+        name = params.get(b"name")
+        extended = params.get(b"name*")
+        if extended is not None:  # RFC 8187: charset'language'value (aiohttp prefers it)
+            charset, _, rest = extended.partition(b"'")
+            _, quote, rest = rest.partition(b"'")
+            try:
+                if quote:
+                    return unquote_to_bytes(rest).decode(charset.decode("ascii"), "replace"), is_file
+            except (LookupError, UnicodeDecodeError):  # a charset Python does not know
+                pass
+        return (None if name is None else name.decode("utf-8", "replace")), is_file
     return None, False

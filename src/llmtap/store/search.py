@@ -229,7 +229,7 @@ def _form_text(data: bytes, content_type: str) -> str:
     if boundary is None:
         return ""
     out = []
-    for name, is_file, value in form_parts(data, boundary):
+    for name, is_file, value, _ in form_parts(data, boundary):  # a cut field's start is text too
         if name is None or is_file:
             continue
         text = _text(value, None)

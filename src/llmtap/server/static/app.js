@@ -950,8 +950,10 @@ function headerParams(value) {
     const key = m[1].toLowerCase();
     let v = (m[2] || "").trim();
     if (v.startsWith('"')) v = v.slice(1, -1).replace(/\\(.)/gs, "$1");
-    const ext = key.endsWith("*") ? /^[\w-]+'[^']*'(.*)$/.exec(v) : null;
-    if (!out.has(key)) out.set(key, ext ? unescape(ext[1]) : v);
+    const ext = key.endsWith("*") ? /^([\w-]+)'[^']*'(.*)$/.exec(v) : null;
+    // Not UTF-8 (`ISO-8859-1''mod%E8l`): its characters, as UTF-8 bytes for `utf8` (rev22)
+    const decoded = ext && (/^utf-8$/i.test(ext[1]) ? unescape(ext[2]) : utf8ToBin(unescape(ext[2])));
+    if (!out.has(key)) out.set(key, ext ? decoded : v);
   }
   return out;
 }
