@@ -95,6 +95,10 @@ def test_odd_bytes_in_any_header_are_stored_escaped_and_spare_the_batch(stack: S
     r = get_record(stack.api, odd_llmtap, timeout=60)
     # `Llmtap-*` values that are no UTF-8 are Latin-1, as Node's fetch sends `José` (clients audit)
     assert (r["user_id"], r["session_id"], r["properties"]) == ("u\xff1", "s\xc3(", {"feature": "v\xe9"})
+    from llmtap.gateway.headers import LlmtapHeaders
+
+    # ... in the RFC 8187 form too (rev22: 'é\\xe9' was stored)
+    assert LlmtapHeaders([("Llmtap-Property-X", "UTF-8''%C3%A9\udce9")]).properties == {"x": "\xe9\xe9"}
     r = get_record(stack.api, odd_upstream, timeout=60)
     assert r["response_headers"]["x-odd-upstream"] == "caf\\xe9 \\xff\\xfe"
     assert "gave up" not in stack.proc.output()

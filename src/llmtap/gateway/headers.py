@@ -183,13 +183,13 @@ def _ext_value(value: str) -> str:
     any other script can only travel percent-encoded. Bytes that are no UTF-8 are Latin-1, as
     HTTP has it: Node's `fetch` (every Node SDK) sends `José` so, and the two runtimes' users
     were two (the clients audit). Anything else is kept as sent."""
-    if value[:7].lower() != "utf-8''":
-        if not _UNDECODED.search(value):
-            return value
+    if _UNDECODED.search(value):
         try:  # the bytes as they came (aiohttp's escape), each one a Latin-1 character
-            return value.encode("utf-8", "surrogateescape").decode("latin-1")
+            value = value.encode("utf-8", "surrogateescape").decode("latin-1")
         except UnicodeEncodeError:  # another lone surrogate: not bytes that came
-            return value
+            pass
+    if value[:7].lower() != "utf-8''":
+        return value
     try:
         return unquote(value[7:], errors="strict")
     except UnicodeDecodeError:

@@ -88,8 +88,8 @@ def _files(directory: Path, pattern: str = "*.spool") -> Iterator[tuple[Path, os
     except OSError:  # no spool directory (yet), or one we cannot list
         return
     for entry in entries:
-        if not fnmatch.fnmatchcase(entry.name, pattern):
-            continue
+        if not fnmatch.fnmatchcase(entry.name, pattern) or entry.name[:1] == "." != pattern[:1]:
+            continue  # a hidden file (macOS's `._x.spool` on a shared volume) is none (rev22)
         try:
             if entry.is_file(follow_symlinks=False):
                 yield Path(entry.path), entry.stat(follow_symlinks=False)
