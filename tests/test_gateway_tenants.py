@@ -161,3 +161,46 @@ def test_two_different_keys_are_refused_and_an_underscore_key_never_goes_upstrea
     )
     assert rec["tenant"] == "acme" and rec["user_id"] is None
     assert not [h for h in rec["request_headers"] if h.startswith("llmtap")], rec["request_headers"]
+
+
+def test_requests_left_unhandled_by_a_client_that_hung_up_are_recorded_for_their_own_tenants(
+    stack: dict[str, Any],
+) -> None:
+    """Requests pipelined behind one waiting on its upstream, the client gone before their turn:
+    each is recorded for the tenant of its own key (`gateway.orphans`), none goes upstream, and
+    an unknown key's is refused as it would have been: no record."""
+    import socket
+
+    port = int(stack["gw"].rsplit(":", 1)[1])
+    body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+    ids = {k: str(uuid.uuid4()) for k in ("slow", "a", "b", "bad")}
+
+    def post(key: str, rid: str, *extra: bytes) -> bytes:
+        return (
+            b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-upstream\r\n"
+            b"Content-Type: application/json\r\nLlmtap-Auth: Bearer " + key.encode() + b"\r\n"
+            b"Llmtap-Request-Id: " + rid.encode() + b"\r\n" + b"".join(extra)
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )  # fmt: skip
+
+    before = _upstream_count(stack)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(
+            post(stack["a"], ids["slow"], b"x-fake-delay-ms: 60000\r\n")
+            + post(stack["a"], ids["a"])
+            + post(stack["b"], ids["b"])
+            + post("lt_not-a-real-key", ids["bad"])
+        )
+        wait_until(lambda: _upstream_count(stack) == before + 1, timeout=30, what="the first one upstream")
+    auth = {t: {"authorization": f"Bearer {stack[t]}"} for t in ("a", "b")}
+    for rid, tenant, other in ((ids["slow"], "a", "b"), (ids["a"], "a", "b"), (ids["b"], "b", "a")):
+        rec = get_record(stack["srv"], rid, headers=auth[tenant])
+        assert rec["tenant"] == ("acme" if tenant == "a" else "globex")
+        assert rec["outcome"] == "client_disconnected" and rec["status"] is None, rec
+        assert http_json("GET", f"{stack['srv']}/api/v1/requests/{rid}", headers=auth[other])[0] == 404
+    assert get_record(stack["srv"], ids["a"], headers=auth["a"])["error"] == (
+        "client went away before the request was sent upstream"
+    )
+    for t in ("a", "b"):
+        assert http_json("GET", f"{stack['srv']}/api/v1/requests/{ids['bad']}", headers=auth[t])[0] == 404
+    assert _upstream_count(stack) == before + 1

@@ -45,7 +45,7 @@ _TOO_LARGE = (
 _QUOTE = re.compile(r"""\bb['"]""")
 
 
-class _Handler(RequestHandler):
+class GuardedHandler(RequestHandler):
     """aiohttp's connection handler, timing each request's headers and counting their bytes."""
 
     __slots__ = (
@@ -200,12 +200,16 @@ class _Handler(RequestHandler):
 class GuardedServer(web.Server):
     """aiohttp's low-level server whose connections time their requests' headers."""
 
+    #: The connection handler class (the gateway's also records requests it never handled).
+    handler_class: type[GuardedHandler]
+
     def __init__(self, handler: Any, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.header_timeout = header_timeout
+        self.handler_class = GuardedHandler
 
     def __call__(self) -> RequestHandler:
-        return _Handler(self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs)
+        return self.handler_class(self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs)
 
 
 class _AppRunner(web.AppRunner):

@@ -31,11 +31,11 @@ from prometheus_client.registry import Collector
 from llmtap.bodies.base import BodyStore
 from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, ConfigError
+from llmtap.gateway.orphans import OrphanServer
 from llmtap.gateway.proxy import HEADER_LIMITS, Proxy
 from llmtap.gateway.publisher import Publisher, QueueSink, Sink
 from llmtap.gateway.sinks import IngestSink, SpoolReplayer, SpoolSink
 from llmtap.gateway.spool import DiskSpool, spool_dir
-from llmtap.headertimeout import GuardedServer
 from llmtap.ingest_token import ingest_token
 from llmtap.providers import BUILTIN, Route
 from llmtap.queue.base import Queue, open_queue
@@ -63,7 +63,8 @@ def make_server(proxy: Proxy, header_timeout: float) -> web.Server:
     """aiohttp's low-level server around `proxy.handle` (must be called in a running loop).
 
     `handler_cancellation=True`: when a client disconnects, its handler is cancelled right
-    away, so a long stream's upstream read stops at once instead of at the next chunk.
+    away, so a long stream's upstream read stops at once instead of at the next chunk. Requests
+    its connection held but had not handed over yet are recorded all the same (`orphans`).
     """
     loop = asyncio.get_running_loop()
 
@@ -78,8 +79,9 @@ def make_server(proxy: Proxy, header_timeout: float) -> web.Server:
             message, payload, protocol, writer, task, loop, client_max_size=CLIENT_MAX_SIZE
         )
 
-    return GuardedServer(
+    return OrphanServer(
         proxy.handle,
+        on_orphans=proxy.orphans,
         header_timeout=header_timeout,
         request_factory=request_factory,
         handler_cancellation=True,
@@ -257,6 +259,7 @@ class GatewayService(OnBackends):
             elif self.replayer is not None:
                 self.replayer.start()  # also brings back what was spooled before a restart
             await self.proxy.start()
+            stack.push_async_callback(self.proxy.orphans.settle)  # their records, then the publisher
             server = make_server(self.proxy, s.header_timeout)
             runner = web.ServerRunner(server, shutdown_timeout=s.shutdown_timeout)
             await runner.setup()

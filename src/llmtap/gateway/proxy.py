@@ -43,6 +43,7 @@ from llmtap.gateway.headers import (
     RESPONSE_DROP,
     connection_listed,
 )
+from llmtap.gateway.orphans import Orphanage
 from llmtap.ids import canonical_id, new_id
 from llmtap.providers import Provider, Route, StreamFilter, routes
 from llmtap.redact import redact_text, redact_url
@@ -320,6 +321,8 @@ class Proxy:
         #: Set when the gateway stops: responses then say `Connection: close`, so clients and
         #: load balancers learn from the answer itself not to send more on that connection.
         self.draining = False
+        #: Requests read but never handed to `handle` when their connection was lost: recorded.
+        self.orphans = Orphanage(self.handle, log)
 
     async def start(self) -> None:
         s = self.settings
@@ -512,6 +515,13 @@ class Proxy:
             if cancelled:
                 raise lost
             return web.Response(status=400)  # nobody is there to read it
+        if request.transport is None:
+            # Its connection is gone already: the client left as its body ended, or this is a
+            # request aiohttp read but never handed over (`gateway.orphans`). Nobody would read
+            # the answer: nothing goes upstream (and nothing is billed).
+            who = "llmtap stopped" if self.draining else "client went away"
+            self._finish(cap, "client_disconnected", f"{who} before the request was sent upstream")
+            return web.Response(status=400)
 
         session = self.session
         assert session is not None

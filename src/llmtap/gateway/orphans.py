@@ -1,0 +1,107 @@
+"""Requests aiohttp read but never handed to the gateway's handler: recorded all the same.
+
+A request pipelined behind another, or sent on a kept-alive connection before the last answer's
+handler had returned, waits in aiohttp's queue for its turn. With `handler_cancellation` (a
+client that leaves stops its upstream stream at once), a client that hangs up meanwhile took
+it away unseen: received in full, never handled, never logged (an outside check lost requests
+this way to a 30 ms client timeout on a saturated machine). The same held for a request whose
+handler task was made but had not run yet (Python 3.11 starts a task a loop turn later).
+
+`OrphanServer`'s connections hand such requests to a callback when they are lost; the gateway
+runs them through `Proxy.handle`, which records them and sends nothing upstream: their
+connection is gone (`client_disconnected`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http_writer import StreamWriter
+
+from llmtap.headertimeout import GuardedHandler, GuardedServer
+
+#: Takes the requests a lost connection never handled.
+OnOrphans = Callable[[list[web.BaseRequest]], None]
+
+
+class _OrphanHandler(GuardedHandler):
+    """A connection that knows which of its requests were never handled when it is lost."""
+
+    __slots__ = ("_factory", "_unstarted")
+
+    def __init__(self, manager: OrphanServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._unstarted: web.BaseRequest | None = None  # made for a handler that has not run yet
+        factory = self._request_factory
+        assert factory is not None
+        self._factory: Callable[..., web.BaseRequest] = factory
+        self._request_factory = self._make
+
+    def _make(self, *args: Any) -> web.BaseRequest:
+        self._unstarted = request = self._factory(*args)
+        return request
+
+    async def _handle_request(self, request: web.BaseRequest, *args: Any) -> Any:
+        self._unstarted = None
+        return await super()._handle_request(request, *args)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        manager = self._manager
+        orphans = self._orphans() if isinstance(manager, OrphanServer) else []
+        super().connection_lost(exc)
+        if orphans:
+            manager.on_orphans(orphans)  # type: ignore[union-attr]
+
+    def _orphans(self) -> list[web.BaseRequest]:
+        found: list[web.BaseRequest] = []
+        unstarted, self._unstarted = self._unstarted, None
+        assert self._manager is not None
+        if unstarted is not None and self._manager.handler_cancellation:  # else it still runs
+            found.append(unstarted)
+        for message, payload in self._messages:
+            if isinstance(message, RawRequestMessage):  # not a parse error: aiohttp answers those
+                writer = StreamWriter(self, self._loop)
+                found.append(self._factory(message, payload, self, writer, self._task_handler))
+        for request in found:
+            if not request.content.is_eof():  # its body was still coming: it never will now
+                request.content.set_exception(ConnectionResetError("Connection lost"))
+        return found
+
+
+class OrphanServer(GuardedServer):
+    """A `GuardedServer` whose lost connections hand their never-handled requests to `on_orphans`."""
+
+    def __init__(self, handler: Any, *, on_orphans: OnOrphans, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.on_orphans = on_orphans
+        self.handler_class = _OrphanHandler
+
+
+class Orphanage:
+    """Runs orphans through the handler as tasks, and lets the stop wait for their records."""
+
+    def __init__(self, handler: Callable[[web.BaseRequest], Any], log: Any) -> None:
+        self._handler = handler
+        self._log = log
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, requests: list[web.BaseRequest]) -> None:
+        for request in requests:
+            task = asyncio.get_running_loop().create_task(self._run(request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, request: web.BaseRequest) -> None:
+        try:
+            await self._handler(request)
+        except Exception as e:  # the type only: a message could quote the request
+            self._log.warning("recording a request its client left unhandled failed: %s", type(e).__name__)
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait (up to `timeout`) for the orphans' records: their tenant lookups may still run."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
