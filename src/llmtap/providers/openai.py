@@ -110,7 +110,9 @@ def billed_usd(u: dict[str, Any]) -> float | None:
         return cost
     details = u.get("cost_details")
     upstream = _usd(details.get("upstream_inference_cost")) if isinstance(details, dict) else None
-    return None if upstream is None else cost + upstream
+    if upstream is None or cost + upstream > MAX_BILLED_USD:
+        return None  # the sum too must be a charge (ingest refuses a record whose is not)
+    return cost + upstream
 
 
 def with_tier(usage: Usage, tier: Any) -> Usage:
