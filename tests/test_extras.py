@@ -102,6 +102,27 @@ def test_a_backend_without_its_extra_stops_start_up_with_one_sentence(
     assert "hunter2secret" not in r.stderr
 
 
+def test_an_admin_command_needs_only_the_driver_of_the_backend_it_opens(tmp_path: Path) -> None:
+    """An admin host with one extra, beside a configuration naming other backends: `llmtap keys`
+    and `dlq` refused to run for a driver of a backend they never open."""
+    kafka = "LLMTAP_QUEUE=kafka://… needs the Kafka driver: pip install 'llmtap[kafka]'"
+    env = llmtap_env(tmp_path / "data", queue="kafka://127.0.0.1:9/llmtap", multi_tenant="true")
+    env["PYTHONPATH"] = str(_shim(tmp_path, ("aiokafka", "asyncpg")))
+    r = _run(env, "keys", "create", "--tenant", "acme", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("lt_"), (r.stdout, r.stderr)
+    r = _run(env, "keys", "list", cwd=tmp_path)
+    assert r.returncode == 0 and "tenant=acme" in r.stdout, (r.stdout, r.stderr)
+    for args in (("dlq", "list"), ("status",), ("up",)):  # these do open the queue
+        r = _run(env, *args, cwd=tmp_path)
+        assert (r.returncode, r.stderr) == (2, f"llmtap: {kafka}\n"), args
+    pg = {**env, "LLMTAP_QUEUE": "sqlite", "LLMTAP_STORE": "postgresql://u:hunter2secret@127.0.0.1:9/x"}
+    r = _run(pg, "dlq", "list", cwd=tmp_path)
+    assert r.returncode == 0 and "no dead letters" in r.stderr, (r.stdout, r.stderr)
+    r = _run(pg, "keys", "list", cwd=tmp_path)
+    postgres = "LLMTAP_STORE=postgresql://… needs the PostgreSQL driver: pip install 'llmtap[postgres]'"
+    assert (r.returncode, r.stderr) == (2, f"llmtap: {postgres}\n")
+
+
 def test_a_driver_that_is_present_but_broken_says_why(tmp_path: Path) -> None:
     env = llmtap_env(tmp_path / "data", queue="kafka://127.0.0.1:9/llmtap")
     env["PYTHONPATH"] = str(_shim(tmp_path, ("aiokafka",), error="libzstd.so.1: wrong ELF class: ELFCLASS32"))

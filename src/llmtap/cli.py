@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import click
 
 from llmtap import __version__
-from llmtap.config import Settings, load_settings, misspelled_variables
+from llmtap.config import Settings, load_settings, misspelled_variables, require_drivers
 from llmtap.errors import LlmtapError
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
         return cast(Settings, ctx.obj["settings"])
     flags = {"data_dir": ctx.obj.get("data_dir"), **given}  # `--data-dir` of an admin command
     try:
-        settings = load_settings(ctx.obj.get("config"), **flags)
+        settings = load_settings(ctx.obj.get("config"), drivers=False, **flags)  # each command's own
     except LlmtapError as e:
         _fail(str(e))
     if "settings" not in ctx.obj:
@@ -165,6 +165,10 @@ async def _connected(backend: B, role: Role = "producer") -> AsyncIterator[B]:
 def _serve(settings: Settings, title: str, parts: list[str]) -> None:
     from llmtap.runtime import Service, SharedBackends, raise_fd_limit, run_services, setup_logging
 
+    try:
+        require_drivers(settings)  # every backend's: a service may open any of them
+    except LlmtapError as e:
+        _fail(str(e))
     setup_logging(settings.log_level, settings.log_format)
     _make_data_dir(settings)
     raise_fd_limit()

@@ -537,11 +537,14 @@ def misspelled_variables(environ: Mapping[str, str]) -> list[str]:
     return out
 
 
-def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    config_file: str | Path | None = None, *, drivers: bool = True, **overrides: Any
+) -> Settings:
     """Build settings from the TOML file, the environment and command-line flags (`overrides`),
     each winning over the one before.
 
-    Raises `ConfigError` with one sentence naming the first bad setting.
+    Raises `ConfigError` with one sentence naming the first bad setting, or (`drivers`) a
+    network backend whose driver is not installed (`require_drivers`).
     """
     file_values: dict[str, Any] = {}
     spelled: dict[str, str] = {}  # a setting's name as the file wrote it
@@ -598,8 +601,17 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise ConfigError(f"invalid setting {_env_name(field)}: {redact_keys(msg + shown)}") from None
     finally:
         _FLAGS.reset(flags)
-    # A network backend whose extra is not installed: say which, before anything starts.
+    if drivers:
+        require_drivers(settings)
+    return settings
+
+
+def require_drivers(settings: Settings) -> None:
+    """A network backend whose extra is not installed: say which, before anything starts.
+
+    The services check every backend; an admin command only the one it opens (opening it says
+    the same sentence): `llmtap keys` on a host with the PostgreSQL extra alone, beside a
+    Kafka queue it never touches, refused to run."""
     for family in FAMILIES:
         url = getattr(settings, family.setting)
         family.backend(url).require(family.env, url)
-    return settings
