@@ -165,6 +165,18 @@ async def tiny_upstream(handler: Any, **server: Any) -> tuple[web.AppRunner, int
     return runner, int(runner.addresses[0][1])
 
 
+async def listing_upstream() -> tuple[web.AppRunner, int, list[str]]:
+    """An upstream answering `{}` to everything, and the paths it was asked, in order."""
+    reached: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.json_response({})
+
+    runner, port = await tiny_upstream(handler)
+    return runner, port, reached
+
+
 async def wait_for(cond: Any, timeout: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not cond():

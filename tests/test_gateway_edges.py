@@ -25,7 +25,15 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from gateway_support import MemoryQueue, dead_port, published, running_gateway, settings_for, tiny_upstream
+from gateway_support import (
+    MemoryQueue,
+    dead_port,
+    listing_upstream,
+    published,
+    running_gateway,
+    settings_for,
+    tiny_upstream,
+)
 from llmtap.gateway.capture import _decode
 from llmtap.providers.gemini import model_from_path
 from llmtap.record import LogRecord, body_bytes
@@ -852,13 +860,7 @@ async def test_looking_up_an_answer_is_not_billed_again(
 async def test_a_request_whose_body_never_arrives_is_still_recorded(who: str, tmp_path: Path) -> None:
     """Half a body, then the client hangs up or llmtap stops (aiohttp then drops what still
     arrives): the request never reached the upstream, and it left no trace at all."""
-    reached: list[str] = []
-
-    async def handler(request: web.Request) -> web.Response:
-        reached.append(request.path)
-        return web.json_response({})
-
-    runner, port = await tiny_upstream(handler)
+    runner, port, reached = await listing_upstream()
     q = MemoryQueue()
     head = (
         b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from gateway_support import MemoryQueue, published, running_gateway, settings_for, tiny_upstream, wait_for
+from gateway_support import (
+    MemoryQueue,
+    listing_upstream,
+    published,
+    running_gateway,
+    settings_for,
+    tiny_upstream,
+    wait_for,
+)
 from llmtap.record import LogRecord, body_bytes
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,13 +103,7 @@ async def test_requests_pipelined_behind_one_in_flight_are_recorded_when_the_con
 async def test_a_request_whose_handler_task_had_not_run_yet_is_recorded(tmp_path: Path) -> None:
     """The connection lost in the loop turn between aiohttp making a request's handler task and
     that task's first step (Python 3.11 starts tasks a turn later; a reset read by then)."""
-    reached: list[str] = []
-
-    async def handler(request: web.Request) -> web.Response:
-        reached.append(request.path)
-        return web.json_response({})
-
-    runner, port = await tiny_upstream(handler)
+    runner, port, reached = await listing_upstream()
     q = MemoryQueue()
     body = chat("never started")
     try:
