@@ -726,3 +726,39 @@ def test_forms_cut_by_the_size_limit_and_heads_read_as_the_dashboard_reads_them(
             _form_fields(f"multipart/form-data; boundary={boundary}", b"--" + boundary.encode() + fake) == {}
         )
     assert time.process_time() - t0 < 20.0  # a catastrophe guard: milliseconds each
+
+
+def test_forms_tail_unclosed_quotes_and_hostile_heads() -> None:
+    """rev23 (review of 313abfe): the kept end of a cut body begins mid-line, and a file's
+    `X--abc` line cut right after `X` was taken for a delimiter: its fake `model` part set the
+    model recorded. `name="modelx` (a quote never closed) lost its last character and was read
+    as `model` (starlette reads `"modelx`, werkzeug and aiohttp no name). 256 heads of an
+    unclosed quoted value full of escapes, or of 8,000 CR-ended lines, held the loop 0.6 s and
+    0.26 s."""
+    import time
+
+    from llmtap.gateway.capture import REQUEST_TAIL, _form_fields
+
+    ct = "multipart/form-data; boundary=B"
+    head = (
+        b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-transcribe\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    )
+    tail = b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+    close = b"\r\n--B--\r\n"
+    tail += b"p" * (REQUEST_TAIL - len(tail) - len(close)) + close
+    body = head + b"\0" * 100_000 + b"X" + tail
+    assert _form_fields(ct, body[:50_000], body[-REQUEST_TAIL:]) == {"model": "gpt-4o-transcribe"}
+    assert _form_fields(ct, body) == {"model": "gpt-4o-transcribe"}
+    unclosed = (
+        b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-transcribe\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="modelx\r\n\r\nwhisper-1\r\n--B--\r\n'
+    )
+    assert _form_fields(ct, unclosed) == {"model": "gpt-4o-transcribe"}
+    for junk in (b';a="' + b"\\x" * 4080, b"\r" * 8150, b"; " * 4080):
+        part = b"--B\r\nContent-Disposition: form-data" + junk[:8150] + b"\r\n\r\nv\r\n"
+        hostile = part * 256 + b"--B--\r\n"
+        t0 = time.process_time()
+        for _ in range(5):
+            _form_fields(ct, hostile)
+        assert time.process_time() - t0 < 1.0  # milliseconds each; 0.6 s each before

@@ -68,8 +68,8 @@ def _form_fields(content_type: str, head: bytes, tail: bytes = b"") -> dict[str,
     if boundary is None:
         return {}
     fields: dict[str, str] = {}
-    for piece, cut in ((head, bool(tail)), (tail, False)):
-        for name, is_file, value, whole in form_parts(piece, boundary):
+    for piece, cut, at_start in ((head, bool(tail), True), (tail, False, False)):
+        for name, is_file, value, whole in form_parts(piece, boundary, at_start):
             # As servers read them, case and all; a field the size limit cut is not its value
             # (rev22: `gpt-4o-mini-transcribe` cut after `gpt-4o` was recorded as `gpt-4o`).
             if is_file or (cut and not whole) or name not in _FORM_NAMES:

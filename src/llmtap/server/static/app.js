@@ -907,6 +907,7 @@ function formParts(meta, value) {
     }
   };
   const out = [];
+  let heads = 0;
   let [pos, close, start] = next(0);
   for (let n = 0; n < 256 && pos >= 0 && !close; n++) {
     let after;
@@ -922,6 +923,8 @@ function formParts(meta, value) {
       }
       head = body.slice(start, start + end);
       at = start + end + 4;
+      heads += end;
+      if (heads > 128 * 1024) break; // the gateway reads no more heads than this (rev23)
     }
     const part = body.slice(at, stop);
     const disp = (/^content-disposition:[^\r\n]*/im.exec(head) || [""])[0];
@@ -945,11 +948,11 @@ function formParts(meta, value) {
  * `key*=UTF-8''value` is percent-decoded, one character per byte, as `utf8` then reads it. */
 function headerParams(value) {
   const out = new Map();
-  const re = /;\s*([^\s=;"]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^;]*))?/g;
+  // A quote never closed is no quoted value: taken as sent (rev23: `name="modelx` read as `model`)
+  const re = /;\s*([^\s=;"]+)\s*(?:=\s*(?:"([^"\\]*(?:\\.[^"\\]*)*)"|([^;]*)))?/g;
   for (let m, n = 0; n < 16 && (m = re.exec(value)); n++) {
     const key = m[1].toLowerCase();
-    let v = (m[2] || "").trim();
-    if (v.startsWith('"')) v = v.slice(1, -1).replace(/\\(.)/gs, "$1");
+    const v = m[2] !== undefined ? m[2].replace(/\\(.)/gs, "$1") : (m[3] || "").trim();
     const ext = key.endsWith("*") ? /^([\w-]+)'[^']*'(.*)$/.exec(v) : null;
     // Not UTF-8 (`ISO-8859-1''mod%E8l`): its characters, as UTF-8 bytes for `utf8` (rev22)
     const decoded = ext && (/^utf-8$/i.test(ext[1]) ? unescape(ext[2]) : utf8ToBin(unescape(ext[2])));
