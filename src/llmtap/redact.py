@@ -151,7 +151,14 @@ def is_secret_value(value: str) -> bool:
     sp = value.find(" ")
     if 0 < sp < 17 and value[:sp].lower() in _AUTH_SCHEMES and value[sp + 1 :].strip():
         return True
-    return value.startswith(_KEY_PREFIXES) and _KEY_SHAPES.match(value) is not None
+    if value.startswith(_KEY_PREFIXES):
+        return _KEY_SHAPES.match(value) is not None or _KEY_SHAPES.search(value) is not None
+    # A key or a URL's password inside the value (rev23: `x-portkey-config: {"api_key":
+    # "sk-..."}`, `x-note: key sk-...`, `x-route: https://u:pw@host` were recorded and served
+    # whole): substring tests first, so a common value costs no regex.
+    if any(p in value for p in _KEY_PREFIXES) and _KEY_SHAPES.search(value) is not None:
+        return True
+    return "://" in value and "@" in value and _USERINFO.search(value) is not None
 
 
 def is_secret_header(name: str, value: str) -> bool:
