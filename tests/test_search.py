@@ -762,3 +762,6 @@ def test_forms_tail_unclosed_quotes_and_hostile_heads() -> None:
         for _ in range(5):
             _form_fields(ct, hostile)
         assert time.process_time() - t0 < 1.0  # milliseconds each; 0.6 s each before
+    many = b'--B\r\nContent-Disposition: form-data; name="x"\r\n\r\nv\r\n' * 300
+    many += b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-transcribe\r\n--B--\r\n'
+    assert _form_fields(ct, many) == {"model": "gpt-4o-transcribe"}  # starlette and werkzeug read it

@@ -874,7 +874,7 @@ function rawBody(row, part) {
 /** A multipart/form-data body's fields: {name, text} or {name, filename, bytes, type}; null
  * when it is none or cannot be read as one. `value` is the API's text or base64 of it. Read as
  * the gateway reads it (`providers/forms.py`, rev21): a delimiter starts a line and ends it,
- * the close delimiter ends the form, at most 256 parts, heads of at most 8 KiB. */
+ * the close delimiter ends the form, at most 1000 parts, heads of at most 8 KiB, 128 KiB in all. */
 function formParts(meta, value) {
   const ctype = meta.content_type || "";
   if (!/^\s*multipart\/form-data\b/i.test(ctype)) return null;
@@ -909,7 +909,7 @@ function formParts(meta, value) {
   const out = [];
   let heads = 0;
   let [pos, close, start] = next(0);
-  for (let n = 0; n < 256 && pos >= 0 && !close; n++) {
+  for (let n = 0; n < 1000 && pos >= 0 && !close; n++) {
     let after;
     [pos, close, after] = next(start);
     const stop = pos < 0 ? body.length : pos;
