@@ -102,6 +102,16 @@ def test_a_header_valued_like_a_credential_is_one_whatever_its_name() -> None:
         assert is_secret_value(v), v
     for v in ["application/json", "Bearer", "Bearer ", "tokenizer v2", "sk-1", "gzip, deflate", ""]:
         assert not is_secret_value(v), v
+    # A key or a URL's password inside the value (rev23: these three were recorded whole)
+    for v in [
+        '{"api_key":"sk-proj-abcdefghijklmn"}',
+        "key sk-proj-abcdefghijklmn",
+        "upstream=https://u:pw@h/",
+    ]:
+        assert is_secret_value(v), v
+    for v in ["sk-SK,cs;q=0.9,en;q=0.8", "https://example.com/a?b=c", "risk-assessment-2026", "high, right",
+              "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)"]:  # fmt: skip
+        assert not is_secret_value(v), v
 
 
 @pytest.mark.parametrize(

@@ -141,6 +141,8 @@ _KEY_PREFIXES = (
     "sk-", "AIza", "gsk_", "hf_", "xai-", "pplx-", "r8_", "csk-", "fw_", "gh", "github_pat_", "nvapi-",
     "glpat-", "xox", "sk_", "rk_", "AKIA", "ASIA", "eyJ",
 )  # fmt: skip
+#: What a key shape or a URL with userinfo starts with: the cheap test before the shapes.
+_KEY_HINT = re.compile("|".join(re.escape(p) for p in (*_KEY_PREFIXES, "://")))
 
 
 def is_secret_value(value: str) -> bool:
@@ -151,14 +153,15 @@ def is_secret_value(value: str) -> bool:
     sp = value.find(" ")
     if 0 < sp < 17 and value[:sp].lower() in _AUTH_SCHEMES and value[sp + 1 :].strip():
         return True
-    if value.startswith(_KEY_PREFIXES):
-        return _KEY_SHAPES.match(value) is not None or _KEY_SHAPES.search(value) is not None
-    # A key or a URL's password inside the value (rev23: `x-portkey-config: {"api_key":
+    # A key or a URL's password anywhere in the value (rev23: `x-portkey-config: {"api_key":
     # "sk-..."}`, `x-note: key sk-...`, `x-route: https://u:pw@host` were recorded and served
-    # whole): substring tests first, so a common value costs no regex.
-    if any(p in value for p in _KEY_PREFIXES) and _KEY_SHAPES.search(value) is not None:
+    # whole). One search for what starts any of them first (0.4 us a value at C speed, where a
+    # test per prefix cost 1.5): most values hold none.
+    if _KEY_HINT.search(value) is None:
+        return False
+    if _KEY_SHAPES.search(value) is not None:
         return True
-    return "://" in value and "@" in value and _USERINFO.search(value) is not None
+    return "@" in value and _USERINFO.search(value) is not None
 
 
 def is_secret_header(name: str, value: str) -> bool:
