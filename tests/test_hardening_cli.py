@@ -423,6 +423,18 @@ def test_a_start_up_error_never_shows_a_password_whatever_shape_the_setting_has(
         assert r.returncode == 2 and says in r.stderr, (args, extra, r.returncode, r.stderr)
         assert "Traceback" not in r.stderr and secret not in r.stderr, (args, extra, r.stderr)
         assert "***" in r.stderr, (args, extra, r.stderr)
+    # rev23: a password holding `/`, `,` or `;` was shown in part (each half is a secret here)
+    head, tail = "QhunZQ", "ter2XQ"
+    halves = [
+        {"LLMTAP_INGEST_URL": f"https://u:{head}/{tail}?x=1@127.0.0.1:9"},
+        {"LLMTAP_UPSTREAMS": f"x=https://user:{head},{tail}@llm.internal"},
+        {"LLMTAP_STREAM_USAGE_SKIP": f"openai,https://user:{head}{tail}@llm.internal"},
+        {"LLMTAP_QUEUE": f"redis://127.0.0.1:9/0?password={head};{tail}"},  # the status shows it
+    ]
+    for extra in halves:
+        r = _llmtap({**env, **extra}, "status", cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (extra, r.stderr)
+        assert head not in r.stderr + r.stdout and tail not in r.stderr + r.stdout, (extra, r.stderr)
 
 
 def test_erase_a_user_for_good_through_llmtap_up(tmp_path: Path) -> None:

@@ -23,7 +23,15 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from llmtap.backends import FAMILIES
 from llmtap.errors import ConfigError
-from llmtap.redact import is_secret_name, is_secret_value, redact_dsn, redact_keys, redact_text, redact_url
+from llmtap.redact import (
+    REDACTED,
+    is_secret_name,
+    is_secret_value,
+    redact_dsn,
+    redact_keys,
+    redact_text,
+    redact_url,
+)
 
 ENV_PREFIX = "LLMTAP_"
 #: Backend family by setting name: its URL schemes, classes and extras (`llmtap.backends`).
@@ -293,8 +301,9 @@ class Settings(BaseSettings):
         for name in (v or "").split(","):
             name = name.strip()
             if name and not _ROUTE_NAME_RE.match(name):
+                shown = redact_dsn(name)  # a URL pasted here may hold a password (rev23)
                 raise ValueError(
-                    f"{name!r} is not a route name (openai, azure, or a name from LLMTAP_UPSTREAMS)"
+                    f"{shown!r} is not a route name (openai, azure, or a name from LLMTAP_UPSTREAMS)"
                 )
         return v
 
@@ -461,7 +470,12 @@ def _check_http_url(v: str, *, base: bool = False, credentials: str | None = Non
         parts = urlsplit(v)
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError as e:
-        raise ValueError(f"{redact_dsn(v)!r} is not a valid URL ({_url_error(e)})") from None
+        shown = redact_dsn(v)
+        if str(e).startswith("Port could not be cast"):
+            # What it read as a port may be a password's head: `user:pa,ss@h` in a list split
+            # at its comma left `user:pa` (rev23: printed whole).
+            shown = f"{v.partition('://')[0]}://{REDACTED}"
+        raise ValueError(f"{shown!r} is not a valid URL ({_url_error(e)})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"must be an http:// or https:// URL, got {redact_dsn(v)!r}")
     if base and "@" in parts.netloc:
@@ -513,7 +527,12 @@ def _check_network_url(v: str, *, host: bool = True) -> str:
         for one in hosts.split(",") if "," in hosts else [None]:  # `kafka://h1:9092,h2:9092/t`
             (parts if one is None else urlsplit("//" + one)).port  # noqa: B018 - raises on a bad port
     except ValueError as e:
-        raise ValueError(f"{redact_dsn(v)!r} is not a valid URL ({_url_error(e)})") from None
+        shown = redact_dsn(v)
+        if str(e).startswith("Port could not be cast"):
+            # What it read as a port may be a password's head: `user:pa,ss@h` in a list split
+            # at its comma left `user:pa` (rev23: printed whole).
+            shown = f"{v.partition('://')[0]}://{REDACTED}"
+        raise ValueError(f"{shown!r} is not a valid URL ({_url_error(e)})") from None
     if host and not parts.netloc:
         raise ValueError(f"{redact_dsn(v)!r} names no host")
     return v

@@ -173,7 +173,7 @@ def redact_query(query: str) -> str:
     """A query string with the values of credential-looking parameters replaced by `***`.
     `&` and `;` both separate parameters (some servers accept either)."""
     out: list[str] = []
-    changed = False
+    changed = masking = False
     for part in re.split(r"([&;])", query):
         if part in ("&", ";"):
             out.append(part)
@@ -181,9 +181,14 @@ def redact_query(query: str) -> str:
         name, sep, value = part.partition("=")
         if sep and value and (is_secret_name(name) or _holds_secret(value)):
             out.append(f"{name}={REDACTED}")
-            changed = True
+            changed = masking = True
+        elif masking and not sep and out[-1] == ";":
+            # No `name=` after a `;` that follows a secret: the secret's own rest, for a reader
+            # that splits at `&` only (rev23: `?token=ab;cd`, Python's own `parse_qs`, showed `cd`).
+            out.append(REDACTED)
         else:
             out.append(part)
+            masking = False
     return "".join(out) if changed else query
 
 
@@ -250,9 +255,11 @@ def redact_dsn(url: str) -> str:
     if at < 0:
         at = rest.find("@", q)
         if "=" in rest[q:at]:  # a `name=value` first: the `@` is a query value's
-            head = rest[:q]
-            if "/" not in head and ":" in head and not head.rpartition(":")[2].isdigit():
-                return f"{scheme}://{REDACTED}"  # `u:a?b=c@h`: a password, or a host? Not told.
+            hostport = rest[:q].partition("/")[0]
+            if ":" in hostport and not hostport.rpartition(":")[2].isdigit():
+                # `u:a?b=c@h`, `u:a/b?c=d@h`: a password, or a host? Not told (rev23: the
+                # second was printed whole).
+                return f"{scheme}://{REDACTED}"
             return redact_url(url)
     userinfo, host = rest[:at], rest[at + 1 :]
     user, colon, _ = userinfo.partition(":")
