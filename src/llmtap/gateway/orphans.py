@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import StreamWriter
 
@@ -49,6 +50,19 @@ class _OrphanHandler(GuardedHandler):
         self._unstarted = None
         return await super()._handle_request(request, *args)
 
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        try:
+            await super().shutdown(timeout)
+        finally:
+            # aiohttp closed the transport, but with answers the client has not read still in
+            # its buffer `connection_lost` waits for them (forever, for a client that reads no
+            # more): what the connection held is recorded now, before the publisher stops.
+            manager = self._manager
+            if isinstance(manager, OrphanServer):
+                orphans = self._orphans()
+                if orphans:
+                    manager.on_orphans(orphans)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         manager = self._manager
         orphans = self._orphans() if isinstance(manager, OrphanServer) else []
@@ -62,7 +76,9 @@ class _OrphanHandler(GuardedHandler):
         assert self._manager is not None
         if unstarted is not None and self._manager.handler_cancellation:  # else it still runs
             found.append(unstarted)
-        for message, payload in self._messages:
+        self._drain_parser()
+        messages, self._messages = list(self._messages), type(self._messages)()
+        for message, payload in messages:
             if isinstance(message, RawRequestMessage):  # not a parse error: aiohttp answers those
                 writer = StreamWriter(self, self._loop)
                 found.append(self._factory(message, payload, self, writer, self._task_handler))
@@ -70,6 +86,24 @@ class _OrphanHandler(GuardedHandler):
             if not request.content.is_eof():  # its body was still coming: it never will now
                 request.content.set_exception(ConnectionResetError("Connection lost"))
         return found
+
+
+    def _drain_parser(self) -> None:
+        """The complete requests aiohttp's parser read but holds back: it stops emitting them
+        while 32 are queued (`MAX_MSG_QUEUE_SIZE`), keeping the rest of the read in its buffer."""
+        parser = self._parser
+        if parser is None:
+            return
+        while True:
+            for _ in range(len(self._messages) + 64):  # frees every slot it counts
+                parser.message_consumed()
+            try:
+                messages, _, _ = parser.feed_data(b"")
+            except HttpProcessingError:
+                return  # garbage after them: what was parsed before it is in `_messages`
+            if not messages:
+                return
+            self._messages.extend(messages)
 
 
 class OrphanServer(GuardedServer):

@@ -455,7 +455,12 @@ class Proxy:
 
         lost: BaseException | None = None
         try:
-            if expect is not None and expect.lower() == "100-continue" and request.version >= (1, 1):
+            if (
+                expect is not None
+                and expect.lower() == "100-continue"
+                and request.version >= (1, 1)
+                and request.transport is not None  # an orphan: its body came, or never will
+            ):
                 # We read the whole body before going upstream, so say so now (like aiohttp's
                 # router does); otherwise curl & co. wait a second before sending it. A client
                 # gone by then is recorded like one gone mid-upload (it was not, at all).
