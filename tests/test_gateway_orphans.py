@@ -124,3 +124,104 @@ async def test_a_request_whose_handler_task_had_not_run_yet_is_recorded(tmp_path
     assert rec.id == IDS["a"] and rec.outcome == "client_disconnected" and rec.status is None
     assert rec.error == "client went away before the request was sent upstream"
     assert rec.request_body is not None and body_bytes(rec.request_body) == body
+
+
+def _ids(n: int) -> list[str]:
+    return [f"00000000-0000-4000-8000-{k:012d}" for k in range(n)]
+
+
+@pytest.mark.parametrize("who", ["client", "llmtap"])
+async def test_more_than_32_pipelined_requests_are_all_recorded(who: str, tmp_path: Path) -> None:
+    """aiohttp's parser emits 32 queued requests at most and keeps the rest of the read in its
+    buffer: those were read from the socket too (rev23a: 167 of 200 left no record)."""
+    reached: list[bytes] = []
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        reached.append(await request.read())
+        await release.wait()
+        return web.json_response({})
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    ids = _ids(100)
+    try:
+        async with running_gateway(settings_for(port, tmp_path, shutdown_timeout=0.5), q) as (svc, _):
+            _, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(b"".join(post(chat(i), i) for i in ids))
+            await writer.drain()
+            await wait_for(lambda: reached, timeout=30)
+            if who == "client":
+                writer.close()
+                # aiohttp reads nothing while 32 requests are queued: the hang-up is seen once
+                # the first one's answer is written (it went upstream before the client left)
+                await asyncio.sleep(0.5)
+                release.set()
+                recs = await published(svc, q, len(ids))
+        if who == "llmtap":
+            recs = await published(svc, q, len(ids))
+            writer.close()
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert len(reached) <= 2  # the first; and the second if it was taken before the hang-up was seen
+    assert sorted(r.id for r in recs) == ids
+
+
+async def test_requests_behind_an_answer_the_client_does_not_read_are_recorded_at_stop(tmp_path: Path) -> None:
+    """A client that reads no more: the answer waits in the transport's buffer, so aiohttp's
+    close never ends in `connection_lost`; the requests queued behind it are recorded at stop
+    all the same (rev23a: 40 of 50 left no record, and no log line)."""
+    big = b"x" * (8 * 1024 * 1024)
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=big, content_type="application/json")
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    ids = _ids(10)
+    try:
+        async with running_gateway(settings_for(port, tmp_path, shutdown_timeout=0.5), q) as (svc, _):
+            _, writer = await asyncio.open_connection("127.0.0.1", svc.port, limit=1024)
+            writer.transport.pause_reading()  # type: ignore[attr-defined]
+            writer.write(b"".join(post(chat(i), i) for i in ids))
+            await writer.drain()
+            await asyncio.sleep(1.0)  # the first answer fills the buffers, the rest wait behind it
+        recs = await published(svc, q, len(ids))
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert sorted(r.id for r in recs) == ids
+    behind = [r for r in recs if r.error == "llmtap stopped before the request was sent upstream"]
+    assert len(behind) >= 8
+
+
+async def test_an_orphan_that_asked_for_100_continue_keeps_its_body(tmp_path: Path) -> None:
+    """`Expect: 100-continue` on a request never handed over, its body sent all the same: the
+    interim answer to a gone client failed, and the body was recorded as never arrived."""
+    reached: list[bytes] = []
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        reached.append(await request.read())
+        await release.wait()
+        return web.json_response({})
+
+    runner, port = await tiny_upstream(handler)
+    q = MemoryQueue()
+    body = chat("expecting")
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, _):
+            _, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(post(chat("first"), IDS["a"]) + post(body, IDS["b"], b"Expect: 100-continue\r\n"))
+            await writer.drain()
+            await wait_for(lambda: reached, timeout=30)
+            writer.close()
+            recs = await published(svc, q, 2)
+    finally:
+        release.set()
+        await runner.cleanup()
+    (b,) = [r for r in recs if r.id == IDS["b"]]
+    assert b.error == "client went away before the request was sent upstream"
+    assert b.request_body is not None and body_bytes(b.request_body) == body
