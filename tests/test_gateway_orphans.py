@@ -168,7 +168,9 @@ async def test_more_than_32_pipelined_requests_are_all_recorded(who: str, tmp_pa
     assert sorted(r.id for r in recs) == ids
 
 
-async def test_requests_behind_an_answer_the_client_does_not_read_are_recorded_at_stop(tmp_path: Path) -> None:
+async def test_requests_behind_an_answer_the_client_does_not_read_are_recorded_at_stop(
+    tmp_path: Path,
+) -> None:
     """A client that reads no more: the answer waits in the transport's buffer, so aiohttp's
     close never ends in `connection_lost`; the requests queued behind it are recorded at stop
     all the same (rev23a: 40 of 50 left no record, and no log line)."""

@@ -87,7 +87,6 @@ class _OrphanHandler(GuardedHandler):
                 request.content.set_exception(ConnectionResetError("Connection lost"))
         return found
 
-
     def _drain_parser(self) -> None:
         """The complete requests aiohttp's parser read but holds back: it stops emitting them
         while 32 are queued (`MAX_MSG_QUEUE_SIZE`), keeping the rest of the read in its buffer."""
