@@ -866,9 +866,8 @@ async def test_every_error_answer_quoting_a_key_has_it_masked(
         for secret in secrets:
             assert secret.encode() not in encode(rec), (mode, secret)
     assert recs["basic"].error == "user u rejected with password ***"
-    assert (
-        recs["flag"].error == "key *** revoked" and recs["flag"].response_headers["x-debug"] == "rejected ***"
-    )
+    # a header quoting a key's shape anywhere is a credential whole since rev23: not recorded
+    assert recs["flag"].error == "key *** revoked" and "x-debug" not in recs["flag"].response_headers
     assert recs["placeholder"].error == "model `anything-llm` does not exist"
     assert recs["job"].error is None and recs["job"].outcome == "completed"
 

@@ -259,7 +259,7 @@ class GatewayService(OnBackends):
             elif self.replayer is not None:
                 self.replayer.start()  # also brings back what was spooled before a restart
             await self.proxy.start()
-            stack.push_async_callback(self.proxy.orphans.settle)  # their records, then the publisher
+            stack.push_async_callback(self._settle_orphans)  # their records, then the publisher
             server = make_server(self.proxy, s.header_timeout)
             runner = web.ServerRunner(server, shutdown_timeout=s.shutdown_timeout)
             await runner.setup()
@@ -327,6 +327,13 @@ class GatewayService(OnBackends):
         for task in (reconnect, later):
             if task is not None:
                 await cancel(task)
+
+    async def _settle_orphans(self) -> None:
+        """Requests the stop found unhandled are recorded with the time the stop leaves beyond
+        the publisher's own 4 s (at least 1 s)."""
+        deadline = self._stop_deadline
+        left = 1.0 if deadline is None else deadline - asyncio.get_running_loop().time() - 4.0
+        await self.proxy.orphans.settle(max(left, 1.0))
 
     async def _stop_publisher(self) -> None:
         """Publish what is pending with the time `stop` left (1 s when start failed)."""
