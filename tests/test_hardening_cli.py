@@ -428,6 +428,8 @@ def test_a_start_up_error_never_shows_a_password_whatever_shape_the_setting_has(
     head, tail = "QhunZQ", "ter2XQ"
     halves = [
         {"LLMTAP_INGEST_URL": f"https://u:{head}/{tail}?x=1@127.0.0.1:9"},
+        {"LLMTAP_OPENAI_BASE_URL": f"http://user:2024/{head}{tail}@llm.internal"},  # rev24: accepted
+        {"LLMTAP_STORE": f"postgresql://user:2024/{head}?a=b@{tail}/db"},
         {"LLMTAP_UPSTREAMS": f"x=https://user:{head},{tail}@llm.internal"},
         {"LLMTAP_STREAM_USAGE_SKIP": f"openai,https://user:{head}{tail}@llm.internal"},
         {"LLMTAP_QUEUE": f"redis://127.0.0.1:9/0?password={head};{tail}"},  # the status shows it

@@ -478,7 +478,7 @@ def _check_http_url(v: str, *, base: bool = False, credentials: str | None = Non
         raise ValueError(f"{shown!r} is not a valid URL ({_url_error(e)})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"must be an http:// or https:// URL, got {redact_dsn(v)!r}")
-    if base and "@" in parts.netloc:
+    if base and "@" in v.partition("://")[2]:  # `u:2024/pw@h` reads as host `u`, port 2024 (rev24)
         raise ValueError(
             f"must not hold credentials (user:password@), got {redact_dsn(v)!r}: "
             + (credentials or "the client's own Authorization / api-key headers go upstream unchanged")

@@ -330,10 +330,11 @@ class GatewayService(OnBackends):
 
     async def _settle_orphans(self) -> None:
         """Requests the stop found unhandled are recorded with the time the stop leaves beyond
-        the publisher's own 4 s (at least 1 s)."""
+        the publisher's own 4 s, at least half a second: the runtime gives the whole stop
+        `shutdown_timeout` + 5 s (rev24: a floor of 1 s overran it)."""
         deadline = self._stop_deadline
-        left = 1.0 if deadline is None else deadline - asyncio.get_running_loop().time() - 4.0
-        await self.proxy.orphans.settle(max(left, 1.0))
+        left = 0.5 if deadline is None else deadline - asyncio.get_running_loop().time() - 4.0
+        await self.proxy.orphans.settle(max(left, 0.5))
 
     async def _stop_publisher(self) -> None:
         """Publish what is pending with the time `stop` left (1 s when start failed)."""
