@@ -24,7 +24,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from llmtap.backends import FAMILIES
 from llmtap.errors import ConfigError
 from llmtap.redact import (
-    REDACTED,
     is_secret_name,
     is_secret_value,
     redact_dsn,
@@ -444,6 +443,13 @@ def parse_upstreams(value: str) -> dict[str, str]:
         try:
             out[name] = _check_http_url(url, base=True)
         except ValueError as e:
+            if "@" in value and "@" not in url:
+                # A password holding a `,` was cut there: what is left of it reads as a port,
+                # and would be shown (rev23: `https://user:pa` of `user:pa,ss@h`).
+                raise ValueError(
+                    f"upstream {name!r}: its URL is not valid where the list is cut at a ','"
+                    " (a ',' in a password is written %2C)"
+                ) from None
             raise ValueError(f"upstream {name!r}: {e}") from None
     if not out:
         raise ValueError("must list at least one name=url")
@@ -470,12 +476,7 @@ def _check_http_url(v: str, *, base: bool = False, credentials: str | None = Non
         parts = urlsplit(v)
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError as e:
-        shown = redact_dsn(v)
-        if str(e).startswith("Port could not be cast"):
-            # What it read as a port may be a password's head: `user:pa,ss@h` in a list split
-            # at its comma left `user:pa` (rev23: printed whole).
-            shown = f"{v.partition('://')[0]}://{REDACTED}"
-        raise ValueError(f"{shown!r} is not a valid URL ({_url_error(e)})") from None
+        raise ValueError(f"{redact_dsn(v)!r} is not a valid URL ({_url_error(e)})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"must be an http:// or https:// URL, got {redact_dsn(v)!r}")
     if base and "@" in v.partition("://")[2]:  # `u:2024/pw@h` reads as host `u`, port 2024 (rev24)
@@ -527,12 +528,7 @@ def _check_network_url(v: str, *, host: bool = True) -> str:
         for one in hosts.split(",") if "," in hosts else [None]:  # `kafka://h1:9092,h2:9092/t`
             (parts if one is None else urlsplit("//" + one)).port  # noqa: B018 - raises on a bad port
     except ValueError as e:
-        shown = redact_dsn(v)
-        if str(e).startswith("Port could not be cast"):
-            # What it read as a port may be a password's head: `user:pa,ss@h` in a list split
-            # at its comma left `user:pa` (rev23: printed whole).
-            shown = f"{v.partition('://')[0]}://{REDACTED}"
-        raise ValueError(f"{shown!r} is not a valid URL ({_url_error(e)})") from None
+        raise ValueError(f"{redact_dsn(v)!r} is not a valid URL ({_url_error(e)})") from None
     if host and not parts.netloc:
         raise ValueError(f"{redact_dsn(v)!r} names no host")
     return v
