@@ -431,6 +431,10 @@ def test_a_start_up_error_never_shows_a_password_whatever_shape_the_setting_has(
         {"LLMTAP_INGEST_URL": f"https://u:{head}/{tail}?x=1@127.0.0.1:9"},
         {"LLMTAP_OPENAI_BASE_URL": f"http://user:2024/{head}{tail}@llm.internal"},  # rev24: accepted
         {"LLMTAP_STORE": f"postgresql://user:2024/{head}?a=b@{tail}/db"},
+        # rev25: SQS's own messages quoted the URL whole
+        {"LLMTAP_QUEUE": f"sqs://q?endpoint=http://u:{head}{tail}@127.0.0.1:9&wait_seconds=x"},
+        {"LLMTAP_QUEUE": f"sqs://u:{head}{tail}@q"},
+        {"LLMTAP_QUEUE": f"redis://user:{head}/{tail}?password=1@127.0.0.1:9/0"},
         {"LLMTAP_UPSTREAMS": f"x=https://user:{head},{tail}@llm.internal"},
         {"LLMTAP_STREAM_USAGE_SKIP": f"openai,https://user:{head}{tail}@llm.internal"},
         {"LLMTAP_QUEUE": f"redis://127.0.0.1:9/0?password={head};{tail}"},  # the status shows it

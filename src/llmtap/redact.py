@@ -135,7 +135,7 @@ _KEY_SHAPES = re.compile(
     r"|nvapi-[A-Za-z0-9_\-]{40,}|glpat-[A-Za-z0-9_\-]{20,}|github_pat_(?=[\w-]{0,96}\d)[A-Za-z0-9_]{40,}"
     r"|xox[abprse]-(?=[A-Za-z\-]{0,64}\d)[A-Za-z0-9\-]{10,}"
     r"|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
-    r"|eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*)"
+    r"|eyJ[A-Za-z0-9_\-]{8,1024}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*)"
 )
 #: What each key shape starts with, whole (`ghp_`, not `gh`, which English is full of).
 _KEY_PREFIXES = (
@@ -148,6 +148,12 @@ _KEY_HINT = re.compile("|".join(re.escape(p) for p in (*_KEY_PREFIXES, "://")))
 #: Hints read per value at most: a value made of hundreds of them (`xoxb-xoxb-...`) is taken
 #: for a credential rather than read on (each costs a match; 8 KB of them held the loop 3 ms).
 _HINTS_READ = 64
+
+
+def _secret_userinfo(userinfo: str) -> bool:
+    if ":" in userinfo or "%3a" in userinfo.lower():
+        return True
+    return len(userinfo) >= 16 and "." not in userinfo and any(c.isdigit() for c in userinfo)
 
 
 def is_secret_value(value: str) -> bool:
@@ -164,14 +170,20 @@ def is_secret_value(value: str) -> bool:
     # test per prefix cost 1.5): most values hold none.
     # The shapes are tried only where a hint stands, anchored there: a search for them
     # anywhere tried every alternative at every character (3 ms an 8 KB value; rev24).
-    for n, hint in enumerate(_KEY_HINT.finditer(value)):
-        if n >= _HINTS_READ:
-            return True
+    n = 0
+    for hint in _KEY_HINT.finditer(value):
         if hint[0] == "://":
-            if "@" in value and _URL_PASSWORD.match(value, hint.end()) is not None:
+            u = _URL_USERINFO.match(value, hint.end()) if "@" in value else None
+            if u is not None and _secret_userinfo(u[0][:-1]):
                 return True
             continue
-        m = _KEY_SHAPES.match(value, hint.start())
+        at = hint.start()
+        if at and (value[at - 1].isalnum() or value[at - 1] == "_"):
+            continue  # inside a word (`task_1`): no shape starts there (they begin at `\b`)
+        n += 1
+        if n > _HINTS_READ:
+            return True
+        m = _KEY_SHAPES.match(value, at)
         # `sk-` inside a value is a key at 24 characters or more, as every provider's is: a
         # word such as `sk-hynix-earnings-q3` in a referer is not (rev24).
         if m is not None and (m.start() == 0 or not m[0].startswith("sk-") or len(m[0]) >= 24):
@@ -270,13 +282,12 @@ def redact_dsn(url: str) -> str:
     if at < 0:
         at = rest.find("@", q)
         if "=" in rest[q:at]:  # a `name=value` first: the `@` is a query value's
-            shown = redact_url(url)
-            if ":" in rest[:q].partition("/")[0] and "@" in shown.partition("?")[2]:
-                # `u:a?b=c@h`, `u:a/b?c=d@h`, `u:2024/b?c=d@h`: a password, or a host and its
-                # port? Not told, and no query rule masked the `@` (rev23, rev24: the last two
-                # were printed whole). `h:5432/db?password=a@b` is the query's, masked.
+            if ":" in rest[:q].partition("/")[0]:
+                # `u:a?b=c@h`, `u:2024/b?password=d@h`: a password, or a host and its port? Not
+                # told: all of it hidden, `h:5432/db?password=a@b` too (rev23-rev25: each reading
+                # a query rule masks showed the password's head).
                 return f"{scheme}://{REDACTED}"
-            return shown
+            return redact_url(url)
     userinfo, host = rest[:at], rest[at + 1 :]
     user, colon, _ = userinfo.partition(":")
     if any(c in user for c in "/?#"):
@@ -309,10 +320,11 @@ def redact_webhook_url(url: str) -> str:
 #: Schemes of at most 32 characters: unbounded, each word start of a long `a-a-a-...` run
 #: scanned to the run's end (rev24: 8 KB of it held the loop 0.26 s, 64 KB 16 s).
 _USERINFO = re.compile(r"(?i)(?P<head>\b[a-z][a-z0-9+.-]{0,31}://)(?P<userinfo>[^/@\s?#]+)@")
-#: A URL's password in a header value, right after its `://`: `user:password@`, none of the
-#: characters that end a URL in running text (`<>"',;`) in it: `git+ssh://git@host`, a
-#: Sentry DSN, `<https://x>, <mailto:a@b>` are no password (rev24).
-_URL_PASSWORD = re.compile(r"[^/@\s?#<>\"',;:]*:[^/@\s?#<>\"',;]*@")
+#: A URL's userinfo in a header value, right after its `://`, up to what ends a URL in running
+#: text (`<>"`, a space): a password (`user:pw@`, `u%3Apw@`) or a token alone (16+ characters,
+#: a digit, no dot: no host) is a credential; `git@`, `<https://x>, <mailto:a@b>` are not
+#: (rev24, rev25: `u:pa;ss@` and `<32 hex>@` were let through).
+_URL_USERINFO = re.compile(r"[^/@\s?#<>\"]*@")
 
 
 def _hide_password(m: re.Match[str]) -> str:

@@ -82,7 +82,7 @@ from llmtap.queue.base import (
     letter_field,
     partition_for,
 )
-from llmtap.redact import redact_text, redact_url
+from llmtap.redact import redact_dsn, redact_text
 
 log = logging.getLogger("llmtap.queue.sqs")
 
@@ -188,15 +188,17 @@ class SQSQueue(Queue):
     ) -> None:
         parts = urlsplit(url)
         name = parts.netloc
-        bad = f"invalid setting LLMTAP_QUEUE: {url!r} is not sqs://<queue-name>[?endpoint=...&region=...]"
+        shown = redact_dsn(url)  # an endpoint's password, a name that is one (rev25: quoted whole)
+        bad = f"invalid setting LLMTAP_QUEUE: {shown!r} is not sqs://<queue-name>[?endpoint=...&region=...]"
         if parts.scheme != "sqs" or not name or parts.path.strip("/"):
             raise ConfigError(bad)
         self.fifo = name.endswith(".fifo")
         base = name.removesuffix(".fifo")
         suffix = ".fifo" if self.fifo else ""
         if not _NAME.match(name.removesuffix(".fifo")) or len(f"{base}-dlq{suffix}") > 80:
+            named = redact_dsn(name)
             raise ConfigError(
-                f"invalid setting LLMTAP_QUEUE: SQS queue name {name!r} must be letters, digits, '-' or "
+                f"invalid setting LLMTAP_QUEUE: SQS queue name {named!r} must be letters, digits, '-' or "
                 f"'_' (at most {76 - len(suffix)} characters, then '.fifo' for a FIFO queue)"
             )
         query = dict(parse_qsl(parts.query))
@@ -210,7 +212,7 @@ class SQSQueue(Queue):
                 wait_seconds if wait_seconds is not None else int(query.get("wait_seconds", 20))
             )
         except ValueError:
-            raise ConfigError(f"invalid setting LLMTAP_QUEUE: bad number in {url!r}") from None
+            raise ConfigError(f"invalid setting LLMTAP_QUEUE: bad number in {shown!r}") from None
         if not 1 <= vis <= 43200 or not 1 <= self.max_receives <= 1000 or not 0 <= self.wait_seconds <= 20:
             raise ConfigError(
                 "invalid setting LLMTAP_QUEUE: SQS allows visibility_timeout 1..43200 s, "
@@ -226,7 +228,7 @@ class SQSQueue(Queue):
         self.op_timeout = op_timeout
         self.inline_body_bytes = inline_body_bytes
         self.max_bytes = DEFAULT_MAX_BYTES
-        where = f" at {redact_url(self.endpoint)}" if self.endpoint else ""
+        where = f" at {redact_dsn(self.endpoint)}" if self.endpoint else ""
         kind = "SQS FIFO" if self.fifo else "SQS standard queue: order best-effort"
         self.description = f"sqs://{name}{where} ({kind})"
         self._client: Any = None
@@ -255,7 +257,7 @@ class SQSQueue(Queue):
         return redact_text(str(e)) or type(e).__name__
 
     def _where(self) -> str:
-        return redact_url(self.endpoint) if self.endpoint else f"AWS region {self.region}"
+        return redact_dsn(self.endpoint) if self.endpoint else f"AWS region {self.region}"
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *, wait: float = 0, **kwargs: Any) -> T:
         """One SQS request, bounded (`wait`: a long poll's own seconds), every failure as
@@ -328,7 +330,7 @@ class SQSQueue(Queue):
                 )
             )
         except ValueError as e:  # e.g. an endpoint that is not a URL
-            where, why = redact_url(self.endpoint or ""), redact_text(str(e))
+            where, why = redact_dsn(self.endpoint or ""), redact_text(str(e))
             raise ConfigError(f"invalid setting LLMTAP_QUEUE: SQS endpoint {where!r}: {why}") from None
         try:
             if role == "inspect":  # read-only commands create nothing
@@ -361,7 +363,7 @@ class SQSQueue(Queue):
         except (BotoCoreError, OSError, TimeoutError) as e:
             await self.close()
             if unknown_host(e):  # the DNS says no such name: a setting to fix, not an outage
-                where = redact_url(self.endpoint or f"sqs.{self.region}.amazonaws.com")
+                where = redact_dsn(self.endpoint or f"sqs.{self.region}.amazonaws.com")
                 raise ConfigError(
                     f"invalid setting LLMTAP_QUEUE: unknown host in SQS endpoint {where}"
                 ) from None
