@@ -46,13 +46,8 @@ IDS = {k: f"00000000-0000-4000-8000-00000000000{k}" for k in "abcd"}
 GET_MODELS = b"GET /openai/v1/models HTTP/1.1\r\nHost: x\r\nLlmtap-Request-Id: %s\r\n\r\n" % IDS["c"].encode()
 
 
-@pytest.mark.parametrize("who", ["client", "llmtap"])
-async def test_requests_pipelined_behind_one_in_flight_are_recorded_when_the_connection_ends(
-    who: str, tmp_path: Path
-) -> None:
-    """Four requests in one write: the first waits on its upstream, the other three (a chat, a
-    GET without a body, a chat whose body is cut short) wait behind it. Then the client hangs
-    up, or llmtap stops: four records, and the upstream saw only the first."""
+async def held_upstream() -> tuple[web.AppRunner, int, list[bytes], asyncio.Event]:
+    """An upstream that keeps each request's body and answers once `release` is set."""
     reached: list[bytes] = []
     release = asyncio.Event()
 
@@ -62,6 +57,17 @@ async def test_requests_pipelined_behind_one_in_flight_are_recorded_when_the_con
         return web.json_response({})
 
     runner, port = await tiny_upstream(handler)
+    return runner, port, reached, release
+
+
+@pytest.mark.parametrize("who", ["client", "llmtap"])
+async def test_requests_pipelined_behind_one_in_flight_are_recorded_when_the_connection_ends(
+    who: str, tmp_path: Path
+) -> None:
+    """Four requests in one write: the first waits on its upstream, the other three (a chat, a
+    GET without a body, a chat whose body is cut short) wait behind it. Then the client hangs
+    up, or llmtap stops: four records, and the upstream saw only the first."""
+    runner, port, reached, release = await held_upstream()
     q = MemoryQueue()
     first, second = chat("first"), chat("second")
     sent = (
@@ -134,15 +140,7 @@ def _ids(n: int) -> list[str]:
 async def test_more_than_32_pipelined_requests_are_all_recorded(who: str, tmp_path: Path) -> None:
     """aiohttp's parser emits 32 queued requests at most and keeps the rest of the read in its
     buffer: those were read from the socket too (rev23a: 167 of 200 left no record)."""
-    reached: list[bytes] = []
-    release = asyncio.Event()
-
-    async def handler(request: web.Request) -> web.Response:
-        reached.append(await request.read())
-        await release.wait()
-        return web.json_response({})
-
-    runner, port = await tiny_upstream(handler)
+    runner, port, reached, release = await held_upstream()
     q = MemoryQueue()
     ids = _ids(100)
     try:
@@ -202,15 +200,7 @@ async def test_requests_behind_an_answer_the_client_does_not_read_are_recorded_a
 async def test_an_orphan_that_asked_for_100_continue_keeps_its_body(tmp_path: Path) -> None:
     """`Expect: 100-continue` on a request never handed over, its body sent all the same: the
     interim answer to a gone client failed, and the body was recorded as never arrived."""
-    reached: list[bytes] = []
-    release = asyncio.Event()
-
-    async def handler(request: web.Request) -> web.Response:
-        reached.append(await request.read())
-        await release.wait()
-        return web.json_response({})
-
-    runner, port = await tiny_upstream(handler)
+    runner, port, reached, release = await held_upstream()
     q = MemoryQueue()
     body = chat("expecting")
     try:
