@@ -227,6 +227,34 @@ async def test_omitted_bodies_and_missing_values_are_null(store: Store) -> None:
     assert row["usage_source"] == "missing"
 
 
+async def test_sqlite_stores_every_missing_value_as_sql_null(tmp_path: Path) -> None:
+    """The SQLite store binds a row's missing values as NaN, which SQLite stores as NULL
+    (`store.sqlite._NULL`): every column the record leaves empty is NULL in the file, of type
+    null, found by `IS NULL` and counted by no aggregate; and a real value beside them is kept."""
+    from llmtap.store import sql
+    from llmtap.store.sqlite import SQLiteStore
+
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    await store.connect()
+    r = rec(1, request_body=None, response_body=None, model=None, status=None, usage=Usage(),
+            cost_nanos=None, time_to_first_token_ms=None, first_byte_at=None, user_id=None,
+            session_id=None, error=None, outcome="upstream_unreachable")  # fmt: skip
+    try:
+        assert await store.write_batch([r, rec(2, user_id="u-2")]) == 2
+    finally:
+        await store.close()
+    missing = [c for c, v in zip(sql.COLUMNS, sql.record_values(r), strict=True) if v is None]
+    assert {"model", "status", "user_id", "prompt_tokens", "cost_nanos", "ttft_ms"} <= set(missing)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        types = db.execute(
+            f"SELECT {', '.join(f'typeof({c})' for c in missing)} FROM requests WHERE id = ?", (r.id,)
+        ).fetchone()
+        assert dict(zip(missing, types, strict=True)) == dict.fromkeys(missing, "null")
+        assert db.execute("SELECT count(*) FROM requests WHERE user_id IS NULL").fetchone()[0] == 1
+        assert db.execute("SELECT count(prompt_tokens), count(user_id) FROM requests").fetchone() == (1, 1)
+
+
 async def test_cost_usd_without_nanos_is_kept_exactly_to_the_nano(store: Store) -> None:
     r = rec(1, cost_nanos=None, cost_usd=0.000123456)
     await store.write_batch([r])
