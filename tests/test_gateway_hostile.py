@@ -235,3 +235,25 @@ def test_metadata_beyond_the_limits_is_cut_and_flagged_never_refused(stack: Stac
     status, body = http_json("GET", f"{stack.api}/api/v1/requests?limit=50")
     assert status == 200 and any(i["id"] == rid for i in body["items"])
     assert len(json.dumps(body)) < 1_000_000
+
+
+def test_credentials_in_user_session_and_property_values_are_stored_masked(stack: Stack) -> None:
+    """rev26: a key, a `Bearer` token or a JWT sent as a user id, session id or property value
+    was stored and served whole, where any other header holding it is dropped. Masked as `***`;
+    the names, and ordinary values beside them, are kept."""
+    key = b"sk-proj-Ab3dEf6hIj9lMn2pQr5tUv8xYz1Bc4De7Fg0Hi3Jk6Lm9No2Pq5"
+    jwt = b"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
+    rid = _chat(
+        stack,
+        [
+            (b"Llmtap-Property-Apikey", key),
+            (b"Llmtap-Property-Note", b"Bearer abcdefSECRETPROP"),
+            (b"Llmtap-Property-Feature", b"search"),
+            (b"Llmtap-User-Id", b"sk-ant-api03-USERIDKEYAbCdEfGhIjKlMnOpQrStUv"),
+            (b"Llmtap-Session-Id", jwt),
+        ],
+    )
+    r = get_record(stack.api, rid, timeout=60)
+    assert r["properties"] == {"apikey": "***", "note": "***", "feature": "search"}
+    assert (r["user_id"], r["session_id"]) == ("***", "***")
+    assert b"SECRETPROP" not in json.dumps(r).encode() and b"USERIDKEY" not in json.dumps(r).encode()

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote
 
-from llmtap.redact import is_secret_name, is_secret_value
+from llmtap.redact import REDACTED, is_secret_name, is_secret_value
 
 LLMTAP_PREFIX = "llmtap-"
 #: Names addressed to the gateway, never sent upstream nor recorded: `Llmtap_Auth` too, which
@@ -161,11 +161,11 @@ class LlmtapHeaders:
                 # property must not split into two by client.
                 prop = lname[len(PROPERTY_PREFIX) :]
                 if prop:
-                    self.properties[prop] = _ext_value(value)
+                    self.properties[prop] = _metadata(value)
             elif lname == "llmtap-user-id":
-                self.user_id = _ext_value(value) or None
+                self.user_id = _metadata(value) or None
             elif lname == "llmtap-session-id":
-                self.session_id = _ext_value(value) or None
+                self.session_id = _metadata(value) or None
             # Said twice (a front proxy's and the client's, or `true, false`): any yes is a yes;
             # the last one won, so a client could undo its proxy's omission.
             elif lname == "llmtap-omit-request":
@@ -175,6 +175,14 @@ class LlmtapHeaders:
 
 
 _OMITS = frozenset(("llmtap-omit-request", "llmtap-omit-response"))
+
+
+def _metadata(value: str) -> str:
+    """A user id, session id or property value as recorded: one that reads as a credential
+    (`Bearer ...`, a key's shape, a JWT) is stored as `***`, as it would be in any other header
+    (rev26: `Llmtap-Property-Apikey: sk-proj-...` was stored and served whole)."""
+    value = _ext_value(value)
+    return REDACTED if is_secret_value(value) else value
 
 
 def _ext_value(value: str) -> str:
