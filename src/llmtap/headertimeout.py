@@ -26,6 +26,7 @@ import re
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
@@ -92,6 +93,13 @@ class GuardedHandler(RequestHandler):
                 self._refuse()
                 return
         if self._request_count != count:  # a request's headers are complete
+            if not between and self._body is not None and not self._body.is_eof():
+                message = self._messages[-1][0] if self._messages else None
+                if message is not None and not isinstance(message, RawRequestMessage):
+                    # The body turned malformed (a chunk size that is no number): aiohttp queues
+                    # its 400 behind the request being handled, whose read waited for the rest
+                    # of the body until the client gave up (rev26). Its read fails now instead.
+                    self._body.set_exception(getattr(message, "exc", None) or ValueError(message))
             self._head_bytes = self._body_bytes = 0
             if self._header_timer is not None:
                 self._header_timer.cancel()

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from llmtap.gateway.capture import REQUEST_TAIL, Capture
@@ -472,6 +473,8 @@ class Proxy:
             body, lost = b"", e
         except MemoryError as e:  # a body larger than the memory left (many huge uploads at once)
             body, lost = b"", e
+        except HttpProcessingError as e:  # the body turned malformed (`headertimeout`): a 400
+            body, lost = b"", e
         method = request.method
         q = rest.find("?")
         path = rest if q < 0 else rest[:q]
@@ -511,6 +514,16 @@ class Proxy:
             why = f"llmtap ran out of memory reading the request body ({request.content_length or '?'} bytes)"
             resp = _json_error(503, "llmtap_out_of_memory", why + "; nothing was sent upstream", cap.id)
             cap.status, cap.response_headers = 503, resp.headers.items()
+            cap.add(resp.body)  # type: ignore[arg-type]
+            self._finish(cap, "completed", why)  # answered in full, by the gateway
+            return resp
+        if isinstance(lost, HttpProcessingError):
+            # The reason's first line only: aiohttp quotes the client's bytes after it.
+            reason = (str(lost.message).strip().splitlines() or [type(lost).__name__])[0].rstrip(": ")
+            why = f"malformed request body: {reason}"
+            resp = _json_error(400, "llmtap_bad_request", why + "; nothing was sent upstream", cap.id)
+            resp.force_close()  # what follows on the connection cannot be read
+            cap.status, cap.response_headers = 400, resp.headers.items()
             cap.add(resp.body)  # type: ignore[arg-type]
             self._finish(cap, "completed", why)  # answered in full, by the gateway
             return resp
