@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import time
+from collections.abc import Iterator
 
 import pytest
 
+from llmtap import redact
 from llmtap.gateway.headers import recordable
 from llmtap.redact import (
     CredentialFilter,
@@ -342,3 +345,35 @@ def test_a_backend_urls_password_is_hidden_whole_whatever_it_holds(url: str, sho
     from llmtap.redact import redact_dsn
 
     assert redact_dsn(url) == shown
+
+
+class _Counting:
+    """A pattern that counts the matches it is asked for and yields: work done, not time."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern, self.reads = pattern, 0
+
+    def match(self, *args: object) -> re.Match[str] | None:
+        self.reads += 1
+        return self.pattern.match(*args)  # type: ignore[arg-type]
+
+    def finditer(self, *args: object) -> Iterator[re.Match[str]]:
+        for m in self.pattern.finditer(*args):  # type: ignore[arg-type]
+            self.reads += 1
+            yield m
+
+
+def test_a_values_url_userinfos_are_read_a_bounded_number_of_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rev26: each `://` of 64 KB of them was matched on its own (and tested the whole value for
+    # an `@`): 40 ms of the event loop for one header value
+    counting = _Counting(redact._URL_USERINFO)
+    monkeypatch.setattr(redact, "_URL_USERINFO", counting)
+    assert not is_secret_value("://" * 21600 + "@")
+    assert counting.reads <= redact._HINTS_READ
+    counting.reads = 0
+    assert is_secret_value("://git@" * 9000)  # more userinfos than are read: taken for a credential
+    assert counting.reads <= redact._HINTS_READ + 1
+    # what is read is read as before
+    assert is_secret_value("x https://u:pw@h/") and not is_secret_value("git+ssh://git@github.com/a/b")
+    csp = "default-src " + " ".join(f"https://cdn{i}.example.com" for i in range(70)) + " mailto:a@b.c"
+    assert not is_secret_value(csp)
