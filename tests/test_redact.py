@@ -377,3 +377,34 @@ def test_a_values_url_userinfos_are_read_a_bounded_number_of_times(monkeypatch: 
     assert is_secret_value("x https://u:pw@h/") and not is_secret_value("git+ssh://git@github.com/a/b")
     csp = "default-src " + " ".join(f"https://cdn{i}.example.com" for i in range(70)) + " mailto:a@b.c"
     assert not is_secret_value(csp)
+
+
+def test_a_long_querys_work_is_bounded_and_its_tail_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rev26: a name rule and a full text scan per `a=%25` pair, 1 MB of them held the loop 3 s
+    calls = {"name": 0, "text": 0}
+    name_rule, text_rule = redact.is_secret_name, redact.redact_text
+
+    def counted_name(name: str) -> bool:
+        calls["name"] += 1
+        return name_rule(name)
+
+    def counted_text(text: str) -> str:
+        calls["text"] += 1
+        return text_rule(text)
+
+    monkeypatch.setattr(redact, "is_secret_name", counted_name)
+    monkeypatch.setattr(redact, "redact_text", counted_text)
+    query = "a=%25&" * 170_000
+    red = redact.redact_query(query)
+    assert calls == {"name": 1, "text": 0}  # one name, and `%` can hold no secret
+    # past 1,000 pairs every value goes, whatever its name: none is read on
+    pairs = red.split("&")
+    assert pairs[: redact._PAIRS_READ] == ["a=%25"] * redact._PAIRS_READ
+    assert set(pairs[redact._PAIRS_READ : -1]) == {"a=***"} and pairs[-1] == ""
+    long = "&".join(f"p{i}=v{i}" for i in range(1200)) + "&key=S3CR3T"
+    assert "S3CR3T" not in redact.redact_query(long)
+    # an ordinary query, and an encoded URL holding a secret, as before
+    assert redact_url("/v1/x?a=%25&b=c%20d&model=gpt-4o") == "/v1/x?a=%25&b=c%20d&model=gpt-4o"
+    assert redact_url("/cb?next=https%3A%2F%2Fh%2Fx%3Fkey%3DS3CR3T&a=1") == "/cb?next=***&a=1"
+    assert redact_url("/cb?next=Bearer%20abcdefgh&a=1") == "/cb?next=***&a=1"
+    assert redact_url("/cb?next=%22sk-proj-abcdefgh%22&a=1") == "/cb?next=***&a=1"
