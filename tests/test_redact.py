@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from llmtap import redact
+from llmtap import limits, redact
 from llmtap.gateway.headers import recordable
 from llmtap.redact import (
     CredentialFilter,
@@ -408,3 +408,37 @@ def test_a_long_querys_work_is_bounded_and_its_tail_masked(monkeypatch: pytest.M
     assert redact_url("/cb?next=https%3A%2F%2Fh%2Fx%3Fkey%3DS3CR3T&a=1") == "/cb?next=***&a=1"
     assert redact_url("/cb?next=Bearer%20abcdefgh&a=1") == "/cb?next=***&a=1"
     assert redact_url("/cb?next=%22sk-proj-abcdefgh%22&a=1") == "/cb?next=***&a=1"
+
+
+def test_recorded_header_urls_lose_path_parameter_and_fragment_secrets() -> None:
+    # rev26: only a value with a `?` went through the URL rule, so these were stored whole
+    sent = {
+        "referer": "https://app.example.com/v1/models;key=REFPATHKEY123456",
+        "x-original-url": "https://app.example.com/cb#access_token=FRAGTOKEN123456&token_type=bearer",
+        "x-envoy-original-path": "/v1/chat/completions;api_key=ENVOYKEY123456",
+        "location": "https://app.example.com/done#state=1&access_token=LOCTOKEN123456",
+    }
+    flags: list[str] = []
+    got = limits.headers(dict(sent), "request_headers", flags)
+    assert got == {
+        "referer": "https://app.example.com/v1/models;key=***",
+        "x-original-url": "https://app.example.com/cb#access_token=***&token_type=***",  # `token` a word
+        "x-envoy-original-path": "/v1/chat/completions;api_key=***",
+        "location": "https://app.example.com/done#state=1&access_token=***",
+    }
+    assert flags == []
+    # media types, q-values and the like come out as they are, and twice (the remembered path)
+    ordinary = {
+        "content-type": "application/json; charset=utf-8",
+        "accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8",
+        "user-agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36",
+        "strict-transport-security": "max-age=31536000; includeSubDomains; preload",
+        "alt-svc": 'h3=":443"; ma=86400',
+        "x-color": "#ffffff",
+    }
+    for _ in range(2):
+        assert limits.headers(dict(ordinary), "response_headers", flags) == ordinary
+    assert flags == []
+    # a value once seen clean does not make a secret one pass with it
+    mixed = {**ordinary, "x-envoy-original-path": "/v1/x;key=ENVOYKEY123456"}
+    assert limits.headers(mixed, "request_headers", flags)["x-envoy-original-path"] == "/v1/x;key=***"

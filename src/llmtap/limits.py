@@ -67,23 +67,45 @@ def cut(s: str, limit: int) -> str | None:
 _SHORT_HEADERS = min(MAX_HEADER_VALUE_BYTES, MAX_HEADER_BYTES) // 4
 
 
+#: Header values `redact_url` leaves as they are (`application/json; charset=utf-8`, an
+#: `alt-svc`): most responses carry some, and the rule costs 3-6 us a value. Short values only,
+#: none holding a secret, emptied when full.
+_CLEAN: set[str] = set()
+_CLEAN_KEPT = 1024
+
+
+def _url_masked(value: str) -> str:
+    if value in _CLEAN:
+        return value
+    red = redact_url(value)
+    if red == value and len(value) <= 256:
+        if len(_CLEAN) >= _CLEAN_KEPT:
+            _CLEAN.clear()
+        _CLEAN.add(value)
+    return red
+
+
 def headers(headers: dict[str, str], what: str, truncated: list[str]) -> dict[str, str]:
-    """Headers as recorded: URLs with a query (`Referer`, `Location`) lose their secrets, and
-    the count and value sizes are held to the documented limits."""
+    """Headers as recorded: URLs (`Referer`, `Location`) lose the secrets of their query, path
+    parameters and fragment, and the count and value sizes are held to the documented limits."""
     if len(headers) <= MAX_HEADERS:
         # The common case in one pass of C: no query to mask, and all values together so short
         # (in characters, at most 4 UTF-8 bytes each) that neither limit can be reached.
+        # Path parameters (`; charset=utf-8`) only in values known to hold no secret.
         joined = "".join(headers.values())
-        if len(joined) <= _SHORT_HEADERS and "?" not in joined:
-            return headers
+        if len(joined) <= _SHORT_HEADERS and "?" not in joined and "#" not in joined:
+            if ";" not in joined or all(";" not in v or v in _CLEAN for v in headers.values()):
+                return headers
     was_cut = False
     if len(headers) > MAX_HEADERS:
         headers = dict(list(headers.items())[:MAX_HEADERS])
         was_cut = True
     total = 0
     for name, value in headers.items():
-        if "?" in value:
-            value = headers[name] = redact_url(value)
+        if "?" in value or "#" in value or ";" in value:
+            # a query, a fragment or path parameters (rev26: `Referer: .../models;key=...`,
+            # `#access_token=...` were stored whole): `; charset=utf-8` comes out as it is
+            value = headers[name] = _url_masked(value)
         short = cut(value, min(MAX_HEADER_VALUE_BYTES, max(MAX_HEADER_BYTES - total, 0)))
         if short is not None:
             value = headers[name] = short
