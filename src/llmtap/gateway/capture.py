@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 import brotli
 import msgspec
@@ -239,6 +239,7 @@ def _loads(data: bytes | None) -> Any:
 
 _NO_LLMTAP = LlmtapHeaders()
 _SCHEMED = re.compile(r"(?i)^[a-z][a-z0-9._~+-]*\s+(\S.*)$")
+_PARAM_SPLIT = re.compile(r"[&;]")
 
 
 def _credentials(cap: Capture) -> set[bytes]:
@@ -246,11 +247,20 @@ def _credentials(cap: Capture) -> set[bytes]:
     token of a `Bearer <token>`, the password a `Basic` one encodes, and each as JSON writes it
     (`/` as `\\/`): what an upstream's error answer may quote back."""
     found: list[str] = [v for k, v in cap.request_headers if is_secret_header(k, v)]
-    query = cap.target_url.partition("?")[2].partition("#")[0]
-    if query:
-        for name, value in parse_qsl(query, keep_blank_values=False):
-            if is_secret_name(name):
-                found.append(value)
+    # Path parameters and the query, split at `&` and `;` as `redact_query` splits them, each
+    # value raw and decoded: an upstream echoing the URL quotes it raw (rev26: `?key=AbC%2B...`
+    # in "Invalid URL (POST /v1/x?key=...)", `;key=` and `?a=1;key=` were stored whole).
+    path, _, query = cap.target_url.partition("#")[0].partition("?")
+    pairs = _PARAM_SPLIT.split(query) if query else []
+    if ";" in path:
+        pairs += _PARAM_SPLIT.split(path)[1:]
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if eq and value and is_secret_name(name):
+            found.append(value)
+            plain = unquote_plus(value, errors="replace")
+            if plain != value:
+                found.append(plain)
     values: list[str] = []
     for value in found:
         value = value.strip()
