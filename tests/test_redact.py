@@ -442,3 +442,12 @@ def test_recorded_header_urls_lose_path_parameter_and_fragment_secrets() -> None
     # a value once seen clean does not make a secret one pass with it
     mixed = {**ordinary, "x-envoy-original-path": "/v1/x;key=ENVOYKEY123456"}
     assert limits.headers(mixed, "request_headers", flags)["x-envoy-original-path"] == "/v1/x;key=***"
+
+
+def test_an_auth_scheme_may_be_followed_by_a_tab() -> None:
+    # rev26: only a space was read as the separator, so `Bearer<TAB>token` was recorded
+    for v in ["Bearer\tabcdefgh12345678", "Basic\tdXNlcjpwYXNz", "token\t abc", "Bearer \tabc"]:
+        assert is_secret_value(v), repr(v)
+    assert recordable([("X-Debug", "Bearer\tabcdefgh12345678")], frozenset()) == {}
+    for v in ["Bearer\t", "a\tb", "text/plain\tx"]:
+        assert not is_secret_value(v), repr(v)

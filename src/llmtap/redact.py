@@ -162,6 +162,9 @@ def is_secret_value(value: str) -> bool:
     Called for every recorded header of every request, so a split and a set lookup, not a
     regex, for the common value."""
     sp = value.find(" ")
+    if "\t" in value:  # any whitespace separates a scheme, as for `redact_text` (rev26: `Bearer\t...`)
+        tab = value.find("\t")
+        sp = tab if sp < 0 or tab < sp else sp
     if 0 < sp < 17 and value[:sp].lower() in _AUTH_SCHEMES and value[sp + 1 :].strip():
         return True
     # A key or a URL's password anywhere in the value (rev23: `x-portkey-config: {"api_key":
