@@ -268,6 +268,10 @@ def test_upstreams_config_errors_are_one_sentence(value: str, needle: str) -> No
         ("queue", "rediss://u:PASSWORD-11?x@h:6380/0", "a port is not a number"),
         ("store", "postgresql://app:PASSWORD/12@db:x/llmtap", "a port is not a number"),
         ("webhook_secret", ["whsec_PASSWORD-9"], "valid string"),
+        # an `@` in the user name, a raw `?`/`#` in the password; a fragment's after a query (rev26)
+        ("queue", "redis://app@corp.com:PASSWORD?13@127.0.0.1:1/0", "a port is not a number"),
+        ("store", "postgresql://app@corp.com:PASSWORD#14@127.0.0.1:1/db", "a port is not a number"),
+        ("openai_base_url", "https://api.x.com/v1?x=1#Qx7PASSWORD@Zk9", "must not hold credentials"),
     ],
 )
 def test_a_wrong_setting_never_shows_its_secret(setting: str, value: object, needle: str) -> None:

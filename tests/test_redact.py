@@ -337,6 +337,12 @@ def test_a_webhook_urls_token_path_is_masked_and_its_names_kept() -> None:
         ("postgresql://user:2024/p?a=b@host/db", "postgresql://***"),  # nor here (rev24)
         ("http://user:Zq9S/ECRETpw?x=1@h", "http://***"),  # nor here (rev23)
         ("postgresql://host:5432?password=x@y", "postgresql://***"),  # or user host, password 5432?...
+        # a user name holding an `@` and a password a raw `?` or `#` (rev26: `Qx7?Zk9` shown)
+        ("redis://app@corp.com:Qx7?Zk9@127.0.0.1:1/0", "redis://***@127.0.0.1:1/0"),
+        ("postgresql://app@corp.com:Qx7#Zk9@127.0.0.1:1/db", "postgresql://***@127.0.0.1:1/db"),
+        ("redis://app@corp.com:Qx7?a=Zk9@127.0.0.1:1/0", "redis://***"),
+        # a fragment's `@` after a query with a `name=` is no query value's (rev26: shown whole)
+        ("https://api.x.com/v1?x=1#Qx7@Zk9", "https://***@Zk9"),
     ],
 )
 def test_a_backend_urls_password_is_hidden_whole_whatever_it_holds(url: str, shown: str) -> None:

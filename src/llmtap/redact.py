@@ -313,16 +313,32 @@ def redact_dsn(url: str) -> str:
     at = rest.rfind("@", 0, q)
     if at < 0:
         at = rest.find("@", q)
-        if "=" in rest[q:at]:  # a `name=value` first: the `@` is a query value's
+        # a `name=value` first, in the same query or fragment: the `@` is a value's (rev26:
+        # `?x=1#Qx7@Zk9`, a fragment holding a password after a query, was shown whole)
+        if "=" in rest[max(rest.rfind("?", 0, at), rest.rfind("#", 0, at)) : at]:
             if ":" in rest[:q].partition("/")[0]:
                 # `u:a?b=c@h`, `u:2024/b?password=d@h`: a password, or a host and its port? Not
                 # told: all of it hidden, `h:5432/db?password=a@b` too (rev23-rev25: each reading
                 # a query rule masks showed the password's head).
                 return f"{scheme}://{REDACTED}"
             return redact_url(url)
+    hidden = False
+    later = rest.find("@", q) if at < q else -1
+    if later >= 0:
+        # `@`s on both sides of the `?` or `#` (a user name holding an `@`, rev26:
+        # `app@corp.com:Qx7?Zk9@h` showed `Qx7?Zk9`): with no `name=` before the later one it
+        # is no query value's, so all up to the last `@` is the userinfo; with one, and no port
+        # but a word before the `?` (`corp.com:Qx7?a=Zk9@h`), no telling: all hidden.
+        _, colon, port = rest[at + 1 : q].partition("/")[0].rpartition("]")[2].rpartition(":")
+        if "=" not in rest[q:later]:
+            at, hidden = rest.rfind("@"), True
+        elif colon and not port.isdigit():
+            return f"{scheme}://{REDACTED}"
     userinfo, host = rest[:at], rest[at + 1 :]
     user, colon, _ = userinfo.partition(":")
-    if any(c in user for c in "/?#"):
+    if hidden:
+        user, colon = "", ""  # all of it one userinfo
+    elif any(c in user for c in "/?#"):
         user = ""  # no telling where the user name ends
     # `user:***`, `:***` (a password alone); no `:` at all: a token on its own, all hidden
     return redact_url(f"{scheme}://{user + ':' if colon else ''}{REDACTED}@{host}")
