@@ -457,3 +457,16 @@ def test_an_auth_scheme_may_be_followed_by_a_tab() -> None:
     assert recordable([("X-Debug", "Bearer\tabcdefgh12345678")], frozenset()) == {}
     for v in ["Bearer\t", "a\tb", "text/plain\tx"]:
         assert not is_secret_value(v), repr(v)
+
+
+def test_a_secrets_rest_after_a_semicolon_is_masked_even_with_an_equals_sign() -> None:
+    # rev26: Python's `parse_qs` reads `token=ab;cd==` as `ab;cd==`, and `cd==` was shown
+    for query, shown in [
+        ("token=ab;cd==", "token=***;***"),
+        ("sig=AbC;dE/fG==&x=1", "sig=***;***&x=1"),
+        ("key=x;y=", "key=***;***"),
+        ("token=ab;charset=utf-8", "token=***;charset=utf-8"),  # a name with a value of its own
+        ("a=1;cd==", "a=1;cd=="),  # only after a masked secret
+    ]:
+        assert redact.redact_query(query) == shown, query
+    assert redact_url("https://h/x?sig=AbC;dE/fG==") == "https://h/x?sig=***;***"

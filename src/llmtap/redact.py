@@ -234,9 +234,11 @@ def redact_query(query: str) -> str:
         if secret:
             out.append(f"{name}={REDACTED}")
             changed = masking = True
-        elif masking and not sep and out[-1] == ";" and "/" not in part:  # a path goes on
-            # No `name=` after a `;` that follows a secret: the secret's own rest, for a reader
-            # that splits at `&` only (rev23: `?token=ab;cd`, Python's own `parse_qs`, showed `cd`).
+        elif masking and out[-1] == ";" and (not value.strip("=") if sep else "/" not in part):
+            # No `name=` after a `;` that follows a secret (a `/`: a path goes on), or one with
+            # nothing but `=` after it (base64's padding): the secret's own rest, for a reader
+            # that splits at `&` only (rev23: `?token=ab;cd`, Python's own `parse_qs`, showed
+            # `cd`; rev26: `token=ab;cd==`, `sig=AbC;dE/fG==`). `;charset=utf-8` is kept.
             out.append(REDACTED)
         else:
             out.append(part)
