@@ -470,3 +470,23 @@ def test_a_secrets_rest_after_a_semicolon_is_masked_even_with_an_equals_sign() -
     ]:
         assert redact.redact_query(query) == shown, query
     assert redact_url("https://h/x?sig=AbC;dE/fG==") == "https://h/x?sig=***;***"
+
+
+def test_google_sendgrid_and_npm_tokens_and_pwd_creds_names_are_credentials() -> None:
+    # rev26: none of these shapes was known, so a header holding one was recorded whole
+    for key in [
+        "ya29.a0AfH6SMBx" + "Qz9-_k" * 5,
+        "1//0gLk" + "Rt7_-Yw" * 4,
+        "SG." + "Ab1-Cd2_Ef3Gh4Ij" + "." + "Kl5Mn6Op7Qr8St9Uv0Wx1",
+        "npm_" + "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3hJ6",
+    ]:
+        assert is_secret_value(key), key
+        assert is_secret_value(f"note {key}"), key
+        assert redact_text(f"upstream said: bad key {key}, retry") == "upstream said: bad key ***, retry", key
+    for plain in ["ya29 is a road", "1//02", "SG.com", "npm_install_log", "SG.short.short"]:
+        assert not is_secret_value(plain), plain
+        assert redact_text(plain) == plain, plain
+    for name in ["pwd", "db_pwd", "x-pwd", "creds", "x-creds", "aws_creds"]:
+        assert is_secret_name(name), name
+    for name in ["x-pass-through", "passenger", "x-credit-limit"]:
+        assert not is_secret_name(name), name

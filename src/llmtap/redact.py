@@ -78,10 +78,12 @@ _SECRET_WORDS = frozenset(
         "password",
         "passwd",
         "passphrase",
+        "pwd",
         "secret",
         "secrets",
         "credential",
         "credentials",
+        "creds",
         "cookie",
         "cookies",
         "cookie2",
@@ -128,20 +130,22 @@ _AUTH_SCHEMES = frozenset(
 #: the OpenAI-compatible NVIDIA `nvapi-...`, Cerebras `csk-...` and Fireworks `fw_...`; the
 #: tokens a client's other tools carry (GitHub `ghp_...`/`github_pat_...`, GitLab `glpat-...`,
 #: Slack `xoxb-...`, Stripe `sk_live_...`, AWS access key ids `AKIA...`); and signed JSON Web
-#: Tokens (`eyJ...`: a front proxy's OIDC assertion about the user).
+#: Tokens (`eyJ...`: a front proxy's OIDC assertion about the user); Google OAuth access
+#: (`ya29.`) and refresh (`1//0`) tokens, SendGrid (`SG.`) and npm (`npm_`) keys.
 _KEY_SHAPES = re.compile(
     r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}"
     r"|(?:gsk_|hf_|xai-|pplx-|r8_|csk-|fw_|gh[pousr]_)[A-Za-z0-9]{20,}"
     r"|nvapi-[A-Za-z0-9_\-]{40,}|glpat-[A-Za-z0-9_\-]{20,}|github_pat_(?=[\w-]{0,96}\d)[A-Za-z0-9_]{40,}"
     r"|xox[abprse]-(?=[A-Za-z\-]{0,64}\d)[A-Za-z0-9\-]{10,}"
     r"|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
-    r"|eyJ[A-Za-z0-9_\-]{8,1024}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*)"
+    r"|eyJ[A-Za-z0-9_\-]{8,1024}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"
+    r"|ya29\.[\w-]{20,}|1//0[\w-]{20,}|SG\.[\w-]{16,}\.[\w-]{16,}|npm_[A-Za-z0-9]{36})"
 )
 #: What each key shape starts with, whole (`ghp_`, not `gh`, which English is full of).
 _KEY_PREFIXES = (
     "sk-", "AIza", "gsk_", "hf_", "xai-", "pplx-", "r8_", "csk-", "fw_", "ghp_", "gho_", "ghu_",
     "ghs_", "ghr_", "github_pat_", "nvapi-", "glpat-", "xoxa-", "xoxb-", "xoxp-", "xoxr-", "xoxs-",
-    "xoxe-", "sk_", "rk_", "AKIA", "ASIA", "eyJ",
+    "xoxe-", "sk_", "rk_", "AKIA", "ASIA", "eyJ", "ya29.", "1//0", "SG.", "npm_",
 )  # fmt: skip
 #: What a key shape starts with: the cheap test before the shapes.
 _KEY_HINT = re.compile("|".join(re.escape(p) for p in _KEY_PREFIXES))
