@@ -490,3 +490,16 @@ def test_google_sendgrid_and_npm_tokens_and_pwd_creds_names_are_credentials() ->
         assert is_secret_name(name), name
     for name in ["x-pass-through", "passenger", "x-credit-limit"]:
         assert not is_secret_name(name), name
+
+
+def test_words_after_an_auth_scheme_are_no_credential() -> None:
+    # rev26: any text after a scheme's name was one, and these headers were dropped
+    for v in ["Basic plan", "Bearer market outlook", "token refresh failed", "Basic  plan "]:
+        assert not is_secret_value(v), v
+    assert recordable([("X-Plan", "Basic plan")], frozenset()) == {"x-plan": "Basic plan"}
+    # every real credential form still is one
+    for v in ["Basic dXNlcjpwYXNz", "Basic user:pass", "Bearer sk-proj-abc", "Bearer abc", "Token xyz",
+              'Digest username="a", realm="r", nonce="n", response="x"', "Negotiate YIIGhgYJKoZIhvcSAQICAQBu",
+              "AWS4-HMAC-SHA256 Credential=AK/20260101/us-east-1/s3/aws4_request, Signature=ab",
+              "Bearer  abcdef12345 ", "basic Zm9vOmJhcg=="]:  # fmt: skip
+        assert is_secret_value(v), v

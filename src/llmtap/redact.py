@@ -125,6 +125,8 @@ def is_secret_name(name: str) -> bool:
 _AUTH_SCHEMES = frozenset(
     {"bearer", "basic", "digest", "token", "apikey", "negotiate", "hoba", "aws4-hmac-sha256"}
 )
+#: ... those whose credentials are parameters (spaces and commas between them).
+_PARAM_SCHEMES = frozenset({"digest", "negotiate", "hoba", "aws4-hmac-sha256"})
 #: Well-known key shapes, anywhere: OpenAI/Anthropic/DeepSeek `sk-...`, Google `AIza...`,
 #: Groq `gsk_...`, Hugging Face `hf_...`, xAI `xai-...`, Perplexity `pplx-...`, Replicate `r8_...`,
 #: the OpenAI-compatible NVIDIA `nvapi-...`, Cerebras `csk-...` and Fireworks `fw_...`; the
@@ -160,6 +162,14 @@ def _secret_userinfo(userinfo: str) -> bool:
     return len(userinfo) >= 16 and "." not in userinfo and any(c.isdigit() for c in userinfo)
 
 
+def _one_credential(scheme: str, cred: str) -> bool:
+    """One token, and for `Basic` base64: `Bearer market outlook`, `Basic plan` are words
+    (rev26: such headers were dropped). A lowercase word is all but never base64 of a secret."""
+    if cred.split(maxsplit=1)[0] != cred:
+        return False
+    return scheme != "basic" or not (cred.isalpha() and cred.islower())
+
+
 def is_secret_value(value: str) -> bool:
     """True for a header value that reads as a credential whatever the header is called:
     `<auth scheme> <credentials>` (`Bearer ...`, `Basic ...`) or a well-known key shape.
@@ -169,8 +179,11 @@ def is_secret_value(value: str) -> bool:
     if "\t" in value:  # any whitespace separates a scheme, as for `redact_text` (rev26: `Bearer\t...`)
         tab = value.find("\t")
         sp = tab if sp < 0 or tab < sp else sp
-    if 0 < sp < 17 and value[:sp].lower() in _AUTH_SCHEMES and value[sp + 1 :].strip():
-        return True
+    if 0 < sp < 17 and (scheme := value[:sp].lower()) in _AUTH_SCHEMES and (cred := value[sp + 1 :].strip()):
+        if scheme in _PARAM_SCHEMES:  # `Digest username="a", realm=...`: spaces and commas
+            return True
+        if _one_credential(scheme, cred):
+            return True
     # A key or a URL's password anywhere in the value (rev23: `x-portkey-config: {"api_key":
     # "sk-..."}`, `x-note: key sk-...`, `x-route: https://u:pw@host` were recorded and served
     # whole). One search for what starts any of them first (0.4 us a value at C speed, where a
