@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 import signal
@@ -578,6 +579,34 @@ async def test_oversized_ingest_is_413(tmp_path: Path, monkeypatch: pytest.Monke
         assert await svc.ingest.lag() in (0, 1)
     finally:
         await svc.stop()
+
+
+async def test_an_undecodable_body_is_a_400_on_every_route_that_reads_one(
+    server: ServerService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body that is not the gzip/br/deflate its Content-Encoding says: 400 naming it, no
+    traceback (aiohttp raises RequestPayloadError, which is no HTTPException, from read())."""
+    import gzip
+
+    base = f"http://127.0.0.1:{server.port}"
+    auth = {"Authorization": f"Bearer {ingest_token(server.settings)}"}
+    routes = [("POST", "/api/v1/alerts"), ("POST", "/api/v1/webhooks"), ("POST", "/api/v1/ingest")]
+    routes.append(("PATCH", "/api/v1/alerts/x"))
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        for encoding in ("gzip", "br", "deflate"):
+            for method, path in routes:
+                headers = {**JSON, **auth, "Content-Encoding": encoding}
+                async with http.request(method, base + path, data=b'{"metric":"x"}', headers=headers) as r:
+                    body = await r.json()
+                    assert r.status == 400, (encoding, path, r.status, body)
+                    want = f"the request body could not be decoded (Content-Encoding: {encoding})"
+                    assert body["error"]["message"] == want
+        # a body that is the gzip it says is still read
+        record = encode(rec(1))
+        headers = {**JSON, **auth, "Content-Encoding": "gzip"}
+        async with http.post(base + "/api/v1/ingest", data=gzip.compress(record), headers=headers) as r:
+            assert r.status == 200, await r.text()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
 
 
 async def test_fuzzed_query_parameters_never_500(server: ServerService) -> None:

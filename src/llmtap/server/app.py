@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 from prometheus_client import REGISTRY, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -73,6 +74,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except BackendUnavailable as e:  # TransientError included: the store or body store is down
         log.warning("%s %s: %s", request.method, request.path, e)
         response = api.error_response(503, f"temporarily unavailable: {e}")
+    except (web.RequestPayloadError, ContentEncodingError) as e:
+        response = _unreadable_body(request, e)
     except web.HTTPNotFound as e:
         if request.path.startswith(("/api/", "/static/")):
             response = api.error_response(e.status, e.reason)
@@ -100,6 +103,29 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = response.status
     if endpoint.startswith("/api/"):
         API_REQUESTS.labels(endpoint, str(status)).inc()
+    return response
+
+
+#: Content-Encodings aiohttp decodes: the only ones an undecodable body can have been sent in.
+_DECODED = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd"})
+
+
+def _unreadable_body(request: web.Request, e: Exception) -> web.Response:
+    """400 for a body aiohttp could not decode or read (bad gzip, cut chunking): the client's
+    fault, raised by `request.read()` as a plain exception that would otherwise be a 500.
+
+    The connection is closed after the answer: the parser stopped mid-body, and aiohttp's
+    lingering read of the rest would raise the same error again (logged as unhandled).
+    """
+    cause = e if isinstance(e, ContentEncodingError) else e.__cause__
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if isinstance(cause, ContentEncodingError) and encoding in _DECODED:
+        message = f"the request body could not be decoded (Content-Encoding: {encoding})"
+    else:
+        message = "the request body could not be read (malformed or cut short)"
+    request.content.feed_eof()  # nothing more is read from it: no lingering read
+    response = api.error_response(400, message)
+    response.force_close()
     return response
 
 
