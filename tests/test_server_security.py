@@ -609,6 +609,22 @@ async def test_an_undecodable_body_is_a_400_on_every_route_that_reads_one(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
 
 
+async def test_a_static_name_too_long_for_any_file_is_404(
+    server: ServerService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OSError ENAMETOOLONG from aiohttp's static resource: not found, not a 500 (whose log
+    line named the install path)."""
+    base = f"http://127.0.0.1:{server.port}"
+    async with aiohttp.ClientSession() as http:
+        for name in ("a" * 256, "a" * 5000, "a/" * 2100 + "app.js"):
+            async with http.get(base + "/static/" + name) as r:
+                assert r.status == 404, (len(name), r.status, await r.text())
+                assert (await r.json())["error"]["message"] == "Not Found"
+        async with http.get(base + "/static/app.js") as r:
+            assert r.status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+
+
 async def test_fuzzed_query_parameters_never_500(server: ServerService) -> None:
     """Seeded random names and values on every GET endpoint: 2xx or 4xx, never 5xx."""
     rnd = random.Random(7)

@@ -76,6 +76,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = api.error_response(503, f"temporarily unavailable: {e}")
     except (web.RequestPayloadError, ContentEncodingError) as e:
         response = _unreadable_body(request, e)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG or not request.path.startswith("/static/"):
+            raise
+        response = api.error_response(404, "Not Found")  # a name no file can have
     except web.HTTPNotFound as e:
         if request.path.startswith(("/api/", "/static/")):
             response = api.error_response(e.status, e.reason)
