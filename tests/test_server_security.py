@@ -546,6 +546,9 @@ async def test_malformed_ingest_is_a_4xx_naming_the_problem(server: ServerServic
         (orjson.dumps({**good, "tenant": None}), "invalid record"),
         (b"null", "JSON log record"),
         (b'"string"', "JSON log record"),
+        # longer than GET /api/v1/requests/{id} takes: it could not be read back or paged past
+        (encode(rec(1, id="R" * 513)), "Expected `str` of length <= 512 - at `$.id`"),
+        (encode(rec(1, id="R" * 100_000)), "Expected `str` of length <= 512 - at `$.id`"),
     ]
     async with aiohttp.ClientSession() as http:
         for payload, fragment in cases:

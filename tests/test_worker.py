@@ -176,6 +176,25 @@ async def test_garbage_and_unknown_versions_are_dead_lettered_and_the_rest_flows
     assert row is not None and row["cost_usd"] is not None  # the whole chain ran
 
 
+async def test_a_record_id_over_512_characters_is_dead_lettered_with_the_reason(env: Env) -> None:
+    """The API reads no id over 512 characters (and list cursors embed it): a queue message with
+    such an id is dead-lettered, saying why, and the records around it are stored."""
+    good = [make_record(i) for i in range(4)]
+    long = [make_record(90, id="R" * 513), make_record(91, id="R" * 100_000)]
+    values = [encode(good[0]), encode(long[0]), encode(good[1]), encode(long[1]), *map(encode, good[2:])]
+    await env.publish(values, key=lambda i: "one-partition")
+    w = await env.worker()
+    await until(lambda: env.rows()[0] == 4, what="the good records stored")
+    await until(lambda: w.stats.dead_lettered == 2)
+    dead = await env.producer.dead_letters()
+    assert sorted(len(msgspec.json.decode(d.value)["id"]) for d in dead) == [513, 100_000]
+    for d in dead:
+        assert "Expected `str` of length <= 512 - at `$.id`" in d.reason, d.reason
+    await until(lambda: _zero(env.lag()), what="everything acknowledged")
+    assert env.rows() == (4, 4)
+    assert await env.store.get_request("acme", good[0].id) is not None
+
+
 async def _zero(v: Any) -> bool:
     return (await v) == 0
 
@@ -748,10 +767,10 @@ async def _lag_zero(q: SQLiteQueue) -> bool:
     not os.environ.get("LLMTAP_TEST_POSTGRES_URL"), reason="LLMTAP_TEST_POSTGRES_URL is not set"
 )
 async def test_long_values_and_a_reused_id_through_the_worker_into_postgres(tmp_path: Path) -> None:
-    """Through the worker into the real PostgreSQL: 3 KB and 100 KB ids, user/session ids,
-    models and properties are stored the first time (they used to be dead-lettered, and failed
-    again on replay), and a request id reused with another body keeps the first request's row
-    *and* body."""
+    """Through the worker into the real PostgreSQL: ids of 512 characters (1.5 KB), 3 KB and
+    100 KB user/session ids, models and properties are stored the first time (they used to be
+    dead-lettered, and failed again on replay), and a request id reused with another body keeps
+    the first request's row *and* body."""
     import random
 
     from llmtap.store.postgres import PostgresStore
@@ -777,7 +796,7 @@ async def test_long_values_and_a_reused_id_through_the_worker_into_postgres(tmp_
         try:
             values = [long(1024, 1), long(34 * 1024, 2)]  # 3 KB and 100 KB in UTF-8
             recs = [
-                make_record(i, id=v, user_id=v, session_id=v, model=v, properties={"k": v, v: "name"})
+                make_record(i, id=v[:512], user_id=v, session_id=v, model=v, properties={"k": v, v: "name"})
                 for i, v in enumerate(values)
             ]
             reused = str(uuid.uuid4())
@@ -809,7 +828,7 @@ async def test_long_values_and_a_reused_id_through_the_worker_into_postgres(tmp_
             await until(lambda: w.stats.processed == 4, what="the second request with the same id")
             assert w.stats.dead_lettered == 0 and (await producer.status()).dead_letters == 0
             for v in values:
-                row = await store.get_request("acme", v)
+                row = await store.get_request("acme", v[:512])
                 assert row is not None and row["user_id"] == v and row["properties"] == {"k": v, v: "name"}
             row = await store.get_request("acme", reused)
             assert row is not None and row["user_id"] == "first"

@@ -94,7 +94,9 @@ class LogRecord(
     of being stored without it.
     """
 
-    id: Annotated[str, msgspec.Meta(min_length=1)]  # an empty id would merge unrelated requests
+    #: An empty id would merge unrelated requests; a longer one than `GET /api/v1/requests/{id}`
+    #: takes (512) could not be read back, nor paged past (list cursors embed it).
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
     tenant: str = "default"
     user_id: str | None = None
     session_id: str | None = None
