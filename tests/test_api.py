@@ -391,7 +391,8 @@ BAD = [
         for us in (2**62 - 1, -(2**62) + 1, 253402300800000000)
     ],
     (f"/api/v1/requests?sort=cost&cursor={_cursor([2**62 - 1, 'x', 'cost', 5])}", "cursor"),
-    (f"/api/v1/sessions?cursor={_cursor([1, 'x', 253402300799999999])}", "cursor"),  # fuzz2: a 500
+    # fuzz2: a 500; one microsecond less is a bound a walk can have (a session at the last one)
+    (f"/api/v1/sessions?cursor={_cursor([1, 'x', 253402300800000000])}", "cursor"),
     # Near year 9999 the answer's month steps overflowed (a 500); these are out of range now.
     ("/api/v1/stats?since=9999-12-31T23:59:59.999999Z", "since"),
     ("/api/v1/stats?since=253402300799&bucket=day", "since"),

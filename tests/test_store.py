@@ -719,6 +719,19 @@ async def test_a_sessions_walk_sees_the_list_as_its_first_page_did(store: Store)
     assert [g["session_id"] for g in old.items] == ["s6", "s4", "s3"]  # unbounded: s5 has moved up
 
 
+async def test_a_sessions_walk_pages_past_a_session_at_the_last_microsecond(tmp_path: Path) -> None:
+    """A walk's bound is the newest time its first page saw: 9999-12-31T23:59:59.999999Z is one
+    (the page's own cursor was refused as "not a cursor this API returned"). SQLite only: such a
+    row is one an older worker stored; PostgreSQL has no partition for it."""
+    last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    async with open_store("sqlite", tmp_path) as store:
+        await store.write_batch([rec(1, session_id="late", at=last, latency_ms=0.0), rec(2, session_id="s2")])
+        first = await store.list_sessions("acme", ListQuery(limit=1))
+        assert [g["session_id"] for g in first.items] == ["late"] and first.next_cursor is not None
+        rest = await store.list_sessions("acme", ListQuery(limit=1, cursor=first.next_cursor))
+        assert [g["session_id"] for g in rest.items] == ["s2"] and rest.next_cursor is None
+
+
 @pytest.mark.parametrize("nanos", [8_968_725_613_810_762, 8_427_068_202_505_595])
 async def test_users_by_cost_page_on_exact_nanodollars_past_millions(store: Store, nanos: int) -> None:
     # Two users of equal cost above ~$4.5M, where cost_usd as a float no longer gives back its

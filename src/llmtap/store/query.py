@@ -212,7 +212,7 @@ def decode_walk_cursor(cursor: str) -> tuple[int, str, int | None]:
     value = _cursor_value(cursor)
     if isinstance(value, list) and len(value) == 3:
         held = value.pop()
-        if type(held) is not int or not MICROS_RANGE[0] <= held < MICROS_RANGE[1]:
+        if type(held) is not int or not MICROS_RANGE[0] <= held <= MICROS_RANGE[1]:
             raise ValueError("malformed cursor")
         return (*_plain_cursor(value), held)
     return (*_plain_cursor(value), None)

@@ -34,6 +34,7 @@ import orjson
 from llmtap.limits import MAX_NARROW_COUNT
 from llmtap.store.query import (
     MAX_SESSION_REQUESTS,
+    MICROS_RANGE,
     PROPERTY,
     ListQuery,
     StatsQuery,
@@ -979,6 +980,8 @@ def sessions_walk(q: ListQuery) -> tuple[ListQuery, int | None]:
     held = decode_walk_cursor(q.cursor)[2]
     if held is None:
         return q, None
+    if held == MICROS_RANGE[1]:  # nothing is later than the last microsecond a store holds
+        return q, held
     bound = from_micros(held + 1)  # `until` is exclusive
     return replace(q, until=bound if q.until is None or bound < q.until else q.until), held
 
