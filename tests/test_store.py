@@ -1155,6 +1155,36 @@ async def test_postgres_unreachable_is_one_sentence() -> None:
         await PostgresStore(url.rsplit("/", 1)[0] + "/no_such_db_" + uuid.uuid4().hex[:6]).connect()
 
 
+@pytest.mark.postgres
+@pytest.mark.skipif(pg_url() is None, reason="LLMTAP_TEST_POSTGRES_URL is not set")
+async def test_postgres_url_with_several_hosts_is_taken(tmp_path: Path) -> None:
+    """`postgresql://u:pw@h1:1,h2:2/db` (asyncpg tries each host in turn) crashed start-up with
+    urllib's "Port could not be cast to integer value"; messages name the hosts as written."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from llmtap.store.postgres import PostgresStore
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(BackendUnavailable) as e:
+        await PostgresStore(f"postgresql://u:PW70secret@127.0.0.1:{port},127.0.0.1:{port}/db").connect()
+    assert str(e.value).startswith(f"cannot connect to PostgreSQL at 127.0.0.1:{port},127.0.0.1:{port}: ")
+    assert "PW70secret" not in str(e.value) and "\n" not in str(e.value)
+    async with pg_database() as url:  # the first host refuses, the second is the server
+        parts = urlsplit(url)
+        user = parts.netloc.rpartition("@")[0]
+        netloc = f"{user}@127.0.0.1:{port},{parts.hostname}:{parts.port or 5432}"
+        store = PostgresStore(parts._replace(netloc=netloc).geturl())
+        await store.connect()
+        try:
+            await store.write_batch([rec(1)])
+            assert (await store.get_request("acme", rec(1).id) or {}).get("id") == rec(1).id
+        finally:
+            await store.close()
+
+
 async def _write_when_back(store: Store, batch: list[LogRecord], timeout: float = 30) -> int:
     """`write_batch` once the store is back: the pool recovers by itself, and a retry may
     still meet a dead connection (TransientError) for a while."""

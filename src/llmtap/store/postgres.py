@@ -389,6 +389,16 @@ def _wrong_setting(e: Exception) -> str | None:
     return None
 
 
+def _servers(url: str) -> str:
+    """The server(s) a URL names, for messages: `host:port`, or the hosts as written when it names
+    several (`h1:5432,h2:5433`, which asyncpg tries in turn; urllib reads no port there)."""
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    if "," in hosts:
+        return hosts
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+
+
 _PART_RE = re.compile(r"^requests_p(\d{4})(\d{2})$")
 
 
@@ -444,8 +454,7 @@ class PostgresStore(Store):
         self._move = _MOVE
         self._floor = True  # migration 14's `retention_floor` (an older schema has none)
         self.description = f"postgresql {redact_dsn(url)}"
-        parts = urlsplit(url)
-        self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+        self._where = _servers(url)
         self._min, self._max = min_size, max_size
         self._pool: asyncpg.Pool | None = None
         self._months: set[tuple[int, int]] = set()
