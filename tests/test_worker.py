@@ -19,12 +19,14 @@ import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
+from llmtap import limits
 from llmtap.bodies.file import FileBodyStore
 from llmtap.config import Settings
 from llmtap.cooperate import Foreground
@@ -193,6 +195,66 @@ async def test_a_record_id_over_512_characters_is_dead_lettered_with_the_reason(
     await until(lambda: _zero(env.lag()), what="everything acknowledged")
     assert env.rows() == (4, 4)
     assert await env.store.get_request("acme", good[0].id) is not None
+
+
+async def test_a_record_ingest_would_refuse_is_dead_lettered_and_one_over_the_limits_is_cut(
+    env: Env,
+) -> None:
+    """A queue message is not only a gateway's: numbers and times no store can keep are
+    dead-lettered with the reason ingest gives, metadata over the limits is cut as ingest cuts
+    it, and a provider's narrow count a store keeps as unknown still passes."""
+    from llmtap.record import Usage
+
+    def usage(**kw: Any) -> Usage:
+        return Usage(source="provider", **kw)
+
+    bad = {
+        "negative tokens": make_record(50, usage=usage(prompt_tokens=-1)),
+        "2^63 tokens": make_record(51, usage=usage(completion_tokens=2**63)),
+        "status": make_record(52, status=-99999),
+        "latency": make_record(53, latency_ms=-1e300),
+        "year 1": make_record(54, started_at=datetime(1, 1, 1, tzinfo=UTC)),
+        "year 9999": make_record(55, ended_at=datetime(9999, 6, 1, tzinfo=UTC)),
+        "billed": make_record(56, usage=usage(billed_usd=1e12)),
+    }
+    reasons = {
+        "negative tokens": "usage.prompt_tokens -1 is not a token count (0 to 1000000000000)",
+        "2^63 tokens": "usage.completion_tokens 9223372036854775808 is not a token count",
+        "status": "status -99999 is not an HTTP status",
+        "latency": "latency_ms -1e+300 is not a duration",
+        "year 1": "started_at 0001-01-01 00:00:00+00:00 is not between 1970 and 9999",
+        "year 9999": "ended_at 9999-06-01 00:00:00+00:00 is not between 1970 and 9999",
+        "billed": "usage.billed_usd 1000000000000.0 is not a charge",
+    }
+    big = "m" * 2_000_000
+    huge = make_record(
+        60, model=big, user_id=big, session_id=big, properties={f"p{i}": "v" for i in range(100_000)}
+    )
+    narrow = make_record(61, usage=usage(prompt_tokens=5, web_search_requests=3_000_000_000))
+    good = [make_record(i) for i in range(3)]
+    values = [
+        encode(good[0]),
+        *map(encode, bad.values()),
+        encode(huge),
+        encode(narrow),
+        *map(encode, good[1:]),
+    ]
+    await env.publish(values, key=lambda i: "one-partition")
+    w = await env.worker()
+    await until(lambda: env.rows()[0] == 5, what="the good records stored")
+    await until(lambda: w.stats.dead_lettered == len(bad))
+    await until(lambda: _zero(env.lag()), what="everything acknowledged")
+    dead = {msgspec.json.decode(d.value)["id"]: d.reason for d in await env.producer.dead_letters()}
+    for what, r in bad.items():
+        assert dead[r.id].startswith("invalid record: " + reasons[what]), (what, dead[r.id])
+    assert env.rows() == (5, 5)
+    row = await env.store.get_request("acme", huge.id)
+    assert row is not None
+    assert len(row["model"]) == len(row["user_id"]) == len(row["session_id"]) == 256
+    assert len(row["properties"]) == 64
+    assert set(row["truncated"]) >= {"model", "user_id", "session_id", "properties"}
+    row = await env.store.get_request("acme", narrow.id)
+    assert row is not None and row["web_search_requests"] is None  # unknown, as documented
 
 
 async def _zero(v: Any) -> bool:
@@ -768,9 +830,9 @@ async def _lag_zero(q: SQLiteQueue) -> bool:
 )
 async def test_long_values_and_a_reused_id_through_the_worker_into_postgres(tmp_path: Path) -> None:
     """Through the worker into the real PostgreSQL: ids of 512 characters (1.5 KB), 3 KB and
-    100 KB user/session ids, models and properties are stored the first time (they used to be
-    dead-lettered, and failed again on replay), and a request id reused with another body keeps
-    the first request's row *and* body."""
+    100 KB user/session ids, models and properties are stored the first time, cut to the
+    documented limits (they used to be dead-lettered, and failed again on replay), and a request
+    id reused with another body keeps the first request's row *and* body."""
     import random
 
     from llmtap.store.postgres import PostgresStore
@@ -829,7 +891,11 @@ async def test_long_values_and_a_reused_id_through_the_worker_into_postgres(tmp_
             assert w.stats.dead_lettered == 0 and (await producer.status()).dead_letters == 0
             for v in values:
                 row = await store.get_request("acme", v[:512])
-                assert row is not None and row["user_id"] == v and row["properties"] == {"k": v, v: "name"}
+                short = limits.cut(v, limits.MAX_ID_BYTES)
+                assert row is not None and row["user_id"] == row["session_id"] == short
+                assert row["model"] == limits.cut(v, limits.MAX_MODEL_BYTES)
+                name, value = limits.cut(v, 128), limits.cut(v, 1024)
+                assert row["properties"] == {"k": value, name: "name"}
             row = await store.get_request("acme", reused)
             assert row is not None and row["user_id"] == "first"
             data = await bodies.get(row["request_body"]["ref"])

@@ -8,9 +8,13 @@ client's LLM call is never refused for its metadata. Sizes are UTF-8 bytes.
 
 from __future__ import annotations
 
+import operator
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from llmtap.record import clean_text
+import msgspec
+
+from llmtap.record import Usage, clean_text
 from llmtap.redact import redact_url
 
 if TYPE_CHECKING:
@@ -51,6 +55,56 @@ MAX_NARROW_COUNT = 2**31 - 1
 MAX_BILLED_USD = 1_000_000.0
 #: Characters of a record's `error` kept (the gateway's; ingest cuts what it is posted to it).
 MAX_ERROR_CHARS = 2000
+
+
+#: Every count `Usage` holds: what a gateway records is 0..MAX_TOKENS (`token_count`).
+_USAGE_INTS = tuple(f.name for f in msgspec.structs.fields(Usage) if f.type == (int | None))
+_usage_ints = operator.attrgetter(*_USAGE_INTS)
+_INT64 = (-(2**63), 2**63 - 1)
+#: Request times a store can bucket and print as ISO 8601: not before the epoch (SQLite's
+#: buckets round toward zero), not in the year 9999 (PostgreSQL's next bucket is year 10000).
+TIMES = (datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC))
+_BODY_PARTS = ("request_body", "response_body", "response_events")
+
+
+def check(record: LogRecord) -> str | None:
+    """Why no store can keep this record as it is, or None: numbers and times no gateway
+    records. Ingest refuses such a record with it, a worker dead-letters it (a queue message is
+    not only a gateway's: a script, another version, a replayed letter). Runs for every record.
+
+    A narrow count (`NARROW_USAGE`) up to MAX_TOKENS passes: a gateway records a provider's, and
+    the store keeps it as unknown.
+    """
+    usage = record.usage
+    counts = tuple(filter(None, _usage_ints(usage)))  # the common case in C: no loop over 14 names
+    if counts and (min(counts) < 0 or max(counts) > MAX_TOKENS):
+        for name in _USAGE_INTS:
+            count = getattr(usage, name)
+            if count is not None and not 0 <= count <= MAX_TOKENS:
+                return f"usage.{name} {str(count)[:30]} is not a token count (0 to {MAX_TOKENS})"
+    billed = usage.billed_usd
+    if billed is not None and not 0 <= billed <= MAX_BILLED_USD:  # NaN fails too
+        return f"usage.billed_usd {str(billed)[:30]} is not a charge (0 to {MAX_BILLED_USD:.0f} USD)"
+    status = record.status
+    if status is not None and not 0 <= status <= 999:
+        return f"status {str(status)[:30]} is not an HTTP status"
+    nanos = record.cost_nanos
+    if nanos is not None and not _INT64[0] <= nanos <= _INT64[1]:
+        return f"cost_nanos {str(nanos)[:30]} does not fit in 64 bits"
+    for part in _BODY_PARTS:
+        body = getattr(record, part)
+        if body is not None and not _INT64[0] <= body.size <= _INT64[1]:
+            return f"{part}.size {str(body.size)[:30]} does not fit in 64 bits"
+    if not 0 <= record.latency_ms <= 1e12:  # NaN fails too
+        return f"latency_ms {str(record.latency_ms)[:30]} is not a duration"
+    ttft = record.time_to_first_token_ms
+    if ttft is not None and not 0 <= ttft <= 1e12:
+        return f"time_to_first_token_ms {str(ttft)[:30]} is not a duration"
+    for name in ("started_at", "first_byte_at", "ended_at"):
+        at = getattr(record, name)
+        if at is not None and not TIMES[0] <= (at if at.tzinfo else at.replace(tzinfo=UTC)) < TIMES[1]:
+            return f"{name} {str(at)[:40]} is not between 1970 and 9999"
+    return None
 
 
 def cut(s: str, limit: int) -> str | None:
@@ -130,11 +184,12 @@ def ident(value: str | None, what: str, truncated: list[str]) -> str | None:
 
 def properties(props: dict[str, str], truncated: list[str]) -> dict[str, str]:
     """Properties held to the documented limits (count, name and value size)."""
-    if len(props) <= MAX_PROPERTIES and all(
-        len(k) <= MAX_PROPERTY_NAME_BYTES // 4 and len(v) <= MAX_PROPERTY_VALUE_BYTES // 4
-        for k, v in props.items()
+    if not props or (
+        len(props) <= MAX_PROPERTIES
+        and max(map(len, props)) <= MAX_PROPERTY_NAME_BYTES // 4
+        and max(map(len, props.values())) <= MAX_PROPERTY_VALUE_BYTES // 4
     ):
-        return props  # the common case: a few short ones
+        return props  # the common case, in C: none, or a few short ones
     out: dict[str, str] = {}
     flags: set[str] = set()
     for name, value in props.items():
@@ -156,8 +211,10 @@ def properties(props: dict[str, str], truncated: list[str]) -> dict[str, str]:
 
 
 def bound(record: LogRecord) -> None:
-    """Hold a record that did not come from a gateway (the ingest endpoint) to the limits a
+    """Hold a record that may not come from a gateway (ingest, a queue message) to the limits a
     gateway applies while it builds one: 20,000 posted properties were stored as 20,001 rows."""
+    if record.error is not None and len(record.error) > MAX_ERROR_CHARS:  # as a gateway cuts it
+        record.error = record.error[:MAX_ERROR_CHARS]
     flags: list[str] = []
     record.request_headers = headers(record.request_headers, "request_headers", flags)
     record.response_headers = headers(record.response_headers, "response_headers", flags)

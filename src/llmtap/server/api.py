@@ -27,8 +27,8 @@ from llmtap.config import Settings
 from llmtap.errors import BackendUnavailable, RecordError, TransientError
 from llmtap.handlers.chain import Chain
 from llmtap.ids import canonical_id
-from llmtap.limits import MAX_BILLED_USD, MAX_ERROR_CHARS, MAX_NARROW_COUNT, MAX_TOKENS, NARROW_USAGE
-from llmtap.record import Body, LogRecord, Usage, declared_charset, decode, decode_many
+from llmtap.limits import MAX_ERROR_CHARS, MAX_NARROW_COUNT, NARROW_USAGE
+from llmtap.record import Body, LogRecord, declared_charset, decode, decode_many
 from llmtap.redact import is_secret_header, redact_text, redact_url
 from llmtap.server.auth import IngestCaller
 from llmtap.server.ingest import IngestQueue
@@ -257,12 +257,6 @@ async def users(request: web.Request) -> web.Response:
 
 _BODY_PARTS = ("request_body", "response_body", "response_events")
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-_INT64 = (-(2**63), 2**63 - 1)
-#: Every count `Usage` holds: what a gateway records is 0..MAX_TOKENS (`token_count`).
-_USAGE_INTS = tuple(f.name for f in msgspec.structs.fields(Usage) if f.type == (int | None))
-#: Request times a store can bucket and print as ISO 8601: not before the epoch (SQLite's
-#: buckets round toward zero), not in the year 9999 (PostgreSQL's next bucket is year 10000).
-_TIMES = (datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC))
 
 
 def decode_ingest(raw: bytes) -> list[LogRecord]:
@@ -298,31 +292,15 @@ def check_ingested(record: LogRecord, caller: IngestCaller) -> str | None:
     # One request, one row: a UUID in any spelling is keyed as the gateway keys it. (Other ids
     # are no gateway's, but no UUID's spelling either: kept as posted.)
     record.id = canonical_id(record.id) or record.id
-    if record.status is not None and not 0 <= record.status <= 999:
-        return f"status {str(record.status)[:30]} is not an HTTP status"
-    for name in _USAGE_INTS:
+    for name in NARROW_USAGE:  # ingest refuses what a store would keep as unknown
         count = getattr(record.usage, name)
-        top = MAX_NARROW_COUNT if name in NARROW_USAGE else MAX_TOKENS
-        if count is not None and not 0 <= count <= top:
-            return f"usage.{name} {str(count)[:30]} is not a token count (0 to {top})"
-    billed = record.usage.billed_usd
-    if billed is not None and not 0 <= billed <= MAX_BILLED_USD:  # NaN fails too
-        return f"usage.billed_usd {str(billed)[:30]} is not a charge (0 to {MAX_BILLED_USD:.0f} USD)"
-    if record.error is not None and len(record.error) > MAX_ERROR_CHARS:  # as a gateway cuts it
+        if count is not None and not 0 <= count <= MAX_NARROW_COUNT:
+            return f"usage.{name} {str(count)[:30]} is not a token count (0 to {MAX_NARROW_COUNT})"
+    why = limits.check(record)
+    if why is not None:
+        return why
+    if record.error is not None and len(record.error) > MAX_ERROR_CHARS:  # before redact_text scans it
         record.error = record.error[:MAX_ERROR_CHARS]
-    numbers = [("cost_nanos", record.cost_nanos)]
-    numbers += [(f"{p}.size", b.size) for p in _BODY_PARTS if (b := getattr(record, p)) is not None]
-    for name, value in numbers:
-        if value is not None and not _INT64[0] <= value <= _INT64[1]:
-            return f"{name} {str(value)[:30]} does not fit in 64 bits"
-    for name in ("latency_ms", "time_to_first_token_ms"):
-        ms = getattr(record, name)
-        if ms is not None and not 0 <= ms <= 1e12:  # NaN fails too
-            return f"{name} {str(ms)[:30]} is not a duration"
-    for name in ("started_at", "first_byte_at", "ended_at"):
-        at = getattr(record, name)
-        if at is not None and not _TIMES[0] <= (at if at.tzinfo else at.replace(tzinfo=UTC)) < _TIMES[1]:
-            return f"{name} {str(at)[:40]} is not between 1970 and 9999"
     own = tenant_dir(record.tenant)
     for part in _BODY_PARTS:
         body: Body | None = getattr(record, part)

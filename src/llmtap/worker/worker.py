@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram
 
+from llmtap import limits
 from llmtap.config import Settings
 from llmtap.cooperate import SLICE, Foreground
 from llmtap.errors import BackendUnavailable, MessageRefused, RecordError
@@ -488,10 +489,19 @@ class WorkerService(OnBackends):
         work: list[tuple[Delivery, LogRecord]] = []
         for i, d in enumerate(deliveries):
             try:
-                work.append((d, decode(d.value)))
+                record = decode(d.value)
             except RecordError as e:
                 await self._dead_letter(d, str(e), "decode", dead)
                 log.error("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, e)
+            else:
+                # What ingest refuses no worker stores: a message is not only a gateway's.
+                why = limits.check(record)
+                if why is None:
+                    limits.bound(record)
+                    work.append((d, record))
+                else:
+                    await self._dead_letter(d, f"invalid record: {why}", "decode", dead)
+                    log.error("worker: record %s dead-lettered: %s", record.id[:100], why)
             if i % SLICE == SLICE - 1:  # in `llmtap up` the gateway's requests share this loop
                 await asyncio.sleep(0)
 
