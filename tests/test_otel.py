@@ -283,3 +283,26 @@ def test_message_content_in_spans_has_its_credentials_masked() -> None:
     notes = otel.facts(rec, True)
     assert secret not in notes["input"] and "hunter2hunter2" not in notes["input"]
     assert "my key is" in notes["input"]
+
+
+def test_long_content_is_cut_before_it_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rev26: a 1.2 MB prompt was redacted whole, then cut to 16 KiB: 1.2 s of `llmtap up`'s
+    event loop per span. Only the cap and the margin are read, a key across the cut is masked."""
+    from llmtap.redact import REDACT_MARGIN
+
+    read: list[int] = []
+    real = otel.redact_body
+    monkeypatch.setattr(otel, "redact_body", lambda text: read.append(len(text)) or real(text))
+    secret = "sk-proj-" + "A1b2C3d4" * 6
+    prompt = "x" * (otel.CONTENT_CAP - 60) + f" {secret} " + "hello world " * 100_000
+    rec = make_record(
+        6, request_body=json_body({"model": "m", "messages": [{"role": "user", "content": prompt}]})
+    )
+    notes = otel.facts(rec, True)
+    assert read and max(read) <= otel.CONTENT_CAP + REDACT_MARGIN
+    assert len(notes["input"]) == otel.CONTENT_CAP + 1 and notes["input"].endswith("…")
+    assert secret[:12] not in notes["input"] and "***" in notes["input"]
+    short = make_record(
+        7, request_body=json_body({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    )
+    assert not otel.facts(short, True)["input"].endswith("…")

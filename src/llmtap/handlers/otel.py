@@ -26,7 +26,7 @@ from prometheus_client import Counter
 from llmtap.backends import require_modules
 from llmtap.handlers.base import Handler, Item
 from llmtap.record import Body, LogRecord, decompress
-from llmtap.redact import redact_body
+from llmtap.redact import REDACT_MARGIN, redact_body
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -103,9 +103,13 @@ def _json(body: Body | None) -> Any:
 
 
 def _capped(value: Any) -> str:
-    """Content for a span: JSON, credentials masked as in webhook payloads, cut to the cap."""
-    text = redact_body(orjson.dumps(value).decode())
-    return text if len(text) <= CONTENT_CAP else text[:CONTENT_CAP] + "…"
+    """Content for a span: JSON, credentials masked as in webhook payloads, cut to the cap
+    (what is redacted is cut first, `REDACT_MARGIN` past the cap)."""
+    whole = orjson.dumps(value).decode()
+    text = redact_body(whole[: CONTENT_CAP + REDACT_MARGIN])
+    if len(whole) <= CONTENT_CAP + REDACT_MARGIN and len(text) <= CONTENT_CAP:
+        return text
+    return text[:CONTENT_CAP] + "…"
 
 
 def _messages(raw: Any) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ import orjson
 from llmtap.bodies import offload
 from llmtap.errors import BackendUnavailable, TransientError
 from llmtap.record import Body
-from llmtap.redact import redact_body
+from llmtap.redact import REDACT_MARGIN, redact_body
 
 if TYPE_CHECKING:
     from llmtap.bodies.base import BodyStore
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 #: The bodies a payload carries (a stream's raw events are left out: the response body holds
 #: the reassembled message).
 PARTS = ("request_body", "response_body")
-#: Bytes read past the cap for redaction (longer than any credential).
-REDACT_MARGIN = 16 * 1024
 
 
 class BodiesUnavailable(Exception):
