@@ -658,9 +658,13 @@ async def test_ingest_applies_the_gateways_credential_rules_again(server: Server
     """Whatever posts to the ingest endpoint (a script holding the token, another gateway
     version), no credential header, URL password or query key reaches the store."""
     secrets = [f"SECRET{i}-{uuid.uuid4().hex}" for i in range(7)]
+    key = "sk-proj-" + uuid.uuid4().hex + uuid.uuid4().hex
     r = rec(
         0,
         id=str(uuid.uuid4()),
+        user_id=key,  # rev26: credentials in metadata, as the gateway masks them
+        session_id=f"Bearer {uuid.uuid4().hex}",
+        properties={"apikey": key, "feature": "search"},
         target_url=f"https://bob:{secrets[0]}@api.example.com/v1/chat/completions?key={secrets[1]}",
         path=f"/v1/chat/completions;api_key={secrets[2]}",
         error=f"upstream said: Authorization: Bearer {secrets[3]}",
@@ -676,8 +680,10 @@ async def test_ingest_applies_the_gateways_credential_rules_again(server: Server
     status, row = await server.get(f"/api/v1/requests/{r.id}")
     assert status == 200
     text = orjson.dumps(row).decode()
-    for s in secrets:
+    for s in [*secrets, key, r.session_id]:
         assert s not in text, s
+    assert (row["user_id"], row["session_id"]) == ("***", "***")
+    assert row["properties"] == {"apikey": "***", "feature": "search"}
     assert row["request_headers"] == {"content-type": "application/json"}
     assert row["response_headers"] == {"x-ratelimit-remaining-tokens": "99"}
     assert row["target_url"] == "https://bob:***@api.example.com/v1/chat/completions?key=***"

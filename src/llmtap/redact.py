@@ -218,6 +218,12 @@ def is_secret_value(value: str) -> bool:
     return False
 
 
+def masked_value(value: str) -> str:
+    """A user id, session id or property value as recorded: `***` when it reads as a credential
+    (rev26: `Llmtap-Property-Apikey: sk-proj-...` was stored and served whole)."""
+    return REDACTED if is_secret_value(value) else value
+
+
 def is_secret_header(name: str, value: str) -> bool:
     """A header that must not be recorded: named like a credential, or valued like one."""
     return is_secret_name(name) or is_secret_value(value)

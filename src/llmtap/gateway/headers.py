@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote
 
-from llmtap.redact import REDACTED, is_secret_name, is_secret_value
+from llmtap.redact import is_secret_name, is_secret_value, masked_value
 
 LLMTAP_PREFIX = "llmtap-"
 #: Names addressed to the gateway, never sent upstream nor recorded: `Llmtap_Auth` too, which
@@ -179,10 +179,8 @@ _OMITS = frozenset(("llmtap-omit-request", "llmtap-omit-response"))
 
 def _metadata(value: str) -> str:
     """A user id, session id or property value as recorded: one that reads as a credential
-    (`Bearer ...`, a key's shape, a JWT) is stored as `***`, as it would be in any other header
-    (rev26: `Llmtap-Property-Apikey: sk-proj-...` was stored and served whole)."""
-    value = _ext_value(value)
-    return REDACTED if is_secret_value(value) else value
+    (`Bearer ...`, a key's shape, a JWT) is `***`, as it would be dropped in any other header."""
+    return masked_value(_ext_value(value))
 
 
 def _ext_value(value: str) -> str:

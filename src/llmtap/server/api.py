@@ -29,7 +29,7 @@ from llmtap.handlers.chain import Chain
 from llmtap.ids import canonical_id
 from llmtap.limits import MAX_ERROR_CHARS, MAX_NARROW_COUNT, NARROW_USAGE
 from llmtap.record import Body, LogRecord, declared_charset, decode, decode_many
-from llmtap.redact import is_secret_header, redact_text, redact_url
+from llmtap.redact import is_secret_header, is_secret_value, masked_value, redact_text, redact_url
 from llmtap.server.auth import IngestCaller
 from llmtap.server.ingest import IngestQueue
 from llmtap.store import query
@@ -339,7 +339,13 @@ def scrub_ingested(record: LogRecord) -> LogRecord:
     record.path = redact_url(record.path)
     if record.error is not None:
         record.error = redact_text(record.error)
-    limits.bound(record)
+    limits.bound(record)  # first: what is masked below is held to the limits already
+    if record.user_id is not None:
+        record.user_id = masked_value(record.user_id)
+    if record.session_id is not None:
+        record.session_id = masked_value(record.session_id)
+    if any(is_secret_value(v) for v in record.properties.values()):
+        record.properties = {k: masked_value(v) for k, v in record.properties.items()}
     return record
 
 
