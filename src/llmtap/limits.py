@@ -67,6 +67,24 @@ TIMES = (datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC))
 _BODY_PARTS = ("request_body", "response_body", "response_events")
 
 
+def unknown_counts(record: LogRecord) -> None:
+    """A usage count outside 0..MAX_TOKENS (or a charge outside 0..MAX_BILLED_USD) made unknown:
+    the worker's form of `check` for them. A gateway records a provider's counts held to that
+    range, but some it adds up (prompt + completion, Anthropic's cache reads and writes, Gemini's
+    modalities) may pass it, and such a record is the gateway's own: stored, never
+    dead-lettered (rev27). Ingest refuses the posted ones instead."""
+    usage = record.usage
+    counts = tuple(filter(None, _usage_ints(usage)))
+    if counts and (min(counts) < 0 or max(counts) > MAX_TOKENS):
+        for name in _USAGE_INTS:
+            count = getattr(usage, name)
+            if count is not None and not 0 <= count <= MAX_TOKENS:
+                setattr(usage, name, None)
+    billed = usage.billed_usd
+    if billed is not None and not 0 <= billed <= MAX_BILLED_USD:  # NaN too
+        usage.billed_usd = None
+
+
 def check(record: LogRecord) -> str | None:
     """Why no store can keep this record as it is, or None: numbers and times no gateway
     records. Ingest refuses such a record with it, a worker dead-letters it (a queue message is

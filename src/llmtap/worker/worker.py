@@ -494,7 +494,9 @@ class WorkerService(OnBackends):
                 await self._dead_letter(d, str(e), "decode", dead)
                 log.error("worker: message %s/%s dead-lettered: %s", d.partition, d.offset, e)
             else:
-                # What ingest refuses no worker stores: a message is not only a gateway's.
+                # What ingest refuses no worker stores: a message is not only a gateway's. But
+                # counts a gateway added up past the bound are unknown, not a reason.
+                limits.unknown_counts(record)
                 why = limits.check(record)
                 if why is None:
                     limits.bound(record)
