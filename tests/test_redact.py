@@ -503,14 +503,3 @@ def test_words_after_an_auth_scheme_are_no_credential() -> None:
               "AWS4-HMAC-SHA256 Credential=AK/20260101/us-east-1/s3/aws4_request, Signature=ab",
               "Bearer  abcdef12345 ", "basic Zm9vOmJhcg=="]:  # fmt: skip
         assert is_secret_value(v), v
-
-
-def test_everyday_words_ending_in_key_are_no_secret_names() -> None:
-    # rev26: the `key` suffix caught them, and these headers were dropped from records
-    for name in ["x-monkey", "X-Turkey", "x-hockey-team", "x-donkey", "whiskey"]:
-        assert not is_secret_name(name), name
-    assert recordable([("X-Monkey", "banana")], frozenset()) == {"x-monkey": "banana"}
-    # ... while every key name still is one, run together or camelCased
-    for name in ["key", "apikey", "x-api-key", "accessKey", "secretkey", "x-accesskey", "privateKey",
-                 "subscription-key", "x-monkey-key", "monkey_api_key", "userKey"]:  # fmt: skip
-        assert is_secret_name(name), name

@@ -3,13 +3,12 @@
 One rule for what a *name* says about its value, for query parameters and headers alike
 (`is_secret_name`): the decoded name (`api%2Dkey` is `api-key`), normalized (case, and all
 but letters and digits ignored: `apiKey`, `API_KEY`, `api-key`, `data[api_key]` are one name),
-is a secret if it is a known credential name, ends in `key` (not in a word such as `monkey`),
-`token`, `secret`, `password`, `signature`, `credential` or `sig`, holds `apikey`, or has a
-word such as `authorization`, `auth`, `password`, `secret`, `token`, `key` or `cookie`
-anywhere (`helicone-auth`, `x-ms-authorization-auxiliary`, `x-hub-signature-256`).
-`x-ratelimit-remaining-tokens` is not: `tokens` is a count. A header is also a credential by
-its value (`is_secret_value`: `Bearer ...`, `sk-...`). Redacting too much costs a little
-debugging; too little leaks a key.
+is a secret if it is a known credential name, ends in `key`, `token`, `secret`, `password`,
+`signature`, `credential` or `sig`, holds `apikey`, or has a word such as `authorization`,
+`auth`, `password`, `secret`, `token`, `key` or `cookie` anywhere (`helicone-auth`,
+`x-ms-authorization-auxiliary`, `x-hub-signature-256`). `x-ratelimit-remaining-tokens` is not:
+`tokens` is a count. A header is also a credential by its value (`is_secret_value`: `Bearer
+...`, `sk-...`). Redacting too much costs a little debugging; too little leaks a key.
 
 The log filter exists because aiohttp logs a malformed request (a control character in
 `Authorization`, a raw non-ASCII byte in a query holding `?api-key=`) with a traceback that
@@ -64,10 +63,6 @@ _SECRET_PARAMS = frozenset(
     }
 )
 _SECRET_SUFFIXES = ("key", "token", "secret", "password", "signature", "credential", "sig")
-#: Everyday words ending in `key`: no secret (rev26: `x-monkey`, `x-turkey`, `x-hockey` were
-#: dropped). Any other name ending in it is, camelCased or run together (`accesskey`): a
-#: name missed leaks a key, one too many costs a header.
-_NOT_KEYS = ("monkey", "turkey", "hockey", "donkey", "whiskey", "jockey", "lackey", "flunkey", "malarkey")
 #: Words that mark a secret wherever they stand in a name split at `-`, `_`, `.`, brackets.
 _SECRET_WORDS = frozenset(
     {
@@ -121,7 +116,7 @@ def is_secret_name(name: str) -> bool:
     looks like it carries a credential (the rule in the module's docstring)."""
     words = _WORD_SPLIT.split(_decoded(name).lower())
     n = "".join(words)
-    if n in _SECRET_PARAMS or (n.endswith(_SECRET_SUFFIXES) and not n.endswith(_NOT_KEYS)) or "apikey" in n:
+    if n in _SECRET_PARAMS or n.endswith(_SECRET_SUFFIXES) or "apikey" in n:
         return True
     return not _SECRET_WORDS.isdisjoint(words)
 
