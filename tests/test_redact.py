@@ -501,5 +501,9 @@ def test_words_after_an_auth_scheme_are_no_credential() -> None:
     for v in ["Basic dXNlcjpwYXNz", "Basic user:pass", "Bearer sk-proj-abc", "Bearer abc", "Token xyz",
               'Digest username="a", realm="r", nonce="n", response="x"', "Negotiate YIIGhgYJKoZIhvcSAQICAQBu",
               "AWS4-HMAC-SHA256 Credential=AK/20260101/us-east-1/s3/aws4_request, Signature=ab",
-              "Bearer  abcdef12345 ", "basic Zm9vOmJhcg=="]:  # fmt: skip
+              "Bearer  abcdef12345 ", "basic Zm9vOmJhcg==",
+              # rev27: more than one token after the scheme is still a credential
+              "Bearer Zk9Qx7opaqueToken123, Bearer Zk9Qx7opaqueToken456",
+              "Token token=Zk9Qx7opaque123, user=bob", "Basic dXNlcjpwYXNz  extra",
+              "ApiKey Zk9Qx7opaque123 v2"]:  # fmt: skip
         assert is_secret_value(v), v

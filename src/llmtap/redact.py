@@ -162,10 +162,16 @@ def _secret_userinfo(userinfo: str) -> bool:
     return len(userinfo) >= 16 and "." not in userinfo and any(c.isdigit() for c in userinfo)
 
 
+#: Prose after a scheme's name: two or more lowercase words (`Bearer market outlook`).
+_PROSE = re.compile(r"[a-z]+(?: [a-z]+)+")
+
+
 def _one_credential(scheme: str, cred: str) -> bool:
-    """One token, and for `Basic` base64: `Bearer market outlook`, `Basic plan` are words
-    (rev26: such headers were dropped). A lowercase word is all but never base64 of a secret."""
-    if cred.split(maxsplit=1)[0] != cred:
+    """Anything after the scheme but prose, and for `Basic` a lowercase word too (`Basic plan`:
+    all but never base64 of a secret; rev26: such headers were dropped). More than one token is
+    still a credential (rev27: `Bearer t1, Bearer t2` as a proxy merges them, `Token token=t,
+    user=bob` as Rails sends it, were recorded whole)."""
+    if _PROSE.fullmatch(cred) is not None:
         return False
     return scheme != "basic" or not (cred.isalpha() and cred.islower())
 
