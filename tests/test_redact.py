@@ -507,3 +507,29 @@ def test_words_after_an_auth_scheme_are_no_credential() -> None:
               "Token token=Zk9Qx7opaque123, user=bob", "Basic dXNlcjpwYXNz  extra",
               "ApiKey Zk9Qx7opaque123 v2"]:  # fmt: skip
         assert is_secret_value(v), v
+
+
+def test_rev27_holes_in_the_url_and_value_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmtap import redact
+
+    # a session id as a path parameter, and a key as a plain query value
+    assert redact_url("https://h/v1;jsessionid=ABC123?x=1") == "https://h/v1;jsessionid=***?x=1"
+    assert redact_url("https://h/v1;PHPSESSID=ABC123") == "https://h/v1;PHPSESSID=***"
+    assert redact_url("https://h/v1?x=sk-proj-" + "A1b2" * 8 + "&y=2") == "https://h/v1?x=***&y=2"
+    assert (
+        redact_url("/v1/models?model=gpt-4o&q=hello%20world&n=2")
+        == "/v1/models?model=gpt-4o&q=hello%20world&n=2"
+    )
+    # past 1,000 parameters the rest of a secret cut at a `;` goes too, and every piece after it
+    q = "&".join(f"a{i}=1" for i in range(999)) + "&token=Zk9Qx7AbCdEf;Rest0fTheSecret99&b=2&&c;d=cd=="
+    red = redact.redact_query(q)
+    assert "Rest0f" not in red and "Zk9Qx7" not in red and "cd==" not in red
+    assert red.endswith("&token=***;***&b=***&&***;d=***")
+    # an encoded value longer than any credential or URL is masked unread
+    calls: list[str] = []
+    monkeypatch.setattr(redact, "_decoded", lambda v: calls.append(v) or v)
+    assert redact.redact_query("next=" + "%41" * 10_000) == "next=***"
+    assert calls == ["next"]  # the name only
+    # hints inside words are bounded too: a value of nothing else is taken for a credential
+    assert redact.is_secret_value("a" + "sk_" * 20_000)
+    assert not redact.is_secret_value(",".join(f"task_{i}" for i in range(500)))

@@ -25,6 +25,10 @@ import traceback
 from urllib.parse import unquote_plus, urlsplit
 
 REDACTED = "***"
+#: What a copy cut to a cap reads past it for redaction (longer than any credential): the rules
+#: cost ~0.5 us a character, so a body is cut before it is redacted, not after (rev26: a 1.2 MB
+#: prompt held `llmtap up`'s event loop 1.2 s in an OpenTelemetry span's content).
+REDACT_MARGIN = 16 * 1024
 
 #: Normalized (lowercase, no `-_.`) names of query parameters that carry secrets.
 _SECRET_PARAMS = frozenset(
@@ -59,6 +63,8 @@ _SECRET_PARAMS = frozenset(
         "bearer",
         "session",
         "sessionid",
+        "jsessionid",  # Java's, as a path parameter (`;jsessionid=...`) as often as a cookie
+        "phpsessid",
         "cookie",
     }
 )
@@ -203,10 +209,23 @@ def is_secret_value(value: str) -> bool:
         for i, u in enumerate(_URL_USERINFO.finditer(value)):
             if i >= _HINTS_READ or _secret_userinfo(u[1]):
                 return True
-    n = 0
+    return _holds_key(value)
+
+
+#: Hints inside words skipped per value at most (`task_1,task_2...`: a list of them is no key;
+#: 64 KB of `sk_` took 25 ms, rev27).
+_INSIDE_READ = 1024
+
+
+def _holds_key(value: str) -> bool:
+    """A key shape anywhere in `value`, tried where its start stands."""
+    n = inside = 0
     for hint in _KEY_HINT.finditer(value):
         at = hint.start()
         if at and (value[at - 1].isalnum() or value[at - 1] == "_"):
+            inside += 1
+            if inside > _INSIDE_READ:
+                return True
             continue  # inside a word (`task_1`): no shape starts there (they begin at `\b`)
         n += 1
         if n > _HINTS_READ:
@@ -234,8 +253,13 @@ def is_secret_header(name: str, value: str) -> bool:
 #: (rev26: 1 MB of `a=%25&` held the loop 3 s, a name rule and a text scan a pair).
 _PAIRS_READ = 1000
 _SEPARATOR = re.compile(r"[&;]")
-#: The value of a parameter past `_PAIRS_READ`, whatever its name: all after its first `=`.
-_PAST_CAP = re.compile(r"=[^&;]+")
+#: A parameter past `_PAIRS_READ`, whatever its name: its value masked, and a piece with no
+#: `=` (a `;` inside the last secret read: rev27 showed `token=***;Rest0fTheSecret`) whole.
+_PAST_CAP = re.compile(r"(?<=[&;])([^&;=]*)(=)?[^&;]*")
+
+
+def _past_cap(m: re.Match[str]) -> str:
+    return f"{m[1]}={REDACTED}" if m[2] else (REDACTED if m[0] else "")
 
 
 def redact_query(query: str) -> str:
@@ -245,7 +269,7 @@ def redact_query(query: str) -> str:
     if query.count("&") + query.count(";") >= _PAIRS_READ:
         for i, m in enumerate(_SEPARATOR.finditer(query)):
             if i == _PAIRS_READ - 1:
-                query, tail = query[: m.start()], _PAST_CAP.sub(f"={REDACTED}", query[m.start() :])
+                query, tail = query[: m.start()], _PAST_CAP.sub(_past_cap, query[m.start() :])
                 break
     out: list[str] = []
     changed = masking = False
@@ -284,8 +308,10 @@ _MAY_HOLD = re.compile(r"[=:@]|(?i:bearer|basic)\s|" + "|".join(re.escape(p) for
 def _holds_secret(value: str) -> bool:
     """A parameter value that is itself an encoded URL or query with a secret in it
     (`redirect=https%3A%2F%2Fx%3Fkey%3D...`)."""
-    if "%" not in value:  # a URL left as it is was seen by `redact_url`/`redact_text` already
-        return False
+    if "%" not in value:  # a key as it is (rev27: `?x=sk-proj-...` was kept)
+        return _holds_key(value)
+    if len(value) > REDACT_MARGIN:  # longer than any URL or credential: not read (rev27: 147 ms)
+        return True
     d = _decoded(value)
     # a full text scan only where one could find something (rev26: `a=%25` a pair, 3 s a MB)
     return d != value and _MAY_HOLD.search(d) is not None and redact_text(d) != d
@@ -470,12 +496,6 @@ def _member(m: re.Match[str]) -> str:
         return m.group()
     masked = _ANY_STR.sub(lambda s: s.group() if s.group() == '""' else f'"{REDACTED}"', value)
     return f'"{m["name"]}"{m["sep"]}{masked}'
-
-
-#: What a copy cut to a cap reads past it for redaction (longer than any credential): the rules
-#: cost ~0.5 us a character, so a body is cut before it is redacted, not after (rev26: a 1.2 MB
-#: prompt held `llmtap up`'s event loop 1.2 s in an OpenTelemetry span's content).
-REDACT_MARGIN = 16 * 1024
 
 
 def redact_body(text: str) -> str:
