@@ -15,6 +15,13 @@ checked. Past `HEAD_MAX` the connection is answered 431 and closed. A head pipel
 another request is counted from the read after that request's headers: the part of it in the
 same read as they were is not, so up to one read more (256 KiB) may reach aiohttp's parser.
 
+llhttp, failing in a read, keeps the complete requests it parsed in that read before the fault
+(aiohttp then queues only the 400): a read known to begin where a request does (the connection's
+first, or one after a read that ended with a request, which its own bytes show) is parsed again
+by a parser that stops after each request, and those come before the 400. When in doubt (part
+of a head came earlier), nothing is parsed again: bytes read out of their framing would be
+requests the client never sent as such.
+
 Every HTTP port of llmtap's (the gateway, the server, a worker's probe port) is a
 `GuardedServer`: the gateway's directly, the others through `app_runner`.
 """
@@ -26,9 +33,9 @@ import re
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from llmtap.redact import redact_text
 
@@ -50,8 +57,8 @@ class GuardedHandler(RequestHandler):
     """aiohttp's connection handler, timing each request's headers and counting their bytes."""
 
     __slots__ = (
-        "_armed_count", "_body", "_body_bytes", "_discarding", "_head_bytes", "_header_timeout",
-        "_header_timer",
+        "_armed_count", "_auto_decompress", "_body", "_body_bytes", "_clean", "_discarding",
+        "_head_bytes", "_header_timeout", "_header_timer", "_held", "_held_base", "_plain",
     )  # fmt: skip
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
@@ -63,6 +70,13 @@ class GuardedHandler(RequestHandler):
         self._body_bytes = 0  # received since, while its body came (framing and trailers too)
         self._discarding = False  # refused: what still comes is dropped until the close
         self._body: StreamReader | None = None  # the last request's body, as it arrives
+        self._auto_decompress: bool = kwargs.get("auto_decompress", True)
+        # The parser is known to hold no byte of a request: the next read can be parsed alone.
+        self._clean = True
+        self._plain = False  # the last request's body is Content-Length bytes as they came
+        # A read that began clean and filled the queue: the parser keeps the rest of it back.
+        self._held: bytes | None = None
+        self._held_base = 0  # `_request_count` before it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -72,6 +86,7 @@ class GuardedHandler(RequestHandler):
         if self._discarding:
             return
         count = self._request_count
+        clean = self._clean
         between = self._body is None or self._body.is_eof()  # the last request's body all came
         if between:  # so this is a request's head: the first, or one pipelined behind another
             self._head_bytes += len(data)
@@ -89,23 +104,29 @@ class GuardedHandler(RequestHandler):
             # larger reads showed it). Chunk framing in this read is counted too: a bound, not a
             # measure.
             self._head_bytes = len(data) - (self._body.total_bytes - body_before)
+            self._clean, self._held = self._plain and self._head_bytes == 0, None
             if self._head_bytes > HEAD_MAX:
                 self._refuse()
                 return
         if self._request_count != count:  # a request's headers are complete
             if not between and self._body is not None and not self._body.is_eof():
-                message = self._messages[-1][0] if self._messages else None
-                if message is not None and not isinstance(message, RawRequestMessage):
+                fault = self._messages[-1][0] if self._messages else None
+                if type(fault) is _ErrInfo:
                     # The body turned malformed (a chunk size that is no number): aiohttp queues
                     # its 400 behind the request being handled, whose read waited for the rest
                     # of the body until the client gave up (rev26). Its read fails now instead.
-                    self._body.set_exception(getattr(message, "exc", None) or ValueError(message))
+                    self._body.set_exception(fault.exc)
             self._head_bytes = self._body_bytes = 0
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-            self._body = self._messages[-1][1] if self._messages else None
+            message, self._body = self._messages[-1] if self._messages else (None, None)
+            if type(message) is _ErrInfo:
+                self._recover(data, clean, count)
+            else:
+                self._settle(data, message, clean, count)
         elif not between and self._body is not None:
+            self._held = None  # more of a body the parser returned: bytes no longer held back
             # A chunked body's trailers are headers too (aiohttp holds them like a head's):
             # 57 MB of unfinished ones held 111 MB. What came beyond the body's own bytes past
             # the cap, and past the body itself (chunk framing is a few bytes a chunk), is no
@@ -114,10 +135,96 @@ class GuardedHandler(RequestHandler):
             if extra > HEAD_MAX and extra > self._body.total_bytes:
                 self._discarding = True
                 self.force_close()
-        elif self._header_timer is None and not self._request_in_progress and between:
-            # The first bytes of the next request on a kept-alive connection: not more of the
-            # last one's body (which may arrive before its handler starts, or after it answered).
-            self._arm()
+        elif between:
+            if data:  # part of a head: the parser holds it
+                self._clean, self._held = False, None
+            if self._header_timer is None and not self._request_in_progress:
+                # The first bytes of the next request on a kept-alive connection: not more of the
+                # last one's body (which may arrive before its handler starts, or after it answered).
+                self._arm()
+
+    def _settle(self, data: bytes, message: Any, clean: bool, count: int) -> None:
+        """Whether this read, which completed a request's head, ended where a request does: a
+        read that follows, if the parser fails in it, can then be parsed again on its own."""
+        body = self._body
+        if message is None or self._upgraded or message.should_close:  # no more requests parsed
+            self._clean, self._held, self._plain = False, None, False
+            return
+        self._plain = not message.chunked and not (self._auto_decompress and message.compression)
+        if len(self._messages) >= self._max_msg_queue_size - 4:
+            # The queue is (nearly) full: the parser may have stopped at a request's end and
+            # kept the rest of the read back. A read that began clean is kept (a reference) to
+            # parse again should the parser fail in that rest.
+            self._clean = False
+            if self._held is not None:
+                self._held = self._held + data if len(self._held) + len(data) <= HEAD_MAX else None
+            elif clean and data:
+                self._held, self._held_base = data, count
+        else:
+            tail = data or self._held or b""
+            self._held = None
+            if body is EMPTY_PAYLOAD:
+                self._clean = tail.endswith(b"\r\n\r\n")  # a head never holds an empty line
+            elif body is not None and self._plain and body.is_eof() and len(body._buffer) == 1:
+                # The whole body came in this read: the read ended with it if what precedes its
+                # bytes ends the head.
+                size = body.total_bytes
+                self._clean = tail[-size - 4 : -size] == b"\r\n\r\n" and tail.endswith(body._buffer[0])
+            else:
+                self._clean = False
+
+    def _recover(self, data: bytes, clean: bool, count: int) -> None:
+        """The parser failed in this read: the complete requests it parsed in the same read,
+        before the fault, are lost with it (llhttp raises, and keeps them). Parsed again here,
+        from a read that began where a request does, they are handled before the 400."""
+        self._clean = False
+        held, self._held = self._held, None
+        if held is not None:
+            found = self._reparse(held + data, count - self._held_base)
+        elif clean and data:
+            found = self._reparse(data, 0)
+        else:
+            return  # the parser held part of a request before this read: nothing is certain
+        if found:
+            fault = self._messages.pop()
+            self._messages.extend(found)
+            self._messages.append(fault)
+            self._request_count += len(found)
+
+    def _held_requests(self, emitted: int) -> list[Any]:
+        """The complete requests of the held read the parser lost to a fault after them, past
+        the `emitted` it returned since the last read."""
+        held, self._held = self._held, None
+        if held is None:
+            return []
+        return self._reparse(held, self._request_count - self._held_base + emitted)
+
+    def _reparse(self, data: bytes, skip: int) -> list[Any]:
+        """The complete requests in `data` (which begins where a request does) before a fault,
+        past the first `skip`: a fresh parser that stops after each request returns each one
+        before it reaches the fault. None unless it does fault (then it read `data` otherwise)."""
+        if self._parser is None:  # the connection is gone
+            return []
+        parser = type(self._parser)(
+            self, self._loop, self._read_bufsize,
+            max_line_size=self.max_line_size, max_field_size=self.max_field_size,
+            max_headers=self.max_headers, payload_exception=RequestPayloadError,
+            auto_decompress=self._auto_decompress, max_msg_queue_size=1,
+        )  # fmt: skip
+        found: list[Any] = []
+        seen = 0
+        try:
+            messages, upgraded, _ = parser.feed_data(data)
+            while messages and not upgraded and seen <= skip + 128:  # a bound on the work
+                for message in messages:
+                    seen += 1
+                    if seen > skip:
+                        found.append(message)
+                parser.message_consumed()
+                messages, upgraded, _ = parser.feed_data(b"")
+        except HttpProcessingError:
+            return [(m, body) for m, body in found if body.is_eof()]
+        return []
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
         """Stop within `timeout`, not twice it.

@@ -89,20 +89,26 @@ class _OrphanHandler(GuardedHandler):
 
     def _drain_parser(self) -> None:
         """The complete requests aiohttp's parser read but holds back: it stops emitting them
-        while 32 are queued (`MAX_MSG_QUEUE_SIZE`), keeping the rest of the read in its buffer."""
+        while 32 are queued (`MAX_MSG_QUEUE_SIZE`), keeping the rest of the read in its buffer.
+        Garbage after them makes it raise and drop those it parsed in that call: the held read
+        is parsed again for them (rev26: 40 pipelined and a bad one, 34 recorded)."""
         parser = self._parser
         if parser is None:
             return
+        drained = 0
         while True:
             for _ in range(len(self._messages) + 64):  # frees every slot it counts
                 parser.message_consumed()
             try:
                 messages, _, _ = parser.feed_data(b"")
             except HttpProcessingError:
-                return  # garbage after them: what was parsed before it is in `_messages`
+                # Garbage after them: the parser lost those it read in this call before it.
+                self._messages.extend(self._held_requests(drained))
+                return
             if not messages:
                 return
             self._messages.extend(messages)
+            drained += len(messages)
 
 
 class OrphanServer(GuardedServer):

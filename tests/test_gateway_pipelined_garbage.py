@@ -1,0 +1,127 @@
+"""Complete requests that arrive in the same read as a malformed one (the real `llmtap up`, raw
+sockets). llhttp raises on the fault and keeps the requests it parsed before it in that read:
+aiohttp queued only the 400, and they were never proxied nor recorded."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from procs import fake_upstream, list_records, running_up
+
+CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+BAD = b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n"
+
+
+@dataclass
+class Stack:
+    gw_port: int
+    api: str
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("garbage")
+    with fake_upstream(tmp) as fake, running_up(tmp, openai_base_url=fake) as up:
+        yield Stack(up.gw_port, up.api)
+
+
+def chat(rid: str, close: bool = False) -> bytes:
+    return (
+        b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer sk-test\r\nLlmtap-Request-Id: %s\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (rid.encode(), b"Connection: close\r\n" if close else b"", len(CHAT), CHAT)
+    )
+
+
+def send(port: int, data: bytes, *, read: bool = True) -> bytes:
+    """`data` in one write; the answers, read to EOF (or none: the client hangs up at once)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(data)
+        if not read:
+            return b""
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def recorded(stack: Stack, ids: list[str], timeout: float = 30) -> set[str]:
+    """Which of `ids` are stored, once all are or `timeout` passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {r["id"] for r in list_records(stack.api)} & set(ids)
+        if found == set(ids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def ids(n: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 10])
+def test_requests_before_a_malformed_one_in_the_same_read_are_answered_and_recorded(
+    stack: Stack, n: int
+) -> None:
+    """Before: one 400, no record."""
+    rids = ids(n)
+    answers = send(stack.gw_port, b"".join(chat(r) for r in rids) + BAD)
+    assert answers.count(b"HTTP/1.1 200 ") == n, answers[:300]
+    assert answers.count(b" 400 Bad Request\r\n") == 1, answers[-300:]
+    assert recorded(stack, rids) == set(rids)
+
+
+def test_a_request_with_connection_close_and_a_stray_byte_is_answered_and_recorded(stack: Stack) -> None:
+    """Before: a 400 ("Data after `Connection: close`"), no record. The request ends the
+    connection: its answer, and nothing after it."""
+    [rid] = ids(1)
+    answers = send(stack.gw_port, chat(rid, close=True) + b"x")
+    assert answers.startswith(b"HTTP/1.1 200 ") and b" 400 " not in answers, answers[:300]
+    assert recorded(stack, [rid]) == {rid}
+
+
+def test_after_a_kept_alive_request_the_next_read_with_garbage_is_recovered(stack: Stack) -> None:
+    """The first read ended where its request did (known from the read's own bytes), so the
+    next one is parsed again on its own."""
+    rids = ids(3)
+    with socket.create_connection(("127.0.0.1", stack.gw_port), timeout=60) as s:
+        s.sendall(chat(rids[0]))
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 "), first[:300]
+        time.sleep(0.2)  # the whole answer
+        s.sendall(chat(rids[1]) + chat(rids[2]) + BAD)
+        rest = b""
+        while chunk := s.recv(65536):
+            rest += chunk
+    assert rest.count(b"HTTP/1.1 200 ") == 2 and rest.count(b" 400 Bad Request\r\n") == 1, rest[:300]
+    assert recorded(stack, rids) == set(rids)
+
+
+def test_pipelined_requests_the_parser_held_back_are_recorded_when_garbage_follows(stack: Stack) -> None:
+    """40 requests and a malformed one in one write, and the client hangs up: the parser holds
+    back what is past aiohttp's 32-request queue, and lost those to the fault (before: 34 of 40)."""
+    rids = ids(40)
+    send(stack.gw_port, b"".join(chat(r) for r in rids) + BAD, read=False)
+    assert recorded(stack, rids) == set(rids)
+
+
+def test_a_read_that_continues_a_head_is_never_parsed_again_on_its_own(stack: Stack) -> None:
+    """The parser held the start of a head from the read before: parsed alone, this read would
+    give a request the client never sent as one (its bytes end the held head). Only the 400."""
+    first, smuggled = ids(2)
+    with socket.create_connection(("127.0.0.1", stack.gw_port), timeout=60) as s:
+        s.sendall(chat(first) + b"POST /openai/v1/chat/completions HTTP/1.1\r\nX-A: ")
+        answers = s.recv(65536)
+        time.sleep(0.2)
+        s.sendall(b"\r\n\r\n" + chat(smuggled) + BAD)
+        while chunk := s.recv(65536):
+            answers += chunk
+    assert answers.count(b"HTTP/1.1 200 ") == 1 and answers.count(b" 400 Bad Request\r\n") == 1, answers
+    assert recorded(stack, [first]) == {first}
+    assert recorded(stack, [smuggled], timeout=3) == set()
