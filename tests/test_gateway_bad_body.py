@@ -43,6 +43,32 @@ async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), timeout=30)  # EOF: the gateway closed
 
 
+async def test_a_chunked_body_malformed_in_the_read_of_its_head_is_answered_400_and_recorded(
+    tmp_path: Path,
+) -> None:
+    """rev27: the same bytes in one read got aiohttp's own 400 and no record (the parser failed
+    before the head was handed over): parsed again, the request is handled and fails its read."""
+    runner, port, reached = await answering_upstream()
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (svc, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(
+                head(IDS[0], b"Transfer-Encoding: chunked\r\n") + b'5\r\n{"mod\r\nzz\r\nabc\r\n0\r\n\r\n'
+            )
+            await writer.drain()
+            raw = await read_to_eof(reader)
+            writer.close()
+            (rec,) = await published(svc, q, 1)
+    finally:
+        await runner.cleanup()
+    assert raw.startswith(b"HTTP/1.1 400") and b"llmtap_bad_request" in raw, raw[:300]
+    assert raw.count(b"HTTP/1.") == 1
+    assert not reached
+    assert (rec.id, rec.status, rec.outcome) == (IDS[0], 400, "completed")
+    assert rec.error is not None and rec.error.startswith("malformed request body: Invalid character")
+
+
 async def test_a_chunked_body_that_turns_malformed_is_answered_400_and_recorded(tmp_path: Path) -> None:
     runner, port, reached = await answering_upstream()
     q = MemoryQueue()

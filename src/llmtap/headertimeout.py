@@ -18,7 +18,7 @@ same read as they were is not, so up to one read more (256 KiB) may reach aiohtt
 llhttp, failing in a read, keeps the complete requests it parsed in that read before the fault
 (aiohttp then queues only the 400): a read known to begin where a request does (the connection's
 first, or one after a read that ended with a request, which its own bytes show) is parsed again
-by a parser that stops after each request, and those come before the 400. When in doubt (part
+by a fresh parser fed up to each head's end in turn, and those come before the 400. When in doubt (part
 of a head came earlier), nothing is parsed again: bytes read out of their framing would be
 requests the client never sent as such.
 
@@ -200,30 +200,41 @@ class GuardedHandler(RequestHandler):
         return self._reparse(held, self._request_count - self._held_base + emitted)
 
     def _reparse(self, data: bytes, skip: int) -> list[Any]:
-        """The complete requests in `data` (which begins where a request does) before a fault,
-        past the first `skip`: a fresh parser that stops after each request returns each one
-        before it reaches the fault. None unless it does fault (then it read `data` otherwise)."""
+        """The requests in `data` (which begins where a request does) up to a fault, past the
+        first `skip`. A fresh parser is fed `data` cut after each empty line, so that every head
+        is complete at the end of a call, which returns its request before the fault can take
+        it; the request whose body the fault is in fails its read (rev27: a chunked body
+        malformed in the read of its head got aiohttp's 400 and no record). Nothing unless it
+        does fault (then the two parsers read `data` otherwise)."""
         if self._parser is None:  # the connection is gone
             return []
         parser = type(self._parser)(
             self, self._loop, self._read_bufsize,
             max_line_size=self.max_line_size, max_field_size=self.max_field_size,
             max_headers=self.max_headers, payload_exception=RequestPayloadError,
-            auto_decompress=self._auto_decompress, max_msg_queue_size=1,
+            auto_decompress=self._auto_decompress, max_msg_queue_size=0,
         )  # fmt: skip
         found: list[Any] = []
-        seen = 0
+        seen = start = 0
         try:
-            messages, upgraded, _ = parser.feed_data(data)
-            while messages and not upgraded and seen <= skip + 128:  # a bound on the work
+            for _ in range(4096):  # a bound on the work (pieces); and on the requests, below
+                if start >= len(data) or seen > skip + 128:
+                    break
+                end = data.find(b"\r\n\r\n", start)
+                end = len(data) if end < 0 else end + 4
+                messages, upgraded, _ = parser.feed_data(data[start:end])
                 for message in messages:
                     seen += 1
                     if seen > skip:
                         found.append(message)
-                parser.message_consumed()
-                messages, upgraded, _ = parser.feed_data(b"")
-        except HttpProcessingError:
-            return [(m, body) for m, body in found if body.is_eof()]
+                if upgraded:
+                    return []
+                start = end
+        except HttpProcessingError as e:
+            for _, body in found:
+                if not body.is_eof():  # the request the fault is in: its body turned malformed,
+                    body.set_exception(e)  # so its handler answers 400 and records why
+            return found
         return []
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
