@@ -16,11 +16,12 @@ another request is counted from the read after that request's headers: the part 
 same read as they were is not, so up to one read more (256 KiB) may reach aiohttp's parser.
 
 llhttp, failing in a read, keeps the complete requests it parsed in that read before the fault
-(aiohttp then queues only the 400): a read known to begin where a request does (the connection's
-first, or one after a read that ended with a request, which its own bytes show) is parsed again
-by a fresh parser fed up to each head's end in turn, and those come before the 400. When in doubt (part
-of a head came earlier), nothing is parsed again: bytes read out of their framing would be
-requests the client never sent as such.
+(aiohttp then queues only the 400). The bytes from where a request began (the connection's
+first, the end of a request proven by where its head's empty line is and its body's length, the
+end of a body of plain bytes; the start of a head that came in earlier reads is kept) are parsed
+again by a fresh parser fed up to each head's end in turn, and those come before the 400. When
+in doubt, nothing is parsed again: bytes read out of their framing would be requests the client
+never sent as such.
 
 Every HTTP port of llmtap's (the gateway, the server, a worker's probe port) is a
 `GuardedServer`: the gateway's directly, the others through `app_runner`.
@@ -53,12 +54,23 @@ _TOO_LARGE = (
 _QUOTE = re.compile(r"""\bb['"]""")
 
 
+def _message_end(buf: bytes, size: int) -> int | None:
+    """Where the one request that begins `buf` ends, its body `size` bytes as they came: after
+    the head's empty line, which llhttp takes as `\r\n\r\n` only and which no head holds
+    before its end. None for a `buf` that begins with the line breaks llhttp skips."""
+    if buf[:1] in (b"\r", b"\n"):
+        return None
+    head = buf.find(b"\r\n\r\n")
+    end = head + 4 + size
+    return end if head >= 0 and end <= len(buf) else None
+
+
 class GuardedHandler(RequestHandler):
     """aiohttp's connection handler, timing each request's headers and counting their bytes."""
 
     __slots__ = (
-        "_armed_count", "_auto_decompress", "_body", "_body_bytes", "_clean", "_discarding",
-        "_head_bytes", "_header_timeout", "_header_timer", "_held", "_held_base", "_plain",
+        "_armed_count", "_auto_decompress", "_body", "_body_bytes", "_discarding", "_head_bytes",
+        "_header_timeout", "_header_timer", "_held", "_held_base", "_plain", "_since",
     )  # fmt: skip
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
@@ -71,8 +83,9 @@ class GuardedHandler(RequestHandler):
         self._discarding = False  # refused: what still comes is dropped until the close
         self._body: StreamReader | None = None  # the last request's body, as it arrives
         self._auto_decompress: bool = kwargs.get("auto_decompress", True)
-        # The parser is known to hold no byte of a request: the next read can be parsed alone.
-        self._clean = True
+        # Where the parser stands, in bytes it holds of a head that began where a request
+        # does (`[]`: it holds none), or None when not known (see `_settle`).
+        self._since: list[bytes] | None = []
         self._plain = False  # the last request's body is Content-Length bytes as they came
         # A read that began clean and filled the queue: the parser keeps the rest of it back.
         self._held: bytes | None = None
@@ -86,8 +99,9 @@ class GuardedHandler(RequestHandler):
         if self._discarding:
             return
         count = self._request_count
-        clean = self._clean
+        read = data
         between = self._body is None or self._body.is_eof()  # the last request's body all came
+        since = self._since if between else None
         if between:  # so this is a request's head: the first, or one pipelined behind another
             self._head_bytes += len(data)
             if self._head_bytes > HEAD_MAX:  # refused before aiohttp's parser holds any of it
@@ -97,17 +111,21 @@ class GuardedHandler(RequestHandler):
             self._body_bytes += len(data)
             body_before = self._body.total_bytes if self._body is not None else 0
         super().data_received(data)
-        if not between and self._body is not None and self._body.is_eof() and self._request_count == count:
+        if not between and self._body is not None and self._body.is_eof():
             # This read ended the body, and what came after it is the next request's head: it
             # counts toward HEAD_MAX (uncounted, a 1.2 MB head pipelined behind an upload was
             # held until the header timeout closed the connection, with no 431; a busy machine's
             # larger reads showed it). Chunk framing in this read is counted too: a bound, not a
             # measure.
-            self._head_bytes = len(data) - (self._body.total_bytes - body_before)
-            self._clean, self._held = self._plain and self._head_bytes == 0, None
-            if self._head_bytes > HEAD_MAX:
-                self._refuse()
-                return
+            rest = len(data) - (self._body.total_bytes - body_before)
+            if self._plain:  # the body is its bytes as they came: the next request follows them
+                since, data = [], data[len(data) - rest :]
+            if self._request_count == count:
+                self._head_bytes = rest
+                self._since, self._held = ([data] if data else []) if since is not None else None, None
+                if self._head_bytes > HEAD_MAX:
+                    self._refuse()
+                    return
         if self._request_count != count:  # a request's headers are complete
             if not between and self._body is not None and not self._body.is_eof():
                 fault = self._messages[-1][0] if self._messages else None
@@ -121,11 +139,27 @@ class GuardedHandler(RequestHandler):
                 self._header_timer.cancel()
                 self._header_timer = None
             message, self._body = self._messages[-1] if self._messages else (None, None)
+            # This read's bytes from where a request began (those of its head that came in
+            # earlier reads first), or None when that place is not known.
+            buf = None if since is None else (b"".join(since) + data if since else data)
             if type(message) is _ErrInfo:
-                self._recover(data, clean, count)
+                self._recover(buf, read, count)
             else:
-                self._settle(data, message, clean, count)
-        elif not between and self._body is not None:
+                self._settle(buf, read, message, count)
+                if self._upgraded:
+                    self._decline_upgrade()
+                elif message is not None and message.upgrade:  # type: ignore[union-attr]
+                    self._after_upgrade()
+        elif between:
+            if data:  # part of a head: the parser holds it
+                self._held = None
+                if since is not None:
+                    since.append(data)
+            if self._header_timer is None and not self._request_in_progress:
+                # The first bytes of the next request on a kept-alive connection: not more of the
+                # last one's body (which may arrive before its handler starts, or after it answered).
+                self._arm()
+        elif self._body is not None:
             self._held = None  # more of a body the parser returned: bytes no longer held back
             # A chunked body's trailers are headers too (aiohttp holds them like a head's):
             # 57 MB of unfinished ones held 111 MB. What came beyond the body's own bytes past
@@ -135,56 +169,80 @@ class GuardedHandler(RequestHandler):
             if extra > HEAD_MAX and extra > self._body.total_bytes:
                 self._discarding = True
                 self.force_close()
-        elif between:
-            if data:  # part of a head: the parser holds it
-                self._clean, self._held = False, None
-            if self._header_timer is None and not self._request_in_progress:
-                # The first bytes of the next request on a kept-alive connection: not more of the
-                # last one's body (which may arrive before its handler starts, or after it answered).
-                self._arm()
 
-    def _settle(self, data: bytes, message: Any, clean: bool, count: int) -> None:
-        """Whether this read, which completed a request's head, ended where a request does: a
-        read that follows, if the parser fails in it, can then be parsed again on its own."""
+    def _settle(self, buf: bytes | None, read: bytes, message: Any, count: int) -> None:
+        """Where the parser stands after this read, which completed a request's head: at a
+        request's start (`_since` is `[]`), holding the start of a head that began at one
+        (`[those bytes]`), or unknown (None). Known, a read that follows can be parsed again
+        should the parser fail in it. Proven from where the head's empty line is, never from
+        how a read ends (rev28: a body's copy of a head's start after `\r\n\r\n` passed for
+        the end of a request, and the next read, parsed alone, gave a request never sent)."""
         body = self._body
         if message is None or self._upgraded or message.should_close:  # no more requests parsed
-            self._clean, self._held, self._plain = False, None, False
+            self._since, self._held, self._plain = None, None, False
             return
         self._plain = not message.chunked and not (self._auto_decompress and message.compression)
         if len(self._messages) >= self._max_msg_queue_size - 4:
             # The queue is (nearly) full: the parser may have stopped at a request's end and
-            # kept the rest of the read back. A read that began clean is kept (a reference) to
-            # parse again should the parser fail in that rest.
-            self._clean = False
+            # kept the rest of the read back. A read that began where a request does is kept
+            # (a reference) to parse again should the parser fail in that rest.
+            self._since = None
             if self._held is not None:
-                self._held = self._held + data if len(self._held) + len(data) <= HEAD_MAX else None
-            elif clean and data:
-                self._held, self._held_base = data, count
-        else:
-            tail = data or self._held or b""
-            self._held = None
+                self._held = self._held + read if len(self._held) + len(read) <= HEAD_MAX else None
+            elif buf:
+                self._held, self._held_base = buf, count
+            return
+        held, self._held = self._held, None
+        end = None
+        if buf is not None and self._request_count - count == 1:
             if body is EMPTY_PAYLOAD:
-                self._clean = tail.endswith(b"\r\n\r\n")  # a head never holds an empty line
-            elif body is not None and self._plain and body.is_eof() and len(body._buffer) == 1:
-                # The whole body came in this read: the read ended with it if what precedes its
-                # bytes ends the head.
-                size = body.total_bytes
-                self._clean = tail[-size - 4 : -size] == b"\r\n\r\n" and tail.endswith(body._buffer[0])
-            else:
-                self._clean = False
+                end = _message_end(buf, 0)
+            elif body is not None and self._plain and body.is_eof():
+                end = _message_end(buf, body.total_bytes)
+        if end is not None:
+            self._since = [buf[end:]] if buf is not None and end < len(buf) else []
+        elif body is EMPTY_PAYLOAD and not message.upgrade and (read or held or b"").endswith(b"\r\n\r\n"):
+            self._since = []  # a head never holds an empty line: none is held
+        else:
+            self._since = None
 
-    def _recover(self, data: bytes, clean: bool, count: int) -> None:
+    def _decline_upgrade(self) -> None:
+        """No llmtap port switches protocols (no WebSocket): aiohttp holds what came after an
+        upgrade request until it is answered, then parses it past this guard, which lost the
+        requests in it before a fault (rev28). It is parsed now, as any pipelined bytes are."""
+        tail, self._message_tail = self._message_tail, b""
+        self._upgraded = False
+        if self._parser is not None:
+            self._parser.set_upgraded(False)
+        self._since = []  # the tail begins where the upgrade request ended
+        if tail:
+            self.data_received(tail)
+
+    def _after_upgrade(self) -> None:
+        """An upgrade aiohttp does not know (`Upgrade: h2c`): its parser dropped the rest of the
+        read, and the requests pipelined in it were never answered nor recorded, the client
+        waiting for ever (rev28). Parsed here when where it begins is known; else the
+        connection closes once the requests before are answered."""
+        since = self._since
+        if since is None:
+            self.close()
+            return
+        self._since = []
+        if since:
+            self.data_received(since[0])
+
+    def _recover(self, buf: bytes | None, read: bytes, count: int) -> None:
         """The parser failed in this read: the complete requests it parsed in the same read,
         before the fault, are lost with it (llhttp raises, and keeps them). Parsed again here,
-        from a read that began where a request does, they are handled before the 400."""
-        self._clean = False
+        from where a request began, they are handled before the 400."""
+        self._since = None
         held, self._held = self._held, None
         if held is not None:
-            found = self._reparse(held + data, count - self._held_base)
-        elif clean and data:
-            found = self._reparse(data, 0)
+            found = self._reparse(held + read, count - self._held_base)
+        elif buf:
+            found = self._reparse(buf, 0)
         else:
-            return  # the parser held part of a request before this read: nothing is certain
+            return  # where the parser stood before this read is not known: nothing is certain
         if found:
             fault = self._messages.pop()
             self._messages.extend(found)
@@ -222,13 +280,20 @@ class GuardedHandler(RequestHandler):
                     break
                 end = data.find(b"\r\n\r\n", start)
                 end = len(data) if end < 0 else end + 4
-                messages, upgraded, _ = parser.feed_data(data[start:end])
+                messages, upgraded, tail = parser.feed_data(data[start:end])
+                lost = False  # the parser dropped the rest of the piece
                 for message in messages:
                     seen += 1
                     if seen > skip:
                         found.append(message)
-                if upgraded:
-                    return []
+                    # An upgrade aiohttp does not know ends its parse of the piece, which ends
+                    # with its head unless it has a body: what follows that is not known.
+                    lost |= bool(message[0].upgrade) and message[1] is not EMPTY_PAYLOAD
+                if upgraded:  # declined (`_decline_upgrade`): what follows it is parsed on
+                    parser.set_upgraded(False)
+                    end -= len(tail)
+                elif lost:
+                    return found
                 start = end
         except HttpProcessingError as e:
             for _, body in found:
