@@ -32,3 +32,18 @@ def test_url_credentials_are_known_raw_decoded_and_after_any_separator() -> None
 def test_a_url_without_credentials_gives_none() -> None:
     assert _credentials(_capture("https://api.example.com/v1/models;v=2?limit=20&order=desc")) == set()
     assert _credentials(_capture("https://api.example.com/v1/chat/completions")) == set()
+
+
+def test_every_value_the_url_rule_masks_is_known() -> None:
+    # rev28b: a key as a plain value, a bare piece or a name, and an encoded URL's password,
+    # were masked in the recorded URL but not in the error the upstream quoted it in
+    key = "sk-proj-Ab3dEfGh1jKlMn0pQrStUvWxYz012345"
+    nxt = "https%3A%2F%2Fbob%3AHunter2Secret99%40db.example.com%2F"
+    cap = _capture(f"https://api.example.com/v1/x?x={key}%zz&next={nxt}&{key[:-1]}Q=1")
+    secrets = _credentials(cap)
+    echoed = (
+        f"Invalid URL (POST /v1/x?x={key}%zz&next={nxt}&{key[:-1]}Q=1);"
+        " next=https://bob:Hunter2Secret99@db.example.com/"
+    )
+    assert _scrub_text(echoed, secrets) == "Invalid URL (POST /v1/x?x=***&next=***&***=1); next=***"
+    assert _credentials(_capture(f"https://api.example.com/v1/x?{key}")) == {key.encode()}

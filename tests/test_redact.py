@@ -406,7 +406,7 @@ def test_a_long_querys_work_is_bounded_and_its_tail_masked(monkeypatch: pytest.M
     # past 1,000 pairs every value goes, whatever its name: none is read on
     pairs = red.split("&")
     assert pairs[: redact._PAIRS_READ] == ["a=%25"] * redact._PAIRS_READ
-    assert set(pairs[redact._PAIRS_READ : -1]) == {"a=***"} and pairs[-1] == ""
+    assert set(pairs[redact._PAIRS_READ : -1]) == {"***=***"} and pairs[-1] == ""
     long = "&".join(f"p{i}=v{i}" for i in range(1200)) + "&key=S3CR3T"
     assert "S3CR3T" not in redact.redact_query(long)
     # an ordinary query, and an encoded URL holding a secret, as before
@@ -524,7 +524,7 @@ def test_rev27_holes_in_the_url_and_value_rules(monkeypatch: pytest.MonkeyPatch)
     q = "&".join(f"a{i}=1" for i in range(999)) + "&token=Zk9Qx7AbCdEf;Rest0fTheSecret99&b=2&&c;d=cd=="
     red = redact.redact_query(q)
     assert "Rest0f" not in red and "Zk9Qx7" not in red and "cd==" not in red
-    assert red.endswith("&token=***;***&b=***&&***;d=***")
+    assert red.endswith("&token=***;***&***=***&&***;***=***")
     # an encoded value longer than any credential or URL is masked unread
     calls: list[str] = []
     monkeypatch.setattr(redact, "_decoded", lambda v: calls.append(v) or v)
@@ -533,3 +533,67 @@ def test_rev27_holes_in_the_url_and_value_rules(monkeypatch: pytest.MonkeyPatch)
     # hints inside words are bounded too: a value of nothing else is taken for a credential
     assert redact.is_secret_value("a" + "sk_" * 20_000)
     assert not redact.is_secret_value(",".join(f"task_{i}" for i in range(500)))
+
+
+K28 = "sk-proj-Ab3dEfGh1jKlMn0pQrStUvWxYz012345"
+
+
+def test_a_key_as_a_bare_piece_a_name_or_before_a_bad_escape_is_masked() -> None:
+    from llmtap import redact
+
+    # rev28b: pieces with no `=` were written back unread, names always, `%zz` hid a key
+    assert redact_url(f"https://h/v1?{K28}") == "https://h/v1?***"
+    assert redact_url(f"https://h/v1?{K28}=1&a=2") == "https://h/v1?***=***&a=2"
+    assert redact_url(f"https://h/v1?{K28}=") == "https://h/v1?***="
+    assert redact_url(f"https://h/v1?a=1#{K28}") == "https://h/v1?a=1#***"
+    assert redact_url(f"https://h/v1;{K28}?a=1") == "https://h/v1;***?a=1"
+    assert redact_url(f"https://h/v1?x={K28}%zz&y={K28}%") == "https://h/v1?x=***&y=***"
+    assert redact_url("https://h/v1?x=" + K28.replace("-", "%2D")) == "https://h/v1?x=***"
+    # past the cap names go too: a key as a name, a secret's rest after `;` read as one
+    many = "a=1&" * 999
+    assert redact.redact_query(many + f"{K28}=1").endswith("&***=***")
+    assert redact.redact_query(many + K28).endswith("&***")
+    red = redact.redact_query(many + "token=ab;Ab3dEfGh1jKlMn0pQrStUvWxYz==&x=1")
+    assert "Ab3dEf" not in red and red.endswith("&token=***;***=***&***=***")
+    # what is not a key stays
+    for q in ["model=gpt-4o&stream", "a=1;charset=utf-8", "x=1&n=sk-hynix", "debug&x=%zz", "task_1"]:
+        assert redact.redact_query(q) == q, q
+
+
+def test_the_query_rule_reports_every_value_it_masks() -> None:
+    from llmtap import redact
+
+    masked: list[str] = []
+    url = (
+        f"https://h/v1;key=PATHSECRET77?x={K28}&next=https%3A%2F%2Fbob%3AHunter2Secret99%40db.example.com%2F"
+        f"&{K28[:-2]}Zz=1&model=gpt-4o&y={K28[:-1]}%zz#frag"
+    )
+    red = redact_url(url, masked)
+    assert "***" in red and "model=gpt-4o" in red
+    for v in [
+        "PATHSECRET77", K28, "https%3A%2F%2Fbob%3AHunter2Secret99%40db.example.com%2F",
+        "https://bob:Hunter2Secret99@db.example.com/", K28[:-2] + "Zz", K28[:-1] + "%zz",
+    ]:  # fmt: skip
+        assert v in masked, v
+    assert "gpt-4o" not in masked and "frag" not in masked
+    # past the cap: the rest as it is echoed, and a key in it
+    masked = []
+    redact.redact_query("a=1&" * 999 + f"b=2&c={K28}", masked)
+    assert f"c={K28}" in masked and K28 in masked
+
+
+def test_a_query_scans_a_bounded_number_of_decoded_characters(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmtap import redact
+
+    # rev28b: every decoded value holding `=` got a full text scan, 16 KB each, up to 1,000 of
+    # them (a 64 KB URL held the loop 135 ms): past the budget such a value is masked unread
+    scanned: list[int] = []
+    text_rule = redact.redact_text
+    monkeypatch.setattr(redact, "redact_text", lambda t: scanned.append(len(t)) or text_rule(t))
+    value = "%3D" + "a" * 15_000
+    red = redact.redact_query("&".join(f"x{i}={value}" for i in range(40)))
+    assert sum(scanned) <= redact._QUERY_SCAN
+    assert red.count("=***") == 40 - len(scanned)
+    # short values are read as before: an encoded query without a secret is kept
+    scanned.clear()
+    assert redact.redact_query("next=%2Fv1%3Fa%3D1&b=2") == "next=%2Fv1%3Fa%3D1&b=2" and scanned == [7]

@@ -249,43 +249,79 @@ def is_secret_header(name: str, value: str) -> bool:
     return is_secret_name(name) or is_secret_value(value)
 
 
-#: Parameters of one query read one by one at most; the values of the rest are all masked
+#: Parameters of one query read one by one at most; the rest are all masked, names too
 #: (rev26: 1 MB of `a=%25&` held the loop 3 s, a name rule and a text scan a pair).
 _PAIRS_READ = 1000
 _SEPARATOR = re.compile(r"[&;]")
-#: A parameter past `_PAIRS_READ`, whatever its name: its value masked, and a piece with no
+#: A parameter past `_PAIRS_READ`: its name and value masked (junk by then, and a key may be
+#: either: rev28b showed `sk-...=1` and a secret's rest after a `;` as names), a piece with no
 #: `=` (a `;` inside the last secret read: rev27 showed `token=***;Rest0fTheSecret`) whole.
 _PAST_CAP = re.compile(r"(?<=[&;])([^&;=]*)(=)?[^&;]*")
+#: Characters of decoded values one query has scanned for secrets (`redact_text`) at most: past
+#: them a value that needs a scan is masked unread, as past the cap (rev28b: 4 values of 16 KB
+#: held the loop 135 ms).
+_QUERY_SCAN = 32 * 1024
 
 
 def _past_cap(m: re.Match[str]) -> str:
-    return f"{m[1]}={REDACTED}" if m[2] else (REDACTED if m[0] else "")
+    return f"{REDACTED}={REDACTED}" if m[2] else (REDACTED if m[0] else "")
 
 
-def redact_query(query: str) -> str:
-    """A query string with the values of credential-looking parameters replaced by `***`.
-    `&` and `;` both separate parameters (some servers accept either)."""
+def _report(masked: list[str] | None, value: str) -> None:
+    """`value` (a masked one) raw, decoded once and decoded to the end, for `masked`: what an
+    upstream echoing the URL may quote (`capture._credentials`)."""
+    if masked is not None:
+        masked += {value, unquote_plus(value, errors="replace"), _decoded(value)}
+
+
+def redact_query(query: str, masked: list[str] | None = None) -> str:
+    """A query string with the values of credential-looking parameters replaced by `***`, and
+    a name or a piece with no `=` that holds a key. `&` and `;` both separate parameters (some
+    servers accept either). What is masked goes to `masked` too, when given: the one rule for
+    what the record hides and what an upstream's error answer must not show."""
     tail = ""
     if query.count("&") + query.count(";") >= _PAIRS_READ:
         for i, m in enumerate(_SEPARATOR.finditer(query)):
             if i == _PAIRS_READ - 1:
-                query, tail = query[: m.start()], _PAST_CAP.sub(_past_cap, query[m.start() :])
+                query, rest = query[: m.start()], query[m.start() :]
+                tail = _PAST_CAP.sub(_past_cap, rest)
+                if masked is not None:  # the whole, as it is echoed, and any key in it
+                    _report(masked, rest[1:])
+                    for piece in _SPLIT_PARAMS.split(rest):
+                        for v in piece.split("="):
+                            if _holds_key(v):
+                                _report(masked, v)
                 break
     out: list[str] = []
     changed = masking = False
-    names: dict[str, bool] = {}  # one name rule per distinct name (`a=1&a=2&...`)
+    left = [_QUERY_SCAN]
+    names: dict[str, tuple[bool, bool]] = {}  # one name rule per distinct name (`a=1&a=2&...`)
     for part in _SPLIT_PARAMS.split(query):
         if part in ("&", ";"):
             out.append(part)
             continue
         name, sep, value = part.partition("=")
-        secret = False
-        if sep and value:
+        if not sep and part and _holds_secret(part, left):
+            # a key on its own (`?sk-...`, `#sk-...`; rev28b: stored whole)
+            out.append(REDACTED)
+            _report(masked, part)
+            changed = masking = True
+            continue
+        secret = key_name = False
+        if sep:
             known = names.get(name)
-            secret = names[name] = is_secret_name(name) if known is None else known
-            secret = secret or _holds_secret(value)
-        if secret:
-            out.append(f"{name}={REDACTED}")
+            if known is None:  # a name that is a key (`?sk-...=1`; rev28b) is masked itself
+                # (one search for a key's start first: most names hold none, and this is per request)
+                key = ("%" in name or _KEY_HINT.search(name) is not None) and _holds_secret(name, left)
+                known = names[name] = (is_secret_name(name), key)
+            key_name = known[1]
+            secret = bool(value) and (known[0] or key_name or _holds_secret(value, left))
+        if secret or key_name:
+            out.append(f"{REDACTED if key_name else name}={REDACTED if secret else value}")
+            if key_name:
+                _report(masked, name)
+            if secret:
+                _report(masked, value)
             changed = masking = True
         elif masking and out[-1] == ";" and (not value.strip("=") if sep else "/" not in part):
             # No `name=` after a `;` that follows a secret (a `/`: a path goes on), or one with
@@ -293,6 +329,7 @@ def redact_query(query: str) -> str:
             # that splits at `&` only (rev23: `?token=ab;cd`, Python's own `parse_qs`, showed
             # `cd`; rev26: `token=ab;cd==`, `sig=AbC;dE/fG==`). `;charset=utf-8` is kept.
             out.append(REDACTED)
+            _report(masked, part)
         else:
             out.append(part)
             masking = False
@@ -305,19 +342,30 @@ _SPLIT_PARAMS = re.compile(r"([&;])")
 _MAY_HOLD = re.compile(r"[=:@]|(?i:bearer|basic)\s|" + "|".join(re.escape(p) for p in _KEY_PREFIXES))
 
 
-def _holds_secret(value: str) -> bool:
-    """A parameter value that is itself an encoded URL or query with a secret in it
-    (`redirect=https%3A%2F%2Fx%3Fkey%3D...`)."""
-    if "%" not in value:  # a key as it is (rev27: `?x=sk-proj-...` was kept)
-        return _holds_key(value)
-    if len(value) > REDACT_MARGIN:  # longer than any URL or credential: not read (rev27: 147 ms)
+def _holds_secret(value: str, left: list[int] | None = None) -> bool:
+    """A parameter value that holds a key as it is, or is itself an encoded URL or query with
+    a secret in it (`redirect=https%3A%2F%2Fx%3Fkey%3D...`). `left`: the characters the query
+    may still scan (`_QUERY_SCAN`)."""
+    if "%" in value and len(value) > REDACT_MARGIN:  # longer than any URL or key: unread (rev27)
         return True
+    # as it is (rev27: `?x=sk-proj-...` was kept), and before decoding: `sk-...%zz` decodes to
+    # itself (rev28b: it was kept)
+    if _holds_key(value):
+        return True
+    if "%" not in value:
+        return False
     d = _decoded(value)
     # a full text scan only where one could find something (rev26: `a=%25` a pair, 3 s a MB)
-    return d != value and _MAY_HOLD.search(d) is not None and redact_text(d) != d
+    if d == value or _MAY_HOLD.search(d) is None:
+        return False
+    if left is not None:
+        left[0] -= len(d)
+        if left[0] < 0:
+            return True
+    return redact_text(d) != d
 
 
-def redact_url(url: str) -> str:
+def redact_url(url: str, masked: list[str] | None = None) -> str:
     """The URL with its password (`scheme://user:***@host`) and the values of credential-looking
     query parameters replaced by `***`: for recorded upstream URLs, banners and messages.
 
@@ -345,8 +393,11 @@ def redact_url(url: str) -> str:
     # under the same rule (`redact_query` splits at `&` and `;`, so `;` pairs in the path too).
     head, hsep, frag = url.partition("#")
     path, qsep, query = head.partition("?")
-    red = [redact_query(path) if ";" in path else path, qsep, redact_query(query) if qsep else ""]
-    red += [hsep, redact_query(frag) if hsep else ""]
+    # `masked`: every value the query rule masks, for `capture._credentials`.
+    path, psep, params = path.partition(";")
+    red = [path, psep, redact_query(params, masked) if psep else ""]
+    red += [qsep, redact_query(query, masked) if qsep else ""]
+    red += [hsep, redact_query(frag, masked) if hsep else ""]
     return "".join(red)
 
 

@@ -21,7 +21,6 @@ from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import unquote_plus
 
 import brotli
 import msgspec
@@ -36,7 +35,7 @@ from llmtap.providers.common import dumps, loads
 from llmtap.providers.forms import form_boundary, form_parts
 from llmtap.providers.sse import StreamResult
 from llmtap.record import Body, LogRecord, Outcome, Usage
-from llmtap.redact import is_secret_header, is_secret_name, redact_text, redact_url
+from llmtap.redact import is_secret_header, redact_text, redact_url
 
 #: Past `Capture.max_bytes` a stream keeps this much of its end, so the usage that providers send
 #: last is still found in very long streams.
@@ -239,28 +238,18 @@ def _loads(data: bytes | None) -> Any:
 
 _NO_LLMTAP = LlmtapHeaders()
 _SCHEMED = re.compile(r"(?i)^[a-z][a-z0-9._~+-]*\s+(\S.*)$")
-_PARAM_SPLIT = re.compile(r"[&;]")
 
 
 def _credentials(cap: Capture) -> set[bytes]:
-    """The credentials the client sent (header values, and query values named like one), the
+    """The credentials the client sent (header values, and what its URL's rule masks), the
     token of a `Bearer <token>`, the password a `Basic` one encodes, and each as JSON writes it
     (`/` as `\\/`): what an upstream's error answer may quote back."""
     found: list[str] = [v for k, v in cap.request_headers if is_secret_header(k, v)]
-    # Path parameters and the query, split at `&` and `;` as `redact_query` splits them, each
-    # value raw and decoded: an upstream echoing the URL quotes it raw (rev26: `?key=AbC%2B...`
-    # in "Invalid URL (POST /v1/x?key=...)", `;key=` and `?a=1;key=` were stored whole).
-    path, _, query = cap.target_url.partition("#")[0].partition("?")
-    pairs = _PARAM_SPLIT.split(query) if query else []
-    if ";" in path:
-        pairs += _PARAM_SPLIT.split(path)[1:]
-    for pair in pairs:
-        name, eq, value = pair.partition("=")
-        if eq and value and is_secret_name(name):
-            found.append(value)
-            plain = unquote_plus(value, errors="replace")
-            if plain != value:
-                found.append(plain)
+    # Every value the URL rule masks, raw and decoded (path parameters, query, fragment): an
+    # upstream echoing the URL quotes it raw (rev26: `?key=AbC%2B...` in "Invalid URL (POST
+    # /v1/x?key=...)"). From the rule itself, so the two cannot disagree (rev28b: a key as a
+    # plain value, a bare piece, a name, an encoded URL's password were masked but quoted back).
+    redact_url(cap.target_url, found)
     values: list[str] = []
     for value in found:
         value = value.strip()
