@@ -140,13 +140,17 @@ _PARAM_SCHEMES = frozenset({"digest", "negotiate", "hoba", "aws4-hmac-sha256"})
 #: Slack `xoxb-...`, Stripe `sk_live_...`, AWS access key ids `AKIA...`); and signed JSON Web
 #: Tokens (`eyJ...`: a front proxy's OIDC assertion about the user); Google OAuth access
 #: (`ya29.`) and refresh (`1//0`) tokens, SendGrid (`SG.`) and npm (`npm_`) keys.
+#: A JWT starts a run of its characters (not after `-` or `.`): each `-eyJ` of `-eyJ-eyJ...a`
+#: scanned the run's unbounded second segment again (rev28b: 15 headers of 64 KB held the loop
+#: 400 ms); so each run is one JWT's first segment and one's second at most. The other `{n,}`
+#: fail only short of their minimum, or end at a `.` (`SG.`), so each is linear too.
 _KEY_SHAPES = re.compile(
     r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}"
     r"|(?:gsk_|hf_|xai-|pplx-|r8_|csk-|fw_|gh[pousr]_)[A-Za-z0-9]{20,}"
     r"|nvapi-[A-Za-z0-9_\-]{40,}|glpat-[A-Za-z0-9_\-]{20,}|github_pat_(?=[\w-]{0,96}\d)[A-Za-z0-9_]{40,}"
     r"|xox[abprse]-(?=[A-Za-z\-]{0,64}\d)[A-Za-z0-9\-]{10,}"
     r"|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
-    r"|eyJ[A-Za-z0-9_\-]{8,1024}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"
+    r"|(?<![\w.\-])eyJ[A-Za-z0-9_\-]{8,1024}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"
     r"|ya29\.[\w-]{20,}|1//0[\w-]{20,}|SG\.[\w-]{16,}\.[\w-]{16,}|npm_[A-Za-z0-9]{36})"
 )
 #: What each key shape starts with, whole (`ghp_`, not `gh`, which English is full of).
