@@ -612,3 +612,26 @@ def test_a_jwts_shape_reads_each_run_once() -> None:
     for v in [jwt, f"Bearer {jwt}", f"x={jwt}", f'{{"t":"{jwt}"}}', f"token {jwt}, more"]:
         assert is_secret_value(v), v
         assert jwt not in redact_text(v), v
+
+
+def test_a_urls_password_holding_a_slash_a_question_mark_or_a_hash_is_a_credential() -> None:
+    # rev28b: the userinfo rule stopped at `/?#`, and these headers were recorded whole
+    headers = [
+        ("X-Db-Url", "postgresql://app:s3cr/etPw99@db.internal:5432/app"),
+        ("X-Cache-Url", "redis://:Zk9#Qx7pw@cache:6379/0"),
+        ("X-Target", "see https://svc:Pa?ss99@api.internal/v1 for it"),
+        ("X-Digits", "redis://u:12345678@h/0"),
+    ]
+    for _, v in headers:
+        assert is_secret_value(v), v
+    assert recordable(headers, frozenset()) == {}
+    # a port, a path's `:` or `@`, a user alone: no password
+    for v in ["https://api.internal:8443/v1/models/claude@20240620", "https://h:8443/x?a=b@c",
+              "https://h/a:b@c", "git+ssh://git@github.com/a/b", "https://h:8080/x mail a@b.com",
+              "<https://x:1>, <mailto:a@b>"]:  # fmt: skip
+        assert not is_secret_value(v), v
+    # each URL's end is searched once: many `://u:` and no `@` is linear
+    t0 = time.process_time()
+    for v in ["://u:p/ " * 20_000 + "@", "://u: " * 30_000 + "@", "a://b:c" * 20_000 + " @"]:
+        is_secret_value(v)
+    assert time.process_time() - t0 < 0.5

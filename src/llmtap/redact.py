@@ -213,6 +213,8 @@ def is_secret_value(value: str) -> bool:
         for i, u in enumerate(_URL_USERINFO.finditer(value)):
             if i >= _HINTS_READ or _secret_userinfo(u[1]):
                 return True
+        if "://" in value and _url_password(value):
+            return True
     return _holds_key(value)
 
 
@@ -485,6 +487,30 @@ _USERINFO = re.compile(r"(?i)(?P<head>\b[a-z][a-z0-9+.-]{0,31}://)(?P<userinfo>[
 #: a digit, no dot: no host) is a credential; `git@`, `<https://x>, <mailto:a@b>` are not
 #: (rev24, rev25: `u:pa;ss@` and `<32 hex>@` were let through).
 _URL_USERINFO = re.compile(r"://([^/@\s?#<>\"]*)@")
+
+
+#: `://user:` with what follows the `:` no port (digits, then the end or a `/?#`): a password,
+#: which may hold a `/`, `?` or `#` (rev28b: `postgresql://app:s3cr/etPw99@db`, `redis://:Zk9#Qx7@h`
+#: were recorded whole), when an `@` follows in the same URL (as `redact_dsn` reads it).
+_URL_PASSWORD = re.compile(r'://[^/?#@:\s<>"]*:(?!\d*(?:[/?#\s<>"]|$))')
+#: What ends a URL in running text.
+_URL_END = re.compile(r'[\s<>"]')
+
+
+def _url_password(value: str) -> bool:
+    """A URL's `user:password@` in `value` whose password holds a `/`, `?` or `#`. Each run to
+    the URL's end is searched once, whatever the number of `://` in it, and 64 of them read."""
+    end = at = -1
+    for i, m in enumerate(_URL_PASSWORD.finditer(value)):
+        if i >= _HINTS_READ:
+            return True
+        if m.end() > end:  # a URL not searched yet: its end, and its last `@`
+            e = _URL_END.search(value, m.end())
+            end = e.start() if e else len(value)
+            at = value.rfind("@", m.end(), end)
+        if at >= m.end():
+            return True
+    return False
 
 
 def _hide_password(m: re.Match[str]) -> str:
