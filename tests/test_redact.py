@@ -635,3 +635,19 @@ def test_a_urls_password_holding_a_slash_a_question_mark_or_a_hash_is_a_credenti
     for v in ["://u:p/ " * 20_000 + "@", "://u: " * 30_000 + "@", "a://b:c" * 20_000 + " @"]:
         is_secret_value(v)
     assert time.process_time() - t0 < 0.5
+
+
+def test_title_case_prose_and_prose_after_a_parameter_scheme_are_no_credential() -> None:
+    # rev28b: as headers these were dropped, as properties stored as `***`
+    for v in ["Basic Plan", "Bearer Market Outlook", "Digest weekly summary", "Negotiate contract terms",
+              "HOBA tree", "Digest Weekly", "AWS4-HMAC-SHA256 notes"]:  # fmt: skip
+        assert not is_secret_value(v), v
+        assert redact.masked_value(v) == v, v
+    assert recordable([("X-Plan", "Basic Plan")], frozenset()) == {"x-plan": "Basic Plan"}
+    # what a credential of each scheme carries still makes one
+    for v in ['Digest username="a", realm="r"', "Digest response=abc", "Negotiate YIIGhgYJKoZIhvcSAQICAQBu",
+              'HOBA result="kid.chlg.nonce.sig"', "HOBA Zk9Qx7AbCdEfGhIjKl",
+              "AWS4-HMAC-SHA256 Credential=AK/x, Signature=ab", "Bearer Zk9Qx7opaqueToken1, Bearer Zk9Qx7t2",
+              "Bearer T1 T2", "Bearer Abc Def1", "Token token=Zk9Qx7opaque123, user=bob",
+              "Bearer Zk9Qx7"]:  # fmt: skip
+        assert is_secret_value(v), v

@@ -172,18 +172,25 @@ def _secret_userinfo(userinfo: str) -> bool:
     return len(userinfo) >= 16 and "." not in userinfo and any(c.isdigit() for c in userinfo)
 
 
-#: Prose after a scheme's name: two or more lowercase words (`Bearer market outlook`).
-_PROSE = re.compile(r"[a-z]+(?: [a-z]+)+")
+#: Prose after a scheme's name: two or more words of letters, lowercase or Title-case (`Bearer
+#: market outlook`, `Bearer Market Outlook`; rev28b: the second was dropped). A digit, a comma or
+#: an `=` makes it a credential still (`Bearer t1, Bearer t2`, `Token token=t, user=bob`).
+_PROSE = re.compile(r"[A-Za-z][a-z]+(?: [A-Za-z][a-z]+)+")
+#: What a parameter scheme's credential holds that prose does not: Digest's and AWS4's `name=`
+#: parameters and commas, Negotiate's and HOBA's base64 token (16 characters or more).
+_PARAM_CREDENTIAL = re.compile(r"[=,]|[A-Za-z0-9+/_-]{16}")
 
 
 def _one_credential(scheme: str, cred: str) -> bool:
-    """Anything after the scheme but prose, and for `Basic` a lowercase word too (`Basic plan`:
+    """Anything after the scheme but prose, and for `Basic` a word of letters too (`Basic plan`:
     all but never base64 of a secret; rev26: such headers were dropped). More than one token is
     still a credential (rev27: `Bearer t1, Bearer t2` as a proxy merges them, `Token token=t,
     user=bob` as Rails sends it, were recorded whole)."""
     if _PROSE.fullmatch(cred) is not None:
         return False
-    return scheme != "basic" or not (cred.isalpha() and cred.islower())
+    if scheme in _PARAM_SCHEMES:  # `Digest weekly summary`, `HOBA tree`: no parameter, no token
+        return _PARAM_CREDENTIAL.search(cred) is not None
+    return scheme != "basic" or not (cred.isalpha() and (cred.islower() or cred.istitle()))
 
 
 def is_secret_value(value: str) -> bool:
@@ -196,8 +203,6 @@ def is_secret_value(value: str) -> bool:
         tab = value.find("\t")
         sp = tab if sp < 0 or tab < sp else sp
     if 0 < sp < 17 and (scheme := value[:sp].lower()) in _AUTH_SCHEMES and (cred := value[sp + 1 :].strip()):
-        if scheme in _PARAM_SCHEMES:  # `Digest username="a", realm=...`: spaces and commas
-            return True
         if _one_credential(scheme, cred):
             return True
     # A key or a URL's password anywhere in the value (rev23: `x-portkey-config: {"api_key":
