@@ -651,3 +651,21 @@ def test_title_case_prose_and_prose_after_a_parameter_scheme_are_no_credential()
               "Bearer T1 T2", "Bearer Abc Def1", "Token token=Zk9Qx7opaque123, user=bob",
               "Bearer Zk9Qx7"]:  # fmt: skip
         assert is_secret_value(v), v
+
+
+def test_ingest_masks_metadata_before_the_limits_cut_it() -> None:
+    from llmtap.server.api import scrub_ingested
+    from store_helpers import rec
+
+    # rev28b: a key the cut split was masked after the cut, so its head was stored
+    uid = "u" * 240 + " " + K28  # across MAX_ID_BYTES
+    prop = "p" * 1000 + " " + K28  # across MAX_PROPERTY_VALUE_BYTES
+    r = scrub_ingested(rec(0, user_id=uid, session_id=uid, properties={"note": prop, "n": "x" * 2000}))
+    assert (r.user_id, r.session_id) == ("***", "***")
+    assert r.properties == {"note": "***", "n": "x" * limits.MAX_PROPERTY_VALUE_BYTES}
+    assert "property_value" in r.truncated
+    # the gateway's order gives the same
+    assert limits.ident(redact.masked_value(uid), "user_id", []) == "***"
+    # a key far past the limit and its margin is not read: the cut value has none of it
+    far = "u" * (limits.MAX_ID_BYTES + limits.MASK_MARGIN) + K28
+    assert scrub_ingested(rec(0, user_id=far)).user_id == "u" * limits.MAX_ID_BYTES

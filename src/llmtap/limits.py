@@ -9,6 +9,7 @@ client's LLM call is never refused for its metadata. Sizes are UTF-8 bytes.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -188,20 +189,21 @@ def headers(headers: dict[str, str], what: str, truncated: list[str]) -> dict[st
     return headers
 
 
-def ident(value: str | None, what: str, truncated: list[str]) -> str | None:
-    """A user or session id held to `MAX_ID_BYTES`."""
+def ident(value: str | None, what: str, truncated: list[str], mask: Mask | None = None) -> str | None:
+    """A user or session id held to `MAX_ID_BYTES` (`mask`: see `bound`)."""
     if value is None:
         return None
     value = clean_text(value)
-    short = cut(value, MAX_ID_BYTES)
+    short = _cut(value, MAX_ID_BYTES, mask)
     if short is None:
         return value
     truncated.append(what)
     return short
 
 
-def properties(props: dict[str, str], truncated: list[str]) -> dict[str, str]:
-    """Properties held to the documented limits (count, name and value size)."""
+def properties(props: dict[str, str], truncated: list[str], mask: Mask | None = None) -> dict[str, str]:
+    """Properties held to the documented limits (count, name and value size; `mask`: see
+    `bound`)."""
     if not props or (
         len(props) <= MAX_PROPERTIES
         and max(map(len, props)) <= MAX_PROPERTY_NAME_BYTES // 4
@@ -219,7 +221,7 @@ def properties(props: dict[str, str], truncated: list[str]) -> dict[str, str]:
         if short is not None:
             name = short
             flags.add("property_name")
-        short = cut(value, MAX_PROPERTY_VALUE_BYTES)
+        short = _cut(value, MAX_PROPERTY_VALUE_BYTES, mask)
         if short is not None:
             value = short
             flags.add("property_value")
@@ -228,17 +230,38 @@ def properties(props: dict[str, str], truncated: list[str]) -> dict[str, str]:
     return out
 
 
-def bound(record: LogRecord) -> None:
+#: A user id, session id or property value is read this far past its limit by `mask` before
+#: it is cut: a credential the cut splits is seen whole (longer than any key), and a long value
+#: costs no more than this to read.
+MASK_MARGIN = 1024
+Mask = Callable[[str], str]
+
+
+def _cut(value: str, limit: int, mask: Mask | None) -> str | None:
+    """`cut`, but with `mask` applied first to what the cut keeps and a margin past it: the
+    gateway masks a whole header before it cuts, and so does ingest (rev28b: `"u"*240 + " sk-..."`
+    masked after the cut kept `sk-proj-Ab3dEfG`)."""
+    short = cut(value, limit)
+    if short is not None and mask is not None:
+        masked = mask(value[: limit + MASK_MARGIN])
+        if masked != value[: limit + MASK_MARGIN]:
+            return cut(masked, limit) or masked
+    return short
+
+
+def bound(record: LogRecord, mask: Mask | None = None) -> None:
     """Hold a record that may not come from a gateway (ingest, a queue message) to the limits a
-    gateway applies while it builds one: 20,000 posted properties were stored as 20,001 rows."""
+    gateway applies while it builds one: 20,000 posted properties were stored as 20,001 rows.
+    `mask` (`redact.masked_value`) is applied to a user id, session id or property value before
+    it is cut; the caller masks those not cut."""
     if record.error is not None and len(record.error) > MAX_ERROR_CHARS:  # as a gateway cuts it
         record.error = record.error[:MAX_ERROR_CHARS]
     flags: list[str] = []
     record.request_headers = headers(record.request_headers, "request_headers", flags)
     record.response_headers = headers(record.response_headers, "response_headers", flags)
-    record.user_id = ident(record.user_id, "user_id", flags)
-    record.session_id = ident(record.session_id, "session_id", flags)
-    record.properties = properties(record.properties, flags)
+    record.user_id = ident(record.user_id, "user_id", flags, mask)
+    record.session_id = ident(record.session_id, "session_id", flags, mask)
+    record.properties = properties(record.properties, flags, mask)
     if record.model is not None:
         short = cut(record.model, MAX_MODEL_BYTES)
         if short is not None:

@@ -339,7 +339,9 @@ def scrub_ingested(record: LogRecord) -> LogRecord:
     record.path = redact_url(record.path)
     if record.error is not None:
         record.error = redact_text(record.error)
-    limits.bound(record)  # first: what is masked below is held to the limits already
+    # what the limits cut is masked before the cut, as the gateway does (rev28b: a key the cut
+    # split kept its head); what they leave is masked below
+    limits.bound(record, masked_value)
     if record.user_id is not None:
         record.user_id = masked_value(record.user_id)
     if record.session_id is not None:
