@@ -198,6 +198,101 @@ def test_openai_responses_api_stream() -> None:
     )
 
 
+def responses_events(*objs: dict[str, object]) -> bytes:
+    return b"".join(
+        b"event: " + str(o["type"]).encode() + b"\ndata: " + json.dumps(o).encode() + b"\n\n" for o in objs
+    )
+
+
+def test_a_responses_stream_that_never_ended_keeps_its_items_deltas() -> None:
+    """rev28c: with no `response.completed` the record held `response.in_progress`'s empty
+    output; the client had a function call's arguments, a refusal and a reasoning summary."""
+    pending = {
+        "id": "resp_1",
+        "object": "response",
+        "model": "gpt-4.1",
+        "status": "in_progress",
+        "output": [],
+    }
+    fc = {
+        "id": "fc_1",
+        "type": "function_call",
+        "status": "in_progress",
+        "arguments": "",
+        "call_id": "call_1",
+    }
+    fc["name"] = "get_weather"
+    msg = {"id": "msg_1", "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
+    rs = {"id": "rs_1", "type": "reasoning", "summary": []}
+    at = {"item_id": "msg_1", "output_index": 2, "content_index": 0}
+    summary = {"item_id": "rs_1", "output_index": 0, "summary_index": 0}
+    body = responses_events(
+        {"type": "response.created", "sequence_number": 0, "response": pending},
+        {"type": "response.in_progress", "sequence_number": 1, "response": pending},
+        {"type": "response.output_item.added", "output_index": 0, "item": rs},
+        {
+            "type": "response.reasoning_summary_part.added",
+            **summary,
+            "part": {"type": "summary_text", "text": ""},
+        },
+        {"type": "response.reasoning_summary_text.delta", **summary, "delta": "The user"},
+        {"type": "response.reasoning_summary_text.delta", **summary, "delta": " asks."},
+        {"type": "response.output_item.added", "output_index": 1, "item": fc},
+        {
+            "type": "response.function_call_arguments.delta",
+            "item_id": "fc_1",
+            "output_index": 1,
+            "delta": '{"ci',
+        },
+        {
+            "type": "response.function_call_arguments.delta",
+            "item_id": "fc_1",
+            "output_index": 1,
+            "delta": 'ty":1}',
+        },
+        {"type": "response.output_item.added", "output_index": 2, "item": msg},
+        {"type": "response.content_part.added", **at, "part": {"type": "refusal", "refusal": ""}},
+        {"type": "response.refusal.delta", **at, "delta": "I can"},
+        {"type": "response.refusal.delta", **at, "delta": "not."},
+        {"type": "response.output_item.added", "output_index": 3, "item": {**msg, "id": "msg_2"}},
+        {
+            "type": "response.output_text.delta",
+            "item_id": "msg_2",
+            "output_index": 3,
+            "content_index": 0,
+            "delta": "Hi",
+        },
+    )
+    res = openai.reassemble_stream(body)
+    assert res is not None and not res.complete
+    assert res.message == {
+        **pending,
+        "output": [
+            {**rs, "summary": [{"type": "summary_text", "text": "The user asks."}]},
+            {**fc, "arguments": '{"city":1}'},
+            {**msg, "content": [{"type": "refusal", "refusal": "I cannot."}]},
+            {**msg, "id": "msg_2", "content": [{"type": "output_text", "text": "Hi", "annotations": []}]},
+        ],
+    }
+    # An item finished is taken whole from its `.done` event; an `error` event ends the stream.
+    fc_done = {**fc, "status": "completed", "arguments": '{"city":"Paris"}'}
+    ended = responses_events(
+        {"type": "response.in_progress", "sequence_number": 1, "response": pending},
+        {"type": "response.output_item.added", "output_index": 0, "item": fc},
+        {
+            "type": "response.function_call_arguments.delta",
+            "item_id": "fc_1",
+            "output_index": 0,
+            "delta": "{",
+        },
+        {"type": "response.output_item.done", "output_index": 0, "item": fc_done},
+        {"type": "error", "code": "server_error", "message": "The server had an error", "param": None},
+    )
+    res = openai.reassemble_stream(ended)
+    assert res is not None and res.error == "The server had an error"
+    assert res.message == {**pending, "output": [fc_done]}
+
+
 def test_openai_non_stream_and_embeddings_usage() -> None:
     u = openai.usage_from_body({"object": "chat.completion", "usage": OPENAI_USAGE})
     assert (u.source, u.prompt_tokens, u.completion_tokens, u.total_tokens) == ("provider", 120, 40, 160)

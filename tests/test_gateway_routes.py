@@ -21,7 +21,7 @@ from gateway_support import MemoryQueue, fake_requests, running_gateway, setting
 from llmtap.config import load_settings
 from llmtap.errors import ConfigError
 from llmtap.pricing import apply_cost
-from llmtap.record import LogRecord, encode
+from llmtap.record import LogRecord, body_bytes, encode
 from llmtap.testing.fake_openai import AZURE_SERVED_MODEL
 from llmtap.testing.fake_upstream import expected_usage
 
@@ -433,6 +433,43 @@ async def test_openai_responses_api_through_the_sdk(upstream: int, tmp_path: Pat
     assert r_err.status == 400 and r_err.provider == "openai" and r_err.path == "/v1/responses"
     assert r_err.error == "Invalid request (forced by x-fake-status)."
     assert r_err.usage.source != "provider" and r_err.usage.prompt_tokens is None
+
+
+async def test_a_cut_responses_stream_stores_the_output_the_client_got(upstream: int, tmp_path: Path) -> None:
+    """rev28c: a Responses stream cut before `response.completed` was stored with the last
+    `response` object's `output: []` (`response.in_progress`) although the client had text."""
+    q = MemoryQueue()
+    async with running_gateway(settings_for(upstream, tmp_path), q) as (_, gw):
+        oa = openai.AsyncOpenAI(base_url=f"{gw}/openai/v1", api_key="sk-test", max_retries=0)
+        ask = {"model": "gpt-5", "input": "one two three four five six", "stream": True}
+        whole = [e async for e in await oa.responses.create(**ask)]  # type: ignore[call-overload]
+        got: dict[int, str] = {}
+        for cut in (8, len(whole) - 1):  # in the message's text; all but `response.completed`
+            text = ""
+            with pytest.raises(openai.APIConnectionError):
+                stream = await oa.responses.create(**ask, extra_headers={"x-fake-cut-after": str(cut)})
+                async for e in stream:
+                    text += e.delta if e.type == "response.output_text.delta" else ""
+            got[cut] = text
+        await oa.close()
+        recs = await records(q, 3)
+    stored = [json.loads(body_bytes(r.response_body) or b"") for r in recs if r.response_body]
+    assert len(stored) == 3
+    done, part, all_but_end = stored
+    assert whole[-1].type == "response.completed"
+    assert done == whole[-1].response.model_dump(mode="json", exclude_unset=True)  # as before
+    assert got[8] and part["status"] == "in_progress"
+    (message,) = (i for i in part["output"] if i["type"] == "message")
+    assert message["status"] == "in_progress" and message["content"][0]["text"] == got[8]
+    # Every item finished before the cut: the output the completed stream has.
+    assert got[len(whole) - 1] == whole[-1].response.output_text
+
+    def unnamed(output: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{k: v for k, v in item.items() if k != "id"} for item in output]  # ids are per call
+
+    assert all_but_end["status"] == "in_progress" and unnamed(all_but_end["output"]) == unnamed(
+        done["output"]
+    )
 
 
 async def test_openai_responses_cache_writes_priced_at_the_write_rate(upstream: int, tmp_path: Path) -> None:

@@ -224,8 +224,8 @@ class _Stream:
     """What has been gathered so far from one stream's events."""
 
     __slots__ = (
-        "choices", "complete", "error", "events", "final", "final_response", "head", "seen",
-        "text_completion", "usage",
+        "choices", "complete", "error", "events", "final", "final_response", "head", "output_events",
+        "response_ended", "seen", "text_completion", "usage",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -235,6 +235,10 @@ class _Stream:
         self.error: str | None = None
         self.text_completion = False
         self.final_response: dict[str, Any] | None = None
+        #: A Responses stream's events about its output items, read only if it never ended
+        #: (`response_ended`): its last `response` object then has the output of its start.
+        self.output_events: list[dict[str, Any]] = []
+        self.response_ended = False
         self.seen = False
         self.complete = False
         self.final = False  # the usage chunk (no choices: the stream's last before `[DONE]`) came
@@ -303,10 +307,14 @@ class _Stream:
                 resp = obj.get("response")
                 if isinstance(resp, dict):
                     self.final_response = resp
+                elif "output_index" in obj:
+                    self.output_events.append(obj)
                 elif isinstance(obj.get("usage"), dict):  # a transcription's, image's or speech's
                     self.usage = obj["usage"]
                 self.events = True
-                if kind in _RESPONSE_END or kind in _EVENTS_END:
+                if kind in _RESPONSE_END:
+                    self.complete = self.response_ended = True
+                elif kind in _EVENTS_END:
                     self.complete = True
                 if kind == "error" or kind == "response.failed":
                     self.error = error_message(obj) or error_message(resp) or str(obj.get("message") or kind)
@@ -347,7 +355,8 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
 
     Chat chunks become a `chat.completion` (content joined, tool calls assembled from their
     argument fragments by index, finish_reason, usage from the usage chunk); text completions a
-    `text_completion`; a Responses API stream its final `response` object.
+    `text_completion`; a Responses API stream its final `response` object, or, when it never
+    ended, its last one with the output its item events carried (`_output_so_far`).
     """
     s = _Stream()
     chunks = _all_chunks(raw)
@@ -444,12 +453,16 @@ def _result(s: _Stream) -> StreamResult | None:
     if not s.seen:
         return None
     if s.final_response is not None:
-        model = s.final_response.get("model")
+        response = s.final_response
+        if not s.response_ended and s.output_events:
+            # Cut, cancelled or ended by an `error` event: the client has what the events
+            # carried, the last `response` object (`response.in_progress`) none of it.
+            response = {**response, "output": _output_so_far(s.output_events)}
+        model = response.get("model")
         return StreamResult(
-            s.final_response,
+            response,
             with_searches(
-                with_tier(parse_usage(s.final_response.get("usage")), s.final_response.get("service_tier")),
-                s.final_response,
+                with_tier(parse_usage(response.get("usage")), response.get("service_tier")), response
             ),
             model if isinstance(model, str) else None,
             s.error,
@@ -501,6 +514,102 @@ def _result(s: _Stream) -> StreamResult | None:
     usage = with_tier(parse_usage(s.usage), head.get("service_tier"))
     model = model if isinstance(model, str) else None
     return StreamResult(message_obj, usage, model, s.error, s.complete, s.final)
+
+
+#: Responses events whose strings the client joins into an output item (`<kind>.delta`; the
+#: `.done` event repeats the whole): where the text goes, as (the item's list of parts, the
+#: event's index into it, the part's member, the type of a part no event added), or (None, None,
+#: the item's member, None) for an item's own string.
+_DELTA_TARGETS: dict[str, tuple[str | None, str | None, str, str | None]] = {
+    "response.output_text": ("content", "content_index", "text", "output_text"),
+    "response.refusal": ("content", "content_index", "refusal", "refusal"),
+    "response.reasoning_text": ("content", "content_index", "text", "reasoning_text"),
+    "response.reasoning_summary_text": ("summary", "summary_index", "text", "summary_text"),
+    "response.function_call_arguments": (None, None, "arguments", None),
+    "response.mcp_call_arguments": (None, None, "arguments", None),
+    "response.custom_tool_call_input": (None, None, "input", None),
+    "response.code_interpreter_call_code": (None, None, "code", None),
+}
+_DELTAS = {k + ".delta": (v, True) for k, v in _DELTA_TARGETS.items()} | {
+    k + ".done": (v, False) for k, v in _DELTA_TARGETS.items()
+}
+#: Events that add (`.added`) or finish (`.done`) a whole part: (its list, the index's name).
+_PARTS = {
+    f"response.{kind}.{end}": where
+    for kind, where in (
+        ("content_part", ("content", "content_index")),
+        ("reasoning_summary_part", ("summary", "summary_index")),
+    )
+    for end in ("added", "done")
+}
+
+
+def _output_so_far(events: list[dict[str, Any]]) -> list[Any]:
+    """The `output` of a Responses stream that never ended, from its item events as the client's
+    SDK builds it: items from `output_item.added` (whole again at `.done`), their parts, and the
+    text, refusal, reasoning and arguments deltas joined into them."""
+    items: dict[int, dict[str, Any]] = {}
+    done: set[int] = set()
+    texts: dict[tuple[int, str | None, int, str, str | None], list[str]] = {}
+    for ev in events:
+        at = ev.get("output_index")
+        if type(at) is not int or at in done:
+            continue
+        kind = ev.get("type")
+        target = _DELTAS.get(kind)  # type: ignore[arg-type]
+        if target is not None:
+            (where, index_name, member, part_type), is_delta = target
+            index = 0 if index_name is None else ev.get(index_name)
+            value = ev.get("delta" if is_delta else member)
+            if type(index) is int and isinstance(value, str):
+                key = (at, where, index, member, part_type)
+                if is_delta:
+                    texts.setdefault(key, []).append(value)
+                else:
+                    texts[key] = [value]
+        elif kind == "response.output_item.added" or kind == "response.output_item.done":
+            item = ev.get("item")
+            if isinstance(item, dict):
+                items[at] = {k: list(v) if isinstance(v, list) else v for k, v in item.items()}
+                if kind == "response.output_item.done":
+                    done.add(at)
+        elif kind in _PARTS and at in items:
+            where, index_name = _PARTS[kind]
+            part = ev.get("part")
+            if isinstance(part, dict):
+                _put(items[at], where, ev.get(index_name), part)
+    for (at, where, index, member, part_type), pieces in texts.items():
+        item = items.get(at)
+        if item is None or at in done:
+            continue
+        text = "".join(pieces)
+        if where is None:
+            item[member] = text
+            continue
+        parts = item.get(where)
+        part = parts[index] if isinstance(parts, list) and 0 <= index < len(parts) else None
+        if isinstance(part, dict):
+            part = {**part, member: text}
+        else:
+            part = {"type": part_type, member: text}
+            if part_type == "output_text":
+                part["annotations"] = []
+        _put(item, where, index, part)
+    return [items[k] for k in sorted(items)]
+
+
+def _put(item: dict[str, Any], where: str, index: Any, part: dict[str, Any]) -> None:
+    """Set part `index` of the item's list `where`: one it has, or the next one (a later index
+    is ignored rather than padded: it could be any number)."""
+    parts = item.get(where)
+    if not isinstance(parts, list):
+        parts = item[where] = []
+    if type(index) is not int or not 0 <= index <= len(parts):
+        return
+    if index == len(parts):
+        parts.append(part)
+    else:
+        parts[index] = part
 
 
 def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:
