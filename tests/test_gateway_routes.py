@@ -12,16 +12,20 @@ import base64
 import json
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
-from gateway_support import MemoryQueue, fake_requests, running_gateway, settings_for, wait_for
+from gateway_support import MemoryQueue, fake_requests, running_gateway, settings_for, tiny_upstream, wait_for
 from llmtap.config import load_settings
 from llmtap.errors import ConfigError
+from llmtap.handlers import streams
 from llmtap.pricing import apply_cost
 from llmtap.record import LogRecord, body_bytes, encode
+from llmtap.store.search import record_text
 from llmtap.testing.fake_openai import AZURE_SERVED_MODEL
 from llmtap.testing.fake_upstream import expected_usage
 
@@ -470,6 +474,74 @@ async def test_a_cut_responses_stream_stores_the_output_the_client_got(upstream:
     assert all_but_end["status"] == "in_progress" and unnamed(all_but_end["output"]) == unnamed(
         done["output"]
     )
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None, **choice: Any) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-X",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o-mini-2024-07-18",
+        "system_fingerprint": "fp_x",
+        "choices": [{"index": 0, "delta": delta, **choice, "finish_reason": finish}],
+    }
+
+
+async def stored_stream(
+    tmp_path: Path, events: list[dict[str, Any]], **create: Any
+) -> tuple[list[Any], LogRecord]:
+    """Stream `events` (OpenAI's wire chunks, then its usage chunk and `[DONE]`) to the SDK
+    through the gateway; what the SDK got and the record as the worker stores it."""
+    usage = {**chat_chunk({}), "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 6}}
+    sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in [*events, usage])
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=sse + b"data: [DONE]\n\n", content_type="text/event-stream")
+
+    runner, port = await tiny_upstream(answer)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (_, gw):
+            oa = openai.AsyncOpenAI(base_url=f"{gw}/openai/v1", api_key="sk-test", max_retries=0)
+            got = [
+                c async for c in await oa.chat.completions.create(messages=MESSAGES, stream=True, **create)
+            ]
+            await oa.close()
+            (rec,) = await records(q, 1)
+    finally:
+        await runner.cleanup()
+    if streams.deferred(rec):
+        streams.finish(rec, 1 << 20)  # the worker's first handler
+    return got, rec
+
+
+async def test_a_streamed_legacy_function_call_is_stored_as_a_non_stream_answer_has_it(
+    tmp_path: Path,
+) -> None:
+    """rev28c: `delta.function_call` (`functions=`) was dropped: the record said
+    `finish_reason: "function_call"` with no call, and search did not find its arguments."""
+    events = [
+        chat_chunk(
+            {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": ""}}
+        ),
+        chat_chunk({"function_call": {"arguments": '{"city":'}}),
+        chat_chunk({"function_call": {"arguments": '"Paris"}'}}),
+        chat_chunk({}, "function_call"),
+    ]
+    fn = [{"name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
+    got, rec = await stored_stream(tmp_path, events, model="gpt-4o-mini", functions=fn)
+    calls = [c.choices[0].delta.function_call for c in got if c.choices and c.choices[0].delta.function_call]
+    sent = {"name": calls[0].name, "arguments": "".join(c.arguments or "" for c in calls)}
+    assert sent == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    (choice,) = json.loads(body_bytes(rec.response_body) or b"")["choices"]
+    # OpenAI's non-stream answer: {"role": "assistant", "content": null, "function_call": {...}, ...}
+    assert choice == {
+        "index": 0,
+        "message": {"role": "assistant", "content": None, "function_call": sent},
+        "finish_reason": "function_call",
+    }
+    assert '"paris"' in (record_text(rec) or "")
 
 
 async def test_openai_responses_cache_writes_priced_at_the_write_rate(upstream: int, tmp_path: Path) -> None:

@@ -165,6 +165,7 @@ class _Delta(msgspec.Struct, gc=False):
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[_ToolDelta] | None = None
+    function_call: _FnDelta | None = None  # the legacy `functions=` call, one per choice
     reasoning_content: str | None = None  # DeepSeek, vLLM, llama.cpp
     reasoning: str | None = None  # OpenRouter, Groq, Ollama
 
@@ -199,7 +200,17 @@ _EVENTS_END = frozenset(
 
 
 class _Choice:
-    __slots__ = ("content", "finish", "reasoning", "refusal", "role", "saw_content", "text", "tools")
+    __slots__ = (
+        "content",
+        "finish",
+        "function",
+        "reasoning",
+        "refusal",
+        "role",
+        "saw_content",
+        "text",
+        "tools",
+    )
 
     def __init__(self) -> None:
         self.role: str | None = None
@@ -211,7 +222,13 @@ class _Choice:
         self.reasoning: dict[str, list[str]] = {}
         self.text: list[str] = []
         self.tools: dict[int, dict[str, Any]] = {}
+        #: The legacy `function_call`'s name and arguments fragments, once a delta has one.
+        self.function: tuple[list[str], list[str]] | None = None
         self.finish: Any = None
+
+    def start_function(self) -> tuple[list[str], list[str]]:
+        self.function = ([], [])
+        return self.function
 
     def tool(self, index: Any) -> dict[str, Any]:
         t = self.tools.get(index)
@@ -292,6 +309,13 @@ class _Stream:
                                 t["name"].append(fn.name)
                             if fn.arguments is not None:
                                 t["arguments"].append(fn.arguments)
+                fc = d.function_call
+                if fc is not None:
+                    name, args = st.function or st.start_function()
+                    if fc.name is not None:
+                        name.append(fc.name)
+                    if fc.arguments is not None:
+                        args.append(fc.arguments)
             elif ch.text is not None:
                 st.text.append(ch.text)
             if ch.finish_reason is not None:
@@ -497,6 +521,8 @@ def _result(s: _Stream) -> StreamResult | None:
                 }
                 for _, t in sorted(st.tools.items(), key=lambda kv: kv[0] if isinstance(kv[0], int) else 0)
             ]
+        if st.function is not None:
+            message["function_call"] = {"name": "".join(st.function[0]), "arguments": "".join(st.function[1])}
         out_choices.append({"index": idx, "message": message, "finish_reason": st.finish})
     head = s.head
     message_obj: dict[str, Any] = {
@@ -643,6 +669,13 @@ def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:
                     t["name"].append(fn["name"])
                 if isinstance(fn.get("arguments"), str):
                     t["arguments"].append(fn["arguments"])
+    fc = delta.get("function_call")
+    if isinstance(fc, dict):
+        name, args = st.function or st.start_function()
+        if isinstance(fc.get("name"), str):
+            name.append(fc["name"])
+        if isinstance(fc.get("arguments"), str):
+            args.append(fc["arguments"])
 
 
 # -- the stream-usage rewrite (hot path: keep it cheap) -------------------------------------------
