@@ -701,6 +701,54 @@ def test_openai_fast_and_general_paths_agree() -> None:
     assert cut is not None and not cut.complete and cut.usage.source == "missing"
 
 
+def test_streamed_function_call_logprobs_annotations_and_audio_on_both_paths() -> None:
+    """rev28c: what only some chat streams carry (the legacy `function_call`, `logprobs`,
+    `annotations`, `audio`) is rebuilt the same by the one-call decoder and the general path
+    (which takes a stream with a comment); a legacy completion's logprobs lists are joined."""
+    tok = {"token": "a", "logprob": -1.0, "bytes": [97], "top_logprobs": []}
+    events = [
+        chunk({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": ""}}),
+        chunk({"function_call": {"arguments": '{"x":'}, "annotations": [{"type": "url_citation"}]}),
+        chunk(
+            {"function_call": {"arguments": "1}"}, "audio": {"id": "au_1", "data": "AB", "transcript": "a"}}
+        ),
+        chunk({"audio": {"data": "CD", "transcript": "b", "expires_at": 5}}),
+        chunk({}, "function_call"),
+    ]
+    events[1]["choices"][0]["logprobs"] = {"content": [tok], "refusal": None}  # type: ignore[index]
+    events[2]["choices"][0]["logprobs"] = {"content": [tok], "refusal": None}  # type: ignore[index]
+    stream = sse(*events) + b"data: [DONE]\n\n"
+    want = {
+        "index": 0,
+        "message": {
+            "role": "assistant",
+            "content": None,
+            "function_call": {"name": "f", "arguments": '{"x":1}'},
+            "annotations": [{"type": "url_citation"}],
+            "audio": {"id": "au_1", "data": "ABCD", "expires_at": 5, "transcript": "ab"},
+        },
+        "logprobs": {"content": [tok, tok], "refusal": None},
+        "finish_reason": "function_call",
+    }
+    for raw in (stream, b": keep-alive\n\n" + stream):
+        res = openai.reassemble_stream(raw)
+        assert res is not None and res.message["choices"] == [want]
+
+    def legacy_chunk(n: int, t: str) -> dict[str, object]:
+        lp = {"tokens": [t], "token_logprobs": [-0.5], "top_logprobs": None, "text_offset": [n]}
+        choice = {"index": 0, "text": t, "finish_reason": None, "logprobs": lp}
+        return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+
+    legacy = [legacy_chunk(n, t) for n, t in enumerate("ab")]
+    res = openai.reassemble_stream(sse(*legacy) + b"data: [DONE]\n\n")
+    assert res is not None and res.message["choices"][0]["logprobs"] == {
+        "tokens": ["a", "b"],
+        "token_logprobs": [-0.5, -0.5],
+        "top_logprobs": None,
+        "text_offset": [0, 1],
+    }
+
+
 # -- OpenAI-compatible servers' own spellings (an outside check of vLLM, DeepSeek, Groq ...) ----
 
 

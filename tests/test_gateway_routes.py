@@ -544,6 +544,52 @@ async def test_a_streamed_legacy_function_call_is_stored_as_a_non_stream_answer_
     assert '"paris"' in (record_text(rec) or "")
 
 
+async def test_streamed_logprobs_annotations_and_audio_are_stored_as_a_non_stream_answer_has_them(
+    tmp_path: Path,
+) -> None:
+    """rev28c: `choices[].logprobs` (a list per chunk), `delta.annotations` (a search model's
+    citations) and `delta.audio` were dropped from a stream's rebuilt message."""
+
+    def lp(token: str) -> dict[str, Any]:
+        return {"token": token, "logprob": -0.01, "bytes": list(token.encode()), "top_logprobs": []}
+
+    cite = {"type": "url_citation", "url_citation": {"url": "https://example.com", "title": "Ex"}}
+    cite["url_citation"] |= {"start_index": 0, "end_index": 5}
+    events = [
+        chat_chunk({"role": "assistant", "content": "", "refusal": None, "annotations": []}, logprobs=None),
+        chat_chunk({"content": "Paris"}, logprobs={"content": [lp("Paris")], "refusal": None}),
+        chat_chunk({"content": " is"}, logprobs={"content": [lp(" is")], "refusal": None}),
+        chat_chunk({"annotations": [cite]}),
+        chat_chunk({"audio": {"id": "audio_1", "transcript": "Paris", "expires_at": 1700000000}}),
+        chat_chunk({"audio": {"data": "UklGRg=="}}),
+        chat_chunk({"audio": {"data": "AAAA", "transcript": " is"}}),
+        chat_chunk({}, "stop", logprobs=None),
+    ]
+    got, rec = await stored_stream(tmp_path, events, model="gpt-4o-search-preview", logprobs=True)
+    tokens = [
+        t.model_dump()
+        for c in got
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content or ()
+    ]
+    assert [t["token"] for t in tokens] == ["Paris", " is"]
+    deltas = [c.choices[0].delta.model_dump() for c in got if c.choices]  # (not in the SDK's types)
+    assert [a for d in deltas for a in d.get("annotations") or ()] == [cite]
+    (choice,) = json.loads(body_bytes(rec.response_body) or b"")["choices"]
+    assert choice["logprobs"] == {"content": tokens, "refusal": None}
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": "Paris is",
+        "annotations": [cite],
+        "audio": {
+            "id": "audio_1",
+            "data": "UklGRg==AAAA",
+            "expires_at": 1700000000,
+            "transcript": "Paris is",
+        },
+    }
+
+
 async def test_openai_responses_cache_writes_priced_at_the_write_rate(upstream: int, tmp_path: Path) -> None:
     """Responses `cache_write_tokens` (streamed) are part of the input and billed at the write price."""
     q = MemoryQueue()

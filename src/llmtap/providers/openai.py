@@ -168,12 +168,15 @@ class _Delta(msgspec.Struct, gc=False):
     function_call: _FnDelta | None = None  # the legacy `functions=` call, one per choice
     reasoning_content: str | None = None  # DeepSeek, vLLM, llama.cpp
     reasoning: str | None = None  # OpenRouter, Groq, Ollama
+    annotations: list[Any] | None = None  # url_citation (search models), appended
+    audio: dict[str, Any] | None = None  # `modalities=["audio"]`: data and transcript in pieces
 
 
 class _ChoiceDelta(msgspec.Struct, gc=False):
     index: int = 0
     delta: _Delta | None = None
     text: str | None = None
+    logprobs: dict[str, Any] | None = None  # its lists (content, refusal; tokens ...) extended
     finish_reason: str | None = None
 
 
@@ -201,16 +204,9 @@ _EVENTS_END = frozenset(
 
 class _Choice:
     __slots__ = (
-        "content",
-        "finish",
-        "function",
-        "reasoning",
-        "refusal",
-        "role",
-        "saw_content",
-        "text",
-        "tools",
-    )
+        "annotations", "audio", "content", "finish", "function", "logprobs", "reasoning", "refusal", "role",
+        "saw_content", "text", "tools",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.role: str | None = None
@@ -224,7 +220,39 @@ class _Choice:
         self.tools: dict[int, dict[str, Any]] = {}
         #: The legacy `function_call`'s name and arguments fragments, once a delta has one.
         self.function: tuple[list[str], list[str]] | None = None
+        #: What only some streams carry, None until one does (the message then has it).
+        self.logprobs: dict[str, Any] | None = None
+        self.annotations: list[Any] | None = None
+        self.audio: dict[str, Any] | None = None
         self.finish: Any = None
+
+    def add_logprobs(self, lp: dict[str, Any]) -> None:
+        """Each chunk's logprobs hold its own tokens: the answer's lists are their concatenation."""
+        acc = self.logprobs
+        if acc is None:
+            self.logprobs = {k: list(v) if isinstance(v, list) else v for k, v in lp.items()}
+            return
+        for k, v in lp.items():
+            if isinstance(v, list):
+                old = acc.get(k)
+                if isinstance(old, list):
+                    old.extend(v)
+                else:
+                    acc[k] = list(v)
+            elif k not in acc:
+                acc[k] = v
+
+    def add_audio(self, audio: dict[str, Any]) -> None:
+        """`delta.audio`: its id and expiry once, its base64 data and transcript in pieces."""
+        acc = self.audio
+        if acc is None:
+            acc = self.audio = {"id": None, "data": [], "expires_at": None, "transcript": []}
+        for k, v in audio.items():
+            if k == "data" or k == "transcript":
+                if isinstance(v, str):
+                    acc[k].append(v)
+            elif v is not None:
+                acc[k] = v
 
     def start_function(self) -> tuple[list[str], list[str]]:
         self.function = ([], [])
@@ -316,8 +344,16 @@ class _Stream:
                         name.append(fc.name)
                     if fc.arguments is not None:
                         args.append(fc.arguments)
+                if d.annotations is not None:
+                    if st.annotations is None:
+                        st.annotations = []
+                    st.annotations.extend(d.annotations)
+                if d.audio is not None:
+                    st.add_audio(d.audio)
             elif ch.text is not None:
                 st.text.append(ch.text)
+            if ch.logprobs is not None:
+                st.add_logprobs(ch.logprobs)
             if ch.finish_reason is not None:
                 st.finish = ch.finish_reason
 
@@ -370,6 +406,9 @@ class _Stream:
             text = ch.get("text")
             if isinstance(text, str):
                 st.text.append(text)
+            lp = ch.get("logprobs")
+            if isinstance(lp, dict):
+                st.add_logprobs(lp)
             if ch.get("finish_reason") is not None:
                 st.finish = ch["finish_reason"]
 
@@ -501,7 +540,7 @@ def _result(s: _Stream) -> StreamResult | None:
         st = s.choices[idx]
         if s.text_completion:
             out_choices.append(
-                {"index": idx, "text": "".join(st.text), "logprobs": None, "finish_reason": st.finish}
+                {"index": idx, "text": "".join(st.text), "logprobs": st.logprobs, "finish_reason": st.finish}
             )
             continue
         message: dict[str, Any] = {
@@ -523,7 +562,14 @@ def _result(s: _Stream) -> StreamResult | None:
             ]
         if st.function is not None:
             message["function_call"] = {"name": "".join(st.function[0]), "arguments": "".join(st.function[1])}
-        out_choices.append({"index": idx, "message": message, "finish_reason": st.finish})
+        if st.annotations is not None:
+            message["annotations"] = st.annotations
+        if st.audio is not None:
+            message["audio"] = {k: "".join(v) if isinstance(v, list) else v for k, v in st.audio.items()}
+        out: dict[str, Any] = {"index": idx, "message": message, "finish_reason": st.finish}
+        if st.logprobs is not None:
+            out["logprobs"] = st.logprobs
+        out_choices.append(out)
     head = s.head
     message_obj: dict[str, Any] = {
         "id": head.get("id"),
@@ -676,6 +722,14 @@ def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:
             name.append(fc["name"])
         if isinstance(fc.get("arguments"), str):
             args.append(fc["arguments"])
+    notes = delta.get("annotations")
+    if isinstance(notes, list):
+        if st.annotations is None:
+            st.annotations = []
+        st.annotations.extend(notes)
+    audio = delta.get("audio")
+    if isinstance(audio, dict):
+        st.add_audio(audio)
 
 
 # -- the stream-usage rewrite (hot path: keep it cheap) -------------------------------------------
