@@ -210,3 +210,46 @@ def test_requests_behind_a_declined_websocket_upgrade_are_recovered_from_garbage
     answers = send(stack.gw_port, upgrade(rids[0], b"websocket") + chat(rids[1]) + BAD)
     assert answers.count(b"HTTP/1.1 200 ") == 2 and answers.count(b" 400 Bad Request\r\n") == 1, answers[:600]
     assert recorded(stack, rids) == set(rids)
+
+
+H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+
+
+@pytest.mark.parametrize("protocol", [b"h2c", b"websocket"])
+def test_an_upgrade_requests_body_after_its_heads_read_is_read_and_answered(
+    stack: Stack, protocol: bytes
+) -> None:
+    """What `curl --http2` sends over http://: an upgrade header on a POST. Its body came after
+    the head's read (rev29: the connection was closed for reads at its head, the body never
+    came, no answer, recorded as the client gone); then a chat behind it."""
+    first, second = ids(2)
+    data = chat(first).replace(
+        b"Host: x\r\n", b"Host: x\r\nConnection: Upgrade\r\nUpgrade: %s\r\n" % protocol
+    )
+    cut = data.index(b"\r\n\r\n") + 4 + 10
+    answers = pieces(stack.gw_port, [data[:cut], data[cut:] + chat(second, close=True)])
+    assert answers.count(b"HTTP/1.1 200 ") == 2, answers[:600]
+    assert recorded(stack, [first, second]) == {first, second}
+
+
+def test_a_chunked_upgrade_request_malformed_in_the_read_is_answered_400_and_recorded(stack: Stack) -> None:
+    """The parse again stopped at its head (rev29: its body was never fed nor failed: no answer)."""
+    first, second = ids(2)
+    bad = (
+        chat(second).replace(b"Host: x\r\n", b"Host: x\r\n" + H2C).split(b"Content-Length")[0]
+        + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n"
+    )
+    answers = send(stack.gw_port, chat(first) + bad)
+    assert answers.startswith(b"HTTP/1.1 200 ") and b" 400 " in answers, answers[:600]
+    assert recorded(stack, [first, second]) == {first, second}
+    assert {r["id"]: r["status"] for r in list_records(stack.api)}[second] == 400
+
+
+def test_an_unknown_upgrade_among_pipelined_requests_keeps_those_after_it(stack: Stack) -> None:
+    """Where the rest of the read begins is proven past every request in it, not only one
+    (rev29: the connection closed, and the chats before and after it were not answered)."""
+    rids = ids(12)
+    models = upgrade(rids[10], b"h2c")
+    answers = send(stack.gw_port, b"".join(chat(r) for r in rids[:10]) + models + chat(rids[11], close=True))
+    assert answers.count(b"HTTP/1.1 200 ") == 12, answers.count(b"HTTP/1.1 200 ")
+    assert recorded(stack, rids) == set(rids)

@@ -34,7 +34,7 @@ import re
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
@@ -54,15 +54,36 @@ _TOO_LARGE = (
 _QUOTE = re.compile(r"""\bb['"]""")
 
 
-def _message_end(buf: bytes, size: int) -> int | None:
-    """Where the one request that begins `buf` ends, its body `size` bytes as they came: after
-    the head's empty line, which llhttp takes as `\r\n\r\n` only and which no head holds
-    before its end. None for a `buf` that begins with the line breaks llhttp skips."""
-    if buf[:1] in (b"\r", b"\n"):
-        return None
-    head = buf.find(b"\r\n\r\n")
-    end = head + 4 + size
-    return end if head >= 0 and end <= len(buf) else None
+def _messages_end(buf: bytes, messages: list[Any], auto_decompress: bool) -> int | None:
+    """Where the requests that begin `buf` end, one after the other: each after its head's
+    empty line, which llhttp takes as `\r\n\r\n` only and which no head holds before its end,
+    and its body's bytes as they came. None when that is not known: a body chunked,
+    compressed or still coming, or a request after the line breaks llhttp skips."""
+    pos = 0
+    for message, body in messages:
+        if buf[pos : pos + 1] in (b"\r", b"\n"):
+            return None
+        head = buf.find(b"\r\n\r\n", pos)
+        if head < 0:
+            return None
+        pos = head + 4
+        if body is not EMPTY_PAYLOAD:
+            if message.chunked or (auto_decompress and message.compression) or not body.is_eof():
+                return None
+            pos += body.total_bytes
+    return pos if pos <= len(buf) else None
+
+
+def _known_upgrade(message: Any) -> bool:
+    """An upgrade aiohttp's parser switches for (and so keeps what follows), as its own rule."""
+    return bool(message.method == "CONNECT" or message.headers.get("Upgrade", "").lower() == "websocket")
+
+
+def _fail(found: list[Any], exc: Exception) -> None:
+    """The bodies of `found` requests the parse again stopped in fail their reads with `exc`."""
+    for _, body in found:
+        if not body.is_eof():
+            body.set_exception(exc)
 
 
 class GuardedHandler(RequestHandler):
@@ -70,7 +91,7 @@ class GuardedHandler(RequestHandler):
 
     __slots__ = (
         "_armed_count", "_auto_decompress", "_body", "_body_bytes", "_discarding", "_head_bytes",
-        "_header_timeout", "_header_timer", "_held", "_held_base", "_plain", "_since",
+        "_header_timeout", "_header_timer", "_held", "_held_base", "_plain", "_since", "_upgrading",
     )  # fmt: skip
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
@@ -87,6 +108,7 @@ class GuardedHandler(RequestHandler):
         # does (`[]`: it holds none), or None when not known (see `_settle`).
         self._since: list[bytes] | None = []
         self._plain = False  # the last request's body is Content-Length bytes as they came
+        self._upgrading = False  # the last request is an upgrade whose body is still coming
         # A read that began clean and filled the queue: the parser keeps the rest of it back.
         self._held: bytes | None = None
         self._held_base = 0  # `_request_count` before it
@@ -125,6 +147,9 @@ class GuardedHandler(RequestHandler):
                 self._since, self._held = ([data] if data else []) if since is not None else None, None
                 if self._head_bytes > HEAD_MAX:
                     self._refuse()
+                    return
+                if self._upgrading:
+                    self._upgrade_body_ended(data if since is not None else None)
                     return
         if self._request_count != count:  # a request's headers are complete
             if not between and self._body is not None and not self._body.is_eof():
@@ -194,11 +219,11 @@ class GuardedHandler(RequestHandler):
             return
         held, self._held = self._held, None
         end = None
-        if buf is not None and self._request_count - count == 1:
-            if body is EMPTY_PAYLOAD:
-                end = _message_end(buf, 0)
-            elif body is not None and self._plain and body.is_eof():
-                end = _message_end(buf, body.total_bytes)
+        new = self._request_count - count
+        if buf is not None and 0 < new <= len(self._messages):
+            queued = self._messages
+            mine = [queued[i] for i in range(len(queued) - new, len(queued))]
+            end = _messages_end(buf, mine, self._auto_decompress)
         if end is not None:
             self._since = [buf[end:]] if buf is not None and end < len(buf) else []
         elif body is EMPTY_PAYLOAD and not message.upgrade and (read or held or b"").endswith(b"\r\n\r\n"):
@@ -219,17 +244,37 @@ class GuardedHandler(RequestHandler):
             self.data_received(tail)
 
     def _after_upgrade(self) -> None:
-        """An upgrade aiohttp does not know (`Upgrade: h2c`): its parser dropped the rest of the
-        read, and the requests pipelined in it were never answered nor recorded, the client
-        waiting for ever (rev28). Parsed here when where it begins is known; else the
-        connection closes once the requests before are answered."""
+        """An upgrade aiohttp does not know (`Upgrade: h2c`, which `curl --http2` sends): its
+        parser drops the rest of the read the request ends in, and the requests pipelined in
+        it were never answered nor recorded, the client waiting for ever (rev28). That rest is
+        parsed here when where it begins is known. A body still coming is waited for (its
+        end is where the rest begins: `_upgrade_body_ended`). Not known, the requests parsed
+        are answered, the upgrade request last, and the connection closes."""
+        if self._body is not None and not self._body.is_eof():
+            self._upgrading = True  # a WebSocket one too: aiohttp switches at the body's end
+            return
         since = self._since
         if since is None:
-            self.close()
+            self._discarding = True  # bytes after dropped ones are read out of their framing
+            message, body = self._messages[-1]
+            self._messages[-1] = (message._replace(should_close=True), body)  # type: ignore[union-attr]
             return
         self._since = []
         if since:
             self.data_received(since[0])
+
+    def _upgrade_body_ended(self, rest: bytes | None) -> None:
+        """The body of an upgrade request ended in this read; `rest` is what followed it (None:
+        not known, the body was chunked)."""
+        self._upgrading = False
+        if self._upgraded:
+            self._decline_upgrade()
+        elif rest is None:
+            self.close()  # the requests after it are lost to aiohttp's parser: end it there
+        else:
+            self._since = []
+            if rest:
+                self.data_received(rest)
 
     def _recover(self, buf: bytes | None, read: bytes, count: int) -> None:
         """The parser failed in this read: the complete requests it parsed in the same read,
@@ -274,32 +319,38 @@ class GuardedHandler(RequestHandler):
         )  # fmt: skip
         found: list[Any] = []
         seen = start = 0
+        cut = -1  # where the next piece ends when it is known: an upgrade request's body's end
         try:
             for _ in range(4096):  # a bound on the work (pieces); and on the requests, below
                 if start >= len(data) or seen > skip + 128:
                     break
-                end = data.find(b"\r\n\r\n", start)
-                end = len(data) if end < 0 else end + 4
+                if cut >= 0:
+                    end, cut = min(cut, len(data)), -1
+                else:
+                    end = data.find(b"\r\n\r\n", start)
+                    end = len(data) if end < 0 else end + 4
                 messages, upgraded, tail = parser.feed_data(data[start:end])
-                lost = False  # the parser dropped the rest of the piece
                 for message in messages:
                     seen += 1
                     if seen > skip:
                         found.append(message)
-                    # An upgrade aiohttp does not know ends its parse of the piece, which ends
-                    # with its head unless it has a body: what follows that is not known.
-                    lost |= bool(message[0].upgrade) and message[1] is not EMPTY_PAYLOAD
+                    head, body = message
+                    if head.upgrade and body is not EMPTY_PAYLOAD:
+                        # Its body ends the parser's parse of its piece (an upgrade it does not
+                        # know drops the rest): the body is fed as a piece of its own.
+                        size = head.headers.get("Content-Length", "")
+                        if not head.chunked and size.isdigit():
+                            cut = end + int(size)
+                        elif not _known_upgrade(head):
+                            _fail(found, BadHttpMessage("an upgrade request's chunked body: not read"))
+                            return found
                 if upgraded:  # declined (`_decline_upgrade`): what follows it is parsed on
                     parser.set_upgraded(False)
                     end -= len(tail)
-                elif lost:
-                    return found
                 start = end
         except HttpProcessingError as e:
-            for _, body in found:
-                if not body.is_eof():  # the request the fault is in: its body turned malformed,
-                    body.set_exception(e)  # so its handler answers 400 and records why
-            return found
+            _fail(found, e)  # the request the fault is in: its body turned malformed, so its
+            return found  # handler answers 400 and records why
         return []
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
