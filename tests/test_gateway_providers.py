@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from llmtap.providers import anthropic, openai
+from llmtap.providers.common import dumps
 from llmtap.providers.sse import data_payloads, iter_events, last_boundary, split_events
 
 
@@ -747,6 +748,83 @@ def test_streamed_function_call_logprobs_annotations_and_audio_on_both_paths() -
         "top_logprobs": None,
         "text_offset": [0, 1],
     }
+
+
+#: What a member can hold in odd JSON: nothing, numbers (one past 64 bits), a bool, strings,
+#: and lists and objects of mixed members (`"".join` and a dict key both refuse some).
+ODD: list[object] = [None, 0, -1, 2**70, 1.5, True, "", "x", [], ["a", 1], [1, 2], [[1]], {}, {"a": 1}]
+
+
+def test_no_odd_member_of_an_openai_stream_raises_out_of_its_rebuild() -> None:
+    """rev29c: `{"audio":{"id":["a",1]}}` raised a TypeError out of the rebuild (every list in the
+    audio was joined), as a list or object as a choice's or tool call's `index` did (not a key):
+    through the gateway the record lost its bodies and tokens. Each member of a chat stream and
+    of a cut Responses stream, on both paths, holding each odd value: a result, and one that is
+    JSON. The audio's own pieces are still joined, its other members kept as sent."""
+    res = openai.reassemble_stream(sse(chunk({"audio": {"id": ["a", 1], "transcript": "hi"}})))
+    assert res is not None and res.message["choices"][0]["message"]["audio"] == {
+        "id": ["a", 1],
+        "data": "",
+        "expires_at": None,
+        "transcript": "hi",
+    }
+    res = openai.reassemble_stream(sse(chunk({"audio": {"transcript": "hi", "extra": [1, 2]}})))
+    assert res is not None and res.message["choices"][0]["message"]["audio"]["extra"] == [1, 2]
+
+    call = {"index": 0, "id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    delta = {
+        "role": "assistant",
+        "content": "a",
+        "refusal": "r",
+        "reasoning_content": "t",
+        "reasoning": "t",
+        "tool_calls": [call],
+        "function_call": {"name": "f", "arguments": "{}"},
+        "annotations": [{"type": "url_citation"}],
+        "audio": {"id": "au", "data": "AB", "expires_at": 1, "transcript": "a"},
+    }
+    lp = {"content": [{"token": "a"}], "refusal": None, "tokens": ["a"]}
+    base = {**chunk(delta), "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    base["choices"][0] |= {"logprobs": lp, "text": "a"}  # type: ignore[index]
+
+    def places(obj: object) -> list[tuple[object, object]]:
+        """Every (container, key) in `obj`, depth first."""
+        found: list[tuple[object, object]] = []
+        keys = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+        for k, v in keys:
+            found.append((obj, k))
+            found.extend(places(v))
+        return found
+
+    pending = {"id": "r", "object": "response", "model": "m", "status": "in_progress", "output": []}
+    at = {"output_index": 0, "content_index": 0, "summary_index": 0}
+    cut = [
+        {"type": "response.in_progress", "response": pending},
+        {
+            "type": "response.output_item.added",
+            **at,
+            "item": {"type": "message", "content": [], "summary": []},
+        },
+        {"type": "response.content_part.added", **at, "part": {"type": "output_text", "text": "a"}},
+        {"type": "response.output_text.delta", **at, "delta": "b"},
+        {"type": "response.reasoning_summary_part.added", **at, "part": {"type": "summary_text", "text": ""}},
+        {"type": "response.reasoning_summary_text.delta", **at, "delta": "s"},
+        {"type": "response.output_item.added", "output_index": 1, "item": {"type": "function_call"}},
+        {"type": "response.function_call_arguments.delta", "output_index": 1, "delta": "{"},
+        {"type": "response.function_call_arguments.done", "output_index": 1, "arguments": "{}"},
+        {"type": "response.output_item.done", "output_index": 1, "item": {"type": "function_call"}},
+    ]
+    for events in ([base, base], cut):
+        for n in range(len(places(events))):
+            for value in ODD:
+                odd = json.loads(json.dumps(events))
+                where, key = places(odd)[n]
+                where[key] = value  # type: ignore[index]
+                stream = sse(*odd)
+                for raw in (stream, b": ping\n\n" + stream):
+                    res = openai.reassemble_stream(raw)
+                    assert res is not None
+                    orjson.loads(dumps(res.message))
 
 
 # -- OpenAI-compatible servers' own spellings (an outside check of vLLM, DeepSeek, Groq ...) ----

@@ -488,12 +488,13 @@ def chat_chunk(delta: dict[str, Any], finish: str | None = None, **choice: Any) 
 
 
 async def stored_stream(
-    tmp_path: Path, events: list[dict[str, Any]], **create: Any
+    tmp_path: Path, events: list[dict[str, Any]], *, usage_chunk: bool = True, **create: Any
 ) -> tuple[list[Any], LogRecord]:
     """Stream `events` (OpenAI's wire chunks, then its usage chunk and `[DONE]`) to the SDK
     through the gateway; what the SDK got and the record as the worker stores it."""
     usage = {**chat_chunk({}), "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 6}}
-    sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in [*events, usage])
+    ends = [usage] if usage_chunk else []
+    sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in [*events, *ends])
 
     async def answer(request: web.Request) -> web.Response:
         await request.read()
@@ -588,6 +589,28 @@ async def test_streamed_logprobs_annotations_and_audio_are_stored_as_a_non_strea
             "transcript": "Paris is",
         },
     }
+
+
+async def test_a_streamed_audio_member_of_any_shape_keeps_the_record_whole(tmp_path: Path) -> None:
+    """rev29c: a `delta.audio` member holding a list of non-strings (`"id": ["a", 1]`) raised out
+    of the rebuild: without a usage chunk the gateway stored a bare record (no bodies, no tokens,
+    `upstream_error`), with one the worker stored it without its message."""
+    events = [
+        chat_chunk({"role": "assistant", "content": "Hi", "audio": {"id": ["a", 1], "transcript": "Hi"}}),
+        chat_chunk({"audio": {"data": "AAAA", "extra": [1, 2]}}),
+        chat_chunk({}, "stop"),
+    ]
+    for usage_chunk in (False, True):
+        _, rec = await stored_stream(tmp_path, events, usage_chunk=usage_chunk, model="gpt-4o-audio-preview")
+        assert rec.outcome == "completed" and rec.error is None
+        (choice,) = json.loads(body_bytes(rec.response_body) or b"")["choices"]
+        assert choice["message"] == {
+            "role": "assistant",
+            "content": "Hi",
+            "audio": {"id": ["a", 1], "data": "AAAA", "expires_at": None, "transcript": "Hi"}
+            | {"extra": [1, 2]},
+        }
+        assert rec.usage.source == ("provider" if usage_chunk else "missing")
 
 
 async def test_openai_responses_cache_writes_priced_at_the_write_rate(upstream: int, tmp_path: Path) -> None:

@@ -223,7 +223,8 @@ class _Choice:
         #: What only some streams carry, None until one does (the message then has it).
         self.logprobs: dict[str, Any] | None = None
         self.annotations: list[Any] | None = None
-        self.audio: dict[str, Any] | None = None
+        #: `delta.audio`'s members but its data and transcript, and the pieces of those two.
+        self.audio: tuple[dict[str, Any], list[str], list[str]] | None = None
         self.finish: Any = None
 
     def add_logprobs(self, lp: dict[str, Any]) -> None:
@@ -243,16 +244,18 @@ class _Choice:
                 acc[k] = v
 
     def add_audio(self, audio: dict[str, Any]) -> None:
-        """`delta.audio`: its id and expiry once, its base64 data and transcript in pieces."""
+        """`delta.audio`: its base64 data and transcript in pieces, in lists of their own (only
+        strings are joined: an `id` of `["a", 1]` crashed the rebuild), any other member as sent."""
         acc = self.audio
         if acc is None:
-            acc = self.audio = {"id": None, "data": [], "expires_at": None, "transcript": []}
+            acc = self.audio = ({"id": None, "data": None, "expires_at": None, "transcript": None}, [], [])
+        members, data, transcript = acc
         for k, v in audio.items():
             if k == "data" or k == "transcript":
                 if isinstance(v, str):
-                    acc[k].append(v)
+                    (data if k == "data" else transcript).append(v)
             elif v is not None:
-                acc[k] = v
+                members[k] = v
 
     def start_function(self) -> tuple[list[str], list[str]]:
         self.function = ([], [])
@@ -399,7 +402,7 @@ class _Stream:
         for ch in chunk_choices if isinstance(chunk_choices, list) else ():
             if not isinstance(ch, dict):
                 continue
-            st = self.choice(ch.get("index", 0))
+            st = self.choice(_index(ch.get("index", 0)))
             delta = ch.get("delta")
             if isinstance(delta, dict):
                 _apply_delta(st, delta)
@@ -565,7 +568,8 @@ def _result(s: _Stream) -> StreamResult | None:
         if st.annotations is not None:
             message["annotations"] = st.annotations
         if st.audio is not None:
-            message["audio"] = {k: "".join(v) if isinstance(v, list) else v for k, v in st.audio.items()}
+            members, data, transcript = st.audio
+            message["audio"] = {**members, "data": "".join(data), "transcript": "".join(transcript)}
         out: dict[str, Any] = {"index": idx, "message": message, "finish_reason": st.finish}
         if st.logprobs is not None:
             out["logprobs"] = st.logprobs
@@ -684,6 +688,12 @@ def _put(item: dict[str, Any], where: str, index: Any, part: dict[str, Any]) -> 
         parts[index] = part
 
 
+def _index(value: Any) -> Any:
+    """A choice's or tool call's `index` as a key: a list or object cannot be one (it raised,
+    and the record lost its contents), so it counts as 0 as the order of choices does."""
+    return 0 if isinstance(value, list | dict) else value
+
+
 def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:
     role = delta.get("role")
     if isinstance(role, str):
@@ -704,7 +714,7 @@ def _apply_delta(st: _Choice, delta: dict[str, Any]) -> None:
         for tc in calls:
             if not isinstance(tc, dict):
                 continue
-            t = st.tool(tc.get("index", 0))
+            t = st.tool(_index(tc.get("index", 0)))
             if tc.get("id") is not None:
                 t["id"] = tc["id"]
             if isinstance(tc.get("type"), str):
