@@ -8,6 +8,7 @@ split across chunks, several tool calls, thinking blocks with signatures, CRLF f
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import orjson
 import pytest
@@ -292,6 +293,46 @@ def test_a_responses_stream_that_never_ended_keeps_its_items_deltas() -> None:
     res = openai.reassemble_stream(ended)
     assert res is not None and res.error == "The server had an error"
     assert res.message == {**pending, "output": [fc_done]}
+
+
+def test_a_completed_responses_stream_keeps_none_of_its_item_events() -> None:
+    """rev29c: every item event was kept, parsed, until the stream's end, which only a cut stream
+    reads: a rebuild's peak memory doubled (a 100k-delta stream 77 MB against 44). A completed
+    stream's peak is again what its bytes and their slices take; a cut one still has its text."""
+    pending = {
+        "id": "resp_1",
+        "object": "response",
+        "model": "gpt-4.1",
+        "status": "in_progress",
+        "output": [],
+    }
+    msg = {"id": "msg_1", "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
+    at = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    start = [
+        {"type": "response.in_progress", "response": pending},
+        {"type": "response.output_item.added", "output_index": 0, "item": msg},
+        *(
+            {"type": "response.output_text.delta", **at, "delta": " word", "logprobs": []}
+            for _ in range(2000)
+        ),
+    ]
+    part = {"type": "output_text", "text": " word" * 2000, "annotations": []}
+    done = {**msg, "status": "completed", "content": [part]}
+    completed = responses_events(
+        *start,
+        {"type": "response.output_item.done", "output_index": 0, "item": done},
+        {"type": "response.completed", "response": {**pending, "status": "completed", "output": [done]}},
+    )
+    tracemalloc.start()
+    try:
+        res = openai.reassemble_stream(completed)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert res is not None and res.message["output"] == [done]
+    assert peak < 3 * len(completed)  # 2.4x; 4.9x with the events kept
+    res = openai.reassemble_stream(responses_events(*start))
+    assert res is not None and res.message["output"] == [{**msg, "content": [part]}]
 
 
 def test_openai_non_stream_and_embeddings_usage() -> None:
