@@ -295,6 +295,61 @@ def test_a_responses_stream_that_never_ended_keeps_its_items_deltas() -> None:
     assert res.message == {**pending, "output": [fc_done]}
 
 
+def test_a_cut_responses_streams_deltas_are_appended_to_what_its_item_or_part_held() -> None:
+    """rev29c: a cut stream stored only the deltas, not the text the `output_item.added` item or
+    the `content_part.added` part already held (the SDK does `text += delta`); a `.done` event
+    still replaces the whole."""
+    pending = {
+        "id": "resp_1",
+        "object": "response",
+        "model": "gpt-4.1",
+        "status": "in_progress",
+        "output": [],
+    }
+    call = {"id": "fc_1", "type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"a":'}
+    msg = {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+    rs = {"id": "rs_1", "type": "reasoning", "summary": []}
+    at = {"output_index": 1, "content_index": 0}
+    summary = {"output_index": 2, "summary_index": 0}
+
+    def events(*done: dict[str, object]) -> bytes:
+        return responses_events(
+            {"type": "response.in_progress", "response": pending},
+            {"type": "response.output_item.added", "output_index": 0, "item": call},
+            {"type": "response.function_call_arguments.delta", "output_index": 0, "delta": "1}"},
+            {"type": "response.output_item.added", "output_index": 1, "item": msg},
+            {"type": "response.content_part.added", **at, "part": {"type": "output_text", "text": "Hel"}},
+            {"type": "response.output_text.delta", **at, "delta": "lo"},
+            {"type": "response.content_part.added", **at, "content_index": 1, "part": {"type": "refusal"}},
+            {"type": "response.refusal.delta", **at, "content_index": 1, "delta": "No"},
+            {"type": "response.output_item.added", "output_index": 2, "item": rs},
+            {
+                "type": "response.reasoning_summary_part.added",
+                **summary,
+                "part": {"type": "summary_text", "text": "A"},
+            },
+            {"type": "response.reasoning_summary_text.delta", **summary, "delta": "B"},
+            *done,
+        )
+
+    res = openai.reassemble_stream(events())
+    assert res is not None and res.message["output"] == [
+        {**call, "arguments": '{"a":1}'},
+        {**msg, "content": [{"type": "output_text", "text": "Hello"}, {"type": "refusal", "refusal": "No"}]},
+        {**rs, "summary": [{"type": "summary_text", "text": "AB"}]},
+    ]
+    res = openai.reassemble_stream(
+        events(
+            {"type": "response.output_text.done", **at, "text": "Hello!"},
+            {"type": "response.function_call_arguments.done", "output_index": 0, "arguments": '{"a":2}'},
+        )
+    )
+    assert res is not None and res.message["output"][:2] == [
+        {**call, "arguments": '{"a":2}'},
+        {**msg, "content": [{"type": "output_text", "text": "Hello!"}, {"type": "refusal", "refusal": "No"}]},
+    ]
+
+
 def test_a_completed_responses_stream_keeps_none_of_its_item_events() -> None:
     """rev29c: every item event was kept, parsed, until the stream's end, which only a cut stream
     reads: a rebuild's peak memory doubled (a 100k-delta stream 77 MB against 44). A completed

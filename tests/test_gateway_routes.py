@@ -476,6 +476,57 @@ async def test_a_cut_responses_stream_stores_the_output_the_client_got(upstream:
     )
 
 
+async def test_a_cut_responses_stream_keeps_the_text_its_item_and_part_came_with(tmp_path: Path) -> None:
+    """rev29c: a cut stream's stored output held only the deltas: a part added with text "Hel"
+    then a delta "lo" stored "lo", a call added with arguments `{"a":` then `1}` stored `1}`.
+    The SDK appends each delta to what the item or part holds: the record has what it had."""
+    pending = {
+        "id": "resp_1",
+        "object": "response",
+        "model": "gpt-4.1",
+        "status": "in_progress",
+        "output": [],
+    }
+    call = {"id": "fc_1", "type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"a":'}
+    msg = {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+    part = {"type": "output_text", "text": "Hel", "annotations": []}
+    at = {"item_id": "msg_1", "output_index": 1, "content_index": 0}
+    events = [
+        {"type": "response.created", "sequence_number": 0, "response": pending},
+        {"type": "response.output_item.added", "sequence_number": 1, "output_index": 0, "item": call},
+        {"type": "response.function_call_arguments.delta", "sequence_number": 2, "item_id": "fc_1"}
+        | {"output_index": 0, "delta": "1}"},
+        {"type": "response.output_item.added", "sequence_number": 3, "output_index": 1, "item": msg},
+        {"type": "response.content_part.added", "sequence_number": 4, **at, "part": part},
+        {"type": "response.output_text.delta", "sequence_number": 5, **at, "delta": "lo", "logprobs": []},
+    ]
+    sse = b"".join(
+        b"event: " + e["type"].encode() + b"\ndata: " + json.dumps(e).encode() + b"\n\n" for e in events
+    )
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=sse, content_type="text/event-stream")
+
+    runner, port = await tiny_upstream(answer)
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(port, tmp_path), q) as (_, gw):
+            oa = openai.AsyncOpenAI(base_url=f"{gw}/openai/v1", api_key="sk-test", max_retries=0)
+            async with oa.responses.stream(model="gpt-4.1", input="hi") as stream:
+                got = {e.type: e.snapshot async for e in stream if e.type.endswith(".delta")}
+            await oa.close()
+            (rec,) = await records(q, 1)
+    finally:
+        await runner.cleanup()
+    assert got == {"response.function_call_arguments.delta": '{"a":1}', "response.output_text.delta": "Hello"}
+    stored = json.loads(body_bytes(rec.response_body) or b"")
+    assert stored["output"] == [
+        {**call, "arguments": '{"a":1}'},
+        {**msg, "content": [{**part, "text": "Hello"}]},
+    ]
+
+
 def chat_chunk(delta: dict[str, Any], finish: str | None = None, **choice: Any) -> dict[str, Any]:
     return {
         "id": "chatcmpl-X",

@@ -669,10 +669,13 @@ class _Output:
             if type(value) is str and type(at) is int and type(index) is int:
                 key = (at, index, base)
                 pieces = self.texts.get(key) if is_delta else None
-                if pieces is None:
-                    self.texts[key] = [value]
-                else:
+                if pieces is not None:
                     pieces.append(value)
+                elif is_delta:  # appended to what the item or part already holds, as the SDK does
+                    held = self.held(at, index, base)
+                    self.texts[key] = [held, value] if held else [value]
+                else:
+                    self.texts[key] = [value]
             return
         if type(at) is not int or at in self.done:
             return
@@ -687,6 +690,17 @@ class _Output:
             part = ev.get("part")
             if isinstance(part, dict):
                 _put(self.items[at], where, ev.get(index_name), part)
+
+    def held(self, at: int, index: int, base: str) -> str | None:
+        """The text an item (`output_item.added`'s arguments) or its part (`content_part.added`'s
+        text) already holds where a kind's first delta goes."""
+        where, _, member, _ = _DELTA_TARGETS[base]
+        held = self.items.get(at)
+        if held is not None and where is not None:
+            parts = held.get(where)
+            held = parts[index] if isinstance(parts, list) and 0 <= index < len(parts) else None
+        text = held.get(member) if isinstance(held, dict) else None
+        return text if isinstance(text, str) else None
 
     def items_so_far(self) -> list[Any]:
         items = self.items
