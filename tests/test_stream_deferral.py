@@ -631,3 +631,26 @@ def test_a_json_request_with_a_bom_or_in_utf_16_names_its_model(encode: Any) -> 
     rec = RecordBuilder(inline_body_bytes=INLINE, gateway="gw").build(cap)
     assert rec.model == "gpt-4o-mini"
     assert body_bytes(rec.request_body) == request  # stored as it came
+
+
+@pytest.mark.parametrize("step", ["stream_summary", "reassemble_stream"])
+def test_a_provider_that_fails_on_a_stream_costs_its_message_only(
+    monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A provider's bug on an odd stream (rev29: a `delta.audio` list raised out of the OpenAI
+    rebuild): before, the publisher published the record bare, with no bodies, tokens or model.
+    Now the stream is stored as it came and the rest of the record is whole."""
+
+    def boom(self: Any, data: bytes) -> Any:
+        raise TypeError("sequence item 1: expected str instance, int found")
+
+    if step == "reassemble_stream":  # what a stream the gateway does not leave to the worker takes
+        monkeypatch.setattr(OpenAI, "stream_summary", lambda self, data: None)
+    monkeypatch.setattr(OpenAI, step, boom)
+    stream = sse(chunk(""), chunk("Hello"), usage_chunk(12, 3))
+    builder = RecordBuilder(inline_body_bytes=INLINE, gateway="gw")
+    rec = builder.build(capture(stream))
+    assert builder.rebuild_errors == 1 and builder.rebuild_error == "TypeError"
+    assert rec.outcome == "completed" and rec.error is None and rec.model == "gpt-4o-mini"
+    assert rec.request_body is not None and rec.response_body is not None
+    assert body_bytes(rec.response_body) == stream

@@ -326,6 +326,8 @@ class RecordBuilder:
     def __init__(self, *, inline_body_bytes: int, gateway: str) -> None:
         self.inline = inline_body_bytes
         self.gateway = gateway
+        self.rebuild_errors = 0  # streams whose message could not be rebuilt (stored as they came)
+        self.rebuild_error = ""  # the last one's exception type
         self._request_headers = HeaderFilter(REQUEST_DROP)
         self._response_headers = HeaderFilter(RESPONSE_DROP)
 
@@ -391,19 +393,26 @@ class RecordBuilder:
                 tail = b"".join(cap.tail)
                 scan = decoded + b"\n\n" + tail
             result: StreamResult | None = None
-            if (
-                not cap.tail
-                and not lh.omit_response
-                and len(decoded) + _ZSTD_SLACK <= self.inline
-                and fmt.model(cap.path, req_json, None) is not None
-            ):
-                # A whole stream's usage from its first and last events: the worker rebuilds
-                # its message from the events (`llmtap.handlers.streams`), which stay inline for
-                # it. Only where the request names the model: the message could name another.
-                result = fmt.stream_summary(decoded)
-            deferred = result is not None
-            if result is None:
-                result = fmt.reassemble_stream(scan)
+            try:
+                if (
+                    not cap.tail
+                    and not lh.omit_response
+                    and len(decoded) + _ZSTD_SLACK <= self.inline
+                    and fmt.model(cap.path, req_json, None) is not None
+                ):
+                    # A whole stream's usage from its first and last events: the worker
+                    # rebuilds its message from the events (`llmtap.handlers.streams`), which
+                    # stay inline for it. Only where the request names the model: the message
+                    # could name another.
+                    result = fmt.stream_summary(decoded)
+                deferred = result is not None
+                if result is None:
+                    result = fmt.reassemble_stream(scan)
+            except Exception as e:  # a provider's bug on an odd stream costs its message, no more:
+                # the stream is stored as it came (before: the whole record was published bare)
+                self.rebuild_errors += 1
+                self.rebuild_error = type(e).__name__  # not its text, which may quote the answer
+                result, deferred = None, False
             if result is not None:
                 events = decoded
                 if result.message is not None:

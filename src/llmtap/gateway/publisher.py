@@ -574,6 +574,7 @@ class Publisher:
         nbytes = 0
         big = False
         limit = self.inline_limit
+        rebuilds = builder.rebuild_errors
         for i, cap in enumerate(caps):
             nbytes += cap.nbytes
             try:
@@ -595,6 +596,13 @@ class Publisher:
             self.requests[(record.provider, record.outcome)] += 1
             if i % SLICE == SLICE - 1:  # a big batch must not stall live requests
                 await asyncio.sleep(0)
+        if builder.rebuild_errors != rebuilds:
+            self._warn(
+                "rebuild",
+                "could not rebuild the message of %d stream(s) (%s); stored them as they came",
+                builder.rebuild_errors - rebuilds,
+                builder.rebuild_error,
+            )
         return _Batch(records, nbytes, big)
 
     async def _deliver(self, batch: _Batch) -> bool:
