@@ -140,17 +140,17 @@ _PARAM_SCHEMES = frozenset({"digest", "negotiate", "hoba", "aws4-hmac-sha256"})
 #: Slack `xoxb-...`, Stripe `sk_live_...`, AWS access key ids `AKIA...`); and signed JSON Web
 #: Tokens (`eyJ...`: a front proxy's OIDC assertion about the user); Google OAuth access
 #: (`ya29.`) and refresh (`1//0`) tokens, SendGrid (`SG.`) and npm (`npm_`) keys.
-#: A JWT starts a run of its characters (not after `-` or `.`): each `-eyJ` of `-eyJ-eyJ...a`
-#: scanned the run's unbounded second segment again (rev28b: 15 headers of 64 KB held the loop
-#: 400 ms); so each run is one JWT's first segment and one's second at most. The other `{n,}`
-#: fail only short of their minimum, or end at a `.` (`SG.`), so each is linear too.
+#: A JWT's second segment is 16 KB at most: each `eyJ` of `-eyJ-eyJ...` reaches the same `.`, and
+#: scanned an unbounded segment after it again (rev28b: 15 headers of 64 KB held the loop 400
+#: ms); `_holds_key` also skips an `eyJ` inside a run a failed one read. The other `{n,}` fail
+#: only short of their minimum, or end at a `.` (`SG.`), so each is linear.
 _KEY_SHAPES = re.compile(
     r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}"
     r"|(?:gsk_|hf_|xai-|pplx-|r8_|csk-|fw_|gh[pousr]_)[A-Za-z0-9]{20,}"
     r"|nvapi-[A-Za-z0-9_\-]{40,}|glpat-[A-Za-z0-9_\-]{20,}|github_pat_(?=[\w-]{0,96}\d)[A-Za-z0-9_]{40,}"
     r"|xox[abprse]-(?=[A-Za-z\-]{0,64}\d)[A-Za-z0-9\-]{10,}"
     r"|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
-    r"|(?<![\w.\-])eyJ[A-Za-z0-9_\-]{8,1024}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"
+    r"|eyJ[A-Za-z0-9_\-]{8,1024}+\.[A-Za-z0-9_\-]{8,16384}+\.[A-Za-z0-9_\-]*"
     r"|ya29\.[\w-]{20,}|1//0[\w-]{20,}|SG\.[\w-]{16,}\.[\w-]{16,}|npm_[A-Za-z0-9]{36})"
 )
 #: What each key shape starts with, whole (`ghp_`, not `gh`, which English is full of).
@@ -228,11 +228,17 @@ def is_secret_value(value: str) -> bool:
 _INSIDE_READ = 1024
 
 
+#: A JWT's first segment as the shape reads it, and one character more (a run past the cap).
+_JWT_RUN = re.compile(r"[A-Za-z0-9_\-]{0,1025}")
+
+
 def _holds_key(value: str) -> bool:
     """A key shape anywhere in `value`, tried where its start stands."""
-    n = inside = 0
+    n = inside = skip = 0
     for hint in _KEY_HINT.finditer(value):
         at = hint.start()
+        if at < skip:  # an `eyJ` inside a run a failed `eyJ` read: the same `.` and rest follow
+            continue
         if at and (value[at - 1].isalnum() or value[at - 1] == "_"):
             inside += 1
             if inside > _INSIDE_READ:
@@ -246,6 +252,9 @@ def _holds_key(value: str) -> bool:
         # word such as `sk-hynix-earnings-q3` in a referer is not (rev24).
         if m is not None and (m.start() == 0 or not m[0].startswith("sk-") or len(m[0]) >= 24):
             return True
+        if m is None and hint[0] == "eyJ" and (run := _JWT_RUN.match(value, at + 3)) is not None:
+            if run.end() - at <= 1027:  # (a run past the first segment's cap failed for its length)
+                skip = run.end()
     return False
 
 
