@@ -685,3 +685,14 @@ def test_a_jwt_after_a_dash_or_a_dot_is_one() -> None:
     for _ in range(15):
         assert not is_secret_value("-eyJ" * 256 + "." + "a" * 65536)
     assert time.process_time() - t0 < 0.2
+
+
+def test_a_urls_password_of_digits_then_a_slash_a_question_mark_or_a_hash_is_a_credential() -> None:
+    # rev29b: taken for a port (`redact_dsn` masks them), these were recorded whole
+    for v in ["redis://:2024/Qx7pwZk9@cache:6379", "redis://:99#Zk9Qx7pw@cache", "https://svc:42?Pa55w0rd@api",
+              "x redis://:1@cache", "postgresql://app:8#Zk9Qx7pw@db/app"]:  # fmt: skip
+        assert is_secret_value(v), v
+        assert "***" in redact.redact_dsn(v), v
+    # a host's port, then a path holding an `@`: no password
+    for v in ["https://h:8443/models/claude@20240620", "https://h:8443", "x https://h:1/a@b y"]:
+        assert not is_secret_value(v), v

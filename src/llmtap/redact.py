@@ -503,10 +503,12 @@ _USERINFO = re.compile(r"(?i)(?P<head>\b[a-z][a-z0-9+.-]{0,31}://)(?P<userinfo>[
 _URL_USERINFO = re.compile(r"://([^/@\s?#<>\"]*)@")
 
 
-#: `://user:` with what follows the `:` no port (digits, then the end or a `/?#`): a password,
-#: which may hold a `/`, `?` or `#` (rev28b: `postgresql://app:s3cr/etPw99@db`, `redis://:Zk9#Qx7@h`
-#: were recorded whole), when an `@` follows in the same URL (as `redact_dsn` reads it).
-_URL_PASSWORD = re.compile(r'://[^/?#@:\s<>"]*:(?!\d*(?:[/?#\s<>"]|$))')
+#: `://user:` with what follows the `:` no port: a password, which may hold a `/`, `?` or `#`
+#: (rev28b: `postgresql://app:s3cr/etPw99@db`, `redis://:Zk9#Qx7@h` were recorded whole), when an
+#: `@` follows in the same URL (as `redact_dsn` reads it). A port follows a host (`://:` starts
+#: an empty user's password, but in `://://`) and ends at a `/` or the URL's end: digits then a
+#: `?` or `#` are a password's (rev29b: `redis://:2024/Qx7pw@h`, `https://svc:42?Pa55w0rd@api`).
+_URL_PASSWORD = re.compile(r'://(?::(?!//)|[^/?#@:\s<>"]+:(?!\d*(?:[/\s<>"]|$)))')
 #: What ends a URL in running text.
 _URL_END = re.compile(r'[\s<>"]')
 
