@@ -689,10 +689,23 @@ def test_a_jwt_after_a_dash_or_a_dot_is_one() -> None:
 
 def test_a_urls_password_of_digits_then_a_slash_a_question_mark_or_a_hash_is_a_credential() -> None:
     # rev29b: taken for a port (`redact_dsn` masks them), these were recorded whole
-    for v in ["redis://:2024/Qx7pwZk9@cache:6379", "redis://:99#Zk9Qx7pw@cache", "https://svc:42?Pa55w0rd@api",
-              "x redis://:1@cache", "postgresql://app:8#Zk9Qx7pw@db/app"]:  # fmt: skip
+    for v in ["redis://:2024/Qx7pwZk9@cache:6379", "redis://:99#Zk9Qx7pw@cache",
+              "https://svc:42?Pa55w0rd@api", "x redis://:1@cache",
+              "postgresql://app:8#Zk9Qx7pw@db/app"]:  # fmt: skip
         assert is_secret_value(v), v
         assert "***" in redact.redact_dsn(v), v
     # a host's port, then a path holding an `@`: no password
     for v in ["https://h:8443/models/claude@20240620", "https://h:8443", "x https://h:1/a@b y"]:
         assert not is_secret_value(v), v
+
+
+def test_an_ipv6_url_with_an_at_in_its_path_has_no_password() -> None:
+    # rev29b: the `:`s inside `[...]` were read as a user's, and these headers were dropped
+    for v in ["http://[::1]:8080/v1/models/claude-3-5-sonnet@20240620", "x http://[::1]:80 y a@b",
+              "http://[fd00::5]:8443/inbox/alice@example.com",
+              "https://[2001:db8::1]/u/bob@x.org"]:  # fmt: skip
+        assert not is_secret_value(v), v
+        assert recordable([("X-Envoy-Original-Path", v)], frozenset()) == {"x-envoy-original-path": v}
+    # a password after a bracketed host's user is still one
+    for v in ["http://u:pw/x@[::1]:8080/a", "redis://[::1]:99#Zk9Qx7pw@cache"]:
+        assert is_secret_value(v), v

@@ -508,7 +508,10 @@ _URL_USERINFO = re.compile(r"://([^/@\s?#<>\"]*)@")
 #: `@` follows in the same URL (as `redact_dsn` reads it). A port follows a host (`://:` starts
 #: an empty user's password, but in `://://`) and ends at a `/` or the URL's end: digits then a
 #: `?` or `#` are a password's (rev29b: `redis://:2024/Qx7pw@h`, `https://svc:42?Pa55w0rd@api`).
-_URL_PASSWORD = re.compile(r'://(?::(?!//)|[^/?#@:\s<>"]+:(?!\d*(?:[/\s<>"]|$)))')
+#: An IPv6 host's brackets are skipped for its `:`s (rev29b: `http://[::1]:8080/m/claude@2024`).
+_URL_PASSWORD = re.compile(
+    r'://(?::(?!//)|(?:\[[^\]/?#@\s<>"]*\][^/?#@:\[\s<>"]*|[^/?#@:\[\s<>"]+):(?!\d*(?:[/\s<>"]|$)))'
+)
 #: What ends a URL in running text.
 _URL_END = re.compile(r'[\s<>"]')
 
