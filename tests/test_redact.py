@@ -709,3 +709,18 @@ def test_an_ipv6_url_with_an_at_in_its_path_has_no_password() -> None:
     # a password after a bracketed host's user is still one
     for v in ["http://u:pw/x@[::1]:8080/a", "redis://[::1]:99#Zk9Qx7pw@cache"]:
         assert is_secret_value(v), v
+
+
+def test_a_jwt_with_padded_segments_is_one() -> None:
+    # rev29b: AWS ALB's `x-amzn-oidc-data` pads each segment with `=`, and was stored whole
+    alb = (
+        "eyJ0eXAiOiJKV1QiLCJraWQiOiIxMjM0IiwiYWxnIjoiRVMyNTYiLCJpc3MiOiJodHRwczovL2xvZ2luIn0=."
+        "eyJzdWIiOiIxMjM0NTY3ODkwIiwiZW1haWwiOiJhbGljZUBleGFtcGxlLmNvbSIsImV4cCI6MTcwMDAwMDAwMH0=."
+        "MEUCIQDd8G5kq2Jk1hG8sQ9x0yVnq2w3fWx4YkQp8Tz9Lm1xUQIgQ2x0d5Q9w8e7r6t5y4u3i2o1p0a9s8d7f6g5h4j3k2l=="
+    )
+    for v in [alb, f"x {alb} y", f"u-{alb}"]:
+        assert is_secret_value(v), v
+        assert "MEUCIQ" not in redact_text(v) and "eyJzdWIi" not in redact_text(v), v
+    assert recordable([("X-Amzn-Oidc-Data", alb), ("X-Via", alb)], frozenset()) == {}
+    # by its name too, whatever its value; the user's id beside it is kept
+    assert is_secret_name("x-amzn-oidc-data") and not is_secret_name("x-amzn-oidc-identity")

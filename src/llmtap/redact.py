@@ -66,6 +66,7 @@ _SECRET_PARAMS = frozenset(
         "jsessionid",  # Java's, as a path parameter (`;jsessionid=...`) as often as a cookie
         "phpsessid",
         "cookie",
+        "xamznoidcdata",  # AWS ALB's signed assertion (its `-identity`, a user's id, is kept)
     }
 )
 _SECRET_SUFFIXES = ("key", "token", "secret", "password", "signature", "credential", "sig")
@@ -138,7 +139,8 @@ _PARAM_SCHEMES = frozenset({"digest", "negotiate", "hoba", "aws4-hmac-sha256"})
 #: the OpenAI-compatible NVIDIA `nvapi-...`, Cerebras `csk-...` and Fireworks `fw_...`; the
 #: tokens a client's other tools carry (GitHub `ghp_...`/`github_pat_...`, GitLab `glpat-...`,
 #: Slack `xoxb-...`, Stripe `sk_live_...`, AWS access key ids `AKIA...`); and signed JSON Web
-#: Tokens (`eyJ...`: a front proxy's OIDC assertion about the user); Google OAuth access
+#: Tokens (`eyJ...`: a front proxy's OIDC assertion about the user, each segment `=`-padded in
+#: AWS ALB's `x-amzn-oidc-data`, rev29b); Google OAuth access
 #: (`ya29.`) and refresh (`1//0`) tokens, SendGrid (`SG.`) and npm (`npm_`) keys.
 #: A JWT's second segment is 16 KB at most: each `eyJ` of `-eyJ-eyJ...` reaches the same `.`, and
 #: scanned an unbounded segment after it again (rev28b: 15 headers of 64 KB held the loop 400
@@ -150,7 +152,7 @@ _KEY_SHAPES = re.compile(
     r"|nvapi-[A-Za-z0-9_\-]{40,}|glpat-[A-Za-z0-9_\-]{20,}|github_pat_(?=[\w-]{0,96}\d)[A-Za-z0-9_]{40,}"
     r"|xox[abprse]-(?=[A-Za-z\-]{0,64}\d)[A-Za-z0-9\-]{10,}"
     r"|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
-    r"|eyJ[A-Za-z0-9_\-]{8,1024}+\.[A-Za-z0-9_\-]{8,16384}+\.[A-Za-z0-9_\-]*"
+    r"|eyJ[A-Za-z0-9_\-]{8,1024}+={0,2}\.[A-Za-z0-9_\-]{8,16384}+={0,2}\.[A-Za-z0-9_\-]*={0,2}"
     r"|ya29\.[\w-]{20,}|1//0[\w-]{20,}|SG\.[\w-]{16,}\.[\w-]{16,}|npm_[A-Za-z0-9]{36})"
 )
 #: What each key shape starts with, whole (`ghp_`, not `gh`, which English is full of).
