@@ -724,3 +724,26 @@ def test_a_jwt_with_padded_segments_is_one() -> None:
     assert recordable([("X-Amzn-Oidc-Data", alb), ("X-Via", alb)], frozenset()) == {}
     # by its name too, whatever its value; the user's id beside it is kept
     assert is_secret_name("x-amzn-oidc-data") and not is_secret_name("x-amzn-oidc-identity")
+
+
+def test_a_property_name_holding_a_key_is_masked_at_the_gateway_and_at_ingest() -> None:
+    from llmtap.gateway.headers import LlmtapHeaders
+    from llmtap.server.api import scrub_ingested
+    from store_helpers import rec
+
+    # rev29b: a key as a property's name was stored, by the gateway and by ingest
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+    aiza = "AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW"
+    pairs = [(f"Llmtap-Property-{K28}", "1"), (f"Llmtap-Property-{aiza}", "2"), ("Llmtap-Property-Tier", "x")]
+    lh = LlmtapHeaders(pairs)
+    assert lh.properties == {"***": "2", "tier": "x"}
+    r = scrub_ingested(rec(0, properties={K28: "1", "tier": "gold"}))
+    assert r.properties == {"***": "1", "tier": "gold"}
+    assert scrub_ingested(rec(0, properties={f"x-{jwt}": "1"})).properties == {"***": "1"}
+    # a name the limits cut is masked before the cut: the key's head is not kept
+    long = "p" * 110 + "-" + K28  # across MAX_PROPERTY_NAME_BYTES: 17 of its characters kept
+    r = scrub_ingested(rec(0, properties={long: "1", "n" * 200: "2"}))
+    assert r.properties == {"***": "1", "n" * limits.MAX_PROPERTY_NAME_BYTES: "2"}
+    # names such as these are kept
+    names = {"token_count": "1", "sk-hynix": "2", "api_key_set": "3", "eyJ": "4"}
+    assert scrub_ingested(rec(0, properties=dict(names))).properties == names

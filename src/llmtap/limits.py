@@ -201,9 +201,11 @@ def ident(value: str | None, what: str, truncated: list[str], mask: Mask | None 
     return short
 
 
-def properties(props: dict[str, str], truncated: list[str], mask: Mask | None = None) -> dict[str, str]:
-    """Properties held to the documented limits (count, name and value size; `mask`: see
-    `bound`)."""
+def properties(
+    props: dict[str, str], truncated: list[str], mask: Mask | None = None, name_mask: Mask | None = None
+) -> dict[str, str]:
+    """Properties held to the documented limits (count, name and value size; `mask`,
+    `name_mask`: see `bound`)."""
     if not props or (
         len(props) <= MAX_PROPERTIES
         and max(map(len, props)) <= MAX_PROPERTY_NAME_BYTES // 4
@@ -217,7 +219,7 @@ def properties(props: dict[str, str], truncated: list[str], mask: Mask | None = 
             flags.add("properties")
             break
         name, value = clean_text(name), clean_text(value)
-        short = cut(name, MAX_PROPERTY_NAME_BYTES)
+        short = _cut(name, MAX_PROPERTY_NAME_BYTES, name_mask)
         if short is not None:
             name = short
             flags.add("property_name")
@@ -249,11 +251,12 @@ def _cut(value: str, limit: int, mask: Mask | None) -> str | None:
     return short
 
 
-def bound(record: LogRecord, mask: Mask | None = None) -> None:
+def bound(record: LogRecord, mask: Mask | None = None, name_mask: Mask | None = None) -> None:
     """Hold a record that may not come from a gateway (ingest, a queue message) to the limits a
     gateway applies while it builds one: 20,000 posted properties were stored as 20,001 rows.
     `mask` (`redact.masked_value`) is applied to a user id, session id or property value before
-    it is cut; the caller masks those not cut."""
+    it is cut, `name_mask` (`redact.masked_name`) to a property name; the caller masks those not
+    cut."""
     if record.error is not None and len(record.error) > MAX_ERROR_CHARS:  # as a gateway cuts it
         record.error = record.error[:MAX_ERROR_CHARS]
     flags: list[str] = []
@@ -261,7 +264,7 @@ def bound(record: LogRecord, mask: Mask | None = None) -> None:
     record.response_headers = headers(record.response_headers, "response_headers", flags)
     record.user_id = ident(record.user_id, "user_id", flags, mask)
     record.session_id = ident(record.session_id, "session_id", flags, mask)
-    record.properties = properties(record.properties, flags, mask)
+    record.properties = properties(record.properties, flags, mask, name_mask)
     if record.model is not None:
         short = cut(record.model, MAX_MODEL_BYTES)
         if short is not None:

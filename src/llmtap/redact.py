@@ -266,6 +266,13 @@ def masked_value(value: str) -> str:
     return REDACTED if is_secret_value(value) else value
 
 
+def masked_name(name: str) -> str:
+    """A property's name as recorded: `***` when it holds a key (rev29b: the gateway's
+    `Llmtap-Property-sk-proj-...: 1` and ingest's `properties={key: "1"}` were stored). The one
+    rule for both: a name is no value, so only a key's shape tells (`token_count` is a name)."""
+    return REDACTED if _holds_key(name) else name
+
+
 def is_secret_header(name: str, value: str) -> bool:
     """A header that must not be recorded: named like a credential, or valued like one."""
     return is_secret_name(name) or is_secret_value(value)

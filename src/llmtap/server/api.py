@@ -29,7 +29,14 @@ from llmtap.handlers.chain import Chain
 from llmtap.ids import canonical_id
 from llmtap.limits import MAX_ERROR_CHARS, MAX_NARROW_COUNT, NARROW_USAGE
 from llmtap.record import Body, LogRecord, declared_charset, decode, decode_many
-from llmtap.redact import is_secret_header, is_secret_value, masked_value, redact_text, redact_url
+from llmtap.redact import (
+    is_secret_header,
+    is_secret_value,
+    masked_name,
+    masked_value,
+    redact_text,
+    redact_url,
+)
 from llmtap.server.auth import IngestCaller
 from llmtap.server.ingest import IngestQueue
 from llmtap.store import query
@@ -341,13 +348,15 @@ def scrub_ingested(record: LogRecord) -> LogRecord:
         record.error = redact_text(record.error)
     # what the limits cut is masked before the cut, as the gateway does (rev28b: a key the cut
     # split kept its head); what they leave is masked below
-    limits.bound(record, masked_value)
+    limits.bound(record, masked_value, masked_name)
     if record.user_id is not None:
         record.user_id = masked_value(record.user_id)
     if record.session_id is not None:
         record.session_id = masked_value(record.session_id)
     if any(is_secret_value(v) for v in record.properties.values()):
         record.properties = {k: masked_value(v) for k, v in record.properties.items()}
+    if any(masked_name(k) != k for k in record.properties):  # a key as a name (rev29b)
+        record.properties = {masked_name(k): v for k, v in record.properties.items()}
     return record
 
 
