@@ -747,3 +747,22 @@ def test_a_property_name_holding_a_key_is_masked_at_the_gateway_and_at_ingest() 
     # names such as these are kept
     names = {"token_count": "1", "sk-hynix": "2", "api_key_set": "3", "eyJ": "4"}
     assert scrub_ingested(rec(0, properties=dict(names))).properties == names
+
+
+def test_recorded_header_urls_are_read_only_as_far_as_they_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rev29b: each value was read whole to keep 4 KB of it (15 values of 64 KB holding queries
+    # held the loop 0.7 s), and values past the record's header bytes were read to keep nothing
+    read: list[int] = []
+    url_rule = limits.redact_url
+    monkeypatch.setattr(limits, "redact_url", lambda v: read.append(len(v)) or url_rule(v))
+    big = {f"x-ref-{i}": "http://h/p?" + "a=b&" * 16_000 for i in range(15)}
+    flags: list[str] = []
+    got = limits.headers(big, "request_headers", flags)
+    kept = limits.MAX_HEADER_BYTES // limits.MAX_HEADER_VALUE_BYTES
+    assert len(read) == kept and max(read) <= limits.MAX_HEADER_VALUE_BYTES + limits.MASK_MARGIN
+    assert [len(v) for v in got.values()] == [limits.MAX_HEADER_VALUE_BYTES] * kept + [0] * (15 - kept)
+    assert flags == ["request_headers"]
+    # a secret the cut splits is still masked before the cut: its head is not kept
+    pad = "http://h/p?a=" + "b" * 4070 + "&"  # the secret starts 6 characters before the cut
+    got = limits.headers({"referer": pad + "token=Zk9Qx7AbCdEf" + "x" * 100_000}, "request_headers", [])
+    assert got["referer"].startswith(pad + "token=***") and "Zk9Qx7" not in got["referer"]
