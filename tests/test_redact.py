@@ -737,6 +737,9 @@ def test_a_property_name_holding_a_key_is_masked_at_the_gateway_and_at_ingest() 
     pairs = [(f"Llmtap-Property-{K28}", "1"), (f"Llmtap-Property-{aiza}", "2"), ("Llmtap-Property-Tier", "x")]
     lh = LlmtapHeaders(pairs)
     assert lh.properties == {"***": "2", "tier": "x"}
+    # ... as Go and urllib title-case it: `Sk-Proj-...`, `Aizasya...`
+    for k in (K28, aiza):
+        assert LlmtapHeaders([(f"Llmtap-Property-{k.title()}", "1")]).properties == {"***": "1"}, k
     r = scrub_ingested(rec(0, properties={K28: "1", "tier": "gold"}))
     assert r.properties == {"***": "1", "tier": "gold"}
     assert scrub_ingested(rec(0, properties={f"x-{jwt}": "1"})).properties == {"***": "1"}
@@ -745,7 +748,7 @@ def test_a_property_name_holding_a_key_is_masked_at_the_gateway_and_at_ingest() 
     r = scrub_ingested(rec(0, properties={long: "1", "n" * 200: "2"}))
     assert r.properties == {"***": "1", "n" * limits.MAX_PROPERTY_NAME_BYTES: "2"}
     # names such as these are kept
-    names = {"token_count": "1", "sk-hynix": "2", "api_key_set": "3", "eyJ": "4"}
+    names = {"token_count": "1", "sk-hynix": "2", "api_key_set": "3", "eyJ": "4", "uses-Sk-learn": "5"}
     assert scrub_ingested(rec(0, properties=dict(names))).properties == names
 
 

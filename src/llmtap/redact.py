@@ -163,6 +163,9 @@ _KEY_PREFIXES = (
 )  # fmt: skip
 #: What a key shape starts with: the cheap test before the shapes.
 _KEY_HINT = re.compile("|".join(re.escape(p) for p in _KEY_PREFIXES))
+#: The same in any case, for a header's name: Go and Python's urllib send `Llmtap-Property-Sk-Proj-...`.
+_KEY_HINT_ANY_CASE = re.compile(_KEY_HINT.pattern, re.IGNORECASE)
+_KEY_SHAPES_ANY_CASE = re.compile(_KEY_SHAPES.pattern, re.IGNORECASE)
 #: Hints read per value at most: a value made of hundreds of them (`xoxb-xoxb-...`) is taken
 #: for a credential rather than read on (each costs a match; 8 KB of them held the loop 3 ms).
 _HINTS_READ = 64
@@ -234,10 +237,10 @@ _INSIDE_READ = 1024
 _JWT_RUN = re.compile(r"[A-Za-z0-9_\-]{0,1025}")
 
 
-def _holds_key(value: str) -> bool:
+def _holds_key(value: str, hints: re.Pattern[str] = _KEY_HINT, shapes: re.Pattern[str] = _KEY_SHAPES) -> bool:
     """A key shape anywhere in `value`, tried where its start stands."""
     n = inside = skip = 0
-    for hint in _KEY_HINT.finditer(value):
+    for hint in hints.finditer(value):
         at = hint.start()
         if at < skip:  # an `eyJ` inside a run a failed `eyJ` read: the same `.` and rest follow
             continue
@@ -249,12 +252,12 @@ def _holds_key(value: str) -> bool:
         n += 1
         if n > _HINTS_READ:
             return True
-        m = _KEY_SHAPES.match(value, at)
+        m = shapes.match(value, at)
         # `sk-` inside a value is a key at 24 characters or more, as every provider's is: a
         # word such as `sk-hynix-earnings-q3` in a referer is not (rev24).
-        if m is not None and (m.start() == 0 or not m[0].startswith("sk-") or len(m[0]) >= 24):
+        if m is not None and (m.start() == 0 or m[0][:3].lower() != "sk-" or len(m[0]) >= 24):
             return True
-        if m is None and hint[0] == "eyJ" and (run := _JWT_RUN.match(value, at + 3)) is not None:
+        if m is None and hint[0].lower() == "eyj" and (run := _JWT_RUN.match(value, at + 3)) is not None:
             if run.end() - at <= 1027:  # (a run past the first segment's cap failed for its length)
                 skip = run.end()
     return False
@@ -269,8 +272,9 @@ def masked_value(value: str) -> str:
 def masked_name(name: str) -> str:
     """A property's name as recorded: `***` when it holds a key (rev29b: the gateway's
     `Llmtap-Property-sk-proj-...: 1` and ingest's `properties={key: "1"}` were stored). The one
-    rule for both: a name is no value, so only a key's shape tells (`token_count` is a name)."""
-    return REDACTED if _holds_key(name) else name
+    rule for both: a name is no value, so only a key's shape tells (`token_count` is a name), in
+    any case (a header name's case is not the client's: urllib and Go send `Sk-Proj-...`)."""
+    return REDACTED if _holds_key(name, _KEY_HINT_ANY_CASE, _KEY_SHAPES_ANY_CASE) else name
 
 
 def is_secret_header(name: str, value: str) -> bool:
