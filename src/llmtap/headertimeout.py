@@ -174,7 +174,7 @@ class GuardedHandler(RequestHandler):
                 if self._upgraded:
                     self._decline_upgrade()
                 elif message is not None and message.upgrade:  # type: ignore[union-attr]
-                    self._after_upgrade()
+                    self._after_upgrade(message)
         elif between:
             if data:  # part of a head: the parser holds it
                 self._held = None
@@ -243,7 +243,7 @@ class GuardedHandler(RequestHandler):
         if tail:
             self.data_received(tail)
 
-    def _after_upgrade(self) -> None:
+    def _after_upgrade(self, message: Any) -> None:
         """An upgrade aiohttp does not know (`Upgrade: h2c`, which `curl --http2` sends): its
         parser drops the rest of the read the request ends in, and the requests pipelined in
         it were never answered nor recorded, the client waiting for ever (rev28). That rest is
@@ -253,11 +253,16 @@ class GuardedHandler(RequestHandler):
         if self._body is not None and not self._body.is_eof():
             self._upgrading = True  # a WebSocket one too: aiohttp switches at the body's end
             return
+        if _known_upgrade(message):
+            # aiohttp's parser switches at its end, keeping what follows (`_decline_upgrade`),
+            # also when it reaches it later, its queue of requests full (rev30: taken for an
+            # unknown one, the requests after it were dropped)
+            return
         since = self._since
         if since is None:
             self._discarding = True  # bytes after dropped ones are read out of their framing
             message, body = self._messages[-1]
-            self._messages[-1] = (message._replace(should_close=True), body)  # type: ignore[union-attr]
+            self._messages[-1] = (message._replace(should_close=True), body)
             return
         self._since = []
         if since:
