@@ -733,6 +733,52 @@ def test_anthropic_error_event() -> None:
     assert res is not None and res.error == "Overloaded"
 
 
+def a_events(*objs: dict[str, object]) -> bytes:
+    """A Messages stream of `objs`, each named by its `type`."""
+    return b"".join(ev(str(o["type"]), o) for o in objs)
+
+
+A_START = {"type": "message_start", "message": {"id": "m", "role": "assistant", "model": "c", "content": []}}
+
+
+def a_block(index: object, block: dict[str, object]) -> dict[str, object]:
+    return {"type": "content_block_start", "index": index, "content_block": block}
+
+
+def a_delta(index: object, delta: dict[str, object]) -> dict[str, object]:
+    return {"type": "content_block_delta", "index": index, "delta": delta}
+
+
+def test_an_anthropic_stream_with_odd_blocks_is_rebuilt_not_raised() -> None:
+    """rev30c: a text block whose `citations` is null (the SDK accepts it) raised on its
+    `citations_delta`; a list or dict `index` (unhashable) or block `type` raised too. A raise
+    cost the record its message (and, at the gateway, its usage)."""
+    cite = {"type": "char_location", "cited_text": "x"}
+    for citations in (None, "s", 5):
+        res = anthropic.reassemble_stream(
+            a_events(
+                A_START,
+                a_block(0, {"type": "text", "text": "", "citations": citations}),
+                a_delta(0, {"type": "citations_delta", "citation": cite}),
+                a_delta(0, {"type": "text_delta", "text": "hi"}),
+            )
+        )
+        assert res is not None
+        assert res.message["content"] == [{"type": "text", "text": "hi", "citations": [cite]}]
+    for index in ([0], {"i": 0}):
+        res = anthropic.reassemble_stream(
+            a_events(
+                A_START,
+                a_block(index, {"type": "text", "text": ""}),
+                a_delta(index, {"type": "text_delta", "text": "hi"}),
+            )
+        )
+        assert res is not None and res.message["content"] == [{"type": "text", "text": "hi"}]
+    for btype in ([1], {"a": 1}):
+        res = anthropic.reassemble_stream(a_events(A_START, a_block(0, {"type": btype})))
+        assert res is not None and res.message["content"] == [{"type": btype}]
+
+
 def test_anthropic_non_stream_usage() -> None:
     body = {
         "id": "msg_01",

@@ -124,7 +124,7 @@ def _reassemble(raw: bytes) -> StreamResult | None:
         seen = True
         kind = obj.get("type") or event
         if kind == "content_block_delta":
-            idx = obj.get("index", 0)
+            idx = _index(obj)
             delta = obj.get("delta")
             if not isinstance(delta, dict):
                 continue
@@ -139,9 +139,11 @@ def _reassemble(raw: bytes) -> StreamResult | None:
                 block = blocks.setdefault(idx, {"type": "thinking"})
                 block["signature"] = str(block.get("signature") or "") + str(delta.get("signature", ""))
             elif dt == "citations_delta":
-                blocks.setdefault(idx, {"type": "text"}).setdefault("citations", []).append(
-                    delta.get("citation")
-                )
+                block = blocks.setdefault(idx, {"type": "text"})
+                cites = block.get("citations")
+                if not isinstance(cites, list):  # null on the start, as the SDK accepts
+                    cites = block["citations"] = []
+                cites.append(delta.get("citation"))
         elif kind == "message_start":
             msg = obj.get("message")
             if isinstance(msg, dict):
@@ -151,7 +153,7 @@ def _reassemble(raw: bytes) -> StreamResult | None:
         elif kind == "content_block_start":
             start = obj.get("content_block")
             if isinstance(start, dict):
-                blocks[obj.get("index", 0)] = dict(start)
+                blocks[_index(obj)] = dict(start)
         elif kind == "message_delta":
             delta = obj.get("delta")
             if isinstance(delta, dict):
@@ -176,7 +178,7 @@ def _reassemble(raw: bytes) -> StreamResult | None:
         block = blocks.get(idx) or {"type": "text"}
         joined = "".join(parts.get(idx, ()))
         btype = block.get("type")
-        if btype in _TOOL_BLOCKS:
+        if isinstance(btype, str) and btype in _TOOL_BLOCKS:
             if joined:
                 try:
                     block["input"] = loads(joined)
@@ -194,6 +196,13 @@ def _reassemble(raw: bytes) -> StreamResult | None:
     return StreamResult(
         message, parse_usage(usage or None), model if isinstance(model, str) else None, error, complete, final
     )
+
+
+def _index(obj: dict[str, Any]) -> Any:
+    """An event's block index; a non-int (a list, a dict: no key) counts as 0, as the sort
+    counts one, rather than raise and cost the record its message."""
+    idx = obj.get("index", 0)
+    return idx if isinstance(idx, int) else 0
 
 
 def _event(data: bytes, kind: str) -> dict[str, Any] | None:
