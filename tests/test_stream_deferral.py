@@ -22,6 +22,7 @@ from llmtap.handlers import streams
 from llmtap.handlers.base import Item
 from llmtap.handlers.chain import build_chain, process_records
 from llmtap.providers.anthropic import Anthropic
+from llmtap.providers.common import dumps
 from llmtap.providers.gemini import Gemini
 from llmtap.providers.openai import OpenAI
 from llmtap.record import LogRecord, Outcome, body_bytes
@@ -654,3 +655,28 @@ def test_a_provider_that_fails_on_a_stream_costs_its_message_only(
     assert rec.outcome == "completed" and rec.error is None and rec.model == "gpt-4o-mini"
     assert rec.request_body is not None and rec.response_body is not None
     assert body_bytes(rec.response_body) == stream
+
+
+def test_a_message_nested_too_deep_for_json_costs_its_message_only() -> None:
+    """rev30c: a tool's input nested ~1000 levels parses but will not serialize: `dumps`
+    raised RecursionError outside the rebuild's guard and the whole record was published bare.
+    Now it is a ValueError, inside the guard: the stream is stored as it came."""
+    deep = b"[" * 1000 + b"]" * 1000
+    with pytest.raises(ValueError):
+        dumps(orjson.loads(deep))
+    start = {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "input": {}}}
+    delta = {"type": "input_json_delta", "partial_json": deep.decode()}
+    stream = b"".join(
+        b"event: %s\ndata: %s\n\n" % (str(e["type"]).encode(), orjson.dumps(e))
+        for e in (
+            {"type": "message_start", "message": {"id": "m", "model": "claude-sonnet-4-5"}},
+            start,
+            {"type": "content_block_delta", "index": 0, "delta": delta},
+        )
+    )
+    builder = RecordBuilder(inline_body_bytes=INLINE, gateway="gw")
+    cap = capture(stream, provider="anthropic", path="/v1/messages", request={"model": "claude-sonnet-4-5"})
+    rec = builder.build(cap)
+    assert builder.rebuild_errors == 1 and builder.rebuild_error == "ValueError"
+    assert rec.request_body is not None and rec.response_body is not None
+    assert body_bytes(rec.response_body) == stream and rec.model == "claude-sonnet-4-5"

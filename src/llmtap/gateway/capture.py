@@ -393,6 +393,7 @@ class RecordBuilder:
                 tail = b"".join(cap.tail)
                 scan = decoded + b"\n\n" + tail
             result: StreamResult | None = None
+            message: bytes | None = None
             try:
                 if (
                     not cap.tail
@@ -408,6 +409,10 @@ class RecordBuilder:
                 deferred = result is not None
                 if result is None:
                     result = fmt.reassemble_stream(scan)
+                if result is not None and result.message is not None:
+                    # Guarded too: a message nested past JSON's depth (a tool's `[[[...]]]`) raised
+                    # here, and the whole record was published bare.
+                    message = dumps(result.message)
             except Exception as e:  # a provider's bug on an odd stream costs its message, no more:
                 # the stream is stored as it came (before: the whole record was published bare)
                 self.rebuild_errors += 1
@@ -415,8 +420,8 @@ class RecordBuilder:
                 result, deferred = None, False
             if result is not None:
                 events = decoded
-                if result.message is not None:
-                    response_body = dumps(result.message)
+                if result.message is not None and message is not None:
+                    response_body = message
                     response_body_type = "application/json"
                     response_obj = result.message
                 elif result.model is not None:  # a summary: the model its first chunk names

@@ -26,11 +26,16 @@ _LENIENT_MAX = 1024 * 1024
 def dumps(obj: Any) -> bytes:
     """JSON of a message rebuilt from a stream: orjson, else Python's `json` for the integers
     orjson refuses (past 64 bits: msgspec's typed chunks keep them whole). A stream whose
-    `created` was 2**64 cost its record model, tokens, user and bodies (fuzz2)."""
+    `created` was 2**64 cost its record model, tokens, user and bodies (fuzz2). Raises
+    ValueError for one nested too deep for either (a tool's `[[[...]]]`): a RecursionError says
+    the interpreter's stack, not the data, failed, and a caller should not have to know it."""
     try:
         return orjson.dumps(obj)
     except TypeError:
-        return json.dumps(obj, default=str).encode()
+        try:
+            return json.dumps(obj, default=str).encode()
+        except RecursionError:
+            raise ValueError("nested too deep for JSON") from None
 
 
 def loads(data: bytes | str, *, keep_surrogates: bool = False) -> Any:
