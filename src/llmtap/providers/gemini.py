@@ -147,10 +147,13 @@ def model_from_path(path: str) -> str | None:
     return name or None
 
 
-def _merge_part(parts: list[dict[str, Any]], part: dict[str, Any]) -> None:
+def _merge_part(parts: list[dict[str, Any]], part: dict[str, Any], run: list[str]) -> None:
     """Append a streamed part, joining text onto the previous text part of the same kind
     (answer text with answer text, thought text with thought text) like the SDK's own
-    accumulation does."""
+    accumulation does.
+
+    The joined text's pieces wait in `run` (the last part's), joined once by `_flush`: a `+=`
+    per chunk copied the text so far each time (4 MB of 60-char chunks: 21 s)."""
     text = part.get("text")
     if isinstance(text, str) and parts:
         last = parts[-1]
@@ -160,11 +163,21 @@ def _merge_part(parts: list[dict[str, Any]], part: dict[str, Any]) -> None:
             and set(last) <= {"text", "thought", "thoughtSignature"}
             and set(part) <= {"text", "thought", "thoughtSignature"}
         ):
-            last["text"] += text
+            if not run:
+                run.append(last["text"])
+            run.append(text)
             if "thoughtSignature" in part:
                 last["thoughtSignature"] = part["thoughtSignature"]
             return
+    _flush(parts, run)
     parts.append(dict(part))
+
+
+def _flush(parts: list[dict[str, Any]], run: list[str]) -> None:
+    """The last part's text joined from its pieces (`_merge_part`)."""
+    if run:
+        parts[-1]["text"] = "".join(run)
+        run.clear()
 
 
 def _query_key(q: Any) -> Any:
@@ -218,6 +231,7 @@ def _reassemble(raw: bytes) -> StreamResult | None:
     """
     head: dict[str, Any] = {}
     candidates: dict[int, dict[str, Any]] = {}
+    runs: dict[int, list[str]] = {}  # per candidate, its last part's text pieces (`_merge_part`)
     queries: dict[int, tuple[list[Any], set[Any]]] = {}  # its search queries (`_merge_grounding`)
     usage: Any = None
     error: str | None = None
@@ -249,9 +263,10 @@ def _reassemble(raw: bytes) -> StreamResult | None:
             if isinstance(content, dict):
                 acc = out.setdefault("content", {"parts": [], "role": content.get("role", "model")})
                 parts = content.get("parts")
+                run = runs.setdefault(idx, [])
                 for p in parts if isinstance(parts, list) else ():
                     if isinstance(p, dict):
-                        _merge_part(acc["parts"], p)
+                        _merge_part(acc["parts"], p, run)
             for key, value in c.items():
                 if key == "groundingMetadata":
                     _merge_grounding(out, value, *queries.setdefault(idx, ([], set())))
@@ -261,6 +276,8 @@ def _reassemble(raw: bytes) -> StreamResult | None:
                 complete = True
     if not seen:
         return None
+    for idx, run in runs.items():
+        _flush(candidates[idx]["content"]["parts"], run)
     message: dict[str, Any] = {"candidates": [candidates[i] for i in sorted(candidates)]}
     if usage is not None:
         message["usageMetadata"] = usage
