@@ -780,6 +780,30 @@ def test_an_anthropic_stream_with_odd_blocks_is_rebuilt_not_raised() -> None:
         assert res is not None and res.message["content"] == [{"type": btype}]
 
 
+def test_an_anthropic_stream_is_rebuilt_as_the_sdk_does() -> None:
+    """rev30c: a `message_delta` with `container: null` erased `message_start`'s container (the
+    SDK sets it only when not null; the stop members as they come); two `signature_delta`s on
+    one block were joined (the SDK replaces the signature)."""
+    container = {"id": "c1", "expires_at": "2025-01-01T00:00:00Z"}
+    start = dict(A_START, message={**A_START["message"], "container": container, "stop_sequence": "x"})
+    res = anthropic.reassemble_stream(
+        a_events(
+            start,
+            a_block(0, {"type": "thinking", "thinking": "", "signature": ""}),
+            a_delta(0, {"type": "signature_delta", "signature": "AAA"}),
+            a_delta(0, {"type": "signature_delta", "signature": "BBB"}),
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None, "container": None},
+            },
+        )
+    )
+    assert res is not None
+    assert res.message["container"] == container
+    assert (res.message["stop_reason"], res.message["stop_sequence"]) == ("end_turn", None)
+    assert res.message["content"] == [{"type": "thinking", "thinking": "", "signature": "BBB"}]
+
+
 def test_anthropic_non_stream_usage() -> None:
     body = {
         "id": "msg_01",
@@ -1178,6 +1202,32 @@ def test_gemini_text_is_joined_in_linear_time() -> None:
         {"text": "a" * 60 * n},
         {"text": "t" * 120, "thought": True},
         {"text": "a" * 60},
+    ]
+
+
+def test_gemini_text_parts_that_carry_a_thought_signature_are_kept_apart() -> None:
+    """rev30c: text parts that each carry a `thoughtSignature` were merged into one keeping the
+    last signature only (the SDK keeps each part: a signature signs its part)."""
+    from llmtap.providers import gemini
+
+    def parts(*ps: dict[str, object]) -> dict[str, object]:
+        return {"candidates": [{"content": {"parts": list(ps), "role": "model"}}]}
+
+    res = gemini.reassemble_stream(
+        gemini_sse(
+            parts({"text": "a", "thoughtSignature": "UzE="}),
+            parts({"text": "b", "thoughtSignature": "UzI="}),
+            parts({"text": "c"}),
+            parts({"text": "d"}),
+            parts({"text": "e", "thoughtSignature": "UzM="}),
+        )
+    )
+    assert res is not None
+    assert res.message["candidates"][0]["content"]["parts"] == [
+        {"text": "a", "thoughtSignature": "UzE="},
+        {"text": "b", "thoughtSignature": "UzI="},
+        {"text": "cd"},
+        {"text": "e", "thoughtSignature": "UzM="},
     ]
 
 

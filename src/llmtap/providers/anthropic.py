@@ -137,7 +137,7 @@ def _reassemble(raw: bytes) -> StreamResult | None:
                 parts.setdefault(idx, []).append(str(delta.get("thinking", "")))
             elif dt == "signature_delta":
                 block = blocks.setdefault(idx, {"type": "thinking"})
-                block["signature"] = str(block.get("signature") or "") + str(delta.get("signature", ""))
+                block["signature"] = str(delta.get("signature", ""))  # whole: a second replaces it (SDK)
             elif dt == "citations_delta":
                 block = blocks.setdefault(idx, {"type": "text"})
                 cites = block.get("citations")
@@ -159,7 +159,9 @@ def _reassemble(raw: bytes) -> StreamResult | None:
             if isinstance(delta, dict):
                 if message is None:
                     message = {"type": "message", "role": "assistant"}
-                message.update(delta)
+                # As the SDK: the stop members are set as they come, a null other (`container`)
+                # does not erase `message_start`'s.
+                message.update({k: v for k, v in delta.items() if v is not None or k.startswith("stop_")})
             u = obj.get("usage")
             if isinstance(u, dict):
                 usage.update({k: v for k, v in u.items() if v is not None})

@@ -150,7 +150,7 @@ def model_from_path(path: str) -> str | None:
 def _merge_part(parts: list[dict[str, Any]], part: dict[str, Any], run: list[str]) -> None:
     """Append a streamed part, joining text onto the previous text part of the same kind
     (answer text with answer text, thought text with thought text) like the SDK's own
-    accumulation does.
+    accumulation does; not a part that carries a `thoughtSignature` (it signs that text).
 
     The joined text's pieces wait in `run` (the last part's), joined once by `_flush`: a `+=`
     per chunk copied the text so far each time (4 MB of 60-char chunks: 21 s)."""
@@ -160,14 +160,12 @@ def _merge_part(parts: list[dict[str, Any]], part: dict[str, Any], run: list[str
         if (
             isinstance(last.get("text"), str)
             and bool(last.get("thought")) == bool(part.get("thought"))
-            and set(last) <= {"text", "thought", "thoughtSignature"}
-            and set(part) <= {"text", "thought", "thoughtSignature"}
+            and set(last) <= {"text", "thought"}
+            and set(part) <= {"text", "thought"}
         ):
             if not run:
                 run.append(last["text"])
             run.append(text)
-            if "thoughtSignature" in part:
-                last["thoughtSignature"] = part["thoughtSignature"]
             return
     _flush(parts, run)
     parts.append(dict(part))
