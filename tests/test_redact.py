@@ -765,7 +765,23 @@ def test_recorded_header_urls_are_read_only_as_far_as_they_are_kept(monkeypatch:
     assert len(read) == kept and max(read) <= limits.MAX_HEADER_VALUE_BYTES + limits.MASK_MARGIN
     assert [len(v) for v in got.values()] == [limits.MAX_HEADER_VALUE_BYTES] * kept + [0] * (15 - kept)
     assert flags == ["request_headers"]
-    # a secret the cut splits is still masked before the cut: its head is not kept
+    # a secret the cut splits is not kept: not its head
     pad = "http://h/p?a=" + "b" * 4070 + "&"  # the secret starts 6 characters before the cut
     got = limits.headers({"referer": pad + "token=Zk9Qx7AbCdEf" + "x" * 100_000}, "request_headers", [])
-    assert got["referer"].startswith(pad + "token=***") and "Zk9Qx7" not in got["referer"]
+    assert got["referer"] == pad[:-1]  # the piece the read bound splits is not kept (rev30b)
+
+
+def test_a_recorded_header_url_keeps_no_part_of_the_piece_its_read_bound_splits() -> None:
+    # rev30b: masking shrank `id_token=<5 KB>` to `***`, so what was kept reached the read bound
+    # and a password whose `@` fell past it was stored, the header not flagged as cut
+    head, rest = "http://app.example/cb?id_token=", "&next=https%3A%2F%2Fadmin%3AS3cretPassw0rd"
+    pad = "a" * (limits.MAX_HEADER_VALUE_BYTES + limits.MASK_MARGIN - len(head) - len(rest))
+    flags: list[str] = []
+    ref = head + pad + rest + "%40db.internal%2Fapp&x=1"
+    got = limits.headers({"referer": ref}, "response_headers", flags)
+    assert got["referer"] == head + "***" and flags == ["response_headers"]
+    # a value read whole is masked whole, and not flagged
+    flags = []
+    ref = head + pad[:4000] + rest + "%40db.internal%2Fapp"
+    got = limits.headers({"referer": ref}, "request_headers", flags)
+    assert "S3cret" not in got["referer"] and got["referer"].startswith(head + "***&next=") and flags == []

@@ -185,7 +185,14 @@ def headers(headers: dict[str, str], what: str, truncated: list[str]) -> dict[st
             # `#access_token=...` were stored whole): `; charset=utf-8` comes out as it is.
             # Only what is kept is read, and `MASK_MARGIN` past it (rev29b: 15 values of 64 KB
             # holding queries held the loop 0.7 s, read whole to keep 4 KB of each).
-            value = headers[name] = _url_masked(value[: room + MASK_MARGIN])
+            read = value[: room + MASK_MARGIN]
+            if len(read) < len(value):
+                # The slice split its last piece, which masking cannot judge (rev30b: a password
+                # whose `@` fell past it was kept once `id_token=<5 KB>` shrank to `***`): it
+                # is not kept, and the header is flagged cut.
+                read = read[: max(0, *map(read.rfind, "&;#?"))]
+                was_cut = True
+            value = headers[name] = _url_masked(read)
         short = cut(value, room)
         if short is not None:
             value = headers[name] = short
