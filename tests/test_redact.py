@@ -785,3 +785,16 @@ def test_a_recorded_header_url_keeps_no_part_of_the_piece_its_read_bound_splits(
     ref = head + pad[:4000] + rest + "%40db.internal%2Fapp"
     got = limits.headers({"referer": ref}, "request_headers", flags)
     assert "S3cret" not in got["referer"] and got["referer"].startswith(head + "***&next=") and flags == []
+
+
+def test_a_property_name_is_read_only_as_far_as_it_can_be_kept() -> None:
+    # rev30b: 51b082b's any-case patterns lost the hints' literal search, and names were read
+    # whole: 20 property names of 32 KB held the loop 250-460 ms (4-14 ms before)
+    assert redact._NAME_READ == limits.MAX_PROPERTY_NAME_BYTES + limits.MASK_MARGIN
+    names = [("eyJaaaaaaaa." + "b" * 16000 + "-") * 2, "0" + "b" * 32000, "a1b2c3d4" * 4000]
+    t0 = time.process_time()
+    assert [redact.masked_name(n) for n in names * 7] == names * 7
+    assert time.process_time() - t0 < 0.05
+    # a key past what is read is no part of what is kept (the name is cut to 128 bytes)
+    far = "p" * redact._NAME_READ + "-" + K28
+    assert redact.masked_name(far) == far and redact.masked_name(far[-1100:]) == "***"
