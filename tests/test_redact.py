@@ -736,7 +736,7 @@ def test_a_property_name_holding_a_key_is_masked_at_the_gateway_and_at_ingest() 
     aiza = "AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW"
     pairs = [(f"Llmtap-Property-{K28}", "1"), (f"Llmtap-Property-{aiza}", "2"), ("Llmtap-Property-Tier", "x")]
     lh = LlmtapHeaders(pairs)
-    assert lh.properties == {"***": "2", "tier": "x"}
+    assert lh.properties == {"***": "1", "***2": "2", "tier": "x"}  # two, no value lost (rev30b)
     # ... as Go and urllib title-case it: `Sk-Proj-...`, `Aizasya...`
     for k in (K28, aiza):
         assert LlmtapHeaders([(f"Llmtap-Property-{k.title()}", "1")]).properties == {"***": "1"}, k
@@ -798,3 +798,27 @@ def test_a_property_name_is_read_only_as_far_as_it_can_be_kept() -> None:
     # a key past what is read is no part of what is kept (the name is cut to 128 bytes)
     far = "p" * redact._NAME_READ + "-" + K28
     assert redact.masked_name(far) == far and redact.masked_name(far[-1100:]) == "***"
+
+
+def test_ordinary_property_names_are_kept_and_masked_ones_never_merged() -> None:
+    from llmtap.gateway.headers import LlmtapHeaders
+    from llmtap.server.api import scrub_ingested
+    from store_helpers import rec
+
+    # rev30b: 51b082b read every shape in any case: `sk-learn-version` (an `sk-` word shorter than
+    # a key) and `AsiaPacificRevenue01` (`ASIA` + 16) were `***`, and one value of the two lost
+    pairs = [("Llmtap-Property-Sk-Learn-Version", "1.4.2"), ("Llmtap-Property-AsiaPacificRevenue01", "x")]
+    assert LlmtapHeaders(pairs).properties == {"sk-learn-version": "1.4.2", "asiapacificrevenue01": "x"}
+    names = {"sk-learn-version": "1", "AsiaPacificRevenue01": "2", "Sk-Hynix-Earnings-Q3": "3"}
+    assert scrub_ingested(rec(0, properties=dict(names))).properties == names
+    # an AWS key id in its case is one, and a key starting a name is one in any case
+    aws, title = "AKIAIOSFODNN7EXAMPLE", K28.title()
+    assert [redact.masked_name(n) for n in (aws, f"x-{aws}", title, K28.upper())] == ["***"] * 4
+    # two names masked are two properties: at the gateway, at ingest, and cut by the limits
+    pairs = [(f"Llmtap-Property-{aws}", "1"), (f"Llmtap-Property-{title}", "2")]
+    assert LlmtapHeaders(pairs).properties == {"***": "1", "***2": "2"}
+    r = scrub_ingested(rec(0, properties={aws: "1", K28: "2", "***": "3"}))
+    assert sorted(r.properties.values()) == ["1", "2", "3"] and len(r.properties) == 3
+    long = "p" * 120 + "-"
+    r = scrub_ingested(rec(0, properties={long + aws: "1", long + K28: "2"}))
+    assert r.properties == {"***": "1", "***2": "2"}

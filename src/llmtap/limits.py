@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from llmtap.record import Usage, clean_text
-from llmtap.redact import redact_url
+from llmtap.redact import distinct_name, redact_url
 
 if TYPE_CHECKING:
     from llmtap.record import LogRecord
@@ -241,7 +241,7 @@ def properties(
         if short is not None:
             value = short
             flags.add("property_value")
-        out.setdefault(name, value)
+        out.setdefault(distinct_name(name, out), value)
     truncated.extend(sorted(flags))
     return out
 

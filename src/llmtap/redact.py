@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+from collections.abc import Container
 from urllib.parse import unquote_plus, urlsplit
 
 REDACTED = "***"
@@ -165,9 +166,13 @@ _KEY_PREFIXES = (
 _KEY_HINT = re.compile("|".join(re.escape(p) for p in _KEY_PREFIXES))
 #: The same for a header's name, lowercased (Go and Python's urllib send `Llmtap-Property-Sk-Proj-...`):
 #: case-sensitive patterns keep the hints' fast literal search, which `re.IGNORECASE` lost (rev30b:
-#: 20 names of 32 KB took 300 ms).
-_KEY_HINT_LOWER = re.compile("|".join(re.escape(p.lower()) for p in _KEY_PREFIXES))
-_KEY_SHAPES_LOWER = re.compile(_KEY_SHAPES.pattern.lower())
+#: 20 names of 32 KB took 300 ms). An AWS key id is read in its case only, by `_AWS_HINT` and the
+#: shapes (rev30b: `AsiaPacificRevenue01` is a name).
+_AWS_SHAPE = r"|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
+_AWS_PREFIXES = ("AKIA", "ASIA")
+_KEY_HINT_LOWER = re.compile("|".join(re.escape(p.lower()) for p in _KEY_PREFIXES if p not in _AWS_PREFIXES))
+_KEY_SHAPES_LOWER = re.compile(_KEY_SHAPES.pattern.replace(_AWS_SHAPE, "").lower())
+_AWS_HINT = re.compile("|".join(_AWS_PREFIXES))
 #: A name's characters `masked_name` reads: a property name is cut to 128 bytes, and a key the
 #: cut splits is seen whole this far past it (`limits.MASK_MARGIN`).
 _NAME_READ = 128 + 1024
@@ -242,8 +247,14 @@ _INSIDE_READ = 1024
 _JWT_RUN = re.compile(r"[A-Za-z0-9_\-]{0,1025}")
 
 
-def _holds_key(value: str, hints: re.Pattern[str] = _KEY_HINT, shapes: re.Pattern[str] = _KEY_SHAPES) -> bool:
-    """A key shape anywhere in `value`, tried where its start stands."""
+def _holds_key(
+    value: str,
+    hints: re.Pattern[str] = _KEY_HINT,
+    shapes: re.Pattern[str] = _KEY_SHAPES,
+    sk_start: bool = True,
+) -> bool:
+    """A key shape anywhere in `value`, tried where its start stands (`sk_start`: an `sk-` word
+    starting `value` is a key at any length, as a header's value is; not a name's)."""
     n = inside = skip = 0
     for hint in hints.finditer(value):
         at = hint.start()
@@ -260,7 +271,7 @@ def _holds_key(value: str, hints: re.Pattern[str] = _KEY_HINT, shapes: re.Patter
         m = shapes.match(value, at)
         # `sk-` inside a value is a key at 24 characters or more, as every provider's is: a
         # word such as `sk-hynix-earnings-q3` in a referer is not (rev24).
-        if m is not None and (m.start() == 0 or m[0][:3].lower() != "sk-" or len(m[0]) >= 24):
+        if m is not None and ((sk_start and m.start() == 0) or m[0][:3] != "sk-" or len(m[0]) >= 24):
             return True
         if m is None and hint[0].lower() == "eyj" and (run := _JWT_RUN.match(value, at + 3)) is not None:
             if run.end() - at <= 1027:  # (a run past the first segment's cap failed for its length)
@@ -278,8 +289,25 @@ def masked_name(name: str) -> str:
     """A property's name as recorded: `***` when it holds a key (rev29b: the gateway's
     `Llmtap-Property-sk-proj-...: 1` and ingest's `properties={key: "1"}` were stored). The one
     rule for both: a name is no value, so only a key's shape tells (`token_count` is a name), in
-    any case (a header name's case is not the client's: urllib and Go send `Sk-Proj-...`)."""
-    return REDACTED if _holds_key(name[:_NAME_READ].lower(), _KEY_HINT_LOWER, _KEY_SHAPES_LOWER) else name
+    any case (a header name's case is not the client's: urllib and Go send `Sk-Proj-...`), and
+    as inside a value: `sk-` from 24 characters (`Sk-Learn-Version` is a name), an AWS key id
+    in its case only (`AsiaPacificRevenue01` is one too; rev30b)."""
+    head = name[:_NAME_READ]
+    if _holds_key(head.lower(), _KEY_HINT_LOWER, _KEY_SHAPES_LOWER, sk_start=False):
+        return REDACTED
+    return REDACTED if ("A" in head and _holds_key(head, _AWS_HINT)) else name
+
+
+def distinct_name(name: str, taken: Container[str]) -> str:
+    """`name`, or for a second `***` `***2` (then `***3`...): two names masked are two properties,
+    not one whose other value is lost (rev30b: `Sk-Learn-Version` and `AsiaPacificRevenue01`
+    were stored as one `***`)."""
+    if name != REDACTED or name not in taken:
+        return name
+    n = 2
+    while f"{REDACTED}{n}" in taken:
+        n += 1
+    return f"{REDACTED}{n}"
 
 
 def is_secret_header(name: str, value: str) -> bool:

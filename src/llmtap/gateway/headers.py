@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote
 
-from llmtap.redact import is_secret_name, is_secret_value, masked_name, masked_value
+from llmtap.redact import distinct_name, is_secret_name, is_secret_value, masked_name, masked_value
 
 LLMTAP_PREFIX = "llmtap-"
 #: Names addressed to the gateway, never sent upstream nor recorded: `Llmtap_Auth` too, which
@@ -160,7 +160,7 @@ class LlmtapHeaders:
                 # HTTP/2 and some SDKs lowercase every header, others send `Title-Case`, and one
                 # property must not split into two by client. A name holding a key is `***`
                 # (read as sent: `AIza`, `eyJ` are keys in their case only).
-                prop = masked_name(name[len(PROPERTY_PREFIX) :]).lower()
+                prop = distinct_name(masked_name(name[len(PROPERTY_PREFIX) :]).lower(), self.properties)
                 if prop:
                     self.properties[prop] = _metadata(value)
             elif lname == "llmtap-user-id":

@@ -30,6 +30,7 @@ from llmtap.ids import canonical_id
 from llmtap.limits import MAX_ERROR_CHARS, MAX_NARROW_COUNT, NARROW_USAGE
 from llmtap.record import Body, LogRecord, declared_charset, decode, decode_many
 from llmtap.redact import (
+    distinct_name,
     is_secret_header,
     is_secret_value,
     masked_name,
@@ -356,7 +357,10 @@ def scrub_ingested(record: LogRecord) -> LogRecord:
     if any(is_secret_value(v) for v in record.properties.values()):
         record.properties = {k: masked_value(v) for k, v in record.properties.items()}
     if any(masked_name(k) != k for k in record.properties):  # a key as a name (rev29b)
-        record.properties = {masked_name(k): v for k, v in record.properties.items()}
+        props: dict[str, str] = {}
+        for k, v in record.properties.items():
+            props[distinct_name(masked_name(k), props)] = v
+        record.properties = props
     return record
 
 
