@@ -761,9 +761,12 @@ def test_recorded_header_urls_are_read_only_as_far_as_they_are_kept(monkeypatch:
     big = {f"x-ref-{i}": "http://h/p?" + "a=b&" * 16_000 for i in range(15)}
     flags: list[str] = []
     got = limits.headers(big, "request_headers", flags)
-    kept = limits.MAX_HEADER_BYTES // limits.MAX_HEADER_VALUE_BYTES
-    assert len(read) == kept and max(read) <= limits.MAX_HEADER_VALUE_BYTES + limits.MASK_MARGIN
-    assert [len(v) for v in got.values()] == [limits.MAX_HEADER_VALUE_BYTES] * kept + [0] * (15 - kept)
+    bound = limits.MAX_HEADER_VALUE_BYTES + limits.MASK_MARGIN
+    whole = limits.MAX_HEADER_BYTES // bound  # the budget pays for what is read (rev30b)
+    assert len(read) == whole + 1 and max(read) <= bound
+    rest = limits.MAX_HEADER_BYTES - whole * bound
+    kept = [limits.MAX_HEADER_VALUE_BYTES] * whole + [rest] + [0] * (14 - whole)
+    assert [len(v) for v in got.values()] == kept
     assert flags == ["request_headers"]
     # a secret the cut splits is not kept: not its head
     pad = "http://h/p?a=" + "b" * 4070 + "&"  # the secret starts 6 characters before the cut
@@ -822,3 +825,18 @@ def test_ordinary_property_names_are_kept_and_masked_ones_never_merged() -> None
     long = "p" * 120 + "-"
     r = scrub_ingested(rec(0, properties={long + aws: "1", long + K28: "2"}))
     assert r.properties == {"***": "1", "***2": "2"}
+
+
+def test_the_header_budget_pays_for_what_masking_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rev30b: the 32 KB budget counted what masking kept, so 128 values of 5 KB each masked to
+    # `x=***` by a late key were all read whole (0.6-0.7 s of the loop)
+    read: list[int] = []
+    url_rule = limits.redact_url
+    monkeypatch.setattr(limits, "redact_url", lambda v: read.append(len(v)) or url_rule(v))
+    value = "http://a/?x=" + "-e%79J" * 830 + "-" + K28
+    flags: list[str] = []
+    got = limits.headers({f"x-h{i}": value for i in range(128)}, "request_headers", flags)
+    whole = limits.MAX_HEADER_BYTES // len(value)  # 6 read whole, the 7th to the budget's end
+    assert read == [len(value)] * whole + [len("http://a/")]  # (its one split piece not kept)
+    assert list(got.values()) == ["http://a/?x=***"] * whole + ["http://a/"] + [""] * (127 - whole)
+    assert flags == ["request_headers"]

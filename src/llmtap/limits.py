@@ -175,6 +175,7 @@ def headers(headers: dict[str, str], what: str, truncated: list[str]) -> dict[st
         was_cut = True
     total = 0
     for name, value in headers.items():
+        read = 0
         room = min(MAX_HEADER_VALUE_BYTES, max(MAX_HEADER_BYTES - total, 0))
         if not room:  # the record's header bytes are spent: nothing of it is kept, nor read
             if value:
@@ -185,19 +186,23 @@ def headers(headers: dict[str, str], what: str, truncated: list[str]) -> dict[st
             # `#access_token=...` were stored whole): `; charset=utf-8` comes out as it is.
             # Only what is kept is read, and `MASK_MARGIN` past it (rev29b: 15 values of 64 KB
             # holding queries held the loop 0.7 s, read whole to keep 4 KB of each).
-            read = value[: room + MASK_MARGIN]
-            if len(read) < len(value):
+            part = value[: room + MASK_MARGIN]
+            read = len(part)
+            if read < len(value):
                 # The slice split its last piece, which masking cannot judge (rev30b: a password
                 # whose `@` fell past it was kept once `id_token=<5 KB>` shrank to `***`): it
                 # is not kept, and the header is flagged cut.
-                read = read[: max(0, *map(read.rfind, "&;#?"))]
+                part = part[: max(0, *map(part.rfind, "&;#?"))]
                 was_cut = True
-            value = headers[name] = _url_masked(read)
+            # The budget pays for what was read, not only what masking kept (rev30b: 128 values
+            # of 5 KB masked to `***` were each read whole, 0.7 s).
+            value = headers[name] = _url_masked(part)
         short = cut(value, room)
         if short is not None:
             value = headers[name] = short
             was_cut = True
-        total += len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+        size = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+        total += size if size > read else read
     if was_cut:
         truncated.append(what)
     return headers
