@@ -840,3 +840,19 @@ def test_the_header_budget_pays_for_what_masking_read(monkeypatch: pytest.Monkey
     assert read == [len(value)] * whole + [len("http://a/")]  # (its one split piece not kept)
     assert list(got.values()) == ["http://a/?x=***"] * whole + ["http://a/"] + [""] * (127 - whole)
     assert flags == ["request_headers"]
+
+
+def test_a_header_named_by_a_key_is_not_recorded() -> None:
+    from llmtap.gateway.capture import REQUEST_DROP
+    from llmtap.gateway.headers import HeaderFilter
+    from llmtap.server.api import scrub_ingested
+    from store_helpers import rec
+
+    # rev30b: `Sk-Proj-...: 1` was recorded as a lowercase header name, and ingest kept it verbatim
+    aws = "AKIAIOSFODNN7EXAMPLE"
+    pairs = [(K28.title(), "1"), (f"X-{aws}", "2"), ("Sk-Learn-Version", "1.4"), ("Accept", "*/*")]
+    assert HeaderFilter(REQUEST_DROP)(pairs) == {"sk-learn-version": "1.4", "accept": "*/*"}
+    hf = HeaderFilter(REQUEST_DROP)  # the verdict is cached per spelling: the second call too
+    assert hf(pairs) == hf(pairs) == {"sk-learn-version": "1.4", "accept": "*/*"}
+    r = scrub_ingested(rec(0, request_headers={K28: "1", "x-a": "2"}, response_headers={aws: "3"}))
+    assert r.request_headers == {"x-a": "2"} and r.response_headers == {}

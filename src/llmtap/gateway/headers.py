@@ -111,7 +111,8 @@ class HeaderFilter:
         lname = name.lower()
         if lname in self._drop or lname.startswith(LLMTAP_PREFIXES) or is_secret_name(lname):
             return None
-        return lname
+        # a key as a header's name (rev30b: `Sk-Proj-...: 1` was stored as its lowercase)
+        return None if masked_name(name) != name else lname
 
     def __call__(self, headers: Iterable[tuple[str, str]]) -> dict[str, str]:
         out: dict[str, str] = {}

@@ -341,8 +341,10 @@ def scrub_ingested(record: LogRecord) -> LogRecord:
     of another version, a script holding the ingest token) gets no credential into the store."""
     for part in ("request_headers", "response_headers"):
         headers: dict[str, str] = getattr(record, part)
-        if any(is_secret_header(k, v) for k, v in headers.items()):
-            setattr(record, part, {k: v for k, v in headers.items() if not is_secret_header(k, v)})
+        # a key as a header's name too, as the gateway drops it (rev30b)
+        if any(is_secret_header(k, v) or masked_name(k) != k for k, v in headers.items()):
+            kept = {k: v for k, v in headers.items() if not is_secret_header(k, v) and masked_name(k) == k}
+            setattr(record, part, kept)
     record.target_url = redact_url(record.target_url)
     record.path = redact_url(record.path)
     if record.error is not None:
