@@ -207,16 +207,20 @@ def responses_events(*objs: dict[str, object]) -> bytes:
     )
 
 
+#: A Responses API stream's `response` while it runs (`response.created`, `.in_progress`).
+PENDING_RESPONSE = {
+    "id": "resp_1",
+    "object": "response",
+    "model": "gpt-4.1",
+    "status": "in_progress",
+    "output": [],
+}
+
+
 def test_a_responses_stream_that_never_ended_keeps_its_items_deltas() -> None:
     """rev28c: with no `response.completed` the record held `response.in_progress`'s empty
     output; the client had a function call's arguments, a refusal and a reasoning summary."""
-    pending = {
-        "id": "resp_1",
-        "object": "response",
-        "model": "gpt-4.1",
-        "status": "in_progress",
-        "output": [],
-    }
+    pending = PENDING_RESPONSE
     fc = {
         "id": "fc_1",
         "type": "function_call",
@@ -300,13 +304,7 @@ def test_a_cut_responses_streams_deltas_are_appended_to_what_its_item_or_part_he
     """rev29c: a cut stream stored only the deltas, not the text the `output_item.added` item or
     the `content_part.added` part already held (the SDK does `text += delta`); a `.done` event
     still replaces the whole."""
-    pending = {
-        "id": "resp_1",
-        "object": "response",
-        "model": "gpt-4.1",
-        "status": "in_progress",
-        "output": [],
-    }
+    pending = PENDING_RESPONSE
     call = {"id": "fc_1", "type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"a":'}
     msg = {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
     rs = {"id": "rs_1", "type": "reasoning", "summary": []}
@@ -355,13 +353,7 @@ def test_a_completed_responses_stream_keeps_none_of_its_item_events() -> None:
     """rev29c: every item event was kept, parsed, until the stream's end, which only a cut stream
     reads: a rebuild's peak memory doubled (a 100k-delta stream 77 MB against 44). A completed
     stream's peak is again what its bytes and their slices take; a cut one still has its text."""
-    pending = {
-        "id": "resp_1",
-        "object": "response",
-        "model": "gpt-4.1",
-        "status": "in_progress",
-        "output": [],
-    }
+    pending = PENDING_RESPONSE
     msg = {"id": "msg_1", "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
     at = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
     start = [

@@ -797,7 +797,7 @@ def test_a_property_name_is_read_only_as_far_as_it_can_be_kept() -> None:
     names = [("eyJaaaaaaaa." + "b" * 16000 + "-") * 2, "0" + "b" * 32000, "a1b2c3d4" * 4000]
     t0 = time.process_time()
     assert [redact.masked_name(n) for n in names * 7] == names * 7
-    assert time.process_time() - t0 < 0.05
+    assert time.process_time() - t0 < 0.15  # ~2 ms; 0.25-0.46 s before
     # a key past what is read is no part of what is kept (the name is cut to 128 bytes)
     far = "p" * redact._NAME_READ + "-" + K28
     assert redact.masked_name(far) == far and redact.masked_name(far[-1100:]) == "***"
