@@ -856,3 +856,78 @@ def test_a_header_named_by_a_key_is_not_recorded() -> None:
     assert hf(pairs) == hf(pairs) == {"sk-learn-version": "1.4", "accept": "*/*"}
     r = scrub_ingested(rec(0, request_headers={K28: "1", "x-a": "2"}, response_headers={aws: "3"}))
     assert r.request_headers == {"x-a": "2"} and r.response_headers == {}
+
+
+def test_masked_names_are_numbered_in_constant_work_and_none_overwrites_another() -> None:
+    from llmtap.gateway.headers import LlmtapHeaders
+    from llmtap.server.api import scrub_ingested
+    from store_helpers import rec
+
+    # rev31: each masked name searched `***2`, `***3`... from the start: 1,015 of them in one
+    # request held the loop 180 ms. The work is counted: at most two look-ups a name.
+    class Counting(dict[str, str]):
+        looked = 0
+
+        def __contains__(self, key: object) -> bool:
+            Counting.looked += 1
+            return super().__contains__(key)
+
+    taken = Counting()
+    for i in range(1000):
+        taken[redact.distinct_name("***", taken)] = str(i)
+    assert len(taken) == 1000 and Counting.looked <= 3 * 1000
+    # rev31: a name `***2` as sent overwrote the second key's value, at the gateway and at ingest
+    k2 = "sk-ant-api03-" + "Zy9x" * 8
+    pairs = [
+        (f"Llmtap-Property-{K28}", "first"),
+        (f"Llmtap-Property-{k2}", "second"),
+        ("Llmtap-Property-***2", "third"),
+    ]
+    got = LlmtapHeaders(pairs).properties
+    assert sorted(got.values()) == ["first", "second", "third"] and all(k.startswith("***") for k in got)
+    r = scrub_ingested(rec(0, properties={K28: "first", k2: "second", "***2": "third"}))
+    assert sorted(r.properties.values()) == ["first", "second", "third"]
+
+
+def test_an_aws_key_id_as_a_name_is_one_in_the_cases_clients_send_it() -> None:
+    from llmtap.gateway.capture import REQUEST_DROP
+    from llmtap.gateway.headers import HeaderFilter, LlmtapHeaders
+
+    # rev31: urllib sends `Llmtap-property-akiaiosfodnn7example`, Go `...-Akiaiosfodnn7example`:
+    # only the upper case was masked (dec8d03)
+    for name in (
+        "akiaiosfodnn7example",
+        "Akiaiosfodnn7example",
+        "AKIAIOSFODNN7EXAMPLE",
+        "x-asiaq1w2e3r4t5y6u7i8",
+    ):
+        assert redact.masked_name(name) == "***", name
+        assert LlmtapHeaders([(f"Llmtap-Property-{name}", "1")]).properties == {"***": "1"}, name
+    assert HeaderFilter(REQUEST_DROP)([("X-Akiaiosfodnn7example", "1"), ("Accept", "*/*")]) == {
+        "accept": "*/*"
+    }
+    for name in ("AsiaPacificRevenue01", "asiapacific", "akia-team", "Asiaeuropeamericas"):
+        assert redact.masked_name(name) == name, name
+
+
+def test_a_header_name_too_long_to_read_is_not_recorded() -> None:
+    from llmtap.gateway.capture import REQUEST_DROP
+    from llmtap.gateway.headers import HeaderFilter
+    from llmtap.server.api import scrub_ingested
+    from store_helpers import rec
+
+    # rev31: a key 1,200 characters into a header's name was recorded (names are never cut)
+    name = "X-Trace-" + "a" * 1200 + "-" + K28
+    assert HeaderFilter(REQUEST_DROP)([(name, "1"), ("Accept", "*/*")]) == {"accept": "*/*"}
+    r = scrub_ingested(rec(0, request_headers={name: "1", "x-a": "2"}))
+    assert r.request_headers == {"x-a": "2"}
+
+
+def test_a_long_header_url_whose_query_is_past_the_read_keeps_its_path() -> None:
+    # rev31: a 5.5 KB Referer path before its `?` was stored empty (4553e34 cut at the last
+    # separator read, and there was none)
+    value = "https://app.example.com/" + "segment000/" * 500 + "?tab=1"
+    flags: list[str] = []
+    got = limits.headers({"referer": value}, "request_headers", flags)
+    assert got["referer"] == value[: len(got["referer"])] and len(got["referer"]) >= 4000
+    assert flags == ["request_headers"]

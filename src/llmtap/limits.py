@@ -192,7 +192,9 @@ def headers(headers: dict[str, str], what: str, truncated: list[str]) -> dict[st
                 # The slice split its last piece, which masking cannot judge (rev30b: a password
                 # whose `@` fell past it was kept once `id_token=<5 KB>` shrank to `***`): it
                 # is not kept, and the header is flagged cut.
-                part = part[: max(0, *map(part.rfind, "&;#?"))]
+                split = max(map(part.rfind, "&;#?"))
+                if split >= 0:  # none: a path, which the URL rule does not read (rev31: a long
+                    part = part[:split]  # Referer whose `?` lay past the read was emptied)
                 was_cut = True
             # The budget pays for what was read, not only what masking kept (rev30b: 128 values
             # of 5 KB masked to `***` were each read whole, 0.7 s).

@@ -17,7 +17,14 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote
 
-from llmtap.redact import distinct_name, is_secret_name, is_secret_value, masked_name, masked_value
+from llmtap.redact import (
+    distinct_name,
+    is_secret_name,
+    is_secret_value,
+    key_in_header_name,
+    masked_name,
+    masked_value,
+)
 
 LLMTAP_PREFIX = "llmtap-"
 #: Names addressed to the gateway, never sent upstream nor recorded: `Llmtap_Auth` too, which
@@ -112,7 +119,7 @@ class HeaderFilter:
         if lname in self._drop or lname.startswith(LLMTAP_PREFIXES) or is_secret_name(lname):
             return None
         # a key as a header's name (rev30b: `Sk-Proj-...: 1` was stored as its lowercase)
-        return None if masked_name(name) != name else lname
+        return None if key_in_header_name(name) else lname
 
     def __call__(self, headers: Iterable[tuple[str, str]]) -> dict[str, str]:
         out: dict[str, str] = {}

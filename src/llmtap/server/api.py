@@ -30,9 +30,11 @@ from llmtap.ids import canonical_id
 from llmtap.limits import MAX_ERROR_CHARS, MAX_NARROW_COUNT, NARROW_USAGE
 from llmtap.record import Body, LogRecord, declared_charset, decode, decode_many
 from llmtap.redact import (
+    REDACTED,
     distinct_name,
     is_secret_header,
     is_secret_value,
+    key_in_header_name,
     masked_name,
     masked_value,
     redact_text,
@@ -342,8 +344,8 @@ def scrub_ingested(record: LogRecord) -> LogRecord:
     for part in ("request_headers", "response_headers"):
         headers: dict[str, str] = getattr(record, part)
         # a key as a header's name too, as the gateway drops it (rev30b)
-        if any(is_secret_header(k, v) or masked_name(k) != k for k, v in headers.items()):
-            kept = {k: v for k, v in headers.items() if not is_secret_header(k, v) and masked_name(k) == k}
+        if any(is_secret_header(k, v) or key_in_header_name(k) for k, v in headers.items()):
+            kept = {k: v for k, v in headers.items() if not (is_secret_header(k, v) or key_in_header_name(k))}
             setattr(record, part, kept)
     record.target_url = redact_url(record.target_url)
     record.path = redact_url(record.path)
@@ -358,7 +360,9 @@ def scrub_ingested(record: LogRecord) -> LogRecord:
         record.session_id = masked_value(record.session_id)
     if any(is_secret_value(v) for v in record.properties.values()):
         record.properties = {k: masked_value(v) for k, v in record.properties.items()}
-    if any(masked_name(k) != k for k in record.properties):  # a key as a name (rev29b)
+    if any(
+        masked_name(k) != k or k.startswith(REDACTED) for k in record.properties
+    ):  # a key as a name (rev29b)
         props: dict[str, str] = {}
         for k, v in record.properties.items():
             props[distinct_name(masked_name(k), props)] = v
