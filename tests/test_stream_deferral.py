@@ -680,3 +680,30 @@ def test_a_message_nested_too_deep_for_json_costs_its_message_only() -> None:
     assert builder.rebuild_errors == 1 and builder.rebuild_error == "ValueError"
     assert rec.request_body is not None and rec.response_body is not None
     assert body_bytes(rec.response_body) == stream and rec.model == "claude-sonnet-4-5"
+
+
+def test_a_message_too_deep_for_json_keeps_the_streams_usage() -> None:
+    """rev31: the message's encoding failing took the rebuild's usage and outcome with it."""
+    deep = "[" * 1000 + "]" * 1000
+    events = (
+        {
+            "type": "message_start",
+            "message": {"id": "m", "model": "claude-sonnet-4-5", "usage": {"input_tokens": 12}},
+        },
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "input": {}}},
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": deep},
+        },
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 7}},
+        {"type": "message_stop"},
+    )
+    stream = b"".join(b"event: %s\ndata: %s\n\n" % (str(e["type"]).encode(), orjson.dumps(e)) for e in events)
+    builder = RecordBuilder(inline_body_bytes=INLINE, gateway="gw")
+    rec = builder.build(capture(stream, provider="anthropic", path="/v1/messages", request={"stream": True}))
+    assert builder.rebuild_errors == 1 and builder.rebuild_error == "ValueError"
+    assert (rec.usage.source, rec.usage.prompt_tokens, rec.usage.completion_tokens) == ("provider", 12, 7)
+    assert rec.outcome == "completed" and rec.response_body is not None and rec.response_events is None
+    assert body_bytes(rec.response_body) == stream and rec.model == "claude-sonnet-4-5"

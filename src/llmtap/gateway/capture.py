@@ -331,6 +331,10 @@ class RecordBuilder:
         self._request_headers = HeaderFilter(REQUEST_DROP)
         self._response_headers = HeaderFilter(RESPONSE_DROP)
 
+    def _rebuild_failed(self, e: Exception) -> None:
+        self.rebuild_errors += 1
+        self.rebuild_error = type(e).__name__  # not its text, which may quote the answer
+
     def build(self, cap: Capture) -> LogRecord:
         fmt = provider_for(cap.provider, cap.path)
         lh = LlmtapHeaders(cap.llmtap) if cap.llmtap else _NO_LLMTAP
@@ -409,17 +413,19 @@ class RecordBuilder:
                 deferred = result is not None
                 if result is None:
                     result = fmt.reassemble_stream(scan)
-                if result is not None and result.message is not None:
-                    # Guarded too: a message nested past JSON's depth (a tool's `[[[...]]]`) raised
-                    # here, and the whole record was published bare.
-                    message = dumps(result.message)
             except Exception as e:  # a provider's bug on an odd stream costs its message, no more:
                 # the stream is stored as it came (before: the whole record was published bare)
-                self.rebuild_errors += 1
-                self.rebuild_error = type(e).__name__  # not its text, which may quote the answer
+                self._rebuild_failed(e)
                 result, deferred = None, False
+            if result is not None and result.message is not None:
+                try:
+                    message = dumps(result.message)
+                except Exception as e:  # nested past JSON's depth (a tool's `[[[...]]]`): the
+                    # stream is the body, its usage and outcome still read (rev31: both lost)
+                    self._rebuild_failed(e)
             if result is not None:
-                events = decoded
+                # a message that could not be written: the stream is the body, as it came
+                events = None if result.message is not None and message is None else decoded
                 if result.message is not None and message is not None:
                     response_body = message
                     response_body_type = "application/json"
