@@ -1294,3 +1294,23 @@ def test_bodies_only_a_lenient_parse_reads_are_sent_on_unchanged_and_never_raise
     deep = b'{"error":' * 700 + b'"stream_options \\ud83d"' + b"}" * 700
     assert refuses_stream_options(deep) in (True, False)
     assert isinstance(loads(b'{"a":' * 900 + b'"\\ud83d"' + b"}" * 900), dict)
+
+
+def test_gemini_keeps_a_chunks_repeated_search_queries_as_a_non_streamed_answer_does() -> None:
+    """rev31: 5c95511 merged the first chunk's queries too, so two equal queries became one and
+    the stream was billed one search less than the same answer not streamed."""
+    from llmtap.providers import gemini
+
+    def chunk(queries: list[object]) -> dict[str, object]:
+        return {"candidates": [{"groundingMetadata": {"webSearchQueries": queries}}]}
+
+    one = chunk(["weather paris today", "weather paris today"])
+    res = gemini.reassemble_stream(gemini_sse(one))
+    assert res is not None
+    assert res.message["candidates"][0]["groundingMetadata"]["webSearchQueries"] == [
+        "weather paris today",
+        "weather paris today",
+    ]
+    res = gemini.reassemble_stream(gemini_sse(chunk(["a", "a"]), chunk(["a", "b"])))
+    assert res is not None
+    assert res.message["candidates"][0]["groundingMetadata"]["webSearchQueries"] == ["a", "a", "b"]

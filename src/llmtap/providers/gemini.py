@@ -197,12 +197,18 @@ def _merge_grounding(candidate: dict[str, Any], meta: Any, asked: list[Any], see
     of it per chunk were quadratic (2 chunks of 30,000 queries, 0.5 MB: 27 s)."""
     before = candidate.get("groundingMetadata")
     if not isinstance(meta, dict) or not isinstance(before, dict):
+        # the first (or one after an odd one): kept as it came, its repeats too, as a
+        # non-streamed answer's are (rev31: 5c95511 made one of two equal queries, and the
+        # stream billed one search less)
         asked.clear()
         seen.clear()
-    if not isinstance(meta, dict):
         candidate["groundingMetadata"] = meta
+        first = meta.get("webSearchQueries") if isinstance(meta, dict) else None
+        if isinstance(first, list):
+            asked.extend(first)
+            seen.update(map(_query_key, first))
         return
-    merged = {**before, **meta} if isinstance(before, dict) else dict(meta)
+    merged = {**before, **meta}
     later = meta.get("webSearchQueries")
     for q in later if isinstance(later, list) else ():
         key = _query_key(q)
