@@ -33,7 +33,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -901,7 +901,7 @@ async def test_broker_outage_mid_load_stores_everything_without_slowing_clients(
 
     # the route each record took is visible: queue before, the ingest fallback while down
     routes = await stack.routes()
-    assert {routes[i] for i in warm} == {"queue"}
+    assert_normal_routes(routes[i] for i in warm)
     by_route = Counter(routes[c.rid] for c in during)
     assert by_route["ingest"] > 0, by_route
     settled = Counter(routes[c.rid] for c in before if c.sent < t_stop - 0.5)
@@ -1001,15 +1001,23 @@ async def test_broker_and_server_down_records_spool_and_survive_a_gateway_restar
     await stack.assert_exactly_once(warm + ids + down)
     routes = await stack.routes()
     assert Counter(routes[i] for i in ids + down) == {"spool": n + len(down)}
-    assert {routes[i] for i in warm} == {"queue"}
+    assert_normal_routes(routes[i] for i in warm)
 
     # the new gateway works as usual afterwards, and the spool stays empty
     more = assert_all_ok(await run_load([gw2], 12, concurrency=4))
     await stack.wait_stored(warm + ids + down + more)
     await stack.assert_exactly_once(warm + ids + down + more)
-    assert {(await stack.routes())[i] for i in more} == {"queue"}
+    assert_normal_routes((await stack.routes())[i] for i in more)
     st = await stack.status(data_dir=gdata)
     assert st["spool_bytes"] == 0 and st["dead_letters"] == 0, st
+
+
+def assert_normal_routes(routes: Iterable[str]) -> None:
+    """The usual path: the queue; and the disk spool for a batch the queue was slow to take (the
+    publisher's hedge sends it there too: beside stress-ng, ElasticMQ took longer than that for
+    one of 12 records, and the test asserting the queue alone failed)."""
+    seen = Counter(routes)
+    assert set(seen) <= {"queue", "spool"} and seen["queue"] > 0, seen
 
 
 async def _true(value: bool) -> bool:
