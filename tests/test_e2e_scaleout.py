@@ -1007,7 +1007,8 @@ async def test_broker_and_server_down_records_spool_and_survive_a_gateway_restar
     more = assert_all_ok(await run_load([gw2], 12, concurrency=4))
     await stack.wait_stored(warm + ids + down + more)
     await stack.assert_exactly_once(warm + ids + down + more)
-    assert_normal_routes((await stack.routes())[i] for i in more)
+    routes = await stack.routes()
+    assert_normal_routes(routes[i] for i in more)
     st = await stack.status(data_dir=gdata)
     assert st["spool_bytes"] == 0 and st["dead_letters"] == 0, st
 
