@@ -19,6 +19,7 @@ or handler has credential-looking text masked.
 
 from __future__ import annotations
 
+import binascii
 import logging
 import re
 import traceback
@@ -245,6 +246,23 @@ _INSIDE_READ = 1024
 
 #: A JWT's first segment as the shape reads it, and one character more (a run past the cap).
 _JWT_RUN = re.compile(r"[A-Za-z0-9_\-]{0,1025}")
+#: A JWT as `_KEY_SHAPES` reads one, without its `\b`: for one right after a word character
+#: (`u_<jwt>`, `sess_<jwt>`), where its header (group 1) must decode to a JSON object too.
+_JWT = re.compile(
+    r"(eyJ[A-Za-z0-9_\-]{8,1024}+)={0,2}\.[A-Za-z0-9_\-]{8,16384}+={0,2}\.[A-Za-z0-9_\-]*={0,2}"
+)
+#: An `eyJ` right after a word character, as `redact_text` looks for one.
+_JWT_IN_WORD = re.compile(r"(?<=[A-Za-z0-9_])eyJ")
+
+
+def _jwt_header(segment: str) -> bool:
+    """The first segment of a JWT glued to a word decodes to a JSON object (`{"alg":...}`), as a
+    JWT's does: `MonkeyJumpsHandler.handleRequest.x` has a JWT's shape after its `k`, not one."""
+    try:
+        head = binascii.a2b_base64(segment.replace("-", "+").replace("_", "/") + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return head.rstrip().endswith(b"}")
 
 
 def _holds_key(
@@ -255,16 +273,24 @@ def _holds_key(
 ) -> bool:
     """A key shape anywhere in `value`, tried where its start stands (`sk_start`: an `sk-` word
     starting `value` is a key at any length, as a header's value is; not a name's)."""
-    n = inside = skip = 0
+    n = inside = skip = jwts = 0
     for hint in hints.finditer(value):
         at = hint.start()
         if at < skip:  # an `eyJ` inside a run a failed `eyJ` read: the same `.` and rest follow
             continue
         if at and (value[at - 1].isalnum() or value[at - 1] == "_"):
+            if hint[0] == "eyJ" and jwts < _HINTS_READ:  # a JWT glued to a word (`u_<jwt>`)
+                jwts += 1
+                m = _JWT.match(value, at)
+                if m is None:
+                    skip = _past_failed_jwt(value, at)
+                elif _jwt_header(m[1]):
+                    return True
+                continue
             inside += 1
             if inside > _INSIDE_READ:
                 return True
-            continue  # inside a word (`task_1`): no shape starts there (they begin at `\b`)
+            continue  # inside a word (`task_1`): no other shape starts there (they begin at `\b`)
         n += 1
         if n > _HINTS_READ:
             return True
@@ -630,10 +656,46 @@ def _pair(m: re.Match[str]) -> str:
     return f"{m['name']}={REDACTED}" if m["value"] and is_secret_name(m["name"]) else m.group()
 
 
+def _glued_jwts(text: str) -> str:
+    """`text` with the JWTs right after a word character masked (`sess_<jwt>`; `_KEY_SHAPES`
+    takes those at a word's start). Each run of an `eyJ` that failed is read once, as in
+    `_holds_key`; past `_HINTS_READ` headers that did not decode, the shape alone decides."""
+    if "eyJ" not in text:
+        return text
+    out: list[str] = []
+    last = skip = tried = 0
+    for hint in _JWT_IN_WORD.finditer(text):
+        at = hint.start()
+        if at < skip:
+            continue
+        m = _JWT.match(text, at)
+        if m is None:
+            skip = _past_failed_jwt(text, at)
+            continue
+        tried += 1
+        if tried > _HINTS_READ or _jwt_header(m[1]):
+            out += (text[last:at], REDACTED)
+            last = skip = m.end()
+    return "".join(out) + text[last:] if out else text
+
+
+#: A run of a JWT segment's characters, whole.
+_SEGMENT_RUN = re.compile(r"[A-Za-z0-9_\-]*")
+
+
+def _past_failed_jwt(text: str, at: int) -> int:
+    """Where the next `eyJ` worth trying may stand after the one at `at` failed the shape: every
+    later one in its run reaches the same end, so fails the same way, unless the run is longer
+    than a first segment (1024 after `eyJ`), when its last 1027 characters may hold one."""
+    end = _SEGMENT_RUN.match(text, at + 3).end()  # type: ignore[union-attr]  # `*` always matches
+    return end if end - at <= 1027 else end - 1027
+
+
 def redact_keys(text: str) -> str:
     """`text` with only API keys and `Bearer <token>` masked: for messages that name settings
     and show examples (`redact_text` would mask `LLMTAP_INGEST_TOKEN: Input should be ...`)."""
-    return _KEY_SHAPES.sub(REDACTED, _SCHEME.sub(lambda m: f"{m['scheme']}{m['sp']}{REDACTED}", text))
+    text = _SCHEME.sub(lambda m: f"{m['scheme']}{m['sp']}{REDACTED}", text)
+    return _KEY_SHAPES.sub(REDACTED, _glued_jwts(text))
 
 
 def redact_text(text: str) -> str:
@@ -646,7 +708,7 @@ def redact_text(text: str) -> str:
     text = _SCHEME.sub(lambda m: f"{m['scheme']}{m['sp']}{REDACTED}", text)
     text = _PAIR.sub(_pair, text)
     text = _HEADER.sub(lambda m: f"{m['name']}{m['sep']}{REDACTED}", text)
-    return _KEY_SHAPES.sub(REDACTED, text)
+    return _KEY_SHAPES.sub(REDACTED, _glued_jwts(text))
 
 
 #: A JSON member whose value is a string or an array of strings: `"name": "value"`,
