@@ -349,6 +349,41 @@ def test_a_cut_responses_streams_deltas_are_appended_to_what_its_item_or_part_he
     ]
 
 
+@pytest.mark.parametrize("end", ["response.failed", "response.incomplete"])
+def test_a_failed_or_incomplete_responses_stream_without_output_keeps_its_items(end: str) -> None:
+    """stop 56: a stream that ended with `response.failed` or `.incomplete` whose `response`
+    carries no output (or `[]`) was stored without the text the client had from its events."""
+    pending = PENDING_RESPONSE
+    msg = {"id": "msg_1", "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
+    at = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    status = end.split(".")[1]
+    for ended in ({**pending, "status": status}, {**pending, "status": status, "output": []}):
+        if end == "response.failed":
+            ended = {**ended, "error": {"code": "server_error", "message": "The model failed"}}
+        body = responses_events(
+            {"type": "response.created", "response": pending},
+            {"type": "response.output_item.added", "output_index": 0, "item": msg},
+            {"type": "response.output_text.delta", **at, "delta": "Half an"},
+            {"type": "response.output_text.delta", **at, "delta": " answer"},
+            {"type": end, "response": ended},
+        )
+        res = openai.reassemble_stream(body)
+        assert res is not None and res.complete and res.marked
+        part = {"type": "output_text", "text": "Half an answer", "annotations": []}
+        assert res.message == {**ended, "output": [{**msg, "content": [part]}]}
+        assert (res.error is not None) == (end == "response.failed")
+    # an end that carries its output is stored as it came
+    done = {**msg, "status": "completed", "content": [{"type": "output_text", "text": "Whole"}]}
+    body = responses_events(
+        {"type": "response.created", "response": pending},
+        {"type": "response.output_item.added", "output_index": 0, "item": msg},
+        {"type": "response.output_text.delta", **at, "delta": "Who"},
+        {"type": end, "response": {**pending, "status": status, "output": [done]}},
+    )
+    res = openai.reassemble_stream(body)
+    assert res is not None and res.message["output"] == [done]
+
+
 def test_a_completed_responses_stream_keeps_none_of_its_item_events() -> None:
     """rev29c: every item event was kept, parsed, until the stream's end, which only a cut stream
     reads: a rebuild's peak memory doubled (a 100k-delta stream 77 MB against 44). A completed

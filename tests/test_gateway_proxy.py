@@ -526,6 +526,42 @@ async def test_a_close_delimited_stream_that_stops_before_its_end_is_a_cut(
         assert rec.outcome == "upstream_cut" and "before the stream's end marker" in (rec.error or "")
 
 
+@pytest.mark.parametrize("whole", [True, False])
+async def test_a_chunked_responses_stream_without_its_end_event_is_a_cut(
+    tmp_path: Path, http: aiohttp.ClientSession, whole: bool
+) -> None:
+    """Every Responses API stream ends with `response.completed` (or another end): one whose
+    chunks a proxy before the provider closed before it was recorded `completed` (stop 56),
+    since only a close-delimited body was checked for its end marker."""
+    from rawhttp import RawUpstream
+
+    pending = {"id": "r1", "object": "response", "model": "gpt-4.1", "status": "in_progress", "output": []}
+    done = {**pending, "status": "completed", "output": [{"type": "message", "content": []}]}
+    events = [{"type": "response.created", "response": pending}]
+    events.append({"type": "response.output_text.delta", "output_index": 0, "delta": "Hi"})
+    if whole:
+        events.append({"type": "response.completed", "response": done})
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    raw = RawUpstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+    )
+    q = MemoryQueue()
+    try:
+        async with running_gateway(settings_for(raw.port, tmp_path), q) as (svc, gw):
+            req = {"model": "gpt-4.1", "input": "hi", "stream": True}
+            async with http.post(f"{gw}/openai/v1/responses", json=req, headers=OPENAI_AUTH) as r:
+                assert r.status == 200 and await r.read() == body
+            (rec,) = await published(svc, q, 1)
+    finally:
+        raw.close()
+    assert rec.streamed
+    if whole:
+        assert rec.outcome == "completed" and rec.error is None
+    else:
+        assert rec.outcome == "upstream_cut" and "before the stream's end marker" in (rec.error or "")
+
+
 async def test_a_relay_that_fails_for_any_reason_still_logs_the_request(
     upstream: int, tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -437,10 +437,12 @@ class RecordBuilder:
                     not result.complete
                     and result.error is None  # an error event ends it: `upstream_error`, told later
                     and outcome == "completed"
-                    and _close_delimited(cap.response_headers)
+                    and (result.marked or _close_delimited(cap.response_headers))
                 ):
                     # Neither a length nor chunks: the connection's end was the body's end, so a
                     # connection the upstream dropped looked like a whole answer to the client.
+                    # A format whose every stream ends with its marker is cut without it however
+                    # the body ended (a proxy before the provider closing its chunks).
                     outcome = "upstream_cut"
                     error = error or "the upstream closed the connection before the stream's end marker"
             if cap.tail and usage.source == "missing" and decoded is raw:

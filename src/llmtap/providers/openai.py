@@ -458,9 +458,17 @@ def reassemble_stream(raw: bytes) -> StreamResult | None:
         if isinstance(obj, dict):
             s.generic(obj)
 
-    if s.item_events and not s.response_ended and s.final_response is not None:
+    ended = s.final_response is not None and s.response_ended and _has_output(s.final_response)
+    if s.item_events and s.final_response is not None and not ended:
         s.output = _Output.of(raw)
     return scrub_stream(_result(s), raw)
+
+
+def _has_output(response: dict[str, Any]) -> bool:
+    """Whether an ended stream's `response` carries its output: `response.failed` and
+    `response.incomplete` may not, when the client had the items their events carried."""
+    output = response.get("output")
+    return not isinstance(output, list) or bool(output)
 
 
 _DONE = b"data: [DONE]\n\n"
@@ -524,9 +532,10 @@ def _result(s: _Stream) -> StreamResult | None:
         return None
     if s.final_response is not None:
         response = s.final_response
-        if not s.response_ended and s.output is not None:
+        if s.output is not None:
             # Cut, cancelled or ended by an `error` event: the client has what the events
-            # carried, the last `response` object (`response.in_progress`) none of it.
+            # carried, the last `response` object (`response.in_progress`) none of it; nor
+            # does a `response.failed` or `.incomplete` without its output.
             response = {**response, "output": s.output.items_so_far()}
         model = response.get("model")
         return StreamResult(
@@ -537,6 +546,7 @@ def _result(s: _Stream) -> StreamResult | None:
             model if isinstance(model, str) else None,
             s.error,
             s.complete,
+            marked=True,  # every Responses stream ends with `response.completed` or another end
         )
     if s.events and not s.choices and not s.head:
         # A transcription, image or speech stream: no message to rebuild (its events are the

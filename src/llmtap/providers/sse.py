@@ -150,10 +150,12 @@ class StreamResult:
     `message_stop`, `response.completed`): the client had everything, whatever happened to the
     connection afterwards. `final` says its usage came in the event that carries the final
     counts (OpenAI's usage chunk, Anthropic's `message_delta`): a stream cut after it is still
-    priced, on the counts the provider bills.
+    priced, on the counts the provider bills. `marked` says the format ends every whole stream
+    with that marker (a Responses API stream, `response.completed` or another end): without it
+    the stream was cut, however its body was framed.
     """
 
-    __slots__ = ("complete", "error", "final", "message", "model", "usage")
+    __slots__ = ("complete", "error", "final", "marked", "message", "model", "usage")
 
     def __init__(
         self,
@@ -163,6 +165,7 @@ class StreamResult:
         error: str | None,
         complete: bool = False,
         final: bool = False,
+        marked: bool = False,
     ) -> None:
         self.message = message
         self.usage = usage
@@ -170,6 +173,7 @@ class StreamResult:
         self.error = error
         self.complete = complete
         self.final = final
+        self.marked = marked
 
     def settle(self, outcome: Outcome, error: str | None) -> tuple[Usage, Outcome, str | None]:
         """The record's usage, outcome and error once this result is known (gateway and worker
