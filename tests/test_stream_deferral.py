@@ -655,6 +655,9 @@ def test_a_provider_that_fails_on_a_stream_costs_its_message_only(
     assert rec.outcome == "completed" and rec.error is None and rec.model == "gpt-4o-mini"
     assert rec.request_body is not None and rec.response_body is not None
     assert body_bytes(rec.response_body) == stream
+    # its tokens too, from the last usage its end holds: before, none (stop 56)
+    u = rec.usage
+    assert (u.source, u.prompt_tokens, u.completion_tokens) == ("partial", 12, 3)
 
 
 def test_a_message_nested_too_deep_for_json_costs_its_message_only() -> None:

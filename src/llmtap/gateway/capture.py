@@ -31,6 +31,7 @@ from llmtap import limits
 from llmtap.bodies.offload import inline_body
 from llmtap.gateway.headers import REQUEST_DROP, RESPONSE_DROP, HeaderFilter, LlmtapHeaders
 from llmtap.providers import provider_for
+from llmtap.providers.base import Provider
 from llmtap.providers.common import dumps, loads
 from llmtap.providers.forms import form_boundary, form_parts
 from llmtap.providers.sse import StreamResult
@@ -417,6 +418,7 @@ class RecordBuilder:
                 # the stream is stored as it came (before: the whole record was published bare)
                 self._rebuild_failed(e)
                 result, deferred = None, False
+                usage = _tail_usage(fmt, scan)
             if result is not None and result.message is not None:
                 try:
                     message = dumps(result.message)
@@ -602,6 +604,21 @@ class RecordBuilder:
             error=redact_text(f"llmtap could not build this record: {type(exc).__name__}: {exc}")[:2000],
             gateway=self.gateway,
         )
+
+
+#: The end of a stream `_tail_usage` reads.
+_TAIL_USAGE = 64 * 1024
+
+
+def _tail_usage(fmt: Provider, stream: bytes) -> Usage:
+    """A stream's usage when its rebuild failed: the last usage member its end holds, as
+    `partial` (whether those are the final counts is what the rebuild would have said). Before,
+    such a record had no tokens at all (stop 56)."""
+    try:
+        found = fmt.usage_from_tail(stream[-_TAIL_USAGE:])
+    except Exception:
+        return Usage()
+    return found if found.source == "missing" else msgspec.structs.replace(found, source="partial")
 
 
 def _close_delimited(headers: Iterable[tuple[str, str]]) -> bool:
