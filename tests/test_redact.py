@@ -827,6 +827,24 @@ def test_a_property_name_is_read_only_as_far_as_it_can_be_kept() -> None:
     assert redact.masked_name(far) == far and redact.masked_name(far[-1100:]) == "***"
 
 
+def test_names_that_only_look_like_keys_once_lowercased_are_kept() -> None:
+    from llmtap.gateway.capture import REQUEST_DROP
+    from llmtap.gateway.headers import HeaderFilter
+
+    # stop 56: a name's case is lost, and these were read as an `sk-` key, a JWT and a Google key
+    names = ["Sk-Learn-Pipeline-Version", "Eyjafjallajokull.eruption.2010", "Aizawl-District-Office-Code"]
+    for n in names:
+        assert redact.masked_name(n) == n and redact.masked_name(n.lower()) == n.lower(), n
+    pairs = [(f"X-{n}", "1") for n in names]
+    assert HeaderFilter(REQUEST_DROP)(pairs) == {f"x-{n.lower()}": "1" for n in names}
+    # the keys themselves still are, in any case and with anything around them
+    google = "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY"
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+    for key in (K28, google, jwt, "sk-ant-api03-" + "Ab3dEfGh1jKlMn0pQrStUvWx"):
+        for n in (key, key.lower(), key.title(), f"x-{key.lower()}", f"{key.lower()}-x"):
+            assert redact.masked_name(n) == "***", n
+
+
 def test_ordinary_property_names_are_kept_and_masked_ones_never_merged() -> None:
     from llmtap.gateway.headers import LlmtapHeaders
     from llmtap.server.api import scrub_ingested

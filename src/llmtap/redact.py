@@ -172,7 +172,16 @@ _KEY_HINT = re.compile("|".join(re.escape(p) for p in _KEY_PREFIXES))
 _AWS_SHAPE = r"|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
 _AWS_PREFIXES = ("AKIA", "ASIA")
 _KEY_HINT_LOWER = re.compile("|".join(re.escape(p.lower()) for p in _KEY_PREFIXES if p not in _AWS_PREFIXES))
-_KEY_SHAPES_LOWER = re.compile(_KEY_SHAPES.pattern.replace(_AWS_SHAPE, "").lower())
+#: In a name, where case is lost, two shapes read as keys are issued: a Google key is `AIza` and
+#: 35 more, a digit among them, a JWT's header 18 characters at least (`{"typ":"JWT"}`):
+#: `Aizawl-District-Office-Code` and `Eyjafjallajokull.eruption.2010` are names (stop 56: both
+#: were masked).
+_KEY_SHAPES_LOWER = re.compile(
+    _KEY_SHAPES.pattern.replace(_AWS_SHAPE, "")
+    .replace(r"AIza[0-9A-Za-z_\-]{20,}", r"AIza(?=[\w-]{0,34}\d)[0-9A-Za-z_\-]{35,}")
+    .replace(r"eyJ[A-Za-z0-9_\-]{8,1024}+", r"eyJ[A-Za-z0-9_\-]{15,1024}+")
+    .lower()
+)
 _AWS_HINT = re.compile("|".join(_AWS_PREFIXES))
 #: A name's characters `masked_name` reads: a property name is cut to 128 bytes, and a key the
 #: cut splits is seen whole this far past it (`limits.MASK_MARGIN`).
@@ -297,7 +306,13 @@ def _holds_key(
         m = shapes.match(value, at)
         # `sk-` inside a value is a key at 24 characters or more, as every provider's is: a
         # word such as `sk-hynix-earnings-q3` in a referer is not (rev24).
-        if m is not None and ((sk_start and m.start() == 0) or m[0][:3] != "sk-" or len(m[0]) >= 24):
+        if m is not None and (
+            (sk_start and m.start() == 0)
+            or m[0][:3] != "sk-"
+            # a name's `sk-` word holds a digit too, as every provider's keys do: case is lost
+            # there, and `Sk-Learn-Pipeline-Version` is a name (stop 56: masked)
+            or (len(m[0]) >= 24 and (sk_start or any(c.isdigit() for c in m[0])))
+        ):
             return True
         if m is None and hint[0].lower() == "eyj" and (run := _JWT_RUN.match(value, at + 3)) is not None:
             if run.end() - at <= 1027:  # (a run past the first segment's cap failed for its length)
