@@ -103,6 +103,27 @@ def test_ordinary_header_names_are_kept(name: str) -> None:
     assert not is_secret_name(name)
 
 
+def test_an_authentication_challenge_is_recorded() -> None:
+    from llmtap.gateway.capture import RESPONSE_DROP
+    from llmtap.gateway.headers import HeaderFilter
+    from llmtap.server.api import scrub_ingested
+    from store_helpers import rec
+
+    # stop 56: an upstream's 401 says why in `WWW-Authenticate: Bearer realm=..., error=...`, and
+    # it was dropped as a `Bearer` credential, at the gateway and at ingest
+    why = 'Bearer realm="OpenAI API", error="invalid_token", error_description="The token expired"'
+    pairs = [("WWW-Authenticate", why)]
+    kept = {"www-authenticate": why}
+    assert HeaderFilter(RESPONSE_DROP)(pairs) == kept
+    ingested = {"www-authenticate": why, "proxy-authenticate": 'Basic realm="corp"'}
+    assert scrub_ingested(rec(0, response_headers=dict(ingested))).response_headers == ingested
+    # ... but a key in one is still one, and the same value under another name is a credential
+    hf = HeaderFilter(RESPONSE_DROP)
+    leak = [("WWW-Authenticate", f'Bearer realm="{K28}"'), ("X-Auth", why)]
+    assert hf(pairs) == kept and hf(leak) == {}
+    assert hf([("WWW-Authenticate", why), ("X-Auth", why)]) == {"www-authenticate": why}
+
+
 def test_a_header_valued_like_a_credential_is_one_whatever_its_name() -> None:
     for v in ["Bearer abc", "basic Zm9vOmJhcg==", "Token xyz", "AWS4-HMAC-SHA256 Credential=AK/..",
               "sk-proj-abcdefgh", "sk-ant-api03-abcdef", "AIza" + "x" * 30]:  # fmt: skip

@@ -218,13 +218,15 @@ def _one_credential(scheme: str, cred: str) -> bool:
     return scheme != "basic" or not (cred.isalpha() and (cred.islower() or cred.istitle()))
 
 
-def is_secret_value(value: str) -> bool:
+def is_secret_value(value: str, challenge: bool = False) -> bool:
     """True for a header value that reads as a credential whatever the header is called:
     `<auth scheme> <credentials>` (`Bearer ...`, `Basic ...`) or a well-known key shape.
     Called for every recorded header of every request, so a split and a set lookup, not a
-    regex, for the common value."""
-    sp = value.find(" ")
-    if "\t" in value:  # any whitespace separates a scheme, as for `redact_text` (rev26: `Bearer\t...`)
+    regex, for the common value. A `challenge` (`WWW-Authenticate: Bearer realm="api",
+    error="invalid_token"`) names a scheme before parameters that are no credential: only a
+    key or a URL's password in it is one."""
+    sp = -1 if challenge else value.find(" ")
+    if "\t" in value and not challenge:  # any whitespace separates a scheme (rev26: `Bearer\t...`)
         tab = value.find("\t")
         sp = tab if sp < 0 or tab < sp else sp
     if 0 < sp < 17 and (scheme := value[:sp].lower()) in _AUTH_SCHEMES and (cred := value[sp + 1 :].strip()):
@@ -377,9 +379,14 @@ def distinct_name(name: str, taken: Collection[str]) -> str:
     return second if second not in taken else f"{REDACTED}{len(taken) + 1}"
 
 
+#: Headers whose `Bearer realm="..."` is a challenge, not a credential: an upstream's 401
+#: says there why it refused (`error="invalid_token"`), and it was dropped as `Bearer ...`.
+CHALLENGES = frozenset({"www-authenticate", "proxy-authenticate"})
+
+
 def is_secret_header(name: str, value: str) -> bool:
     """A header that must not be recorded: named like a credential, or valued like one."""
-    return is_secret_name(name) or is_secret_value(value)
+    return is_secret_name(name) or is_secret_value(value, name.lower() in CHALLENGES)
 
 
 #: Parameters of one query read one by one at most; the rest are all masked, names too

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from urllib.parse import unquote
 
 from llmtap.redact import (
+    CHALLENGES,
     distinct_name,
     is_secret_name,
     is_secret_value,
@@ -134,9 +135,10 @@ class HeaderFilter:
             if lname is None:
                 continue
             if value not in plain:
-                if is_secret_value(value):
+                challenge = lname in CHALLENGES
+                if is_secret_value(value, challenge):
                     continue
-                if len(value) <= 256 and len(plain) < 4096:  # bounded: at most ~1 MB
+                if not challenge and len(value) <= 256 and len(plain) < 4096:  # bounded: ~1 MB
                     plain.add(value)
             prev = out.get(lname)
             out[lname] = value if prev is None else f"{prev}, {value}"
