@@ -526,9 +526,9 @@ async def test_a_close_delimited_stream_that_stops_before_its_end_is_a_cut(
         assert rec.outcome == "upstream_cut" and "before the stream's end marker" in (rec.error or "")
 
 
-@pytest.mark.parametrize("whole", [True, False])
+@pytest.mark.parametrize("whole", [True, False, "past the size limit"])
 async def test_a_chunked_responses_stream_without_its_end_event_is_a_cut(
-    tmp_path: Path, http: aiohttp.ClientSession, whole: bool
+    tmp_path: Path, http: aiohttp.ClientSession, whole: bool | str
 ) -> None:
     """Every Responses API stream ends with `response.completed` (or another end): one whose
     chunks a proxy before the provider closed before it was recorded `completed` (stop 56),
@@ -536,9 +536,17 @@ async def test_a_chunked_responses_stream_without_its_end_event_is_a_cut(
     from rawhttp import RawUpstream
 
     pending = {"id": "r1", "object": "response", "model": "gpt-4.1", "status": "in_progress", "output": []}
-    done = {**pending, "status": "completed", "output": [{"type": "message", "content": []}]}
+    text = "Hi" if whole != "past the size limit" else "word " * 40_000  # 200 KB
+    usage = {"input_tokens": 11, "output_tokens": 40_000, "total_tokens": 40_011}
+    part = {"type": "output_text", "text": text, "annotations": []}
+    done = {
+        **pending,
+        "status": "completed",
+        "output": [{"type": "message", "content": [part]}],
+        "usage": usage,
+    }
     events = [{"type": "response.created", "response": pending}]
-    events.append({"type": "response.output_text.delta", "output_index": 0, "delta": "Hi"})
+    events.append({"type": "response.output_text.delta", "output_index": 0, "delta": text})
     if whole:
         events.append({"type": "response.completed", "response": done})
     body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
@@ -548,7 +556,10 @@ async def test_a_chunked_responses_stream_without_its_end_event_is_a_cut(
     )
     q = MemoryQueue()
     try:
-        async with running_gateway(settings_for(raw.port, tmp_path), q) as (svc, gw):
+        # rev32: past the size limit only the stream's end is kept, and `response.completed`,
+        # as long as the output it repeats, began before it: the stream was taken for a cut
+        settings = settings_for(raw.port, tmp_path, max_body_bytes=300_000)
+        async with running_gateway(settings, q) as (svc, gw):
             req = {"model": "gpt-4.1", "input": "hi", "stream": True}
             async with http.post(f"{gw}/openai/v1/responses", json=req, headers=OPENAI_AUTH) as r:
                 assert r.status == 200 and await r.read() == body
@@ -558,6 +569,7 @@ async def test_a_chunked_responses_stream_without_its_end_event_is_a_cut(
     assert rec.streamed
     if whole:
         assert rec.outcome == "completed" and rec.error is None
+        assert (rec.usage.source, rec.usage.completion_tokens) == ("provider", 40_000)
     else:
         assert rec.outcome == "upstream_cut" and "before the stream's end marker" in (rec.error or "")
 

@@ -439,7 +439,9 @@ class RecordBuilder:
                     not result.complete
                     and result.error is None  # an error event ends it: `upstream_error`, told later
                     and outcome == "completed"
-                    and (result.marked or _close_delimited(cap.response_headers))
+                    # (a stream past the size limit keeps its end only: a Responses stream's last
+                    # event, as long as its output, may have begun in what was not kept: rev32)
+                    and ((result.marked and not cap.tail) or _close_delimited(cap.response_headers))
                 ):
                     # Neither a length nor chunks: the connection's end was the body's end, so a
                     # connection the upstream dropped looked like a whole answer to the client.
