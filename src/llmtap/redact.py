@@ -26,6 +26,8 @@ import traceback
 from collections.abc import Collection
 from urllib.parse import unquote_plus, urlsplit
 
+import orjson
+
 REDACTED = "***"
 #: What a copy cut to a cap reads past it for redaction (longer than any credential): the rules
 #: cost ~0.5 us a character, so a body is cut before it is redacted, not after (rev26: a 1.2 MB
@@ -148,14 +150,24 @@ _PARAM_SCHEMES = frozenset({"digest", "negotiate", "hoba", "aws4-hmac-sha256"})
 #: scanned an unbounded segment after it again (rev28b: 15 headers of 64 KB held the loop 400
 #: ms); `_holds_key` also skips an `eyJ` inside a run a failed one read. The other `{n,}` fail
 #: only short of their minimum, or end at a `.` (`SG.`), so each is linear.
+#: A JWS (`header.payload.signature`, the payload empty when detached) or a JWE (five parts,
+#: the second empty with `"alg":"dir"`, as NextAuth's session tokens: rev32 found them stored
+#: whole); group 1 is the header.
+_JWT_SHAPE = (
+    r"(eyJ[A-Za-z0-9_\-]{8,1024}+)={0,2}\."
+    r"(?:[A-Za-z0-9_\-]{8,16384}+={0,2}\.[A-Za-z0-9_\-]*={0,2}|\.[A-Za-z0-9_\-]{8,16384}+={0,2})"
+    r"(?:\.[A-Za-z0-9_\-]*={0,2}){0,2}"
+)
+#: A shape starts where no ASCII letter, digit or `_` stands before it (not `\b`, which Python
+#: reads in Unicode: `令牌eyJ...`, `令牌sk-...` in an upstream's error text were kept; rev32).
 _KEY_SHAPES = re.compile(
-    r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}"
+    r"(?<![A-Za-z0-9_])(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}"
     r"|(?:gsk_|hf_|xai-|pplx-|r8_|csk-|fw_|gh[pousr]_)[A-Za-z0-9]{20,}"
     r"|nvapi-[A-Za-z0-9_\-]{40,}|glpat-[A-Za-z0-9_\-]{20,}|github_pat_(?=[\w-]{0,96}\d)[A-Za-z0-9_]{40,}"
     r"|xox[abprse]-(?=[A-Za-z\-]{0,64}\d)[A-Za-z0-9\-]{10,}"
-    r"|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
-    r"|eyJ[A-Za-z0-9_\-]{8,1024}+={0,2}\.[A-Za-z0-9_\-]{8,16384}+={0,2}\.[A-Za-z0-9_\-]*={0,2}"
-    r"|ya29\.[\w-]{20,}|1//0[\w-]{20,}|SG\.[\w-]{16,}\.[\w-]{16,}|npm_[A-Za-z0-9]{36})"
+    r"|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}|(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9_])"
+    r"|" + _JWT_SHAPE.replace("(eyJ", "(?:eyJ", 1) + r"|ya29\.[\w-]{20,}|1//0[\w-]{20,}"
+    r"|SG\.[\w-]{16,}\.[\w-]{16,}|npm_[A-Za-z0-9]{36})"
 )
 #: What each key shape starts with, whole (`ghp_`, not `gh`, which English is full of).
 _KEY_PREFIXES = (
@@ -169,7 +181,7 @@ _KEY_HINT = re.compile("|".join(re.escape(p) for p in _KEY_PREFIXES))
 #: case-sensitive patterns keep the hints' fast literal search, which `re.IGNORECASE` lost (rev30b:
 #: 20 names of 32 KB took 300 ms). An AWS key id is read in its case only, by `_AWS_HINT` and the
 #: shapes (rev30b: `AsiaPacificRevenue01` is a name).
-_AWS_SHAPE = r"|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
+_AWS_SHAPE = r"|(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9_])"
 _AWS_PREFIXES = ("AKIA", "ASIA")
 _KEY_HINT_LOWER = re.compile("|".join(re.escape(p.lower()) for p in _KEY_PREFIXES if p not in _AWS_PREFIXES))
 #: In a name, where case is lost, two shapes read as keys are issued: a Google key is `AIza` and
@@ -255,25 +267,26 @@ def is_secret_value(value: str, challenge: bool = False) -> bool:
 _INSIDE_READ = 1024
 
 
-#: A JWT's first segment as the shape reads it, and one character more (a run past the cap).
-_JWT_RUN = re.compile(r"[A-Za-z0-9_\-]{0,1025}")
-#: A JWT as `_KEY_SHAPES` reads one, without its `\b`: for one right after a word character
-#: (`u_<jwt>`, `sess_<jwt>`), where its header (group 1) must decode to a JSON object too.
-_JWT = re.compile(
-    r"(eyJ[A-Za-z0-9_\-]{8,1024}+)={0,2}\.[A-Za-z0-9_\-]{8,16384}+={0,2}\.[A-Za-z0-9_\-]*={0,2}"
-)
-#: An `eyJ` right after a word character, as `redact_text` looks for one.
-_JWT_IN_WORD = re.compile(r"(?<=[A-Za-z0-9_])eyJ")
+#: A JWT as `_KEY_SHAPES` reads one, without what stands before it: for one right after a word
+#: character (`u_<jwt>`, `sess_<jwt>`), where its header (group 1) must be a JWT's too.
+_JWT = re.compile(_JWT_SHAPE)
+#: An `eyJ` right after a word character with 8 more of a header's (the fewest a JWT's has),
+#: as `redact_text` looks for one: a C-level search skips the `xeyJ.` a Python loop would try.
+_JWT_IN_WORD = re.compile(r"(?<=[A-Za-z0-9_])eyJ[A-Za-z0-9_\-]{8}")
 
 
 def _jwt_header(segment: str) -> bool:
-    """The first segment of a JWT glued to a word decodes to a JSON object (`{"alg":...}`), as a
-    JWT's does: `MonkeyJumpsHandler.handleRequest.x` has a JWT's shape after its `k`, not one."""
+    """The first segment of a JWT glued to a word is a JWT's header: base64 of a JSON object
+    naming its `alg`. Ending in `}` was not enough (rev32: one segment in 256 does, and
+    `honeyJarsEuRegion2.internal.example` was masked)."""
     try:
-        head = binascii.a2b_base64(segment.replace("-", "+").replace("_", "/") + "=" * (-len(segment) % 4))
-    except (binascii.Error, ValueError):
+        head = binascii.a2b_base64(
+            segment.replace("-", "+").replace("_", "/") + "=" * (-len(segment) % 4), strict_mode=True
+        )
+        obj = orjson.loads(head)
+    except (binascii.Error, ValueError):  # (orjson's error is a ValueError)
         return False
-    return head.rstrip().endswith(b"}")
+    return isinstance(obj, dict) and "alg" in obj
 
 
 def _holds_key(
@@ -287,21 +300,23 @@ def _holds_key(
     n = inside = skip = jwts = 0
     for hint in hints.finditer(value):
         at = hint.start()
-        if at < skip:  # an `eyJ` inside a run a failed `eyJ` read: the same `.` and rest follow
-            continue
-        if at and (value[at - 1].isalnum() or value[at - 1] == "_"):
-            if hint[0] == "eyJ" and jwts < _HINTS_READ:  # a JWT glued to a word (`u_<jwt>`)
-                jwts += 1
+        eyj = hint[0] == "eyJ" or hint[0] == "eyj"
+        prev = value[at - 1] if at else ""
+        if (eyj and at < skip) or (prev.isascii() and (prev.isalnum() or prev == "_")):
+            # inside a word (`task_1`): no shape starts there; an `eyJ` inside a run a failed one
+            # read reaches the same `.` and rest (only an `eyJ`: `eyJx-sk-proj-...` holds a key)
+            if eyj and at >= skip and hint[0] == "eyJ":  # a JWT glued to a word (`u_<jwt>`)
                 m = _JWT.match(value, at)
                 if m is None:
                     skip = _past_failed_jwt(value, at)
-                elif _jwt_header(m[1]):
-                    return True
-                continue
+                else:
+                    jwts += 1  # past `_HINTS_READ` of them, the shape alone decides
+                    if jwts > _HINTS_READ or _jwt_header(m[1]):
+                        return True
             inside += 1
             if inside > _INSIDE_READ:
                 return True
-            continue  # inside a word (`task_1`): no other shape starts there (they begin at `\b`)
+            continue
         n += 1
         if n > _HINTS_READ:
             return True
@@ -316,9 +331,8 @@ def _holds_key(
             or (len(m[0]) >= 24 and (sk_start or any(c.isdigit() for c in m[0])))
         ):
             return True
-        if m is None and hint[0].lower() == "eyj" and (run := _JWT_RUN.match(value, at + 3)) is not None:
-            if run.end() - at <= 1027:  # (a run past the first segment's cap failed for its length)
-                skip = run.end()
+        if m is None and eyj:
+            skip = _past_failed_jwt(value, at)
     return False
 
 
@@ -354,7 +368,9 @@ def _aws_id(word: str) -> bool:
     prefix (rev31: `Llmtap-Property-akiaiosfodnn7example` was stored); not a name in mixed case
     (`AsiaPacificRevenue01`)."""
     rest = word[1:]
-    return (word.isupper() or rest.islower()) and any(c.isdigit() for c in word[4:])
+    # issued upper-case, whatever it holds: base32, and one in 28 has no digit (rev32: such an
+    # id was stored as a property's name); recased, a digit tells it from a word
+    return word.isupper() or (rest.islower() and any(c.isdigit() for c in word[4:]))
 
 
 def key_in_header_name(name: str) -> bool:
@@ -685,19 +701,19 @@ def _glued_jwts(text: str) -> str:
     if "eyJ" not in text:
         return text
     out: list[str] = []
-    last = skip = tried = 0
-    for hint in _JWT_IN_WORD.finditer(text):
+    last = pos = tried = 0
+    while (hint := _JWT_IN_WORD.search(text, pos)) is not None:
         at = hint.start()
-        if at < skip:
-            continue
         m = _JWT.match(text, at)
         if m is None:
-            skip = _past_failed_jwt(text, at)
+            pos = _past_failed_jwt(text, at)
             continue
         tried += 1
         if tried > _HINTS_READ or _jwt_header(m[1]):
             out += (text[last:at], REDACTED)
-            last = skip = m.end()
+            last = pos = m.end()
+        else:
+            pos = at + 1
     return "".join(out) + text[last:] if out else text
 
 
