@@ -753,6 +753,10 @@ def test_rev32_keys_after_other_scripts_jwes_and_glued_jwts_past_the_cap_are_cre
     for v in ["honeyJarsEuRegion2.internal.example", "com.acme.surveyJobQueueSafe.processBatch.v1",
               "billing.monkeyJobsQueueGen2.handleEvent.v2"]:  # fmt: skip
         assert not is_secret_value(v) and redact_text(v) == v, v
+    # a key after a failed `eyJ` in the same run: the run was skipped for every hint, so
+    # `eyJfoo-sk-proj-...` as a header value or a property was recorded whole (older than rev32)
+    for v in [f"eyJfoo-{K28}", f"x eyJfoobarbaz-{K28} y", "eyJabcdefghij-ghp_" + "a1" * 15]:
+        assert is_secret_value(v) and redact.masked_value(v) == "***", v
     # an AWS key id as issued (upper case) with no digit, as a name (one in 28 has none)
     for name in ["AKIAIOSFODNNAEXAMPLE", "ASIAQWERTYUIOPASDFGH"]:
         assert redact.masked_name(name) == "***" and redact.key_in_header_name(name), name
