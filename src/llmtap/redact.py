@@ -158,16 +158,17 @@ _JWT_SHAPE = (
     r"(?:[A-Za-z0-9_\-]{8,16384}+={0,2}\.[A-Za-z0-9_\-]*={0,2}|\.[A-Za-z0-9_\-]{8,16384}+={0,2})"
     r"(?:\.[A-Za-z0-9_\-]*={0,2}){0,2}"
 )
-#: A shape starts where no ASCII letter, digit or `_` stands before it (not `\b`, which Python
-#: reads in Unicode: `令牌eyJ...`, `令牌sk-...` in an upstream's error text were kept; rev32).
+#: A shape starts where no ASCII letter, digit or `_` stands before it: `\b` read as ASCII (in
+#: Unicode, `令牌eyJ...`, `令牌sk-...` in an upstream's error text were kept; rev32).
 _KEY_SHAPES = re.compile(
-    r"(?<![A-Za-z0-9_])(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}"
+    r"\b(?:sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}"
     r"|(?:gsk_|hf_|xai-|pplx-|r8_|csk-|fw_|gh[pousr]_)[A-Za-z0-9]{20,}"
     r"|nvapi-[A-Za-z0-9_\-]{40,}|glpat-[A-Za-z0-9_\-]{20,}|github_pat_(?=[\w-]{0,96}\d)[A-Za-z0-9_]{40,}"
     r"|xox[abprse]-(?=[A-Za-z\-]{0,64}\d)[A-Za-z0-9\-]{10,}"
-    r"|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}|(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9_])"
+    r"|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
     r"|" + _JWT_SHAPE.replace("(eyJ", "(?:eyJ", 1) + r"|ya29\.[\w-]{20,}|1//0[\w-]{20,}"
-    r"|SG\.[\w-]{16,}\.[\w-]{16,}|npm_[A-Za-z0-9]{36})"
+    r"|SG\.[\w-]{16,}\.[\w-]{16,}|npm_[A-Za-z0-9]{36})",
+    re.ASCII,
 )
 #: What each key shape starts with, whole (`ghp_`, not `gh`, which English is full of).
 _KEY_PREFIXES = (
@@ -181,7 +182,7 @@ _KEY_HINT = re.compile("|".join(re.escape(p) for p in _KEY_PREFIXES))
 #: case-sensitive patterns keep the hints' fast literal search, which `re.IGNORECASE` lost (rev30b:
 #: 20 names of 32 KB took 300 ms). An AWS key id is read in its case only, by `_AWS_HINT` and the
 #: shapes (rev30b: `AsiaPacificRevenue01` is a name).
-_AWS_SHAPE = r"|(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9_])"
+_AWS_SHAPE = r"|(?:AKIA|ASIA)[A-Z0-9]{16}\b"
 _AWS_PREFIXES = ("AKIA", "ASIA")
 _KEY_HINT_LOWER = re.compile("|".join(re.escape(p.lower()) for p in _KEY_PREFIXES if p not in _AWS_PREFIXES))
 #: In a name, where case is lost, two shapes read as keys are issued: a Google key is `AIza` and
@@ -192,7 +193,8 @@ _KEY_SHAPES_LOWER = re.compile(
     _KEY_SHAPES.pattern.replace(_AWS_SHAPE, "")
     .replace(r"AIza[0-9A-Za-z_\-]{20,}", r"AIza(?=[\w-]{0,34}\d)[0-9A-Za-z_\-]{35,}")
     .replace(r"eyJ[A-Za-z0-9_\-]{8,1024}+", r"eyJ[A-Za-z0-9_\-]{15,1024}+")
-    .lower()
+    .lower(),
+    re.ASCII,
 )
 _AWS_HINT = re.compile("|".join(_AWS_PREFIXES))
 #: A name's characters `masked_name` reads: a property name is cut to 128 bytes, and a key the
@@ -272,7 +274,9 @@ _INSIDE_READ = 1024
 _JWT = re.compile(_JWT_SHAPE)
 #: An `eyJ` right after a word character with 8 more of a header's (the fewest a JWT's has),
 #: as `redact_text` looks for one: a C-level search skips the `xeyJ.` a Python loop would try.
-_JWT_IN_WORD = re.compile(r"(?<=[A-Za-z0-9_])eyJ[A-Za-z0-9_\-]{8}")
+#: (The literal first, then the look back: a pattern starting with a look-behind is tried at
+#: every character, 3-5 ms over the README, not searched for its literal.)
+_JWT_IN_WORD = re.compile(r"eyJ(?<=[A-Za-z0-9_]eyJ)[A-Za-z0-9_\-]{8}")
 
 
 def _jwt_header(segment: str) -> bool:
@@ -359,7 +363,7 @@ def masked_name(name: str) -> str:
 
 
 #: An AWS key id's shape in any case, read only where `akia`/`asia` is (`masked_name`).
-_AWS_ANY_CASE = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b", re.IGNORECASE)
+_AWS_ANY_CASE = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b", re.IGNORECASE | re.ASCII)
 
 
 def _aws_id(word: str) -> bool:
