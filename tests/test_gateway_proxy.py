@@ -526,17 +526,20 @@ async def test_a_close_delimited_stream_that_stops_before_its_end_is_a_cut(
         assert rec.outcome == "upstream_cut" and "before the stream's end marker" in (rec.error or "")
 
 
-@pytest.mark.parametrize("whole", [True, False, "past the size limit"])
+@pytest.mark.parametrize(("whole", "big"), [(True, False), (False, False), (True, True), (False, True)])
 async def test_a_chunked_responses_stream_without_its_end_event_is_a_cut(
-    tmp_path: Path, http: aiohttp.ClientSession, whole: bool | str
+    tmp_path: Path, http: aiohttp.ClientSession, whole: bool, big: bool
 ) -> None:
     """Every Responses API stream ends with `response.completed` (or another end): one whose
     chunks a proxy before the provider closed before it was recorded `completed` (stop 56),
-    since only a close-delimited body was checked for its end marker."""
+    since only a close-delimited body was checked for its end marker. Past the size limit
+    (`big`) only the stream's end is kept, and `response.completed`, as long as the output it
+    repeats, began before it: a whole stream was taken for a cut (rev32), and then a cut one
+    for a whole (rev33)."""
     from rawhttp import RawUpstream
 
     pending = {"id": "r1", "object": "response", "model": "gpt-4.1", "status": "in_progress", "output": []}
-    text = "Hi" if whole != "past the size limit" else "word " * 40_000  # 200 KB
+    text = "word " * 40_000 if big else "Hi"  # 200 KB
     usage = {"input_tokens": 11, "output_tokens": 40_000, "total_tokens": 40_011}
     part = {"type": "output_text", "text": text, "annotations": []}
     done = {
@@ -549,6 +552,8 @@ async def test_a_chunked_responses_stream_without_its_end_event_is_a_cut(
     events.append({"type": "response.output_text.delta", "output_index": 0, "delta": text})
     if whole:
         events.append({"type": "response.completed", "response": done})
+    elif big:
+        events.append({"type": "response.output_text.delta", "output_index": 0, "delta": text})
     body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     raw = RawUpstream(
@@ -556,8 +561,6 @@ async def test_a_chunked_responses_stream_without_its_end_event_is_a_cut(
     )
     q = MemoryQueue()
     try:
-        # rev32: past the size limit only the stream's end is kept, and `response.completed`,
-        # as long as the output it repeats, began before it: the stream was taken for a cut
         settings = settings_for(raw.port, tmp_path, max_body_bytes=300_000)
         async with running_gateway(settings, q) as (svc, gw):
             req = {"model": "gpt-4.1", "input": "hi", "stream": True}
@@ -566,7 +569,7 @@ async def test_a_chunked_responses_stream_without_its_end_event_is_a_cut(
             (rec,) = await published(svc, q, 1)
     finally:
         raw.close()
-    assert rec.streamed
+    assert rec.streamed and (len(body) > 300_000) == big
     if whole:
         assert rec.outcome == "completed" and rec.error is None
         assert (rec.usage.source, rec.usage.completion_tokens) == ("provider", 40_000)

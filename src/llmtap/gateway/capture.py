@@ -330,7 +330,7 @@ class RecordBuilder:
         self.rebuild_errors = 0  # streams whose message could not be rebuilt (stored as they came)
         self.rebuild_error = ""  # the last one's exception type
         self._request_headers = HeaderFilter(REQUEST_DROP)
-        self._response_headers = HeaderFilter(RESPONSE_DROP)
+        self._response_headers = HeaderFilter(RESPONSE_DROP, answer=True)
 
     def _rebuild_failed(self, e: Exception) -> None:
         self.rebuild_errors += 1
@@ -439,9 +439,10 @@ class RecordBuilder:
                     not result.complete
                     and result.error is None  # an error event ends it: `upstream_error`, told later
                     and outcome == "completed"
-                    # (a stream past the size limit keeps its end only: a Responses stream's last
-                    # event, as long as its output, may have begun in what was not kept: rev32)
-                    and ((result.marked and not cap.tail) or _close_delimited(cap.response_headers))
+                    and (
+                        (result.marked and (not cap.tail or _no_final_usage(fmt, cap.tail, decoded is raw)))
+                        or _close_delimited(cap.response_headers)
+                    )
                 ):
                     # Neither a length nor chunks: the connection's end was the body's end, so a
                     # connection the upstream dropped looked like a whole answer to the client.
@@ -621,6 +622,15 @@ def _tail_usage(fmt: Provider, stream: bytes) -> Usage:
     except Exception:
         return Usage()
     return found if found.source == "missing" else msgspec.structs.replace(found, source="partial")
+
+
+def _no_final_usage(fmt: Provider, tail: Iterable[bytes], plain: bool) -> bool:
+    """Whether a stream past the size limit, of a format whose end event carries the usage (a
+    Responses stream's), ended without it: that event, as long as the output it repeats, may
+    have begun in what was not kept, so its marker is not in the kept end (rev32: whole streams
+    were taken for cut), but its usage member is, at the end (rev33: cut ones were taken for
+    whole). A compressed tail cannot be read: the body's framing decides."""
+    return plain and _tail_usage(fmt, b"".join(tail)).source == "missing"
 
 
 def _close_delimited(headers: Iterable[tuple[str, str]]) -> bool:
