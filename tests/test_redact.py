@@ -104,7 +104,7 @@ def test_ordinary_header_names_are_kept(name: str) -> None:
 
 
 def test_an_authentication_challenge_is_recorded() -> None:
-    from llmtap.gateway.capture import RESPONSE_DROP
+    from llmtap.gateway.capture import REQUEST_DROP, RESPONSE_DROP
     from llmtap.gateway.headers import HeaderFilter
     from llmtap.server.api import scrub_ingested
     from store_helpers import rec
@@ -114,14 +114,22 @@ def test_an_authentication_challenge_is_recorded() -> None:
     why = 'Bearer realm="OpenAI API", error="invalid_token", error_description="The token expired"'
     pairs = [("WWW-Authenticate", why)]
     kept = {"www-authenticate": why}
-    assert HeaderFilter(RESPONSE_DROP)(pairs) == kept
+    assert HeaderFilter(RESPONSE_DROP, answer=True)(pairs) == kept
     ingested = {"www-authenticate": why, "proxy-authenticate": 'Basic realm="corp"'}
     assert scrub_ingested(rec(0, response_headers=dict(ingested))).response_headers == ingested
     # ... but a key in one is still one, and the same value under another name is a credential
-    hf = HeaderFilter(RESPONSE_DROP)
+    hf = HeaderFilter(RESPONSE_DROP, answer=True)
     leak = [("WWW-Authenticate", f'Bearer realm="{K28}"'), ("X-Auth", why)]
     assert hf(pairs) == kept and hf(leak) == {}
     assert hf([("WWW-Authenticate", why), ("X-Auth", why)]) == {"www-authenticate": why}
+    # rev33: a token after the scheme is a credential in a challenge too, and a request's
+    # `WWW-Authenticate` is no challenge at all: `Bearer <token>` there was recorded
+    for token in ["Bearer f3a9c2e1b4d7a8c6e5f4a3b2c1d0e9f8a7b6c5d4", "Basic dXNlcjpzM2NyZXRQYXNzd29yZA=="]:
+        assert hf([("WWW-Authenticate", token)]) == {}, token
+        assert HeaderFilter(REQUEST_DROP)([("WWW-Authenticate", token)]) == {}, token
+    assert HeaderFilter(REQUEST_DROP)(pairs) == {}
+    sent = scrub_ingested(rec(0, request_headers={"www-authenticate": why, "accept": "*/*"}))
+    assert sent.request_headers == {"accept": "*/*"}
 
 
 def test_a_header_valued_like_a_credential_is_one_whatever_its_name() -> None:
@@ -766,6 +774,32 @@ def test_rev32_keys_after_other_scripts_jwes_and_glued_jwts_past_the_cap_are_cre
         redact.redact_keys(v)
         is_secret_value(v)
     assert time.process_time() - t0 < 0.5
+
+
+def test_rev33_keys_after_json_escapes_glued_jwt_names_and_text_after_a_jwt() -> None:
+    import json
+
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+    # a key right after a JSON escape, as `json.dumps` writes text (a webhook's body): kept
+    for text in ["my key is\n" + K28, "令牌" + K28, "été" + K28, "a\t" + K28, "令牌" + jwt]:
+        body = json.dumps({"content": text})
+        for masked in (redact.redact_body(body), redact_text(body), redact.redact_keys(body)):
+            assert K28 not in masked and "dozj" not in masked and "***" in masked, masked
+    # a JWT glued to a word in a property or header name, its case lost or not: stored
+    for name in [f"sess_{jwt}", f"sess_{jwt}".lower(), f"x-sess_{jwt}".title()]:
+        assert redact.masked_name(name) == "***" and redact.key_in_header_name(name), name
+    for name in ["honeyJarsEuRegion2.internal.example", "billing.monkeyJobsQueueGen2.handleEvent.v2"]:
+        assert redact.masked_name(name) == name and redact.masked_name(name.lower()) == name.lower()
+    # the text after a JWT is no part of it, but a JWE's two last parts are
+    assert redact_text(f"token {jwt}. Next sentence") == "token ***. Next sentence"
+    assert redact_text(f"Decoded {jwt}.json saved") == "Decoded ***.json saved"
+    assert redact_text(f"{jwt}... next") == "***... next"
+    # `eyJ` runs whose header does not decode are not matched again for each `eyJ` in them
+    t0 = time.process_time()
+    for n in (16_000, 64_000):
+        v = "a" + "eyJ" * 70 + ".pppppppp." + "x" * n
+        redact_text(v), redact.redact_keys(v), is_secret_value(v)
+    assert time.process_time() - t0 < 0.5  # 0.25 s before, each of 64 tries reading to the end
 
 
 def test_a_urls_password_of_digits_then_a_slash_a_question_mark_or_a_hash_is_a_credential() -> None:

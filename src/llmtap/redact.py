@@ -155,8 +155,8 @@ _PARAM_SCHEMES = frozenset({"digest", "negotiate", "hoba", "aws4-hmac-sha256"})
 #: whole); group 1 is the header.
 _JWT_SHAPE = (
     r"(eyJ[A-Za-z0-9_\-]{8,1024}+)={0,2}\."
-    r"(?:[A-Za-z0-9_\-]{8,16384}+={0,2}\.[A-Za-z0-9_\-]*={0,2}|\.[A-Za-z0-9_\-]{8,16384}+={0,2})"
-    r"(?:\.[A-Za-z0-9_\-]*={0,2}){0,2}"
+    r"(?:[A-Za-z0-9_\-]{8,16384}+={0,2}\.[A-Za-z0-9_\-]{0,16384}+={0,2}|\.[A-Za-z0-9_\-]{8,16384}+={0,2})"
+    r"(?:\.[A-Za-z0-9_\-]{1,16384}+={0,2}\.[A-Za-z0-9_\-]{1,16384}+={0,2})?"  # a JWE's ciphertext, tag
 )
 #: A shape starts where no ASCII letter, digit or `_` stands before it: `\b` read as ASCII (in
 #: Unicode, `令牌eyJ...`, `令牌sk-...` in an upstream's error text were kept; rev32).
@@ -232,17 +232,24 @@ def _one_credential(scheme: str, cred: str) -> bool:
     return scheme != "basic" or not (cred.isalpha() and (cred.islower() or cred.istitle()))
 
 
+#: A challenge's `name=value` or `name="value"` parameter (a token68's `=` ends it: `abc==`).
+_CHALLENGE_PARAM = re.compile(r'[A-Za-z][\w-]*\s*=\s*(?:"|[^=\s,])')
+
+
 def is_secret_value(value: str, challenge: bool = False) -> bool:
     """True for a header value that reads as a credential whatever the header is called:
     `<auth scheme> <credentials>` (`Bearer ...`, `Basic ...`) or a well-known key shape.
     Called for every recorded header of every request, so a split and a set lookup, not a
-    regex, for the common value. A `challenge` (`WWW-Authenticate: Bearer realm="api",
-    error="invalid_token"`) names a scheme before parameters that are no credential: only a
-    key or a URL's password in it is one."""
-    sp = -1 if challenge else value.find(" ")
-    if "\t" in value and not challenge:  # any whitespace separates a scheme (rev26: `Bearer\t...`)
+    regex, for the common value. A `challenge` (an answer's `WWW-Authenticate: Bearer
+    realm="api", error="invalid_token"`) names a scheme before parameters that are no
+    credential: there only a token after the scheme (no `name=value`), a key or a URL's
+    password is one (rev33: `Bearer <token>` in it was kept)."""
+    sp = value.find(" ")
+    if "\t" in value:  # any whitespace separates a scheme (rev26: `Bearer\t...`)
         tab = value.find("\t")
         sp = tab if sp < 0 or tab < sp else sp
+    if challenge and _CHALLENGE_PARAM.search(value, sp + 1) is not None:
+        sp = -1
     if 0 < sp < 17 and (scheme := value[:sp].lower()) in _AUTH_SCHEMES and (cred := value[sp + 1 :].strip()):
         if _one_credential(scheme, cred):
             return True
@@ -272,6 +279,7 @@ _INSIDE_READ = 1024
 #: A JWT as `_KEY_SHAPES` reads one, without what stands before it: for one right after a word
 #: character (`u_<jwt>`, `sess_<jwt>`), where its header (group 1) must be a JWT's too.
 _JWT = re.compile(_JWT_SHAPE)
+_JWT_LOWER = re.compile(_JWT_SHAPE.replace("{8,1024}+", "{15,1024}+", 1).lower())
 #: An `eyJ` right after a word character with 8 more of a header's (the fewest a JWT's has),
 #: as `redact_text` looks for one: a C-level search skips the `xeyJ.` a Python loop would try.
 #: (The literal first, then the look back: a pattern starting with a look-behind is tried at
@@ -302,6 +310,8 @@ def _holds_key(
     """A key shape anywhere in `value`, tried where its start stands (`sk_start`: an `sk-` word
     starting `value` is a key at any length, as a header's value is; not a name's)."""
     n = inside = skip = jwts = 0
+    lower = shapes is not _KEY_SHAPES
+    failed = -1  # where the header of the last glued shape that did not decode ends
     for hint in hints.finditer(value):
         at = hint.start()
         eyj = hint[0] == "eyJ" or hint[0] == "eyj"
@@ -309,14 +319,22 @@ def _holds_key(
         if (eyj and at < skip) or (prev.isascii() and (prev.isalnum() or prev == "_")):
             # inside a word (`task_1`): no shape starts there; an `eyJ` inside a run a failed one
             # read reaches the same `.` and rest (only an `eyJ`: `eyJx-sk-proj-...` holds a key)
-            if eyj and at >= skip and hint[0] == "eyJ":  # a JWT glued to a word (`u_<jwt>`)
-                m = _JWT.match(value, at)
-                if m is None:
+            if eyj and at >= skip:  # a JWT glued to a word (`u_<jwt>`)
+                if lower:  # a name, its case lost: the shape with a header of 18 (rev33)
+                    if _JWT_LOWER.match(value, at) is not None:
+                        return True
+                    skip = _past_failed_jwt(value, at)
+                elif at < failed:  # in the header of one that did not decode: the same rest
+                    jwts += 1
+                    if failed - at >= 11 and (jwts > _HINTS_READ or _jwt_header(value[at:failed])):
+                        return True
+                elif (m := _JWT.match(value, at)) is None:
                     skip = _past_failed_jwt(value, at)
                 else:
                     jwts += 1  # past `_HINTS_READ` of them, the shape alone decides
                     if jwts > _HINTS_READ or _jwt_header(m[1]):
                         return True
+                    failed = m.end(1)
             inside += 1
             if inside > _INSIDE_READ:
                 return True
@@ -404,9 +422,10 @@ def distinct_name(name: str, taken: Collection[str]) -> str:
 CHALLENGES = frozenset({"www-authenticate", "proxy-authenticate"})
 
 
-def is_secret_header(name: str, value: str) -> bool:
-    """A header that must not be recorded: named like a credential, or valued like one."""
-    return is_secret_name(name) or is_secret_value(value, name.lower() in CHALLENGES)
+def is_secret_header(name: str, value: str, answer: bool = False) -> bool:
+    """A header that must not be recorded: named like a credential, or valued like one (an
+    `answer`'s challenge as `is_secret_value` reads one: a request's is no challenge)."""
+    return is_secret_name(name) or is_secret_value(value, answer and name.lower() in CHALLENGES)
 
 
 #: Parameters of one query read one by one at most; the rest are all masked, names too
@@ -706,18 +725,54 @@ def _glued_jwts(text: str) -> str:
         return text
     out: list[str] = []
     last = pos = tried = 0
+    failed: re.Match[str] | None = None  # the last shape whose header did not decode
     while (hint := _JWT_IN_WORD.search(text, pos)) is not None:
         at = hint.start()
-        m = _JWT.match(text, at)
-        if m is None:
-            pos = _past_failed_jwt(text, at)
-            continue
+        if failed is not None and at < failed.end(1):
+            m = failed  # a later `eyJ` of its header reaches the same rest: its own header only
+            header = text[at : m.end(1)]
+            if len(header) < 11:  # (`eyJ` and 8, the fewest a header has)
+                pos = at + 1
+                continue
+        else:
+            found = _JWT.match(text, at)
+            if found is None:
+                pos = _past_failed_jwt(text, at)
+                continue
+            m, header = found, found[1]
         tried += 1
-        if tried > _HINTS_READ or _jwt_header(m[1]):
+        if tried > _HINTS_READ or _jwt_header(header):
             out += (text[last:at], REDACTED)
             last = pos = m.end()
+            failed = None
         else:
-            pos = at + 1
+            failed, pos = m, at + 1
+    return "".join(out) + text[last:] if out else text
+
+
+#: A JSON escape right before what starts a key (`\nsk-...`, `\u724csk-...` as `json.dumps`
+#: writes text): the escape's letter or hex digit is no word the key is glued to (rev33:
+#: such keys in a webhook's body were kept). The literal first, so it is searched for.
+_ESCAPE_THEN_KEY = re.compile(
+    r"\\(?:[nrtbf/]|u[0-9a-fA-F]{4})(?=" + "|".join(re.escape(p) for p in _KEY_PREFIXES) + ")"
+)
+#: The shapes without the word boundary before them.
+_KEY_SHAPES_AFTER = re.compile(_KEY_SHAPES.pattern.removeprefix(r"\b"), re.ASCII)
+
+
+def _keys_after_escapes(text: str) -> str:
+    """`text` with the keys right after a JSON escape masked (`_ESCAPE_THEN_KEY`)."""
+    if "\\" not in text:
+        return text
+    out: list[str] = []
+    last = 0
+    for e in _ESCAPE_THEN_KEY.finditer(text):
+        if e.start() < last:
+            continue
+        m = _KEY_SHAPES_AFTER.match(text, e.end())
+        if m is not None:
+            out += (text[last : m.start()], REDACTED)
+            last = m.end()
     return "".join(out) + text[last:] if out else text
 
 
@@ -737,7 +792,7 @@ def redact_keys(text: str) -> str:
     """`text` with only API keys and `Bearer <token>` masked: for messages that name settings
     and show examples (`redact_text` would mask `LLMTAP_INGEST_TOKEN: Input should be ...`)."""
     text = _SCHEME.sub(lambda m: f"{m['scheme']}{m['sp']}{REDACTED}", text)
-    return _KEY_SHAPES.sub(REDACTED, _glued_jwts(text))
+    return _KEY_SHAPES.sub(REDACTED, _keys_after_escapes(_glued_jwts(text)))
 
 
 def redact_text(text: str) -> str:
@@ -750,7 +805,7 @@ def redact_text(text: str) -> str:
     text = _SCHEME.sub(lambda m: f"{m['scheme']}{m['sp']}{REDACTED}", text)
     text = _PAIR.sub(_pair, text)
     text = _HEADER.sub(lambda m: f"{m['name']}{m['sep']}{REDACTED}", text)
-    return _KEY_SHAPES.sub(REDACTED, _glued_jwts(text))
+    return _KEY_SHAPES.sub(REDACTED, _keys_after_escapes(_glued_jwts(text)))
 
 
 #: A JSON member whose value is a string or an array of strings: `"name": "value"`,

@@ -108,10 +108,11 @@ class HeaderFilter:
     (RFC 9110 §5.3).
     """
 
-    __slots__ = ("_cache", "_drop", "_plain")
+    __slots__ = ("_answer", "_cache", "_drop", "_plain")
 
-    def __init__(self, drop: frozenset[str]) -> None:
+    def __init__(self, drop: frozenset[str], answer: bool = False) -> None:
         self._drop = drop
+        self._answer = answer  # an answer's headers: its `WWW-Authenticate` is a challenge
         self._cache: dict[str, str | None] = {}
         self._plain: set[str] = set()  # values that are no credential (never a secret's)
 
@@ -135,7 +136,7 @@ class HeaderFilter:
             if lname is None:
                 continue
             if value not in plain:
-                challenge = lname in CHALLENGES
+                challenge = self._answer and lname in CHALLENGES  # (a request's is none: rev33)
                 if is_secret_value(value, challenge):
                     continue
                 if not challenge and len(value) <= 256 and len(plain) < 4096:  # bounded: ~1 MB
@@ -145,9 +146,11 @@ class HeaderFilter:
         return out
 
 
-def recordable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> dict[str, str]:
+def recordable(
+    headers: Iterable[tuple[str, str]], drop: frozenset[str], answer: bool = False
+) -> dict[str, str]:
     """One-off form of `HeaderFilter` (no cache)."""
-    return HeaderFilter(drop)(headers)
+    return HeaderFilter(drop, answer)(headers)
 
 
 class LlmtapHeaders:

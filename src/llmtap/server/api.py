@@ -344,8 +344,13 @@ def scrub_ingested(record: LogRecord) -> LogRecord:
     for part in ("request_headers", "response_headers"):
         headers: dict[str, str] = getattr(record, part)
         # a key as a header's name too, as the gateway drops it (rev30b)
-        if any(is_secret_header(k, v) or key_in_header_name(k) for k, v in headers.items()):
-            kept = {k: v for k, v in headers.items() if not (is_secret_header(k, v) or key_in_header_name(k))}
+        answer = part == "response_headers"  # its `WWW-Authenticate` is a challenge
+        if any(is_secret_header(k, v, answer) or key_in_header_name(k) for k, v in headers.items()):
+            kept = {
+                k: v
+                for k, v in headers.items()
+                if not (is_secret_header(k, v, answer) or key_in_header_name(k))
+            }
             setattr(record, part, kept)
     record.target_url = redact_url(record.target_url)
     record.path = redact_url(record.path)
