@@ -710,3 +710,56 @@ def test_a_message_too_deep_for_json_keeps_the_streams_usage() -> None:
     assert (rec.usage.source, rec.usage.prompt_tokens, rec.usage.completion_tokens) == ("provider", 12, 7)
     assert rec.outcome == "completed" and rec.response_body is not None and rec.response_events is None
     assert body_bytes(rec.response_body) == stream and rec.model == "claude-sonnet-4-5"
+
+
+def _responses_stream(whole: bool, usage: Any, cut_in_end: bool = False, crlf: bool = False) -> bytes:
+    nl = "\r\n" if crlf else "\n"
+    pending = {"id": "r1", "object": "response", "model": "gpt-4.1", "status": "in_progress", "output": []}
+    text = "word " * 40_000
+    part = {"type": "output_text", "text": text, "annotations": []}
+    done = {"output": [{"type": "message", "content": [part]}], "usage": usage, "user": None, "metadata": {}}
+    events = [
+        {"type": "response.created", "response": {**pending, "usage": None}},
+        {"type": "response.output_text.delta", "output_index": 0, "delta": text},
+    ]
+    if whole:
+        events.append({"type": "response.completed", "response": {**pending, "status": "completed", **done}})
+    else:
+        events.append(events[1])
+    body = "".join(f"event: {e['type']}{nl}data: {orjson.dumps(e).decode()}{nl}{nl}" for e in events).encode()
+    return body[: body.rfind(b'"user"') + 5] if cut_in_end else body
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+@pytest.mark.parametrize("framing", ["chunked", "close", "gzip"])
+def test_a_responses_stream_past_the_size_limit_is_whole_or_cut_as_it_ended(framing: str, crlf: bool) -> None:
+    """Past `max_body_bytes` a Responses stream's end event (as long as the output it repeats)
+    begins before the kept end: its end tells (rev32: whole ones were `upstream_cut`; rev33: cut
+    chunked ones `completed`; rev34: whole ones whose usage is null were `upstream_cut`, and so
+    were close-delimited ones and gzipped ones cut only once decoded, and one cut inside its end
+    event after its usage was `completed`)."""
+    usage = {"input_tokens": 11, "output_tokens": 40_000, "total_tokens": 40_011}
+    cases = [
+        (_responses_stream(True, usage, crlf=crlf), "completed"),
+        (_responses_stream(True, None, crlf=crlf), "completed"),
+        (_responses_stream(False, usage, crlf=crlf), "upstream_cut"),
+        (_responses_stream(True, usage, cut_in_end=True, crlf=crlf), "upstream_cut"),
+    ]
+    for stream, expected in cases:
+        raw = gzip.compress(stream) if framing == "gzip" else stream
+        cap = capture(
+            raw,
+            request={"model": "gpt-4.1", "input": "hi", "stream": True},
+            path="/v1/responses",
+            max_bytes=300_000,
+            encoding="gzip" if framing == "gzip" else None,
+            pieces=[4096] * (len(raw) // 4096 + 1),
+        )
+        if framing != "close":
+            cap.response_headers.append(("Transfer-Encoding", "chunked"))
+        rec = RecordBuilder(inline_body_bytes=INLINE, gateway="gw").build(cap)
+        if framing == "gzip":  # cut once decoded, its end unread: its chunks' end decides
+            expected = "completed"
+        elif framing == "close" and expected == "completed":
+            assert bool(cap.tail) and rec.usage.source in ("provider", "missing")
+        assert rec.outcome == expected, (framing, expected, len(stream))

@@ -439,15 +439,8 @@ class RecordBuilder:
                     not result.complete
                     and result.error is None  # an error event ends it: `upstream_error`, told later
                     and outcome == "completed"
-                    and (
-                        (result.marked and (not cap.tail or _no_final_usage(fmt, cap.tail, decoded is raw)))
-                        or _close_delimited(cap.response_headers)
-                    )
+                    and _unended(result, cut, cap, decoded is raw)
                 ):
-                    # Neither a length nor chunks: the connection's end was the body's end, so a
-                    # connection the upstream dropped looked like a whole answer to the client.
-                    # A format whose every stream ends with its marker is cut without it however
-                    # the body ended (a proxy before the provider closing its chunks).
                     outcome = "upstream_cut"
                     error = error or "the upstream closed the connection before the stream's end marker"
             if cap.tail and usage.source == "missing" and decoded is raw:
@@ -624,13 +617,38 @@ def _tail_usage(fmt: Provider, stream: bytes) -> Usage:
     return found if found.source == "missing" else msgspec.structs.replace(found, source="partial")
 
 
-def _no_final_usage(fmt: Provider, tail: Iterable[bytes], plain: bool) -> bool:
-    """Whether a stream past the size limit, of a format whose end event carries the usage (a
-    Responses stream's), ended without it: that event, as long as the output it repeats, may
-    have begun in what was not kept, so its marker is not in the kept end (rev32: whole streams
-    were taken for cut), but its usage member is, at the end (rev33: cut ones were taken for
-    whole). A compressed tail cannot be read: the body's framing decides."""
-    return plain and _tail_usage(fmt, b"".join(tail)).source == "missing"
+def _unended(result: StreamResult, cut: bool, cap: Capture, plain: bool) -> bool:
+    """Whether a stream whose rebuild found no end marker was cut. A body of neither a length
+    nor chunks ended with the connection, so a connection the upstream dropped looked whole to
+    the client; a format whose every stream ends with its marker (`marked`) is cut without it
+    however its body ended (a proxy before the provider closing its chunks). Past the size
+    limit the marker may not be in what was kept: a Responses stream's end event, as long as
+    the output it repeats, begins before the kept end (rev32), which then tells by how it ends
+    (`_tail_ended`; rev33, rev34). A compressed tail, or a body cut once decoded, cannot be
+    read there: the framing decides."""
+    if result.marked and cut:
+        if cap.tail and plain:
+            return not _tail_ended(b"".join(cap.tail))
+    elif result.marked:
+        return True
+    return _close_delimited(cap.response_headers)
+
+
+#: A `"usage"` member (whatever its value: null from some servers).
+_USAGE_KEY = re.compile(rb'"usage"\s*:')
+
+
+def _tail_ended(tail: bytes) -> bool:
+    """The kept end of a stream holds its end event's end: the `usage` member every Responses
+    end event has, in the last event, and that event ended (rev34: one cut inside its end
+    event, after `usage`, was taken for whole)."""
+    end = tail.rstrip()
+    if end.endswith(b"data: [DONE]"):
+        end = end[: -len(b"data: [DONE]")].rstrip()
+    if not end.endswith(b"}") or not (tail.endswith(b"\n\n") or tail.endswith(b"\r\n\r\n")):
+        return False
+    last = max(end.rfind(b"\n\n"), end.rfind(b"\r\n\r\n"))  # the last event's start, if kept
+    return _USAGE_KEY.search(end, max(last, 0)) is not None
 
 
 def _close_delimited(headers: Iterable[tuple[str, str]]) -> bool:
