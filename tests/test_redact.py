@@ -802,6 +802,33 @@ def test_rev33_keys_after_json_escapes_glued_jwt_names_and_text_after_a_jwt() ->
     assert time.process_time() - t0 < 0.5  # 0.25 s before, each of 64 tries reading to the end
 
 
+def test_rev34_challenge_items_escaped_keys_and_names_with_eyj() -> None:
+    from llmtap.gateway.capture import RESPONSE_DROP
+    from llmtap.gateway.headers import HeaderFilter
+
+    # one parameter in a challenge kept the whole value, a token or a password beside it too
+    hf = HeaderFilter(RESPONSE_DROP, answer=True)
+    token = "Zx81kQpL0aT7vN2mB4cR9sD3"
+    for v in [f'Bearer {token}, error="invalid_token"', f'Bearer realm="x", {token}',
+              'Basic YWxpY2U6czNjcjN0LXBhc3M=, realm="x"', f'Bearer realm="x", Bearer {token}',
+              f"Token token={token}", 'Bearer realm="x", token="abc"']:  # fmt: skip
+        assert is_secret_value(v, True) and hf([("WWW-Authenticate", v)]) == {}, v
+    for v in ['Digest realm="x", nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093", qop="auth,auth-int"',
+              'Bearer realm="api", scope="read write"', 'Basic realm="corp", charset="UTF-8"',
+              'Newauth realm="apps", type=1, title="Login to apps", Basic realm="simple"']:  # fmt: skip
+        assert hf([("WWW-Authenticate", v)]) == {"www-authenticate": v}, v
+    # a key after a percent or a `\x` escape: the escape's digit was taken for a word it ended
+    for v in [f"my%20key%20{K28}", f"b'\\x00{K28}'", f"x%2F{K28}"]:
+        assert is_secret_value(v) and redact.masked_value(v) == "***", v
+        assert K28 not in redact_text(v) and K28 not in redact.redact_keys(v), v
+    assert not is_secret_value("https://news.example.com/markets%2Fsk-hynix-earnings-q3")
+    # a name holding `eyj` and a dotted tail is no JWT when its header is not a JWT's
+    for n in ["monkeyjumping_experiment_v2.variant_a.enabled",
+              "Honeyjar-Collection-Settings.production-cluster.v2",
+              "turkeyjerky-flavour-catalogue.smokehouse-edition.v3"]:  # fmt: skip
+        assert redact.masked_name(n) == n and not redact.key_in_header_name(n), n
+
+
 def test_a_urls_password_of_digits_then_a_slash_a_question_mark_or_a_hash_is_a_credential() -> None:
     # rev29b: taken for a port (`redact_dsn` masks them), these were recorded whole
     for v in ["redis://:2024/Qx7pwZk9@cache:6379", "redis://:99#Zk9Qx7pw@cache",

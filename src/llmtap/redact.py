@@ -236,6 +236,32 @@ def _one_credential(scheme: str, cred: str) -> bool:
 _CHALLENGE_PARAM = re.compile(r'[A-Za-z][\w-]*\s*=\s*(?:"|[^=\s,])')
 
 
+#: A challenge's comma-separated items, quoted strings whole.
+_CHALLENGE_ITEM = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*"?)+')
+
+
+def _challenge_credential(value: str) -> bool:
+    """A credential among a challenge's parameters (rev34: one parameter kept the whole value,
+    `Bearer <token>, error="invalid_token"` and `Basic <b64>, realm="x"` too): an item that is a
+    scheme and its token, a bare token68 of 16 characters, or a parameter named like a secret
+    (`token=`)."""
+    for item in _CHALLENGE_ITEM.findall(value):
+        scheme, _, rest = item.strip().partition(" ")
+        rest = rest.strip()
+        if _CHALLENGE_PARAM.match(item.strip()) is not None:
+            rest = item.strip()  # a parameter of the scheme before it
+        elif not rest:  # a bare token68 (a scheme alone is none)
+            if len(scheme) >= 16 and scheme.lower() not in _AUTH_SCHEMES:
+                return True
+            continue
+        if _CHALLENGE_PARAM.match(rest) is None:  # `<scheme> <token>`
+            if is_secret_value(item.strip()):
+                return True
+        elif is_secret_name(rest[: rest.index("=")].strip()):  # `token=...`
+            return True
+    return False
+
+
 def is_secret_value(value: str, challenge: bool = False) -> bool:
     """True for a header value that reads as a credential whatever the header is called:
     `<auth scheme> <credentials>` (`Bearer ...`, `Basic ...`) or a well-known key shape.
@@ -249,6 +275,8 @@ def is_secret_value(value: str, challenge: bool = False) -> bool:
         tab = value.find("\t")
         sp = tab if sp < 0 or tab < sp else sp
     if challenge and _CHALLENGE_PARAM.search(value, sp + 1) is not None:
+        if _challenge_credential(value):
+            return True
         sp = -1
     if 0 < sp < 17 and (scheme := value[:sp].lower()) in _AUTH_SCHEMES and (cred := value[sp + 1 :].strip()):
         if _one_credential(scheme, cred):
@@ -279,7 +307,16 @@ _INSIDE_READ = 1024
 #: A JWT as `_KEY_SHAPES` reads one, without what stands before it: for one right after a word
 #: character (`u_<jwt>`, `sess_<jwt>`), where its header (group 1) must be a JWT's too.
 _JWT = re.compile(_JWT_SHAPE)
-_JWT_LOWER = re.compile(_JWT_SHAPE.replace("{8,1024}+", "{15,1024}+", 1).lower())
+#: ... and in a name, its case lost, one whose header begins as a JWT's does (`{"alg":`,
+#: `{"typ":`, `{"kid":`, `{"enc":`, `{"cty":`, `{"x5t":`, `{"jku":`, `{"zip":`, `{"crit":`,
+#: base64, lowercased): `turkeyjerky-flavour-catalogue.smokehouse-edition.v3` is a name (rev34).
+_JWT_LOWER = re.compile(
+    _JWT_SHAPE.replace(
+        "(eyJ[A-Za-z0-9_\\-]{8,1024}+)",
+        "(eyJ(?=hbgcio|0exaio|rawqio|lbmmio|jdhkio|4nxqio|qa3uio|6axaio|jcml0i)[A-Za-z0-9_\\-]{15,1024}+)",
+        1,
+    ).lower()
+)
 #: An `eyJ` right after a word character with 8 more of a header's (the fewest a JWT's has),
 #: as `redact_text` looks for one: a C-level search skips the `xeyJ.` a Python loop would try.
 #: (The literal first, then the look back: a pattern starting with a look-behind is tried at
@@ -316,7 +353,11 @@ def _holds_key(
         at = hint.start()
         eyj = hint[0] == "eyJ" or hint[0] == "eyj"
         prev = value[at - 1] if at else ""
-        if (eyj and at < skip) or (prev.isascii() and (prev.isalnum() or prev == "_")):
+        escaped = False
+        if prev.isascii() and (prev.isalnum() or prev == "_") and not lower:
+            # after an escape (`%20sk-...`, `\nsk-...`) a key starts where a word seems to go on
+            escaped = _ESCAPE_BEFORE.search(value, max(at - 6, 0), at) is not None
+        if (eyj and at < skip) or (not escaped and prev.isascii() and (prev.isalnum() or prev == "_")):
             # inside a word (`task_1`): no shape starts there; an `eyJ` inside a run a failed one
             # read reaches the same `.` and rest (only an `eyJ`: `eyJx-sk-proj-...` holds a key)
             if eyj and at >= skip:  # a JWT glued to a word (`u_<jwt>`)
@@ -342,7 +383,7 @@ def _holds_key(
         n += 1
         if n > _HINTS_READ:
             return True
-        m = shapes.match(value, at)
+        m = (_KEY_SHAPES_AFTER if escaped else shapes).match(value, at)
         # `sk-` inside a value is a key at 24 characters or more, as every provider's is: a
         # word such as `sk-hynix-earnings-q3` in a referer is not (rev24).
         if m is not None and (
@@ -753,16 +794,18 @@ def _glued_jwts(text: str) -> str:
 #: A JSON escape right before what starts a key (`\nsk-...`, `\u724csk-...` as `json.dumps`
 #: writes text): the escape's letter or hex digit is no word the key is glued to (rev33:
 #: such keys in a webhook's body were kept). The literal first, so it is searched for.
-_ESCAPE_THEN_KEY = re.compile(
-    r"\\(?:[nrtbf/]|u[0-9a-fA-F]{4})(?=" + "|".join(re.escape(p) for p in _KEY_PREFIXES) + ")"
-)
+_ESCAPE = r"(?:\\(?:[nrtbf/]|u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2})|%[0-9A-Fa-f]{2})"
+_ESCAPE_THEN_KEY = re.compile(_ESCAPE + "(?=" + "|".join(re.escape(p) for p in _KEY_PREFIXES) + ")")
+#: The same escapes, read backwards from a key's start (`_holds_key`): `%20sk-...` in a URL
+#: quoted by an error, `\x00sk-...` in a Python repr (rev34).
+_ESCAPE_BEFORE = re.compile(_ESCAPE + r"\Z")
 #: The shapes without the word boundary before them.
 _KEY_SHAPES_AFTER = re.compile(_KEY_SHAPES.pattern.removeprefix(r"\b"), re.ASCII)
 
 
 def _keys_after_escapes(text: str) -> str:
     """`text` with the keys right after a JSON escape masked (`_ESCAPE_THEN_KEY`)."""
-    if "\\" not in text:
+    if "\\" not in text and "%" not in text:
         return text
     out: list[str] = []
     last = 0
